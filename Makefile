@@ -1,0 +1,34 @@
+# `make test` works on a fresh machine: it creates .venv if missing, installs the package with the
+# dev, diffusers and train extras, then runs ruff and pytest (unit tests + doctests + README snippets).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch 2.14.1 / torchvision 0.29.1 are the matching pair available on this machine's disk; lpips needs a
+# torchvision built for the installed torch.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PINS)
+	$(PIP) install --quiet -e ".[dev,diffusers,train]" $(TORCH_PINS)
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy -p diffdistill
+
+test: install lint
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,5 @@
+"""diffdistill.students (populated by later issues)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,34 @@
+"""Shared pytest configuration: device/dtype options and tolerance table (kornia-style)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Keep CPU tests predictable on 2-core CI machines.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DTYPE_TOLERANCES = {
+    torch.bfloat16: (7.8e-3, 7.8e-3),
+    torch.float16: (1e-3, 1e-3),
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default=os.environ.get("DIFFDISTILL_TEST_DEVICE", "cpu"),
+        help="device to run device-parametrised tests on (cpu, cuda)",
+    )
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA requested but not available")
+    return dev
