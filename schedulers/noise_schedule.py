@@ -1,0 +1,528 @@
+"""Discrete variance-preserving noise schedules and the DDIM move shared by every distillation method.
+
+Notation (DDPM / VP, diffusers timestep indices ``t`` in ``0 .. T-1``):
+
+.. math::
+
+    \\bar\\alpha_t = \\prod_{s \\le t} (1 - \\beta_s), \\qquad
+    \\alpha_t = \\sqrt{\\bar\\alpha_t}, \\qquad \\sigma_t = \\sqrt{1 - \\bar\\alpha_t}, \\qquad
+    x_t = \\alpha_t x_0 + \\sigma_t \\epsilon .
+
+The index ``t = -1`` denotes the clean end of the trajectory, with :math:`\\bar\\alpha_{-1}` equal to
+``final_alpha_cumprod`` (1.0 by default, as diffusers' ``set_alpha_to_one=True``), so a DDIM move to
+``t_to = -1`` lands on the model's clean-sample estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from .._checks import (
+    DTypeError,
+    OptionError,
+    ShapeError,
+    check_dtype_floating,
+    check_option,
+    check_tensor,
+    value_checks_enabled,
+)
+
+__all__ = ["PREDICTION_TYPES", "NoiseSchedule", "PredictionType", "TimestepLike"]
+
+PredictionType = Literal["epsilon", "sample", "v_prediction", "score"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction", "score")
+BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+TimestepLike = int | float | Sequence[int] | torch.Tensor
+
+
+def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule of Nichol & Dhariwal (2021): beta_i = 1 - abar((i+1)/T) / abar(i/T), clipped."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+
+    def abar(u: torch.Tensor) -> torch.Tensor:
+        return torch.cos((u + 0.008) / 1.008 * torch.pi / 2) ** 2
+
+    return torch.clamp(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max=max_beta)
+
+
+class NoiseSchedule:
+    """A discrete VP noise schedule (DDPM / SD / SDXL) with conversions and the DDIM move.
+
+    Coefficients are looked up in float64 tables; the elementwise arithmetic runs in ``compute_dtype``
+    (float64 by default, so two implementations of the same step agree to ~1e-12) and every result is
+    returned in the dtype of its main tensor input, so bf16 latents stay bf16.
+
+    Args:
+        alphas_cumprod: :math:`\\bar\\alpha_t` for ``t = 0 .. T-1``, decreasing, in (0, 1].
+        prediction_type: default parameterisation of model outputs: ``"epsilon"``, ``"sample"`` (x0),
+            ``"v_prediction"`` or ``"score"`` (:math:`\\nabla_x \\log p_t = -\\epsilon / \\sigma_t`).
+        terminal_pure_noise: SDXL-Lightning's schedule fix (Lin et al. 2024, Eq. 24): :meth:`add_noise`
+            at ``t = T-1`` returns the noise itself, as if the schedule reached zero SNR. Conversions still
+            use the schedule's own :math:`\\bar\\alpha_{T-1}` (as the paper does at inference).
+        final_alpha_cumprod: :math:`\\bar\\alpha` of the clean end ``t = -1`` (diffusers:
+            ``set_alpha_to_one=True`` gives 1.0, ``False`` gives ``alphas_cumprod[0]``).
+        compute_dtype: dtype of the elementwise arithmetic (``None``: float32 for half inputs, the input
+            dtype otherwise; use it on devices without float64 such as MPS).
+
+    Example:
+        >>> sched = NoiseSchedule.from_betas()  # SD / SDXL: scaled_linear 0.00085 -> 0.012, T = 1000
+        >>> sched.num_train_timesteps
+        1000
+        >>> x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        >>> t = torch.tensor([999, 500])
+        >>> x_t = sched.add_noise(x0, eps, t)
+        >>> torch.allclose(sched.to_x0(eps, x_t, t), x0, atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        alphas_cumprod: torch.Tensor | Sequence[float],
+        *,
+        prediction_type: str = "epsilon",
+        terminal_pure_noise: bool = False,
+        final_alpha_cumprod: float = 1.0,
+        compute_dtype: torch.dtype | None = torch.float64,
+    ) -> None:
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
+        if abar.numel() < 2:
+            raise OptionError(f"Expected `alphas_cumprod` to hold at least 2 values, but got {abar.numel()}.")
+        if not bool(((abar > 0) & (abar <= 1)).all()):
+            raise OptionError(
+                "Expected every value of `alphas_cumprod` to lie in (0, 1], but got range "
+                f"[{abar.min().item():.3g}, {abar.max().item():.3g}]. A zero-terminal-SNR schedule has "
+                "abar_T = 0 exactly; use `terminal_pure_noise=True` on the original schedule instead."
+            )
+        if bool((abar[1:] > abar[:-1]).any()):
+            raise OptionError(
+                "Expected `alphas_cumprod` to be non-increasing in t, but it increases somewhere."
+            )
+        check_option(prediction_type, "prediction_type", PREDICTION_TYPES)
+        if not 0 < final_alpha_cumprod <= 1:
+            raise OptionError(
+                f"Expected `final_alpha_cumprod` to lie in (0, 1], but got {final_alpha_cumprod!r}."
+            )
+        self.alphas_cumprod = abar
+        self.prediction_type = prediction_type
+        self.terminal_pure_noise = bool(terminal_pure_noise)
+        self.final_alpha_cumprod = float(final_alpha_cumprod)
+        self.compute_dtype = compute_dtype
+        # Table indexed by t + 1 so that t = -1 (clean end) needs no branch.
+        ext = torch.cat([torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), abar])
+        self._alpha_table = ext.sqrt()
+        self._sigma_table = (1 - ext).clamp_min(0).sqrt()
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_betas(
+        cls,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        **kwargs: Any,
+    ) -> NoiseSchedule:
+        """Build from a beta schedule, with the SD 1.x / SD 2.x / SDXL defaults.
+
+        ``beta_schedule`` is ``"scaled_linear"`` (linear in :math:`\\sqrt\\beta`), ``"linear"`` or
+        ``"squaredcos_cap_v2"`` (cosine, Nichol & Dhariwal 2021), with diffusers' meanings.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+            >>> round(float(s.alphas_cumprod[-1]), 6)
+            4e-05
+        """
+        check_option(beta_schedule, "beta_schedule", BETA_SCHEDULES)
+        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 2:
+            raise OptionError(
+                f"Expected `num_train_timesteps` to be an int >= 2, but got {num_train_timesteps!r}."
+            )
+        n = int(num_train_timesteps)
+        if beta_schedule == "scaled_linear":
+            # diffusers computes this in float32; do the same so alphas_cumprod match to the last bit.
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+        else:
+            betas = _betas_for_alpha_bar(n).to(torch.float32)
+        abar = torch.cumprod(1.0 - betas, dim=0)
+        return cls(abar, **kwargs)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any, **kwargs: Any) -> NoiseSchedule:
+        """Build from any object with ``alphas_cumprod`` (e.g. a diffusers scheduler), duck-typed.
+
+        ``prediction_type`` and ``final_alpha_cumprod`` are read from the scheduler (``config`` or
+        attributes) unless given in ``kwargs``.
+
+        Example:
+            >>> class Fake:  # anything with alphas_cumprod works; diffusers is not required
+            ...     alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+            >>> NoiseSchedule.from_scheduler(Fake()).num_train_timesteps
+            1000
+        """
+        abar = getattr(scheduler, "alphas_cumprod", None)
+        if abar is None:
+            raise DTypeError(
+                f"Expected `scheduler` to have an `alphas_cumprod` attribute (e.g. a diffusers DDPMScheduler), "
+                f"but {type(scheduler).__name__} has none. Use NoiseSchedule.from_betas(...) instead."
+            )
+        config = getattr(scheduler, "config", None)
+
+        def _get(name: str) -> Any:
+            if config is not None:
+                value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+                if value is not None:
+                    return value
+            return getattr(scheduler, name, None)
+
+        if "prediction_type" not in kwargs and _get("prediction_type") is not None:
+            kwargs["prediction_type"] = _get("prediction_type")
+        if "final_alpha_cumprod" not in kwargs:
+            final = getattr(scheduler, "final_alpha_cumprod", None)
+            if final is not None:
+                kwargs["final_alpha_cumprod"] = float(final)
+        return cls(abar, **kwargs)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the number of discrete training timesteps."""
+        return int(self.alphas_cumprod.numel())
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
+            f"terminal_pure_noise={self.terminal_pure_noise}, final_alpha_cumprod={self.final_alpha_cumprod})"
+        )
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._device_tables.get(device)
+        if tables is None:
+            tables = (self._alpha_table.to(device), self._sigma_table.to(device))
+            self._device_tables[device] = tables
+        return tables
+
+    def _work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.promote_types(dtype, torch.float32)
+
+    def timesteps(
+        self, t: TimestepLike, device: torch.device | str | None = None, name: str = "t"
+    ) -> torch.Tensor:
+        """Validate ``t`` and return it as an int64 tensor of diffusers indices in ``[-1, T-1]``.
+
+        Floating tensors are accepted when they hold integral values (diffusers' Euler schedulers keep
+        float timesteps); a fractional value raises, since the schedule is discrete.
+        """
+        if isinstance(t, torch.Tensor):
+            tt = t if device is None else t.to(device)
+        else:
+            tt = torch.as_tensor(t, device=device)
+        if tt.dtype == torch.bool or tt.is_complex():
+            raise DTypeError(f"Expected `{name}` to hold integer timesteps, but got dtype {tt.dtype}.")
+        if tt.is_floating_point():
+            if value_checks_enabled() and not bool((tt == tt.round()).all()):
+                raise OptionError(
+                    f"Expected `{name}` to hold integral timestep indices, but got fractional values "
+                    f"(e.g. {tt[tt != tt.round()].flatten()[0].item()!r}). The schedule is discrete; round "
+                    "them or use `edm_sigma_to_timestep(..., mode='nearest')`."
+                )
+            tt = tt.round().long()
+        else:
+            tt = tt.long()
+        if value_checks_enabled() and tt.numel() > 0:
+            lo, hi = int(tt.min()), int(tt.max())
+            if lo < -1 or hi > self.num_train_timesteps - 1:
+                raise OptionError(
+                    f"Expected `{name}` to lie in [-1, {self.num_train_timesteps - 1}] (diffusers indices; "
+                    f"-1 is the clean end), but got values in [{lo}, {hi}]."
+                )
+        return tt
+
+    def _prepare_t(self, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
+        """Validate ``t`` (values and shape against the batch of ``like``); int64 on ``like``'s device."""
+        tt = self.timesteps(t, like.device, name)
+        if tt.ndim > 1:
+            raise ShapeError(
+                f"Expected `{name}` to be a scalar or a 1-D tensor of per-sample timesteps, but got shape "
+                f"{tuple(tt.shape)}.",
+                name=name,
+                expected="() or (B,)",
+                actual=tuple(tt.shape),
+            )
+        batch = like.shape[0] if like.ndim else 1
+        if tt.ndim == 1 and tt.shape[0] not in (1, batch):
+            raise ShapeError(
+                f"Expected `{name}` to hold one timestep per sample ({batch}), but got {tt.shape[0]} timesteps.",
+                name=name,
+                expected=(batch,),
+                actual=tuple(tt.shape),
+            )
+        return tt
+
+    def _lookup(self, table_index: int, tt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Coefficient (alpha: 0, sigma: 1) at validated ``tt``, broadcastable against ``like``."""
+        coef = self._tables(like.device)[table_index][tt + 1].to(self._work_dtype(like.dtype))
+        return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim)) if coef.ndim else coef
+
+    def _coef(self, table_index: int, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
+        return self._lookup(table_index, self._prepare_t(t, like, name), like)
+
+    def _alpha_sigma64(self, t: TimestepLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 (alpha_t, sigma_t) with the shape of ``t`` (any shape)."""
+        device = t.device if isinstance(t, torch.Tensor) else None
+        tt = self.timesteps(t, device)
+        alpha, sigma = self._tables(tt.device)
+        return alpha[tt + 1], sigma[tt + 1]
+
+    def alpha(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
+        """:math:`\\alpha_t = \\sqrt{\\bar\\alpha_t}`: float64 shaped like ``t``, or broadcastable to ``like``.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> bool(torch.allclose(s.alpha(torch.tensor([0, 999])) ** 2 + s.sigma(torch.tensor([0, 999])) ** 2,
+            ...                     torch.ones(2, dtype=torch.float64)))
+            True
+        """
+        return self._alpha_sigma64(t)[0] if like is None else self._coef(0, t, like)
+
+    def sigma(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
+        """:math:`\\sigma_t = \\sqrt{1 - \\bar\\alpha_t}`: float64 shaped like ``t``, or broadcastable to ``like``."""
+        return self._alpha_sigma64(t)[1] if like is None else self._coef(1, t, like)
+
+    def snr(self, t: TimestepLike) -> torch.Tensor:
+        """Signal-to-noise ratio :math:`\\alpha_t^2 / \\sigma_t^2` (float64).
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> bool(s.snr(torch.tensor([0])) > s.snr(torch.tensor([999])))
+            True
+        """
+        a, s = self._alpha_sigma64(t)
+        return a**2 / s**2
+
+    def edm_sigma(self, t: TimestepLike) -> torch.Tensor:
+        """EDM / Karras noise level of a VP step, :math:`\\sigma_t/\\alpha_t = \\sqrt{(1-\\bar\\alpha_t)/\\bar\\alpha_t}`.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> round(float(s.edm_sigma(999)), 3)  # SDXL's largest sigma
+            14.615
+        """
+        a, s = self._alpha_sigma64(t)
+        return s / a
+
+    def edm_sigma_to_timestep(
+        self, sigma: torch.Tensor | float, mode: Literal["nearest", "interpolate"] = "nearest"
+    ) -> torch.Tensor:
+        """Inverse of :meth:`edm_sigma` over ``t = 0 .. T-1``.
+
+        ``mode="nearest"`` returns the int64 index whose log-sigma is closest (SIM's ``round_sigma``);
+        ``"interpolate"`` returns a float64 ``t`` by piecewise-linear interpolation in log sigma (as
+        diffusers' Euler schedulers do), clamped to ``[0, T-1]``.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> int(s.edm_sigma_to_timestep(s.edm_sigma(421)))
+            421
+            >>> float(s.edm_sigma_to_timestep(s.edm_sigma(421), mode="interpolate"))
+            421.0
+        """
+        check_option(mode, "mode", ("nearest", "interpolate"))
+        sig = torch.as_tensor(sigma, dtype=torch.float64)
+        if value_checks_enabled() and not bool((sig > 0).all()):
+            raise OptionError("Expected `sigma` to be > 0, but got a non-positive value.")
+        device = sig.device
+        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log().to(device)
+        log_sigma = sig.log()
+        if mode == "nearest":
+            return (log_sigma.unsqueeze(-1) - table).abs().argmin(dim=-1)
+        idx = torch.searchsorted(table, log_sigma.reshape(-1).contiguous()).clamp(1, table.numel() - 1)
+        lo, hi = table[idx - 1], table[idx]
+        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+        return ((idx - 1).double() + w).reshape(log_sigma.shape)
+
+    # ------------------------------------------------------------------ forward process
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:
+        """Forward process :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon`.
+
+        With ``terminal_pure_noise=True`` the result at ``t = T-1`` is ``noise`` exactly
+        (SDXL-Lightning Eq. 24). ``t`` is a scalar or one timestep per sample.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas(terminal_pure_noise=True)
+            >>> x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+            >>> torch.equal(s.add_noise(x0, eps, torch.tensor([999, 10]))[0], eps[0])
+            True
+        """
+        check_tensor(x0, "x0")
+        check_tensor(noise, "noise")
+        check_dtype_floating(x0, "x0")
+        if x0.shape != noise.shape:
+            raise ShapeError(
+                f"Expected `x0` and `noise` to have the same shape, but got x0 {tuple(x0.shape)} and noise "
+                f"{tuple(noise.shape)}.",
+                name="x0/noise",
+                expected=tuple(x0.shape),
+                actual=tuple(noise.shape),
+            )
+        tt = self._prepare_t(t, x0)
+        a = self._lookup(0, tt, x0)
+        s = self._lookup(1, tt, x0)
+        work = a.dtype
+        x_t = a * x0.to(work) + s * noise.to(work)
+        if self.terminal_pure_noise:
+            terminal = (tt == self.num_train_timesteps - 1).reshape(tt.shape + (1,) * (x0.ndim - tt.ndim))
+            x_t = torch.where(terminal, noise.to(work), x_t)
+        return x_t.to(x0.dtype)
+
+    # ------------------------------------------------------------------ parameterisations
+    def _prediction_type(self, prediction_type: str | None) -> str:
+        pt = self.prediction_type if prediction_type is None else prediction_type
+        check_option(pt, "prediction_type", PREDICTION_TYPES)
+        return pt
+
+    def _x0_eps(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: TimestepLike, prediction_type: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean-sample and noise estimates (in the work dtype) implied by one model output."""
+        pt = self._prediction_type(prediction_type)
+        check_tensor(model_output, "model_output")
+        check_tensor(x_t, "x_t")
+        if model_output.shape != x_t.shape:
+            raise ShapeError(
+                f"Expected `model_output` and `x_t` to have the same shape, but got model_output "
+                f"{tuple(model_output.shape)} and x_t {tuple(x_t.shape)}.",
+                name="model_output/x_t",
+                expected=tuple(x_t.shape),
+                actual=tuple(model_output.shape),
+            )
+        check_dtype_floating(x_t, "x_t")
+        tt = self._prepare_t(t, x_t)
+        a = self._lookup(0, tt, x_t)
+        s = self._lookup(1, tt, x_t)
+        out = model_output.to(a.dtype)
+        x = x_t.to(a.dtype)
+        if pt == "epsilon":
+            eps = out
+            x0 = (x - s * eps) / a
+        elif pt == "sample":
+            x0 = out
+            eps = (x - a * x0) / s
+        elif pt == "v_prediction":
+            x0 = a * x - s * out
+            eps = a * out + s * x
+        else:  # score = -eps / sigma
+            eps = -s * out
+            x0 = (x - s * eps) / a
+        return x0, eps
+
+    def to_x0(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: TimestepLike,
+        prediction_type: str | None = None,
+    ) -> torch.Tensor:
+        """Clean-sample estimate :math:`\\hat x_0` from a model output of any prediction type.
+
+        epsilon: :math:`(x_t - \\sigma_t\\hat\\epsilon)/\\alpha_t`; v: :math:`\\alpha_t x_t - \\sigma_t \\hat v`;
+        score: :math:`(x_t + \\sigma_t^2 \\hat s)/\\alpha_t`; sample: unchanged.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> x_t, v = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+            >>> x0 = s.to_x0(v, x_t, 300, "v_prediction")
+            >>> torch.allclose(s.convert(x0, x_t, 300, "sample", "v_prediction"), v, atol=1e-5)
+            True
+        """
+        return self._x0_eps(model_output, x_t, t, prediction_type)[0].to(x_t.dtype)
+
+    def to_epsilon(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: TimestepLike,
+        prediction_type: str | None = None,
+    ) -> torch.Tensor:
+        """Noise estimate :math:`\\hat\\epsilon` from a model output of any prediction type."""
+        return self._x0_eps(model_output, x_t, t, prediction_type)[1].to(x_t.dtype)
+
+    def convert(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: TimestepLike,
+        from_type: str | None,
+        to_type: str,
+    ) -> torch.Tensor:
+        """Re-express a model output in another parameterisation (diffusers ``prediction_type`` names).
+
+        ``v = \\alpha_t \\epsilon - \\sigma_t x_0``, ``score = -\\epsilon / \\sigma_t``.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> x_t, eps = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+            >>> score = s.convert(eps, x_t, 500, "epsilon", "score")
+            >>> torch.allclose(score, -eps / s.sigma(500).float())
+            True
+        """
+        to_type = self._prediction_type(to_type)
+        tt = self._prepare_t(t, x_t)
+        x0, eps = self._x0_eps(model_output, x_t, tt, from_type)
+        if to_type == "sample":
+            out = x0
+        elif to_type == "epsilon":
+            out = eps
+        elif to_type == "v_prediction":
+            out = self._lookup(0, tt, x_t) * eps - self._lookup(1, tt, x_t) * x0
+        else:
+            out = -eps / self._lookup(1, tt, x_t)
+        return out.to(x_t.dtype)
+
+    # ------------------------------------------------------------------ DDIM move
+    def ddim_step(
+        self,
+        model_output: torch.Tensor,
+        t: TimestepLike,
+        x_t: torch.Tensor,
+        t_to: TimestepLike,
+        prediction_type: str | None = None,
+    ) -> torch.Tensor:
+        """Deterministic DDIM move from ``t`` to any earlier ``t_to`` (per-sample timesteps allowed).
+
+        .. math:: x_{t'} = \\alpha_{t'} \\hat x_0 + \\sigma_{t'} \\hat\\epsilon,
+
+        with both estimates taken from the same model output at ``t``. This is SDXL-Lightning's "move"
+        (Lin et al. 2024, Eq. 5), Hyper-SD's :math:`\\Psi` (Ren et al. 2024, Eq. 1), LCM's DDIM solver and
+        diffusers' ``DDIMScheduler.step`` with ``eta=0``. ``t_to = -1`` returns :math:`\\hat x_0` when
+        ``final_alpha_cumprod = 1``.
+
+        Raises:
+            OptionError: if some ``t_to >= t`` or a timestep is outside ``[-1, T-1]``.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+            >>> t, t_to = torch.tensor([999, 600]), torch.tensor([500, 250])
+            >>> x_t = s.add_noise(x0, eps, t)
+            >>> torch.allclose(s.ddim_step(eps, t, x_t, t_to), s.add_noise(x0, eps, t_to), atol=1e-5)
+            True
+        """
+        tt = self._prepare_t(t, x_t, "t")
+        tto = self._prepare_t(t_to, x_t, "t_to")
+        if value_checks_enabled() and bool((tto >= tt).any()):
+            raise OptionError(
+                "Expected every `t_to` to be earlier than `t` (t_to < t; the DDIM move goes towards the data), "
+                f"but got t={tt.tolist()} and t_to={tto.tolist()}."
+            )
+        x0, eps = self._x0_eps(model_output, x_t, tt, prediction_type)
+        out = self._lookup(0, tto, x_t) * x0 + self._lookup(1, tto, x_t) * eps
+        return out.to(x_t.dtype)
