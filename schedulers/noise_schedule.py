@@ -332,7 +332,7 @@ class NoiseSchedule:
             >>> s = NoiseSchedule.from_betas()
             >>> int(s.edm_sigma_to_timestep(s.edm_sigma(421)))
             421
-            >>> float(s.edm_sigma_to_timestep(s.edm_sigma(421), mode="interpolate"))
+            >>> round(float(s.edm_sigma_to_timestep(s.edm_sigma(421.0), mode="interpolate")), 9)
             421.0
         """
         check_option(mode, "mode", ("nearest", "interpolate"))

@@ -1,0 +1,338 @@
+"""Training-timestep samplers of the distillation methods.
+
+All samplers use diffusers timestep indices ``t`` in ``0 .. T-1`` plus ``-1`` for the clean end of the
+trajectory (see :class:`~diffdistill.schedulers.NoiseSchedule`). Internally they reason on the
+continuous clock ``u = t + 1`` (``u = 0`` is clean data, ``u = T`` pure noise), on which the
+published grids are exact multiples: a DDIM grid of N steps is ``u = T/N, 2T/N, ..., T`` (diffusers'
+``19, 39, ..., 999`` for N = 50), and segment edges are ``u = j T / k``.
+
+Every sampler takes ``generator`` (draws happen on the generator's device, then move to ``device``)
+and returns what it sampled, so a caller can log it or replay it. Pair samplers return a
+:class:`TimestepSample` with one shared vocabulary:
+
+* ``t``: where the student (and the teacher's first step) is evaluated;
+* ``t_prev``: where the teacher's ODE solve from ``t`` ends;
+* ``t_end``: where both the student side and the target side are DDIM-moved before comparison
+  (the segment boundary of TSCD / MLCM, ``t_prev`` for progressive distillation, and ``-1`` for
+  LCM, whose consistency function maps to the clean end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .._checks import OptionError
+
+__all__ = [
+    "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
+    "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
+    "TimestepSample",
+    "categorical_timesteps",
+    "lcm_skip_pairs",
+    "milestone_pairs",
+    "progressive_pairs",
+    "tscd_segments",
+    "uniform_timesteps",
+]
+
+#: SDXL-Lightning Sec. 3.7: D re-noise timesteps {10, 250, 500, 750}; weights 1:1:1:1 first, then 5:1:1:1.
+LIGHTNING_DISCRIMINATOR_TIMESTEPS: tuple[int, ...] = (10, 250, 500, 750)
+#: SDXL-Lightning Sec. 3.7: 1- and 2-step students train at u in {250, 500, 750, 1000} (diffusers t = u - 1).
+LIGHTNING_EXTRA_STUDENT_TIMESTEPS: tuple[int, ...] = (249, 499, 749, 999)
+
+
+class TimestepSample(NamedTuple):
+    """Sampled training timesteps, each an int64 tensor of shape ``(B,)`` (see the module docstring)."""
+
+    t: torch.Tensor
+    t_prev: torch.Tensor
+    t_end: torch.Tensor
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+    return int(value)
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _to_device(sample: TimestepSample, device: torch.device | str | None) -> TimestepSample:
+    return sample if device is None else TimestepSample(*(x.to(device) for x in sample))
+
+
+def _randint_between(
+    low: torch.Tensor, high: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Per-element uniform integer in ``[low, high]`` (inclusive), drawn on the generator's device."""
+    span = (high - low + 1).to(torch.float64)
+    u = torch.rand(low.shape, generator=generator, device=low.device, dtype=torch.float64)
+    offset = torch.minimum((u * span).floor().long(), (high - low).long())
+    return low + offset
+
+
+def uniform_timesteps(
+    batch_size: int,
+    low: int = 0,
+    high: int = 999,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``t ~ U{low, ..., high}`` (inclusive), shape ``(B,)`` int64.
+
+    Presets from the papers (T = 1000): DMD / DMD2 distribution matching ``U[0.02T, 0.98T]`` →
+    ``low=20, high=980``; SiD for Stable Diffusion ``t ~ U{20..980}`` (the same); DMD2's
+    diffusion-GAN discriminator ``U[0, 1000)`` → ``low=0, high=999``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> t = uniform_timesteps(4, 20, 980, generator=g)
+        >>> bool(((t >= 20) & (t <= 980)).all()), t.dtype
+        (True, torch.int64)
+    """
+    _check_int(batch_size, "batch_size", 1)
+    if int(low) != low or int(high) != high or low > high or low < -1:
+        raise OptionError(f"Expected integers -1 <= `low` <= `high`, but got low={low!r}, high={high!r}.")
+    t = torch.randint(
+        int(low), int(high) + 1, (batch_size,), generator=generator, device=_gen_device(generator)
+    )
+    return t.to(device) if device is not None else t
+
+
+def categorical_timesteps(
+    batch_size: int,
+    values: Sequence[int] = LIGHTNING_DISCRIMINATOR_TIMESTEPS,
+    weights: Sequence[float] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``t`` drawn from ``values`` with probabilities proportional to ``weights`` (uniform if None).
+
+    SDXL-Lightning (Lin et al. 2024, Sec. 3.7) re-noises the discriminator inputs of its 1- and 2-step
+    students to ``t* ∈ {10, 250, 500, 750}`` with weights 1:1:1:1, then 5:1:1:1 once training is stable.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> t = categorical_timesteps(1000, weights=(5, 1, 1, 1), generator=g)
+        >>> round((t == 10).float().mean().item(), 1)
+        0.6
+    """
+    _check_int(batch_size, "batch_size", 1)
+    vals = torch.as_tensor(list(values), dtype=torch.long)
+    if vals.ndim != 1 or vals.numel() == 0:
+        raise OptionError(f"Expected `values` to be a non-empty sequence of ints, but got {values!r}.")
+    if weights is None:
+        probs = torch.ones(vals.numel(), dtype=torch.float64)
+    else:
+        probs = torch.as_tensor(list(weights), dtype=torch.float64)
+        if probs.shape != vals.shape:
+            raise OptionError(
+                f"Expected `weights` to have one entry per value ({vals.numel()}), but got {probs.numel()}."
+            )
+        if bool((probs < 0).any()) or float(probs.sum()) <= 0:
+            raise OptionError(f"Expected `weights` to be >= 0 with a positive sum, but got {list(weights)}.")
+    dev = _gen_device(generator)
+    idx = torch.multinomial(probs.to(dev), batch_size, replacement=True, generator=generator)
+    t = vals.to(dev)[idx]
+    return t.to(device) if device is not None else t
+
+
+def lcm_skip_pairs(
+    batch_size: int,
+    num_ddim_timesteps: int = 50,
+    num_train_timesteps: int = 1000,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TimestepSample:
+    """LCM skip-step pairs on an N-step DDIM grid (Luo et al. 2023, "Latent Consistency Models").
+
+    With skip :math:`k = T // N`: ``t`` is uniform on the grid ``k-1, 2k-1, ..., Nk-1``, the teacher
+    steps to ``t_prev = max(t - k, 0)`` (diffusers' LCM distillation scripts), and ``t_end = -1``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> s = lcm_skip_pairs(8, generator=g)
+        >>> bool(((s.t + 1) % 20 == 0).all()), bool((s.t_prev == (s.t - 20).clamp(min=0)).all())
+        (True, True)
+    """
+    _check_int(batch_size, "batch_size", 1)
+    n = _check_int(num_ddim_timesteps, "num_ddim_timesteps", 1)
+    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    if n > total:
+        raise OptionError(f"Expected `num_ddim_timesteps` <= `num_train_timesteps` ({total}), but got {n}.")
+    skip = total // n
+    dev = _gen_device(generator)
+    index = torch.randint(0, n, (batch_size,), generator=generator, device=dev)
+    t = (index + 1) * skip - 1
+    t_prev = (t - skip).clamp(min=0)
+    t_end = torch.full_like(t, -1)
+    sample = TimestepSample(t, t_prev, t_end)
+    return _to_device(sample, device)
+
+
+def tscd_segments(
+    batch_size: int,
+    num_segments: int,
+    num_inference_steps: int = 50,
+    num_train_timesteps: int = 1000,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TimestepSample:
+    """Trajectory-segmented consistency timesteps (Hyper-SD, Ren et al. 2024, Eq. 11-12 and Alg. 1).
+
+    On the continuous clock ``u = t + 1`` with grid step :math:`s = T/N`:
+
+    * :math:`u_n \\sim U\\{s, 2s, \\dots, T\\}` and the teacher step ends at :math:`u_{n-1} = u_n - s`;
+    * the segment boundary is :math:`u_b = \\lfloor u_{n-1} / (T/k) \\rfloor \\cdot T/k` (integer edges
+      :math:`\\lfloor jT/k \\rfloor`);
+    * :math:`u_{end} \\sim U\\{u_b, \\dots, u_{n-1}\\}`.
+
+    Returned in diffusers indices (``t = u - 1``), so ``t_end = -1`` is the clean end. The boundary is
+    taken from the segment that contains the teacher step :math:`[u_{n-1}, u_n]`; it equals the paper's
+    :math:`\\lfloor t_n / (T/k) \\rfloor T/k` except when :math:`t_n` itself is a segment edge, where the
+    paper's interval :math:`[t_b, t_{n-1}]` would be empty. ``num_segments = 1`` is plain CTM-style
+    consistency towards the clean end.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> s = tscd_segments(16, num_segments=4, generator=g)
+        >>> t_b = ((s.t_prev + 1) // 250) * 250 - 1
+        >>> bool(((t_b <= s.t_end) & (s.t_end <= s.t_prev) & (s.t_prev == s.t - 20)).all())
+        True
+    """
+    _check_int(batch_size, "batch_size", 1)
+    k = _check_int(num_segments, "num_segments", 1)
+    n = _check_int(num_inference_steps, "num_inference_steps", 1)
+    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    if total % n != 0:
+        raise OptionError(
+            f"Expected `num_inference_steps` to divide `num_train_timesteps` ({total}) so the grid step is an "
+            f"integer, but got {n}. Use e.g. 50, 40, 25, 20 or 10 for T = 1000."
+        )
+    if k > n:
+        raise OptionError(f"Expected `num_segments` <= `num_inference_steps` ({n}), but got {k}.")
+    step = total // n
+    dev = _gen_device(generator)
+    u_n = (torch.randint(0, n, (batch_size,), generator=generator, device=dev) + 1) * step
+    u_prev = u_n - step
+    seg = torch.div(u_prev * k, total, rounding_mode="floor")
+    u_b = torch.div(seg * total, k, rounding_mode="floor")
+    u_end = _randint_between(u_b, u_prev, generator)
+    sample = TimestepSample(u_n - 1, u_prev - 1, u_end - 1)
+    return _to_device(sample, device)
+
+
+def milestone_pairs(
+    batch_size: int,
+    num_segments: int = 8,
+    skip: int = 20,
+    num_train_timesteps: int = 1000,
+    *,
+    on_grid: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TimestepSample:
+    """Multistep-consistency milestone pairs (MLCM/TLCM, Xie et al. 2024; PCM phases; Heek et al. 2024).
+
+    Milestones :math:`m_s = \\lfloor sT/M \\rfloor` on the clock ``u = t + 1``. A segment ``s`` is drawn
+    uniformly, then :math:`u_m \\sim U\\{m_s + \\text{skip}, \\dots, m_{s+1}\\}` (only multiples of
+    ``skip`` when ``on_grid``, i.e. a DDIM grid of step ``skip``), the teacher steps to
+    :math:`u_n = u_m - \\text{skip}` (which stays inside the segment) and both sides move to the lower
+    milestone :math:`t_{end} = m_s - 1`.
+
+    MLCM stage 1 (MLCD): ``num_segments=8, skip=20``. MLCM stage 2 (inter-segment LCD): consistency only
+    at the milestones, ``skip = T/M, on_grid=True``, so ``t`` is a milestone and ``t_prev = t_end`` the one
+    below.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> s = milestone_pairs(8, num_segments=8, skip=125, on_grid=True, generator=g)
+        >>> bool(((s.t + 1) % 125 == 0).all() and (s.t_prev == s.t_end).all())
+        True
+    """
+    _check_int(batch_size, "batch_size", 1)
+    m = _check_int(num_segments, "num_segments", 1)
+    sk = _check_int(skip, "skip", 1)
+    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    edges = torch.div(torch.arange(m + 1) * total, m, rounding_mode="floor")
+    widths = edges[1:] - edges[:-1]
+    if bool((widths < sk).any()):
+        raise OptionError(
+            f"Expected `skip` ({sk}) to be at most the segment width ({int(widths.min())} = T/num_segments), "
+            "so that the teacher step stays inside its segment."
+        )
+    if on_grid and bool((edges % sk != 0).any()):
+        raise OptionError(
+            f"With `on_grid=True`, expected `skip` ({sk}) to divide every milestone {edges.tolist()}; choose skip "
+            "= T / (num_segments * j) for an integer j."
+        )
+    dev = _gen_device(generator)
+    edges = edges.to(dev)
+    seg = torch.randint(0, m, (batch_size,), generator=generator, device=dev)
+    lo, hi = edges[seg] + sk, edges[seg + 1]
+    if on_grid:
+        u_m = _randint_between(lo // sk, hi // sk, generator) * sk
+    else:
+        u_m = _randint_between(lo, hi, generator)
+    sample = TimestepSample(u_m - 1, u_m - sk - 1, edges[seg] - 1)
+    return _to_device(sample, device)
+
+
+def progressive_pairs(
+    batch_size: int,
+    num_student_steps: int,
+    num_train_timesteps: int = 1000,
+    *,
+    extra_timesteps: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TimestepSample:
+    """Progressive-distillation stride pairs ``(t, t - T/N)`` on an N-step student's "trailing" grid.
+
+    The student of a stage has N inference steps on ``u = T/N, 2T/N, ..., T`` (diffusers' trailing
+    spacing: 999, 749, 499, 249 for N = 4). It learns to jump ``u → max(u - T/N, 0)`` in one step, while
+    the teacher covers the same interval with n steps of stride ``T/(N n)`` (use
+    :meth:`~diffdistill.schedulers.TeacherSolver.solve` with ``num_steps=n``). SDXL-Lightning (Lin et al.
+    2024, Sec. 2.3, 3.7). ``t_end = t_prev``.
+
+    ``extra_timesteps`` replaces the grid by explicit diffusers indices; SDXL-Lightning trains its 1- and
+    2-step students at :data:`LIGHTNING_EXTRA_STUDENT_TIMESTEPS` (u ∈ {250, 500, 750, 1000}) instead
+    of {1000} / {500, 1000}.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> s = progressive_pairs(6, 1, extra_timesteps=LIGHTNING_EXTRA_STUDENT_TIMESTEPS, generator=g)
+        >>> set(s.t.tolist()) <= {249, 499, 749, 999}, bool((s.t_prev == -1).all())
+        (True, True)
+    """
+    _check_int(batch_size, "batch_size", 1)
+    n = _check_int(num_student_steps, "num_student_steps", 1)
+    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    if total % n != 0:
+        raise OptionError(
+            f"Expected `num_student_steps` to divide `num_train_timesteps` ({total}), but got {n}."
+        )
+    stride = total // n
+    dev = _gen_device(generator)
+    if extra_timesteps is None:
+        grid = torch.arange(1, n + 1, device=dev) * stride - 1
+    else:
+        grid = torch.as_tensor(list(extra_timesteps), dtype=torch.long, device=dev)
+        if grid.ndim != 1 or grid.numel() == 0 or bool(((grid < 0) | (grid > total - 1)).any()):
+            raise OptionError(
+                f"Expected `extra_timesteps` to be a non-empty list of ints in [0, {total - 1}], but got "
+                f"{list(extra_timesteps)}."
+            )
+    t = grid[torch.randint(0, grid.numel(), (batch_size,), generator=generator, device=dev)]
+    t_prev = (t + 1 - stride).clamp(min=0) - 1
+    sample = TimestepSample(t, t_prev, t_prev.clone())
+    return _to_device(sample, device)
