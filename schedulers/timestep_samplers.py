@@ -197,9 +197,10 @@ def tscd_segments(
     * :math:`u_{end} \\sim U\\{u_b, \\dots, u_{n-1}\\}`.
 
     Returned in diffusers indices (``t = u - 1``), so ``t_end = -1`` is the clean end. The boundary is
-    taken from the segment that contains the teacher step :math:`[u_{n-1}, u_n]`; it equals the paper's
-    :math:`\\lfloor t_n / (T/k) \\rfloor T/k` except when :math:`t_n` itself is a segment edge, where the
-    paper's interval :math:`[t_b, t_{n-1}]` would be empty. ``num_segments = 1`` is plain CTM-style
+    taken from the segment that holds :math:`u_{n-1}`, the end of the teacher step; it equals the paper's
+    :math:`\\lfloor t_n / (T/k) \\rfloor T/k` whenever the paper's interval :math:`[t_b, t_{n-1}]` is
+    non-empty. That interval is empty when the teacher step starts on or crosses a segment edge (with
+    ``N`` divisible by ``k``: exactly when :math:`t_n` is an edge), a case Alg. 1 leaves undefined. ``num_segments = 1`` is plain CTM-style
     consistency towards the clean end.
 
     Example:
@@ -298,9 +299,11 @@ def progressive_pairs(
 ) -> TimestepSample:
     """Progressive-distillation stride pairs ``(t, t - T/N)`` on an N-step student's "trailing" grid.
 
-    The student of a stage has N inference steps on ``u = T/N, 2T/N, ..., T`` (diffusers' trailing
-    spacing: 999, 749, 499, 249 for N = 4). It learns to jump ``u → max(u - T/N, 0)`` in one step, while
-    the teacher covers the same interval with n steps of stride ``T/(N n)`` (use
+    The student of a stage has N inference steps on ``u = round(T - kT/N)``, ``k = 0..N-1``
+    (diffusers' ``timestep_spacing="trailing"``: 999, 749, 499, 249 for N = 4; N need not divide T, e.g.
+    the 32- and 128-step stages of SDXL-Lightning). It learns to jump from a grid point to the next one
+    below (``u = 0``, the clean end, after the last) in one step, while the teacher covers the same
+    interval with n steps (about ``T/(N n)`` each) (use
     :meth:`~diffdistill.schedulers.TeacherSolver.solve` with ``num_steps=n``). SDXL-Lightning (Lin et al.
     2024, Sec. 2.3, 3.7). ``t_end = t_prev``.
 
@@ -317,14 +320,16 @@ def progressive_pairs(
     _check_int(batch_size, "batch_size", 1)
     n = _check_int(num_student_steps, "num_student_steps", 1)
     total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
-    if total % n != 0:
-        raise OptionError(
-            f"Expected `num_student_steps` to divide `num_train_timesteps` ({total}), but got {n}."
-        )
-    stride = total // n
+    if n > total:
+        raise OptionError(f"Expected `num_student_steps` <= `num_train_timesteps` ({total}), but got {n}.")
     dev = _gen_device(generator)
     if extra_timesteps is None:
-        grid = torch.arange(1, n + 1, device=dev) * stride - 1
+        # diffusers' "trailing" grid: round(T - k T/N) for k = 0..N-1, with the clean end u = 0 below it.
+        ratio = total / n
+        grid_u = torch.round(total - torch.arange(n, dtype=torch.float64) * ratio).long().flip(0)
+        grid_u = torch.cat([torch.zeros(1, dtype=torch.long), grid_u]).to(dev)
+        index = torch.randint(1, n + 1, (batch_size,), generator=generator, device=dev)
+        t, t_prev = grid_u[index] - 1, grid_u[index - 1] - 1
     else:
         grid = torch.as_tensor(list(extra_timesteps), dtype=torch.long, device=dev)
         if grid.ndim != 1 or grid.numel() == 0 or bool(((grid < 0) | (grid > total - 1)).any()):
@@ -332,7 +337,8 @@ def progressive_pairs(
                 f"Expected `extra_timesteps` to be a non-empty list of ints in [0, {total - 1}], but got "
                 f"{list(extra_timesteps)}."
             )
-    t = grid[torch.randint(0, grid.numel(), (batch_size,), generator=generator, device=dev)]
-    t_prev = (t + 1 - stride).clamp(min=0) - 1
+        t = grid[torch.randint(0, grid.numel(), (batch_size,), generator=generator, device=dev)]
+        u_prev = torch.floor((t + 1).double() - total / n + 0.5).clamp(min=0).long()
+        t_prev = u_prev - 1
     sample = TimestepSample(t, t_prev, t_prev.clone())
     return _to_device(sample, device)

@@ -1,0 +1,69 @@
+"""Stage plans: presets follow the papers, JSON round trip, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffdistill._checks import OptionError
+from diffdistill.schedulers import Stage, StagePlan
+
+
+def test_lightning_preset():
+    plan = StagePlan.sdxl_lightning()
+    steps = [s.student_steps for s in plan if s.name.endswith("/full") or s.name == "128->32"]
+    assert steps == [32, 8, 4, 2, 1]
+    assert plan["128->32"].loss == "mse" and plan["128->32"].options["guidance_scale"] == 6.0
+    for s in plan:
+        if s.loss == "adversarial":
+            assert s.options["guidance_scale"] == 1.0 and s.options["adam_betas"] == [0.0, 0.99]
+    # conditional before unconditional at every stage; D reset at each stage start
+    names = [s.name for s in plan]
+    for stage in ("32->8", "8->4", "4->2"):
+        assert (
+            names.index(f"{stage}/conditional")
+            < names.index(f"{stage}/unconditional")
+            < names.index(f"{stage}/full")
+        )
+        assert plan[f"{stage}/conditional"].options["reset_discriminator"] is True
+    assert plan["2->1/full"].options["prediction_type"] == "sample"
+    assert "2->1/conditional" not in names  # no 1-step LoRA (Sec. 3.7)
+    assert plan["4->2/full"].options["extra_student_timesteps"] == [249, 499, 749, 999]
+
+
+def test_hyper_and_mlcm_presets():
+    hyper = StagePlan.hyper_sd()
+    assert [s.num_segments for s in hyper] == [8, 4, 2, 1]
+    w_adv = [s.loss_weights["adversarial"] for s in hyper]
+    assert w_adv == sorted(w_adv) and w_adv[0] == 0.0 and w_adv[-1] == 1.0
+    mlcm = StagePlan.mlcm()
+    assert [s.name for s in mlcm] == ["mlcd", "lcd-inter-segment"]
+    assert mlcm["mlcd"].options["skip"] == 20 and mlcm["lcd-inter-segment"].options["skip"] == 125
+    assert mlcm["lcd-inter-segment"].teacher_steps == 3
+
+
+@pytest.mark.parametrize("factory", [StagePlan.sdxl_lightning, StagePlan.hyper_sd, StagePlan.mlcm])
+def test_json_round_trip(factory):
+    plan = factory()
+    again = StagePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and list(again) == list(plan) and len(again) == len(plan)
+
+
+def test_validation():
+    with pytest.raises(OptionError, match=r"Expected `loss` to be one of .* but got 'l2'"):
+        Stage("a", loss="l2")
+    with pytest.raises(OptionError, match=r"Stage 'a': loss 'adversarial' needs `discriminator`"):
+        Stage("a", loss="adversarial")
+    with pytest.raises(
+        OptionError, match=r"Stage 'a': expected `student_steps` to be None or an int >= 1, but got 0"
+    ):
+        Stage("a", loss="mse", student_steps=0)
+    with pytest.raises(OptionError, match=r"Expected unique stage names, but got duplicates \['a'\]"):
+        StagePlan([Stage("a", loss="mse"), Stage("a", loss="mse")])
+    with pytest.raises(OptionError, match=r"Unknown Stage field\(s\) \['steps'\]"):
+        StagePlan.from_dict({"stages": [{"name": "a", "loss": "mse", "steps": 3}]})
+    with pytest.raises(KeyError, match=r"No stage named 'zzz'"):
+        StagePlan.mlcm()["zzz"]
+    with pytest.raises(OptionError, match=r"at least one Stage"):
+        StagePlan([])
