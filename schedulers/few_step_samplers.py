@@ -1,0 +1,977 @@
+"""Few-step samplers for evaluating distilled students, and the timestep lists they run on.
+
+Every sampler runs a denoiser ``model(x_t, t, **cond)`` (optionally with classifier-free guidance
+through :class:`~diffdistill.schedulers.teacher_solver.TeacherSolver`) over a strictly decreasing list
+of diffusers timestep indices ``t_0 > t_1 > ... > t_{n-1}``, starting from ``x_t`` at ``t_0`` (pure
+noise for text-to-image), and returns a :class:`SamplerOutput` holding the final sample, the timesteps
+used, every noise it drew (so a run can be logged and replayed with ``noises=``) and, on request, the
+trajectory. All the schedule arithmetic goes through :class:`~diffdistill.schedulers.NoiseSchedule`
+(float64 coefficients, results in the input dtype).
+
+==============================  =====================================================================
+sampler                         step from ``t_i`` (model output :math:`\\to \\hat x_0, \\hat\\epsilon`)
+==============================  =====================================================================
+:func:`lcm_sample`              :math:`f = c_\\text{skip} x + c_\\text{out}\\hat x_0`, then
+                                :math:`x_{t_{i+1}} = \\alpha_{t_{i+1}} f + \\sigma_{t_{i+1}} z`
+                                (LCM, Luo et al. arXiv:2310.04378; diffusers ``LCMScheduler``)
+:func:`tcd_sample`              DDIM to :math:`s = \\lfloor (1-\\eta) t_{i+1} \\rfloor`, re-noise to
+                                :math:`t_{i+1}` (TCD, Zheng et al. arXiv:2402.19159; Hyper-SD)
+:func:`ddim_sample`             :math:`x_{t_{i+1}} = \\alpha_{t_{i+1}}\\hat x_0 + \\sigma_{t_{i+1}}\\hat\\epsilon`
+                                (DDIM, Song et al. ICLR 2021; Hyper-SD N-step LoRAs)
+:func:`euler_sample`            Euler on the PF-ODE in :math:`\\sigma = \\sigma_t/\\alpha_t`
+                                (diffusers ``EulerDiscreteScheduler``; SDXL-Lightning)
+:func:`x0_renoise_sample`       :math:`x_{t_{i+1}} = \\alpha_{t_{i+1}}\\hat x_0 + \\sigma_{t_{i+1}} z`
+                                (DMD2 arXiv:2405.14867, TLCM arXiv:2406.05768)
+:func:`one_step_sample`         :math:`\\hat x_0(x_t, t)` (SDXL-Lightning 1-step x0 UNet, DMD2 1-step)
+==============================  =====================================================================
+
+Timestep lists (int64, strictly decreasing, in ``[0, T-1]``): :func:`lcm_timesteps` (LCM / TCD grid),
+:func:`spaced_timesteps` (diffusers ``timestep_spacing``), :func:`custom_timesteps` (any list, e.g.
+``[999, 759, 499, 259]`` or Hyper-SD's one-step ``[800]``), :func:`tlcm_timesteps`,
+:func:`dmd2_timesteps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .._checks import (
+    DTypeError,
+    OptionError,
+    ShapeError,
+    check_dtype_floating,
+    check_option,
+    check_probability,
+    check_tensor,
+)
+from .consistency import consistency_function
+from .noise_schedule import NoiseSchedule
+from .teacher_solver import GUIDANCE_CONVENTIONS, TeacherSolver
+
+__all__ = [
+    "TIMESTEP_SPACINGS",
+    "TLCM_GRID_INDICES",
+    "SamplerOutput",
+    "custom_timesteps",
+    "ddim_sample",
+    "dmd2_timesteps",
+    "euler_sample",
+    "lcm_sample",
+    "lcm_timesteps",
+    "one_step_sample",
+    "spaced_timesteps",
+    "tcd_sample",
+    "tlcm_timesteps",
+    "x0_renoise_sample",
+]
+
+TIMESTEP_SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace")
+"""The ``timestep_spacing`` values of diffusers' DDIM / Euler schedulers supported by :func:`spaced_timesteps`."""
+
+TLCM_GRID_INDICES: dict[int, tuple[int, ...]] = {
+    1: (0,),
+    2: (0, 4),
+    3: (0, 4, 7),
+    4: (0, 2, 4, 7),
+    5: (0, 2, 4, 6, 7),
+    6: (0, 2, 4, 5, 6, 7),
+    7: (0, 2, 3, 4, 5, 6, 7),
+    8: (0, 1, 2, 3, 4, 5, 6, 7),
+}
+"""Indices into TLCM's 9-point grid used for 1-8 steps (TLCM ``inference.py``; index 8, t = 0, is the
+clean end where the last x0 prediction is returned, so it is not a model timestep)."""
+
+Model = Callable[..., Any]
+TimestepList = Sequence[int] | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# timestep lists
+# ---------------------------------------------------------------------------------------------------
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+    return int(value)
+
+
+def _check_strength(strength: float) -> float:
+    if not 0.0 < float(strength) <= 1.0:
+        raise OptionError(
+            f"Expected `strength` to lie in (0, 1] (1.0 = start from pure noise), but got {strength!r}."
+        )
+    return float(strength)
+
+
+def _as_timestep_list(
+    timesteps: TimestepList, num_train_timesteps: int, name: str = "timesteps"
+) -> torch.Tensor:
+    """Validate a list of diffusers timestep indices; return it as a 1-D int64 CPU tensor."""
+    if isinstance(timesteps, torch.Tensor):
+        ts = timesteps.detach().cpu()
+    else:
+        try:
+            ts = torch.as_tensor(list(timesteps))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                f"Expected `{name}` to be a sequence of ints or a 1-D tensor, but got {type(timesteps).__name__}."
+            ) from err
+    if ts.ndim != 1 or ts.numel() == 0:
+        raise ShapeError(
+            f"Expected `{name}` to be a non-empty 1-D list of timesteps, but got shape {tuple(ts.shape)}. "
+            "Pass e.g. [999, 759, 499, 259].",
+            name=name,
+            expected="(n,) with n >= 1",
+            actual=tuple(ts.shape),
+        )
+    if ts.dtype == torch.bool or ts.is_complex():
+        raise DTypeError(f"Expected `{name}` to hold integer timesteps, but got dtype {ts.dtype}.")
+    if ts.is_floating_point():
+        if not bool((ts == ts.round()).all()):
+            raise OptionError(
+                f"Expected `{name}` to hold integral timestep indices, but got {ts.tolist()}. Round them first."
+            )
+        ts = ts.round()
+    ts = ts.to(torch.int64)
+    lo, hi = int(ts.min()), int(ts.max())
+    if lo < 0 or hi > num_train_timesteps - 1:
+        raise OptionError(
+            f"Expected every value of `{name}` to lie in [0, {num_train_timesteps - 1}] (diffusers indices), "
+            f"but got {ts.tolist()}."
+        )
+    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
+        raise OptionError(
+            f"Expected `{name}` to be strictly decreasing (noisiest first, e.g. [999, 759, 499, 259]), but got "
+            f"{ts.tolist()}."
+        )
+    return ts
+
+
+def custom_timesteps(
+    timesteps: TimestepList, *, num_train_timesteps: int = 1000, strength: float = 1.0
+) -> torch.Tensor:
+    """Validate a user-chosen timestep list (as diffusers' ``set_timesteps(timesteps=[...])``).
+
+    Examples from the papers: LCM / Hyper-SD 4 steps ``[999, 759, 499, 259]``; Hyper-SD's dedicated
+    one-step UNet ``[800]`` (Ren et al. 2024, arXiv:2404.13686, used with ``LCMScheduler``); DMD2's
+    ``[999, 749, 499, 249]`` (Yin et al. 2024, arXiv:2405.14867).
+
+    With ``strength < 1`` (img2img) only the last ``floor(n * strength)`` entries are kept, as
+    ``LCMScheduler`` / ``TCDScheduler`` do with custom timesteps.
+
+    Args:
+        timesteps: strictly decreasing integers in ``[0, T-1]``.
+        num_train_timesteps: ``T``.
+        strength: fraction of the list to keep (from the end), in ``(0, 1]``.
+
+    Returns:
+        int64 tensor of shape ``(m,)``.
+
+    Raises:
+        OptionError: if the list is not strictly decreasing, leaves ``[0, T-1]``, or ``strength`` would
+            keep no step.
+
+    Example:
+        >>> from diffdistill.schedulers.few_step_samplers import custom_timesteps
+        >>> custom_timesteps([999, 759, 499, 259]).tolist()
+        [999, 759, 499, 259]
+        >>> custom_timesteps([999, 759, 499, 259], strength=0.5).tolist()
+        [499, 259]
+    """
+    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    ts = _as_timestep_list(timesteps, t_count)
+    keep = min(int(ts.numel() * _check_strength(strength)), ts.numel())
+    if keep < 1:
+        raise OptionError(
+            f"`strength`={strength} keeps no step of the {ts.numel()} custom timesteps "
+            f"(floor({ts.numel()} * {strength}) = 0). Increase `strength` or pass more timesteps."
+        )
+    return ts[ts.numel() - keep :].clone()
+
+
+def lcm_timesteps(
+    num_inference_steps: int,
+    *,
+    num_train_timesteps: int = 1000,
+    original_inference_steps: int = 50,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The LCM / TCD inference timesteps: ``n`` evenly spaced picks from the distillation grid.
+
+    With :math:`k = \\lfloor T / N \\rfloor` (``N = original_inference_steps``, the DDIM grid the student
+    was distilled on) the candidates are :math:`c_j = (j+1)k - 1` for :math:`j < \\lfloor N s \\rfloor`
+    (``s = strength``), taken in decreasing order, and step ``i`` uses the candidate at index
+    :math:`\\lfloor i L / n \\rfloor` (``L`` candidates, numpy ``linspace(0, L, n, endpoint=False)``).
+    For ``T = 1000, N = 50``: ``n = 4`` gives ``[999, 759, 499, 259]``.
+
+    This equals ``LCMScheduler.set_timesteps(n, strength=s)`` and ``TCDScheduler.set_timesteps(n,
+    strength=s)`` with ``original_inference_steps`` in the scheduler config (Luo et al. 2023,
+    arXiv:2310.04378; Zheng et al. 2024, arXiv:2402.19159). Note: ``TCDScheduler.set_timesteps`` called
+    *with* an explicit ``original_inference_steps`` ignores its value and picks from every training
+    timestep; that is ``lcm_timesteps(n, original_inference_steps=T)``.
+
+    Args:
+        num_inference_steps: ``n``, at most ``floor(N * strength)``.
+        num_train_timesteps: ``T``.
+        original_inference_steps: ``N`` (50 for LCM, LCM-LoRA, TCD, Hyper-SD).
+        strength: img2img strength in ``(0, 1]``; 1 starts at ``T-1``.
+
+    Returns:
+        int64 tensor of shape ``(n,)``, strictly decreasing, values on the grid ``(t + 1) % k == 0``.
+
+    Raises:
+        OptionError: if ``N > T``, ``n > N`` or ``n > floor(N * strength)``.
+
+    Example:
+        >>> from diffdistill.schedulers.few_step_samplers import lcm_timesteps
+        >>> lcm_timesteps(4).tolist()
+        [999, 759, 499, 259]
+        >>> lcm_timesteps(2, strength=0.5).tolist()
+        [499, 259]
+    """
+    n = _check_int(num_inference_steps, "num_inference_steps", 1)
+    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    n_orig = _check_int(original_inference_steps, "original_inference_steps", 1)
+    strength = _check_strength(strength)
+    if n_orig > t_count:
+        raise OptionError(
+            f"Expected `original_inference_steps` <= num_train_timesteps ({t_count}), but got {n_orig}."
+        )
+    if n > n_orig:
+        raise OptionError(
+            f"Expected `num_inference_steps` <= original_inference_steps ({n_orig}): the schedule is a subset of "
+            f"the {n_orig}-step distillation grid, but got {n}. Raise `original_inference_steps` or use fewer steps."
+        )
+    k = t_count // n_orig
+    candidates = np.arange(1, int(n_orig * strength) + 1, dtype=np.int64) * k - 1
+    if candidates.size < n:
+        raise OptionError(
+            f"Expected `num_inference_steps` <= floor(original_inference_steps * strength) = {candidates.size}, "
+            f"but got {n} (strength={strength}). Use fewer steps or a larger `strength`."
+        )
+    candidates = candidates[::-1]
+    picks = np.floor(np.linspace(0, candidates.size, num=n, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(candidates[picks].copy())
+
+
+def spaced_timesteps(
+    num_inference_steps: int,
+    spacing: Literal["trailing", "leading", "linspace"] = "trailing",
+    *,
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """Evenly spaced timesteps as diffusers' ``timestep_spacing`` (Lin et al. 2024, arXiv:2305.08891).
+
+    * ``"trailing"``: :math:`t_i = \\operatorname{round}(T - i T/n) - 1`, so ``t_0 = T-1`` always; the
+      spacing SDXL-Lightning (arXiv:2402.13929) and Hyper-SD (arXiv:2404.13686) students need.
+    * ``"leading"``: :math:`t_i = (n-1-i)\\lfloor T/n \\rfloor + \\text{steps\\_offset}` (SD 1.x default).
+    * ``"linspace"``: :math:`\\operatorname{round}` of ``linspace(0, T-1, n)``, reversed (``[0]`` for
+      ``n = 1``, as in diffusers).
+
+    All three equal ``DDIMScheduler.set_timesteps(n)`` with that ``timestep_spacing`` (round half to
+    even, as numpy), and ``EulerDiscreteScheduler``'s for ``"trailing"`` and ``"leading"`` (its
+    ``"linspace"`` keeps fractional timesteps, which a discrete schedule does not support). A
+    ``"leading"`` list that would exceed ``T-1`` (``steps_offset`` too large) raises. Where
+    diffusers' float ``arange`` yields an extra ``-1`` entry for ``"trailing"`` (e.g. ``T = 1000, n =
+    61``), only the first ``n`` entries are returned.
+
+    Args:
+        num_inference_steps: ``n`` in ``[1, T]``.
+        spacing: one of :data:`TIMESTEP_SPACINGS`.
+        num_train_timesteps: ``T``.
+        steps_offset: added to ``"leading"`` timesteps (diffusers config ``steps_offset``; SD 1.x uses 1).
+
+    Returns:
+        int64 tensor of shape ``(n,)``, strictly decreasing, in ``[0, T-1]``.
+
+    Example:
+        >>> from diffdistill.schedulers.few_step_samplers import spaced_timesteps
+        >>> spaced_timesteps(4).tolist()
+        [999, 749, 499, 249]
+        >>> spaced_timesteps(4, "leading", steps_offset=1).tolist(), spaced_timesteps(4, "linspace").tolist()
+        ([751, 501, 251, 1], [999, 666, 333, 0])
+    """
+    check_option(spacing, "spacing", TIMESTEP_SPACINGS)
+    n = _check_int(num_inference_steps, "num_inference_steps", 1)
+    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    offset = _check_int(steps_offset, "steps_offset", 0)
+    if n > t_count:
+        raise OptionError(f"Expected `num_inference_steps` <= num_train_timesteps ({t_count}), but got {n}.")
+    if spacing == "trailing":
+        values = (np.round(np.arange(t_count, 0, -t_count / n)) - 1)[:n]
+    elif spacing == "leading":
+        values = (np.arange(0, n) * (t_count // n))[::-1] + offset
+    else:
+        values = np.linspace(0, t_count - 1, n).round()[::-1]
+    return _as_timestep_list(torch.from_numpy(values.astype(np.int64)), t_count, name=f"{spacing} timesteps")
+
+
+def tlcm_timesteps(num_inference_steps: int, *, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """TLCM / MLCM inference timesteps: a subset of the 9-point grid ``linspace(T-1, 0, 9)``.
+
+    The grid :math:`g_j = \\lfloor (T-1)(8-j)/8 \\rfloor` (``[999, 874, 749, 624, 499, 374, 249, 124, 0]``
+    for ``T = 1000``) matches the M = 8 milestones of training; ``n`` steps use the indices
+    :data:`TLCM_GRID_INDICES` ``[n]`` (e.g. 4 steps: ``[0, 2, 4, 7]``), as TLCM's ``inference.py``
+    (Xie et al. 2024, arXiv:2406.05768). Sample with :func:`x0_renoise_sample`.
+
+    Args:
+        num_inference_steps: ``n`` in ``1..8``.
+        num_train_timesteps: ``T``.
+
+    Returns:
+        int64 tensor of shape ``(n,)``.
+
+    Example:
+        >>> from diffdistill.schedulers.few_step_samplers import tlcm_timesteps
+        >>> tlcm_timesteps(4).tolist()
+        [999, 749, 499, 124]
+    """
+    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 9)
+    if num_inference_steps not in TLCM_GRID_INDICES or isinstance(num_inference_steps, bool):
+        raise OptionError(
+            f"Expected `num_inference_steps` to be one of {sorted(TLCM_GRID_INDICES)} (TLCM's 9-point grid), "
+            f"but got {num_inference_steps!r}."
+        )
+    grid = [((t_count - 1) * (8 - j)) // 8 for j in range(9)]
+    return torch.tensor([grid[j] for j in TLCM_GRID_INDICES[int(num_inference_steps)]], dtype=torch.int64)
+
+
+def dmd2_timesteps(num_inference_steps: int = 4, *, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """DMD2's multi-step student timesteps :math:`t_i = T - 1 - i\\lfloor T/n \\rfloor`.
+
+    ``n = 4`` gives DMD2's SDXL ``denoising_step_list = [999, 749, 499, 249]`` (Yin et al. 2024,
+    arXiv:2405.14867); equal to :func:`spaced_timesteps` ``"trailing"`` when ``n`` divides ``T``. Sample
+    with :func:`x0_renoise_sample`. (DMD2's *one-step* SDXL generator instead conditions on ``t = 399``:
+    ``custom_timesteps([399])``.)
+
+    Example:
+        >>> from diffdistill.schedulers.few_step_samplers import dmd2_timesteps
+        >>> dmd2_timesteps().tolist()
+        [999, 749, 499, 249]
+    """
+    n = _check_int(num_inference_steps, "num_inference_steps", 1)
+    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    if n > t_count:
+        raise OptionError(f"Expected `num_inference_steps` <= num_train_timesteps ({t_count}), but got {n}.")
+    return t_count - 1 - torch.arange(n, dtype=torch.int64) * (t_count // n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampler plumbing
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerOutput:
+    """What a few-step sampler returns.
+
+    Attributes:
+        sample: the final sample (shape and dtype of the input ``x_t``).
+        timesteps: int64 ``(n,)`` CPU tensor of the timesteps the model was evaluated at.
+        noises: every noise tensor drawn (in order); pass them back as ``noises=`` to replay the run.
+        trajectory: with ``return_trajectory=True``, the ``n`` states fed to the model followed by the
+            final sample (``n + 1`` tensors); empty otherwise.
+        denoised: with ``return_trajectory=True``, the per-step clean-sample estimates (the consistency
+            function output for :func:`lcm_sample`, :math:`\\hat x_0` otherwise); empty otherwise.
+    """
+
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    noises: tuple[torch.Tensor, ...] = ()
+    trajectory: tuple[torch.Tensor, ...] = field(default=())
+    denoised: tuple[torch.Tensor, ...] = field(default=())
+
+
+class _NoiseSource:
+    """Fresh N(0, I) draws shaped like ``like`` (drawn on the generator's device, as diffusers'
+    ``randn_tensor``), or the caller's replayed ``noises``; records what it hands out."""
+
+    def __init__(
+        self,
+        like: torch.Tensor,
+        generator: torch.Generator | None,
+        noises: Sequence[torch.Tensor] | None,
+        needed: int,
+    ) -> None:
+        self.like = like
+        self.generator = generator
+        self.drawn: list[torch.Tensor] = []
+        self.replay: list[torch.Tensor] | None = None
+        if noises is not None:
+            replay = list(noises)
+            if len(replay) != needed:
+                raise OptionError(
+                    f"Expected `noises` to hold {needed} tensor(s) (one per re-noising step), but got "
+                    f"{len(replay)}. Pass the `noises` of an earlier SamplerOutput with the same timesteps."
+                )
+            for i, z in enumerate(replay):
+                check_tensor(z, f"noises[{i}]")
+                if z.shape != like.shape:
+                    raise ShapeError(
+                        f"Expected `noises[{i}]` to have the shape of `x_t` {tuple(like.shape)}, but got "
+                        f"{tuple(z.shape)}.",
+                        name=f"noises[{i}]",
+                        expected=tuple(like.shape),
+                        actual=tuple(z.shape),
+                    )
+            self.replay = replay
+
+    def __call__(self) -> torch.Tensor:
+        if self.replay is not None:
+            z = self.replay[len(self.drawn)].to(device=self.like.device, dtype=self.like.dtype)
+        else:
+            device = self.generator.device if self.generator is not None else self.like.device
+            z = torch.randn(
+                self.like.shape, generator=self.generator, device=device, dtype=self.like.dtype
+            ).to(self.like.device)
+        self.drawn.append(z)
+        return z
+
+
+# step(i, t, x, model_output, draw) -> (x_next, denoised)
+_Step = Callable[[int, int, torch.Tensor, torch.Tensor, _NoiseSource], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _run(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    step: _Step,
+    *,
+    prediction_type: str,
+    cond: Mapping[str, Any] | None,
+    uncond: Mapping[str, Any] | None,
+    guidance_scale: float | torch.Tensor | None,
+    guidance: str,
+    generator: torch.Generator | None,
+    noises: Sequence[torch.Tensor] | None,
+    noises_needed: int,
+    return_trajectory: bool,
+    grad: bool,
+) -> SamplerOutput:
+    """Shared loop: guided model call at each ``t_i`` (via TeacherSolver.predict), then ``step``."""
+    if guidance_scale is None:
+        guidance_scale = 1.0 if guidance == "imagen" else 0.0
+    solver = TeacherSolver(
+        model, schedule, guidance_scale=guidance_scale, guidance=guidance, prediction_type=prediction_type
+    )
+    source = _NoiseSource(x_t, generator, noises, noises_needed)
+    trajectory: list[torch.Tensor] = []
+    denoised: list[torch.Tensor] = []
+    x = x_t
+    for i, t in enumerate(timesteps.tolist()):
+        if return_trajectory:
+            trajectory.append(x)
+        out = solver.predict(x, t, cond, uncond, grad=grad)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x, x0 = step(i, t, x, out, source)
+        if return_trajectory:
+            denoised.append(x0)
+    if return_trajectory:
+        trajectory.append(x)
+    return SamplerOutput(
+        sample=x,
+        timesteps=timesteps,
+        noises=tuple(source.drawn),
+        trajectory=tuple(trajectory),
+        denoised=tuple(denoised),
+    )
+
+
+def _prepare(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    prediction_type: str | None,
+    guidance: str,
+) -> tuple[torch.Tensor, str]:
+    if not callable(model):
+        raise OptionError(
+            f"Expected `model` to be callable as model(x_t, t, **cond), but got {type(model).__name__}."
+        )
+    if not isinstance(schedule, NoiseSchedule):
+        raise OptionError(
+            f"Expected `schedule` to be a NoiseSchedule, but got {type(schedule).__name__}. Build one with "
+            "NoiseSchedule.from_scheduler(diffusers_scheduler) or NoiseSchedule.from_betas()."
+        )
+    check_tensor(x_t, "x_t")
+    check_dtype_floating(x_t, "x_t")
+    if x_t.ndim < 1:
+        raise ShapeError(
+            "Expected `x_t` to have a batch dimension, e.g. (B, C, H, W), but got a 0-d tensor.",
+            name="x_t",
+            expected="(B, ...)",
+            actual=(),
+        )
+    check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
+    ts = _as_timestep_list(timesteps, schedule.num_train_timesteps)
+    return ts, schedule._prediction_type(prediction_type)
+
+
+def _work(schedule: NoiseSchedule, like: torch.Tensor) -> torch.dtype:
+    return schedule._work_dtype(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# samplers
+# ---------------------------------------------------------------------------------------------------
+def lcm_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    *,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+    generator: torch.Generator | None = None,
+    noises: Sequence[torch.Tensor] | None = None,
+    return_trajectory: bool = False,
+    grad: bool = False,
+) -> SamplerOutput:
+    """Multistep consistency (LCM) sampling (Luo et al. 2023, arXiv:2310.04378, Alg. 1).
+
+    At each :math:`t_i` the consistency function
+    :math:`f_i = c_\\text{skip}(t_i)\\,x + c_\\text{out}(t_i)\\,\\hat x_0(x, t_i)` (boundary scalings of
+    :func:`~diffdistill.schedulers.consistency.boundary_scalings`) is the clean estimate; except after the
+    last step it is re-noised with fresh noise, :math:`x \\leftarrow \\alpha_{t_{i+1}} f_i +
+    \\sigma_{t_{i+1}} z_i`. The result is :math:`f_{n-1}`. Same outputs as diffusers' ``LCMScheduler``
+    (``set_timesteps`` with the same timesteps, ``step(..., generator=g)``) for the same generator state.
+
+    Args:
+        model: ``model(x_t, t, **cond)``; ``t`` is an int64 ``(B,)`` tensor. Outputs may be tensors,
+            diffusers outputs or tuples.
+        schedule: the student's noise schedule (its ``prediction_type`` is the default).
+        x_t: starting state at ``timesteps[0]`` (pure noise for text-to-image), ``(B, ...)``.
+        timesteps: strictly decreasing, e.g. :func:`lcm_timesteps` ``(4)`` or ``[800]`` (Hyper-SD 1-step).
+        cond, uncond: model keyword arguments; with ``uncond`` and a non-trivial ``guidance_scale``,
+            classifier-free guidance runs through :class:`~diffdistill.schedulers.teacher_solver.TeacherSolver`
+            (both passes batched).
+        guidance_scale: CFG scale (default: no guidance in the chosen convention).
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`) or ``"lcm"`` (:math:`c + w(c-u)`).
+        prediction_type: model output type (default: the schedule's).
+        sigma_data, timestep_scaling: boundary-scaling constants (0.5, 10 as in LCM / diffusers).
+        generator: source of the re-noising draws (``torch.randn`` on the generator's device).
+        noises: replay these ``n - 1`` noises instead of drawing.
+        return_trajectory: also return the states and consistency outputs.
+        grad: record gradients (default: sampling runs without autograd).
+
+    Returns:
+        :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import lcm_sample, lcm_timesteps
+        >>> sched = NoiseSchedule.from_betas()
+        >>> eps_model = lambda x, t: 0.5 * x  # toy epsilon-predictor
+        >>> g = torch.Generator().manual_seed(0)
+        >>> out = lcm_sample(eps_model, sched, torch.randn(2, 4, 8, 8), lcm_timesteps(4), generator=g)
+        >>> out.sample.shape, out.timesteps.tolist(), len(out.noises)
+        (torch.Size([2, 4, 8, 8]), [999, 759, 499, 259], 3)
+    """
+    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    n = ts.numel()
+
+    def step(
+        i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        f = consistency_function(out, x, t, schedule, pt, sigma_data, timestep_scaling)
+        if i == n - 1:
+            return f, f
+        return schedule.add_noise(f, draw(), int(ts[i + 1])), f
+
+    return _run(
+        model,
+        schedule,
+        x_t,
+        ts,
+        step,
+        prediction_type=pt,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        generator=generator,
+        noises=noises,
+        noises_needed=n - 1,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def _tcd_s(t_prev: int, eta: float) -> int:
+    """:math:`\\lfloor (1-\\eta) t_{prev} \\rfloor` in float32, as diffusers computes it (float64 would give
+    e.g. 349 instead of 350 for eta = 0.3, t_prev = 500)."""
+    prod = torch.tensor(t_prev, dtype=torch.float32) * torch.tensor(1.0 - eta, dtype=torch.float32)
+    return int(torch.floor(prod))
+
+
+def tcd_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    *,
+    eta: float = 0.3,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    generator: torch.Generator | None = None,
+    noises: Sequence[torch.Tensor] | None = None,
+    return_trajectory: bool = False,
+    grad: bool = False,
+) -> SamplerOutput:
+    """Trajectory Consistency Distillation sampling with stochasticity ``eta`` (:math:`\\gamma`).
+
+    Zheng et al. 2024 (arXiv:2402.19159), the sampler Hyper-SD's unified LoRA is used with (Ren et al.
+    2024, arXiv:2404.13686; ``eta = 1`` on its model card, lower eta for more detail). With
+    :math:`t' = t_{i+1}` (``0`` after the last step) and :math:`s = \\lfloor (1-\\eta) t' \\rfloor`:
+
+    .. math::
+
+        x_s = \\alpha_s \\hat x_0 + \\sigma_s \\hat\\epsilon, \\qquad
+        x_{t'} = \\sqrt{\\bar\\alpha_{t'}/\\bar\\alpha_s}\\, x_s + \\sqrt{1 - \\bar\\alpha_{t'}/\\bar\\alpha_s}\\, z
+
+    where the re-noising only happens for ``eta > 0`` and not after the last step. ``eta = 0`` is
+    deterministic DDIM onto ``t'``; ``eta = 1`` predicts :math:`x_s` at ``s = 0`` and fully re-noises
+    (LCM-like). As in diffusers' ``TCDScheduler.step``, the last step lands on ``t = 0`` (the final sample
+    is :math:`\\alpha_0 \\hat x_0 + \\sigma_0 \\hat\\epsilon`, not :math:`\\hat x_0`; the latter is
+    ``denoised[-1]`` with ``return_trajectory=True``), and ``s`` is computed in float32 like diffusers.
+
+    Args:
+        eta: :math:`\\gamma \\in [0, 1]` (diffusers default 0.3).
+        Others: as :func:`lcm_sample`.
+
+    Returns:
+        :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws if ``eta > 0``, none otherwise.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import lcm_timesteps, tcd_sample
+        >>> sched = NoiseSchedule.from_betas()
+        >>> x = torch.randn(1, 4, 8, 8)
+        >>> out = tcd_sample(lambda x, t: 0.5 * x, sched, x, lcm_timesteps(4), eta=1.0,
+        ...                  generator=torch.Generator().manual_seed(0))
+        >>> len(out.noises), tcd_sample(lambda x, t: 0.5 * x, sched, x, [999, 499], eta=0.0).noises
+        (3, ())
+    """
+    check_probability(float(eta), "eta")
+    eta = float(eta)
+    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    n = ts.numel()
+    stochastic = eta > 0
+
+    def step(
+        i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = schedule.to_x0(out, x, t, pt)
+        t_prev = int(ts[i + 1]) if i < n - 1 else 0
+        s = _tcd_s(t_prev, eta)
+        # s <= t_prev < t, except for a list ending at t = 0, where x_s = x_t exactly.
+        x_s = schedule.ddim_step(out, t, x, s, pt) if s < t else x
+        if not stochastic or i == n - 1:
+            return x_s, x0
+        work = _work(schedule, x)
+        ratio = (schedule.alpha(t_prev) / schedule.alpha(s)) ** 2  # abar_prev / abar_s, float64
+        keep, add = ratio.sqrt().to(work), (1 - ratio).clamp_min(0).sqrt().to(work)
+        z = draw()
+        return (keep * x_s.to(work) + add * z.to(work)).to(x.dtype), x0
+
+    return _run(
+        model,
+        schedule,
+        x_t,
+        ts,
+        step,
+        prediction_type=pt,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        generator=generator,
+        noises=noises,
+        noises_needed=n - 1 if stochastic else 0,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def ddim_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    *,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    return_trajectory: bool = False,
+    grad: bool = False,
+) -> SamplerOutput:
+    """Deterministic DDIM over a timestep list (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021).
+
+    .. math:: x_{t_{i+1}} = \\alpha_{t_{i+1}} \\hat x_0 + \\sigma_{t_{i+1}} \\hat\\epsilon,
+              \\qquad t_n = -1 \\;(\\bar\\alpha_{-1} = \\text{final\\_alpha\\_cumprod}),
+
+    each step being :meth:`NoiseSchedule.ddim_step`. Hyper-SD's N-step LoRAs use it with
+    :func:`spaced_timesteps` ``(n, "trailing")`` (Ren et al. 2024, arXiv:2404.13686). Equals diffusers'
+    ``DDIMScheduler`` (``eta=0``) whenever its ``prev_timestep = t - T // n`` is the next listed
+    timestep, i.e. ``"trailing"`` / ``"leading"`` spacing with ``n`` dividing ``T``; for other lists this
+    sampler always moves to the next listed timestep.
+
+    Args: as :func:`lcm_sample` (no randomness).
+
+    Returns:
+        :class:`SamplerOutput` (``noises`` empty).
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import ddim_sample, spaced_timesteps
+        >>> sched = NoiseSchedule.from_betas()
+        >>> x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+        >>> oracle = lambda x, t: eps  # the exact noise: DDIM recovers x0
+        >>> out = ddim_sample(oracle, sched, sched.add_noise(x0, eps, 999), spaced_timesteps(4))
+        >>> torch.allclose(out.sample, x0, atol=1e-4)
+        True
+    """
+    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    n = ts.numel()
+
+    def step(
+        i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t_next = int(ts[i + 1]) if i < n - 1 else -1
+        x_next = schedule.ddim_step(out, t, x, t_next, pt)
+        return x_next, (schedule.to_x0(out, x, t, pt) if return_trajectory else x_next)
+
+    return _run(
+        model,
+        schedule,
+        x_t,
+        ts,
+        step,
+        prediction_type=pt,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        generator=None,
+        noises=None,
+        noises_needed=0,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def euler_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    *,
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero",
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    return_trajectory: bool = False,
+    grad: bool = False,
+) -> SamplerOutput:
+    """Euler sampling of the probability-flow ODE, as diffusers' ``EulerDiscreteScheduler`` (no churn).
+
+    In the variance-exploding variables :math:`z = x/\\alpha_t`, :math:`\\sigma_i = \\sigma_{t_i}/\\alpha_{t_i}`
+    (Karras et al. 2022), the Euler step is
+
+    .. math:: z_{i+1} = z_i + (\\sigma_{i+1} - \\sigma_i)\\,\\frac{z_i - \\hat x_0}{\\sigma_i}
+              = \\hat x_0 + \\sigma_{i+1}\\hat\\epsilon,
+
+    which in the model's (VP) variables is the DDIM move to :math:`t_{i+1}`; the last step goes to
+    :math:`\\sigma = 0`, i.e. returns :math:`\\hat x_0` (``final_sigmas_type="zero"``, diffusers' default)
+    or to ``t = 0`` (``"sigma_min"``). SDXL-Lightning's students are sampled this way with
+    :func:`spaced_timesteps` ``(n, "trailing")``, and its 1-step UNet with ``prediction_type="sample"``
+    (Lin et al. 2024, arXiv:2402.13929).
+
+    States here are what the model sees (diffusers' ``scale_model_input`` output); diffusers' Euler
+    latents are ``x / alpha_t`` (``x * sqrt(sigma**2 + 1)``). A diffusers pipeline starting from
+    ``noise * init_noise_sigma`` (:math:`\\sigma_\\text{max}` for ``"trailing"``) corresponds to
+    ``x_t = sigma_{t_0} * noise`` here.
+
+    Args:
+        final_sigmas_type: ``"zero"`` or ``"sigma_min"`` (diffusers config of the same name).
+        Others: as :func:`lcm_sample` (no randomness).
+
+    Returns:
+        :class:`SamplerOutput` (``noises`` empty).
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import euler_sample, spaced_timesteps
+        >>> sched = NoiseSchedule.from_betas()
+        >>> x0_unet = lambda x, t: torch.tanh(x)  # an x0-predicting 1-step student
+        >>> x = torch.randn(1, 4, 8, 8)
+        >>> out = euler_sample(x0_unet, sched, x, spaced_timesteps(1), prediction_type="sample")
+        >>> torch.equal(out.sample, torch.tanh(x))
+        True
+    """
+    check_option(final_sigmas_type, "final_sigmas_type", ("zero", "sigma_min"))
+    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    n = ts.numel()
+
+    def step(
+        i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = schedule.to_x0(out, x, t, pt)
+        if i < n - 1:
+            return schedule.ddim_step(out, t, x, int(ts[i + 1]), pt), x0
+        if final_sigmas_type == "zero" or t == 0:
+            return x0, x0
+        return schedule.ddim_step(out, t, x, 0, pt), x0
+
+    return _run(
+        model,
+        schedule,
+        x_t,
+        ts,
+        step,
+        prediction_type=pt,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        generator=None,
+        noises=None,
+        noises_needed=0,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def x0_renoise_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timesteps: TimestepList,
+    *,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    generator: torch.Generator | None = None,
+    noises: Sequence[torch.Tensor] | None = None,
+    return_trajectory: bool = False,
+    grad: bool = False,
+) -> SamplerOutput:
+    """Predict :math:`\\hat x_0`, then re-noise it to the next timestep with fresh noise.
+
+    .. math:: \\hat x_0^{(i)} = \\hat x_0(x, t_i), \\qquad
+              x \\leftarrow \\alpha_{t_{i+1}} \\hat x_0^{(i)} + \\sigma_{t_{i+1}} z_i
+              \\;(= \\text{schedule.add\\_noise}),
+
+    returning :math:`\\hat x_0^{(n-1)}`. This is DMD2's multi-step generator and its backward
+    simulation (Yin et al. 2024, arXiv:2405.14867; :func:`dmd2_timesteps`) and TLCM's inference
+    (:func:`tlcm_timesteps`), i.e. multistep consistency sampling without the boundary scalings.
+    With ``schedule.terminal_pure_noise`` nothing changes (re-noising never targets ``t = T-1``).
+
+    Args: as :func:`lcm_sample`.
+
+    Returns:
+        :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import dmd2_timesteps, x0_renoise_sample
+        >>> sched = NoiseSchedule.from_betas()
+        >>> out = x0_renoise_sample(lambda x, t: 0.5 * x, sched, torch.randn(2, 4, 8, 8), dmd2_timesteps(),
+        ...                         generator=torch.Generator().manual_seed(0), return_trajectory=True)
+        >>> len(out.trajectory), len(out.denoised), len(out.noises)
+        (5, 4, 3)
+    """
+    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    n = ts.numel()
+
+    def step(
+        i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = schedule.to_x0(out, x, t, pt)
+        if i == n - 1:
+            return x0, x0
+        return schedule.add_noise(x0, draw(), int(ts[i + 1])), x0
+
+    return _run(
+        model,
+        schedule,
+        x_t,
+        ts,
+        step,
+        prediction_type=pt,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        generator=generator,
+        noises=noises,
+        noises_needed=n - 1,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def one_step_sample(
+    model: Model,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    timestep: int = 999,
+    *,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | torch.Tensor | None = None,
+    guidance: Literal["imagen", "lcm"] = "imagen",
+    prediction_type: str | None = None,
+    grad: bool = False,
+) -> SamplerOutput:
+    """One model call, returning the clean estimate :math:`\\hat x_0(x_t, t)`.
+
+    With ``prediction_type="sample"`` this is the model output itself: SDXL-Lightning's 1-step x0 UNet
+    at ``t = 999`` (Lin et al. 2024, arXiv:2402.13929; same as diffusers' Euler "trailing" with one step).
+    With an epsilon model it is :math:`(x_t - \\sigma_t\\hat\\epsilon)/\\alpha_t`, e.g. DMD2's one-step
+    SDXL generator at ``t = 399`` (arXiv:2405.14867). Hyper-SD's one-step UNet at ``t = 800`` was
+    released for ``LCMScheduler(timesteps=[800])``: use :func:`lcm_sample` with ``[800]`` for that.
+    A one-step :func:`x0_renoise_sample`.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> from diffdistill.schedulers.few_step_samplers import one_step_sample
+        >>> sched = NoiseSchedule.from_betas()
+        >>> x = torch.randn(1, 4, 8, 8)
+        >>> torch.equal(one_step_sample(lambda x, t: x.tanh(), sched, x, prediction_type="sample").sample, x.tanh())
+        True
+    """
+    if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
+        raise OptionError(f"Expected `timestep` to be an int, but got {timestep!r}.")
+    return x0_renoise_sample(
+        model,
+        schedule,
+        x_t,
+        [int(timestep)],
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        prediction_type=prediction_type,
+        grad=grad,
+    )
