@@ -495,6 +495,8 @@ class NoiseSchedule:
         x_t: torch.Tensor,
         t_to: TimestepLike,
         prediction_type: str | None = None,
+        *,
+        allow_same: bool = False,
     ) -> torch.Tensor:
         """Deterministic DDIM move from ``t`` to any earlier ``t_to`` (per-sample timesteps allowed).
 
@@ -505,8 +507,12 @@ class NoiseSchedule:
         diffusers' ``DDIMScheduler.step`` with ``eta=0``. ``t_to = -1`` returns :math:`\\hat x_0` when
         ``final_alpha_cumprod = 1``.
 
+        With ``allow_same=True``, ``t_to == t`` is accepted and the move is the identity (up to rounding):
+        Hyper-SD's TSCD draws its target time ``t_end`` from an interval that includes ``t_{n-1}``.
+
         Raises:
-            OptionError: if some ``t_to >= t`` or a timestep is outside ``[-1, T-1]``.
+            OptionError: if some ``t_to >= t`` (``t_to > t`` with ``allow_same``) or a timestep is outside
+                ``[-1, T-1]``.
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -518,9 +524,10 @@ class NoiseSchedule:
         """
         tt = self._prepare_t(t, x_t, "t")
         tto = self._prepare_t(t_to, x_t, "t_to")
-        if value_checks_enabled() and bool((tto >= tt).any()):
+        if value_checks_enabled() and bool((tto > tt).any() if allow_same else (tto >= tt).any()):
+            rel = "t_to <= t" if allow_same else "t_to < t"
             raise OptionError(
-                "Expected every `t_to` to be earlier than `t` (t_to < t; the DDIM move goes towards the data), "
+                f"Expected every `t_to` to be earlier than `t` ({rel}; the DDIM move goes towards the data), "
                 f"but got t={tt.tolist()} and t_to={tto.tolist()}."
             )
         x0, eps = self._x0_eps(model_output, x_t, tt, prediction_type)

@@ -95,6 +95,16 @@ def test_ddim_step_per_sample_timesteps_and_exactness():
         torch.testing.assert_close(s.ddim_step(out, t, x_t, t_to, pt), expected, atol=1e-10, rtol=0)
 
 
+def test_ddim_step_allow_same_is_identity():
+    s = NoiseSchedule.from_betas()
+    x, out = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    t = torch.tensor([700, 3])
+    for pt in ("epsilon", "sample", "v_prediction"):
+        torch.testing.assert_close(s.ddim_step(out, t, x, t, pt, allow_same=True), x, atol=1e-9, rtol=0)
+    with pytest.raises(OptionError, match=r"\(t_to <= t; the DDIM move goes towards the data\)"):
+        s.ddim_step(out, t, x, t + 1, allow_same=True)
+
+
 def test_add_noise_matches_diffusers():
     d = _double(diffusers.DDPMScheduler(**SD_BETAS))
     s = NoiseSchedule.from_scheduler(d)
