@@ -34,7 +34,7 @@ Timestep lists (int64, strictly decreasing, in ``[0, T-1]``): :func:`lcm_timeste
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -381,8 +381,8 @@ class SamplerOutput:
     sample: torch.Tensor
     timesteps: torch.Tensor
     noises: tuple[torch.Tensor, ...] = ()
-    trajectory: tuple[torch.Tensor, ...] = field(default=())
-    denoised: tuple[torch.Tensor, ...] = field(default=())
+    trajectory: tuple[torch.Tensor, ...] = ()
+    denoised: tuple[torch.Tensor, ...] = ()
 
 
 class _NoiseSource:
@@ -446,7 +446,7 @@ def _run(
     cond: Mapping[str, Any] | None,
     uncond: Mapping[str, Any] | None,
     guidance_scale: float | torch.Tensor | None,
-    guidance: str,
+    guidance: Literal["imagen", "lcm"],
     generator: torch.Generator | None,
     noises: Sequence[torch.Tensor] | None,
     noises_needed: int,
@@ -488,7 +488,7 @@ def _prepare(
     x_t: torch.Tensor,
     timesteps: TimestepList,
     prediction_type: str | None,
-    guidance: str,
+    guidance: Literal["imagen", "lcm"],
 ) -> tuple[torch.Tensor, str]:
     if not callable(model):
         raise OptionError(
@@ -837,9 +837,10 @@ def euler_sample(
         x0 = schedule.to_x0(out, x, t, pt)
         if i < n - 1:
             return schedule.ddim_step(out, t, x, int(ts[i + 1]), pt), x0
-        if final_sigmas_type == "zero" or t == 0:
+        if final_sigmas_type == "zero":
             return x0, x0
-        return schedule.ddim_step(out, t, x, 0, pt), x0
+        # "sigma_min": end on t = 0; a list that already ends there stays put (diffusers' dt = 0).
+        return (schedule.ddim_step(out, t, x, 0, pt) if t > 0 else x), x0
 
     return _run(
         model,

@@ -329,7 +329,8 @@ def test_timestep_lists_match_diffusers(diffusers: Any) -> None:
 # ------------------------------------------------------------------- generic samplers (no oracle)
 def _manual_x0_renoise(
     sched: NoiseSchedule, model: Callable[..., torch.Tensor], x: torch.Tensor, ts: list[int]
-):
+) -> torch.Tensor:
+    """Reference loop: x0 = to_x0(model(x, t)), then alpha * x0 + sigma * z with generator draws."""
     gen = _gen()
     for i, t in enumerate(ts):
         x0 = sched.to_x0(model(x, torch.full((x.shape[0],), t)), x, t)
@@ -407,10 +408,8 @@ def test_classifier_free_guidance_via_teacher_solver(convention: str) -> None:
         {"scale": torch.full((1, 1, 1, 1), 0.2, dtype=x.dtype)},
     )
     for sampler in (lcm_sample, x0_renoise_sample):
-        ours = sampler(
-            model, sched, x, [999, 499], cond=cond, uncond=uncond, guidance_scale=w, guidance=convention,
-            generator=_gen(),
-        ).sample  # fmt: skip
+        kwargs = {"cond": cond, "uncond": uncond, "guidance_scale": w, "guidance": convention}
+        ours = sampler(model, sched, x, [999, 499], generator=_gen(), **kwargs).sample
         ref = sampler(guided, sched, x, [999, 499], generator=_gen()).sample
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
     # no guidance by default (no-op scale of each convention): only the conditional pass runs.
