@@ -807,8 +807,9 @@ def euler_sample(
 
     States here are what the model sees (diffusers' ``scale_model_input`` output); diffusers' Euler
     latents are ``x / alpha_t`` (``x * sqrt(sigma**2 + 1)``). A diffusers pipeline starting from
-    ``noise * init_noise_sigma`` (:math:`\\sigma_\\text{max}` for ``"trailing"``) corresponds to
-    ``x_t = sigma_{t_0} * noise`` here.
+    ``noise * init_noise_sigma`` corresponds to ``x_t = sigma_{t_0} * noise`` here for ``"trailing"``
+    (``init_noise_sigma`` :math:`= \\sigma_\\text{max}`) and to ``x_t = noise`` for ``"leading"``
+    (:math:`\\sqrt{\\sigma_\\text{max}^2 + 1}`).
 
     Args:
         final_sigmas_type: ``"zero"`` or ``"sigma_min"`` (diffusers config of the same name).
