@@ -1,0 +1,880 @@
+r"""Perceptual distances for latent diffusion: LatentLPIPS, E-LatentLPIPS and a pixel-LPIPS baseline.
+
+LatentLPIPS (Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024,
+arXiv:2405.05967) computes an LPIPS distance directly on VAE latents. The trunk is a VGG16-BN trained
+for ImageNet classification *on latents*: its first convolution takes the latent channels (4 for
+SD1.5/SD2.1/SDXL, 16 for SD3/FLUX) and its first three max-pools are removed, since latents are
+already 8× downsampled. For latents :math:`x, y` with trunk features :math:`\phi_l` at relu1_2 …
+relu5_3, unit-normalised over channels as :math:`\hat\phi_l = \phi_l / \sqrt{\lVert\phi_l\rVert^2 +
+10^{-8}}`, and learned non-bias 1×1 heads :math:`w_l`,
+
+.. math::
+
+    d(x, y) = \sum_{l=1}^{5} \frac{1}{H_l W_l} \sum_{h, w} w_l^\top
+        \big(\hat\phi_l(x) - \hat\phi_l(y)\big)_{hw}^{\odot 2}
+        \; + \; \lambda_{1} \, \frac{1}{CHW} \lVert x - y \rVert_1 .
+
+E-LatentLPIPS ensembles it over random differentiable augmentations :math:`T` applied identically to
+both arguments, :math:`d_E(x, y) = \mathbb E_T\, d(T(x), T(y))` (the L1 term is taken before the
+augmentation), which the paper shows is needed for the loss to converge as a regression target.
+
+The official ``elatentlpips`` checkpoints load unchanged (``load_state_dict(sd, strict=True)``), and
+``python -m diffdistill.losses.lpips convert CHECKPOINT OUT.safetensors`` converts them. Nothing is
+downloaded unless :func:`download_weights` is called with a URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import (
+    OptionError,
+    ShapeError,
+    check_dtype_floating,
+    check_ndim,
+    check_option,
+    check_positive,
+    check_same_shape,
+    check_tensor,
+)
+from .latent_augment import LatentAugment, augment_ops, sym6_filter
+
+__all__ = [
+    "LATENT_SPECS",
+    "ELatentLPIPS",
+    "LatentLPIPS",
+    "LatentVGG16BN",
+    "PixelLPIPS",
+    "download_weights",
+    "load_latent_lpips_state_dict",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Latent name -> (channels, scale, shift). ``normalize=True`` maps a raw VAE latent ``z`` to
+#: ``(z - shift) * scale``, the convention of the diffusers pipelines.
+LATENT_SPECS: dict[str, tuple[int, float, float]] = {
+    "sd15": (4, 0.18215, 0.0),
+    "sd21": (4, 0.18215, 0.0),
+    "sdxl": (4, 0.13025, 0.0),
+    "sd3": (16, 1.5305, 0.0609),
+    "flux": (16, 0.3611, 0.1159),
+}
+
+_REDUCTIONS = ("mean", "sum", "none")
+_TAP_CHANNELS = (64, 128, 256, 512, 512)
+_TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+# torchvision ``vgg16_bn().features`` indices covered by each slice (slice k = [b_k, b_{k+1})).
+_SLICE_BOUNDS = (0, 7, 14, 24, 34, 44)
+_VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
+_NORM_EPS = 1e-8
+
+
+def _resolve_latent(latent: str | int) -> tuple[str, int, float | None, float | None]:
+    if isinstance(latent, bool) or not isinstance(latent, (str, int)):
+        raise OptionError(
+            f"Expected `latent` to be one of {list(LATENT_SPECS)} or a positive int number of channels, "
+            f"but got {latent!r}."
+        )
+    if isinstance(latent, int):
+        check_positive(latent, "latent")
+        return str(latent), latent, None, None
+    check_option(latent, "latent", LATENT_SPECS)
+    c, scale, shift = LATENT_SPECS[latent]
+    return latent, c, scale, shift
+
+
+# ----------------------------------------------------------------------------------------------
+# Network
+
+
+def _latent_vgg16_bn_features(in_channels: int) -> list[nn.Module]:
+    """The 44 layers of torchvision's ``vgg16_bn().features`` with a latent first conv, pools 1-3 gone."""
+    layers: list[nn.Module] = []
+    c, pools = in_channels, 0
+    for v in _VGG16_CFG:
+        if v == "M":
+            layers.append(nn.Identity() if pools < 3 else nn.MaxPool2d(kernel_size=2, stride=2))
+            pools += 1
+        else:
+            conv = nn.Conv2d(c, int(v), kernel_size=3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            c = int(v)
+    return layers
+
+
+class LatentVGG16BN(nn.Module):
+    """Latent VGG16-BN trunk sliced at relu1_2 … relu5_3 (5 feature maps).
+
+    Module names follow torchvision's ``features`` indices inside ``slice1`` … ``slice5`` so
+    checkpoints of the official package map one to one. Each slice ends where the next tap starts;
+    the taps of slices 4 and 5 therefore come after the remaining max-pools (features at 1/2 and 1/4
+    of the latent size), exactly as in the reference.
+
+    Args:
+        in_channels: latent channels of the first convolution.
+
+    Shapes:
+        input ``(B, C, H, W)`` with ``H, W >= 4``; outputs ``(B, 64, H, W)``, ``(B, 128, H, W)``,
+        ``(B, 256, H, W)``, ``(B, 512, H/2, W/2)``, ``(B, 512, H/4, W/4)``.
+
+    Example:
+        >>> trunk = LatentVGG16BN(4).eval()
+        >>> [tuple(f.shape) for f in trunk(torch.randn(1, 4, 8, 8))][-2:]
+        [(1, 512, 4, 4), (1, 512, 2, 2)]
+    """
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = int(in_channels)
+        layers = _latent_vgg16_bn_features(self.in_channels)
+        for k in range(5):
+            lo, hi = _SLICE_BOUNDS[k], _SLICE_BOUNDS[k + 1]
+            self.add_module(
+                f"slice{k + 1}", nn.Sequential(OrderedDict((str(i), layers[i]) for i in range(lo, hi)))
+            )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for k in range(5):
+            x = getattr(self, f"slice{k + 1}")(x)
+            feats.append(x)
+        return feats
+
+
+class _LinearHead(nn.Module):
+    """1×1 non-bias projection of a squared feature difference to one channel (LPIPS ``w_l``)."""
+
+    def __init__(self, channels: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        conv = nn.Conv2d(channels, 1, kernel_size=1, bias=False)
+        nn.init.ones_(conv.weight)
+        # Index 0 holds the (training-time) dropout, index 1 the weights: the reference names.
+        self.model = nn.Sequential(nn.Dropout(dropout), conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _unit_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + _NORM_EPS)
+
+
+def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "sum":
+        return value.sum()
+    return value
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _trunk_key(key: str) -> str | None:
+    """``model.features.N.param`` (ImageNet classifier checkpoint) -> ``net.sliceK.N.param``."""
+    parts = key.split(".")
+    if len(parts) < 4 or parts[0] != "model" or parts[1] != "features" or not parts[2].isdigit():
+        return None
+    idx = int(parts[2])
+    for k in range(5):
+        if _SLICE_BOUNDS[k] <= idx < _SLICE_BOUNDS[k + 1]:
+            return f"net.slice{k + 1}.{idx}." + ".".join(parts[3:])
+    return None
+
+
+def load_latent_lpips_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a LatentLPIPS checkpoint into our key layout; return ``(state_dict, has_heads)``.
+
+    Accepts a safetensors file written by :meth:`LatentLPIPS.save_pretrained` or the ``convert``
+    command, the official calibrated checkpoint ``*_latest_vgg16_tuned.pth`` (a full state dict; its
+    duplicate ``lins.N`` entries are kept for the load pre-hook to check) and the official ImageNet
+    trunk ``*_latent_vgg16.pth.tar`` (``state_dict`` with ``module.model.features.N`` keys; the
+    classifier is dropped and ``has_heads`` is ``False``). Pickles are read with
+    ``torch.load(weights_only=True)``.
+
+    Example:
+        >>> import tempfile, os
+        >>> m = LatentLPIPS("sdxl")
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> m.save_pretrained(path)
+        >>> sd, has_heads = load_latent_lpips_state_dict(path)
+        >>> has_heads, sd["net.slice1.0.weight"].shape[1]
+        (True, 4)
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw: Mapping[str, Any] = load_file(str(path), device="cpu")
+    else:
+        try:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling restrictions name the offending global
+            raise ValueError(
+                f"Could not read `{path}` with torch.load(weights_only=True): {exc}. Only plain tensor "
+                "checkpoints are accepted; convert it with an environment you trust."
+            ) from exc
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"Expected `{path}` to hold a state dict (a mapping), but got {type(raw).__name__}.")
+    trunk_only = "state_dict" in raw and isinstance(raw["state_dict"], Mapping)
+    sd = raw["state_dict"] if trunk_only else raw
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        k = key[len("module.") :] if key.startswith("module.") else key
+        if trunk_only:
+            mapped = _trunk_key(k)
+            if mapped is not None:
+                out[mapped] = value
+        else:
+            out[k] = value
+    if trunk_only and not out:
+        raise ValueError(
+            f"`{path}` has a `state_dict` entry but no `module.model.features.N` trunk keys "
+            f"(found e.g. {list(sd)[:3]}); it is not an official latent VGG16-BN checkpoint."
+        )
+    has_heads = any(k.startswith("lin0.") for k in out)
+    return out, has_heads
+
+
+def download_weights(
+    url: str, path: str | os.PathLike[str] | None = None, *, hash_prefix: str | None = None
+) -> Path:
+    """Download ``url`` to ``path`` (default: ``torch.hub.get_dir()/diffdistill/<file name>``).
+
+    The only function of this module that touches the network, and only when called. An existing
+    file is reused. Pass the result as ``weights=`` to :class:`LatentLPIPS`.
+
+    Example:
+        >>> import tempfile, os
+        >>> src = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> LatentLPIPS(4).save_pretrained(src)
+        >>> dst = download_weights("file://" + src, os.path.join(tempfile.mkdtemp(), "copy.safetensors"))
+        >>> dst.exists()
+        True
+    """
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "diffdistill" / url.rstrip("/").split("/")[-1].split("?")[0]
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("Downloading %s to %s", url, path)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=False)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+class LatentLPIPS(nn.Module):
+    r"""LPIPS computed on VAE latents by a latent VGG16-BN (Kang et al., ECCV 2024, arXiv:2405.05967).
+
+    .. math::
+
+        d(x, y) = \sum_{l=1}^{5} \operatorname{mean}_{hw}\big(w_l^\top
+        (\hat\phi_l(x) - \hat\phi_l(y))^{2}\big) + \lambda_1 \operatorname{mean}|x - y|
+
+    with unit-normalised trunk features :math:`\hat\phi_l` and learned 1×1 heads :math:`w_l`. The
+    trunk and heads are frozen (eval mode, ``requires_grad=False``); gradients flow to the inputs.
+    The distance is computed in at least float32 (the trunk may run under the caller's autocast; the
+    normalisation, heads and averages do not), so half-precision inputs give a float32 loss and
+    float64 inputs (with a ``.double()`` module) stay float64.
+
+    Args:
+        latent: ``"sd15"``, ``"sd21"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` (4 or 16 channels and the
+            VAE's scale/shift for ``normalize=True``) or an int number of channels.
+        weights: a checkpoint path (see :func:`load_latent_lpips_state_dict`); ``None`` keeps a
+            random trunk and heads equal to 1 (the uncalibrated LPIPS baseline).
+        l1_weight: weight :math:`\lambda_1` of the L1 term; 0 turns it off.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-sample values, shape ``(B,)``).
+
+    Shapes:
+        ``input``, ``target``: ``(B, C, H, W)`` with ``H, W >= 4``. Output: scalar, or ``(B,)`` for
+        ``reduction="none"``; ``spatial=True`` returns the per-pixel map ``(B, 1, H, W)``.
+
+    Example:
+        >>> loss_fn = LatentLPIPS("sdxl")
+        >>> x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        >>> loss_fn(x, y).shape, LatentLPIPS("sd3", reduction="none")(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)).shape
+        (torch.Size([]), torch.Size([2]))
+        >>> float(loss_fn(x, x))
+        0.0
+    """
+
+    def __init__(
+        self,
+        latent: str | int = "sdxl",
+        weights: str | os.PathLike[str] | None = None,
+        l1_weight: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        check_option(reduction, "reduction", _REDUCTIONS)
+        check_positive(l1_weight, "l1_weight", strict=False)
+        self.latent, self.in_channels, self._scale, self._shift = _resolve_latent(latent)
+        self.l1_weight = float(l1_weight)
+        self.reduction = reduction
+        self.net = LatentVGG16BN(self.in_channels)
+        for k, c in enumerate(_TAP_CHANNELS):
+            self.add_module(f"lin{k}", _LinearHead(c))
+        self.register_load_state_dict_pre_hook(_consume_reference_extras)
+        if weights is not None:
+            self.load_weights(weights)
+        self.requires_grad_(False)
+        self.eval()
+
+    # The trunk and heads are frozen: the module never leaves eval mode.
+    def train(self, mode: bool = True) -> LatentLPIPS:
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"latent={self.latent!r}, in_channels={self.in_channels}, l1_weight={self.l1_weight}, reduction={self.reduction!r}"
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        """The five 1×1 heads ``lin0`` … ``lin4``."""
+        return [getattr(self, f"lin{k}") for k in range(5)]
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: str | os.PathLike[str]) -> None:
+        """Load a checkpoint file (official or converted); errors name keys and shapes.
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+            >>> LatentLPIPS("sd3").save_pretrained(path)
+            >>> LatentLPIPS("sd3", weights=path).in_channels
+            16
+        """
+        sd, has_heads = load_latent_lpips_state_dict(weights)
+        self._check_checkpoint(sd, has_heads, str(weights))
+        self.load_state_dict(sd, strict=has_heads)
+        if not has_heads:
+            logger.warning(
+                "%s holds only the trunk; the LatentLPIPS heads are uncalibrated (all 1).", weights
+            )
+
+    def _check_checkpoint(self, sd: Mapping[str, torch.Tensor], has_heads: bool, source: str) -> None:
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        skip = ("lins.", "augment.")
+        found = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(skip)}
+        for k in range(5):  # heads saved without dropout are renamed by the pre-hook
+            alt = f"lin{k}.model.0.weight"
+            if alt in found and f"lin{k}.model.1.weight" not in found:
+                found[f"lin{k}.model.1.weight"] = found.pop(alt)
+        required = {k for k in own if has_heads or not k.startswith("lin")}
+        missing = sorted(required - set(found))
+        unexpected = sorted(set(found) - set(own))
+        mismatched = [(k, own[k], found[k]) for k in sorted(set(own) & set(found)) if own[k] != found[k]]
+        if not (missing or unexpected or mismatched):
+            return
+        parts = []
+        if mismatched:
+            parts.append(
+                "shape mismatch: "
+                + "; ".join(f"`{k}` expected {list(e)}, found {list(f)}" for k, e, f in mismatched[:4])
+                + (f" (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else "")
+            )
+        if missing:
+            parts.append(
+                f"missing keys {missing[:6]}" + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else "")
+            )
+        if unexpected:
+            parts.append(
+                f"unexpected keys {unexpected[:6]}"
+                + (f" (+{len(unexpected) - 6} more)" if len(unexpected) > 6 else "")
+            )
+        first = sd.get("net.slice1.0.weight")
+        hint = ""
+        if first is not None and first.ndim == 4 and first.shape[1] != self.in_channels:
+            hint = (
+                f" The checkpoint is for {first.shape[1]}-channel latents but latent={self.latent!r} has "
+                f"{self.in_channels}; pass latent={first.shape[1]} or the matching VAE name."
+            )
+        msg = (
+            f"Checkpoint {source} does not match {type(self).__name__}(latent={self.latent!r}): "
+            + "; ".join(parts)
+        )
+        if mismatched:
+            raise ShapeError(
+                msg + "." + hint, name="weights", expected=mismatched[0][1], actual=mismatched[0][2]
+            )
+        raise ValueError(msg + "." + hint)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write the trunk and heads (no duplicates, no augmentation state) to a safetensors file.
+
+        Example:
+            >>> import tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+            >>> LatentLPIPS(4).save_pretrained(path)
+            >>> os.path.getsize(path) > 0
+            True
+        """
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {
+            "format": "diffdistill.latent_lpips",
+            "in_channels": str(self.in_channels),
+            "latent": self.latent,
+        }
+        save_file(sd, str(path), metadata=meta)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_inputs(self, input: torch.Tensor, target: torch.Tensor) -> None:
+        for t, name in ((input, "input"), (target, "target")):
+            check_tensor(t, name)
+            check_ndim(t, name, 4, "(B, C, H, W)")
+            check_dtype_floating(t, name)
+        check_same_shape(input, target, "input", "target")
+        if input.shape[1] != self.in_channels:
+            raise ShapeError(
+                f"Expected `input` to have {self.in_channels} channels for latent={self.latent!r}, i.e. shape "
+                f"(B, {self.in_channels}, H, W), but got shape {tuple(input.shape)}. Pass the latent of the "
+                f"matching VAE (4 channels: 'sd15', 'sd21', 'sdxl'; 16: 'sd3', 'flux') or an int.",
+                name="input",
+                expected=self.in_channels,
+                actual=tuple(input.shape),
+            )
+        if input.shape[2] < 4 or input.shape[3] < 4:
+            raise ShapeError(
+                f"Expected `input` to be at least 4×4 (the trunk pools twice), but got shape {tuple(input.shape)}.",
+                name="input",
+                expected=(4, 4),
+                actual=tuple(input.shape),
+            )
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._scale is None or self._shift is None:
+            raise OptionError(
+                f"`normalize=True` needs a known VAE latent, but latent={self.latent!r} is a channel count. "
+                f"Scale the latents yourself or pass latent as one of {list(LATENT_SPECS)}."
+            )
+        return (x - self._shift) * self._scale
+
+    def _prepare(
+        self, input: torch.Tensor, target: torch.Tensor, normalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_inputs(input, target)
+        dt = _compute_dtype(input)
+        x, y = input.to(dt), target.to(dt)
+        if normalize:
+            x, y = self._normalize(x), self._normalize(y)
+        return x, y
+
+    def _l1(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).abs().mean(dim=(1, 2, 3))
+
+    def _distance(self, x: torch.Tensor, y: torch.Tensor, spatial: bool) -> torch.Tensor:
+        """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``."""
+        b = x.shape[0]
+        dt = x.dtype
+        w = self.net.slice1[0].weight
+        inp = torch.cat([x, y])
+        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        feats = self.net(inp)  # may run under the caller's autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            total: torch.Tensor | None = None
+            for k, f in enumerate(feats):
+                f = f.to(dt)
+                d = (_unit_normalize(f[:b]) - _unit_normalize(f[b:])).pow(2)
+                head = self.heads[k].model[1].weight.to(dt)
+                m = F.conv2d(d, head)  # (B, 1, h, w)
+                if spatial:
+                    m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                else:
+                    m = m.mean(dim=(1, 2, 3))
+                total = m if total is None else total + m
+        assert total is not None
+        return total
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        normalize: bool = False,
+        spatial: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Distance between latents ``input`` and ``target``.
+
+        Args:
+            input: ``(B, C, H, W)`` latents (e.g. the student's prediction).
+            target: ``(B, C, H, W)`` latents of the same shape.
+            normalize: apply the VAE's ``(z - shift) * scale`` first (pass raw VAE-encoder outputs).
+            spatial: return the per-pixel map ``(B, 1, H, W)`` (layer maps upsampled bilinearly, plus
+                the per-pixel channel-mean L1 map) instead of reduced values.
+            generator: unused here; accepted so the call matches :class:`ELatentLPIPS`.
+        """
+        x, y = self._prepare(input, target, normalize)
+        value = self._distance(x, y, spatial)
+        if self.l1_weight:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                l1 = (x - y).abs().mean(dim=1, keepdim=True) if spatial else self._l1(x, y)
+                value = value + self.l1_weight * l1
+        return value if spatial else _reduce(value, self.reduction)
+
+
+class ELatentLPIPS(LatentLPIPS):
+    r"""E-LatentLPIPS: LatentLPIPS averaged over shared random augmentations (Kang et al., ECCV 2024).
+
+    .. math::
+
+        d_E(x, y) = \frac{1}{K} \sum_{k=1}^{K} d_{\mathrm{LPIPS}}(T_k(x), T_k(y))
+        + \lambda_1 \operatorname{mean}|x - y|, \qquad T_k \sim \text{ADA}(\texttt{augment})
+
+    Each :math:`T_k` is drawn per sample by :class:`~diffdistill.losses.latent_augment.LatentAugment`
+    (Karras et al., ADA, NeurIPS 2020) and applied to both arguments; ``num_draws=K`` evaluates all
+    ``K`` draws in one batched trunk call. The L1 term uses the un-augmented latents, as in the
+    reference. With ``augment=None`` it equals :class:`LatentLPIPS`.
+
+    Args:
+        latent: see :class:`LatentLPIPS`.
+        augment: ``"b"``, ``"g"``, ``"c"``, ``"o"``, ``"co"``, ``"bg"``, ``"bgc"``, ``"bgco"`` (any
+            combination of these letters) or ``None``.
+        weights: see :class:`LatentLPIPS`.
+        l1_weight: weight of the L1 term; 0 turns it off.
+        num_draws: number ``K`` of augmentation draws averaged per call.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape ``(B,)``).
+
+    Shapes:
+        as :class:`LatentLPIPS`; ``spatial=True`` needs ``augment=None`` (maps of different draws live
+        in different coordinates).
+
+    Example:
+        >>> loss_fn = ELatentLPIPS("sdxl", augment="bg", num_draws=2, reduction="none")
+        >>> x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        >>> d = loss_fn(x, torch.randn(2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+        >>> d.shape
+        torch.Size([2])
+        >>> d.sum().backward(); x.grad.shape
+        torch.Size([2, 4, 8, 8])
+    """
+
+    def __init__(
+        self,
+        latent: str | int = "sdxl",
+        augment: str | None = "bg",
+        weights: str | os.PathLike[str] | None = None,
+        l1_weight: float = 1.0,
+        num_draws: int = 1,
+        reduction: str = "mean",
+    ) -> None:
+        if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
+            raise OptionError(f"Expected `num_draws` to be an int >= 1, but got {num_draws!r}.")
+        augment_ops(augment)  # validate before building the network
+        super().__init__(latent, weights=weights, l1_weight=l1_weight, reduction=reduction)
+        self.augment = LatentAugment(augment) if augment is not None else None
+        self.num_draws = num_draws
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_draws={self.num_draws}"
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        normalize: bool = False,
+        spatial: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Augmentation-ensembled distance; ``generator`` makes the draws reproducible.
+
+        Args: as :meth:`LatentLPIPS.forward`.
+        """
+        if self.augment is None:
+            return super().forward(input, target, normalize=normalize, spatial=spatial)
+        if spatial:
+            raise OptionError(
+                "`spatial=True` is not defined for ELatentLPIPS with augmentation (each draw warps the "
+                "map differently); use LatentLPIPS or augment=None for per-pixel maps."
+            )
+        x, y = self._prepare(input, target, normalize)
+        b, k = x.shape[0], self.num_draws
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xk = x.repeat(k, 1, 1, 1) if k > 1 else x
+            yk = y.repeat(k, 1, 1, 1) if k > 1 else y
+            xa, ya = self.augment(xk, yk, generator=generator)
+        value = self._distance(xa, ya, spatial=False)
+        if k > 1:
+            value = value.reshape(k, b).mean(dim=0)
+        if self.l1_weight:
+            value = value + self.l1_weight * self._l1(x, y)
+        return _reduce(value, self.reduction)
+
+
+def _consume_reference_extras(
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook: accept the reference state dict layout explicitly.
+
+    * ``lins.N.*`` duplicates of ``linN.*`` are removed after checking they equal their twin (a
+      missing or different head still fails the load);
+    * heads saved without dropout (``linN.model.0.weight``) are renamed to ``linN.model.1.weight``;
+    * the augmentation buffers ``augment.p`` (a scalar) and ``augment.Hz_geom`` (the ``sym6``
+      filter) are checked and dropped: our augmentation keeps no state.
+    """
+    for k in range(5):
+        alt, main = f"{prefix}lin{k}.model.0.weight", f"{prefix}lin{k}.model.1.weight"
+        if alt in state_dict and main not in state_dict:
+            state_dict[main] = state_dict.pop(alt)
+    for key in [k for k in state_dict if k.startswith(prefix + "lins.")]:
+        rest = key[len(prefix + "lins.") :]
+        idx, _, tail = rest.partition(".")
+        value = state_dict.pop(key)
+        twin_tail = (
+            "model.1.weight"
+            if tail == "model.0.weight" and f"{prefix}lin{idx}.model.0.weight" not in state_dict
+            else tail
+        )
+        twin = f"{prefix}lin{idx}.{twin_tail}"
+        if twin in state_dict:
+            other = state_dict[twin]
+            if other.shape != value.shape or not torch.equal(other, value):
+                error_msgs.append(
+                    f"duplicate head `{key}` {list(value.shape)} disagrees with `{twin}` {list(other.shape)}; "
+                    "the reference stores each head twice and both copies must be equal."
+                )
+    p_key, f_key = prefix + "augment.p", prefix + "augment.Hz_geom"
+    if p_key in state_dict:
+        p = state_dict.pop(p_key)
+        if p.numel() != 1 or not 0.0 <= float(p) <= 1.0:
+            error_msgs.append(f"`{p_key}` must be a probability scalar, but has shape {list(p.shape)}.")
+    if f_key in state_dict:
+        f = state_dict.pop(f_key)
+        ref = sym6_filter(dtype=torch.float64)
+        if f.shape != ref.shape or not torch.allclose(f.double().cpu(), ref, atol=1e-6):
+            error_msgs.append(
+                f"`{f_key}` must be the 12-tap sym6 filter {list(ref.shape)}, but got shape {list(f.shape)} "
+                "or different values; this checkpoint's augmentation is not the reference ADA pipeline."
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel-space baseline
+
+
+def _decode(decoder: Any, z: torch.Tensor) -> torch.Tensor:
+    out = decoder.decode(z) if hasattr(decoder, "decode") else decoder(z)
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+class PixelLPIPS(nn.Module):
+    r"""Baseline: decode both latents with a VAE decoder, then the ``lpips`` package's LPIPS.
+
+    .. math::
+
+        d(x, y) = \mathrm{LPIPS}\big(D(x / s + b),\; D(y / s + b)\big)
+
+    for a decoder :math:`D` producing images in [-1, 1]; ``(s, b)`` is the scale/shift of ``latent``
+    (skipped for ``latent=None`` or ``normalize=True``, i.e. raw latents). Same call as
+    :class:`LatentLPIPS`, so swapping losses is one line. The decoder is frozen
+    (``requires_grad_(False)``, eval) but gradients reach the latents, which is what makes this
+    path ~10× more expensive (Kang et al., ECCV 2024, arXiv:2405.05967).
+
+    Args:
+        vae_decoder: a module with ``decode(z)`` (e.g. diffusers ``AutoencoderKL``; ``.sample`` is
+            taken) or a callable ``z -> image``.
+        net: ``"vgg"``, ``"alex"`` or ``"squeeze"`` (the ``lpips`` trunks).
+        latent: VAE name from :data:`LATENT_SPECS` whose scaling the inputs carry, or ``None``.
+        pretrained_heads: load the ``lpips`` package's calibrated heads (shipped with it, no download).
+        trunk_weights: a torchvision ImageNet state dict file for the trunk (``features.N`` keys,
+            read with ``weights_only=True``); ``None`` keeps a random trunk (nothing is downloaded).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape ``(B,)``).
+
+    Example:
+        >>> decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 1))
+        >>> loss_fn = PixelLPIPS(decoder, net="alex", latent=None, pretrained_heads=False)
+        >>> loss_fn(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), reduction="none").shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        vae_decoder: nn.Module | Callable[[torch.Tensor], Any],
+        net: str = "vgg",
+        *,
+        latent: str | None = None,
+        pretrained_heads: bool = True,
+        trunk_weights: str | os.PathLike[str] | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        check_option(net, "net", ("vgg", "alex", "squeeze"))
+        check_option(reduction, "reduction", _REDUCTIONS)
+        if latent is not None:
+            check_option(latent, "latent", LATENT_SPECS)
+        import lpips  # heavy: pulls in torchvision
+
+        self.latent = latent
+        self.reduction = reduction
+        self.vae_decoder = vae_decoder
+        if isinstance(vae_decoder, nn.Module):
+            vae_decoder.requires_grad_(False).eval()
+        self.lpips = lpips.LPIPS(pretrained=pretrained_heads, net=net, pnet_rand=True, verbose=False)
+        if trunk_weights is not None:
+            self._load_trunk(trunk_weights)
+        else:
+            logger.info("PixelLPIPS: random %s trunk (pass trunk_weights= for ImageNet weights).", net)
+        self.lpips.requires_grad_(False).eval()
+
+    def _load_trunk(self, path: str | os.PathLike[str]) -> None:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        own = self.lpips.net.state_dict()
+        mapped = {}
+        for key in own:
+            _, idx, param = key.split(".", 2)
+            src = f"features.{idx}.{param}"
+            if src not in sd:
+                raise ValueError(
+                    f"`trunk_weights` {path} lacks `{src}` (needed for `{key}`); found e.g. {list(sd)[:3]}."
+                )
+            if sd[src].shape != own[key].shape:
+                raise ShapeError(
+                    f"`trunk_weights` `{src}` expected {list(own[key].shape)}, found {list(sd[src].shape)}.",
+                    name="trunk_weights",
+                    expected=tuple(own[key].shape),
+                    actual=tuple(sd[src].shape),
+                )
+            mapped[key] = sd[src]
+        self.lpips.net.load_state_dict(mapped, strict=True)
+
+    def train(self, mode: bool = True) -> PixelLPIPS:
+        return super().train(False)
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        normalize: bool = False,
+        spatial: bool = False,
+        generator: torch.Generator | None = None,
+        reduction: str | None = None,
+    ) -> torch.Tensor:
+        """Decode both latents and compare the images; ``reduction`` overrides the module's."""
+        for t, name in ((input, "input"), (target, "target")):
+            check_tensor(t, name)
+            check_ndim(t, name, 4, "(B, C, H, W)")
+            check_dtype_floating(t, name)
+        check_same_shape(input, target, "input", "target")
+        red = self.reduction if reduction is None else reduction
+        check_option(red, "reduction", _REDUCTIONS)
+        z = torch.cat([input, target])
+        if self.latent is not None and not normalize:
+            _, scale, shift = LATENT_SPECS[self.latent]
+            z = z / scale + shift
+        w = (
+            next(iter(self.vae_decoder.parameters()), None)
+            if isinstance(self.vae_decoder, nn.Module)
+            else None
+        )
+        images = _decode(self.vae_decoder, z.to(w.dtype) if w is not None else z)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            images = images.to(_compute_dtype(images))
+            b = input.shape[0]
+            self.lpips.spatial = spatial
+            value = self.lpips(images[:b], images[b:])
+        if spatial:
+            return value
+        return _reduce(value.reshape(b), red)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffdistill.losses.lpips convert CHECKPOINT OUT.safetensors [--latent NAME]``.
+
+    Converts an official ``*_latest_vgg16_tuned.pth`` or ``*_latent_vgg16.pth.tar`` (or any
+    supported checkpoint) into our safetensors layout; the channel count comes from the checkpoint.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> torch.save(LatentLPIPS(4).state_dict(), os.path.join(d, "ref.pth"))
+        >>> main(["convert", os.path.join(d, "ref.pth"), os.path.join(d, "out.safetensors")])
+        0
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m diffdistill.losses.lpips", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a checkpoint to safetensors")
+    conv.add_argument("checkpoint")
+    conv.add_argument("output")
+    conv.add_argument("--latent", default=None, help=f"one of {list(LATENT_SPECS)} (default: channel count)")
+    args = parser.parse_args(argv)
+    sd, _ = load_latent_lpips_state_dict(args.checkpoint)
+    first = sd.get("net.slice1.0.weight")
+    if first is None:
+        raise ValueError(
+            f"`{args.checkpoint}` has no `net.slice1.0.weight`; it is not a LatentLPIPS checkpoint."
+        )
+    latent: str | int = args.latent if args.latent is not None else int(first.shape[1])
+    model = LatentLPIPS(latent, weights=args.checkpoint)
+    model.save_pretrained(args.output)
+    logger.info("Wrote %s (%d channels)", args.output, model.in_channels)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess test
+    raise SystemExit(main())

@@ -1,0 +1,487 @@
+"""Tests of LatentLPIPS, ELatentLPIPS and PixelLPIPS (diffdistill.losses.lpips)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill._checks import OptionError, ShapeError
+from diffdistill.losses import ELatentLPIPS, LatentLPIPS, PixelLPIPS
+from diffdistill.losses.latent_augment import sym6_filter
+from diffdistill.losses.lpips import LATENT_SPECS, load_latent_lpips_state_dict, main
+
+HAS_REFERENCE = importlib.util.find_spec("elatentlpips") is not None
+needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="reference package elatentlpips not installed")
+
+# Per-sample values (reduction="none") of the seeded weights and inputs below; computed by this
+# implementation and equal to the official package's `ensembling=False` output (see
+# test_parity_with_reference). Keys: latent -> (without normalize, with normalize=True).
+GOLDEN = {
+    "sdxl": ([1.302738, 1.294568, 1.333765], [0.195337, 0.194360, 0.200500]),
+    "sd3": ([1.307427, 1.321056, 1.346761], [1.913859, 1.932140, 1.968588]),
+}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def seeded_state_dict(model: LatentLPIPS, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic, non-trivial state dict (random BN statistics, positive heads)."""
+    g = _gen(seed)
+    out = {}
+    for key, v in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = v.clone()
+        elif key.startswith("lin"):
+            out[key] = torch.rand(v.shape, generator=g) * 0.2
+        elif key.endswith("running_var"):
+            out[key] = 1 + 0.2 * torch.rand(v.shape, generator=g)
+        elif key.endswith("running_mean") or key.endswith("bias"):
+            out[key] = 0.1 * torch.randn(v.shape, generator=g)
+        elif v.ndim == 4:
+            out[key] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
+        else:  # BN weight
+            out[key] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+    return out
+
+
+def official_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict in the reference layout: duplicate `lins.N` heads plus augmentation buffers."""
+    out = dict(sd)
+    for k in range(5):
+        out[f"lins.{k}.model.1.weight"] = sd[f"lin{k}.model.1.weight"].clone()
+    out["augment.p"] = torch.tensor(1.0)
+    out["augment.Hz_geom"] = sym6_filter()
+    return out
+
+
+def _inputs(channels: int, size: int = 16, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(123)
+    return torch.randn(batch, channels, size, size, generator=g), torch.randn(
+        batch, channels, size, size, generator=g
+    )
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LatentLPIPS]:
+    out = {}
+    for latent in ("sdxl", "sd3"):
+        m = LatentLPIPS(latent, reduction="none")
+        m.load_state_dict(seeded_state_dict(m))
+        out[latent] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Values
+
+
+@pytest.mark.parametrize("latent", ["sdxl", "sd3"])
+def test_golden_values(models: dict[str, LatentLPIPS], latent: str) -> None:
+    m = models[latent]
+    x, y = _inputs(m.in_channels)
+    with torch.no_grad():
+        plain, norm = m(x, y), m(x, y, normalize=True)
+    want_plain, want_norm = GOLDEN[latent]
+    torch.testing.assert_close(plain, torch.tensor(want_plain), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm, torch.tensor(want_norm), atol=1e-5, rtol=0)
+
+
+def _reference_model(latent: str, augment: str | None = None):  # type: ignore[no-untyped-def]
+    from unittest import mock
+
+    def keep(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return t
+
+    # Building the reference allocates two full torchvision VGG16-BNs (with 100M-parameter
+    # classifiers); skip their random init, every tensor used is overwritten by a seeded state dict.
+    no_init = [
+        mock.patch.object(torch.nn.init, n, keep)
+        for n in ("kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_", "constant_")
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from elatentlpips import ELatentLPIPS as Reference
+        from elatentlpips.vgg16 import LatentVGG16BN as ReferenceTrunk
+
+        channels = LATENT_SPECS[latent][0]
+        for patch in no_init:
+            patch.start()
+        try:
+            ref = Reference(pretrained=False, pnet_rand=True, encoder=latent, augment=augment, verbose=False)
+            # The reference's random-trunk option builds an RGB VGG (3 input channels, all pools):
+            # swap in its latent trunk so the architectures agree.
+            latent_features = ReferenceTrunk(channels).model.features
+        finally:
+            for patch in no_init:
+                patch.stop()
+    for k in range(1, 6):
+        part = getattr(ref.net, f"slice{k}")
+        for name in list(part._modules):
+            part._modules[name] = latent_features[int(name)]
+    return ref.eval()
+
+
+@pytest.fixture(scope="module")
+def reference_models() -> dict[str, torch.nn.Module]:
+    if not HAS_REFERENCE:
+        pytest.skip("reference package elatentlpips not installed")
+    torch.manual_seed(0)
+    return {latent: _reference_model(latent, augment="bg") for latent in ("sdxl", "sd3")}
+
+
+@needs_reference
+@pytest.mark.parametrize("latent", ["sdxl", "sd3"])
+def test_parity_with_reference(
+    models: dict[str, LatentLPIPS], reference_models: dict[str, torch.nn.Module], latent: str
+) -> None:
+    ref = reference_models[latent]
+    ours = models[latent]
+    ref.load_state_dict(official_layout(ours.state_dict()), strict=True)
+    x, y = _inputs(ours.in_channels)
+    with torch.no_grad():
+        for normalize in (False, True):
+            want = ref(x, y, ensembling=False, normalize=normalize).flatten()
+            torch.testing.assert_close(ours(x, y, normalize=normalize), want, atol=1e-5, rtol=0)
+        want = ref(x, y, ensembling=False, add_l1_loss=False).flatten()
+        no_l1 = LatentLPIPS(latent, l1_weight=0, reduction="none")
+        no_l1.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(no_l1(x, y), want, atol=1e-5, rtol=0)
+
+
+@needs_reference
+@pytest.mark.parametrize("latent", ["sdxl", "sd3"])
+def test_reference_state_dict_loads_strict_and_ensemble_matches(
+    reference_models: dict[str, torch.nn.Module], latent: str
+) -> None:
+    ref = reference_models[latent]
+    seeded = LatentLPIPS(latent)
+    ref.load_state_dict(official_layout(seeded_state_dict(seeded, seed=1)), strict=True)
+    sd = ref.state_dict()
+    assert any(k.startswith("lins.") for k in sd) and "augment.Hz_geom" in sd
+    ours = ELatentLPIPS(latent, augment="bg", reduction="none")
+    ours.load_state_dict(sd, strict=True)
+    x, y = _inputs(ours.in_channels)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = ref(x, y).flatten()  # ensembling=True, one draw from the global generator
+        torch.manual_seed(5)
+        got = ours(x, y)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("augment", ["b", "g", "c", "o", "co", "bg", "bgc", "bgco"])
+@pytest.mark.parametrize("latent", ["sdxl", "sd3"])
+def test_identical_inputs_give_exact_zero_for_every_draw(latent: str, augment: str) -> None:
+    m = ELatentLPIPS(latent, augment=augment, num_draws=3, reduction="none")
+    x, _ = _inputs(m.in_channels, size=8, batch=2)
+    with torch.no_grad():
+        d = m(x, x.clone(), generator=_gen(0))
+    assert torch.equal(d, torch.zeros(2))
+
+
+def test_reductions_and_spatial(models: dict[str, LatentLPIPS]) -> None:
+    ours = models["sdxl"]
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        per = ours(x, y)
+        mean = LatentLPIPS("sdxl", reduction="mean")
+        mean.load_state_dict(ours.state_dict())
+        total = LatentLPIPS("sdxl", reduction="sum")
+        total.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(mean(x, y), per.mean())
+        torch.testing.assert_close(total(x, y), per.sum())
+        m = ours(x, y, spatial=True)
+    assert per.shape == (2,) and m.shape == (2, 1, 8, 8)
+    assert torch.all(m >= 0)
+
+
+def test_num_draws_is_one_batched_call_of_k_draws(models: dict[str, LatentLPIPS]) -> None:
+    k = 3
+    ens = ELatentLPIPS("sdxl", augment="bg", num_draws=k, reduction="none")
+    ens.load_state_dict(models["sdxl"].state_dict())
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        got = ens(x, y, generator=_gen(4))
+        prm = ens.augment.sample(k * 2, generator=_gen(4))
+        xa, ya = ens.augment(x.repeat(k, 1, 1, 1), y.repeat(k, 1, 1, 1), params=prm)
+        plain = LatentLPIPS("sdxl", l1_weight=0, reduction="none")
+        plain.load_state_dict(models["sdxl"].state_dict())
+        want = plain(xa, ya).reshape(k, 2).mean(0) + (x - y).abs().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # Reproducible with a generator, different across generators.
+    with torch.no_grad():
+        assert torch.equal(ens(x, y, generator=_gen(4)), got)
+        assert not torch.equal(ens(x, y, generator=_gen(5)), got)
+
+
+def test_augment_none_equals_latent_lpips(models: dict[str, LatentLPIPS]) -> None:
+    e = ELatentLPIPS("sd3", augment=None, reduction="none")
+    e.load_state_dict(models["sd3"].state_dict())
+    x, y = _inputs(16, size=8)
+    with torch.no_grad():
+        torch.testing.assert_close(e(x, y), models["sd3"](x, y))
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients, precision, frozen weights
+
+
+def test_gradcheck_float64() -> None:
+    torch.manual_seed(0)
+    m = LatentLPIPS("sdxl", reduction="sum").double()
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: m(a, y), (x,), fast_mode=True)
+
+
+def test_gradcheck_float64_with_augmentation() -> None:
+    torch.manual_seed(0)
+    m = ELatentLPIPS("sdxl", augment="bgco", reduction="sum").double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: m(a, y, generator=_gen(3)), (x,), fast_mode=True)
+
+
+def test_frozen_and_eval_but_differentiable_in_input() -> None:
+    m = ELatentLPIPS("sdxl")
+    assert not m.training and all(not p.requires_grad for p in m.parameters())
+    m.train()
+    assert not m.training and not m.net.training
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    m(x, torch.randn(2, 4, 8, 8)).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_gives_finite_float32(models: dict[str, LatentLPIPS]) -> None:
+    m = ELatentLPIPS("sdxl", augment="bg", reduction="none")
+    m.load_state_dict(models["sdxl"].state_dict())
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        ref = m(x, y, generator=_gen(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x.bfloat16(), y.bfloat16(), generator=_gen(0))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=5e-2, atol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights: state dict layout, files, conversion
+
+
+def test_state_dict_has_reference_names_without_duplicates() -> None:
+    sd = ELatentLPIPS("sdxl", augment="bgco").state_dict()
+    assert "net.slice1.0.weight" in sd and "net.slice5.41.running_var" in sd
+    assert [k for k in sd if k.startswith("lin")] == [f"lin{k}.model.1.weight" for k in range(5)]
+    assert not any(k.startswith(("lins.", "augment.")) for k in sd)
+    assert sd["net.slice1.0.weight"].shape == (64, 4, 3, 3)
+    assert len(sd) == 103 - 5 - 2  # the reference holds 5 duplicate heads and 2 augmentation buffers
+
+
+def test_official_layout_loads_strict_and_duplicates_are_checked(models: dict[str, LatentLPIPS]) -> None:
+    sd = official_layout(models["sdxl"].state_dict())
+    m = ELatentLPIPS("sdxl")
+    result = m.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert "lins.0.model.1.weight" in sd  # the caller's dict is not modified
+    bad = dict(sd)
+    bad["lins.2.model.1.weight"] = bad["lins.2.model.1.weight"] + 1
+    with pytest.raises(
+        RuntimeError, match=r"duplicate head `lins.2.model.1.weight` \[1, 256, 1, 1\] disagrees"
+    ):
+        m.load_state_dict(bad, strict=True)
+    bad = dict(sd)
+    bad["augment.Hz_geom"] = torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"`augment.Hz_geom` must be the 12-tap sym6 filter"):
+        m.load_state_dict(bad, strict=True)
+    missing = dict(sd)
+    del missing["net.slice3.14.weight"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "net.slice3.14.weight"'):
+        m.load_state_dict(missing, strict=True)
+    no_head = dict(sd)
+    del no_head["lin4.model.1.weight"]  # its duplicate alone does not stand in for it
+    with pytest.raises(RuntimeError, match=r"lin4.model.1.weight"):
+        m.load_state_dict(no_head, strict=True)
+
+
+def test_safetensors_round_trip(models: dict[str, LatentLPIPS], tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    models["sd3"].save_pretrained(path)
+    loaded = LatentLPIPS("sd3", weights=path, reduction="none")
+    x, y = _inputs(16, size=8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, y), models["sd3"](x, y))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["in_channels"] == "16"
+        assert not any(k.startswith("lins.") for k in f.keys())  # noqa: SIM118
+
+
+def test_official_checkpoint_formats(models: dict[str, LatentLPIPS], tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    sd = models["sdxl"].state_dict()
+    tuned = tmp_path / "sdxl_latest_vgg16_tuned.pth"
+    torch.save(official_layout(sd), tuned)
+    x, y = _inputs(4, size=8)
+    m = LatentLPIPS("sdxl", weights=tuned, reduction="none")
+    with torch.no_grad():
+        assert torch.equal(m(x, y), models["sdxl"](x, y))
+    # ImageNet trunk: `state_dict` with `module.model.features.N` keys and a classifier.
+    trunk_sd = {}
+    for key, v in sd.items():
+        if key.startswith("net."):
+            _, _, idx, param = key.split(".", 3)
+            trunk_sd[f"module.model.features.{idx}.{param}"] = v
+    trunk_sd["module.model.classifier.0.weight"] = torch.zeros(8, 16)
+    trunk = tmp_path / "sdxl_latent_vgg16.pth.tar"
+    torch.save({"state_dict": trunk_sd, "best_acc1": torch.tensor(68.9), "epoch": 90}, trunk)
+    with caplog.at_level(logging.WARNING, logger="diffdistill.losses.lpips"):
+        t = LatentLPIPS("sdxl", weights=trunk)
+    assert "uncalibrated" in caplog.text
+    for key, v in t.state_dict().items():
+        if key.startswith("net."):
+            assert torch.equal(v, sd[key]), key
+        else:
+            assert torch.equal(v, torch.ones_like(v)), key
+
+
+def test_convert_command(models: dict[str, LatentLPIPS], tmp_path: Path) -> None:
+    src = tmp_path / "sd3_latest_vgg16_tuned.pth"
+    torch.save(official_layout(models["sd3"].state_dict()), src)
+    out = tmp_path / "sd3.safetensors"
+    assert main(["convert", str(src), str(out), "--latent", "sd3"]) == 0
+    out2 = tmp_path / "sd3_cli.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffdistill.losses.lpips", "convert", str(src), str(out2)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # no prints
+    a = load_latent_lpips_state_dict(out)[0]
+    b = load_latent_lpips_state_dict(out2)[0]
+    assert a.keys() == b.keys() == models["sd3"].state_dict().keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_wrong_channel_count_names_expected_and_found() -> None:
+    m = LatentLPIPS("sdxl")
+    with pytest.raises(
+        ShapeError, match=r"Expected `input` to have 4 channels for latent='sdxl'.*got shape \(2, 16, 8, 8\)"
+    ):
+        m(torch.zeros(2, 16, 8, 8), torch.zeros(2, 16, 8, 8))
+    with pytest.raises(
+        ShapeError, match=r"same shape, but got input \(2, 4, 8, 8\) and target \(2, 4, 8, 9\)"
+    ):
+        m(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 9))
+    with pytest.raises(ShapeError, match=r"at least 4×4.*\(1, 4, 2, 8\)"):
+        m(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8))
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(models: dict[str, LatentLPIPS], tmp_path: Path) -> None:
+    path = tmp_path / "sd3.safetensors"
+    models["sd3"].save_pretrained(path)
+    with pytest.raises(
+        ShapeError,
+        match=r"`net.slice1.0.weight` expected \[64, 4, 3, 3\], found \[64, 16, 3, 3\].*16-channel latents.*pass latent=16",
+    ):
+        LatentLPIPS("sdxl", weights=path)
+    sd = dict(models["sdxl"].state_dict())
+    del sd["lin3.model.1.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.pth"
+    torch.save(sd, broken)
+    with pytest.raises(
+        ValueError, match=r"missing keys \['lin3.model.1.weight'\]; unexpected keys \['extra.weight'\]"
+    ):
+        LatentLPIPS("sdxl", weights=broken)
+    not_trunk = tmp_path / "other.pth.tar"
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2)}}, not_trunk)
+    with pytest.raises(ValueError, match=r"no `module.model.features.N` trunk keys"):
+        LatentLPIPS("sdxl", weights=not_trunk)
+
+
+def test_option_errors() -> None:
+    with pytest.raises(
+        OptionError, match=r"Expected `latent` to be one of \['sd15', 'sd21', 'sdxl', 'sd3', 'flux'\]"
+    ):
+        LatentLPIPS("sd2")
+    with pytest.raises(OptionError, match=r"Expected `reduction` to be one of \['mean', 'sum', 'none'\]"):
+        LatentLPIPS(4, reduction="avg")
+    with pytest.raises(OptionError, match=r"Expected `num_draws` to be an int >= 1, but got 0"):
+        ELatentLPIPS(num_draws=0)
+    with pytest.raises(OptionError, match=r"letters \['b', 'g', 'c', 'o'\]"):
+        ELatentLPIPS(augment="bgz")
+    with pytest.raises(OptionError, match=r"Expected `l1_weight` to be >= 0"):
+        LatentLPIPS(l1_weight=-1)
+    with pytest.raises(OptionError, match=r"`normalize=True` needs a known VAE latent, but latent='4'"):
+        LatentLPIPS(4)(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), normalize=True)
+    with pytest.raises(
+        OptionError, match=r"`spatial=True` is not defined for ELatentLPIPS with augmentation"
+    ):
+        ELatentLPIPS()(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), spatial=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pixel-space baseline
+
+
+def _tiny_decoder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 3, padding=1), torch.nn.Tanh()
+    )
+
+
+def test_pixel_lpips_matches_lpips_on_decoded_images() -> None:
+    import lpips
+
+    dec = _tiny_decoder()
+    torch.manual_seed(1)
+    pix = PixelLPIPS(dec, net="vgg", latent="sdxl", reduction="none")
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        got = pix(x, y)
+        scale = LATENT_SPECS["sdxl"][1]
+        ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        ref.load_state_dict(pix.lpips.state_dict())
+        want = ref(dec(x / scale), dec(y / scale)).flatten()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(pix(x / scale, y / scale, normalize=True), want)
+        assert pix(x, y, spatial=True).shape == (2, 1, 32, 32)
+    assert all(not p.requires_grad for p in pix.parameters())
+    xg = x.clone().requires_grad_(True)
+    pix(xg, y).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_pixel_lpips_trunk_weights(tmp_path: Path) -> None:
+    dec = _tiny_decoder()
+    pix = PixelLPIPS(dec, net="alex", pretrained_heads=False)
+    feats = {
+        f"features.{k.split('.', 2)[1]}.{k.split('.', 2)[2]}": torch.randn_like(v)
+        for k, v in pix.lpips.net.state_dict().items()
+    }
+    path = tmp_path / "alexnet.pth"
+    torch.save(feats, path)
+    loaded = PixelLPIPS(dec, net="alex", pretrained_heads=False, trunk_weights=path)
+    assert torch.equal(loaded.lpips.net.slice1[0].weight, feats["features.0.weight"])
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ShapeError, match=r"`features.0.weight` expected \[64, 3, 11, 11\], found \[1\]"):
+        PixelLPIPS(dec, net="alex", pretrained_heads=False, trunk_weights=bad)
+    with pytest.raises(OptionError, match=r"Expected `net` to be one of \['vgg', 'alex', 'squeeze'\]"):
+        PixelLPIPS(dec, net="resnet")
