@@ -24,7 +24,7 @@ def test_docstring_examples(module_name: str) -> None:
     module = importlib.import_module(module_name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    tests = finder.find(module, module_name, globs={"torch": torch})
+    tests = finder.find(module, module_name, extraglobs={"torch": torch})
     for test in tests:
         torch.manual_seed(0)
         runner.run(test)
