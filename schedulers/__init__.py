@@ -5,6 +5,22 @@ progressive stage plans and few-step samplers. Duck-typed over diffusers (anythi
 from __future__ import annotations
 
 from .consistency import boundary_scalings, consistency_function
+from .few_step_samplers import (
+    TIMESTEP_SPACINGS,
+    TLCM_GRID_INDICES,
+    SamplerOutput,
+    custom_timesteps,
+    ddim_sample,
+    dmd2_timesteps,
+    euler_sample,
+    lcm_sample,
+    lcm_timesteps,
+    one_step_sample,
+    spaced_timesteps,
+    tcd_sample,
+    tlcm_timesteps,
+    x0_renoise_sample,
+)
 from .noise_schedule import PREDICTION_TYPES, NoiseSchedule
 from .stage_plans import Stage, StagePlan
 from .teacher_solver import TeacherSolver, apply_guidance, concat_conditions
@@ -24,7 +40,10 @@ __all__ = [
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
     "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
     "PREDICTION_TYPES",
+    "TIMESTEP_SPACINGS",
+    "TLCM_GRID_INDICES",
     "NoiseSchedule",
+    "SamplerOutput",
     "Stage",
     "StagePlan",
     "TeacherSolver",
@@ -34,9 +53,20 @@ __all__ = [
     "categorical_timesteps",
     "concat_conditions",
     "consistency_function",
+    "custom_timesteps",
+    "ddim_sample",
+    "dmd2_timesteps",
+    "euler_sample",
+    "lcm_sample",
     "lcm_skip_pairs",
+    "lcm_timesteps",
     "milestone_pairs",
+    "one_step_sample",
     "progressive_pairs",
+    "spaced_timesteps",
+    "tcd_sample",
+    "tlcm_timesteps",
     "tscd_segments",
     "uniform_timesteps",
+    "x0_renoise_sample",
 ]

@@ -73,7 +73,7 @@ def consistency_function(
     check_tensor(x_t, "x_t")
     x0 = schedule.to_x0(model_output, x_t, t, prediction_type)
     c_skip, c_out = boundary_scalings(schedule.timesteps(t, x_t.device), sigma_data, timestep_scaling)
-    work = schedule._work_dtype(x_t.dtype)
+    work = schedule.work_dtype(x_t.dtype)
     shape = c_skip.shape + (1,) * (x_t.ndim - c_skip.ndim)
     out = c_skip.to(work).reshape(shape) * x_t.to(work) + c_out.to(work).reshape(shape) * x0.to(work)
     return out.to(x_t.dtype)

@@ -514,7 +514,7 @@ def _prepare(
 
 
 def _work(schedule: NoiseSchedule, like: torch.Tensor) -> torch.dtype:
-    return schedule._work_dtype(like.dtype)
+    return schedule.work_dtype(like.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ class NoiseSchedule:
             self._device_tables[device] = tables
         return tables
 
-    def _work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+    def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """dtype of the elementwise arithmetic for inputs of ``dtype`` (``compute_dtype`` or >= float32)."""
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.promote_types(dtype, torch.float32)
@@ -246,8 +247,15 @@ class NoiseSchedule:
                 )
         return tt
 
-    def _prepare_t(self, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
-        """Validate ``t`` (values and shape against the batch of ``like``); int64 on ``like``'s device."""
+    def batch_timesteps(self, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
+        """Validate ``t`` for the batch ``like``: values in ``[-1, T-1]``, a scalar or one per sample.
+
+        Returns int64 indices on ``like``'s device (shape ``()`` or ``(B,)``).
+
+        Example:
+            >>> NoiseSchedule.from_betas().batch_timesteps([999, 5], torch.zeros(2, 4)).tolist()
+            [999, 5]
+        """
         tt = self.timesteps(t, like.device, name)
         if tt.ndim > 1:
             raise ShapeError(
@@ -269,11 +277,11 @@ class NoiseSchedule:
 
     def _lookup(self, table_index: int, tt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Coefficient (alpha: 0, sigma: 1) at validated ``tt``, broadcastable against ``like``."""
-        coef = self._tables(like.device)[table_index][tt + 1].to(self._work_dtype(like.dtype))
+        coef = self._tables(like.device)[table_index][tt + 1].to(self.work_dtype(like.dtype))
         return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim)) if coef.ndim else coef
 
     def _coef(self, table_index: int, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
-        return self._lookup(table_index, self._prepare_t(t, like, name), like)
+        return self._lookup(table_index, self.batch_timesteps(t, like, name), like)
 
     def _alpha_sigma64(self, t: TimestepLike) -> tuple[torch.Tensor, torch.Tensor]:
         """float64 (alpha_t, sigma_t) with the shape of ``t`` (any shape)."""
@@ -373,7 +381,7 @@ class NoiseSchedule:
                 expected=tuple(x0.shape),
                 actual=tuple(noise.shape),
             )
-        tt = self._prepare_t(t, x0)
+        tt = self.batch_timesteps(t, x0)
         a = self._lookup(0, tt, x0)
         s = self._lookup(1, tt, x0)
         work = a.dtype
@@ -405,7 +413,7 @@ class NoiseSchedule:
                 actual=tuple(model_output.shape),
             )
         check_dtype_floating(x_t, "x_t")
-        tt = self._prepare_t(t, x_t)
+        tt = self.batch_timesteps(t, x_t)
         a = self._lookup(0, tt, x_t)
         s = self._lookup(1, tt, x_t)
         out = model_output.to(a.dtype)
@@ -475,7 +483,7 @@ class NoiseSchedule:
             True
         """
         to_type = self._prediction_type(to_type)
-        tt = self._prepare_t(t, x_t)
+        tt = self.batch_timesteps(t, x_t)
         x0, eps = self._x0_eps(model_output, x_t, tt, from_type)
         if to_type == "sample":
             out = x0
@@ -522,8 +530,8 @@ class NoiseSchedule:
             >>> torch.allclose(s.ddim_step(eps, t, x_t, t_to), s.add_noise(x0, eps, t_to), atol=1e-5)
             True
         """
-        tt = self._prepare_t(t, x_t, "t")
-        tto = self._prepare_t(t_to, x_t, "t_to")
+        tt = self.batch_timesteps(t, x_t, "t")
+        tto = self.batch_timesteps(t_to, x_t, "t_to")
         if value_checks_enabled() and bool((tto > tt).any() if allow_same else (tto >= tt).any()):
             rel = "t_to <= t" if allow_same else "t_to < t"
             raise OptionError(

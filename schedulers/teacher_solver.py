@@ -179,7 +179,7 @@ class TeacherSolver:
         check_tensor(x_t, "x_t")
         cond = dict(cond or {})
         w = self.guidance_scale if guidance_scale is None else guidance_scale
-        tt = self.schedule._prepare_t(t, x_t)
+        tt = self.schedule.batch_timesteps(t, x_t)
         tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 or tt.shape[0] == 1 else tt
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if uncond is None or self._is_noop_guidance(w):
@@ -203,8 +203,8 @@ class TeacherSolver:
         """
         if int(num_steps) != num_steps or num_steps < 1:
             raise OptionError(f"Expected `num_steps` to be an int >= 1, but got {num_steps!r}.")
-        tt = self.schedule._prepare_t(t, like, "t")
-        tto = self.schedule._prepare_t(t_to, like, "t_to")
+        tt = self.schedule.batch_timesteps(t, like, "t")
+        tto = self.schedule.batch_timesteps(t_to, like, "t_to")
         batch = like.shape[0] if like.ndim else 1
         tt, tto = tt.expand(batch) if tt.ndim == 0 else tt, tto.expand(batch) if tto.ndim == 0 else tto
         span = tt - tto
