@@ -419,9 +419,9 @@ class LatentAugment(nn.Module):
         Example:
             >>> aug = LatentAugment("o")
             >>> x = torch.ones(1, 4, 8, 8)
-            >>> prm = aug.sample(1, generator=torch.Generator().manual_seed(0))
+            >>> prm = AugmentParams(cutout_size=torch.tensor([0.5]), cutout_center=torch.tensor([[0.5, 0.5]]))
             >>> (y,) = aug.apply((x,), prm)
-            >>> float(y.mean())  # a quarter of the image is erased
+            >>> float(y.mean())  # the central quarter of the image is erased
             0.75
         """
         n, c, h, w = tensors[0].shape

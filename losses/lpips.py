@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -768,7 +769,9 @@ class PixelLPIPS(nn.Module):
         self.vae_decoder = vae_decoder
         if isinstance(vae_decoder, nn.Module):
             vae_decoder.requires_grad_(False).eval()
-        self.lpips = lpips.LPIPS(pretrained=pretrained_heads, net=net, pnet_rand=True, verbose=False)
+        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            self.lpips = lpips.LPIPS(pretrained=pretrained_heads, net=net, pnet_rand=True, verbose=False)
         if trunk_weights is not None:
             self._load_trunk(trunk_weights)
         else:

@@ -1,0 +1,332 @@
+"""Build a LatentLPIPS for any VAE: train the latent VGG16-BN, then calibrate its heads on BAPPS 2AFC.
+
+Stage 1 trains a VGG16-BN classifier whose first convolution takes the VAE's latent channels and whose
+first three max-pools are removed (Kang et al., "Distilling Diffusion Models into Conditional GANs",
+ECCV 2024, arXiv:2405.05967) on the latents of an image folder laid out as ``root/<class>/<image>``
+(ImageNet in the paper; SGD, lr 0.1, momentum 0.9, weight decay 1e-4, step decay).
+
+Stage 2 freezes that trunk and fits the five non-negative 1×1 heads on two-alternative forced-choice
+triplets in the BAPPS layout (``<dir>/ref``, ``<dir>/p0``, ``<dir>/p1`` images with matching names
+and ``<dir>/judge/<name>.npy`` holding the fraction of people who found ``p1`` closer), through the
+small ranking network and binary cross-entropy of LPIPS (Zhang et al., CVPR 2018). It writes
+
+* ``latent_vgg16_bn.safetensors`` -- trunk (``net.*``) and classifier (``classifier.*``);
+* ``latent_lpips.safetensors`` -- loadable as ``LatentLPIPS(latent, weights=...)``;
+* ``metrics.json`` -- final classifier loss/accuracy and 2AFC score.
+
+Example (a 32-channel VAE the reference never released)::
+
+    python examples/train_latent_lpips.py --pretrained_vae path/to/vae \\
+        --train_dir imagenet/train --bapps_dir bapps/2afc/train --output_dir out \\
+        --resolution 256 --classifier_epochs 90 --calibration_epochs 5
+
+Every option has a CPU-sized default for the smoke test; real runs want a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from diffdistill.losses.lpips import LatentLPIPS, LatentVGG16BN
+
+logger = logging.getLogger("train_latent_lpips")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_vae", required=True, help="diffusers AutoencoderKL folder (local)")
+    g.add_argument("--scaling_factor", type=float, default=None, help="default: vae.config.scaling_factor")
+    g.add_argument("--shift_factor", type=float, default=None, help="default: vae.config.shift_factor or 0")
+    g.add_argument("--classifier_width", type=int, default=4096, help="hidden width of the VGG classifier")
+    g = p.add_argument_group("data")
+    g.add_argument("--train_dir", required=True, help="image folder root/<class>/<image> for stage 1")
+    g.add_argument("--bapps_dir", required=True, help="BAPPS 2AFC folder(s): searched for ref/p0/p1/judge")
+    g.add_argument("--resolution", type=int, default=256)
+    g.add_argument("--num_workers", type=int, default=0)
+    g = p.add_argument_group("stage 1: classifier")
+    g.add_argument("--classifier_epochs", type=int, default=1)
+    g.add_argument("--classifier_max_steps", type=int, default=None)
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--lr_step_epochs", type=int, default=30)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g = p.add_argument_group("stage 2: head calibration")
+    g.add_argument("--calibration_epochs", type=int, default=1)
+    g.add_argument("--calibration_max_steps", type=int, default=None)
+    g.add_argument("--calibration_batch_size", type=int, default=50)
+    g.add_argument("--calibration_lr", type=float, default=1e-4)
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    g.add_argument("--log_every", type=int, default=50)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _load_image(path: Path, resolution: int, *, train: bool) -> torch.Tensor:
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    s = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left = random.randint(0, w - resolution) if train else (w - resolution) // 2
+    top = random.randint(0, h - resolution) if train else (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if train and random.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return x / 127.5 - 1.0  # [-1, 1], the VAE's input range
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` -> (image in [-1, 1], class index); classes sorted by name."""
+
+    def __init__(self, root: str | Path, resolution: int) -> None:
+        root = Path(root)
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.items = [
+            (f, i)
+            for i, c in enumerate(self.classes)
+            for f in sorted((root / c).iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.items:
+            raise ValueError(f"No images found under {root}/<class>/ (suffixes {IMAGE_SUFFIXES}).")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        return _load_image(path, self.resolution, train=True), label
+
+
+class TwoAFCDataset(Dataset):
+    """BAPPS 2AFC triplets: (ref, p0, p1, judge) with judge = P(p1 judged closer to ref)."""
+
+    def __init__(self, roots: str | Path, resolution: int) -> None:
+        dirs = [
+            d
+            for d in [Path(roots), *Path(roots).rglob("*")]
+            if (d / "ref").is_dir() and (d / "judge").is_dir()
+        ]
+        self.items = []
+        for d in sorted(dirs):
+            for ref in sorted((d / "ref").iterdir()):
+                if ref.suffix.lower() in IMAGE_SUFFIXES:
+                    self.items.append(
+                        (ref, d / "p0" / ref.name, d / "p1" / ref.name, d / "judge" / f"{ref.stem}.npy")
+                    )
+        if not self.items:
+            raise ValueError(f"No BAPPS triplets (ref/, p0/, p1/, judge/) found under {roots}.")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ref, p0, p1, judge = self.items[i]
+        load = [_load_image(p, self.resolution, train=False) for p in (ref, p0, p1)]
+        j = torch.as_tensor(np.load(judge), dtype=torch.float32).reshape(())
+        return load[0], load[1], load[2], j
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+class LatentVGGClassifier(nn.Module):
+    """The latent trunk followed by VGG's pooled three-layer classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 4096) -> None:
+        super().__init__()
+        self.net = LatentVGG16BN(in_channels)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(width, width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(width, num_classes),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.net(z)[-1]).flatten(1))
+
+
+class RankingHead(nn.Module):
+    """LPIPS' 2AFC judge: a small MLP on (d0, d1, d0 - d1, d0 / (d1 + eps), d1 / (d0 + eps))."""
+
+    def __init__(self, hidden: int = 32, eps: float = 0.1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.mlp = nn.Sequential(
+            nn.Linear(5, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        feats = torch.stack([d0, d1, d0 - d1, d0 / (d1 + self.eps), d1 / (d0 + self.eps)], dim=-1)
+        return self.mlp(feats).squeeze(-1)  # logit of P(p1 closer)
+
+
+def load_vae(path: str, device: torch.device):  # type: ignore[no-untyped-def]
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path).to(device).eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor, scale: float, shift: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    z = vae.encode(images).latent_dist.sample()
+    return (z - shift) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+
+def train_classifier(
+    args: argparse.Namespace, vae, scale: float, shift: float, device: torch.device
+) -> tuple[LatentVGGClassifier, dict]:  # type: ignore[no-untyped-def]
+    data = ImageFolderDataset(args.train_dir, args.resolution)
+    loader = DataLoader(
+        data, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, drop_last=False
+    )
+    c = vae.config.latent_channels
+    model = LatentVGGClassifier(c, len(data.classes), args.classifier_width).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, args.lr_step_epochs), gamma=0.1)
+    amp = args.mixed_precision == "bf16"
+    step, loss_v, acc = 0, float("nan"), float("nan")
+    model.train()
+    for epoch in range(args.classifier_epochs):
+        for images, labels in loader:
+            z = encode(vae, images.to(device), scale, shift)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(z)
+            loss = F.cross_entropy(logits.float(), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_v = float(loss.detach())
+            acc = float((logits.argmax(-1) == labels.to(device)).float().mean())
+            if step % args.log_every == 0 or step == 1:
+                logger.info("classifier epoch %d step %d loss %.4f acc %.3f", epoch, step, loss_v, acc)
+            if args.classifier_max_steps is not None and step >= args.classifier_max_steps:
+                break
+        sched.step()
+        if args.classifier_max_steps is not None and step >= args.classifier_max_steps:
+            break
+    return model.eval(), {"classifier_steps": step, "classifier_loss": loss_v, "classifier_acc": acc}
+
+
+def calibrate_heads(
+    args: argparse.Namespace, trunk: LatentVGG16BN, vae, scale: float, shift: float, device: torch.device
+) -> tuple[LatentLPIPS, dict]:  # type: ignore[no-untyped-def]
+    data = TwoAFCDataset(args.bapps_dir, args.resolution)
+    loader = DataLoader(
+        data, batch_size=args.calibration_batch_size, shuffle=True, num_workers=args.num_workers
+    )
+    c = vae.config.latent_channels
+    metric = LatentLPIPS(c, l1_weight=0.0, reduction="none").to(device)
+    metric.net.load_state_dict(trunk.state_dict())
+    heads = [h.model[1].weight for h in metric.heads]
+    for w in heads:
+        w.requires_grad_(True)
+    judge_net = RankingHead().to(device)
+    opt = torch.optim.Adam([*heads, *judge_net.parameters()], lr=args.calibration_lr, betas=(0.5, 0.999))
+    step, loss_v, scores = 0, float("nan"), []
+    for epoch in range(args.calibration_epochs):
+        for ref, p0, p1, judge in loader:
+            zr, z0, z1 = (encode(vae, t.to(device), scale, shift) for t in (ref, p0, p1))
+            d0, d1 = metric(zr, z0), metric(zr, z1)
+            judge = judge.to(device)
+            loss = F.binary_cross_entropy_with_logits(judge_net(d0, d1), judge)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for w in heads:
+                    w.clamp_(min=0)  # LPIPS keeps the heads non-negative: d stays a distance
+            step += 1
+            loss_v = float(loss.detach())
+            # 2AFC score: agreement with the human fraction (ties count half).
+            s = torch.where(d0 < d1, 1 - judge, torch.where(d1 < d0, judge, torch.full_like(judge, 0.5)))
+            scores.append(float(s.mean()))
+            if step % args.log_every == 0 or step == 1:
+                logger.info(
+                    "calibration epoch %d step %d loss %.4f 2afc %.3f", epoch, step, loss_v, scores[-1]
+                )
+            if args.calibration_max_steps is not None and step >= args.calibration_max_steps:
+                break
+        if args.calibration_max_steps is not None and step >= args.calibration_max_steps:
+            break
+    for w in heads:
+        w.requires_grad_(False)
+    recent = scores[-max(1, len(scores) // 10) :]
+    return metric, {"calibration_steps": step, "calibration_loss": loss_v, "2afc": sum(recent) / len(recent)}
+
+
+def main(args: argparse.Namespace) -> dict:
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(args.pretrained_vae, device)
+    scale = args.scaling_factor if args.scaling_factor is not None else float(vae.config.scaling_factor)
+    shift = args.shift_factor
+    if shift is None:
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    logger.info("VAE: %d latent channels, scale %.5f, shift %.5f", vae.config.latent_channels, scale, shift)
+
+    classifier, metrics = train_classifier(args, vae, scale, shift, device)
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+        str(out / "latent_vgg16_bn.safetensors"),
+        metadata={"in_channels": str(vae.config.latent_channels)},
+    )
+    metric, cal = calibrate_heads(args, classifier.net, vae, scale, shift, device)
+    metric.save_pretrained(out / "latent_lpips.safetensors")
+    metrics.update(cal)
+    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("done: %s", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    main(parse_args())

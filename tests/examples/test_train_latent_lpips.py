@@ -1,0 +1,93 @@
+"""Smoke test of examples/train_latent_lpips.py: 2 steps per stage on generated data and a tiny VAE."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill.losses import LatentLPIPS
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_latent_lpips.py"
+
+
+def _load_script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("train_latent_lpips", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_png(path: Path, rng: np.random.Generator, size: int = 20) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path) -> dict[str, Path]:
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        for i in range(3):
+            _write_png(tmp_path / "train" / c / f"{i}.png", rng)
+    for i in range(4):
+        for part in ("ref", "p0", "p1"):
+            _write_png(tmp_path / "bapps" / "traditional" / part / f"{i:03d}.png", rng)
+        (tmp_path / "bapps" / "traditional" / "judge").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "bapps" / "traditional" / "judge" / f"{i:03d}.npy", np.array([rng.random()]))
+    return {"root": tmp_path}
+
+
+def test_two_steps_per_stage(tiny_setup: dict[str, Path]) -> None:
+    root = tiny_setup["root"]
+    script = _load_script()
+    out = root / "out"
+    args = script.parse_args(
+        [
+            "--pretrained_vae", str(root / "vae"),
+            "--train_dir", str(root / "train"),
+            "--bapps_dir", str(root / "bapps"),
+            "--output_dir", str(out),
+            "--resolution", "16",
+            "--batch_size", "3",
+            "--classifier_width", "32",
+            "--classifier_max_steps", "2",
+            "--calibration_batch_size", "2",
+            "--calibration_max_steps", "2",
+            "--device", "cpu",
+        ]
+    )  # fmt: skip
+    metrics = script.main(args)
+    assert metrics["classifier_steps"] == 2 and metrics["calibration_steps"] == 2
+    assert json.loads((out / "metrics.json").read_text())["calibration_steps"] == 2
+    metric = LatentLPIPS(4, weights=out / "latent_lpips.safetensors", reduction="none")
+    assert all(float(h.model[1].weight.min()) >= 0 for h in metric.heads)
+    z = torch.randn(2, 4, 8, 8)
+    d = metric(z, z.flip(0))
+    assert d.shape == (2,) and torch.isfinite(d).all()
+    from safetensors.torch import load_file
+
+    trunk = load_file(str(out / "latent_vgg16_bn.safetensors"))
+    assert trunk["net.slice1.0.weight"].shape == (64, 4, 3, 3) and "classifier.6.weight" in trunk
