@@ -1,0 +1,859 @@
+r"""Adversarial losses for distillation: GAN objectives, R1 penalties, mix-and-match negatives, re-noising.
+
+Every loss here takes discriminator **logits** (the raw output before any sigmoid) and returns
+``(loss, logs)``: the loss tensor (0-d for ``reduction="mean"`` / ``"sum"``, ``(B,)`` for ``"none"``) and a
+dict of detached float32 0-d tensors for logging (no ``.item()``, so no device sync). Losses compute in
+float32 when the logits are float16/bfloat16 and in float64 when they are float64.
+
+Objectives, for real logits :math:`r` and fake logits :math:`f`:
+
+=====================  ===============================================  =======================================
+``loss``               discriminator :math:`L_D`                        generator :math:`L_G`
+=====================  ===============================================  =======================================
+``"non_saturating"``   :math:`\mathrm{sp}(-r) + \mathrm{sp}(f)`         :math:`\mathrm{sp}(-f)`
+``"hinge"``            :math:`\max(0, 1 - r) + \max(0, 1 + f)`          :math:`-f` or :math:`\max(0, 1 - f)`
+``"least_squares"``    :math:`\tfrac12 (r - 1)^2 + \tfrac12 f^2`        :math:`\tfrac12 (f - 1)^2`
+=====================  ===============================================  =======================================
+
+with :math:`\mathrm{sp}(x) = \log(1 + e^x)`, so that the non-saturating row is
+:math:`-\log D(x) - \log(1 - D(\hat x))` and :math:`-\log D(\hat x)` for :math:`D = \sigma(\text{logit})`.
+
+A multi-head discriminator (several readouts or feature levels, each a tensor of any shape
+``(B, ...)``) passes a list of logits: each head's elementwise loss is averaged over its non-batch
+dimensions first, then heads are averaged with ``head_weights`` (normalised to sum to 1).
+
+References:
+    * Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014 (non-saturating loss).
+    * S. Lin, A. Wang, X. Yang, "SDXL-Lightning", arXiv:2402.13929, Eq. 20-21 (non-saturating),
+      Sec. 3.7 / Eq. 25-26 (multi-timestep re-noising of the discriminator inputs).
+    * T. Yin et al., "Improved Distribution Matching Distillation" (DMD2), arXiv:2405.14867 (softplus form).
+    * J. H. Lim, J. C. Ye, "Geometric GAN", arXiv:1705.02894 (hinge loss);
+      F.-Y. Wang et al., "Phased Consistency Model" (PCM), arXiv:2405.18407 (hinge with a ReLU generator).
+    * X. Mao et al., "Least Squares Generative Adversarial Networks", ICCV 2017 (a = 0, b = c = 1).
+    * L. Mescheder, A. Geiger, S. Nowozin, "Which Training Methods for GANs do actually Converge?",
+      ICML 2018 (R1).
+    * T. Karras et al., "Analyzing and Improving the Image Quality of StyleGAN" (StyleGAN2), CVPR 2020
+      (lazy regularisation).
+    * M. Kang et al., "Distilling Diffusion Models into Conditional GANs" (Diffusion2GAN),
+      arXiv:2405.05967 (single-sample lazy R1, mix-and-match negatives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import (
+    DTypeError,
+    OptionError,
+    ShapeError,
+    check_dtype_floating,
+    check_option,
+    check_positive,
+    check_tensor,
+)
+from .._outputs import first_tensor
+from ..schedulers.timestep_samplers import LIGHTNING_DISCRIMINATOR_TIMESTEPS, categorical_timesteps
+
+__all__ = [
+    "GANLoss",
+    "MixAndMatch",
+    "RenoisedSamples",
+    "gan_discriminator_loss",
+    "gan_generator_loss",
+    "lazy_r1_penalty",
+    "mix_and_match",
+    "r1_penalty",
+    "random_derangement",
+    "renoise_for_discriminator",
+]
+
+GANKind = Literal["non_saturating", "hinge", "least_squares"]
+HingeGenerator = Literal["linear", "relu"]
+Reduction = Literal["mean", "sum", "none"]
+Logits = torch.Tensor | Sequence[torch.Tensor]
+
+_KINDS = ("non_saturating", "hinge", "least_squares")
+_HINGE_G = ("linear", "relu")
+_REDUCTIONS = ("mean", "sum", "none")
+_MISMATCH = ("all", "cond", "noise")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _log_scalar(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float()
+
+
+def _as_heads(logits: Logits, name: str) -> list[torch.Tensor]:
+    """Validate one tensor or a non-empty list of tensors of shape ``(B, ...)``; return a list."""
+    heads = [logits] if isinstance(logits, torch.Tensor) else logits
+    if not isinstance(heads, (list, tuple)) or len(heads) == 0:
+        raise DTypeError(
+            f"Expected `{name}` to be a tensor of logits or a non-empty list/tuple of them (one per "
+            f"discriminator head), but got {type(logits).__name__}."
+        )
+    out = []
+    for i, head in enumerate(heads):
+        label = name if isinstance(logits, torch.Tensor) else f"{name}[{i}]"
+        check_tensor(head, label)
+        check_dtype_floating(head, label)
+        if head.ndim == 0:
+            raise ShapeError(
+                f"Expected `{label}` to have a batch dimension, shape (B, ...), but got a 0-d tensor. "
+                f"Use {label}.reshape(1) for a single sample.",
+                name=label,
+                expected="(B, ...)",
+                actual=(),
+            )
+        out.append(head)
+    return out
+
+
+def _head_weights(head_weights: Sequence[float] | None, num_heads: int) -> list[float]:
+    """Normalised head weights (uniform when None)."""
+    if head_weights is None:
+        return [1.0 / num_heads] * num_heads
+    weights = [float(w) for w in head_weights]
+    if len(weights) != num_heads:
+        raise OptionError(
+            f"Expected `head_weights` to have one entry per discriminator head ({num_heads}), but got "
+            f"{len(weights)}: {list(head_weights)}."
+        )
+    total = sum(weights)
+    if any(not w >= 0 for w in weights) or not total > 0:
+        raise OptionError(
+            f"Expected `head_weights` to be >= 0 with a positive sum, but got {list(head_weights)}."
+        )
+    return [w / total for w in weights]
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x if x.ndim == 1 else x.flatten(1).mean(dim=1)
+
+
+def _combine(per_head: list[torch.Tensor], weights: list[float], name: str) -> torch.Tensor:
+    """Weighted sum of per-sample head losses ``(B,)`` (weights already normalised)."""
+    batch = per_head[0].shape[0]
+    for i, v in enumerate(per_head):
+        if v.shape[0] != batch:
+            raise ShapeError(
+                f"Expected every head of `{name}` to have the same batch size, but head 0 has {batch} and "
+                f"head {i} has {v.shape[0]}.",
+                name=name,
+                expected=(batch,),
+                actual=(v.shape[0],),
+            )
+    total = per_head[0] * weights[0]
+    for v, w in zip(per_head[1:], weights[1:]):
+        total = total + v * w
+    return total
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def _mean_logit(heads: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    value = _upcast(heads[0].detach()).mean() * weights[0]
+    for h, w in zip(heads[1:], weights[1:]):
+        value = value + _upcast(h.detach()).mean() * w
+    return _log_scalar(value)
+
+
+def _real_term(r: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "non_saturating":
+        return F.softplus(-r)
+    if kind == "hinge":
+        return F.relu(1.0 - r)
+    return 0.5 * (r - 1.0).square()
+
+
+def _fake_term(f: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "non_saturating":
+        return F.softplus(f)
+    if kind == "hinge":
+        return F.relu(1.0 + f)
+    return 0.5 * f.square()
+
+
+def _generator_term(f: torch.Tensor, kind: str, hinge_generator: str) -> torch.Tensor:
+    if kind == "non_saturating":
+        return F.softplus(-f)
+    if kind == "hinge":
+        return -f if hinge_generator == "linear" else F.relu(1.0 - f)
+    return 0.5 * (f - 1.0).square()
+
+
+# --------------------------------------------------------------------------------------------- GAN losses
+def gan_discriminator_loss(
+    real_logits: Logits,
+    fake_logits: Logits,
+    *,
+    loss: GANKind = "non_saturating",
+    head_weights: Sequence[float] | None = None,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Discriminator loss from real and fake logits (the fake logits come from detached fakes).
+
+    .. math::
+
+        L_D = \mathbb{E}_{\text{real}}[\ell_r(r)] + \mathbb{E}_{\text{fake}}[\ell_f(f)]
+
+    with :math:`\ell_r(r) = \mathrm{softplus}(-r),\ \ell_f(f) = \mathrm{softplus}(f)` (``"non_saturating"``,
+    SDXL-Lightning Eq. 20, DMD2), :math:`\max(0, 1 - r),\ \max(0, 1 + f)` (``"hinge"``, PCM) or
+    :math:`\tfrac12(r - 1)^2,\ \tfrac12 f^2` (``"least_squares"``, Mao et al. 2017). Each head is averaged
+    over its non-batch dimensions, heads are averaged with ``head_weights``.
+
+    Args:
+        real_logits: logits of real (teacher) samples, ``(B_r, ...)``, or a list with one tensor per head.
+        fake_logits: logits of fake (student) samples, ``(B_f, ...)``, or a list with the same number of
+            heads. ``B_r`` and ``B_f`` may differ (e.g. extra mix-and-match negatives) except for
+            ``reduction="none"``.
+        loss: ``"non_saturating"``, ``"hinge"`` or ``"least_squares"``.
+        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
+        reduction: ``"mean"`` (mean over each batch, then real + fake), ``"sum"`` (sum over samples) or
+            ``"none"`` (per-sample ``real + fake`` loss, shape ``(B,)``, needs ``B_r == B_f``).
+
+    Returns:
+        ``(loss, logs)`` with logs ``d_loss`` (the mean loss), ``d_real`` / ``d_fake`` (mean real / fake
+        logit, head-weighted).
+
+    Example:
+        >>> real, fake = torch.tensor([[2.0], [1.0]]), torch.tensor([[-1.0], [0.0]])
+        >>> loss, logs = gan_discriminator_loss(real, fake, loss="hinge")
+        >>> loss  # mean(relu(1 - r)) + mean(relu(1 + f)) = 0 + 0.5
+        tensor(0.5000)
+        >>> sorted(logs)
+        ['d_fake', 'd_loss', 'd_real']
+    """
+    check_option(loss, "loss", _KINDS)
+    check_option(reduction, "reduction", _REDUCTIONS)
+    real = _as_heads(real_logits, "real_logits")
+    fake = _as_heads(fake_logits, "fake_logits")
+    if len(real) != len(fake):
+        raise ShapeError(
+            f"Expected `real_logits` and `fake_logits` to come from the same heads, but got {len(real)} real "
+            f"and {len(fake)} fake head(s).",
+            name="real_logits/fake_logits",
+            expected=len(real),
+            actual=len(fake),
+        )
+    weights = _head_weights(head_weights, len(real))
+    real_ps = _combine([_per_sample(_real_term(_upcast(r), loss)) for r in real], weights, "real_logits")
+    fake_ps = _combine([_per_sample(_fake_term(_upcast(f), loss)) for f in fake], weights, "fake_logits")
+    if reduction == "none":
+        if real_ps.shape != fake_ps.shape:
+            raise ShapeError(
+                "reduction='none' returns one loss per sample, so `real_logits` and `fake_logits` need the "
+                f"same batch size, but got {real_ps.shape[0]} and {fake_ps.shape[0]}. Use reduction='mean'.",
+                name="real_logits/fake_logits",
+                expected=tuple(real_ps.shape),
+                actual=tuple(fake_ps.shape),
+            )
+        out = real_ps + fake_ps
+    else:
+        out = _reduce(real_ps, reduction) + _reduce(fake_ps, reduction)
+    mean_loss = out.mean() if reduction == "none" else real_ps.mean() + fake_ps.mean()
+    logs = {
+        "d_loss": _log_scalar(mean_loss),
+        "d_real": _mean_logit(real, weights),
+        "d_fake": _mean_logit(fake, weights),
+    }
+    return out, logs
+
+
+def gan_generator_loss(
+    fake_logits: Logits,
+    *,
+    loss: GANKind = "non_saturating",
+    hinge_generator: HingeGenerator = "linear",
+    head_weights: Sequence[float] | None = None,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Generator (student) loss from the logits the discriminator gives its samples.
+
+    .. math::
+
+        L_G = \mathbb{E}_{\text{fake}}[\ell_g(f)]
+
+    with :math:`\ell_g(f) = \mathrm{softplus}(-f) = -\log \sigma(f)` (``"non_saturating"``,
+    SDXL-Lightning Eq. 21, DMD2, Diffusion2GAN), :math:`\tfrac12 (f - 1)^2` (``"least_squares"``, Mao et al.
+    2017 with c = 1) or, for ``"hinge"``, either :math:`-f` (``hinge_generator="linear"``, the usual hinge
+    generator of Geometric GAN / SAGAN / BigGAN) or :math:`\max(0, 1 - f)` (``hinge_generator="relu"``, as
+    in PCM's ``train_pcm_lora_sdxl_adv.py``: it stops pushing samples the discriminator already scores
+    above the margin).
+
+    Args:
+        fake_logits: logits of the student's samples (not detached: the gradient reaches the student
+            through the discriminator), ``(B, ...)`` or a list with one tensor per head.
+        loss: ``"non_saturating"``, ``"hinge"`` or ``"least_squares"``.
+        hinge_generator: ``"linear"`` or ``"relu"`` (only used with ``loss="hinge"``).
+        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample, shape ``(B,)``).
+
+    Returns:
+        ``(loss, logs)`` with logs ``g_loss`` (the mean loss) and ``d_fake`` (mean fake logit).
+
+    Example:
+        >>> f = torch.tensor([0.0, 3.0])
+        >>> gan_generator_loss(f, loss="hinge", hinge_generator="relu")[0]  # mean(relu(1 - f))
+        tensor(0.5000)
+        >>> gan_generator_loss(f, loss="hinge")[0]  # mean(-f)
+        tensor(-1.5000)
+    """
+    check_option(loss, "loss", _KINDS)
+    check_option(hinge_generator, "hinge_generator", _HINGE_G)
+    check_option(reduction, "reduction", _REDUCTIONS)
+    fake = _as_heads(fake_logits, "fake_logits")
+    weights = _head_weights(head_weights, len(fake))
+    per_sample = _combine(
+        [_per_sample(_generator_term(_upcast(f), loss, hinge_generator)) for f in fake],
+        weights,
+        "fake_logits",
+    )
+    out = _reduce(per_sample, reduction)
+    logs = {"g_loss": _log_scalar(per_sample.mean()), "d_fake": _mean_logit(fake, weights)}
+    return out, logs
+
+
+class GANLoss(nn.Module):
+    """Holds one GAN objective's options so the discriminator and generator steps stay consistent.
+
+    :meth:`discriminator_loss` calls :func:`gan_discriminator_loss`, :meth:`generator_loss` calls
+    :func:`gan_generator_loss`; ``forward(fake_logits)`` is the generator loss and
+    ``forward(fake_logits, real_logits)`` the discriminator loss.
+
+    Args:
+        loss: ``"non_saturating"`` (SDXL-Lightning, DMD2), ``"hinge"`` (PCM) or ``"least_squares"``.
+        hinge_generator: ``"linear"`` (:math:`-f`) or ``"relu"`` (:math:`\\max(0, 1 - f)`, PCM).
+        head_weights: relative weight of each discriminator head; uniform if None.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> crit = GANLoss("hinge", hinge_generator="relu")
+        >>> d_loss, d_logs = crit.discriminator_loss(torch.ones(4, 1), -torch.ones(4, 1))
+        >>> g_loss, g_logs = crit(torch.zeros(4, 1))
+        >>> d_loss.item(), g_loss.item()
+        (0.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        loss: GANKind = "non_saturating",
+        *,
+        hinge_generator: HingeGenerator = "linear",
+        head_weights: Sequence[float] | None = None,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        check_option(loss, "loss", _KINDS)
+        check_option(hinge_generator, "hinge_generator", _HINGE_G)
+        check_option(reduction, "reduction", _REDUCTIONS)
+        if head_weights is not None:
+            _head_weights(head_weights, len(head_weights))
+        self.loss = loss
+        self.hinge_generator = hinge_generator
+        self.head_weights = None if head_weights is None else tuple(float(w) for w in head_weights)
+        self.reduction = reduction
+
+    def discriminator_loss(
+        self, real_logits: Logits, fake_logits: Logits
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`gan_discriminator_loss` with the stored options."""
+        return gan_discriminator_loss(
+            real_logits, fake_logits, loss=self.loss, head_weights=self.head_weights, reduction=self.reduction
+        )
+
+    def generator_loss(self, fake_logits: Logits) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`gan_generator_loss` with the stored options."""
+        return gan_generator_loss(
+            fake_logits,
+            loss=self.loss,
+            hinge_generator=self.hinge_generator,
+            head_weights=self.head_weights,
+            reduction=self.reduction,
+        )
+
+    def forward(
+        self, fake_logits: Logits, real_logits: Logits | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Generator loss if ``real_logits`` is None, otherwise the discriminator loss."""
+        if real_logits is None:
+            return self.generator_loss(fake_logits)
+        return self.discriminator_loss(real_logits, fake_logits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss={self.loss!r}, hinge_generator={self.hinge_generator!r}, "
+            f"head_weights={self.head_weights}, reduction={self.reduction!r}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- R1
+def _as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    items = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    if not isinstance(items, (list, tuple)) or len(items) == 0:
+        raise DTypeError(
+            "Expected `inputs` to be the tensor (or a non-empty list of tensors) the discriminator was run "
+            f"on, but got {type(inputs).__name__}."
+        )
+    for i, x in enumerate(items):
+        label = "inputs" if isinstance(inputs, torch.Tensor) else f"inputs[{i}]"
+        check_tensor(x, label)
+        if not x.requires_grad:
+            raise ValueError(
+                f"Expected `{label}` to require grad so the penalty can differentiate the logits with respect "
+                f"to it, but {label}.requires_grad is False. Call x = x.detach().requires_grad_(True) before "
+                "running the discriminator on it."
+            )
+    return list(items)
+
+
+def r1_penalty(
+    real_logits: Logits,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    gamma: float = 1.0,
+    head_weights: Sequence[float] | None = None,
+    reduction: Reduction = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""R1 gradient penalty on real samples (Mescheder et al. 2018), differentiable in the discriminator.
+
+    .. math::
+
+        R_1 = \frac{\gamma}{2}\, \mathbb{E}_{x \sim p_\text{real}} \big\| \nabla_x D(x) \big\|^2,
+        \qquad D(x_b) = \sum_h w_h \sum_{j} \text{logit}_{h}(x)_{b, j}
+
+    The gradient is taken with ``create_graph=True`` so that the penalty trains the discriminator. For a
+    patch or multi-head discriminator, :math:`D` is the head-weighted sum of each sample's logits (as
+    StyleGAN2's ``real_logits.sum()``); for one logit per sample it is the usual R1. With several
+    ``inputs`` (e.g. the pair of a conditional discriminator) the squared norms add up.
+
+    Args:
+        real_logits: logits of ``inputs`` (a graph from ``inputs`` to them is needed), ``(B, ...)`` or a
+            list with one tensor per head.
+        inputs: the real tensor(s) the discriminator was run on, each ``(B, ...)`` with
+            ``requires_grad=True``.
+        gamma: penalty weight :math:`\gamma`.
+        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
+
+    Returns:
+        ``(loss, logs)`` with logs ``r1`` (the mean penalty) and ``r1_grad_sq`` (mean
+        :math:`\|\nabla_x D\|^2`, without :math:`\gamma/2`).
+
+    Example:
+        >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+        >>> x = torch.randn(5, 2).requires_grad_(True)
+        >>> penalty, logs = r1_penalty(x @ w, x, gamma=2.0)  # D(x) = w.x: ||grad||^2 = ||w||^2 = 25
+        >>> penalty
+        tensor(25., grad_fn=<MeanBackward0>)
+        >>> penalty.backward(); w.grad  # d/dw (gamma / 2 ||w||^2) = gamma w
+        tensor([6., 8.])
+    """
+    check_option(reduction, "reduction", _REDUCTIONS)
+    check_positive(gamma, "gamma", strict=False)
+    heads = _as_heads(real_logits, "real_logits")
+    xs = _as_inputs(inputs)
+    weights = _head_weights(head_weights, len(heads))
+    total = heads[0].sum() * weights[0]
+    for h, w in zip(heads[1:], weights[1:]):
+        total = total + h.sum() * w
+    if not total.requires_grad:
+        raise ValueError(
+            "Expected `real_logits` to depend on `inputs` through autograd, but they do not require grad. "
+            "Run the discriminator on the inputs outside torch.no_grad() and without detaching them."
+        )
+    grads = torch.autograd.grad(total, xs, create_graph=True, allow_unused=True)
+    batch = xs[0].shape[0] if xs[0].ndim else 1
+    squares = []
+    for i, (x, g) in enumerate(zip(xs, grads)):
+        if g is None:
+            raise ValueError(
+                f"`real_logits` do not depend on `inputs` (entry {i}): pass the tensor the discriminator was run "
+                "on, not a copy of it."
+            )
+        if (x.shape[0] if x.ndim else 1) != batch:
+            raise ShapeError(
+                f"Expected every entry of `inputs` to have batch size {batch}, but entry {i} has shape "
+                f"{tuple(x.shape)}.",
+                name="inputs",
+                expected=(batch,),
+                actual=tuple(x.shape),
+            )
+        squares.append(_upcast(g).reshape(batch, -1).square().sum(dim=1))
+    sq = squares[0]
+    for extra in squares[1:]:
+        sq = sq + extra
+    per_sample = 0.5 * gamma * sq
+    out = _reduce(per_sample, reduction)
+    logs = {"r1": _log_scalar(per_sample.mean()), "r1_grad_sq": _log_scalar(sq.mean())}
+    return out, logs
+
+
+def _disc_heads(output: Any) -> Logits:
+    """A discriminator's output as logits: a tensor, a list of head tensors, or anything with a tensor."""
+    if isinstance(output, (list, tuple)) and output and all(isinstance(o, torch.Tensor) for o in output):
+        return list(output)
+    return first_tensor(output, "discriminator")
+
+
+def _index_batch(value: Any, index: torch.Tensor, batch: int, name: str) -> Any:
+    """Index every batched tensor of ``value`` (a tensor or a possibly nested mapping) along dim 0.
+
+    Tensors with a leading dimension of 1 and 0-d tensors are shared by the batch and kept; any other
+    non-tensor value is kept as is.
+    """
+    if isinstance(value, Mapping):
+        return {k: _index_batch(v, index, batch, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or (value.shape[0] == 1 and batch != 1):
+            return value
+        if value.shape[0] != batch:
+            raise ShapeError(
+                f"Expected `{name}` to have batch size {batch} (or 1, shared by the batch) in dim 0, but got "
+                f"shape {tuple(value.shape)}.",
+                name=name,
+                expected=(batch,),
+                actual=tuple(value.shape),
+            )
+        return value[index.to(value.device)]
+    return value
+
+
+def _check_int(value: int, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
+    return value
+
+
+def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
+    return generator.device if generator is not None else fallback
+
+
+def lazy_r1_penalty(
+    discriminator: Callable[..., Any],
+    real: torch.Tensor,
+    *,
+    step: int,
+    every: int = 16,
+    gamma: float = 1.0,
+    num_samples: int | None = 1,
+    cond: Mapping[str, Any] | torch.Tensor | None = None,
+    head_weights: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Lazy, subsampled R1 (StyleGAN2 lazy regularisation; Diffusion2GAN's single-sample R1).
+
+    On steps with ``step % every == 0``, draws ``num_samples`` real samples without replacement, runs
+    ``discriminator`` on them (detached, with ``requires_grad``) and returns ``every`` times their mean
+    R1 penalty, so that its expected gradient per step matches R1 applied every step:
+
+    .. math::
+
+        L = k \cdot \frac{\gamma}{2} \frac{1}{|S|} \sum_{b \in S} \|\nabla_{x_b} D(x_b)\|^2
+        \ \text{ if } \texttt{step} \bmod k = 0, \qquad 0 \text{ otherwise}.
+
+    On other steps the discriminator is not run and the loss is a zero tensor (add it to the
+    discriminator loss rather than calling ``backward`` on it alone). Diffusion2GAN uses
+    ``num_samples=1, every=16``.
+
+    Args:
+        discriminator: called as ``discriminator(x, **cond)`` (``cond`` a mapping), ``discriminator(x, cond)``
+            (a tensor) or ``discriminator(x)``; returns logits, a list of per-head logits, or an output whose
+            main tensor :func:`~diffdistill._outputs.first_tensor` finds.
+        real: real samples, ``(B, ...)``; not modified.
+        step: the caller's training step (a Python int, the same on every rank).
+        every: the lazy interval :math:`k`.
+        gamma: R1 weight :math:`\gamma`.
+        num_samples: size of the random subset (clipped to ``B``); None uses the whole batch.
+        cond: extra discriminator inputs; every tensor with batch size ``B`` in dim 0 (nested mappings
+            included, such as SDXL's ``added_cond_kwargs``) is indexed with the same subset.
+        head_weights: relative weight of each discriminator head; uniform if None.
+        generator: draws the subset: the first ``num_samples`` entries of ``torch.randperm(B)``.
+
+    Returns:
+        ``(loss, logs)`` with logs ``r1`` (the returned loss), ``r1_grad_sq`` (mean
+        :math:`\|\nabla D\|^2` of the subset, 0 off schedule) and ``r1_active`` (1.0 on schedule, else 0.0).
+
+    Example:
+        >>> disc = torch.nn.Linear(3, 1, bias=False)
+        >>> real = torch.randn(8, 3)
+        >>> on, logs = lazy_r1_penalty(disc, real, step=32, every=16, gamma=1.0)
+        >>> bool(torch.isclose(on, 16 * 0.5 * disc.weight.square().sum()))
+        True
+        >>> lazy_r1_penalty(disc, real, step=33, every=16)[0]
+        tensor(0.)
+    """
+    check_tensor(real, "real")
+    check_dtype_floating(real, "real")
+    if not callable(discriminator):
+        raise DTypeError(
+            f"Expected `discriminator` to be callable as discriminator(x, **cond), but got "
+            f"{type(discriminator).__name__}."
+        )
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise OptionError(f"Expected `step` to be a Python int (the training step), but got {step!r}.")
+    _check_int(every, "every", 1)
+    check_positive(gamma, "gamma", strict=False)
+    if real.ndim == 0:
+        raise ShapeError(
+            "Expected `real` to have a batch dimension, shape (B, ...), but got a 0-d tensor.",
+            name="real",
+            expected="(B, ...)",
+            actual=(),
+        )
+    batch = real.shape[0]
+    n = batch if num_samples is None else min(_check_int(num_samples, "num_samples", 1), batch)
+    if step % every != 0:
+        zero = torch.zeros((), device=real.device, dtype=torch.promote_types(real.dtype, torch.float32))
+        return zero, {"r1": zero.float(), "r1_grad_sq": zero.float(), "r1_active": zero.float()}
+    index = torch.randperm(batch, generator=generator, device=_gen_device(generator, real.device))[:n]
+    index = index.to(real.device)
+    x = real.detach()[index].requires_grad_(True)
+    cond_sub = _index_batch(cond, index, batch, "cond") if cond is not None else None
+    if cond_sub is None:
+        output = discriminator(x)
+    elif isinstance(cond_sub, Mapping):
+        output = discriminator(x, **cond_sub)
+    else:
+        output = discriminator(x, cond_sub)
+    penalty, logs = r1_penalty(_disc_heads(output), x, gamma=gamma, head_weights=head_weights)
+    loss = penalty * every
+    return loss, {
+        "r1": _log_scalar(loss),
+        "r1_grad_sq": logs["r1_grad_sq"],
+        "r1_active": torch.ones((), device=real.device),
+    }
+
+
+# --------------------------------------------------------------------------------------------- negatives
+def random_derangement(
+    n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """A random permutation of ``0..n-1`` with no fixed point (``perm[i] != i`` for every ``i``).
+
+    It is a random ``n``-cycle: with ``s = randperm(n)``, ``perm[s[i]] = s[(i + 1) % n]``. Every ``i``'s
+    partner is uniform over the other ``n - 1`` indices, and the draw costs one ``randperm`` (no
+    rejection loop, no device sync).
+
+    Args:
+        n: number of elements, at least 2.
+        generator: source of randomness (its device is where the draw happens).
+        device: device of the result (default: the generator's, else CPU).
+
+    Example:
+        >>> perm = random_derangement(5, generator=torch.Generator().manual_seed(0))
+        >>> bool((perm != torch.arange(5)).all()), sorted(perm.tolist())
+        (True, [0, 1, 2, 3, 4])
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise OptionError(
+            f"Expected `n` to be an int >= 2 (a derangement of one element does not exist), but got {n!r}."
+        )
+    dev = _gen_device(generator, torch.device("cpu"))
+    order = torch.randperm(n, generator=generator, device=dev)
+    perm = torch.empty_like(order)
+    perm[order] = order.roll(-1)
+    return perm if device is None else perm.to(device)
+
+
+class MixAndMatch(NamedTuple):
+    """Mismatched negatives from :func:`mix_and_match`; ``permutation[i]`` is the partner of sample ``i``."""
+
+    latents: torch.Tensor
+    cond: Any
+    noise: torch.Tensor | None
+    permutation: torch.Tensor
+
+
+def mix_and_match(
+    latents: torch.Tensor,
+    cond: Mapping[str, Any] | torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    *,
+    mismatch: Literal["all", "cond", "noise"] = "all",
+    generator: torch.Generator | None = None,
+) -> MixAndMatch:
+    r"""Mismatched (latent, condition, noise) tuples to label fake (Diffusion2GAN's mix-and-match).
+
+    Diffusion2GAN trains its conditional discriminator :math:`D(c, z, x)` with extra negatives in which
+    the latent :math:`x` belongs to another sample than :math:`(c, z)`, so that D must check that the output
+    agrees with its text and noise (GigaGAN's matching-aware loss). With a random derangement
+    :math:`\pi` (no sample keeps its own partner), sample ``i`` of the result is
+
+    * ``mismatch="all"``: :math:`(x_{\pi(i)}, c_i, z_i)`: latents swapped, condition and noise kept;
+    * ``mismatch="cond"``: :math:`(x_i, c_{\pi(i)}, z_i)`: only the condition is wrong;
+    * ``mismatch="noise"``: :math:`(x_i, c_i, z_{\pi(i)})`: only the noise is wrong.
+
+    Feed the result to the discriminator and add its logits to the fake logits (any subset, e.g. the
+    first ``B // 4`` rows, if only part of the batch should be mismatched).
+
+    Args:
+        latents: ``(B, ...)``, generated or real latents, ``B >= 2``.
+        cond: the conditions: a tensor or a (nested) mapping of tensors with batch size ``B`` in dim 0;
+            tensors with batch size 1 and non-tensor values are shared and kept.
+        noise: the noise ``(B, ...)`` the latents were generated from (None if the discriminator does
+            not see it).
+        mismatch: which element is paired wrongly: ``"all"``, ``"cond"`` or ``"noise"``.
+        generator: draws the derangement.
+
+    Returns:
+        :class:`MixAndMatch` ``(latents, cond, noise, permutation)``; elements that are not permuted are
+        returned as given.
+
+    Example:
+        >>> x, c = torch.arange(4.0).reshape(4, 1), {"text": torch.arange(4.0).reshape(4, 1)}
+        >>> neg = mix_and_match(x, c, generator=torch.Generator().manual_seed(0))
+        >>> bool((neg.latents != neg.cond["text"]).all()), neg.cond is c
+        (True, True)
+    """
+    check_tensor(latents, "latents")
+    check_option(mismatch, "mismatch", _MISMATCH)
+    if latents.ndim == 0 or latents.shape[0] < 2:
+        raise ShapeError(
+            "Expected `latents` to hold at least 2 samples, shape (B, ...) with B >= 2, to pair each with "
+            f"another sample's condition, but got shape {tuple(latents.shape)}. Mix-and-match needs a batch "
+            "of 2 or more; skip it for single-sample batches.",
+            name="latents",
+            expected="(B >= 2, ...)",
+            actual=tuple(latents.shape),
+        )
+    batch = latents.shape[0]
+    if noise is not None:
+        check_tensor(noise, "noise")
+        if noise.ndim == 0 or noise.shape[0] != batch:
+            raise ShapeError(
+                f"Expected `noise` to have batch size {batch} like `latents`, but got shape {tuple(noise.shape)}.",
+                name="noise",
+                expected=(batch,),
+                actual=tuple(noise.shape),
+            )
+    if mismatch == "cond" and cond is None:
+        raise OptionError("mismatch='cond' permutes the conditions, but `cond` is None. Pass `cond`.")
+    if mismatch == "noise" and noise is None:
+        raise OptionError("mismatch='noise' permutes the noise, but `noise` is None. Pass `noise`.")
+    perm = random_derangement(batch, generator=generator, device=latents.device)
+    # Index the conditions in every mode: it validates their batch sizes.
+    permuted_cond = None if cond is None else _index_batch(cond, perm, batch, "cond")
+    if mismatch == "all":
+        return MixAndMatch(latents[perm], cond, noise, perm)
+    if mismatch == "cond":
+        return MixAndMatch(latents, permuted_cond, noise, perm)
+    permuted_noise = None if noise is None else noise[perm.to(noise.device)]
+    return MixAndMatch(latents, cond, permuted_noise, perm)
+
+
+# --------------------------------------------------------------------------------------------- re-noising
+class RenoisedSamples(NamedTuple):
+    """Output of :func:`renoise_for_discriminator`: one noised tensor per input, the shared ``t`` and the noise."""
+
+    samples: tuple[torch.Tensor, ...]
+    t: torch.Tensor
+    noise: tuple[torch.Tensor, ...]
+
+
+def renoise_for_discriminator(
+    *clean: torch.Tensor,
+    schedule: Any,
+    values: Sequence[int] = LIGHTNING_DISCRIMINATOR_TIMESTEPS,
+    weights: Sequence[float] | None = None,
+    t: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> RenoisedSamples:
+    r"""Re-noise clean samples to a shared per-sample :math:`t^*` before the discriminator (SDXL-Lightning).
+
+    SDXL-Lightning (Sec. 3.7, Eq. 25-26) shows its diffusion-UNet discriminator the teacher's
+    :math:`x_0` and the student's :math:`\hat x_0` after re-noising both to the same :math:`t^*` with fresh
+    noise :math:`\epsilon^*`:
+
+    .. math::
+
+        t^* \sim \text{Cat}(\{10, 250, 500, 750\}, w), \qquad
+        x^*_{t^*} = \alpha_{t^*} x_0 + \sigma_{t^*} \epsilon^*
+
+    with weights 1:1:1:1 first and ``(5, 1, 1, 1)`` once training is stable. Sample ``b`` of every
+    input gets the same :math:`t^*_b`; each input gets its own independent noise. DMD2's diffusion-GAN
+    (``t ~ U[0, 1000)``) and PCM's within-phase re-noising are obtained by passing ``t`` (e.g. from
+    :func:`~diffdistill.schedulers.uniform_timesteps`).
+
+    Args:
+        *clean: one or more clean tensors ``(B, ...)`` with the same batch size (teacher ``x0``, student
+            ``x0_hat``, ...).
+        schedule: a :class:`~diffdistill.schedulers.NoiseSchedule` (its ``terminal_pure_noise`` applies).
+        values: the timestep values to draw from (diffusers indices).
+        weights: their relative probabilities (uniform if None).
+        t: explicit per-sample timesteps ``(B,)`` (skips the draw).
+        generator: draws ``t`` and the noise (in this order: ``t`` first, then one noise tensor per input).
+
+    Returns:
+        :class:`RenoisedSamples` ``(samples, t, noise)``: ``samples[i]`` has the shape and dtype of
+        ``clean[i]``; ``t`` is int64 ``(B,)``.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> sched = NoiseSchedule.from_betas()
+        >>> x0, x0_hat = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+        >>> out = renoise_for_discriminator(x0, x0_hat, schedule=sched, weights=(5, 1, 1, 1),
+        ...                                 generator=torch.Generator().manual_seed(0))
+        >>> len(out.samples), out.t.shape, set(out.t.tolist()) <= {10, 250, 500, 750}
+        (2, torch.Size([4]), True)
+    """
+    if len(clean) == 0:
+        raise OptionError(
+            "Expected at least one clean tensor, e.g. renoise_for_discriminator(x0, x0_hat, schedule=sched)."
+        )
+    if not callable(getattr(schedule, "add_noise", None)):
+        raise DTypeError(
+            f"Expected `schedule` to be a NoiseSchedule (with an `add_noise` method), but got "
+            f"{type(schedule).__name__}. Build one with NoiseSchedule.from_scheduler(diffusers_scheduler)."
+        )
+    for i, x in enumerate(clean):
+        check_tensor(x, f"clean[{i}]")
+        check_dtype_floating(x, f"clean[{i}]")
+    batch = clean[0].shape[0] if clean[0].ndim else 0
+    for i, x in enumerate(clean):
+        if x.ndim == 0 or x.shape[0] != batch:
+            raise ShapeError(
+                f"Expected every clean tensor to have the batch size of clean[0] ({batch}) in dim 0, but "
+                f"clean[{i}] has shape {tuple(x.shape)}.",
+                name=f"clean[{i}]",
+                expected=(batch,),
+                actual=tuple(x.shape),
+            )
+    device = clean[0].device
+    if t is None:
+        t = categorical_timesteps(batch, values, weights, generator=generator, device=device)
+    else:
+        check_tensor(t, "t")
+        if t.shape != (batch,):
+            raise ShapeError(
+                f"Expected `t` to hold one timestep per sample, shape ({batch},), but got {tuple(t.shape)}.",
+                name="t",
+                expected=(batch,),
+                actual=tuple(t.shape),
+            )
+        t = t.to(device)
+    gen_dev = _gen_device(generator, device)
+    noises = tuple(
+        torch.randn(
+            x.shape, generator=generator, device=gen_dev, dtype=torch.promote_types(x.dtype, torch.float32)
+        ).to(x.device, x.dtype)
+        for x in clean
+    )
+    samples = tuple(schedule.add_noise(x, eps, t) for x, eps in zip(clean, noises))
+    return RenoisedSamples(samples, t, noises)
