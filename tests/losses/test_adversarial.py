@@ -542,3 +542,13 @@ def test_r1_errors() -> None:
         lazy_r1_penalty(disc, torch.tensor(1.0), step=0)
     with pytest.raises(DTypeError, match="Expected the discriminator to return a tensor"):
         lazy_r1_penalty(lambda x: "logits", x, step=0)
+    with pytest.raises(DTypeError, match=r"`real` to be a torch\.Tensor"):
+        lazy_r1_penalty(disc, [1.0], step=0)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`real` to be a floating-point tensor"):
+        lazy_r1_penalty(disc, torch.ones(3, 2, dtype=torch.long), step=0)
+    with pytest.raises(DTypeError, match=r"`inputs\[1\]` to be a torch\.Tensor"):
+        r1_penalty(xg.sum(dim=1), [xg, 2.0])  # type: ignore[list-item]
+    with pytest.raises(DTypeError, match=r"`noise` to be a torch\.Tensor"):
+        mix_and_match(torch.randn(3, 4), noise=[0.0])  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`t` to be a torch\.Tensor"):
+        renoise_for_discriminator(torch.randn(2, 3), schedule=NoiseSchedule.from_betas(), t=[1, 2])  # type: ignore[arg-type]
