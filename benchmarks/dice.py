@@ -11,12 +11,15 @@ default active classes: present for hard labels, all for soft labels):
 * ``MONAI``: ``monai.losses.DiceLoss(softmax=True, batch=True, soft_label=True)`` (skipped if MONAI is
   missing), with ``to_onehot_y=True`` for hard labels.
 
-Each configuration runs in a fresh subprocess. Time is the median wall time of ``--repeat``
-forward+backward calls after one warm-up call. Peak memory on CPU is the growth of the process's
-peak resident set size during one forward+backward call (Linux ``/proc/self/clear_refs`` reset of
-VmHWM, then VmHWM - VmRSS before the call), i.e. every allocation the call makes, torch's included
-(``tracemalloc`` does not see torch's allocator). On CUDA it is ``torch.cuda.max_memory_allocated``
-growth.
+Time: for each (shape, labels) one subprocess runs every implementation once to warm up, then
+``--repeat`` rounds in which the implementations run one after the other (interleaved, so that load
+from other processes on a shared machine hits all of them alike); the table gives the minimum and
+the median per implementation, and the speed-up uses the minima. Peak memory on CPU is measured in
+a fresh subprocess per implementation: the growth of the peak resident set size during one
+forward+backward call after a warm-up call (Linux ``/proc/self/clear_refs`` resets VmHWM, then
+VmHWM - VmRSS before the call), i.e. every allocation the call makes, torch's included
+(``tracemalloc`` does not see torch's allocator). On CUDA it is the growth of
+``torch.cuda.max_memory_allocated``.
 
 Usage::
 
@@ -73,8 +76,13 @@ def _make_fn(impl: str, hard: bool) -> Callable[[torch.Tensor, torch.Tensor], to
         from diffdistill._checks import set_value_checks
         from diffdistill.losses import dice_semimetric_loss
 
-        set_value_checks(impl == "ours")
-        return dice_semimetric_loss
+        checks = impl == "ours"
+
+        def ours(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            set_value_checks(checks)
+            return dice_semimetric_loss(x, y)
+
+        return ours
     if impl == "official formula":
         return official_formula
     from monai.losses import DiceLoss
@@ -95,8 +103,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run_one(impl: str, hard: bool, shape: tuple[int, ...], repeat: int, device: str) -> dict[str, float]:
-    """Benchmark one configuration in this process; returns seconds and MiB."""
+def _inputs(hard: bool, shape: tuple[int, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     batch, num_classes, *spatial = shape
     logits = torch.randn(*shape, device=device, requires_grad=True)
@@ -104,40 +111,77 @@ def run_one(impl: str, hard: bool, shape: tuple[int, ...], repeat: int, device: 
         target = torch.randint(0, num_classes, (batch, *spatial), device=device)
     else:
         target = torch.softmax(3 * torch.randn(*shape, device=device), dim=1)
-    fn = _make_fn(impl, hard)
+    return logits, target
 
-    def step() -> None:
-        logits.grad = None
-        fn(logits, target).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    # Peak memory of the first call (no warm caches on CPU).
+def _step(fn: Callable, logits: torch.Tensor, target: torch.Tensor, device: str) -> None:
+    logits.grad = None
+    fn(logits, target).backward()
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def measure_memory(impl: str, hard: bool, shape: tuple[int, ...], device: str) -> float:
+    """Peak memory growth (MiB) of one forward+backward call, in a fresh process."""
+    logits, target = _inputs(hard, shape, device)
+    fn = _make_fn(impl, hard)
+    _step(fn, logits, target, device)  # warm-up, so one-off allocations (thread pools) are not counted
+    logits.grad = None
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
-        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        step()  # warm-up first so one-off allocations (thread pools) are not counted
-        logits.grad = None
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_kib("VmRSS")
-        step()
-        peak_mib = (_status_kib("VmHWM") - base) / 1024
-    times = []
+        _step(fn, logits, target, device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    base = _status_kib("VmRSS")
+    _step(fn, logits, target, device)
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def measure_time(hard: bool, shape: tuple[int, ...], repeat: int, device: str) -> dict[str, list[float]]:
+    """Forward+backward seconds of every implementation, interleaved round by round.
+
+    Interleaving spreads any load from other processes on a shared machine over all implementations.
+    """
+    logits, target = _inputs(hard, shape, device)
+    fns = {}
+    for impl in IMPLS:
+        try:
+            fns[impl] = _make_fn(impl, hard)
+        except ImportError:
+            continue
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
+    for fn in fns.values():
+        _step(fn, logits, target, device)  # warm-up
     for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"time_s": statistics.median(times), "peak_mib": peak_mib}
+        for impl, fn in fns.items():
+            start = time.perf_counter()
+            _step(fn, logits, target, device)
+            times[impl].append(time.perf_counter() - start)
+    return times
+
+
+def _child(spec: dict, args: argparse.Namespace) -> object:
+    shape = tuple(spec["shape"])
+    if spec["what"] == "memory":
+        return measure_memory(spec["impl"], spec["hard"], shape, args.device)
+    return measure_time(spec["hard"], shape, args.repeat, args.device)
+
+
+def _run_child(spec: dict, args: argparse.Namespace) -> object | None:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--repeat", str(args.repeat)]
+    cmd += ["--device", args.device, "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(f"{spec} failed: {proc.stderr.strip().splitlines()[-1:]}\n")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,52 +189,45 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        spec = json.loads(args.child)
-        result = run_one(spec["impl"], spec["hard"], tuple(spec["shape"]), args.repeat, args.device)
-        print(json.dumps(result))
+        print(json.dumps(_child(json.loads(args.child), args)))
         return
 
-    shapes = {"2D 8x21x256x256": (8, 21, 256, 256), "3D 8x21x32x64x64": (8, 21, 32, 64, 64)}
-    rows = []
-    for shape_name, shape in shapes.items():
-        for hard in (True, False):
-            results: dict[str, dict[str, float] | None] = {}
-            for impl in IMPLS:
-                spec = json.dumps({"impl": impl, "hard": hard, "shape": shape})
-                cmd = [sys.executable, __file__, "--child", spec, "--repeat", str(args.repeat)]
-                cmd += ["--device", args.device, "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    results[impl] = None
-                    sys.stderr.write(
-                        f"{impl} failed on {shape_name}: {proc.stderr.strip().splitlines()[-1:]}\n"
-                    )
-                    continue
-                results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append((shape_name, "hard" if hard else "soft", results))
-
+    shapes = {"2D 8x21x256x256": [8, 21, 256, 256], "3D 8x21x32x64x64": [8, 21, 32, 64, 64]}
     threads = args.threads or torch.get_num_threads()
     print(f"device={args.device}, threads={threads}, torch {torch.__version__}, float32, forward+backward")
-    print(f"median of {args.repeat} runs; peak = growth of peak RSS during one call (CPU) / CUDA allocator\n")
     print(
-        "| shape | labels | impl | time (ms) | peak (MiB) | speed-up vs official | memory saving vs official |"
+        f"time: min and median of {args.repeat} interleaved rounds; peak: growth of peak RSS during one "
+        "call in a fresh process (CPU) / CUDA allocator peak; ratios = official / impl (higher is better)\n"
     )
-    print("|---|---|---|---:|---:|---:|---:|")
-    for shape_name, kind, results in rows:
-        official = results.get("official formula")
-        for impl in IMPLS:
-            r = results.get(impl)
-            if r is None:
-                print(f"| {shape_name} | {kind} | {impl} | n/a | n/a | | |")
-                continue
-            ratio_t = ratio_m = ""
-            if official is not None and impl != "official formula":
-                ratio_t = f"{official['time_s'] / r['time_s']:.2f}x"
-                ratio_m = f"{official['peak_mib'] / max(r['peak_mib'], 1e-3):.2f}x"
-            print(
-                f"| {shape_name} | {kind} | {impl} | {1e3 * r['time_s']:.1f} | {r['peak_mib']:.0f} "
-                f"| {ratio_t} | {ratio_m} |"
-            )
+    print(
+        "| shape | labels | impl | min (ms) | median (ms) | peak (MiB) | speed-up vs official | memory vs official |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for shape_name, shape in shapes.items():
+        for hard in (True, False):
+            times = _run_child({"what": "time", "hard": hard, "shape": shape}, args) or {}
+            memory = {
+                impl: _run_child({"what": "memory", "impl": impl, "hard": hard, "shape": shape}, args)
+                for impl in IMPLS
+            }
+            official_t = min(times["official formula"]) if "official formula" in times else None
+            official_m = memory.get("official formula")
+            for impl in IMPLS:
+                if impl not in times:
+                    print(f"| {shape_name} | {'hard' if hard else 'soft'} | {impl} | n/a | n/a | n/a | | |")
+                    continue
+                t_min, t_med = min(times[impl]), statistics.median(times[impl])
+                mem = memory.get(impl)
+                ratio_t = ratio_m = ""
+                if impl != "official formula" and official_t is not None:
+                    ratio_t = f"{official_t / t_min:.2f}x"
+                    if mem and official_m:
+                        ratio_m = f"{official_m / mem:.2f}x"
+                mem_s = "n/a" if mem is None else f"{mem:.0f}"
+                print(
+                    f"| {shape_name} | {'hard' if hard else 'soft'} | {impl} | {1e3 * t_min:.1f} | "
+                    f"{1e3 * t_med:.1f} | {mem_s} | {ratio_t} | {ratio_m} |"
+                )
 
 
 if __name__ == "__main__":

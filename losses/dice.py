@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .._checks import (
     DTypeError,
@@ -156,6 +157,7 @@ class _SoftmaxHardLabelStats(torch.autograd.Function):
         return card, inter
 
     @staticmethod
+    @once_differentiable
     def backward(  # type: ignore[override]
         ctx: Any, grad_card: torch.Tensor, grad_inter: torch.Tensor
     ) -> tuple[torch.Tensor, None, None]:
@@ -353,7 +355,8 @@ def dice_semimetric_loss(
     autocast is disabled inside); the result has that dtype. Value checks (label range, NaN/Inf, soft
     targets in [0, 1] summing to 1) run unless disabled with
     :func:`diffdistill._checks.set_value_checks` and are skipped under ``torch.compile``. With hard
-    labels and the L1 norm the gradient comes from a fused softmax/gather pass, not a one-hot tensor.
+    labels and the L1 norm the gradient comes from a fused softmax/gather pass, not a one-hot tensor
+    (first-order gradients only: a double backward through that path raises).
 
     Reference:
         Z. Wang, T. Popordanoska, J. Bertels, R. Lemmens, M. B. Blaschko, "Dice Semimetric Losses:

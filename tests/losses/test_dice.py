@@ -448,6 +448,19 @@ def test_gradcheck_sigmoid_modes() -> None:
     assert torch.autograd.gradcheck(lambda x: dice_semimetric_loss(x, hard, mode="binary"), (one,))
 
 
+def test_fused_path_refuses_double_backward() -> None:
+    logits, labels, soft = _data()
+    logits.requires_grad_(True)
+    (grad,) = torch.autograd.grad(dice_semimetric_loss(logits, labels), logits, create_graph=True)
+    with pytest.raises(
+        RuntimeError, match=r"differentiate twice a function that was marked with @once_differentiable"
+    ):
+        grad.sum().backward()
+    # the generic (soft-label) path supports it
+    (grad,) = torch.autograd.grad(dice_semimetric_loss(logits, soft), logits, create_graph=True)
+    grad.pow(2).sum().backward()
+
+
 def test_module_equals_function_and_buffer() -> None:
     logits, labels, soft = _data(c=3)
     options = {
