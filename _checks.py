@@ -56,7 +56,12 @@ class OptionError(ValueError):
     """A configuration value is outside its allowed set or range."""
 
 
-_VALUE_CHECKS = os.environ.get("DIFFDISTILL_VALUE_CHECKS", "1").strip().lower() not in {"0", "false", "no", "off"}
+_VALUE_CHECKS = os.environ.get("DIFFDISTILL_VALUE_CHECKS", "1").strip().lower() not in {
+    "0",
+    "false",
+    "no",
+    "off",
+}
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -81,7 +86,8 @@ def value_checks_enabled() -> bool:
 
 
 def _fmt_shape(shape: Iterable[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    """Python tuple notation: ``(2, 3)``, ``(3,)``, ``()``."""
+    return str(tuple(int(s) for s in shape))
 
 
 def check_tensor(x: Any, name: str) -> torch.Tensor:

@@ -14,8 +14,21 @@ from .adversarial import (
     random_derangement,
     renoise_for_discriminator,
 )
+from .consistency import (
+    ConsistencyPair,
+    consistency_pair,
+    inter_segment_consistency_loss,
+    lcm_consistency_loss,
+    multistep_consistency_loss,
+    progressive_distillation_loss,
+    teacher_trajectory_states,
+    tscd_loss,
+    x0_conversion_loss,
+)
 from .dice import DiceSemimetricLoss, dice_semimetric_loss
+from .distances import DISTANCES, compute_distance, pseudo_huber_distance, reduce_loss
 from .rewards import MPSHingeLoss, RewardHingeLoss, mps_hinge_loss, reward_hinge_loss
+from .score import AlternatingUpdate, denoise, dmd_loss, fake_score_loss, sid_loss, sim_loss
 from .soft_labels import (
     boundary_label_smoothing,
     multi_rater_soft_labels,
@@ -24,24 +37,65 @@ from .soft_labels import (
 )
 
 __all__: list[str] = [
+    "DISTANCES",
+    "AlternatingUpdate",
+    "ConsistencyPair",
     "DiceSemimetricLoss",
+    "ELatentLPIPS",
     "GANLoss",
+    "LatentAugment",
+    "LatentLPIPS",
     "MPSHingeLoss",
     "MixAndMatch",
+    "PixelLPIPS",
     "RenoisedSamples",
     "RewardHingeLoss",
     "boundary_label_smoothing",
+    "compute_distance",
+    "consistency_pair",
+    "denoise",
     "dice_semimetric_loss",
+    "dmd_loss",
+    "fake_score_loss",
     "gan_discriminator_loss",
     "gan_generator_loss",
+    "inter_segment_consistency_loss",
     "lazy_r1_penalty",
+    "lcm_consistency_loss",
     "mix_and_match",
     "mps_hinge_loss",
     "multi_rater_soft_labels",
+    "multistep_consistency_loss",
+    "progressive_distillation_loss",
+    "pseudo_huber_distance",
     "r1_penalty",
     "random_derangement",
+    "reduce_loss",
     "renoise_for_discriminator",
     "reward_hinge_loss",
+    "sid_loss",
+    "sim_loss",
     "teacher_soft_labels",
+    "teacher_trajectory_states",
+    "tscd_loss",
     "uniform_label_smoothing",
+    "x0_conversion_loss",
 ]
+
+# LatentLPIPS & co. are exported lazily: their module is only imported on first attribute access.
+_LAZY = {
+    "ELatentLPIPS": ".lpips",
+    "LatentAugment": ".latent_augment",
+    "LatentLPIPS": ".lpips",
+    "PixelLPIPS": ".lpips",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

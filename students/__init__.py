@@ -1,5 +1,7 @@
-"""diffdistill.students (populated by later issues)."""
+"""diffdistill.students: student construction (EMA targets now; LoRA, block removal and KD hooks follow)."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from .ema import EMA
+
+__all__ = ["EMA"]

@@ -1,0 +1,135 @@
+"""Exponential moving average of a model's weights, as a module that can serve as a consistency target.
+
+.. math:: \\theta^- \\leftarrow d_k\\,\\theta^- + (1 - d_k)\\,\\theta
+
+with the decay :math:`d_k` of update ``k`` optionally warmed up. Used as the EMA target of LCM (decay
+0.95), Hyper-SD's TSCD (Alg. 1, line 16) and for evaluation weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import OptionError, check_option
+from .._modules import unwrap_model
+
+__all__ = ["EMA"]
+
+
+class EMA(nn.Module):
+    """EMA copy of ``model``; ``ema(x, ...)`` runs the averaged copy, ``state_dict()`` resumes it exactly.
+
+    Args:
+        model: the online model (DDP / compile wrappers are unwrapped).
+        decay: the target decay ``d``.
+        warmup: ``"none"`` (constant ``d``), ``"linear"`` (``min(d, (1 + k) / (10 + k))``, diffusers' default
+            ``EMAModel``) or ``"power"`` (``min(d, 1 - (1 + k / inv_gamma) ** -power)``, diffusers'
+            ``use_ema_warmup=True``), where ``k = updates - update_after_step - 1``; the decay is 0 (a copy)
+            while ``k <= 0`` in the warm-up modes.
+        update_after_step, inv_gamma, power, min_decay: as in diffusers' ``EMAModel``.
+        include_buffers: also average floating buffers (e.g. BatchNorm statistics); other buffers are copied.
+
+    The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
+    averaged copy is in eval mode with ``requires_grad=False``.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> ema = EMA(net, decay=0.5)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.add_(1.0)
+        >>> ema.update(net)
+        0.5
+        >>> torch.allclose(ema.module.weight, net.weight - 0.5)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.999,
+        *,
+        warmup: str = "none",
+        update_after_step: int = 0,
+        inv_gamma: float = 1.0,
+        power: float = 2.0 / 3.0,
+        min_decay: float = 0.0,
+        include_buffers: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise OptionError(f"Expected `model` to be an nn.Module, but got {type(model).__name__}.")
+        if not 0.0 <= min_decay <= decay <= 1.0:
+            raise OptionError(
+                f"Expected 0 <= `min_decay` <= `decay` <= 1, but got min_decay={min_decay!r}, decay={decay!r}."
+            )
+        check_option(warmup, "warmup", ("none", "linear", "power"))
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.update_after_step = int(update_after_step)
+        self.inv_gamma = float(inv_gamma)
+        self.power = float(power)
+        self.min_decay = float(min_decay)
+        self.include_buffers = include_buffers
+        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode: bool = True) -> EMA:
+        """The averaged copy always stays in eval mode."""
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def decay_at(self, num_updates: int) -> float:
+        """Decay used by update number ``num_updates`` (1-based).
+
+        Example:
+            >>> ema = EMA(torch.nn.Linear(1, 1), decay=0.999, warmup="linear")
+            >>> [round(ema.decay_at(k), 4) for k in (1, 2, 11, 10_000)]
+            [0.0, 0.1818, 0.55, 0.999]
+        """
+        if self.warmup == "none":
+            return self.decay
+        step = max(0, num_updates - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if self.warmup == "power":
+            value = 1 - (1 + step / self.inv_gamma) ** -self.power
+        else:
+            value = (1 + step) / (10 + step)
+        return max(min(value, self.decay), self.min_decay)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> float:
+        """Move the average towards ``model``'s current weights; returns the decay used."""
+        source = unwrap_model(model)
+        self.num_updates += 1
+        d = self.decay_at(int(self.num_updates))
+        ema_params = list(self.module.parameters())
+        params = list(source.parameters())
+        if len(ema_params) != len(params):
+            raise OptionError(
+                f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
+                "same architecture the EMA was built from."
+            )
+        src = [p.detach().to(e.dtype) for e, p in zip(ema_params, params)]
+        if ema_params:
+            torch._foreach_lerp_(ema_params, src, 1.0 - d)
+        for e_buf, buf in zip(self.module.buffers(), source.buffers()):
+            if self.include_buffers and e_buf.is_floating_point():
+                e_buf.lerp_(buf.to(e_buf.dtype), 1.0 - d)
+            else:
+                e_buf.copy_(buf)
+        return d
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the averaged weights into ``model`` (e.g. before evaluation or saving)."""
+        unwrap_model(model).load_state_dict(self.module.state_dict())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the averaged copy."""
+        return self.module(*args, **kwargs)

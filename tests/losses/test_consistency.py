@@ -1,0 +1,260 @@
+"""Consistency-family losses: equations checked against independent manual computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffdistill._checks import OptionError
+from diffdistill.losses import (
+    consistency_pair,
+    inter_segment_consistency_loss,
+    lcm_consistency_loss,
+    multistep_consistency_loss,
+    progressive_distillation_loss,
+    teacher_trajectory_states,
+    tscd_loss,
+    x0_conversion_loss,
+)
+from diffdistill.schedulers import (
+    NoiseSchedule,
+    TeacherSolver,
+    TimestepSample,
+    boundary_scalings,
+    lcm_skip_pairs,
+    milestone_pairs,
+)
+from diffdistill.students import EMA
+
+SCHED = NoiseSchedule.from_betas()
+
+
+class Student(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 4, 1).double()
+
+    def forward(self, x, t, scale=None):
+        out = self.conv(x) * (1 + t.double().view(-1, 1, 1, 1) / 1000)
+        return out if scale is None else out * scale
+
+
+def teacher_model(x, t, scale):
+    return torch.tanh(x) * scale + 0.01 * t.double().view(-1, 1, 1, 1) / 1000
+
+
+def _setup(batch=3):
+    student = Student()
+    teacher = TeacherSolver(teacher_model, SCHED, guidance_scale=3.0, guidance="lcm")
+    cond = {"scale": torch.full((batch, 1, 1, 1), 0.8, dtype=torch.float64)}
+    uncond = {"scale": torch.full((batch, 1, 1, 1), 0.1, dtype=torch.float64)}
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, 4, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(batch, 4, 4, 4, generator=g, dtype=torch.float64)
+    return student, teacher, cond, uncond, x0, noise
+
+
+def _guided(x, t, cond, uncond, w=3.0):
+    c, u = teacher_model(x, t, **cond), teacher_model(x, t, **uncond)
+    return c + w * (c - u)  # LCM convention
+
+
+def _f(pred, x, t):  # independent boundary-condition consistency function for epsilon models
+    a, s = SCHED.alpha(t).view(-1, 1, 1, 1), SCHED.sigma(t).view(-1, 1, 1, 1)
+    c_skip, c_out = boundary_scalings(t)
+    return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * (x - s * pred) / a
+
+
+def _move(pred, x, t, t_to):
+    a, s = SCHED.alpha(t).view(-1, 1, 1, 1), SCHED.sigma(t).view(-1, 1, 1, 1)
+    a2, s2 = SCHED.alpha(t_to).view(-1, 1, 1, 1), SCHED.sigma(t_to).view(-1, 1, 1, 1)
+    x0 = (x - s * pred) / a
+    return a2 * x0 + s2 * pred
+
+
+def test_lcm_loss_matches_manual():
+    student, teacher, cond, uncond, x0, noise = _setup()
+    sample = lcm_skip_pairs(3, generator=torch.Generator().manual_seed(0))
+    loss, logs = lcm_consistency_loss(
+        student, teacher, x0, cond, uncond, sample=sample, noise=noise, distance="mse"
+    )
+    t, tp = sample.t, sample.t_prev
+    x_t = SCHED.alpha(t).view(-1, 1, 1, 1) * x0 + SCHED.sigma(t).view(-1, 1, 1, 1) * noise
+    x_prev = _move(_guided(x_t, t, cond, uncond), x_t, t, tp)
+    with torch.no_grad():
+        target = _f(student(x_prev, tp, **cond), x_prev, tp)
+    expected = (_f(student(x_t, t, **cond), x_t, t) - target).pow(2).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    assert logs["loss"] == pytest.approx(float(expected.detach()))
+    loss.backward()
+    assert student.conv.weight.grad is not None and student.conv.weight.grad.abs().sum() > 0
+
+
+def test_target_options_and_gradient_isolation():
+    student, teacher, cond, uncond, x0, noise = _setup()
+    sample = lcm_skip_pairs(3, generator=torch.Generator().manual_seed(0))
+    ema = EMA(student, decay=0.9)
+    with torch.no_grad():
+        ema.module.conv.weight.mul_(2.0)
+    x_t = SCHED.add_noise(x0, noise, sample.t)
+    online = consistency_pair(student, teacher, x_t, sample, cond, uncond, target="online")
+    with_ema = consistency_pair(student, teacher, x_t, sample, cond, uncond, target=ema)
+    with_teacher = consistency_pair(student, teacher, x_t, sample, cond, uncond, target="teacher")
+    assert not torch.allclose(online.target, with_ema.target)
+    # target="teacher": the guided teacher prediction at (x_prev, t_prev)
+    tp = sample.t_prev
+    expected = _f(_guided(online.x_prev, tp, cond, uncond), online.x_prev, tp)
+    torch.testing.assert_close(with_teacher.target, expected, atol=1e-12, rtol=1e-10)
+    assert not online.target.requires_grad and online.student.requires_grad
+    online.student.sum().backward()
+    assert all(p.grad is None for p in ema.module.parameters())
+
+
+def test_tscd_loss_matches_manual_and_edges():
+    student, teacher, cond, uncond, x0, noise = _setup(batch=4)
+    sample = TimestepSample(
+        torch.tensor([999, 519, 139, 19]),
+        torch.tensor([979, 499, 119, -1]),
+        torch.tensor([900, 499, 100, -1]),
+    )
+    loss, _ = tscd_loss(student, teacher, x0, cond, uncond, num_segments=8, sample=sample, noise=noise)
+    t, tp, te = sample
+    x_t = SCHED.add_noise(x0, noise, t)
+    x_prev = _move(_guided(x_t, t, cond, uncond), x_t, t, tp)
+    with torch.no_grad():
+        target = torch.stack(
+            [
+                x_prev[i]
+                if te[i] == tp[i]
+                else _move(
+                    student(x_prev[i : i + 1], tp[i : i + 1], scale=cond["scale"][i : i + 1]),
+                    x_prev[i : i + 1],
+                    tp[i : i + 1],
+                    te[i : i + 1],
+                )[0]
+                for i in range(4)
+            ]
+        )
+    expected = (_move(student(x_t, t, **cond), x_t, t, te) - target).pow(2).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    # sampled path runs and draws valid timesteps
+    loss2, logs = tscd_loss(
+        student, teacher, x0, cond, uncond, num_segments=2, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.isfinite(loss2) and 0 <= logs["t_mean"] <= 999
+
+
+def test_multistep_and_inter_segment_use_milestones():
+    student, teacher, cond, uncond, x0, noise = _setup()
+    sample = milestone_pairs(3, 8, 20, generator=torch.Generator().manual_seed(0))
+    loss, _ = multistep_consistency_loss(student, teacher, x0, cond, uncond, sample=sample, noise=noise)
+    t, tp, te = sample
+    x_t = SCHED.add_noise(x0, noise, t)
+    x_prev = _move(_guided(x_t, t, cond, uncond), x_t, t, tp)
+    with torch.no_grad():
+        target = _move(student(x_prev, tp, **cond), x_prev, tp, te)
+    expected = (_move(student(x_t, t, **cond), x_t, t, te) - target).pow(2).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    # inter-segment: 3 teacher steps over one segment, boundary parameterisation
+    sample = milestone_pairs(3, 8, 125, on_grid=True, generator=torch.Generator().manual_seed(1))
+    loss, _ = inter_segment_consistency_loss(student, teacher, x0, cond, uncond, sample=sample, noise=noise)
+    t, tp, _ = sample
+    x = SCHED.add_noise(x0, noise, t)
+    for i in range(3):
+        ti, tn = t - (i * 125) // 3, t - ((i + 1) * 125) // 3
+        x = _move(_guided(x, ti, cond, uncond), x, ti, tn)
+    with torch.no_grad():
+        target = _f(student(x, tp, **cond), x, tp)
+    x_t = SCHED.add_noise(x0, noise, t)
+    torch.testing.assert_close(
+        loss, (_f(student(x_t, t, **cond), x_t, t) - target).pow(2).mean(), atol=1e-12, rtol=1e-10
+    )
+
+
+def test_progressive_distillation_loss():
+    student, teacher, cond, uncond, x0, noise = _setup()
+    sample = TimestepSample(
+        torch.tensor([999, 749, 249]), torch.tensor([749, 499, -1]), torch.tensor([749, 499, -1])
+    )
+    loss, _ = progressive_distillation_loss(
+        student, teacher, x0, cond, uncond, num_student_steps=4, teacher_steps=2, sample=sample, noise=noise
+    )
+    t, tp, _ = sample
+    x = SCHED.add_noise(x0, noise, t)
+    x_t = x
+    for i in range(2):
+        ti, tn = t - (i * (t - tp)) // 2, t - ((i + 1) * (t - tp)) // 2
+        x = _move(_guided(x, ti, cond, uncond), x, ti, tn)
+    expected = (_move(student(x_t, t, **cond), x_t, t, tp) - x).pow(2).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_teacher_trajectory_states():
+    _, teacher, cond, uncond, _, noise = _setup(batch=3)
+    t = torch.tensor([999, 600, 40])  # segments 7, 4, 0 of 8 -> 0 (noise itself), 4 and 8 teacher steps
+    states = teacher_trajectory_states(teacher, noise, t, cond, uncond, num_segments=8)
+    assert torch.equal(states[0], noise[0])
+    for i, steps in ((1, 4), (2, 8)):
+        ref = teacher.solve(
+            noise[i : i + 1],
+            999,
+            int(t[i]),
+            {"scale": cond["scale"][i : i + 1]},
+            {"scale": uncond["scale"][i : i + 1]},
+            num_steps=steps,
+        )
+        torch.testing.assert_close(states[i : i + 1], ref, atol=1e-12, rtol=0)
+
+
+def test_x0_conversion_loss():
+    online = Student()
+    frozen = lambda x, t: torch.tanh(x)  # noqa: E731
+    x_t, t = torch.randn(2, 4, 4, 4, dtype=torch.float64), torch.tensor([999, 300])
+    loss, _ = x0_conversion_loss(online, frozen, x_t, t, schedule=SCHED)
+    a, s = SCHED.alpha(t).view(-1, 1, 1, 1), SCHED.sigma(t).view(-1, 1, 1, 1)
+    expected = (online(x_t, t) - (x_t - s * torch.tanh(x_t)) / a).pow(2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_float32_and_errors():
+    student, teacher, cond, uncond, x0, noise = _setup()
+    loss, _ = lcm_consistency_loss(
+        student.float(),
+        TeacherSolver(lambda x, t, scale: torch.tanh(x) * scale, SCHED),
+        x0.float(),
+        {"scale": cond["scale"].float()},
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with pytest.raises(OptionError, match=r"Pass exactly one of `x0` .* and `x_t`.*but got both"):
+        lcm_consistency_loss(student, teacher, x0, cond, x_t=x0, sample=lcm_skip_pairs(3))
+    with pytest.raises(OptionError, match=r"Expected `teacher` to be a TeacherSolver, but got function"):
+        consistency_pair(student, teacher_model, x0, lcm_skip_pairs(3))
+    with pytest.raises(
+        OptionError,
+        match=r"Expected `target` to be 'online', 'teacher', None or a callable model, but got 'ema'",
+    ):
+        consistency_pair(student, teacher, x0, lcm_skip_pairs(3), cond, target="ema")
+    with pytest.raises(OptionError, match=r"Expected `parameterization` to be one of \['boundary', 'move'\]"):
+        consistency_pair(student, teacher, x0, lcm_skip_pairs(3), cond, parameterization="x0")
+    with pytest.raises(OptionError, match=r"Expected `t` >= 0 for trajectory states"):
+        teacher_trajectory_states(teacher, noise, torch.tensor([-1, 3, 4]), cond, uncond)
+    bad = TimestepSample(
+        torch.tensor([500, 500, 500]), torch.tensor([480, 480, 480]), torch.tensor([490, 0, 0])
+    )
+    with pytest.raises(
+        OptionError,
+        match=r"Expected t_end <= t_prev < t for every sample, but got t=\[500, 500, 500\], t_prev=\[480, 480, 480\], t_end=\[490, 0, 0\]",
+    ):
+        consistency_pair(student, teacher, x0, bad, cond)
+    with pytest.raises(OptionError, match=r"Expected `sample.t` to lie in \[-1, 999\]"):
+        consistency_pair(
+            student,
+            teacher,
+            x0,
+            TimestepSample(
+                torch.tensor([1000] * 3), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+            ),
+            cond,
+        )

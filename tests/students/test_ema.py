@@ -1,0 +1,87 @@
+"""EMA: decay schedules against diffusers' EMAModel (oracle), foreach update, resume, wrappers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffdistill._checks import OptionError
+from diffdistill.students import EMA
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("warmup,use_ema_warmup", [("linear", False), ("power", True)])
+def test_matches_diffusers_ema(warmup, use_ema_warmup):
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    net = _net()
+    ours = EMA(net, decay=0.99, warmup=warmup, update_after_step=2, power=0.75)
+    ref = training_utils.EMAModel(
+        net.parameters(), decay=0.99, use_ema_warmup=use_ema_warmup, update_after_step=2, power=0.75
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(25):
+        opt.zero_grad()
+        net(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+        ours.update(net)
+        ref.step(net.parameters())
+        assert ours.decay_at(int(ours.num_updates)) == pytest.approx(ref.cur_decay_value)
+    for p_ours, p_ref in zip(ours.module.parameters(), ref.shadow_params):
+        torch.testing.assert_close(p_ours, p_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_constant_decay_formula_and_buffers():
+    net = _net()
+    ema = EMA(net, decay=0.9)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    net.train()(torch.randn(16, 3))  # moves BatchNorm running stats
+    ema.update(net)
+    for s, e, p in zip(start, ema.module.parameters(), net.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * p)
+    bn_ema, bn = ema.module[1], net[1]
+    assert int(bn_ema.num_batches_tracked) == int(bn.num_batches_tracked)  # integer buffers are copied
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert not ema.train().module.training
+
+
+def test_state_dict_resume_and_copy_to():
+    net = _net()
+    ema = EMA(net, decay=0.999, warmup="linear")
+    for _ in range(5):
+        ema.update(net)
+    clone = EMA(copy.deepcopy(net), decay=0.999, warmup="linear")
+    clone.load_state_dict(ema.state_dict())
+    assert int(clone.num_updates) == 5 and clone.decay_at(6) == ema.decay_at(6)
+    target = _net()
+    with torch.no_grad():
+        target[0].weight.zero_()
+    ema.copy_to(target)
+    torch.testing.assert_close(target[0].weight, ema.module[0].weight)
+
+
+def test_wrappers_and_errors():
+    net = _net()
+    ema = EMA(torch.nn.DataParallel(net), decay=0.5)
+    ema.update(torch.nn.DataParallel(net))
+    x = torch.randn(4, 3)
+    ema.eval()
+    torch.testing.assert_close(ema(x), ema.module(x))
+    with pytest.raises(
+        OptionError, match=r"Expected 0 <= `min_decay` <= `decay` <= 1, but got min_decay=0.0, decay=1.5"
+    ):
+        EMA(net, decay=1.5)
+    with pytest.raises(
+        OptionError, match=r"Expected `warmup` to be one of \['none', 'linear', 'power'\], but got 'cosine'"
+    ):
+        EMA(net, warmup="cosine")
+    with pytest.raises(OptionError, match=r"`model` has 2 parameters but the EMA copy has 6"):
+        ema.update(torch.nn.Linear(3, 4))
