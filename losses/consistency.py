@@ -14,7 +14,7 @@ All of them compare a *student side* and a *target side* built from the same noi
 
 :func:`consistency_pair` returns both sides (the student side keeps its graph), so a caller can feed
 them to any distance, including an adversarial one; the ``*_loss`` functions add sampling, noising and
-the distance, and return ``(loss, logs)`` with detached float logging scalars.
+the distance, and return ``(loss, logs)`` with logs a dict of detached 0-d tensors (no device sync).
 
 A model is any callable ``model(x_t, t, **cond)`` returning a tensor, a diffusers output or a tuple;
 ``t`` is an int64 tensor of shape ``(B,)``.
@@ -236,12 +236,12 @@ def _noisy_states(
 
 def _finish(
     pair: ConsistencyPair, distance: DistanceLike, c: float | None
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = compute_distance(pair.student, pair.target, distance, c=c)
     logs = {
-        "loss": float(loss.detach()),
-        "t_mean": float(pair.sample.t.float().mean()),
-        "target_norm": float(pair.target.float().pow(2).mean().sqrt()),
+        "loss": loss.detach(),
+        "t_mean": pair.sample.t.float().mean().detach(),
+        "target_norm": pair.target.float().pow(2).mean().sqrt().detach(),
     }
     return loss, logs
 
@@ -272,7 +272,7 @@ def lcm_consistency_loss(
     prediction_type: str | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Latent consistency distillation (Luo et al. 2023, arXiv:2310.04378; diffusers' LCM scripts).
 
     .. math:: \\mathcal L = d\\big(f_\\theta(x_t, t),\\ \\mathrm{sg} f^-(\\Psi_\\omega(x_t, t \\to t-k), t-k)\\big)
@@ -283,7 +283,7 @@ def lcm_consistency_loss(
     LCM, decay 0.95) or ``"teacher"``.
 
     Returns:
-        ``(loss, logs)``: scalar float32 loss and detached floats ``loss``, ``t_mean``, ``target_norm``.
+        ``(loss, logs)``: scalar float32 loss and detached 0-d tensors ``loss``, ``t_mean``, ``target_norm``.
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
@@ -339,7 +339,7 @@ def tscd_loss(
     prediction_type: str | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Trajectory-segmented consistency distillation (Hyper-SD, Ren et al. 2024, arXiv:2404.13686, Eq. 12).
 
     .. math::
@@ -407,7 +407,7 @@ def multistep_consistency_loss(
     prediction_type: str | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Multistep latent consistency distillation (MLCM/TLCM stage 1, Xie et al. 2024, arXiv:2406.05768, Eq. 7).
 
     .. math::
@@ -474,7 +474,7 @@ def inter_segment_consistency_loss(
     prediction_type: str | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """MLCM/TLCM stage 2: consistency across segments, at the milestones only (Eq. 9-10).
 
     ``x0`` is the student's own q-step sample (``q = 4`` in the paper, e.g. from
@@ -540,7 +540,7 @@ def progressive_distillation_loss(
     prediction_type: str | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Progressive distillation: one student jump vs n teacher steps (SDXL-Lightning Eq. 16; Salimans & Ho 2022).
 
     .. math::
@@ -676,7 +676,7 @@ def x0_conversion_loss(
     schedule: NoiseSchedule,
     frozen_prediction_type: str | None = None,
     distance: DistanceLike = "mse",
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SDXL-Lightning's conversion of a model to x0-prediction (Lin et al. 2024, Eq. 29).
 
     .. math:: \\mathcal L = \\lVert f_\\text{online}(x_t, t, c) - \\mathrm{sg}\\,\\hat x_0(x_t, f_\\text{frozen}(x_t, t, c), t) \\rVert^2
@@ -699,4 +699,4 @@ def x0_conversion_loss(
         target = schedule.to_x0(_call(frozen, x_t, tt, cond), x_t, tt, frozen_prediction_type)
     pred = _call(online, x_t, tt, cond)
     loss = compute_distance(pred, target, distance)
-    return loss, {"loss": float(loss.detach()), "target_norm": float(target.float().pow(2).mean().sqrt())}
+    return loss, {"loss": loss.detach(), "target_norm": target.float().pow(2).mean().sqrt().detach()}

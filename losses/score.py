@@ -118,7 +118,7 @@ def dmd_loss(
     t_range: tuple[int, int] | None = None,
     prediction_type: str | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distribution-matching (DMD / DMD2 / VSD) generator loss (Yin et al. 2024, arXiv:2311.18828, 2405.14867).
 
     .. math::
@@ -167,9 +167,9 @@ def dmd_loss(
     xw = _f32(x)
     loss = 0.5 * torch.nn.functional.mse_loss(xw, (xw - g).detach(), reduction="mean")
     return loss, {
-        "loss": float(loss.detach()),
-        "grad_norm": float(g.pow(2).mean().sqrt()),
-        "t_mean": float(tt.float().mean()),
+        "loss": loss.detach(),
+        "grad_norm": g.pow(2).mean().sqrt().detach(),
+        "t_mean": tt.float().mean().detach(),
     }
 
 
@@ -189,7 +189,7 @@ def sid_loss(
     prediction_type: str | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score identity distillation generator loss (Zhou et al., ICML 2024, arXiv:2404.04057; SiD-LSG).
 
     .. math::
@@ -225,9 +225,9 @@ def sid_loss(
     per = _per_sample(diff * ((d_real - xf) - alpha * diff)).sum(dim=1) / weight
     loss = reduce_loss(per, reduction)
     return loss, {
-        "loss": float(per.detach().mean()),
-        "score_gap": float(diff.detach().pow(2).mean().sqrt()),
-        "t_mean": float(tt.float().mean()),
+        "loss": per.detach().mean(),
+        "score_gap": diff.detach().pow(2).mean().sqrt(),
+        "t_mean": tt.float().mean().detach(),
     }
 
 
@@ -250,7 +250,7 @@ def sim_loss(
     prediction_type: str | None = None,
     reduction: Literal["mean", "sum", "none"] = "mean",
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score implicit matching generator loss (Luo et al., NeurIPS 2024, arXiv:2410.16794), denoiser form.
 
     With :math:`y = D_\\psi(x_t) - D_\\phi(x_t)` and a distance :math:`d` with gradient :math:`d'`,
@@ -308,9 +308,9 @@ def sim_loss(
         per = per * torch.as_tensor(w, dtype=per.dtype, device=per.device).reshape(-1)
     loss = reduce_loss(per, reduction)
     return loss, {
-        "loss": float(per.detach().mean()),
-        "score_gap": float(y.detach().pow(2).mean().sqrt()),
-        "t_mean": float(tt.float().mean()),
+        "loss": per.detach().mean(),
+        "score_gap": y.detach().pow(2).mean().sqrt(),
+        "t_mean": tt.float().mean().detach(),
     }
 
 
@@ -328,7 +328,7 @@ def fake_score_loss(
     sigma_data: float = 0.5,
     reduction: Literal["mean", "sum", "none"] = "mean",
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Denoising score matching of the fake score on *detached* generator samples (DMD2, SiD, SIM).
 
     .. math:: \\mathcal L = \\lambda(t)\\,\\lVert \\hat u(x_t, t) - u \\rVert^2 / D, \\qquad x_t = \\alpha_t\\,\\mathrm{sg}(x_0) + \\sigma_t\\epsilon
@@ -368,7 +368,7 @@ def fake_score_loss(
         sigma = schedule.edm_sigma(tt).to(per.dtype)
         per = per * (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     loss = reduce_loss(per, reduction)
-    return loss, {"loss": float(per.detach().mean()), "t_mean": float(tt.float().mean())}
+    return loss, {"loss": per.detach().mean(), "t_mean": tt.float().mean().detach()}
 
 
 @contextlib.contextmanager
@@ -406,8 +406,8 @@ class AlternatingUpdate:
 
     def __init__(
         self,
-        generator_step: Callable[[], Mapping[str, float] | None],
-        fake_step: Callable[[], Mapping[str, float] | None],
+        generator_step: Callable[[], Mapping[str, Any] | None],
+        fake_step: Callable[[], Mapping[str, Any] | None],
         *,
         generator_every: int = 1,
         fake_steps: int = 1,
@@ -425,14 +425,14 @@ class AlternatingUpdate:
         self.freeze_during_generator = tuple(freeze_during_generator)
         self.step_count = 0
 
-    def _run_generator(self, logs: dict[str, float]) -> None:
+    def _run_generator(self, logs: dict[str, torch.Tensor]) -> None:
         if self.step_count % self.generator_every == 0:
             with _frozen(self.freeze_during_generator):
                 logs.update({f"generator/{k}": v for k, v in (self.generator_step() or {}).items()})
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor]:
         """One training step; returns merged logs prefixed ``generator/`` and ``fake/``."""
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if self.generator_first:
             self._run_generator(logs)
         for _ in range(self.fake_steps):
