@@ -401,7 +401,8 @@ def dice_semimetric_loss(
 
     Raises:
         ShapeError: shapes of ``input``, ``target`` or ``mask`` do not fit (both shapes are named).
-        DTypeError: wrong dtypes (float ``input``, bool ``mask``).
+        DTypeError: ``input`` not floating point, ``mask`` not bool, ``target`` complex, or a
+            non-bool ``from_logits``/``log_loss`` or non-int ``ignore_index``.
         OptionError: an option outside its allowed values.
         ValueError: a label outside ``[0, C)`` that is not ``ignore_index``, NaN/Inf input, or soft
             targets outside [0, 1] / not summing to 1 (value checks).

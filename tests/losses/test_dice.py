@@ -290,6 +290,27 @@ def test_aggregates_and_reduction_none() -> None:
     torch.testing.assert_close(mixed, 0.2 * per_class.nanmean() + 0.5 * image + 0.3 * klass)
 
 
+def test_image_and_class_terms_follow_official_definition() -> None:
+    """L_I = mean_{b: n_b > 0} sum_c M_bc / n_b and L_C = mean_{c: n_c > 0} sum_b M_bc / n_c, M = loss * active."""
+    logits, labels, _ = _data(b=4, c=5, seed=29)
+    labels[labels == 4] = 0  # class 4 absent everywhere
+    labels[2] = 255  # image 2 fully ignored: no active class
+    labels[1][labels[1] == 1] = 3  # class 1 absent in image 1
+    prob = torch.softmax(logits, 1)
+    keep = (labels != 255).unsqueeze(1)
+    onehot = F.one_hot(labels.masked_fill(labels == 255, 0), 5).movedim(-1, 1).double() * keep
+    p = prob * keep
+    tp, sp, sy = (p * onehot).sum((2, 3)), p.sum((2, 3)), onehot.sum((2, 3))
+    loss = 1 - (tp + 1e-3) / (tp + 0.5 * (sp - tp) + 0.5 * (sy - tp) + 1e-3)
+    active = sy > 0
+    m = loss * active
+    n_b, n_c = active.sum(1), active.sum(0)
+    l_i = torch.stack([m[b].sum() / n_b[b] for b in range(4) if n_b[b] > 0]).mean()
+    l_c = torch.stack([m[:, c].sum() / n_c[c] for c in range(5) if n_c[c] > 0]).mean()
+    got = dice_semimetric_loss(logits, labels, ignore_index=255, aggregate={"image": 0.25, "class": 0.75})
+    torch.testing.assert_close(got, 0.25 * l_i + 0.75 * l_c)
+
+
 def test_mask_and_ignore_index() -> None:
     logits, labels, soft = _data(b=2, c=3, spatial=(4, 6), seed=11)
     keep_cols = torch.tensor([True, False, True, True, False, True])
