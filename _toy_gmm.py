@@ -1,0 +1,314 @@
+"""A 2-D Gaussian-mixture toy for proving that the distillation losses distill (tests and benchmarks).
+
+The teacher is exact: for data :math:`x_0 \\sim \\sum_k \\pi_k \\mathcal N(\\mu_k, s^2 I)` and the VP forward
+process :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon`, the marginal is
+:math:`\\sum_k \\pi_k \\mathcal N(\\alpha_t\\mu_k, v_t I)` with :math:`v_t = \\alpha_t^2 s^2 + \\sigma_t^2`, and the
+optimal denoiser is
+
+.. math:: E[x_0 \\mid x_t] = \\sum_k r_k(x_t)\\Big(\\mu_k + \\frac{\\alpha_t s^2}{v_t}(x_t - \\alpha_t \\mu_k)\\Big),
+          \\qquad r_k \\propto \\pi_k \\exp\\!\\big(-\\lVert x_t - \\alpha_t\\mu_k \\rVert^2 / 2 v_t\\big).
+
+Students are small MLPs; :func:`run_method` trains one with a named method through the public loss APIs
+and :func:`evaluate` reports the sliced Wasserstein distance of its 1-, 2- and 4-step samples to the true
+mixture. ``benchmarks/toy_losses.py`` prints the full table; ``tests/losses/test_toy_distillation.py``
+runs a reduced version.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .losses.adversarial import gan_discriminator_loss, gan_generator_loss, renoise_for_discriminator
+from .losses.consistency import (
+    lcm_consistency_loss,
+    multistep_consistency_loss,
+    teacher_trajectory_states,
+    tscd_loss,
+)
+from .losses.distances import compute_distance
+from .losses.score import dmd_loss, fake_score_loss, sim_loss
+from .schedulers.few_step_samplers import ddim_sample, lcm_sample, x0_renoise_sample
+from .schedulers.noise_schedule import NoiseSchedule
+from .schedulers.teacher_solver import TeacherSolver
+from .students.ema import EMA
+
+__all__ = [
+    "METHODS",
+    "GaussianMixture",
+    "TimeMLP",
+    "ToyConfig",
+    "evaluate",
+    "fit_to_teacher",
+    "run_method",
+    "sliced_wasserstein",
+]
+
+#: Methods :func:`run_method` knows.
+METHODS: tuple[str, ...] = ("lcm", "tscd", "mlcm", "sim", "dmd", "adversarial")
+
+
+class GaussianMixture:
+    """Mixture of isotropic 2-D Gaussians on a circle, with its exact VP denoiser.
+
+    Example:
+        >>> gm = GaussianMixture()
+        >>> x = gm.sample(1000, torch.Generator().manual_seed(0))
+        >>> x.shape, round(float(x.norm(dim=1).mean()), 1)
+        (torch.Size([1000, 2]), 1.5)
+    """
+
+    def __init__(self, num_modes: int = 8, radius: float = 1.5, std: float = 0.1) -> None:
+        angles = torch.arange(num_modes, dtype=torch.float64) * (2 * math.pi / num_modes)
+        self.means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+        self.std = std
+        self.log_weights = torch.full((num_modes,), -math.log(num_modes), dtype=torch.float64)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples (float32)."""
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.std * noise).float()
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+        """Exact :math:`E[x_0 | x_t]` (computed in float64, returned in ``x_t``'s dtype)."""
+        a = schedule.alpha(t).to(torch.float64).reshape(-1, 1, 1)
+        s2 = schedule.sigma(t).to(torch.float64).reshape(-1, 1, 1) ** 2
+        x = x_t.to(torch.float64).unsqueeze(1)  # (B, 1, 2)
+        mu = self.means.unsqueeze(0)  # (1, K, 2)
+        v = a**2 * self.std**2 + s2
+        logits = self.log_weights - ((x - a * mu) ** 2).sum(-1) / (2 * v[..., 0])
+        r = logits.softmax(dim=1).unsqueeze(-1)
+        post = mu + (a * self.std**2 / v) * (x - a * mu)
+        return (r * post).sum(1).to(x_t.dtype)
+
+    def epsilon_model(self, schedule: NoiseSchedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The teacher as an epsilon-prediction model ``model(x_t, t)``."""
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            tt = schedule.batch_timesteps(t, x_t)
+            tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 else tt
+            return schedule.convert(self.denoise(x_t, tt, schedule), x_t, tt, "sample", "epsilon")
+
+        return model
+
+
+class TimeMLP(nn.Module):
+    """``f(x, t)``: an MLP on ``[x, sin/cos features of t/T]`` (epsilon prediction by convention)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_freqs: int = 8) -> None:
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs, dtype=torch.float32) * math.pi)
+        layers: list[nn.Module] = []
+        width = dim + 2 * num_freqs
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.to(x.dtype).reshape(-1, 1).expand(x.shape[0], 1) / 1000.0
+        ang = tt * self.freqs.to(x.dtype)
+        return self.net(torch.cat([x, ang.sin(), ang.cos()], dim=1))
+
+
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, generator: torch.Generator | None = None
+) -> float:
+    """Sliced 1-Wasserstein distance between two equal-size point clouds (mean over random directions)."""
+    theta = torch.randn(num_projections, a.shape[1], generator=generator, dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    pa = (a.double() @ theta.T).sort(dim=0).values
+    pb = (b.double() @ theta.T).sort(dim=0).values
+    return float((pa - pb).abs().mean())
+
+
+@dataclass
+class ToyConfig:
+    """Sizes of one toy run (the defaults are the benchmark's; tests use fewer steps)."""
+
+    steps: int = 1500
+    batch: int = 256
+    lr: float = 1e-3
+    fit_steps: int = 1500
+    eval_samples: int = 4000
+    seed: int = 0
+
+
+def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig) -> TimeMLP:
+    """An MLP regressed on the exact teacher epsilon at random ``(x_t, t)``: the "pretrained" network that
+    students and fake scores start from (real distillations initialise them from the teacher)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = TimeMLP()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    teacher = gm.epsilon_model(schedule)
+    for _ in range(cfg.fit_steps):
+        x0 = gm.sample(cfg.batch, g)
+        t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=g)
+        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        loss = (net(x_t, t) - teacher(x_t, t)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def _teacher_samples(
+    gm: GaussianMixture, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Teacher DDIM ("trailing") samples from ``noise``."""
+    from .schedulers.few_step_samplers import spaced_timesteps
+
+    ts = spaced_timesteps(steps, "trailing", num_train_timesteps=schedule.num_train_timesteps)
+    return ddim_sample(gm.epsilon_model(schedule), schedule, noise, ts).sample
+
+
+def _consistency_loop(
+    method: str, net: TimeMLP, teacher: TeacherSolver, gm: GaussianMixture, cfg: ToyConfig
+) -> None:
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    ema = EMA(net, decay=0.95)
+    for _ in range(cfg.steps):
+        x0 = gm.sample(cfg.batch, g)
+        if method == "lcm":
+            loss, _ = lcm_consistency_loss(
+                net, teacher, x0, target=ema, num_ddim_timesteps=20, distance="mse", generator=g
+            )
+        elif method == "tscd":
+            loss, _ = tscd_loss(
+                net, teacher, x0, num_segments=2, num_inference_steps=20, target=ema, generator=g
+            )
+        else:  # mlcm: data-free teacher-trajectory states, online target (MLCD)
+            from .schedulers.timestep_samplers import milestone_pairs
+
+            sample = milestone_pairs(cfg.batch, num_segments=4, skip=20, generator=g)
+            states = teacher_trajectory_states(
+                teacher, torch.randn(cfg.batch, 2, generator=g), sample.t, num_segments=4
+            )
+            loss, _ = multistep_consistency_loss(net, teacher, x_t=states, sample=sample, target="online")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(net)
+
+
+def _backward_simulated_states(
+    net: TimeMLP, schedule: NoiseSchedule, grid: torch.Tensor, batch: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMD2's backward simulation: run the generator's first k steps from noise (no grad), then train at t_k."""
+    k = int(torch.randint(0, grid.numel(), (1,), generator=g))
+    x = torch.randn(batch, 2, generator=g)
+    with torch.no_grad():
+        for i in range(k):
+            t = grid[i].expand(batch)
+            x0 = schedule.to_x0(net(x, t), x, t)
+            x = schedule.add_noise(x0, torch.randn(x.shape, generator=g), grid[i + 1].expand(batch))
+    return x, grid[k].expand(batch)
+
+
+def _generator_loop(
+    method: str, net: TimeMLP, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
+) -> None:
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    real = gm.epsilon_model(schedule)
+    fake = copy.deepcopy(net)
+    opt_g = torch.optim.Adam(net.parameters(), lr=cfg.lr * 0.3, betas=(0.0, 0.99))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
+    grid = torch.tensor([999, 749, 499, 249])
+    disc = nn.Sequential(nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
+
+    def d_logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return disc(torch.cat([x, t.float().reshape(-1, 1) / 1000], dim=1))
+
+    for _ in range(cfg.steps):
+        x_in, t_in = _backward_simulated_states(net, schedule, grid, cfg.batch, g)
+        x_g = schedule.to_x0(net(x_in, t_in), x_in, t_in)
+        if method == "adversarial":
+            # Diffusion2GAN-style: regression to the teacher's ODE solution from the same state, plus a GAN term
+            # with the discriminator shown re-noised samples (SDXL-Lightning's multi-timestep D).
+            with torch.no_grad():
+                teacher_x0 = TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8)
+            renoised = renoise_for_discriminator(teacher_x0, x_g.detach(), schedule=schedule, generator=g)
+            (real_t, fake_t), t_star = renoised.samples, renoised.t
+            d_loss, _ = gan_discriminator_loss(d_logits(real_t, t_star), d_logits(fake_t, t_star))
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            noise = torch.randn(x_g.shape, generator=g)
+            fake_noised = schedule.add_noise(x_g, noise, t_star)
+            g_adv, _ = gan_generator_loss(d_logits(fake_noised, t_star))
+            loss = compute_distance(x_g, teacher_x0, "mse") + 0.1 * g_adv
+        else:
+            f_loss, _ = fake_score_loss(fake, x_g.detach(), schedule=schedule, generator=g)
+            opt_f.zero_grad()
+            f_loss.backward()
+            opt_f.step()
+            fake.requires_grad_(False)
+            if method == "sim":
+                loss, _ = sim_loss(x_g, real, fake, schedule=schedule, c=0.1, generator=g)
+            else:
+                loss, _ = dmd_loss(x_g, real, fake, schedule=schedule, generator=g)
+            fake.requires_grad_(True)
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+
+
+def run_method(
+    method: str, gm: GaussianMixture, schedule: NoiseSchedule, init: TimeMLP, cfg: ToyConfig
+) -> TimeMLP:
+    """Distill the toy teacher into a copy of ``init`` with ``method`` (one of :data:`METHODS`)."""
+    if method not in METHODS:
+        raise ValueError(f"Expected `method` to be one of {list(METHODS)}, but got {method!r}.")
+    torch.manual_seed(cfg.seed)
+    net = copy.deepcopy(init)
+    if method in ("lcm", "tscd", "mlcm"):
+        _consistency_loop(method, net, TeacherSolver(gm.epsilon_model(schedule), schedule), gm, cfg)
+    else:
+        _generator_loop(method, net, gm, schedule, cfg)
+    return net
+
+
+def _sample(
+    method: str, net: nn.Module, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
+) -> torch.Tensor:
+    from .schedulers.few_step_samplers import dmd2_timesteps, lcm_timesteps, spaced_timesteps
+
+    g = torch.Generator().manual_seed(123)
+    if method == "lcm":
+        ts = lcm_timesteps(steps, original_inference_steps=20)
+        return lcm_sample(net, schedule, noise, ts, generator=g).sample
+    if method in ("tscd", "mlcm"):
+        ts = spaced_timesteps(steps, "trailing")
+        return ddim_sample(net, schedule, noise, ts).sample
+    grid = dmd2_timesteps(4)
+    ts = grid[:: 4 // steps] if steps in (1, 2, 4) else grid
+    return x0_renoise_sample(net, schedule, noise, ts, generator=g).sample
+
+
+def evaluate(
+    method: str, net: nn.Module, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
+) -> dict[int, float]:
+    """Sliced Wasserstein distance to the true mixture of 1-, 2- and 4-step samples."""
+    g = torch.Generator().manual_seed(cfg.seed + 99)
+    truth = gm.sample(cfg.eval_samples, g)
+    noise = torch.randn(cfg.eval_samples, 2, generator=g)
+    out = {}
+    with torch.no_grad():
+        for steps in (1, 2, 4):
+            x = (
+                _teacher_samples(gm, schedule, noise, steps)
+                if method == "teacher"
+                else _sample(method, net, schedule, noise, steps)
+            )
+            out[steps] = sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(5))
+    return out
