@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,14 +163,14 @@ def measure_time(hard: bool, shape: tuple[int, ...], repeat: int, device: str) -
     return times
 
 
-def _child(spec: dict, args: argparse.Namespace) -> object:
+def _child(spec: dict, args: argparse.Namespace) -> Any:
     shape = tuple(spec["shape"])
     if spec["what"] == "memory":
         return measure_memory(spec["impl"], spec["hard"], shape, args.device)
     return measure_time(spec["hard"], shape, args.repeat, args.device)
 
 
-def _run_child(spec: dict, args: argparse.Namespace) -> object | None:
+def _run_child(spec: dict, args: argparse.Namespace) -> Any:
     cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--repeat", str(args.repeat)]
     cmd += ["--device", args.device, "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -525,14 +525,14 @@ def dice_semimetric_loss(
             )
     selected: torch.Tensor | None = None
     if classes is not None:
-        picked = [int(c) for c in classes]
-        if not picked or any(c < 0 or c >= num_classes for c in picked):
+        class_list = [int(c) for c in classes]
+        if not class_list or any(c < 0 or c >= num_classes for c in class_list):
             raise OptionError(
                 f"Expected `classes` to be a non-empty list of channel indices in [0, {num_classes}), "
                 f"but got {list(classes)!r}."
             )
         selected = torch.zeros(num_classes, dtype=torch.bool, device=input.device)
-        selected[picked] = True
+        selected[class_list] = True
     use_present = (active_classes or ("present" if hard else "all")) == "present"
 
     if value_checks_enabled():
@@ -552,6 +552,7 @@ def dice_semimetric_loss(
         if from_logits and temperature != 1.0:
             x = x / temperature
         keep = None if mask is None else mask.reshape(batch, 1, -1)
+        label_peak: torch.Tensor | None = None  # max label value per (image, class), for "present"
 
         if hard and mode == "multiclass":
             labels = target.reshape(batch, -1)
@@ -578,7 +579,8 @@ def dice_semimetric_loss(
             card_y = card_y.scatter_add_(1, index, ones)
             fp = card_p - tp
             fn = card_y - tp
-            label_peak = (card_y > 0).to(compute_dtype)  # max of a one-hot label over the kept pixels
+            if use_present:  # the max of a one-hot label over the kept pixels
+                label_peak = (card_y > 0).to(compute_dtype)
         else:
             if hard:
                 labels = target.reshape(batch, num_classes, -1)
@@ -610,33 +612,30 @@ def dice_semimetric_loss(
             fn = card_y - tp
             label_peak = y.amax(2) if use_present else None
 
-        if use_present:
-            active_bc = label_peak > threshold  # type: ignore[operator]
+        if label_peak is not None:
+            active_bc = label_peak > threshold
         else:
             active_bc = torch.ones(batch, num_classes, dtype=torch.bool, device=x.device)
         if selected is not None:
             active_bc = active_bc & selected
         w = None if weights_t is None else weights_t.to(device=x.device, dtype=compute_dtype)
-        opts = {
-            "alpha": alpha,
-            "beta": beta,
-            "gamma": gamma,
-            "smooth": smooth,
-            "log_loss": log_loss,
-            "weights": w,
-        }
+
+        def per_class_loss(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+            return _tversky_loss(
+                tp, fp, fn, alpha=alpha, beta=beta, gamma=gamma, smooth=smooth, log_loss=log_loss, weights=w
+            )
 
         w_batch, w_image, w_class = agg
         nan = torch.full((), float("nan"), dtype=compute_dtype, device=x.device)
         total = torch.zeros((), dtype=compute_dtype, device=x.device)
         if w_batch > 0:
-            loss_c = _tversky_loss(tp.sum(0), fp.sum(0), fn.sum(0), **opts)
+            loss_c = per_class_loss(tp.sum(0), fp.sum(0), fn.sum(0))
             active_c = active_bc.any(0)
             if reduction == "none":
                 return torch.where(active_c, loss_c, nan)
             total = total + w_batch * _masked_mean(loss_c, active_c)
         if w_image > 0 or w_class > 0:
-            loss_bc = _tversky_loss(tp, fp, fn, **opts)
+            loss_bc = per_class_loss(tp, fp, fn)
             if reduction == "none":
                 return torch.where(active_bc, loss_bc, nan)
             if w_image > 0:
