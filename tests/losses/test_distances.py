@@ -65,3 +65,10 @@ def test_callable_and_errors():
         compute_distance(x, y, "mse", reduction="avg")
     with pytest.raises(OptionError, match=r"Expected `c` to be >= 0, but got -1"):
         pseudo_huber_distance(x, y, -1)
+
+
+@pytest.mark.parametrize("name", DISTANCES)
+def test_compiles_fullgraph(name):
+    fn = torch.compile(lambda a, b: compute_distance(a, b, name, c=0.1), fullgraph=True, backend="eager")
+    a, b = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    torch.testing.assert_close(fn(a, b), compute_distance(a, b, name, c=0.1))
