@@ -239,7 +239,8 @@ def _value_checks(
     """Read-the-values checks with one device sync on the common path; details only on failure."""
     num_classes = input.shape[1]
     high = num_classes if mode == "multiclass" else 2
-    flags = [torch.isfinite(input.sum())]
+    # summing in >= float32 keeps a float16 sum from overflowing (an overflow only costs the exact check)
+    flags = [torch.isfinite(input.sum(dtype=torch.promote_types(input.dtype, torch.float32)))]
     if not from_logits:
         low_in, high_in = torch.aminmax(input)
         flags.append((low_in >= 0) & (high_in <= 1))
