@@ -24,8 +24,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# mypy needs a folder named like the package: link the repository root into build/typecheck/diffdistill.
 typecheck: install
-	$(VENV)/bin/mypy -p diffdistill
+	mkdir -p build/typecheck && ln -sfn "$(CURDIR)" build/typecheck/diffdistill
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p diffdistill --exclude '/(tests|benchmarks|examples|build)/'
 
 test: install lint
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q tests

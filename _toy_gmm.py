@@ -20,6 +20,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -100,6 +101,8 @@ class GaussianMixture:
 
 class TimeMLP(nn.Module):
     """``f(x, t)``: an MLP on ``[x, sin/cos features of t/T]`` (epsilon prediction by convention)."""
+
+    freqs: torch.Tensor
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_freqs: int = 8) -> None:
         super().__init__()
@@ -236,7 +239,7 @@ def _generator_loop(
             # Diffusion2GAN-style: regression to the teacher's ODE solution from the same state, plus a GAN term
             # with the discriminator shown re-noised samples (SDXL-Lightning's multi-timestep D).
             with torch.no_grad():
-                teacher_x0 = TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8)
+                teacher_x0 = cast(torch.Tensor, TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8))
             renoised = renoise_for_discriminator(teacher_x0, x_g.detach(), schedule=schedule, generator=g)
             (real_t, fake_t), t_star = renoised.samples, renoised.t
             d_loss, _ = gan_discriminator_loss(d_logits(real_t, t_star), d_logits(fake_t, t_star))

@@ -75,6 +75,7 @@ class EMA(nn.Module):
         self.min_decay = float(min_decay)
         self.include_buffers = include_buffers
         self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        self.num_updates: torch.Tensor
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def train(self, mode: bool = True) -> EMA:
@@ -108,7 +109,7 @@ class EMA(nn.Module):
         source = unwrap_model(model)
         self.num_updates += 1
         d = self.decay_at(int(self.num_updates))
-        ema_params = list(self.module.parameters())
+        ema_params: list[torch.Tensor] = list(self.module.parameters())
         params = list(source.parameters())
         if len(ema_params) != len(params):
             raise OptionError(
