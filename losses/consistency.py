@@ -234,9 +234,23 @@ def _noisy_states(
     return schedule.add_noise(x0, noise, t)
 
 
-def _finish(
-    pair: ConsistencyPair, distance: DistanceLike, c: float | None
+def _noised_pair_loss(
+    student: Callable[..., Any],
+    teacher: TeacherSolver,
+    x0: torch.Tensor | None,
+    x_t: torch.Tensor | None,
+    sample: TimestepSample,
+    cond: Cond,
+    uncond: Cond,
+    noise: torch.Tensor | None,
+    generator: torch.Generator | None,
+    distance: DistanceLike,
+    c: float | None,
+    **pair_options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Noise ``x0`` (or take ``x_t``), build the pair with :func:`consistency_pair`, apply the distance."""
+    states = _noisy_states(teacher.schedule, x0, x_t, sample.t, noise, generator)
+    pair = consistency_pair(student, teacher, states, sample, cond, uncond, **pair_options)
     loss = compute_distance(pair.student, pair.target, distance, c=c)
     logs = {
         "loss": loss.detach(),
@@ -304,21 +318,24 @@ def lcm_consistency_loss(
             generator=generator,
             device=device,
         )
-    states = _noisy_states(teacher.schedule, x0, x_t, sample.t, noise, generator)
-    pair = consistency_pair(
+    return _noised_pair_loss(
         student,
         teacher,
-        states,
+        x0,
+        x_t,
         sample,
         cond,
         uncond,
+        noise,
+        generator,
+        distance,
+        huber_c,
         target=target,
         parameterization="boundary",
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
     )
-    return _finish(pair, distance, huber_c)
 
 
 def tscd_loss(
@@ -371,21 +388,24 @@ def tscd_loss(
             generator=generator,
             device=device,
         )
-    states = _noisy_states(teacher.schedule, x0, x_t, sample.t, noise, generator)
-    pair = consistency_pair(
+    return _noised_pair_loss(
         student,
         teacher,
-        states,
+        x0,
+        x_t,
         sample,
         cond,
         uncond,
+        noise,
+        generator,
+        distance,
+        None,
         target=target,
         parameterization="move",
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
     )
-    return _finish(pair, distance, None)
 
 
 def multistep_consistency_loss(
@@ -440,21 +460,24 @@ def multistep_consistency_loss(
             generator=generator,
             device=device,
         )
-    states = _noisy_states(teacher.schedule, x0, x_t, sample.t, noise, generator)
-    pair = consistency_pair(
+    return _noised_pair_loss(
         student,
         teacher,
-        states,
+        x0,
+        x_t,
         sample,
         cond,
         uncond,
+        noise,
+        generator,
+        distance,
+        None,
         target=target,
         parameterization="move",
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
     )
-    return _finish(pair, distance, None)
 
 
 def inter_segment_consistency_loss(
@@ -505,14 +528,18 @@ def inter_segment_consistency_loss(
             generator=generator,
             device=x0.device,
         )
-    states = _noisy_states(teacher.schedule, x0, None, sample.t, noise, generator)
-    pair = consistency_pair(
+    return _noised_pair_loss(
         student,
         teacher,
-        states,
+        x0,
+        None,
         sample,
         cond,
         uncond,
+        noise,
+        generator,
+        distance,
+        None,
         target=target,
         parameterization="boundary",
         teacher_steps=teacher_steps,
@@ -520,7 +547,6 @@ def inter_segment_consistency_loss(
         student_cond=student_cond,
         prediction_type=prediction_type,
     )
-    return _finish(pair, distance, None)
 
 
 def progressive_distillation_loss(
@@ -572,14 +598,18 @@ def progressive_distillation_loss(
             generator=generator,
             device=x0.device,
         )
-    states = _noisy_states(teacher.schedule, x0, None, sample.t, noise, generator)
-    pair = consistency_pair(
+    return _noised_pair_loss(
         student,
         teacher,
-        states,
+        x0,
+        None,
         sample,
         cond,
         uncond,
+        noise,
+        generator,
+        distance,
+        None,
         target=None,
         parameterization="move",
         teacher_steps=teacher_steps,
@@ -587,7 +617,6 @@ def progressive_distillation_loss(
         student_cond=student_cond,
         prediction_type=prediction_type,
     )
-    return _finish(pair, distance, None)
 
 
 def teacher_trajectory_states(

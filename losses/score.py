@@ -104,6 +104,30 @@ def _per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def _real_and_fake(
+    x: torch.Tensor,
+    real: Denoiser,
+    fake: Denoiser,
+    schedule: NoiseSchedule,
+    cond: Cond,
+    uncond: Cond,
+    fake_cond: Cond,
+    t: TimestepLike | None,
+    noise: torch.Tensor | None,
+    t_range: tuple[int, int] | None,
+    prediction_type: str | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (>= float32)."""
+    check_tensor(x, "x")
+    tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
+    x_t = schedule.add_noise(x, _noise(noise, x, generator), tt)
+    d_real = _f32(denoise(real, x_t, tt, schedule, cond, uncond, prediction_type=prediction_type))
+    f_cond = cond if fake_cond is None else fake_cond
+    d_fake = _f32(denoise(fake, x_t, tt, schedule, f_cond, prediction_type=prediction_type))
+    return tt, d_real, d_fake
+
+
 def dmd_loss(
     x: torch.Tensor,
     real: Denoiser,
@@ -141,24 +165,20 @@ def dmd_loss(
         >>> loss.backward(); x.grad.shape
         torch.Size([2, 4])
     """
-    check_tensor(x, "x")
-    tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
-    eps = _noise(noise, x, generator)
     with torch.no_grad():
-        x_t = schedule.add_noise(x.detach(), eps, tt)
-        x0_real = _f32(
-            denoise(real, x_t, tt, schedule, cond, uncond, prediction_type=prediction_type, grad=False)
-        )
-        x0_fake = _f32(
-            denoise(
-                fake,
-                x_t,
-                tt,
-                schedule,
-                cond if fake_cond is None else fake_cond,
-                prediction_type=prediction_type,
-                grad=False,
-            )
+        tt, x0_real, x0_fake = _real_and_fake(
+            x.detach(),
+            real,
+            fake,
+            schedule,
+            cond,
+            uncond,
+            fake_cond,
+            t,
+            noise,
+            t_range,
+            prediction_type,
+            generator,
         )
         xf = _f32(x.detach())
         p_real, p_fake = xf - x0_real, xf - x0_fake
@@ -210,14 +230,8 @@ def sid_loss(
         >>> loss.backward(); bool(x.grad.abs().sum() > 0)
         True
     """
-    check_tensor(x, "x")
-    tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
-    x_t = schedule.add_noise(x, _noise(noise, x, generator), tt)
-    d_real = _f32(denoise(real, x_t, tt, schedule, cond, uncond, prediction_type=prediction_type))
-    d_fake = _f32(
-        denoise(
-            fake, x_t, tt, schedule, cond if fake_cond is None else fake_cond, prediction_type=prediction_type
-        )
+    tt, d_real, d_fake = _real_and_fake(
+        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
     )
     xf = _f32(x)
     weight = _per_sample(xf - d_real).abs().mean(dim=1).clamp_min(1e-5).detach()
@@ -274,25 +288,11 @@ def sim_loss(
         >>> loss.backward(); bool(x.grad.abs().sum() > 0)
         True
     """
-    check_tensor(x, "x")
     check_option(distance, "distance", ("pseudo_huber", "l2"))
-    tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
-    x_t = schedule.add_noise(x, _noise(noise, x, generator), tt)
-    d_real = _per_sample(
-        _f32(denoise(real, x_t, tt, schedule, cond, uncond, prediction_type=prediction_type))
+    tt, real_x0, fake_x0 = _real_and_fake(
+        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
     )
-    d_fake = _per_sample(
-        _f32(
-            denoise(
-                fake,
-                x_t,
-                tt,
-                schedule,
-                cond if fake_cond is None else fake_cond,
-                prediction_type=prediction_type,
-            )
-        )
-    )
+    d_real, d_fake = _per_sample(real_x0), _per_sample(fake_x0)
     y = d_fake - d_real
     if distance == "pseudo_huber":
         cc = 0.00054 * y.shape[1] ** 0.5 if c is None else c
