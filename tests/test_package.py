@@ -47,8 +47,12 @@ def test_error_types_subclass_builtins() -> None:
 def test_check_messages() -> None:
     with pytest.raises(_checks.DTypeError, match=r"Expected `x` to be a torch.Tensor, but got list"):
         _checks.check_tensor([1.0], "x")
-    with pytest.raises(_checks.ShapeError, match=r"Expected `a` and `b` to have the same shape, but got a \(2, 3\)"):
+    with pytest.raises(
+        _checks.ShapeError, match=r"Expected `a` and `b` to have the same shape, but got a \(2, 3\)"
+    ):
         _checks.check_same_shape(torch.zeros(2, 3), torch.zeros(3), "a", "b")
+    with pytest.raises(_checks.ShapeError, match=r"but got a \(3,\) and b \(\)"):
+        _checks.check_same_shape(torch.zeros(3), torch.zeros(()), "a", "b")
     with pytest.raises(_checks.ShapeError, match=r"to have 4 dimensions laid out as \(B, C, H, W\)"):
         _checks.check_ndim(torch.zeros(2, 3), "x", 4, "(B, C, H, W)")
     with pytest.raises(_checks.OptionError, match=r"Expected `mode` to be one of \['a', 'b'\], but got 'c'"):
