@@ -1,0 +1,104 @@
+r"""PCM-style multi-level discriminator: 1×1-conv heads on several encoder levels of a (frozen) UNet.
+
+PCM (``discriminator_sdxl.py``) runs a frozen copy of the teacher UNet up to its down blocks and
+puts a trainable per-pixel head on each down-block output (320 / 640 / 1280 channels for SDXL); each
+head gives a patch map of logits, and the hinge loss is averaged over heads. FastGen's
+``Discriminator_SDXL`` generalises the choice of feature indices; both are ``levels`` here.
+
+.. math::
+
+    D_l(x, t, c) = \mathrm{head}_l\big(f_l(x, t, c)\big) \in \mathbb{R}^{B \times 1 \times h_l \times w_l},
+    \qquad l \in \text{levels}
+
+Reference:
+    F.-Y. Wang et al., "Phased Consistency Model", NeurIPS 2024, arXiv:2405.18407.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .discriminator_base import UNetDiscriminatorBase
+from .heads import PointwiseConvHead
+from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_levels
+
+__all__ = ["MultiLevelDiscriminator"]
+
+
+class MultiLevelDiscriminator(UNetDiscriminatorBase):
+    r"""1×1-conv heads (PCM) on several levels of a frozen or trainable UNet encoder (arXiv:2405.18407).
+
+    Args:
+        unet: the teacher ``UNet2DConditionModel``.
+        levels: the levels to read (default: every down block, as PCM); any of
+            :func:`~diffdistill.discriminators.unet_feature_levels`.
+        backbone: ``"shared"`` (default: the teacher by reference, PCM's frozen teacher, not saved with
+            the discriminator), ``"copy"`` or ``"own"``.
+        trainable: ``requires_grad`` of a ``"copy"`` / ``"own"`` backbone (None: unchanged).
+        head_channels: hidden width of every head (default: the level's channels).
+        norm_groups: GroupNorm groups of the heads.
+        augment: optional DiffAugment-style module applied to ``sample`` in training mode.
+        gradient_checkpointing: recompute backbone blocks in the backward pass.
+
+    Example:
+        >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
+        >>> teacher = tiny_sdxl_unet().requires_grad_(False)
+        >>> disc = MultiLevelDiscriminator(teacher)
+        >>> ehs, added = sdxl_conditions(teacher, 2)
+        >>> [tuple(l.shape) for l in disc(torch.randn(2, 4, 16, 16), 500, ehs, added)]
+        [(2, 1, 8, 8), (2, 1, 8, 8)]
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        levels: Sequence[str] | None = None,
+        *,
+        backbone: BackboneMode = "shared",
+        trainable: bool | None = None,
+        head_channels: int | None = None,
+        norm_groups: int = 32,
+        augment: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if levels is None:
+            levels = tuple(level for level in unet_feature_levels(unet) if level.startswith("down."))
+        self.extractor = UNetFeatureExtractor(
+            unet,
+            levels,
+            backbone=backbone,
+            trainable=trainable,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.levels = self.extractor.levels
+        self.heads = nn.ModuleList(
+            [
+                PointwiseConvHead(
+                    self.extractor.channels[level], channels=head_channels, norm_groups=norm_groups
+                )
+                for level in self.levels
+            ]
+        )
+        self._init_augment(augment)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Patch logits, one ``(B, 1, H / s_l, W / s_l)`` float32 tensor per level, in ``levels`` order."""
+        self._check_sample(sample)
+        (sample,) = self._augment(sample, generator=generator)
+        feats = self.extractor(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        return self._run_heads([feats[level] for level in self.levels])
+
+    def extra_repr(self) -> str:
+        return f"levels={list(self.levels)}"

@@ -1,0 +1,169 @@
+r"""Diffusion2GAN's conditional multi-scale discriminator on the full teacher UNet (encoder and decoder).
+
+The discriminator judges :math:`x` given the text :math:`c` (through the UNet's cross-attention) and
+the noise :math:`z` the generator mapped to :math:`x` (pix2pix-style conditioning: a zero-initialised
+conv embeds :math:`z` and adds it to the input). Down-scaled copies of :math:`x` enter the encoder at
+each resolution (MSG-GAN style), and readout heads at several decoder scales give independent
+real/fake patch maps, so every UNet level receives gradient:
+
+.. math::
+
+    h_0 = x + W_z * z, \qquad
+    h_{\text{down}_i} \leftarrow h_{\text{down}_i} + W_i * \mathrm{avgpool}_{s_i}(x), \qquad
+    D_l = \mathrm{readout}_l(h_{\text{up}_l})
+
+:math:`W_z` and the input convs :math:`W_i` start at zero, so the initial features are exactly the
+teacher's. Train it with the mix-and-match negatives (:func:`~diffdistill.losses.mix_and_match`) and
+single-sample lazy R1 (:func:`~diffdistill.losses.lazy_r1_penalty`, ``num_samples=1, every=16``).
+
+Reference:
+    M. Kang, R. Zhang, C. Barnes, S. Paris, S. Kwak, J. Park, E. Shechtman, J.-Y. Zhu, T. Park,
+    "Distilling Diffusion Models into Conditional GANs" (Diffusion2GAN), ECCV 2024, arXiv:2405.05967.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import ShapeError
+from .discriminator_base import UNetDiscriminatorBase, _default_trainable
+from .heads import ReadoutHead
+from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_levels
+
+__all__ = ["MultiScaleConditionalDiscriminator"]
+
+
+class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
+    r"""Diffusion2GAN discriminator :math:`D(c, z, x)`: full UNet, z-conv, multi-scale input and readouts.
+
+    Args:
+        unet: the teacher ``UNet2DConditionModel`` (encoder and decoder are used).
+        readout_levels: decoder levels with a readout head (default: every up block, i.e. SDXL's three
+            decoder scales).
+        noise_channels: channels of the noise ``z`` (default: the UNet's input channels).
+        multiscale_input: feed down-scaled copies of ``sample`` at each encoder resolution.
+        backbone: ``"copy"`` (default: a trainable copy), ``"own"`` or ``"shared"``.
+        trainable: ``requires_grad`` of a copied/owned backbone (default True).
+        norm_groups: GroupNorm groups of the readouts.
+        augment: optional DiffAugment-style module, one draw shared by ``sample`` and ``noise``.
+        gradient_checkpointing: recompute backbone blocks in the backward pass.
+
+    Example:
+        >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
+        >>> unet = tiny_sdxl_unet()
+        >>> disc = MultiScaleConditionalDiscriminator(unet)
+        >>> ehs, added = sdxl_conditions(unet, 2)
+        >>> x, z = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+        >>> logits = disc(x, 0, ehs, added, noise=z)
+        >>> [tuple(l.shape) for l in logits]
+        [(2, 1, 16, 16), (2, 1, 16, 16)]
+        >>> all(torch.equal(a, b) for a, b in zip(logits, disc(x, 0, ehs, added)))  # z-conv starts at zero
+        True
+    """
+
+    _new_layer_names = ("noise_conv", "input_convs")
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        readout_levels: Sequence[str] | None = None,
+        *,
+        noise_channels: int | None = None,
+        multiscale_input: bool = True,
+        backbone: BackboneMode = "copy",
+        trainable: bool | None = None,
+        norm_groups: int = 32,
+        augment: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if readout_levels is None:
+            readout_levels = tuple(level for level in unet_feature_levels(unet) if level.startswith("up."))
+        self.extractor = UNetFeatureExtractor(
+            unet,
+            readout_levels,
+            backbone=backbone,
+            trainable=_default_trainable(backbone, trainable),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.levels = self.extractor.levels
+        in_channels = self.extractor.in_channels
+        self.noise_channels = int(noise_channels or in_channels)
+        self.noise_conv = nn.Conv2d(self.noise_channels, in_channels, 3, padding=1)
+        # The first down level that reaches each new resolution gets a copy of the input.
+        self.input_strides: dict[str, int] = {}
+        if multiscale_input:
+            seen = {1}
+            for level, stride in self.extractor.strides.items():
+                if level.startswith("down.") and stride not in seen:
+                    seen.add(stride)
+                    self.input_strides[level] = stride
+        self.input_convs = nn.ModuleDict(
+            {
+                level.replace(".", "_"): nn.Conv2d(in_channels, self.extractor.channels[level], 3, padding=1)
+                for level in self.input_strides
+            }
+        )
+        self.heads = nn.ModuleList(
+            [ReadoutHead(self.extractor.channels[level], norm_groups=norm_groups) for level in self.levels]
+        )
+        self._init_new_layers()
+        self._init_augment(augment)
+
+    def _init_new_layers(self) -> None:
+        for conv in [self.noise_conv, *self.input_convs.values()]:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Patch logits, one ``(B, 1, H / s_l, W / s_l)`` float32 tensor per readout level.
+
+        Args:
+            sample: latents to judge ``x``, ``(B, C_in, H, W)``.
+            timestep: the timestep given to the UNet (Diffusion2GAN does not state one; e.g. 0 for clean
+                latents, or the re-noising timestep).
+            encoder_hidden_states: text hidden states ``(B, L, D)``.
+            added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}``.
+            noise: the generator's input noise ``z``, ``(B, noise_channels, H, W)``; None drops the
+                z-condition (same as zero noise).
+            generator: randomness of ``augment``.
+        """
+        self._check_sample(sample)
+        if noise is not None:
+            self._check_sample(noise, "noise")
+            want = (sample.shape[0], self.noise_channels, *sample.shape[2:])
+            if tuple(noise.shape) != want:
+                raise ShapeError(
+                    f"Expected `noise` (the generator's input z) of shape {want} to match `sample` "
+                    f"{tuple(sample.shape)}, but got {tuple(noise.shape)}.",
+                    name="noise",
+                    expected=want,
+                    actual=tuple(noise.shape),
+                )
+            sample, noise = self._augment(sample, noise, generator=generator)
+            x_in = sample + self.noise_conv(noise.to(sample.dtype))
+        else:
+            (sample,) = self._augment(sample, generator=generator)
+            x_in = sample
+        additions = {
+            level: self.input_convs[level.replace(".", "_")](F.avg_pool2d(sample, stride, ceil_mode=True))
+            for level, stride in self.input_strides.items()
+        }
+        feats = self.extractor(x_in, timestep, encoder_hidden_states, added_cond_kwargs, additions=additions)
+        return self._run_heads([feats[level] for level in self.levels])
+
+    def extra_repr(self) -> str:
+        return f"readout_levels={list(self.levels)}, multiscale_input={list(self.input_strides)}"

@@ -1,0 +1,276 @@
+r"""UNet-encoder discriminators: SDXL-Lightning's (un)conditional D and DMD2's bottleneck classifier head.
+
+SDXL-Lightning (Sec. 3.3, Eq. 22) builds its discriminator from a trainable copy of the teacher's
+encoder and mid block :math:`d` and a small head:
+
+.. math::
+
+    D(x_{t-ns}, x_t, t-ns, t, c) = \sigma\big(\mathrm{head}([\,d(x_{t-ns}, t-ns, c);\ d(x_t, t, c)\,])\big)
+    \quad\text{(conditional)}, \qquad
+    D(x, t, c) = \sigma(\mathrm{head}(d(x, t, c))) \quad\text{(unconditional)}
+
+where :math:`[\cdot;\cdot]` concatenates channels (2 × 1280 × 32 × 32 for SDXL at 1024 px). The
+modules here return the logit (before the sigmoid), as the losses in
+:mod:`diffdistill.losses.adversarial` expect. DMD2 (``cls_pred_branch``) puts the same head on the
+bottleneck of its fake-score UNet, sharing the backbone with the fake-score loss.
+
+References:
+    * S. Lin, A. Wang, X. Yang, "SDXL-Lightning: Progressive Adversarial Diffusion Distillation",
+      arXiv:2402.13929, Sec. 3.3.
+    * T. Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2),
+      arXiv:2405.14867.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import OptionError, ShapeError
+from .discriminator_base import UNetDiscriminatorBase, _default_trainable, _expand_timestep, _repeat_batch
+from .heads import StridedConvHead, run_head_float32
+from .unet_features import BackboneMode, UNetFeatureExtractor
+
+__all__ = ["BottleneckHead", "UNetEncoderDiscriminator"]
+
+
+def _feature_resolution(extractor: UNetFeatureExtractor, level: str, given: int | None) -> int:
+    if given is not None:
+        return int(given)
+    size = extractor.sample_size
+    if isinstance(size, (list, tuple)):
+        size = min(size)
+    if size is None:
+        raise OptionError(
+            "The UNet config has no `sample_size`, so the head cannot be sized; pass `feature_resolution` "
+            f"(the spatial size of level {level!r} for your latents)."
+        )
+    return max(int(size) // extractor.strides[level], 1)
+
+
+class UNetEncoderDiscriminator(UNetDiscriminatorBase):
+    r"""SDXL-Lightning discriminator: a UNet encoder + mid block with a strided-conv head (arXiv:2402.13929).
+
+    ``conditional=True``: the sample to judge :math:`(x_{t-ns}, t-ns)` and the input it was denoised from
+    :math:`(x_t, t)` go through the backbone in **one** batched call of size ``2B`` (same text condition),
+    and their level features are concatenated along channels before the head:
+    ``(B, 2C, r, r) -> (B, 1, 1, 1)``. ``conditional=False`` judges :math:`(x, t)` alone.
+
+    Args:
+        unet: the teacher ``UNet2DConditionModel`` (never modified).
+        conditional: pair each sample with its conditioning input (Eq. 22) or not.
+        level: backbone level the head reads (default the bottleneck ``"mid"``).
+        backbone: ``"copy"`` (default: a trainable copy of encoder + mid block), ``"own"`` or ``"shared"``.
+        trainable: ``requires_grad`` of a copied/owned backbone (default True); ``False`` freezes it.
+        head_channels: hidden width of the head (default: the level's channels ``C``).
+        norm_groups: GroupNorm groups of the head (32 in the paper).
+        feature_resolution: spatial size of ``level`` the head is sized for (default
+            ``sample_size / stride``).
+        augment: optional DiffAugment-style module (e.g. ``LatentAugment("bgc")``) applied in training mode
+            with one draw shared by ``sample`` and ``cond_sample``.
+        gradient_checkpointing: recompute backbone blocks in the backward pass.
+
+    Example:
+        >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
+        >>> unet = tiny_sdxl_unet()
+        >>> disc = UNetEncoderDiscriminator(unet, conditional=True)
+        >>> ehs, added = sdxl_conditions(unet, 2)
+        >>> x_prev, x_t = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+        >>> logits = disc(x_prev, 250, ehs, added, cond_sample=x_t, cond_timestep=500)
+        >>> [tuple(l.shape) for l in logits], logits[0].dtype
+        ([(2, 1, 1, 1)], torch.float32)
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        conditional: bool = True,
+        level: str = "mid",
+        backbone: BackboneMode = "copy",
+        trainable: bool | None = None,
+        head_channels: int | None = None,
+        norm_groups: int = 32,
+        feature_resolution: int | None = None,
+        augment: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.extractor = UNetFeatureExtractor(
+            unet,
+            (level,),
+            backbone=backbone,
+            trainable=_default_trainable(backbone, trainable),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.conditional = bool(conditional)
+        self.level = level
+        channels = self.extractor.channels[level]
+        resolution = _feature_resolution(self.extractor, level, feature_resolution)
+        in_channels = 2 * channels if self.conditional else channels
+        self.heads = nn.ModuleList(
+            [
+                StridedConvHead(
+                    in_channels, resolution, channels=head_channels or channels, norm_groups=norm_groups
+                )
+            ]
+        )
+        self._init_augment(augment)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        cond_sample: torch.Tensor | None = None,
+        cond_timestep: torch.Tensor | float | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits ``[(B, 1, 1, 1)]`` (float32) for ``sample`` at ``timestep``.
+
+        Args:
+            sample: the (noised) latents to judge, :math:`x_{t-ns}`, ``(B, C_in, H, W)``.
+            timestep: their timestep (number, ``()``, ``(1,)`` or ``(B,)``).
+            encoder_hidden_states: text hidden states ``(B, L, D)``.
+            added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}``.
+            cond_sample: the conditioning input :math:`x_t` (conditional mode only), shape of ``sample``.
+            cond_timestep: its timestep :math:`t` (conditional mode only).
+            generator: randomness of ``augment``.
+        """
+        self._check_sample(sample)
+        batch = sample.shape[0]
+        if not self.conditional:
+            if cond_sample is not None or cond_timestep is not None:
+                raise OptionError(
+                    "This UNetEncoderDiscriminator has conditional=False, so it takes no `cond_sample` / "
+                    "`cond_timestep`; build it with conditional=True to judge (x_{t-ns}, x_t) pairs."
+                )
+            (sample,) = self._augment(sample, generator=generator)
+            feats = self.extractor(sample, timestep, encoder_hidden_states, added_cond_kwargs)[self.level]
+            return self._run_heads([feats])
+        if cond_sample is None or cond_timestep is None:
+            missing = [
+                n for n, v in (("cond_sample", cond_sample), ("cond_timestep", cond_timestep)) if v is None
+            ]
+            raise ValueError(
+                f"This UNetEncoderDiscriminator has conditional=True and needs {missing}: the input x_t the "
+                "sample was denoised from and its timestep t. Pass them, or build it with conditional=False."
+            )
+        self._check_sample(cond_sample, "cond_sample")
+        if cond_sample.shape != sample.shape:
+            raise ShapeError(
+                f"Expected `cond_sample` to have the shape of `sample` {tuple(sample.shape)}, but got "
+                f"{tuple(cond_sample.shape)}.",
+                name="cond_sample",
+                expected=tuple(sample.shape),
+                actual=tuple(cond_sample.shape),
+            )
+        sample, cond_sample = self._augment(sample, cond_sample, generator=generator)
+        t = _expand_timestep(timestep, batch, sample.device, "timestep")
+        ct = _expand_timestep(cond_timestep, batch, sample.device, "cond_timestep")
+        t_dtype = torch.promote_types(t.dtype, ct.dtype)
+        feats = self.extractor(
+            torch.cat([sample, cond_sample], dim=0),
+            torch.cat([t.to(t_dtype), ct.to(t_dtype)], dim=0),
+            _repeat_batch(encoder_hidden_states, batch, 2, "encoder_hidden_states"),
+            _repeat_batch(added_cond_kwargs, batch, 2, "added_cond_kwargs"),
+        )[self.level]
+        return self._run_heads([torch.cat(feats.chunk(2, dim=0), dim=1)])
+
+    def extra_repr(self) -> str:
+        return f"conditional={self.conditional}, level={self.level!r}"
+
+
+class BottleneckHead(UNetDiscriminatorBase):
+    r"""DMD2 classifier head on the bottleneck of an existing UNet whose weights it shares (arXiv:2405.14867).
+
+    The UNet (DMD2: the fake-score UNet) is held by reference and not registered, so this module's
+    ``parameters()`` and ``state_dict()`` are the head's alone and the UNet keeps its owner's optimiser;
+    the GAN loss still back-propagates into the UNet's trainable weights, as in DMD2 where the
+    classifier and the fake-score loss train one network. ``forward`` runs the UNet encoder + mid block
+    (the ``classify_forward`` of DMD2) and the :class:`~diffdistill.discriminators.StridedConvHead`
+    (``cls_pred_branch``); :meth:`classify` applies the head to features already computed.
+
+    Under DDP, wrap a module that owns both the UNet and this head (DMD2's guidance model) so the
+    UNet's gradients are synchronised by that wrapper.
+
+    Args:
+        unet: the UNet to share (e.g. the fake-score UNet).
+        level: level the head reads (default ``"mid"``).
+        head_channels: hidden width of the head (default: the level's channels).
+        norm_groups: GroupNorm groups (32).
+        feature_resolution: spatial size of ``level`` the head is sized for (default from ``sample_size``).
+        augment: optional DiffAugment-style module applied to ``sample`` in training mode.
+        gradient_checkpointing: recompute the backbone blocks in the backward pass.
+
+    Example:
+        >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
+        >>> fake_unet = tiny_sdxl_unet()
+        >>> head = BottleneckHead(fake_unet)
+        >>> ehs, added = sdxl_conditions(fake_unet, 2)
+        >>> [tuple(l.shape) for l in head(torch.randn(2, 4, 16, 16), 500, ehs, added)]
+        [(2, 1, 1, 1)]
+        >>> sum(p.numel() for p in head.parameters()) == sum(p.numel() for p in head.head_parameters())
+        True
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        level: str = "mid",
+        head_channels: int | None = None,
+        norm_groups: int = 32,
+        feature_resolution: int | None = None,
+        augment: nn.Module | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.extractor = UNetFeatureExtractor(
+            unet, (level,), backbone="shared", gradient_checkpointing=gradient_checkpointing
+        )
+        self.level = level
+        channels = self.extractor.channels[level]
+        resolution = _feature_resolution(self.extractor, level, feature_resolution)
+        self.heads = nn.ModuleList(
+            [
+                StridedConvHead(
+                    channels, resolution, channels=head_channels or channels, norm_groups=norm_groups
+                )
+            ]
+        )
+        self._init_augment(augment)
+
+    def shared_backbone_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the shared UNet trunk this head back-propagates into."""
+        return [p for p in self.extractor.trunk.parameters() if p.requires_grad]
+
+    def classify(self, features: torch.Tensor | Mapping[str, Any]) -> list[torch.Tensor]:
+        """Head logits ``[(B, 1, 1, 1)]`` from precomputed features (a tensor or ``{level: tensor}``)."""
+        if isinstance(features, Mapping):
+            if self.level not in features:
+                raise ValueError(
+                    f"Expected `features` to hold level {self.level!r}, but it has keys {sorted(features)}. "
+                    f"Extract it with UNetFeatureExtractor(unet, levels=({self.level!r},))."
+                )
+            features = features[self.level]
+        return [run_head_float32(self.heads[0], features)]
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> list[torch.Tensor]:
+        """Logits ``[(B, 1, 1, 1)]`` of ``sample`` (DMD2 noises real and fake latents to ``t ~ U[0, 1000)`` first)."""
+        self._check_sample(sample)
+        (sample,) = self._augment(sample, generator=generator)
+        return self.classify(self.extractor(sample, timestep, encoder_hidden_states, added_cond_kwargs))

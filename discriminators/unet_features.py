@@ -1,0 +1,549 @@
+r"""Feature extraction from a diffusers ``UNet2DConditionModel`` without modifying it.
+
+:class:`UNetFeatureExtractor` runs the UNet's own sub-modules in the order of
+``UNet2DConditionModel.forward`` (diffusers 0.42) and returns the hidden states at chosen *levels*:
+
+==============  ======================================================================================
+level           tensor
+==============  ======================================================================================
+``"conv_in"``   output of ``conv_in`` (full latent resolution)
+``"down.i"``    output of down block ``i`` (after its downsampler, if any)
+``"mid"``       output of the mid block (the bottleneck; 1280 × 32 × 32 for SDXL at 1024 px)
+``"up.i"``      output of up block ``i`` (after its upsampler, if any)
+``"out"``       the UNet's prediction (``conv_norm_out`` → ``conv_act`` → ``conv_out``)
+==============  ======================================================================================
+
+The embedding follows the UNet exactly: sinusoidal ``time_proj`` → ``time_embedding`` (+ class
+embedding) + the added embedding (``"text"``, or SDXL's ``"text_time"``:
+``add_embedding(concat(text_embeds, add_time_proj(time_ids)))``) → ``time_embed_act``; the text
+goes through ``encoder_hid_proj`` when present. Only the blocks up to the deepest requested level
+run, so an encoder-only discriminator never pays for the decoder.
+
+The extractor holds only the modules it needs (a *trunk* whose attribute names match the UNet's,
+so ``trunk.load_state_dict(unet.state_dict(), strict=False)`` loads teacher weights), in one of three
+ways (``backbone``):
+
+* ``"copy"``: a deep copy (a trainable discriminator initialised from the teacher, SDXL-Lightning);
+* ``"own"``: the UNet's modules themselves, registered as sub-modules (a UNet built for the
+  discriminator alone);
+* ``"shared"``: the UNet's modules held by reference and **not** registered, so they are absent from
+  ``parameters()`` / ``state_dict()`` and ``.to()`` (a frozen teacher shared with other losses, PCM;
+  DMD2's fake-score UNet, whose optimiser and gradient sync belong to its owner).
+
+References:
+    * S. Lin, A. Wang, X. Yang, "SDXL-Lightning", arXiv:2402.13929, Sec. 3.3 (encoder + mid block).
+    * T. Yin et al., "Improved Distribution Matching Distillation" (DMD2), arXiv:2405.14867.
+    * F.-Y. Wang et al., "Phased Consistency Model" (PCM), arXiv:2405.18407.
+    * M. Kang et al., "Distilling Diffusion Models into Conditional GANs" (Diffusion2GAN), arXiv:2405.05967.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .._checks import DTypeError, OptionError, ShapeError, check_ndim, check_option, check_tensor
+from .._modules import unwrap_model
+
+__all__ = ["BackboneMode", "UNetFeatureExtractor", "unet_feature_levels"]
+
+logger = logging.getLogger(__name__)
+
+BackboneMode = Literal["copy", "own", "shared"]
+_BACKBONE_MODES = ("copy", "own", "shared")
+_EMBED_PARTS = (
+    "conv_in",
+    "time_proj",
+    "time_embedding",
+    "class_embedding",
+    "add_time_proj",
+    "add_embedding",
+    "encoder_hid_proj",
+    "time_embed_act",
+)
+_OUT_PARTS = ("conv_norm_out", "conv_act", "conv_out")
+
+
+def _check_unet(unet: Any) -> None:
+    missing = [
+        name for name in ("config", "conv_in", "time_embedding", "down_blocks") if not hasattr(unet, name)
+    ]
+    if missing:
+        raise DTypeError(
+            f"Expected `unet` to be a diffusers UNet2DConditionModel (with conv_in, time_embedding, down_blocks "
+            f"and config), but {type(unet).__name__} lacks {missing}."
+        )
+
+
+def _cfg(unet: Any) -> Mapping[str, Any]:
+    cfg = unet.config
+    return cfg if isinstance(cfg, Mapping) else dict(vars(cfg))
+
+
+def unet_feature_levels(unet: Any) -> tuple[str, ...]:
+    """The level names a :class:`UNetFeatureExtractor` can return for ``unet``, in network order.
+
+    Example:
+        >>> from diffdistill.discriminators import tiny_sdxl_unet
+        >>> unet_feature_levels(tiny_sdxl_unet())
+        ('conv_in', 'down.0', 'down.1', 'mid', 'up.0', 'up.1', 'out')
+    """
+    unet = unwrap_model(unet)
+    _check_unet(unet)
+    levels = ["conv_in"] + [f"down.{i}" for i in range(len(unet.down_blocks))]
+    if getattr(unet, "mid_block", None) is not None:
+        levels.append("mid")
+    levels += [f"up.{i}" for i in range(len(getattr(unet, "up_blocks", ())))]
+    if getattr(unet, "conv_out", None) is not None:
+        levels.append("out")
+    return tuple(levels)
+
+
+def _level_geometry(unet: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Channels and downsampling factor (relative to the latent) of every level."""
+    channels: dict[str, int] = {"conv_in": int(unet.conv_in.out_channels)}
+    strides: dict[str, int] = {"conv_in": 1}
+    stride = 1
+    for i, block in enumerate(unet.down_blocks):
+        if getattr(block, "downsamplers", None) is not None:
+            stride *= 2
+        channels[f"down.{i}"] = int(block.resnets[-1].out_channels)
+        strides[f"down.{i}"] = stride
+    if getattr(unet, "mid_block", None) is not None:
+        channels["mid"] = int(unet.mid_block.resnets[-1].out_channels)
+        strides["mid"] = stride
+    for i, block in enumerate(getattr(unet, "up_blocks", ())):
+        if getattr(block, "upsamplers", None) is not None:
+            stride = max(stride // 2, 1)
+        channels[f"up.{i}"] = int(block.resnets[-1].out_channels)
+        strides[f"up.{i}"] = stride
+    if getattr(unet, "conv_out", None) is not None:
+        channels["out"] = int(unet.conv_out.out_channels)
+        strides["out"] = stride
+    return channels, strides
+
+
+class _UNetTrunk(nn.Module):
+    """The sub-modules of a UNet that an extractor needs, under the UNet's own attribute names."""
+
+    def __init__(self, config: Mapping[str, Any], parts: Mapping[str, Any], num_upsamplers: int) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.num_upsamplers = int(num_upsamplers)
+        for name, module in parts.items():
+            setattr(self, name, module)
+
+
+class UNetFeatureExtractor(nn.Module):
+    r"""Hidden states of a ``UNet2DConditionModel`` at chosen levels, computed with the UNet's own modules.
+
+    ``extractor(sample, timestep, encoder_hidden_states, added_cond_kwargs)`` reproduces the UNet's
+    forward pass up to the deepest requested level and returns ``{level: tensor}``; with
+    ``levels=("out",)`` it returns exactly ``unet(...).sample``. Level ``l`` has shape
+    ``(B, channels[l], H / strides[l], W / strides[l])``.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (SD1.5, SDXL, SSD-1B...), possibly wrapped in DDP /
+            ``torch.compile``; it is never modified.
+        levels: the levels to return, see :func:`unet_feature_levels` (default: the bottleneck ``"mid"``).
+        backbone: ``"copy"`` (deep copy), ``"own"`` (register the UNet's modules) or ``"shared"`` (hold
+            them by reference, unregistered); see the module docstring.
+        trainable: ``True`` / ``False`` set ``requires_grad`` of a ``"copy"`` / ``"own"`` trunk (``False``
+            also keeps it in eval mode); ``None`` leaves it as it is. Must be ``None`` for ``"shared"``.
+        gradient_checkpointing: recompute each block in the backward pass
+            (``torch.utils.checkpoint``, non-reentrant) instead of storing its activations.
+
+    Attributes:
+        channels: ``{level: channels}`` for every level of the UNet.
+        strides: ``{level: downsampling factor relative to the latent}``.
+
+    Example:
+        >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
+        >>> unet = tiny_sdxl_unet()
+        >>> ext = UNetFeatureExtractor(unet, levels=("down.0", "mid"), backbone="shared")
+        >>> ehs, added = sdxl_conditions(unet, 2)
+        >>> feats = ext(torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), ehs, added)
+        >>> {k: tuple(v.shape) for k, v in feats.items()}
+        {'down.0': (2, 32, 8, 8), 'mid': (2, 64, 8, 8)}
+        >>> sum(p.numel() for p in ext.parameters())  # a shared trunk is not registered
+        0
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        levels: Sequence[str] = ("mid",),
+        *,
+        backbone: BackboneMode = "copy",
+        trainable: bool | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        check_option(backbone, "backbone", _BACKBONE_MODES)
+        unet = unwrap_model(unet)
+        _check_unet(unet)
+        available = unet_feature_levels(unet)
+        if isinstance(levels, str):
+            levels = (levels,)
+        levels = tuple(levels)
+        if not levels:
+            raise OptionError(
+                f"Expected `levels` to name at least one level of {list(available)}, but got ()."
+            )
+        for level in levels:
+            if level not in available:
+                raise OptionError(
+                    f"Expected every entry of `levels` to be one of {list(available)}, but got {level!r}."
+                )
+        if len(set(levels)) != len(levels):
+            raise OptionError(f"Expected `levels` without repeats, but got {list(levels)}.")
+        if backbone == "shared" and trainable is not None:
+            raise OptionError(
+                "A `backbone='shared'` UNet belongs to its owner, so `trainable` must be None; set "
+                "requires_grad on the UNet itself or use backbone='copy'."
+            )
+        self.levels = levels
+        self.backbone_mode = backbone
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.channels, self.strides = _level_geometry(unet)
+        self.in_channels = int(unet.conv_in.in_channels)
+        config = _cfg(unet)
+        self.sample_size = config.get("sample_size")
+        deepest = max(available.index(level) for level in levels)
+        self._deepest = available[deepest]
+        needed = set(available[: deepest + 1])
+        n_down = sum(1 for level in needed if level.startswith("down."))
+        n_up = sum(1 for level in needed if level.startswith("up."))
+        parts: dict[str, Any] = {name: getattr(unet, name, None) for name in _EMBED_PARTS}
+        parts["down_blocks"] = nn.ModuleList(list(unet.down_blocks)[:n_down])
+        parts["mid_block"] = unet.mid_block if "mid" in needed else None
+        parts["up_blocks"] = nn.ModuleList(list(unet.up_blocks)[:n_up]) if n_up else nn.ModuleList()
+        for name in _OUT_PARTS:
+            parts[name] = getattr(unet, name, None) if "out" in needed else None
+        self._num_up_total = len(getattr(unet, "up_blocks", ()))
+        num_upsamplers = int(getattr(unet, "num_upsamplers", max(self._num_up_total - 1, 0)))
+        trunk = _UNetTrunk(config, parts, num_upsamplers)
+        if backbone == "copy":
+            trunk = copy.deepcopy(trunk)
+        if backbone == "shared":
+            self._shared: tuple[_UNetTrunk, ...] = (trunk,)
+        else:
+            self._shared = ()
+            self.trunk_module = trunk
+            if trainable is not None:
+                trunk.requires_grad_(bool(trainable))
+                if not trainable:
+                    trunk.eval()
+        self._frozen = trainable is False
+        logger.debug(
+            "UNetFeatureExtractor: levels=%s, backbone=%s, deepest=%s", levels, backbone, self._deepest
+        )
+
+    # ----------------------------------------------------------------------------------------- access
+    @property
+    def trunk(self) -> nn.Module:
+        """The UNet sub-modules this extractor runs (registered or shared)."""
+        return self._shared[0] if self._shared else self.trunk_module
+
+    def train(self, mode: bool = True) -> UNetFeatureExtractor:
+        """Set training mode; a frozen (``trainable=False``) trunk stays in eval mode."""
+        super().train(mode)
+        if self._frozen and not self._shared:
+            self.trunk_module.eval()
+        return self
+
+    def _run(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- conditions
+    def _timesteps(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            is_float = isinstance(timestep, float)
+            dtype = torch.float64 if is_float else torch.int64
+            if sample.device.type == "mps" and is_float:
+                dtype = torch.float32
+            return torch.tensor([timestep], dtype=dtype, device=sample.device).expand(batch)
+        if timestep.ndim == 0:
+            timestep = timestep[None]
+        if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
+            raise ShapeError(
+                f"Expected `timestep` to be a number, a 0-d tensor or shape (1,) or ({batch},) for a batch of "
+                f"{batch}, but got shape {tuple(timestep.shape)}.",
+                name="timestep",
+                expected=(batch,),
+                actual=tuple(timestep.shape),
+            )
+        return timestep.to(sample.device).expand(batch)
+
+    def _added_embedding(
+        self,
+        trunk: nn.Module,
+        emb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None,
+        batch: int,
+    ) -> torch.Tensor | None:
+        kind = trunk.config.get("addition_embed_type")
+        if kind is None or trunk.add_embedding is None:
+            return None
+        if kind == "text":
+            return trunk.add_embedding(encoder_hidden_states)
+        if kind != "text_time":
+            raise OptionError(
+                f"Expected the UNet config `addition_embed_type` to be None, 'text' or 'text_time' (SD / SDXL), but "
+                f"got {kind!r}; the discriminators do not support Kandinsky-style image conditions."
+            )
+        fix = (
+            "Pass added_cond_kwargs={'text_embeds': pooled (B, D), 'time_ids': (B, 6)}, the same dict the "
+            "SDXL UNet gets."
+        )
+        if added_cond_kwargs is None:
+            raise ValueError(
+                "The UNet has addition_embed_type='text_time' (SDXL), which needs `added_cond_kwargs` with "
+                f"'text_embeds' and 'time_ids', but added_cond_kwargs is None. {fix}"
+            )
+        for key in ("text_embeds", "time_ids"):
+            if key not in added_cond_kwargs:
+                raise ValueError(
+                    f"The UNet has addition_embed_type='text_time' (SDXL), which needs `added_cond_kwargs['{key}']`, "
+                    f"but added_cond_kwargs has keys {sorted(added_cond_kwargs)}. {fix}"
+                )
+        text_embeds = check_tensor(added_cond_kwargs["text_embeds"], "added_cond_kwargs['text_embeds']")
+        time_ids = check_tensor(added_cond_kwargs["time_ids"], "added_cond_kwargs['time_ids']")
+        if (
+            text_embeds.ndim != 2
+            or text_embeds.shape[0] != batch
+            or time_ids.ndim != 2
+            or time_ids.shape[0] != batch
+        ):
+            raise ShapeError(
+                f"Expected added_cond_kwargs['text_embeds'] of shape ({batch}, D) and added_cond_kwargs['time_ids'] "
+                f"of shape ({batch}, 6) for a batch of {batch}, but got {tuple(text_embeds.shape)} and "
+                f"{tuple(time_ids.shape)}.",
+                name="added_cond_kwargs",
+                expected=(batch,),
+                actual=(tuple(text_embeds.shape), tuple(time_ids.shape)),
+            )
+        time_dim = int(trunk.config.get("addition_time_embed_dim") or 0)
+        want = trunk.config.get("projection_class_embeddings_input_dim")
+        got = text_embeds.shape[1] + time_ids.shape[1] * time_dim
+        if want is not None and got != want:
+            raise ShapeError(
+                f"Expected added_cond_kwargs['text_embeds'].shape[1] + added_cond_kwargs['time_ids'].shape[1] * "
+                f"{time_dim} to equal the UNet's projection_class_embeddings_input_dim {want}, but got "
+                f"{text_embeds.shape[1]} + {time_ids.shape[1]} * {time_dim} = {got}.",
+                name="added_cond_kwargs",
+                expected=want,
+                actual=got,
+            )
+        time_embeds = trunk.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
+        add_embeds = torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+        return trunk.add_embedding(add_embeds)
+
+    def embed(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's embedding ``emb (B, D_emb)`` and processed ``encoder_hidden_states``."""
+        trunk = self.trunk
+        cfg = trunk.config
+        batch = sample.shape[0]
+        t_emb = trunk.time_proj(self._timesteps(timestep, sample)).to(dtype=sample.dtype)
+        emb = trunk.time_embedding(t_emb, timestep_cond)
+        if trunk.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(
+                    "The UNet has a class embedding (num_class_embeds / class_embed_type), which needs "
+                    "`class_labels`, but class_labels is None. Pass class_labels=..."
+                )
+            if cfg.get("class_embed_type") == "timestep":
+                class_labels = trunk.time_proj(class_labels).to(dtype=sample.dtype)
+            class_emb = trunk.class_embedding(class_labels).to(dtype=sample.dtype)
+            emb = (
+                torch.cat([emb, class_emb], dim=-1) if cfg.get("class_embeddings_concat") else emb + class_emb
+            )
+        aug_emb = self._added_embedding(trunk, emb, encoder_hidden_states, added_cond_kwargs, batch)
+        if aug_emb is not None:
+            emb = emb + aug_emb
+        if trunk.time_embed_act is not None:
+            emb = trunk.time_embed_act(emb)
+        if trunk.encoder_hid_proj is not None:
+            if cfg.get("encoder_hid_dim_type") != "text_proj":
+                raise OptionError(
+                    "Expected the UNet config `encoder_hid_dim_type` to be None or 'text_proj', but got "
+                    f"{cfg.get('encoder_hid_dim_type')!r}; image projections are not supported."
+                )
+            encoder_hidden_states = trunk.encoder_hid_proj(encoder_hidden_states)
+        return emb, encoder_hidden_states
+
+    def _check_inputs(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
+        check_tensor(sample, "sample")
+        check_ndim(sample, "sample", 4, "(B, C, H, W)")
+        if sample.shape[1] != self.in_channels:
+            raise ShapeError(
+                f"Expected `sample` to have the UNet's {self.in_channels} input channels, shape (B, "
+                f"{self.in_channels}, H, W), but got {tuple(sample.shape)}.",
+                name="sample",
+                expected=self.in_channels,
+                actual=tuple(sample.shape),
+            )
+        cross = self.trunk.config.get("cross_attention_dim")
+        needs_text = self.trunk.config.get("addition_embed_type") == "text" or any(
+            getattr(b, "has_cross_attention", False)
+            for b in [*self.trunk.down_blocks, self.trunk.mid_block, *self.trunk.up_blocks]
+        )
+        if encoder_hidden_states is None:
+            if needs_text:
+                raise ValueError(
+                    "The UNet blocks up to level "
+                    f"{self._deepest!r} use cross-attention, which needs `encoder_hidden_states` of shape "
+                    f"(B, L, {cross}), but it is None. Pass the text encoder's hidden states."
+                )
+            return
+        check_tensor(encoder_hidden_states, "encoder_hidden_states")
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+            raise ShapeError(
+                f"Expected `encoder_hidden_states` of shape ({sample.shape[0]}, L, {cross}) to match the batch of "
+                f"`sample` {tuple(sample.shape)}, but got {tuple(encoder_hidden_states.shape)}.",
+                name="encoder_hidden_states",
+                expected=(sample.shape[0], "L", cross),
+                actual=tuple(encoder_hidden_states.shape),
+            )
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+        *,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        additions: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run the UNet up to the deepest requested level.
+
+        Args:
+            sample: noisy latents ``(B, C_in, H, W)``.
+            timestep: a number, ``()``, ``(1,)`` or ``(B,)``.
+            encoder_hidden_states: text hidden states ``(B, L, cross_attention_dim)`` (needed when a block
+                that runs has cross-attention).
+            added_cond_kwargs: SDXL's ``{"text_embeds": (B, D), "time_ids": (B, 6)}``.
+            class_labels: for UNets with a class embedding.
+            timestep_cond: for UNets with ``time_cond_proj_dim`` (LCM guidance embedding).
+            encoder_attention_mask: ``(B, L)`` keep-mask of the text tokens.
+            cross_attention_kwargs: passed to the attention processors.
+            additions: ``{level: tensor}`` added to that level's output before the rest of the network uses
+                it (its skip connection included); shapes as the level's output. Used to inject inputs
+                at several resolutions (Diffusion2GAN's multi-scale input).
+
+        Returns:
+            ``{level: (B, channels[level], H / strides[level], W / strides[level])}`` in the order of
+            ``levels``.
+        """
+        self._check_inputs(sample, encoder_hidden_states)
+        trunk = self.trunk
+        cfg = trunk.config
+        additions = additions or {}
+        wanted = set(self.levels)
+        found: dict[str, torch.Tensor] = {}
+
+        def record(name: str, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            if name in additions:
+                hidden = hidden + additions[name]
+            if name in wanted:
+                found[name] = hidden
+            return hidden, name == self._deepest
+
+        forward_upsample_size = any(dim % (2**trunk.num_upsamplers) != 0 for dim in sample.shape[-2:])
+        if encoder_attention_mask is not None:
+            encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        if cfg.get("center_input_sample"):
+            sample = 2 * sample - 1.0
+        emb, encoder_hidden_states = self.embed(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels, timestep_cond
+        )
+        attn_kwargs = {
+            "encoder_hidden_states": encoder_hidden_states,
+            "attention_mask": None,
+            "cross_attention_kwargs": cross_attention_kwargs,
+            "encoder_attention_mask": encoder_attention_mask,
+        }
+        hidden, done = record("conv_in", trunk.conv_in(sample))
+        if done:
+            return self._ordered(found)
+        res_samples: tuple[torch.Tensor, ...] = (hidden,)
+        for i, block in enumerate(trunk.down_blocks):
+            if getattr(block, "has_cross_attention", False):
+                hidden, res = self._run(block, hidden_states=hidden, temb=emb, **attn_kwargs)
+            else:
+                hidden, res = self._run(block, hidden_states=hidden, temb=emb)
+            hidden, done = record(f"down.{i}", hidden)
+            res_samples += (*res[:-1], hidden)
+            if done:
+                return self._ordered(found)
+        if trunk.mid_block is not None:
+            if getattr(trunk.mid_block, "has_cross_attention", False):
+                hidden = self._run(trunk.mid_block, hidden, emb, **attn_kwargs)
+            else:
+                hidden = self._run(trunk.mid_block, hidden, emb)
+            hidden, done = record("mid", hidden)
+            if done:
+                return self._ordered(found)
+        upsample_size = None
+        for i, block in enumerate(trunk.up_blocks):
+            is_final = i == self._num_up_total - 1
+            n_res = len(block.resnets)
+            skips, res_samples = res_samples[-n_res:], res_samples[:-n_res]
+            if not is_final and forward_upsample_size:
+                upsample_size = res_samples[-1].shape[2:]
+            if getattr(block, "has_cross_attention", False):
+                hidden = self._run(
+                    block,
+                    hidden_states=hidden,
+                    temb=emb,
+                    res_hidden_states_tuple=skips,
+                    upsample_size=upsample_size,
+                    **attn_kwargs,
+                )
+            else:
+                hidden = self._run(
+                    block,
+                    hidden_states=hidden,
+                    temb=emb,
+                    res_hidden_states_tuple=skips,
+                    upsample_size=upsample_size,
+                )
+            hidden, done = record(f"up.{i}", hidden)
+            if done:
+                return self._ordered(found)
+        if trunk.conv_norm_out is not None:
+            hidden = trunk.conv_act(trunk.conv_norm_out(hidden))
+        record("out", trunk.conv_out(hidden))
+        return self._ordered(found)
+
+    def _ordered(self, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {level: found[level] for level in self.levels}
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={list(self.levels)}, backbone={self.backbone_mode!r}, "
+            f"gradient_checkpointing={self.gradient_checkpointing}"
+        )
