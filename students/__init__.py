@@ -1,7 +1,65 @@
-"""diffdistill.students: student construction (EMA targets now; LoRA, block removal and KD hooks follow)."""
+"""diffdistill.students: student construction and layer-level KD.
+
+* :class:`EMA` -- exponential-moving-average targets.
+* :class:`FeatureTap`, :class:`LayerKD`, :func:`layer_kd_loss` -- forward-hook feature KD (SSD-1B / BK-SDM).
+* :class:`BlockRemovalSpec`, :data:`PRESETS`, :func:`student_config`, :func:`build_student` -- SSD-1B /
+  Segmind-Vega / BK-SDM block removal with teacher-weight initialisation and a :class:`BlockRemovalReport`.
+* :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
+  :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding.
+* :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
+
+diffusers, peft and safetensors are imported only inside the functions that need them.
+"""
 
 from __future__ import annotations
 
+from .block_removal import (
+    PRESETS,
+    BlockRemovalReport,
+    BlockRemovalSpec,
+    build_student,
+    init_from_teacher,
+    student_config,
+)
 from .ema import EMA
+from .feature_taps import FeatureTap, in_backward_pass, resolve_module_names
+from .layer_kd import LayerKD, layer_kd_loss
+from .lora import (
+    LCM_LORA_TARGETS,
+    TeacherView,
+    adapters_disabled,
+    add_guidance_embedding,
+    add_lora,
+    guidance_scale_embedding,
+    load_lora,
+    lora_state_dict,
+    merge_lora,
+    save_lora,
+)
+from .x0_conversion import X0Conversion
 
-__all__ = ["EMA"]
+__all__ = [
+    "EMA",
+    "LCM_LORA_TARGETS",
+    "PRESETS",
+    "BlockRemovalReport",
+    "BlockRemovalSpec",
+    "FeatureTap",
+    "LayerKD",
+    "TeacherView",
+    "X0Conversion",
+    "adapters_disabled",
+    "add_guidance_embedding",
+    "add_lora",
+    "build_student",
+    "guidance_scale_embedding",
+    "in_backward_pass",
+    "init_from_teacher",
+    "layer_kd_loss",
+    "load_lora",
+    "lora_state_dict",
+    "merge_lora",
+    "resolve_module_names",
+    "save_lora",
+    "student_config",
+]

@@ -1,0 +1,213 @@
+"""Forward hooks that record the outputs of named sub-modules: the feature side of layer-level KD.
+
+SSD-1B / Segmind-Vega (Gupta et al. 2024, arXiv:2401.02677) and BK-SDM (Kim et al. 2023,
+arXiv:2305.15798) distil a pruned UNet by matching the outputs of its blocks to the teacher's. The
+original scripts (``distill_sdxl.py::getActivation``) register ``register_forward_hook`` closures that
+store ``output[0]`` of tuple-returning blocks; :class:`FeatureTap` is that helper made safe to use:
+
+* module names may be explicit (``"mid_block"``) or glob patterns matched one dotted component per
+  ``*`` (``"down_blocks.*.attentions.*"``; ``"**"`` spans any number of components);
+* DDP / FSDP / ``torch.compile`` / ``DataParallel`` wrappers are unwrapped before the names are
+  resolved (the "unet has no attribute down_blocks" bug of distill-sd);
+* the first tensor of tuple / ``ModelOutput`` outputs is kept (:func:`diffdistill._outputs.first_tensor`);
+* a gradient-checkpointing recomputation (hooks fire again inside ``backward()``) is not recorded, so
+  each key holds the output of the last *real* forward and :attr:`FeatureTap.calls` counts those;
+* hooks are removed on :meth:`FeatureTap.close` and on context-manager exit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .._checks import DTypeError, OptionError
+from .._modules import unwrap_model
+from .._outputs import first_tensor
+
+__all__ = ["FeatureTap", "in_backward_pass", "resolve_module_names"]
+
+logger = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+
+
+def in_backward_pass() -> bool:
+    """Whether the caller runs inside an autograd ``backward()`` (e.g. a gradient-checkpointing recompute).
+
+    Example:
+        >>> in_backward_pass()
+        False
+    """
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _match_parts(pattern: Sequence[str], name: Sequence[str]) -> bool:
+    """Component-wise glob match; ``**`` matches zero or more components."""
+    from fnmatch import fnmatchcase
+
+    if not pattern:
+        return not name
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_parts(rest, name[i:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatchcase(name[0], head) and _match_parts(rest, name[1:])
+
+
+def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Resolve explicit names and glob patterns to module names of ``model`` (wrappers unwrapped).
+
+    A ``*`` matches within one dotted component (``down_blocks.*.resnets.*`` does not reach into the
+    resnets' sub-modules); ``**`` matches any number of components. Names come back in the model's
+    ``named_modules()`` order, without duplicates.
+
+    Raises:
+        OptionError: an explicit name is not a module of the model, or a pattern matches nothing.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
+        >>> resolve_module_names(net, ["*", "1.0"])
+        ['0', '1', '1.0']
+    """
+    model = unwrap_model(model)
+    names = [n for n, _ in model.named_modules() if n]
+    known = set(names)
+    wanted: set[str] = set()
+    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+        if not isinstance(pattern, str):
+            raise DTypeError(f"Expected module names to be strings, but got {type(pattern).__name__}.")
+        if _GLOB_CHARS & set(pattern):
+            parts = pattern.split(".")
+            hits = [n for n in names if _match_parts(parts, n.split("."))]
+            if not hits:
+                raise OptionError(
+                    f"Expected the pattern {pattern!r} to match at least one module of "
+                    f"{type(model).__name__}, but it matched none. Each '*' matches one dotted component; "
+                    "use '**' to span several."
+                )
+            wanted.update(hits)
+        elif pattern in known:
+            wanted.add(pattern)
+        else:
+            close = difflib.get_close_matches(pattern, names, n=3)
+            hint = f" Close names: {close}." if close else ""
+            raise OptionError(
+                f"Expected {pattern!r} to name a sub-module of {type(model).__name__}, but it has none of that "
+                f"name.{hint} List them with [n for n, _ in model.named_modules()]."
+            )
+    return [n for n in names if n in wanted]
+
+
+class FeatureTap:
+    """Record the outputs of named sub-modules of ``model`` at every forward.
+
+    Args:
+        model: the network (a DDP / FSDP / compiled / DataParallel wrapper is unwrapped first).
+        modules: module names or glob patterns (the key of each feature is the module name), or a
+            mapping ``{key: name}`` when the features should be stored under other keys (each name must
+            then resolve to exactly one module).
+        detach: store ``output.detach()`` (for a frozen teacher run with grad enabled).
+
+    After a forward, :attr:`features` maps each key to a tensor of the module's output shape, e.g.
+    ``(B, C, H, W)`` for UNet blocks, resnets and ``Transformer2DModel`` s and ``(B, H*W, C)`` for
+    ``transformer_blocks``. Use :meth:`pop` at each step so no feature outlives it.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> with FeatureTap(net, ["0", "2"]) as tap:
+        ...     _ = net(torch.randn(5, 3))
+        ...     feats = tap.pop()
+        >>> {k: tuple(v.shape) for k, v in feats.items()}
+        {'0': (5, 4), '2': (5, 2)}
+        >>> len(net[0]._forward_hooks)
+        0
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: str | Sequence[str] | Mapping[str, str],
+        *,
+        detach: bool = False,
+    ) -> None:
+        inner = unwrap_model(model)
+        if isinstance(modules, Mapping):
+            names: dict[str, str] = {}
+            for key, pattern in modules.items():
+                found = resolve_module_names(inner, pattern)
+                if len(found) != 1:
+                    raise OptionError(
+                        f"Expected {pattern!r} (key {key!r}) to name exactly one module, but it matched "
+                        f"{len(found)}: {found[:5]}. Give one explicit name per key."
+                    )
+                names[str(key)] = found[0]
+        else:
+            names = {n: n for n in resolve_module_names(inner, modules)}
+        self.names: dict[str, str] = names
+        self.detach = bool(detach)
+        self._features: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(names, 0)
+        self.handles: list[RemovableHandle] = []
+        lookup = dict(inner.named_modules())
+        for key, name in names.items():
+            self.handles.append(lookup[name].register_forward_hook(self._make_hook(key, name)))
+        logger.debug("FeatureTap on %d module(s) of %s", len(names), type(inner).__name__)
+
+    def _make_hook(self, key: str, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if in_backward_pass():  # gradient-checkpointing recomputation: already recorded
+                return
+            feature = first_tensor(output, what=f"module '{name}'")
+            self._features[key] = feature.detach() if self.detach else feature
+            self.calls[key] += 1
+
+        return hook
+
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        """The features of the last forward (a new dict; the tap keeps its references until :meth:`pop`)."""
+        return dict(self._features)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the hooks have been removed."""
+        return not self.handles
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Return the recorded features and forget them (call once per training step)."""
+        out, self._features = self._features, {}
+        return out
+
+    def clear(self) -> None:
+        """Forget the recorded features and reset :attr:`calls`."""
+        self._features = {}
+        self.calls = dict.fromkeys(self.names, 0)
+
+    def close(self) -> None:
+        """Remove every hook and forget the features; safe to call twice."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self._features = {}
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"FeatureTap({len(self.names)} module(s), {state}, recorded={sorted(self._features)})"
