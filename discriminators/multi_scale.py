@@ -14,7 +14,10 @@ real/fake patch maps, so every UNet level receives gradient:
 
 :math:`W_z` and the input convs :math:`W_i` start at zero, so the initial features are exactly the
 teacher's. Train it with the mix-and-match negatives (:func:`~diffdistill.losses.mix_and_match`) and
-single-sample lazy R1 (:func:`~diffdistill.losses.lazy_r1_penalty`, ``num_samples=1, every=16``).
+single-sample lazy R1 (:func:`~diffdistill.losses.lazy_r1_penalty`, ``num_samples=1, every=16``). R1
+differentiates the logits twice, and the fused ``scaled_dot_product_attention`` kernels that
+diffusers' attention uses (flash / memory-efficient) have no double backward: run the R1 pass under
+``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
 
 Reference:
     M. Kang, R. Zhang, C. Barnes, S. Paris, S. Kwak, J. Park, E. Shechtman, J.-Y. Zhu, T. Park,
