@@ -195,6 +195,7 @@ class LayerKD(nn.Module):
         self.eps = float(eps)
         # Plain attributes (not sub-modules): the networks belong to the training loop.
         self.__dict__["_nets"] = (student, teacher)
+        self._warned: set[str] = set()
         self.student_tap = FeatureTap(student, {s: s for s in pairs})
         self.teacher_tap = FeatureTap(teacher, {s: t for s, t in pairs.items()}, detach=True)
 
@@ -236,6 +237,14 @@ class LayerKD(nn.Module):
             t_feat = teacher_feats.get(key)
             if t_feat is not None:
                 _check_pair(t_feat, s_feat, self.pairs[key], key)
+            if student_out.requires_grad and not s_feat.requires_grad and key not in self._warned:
+                self._warned.add(key)
+                logger.warning(
+                    "student feature %r has no autograd graph, so its KD term trains nothing; reentrant "
+                    "gradient checkpointing (use_reentrant=True) runs checkpointed modules under no_grad. "
+                    "Use diffusers' default (non-reentrant) checkpointing.",
+                    key,
+                )
         return layer_kd_loss(
             student_out,
             teacher_out,
