@@ -1,0 +1,195 @@
+"""LayerKD: hand computation, normalisation, task weighting, teacher no-grad, errors, tiny SDXL run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffdistill._checks import OptionError, ShapeError
+from diffdistill.students import LayerKD, build_student, layer_kd_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Net(nn.Module):
+    """``net(x, t)`` with two tappable stages and a tuple-returning block."""
+
+    def __init__(self, width: int = 6, reentrant_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.mid = nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        self.head = nn.Linear(width, 4)
+        self.reentrant_checkpoint = reentrant_checkpoint
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        h = self.stem(x) if t is None else self.stem(x) * (1 + t[:, None])
+        h = checkpoint(self.mid, h, use_reentrant=True) if self.reentrant_checkpoint else self.mid(h)
+        return self.head(h)
+
+
+def make_pair(seed: int = 0) -> tuple[Net, Net]:
+    torch.manual_seed(seed)
+    return Net(), Net()
+
+
+def test_equals_hand_computation_with_per_layer_logs() -> None:
+    student, teacher = make_pair()
+    x, t, target = torch.randn(3, 4), torch.rand(3), torch.randn(3, 4)
+    kd = LayerKD(student, teacher, ["stem", "mid"], output_weight=0.3, feature_weight=0.7)
+    loss, logs = kd(x, t, target)
+    assert kd.student_tap.features == {} and kd.teacher_tap.features == {}  # nothing kept after the step
+    kd.close()
+    with torch.no_grad():
+        s_stem, t_stem = student.stem(x), teacher.stem(x)  # the tapped outputs (before the t scaling)
+        s_mid, t_mid = student.mid(s_stem * (1 + t[:, None])), teacher.mid(t_stem * (1 + t[:, None]))
+        s_out, t_out = student.head(s_mid), teacher.head(t_mid)
+        task = F.mse_loss(s_out, target)
+        out_kd = F.mse_loss(s_out, t_out)
+        f_stem, f_mid = F.mse_loss(s_stem, t_stem), F.mse_loss(s_mid, t_mid)
+        expected = task + 0.3 * out_kd + 0.7 * (f_stem + f_mid)
+    torch.testing.assert_close(loss.detach(), expected)
+    torch.testing.assert_close(logs["task"], task)
+    torch.testing.assert_close(logs["output_kd"], out_kd)
+    torch.testing.assert_close(logs["feature/stem"], f_stem)
+    torch.testing.assert_close(logs["feature/mid"], f_mid)
+    torch.testing.assert_close(logs["feature_kd"], f_stem + f_mid)
+    assert loss.dtype == torch.float32 and not logs["loss"].requires_grad
+    assert all(len(m._forward_hooks) == 0 for net in (student, teacher) for m in net.modules())
+
+
+def test_ssd1b_default_weights_and_normalisation() -> None:
+    s_out, t_out, target = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 2.0)
+    s_feats = {"a": torch.zeros(2, 5), "b": torch.zeros(2, 1, 2)}
+    t_feats = {"a": torch.full((2, 5), 10.0), "b": torch.full((2, 1, 2), 0.1)}
+    raw, logs = layer_kd_loss(s_out, t_out, s_feats, t_feats, target)
+    assert raw.item() == pytest.approx(4.0 + 0.5 * 1.0 + 0.5 * (100.0 + 0.01))
+    # Per-layer normalisation: each term divided by the teacher feature's mean square -> 1 + 1.
+    norm, logs = layer_kd_loss(s_out, t_out, s_feats, t_feats, target, normalize=True)
+    assert norm.item() == pytest.approx(4.0 + 0.5 + 0.5 * 2.0, rel=1e-5)
+    assert logs["feature/a"].item() == pytest.approx(1.0, rel=1e-5)
+    assert logs["feature/b"].item() == pytest.approx(1.0, rel=1e-5)
+    # No target: pure KD (task term 0).
+    kd_only, logs = layer_kd_loss(s_out, t_out, {}, {})
+    assert kd_only.item() == pytest.approx(0.5) and logs["task"].item() == 0.0
+
+
+def test_task_weighting_never_drops_kd_terms() -> None:
+    """The min-SNR branch of distill_sdxl.py dropped both KD terms; here weights scale the task only."""
+    student, teacher = make_pair(1)
+    x, t, target = torch.randn(4, 4), torch.rand(4), torch.randn(4, 4)
+    with LayerKD(student, teacher, ["stem", "mid"]) as kd:
+        _, plain = kd(x, t, target)
+        snr_weight = torch.tensor([0.1, 0.5, 1.0, 5.0])
+        _, logs = kd(x, t, target, task_weight=snr_weight)
+        zero, logs_zero = kd(x, t, target, task_weight=torch.zeros(4))
+    per_sample = (student(x, t) - target).pow(2).mean(dim=1).detach()
+    torch.testing.assert_close(logs["task"], (snr_weight * per_sample).mean())
+    torch.testing.assert_close(logs["output_kd"], plain["output_kd"])
+    torch.testing.assert_close(logs["feature_kd"], plain["feature_kd"])
+    assert logs_zero["task"].item() == 0.0
+    torch.testing.assert_close(zero.detach(), 0.5 * plain["output_kd"] + 0.5 * plain["feature_kd"])
+    assert zero.item() > 0.0
+    with pytest.raises(
+        ShapeError, match=r"Expected `task_weight` to have shape \(4,\) \(one weight per sample\)"
+    ):
+        layer_kd_loss(
+            torch.zeros(4, 2), torch.zeros(4, 2), {}, {}, torch.zeros(4, 2), task_weight=torch.ones(3)
+        )
+
+
+def test_teacher_runs_under_no_grad_and_only_student_gets_gradients() -> None:
+    student, teacher = make_pair(2)
+    grad_enabled = []
+    teacher.stem.register_forward_hook(lambda *a: grad_enabled.append(torch.is_grad_enabled()))
+    with LayerKD(student, teacher, ["stem", "mid"]) as kd:
+        loss, _ = kd(torch.randn(2, 4), torch.rand(2), torch.randn(2, 4))
+    loss.backward()
+    assert grad_enabled == [False]
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert list(kd.parameters()) == [] and kd.student is student and kd.teacher is teacher
+    assert "layers=2" in repr(kd)
+
+
+def test_shape_mismatch_names_both_modules() -> None:
+    torch.manual_seed(0)
+    student, teacher = Net(width=6), Net(width=8)
+    kd = LayerKD(student, teacher, {"mid": "stem"})  # a renamed pair: teacher `mid`, student `stem`
+    with pytest.raises(
+        ShapeError,
+        match=r"teacher feature `mid` and student feature `stem` to have the same shape, but got teacher "
+        r"\(2, 8\) and student \(2, 6\)",
+    ):
+        kd(torch.randn(2, 4), None)
+    kd.close()
+    with LayerKD(student, Net(width=6), {"mid": "stem"}) as kd:  # same shapes: a valid renamed pair
+        _, logs = kd(torch.randn(2, 4), None)
+    assert "feature/stem" in logs
+    with pytest.raises(ShapeError, match=r"teacher feature `output` and student feature `output`"):
+        layer_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), {}, {})
+    with pytest.raises(OptionError, match=r"the student lacks \['b'\] and the teacher lacks \['a'\]"):
+        layer_kd_loss(torch.zeros(2), torch.zeros(2), {"a": torch.zeros(2)}, {"b": torch.zeros(2)})
+    with pytest.raises(OptionError, match=r"Expected `output_weight` to be >= 0"):
+        LayerKD(student, teacher, ["stem"], output_weight=-1.0)
+    with pytest.raises(OptionError, match=r"Expected 'head2' to name a sub-module"):
+        LayerKD(student, teacher, ["head2"])
+
+
+def test_warns_when_a_student_feature_has_no_graph(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    student, teacher = Net(reentrant_checkpoint=True), Net()
+    with (
+        caplog.at_level(logging.WARNING, logger="diffdistill.students.layer_kd"),
+        LayerKD(student, teacher, ["mid.0"]) as kd,
+    ):
+        kd(torch.randn(2, 4), None, torch.randn(2, 4))
+        kd(torch.randn(2, 4), None, torch.randn(2, 4))
+    assert sum("has no autograd graph" in r.message for r in caplog.records) == 1
+
+
+def test_tiny_sdxl_ssd1b_student_with_report_pairs() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    teacher = diffusers.UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=[1, 2],
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    ).requires_grad_(False)
+    student, report = build_student(teacher, "ssd-1b")
+    pairs = report.kd_pairs("sub_block")
+    assert pairs["mid_block"] == "mid_block.resnets.0"
+    x = torch.randn(2, 4, 16, 16)
+    cond = {
+        "encoder_hidden_states": torch.randn(2, 3, 32),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.rand(2, 6)},
+    }
+    with LayerKD(student, teacher, pairs) as kd:
+        loss, logs = kd(x, torch.tensor([999, 500]), torch.randn_like(x), **cond)
+        loss.backward()
+    assert {f"feature/{s}" for s in pairs.values()} <= set(logs)
+    # Kept modules start from the teacher's weights, so all but the changed layers match closely.
+    assert logs["feature/down_blocks.0.resnets.0"].item() == 0.0
+    assert logs["feature/mid_block.resnets.0"].item() > 0.0  # the student's mid has no attention
+    assert student.conv_in.weight.grad is not None
+    assert all(len(m._forward_hooks) == 0 for m in student.modules())
