@@ -441,5 +441,9 @@ def add_guidance_embedding(
             proj.weight.uniform_(-bound, bound, generator=generator)
     embedding.cond_proj = proj
     if callable(getattr(inner, "register_to_config", None)):
-        inner.register_to_config(time_cond_proj_dim=int(time_cond_proj_dim))
+        changes: dict[str, Any] = {"time_cond_proj_dim": int(time_cond_proj_dim)}
+        defaults = inner.config.get("_use_default_values")
+        if defaults is not None:  # from_config would otherwise reset the key to its default (None)
+            changes["_use_default_values"] = [k for k in defaults if k != "time_cond_proj_dim"]
+        inner.register_to_config(**changes)
     return unet

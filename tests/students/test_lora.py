@@ -1,0 +1,238 @@
+"""LoRA students: LCM-LoRA targets, teacher view, merge, safetensors round trip (ours and diffusers'), guidance embedding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffdistill._checks import OptionError
+from diffdistill.students import (
+    LCM_LORA_TARGETS,
+    TeacherView,
+    adapters_disabled,
+    add_guidance_embedding,
+    add_lora,
+    guidance_scale_embedding,
+    load_lora,
+    lora_state_dict,
+    merge_lora,
+    save_lora,
+)
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+TINY_SDXL = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(**{**TINY_SDXL, **overrides})
+
+
+def inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(5)
+    return (
+        torch.randn(batch, 4, 16, 16, generator=g),
+        torch.tensor([999, 300][:batch]),
+        {
+            "encoder_hidden_states": torch.randn(batch, 3, 32, generator=g),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, 32, generator=g),
+                "time_ids": torch.rand(batch, 6, generator=g),
+            },
+        },
+    )
+
+
+def randomize_lora(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_lcm_lora_targets_on_sdxl_structure() -> None:
+    unet = add_lora(tiny_unet(), rank=4)
+    adapted = {n for n, m in unet.named_modules() if hasattr(m, "lora_A")}
+    assert len(LCM_LORA_TARGETS) == 14
+    for suffix in LCM_LORA_TARGETS:  # every target exists in an SDXL-structured UNet
+        assert any(n == suffix or n.endswith("." + suffix) for n in adapted), suffix
+    skipped = (
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+        "add_embedding.linear_1",
+    )
+    assert not any(n.startswith(s) for n in adapted for s in skipped)
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x, t, cond = inputs()
+    base = tiny_unet()
+    with torch.no_grad():  # B = 0 at init: the LoRA student starts as the teacher
+        torch.testing.assert_close(unet(x, t, **cond).sample, base(x, t, **cond).sample)
+
+
+def test_rank_alpha_scaling_and_generic_modules() -> None:
+    net = add_lora(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), rank=2, alpha=8, targets=["0", "2"]
+    )
+    assert net[0].scaling["default"] == pytest.approx(4.0)
+    assert net[0].lora_A["default"].weight.shape == (2, 4)
+    assert sorted(lora_state_dict(net)) == [
+        "0.lora_A.weight",
+        "0.lora_B.weight",
+        "2.lora_A.weight",
+        "2.lora_B.weight",
+    ]
+    with pytest.raises(
+        OptionError, match=r"Expected `adapter_name` to be one of \['default'\], but got 'other'"
+    ):
+        lora_state_dict(net, "other")
+    with pytest.raises(OptionError, match=r"Expected `rank` to be > 0"):
+        add_lora(nn.Linear(2, 2), rank=0)
+
+
+def test_teacher_view_disables_adapters_and_restores_state() -> None:
+    unet = add_lora(tiny_unet(), rank=4)
+    randomize_lora(unet)
+    base = tiny_unet()
+    x, t, cond = inputs()
+    teacher = TeacherView(unet)
+    with torch.no_grad():
+        adapted = unet(x, t, **cond).sample
+        plain = base(x, t, **cond).sample
+    out = teacher(x, t, **cond).sample
+    assert not out.requires_grad
+    torch.testing.assert_close(out, plain)
+    assert (adapted - plain).abs().max() > 1e-3
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    with adapters_disabled(unet):
+        pass
+    assert flags == {n: p.requires_grad for n, p in unet.named_parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, **cond).sample, adapted)  # adapters active again
+    assert "UNet2DConditionModel" in repr(teacher)
+
+
+def test_merge_gives_the_adapter_models_output() -> None:
+    unet = add_lora(tiny_unet(), rank=4, alpha=8)
+    randomize_lora(unet)
+    x, t, cond = inputs()
+    with torch.no_grad():
+        adapted = unet(x, t, **cond).sample
+    merged = merge_lora(unet)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert type(merged.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, t, **cond).sample, adapted, atol=1e-5, rtol=1e-4)
+    assert not getattr(merged, "_hf_peft_config_loaded", False)
+
+
+def test_safetensors_round_trip_ours_and_diffusers(tmp_path) -> None:
+    from safetensors import safe_open
+
+    unet = add_lora(tiny_unet(), rank=4, alpha=2)
+    randomize_lora(unet)
+    x, t, cond = inputs()
+    with torch.no_grad():
+        expected = unet(x, t, **cond).sample
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_lora(unet, path)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        assert (
+            f.metadata()["format"] == "pt"
+            and '"unet.lora_alpha": 2.0' in f.metadata()["lora_adapter_metadata"]
+        )
+    assert all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    # Our loader, into a fresh copy of the base model (adapter created from the file's metadata).
+    ours = load_lora(tiny_unet(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, **cond).sample, expected)
+    # diffusers' own loader reads the same file (rank and alpha from the metadata).
+    theirs = tiny_unet()
+    theirs.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="unet", adapter_name="default")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t, **cond).sample, expected)
+    # Bare peft keys (prefix "") and error messages.
+    save_lora(unet, tmp_path / "bare.safetensors", prefix="")
+    bare = load_lora(tiny_unet(), tmp_path / "bare.safetensors", prefix="")
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x, t, **cond).sample, expected)
+    with pytest.raises(OptionError, match=r"Expected keys starting with 'text_encoder\.'"):
+        load_lora(tiny_unet(), path, prefix="text_encoder")
+    with pytest.raises(OptionError, match=r"to match adapter 'default' exactly"):
+        load_lora(add_lora(tiny_unet(), rank=4, targets=["to_q", "to_k"]), path)
+
+
+def test_guidance_embedding_zero_init_keeps_output_and_config() -> None:
+    unet = tiny_unet()
+    x, t, cond = inputs()
+    w_emb = guidance_scale_embedding(torch.tensor([3.0, 8.0]), 16)
+    with torch.no_grad():
+        before = unet(x, t, **cond).sample
+    add_guidance_embedding(unet, 16)
+    assert unet.config.time_cond_proj_dim == 16
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, timestep_cond=w_emb, **cond).sample, before)
+    rebuilt = diffusers.UNet2DConditionModel.from_config(unet.config)
+    assert (
+        rebuilt.time_embedding.cond_proj.weight.shape
+        == unet.time_embedding.cond_proj.weight.shape
+        == (32 * 4, 16)
+    )
+    with pytest.raises(
+        OptionError, match=r"without a guidance embedding, but `time_embedding.cond_proj` exists"
+    ):
+        add_guidance_embedding(unet, 16)
+    other = add_guidance_embedding(
+        tiny_unet(), 16, init="uniform", generator=torch.Generator().manual_seed(0)
+    )
+    w = other.time_embedding.cond_proj.weight
+    assert w.abs().max() <= 1 / math.sqrt(16) and w.abs().sum() > 0
+    with torch.no_grad():
+        assert (other(x, t, timestep_cond=w_emb, **cond).sample - before).abs().max() > 1e-4
+    with pytest.raises(OptionError, match=r"Expected `init` to be one of \['zeros', 'uniform'\]"):
+        add_guidance_embedding(tiny_unet(), 16, init="normal")
+    with pytest.raises(OptionError, match=r"with `time_embedding.linear_1`, but Linear has none"):
+        add_guidance_embedding(nn.Linear(2, 2))
+
+
+def test_guidance_scale_embedding_formula() -> None:
+    w = torch.tensor([0.0, 2.5, 8.0])
+    emb = guidance_scale_embedding(w, 8)
+    half = 4
+    freqs = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
+    args = 1000.0 * w[:, None] * freqs[None]
+    torch.testing.assert_close(emb, torch.cat([args.sin(), args.cos()], dim=1))
+    assert guidance_scale_embedding(w, 9)[:, -1].abs().sum() == 0  # odd sizes are zero-padded
+    with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be >= 4, but got 2"):
+        guidance_scale_embedding(w, 2)
