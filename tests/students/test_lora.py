@@ -207,7 +207,7 @@ def test_guidance_embedding_zero_init_keeps_output_and_config() -> None:
     assert (
         rebuilt.time_embedding.cond_proj.weight.shape
         == unet.time_embedding.cond_proj.weight.shape
-        == (32 * 4, 16)
+        == (32, 16)  # (linear_1.in_features = block_out_channels[0], time_cond_proj_dim)
     )
     with pytest.raises(
         OptionError, match=r"without a guidance embedding, but `time_embedding.cond_proj` exists"
