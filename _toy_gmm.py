@@ -20,7 +20,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .losses.consistency import (
     multistep_consistency_loss,
     teacher_trajectory_states,
     tscd_loss,
+    x0_conversion_loss,
 )
 from .losses.distances import compute_distance
 from .losses.score import dmd_loss, fake_score_loss, sim_loss
@@ -44,8 +45,10 @@ __all__ = [
     "GaussianMixture",
     "TimeMLP",
     "ToyConfig",
+    "ToyInit",
     "evaluate",
     "fit_to_teacher",
+    "initial_network",
     "run_method",
     "sliced_wasserstein",
 ]
@@ -100,12 +103,20 @@ class GaussianMixture:
 
 
 class TimeMLP(nn.Module):
-    """``f(x, t)``: an MLP on ``[x, sin/cos features of t/T]`` (epsilon prediction by convention)."""
+    """``f(x, t)``: an MLP on ``[x, sin/cos features of t/T]``; ``prediction_type`` says what it outputs."""
 
     freqs: torch.Tensor
 
-    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, num_freqs: int = 8) -> None:
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 128,
+        depth: int = 3,
+        num_freqs: int = 8,
+        prediction_type: str = "epsilon",
+    ) -> None:
         super().__init__()
+        self.prediction_type = prediction_type
         self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs, dtype=torch.float32) * math.pi)
         layers: list[nn.Module] = []
         width = dim + 2 * num_freqs
@@ -144,23 +155,46 @@ class ToyConfig:
     seed: int = 0
 
 
-def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig) -> TimeMLP:
-    """An MLP regressed on the exact teacher epsilon at random ``(x_t, t)``: the "pretrained" network that
-    students and fake scores start from (real distillations initialise them from the teacher)."""
+class ToyInit(NamedTuple):
+    """The pretrained networks students start from: epsilon-prediction, and its x0-prediction conversion."""
+
+    epsilon: TimeMLP
+    sample: TimeMLP
+
+
+def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig) -> ToyInit:
+    """An MLP regressed on the exact teacher epsilon at random ``(x_t, t)`` (the "pretrained" network that
+    students and fake scores start from, as real distillations start from the teacher), and a copy converted
+    to x0-prediction with :func:`~diffdistill.losses.x0_conversion_loss` (SDXL-Lightning Eq. 29): one-step
+    generators use it, since an epsilon network's :math:`\\hat x_0` at ``t = T-1`` amplifies errors by
+    :math:`1/\alpha_{T-1} \approx 15`."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     net = TimeMLP()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     teacher = gm.epsilon_model(schedule)
-    for _ in range(cfg.fit_steps):
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
         x0 = gm.sample(cfg.batch, g)
         t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch,), generator=g)
-        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        return schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t), t
+
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(cfg.fit_steps):
+        x_t, t = batch()
         loss = (net(x_t, t) - teacher(x_t, t)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return net
+    x0_net = copy.deepcopy(net)
+    x0_net.prediction_type = "sample"
+    opt = torch.optim.Adam(x0_net.parameters(), lr=1e-3)
+    for _ in range(cfg.fit_steps // 2):
+        x_t, t = batch()
+        loss, _ = x0_conversion_loss(x0_net, net, x_t, t, schedule=schedule)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ToyInit(net, x0_net)
 
 
 def _teacher_samples(
@@ -212,17 +246,16 @@ def _backward_simulated_states(
     with torch.no_grad():
         for i in range(k):
             t = grid[i].expand(batch)
-            x0 = schedule.to_x0(net(x, t), x, t)
+            x0 = schedule.to_x0(net(x, t), x, t, net.prediction_type)
             x = schedule.add_noise(x0, torch.randn(x.shape, generator=g), grid[i + 1].expand(batch))
     return x, grid[k].expand(batch)
 
 
 def _generator_loop(
-    method: str, net: TimeMLP, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
+    method: str, net: TimeMLP, fake: TimeMLP, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
 ) -> None:
     g = torch.Generator().manual_seed(cfg.seed + 2)
     real = gm.epsilon_model(schedule)
-    fake = copy.deepcopy(net)
     opt_g = torch.optim.Adam(net.parameters(), lr=cfg.lr * 0.3, betas=(0.0, 0.99))
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
     grid = torch.tensor([999, 749, 499, 249])
@@ -234,12 +267,14 @@ def _generator_loop(
 
     for _ in range(cfg.steps):
         x_in, t_in = _backward_simulated_states(net, schedule, grid, cfg.batch, g)
-        x_g = schedule.to_x0(net(x_in, t_in), x_in, t_in)
+        x_g = schedule.to_x0(net(x_in, t_in), x_in, t_in, net.prediction_type)
         if method == "adversarial":
             # Diffusion2GAN-style: regression to the teacher's ODE solution from the same state, plus a GAN term
             # with the discriminator shown re-noised samples (SDXL-Lightning's multi-timestep D).
             with torch.no_grad():
-                teacher_x0 = cast(torch.Tensor, TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8))
+                teacher_x0 = cast(
+                    torch.Tensor, TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8)
+                )
             renoised = renoise_for_discriminator(teacher_x0, x_g.detach(), schedule=schedule, generator=g)
             (real_t, fake_t), t_star = renoised.samples, renoised.t
             d_loss, _ = gan_discriminator_loss(d_logits(real_t, t_star), d_logits(fake_t, t_star))
@@ -266,18 +301,24 @@ def _generator_loop(
         opt_g.step()
 
 
-def run_method(
-    method: str, gm: GaussianMixture, schedule: NoiseSchedule, init: TimeMLP, cfg: ToyConfig
-) -> TimeMLP:
-    """Distill the toy teacher into a copy of ``init`` with ``method`` (one of :data:`METHODS`)."""
+def initial_network(method: str, init: ToyInit) -> TimeMLP:
+    """The pretrained network ``method`` starts from: x0-prediction for one-step generators."""
     if method not in METHODS:
         raise ValueError(f"Expected `method` to be one of {list(METHODS)}, but got {method!r}.")
+    return init.epsilon if method in ("lcm", "tscd", "mlcm") else init.sample
+
+
+def run_method(
+    method: str, gm: GaussianMixture, schedule: NoiseSchedule, init: ToyInit, cfg: ToyConfig
+) -> TimeMLP:
+    """Distill the toy teacher with ``method`` (one of :data:`METHODS`), starting from a copy of
+    :func:`initial_network`."""
+    net = copy.deepcopy(initial_network(method, init))
     torch.manual_seed(cfg.seed)
-    net = copy.deepcopy(init)
     if method in ("lcm", "tscd", "mlcm"):
         _consistency_loop(method, net, TeacherSolver(gm.epsilon_model(schedule), schedule), gm, cfg)
     else:
-        _generator_loop(method, net, gm, schedule, cfg)
+        _generator_loop(method, net, copy.deepcopy(init.epsilon), gm, schedule, cfg)
     return net
 
 
@@ -295,7 +336,9 @@ def _sample(
         return ddim_sample(net, schedule, noise, ts).sample
     grid = dmd2_timesteps(4)
     ts = grid[:: 4 // steps] if steps in (1, 2, 4) else grid
-    return x0_renoise_sample(net, schedule, noise, ts, generator=g).sample
+    return x0_renoise_sample(
+        net, schedule, noise, ts, prediction_type=net.prediction_type, generator=g
+    ).sample
 
 
 def evaluate(

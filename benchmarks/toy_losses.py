@@ -2,7 +2,7 @@
 1-, 2- and 4-step samples and the true 2-D Gaussian mixture, for the exact teacher (DDIM), an untrained
 student, the teacher-initialised network before distillation, and a student trained with each method.
 
-    python benchmarks/toy_losses.py [--steps 1500] [--fit-steps 1500] [--samples 4000]
+    python benchmarks/toy_losses.py [--steps 1500] [--fit-steps 1500] [--samples 4000] [--threads 1]
 
 Prints a Markdown table (README: "Toy proof"). The test suite runs a reduced version
 (tests/losses/test_toy_distillation.py).
@@ -23,6 +23,7 @@ from diffdistill._toy_gmm import (
     _teacher_samples,
     evaluate,
     fit_to_teacher,
+    initial_network,
     run_method,
     sliced_wasserstein,
 )
@@ -35,7 +36,11 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (tiny MLPs: 1 is fastest)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     cfg = ToyConfig(steps=args.steps, fit_steps=args.fit_steps, eval_samples=args.samples, seed=args.seed)
     sched, gm = NoiseSchedule.from_betas(), GaussianMixture()
     start = time.perf_counter()
@@ -50,7 +55,7 @@ def main() -> None:
     rows.append(("untrained student (random init)", evaluate("lcm", TimeMLP(), gm, sched, cfg), "-"))
     for method in METHODS:
         t0 = time.perf_counter()
-        before = evaluate(method, init, gm, sched, cfg)
+        before = evaluate(method, initial_network(method, init), gm, sched, cfg)
         rows.append((f"{method}: teacher-initialised, before", before, "-"))
         net = run_method(method, gm, sched, init, cfg)
         rows.append(

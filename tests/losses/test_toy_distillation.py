@@ -2,7 +2,7 @@
 ``diffdistill/_toy_gmm.py``; the longer run with the full table is ``benchmarks/toy_losses.py``).
 
 Every student starts from the same MLP regressed on the teacher (as real students start from teacher
-weights) and is trained for a few hundred steps with one method through the public loss APIs. Margins
+weights; one-step generators from its x0-prediction conversion, SDXL-Lightning Eq. 29) and is trained for a few hundred steps with one method through the public loss APIs. Margins
 (documented in the README next to the benchmark table):
 
 * each trained student's few-step samples are at least 10x closer (sliced Wasserstein) to the true
@@ -23,6 +23,7 @@ from diffdistill._toy_gmm import (
     ToyConfig,
     evaluate,
     fit_to_teacher,
+    initial_network,
     run_method,
 )
 from diffdistill.schedulers import NoiseSchedule
@@ -64,7 +65,7 @@ def test_teacher_is_exact(toy):
 def test_method_distills(toy, method):
     sched, gm, init, untrained = toy
     steps = CHECKED_STEPS[method]
-    before = evaluate(method, init, gm, sched, CFG)[steps]
+    before = evaluate(method, initial_network(method, init), gm, sched, CFG)[steps]
     net = run_method(method, gm, sched, init, CFG)
     after = evaluate(method, net, gm, sched, CFG)[steps]
     assert after < 0.1 * untrained[steps], (method, after, untrained)
