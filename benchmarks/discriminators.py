@@ -1,0 +1,253 @@
+"""Cost of each UNet discriminator's forward+backward relative to the bare UNet it is built from.
+
+For every discriminator the script times one forward+backward (the D step: gradients to every trainable
+D parameter; for a frozen-teacher D, to the heads and the input, as in the generator step) and reports:
+
+* ``ms``: median wall time over ``--repeats`` runs after ``--warmup``;
+* ``vs UNet``: that time over one forward+backward of the full UNet at batch ``B``;
+* ``vs own backbone``: that time over the same D's backbone (its extractor, same batch, no heads), i.e.
+  what the heads and input layers add (goal: at most 1.05);
+* ``mem``: peak extra memory: on CUDA ``torch.cuda.max_memory_allocated`` above the state before the run;
+  on CPU the bytes of the tensors autograd saves for backward (activation memory), which dominates.
+
+The conditional SDXL-Lightning D runs its backbone once at batch ``2B``, so its ``vs own backbone`` row
+also compares against a bare ``2B`` backbone call (goal: no more than that).
+
+Usage::
+
+    python benchmarks/discriminators.py                  # tiny SDXL-structured UNet on CPU
+    python benchmarks/discriminators.py --sdxl           # real SDXL config, random weights, 128x128, bf16, GPU
+
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffdistill.discriminators import (
+    BottleneckHead,
+    MultiLevelDiscriminator,
+    MultiScaleConditionalDiscriminator,
+    UNetEncoderDiscriminator,
+    sdxl_conditions,
+    sdxl_unet_config,
+    tiny_sdxl_unet_config,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--sdxl", action="store_true", help="real SDXL UNet config (random weights), 128x128, bf16"
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size B (default 2; 1 with --sdxl)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 with --sdxl"
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the backbone blocks")
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _SavedBytes:
+    """Sum of the bytes of distinct tensors autograd saves for backward (a CPU proxy for activation memory)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += key[1]
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def measure(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median milliseconds and peak extra MiB of ``step`` (forward + backward)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        saved = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            step()
+        mem = saved.total / 2**20
+    return statistics.median(times), mem
+
+
+def _zero(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
+def _build_unet(cls: Any, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with device:  # initialise the weights on the device (seconds instead of minutes for SDXL)
+        unet = cls(**cfg)
+    return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+def main(args: argparse.Namespace) -> str:
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.sdxl else "float32"))
+    batch = args.batch or (1 if args.sdxl else 2)
+    cfg = sdxl_unet_config() if args.sdxl else tiny_sdxl_unet_config()
+    torch.manual_seed(0)
+    unet = _build_unet(UNet2DConditionModel, cfg, device, dtype)
+    size = int(cfg["sample_size"])
+    seq = 77 if args.sdxl else 8
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+    ehs, added = sdxl_conditions(unet, batch, seq_len=seq, generator=gen, device=device, dtype=dtype)
+    t = torch.full((batch,), 500, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    ckpt = bool(args.gradient_checkpointing)
+
+    def cat2(v: Any) -> Any:
+        return {k: cat2(w) for k, w in v.items()} if isinstance(v, dict) else torch.cat([v, v])
+
+    def bare_unet(b2: bool) -> Callable[[], None]:
+        xs, ts, e, a = (
+            (torch.cat([x, x]), torch.cat([t, t]), cat2(ehs), cat2(added)) if b2 else (x, t, ehs, added)
+        )
+
+        def step() -> None:
+            _zero(unet)
+            with autocast:
+                out = unet(xs, ts, e, added_cond_kwargs=a).sample
+            out.float().mean().backward()
+
+        return step
+
+    def d_step(disc: nn.Module, call: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
+        def step() -> None:
+            _zero(disc)
+            with autocast:
+                logits = call()
+            sum(v.mean() for v in logits).backward()
+
+        return step
+
+    def backbone_step(disc: Any, b2: bool = False) -> Callable[[], None]:
+        xs, ts, e, a = (
+            (torch.cat([x, x]), torch.cat([t, t]), cat2(ehs), cat2(added)) if b2 else (x, t, ehs, added)
+        )
+
+        def step() -> None:
+            _zero(disc)
+            with autocast:
+                feats = disc.extractor(xs, ts, e, a)
+            sum(v.float().mean() for v in feats.values()).backward()
+
+        return step
+
+    rows: list[tuple[str, float, float, float | None]] = []
+    ref_ms, ref_mem = measure(bare_unet(False), device, args.repeats, args.warmup)
+    rows.append(("bare UNet fwd+bwd, batch B", ref_ms, ref_mem, None))
+    ms2, mem2 = measure(bare_unet(True), device, args.repeats, args.warmup)
+    rows.append(("bare UNet fwd+bwd, batch 2B", ms2, mem2, None))
+
+    def add(
+        name: str, disc: nn.Module, call: Callable[[], list[torch.Tensor]], backbone: Callable[[], None]
+    ) -> None:
+        ms, mem = measure(d_step(disc, call), device, args.repeats, args.warmup)
+        bb_ms, _ = measure(backbone, device, args.repeats, args.warmup)
+        rows.append((name, ms, mem, ms / bb_ms))
+
+    frozen = _build_unet(UNet2DConditionModel, cfg, device, dtype).requires_grad_(False)
+    cases: list[tuple[str, Callable[[], nn.Module]]] = [
+        (
+            "Lightning D, unconditional (encoder+mid copy)",
+            lambda: UNetEncoderDiscriminator(unet, conditional=False),
+        ),
+        ("Lightning D, conditional (one 2B call)", lambda: UNetEncoderDiscriminator(unet, conditional=True)),
+        ("DMD2 BottleneckHead (shared trainable UNet)", lambda: BottleneckHead(unet)),
+        ("PCM MultiLevel (frozen shared teacher, every down level)", lambda: MultiLevelDiscriminator(frozen)),
+        ("Diffusion2GAN MultiScale (full UNet copy)", lambda: MultiScaleConditionalDiscriminator(unet)),
+    ]
+    x_in = x.detach().clone().requires_grad_(True)
+    for name, build in cases:
+        disc = build().to(device)
+        if ckpt:
+            disc.extractor.gradient_checkpointing = True
+        if isinstance(disc, UNetEncoderDiscriminator) and disc.conditional:
+            call = lambda d=disc: d(x, t, ehs, added, cond_sample=x, cond_timestep=t)  # noqa: E731
+            backbone = backbone_step(disc, b2=True)
+        elif isinstance(disc, MultiScaleConditionalDiscriminator):
+            call = lambda d=disc: d(x, t, ehs, added, noise=x)  # noqa: E731
+            backbone = backbone_step(disc)
+        elif isinstance(disc, MultiLevelDiscriminator):
+            call = lambda d=disc: d(x_in, t, ehs, added)  # noqa: E731
+            frozen_x = x_in
+
+            def backbone(d: Any = disc, xi: torch.Tensor = frozen_x) -> None:
+                xi.grad = None
+                with autocast:
+                    feats = d.extractor(xi, t, ehs, added)
+                sum(v.float().mean() for v in feats.values()).backward()
+        else:
+            call = lambda d=disc: d(x, t, ehs, added)  # noqa: E731
+            backbone = backbone_step(disc)
+        add(name, disc, call, backbone)
+        del disc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    mem_label = "peak extra MiB (CUDA)" if device.type == "cuda" else "saved activations MiB"
+    lines = [
+        f"UNet: {'SDXL config, random weights' if args.sdxl else 'tiny SDXL-structured'} "
+        f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), latents {batch}x4x{size}x{size}, "
+        f"{dtype}, device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"threads {args.threads}, gradient checkpointing {ckpt}",
+        "",
+        f"| case | fwd+bwd ms | vs UNet (B) | vs own backbone | {mem_label} | mem vs UNet (B) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, ms, mem, vs_bb in rows:
+        lines.append(
+            f"| {name} | {ms:.1f} | {ms / ref_ms:.2f} | {'' if vs_bb is None else f'{vs_bb:.3f}'} | {mem:.1f} | "
+            f"{mem / ref_mem:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(parse_args()))
