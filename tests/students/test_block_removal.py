@@ -361,3 +361,29 @@ def test_init_from_teacher_errors() -> None:
         init_from_teacher(nn.Sequential(nn.Linear(2, 3)), teacher, {"0": "1"})
     with pytest.raises(ShapeError, match=r"teacher `0.weight` and student `0.weight` to have the same shape"):
         init_from_teacher(nn.Sequential(nn.Linear(2, 4)), teacher, {})
+
+
+def test_more_config_errors() -> None:
+    with pytest.raises(
+        OptionError, match=r"Expected `layers_per_block` to have 3 entries \(one per block\), but got 2"
+    ):
+        student_config({**TINY_SDXL, "layers_per_block": [2, 2]}, "ssd-1b")
+    with pytest.raises(OptionError, match=r"`transformer_layers_per_block\[2\]` to list 2 layer depths"):
+        student_config({**TINY_SDXL, "transformer_layers_per_block": [1, 2, [1, 2, 3]]}, "ssd-1b")
+    with pytest.raises(
+        DTypeError, match=r"`down_transformer_layers\[1\]` to be an int or a float, but got str"
+    ):
+        student_config(TINY_SDXL, BlockRemovalSpec(down_transformer_layers=(None, "2")))  # type: ignore[arg-type]
+    with pytest.raises(
+        OptionError, match=r"`keep_transformer_layers` to be one of \['first', 'last', 'spread'\]"
+    ):
+        student_config(TINY_SDXL, PRESETS["vega"].replace(keep_transformer_layers="middle"))
+    with pytest.raises(OptionError, match=r"at least two levels for `drop_innermost=True`"):
+        student_config(
+            {"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "block_out_channels": [8]},
+            BlockRemovalSpec(drop_innermost=True),
+        )
+    with pytest.raises(
+        OptionError, match=r"teacher mid block of type UNetMidBlock2DCrossAttn or UNetMidBlock2D"
+    ):
+        student_config({**TINY_SDXL, "mid_block_type": None}, "ssd-1b")
