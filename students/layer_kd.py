@@ -221,7 +221,10 @@ class LayerKD(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run teacher (no grad) and student on ``(sample, timestep, **cond)`` and return :func:`layer_kd_loss`.
 
-        ``teacher_fn`` replaces the teacher call (e.g. a CFG wrapper); it must run the tapped teacher.
+        ``teacher_fn`` replaces the teacher call (e.g. a CFG wrapper, or
+        :class:`~diffdistill.students.TeacherView` for a LoRA student whose teacher is the same network with
+        adapters disabled: pass the network as both ``student`` and ``teacher``); it must run the tapped
+        teacher.
         Arguments as in :func:`layer_kd_loss`; ``timestep`` is passed through unchanged.
         """
         student, teacher = self.__dict__["_nets"]
@@ -233,6 +236,7 @@ class LayerKD(nn.Module):
         teacher_feats = self.teacher_tap.pop()
         student_out = first_tensor(student(sample, timestep, **cond), "student")
         student_feats = self.student_tap.pop()
+        self.teacher_tap.pop()  # a LoRA teacher view shares the student's modules: its tap saw this run too
         for key, s_feat in student_feats.items():
             t_feat = teacher_feats.get(key)
             if t_feat is not None:

@@ -236,3 +236,39 @@ def test_guidance_scale_embedding_formula() -> None:
     assert guidance_scale_embedding(w, 9)[:, -1].abs().sum() == 0  # odd sizes are zero-padded
     with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be >= 4, but got 2"):
         guidance_scale_embedding(w, 2)
+
+
+class _Wrap(nn.Module):
+    """``(sample, timestep) -> output`` around a plain network, as LayerKD calls a UNet."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, sample: torch.Tensor, timestep: object) -> torch.Tensor:
+        return self.net(sample)
+
+
+def test_layer_kd_with_lora_teacher_view_on_the_same_network() -> None:
+    from diffdistill.students import LayerKD
+
+    torch.manual_seed(0)
+    net = add_lora(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)), rank=2, targets=["0", "2"])
+    randomize_lora(net)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+    base.load_state_dict(
+        {k.replace(".base_layer", ""): v for k, v in net.state_dict().items() if "lora_" not in k}
+    )
+    x = torch.randn(3, 4)
+    model = _Wrap(net)  # one network: the student, and (adapters disabled) the teacher
+    with LayerKD(model, model, ["net.0"]) as kd:
+        loss, logs = kd(x, None, teacher_fn=TeacherView(model))
+        assert kd.teacher_tap.features == {} and kd.student_tap.features == {}
+    with torch.no_grad():
+        expected_feat = torch.nn.functional.mse_loss(net[0](x), base[0](x))
+        expected_out = torch.nn.functional.mse_loss(net(x), base(x))
+    torch.testing.assert_close(logs["feature/net.0"], expected_feat)
+    torch.testing.assert_close(logs["output_kd"], expected_out)
+    loss.backward()
+    assert all(p.grad is None for n, p in net.named_parameters() if "lora_" not in n)
+    assert any(p.grad is not None for n, p in net.named_parameters() if "lora_" in n)
