@@ -64,6 +64,16 @@ class UNetDiscriminatorBase(nn.Module):
 
     Subclasses set ``self.extractor`` (a :class:`~diffdistill.discriminators.UNetFeatureExtractor`),
     ``self.heads`` (an ``nn.ModuleList``) and optionally extra new layers listed in ``_new_layer_names``.
+    ``forward`` returns a list of float32 logits, one ``(B, 1, h, w)`` tensor per head.
+
+    Example:
+        >>> from diffdistill.discriminators import UNetEncoderDiscriminator, tiny_sdxl_unet
+        >>> disc = UNetEncoderDiscriminator(tiny_sdxl_unet(), conditional=False)
+        >>> isinstance(disc, UNetDiscriminatorBase)
+        True
+        >>> opt = torch.optim.AdamW(disc.parameter_groups(head_lr=1e-4, backbone_lr=1e-5))
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.0001, 1e-05]
     """
 
     extractor: UNetFeatureExtractor

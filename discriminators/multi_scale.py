@@ -119,8 +119,8 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
 
     def _init_new_layers(self) -> None:
         for conv in [self.noise_conv, *self.input_convs.values()]:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            for param in conv.parameters():
+                nn.init.zeros_(param)
 
     def forward(
         self,

@@ -93,7 +93,8 @@ def tiny_sdxl_unet(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**tiny_sdxl_unet_config(**overrides))
+        unet: torch.nn.Module = UNet2DConditionModel(**tiny_sdxl_unet_config(**overrides))  # type: ignore[assignment]
+    return unet
 
 
 def sdxl_conditions(

@@ -259,7 +259,8 @@ class BottleneckHead(UNetDiscriminatorBase):
                     f"Extract it with UNetFeatureExtractor(unet, levels=({self.level!r},))."
                 )
             features = features[self.level]
-        return [run_head_float32(self.heads[0], features)]
+        tensor: torch.Tensor = features  # type: ignore[assignment]
+        return [run_head_float32(self.heads[0], tensor)]
 
     def forward(
         self,

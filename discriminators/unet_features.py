@@ -186,9 +186,9 @@ class UNetFeatureExtractor(nn.Module):
     ) -> None:
         super().__init__()
         check_option(backbone, "backbone", _BACKBONE_MODES)
-        unet = unwrap_model(unet)
-        _check_unet(unet)
-        available = unet_feature_levels(unet)
+        net: Any = unwrap_model(unet)  # diffusers attributes, duck-typed
+        _check_unet(net)
+        available = unet_feature_levels(net)
         if isinstance(levels, str):
             levels = (levels,)
         levels = tuple(levels)
@@ -211,23 +211,23 @@ class UNetFeatureExtractor(nn.Module):
         self.levels = levels
         self.backbone_mode = backbone
         self.gradient_checkpointing = bool(gradient_checkpointing)
-        self.channels, self.strides = _level_geometry(unet)
-        self.in_channels = int(unet.conv_in.in_channels)
-        config = _cfg(unet)
+        self.channels, self.strides = _level_geometry(net)
+        self.in_channels = int(net.conv_in.in_channels)
+        config = _cfg(net)
         self.sample_size = config.get("sample_size")
         deepest = max(available.index(level) for level in levels)
         self._deepest = available[deepest]
         needed = set(available[: deepest + 1])
         n_down = sum(1 for level in needed if level.startswith("down."))
         n_up = sum(1 for level in needed if level.startswith("up."))
-        parts: dict[str, Any] = {name: getattr(unet, name, None) for name in _EMBED_PARTS}
-        parts["down_blocks"] = nn.ModuleList(list(unet.down_blocks)[:n_down])
-        parts["mid_block"] = unet.mid_block if "mid" in needed else None
-        parts["up_blocks"] = nn.ModuleList(list(unet.up_blocks)[:n_up]) if n_up else nn.ModuleList()
+        parts: dict[str, Any] = {name: getattr(net, name, None) for name in _EMBED_PARTS}
+        parts["down_blocks"] = nn.ModuleList(list(net.down_blocks)[:n_down])
+        parts["mid_block"] = net.mid_block if "mid" in needed else None
+        parts["up_blocks"] = nn.ModuleList(list(net.up_blocks)[:n_up]) if n_up else nn.ModuleList()
         for name in _OUT_PARTS:
-            parts[name] = getattr(unet, name, None) if "out" in needed else None
-        self._num_up_total = len(getattr(unet, "up_blocks", ()))
-        num_upsamplers = int(getattr(unet, "num_upsamplers", max(self._num_up_total - 1, 0)))
+            parts[name] = getattr(net, name, None) if "out" in needed else None
+        self._num_up_total = len(getattr(net, "up_blocks", ()))
+        num_upsamplers = int(getattr(net, "num_upsamplers", max(self._num_up_total - 1, 0)))
         trunk = _UNetTrunk(config, parts, num_upsamplers)
         if backbone == "copy":
             trunk = copy.deepcopy(trunk)
@@ -247,7 +247,7 @@ class UNetFeatureExtractor(nn.Module):
 
     # ----------------------------------------------------------------------------------------- access
     @property
-    def trunk(self) -> nn.Module:
+    def trunk(self) -> Any:
         """The UNet sub-modules this extractor runs (registered or shared)."""
         return self._shared[0] if self._shared else self.trunk_module
 
@@ -286,7 +286,7 @@ class UNetFeatureExtractor(nn.Module):
 
     def _added_embedding(
         self,
-        trunk: nn.Module,
+        trunk: Any,
         emb: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         added_cond_kwargs: Mapping[str, torch.Tensor] | None,

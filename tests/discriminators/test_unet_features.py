@@ -126,6 +126,17 @@ def test_sd15_style_unet_without_added_conditions(conds, latents) -> None:
         torch.testing.assert_close(ext(latents, 5, ehs)["out"], unet(latents, 5, ehs).sample)
 
 
+def test_asymmetric_unet_like_ssd1b(conds, latents) -> None:
+    """Different depths per level (SSD-1B / Vega remove blocks unevenly): skips are sliced per up block."""
+    unet = tiny_sdxl_unet(layers_per_block=(1, 2), transformer_layers_per_block=(1, 2))
+    ehs, added = conds
+    ext = UNetFeatureExtractor(unet, ("mid", "out"), backbone="shared")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ext(latents, 7, ehs, added)["out"], unet(latents, 7, ehs, added_cond_kwargs=added).sample
+        )
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def test_error_missing_added_cond_kwargs(unet, conds, latents) -> None:
     ehs, added = conds
