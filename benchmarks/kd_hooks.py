@@ -14,8 +14,9 @@ forward + backward of the student (no optimiser step, the same in every case):
 
 The overheads compared with the goal (<= 3 %) are ``student + taps`` vs ``plain student`` (the cost of
 the hooks alone) and ``LayerKD step`` vs ``plain KD step`` (hooks + feature loss at equal model work).
-Each round runs the steps one after the other (interleaved, so background load hits all alike); the
-table gives the minimum and median per step and the overheads from both. On CPU the clock is the
+Each round runs the steps one after the other in a shuffled order (interleaved, so background load
+hits all alike, and no step always follows the same one); the table gives the minimum and median per
+step and the overheads from both. On CPU the clock is the
 process's CPU time (``time.process_time``), which other processes on a shared machine do not inflate
 as they inflate wall time; on CUDA it is wall time around synchronised steps. After every LayerKD
 step the script checks that neither tap still holds a feature.
@@ -29,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -141,8 +143,12 @@ def main() -> None:
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     clock_name = "wall" if device.type == "cuda" else "process CPU"
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = random.Random(0)
     for round_idx in range(args.warmup + args.repeat):
-        for name, (fn, setup) in steps.items():
+        names = list(steps)
+        order.shuffle(names)  # a fixed order would favour some steps (cache state, frequency ramps)
+        for name in names:
+            fn, setup = steps[name]
             setup()
             student.zero_grad(set_to_none=True)
             sync(device)
