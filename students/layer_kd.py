@@ -9,9 +9,9 @@
 with ``d`` the mean squared error (or another :data:`~diffdistill.losses.DISTANCES` entry), ``y`` the
 task target (noise or v), ``w_b`` optional per-sample task weights (min-SNR, ...), and ``n_l = 1``
 (raw, as in SSD-1B and BK-SDM) or ``n_l = mean((F_T^l)^2) + eps`` (per-layer normalisation, so that
-no layer's raw scale dominates; BK-SDM issue #21 reports that the raw feature term does). SSD-1B
-hard-codes ``lambda_out = lambda_feat = 0.5`` (Gupta et al. 2024, arXiv:2401.02677, Sec. 3; BK-SDM:
-Kim et al. 2023, arXiv:2305.15798). The task weights only scale the task term: ``distill_sdxl.py``
+no layer's raw scale dominates; BK-SDM issue #21 reports that the raw feature term does). SSD-1B's
+``distill_sdxl.py`` hard-codes ``lambda_out = lambda_feat = 0.5`` (Gupta et al. 2024, arXiv:2401.02677;
+BK-SDM: Kim et al. 2023, arXiv:2305.15798, whose README also uses 0.5). The task weights only scale the task term: ``distill_sdxl.py``
 with ``--snr_gamma`` silently dropped both KD terms, which this loss cannot do.
 """
 
