@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="count FLOPs of forward+backward on the meta device instead of timing (no memory, any config)",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the backbone blocks")
     return p.parse_args(argv)
 
@@ -84,31 +89,60 @@ class _SavedBytes:
         return t
 
 
-def measure(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median milliseconds and peak extra MiB of ``step`` (forward + backward)."""
-    for _ in range(warmup):
-        step()
+def _time_ms(step: Callable[[], None], device: torch.device) -> float:
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _memory_mib(step: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
         _sync(device)
-        mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        saved = _SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    saved = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        step()
+    return saved.total / 2**20
+
+
+def measure(
+    steps: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> tuple[list[float], list[float], list[float]]:
+    """Interleaved timing of several steps (each a forward + backward), robust to a machine's load drifting.
+
+    Returns the median milliseconds of every step, the median per-repeat ratio ``steps[i] / steps[0]``
+    and the peak extra MiB of every step.
+    """
+    for _ in range(warmup):
+        for step in steps:
             step()
-        mem = saved.total / 2**20
-    return statistics.median(times), mem
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            times[i].append(_time_ms(step, device))
+    medians = [statistics.median(t) for t in times]
+    ratios = [statistics.median([a / b for a, b in zip(t, times[0])]) for t in times]
+    return medians, ratios, [_memory_mib(step, device) for step in steps]
+
+
+def measure_flops(
+    steps: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> tuple[list[float], list[float], list[float]]:
+    """TFLOPs of each step (``torch.utils.flop_counter``), their ratios to ``steps[0]``, and NaN memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for step in steps:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops.append(counter.get_total_flops() / 1e12)
+    return flops, [f / flops[0] for f in flops], [float("nan")] * len(steps)
 
 
 def _zero(module: nn.Module) -> None:
@@ -126,7 +160,10 @@ def main(args: argparse.Namespace) -> str:
     from diffusers import UNet2DConditionModel
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        "meta" if args.flops else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    run = measure_flops if args.flops else measure
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.sdxl else "float32"))
     batch = args.batch or (1 if args.sdxl else 2)
     cfg = sdxl_unet_config() if args.sdxl else tiny_sdxl_unet_config()
@@ -138,7 +175,10 @@ def main(args: argparse.Namespace) -> str:
     x = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
     ehs, added = sdxl_conditions(unet, batch, seq_len=seq, generator=gen, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    use_autocast = dtype == torch.bfloat16 and torch.amp.is_autocast_available(device.type)
+    autocast = torch.autocast(
+        "cpu" if device.type == "meta" else device.type, dtype=torch.bfloat16, enabled=use_autocast
+    )
     ckpt = bool(args.gradient_checkpointing)
 
     def cat2(v: Any) -> Any:
@@ -179,18 +219,20 @@ def main(args: argparse.Namespace) -> str:
 
         return step
 
-    rows: list[tuple[str, float, float, float | None]] = []
-    ref_ms, ref_mem = measure(bare_unet(False), device, args.repeats, args.warmup)
-    rows.append(("bare UNet fwd+bwd, batch B", ref_ms, ref_mem, None))
-    ms2, mem2 = measure(bare_unet(True), device, args.repeats, args.warmup)
-    rows.append(("bare UNet fwd+bwd, batch 2B", ms2, mem2, None))
+    # (name, ms, ratio to the bare UNet at B, MiB, ratio to the D's own backbone)
+    rows: list[tuple[str, float, float, float, float | None]] = []
+    bare, bare2 = bare_unet(False), bare_unet(True)
+    (ref_ms, ms2), (_, r2), (ref_mem, mem2) = run([bare, bare2], device, args.repeats, args.warmup)
+    rows.append(("bare UNet fwd+bwd, batch B", ref_ms, 1.0, ref_mem, None))
+    rows.append(("bare UNet fwd+bwd, batch 2B", ms2, r2, mem2, None))
 
     def add(
         name: str, disc: nn.Module, call: Callable[[], list[torch.Tensor]], backbone: Callable[[], None]
     ) -> None:
-        ms, mem = measure(d_step(disc, call), device, args.repeats, args.warmup)
-        bb_ms, _ = measure(backbone, device, args.repeats, args.warmup)
-        rows.append((name, ms, mem, ms / bb_ms))
+        (ms, _, _), (_, vs_bb, vs_unet), (mem, _, _) = run(
+            [d_step(disc, call), backbone, bare], device, args.repeats, args.warmup
+        )
+        rows.append((name, ms, 1.0 / vs_unet, mem, 1.0 / vs_bb))
 
     frozen = _build_unet(UNet2DConditionModel, cfg, device, dtype).requires_grad_(False)
     cases: list[tuple[str, Callable[[], nn.Module]]] = [
@@ -231,19 +273,22 @@ def main(args: argparse.Namespace) -> str:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    mem_label = "peak extra MiB (CUDA)" if device.type == "cuda" else "saved activations MiB"
+    mem_label = {"cuda": "peak extra MiB (CUDA)", "meta": "MiB (not measured)"}.get(
+        device.type, "saved activations MiB"
+    )
+    cost_label = "fwd+bwd TFLOP" if args.flops else "fwd+bwd ms"
     lines = [
         f"UNet: {'SDXL config, random weights' if args.sdxl else 'tiny SDXL-structured'} "
         f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), latents {batch}x4x{size}x{size}, "
         f"{dtype}, device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
         f"threads {args.threads}, gradient checkpointing {ckpt}",
         "",
-        f"| case | fwd+bwd ms | vs UNet (B) | vs own backbone | {mem_label} | mem vs UNet (B) |",
+        f"| case | {cost_label} | vs UNet (B) | vs own backbone | {mem_label} | mem vs UNet (B) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, ms, mem, vs_bb in rows:
+    for name, ms, vs_unet, mem, vs_bb in rows:
         lines.append(
-            f"| {name} | {ms:.1f} | {ms / ref_ms:.2f} | {'' if vs_bb is None else f'{vs_bb:.3f}'} | {mem:.1f} | "
+            f"| {name} | {ms:.{3 if args.flops else 1}f} | {vs_unet:.2f} | {'' if vs_bb is None else f'{vs_bb:.3f}'} | {mem:.1f} | "
             f"{mem / ref_mem:.2f} |"
         )
     return "\n".join(lines)

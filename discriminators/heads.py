@@ -73,7 +73,10 @@ def run_head_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """
     param = next(head.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    device_type = features.device.type
+    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta" (FLOP counting)
+        return head(features.to(dtype)).float()
+    with torch.autocast(device_type=device_type, enabled=False):
         return head(features.to(dtype)).float()
 
 

@@ -122,6 +122,11 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
             for param in conv.parameters():
                 nn.init.zeros_(param)
 
+    @staticmethod
+    def _new_layer(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run a new input conv in its own dtype (it may be float32 beside a bf16 backbone copy)."""
+        return conv(x.to(next(conv.parameters()).dtype))
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -157,12 +162,14 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
                     actual=tuple(noise.shape),
                 )
             sample, noise = self._augment(sample, noise, generator=generator)
-            x_in = sample + self.noise_conv(noise.to(sample.dtype))
+            x_in = sample + self._new_layer(self.noise_conv, noise).to(sample.dtype)
         else:
             (sample,) = self._augment(sample, generator=generator)
             x_in = sample
         additions = {
-            level: self.input_convs[level.replace(".", "_")](F.avg_pool2d(sample, stride, ceil_mode=True))
+            level: self._new_layer(
+                self.input_convs[level.replace(".", "_")], F.avg_pool2d(sample, stride, ceil_mode=True)
+            )
             for level, stride in self.input_strides.items()
         }
         feats = self.extractor(x_in, timestep, encoder_hidden_states, added_cond_kwargs, additions=additions)

@@ -467,7 +467,7 @@ class UNetFeatureExtractor(nn.Module):
 
         def record(name: str, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
             if name in additions:
-                hidden = hidden + additions[name]
+                hidden = hidden + additions[name].to(hidden.dtype)
             if name in wanted:
                 found[name] = hidden
             return hidden, name == self._deepest

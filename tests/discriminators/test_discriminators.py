@@ -301,3 +301,19 @@ def test_head_errors(unet) -> None:
         UNetEncoderDiscriminator(unet, head_channels=40)
     with pytest.raises(TypeError, match=r"Expected `augment` to be a module"):
         UNetEncoderDiscriminator(unet, augment="bgc")  # type: ignore[arg-type]
+
+
+def test_bf16_backbone_with_float32_new_layers_without_autocast(conds, latents) -> None:
+    from diffdistill.discriminators import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet().to(torch.bfloat16)
+    disc = MultiScaleConditionalDiscriminator(
+        unet
+    )  # backbone copy in bf16, z-conv / input convs / heads float32
+    ehs, added = conds
+    bf = torch.bfloat16
+    logits = disc(
+        latents.to(bf), 0, ehs.to(bf), {k: v.to(bf) for k, v in added.items()}, noise=latents.to(bf)
+    )
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in logits)
+    assert disc.noise_conv.weight.dtype == torch.float32
