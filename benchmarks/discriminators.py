@@ -134,14 +134,14 @@ def measure(
 def measure_flops(
     steps: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int
 ) -> tuple[list[float], list[float], list[float]]:
-    """TFLOPs of each step (``torch.utils.flop_counter``), their ratios to ``steps[0]``, and NaN memory."""
+    """GFLOPs of each step (``torch.utils.flop_counter``), their ratios to ``steps[0]``, and NaN memory."""
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = []
     for step in steps:
         with FlopCounterMode(display=False) as counter:
             step()
-        flops.append(counter.get_total_flops() / 1e12)
+        flops.append(counter.get_total_flops() / 1e9)
     return flops, [f / flops[0] for f in flops], [float("nan")] * len(steps)
 
 
@@ -273,10 +273,8 @@ def main(args: argparse.Namespace) -> str:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    mem_label = {"cuda": "peak extra MiB (CUDA)", "meta": "MiB (not measured)"}.get(
-        device.type, "saved activations MiB"
-    )
-    cost_label = "fwd+bwd TFLOP" if args.flops else "fwd+bwd ms"
+    mem_label = {"cuda": "peak extra MiB (CUDA)", "meta": "MiB"}.get(device.type, "saved activations MiB")
+    cost_label = "fwd+bwd GFLOP" if args.flops else "fwd+bwd ms"
     lines = [
         f"UNet: {'SDXL config, random weights' if args.sdxl else 'tiny SDXL-structured'} "
         f"({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), latents {batch}x4x{size}x{size}, "
@@ -287,10 +285,10 @@ def main(args: argparse.Namespace) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, ms, vs_unet, mem, vs_bb in rows:
-        lines.append(
-            f"| {name} | {ms:.{3 if args.flops else 1}f} | {vs_unet:.2f} | {'' if vs_bb is None else f'{vs_bb:.3f}'} | {mem:.1f} | "
-            f"{mem / ref_mem:.2f} |"
-        )
+        cost = f"{ms:.1f}"
+        vs_own = "" if vs_bb is None else f"{vs_bb:.3f}"
+        mems = "n/a | n/a" if args.flops else f"{mem:.1f} | {mem / ref_mem:.2f}"
+        lines.append(f"| {name} | {cost} | {vs_unet:.2f} | {vs_own} | {mems} |")
     return "\n".join(lines)
 
 
