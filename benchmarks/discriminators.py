@@ -10,6 +10,10 @@ D parameter; for a frozen-teacher D, to the heads and the input, as in the gener
 * ``mem``: peak extra memory: on CUDA ``torch.cuda.max_memory_allocated`` above the state before the run;
   on CPU the bytes of the tensors autograd saves for backward (activation memory), which dominates.
 
+``--flops`` replaces the timings by the FLOPs of forward+backward counted on the meta device
+(``torch.utils.flop_counter``): no memory and no GPU needed, so the SDXL-scale head overhead can be
+checked anywhere.
+
 The conditional SDXL-Lightning D runs its backbone once at batch ``2B``, so its ``vs own backbone`` row
 also compares against a bare ``2B`` backbone call (goal: no more than that).
 
@@ -17,6 +21,7 @@ Usage::
 
     python benchmarks/discriminators.py                  # tiny SDXL-structured UNet on CPU
     python benchmarks/discriminators.py --sdxl           # real SDXL config, random weights, 128x128, bf16, GPU
+    python benchmarks/discriminators.py --sdxl --flops   # SDXL-scale FLOP counts on the meta device (any machine)
 
 Prints a Markdown table.
 """
