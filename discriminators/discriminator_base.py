@@ -21,6 +21,8 @@ def _expand_timestep(
     """A number, ``()``, ``(1,)`` or ``(B,)`` timestep as a ``(B,)`` tensor."""
     if not torch.is_tensor(timestep):
         dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+        if dtype == torch.float64 and device.type == "mps":  # no float64 on MPS (as diffusers)
+            dtype = torch.float32
         return torch.full((batch,), timestep, dtype=dtype, device=device)
     t = timestep.reshape(-1) if timestep.ndim == 0 else timestep
     if t.ndim != 1 or t.shape[0] not in (1, batch):
