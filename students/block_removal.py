@@ -235,7 +235,8 @@ def _level_depths(entry: LevelDepth, teacher: list[int], what: str) -> list[int]
                 f"{len(entry)}: {list(entry)}."
             )
         return [_resolve_depth(v, d, f"{what}[{j}]") for j, (v, d) in enumerate(zip(entry, teacher))]
-    return [_resolve_depth(entry, d, what) for d in teacher]
+    scalar: Depth = entry  # type: ignore[assignment]  # not a sequence here
+    return [_resolve_depth(scalar, d, what) for d in teacher]
 
 
 def _keep_indices(rule: KeepRule, teacher_depth: int, student_depth: int) -> list[int]:
@@ -606,10 +607,7 @@ def build_student(
             f"{type(teacher).__name__}."
         )
     plan = _plan(config, spec)
-    try:
-        ref = next(teacher.parameters())
-    except StopIteration:  # pragma: no cover - a UNet always has parameters
-        ref = torch.empty(0)
+    ref: torch.Tensor = next(teacher.parameters(), torch.empty(0))
     on_meta = ref.device.type == "meta"
     with torch.device("meta") if on_meta else torch.device(ref.device):
         student = UNet2DConditionModel.from_config(plan.config)

@@ -73,7 +73,8 @@ def _peft(what: str) -> Any:
     return peft
 
 
-def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _tuner_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(name, layer)`` of every peft tuner layer (typed ``Any``: peft's layer API is dynamic)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, BaseTunerLayer)]
@@ -118,7 +119,7 @@ def add_lora(
         lora_dropout=float(dropout),
         init_lora_weights=init_lora_weights,
     )
-    inner = unwrap_model(model)
+    inner: Any = unwrap_model(model)  # diffusers/peft attributes are dynamic
     if callable(getattr(inner, "add_adapter", None)) and hasattr(inner, "config"):
         inner.add_adapter(config, adapter_name=adapter_name)
     else:
@@ -207,7 +208,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         >>> type(merged[0]).__name__, torch.allclose(merged(x), y, atol=1e-6)
         ('Linear', True)
     """
-    inner = unwrap_model(model)
+    inner: Any = unwrap_model(model)
     layers = _tuner_layers(inner)
     for name, layer in layers:
         layer.merge(safe_merge=True)
@@ -323,7 +324,7 @@ def load_lora(
         )
     meta = json.loads(raw_meta) if raw_meta else {}
     meta = {k[len(pre) :]: v for k, v in meta.items() if k.startswith(pre)}
-    inner = unwrap_model(model)
+    inner: Any = unwrap_model(model)
     if adapter_name not in (getattr(inner, "peft_config", None) or {}):
         ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
         rank = int(meta.get("r", max(ranks)))
@@ -414,8 +415,8 @@ def add_guidance_embedding(
     """
     check_positive(time_cond_proj_dim, "time_cond_proj_dim")
     check_option(init, "init", ["zeros", "uniform"])
-    inner = unwrap_model(unet)
-    embedding = getattr(inner, "time_embedding", None)
+    inner: Any = unwrap_model(unet)
+    embedding: Any = getattr(inner, "time_embedding", None)
     linear_1 = getattr(embedding, "linear_1", None)
     if not isinstance(linear_1, nn.Linear):
         raise OptionError(

@@ -63,6 +63,8 @@ class X0Conversion(nn.Module):
         ([999, 999], True, False)
     """
 
+    timestep_grid: torch.Tensor
+
     def __init__(
         self,
         model: nn.Module,
