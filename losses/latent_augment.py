@@ -427,11 +427,14 @@ class LatentAugment(nn.Module):
         n, c, h, w = tensors[0].shape
         k = len(tensors)
         if params.has_geometry:
-            # One resampling pass for all tensors: stack them along channels (same grid per sample).
-            x = torch.cat(tensors, dim=1) if k > 1 else tensors[0]
-            g_inv = _inverse_matrix(params, n, h, w).to(x.device)
-            x = _apply_geometry(x, g_inv, self.filter.to(device=x.device, dtype=x.dtype))
-            tensors = tuple(x.split(c, dim=1)) if k > 1 else (x,)
+            ref = tensors[0]
+            g_inv = _inverse_matrix(params, n, h, w).to(ref.device)
+            f = self.filter.to(device=ref.device, dtype=ref.dtype)
+            if k > 1 and all(t.requires_grad == ref.requires_grad for t in tensors):
+                # One resampling pass for all tensors: stack them along channels (same grid per sample).
+                tensors = tuple(_apply_geometry(torch.cat(tensors, dim=1), g_inv, f).split(c, dim=1))
+            else:  # keep tensors without gradient out of the autograd graph
+                tensors = tuple(_apply_geometry(t, g_inv, f) for t in tensors)
         out = []
         for x in tensors:
             if params.brightness is not None:

@@ -75,33 +75,13 @@ LATENT_SPECS: dict[str, tuple[int, float, float]] = {
 
 _REDUCTIONS = ("mean", "sum", "none")
 _TAP_CHANNELS = (64, 128, 256, 512, 512)
-_TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 # torchvision ``vgg16_bn().features`` indices covered by each slice (slice k = [b_k, b_{k+1})).
 _SLICE_BOUNDS = (0, 7, 14, 24, 34, 44)
-_VGG16_CFG: tuple[int | str, ...] = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+_VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")  # fmt: skip
 _NORM_EPS = 1e-8
 
 
-def _resolve_latent(latent: str | int) -> tuple[str, int, float | None, float | None]:
+def _resolve_latent(latent: str | int) -> tuple[str | int, int, float | None, float | None]:
     if isinstance(latent, bool) or not isinstance(latent, (str, int)):
         raise OptionError(
             f"Expected `latent` to be one of {list(LATENT_SPECS)} or a positive int number of channels, "
@@ -109,7 +89,7 @@ def _resolve_latent(latent: str | int) -> tuple[str, int, float | None, float | 
         )
     if isinstance(latent, int):
         check_positive(latent, "latent")
-        return str(latent), latent, None, None
+        return latent, latent, None, None
     check_option(latent, "latent", LATENT_SPECS)
     c, scale, shift = LATENT_SPECS[latent]
     return latent, c, scale, shift
@@ -459,7 +439,7 @@ class LatentLPIPS(nn.Module):
         meta = {
             "format": "diffdistill.latent_lpips",
             "in_channels": str(self.in_channels),
-            "latent": self.latent,
+            "latent": str(self.latent),
         }
         save_file(sd, str(path), metadata=meta)
 
@@ -511,18 +491,22 @@ class LatentLPIPS(nn.Module):
 
     def _distance(self, x: torch.Tensor, y: torch.Tensor, spatial: bool) -> torch.Tensor:
         """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``."""
-        b = x.shape[0]
         dt = x.dtype
         w = self.net.slice1[0].weight
-        inp = torch.cat([x, y])
-        if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            inp = inp.contiguous(memory_format=torch.channels_last)
-        feats = self.net(inp)  # may run under the caller's autocast
+        channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+        def trunk(t: torch.Tensor) -> list[torch.Tensor]:  # may run under the caller's autocast
+            return self.net(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
+
+        if x.requires_grad == y.requires_grad:
+            b = x.shape[0]
+            feats = [(f[:b], f[b:]) for f in trunk(torch.cat([x, y]))]
+        else:  # a target without gradient needs no autograd graph: half the backward work
+            feats = list(zip(trunk(x), trunk(y)))
         with torch.autocast(device_type=x.device.type, enabled=False):
             total: torch.Tensor | None = None
-            for k, f in enumerate(feats):
-                f = f.to(dt)
-                d = (_unit_normalize(f[:b]) - _unit_normalize(f[b:])).pow(2)
+            for k, (fx, fy) in enumerate(feats):
+                d = (_unit_normalize(fx.to(dt)) - _unit_normalize(fy.to(dt))).pow(2)
                 head = self.heads[k].model[1].weight.to(dt)
                 m = F.conv2d(d, head)  # (B, 1, h, w)
                 if spatial:
@@ -820,21 +804,28 @@ class PixelLPIPS(nn.Module):
         check_same_shape(input, target, "input", "target")
         red = self.reduction if reduction is None else reduction
         check_option(red, "reduction", _REDUCTIONS)
-        z = torch.cat([input, target])
-        if self.latent is not None and not normalize:
-            _, scale, shift = LATENT_SPECS[self.latent]
-            z = z / scale + shift
         w = (
             next(iter(self.vae_decoder.parameters()), None)
             if isinstance(self.vae_decoder, nn.Module)
             else None
         )
-        images = _decode(self.vae_decoder, z.to(w.dtype) if w is not None else z)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            images = images.to(_compute_dtype(images))
-            b = input.shape[0]
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            if self.latent is not None and not normalize:
+                _, scale, shift = LATENT_SPECS[self.latent]
+                z = z / scale + shift
+            return _decode(self.vae_decoder, z.to(w.dtype) if w is not None else z)
+
+        b = input.shape[0]
+        if input.requires_grad == target.requires_grad:
+            images = decode(torch.cat([input, target]))
+            img_x, img_y = images[:b], images[b:]
+        else:  # decode the side without gradient without a graph: the decoder's activations dominate
+            img_x, img_y = decode(input), decode(target)
+        with torch.autocast(device_type=img_x.device.type, enabled=False):
+            dt = _compute_dtype(img_x)
             self.lpips.spatial = spatial
-            value = self.lpips(images[:b], images[b:])
+            value = self.lpips(img_x.to(dt), img_y.to(dt))
         if spatial:
             return value
         return _reduce(value.reshape(b), red)

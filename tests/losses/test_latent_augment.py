@@ -37,6 +37,17 @@ def test_same_draw_reaches_every_tensor(spec: str, channels: int) -> None:
     assert not torch.equal(a, x)
 
 
+def test_target_without_grad_stays_out_of_the_graph() -> None:
+    x = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    y = torch.randn(2, 4, 8, 8, generator=_gen(1))
+    aug = LatentAugment("bgco")
+    a0, b0 = aug(x, y, generator=_gen(2))
+    a1, b1 = aug(x.clone().requires_grad_(True), y, generator=_gen(2))
+    assert a1.requires_grad and not b1.requires_grad
+    torch.testing.assert_close(a1, a0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b1, b0, atol=1e-6, rtol=0)
+
+
 def test_single_tensor_returns_tensor_and_none_is_identity() -> None:
     x = torch.randn(2, 4, 8, 8)
     assert isinstance(LatentAugment("bg")(x), torch.Tensor)

@@ -258,7 +258,11 @@ def test_frozen_and_eval_but_differentiable_in_input() -> None:
     m.train()
     assert not m.training and not m.net.training
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    m(x, torch.randn(2, 4, 8, 8)).backward()
+    y = torch.randn(2, 4, 8, 8)
+    value = m(x, y, generator=_gen(0))  # the target branch runs without an autograd graph
+    with torch.no_grad():
+        torch.testing.assert_close(value, m(x.detach(), y, generator=_gen(0)), atol=1e-6, rtol=1e-6)
+    value.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
@@ -427,7 +431,7 @@ def test_option_errors() -> None:
         ELatentLPIPS(augment="bgz")
     with pytest.raises(OptionError, match=r"Expected `l1_weight` to be >= 0"):
         LatentLPIPS(l1_weight=-1)
-    with pytest.raises(OptionError, match=r"`normalize=True` needs a known VAE latent, but latent='4'"):
+    with pytest.raises(OptionError, match=r"`normalize=True` needs a known VAE latent, but latent=4"):
         LatentLPIPS(4)(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), normalize=True)
     with pytest.raises(
         OptionError, match=r"`spatial=True` is not defined for ELatentLPIPS with augmentation"
@@ -456,7 +460,9 @@ def test_pixel_lpips_matches_lpips_on_decoded_images() -> None:
     with torch.no_grad():
         got = pix(x, y)
         scale = LATENT_SPECS["sdxl"][1]
-        ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        with warnings.catch_warnings():  # torchvision's deprecation of lpips' `pretrained=`
+            warnings.simplefilter("ignore")
+            ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
         ref.load_state_dict(pix.lpips.state_dict())
         want = ref(dec(x / scale), dec(y / scale)).flatten()
         torch.testing.assert_close(got, want)
@@ -464,7 +470,9 @@ def test_pixel_lpips_matches_lpips_on_decoded_images() -> None:
         assert pix(x, y, spatial=True).shape == (2, 1, 32, 32)
     assert all(not p.requires_grad for p in pix.parameters())
     xg = x.clone().requires_grad_(True)
-    pix(xg, y).sum().backward()
+    value = pix(xg, y)  # decodes the target without a graph
+    torch.testing.assert_close(value.detach(), want)
+    value.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
@@ -485,3 +493,22 @@ def test_pixel_lpips_trunk_weights(tmp_path: Path) -> None:
         PixelLPIPS(dec, net="alex", pretrained_heads=False, trunk_weights=bad)
     with pytest.raises(OptionError, match=r"Expected `net` to be one of \['vgg', 'alex', 'squeeze'\]"):
         PixelLPIPS(dec, net="resnet")
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("augment", [None, "bgco"])
+def test_compiles_fullgraph(models: dict[str, LatentLPIPS], augment: str | None) -> None:
+    m = ELatentLPIPS("sdxl", augment=augment, num_draws=2, reduction="none")
+    m.load_state_dict(models["sdxl"].state_dict())
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        got = compiled(x, y)
+        torch.manual_seed(0)
+        want = m(x, y)
+    torch.testing.assert_close(got, want)

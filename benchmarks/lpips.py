@@ -1,0 +1,289 @@
+"""Forward+backward time and peak memory of E-LatentLPIPS: ours vs the official package vs pixel LPIPS.
+
+Compares, at one latent size and several batch sizes, with identical (random) weights:
+
+* ``ours``: ``diffdistill.losses.ELatentLPIPS`` (augment "bg") and ``LatentLPIPS`` (no augmentation);
+* ``official``: ``elatentlpips.ELatentLPIPS`` (augment "bg", ``ensembling=True``/``False``), skipped
+  when the package is absent;
+* ``pixel``: ``PixelLPIPS`` with a randomly initialised SD-architecture ``AutoencoderKL`` decoder
+  (8× upsampling) and the ``lpips`` VGG trunk;
+* ``num_draws``: one call with ``num_draws=K`` vs ``K`` separate calls.
+
+Time is the fastest of ``--reps`` timed calls after one warm-up; peak memory is the extra memory of
+the first timed call (CUDA: ``max_memory_allocated``; CPU: peak resident set size sampled every 2 ms, with
+glibc told to unmap freed blocks). The result
+is printed as a Markdown table with ratios to ``ours (bg)``. Nothing is downloaded.
+
+CPU (slow; a batch-8 pixel call takes minutes, skip it)::
+
+    python benchmarks/lpips.py --size 64 --batch 2 8 --reps 2 --draws-batches 2 --pixel-batches 2
+
+GPU (the issue's speed goal: batch 8, 128×128 latents, bf16 autocast, channels_last)::
+
+    python benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 10 --bf16 --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# This file is named like the `lpips` package it measures: keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+
+from diffdistill.losses import ELatentLPIPS, LatentLPIPS, PixelLPIPS  # noqa: E402
+from diffdistill.losses.latent_augment import sym6_filter  # noqa: E402
+
+
+def _track_cpu_memory_exactly() -> None:
+    """Make glibc return every large freed block to the OS, so the resident set follows live memory."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations >= 64 KiB get their own mapping
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: peak memory becomes an upper-bound estimate
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        out["peak_mb"] = (peak[0] - base) / 2**20
+
+
+def measure(
+    fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 1
+) -> tuple[float, float, float]:
+    """(fastest wall seconds, fastest process CPU seconds, peak extra MB) of ``fn`` over ``reps`` calls.
+
+    CPU time (all threads of this process) is the robust figure on a shared, loaded machine: waiting
+    for a core does not count. The minimum is the least disturbed sample.
+    """
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    walls, cpus = [], []
+    mem: dict[str, float] = {}
+    for i in range(max(1, reps)):
+        with _peak_memory(device) if i == 0 else contextlib.nullcontext(mem) as m:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        mem = m
+    return min(walls), min(cpus), mem["peak_mb"]
+
+
+def official_model(latent: str, augment: str | None, state_dict: dict[str, torch.Tensor]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from elatentlpips import ELatentLPIPS as Reference
+        from elatentlpips.vgg16 import LatentVGG16BN as ReferenceTrunk
+
+        channels = state_dict["net.slice1.0.weight"].shape[1]
+        ref = Reference(pretrained=False, pnet_rand=True, encoder=latent, augment=augment, verbose=False)
+        features = ReferenceTrunk(channels).model.features  # its random-trunk option is RGB: swap in
+    for k in range(1, 6):
+        part = getattr(ref.net, f"slice{k}")
+        for name in list(part._modules):
+            part._modules[name] = features[int(name)]
+    sd = dict(state_dict)
+    for k in range(5):
+        sd[f"lins.{k}.model.1.weight"] = sd[f"lin{k}.model.1.weight"]
+    if augment is not None:
+        sd["augment.p"] = torch.tensor(1.0)
+        sd["augment.Hz_geom"] = sym6_filter()
+    ref.load_state_dict(sd, strict=True)
+    return ref.eval().requires_grad_(False)
+
+
+def sd_vae_decoder() -> torch.nn.Module:
+    """AutoencoderKL with the SD/SDXL architecture (random init, nothing downloaded)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--latent", default="sdxl")
+    p.add_argument("--size", type=int, default=64, help="latent height = width")
+    p.add_argument("--batch", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--draws", type=int, default=4, help="K for the num_draws comparison (0: skip)")
+    p.add_argument("--draws-batches", type=int, nargs="*", default=None, help="batches for it (default: all)")
+    p.add_argument(
+        "--pixel-batches", type=int, nargs="*", default=None, help="batches for PixelLPIPS (default: all)"
+    )
+    p.add_argument("--no-official", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast around the loss calls")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        _track_cpu_memory_exactly()
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    )  # reused: autocast contexts are re-enterable
+
+    torch.manual_seed(0)
+    ours = ELatentLPIPS(args.latent, augment="bg").to(device, memory_format=mf)
+    sd = ours.state_dict()
+    bare = LatentLPIPS(args.latent).to(device, memory_format=mf)
+    bare.load_state_dict(sd)
+    have_official = not args.no_official and importlib.util.find_spec("elatentlpips") is not None
+    if have_official:
+        off_aug = official_model(args.latent, "bg", {k: v.cpu() for k, v in sd.items()}).to(
+            device, memory_format=mf
+        )
+    pixel_batches = args.batch if args.pixel_batches is None else args.pixel_batches
+    pixel = None
+    if pixel_batches:
+        pixel = PixelLPIPS(sd_vae_decoder(), net="vgg", latent=args.latent, pretrained_heads=True).to(device)
+
+    draws = args.draws
+    ours_k = None
+    if draws > 1:
+        ours_k = ELatentLPIPS(args.latent, augment="bg", num_draws=draws).to(device, memory_format=mf)
+        ours_k.load_state_dict(sd)
+
+    rows: list[tuple[str, int, float, float, float]] = []
+    c = ours.in_channels
+    for b in args.batch:
+        g = torch.Generator().manual_seed(b)
+        x0 = torch.randn(b, c, args.size, args.size, generator=g).to(device, memory_format=mf)
+        y = torch.randn(b, c, args.size, args.size, generator=g).to(device, memory_format=mf)
+
+        def step(
+            loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+            x0: torch.Tensor = x0,
+            y: torch.Tensor = y,
+        ) -> None:
+            x = x0.detach().requires_grad_(True)
+            with amp:
+                value = loss(x, y)
+            value.float().sum().backward()
+
+        cases: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = [
+            ("ours E-LatentLPIPS (bg)", lambda a, t: ours(a, t)),
+            ("ours LatentLPIPS (no aug)", lambda a, t: bare(a, t)),
+        ]
+        if have_official:
+            cases += [
+                ("official (bg)", lambda a, t: off_aug(a, t, ensembling=True).mean()),
+                ("official (no aug)", lambda a, t: off_aug(a, t, ensembling=False).mean()),
+            ]
+        if ours_k is not None and (args.draws_batches is None or b in args.draws_batches):
+            cases += [
+                (f"ours num_draws={draws} (one call)", lambda a, t: ours_k(a, t)),
+                (f"ours {draws} separate calls", lambda a, t: sum(ours(a, t) for _ in range(draws)) / draws),
+            ]
+        if pixel is not None and b in pixel_batches:
+            cases.append(("PixelLPIPS (SD VAE decode + VGG LPIPS)", lambda a, t: pixel(a, t)))
+        for name, fn in cases:
+            reps = 1 if name.startswith("PixelLPIPS") and device.type == "cpu" else args.reps
+            warm = 0 if name.startswith("PixelLPIPS") and device.type == "cpu" else 1
+            t, cpu, m = measure(lambda fn=fn: step(fn), device, reps, warmup=warm)
+            rows.append((name, b, t, cpu, m))
+            print(
+                f"  {name:42s} B={b}: {t:8.3f} s wall {cpu:8.3f} s cpu {m:9.1f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    base = {
+        b: next(r for r in rows if r[1] == b and r[0].startswith("ours E-LatentLPIPS")) for b in args.batch
+    }
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    lines = [
+        f"Device: {dev}; latent {args.latent} {args.size}×{args.size}; "
+        f"{'bf16 autocast' if args.bf16 else 'float32'}{', channels_last' if args.channels_last else ''}; "
+        f"torch {torch.__version__}; fastest of {args.reps} after 1 warm-up (pixel on CPU: 1 cold run); "
+        f"{'time ratios use CPU time' if device.type == 'cpu' else 'time ratios use wall time'}.",
+        "",
+        "| loss | batch | fwd+bwd wall (s) | CPU time (s) | peak extra mem (MB) | time / ours (bg) | mem / ours (bg) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    on_cpu = device.type == "cpu"
+    for name, b, t, cpu, m in rows:
+        _, _, bt, bc, bm = base[b]
+        ratio = cpu / bc if on_cpu else t / bt  # CPU: ratio of CPU time (robust to other load)
+        mr = f"{m / bm:.2f}" if bm > 0 and not math.isnan(m) else "n/a"
+        lines.append(f"| {name} | {b} | {t:.3f} | {cpu:.3f} | {m:.0f} | {ratio:.2f} | {mr} |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
