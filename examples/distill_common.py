@@ -1,0 +1,571 @@
+"""Shared pieces of the ``examples/sdxl_*.py`` distillation scripts.
+
+Everything a script needs besides its loss: the common command-line options, loading the SDXL components
+from a diffusers folder (or hub id), SDXL prompt encoding (two CLIP encoders, pooled text embeddings,
+``time_ids``), the data sources (a prompt list or an image-caption folder), ``Accelerator`` set-up,
+numbered ``checkpoint-{step}`` folders with pruning and exact resume, the progress bar, and the final
+diffusers-loadable weights. :func:`save_tiny_sdxl_pipeline` writes a tiny SDXL-structured pipeline
+(random weights, offline tokenizers) for the smoke tests.
+
+Determinism and resume: every optimisation step draws its data indices, noise and timesteps from a
+``torch.Generator`` seeded by ``(seed, step, process, micro-batch)`` (:func:`step_generator`), so a run
+resumed from ``checkpoint-N`` computes exactly the step ``N + 1`` that an uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffdistill.students import save_lora
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- options
+def add_common_args(parser: argparse.ArgumentParser, *, default_lr: float = 1e-6) -> argparse.ArgumentParser:
+    """Add the options every script shares (model, data, optimisation, checkpoints, logging)."""
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL diffusers folder or hub id (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/)",
+    )
+    g.add_argument(
+        "--pretrained_vae_model_name_or_path", default=None, help="e.g. madebyollin/sdxl-vae-fp16-fix"
+    )
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="e.g. fp16")
+    g.add_argument(
+        "--use_lora", action="store_true", help="train a LoRA on the UNet instead of the full UNet"
+    )
+    g.add_argument("--lora_rank", type=int, default=64)
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
+    g = parser.add_argument_group("data")
+    g.add_argument("--prompts_file", default=None, help="text file, one prompt a line (prompt-only methods)")
+    g.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="folder of images, each with an optional same-name .txt caption",
+    )
+    g.add_argument("--resolution", type=int, default=1024)
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=1, help="per device")
+    g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument("--learning_rate", type=float, default=default_lr)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config"
+    )
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
+    g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
+    g.add_argument("--tracker_project_name", default=None)
+    return parser
+
+
+def check_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the shared options; raises ``ValueError`` with the fix."""
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"Expected --checkpoints_total_limit >= 1, but got {args.checkpoints_total_limit}.")
+    if args.resolution % 8:
+        raise ValueError(f"Expected --resolution divisible by 8 (the VAE factor), but got {args.resolution}.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass
+class SDXLComponents:
+    """The parts of an SDXL pipeline a distillation script uses."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    noise_scheduler: Any
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae, self.text_encoder, self.text_encoder_2]
+
+
+def load_sdxl(args: argparse.Namespace) -> SDXLComponents:
+    """Load UNet, VAE, both CLIP text encoders and tokenizers and a DDPM scheduler from the SDXL folder/hub id."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    vae_path = args.pretrained_vae_model_name_or_path
+    return SDXLComponents(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var),
+        vae=AutoencoderKL.from_pretrained(
+            vae_path or path, subfolder=None if vae_path else "vae", revision=rev
+        ),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", revision=rev, variant=var
+        ),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
+    )
+
+
+def freeze(*modules: nn.Module) -> None:
+    """``requires_grad_(False)`` and eval mode."""
+    for m in modules:
+        m.requires_grad_(False).eval()
+
+
+def weight_dtype_of(accelerator: Any) -> torch.dtype:
+    """The dtype of frozen weights under the accelerator's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def upcast_trainable(module: nn.Module) -> None:
+    """Keep trainable parameters (e.g. LoRA) in float32 when the base weights are half precision."""
+    for p in module.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+@torch.no_grad()
+def encode_prompts(
+    components: SDXLComponents, prompts: Sequence[str], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: ``(prompt_embeds (B, L, D1 + D2), pooled (B, P))``.
+
+    Both encoders' penultimate hidden states are concatenated on the feature axis; the pooled embedding is
+    the projected text embedding of the second encoder.
+    """
+    hidden = []
+    pooled = None
+    for tok, enc in (
+        (components.tokenizer, components.text_encoder),
+        (components.tokenizer_2, components.text_encoder_2),
+    ):
+        ids = tok(
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]
+    assert pooled is not None
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(
+    batch: int, resolution: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per sample."""
+    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+    return row.repeat(batch, 1)
+
+
+def unet_conditions(
+    components: SDXLComponents,
+    prompts: Sequence[str],
+    resolution: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """UNet keyword arguments ``{"encoder_hidden_states", "added_cond_kwargs"}`` for ``prompts``."""
+    ehs, pooled = encode_prompts(components, prompts, device)
+    added = {
+        "text_embeds": pooled.to(dtype),
+        "time_ids": sdxl_time_ids(len(prompts), resolution, device, dtype),
+    }
+    return {"encoder_hidden_states": ehs.to(dtype), "added_cond_kwargs": added}
+
+
+def latent_scale(vae: Any) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of the VAE."""
+    cfg = vae.config
+    return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+
+@torch.no_grad()
+def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents of pixel images in [-1, 1] (a sample of the posterior drawn with ``generator``)."""
+    scale, shift = latent_scale(vae)
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else "cpu")
+    z = dist.mean + dist.std * noise.to(dist.mean)
+    return (z - shift) * scale
+
+
+# ------------------------------------------------------------------------------------------------- data
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Non-empty lines of a text file."""
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in lines if ln]
+    if not prompts:
+        raise ValueError(f"Expected at least one prompt in {path}, but it has none.")
+    return prompts
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """Images of a folder (recursive) with their captions: ``a.png`` + ``a.txt`` (missing caption: ``""``).
+
+    Items are ``(pixels (3, R, R) in [-1, 1], caption)``: shorter side resized to ``R``, centre-cropped.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], resolution: int) -> None:
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"Expected images ({', '.join(IMAGE_SUFFIXES)}) under {root}, but found none.")
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, index: int) -> str:
+        txt = self.files[index].with_suffix(".txt")
+        return txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        import numpy as np
+        from PIL import Image
+
+        img = Image.open(self.files[index]).convert("RGB")
+        r = self.resolution
+        scale = r / min(img.size)
+        img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
+        left, top = (img.width - r) // 2, (img.height - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return pixels, self.caption(index)
+
+
+class StepData:
+    """Per-step batches drawn by index from a prompt list or an image-caption folder.
+
+    ``batch(generator)`` returns ``(pixels or None, prompts)`` for ``batch_size`` indices drawn with the
+    step's generator, so the data order is a function of the step (exact resume, no sampler state).
+    """
+
+    def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:
+        self.batch_size = args.train_batch_size
+        self.images: ImageCaptionFolder | None = None
+        self.prompts: list[str] | None = None
+        if args.train_data_dir:
+            self.images = ImageCaptionFolder(args.train_data_dir, args.resolution)
+        elif need_images:
+            raise ValueError(
+                "This method trains on images: pass --train_data_dir (images with .txt captions)."
+            )
+        if args.prompts_file:
+            self.prompts = read_prompts(args.prompts_file)
+        if self.images is None and self.prompts is None:
+            raise ValueError(
+                "Pass --prompts_file (one prompt a line) or --train_data_dir (image-caption folder)."
+            )
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
+        if self.images is not None:
+            idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
+            items = [self.images[i] for i in idx]
+            pixels = torch.stack([p for p, _ in items])
+            captions = [c for _, c in items]
+            if self.prompts is not None:  # a prompt list overrides the captions
+                pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
+                captions = [self.prompts[i] for i in pidx]
+            return pixels, captions
+        assert self.prompts is not None
+        idx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
+        return None, [self.prompts[i] for i in idx]
+
+
+def step_generator(seed: int, step: int, process_index: int = 0, micro: int = 0) -> torch.Generator:
+    """A CPU generator seeded by ``(seed, step, process, micro-batch)``: the randomness of one micro-step."""
+    key = ((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+# ------------------------------------------------------------------------------------------- accelerate
+def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
+    """``Accelerator`` with mixed precision, gradient accumulation and trackers from ``args``."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(args.output_dir)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    if report_to is not None:
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
+    return accelerator
+
+
+def adamw(
+    params: Sequence[nn.Parameter] | Any, args: argparse.Namespace, lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the shared options."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("Expected trainable parameters, but every parameter has requires_grad=False.")
+    return torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate if lr is None else lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+
+
+def progress_bar(accelerator: Any, args: argparse.Namespace, initial: int) -> Any:
+    """tqdm over optimisation steps, shown on the local main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=args.max_train_steps,
+        initial=initial,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest (smallest N) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int) -> Path:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``, keeping at most the total limit."""
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        old = [p for p in checkpoint_dirs(args.output_dir) if p != path]
+        for stale in old[: max(0, len(old) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "step.json").write_text(json.dumps({"global_step": step}))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def resume(accelerator: Any, args: argparse.Namespace) -> int:
+    """Load ``--resume_from_checkpoint`` (``latest`` or a path) and return its step (0 without one)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        if not found:
+            return 0  # first launch of a job that always passes "latest"
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(args.output_dir) / args.resume_from_checkpoint
+    match = CHECKPOINT_RE.match(path.name)
+    if not path.is_dir() or match is None:
+        raise ValueError(
+            f"Expected --resume_from_checkpoint to be 'latest' or a checkpoint-N folder, got {path}."
+        )
+    accelerator.load_state(str(path))
+    return int(match.group(1))
+
+
+def should_checkpoint(args: argparse.Namespace, step: int) -> bool:
+    return step % args.checkpointing_steps == 0 and step < args.max_train_steps
+
+
+def save_unet(accelerator: Any, unet: nn.Module, args: argparse.Namespace, subfolder: str = "unet") -> Path:
+    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet."""
+    accelerator.wait_for_everyone()
+    out = Path(args.output_dir)
+    model = accelerator.unwrap_model(unet)
+    if accelerator.is_main_process:
+        if args.use_lora:
+            save_lora(model, out / LORA_WEIGHT_NAME)
+            path = out / LORA_WEIGHT_NAME
+        else:
+            model.save_pretrained(out / subfolder, safe_serialization=True)
+            path = out / subfolder
+    else:
+        path = out / (LORA_WEIGHT_NAME if args.use_lora else subfolder)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def train_loop(accelerator: Any, args: argparse.Namespace, global_step: int, train_step: Any) -> int:
+    """Run ``train_step(generator, step) -> logs`` until ``--max_train_steps``; log, checkpoint, show progress.
+
+    ``train_step`` is called ``gradient_accumulation_steps`` times per optimisation step (one micro-batch
+    each; wrap its update in ``accelerator.accumulate``) with the generator of :func:`step_generator` and
+    the 0-based index of the optimisation step it contributes to. Returns the final step count.
+    """
+    bar = progress_bar(accelerator, args, global_step)
+    while global_step < args.max_train_steps:
+        logs: dict[str, torch.Tensor] = {}
+        for micro in range(args.gradient_accumulation_steps):
+            gen = step_generator(args.seed, global_step, accelerator.process_index, micro)
+            logs = train_step(gen, global_step) or {}
+        global_step += 1
+        bar.update(1)
+        values = scalar_logs(logs)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]})
+        accelerator.log(values, step=global_step)
+        if should_checkpoint(args, global_step):
+            save_checkpoint(accelerator, args, global_step)
+    bar.close()
+    return global_step
+
+
+def scalar_logs(logs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """Detached 0-d tensors to floats for the trackers (one sync per logged step)."""
+    return {prefix + k: float(v) for k, v in logs.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: Any, max_norm: float) -> None:
+    """Clip (when gradients are synchronised), step and zero an optimiser."""
+    if accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm):
+        accelerator.clip_grad_norm_([p for p in params if p.requires_grad], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------- tiny model
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to code points >= 256."""
+    keep = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_clip_tokenizer(folder: str | os.PathLike[str], max_length: int = 16) -> Any:
+    """A character-level ``CLIPTokenizer`` built offline: byte alphabet (+ ``</w>`` forms), no merges."""
+    from transformers import CLIPTokenizer
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {
+        c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])
+    }
+    (root / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (root / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(
+        str(root / "vocab.json"),
+        str(root / "merges.txt"),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
+
+
+def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], *, seed: int = 0, max_length: int = 16) -> Path:
+    """Write a tiny SDXL-structured pipeline (random weights, no download) to ``folder`` and return it.
+
+    UNet: :func:`diffdistill.discriminators.tiny_sdxl_unet_config` (cross-attention 32 = 16 + 16, pooled
+    text 32); VAE: 4 levels of 8 channels (factor 8, 4 latent channels); text encoders: 2-layer CLIP with
+    hidden size 16 (the second with a 32-dim projection); tokenizers: :func:`tiny_clip_tokenizer`. Saved
+    with ``StableDiffusionXLPipeline.save_pretrained``, so it loads like the real SDXL folder.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffdistill.discriminators import tiny_sdxl_unet
+
+    root = Path(folder)
+    tokenizer = tiny_clip_tokenizer(root / "_tokenizer_src", max_length)
+    vocab = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_cfg = {
+            "vocab_size": vocab,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": max_length,
+            "bos_token_id": vocab - 2,
+            "eos_token_id": vocab - 1,
+            "pad_token_id": vocab - 1,
+        }
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg, projection_dim=32))
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=128,
+            scaling_factor=0.13025,
+        )
+    unet = tiny_sdxl_unet(seed=seed + 1)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    shutil.rmtree(root / "_tokenizer_src")
+    return root

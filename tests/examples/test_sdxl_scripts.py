@@ -1,0 +1,152 @@
+"""Smoke tests of examples/sdxl_*.py: 2 optimisation steps on CPU with a tiny SDXL-structured pipeline.
+
+Each script runs in-process (``main(parse_args([...]))``) twice: once for 2 steps with a checkpoint after
+step 1, once resumed from that checkpoint into a fresh output folder. The resumed run must end with the
+same weights as the uninterrupted one (resume gives the same next step), and the final weights must load
+back into diffusers (``UNet2DConditionModel.from_pretrained`` or ``load_lora_adapter``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny SDXL pipeline folder, 3 captioned 128 px images and a prompt file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    common = _load("distill_common")
+    model = common.save_tiny_sdxl_pipeline(root / "model", seed=0)
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red cube", "a blue sphere", ""]):
+        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        if caption:
+            (images / f"{i}.txt").write_text(caption)
+    prompts = root / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
+    return {"model": model, "images": images, "prompts": prompts}
+
+
+def _common_argv(tiny: dict[str, Path], out: Path, *, lora: bool) -> list[str]:
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(tiny["model"]),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "128",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--checkpoints_total_limit",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+    ]
+    return argv + (["--use_lora", "--lora_rank", "4"] if lora else [])
+
+
+def _lora_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _run_and_resume(name: str, argv_a: list[str], argv_b: list[str], out_a: Path) -> None:
+    script = _load(name)
+    script.main(script.parse_args(argv_a))
+    assert (out_a / "checkpoint-1").is_dir()
+    script.main(script.parse_args([*argv_b, "--resume_from_checkpoint", str(out_a / "checkpoint-1")]))
+
+
+def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    a, b = (
+        _lora_state(out_a / "pytorch_lora_weights.safetensors"),
+        _lora_state(out_b / "pytorch_lora_weights.safetensors"),
+    )
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+    assert any(bool(v.abs().sum() > 0) for k, v in a.items() if "lora_B" in k), "LoRA did not train"
+    # The resumed run did its own step 2: its weights differ from the step-1 checkpoint it started from.
+    ckpt = _lora_state(out_a / "checkpoint-1" / "model.safetensors")
+    at_step1 = {"unet." + k.replace(".default.", "."): v for k, v in ckpt.items() if ".lora_" in k}
+    assert at_step1.keys() == b.keys()
+    assert any(not torch.equal(at_step1[k], b[k]) for k in b), "the resumed run did not train"
+    unet = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet")
+    unet.load_lora_adapter(str(out_a), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    assert any("lora" in n for n, _ in unet.named_parameters())
+
+
+def _assert_unet_roundtrip(out_a: Path, out_b: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    a = UNet2DConditionModel.from_pretrained(str(out_a / "unet"))
+    b = UNet2DConditionModel.from_pretrained(str(out_b / "unet"))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+
+
+def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_hyper_sd",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, "--report_to", "tensorboard"],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        out_a,
+    )
+    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert any((out_a / "logs").rglob("events.out.tfevents.*"))
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+
+
+def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
+    common = _load("distill_common")
+    for n in (3, 1, 20):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == [
+        "checkpoint-1",
+        "checkpoint-3",
+        "checkpoint-20",
+    ]
+    g1 = common.step_generator(0, 5, 0, 0)
+    g2 = common.step_generator(0, 5, 0, 0)
+    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+    assert not torch.equal(
+        torch.randn(3, generator=common.step_generator(0, 5, 1, 0)),
+        torch.randn(3, generator=common.step_generator(0, 5, 0, 0)),
+    )
