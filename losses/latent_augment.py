@@ -236,11 +236,19 @@ def _fir(x: torch.Tensor, f: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor
 
 
 def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
+    """2× upsampling with the FIR filter ``f`` (gain 2 per axis keeps the DC level), polyphase form.
+
+    Equal to inserting zeros, padding by ``((k + 1) // 2, (k - 2) // 2)`` and convolving with ``f``;
+    a stride-2 transposed convolution per axis skips the multiplications by the inserted zeros.
+    """
+    _, c, h, w = x.shape
     k = f.numel()
-    up = F.pad(x.reshape(n, c, h, 1, w, 1), [0, 1, 0, 0, 0, 1]).reshape(n, c, 2 * h, 2 * w)
-    # True convolution (flipped filter) with a gain of 2 per axis keeps the DC level.
-    return _fir(up, f.flip(0) * 2, ((k + 1) // 2, (k - 2) // 2))
+    off = k - 1 - (k + 1) // 2
+    g = f * 2
+    y = F.conv_transpose2d(x, g.reshape(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), groups=c)
+    y = y[..., off : off + 2 * w]
+    y = F.conv_transpose2d(y, g.reshape(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), groups=c)
+    return y[..., off : off + 2 * h, :]
 
 
 def _downsample2x(x: torch.Tensor, f: torch.Tensor, crop: int) -> torch.Tensor:
@@ -338,6 +346,7 @@ class LatentAugment(nn.Module):
         self.xfrac_std = float(xfrac_std)
         self.cutout_size = float(cutout_size)
         # Constant, not part of the state dict.
+        self.filter: torch.Tensor
         self.register_buffer("filter", sym6_filter(), persistent=False)
 
     def extra_repr(self) -> str:
@@ -413,14 +422,14 @@ class LatentAugment(nn.Module):
             out.cutout_center = rand(n, 2, 1, 1, 1).reshape(n, 2)
         return out.to(dev)
 
-    def apply(self, tensors: tuple[torch.Tensor, ...], params: AugmentParams) -> tuple[torch.Tensor, ...]:
+    def transform(self, tensors: tuple[torch.Tensor, ...], params: AugmentParams) -> tuple[torch.Tensor, ...]:
         """Apply one draw ``params`` to every tensor of ``tensors`` (same shape ``(N, C, H, W)``).
 
         Example:
             >>> aug = LatentAugment("o")
             >>> x = torch.ones(1, 4, 8, 8)
             >>> prm = AugmentParams(cutout_size=torch.tensor([0.5]), cutout_center=torch.tensor([[0.5, 0.5]]))
-            >>> (y,) = aug.apply((x,), prm)
+            >>> (y,) = aug.transform((x,), prm)
             >>> float(y.mean())  # the central quarter of the image is erased
             0.75
         """
@@ -490,5 +499,5 @@ class LatentAugment(nn.Module):
             params = self.sample(
                 tensors[0].shape[0], generator=generator, device=tensors[0].device, dtype=tensors[0].dtype
             )
-        out = self.apply(tuple(tensors), params)
+        out = self.transform(tuple(tensors), params)
         return out[0] if len(out) == 1 else out

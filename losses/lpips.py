@@ -110,7 +110,7 @@ def _latent_vgg16_bn_features(in_channels: int) -> list[nn.Module]:
         else:
             conv = nn.Conv2d(c, int(v), kernel_size=3, padding=1)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(conv.bias)  # type: ignore[arg-type]
             layers += [conv, nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
             c = int(v)
     return layers
@@ -492,7 +492,7 @@ class LatentLPIPS(nn.Module):
     def _distance(self, x: torch.Tensor, y: torch.Tensor, spatial: bool) -> torch.Tensor:
         """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``."""
         dt = x.dtype
-        w = self.net.slice1[0].weight
+        w = self.net.slice1[0].weight  # type: ignore[index, union-attr]
         channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
         def trunk(t: torch.Tensor) -> list[torch.Tensor]:  # may run under the caller's autocast
@@ -507,7 +507,7 @@ class LatentLPIPS(nn.Module):
             total: torch.Tensor | None = None
             for k, (fx, fy) in enumerate(feats):
                 d = (_unit_normalize(fx.to(dt)) - _unit_normalize(fy.to(dt))).pow(2)
-                head = self.heads[k].model[1].weight.to(dt)
+                head = self.heads[k].model[1].weight.to(dt)  # type: ignore[index, union-attr]
                 m = F.conv2d(d, head)  # (B, 1, h, w)
                 if spatial:
                     m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
