@@ -110,13 +110,16 @@ def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> N
     assert any("lora" in n for n, _ in unet.named_parameters())
 
 
-def _assert_unet_roundtrip(out_a: Path, out_b: Path) -> None:
+def _assert_unet_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> None:
     from diffusers import UNet2DConditionModel
+
+    start = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet").state_dict()
 
     a = UNet2DConditionModel.from_pretrained(str(out_a / "unet"))
     b = UNet2DConditionModel.from_pretrained(str(out_b / "unet"))
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+    assert any(not torch.equal(v, start[k]) for k, v in a.state_dict().items()), "the UNet did not train"
 
 
 def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
@@ -150,3 +153,38 @@ def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
         torch.randn(3, generator=common.step_generator(0, 5, 1, 0)),
         torch.randn(3, generator=common.step_generator(0, 5, 0, 0)),
     )
+
+
+def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_sim",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        out_a,
+    )
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+
+
+def test_sim_full_unet_dmd_with_accumulation(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = [
+        "--prompts_file",
+        str(tiny_sdxl["prompts"]),
+        "--loss",
+        "dmd",
+        "--generator_every",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--learning_rate",
+        "1e-4",
+    ]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_sim",
+        [*_common_argv(tiny_sdxl, out_a, lora=False), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=False), *extra],
+        out_a,
+    )
+    _assert_unet_roundtrip(tiny_sdxl, out_a, out_b)

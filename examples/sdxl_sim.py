@@ -1,0 +1,173 @@
+"""One-step SDXL generator by score implicit matching (SIM), or SiD / DMD, with an online fake score.
+
+Luo et al., "One-Step Diffusion Distillation through Score Implicit Matching", NeurIPS 2024
+(arXiv:2410.16794); ``--loss sid``: Zhou et al., ICML 2024 (arXiv:2404.04057); ``--loss dmd``: Yin et
+al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``): the generator maps pure noise at
+``--generator_timestep`` to a clean latent in one UNet call; the real score is the frozen teacher with
+classifier-free guidance, the fake score a trainable copy of the teacher fitted to the generator's
+detached samples by denoising score matching (:func:`diffdistill.losses.fake_score_loss`).
+:class:`diffdistill.losses.AlternatingUpdate` alternates the two updates (``--generator_every``,
+``--fake_steps``) and freezes the fake network during the generator step.
+
+With ``--use_lora`` both the generator and the fake score are LoRAs (the fake one on its own copy of the
+UNet); the real score is the generator's UNet with its adapters disabled, run *with* autograd so the
+SIM / SiD gradient flows through its input as in the papers.
+
+Example::
+
+    accelerate launch examples/sdxl_sim.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
+        --prompts_file prompts.txt --output_dir out/sim --use_lora --lora_rank 64 --loss sim \\
+        --mixed_precision bf16 --gradient_checkpointing --train_batch_size 2 --max_train_steps 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffdistill.losses import AlternatingUpdate, dmd_loss, fake_score_loss, sid_loss, sim_loss
+from diffdistill.schedulers import NoiseSchedule, TeacherSolver
+from diffdistill.students import adapters_disabled, add_lora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distill_common as common  # the shared module next to this script
+
+logger = logging.getLogger("sdxl_sim")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(p, default_lr=1e-6)
+    g = p.add_argument_group("SIM / SiD / DMD")
+    g.add_argument("--loss", choices=["sim", "sid", "dmd"], default="sim")
+    g.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale of the real score")
+    g.add_argument("--generator_timestep", type=int, default=999, help="timestep the generator is called at")
+    g.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--generator_every", type=int, default=1, help="DMD2: 5 fake updates per generator update")
+    g.add_argument("--fake_steps", type=int, default=1)
+    g.add_argument("--sid_alpha", type=float, default=1.2)
+    g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
+    g.add_argument("--fake_weighting", choices=["epsilon", "v", "x0", "edm"], default="epsilon")
+    return common.check_common_args(p.parse_args(argv))
+
+
+class RealScore:
+    """The teacher of a LoRA generator as a real score *with* autograd through its input.
+
+    ``diffdistill.students.TeacherView`` runs under ``no_grad``; SIM and SiD need the gradient of the real
+    denoiser's output with respect to its input, so this view only disables the adapters.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = common.make_accelerator(args, "sdxl_sim")
+    parts = common.load_sdxl(args)
+    dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    common.freeze(*parts.frozen_modules())
+    for m in (parts.text_encoder, parts.text_encoder_2):
+        m.to(device, dtype=dtype)
+    schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
+    unet = parts.unet
+    fake = copy.deepcopy(unet)
+    if args.use_lora:
+        for net in (unet, fake):
+            net.requires_grad_(False)
+            net.to(device, dtype=dtype)
+            add_lora(net, rank=args.lora_rank, alpha=args.lora_alpha)
+            common.upcast_trainable(net)
+        real_model: Any = RealScore(unet)
+    else:
+        frozen = copy.deepcopy(unet)
+        common.freeze(frozen)
+        frozen.to(device, dtype=dtype)
+        real_model = frozen
+        unet.train().requires_grad_(True)
+        fake.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        fake.enable_gradient_checkpointing()
+    opt_g = common.adamw(unet.parameters(), args)
+    opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
+    unet, fake, opt_g, opt_f = accelerator.prepare(unet, fake, opt_g, opt_f)
+    real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
+    data = common.StepData(args, need_images=False)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    latent_shape = (4, args.resolution // 8, args.resolution // 8)
+    state: dict[str, Any] = {}
+
+    def generate(gen: torch.Generator, cond: dict[str, Any]) -> torch.Tensor:
+        z = torch.randn((args.train_batch_size, *latent_shape), generator=gen).to(device)
+        t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
+        return schedule.to_x0(unet(z, t, **cond).sample.float(), z, t)
+
+    def generator_step() -> dict[str, torch.Tensor]:
+        gen, cond = state["gen"], state["cond"]
+        x = generate(gen, cond)
+        kwargs: dict[str, Any] = {"schedule": schedule, "cond": cond, "uncond": uncond, "generator": gen}
+        if args.loss == "sim":
+            loss, logs = sim_loss(x, real, fake, distance=args.sim_distance, **kwargs)
+        elif args.loss == "sid":
+            loss, logs = sid_loss(x, real, fake, alpha=args.sid_alpha, **kwargs)
+        else:
+            loss, logs = dmd_loss(x, real, fake, **kwargs)
+        accelerator.backward(loss)
+        common.clip_and_step(accelerator, opt_g, unet.parameters(), args.max_grad_norm)
+        state["x"] = x.detach()
+        return logs
+
+    def fake_step() -> dict[str, torch.Tensor]:
+        gen, cond = state["gen"], state["cond"]
+        x = state.get("x")
+        if x is None:  # the generator step was skipped this time (generator_every > 1)
+            with torch.no_grad():
+                x = generate(gen, cond)
+        loss, logs = fake_score_loss(
+            fake, x, schedule=schedule, weighting=args.fake_weighting, cond=cond, generator=gen
+        )
+        accelerator.backward(loss)
+        common.clip_and_step(accelerator, opt_f, fake.parameters(), args.max_grad_norm)
+        return logs
+
+    loop = AlternatingUpdate(
+        generator_step,
+        fake_step,
+        generator_every=args.generator_every,
+        fake_steps=args.fake_steps,
+        freeze_during_generator=[fake],
+    )
+    global_step = common.resume(accelerator, args)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        _, prompts = data.batch(gen)
+        state.update(
+            gen=gen, cond=common.unet_conditions(parts, prompts, args.resolution, device, dtype), x=None
+        )
+        # The update phase follows the optimisation step, so every micro-batch of a step runs the same
+        # updates (with gradient accumulation) and a resumed run keeps the phase without extra state.
+        loop.step_count = step
+        with accelerator.accumulate(unet, fake), accelerator.autocast():
+            return loop.step()
+
+    common.train_loop(accelerator, args, global_step, train_step)
+    common.save_unet(accelerator, unet, args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
