@@ -156,6 +156,35 @@ def upcast_trainable(module: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def student_and_teacher(
+    args: argparse.Namespace, unet: nn.Module, device: Any, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    """Make ``unet`` the trainable student and return ``(student, teacher callable)``.
+
+    ``--use_lora``: base weights frozen in ``dtype``, a LoRA (float32) added, and the teacher is the same
+    UNet with the adapters disabled under ``no_grad`` (:class:`diffdistill.students.TeacherView`).
+    Otherwise the teacher is a frozen copy in ``dtype`` and the whole UNet trains (float32).
+    """
+    import copy
+
+    from diffdistill.students import TeacherView, add_lora
+
+    if args.use_lora:
+        unet.requires_grad_(False)
+        unet.to(device, dtype=dtype)
+        add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
+        upcast_trainable(unet)
+        teacher: Any = TeacherView(unet)
+    else:
+        teacher = copy.deepcopy(unet)
+        freeze(teacher)
+        teacher.to(device, dtype=dtype)
+        unet.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet, teacher
+
+
 @torch.no_grad()
 def encode_prompts(
     components: SDXLComponents, prompts: Sequence[str], device: torch.device | str

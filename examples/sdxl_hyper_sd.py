@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from diffdistill.discriminators import UNetEncoderDiscriminator
 from diffdistill.losses import consistency_pair, gan_discriminator_loss, gan_generator_loss
 from diffdistill.schedulers import NoiseSchedule, StagePlan, TeacherSolver, tscd_segments
-from diffdistill.students import EMA, TeacherView, add_lora
+from diffdistill.students import EMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -79,20 +78,7 @@ def main(args: argparse.Namespace) -> None:
     disc = UNetEncoderDiscriminator(
         unet, conditional=False, gradient_checkpointing=args.gradient_checkpointing
     )
-    if args.use_lora:
-        unet.requires_grad_(False)
-        unet.to(device, dtype=dtype)
-        add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
-        common.upcast_trainable(unet)
-        teacher_model = TeacherView(unet)
-    else:
-        frozen = copy.deepcopy(unet)
-        common.freeze(frozen)
-        frozen.to(device, dtype=dtype)
-        teacher_model = frozen
-        unet.train().requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
     decay = args.ema_decay if args.ema_decay is not None else plan[0].options["ema_decay"]
     ema = EMA(unet, decay=decay).to(device) if args.target == "ema" else None
 

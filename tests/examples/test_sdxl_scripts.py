@@ -188,3 +188,16 @@ def test_sim_full_unet_dmd_with_accumulation(tiny_sdxl: dict[str, Path], tmp_pat
         out_a,
     )
     _assert_unet_roundtrip(tiny_sdxl, out_a, out_b)
+
+
+def test_mlcm_both_stages_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--num_segments", "4", "--stage1_steps", "1"]
+    extra += ["--stage2_learning_rate", "1e-3"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_mlcm",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        out_a,
+    )
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
