@@ -25,11 +25,11 @@ from diffdistill.losses import (
     uniform_label_smoothing,
 )
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "dice"
+VECTORS = Path(__file__).resolve().parent / "data" / "dice"  # copied from ../shared/vectors/dice
 MANIFEST = VECTORS / "manifest.json"
 CASES = json.loads(MANIFEST.read_text())["cases"] if MANIFEST.exists() else []
 needs_vectors = pytest.mark.skipif(
-    not CASES, reason="reference vectors (../shared/vectors/dice) not available"
+    not CASES, reason="reference vectors (tests/losses/data/dice) not available"
 )
 
 # Golden values pinned inline so CI checks parity even without the shared folder (manifest "expected_loss").
