@@ -201,3 +201,23 @@ def test_mlcm_both_stages_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> No
         out_a,
     )
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+
+
+def test_ssd1b_kd_full_student(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    # The SSD-1B preset needs SDXL's 3 levels x 2 layers; Segmind-Vega's fractions fit the tiny UNet.
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--preset", "vega", "--learning_rate", "1e-4"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_ssd1b_kd",
+        [*_common_argv(tiny_sdxl, out_a, lora=False), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=False), *extra],
+        out_a,
+    )
+    a = UNet2DConditionModel.from_pretrained(str(out_a / "unet"))
+    b = UNet2DConditionModel.from_pretrained(str(out_b / "unet"))
+    teacher = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in teacher.parameters())
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")

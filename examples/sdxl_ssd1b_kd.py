@@ -1,0 +1,102 @@
+"""SSD-1B / Segmind-Vega for SDXL: a block-removed student trained with layer-level knowledge distillation.
+
+Gupta et al., "Progressive Knowledge Distillation of Stable Diffusion XL using Layer Level Loss", 2024
+(arXiv:2401.02677); BK-SDM, Kim et al. 2023 (arXiv:2305.15798). The student is built from the teacher
+UNet with :func:`diffdistill.students.build_student` (``--preset ssd-1b``, ``vega`` or ``bk-sdm-*``;
+kept blocks start from the teacher's weights) and trained on an image-caption folder with
+:class:`diffdistill.students.LayerKD`: the denoising task loss + ``--output_weight`` x output KD +
+``--feature_weight`` x the feature KD over the report's ``kd_pairs`` (teacher and student run on the same
+noisy latents). The whole student trains (no LoRA); the result is a ``UNet2DConditionModel`` folder.
+
+Example::
+
+    accelerate launch examples/sdxl_ssd1b_kd.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
+        --train_data_dir data/images --output_dir out/ssd-1b --preset ssd-1b \\
+        --mixed_precision bf16 --gradient_checkpointing --train_batch_size 8 --learning_rate 1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from diffdistill.schedulers import NoiseSchedule, uniform_timesteps
+from diffdistill.students import PRESETS, LayerKD, build_student
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distill_common as common  # the shared module next to this script
+
+logger = logging.getLogger("sdxl_ssd1b_kd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(p, default_lr=1e-5)
+    g = p.add_argument_group("layer KD")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="ssd-1b")
+    g.add_argument("--kd_level", choices=["block", "sub_block", "layer"], default="sub_block")
+    g.add_argument("--output_weight", type=float, default=0.5)
+    g.add_argument("--feature_weight", type=float, default=0.5)
+    args = common.check_common_args(p.parse_args(argv))
+    if args.use_lora:
+        raise ValueError("sdxl_ssd1b_kd trains the whole block-removed student: drop --use_lora.")
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = common.make_accelerator(args, "sdxl_ssd1b_kd")
+    parts = common.load_sdxl(args)
+    dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    common.freeze(*parts.frozen_modules())
+    for m in (parts.text_encoder, parts.text_encoder_2):
+        m.to(device, dtype=dtype)
+    schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
+    teacher = parts.unet
+    student, report = build_student(teacher, args.preset)
+    common.freeze(teacher)
+    teacher.to(device, dtype=dtype)
+    student.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    opt = common.adamw(student.parameters(), args)
+    student, opt = accelerator.prepare(student, opt)
+    kd = LayerKD(
+        student,
+        teacher,
+        report.kd_pairs(args.kd_level),
+        output_weight=args.output_weight,
+        feature_weight=args.feature_weight,
+    )
+    data = common.StepData(args, need_images=True)
+    global_step = common.resume(accelerator, args)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        pixels, prompts = data.batch(gen)
+        assert pixels is not None
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
+        x0 = common.encode_images(parts.vae, pixels, gen).to(device, torch.float32)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).to(device)
+        x_t = schedule.add_noise(x0, noise, t)
+        target = schedule.convert(noise, x_t, t, "epsilon", schedule.prediction_type)
+        with accelerator.accumulate(student), accelerator.autocast():
+            loss, logs = kd(x_t, t, target, **cond)
+            accelerator.backward(loss)
+            common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
+        return logs
+
+    common.train_loop(accelerator, args, global_step, train_step)
+    kd.close()
+    common.save_unet(accelerator, student, args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
