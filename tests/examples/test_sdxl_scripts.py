@@ -221,3 +221,25 @@ def test_ssd1b_kd_full_student(tiny_sdxl: dict[str, Path], tmp_path: Path) -> No
     assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in teacher.parameters())
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+
+
+@pytest.mark.parametrize("stage", ["128->32", "4->2/conditional", "2->1/x0-conversion", "2->1/full"])
+def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str) -> None:
+    lora = stage in ("128->32", "4->2/conditional")
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", stage, "--learning_rate", "1e-3"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_lightning",
+        [*_common_argv(tiny_sdxl, out_a, lora=lora), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=lora), *extra],
+        out_a,
+    )
+    if lora:
+        _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+    else:
+        _assert_unet_roundtrip(tiny_sdxl, out_a, out_b)
+    if stage == "128->32":
+        from diffusers import UNet2DConditionModel
+
+        merged = UNet2DConditionModel.from_pretrained(str(out_a / "unet_merged"))
+        assert not any("lora" in n for n, _ in merged.named_parameters())

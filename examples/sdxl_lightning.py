@@ -1,0 +1,224 @@
+"""SDXL-Lightning: progressive adversarial distillation, one stage of ``StagePlan.sdxl_lightning`` per launch.
+
+Lin, Wang, Yang, "SDXL-Lightning: Progressive Adversarial Diffusion Distillation", 2024
+(arXiv:2402.13929), Sec. 3.6-3.7. Run the stages in order (``--stage``), each starting from the previous
+stage's merged UNet (``--init_unet``); the teacher of a stage is the model it starts from (progressive
+distillation) and the discriminator is rebuilt at each launch from the base SDXL UNet's encoder:
+
+* ``128->32`` -- MSE between the student's jump and 4 guided teacher DDIM steps (CFG 6), LoRA
+  (:func:`diffdistill.losses.progressive_distillation_loss`);
+* ``N->M/conditional`` then ``N->M/unconditional`` -- non-saturating adversarial loss on a LoRA with the
+  conditional, then the unconditional :class:`~diffdistill.discriminators.UNetEncoderDiscriminator`
+  judging the student's jump against the teacher's ``N/M``-step solution; for the 2- and 1-step students
+  both are re-noised to ``t* ~ Cat({10, 250, 500, 750}, (5, 1, 1, 1))``
+  (:func:`diffdistill.losses.renoise_for_discriminator`) and the students train at the extra timesteps
+  {249, 499, 749, 999}. The unconditional stage continues the conditional stage's LoRA (``--init_lora``)
+  and also writes the merged UNet (``unet_merged/``) for the next stages;
+* ``N->M/full`` -- the same objective (unconditional D) on the full UNet;
+* ``2->1/x0-conversion`` -- converts the 1-step student to x0 prediction
+  (:func:`diffdistill.losses.x0_conversion_loss`) before ``2->1/full`` (``prediction_type`` "sample").
+
+Adversarial stages use Adam(beta1=0, beta2=0.99) and the plan's learning rates unless
+``--learning_rate`` is given.
+
+Example (first two stages)::
+
+    accelerate launch examples/sdxl_lightning.py --stage "128->32" \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_dir data/images --output_dir out/lightning-32 --use_lora --lora_rank 64 \\
+        --mixed_precision bf16 --gradient_checkpointing --train_batch_size 4 --max_train_steps 4000
+    accelerate launch examples/sdxl_lightning.py --stage "32->8/conditional" \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --init_unet out/lightning-32/unet_merged --train_data_dir data/images --output_dir out/lightning-8c ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffdistill.discriminators import UNetEncoderDiscriminator
+from diffdistill.losses import (
+    consistency_pair,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    progressive_distillation_loss,
+    renoise_for_discriminator,
+    x0_conversion_loss,
+)
+from diffdistill.schedulers import NoiseSchedule, StagePlan, TeacherSolver, progressive_pairs
+from diffdistill.students import load_lora, merge_lora
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distill_common as common  # the shared module next to this script
+
+logger = logging.getLogger("sdxl_lightning")
+STAGES = [s.name for s in StagePlan.sdxl_lightning()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(p, default_lr=None)  # type: ignore[arg-type]
+    g = p.add_argument_group("SDXL-Lightning")
+    g.add_argument("--stage", choices=STAGES, default=STAGES[0])
+    g.add_argument(
+        "--init_unet", default=None, help="UNet folder of the previous stage (default: the base UNet)"
+    )
+    g.add_argument("--init_lora", default=None, help="LoRA file of the previous LoRA stage to continue")
+    g.add_argument("--mse_guidance_scale", type=float, default=6.0)
+    g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
+    args = common.check_common_args(p.parse_args(argv))
+    stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
+    if (stage.trainable == "lora") != bool(args.use_lora):
+        raise ValueError(
+            f"Stage {stage.name!r} trains {'a LoRA: add --use_lora' if stage.trainable == 'lora' else 'the full UNet: drop --use_lora'}."
+        )
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    from diffusers import UNet2DConditionModel
+
+    accelerator = common.make_accelerator(args, "sdxl_lightning")
+    stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
+    opts = stage.options
+    lr = args.learning_rate if args.learning_rate is not None else float(opts.get("lr", 1e-6))
+    parts = common.load_sdxl(args)
+    dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    common.freeze(*parts.frozen_modules())
+    for m in parts.frozen_modules():
+        m.to(device, dtype=torch.float32 if m is parts.vae and dtype == torch.float16 else dtype)
+    unet = UNet2DConditionModel.from_pretrained(args.init_unet) if args.init_unet else parts.unet
+    # The model a stage starts from predicts epsilon (the base's type), except after the x0 conversion.
+    base_pred = parts.noise_scheduler.config.prediction_type
+    start_pred = "sample" if stage.name == "2->1/full" else base_pred
+    schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler, prediction_type=start_pred)
+    pred_type = opts.get("prediction_type", start_pred)
+
+    disc: Any = None
+    if stage.discriminator is not None:
+        disc = UNetEncoderDiscriminator(
+            parts.unet,
+            conditional=stage.discriminator == "conditional",
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+    unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
+    if args.init_lora:  # continue the previous LoRA stage's adapter (conditional -> unconditional)
+        load_lora(unet, args.init_lora)
+        common.upcast_trainable(unet)
+    betas = tuple(opts.get("adam_betas", (args.adam_beta1, args.adam_beta2)))
+    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=lr, betas=betas)
+    if disc is not None:
+        d_lr = args.discriminator_learning_rate or lr
+        opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=betas)
+        unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    else:
+        unet, opt = accelerator.prepare(unet, opt)
+    teacher = TeacherSolver(teacher_model, schedule, guidance_scale=float(opts.get("guidance_scale", 1.0)))
+    data = common.StepData(args, need_images=True)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    extra_t = opts.get("extra_student_timesteps")
+    global_step = common.resume(accelerator, args)
+
+    def adversarial(
+        x0: torch.Tensor, cond: dict[str, Any], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
+        sample = progressive_pairs(
+            x0.shape[0],
+            stage.student_steps or 1,
+            schedule.num_train_timesteps,
+            extra_timesteps=extra_t,
+            generator=gen,
+            device=device,
+        )
+        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), sample.t)
+        pair = consistency_pair(
+            unet,
+            teacher,
+            x_t,
+            sample,
+            cond,
+            uncond,
+            target=None,
+            parameterization="move",
+            teacher_steps=stage.teacher_steps or 1,
+            prediction_type=pred_type,
+        )
+        real, fake = pair.target.float(), pair.student.float()
+        t_judge = pair.sample.t_prev.clamp(min=0)
+        if "discriminator_timesteps" in opts:
+            renoised = renoise_for_discriminator(
+                real,
+                fake,
+                schedule=schedule,
+                values=opts["discriminator_timesteps"],
+                weights=opts.get("discriminator_timestep_weights"),
+                generator=gen,
+            )
+            (real, fake), t_judge = renoised.samples, renoised.t.to(device)
+        ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+        extra: dict[str, Any] = {}
+        if stage.discriminator == "conditional":
+            extra = {"cond_sample": x_t, "cond_timestep": pair.sample.t}
+        disc.requires_grad_(False)
+        g_loss, _ = gan_generator_loss(disc(fake, t_judge, ehs, added, **extra))
+        disc.requires_grad_(True)
+        accelerator.backward(g_loss)
+        common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+        d_loss, _ = gan_discriminator_loss(
+            disc(real, t_judge, ehs, added, **extra), disc(fake.detach(), t_judge, ehs, added, **extra)
+        )
+        accelerator.backward(d_loss)
+        common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+        return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach()}
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        pixels, prompts = data.batch(gen)
+        assert pixels is not None
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
+        x0 = common.encode_images(parts.vae, pixels, gen).to(device, torch.float32)
+        with accelerator.accumulate(unet), accelerator.autocast():
+            if stage.loss == "mse":
+                loss, logs = progressive_distillation_loss(
+                    unet,
+                    teacher,
+                    x0,
+                    cond,
+                    uncond,
+                    num_student_steps=stage.student_steps or 1,
+                    teacher_steps=stage.teacher_steps or 1,
+                    generator=gen,
+                )
+            elif stage.loss == "x0_conversion":
+                grid = torch.tensor(opts.get("timesteps", (249, 499, 749, 999)))
+                t = grid[torch.randint(len(grid), (x0.shape[0],), generator=gen)].to(device)
+                x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=gen).to(device), t)
+                loss, logs = x0_conversion_loss(
+                    unet, teacher_model, x_t, t, cond, schedule=schedule, frozen_prediction_type=base_pred
+                )
+            else:
+                return adversarial(x0, cond, gen)[1]
+            accelerator.backward(loss)
+            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+        return logs
+
+    common.train_loop(accelerator, args, global_step, train_step)
+    common.save_unet(accelerator, unet, args)
+    if args.use_lora and (opts.get("merge_lora_after") or stage.loss == "mse"):
+        if accelerator.is_main_process:
+            merged = merge_lora(accelerator.unwrap_model(unet))
+            merged.to(torch.float32).save_pretrained(
+                Path(args.output_dir) / "unet_merged", safe_serialization=True
+            )
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
