@@ -243,3 +243,18 @@ def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str)
 
         merged = UNet2DConditionModel.from_pretrained(str(out_a / "unet_merged"))
         assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs"
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--pairs_dir", str(pairs), "--num_pairs", "5"]
+    extra += ["--pairs_shard_size", "2", "--teacher_steps", "2", "--r1_every", "2"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_diffusion2gan",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        out_a,
+    )
+    assert sorted(p.name for p in pairs.iterdir()) == [f"pairs-0000{i}.safetensors" for i in range(3)]
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)

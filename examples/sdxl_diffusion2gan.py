@@ -1,0 +1,221 @@
+"""Diffusion2GAN for SDXL: teacher ODE pairs, then a one-step conditional GAN with E-LatentLPIPS.
+
+Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arXiv:2405.05967).
+
+1. **Pairs.** The teacher maps noise to latents with guided DDIM (``--teacher_steps``, CFG
+   ``--guidance_scale``) for prompts of ``--prompts_file``; shards of ``--pairs_shard_size`` pairs are
+   written as ``pairs-XXXXX.safetensors`` (``noise``, ``latent``, the prompts in the metadata) under
+   ``--pairs_dir``. A shard is written to a temporary name and renamed, so an interrupted run resumes by
+   skipping the shards that exist; processes split the shards.
+2. **GAN.** The generator is the UNet called once at ``--generator_timestep`` on the pair's noise
+   (output converted to a clean latent), trained with E-LatentLPIPS to the teacher's latent
+   (:class:`diffdistill.losses.ELatentLPIPS`; pass calibrated ``--lpips_weights`` from
+   ``examples/train_latent_lpips.py``, otherwise the trunk is random) plus the non-saturating GAN loss of
+   the :class:`~diffdistill.discriminators.MultiScaleConditionalDiscriminator` ``D(c, z, x)``; the
+   discriminator also sees mix-and-match negatives (:func:`diffdistill.losses.mix_and_match`) and a lazy,
+   single-sample R1 penalty (:func:`diffdistill.losses.lazy_r1_penalty`).
+
+Example::
+
+    accelerate launch examples/sdxl_diffusion2gan.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
+        --prompts_file prompts.txt --num_pairs 100000 --output_dir out/d2g \\
+        --lpips_weights latent_lpips.safetensors --use_lora --lora_rank 64 \\
+        --mixed_precision bf16 --gradient_checkpointing --train_batch_size 4 --max_train_steps 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffdistill.discriminators import MultiScaleConditionalDiscriminator
+from diffdistill.losses import (
+    ELatentLPIPS,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    lazy_r1_penalty,
+    mix_and_match,
+)
+from diffdistill.schedulers import NoiseSchedule, TeacherSolver, ddim_sample, spaced_timesteps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import distill_common as common  # the shared module next to this script
+
+logger = logging.getLogger("sdxl_diffusion2gan")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(p, default_lr=1e-5)
+    g = p.add_argument_group("teacher pairs")
+    g.add_argument("--pairs_dir", default=None, help="default: OUTPUT_DIR/pairs")
+    g.add_argument("--num_pairs", type=int, default=1000)
+    g.add_argument("--pairs_shard_size", type=int, default=64)
+    g.add_argument("--teacher_steps", type=int, default=50)
+    g.add_argument("--guidance_scale", type=float, default=7.0)
+    g = p.add_argument_group("GAN")
+    g.add_argument("--generator_timestep", type=int, default=999)
+    g.add_argument("--lpips_weights", default=None, help="LatentLPIPS checkpoint (train_latent_lpips.py)")
+    g.add_argument("--lpips_augment", default="bg", help='ELatentLPIPS augmentation letters, or "none"')
+    g.add_argument("--gan_weight", type=float, default=0.5)
+    g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--r1_gamma", type=float, default=1.0)
+    g.add_argument("--r1_every", type=int, default=16)
+    g.add_argument("--no_mix_and_match", action="store_true")
+    args = common.check_common_args(p.parse_args(argv))
+    if args.prompts_file is None:
+        raise ValueError("Diffusion2GAN generates its own pairs: pass --prompts_file.")
+    return args
+
+
+def shard_paths(args: argparse.Namespace) -> list[Path]:
+    root = Path(args.pairs_dir or Path(args.output_dir) / "pairs")
+    count = -(-args.num_pairs // args.pairs_shard_size)
+    return [root / f"pairs-{i:05d}.safetensors" for i in range(count)]
+
+
+@torch.no_grad()
+def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teacher: TeacherSolver) -> None:
+    """Write the missing teacher-pair shards (this process's share), then wait for every process."""
+    from safetensors.torch import save_file
+
+    prompts = common.read_prompts(args.prompts_file)
+    device, dtype = accelerator.device, common.weight_dtype_of(accelerator)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    timesteps = spaced_timesteps(args.teacher_steps, num_train_timesteps=teacher.schedule.num_train_timesteps)
+    paths = shard_paths(args)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(paths):
+        if i % accelerator.num_processes != accelerator.process_index or path.exists():
+            continue
+        size = min(args.pairs_shard_size, args.num_pairs - i * args.pairs_shard_size)
+        gen = common.step_generator(args.seed, i, micro=99)  # independent of the training draws
+        picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
+        cond = common.unet_conditions(parts, picked, args.resolution, device, dtype)
+        noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
+        with accelerator.autocast():
+            latent = ddim_sample(
+                teacher.model,
+                teacher.schedule,
+                noise,
+                timesteps,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=teacher.guidance_scale,
+            ).sample
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
+            str(tmp),
+            metadata={"prompts": json.dumps(picked)},
+        )
+        os.replace(tmp, path)
+        logger.info("wrote %s (%d pairs)", path, size)
+    accelerator.wait_for_everyone()
+
+
+class PairShards:
+    """Random access to the pairs of the shards: ``batch(generator)`` -> ``(noise, latent, prompts)``."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.index: list[tuple[Path, int]] = []
+        self.prompts: dict[Path, list[str]] = {}
+        for path in paths:
+            with safe_open(str(path), framework="pt") as f:
+                self.prompts[path] = json.loads((f.metadata() or {})["prompts"])
+                rows = f.get_slice("noise").get_shape()[0]
+            self.index += [(path, r) for r in range(rows)]
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        from safetensors import safe_open
+
+        noise, latent, prompts = [], [], []
+        for k in torch.randint(len(self.index), (size,), generator=generator).tolist():
+            path, row = self.index[k]
+            with safe_open(str(path), framework="pt") as f:
+                noise.append(f.get_slice("noise")[row : row + 1])
+                latent.append(f.get_slice("latent")[row : row + 1])
+            prompts.append(self.prompts[path][row])
+        return torch.cat(noise), torch.cat(latent), prompts
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = common.make_accelerator(args, "sdxl_diffusion2gan")
+    parts = common.load_sdxl(args)
+    dtype = common.weight_dtype_of(accelerator)
+    device = accelerator.device
+    common.freeze(*parts.frozen_modules())
+    for m in (parts.text_encoder, parts.text_encoder_2):
+        m.to(device, dtype=dtype)
+    schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
+    disc = MultiScaleConditionalDiscriminator(parts.unet, gradient_checkpointing=args.gradient_checkpointing)
+    unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
+    teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
+    generate_pairs(accelerator, args, parts, teacher)
+    pairs = PairShards(shard_paths(args))
+    augment = None if args.lpips_augment == "none" else args.lpips_augment
+    lpips = ELatentLPIPS("sdxl", augment=augment, weights=args.lpips_weights).to(device)
+    opt = common.adamw(unet.parameters(), args)
+    opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
+    unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    global_step = common.resume(accelerator, args)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        noise, real, prompts = pairs.batch(args.train_batch_size, gen)
+        noise, real = noise.to(device), real.to(device)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
+        ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+        t = torch.full((noise.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
+        logs: dict[str, torch.Tensor] = {}
+        with accelerator.accumulate(unet, disc), accelerator.autocast():
+            fake = schedule.to_x0(unet(noise, t, **cond).sample.float(), noise, t)
+            rec = lpips(fake, real, generator=gen)
+            disc.requires_grad_(False)
+            g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
+            disc.requires_grad_(True)
+            loss = rec + args.gan_weight * g_adv
+            accelerator.backward(loss)
+            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+
+            fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
+            if not args.no_mix_and_match and noise.shape[0] >= 2:
+                mm = mix_and_match(real, {"ehs": ehs, "added": added}, noise, generator=gen)
+                extra = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
+                fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, extra)]
+            d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
+            # R1 differentiates the gradient: fused attention kernels have no double backward, so the
+            # penalty pass uses PyTorch's math attention.
+            with sdpa_kernel(SDPBackend.MATH):
+                r1, r1_logs = lazy_r1_penalty(
+                    lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
+                    real,
+                    step=step,
+                    every=args.r1_every,
+                    gamma=args.r1_gamma,
+                    cond={"ehs": ehs, "added": added, "noise": noise},
+                    generator=gen,
+                )
+            accelerator.backward(d_loss + r1)
+            common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+        logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
+        logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])
+        return logs
+
+    common.train_loop(accelerator, args, global_step, train_step)
+    common.save_unet(accelerator, unet, args)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
