@@ -136,23 +136,66 @@ def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
 
 
+class _FakeAccelerator:
+    """The part of ``Accelerator`` that the checkpoint helpers use."""
+
+    is_main_process = True
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, path: str) -> None:
+        Path(path).mkdir(parents=True)
+
+    def load_state(self, path: str) -> None:
+        self.loaded.append(Path(path).name)
+
+
 def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
+    import argparse
+
     common = _load("distill_common")
-    for n in (3, 1, 20):
-        (tmp_path / f"checkpoint-{n}").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
-    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == [
-        "checkpoint-1",
-        "checkpoint-3",
-        "checkpoint-20",
-    ]
-    g1 = common.step_generator(0, 5, 0, 0)
-    g2 = common.step_generator(0, 5, 0, 0)
+    acc = _FakeAccelerator()
+    args = argparse.Namespace(
+        output_dir=str(tmp_path), checkpoints_total_limit=2, resume_from_checkpoint=None
+    )
+    for step in (5, 10, 20, 100):
+        common.save_checkpoint(acc, args, step)
+    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == ["checkpoint-20", "checkpoint-100"]
+    assert common.resume(acc, args) == 0
+    args.resume_from_checkpoint = "latest"
+    assert common.resume(acc, args) == 100
+    args.resume_from_checkpoint = "checkpoint-20"
+    assert common.resume(acc, args) == 20 and acc.loaded == ["checkpoint-100", "checkpoint-20"]
+    args.resume_from_checkpoint = "latest"
+    assert common.resume(acc, argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "new")})) == 0
+    g1, g2 = common.step_generator(0, 5, 0, 0), common.step_generator(0, 5, 0, 0)
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
     assert not torch.equal(
         torch.randn(3, generator=common.step_generator(0, 5, 1, 0)),
         torch.randn(3, generator=common.step_generator(0, 5, 0, 0)),
     )
+
+
+def test_mlcm_under_accelerate_launch_two_cpu_processes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(EXAMPLES / "sdxl_mlcm.py"), *_common_argv(tiny_sdxl, out, lora=True)]
+    cmd += ["--prompts_file", str(tiny_sdxl["prompts"]), "--num_segments", "4", "--stage1_steps", "1"]
+    cmd[cmd.index("--train_batch_size") + 1] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoint-1").is_dir()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
