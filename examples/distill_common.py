@@ -84,12 +84,20 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_lr: float = 1e-6
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--tracker_project_name", default=None)
+    g.add_argument("--validation_prompts", nargs="*", default=None, help="prompts of the validation grid")
+    g.add_argument("--validation_steps", type=int, default=500, help="grid every N steps and at the end")
     return parser
 
 
 def check_common_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the shared options; raises ``ValueError`` with the fix."""
-    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps"):
+    for name in (
+        "train_batch_size",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -464,12 +472,73 @@ def save_unet(accelerator: Any, unet: nn.Module, args: argparse.Namespace, subfo
     return path
 
 
-def train_loop(accelerator: Any, args: argparse.Namespace, global_step: int, train_step: Any) -> int:
+def place_frozen(parts: SDXLComponents, device: Any, dtype: torch.dtype, *, vae: bool = True) -> None:
+    """Freeze the VAE and text encoders and move them to ``device`` (the VAE stays float32 under fp16)."""
+    freeze(*parts.frozen_modules())
+    for m in (parts.text_encoder, parts.text_encoder_2):
+        m.to(device, dtype=dtype)
+    if vae:
+        parts.vae.to(device, dtype=torch.float32 if dtype == torch.float16 else dtype)
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], ``(B, 3, H, W)`` float32 on the CPU, from scaled latents."""
+    scale, shift = latent_scale(vae)
+    pixels = vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample
+    return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def log_validation(
+    accelerator: Any, args: argparse.Namespace, parts: SDXLComponents, sample_fn: Any, step: int
+) -> Path | None:
+    """Sample ``--validation_prompts`` with ``sample_fn(noise, cond) -> latents``; save and log the grid.
+
+    Runs on the main process with a fixed generator (the same noise at every validation) and leaves the
+    training randomness untouched. The grid (one row) goes to ``OUTPUT_DIR/samples/step-{step}.png`` and
+    to TensorBoard when it is a tracker.
+    """
+    if not args.validation_prompts or not accelerator.is_main_process:
+        return None
+    from PIL import Image
+
+    device = accelerator.device
+    dtype = weight_dtype_of(accelerator)
+    if parts.vae.device != device:
+        parts.vae.to(device)
+    prompts = list(args.validation_prompts)
+    cond = unet_conditions(parts, prompts, args.resolution, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((len(prompts), 4, args.resolution // 8, args.resolution // 8), generator=gen).to(
+        device
+    )
+    with accelerator.autocast():
+        latents = sample_fn(noise, cond).float()
+    images = decode_latents(parts.vae, latents)
+    grid = torch.cat(list(images), dim=2)  # one row
+    path = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images, step)
+    return path
+
+
+def train_loop(
+    accelerator: Any,
+    args: argparse.Namespace,
+    global_step: int,
+    train_step: Any,
+    validate: Any = None,
+) -> int:
     """Run ``train_step(generator, step) -> logs`` until ``--max_train_steps``; log, checkpoint, show progress.
 
     ``train_step`` is called ``gradient_accumulation_steps`` times per optimisation step (one micro-batch
     each; wrap its update in ``accelerator.accumulate``) with the generator of :func:`step_generator` and
-    the 0-based index of the optimisation step it contributes to. Returns the final step count.
+    the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
+    ``--validation_steps`` and after the last step. Returns the final step count.
     """
     bar = progress_bar(accelerator, args, global_step)
     while global_step < args.max_train_steps:
@@ -484,6 +553,10 @@ def train_loop(accelerator: Any, args: argparse.Namespace, global_step: int, tra
         accelerator.log(values, step=global_step)
         if should_checkpoint(args, global_step):
             save_checkpoint(accelerator, args, global_step)
+        if validate is not None and (
+            global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+        ):
+            validate(global_step)
     bar.close()
     return global_step
 

@@ -155,9 +155,7 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in (parts.text_encoder, parts.text_encoder_2):
-        m.to(device, dtype=dtype)
+    common.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     disc = MultiScaleConditionalDiscriminator(parts.unet, gradient_checkpointing=args.gradient_checkpointing)
     unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
@@ -212,7 +210,16 @@ def main(args: argparse.Namespace) -> None:
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])
         return logs
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+
+        def one_step(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
+            return schedule.to_x0(model(z, t, **c).sample.float(), z, t)
+
+        common.log_validation(accelerator, args, parts, one_step, step)
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     common.save_unet(accelerator, unet, args)
     accelerator.end_training()
 

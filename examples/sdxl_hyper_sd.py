@@ -33,7 +33,14 @@ import torch.nn.functional as F
 
 from diffdistill.discriminators import UNetEncoderDiscriminator
 from diffdistill.losses import consistency_pair, gan_discriminator_loss, gan_generator_loss
-from diffdistill.schedulers import NoiseSchedule, StagePlan, TeacherSolver, tscd_segments
+from diffdistill.schedulers import (
+    NoiseSchedule,
+    StagePlan,
+    TeacherSolver,
+    ddim_sample,
+    spaced_timesteps,
+    tscd_segments,
+)
 from diffdistill.students import EMA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,9 +75,7 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in parts.frozen_modules():
-        m.to(device, dtype=torch.float32 if m is parts.vae and dtype == torch.float16 else dtype)
+    common.place_frozen(parts, device, dtype)
     unet = parts.unet
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
 
@@ -146,7 +151,19 @@ def main(args: argparse.Namespace) -> None:
         logs["k"] = torch.tensor(float(stage.num_segments or 1))
         return logs
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    def validate(step: int) -> None:
+        k = plan[stage_index(step - 1, len(plan), args.max_train_steps)].num_segments or 1
+        model = accelerator.unwrap_model(unet)
+        timesteps = spaced_timesteps(k, "trailing", num_train_timesteps=schedule.num_train_timesteps)
+        common.log_validation(
+            accelerator,
+            args,
+            parts,
+            lambda z, c: ddim_sample(model, schedule, z, timesteps, cond=c).sample,
+            step,
+        )
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     common.save_unet(accelerator, unet, args)
     accelerator.end_training()
 

@@ -51,7 +51,14 @@ from diffdistill.losses import (
     renoise_for_discriminator,
     x0_conversion_loss,
 )
-from diffdistill.schedulers import NoiseSchedule, StagePlan, TeacherSolver, progressive_pairs
+from diffdistill.schedulers import (
+    NoiseSchedule,
+    StagePlan,
+    TeacherSolver,
+    ddim_sample,
+    progressive_pairs,
+    spaced_timesteps,
+)
 from diffdistill.students import load_lora, merge_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,15 +98,13 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in parts.frozen_modules():
-        m.to(device, dtype=torch.float32 if m is parts.vae and dtype == torch.float16 else dtype)
+    common.place_frozen(parts, device, dtype)
     unet = UNet2DConditionModel.from_pretrained(args.init_unet) if args.init_unet else parts.unet
     # The model a stage starts from predicts epsilon (the base's type), except after the x0 conversion.
     base_pred = parts.noise_scheduler.config.prediction_type
     start_pred = "sample" if stage.name == "2->1/full" else base_pred
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler, prediction_type=start_pred)
-    pred_type = opts.get("prediction_type", start_pred)
+    pred_type = "sample" if stage.loss == "x0_conversion" else opts.get("prediction_type", start_pred)
 
     disc: Any = None
     if stage.discriminator is not None:
@@ -208,7 +213,19 @@ def main(args: argparse.Namespace) -> None:
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         return logs
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+        n = stage.student_steps or 1
+        timesteps = spaced_timesteps(n, "trailing", num_train_timesteps=schedule.num_train_timesteps)
+        common.log_validation(
+            accelerator,
+            args,
+            parts,
+            lambda z, c: ddim_sample(model, schedule, z, timesteps, cond=c, prediction_type=pred_type).sample,
+            step,
+        )
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     common.save_unet(accelerator, unet, args)
     if args.use_lora and (opts.get("merge_lora_after") or stage.loss == "mse"):
         if accelerator.is_main_process:

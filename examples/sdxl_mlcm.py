@@ -79,9 +79,7 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in (parts.text_encoder, parts.text_encoder_2):
-        m.to(device, dtype=dtype)
+    common.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
     opt = common.adamw(unet.parameters(), args)
@@ -135,7 +133,19 @@ def main(args: argparse.Namespace) -> None:
         logs["stage"] = torch.tensor(1.0 if first else 2.0)
         return logs
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+        timesteps = tlcm_timesteps(q, num_train_timesteps=schedule.num_train_timesteps)
+        gen = torch.Generator().manual_seed(args.seed)
+        common.log_validation(
+            accelerator,
+            args,
+            parts,
+            lambda z, c: x0_renoise_sample(model, schedule, z, timesteps, cond=c, generator=gen).sample,
+            step,
+        )
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     common.save_unet(accelerator, unet, args)
     accelerator.end_training()
 

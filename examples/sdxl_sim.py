@@ -79,9 +79,7 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in (parts.text_encoder, parts.text_encoder_2):
-        m.to(device, dtype=dtype)
+    common.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet = parts.unet
     fake = copy.deepcopy(unet)
@@ -111,10 +109,13 @@ def main(args: argparse.Namespace) -> None:
     latent_shape = (4, args.resolution // 8, args.resolution // 8)
     state: dict[str, Any] = {}
 
+    def one_step(model: Any, z: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
+        return schedule.to_x0(model(z, t, **cond).sample.float(), z, t)
+
     def generate(gen: torch.Generator, cond: dict[str, Any]) -> torch.Tensor:
         z = torch.randn((args.train_batch_size, *latent_shape), generator=gen).to(device)
-        t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
-        return schedule.to_x0(unet(z, t, **cond).sample.float(), z, t)
+        return one_step(unet, z, cond)
 
     def generator_step() -> dict[str, torch.Tensor]:
         gen, cond = state["gen"], state["cond"]
@@ -164,7 +165,11 @@ def main(args: argparse.Namespace) -> None:
         with accelerator.accumulate(unet, fake), accelerator.autocast():
             return loop.step()
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+        common.log_validation(accelerator, args, parts, lambda z, c: one_step(model, z, c), step)
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     common.save_unet(accelerator, unet, args)
     accelerator.end_training()
 

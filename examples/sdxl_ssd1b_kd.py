@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from diffdistill.schedulers import NoiseSchedule, uniform_timesteps
+from diffdistill.schedulers import NoiseSchedule, ddim_sample, spaced_timesteps, uniform_timesteps
 from diffdistill.students import PRESETS, LayerKD, build_student
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kd_level", choices=["block", "sub_block", "layer"], default="sub_block")
     g.add_argument("--output_weight", type=float, default=0.5)
     g.add_argument("--feature_weight", type=float, default=0.5)
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=5.0)
     args = common.check_common_args(p.parse_args(argv))
     if args.use_lora:
         raise ValueError("sdxl_ssd1b_kd trains the whole block-removed student: drop --use_lora.")
@@ -54,9 +56,7 @@ def main(args: argparse.Namespace) -> None:
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.freeze(*parts.frozen_modules())
-    for m in (parts.text_encoder, parts.text_encoder_2):
-        m.to(device, dtype=dtype)
+    common.place_frozen(parts, device, dtype)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     teacher = parts.unet
     student, report = build_student(teacher, args.preset)
@@ -92,7 +92,30 @@ def main(args: argparse.Namespace) -> None:
             common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
         return logs
 
-    common.train_loop(accelerator, args, global_step, train_step)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(student)
+        timesteps = spaced_timesteps(args.validation_inference_steps, "trailing")
+        common.log_validation(
+            accelerator,
+            args,
+            parts,
+            lambda z, c: (
+                ddim_sample(
+                    model,
+                    schedule,
+                    z,
+                    timesteps,
+                    cond=c,
+                    uncond=uncond,
+                    guidance_scale=args.validation_guidance_scale,
+                ).sample
+            ),
+            step,
+        )
+
+    common.train_loop(accelerator, args, global_step, train_step, validate)
     kd.close()
     common.save_unet(accelerator, student, args)
     accelerator.end_training()

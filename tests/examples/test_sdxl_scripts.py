@@ -72,6 +72,11 @@ def _common_argv(tiny: dict[str, Path], out: Path, *, lora: bool) -> list[str]:
         "none",
         "--seed",
         "3",
+        "--validation_prompts",
+        "a cat",
+        "",
+        "--validation_steps",
+        "1",
     ]
     return argv + (["--use_lora", "--lora_rank", "4"] if lora else [])
 
@@ -86,6 +91,7 @@ def _run_and_resume(name: str, argv_a: list[str], argv_b: list[str], out_a: Path
     script = _load(name)
     script.main(script.parse_args(argv_a))
     assert (out_a / "checkpoint-1").is_dir()
+    assert sorted(p.name for p in (out_a / "samples").iterdir()) == ["step-1.png", "step-2.png"]
     script.main(script.parse_args([*argv_b, "--resume_from_checkpoint", str(out_a / "checkpoint-1")]))
 
 
