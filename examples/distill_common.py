@@ -15,6 +15,7 @@ resumed from ``checkpoint-N`` computes exactly the step ``N + 1`` that an uninte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, default_lr: float = 1e-6
         help="folder of images, each with an optional same-name .txt caption",
     )
     g.add_argument("--resolution", type=int, default=1024)
+    g.add_argument(
+        "--cache_dir",
+        default=None,
+        help="cache VAE posteriors and prompt embeddings here (reused across runs)",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=1, help="per device")
     g.add_argument("--max_train_steps", type=int, default=1000)
@@ -230,15 +236,50 @@ def sdxl_time_ids(
     return row.repeat(batch, 1)
 
 
+def _cache_file(cache_dir: str | os.PathLike[str], kind: str, key: str) -> Path:
+    return Path(cache_dir) / kind / f"{hashlib.sha1(key.encode('utf-8')).hexdigest()}.safetensors"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent processes never read a partial file
+
+
+def encode_prompts_cached(
+    components: SDXLComponents, prompts: Sequence[str], device: torch.device | str, cache_dir: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_prompts` with one safetensors file per prompt under ``cache_dir/text`` (if given)."""
+    if cache_dir is None:
+        return encode_prompts(components, prompts, device)
+    from safetensors.torch import load_file
+
+    files = [_cache_file(cache_dir, "text", p) for p in prompts]
+    missing = sorted({p for p, f in zip(prompts, files) if not f.exists()})
+    if missing:
+        ehs, pooled = encode_prompts(components, missing, device)
+        for i, p in enumerate(missing):
+            _save_atomic({"ehs": ehs[i], "pooled": pooled[i]}, _cache_file(cache_dir, "text", p))
+    loaded = [load_file(str(f)) for f in files]
+    return (
+        torch.stack([d["ehs"] for d in loaded]).to(device),
+        torch.stack([d["pooled"] for d in loaded]).to(device),
+    )
+
+
 def unet_conditions(
     components: SDXLComponents,
     prompts: Sequence[str],
     resolution: int,
     device: torch.device | str,
     dtype: torch.dtype,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """UNet keyword arguments ``{"encoder_hidden_states", "added_cond_kwargs"}`` for ``prompts``."""
-    ehs, pooled = encode_prompts(components, prompts, device)
+    ehs, pooled = encode_prompts_cached(components, prompts, device, cache_dir)
     added = {
         "text_embeds": pooled.to(dtype),
         "time_ids": sdxl_time_ids(len(prompts), resolution, device, dtype),
@@ -253,13 +294,25 @@ def latent_scale(vae: Any) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the VAE posterior of pixel images in [-1, 1] (float32)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_posterior(
+    vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Scaled latents ``(mean + std * eps - shift) * scale`` with ``eps`` drawn from ``generator``."""
+    scale, shift = latent_scale(vae)
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+    return (mean + std * noise.to(mean) - shift) * scale
+
+
+@torch.no_grad()
 def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scaled latents of pixel images in [-1, 1] (a sample of the posterior drawn with ``generator``)."""
-    scale, shift = latent_scale(vae)
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device if generator else "cpu")
-    z = dist.mean + dist.std * noise.to(dist.mean)
-    return (z - shift) * scale
+    return sample_posterior(vae, *posterior(vae, pixels), generator)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -314,6 +367,7 @@ class StepData:
 
     def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:
         self.batch_size = args.train_batch_size
+        self.cache_dir: str | None = getattr(args, "cache_dir", None)
         self.images: ImageCaptionFolder | None = None
         self.prompts: list[str] | None = None
         if args.train_data_dir:
@@ -328,6 +382,43 @@ class StepData:
             raise ValueError(
                 "Pass --prompts_file (one prompt a line) or --train_data_dir (image-caption folder)."
             )
+
+    def latents_batch(
+        self, generator: torch.Generator, vae: Any, device: Any
+    ) -> tuple[torch.Tensor, list[str]]:
+        """``(x0 latents (B, 4, R/8, R/8) float32 on device, prompts)`` of an image batch.
+
+        With ``--cache_dir`` the VAE posterior of each image is computed once and stored
+        (``cache_dir/latents``), and every run (the first included) reads the stored values, so runs that
+        share a cache see bitwise-equal latents; the posterior sample is drawn from ``generator`` either
+        way. (Cached and uncached runs differ by float rounding: batched vs single-image VAE calls.)
+        """
+        from safetensors.torch import load_file
+
+        if self.images is None:
+            raise ValueError(
+                "This method trains on images: pass --train_data_dir (images with .txt captions)."
+            )
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
+        captions = [self.images.caption(i) for i in idx]
+        if self.prompts is not None:  # a prompt list overrides the captions
+            pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
+            captions = [self.prompts[i] for i in pidx]
+        if self.cache_dir is None:
+            mean, std = posterior(vae, torch.stack([self.images[i][0] for i in idx]))
+            return sample_posterior(vae, mean, std, generator).to(device, torch.float32), captions
+        stats = []
+        for i in idx:
+            path = _cache_file(
+                self.cache_dir, "latents", f"{self.images.files[i].resolve()}|{self.images.resolution}"
+            )
+            if not path.exists():
+                m, s = posterior(vae, self.images[i][0][None])
+                _save_atomic({"mean": m[0], "std": s[0]}, path)
+            stats.append(load_file(str(path)))
+        mean = torch.stack([d["mean"] for d in stats]).to(vae.device)
+        std = torch.stack([d["std"] for d in stats]).to(vae.device)
+        return sample_posterior(vae, mean, std, generator).to(device, torch.float32), captions
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
         if self.images is not None:

@@ -90,7 +90,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
 
     prompts = common.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, common.weight_dtype_of(accelerator)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     timesteps = spaced_timesteps(args.teacher_steps, num_train_timesteps=teacher.schedule.num_train_timesteps)
     paths = shard_paths(args)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
         size = min(args.pairs_shard_size, args.num_pairs - i * args.pairs_shard_size)
         gen = common.step_generator(args.seed, i, micro=99)  # independent of the training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
-        cond = common.unet_conditions(parts, picked, args.resolution, device, dtype)
+        cond = common.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
         with accelerator.autocast():
             latent = ddim_sample(
@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         noise, real, prompts = pairs.batch(args.train_batch_size, gen)
         noise, real = noise.to(device), real.to(device)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
         t = torch.full((noise.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
         logs: dict[str, torch.Tensor] = {}

@@ -93,17 +93,15 @@ def main(args: argparse.Namespace) -> None:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     data = common.StepData(args, need_images=True)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         stage = plan[stage_index(step, len(plan), args.max_train_steps)]
         w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
-        pixels, prompts = data.batch(gen)
-        assert pixels is not None
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
-        x0 = common.encode_images(parts.vae, pixels, gen).to(device, torch.float32)
+        x0, prompts = data.latents_batch(gen, parts.vae, device)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         sample = tscd_segments(
             x0.shape[0],
             stage.num_segments or 1,

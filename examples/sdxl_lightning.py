@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
         unet, opt = accelerator.prepare(unet, opt)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=float(opts.get("guidance_scale", 1.0)))
     data = common.StepData(args, need_images=True)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     extra_t = opts.get("extra_student_timesteps")
     global_step = common.resume(accelerator, args)
 
@@ -184,10 +184,8 @@ def main(args: argparse.Namespace) -> None:
         return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach()}
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        pixels, prompts = data.batch(gen)
-        assert pixels is not None
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
-        x0 = common.encode_images(parts.vae, pixels, gen).to(device, torch.float32)
+        x0, prompts = data.latents_batch(gen, parts.vae, device)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         with accelerator.accumulate(unet), accelerator.autocast():
             if stage.loss == "mse":
                 loss, logs = progressive_distillation_loss(

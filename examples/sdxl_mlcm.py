@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
     unet, opt = accelerator.prepare(unet, opt)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
     global_step = common.resume(accelerator, args)
 
@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         _, prompts = data.batch(gen)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(shape, generator=gen).to(device)
         with accelerator.accumulate(unet), accelerator.autocast():
             if first:

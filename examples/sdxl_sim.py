@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
     unet, fake, opt_g, opt_f = accelerator.prepare(unet, fake, opt_g, opt_f)
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     latent_shape = (4, args.resolution // 8, args.resolution // 8)
     state: dict[str, Any] = {}
 
@@ -157,7 +157,9 @@ def main(args: argparse.Namespace) -> None:
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         _, prompts = data.batch(gen)
         state.update(
-            gen=gen, cond=common.unet_conditions(parts, prompts, args.resolution, device, dtype), x=None
+            gen=gen,
+            cond=common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir),
+            x=None,
         )
         # The update phase follows the optimisation step, so every micro-batch of a step runs the same
         # updates (with gradient accumulation) and a resumed run keeps the phase without extra state.

@@ -78,10 +78,8 @@ def main(args: argparse.Namespace) -> None:
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        pixels, prompts = data.batch(gen)
-        assert pixels is not None
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype)
-        x0 = common.encode_images(parts.vae, pixels, gen).to(device, torch.float32)
+        x0, prompts = data.latents_batch(gen, parts.vae, device)
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).to(device)
         x_t = schedule.add_noise(x0, noise, t)
@@ -92,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
             common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
         return logs
 
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype)
+    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(student)

@@ -130,13 +130,17 @@ def _assert_unet_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> N
 
 def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
+    cache = ["--cache_dir", str(tmp_path / "cache")]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_hyper_sd",
-        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, "--report_to", "tensorboard"],
-        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        # Both runs go through one disk cache of latents and prompt embeddings (the first fills it).
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, "--report_to", "tensorboard", *cache],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, *cache],
         out_a,
     )
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) >= 1
+    assert len(list((tmp_path / "cache" / "text").iterdir())) >= 2  # a caption and the empty prompt
     assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1"]
     assert any((out_a / "logs").rglob("events.out.tfevents.*"))
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
