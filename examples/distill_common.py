@@ -37,7 +37,9 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------- options
-def add_common_args(parser: argparse.ArgumentParser, *, default_lr: float = 1e-6) -> argparse.ArgumentParser:
+def add_common_args(
+    parser: argparse.ArgumentParser, *, default_lr: float | None = 1e-6
+) -> argparse.ArgumentParser:
     """Add the options every script shares (model, data, optimisation, checkpoints, logging)."""
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -361,8 +363,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 class StepData:
     """Per-step batches drawn by index from a prompt list or an image-caption folder.
 
-    ``batch(generator)`` returns ``(pixels or None, prompts)`` for ``batch_size`` indices drawn with the
-    step's generator, so the data order is a function of the step (exact resume, no sampler state).
+    ``batch(generator)`` returns ``(pixels or None, prompts)`` and ``latents_batch(generator, vae,
+    device)`` returns ``(x0 latents, prompts)``, for ``batch_size`` indices drawn with the step's
+    generator, so the data order is a function of the step (exact resume, no sampler state).
     """
 
     def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:

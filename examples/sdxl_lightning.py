@@ -70,7 +70,7 @@ STAGES = [s.name for s in StagePlan.sdxl_lightning()]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=None)  # type: ignore[arg-type]
+    common.add_common_args(p, default_lr=None)  # None: the stage plan's learning rate
     g = p.add_argument_group("SDXL-Lightning")
     g.add_argument("--stage", choices=STAGES, default=STAGES[0])
     g.add_argument(
