@@ -443,6 +443,10 @@ def r1_penalty(
     StyleGAN2's ``real_logits.sum()``); for one logit per sample it is the usual R1. With several
     ``inputs`` (e.g. the pair of a conditional discriminator) the squared norms add up.
 
+    Discriminators with attention (diffusion UNets) must compute ``real_logits`` under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``: the fused SDPA kernels have no double backward.
+    :func:`lazy_r1_penalty` does this itself.
+
     Args:
         real_logits: logits of ``inputs`` (a graph from ``inputs`` to them is needed), ``(B, ...)`` or a
             list with one tensor per head.
@@ -626,13 +630,18 @@ def lazy_r1_penalty(
     index = index.to(real.device)
     x = real.detach()[index].requires_grad_(True)
     cond_sub = _index_batch(cond, index, batch, "cond") if cond is not None else None
-    if cond_sub is None:
-        output = discriminator(x)
-    elif isinstance(cond_sub, Mapping):
-        output = discriminator(x, **cond_sub)
-    else:
-        output = discriminator(x, cond_sub)
-    penalty, logs = r1_penalty(_disc_heads(output), x, gamma=gamma, head_weights=head_weights)
+    # R1 differentiates the discriminator twice; the fused SDPA kernels (flash / memory-efficient, CPU and
+    # CUDA) have no double backward, so attention inside D runs on the math kernel for this pass.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        if cond_sub is None:
+            output = discriminator(x)
+        elif isinstance(cond_sub, Mapping):
+            output = discriminator(x, **cond_sub)
+        else:
+            output = discriminator(x, cond_sub)
+        penalty, logs = r1_penalty(_disc_heads(output), x, gamma=gamma, head_weights=head_weights)
     loss = penalty * every
     return loss, {
         "r1": _log_scalar(loss),

@@ -172,6 +172,10 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 class TeacherView:
     """The teacher of a LoRA student: the same model, run under ``torch.no_grad`` with adapters disabled.
 
+    With ``grad=True`` the autograd graph is kept (the adapters stay disabled), as SIM / SiD need for the
+    real score: their generator gradient flows through the teacher's *input*. The model's own parameters
+    then receive gradients too, so step only the generator's optimiser (or freeze them).
+
     Not an ``nn.Module`` (it holds no weights of its own), so attaching it to a module does not register
     the model twice.
 
@@ -180,13 +184,16 @@ class TeacherView:
         >>> teacher = TeacherView(net)
         >>> teacher(torch.randn(1, 2)).requires_grad
         False
+        >>> TeacherView(net, grad=True)(torch.randn(1, 2, requires_grad=True)).requires_grad
+        True
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, grad: bool = False) -> None:
         self.model = model
+        self.grad = grad
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), adapters_disabled(self.model):
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()), adapters_disabled(self.model):
             return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:

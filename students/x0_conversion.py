@@ -108,8 +108,9 @@ class X0Conversion(nn.Module):
         batch = x0.shape[0]
         if t is None:
             grid = self.timestep_grid
-            pick = torch.randint(0, grid.numel(), (batch,), generator=generator, device=grid.device)
-            t = grid[pick].to(x0.device)
+            draw_on = generator.device if generator is not None else grid.device
+            pick = torch.randint(0, grid.numel(), (batch,), generator=generator, device=draw_on)
+            t = grid[pick.to(grid.device)].to(x0.device)
         if noise is None:
             noise = torch.randn(
                 x0.shape, generator=generator, device=x0.device if generator is None else generator.device

@@ -552,3 +552,18 @@ def test_r1_errors() -> None:
         mix_and_match(torch.randn(3, 4), noise=[0.0])  # type: ignore[arg-type]
     with pytest.raises(DTypeError, match=r"`t` to be a torch\.Tensor"):
         renoise_for_discriminator(torch.randn(2, 3), schedule=NoiseSchedule.from_betas(), t=[1, 2])  # type: ignore[arg-type]
+
+
+def test_lazy_r1_through_attention_uses_the_math_kernel() -> None:
+    # Fused SDPA kernels have no double backward; lazy R1 must still work on attention discriminators.
+    proj = torch.nn.Linear(4, 4)
+
+    def disc(x: torch.Tensor) -> torch.Tensor:
+        q = proj(x).unsqueeze(1)  # (B, 1 head, L, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).sum(dim=(1, 2, 3))
+
+    real = torch.randn(3, 6, 4)
+    loss, logs = lazy_r1_penalty(disc, real, step=0, every=4, num_samples=2, generator=_gen(0))
+    loss.backward()
+    assert proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+    assert float(logs["r1_active"]) == 1.0

@@ -272,3 +272,16 @@ def test_layer_kd_with_lora_teacher_view_on_the_same_network() -> None:
     loss.backward()
     assert all(p.grad is None for n, p in net.named_parameters() if "lora_" not in n)
     assert any(p.grad is not None for n, p in net.named_parameters() if "lora_" in n)
+
+
+def test_teacher_view_grad_keeps_the_input_graph():
+    from diffdistill.students import TeacherView, add_lora
+
+    net = add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), rank=1, targets=["0"])
+    x = torch.randn(3, 2, requires_grad=True)
+    assert not TeacherView(net)(x).requires_grad
+    out = TeacherView(net, grad=True)(x)
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(out, TeacherView(net)(x))  # adapters still disabled
