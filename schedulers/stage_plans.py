@@ -205,7 +205,14 @@ class StagePlan:
             n = src // dst
             if dst == 1:
                 stages.append(
-                    Stage(f"{base}/x0-conversion", loss="x0_conversion", student_steps=1, trainable="full")
+                    Stage(
+                        f"{base}/x0-conversion",
+                        loss="x0_conversion",
+                        student_steps=1,
+                        trainable="full",
+                        # the timesteps the 1-step student is then trained at (Sec. 3.7)
+                        options={"timesteps": (249, 499, 749, 999)},
+                    )
                 )
             else:
                 stages.append(

@@ -30,6 +30,7 @@ def test_lightning_preset():
     assert plan["2->1/full"].options["prediction_type"] == "sample"
     assert "2->1/conditional" not in names  # no 1-step LoRA (Sec. 3.7)
     assert plan["4->2/full"].options["extra_student_timesteps"] == [249, 499, 749, 999]
+    assert plan["2->1/x0-conversion"].options["timesteps"] == [249, 499, 749, 999]
 
 
 def test_hyper_and_mlcm_presets():
