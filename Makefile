@@ -29,7 +29,7 @@ typecheck: install
 	mkdir -p build/typecheck && ln -sfn "$(CURDIR)" build/typecheck/diffdistill
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p diffdistill --exclude '/(tests|benchmarks|examples|build)/'
 
-test: install lint
+test: install lint typecheck
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -q tests
 
 clean:

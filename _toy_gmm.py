@@ -336,9 +336,8 @@ def _sample(
         return ddim_sample(net, schedule, noise, ts).sample
     grid = dmd2_timesteps(4)
     ts = grid[:: 4 // steps] if steps in (1, 2, 4) else grid
-    return x0_renoise_sample(
-        net, schedule, noise, ts, prediction_type=net.prediction_type, generator=g
-    ).sample
+    prediction_type = str(getattr(net, "prediction_type", "epsilon"))
+    return x0_renoise_sample(net, schedule, noise, ts, prediction_type=prediction_type, generator=g).sample
 
 
 def evaluate(
