@@ -44,8 +44,8 @@ class ShapeClassifier(nn.Module):
 
 
 def train_classifier(seed: int = 0, steps: int = 300, batch: int = 64) -> ShapeClassifier:
-    """Train :class:`ShapeClassifier` on fresh shapes (with light pixel noise, so that imperfect samples
-    still get meaningful features); deterministic given ``seed``."""
+    """Train :class:`ShapeClassifier` on fresh shapes (with pixel noise of a random level up to 0.3, so
+    that imperfect samples still get meaningful features); deterministic given ``seed``."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -53,7 +53,8 @@ def train_classifier(seed: int = 0, steps: int = 300, batch: int = 64) -> ShapeC
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(steps):
         x, y = sample_shapes(batch, g)
-        x = x + 0.1 * torch.randn(x.shape, generator=g)
+        level = torch.rand(batch, 1, 1, 1, generator=g) * 0.3
+        x = x + level * torch.randn(x.shape, generator=g)
         loss = nn.functional.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
