@@ -70,6 +70,12 @@ def add_common_args(
         default=None,
         help="cache VAE posteriors and prompt embeddings here (reused across runs)",
     )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="worker processes that load (and decode) the next batches ahead; 0: load in the main process",
+    )
     g = parser.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=1, help="per device")
     g.add_argument("--max_train_steps", type=int, default=1000)
@@ -85,6 +91,12 @@ def add_common_args(
     )
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="keep an EMA of the trainable weights (checkpointed; written as the output instead of the raw weights)",
+    )
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="decay of the --use_ema average")
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -110,6 +122,10 @@ def check_common_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"Expected --checkpoints_total_limit >= 1, but got {args.checkpoints_total_limit}.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"Expected --dataloader_num_workers >= 0, but got {args.dataloader_num_workers}.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"Expected --ema_decay in [0, 1], but got {args.ema_decay}.")
     if args.resolution % 8:
         raise ValueError(f"Expected --resolution divisible by 8 (the VAE factor), but got {args.resolution}.")
     return args
@@ -366,13 +382,23 @@ class StepData:
     ``batch(generator)`` returns ``(pixels or None, prompts)`` and ``latents_batch(generator, vae,
     device)`` returns ``(x0 latents, prompts)``, for ``batch_size`` indices drawn with the step's
     generator, so the data order is a function of the step (exact resume, no sampler state).
+
+    With ``--dataloader_num_workers N > 0``, :meth:`start` (called by :func:`train_loop`) opens a
+    ``DataLoader`` whose item ``k`` is micro-step ``k`` (from the resume step on): a worker draws the same
+    indices from a copy of that micro-step's :func:`step_generator` and loads (decodes, resizes, crops) the
+    images ahead of time. The main process still draws the indices from its generator (so every later draw
+    of the step is unchanged) and checks that the prefetched item matches: runs with and without workers
+    compute the same steps.
     """
 
     def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:
         self.batch_size = args.train_batch_size
         self.cache_dir: str | None = getattr(args, "cache_dir", None)
+        self.num_workers: int = getattr(args, "dataloader_num_workers", 0)
+        self.need_images = need_images
         self.images: ImageCaptionFolder | None = None
         self.prompts: list[str] | None = None
+        self._prefetched: Any = None
         if args.train_data_dir:
             self.images = ImageCaptionFolder(args.train_data_dir, args.resolution)
         elif need_images:
@@ -385,6 +411,70 @@ class StepData:
             raise ValueError(
                 "Pass --prompts_file (one prompt a line) or --train_data_dir (image-caption folder)."
             )
+
+    def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
+        """``(indices, prompts)`` of one batch: image indices (or prompt indices without images)."""
+        if self.images is not None:
+            idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
+            captions = [self.images.caption(i) for i in idx]
+            if self.prompts is not None:  # a prompt list overrides the captions
+                pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
+                captions = [self.prompts[i] for i in pidx]
+            return idx, captions
+        assert self.prompts is not None
+        idx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
+        return idx, [self.prompts[i] for i in idx]
+
+    def _latent_cache(self, index: int) -> Path:
+        assert self.cache_dir is not None and self.images is not None
+        key = f"{self.images.files[index].resolve()}|{self.images.resolution}"
+        return _cache_file(self.cache_dir, "latents", key)
+
+    def load(self, idx: Sequence[int]) -> list[torch.Tensor | None]:
+        """The pixels the consumer needs: one ``(3, R, R)`` tensor per index, ``None`` where the VAE
+        posterior is already cached (or where no pixels are used: prompt-only methods)."""
+        if self.images is None or not self.need_images:
+            return [None] * len(idx)
+        return [
+            None if self.cache_dir is not None and self._latent_cache(i).exists() else self.images[i][0]
+            for i in idx
+        ]
+
+    def start(
+        self, first_step: int, max_steps: int, *, seed: int, process_index: int, accumulation: int
+    ) -> None:
+        """Open the prefetching loader at micro-step ``first_step * accumulation`` (no-op without workers)."""
+        self.close()
+        if self.num_workers == 0:
+            return
+        items = _PrefetchedSteps(self, seed, process_index, accumulation)
+        loader = torch.utils.data.DataLoader(
+            items,
+            batch_size=None,
+            sampler=range(first_step * accumulation, max_steps * accumulation),
+            num_workers=self.num_workers,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(
+                step_generator(seed, first_step, process_index).initial_seed()
+            ),
+        )
+        self._prefetched = iter(loader)
+
+    def close(self) -> None:
+        """Shut the prefetching workers down."""
+        self._prefetched = None
+
+    def _fetch(self, generator: torch.Generator) -> tuple[list[int], list[str], list[torch.Tensor | None]]:
+        idx, captions = self.draw(generator)
+        if self._prefetched is None:
+            return idx, captions, self.load(idx)
+        item = next(self._prefetched)
+        if item["idx"] != idx:
+            raise RuntimeError(
+                f"The data loader is out of step: it prefetched indices {item['idx']} but the step drew {idx}. "
+                "Call StepData.start with the step training resumes at, and draw one batch per micro-step."
+            )
+        return idx, captions, item["pixels"]
 
     def latents_batch(
         self, generator: torch.Generator, vae: Any, device: Any
@@ -402,21 +492,15 @@ class StepData:
             raise ValueError(
                 "This method trains on images: pass --train_data_dir (images with .txt captions)."
             )
-        idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
-        captions = [self.images.caption(i) for i in idx]
-        if self.prompts is not None:  # a prompt list overrides the captions
-            pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
-            captions = [self.prompts[i] for i in pidx]
+        idx, captions, pixels = self._fetch(generator)
         if self.cache_dir is None:
-            mean, std = posterior(vae, torch.stack([self.images[i][0] for i in idx]))
+            mean, std = posterior(vae, torch.stack([p for p in pixels if p is not None]))
             return sample_posterior(vae, mean, std, generator).to(device, torch.float32), captions
         stats = []
-        for i in idx:
-            path = _cache_file(
-                self.cache_dir, "latents", f"{self.images.files[i].resolve()}|{self.images.resolution}"
-            )
+        for i, px in zip(idx, pixels):
+            path = self._latent_cache(i)
             if not path.exists():
-                m, s = posterior(vae, self.images[i][0][None])
+                m, s = posterior(vae, (px if px is not None else self.images[i][0])[None])
                 _save_atomic({"mean": m[0], "std": s[0]}, path)
             stats.append(load_file(str(path)))
         mean = torch.stack([d["mean"] for d in stats]).to(vae.device)
@@ -424,18 +508,34 @@ class StepData:
         return sample_posterior(vae, mean, std, generator).to(device, torch.float32), captions
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
-        if self.images is not None:
-            idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
-            items = [self.images[i] for i in idx]
-            pixels = torch.stack([p for p, _ in items])
-            captions = [c for _, c in items]
-            if self.prompts is not None:  # a prompt list overrides the captions
-                pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
-                captions = [self.prompts[i] for i in pidx]
-            return pixels, captions
-        assert self.prompts is not None
-        idx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
-        return None, [self.prompts[i] for i in idx]
+        """``(pixels (B, 3, R, R) or None, prompts)``; pixels only for image methods (``need_images``)."""
+        _, captions, pixels = self._fetch(generator)
+        if any(p is None for p in pixels):
+            return None, captions
+        return torch.stack([p for p in pixels if p is not None]), captions
+
+
+class _PrefetchedSteps(torch.utils.data.Dataset):
+    """Item ``k``: the indices and pixels of micro-step ``k`` (step ``k // accumulation``) of one process."""
+
+    def __init__(self, data: StepData, seed: int, process_index: int, accumulation: int) -> None:
+        self.data, self.seed, self.process_index, self.accumulation = data, seed, process_index, accumulation
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        step, micro = divmod(k, self.accumulation)
+        idx, _ = self.data.draw(step_generator(self.seed, step, self.process_index, micro))
+        return {"idx": idx, "pixels": self.data.load(idx)}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed Python's and numpy's generators in a loader worker from its torch seed (set by the DataLoader)."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the global state that third-party code in the worker uses
 
 
 def step_generator(seed: int, step: int, process_index: int = 0, micro: int = 0) -> torch.Generator:
@@ -544,15 +644,150 @@ def resume(accelerator: Any, args: argparse.Namespace) -> int:
     return int(match.group(1))
 
 
+class TrainableParams(nn.Module):
+    """The trainable parameters of ``model`` gathered in one module, without copies (shared tensors).
+
+    Keys are the parameter names with ``/`` for ``.`` (``params.down_blocks/1/...``). An :class:`EMA` of
+    this module averages exactly what the optimiser updates: the LoRA of a LoRA student, not its frozen base.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        named = [(n.replace(".", "/"), p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = nn.ParameterDict(dict(named))
+
+
+class ReleaseEMA:
+    """``--use_ema``: an EMA of the student's trainable parameters that becomes the released weights."""
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        from diffdistill.students import EMA
+
+        self.params = TrainableParams(student)
+        self.ema = EMA(self.params, decay=decay)
+
+    def update(self) -> None:
+        self.ema.update(self.params)
+
+    def copy_to_model(self) -> None:
+        """Write the averaged weights into the student's parameters (in place)."""
+        self.ema.copy_to(self.params)
+
+
+class _StateSubset:
+    """``state_dict`` / ``load_state_dict`` of a module without some entries (for accelerate checkpoints)."""
+
+    def __init__(self, module: nn.Module, skip: set[str]) -> None:
+        self.module, self.skip = module, skip
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.module.state_dict().items() if k not in self.skip}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        result = self.module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k not in self.skip]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"Expected the checkpoint to hold the EMA entries {sorted(set(self.module.state_dict()) - self.skip)[:3]}..., "
+                f"but {len(missing)} are missing (e.g. {missing[:2]}) and {len(result.unexpected_keys)} unexpected "
+                f"(e.g. {result.unexpected_keys[:2]}): resume with the options the checkpoint was written with."
+            )
+
+
+def register_ema(accelerator: Any, ema: nn.Module, online: nn.Module) -> None:
+    """Checkpoint an :class:`EMA` of ``online`` without the copies of ``online``'s frozen parameters.
+
+    The frozen base of a LoRA student never changes, so its average is the base itself: the checkpoint
+    keeps the averaged trainable parameters, the buffers and the update count (register before
+    :func:`resume`).
+    """
+    frozen = {
+        f"module.{n}" for n, p in accelerator.unwrap_model(online).named_parameters() if not p.requires_grad
+    }
+    accelerator.register_for_checkpointing(_StateSubset(ema, frozen))
+
+
+def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) -> None:
+    """Checkpoint LoRA models as their adapters only: ``checkpoint-N/{name}_lora.safetensors``.
+
+    accelerate save/load pre-hooks (as in diffusers' LoRA training scripts): the save hook writes each
+    model's adapter (:func:`diffdistill.students.save_lora`) and drops the model from the weights accelerate
+    writes; the load hook reads the adapter back into the live model (same parameter objects, so the
+    optimiser and an EMA keep tracking them) and drops the model from the ones accelerate loads. Other
+    prepared models (discriminators) are saved by accelerate as usual. With FSDP / DeepSpeed accelerate
+    writes the models itself and the hooks only add the adapter files.
+    """
+    from diffdistill.students import load_lora
+
+    targets = {name: accelerator.unwrap_model(m) for name, m in models.items()}
+
+    def ours(prepared: list[Any]) -> dict[int, str]:
+        unwrapped = [accelerator.unwrap_model(m) for m in prepared]
+        return {i: name for name, t in targets.items() for i, m in enumerate(unwrapped) if m is t}
+
+    def save_hook(prepared: list[Any], weights: list[Any], output_dir: str) -> None:
+        found = ours(prepared)
+        if accelerator.is_main_process:
+            for name in found.values():
+                save_lora(targets[name], Path(output_dir) / f"{name}_lora.safetensors", prefix="")
+        if len(weights) == len(prepared):
+            for i in sorted(found, reverse=True):
+                weights.pop(i)
+
+    def load_hook(prepared: list[Any], input_dir: str) -> None:
+        found = ours(prepared)
+        for i in sorted(found, reverse=True):
+            load_lora(targets[found[i]], Path(input_dir) / f"{found[i]}_lora.safetensors", prefix="")
+            prepared.pop(i)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def setup_checkpoints(
+    accelerator: Any,
+    args: argparse.Namespace,
+    student: nn.Module,
+    extra_lora: dict[str, nn.Module] | None = None,
+) -> ReleaseEMA | None:
+    """What the checkpoints hold beyond accelerate's defaults; call after ``prepare``, before :func:`resume`.
+
+    With ``--use_lora`` the student (named ``unet``) and the ``extra_lora`` models are checkpointed as
+    adapters (:func:`register_lora_checkpointing`). With ``--use_ema`` returns the :class:`ReleaseEMA` of the
+    student's trainable parameters, registered for checkpointing; pass it to :func:`train_loop` and
+    :func:`save_unet`.
+    """
+    if args.use_lora:
+        register_lora_checkpointing(accelerator, {"unet": student, **(extra_lora or {})})
+    if not args.use_ema:
+        return None
+    ema = ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay)
+    register_ema(accelerator, ema.ema, ema.params)
+    return ema
+
+
 def should_checkpoint(args: argparse.Namespace, step: int) -> bool:
     return step % args.checkpointing_steps == 0 and step < args.max_train_steps
 
 
-def save_unet(accelerator: Any, unet: nn.Module, args: argparse.Namespace, subfolder: str = "unet") -> Path:
-    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet."""
+def save_unet(
+    accelerator: Any,
+    unet: nn.Module,
+    args: argparse.Namespace,
+    subfolder: str = "unet",
+    *,
+    ema: ReleaseEMA | None = None,
+) -> Path:
+    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet.
+
+    With ``ema`` (``--use_ema``) the averaged weights are copied into ``unet`` first, so they are what is
+    written (and what the model holds afterwards, e.g. for a merge).
+    """
     accelerator.wait_for_everyone()
     out = Path(args.output_dir)
     model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to_model()
     if accelerator.is_main_process:
         if args.use_lora:
             save_lora(model, out / LORA_WEIGHT_NAME)
@@ -626,20 +861,35 @@ def train_loop(
     global_step: int,
     train_step: Any,
     validate: Any = None,
+    *,
+    data: StepData | None = None,
+    ema: ReleaseEMA | None = None,
 ) -> int:
     """Run ``train_step(generator, step) -> logs`` until ``--max_train_steps``; log, checkpoint, show progress.
 
     ``train_step`` is called ``gradient_accumulation_steps`` times per optimisation step (one micro-batch
     each; wrap its update in ``accelerator.accumulate``) with the generator of :func:`step_generator` and
     the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
-    ``--validation_steps`` and after the last step. Returns the final step count.
+    ``--validation_steps`` and after the last step. ``data`` (a :class:`StepData`) starts its prefetching
+    workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
+    step. Returns the final step count.
     """
     bar = progress_bar(accelerator, args, global_step)
+    if data is not None:
+        data.start(
+            global_step,
+            args.max_train_steps,
+            seed=args.seed,
+            process_index=accelerator.process_index,
+            accumulation=args.gradient_accumulation_steps,
+        )
     while global_step < args.max_train_steps:
         logs: dict[str, torch.Tensor] = {}
         for micro in range(args.gradient_accumulation_steps):
             gen = step_generator(args.seed, global_step, accelerator.process_index, micro)
             logs = train_step(gen, global_step) or {}
+        if ema is not None:
+            ema.update()
         global_step += 1
         bar.update(1)
         values = scalar_logs(logs)
@@ -652,6 +902,8 @@ def train_loop(
         ):
             validate(global_step)
     bar.close()
+    if data is not None:
+        data.close()
     return global_step
 
 
@@ -702,11 +954,32 @@ def tiny_clip_tokenizer(folder: str | os.PathLike[str], max_length: int = 16) ->
     )
 
 
-def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], *, seed: int = 0, max_length: int = 16) -> Path:
+TINY_SDXL_3LEVEL_UNET: dict[str, Any] = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (16, 32, 32),
+    "layers_per_block": 2,
+    "attention_head_dim": (2, 2, 2),
+    "transformer_layers_per_block": (1, 2, 4),
+    "norm_num_groups": 8,
+}
+"""Overrides of :func:`~diffdistill.discriminators.tiny_sdxl_unet_config` that keep SDXL's full layout --
+3 levels, 2 layers per block (3 per up block), deeper transformers at the lower levels (1, 2, 4 for SDXL's
+1, 2, 10) -- at 1.1 M parameters: what the ``ssd-1b`` block-removal preset needs (its per-layer up-block
+depths list 3 layers per level), unlike the default 2-level, 1-layer tiny UNet."""
+
+
+def save_tiny_sdxl_pipeline(
+    folder: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    max_length: int = 16,
+    unet_overrides: dict[str, Any] | None = None,
+) -> Path:
     """Write a tiny SDXL-structured pipeline (random weights, no download) to ``folder`` and return it.
 
-    UNet: :func:`diffdistill.discriminators.tiny_sdxl_unet_config` (cross-attention 32 = 16 + 16, pooled
-    text 32); VAE: 4 levels of 8 channels (factor 8, 4 latent channels); text encoders: 2-layer CLIP with
+    UNet: :func:`diffdistill.discriminators.tiny_sdxl_unet_config` with ``unet_overrides`` (e.g.
+    :data:`TINY_SDXL_3LEVEL_UNET`; cross-attention 32 = 16 + 16, pooled text 32); VAE: 4 levels of 8 channels (factor 8, 4 latent channels); text encoders: 2-layer CLIP with
     hidden size 16 (the second with a 32-dim projection); tokenizers: :func:`tiny_clip_tokenizer`. Saved
     with ``StableDiffusionXLPipeline.save_pretrained``, so it loads like the real SDXL folder.
     """
@@ -745,7 +1018,7 @@ def save_tiny_sdxl_pipeline(folder: str | os.PathLike[str], *, seed: int = 0, ma
             sample_size=128,
             scaling_factor=0.13025,
         )
-    unet = tiny_sdxl_unet(seed=seed + 1)
+    unet = tiny_sdxl_unet(seed=seed + 1, **(unet_overrides or {}))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

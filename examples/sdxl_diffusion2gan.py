@@ -167,6 +167,7 @@ def main(args: argparse.Namespace) -> None:
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
     unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    ema = common.setup_checkpoints(accelerator, args, unet)
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
@@ -219,8 +220,8 @@ def main(args: argparse.Namespace) -> None:
 
         common.log_validation(accelerator, args, parts, one_step, step)
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
-    common.save_unet(accelerator, unet, args)
+    common.train_loop(accelerator, args, global_step, train_step, validate, ema=ema)
+    common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

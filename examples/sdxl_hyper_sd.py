@@ -57,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_inference_steps", type=int, default=50, help="teacher DDIM grid N")
     g.add_argument("--guidance_scale", type=float, default=7.0, help="teacher CFG scale")
     g.add_argument("--target", choices=["ema", "online"], default="ema")
-    g.add_argument("--ema_decay", type=float, default=None, help="default: the stage plan's (0.95)")
+    g.add_argument(
+        "--target_ema_decay",
+        type=float,
+        default=None,
+        help="EMA target decay (default: the stage plan's 0.95)",
+    )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
     return common.check_common_args(p.parse_args(argv))
 
@@ -84,14 +89,15 @@ def main(args: argparse.Namespace) -> None:
         unet, conditional=False, gradient_checkpointing=args.gradient_checkpointing
     )
     unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
-    decay = args.ema_decay if args.ema_decay is not None else plan[0].options["ema_decay"]
+    decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
     ema = EMA(unet, decay=decay).to(device) if args.target == "ema" else None
 
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
     unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    if ema is not None:  # the consistency target (a LoRA student's is checkpointed as its LoRA only)
+        common.register_ema(accelerator, ema, unet)
+    release_ema = common.setup_checkpoints(accelerator, args, unet)
     data = common.StepData(args, need_images=True)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
@@ -161,8 +167,8 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
-    common.save_unet(accelerator, unet, args)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=release_ema)
+    common.save_unet(accelerator, unet, args, ema=release_ema)
     accelerator.end_training()
 
 

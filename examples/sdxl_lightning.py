@@ -125,6 +125,7 @@ def main(args: argparse.Namespace) -> None:
         unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
     else:
         unet, opt = accelerator.prepare(unet, opt)
+    ema = common.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=float(opts.get("guidance_scale", 1.0)))
     data = common.StepData(args, need_images=True)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
@@ -223,8 +224,8 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
-    common.save_unet(accelerator, unet, args)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    common.save_unet(accelerator, unet, args, ema=ema)
     if args.use_lora and (opts.get("merge_lora_after") or stage.loss == "mse"):
         if accelerator.is_main_process:
             merged = merge_lora(accelerator.unwrap_model(unet))

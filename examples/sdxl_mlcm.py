@@ -84,6 +84,7 @@ def main(args: argparse.Namespace) -> None:
     unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
     opt = common.adamw(unet.parameters(), args)
     unet, opt = accelerator.prepare(unet, opt)
+    ema = common.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
@@ -145,8 +146,8 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
-    common.save_unet(accelerator, unet, args)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

@@ -103,6 +103,7 @@ def main(args: argparse.Namespace) -> None:
     opt_g = common.adamw(unet.parameters(), args)
     opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
     unet, fake, opt_g, opt_f = accelerator.prepare(unet, fake, opt_g, opt_f)
+    ema = common.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
@@ -171,8 +172,8 @@ def main(args: argparse.Namespace) -> None:
         model = accelerator.unwrap_model(unet)
         common.log_validation(accelerator, args, parts, lambda z, c: one_step(model, z, c), step)
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
-    common.save_unet(accelerator, unet, args)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

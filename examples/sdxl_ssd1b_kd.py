@@ -59,7 +59,16 @@ def main(args: argparse.Namespace) -> None:
     common.place_frozen(parts, device, dtype)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     teacher = parts.unet
-    student, report = build_student(teacher, args.preset)
+    try:
+        student, report = build_student(teacher, args.preset)
+    except ValueError as err:  # the library's OptionError: a preset written for another UNet layout
+        cfg = teacher.config
+        raise ValueError(
+            f"--preset {args.preset} does not fit this UNet ({len(cfg.down_block_types)} levels, "
+            f"layers_per_block={cfg.layers_per_block}): {err} The ssd-1b preset lists per-layer depths for "
+            "SDXL's layout (3 levels, 2 layers per block); --preset vega and bk-sdm-* use fractions and fit "
+            "other layouts."
+        ) from err
     common.freeze(teacher)
     teacher.to(device, dtype=dtype)
     student.train().requires_grad_(True)
@@ -67,6 +76,7 @@ def main(args: argparse.Namespace) -> None:
         student.enable_gradient_checkpointing()
     opt = common.adamw(student.parameters(), args)
     student, opt = accelerator.prepare(student, opt)
+    ema = common.setup_checkpoints(accelerator, args, student)
     kd = LayerKD(
         student,
         teacher,
@@ -113,9 +123,9 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     kd.close()
-    common.save_unet(accelerator, student, args)
+    common.save_unet(accelerator, student, args, ema=ema)
     accelerator.end_training()
 
 

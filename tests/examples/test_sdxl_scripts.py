@@ -50,6 +50,14 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"model": model, "images": images, "prompts": prompts}
 
 
+@pytest.fixture(scope="module")
+def tiny_sdxl_3level(tmp_path_factory: pytest.TempPathFactory, tiny_sdxl: dict[str, Path]) -> Path:
+    """The tiny pipeline with a 3-level, 2-layers-per-block UNet (SDXL's layout, for --preset ssd-1b)."""
+    common = _load("distill_common")
+    root = tmp_path_factory.mktemp("tiny_sdxl_3level")
+    return common.save_tiny_sdxl_pipeline(root / "model", seed=0, unet_overrides=common.TINY_SDXL_3LEVEL_UNET)
+
+
 def _common_argv(tiny: dict[str, Path], out: Path, *, lora: bool) -> list[str]:
     argv = [
         "--pretrained_model_name_or_path",
@@ -107,8 +115,9 @@ def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> N
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
     assert any(bool(v.abs().sum() > 0) for k, v in a.items() if "lora_B" in k), "LoRA did not train"
     # The resumed run did its own step 2: its weights differ from the step-1 checkpoint it started from.
-    ckpt = _lora_state(out_a / "checkpoint-1" / "model.safetensors")
-    at_step1 = {"unet." + k.replace(".default.", "."): v for k, v in ckpt.items() if ".lora_" in k}
+    # LoRA checkpoints hold the adapter only (accelerate save/load hooks), in peft keys.
+    ckpt = _lora_state(out_a / "checkpoint-1" / "unet_lora.safetensors")
+    at_step1 = {"unet." + k: v for k, v in ckpt.items()}
     assert at_step1.keys() == b.keys()
     assert any(not torch.equal(at_step1[k], b[k]) for k in b), "the resumed run did not train"
     unet = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet")
@@ -136,9 +145,13 @@ def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
         "sdxl_hyper_sd",
         # Both runs go through one disk cache of latents and prompt embeddings (the first fills it).
         [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, "--report_to", "tensorboard", *cache],
-        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, *cache],
+        # The resumed run prefetches with a loader worker (posteriors come from the cache).
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, *cache, "--dataloader_num_workers", "1"],
         out_a,
     )
+    # The EMA target of the LoRA student is checkpointed as its LoRA entries (+ the update count).
+    target = torch.load(out_a / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert "num_updates" in target and all(".lora_" in k for k in target if k != "num_updates")
     assert len(list((tmp_path / "cache" / "latents").iterdir())) >= 1
     assert len(list((tmp_path / "cache" / "text").iterdir())) >= 2  # a caption and the empty prompt
     assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1"]
@@ -214,10 +227,45 @@ def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     _run_and_resume(
         "sdxl_sim",
         [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
-        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        # The resumed run loads its prompts through a loader worker: same steps as the in-process loading.
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, "--dataloader_num_workers", "1"],
         out_a,
     )
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+    assert (out_a / "checkpoint-1" / "fake_lora.safetensors").is_file()
+
+
+def _ema_in_checkpoint(folder: Path, index: int = 0) -> dict[str, torch.Tensor]:
+    """The --use_ema average of a checkpoint, keyed like the released LoRA file."""
+    state = torch.load(folder / f"custom_checkpoint_{index}.pkl", weights_only=True)
+    pre = "module.params."
+    return {
+        "unet." + k[len(pre) :].replace("/", ".").replace(".default.", "."): v
+        for k, v in state.items()
+        if k.startswith(pre)
+    }
+
+
+def test_use_ema_releases_the_average_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim"]
+    ema = ["--use_ema", "--ema_decay", "0.5"]
+    out_a, out_b, out_raw = tmp_path / "a", tmp_path / "b", tmp_path / "raw"
+    _run_and_resume(
+        "sdxl_sim",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, *ema],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, *ema],
+        out_a,
+    )
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)  # resumed EMA run == uninterrupted EMA run
+    script = _load("sdxl_sim")
+    script.main(script.parse_args([*_common_argv(tiny_sdxl, out_raw, lora=True), *extra]))
+    released = _lora_state(out_a / "pytorch_lora_weights.safetensors")
+    raw = _lora_state(out_raw / "pytorch_lora_weights.safetensors")  # the online weights after step 2
+    ema_1 = _ema_in_checkpoint(out_a / "checkpoint-1")  # the average after step 1
+    assert ema_1.keys() == released.keys() == raw.keys()
+    for k in released:  # EMA after step 2 = 0.5 * EMA after step 1 + 0.5 * online weights after step 2
+        torch.testing.assert_close(released[k], 0.5 * ema_1[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(released[k], raw[k]) for k in released if "lora_B" in k)
 
 
 def test_sim_full_unet_dmd_with_accumulation(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
@@ -232,6 +280,9 @@ def test_sim_full_unet_dmd_with_accumulation(tiny_sdxl: dict[str, Path], tmp_pat
         "2",
         "--learning_rate",
         "1e-4",
+        "--use_ema",  # a full-UNet EMA: checkpointed, resumed, released
+        "--ema_decay",
+        "0.9",
     ]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
@@ -254,37 +305,60 @@ def test_mlcm_both_stages_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> No
         out_a,
     )
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
-
-
-def test_ssd1b_kd_full_student(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    # The LoRA checkpoint holds the adapter, the optimiser and the RNG states, not the UNet.
     from diffusers import UNet2DConditionModel
 
-    # The SSD-1B preset needs SDXL's 3 levels x 2 layers; Segmind-Vega's fractions fit the tiny UNet.
-    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--preset", "vega", "--learning_rate", "1e-4"]
+    ckpt = out_a / "checkpoint-1"
+    assert not list(ckpt.glob("model*.safetensors")) and (ckpt / "unet_lora.safetensors").is_file()
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    unet_bytes = sum(v.numel() * v.element_size() for v in unet.state_dict().values())
+    ckpt_bytes = sum(f.stat().st_size for f in ckpt.iterdir())
+    assert ckpt_bytes < unet_bytes / 3, (ckpt_bytes, unet_bytes)
+
+
+def test_ssd1b_kd_full_student(tiny_sdxl: dict[str, Path], tiny_sdxl_3level: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    # The SSD-1B preset needs SDXL's 3 levels x 2 layers: the 3-level tiny UNet has them.
+    tiny = {**tiny_sdxl, "model": tiny_sdxl_3level}
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--preset", "ssd-1b", "--learning_rate", "1e-4"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_ssd1b_kd",
-        [*_common_argv(tiny_sdxl, out_a, lora=False), *extra],
-        [*_common_argv(tiny_sdxl, out_b, lora=False), *extra],
+        [*_common_argv(tiny, out_a, lora=False), *extra],
+        [*_common_argv(tiny, out_b, lora=False), *extra],
         out_a,
     )
     a = UNet2DConditionModel.from_pretrained(str(out_a / "unet"))
     b = UNet2DConditionModel.from_pretrained(str(out_b / "unet"))
-    teacher = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    teacher = UNet2DConditionModel.from_pretrained(str(tiny_sdxl_3level), subfolder="unet")
+    assert a.config.mid_block_type == "UNetMidBlock2D"  # SSD-1B keeps one mid resnet, no attention
+    assert list(a.config.transformer_layers_per_block) == [1, 2, 2]  # level 3: 0.4 x 4 layers
     assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in teacher.parameters())
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+
+
+def test_ssd1b_preset_on_a_2_level_unet_says_why(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    script = _load("sdxl_ssd1b_kd")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=False), "--train_data_dir", str(tiny_sdxl["images"])]
+    with pytest.raises(ValueError, match=r"--preset ssd-1b does not fit this UNet \(2 levels.*--preset vega"):
+        script.main(script.parse_args([*argv, "--preset", "ssd-1b"]))
 
 
 @pytest.mark.parametrize("stage", ["128->32", "4->2/conditional", "2->1/x0-conversion", "2->1/full"])
 def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str) -> None:
     lora = stage in ("128->32", "4->2/conditional")
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", stage, "--learning_rate", "1e-3"]
+    # 128->32: the resumed run decodes its images in a loader worker (no cache), with 2 accumulated
+    # micro-batches per step, and must still match the uninterrupted in-process run.
+    workers = ["--dataloader_num_workers", "1"] if stage == "128->32" else []
+    accumulate = ["--gradient_accumulation_steps", "2"] if stage == "128->32" else []
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_lightning",
-        [*_common_argv(tiny_sdxl, out_a, lora=lora), *extra],
-        [*_common_argv(tiny_sdxl, out_b, lora=lora), *extra],
+        [*_common_argv(tiny_sdxl, out_a, lora=lora), *extra, *accumulate],
+        [*_common_argv(tiny_sdxl, out_b, lora=lora), *extra, *accumulate, *workers],
         out_a,
     )
     if lora:
