@@ -810,12 +810,16 @@ def place_frozen(parts: SDXLComponents, device: Any, dtype: torch.dtype, *, vae:
         parts.vae.to(device, dtype=torch.float32 if dtype == torch.float16 else dtype)
 
 
+def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], ``(B, 3, H, W)`` float32, from scaled latents; differentiable in ``latents``."""
+    scale, shift = latent_scale(vae)
+    return vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1], ``(B, 3, H, W)`` float32 on the CPU, from scaled latents."""
-    scale, shift = latent_scale(vae)
-    pixels = vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample
-    return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
+    return ((decode_pixels(vae, latents) + 1) / 2).cpu()
 
 
 @torch.no_grad()

@@ -9,8 +9,13 @@ unconditional ``UNetEncoderDiscriminator`` (a trainable copy of the teacher's en
 both sides at ``t_end``. The teacher is the same UNet with its adapters disabled (LoRA) or a frozen copy
 (full UNet), run with classifier-free guidance.
 
-Not implemented: the optional reward hinge (``diffdistill.losses.reward_hinge_loss`` with a user reward
-model) and the score-distillation one-step stage of the paper.
+Reward feedback (Sec. 3.2, Eq. 13; optional): ``--reward_model module:callable`` names a user reward,
+called as ``fn(images, prompts) -> (B,)`` with the decoded images in [-1, 1]; in the last stage the
+student's one-step x0 prediction is decoded by the (frozen) VAE with gradients and
+``--reward_weight * relu(--reward_margin - score)`` (:func:`diffdistill.losses.reward_hinge_loss`) is added
+to the loss. A reward that is an ``nn.Module`` is frozen and moved to the device.
+
+Not implemented: the score-distillation one-step stage of the paper.
 
 Example::
 
@@ -24,15 +29,22 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from diffdistill.discriminators import UNetEncoderDiscriminator
-from diffdistill.losses import consistency_pair, gan_discriminator_loss, gan_generator_loss
+from diffdistill.losses import (
+    consistency_pair,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    reward_hinge_loss,
+)
 from diffdistill.schedulers import (
     NoiseSchedule,
     StagePlan,
@@ -64,7 +76,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="EMA target decay (default: the stage plan's 0.95)",
     )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
-    return common.check_common_args(p.parse_args(argv))
+    g = p.add_argument_group("reward feedback (last stage)")
+    g.add_argument(
+        "--reward_model",
+        default=None,
+        help='"module:callable", called as fn(images in [-1, 1] (B, 3, H, W), prompts) -> (B,) scores',
+    )
+    g.add_argument("--reward_weight", type=float, default=1.0)
+    g.add_argument(
+        "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
+    )
+    args = common.check_common_args(p.parse_args(argv))
+    if args.reward_model is not None:
+        if args.reward_margin is None:
+            raise ValueError("--reward_model needs --reward_margin (on the reward model's scale).")
+        load_reward_model(args.reward_model)  # fail at start-up, not at the last stage
+    return args
+
+
+def load_reward_model(spec: str) -> Any:
+    """The callable named by ``"package.module:name"`` (``name`` may be dotted: ``module:Class.method``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"Expected --reward_model as 'module:callable', e.g. 'my_rewards:aesthetic', got {spec!r}."
+        )
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(
+            f"Expected --reward_model {spec!r} to name a callable, but it is {type(obj).__name__}."
+        )
+    return obj
+
+
+class _RecordOutput:
+    """Calls ``model`` and keeps its last output computed with autograd (the student side's prediction)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.output = model, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        if torch.is_grad_enabled():
+            self.output = out
+        return out
 
 
 def stage_index(step: int, num_stages: int, max_steps: int) -> int:
@@ -101,10 +158,17 @@ def main(args: argparse.Namespace) -> None:
     data = common.StepData(args, need_images=True)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
+    reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
+    if isinstance(reward_fn, torch.nn.Module):
+        common.freeze(reward_fn)
+        reward_fn.to(device)
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        stage = plan[stage_index(step, len(plan), args.max_train_steps)]
+        index = stage_index(step, len(plan), args.max_train_steps)
+        stage = plan[index]
+        use_reward = reward_fn is not None and index == len(plan) - 1
+        student_fn = _RecordOutput(unet)
         w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
         x0, prompts = data.latents_batch(gen, parts.vae, device)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
@@ -121,7 +185,7 @@ def main(args: argparse.Namespace) -> None:
         logs: dict[str, torch.Tensor] = {}
         with accelerator.accumulate(unet, disc), accelerator.autocast():
             pair = consistency_pair(
-                unet,
+                student_fn,
                 teacher,
                 x_t,
                 sample,
@@ -140,6 +204,14 @@ def main(args: argparse.Namespace) -> None:
                 disc.requires_grad_(True)
                 loss = loss + w_adv * g_loss
                 logs["generator_adv"] = g_loss.detach()
+            if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
+                x0_hat = schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
+                images = common.decode_pixels(parts.vae, x0_hat)
+                r_loss, r_logs = reward_hinge_loss(
+                    images, args.reward_margin, reward_fn=lambda x: reward_fn(x, prompts)
+                )
+                loss = loss + args.reward_weight * r_loss
+                logs.update(r_logs)
             accelerator.backward(loss)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:

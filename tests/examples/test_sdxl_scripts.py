@@ -159,6 +159,59 @@ def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
 
 
+REWARD_CALLS: list[dict[str, object]] = []
+
+
+def tiny_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward model for --reward_model: brighter is better (10 x mean pixel value), one score per image."""
+    REWARD_CALLS.append(
+        {
+            "shape": tuple(images.shape),
+            "prompts": list(prompts),
+            "range": (float(images.detach().min()), float(images.detach().max())),
+            "grad": images.requires_grad,
+        }
+    )
+    return 10.0 * images.mean(dim=(1, 2, 3))
+
+
+def test_hyper_sd_reward_hinge_in_the_last_stage(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
+    reward = ["--reward_model", f"{__name__}:tiny_reward", "--reward_weight", "10", "--reward_margin", "5"]
+    out_a, out_b, out_plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
+    REWARD_CALLS.clear()
+    _run_and_resume(
+        "sdxl_hyper_sd",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra, *reward],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, *reward],
+        out_a,
+    )
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)  # resume stays exact with the reward
+    # Step 2 of 2 is the last (k = 1) stage: one reward call per run, on decoded images with gradients.
+    assert len(REWARD_CALLS) == 2
+    for call in REWARD_CALLS:
+        assert call["shape"] == (2, 3, 128, 128) and call["grad"] is True
+        assert len(call["prompts"]) == 2  # type: ignore[arg-type]
+        low, high = call["range"]  # type: ignore[misc]
+        assert -1.0 <= low <= high <= 1.0
+    script = _load("sdxl_hyper_sd")
+    script.main(script.parse_args([*_common_argv(tiny_sdxl, out_plain, lora=True), *extra]))
+    with_reward = _lora_state(out_a / "pytorch_lora_weights.safetensors")
+    plain = _lora_state(out_plain / "pytorch_lora_weights.safetensors")
+    assert any(not torch.allclose(with_reward[k], plain[k]) for k in plain), "the reward hinge had no effect"
+
+
+def test_hyper_sd_reward_options_are_checked(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    script = _load("sdxl_hyper_sd")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--train_data_dir", str(tiny_sdxl["images"])]
+    with pytest.raises(ValueError, match="as 'module:callable'"):
+        script.parse_args([*argv, "--reward_model", "tiny_reward", "--reward_margin", "1"])
+    with pytest.raises(ValueError, match="needs --reward_margin"):
+        script.parse_args([*argv, "--reward_model", f"{__name__}:tiny_reward"])
+    with pytest.raises(ValueError, match="to name a callable"):
+        script.parse_args([*argv, "--reward_model", f"{__name__}:REWARD_CALLS", "--reward_margin", "1"])
+
+
 class _FakeAccelerator:
     """The part of ``Accelerator`` that the checkpoint helpers use."""
 
