@@ -180,11 +180,11 @@ def main(args: argparse.Namespace) -> None:
         with accelerator.accumulate(unet, disc), accelerator.autocast():
             fake = schedule.to_x0(unet(noise, t, **cond).sample.float(), noise, t)
             rec = lpips(fake, real, generator=gen)
-            disc.requires_grad_(False)
+            disc.requires_grad_(False)  # until the backward (checkpointed D blocks recompute there)
             g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
-            disc.requires_grad_(True)
             loss = rec + args.gan_weight * g_adv
             accelerator.backward(loss)
+            disc.requires_grad_(True)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
 
             fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
@@ -193,8 +193,10 @@ def main(args: argparse.Namespace) -> None:
                 extra = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
                 fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, extra)]
             d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
+            accelerator.backward(d_loss)
             # R1 differentiates the gradient: fused attention kernels have no double backward, so the
-            # penalty pass uses PyTorch's math attention.
+            # penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
+            # kernel of the forward pass -- uses PyTorch's math attention.
             with sdpa_kernel(SDPBackend.MATH):
                 r1, r1_logs = lazy_r1_penalty(
                     lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
@@ -205,7 +207,8 @@ def main(args: argparse.Namespace) -> None:
                     cond={"ehs": ehs, "added": added, "noise": noise},
                     generator=gen,
                 )
-            accelerator.backward(d_loss + r1)
+                if r1.requires_grad:  # a lazy step
+                    accelerator.backward(r1)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])

@@ -199,9 +199,8 @@ def main(args: argparse.Namespace) -> None:
             t_judge = pair.sample.t_end.clamp(min=0)
             ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
             if w_adv > 0:
-                disc.requires_grad_(False)
+                disc.requires_grad_(False)  # until the backward below (checkpointed D recomputes there)
                 g_loss, _ = gan_generator_loss(disc(student, t_judge, ehs, added))
-                disc.requires_grad_(True)
                 loss = loss + w_adv * g_loss
                 logs["generator_adv"] = g_loss.detach()
             if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
@@ -213,6 +212,7 @@ def main(args: argparse.Namespace) -> None:
                 loss = loss + args.reward_weight * r_loss
                 logs.update(r_logs)
             accelerator.backward(loss)
+            disc.requires_grad_(True)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(

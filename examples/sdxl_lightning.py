@@ -172,10 +172,12 @@ def main(args: argparse.Namespace) -> None:
         extra: dict[str, Any] = {}
         if stage.discriminator == "conditional":
             extra = {"cond_sample": x_t, "cond_timestep": pair.sample.t}
+        # D stays frozen until the generator's backward is done: with gradient checkpointing its blocks are
+        # recomputed there and must see the same requires_grad as in the forward pass.
         disc.requires_grad_(False)
         g_loss, _ = gan_generator_loss(disc(fake, t_judge, ehs, added, **extra))
-        disc.requires_grad_(True)
         accelerator.backward(g_loss)
+        disc.requires_grad_(True)
         common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         d_loss, _ = gan_discriminator_loss(
             disc(real, t_judge, ehs, added, **extra), disc(fake.detach(), t_judge, ehs, added, **extra)

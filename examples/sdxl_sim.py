@@ -10,8 +10,10 @@ detached samples by denoising score matching (:func:`diffdistill.losses.fake_sco
 ``--fake_steps``) and freezes the fake network during the generator step.
 
 With ``--use_lora`` both the generator and the fake score are LoRAs (the fake one on its own copy of the
-UNet); the real score is the generator's UNet with its adapters disabled, run *with* autograd so the
-SIM / SiD gradient flows through its input as in the papers.
+UNet). The real score is a frozen copy of the teacher in the mixed-precision dtype, run *with* autograd so
+the SIM / SiD gradient flows through its input as in the papers. (It is not the generator's UNet with the
+adapters disabled: with gradient checkpointing that UNet would recompute its blocks in the backward pass
+with the adapters enabled again, which torch's checkpoint rejects.)
 
 Example::
 
@@ -35,7 +37,7 @@ import torch
 
 from diffdistill.losses import AlternatingUpdate, dmd_loss, fake_score_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
-from diffdistill.students import adapters_disabled, add_lora
+from diffdistill.students import add_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -59,19 +61,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return common.check_common_args(p.parse_args(argv))
 
 
-class RealScore:
-    """The teacher of a LoRA generator as a real score *with* autograd through its input.
+def sim_networks(
+    args: argparse.Namespace, unet: torch.nn.Module, device: Any, dtype: torch.dtype
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """``(generator, fake score, real score)`` built from the teacher ``unet`` (which becomes the generator).
 
-    ``diffdistill.students.TeacherView`` runs under ``no_grad``; SIM and SiD need the gradient of the real
-    denoiser's output with respect to its input, so this view only disables the adapters.
+    The real score is a frozen copy in ``dtype``; the generator and the fake score are LoRAs on ``dtype``
+    bases (``--use_lora``) or full float32 copies. ``--gradient_checkpointing`` applies to all three (the
+    generator's gradient flows through the real and fake scores' inputs).
     """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with adapters_disabled(self.model):
-            return self.model(*args, **kwargs)
+    real = copy.deepcopy(unet).to(device, dtype=dtype)
+    common.freeze(real)
+    fake = copy.deepcopy(unet)
+    for net in (unet, fake):
+        if args.use_lora:
+            net.requires_grad_(False)
+            net.to(device, dtype=dtype)
+            add_lora(net, rank=args.lora_rank, alpha=args.lora_alpha)
+            common.upcast_trainable(net)
+        else:
+            net.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        for net in (unet, fake, real):
+            net.enable_gradient_checkpointing()
+    return unet, fake, real
 
 
 def main(args: argparse.Namespace) -> None:
@@ -81,25 +94,7 @@ def main(args: argparse.Namespace) -> None:
     device = accelerator.device
     common.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
-    unet = parts.unet
-    fake = copy.deepcopy(unet)
-    if args.use_lora:
-        for net in (unet, fake):
-            net.requires_grad_(False)
-            net.to(device, dtype=dtype)
-            add_lora(net, rank=args.lora_rank, alpha=args.lora_alpha)
-            common.upcast_trainable(net)
-        real_model: Any = RealScore(unet)
-    else:
-        frozen = copy.deepcopy(unet)
-        common.freeze(frozen)
-        frozen.to(device, dtype=dtype)
-        real_model = frozen
-        unet.train().requires_grad_(True)
-        fake.train().requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        fake.enable_gradient_checkpointing()
+    unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
     opt_g = common.adamw(unet.parameters(), args)
     opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
     unet, fake, opt_g, opt_f = accelerator.prepare(unet, fake, opt_g, opt_f)

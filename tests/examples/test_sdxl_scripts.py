@@ -178,6 +178,9 @@ def tiny_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 def test_hyper_sd_reward_hinge_in_the_last_stage(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
     reward = ["--reward_model", f"{__name__}:tiny_reward", "--reward_weight", "10", "--reward_margin", "5"]
+    extra += [
+        "--gradient_checkpointing"
+    ]  # the k = 1 stage is adversarial: checkpointed D, frozen in G's pass
     out_a, out_b, out_plain = tmp_path / "a", tmp_path / "b", tmp_path / "plain"
     REWARD_CALLS.clear()
     _run_and_resume(
@@ -275,7 +278,8 @@ def test_mlcm_under_accelerate_launch_two_cpu_processes(tiny_sdxl: dict[str, Pat
 
 
 def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
-    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim"]
+    # Checkpointed generator, fake and real scores: the generator's gradient flows through both scores.
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim", "--gradient_checkpointing"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_sim",
@@ -407,6 +411,8 @@ def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str)
     # micro-batches per step, and must still match the uninterrupted in-process run.
     workers = ["--dataloader_num_workers", "1"] if stage == "128->32" else []
     accumulate = ["--gradient_accumulation_steps", "2"] if stage == "128->32" else []
+    # Checkpointed student and discriminator: the frozen-D generator pass must recompute identically.
+    accumulate += ["--gradient_checkpointing"] if stage == "4->2/conditional" else []
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_lightning",
@@ -428,7 +434,15 @@ def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str)
 def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     pairs = tmp_path / "pairs"
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--pairs_dir", str(pairs), "--num_pairs", "5"]
-    extra += ["--pairs_shard_size", "2", "--teacher_steps", "2", "--r1_every", "2"]
+    extra += [
+        "--pairs_shard_size",
+        "2",
+        "--teacher_steps",
+        "2",
+        "--r1_every",
+        "2",
+        "--gradient_checkpointing",
+    ]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     _run_and_resume(
         "sdxl_diffusion2gan",
