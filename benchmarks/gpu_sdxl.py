@@ -1,0 +1,465 @@
+"""One training step of each SDXL distillation at the real SDXL UNet: step time and peak memory.
+
+For every method of ``examples/`` the script builds what that method's script trains -- by default a LoRA
+(rank 64) with gradient checkpointing, frozen weights in bf16 and bf16 autocast, as the README's launch
+commands -- on the SDXL-base UNet architecture with random weights (built from
+``diffdistill.discriminators.sdxl_unet_config`` directly on the device: nothing is downloaded), and times
+one optimisation step (forward, backward and optimiser step of every network the step updates) on
+128x128 latents (1024 px), first at batch 1, then doubling the batch until it runs out of memory or
+reaches ``--max_batch``. It prints a Markdown table: the step time (median of ``--repeats`` steps after
+``--warmup``, with ``torch.cuda.synchronize``) and the peak memory (``torch.cuda.max_memory_allocated``,
+reset before each batch size) of batch 1 and of the largest batch that fits.
+
+The steps are assembled from the library's public losses, one builder per method (the scripts' update
+logic is inline in their ``main``), with the scripts' own building blocks (``distill_common``):
+
+* ``lightning`` -- SDXL-Lightning's ``8->4/conditional`` stage: the student's jump against 2 teacher DDIM
+  steps, judged by the conditional ``UNetEncoderDiscriminator`` (G and D updates);
+* ``hyper_sd`` -- TSCD at the plan's adversarial stage: EMA target (a copy of the UNet), MSE +
+  adversarial distance with the unconditional discriminator (G and D updates);
+* ``diffusion2gan`` -- one-step generator, E-LatentLPIPS + the multi-scale conditional discriminator with
+  mix-and-match negatives (batch >= 2) and the lazy R1 penalty on its step (the peak-memory step);
+* ``mlcm`` -- MLCD: teacher-trajectory training states (up to 8 guided teacher calls) + multistep
+  consistency loss, online target;
+* ``sim`` -- SIM generator update (real score with autograd through its input, fake score) then the fake
+  score's denoising score matching update, a LoRA on each of two UNets, a frozen bf16 real score
+  (``sdxl_sim.sim_networks``);
+* ``ssd1b`` -- the ``ssd-1b`` block-removed student (full, float32 master weights) + LayerKD against the
+  frozen bf16 teacher.
+
+``--full`` trains the full UNet instead of a LoRA (ssd1b always does). ``--tiny`` runs the same code on a
+tiny 3-level SDXL-structured UNet (``distill_common.TINY_SDXL_3LEVEL_UNET``) with 32x32 latents, float32,
+for a CPU smoke test.
+
+Usage::
+
+    python benchmarks/gpu_sdxl.py                                   # all methods, GPU, bf16, LoRA
+    python benchmarks/gpu_sdxl.py --methods sim ssd1b --max_batch 32
+    python benchmarks/gpu_sdxl.py --full                            # full-UNet students
+    OMP_NUM_THREADS=1 python benchmarks/gpu_sdxl.py --tiny --device cpu   # CPU smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffdistill.discriminators import (
+    MultiScaleConditionalDiscriminator,
+    UNetEncoderDiscriminator,
+    sdxl_conditions,
+    sdxl_unet_config,
+    tiny_sdxl_unet_config,
+)
+from diffdistill.losses import (
+    ELatentLPIPS,
+    consistency_pair,
+    fake_score_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    lazy_r1_penalty,
+    mix_and_match,
+    multistep_consistency_loss,
+    sim_loss,
+    teacher_trajectory_states,
+)
+from diffdistill.schedulers import (
+    NoiseSchedule,
+    StagePlan,
+    TeacherSolver,
+    milestone_pairs,
+    progressive_pairs,
+    tscd_segments,
+)
+from diffdistill.students import EMA, LayerKD, build_student
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import distill_common as common  # noqa: E402 - the examples' shared module
+from sdxl_sim import sim_networks  # noqa: E402
+
+METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--tiny", action="store_true", help="tiny SDXL-structured UNet, 32x32 latents, float32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="default: bf16 (tiny: fp32)"
+    )
+    p.add_argument("--latent_size", type=int, default=None, help="default 128 (tiny: 32)")
+    p.add_argument("--max_batch", type=int, default=None, help="largest batch tried (default 64; tiny: 2)")
+    p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 (tiny: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (tiny: 1)")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu"))
+    args.dtype = getattr(torch, args.dtype or ("float32" if tiny else "bfloat16"))
+    args.latent_size = args.latent_size or (32 if tiny else 128)
+    args.max_batch = args.max_batch or (2 if tiny else 64)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
+    args.repeats = args.repeats or (1 if tiny else 5)
+    return args
+
+
+@dataclass
+class Bench:
+    """What a method's step builder gets: the base UNet (float32, on the device) and the settings."""
+
+    unet: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    latent_size: int
+    seq_len: int
+    options: argparse.Namespace  # the scripts' option names (use_lora, lora_rank, learning_rate, ...)
+    schedule: NoiseSchedule
+
+    def student(self, unet: nn.Module | None = None) -> tuple[nn.Module, Any]:
+        """The scripts' ``student_and_teacher``: LoRA on a bf16 base (teacher = adapters off) or full."""
+        return common.student_and_teacher(self.options, unet or self.unet, self.device, self.dtype)
+
+    def adam(self, *modules: nn.Module, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=1e-6, betas=betas)
+
+    def latents(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (batch, 4, self.latent_size, self.latent_size)
+        return torch.randn(shape, generator=gen).to(self.device)
+
+    def cond(self, batch: int, gen: torch.Generator) -> dict[str, Any]:
+        ehs, added = sdxl_conditions(
+            self.unet, batch, seq_len=self.seq_len, generator=gen, device=self.device, dtype=self.dtype
+        )
+        return {"encoder_hidden_states": ehs, "added_cond_kwargs": added}
+
+
+Step = Callable[[int, torch.Generator], None]
+
+
+def _update(loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _adversarial_updates(
+    disc: nn.Module,
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    t: Any,
+    cond: dict,
+    g_loss: torch.Tensor | float = 0.0,
+    w_adv: float = 1.0,
+    **extra: Any,
+) -> None:
+    """The generator update (``g_loss`` + ``w_adv`` x GAN loss of ``fake``, D frozen), then the D update."""
+    ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+    disc.requires_grad_(False)  # until G's backward: checkpointed D blocks recompute there
+    adv, _ = gan_generator_loss(disc(fake, t, ehs, added, **extra))
+    (g_loss + w_adv * adv).backward()
+    disc.requires_grad_(True)
+    opts[0].step()
+    opts[0].zero_grad(set_to_none=True)
+    d_loss, _ = gan_discriminator_loss(
+        disc(real, t, ehs, added, **extra), disc(fake.detach(), t, ehs, added, **extra)
+    )
+    _update(d_loss, opts[1])
+
+
+def build_lightning(b: Bench) -> Step:
+    stage = StagePlan.sdxl_lightning()["8->4/conditional"]
+    gc_on = not b.options.no_gradient_checkpointing
+    disc = UNetEncoderDiscriminator(b.unet, conditional=True, gradient_checkpointing=gc_on)
+    unet, teacher_model = b.student()
+    teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=stage.options["guidance_scale"])
+    betas = tuple(stage.options["adam_betas"])
+    opts = b.adam(unet, betas=betas), b.adam(disc, betas=betas)  # type: ignore[arg-type]
+    uncond = b.cond(1, torch.Generator().manual_seed(1))
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        x0, cond = b.latents(batch, gen), b.cond(batch, gen)
+        sample = progressive_pairs(batch, stage.student_steps or 1, generator=gen, device=b.device)
+        x_t = b.schedule.add_noise(x0, b.latents(batch, gen), sample.t)
+        pair = consistency_pair(
+            unet, teacher, x_t, sample, cond, uncond, target=None, parameterization="move",
+            teacher_steps=stage.teacher_steps or 1,
+        )  # fmt: skip
+        t_judge = pair.sample.t_prev.clamp(min=0)
+        extra = {"cond_sample": x_t, "cond_timestep": pair.sample.t}
+        _adversarial_updates(disc, opts, pair.target.float(), pair.student.float(), t_judge, cond, **extra)
+
+    return step
+
+
+def build_hyper_sd(b: Bench) -> Step:
+    plan = StagePlan.hyper_sd()
+    stage = max(plan, key=lambda s: s.loss_weights.get("adversarial", 0.0))
+    w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
+    disc = UNetEncoderDiscriminator(
+        b.unet, conditional=False, gradient_checkpointing=not b.options.no_gradient_checkpointing
+    )
+    unet, teacher_model = b.student()
+    ema = EMA(unet, decay=stage.options.get("ema_decay", 0.95))
+    teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=7.0)
+    opt, opt_d = b.adam(unet), b.adam(disc)
+    uncond = b.cond(1, torch.Generator().manual_seed(1))
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        x0, cond = b.latents(batch, gen), b.cond(batch, gen)
+        sample = tscd_segments(batch, stage.num_segments or 1, 50, generator=gen, device=b.device)
+        x_t = b.schedule.add_noise(x0, b.latents(batch, gen), sample.t)
+        pair = consistency_pair(unet, teacher, x_t, sample, cond, uncond, target=ema, parameterization="move")
+        student, target = pair.student.float(), pair.target.float()
+        loss = w_mse * torch.nn.functional.mse_loss(student, target)
+        if w_adv > 0:
+            t_judge = pair.sample.t_end.clamp(min=0)
+            _adversarial_updates(disc, (opt, opt_d), target, student, t_judge, cond, loss, w_adv)
+        else:
+            _update(loss, opt)
+        ema.update(unet)
+
+    return step
+
+
+def build_diffusion2gan(b: Bench) -> Step:
+    gc_on = not b.options.no_gradient_checkpointing
+    widths = b.unet.config.block_out_channels
+    groups = 32 if all(c % 32 == 0 for c in widths) else 8  # the tiny UNet's 16-channel level: 8 groups
+    disc = MultiScaleConditionalDiscriminator(b.unet, gradient_checkpointing=gc_on, norm_groups=groups)
+    unet, _ = b.student()
+    lpips = ELatentLPIPS("sdxl", augment="bg").to(b.device)
+    opt, opt_d = b.adam(unet), b.adam(disc)
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        noise, real, cond = b.latents(batch, gen), b.latents(batch, gen), b.cond(batch, gen)
+        ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+        t = torch.full((batch,), 999, device=b.device, dtype=torch.long)
+        fake = b.schedule.to_x0(unet(noise, t, **cond).sample.float(), noise, t)
+        disc.requires_grad_(False)
+        g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
+        (lpips(fake, real, generator=gen) + 0.5 * g_adv).backward()
+        disc.requires_grad_(True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
+        if batch >= 2:
+            mm = mix_and_match(real, {"ehs": ehs, "added": added}, noise, generator=gen)
+            more = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
+            fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, more)]
+        d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
+        d_loss.backward()
+        with sdpa_kernel(SDPBackend.MATH):  # R1 and its backward (double backward; as the script)
+            r1, _ = lazy_r1_penalty(
+                lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
+                real, step=0, every=16, cond={"ehs": ehs, "added": added, "noise": noise}, generator=gen,
+            )  # fmt: skip
+            _update(r1, opt_d)  # one D step on the gradients of d_loss + r1
+
+    return step
+
+
+def build_mlcm(b: Bench) -> Step:
+    mlcd = StagePlan.mlcm()["mlcd"]
+    unet, teacher_model = b.student()
+    teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=8.0)
+    opt = b.adam(unet)
+    uncond = b.cond(1, torch.Generator().manual_seed(1))
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        noise, cond = b.latents(batch, gen), b.cond(batch, gen)
+        sample = milestone_pairs(batch, 8, mlcd.options["skip"], generator=gen, device=b.device)
+        x_t = teacher_trajectory_states(teacher, noise, sample.t, cond, uncond, num_segments=8)
+        loss, _ = multistep_consistency_loss(
+            unet, teacher, None, cond, uncond, x_t=x_t, sample=sample, target="online", generator=gen
+        )
+        _update(loss, opt)
+
+    return step
+
+
+def build_sim(b: Bench) -> Step:
+    unet, fake, real_model = sim_networks(b.options, b.unet, b.device, b.dtype)  # the script's networks
+    real = TeacherSolver(real_model, b.schedule, guidance_scale=4.5)
+    opt_g, opt_f = b.adam(unet), b.adam(fake)
+    uncond = b.cond(1, torch.Generator().manual_seed(1))
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        z, cond = b.latents(batch, gen), b.cond(batch, gen)
+        t = torch.full((batch,), 999, device=b.device, dtype=torch.long)
+        x = b.schedule.to_x0(unet(z, t, **cond).sample.float(), z, t)
+        fake.requires_grad_(False)
+        loss, _ = sim_loss(x, real, fake, schedule=b.schedule, cond=cond, uncond=uncond, generator=gen)
+        _update(loss, opt_g)
+        for n, p in fake.named_parameters():
+            p.requires_grad_(not b.options.use_lora or "lora_" in n)
+        f_loss, _ = fake_score_loss(fake, x.detach(), schedule=b.schedule, cond=cond, generator=gen)
+        _update(f_loss, opt_f)
+
+    return step
+
+
+def build_ssd1b(b: Bench) -> Step:
+    teacher = b.unet
+    student, report = build_student(teacher, "ssd-1b")
+    common.freeze(teacher)
+    teacher.to(dtype=b.dtype)
+    student.train().requires_grad_(True)
+    if not b.options.no_gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    kd = LayerKD(student, teacher, report.kd_pairs("sub_block"))
+    opt = b.adam(student)
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        x0, noise, cond = b.latents(batch, gen), b.latents(batch, gen), b.cond(batch, gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(b.device)
+        loss, _ = kd(b.schedule.add_noise(x0, noise, t), t, noise, **cond)
+        _update(loss, opt)
+
+    return step
+
+
+BUILDERS: dict[str, Callable[[Bench], Step]] = {
+    "lightning": build_lightning,
+    "hyper_sd": build_hyper_sd,
+    "diffusion2gan": build_diffusion2gan,
+    "mlcm": build_mlcm,
+    "sim": build_sim,
+    "ssd1b": build_ssd1b,
+}
+
+
+def _base_unet(args: argparse.Namespace) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    cfg = sdxl_unet_config() if not args.tiny else tiny_sdxl_unet_config(**common.TINY_SDXL_3LEVEL_UNET)
+    with torch.random.fork_rng(devices=[]), torch.device(args.device):
+        torch.manual_seed(0)
+        return UNet2DConditionModel(**cfg)  # type: ignore[return-value]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, float]:
+    """``(median step seconds, peak GiB)`` of ``step`` at ``batch`` (peak: CUDA only, else NaN)."""
+    cuda = args.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    times = []
+    for i in range(args.warmup + args.repeats):
+        gen = torch.Generator().manual_seed(i)
+        _sync(args.device)
+        start = time.perf_counter()
+        with torch.autocast(args.device.type, dtype=args.dtype, enabled=args.dtype != torch.float32):
+            step(batch, gen)
+        _sync(args.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows ``{method, trains, batch, seconds, peak_gib, status}`` for batch 1, 2, 4, ... up to the first OOM."""
+    options = argparse.Namespace(
+        use_lora=not args.full and name != "ssd1b",
+        lora_rank=args.lora_rank,
+        lora_alpha=None,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        no_gradient_checkpointing=args.no_gradient_checkpointing,
+    )
+    bench = Bench(
+        unet=_base_unet(args),
+        device=args.device,
+        dtype=args.dtype,
+        latent_size=args.latent_size,
+        seq_len=8 if args.tiny else 77,
+        options=options,
+        schedule=NoiseSchedule.from_betas(),
+    )
+    step = BUILDERS[name](bench)
+    trains = "student (full)" if name == "ssd1b" else ("LoRA" if options.use_lora else "full UNet")
+    rows: list[dict[str, Any]] = []
+    batch = 1
+    while batch <= args.max_batch:
+        try:
+            seconds, peak = measure(step, batch, args)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            rows.append({"method": name, "trains": trains, "batch": batch, "status": "OOM"})
+            break
+        rows.append(
+            {
+                "method": name,
+                "trains": trains,
+                "batch": batch,
+                "seconds": seconds,
+                "peak_gib": peak,
+                "status": "ok",
+            }
+        )
+        batch *= 2
+    del step, bench
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per method, batch 1 and the largest batch that ran (and where it ran out of memory)."""
+    lines = [
+        "| method | trains | batch | step (s) | peak memory (GiB) | largest batch tried |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        ok = [r for r in rows if r["method"] == name and r["status"] == "ok"]
+        oom = [r["batch"] for r in rows if r["method"] == name and r["status"] == "OOM"]
+        limit = f"OOM at {oom[0]}" if oom else f"{ok[-1]['batch'] if ok else '-'} (no OOM)"
+        for r in [ok[0], ok[-1]] if len(ok) > 1 else ok:
+            peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
+            lines.append(f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {peak} | {limit} |")
+        if not ok:
+            lines.append(f"| {name} | {rows[0]['trains']} | 1 | - | - | OOM at 1 |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> str:
+    if args.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = [row for name in args.methods for row in run_method(name, args)]
+    header = (
+        f"device: {torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else 'cpu'}, "
+        f"{'tiny 3-level UNet' if args.tiny else 'SDXL UNet (random weights)'}, latents "
+        f"{args.latent_size}x{args.latent_size}, {str(args.dtype).removeprefix('torch.')}, "
+        f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
+    )
+    return header + "\n\n" + table(rows)
+
+
+if __name__ == "__main__":
+    print(main(parse_args()))

@@ -1,0 +1,68 @@
+"""benchmarks/gpu_sdxl.py: the per-method SDXL training-step benchmark, run tiny on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_sdxl.py"
+
+
+def _load() -> ModuleType:
+    if "gpu_sdxl" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_sdxl", SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_sdxl"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_sdxl"]
+
+
+def test_every_method_steps_on_the_tiny_unet() -> None:
+    bench = _load()
+    # Batch 1 only (the doubling is checked below); diffusion2gan also at 2 for its mix-and-match negatives.
+    args = bench.parse_args(["--tiny", "--device", "cpu", "--max_batch", "1", "--warmup", "0"])
+    assert args.latent_size == 32 and args.dtype == torch.float32
+    out = bench.main(args)
+    lines = out.splitlines()
+    assert lines[0].startswith("device: cpu, tiny 3-level UNet")
+    for name in bench.METHODS:  # one row per method, with a time
+        rows = [ln.split("|") for ln in lines if ln.startswith(f"| {name} |")]
+        assert [r[3].strip() for r in rows] == ["1"], out
+        assert float(rows[0][4]) > 0, out
+    args = bench.parse_args(["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--warmup", "0"])
+    assert "| diffusion2gan | LoRA | 2 |" in bench.main(args)
+    assert "| ssd1b | student (full) |" in out and "| sim | LoRA |" in out
+
+
+def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load()
+    tried: list[int] = []
+
+    def fake_measure(step: object, batch: int, args: object) -> tuple[float, float]:
+        tried.append(batch)
+        if batch >= 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 0.5 * batch, 10.0 * batch
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setitem(bench.BUILDERS, "mlcm", lambda b: lambda batch, gen: None)
+    args = bench.parse_args(["--tiny", "--device", "cpu", "--methods", "mlcm", "--max_batch", "64"])
+    rows = bench.run_method("mlcm", args)
+    assert tried == [1, 2, 4, 8]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "OOM"]
+    md = bench.table(rows)
+    assert "| mlcm | LoRA | 1 | 0.500 | 10.0 | OOM at 8 |" in md
+    assert "| mlcm | LoRA | 4 | 2.000 | 40.0 | OOM at 8 |" in md
+    # Errors that are not out-of-memory propagate.
+    monkeypatch.setattr(bench, "measure", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.run_method("mlcm", args)
