@@ -1,27 +1,27 @@
 """The ``make demo`` run: distill the shipped toy teacher into 1-, 2- and 4-step students on a laptop CPU.
 
-Four students, each starting from the teacher (as real distillations do), each trained with public
-``diffdistill`` APIs only:
+Four students, each a trainable copy of the epsilon-prediction teacher (as real distillations start),
+each trained with public ``diffdistill`` APIs only:
 
-* ``lcm`` - latent consistency distillation (:func:`~diffdistill.losses.lcm_consistency_loss`, EMA
-  target, teacher DDIM skips of 20 steps, x0-parameterised student), sampled with
-  :func:`~diffdistill.schedulers.lcm_sample`.
+* ``lcm`` - latent consistency distillation (:func:`~diffdistill.losses.lcm_consistency_loss`): teacher
+  DDIM jumps of 250 steps on the 4-step grid, the online model under no_grad as its own target (as
+  LCM-LoRA trains), sampled with :func:`~diffdistill.schedulers.lcm_sample`.
 * ``sim`` - score implicit matching (:func:`~diffdistill.losses.sim_loss` against the teacher, a fake
   score trained with :func:`~diffdistill.losses.fake_score_loss`), DMD2-style backward simulation on
   the 4-step grid, sampled with :func:`~diffdistill.schedulers.x0_renoise_sample`.
-* ``adversarial`` - SDXL-Lightning-style: MSE to the teacher's ODE solution plus a non-saturating GAN
-  term from a :class:`~diffdistill.discriminators.UNetEncoderDiscriminator` (a trainable copy of the
-  teacher's encoder + mid block) that judges samples re-noised by
+* ``adversarial`` - MSE to the teacher's ODE solution plus a non-saturating GAN term from a
+  :class:`~diffdistill.discriminators.UNetEncoderDiscriminator` (SDXL-Lightning's discriminator: a
+  trainable copy of the teacher's encoder + mid block) that judges samples re-noised by
   :func:`~diffdistill.losses.renoise_for_discriminator`.
 * ``regression`` - Diffusion2GAN-style regression of teacher ODE (noise, image) pairs with a
-  :class:`~diffdistill.losses.LatentLPIPS` distance. The toy has no VAE, so the "latent" is the
-  16×16 RGB image space-to-depth folded to 48 × 4 × 4, and the VGG trunk is **randomly initialised**
-  (no download): a random-feature perceptual distance, not the trained E-LatentLPIPS.
+  :class:`~diffdistill.losses.LatentLPIPS` distance plus MSE. The toy has no VAE, so the "latent" is
+  the 16×16 RGB image space-to-depth folded to 48 × 4 × 4, and the VGG trunk is **randomly
+  initialised** (no download): a random-feature perceptual distance, not the trained E-LatentLPIPS.
 
-All four students start from an x0-prediction conversion of the teacher
-(:func:`~diffdistill.losses.x0_conversion_loss`, SDXL-Lightning Eq. 29), which one-step generation
-needs. The adversarial and regression students use deterministic DDIM over trailing timesteps
-(999 | 999, 499 | 999, 749, 499, 249), the states their teacher ODE pairs come from.
+The students keep the teacher's epsilon prediction; at t = 999 its x0 amplifies output errors by
+sigma/alpha = 14.6, so they train with small learning rates (``DemoConfig``). The adversarial and
+regression students sample with deterministic DDIM over trailing timesteps (999 | 999, 499 | 999,
+749, 499, 249), the states their teacher ODE pairs come from.
 
 Quality is measured without downloads by a small classifier trained on the same synthetic shapes
 (``metrics.py``): the Fréchet distance of its features to real images (FD, lower is better) and the
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -61,7 +62,6 @@ from diffdistill.losses import (  # noqa: E402
     lcm_consistency_loss,
     renoise_for_discriminator,
     sim_loss,
-    x0_conversion_loss,
 )
 from diffdistill.schedulers import (  # noqa: E402
     NoiseSchedule,
@@ -73,7 +73,6 @@ from diffdistill.schedulers import (  # noqa: E402
     spaced_timesteps,
     x0_renoise_sample,
 )
-from diffdistill.students import EMA  # noqa: E402
 
 METHODS = ("lcm", "sim", "adversarial", "regression")
 STEP_COUNTS = (1, 2, 4)
@@ -81,15 +80,25 @@ STEP_COUNTS = (1, 2, 4)
 
 @dataclass
 class DemoConfig:
-    """Sizes of one run; :func:`quick_config` is the test's reduced run."""
+    """Sizes and learning rates of one run; :func:`quick_config` is the test's reduced run.
+
+    The students are epsilon-prediction copies of the teacher, whose x0 at t = 999 amplifies every output
+    error by sigma/alpha = 14.6: they want small learning rates (Adam with the default betas).
+    """
 
     batch: int = 32
-    lr: float = 1e-4
-    convert_steps: int = 100
-    lcm_steps: int = 120
-    sim_steps: int = 80
-    adversarial_steps: int = 120
+    lcm_steps: int = 240
+    lcm_lr: float = 3e-5
+    lcm_ddim_timesteps: int = 4  # skip 250: teacher DDIM jumps on the 4-step grid
+    sim_steps: int = 120
+    sim_lr: float = 2e-5
+    fake_score_lr: float = 1e-4
+    adversarial_steps: int = 160
+    adversarial_lr: float = 3e-5
+    discriminator_lr: float = 1e-4
+    adversarial_weight: float = 0.05
     regression_steps: int = 120
+    regression_lr: float = 3e-5
     num_pairs: int = 512
     pair_teacher_steps: int = 20  # a multiple of 4 dividing 1000, so the trailing grid contains 749, 499, 249
     eval_samples: int = 256
@@ -103,7 +112,6 @@ class DemoConfig:
 def quick_config() -> DemoConfig:
     """A reduced run for tests (< 1 min): fewer steps, the regression student only."""
     return DemoConfig(
-        convert_steps=30,
         regression_steps=40,
         num_pairs=64,
         pair_teacher_steps=8,
@@ -140,31 +148,30 @@ def _labels(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.randint(0, NUM_CLASSES, (n,), generator=g)
 
 
-def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99))
+class _Optimizer:
+    """Adam on ``module`` with gradient clipping and (``decay=True``) a linear decay of the learning rate
+    to zero over ``steps``, which settles the students at the end of a short run."""
+
+    def __init__(self, module: nn.Module, lr: float, steps: int, decay: bool = True) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda i: max(0.0, 1 - i / steps) if decay else 1.0
+        )
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
 
 
 def _x0(
     net: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor, cond: dict
 ) -> torch.Tensor:
-    return schedule.to_x0(net(x, t, **cond).sample, x, t, "sample")
-
-
-def convert_to_x0(toy: Toy, cfg: DemoConfig) -> nn.Module:
-    """An x0-prediction copy of the teacher (SDXL-Lightning Eq. 29): the generators' starting point."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    net = toy.trainable_copy()
-    opt = _adam(net.parameters(), 3 * cfg.lr)
-    for _ in _bar(cfg.convert_steps, "x0 conversion"):
-        x0, y = sample_shapes(cfg.batch, g)
-        # Emphasise large t, where one-step generation lives.
-        t = (torch.rand(cfg.batch, generator=g).sqrt() * 999).long()
-        x_t = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-        loss, _ = x0_conversion_loss(net, toy.unet, x_t, t, toy.cond(y), schedule=toy.schedule)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net
+    """The clean sample implied by an epsilon-prediction network (teacher and students alike)."""
+    return schedule.to_x0(net(x, t, **cond).sample, x, t, "epsilon")
 
 
 class Pairs:
@@ -199,11 +206,11 @@ class Pairs:
         return self.states[idx, k], self.grid[k], self.labels[idx], self.finals[idx]
 
 
-def train_lcm(toy: Toy, init: nn.Module, cfg: DemoConfig) -> nn.Module:
+def train_lcm(toy: Toy, cfg: DemoConfig) -> nn.Module:
+    """LCM consistency distillation with the online model as its own target (as LCM-LoRA trains)."""
     g = torch.Generator().manual_seed(cfg.seed + 10)
-    net = copy.deepcopy(init)
-    target = EMA(net, decay=0.95)
-    opt = _adam(net.parameters(), cfg.lr)
+    net = toy.trainable_copy()
+    opt = _Optimizer(net, cfg.lcm_lr, cfg.lcm_steps)
     for _ in _bar(cfg.lcm_steps, "lcm"):
         x0, y = sample_shapes(cfg.batch, g)
         loss, _ = lcm_consistency_loss(
@@ -211,16 +218,12 @@ def train_lcm(toy: Toy, init: nn.Module, cfg: DemoConfig) -> nn.Module:
             toy.solver,
             x0,
             toy.cond(y),
-            target=target,
-            num_ddim_timesteps=50,
+            target="online",
+            num_ddim_timesteps=cfg.lcm_ddim_timesteps,
             distance="mse",
-            prediction_type="sample",
             generator=g,
         )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        target.update(net)
+        opt.step(loss)
     return net
 
 
@@ -237,11 +240,13 @@ def _backward_simulate(
     return x, grid[k].expand(n)
 
 
-def train_sim(toy: Toy, init: nn.Module, cfg: DemoConfig) -> nn.Module:
+def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
+    """One-step SIM with an online fake score, trained on the DMD2 4-step grid by backward simulation."""
     g = torch.Generator().manual_seed(cfg.seed + 20)
-    net = copy.deepcopy(init)
+    net = toy.trainable_copy()
     fake = toy.trainable_copy()
-    opt_g, opt_f = _adam(net.parameters(), 0.3 * cfg.lr), _adam(fake.parameters(), 3 * cfg.lr)
+    opt_g = _Optimizer(net, cfg.sim_lr, cfg.sim_steps)
+    opt_f = _Optimizer(fake, cfg.fake_score_lr, cfg.sim_steps, decay=False)
     grid = dmd2_timesteps(4)
     for _ in _bar(cfg.sim_steps, "sim"):
         y = _labels(cfg.batch, g)
@@ -249,25 +254,23 @@ def train_sim(toy: Toy, init: nn.Module, cfg: DemoConfig) -> nn.Module:
         x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g)
         x_g = _x0(net, toy.schedule, x_in, t_in, cond)
         f_loss, _ = fake_score_loss(fake, x_g.detach(), schedule=toy.schedule, cond=cond, generator=g)
-        opt_f.zero_grad()
-        f_loss.backward()
-        opt_f.step()
+        opt_f.step(f_loss)
         fake.requires_grad_(False)
         loss, _ = sim_loss(
             x_g, toy.solver, fake, schedule=toy.schedule, cond=cond, fake_cond=cond, generator=g
         )
         fake.requires_grad_(True)
-        opt_g.zero_grad()
-        loss.backward()
-        opt_g.step()
+        opt_g.step(loss)
     return net
 
 
-def train_adversarial(toy: Toy, init: nn.Module, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
+def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
+    """MSE to teacher ODE solutions plus a GAN term from a UNet-encoder discriminator on re-noised samples."""
     g = torch.Generator().manual_seed(cfg.seed + 30)
-    net = copy.deepcopy(init)
+    net = toy.trainable_copy()
     disc = UNetEncoderDiscriminator(toy.unet, conditional=False, norm_groups=16)
-    opt_g, opt_d = _adam(net.parameters(), cfg.lr), _adam(disc.parameters(), cfg.lr)
+    opt_g = _Optimizer(net, cfg.adversarial_lr, cfg.adversarial_steps)
+    opt_d = _Optimizer(disc, cfg.discriminator_lr, cfg.adversarial_steps, decay=False)
     for _ in _bar(cfg.adversarial_steps, "adversarial"):
         x_t, t, y, target = pairs.batch(cfg.batch, g)
         cond = toy.cond(y)
@@ -275,42 +278,38 @@ def train_adversarial(toy: Toy, init: nn.Module, pairs: Pairs, cfg: DemoConfig) 
         renoised = renoise_for_discriminator(target, x_g.detach(), schedule=toy.schedule, generator=g)
         (real_t, fake_t), t_star = renoised.samples, renoised.t
         d_loss, _ = gan_discriminator_loss(disc(real_t, t_star, **cond), disc(fake_t, t_star, **cond))
-        opt_d.zero_grad()
-        d_loss.backward()
-        opt_d.step()
+        opt_d.step(d_loss)
         disc.requires_grad_(False)
         fake_noised = toy.schedule.add_noise(x_g, renoised.noise[1], t_star)
         g_adv, _ = gan_generator_loss(disc(fake_noised, t_star, **cond))
         disc.requires_grad_(True)
-        loss = F.mse_loss(x_g, target) + 0.01 * g_adv
-        opt_g.zero_grad()
-        loss.backward()
-        opt_g.step()
+        loss = F.mse_loss(x_g, target) + cfg.adversarial_weight * g_adv
+        opt_g.step(loss)
     return net
 
 
-def train_regression(toy: Toy, init: nn.Module, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
+def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
+    """Diffusion2GAN-style regression of teacher ODE pairs with a LatentLPIPS distance plus MSE."""
     g = torch.Generator().manual_seed(cfg.seed + 40)
-    net = copy.deepcopy(init)
+    net = toy.trainable_copy()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         lpips = LatentLPIPS(latent=48)  # random-init trunk on 48 x 4 x 4 space-to-depth pixels
-    opt = _adam(net.parameters(), 3 * cfg.lr)
+    opt = _Optimizer(net, cfg.regression_lr, cfg.regression_steps)
     for _ in _bar(cfg.regression_steps, "regression"):
         x_t, t, y, target = pairs.batch(cfg.batch, g)
         x_g = _x0(net, toy.schedule, x_t, t, toy.cond(y))
         perceptual = lpips(F.pixel_unshuffle(x_g, 4), F.pixel_unshuffle(target, 4))
         loss = perceptual + F.mse_loss(x_g, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        opt.step(loss)
     return net
 
 
 def sampler(
-    method: str, net: nn.Module, toy: Toy
+    method: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_ddim_timesteps
 ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """``sample(noise, labels, steps)`` for a student (or ``method == "teacher"``: DDIM trailing)."""
+    """``sample(noise, labels, steps)`` for a student (or ``method == "teacher"``: DDIM trailing);
+    ``lcm_grid`` is the LCM student's ``num_ddim_timesteps``."""
 
     @torch.no_grad()
     def run(noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
@@ -321,17 +320,13 @@ def sampler(
                 toy.unet, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond
             ).sample
         if method == "lcm":
-            ts = lcm_timesteps(steps, original_inference_steps=50)
-            return lcm_sample(
-                net, toy.schedule, noise, ts, cond=cond, prediction_type="sample", generator=g
-            ).sample
+            ts = lcm_timesteps(steps, original_inference_steps=lcm_grid)
+            return lcm_sample(net, toy.schedule, noise, ts, cond=cond, generator=g).sample
         if method == "sim":
             ts = dmd2_timesteps(4)[:: 4 // steps]
-            return x0_renoise_sample(
-                net, toy.schedule, noise, ts, cond=cond, prediction_type="sample", generator=g
-            ).sample
+            return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=g).sample
         ts = spaced_timesteps(steps, "trailing")
-        return ddim_sample(net, toy.schedule, noise, ts, cond=cond, prediction_type="sample").sample
+        return ddim_sample(net, toy.schedule, noise, ts, cond=cond).sample
 
     return run
 
@@ -372,18 +367,17 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> dict[str, dict[int, dict[str,
     reference, _ = sample_shapes(1024, g)
 
     students: dict[str, nn.Module] = {}
-    init = convert_to_x0(toy, cfg) if cfg.methods else None
     pairs = Pairs(toy, cfg) if {"adversarial", "regression"} & set(cfg.methods) else None
     for method in cfg.methods:
         t0 = time.time()
         if method == "lcm":
-            students[method] = train_lcm(toy, init, cfg)  # type: ignore[arg-type]
+            students[method] = train_lcm(toy, cfg)
         elif method == "sim":
-            students[method] = train_sim(toy, init, cfg)  # type: ignore[arg-type]
+            students[method] = train_sim(toy, cfg)
         elif method == "adversarial":
-            students[method] = train_adversarial(toy, init, pairs, cfg)  # type: ignore[arg-type]
+            students[method] = train_adversarial(toy, pairs, cfg)  # type: ignore[arg-type]
         elif method == "regression":
-            students[method] = train_regression(toy, init, pairs, cfg)  # type: ignore[arg-type]
+            students[method] = train_regression(toy, pairs, cfg)  # type: ignore[arg-type]
         else:
             raise ValueError(f"Expected methods from {list(METHODS)}, but got {method!r}.")
         students[method].eval()
@@ -396,11 +390,10 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> dict[str, dict[int, dict[str,
     for steps in _bar_list(cfg.teacher_eval_steps, "evaluate teacher"):
         x = _batched(teacher, noise, labels, steps)
         results["teacher"][steps] = evaluate_samples(classifier, x, labels, reference)
-        if steps == max(cfg.teacher_eval_steps):
-            grid_rows.append((f"teacher DDIM {steps}", x[show]))
+        grid_rows.append((f"teacher DDIM {steps}", x[show]))
     for method, net in students.items():
         results[method] = {}
-        fn = sampler(method, net, toy)
+        fn = sampler(method, net, toy, cfg.lcm_ddim_timesteps)
         for steps in STEP_COUNTS:
             x = _batched(fn, noise, labels, steps)
             results[method][steps] = evaluate_samples(classifier, x, labels, reference)
@@ -442,7 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/toy_demo"))
     p.add_argument("--quick", action="store_true", help="the reduced test run")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="torch threads (default: min(4, cores))",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = quick_config() if args.quick else DemoConfig()

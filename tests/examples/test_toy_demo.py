@@ -1,5 +1,6 @@
 """Reduced ``make demo`` (examples/toy/distill.py --quick): the 1-step distilled student must beat the
-teacher sampled with 1 DDIM step on the classifier-feature distance, from the shipped teacher weights."""
+teacher sampled with 1 DDIM step on the classifier-feature distance by a clear margin, from the shipped
+teacher weights."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def test_quick_demo_one_step_student_beats_one_step_teacher(distill, tmp_path: P
     finally:
         torch.set_num_threads(threads)
     teacher, student = results["teacher"][1], results["regression"][1]
-    assert student["fd"] < teacher["fd"], (student, teacher)
+    # Measured (1 thread): student 94 vs teacher 163; require a 20% margin, not a tie.
+    assert student["fd"] < 0.8 * teacher["fd"], (student, teacher)
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert "| student: regression | 1 |" in (tmp_path / "results.md").read_text()
