@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
+import sys
 import tempfile
 
 import pytest
@@ -197,58 +199,24 @@ def test_gradient_checkpointing_records_once_with_same_features(reentrant: bool)
         torch.testing.assert_close(p_ckpt.grad, p_plain.grad, atol=1e-6, rtol=1e-5)
 
 
-class _Toy(nn.Module):
-    """A small conv net with nested blocks and tuple outputs (DDP workers avoid importing diffusers)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU()) for _ in range(1)]
-        )
-        self.blocks.append(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.SiLU()))
-        self.head = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x), x
-
-
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        net = _Toy()
-        ddp = nn.parallel.DistributedDataParallel(net)
-        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10 + rank))
-        names = ["blocks.*", "head"]
-        with FeatureTap(ddp, names) as tap:
-            ddp(x)[0].mean().backward()
-            feats = {k: v.detach() for k, v in tap.pop().items()}
-            calls = dict(tap.calls)
-        torch.manual_seed(0)
-        plain = _Toy()
-        with torch.no_grad(), FeatureTap(plain, names) as tap_plain:
-            plain(x)
-            ref = tap_plain.pop()
-        torch.save(
-            {"feats": feats, "ref": ref, "calls": calls, "hooks": hook_count(net)}, f"{out_dir}/{rank}.pt"
-        )
-    finally:
-        dist.destroy_process_group()
+def _tap_worker_module():  # type: ignore[no-untyped-def]
+    """Import the DDP worker by its top-level name, so spawned children (which inherit sys.path) find it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("ddp_tap_worker")
 
 
 def test_ddp_two_processes_same_features_as_plain_model() -> None:
     import torch.multiprocessing as mp
 
+    worker = _tap_worker_module()
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        # fork: the workers need no re-import (spawn costs seconds per process on a busy machine)
+        # spawn, not fork: a forked child cannot run autograd once the parent (a pytest worker that
+        # already ran backward passes) has started autograd's threads.
         mp.start_processes(
-            _ddp_worker, args=(2, init_file, out_dir), nprocs=2, join=True, start_method="fork"
+            worker.run_worker, args=(2, init_file, out_dir), nprocs=2, join=True, start_method="spawn"
         )
         for rank in range(2):
             res = torch.load(f"{out_dir}/{rank}.pt", weights_only=True)
