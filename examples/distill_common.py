@@ -15,13 +15,14 @@ resumed from ``checkpoint-N`` computes exactly the step ``N + 1`` that an uninte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,22 +200,32 @@ def student_and_teacher(
     """
     import copy
 
-    from diffdistill.students import TeacherView, add_lora
+    from diffdistill.students import TeacherView
+
+    teacher: Any = None
+    if not args.use_lora:
+        teacher = copy.deepcopy(unet)
+        freeze(teacher)
+        teacher.to(device, dtype=dtype)
+    make_trainable(args, unet, device, dtype)
+    return unet, TeacherView(unet) if args.use_lora else teacher
+
+
+def make_trainable(args: argparse.Namespace, unet: nn.Module, device: Any, dtype: torch.dtype) -> nn.Module:
+    """Make ``unet`` trainable in place: a float32 LoRA on a frozen ``dtype`` base (``--use_lora``) or the
+    whole UNet (float32); with ``--gradient_checkpointing`` on. Returns ``unet``."""
+    from diffdistill.students import add_lora
 
     if args.use_lora:
         unet.requires_grad_(False)
         unet.to(device, dtype=dtype)
         add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
         upcast_trainable(unet)
-        teacher: Any = TeacherView(unet)
     else:
-        teacher = copy.deepcopy(unet)
-        freeze(teacher)
-        teacher.to(device, dtype=dtype)
         unet.train().requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return unet, teacher
+    return unet
 
 
 @torch.no_grad()
@@ -673,6 +684,19 @@ class ReleaseEMA:
         """Write the averaged weights into the student's parameters (in place)."""
         self.ema.copy_to(self.params)
 
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The averaged weights in the student's parameters for the ``with`` body (e.g. validation samples),
+        then the online weights back, bit for bit (the optimiser and the average see no change)."""
+        online = [p.detach().clone() for p in self.params.parameters()]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params.parameters(), online):
+                    p.copy_(saved)
+
 
 class _StateSubset:
     """``state_dict`` / ``load_state_dict`` of a module without some entries (for accelerate checkpoints)."""
@@ -876,7 +900,8 @@ def train_loop(
     the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
     ``--validation_steps`` and after the last step. ``data`` (a :class:`StepData`) starts its prefetching
     workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
-    step. Returns the final step count.
+    step, and with it ``validate`` samples the averaged weights (swapped in, then back). Returns the final
+    step count.
     """
     bar = progress_bar(accelerator, args, global_step)
     if data is not None:
@@ -904,7 +929,8 @@ def train_loop(
         if validate is not None and (
             global_step % args.validation_steps == 0 or global_step == args.max_train_steps
         ):
-            validate(global_step)
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                validate(global_step)  # with --use_ema: samples of the average, as released
     bar.close()
     if data is not None:
         data.close()
@@ -922,6 +948,127 @@ def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: An
         accelerator.clip_grad_norm_([p for p in params if p.requires_grad], max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------ score distillation
+def add_fake_score_args(group: Any) -> None:
+    """Options of the one-step generator, the online fake score and the generator / fake-score alternation."""
+    group.add_argument(
+        "--generator_timestep", type=int, default=999, help="timestep the one-step generator is called at"
+    )
+    group.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
+    group.add_argument(
+        "--generator_every", type=int, default=1, help="DMD2: 5 fake updates per generator update"
+    )
+    group.add_argument("--fake_steps", type=int, default=1, help="fake-score updates per step")
+    group.add_argument(
+        "--fake_weighting",
+        choices=["epsilon", "v", "x0", "edm"],
+        default="epsilon",
+        help="space of the fake score's denoising loss",
+    )
+
+
+def one_step_x0(
+    model: Any, schedule: Any, z: torch.Tensor, timestep: int, cond: dict[str, Any]
+) -> torch.Tensor:
+    """A one-step generator's sample: the clean latents ``model`` predicts from pure noise ``z`` fed at
+    ``timestep`` (float32)."""
+    t = torch.full((z.shape[0],), timestep, device=z.device, dtype=torch.long)
+    return schedule.to_x0(model(z, t, **cond).sample.float(), z, t)
+
+
+def one_step_validation(
+    accelerator: Any, args: argparse.Namespace, parts: SDXLComponents, unet: nn.Module, schedule: Any
+) -> Any:
+    """``validate(step)`` for :func:`train_loop`: the grid of the one-step generator ``unet`` (prepared)
+    called at ``--generator_timestep``."""
+
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+        sample = lambda z, c: one_step_x0(model, schedule, z, args.generator_timestep, c)  # noqa: E731
+        log_validation(accelerator, args, parts, sample, step)
+
+    return validate
+
+
+class ScoreDistillation:
+    """Alternating updates of a one-step generator and its online fake score (SIM, SiD, DMD).
+
+    ``loss(x, z, generator, cond) -> (loss, logs)`` is the generator's objective on its samples
+    ``x = one_step_x0(generator_model, z)`` at ``--generator_timestep`` (``generator`` and ``fake`` are
+    ``(prepared model, optimiser)``; e.g. :func:`diffdistill.losses.dmd_loss` against the real and
+    fake scores); the fake score is fitted to the detached samples by
+    :func:`diffdistill.losses.fake_score_loss`. :class:`diffdistill.losses.AlternatingUpdate` alternates the
+    two (``--generator_every``, ``--fake_steps``) with the fake network frozen in the generator step. The
+    phase is a function of the step index, so a resumed run needs no extra state.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        args: argparse.Namespace,
+        schedule: Any,
+        *,
+        generator: tuple[nn.Module, torch.optim.Optimizer],
+        fake: tuple[nn.Module, torch.optim.Optimizer],
+        loss: Any,
+    ) -> None:
+        from diffdistill.losses import AlternatingUpdate
+
+        self.accelerator, self.args, self.schedule = accelerator, args, schedule
+        (self.generator, self.opt_g), (self.fake, self.opt_f) = generator, fake
+        self.generator_loss = loss
+        self.latent_shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
+        self.loop = AlternatingUpdate(
+            self._generator_step,
+            self._fake_step,
+            generator_every=args.generator_every,
+            fake_steps=args.fake_steps,
+            freeze_during_generator=[self.fake],
+        )
+        self._state: dict[str, Any] = {}
+
+    def generate(
+        self, model: Any, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, z)``: one-step samples of ``model`` and the noise ``z`` drawn from ``gen``."""
+        z = torch.randn(self.latent_shape, generator=gen).to(self.accelerator.device)
+        return one_step_x0(model, self.schedule, z, self.args.generator_timestep, cond), z
+
+    def step(self, step: int, gen: torch.Generator, cond: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The updates of optimisation step ``step`` (0-based, counted from the first score-distillation step)
+        for one micro-batch."""
+        self._state = {"gen": gen, "cond": cond, "x": None}
+        # The update phase follows the optimisation step, so every micro-batch of a step runs the same
+        # updates (with gradient accumulation) and a resumed run keeps the phase without extra state.
+        self.loop.step_count = step
+        with self.accelerator.accumulate(self.generator, self.fake), self.accelerator.autocast():
+            return self.loop.step()
+
+    def _generator_step(self) -> dict[str, torch.Tensor]:
+        gen, cond = self._state["gen"], self._state["cond"]
+        x, z = self.generate(self.generator, gen, cond)
+        loss, logs = self.generator_loss(x, z, gen, cond)
+        self.accelerator.backward(loss)
+        clip_and_step(self.accelerator, self.opt_g, self.generator.parameters(), self.args.max_grad_norm)
+        self._state["x"] = x.detach()
+        return logs
+
+    def _fake_step(self) -> dict[str, torch.Tensor]:
+        from diffdistill.losses import fake_score_loss
+
+        gen, cond = self._state["gen"], self._state["cond"]
+        x = self._state["x"]
+        if x is None:  # the generator step was skipped this time (generator_every > 1)
+            with torch.no_grad():
+                x, _ = self.generate(self.generator, gen, cond)
+        loss, logs = fake_score_loss(
+            self.fake, x, schedule=self.schedule, weighting=self.args.fake_weighting, cond=cond, generator=gen
+        )
+        self.accelerator.backward(loss)
+        clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
+        return logs
 
 
 # ------------------------------------------------------------------------------------------- tiny model

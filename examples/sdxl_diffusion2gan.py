@@ -175,10 +175,9 @@ def main(args: argparse.Namespace) -> None:
         noise, real = noise.to(device), real.to(device)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
-        t = torch.full((noise.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
         logs: dict[str, torch.Tensor] = {}
         with accelerator.accumulate(unet, disc), accelerator.autocast():
-            fake = schedule.to_x0(unet(noise, t, **cond).sample.float(), noise, t)
+            fake = common.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
             rec = lpips(fake, real, generator=gen)
             disc.requires_grad_(False)  # until the backward (checkpointed D blocks recompute there)
             g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
@@ -214,15 +213,7 @@ def main(args: argparse.Namespace) -> None:
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])
         return logs
 
-    def validate(step: int) -> None:
-        model = accelerator.unwrap_model(unet)
-
-        def one_step(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
-            t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
-            return schedule.to_x0(model(z, t, **c).sample.float(), z, t)
-
-        common.log_validation(accelerator, args, parts, one_step, step)
-
+    validate = common.one_step_validation(accelerator, args, parts, unet, schedule)
     common.train_loop(accelerator, args, global_step, train_step, validate, ema=ema)
     common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()

@@ -2,20 +2,31 @@
 
 Ren et al., "Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024
 (arXiv:2404.13686), Sec. 3.1 and 4.1. The stages of ``StagePlan.hyper_sd`` (k = 8 → 4 → 2 → 1 segments)
-run one after the other, each for an equal share of ``--max_train_steps``; the distance between the
-student side and the (EMA) target side of :func:`diffdistill.losses.consistency_pair` is the stage's
-``mse`` weight times MSE plus its ``adversarial`` weight times the non-saturating GAN loss of an
-unconditional ``UNetEncoderDiscriminator`` (a trainable copy of the teacher's encoder), which judges
-both sides at ``t_end``. The teacher is the same UNet with its adapters disabled (LoRA) or a frozen copy
-(full UNet), run with classifier-free guidance.
+run one after the other, each for an equal share of ``--max_train_steps`` (less ``--one_step_steps``);
+the distance between the student side and the (EMA) target side of
+:func:`diffdistill.losses.consistency_pair` is the stage's ``mse`` weight times MSE plus its
+``adversarial`` weight times the non-saturating GAN loss of an unconditional ``UNetEncoderDiscriminator``
+(a trainable copy of the teacher's encoder), which judges both sides at ``t_end``. The teacher is the
+same UNet with its adapters disabled (LoRA) or a frozen copy (full UNet), run with classifier-free
+guidance.
 
 Reward feedback (Sec. 3.2, Eq. 13; optional): ``--reward_model module:callable`` names a user reward,
-called as ``fn(images, prompts) -> (B,)`` with the decoded images in [-1, 1]; in the last stage the
-student's one-step x0 prediction is decoded by the (frozen) VAE with gradients and
-``--reward_weight * relu(--reward_margin - score)`` (:func:`diffdistill.losses.reward_hinge_loss`) is added
-to the loss. A reward that is an ``nn.Module`` is frozen and moved to the device.
+called as ``fn(images, prompts) -> (B,)`` with the decoded images in [-1, 1]; in the last TSCD stage the
+student's one-step x0 prediction (in the one-step stage: the generator's sample) is decoded by the
+(frozen) VAE with gradients and ``--reward_weight * relu(--reward_margin - score)``
+(:func:`diffdistill.losses.reward_hinge_loss`) is added to the loss. A reward that is an ``nn.Module`` is
+frozen and moved to the device.
 
-Not implemented: the score-distillation one-step stage of the paper.
+One-step stage (Sec. 3.3; optional): ``--one_step_steps N`` trains the last ``N`` of ``--max_train_steps``
+as a one-step generator -- pure noise fed at ``--generator_timestep`` (the paper: 999 for the unified LoRA,
+800 for a dedicated one-step UNet) to a clean latent in one call -- by score distillation: the
+distribution-matching gradient of :func:`diffdistill.losses.dmd_loss` (Eq. 8) between the real score (the
+teacher with CFG) and an online fake score (a trainable copy of the teacher fitted by
+:func:`diffdistill.losses.fake_score_loss`; both alternate as in ``sdxl_sim.py``, through
+``distill_common.ScoreDistillation``), plus ``--one_step_mse_weight`` times an MSE "for stability" to the
+teacher's ``--one_step_teacher_steps``-step DDIM sample from the same noise (the paper does not state the
+target: this one is our choice), plus the reward hinge when a reward model is given. The TSCD stages share
+the other steps; the output is the one-step model, written like the TSCD one.
 
 Example::
 
@@ -29,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
@@ -41,6 +53,7 @@ import torch.nn.functional as F
 from diffdistill.discriminators import UNetEncoderDiscriminator
 from diffdistill.losses import (
     consistency_pair,
+    dmd_loss,
     gan_discriminator_loss,
     gan_generator_loss,
     reward_hinge_loss,
@@ -76,7 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="EMA target decay (default: the stage plan's 0.95)",
     )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
-    g = p.add_argument_group("reward feedback (last stage)")
+    g = p.add_argument_group("one-step score distillation (optional last stage)")
+    g.add_argument("--one_step_steps", type=int, default=0, help="steps of the one-step stage (0: none)")
+    g.add_argument("--one_step_mse_weight", type=float, default=1.0, help="MSE to the teacher's sample")
+    g.add_argument(
+        "--one_step_teacher_steps", type=int, default=4, help="teacher DDIM steps of the MSE target"
+    )
+    common.add_fake_score_args(g)
+    g = p.add_argument_group("reward feedback (last TSCD stage and the one-step stage)")
     g.add_argument(
         "--reward_model",
         default=None,
@@ -87,6 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
     )
     args = common.check_common_args(p.parse_args(argv))
+    if not 0 <= args.one_step_steps < args.max_train_steps:
+        raise ValueError(
+            f"Expected 0 <= --one_step_steps < --max_train_steps ({args.max_train_steps}) so the TSCD stages "
+            f"keep some steps, but got {args.one_step_steps}."
+        )
     if args.reward_model is not None:
         if args.reward_margin is None:
             raise ValueError("--reward_model needs --reward_margin (on the reward model's scale).")
@@ -145,6 +170,7 @@ def main(args: argparse.Namespace) -> None:
     disc = UNetEncoderDiscriminator(
         unet, conditional=False, gradient_checkpointing=args.gradient_checkpointing
     )
+    fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
     unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
     ema = EMA(unet, decay=decay).to(device) if args.target == "ema" else None
@@ -152,9 +178,15 @@ def main(args: argparse.Namespace) -> None:
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
     unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    if fake is not None:
+        common.make_trainable(args, fake, device, dtype)
+        opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
+        fake, opt_f = accelerator.prepare(fake, opt_f)
     if ema is not None:  # the consistency target (a LoRA student's is checkpointed as its LoRA only)
         common.register_ema(accelerator, ema, unet)
-    release_ema = common.setup_checkpoints(accelerator, args, unet)
+    release_ema = common.setup_checkpoints(
+        accelerator, args, unet, extra_lora={"fake": fake} if fake is not None else None
+    )
     data = common.StepData(args, need_images=True)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
@@ -162,15 +194,76 @@ def main(args: argparse.Namespace) -> None:
     if isinstance(reward_fn, torch.nn.Module):
         common.freeze(reward_fn)
         reward_fn.to(device)
+    tscd_steps = args.max_train_steps - args.one_step_steps
+    state: dict[str, Any] = {}
+
+    def reward_term(x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted reward hinge of clean latents ``x0``, decoded with gradients."""
+        images = common.decode_pixels(parts.vae, x0)
+        r_loss, r_logs = reward_hinge_loss(
+            images, args.reward_margin, reward_fn=lambda x: reward_fn(x, state["prompts"])
+        )
+        return args.reward_weight * r_loss, r_logs
+
+    def one_step_loss(
+        x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, dmd_logs = dmd_loss(
+            x, teacher, fake, schedule=schedule, cond=cond, uncond=uncond, generator=gen
+        )
+        logs = {f"dmd_{k}": v for k, v in dmd_logs.items()}
+        if args.one_step_mse_weight > 0:
+            timesteps = spaced_timesteps(
+                args.one_step_teacher_steps, "trailing", num_train_timesteps=schedule.num_train_timesteps
+            )
+            target = ddim_sample(
+                teacher_model,
+                schedule,
+                z,
+                timesteps,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=args.guidance_scale,
+            ).sample
+            mse = F.mse_loss(x, target.float())
+            loss = loss + args.one_step_mse_weight * mse
+            logs["mse"] = mse.detach()
+        if reward_fn is not None:
+            r_loss, r_logs = reward_term(x)
+            loss = loss + r_loss
+            logs.update(r_logs)
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    score = None
+    if fake is not None:
+        score = common.ScoreDistillation(
+            accelerator, args, schedule, generator=(unet, opt), fake=(fake, opt_f), loss=one_step_loss
+        )
     global_step = common.resume(accelerator, args)
 
+    def one_step_train_step(
+        score: common.ScoreDistillation, gen: torch.Generator, step: int
+    ) -> dict[str, torch.Tensor]:
+        _, prompts = data.batch(gen)
+        state["prompts"] = prompts
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        logs = score.step(step - tscd_steps, gen, cond)
+        if ema is not None and accelerator.sync_gradients:
+            ema.update(accelerator.unwrap_model(unet))
+        logs["k"] = torch.tensor(0.0)  # the one-step stage
+        return logs
+
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        index = stage_index(step, len(plan), args.max_train_steps)
+        if score is not None and step >= tscd_steps:
+            return one_step_train_step(score, gen, step)
+        index = stage_index(step, len(plan), tscd_steps)
         stage = plan[index]
         use_reward = reward_fn is not None and index == len(plan) - 1
         student_fn = _RecordOutput(unet)
         w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
         x0, prompts = data.latents_batch(gen, parts.vae, device)
+        state["prompts"] = prompts
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         sample = tscd_segments(
             x0.shape[0],
@@ -204,12 +297,10 @@ def main(args: argparse.Namespace) -> None:
                 loss = loss + w_adv * g_loss
                 logs["generator_adv"] = g_loss.detach()
             if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
-                x0_hat = schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
-                images = common.decode_pixels(parts.vae, x0_hat)
-                r_loss, r_logs = reward_hinge_loss(
-                    images, args.reward_margin, reward_fn=lambda x: reward_fn(x, prompts)
+                r_loss, r_logs = reward_term(
+                    schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
                 )
-                loss = loss + args.reward_weight * r_loss
+                loss = loss + r_loss
                 logs.update(r_logs)
             accelerator.backward(loss)
             disc.requires_grad_(True)
@@ -228,16 +319,17 @@ def main(args: argparse.Namespace) -> None:
         return logs
 
     def validate(step: int) -> None:
-        k = plan[stage_index(step - 1, len(plan), args.max_train_steps)].num_segments or 1
         model = accelerator.unwrap_model(unet)
+        one_step = step - 1 >= tscd_steps  # the last step was one of the one-step stage
+        k = 1 if one_step else plan[stage_index(step - 1, len(plan), tscd_steps)].num_segments or 1
         timesteps = spaced_timesteps(k, "trailing", num_train_timesteps=schedule.num_train_timesteps)
-        common.log_validation(
-            accelerator,
-            args,
-            parts,
-            lambda z, c: ddim_sample(model, schedule, z, timesteps, cond=c).sample,
-            step,
-        )
+
+        def sample_fn(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            if one_step:
+                return common.one_step_x0(model, schedule, z, args.generator_timestep, c)
+            return ddim_sample(model, schedule, z, timesteps, cond=c).sample
+
+        common.log_validation(accelerator, args, parts, sample_fn, step)
 
     common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=release_ema)
     common.save_unet(accelerator, unet, args, ema=release_ema)

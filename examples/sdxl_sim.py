@@ -7,7 +7,8 @@ al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``): the generator map
 classifier-free guidance, the fake score a trainable copy of the teacher fitted to the generator's
 detached samples by denoising score matching (:func:`diffdistill.losses.fake_score_loss`).
 :class:`diffdistill.losses.AlternatingUpdate` alternates the two updates (``--generator_every``,
-``--fake_steps``) and freezes the fake network during the generator step.
+``--fake_steps``) and freezes the fake network during the generator step (``distill_common.ScoreDistillation``,
+shared with Hyper-SD's one-step stage).
 
 With ``--use_lora`` both the generator and the fake score are LoRAs (the fake one on its own copy of the
 UNet). The real score is a frozen copy of the teacher in the mixed-precision dtype, run *with* autograd so
@@ -35,9 +36,8 @@ from typing import Any
 
 import torch
 
-from diffdistill.losses import AlternatingUpdate, dmd_loss, fake_score_loss, sid_loss, sim_loss
+from diffdistill.losses import dmd_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
-from diffdistill.students import add_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -51,13 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("SIM / SiD / DMD")
     g.add_argument("--loss", choices=["sim", "sid", "dmd"], default="sim")
     g.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale of the real score")
-    g.add_argument("--generator_timestep", type=int, default=999, help="timestep the generator is called at")
-    g.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
-    g.add_argument("--generator_every", type=int, default=1, help="DMD2: 5 fake updates per generator update")
-    g.add_argument("--fake_steps", type=int, default=1)
+    common.add_fake_score_args(g)
     g.add_argument("--sid_alpha", type=float, default=1.2)
     g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
-    g.add_argument("--fake_weighting", choices=["epsilon", "v", "x0", "edm"], default="epsilon")
     return common.check_common_args(p.parse_args(argv))
 
 
@@ -74,16 +70,9 @@ def sim_networks(
     common.freeze(real)
     fake = copy.deepcopy(unet)
     for net in (unet, fake):
-        if args.use_lora:
-            net.requires_grad_(False)
-            net.to(device, dtype=dtype)
-            add_lora(net, rank=args.lora_rank, alpha=args.lora_alpha)
-            common.upcast_trainable(net)
-        else:
-            net.train().requires_grad_(True)
+        common.make_trainable(args, net, device, dtype)
     if args.gradient_checkpointing:
-        for net in (unet, fake, real):
-            net.enable_gradient_checkpointing()
+        real.enable_gradient_checkpointing()
     return unet, fake, real
 
 
@@ -102,71 +91,28 @@ def main(args: argparse.Namespace) -> None:
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
     uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
-    latent_shape = (4, args.resolution // 8, args.resolution // 8)
-    state: dict[str, Any] = {}
 
-    def one_step(model: Any, z: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        t = torch.full((z.shape[0],), args.generator_timestep, device=device, dtype=torch.long)
-        return schedule.to_x0(model(z, t, **cond).sample.float(), z, t)
-
-    def generate(gen: torch.Generator, cond: dict[str, Any]) -> torch.Tensor:
-        z = torch.randn((args.train_batch_size, *latent_shape), generator=gen).to(device)
-        return one_step(unet, z, cond)
-
-    def generator_step() -> dict[str, torch.Tensor]:
-        gen, cond = state["gen"], state["cond"]
-        x = generate(gen, cond)
+    def generator_loss(
+        x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kwargs: dict[str, Any] = {"schedule": schedule, "cond": cond, "uncond": uncond, "generator": gen}
         if args.loss == "sim":
-            loss, logs = sim_loss(x, real, fake, distance=args.sim_distance, **kwargs)
-        elif args.loss == "sid":
-            loss, logs = sid_loss(x, real, fake, alpha=args.sid_alpha, **kwargs)
-        else:
-            loss, logs = dmd_loss(x, real, fake, **kwargs)
-        accelerator.backward(loss)
-        common.clip_and_step(accelerator, opt_g, unet.parameters(), args.max_grad_norm)
-        state["x"] = x.detach()
-        return logs
+            return sim_loss(x, real, fake, distance=args.sim_distance, **kwargs)
+        if args.loss == "sid":
+            return sid_loss(x, real, fake, alpha=args.sid_alpha, **kwargs)
+        return dmd_loss(x, real, fake, **kwargs)
 
-    def fake_step() -> dict[str, torch.Tensor]:
-        gen, cond = state["gen"], state["cond"]
-        x = state.get("x")
-        if x is None:  # the generator step was skipped this time (generator_every > 1)
-            with torch.no_grad():
-                x = generate(gen, cond)
-        loss, logs = fake_score_loss(
-            fake, x, schedule=schedule, weighting=args.fake_weighting, cond=cond, generator=gen
-        )
-        accelerator.backward(loss)
-        common.clip_and_step(accelerator, opt_f, fake.parameters(), args.max_grad_norm)
-        return logs
-
-    loop = AlternatingUpdate(
-        generator_step,
-        fake_step,
-        generator_every=args.generator_every,
-        fake_steps=args.fake_steps,
-        freeze_during_generator=[fake],
+    score = common.ScoreDistillation(
+        accelerator, args, schedule, generator=(unet, opt_g), fake=(fake, opt_f), loss=generator_loss
     )
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         _, prompts = data.batch(gen)
-        state.update(
-            gen=gen,
-            cond=common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir),
-            x=None,
-        )
-        # The update phase follows the optimisation step, so every micro-batch of a step runs the same
-        # updates (with gradient accumulation) and a resumed run keeps the phase without extra state.
-        loop.step_count = step
-        with accelerator.accumulate(unet, fake), accelerator.autocast():
-            return loop.step()
+        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        return score.step(step, gen, cond)
 
-    def validate(step: int) -> None:
-        model = accelerator.unwrap_model(unet)
-        common.log_validation(accelerator, args, parts, lambda z, c: one_step(model, z, c), step)
-
+    validate = common.one_step_validation(accelerator, args, parts, unet, schedule)
     common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()

@@ -215,6 +215,42 @@ def test_hyper_sd_reward_options_are_checked(tiny_sdxl: dict[str, Path], tmp_pat
         script.parse_args([*argv, "--reward_model", f"{__name__}:REWARD_CALLS", "--reward_margin", "1"])
 
 
+def test_hyper_sd_one_step_score_distillation_stage(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """TSCD k = 1 for one step, then 2 steps of the one-step stage (DMD + MSE + reward); resume inside it."""
+    from diffusers import UNet2DConditionModel
+
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
+    extra += ["--one_step_steps", "2", "--one_step_teacher_steps", "2", "--generator_timestep", "800"]
+    extra += ["--reward_model", f"{__name__}:tiny_reward", "--reward_margin", "5"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    argv_a = [*_common_argv(tiny_sdxl, out_a, lora=True), *extra]
+    argv_a[argv_a.index("--max_train_steps") + 1] = "3"
+    argv_b = [*_common_argv(tiny_sdxl, out_b, lora=True), *extra]
+    argv_b[argv_b.index("--max_train_steps") + 1] = "3"
+    script = _load("sdxl_hyper_sd")
+    REWARD_CALLS.clear()
+    script.main(script.parse_args(argv_a))
+    # Reward on the last TSCD stage (step 1) and on the one-step generator's samples (steps 2, 3).
+    assert len(REWARD_CALLS) == 3 and all(call["grad"] for call in REWARD_CALLS)
+    ckpt = out_a / "checkpoint-2"  # after the first one-step step: the fake score is checkpointed too
+    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == [ckpt.name]
+    assert (ckpt / "fake_lora.safetensors").is_file() and (ckpt / "unet_lora.safetensors").is_file()
+    assert sorted(p.name for p in (out_a / "samples").iterdir()) == [f"step-{i}.png" for i in (1, 2, 3)]
+    script.main(script.parse_args([*argv_b, "--resume_from_checkpoint", str(ckpt)]))
+    a = _lora_state(out_a / "pytorch_lora_weights.safetensors")
+    b = _lora_state(out_b / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+    at_step2 = {"unet." + k: v for k, v in _lora_state(ckpt / "unet_lora.safetensors").items()}
+    assert any(not torch.equal(at_step2[k], b[k]) for k in b), "the one-step stage did not train"
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    unet.load_lora_adapter(str(out_a), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    assert any("lora" in n for n, _ in unet.named_parameters())
+    with pytest.raises(ValueError, match="--one_step_steps < --max_train_steps"):
+        script.parse_args([*argv_a, "--one_step_steps", "3"])
+
+
 class _FakeAccelerator:
     """The part of ``Accelerator`` that the checkpoint helpers use."""
 
@@ -303,7 +339,26 @@ def _ema_in_checkpoint(folder: Path, index: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def test_use_ema_releases_the_average_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+def test_use_ema_releases_the_average_and_resumes(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from diffdistill.schedulers import NoiseSchedule
+
+    common = _load("distill_common")
+    samples: dict[tuple[str, int], tuple[torch.Tensor, dict, torch.Tensor]] = {}
+    log_validation = common.log_validation
+
+    def recording(accelerator, args, parts, sample_fn, step):  # type: ignore[no-untyped-def]
+        def recorded(z: torch.Tensor, cond: dict) -> torch.Tensor:
+            out = sample_fn(z, cond)
+            samples[(Path(args.output_dir).name, step)] = (z.clone(), cond, out.detach().clone())
+            return out
+
+        return log_validation(accelerator, args, parts, recorded, step)
+
+    monkeypatch.setattr(common, "log_validation", recording)
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim"]
     ema = ["--use_ema", "--ema_decay", "0.5"]
     out_a, out_b, out_raw = tmp_path / "a", tmp_path / "b", tmp_path / "raw"
@@ -323,6 +378,21 @@ def test_use_ema_releases_the_average_and_resumes(tiny_sdxl: dict[str, Path], tm
     for k in released:  # EMA after step 2 = 0.5 * EMA after step 1 + 0.5 * online weights after step 2
         torch.testing.assert_close(released[k], 0.5 * ema_1[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(released[k], raw[k]) for k in released if "lora_B" in k)
+    # Validation samples the average: at step 2 it is the released weights (swapped in, then back --
+    # the formula above shows training went on with the online weights), unlike the online run's samples.
+    z, cond, got = samples[("a", 2)]
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    unet.load_lora_adapter(str(out_a), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    schedule = NoiseSchedule.from_scheduler(
+        DDPMScheduler.from_pretrained(str(tiny_sdxl["model"]), subfolder="scheduler")
+    )
+    with torch.no_grad():
+        want = common.one_step_x0(unet, schedule, z, 999, cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for step in (1, 2):
+        assert torch.equal(samples[("a", step)][0], samples[("raw", step)][0])  # the same noise
+        assert not torch.allclose(samples[("a", step)][2], samples[("raw", step)][2], atol=1e-6)
+    torch.testing.assert_close(samples[("b", 2)][2], got, rtol=1e-5, atol=1e-6)  # the resumed run's too
 
 
 def test_sim_full_unet_dmd_with_accumulation(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
