@@ -801,18 +801,22 @@ def save_unet(
     subfolder: str = "unet",
     *,
     ema: ReleaseEMA | None = None,
+    folder: str = "",
 ) -> Path:
-    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet.
+    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet,
+    under ``--output_dir`` (or its sub-folder ``folder``, e.g. for a stage's intermediate weights).
 
     With ``ema`` (``--use_ema``) the averaged weights are copied into ``unet`` first, so they are what is
-    written (and what the model holds afterwards, e.g. for a merge).
+    written (and what the model holds afterwards, e.g. for a merge); mid-run, save inside
+    ``ReleaseEMA.swapped_in()`` instead, which puts the online weights back.
     """
     accelerator.wait_for_everyone()
-    out = Path(args.output_dir)
+    out = Path(args.output_dir) / folder
     model = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to_model()
     if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         if args.use_lora:
             save_lora(model, out / LORA_WEIGHT_NAME)
             path = out / LORA_WEIGHT_NAME
@@ -892,6 +896,7 @@ def train_loop(
     *,
     data: StepData | None = None,
     ema: ReleaseEMA | None = None,
+    after_step: Any = None,
 ) -> int:
     """Run ``train_step(generator, step) -> logs`` until ``--max_train_steps``; log, checkpoint, show progress.
 
@@ -900,8 +905,9 @@ def train_loop(
     the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
     ``--validation_steps`` and after the last step. ``data`` (a :class:`StepData`) starts its prefetching
     workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
-    step, and with it ``validate`` samples the averaged weights (swapped in, then back). Returns the final
-    step count.
+    step, and with it ``validate`` samples the averaged weights (swapped in, then back). ``after_step(step)``
+    runs on every process after each optimisation step's checkpoint (e.g. to write a stage's weights).
+    Returns the final step count.
     """
     bar = progress_bar(accelerator, args, global_step)
     if data is not None:
@@ -926,6 +932,8 @@ def train_loop(
         accelerator.log(values, step=global_step)
         if should_checkpoint(args, global_step):
             save_checkpoint(accelerator, args, global_step)
+        if after_step is not None:
+            after_step(global_step)
         if validate is not None and (
             global_step % args.validation_steps == 0 or global_step == args.max_train_steps
         ):

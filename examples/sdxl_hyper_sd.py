@@ -26,7 +26,8 @@ teacher with CFG) and an online fake score (a trainable copy of the teacher fitt
 ``distill_common.ScoreDistillation``), plus ``--one_step_mse_weight`` times an MSE "for stability" to the
 teacher's ``--one_step_teacher_steps``-step DDIM sample from the same noise (the paper does not state the
 target: this one is our choice), plus the reward hinge when a reward model is given. The TSCD stages share
-the other steps; the output is the one-step model, written like the TSCD one.
+the other steps; the output is the one-step model, written like the TSCD one, and the multi-step TSCD
+student reached just before the stage is written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``).
 
 Example::
 
@@ -40,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import logging
@@ -331,7 +333,23 @@ def main(args: argparse.Namespace) -> None:
 
         common.log_validation(accelerator, args, parts, sample_fn, step)
 
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=release_ema)
+    def after_step(step: int) -> None:
+        if (
+            args.one_step_steps and step == tscd_steps
+        ):  # the multi-step TSCD student, before the one-step stage
+            with release_ema.swapped_in() if release_ema is not None else contextlib.nullcontext():
+                common.save_unet(accelerator, unet, args, folder="tscd")
+
+    common.train_loop(
+        accelerator,
+        args,
+        global_step,
+        train_step,
+        validate,
+        data=data,
+        ema=release_ema,
+        after_step=after_step,
+    )
     common.save_unet(accelerator, unet, args, ema=release_ema)
     accelerator.end_training()
 

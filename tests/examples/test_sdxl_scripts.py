@@ -156,6 +156,7 @@ def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache" / "text").iterdir())) >= 2  # a caption and the empty prompt
     assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1"]
     assert any((out_a / "logs").rglob("events.out.tfevents.*"))
+    assert not (out_a / "tscd").exists()  # no one-step stage, no intermediate release
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
 
 
@@ -244,6 +245,19 @@ def test_hyper_sd_one_step_score_distillation_stage(tiny_sdxl: dict[str, Path], 
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
     at_step2 = {"unet." + k: v for k, v in _lora_state(ckpt / "unet_lora.safetensors").items()}
     assert any(not torch.equal(at_step2[k], b[k]) for k in b), "the one-step stage did not train"
+    # The multi-step TSCD student of step 1 is released too (written once, by the run that crossed step 1)
+    # and equals what a TSCD-only run of 1 step releases (every step draws from its own seeded generator).
+    tscd = _lora_state(out_a / "tscd" / "pytorch_lora_weights.safetensors")
+    assert tscd.keys() == a.keys() and not (out_b / "tscd").exists()
+    assert any(not torch.equal(tscd[k], a[k]) for k in a), "tscd/ holds the one-step weights"
+    out_c = tmp_path / "c"
+    argv_c = [*_common_argv(tiny_sdxl, out_c, lora=True), *extra]
+    argv_c[argv_c.index("--max_train_steps") + 1] = "1"
+    argv_c[argv_c.index("--one_step_steps") + 1] = "0"
+    script.main(script.parse_args(argv_c))
+    tscd_only = _lora_state(out_c / "pytorch_lora_weights.safetensors")
+    for k in tscd_only:
+        torch.testing.assert_close(tscd[k], tscd_only[k], rtol=1e-5, atol=1e-6, msg=f"tscd/ differs at {k}")
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
     unet.load_lora_adapter(str(out_a), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
     assert any("lora" in n for n, _ in unet.named_parameters())
