@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the reduced test run")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     p.add_argument(
+        "--seed", type=int, default=0, help="seeds training, the metric classifier and the evaluation noises"
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -446,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = quick_config() if args.quick else DemoConfig()
     if args.methods:
         cfg.methods = tuple(args.methods)
+    cfg.seed = args.seed
     run_demo(cfg, args.out)
     return 0
 
