@@ -1,10 +1,14 @@
-"""Reaching the user's ``nn.Module`` through training wrappers (DDP, FSDP, ``torch.compile``, accelerate)."""
+"""Modules under training wrappers (DDP, FSDP, ``torch.compile``, accelerate): the user's module inside
+them, and temporarily frozen parameters that FSDP2 honours."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
-__all__ = ["unwrap_model"]
+__all__ = ["frozen", "reshard", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -33,3 +37,59 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             continue
         break
     return model
+
+
+def reshard(*modules: nn.Module) -> None:
+    """Put the FSDP2 modules (``fully_shard``) in ``modules`` back on their sharded parameters (a no-op for
+    modules without FSDP2).
+
+    Call it before writing into a sharded model's parameters outside the optimiser (loading averaged
+    weights, restoring them): a root module stays unsharded after a forward pass without backward (e.g.
+    a validation sample), and its next forward would reuse those unsharded values instead of the written
+    shards.
+
+    Example:
+        >>> from diffdistill.students import reshard
+        >>> reshard(nn.Linear(2, 2))  # no FSDP2 inside: nothing to do
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """``requires_grad=False`` on every parameter of ``modules`` inside the block, the previous flags after.
+
+    For a generator update through a network that must not collect gradients (a fake score, a
+    discriminator): autograd computes no parameter gradients for it, and under DDP its reducer expects
+    none. FSDP2 (``fully_shard``) copies the flag of a sharded parameter into the unsharded one at every
+    all-gather, so a module left unsharded after a forward would see a flag set on its unsharded
+    parameters undone at the next all-gather: the modules are resharded before the flags change, on entry
+    and on exit.
+
+    Example:
+        >>> from diffdistill.students import frozen
+        >>> net = nn.Linear(2, 2)
+        >>> with frozen(net):
+        ...     net.weight.requires_grad
+        False
+        >>> net.weight.requires_grad
+        True
+    """
+    reshard(*modules)
+    params = [p for m in modules for p in m.parameters()]
+    states = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        reshard(*modules)
+        for p, state in zip(params, states):
+            p.requires_grad_(state)

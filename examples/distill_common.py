@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffdistill.students import save_lora
+from diffdistill.students import reshard, save_lora
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -595,6 +595,24 @@ def adamw(
     )
 
 
+def prepare(accelerator: Any, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -> list[Any]:
+    """``accelerator.prepare`` each ``(model, optimiser)`` pair in its own call; returns them in order.
+
+    accelerate's FSDP2 shards one model per ``prepare`` call (its optimiser must come with it); under DDP
+    or a single process this is the same as one call with every object (same order of models and
+    optimisers in the checkpoints).
+    """
+    prepared: list[Any] = []
+    for model, optimizer in pairs:
+        prepared.extend(accelerator.prepare(model, optimizer))
+    return prepared
+
+
+def is_sharded(accelerator: Any) -> bool:
+    """Whether accelerate shards the prepared models' parameters (FSDP or DeepSpeed)."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+
+
 def progress_bar(accelerator: Any, args: argparse.Namespace, initial: int) -> Any:
     """tqdm over optimisation steps, shown on the local main process only."""
     from tqdm.auto import tqdm
@@ -674,6 +692,7 @@ class ReleaseEMA:
     def __init__(self, student: nn.Module, decay: float) -> None:
         from diffdistill.students import EMA
 
+        self.student = student
         self.params = TrainableParams(student)
         self.ema = EMA(self.params, decay=decay)
 
@@ -681,7 +700,10 @@ class ReleaseEMA:
         self.ema.update(self.params)
 
     def copy_to_model(self) -> None:
-        """Write the averaged weights into the student's parameters (in place)."""
+        """Write the averaged weights into the student's parameters (in place).
+
+        An FSDP2 student is resharded first, so its next forward gathers the written shards."""
+        reshard(self.student)
         self.ema.copy_to(self.params)
 
     @contextlib.contextmanager
@@ -693,21 +715,36 @@ class ReleaseEMA:
         try:
             yield
         finally:
+            reshard(self.student)  # an FSDP2 root stays unsharded (averaged weights) after a no-grad forward
             with torch.no_grad():
                 for p, saved in zip(self.params.parameters(), online):
                     p.copy_(saved)
 
 
 class _StateSubset:
-    """``state_dict`` / ``load_state_dict`` of a module without some entries (for accelerate checkpoints)."""
+    """``state_dict`` / ``load_state_dict`` of a module without some entries (for accelerate checkpoints).
+
+    Entries that are shards (``DTensor``, e.g. the EMA of an FSDP2 student) are saved as full tensors
+    (gathered on every process: accelerate calls ``state_dict`` on all of them and writes on the main one)
+    and loaded back into each process's shard, so the file is the same as without sharding.
+    """
 
     def __init__(self, module: nn.Module, skip: set[str]) -> None:
         self.module, self.skip = module, skip
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.module.state_dict().items() if k not in self.skip}
+        return {k: _full(v) for k, v in self.module.state_dict().items() if k not in self.skip}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        current = self.module.state_dict()
+        state = {
+            k: distribute_tensor(v.to(current[k].device), current[k].device_mesh, current[k].placements)
+            if isinstance(current.get(k), DTensor)
+            else v
+            for k, v in state.items()
+        }
         result = self.module.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k not in self.skip]
         if missing or result.unexpected_keys:
@@ -716,6 +753,13 @@ class _StateSubset:
                 f"but {len(missing)} are missing (e.g. {missing[:2]}) and {len(result.unexpected_keys)} unexpected "
                 f"(e.g. {result.unexpected_keys[:2]}): resume with the options the checkpoint was written with."
             )
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a ``DTensor`` shard (a collective: every process calls it), else ``value``."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def register_ema(accelerator: Any, ema: nn.Module, online: nn.Module) -> None:
@@ -738,8 +782,8 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
     model's adapter (:func:`diffdistill.students.save_lora`) and drops the model from the weights accelerate
     writes; the load hook reads the adapter back into the live model (same parameter objects, so the
     optimiser and an EMA keep tracking them) and drops the model from the ones accelerate loads. Other
-    prepared models (discriminators) are saved by accelerate as usual. With FSDP / DeepSpeed accelerate
-    writes the models itself and the hooks only add the adapter files.
+    prepared models (discriminators) are saved by accelerate as usual. Not used with FSDP / DeepSpeed
+    (:func:`setup_checkpoints`): there accelerate writes every model's shards itself.
     """
     from diffdistill.students import load_lora
 
@@ -777,11 +821,11 @@ def setup_checkpoints(
     """What the checkpoints hold beyond accelerate's defaults; call after ``prepare``, before :func:`resume`.
 
     With ``--use_lora`` the student (named ``unet``) and the ``extra_lora`` models are checkpointed as
-    adapters (:func:`register_lora_checkpointing`). With ``--use_ema`` returns the :class:`ReleaseEMA` of the
+    adapters (:func:`register_lora_checkpointing`), except under FSDP / DeepSpeed. With ``--use_ema`` returns the :class:`ReleaseEMA` of the
     student's trainable parameters, registered for checkpointing; pass it to :func:`train_loop` and
     :func:`save_unet`.
     """
-    if args.use_lora:
+    if args.use_lora and not is_sharded(accelerator):  # sharded: accelerate's own (whole-model) shards
         register_lora_checkpointing(accelerator, {"unet": student, **(extra_lora or {})})
     if not args.use_ema:
         return None
@@ -807,22 +851,36 @@ def save_unet(
     under ``--output_dir`` (or its sub-folder ``folder``, e.g. for a stage's intermediate weights).
 
     With ``ema`` (``--use_ema``) the averaged weights are copied into ``unet`` first, so they are what is
-    written (and what the model holds afterwards, e.g. for a merge); mid-run, save inside
-    ``ReleaseEMA.swapped_in()`` instead, which puts the online weights back.
+    written (and what the model holds afterwards); mid-run, save inside ``ReleaseEMA.swapped_in()``
+    instead, which puts the online weights back.
+
+    Call on every process: the weights are ``accelerator.get_state_dict(unet)``, which gathers the shards
+    of an FSDP model; the main process writes them (a full UNet as ``save_pretrained`` lays it out: config
+    and ``diffusion_pytorch_model*.safetensors`` shards of at most 10 GB).
     """
+    from huggingface_hub import save_torch_state_dict
+
     accelerator.wait_for_everyone()
     out = Path(args.output_dir) / folder
     model = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.copy_to_model()
+    state = accelerator.get_state_dict(unet)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if args.use_lora:
-            save_lora(model, out / LORA_WEIGHT_NAME)
+            save_lora(model, out / LORA_WEIGHT_NAME, state_dict=state)
             path = out / LORA_WEIGHT_NAME
         else:
-            model.save_pretrained(out / subfolder, safe_serialization=True)
             path = out / subfolder
+            model.save_config(path)
+            save_torch_state_dict(
+                state,
+                path,
+                filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                max_shard_size="10GB",
+                metadata={"format": "pt"},
+            )
     else:
         path = out / (LORA_WEIGHT_NAME if args.use_lora else subfolder)
     accelerator.wait_for_everyone()
@@ -856,11 +914,12 @@ def log_validation(
 ) -> Path | None:
     """Sample ``--validation_prompts`` with ``sample_fn(noise, cond) -> latents``; save and log the grid.
 
-    Runs on the main process with a fixed generator (the same noise at every validation) and leaves the
-    training randomness untouched. The grid (one row) goes to ``OUTPUT_DIR/samples/step-{step}.png`` and
-    to TensorBoard when it is a tracker.
+    Every process samples (a sharded FSDP model needs all of them for a forward pass) with a fixed
+    generator (the same noise at every validation), leaving the training randomness untouched; the main
+    process writes the grid (one row) to ``OUTPUT_DIR/samples/step-{step}.png`` and to TensorBoard when it
+    is a tracker.
     """
-    if not args.validation_prompts or not accelerator.is_main_process:
+    if not args.validation_prompts:
         return None
     from PIL import Image
 
@@ -876,6 +935,8 @@ def log_validation(
     )
     with accelerator.autocast():
         latents = sample_fn(noise, cond).float()
+    if not accelerator.is_main_process:
+        return None
     images = decode_latents(parts.vae, latents)
     grid = torch.cat(list(images), dim=2)  # one row
     path = Path(args.output_dir) / "samples" / f"step-{step}.png"
@@ -951,9 +1012,19 @@ def scalar_logs(logs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, fl
 
 
 def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: Any, max_norm: float) -> None:
-    """Clip (when gradients are synchronised), step and zero an optimiser."""
+    """Clip (when gradients are synchronised), step and zero an optimiser.
+
+    Under FSDP the clipping is torch's ``clip_grad_norm_`` over the (``DTensor``) shards -- the norm of the
+    whole model's gradient: accelerate's own FSDP path identifies the model by comparing parameter lists,
+    which fails when two prepared models have equally many parameters (generator and fake score).
+    """
     if accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm):
-        accelerator.clip_grad_norm_([p for p in params if p.requires_grad], max_norm)
+        trainable = [p for p in params if p.requires_grad]
+        if is_sharded(accelerator) and str(accelerator.distributed_type).endswith("FSDP"):
+            accelerator.unscale_gradients()
+            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        else:
+            accelerator.clip_grad_norm_(trainable, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

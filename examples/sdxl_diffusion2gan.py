@@ -46,6 +46,7 @@ from diffdistill.losses import (
     mix_and_match,
 )
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver, ddim_sample, spaced_timesteps
+from diffdistill.students import frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--r1_every", type=int, default=16)
     g.add_argument("--no_mix_and_match", action="store_true")
     args = common.check_common_args(p.parse_args(argv))
+    if args.r1_gamma < 0:
+        raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
     if args.prompts_file is None:
         raise ValueError("Diffusion2GAN generates its own pairs: pass --prompts_file.")
     return args
@@ -152,6 +155,11 @@ class PairShards:
 
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_diffusion2gan")
+    if args.r1_gamma > 0 and common.is_sharded(accelerator):
+        raise ValueError(
+            "R1 differentiates the discriminator's input gradient (a double backward), which FSDP / DeepSpeed "
+            "sharding does not support: run Diffusion2GAN with DDP, or pass --r1_gamma 0 to train without R1."
+        )
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -166,7 +174,7 @@ def main(args: argparse.Namespace) -> None:
     lpips = ELatentLPIPS("sdxl", augment=augment, weights=args.lpips_weights).to(device)
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
-    unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
     ema = common.setup_checkpoints(accelerator, args, unet)
     global_step = common.resume(accelerator, args)
 
@@ -179,11 +187,10 @@ def main(args: argparse.Namespace) -> None:
         with accelerator.accumulate(unet, disc), accelerator.autocast():
             fake = common.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
             rec = lpips(fake, real, generator=gen)
-            disc.requires_grad_(False)  # until the backward (checkpointed D blocks recompute there)
-            g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
-            loss = rec + args.gan_weight * g_adv
-            accelerator.backward(loss)
-            disc.requires_grad_(True)
+            with frozen(disc):  # until the backward (checkpointed D blocks recompute there)
+                g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
+                loss = rec + args.gan_weight * g_adv
+                accelerator.backward(loss)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
 
             fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
@@ -196,18 +203,20 @@ def main(args: argparse.Namespace) -> None:
             # R1 differentiates the gradient: fused attention kernels have no double backward, so the
             # penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
             # kernel of the forward pass -- uses PyTorch's math attention.
-            with sdpa_kernel(SDPBackend.MATH):
-                r1, r1_logs = lazy_r1_penalty(
-                    lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
-                    real,
-                    step=step,
-                    every=args.r1_every,
-                    gamma=args.r1_gamma,
-                    cond={"ehs": ehs, "added": added, "noise": noise},
-                    generator=gen,
-                )
-                if r1.requires_grad:  # a lazy step
-                    accelerator.backward(r1)
+            r1_logs = {"r1": torch.zeros((), device=device)}
+            if args.r1_gamma > 0:
+                with sdpa_kernel(SDPBackend.MATH):
+                    r1, r1_logs = lazy_r1_penalty(
+                        lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
+                        real,
+                        step=step,
+                        every=args.r1_every,
+                        gamma=args.r1_gamma,
+                        cond={"ehs": ehs, "added": added, "noise": noise},
+                        generator=gen,
+                    )
+                    if r1.requires_grad:  # a lazy step
+                        accelerator.backward(r1)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])

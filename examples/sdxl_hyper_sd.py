@@ -68,7 +68,7 @@ from diffdistill.schedulers import (
     spaced_timesteps,
     tscd_segments,
 )
-from diffdistill.students import EMA
+from diffdistill.students import EMA, frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -179,11 +179,11 @@ def main(args: argparse.Namespace) -> None:
 
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
-    unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+    unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
     if fake is not None:
         common.make_trainable(args, fake, device, dtype)
         opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
-        fake, opt_f = accelerator.prepare(fake, opt_f)
+        fake, opt_f = common.prepare(accelerator, (fake, opt_f))
     if ema is not None:  # the consistency target (a LoRA student's is checkpointed as its LoRA only)
         common.register_ema(accelerator, ema, unet)
     release_ema = common.setup_checkpoints(
@@ -293,19 +293,18 @@ def main(args: argparse.Namespace) -> None:
             loss = w_mse * F.mse_loss(student, target)
             t_judge = pair.sample.t_end.clamp(min=0)
             ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
-            if w_adv > 0:
-                disc.requires_grad_(False)  # until the backward below (checkpointed D recomputes there)
-                g_loss, _ = gan_generator_loss(disc(student, t_judge, ehs, added))
-                loss = loss + w_adv * g_loss
-                logs["generator_adv"] = g_loss.detach()
-            if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
-                r_loss, r_logs = reward_term(
-                    schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
-                )
-                loss = loss + r_loss
-                logs.update(r_logs)
-            accelerator.backward(loss)
-            disc.requires_grad_(True)
+            with frozen(disc):  # until the backward below (checkpointed D recomputes there)
+                if w_adv > 0:
+                    g_loss, _ = gan_generator_loss(disc(student, t_judge, ehs, added))
+                    loss = loss + w_adv * g_loss
+                    logs["generator_adv"] = g_loss.detach()
+                if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
+                    r_loss, r_logs = reward_term(
+                        schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
+                    )
+                    loss = loss + r_loss
+                    logs.update(r_logs)
+                accelerator.backward(loss)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(

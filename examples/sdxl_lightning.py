@@ -59,7 +59,7 @@ from diffdistill.schedulers import (
     progressive_pairs,
     spaced_timesteps,
 )
-from diffdistill.students import load_lora, merge_lora
+from diffdistill.students import frozen, load_lora, merge_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_common as common  # the shared module next to this script
@@ -122,9 +122,9 @@ def main(args: argparse.Namespace) -> None:
     if disc is not None:
         d_lr = args.discriminator_learning_rate or lr
         opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=betas)
-        unet, disc, opt, opt_d = accelerator.prepare(unet, disc, opt, opt_d)
+        unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
     else:
-        unet, opt = accelerator.prepare(unet, opt)
+        unet, opt = common.prepare(accelerator, (unet, opt))
     ema = common.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=float(opts.get("guidance_scale", 1.0)))
     data = common.StepData(args, need_images=True)
@@ -174,10 +174,9 @@ def main(args: argparse.Namespace) -> None:
             extra = {"cond_sample": x_t, "cond_timestep": pair.sample.t}
         # D stays frozen until the generator's backward is done: with gradient checkpointing its blocks are
         # recomputed there and must see the same requires_grad as in the forward pass.
-        disc.requires_grad_(False)
-        g_loss, _ = gan_generator_loss(disc(fake, t_judge, ehs, added, **extra))
-        accelerator.backward(g_loss)
-        disc.requires_grad_(True)
+        with frozen(disc):
+            g_loss, _ = gan_generator_loss(disc(fake, t_judge, ehs, added, **extra))
+            accelerator.backward(g_loss)
         common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         d_loss, _ = gan_discriminator_loss(
             disc(real, t_judge, ehs, added, **extra), disc(fake.detach(), t_judge, ehs, added, **extra)
@@ -227,13 +226,21 @@ def main(args: argparse.Namespace) -> None:
         )
 
     common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
-    common.save_unet(accelerator, unet, args, ema=ema)
+    lora_file = common.save_unet(accelerator, unet, args, ema=ema)
     if args.use_lora and (opts.get("merge_lora_after") or stage.loss == "mse"):
-        if accelerator.is_main_process:
-            merged = merge_lora(accelerator.unwrap_model(unet))
-            merged.to(torch.float32).save_pretrained(
-                Path(args.output_dir) / "unet_merged", safe_serialization=True
+        if accelerator.is_main_process:  # the saved adapter merged into a fresh float32 copy of the base
+            base = (
+                UNet2DConditionModel.from_pretrained(args.init_unet)
+                if args.init_unet
+                else UNet2DConditionModel.from_pretrained(
+                    args.pretrained_model_name_or_path,
+                    subfolder="unet",
+                    revision=args.revision,
+                    variant=args.variant,
+                )
             )
+            merged = merge_lora(load_lora(base.to(torch.float32), lora_file))
+            merged.save_pretrained(Path(args.output_dir) / "unet_merged", safe_serialization=True)
         accelerator.wait_for_everyone()
     accelerator.end_training()
 

@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
     opt = common.adamw(unet.parameters(), args)
-    unet, opt = accelerator.prepare(unet, opt)
+    unet, opt = common.prepare(accelerator, (unet, opt))
     ema = common.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> None:
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
     opt_g = common.adamw(unet.parameters(), args)
     opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
-    unet, fake, opt_g, opt_f = accelerator.prepare(unet, fake, opt_g, opt_f)
+    unet, opt_g, fake, opt_f = common.prepare(accelerator, (unet, opt_g), (fake, opt_f))
     ema = common.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)

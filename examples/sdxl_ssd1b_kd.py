@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> None:
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     opt = common.adamw(student.parameters(), args)
-    student, opt = accelerator.prepare(student, opt)
+    student, opt = common.prepare(accelerator, (student, opt))
     ema = common.setup_checkpoints(accelerator, args, student)
     kd = LayerKD(
         student,

@@ -16,14 +16,14 @@ both networks' *inputs* (as in the papers' code): freeze their parameters during
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .._checks import OptionError, check_option, check_positive, check_tensor
+from .._modules import frozen
 from .._outputs import first_tensor
 from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
 from ..schedulers.teacher_solver import TeacherSolver
@@ -371,19 +371,6 @@ def fake_score_loss(
     return loss, {"loss": per.detach().mean(), "t_mean": tt.float().mean().detach()}
 
 
-@contextlib.contextmanager
-def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
-    params = [p for m in modules for p in m.parameters()]
-    states = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, s in zip(params, states):
-            p.requires_grad_(s)
-
-
 class AlternatingUpdate:
     """Alternate generator and fake-score (or discriminator) updates with an update ratio.
 
@@ -427,7 +414,7 @@ class AlternatingUpdate:
 
     def _run_generator(self, logs: dict[str, torch.Tensor]) -> None:
         if self.step_count % self.generator_every == 0:
-            with _frozen(self.freeze_during_generator):
+            with frozen(*self.freeze_during_generator):
                 logs.update({f"generator/{k}": v for k, v in (self.generator_step() or {}).items()})
 
     def step(self) -> dict[str, torch.Tensor]:

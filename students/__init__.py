@@ -7,12 +7,15 @@
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
   :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
+* :func:`frozen`, :func:`reshard` -- temporarily frozen networks and FSDP2 resharding around writes to
+  sharded parameters (generator steps through a fake score or discriminator, swapped-in averages).
 
 diffusers, peft and safetensors are imported only inside the functions that need them.
 """
 
 from __future__ import annotations
 
+from .._modules import frozen, reshard
 from .block_removal import (
     PRESETS,
     BlockRemovalReport,
@@ -52,6 +55,7 @@ __all__ = [
     "add_guidance_embedding",
     "add_lora",
     "build_student",
+    "frozen",
     "guidance_scale_embedding",
     "in_backward_pass",
     "init_from_teacher",
@@ -59,6 +63,7 @@ __all__ = [
     "load_lora",
     "lora_state_dict",
     "merge_lora",
+    "reshard",
     "resolve_module_names",
     "save_lora",
     "student_config",

@@ -20,6 +20,15 @@ from .._modules import unwrap_model
 __all__ = ["EMA"]
 
 
+def _whole(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``param`` whole when it is a shard (``DTensor``) and ``like`` (the average) is not."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor) and not isinstance(like, DTensor):
+        return param.full_tensor()
+    return param
+
+
 class EMA(nn.Module):
     """EMA copy of ``model``; ``ema(x, ...)`` runs the averaged copy, ``state_dict()`` resumes it exactly.
 
@@ -35,6 +44,10 @@ class EMA(nn.Module):
 
     The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
     averaged copy is in eval mode with ``requires_grad=False``.
+
+    Sharded models: an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
+    and :meth:`update` gathers the online shards (``DTensor.full_tensor``: a collective, so call it on
+    every process); an EMA built from the sharded model averages shard by shard.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -116,7 +129,7 @@ class EMA(nn.Module):
                 f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
                 "same architecture the EMA was built from."
             )
-        src = [p.detach().to(e.dtype) for e, p in zip(ema_params, params)]
+        src = [_whole(p.detach(), e).to(e.dtype) for e, p in zip(ema_params, params)]
         if ema_params:
             torch._foreach_lerp_(ema_params, src, 1.0 - d)
         for e_buf, buf in zip(self.module.buffers(), source.buffers()):

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -241,8 +241,14 @@ def _lora_config(model: nn.Module, adapter_name: str) -> Any:
     return configs[adapter_name]
 
 
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def lora_state_dict(
+    model: nn.Module, adapter_name: str = "default", *, state_dict: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft/diffusers form: ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``.
+
+    ``state_dict``: take the values from this full state dict of ``model`` (same keys as
+    ``model.state_dict()``) instead of the model's own tensors -- e.g. the gathered
+    ``accelerator.get_state_dict(model)`` of a model sharded by FSDP, whose parameters are shards.
 
     Example:
         >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), rank=1, targets=["0"])
@@ -251,7 +257,13 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     """
     peft = _peft("lora_state_dict")
     _lora_config(model, adapter_name)
-    return dict(peft.get_peft_model_state_dict(unwrap_model(model), adapter_name=adapter_name))
+    return dict(
+        peft.get_peft_model_state_dict(
+            unwrap_model(model),
+            state_dict=None if state_dict is None else dict(state_dict),
+            adapter_name=adapter_name,
+        )
+    )
 
 
 def _config_metadata(config: Any) -> dict[str, Any]:
@@ -267,14 +279,20 @@ def _config_metadata(config: Any) -> dict[str, Any]:
 
 
 def save_lora(
-    model: nn.Module, path: str | os.PathLike[str], *, adapter_name: str = "default", prefix: str = "unet"
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    adapter_name: str = "default",
+    prefix: str = "unet",
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Save an adapter as one safetensors file in diffusers' LoRA form.
 
     Keys are ``f"{prefix}.{module}.lora_A.weight"`` etc. and the file metadata holds the LoRA config under
     ``lora_adapter_metadata`` (keys ``f"{prefix}.r"``, ...), so ``unet.load_lora_adapter(folder,
     weight_name=..., prefix="unet")`` and ``pipe.load_lora_weights`` read it (rank *and* alpha), and
-    :func:`load_lora` reads it back into any model. ``prefix=""`` writes bare peft keys.
+    :func:`load_lora` reads it back into any model. ``prefix=""`` writes bare peft keys. ``state_dict``: the
+    values to write, as for :func:`lora_state_dict` (a sharded model's gathered full state dict).
 
     Example:
         >>> import tempfile, os
@@ -290,7 +308,8 @@ def save_lora(
     config = _lora_config(model, adapter_name)
     pre = f"{prefix}." if prefix else ""
     tensors = {
-        pre + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model, adapter_name).items()
+        pre + k: v.detach().contiguous().cpu()
+        for k, v in lora_state_dict(model, adapter_name, state_dict=state_dict).items()
     }
     meta = {pre + k: v for k, v in _config_metadata(config).items()}
     save_file(

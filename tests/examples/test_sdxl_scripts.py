@@ -310,21 +310,101 @@ def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
     )
 
 
-def test_mlcm_under_accelerate_launch_two_cpu_processes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch_two_processes(script: str, argv: list[str], *, fsdp: bool) -> None:
+    """Run ``examples/{script}.py`` in 2 CPU processes (gloo): DDP through ``accelerate launch``, or
+    accelerate's FSDP2 through ``torchrun`` and the test launcher ``fsdp_cpu_launch.py``.
+
+    (``accelerate launch --cpu --num_processes 2`` starts *one* process unless MPI is installed;
+    ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts two that train on the CPU.)
+    """
     import os
     import subprocess
 
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += [str(EXAMPLES / "sdxl_mlcm.py"), *_common_argv(tiny_sdxl, out, lora=True)]
-    cmd += ["--prompts_file", str(tiny_sdxl["prompts"]), "--num_segments", "4", "--stage1_steps", "1"]
-    cmd[cmd.index("--train_batch_size") + 1] = "1"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "checkpoint-1").is_dir()
-    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    port = str(_free_port())  # pytest-xdist may launch two runs at once
+    if fsdp:
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        cmd += [str(Path(__file__).with_name("fsdp_cpu_launch.py"))]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--main_process_port", port]
+    cmd += [str(EXAMPLES / f"{script}.py"), *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _two_process_runs(script: str, argv: list[str], tmp_path: Path) -> dict[str, Path]:
+    """DDP, FSDP2, and FSDP2 resumed from its step-1 checkpoint: the output folders."""
+    out = {name: tmp_path / name for name in ("ddp", "fsdp", "fsdp_resumed")}
+
+    def with_output(name: str) -> list[str]:
+        args = list(argv)
+        args[args.index("--output_dir") + 1] = str(out[name])
+        args[args.index("--train_batch_size") + 1] = "1"  # per process: the same global batch as 2 x 1
+        return args
+
+    _launch_two_processes(script, with_output("ddp"), fsdp=False)
+    _launch_two_processes(script, with_output("fsdp"), fsdp=True)
+    resumed = [*with_output("fsdp_resumed"), "--resume_from_checkpoint", str(out["fsdp"] / "checkpoint-1")]
+    _launch_two_processes(script, resumed, fsdp=True)
+    ddp_ckpt, fsdp_ckpt = out["ddp"] / "checkpoint-1", out["fsdp"] / "checkpoint-1"
+    assert (ddp_ckpt / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    assert (fsdp_ckpt / "pytorch_model_fsdp_0").is_dir(), "FSDP did not write sharded model states"
+    return out
+
+
+def test_hyper_sd_lora_under_fsdp_equals_ddp_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    # A LoRA student sharded by FSDP2 with a frozen-then-trained discriminator (frozen() reshards it), the
+    # whole-copy EMA target fed by gathered shards, and the adapter written from the gathered state dict.
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
+    out = _two_process_runs(
+        "sdxl_hyper_sd", [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra], tmp_path
+    )
+    assert (out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").is_file()  # DDP: adapter-only checkpoints
+    name = "pytorch_lora_weights.safetensors"
+    ddp, fsdp, resumed = (_lora_state(out[k] / name) for k in ("ddp", "fsdp", "fsdp_resumed"))
+    assert ddp.keys() == fsdp.keys() == resumed.keys() and ddp
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=f"FSDP != DDP at {k}")
+        torch.testing.assert_close(resumed[k], fsdp[k], rtol=1e-5, atol=1e-7, msg=f"resume changed {k}")
+    assert any(bool(v.abs().sum() > 0) for k, v in fsdp.items() if "lora_B" in k), "LoRA did not train"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+    unet.load_lora_adapter(str(out["fsdp"]), weight_name=name, prefix="unet")
+    assert any("lora" in n for n, _ in unet.named_parameters())
+
+
+def test_sim_full_unet_with_ema_under_fsdp_equals_ddp_and_resumes(
+    tiny_sdxl: dict[str, Path], tmp_path: Path
+) -> None:
+    # Two sharded full UNets (generator and fake score, equally many parameters), the fake frozen in the
+    # generator step, the released EMA of sharded parameters (swapped in for validation, checkpointed
+    # whole), and the full UNet written from the gathered state dict.
+    from diffusers import UNet2DConditionModel
+
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "dmd", "--learning_rate", "1e-4"]
+    extra += ["--use_ema", "--ema_decay", "0.5"]
+    out = _two_process_runs("sdxl_sim", [*_common_argv(tiny_sdxl, tmp_path, lora=False), *extra], tmp_path)
+    ddp, fsdp, resumed = (
+        UNet2DConditionModel.from_pretrained(str(out[k] / "unet")).state_dict()
+        for k in ("ddp", "fsdp", "fsdp_resumed")
+    )
+    start = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet").state_dict()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=f"FSDP != DDP at {k}")
+        torch.testing.assert_close(resumed[k], fsdp[k], rtol=1e-5, atol=1e-7, msg=f"resume changed {k}")
+    assert any(not torch.equal(v, start[k]) for k, v in fsdp.items()), "the UNet did not train"
 
 
 def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
@@ -513,6 +593,48 @@ def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str)
 
         merged = UNet2DConditionModel.from_pretrained(str(out_a / "unet_merged"))
         assert not any("lora" in n for n, _ in merged.named_parameters())
+        # The merge is the released adapter on the base: it computes what base + LoRA computes.
+        with_lora = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+        with_lora.load_lora_adapter(str(out_a), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999, 250])
+        config = merged.config
+        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        cond = {
+            "encoder_hidden_states": torch.randn(2, 77, merged.config.cross_attention_dim, generator=g),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(2, text_dim, generator=g),
+                "time_ids": torch.rand(2, 6, generator=g) * 128,
+            },
+        }
+        with torch.no_grad():
+            want, got = with_lora(x, t, **cond).sample, merged(x, t, **cond).sample
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        base = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet")
+        with torch.no_grad():
+            assert not torch.allclose(base(x, t, **cond).sample, want, atol=1e-5)  # the adapter trained
+
+
+def test_diffusion2gan_r1_under_sharding_says_why(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from accelerate.utils import DistributedType
+
+    script, common = _load("sdxl_diffusion2gan"), _load("distill_common")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    with pytest.raises(ValueError, match=r"Expected --r1_gamma >= 0, but got -1.0"):
+        script.parse_args([*argv, "--r1_gamma", "-1"])
+    fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
+    monkeypatch.setattr(common, "make_accelerator", lambda args, name: fsdp)
+    with pytest.raises(
+        ValueError, match=r"double backward.*FSDP.*run Diffusion2GAN with DDP, or pass --r1_gamma 0"
+    ):
+        script.main(script.parse_args(argv))
+    assert common.is_sharded(fsdp) and not common.is_sharded(
+        types.SimpleNamespace(distributed_type="MULTI_CPU")
+    )
 
 
 def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:

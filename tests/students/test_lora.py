@@ -193,6 +193,27 @@ def test_safetensors_round_trip_ours_and_diffusers(tmp_path) -> None:
         load_lora(add_lora(tiny_unet(), rank=4, targets=["to_q", "to_k"]), path)
 
 
+def test_save_lora_from_a_given_state_dict(tmp_path) -> None:
+    # The values come from the state dict passed in (e.g. FSDP's gathered one), not from the model's tensors.
+    unet = add_lora(tiny_unet(), rank=4)
+    randomize_lora(unet, seed=1)
+    full = {k: v.clone() for k, v in unet.state_dict().items()}
+    randomize_lora(unet, seed=2)  # the live model now holds other LoRA weights
+    picked = lora_state_dict(unet, state_dict=full)
+    assert picked.keys() == lora_state_dict(unet).keys()
+    for k, v in picked.items():
+        torch.testing.assert_close(v, full[k.replace(".weight", ".default.weight")], rtol=0, atol=0)
+        if "lora_B" in k:
+            assert not torch.equal(v, lora_state_dict(unet)[k])
+    save_lora(unet, tmp_path / "a.safetensors", state_dict=full)
+    reference = add_lora(tiny_unet(), rank=4)
+    randomize_lora(reference, seed=1)
+    loaded = load_lora(tiny_unet(), tmp_path / "a.safetensors")
+    x, t, cond = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, **cond).sample, reference(x, t, **cond).sample)
+
+
 def test_guidance_embedding_zero_init_keeps_output_and_config() -> None:
     unet = tiny_unet()
     x, t, cond = inputs()

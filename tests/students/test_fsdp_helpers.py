@@ -1,0 +1,92 @@
+"""frozen() and EMA on FSDP2 (``fully_shard``) modules, in a one-process gloo group on the CPU.
+
+FSDP2 keeps the root module unsharded after a forward pass and copies a sharded parameter's
+``requires_grad`` into the unsharded one at each all-gather. Two failures follow. (1) A naive freeze
+silently stops training the root's layers: reproduced here, and ``frozen`` avoids it. (2) Weights written
+into the shards after a no-grad forward are ignored by the root's next forward unless :func:`reshard`
+runs first; this needs two processes (with one, the gathered parameters share the shards' storage), so
+``tests/examples`` checks it through the SIM script under FSDP (``ReleaseEMA.swapped_in``), whose run
+equals the DDP run only with the reshard.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from diffdistill.students import EMA, frozen
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[None]:
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def _sharded(seed: int = 0) -> nn.Sequential:
+    net = _net(seed)
+    fsdp.fully_shard(net[0])
+    fsdp.fully_shard(net)  # the root: holds the last layer, stays unsharded after a forward
+    return net
+
+
+def _train_twice(net: nn.Module) -> list[bool]:
+    """Which parameters get gradients in the second of two forward/backward passes."""
+    for _ in range(2):
+        for p in net.parameters():
+            p.grad = None
+        net(torch.randn(2, 4)).sum().backward()
+    return [p.grad is not None for p in net.parameters()]
+
+
+def test_naive_freeze_of_an_fsdp2_root_stops_training_but_frozen_does_not(group: None) -> None:
+    naive = _sharded()
+    naive.requires_grad_(False)
+    with torch.no_grad():
+        naive(torch.randn(2, 4))  # e.g. a detached fake-score prediction in a generator step
+    naive.requires_grad_(True)  # lands on the unsharded root parameters only
+    assert _train_twice(naive) == [True, True, False, False]  # the root's layer silently stopped training
+
+    net = _sharded()
+    with frozen(net):
+        assert not any(p.requires_grad for p in net.parameters())
+        with torch.no_grad():
+            net(torch.randn(2, 4))
+    assert all(p.requires_grad for p in net.parameters())
+    assert _train_twice(net) == [True, True, True, True]
+
+
+def test_frozen_keeps_per_parameter_flags() -> None:
+    net = _net()
+    net[0].bias.requires_grad_(False)
+    with frozen(net):
+        assert not any(p.requires_grad for p in net.parameters())
+    assert [p.requires_grad for p in net.parameters()] == [True, False, True, True]
+
+
+def test_ema_of_a_sharded_model_gathers_the_shards(group: None) -> None:
+    online = _sharded(seed=1)
+    ema = EMA(_net(seed=2), decay=0.25)  # a whole copy, built before sharding
+    start = copy.deepcopy(ema.module.state_dict())
+    ema.update(online)
+    reference = _net(seed=1).state_dict()
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, 0.25 * start[k] + 0.75 * reference[k])
