@@ -387,19 +387,74 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         return pixels, self.caption(index)
 
 
-class StepData:
+class StepSource:
+    """Base of the per-step data sources: ``draw(generator) -> (indices, texts)`` picks a batch with the
+    step's generator, ``load(indices) -> items`` reads it; :meth:`fetch` does both.
+
+    With ``num_workers > 0``, :meth:`start` (called by :func:`train_loop`) opens a ``DataLoader`` whose item
+    ``k`` is micro-step ``k`` (from the resume step on): a worker draws the same indices from a copy of that
+    micro-step's :func:`step_generator` and loads them ahead of time. The main process still draws the
+    indices from its generator (so every later draw of the step is unchanged) and checks that the
+    prefetched item matches: runs with and without workers compute the same steps.
+    """
+
+    num_workers: int = 0
+    _prefetched: Any = None
+
+    def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
+        raise NotImplementedError
+
+    def load(self, idx: Sequence[int]) -> list[Any]:
+        raise NotImplementedError
+
+    def start(
+        self, first_step: int, max_steps: int, *, seed: int, process_index: int, accumulation: int
+    ) -> None:
+        """Open the prefetching loader at micro-step ``first_step * accumulation`` (no-op without workers)."""
+        self.close()
+        if self.num_workers == 0:
+            return
+        items = _PrefetchedSteps(self, seed, process_index, accumulation)
+        loader = torch.utils.data.DataLoader(
+            items,
+            batch_size=None,
+            sampler=range(first_step * accumulation, max_steps * accumulation),
+            num_workers=self.num_workers,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(
+                step_generator(seed, first_step, process_index).initial_seed()
+            ),
+        )
+        self._prefetched = iter(loader)
+
+    def close(self) -> None:
+        """Shut the prefetching workers down."""
+        self._prefetched = None
+
+    def fetch(self, generator: torch.Generator) -> tuple[list[int], list[str], list[Any]]:
+        """``(indices, texts, loaded items)`` of the batch ``generator`` draws (prefetched with workers)."""
+        idx, texts = self.draw(generator)
+        if self._prefetched is None:
+            return idx, texts, self.load(idx)
+        item = next(self._prefetched)
+        if item["idx"] != idx:
+            raise RuntimeError(
+                f"The data loader is out of step: it prefetched indices {item['idx']} but the step drew {idx}. "
+                f"Call {type(self).__name__}.start with the step training resumes at, and draw one batch per "
+                "micro-step."
+            )
+        return idx, texts, item["items"]
+
+
+class StepData(StepSource):
     """Per-step batches drawn by index from a prompt list or an image-caption folder.
 
     ``batch(generator)`` returns ``(pixels or None, prompts)`` and ``latents_batch(generator, vae,
     device)`` returns ``(x0 latents, prompts)``, for ``batch_size`` indices drawn with the step's
     generator, so the data order is a function of the step (exact resume, no sampler state).
 
-    With ``--dataloader_num_workers N > 0``, :meth:`start` (called by :func:`train_loop`) opens a
-    ``DataLoader`` whose item ``k`` is micro-step ``k`` (from the resume step on): a worker draws the same
-    indices from a copy of that micro-step's :func:`step_generator` and loads (decodes, resizes, crops) the
-    images ahead of time. The main process still draws the indices from its generator (so every later draw
-    of the step is unchanged) and checks that the prefetched item matches: runs with and without workers
-    compute the same steps.
+    With ``--dataloader_num_workers N > 0`` the images are loaded (decoded, resized, cropped) ahead of time
+    in N worker processes (:class:`StepSource`).
     """
 
     def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:
@@ -409,7 +464,6 @@ class StepData:
         self.need_images = need_images
         self.images: ImageCaptionFolder | None = None
         self.prompts: list[str] | None = None
-        self._prefetched: Any = None
         if args.train_data_dir:
             self.images = ImageCaptionFolder(args.train_data_dir, args.resolution)
         elif need_images:
@@ -451,42 +505,6 @@ class StepData:
             for i in idx
         ]
 
-    def start(
-        self, first_step: int, max_steps: int, *, seed: int, process_index: int, accumulation: int
-    ) -> None:
-        """Open the prefetching loader at micro-step ``first_step * accumulation`` (no-op without workers)."""
-        self.close()
-        if self.num_workers == 0:
-            return
-        items = _PrefetchedSteps(self, seed, process_index, accumulation)
-        loader = torch.utils.data.DataLoader(
-            items,
-            batch_size=None,
-            sampler=range(first_step * accumulation, max_steps * accumulation),
-            num_workers=self.num_workers,
-            worker_init_fn=_seed_worker,
-            generator=torch.Generator().manual_seed(
-                step_generator(seed, first_step, process_index).initial_seed()
-            ),
-        )
-        self._prefetched = iter(loader)
-
-    def close(self) -> None:
-        """Shut the prefetching workers down."""
-        self._prefetched = None
-
-    def _fetch(self, generator: torch.Generator) -> tuple[list[int], list[str], list[torch.Tensor | None]]:
-        idx, captions = self.draw(generator)
-        if self._prefetched is None:
-            return idx, captions, self.load(idx)
-        item = next(self._prefetched)
-        if item["idx"] != idx:
-            raise RuntimeError(
-                f"The data loader is out of step: it prefetched indices {item['idx']} but the step drew {idx}. "
-                "Call StepData.start with the step training resumes at, and draw one batch per micro-step."
-            )
-        return idx, captions, item["pixels"]
-
     def latents_batch(
         self, generator: torch.Generator, vae: Any, device: Any
     ) -> tuple[torch.Tensor, list[str]]:
@@ -503,7 +521,7 @@ class StepData:
             raise ValueError(
                 "This method trains on images: pass --train_data_dir (images with .txt captions)."
             )
-        idx, captions, pixels = self._fetch(generator)
+        idx, captions, pixels = self.fetch(generator)
         if self.cache_dir is None:
             mean, std = posterior(vae, torch.stack([p for p in pixels if p is not None]))
             return sample_posterior(vae, mean, std, generator).to(device, torch.float32), captions
@@ -520,22 +538,23 @@ class StepData:
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor | None, list[str]]:
         """``(pixels (B, 3, R, R) or None, prompts)``; pixels only for image methods (``need_images``)."""
-        _, captions, pixels = self._fetch(generator)
+        _, captions, pixels = self.fetch(generator)
         if any(p is None for p in pixels):
             return None, captions
         return torch.stack([p for p in pixels if p is not None]), captions
 
 
 class _PrefetchedSteps(torch.utils.data.Dataset):
-    """Item ``k``: the indices and pixels of micro-step ``k`` (step ``k // accumulation``) of one process."""
+    """Item ``k``: the indices and loaded items of micro-step ``k`` (step ``k // accumulation``) of one
+    process."""
 
-    def __init__(self, data: StepData, seed: int, process_index: int, accumulation: int) -> None:
+    def __init__(self, data: StepSource, seed: int, process_index: int, accumulation: int) -> None:
         self.data, self.seed, self.process_index, self.accumulation = data, seed, process_index, accumulation
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         step, micro = divmod(k, self.accumulation)
         idx, _ = self.data.draw(step_generator(self.seed, step, self.process_index, micro))
-        return {"idx": idx, "pixels": self.data.load(idx)}
+        return {"idx": idx, "items": self.data.load(idx)}
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -955,7 +974,7 @@ def train_loop(
     train_step: Any,
     validate: Any = None,
     *,
-    data: StepData | None = None,
+    data: StepSource | None = None,
     ema: ReleaseEMA | None = None,
     after_step: Any = None,
 ) -> int:
@@ -964,7 +983,7 @@ def train_loop(
     ``train_step`` is called ``gradient_accumulation_steps`` times per optimisation step (one micro-batch
     each; wrap its update in ``accelerator.accumulate``) with the generator of :func:`step_generator` and
     the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
-    ``--validation_steps`` and after the last step. ``data`` (a :class:`StepData`) starts its prefetching
+    ``--validation_steps`` and after the last step. ``data`` (a :class:`StepSource`) starts its prefetching
     workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
     step, and with it ``validate`` samples the averaged weights (swapped in, then back). ``after_step(step)``
     runs on every process after each optimisation step's checkpoint (e.g. to write a stage's weights).

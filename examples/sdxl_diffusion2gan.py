@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +127,15 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
     accelerator.wait_for_everyone()
 
 
-class PairShards:
-    """Random access to the pairs of the shards: ``batch(generator)`` -> ``(noise, latent, prompts)``."""
+class PairShards(common.StepSource):
+    """The teacher pairs of the shards as a per-step source: ``batch(generator)`` -> ``(noise, latent,
+    prompts)`` for ``batch_size`` pairs drawn with the step's generator; with ``num_workers > 0`` worker
+    processes read them ahead of time (:class:`distill_common.StepSource`)."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], batch_size: int, num_workers: int = 0) -> None:
         from safetensors import safe_open
 
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.index: list[tuple[Path, int]] = []
         self.prompts: dict[Path, list[str]] = {}
         for path in paths:
@@ -140,17 +144,23 @@ class PairShards:
                 rows = f.get_slice("noise").get_shape()[0]
             self.index += [(path, r) for r in range(rows)]
 
-    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
+        idx = torch.randint(len(self.index), (self.batch_size,), generator=generator).tolist()
+        return idx, [self.prompts[self.index[k][0]][self.index[k][1]] for k in idx]
+
+    def load(self, idx: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from safetensors import safe_open
 
-        noise, latent, prompts = [], [], []
-        for k in torch.randint(len(self.index), (size,), generator=generator).tolist():
+        rows = []
+        for k in idx:
             path, row = self.index[k]
             with safe_open(str(path), framework="pt") as f:
-                noise.append(f.get_slice("noise")[row : row + 1])
-                latent.append(f.get_slice("latent")[row : row + 1])
-            prompts.append(self.prompts[path][row])
-        return torch.cat(noise), torch.cat(latent), prompts
+                rows.append((f.get_slice("noise")[row : row + 1], f.get_slice("latent")[row : row + 1]))
+        return rows
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        _, prompts, rows = self.fetch(generator)
+        return torch.cat([n for n, _ in rows]), torch.cat([z for _, z in rows]), prompts
 
 
 def main(args: argparse.Namespace) -> None:
@@ -169,7 +179,7 @@ def main(args: argparse.Namespace) -> None:
     unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     generate_pairs(accelerator, args, parts, teacher)
-    pairs = PairShards(shard_paths(args))
+    pairs = PairShards(shard_paths(args), args.train_batch_size, args.dataloader_num_workers)
     augment = None if args.lpips_augment == "none" else args.lpips_augment
     lpips = ELatentLPIPS("sdxl", augment=augment, weights=args.lpips_weights).to(device)
     opt = common.adamw(unet.parameters(), args)
@@ -179,7 +189,7 @@ def main(args: argparse.Namespace) -> None:
     global_step = common.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        noise, real, prompts = pairs.batch(args.train_batch_size, gen)
+        noise, real, prompts = pairs.batch(gen)
         noise, real = noise.to(device), real.to(device)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
@@ -223,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
         return logs
 
     validate = common.one_step_validation(accelerator, args, parts, unet, schedule)
-    common.train_loop(accelerator, args, global_step, train_step, validate, ema=ema)
+    common.train_loop(accelerator, args, global_step, train_step, validate, data=pairs, ema=ema)
     common.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 

@@ -283,6 +283,33 @@ class _FakeAccelerator:
         self.loaded.append(Path(path).name)
 
 
+def test_step_source_prefetch_follows_the_steps_and_says_when_out_of_step() -> None:
+    common = _load("distill_common")
+
+    class Numbers(common.StepSource):
+        def __init__(self) -> None:
+            self.num_workers = 1
+
+        def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
+            idx = torch.randint(1000, (3,), generator=generator).tolist()
+            return idx, [str(i) for i in idx]
+
+        def load(self, idx: list[int]) -> list[int]:
+            return [2 * i for i in idx]
+
+    data = Numbers()
+    data.start(5, 8, seed=1, process_index=0, accumulation=1)
+    for step in (5, 6):  # resumed at step 5: the worker's items are the steps' own draws
+        idx, texts, items = data.fetch(common.step_generator(1, step))
+        assert items == [2 * i for i in idx] and texts == [str(i) for i in idx]
+    with pytest.raises(RuntimeError, match=r"out of step: it prefetched indices .* Call Numbers.start"):
+        data.fetch(common.step_generator(1, 3))  # step 7 was prefetched
+    data.close()
+    assert data.fetch(common.step_generator(1, 3))[2] == [
+        2 * i for i in data.draw(common.step_generator(1, 3))[0]
+    ]
+
+
 def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
     import argparse
 
@@ -653,7 +680,8 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
     _run_and_resume(
         "sdxl_diffusion2gan",
         [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
-        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        # The resumed run reads its pairs in a loader worker: the same steps as in-process reading.
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra, "--dataloader_num_workers", "1"],
         out_a,
     )
     assert sorted(p.name for p in pairs.iterdir()) == [f"pairs-0000{i}.safetensors" for i in range(3)]
