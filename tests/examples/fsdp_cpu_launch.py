@@ -2,7 +2,8 @@
 
 accelerate selects FSDP only for GPU-like devices: with ``ACCELERATE_USE_CPU=true`` under ``torchrun`` it
 sets up a multi-CPU (gloo) run and ignores ``ACCELERATE_USE_FSDP``. This launcher switches the shared
-``AcceleratorState`` to FSDP with the plugin accelerate built from the ``FSDP_*`` environment, then runs
+``AcceleratorState`` to FSDP with the plugin accelerate built from the ``FSDP_*`` environment (given the
+mixed-precision policy, as accelerate does for GPUs), then runs
 the script as ``__main__``; prepare, ``fully_shard``, sharded checkpoints and ``get_state_dict`` are
 accelerate's and torch's own code paths.
 
@@ -29,6 +30,8 @@ def _fsdp_on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
         _plugin["fsdp"] = kwargs["fsdp_plugin"]
     # The state is shared (re-initialised by later AcceleratorState() calls): switch it every time.
     if self.distributed_type == DistributedType.MULTI_CPU and "fsdp" in _plugin:
+        if self.distributed_type != DistributedType.FSDP and self._mixed_precision != "no":
+            _plugin["fsdp"].set_mixed_precision(self._mixed_precision)  # as accelerate does on GPUs
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = _plugin["fsdp"]
 
