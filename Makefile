@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test lint typecheck bench clean demo
+.PHONY: install test lint typecheck bench clean demo gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: install lint typecheck
 # 2 cores); prints a table and writes build/toy_demo/grid.png and results.md (see examples/toy/README.md).
 demo: install
 	$(PY) examples/toy/distill.py --out build/toy_demo
+
+# Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
+# carries .whl/ (git-ignored) and the script installs it there.
+GPU_WHEELS ?= diffusers==0.42.1 lpips==0.1.4 kornia==0.9.0 kornia_rs==0.2.0 elatentlpips==0.2 \
+	importlib_metadata==10.2.0 setuptools==80.10.2
+gpu-wheels: install
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -411,6 +411,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             if not _out_of_memory(err):
                 raise
             rows.append({"method": name, "trains": trains, "batch": batch, "status": "OOM"})
+            print(f"# {name} ({trains}) batch {batch}: out of memory", file=sys.stderr, flush=True)
             break
         rows.append(
             {
@@ -421,6 +422,12 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 "peak_gib": peak,
                 "status": "ok",
             }
+        )
+        # Progress as it comes (stderr), so a run stopped by a time limit still leaves its figures.
+        print(
+            f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB",
+            file=sys.stderr,
+            flush=True,
         )
         batch *= 2
     del step, bench

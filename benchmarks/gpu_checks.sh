@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one command, sized for one device lease (15 minutes of device time,
+# at most 10 per command, of which a machine's start takes 1-2): a CUDA + bf16 test run and the
+# SDXL-size benchmarks whose figures the README still lacks.
+#
+#   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
+#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=580)
+#
+# Each section runs under its own time limit (they add up to 540 s) and writes $OUT/<section>.log, so a
+# section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
+# and durations. gpu_sdxl.py prints each measured row as it goes. The machine's image has torch,
+# accelerate, peft, transformers and pytest; diffusers, lpips, kornia (+ kornia_rs), elatentlpips (the
+# LPIPS benchmark's reference) and importlib_metadata come from .whl/, and the repository root is put on
+# the path as the package `diffdistill`.
+set -u
+OUT=${OUT:-build/gpu_checks}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+echo "# GPU checks $(date -u +%FT%TZ)" > "$SUMMARY"
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed" >> "$SUMMARY"; exit 1; }
+fi
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/diffdistill
+export PYTHONPATH=/tmp/site:/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+section() {  # section NAME SECONDS COMMAND...
+    local name=$1 limit=$2 start rc
+    shift 2
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "- $name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)" >> "$SUMMARY"
+}
+
+section 01-env 30 bash -c 'nvidia-smi; python3 -c "import torch, diffusers, peft, accelerate, kornia, lpips, diffdistill;
+print(torch.__version__, torch.cuda.get_device_name(0), diffusers.__version__, peft.__version__, accelerate.__version__)"'
+# Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
+# run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).
+section 02-tests-cuda 100 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_on_device.py \
+    tests/examples/test_sdxl_scripts.py -k "not fsdp and not two_process"
+# One training step per method at the real SDXL UNet (random weights), 128x128 latents, bf16: LoRA with
+# gradient checkpointing up to batch 8, then the full-UNet students at batch 1 and 2.
+section 03-gpu-sdxl-lora 190 python3 benchmarks/gpu_sdxl.py --max_batch 8 --warmup 1 --repeats 3
+section 04-gpu-sdxl-full 110 python3 benchmarks/gpu_sdxl.py --full --max_batch 2 --warmup 1 --repeats 2
+# E-LatentLPIPS speed goal (ours vs the official package, batch 8, 128x128, bf16, channels_last).
+section 05-lpips 60 python3 benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 10 --bf16 --channels-last
+# Discriminator heads' overhead on the SDXL backbone (bf16, 128x128).
+section 06-discriminators 50 python3 benchmarks/discriminators.py --sdxl --device cuda --repeats 5
+cat "$SUMMARY"
