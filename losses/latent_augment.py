@@ -363,7 +363,8 @@ class LatentAugment(nn.Module):
         """Draw parameters for ``batch_size`` samples (see :class:`AugmentParams`).
 
         Random numbers come from ``generator`` on the generator's device (the default generator of
-        ``device`` when ``None``) and are returned on ``device``.
+        ``device`` when ``None``), drawn in float32 whatever ``dtype`` is (so a seed gives the same draw for
+        float32 and float64 data), and are returned on ``device``; the colour factors in ``dtype``.
 
         Example:
             >>> aug = LatentAugment("b")
@@ -376,8 +377,8 @@ class LatentAugment(nn.Module):
         gdev = generator.device if generator is not None else dev
         ops, p = set(self.ops), self.p
 
-        def rand(*shape: int, dt: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.rand(shape, generator=generator, device=gdev, dtype=dt)
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=generator, device=gdev, dtype=torch.float32)
 
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(shape, generator=generator, device=gdev)
@@ -408,13 +409,13 @@ class LatentAugment(nn.Module):
             out.xfrac = gate(randn(n, 2) * self.xfrac_std, p, 0.0, n, 1)
         # Colour draws follow DiffAugment's ranges; a gate is drawn only when p < 1.
         if "brightness" in ops:
-            v = rand(n, 1, 1, 1, dt=dtype).reshape(n) - 0.5
+            v = rand(n, 1, 1, 1).reshape(n).to(dtype) - 0.5
             out.brightness = gate(v, p, 0.0, n) if p < 1 else v
         if "contrast" in ops:
-            v = rand(n, 1, 1, 1, dt=dtype).reshape(n) + 0.5
+            v = rand(n, 1, 1, 1).reshape(n).to(dtype) + 0.5
             out.contrast = gate(v, p, 1.0, n) if p < 1 else v
         if "saturation" in ops:
-            v = rand(n, 1, 1, 1, dt=dtype).reshape(n) * 2
+            v = rand(n, 1, 1, 1).reshape(n).to(dtype) * 2
             out.saturation = gate(v, p, 1.0, n) if p < 1 else v
         if "cutout" in ops:
             size = gate(torch.full((n,), self.cutout_size, device=gdev), p, 0.0, n)
@@ -474,6 +475,10 @@ class LatentAugment(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Augment every tensor with one shared draw; returns a tensor for one input, else a tuple.
 
+        The resampling runs outside autocast, in at least float32 (half-precision inputs are upcast, then
+        the outputs cast back to the input dtype): under bf16 autocast its filter convolutions would
+        otherwise round the augmented latents to bf16.
+
         Args:
             *tensors: ``(N, C, H, W)`` floating tensors of one shape.
             generator: source of randomness (reproducible draws).
@@ -495,9 +500,13 @@ class LatentAugment(nn.Module):
                 )
         if not self.ops and params is None:
             return tensors[0] if len(tensors) == 1 else tuple(tensors)
+        dtype = tensors[0].dtype
+        work = torch.promote_types(dtype, torch.float32)
         if params is None:
             params = self.sample(
-                tensors[0].shape[0], generator=generator, device=tensors[0].device, dtype=tensors[0].dtype
+                tensors[0].shape[0], generator=generator, device=tensors[0].device, dtype=work
             )
-        out = self.transform(tuple(tensors), params)
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            out = self.transform(tuple(t.to(work) for t in tensors), params)
+        out = tuple(t.to(dtype) for t in out)
         return out[0] if len(out) == 1 else out

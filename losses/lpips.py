@@ -621,10 +621,9 @@ class ELatentLPIPS(LatentLPIPS):
             )
         x, y = self._prepare(input, target, normalize)
         b, k = x.shape[0], self.num_draws
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            xk = x.repeat(k, 1, 1, 1) if k > 1 else x
-            yk = y.repeat(k, 1, 1, 1) if k > 1 else y
-            xa, ya = self.augment(xk, yk, generator=generator)
+        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
+        yk = y.repeat(k, 1, 1, 1) if k > 1 else y
+        xa, ya = self.augment(xk, yk, generator=generator)  # float32 resampling, outside autocast
         value = self._distance(xa, ya, spatial=False)
         if k > 1:
             value = value.reshape(k, b).mean(dim=0)
