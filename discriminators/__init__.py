@@ -1,7 +1,7 @@
 """Diffusion-UNet discriminators for adversarial distillation (SDXL-Lightning, DMD2, PCM, Diffusion2GAN).
 
 Every discriminator wraps a diffusers ``UNet2DConditionModel`` the caller built (diffusers is never
-imported here) and returns a list of float32 logits, one tensor per head:
+imported here) and returns a list of logits in at least float32 (float64 for a float64 model), one tensor per head:
 
 * :class:`UNetEncoderDiscriminator` -- SDXL-Lightning, (un)conditional, encoder + mid block copy;
 * :class:`BottleneckHead` -- DMD2's classifier head on a shared UNet's bottleneck;

@@ -66,7 +66,7 @@ class UNetDiscriminatorBase(nn.Module):
 
     Subclasses set ``self.extractor`` (a :class:`~diffdistill.discriminators.UNetFeatureExtractor`),
     ``self.heads`` (an ``nn.ModuleList``) and optionally extra new layers listed in ``_new_layer_names``.
-    ``forward`` returns a list of float32 logits, one ``(B, 1, h, w)`` tensor per head.
+    ``forward`` returns a list of logits in at least float32, one ``(B, 1, h, w)`` tensor per head.
 
     Example:
         >>> from diffdistill.discriminators import UNetEncoderDiscriminator, tiny_sdxl_unet

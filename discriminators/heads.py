@@ -63,7 +63,8 @@ def reset_module_parameters(module: nn.Module) -> None:
 
 
 def run_head_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    """Run ``head`` with autocast disabled on ``features`` cast to the head's dtype; return float32 logits.
+    """Run ``head`` with autocast disabled on ``features`` cast to the head's dtype; return logits in at
+    least float32 (a float64 head, e.g. for reference tests and gradcheck, gives float64).
 
     Example:
         >>> head = nn.Conv2d(4, 1, 1)
@@ -74,10 +75,11 @@ def run_head_float32(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     param = next(head.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device_type = features.device.type
+    out_dtype = torch.promote_types(dtype, torch.float32)
     if not torch.amp.is_autocast_available(device_type):  # e.g. "meta" (FLOP counting)
-        return head(features.to(dtype)).float()
+        return head(features.to(dtype)).to(out_dtype)
     with torch.autocast(device_type=device_type, enabled=False):
-        return head(features.to(dtype)).float()
+        return head(features.to(dtype)).to(out_dtype)
 
 
 class StridedConvHead(nn.Module):

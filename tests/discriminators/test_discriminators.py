@@ -317,3 +317,20 @@ def test_bf16_backbone_with_float32_new_layers_without_autocast(conds, latents) 
     )
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in logits)
     assert disc.noise_conv.weight.dtype == torch.float32
+
+
+def test_heads_keep_float64_for_reference_checks() -> None:
+    # Logits come out in at least float32: bf16 features with a float32 head give float32, a float64 head
+    # gives float64 (exactly the head's own output), so float64 references and gradcheck keep their precision.
+    from diffdistill.discriminators import StridedConvHead, run_head_float32
+
+    torch.manual_seed(0)
+    head = StridedConvHead(8, 8, norm_groups=4).double()
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = run_head_float32(head, x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, head(x), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda t: run_head_float32(head, t), (x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run_head_float32(head.float(), x.detach().bfloat16())
+    assert low.dtype == torch.float32
