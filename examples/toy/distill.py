@@ -88,7 +88,7 @@ class DemoConfig:
 
     batch: int = 32
     lcm_steps: int = 240
-    lcm_lr: float = 3e-5
+    lcm_lr: float = 1e-4
     lcm_ddim_timesteps: int = 4  # skip 250: teacher DDIM jumps on the 4-step grid
     sim_steps: int = 120
     sim_lr: float = 2e-5
