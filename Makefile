@@ -39,8 +39,7 @@ demo: install
 
 # Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
 # carries .whl/ (git-ignored) and the script installs it there.
-GPU_WHEELS ?= diffusers==0.42.1 lpips==0.1.4 kornia==0.9.0 kornia_rs==0.2.0 elatentlpips==0.2 \
-	importlib_metadata==10.2.0 setuptools==80.10.2
+GPU_WHEELS ?= diffusers==0.42.1 lpips==0.1.4 kornia==0.9.0 kornia_rs==0.2.0 elatentlpips==0.2 setuptools==80.10.2
 gpu-wheels: install
 	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -775,10 +775,13 @@ class _StateSubset:
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a ``DTensor`` shard (a collective: every process calls it), else ``value``."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    """The whole tensor of a ``DTensor`` shard on the CPU (a collective: every process calls it; one
+    gathered tensor on the device at a time), else ``value``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed
+        return value
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
 
 
 def register_ema(accelerator: Any, ema: nn.Module, online: nn.Module) -> None:
@@ -893,6 +896,7 @@ def save_unet(
         else:
             path = out / subfolder
             model.save_config(path)
+            _fix_class_name(path / "config.json", model)
             save_torch_state_dict(
                 state,
                 path,
@@ -904,6 +908,21 @@ def save_unet(
         path = out / (LORA_WEIGHT_NAME if args.use_lora else subfolder)
     accelerator.wait_for_everyone()
     return path
+
+
+def _fix_class_name(config_file: Path, model: nn.Module) -> None:
+    """Write the model's own class in ``_class_name``: FSDP2 (``fully_shard``) swaps the instance's class for
+    a generated ``FSDP<Name>`` subclass, which diffusers' ``save_config`` would record."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    if not isinstance(model, FSDPModule):
+        return
+    own = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = own.__name__
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def place_frozen(parts: SDXLComponents, device: Any, dtype: torch.dtype, *, vae: bool = True) -> None:
@@ -944,8 +963,6 @@ def log_validation(
 
     device = accelerator.device
     dtype = weight_dtype_of(accelerator)
-    if parts.vae.device != device:
-        parts.vae.to(device)
     prompts = list(args.validation_prompts)
     cond = unet_conditions(parts, prompts, args.resolution, device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
@@ -956,6 +973,8 @@ def log_validation(
         latents = sample_fn(noise, cond).float()
     if not accelerator.is_main_process:
         return None
+    if parts.vae.device != device:
+        parts.vae.to(device)
     images = decode_latents(parts.vae, latents)
     grid = torch.cat(list(images), dim=2)  # one row
     path = Path(args.output_dir) / "samples" / f"step-{step}.png"

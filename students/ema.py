@@ -20,13 +20,13 @@ from .._modules import unwrap_model
 __all__ = ["EMA"]
 
 
-def _whole(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``param`` whole when it is a shard (``DTensor``) and ``like`` (the average) is not."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor) and not isinstance(like, DTensor):
-        return param.full_tensor()
-    return param
+def _is_shard(param: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``param`` is a shard (``DTensor``) while ``like`` (the average) is a whole tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed
+        return False
+    return isinstance(param, DTensor) and not isinstance(like, DTensor)
 
 
 class EMA(nn.Module):
@@ -46,8 +46,9 @@ class EMA(nn.Module):
     averaged copy is in eval mode with ``requires_grad=False``.
 
     Sharded models: an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
-    and :meth:`update` gathers the online shards (``DTensor.full_tensor``: a collective, so call it on
-    every process); an EMA built from the sharded model averages shard by shard.
+    and :meth:`update` gathers the online shards one tensor at a time (``DTensor.full_tensor``: a
+    collective, so call it on every process; it moves the whole model each update); an EMA built from the
+    sharded model averages shard by shard.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -129,9 +130,15 @@ class EMA(nn.Module):
                 f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
                 "same architecture the EMA was built from."
             )
-        src = [_whole(p.detach(), e).to(e.dtype) for e, p in zip(ema_params, params)]
-        if ema_params:
-            torch._foreach_lerp_(ema_params, src, 1.0 - d)
+        if any(_is_shard(p, e) for e, p in zip(ema_params, params)):
+            for e, p in zip(ema_params, params):  # one gathered tensor at a time
+                value: Any = p.detach()  # a DTensor where it is a shard
+                whole = value.full_tensor() if _is_shard(p, e) else value
+                e.lerp_(whole.to(e.dtype), 1.0 - d)
+        elif ema_params:
+            torch._foreach_lerp_(
+                ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, params)], 1.0 - d
+            )
         for e_buf, buf in zip(self.module.buffers(), source.buffers()):
             if self.include_buffers and e_buf.is_floating_point():
                 e_buf.lerp_(buf.to(e_buf.dtype), 1.0 - d)

@@ -454,7 +454,9 @@ def test_unet_discriminators(device: torch.device, tiny_unet64: nn.Module, kind:
                 logits = disc(sample, 0, ehs, added, noise=other)
             loss, _ = gan_generator_loss(logits)
         out = {f"logits:{i}": logit for i, logit in enumerate(logits)}
-        out["logits:g_loss"] = loss  # float32 even for the float64 reference: the heads return float32
+        out["logits:g_loss"] = (
+            loss  # float64 for the float64 reference (heads keep float64), float32 otherwise
+        )
         out |= _grads(loss, {"sample": sample, "other": other, "new_layers": list(disc.head_parameters())})
         return out
 
