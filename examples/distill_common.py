@@ -627,9 +627,14 @@ def prepare(accelerator: Any, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -
     return prepared
 
 
+def distributed_kind(accelerator: Any) -> str:
+    """accelerate's distributed type by name: ``"NO"``, ``"MULTI_GPU"``, ``"FSDP"``, ``"DEEPSPEED"``, ..."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
+
+
 def is_sharded(accelerator: Any) -> bool:
     """Whether accelerate shards the prepared models' parameters (FSDP or DeepSpeed)."""
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1] in ("FSDP", "DEEPSPEED")
+    return distributed_kind(accelerator) in ("FSDP", "DEEPSPEED")
 
 
 def progress_bar(accelerator: Any, args: argparse.Namespace, initial: int) -> Any:
@@ -952,12 +957,12 @@ def log_validation(
 ) -> Path | None:
     """Sample ``--validation_prompts`` with ``sample_fn(noise, cond) -> latents``; save and log the grid.
 
-    Every process samples (a sharded FSDP model needs all of them for a forward pass) with a fixed
-    generator (the same noise at every validation), leaving the training randomness untouched; the main
-    process writes the grid (one row) to ``OUTPUT_DIR/samples/step-{step}.png`` and to TensorBoard when it
+    The main process samples -- every process when the model is sharded (FSDP: a forward pass needs all of
+    them) -- with a fixed generator (the same noise at every validation), leaving the training randomness
+    untouched; the main process writes the grid (one row) to ``OUTPUT_DIR/samples/step-{step}.png`` and to TensorBoard when it
     is a tracker.
     """
-    if not args.validation_prompts:
+    if not args.validation_prompts or not (accelerator.is_main_process or is_sharded(accelerator)):
         return None
     from PIL import Image
 
@@ -1058,7 +1063,7 @@ def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: An
     """
     if accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm):
         trainable = [p for p in params if p.requires_grad]
-        if is_sharded(accelerator) and str(accelerator.distributed_type).endswith("FSDP"):
+        if distributed_kind(accelerator) == "FSDP":
             accelerator.unscale_gradients()
             torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         else:

@@ -130,11 +130,11 @@ class EMA(nn.Module):
                 f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
                 "same architecture the EMA was built from."
             )
-        if any(_is_shard(p, e) for e, p in zip(ema_params, params)):
-            for e, p in zip(ema_params, params):  # one gathered tensor at a time
+        shards = [_is_shard(p, e) for e, p in zip(ema_params, params)]
+        if any(shards):
+            for e, p, shard in zip(ema_params, params, shards):  # one gathered tensor at a time
                 value: Any = p.detach()  # a DTensor where it is a shard
-                whole = value.full_tensor() if _is_shard(p, e) else value
-                e.lerp_(whole.to(e.dtype), 1.0 - d)
+                e.lerp_((value.full_tensor() if shard else value).to(e.dtype), 1.0 - d)
         elif ema_params:
             torch._foreach_lerp_(
                 ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, params)], 1.0 - d
