@@ -440,7 +440,10 @@ def r1_penalty(
 
     The gradient is taken with ``create_graph=True`` so that the penalty trains the discriminator. For a
     patch or multi-head discriminator, :math:`D` is the head-weighted sum of each sample's logits (as
-    StyleGAN2's ``real_logits.sum()``); for one logit per sample it is the usual R1. With several
+    StyleGAN2's ``real_logits.sum()``); for one logit per sample it is the usual R1. A sum, not the mean
+    the GAN losses take: a head with ``P`` logits per sample weighs up to ``P**2`` times more in the
+    penalty than one averaged logit would, so ``gamma`` values do not transfer between head shapes
+    (rescale ``gamma`` or ``head_weights`` when changing patch sizes). With several
     ``inputs`` (e.g. the pair of a conditional discriminator) the squared norms add up.
 
     Discriminators with attention (diffusion UNets) must compute ``real_logits`` under

@@ -88,6 +88,9 @@ def _map_side(
     sigma_data: float,
     timestep_scaling: float,
 ) -> torch.Tensor:
+    # Mapped to >= float32: the loss compares two mapped sides whose difference is small, which rounding
+    # each side to the latents' bf16 first would blur.
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if parameterization == "boundary":
         return consistency_function(pred, x, t, schedule, prediction_type, sigma_data, timestep_scaling)
     return schedule.ddim_step(pred, t, x, t_end, prediction_type, allow_same=True)
@@ -117,7 +120,7 @@ def consistency_pair(
     :math:`\\hat x_{t_{prev}} = \\Psi_\\text{teacher}(x_t, t \\to t_{prev})` (``teacher_steps`` guided DDIM
     steps) and :math:`g` the boundary-condition map (LCM) or the DDIM move to ``t_end`` (TSCD / MLCM).
     With ``target=None`` the target side is the teacher's solution itself (progressive distillation;
-    needs ``t_end == t_prev``). Where ``t_end == t_prev`` in move mode the target side is exactly
+    needs ``parameterization="move"`` and ``t_end == t_prev``, else OptionError). Where ``t_end == t_prev`` in move mode the target side is exactly
     :math:`\\hat x_{t_{prev}}` (no target evaluation can change it).
 
     Args:
@@ -167,6 +170,21 @@ def consistency_pair(
             f"Expected t_end <= t_prev < t for every sample, but got t={t.tolist()}, t_prev={t_prev.tolist()}, "
             f"t_end={t_end.tolist()}. Draw `sample` with a sampler of diffdistill.schedulers."
         )
+    if target is None:
+        # The teacher's solution x_prev is a state at t_prev: only the student's move to t_end == t_prev
+        # lands in the same space (progressive distillation, SDXL-Lightning's adversarial pairs).
+        if parameterization != "move":
+            raise OptionError(
+                "Expected parameterization='move' with target=None (the target is then the teacher's state "
+                f"at t_prev, which only the student's DDIM move to t_end == t_prev matches), but got "
+                f"parameterization={parameterization!r}. Pass parameterization='move', or a target model."
+            )
+        if value_checks_enabled() and bool((t_end != t_prev).any()):
+            raise OptionError(
+                "Expected sample.t_end == sample.t_prev for every sample with target=None (the student must "
+                f"move to where the teacher's solution lies), but got t_prev={t_prev.tolist()}, "
+                f"t_end={t_end.tolist()}. Use a sampler whose t_end equals t_prev (e.g. progressive_pairs)."
+            )
     map_args = (parameterization, prediction_type, sigma_data, timestep_scaling)
 
     pred = _call(student, x_t, t, s_cond)
@@ -631,8 +649,9 @@ def teacher_trajectory_states(
 ) -> torch.Tensor:
     """Data-free training states: run the teacher from pure noise at ``T-1`` down to ``t`` (MLCM Alg. 1).
 
-    MLCM's multistep denoising strategy: a state at :math:`t_m` in segment ``s`` (of ``M = num_segments``)
-    is reached with :math:`L = M - s` guided DDIM steps of size :math:`(T - t_m)/L`, so states nearer the
+    MLCM's multistep denoising strategy: a state at :math:`t_m` in segment ``s`` (of ``M = num_segments``;
+    segments as in :func:`~diffdistill.schedulers.milestone_pairs`, ``t_m + 1`` in
+    :math:`(m_s, m_{s+1}]`) is reached with :math:`L = M - s` guided DDIM steps of size :math:`(T - t_m)/L`, so states nearer the
     data get more (cleaner) steps. Samples with ``t = T-1`` are the noise itself.
 
     Example:
@@ -650,7 +669,8 @@ def teacher_trajectory_states(
     tt = tt.expand(noise.shape[0]) if tt.ndim == 0 else tt
     if bool((tt < 0).any()):
         raise OptionError(f"Expected `t` >= 0 for trajectory states, but got {tt.tolist()}.")
-    segment = torch.div((tt + 1) * num_segments, total, rounding_mode="floor").clamp(max=num_segments - 1)
+    # Segment s holds u = t + 1 in (m_s, m_{s+1}], m_s = floor(sT/M): milestone_pairs' convention.
+    segment = torch.div((tt + 1) * num_segments - 1, total, rounding_mode="floor").clamp(max=num_segments - 1)
     steps = num_segments - segment
     out = noise.clone()
     with torch.no_grad():

@@ -43,6 +43,10 @@ Denoiser = TeacherSolver | Callable[..., Any]
 Cond = Mapping[str, Any] | None
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def denoise(
     model: Denoiser,
     x_t: torch.Tensor,
@@ -56,6 +60,10 @@ def denoise(
 ) -> torch.Tensor:
     """Clean-sample estimate :math:`D(x_t, t)` from a TeacherSolver (with its CFG) or a plain model.
 
+    The model runs on ``x_t`` as given (its own dtype); the estimate is returned in float32 for
+    bf16/fp16/float32 inputs (float64 for float64), so that the difference of two
+    denoisers' estimates -- what DMD, SiD and SIM differentiate -- is not lost to half-precision rounding.
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> s = NoiseSchedule.from_betas(prediction_type="sample")
@@ -63,16 +71,32 @@ def denoise(
         >>> torch.equal(denoise(lambda x, t: 0.5 * x, x, torch.tensor([10, 20]), s), 0.5 * x)
         True
     """
+    return _estimate(model, x_t, _f32(x_t), t, schedule, cond, uncond, prediction_type, grad)
+
+
+def _estimate(
+    model: Denoiser,
+    x_in: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor | TimestepLike,
+    schedule: NoiseSchedule,
+    cond: Cond,
+    uncond: Cond,
+    prediction_type: str | None,
+    grad: bool,
+) -> torch.Tensor:
+    """``model`` on ``x_in`` (the network's dtype); the x0 conversion with ``x_t`` (the same state, >= float32).
+
+    Score losses take the small difference of two estimates (and of an estimate and ``x``): rounding each
+    to bf16 first, or letting their ``x_t`` terms meet in a bf16 gradient, would swamp it.
+    """
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         if isinstance(model, TeacherSolver):
-            out = model.predict(x_t, t, cond, uncond, grad=grad)
-            return schedule.to_x0(out, x_t, t, model.prediction_type)
-        out = first_tensor(model(x_t, t, **dict(cond or {})))
+            out = model.predict(x_in, t, cond, uncond, grad=grad)
+            prediction_type = model.prediction_type
+        else:
+            out = first_tensor(model(x_in, t, **dict(cond or {})))
         return schedule.to_x0(out, x_t, t, prediction_type)
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _sample_t(
@@ -118,13 +142,16 @@ def _real_and_fake(
     prediction_type: str | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (>= float32)."""
+    """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (in >= float32)."""
     check_tensor(x, "x")
     tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
-    x_t = schedule.add_noise(x, _noise(noise, x, generator), tt)
-    d_real = _f32(denoise(real, x_t, tt, schedule, cond, uncond, prediction_type=prediction_type))
+    # The noisy state in >= float32 for the losses' arithmetic (its x terms cancel there), in x's dtype for
+    # the networks (the same values the networks saw before any upcasting).
+    x_t = schedule.add_noise(_f32(x), _f32(_noise(noise, x, generator)), tt)
+    x_in = x_t.to(x.dtype)
+    d_real = _estimate(real, x_in, x_t, tt, schedule, cond, uncond, prediction_type, True)
     f_cond = cond if fake_cond is None else fake_cond
-    d_fake = _f32(denoise(fake, x_t, tt, schedule, f_cond, prediction_type=prediction_type))
+    d_fake = _estimate(fake, x_in, x_t, tt, schedule, f_cond, None, prediction_type, True)
     return tt, d_real, d_fake
 
 
@@ -151,7 +178,8 @@ def dmd_loss(
         \\mathcal L = \\tfrac12 \\operatorname{mean}\\big(x - \\mathrm{sg}(x - g)\\big)^2,
 
     so :math:`\\partial\\mathcal L / \\partial x = g / \\text{numel}` (the real/fake predictions are taken
-    under ``no_grad``, NaNs in ``g`` are zeroed). ``t`` defaults to :math:`U[0.02T, 0.98T]`.
+    under ``no_grad``; as in DMD2, ``torch.nan_to_num`` zeroes NaNs in ``g`` and clips the infinities of a
+    zero normaliser to the dtype's largest value). ``t`` defaults to :math:`U[0.02T, 0.98T]`.
 
     Returns:
         ``(loss, logs)`` with ``grad_norm`` (RMS of ``g``) and ``t_mean``.
@@ -356,11 +384,11 @@ def fake_score_loss(
     x_t = schedule.add_noise(x0, eps, tt)
     out = first_tensor(fake(x_t, tt, **dict(cond or {})))
     to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample"}[weighting]
-    pred = _f32(schedule.convert(out, x_t, tt, prediction_type, to_type))
+    pred = schedule.convert(out, _f32(x_t), tt, prediction_type, to_type)
     if weighting == "epsilon":
         target = eps
-    elif weighting == "v":
-        target = schedule.convert(eps, x_t, tt, "epsilon", "v_prediction")
+    elif weighting == "v":  # from x0 and eps, not x_t: x_t holds no x0 at t = T-1 with terminal_pure_noise
+        target = schedule.alpha(tt, like=pred) * eps - schedule.sigma(tt, like=pred) * x0
     else:
         target = x0
     per = _per_sample(pred - _f32(target)).pow(2).mean(dim=1)

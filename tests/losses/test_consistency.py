@@ -258,3 +258,61 @@ def test_float32_and_errors():
             ),
             cond,
         )
+
+
+def test_target_none_needs_move_to_t_prev():
+    # target=None compares with the teacher's state at t_prev: a boundary-mapped (x0-like) student side or a
+    # move to another t_end gave a silently wrong loss (MSE 6.8 / 1.1 for a student equal to the teacher).
+    student, teacher, cond, uncond, x0, _ = _setup()
+    x_t = SCHED.add_noise(x0, torch.randn_like(x0), 999)
+    same = TimestepSample(torch.full((3,), 999), torch.full((3,), 499), torch.full((3,), 499))
+    with pytest.raises(OptionError, match=r"Expected parameterization='move' with target=None .* but got "):
+        consistency_pair(student, teacher, x_t, same, cond, uncond, target=None)
+    lower = TimestepSample(torch.full((3,), 999), torch.full((3,), 499), torch.tensor([499, 249, 499]))
+    with pytest.raises(
+        OptionError,
+        match=r"Expected sample.t_end == sample.t_prev .* t_prev=\[499, 499, 499\], t_end=\[499, 249, 499\]",
+    ):
+        consistency_pair(student, teacher, x_t, lower, cond, uncond, target=None, parameterization="move")
+    pair = consistency_pair(student, teacher, x_t, same, cond, uncond, target=None, parameterization="move")
+    torch.testing.assert_close(pair.target, pair.x_prev)
+
+
+def test_trajectory_segments_match_milestone_pairs():
+    # A state at t gets M - s teacher steps, s its milestone_pairs segment: u = t + 1 in (m_s, m_{s+1}].
+    calls = []
+
+    def counting(x, t, scale):
+        calls.append(int(t.reshape(-1)[0]))
+        return torch.tanh(x) * scale
+
+    teacher = TeacherSolver(counting, SCHED)
+    sample = milestone_pairs(64, num_segments=8, skip=1, generator=torch.Generator().manual_seed(0))
+    drawn = [(int(a), int(b)) for a, b in zip(sample.t, (sample.t_end + 1) * 8 // 1000)]
+    edges = [(124, 0), (125, 1), (249, 1), (250, 2), (0, 0), (998, 7)]  # u = m_1, m_1 + 1, ..., 1, T - 1
+    for t, seg in drawn + edges:
+        calls.clear()
+        teacher_trajectory_states(teacher, torch.randn(1, 2), torch.tensor([t]), {"scale": torch.ones(1, 1)})
+        assert len(calls) == 8 - seg, (t, seg, len(calls))
+
+
+def test_bf16_states_are_mapped_in_float32():
+    # The two sides of a consistency loss differ little; mapping them (boundary condition / DDIM move) in
+    # the latents' bf16 rounded each side by ~2^-9 of its size before the difference was taken.
+    g = torch.Generator().manual_seed(4)
+    x_t = (3 * torch.randn(3, 4, 4, 4, generator=g)).to(torch.bfloat16)
+    t = torch.tensor([900, 500, 100])
+    pred = torch.randn(3, 4, 4, 4, generator=g).to(torch.bfloat16)
+
+    def student(x, t_):
+        return pred
+
+    teacher = TeacherSolver(lambda x, t_: pred, SCHED)
+    for parameterization, ref in (
+        ("boundary", _f(pred.double(), x_t.double(), t)),
+        ("move", _move(pred.double(), x_t.double(), t, t - 50)),
+    ):
+        sample = TimestepSample(t, t - 50, t - 50)
+        pair = consistency_pair(student, teacher, x_t, sample, parameterization=parameterization)
+        assert pair.student.dtype == torch.float32
+        torch.testing.assert_close(pair.student.double(), ref, atol=2e-6, rtol=2e-6)
