@@ -247,7 +247,10 @@ def main(args: argparse.Namespace) -> str:
         ),
         ("Lightning D, conditional (one 2B call)", lambda: UNetEncoderDiscriminator(unet, conditional=True)),
         ("DMD2 BottleneckHead (shared trainable UNet)", lambda: BottleneckHead(unet)),
-        ("PCM MultiLevel (frozen shared teacher, every down level)", lambda: MultiLevelDiscriminator(frozen)),
+        (
+            "PCM MultiLevel (frozen shared teacher, every down level + mid)",
+            lambda: MultiLevelDiscriminator(frozen),
+        ),
         ("Diffusion2GAN MultiScale (full UNet copy)", lambda: MultiScaleConditionalDiscriminator(unet)),
     ]
     x_in = x.detach().clone().requires_grad_(True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from .discriminator_base import UNetDiscriminatorBase
 from .heads import PointwiseConvHead, ReadoutHead, StridedConvHead, reset_module_parameters, run_head_float32
 from .multi_level import MultiLevelDiscriminator
-from .multi_scale import MultiScaleConditionalDiscriminator
+from .multi_scale import MultiScaleConditionalDiscriminator, decoder_scale_levels
 from .unet_configs import sdxl_conditions, sdxl_unet_config, tiny_sdxl_unet, tiny_sdxl_unet_config
 from .unet_encoder import BottleneckHead, UNetEncoderDiscriminator
 from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_levels
@@ -32,6 +32,7 @@ __all__ = [
     "UNetDiscriminatorBase",
     "UNetEncoderDiscriminator",
     "UNetFeatureExtractor",
+    "decoder_scale_levels",
     "reset_module_parameters",
     "run_head_float32",
     "sdxl_conditions",

@@ -156,7 +156,7 @@ class PointwiseConvHead(nn.Module):
         in_channels: feature channels.
         channels: hidden width (default: ``in_channels``).
         norm_groups: GroupNorm groups.
-        negative_slope: LeakyReLU slope.
+        negative_slope: LeakyReLU slope (PCM's ``nn.LeakyReLU()`` default, 0.01).
 
     Shapes:
         ``(B, in_channels, h, w) -> (B, 1, h, w)``.
@@ -172,7 +172,7 @@ class PointwiseConvHead(nn.Module):
         *,
         channels: int | None = None,
         norm_groups: int = 32,
-        negative_slope: float = 0.2,
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
         width = int(channels or in_channels)

@@ -1,8 +1,9 @@
 r"""PCM-style multi-level discriminator: 1×1-conv heads on several encoder levels of a (frozen) UNet.
 
-PCM (``discriminator_sdxl.py``) runs a frozen copy of the teacher UNet up to its down blocks and
-puts a trainable per-pixel head on each down-block output (320 / 640 / 1280 channels for SDXL); each
-head gives a patch map of logits, and the hinge loss is averaged over heads. FastGen's
+PCM (``discriminator_sdxl.py``) runs a frozen copy of the teacher UNet through its down blocks and mid
+block (skipping the decoder) and puts a trainable per-pixel head on each down-block output and on the
+mid-block output (320 / 640 / 1280 / 1280 channels for SDXL); each head gives a patch map of logits,
+and the hinge loss is averaged over heads. FastGen's
 ``Discriminator_SDXL`` generalises the choice of feature indices; both are ``levels`` here.
 
 .. math::
@@ -33,7 +34,7 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
 
     Args:
         unet: the teacher ``UNet2DConditionModel``.
-        levels: the levels to read (default: every down block, as PCM); any of
+        levels: the levels to read (default: every down block and the mid block, as PCM); any of
             :func:`~diffdistill.discriminators.unet_feature_levels`.
         backbone: ``"shared"`` (default: the teacher by reference, PCM's frozen teacher, not saved with
             the discriminator), ``"copy"`` or ``"own"``.
@@ -49,7 +50,7 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
         >>> disc = MultiLevelDiscriminator(teacher)
         >>> ehs, added = sdxl_conditions(teacher, 2)
         >>> [tuple(l.shape) for l in disc(torch.randn(2, 4, 16, 16), 500, ehs, added)]
-        [(2, 1, 8, 8), (2, 1, 8, 8)]
+        [(2, 1, 8, 8), (2, 1, 8, 8), (2, 1, 8, 8)]
     """
 
     def __init__(
@@ -66,7 +67,9 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
     ) -> None:
         super().__init__()
         if levels is None:
-            levels = tuple(level for level in unet_feature_levels(unet) if level.startswith("down."))
+            levels = tuple(
+                level for level in unet_feature_levels(unet) if level.startswith("down.") or level == "mid"
+            )
         self.extractor = UNetFeatureExtractor(
             unet,
             levels,

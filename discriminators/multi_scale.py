@@ -35,9 +35,29 @@ from torch import nn
 from .._checks import ShapeError
 from .discriminator_base import UNetDiscriminatorBase, _default_trainable
 from .heads import ReadoutHead
-from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_levels
+from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
-__all__ = ["MultiScaleConditionalDiscriminator"]
+__all__ = ["MultiScaleConditionalDiscriminator", "decoder_scale_levels"]
+
+
+def decoder_scale_levels(unet: nn.Module) -> tuple[str, ...]:
+    """One feature level per decoder resolution: the last of ``mid`` and the ``up.*`` levels at each stride.
+
+    Levels are recorded after each block's upsampler, so on SDXL ``up.0`` is at stride 2 and both
+    ``up.1`` and ``up.2`` at stride 1; the decoder's stride-4 scale is the mid block's output. Reading the
+    deepest level at each scale gives ``("mid", "up.0", "up.2")``.
+
+    Example:
+        >>> from diffdistill.discriminators import tiny_sdxl_unet
+        >>> decoder_scale_levels(tiny_sdxl_unet())  # 2-level UNet: two scales
+        ('mid', 'up.1')
+    """
+    strides = _level_geometry(unet)[1]
+    last: dict[int, str] = {}
+    for level in unet_feature_levels(unet):
+        if level == "mid" or level.startswith("up."):
+            last[strides[level]] = level
+    return tuple(last[s] for s in sorted(last, reverse=True))
 
 
 class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
@@ -45,8 +65,9 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
 
     Args:
         unet: the teacher ``UNet2DConditionModel`` (encoder and decoder are used).
-        readout_levels: decoder levels with a readout head (default: every up block, i.e. SDXL's three
-            decoder scales).
+        readout_levels: decoder levels with a readout head (default: :func:`decoder_scale_levels`, one
+            per decoder resolution: ``("mid", "up.0", "up.2")`` on SDXL, i.e. 32 / 64 / 128 latent pixels at
+            1024 px -- Diffusion2GAN's three readouts at the decoder scales).
         noise_channels: channels of the noise ``z`` (default: the UNet's input channels).
         multiscale_input: feed down-scaled copies of ``sample`` at each encoder resolution.
         backbone: ``"copy"`` (default: a trainable copy), ``"own"`` or ``"shared"``.
@@ -63,7 +84,7 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
         >>> x, z = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
         >>> logits = disc(x, 0, ehs, added, noise=z)
         >>> [tuple(l.shape) for l in logits]
-        [(2, 1, 16, 16), (2, 1, 16, 16)]
+        [(2, 1, 8, 8), (2, 1, 16, 16)]
         >>> all(torch.equal(a, b) for a, b in zip(logits, disc(x, 0, ehs, added)))  # z-conv starts at zero
         True
     """
@@ -85,7 +106,7 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
     ) -> None:
         super().__init__()
         if readout_levels is None:
-            readout_levels = tuple(level for level in unet_feature_levels(unet) if level.startswith("up."))
+            readout_levels = decoder_scale_levels(unet)
         self.extractor = UNetFeatureExtractor(
             unet,
             readout_levels,

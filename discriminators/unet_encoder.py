@@ -58,8 +58,10 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
     :math:`(x_t, t)` go through the backbone in **one** batched call of size ``2B`` (same text condition),
     and their level features are concatenated along channels before the head:
     ``(B, 2C, r, r) -> (B, 1, 1, 1)``. ``conditional=False`` judges :math:`(x, t)` alone.
-    :meth:`reset_head` re-initialises only the head, for each progressive stage (128 → 32 → 8 → 4 → 2
-    → 1 steps); :meth:`parameter_groups` gives the head and the backbone their own learning rates.
+    :meth:`reset_head` re-initialises only the head (the trained backbone stays). SDXL-Lightning
+    re-initialises the whole discriminator at each progressive stage (128 → 32 → 8 → 4 → 2 → 1 steps),
+    backbone re-copied from the teacher plus a new head: build a new instance for that (as
+    ``examples/sdxl_lightning.py`` does); :meth:`parameter_groups` gives the head and the backbone their own learning rates.
 
     Args:
         unet: the teacher ``UNet2DConditionModel`` (never modified).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_positive, check_tensor
+from .._checks import OptionError, check_positive, check_tensor, value_checks_enabled
 from .noise_schedule import NoiseSchedule, TimestepLike
 
 __all__ = ["boundary_scalings", "consistency_function"]
@@ -30,7 +30,7 @@ def boundary_scalings(
     """LCM boundary-condition scalings ``(c_skip, c_out)`` at timestep(s) ``t`` (float64, shape of ``t``).
 
     Args:
-        t: timestep index or tensor of indices (diffusers convention, ``t >= 0``).
+        t: timestep index or tensor of indices (diffusers convention, ``t >= 0``; OptionError for ``t < 0``).
         sigma_data: data standard deviation :math:`\\sigma_d` (0.5 in LCM).
         timestep_scaling: :math:`s` in :math:`\\tau = s t` (10 in LCM / diffusers' ``timestep_scaling``).
 
@@ -44,6 +44,12 @@ def boundary_scalings(
     check_positive(sigma_data, "sigma_data")
     check_positive(timestep_scaling, "timestep_scaling")
     tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.to(torch.float64)
+    if value_checks_enabled() and bool((tt < 0).any()):
+        raise OptionError(
+            f"Expected timesteps t >= 0 for the boundary scalings, but got {tt.tolist()}. t = -1 (the clean "
+            "end of a sampler's grid) has no consistency scaling: there the consistency function is the "
+            "clean sample itself; clamp t to >= 0 or map such samples separately."
+        )
     tau = tt * timestep_scaling
     c_skip = sigma_data**2 / (tau**2 + sigma_data**2)
     c_out = tau / (tau**2 + sigma_data**2) ** 0.5

@@ -730,7 +730,10 @@ def ddim_sample(
     :func:`spaced_timesteps` ``(n, "trailing")`` (Ren et al. 2024, arXiv:2404.13686). Equals diffusers'
     ``DDIMScheduler`` (``eta=0``) whenever its ``prev_timestep = t - T // n`` is the next listed
     timestep, i.e. ``"trailing"`` / ``"leading"`` spacing with ``n`` dividing ``T``; for other lists this
-    sampler always moves to the next listed timestep.
+    sampler always moves to the next listed timestep. The last step lands on ``final_alpha_cumprod``: build
+    the schedule from the pipeline's scheduler (``NoiseSchedule.from_scheduler``) to match it -- SDXL's
+    DDIM config has ``set_alpha_to_one=False`` while ``NoiseSchedule.from_betas()`` uses 1, which moves a
+    4-step trailing result by about 0.015 RMS.
 
     Args: as :func:`lcm_sample` (no randomness).
 

@@ -263,7 +263,9 @@ class StagePlan:
         The distance is MSE + adversarial; the paper increases the adversarial weight and lowers the MSE
         weight across stages without giving numbers. The default weights move linearly from
         (mse 1.0, adversarial 0.0) at the first stage to (mse 0.0, adversarial 1.0) at the last; they are a
-        documented choice of this library, so override them for your run. lr 1e-6, batch 512 in the paper.
+        documented choice of this library, so override them for your run; the last stage is purely
+        adversarial (MSE weight 0). lr 1e-6, batch 512 in the paper. The target EMA decay 0.95 is LCM's
+        (the paper does not give its value): another library choice.
         """
         segs = [int(k) for k in segments]
         if not segs:

@@ -173,16 +173,25 @@ class TeacherSolver:
     ) -> torch.Tensor:
         """The guided model output at ``(x_t, t)`` in the model's prediction type.
 
-        Without ``uncond`` (or with a no-op scale: 1 for Imagen, 0 for LCM) only the conditional pass
-        runs.
+        With a no-op scale (1 for Imagen, 0 for LCM) only the conditional pass runs and ``uncond`` may be
+        omitted; any other scale needs ``uncond`` (OptionError otherwise: guidance is never skipped
+        silently).
         """
         check_tensor(x_t, "x_t")
         cond = dict(cond or {})
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         tt = self.schedule.batch_timesteps(t, x_t)
         tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 or tt.shape[0] == 1 else tt
+        noop = self._is_noop_guidance(w)
+        if uncond is None and not noop:
+            scale = w.tolist() if isinstance(w, torch.Tensor) else w
+            raise OptionError(
+                f"Expected `uncond` for classifier-free guidance with guidance_scale={scale} "
+                f"({self.guidance} convention), but got None. Pass the unconditional inputs, or a no-op "
+                f"guidance_scale ({1.0 if self.guidance == 'imagen' else 0.0}) for the conditional output alone."
+            )
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            if uncond is None or self._is_noop_guidance(w):
+            if noop or uncond is None:  # (uncond is None only with a no-op scale, checked above)
                 return first_tensor(self.model(x_t, tt, **cond))
             both = concat_conditions(cond, uncond, x_t.shape[0])
             out = first_tensor(self.model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **both))

@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 #: SDXL-Lightning Sec. 3.7: D re-noise timesteps {10, 250, 500, 750}; weights 1:1:1:1 first, then 5:1:1:1.
+#: Kept as the paper's numbers (used directly as diffusers indices): unlike the student grid below, whose
+#: 1000 must become 999, these need no shift to be valid, and a shift by one changes nothing measurable.
 LIGHTNING_DISCRIMINATOR_TIMESTEPS: tuple[int, ...] = (10, 250, 500, 750)
 #: SDXL-Lightning Sec. 3.7: 1- and 2-step students train at u in {250, 500, 750, 1000} (diffusers t = u - 1).
 LIGHTNING_EXTRA_STUDENT_TIMESTEPS: tuple[int, ...] = (249, 499, 749, 999)

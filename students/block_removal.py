@@ -370,6 +370,16 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
         module_map["mid_block"] = "mid_block"
         module_map["mid_block.resnets.0"] = "mid_block.resnets.0"
     elif mid_type is not None:
+        # diffusers builds the mid block with the innermost level's transformer depth
+        # (transformer_layers_per_block[-1]): "keep" must not change that depth.
+        t_mid, s_mid = lay.down_depths[n - 1][0], down_depths[-1][0]
+        if _has_attention(mid_type) and s_mid != t_mid:
+            raise OptionError(
+                f"Expected the innermost level to keep the teacher's transformer depth ({t_mid}) with "
+                f"mid_block='keep': diffusers builds the mid block with that level's depth, so the student's "
+                f"mid block would silently get {s_mid} of the teacher's {t_mid} transformer layers. Keep the "
+                "innermost depth, or use mid_block='resnet' / 'none'."
+            )
         module_map["mid_block"] = "mid_block"
 
     config = {k: v for k, v in dict(teacher_config).items() if k not in _PRIVATE_KEYS}

@@ -35,7 +35,7 @@ class EMA(nn.Module):
     Args:
         model: the online model (DDP / compile wrappers are unwrapped).
         decay: the target decay ``d``.
-        warmup: ``"none"`` (constant ``d``), ``"linear"`` (``min(d, (1 + k) / (10 + k))``, diffusers' default
+        warmup: ``"none"`` (constant ``d`` after ``update_after_step`` copying updates), ``"linear"`` (``min(d, (1 + k) / (10 + k))``, diffusers' default
             ``EMAModel``) or ``"power"`` (``min(d, 1 - (1 + k / inv_gamma) ** -power)``, diffusers'
             ``use_ema_warmup=True``), where ``k = updates - update_after_step - 1``; the decay is 0 (a copy)
             while ``k <= 0`` in the warm-up modes.
@@ -106,8 +106,8 @@ class EMA(nn.Module):
             >>> [round(ema.decay_at(k), 4) for k in (1, 2, 11, 10_000)]
             [0.0, 0.1818, 0.55, 0.999]
         """
-        if self.warmup == "none":
-            return self.decay
+        if self.warmup == "none":  # a copy until update_after_step updates have passed, then constant
+            return 0.0 if num_updates <= self.update_after_step else self.decay
         step = max(0, num_updates - self.update_after_step - 1)
         if step <= 0:
             return 0.0

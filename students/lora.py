@@ -140,9 +140,21 @@ def add_lora(
     return model
 
 
+def _require_adapters(layers: list[Any], model: nn.Module, what: str) -> None:
+    if not layers:
+        raise OptionError(
+            f"Expected `model` ({type(unwrap_model(model)).__name__}) to have LoRA adapters for {what}, but it "
+            "has none (never added, or removed by merge_lora): the 'teacher' would be the student itself. "
+            "Keep a separate frozen copy of the teacher for a full (or merged) student."
+        )
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Context in which ``model`` runs without its LoRA adapters (the LCM-LoRA teacher).
+
+    Raises OptionError for a model without LoRA layers (e.g. after :func:`merge_lora`), which would
+    otherwise run unchanged.
 
     The adapters' ``requires_grad`` flags are restored on exit (peft's ``enable_adapters`` would reset
     them).
@@ -156,6 +168,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         True
     """
     layers = [m for _, m in _tuner_layers(model)]
+    _require_adapters(layers, model, "adapters_disabled")
     grads = {p: p.requires_grad for m in layers for p in m.parameters()}
     was_disabled = [bool(m.disable_adapters) for m in layers]
     try:
@@ -189,6 +202,7 @@ class TeacherView:
     """
 
     def __init__(self, model: nn.Module, *, grad: bool = False) -> None:
+        _require_adapters(_tuner_layers(model), model, "TeacherView")
         self.model = model
         self.grad = grad
 

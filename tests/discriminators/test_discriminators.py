@@ -45,8 +45,8 @@ SHAPES = {
     "lightning_cond": [(2, 1, 1, 1)],
     "lightning_uncond": [(2, 1, 1, 1)],
     "bottleneck": [(2, 1, 1, 1)],
-    "multi_level": [(2, 1, 8, 8), (2, 1, 8, 8)],
-    "multi_scale": [(2, 1, 16, 16), (2, 1, 16, 16)],
+    "multi_level": [(2, 1, 8, 8), (2, 1, 8, 8), (2, 1, 8, 8)],  # down.0, down.1, mid
+    "multi_scale": [(2, 1, 8, 8), (2, 1, 16, 16)],  # mid, up.1: one readout per decoder scale
 }
 
 
@@ -334,3 +334,20 @@ def test_heads_keep_float64_for_reference_checks() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run_head_float32(head.float(), x.detach().bfloat16())
     assert low.dtype == torch.float32
+
+
+def test_default_levels_at_sdxl_structure() -> None:
+    # PCM's discriminator_sdxl.py reads the 3 down blocks and the mid block (320/640/1280/1280 channels);
+    # Diffusion2GAN reads one level per decoder scale (SDXL: 32, 64 and 128 latent px at 1024 px).
+    from diffusers import UNet2DConditionModel
+
+    from diffdistill.discriminators import decoder_scale_levels, sdxl_unet_config
+
+    with torch.device("meta"):
+        sdxl = UNet2DConditionModel(**sdxl_unet_config())
+    pcm = MultiLevelDiscriminator(sdxl.requires_grad_(False))
+    assert pcm.levels == ("down.0", "down.1", "down.2", "mid")
+    assert [pcm.extractor.channels[level] for level in pcm.levels] == [320, 640, 1280, 1280]
+    levels = decoder_scale_levels(sdxl)
+    assert levels == ("mid", "up.0", "up.2")
+    assert [pcm.extractor.strides[level] for level in levels] == [4, 2, 1]

@@ -57,3 +57,10 @@ def test_consistency_function_identity_at_zero_and_errors():
     assert torch.equal(consistency_function(torch.randn_like(x), x, 0, s), x)
     with pytest.raises(OptionError, match=r"Expected `sigma_data` to be > 0, but got 0"):
         boundary_scalings(3, sigma_data=0)
+    # t = -1 (samplers' clean end) used to give c_out < 0, i.e. f ~ -x
+    with pytest.raises(
+        OptionError, match=r"Expected timesteps t >= 0 for the boundary scalings, but got \[5.0, -1.0\]"
+    ):
+        boundary_scalings(torch.tensor([5, -1]))
+    with pytest.raises(OptionError, match=r"Expected timesteps t >= 0"):
+        consistency_function(torch.randn_like(x), x, torch.tensor([3, -1]), s)

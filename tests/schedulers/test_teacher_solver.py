@@ -69,7 +69,18 @@ def test_conventions_are_shifted_by_one_and_noop_skips_uncond():
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     TeacherSolver(model, sched, guidance_scale=1.0).predict(x, 500, cond, uncond)
     TeacherSolver(model, sched, guidance_scale=0.0, guidance="lcm").predict(x, 500, cond, uncond)
-    TeacherSolver(model, sched, guidance_scale=3.0).predict(x, 500, cond, None)
+    TeacherSolver(model, sched, guidance_scale=1.0).predict(x, 500, cond, None)  # no-op: uncond optional
+    assert model.batches == [2, 2, 2]
+    # A real scale without uncond used to return the conditional output silently (0.2 instead of 1.2).
+    for w, conv, noop in ((3.0, "imagen", 1.0), (torch.tensor([2.0, 4.0]), "lcm", 0.0)):
+        with pytest.raises(
+            OptionError,
+            match=rf"Expected `uncond` for classifier-free guidance with guidance_scale=.* \({conv} convention\), "
+            rf"but got None\. .* no-op guidance_scale \({noop}\)",
+        ):
+            TeacherSolver(model, sched, guidance_scale=w, guidance=conv).predict(x, 500, cond)
+        with pytest.raises(OptionError, match=r"Expected `uncond`"):
+            TeacherSolver(model, sched, guidance_scale=w, guidance=conv).solve(x, 999, 500, cond, num_steps=2)
     assert model.batches == [2, 2, 2]
 
 

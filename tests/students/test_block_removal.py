@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from diffdistill._checks import DTypeError, OptionError, ShapeError
+from diffdistill.discriminators import sdxl_unet_config
 from diffdistill.students import (
     PRESETS,
     BlockRemovalSpec,
@@ -294,6 +295,7 @@ def test_custom_spec_resnets_and_keep_rules() -> None:
         down_transformer_layers=(None, 1, 3),
         up_transformer_layers=(None, (2, 1)),
         keep_transformer_layers="last",
+        mid_block="resnet",  # the innermost depth changes: a kept mid block would shrink with it
     )
     cfg = student_config(TINY_SDXL, spec)
     assert cfg["layers_per_block"] == [1, 1, 2]
@@ -343,6 +345,12 @@ def test_spec_errors() -> None:
         student_config(
             {**TINY_SDXL, "block_out_channels": [32, 64, 128]}, BlockRemovalSpec(drop_innermost=True)
         )
+    # diffusers ties the mid block's depth to the innermost level's: "keep" must not shrink it silently
+    with pytest.raises(
+        OptionError,
+        match=r"innermost level to keep the teacher's transformer depth \(10\) with mid_block='keep'.*get 4 of",
+    ):
+        student_config(sdxl_unet_config(), BlockRemovalSpec(down_transformer_layers=(None, None, 0.4)))
     with pytest.raises(OptionError, match=r"Expected `spec.mid_block` to be one of"):
         student_config(TINY_SDXL, BlockRemovalSpec(mid_block="half"))  # type: ignore[arg-type]
     with pytest.raises(OptionError, match=r"to return 2 distinct indices in \[0, 2\)"):

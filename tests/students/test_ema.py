@@ -51,6 +51,10 @@ def test_constant_decay_formula_and_buffers():
     assert int(bn_ema.num_batches_tracked) == int(bn.num_batches_tracked)  # integer buffers are copied
     assert not any(p.requires_grad for p in ema.module.parameters())
     assert not ema.train().module.training
+    # update_after_step holds for the constant decay too: copies until then (used to be ignored)
+    late = EMA(net, decay=0.9, update_after_step=3)
+    assert [late.decay_at(k) for k in (1, 2, 3, 4, 50)] == [0.0, 0.0, 0.0, 0.9, 0.9]
+    assert [EMA(net, decay=0.9).decay_at(k) for k in (1, 2)] == [0.9, 0.9]
 
 
 def test_state_dict_resume_and_copy_to():

@@ -306,3 +306,16 @@ def test_teacher_view_grad_keeps_the_input_graph():
     assert x.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(out, TeacherView(net)(x))  # adapters still disabled
+
+
+def test_teacher_view_refuses_a_model_without_adapters():
+    # After merge_lora (Lightning's LoRA -> full switch) the "teacher" used to be the student itself.
+    from diffdistill._checks import OptionError
+    from diffdistill.students import TeacherView, adapters_disabled, add_lora, merge_lora
+
+    net = merge_lora(add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), rank=1, targets=["0"]))
+    msg = r"Expected `model` \(Sequential\) to have LoRA adapters for {}, but it has none .*merge_lora"
+    with pytest.raises(OptionError, match=msg.format("TeacherView")):
+        TeacherView(net)
+    with pytest.raises(OptionError, match=msg.format("adapters_disabled")), adapters_disabled(net):
+        pass
