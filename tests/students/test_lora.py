@@ -255,6 +255,12 @@ def test_guidance_scale_embedding_formula() -> None:
     args = 1000.0 * w[:, None] * freqs[None]
     torch.testing.assert_close(emb, torch.cat([args.sin(), args.cos()], dim=1))
     assert guidance_scale_embedding(w, 9)[:, -1].abs().sum() == 0  # odd sizes are zero-padded
+    # oracle: diffusers' LCM pipeline (the function LCM-distilled UNets were trained with)
+    from diffusers import LatentConsistencyModelPipeline
+
+    for dim in (8, 9, 256):
+        ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)  # type: ignore[arg-type]
+        torch.testing.assert_close(guidance_scale_embedding(w, dim), ref, atol=0, rtol=0)
     with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be >= 4, but got 2"):
         guidance_scale_embedding(w, 2)
 
