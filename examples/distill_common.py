@@ -98,6 +98,21 @@ def add_common_args(
         help="keep an EMA of the trainable weights (checkpointed; written as the output instead of the raw weights)",
     )
     g.add_argument("--ema_decay", type=float, default=0.9999, help="decay of the --use_ema average")
+    g.add_argument(
+        "--ema_warmup",
+        choices=["linear", "none"],
+        default="linear",
+        help="--use_ema decay schedule: 'linear' caps update k's decay at (1 + k) / (10 + k) (diffusers' "
+        "EMAModel), so a short run's average is not mostly its start weights; 'none': constant --ema_decay",
+    )
+    g.add_argument(
+        "--uncond",
+        choices=["zeros", "empty_prompt"],
+        default="zeros",
+        help="unconditional (negative) branch of classifier-free guidance: 'zeros' (zero prompt and pooled "
+        "embeddings, SDXL-base's force_zeros_for_empty_prompt as in diffusers' SDXL pipeline) or "
+        "'empty_prompt' (the encoded empty prompt)",
+    )
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--checkpointing_steps", type=int, default=500)
@@ -316,6 +331,29 @@ def unet_conditions(
     return {"encoder_hidden_states": ehs.to(dtype), "added_cond_kwargs": added}
 
 
+def uncond_conditions(
+    args: argparse.Namespace, components: SDXLComponents, device: torch.device | str, dtype: torch.dtype
+) -> dict[str, Any]:
+    """UNet keyword arguments of the unconditional (negative) branch of CFG, batch 1, per ``--uncond``.
+
+    ``zeros`` (default): zero ``encoder_hidden_states`` and zero pooled ``text_embeds`` -- what diffusers'
+    ``StableDiffusionXLPipeline`` uses for an empty negative prompt when ``force_zeros_for_empty_prompt``
+    is set (SDXL-base's setting) and what diffusers' LCM-SDXL distillation script uses. ``empty_prompt``:
+    the encoded ``""`` prompt. ``time_ids`` are those of the conditional branch in both cases.
+    """
+    cond = unet_conditions(components, [""], args.resolution, device, dtype, args.cache_dir)
+    if args.uncond == "empty_prompt":
+        return cond
+    added = cond["added_cond_kwargs"]
+    return {
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros_like(added["text_embeds"]),
+            "time_ids": added["time_ids"],
+        },
+    }
+
+
 def latent_scale(vae: Any) -> tuple[float, float]:
     """``(scaling_factor, shift_factor)`` of the VAE."""
     cfg = vae.config
@@ -399,6 +437,8 @@ class StepSource:
     """
 
     num_workers: int = 0
+    #: optimisation steps >= this one use only the texts: nothing is loaded for them (in workers either).
+    load_until_step: int | None = None
     _prefetched: Any = None
 
     def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
@@ -431,11 +471,16 @@ class StepSource:
         """Shut the prefetching workers down."""
         self._prefetched = None
 
-    def fetch(self, generator: torch.Generator) -> tuple[list[int], list[str], list[Any]]:
-        """``(indices, texts, loaded items)`` of the batch ``generator`` draws (prefetched with workers)."""
+    def fetch(
+        self, generator: torch.Generator, *, load: bool = True
+    ) -> tuple[list[int], list[str], list[Any]]:
+        """``(indices, texts, loaded items)`` of the batch ``generator`` draws (prefetched with workers).
+
+        ``load=False``: the items are ``None`` and nothing is loaded (a prefetched item is still consumed,
+        so the loader stays in step)."""
         idx, texts = self.draw(generator)
         if self._prefetched is None:
-            return idx, texts, self.load(idx)
+            return idx, texts, self.load(idx) if load else [None] * len(idx)
         item = next(self._prefetched)
         if item["idx"] != idx:
             raise RuntimeError(
@@ -443,7 +488,9 @@ class StepSource:
                 f"Call {type(self).__name__}.start with the step training resumes at, and draw one batch per "
                 "micro-step."
             )
-        return idx, texts, item["items"]
+        if not load:
+            return idx, texts, [None] * len(idx)
+        return idx, texts, self.load(idx) if item["items"] is None else item["items"]
 
 
 class StepData(StepSource):
@@ -543,6 +590,10 @@ class StepData(StepSource):
             return None, captions
         return torch.stack([p for p in pixels if p is not None]), captions
 
+    def prompts_batch(self, generator: torch.Generator) -> list[str]:
+        """The prompts of the batch ``generator`` draws, without loading (decoding) its images."""
+        return self.fetch(generator, load=False)[1]
+
 
 class _PrefetchedSteps(torch.utils.data.Dataset):
     """Item ``k``: the indices and loaded items of micro-step ``k`` (step ``k // accumulation``) of one
@@ -554,7 +605,8 @@ class _PrefetchedSteps(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         step, micro = divmod(k, self.accumulation)
         idx, _ = self.data.draw(step_generator(self.seed, step, self.process_index, micro))
-        return {"idx": idx, "items": self.data.load(idx)}
+        until = self.data.load_until_step
+        return {"idx": idx, "items": self.data.load(idx) if until is None or step < until else None}
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -600,17 +652,23 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
 
 
 def adamw(
-    params: Sequence[nn.Parameter] | Any, args: argparse.Namespace, lr: float | None = None
+    params: Sequence[nn.Parameter] | Any,
+    args: argparse.Namespace,
+    lr: float | None = None,
+    *,
+    betas: tuple[float, float] | None = None,
+    weight_decay: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with the shared options."""
+    """AdamW over the trainable parameters with the shared options (``lr`` / ``betas`` / ``weight_decay``
+    given here override ``--learning_rate``, ``--adam_beta1/2`` and ``--adam_weight_decay``)."""
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("Expected trainable parameters, but every parameter has requires_grad=False.")
     return torch.optim.AdamW(
         trainable,
         lr=args.learning_rate if lr is None else lr,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2) if betas is None else betas,
+        weight_decay=args.adam_weight_decay if weight_decay is None else weight_decay,
     )
 
 
@@ -711,14 +769,19 @@ class TrainableParams(nn.Module):
 
 
 class ReleaseEMA:
-    """``--use_ema``: an EMA of the student's trainable parameters that becomes the released weights."""
+    """``--use_ema``: an EMA of the student's trainable parameters that becomes the released weights.
 
-    def __init__(self, student: nn.Module, decay: float) -> None:
+    ``warmup="linear"`` (``--ema_warmup``, the default) caps the decay of update ``k`` at
+    ``(1 + k) / (10 + k)`` as diffusers' ``EMAModel`` does (update 1 copies the weights), so the average of a
+    short run is not mostly its start weights; the update count is checkpointed with the average.
+    """
+
+    def __init__(self, student: nn.Module, decay: float, warmup: str = "linear") -> None:
         from diffdistill.students import EMA
 
         self.student = student
         self.params = TrainableParams(student)
-        self.ema = EMA(self.params, decay=decay)
+        self.ema = EMA(self.params, decay=decay, warmup=warmup)
 
     def update(self) -> None:
         self.ema.update(self.params)
@@ -856,7 +919,7 @@ def setup_checkpoints(
         register_lora_checkpointing(accelerator, {"unet": student, **(extra_lora or {})})
     if not args.use_ema:
         return None
-    ema = ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay)
+    ema = ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay, getattr(args, "ema_warmup", "linear"))
     register_ema(accelerator, ema.ema, ema.params)
     return ema
 
@@ -1057,17 +1120,21 @@ def scalar_logs(logs: dict[str, torch.Tensor], prefix: str = "") -> dict[str, fl
 def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: Any, max_norm: float) -> None:
     """Clip (when gradients are synchronised), step and zero an optimiser.
 
-    Under FSDP the clipping is torch's ``clip_grad_norm_`` over the (``DTensor``) shards -- the norm of the
-    whole model's gradient: accelerate's own FSDP path identifies the model by comparing parameter lists,
-    which fails when two prepared models have equally many parameters (generator and fake score).
+    Only ``optimizer``'s gradients are unscaled (fp16): ``accelerator.clip_grad_norm_`` unscales those of
+    *every* prepared optimiser, so with two optimisers (generator and discriminator / fake score) and
+    gradient accumulation the other one's accumulated gradients would be unscaled now and again at its own
+    step. The clipping is torch's ``clip_grad_norm_`` -- under FSDP over the (``DTensor``) shards, the norm
+    of the whole model's gradient (accelerate's own FSDP path identifies the model by comparing parameter
+    lists, which fails when two prepared models have equally many parameters). DeepSpeed clips itself
+    (``accelerator.clip_grad_norm_`` only reads its norm there).
     """
     if accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm):
         trainable = [p for p in params if p.requires_grad]
-        if distributed_kind(accelerator) == "FSDP":
-            accelerator.unscale_gradients()
-            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        else:
+        if distributed_kind(accelerator) == "DEEPSPEED":
             accelerator.clip_grad_norm_(trainable, max_norm)
+        else:
+            accelerator.unscale_gradients(optimizer=optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -94,7 +94,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
 
     prompts = common.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, common.weight_dtype_of(accelerator)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    uncond = common.uncond_conditions(args, parts, device, dtype)
     timesteps = spaced_timesteps(args.teacher_steps, num_train_timesteps=teacher.schedule.num_train_timesteps)
     paths = shard_paths(args)
     paths[0].parent.mkdir(parents=True, exist_ok=True)

@@ -190,7 +190,9 @@ def main(args: argparse.Namespace) -> None:
         accelerator, args, unet, extra_lora={"fake": fake} if fake is not None else None
     )
     data = common.StepData(args, need_images=True)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    # The one-step stage uses the captions only: its steps load (decode) no images, in workers either.
+    data.load_until_step = args.max_train_steps - args.one_step_steps if args.one_step_steps else None
+    uncond = common.uncond_conditions(args, parts, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
     if isinstance(reward_fn, torch.nn.Module):
@@ -247,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
     def one_step_train_step(
         score: common.ScoreDistillation, gen: torch.Generator, step: int
     ) -> dict[str, torch.Tensor]:
-        _, prompts = data.batch(gen)
+        prompts = data.prompts_batch(gen)
         state["prompts"] = prompts
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         logs = score.step(step - tscd_steps, gen, cond)

@@ -1,9 +1,14 @@
 """SDXL-Lightning: progressive adversarial distillation, one stage of ``StagePlan.sdxl_lightning`` per launch.
 
 Lin, Wang, Yang, "SDXL-Lightning: Progressive Adversarial Diffusion Distillation", 2024
-(arXiv:2402.13929), Sec. 3.6-3.7. Run the stages in order (``--stage``), each starting from the previous
-stage's merged UNet (``--init_unet``); the teacher of a stage is the model it starts from (progressive
-distillation) and the discriminator is rebuilt at each launch from the base SDXL UNet's encoder:
+(arXiv:2402.13929), Sec. 3.5-3.7. Run the stages in order (``--stage``), each starting from the previous
+stage's UNet (``--init_unet``). The teacher of a LoRA stage is the model it starts from (the previous
+level's student, progressive distillation); a ``/full`` stage starts from this level's merged LoRA student,
+so its teacher is given by ``--teacher_unet`` (the previous level's model, or a skip-level one for the 1-
+and 2-step students, Sec. 3.4); the x0 conversion regresses the model onto its own frozen copy. Teachers
+predict the base model's type (epsilon). The discriminator is rebuilt at each launch from the base SDXL
+UNet's encoder. Training noises with the schedule fix of Sec. 3.5: the model input at ``t = 999`` is pure
+noise (``NoiseSchedule(terminal_pure_noise=True)``), as at inference.
 
 * ``128->32`` -- MSE between the student's jump and 4 guided teacher DDIM steps (CFG 6), LoRA
   (:func:`diffdistill.losses.progressive_distillation_loss`);
@@ -12,14 +17,19 @@ distillation) and the discriminator is rebuilt at each launch from the base SDXL
   judging the student's jump against the teacher's ``N/M``-step solution; for the 2- and 1-step students
   both are re-noised to ``t* ~ Cat({10, 250, 500, 750}, (5, 1, 1, 1))``
   (:func:`diffdistill.losses.renoise_for_discriminator`) and the students train at the extra timesteps
-  {249, 499, 749, 999}. The unconditional stage continues the conditional stage's LoRA (``--init_lora``)
-  and also writes the merged UNet (``unet_merged/``) for the next stages;
+  {249, 499, 749, 999}. What is re-noised is the clean sample of each side's jump (Eq. 25-26): for a jump
+  ``x_t -> x_{t'}`` with ``t' >= 0`` (the 2-step student at ``t = 999 -> 499``, ``749 -> 249``), the
+  ``x0`` that the DDIM move from ``x_t`` to ``x_{t'}`` implies (:func:`jump_x0`), not the noisy ``x_{t'}``.
+  The unconditional stage continues the conditional stage's LoRA (``--init_lora``) and also writes the
+  merged UNet (``unet_merged/``) for the next stages;
 * ``N->M/full`` -- the same objective (unconditional D) on the full UNet;
 * ``2->1/x0-conversion`` -- converts the 1-step student to x0 prediction
   (:func:`diffdistill.losses.x0_conversion_loss`) before ``2->1/full`` (``prediction_type`` "sample").
 
-Adversarial stages use Adam(beta1=0, beta2=0.99) and the plan's learning rates unless
-``--learning_rate`` is given.
+Each stage's optimiser is AdamW (decoupled weight decay; Adam when it is 0) with the plan's betas --
+(0.9, 0.999) for the MSE stage, (0, 0.99) for the adversarial ones -- and learning rate, and no weight
+decay; ``--adam_beta1``, ``--adam_beta2``, ``--adam_weight_decay`` and ``--learning_rate`` override them
+where given (:func:`optimizer_options`).
 
 Example (first two stages)::
 
@@ -77,15 +87,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init_unet", default=None, help="UNet folder of the previous stage (default: the base UNet)"
     )
     g.add_argument("--init_lora", default=None, help="LoRA file of the previous LoRA stage to continue")
+    g.add_argument(
+        "--teacher_unet",
+        default=None,
+        help="UNet folder of the teacher (predicting the base's type, epsilon): needed by /full and 2->1/full "
+        "stages that start from --init_unet (the previous level's model, e.g. out/l-32/unet_merged for "
+        "32->8/full; a skip-level one for 2->1); LoRA stages default to the model they start from",
+    )
     g.add_argument("--mse_guidance_scale", type=float, default=6.0)
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
+    # None: the stage plan's value (resolved per stage by optimizer_options).
+    p.set_defaults(adam_beta1=None, adam_beta2=None, adam_weight_decay=None)
     args = common.check_common_args(p.parse_args(argv))
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
     if (stage.trainable == "lora") != bool(args.use_lora):
         raise ValueError(
             f"Stage {stage.name!r} trains {'a LoRA: add --use_lora' if stage.trainable == 'lora' else 'the full UNet: drop --use_lora'}."
         )
+    if stage.loss == "x0_conversion" and args.teacher_unet:
+        raise ValueError(
+            f"Stage {stage.name!r} regresses the model onto its own frozen copy (Eq. 29): drop --teacher_unet."
+        )
+    if (
+        stage.trainable == "full"
+        and stage.loss != "x0_conversion"
+        and args.init_unet
+        and not args.teacher_unet
+    ):
+        raise ValueError(
+            f"Stage {stage.name!r} starts from --init_unet {args.init_unet}, this level's student, which must "
+            "not be its own teacher: pass --teacher_unet with the previous level's model (e.g. "
+            "out/l-32/unet_merged for 32->8/full; for 2->1/full the 2-step model or a skip-level one)."
+        )
     return args
+
+
+def optimizer_options(args: argparse.Namespace, stage: Any) -> dict[str, Any]:
+    """``{"lr", "betas", "weight_decay"}`` of a stage's optimiser: the plan's values (lr per stage, Adam
+    betas (0.9, 0.999) for MSE / (0, 0.99) adversarial, no weight decay) where the flags were not given."""
+    opts = stage.options
+    plan_betas = tuple(opts.get("adam_betas", (0.9, 0.999)))
+    return {
+        "lr": args.learning_rate if args.learning_rate is not None else float(opts.get("lr", 1e-6)),
+        "betas": (
+            float(plan_betas[0]) if args.adam_beta1 is None else args.adam_beta1,
+            float(plan_betas[1]) if args.adam_beta2 is None else args.adam_beta2,
+        ),
+        "weight_decay": 0.0 if args.adam_weight_decay is None else args.adam_weight_decay,
+    }
+
+
+def jump_x0(
+    schedule: NoiseSchedule, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor
+) -> torch.Tensor:
+    """The clean sample of a jump ``x_t -> x_prev``: the ``x0`` for which the DDIM move from ``x_t`` at ``t``
+    to ``t_prev`` lands on ``x_prev`` (float32).
+
+    From :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon` and
+    :math:`x_{prev} = \\alpha_{prev} x_0 + \\sigma_{prev} \\epsilon`:
+
+    .. math:: x_0 = \\frac{\\sigma_t x_{prev} - \\sigma_{prev} x_t}{\\sigma_t \\alpha_{prev} - \\sigma_{prev} \\alpha_t}
+
+    For the student's move this is its own :math:`\\hat x_0`; for the teacher's ``n``-step solution it is
+    the ``x0`` of the single DDIM jump to the same point; at ``t_prev = -1`` (``alpha = 1``, ``sigma = 0``
+    with ``final_alpha_cumprod = 1``) it is ``x_prev``. The schedule's own :math:`\\alpha_{T-1} > 0` is used
+    (``terminal_pure_noise`` only swaps the forward process's input at ``T-1``, as the DDIM move does), so
+    the denominator is positive (SNR decreases in ``t``).
+    """
+    work = torch.promote_types(x_prev.dtype, torch.float32)
+    like = x_prev.to(work)
+    a_t, s_t = schedule.alpha(t, like=like), schedule.sigma(t, like=like)
+    a_p, s_p = schedule.alpha(t_prev, like=like), schedule.sigma(t_prev, like=like)
+    x0 = (s_t * like - s_p * x_t.to(a_t.dtype)) / (s_t * a_p - s_p * a_t)
+    return x0.to(work)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -94,16 +168,19 @@ def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_lightning")
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
     opts = stage.options
-    lr = args.learning_rate if args.learning_rate is not None else float(opts.get("lr", 1e-6))
+    optim = optimizer_options(args, stage)
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
     common.place_frozen(parts, device, dtype)
     unet = UNet2DConditionModel.from_pretrained(args.init_unet) if args.init_unet else parts.unet
-    # The model a stage starts from predicts epsilon (the base's type), except after the x0 conversion.
+    # Teachers (and the model a stage starts from) predict epsilon (the base's type); the student predicts
+    # x0 ("sample") from the x0 conversion on. Sec. 3.5: the input at t = 999 is pure noise in training too.
     base_pred = parts.noise_scheduler.config.prediction_type
+    schedule = NoiseSchedule.from_scheduler(
+        parts.noise_scheduler, prediction_type=base_pred, terminal_pure_noise=True
+    )
     start_pred = "sample" if stage.name == "2->1/full" else base_pred
-    schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler, prediction_type=start_pred)
     pred_type = "sample" if stage.loss == "x0_conversion" else opts.get("prediction_type", start_pred)
 
     disc: Any = None
@@ -113,22 +190,32 @@ def main(args: argparse.Namespace) -> None:
             conditional=stage.discriminator == "conditional",
             gradient_checkpointing=args.gradient_checkpointing,
         )
-    unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
+    if args.teacher_unet:  # a separate frozen teacher (the previous level's model)
+        teacher_model: Any = UNet2DConditionModel.from_pretrained(args.teacher_unet)
+        common.freeze(teacher_model)
+        teacher_model.to(device, dtype=dtype)
+        unet = common.make_trainable(args, unet, device, dtype)
+    else:  # the model the stage starts from (LoRA: adapters off; full: a frozen copy)
+        unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
     if args.init_lora:  # continue the previous LoRA stage's adapter (conditional -> unconditional)
         load_lora(unet, args.init_lora)
         common.upcast_trainable(unet)
-    betas = tuple(opts.get("adam_betas", (args.adam_beta1, args.adam_beta2)))
-    opt = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=lr, betas=betas)
+    opt = common.adamw(unet.parameters(), args, **optim)
     if disc is not None:
-        d_lr = args.discriminator_learning_rate or lr
-        opt_d = torch.optim.Adam(disc.parameters(), lr=d_lr, betas=betas)
+        d_lr = args.discriminator_learning_rate or optim["lr"]
+        opt_d = common.adamw(disc.parameters(), args, **{**optim, "lr": d_lr})
         unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
     else:
         unet, opt = common.prepare(accelerator, (unet, opt))
     ema = common.setup_checkpoints(accelerator, args, unet)
-    teacher = TeacherSolver(teacher_model, schedule, guidance_scale=float(opts.get("guidance_scale", 1.0)))
+    teacher = TeacherSolver(
+        teacher_model,
+        schedule,
+        guidance_scale=float(opts.get("guidance_scale", 1.0)),
+        prediction_type=base_pred,
+    )
     data = common.StepData(args, need_images=True)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    uncond = common.uncond_conditions(args, parts, device, dtype)
     extra_t = opts.get("extra_student_timesteps")
     global_step = common.resume(accelerator, args)
 
@@ -159,9 +246,12 @@ def main(args: argparse.Namespace) -> None:
         real, fake = pair.target.float(), pair.student.float()
         t_judge = pair.sample.t_prev.clamp(min=0)
         if "discriminator_timesteps" in opts:
+            # Eq. 25-26 re-noise the clean samples: the teacher's x0 and the student's x0_hat of the jump
+            # (the move outputs themselves are noisy states where t_prev >= 0).
+            t, t_prev = pair.sample.t.to(device), pair.sample.t_prev.to(device)
             renoised = renoise_for_discriminator(
-                real,
-                fake,
+                jump_x0(schedule, real, x_t, t, t_prev),
+                jump_x0(schedule, fake, x_t, t, t_prev),
                 schedule=schedule,
                 values=opts["discriminator_timesteps"],
                 weights=opts.get("discriminator_timestep_weights"),

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     ema = common.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    uncond = common.uncond_conditions(args, parts, device, dtype)
     shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
     global_step = common.resume(accelerator, args)
 

@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
     ema = common.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    uncond = common.uncond_conditions(args, parts, device, dtype)
 
     def generator_loss(
         x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]

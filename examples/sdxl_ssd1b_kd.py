@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> None:
             common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
         return logs
 
-    uncond = common.unet_conditions(parts, [""], args.resolution, device, dtype, args.cache_dir)
+    uncond = common.uncond_conditions(args, parts, device, dtype)
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(student)

@@ -216,9 +216,21 @@ def test_hyper_sd_reward_options_are_checked(tiny_sdxl: dict[str, Path], tmp_pat
         script.parse_args([*argv, "--reward_model", f"{__name__}:REWARD_CALLS", "--reward_margin", "1"])
 
 
-def test_hyper_sd_one_step_score_distillation_stage(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+def test_hyper_sd_one_step_score_distillation_stage(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """TSCD k = 1 for one step, then 2 steps of the one-step stage (DMD + MSE + reward); resume inside it."""
     from diffusers import UNet2DConditionModel
+
+    common = _load("distill_common")
+    loads: list[int] = []
+    get_image = common.ImageCaptionFolder.__getitem__
+
+    def counted(self, index: int):  # type: ignore[no-untyped-def]
+        loads.append(index)
+        return get_image(self, index)
+
+    monkeypatch.setattr(common.ImageCaptionFolder, "__getitem__", counted)
 
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
     extra += ["--one_step_steps", "2", "--one_step_teacher_steps", "2", "--generator_timestep", "800"]
@@ -233,11 +245,15 @@ def test_hyper_sd_one_step_score_distillation_stage(tiny_sdxl: dict[str, Path], 
     script.main(script.parse_args(argv_a))
     # Reward on the last TSCD stage (step 1) and on the one-step generator's samples (steps 2, 3).
     assert len(REWARD_CALLS) == 3 and all(call["grad"] for call in REWARD_CALLS)
+    # Only the TSCD step decodes images (its batch of 2); the one-step stage needs only the captions.
+    assert len(loads) == 2
     ckpt = out_a / "checkpoint-2"  # after the first one-step step: the fake score is checkpointed too
     assert sorted(p.name for p in out_a.glob("checkpoint-*")) == [ckpt.name]
     assert (ckpt / "fake_lora.safetensors").is_file() and (ckpt / "unet_lora.safetensors").is_file()
     assert sorted(p.name for p in (out_a / "samples").iterdir()) == [f"step-{i}.png" for i in (1, 2, 3)]
+    loads.clear()
     script.main(script.parse_args([*argv_b, "--resume_from_checkpoint", str(ckpt)]))
+    assert loads == []  # resumed inside the one-step stage
     a = _lora_state(out_a / "pytorch_lora_weights.safetensors")
     b = _lora_state(out_b / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and a
@@ -308,6 +324,17 @@ def test_step_source_prefetch_follows_the_steps_and_says_when_out_of_step() -> N
     assert data.fetch(common.step_generator(1, 3))[2] == [
         2 * i for i in data.draw(common.step_generator(1, 3))[0]
     ]
+    # Steps from load_until_step on use only the texts: their workers load nothing (item None), the loader
+    # stays in step, and a step that still asks for the items gets them loaded in-process.
+    data.load_until_step = 6
+    data.start(5, 8, seed=1, process_index=0, accumulation=1)
+    idx, _, items = data.fetch(common.step_generator(1, 5))
+    assert items == [2 * i for i in idx]
+    assert data.fetch(common.step_generator(1, 6), load=False)[2] == [None] * 3
+    idx, _, items = data.fetch(common.step_generator(1, 7))
+    assert items == [2 * i for i in idx]
+    data.close()
+    assert data.fetch(common.step_generator(1, 3), load=False)[2] == [None] * 3
 
 
 def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
@@ -426,6 +453,12 @@ def test_sim_full_unet_with_ema_under_fsdp_equals_ddp_and_resumes(
 
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "dmd", "--learning_rate", "1e-4"]
     extra += ["--use_ema", "--ema_decay", "0.5"]
+    # With the encoded empty prompt as the real score's unconditional branch the gradient norm stays under
+    # --max_grad_norm here, and DDP and FSDP end bitwise equal. With --uncond zeros (the default) the
+    # clipping is active: FSDP's norm over the shards differs from DDP's in the last bit, and Adam's
+    # normalisation amplifies that at a few near-zero-gradient entries (measured: gap / update norm 5e-5,
+    # at most 5e-6 on updates of 1.8e-4; 0 with --max_grad_norm 0).
+    extra += ["--uncond", "empty_prompt"]
     out = _two_process_runs("sdxl_sim", [*_common_argv(tiny_sdxl, tmp_path, lora=False), *extra], tmp_path)
     # The config names diffusers' class, not FSDP2's generated FSDPUNet2DConditionModel: AutoModel loads it.
     assert (
@@ -516,9 +549,16 @@ def test_use_ema_releases_the_average_and_resumes(
     released = _lora_state(out_a / "pytorch_lora_weights.safetensors")
     raw = _lora_state(out_raw / "pytorch_lora_weights.safetensors")  # the online weights after step 2
     ema_1 = _ema_in_checkpoint(out_a / "checkpoint-1")  # the average after step 1
-    assert ema_1.keys() == released.keys() == raw.keys()
-    for k in released:  # EMA after step 2 = 0.5 * EMA after step 1 + 0.5 * online weights after step 2
-        torch.testing.assert_close(released[k], 0.5 * ema_1[k] + 0.5 * raw[k], rtol=1e-5, atol=1e-7)
+    online_1 = {
+        "unet." + k: v for k, v in _lora_state(out_a / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert ema_1.keys() == released.keys() == raw.keys() == online_1.keys()
+    # --ema_warmup linear (the default): update k's decay is min(ema_decay, (1 + k) / (10 + k)), with k the
+    # update index - 1: update 1 copies the online weights, update 2 uses min(0.5, 2 / 11).
+    d2 = 2 / 11
+    for k in released:  # EMA after step 2 = d2 * EMA after step 1 + (1 - d2) * online weights after step 2
+        torch.testing.assert_close(ema_1[k], online_1[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(released[k], d2 * ema_1[k] + (1 - d2) * raw[k], rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(released[k], raw[k]) for k in released if "lora_B" in k)
     # Validation samples the average: at step 2 it is the released weights (swapped in, then back --
     # the formula above shows training went on with the online weights), unlike the online run's samples.
@@ -533,7 +573,9 @@ def test_use_ema_releases_the_average_and_resumes(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for step in (1, 2):
         assert torch.equal(samples[("a", step)][0], samples[("raw", step)][0])  # the same noise
-        assert not torch.allclose(samples[("a", step)][2], samples[("raw", step)][2], atol=1e-6)
+    # After update 1 the average is the online weights; after update 2 it differs.
+    torch.testing.assert_close(samples[("a", 1)][2], samples[("raw", 1)][2], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(samples[("a", 2)][2], samples[("raw", 2)][2], atol=1e-6)
     torch.testing.assert_close(samples[("b", 2)][2], got, rtol=1e-5, atol=1e-6)  # the resumed run's too
 
 
@@ -707,3 +749,220 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
     )
     assert sorted(p.name for p in pairs.iterdir()) == [f"pairs-0000{i}.safetensors" for i in range(3)]
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+
+
+def _perturbed_unet(tiny: dict[str, Path], folder: Path) -> Path:
+    """The tiny base UNet with every weight moved a little: a stand-in for a previous stage's student."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    unet.save_pretrained(str(folder))
+    return folder
+
+
+def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4->2/full from a previous student (--init_unet) with the base as --teacher_unet: the teacher is the
+    base, the training schedule feeds pure noise at t = 999 (Sec. 3.5), D sees re-noised clean samples
+    (the student's x0_hat, also where the 2-step jump ends at t_prev >= 0), and the optimiser takes the
+    plan's beta1 with the flags that were given."""
+    from diffusers import UNet2DConditionModel
+
+    script, common = _load("sdxl_lightning"), _load("distill_common")
+    init = _perturbed_unet(tiny_sdxl, tmp_path / "init")
+    argv = [
+        *_common_argv(tiny_sdxl, tmp_path / "out", lora=False),
+        "--train_data_dir",
+        str(tiny_sdxl["images"]),
+    ]
+    argv[argv.index("--max_train_steps") + 1] = "1"
+    argv[argv.index("--train_batch_size") + 1] = "4"
+    argv += ["--stage", "4->2/full", "--init_unet", str(init)]
+    with pytest.raises(ValueError, match=r"must not be its own teacher: pass --teacher_unet"):
+        script.parse_args(argv)
+    x0_argv = [a if a != "4->2/full" else "2->1/x0-conversion" for a in argv]
+    with pytest.raises(ValueError, match=r"own frozen copy \(Eq. 29\): drop --teacher_unet"):
+        script.parse_args([*x0_argv, "--teacher_unet", str(init)])
+
+    teachers: list[torch.nn.Module] = []
+    solver = script.TeacherSolver
+
+    def recording_solver(model, schedule, **kwargs):  # type: ignore[no-untyped-def]
+        teachers.append(model)
+        return solver(model, schedule, **kwargs)
+
+    pairs: list[dict[str, torch.Tensor]] = []
+    pair_fn = script.consistency_pair
+
+    def recording_pair(student, teacher, x_t, sample, cond, uncond, **kwargs):  # type: ignore[no-untyped-def]
+        assert teacher.schedule.terminal_pure_noise, "training must see pure noise at t = 999"
+        with torch.no_grad():  # the student's own x0 prediction, computed independently of the script
+            out = student(x_t, sample.t, **cond).sample.float()
+            x0_hat = teacher.schedule.to_x0(out, x_t, sample.t, kwargs["prediction_type"])
+        pairs.append({"t": sample.t.clone(), "t_prev": sample.t_prev.clone(), "x0_hat": x0_hat})
+        return pair_fn(student, teacher, x_t, sample, cond, uncond, **kwargs)
+
+    d_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    renoise = script.renoise_for_discriminator
+
+    def recording_renoise(real, fake, **kwargs):  # type: ignore[no-untyped-def]
+        d_inputs.append((real.detach().clone(), fake.detach().clone()))
+        return renoise(real, fake, **kwargs)
+
+    optimisers: list[torch.optim.Optimizer] = []
+    adamw = common.adamw
+
+    def recording_adamw(*a, **kw):  # type: ignore[no-untyped-def]
+        optimisers.append(adamw(*a, **kw))
+        return optimisers[-1]
+
+    monkeypatch.setattr(script, "TeacherSolver", recording_solver)
+    monkeypatch.setattr(script, "consistency_pair", recording_pair)
+    monkeypatch.setattr(script, "renoise_for_discriminator", recording_renoise)
+    monkeypatch.setattr(common, "adamw", recording_adamw)
+    flags = ["--teacher_unet", str(tiny_sdxl["model"] / "unet"), "--adam_beta2", "0.95"]
+    flags += ["--adam_weight_decay", "0.01"]
+    script.main(script.parse_args([*argv, *flags]))
+
+    base = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet").state_dict()
+    started = UNet2DConditionModel.from_pretrained(str(init)).state_dict()
+    (teacher,) = teachers
+    state = teacher.state_dict()
+    assert all(torch.equal(state[k], base[k]) for k in base), "the teacher is not --teacher_unet"
+    assert any(not torch.equal(state[k], started[k]) for k in base)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # D's inputs are the student's x0_hat, not its noisy move output where the jump ends at t_prev >= 0.
+    (pair,), ((real, fake),) = pairs, d_inputs
+    assert bool((pair["t_prev"] >= 0).any()), "seed 3 should draw a jump to t_prev >= 0"
+    torch.testing.assert_close(fake, pair["x0_hat"], rtol=1e-4, atol=1e-4)
+    assert real.shape == fake.shape and bool(torch.isfinite(real).all())
+    # Plan betas (0, 0.99) for the adversarial stage, with --adam_beta2 / --adam_weight_decay given.
+    assert len(optimisers) == 2  # the student's and the discriminator's
+    for opt in optimisers:
+        assert opt.defaults["betas"] == (0.0, 0.95) and opt.defaults["weight_decay"] == 0.01
+    assert UNet2DConditionModel.from_pretrained(str(tmp_path / "out" / "unet")) is not None
+
+
+def test_lightning_jump_x0_is_the_clean_sample_of_the_move() -> None:
+    """The x0 a DDIM jump implies is the model's x0 prediction, at t_prev >= 0 and at the clean end,
+    with pure noise at t = 999 (terminal_pure_noise) -- unlike the noisy move output itself."""
+    from diffdistill.schedulers import NoiseSchedule
+
+    script = _load("sdxl_lightning")
+    schedule = NoiseSchedule.from_betas(terminal_pure_noise=True)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, out = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
+    t, t_prev = torch.tensor([999, 749, 999, 249]), torch.tensor([499, 249, -1, -1])
+    x_t = schedule.add_noise(x0, eps, t)
+    assert torch.equal(x_t[0], eps[0])  # pure noise at t = 999
+    x_prev = schedule.ddim_step(out, t, x_t, t_prev)
+    got = script.jump_x0(schedule, x_prev, x_t, t, t_prev)
+    torch.testing.assert_close(got, schedule.to_x0(out, x_t, t), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[2:], x_prev[2:])  # the clean end: the move output is x0 already
+    assert not torch.allclose(got[:2], x_prev[:2], atol=1e-2)
+
+
+def test_lightning_optimizer_options_default_to_the_plan(tmp_path: Path) -> None:
+    script = _load("sdxl_lightning")
+    plan = script.StagePlan.sdxl_lightning()
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path)]
+    args = script.parse_args([*argv, "--stage", "128->32", "--use_lora"])
+    assert script.optimizer_options(args, plan["128->32"]) == {
+        "lr": 1e-5,
+        "betas": (0.9, 0.999),
+        "weight_decay": 0.0,
+    }
+    args = script.parse_args([*argv, "--stage", "4->2/conditional", "--use_lora"])
+    assert script.optimizer_options(args, plan["4->2/conditional"]) == {
+        "lr": 1e-6,
+        "betas": (0.0, 0.99),
+        "weight_decay": 0.0,
+    }
+    flags = [
+        "--adam_beta1",
+        "0.5",
+        "--adam_beta2",
+        "0.9",
+        "--adam_weight_decay",
+        "0.1",
+        "--learning_rate",
+        "2e-6",
+    ]
+    args = script.parse_args([*argv, "--stage", "4->2/full", *flags])
+    assert script.optimizer_options(args, plan["4->2/full"]) == {
+        "lr": 2e-6,
+        "betas": (0.5, 0.9),
+        "weight_decay": 0.1,
+    }
+
+
+def test_clip_and_step_unscales_only_its_optimizer() -> None:
+    """fp16 with two optimisers: clipping the generator's gradients must leave the discriminator's
+    accumulated (still scaled) gradients alone. accelerate's ``clip_grad_norm_`` unscales every prepared
+    optimiser; the fake accelerator below runs accelerate's own methods with a CPU GradScaler."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    common = _load("distill_common")
+
+    class FakeFp16Accelerator:
+        unscale_gradients = Accelerator.unscale_gradients
+        clip_grad_norm_ = Accelerator.clip_grad_norm_
+        _clip_grad_norm_dtensor_aware = Accelerator._clip_grad_norm_dtensor_aware
+        native_amp, mixed_precision, sync_gradients = True, "fp16", True
+        distributed_type = DistributedType.NO
+
+        def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+            self._optimizers = optimizers
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    gen_param, disc_param = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt_g = torch.optim.SGD([gen_param], lr=0.0)
+    opt_d = torch.optim.SGD([disc_param], lr=0.0)
+    acc = FakeFp16Accelerator([opt_g, opt_d])
+    acc.scaler.scale(disc_param.sum()).backward()  # D's first micro-batch, accumulated and scaled
+    acc.scaler.scale(3.0 * gen_param.sum()).backward()
+    common.clip_and_step(acc, opt_g, [gen_param], max_norm=1e6)
+    assert gen_param.grad is None  # stepped and zeroed
+    torch.testing.assert_close(
+        disc_param.grad, torch.full((3,), 1024.0)
+    )  # still scaled: unscaled once, later
+    acc.scaler.unscale_(opt_d)
+    torch.testing.assert_close(disc_param.grad, torch.ones(3))
+    # The generator's own gradients were unscaled before clipping: the norm clipped is the true one.
+    acc.scaler.update()
+    acc.scaler.scale(3.0 * gen_param.sum()).backward()
+    common.clip_and_step(acc, opt_g, [gen_param], max_norm=1.0)
+    assert gen_param.grad is None
+
+
+def test_uncond_defaults_to_zero_embeddings(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """--uncond zeros (default): zero prompt and pooled embeddings with the conditional time_ids, as
+    diffusers' SDXL pipeline with force_zeros_for_empty_prompt; --uncond empty_prompt: the encoded ""."""
+    script, common = _load("sdxl_sim"), _load("distill_common")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    args = script.parse_args(argv)
+    assert args.uncond == "zeros"
+    parts = common.load_sdxl(args)
+    uncond = common.uncond_conditions(args, parts, "cpu", torch.float32)
+    empty = common.unet_conditions(parts, [""], args.resolution, "cpu", torch.float32)
+    assert uncond["encoder_hidden_states"].shape == empty["encoder_hidden_states"].shape
+    assert not uncond["encoder_hidden_states"].any() and not uncond["added_cond_kwargs"]["text_embeds"].any()
+    assert uncond["added_cond_kwargs"]["text_embeds"].shape == empty["added_cond_kwargs"]["text_embeds"].shape
+    assert torch.equal(uncond["added_cond_kwargs"]["time_ids"], empty["added_cond_kwargs"]["time_ids"])
+    assert empty["encoder_hidden_states"].any()
+    args = script.parse_args([*argv, "--uncond", "empty_prompt"])
+    got = common.uncond_conditions(args, parts, "cpu", torch.float32)
+    assert torch.equal(got["encoder_hidden_states"], empty["encoder_hidden_states"])
+    assert torch.equal(got["added_cond_kwargs"]["text_embeds"], empty["added_cond_kwargs"]["text_embeds"])
+    # Every script builds its unconditional branch through --uncond.
+    for path in EXAMPLES.glob("sdxl_*.py"):
+        source = path.read_text()
+        assert 'unet_conditions(parts, [""]' not in source, path.name
+        if "uncond" in source and "uncond=" in source.replace(" ", ""):
+            assert "common.uncond_conditions(args, parts" in source, path.name
