@@ -8,7 +8,10 @@ one optimisation step (forward, backward and optimiser step of every network the
 128x128 latents (1024 px), first at batch 1, then doubling the batch until it runs out of memory or
 reaches ``--max_batch``. It prints a Markdown table: the step time (median of ``--repeats`` steps after
 ``--warmup``, with ``torch.cuda.synchronize``) and the peak memory (``torch.cuda.max_memory_allocated``,
-reset before each batch size) of batch 1 and of the largest batch that fits.
+reset before each batch size) of batch 1 and of the largest batch that fits, each also as a multiple of
+the ``reference`` step's at the same batch: a plain SDXL fine-tuning step (epsilon MSE, one UNet forward
+and backward, Adam) on the same trainable setup, run first in the same process (``--no_reference``
+skips it).
 
 The steps are assembled from the library's public losses, one builder per method (the scripts' update
 logic is inline in their ``main``), with the scripts' own building blocks (``distill_common``):
@@ -90,6 +93,7 @@ import distill_common as common  # noqa: E402 - the examples' shared module
 from sdxl_sim import sim_networks  # noqa: E402
 
 METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
+REFERENCE = "reference"  # plain fine-tuning step, run first: the ratios' denominator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--no_reference",
+        action="store_true",
+        help="skip the plain fine-tuning reference step (then the ratio columns read '-')",
+    )
     p.add_argument("--warmup", type=int, default=None, help="default 2 (tiny: 1)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (tiny: 1)")
     args = p.parse_args(argv)
@@ -335,7 +344,28 @@ def build_ssd1b(b: Bench) -> Step:
     return step
 
 
+def build_reference(b: Bench) -> Step:
+    """The yardstick: a plain SDXL fine-tuning step on the same trainable setup (LoRA or full UNet).
+
+    One UNet forward and backward of the epsilon-prediction MSE, one Adam step: what a diffusers
+    fine-tuning script does per step, with the same checkpointing and dtype. Every method's step time and
+    peak memory are also given as a multiple of this step at the same batch size, so the table reads the
+    same on any GPU.
+    """
+    unet, _ = b.student()
+    opt = b.adam(unet)
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        x0, noise, cond = b.latents(batch, gen), b.latents(batch, gen), b.cond(batch, gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(b.device)
+        pred = unet(b.schedule.add_noise(x0, noise, t), t, **cond).sample
+        _update(torch.nn.functional.mse_loss(pred.float(), noise), opt)
+
+    return step
+
+
 BUILDERS: dict[str, Callable[[Bench], Step]] = {
+    REFERENCE: build_reference,
     "lightning": build_lightning,
     "hyper_sd": build_hyper_sd,
     "diffusion2gan": build_diffusion2gan,
@@ -437,28 +467,47 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def _ratio(value: float, ref: float | None) -> str:
+    if ref is None or ref != ref or value != value or ref <= 0:
+        return "-"
+    return f"{value / ref:.2f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per method, batch 1 and the largest batch that ran (and where it ran out of memory)."""
+    """Markdown: per method, batch 1 and the largest batch that ran (and where it ran out of memory).
+
+    The last two columns divide step time and peak memory by the ``reference`` row's at the same batch
+    (``-`` where it has none).
+    """
     lines = [
-        "| method | trains | batch | step (s) | peak memory (GiB) | largest batch tried |",
-        "|---|---|---:|---:|---:|---|",
+        "| method | trains | batch | step (s) | peak memory (GiB) | largest batch tried "
+        "| step / reference | memory / reference |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
+    ref = {r["batch"]: r for r in rows if r["method"] == REFERENCE and r["status"] == "ok"}
     for name in dict.fromkeys(r["method"] for r in rows):
         ok = [r for r in rows if r["method"] == name and r["status"] == "ok"]
         oom = [r["batch"] for r in rows if r["method"] == name and r["status"] == "OOM"]
         limit = f"OOM at {oom[0]}" if oom else f"{ok[-1]['batch'] if ok else '-'} (no OOM)"
         for r in [ok[0], ok[-1]] if len(ok) > 1 else ok:
             peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
-            lines.append(f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {peak} | {limit} |")
+            base = ref.get(r["batch"])
+            time_ratio = _ratio(r["seconds"], base["seconds"] if base else None)
+            mem_ratio = _ratio(r["peak_gib"], base["peak_gib"] if base else None)
+            lines.append(
+                f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {peak} | {limit} "
+                f"| {time_ratio} | {mem_ratio} |"
+            )
         if not ok:
-            lines.append(f"| {name} | {rows[0]['trains']} | 1 | - | - | OOM at 1 |")
+            lines.append(f"| {name} | {rows[0]['trains']} | 1 | - | - | OOM at 1 | - | - |")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> str:
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [row for name in args.methods for row in run_method(name, args)]
+    names = ([REFERENCE] if not args.no_reference else []) + [m for m in args.methods if m != REFERENCE]
+    rows = [row for name in names for row in run_method(name, args)]
     header = (
         f"device: {torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else 'cpu'}, "
         f"{'tiny 3-level UNet' if args.tiny else 'SDXL UNet (random weights)'}, latents "

@@ -34,10 +34,17 @@ def test_every_method_steps_on_the_tiny_unet() -> None:
     out = bench.main(args)
     lines = out.splitlines()
     assert lines[0].startswith("device: cpu, tiny 3-level UNet")
-    for name in bench.METHODS:  # one row per method, with a time
+    for name in (bench.REFERENCE, *bench.METHODS):  # one row per method, with a time
         rows = [ln.split("|") for ln in lines if ln.startswith(f"| {name} |")]
         assert [r[3].strip() for r in rows] == ["1"], out
         assert float(rows[0][4]) > 0, out
+        # step / reference: the reference step itself is 1.00; a method's is its time over the reference's
+        ref = next(ln.split("|") for ln in lines if ln.startswith(f"| {bench.REFERENCE} |"))
+        assert float(rows[0][7]) == pytest.approx(float(rows[0][4]) / float(ref[4]), abs=0.006), out
+        assert rows[0][8].strip() == "-", out  # no peak memory on the CPU
+    assert (
+        lines.index(next(ln for ln in lines if ln.startswith("| reference |"))) == 4
+    )  # run (and listed) first
     args = bench.parse_args(["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--warmup", "0"])
     assert "| diffusion2gan | LoRA | 2 |" in bench.main(args)
     assert "| ssd1b | student (full) |" in out and "| sim | LoRA |" in out
@@ -60,8 +67,10 @@ def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> N
     assert tried == [1, 2, 4, 8]
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "OOM"]
     md = bench.table(rows)
-    assert "| mlcm | LoRA | 1 | 0.500 | 10.0 | OOM at 8 |" in md
-    assert "| mlcm | LoRA | 4 | 2.000 | 40.0 | OOM at 8 |" in md
+    assert "| mlcm | LoRA | 1 | 0.500 | 10.0 | OOM at 8 | - | - |" in md  # no reference rows: no ratios
+    assert "| mlcm | LoRA | 4 | 2.000 | 40.0 | OOM at 8 | - | - |" in md
+    ref = [{**r, "method": bench.REFERENCE, "seconds": r["seconds"] / 4} for r in rows if r["status"] == "ok"]
+    assert "| mlcm | LoRA | 4 | 2.000 | 40.0 | OOM at 8 | 4.00 | 1.00 |" in bench.table(ref + rows)
     # Errors that are not out-of-memory propagate.
     monkeypatch.setattr(bench, "measure", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
