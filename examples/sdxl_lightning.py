@@ -1,37 +1,53 @@
 """SDXL-Lightning: progressive adversarial distillation, one stage of ``StagePlan.sdxl_lightning`` per launch.
 
 Lin, Wang, Yang, "SDXL-Lightning: Progressive Adversarial Diffusion Distillation", 2024
-(arXiv:2402.13929), Sec. 3.5-3.7. Run the stages in order (``--stage``), each starting from the previous
+(arXiv:2402.13929), Sec. 3.4-3.7. Run the stages in order (``--stage``), each starting from the previous
 stage's UNet (``--init_unet``). The teacher of a LoRA stage is the model it starts from (the previous
-level's student, progressive distillation); a ``/full`` stage starts from this level's merged LoRA student,
-so its teacher is given by ``--teacher_unet`` (the previous level's model, or a skip-level one for the 1-
-and 2-step students, Sec. 3.4); the x0 conversion regresses the model onto its own frozen copy. Teachers
-predict the base model's type (epsilon). The discriminator is rebuilt at each launch from the base SDXL
-UNet's encoder. Training noises with the schedule fix of Sec. 3.5: the model input at ``t = 999`` is pure
-noise (``NoiseSchedule(terminal_pure_noise=True)``), as at inference.
+level's student, progressive distillation); a full-UNet adversarial stage starts from this level's student
+(the merged LoRA, or the x0-converted model for the 1-step level), so its teacher is given by
+``--teacher_unet`` (the previous level's model, or a skip-level one for the 1- and 2-step students'
+unconditional stages, Sec. 3.4); the x0 conversion regresses the model onto its own frozen copy. Teachers
+predict the base model's type (epsilon). Training noises with the schedule fix of Sec. 3.5: the model
+input at ``t = 999`` is pure noise (``NoiseSchedule(terminal_pure_noise=True)``), as at inference.
 
 * ``128->32`` -- MSE between the student's jump and 4 guided teacher DDIM steps (CFG 6), LoRA
   (:func:`diffdistill.losses.progressive_distillation_loss`);
 * ``N->M/conditional`` then ``N->M/unconditional`` -- non-saturating adversarial loss on a LoRA with the
   conditional, then the unconditional :class:`~diffdistill.discriminators.UNetEncoderDiscriminator`
   judging the student's jump against the teacher's ``N/M``-step solution; for the 2- and 1-step students
-  both are re-noised to ``t* ~ Cat({10, 250, 500, 750}, (5, 1, 1, 1))``
+  both are re-noised to ``t* ~ Cat({10, 250, 500, 750}, w)``
   (:func:`diffdistill.losses.renoise_for_discriminator`) and the students train at the extra timesteps
   {249, 499, 749, 999}. What is re-noised is the clean sample of each side's jump (Eq. 25-26): for a jump
   ``x_t -> x_{t'}`` with ``t' >= 0`` (the 2-step student at ``t = 999 -> 499``, ``749 -> 249``), the
   ``x0`` that the DDIM move from ``x_t`` to ``x_{t'}`` implies (:func:`jump_x0`), not the noisy ``x_{t'}``.
   The unconditional stage continues the conditional stage's LoRA (``--init_lora``) and also writes the
   merged UNet (``unet_merged/``) for the next stages;
-* ``N->M/full`` -- the same objective (unconditional D) on the full UNet;
+* ``N->M/full`` -- the same objective (unconditional D) on the full UNet, continuing the unconditional
+  stage's discriminator (``--init_discriminator OUT/discriminator``, plan ``reset_discriminator=False``);
 * ``2->1/x0-conversion`` -- converts the 1-step student to x0 prediction
-  (:func:`diffdistill.losses.x0_conversion_loss`) before ``2->1/full`` (``prediction_type`` "sample").
+  (:func:`diffdistill.losses.x0_conversion_loss`); then ``2->1/conditional`` (conditional D) and
+  ``2->1/full`` (unconditional D), both on the full x0-predicting UNet (``prediction_type`` "sample"; no
+  1-step LoRA, Sec. 3.7).
+
+Discriminators: a stage whose plan says ``reset_discriminator=True`` (the start of a level, and the switch
+from the conditional to the unconditional D) builds a fresh one from the base SDXL UNet's encoder; a
+``/full`` stage of 32->8, 8->4 or 4->2 loads the one its level's unconditional stage wrote
+(``--init_discriminator``; ``--fresh_discriminator`` opts out). Every adversarial stage writes its
+discriminator to ``OUTPUT_DIR/discriminator/`` (weights only; its optimiser state starts afresh).
+
+D timestep weights (2- and 1-step students): 1:1:1:1 at first, then 5:1:1:1 "once training is stable"
+(Sec. 3.7). The switch is at optimisation step ``--stable_after_steps`` (default: half of
+``--max_train_steps``; the paper gives no point, and each stage is its own launch), so it depends on the
+step only and a resumed run switches where an uninterrupted one does (resume with the same
+``--max_train_steps``, or give ``--stable_after_steps`` explicitly). ``--discriminator_timestep_weights``
+and ``--discriminator_timestep_weights_stable`` override the two weight sets.
 
 Each stage's optimiser is AdamW (decoupled weight decay; Adam when it is 0) with the plan's betas --
 (0.9, 0.999) for the MSE stage, (0, 0.99) for the adversarial ones -- and learning rate, and no weight
 decay; ``--adam_beta1``, ``--adam_beta2``, ``--adam_weight_decay`` and ``--learning_rate`` override them
 where given (:func:`optimizer_options`).
 
-Example (first two stages)::
+Example (first two stages; the whole chain is in examples/README.md)::
 
     accelerate launch examples/sdxl_lightning.py --stage "128->32" \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \\
@@ -94,6 +110,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "stages that start from --init_unet (the previous level's model, e.g. out/l-32/unet_merged for "
         "32->8/full; a skip-level one for 2->1); LoRA stages default to the model they start from",
     )
+    g.add_argument(
+        "--init_discriminator",
+        default=None,
+        help="discriminator/ folder (or its discriminator.safetensors) written by the level's unconditional "
+        "stage: needed by the /full stages whose plan continues D (reset_discriminator=False), e.g. "
+        "out/l-8u/discriminator for 32->8/full",
+    )
+    g.add_argument(
+        "--fresh_discriminator",
+        action="store_true",
+        help="start a fresh discriminator where the plan continues the previous stage's (no --init_discriminator)",
+    )
+    g.add_argument(
+        "--stable_after_steps",
+        type=int,
+        default=None,
+        help="2- and 1-step stages: the optimisation step from which D's timesteps take the 'stable' weights "
+        "(5:1:1:1) instead of the initial ones (1:1:1:1), Sec. 3.7; 0 starts stable. Default: "
+        "--max_train_steps // 2",
+    )
+    g.add_argument(
+        "--discriminator_timestep_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="weights of D's re-noising timesteps (10, 250, 500, 750) before --stable_after_steps "
+        "(default: the plan's, 1 1 1 1)",
+    )
+    g.add_argument(
+        "--discriminator_timestep_weights_stable",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the weights from --stable_after_steps on (default: the plan's, 5 1 1 1)",
+    )
     g.add_argument("--mse_guidance_scale", type=float, default=6.0)
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
     # None: the stage plan's value (resolved per stage by optimizer_options).
@@ -117,9 +168,150 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             f"Stage {stage.name!r} starts from --init_unet {args.init_unet}, this level's student, which must "
             "not be its own teacher: pass --teacher_unet with the previous level's model (e.g. "
-            "out/l-32/unet_merged for 32->8/full; for 2->1/full the 2-step model or a skip-level one)."
+            "out/l-32/unet_merged for 32->8/full; for 2->1/conditional and 2->1/full the 2-step model, or "
+            "for 2->1/full a skip-level one)."
         )
+    check_discriminator_args(args, stage)
     return args
+
+
+def check_discriminator_args(args: argparse.Namespace, stage: Any) -> None:
+    """Raise ``ValueError`` (with the fix) where the discriminator flags do not fit ``stage``."""
+    if stage.discriminator is None:
+        given = [
+            f"--{name}"
+            for name in (
+                "init_discriminator",
+                "fresh_discriminator",
+                "stable_after_steps",
+                "discriminator_timestep_weights",
+                "discriminator_timestep_weights_stable",
+            )
+            if getattr(args, name) not in (None, False)
+        ]
+        if given:
+            raise ValueError(f"Stage {stage.name!r} trains no discriminator: drop {', '.join(given)}.")
+        return
+    if stage.options.get("reset_discriminator", True):
+        if args.init_discriminator or args.fresh_discriminator:
+            raise ValueError(
+                f"Stage {stage.name!r} starts a fresh discriminator (plan: reset_discriminator=True, "
+                f"{'a new level' if stage.discriminator == 'conditional' else 'the switch to the unconditional D'}): "
+                "drop --init_discriminator / --fresh_discriminator."
+            )
+    elif args.init_discriminator and args.fresh_discriminator:
+        raise ValueError("Expected one of --init_discriminator and --fresh_discriminator, but got both.")
+    elif not args.init_discriminator and not args.fresh_discriminator:
+        level = stage.name.split("/")[0]
+        raise ValueError(
+            f"Stage {stage.name!r} continues the discriminator of {level}/unconditional (plan: "
+            f"reset_discriminator=False): pass --init_discriminator with that stage's OUTPUT_DIR/discriminator "
+            "(or --fresh_discriminator to start a new one)."
+        )
+    timesteps = stage.options.get("discriminator_timesteps")
+    for name in ("discriminator_timestep_weights", "discriminator_timestep_weights_stable"):
+        weights = getattr(args, name)
+        if weights is None:
+            continue
+        if timesteps is None:
+            raise ValueError(
+                f"Stage {stage.name!r} does not re-noise the discriminator's inputs (only the 2- and 1-step "
+                f"stages do): drop --{name}."
+            )
+        if len(weights) != len(timesteps) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"Expected --{name} to be {len(timesteps)} non-negative weights (of t* = "
+                f"{', '.join(str(t) for t in timesteps)}) with a positive sum, but got {weights}."
+            )
+    if args.stable_after_steps is not None:
+        if timesteps is None:
+            raise ValueError(
+                f"Stage {stage.name!r} does not re-noise the discriminator's inputs (only the 2- and 1-step "
+                "stages do): drop --stable_after_steps."
+            )
+        if args.stable_after_steps < 0:
+            raise ValueError(f"Expected --stable_after_steps >= 0, but got {args.stable_after_steps}.")
+
+
+def stable_after_steps(args: argparse.Namespace) -> int:
+    """The first optimisation step (0-based) whose D timesteps take the stable weights:
+    ``--stable_after_steps``, by default half of ``--max_train_steps``."""
+    return args.max_train_steps // 2 if args.stable_after_steps is None else args.stable_after_steps
+
+
+def discriminator_timestep_weights(
+    args: argparse.Namespace, stage: Any, step: int
+) -> tuple[float, ...] | None:
+    """The weights of D's re-noising timesteps at optimisation step ``step`` (0-based; ``None`` where the
+    stage does not re-noise): the initial ones (plan: 1:1:1:1) before :func:`stable_after_steps`, the
+    stable ones (plan: 5:1:1:1) from it on (Sec. 3.7). A function of the step alone, so resume is exact."""
+    opts = stage.options
+    if "discriminator_timesteps" not in opts:
+        return None
+    first = args.discriminator_timestep_weights or opts.get("discriminator_timestep_weights")
+    stable = args.discriminator_timestep_weights_stable or opts.get("discriminator_timestep_weights_stable")
+    chosen = (stable or first) if step >= stable_after_steps(args) else first
+    return None if chosen is None else tuple(float(w) for w in chosen)
+
+
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+DISCRIMINATOR_CONFIG = "discriminator.json"
+
+
+def write_discriminator(
+    folder: str | Path, state: dict[str, torch.Tensor], *, conditional: bool, stage: str
+) -> Path:
+    """Write a discriminator's weights (``discriminator.safetensors``, float32) and what it is
+    (``discriminator.json``: conditional or not, the stage that trained it) into ``folder``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / DISCRIMINATOR_FILE), metadata={"format": "pt"})
+    config = {"class": "UNetEncoderDiscriminator", "conditional": conditional, "stage": stage}
+    (folder / DISCRIMINATOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def load_discriminator(disc: torch.nn.Module, path: str | Path, stage: Any) -> None:
+    """Load ``--init_discriminator`` (a folder from :func:`write_discriminator`, or its safetensors file)
+    into ``disc`` (built like the saved one: same base UNet, same conditional mode)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = folder / DISCRIMINATOR_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise ValueError(
+            f"--init_discriminator {path}: expected a discriminator/ folder holding {DISCRIMINATOR_FILE} (written "
+            "by the previous stage), but found none."
+        )
+    config_file = folder / DISCRIMINATOR_CONFIG
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        want = stage.discriminator == "conditional"
+        if bool(config.get("conditional")) != want:
+            raise ValueError(
+                f"--init_discriminator {path} holds a {'conditional' if config.get('conditional') else 'unconditional'} "
+                f"discriminator (stage {config.get('stage')!r}), but stage {stage.name!r} trains "
+                f"{'a conditional' if want else 'an unconditional'} one: pass the discriminator/ of "
+                f"{stage.name.split('/')[0]}/unconditional."
+            )
+    fit = (
+        f"--init_discriminator {path} does not fit this stage's discriminator (built from the base UNet of "
+        "--pretrained_model_name_or_path)"
+    )
+    try:
+        missing, unexpected = disc.load_state_dict(load_file(str(weights)), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{fit}: {exc}") from exc
+    if missing or unexpected:
+        raise ValueError(f"{fit}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}.")
 
 
 def optimizer_options(args: argparse.Namespace, stage: Any) -> dict[str, Any]:
@@ -180,16 +372,17 @@ def main(args: argparse.Namespace) -> None:
     schedule = NoiseSchedule.from_scheduler(
         parts.noise_scheduler, prediction_type=base_pred, terminal_pure_noise=True
     )
-    start_pred = "sample" if stage.name == "2->1/full" else base_pred
-    pred_type = "sample" if stage.loss == "x0_conversion" else opts.get("prediction_type", start_pred)
+    pred_type = "sample" if stage.loss == "x0_conversion" else opts.get("prediction_type", base_pred)
 
     disc: Any = None
-    if stage.discriminator is not None:
+    if stage.discriminator is not None:  # fresh from the base UNet's encoder, or the previous stage's
         disc = UNetEncoderDiscriminator(
             parts.unet,
             conditional=stage.discriminator == "conditional",
             gradient_checkpointing=args.gradient_checkpointing,
         )
+        if args.init_discriminator:
+            load_discriminator(disc, args.init_discriminator, stage)
     if args.teacher_unet:  # a separate frozen teacher (the previous level's model)
         teacher_model: Any = UNet2DConditionModel.from_pretrained(args.teacher_unet)
         common.freeze(teacher_model)
@@ -220,7 +413,7 @@ def main(args: argparse.Namespace) -> None:
     global_step = common.resume(accelerator, args)
 
     def adversarial(
-        x0: torch.Tensor, cond: dict[str, Any], gen: torch.Generator
+        x0: torch.Tensor, cond: dict[str, Any], gen: torch.Generator, step: int
     ) -> tuple[torch.Tensor, dict]:
         sample = progressive_pairs(
             x0.shape[0],
@@ -245,7 +438,10 @@ def main(args: argparse.Namespace) -> None:
         )
         real, fake = pair.target.float(), pair.student.float()
         t_judge = pair.sample.t_prev.clamp(min=0)
+        logs: dict[str, torch.Tensor] = {}
         if "discriminator_timesteps" in opts:
+            d_weights = discriminator_timestep_weights(args, stage, step)
+            logs["discriminator_weights_stable"] = torch.tensor(float(step >= stable_after_steps(args)))
             # Eq. 25-26 re-noise the clean samples: the teacher's x0 and the student's x0_hat of the jump
             # (the move outputs themselves are noisy states where t_prev >= 0).
             t, t_prev = pair.sample.t.to(device), pair.sample.t_prev.to(device)
@@ -254,7 +450,7 @@ def main(args: argparse.Namespace) -> None:
                 jump_x0(schedule, fake, x_t, t, t_prev),
                 schedule=schedule,
                 values=opts["discriminator_timesteps"],
-                weights=opts.get("discriminator_timestep_weights"),
+                weights=d_weights,
                 generator=gen,
             )
             (real, fake), t_judge = renoised.samples, renoised.t.to(device)
@@ -273,7 +469,7 @@ def main(args: argparse.Namespace) -> None:
         )
         accelerator.backward(d_loss)
         common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
-        return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach()}
+        return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach(), **logs}
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
@@ -298,7 +494,7 @@ def main(args: argparse.Namespace) -> None:
                     unet, teacher_model, x_t, t, cond, schedule=schedule, frozen_prediction_type=base_pred
                 )
             else:
-                return adversarial(x0, cond, gen)[1]
+                return adversarial(x0, cond, gen, step)[1]
             accelerator.backward(loss)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         return logs
@@ -317,6 +513,16 @@ def main(args: argparse.Namespace) -> None:
 
     common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     lora_file = common.save_unet(accelerator, unet, args, ema=ema)
+    if disc is not None:  # for the next stage that continues it (plan: reset_discriminator=False)
+        d_state = accelerator.get_state_dict(disc)  # on every process: gathers FSDP shards
+        if accelerator.is_main_process:
+            write_discriminator(
+                Path(args.output_dir) / "discriminator",
+                d_state,
+                conditional=stage.discriminator == "conditional",
+                stage=stage.name,
+            )
+        accelerator.wait_for_everyone()
     if args.use_lora and (opts.get("merge_lora_after") or stage.loss == "mse"):
         if accelerator.is_main_process:  # the saved adapter merged into a fresh float32 copy of the base
             base = (

@@ -172,15 +172,28 @@ class StagePlan:
     # ------------------------------------------------------------------ presets
     @classmethod
     def sdxl_lightning(cls, mse_guidance_scale: float = 6.0) -> StagePlan:
-        """SDXL-Lightning (Lin, Wang, Yang 2024, arXiv:2402.13929, Sec. 3.6-3.7).
+        """SDXL-Lightning (Lin, Wang, Yang 2024, arXiv:2402.13929, Sec. 3.4-3.7).
 
         128 → 32 with MSE and CFG 6 on the teacher (the only CFG stage); then 32 → 8 → 4 → 2 → 1 with the
-        non-saturating adversarial loss, each stage training a LoRA with the conditional discriminator,
-        then the unconditional one, merging it, and fine-tuning the full UNet with the unconditional
-        objective; the discriminator is re-initialised at each stage. Stages with 1 and 2 student steps
-        train at the extra timesteps {250, 500, 750, 1000} and re-noise D inputs to {10, 250, 500, 750};
-        the 1-step model is first converted to x0-prediction (Eq. 29), with no 1-step LoRA. Adversarial
-        optimiser: Adam(beta1=0, beta2=0.99), lr 1e-6 (LoRA) / 5e-7 (full).
+        non-saturating adversarial loss, each level training with the conditional discriminator first,
+        then the unconditional one (Sec. 3.4). For 32 → 8, 8 → 4 and 4 → 2 that is a LoRA with the
+        conditional D, the same LoRA with the unconditional D, merged, then the full UNet with the
+        unconditional objective. The 1-step student has no LoRA (Sec. 3.7): its level converts the model
+        to x0 prediction (Eq. 29), then trains the full x0-predicting UNet with the conditional D
+        (``2->1/conditional``), then with the unconditional D (``2->1/full``).
+
+        ``reset_discriminator`` (every adversarial stage has it): ``True`` where the stage starts a fresh
+        discriminator -- at the start of each level (Sec. 3.6, "D is re-initialised at each stage") and
+        where D changes from conditional to unconditional (the head's input width changes; the paper does
+        not say whether the backbone carries over, so it starts fresh); ``False`` for the ``/full`` stages
+        of 32 → 8, 8 → 4 and 4 → 2, which continue the unconditional discriminator of the level's
+        ``/unconditional`` LoRA stage (same level, same objective).
+
+        Stages with 1 and 2 student steps train at the extra timesteps {250, 500, 750, 1000} and re-noise D
+        inputs to t* in {10, 250, 500, 750} with weights ``discriminator_timestep_weights`` (1:1:1:1) "at
+        first", then ``discriminator_timestep_weights_stable`` (5:1:1:1, the 5 on t* = 10) "once training
+        is stable" (Sec. 3.7; when to switch is the training loop's choice). Adversarial optimiser:
+        Adam(beta1=0, beta2=0.99), lr 1e-6 (LoRA) / 5e-7 (full).
         """
         stages = [
             Stage(
@@ -199,7 +212,8 @@ class StagePlan:
                 extra = {
                     "extra_student_timesteps": (249, 499, 749, 999),
                     "discriminator_timesteps": (10, 250, 500, 750),
-                    "discriminator_timestep_weights": (5, 1, 1, 1),
+                    "discriminator_timestep_weights": (1, 1, 1, 1),
+                    "discriminator_timestep_weights_stable": (5, 1, 1, 1),
                 }
             base = f"{src}->{dst}"
             n = src // dst
@@ -212,6 +226,24 @@ class StagePlan:
                         trainable="full",
                         # the timesteps the 1-step student is then trained at (Sec. 3.7)
                         options={"timesteps": (249, 499, 749, 999)},
+                    )
+                )
+                # No 1-step LoRA: the conditional phase trains the full x0-predicting UNet.
+                stages.append(
+                    Stage(
+                        f"{base}/conditional",
+                        loss="adversarial",
+                        student_steps=dst,
+                        teacher_steps=n,
+                        discriminator="conditional",
+                        trainable="full",
+                        options={
+                            **adv,
+                            **extra,
+                            "lr": adv["lr_full"],
+                            "prediction_type": "sample",
+                            "reset_discriminator": True,
+                        },
                     )
                 )
             else:
@@ -234,7 +266,14 @@ class StagePlan:
                         teacher_steps=n,
                         discriminator="unconditional",
                         trainable="lora",
-                        options={**adv, **extra, "lr": adv["lr_lora"], "merge_lora_after": True},
+                        options={
+                            **adv,
+                            **extra,
+                            "lr": adv["lr_lora"],
+                            "merge_lora_after": True,
+                            # conditional -> unconditional: a new head width, a fresh D
+                            "reset_discriminator": True,
+                        },
                     )
                 )
             stages.append(
@@ -250,6 +289,8 @@ class StagePlan:
                         **extra,
                         "lr": adv["lr_full"],
                         "prediction_type": "sample" if dst == 1 else "epsilon",
+                        # continue the level's unconditional D (its /unconditional LoRA stage); the 1-step
+                        # level's previous D is the conditional one of 2->1/conditional
                         "reset_discriminator": dst == 1,
                     },
                 )

@@ -826,7 +826,7 @@ def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
     monkeypatch.setattr(script, "renoise_for_discriminator", recording_renoise)
     monkeypatch.setattr(common, "adamw", recording_adamw)
     flags = ["--teacher_unet", str(tiny_sdxl["model"] / "unet"), "--adam_beta2", "0.95"]
-    flags += ["--adam_weight_decay", "0.01"]
+    flags += ["--adam_weight_decay", "0.01", "--fresh_discriminator"]  # no 4->2/unconditional D to continue
     script.main(script.parse_args([*argv, *flags]))
 
     base = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet").state_dict()
@@ -893,7 +893,7 @@ def test_lightning_optimizer_options_default_to_the_plan(tmp_path: Path) -> None
         "--learning_rate",
         "2e-6",
     ]
-    args = script.parse_args([*argv, "--stage", "4->2/full", *flags])
+    args = script.parse_args([*argv, "--stage", "4->2/full", "--fresh_discriminator", *flags])
     assert script.optimizer_options(args, plan["4->2/full"]) == {
         "lr": 2e-6,
         "betas": (0.5, 0.9),
