@@ -6,11 +6,18 @@ Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arX
    ``--guidance_scale``) for prompts of ``--prompts_file``; shards of ``--pairs_shard_size`` pairs are
    written as ``pairs-XXXXX.safetensors`` (``noise``, ``latent``, the prompts in the metadata) under
    ``--pairs_dir``. A shard is written to a temporary name and renamed, so an interrupted run resumes by
-   skipping the shards that exist; processes split the shards.
+   skipping the shards that exist; processes split the shards. Each shard also records the settings its
+   pairs depend on (``settings`` in the metadata: teacher model / revision / variant, ``--guidance_scale``,
+   ``--teacher_steps``, ``--resolution``, ``--pairs_seed`` (default ``--seed``), ``--pairs_shard_size``,
+   ``--uncond`` and a hash of the prompt list), and a run refuses, before loading any model, to reuse a
+   shard made with other settings (or holding another number of pairs) -- it would train on stale pairs;
+   the error names both values and the fix (a new ``--pairs_dir``, or the flags the shards were made with).
+   The pairs come from prompts only: ``--train_data_dir`` is rejected.
 2. **GAN.** The generator is the UNet called once at ``--generator_timestep`` on the pair's noise
    (output converted to a clean latent), trained with E-LatentLPIPS to the teacher's latent
-   (:class:`diffdistill.losses.ELatentLPIPS`; pass calibrated ``--lpips_weights`` from
-   ``examples/train_latent_lpips.py``, otherwise the trunk is random) plus the non-saturating GAN loss of
+   (:class:`diffdistill.losses.ELatentLPIPS`; ``--lpips_weights`` is required: a calibrated checkpoint from
+   ``examples/train_latent_lpips.py``, or ``random`` to train on a random, uncalibrated trunk on purpose,
+   with a warning) plus the non-saturating GAN loss of
    the :class:`~diffdistill.discriminators.MultiScaleConditionalDiscriminator` ``D(c, z, x)``; the
    discriminator also sees mix-and-match negatives (:func:`diffdistill.losses.mix_and_match`) and a lazy,
    single-sample R1 penalty (:func:`diffdistill.losses.lazy_r1_penalty`).
@@ -27,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -64,9 +72,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pairs_shard_size", type=int, default=64)
     g.add_argument("--teacher_steps", type=int, default=50)
     g.add_argument("--guidance_scale", type=float, default=7.0)
+    g.add_argument(
+        "--pairs_seed",
+        type=int,
+        default=None,
+        help="seed of the pairs' noise and prompt draws (default: --seed); lets a run with another --seed "
+        "reuse the shards",
+    )
     g = p.add_argument_group("GAN")
     g.add_argument("--generator_timestep", type=int, default=999)
-    g.add_argument("--lpips_weights", default=None, help="LatentLPIPS checkpoint (train_latent_lpips.py)")
+    g.add_argument(
+        "--lpips_weights",
+        default=None,
+        help="calibrated LatentLPIPS checkpoint (examples/train_latent_lpips.py); required: pass 'random' to "
+        "train with a random, uncalibrated trunk on purpose (smoke tests)",
+    )
     g.add_argument("--lpips_augment", default="bg", help='ELatentLPIPS augmentation letters, or "none"')
     g.add_argument("--gan_weight", type=float, default=0.5)
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
@@ -78,13 +98,125 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
     if args.prompts_file is None:
         raise ValueError("Diffusion2GAN generates its own pairs: pass --prompts_file.")
+    if args.train_data_dir is not None:
+        raise ValueError(
+            "Diffusion2GAN trains on teacher pairs (noise, teacher latent) generated from --prompts_file and "
+            "reads no images, so --train_data_dir would be ignored: drop it (to use its captions as prompts, "
+            "write them one a line to a --prompts_file)."
+        )
+    if args.lpips_weights is None:
+        raise ValueError(
+            "Expected --lpips_weights: a calibrated LatentLPIPS checkpoint for the SDXL VAE "
+            "(examples/train_latent_lpips.py). Without one the regression loss is a randomly initialised "
+            "VGG trunk, which is not the paper's E-LatentLPIPS; pass --lpips_weights random to train with "
+            "it anyway."
+        )
+    if args.pairs_seed is None:
+        args.pairs_seed = args.seed
     return args
+
+
+RANDOM_LPIPS_WARNING = (
+    "--lpips_weights random: E-LatentLPIPS runs on a RANDOMLY INITIALISED latent VGG trunk with unit heads "
+    "(uncalibrated), not the paper's trained LatentLPIPS, so the regression loss is not perceptual. Train one "
+    "with examples/train_latent_lpips.py and pass it as --lpips_weights."
+)
+
+# What a shard's pairs depend on besides its index: stored in its metadata, checked before it is reused.
+PAIR_SETTINGS_FLAGS = {
+    "teacher": "--pretrained_model_name_or_path",
+    "revision": "--revision",
+    "variant": "--variant",
+    "guidance_scale": "--guidance_scale",
+    "teacher_steps": "--teacher_steps",
+    "resolution": "--resolution",
+    "pairs_seed": "--pairs_seed",
+    "pairs_shard_size": "--pairs_shard_size",
+    "uncond": "--uncond",
+    "prompts_sha256": "--prompts_file",
+}
+
+
+def pair_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the teacher pairs of this run are made with (JSON values; ``prompts_sha256`` is the
+    hash of the prompt list read from ``--prompts_file``, compared instead of the file's path, which is kept
+    for the error message; a local teacher folder is stored resolved)."""
+    model = args.pretrained_model_name_or_path
+    prompts = common.read_prompts(args.prompts_file)
+    return {
+        "teacher": str(Path(model).resolve()) if Path(model).exists() else model,
+        "revision": args.revision,
+        "variant": args.variant,
+        "guidance_scale": float(args.guidance_scale),
+        "teacher_steps": int(args.teacher_steps),
+        "resolution": int(args.resolution),
+        "pairs_seed": int(args.pairs_seed),
+        "pairs_shard_size": int(args.pairs_shard_size),
+        "uncond": args.uncond,
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompts_file": str(Path(args.prompts_file).resolve()),  # for the message only: not compared
+    }
+
+
+def shard_size(args: argparse.Namespace, index: int) -> int:
+    """Number of pairs of shard ``index``."""
+    return min(args.pairs_shard_size, args.num_pairs - index * args.pairs_shard_size)
+
+
+def _as_flag(key: str, stored: dict[str, Any]) -> str:
+    flag, value = PAIR_SETTINGS_FLAGS[key], stored.get(key)
+    if key == "prompts_sha256":
+        return f"the prompts of {flag} {stored.get('prompts_file')} as they were then"
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
+def check_shard(path: Path, settings: dict[str, Any], rows: int, num_pairs: int) -> None:
+    """Raise ``ValueError`` unless the existing shard ``path`` was made with ``settings`` and holds ``rows``
+    pairs (of ``num_pairs`` in all): a shard is reused as it is, so one made with other settings would be
+    trained on as stale pairs."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored_json = (f.metadata() or {}).get("settings")
+        stored_rows = f.get_slice("noise").get_shape()[0]
+    fix = f"Pass a new --pairs_dir (or delete the shards in {path.parent}) to make pairs for this run"
+    if stored_json is None:
+        raise ValueError(
+            f"Expected the teacher-pair shard {path} to record the settings it was made with, but it has none "
+            f"(written by an older version of this script), so it cannot be checked against this run. {fix}."
+        )
+    stored = json.loads(stored_json)
+    differ = [k for k in PAIR_SETTINGS_FLAGS if stored.get(k) != settings[k]]
+    if differ:
+        made = ", ".join(f"{k}={stored.get(k)!r}" for k in differ)
+        asked = ", ".join(f"{k}={settings[k]!r}" for k in differ)
+        flags = "; ".join(_as_flag(k, stored) for k in differ)
+        raise ValueError(
+            f"Expected the teacher pairs in {path.parent} to match this run, but {path.name} was made with "
+            f"{made} and this run asks for {asked}: reusing it would train on stale pairs. {fix}, or run "
+            f"with the settings the shards were made with ({flags})."
+        )
+    if stored_rows != rows:
+        raise ValueError(
+            f"Expected {path} to hold {rows} pairs (its share of --num_pairs {num_pairs} in shards of "
+            f"{settings['pairs_shard_size']}), but it holds {stored_rows}: --num_pairs changed since it was "
+            f"written. Delete that shard to regenerate it, or pass a new --pairs_dir."
+        )
 
 
 def shard_paths(args: argparse.Namespace) -> list[Path]:
     root = Path(args.pairs_dir or Path(args.output_dir) / "pairs")
     count = -(-args.num_pairs // args.pairs_shard_size)
     return [root / f"pairs-{i:05d}.safetensors" for i in range(count)]
+
+
+def check_pairs(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every shard of this run already on disk (:func:`check_shard`); returns :func:`pair_settings`."""
+    settings = pair_settings(args)
+    for i, path in enumerate(shard_paths(args)):
+        if path.exists():
+            check_shard(path, settings, shard_size(args, i), args.num_pairs)
+    return settings
 
 
 @torch.no_grad()
@@ -98,11 +230,12 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
     timesteps = spaced_timesteps(args.teacher_steps, num_train_timesteps=teacher.schedule.num_train_timesteps)
     paths = shard_paths(args)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
+    settings = check_pairs(args)
     for i, path in enumerate(paths):
         if i % accelerator.num_processes != accelerator.process_index or path.exists():
             continue
-        size = min(args.pairs_shard_size, args.num_pairs - i * args.pairs_shard_size)
-        gen = common.step_generator(args.seed, i, micro=99)  # independent of the training draws
+        size = shard_size(args, i)
+        gen = common.step_generator(args.pairs_seed, i, micro=99)  # independent of the training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
         cond = common.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
@@ -120,7 +253,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
         save_file(
             {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
             str(tmp),
-            metadata={"prompts": json.dumps(picked)},
+            metadata={"prompts": json.dumps(picked), "settings": json.dumps(settings)},
         )
         os.replace(tmp, path)
         logger.info("wrote %s (%d pairs)", path, size)
@@ -170,6 +303,9 @@ def main(args: argparse.Namespace) -> None:
             "R1 differentiates the discriminator's input gradient (a double backward), which FSDP / DeepSpeed "
             "sharding does not support: run Diffusion2GAN with DDP, or pass --r1_gamma 0 to train without R1."
         )
+    if args.lpips_weights == "random" and accelerator.is_main_process:
+        logger.warning(RANDOM_LPIPS_WARNING)
+    check_pairs(args)  # before the models load: shards made with other settings stop the run here
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -181,7 +317,8 @@ def main(args: argparse.Namespace) -> None:
     generate_pairs(accelerator, args, parts, teacher)
     pairs = PairShards(shard_paths(args), args.train_batch_size, args.dataloader_num_workers)
     augment = None if args.lpips_augment == "none" else args.lpips_augment
-    lpips = ELatentLPIPS("sdxl", augment=augment, weights=args.lpips_weights).to(device)
+    weights = None if args.lpips_weights == "random" else args.lpips_weights
+    lpips = ELatentLPIPS("sdxl", augment=augment, weights=weights).to(device)
     opt = common.adamw(unet.parameters(), args)
     opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
     unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))

@@ -8,7 +8,11 @@ the distance between the student side and the (EMA) target side of
 ``adversarial`` weight times the non-saturating GAN loss of an unconditional ``UNetEncoderDiscriminator``
 (a trainable copy of the teacher's encoder), which judges both sides at ``t_end``. The teacher is the
 same UNet with its adapters disabled (LoRA) or a frozen copy (full UNet), run with classifier-free
-guidance.
+guidance: a scale ``omega ~ U[--guidance_scale_min, --guidance_scale_max]`` drawn per sample (Alg. 1 line 6;
+the paper gives no range, both ends default to ``--guidance_scale`` 7, a fixed scale). The discriminator
+is trained with Adam ``(--discriminator_adam_beta1, --discriminator_adam_beta2) = (0, 0.99)``, the
+optimiser of SDXL-Lightning's adversarial stages, whose loss Hyper-SD uses; ``--noise_offset`` (default 0:
+off) adds offset noise to the training noise, the paper's "noise perturbation mechanism" (value not given).
 
 Reward feedback (Sec. 3.2, Eq. 13; optional): ``--reward_model module:callable`` names a user reward,
 called as ``fn(images, prompts) -> (B,)`` with the decoded images in [-1, 1]; in the last TSCD stage the
@@ -82,7 +86,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("Hyper-SD")
     g.add_argument("--segments", default="8,4,2,1", help="TSCD segment counts k, one stage each")
     g.add_argument("--num_inference_steps", type=int, default=50, help="teacher DDIM grid N")
-    g.add_argument("--guidance_scale", type=float, default=7.0, help="teacher CFG scale")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=7.0,
+        help="teacher CFG scale: the one-step stage's, and the TSCD default of both ends of the range below",
+    )
+    g.add_argument(
+        "--guidance_scale_min",
+        type=float,
+        default=None,
+        help="TSCD teacher CFG: omega ~ U[min, max] per sample (Hyper-SD Alg. 1 line 6; the paper gives no "
+        "range). Default: --guidance_scale (a fixed scale)",
+    )
+    g.add_argument("--guidance_scale_max", type=float, default=None, help="default: --guidance_scale")
+    g.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="offset noise on the TSCD training noise (Hyper-SD's 'noise perturbation mechanism', citing "
+        "Guttenberg's offset noise; the paper gives no value): eps + offset * N(0, 1) per sample and channel",
+    )
     g.add_argument("--target", choices=["ema", "online"], default="ema")
     g.add_argument(
         "--target_ema_decay",
@@ -91,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="EMA target decay (default: the stage plan's 0.95)",
     )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument(
+        "--discriminator_adam_beta1",
+        type=float,
+        default=0.0,
+        help="discriminator Adam beta1: Hyper-SD's adversarial loss is SDXL-Lightning's, trained with Adam "
+        "(0, 0.99) (Lightning Sec. 3.6)",
+    )
+    g.add_argument("--discriminator_adam_beta2", type=float, default=0.99, help="discriminator Adam beta2")
     g = p.add_argument_group("one-step score distillation (optional last stage)")
     g.add_argument("--one_step_steps", type=int, default=0, help="steps of the one-step stage (0: none)")
     g.add_argument("--one_step_mse_weight", type=float, default=1.0, help="MSE to the teacher's sample")
@@ -109,6 +141,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
     )
     args = common.check_common_args(p.parse_args(argv))
+    for end in ("guidance_scale_min", "guidance_scale_max"):
+        if getattr(args, end) is None:
+            setattr(args, end, args.guidance_scale)
+    if args.guidance_scale_min > args.guidance_scale_max:
+        raise ValueError(
+            f"Expected --guidance_scale_min <= --guidance_scale_max, but got {args.guidance_scale_min} > "
+            f"{args.guidance_scale_max} (an unset end defaults to --guidance_scale, {args.guidance_scale})."
+        )
+    if args.noise_offset < 0:
+        raise ValueError(f"Expected --noise_offset >= 0, but got {args.noise_offset}; 0 turns it off.")
+    for name in ("discriminator_adam_beta1", "discriminator_adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"Expected --{name} in [0, 1), but got {getattr(args, name)}.")
     if not 0 <= args.one_step_steps < args.max_train_steps:
         raise ValueError(
             f"Expected 0 <= --one_step_steps < --max_train_steps ({args.max_train_steps}) so the TSCD stages "
@@ -151,6 +196,30 @@ class _RecordOutput:
         return out
 
 
+def training_noise(
+    shape: tuple[int, ...], generator: torch.Generator, noise_offset: float = 0.0
+) -> torch.Tensor:
+    """Gaussian training noise of ``shape`` ``(B, C, ...)`` drawn from ``generator`` (on its device), plus
+    ``noise_offset`` times one more Gaussian per sample and channel (offset noise, Guttenberg 2023, as in
+    diffusers' ``--noise_offset``). With ``noise_offset == 0`` nothing more is drawn: the noise, and every
+    later draw of the step, is what it was without the option."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        offset = torch.randn((shape[0], shape[1]) + (1,) * (len(shape) - 2), generator=generator)
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def guidance_scales(args: argparse.Namespace, batch: int, generator: torch.Generator) -> float | torch.Tensor:
+    """The TSCD teacher's CFG scale: ``omega ~ U[--guidance_scale_min, --guidance_scale_max]``, one per sample
+    (a ``(batch,)`` tensor; Hyper-SD Alg. 1 line 6), or the number itself when the range is one point (then
+    nothing is drawn from ``generator``)."""
+    low, high = args.guidance_scale_min, args.guidance_scale_max
+    if low == high:
+        return float(low)
+    return low + (high - low) * torch.rand(batch, generator=generator)
+
+
 def stage_index(step: int, num_stages: int, max_steps: int) -> int:
     """Stage of optimisation step ``step`` (0-based): equal shares of ``max_steps``."""
     return min(num_stages - 1, step * num_stages // max_steps)
@@ -178,7 +247,8 @@ def main(args: argparse.Namespace) -> None:
     ema = EMA(unet, decay=decay).to(device) if args.target == "ema" else None
 
     opt = common.adamw(unet.parameters(), args)
-    opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
+    d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
+    opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
     unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
     if fake is not None:
         common.make_trainable(args, fake, device, dtype)
@@ -277,7 +347,10 @@ def main(args: argparse.Namespace) -> None:
             generator=gen,
             device=device,
         )
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = training_noise(tuple(x0.shape), gen, args.noise_offset).to(device)
+        omega = guidance_scales(args, x0.shape[0], gen)
+        if isinstance(omega, torch.Tensor):
+            omega = omega.to(device)
         x_t = schedule.add_noise(x0, noise, sample.t)
         logs: dict[str, torch.Tensor] = {}
         with accelerator.accumulate(unet, disc), accelerator.autocast():
@@ -290,6 +363,7 @@ def main(args: argparse.Namespace) -> None:
                 uncond,
                 target=ema if ema is not None else "online",
                 parameterization="move",
+                guidance_scale=omega,
             )
             student, target = pair.student.float(), pair.target.float()
             loss = w_mse * F.mse_loss(student, target)

@@ -10,6 +10,16 @@ detached samples by denoising score matching (:func:`diffdistill.losses.fake_sco
 ``--fake_steps``) and freezes the fake network during the generator step (``distill_common.ScoreDistillation``,
 shared with Hyper-SD's one-step stage).
 
+``--preset sim|sid|dmd2`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
+score's CFG scale, ``--generator_every``, the Adam betas / weight decay and the learning rate (DMD2 also
+``--max_grad_norm``) from the published recipes; an option's own flag always wins. ``dmd2``: DMD2's SDXL
+scripts (CFG 8, generator every 5th step, AdamW (0.9, 0.999) wd 0.01, lr 5e-5 LoRA / 5e-7 full, grad norm
+10). ``sid``: SiD's code (Adam (0, 0.999), one fake update per generator update) and SiD-LSG's Stable
+Diffusion run (lr 1e-6, real-score CFG 2). ``sim``: SIM's training values are not public (its code is
+inference only), so it takes SiD's (SIM with an L2 distance is SiD with alpha = 1) and PixArt-alpha's
+default sampling CFG 4.5 (SIM's teacher). See ``PRESETS`` and ``--help``. ``--sim_c`` and
+``--sim_detach_dprime`` are :func:`diffdistill.losses.sim_loss`'s ``c`` and ``detach_dprime``.
+
 With ``--use_lora`` both the generator and the fake score are LoRAs (the fake one on its own copy of the
 UNet). The real score is a frozen copy of the teacher in the mixed-precision dtype, run *with* autograd so
 the SIM / SiD gradient flows through its input as in the papers. (It is not the generator's UNet with the
@@ -45,16 +55,114 @@ import distill_common as common  # the shared module next to this script
 logger = logging.getLogger("sdxl_sim")
 
 
+# The published recipes (reference notes: methods.md §4.3, §4.4, §7.1). A preset sets each option it names
+# unless that option's flag is given; ``learning_rate`` may be ``{"lora": ..., "full": ...}``.
+PRESETS: dict[str, dict[str, Any]] = {
+    # SIM's own training values are not verified (§4.4): SiD's (SIM's L2 special case, §4.3) where SiD has
+    # one, and PixArt-alpha's default sampling CFG (SIM's teacher; diffusers' PixArtAlphaPipeline, 4.5).
+    "sim": {
+        "loss": "sim",
+        "guidance_scale": 4.5,
+        "generator_every": 1,
+        "adam_beta1": 0.0,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "learning_rate": 1e-6,
+    },
+    # SiD (mingyuanzhou/SiD sid_train.py: Adam (0, 0.999), g_beta1 0, one fake update per G update) and
+    # SiD-LSG for Stable Diffusion (lr = glr = 1e-6; run_sid.sh: kappa4 = cfg_eval_real = 2 on SD1.5/2.1).
+    "sid": {
+        "loss": "sid",
+        "guidance_scale": 2.0,
+        "generator_every": 1,
+        "adam_beta1": 0.0,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "learning_rate": 1e-6,
+    },
+    # DMD2 on SDXL (tianweiy/DMD2 experiments/sdxl/*.sh, main/train_sd.py, sd_guidance.py): real-score CFG
+    # 8, dfake_gen_update_ratio 5, AdamW (0.9, 0.999, weight decay 0.01), lr 5e-5 LoRA / 5e-7 full, max grad
+    # norm 10.
+    "dmd2": {
+        "loss": "dmd",
+        "guidance_scale": 8.0,
+        "generator_every": 5,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.01,
+        "learning_rate": {"lora": 5e-5, "full": 5e-7},
+        "max_grad_norm": 10.0,
+    },
+}
+LOSS_PRESET = {"sim": "sim", "sid": "sid", "dmd": "dmd2"}  # the preset of a --loss given alone
+PRESET_HELP = (
+    "hyperparameter recipe; each option it sets yields to its flag when given. Default: the --loss's "
+    "recipe (sim -> sim, sid -> sid, dmd -> dmd2; sim without either). "
+    "dmd2 = DMD2 on SDXL (Yin et al. 2024; tianweiy/DMD2 experiments/sdxl): --loss dmd, real-score CFG 8, "
+    "--generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
+    "--use_lora / 5e-7 full, --max_grad_norm 10 (DMD2's GAN term is not in this script). "
+    "sid = SiD / SiD-LSG (Zhou et al. 2024; mingyuanzhou/SiD sid_train.py, SiD-LSG run_sid.sh): --loss sid, "
+    "Adam (0, 0.999), lr 1e-6, one fake update per generator update, real-score CFG 2 (SiD-LSG's "
+    "cfg_eval_real on SD1.5/2.1; its guidance of the fake score is not applied here). "
+    "sim = SIM (Luo et al. 2024): --loss sim; SIM's training values are unpublished in the code (inference "
+    "only), so Adam, lr and update ratio are SiD's (SIM's L2 special case) and CFG 4.5 is PixArt-alpha's "
+    "default sampling scale (SIM's teacher)"
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(p, default_lr=1e-6)
     g = p.add_argument_group("SIM / SiD / DMD")
-    g.add_argument("--loss", choices=["sim", "sid", "dmd"], default="sim")
-    g.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale of the real score")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help=PRESET_HELP)
+    g.add_argument("--loss", choices=["sim", "sid", "dmd"], default=None, help="default: the --preset's")
+    g.add_argument(
+        "--guidance_scale", type=float, default=None, help="CFG scale of the real score (default: --preset)"
+    )
     common.add_fake_score_args(g)
-    g.add_argument("--sid_alpha", type=float, default=1.2)
+    g.add_argument("--sid_alpha", type=float, default=1.2, help="SiD's alpha (its default 1.2)")
     g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
-    return common.check_common_args(p.parse_args(argv))
+    g.add_argument(
+        "--sim_c",
+        type=float,
+        default=None,
+        help="pseudo-Huber c of --loss sim, in denoiser (x0) units (default: 0.00054 sqrt(D), the iCT "
+        "heuristic; SIM's value is not verified)",
+    )
+    g.add_argument(
+        "--sim_detach_dprime",
+        action="store_true",
+        help="--loss sim: hold d'(y) constant (stop its gradient); the paper leaves this open",
+    )
+    # The options a preset sets: no parser default, so an explicit flag is told from an unset one.
+    fallback = {key: p.get_default(key) for preset in PRESETS.values() for key in preset}
+    p.set_defaults(**{key: None for key in fallback})
+    args = p.parse_args(argv)
+    resolve_preset(args, fallback)
+    if args.sim_c is not None:
+        if args.sim_c <= 0:
+            raise ValueError(f"Expected --sim_c > 0, but got {args.sim_c}.")
+        if args.sim_distance != "pseudo_huber":
+            raise ValueError("--sim_c is the pseudo-Huber constant: it needs --sim_distance pseudo_huber.")
+    return common.check_common_args(args)
+
+
+def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
+    """Fill the options left unset (``None``) from ``--preset`` (default: the ``--loss``'s recipe), then from
+    ``fallback`` (the parser's own defaults). ``args.preset_set`` names the options the preset set."""
+    if args.preset is None:
+        args.preset = LOSS_PRESET[args.loss or "sim"]
+    chosen = []
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            if isinstance(value, dict):
+                value = value["lora" if args.use_lora else "full"]
+            setattr(args, key, value)
+            chosen.append(key)
+    for key, value in fallback.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset_set = ",".join(chosen)
 
 
 def sim_networks(
@@ -78,6 +186,20 @@ def sim_networks(
 
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_sim")
+    logger.info(
+        "preset %s (set: %s): loss %s, guidance_scale %s, generator_every %d, Adam (%s, %s) weight decay %s, "
+        "lr %s, max_grad_norm %s",
+        args.preset,
+        args.preset_set or "nothing, every option was given",
+        args.loss,
+        args.guidance_scale,
+        args.generator_every,
+        args.adam_beta1,
+        args.adam_beta2,
+        args.adam_weight_decay,
+        args.learning_rate,
+        args.max_grad_norm,
+    )
     parts = common.load_sdxl(args)
     dtype = common.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -97,7 +219,15 @@ def main(args: argparse.Namespace) -> None:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kwargs: dict[str, Any] = {"schedule": schedule, "cond": cond, "uncond": uncond, "generator": gen}
         if args.loss == "sim":
-            return sim_loss(x, real, fake, distance=args.sim_distance, **kwargs)
+            return sim_loss(
+                x,
+                real,
+                fake,
+                distance=args.sim_distance,
+                c=args.sim_c,
+                detach_dprime=args.sim_detach_dprime,
+                **kwargs,
+            )
         if args.loss == "sid":
             return sid_loss(x, real, fake, alpha=args.sid_alpha, **kwargs)
         return dmd_loss(x, real, fake, **kwargs)

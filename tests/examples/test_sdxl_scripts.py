@@ -714,6 +714,7 @@ def test_diffusion2gan_r1_under_sharding_says_why(
 
     script, common = _load("sdxl_diffusion2gan"), _load("distill_common")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    argv += ["--lpips_weights", "random"]
     with pytest.raises(ValueError, match=r"Expected --r1_gamma >= 0, but got -1.0"):
         script.parse_args([*argv, "--r1_gamma", "-1"])
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
@@ -731,6 +732,8 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
     pairs = tmp_path / "pairs"
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--pairs_dir", str(pairs), "--num_pairs", "5"]
     extra += [
+        "--lpips_weights",
+        "random",
         "--pairs_shard_size",
         "2",
         "--teacher_steps",
