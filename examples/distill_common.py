@@ -1147,7 +1147,10 @@ def add_fake_score_args(group: Any) -> None:
     )
     group.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
     group.add_argument(
-        "--generator_every", type=int, default=1, help="DMD2: 5 fake updates per generator update"
+        "--generator_every",
+        type=int,
+        default=1,
+        help="fake updates per generator update (DMD2: 5; sdxl_sim.py takes its default from --preset)",
     )
     group.add_argument("--fake_steps", type=int, default=1, help="fake-score updates per step")
     group.add_argument(

@@ -453,6 +453,9 @@ def test_sim_full_unet_with_ema_under_fsdp_equals_ddp_and_resumes(
 
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "dmd", "--learning_rate", "1e-4"]
     extra += ["--use_ema", "--ema_decay", "0.5"]
+    # Both steps update the generator under sharding (the dmd2 preset's --generator_every 5 would leave
+    # the second step a fake-score-only step).
+    extra += ["--generator_every", "1"]
     # With the encoded empty prompt as the real score's unconditional branch the gradient norm stays under
     # --max_grad_norm here, and DDP and FSDP end bitwise equal. With --uncond zeros (the default) the
     # clipping is active: FSDP's norm over the shards differs from DDP's in the last bit, and Adam's
