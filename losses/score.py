@@ -388,7 +388,7 @@ def fake_score_loss(
     if weighting == "epsilon":
         target = eps
     elif weighting == "v":  # from x0 and eps, not x_t: x_t holds no x0 at t = T-1 with terminal_pure_noise
-        target = schedule.alpha(tt, like=pred) * eps - schedule.sigma(tt, like=pred) * x0
+        target = (schedule.alpha(tt, like=pred) * eps - schedule.sigma(tt, like=pred) * x0).to(pred.dtype)
     else:
         target = x0
     per = _per_sample(pred - _f32(target)).pow(2).mean(dim=1)

@@ -40,7 +40,8 @@ def test_every_method_steps_on_the_tiny_unet() -> None:
         assert float(rows[0][4]) > 0, out
         # step / reference: the reference step itself is 1.00; a method's is its time over the reference's
         ref = next(ln.split("|") for ln in lines if ln.startswith(f"| {bench.REFERENCE} |"))
-        assert float(rows[0][7]) == pytest.approx(float(rows[0][4]) / float(ref[4]), abs=0.006), out
+        # (from the printed 3-decimal seconds of ~0.01-0.1 s steps: a few % rounding)
+        assert float(rows[0][7]) == pytest.approx(float(rows[0][4]) / float(ref[4]), rel=0.1, abs=0.01), out
         assert rows[0][8].strip() == "-", out  # no peak memory on the CPU
     assert (
         lines.index(next(ln for ln in lines if ln.startswith("| reference |"))) == 4
