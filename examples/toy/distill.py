@@ -25,7 +25,13 @@ regression students sample with deterministic DDIM over trailing timesteps (999 
 
 Quality is measured without downloads by a small classifier trained on the same synthetic shapes
 (``metrics.py``): the Fréchet distance of its features to real images (FD, lower is better) and the
-class accuracy of the samples. Writes ``grid.png`` and ``results.md`` to ``--out`` and prints the table::
+class accuracy of the samples (FD compares marginal distributions, so it does not see a well-formed
+sample of the wrong class; accuracy does). Each number is a mean ± sd over ``eval_draws`` draws of
+``eval_samples`` samples; a draw fixes the initial noises and the re-noising generator of the stochastic
+samplers, the same for every row. The baseline of each student is the teacher run through *that
+student's* sampler (DDIM, the LCM sampler or the x0 re-noise sampler) at the same step count; the
+``results.md`` comparison table gives the per-draw paired differences. Writes ``grid.png`` and
+``results.md`` (tables and per-stage wall times) to ``--out`` and prints them::
 
     make demo        # = .venv/bin/python examples/toy/distill.py
 """
@@ -101,23 +107,26 @@ class DemoConfig:
     regression_lr: float = 3e-5
     num_pairs: int = 512
     pair_teacher_steps: int = 20  # a multiple of 4 dividing 1000, so the trailing grid contains 749, 499, 249
-    eval_samples: int = 256
+    eval_draws: int = 4  # noise draws; FD and accuracy are reported as mean ± sd over them
+    eval_samples: int = 512  # samples per draw (balanced labels)
+    reference_samples: int = 4096  # real images the FD compares against (balanced labels)
     classifier_steps: int = 300
-    teacher_eval_steps: tuple[int, ...] = (50, 4, 2, 1)
+    teacher_extra_ddim_steps: tuple[int, ...] = ()  # teacher DDIM step counts besides 1/2/4 (e.g. 20, 50)
     methods: tuple[str, ...] = METHODS
     seed: int = 0
     weights: Path = WEIGHTS
 
 
 def quick_config() -> DemoConfig:
-    """A reduced run for tests (< 1 min): fewer steps, the regression student only."""
+    """A reduced run for tests (about 1.5 min on one thread): the regression student only, 80 steps on 128
+    teacher pairs, evaluated on 2 draws of 256 samples."""
     return DemoConfig(
-        regression_steps=40,
-        num_pairs=64,
+        regression_steps=80,
+        num_pairs=128,
         pair_teacher_steps=8,
-        eval_samples=128,
-        classifier_steps=150,
-        teacher_eval_steps=(1,),
+        eval_draws=2,
+        eval_samples=256,
+        reference_samples=1024,
         methods=("regression",),
     )
 
@@ -305,36 +314,90 @@ def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     return net
 
 
-def sampler(
-    method: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_ddim_timesteps
-) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """``sample(noise, labels, steps)`` for a student (or ``method == "teacher"``: DDIM trailing);
-    ``lcm_grid`` is the LCM student's ``num_ddim_timesteps``."""
+#: The sampler each student is evaluated with; the teacher is run through every one of them too.
+SAMPLER_OF = {"lcm": "lcm", "sim": "x0_renoise", "adversarial": "ddim", "regression": "ddim"}
+SAMPLER_NAMES = {"ddim": "DDIM", "lcm": "LCM sampler", "x0_renoise": "x0 re-noise sampler"}
+
+SampleFn = Callable[[torch.Tensor, torch.Tensor, int, torch.Generator], torch.Tensor]
+
+
+def sampler(kind: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_ddim_timesteps) -> SampleFn:
+    """``sample(noise, labels, steps, generator)`` running ``net`` (a student or the teacher) with one of
+    the students' samplers: ``"ddim"`` (deterministic, trailing timesteps), ``"lcm"`` (:func:`lcm_sample`
+    on ``lcm_timesteps(steps, original_inference_steps=lcm_grid)``) or ``"x0_renoise"``
+    (:func:`x0_renoise_sample` on ``dmd2_timesteps(4)[:: 4 // steps]``). The stochastic samplers draw their
+    re-noising from ``generator``, which the caller creates once per evaluation and passes through every
+    chunk (so each sample gets its own draws)."""
+    if kind not in SAMPLER_NAMES:
+        raise ValueError(f"Expected a sampler from {list(SAMPLER_NAMES)}, but got {kind!r}.")
 
     @torch.no_grad()
-    def run(noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
+    def run(
+        noise: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator
+    ) -> torch.Tensor:
         cond = toy.cond(labels)
-        g = torch.Generator().manual_seed(123)
-        if method == "teacher":
-            return ddim_sample(
-                toy.unet, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond
-            ).sample
-        if method == "lcm":
+        if kind == "lcm":
             ts = lcm_timesteps(steps, original_inference_steps=lcm_grid)
-            return lcm_sample(net, toy.schedule, noise, ts, cond=cond, generator=g).sample
-        if method == "sim":
+            return lcm_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
+        if kind == "x0_renoise":
             ts = dmd2_timesteps(4)[:: 4 // steps]
-            return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=g).sample
-        ts = spaced_timesteps(steps, "trailing")
-        return ddim_sample(net, toy.schedule, noise, ts, cond=cond).sample
+            return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
+        return ddim_sample(net, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond).sample
 
     return run
 
 
 def _batched(
-    fn: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor, steps: int
+    fn: SampleFn, noise: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator
 ) -> torch.Tensor:
-    return torch.cat([fn(noise[i : i + 64], labels[i : i + 64], steps) for i in range(0, noise.shape[0], 64)])
+    """``fn`` over 64-sample chunks, all drawing from the one ``generator`` in turn."""
+    return torch.cat(
+        [fn(noise[i : i + 64], labels[i : i + 64], steps, generator) for i in range(0, noise.shape[0], 64)]
+    )
+
+
+def renoise_generator(seed: int, draw: int) -> torch.Generator:
+    """The re-noising generator of evaluation draw ``draw`` under ``--seed``: every row of that draw gets a
+    fresh one with the same seed, so a student and the teacher under the same sampler see the same
+    initial noises *and* the same re-noising draws."""
+    return torch.Generator().manual_seed(1000 * seed + 123 + draw)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One model/sampler pair of the results table."""
+
+    key: str  # "teacher:<sampler>" or the student's method
+    kind: str  # a key of SAMPLER_NAMES
+    steps: tuple[int, ...]
+
+    @property
+    def short_label(self) -> str:
+        """The grid's row label (fits 150 px)."""
+        short = {"ddim": "DDIM", "lcm": "LCM", "x0_renoise": "x0-renoise"}[self.kind]
+        return f"teacher {short}" if self.key.startswith("teacher:") else self.key
+
+
+def evaluation_rows(methods: tuple[str, ...], teacher_ddim_steps: tuple[int, ...] = ()) -> list[EvalRow]:
+    """The table's rows, grouped by sampler: the teacher under each sampler a student uses (the
+    "teacher, same sampler" baseline, at every student step count; under DDIM also at
+    ``teacher_ddim_steps``), then the students sampled that way."""
+    rows: list[EvalRow] = []
+    for kind in SAMPLER_NAMES:
+        users = [m for m in methods if SAMPLER_OF[m] == kind]
+        if kind == "ddim":
+            rows.append(
+                EvalRow("teacher:ddim", "ddim", tuple(sorted(set(teacher_ddim_steps) | set(STEP_COUNTS))))
+            )
+        elif users:
+            rows.append(EvalRow(f"teacher:{kind}", kind, STEP_COUNTS))
+        rows.extend(EvalRow(m, kind, STEP_COUNTS) for m in users)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    v = torch.tensor(values, dtype=torch.float64)
+    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
 
 
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) -> None:
@@ -354,20 +417,34 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 3) 
     img.save(path)
 
 
-def run_demo(cfg: DemoConfig, out: Path | None) -> dict[str, dict[int, dict[str, float]]]:
-    """Train the students, evaluate everything, write ``grid.png``/``results.md`` under ``out``; returns
-    ``{model: {steps: {"fd", "acc"}}}``."""
+Results = dict[str, dict[int, dict[str, Any]]]
+
+
+def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
+    """Train the students, evaluate everything, write ``grid.png``/``results.md`` under ``out``.
+
+    Every row is evaluated on ``cfg.eval_draws`` draws of ``cfg.eval_samples`` samples (balanced labels);
+    a draw has its own initial noises and re-noising generator, shared by every row. Returns
+    ``{row key: {steps: {"fd", "fd_sd", "acc", "acc_sd", "fd_draws", "acc_draws"}}}`` (means and sample
+    standard deviations over the draws); row keys are the student methods and ``"teacher:<sampler>"``.
+    """
     start = time.time()
     torch.manual_seed(cfg.seed)
     toy = Toy(cfg.weights)
     classifier = train_classifier(cfg.seed, steps=cfg.classifier_steps)
     g = torch.Generator().manual_seed(cfg.seed + 99)
     labels = torch.arange(cfg.eval_samples) % NUM_CLASSES
-    noise = torch.randn(cfg.eval_samples, 3, 16, 16, generator=g)
-    reference, _ = sample_shapes(1024, g)
+    ref_labels = torch.arange(cfg.reference_samples) % NUM_CLASSES
+    reference, _ = sample_shapes(cfg.reference_samples, g, labels=ref_labels)
+    noises = torch.randn(cfg.eval_draws, cfg.eval_samples, 3, 16, 16, generator=g)
 
+    seconds: dict[str, float] = {}
     students: dict[str, nn.Module] = {}
-    pairs = Pairs(toy, cfg) if {"adversarial", "regression"} & set(cfg.methods) else None
+    pairs = None
+    if {"adversarial", "regression"} & set(cfg.methods):
+        t0 = time.time()
+        pairs = Pairs(toy, cfg)
+        seconds["teacher ODE pairs (adversarial, regression)"] = time.time() - t0
     for method in cfg.methods:
         t0 = time.time()
         if method == "lcm":
@@ -381,52 +458,117 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> dict[str, dict[int, dict[str,
         else:
             raise ValueError(f"Expected methods from {list(METHODS)}, but got {method!r}.")
         students[method].eval()
-        print(f"{method}: trained in {time.time() - t0:.0f} s", flush=True)
+        seconds[f"train {method}"] = time.time() - t0
+        print(f"{method}: trained in {seconds[f'train {method}']:.0f} s", flush=True)
 
-    results: dict[str, dict[int, dict[str, float]]] = {"teacher": {}}
+    t0 = time.time()
+    rows = evaluation_rows(cfg.methods, cfg.teacher_extra_ddim_steps)
+    results: Results = {}
     grid_rows: list[tuple[str, torch.Tensor]] = []
     show = torch.cat([torch.arange(i, cfg.eval_samples, NUM_CLASSES)[:3] for i in range(NUM_CLASSES)])
-    teacher = sampler("teacher", toy.unet, toy)
-    for steps in _bar_list(cfg.teacher_eval_steps, "evaluate teacher"):
-        x = _batched(teacher, noise, labels, steps)
-        results["teacher"][steps] = evaluate_samples(classifier, x, labels, reference)
-        grid_rows.append((f"teacher DDIM {steps}", x[show]))
-    for method, net in students.items():
-        results[method] = {}
-        fn = sampler(method, net, toy, cfg.lcm_ddim_timesteps)
-        for steps in STEP_COUNTS:
-            x = _batched(fn, noise, labels, steps)
-            results[method][steps] = evaluate_samples(classifier, x, labels, reference)
-            grid_rows.append((f"{method} {steps}-step", x[show]))
-    seconds = time.time() - start
-    table = markdown_table(results, seconds)
-    print(table)
+    for row in _bar_list(rows, "evaluate"):
+        net = toy.unet if row.key.startswith("teacher:") else students[row.key]
+        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps)
+        results[row.key] = {}
+        for steps in row.steps:
+            fds, accs = [], []
+            for draw in range(cfg.eval_draws):
+                x = _batched(fn, noises[draw], labels, steps, renoise_generator(cfg.seed, draw))
+                m = evaluate_samples(classifier, x, labels, reference)
+                fds.append(m["fd"])
+                accs.append(m["acc"])
+                if draw == 0:
+                    grid_rows.append((f"{row.short_label} {steps}", x[show]))
+            fd, fd_sd = _mean_sd(fds)
+            acc, acc_sd = _mean_sd(accs)
+            results[row.key][steps] = {
+                "fd": fd,
+                "fd_sd": fd_sd,
+                "acc": acc,
+                "acc_sd": acc_sd,
+                "fd_draws": fds,
+                "acc_draws": accs,
+            }
+    seconds["evaluation (all rows)"] = time.time() - t0
+    seconds["total"] = time.time() - start
+    table = markdown_table(rows, results, cfg) + "\n\n" + comparison_table(rows, results, cfg)
+    timing = timing_table(seconds, cfg)
+    print(table + "\n\n" + timing)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         save_grid(grid_rows, out / "grid.png")
         header = "columns: " + ", ".join(f"{c} ({n})" for c, n in zip(range(NUM_CLASSES), CLASS_NAMES))
-        (out / "results.md").write_text(table + "\n\nGrid " + header + ", 3 samples each.\n")
+        (out / "results.md").write_text(f"{table}\n\n{timing}\n\nGrid (draw 0) {header}, 3 samples each.\n")
         print(f"wrote {out / 'grid.png'} and {out / 'results.md'}")
     return results
 
 
-def _bar_list(items: tuple[int, ...], desc: str) -> Any:
+def _bar_list(items: list[EvalRow], desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False)
 
 
-def markdown_table(results: dict[str, dict[int, dict[str, float]]], seconds: float) -> str:
+def markdown_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> str:
+    """One line per row and step count: FD and class accuracy, mean ± sd over the draws."""
     lines = [
-        "| model | steps | FD (lower is better) | class accuracy |",
-        "|---|---:|---:|---:|",
+        f"FD and class accuracy: mean ± sd over {cfg.eval_draws} draws of {cfg.eval_samples} samples "
+        f"(--seed {cfg.seed}; reference: {cfg.reference_samples} real images).",
+        "",
+        "| model | sampler | steps | FD (lower is better) | class accuracy |",
+        "|---|---|---:|---:|---:|",
     ]
-    for model, by_steps in results.items():
-        name = "teacher (DDIM)" if model == "teacher" else f"student: {model}"
-        for steps, m in by_steps.items():
-            lines.append(f"| {name} | {steps} | {m['fd']:.2f} | {m['acc']:.1%} |")
+    for row in rows:
+        name = "teacher" if row.key.startswith("teacher:") else f"student: {row.key}"
+        for steps, m in results[row.key].items():
+            lines.append(
+                f"| {name} | {SAMPLER_NAMES[row.kind]} | {steps} | {m['fd']:.1f} ± {m['fd_sd']:.1f} "
+                f"| {m['acc']:.1%} ± {m['acc_sd']:.1%} |"
+            )
+    return "\n".join(lines)
+
+
+def comparison_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> str:
+    """Each student minus the teacher under the same sampler and step count, paired by draw (same noises
+    and re-noising draws): mean ± sd of the per-draw differences and how many draws the student won."""
+    lines = [
+        f"Student minus teacher under the same sampler, paired over the {cfg.eval_draws} draws "
+        "(ΔFD < 0 and Δaccuracy > 0 favour the student; wins = draws where the student is better).",
+        "",
+        "| student | sampler | steps | ΔFD | FD wins | Δaccuracy (points) | accuracy wins |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row.key.startswith("teacher:"):
+            continue
+        teacher = results[f"teacher:{row.kind}"]
+        for steps, m in results[row.key].items():
+            t = teacher[steps]
+            d_fd = [a - b for a, b in zip(m["fd_draws"], t["fd_draws"])]
+            d_acc = [100 * (a - b) for a, b in zip(m["acc_draws"], t["acc_draws"])]
+            (fd, fd_sd), (acc, acc_sd) = _mean_sd(d_fd), _mean_sd(d_acc)
+            lines.append(
+                f"| {row.key} | {SAMPLER_NAMES[row.kind]} | {steps} | {fd:+.1f} ± {fd_sd:.1f} "
+                f"| {sum(d < 0 for d in d_fd)}/{len(d_fd)} | {acc:+.1f} ± {acc_sd:.1f} "
+                f"| {sum(d > 0 for d in d_acc)}/{len(d_acc)} |"
+            )
+    return "\n".join(lines)
+
+
+def timing_table(seconds: dict[str, float], cfg: DemoConfig) -> str:
+    budgets = {
+        "teacher ODE pairs (adversarial, regression)": f"{cfg.num_pairs} × {cfg.pair_teacher_steps}-step teacher DDIM",
+        "lcm": f"{cfg.lcm_steps} steps on real images (batch {cfg.batch}), lr {cfg.lcm_lr:g}",
+        "sim": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
+        "adversarial": f"{cfg.adversarial_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.adversarial_lr:g}",
+        "regression": f"{cfg.regression_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.regression_lr:g}",
+    }
+    lines = ["| stage | budget | wall time |", "|---|---|---:|"]
+    for name, sec in seconds.items():
+        budget = budgets.get(name.removeprefix("train "), "")
+        lines.append(f"| {name} | {budget} | {sec:.0f} s |")
     lines.append("")
-    lines.append(f"Total run time: {seconds / 60:.1f} min ({torch.get_num_threads()} thread(s)).")
+    lines.append(f"{torch.get_num_threads()} torch thread(s).")
     return "\n".join(lines)
 
 
@@ -437,6 +579,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     p.add_argument(
         "--seed", type=int, default=0, help="seeds training, the metric classifier and the evaluation noises"
+    )
+    p.add_argument(
+        "--teacher-ddim-steps",
+        type=int,
+        nargs="+",
+        default=(),
+        help="also evaluate the teacher with DDIM at these step counts (e.g. 20 50; costs 2048 x steps evaluations)",
     )
     p.add_argument(
         "--threads",
@@ -450,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         cfg.methods = tuple(args.methods)
     cfg.seed = args.seed
+    cfg.teacher_extra_ddim_steps = tuple(args.teacher_ddim_steps)
     run_demo(cfg, args.out)
     return 0
 
