@@ -10,14 +10,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,31 +21,17 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 UNIFORM, STABLE = (1.0, 1.0, 1.0, 1.0), (5.0, 1.0, 1.0, 1.0)
 
-
-def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+# The tiny pipeline fixture and the loader are imported from test_sdxl_scripts (not copied); an imported
+# fixture's name is then a test parameter, which ruff reads as a redefinition (hence F811 off below).
+from tests.examples.test_sdxl_scripts import _load, tiny_sdxl  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny SDXL pipeline folder and 3 captioned 128 px images."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tiny_sdxl_lightning")
-    model = _load("distill_common").save_tiny_sdxl_pipeline(root / "model", seed=0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cube", "a blue sphere", ""]):
-        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        if caption:
-            (images / f"{i}.txt").write_text(caption)
-    return {"model": model, "images": images}
+def tiny(tiny_sdxl: dict[str, Path]) -> dict[str, Path]:  # noqa: F811
+    """The tiny SDXL pipeline folder and its 3 captioned 128 px images."""
+    return tiny_sdxl
 
 
 def _argv(tiny: dict[str, Path], out: Path, stage: str, *, steps: int = 2, lora: bool = False) -> list[str]:

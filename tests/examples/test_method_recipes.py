@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 # The fixture is imported (not copied): its name is then a test parameter, which ruff reads as a redefinition.
-from tests.examples.test_sdxl_scripts import _common_argv, _load, tiny_sdxl  # noqa: F401
+from tests.examples.test_sdxl_scripts import _common_argv, _load, record_optimisers, tiny_sdxl  # noqa: F401
 
 
 def _set(argv: list[str], flag: str, value: str) -> list[str]:
@@ -92,15 +92,8 @@ def test_hyper_sd_run_draws_teacher_guidance_per_sample_and_trains_d_with_lightn
             scales.append(self.guidance_scale if guidance_scale is None else guidance_scale)
         return predict(self, x_t, t, cond, uncond, guidance_scale, **kw)
 
-    optimizers: list[torch.optim.Optimizer] = []
-    adamw = common.adamw
-
-    def recording_adamw(*a, **kw):  # type: ignore[no-untyped-def]
-        optimizers.append(adamw(*a, **kw))
-        return optimizers[-1]
-
+    optimizers = record_optimisers(monkeypatch, common)
     monkeypatch.setattr(TeacherSolver, "predict", recording_predict)
-    monkeypatch.setattr(common, "adamw", recording_adamw)
     argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
     argv += ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
     argv += ["--guidance_scale_min", "2", "--guidance_scale_max", "9", "--noise_offset", "0.1"]
@@ -185,15 +178,8 @@ def test_sim_run_passes_the_preset_and_sim_options(
         calls.append({"guidance_scale": real.guidance_scale, "c": kw["c"], "detach": kw["detach_dprime"]})
         return sim_loss(x, real, fake, **kw)
 
-    optimizers: list[torch.optim.Optimizer] = []
-    adamw = common.adamw
-
-    def recording_adamw(*a, **kw):  # type: ignore[no-untyped-def]
-        optimizers.append(adamw(*a, **kw))
-        return optimizers[-1]
-
+    optimizers = record_optimisers(monkeypatch, common)
     monkeypatch.setattr(script, "sim_loss", recording_sim_loss)
-    monkeypatch.setattr(common, "adamw", recording_adamw)
     argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
     argv += ["--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sim", "--guidance_scale", "3"]
     argv += ["--sim_c", "0.05", "--sim_detach_dprime"]

@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,19 @@ def _load(name: str) -> ModuleType:
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     return importlib.import_module(name)
+
+
+def record_optimisers(monkeypatch: pytest.MonkeyPatch, common: ModuleType) -> list[torch.optim.Optimizer]:
+    """Spy on ``distill_common.adamw``: the returned list fills with every optimiser the scripts build."""
+    made: list[torch.optim.Optimizer] = []
+    adamw = common.adamw
+
+    def recording_adamw(*a: Any, **kw: Any) -> torch.optim.Optimizer:
+        made.append(adamw(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(common, "adamw", recording_adamw)
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -820,17 +834,10 @@ def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
         d_inputs.append((real.detach().clone(), fake.detach().clone()))
         return renoise(real, fake, **kwargs)
 
-    optimisers: list[torch.optim.Optimizer] = []
-    adamw = common.adamw
-
-    def recording_adamw(*a, **kw):  # type: ignore[no-untyped-def]
-        optimisers.append(adamw(*a, **kw))
-        return optimisers[-1]
-
+    optimisers = record_optimisers(monkeypatch, common)
     monkeypatch.setattr(script, "TeacherSolver", recording_solver)
     monkeypatch.setattr(script, "consistency_pair", recording_pair)
     monkeypatch.setattr(script, "renoise_for_discriminator", recording_renoise)
-    monkeypatch.setattr(common, "adamw", recording_adamw)
     flags = ["--teacher_unet", str(tiny_sdxl["model"] / "unet"), "--adam_beta2", "0.95"]
     flags += ["--adam_weight_decay", "0.01", "--fresh_discriminator"]  # no 4->2/unconditional D to continue
     script.main(script.parse_args([*argv, *flags]))
