@@ -919,7 +919,7 @@ def setup_checkpoints(
         register_lora_checkpointing(accelerator, {"unet": student, **(extra_lora or {})})
     if not args.use_ema:
         return None
-    ema = ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay, getattr(args, "ema_warmup", "linear"))
+    ema = ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay, args.ema_warmup)
     register_ema(accelerator, ema.ema, ema.params)
     return ema
 

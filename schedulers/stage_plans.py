@@ -217,6 +217,23 @@ class StagePlan:
                 }
             base = f"{src}->{dst}"
             n = src // dst
+            # Every level starts with the conditional D (Sec. 3.4). No 1-step LoRA: there it trains the
+            # full x0-predicting UNet, after the x0 conversion.
+            conditional = Stage(
+                f"{base}/conditional",
+                loss="adversarial",
+                student_steps=dst,
+                teacher_steps=n,
+                discriminator="conditional",
+                trainable="full" if dst == 1 else "lora",
+                options={
+                    **adv,
+                    **extra,
+                    "lr": adv["lr_full"] if dst == 1 else adv["lr_lora"],
+                    **({"prediction_type": "sample"} if dst == 1 else {}),
+                    "reset_discriminator": True,
+                },
+            )
             if dst == 1:
                 stages.append(
                     Stage(
@@ -228,36 +245,9 @@ class StagePlan:
                         options={"timesteps": (249, 499, 749, 999)},
                     )
                 )
-                # No 1-step LoRA: the conditional phase trains the full x0-predicting UNet.
-                stages.append(
-                    Stage(
-                        f"{base}/conditional",
-                        loss="adversarial",
-                        student_steps=dst,
-                        teacher_steps=n,
-                        discriminator="conditional",
-                        trainable="full",
-                        options={
-                            **adv,
-                            **extra,
-                            "lr": adv["lr_full"],
-                            "prediction_type": "sample",
-                            "reset_discriminator": True,
-                        },
-                    )
-                )
+                stages.append(conditional)
             else:
-                stages.append(
-                    Stage(
-                        f"{base}/conditional",
-                        loss="adversarial",
-                        student_steps=dst,
-                        teacher_steps=n,
-                        discriminator="conditional",
-                        trainable="lora",
-                        options={**adv, **extra, "lr": adv["lr_lora"], "reset_discriminator": True},
-                    )
-                )
+                stages.append(conditional)
                 stages.append(
                     Stage(
                         f"{base}/unconditional",
