@@ -1,5 +1,5 @@
 # `make test` works on a fresh machine: it creates .venv if missing, installs the package with the
-# dev, diffusers and train extras, then runs ruff and pytest (unit tests + doctests + README snippets).
+# dev, diffusers and train extras (and DeepSpeed), then runs ruff and pytest (unit tests + doctests + README snippets).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +8,7 @@ PIP := $(VENV)/bin/pip
 # torchvision built for the installed torch.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
+DEEPSPEED_PIN ?= deepspeed==0.19.8
 
 .PHONY: install test lint typecheck bench clean demo gpu-wheels
 
@@ -16,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
 	$(PIP) install --quiet -e ".[dev,diffusers,train]" $(TORCH_PINS)
+	# DeepSpeed for tests/examples/test_deepspeed.py: an sdist whose setup imports torch, so it builds
+	# against the installed torch (no build isolation); its ops compile just in time, none are needed on CPU.
+	$(PIP) install --quiet --no-build-isolation $(DEEPSPEED_PIN)
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,6 +4,7 @@ them, and temporarily frozen parameters that FSDP2 honours."""
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 from torch import nn
@@ -12,8 +13,8 @@ __all__ = ["frozen", "reshard", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and ``torch.compile`` (``._orig_mod``)
-    wrappers, repeatedly, so names and parameters are those of the user's model.
+    """Strip ``DistributedDataParallel`` / ``DataParallel`` / DeepSpeed engine (``.module``), FSDP1 and
+    ``torch.compile`` (``._orig_mod``) wrappers, repeatedly, so names and parameters are those of the user's model.
 
     Example:
         >>> from diffdistill._modules import unwrap_model
@@ -29,6 +30,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = inner
             continue
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        deepspeed = sys.modules.get("deepspeed")  # a DeepSpeedEngine holds the model as .module
+        if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
             model = model.module
             continue
         fsdp_inner = getattr(model, "_fsdp_wrapped_module", None)

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from diffdistill.students import reshard, save_lora
+
+logger = logging.getLogger("distill_common")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -171,19 +174,48 @@ def load_sdxl(args: argparse.Namespace) -> SDXLComponents:
 
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
     vae_path = args.pretrained_vae_model_name_or_path
-    return SDXLComponents(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var),
-        vae=AutoencoderKL.from_pretrained(
-            vae_path or path, subfolder=None if vae_path else "vae", revision=rev
-        ),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", revision=rev, variant=var
-        ),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
-    )
+    with zero3_init_disabled():
+        return SDXLComponents(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var),
+            vae=AutoencoderKL.from_pretrained(
+                vae_path or path, subfolder=None if vae_path else "vae", revision=rev
+            ),
+            text_encoder=CLIPTextModel.from_pretrained(
+                path, subfolder="text_encoder", revision=rev, variant=var
+            ),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", revision=rev, variant=var
+            ),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+            tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
+        )
+
+
+@contextlib.contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Load models whole under DeepSpeed ZeRO-3 (a no-op otherwise).
+
+    With a ZeRO-3 config registered, transformers' ``from_pretrained`` partitions a model across the
+    processes as it loads it (``deepspeed.zero.Init``); the frozen text encoders are never prepared by
+    accelerate, so their partitioned weights would never be gathered (CLIP then fails with
+    ``max_position_embeddings: 0``). accelerate's ``zero3_init_context_manager(enable=False)`` does not
+    prevent it (it registers the config again), so the registration is lifted while loading. The trained
+    models are partitioned by ``accelerator.prepare``.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def freeze(*modules: nn.Module) -> None:
@@ -645,10 +677,51 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    if distributed_kind(accelerator) == "DEEPSPEED":
+        configure_deepspeed(accelerator, args)
     if report_to is not None:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
     return accelerator
+
+
+def configure_deepspeed(accelerator: Any, args: argparse.Namespace) -> None:
+    """Fit accelerate's DeepSpeed config to the scripts (called by :func:`make_accelerator`).
+
+    - The ``"auto"`` micro batch and clipping come from ``--train_batch_size`` and ``--max_grad_norm``
+      (accelerate would read the batch from a prepared ``DataLoader``, which the scripts do not use -- they
+      draw their batches themselves, :class:`StepSource` -- and clip at 1.0). Values the user's DeepSpeed
+      config sets explicitly win (DeepSpeed applies them); a differing one is logged.
+    - ZeRO-3 gathers the partitioned weights when the final model is written
+      (``stage3_gather_16bit_weights_on_model_save``; without it ``get_state_dict`` refuses). The weights
+      are written in the engine's parameter dtype: bf16 under ``--mixed_precision bf16``.
+    - ``--use_ema`` is refused under ZeRO-3: the average is kept of the student's parameters in place, and
+      ZeRO-3 leaves each process only a flat slice of them (use ZeRO-1/2 or FSDP for an EMA).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if zero_stage(accelerator) == 3:
+        if args.use_ema:
+            raise ValueError(
+                "--use_ema is not supported under DeepSpeed ZeRO-3 (each process holds only a flat slice of "
+                "the student's parameters): use ZeRO stage 1 or 2, or FSDP, in the accelerate config, or "
+                "drop --use_ema."
+            )
+        plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    # accelerate derives train_batch_size (micro x accumulation x processes) from the micro batch.
+    wanted = {
+        "train_micro_batch_size_per_gpu": int(args.train_batch_size),
+        "gradient_clipping": float(args.max_grad_norm or 0.0),
+    }
+    for key, value in wanted.items():
+        if plugin.is_auto(key):
+            plugin.deepspeed_config[key] = value
+        elif plugin.get_value(key) != value:
+            logger.warning(
+                "The DeepSpeed config sets %s = %s (used); the script's options give %s.",
+                key,
+                plugin.get_value(key),
+                value,
+            )
 
 
 def adamw(
@@ -683,6 +756,54 @@ def prepare(accelerator: Any, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -
     for model, optimizer in pairs:
         prepared.extend(accelerator.prepare(model, optimizer))
     return prepared
+
+
+def backward(accelerator: Any, loss: torch.Tensor, model: nn.Module) -> None:
+    """``accelerator.backward(loss)`` for a loss that trains ``model`` (a prepared model).
+
+    Under DeepSpeed each prepared model is its own engine, whose ``backward`` also steps its optimiser at
+    the end of an accumulation cycle; ``accelerator.backward`` always uses the *first* prepared engine, so a
+    second trained model (discriminator, fake score) would never step. Here the loss goes to ``model``'s own
+    engine through accelerate's ``DeepSpeedEngineWrapper`` (the code path ``accelerator.backward`` runs for
+    the first). Elsewhere this is ``accelerator.backward(loss)``.
+    """
+    if distributed_kind(accelerator) == "DEEPSPEED":
+        from accelerate.utils import DeepSpeedEngineWrapper
+
+        DeepSpeedEngineWrapper(model).backward(loss, sync_gradients=accelerator.sync_gradients)
+    else:
+        accelerator.backward(loss)
+
+
+def forward_model(accelerator: Any, model: nn.Module) -> nn.Module:
+    """What to call for a prepared ``model`` in a pass that must not train it: a frozen discriminator or fake
+    score in the generator's update (inside :func:`diffdistill.students.frozen`).
+
+    Under DeepSpeed the engine's own module: a call of the engine arms its end-of-backward gradient
+    reduction, which the generator's backward then runs with none of the engine's gradients (ZeRO-2 fails
+    in ``reduce_ipg_grads``). Elsewhere ``model`` itself.
+    """
+    return accelerator.unwrap_model(model) if distributed_kind(accelerator) == "DEEPSPEED" else model
+
+
+def autocast(accelerator: Any) -> contextlib.AbstractContextManager[Any]:
+    """``accelerator.autocast()``, also under DeepSpeed.
+
+    accelerate leaves mixed precision to DeepSpeed there (its ``autocast`` does nothing), and DeepSpeed holds
+    the engines' weights in bf16 / fp16 without casting their inputs: the scripts' float32 latents and
+    embeddings would meet bf16 weights (a dtype error). The block then runs under ``torch.autocast`` in the
+    mixed-precision dtype, as under DDP / FSDP.
+    """
+    if distributed_kind(accelerator) == "DEEPSPEED" and accelerator.mixed_precision in ("bf16", "fp16"):
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype_of(accelerator))
+    return accelerator.autocast()
+
+
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of the run (``None`` when it does not run DeepSpeed)."""
+    if distributed_kind(accelerator) != "DEEPSPEED":
+        return None
+    return int(accelerator.state.deepspeed_plugin.get_value("zero_optimization.stage", 0))
 
 
 def distributed_kind(accelerator: Any) -> str:
@@ -1037,7 +1158,7 @@ def log_validation(
     noise = torch.randn((len(prompts), 4, args.resolution // 8, args.resolution // 8), generator=gen).to(
         device
     )
-    with accelerator.autocast():
+    with autocast(accelerator):
         latents = sample_fn(noise, cond).float()
     if not accelerator.is_main_process:
         return None
@@ -1125,16 +1246,14 @@ def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: An
     gradient accumulation the other one's accumulated gradients would be unscaled now and again at its own
     step. The clipping is torch's ``clip_grad_norm_`` -- under FSDP over the (``DTensor``) shards, the norm
     of the whole model's gradient (accelerate's own FSDP path identifies the model by comparing parameter
-    lists, which fails when two prepared models have equally many parameters). DeepSpeed clips itself
-    (``accelerator.clip_grad_norm_`` only reads its norm there).
+    lists, which fails when two prepared models have equally many parameters). Under DeepSpeed the
+    engine has already clipped (at ``--max_grad_norm``, :func:`configure_deepspeed`) and stepped in
+    :func:`backward`; its optimiser wrapper's ``step`` and ``zero_grad`` do nothing.
     """
-    if accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm):
-        trainable = [p for p in params if p.requires_grad]
-        if distributed_kind(accelerator) == "DEEPSPEED":
-            accelerator.clip_grad_norm_(trainable, max_norm)
-        else:
-            accelerator.unscale_gradients(optimizer=optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    clip = accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm)
+    if clip and distributed_kind(accelerator) != "DEEPSPEED":
+        accelerator.unscale_gradients(optimizer=optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.requires_grad], max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -1235,14 +1354,14 @@ class ScoreDistillation:
         # The update phase follows the optimisation step, so every micro-batch of a step runs the same
         # updates (with gradient accumulation) and a resumed run keeps the phase without extra state.
         self.loop.step_count = step
-        with self.accelerator.accumulate(self.generator, self.fake), self.accelerator.autocast():
+        with self.accelerator.accumulate(self.generator, self.fake), autocast(self.accelerator):
             return self.loop.step()
 
     def _generator_step(self) -> dict[str, torch.Tensor]:
         gen, cond = self._state["gen"], self._state["cond"]
         x, z = self.generate(self.generator, gen, cond)
         loss, logs = self.generator_loss(x, z, gen, cond)
-        self.accelerator.backward(loss)
+        backward(self.accelerator, loss, self.generator)
         clip_and_step(self.accelerator, self.opt_g, self.generator.parameters(), self.args.max_grad_norm)
         self._state["x"] = x.detach()
         return logs
@@ -1258,7 +1377,7 @@ class ScoreDistillation:
         loss, logs = fake_score_loss(
             self.fake, x, schedule=self.schedule, weighting=self.args.fake_weighting, cond=cond, generator=gen
         )
-        self.accelerator.backward(loss)
+        backward(self.accelerator, loss, self.fake)
         clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
         return logs
 

@@ -239,7 +239,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
         picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
         cond = common.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
-        with accelerator.autocast():
+        with common.autocast(accelerator):
             latent = ddim_sample(
                 teacher.model,
                 teacher.schedule,
@@ -331,13 +331,14 @@ def main(args: argparse.Namespace) -> None:
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), accelerator.autocast():
+        with accelerator.accumulate(unet, disc), common.autocast(accelerator):
             fake = common.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
             rec = lpips(fake, real, generator=gen)
             with frozen(disc):  # until the backward (checkpointed D blocks recompute there)
-                g_adv, _ = gan_generator_loss(disc(fake, 0, ehs, added, noise=noise))
+                judge = common.forward_model(accelerator, disc)
+                g_adv, _ = gan_generator_loss(judge(fake, 0, ehs, added, noise=noise))
                 loss = rec + args.gan_weight * g_adv
-                accelerator.backward(loss)
+                common.backward(accelerator, loss, unet)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
 
             fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
@@ -346,7 +347,7 @@ def main(args: argparse.Namespace) -> None:
                 extra = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
                 fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, extra)]
             d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
-            accelerator.backward(d_loss)
+            common.backward(accelerator, d_loss, disc)
             # R1 differentiates the gradient: fused attention kernels have no double backward, so the
             # penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
             # kernel of the forward pass -- uses PyTorch's math attention.
@@ -363,7 +364,7 @@ def main(args: argparse.Namespace) -> None:
                         generator=gen,
                     )
                     if r1.requires_grad:  # a lazy step
-                        accelerator.backward(r1)
+                        common.backward(accelerator, r1, disc)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])

@@ -227,6 +227,12 @@ def stage_index(step: int, num_stages: int, max_steps: int) -> int:
 
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_hyper_sd")
+    if args.target == "ema" and common.zero_stage(accelerator) == 3:
+        raise ValueError(
+            "--target ema averages the student's parameters into a whole copy, and DeepSpeed ZeRO-3 leaves "
+            "each process only a flat slice of them: use ZeRO stage 1 or 2, or FSDP, in the accelerate "
+            "config, or pass --target online."
+        )
     plan = StagePlan.hyper_sd(
         [int(k) for k in args.segments.split(",")], num_inference_steps=args.num_inference_steps
     )
@@ -283,7 +289,13 @@ def main(args: argparse.Namespace) -> None:
         x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, dmd_logs = dmd_loss(
-            x, teacher, fake, schedule=schedule, cond=cond, uncond=uncond, generator=gen
+            x,
+            teacher,
+            common.forward_model(accelerator, fake),
+            schedule=schedule,
+            cond=cond,
+            uncond=uncond,
+            generator=gen,
         )
         logs = {f"dmd_{k}": v for k, v in dmd_logs.items()}
         if args.one_step_mse_weight > 0:
@@ -353,7 +365,7 @@ def main(args: argparse.Namespace) -> None:
             omega = omega.to(device)
         x_t = schedule.add_noise(x0, noise, sample.t)
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), accelerator.autocast():
+        with accelerator.accumulate(unet, disc), common.autocast(accelerator):
             pair = consistency_pair(
                 student_fn,
                 teacher,
@@ -371,7 +383,8 @@ def main(args: argparse.Namespace) -> None:
             ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
             with frozen(disc):  # until the backward below (checkpointed D recomputes there)
                 if w_adv > 0:
-                    g_loss, _ = gan_generator_loss(disc(student, t_judge, ehs, added))
+                    judge = common.forward_model(accelerator, disc)
+                    g_loss, _ = gan_generator_loss(judge(student, t_judge, ehs, added))
                     loss = loss + w_adv * g_loss
                     logs["generator_adv"] = g_loss.detach()
                 if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
@@ -380,13 +393,13 @@ def main(args: argparse.Namespace) -> None:
                     )
                     loss = loss + r_loss
                     logs.update(r_logs)
-                accelerator.backward(loss)
+                common.backward(accelerator, loss, unet)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(
                     disc(target, t_judge, ehs, added), disc(student.detach(), t_judge, ehs, added)
                 )
-                accelerator.backward(d_loss)
+                common.backward(accelerator, d_loss, disc)
                 common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
                 logs["discriminator"] = d_loss.detach()
         if ema is not None and accelerator.sync_gradients:

@@ -461,20 +461,21 @@ def main(args: argparse.Namespace) -> None:
         # D stays frozen until the generator's backward is done: with gradient checkpointing its blocks are
         # recomputed there and must see the same requires_grad as in the forward pass.
         with frozen(disc):
-            g_loss, _ = gan_generator_loss(disc(fake, t_judge, ehs, added, **extra))
-            accelerator.backward(g_loss)
+            judge = common.forward_model(accelerator, disc)
+            g_loss, _ = gan_generator_loss(judge(fake, t_judge, ehs, added, **extra))
+            common.backward(accelerator, g_loss, unet)
         common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         d_loss, _ = gan_discriminator_loss(
             disc(real, t_judge, ehs, added, **extra), disc(fake.detach(), t_judge, ehs, added, **extra)
         )
-        accelerator.backward(d_loss)
+        common.backward(accelerator, d_loss, disc)
         common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach(), **logs}
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
-        with accelerator.accumulate(unet), accelerator.autocast():
+        with accelerator.accumulate(unet), common.autocast(accelerator):
             if stage.loss == "mse":
                 loss, logs = progressive_distillation_loss(
                     unet,
@@ -495,7 +496,7 @@ def main(args: argparse.Namespace) -> None:
                 )
             else:
                 return adversarial(x0, cond, gen, step)[1]
-            accelerator.backward(loss)
+            common.backward(accelerator, loss, unet)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         return logs
 

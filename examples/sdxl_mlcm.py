@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
         _, prompts = data.batch(gen)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(shape, generator=gen).to(device)
-        with accelerator.accumulate(unet), accelerator.autocast():
+        with accelerator.accumulate(unet), common.autocast(accelerator):
             if first:
                 sample = milestone_pairs(
                     shape[0],
@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> None:
                     target="online",
                     generator=gen,
                 )
-            accelerator.backward(loss)
+            common.backward(accelerator, loss, unet)
             common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         logs["stage"] = torch.tensor(1.0 if first else 2.0)
         return logs

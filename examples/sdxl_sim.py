@@ -213,6 +213,7 @@ def main(args: argparse.Namespace) -> None:
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
     uncond = common.uncond_conditions(args, parts, device, dtype)
+    fake_score = common.forward_model(accelerator, fake)  # frozen in the generator's update
 
     def generator_loss(
         x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
@@ -222,15 +223,15 @@ def main(args: argparse.Namespace) -> None:
             return sim_loss(
                 x,
                 real,
-                fake,
+                fake_score,
                 distance=args.sim_distance,
                 c=args.sim_c,
                 detach_dprime=args.sim_detach_dprime,
                 **kwargs,
             )
         if args.loss == "sid":
-            return sid_loss(x, real, fake, alpha=args.sid_alpha, **kwargs)
-        return dmd_loss(x, real, fake, **kwargs)
+            return sid_loss(x, real, fake_score, alpha=args.sid_alpha, **kwargs)
+        return dmd_loss(x, real, fake_score, **kwargs)
 
     score = common.ScoreDistillation(
         accelerator, args, schedule, generator=(unet, opt_g), fake=(fake, opt_f), loss=generator_loss

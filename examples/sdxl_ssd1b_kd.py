@@ -94,9 +94,9 @@ def main(args: argparse.Namespace) -> None:
         t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).to(device)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.convert(noise, x_t, t, "epsilon", schedule.prediction_type)
-        with accelerator.accumulate(student), accelerator.autocast():
+        with accelerator.accumulate(student), common.autocast(accelerator):
             loss, logs = kd(x_t, t, target, **cond)
-            accelerator.backward(loss)
+            common.backward(accelerator, loss, student)
             common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
         return logs
 

@@ -386,9 +386,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch_two_processes(script: str, argv: list[str], *, fsdp: bool) -> None:
-    """Run ``examples/{script}.py`` in 2 CPU processes (gloo): DDP through ``accelerate launch``, or
-    accelerate's FSDP2 through ``torchrun`` and the test launcher ``fsdp_cpu_launch.py``.
+def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") -> None:
+    """Run ``examples/{script}.py`` in 2 CPU processes (gloo): ``mode="ddp"`` through ``accelerate launch``;
+    ``"fsdp"`` (accelerate's FSDP2), ``"zero2"`` or ``"zero3"`` (DeepSpeed ZeRO stage 2 / 3 on DeepSpeed's CPU
+    accelerator) through ``torchrun`` and the test launcher ``sharded_cpu_launch.py``.
 
     (``accelerate launch --cpu --num_processes 2`` starts *one* process unless MPI is installed;
     ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts two that train on the CPU.)
@@ -397,12 +398,18 @@ def _launch_two_processes(script: str, argv: list[str], *, fsdp: bool) -> None:
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    sharded = {
+        "fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+        "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+        "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+    }
     for attempt in range(2):  # pytest-xdist may start two runs at once: the DDP port can be taken
-        if fsdp:  # torchrun --standalone picks a free rendezvous port itself
-            env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+        if mode in sharded:  # torchrun --standalone picks a free rendezvous port itself
+            env.update(sharded[mode], DS_ACCELERATOR="cpu")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            cmd += [str(Path(__file__).with_name("fsdp_cpu_launch.py"))]
+            cmd += [str(Path(__file__).with_name("sharded_cpu_launch.py"))]
         else:
+            assert mode == "ddp", mode
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
             cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
             cmd += ["--main_process_port", str(_free_port())]
@@ -413,9 +420,13 @@ def _launch_two_processes(script: str, argv: list[str], *, fsdp: bool) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _two_process_runs(script: str, argv: list[str], tmp_path: Path) -> dict[str, Path]:
-    """DDP, FSDP2, and FSDP2 resumed from its step-1 checkpoint: the output folders."""
-    out = {name: tmp_path / name for name in ("ddp", "fsdp", "fsdp_resumed")}
+def _two_process_runs(
+    script: str, argv: list[str], tmp_path: Path, sharded: str = "fsdp", *, resume: bool = True
+) -> dict[str, Path]:
+    """DDP, the ``sharded`` mode of :func:`_launch_two_processes`, and (``resume``) that mode resumed from its
+    step-1 checkpoint: the output folders ``out["ddp"]``, ``out[sharded]``, ``out[sharded + "_resumed"]``."""
+    names = ["ddp", sharded, *([sharded + "_resumed"] if resume else [])]
+    out = {name: tmp_path / name for name in names}
 
     def with_output(name: str) -> list[str]:
         args = list(argv)
@@ -423,13 +434,17 @@ def _two_process_runs(script: str, argv: list[str], tmp_path: Path) -> dict[str,
         args[args.index("--train_batch_size") + 1] = "1"  # per process: the same global batch as 2 x 1
         return args
 
-    _launch_two_processes(script, with_output("ddp"), fsdp=False)
-    _launch_two_processes(script, with_output("fsdp"), fsdp=True)
-    resumed = [*with_output("fsdp_resumed"), "--resume_from_checkpoint", str(out["fsdp"] / "checkpoint-1")]
-    _launch_two_processes(script, resumed, fsdp=True)
-    ddp_ckpt, fsdp_ckpt = out["ddp"] / "checkpoint-1", out["fsdp"] / "checkpoint-1"
+    _launch_two_processes(script, with_output("ddp"))
+    _launch_two_processes(script, with_output(sharded), mode=sharded)
+    if resume:
+        ckpt = str(out[sharded] / "checkpoint-1")
+        _launch_two_processes(
+            script, [*with_output(sharded + "_resumed"), "--resume_from_checkpoint", ckpt], mode=sharded
+        )
+    ddp_ckpt, sharded_ckpt = out["ddp"] / "checkpoint-1", out[sharded] / "checkpoint-1"
     assert (ddp_ckpt / "random_states_1.pkl").is_file(), "DDP ran in one process"
-    assert (fsdp_ckpt / "pytorch_model_fsdp_0").is_dir(), "FSDP did not write sharded model states"
+    states = "pytorch_model_fsdp_0" if sharded == "fsdp" else "pytorch_model"  # DeepSpeed: one per engine
+    assert (sharded_ckpt / states).is_dir(), f"{sharded} did not write its sharded model states"
     return out
 
 
@@ -497,7 +512,7 @@ def test_sim_full_unet_with_ema_under_fsdp_equals_ddp_and_resumes(
     # |bf16 update - float32 update| / |float32 update| measured 0.35 (1.0 if bf16 did not train).
     argv = [*_common_argv(tiny_sdxl, tmp_path / "bf16", lora=False), *extra, "--mixed_precision", "bf16"]
     argv[argv.index("--train_batch_size") + 1] = "1"
-    _launch_two_processes("sdxl_sim", argv, fsdp=True)
+    _launch_two_processes("sdxl_sim", argv, mode="fsdp")
     bf16 = UNet2DConditionModel.from_pretrained(str(tmp_path / "bf16" / "unet")).state_dict()
     assert all(v.dtype == torch.float32 for v in bf16.values())
     update = torch.cat([(fsdp[k] - start[k]).flatten() for k in fsdp])

@@ -1,0 +1,54 @@
+"""Run a script with accelerate's FSDP or DeepSpeed on CPU processes (gloo) -- for the tests only.
+
+accelerate selects FSDP and DeepSpeed only for GPU-like devices: with ``ACCELERATE_USE_CPU=true`` under
+``torchrun`` it sets up a multi-CPU (gloo) run and ignores ``ACCELERATE_USE_FSDP`` /
+``ACCELERATE_USE_DEEPSPEED``. This launcher switches the shared ``AcceleratorState`` to FSDP or DeepSpeed
+with the plugin accelerate built from the environment (``FSDP_*`` / ``ACCELERATE_DEEPSPEED_*``), given the
+mixed-precision setting as accelerate does for GPUs, then runs the script as ``__main__``. Everything
+after that is accelerate's, torch's and DeepSpeed's own code: ``prepare`` (``fully_shard`` or
+``deepspeed.initialize``; DeepSpeed runs on its CPU accelerator, ``DS_ACCELERATOR=cpu``, over gloo),
+sharded checkpoints and ``get_state_dict``.
+
+Usage: ``ACCELERATE_USE_CPU=true ACCELERATE_USE_FSDP=true FSDP_VERSION=2 torchrun --nproc_per_node 2
+sharded_cpu_launch.py SCRIPT.py [ARGS...]``, or with ``ACCELERATE_USE_DEEPSPEED=true
+ACCELERATE_DEEPSPEED_ZERO_STAGE=3 DS_ACCELERATOR=cpu`` instead of the FSDP variables.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from typing import Any
+
+import accelerate.state
+from accelerate.utils import DistributedType
+
+_plugins: dict[str, Any] = {}
+_init = accelerate.state.AcceleratorState.__init__
+
+
+def _sharded_on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
+    _init(self, *args, **kwargs)
+    for kind in ("fsdp_plugin", "deepspeed_plugin"):
+        if kwargs.get(kind) is not None:
+            _plugins[kind] = kwargs[kind]
+    # The state is shared (re-initialised by later AcceleratorState() calls): switch it every time.
+    if self.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if "fsdp_plugin" in _plugins:
+        if self._mixed_precision != "no":
+            _plugins["fsdp_plugin"].set_mixed_precision(self._mixed_precision)  # as accelerate does on GPUs
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = _plugins["fsdp_plugin"]
+    elif "deepspeed_plugin" in _plugins:
+        plugin = _plugins["deepspeed_plugin"]
+        plugin.set_mixed_precision(self._mixed_precision)  # as accelerate does on GPUs
+        plugin.select(_from_accelerator_state=True)
+        self.distributed_type = DistributedType.DEEPSPEED
+        self.deepspeed_plugins = plugin
+
+
+if __name__ == "__main__":
+    accelerate.state.AcceleratorState.__init__ = _sharded_on_cpu  # type: ignore[method-assign]
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
