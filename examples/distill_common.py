@@ -677,12 +677,24 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    check_fsdp_version(accelerator)
     if distributed_kind(accelerator) == "DEEPSPEED":
         configure_deepspeed(accelerator, args)
     if report_to is not None:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
     return accelerator
+
+
+def check_fsdp_version(accelerator: Any) -> None:
+    """Refuse FSDP1: the scripts' FSDP handling (:func:`diffdistill.students.frozen`, ``reshard``, EMAs of
+    ``DTensor`` shards, one ``prepare`` per model) is written for and tested with FSDP2 (``fully_shard``)."""
+    if distributed_kind(accelerator) == "FSDP" and not accelerator.is_fsdp2:
+        raise ValueError(
+            "These scripts support FSDP2 only, but the accelerate config selects FSDP1: set "
+            "fsdp_version: 2 in the accelerate config, or launch with `accelerate launch --use_fsdp "
+            "--fsdp_version 2 ...` (or use DDP or DeepSpeed)."
+        )
 
 
 def configure_deepspeed(accelerator: Any, args: argparse.Namespace) -> None:

@@ -448,6 +448,21 @@ def _two_process_runs(
     return out
 
 
+def test_fsdp1_is_refused_with_the_fix() -> None:
+    import types
+
+    from accelerate.utils import DistributedType
+
+    common = _load("distill_common")
+    fsdp1 = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(ValueError, match=r"FSDP2 only.*selects FSDP1: set fsdp_version: 2"):
+        common.check_fsdp_version(fsdp1)
+    common.check_fsdp_version(types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
+    common.check_fsdp_version(
+        types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False)
+    )
+
+
 def test_hyper_sd_lora_under_fsdp_equals_ddp_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     # A LoRA student sharded by FSDP2 with a frozen-then-trained discriminator (frozen() reshards it), the
     # whole-copy EMA target fed by gathered shards, and the adapter written from the gathered state dict.
