@@ -225,7 +225,7 @@ def build_hyper_sd(b: Bench) -> Step:
         b.unet, conditional=False, gradient_checkpointing=not b.options.no_gradient_checkpointing
     )
     unet, teacher_model = b.student()
-    ema = EMA(unet, decay=stage.options.get("ema_decay", 0.95))
+    ema = EMA(unet, decay=stage.options.get("ema_decay", 0.95), trainable_only=True)
     teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=7.0)
     opt, opt_d = b.adam(unet), b.adam(disc)
     uncond = b.cond(1, torch.Generator().manual_seed(1))

@@ -250,7 +250,8 @@ def main(args: argparse.Namespace) -> None:
     fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
     unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
-    ema = EMA(unet, decay=decay).to(device) if args.target == "ema" else None
+    # The average of a LoRA student's adapters; its frozen base is shared with the student, not copied.
+    ema = EMA(unet, decay=decay, trainable_only=True).to(device) if args.target == "ema" else None
 
     opt = common.adamw(unet.parameters(), args)
     d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)

@@ -41,11 +41,17 @@ class EMA(nn.Module):
             while ``k <= 0`` in the warm-up modes.
         update_after_step, inv_gamma, power, min_decay: as in diffusers' ``EMAModel``.
         include_buffers: also average floating buffers (e.g. BatchNorm statistics); other buffers are copied.
+        trainable_only: average only the parameters that require gradients in ``model`` when the EMA is
+            built; the others are *shared* with ``model`` (the same ``Parameter`` objects: no copy, never
+            updated, and :meth:`update` does not read them). For a LoRA student the EMA then costs the
+            adapters only: on SDXL a whole copy is ~2.6e9 more weights to hold and to read every update
+            (under FSDP2, to all-gather). The shared weights must stay frozen and stay where the model has
+            them: writing into them in place (merging adapters, ``ema.to(...)``) changes the model too.
 
     The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
     averaged copy is in eval mode with ``requires_grad=False``.
 
-    Sharded models: an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
+    Sharded models (with ``trainable_only``, only the averaged parameters): an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
     and :meth:`update` gathers the online shards one tensor at a time (``DTensor.full_tensor``: a
     collective, so call it on every process; it moves the whole model each update); an EMA built from the
     sharded model averages shard by shard.
@@ -72,6 +78,7 @@ class EMA(nn.Module):
         power: float = 2.0 / 3.0,
         min_decay: float = 0.0,
         include_buffers: bool = True,
+        trainable_only: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -88,7 +95,12 @@ class EMA(nn.Module):
         self.power = float(power)
         self.min_decay = float(min_decay)
         self.include_buffers = include_buffers
-        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+        source = unwrap_model(model)
+        params = list(source.parameters())
+        # Which of the model's parameters are averaged (all, or those that require gradients).
+        self._averaged = [bool(p.requires_grad) or not trainable_only for p in params]
+        shared = {id(p): p for p, averaged in zip(params, self._averaged) if not averaged}
+        self.module = copy.deepcopy(source, memo=shared).eval().requires_grad_(False)
         self.num_updates: torch.Tensor
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -130,6 +142,8 @@ class EMA(nn.Module):
                 f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
                 "same architecture the EMA was built from."
             )
+        pairs = [(e, p) for e, p, averaged in zip(ema_params, params, self._averaged) if averaged]
+        ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
         shards = [_is_shard(p, e) for e, p in zip(ema_params, params)]
         if any(shards):
             for e, p, shard in zip(ema_params, params, shards):  # one gathered tensor at a time

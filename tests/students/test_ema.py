@@ -89,3 +89,31 @@ def test_wrappers_and_errors():
         EMA(net, warmup="cosine")
     with pytest.raises(OptionError, match=r"`model` has 2 parameters but the EMA copy has 6"):
         ema.update(torch.nn.Linear(3, 4))
+
+
+def test_trainable_only_shares_the_frozen_parameters_and_averages_the_rest():
+    net = _net()
+    net[0].requires_grad_(False)  # e.g. the frozen base of a LoRA student
+    full, lean = EMA(net, decay=0.9), EMA(net, decay=0.9, trainable_only=True)
+    assert lean.module[0].weight is net[0].weight and lean.module[0].bias is net[0].bias  # shared, no copy
+    assert lean.module[2].weight is not net[2].weight
+    assert not any(p.requires_grad for p in lean.module.parameters())
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        net(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+        full.update(net)
+        lean.update(net)
+    for (name, a), b in zip(lean.module.named_parameters(), full.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for a, b in zip(lean.module.buffers(), full.module.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A shared parameter is the model's own tensor: it follows in-place changes (hence it must stay
+    # frozen), where a whole copy averages towards them.
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    lean.update(net)
+    assert torch.equal(lean.module[0].weight, net[0].weight)
+    full.update(net)
+    assert not torch.equal(full.module[0].weight, net[0].weight)

@@ -90,3 +90,29 @@ def test_ema_of_a_sharded_model_gathers_the_shards(group: None) -> None:
     reference = _net(seed=1).state_dict()
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(v, 0.25 * start[k] + 0.75 * reference[k])
+
+
+def test_trainable_only_ema_gathers_only_the_averaged_shards(
+    group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.tensor import DTensor
+
+    online = _net(seed=1)
+    online[0].requires_grad_(False)  # a frozen base layer
+    ema = EMA(online, decay=0.25, trainable_only=True)  # built before sharding, as in the scripts
+    with torch.no_grad():
+        online[2].weight.add_(1.0)
+    expected = 0.25 * ema.module[2].weight + 0.75 * online[2].weight
+    fsdp.fully_shard(online[0])
+    fsdp.fully_shard(online)
+    gathered: list[tuple[int, ...]] = []
+    full_tensor = DTensor.full_tensor
+
+    def counted(self: DTensor, *args: object, **kwargs: object) -> torch.Tensor:
+        gathered.append(tuple(self.shape))
+        return full_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(DTensor, "full_tensor", counted)
+    ema.update(online)
+    assert gathered == [(1, 4), (1,)]  # the last layer's weight and bias only, not the frozen layer's
+    torch.testing.assert_close(ema.module[2].weight, expected)
