@@ -678,12 +678,39 @@ def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
     check_fsdp_version(accelerator)
+    check_accumulation(accelerator, args)
     if distributed_kind(accelerator) == "DEEPSPEED":
         configure_deepspeed(accelerator, args)
     if report_to is not None:
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name or project_name, config=config)
     return accelerator
+
+
+def check_accumulation(accelerator: Any, args: argparse.Namespace) -> None:
+    """Refuse a gradient accumulation that differs from ``--gradient_accumulation_steps``.
+
+    The scripts run ``--gradient_accumulation_steps`` micro-batches per optimisation step, and accelerate
+    decides when gradients are synchronised (and, under DeepSpeed, when the engines step) from its own
+    count, which an accelerate DeepSpeed config sets (``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``, 1 unless
+    changed) and a DeepSpeed config file may set too: a mismatch would step the optimisers at every
+    micro-batch.
+    """
+    wanted = int(args.gradient_accumulation_steps)
+    found = {
+        "the accelerate config (ACCELERATE_GRADIENT_ACCUMULATION_STEPS)": accelerator.gradient_accumulation_steps
+    }
+    if distributed_kind(accelerator) == "DEEPSPEED":
+        found["the DeepSpeed config"] = accelerator.state.deepspeed_plugin.get_value(
+            "gradient_accumulation_steps"
+        )
+    for where, value in found.items():
+        if value not in (None, "auto") and int(value) != wanted:
+            raise ValueError(
+                f"Expected the gradient accumulation of {where} to be --gradient_accumulation_steps = {wanted}, "
+                f'but it is {value}: set gradient_accumulation_steps to {wanted} there (or to "auto" in a '
+                f"DeepSpeed config file), or pass --gradient_accumulation_steps {value}."
+            )
 
 
 def check_fsdp_version(accelerator: Any) -> None:
@@ -700,7 +727,7 @@ def check_fsdp_version(accelerator: Any) -> None:
 def configure_deepspeed(accelerator: Any, args: argparse.Namespace) -> None:
     """Fit accelerate's DeepSpeed config to the scripts (called by :func:`make_accelerator`).
 
-    - The ``"auto"`` micro batch and clipping come from ``--train_batch_size`` and ``--max_grad_norm``
+    - The ``"auto"`` (or absent) micro batch and clipping come from ``--train_batch_size`` and ``--max_grad_norm``
       (accelerate would read the batch from a prepared ``DataLoader``, which the scripts do not use -- they
       draw their batches themselves, :class:`StepSource` -- and clip at 1.0). Values the user's DeepSpeed
       config sets explicitly win (DeepSpeed applies them); a differing one is logged.
@@ -725,7 +752,7 @@ def configure_deepspeed(accelerator: Any, args: argparse.Namespace) -> None:
         "gradient_clipping": float(args.max_grad_norm or 0.0),
     }
     for key, value in wanted.items():
-        if plugin.is_auto(key):
+        if plugin.get_value(key) in (None, "auto"):  # absent: DeepSpeed's defaults are 1 and no clipping
             plugin.deepspeed_config[key] = value
         elif plugin.get_value(key) != value:
             logger.warning(
@@ -904,7 +931,8 @@ class TrainableParams(nn.Module):
 class ReleaseEMA:
     """``--use_ema``: an EMA of the student's trainable parameters that becomes the released weights.
 
-    ``warmup="linear"`` (``--ema_warmup``, the default) caps the decay of update ``k`` at
+    The average is kept in float32 (it is written back in the student's dtype). ``warmup="linear"``
+    (``--ema_warmup``, the default) caps the decay of update ``k`` at
     ``(1 + k) / (10 + k)`` as diffusers' ``EMAModel`` does (update 1 copies the weights), so the average of a
     short run is not mostly its start weights; the update count is checkpointed with the average.
     """
@@ -914,7 +942,9 @@ class ReleaseEMA:
 
         self.student = student
         self.params = TrainableParams(student)
-        self.ema = EMA(self.params, decay=decay, warmup=warmup)
+        # The average stays float32 also where the trained weights are bf16 / fp16 (DeepSpeed's mixed
+        # precision): a bf16 average moved by (1 - 0.9999) x a 1 % gap rounds to no change.
+        self.ema = EMA(self.params, decay=decay, warmup=warmup).float()
 
     def update(self) -> None:
         self.ema.update(self.params)

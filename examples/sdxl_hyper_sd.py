@@ -271,7 +271,8 @@ def main(args: argparse.Namespace) -> None:
     data.load_until_step = args.max_train_steps - args.one_step_steps if args.one_step_steps else None
     uncond = common.uncond_conditions(args, parts, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
-    reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
+    with common.zero3_init_disabled():  # a transformers reward model loads whole, as the frozen encoders
+        reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
     if isinstance(reward_fn, torch.nn.Module):
         common.freeze(reward_fn)
         reward_fn.to(device)

@@ -45,8 +45,11 @@ class EMA(nn.Module):
             built; the others are *shared* with ``model`` (the same ``Parameter`` objects: no copy, never
             updated, and :meth:`update` does not read them). For a LoRA student the EMA then costs the
             adapters only: on SDXL a whole copy is ~2.6e9 more weights to hold and to read every update
-            (under FSDP2, to all-gather). The shared weights must stay frozen and stay where the model has
-            them: writing into them in place (merging adapters, ``ema.to(...)``) changes the model too.
+            (under FSDP2, to all-gather). The shared weights are not the EMA's state: ``state_dict()``
+            leaves them out and ``load_state_dict`` never writes them. They must stay frozen and stay where
+            the model has them: writing into them in place (merging adapters, ``ema.to(...)``) changes the
+            model too. A model sharded *after* the EMA is built (FSDP2 replaces its parameters) keeps
+            its whole frozen weights alive in the EMA, as a whole copy would.
 
     The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
     averaged copy is in eval mode with ``requires_grad=False``.
@@ -101,8 +104,28 @@ class EMA(nn.Module):
         self._averaged = [bool(p.requires_grad) or not trainable_only for p in params]
         shared = {id(p): p for p, averaged in zip(params, self._averaged) if not averaged}
         self.module = copy.deepcopy(source, memo=shared).eval().requires_grad_(False)
+        # State-dict names (relative to this EMA) of the shared weights, tied duplicates included.
+        self._shared_names = {
+            f"module.{n}" for n, q in self.module.named_parameters(remove_duplicate=False) if id(q) in shared
+        }
+        if self._shared_names:
+            self.register_state_dict_post_hook(EMA._drop_shared)
+            self.register_load_state_dict_pre_hook(EMA._keep_shared)
         self.num_updates: torch.Tensor
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _drop_shared(module: EMA, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for name in module._shared_names:
+            state_dict.pop(prefix + name, None)
+
+    @staticmethod
+    def _keep_shared(module: EMA, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # The shared weights load onto themselves (a no-op): whatever the checkpoint holds for them (or
+        # its lack of them) leaves the model's weights as they are.
+        current = dict(module.module.named_parameters(remove_duplicate=False))
+        for name in module._shared_names:
+            state_dict[prefix + name] = current[name.removeprefix("module.")].detach()
 
     def train(self, mode: bool = True) -> EMA:
         """The averaged copy always stays in eval mode."""

@@ -78,9 +78,13 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
     # met bf16 weights). It trains like the float32 run up to bf16 noise, which Adam's normalised first
     # steps make large here: cosine of the LoRA-B weights with the float32 run's measured 0.38 (DDP bf16 vs
     # float32: 0.44); an untrained B is zero.
+    # With --use_ema the average stays float32 (a bf16 one would not move at decay 0.9999), released as bf16.
     bf16_argv = [*_common_argv(tiny_sdxl, tmp_path / "bf16", lora=True), *extra, "--mixed_precision", "bf16"]
     bf16_argv[bf16_argv.index("--train_batch_size") + 1] = "1"
-    _launch_two_processes("sdxl_lightning", bf16_argv, mode="zero2")
+    _launch_two_processes("sdxl_lightning", [*bf16_argv, "--use_ema"], mode="zero2")
+    average = torch.load(tmp_path / "bf16" / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=True)
+    lora_average = {k: v for k, v in average.items() if "lora" in k}
+    assert lora_average and all(v.dtype == torch.float32 for v in lora_average.values())
     bf16 = _lora_state(tmp_path / "bf16" / name)
     assert bf16.keys() == ds.keys() and all(v.dtype == torch.bfloat16 for v in bf16.values())
     b_keys = [k for k in ds if "lora_B" in k]
@@ -167,12 +171,14 @@ def test_backward_and_forward_model_use_the_models_own_engine() -> None:
 
 
 def _plugin(stage: int, **config: Any) -> Any:
+    """A DeepSpeed plugin of a config file with ``config``'s entries (``None``: left out)."""
     from accelerate.utils import DeepSpeedPlugin
 
     _needs_deepspeed()
     ds_config = {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto"}
-    ds_config.setdefault("gradient_clipping", "auto")
-    return DeepSpeedPlugin(hf_ds_config={**ds_config, **config})
+    ds_config.update(gradient_clipping="auto", gradient_accumulation_steps="auto")
+    ds_config.update(config)
+    return DeepSpeedPlugin(hf_ds_config={k: v for k, v in ds_config.items() if v is not None})
 
 
 def test_configure_deepspeed_fills_auto_values_and_refuses_ema_under_zero3(
@@ -193,6 +199,11 @@ def test_configure_deepspeed_fills_auto_values_and_refuses_ema_under_zero3(
     assert "sets gradient_clipping = 2.0 (used); the script's options give 0.5" in caplog.text
     # ZeRO-3 must gather the partitions to write the final weights.
     assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # A config file without the keys gets them too (DeepSpeed's defaults: micro batch 1, no clipping).
+    plugin = _plugin(2, gradient_clipping=None, train_micro_batch_size_per_gpu=None)
+    common.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.5
     with pytest.raises(
         ValueError, match=r"--use_ema is not supported under DeepSpeed ZeRO-3.*ZeRO stage 1 or 2"
     ):
@@ -212,3 +223,23 @@ def test_hyper_sd_ema_target_is_refused_under_zero3(
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--train_data_dir", str(tiny_sdxl["images"])]
     with pytest.raises(ValueError, match=r"--target ema .* ZeRO-3 .* or pass --target online"):
         script.main(script.parse_args(argv))
+
+
+def test_an_accumulation_other_than_the_option_is_refused() -> None:
+    # accelerate's DeepSpeed launch exports the config's gradient_accumulation_steps (1 by default), which
+    # Accelerator() prefers to its argument; a DeepSpeed config file may set its own.
+    common = _load("distill_common")
+    args = argparse.Namespace(gradient_accumulation_steps=4)
+    accelerator = _DeepSpeedAccelerator(_plugin(2))
+    accelerator.gradient_accumulation_steps = 1
+    with pytest.raises(ValueError, match=r"accelerate config .* = 4, but it is 1: set"):
+        common.check_accumulation(accelerator, args)
+    accelerator = _DeepSpeedAccelerator(_plugin(2, gradient_accumulation_steps=2))
+    accelerator.gradient_accumulation_steps = 4
+    with pytest.raises(ValueError, match=r"DeepSpeed config to be .* = 4, but it is 2: .*\"auto\""):
+        common.check_accumulation(accelerator, args)
+    accelerator = _DeepSpeedAccelerator(_plugin(2))
+    accelerator.gradient_accumulation_steps = 4
+    common.check_accumulation(accelerator, args)  # "auto" in the DeepSpeed config: accelerate fills it
+    ddp = types.SimpleNamespace(distributed_type="MULTI_GPU", gradient_accumulation_steps=4)
+    common.check_accumulation(ddp, args)

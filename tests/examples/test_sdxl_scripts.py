@@ -465,7 +465,8 @@ def test_fsdp1_is_refused_with_the_fix() -> None:
 
 def test_hyper_sd_lora_under_fsdp_equals_ddp_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     # A LoRA student sharded by FSDP2 with a frozen-then-trained discriminator (frozen() reshards it), the
-    # whole-copy EMA target fed by gathered shards, and the adapter written from the gathered state dict.
+    # target EMA of the adapters fed by their gathered shards, and the adapter written from the gathered
+    # state dict.
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "2,1", "--num_inference_steps", "4"]
     out = _two_process_runs(
         "sdxl_hyper_sd", [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra], tmp_path

@@ -117,3 +117,27 @@ def test_trainable_only_shares_the_frozen_parameters_and_averages_the_rest():
     assert torch.equal(lean.module[0].weight, net[0].weight)
     full.update(net)
     assert not torch.equal(full.module[0].weight, net[0].weight)
+
+
+def test_trainable_only_state_dict_holds_the_average_not_the_shared_weights():
+    net = _net()
+    net[0].requires_grad_(False)
+    lean = EMA(net, decay=0.5, trainable_only=True)
+    with torch.no_grad():
+        net[2].weight.add_(1.0)
+    lean.update(net)
+    state = lean.state_dict()
+    assert "module.0.weight" not in state and "module.0.bias" not in state
+    assert {"module.2.weight", "module.1.running_mean", "num_updates"} <= state.keys()
+    base = net[0].weight.detach().clone()
+    other = EMA(net, decay=0.5, trainable_only=True)
+    other.load_state_dict(state)  # strict: nothing missing
+    torch.testing.assert_close(other.module[2].weight, lean.module[2].weight, rtol=0, atol=0)
+    assert int(other.num_updates) == 1
+    # A checkpoint that holds values for the shared weights does not write them into the model.
+    other.load_state_dict({**state, "module.0.weight": torch.zeros(4, 3), "module.0.bias": torch.zeros(4)})
+    torch.testing.assert_close(net[0].weight, base, rtol=0, atol=0)
+    # Nested in another module, the names carry its prefix.
+    holder = torch.nn.ModuleDict({"ema": other})
+    assert "ema.module.0.weight" not in holder.state_dict() and "ema.module.2.weight" in holder.state_dict()
+    holder.load_state_dict(holder.state_dict())
