@@ -54,10 +54,11 @@ class EMA(nn.Module):
     The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
     averaged copy is in eval mode with ``requires_grad=False``.
 
-    Sharded models (with ``trainable_only``, only the averaged parameters): an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
+    Sharded models: an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
     and :meth:`update` gathers the online shards one tensor at a time (``DTensor.full_tensor``: a
-    collective, so call it on every process; it moves the whole model each update); an EMA built from the
-    sharded model averages shard by shard.
+    collective, so call it on every process; it moves the whole model each update, or with
+    ``trainable_only`` the averaged parameters only); an EMA built from the sharded model averages shard
+    by shard.
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
