@@ -109,6 +109,9 @@ class EMA(nn.Module):
         self._shared_names = {
             f"module.{n}" for n, q in self.module.named_parameters(remove_duplicate=False) if id(q) in shared
         }
+        # The copy's averaged parameters and its buffers, listed once (walking a UNet's module tree takes
+        # tens of milliseconds); dropped by _apply, which may replace buffers (.to(), .float(), ...).
+        self._own: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         if self._shared_names:
             self.register_state_dict_post_hook(EMA._drop_shared)
             self.register_load_state_dict_pre_hook(EMA._keep_shared)
@@ -127,6 +130,16 @@ class EMA(nn.Module):
         current = dict(module.module.named_parameters(remove_duplicate=False))
         for name in module._shared_names:
             state_dict[prefix + name] = current[name.removeprefix("module.")].detach()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMA:
+        self._own = None
+        return super()._apply(fn, recurse)
+
+    def _own_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._own is None:
+            params = [e for e, averaged in zip(self.module.parameters(), self._averaged) if averaged]
+            self._own = (params, list(self.module.buffers()))
+        return self._own
 
     def train(self, mode: bool = True) -> EMA:
         """The averaged copy always stays in eval mode."""
@@ -159,15 +172,14 @@ class EMA(nn.Module):
         source = unwrap_model(model)
         self.num_updates += 1
         d = self.decay_at(int(self.num_updates))
-        ema_params: list[torch.Tensor] = list(self.module.parameters())
         params = list(source.parameters())
-        if len(ema_params) != len(params):
+        if len(self._averaged) != len(params):
             raise OptionError(
-                f"`model` has {len(params)} parameters but the EMA copy has {len(ema_params)}; update with the "
-                "same architecture the EMA was built from."
+                f"`model` has {len(params)} parameters but the EMA copy has {len(self._averaged)}; update with "
+                "the same architecture the EMA was built from."
             )
-        pairs = [(e, p) for e, p, averaged in zip(ema_params, params, self._averaged) if averaged]
-        ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
+        ema_params, ema_buffers = self._own_tensors()
+        params = [p for p, averaged in zip(params, self._averaged) if averaged]
         shards = [_is_shard(p, e) for e, p in zip(ema_params, params)]
         if any(shards):
             for e, p, shard in zip(ema_params, params, shards):  # one gathered tensor at a time
@@ -177,7 +189,7 @@ class EMA(nn.Module):
             torch._foreach_lerp_(
                 ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, params)], 1.0 - d
             )
-        for e_buf, buf in zip(self.module.buffers(), source.buffers()):
+        for e_buf, buf in zip(ema_buffers, source.buffers() if ema_buffers else ()):
             if self.include_buffers and e_buf.is_floating_point():
                 e_buf.lerp_(buf.to(e_buf.dtype), 1.0 - d)
             else:

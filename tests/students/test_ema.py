@@ -141,3 +141,22 @@ def test_trainable_only_state_dict_holds_the_average_not_the_shared_weights():
     holder = torch.nn.ModuleDict({"ema": other})
     assert "ema.module.0.weight" not in holder.state_dict() and "ema.module.2.weight" in holder.state_dict()
     holder.load_state_dict(holder.state_dict())
+
+
+def test_update_after_a_dtype_change_writes_the_live_copy():
+    # update() lists the copy's tensors once; .double() replaces the BatchNorm buffers, so the list must
+    # be rebuilt (a stale one would average into the discarded buffers).
+    net = _net()
+    ema = EMA(net, decay=0.5)
+    ema.update(net)
+    net.double()
+    ema.double()
+    with torch.no_grad():
+        net[1].running_mean.add_(2.0)
+        net[0].weight.add_(1.0)
+    before_mean, before_weight = ema.module[1].running_mean.clone(), ema.module[0].weight.clone()
+    ema.update(net)
+    assert ema.module[1].running_mean.dtype == torch.float64
+    torch.testing.assert_close(ema.module[1].running_mean, 0.5 * before_mean + 0.5 * net[1].running_mean)
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before_weight + 0.5 * net[0].weight)
+
