@@ -159,4 +159,3 @@ def test_update_after_a_dtype_change_writes_the_live_copy():
     assert ema.module[1].running_mean.dtype == torch.float64
     torch.testing.assert_close(ema.module[1].running_mean, 0.5 * before_mean + 0.5 * net[1].running_mean)
     torch.testing.assert_close(ema.module[0].weight, 0.5 * before_weight + 0.5 * net[0].weight)
-
