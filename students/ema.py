@@ -136,10 +136,13 @@ class EMA(nn.Module):
         return super()._apply(fn, recurse)
 
     def _own_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self._own is None:
-            params = [e for e, averaged in zip(self.module.parameters(), self._averaged) if averaged]
-            self._own = (params, list(self.module.buffers()))
-        return self._own
+        own = self._own
+        if own is None:
+            params: list[torch.Tensor] = [
+                e for e, averaged in zip(self.module.parameters(), self._averaged) if averaged
+            ]
+            own = self._own = (params, list(self.module.buffers()))
+        return own
 
     def train(self, mode: bool = True) -> EMA:
         """The averaged copy always stays in eval mode."""
