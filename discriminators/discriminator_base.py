@@ -82,12 +82,23 @@ class UNetDiscriminatorBase(nn.Module):
     heads: nn.ModuleList
     _new_layer_names: tuple[str, ...] = ()
 
-    def _init_augment(self, augment: nn.Module | None) -> None:
+    def _finish_init(self, augment: nn.Module | None) -> None:
+        """Set ``augment`` and put the layers this discriminator created on its backbone's device.
+
+        The heads and new input layers are built on the default device; a discriminator built from a UNet
+        on the GPU must run there without a further ``.to()`` (their dtype stays float32: the heads run in
+        float32, see :func:`~diffdistill.discriminators.run_head_float32`).
+        """
         if augment is not None and not callable(augment):
             raise DTypeError(
                 f"Expected `augment` to be a module such as LatentAugment('bgc'), or None, but got {type(augment).__name__}."
             )
         self.augment = augment
+        weight = next(self.extractor.trunk.parameters(), None)
+        if weight is not None:
+            self.heads.to(weight.device)
+            for name in self._new_layer_names:
+                getattr(self, name).to(weight.device)
 
     def _augment(self, *tensors: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """Apply ``augment`` with one shared draw to every tensor (training mode only)."""

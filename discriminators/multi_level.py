@@ -86,7 +86,7 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
                 for level in self.levels
             ]
         )
-        self._init_augment(augment)
+        self._finish_init(augment)
 
     def forward(
         self,

@@ -136,7 +136,7 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
             [ReadoutHead(self.extractor.channels[level], norm_groups=norm_groups) for level in self.levels]
         )
         self._init_new_layers()
-        self._init_augment(augment)
+        self._finish_init(augment)
 
     def _init_new_layers(self) -> None:
         for conv in [self.noise_conv, *self.input_convs.values()]:

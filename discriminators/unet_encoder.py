@@ -122,7 +122,7 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
                 )
             ]
         )
-        self._init_augment(augment)
+        self._finish_init(augment)
 
     def forward(
         self,
@@ -248,7 +248,7 @@ class BottleneckHead(UNetDiscriminatorBase):
                 )
             ]
         )
-        self._init_augment(augment)
+        self._finish_init(augment)
 
     def shared_backbone_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of the shared UNet trunk this head back-propagates into."""

@@ -9,6 +9,7 @@ with the decay :math:`d_k` of update ``k`` optionally warmed up. Used as the EMA
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
@@ -115,8 +116,13 @@ class EMA(nn.Module):
         if self._shared_names:
             self.register_state_dict_post_hook(EMA._drop_shared)
             self.register_load_state_dict_pre_hook(EMA._keep_shared)
+        # The counter lives with the averaged weights (a whole state_dict on the model's device).
+        first = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
         self.num_updates: torch.Tensor
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer(
+            "num_updates",
+            torch.zeros((), dtype=torch.long, device=first.device if first is not None else None),
+        )
 
     @staticmethod
     def _drop_shared(module: EMA, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -63,6 +65,15 @@ def test_output_shapes_dtype_and_param_split(kind, unet, conds, latents) -> None
     assert head_ids and not (head_ids & backbone_ids) and head_ids | backbone_ids == ids
     groups = disc.parameter_groups(head_lr=1e-4, backbone_lr=1e-5)
     assert groups[0]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_built_on_the_backbone_device(kind, unet) -> None:
+    # Heads and new input layers follow the UNet (meta stands in for a GPU here): a D built from a UNet on
+    # the GPU runs there without a .to() (the first H200 run failed on heads left on the CPU).
+    disc = _build(kind, copy.deepcopy(unet).to("meta"))
+    assert {p.device.type for p in disc.parameters()} == {"meta"}
+    assert all(p.dtype == torch.float32 for p in disc.head_parameters())
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -159,3 +159,11 @@ def test_update_after_a_dtype_change_writes_the_live_copy():
     assert ema.module[1].running_mean.dtype == torch.float64
     torch.testing.assert_close(ema.module[1].running_mean, 0.5 * before_mean + 0.5 * net[1].running_mean)
     torch.testing.assert_close(ema.module[0].weight, 0.5 * before_weight + 0.5 * net[0].weight)
+
+
+def test_update_counter_lives_on_the_model_device():
+    # The whole state_dict sits with the model (meta stands in for a GPU; the first H200 run found the
+    # counter on the CPU beside a CUDA average).
+    ema = EMA(torch.nn.Linear(3, 2, device="meta"))
+    assert {v.device.type for v in ema.state_dict().values()} == {"meta"}
+    assert EMA(torch.nn.Identity()).num_updates.device.type == "cpu"  # nothing to follow: the default
