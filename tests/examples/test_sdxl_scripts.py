@@ -1,4 +1,7 @@
-"""Smoke tests of examples/sdxl_*.py: 2 optimisation steps on CPU with a tiny SDXL-structured pipeline.
+"""Smoke tests of examples/sdxl_*.py: 2 optimisation steps with a tiny SDXL-structured pipeline.
+
+On CPU in CI; where a GPU is present accelerate runs the scripts there, and the tests switch PyTorch to
+deterministic kernels (:func:`_deterministic_kernels`).
 
 Each script runs in-process (``main(parse_args([...]))``) twice: once for 2 steps with a checkpoint after
 step 1, once resumed from that checkpoint into a fresh output folder. The resumed run must end with the
@@ -9,6 +12,7 @@ back into diffusers (``UNet2DConditionModel.from_pretrained`` or ``load_lora_ada
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +27,34 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# cuBLAS is deterministic only with a fixed workspace; read when its first handle is made, so set at import.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_kernels() -> Any:
+    """Deterministic kernels while a script runs on a GPU: the resume tests compare two runs' weights.
+
+    On CUDA, cuDNN's default convolution weight-gradient algorithms sum with atomics in no fixed order,
+    and Adam's first steps turn such last-bit gradient differences into differences of the learning
+    rate's size. Measured on an H200 (2026-11-27): without this, 10 resume tests failed at rtol 1e-5; with
+    it only Diffusion2GAN's (grid_sample's backward has no deterministic CUDA kernel: compared on CPU only).
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
 
 
 def _load(name: str) -> ModuleType:
@@ -117,7 +149,8 @@ def _run_and_resume(name: str, argv_a: list[str], argv_b: list[str], out_a: Path
     script.main(script.parse_args([*argv_b, "--resume_from_checkpoint", str(out_a / "checkpoint-1")]))
 
 
-def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> None:
+def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path, *, exact: bool = True) -> None:
+    """Resumed == uninterrupted LoRA (``exact=False``: a run with no deterministic GPU kernels, keys only)."""
     from diffusers import UNet2DConditionModel
 
     a, b = (
@@ -125,7 +158,7 @@ def _assert_lora_roundtrip(tiny: dict[str, Path], out_a: Path, out_b: Path) -> N
         _lora_state(out_b / "pytorch_lora_weights.safetensors"),
     )
     assert a.keys() == b.keys() and a
-    for k in a:
+    for k in a if exact else ():
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
     assert any(bool(v.abs().sum() > 0) for k, v in a.items() if "lora_B" in k), "LoRA did not train"
     # The resumed run did its own step 2: its weights differ from the step-1 checkpoint it started from.
@@ -553,7 +586,7 @@ def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
 
 def _ema_in_checkpoint(folder: Path, index: int = 0) -> dict[str, torch.Tensor]:
     """The --use_ema average of a checkpoint, keyed like the released LoRA file."""
-    state = torch.load(folder / f"custom_checkpoint_{index}.pkl", weights_only=True)
+    state = torch.load(folder / f"custom_checkpoint_{index}.pkl", weights_only=True, map_location="cpu")
     pre = "module.params."
     return {
         "unet." + k[len(pre) :].replace("/", ".").replace(".default.", "."): v
@@ -799,7 +832,9 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
         out_a,
     )
     assert sorted(p.name for p in pairs.iterdir()) == [f"pairs-0000{i}.safetensors" for i in range(3)]
-    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
+    # On CUDA the E-LatentLPIPS augmentation's grid_sample backward has no deterministic kernel (H200 run,
+    # 2026-11-27): resumed == uninterrupted is checked on the CPU only.
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b, exact=not torch.cuda.is_available())
 
 
 def _perturbed_unet(tiny: dict[str, Path], folder: Path) -> Path:
@@ -876,7 +911,7 @@ def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
     base = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet").state_dict()
     started = UNet2DConditionModel.from_pretrained(str(init)).state_dict()
     (teacher,) = teachers
-    state = teacher.state_dict()
+    state = {k: v.cpu() for k, v in teacher.state_dict().items()}  # on the GPU where there is one
     assert all(torch.equal(state[k], base[k]) for k in base), "the teacher is not --teacher_unet"
     assert any(not torch.equal(state[k], started[k]) for k in base)
     assert not any(p.requires_grad for p in teacher.parameters())
