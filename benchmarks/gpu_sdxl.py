@@ -6,7 +6,7 @@ commands -- on the SDXL-base UNet architecture with random weights (built from
 ``diffdistill.discriminators.sdxl_unet_config`` directly on the device: nothing is downloaded), and times
 one optimisation step (forward, backward and optimiser step of every network the step updates) on
 128x128 latents (1024 px), first at batch 1, then doubling the batch until it runs out of memory or
-reaches ``--max_batch``. It prints a Markdown table: the step time (median of ``--repeats`` steps after
+reaches ``--max_batch`` (or at the ``--batches`` given, up to the first that runs out of memory). It prints a Markdown table: the step time (median of ``--repeats`` steps after
 ``--warmup``, with ``torch.cuda.synchronize``) and the peak memory (``torch.cuda.max_memory_allocated``,
 reset before each batch size) of batch 1 and of the largest batch that fits, each also as a multiple of
 the ``reference`` step's at the same batch: a plain SDXL fine-tuning step (epsilon MSE, one UNet forward
@@ -38,6 +38,7 @@ Usage::
 
     python benchmarks/gpu_sdxl.py                                   # all methods, GPU, bf16, LoRA
     python benchmarks/gpu_sdxl.py --methods sim ssd1b --max_batch 32
+    python benchmarks/gpu_sdxl.py --batches 1 8 --warmup 1 --repeats 1     # what gpu_checks.sh runs
     python benchmarks/gpu_sdxl.py --full                            # full-UNet students
     OMP_NUM_THREADS=1 python benchmarks/gpu_sdxl.py --tiny --device cpu   # CPU smoke run (seconds)
 """
@@ -106,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--latent_size", type=int, default=None, help="default 128 (tiny: 32)")
     p.add_argument("--max_batch", type=int, default=None, help="largest batch tried (default 64; tiny: 2)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the batch sizes to try, in order, up to the first OOM (default: 1, 2, 4, ... up to --max_batch)",
+    )
     p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
@@ -122,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = getattr(torch, args.dtype or ("float32" if tiny else "bfloat16"))
     args.latent_size = args.latent_size or (32 if tiny else 128)
     args.max_batch = args.max_batch or (2 if tiny else 64)
+    if args.batches is None:
+        args.batches = [2**k for k in range(args.max_batch.bit_length()) if 2**k <= args.max_batch]
+    elif any(b < 1 for b in args.batches):
+        p.error(f"--batches must be positive integers, got {args.batches}")
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
     args.repeats = args.repeats or (1 if tiny else 5)
     return args
@@ -413,7 +425,7 @@ def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, fl
 
 
 def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Rows ``{method, trains, batch, seconds, peak_gib, status}`` for batch 1, 2, 4, ... up to the first OOM."""
+    """Rows ``{method, trains, batch, seconds, peak_gib, status}`` for ``args.batches`` up to the first OOM."""
     options = argparse.Namespace(
         use_lora=not args.full and name != "ssd1b",
         lora_rank=args.lora_rank,
@@ -433,8 +445,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     step = BUILDERS[name](bench)
     trains = "student (full)" if name == "ssd1b" else ("LoRA" if options.use_lora else "full UNet")
     rows: list[dict[str, Any]] = []
-    batch = 1
-    while batch <= args.max_batch:
+    for batch in args.batches:
         try:
             seconds, peak = measure(step, batch, args)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
@@ -459,7 +470,6 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             file=sys.stderr,
             flush=True,
         )
-        batch *= 2
     del step, bench
     gc.collect()
     if args.device.type == "cuda":

@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> str:
         "--pixel-batches", type=int, nargs="*", default=None, help="batches for PixelLPIPS (default: all)"
     )
     p.add_argument("--no-official", action="store_true")
+    p.add_argument(
+        "--official-ref-ops",
+        action="store_true",
+        help="run the official augmentation's upfirdn2d in its PyTorch reference path (impl='ref') instead "
+        "of its just-in-time compiled CUDA plugin (which failed to build on the CUDA 13 / torch 2.11 GPU image)",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the loss calls")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -198,6 +204,11 @@ def main(argv: list[str] | None = None) -> str:
     bare = LatentLPIPS(args.latent).to(device, memory_format=mf)
     bare.load_state_dict(sd)
     have_official = not args.no_official and importlib.util.find_spec("elatentlpips") is not None
+    if have_official and args.official_ref_ops:
+        from elatentlpips.style_ops import upfirdn2d
+
+        # Its dispatch reads `impl == "cuda" and x.is_cuda and _init()`, else the reference path.
+        upfirdn2d._init = lambda: False
     if have_official:
         off_aug = official_model(args.latent, "bg", {k: v.cpu() for k, v in sd.items()}).to(
             device, memory_format=mf
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"Device: {dev}; latent {args.latent} {args.size}×{args.size}; "
         f"{'bf16 autocast' if args.bf16 else 'float32'}{', channels_last' if args.channels_last else ''}; "
-        f"torch {torch.__version__}; fastest of {args.reps} after 1 warm-up (pixel on CPU: 1 cold run); "
+        f"torch {torch.__version__}; "
+        f"{'official upfirdn2d in its reference path; ' if args.official_ref_ops else ''}fastest of {args.reps} after 1 warm-up (pixel on CPU: 1 cold run); "
         f"{'time ratios use CPU time' if device.type == 'cpu' else 'time ratios use wall time'}.",
         "",
         "| loss | batch | fwd+bwd wall (s) | CPU time (s) | peak extra mem (MB) | time / ours (bg) | mem / ours (bg) |",

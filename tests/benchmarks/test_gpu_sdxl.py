@@ -51,8 +51,8 @@ def test_every_method_steps_on_the_tiny_unet() -> None:
     assert "| ssd1b | student (full) |" in out and "| sim | LoRA |" in out
 
 
-def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = _load()
+def _out_of_memory_from_batch_8(monkeypatch: pytest.MonkeyPatch, bench: ModuleType) -> list[int]:
+    """Stub ``measure`` (0.5 s and 10 GiB per sample; OOM from batch 8) and mlcm's builder; list the batches tried."""
     tried: list[int] = []
 
     def fake_measure(step: object, batch: int, args: object) -> tuple[float, float]:
@@ -63,6 +63,12 @@ def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     monkeypatch.setitem(bench.BUILDERS, "mlcm", lambda b: lambda batch, gen: None)
+    return tried
+
+
+def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load()
+    tried = _out_of_memory_from_batch_8(monkeypatch, bench)
     args = bench.parse_args(["--tiny", "--device", "cpu", "--methods", "mlcm", "--max_batch", "64"])
     rows = bench.run_method("mlcm", args)
     assert tried == [1, 2, 4, 8]
@@ -76,3 +82,17 @@ def test_batch_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(bench, "measure", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bench.run_method("mlcm", args)
+
+
+def test_explicit_batches_stop_at_the_first_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load()
+    tried = _out_of_memory_from_batch_8(monkeypatch, bench)
+    args = bench.parse_args(
+        ["--tiny", "--device", "cpu", "--methods", "mlcm", "--batches", "1", "6", "8", "16"]
+    )
+    rows = bench.run_method("mlcm", args)
+    assert tried == [1, 6, 8]
+    assert "| mlcm | LoRA | 6 | 3.000 | 60.0 | OOM at 8 | - | - |" in bench.table(rows)
+    assert bench.parse_args(["--tiny", "--max_batch", "5"]).batches == [1, 2, 4]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--batches", "1", "0"])
