@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from diffdistill._checks import DTypeError, OptionError, ShapeError
 from diffdistill.losses.adversarial import (
     GANLoss,
+    approximate_r1_penalty,
     gan_discriminator_loss,
     gan_generator_loss,
     lazy_r1_penalty,
@@ -371,6 +372,136 @@ def test_lazy_r1_tensor_cond_and_model_output() -> None:
     real, c = torch.randn(4, 2), torch.full((4, 2), 2.0)
     loss, _ = lazy_r1_penalty(disc, real, step=3, every=3, cond=c, generator=_gen(0))
     torch.testing.assert_close(loss, torch.tensor(3 * 0.5 * 8.0))
+
+
+# ------------------------------------------------------------------------------------ approximated R1
+def test_approximate_r1_of_a_linear_discriminator_is_r1_in_expectation() -> None:
+    # Linear heads: D(x + s e) - D(x) = s grad.e exactly, so the penalty is gamma/2 (grad.e)^2 per draw, and
+    # its mean over e ~ N(0, I) is exact R1 (computed independently, by autograd in r1_penalty).
+    g = _gen(11)
+    w1, w2 = (
+        torch.randn(3, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, generator=g, dtype=torch.float64),
+    )
+
+    def heads(x: torch.Tensor) -> list[torch.Tensor]:
+        return [x @ w1, x @ w2]
+
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    sigma, n = 0.3, 100_000
+    eps = torch.randn(n, 4, 3, generator=g, dtype=torch.float64)
+    xs, es = x.expand(n, 4, 3).reshape(-1, 3), eps.reshape(-1, 3)
+    approx, logs = approximate_r1_penalty(
+        heads(xs), heads(xs + sigma * es), sigma=sigma, gamma=0.8, head_weights=(1, 3), reduction="none"
+    )
+    grad = w1 / 4 + 0.75 * w2.sum(dim=1)  # gradient of the head-weighted sum of each sample's logits
+    torch.testing.assert_close(approx, 0.4 * (es @ grad) ** 2)  # per draw, for any sigma
+    xg = x.clone().requires_grad_(True)
+    exact, _ = r1_penalty(heads(xg), xg, gamma=0.8, head_weights=(1, 3))
+    # Monte Carlo: relative standard error sqrt(2 / 400000) = 0.22%
+    torch.testing.assert_close(approx.mean(), exact.detach(), rtol=0.01, atol=0.0)
+    torch.testing.assert_close(logs["r1_grad_sq"], approx.mean().float() / 0.4)
+
+
+def test_approximate_r1_tends_to_the_directional_derivative_as_sigma_shrinks() -> None:
+    g = _gen(12)
+    weight = torch.randn(5, 6, generator=g, dtype=torch.float64)
+
+    def disc(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ weight).sum(dim=1)
+
+    x, eps = (
+        torch.randn(8, 5, generator=g, dtype=torch.float64),
+        torch.randn(8, 5, generator=g, dtype=torch.float64),
+    )
+    _, jvp = torch.func.jvp(disc, (x,), (eps,))  # grad D(x) . eps, per sample
+    errors = []
+    for sigma in (1e-2, 1e-3, 1e-4):
+        approx, _ = approximate_r1_penalty(
+            disc(x), disc(x + sigma * eps), sigma=sigma, gamma=2.0, reduction="none"
+        )
+        errors.append(float((approx - jvp**2).abs().max() / (jvp**2).abs().max()))
+    assert errors[-1] < 1e-3
+    assert 5 < errors[0] / errors[1] < 20 and 5 < errors[1] / errors[2] < 20  # first order in sigma, per draw
+
+
+def test_approximate_r1_gradcheck_through_discriminator_weights() -> None:
+    g = _gen(13)
+    x, eps = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
+    weight = torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def penalty_of(w: torch.Tensor) -> torch.Tensor:
+        real, perturbed = torch.tanh(x @ w), torch.tanh((x + 0.05 * eps) @ w)
+        return approximate_r1_penalty(real, perturbed, sigma=0.05, gamma=0.7)[0]
+
+    assert torch.autograd.gradcheck(penalty_of, (weight,))
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """x -> x^2 whose backward is not differentiable again (like the fused attention kernels)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return 2 * x * grad
+
+
+def test_lazy_approximate_r1_runs_the_subset_twice_without_double_backward() -> None:
+    lin = torch.nn.Linear(3, 1)
+    calls: list[torch.Tensor] = []
+
+    def disc(x: torch.Tensor, *, c: torch.Tensor) -> torch.Tensor:
+        calls.append(x.detach().clone())
+        return lin(_NoDoubleBackward.apply(x) + c).squeeze(1)
+
+    real, c = torch.randn(6, 3, generator=_gen(14)), torch.randn(6, 3, generator=_gen(15))
+    loss, logs = lazy_r1_penalty(
+        disc, real, step=8, every=4, gamma=0.5, num_samples=2, cond={"c": c}, generator=_gen(16),
+        approximate_sigma=0.1,
+    )  # fmt: skip
+    gen = _gen(16)
+    index = torch.randperm(6, generator=gen)[:2]
+    eps = torch.randn(2, 3, generator=gen)
+    assert len(calls) == 2 and torch.equal(calls[0], real[index])
+    torch.testing.assert_close(calls[1], real[index] + 0.1 * eps)
+    with torch.no_grad():
+        d = lin((real[index] + 0.1 * eps) ** 2 + c[index]) - lin(real[index] ** 2 + c[index])
+    torch.testing.assert_close(loss.detach(), 4 * (0.5 * 0.5 / 0.01 * d.square()).mean())
+    assert float(logs["r1_active"]) == 1.0
+    loss.backward()  # first-order only: trains D through both calls
+    assert lin.weight.grad is not None and bool(lin.weight.grad.abs().sum() > 0)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|double backward|not supported"):
+        lazy_r1_penalty(disc, real, step=0, cond={"c": c})[0].backward()  # exact R1 needs a double backward
+
+
+def test_approximate_r1_bf16_logits_and_errors() -> None:
+    disc = torch.nn.Linear(6, 2)
+    x = torch.randn(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real, perturbed = disc(x), disc(x + 0.1)
+    penalty, _ = approximate_r1_penalty(real, perturbed, sigma=0.1)
+    assert penalty.dtype == torch.float32 and bool(torch.isfinite(penalty))
+    with pytest.raises(OptionError, match=r"`sigma` to be > 0, but got 0.0"):
+        approximate_r1_penalty(real, perturbed, sigma=0.0)
+    with pytest.raises(OptionError, match=r"`gamma` to be >= 0"):
+        approximate_r1_penalty(real, perturbed, sigma=0.1, gamma=-1.0)
+    with pytest.raises(ShapeError, match=r"one head per head of `real_logits` \(2\), but got 1"):
+        approximate_r1_penalty([real, real], [perturbed], sigma=0.1)
+    with pytest.raises(
+        ShapeError, match=r"head 0 of `perturbed_logits` to have the shape of `real_logits`' \(3, 2\)"
+    ):
+        approximate_r1_penalty(real, perturbed[:2], sigma=0.1)
+    with pytest.raises(OptionError, match=r"`approximate_sigma` to be > 0, but got -1.0"):
+        lazy_r1_penalty(disc, x, step=0, approximate_sigma=-1.0)
 
 
 # ------------------------------------------------------------------------------------ derangement / mix
