@@ -20,7 +20,11 @@ Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arX
    with a warning) plus the non-saturating GAN loss of
    the :class:`~diffdistill.discriminators.MultiScaleConditionalDiscriminator` ``D(c, z, x)``; the
    discriminator also sees mix-and-match negatives (:func:`diffdistill.losses.mix_and_match`) and a lazy,
-   single-sample R1 penalty (:func:`diffdistill.losses.lazy_r1_penalty`).
+   single-sample R1 penalty (:func:`diffdistill.losses.lazy_r1_penalty`). ``--r1_approximate_sigma`` swaps
+   exact R1 (a double backward through the discriminator, on math attention: 109 GiB at 1024 px with the
+   full-UNet discriminator on an H200) for APT's finite-difference approximation
+   (:func:`diffdistill.losses.approximate_r1_penalty`, Lin et al. 2025), which needs one more plain
+   forward and backward and also runs under FSDP / DeepSpeed.
 
 Example::
 
@@ -92,10 +96,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
     g.add_argument("--r1_gamma", type=float, default=1.0)
     g.add_argument("--r1_every", type=int, default=16)
+    g.add_argument(
+        "--r1_approximate_sigma",
+        type=float,
+        default=None,
+        help="approximate R1 by finite differences with this perturbation sigma (APT; no double backward, "
+        "fits one 80 GB GPU and sharding); default: exact R1",
+    )
     g.add_argument("--no_mix_and_match", action="store_true")
     args = common.check_common_args(p.parse_args(argv))
     if args.r1_gamma < 0:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
+    if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
+        raise ValueError(
+            f"Expected --r1_approximate_sigma > 0, but got {args.r1_approximate_sigma}; leave it out for exact R1."
+        )
     if args.prompts_file is None:
         raise ValueError("Diffusion2GAN generates its own pairs: pass --prompts_file.")
     if args.train_data_dir is not None:
@@ -298,10 +313,11 @@ class PairShards(common.StepSource):
 
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_diffusion2gan")
-    if args.r1_gamma > 0 and common.is_sharded(accelerator):
+    if args.r1_gamma > 0 and args.r1_approximate_sigma is None and common.is_sharded(accelerator):
         raise ValueError(
             "R1 differentiates the discriminator's input gradient (a double backward), which FSDP / DeepSpeed "
-            "sharding does not support: run Diffusion2GAN with DDP, or pass --r1_gamma 0 to train without R1."
+            "sharding does not support: run Diffusion2GAN with DDP, pass --r1_approximate_sigma (e.g. 0.1) for "
+            "the finite-difference R1, or --r1_gamma 0 to train without R1."
         )
     if args.lpips_weights == "random" and accelerator.is_main_process:
         logger.warning(RANDOM_LPIPS_WARNING)
@@ -347,22 +363,34 @@ def main(args: argparse.Namespace) -> None:
                 extra = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
                 fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, extra)]
             d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
-            common.backward(accelerator, d_loss, disc)
-            # R1 differentiates the gradient: fused attention kernels have no double backward, so the
-            # penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
-            # kernel of the forward pass -- uses PyTorch's math attention.
             r1_logs = {"r1": torch.zeros((), device=device)}
-            if args.r1_gamma > 0:
+
+            def lazy_r1(approximate_sigma: float | None) -> torch.Tensor:
+                penalty, _ = lazy_r1_penalty(
+                    lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
+                    real,
+                    step=step,
+                    every=args.r1_every,
+                    gamma=args.r1_gamma,
+                    cond={"ehs": ehs, "added": added, "noise": noise},
+                    generator=gen,
+                    approximate_sigma=approximate_sigma,
+                )
+                r1_logs["r1"] = penalty.detach().float()
+                return penalty
+
+            if args.r1_gamma > 0 and args.r1_approximate_sigma is not None:
+                # APT's finite-difference R1 runs plain forwards: one backward of the sum (one DeepSpeed
+                # engine step per D update, like DDP's single optimiser step).
+                common.backward(accelerator, d_loss + lazy_r1(args.r1_approximate_sigma), disc)
+            else:
+                common.backward(accelerator, d_loss, disc)
+            if args.r1_gamma > 0 and args.r1_approximate_sigma is None:
+                # Exact R1 differentiates the gradient: fused attention kernels have no double backward, so
+                # the penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
+                # kernel of the forward pass -- uses PyTorch's math attention (sharding is refused above).
                 with sdpa_kernel(SDPBackend.MATH):
-                    r1, r1_logs = lazy_r1_penalty(
-                        lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
-                        real,
-                        step=step,
-                        every=args.r1_every,
-                        gamma=args.r1_gamma,
-                        cond={"ehs": ehs, "added": added, "noise": noise},
-                        generator=gen,
-                    )
+                    r1 = lazy_r1(None)
                     if r1.requires_grad:  # a lazy step
                         common.backward(accelerator, r1, disc)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)

@@ -39,15 +39,9 @@ def _needs_deepspeed() -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make install`")
 
 
-def test_lightning_adversarial_lora_under_zero2_matches_ddp(
-    tiny_sdxl: dict[str, Path], tmp_path: Path
-) -> None:
-    # LoRA student and discriminator are two ZeRO-2 engines; gradient accumulation over 2 micro-batches.
-    _needs_deepspeed()
-    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", "4->2/conditional"]
-    extra += ["--gradient_accumulation_steps", "2"]
-    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
-    out = _two_process_runs("sdxl_lightning", argv, tmp_path, "zero2", resume=False)
+def _assert_discriminator_and_lora_match_ddp(out: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """A LoRA student + discriminator run under ZeRO-2 (``out["zero2"]``) against DDP's (``out["ddp"]``):
+    D after step 1 equal, the student's step 2 within 2 % of its update; returns the ZeRO-2 LoRA."""
     ddp_ckpt, ds_ckpt = out["ddp"] / "checkpoint-1", out["zero2"] / "checkpoint-1"
     # The discriminator's step 1: DDP stepped it (Adam state), and DeepSpeed's second engine holds the same
     # weights (a D that never stepped would sit ~lr = 1e-3 away from DDP's in every entry).
@@ -73,6 +67,20 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
     update = torch.cat([(ddp[k] - step1[k]).flatten() for k in ddp])
     gap = torch.cat([(ds[k] - ddp[k]).flatten() for k in ddp])
     assert float(update.norm()) > 0 and float(gap.norm() / update.norm()) < 0.02
+    return ds
+
+
+def test_lightning_adversarial_lora_under_zero2_matches_ddp(
+    tiny_sdxl: dict[str, Path], tmp_path: Path
+) -> None:
+    # LoRA student and discriminator are two ZeRO-2 engines; gradient accumulation over 2 micro-batches.
+    _needs_deepspeed()
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", "4->2/conditional"]
+    extra += ["--gradient_accumulation_steps", "2"]
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
+    out = _two_process_runs("sdxl_lightning", argv, tmp_path, "zero2", resume=False)
+    ds = _assert_discriminator_and_lora_match_ddp(out)
+    name = "pytorch_lora_weights.safetensors"
     # bf16: DeepSpeed holds the engines' weights in bf16 (the released LoRA too) and the step runs under
     # torch.autocast (distill_common.autocast; accelerate's does nothing under DeepSpeed, and float32 inputs
     # met bf16 weights). It trains like the float32 run up to bf16 noise, which Adam's normalised first
@@ -90,6 +98,31 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
     b_keys = [k for k in ds if "lora_B" in k]
     b32, b16 = (torch.cat([w[k].float().flatten() for k in b_keys]) for w in (ds, bf16))
     assert float(torch.nn.functional.cosine_similarity(b32, b16, dim=0)) > 0.2
+
+
+def test_diffusion2gan_approximate_r1_under_zero2_matches_ddp(
+    tiny_sdxl: dict[str, Path], tmp_path: Path
+) -> None:
+    # APT's finite-difference R1 has no double backward, so it runs sharded (exact R1 is refused there); it
+    # is added to the D loss for one backward, i.e. one step of D's engine per update, as under DDP.
+    _needs_deepspeed()
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--pairs_dir", str(tmp_path / "pairs")]
+    extra += [
+        "--num_pairs",
+        "4",
+        "--pairs_shard_size",
+        "2",
+        "--teacher_steps",
+        "2",
+        "--lpips_weights",
+        "random",
+    ]
+    extra += ["--r1_every", "1", "--r1_approximate_sigma", "0.1", "--r1_gamma", "10"]
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
+    out = _two_process_runs("sdxl_diffusion2gan", argv, tmp_path, "zero2", resume=False)
+    # D's first Adam step moves each weight by about the learning rate times the sign of its gradient: a
+    # penalty dropped (or counted twice) by the sharded run would flip signs and miss DDP's D by ~1e-3.
+    _assert_discriminator_and_lora_match_ddp(out)
 
 
 def test_sim_full_unets_under_zero3_match_ddp_and_resume(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:

@@ -798,10 +798,14 @@ def test_diffusion2gan_r1_under_sharding_says_why(
     argv += ["--lpips_weights", "random"]
     with pytest.raises(ValueError, match=r"Expected --r1_gamma >= 0, but got -1.0"):
         script.parse_args([*argv, "--r1_gamma", "-1"])
+    with pytest.raises(ValueError, match=r"Expected --r1_approximate_sigma > 0, but got 0.0; leave it out"):
+        script.parse_args([*argv, "--r1_approximate_sigma", "0"])
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
     monkeypatch.setattr(common, "make_accelerator", lambda args, name: fsdp)
     with pytest.raises(
-        ValueError, match=r"double backward.*FSDP.*run Diffusion2GAN with DDP, or pass --r1_gamma 0"
+        ValueError,
+        match=r"double backward.*FSDP.*run Diffusion2GAN with DDP, pass --r1_approximate_sigma \(e\.g\. 0\.1\) "
+        r"for the finite-difference R1, or --r1_gamma 0",
     ):
         script.main(script.parse_args(argv))
     assert common.is_sharded(fsdp) and not common.is_sharded(
@@ -835,6 +839,30 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
     # On CUDA the E-LatentLPIPS augmentation's grid_sample backward has no deterministic kernel (H200 run,
     # 2026-11-27): resumed == uninterrupted is checked on the CPU only.
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b, exact=not torch.cuda.is_available())
+
+
+def test_diffusion2gan_approximate_r1_in_the_discriminator_update(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--r1_approximate_sigma: the lazy penalty is APT's (no math-attention pass), added to D's loss."""
+    script = _load("sdxl_diffusion2gan")
+    calls: list[dict[str, Any]] = []
+    lazy = script.lazy_r1_penalty
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        loss, logs = lazy(*args, **kwargs)
+        calls.append(
+            {"sigma": kwargs["approximate_sigma"], "loss": loss.detach(), "grad": loss.requires_grad}
+        )
+        return loss, logs
+
+    monkeypatch.setattr(script, "lazy_r1_penalty", recording)
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    argv += ["--lpips_weights", "random", "--num_pairs", "2", "--teacher_steps", "2", "--r1_every", "1"]
+    argv += ["--r1_approximate_sigma", "0.05", "--pairs_dir", str(tmp_path / "pairs")]
+    argv[argv.index("--max_train_steps") + 1] = "1"
+    script.main(script.parse_args(argv))
+    assert [c["sigma"] for c in calls] == [0.05] and calls[0]["grad"] and float(calls[0]["loss"]) > 0
 
 
 def _perturbed_unet(tiny: dict[str, Path], folder: Path) -> Path:
