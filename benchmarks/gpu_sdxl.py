@@ -21,7 +21,8 @@ logic is inline in their ``main``), with the scripts' own building blocks (``dis
 * ``hyper_sd`` -- TSCD at the plan's adversarial stage: EMA target (a copy of the UNet), MSE +
   adversarial distance with the unconditional discriminator (G and D updates);
 * ``diffusion2gan`` -- one-step generator, E-LatentLPIPS + the multi-scale conditional discriminator with
-  mix-and-match negatives (batch >= 2) and the lazy R1 penalty on its step (the peak-memory step);
+  mix-and-match negatives (batch >= 2) and the lazy R1 penalty on its step (the peak-memory step; exact,
+  or APT's approximation with ``--r1_approximate_sigma``);
 * ``mlcm`` -- MLCD: teacher-trajectory training states (up to 8 guided teacher calls) + multistep
   consistency loss, online target;
 * ``sim`` -- SIM generator update (real score with autograd through its input, fake score) then the fake
@@ -116,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
     p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument(
+        "--r1_approximate_sigma",
+        type=float,
+        default=None,
+        help="diffusion2gan: APT's finite-difference R1 with this sigma instead of exact R1 (the script's flag)",
+    )
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument(
         "--no_reference",
@@ -285,13 +292,21 @@ def build_diffusion2gan(b: Bench) -> Step:
             more = disc(mm.latents, 0, mm.cond["ehs"], mm.cond["added"], noise=mm.noise)
             fake_logits = [torch.cat([f, e]) for f, e in zip(fake_logits, more)]
         d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
-        d_loss.backward()
-        with sdpa_kernel(SDPBackend.MATH):  # R1 and its backward (double backward; as the script)
-            r1, _ = lazy_r1_penalty(
+        sigma = b.options.r1_approximate_sigma
+
+        def r1() -> torch.Tensor:
+            return lazy_r1_penalty(
                 lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
                 real, step=0, every=16, cond={"ehs": ehs, "added": added, "noise": noise}, generator=gen,
-            )  # fmt: skip
-            _update(r1, opt_d)  # one D step on the gradients of d_loss + r1
+                approximate_sigma=sigma,
+            )[0]  # fmt: skip
+
+        if sigma is not None:  # APT's finite difference: one backward of the sum (as the script)
+            _update(d_loss + r1(), opt_d)
+            return
+        d_loss.backward()
+        with sdpa_kernel(SDPBackend.MATH):  # R1 and its backward (double backward; as the script)
+            _update(r1(), opt_d)  # one D step on the gradients of d_loss + r1
 
     return step
 
@@ -432,6 +447,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         lora_alpha=None,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         no_gradient_checkpointing=args.no_gradient_checkpointing,
+        r1_approximate_sigma=args.r1_approximate_sigma,
     )
     bench = Bench(
         unet=_base_unet(args),
@@ -523,6 +539,7 @@ def main(args: argparse.Namespace) -> str:
         f"{'tiny 3-level UNet' if args.tiny else 'SDXL UNet (random weights)'}, latents "
         f"{args.latent_size}x{args.latent_size}, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
+        f"{'' if args.r1_approximate_sigma is None else f', approximate R1 (sigma {args.r1_approximate_sigma})'}"
     )
     return header + "\n\n" + table(rows)
 

@@ -31,11 +31,11 @@ import importlib.util
 import math
 import os
 import sys
-import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from peak_memory import measure, track_cpu_memory_exactly  # this folder's helper, imported first
 
 # This file is named like the `lpips` package it measures: keep its folder off the import path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -44,84 +44,6 @@ import torch  # noqa: E402
 
 from diffdistill.losses import ELatentLPIPS, LatentLPIPS, PixelLPIPS  # noqa: E402
 from diffdistill.losses.latent_augment import sym6_filter  # noqa: E402
-
-
-def _track_cpu_memory_exactly() -> None:
-    """Make glibc return every large freed block to the OS, so the resident set follows live memory."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations >= 64 KiB get their own mapping
-        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: peak memory becomes an upper-bound estimate
-        pass
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextlib.contextmanager
-def _peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    out: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        return
-    base = _rss_bytes()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        t.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        out["peak_mb"] = (peak[0] - base) / 2**20
-
-
-def measure(
-    fn: Callable[[], None], device: torch.device, reps: int, warmup: int = 1
-) -> tuple[float, float, float]:
-    """(fastest wall seconds, fastest process CPU seconds, peak extra MB) of ``fn`` over ``reps`` calls.
-
-    CPU time (all threads of this process) is the robust figure on a shared, loaded machine: waiting
-    for a core does not count. The minimum is the least disturbed sample.
-    """
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    walls, cpus = [], []
-    mem: dict[str, float] = {}
-    for i in range(max(1, reps)):
-        with _peak_memory(device) if i == 0 else contextlib.nullcontext(mem) as m:
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync()
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-        mem = m
-    return min(walls), min(cpus), mem["peak_mb"]
 
 
 def official_model(latent: str, augment: str | None, state_dict: dict[str, torch.Tensor]) -> Any:
@@ -192,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":
-        _track_cpu_memory_exactly()
+        track_cpu_memory_exactly()
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()

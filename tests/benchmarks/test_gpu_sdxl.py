@@ -96,3 +96,21 @@ def test_explicit_batches_stop_at_the_first_out_of_memory(monkeypatch: pytest.Mo
     assert bench.parse_args(["--tiny", "--max_batch", "5"]).batches == [1, 2, 4]
     with pytest.raises(SystemExit):
         bench.parse_args(["--tiny", "--batches", "1", "0"])
+
+
+def test_diffusion2gan_with_the_approximate_r1(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load()
+    sigmas: list[object] = []
+    lazy = bench.lazy_r1_penalty
+
+    def recording(*args: object, **kwargs: object) -> object:
+        sigmas.append(kwargs["approximate_sigma"])
+        return lazy(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "lazy_r1_penalty", recording)
+    argv = ["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--batches", "1", "--warmup", "0"]
+    out = bench.main(bench.parse_args([*argv, "--no_reference", "--r1_approximate_sigma", "0.1"]))
+    assert (
+        out.splitlines()[0].endswith(", approximate R1 (sigma 0.1)") and "| diffusion2gan | LoRA | 1 |" in out
+    )
+    assert sigmas == [0.1]
