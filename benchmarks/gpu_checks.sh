@@ -4,9 +4,9 @@
 # SDXL-size benchmarks whose figures the README still lacks.
 #
 #   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
-#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=490)
+#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=510)
 #
-# Each section runs under its own time limit (they add up to 470 s, 570 s with GPU_CHECKS_FULL=1; a stopped section gets 10 s more to
+# Each section runs under its own time limit (they add up to 490 s, 590 s with GPU_CHECKS_FULL=1; a stopped section gets 10 s more to
 # exit, and the wheel install takes seconds) and writes $OUT/<section>.log, so a
 # section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
 # and durations. gpu_sdxl.py prints each measured row as it goes. The machine's image has torch,
@@ -42,7 +42,7 @@ section() {  # section NAME SECONDS COMMAND...
 # gradient checkpointing (ssd1b's student is always full).
 section 01-gpu-sdxl-lora 230 python3 benchmarks/gpu_sdxl.py --batches 1 8 --warmup 1 --repeats 1
 # Diffusion2GAN with APT's finite-difference R1 (exact R1 peaked at 109 GiB): does it fit 80 GB?
-section 02-d2g-approximate-r1 60 python3 benchmarks/gpu_sdxl.py --methods diffusion2gan --no_reference \
+section 02-d2g-approximate-r1 80 python3 benchmarks/gpu_sdxl.py --methods diffusion2gan --no_reference \
     --batches 1 8 --warmup 1 --repeats 1 --r1_approximate_sigma 0.1
 # Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
 # run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).

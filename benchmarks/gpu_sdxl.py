@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=None,
-        help="the batch sizes to try, in order, up to the first OOM (default: 1, 2, 4, ... up to --max_batch)",
+        help="the batch sizes to try, in order, up to the first OOM; overrides --max_batch (default: 1, 2, 4, ... "
+        "up to --max_batch)",
     )
     p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
     p.add_argument("--lora_rank", type=int, default=64)

@@ -7,8 +7,9 @@ Adam step -- alone (``no R1``, the reference), with the single-sample lazy R1 pe
 math attention, then backward), and with the finite-difference R1 of Lin et al. 2025 (``approximate``:
 ``approximate_sigma``, two plain forwards of the sample, one backward of the sum). Time: fastest of
 ``--reps`` updates after one warm-up; memory: peak extra memory of the first timed update above what is
-allocated before it (weights, gradients and Adam states are then already allocated), from
-:mod:`peak_memory` (CUDA allocator, or the CPU's sampled resident set). Ratios are to ``no R1`` in the
+allocated before it (weights and Adam states; gradients are freed after each step, ``set_to_none``, as in
+the training scripts, so each update allocates them again), from :mod:`peak_memory` (CUDA allocator, or the
+CPU's sampled resident set). Ratios are to ``no R1`` in the
 same run.
 
 CPU (the tiny 3-level SDXL-structured UNet, float32)::

@@ -87,7 +87,9 @@ class UNetDiscriminatorBase(nn.Module):
 
         The heads and new input layers are built on the default device; a discriminator built from a UNet
         on the GPU must run there without a further ``.to()`` (their dtype stays float32: the heads run in
-        float32, see :func:`~diffdistill.discriminators.run_head_float32`).
+        float32, see :func:`~diffdistill.discriminators.run_head_float32`). A trunk on the meta device (not
+        yet materialised) takes them to meta too: materialise the whole discriminator, then
+        :meth:`reset_head`.
         """
         if augment is not None and not callable(augment):
             raise DTypeError(

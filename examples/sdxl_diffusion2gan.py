@@ -23,8 +23,8 @@ Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arX
    single-sample R1 penalty (:func:`diffdistill.losses.lazy_r1_penalty`). ``--r1_approximate_sigma`` swaps
    exact R1 (a double backward through the discriminator, on math attention: 109 GiB at 1024 px with the
    full-UNet discriminator on an H200) for APT's finite-difference approximation
-   (:func:`diffdistill.losses.approximate_r1_penalty`, Lin et al. 2025), which needs one more plain
-   forward and backward and also runs under FSDP / DeepSpeed.
+   (:func:`diffdistill.losses.approximate_r1_penalty`, Lin et al. 2025): two more plain forwards of the
+   penalised sample, no double backward, and allowed under FSDP / DeepSpeed (tested under ZeRO-2).
 
 Example::
 
@@ -100,8 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--r1_approximate_sigma",
         type=float,
         default=None,
-        help="approximate R1 by finite differences with this perturbation sigma (APT; no double backward, "
-        "fits one 80 GB GPU and sharding); default: exact R1",
+        help="approximate R1 by finite differences with this perturbation sigma (APT): no double backward, far "
+        "less memory than exact R1, allowed under FSDP / DeepSpeed (tested: ZeRO-2); default: exact R1",
     )
     g.add_argument("--no_mix_and_match", action="store_true")
     args = common.check_common_args(p.parse_args(argv))

@@ -480,9 +480,7 @@ def r1_penalty(
     heads = _as_heads(real_logits, "real_logits")
     xs = _as_inputs(inputs)
     weights = _head_weights(head_weights, len(heads))
-    total = heads[0].sum() * weights[0]
-    for h, w in zip(heads[1:], weights[1:]):
-        total = total + h.sum() * w
+    total = _sample_values(heads, weights).sum()
     if not total.requires_grad:
         raise ValueError(
             "Expected `real_logits` to depend on `inputs` through autograd, but they do not require grad. "
@@ -534,46 +532,47 @@ def approximate_r1_penalty(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Approximated R1 (Lin et al. 2025, APT): a finite difference instead of a gradient penalty.
 
-        .. math::
+    .. math::
 
-                    ilde R_1 = rac{\gamma}{2 \sigma^2}\, \mathbb{E}_{x}\, \mathbb{E}_{\epsilon \sim \mathcal N(0, I)}
-            ig( D(x + \sigma \epsilon) - D(x) ig)^2
+        \tilde R_1 = \frac{\gamma}{2 \sigma^2}\, \mathbb{E}_{x}\, \mathbb{E}_{\epsilon \sim \mathcal N(0, I)}
+        \big( D(x + \sigma \epsilon) - D(x) \big)^2
 
-        with :math:`D(x_b)` the head-weighted sum of each sample's logits, as in :func:`r1_penalty`. Since
-        :math:`\mathbb{E}_\epsilon (D(x + \sigma\epsilon) - D(x))^2 = \sigma^2 \|
-    abla_x D(x)\|^2 + O(\sigma^4)`
-        (the odd moments of :math:`\epsilon` vanish), :math:`	ilde R_1` estimates R1 with the same
-        ``gamma``, with a bias of relative order :math:`\sigma^2` (none for a ``D`` linear in ``x``). APT writes
-        it :math:`\lambda \|D(x) - D(\mathcal N(x, \sigma^2 I))\|^2`: :math:`\lambda = \gamma / (2 \sigma^2)`.
+    with :math:`D(x_b)` the head-weighted sum of each sample's logits, as in :func:`r1_penalty`. Since
+    :math:`\mathbb{E}_\epsilon (D(x + \sigma\epsilon) - D(x))^2 = \sigma^2 \|\nabla_x D(x)\|^2 + O(\sigma^4)`
+    (the odd moments of :math:`\epsilon` vanish), :math:`\tilde R_1` estimates R1 with the same ``gamma``,
+    with a bias of relative order :math:`\sigma^2` (none for a ``D`` linear in ``x``). APT writes it
+    :math:`\lambda \|D(x) - D(\mathcal N(x, \sigma^2 I))\|^2`: :math:`\lambda = \gamma / (2 \sigma^2)`.
 
-        Both logits stay differentiable in the discriminator's parameters; nothing is differentiated twice. So,
-        unlike :func:`r1_penalty`, it runs with the fused attention kernels (flash / memory-efficient, which
-        have no double backward), with gradient checkpointing, and under FSDP / DeepSpeed: its memory is that
-        of one more discriminator forward and backward (SDXL, H200: exact single-sample R1 on Diffusion2GAN's
-        full-UNet discriminator peaked at 109 GiB). Under bf16 autocast the difference is taken between bf16
-        features (relative rounding :math:`2^{-8}`): keep :math:`\sigma` large enough that the perturbation
-        moves ``D`` well beyond that rounding.
+    Both logits stay differentiable in the discriminator's parameters; nothing is differentiated twice. So,
+    unlike :func:`r1_penalty`, it works with the fused attention kernels (flash / memory-efficient, which
+    have no double backward), with gradient checkpointing, and with sharded discriminators (the
+    Diffusion2GAN script's run under DeepSpeed ZeRO-2 is tested). Its cost is two more forward passes of
+    the penalised samples and their backward (SDXL, H200: exact single-sample R1 on Diffusion2GAN's
+    full-UNet discriminator peaked at 109 GiB). The two logits must come from the same function: a
+    discriminator that draws random numbers (augmentation, dropout) must draw the same ones for both
+    (:func:`lazy_r1_penalty` replays the RNG state for its second call). Under bf16 autocast the difference
+    is taken between bf16 features (relative rounding :math:`2^{-8}`): keep :math:`\sigma` large enough
+    that the perturbation moves ``D`` well beyond that rounding.
 
-        Args:
-            real_logits: logits of the real samples ``x``, ``(B, ...)`` or a list with one tensor per head.
-            perturbed_logits: logits of ``x + sigma * eps`` (the same shapes), from a fresh standard normal
-                ``eps`` per element.
-            sigma: the perturbation's standard deviation :math:`\sigma > 0`.
-            gamma: penalty weight :math:`\gamma` (R1's).
-            head_weights: relative weight of each head (normalised to sum 1); uniform if None.
-            reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
+    Args:
+        real_logits: logits of the real samples ``x``, ``(B, ...)`` or a list with one tensor per head.
+        perturbed_logits: logits of ``x + sigma * eps`` (the same shapes), from a fresh standard normal
+            ``eps`` per element.
+        sigma: the perturbation's standard deviation :math:`\sigma > 0`.
+        gamma: penalty weight :math:`\gamma` (R1's).
+        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
 
-        Returns:
-            ``(loss, logs)`` with logs ``r1`` (the mean penalty) and ``r1_grad_sq`` (the mean estimate
-            :math:`(D(x + \sigma\epsilon) - D(x))^2 / \sigma^2` of :math:`\|
-    abla_x D\|^2`).
+    Returns:
+        ``(loss, logs)`` with logs ``r1`` (the mean penalty) and ``r1_grad_sq`` (the mean estimate
+        :math:`(D(x + \sigma\epsilon) - D(x))^2 / \sigma^2` of :math:`\|\nabla_x D\|^2`).
 
-        Example:
-            >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
-            >>> x, eps = torch.randn(5, 2), torch.randn(5, 2)
-            >>> penalty, logs = approximate_r1_penalty(x @ w, (x + 0.1 * eps) @ w, sigma=0.1, gamma=2.0)
-            >>> bool(torch.isclose(penalty, ((eps @ w.detach()) ** 2).mean()))  # (w . eps)^2: mean ||w||^2 = 25
-            True
+    Example:
+        >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+        >>> x, eps = torch.randn(5, 2), torch.randn(5, 2)
+        >>> penalty, logs = approximate_r1_penalty(x @ w, (x + 0.1 * eps) @ w, sigma=0.1, gamma=2.0)
+        >>> bool(torch.isclose(penalty, ((eps @ w.detach()) ** 2).mean()))  # (w . eps)^2, mean ||w||^2 = 25
+        True
     """
     check_option(reduction, "reduction", _REDUCTIONS)
     check_positive(gamma, "gamma", strict=False)
@@ -674,8 +673,10 @@ def lazy_r1_penalty(
 
     With ``approximate_sigma`` set, the penalty is :func:`approximate_r1_penalty` instead (APT's
     finite difference, same ``gamma``): the subset is run twice, as is and perturbed by
-    ``approximate_sigma`` times a standard normal draw (from ``generator``), with the default attention
-    kernels and no double backward -- for discriminators too large for exact R1's memory, or sharded.
+    ``approximate_sigma`` times a standard normal draw (from ``generator``), from the same global RNG
+    state (a discriminator's random augmentation or dropout draws the same numbers in both calls), with
+    the default attention kernels and no double backward -- for discriminators too large for exact R1's
+    memory, or sharded.
 
     Args:
         discriminator: called as ``discriminator(x, **cond)`` (``cond`` a mapping), ``discriminator(x, cond)``
@@ -748,8 +749,12 @@ def lazy_r1_penalty(
         eps = torch.randn(
             x.shape, generator=generator, device=_gen_device(generator, x.device), dtype=x.dtype
         )
+        # The second call replays the first's RNG state: any randomness inside D (augmentation, dropout)
+        # is then the same in both, and the difference is the perturbation's alone.
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            unperturbed = run(x)
         penalty, logs = approximate_r1_penalty(
-            run(x), run(x + approximate_sigma * eps.to(x.device)), sigma=approximate_sigma, gamma=gamma,
+            unperturbed, run(x + approximate_sigma * eps.to(x.device)), sigma=approximate_sigma, gamma=gamma,
             head_weights=head_weights,
         )  # fmt: skip
     else:

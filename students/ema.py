@@ -123,6 +123,14 @@ class EMA(nn.Module):
             "num_updates",
             torch.zeros((), dtype=torch.long, device=first.device if first is not None else None),
         )
+        # The count on the host: reading a CUDA counter at every update would wait for the whole step.
+        # Re-read from the buffer after a load (None: not known on the host).
+        self._count: int | None = 0
+        self.register_load_state_dict_post_hook(EMA._forget_count)
+
+    @staticmethod
+    def _forget_count(module: EMA, incompatible_keys: Any) -> None:
+        module._count = None
 
     @staticmethod
     def _drop_shared(module: EMA, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -179,8 +187,11 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> float:
         """Move the average towards ``model``'s current weights; returns the decay used."""
         source = unwrap_model(model)
+        if self._count is None:
+            self._count = int(self.num_updates)
+        self._count += 1
         self.num_updates += 1
-        d = self.decay_at(int(self.num_updates))
+        d = self.decay_at(self._count)
         params = list(source.parameters())
         if len(self._averaged) != len(params):
             raise OptionError(

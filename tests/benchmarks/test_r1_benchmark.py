@@ -39,6 +39,6 @@ def test_exact_r1_needs_more_memory_than_the_approximation() -> None:
     peak = {mode: float(rows[mode][4]) for mode in ("no R1", "exact", "approximate")}
     # Measured on this machine (latents 1x4x32x32): no R1 11 MiB, exact 54 MiB, approximate 11 MiB.
     assert peak["exact"] > 2 * peak["approximate"] > 0, table
-    assert float(rows["no R1"][5]) == 1.0 and all(float(rows[m][2]) > 0 for m in peak)
+    assert all(float(rows[m][2]) > 0 for m in peak)
     bad = subprocess.run([*cmd[:2], "--sigma", "0"], capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 2 and "--sigma > 0" in bad.stderr

@@ -841,28 +841,50 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b, exact=not torch.cuda.is_available())
 
 
+def _graph_reaches(loss: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``target`` (a non-leaf tensor) is in the autograd graph of ``loss``."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        if fn is target.grad_fn:
+            return True
+        seen.add(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
 def test_diffusion2gan_approximate_r1_in_the_discriminator_update(
     tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--r1_approximate_sigma: the lazy penalty is APT's (no math-attention pass), added to D's loss."""
+    """--r1_approximate_sigma: the lazy penalty is APT's, off the math-attention kernel, in D's one backward."""
     script = _load("sdxl_diffusion2gan")
-    calls: list[dict[str, Any]] = []
-    lazy = script.lazy_r1_penalty
+    penalties: list[tuple[float | None, torch.Tensor, bool]] = []
+    backward_losses: list[torch.Tensor] = []
+    lazy, backward = script.lazy_r1_penalty, script.common.backward
 
-    def recording(*args: Any, **kwargs: Any) -> Any:
+    def recording_lazy(*args: Any, **kwargs: Any) -> Any:
         loss, logs = lazy(*args, **kwargs)
-        calls.append(
-            {"sigma": kwargs["approximate_sigma"], "loss": loss.detach(), "grad": loss.requires_grad}
-        )
+        penalties.append((kwargs["approximate_sigma"], loss, torch.backends.cuda.flash_sdp_enabled()))
         return loss, logs
 
-    monkeypatch.setattr(script, "lazy_r1_penalty", recording)
+    def recording_backward(accelerator: Any, loss: torch.Tensor, model: Any) -> None:
+        backward_losses.append(loss)
+        backward(accelerator, loss, model)
+
+    monkeypatch.setattr(script, "lazy_r1_penalty", recording_lazy)
+    monkeypatch.setattr(script.common, "backward", recording_backward)
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     argv += ["--lpips_weights", "random", "--num_pairs", "2", "--teacher_steps", "2", "--r1_every", "1"]
     argv += ["--r1_approximate_sigma", "0.05", "--pairs_dir", str(tmp_path / "pairs")]
     argv[argv.index("--max_train_steps") + 1] = "1"
     script.main(script.parse_args(argv))
-    assert [c["sigma"] for c in calls] == [0.05] and calls[0]["grad"] and float(calls[0]["loss"]) > 0
+    ((sigma, penalty, fused_attention),) = penalties
+    assert sigma == 0.05 and fused_attention and penalty.requires_grad and float(penalty) > 0
+    # Generator, then discriminator: D's single backward carries the penalty.
+    assert len(backward_losses) == 2 and _graph_reaches(backward_losses[1], penalty)
+    assert not _graph_reaches(backward_losses[0], penalty)
 
 
 def _perturbed_unet(tiny: dict[str, Path], folder: Path) -> Path:

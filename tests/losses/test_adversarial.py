@@ -483,6 +483,28 @@ def test_lazy_approximate_r1_runs_the_subset_twice_without_double_backward() -> 
         lazy_r1_penalty(disc, real, step=0, cond={"c": c})[0].backward()  # exact R1 needs a double backward
 
 
+def test_lazy_approximate_r1_replays_the_discriminators_randomness() -> None:
+    # Dropout in D: both calls must draw the same mask, else (D(x') - D(x))^2 / sigma^2 measures the masks'
+    # difference, ~1e7 here, instead of the gradient: E (2 (w * mask) . eps)^2 = 4 |w * mask|^2 <= 100.
+    torch.manual_seed(0)
+    disc = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        disc[1].weight.copy_(torch.tensor([[1.0, 2.0, -2.0, 4.0]]))
+    real = torch.randn(8, 4, generator=_gen(17))
+    for step in range(5):
+        _, logs = lazy_r1_penalty(
+            disc,
+            real,
+            step=0,
+            every=1,
+            gamma=2.0,
+            num_samples=None,
+            generator=_gen(step),
+            approximate_sigma=1e-3,
+        )
+        assert float(logs["r1_grad_sq"]) < 1e3, float(logs["r1_grad_sq"])
+
+
 def test_approximate_r1_bf16_logits_and_errors() -> None:
     disc = torch.nn.Linear(6, 2)
     x = torch.randn(3, 6)

@@ -167,3 +167,20 @@ def test_update_counter_lives_on_the_model_device():
     ema = EMA(torch.nn.Linear(3, 2, device="meta"))
     assert {v.device.type for v in ema.state_dict().values()} == {"meta"}
     assert EMA(torch.nn.Identity()).num_updates.device.type == "cpu"  # nothing to follow: the default
+
+
+def test_update_keeps_the_count_on_the_host_and_rereads_it_after_a_load():
+    # No read of the device counter per update (a CUDA read waits for the step): on the meta device, where
+    # reading a value raises, updates still run.
+    model = torch.nn.Linear(3, 2, device="meta")
+    ema = EMA(model, decay=0.9, warmup="linear")
+    assert [ema.update(model) for _ in range(2)] == [ema.decay_at(1), ema.decay_at(2)]
+    net = _net()
+    trained = EMA(net, decay=0.999, warmup="linear")
+    for _ in range(5):
+        trained.update(net)
+    clone = EMA(copy.deepcopy(net), decay=0.999, warmup="linear")
+    clone.update(net)
+    clone.load_state_dict(trained.state_dict())  # the loaded count (5) wins over the clone's own (1)
+    assert clone.update(net) == trained.update(net) == trained.decay_at(6) != trained.decay_at(2)
+    assert int(clone.num_updates) == 6
