@@ -746,15 +746,14 @@ def lazy_r1_penalty(
         return _disc_heads(discriminator(inputs, cond_sub))
 
     if approximate_sigma is not None:
-        eps = torch.randn(
-            x.shape, generator=generator, device=_gen_device(generator, x.device), dtype=x.dtype
-        )
+        # Drawn in float32 whatever the dtype of `real`: the same perturbation in float64, float32 and bf16.
+        eps = torch.randn(x.shape, generator=generator, device=_gen_device(generator, x.device))
         # The second call replays the first's RNG state: any randomness inside D (augmentation, dropout)
         # is then the same in both, and the difference is the perturbation's alone.
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             unperturbed = run(x)
         penalty, logs = approximate_r1_penalty(
-            unperturbed, run(x + approximate_sigma * eps.to(x.device)), sigma=approximate_sigma, gamma=gamma,
+            unperturbed, run(x + approximate_sigma * eps.to(x.device, x.dtype)), sigma=approximate_sigma, gamma=gamma,
             head_weights=head_weights,
         )  # fmt: skip
     else:
