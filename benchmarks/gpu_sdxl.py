@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.latent_size = args.latent_size or (32 if tiny else 128)
     args.max_batch = args.max_batch or (2 if tiny else 64)
     if args.batches is None:
-        args.batches = [2**k for k in range(args.max_batch.bit_length()) if 2**k <= args.max_batch]
+        args.batches = [2**k for k in range(args.max_batch.bit_length())]  # 1, 2, 4, ... <= max_batch
     elif any(b < 1 for b in args.batches):
         p.error(f"--batches must be positive integers, got {args.batches}")
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)

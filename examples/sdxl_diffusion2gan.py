@@ -365,7 +365,7 @@ def main(args: argparse.Namespace) -> None:
             d_loss, _ = gan_discriminator_loss(disc(real, 0, ehs, added, noise=noise), fake_logits)
             r1_logs = {"r1": torch.zeros((), device=device)}
 
-            def lazy_r1(approximate_sigma: float | None) -> torch.Tensor:
+            def lazy_r1() -> torch.Tensor:
                 penalty, _ = lazy_r1_penalty(
                     lambda x, ehs, added, noise: disc(x, 0, ehs, added, noise=noise),
                     real,
@@ -374,23 +374,21 @@ def main(args: argparse.Namespace) -> None:
                     gamma=args.r1_gamma,
                     cond={"ehs": ehs, "added": added, "noise": noise},
                     generator=gen,
-                    approximate_sigma=approximate_sigma,
+                    approximate_sigma=args.r1_approximate_sigma,
                 )
                 r1_logs["r1"] = penalty.detach().float()
                 return penalty
 
-            if args.r1_gamma > 0 and args.r1_approximate_sigma is not None:
-                # APT's finite-difference R1 runs plain forwards: one backward of the sum (one DeepSpeed
-                # engine step per D update, like DDP's single optimiser step).
-                common.backward(accelerator, d_loss + lazy_r1(args.r1_approximate_sigma), disc)
-            else:
-                common.backward(accelerator, d_loss, disc)
-            if args.r1_gamma > 0 and args.r1_approximate_sigma is None:
+            approximate_r1 = args.r1_gamma > 0 and args.r1_approximate_sigma is not None
+            # APT's finite-difference R1 runs plain forwards: one backward of the sum (one DeepSpeed engine
+            # step per D update, like DDP's single optimiser step).
+            common.backward(accelerator, d_loss + lazy_r1() if approximate_r1 else d_loss, disc)
+            if args.r1_gamma > 0 and not approximate_r1:
                 # Exact R1 differentiates the gradient: fused attention kernels have no double backward, so
                 # the penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
                 # kernel of the forward pass -- uses PyTorch's math attention (sharding is refused above).
                 with sdpa_kernel(SDPBackend.MATH):
-                    r1 = lazy_r1(None)
+                    r1 = lazy_r1()
                     if r1.requires_grad:  # a lazy step
                         common.backward(accelerator, r1, disc)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
