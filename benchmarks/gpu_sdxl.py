@@ -11,7 +11,8 @@ reaches ``--max_batch`` (or at the ``--batches`` given, up to the first that run
 reset before each batch size) of batch 1 and of the largest batch that fits, each also as a multiple of
 the ``reference`` step's at the same batch: a plain SDXL fine-tuning step (epsilon MSE, one UNet forward
 and backward, Adam) on the same trainable setup, run first in the same process (``--no_reference``
-skips it).
+skips it). ``--memory_cap_gib`` caps the allocator, so that "fits" means "fits a card of that size" on a
+larger one (78 GiB: an 80 GB H100 measured on an H200).
 
 The steps are assembled from the library's public losses, one builder per method (the scripts' update
 logic is inline in their ``main``), with the scripts' own building blocks (``distill_common``):
@@ -41,6 +42,7 @@ Usage::
     python benchmarks/gpu_sdxl.py --methods sim ssd1b --max_batch 32
     python benchmarks/gpu_sdxl.py --batches 1 8 --warmup 1 --repeats 1     # what gpu_checks.sh runs
     python benchmarks/gpu_sdxl.py --full                            # full-UNet students
+    python benchmarks/gpu_sdxl.py --batches 16 32 64 --memory_cap_gib 78   # largest batch on an 80 GB card
     OMP_NUM_THREADS=1 python benchmarks/gpu_sdxl.py --tiny --device cpu   # CPU smoke run (seconds)
 """
 
@@ -116,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the batch sizes to try, in order, up to the first OOM; overrides --max_batch (default: 1, 2, 4, ... "
         "up to --max_batch)",
     )
+    p.add_argument(
+        "--memory_cap_gib",
+        type=float,
+        default=None,
+        help="CUDA only: let the allocator use at most this many GiB (torch.cuda.set_per_process_memory_fraction), "
+        "so a larger card finds the largest batch that fits a smaller one, e.g. 78 for an 80 GB H100 on an H200",
+    )
     p.add_argument("--full", action="store_true", help="train the full UNet instead of a LoRA")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument(
@@ -142,6 +151,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batches = [2**k for k in range(args.max_batch.bit_length())]  # 1, 2, 4, ... <= max_batch
     elif any(b < 1 for b in args.batches):
         p.error(f"--batches must be positive integers, got {args.batches}")
+    if args.memory_cap_gib is not None:
+        if args.device.type != "cuda":
+            p.error(
+                f"--memory_cap_gib caps the CUDA caching allocator: it needs a CUDA device, got --device "
+                f"{args.device}; leave it out on the CPU"
+            )
+        if args.memory_cap_gib <= 0:
+            p.error(f"--memory_cap_gib must be positive, got {args.memory_cap_gib}")
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
     args.repeats = args.repeats or (1 if tiny else 5)
     return args
@@ -530,9 +547,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cap_memory(device: torch.device, gib: float) -> float:
+    """Cap the CUDA caching allocator of ``device`` at ``gib`` GiB; return the fraction of the card that is.
+
+    An allocation past the cap raises ``torch.cuda.OutOfMemoryError`` as it would on a card of that size
+    (the CUDA context's own few hundred MiB are outside the allocator and not counted)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = gib * 2**30 / total
+    if fraction > 1:
+        raise ValueError(
+            f"--memory_cap_gib {gib} exceeds the device's {total / 2**30:.1f} GiB: give a smaller cap or leave it out"
+        )
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def main(args: argparse.Namespace) -> str:
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.memory_cap_gib is not None:
+        cap_memory(args.device, args.memory_cap_gib)
     names = ([REFERENCE] if not args.no_reference else []) + [m for m in args.methods if m != REFERENCE]
     rows = [row for name in names for row in run_method(name, args)]
     header = (
@@ -541,6 +575,7 @@ def main(args: argparse.Namespace) -> str:
         f"{args.latent_size}x{args.latent_size}, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
         f"{'' if args.r1_approximate_sigma is None else f', approximate R1 (sigma {args.r1_approximate_sigma})'}"
+        f"{'' if args.memory_cap_gib is None else f', memory capped at {args.memory_cap_gib:g} GiB'}"
     )
     return header + "\n\n" + table(rows)
 

@@ -114,3 +114,30 @@ def test_diffusion2gan_with_the_approximate_r1(monkeypatch: pytest.MonkeyPatch) 
         out.splitlines()[0].endswith(", approximate R1 (sigma 0.1)") and "| diffusion2gan | LoRA | 1 |" in out
     )
     assert sigmas == [0.1]
+
+
+def test_memory_cap(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--device", "cpu", "--memory_cap_gib", "78"])
+    assert "--memory_cap_gib caps the CUDA caching allocator: it needs a CUDA device, got --device cpu" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda", "--memory_cap_gib", "0"])
+    assert "--memory_cap_gib must be positive, got 0.0" in capsys.readouterr().err
+    # The fraction handed to the allocator: the cap over the card's memory (a 139.8 GiB H200 stand-in).
+    total = int(139.8 * 2**30)
+    set_fraction: list[tuple[float, object]] = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": total})()
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d: set_fraction.append((f, d))
+    )
+    device = torch.device("cuda", 0)
+    assert bench.cap_memory(device, 78) == pytest.approx(78 / 139.8)
+    assert set_fraction == [(pytest.approx(78 / 139.8), device)]
+    with pytest.raises(ValueError, match=r"--memory_cap_gib 150 exceeds the device's 139.8 GiB"):
+        bench.cap_memory(device, 150)
+    assert len(set_fraction) == 1
