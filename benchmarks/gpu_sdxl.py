@@ -558,7 +558,8 @@ def cap_memory(device: torch.device, gib: float) -> float:
         raise ValueError(
             f"--memory_cap_gib {gib} exceeds the device's {total / 2**30:.1f} GiB: give a smaller cap or leave it out"
         )
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 

@@ -135,9 +135,12 @@ def test_memory_cap(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     monkeypatch.setattr(
         torch.cuda, "set_per_process_memory_fraction", lambda f, d: set_fraction.append((f, d))
     )
+    # "cuda" (no index, as parse_args makes it) is the current device; an explicit index is kept.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bench.cap_memory(torch.device("cuda"), 78) == pytest.approx(78 / 139.8)
+    bench.cap_memory(torch.device("cuda", 1), 78)
+    assert set_fraction == [(pytest.approx(78 / 139.8), 0), (pytest.approx(78 / 139.8), 1)]
     device = torch.device("cuda", 0)
-    assert bench.cap_memory(device, 78) == pytest.approx(78 / 139.8)
-    assert set_fraction == [(pytest.approx(78 / 139.8), device)]
     with pytest.raises(ValueError, match=r"--memory_cap_gib 150 exceeds the device's 139.8 GiB"):
         bench.cap_memory(device, 150)
-    assert len(set_fraction) == 1
+    assert len(set_fraction) == 2

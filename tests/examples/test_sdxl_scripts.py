@@ -649,9 +649,9 @@ def test_use_ema_releases_the_average_and_resumes(
     schedule = NoiseSchedule.from_scheduler(
         DDPMScheduler.from_pretrained(str(tiny_sdxl["model"]), subfolder="scheduler")
     )
-    with torch.no_grad():
-        want = common.one_step_x0(unet, schedule, z, 999, cond)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # on the device the script sampled on (the GPU where there is one)
+        want = common.one_step_x0(unet.to(z.device), schedule, z, 999, cond)
+    torch.testing.assert_close(got.to(want.device), want, rtol=1e-4, atol=1e-5)
     for step in (1, 2):
         assert torch.equal(samples[("a", step)][0], samples[("raw", step)][0])  # the same noise
     # After update 1 the average is the online weights; after update 2 it differs.
