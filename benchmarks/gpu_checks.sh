@@ -4,7 +4,7 @@
 # SDXL-size benchmarks whose figures the README still lacks.
 #
 #   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
-#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=510)
+#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=470)
 #
 # Each section runs under its own time limit (they add up to 430 s, 870 s with GPU_CHECKS_FULL=1, which
 # needs a second command or a longer lease; a stopped section gets 10 s more to exit, and the wheel install

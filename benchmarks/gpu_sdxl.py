@@ -530,8 +530,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     ref = {r["batch"]: r for r in rows if r["method"] == REFERENCE and r["status"] == "ok"}
     for name in dict.fromkeys(r["method"] for r in rows):
-        ok = [r for r in rows if r["method"] == name and r["status"] == "ok"]
-        oom = [r["batch"] for r in rows if r["method"] == name and r["status"] == "OOM"]
+        own = [r for r in rows if r["method"] == name]
+        ok = [r for r in own if r["status"] == "ok"]
+        oom = [r["batch"] for r in own if r["status"] == "OOM"]
         limit = f"OOM at {oom[0]}" if oom else f"{ok[-1]['batch'] if ok else '-'} (no OOM)"
         for r in [ok[0], ok[-1]] if len(ok) > 1 else ok:
             peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
@@ -542,8 +543,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {peak} | {limit} "
                 f"| {time_ratio} | {mem_ratio} |"
             )
-        if not ok:
-            lines.append(f"| {name} | {rows[0]['trains']} | 1 | - | - | OOM at 1 | - | - |")
+        if not ok:  # out of memory at the first batch tried
+            lines.append(f"| {name} | {own[0]['trains']} | - | - | - | {limit} | - | - |")
     return "\n".join(lines)
 
 

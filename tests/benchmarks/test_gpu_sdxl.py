@@ -93,6 +93,22 @@ def test_explicit_batches_stop_at_the_first_out_of_memory(monkeypatch: pytest.Mo
     rows = bench.run_method("mlcm", args)
     assert tried == [1, 6, 8]
     assert "| mlcm | LoRA | 6 | 3.000 | 60.0 | OOM at 8 | - | - |" in bench.table(rows)
+    # Out of memory at the first batch tried: that batch, and the method's own "trains".
+    oom_first = [
+        {
+            "method": bench.REFERENCE,
+            "trains": "LoRA",
+            "batch": 16,
+            "seconds": 1.0,
+            "peak_gib": 20.0,
+            "status": "ok",
+        },
+        {"method": "ssd1b", "trains": "student (full)", "batch": 16, "status": "OOM"},
+    ]
+    assert (
+        bench.table(oom_first).splitlines()[-1]
+        == "| ssd1b | student (full) | - | - | - | OOM at 16 | - | - |"
+    )
     assert bench.parse_args(["--tiny", "--max_batch", "5"]).batches == [1, 2, 4]
     with pytest.raises(SystemExit):
         bench.parse_args(["--tiny", "--batches", "1", "0"])
