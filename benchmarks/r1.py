@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,8 +70,25 @@ def _autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any
     return torch.autocast(args.device.type, dtype=args.dtype, enabled=args.dtype != torch.float32)
 
 
-def discriminator_update(args: argparse.Namespace) -> Callable[[str], None]:
-    """Build the discriminator on ``args.device``; return ``update(mode)``, one D step with that R1."""
+@dataclass
+class Setup:
+    """Diffusion2GAN's discriminator on ``args.device`` and one batch for it (what both R1 benchmarks use)."""
+
+    disc: MultiScaleConditionalDiscriminator
+    real: torch.Tensor
+    fake: torch.Tensor
+    cond: dict[str, Any]  # the keyword arguments of :meth:`call` besides the latents
+    generator: torch.Generator  # CPU, seeded; for draws that follow the batch
+
+    def call(
+        self, x: torch.Tensor, ehs: torch.Tensor, added: dict, noise: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The discriminator's logits (one tensor per head) at t = 0, as the script's lazy R1 calls it."""
+        return self.disc(x, 0, ehs, added, noise=noise)
+
+
+def discriminator_setup(args: argparse.Namespace) -> Setup:
+    """The multi-scale D on a seeded UNet (SDXL or tiny config) and seeded real, fake, noise and conditions."""
     from diffusers import UNet2DConditionModel
 
     cfg = sdxl_unet_config() if args.sdxl else tiny_sdxl_unet_config()
@@ -83,18 +101,20 @@ def discriminator_update(args: argparse.Namespace) -> Callable[[str], None]:
         unet, gradient_checkpointing=not args.no_gradient_checkpointing, norm_groups=groups
     )
     del unet
-    opt = torch.optim.Adam([p for p in disc.parameters() if p.requires_grad], lr=1e-6)
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, 4, args.latent_size, args.latent_size)
     real, fake, noise = (torch.randn(shape, generator=gen).to(args.device) for _ in range(3))
     ehs, added = sdxl_conditions(
         disc.extractor.trunk, args.batch, seq_len=77 if args.sdxl else 8, generator=gen, device=args.device
     )
+    return Setup(disc, real, fake, {"ehs": ehs, "added": added, "noise": noise}, gen)
 
-    def call(x: torch.Tensor, ehs: torch.Tensor, added: dict, noise: torch.Tensor) -> list[torch.Tensor]:
-        return disc(x, 0, ehs, added, noise=noise)
 
-    cond = {"ehs": ehs, "added": added, "noise": noise}
+def discriminator_update(args: argparse.Namespace) -> Callable[[str], None]:
+    """Build the discriminator on ``args.device``; return ``update(mode)``, one D step with that R1."""
+    setup = discriminator_setup(args)
+    opt = torch.optim.Adam([p for p in setup.disc.parameters() if p.requires_grad], lr=1e-6)
+    call, real, fake, cond, gen = setup.call, setup.real, setup.fake, setup.cond, setup.generator
 
     def update(mode: str) -> None:
         with _autocast(args):
