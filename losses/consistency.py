@@ -278,11 +278,28 @@ def _noised_pair_loss(
     return loss, logs
 
 
-def _batch(x0: torch.Tensor | None, x_t: torch.Tensor | None) -> tuple[int, torch.device]:
+def _batch(
+    x0: torch.Tensor | None,
+    x_t: torch.Tensor | None,
+    sample: TimestepSample | None,
+    noise: torch.Tensor | None,
+) -> tuple[int, torch.device]:
+    """Batch size and device of the input; ready states ``x_t`` need the ``sample`` they were drawn at."""
     ref = x0 if x0 is not None else x_t
     if ref is None:
         raise OptionError("Pass exactly one of `x0` and `x_t`, but got neither.")
     check_tensor(ref, "x0" if x0 is not None else "x_t")
+    if x0 is None and sample is None:
+        raise OptionError(
+            "`x_t` are noisy states at given timesteps: pass the `sample` they belong to (e.g. draw `sample` "
+            "first, then `x_t = teacher_trajectory_states(teacher, noise, sample.t, ...)`), but got `x_t` "
+            "without `sample`; a sample drawn here would not match their noise level."
+        )
+    if x0 is None and noise is not None:
+        raise OptionError(
+            "`noise` noises `x0` and is unused with ready states `x_t`: pass `x0` with `noise`, or `x_t` "
+            "without it."
+        )
     return ref.shape[0], ref.device
 
 
@@ -327,7 +344,7 @@ def lcm_consistency_loss(
         >>> loss.backward(); conv.weight.grad is not None
         True
     """
-    batch, device = _batch(x0, x_t)
+    batch, device = _batch(x0, x_t, sample, noise)
     if sample is None:
         sample = lcm_skip_pairs(
             batch,
@@ -396,7 +413,7 @@ def tscd_loss(
         >>> loss.ndim, sorted(logs)
         (0, ['loss', 't_mean', 'target_norm'])
     """
-    batch, device = _batch(x0, x_t)
+    batch, device = _batch(x0, x_t, sample, noise)
     if sample is None:
         sample = tscd_segments(
             batch,
@@ -467,7 +484,7 @@ def multistep_consistency_loss(
         >>> bool(loss >= 0)
         True
     """
-    batch, device = _batch(x0, x_t)
+    batch, device = _batch(x0, x_t, sample, noise)
     if sample is None:
         sample = milestone_pairs(
             batch,

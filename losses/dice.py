@@ -173,13 +173,32 @@ class _SoftmaxHardLabelStats(torch.autograd.Function):
         return grad, None, None
 
 
+def _skipped_labels(
+    labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int | None
+) -> torch.Tensor | None:
+    """Hard-label entries that take no part: equal to ``ignore_index`` or where ``mask`` is False.
+
+    ``mask`` is (B, *spatial); ``labels`` are class indices of that shape or (B, C, *spatial) 0/1 labels.
+    """
+    skip = None if ignore_index is None else labels == ignore_index
+    if mask is not None:
+        off = ~mask if labels.ndim == mask.ndim else ~mask.unsqueeze(1)
+        skip = off if skip is None else skip | off
+    return skip
+
+
 def _check_label_values(
-    labels: torch.Tensor, low: int, high: int, ignore_index: int | None, what: str
+    labels: torch.Tensor,
+    low: int,
+    high: int,
+    skip: torch.Tensor | None,
+    ignore_index: int | None,
+    what: str,
 ) -> None:
-    """Raise ``ValueError`` if integer ``labels`` fall outside ``[low, high)`` and are not ``ignore_index``."""
+    """Raise ``ValueError`` if integer ``labels`` fall outside ``[low, high)`` where they are not ``skip``-ped."""
     bad = (labels < low) | (labels >= high)
-    if ignore_index is not None:
-        bad &= labels != ignore_index
+    if skip is not None:
+        bad &= ~skip
     if bool(bad.any()):
         values = torch.unique(labels[bad])[:5].tolist()
         hint = (
@@ -244,8 +263,9 @@ def _value_checks(
     if not from_logits:
         low_in, high_in = torch.aminmax(input)
         flags.append((low_in >= 0) & (high_in <= 1))
+    skip = _skipped_labels(target, mask, ignore_index) if hard else None
     if hard:
-        labels = target if ignore_index is None else target.masked_fill(target == ignore_index, 0)
+        labels = target if skip is None else target.masked_fill(skip, 0)
         low, top = torch.aminmax(labels)
         flags.append((low >= 0) & (top < high))
     else:
@@ -267,7 +287,7 @@ def _value_checks(
         )
     if hard:
         what = "class indices" if mode == "multiclass" else "binary labels (0 or 1)"
-        _check_label_values(target, 0, high, ignore_index, what)
+        _check_label_values(target, 0, high, skip, ignore_index, what)
     else:
         _check_soft_target(target, mask, mode == "multiclass")
 
@@ -560,7 +580,8 @@ def dice_semimetric_loss(
             if ignore_index is not None:
                 ignored = labels == ignore_index
                 keep = ~ignored.unsqueeze(1) if keep is None else keep & ~ignored.unsqueeze(1)
-                labels = labels.masked_fill(ignored, 0)
+            if keep is not None:  # skipped pixels may hold any value (e.g. 255): index class 0, weight 0
+                labels = labels.masked_fill(~keep.squeeze(1), 0)
             index = labels.long()
             weight = None if keep is None else keep.squeeze(1).to(compute_dtype)
             if from_logits and norm == 1:
@@ -588,7 +609,8 @@ def dice_semimetric_loss(
                 if ignore_index is not None:
                     ignored = labels == ignore_index
                     keep = ~ignored if keep is None else keep & ~ignored
-                    labels = labels.masked_fill(ignored, 0)
+                if keep is not None:  # skipped entries may hold any value: zero, and zero-weighted below
+                    labels = labels.masked_fill(~keep, 0)
                 y = labels.to(compute_dtype)
             else:
                 y = target.to(compute_dtype).reshape(batch, num_classes, -1)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._checks import OptionError, check_option, check_positive, check_tensor
+from .._checks import OptionError, check_option, check_positive, check_tensor, value_checks_enabled
 from .._modules import frozen
 from .._outputs import first_tensor
 from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
@@ -107,9 +107,22 @@ def _sample_t(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     if t is None:
-        t = uniform_timesteps(x.shape[0], t_range[0], t_range[1], generator=generator, device=x.device)
+        low, high = t_range
+        last = schedule.num_train_timesteps - 1
+        if not (int(low) == low and int(high) == high and 0 <= low <= high <= last):
+            raise OptionError(
+                f"Expected `t_range` = (low, high), integers with 0 <= low <= high <= {last} (the noisy "
+                f"timesteps to draw), but got {tuple(t_range)!r}."
+            )
+        t = uniform_timesteps(x.shape[0], low, high, generator=generator, device=x.device)
     tt = schedule.batch_timesteps(t, x)
-    return tt.expand(x.shape[0]) if tt.ndim == 0 else tt
+    tt = tt.expand(x.shape[0]) if tt.ndim == 0 else tt
+    if value_checks_enabled() and bool((tt < 0).any()):  # t = -1 is the clean end: x_t = x0, sigma 0
+        raise OptionError(
+            f"Expected `t` >= 0 (score losses noise x0 to x_t at t; t = -1 is the clean end, where sigma is "
+            f"0), but got {tt.tolist()}."
+        )
+    return tt
 
 
 def _noise(noise: torch.Tensor | None, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -361,8 +374,11 @@ def fake_score_loss(
 
     .. math:: \\mathcal L = \\lambda(t)\\,\\lVert \\hat u(x_t, t) - u \\rVert^2 / D, \\qquad x_t = \\alpha_t\\,\\mathrm{sg}(x_0) + \\sigma_t\\epsilon
 
-    where ``weighting`` picks the space of :math:`u`: ``"epsilon"`` (the noise; DMD2's
-    ``compute_loss_fake``), ``"v"`` (:math:`\\alpha_t\\epsilon - \\sigma_t x_0`), ``"x0"`` (the clean sample),
+    where ``weighting`` picks the space of :math:`u` and :math:`\\lambda`: ``"epsilon"`` (the noise,
+    :math:`\\lambda = 1`; DMD2's ``compute_loss_fake``), ``"v"`` (:math:`\\alpha_t\\epsilon - \\sigma_t x_0`
+    with SiD's :math:`\\lambda = \\mathrm{SNR}/(\\mathrm{SNR}+1) = \\alpha_t^2/(\\alpha_t^2+\\sigma_t^2)`, which
+    makes it equal to the epsilon loss in value and gradient for a variance-preserving schedule, computed
+    in v space; zero at a zero-terminal-SNR last step), ``"x0"`` (the clean sample, :math:`\\lambda = 1`),
     or ``"edm"`` (clean sample with Karras et al.'s :math:`\\lambda = (\\sigma^2 + \\sigma_d^2)/(\\sigma\\sigma_d)^2`,
     :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD). The network's own ``prediction_type`` is converted as needed.
     ``t`` defaults to :math:`U\\{0..T-1\\}`.
@@ -392,7 +408,10 @@ def fake_score_loss(
     else:
         target = x0
     per = _per_sample(pred - _f32(target)).pow(2).mean(dim=1)
-    if weighting == "edm":
+    if weighting == "v":  # SiD-LSG's fake-score loss: v-MSE x SNR / (SNR + 1)
+        a2, s2 = schedule.alpha(tt) ** 2, schedule.sigma(tt) ** 2
+        per = per * (a2 / (a2 + s2)).to(per.dtype)
+    elif weighting == "edm":
         sigma = schedule.edm_sigma(tt).to(per.dtype)
         per = per * (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     loss = reduce_loss(per, reduction)

@@ -229,6 +229,16 @@ def test_float32_and_errors():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     with pytest.raises(OptionError, match=r"Pass exactly one of `x0` .* and `x_t`.*but got both"):
         lcm_consistency_loss(student, teacher, x0, cond, x_t=x0, sample=lcm_skip_pairs(3))
+    # Ready states need the timesteps they were drawn at, and take no noise (it would be unused).
+    for loss_fn, kwargs in (
+        (lcm_consistency_loss, {}),
+        (tscd_loss, {"num_segments": 2}),
+        (multistep_consistency_loss, {}),
+    ):
+        with pytest.raises(OptionError, match=r"pass the `sample` they belong to .* got `x_t` without `sample`"):
+            loss_fn(student, teacher, None, cond, x_t=x0, **kwargs)
+        with pytest.raises(OptionError, match=r"`noise` noises `x0` and is unused with ready states `x_t`"):
+            loss_fn(student, teacher, None, cond, x_t=x0, sample=lcm_skip_pairs(3), noise=noise, **kwargs)
     with pytest.raises(OptionError, match=r"Expected `teacher` to be a TeacherSolver, but got function"):
         consistency_pair(student, teacher_model, x0, lcm_skip_pairs(3))
     with pytest.raises(

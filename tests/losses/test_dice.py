@@ -325,9 +325,27 @@ def test_mask_and_ignore_index() -> None:
         dice_semimetric_loss(logits, with_ignore, ignore_index=255),
         dice_semimetric_loss(logits, labels, mask),
     )
-    # mask and ignore_index combine (logical and)
-    both = dice_semimetric_loss(logits, with_ignore, mask | True, ignore_index=255)
-    torch.testing.assert_close(both, dice_semimetric_loss(logits, labels, mask))
+    # mask and ignore_index combine (logical and): the mask also drops a pixel that holds a valid label
+    narrower = mask.clone()
+    narrower[0, 0, 0] = False
+    both = dice_semimetric_loss(logits, with_ignore, narrower, ignore_index=255)
+    torch.testing.assert_close(both, dice_semimetric_loss(logits, labels, narrower))
+    assert not torch.allclose(both, dice_semimetric_loss(logits, labels, mask))
+    # Pixels outside the mask may hold any value, as with ignore_index (not only with it): no error, and
+    # the same loss, with value checks on and off.
+    for checks in (True, False):
+        _checks.set_value_checks(checks)
+        try:
+            torch.testing.assert_close(
+                dice_semimetric_loss(logits, with_ignore, mask), dice_semimetric_loss(logits, labels, mask)
+            )
+            binary_logits, binary = logits[:, :1], (labels > 0).long()
+            torch.testing.assert_close(
+                dice_semimetric_loss(binary_logits, binary.masked_fill(~mask, 255), mask, mode="binary"),
+                dice_semimetric_loss(binary_logits, binary, mask, mode="binary"),
+            )
+        finally:
+            _checks.set_value_checks(True)
 
 
 def test_integer_label_dtypes() -> None:
@@ -557,12 +575,15 @@ def test_value_checks_can_be_disabled() -> None:
     logits, labels, _ = _data()
     bad = labels.clone()
     bad[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"Expected `target` class indices in \[0, 4\)"):
+        dice_semimetric_loss(logits, bad)
     _checks.set_value_checks(False)
     try:
-        dice_semimetric_loss(logits, bad.clamp(max=3))
-        dice_semimetric_loss(
-            logits, torch.full((2, 4, 6, 5), 0.5, dtype=torch.float64)
-        )  # sums to 2: unchecked
+        # Unchecked, the bad label reaches the indexing op itself (torch's error, not the check's).
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            dice_semimetric_loss(logits, bad)
+        unchecked = dice_semimetric_loss(logits, torch.full((2, 4, 6, 5), 0.5, dtype=torch.float64))
+        assert bool(torch.isfinite(unchecked))  # soft labels summing to 2 over C: computed, not refused
     finally:
         _checks.set_value_checks(True)
 

@@ -133,8 +133,11 @@ def test_fake_score_loss_spaces(weighting):
     x0_hat = (x_t - s * eps_hat) / a
     if weighting == "epsilon":
         expected = (eps_hat - noise).pow(2).mean(1)
-    elif weighting == "v":
-        expected = ((a * eps_hat - s * x0_hat) - (a * noise - s * x0.detach())).pow(2).mean(1)
+    elif weighting == "v":  # SiD-LSG: v-MSE x SNR / (SNR + 1), i.e. the epsilon loss for a VP schedule
+        snr = (a / s).pow(2).view(-1)
+        v_mse = ((a * eps_hat - s * x0_hat) - (a * noise - s * x0.detach())).pow(2).mean(1)
+        expected = v_mse * snr / (snr + 1)
+        torch.testing.assert_close(expected, (eps_hat - noise).pow(2).mean(1), atol=1e-10, rtol=1e-9)
     else:
         expected = (x0_hat - x0.detach()).pow(2).mean(1)
         if weighting == "edm":
@@ -191,6 +194,17 @@ def test_errors_and_autocast():
         fake_score_loss(Fake(), x, schedule=SCHED, weighting="snr")
     with pytest.raises(OptionError, match=r"Expected `c` to be > 0, but got 0"):
         sim_loss(x, real, Fake(), schedule=SCHED, c=0.0, t=t, noise=noise)
+    # t = -1 (the clean end, sigma 0) is no noisy state, and t_range is checked by its name.
+    for fn in (dmd_loss, sid_loss, sim_loss):
+        with pytest.raises(OptionError, match=r"Expected `t` >= 0 .* but got \[-1, -1, -1, -1\]"):
+            fn(x, real, Fake(), schedule=SCHED, t=-1, noise=noise)
+    with pytest.raises(OptionError, match=r"Expected `t` >= 0"):
+        fake_score_loss(Fake(), x, schedule=SCHED, t=torch.tensor([5, -1, 3, 4]))
+    for bad in ((-1, 5), (600, 500), (0, 1000), (0.5, 10)):
+        with pytest.raises(
+            OptionError, match=r"Expected `t_range` = \(low, high\), integers with 0 <= low <= high <= 999"
+        ):
+            fake_score_loss(Fake(), x, schedule=SCHED, t_range=bad)
     lin = torch.nn.Linear(6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for fn in (dmd_loss, sid_loss, sim_loss):
