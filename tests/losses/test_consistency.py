@@ -235,7 +235,9 @@ def test_float32_and_errors():
         (tscd_loss, {"num_segments": 2}),
         (multistep_consistency_loss, {}),
     ):
-        with pytest.raises(OptionError, match=r"pass the `sample` they belong to .* got `x_t` without `sample`"):
+        with pytest.raises(
+            OptionError, match=r"pass the `sample` they belong to .* got `x_t` without `sample`"
+        ):
             loss_fn(student, teacher, None, cond, x_t=x0, **kwargs)
         with pytest.raises(OptionError, match=r"`noise` noises `x0` and is unused with ready states `x_t`"):
             loss_fn(student, teacher, None, cond, x_t=x0, sample=lcm_skip_pairs(3), noise=noise, **kwargs)
