@@ -156,12 +156,15 @@ class FeatureTap:
         self.handles: list[RemovableHandle] = []
         lookup = dict(inner.named_modules())
         for key, name in names.items():
-            self.handles.append(lookup[name].register_forward_hook(self._make_hook(key, name)))
+            module = lookup[name]
+            self.handles.append(module.register_forward_hook(self._make_hook(key, name, module)))
         logger.debug("FeatureTap on %d module(s) of %s", len(names), type(inner).__name__)
 
-    def _make_hook(self, key: str, name: str) -> Any:
+    def _make_hook(self, key: str, name: str, tapped: nn.Module) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if in_backward_pass():  # gradient-checkpointing recomputation: already recorded
+            # copy.deepcopy of the model (an EMA or frozen copy made after the tap) copies this hook onto
+            # the copy's module: only the tapped module itself records.
+            if module is not tapped or in_backward_pass():  # in backward: checkpoint recomputation
                 return
             feature = first_tensor(output, what=f"module '{name}'")
             self._features[key] = feature.detach() if self.detach else feature

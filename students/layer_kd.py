@@ -214,7 +214,11 @@ class LayerKD(nn.Module):
         self.__dict__["_nets"] = (student, teacher)
         self._warned: set[str] = set()
         self.student_tap = FeatureTap(student, {s: s for s in pairs})
-        self.teacher_tap = FeatureTap(teacher, {s: t for s, t in pairs.items()}, detach=True)
+        try:
+            self.teacher_tap = FeatureTap(teacher, {s: t for s, t in pairs.items()}, detach=True)
+        except Exception:  # a teacher name that does not resolve: leave no hook on the student
+            self.student_tap.close()
+            raise
 
     @property
     def student(self) -> nn.Module:

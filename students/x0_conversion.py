@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_tensor
+from .._checks import OptionError, check_tensor
 from .._modules import unwrap_model
 from ..losses.consistency import x0_conversion_loss
 from ..losses.distances import DistanceLike
@@ -81,9 +81,23 @@ class X0Conversion(nn.Module):
         self.prediction_type = schedule._prediction_type(prediction_type)
         self.distance = distance
         grid = torch.arange(schedule.num_train_timesteps) if timesteps is None else torch.as_tensor(timesteps)
-        self.register_buffer(
-            "timestep_grid", schedule.timesteps(grid.long(), torch.device("cpu"), "timesteps")
-        )
+        last = schedule.num_train_timesteps - 1
+        if (
+            grid.ndim != 1
+            or grid.numel() == 0
+            or (grid.is_floating_point() and not torch.equal(grid, grid.round()))
+        ):
+            raise OptionError(
+                f"Expected `timesteps` to be a non-empty 1-D list of integer training timesteps in [0, {last}], "
+                f"but got {grid.tolist()!r} (shape {tuple(grid.shape)})."
+            )
+        grid = schedule.timesteps(grid.long(), torch.device("cpu"), "timesteps")
+        if bool((grid < 0).any()):
+            raise OptionError(
+                f"Expected `timesteps` in [0, {last}]: t = -1 is the clean end, where x_t is x0 and there is "
+                f"nothing to convert; got {grid.tolist()!r}."
+            )
+        self.register_buffer("timestep_grid", grid)
         logger.info("x0 conversion of a %s-prediction model", self.prediction_type)
 
     def train(self, mode: bool = True) -> X0Conversion:

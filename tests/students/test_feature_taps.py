@@ -250,3 +250,23 @@ def test_ddp_wrapped_unet_single_process_group_same_features() -> None:
         ref = tap_plain.pop()
     for name in names:
         torch.testing.assert_close(feats[name], ref[name])
+
+
+def test_copies_made_after_the_tap_do_not_record() -> None:
+    # EMA and X0Conversion deep-copy the model, which copies its forward hooks: the copy's forward must
+    # neither overwrite the tapped features nor count as a call.
+    from diffdistill.students import EMA
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with FeatureTap(net, ["0"]) as tap:
+        x = torch.randn(3, 4)
+        net(x)
+        copied = copy.deepcopy(net)
+        ema = EMA(net, decay=0.9)
+        with torch.no_grad():
+            copied[0].weight.add_(1.0)
+        copied(torch.randn(3, 4))
+        ema(torch.randn(3, 4))
+        assert tap.calls == {"0": 1}
+        torch.testing.assert_close(tap.pop()["0"], net[0](x))

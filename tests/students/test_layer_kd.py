@@ -144,6 +144,10 @@ def test_shape_mismatch_names_both_modules() -> None:
         LayerKD(student, teacher, ["stem"], output_weight=-1.0)
     with pytest.raises(OptionError, match=r"Expected 'head2' to name a sub-module"):
         LayerKD(student, teacher, ["head2"])
+    # A teacher name that does not resolve (mapping form): no hook is left behind on the student.
+    with pytest.raises(OptionError, match=r"'bodyy'"):
+        LayerKD(student, teacher, {"bodyy": "stem"})
+    assert all(not m._forward_hooks for m in student.modules())
 
 
 def test_warns_when_a_student_feature_has_no_graph(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffdistill._checks import OptionError
 from diffdistill.schedulers import NoiseSchedule
 from diffdistill.students import X0Conversion
 
@@ -80,3 +81,14 @@ def test_training_converts_to_x0_prediction() -> None:
         first = loss.item() if first is None else first
     assert loss.item() < 1e-3 * first
     assert model is conv.online  # trained in place
+
+
+def test_timesteps_are_checked() -> None:
+    sched = NoiseSchedule.from_betas()
+    net = nn.Linear(4, 4)
+    for bad in ([], [[1, 2], [3, 4]], [10.5]):
+        with pytest.raises(OptionError, match=r"Expected `timesteps` to be a non-empty 1-D list of integer"):
+            X0Conversion(net, sched, timesteps=bad)
+    with pytest.raises(OptionError, match=r"t = -1 is the clean end"):
+        X0Conversion(net, sched, timesteps=[-1, 999])
+    assert X0Conversion(net, sched, timesteps=[999.0, 500]).timestep_grid.tolist() == [999, 500]
