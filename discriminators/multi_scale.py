@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import ShapeError
+from .._modules import unwrap_model
 from .discriminator_base import UNetDiscriminatorBase, _default_trainable
 from .heads import ReadoutHead
 from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
@@ -52,6 +53,7 @@ def decoder_scale_levels(unet: nn.Module) -> tuple[str, ...]:
         >>> decoder_scale_levels(tiny_sdxl_unet())  # 2-level UNet: two scales
         ('mid', 'up.1')
     """
+    unet = unwrap_model(unet)  # DDP / compile wrappers, as the extractor accepts them
     strides = _level_geometry(unet)[1]
     last: dict[int, str] = {}
     for level in unet_feature_levels(unet):
@@ -167,7 +169,8 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
             encoder_hidden_states: text hidden states ``(B, L, D)``.
             added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}``.
             noise: the generator's input noise ``z``, ``(B, noise_channels, H, W)``; None drops the
-                z-condition (same as zero noise).
+                z-condition (no z-conv added; equal to zero noise only while the z-conv's bias is zero,
+                as initialised).
             generator: randomness of ``augment``.
         """
         self._check_sample(sample)

@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -132,9 +133,9 @@ def _head_weights(head_weights: Sequence[float] | None, num_heads: int) -> list[
             f"{len(weights)}: {list(head_weights)}."
         )
     total = sum(weights)
-    if any(not w >= 0 for w in weights) or not total > 0:
+    if any(not 0 <= w < math.inf for w in weights) or not total > 0:
         raise OptionError(
-            f"Expected `head_weights` to be >= 0 with a positive sum, but got {list(head_weights)}."
+            f"Expected `head_weights` to be finite and >= 0 with a positive sum, but got {list(head_weights)}."
         )
     return [w / total for w in weights]
 

@@ -244,12 +244,26 @@ def mps_hinge_loss(
     return _reduce(per_sample, reduction), logs
 
 
-def _freeze(reward_fn: RewardFn | None, freeze: bool) -> None:
-    if freeze and isinstance(reward_fn, nn.Module):
-        reward_fn.eval().requires_grad_(False)
+class _RewardModule(nn.Module):
+    """Owns the reward model; with ``freeze``, keeps an ``nn.Module`` one frozen and in eval mode, also
+    through a parent's ``.train()`` (DESIGN: frozen networks stay in eval mode)."""
+
+    def __init__(self, reward_fn: RewardFn | None, freeze: bool) -> None:
+        super().__init__()
+        _check_reward_fn(reward_fn)
+        self.freeze = bool(freeze)
+        if self.freeze and isinstance(reward_fn, nn.Module):
+            reward_fn.eval().requires_grad_(False)
+        self.reward_fn = reward_fn
+
+    def train(self, mode: bool = True) -> _RewardModule:
+        super().train(mode)
+        if self.freeze and isinstance(self.reward_fn, nn.Module):
+            self.reward_fn.eval()
+        return self
 
 
-class RewardHingeLoss(nn.Module):
+class RewardHingeLoss(_RewardModule):
     r"""Module form of :func:`reward_hinge_loss` that owns a (frozen) reward model.
 
     Args:
@@ -258,7 +272,7 @@ class RewardHingeLoss(nn.Module):
             ``requires_grad_(False)``. None: ``forward`` takes reward tensors.
         alpha: the threshold :math:`\alpha`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        freeze: freeze an ``nn.Module`` reward model.
+        freeze: freeze an ``nn.Module`` reward model (kept in eval mode by ``.train()`` too).
 
     Example:
         >>> crit = RewardHingeLoss(lambda x: x.mean(dim=(1, 2, 3)), alpha=0.5)
@@ -276,12 +290,9 @@ class RewardHingeLoss(nn.Module):
         reduction: Reduction = "mean",
         freeze: bool = True,
     ) -> None:
-        super().__init__()
-        _check_reward_fn(reward_fn)
+        super().__init__(reward_fn, freeze)
         self.alpha = _check_number(alpha, "alpha")
         check_option(reduction, "reduction", _REDUCTIONS)
-        _freeze(reward_fn, freeze)
-        self.reward_fn = reward_fn
         self.reduction = reduction
 
     def forward(
@@ -296,7 +307,7 @@ class RewardHingeLoss(nn.Module):
         return f"alpha={self.alpha}, reduction={self.reduction!r}"
 
 
-class MPSHingeLoss(nn.Module):
+class MPSHingeLoss(_RewardModule):
     r"""Module form of :func:`mps_hinge_loss` that owns a (frozen) MPS-style reward model.
 
     Args:
@@ -323,12 +334,9 @@ class MPSHingeLoss(nn.Module):
         reduction: Reduction = "mean",
         freeze: bool = True,
     ) -> None:
-        super().__init__()
-        _check_reward_fn(reward_fn)
+        super().__init__(reward_fn, freeze)
         self.s0 = _check_number(s0, "s0")
         check_option(reduction, "reduction", _REDUCTIONS)
-        _freeze(reward_fn, freeze)
-        self.reward_fn = reward_fn
         self.reduction = reduction
 
     def forward(

@@ -102,6 +102,13 @@ class NoiseSchedule:
                 "Expected `alphas_cumprod` to be non-increasing in t, but it increases somewhere."
             )
         check_option(prediction_type, "prediction_type", PREDICTION_TYPES)
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
+            raise DTypeError(
+                f"Expected `compute_dtype` to be a floating torch.dtype (float64, float32) or None, but got "
+                f"{compute_dtype!r}."
+            )
         if not 0 < final_alpha_cumprod <= 1:
             raise OptionError(
                 f"Expected `final_alpha_cumprod` to lie in (0, 1], but got {final_alpha_cumprod!r}."

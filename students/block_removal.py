@@ -239,6 +239,19 @@ def _level_depths(entry: LevelDepth, teacher: list[int], what: str) -> list[int]
     return [_resolve_depth(scalar, d, what) for d in teacher]
 
 
+def _attention_entry(
+    values: tuple[Any, ...] | None, level: int, has_attention: bool, block_type: str, side: str
+) -> Any:
+    """The spec's transformer depth for ``level`` (None: the teacher's); refused on a level without attention."""
+    entry = values[level] if values is not None and level < len(values) else None
+    if entry is not None and not has_attention:
+        raise OptionError(
+            f"Expected `{side}_transformer_layers[{level}]` to be None: level {level} ({block_type}) has no "
+            f"attention, but got {entry!r}."
+        )
+    return entry
+
+
 def _keep_indices(rule: KeepRule, teacher_depth: int, student_depth: int) -> list[int]:
     if callable(rule):
         idx = [int(i) for i in rule(teacher_depth, student_depth)]
@@ -318,7 +331,7 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
     for i in range(n_out):
         teacher_depths = [lay.down_depths[i][t] for t in down_keep[i]]
         has_attn = _has_attention(lay.down_types[i])
-        entry = level_entry(spec.down_transformer_layers, i) if has_attn else None
+        entry = _attention_entry(spec.down_transformer_layers, i, has_attn, lay.down_types[i], "down")
         depths = _level_depths(entry, teacher_depths, f"down_transformer_layers[{i}]")
         down_depths.append(depths)
         module_map[f"down_blocks.{i}"] = f"down_blocks.{i}"
@@ -341,7 +354,7 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
         t_u = u + shift
         teacher_depths = [lay.up_depths[t_u][t] for t in up_keep[level]]
         has_attn = _has_attention(lay.up_types[t_u])
-        entry = level_entry(spec.up_transformer_layers, level) if has_attn else None
+        entry = _attention_entry(spec.up_transformer_layers, level, has_attn, lay.up_types[t_u], "up")
         depths = _level_depths(entry, teacher_depths, f"up_transformer_layers[{level}]")
         up_depths.append(depths)
         module_map[f"up_blocks.{u}"] = f"up_blocks.{t_u}"

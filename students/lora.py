@@ -111,6 +111,8 @@ def add_lora(
         ['0.lora_A.default.weight', '0.lora_B.default.weight']
     """
     peft = _peft("add_lora")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise OptionError(f"Expected `rank` to be a positive int, but got {type(rank).__name__} {rank!r}.")
     check_positive(rank, "rank")
     config = peft.LoraConfig(
         r=int(rank),

@@ -361,4 +361,5 @@ def test_default_levels_at_sdxl_structure() -> None:
     assert [pcm.extractor.channels[level] for level in pcm.levels] == [320, 640, 1280, 1280]
     levels = decoder_scale_levels(sdxl)
     assert levels == ("mid", "up.0", "up.2")
+    assert decoder_scale_levels(nn.DataParallel(sdxl)) == levels  # wrapped UNets, as the extractor takes
     assert [pcm.extractor.strides[level] for level in levels] == [4, 2, 1]

@@ -648,10 +648,13 @@ def test_gan_loss_errors() -> None:
         gan_generator_loss(f, loss="hinge", hinge_generator="pcm")
     with pytest.raises(OptionError, match=r"one entry per discriminator head \(2\), but got 3"):
         gan_generator_loss([f, f], head_weights=(1, 2, 3))
-    with pytest.raises(OptionError, match=r"`head_weights` to be >= 0 with a positive sum"):
+    with pytest.raises(OptionError, match=r"`head_weights` to be finite and >= 0 with a positive sum"):
         gan_generator_loss([f, f], head_weights=(1, -2))
-    with pytest.raises(OptionError, match=r"`head_weights` to be >= 0 with a positive sum"):
+    with pytest.raises(OptionError, match=r"`head_weights` to be finite and >= 0 with a positive sum"):
         GANLoss(head_weights=(0, 0))
+    for bad in ((float("inf"), 1), (float("nan"), 1)):  # inf would normalise to [nan, 0]
+        with pytest.raises(OptionError, match=r"`head_weights` to be finite and >= 0"):
+            gan_generator_loss([f, f], head_weights=bad)
     with pytest.raises(ShapeError, match=r"same heads, but got 2 real and 1 fake"):
         gan_discriminator_loss([r, r], [f])
     with pytest.raises(ShapeError, match=r"`real_logits` to have a batch dimension.*0-d"):

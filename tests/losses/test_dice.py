@@ -263,6 +263,9 @@ def test_gamma_log_loss_class_weights_classes() -> None:
     torch.testing.assert_close(
         dice_semimetric_loss(logits, soft, class_weights=w.tolist(), reduction="none"), base * w
     )
+    for bad in ([-1.0, 1.0, 1.0, 1.0], [float("nan"), 1.0, 1.0, 1.0], [float("inf"), 1.0, 1.0, 1.0]):
+        with pytest.raises(ValueError, match=r"Expected `class_weights` to be finite and >= 0, but got \["):
+            dice_semimetric_loss(logits, soft, class_weights=bad)
     torch.testing.assert_close(dice_semimetric_loss(logits, soft, classes=[1, 3]), base[[1, 3]].mean())
     sub = dice_semimetric_loss(logits, soft, classes=range(1, 4), reduction="none")
     assert bool(torch.isnan(sub[0])) and not bool(torch.isnan(sub[1:]).any())

@@ -71,6 +71,16 @@ def test_unfrozen_reward_model_trains_when_asked() -> None:
     crit = RewardHingeLoss(scorer, alpha=100.0, freeze=False)
     crit(torch.randn(2, 3, 4, 4))[0].backward()
     assert scorer.w.grad is not None
+    assert crit.train().training and scorer.training  # not frozen: follows the parent's mode
+
+
+def test_frozen_reward_model_stays_in_eval_mode_through_train() -> None:
+    # A parent's .train() (e.g. the training loop's model.train()) must not switch dropout back on.
+    for crit in (RewardHingeLoss(_Scorer(), alpha=1.0), MPSHingeLoss(_Scorer())):
+        parent = torch.nn.ModuleDict({"loss": crit}).train()
+        assert crit.training and not crit.reward_fn.training
+        parent.eval().train()
+        assert not crit.reward_fn.training
 
 
 def test_mps_hinge_values_and_gradients() -> None:

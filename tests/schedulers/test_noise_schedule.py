@@ -199,6 +199,9 @@ def test_output_dtype_follows_input(dtype):
     assert x_t.dtype == dtype
     assert s.ddim_step(eps, 500, x_t, 250).dtype == dtype
     assert NoiseSchedule.from_betas(compute_dtype=None).add_noise(x0, eps, 500).dtype == dtype
+    for bad in (torch.int64, "float32"):
+        with pytest.raises(DTypeError, match=r"Expected `compute_dtype` to be a floating torch.dtype"):
+            NoiseSchedule.from_betas(compute_dtype=bad)
 
 
 def test_ddim_step_gradcheck():

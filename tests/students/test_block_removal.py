@@ -341,6 +341,13 @@ def test_spec_errors() -> None:
         student_config(TINY_SDXL, BlockRemovalSpec(up_transformer_layers=(None, (1, 1))))
     with pytest.raises(OptionError, match=r"`layers_per_block\[0\]` to lie in \[1, 2\]"):
         student_config(TINY_SDXL, BlockRemovalSpec(layers_per_block=(3,)))
+    # A depth for a level without attention (SDXL's level 0, DownBlock2D / UpBlock2D) is refused, not dropped.
+    with pytest.raises(
+        OptionError, match=r"`down_transformer_layers\[0\]` to be None: level 0 \(DownBlock2D\) has"
+    ):
+        student_config(TINY_SDXL, BlockRemovalSpec(down_transformer_layers=(3,)))
+    with pytest.raises(OptionError, match=r"`up_transformer_layers\[0\]` to be None: level 0 \(UpBlock2D\)"):
+        student_config(TINY_SDXL, BlockRemovalSpec(up_transformer_layers=(0.5, None, None)))
     with pytest.raises(OptionError, match=r"innermost levels to have the same width"):
         student_config(
             {**TINY_SDXL, "block_out_channels": [32, 64, 128]}, BlockRemovalSpec(drop_innermost=True)

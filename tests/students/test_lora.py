@@ -118,6 +118,8 @@ def test_rank_alpha_scaling_and_generic_modules() -> None:
         lora_state_dict(net, "other")
     with pytest.raises(OptionError, match=r"Expected `rank` to be > 0"):
         add_lora(nn.Linear(2, 2), rank=0)
+    with pytest.raises(OptionError, match=r"Expected `rank` to be a positive int, but got float 2.5"):
+        add_lora(nn.Linear(2, 2), rank=2.5)  # peft would take r=2 with alpha 2.5: scaling 1.25, not 1
 
 
 def test_teacher_view_disables_adapters_and_restores_state() -> None:
