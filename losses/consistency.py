@@ -554,6 +554,11 @@ def inter_segment_consistency_loss(
     check_tensor(x0, "x0")
     total = teacher.schedule.num_train_timesteps
     if sample is None:
+        if not isinstance(num_segments, int) or num_segments < 1 or total % num_segments:
+            raise OptionError(
+                f"Expected `num_segments` to divide the {total} training timesteps (the stage's grid has step "
+                f"T / num_segments), but got {num_segments!r}; pass a `sample` for other grids."
+            )
         sample = milestone_pairs(
             x0.shape[0],
             num_segments,

@@ -22,7 +22,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._checks import OptionError, check_option, check_positive, check_tensor, value_checks_enabled
+from .._checks import (
+    OptionError,
+    ShapeError,
+    check_option,
+    check_positive,
+    check_tensor,
+    value_checks_enabled,
+)
 from .._modules import frozen
 from .._outputs import first_tensor
 from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
@@ -330,6 +337,11 @@ def sim_loss(
         True
     """
     check_option(distance, "distance", ("pseudo_huber", "l2"))
+    if distance == "l2" and c is not None:
+        raise OptionError(
+            f"`c` is the pseudo-Huber constant and unused with distance='l2', but got c={c!r}: leave it None "
+            "or use distance='pseudo_huber'."
+        )
     tt, real_x0, fake_x0 = _real_and_fake(
         x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
     )
@@ -345,8 +357,16 @@ def sim_loss(
         dprime = dprime.detach()
     per = -(dprime * (d_fake - _per_sample(_f32(x)))).sum(dim=1)
     if weight is not None:
-        w = weight(tt) if callable(weight) else weight
-        per = per * torch.as_tensor(w, dtype=per.dtype, device=per.device).reshape(-1)
+        w = torch.as_tensor(weight(tt) if callable(weight) else weight, dtype=per.dtype, device=per.device)
+        if w.ndim > 1 or w.numel() not in (1, per.shape[0]):
+            raise ShapeError(
+                f"Expected `weight` (w(t)) to be a scalar or one value per sample, shape ({per.shape[0]},), "
+                f"but got shape {tuple(w.shape)}.",
+                name="weight",
+                expected=(per.shape[0],),
+                actual=tuple(w.shape),
+            )
+        per = per * w.reshape(-1)
     loss = reduce_loss(per, reduction)
     return loss, {
         "loss": per.detach().mean(),

@@ -168,8 +168,12 @@ def lcm_skip_pairs(
     _check_int(batch_size, "batch_size", 1)
     n = _check_int(num_ddim_timesteps, "num_ddim_timesteps", 1)
     total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
-    if n > total:
-        raise OptionError(f"Expected `num_ddim_timesteps` <= `num_train_timesteps` ({total}), but got {n}.")
+    if n > total // 2:
+        raise OptionError(
+            f"Expected `num_ddim_timesteps` <= num_train_timesteps // 2 ({total // 2}): the skip "
+            f"num_train_timesteps // num_ddim_timesteps must be >= 2 for t_prev < t at the grid's first point, "
+            f"but got {n}."
+        )
     skip = total // n
     dev = _gen_device(generator)
     index = torch.randint(0, n, (batch_size,), generator=generator, device=dev)
@@ -333,8 +337,14 @@ def progressive_pairs(
         index = torch.randint(1, n + 1, (batch_size,), generator=generator, device=dev)
         t, t_prev = grid_u[index] - 1, grid_u[index - 1] - 1
     else:
-        grid = torch.as_tensor(list(extra_timesteps), dtype=torch.long, device=dev)
-        if grid.ndim != 1 or grid.numel() == 0 or bool(((grid < 0) | (grid > total - 1)).any()):
+        given = torch.as_tensor(list(extra_timesteps))
+        grid = given.to(device=dev, dtype=torch.long)
+        if (
+            given.ndim != 1
+            or given.numel() == 0
+            or (given.is_floating_point() and not torch.equal(given, given.round()))
+            or bool(((grid < 0) | (grid > total - 1)).any())
+        ):
             raise OptionError(
                 f"Expected `extra_timesteps` to be a non-empty list of ints in [0, {total - 1}], but got "
                 f"{list(extra_timesteps)}."

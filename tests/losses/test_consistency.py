@@ -107,8 +107,48 @@ def test_target_options_and_gradient_isolation():
     expected = _f(_guided(online.x_prev, tp, cond, uncond), online.x_prev, tp)
     torch.testing.assert_close(with_teacher.target, expected, atol=1e-12, rtol=1e-10)
     assert not online.target.requires_grad and online.student.requires_grad
-    online.student.sum().backward()
-    assert all(p.grad is None for p in ema.module.parameters())
+    # The target model runs without autograd (not merely detached afterwards).
+    grad_modes: list[bool] = []
+
+    def recording_target(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return ema(*args, **kwargs)
+
+    recorded = consistency_pair(student, teacher, x_t, sample, cond, uncond, target=recording_target)
+    assert grad_modes == [False]
+    torch.testing.assert_close(recorded.target, with_ema.target)
+
+
+def test_teacher_prediction_type_differs_from_the_students():
+    # A v-prediction teacher with an epsilon student: the teacher's step and target="teacher" read the
+    # teacher's outputs as v. Reference: the same teacher rewritten to predict epsilon.
+    student, _, cond, uncond, x0, noise = _setup()
+    sample = lcm_skip_pairs(3, generator=torch.Generator().manual_seed(0))
+    x_t = SCHED.add_noise(x0, noise, sample.t)
+
+    def as_epsilon(x, t, scale):
+        return SCHED.convert(teacher_model(x, t, scale), x, t, "v_prediction", "epsilon")
+
+    v_teacher = TeacherSolver(
+        teacher_model, SCHED, guidance_scale=3.0, guidance="lcm", prediction_type="v_prediction"
+    )
+    eps_teacher = TeacherSolver(as_epsilon, SCHED, guidance_scale=3.0, guidance="lcm")
+    got = {}
+    for target in ("teacher", "online"):
+        got[target] = consistency_pair(student, v_teacher, x_t, sample, cond, uncond, target=target)
+        want = consistency_pair(student, eps_teacher, x_t, sample, cond, uncond, target=target)
+        torch.testing.assert_close(got[target].x_prev, want.x_prev, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got[target].target, want.target, atol=1e-12, rtol=1e-10)
+    plain = consistency_pair(
+        student,
+        TeacherSolver(teacher_model, SCHED, guidance_scale=3.0, guidance="lcm"),
+        x_t,
+        sample,
+        cond,
+        uncond,
+        target="teacher",
+    )
+    assert not torch.allclose(plain.target, got["teacher"].target)  # reading v as epsilon differs
 
 
 def test_tscd_loss_matches_manual_and_edges():
@@ -229,6 +269,8 @@ def test_float32_and_errors():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     with pytest.raises(OptionError, match=r"Pass exactly one of `x0` .* and `x_t`.*but got both"):
         lcm_consistency_loss(student, teacher, x0, cond, x_t=x0, sample=lcm_skip_pairs(3))
+    with pytest.raises(OptionError, match=r"Expected `num_segments` to divide the 1000 training timesteps"):
+        inter_segment_consistency_loss(student, teacher, x0, cond, num_segments=3)
     # Ready states need the timesteps they were drawn at, and take no noise (it would be unused).
     for loss_fn, kwargs in (
         (lcm_consistency_loss, {}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffdistill._checks import OptionError
+from diffdistill._checks import OptionError, ShapeError
 from diffdistill.losses import AlternatingUpdate, denoise, dmd_loss, fake_score_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
 
@@ -194,6 +194,11 @@ def test_errors_and_autocast():
         fake_score_loss(Fake(), x, schedule=SCHED, weighting="snr")
     with pytest.raises(OptionError, match=r"Expected `c` to be > 0, but got 0"):
         sim_loss(x, real, Fake(), schedule=SCHED, c=0.0, t=t, noise=noise)
+    with pytest.raises(OptionError, match=r"`c` is the pseudo-Huber constant and unused with distance='l2'"):
+        sim_loss(x, real, Fake(), schedule=SCHED, c=0.1, distance="l2", t=t, noise=noise)
+    for bad in (torch.ones(3), torch.ones(4, 6), lambda tt: torch.ones(2, 4)):
+        with pytest.raises(ShapeError, match=r"Expected `weight` \(w\(t\)\) to be a scalar or one value per"):
+            sim_loss(x, real, Fake(), schedule=SCHED, t=t, noise=noise, weight=bad)
     # t = -1 (the clean end, sigma 0) is no noisy state, and t_range is checked by its name.
     for fn in (dmd_loss, sid_loss, sim_loss):
         with pytest.raises(OptionError, match=r"Expected `t` >= 0 .* but got \[-1, -1, -1, -1\]"):

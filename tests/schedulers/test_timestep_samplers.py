@@ -31,6 +31,13 @@ def test_lcm_skip_pairs_bounds(n, seed):
     assert bool((s.t_end == -1).all())
 
 
+def test_lcm_skip_pairs_need_a_skip_of_two():
+    # Skip 1 (N > T / 2) would put t = t_prev = 0 at the grid's first point.
+    assert int(lcm_skip_pairs(2000, 500, generator=torch.Generator().manual_seed(0)).t.min()) == 1
+    with pytest.raises(OptionError, match=r"`num_ddim_timesteps` <= num_train_timesteps // 2 \(500\)"):
+        lcm_skip_pairs(4, 501)
+
+
 def test_lcm_skip_pairs_match_diffusers_recipe():
     # diffusers train_lcm_distill_*: index ~ randint(0, N); start = ddim_timesteps[index]; target = max(start - k, 0)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
@@ -172,3 +179,8 @@ def test_errors():
         OptionError, match=r"`extra_timesteps` to be a non-empty list of ints in \[0, 999\], but got \[1000\]"
     ):
         progressive_pairs(3, 1, extra_timesteps=[1000])
+    with pytest.raises(
+        OptionError, match=r"`extra_timesteps` to be a non-empty list of ints .* \[249.7, 999.2\]"
+    ):
+        progressive_pairs(3, 1, extra_timesteps=[249.7, 999.2])  # not truncated to 249, 999
+    assert set(progressive_pairs(8, 1, extra_timesteps=[249.0, 999.0]).t.tolist()) <= {249, 999}
