@@ -64,7 +64,8 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
     ``examples/sdxl_lightning.py`` does); :meth:`parameter_groups` gives the head and the backbone their own learning rates.
 
     Args:
-        unet: the teacher ``UNet2DConditionModel`` (never modified).
+        unet: the teacher ``UNet2DConditionModel`` (left as it is with ``backbone="copy"`` or ``"shared"``;
+            ``"own"`` sets its ``requires_grad`` from ``trainable``).
         conditional: pair each sample with its conditioning input (Eq. 22) or not.
         level: backbone level the head reads (default the bottleneck ``"mid"``).
         backbone: ``"copy"`` (default: a trainable copy of encoder + mid block), ``"own"`` or ``"shared"``.

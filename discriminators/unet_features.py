@@ -150,7 +150,8 @@ class UNetFeatureExtractor(nn.Module):
 
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (SD1.5, SDXL, SSD-1B...), possibly wrapped in DDP /
-            ``torch.compile``; it is never modified.
+            ``torch.compile``. ``"copy"`` and ``"shared"`` leave it as it is; ``"own"`` with ``trainable``
+            set changes its ``requires_grad`` (and, with ``False``, puts it in eval mode).
         levels: the levels to return, see :func:`unet_feature_levels` (default: the bottleneck ``"mid"``).
         backbone: ``"copy"`` (deep copy), ``"own"`` (register the UNet's modules) or ``"shared"`` (hold
             them by reference, unregistered); see the module docstring.
@@ -217,6 +218,7 @@ class UNetFeatureExtractor(nn.Module):
         self.sample_size = config.get("sample_size")
         deepest = max(available.index(level) for level in levels)
         self._deepest = available[deepest]
+        self._reachable = tuple(available[: deepest + 1])  # the levels a forward runs through
         needed = set(available[: deepest + 1])
         n_down = sum(1 for level in needed if level.startswith("down."))
         n_up = sum(1 for level in needed if level.startswith("up."))
@@ -415,7 +417,11 @@ class UNetFeatureExtractor(nn.Module):
                 )
             return
         check_tensor(encoder_hidden_states, "encoder_hidden_states")
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != sample.shape[0]:
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != sample.shape[0]
+            or (isinstance(cross, int) and needs_text and encoder_hidden_states.shape[2] != cross)
+        ):
             raise ShapeError(
                 f"Expected `encoder_hidden_states` of shape ({sample.shape[0]}, L, {cross}) to match the batch of "
                 f"`sample` {tuple(sample.shape)}, but got {tuple(encoder_hidden_states.shape)}.",
@@ -462,6 +468,12 @@ class UNetFeatureExtractor(nn.Module):
         trunk = self.trunk
         cfg = trunk.config
         additions = additions or {}
+        unknown = [name for name in additions if name not in self._reachable]
+        if unknown:
+            raise OptionError(
+                f"Expected `additions` keys among the levels this extractor runs, {list(self._reachable)}, but "
+                f"got {unknown}: an addition anywhere else would be dropped. Request a deeper level to reach it."
+            )
         wanted = set(self.levels)
         found: dict[str, torch.Tensor] = {}
 

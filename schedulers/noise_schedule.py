@@ -339,7 +339,9 @@ class NoiseSchedule:
     ) -> torch.Tensor:
         """Inverse of :meth:`edm_sigma` over ``t = 0 .. T-1``.
 
-        ``mode="nearest"`` returns the int64 index whose log-sigma is closest (SIM's ``round_sigma``);
+        ``mode="nearest"`` returns the int64 index whose log-sigma is closest (SIM's and EDM's
+        ``round_sigma`` take the nearest sigma itself: for a sigma between two steps, near the mean of
+        the two, the index can differ by one);
         ``"interpolate"`` returns a float64 ``t`` by piecewise-linear interpolation in log sigma (as
         diffusers' Euler schedulers do), clamped to ``[0, T-1]``.
 

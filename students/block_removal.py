@@ -21,7 +21,8 @@ depth, rounded half up, at least 1, so the SDXL presets also apply to tiny SDXL-
                    ``mid_block_type="UNetMidBlock2D"``: 1.331B parameters (published 1.3B; SDXL 2.567B).
 ``"vega"``         mid block -> one resnet; level 1 keeps 0.5 (2 -> 1) and level 2 keeps 0.2 (10 -> 2) of
                    the transformer layers, down and up alike; all resnets stay. SDXL gives
-                   ``[1, 1, 2]`` / ``[[2, 2, 2], [1, 1, 1], 1]``: 0.745B (published 0.74B: down 247M,
+                   ``transformer_layers_per_block=[1, 1, 2]`` with ``reverse_transformer_layers_per_block``
+                   None (the same up depths as ``[[2, 2, 2], [1, 1, 1], 1]``): 0.745B (published 0.74B: down 247M,
                    mid 31M, up 460M -- matched exactly).
 ``"bk-sdm-base"``  distill-sd ``sd_small``: one resnet(+attention) per down block, the second removed; up
                    blocks keep their first and third (``resnets[1] = resnets[2]``); mid kept. SD1.5

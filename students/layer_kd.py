@@ -242,10 +242,12 @@ class LayerKD(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run teacher (no grad) and student on ``(sample, timestep, **cond)`` and return :func:`layer_kd_loss`.
 
-        ``teacher_fn`` replaces the teacher call (e.g. a CFG wrapper, or
+        ``teacher_fn`` replaces the teacher call (e.g. a wrapper that adds conditioning, or
         :class:`~diffdistill.students.TeacherView` for a LoRA student whose teacher is the same network with
         adapters disabled: pass the network as both ``student`` and ``teacher``); it must run the tapped
-        teacher.
+        teacher exactly once, on the student's batch. A CFG call does not fit feature KD: a batched
+        cond + uncond pass records a doubled batch (refused as a shape mismatch) and two separate passes
+        leave the features of the last one; distil features from a single conditional pass.
         Arguments as in :func:`layer_kd_loss`; ``timestep`` is passed through unchanged.
         """
         student, teacher = self.__dict__["_nets"]

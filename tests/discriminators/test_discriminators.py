@@ -260,8 +260,15 @@ def test_gradient_checkpointing_discriminator(unet, conds, latents) -> None:
     a = UNetEncoderDiscriminator(unet, conditional=False)
     torch.manual_seed(0)
     b = UNetEncoderDiscriminator(unet, conditional=False, gradient_checkpointing=True)
+    runs = []  # forward calls of a block per step: checkpointing recomputes it in backward
     for d in (a, b):
+        calls = [0]
+        block = d.extractor.trunk.down_blocks[0]
+        hook = block.register_forward_pre_hook(lambda m, args, c=calls: c.__setitem__(0, c[0] + 1))
         d(latents, 500, *conds)[0].sum().backward()
+        hook.remove()
+        runs.append(calls[0])
+    assert runs == [1, 2]
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=n)
 

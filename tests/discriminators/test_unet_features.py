@@ -95,10 +95,18 @@ def test_gradient_checkpointing_same_values_and_grads(unet, conds, latents) -> N
         unet, ("down.1", "up.1"), backbone="copy", trainable=True, gradient_checkpointing=True
     )
     outs = []
+    runs = []  # forward calls of a block per step: checkpointing recomputes it in backward
     for ext in (plain, ckpt):
+        calls = [0]
+        hook = ext.trunk.down_blocks[1].register_forward_pre_hook(
+            lambda m, a, c=calls: c.__setitem__(0, c[0] + 1)
+        )
         f = ext(latents, 300, ehs, added)
         (f["down.1"].square().mean() + f["up.1"].mean()).backward()
+        hook.remove()
+        runs.append(calls[0])
         outs.append((f, {n: p.grad.clone() for n, p in ext.named_parameters() if p.grad is not None}))
+    assert runs == [1, 2]
     (f0, g0), (f1, g1) = outs
     for k in f0:
         torch.testing.assert_close(f0[k], f1[k])
@@ -164,6 +172,15 @@ def test_error_shapes_and_options(unet, conds, latents) -> None:
         ext(latents, 10, None, added)
     with pytest.raises(ShapeError, match=r"Expected `encoder_hidden_states` of shape \(2, L, 32\)"):
         ext(latents, 10, ehs[:1], added)
+    with pytest.raises(
+        ShapeError, match=r"Expected `encoder_hidden_states` of shape \(2, L, 32\).* got \(2, 8, 16\)"
+    ):
+        ext(latents, 10, ehs[..., :16], added)  # the text width, not only the batch
+    # Additions at levels the extractor does not run (or that do not exist) are refused, not dropped.
+    with pytest.raises(OptionError, match=r"Expected `additions` keys among the levels this extractor runs"):
+        ext(latents, 10, ehs, added, additions={"up.1": torch.zeros(1)})
+    with pytest.raises(OptionError, match=r"got \['down_0'\]"):
+        ext(latents, 10, ehs, added, additions={"down_0": torch.zeros(1)})
     with pytest.raises(ShapeError, match=r"Expected `sample` to have the UNet's 4 input channels"):
         ext(latents[:, :3], 10, ehs, added)
     with pytest.raises(ShapeError, match=r"Expected `sample` to have 4 dimensions"):
