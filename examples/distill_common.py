@@ -128,8 +128,11 @@ def add_common_args(
     return parser
 
 
-def check_common_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Validate the shared options; raises ``ValueError`` with the fix."""
+def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -> argparse.Namespace:
+    """Validate the shared options; raises ``ValueError`` with the fix.
+
+    ``image_method``: the script trains on images and their captions (``--train_data_dir``), so a
+    ``--prompts_file`` beside them is refused (:func:`check_data_sources`)."""
     for name in (
         "train_batch_size",
         "max_train_steps",
@@ -145,9 +148,38 @@ def check_common_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"Expected --dataloader_num_workers >= 0, but got {args.dataloader_num_workers}.")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise ValueError(f"Expected --ema_decay in [0, 1], but got {args.ema_decay}.")
-    if args.resolution % 8:
-        raise ValueError(f"Expected --resolution divisible by 8 (the VAE factor), but got {args.resolution}.")
+    if args.resolution < 8 or args.resolution % 8:
+        raise ValueError(
+            "Expected --resolution to be a positive multiple of 8 (the VAE's downsampling factor; the image "
+            f"side in pixels, e.g. 1024 for SDXL), but got {args.resolution}."
+        )
+    if args.lora_rank < 1:
+        raise ValueError(f"Expected --lora_rank >= 1, but got {args.lora_rank}: pass e.g. --lora_rank 64.")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise ValueError(
+            "Expected --lora_alpha > 0 (the LoRA update is scaled by alpha / rank), but got "
+            f"{args.lora_alpha}: leave it out to use the rank."
+        )
+    if args.max_grad_norm is not None and not args.max_grad_norm >= 0:
+        raise ValueError(
+            f"Expected --max_grad_norm >= 0 (0: no clipping), but got {args.max_grad_norm}: pass a positive "
+            "norm to clip at, or 0 to train without clipping."
+        )
+    check_data_sources(args, image_method=image_method)
     return args
+
+
+def check_data_sources(args: argparse.Namespace, *, image_method: bool) -> None:
+    """Refuse ``--prompts_file`` beside ``--train_data_dir`` for a method that trains on images.
+
+    Such a method pairs each image with its own caption; a prompt list would replace the captions with
+    prompts drawn independently of the images, i.e. train on images under unrelated text."""
+    if image_method and getattr(args, "train_data_dir", None) and getattr(args, "prompts_file", None):
+        raise ValueError(
+            "This method trains on images and their captions (--train_data_dir), so --prompts_file "
+            f"{args.prompts_file} would pair each image with an unrelated random prompt: drop --prompts_file "
+            "(write the captions as same-name .txt files next to the images instead)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -227,6 +259,24 @@ def freeze(*modules: nn.Module) -> None:
 def weight_dtype_of(accelerator: Any) -> torch.dtype:
     """The dtype of frozen weights under the accelerator's mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+VAE_SCALE_FACTOR = 8  # SDXL's VAE: latents are 1/8 of the image side
+
+
+def discriminator_feature_resolution(unet: nn.Module, resolution: int, level: str = "mid") -> int:
+    """Spatial size of ``unet``'s ``level`` features for ``resolution`` px images: the ``feature_resolution``
+    to build a UNet-encoder discriminator head with.
+
+    The latents are ``resolution / 8``; each downsampler (3x3 conv, stride 2, padding 1) maps ``n`` to
+    ``ceil(n / 2)``, so the level has ``ceil(latent / stride)``. A head sized from the UNet config's
+    ``sample_size`` instead fits only ``resolution = 8 x sample_size`` (1024 px for SDXL).
+    """
+    from diffdistill.discriminators import UNetFeatureExtractor
+
+    stride = UNetFeatureExtractor(unet, (level,), backbone="shared").strides[level]
+    latent = int(resolution) // VAE_SCALE_FACTOR
+    return -(-latent // stride)
 
 
 def upcast_trainable(module: nn.Module) -> None:
@@ -543,6 +593,7 @@ class StepData(StepSource):
         self.need_images = need_images
         self.images: ImageCaptionFolder | None = None
         self.prompts: list[str] | None = None
+        check_data_sources(args, image_method=need_images)
         if args.train_data_dir:
             self.images = ImageCaptionFolder(args.train_data_dir, args.resolution)
         elif need_images:
@@ -561,7 +612,7 @@ class StepData(StepSource):
         if self.images is not None:
             idx = torch.randint(len(self.images), (self.batch_size,), generator=generator).tolist()
             captions = [self.images.caption(i) for i in idx]
-            if self.prompts is not None:  # a prompt list overrides the captions
+            if self.prompts is not None:  # prompt-only methods: a prompt list overrides the captions
                 pidx = torch.randint(len(self.prompts), (self.batch_size,), generator=generator).tolist()
                 captions = [self.prompts[i] for i in pidx]
             return idx, captions
@@ -653,9 +704,16 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def step_generator(seed: int, step: int, process_index: int = 0, micro: int = 0) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, step, process, micro-batch)``: the randomness of one micro-step."""
-    key = ((seed * 1_000_003 + step) * 1_009 + process_index) * 101 + micro
-    return torch.Generator().manual_seed(key % (2**63 - 1))
+    """A CPU generator seeded by ``(seed, step, process, micro-batch)``: the randomness of one micro-step.
+
+    The seed is a 63-bit BLAKE2b hash of the four integers written out in full, so distinct tuples give
+    distinct streams (a linear mix such as ``((seed * a + step) * b + process) * c + micro`` maps
+    ``process + 1`` and ``micro + c`` to one seed); the hash has no per-interpreter salt, so every process
+    and every run derives the same seed from the same tuple.
+    """
+    text = f"diffdistill.step_generator:{int(seed)}:{int(step)}:{int(process_index)}:{int(micro)}"
+    digest = hashlib.blake2b(text.encode("ascii"), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 # ------------------------------------------------------------------------------------------- accelerate
@@ -878,30 +936,76 @@ def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+CHECKPOINT_MARKER = "step.json"  # written last: a checkpoint-N folder without it is incomplete
+
+
+def is_complete_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether the ``checkpoint-N`` folder ``path`` holds its completion marker (``step.json``), written by
+    :func:`save_checkpoint` only after every process finished ``save_state``."""
+    return (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
 def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int) -> Path:
-    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``, keeping at most the total limit."""
+    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``, keeping at most the total limit.
+
+    The folder is marked complete (``step.json``, written atomically) once every process has saved, and only
+    then are older checkpoints pruned: a save that fails (disk full, a killed job) leaves the previous
+    checkpoints in place, and :func:`resume` skips the unmarked folder. Pruning keeps the newest
+    ``--checkpoints_total_limit`` complete checkpoints (this one included) and removes incomplete folders
+    older than this one (abandoned saves).
+    """
     path = Path(args.output_dir) / f"checkpoint-{step}"
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        old = [p for p in checkpoint_dirs(args.output_dir) if p != path]
-        for stale in old[: max(0, len(old) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(stale)
+    marker = path / CHECKPOINT_MARKER
+    if accelerator.is_main_process and marker.exists():
+        marker.unlink()  # re-saving a step: the folder is incomplete until this save finishes
     accelerator.wait_for_everyone()
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every process's files are written before the folder is marked
     if accelerator.is_main_process:
-        (path / "step.json").write_text(json.dumps({"global_step": step}))
+        tmp = path / f"{CHECKPOINT_MARKER}.tmp"
+        tmp.write_text(json.dumps({"global_step": step}))
+        os.replace(tmp, marker)
+        if args.checkpoints_total_limit is not None:
+            _prune_checkpoints(args.output_dir, path, args.checkpoints_total_limit)
     accelerator.wait_for_everyone()
     return path
 
 
+def _prune_checkpoints(output_dir: str | os.PathLike[str], newest: Path, limit: int) -> None:
+    """Remove complete checkpoints beyond the newest ``limit`` (``newest`` included, never removed) and
+    incomplete folders older than ``newest``."""
+    found = checkpoint_dirs(output_dir)  # oldest first
+    older = found[: found.index(newest)] if newest in found else found
+    others = [p for p in found if p != newest]
+    complete = [p for p in others if is_complete_checkpoint(p)]
+    stale = complete[: max(0, len(complete) - limit + 1)]
+    stale += [p for p in older if not is_complete_checkpoint(p)]
+    for folder in stale:
+        shutil.rmtree(folder)
+
+
 def resume(accelerator: Any, args: argparse.Namespace) -> int:
-    """Load ``--resume_from_checkpoint`` (``latest`` or a path) and return its step (0 without one)."""
+    """Load ``--resume_from_checkpoint`` (``latest`` or a path) and return its step (0 without one).
+
+    ``latest`` is the newest *complete* checkpoint (with ``step.json``); newer folders without the marker
+    (a save that did not finish) are skipped with a warning.
+    """
     if not args.resume_from_checkpoint:
         return 0
     if args.resume_from_checkpoint == "latest":
         found = checkpoint_dirs(args.output_dir)
-        if not found:
-            return 0  # first launch of a job that always passes "latest"
-        path = found[-1]
+        complete = [p for p in found if is_complete_checkpoint(p)]
+        newer = found[found.index(complete[-1]) + 1 :] if complete else found
+        for skipped in newer:  # all incomplete: newer than the newest complete one
+            logger.warning(
+                "Skipping %s for --resume_from_checkpoint latest: it has no %s, so its save did not finish "
+                "(delete the folder, or pass it as --resume_from_checkpoint to try it anyway).",
+                skipped,
+                CHECKPOINT_MARKER,
+            )
+        if not complete:
+            return 0  # first launch of a job that always passes "latest" (or only unfinished saves)
+        path = complete[-1]
     else:
         path = Path(args.resume_from_checkpoint)
         if not path.is_dir():
@@ -910,6 +1014,10 @@ def resume(accelerator: Any, args: argparse.Namespace) -> int:
     if not path.is_dir() or match is None:
         raise ValueError(
             f"Expected --resume_from_checkpoint to be 'latest' or a checkpoint-N folder, got {path}."
+        )
+    if not is_complete_checkpoint(path):
+        logger.warning(
+            "%s has no %s: its save may not have finished; loading it as asked.", path, CHECKPOINT_MARKER
         )
     accelerator.load_state(str(path))
     return int(match.group(1))

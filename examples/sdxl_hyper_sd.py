@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
     )
-    args = common.check_common_args(p.parse_args(argv))
+    args = common.check_common_args(p.parse_args(argv), image_method=True)
     for end in ("guidance_scale_min", "guidance_scale_max"):
         if getattr(args, end) is None:
             setattr(args, end, args.guidance_scale)
@@ -244,8 +244,12 @@ def main(args: argparse.Namespace) -> None:
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
 
     # The discriminator copies the teacher's encoder before any adapter is added.
+    # Its head is sized for the bottleneck of --resolution latents (not the UNet config's sample_size).
     disc = UNetEncoderDiscriminator(
-        unet, conditional=False, gradient_checkpointing=args.gradient_checkpointing
+        unet,
+        conditional=False,
+        feature_resolution=common.discriminator_feature_resolution(unet, args.resolution),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
     unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)

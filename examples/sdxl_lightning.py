@@ -149,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
     # None: the stage plan's value (resolved per stage by optimizer_options).
     p.set_defaults(adam_beta1=None, adam_beta2=None, adam_weight_decay=None)
-    args = common.check_common_args(p.parse_args(argv))
+    args = common.check_common_args(p.parse_args(argv), image_method=True)
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
     if (stage.trainable == "lora") != bool(args.use_lora):
         raise ValueError(
@@ -379,6 +379,8 @@ def main(args: argparse.Namespace) -> None:
         disc = UNetEncoderDiscriminator(
             parts.unet,
             conditional=stage.discriminator == "conditional",
+            # The head fits the bottleneck of --resolution latents (not the UNet config's sample_size).
+            feature_resolution=common.discriminator_feature_resolution(parts.unet, args.resolution),
             gradient_checkpointing=args.gradient_checkpointing,
         )
         if args.init_discriminator:

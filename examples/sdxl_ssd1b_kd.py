@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--feature_weight", type=float, default=0.5)
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
-    args = common.check_common_args(p.parse_args(argv))
+    args = common.check_common_args(p.parse_args(argv), image_method=True)
     if args.use_lora:
         raise ValueError("sdxl_ssd1b_kd trains the whole block-removed student: drop --use_lora.")
     return args

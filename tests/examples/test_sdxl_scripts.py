@@ -1095,3 +1095,180 @@ def test_uncond_defaults_to_zero_embeddings(tiny_sdxl: dict[str, Path], tmp_path
         assert 'unet_conditions(parts, [""]' not in source, path.name
         if "uncond" in source and "uncond=" in source.replace(" ", ""):
             assert "common.uncond_conditions(args, parts" in source, path.name
+
+
+# ------------------------------------------------------------------------- review findings (examples)
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("sdxl_hyper_sd", ["--segments", "2,1", "--num_inference_steps", "4"]),
+        ("sdxl_lightning", ["--stage", "4->2/conditional"]),
+    ],
+)
+def test_discriminator_head_follows_the_resolution(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, name: str, extra: list[str]
+) -> None:
+    """At --resolution 64 (half of 8 x the tiny UNet's sample_size 16) the UNet-encoder discriminator reads
+    4 x 4 bottleneck features: a head sized from sample_size (8 x 8) failed at the first adversarial step."""
+    from diffdistill.discriminators import UNetEncoderDiscriminator
+
+    heads: list[int] = []
+    init = UNetEncoderDiscriminator.__init__
+
+    def recording_init(self: Any, *a: Any, **kw: Any) -> None:
+        init(self, *a, **kw)
+        heads.append(self.heads[0].feature_resolution)
+
+    out = tmp_path / "out"
+    argv = [*_common_argv(tiny_sdxl, out, lora=True), "--train_data_dir", str(tiny_sdxl["images"]), *extra]
+    argv += ["--resolution", "64", "--checkpointing_steps", "10", "--validation_steps", "10"]
+    script = _load(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UNetEncoderDiscriminator, "__init__", recording_init)
+        script.main(script.parse_args(argv))
+    assert heads == [4]  # latent 64 / 8 = 8, bottleneck stride 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_discriminator_feature_resolution_rounds_up_like_the_strided_convs() -> None:
+    common = _load("distill_common")
+    from diffdistill.discriminators import tiny_sdxl_unet
+
+    unet = tiny_sdxl_unet()  # sample_size 16, bottleneck stride 2
+    assert common.discriminator_feature_resolution(unet, 128) == 8
+    assert common.discriminator_feature_resolution(unet, 64) == 4
+    assert common.discriminator_feature_resolution(unet, 72) == 5  # latent 9 -> ceil(9 / 2)
+    assert common.discriminator_feature_resolution(unet, 72, level="conv_in") == 9
+
+
+def _complete(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "step.json").write_text("{}")
+    return folder
+
+
+def test_resume_latest_skips_checkpoints_without_the_completion_marker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import argparse
+
+    common = _load("distill_common")
+    _complete(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-20").mkdir()  # a save that never finished (no step.json)
+    (tmp_path / "checkpoint-30").mkdir()
+    (tmp_path / "checkpoint-30" / "model.safetensors").write_text("partial")
+    acc = _FakeAccelerator()
+    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    with caplog.at_level("WARNING", logger="distill_common"):
+        assert common.resume(acc, args) == 10
+    assert acc.loaded == ["checkpoint-10"]
+    assert "checkpoint-30" in caplog.text and "checkpoint-20" in caplog.text
+    assert "step.json" in caplog.text
+    # Only incomplete folders: nothing to resume from, said so.
+    partial_root = tmp_path / "only_partial"
+    (partial_root / "checkpoint-5").mkdir(parents=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distill_common"):
+        assert (
+            common.resume(
+                acc, argparse.Namespace(output_dir=str(partial_root), resume_from_checkpoint="latest")
+            )
+            == 0
+        )
+    assert "checkpoint-5" in caplog.text
+
+
+class _FailingSave(_FakeAccelerator):
+    def save_state(self, path: str) -> None:
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_text("partial")
+        raise OSError("disk full")
+
+
+def test_a_failed_save_keeps_the_older_checkpoints(tmp_path: Path) -> None:
+    import argparse
+
+    common = _load("distill_common")
+    args = argparse.Namespace(
+        output_dir=str(tmp_path), checkpoints_total_limit=1, resume_from_checkpoint=None
+    )
+    common.save_checkpoint(_FakeAccelerator(), args, 10)
+    with pytest.raises(OSError, match="disk full"):
+        common.save_checkpoint(_FailingSave(), args, 20)
+    assert (tmp_path / "checkpoint-10" / "step.json").is_file()  # the limit pruned nothing before the save
+    assert not (tmp_path / "checkpoint-20" / "step.json").exists()
+    acc = _FakeAccelerator()
+    assert common.resume(acc, argparse.Namespace(**{**vars(args), "resume_from_checkpoint": "latest"})) == 10
+    # The next complete save prunes the old complete checkpoint and the abandoned partial one.
+    common.save_checkpoint(_FakeAccelerator(), args, 30)
+    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == ["checkpoint-30"]
+    assert (tmp_path / "checkpoint-30" / "step.json").is_file()
+
+
+def test_step_generator_keys_do_not_collide() -> None:
+    common = _load("distill_common")
+
+    def draw(*key: int) -> torch.Tensor:
+        return torch.randn(8, generator=common.step_generator(*key))
+
+    # Each pair collided under the former linear key ((seed * 1_000_003 + step) * 1_009 + process) * 101 + micro.
+    for a, b in [
+        ((0, 0, 1, 0), (0, 0, 0, 101)),
+        ((0, 1, 0, 0), (0, 0, 1009, 0)),
+        ((1, 0, 0, 0), (0, 1_000_003, 0, 0)),
+    ]:
+        assert not torch.equal(draw(*a), draw(*b)), (a, b)
+    assert torch.equal(draw(3, 7, 1, 2), draw(3, 7, 1, 2))
+    # Deterministic across processes and runs: a fixed key gives a pinned seed (no Python hash salt).
+    assert common.step_generator(3, 7, 1, 2).initial_seed() == 7674004941594573099
+    seeds = {
+        common.step_generator(s, t, p, m).initial_seed()
+        for s in range(3)
+        for t in range(20)
+        for p in range(4)
+        for m in range(3)
+    }
+    assert len(seeds) == 3 * 20 * 4 * 3
+
+
+def test_image_methods_refuse_a_prompts_file_beside_the_images(
+    tiny_sdxl: dict[str, Path], tmp_path: Path
+) -> None:
+    both = ["--train_data_dir", str(tiny_sdxl["images"]), "--prompts_file", str(tiny_sdxl["prompts"])]
+    extras = {"sdxl_hyper_sd": [], "sdxl_lightning": ["--stage", "4->2/conditional"], "sdxl_ssd1b_kd": []}
+    for name, extra in extras.items():
+        script = _load(name)
+        lora = name != "sdxl_ssd1b_kd"
+        argv = [*_common_argv(tiny_sdxl, tmp_path, lora=lora), *extra, *both]
+        with pytest.raises(ValueError, match=r"trains on images and their captions.*drop --prompts_file"):
+            script.parse_args(argv)
+    # A prompt-only method still takes both (the prompt list is its data).
+    _load("sdxl_sim").parse_args([*_common_argv(tiny_sdxl, tmp_path, lora=True), *both])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--resolution", "0", r"Expected --resolution to be a positive multiple of 8 .*, but got 0"),
+        ("--resolution", "-1024", r"Expected --resolution to be a positive multiple of 8 .*, but got -1024"),
+        ("--resolution", "100", r"Expected --resolution to be a positive multiple of 8 .*, but got 100"),
+        ("--lora_rank", "0", r"Expected --lora_rank >= 1, but got 0"),
+        ("--lora_alpha", "-3", r"Expected --lora_alpha > 0 .*, but got -3.0"),
+        ("--lora_alpha", "0", r"Expected --lora_alpha > 0 .*, but got 0.0"),
+        ("--max_grad_norm", "-1", r"Expected --max_grad_norm >= 0 \(0: no clipping\), but got -1.0"),
+        ("--max_grad_norm", "nan", r"Expected --max_grad_norm >= 0 \(0: no clipping\), but got nan"),
+    ],
+)
+def test_common_options_are_checked(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    script = _load("sdxl_sim")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    with pytest.raises(ValueError, match=message):
+        script.parse_args([*argv, flag, value])
+
+
+def test_max_grad_norm_zero_still_means_no_clipping(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    script = _load("sdxl_sim")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    assert script.parse_args([*argv, "--max_grad_norm", "0"]).max_grad_norm == 0.0
