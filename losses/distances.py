@@ -149,6 +149,6 @@ def compute_distance(
         return pseudo_huber_distance(input, target, c, per_sample_norm=True, reduction=reduction)
     check_same_shape(input, target, "input", "target")
     diff = _work(input) - _work(target)
-    flat = diff.reshape(diff.shape[0], -1)
+    flat = diff.reshape(1, 1) if diff.ndim == 0 else diff.reshape(diff.shape[0], -1)  # 0-d: one sample
     per = flat.square().mean(dim=1) if distance == "mse" else flat.abs().mean(dim=1)
     return reduce_loss(per, reduction)

@@ -163,6 +163,20 @@ class AugmentParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return AugmentParams(**{k: (v.to(device) if v is not None else None) for k, v in values.items()})
 
+    def check_batch(self, n: int) -> None:
+        """Raise ``ShapeError`` unless every parameter holds one entry per sample of a batch of ``n``."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (value.ndim == 0 or value.shape[0] != n):
+                raise ShapeError(
+                    f"Expected augmentation parameters for a batch of {n} (each field's first dimension), "
+                    f"but `params.{f.name}` has shape {tuple(value.shape)}: a draw replays only on the batch "
+                    "it was drawn for.",
+                    name=f"params.{f.name}",
+                    expected=(n,),
+                    actual=tuple(value.shape),
+                )
+
     @property
     def has_geometry(self) -> bool:
         """Whether any geometric parameter is present."""
@@ -435,6 +449,7 @@ class LatentAugment(nn.Module):
             0.75
         """
         n, c, h, w = tensors[0].shape
+        params.check_batch(n)
         k = len(tensors)
         if params.has_geometry:
             ref = tensors[0]

@@ -69,6 +69,10 @@ def _one_hot(
     target: torch.Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """(B, *spatial) integer labels -> (B, C, *spatial) one-hot in ``dtype``; ignored pixels all zero."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DTypeError(
+            f"Expected `dtype` (of the soft labels) to be a floating torch.dtype, but got {dtype!r}."
+        )
     labels = target.long()
     keep = None
     if ignore_index is not None:

@@ -824,6 +824,13 @@ def test_soft_label_helper_errors() -> None:
         uniform_label_smoothing(labels, 3, 1.5)
     with pytest.raises(OptionError, match=r"`kernel_size` to be an odd positive int, but got 4"):
         boundary_label_smoothing(labels, 3, kernel_size=4)
+    for make in (
+        lambda: uniform_label_smoothing(labels, 3, dtype=torch.long),
+        lambda: boundary_label_smoothing(labels, 3, dtype=torch.int32),
+        lambda: multi_rater_soft_labels(torch.stack([labels, labels]), 3, dtype=torch.long),
+    ):
+        with pytest.raises(DTypeError, match=r"`dtype` \(of the soft labels\) to be a floating torch.dtype"):
+            make()
     with pytest.raises(ShapeError, match=r"1 to 3 spatial dimensions, but got shape \(1, 2, 2, 2, 2\)"):
         boundary_label_smoothing(torch.zeros(1, 2, 2, 2, 2, dtype=torch.long), 3)
     with pytest.raises(ShapeError, match=r"`weights` of length R = 2 .* got shape \(3,\)"):

@@ -28,6 +28,11 @@ def test_closed_forms():
     assert d.tolist() == pytest.approx([math.sqrt(9 + cc * cc) - cc] * 2)
     # small c: pseudo-Huber ~ L1 (elementwise) and ~ L2 norm (per sample)
     assert pseudo_huber_distance(x, y, 1e-8).item() == pytest.approx(5 / 6, rel=1e-6)
+    # 0-d inputs are one sample for every named distance, as for pseudo_huber_distance
+    a, b = torch.tensor(1.0), torch.tensor(3.0)
+    for name, want in (("mse", 4.0), ("l1", 2.0), ("pseudo_huber", math.sqrt(4 + c * c) - c)):
+        assert compute_distance(a, b, name, c=c, reduction="none").tolist() == pytest.approx([want])
+        assert compute_distance(a, b, name, c=c).item() == pytest.approx(want)
 
 
 @pytest.mark.parametrize("name", DISTANCES)

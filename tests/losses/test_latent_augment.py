@@ -177,6 +177,13 @@ def test_augment_ops_and_errors() -> None:
         aug(torch.zeros(1, 4, 8, 8, dtype=torch.long))
     with pytest.raises(ShapeError, match=r"at least one tensor"):
         aug()
+    # A replayed draw must come from a batch of the same size (a 1-sample draw is not broadcast).
+    for spec, drawn, applied in (("bgco", 3, 2), ("g", 1, 4), ("o", 1, 4)):
+        params = LatentAugment(spec).sample(drawn, generator=_gen(0))
+        with pytest.raises(
+            ShapeError, match=rf"parameters for a batch of {applied} .* `params\.\w+` has shape \({drawn}"
+        ):
+            LatentAugment(spec)(torch.zeros(applied, 4, 8, 8), params=params)
 
 
 def test_sym6_filter_is_orthogonal_lowpass() -> None:
