@@ -417,10 +417,11 @@ def fake_score_loss(
     x0 = x0.detach()
     tt = _sample_t(t, x0, schedule, t_range or (0, schedule.num_train_timesteps - 1), generator)
     eps = _noise(noise, x0, generator)
-    x_t = schedule.add_noise(x0, eps, tt)
-    out = first_tensor(fake(x_t, tt, **dict(cond or {})))
+    # As in the score losses: the state in >= float32 for the conversion, in x0's dtype for the network.
+    x_t = schedule.add_noise(_f32(x0), _f32(eps), tt)
+    out = first_tensor(fake(x_t.to(x0.dtype), tt, **dict(cond or {})))
     to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample"}[weighting]
-    pred = schedule.convert(out, _f32(x_t), tt, prediction_type, to_type)
+    pred = schedule.convert(out, x_t, tt, prediction_type, to_type)
     if weighting == "epsilon":
         target = eps
     elif weighting == "v":  # from x0 and eps, not x_t: x_t holds no x0 at t = T-1 with terminal_pure_noise

@@ -289,3 +289,22 @@ def test_fake_score_v_target_at_terminal_pure_noise():
         )
         assert float(loss) < 1e-10, (t, float(loss))
         assert loss.dtype == torch.float32  # the float64 schedule coefficients do not promote the loss
+
+
+EPS_SCHED = NoiseSchedule.from_betas()  # epsilon prediction
+
+
+def test_fake_score_loss_converts_with_the_unrounded_state_under_bf16():
+    # A perfect epsilon network on bf16 samples: every weighting's loss is ~0. Converting its output with
+    # the bf16-rounded x_t instead left a rounding floor in the v, x0 and edm losses (v: 3e-6 at t = 999).
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+    eps = torch.randn(4, 16, generator=g).to(torch.bfloat16)
+
+    def perfect(x_t, t):
+        assert x_t.dtype == torch.bfloat16  # the network still sees its own dtype
+        return eps
+
+    for weighting in ("epsilon", "v", "x0", "edm"):
+        loss, _ = fake_score_loss(perfect, x0, schedule=EPS_SCHED, weighting=weighting, t=999, noise=eps)
+        assert float(loss) < 1e-9, (weighting, float(loss))
