@@ -332,7 +332,7 @@ def lcm_consistency_loss(
     LCM, decay 0.95) or ``"teacher"``.
 
     Returns:
-        ``(loss, logs)``: scalar float32 loss and detached 0-d tensors ``loss``, ``t_mean``, ``target_norm``.
+        ``(loss, logs)``: scalar loss (float32; float64 for float64 inputs) and detached 0-d tensors ``loss``, ``t_mean``, ``target_norm``.
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver

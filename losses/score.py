@@ -188,6 +188,7 @@ def dmd_loss(
     noise: torch.Tensor | None = None,
     t_range: tuple[int, int] | None = None,
     prediction_type: str | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distribution-matching (DMD / DMD2 / VSD) generator loss (Yin et al. 2024, arXiv:2311.18828, 2405.14867).
@@ -200,6 +201,7 @@ def dmd_loss(
     so :math:`\\partial\\mathcal L / \\partial x = g / \\text{numel}` (the real/fake predictions are taken
     under ``no_grad``; as in DMD2, ``torch.nan_to_num`` zeroes NaNs in ``g`` and clips the infinities of a
     zero normaliser to the dtype's largest value). ``t`` defaults to :math:`U[0.02T, 0.98T]`.
+    ``reduction="none"`` gives each sample's term (the mean over its elements), ``"sum"`` their sum.
 
     Returns:
         ``(loss, logs)`` with ``grad_norm`` (RMS of ``g``) and ``t_mean``.
@@ -233,9 +235,10 @@ def dmd_loss(
         norm = _per_sample(p_real).abs().mean(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
         g = torch.nan_to_num((p_real - p_fake) / norm)
     xw = _f32(x)
-    loss = 0.5 * torch.nn.functional.mse_loss(xw, (xw - g).detach(), reduction="mean")
+    per = 0.5 * _per_sample(xw - (xw - g).detach()).pow(2).mean(dim=1)
+    loss = reduce_loss(per, reduction)
     return loss, {
-        "loss": loss.detach(),
+        "loss": per.detach().mean(),
         "grad_norm": g.pow(2).mean().sqrt().detach(),
         "t_mean": tt.float().mean().detach(),
     }

@@ -46,6 +46,12 @@ def test_dmd_gradient_equals_normalised_score_difference():
     torch.testing.assert_close(x.grad, g / x.numel(), atol=1e-12, rtol=1e-10)
     assert fake.lin.weight.grad is None  # DMD evaluates both scores under no_grad
     assert logs["grad_norm"] == pytest.approx(float(g.pow(2).mean().sqrt()))
+    # Per-sample terms: 0.5 * mean over the sample's elements of g^2; "mean" is their mean, "sum" their sum.
+    per, _ = dmd_loss(x, real, fake, schedule=SCHED, t=t, noise=noise, reduction="none")
+    torch.testing.assert_close(per, 0.5 * g.pow(2).mean(dim=1), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(per.mean(), loss)
+    total, _ = dmd_loss(x, real, fake, schedule=SCHED, t=t, noise=noise, reduction="sum")
+    torch.testing.assert_close(total, per.sum())
 
 
 def test_sim_l2_equals_sid_alpha_one_times_normaliser():
