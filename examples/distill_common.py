@@ -194,6 +194,7 @@ class SDXLComponents:
     tokenizer: Any
     tokenizer_2: Any
     noise_scheduler: Any
+    cache_tag: str = ""  # what the cached prompt embeddings depend on: model, revision, variant
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, self.text_encoder, self.text_encoder_2]
@@ -221,7 +222,20 @@ def load_sdxl(args: argparse.Namespace) -> SDXLComponents:
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
             tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
+            cache_tag=model_cache_tag(args),
         )
+
+
+def model_cache_tag(args: argparse.Namespace, *, vae: bool = False) -> str:
+    """The model a cached tensor came from (folder or hub id, revision, variant; the VAE's for latents).
+
+    Part of every ``--cache_dir`` key, so a cache shared by runs of different models never hands one
+    model's embeddings or latents to another.
+    """
+    path = args.pretrained_model_name_or_path
+    if vae and args.pretrained_vae_model_name_or_path:
+        return f"vae={args.pretrained_vae_model_name_or_path}|revision={args.revision}"
+    return f"model={path}|revision={args.revision}|variant={args.variant}" + ("|vae" if vae else "")
 
 
 @contextlib.contextmanager
@@ -383,12 +397,15 @@ def encode_prompts_cached(
         return encode_prompts(components, prompts, device)
     from safetensors.torch import load_file
 
-    files = [_cache_file(cache_dir, "text", p) for p in prompts]
+    def file(prompt: str) -> Path:
+        return _cache_file(cache_dir, "text", f"{components.cache_tag}|{prompt}")
+
+    files = [file(p) for p in prompts]
     missing = sorted({p for p, f in zip(prompts, files) if not f.exists()})
     if missing:
         ehs, pooled = encode_prompts(components, missing, device)
         for i, p in enumerate(missing):
-            _save_atomic({"ehs": ehs[i], "pooled": pooled[i]}, _cache_file(cache_dir, "text", p))
+            _save_atomic({"ehs": ehs[i], "pooled": pooled[i]}, file(p))
     loaded = [load_file(str(f)) for f in files]
     return (
         torch.stack([d["ehs"] for d in loaded]).to(device),
@@ -589,6 +606,7 @@ class StepData(StepSource):
     def __init__(self, args: argparse.Namespace, *, need_images: bool) -> None:
         self.batch_size = args.train_batch_size
         self.cache_dir: str | None = getattr(args, "cache_dir", None)
+        self._vae_tag = model_cache_tag(args, vae=True) if self.cache_dir is not None else ""
         self.num_workers: int = getattr(args, "dataloader_num_workers", 0)
         self.need_images = need_images
         self.images: ImageCaptionFolder | None = None
@@ -622,7 +640,9 @@ class StepData(StepSource):
 
     def _latent_cache(self, index: int) -> Path:
         assert self.cache_dir is not None and self.images is not None
-        key = f"{self.images.files[index].resolve()}|{self.images.resolution}"
+        path = self.images.files[index].resolve()
+        stat = path.stat()  # an edited image (new size or modification time) is encoded again
+        key = f"{self._vae_tag}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{self.images.resolution}"
         return _cache_file(self.cache_dir, "latents", key)
 
     def load(self, idx: Sequence[int]) -> list[torch.Tensor | None]:

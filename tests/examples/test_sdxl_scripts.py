@@ -1272,3 +1272,57 @@ def test_max_grad_norm_zero_still_means_no_clipping(tiny_sdxl: dict[str, Path], 
     script = _load("sdxl_sim")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     assert script.parse_args([*argv, "--max_grad_norm", "0"]).max_grad_norm == 0.0
+
+
+def test_disk_caches_are_keyed_by_model_and_image_version(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+    import shutil
+
+    common = _load("distill_common")
+    cache = str(tmp_path / "cache")
+    # Prompt embeddings: a second model sharing the cache gets its own, not the first model's.
+    encoded: list[float] = []
+
+    def fake_encode(components: Any, prompts: list[str], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        value = float(components.text_encoder)
+        encoded.append(value)
+        return torch.full((len(prompts), 2, 3), value), torch.full((len(prompts), 3), value)
+
+    monkeypatch.setattr(common, "encode_prompts", fake_encode)
+
+    def parts(value: float, tag: str) -> Any:
+        return common.SDXLComponents(None, None, value, None, None, None, None, cache_tag=tag)
+
+    for value, tag in ((1.0, "model=a"), (2.0, "model=b"), (1.0, "model=a")):
+        ehs, _ = common.encode_prompts_cached(parts(value, tag), ["a cat"], "cpu", cache)
+        assert float(ehs.max()) == value
+    assert encoded == [1.0, 2.0]  # the third call read model a's file
+    base = {"pretrained_model_name_or_path": "m", "revision": None, "variant": None}
+    tag = common.model_cache_tag(argparse.Namespace(**base, pretrained_vae_model_name_or_path=None))
+    assert tag != common.model_cache_tag(
+        argparse.Namespace(**{**base, "variant": "fp16"}, pretrained_vae_model_name_or_path=None)
+    )
+    # Latents: the key follows the VAE and the image file's version (an edited image is encoded again).
+    images = tmp_path / "images"
+    shutil.copytree(tiny_sdxl["images"], images)
+
+    def latent_file(vae: str | None) -> Path:
+        args = argparse.Namespace(
+            **base,
+            pretrained_vae_model_name_or_path=vae,
+            train_batch_size=1,
+            cache_dir=cache,
+            dataloader_num_workers=0,
+            train_data_dir=str(images),
+            prompts_file=None,
+            resolution=64,
+        )
+        return common.StepData(args, need_images=True)._latent_cache(0)
+
+    before = latent_file(None)
+    assert latent_file(None) == before and latent_file("madebyollin/sdxl-vae-fp16-fix") != before
+    first = sorted(images.glob("*.png"))[0]
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert latent_file(None) != before
