@@ -390,7 +390,11 @@ def main(args: argparse.Namespace) -> None:
                 with sdpa_kernel(SDPBackend.MATH):
                     r1 = lazy_r1()
                     if r1.requires_grad:  # a lazy step
-                        common.backward(accelerator, r1, disc)
+                        # A synchronised DDP backward needs a gradient for every trainable parameter, and R1
+                        # gives none to the heads' last biases (D's input gradient does not depend on them):
+                        # a zero-weighted sum of the parameters completes the set (adds exactly 0).
+                        every = sum(p.sum() for p in disc.parameters() if p.requires_grad)
+                        common.backward(accelerator, r1 + 0.0 * every, disc)
             common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])

@@ -813,6 +813,26 @@ def test_diffusion2gan_r1_under_sharding_says_why(
     )
 
 
+def test_diffusion2gan_exact_r1_under_ddp(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    # Exact R1 has its own (synchronised) backward; DDP wants a gradient for every trainable parameter there,
+    # and R1 gives none to the heads' last biases: without the zero-weighted completion the second step's
+    # forward failed with "Expected to have finished reduction in the prior iteration".
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ddp"
+    argv = [*_common_argv(tiny_sdxl, out, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    argv += ["--pairs_dir", str(tmp_path / "pairs"), "--num_pairs", "4", "--pairs_shard_size", "2"]
+    argv += ["--teacher_steps", "2", "--lpips_weights", "random", "--r1_every", "1", "--r1_gamma", "10"]
+    argv[argv.index("--train_batch_size") + 1] = "1"
+    _launch_two_processes("sdxl_diffusion2gan", [*argv, "--report_to", "tensorboard"])
+    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    r1 = [e.value for e in events.Scalars("r1")]
+    assert len(r1) == 2 and all(v > 0 for v in r1), r1  # R1 ran on both steps
+
+
 def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     pairs = tmp_path / "pairs"
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--pairs_dir", str(pairs), "--num_pairs", "5"]
