@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "32->8/full; a skip-level one for 2->1); LoRA stages default to the model they start from",
     )
     g.add_argument(
+        "--teacher_steps",
+        type=int,
+        default=None,
+        help="teacher DDIM steps per student jump (default: the plan's, N/M at N->M): a skip-level teacher "
+        "with K steps at a level of M student steps takes K/M, e.g. 4 for a 4-step teacher at 2->1/full",
+    )
+    g.add_argument(
         "--init_discriminator",
         default=None,
         help="discriminator/ folder (or its discriminator.safetensors) written by the level's unconditional "
@@ -170,6 +177,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "not be its own teacher: pass --teacher_unet with the previous level's model (e.g. "
             "out/l-32/unet_merged for 32->8/full; for 2->1/conditional and 2->1/full the 2-step model, or "
             "for 2->1/full a skip-level one)."
+        )
+    if args.teacher_steps is not None and (args.teacher_steps < 1 or stage.loss == "x0_conversion"):
+        raise ValueError(
+            f"Expected --teacher_steps >= 1 at a stage with a teacher, but got {args.teacher_steps} at "
+            f"{stage.name!r}; leave it out for the plan's {stage.teacher_steps}."
         )
     check_discriminator_args(args, stage)
     return args
@@ -369,6 +381,7 @@ def main(args: argparse.Namespace) -> None:
     # Teachers (and the model a stage starts from) predict epsilon (the base's type); the student predicts
     # x0 ("sample") from the x0 conversion on. Sec. 3.5: the input at t = 999 is pure noise in training too.
     base_pred = parts.noise_scheduler.config.prediction_type
+    teacher_steps = args.teacher_steps or stage.teacher_steps or 1
     schedule = NoiseSchedule.from_scheduler(
         parts.noise_scheduler, prediction_type=base_pred, terminal_pure_noise=True
     )
@@ -435,7 +448,7 @@ def main(args: argparse.Namespace) -> None:
             uncond,
             target=None,
             parameterization="move",
-            teacher_steps=stage.teacher_steps or 1,
+            teacher_steps=teacher_steps,
             prediction_type=pred_type,
         )
         real, fake = pair.target.float(), pair.student.float()
@@ -486,7 +499,7 @@ def main(args: argparse.Namespace) -> None:
                     cond,
                     uncond,
                     num_student_steps=stage.student_steps or 1,
-                    teacher_steps=stage.teacher_steps or 1,
+                    teacher_steps=teacher_steps,
                     generator=gen,
                 )
             elif stage.loss == "x0_conversion":
@@ -516,6 +529,14 @@ def main(args: argparse.Namespace) -> None:
 
     common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     lora_file = common.save_unet(accelerator, unet, args, ema=ema)
+    if pred_type == "sample" and accelerator.is_main_process:
+        # The x0-predicting UNet needs its sampler told so (a default SDXL pipeline reads the output as
+        # epsilon): SDXL-Lightning's 1-step scheduler, next to unet/ as in a pipeline folder.
+        from diffusers import EulerDiscreteScheduler
+
+        EulerDiscreteScheduler.from_config(
+            parts.noise_scheduler.config, timestep_spacing="trailing", prediction_type="sample"
+        ).save_pretrained(Path(args.output_dir) / "scheduler")
     if disc is not None:  # for the next stage that continues it (plan: reset_discriminator=False)
         d_state = accelerator.get_state_dict(disc)  # on every process: gathers FSDP shards
         if accelerator.is_main_process:

@@ -269,9 +269,41 @@ def test_one_step_conditional_stage_runs_resumes_and_switches_weights(
         assert set(c["t"].tolist()) <= {249, 499, 749, 999} and bool((c["t_prev"] == -1).all())
         assert c["conditioned"] and all(c["conditioned"])  # generator pass + D's real and fake passes
     assert json.loads((out_a / "discriminator" / "discriminator.json").read_text())["conditional"] is True
+    # The x0 model's sampler is saved beside it: trailing Euler reading the output as the clean sample.
+    from diffusers import EulerDiscreteScheduler
+
+    sampler = EulerDiscreteScheduler.from_pretrained(str(out_a), subfolder="scheduler")
+    assert sampler.config.prediction_type == "sample" and sampler.config.timestep_spacing == "trailing"
     start = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet").state_dict()
     a = UNet2DConditionModel.from_pretrained(str(out_a / "unet")).state_dict()
     b = UNet2DConditionModel.from_pretrained(str(out_b / "unet")).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
     assert any(not torch.equal(v, start[k]) for k, v in a.items()), "the UNet did not train"
+
+
+def test_teacher_steps_override_for_a_skip_level_teacher(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = _load("sdxl_lightning")
+    with pytest.raises(
+        ValueError, match=r"Expected --teacher_steps >= 1 at a stage with a teacher, but got 0"
+    ):
+        _parse_only(tmp_path, "4->2/conditional", "--teacher_steps", "0")
+    with pytest.raises(ValueError, match=r"but got 2 at '2->1/x0-conversion'; leave it out"):
+        _parse_only(tmp_path, "2->1/x0-conversion", "--teacher_steps", "2")
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def recording_pair(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["teacher_steps"])
+        raise Stop
+
+    monkeypatch.setattr(script, "consistency_pair", recording_pair)
+    for flags, want in (([], 2), (["--teacher_steps", "3"], 3)):  # the plan's N/M = 4/2, then the override
+        with pytest.raises(Stop):
+            argv = _argv(tiny, tmp_path / f"o{want}", "4->2/conditional", lora=True)
+            script.main(script.parse_args([*argv, *flags]))
+        assert seen[-1] == want
