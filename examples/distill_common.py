@@ -105,7 +105,7 @@ def add_common_args(
         "--ema_warmup",
         choices=["linear", "none"],
         default="linear",
-        help="--use_ema decay schedule: 'linear' caps update k's decay at (1 + k) / (10 + k) (diffusers' "
+        help="--use_ema decay schedule: 'linear' caps update n's decay at (1 + k) / (10 + k), k = n - 1 (diffusers' "
         "EMAModel), so a short run's average is not mostly its start weights; 'none': constant --ema_decay",
     )
     g.add_argument(
@@ -160,6 +160,14 @@ def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -
             "Expected --lora_alpha > 0 (the LoRA update is scaled by alpha / rank), but got "
             f"{args.lora_alpha}: leave it out to use the rank."
         )
+    if getattr(args, "fake_steps", 1) > 1 and args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"--fake_steps {args.fake_steps} with --gradient_accumulation_steps {args.gradient_accumulation_steps}: "
+            "each micro-batch runs every fake-score update, so the first update of a step would apply the "
+            "gradients of all of them; use --fake_steps 1 with accumulation (or no accumulation)."
+        )
+    if getattr(args, "fake_steps", 1) < 1:
+        raise ValueError(f"Expected --fake_steps >= 1, but got {args.fake_steps}.")
     if args.max_grad_norm is not None and not args.max_grad_norm >= 0:
         raise ValueError(
             f"Expected --max_grad_norm >= 0 (0: no clipping), but got {args.max_grad_norm}: pass a positive "
@@ -869,6 +877,18 @@ def prepare(accelerator: Any, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -
     or a single process this is the same as one call with every object (same order of models and
     optimisers in the checkpoints).
     """
+    if (
+        len(pairs) > 1
+        and accelerator.mixed_precision == "fp16"
+        and accelerator.gradient_accumulation_steps > 1
+        and distributed_kind(accelerator) != "DEEPSPEED"  # each DeepSpeed engine has its own loss scale
+    ):
+        raise ValueError(
+            "fp16 with --gradient_accumulation_steps > 1 trains two networks on one loss scale: accelerate "
+            "updates it at each optimiser step, so the second network's earlier micro-batches would be "
+            "unscaled with a scale they were not scaled with. Use --mixed_precision bf16 (no loss scaling), "
+            "or --gradient_accumulation_steps 1."
+        )
     prepared: list[Any] = []
     for model, optimizer in pairs:
         prepared.extend(accelerator.prepare(model, optimizer))
@@ -1060,8 +1080,8 @@ class ReleaseEMA:
     """``--use_ema``: an EMA of the student's trainable parameters that becomes the released weights.
 
     The average is kept in float32 (it is written back in the student's dtype). ``warmup="linear"``
-    (``--ema_warmup``, the default) caps the decay of update ``k`` at
-    ``(1 + k) / (10 + k)`` as diffusers' ``EMAModel`` does (update 1 copies the weights), so the average of a
+    (``--ema_warmup``, the default) caps the decay of update ``n`` at
+    ``(1 + k) / (10 + k)``, ``k = n - 1``, as diffusers' ``EMAModel`` does (update 1 copies the weights), so the average of a
     short run is not mostly its start weights; the update count is checkpointed with the average.
     """
 

@@ -1288,6 +1288,34 @@ def test_common_options_are_checked(
         script.parse_args([*argv, flag, value])
 
 
+def test_accumulation_with_two_networks_is_refused_where_it_would_misweight(
+    tiny_sdxl: dict[str, Path], tmp_path: Path
+) -> None:
+    import types
+
+    script, common = _load("sdxl_sim"), _load("distill_common")
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
+    with pytest.raises(ValueError, match=r"--fake_steps 2 with --gradient_accumulation_steps 2: each micro"):
+        script.parse_args([*argv, "--fake_steps", "2", "--gradient_accumulation_steps", "2"])
+    assert script.parse_args([*argv, "--fake_steps", "2"]).fake_steps == 2  # fine without accumulation
+    # fp16's shared loss scale with two trained networks and accumulation (DeepSpeed: one scale per engine).
+    pairs = [(torch.nn.Linear(2, 2), None), (torch.nn.Linear(2, 2), None)]
+
+    def accelerator(precision: str, steps: int, kind: str = "MULTI_GPU") -> Any:
+        return types.SimpleNamespace(
+            mixed_precision=precision,
+            gradient_accumulation_steps=steps,
+            distributed_type=kind,
+            prepare=lambda model, opt: [model, opt],
+        )
+
+    with pytest.raises(ValueError, match=r"fp16 with --gradient_accumulation_steps > 1 trains two networks"):
+        common.prepare(accelerator("fp16", 2), *pairs)
+    for ok in (accelerator("bf16", 2), accelerator("fp16", 1), accelerator("fp16", 2, "DEEPSPEED")):
+        assert len(common.prepare(ok, *pairs)) == 4
+    assert len(common.prepare(accelerator("fp16", 2), pairs[0])) == 2  # one network: one scale, no issue
+
+
 def test_max_grad_norm_zero_still_means_no_clipping(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     script = _load("sdxl_sim")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
