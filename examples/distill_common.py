@@ -1384,7 +1384,9 @@ def train_loop(
     ``--validation_steps`` and after the last step. ``data`` (a :class:`StepSource`) starts its prefetching
     workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
     step, and with it ``validate`` samples the averaged weights (swapped in, then back). ``after_step(step)``
-    runs on every process after each optimisation step's checkpoint (e.g. to write a stage's weights).
+    runs on every process after each optimisation step, before its checkpoint (e.g. to write a stage's
+    weights: a run resumed from that checkpoint has them, and one resumed from an earlier checkpoint redoes
+    the step and writes them again).
     Returns the final step count.
     """
     bar = progress_bar(accelerator, args, global_step)
@@ -1408,10 +1410,10 @@ def train_loop(
         values = scalar_logs(logs)
         bar.set_postfix({k: f"{v:.4g}" for k, v in list(values.items())[:3]})
         accelerator.log(values, step=global_step)
+        if after_step is not None:  # before the checkpoint: a resume from it never skips what this writes
+            after_step(global_step)
         if should_checkpoint(args, global_step):
             save_checkpoint(accelerator, args, global_step)
-        if after_step is not None:
-            after_step(global_step)
         if validate is not None and (
             global_step % args.validation_steps == 0 or global_step == args.max_train_steps
         ):

@@ -1374,3 +1374,24 @@ def test_disk_caches_are_keyed_by_model_and_image_version(
     first = sorted(images.glob("*.png"))[0]
     os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
     assert latent_file(None) != before
+
+
+def test_after_step_runs_before_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stage's output written by after_step (Hyper-SD's tscd/) must not be lost when the run dies right after
+    # the checkpoint of that step: it is written first.
+    import argparse
+    import types
+
+    common = _load("distill_common")
+    order: list[tuple[str, int]] = []
+    monkeypatch.setattr(common, "save_checkpoint", lambda acc, args, step: order.append(("checkpoint", step)))
+    accelerator = types.SimpleNamespace(
+        is_local_main_process=False, process_index=0, log=lambda *a, **k: None
+    )
+    args = argparse.Namespace(
+        max_train_steps=3, checkpointing_steps=1, gradient_accumulation_steps=1, seed=0, validation_steps=10
+    )
+    common.train_loop(
+        accelerator, args, 0, lambda gen, step: {}, after_step=lambda step: order.append(("after", step))
+    )
+    assert order == [("after", 1), ("checkpoint", 1), ("after", 2), ("checkpoint", 2), ("after", 3)]
