@@ -12,7 +12,9 @@ small ranking network and binary cross-entropy of LPIPS (Zhang et al., CVPR 2018
 
 * ``latent_vgg16_bn.safetensors`` -- trunk (``net.*``) and classifier (``classifier.*``);
 * ``latent_lpips.safetensors`` -- loadable as ``LatentLPIPS(latent, weights=...)``;
-* ``metrics.json`` -- final classifier loss/accuracy and 2AFC score.
+* ``metrics.json`` -- final classifier loss/accuracy, the running 2AFC score of the last training batches
+  (``2afc_train``, with the heads' dropout on) and, with ``--bapps_val_dir``, the held-out 2AFC score
+  (``2afc``, dropout off).
 
 Example (a 32-channel VAE the reference never released)::
 
@@ -55,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--train_dir", required=True, help="image folder root/<class>/<image> for stage 1")
     g.add_argument("--bapps_dir", required=True, help="BAPPS 2AFC folder(s): searched for ref/p0/p1/judge")
+    g.add_argument(
+        "--bapps_val_dir",
+        default=None,
+        help="held-out BAPPS 2AFC folder(s) (e.g. bapps/2afc/val): the reported 2AFC score is measured there; "
+        "without it, only the training batches' running score (2afc_train) is reported",
+    )
     g.add_argument("--resolution", type=int, default=256)
     g.add_argument("--num_workers", type=int, default=0)
     g = p.add_argument_group("stage 1: classifier")
@@ -205,9 +213,10 @@ def load_vae(path: str, device: torch.device):  # type: ignore[no-untyped-def]
 
 
 @torch.no_grad()
-def encode(vae, images: torch.Tensor, scale: float, shift: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    z = vae.encode(images).latent_dist.sample()
-    return (z - shift) * scale
+def encode(vae, images: torch.Tensor, scale: float, shift: float, *, sample: bool = True) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Scaled latents: a posterior sample for training, its mean (``sample=False``) for evaluation."""
+    dist = vae.encode(images).latent_dist
+    return ((dist.sample() if sample else dist.mode()) - shift) * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +274,11 @@ def calibrate_heads(
         w.requires_grad_(True)
     judge_net = RankingHead().to(device)
     opt = torch.optim.Adam([*heads, *judge_net.parameters()], lr=args.calibration_lr, betas=(0.5, 0.999))
+    # LPIPS trains its heads with dropout (lpips' trainer: use_dropout=True, not in eval mode); LatentLPIPS
+    # keeps itself in eval mode, so the heads' dropout layers are switched on here, and off afterwards.
+    dropouts = [h.model[0] for h in metric.heads]
+    for layer in dropouts:
+        layer.train()
     step, loss_v, scores = 0, float("nan"), []
     for epoch in range(args.calibration_epochs):
         for ref, p0, p1, judge in loader:
@@ -280,9 +294,7 @@ def calibrate_heads(
                     w.clamp_(min=0)  # LPIPS keeps the heads non-negative: d stays a distance
             step += 1
             loss_v = float(loss.detach())
-            # 2AFC score: agreement with the human fraction (ties count half).
-            s = torch.where(d0 < d1, 1 - judge, torch.where(d1 < d0, judge, torch.full_like(judge, 0.5)))
-            scores.append(float(s.mean()))
+            scores.append(float(two_afc_agreement(d0, d1, judge).mean()))
             if step % args.log_every == 0 or step == 1:
                 logger.info(
                     "calibration epoch %d step %d loss %.4f 2afc %.3f", epoch, step, loss_v, scores[-1]
@@ -293,8 +305,33 @@ def calibrate_heads(
             break
     for w in heads:
         w.requires_grad_(False)
+    for layer in dropouts:
+        layer.eval()
     recent = scores[-max(1, len(scores) // 10) :]
-    return metric, {"calibration_steps": step, "calibration_loss": loss_v, "2afc": sum(recent) / len(recent)}
+    logs = {"calibration_steps": step, "calibration_loss": loss_v, "2afc_train": sum(recent) / len(recent)}
+    if args.bapps_val_dir is not None:
+        logs["2afc"] = two_afc_score(args, metric, vae, scale, shift, device)
+    return metric, logs
+
+
+def two_afc_agreement(d0: torch.Tensor, d1: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
+    """Per triplet, the fraction of people the metric agrees with (ties count half): LPIPS' 2AFC score."""
+    return torch.where(d0 < d1, 1 - judge, torch.where(d1 < d0, judge, torch.full_like(judge, 0.5)))
+
+
+@torch.no_grad()
+def two_afc_score(
+    args: argparse.Namespace, metric: LatentLPIPS, vae, scale: float, shift: float, device: torch.device
+) -> float:  # type: ignore[no-untyped-def]
+    """The mean 2AFC agreement of the calibrated ``metric`` on the held-out ``--bapps_val_dir`` triplets."""
+    data = TwoAFCDataset(args.bapps_val_dir, args.resolution)
+    loader = DataLoader(data, batch_size=args.calibration_batch_size, num_workers=args.num_workers)
+    total, count = 0.0, 0
+    for ref, p0, p1, judge in loader:
+        zr, z0, z1 = (encode(vae, t.to(device), scale, shift, sample=False) for t in (ref, p0, p1))
+        agree = two_afc_agreement(metric(zr, z0), metric(zr, z1), judge.to(device))
+        total, count = total + float(agree.sum()), count + agree.numel()
+    return total / count
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -60,10 +60,19 @@ def tiny_setup(tmp_path: Path) -> dict[str, Path]:
     return {"root": tmp_path}
 
 
-def test_two_steps_per_stage(tiny_setup: dict[str, Path]) -> None:
+def test_two_steps_per_stage(tiny_setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     root = tiny_setup["root"]
     script = _load_script()
     out = root / "out"
+    # The heads train with their dropout on (as LPIPS'), and are evaluated with it off.
+    dropout_on: list[bool] = []
+
+    class Spy(script.LatentLPIPS):  # type: ignore[misc, name-defined]
+        def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+            dropout_on.append(all(h.model[0].training for h in self.heads))
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(script, "LatentLPIPS", Spy)
     args = script.parse_args(
         [
             "--pretrained_vae", str(root / "vae"),
@@ -76,11 +85,29 @@ def test_two_steps_per_stage(tiny_setup: dict[str, Path]) -> None:
             "--classifier_max_steps", "2",
             "--calibration_batch_size", "2",
             "--calibration_max_steps", "2",
+            "--bapps_val_dir", str(root / "bapps"),
             "--device", "cpu",
         ]
     )  # fmt: skip
     metrics = script.main(args)
     assert metrics["classifier_steps"] == 2 and metrics["calibration_steps"] == 2
+    assert dropout_on == [True] * 4 + [False] * 4  # 2 steps x (d0, d1); then 2 val batches x (d0, d1)
+    # The held-out score: the saved metric's agreement on the val triplets, from the posterior means.
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(root / "vae"))
+    data = script.TwoAFCDataset(str(root / "bapps"), 16)
+    saved = LatentLPIPS(4, weights=out / "latent_lpips.safetensors", l1_weight=0.0, reduction="none")
+    agree = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            ref, p0, p1, judge = (t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in data[i])
+            z = [vae.encode(x).latent_dist.mode() * vae.config.scaling_factor for x in (ref, p0, p1)]
+            agree.append(
+                script.two_afc_agreement(saved(z[0], z[1]), saved(z[0], z[2]), torch.as_tensor(judge))
+            )
+    assert metrics["2afc"] == pytest.approx(float(torch.cat([a.reshape(-1) for a in agree]).mean()), abs=1e-5)
+    assert 0.0 <= metrics["2afc_train"] <= 1.0
     assert json.loads((out / "metrics.json").read_text())["calibration_steps"] == 2
     metric = LatentLPIPS(4, weights=out / "latent_lpips.safetensors", reduction="none")
     assert all(float(h.model[1].weight.min()) >= 0 for h in metric.heads)
