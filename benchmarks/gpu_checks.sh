@@ -4,9 +4,9 @@
 # SDXL-size benchmarks whose figures the README still lacks.
 #
 #   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
-#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=470)
+#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=510)
 #
-# Each section runs under its own time limit (they add up to 430 s, 870 s with GPU_CHECKS_FULL=1, which
+# Each section runs under its own time limit (they add up to 460 s, 900 s with GPU_CHECKS_FULL=1, which
 # needs a second command or a longer lease; a stopped section gets 10 s more to exit, and the wheel install
 # takes seconds) and writes $OUT/<section>.log, so a
 # section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
@@ -50,7 +50,7 @@ section 01-d2g-approximate-r1 120 python3 benchmarks/gpu_sdxl.py --methods diffu
     --batches 1 8 16 --warmup 1 --repeats 1 --r1_approximate_sigma 0.1
 # Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
 # run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).
-section 02-tests-cuda 70 env CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -p no:cacheprovider -n 4 --device cuda tests/test_on_device.py \
+section 02-tests-cuda 100 env CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -p no:cacheprovider -n 4 --device cuda tests/test_on_device.py \
     tests/examples/test_sdxl_scripts.py -k "not fsdp and not two_process"
 # The largest batch each LoRA method fits on an 80 GB card (the allocator capped at 78 GiB; every method fit
 # batch 8 except Lightning at 55 GiB, which batch 16 decides), cheapest steps first.

@@ -92,14 +92,14 @@ def discriminator_setup(args: argparse.Namespace) -> Setup:
     from diffusers import UNet2DConditionModel
 
     cfg = sdxl_unet_config() if args.sdxl else tiny_sdxl_unet_config()
-    with torch.random.fork_rng(devices=[]), args.device:
+    with torch.random.fork_rng(devices=[]), args.device:  # UNet and heads from seed 0: reproducible figures
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**cfg)
-    widths = unet.config.block_out_channels
-    groups = 32 if all(c % 32 == 0 for c in widths) else 8
-    disc = MultiScaleConditionalDiscriminator(
-        unet, gradient_checkpointing=not args.no_gradient_checkpointing, norm_groups=groups
-    )
+        widths = unet.config.block_out_channels
+        groups = 32 if all(c % 32 == 0 for c in widths) else 8
+        disc = MultiScaleConditionalDiscriminator(
+            unet, gradient_checkpointing=not args.no_gradient_checkpointing, norm_groups=groups
+        )
     del unet
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, 4, args.latent_size, args.latent_size)

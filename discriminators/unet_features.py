@@ -404,6 +404,8 @@ class UNetFeatureExtractor(nn.Module):
                 actual=tuple(sample.shape),
             )
         cross = self.trunk.config.get("cross_attention_dim")
+        if self.trunk.encoder_hid_proj is not None:  # the text is projected to cross_attention_dim first
+            cross = self.trunk.config.get("encoder_hid_dim")
         needs_text = self.trunk.config.get("addition_embed_type") == "text" or any(
             getattr(b, "has_cross_attention", False)
             for b in [*self.trunk.down_blocks, self.trunk.mid_block, *self.trunk.up_blocks]
@@ -424,7 +426,9 @@ class UNetFeatureExtractor(nn.Module):
         ):
             raise ShapeError(
                 f"Expected `encoder_hidden_states` of shape ({sample.shape[0]}, L, {cross}) to match the batch of "
-                f"`sample` {tuple(sample.shape)}, but got {tuple(encoder_hidden_states.shape)}.",
+                f"`sample` {tuple(sample.shape)} and the UNet's text width, but got "
+                f"{tuple(encoder_hidden_states.shape)}. Pass the hidden states of the text encoder the UNet "
+                "was trained with.",
                 name="encoder_hidden_states",
                 expected=(sample.shape[0], "L", cross),
                 actual=tuple(encoder_hidden_states.shape),

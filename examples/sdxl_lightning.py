@@ -178,10 +178,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "out/l-32/unet_merged for 32->8/full; for 2->1/conditional and 2->1/full the 2-step model, or "
             "for 2->1/full a skip-level one)."
         )
-    if args.teacher_steps is not None and (args.teacher_steps < 1 or stage.loss == "x0_conversion"):
+    if args.teacher_steps is not None and stage.loss == "x0_conversion":
         raise ValueError(
-            f"Expected --teacher_steps >= 1 at a stage with a teacher, but got {args.teacher_steps} at "
-            f"{stage.name!r}; leave it out for the plan's {stage.teacher_steps}."
+            f"Stage {stage.name!r} has no teacher (it regresses the model onto its own frozen copy): drop "
+            f"--teacher_steps {args.teacher_steps}."
+        )
+    if args.teacher_steps is not None and args.teacher_steps < 1:
+        raise ValueError(
+            f"Expected --teacher_steps >= 1, but got {args.teacher_steps}; leave it out for the plan's "
+            f"{stage.teacher_steps} at {stage.name!r}."
         )
     check_discriminator_args(args, stage)
     return args

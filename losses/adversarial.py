@@ -135,7 +135,8 @@ def _head_weights(head_weights: Sequence[float] | None, num_heads: int) -> list[
     total = sum(weights)
     if any(not 0 <= w < math.inf for w in weights) or not total > 0:
         raise OptionError(
-            f"Expected `head_weights` to be finite and >= 0 with a positive sum, but got {list(head_weights)}."
+            f"Expected `head_weights` to be finite and >= 0 with a positive sum, but got {list(head_weights)}: "
+            "give one relative weight per head, e.g. all 1.0 (they are normalised to sum 1)."
         )
     return [w / total for w in weights]
 
@@ -555,7 +556,7 @@ def approximate_r1_penalty(
     is taken between bf16 features (relative rounding :math:`2^{-8}`): keep :math:`\sigma` large enough
     that the perturbation moves ``D`` well beyond that rounding, while the truncation grows with
     :math:`\sigma` (``benchmarks/r1_accuracy.py`` measures both on Diffusion2GAN's discriminator: on the
-    tiny random-weight one, the bf16 rounding dominates below :math:`\sigma \approx 0.03`).
+    tiny random-weight one, the bf16 rounding dominates up to :math:`\sigma \approx 0.03`).
 
     Args:
         real_logits: logits of the real samples ``x``, ``(B, ...)`` or a list with one tensor per head.

@@ -545,7 +545,10 @@ def dice_semimetric_loss(
                 actual=tuple(weights_t.shape),
             )
         if value_checks_enabled() and not bool((torch.isfinite(weights_t) & (weights_t >= 0)).all()):
-            raise ValueError(f"Expected `class_weights` to be finite and >= 0, but got {weights_t.tolist()}.")
+            raise ValueError(
+                f"Expected `class_weights` to be finite and >= 0, but got {weights_t.tolist()}: give each class "
+                "a non-negative weight (a weight of 0 zeroes that class's term)."
+            )
     selected: torch.Tensor | None = None
     if classes is not None:
         class_list = [int(c) for c in classes]

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -111,8 +112,15 @@ def add_lora(
         ['0.lora_A.default.weight', '0.lora_B.default.weight']
     """
     peft = _peft("add_lora")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise OptionError(f"Expected `rank` to be a positive int, but got {type(rank).__name__} {rank!r}.")
+    try:
+        if isinstance(rank, bool):
+            raise TypeError
+        rank = operator.index(rank)  # ints, numpy integers
+    except TypeError:
+        raise OptionError(
+            f"Expected `rank` to be a positive int, but got {type(rank).__name__} {rank!r}: pass e.g. rank=64 "
+            "(peft would truncate a float rank while alpha keeps it, so the scaling alpha / rank changes)."
+        ) from None
     check_positive(rank, "rank")
     config = peft.LoraConfig(
         r=int(rank),

@@ -89,7 +89,8 @@ class X0Conversion(nn.Module):
         ):
             raise OptionError(
                 f"Expected `timesteps` to be a non-empty 1-D list of integer training timesteps in [0, {last}], "
-                f"but got {grid.tolist()!r} (shape {tuple(grid.shape)})."
+                f"but got {grid.tolist()!r} (shape {tuple(grid.shape)}); e.g. timesteps=[249, 499, 749, 999], "
+                "or None for all of them."
             )
         grid = schedule.timesteps(grid.long(), torch.device("cpu"), "timesteps")
         if bool((grid < 0).any()):

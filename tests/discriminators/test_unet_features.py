@@ -134,6 +134,22 @@ def test_sd15_style_unet_without_added_conditions(conds, latents) -> None:
         torch.testing.assert_close(ext(latents, 5, ehs)["out"], unet(latents, 5, ehs).sample)
 
 
+def test_text_projection_unet_takes_its_encoder_width(conds, latents) -> None:
+    # encoder_hid_dim_type="text_proj": the UNet projects 24-wide text states to its cross_attention_dim 32.
+    unet = tiny_sdxl_unet(
+        addition_embed_type=None,
+        projection_class_embeddings_input_dim=None,
+        encoder_hid_dim=24,
+        encoder_hid_dim_type="text_proj",
+    )
+    ehs = torch.randn(latents.shape[0], 5, 24)
+    ext = UNetFeatureExtractor(unet, ("out",), backbone="shared")
+    with torch.no_grad():
+        torch.testing.assert_close(ext(latents, 5, ehs)["out"], unet(latents, 5, ehs).sample)
+    with pytest.raises(ShapeError, match=r"of shape \(2, L, 24\)"):
+        ext(latents, 5, torch.randn(latents.shape[0], 5, 32))
+
+
 def test_asymmetric_unet_like_ssd1b(conds, latents) -> None:
     """Different depths per level (SSD-1B / Vega remove blocks unevenly): skips are sliced per up block."""
     unet = tiny_sdxl_unet(layers_per_block=(1, 2), transformer_layers_per_block=(1, 2))

@@ -813,7 +813,7 @@ def test_diffusion2gan_r1_under_sharding_says_why(
     )
 
 
-def test_diffusion2gan_exact_r1_under_ddp(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+def test_diffusion2gan_exact_r1_under_ddp_two_process(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     # Exact R1 has its own (synchronised) backward; DDP wants a gradient for every trainable parameter there,
     # and R1 gives none to the heads' last biases: without the zero-weighted completion the second step's
     # forward failed with "Expected to have finished reduction in the prior iteration".

@@ -120,6 +120,10 @@ def test_rank_alpha_scaling_and_generic_modules() -> None:
         add_lora(nn.Linear(2, 2), rank=0)
     with pytest.raises(OptionError, match=r"Expected `rank` to be a positive int, but got float 2.5"):
         add_lora(nn.Linear(2, 2), rank=2.5)  # peft would take r=2 with alpha 2.5: scaling 1.25, not 1
+    import numpy as np
+
+    net = add_lora(nn.Sequential(nn.Linear(2, 2)), rank=np.int64(2), targets=["0"])  # numpy ints are ints
+    assert net[0].lora_A["default"].weight.shape == (2, 2)
 
 
 def test_teacher_view_disables_adapters_and_restores_state() -> None:
