@@ -240,11 +240,16 @@ def _level_depths(entry: LevelDepth, teacher: list[int], what: str) -> list[int]
     return [_resolve_depth(scalar, d, what) for d in teacher]
 
 
+def _level_entry(values: tuple[Any, ...] | None, level: int) -> Any:
+    """A spec field's entry for ``level`` (None where the field or the entry is absent: the teacher's)."""
+    return values[level] if values is not None and level < len(values) else None
+
+
 def _attention_entry(
     values: tuple[Any, ...] | None, level: int, has_attention: bool, block_type: str, side: str
 ) -> Any:
     """The spec's transformer depth for ``level`` (None: the teacher's); refused on a level without attention."""
-    entry = values[level] if values is not None and level < len(values) else None
+    entry = _level_entry(values, level)
     if entry is not None and not has_attention:
         raise OptionError(
             f"Expected `{side}_transformer_layers[{level}]` to be None: level {level} ({block_type}) has no "
@@ -302,15 +307,12 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
                 f"block_out_channels ends with {widths[-2:]}; the remaining up blocks would not fit."
             )
 
-    def level_entry(values: tuple[Any, ...] | None, level: int) -> Any:
-        return values[level] if values is not None and level < len(values) else None
-
     # Resnets per level and which teacher indices they come from.
     layers: list[int] = []
     down_keep: list[list[int]] = []
     up_keep: list[list[int]] = []  # indexed by level
     for i in range(n_out):
-        k = level_entry(spec.layers_per_block, i)
+        k = _level_entry(spec.layers_per_block, i)
         k = lay.layers[i] if k is None else int(k)
         if not 1 <= k <= lay.layers[i]:
             raise OptionError(
