@@ -63,7 +63,7 @@ class ConsistencyPair(NamedTuple):
     Attributes:
         student: student side (keeps the autograd graph), shape of ``x_t``.
         target: target side (detached).
-        x_prev: the teacher's ODE solution at ``sample.t_prev`` (detached).
+        x_prev: the teacher's ODE solution at ``sample.t_prev`` (detached; float32 for bf16/fp16 ``x_t``).
         sample: the timesteps used.
     """
 
@@ -191,12 +191,22 @@ def consistency_pair(
     student_side = _map_side(schedule, pred, x_t, t, t_end, *map_args)
 
     with torch.no_grad():
+        # The teacher's solution in >= float32 (the networks still see x_t's dtype): a bf16 x_prev would put
+        # its rounding into the target.
         x_prev = cast(
             torch.Tensor,
             teacher.solve(
-                x_t, t, t_prev, cond, uncond, num_steps=teacher_steps, guidance_scale=guidance_scale
+                x_t,
+                t,
+                t_prev,
+                cond,
+                uncond,
+                num_steps=teacher_steps,
+                guidance_scale=guidance_scale,
+                state_dtype=torch.promote_types(x_t.dtype, torch.float32),
             ),
         )
+        x_in = x_prev.to(x_t.dtype)  # the target network's input, in the student's input dtype
         if target is None:
             target_side = x_prev
         else:
@@ -204,11 +214,11 @@ def consistency_pair(
                 min=0
             )  # t_prev = -1 only with t_end = -1, where the result is x_prev anyway
             if target == "online":
-                tpred = _call(student, x_prev, t_eval, s_cond)
+                tpred = _call(student, x_in, t_eval, s_cond)
             elif target == "teacher":
-                tpred = teacher.predict(x_prev, t_eval, cond, uncond, guidance_scale)
+                tpred = teacher.predict(x_in, t_eval, cond, uncond, guidance_scale)
             else:
-                tpred = _call(target, x_prev, t_eval, s_cond)
+                tpred = _call(target, x_in, t_eval, s_cond)
             t_end_eval = torch.minimum(t_end, t_eval)
             target_pt = teacher.prediction_type if target == "teacher" else prediction_type
             target_side = _map_side(

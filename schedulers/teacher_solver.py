@@ -237,17 +237,20 @@ class TeacherSolver:
         *,
         return_trajectory: bool = False,
         grad: bool = False,
+        state_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Integrate the probability-flow ODE from ``t`` to ``t_to`` with ``num_steps`` guided DDIM steps.
 
         Returns :math:`x_{t_{to}}` (or, with ``return_trajectory=True``, the list of the ``n + 1`` states
-        including ``x_t``). ``t`` and ``t_to`` may differ per sample.
+        including ``x_t``). ``t`` and ``t_to`` may differ per sample. ``state_dtype`` (e.g. float32 for bf16
+        ``x_t``) keeps the states, and the result, in that dtype while the model is still called on
+        ``x_t``'s dtype: the solution is then not rounded to bf16 at each step. Default: ``x_t``'s dtype.
         """
         steps = self.step_timesteps(t, t_to, num_steps, x_t)
-        x = x_t
+        x = x_t if state_dtype is None else x_t.to(state_dtype)
         trajectory = [x]
         for i in range(num_steps):
-            out = self.predict(x, steps[i], cond, uncond, guidance_scale, grad=grad)
+            out = self.predict(x.to(x_t.dtype), steps[i], cond, uncond, guidance_scale, grad=grad)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
                 x = self.schedule.ddim_step(out, steps[i], x, steps[i + 1], self.prediction_type)
             trajectory.append(x)

@@ -370,3 +370,27 @@ def test_bf16_states_are_mapped_in_float32():
         pair = consistency_pair(student, teacher, x_t, sample, parameterization=parameterization)
         assert pair.student.dtype == torch.float32
         torch.testing.assert_close(pair.student.double(), ref, atol=2e-6, rtol=2e-6)
+
+
+def test_bf16_states_keep_the_teacher_solution_in_float32():
+    # Student = teacher, one teacher step, target=None: both sides are the same DDIM move of the same bf16
+    # network output, so they agree exactly once the teacher's solution is not rounded to bf16 (it was:
+    # an MSE floor of ~1e-5). The networks still receive bf16 inputs.
+    seen: list[torch.dtype] = []
+
+    def eps_net(x, t):
+        seen.append(x.dtype)
+        return (0.5 * torch.tanh(x.float())).to(x.dtype)
+
+    teacher = TeacherSolver(eps_net, SCHED)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 4, 8, 8, generator=g).to(torch.bfloat16)
+    sample = TimestepSample(
+        torch.tensor([999, 700, 400, 100]),
+        torch.tensor([900, 600, 300, 50]),
+        torch.tensor([900, 600, 300, 50]),
+    )
+    pair = consistency_pair(eps_net, teacher, x_t, sample, target=None, parameterization="move")
+    assert pair.x_prev.dtype == torch.float32 and set(seen) == {torch.bfloat16}
+    torch.testing.assert_close(pair.student, pair.target, atol=0, rtol=0)
+    assert teacher.solve(x_t, 999, 900).dtype == torch.bfloat16  # solve's default keeps x_t's dtype
