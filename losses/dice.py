@@ -582,11 +582,10 @@ def dice_semimetric_loss(
 
         if hard and mode == "multiclass":
             labels = target.reshape(batch, -1)
-            if ignore_index is not None:
-                ignored = labels == ignore_index
-                keep = ~ignored.unsqueeze(1) if keep is None else keep & ~ignored.unsqueeze(1)
-            if keep is not None:  # skipped pixels may hold any value (e.g. 255): index class 0, weight 0
-                labels = labels.masked_fill(~keep.squeeze(1), 0)
+            skip = _skipped_labels(target, mask, ignore_index)
+            if skip is not None:  # skipped pixels may hold any value (e.g. 255): index class 0, weight 0
+                keep = ~skip.reshape(batch, 1, -1)
+                labels = labels.masked_fill(skip.reshape(batch, -1), 0)
             index = labels.long()
             weight = None if keep is None else keep.squeeze(1).to(compute_dtype)
             if from_logits and norm == 1:
@@ -611,10 +610,9 @@ def dice_semimetric_loss(
         else:
             if hard:
                 labels = target.reshape(batch, num_classes, -1)
-                if ignore_index is not None:
-                    ignored = labels == ignore_index
-                    keep = ~ignored if keep is None else keep & ~ignored
-                if keep is not None:  # skipped entries may hold any value: zero, and zero-weighted below
+                skip = _skipped_labels(target, mask, ignore_index)
+                if skip is not None:  # skipped entries may hold any value: zero, and zero-weighted below
+                    keep = ~skip.reshape(batch, skip.shape[1], -1)
                     labels = labels.masked_fill(~keep, 0)
                 y = labels.to(compute_dtype)
             else:
