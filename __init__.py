@@ -7,6 +7,8 @@ Subpackages:
 * :mod:`diffdistill.losses` -- perceptual, consistency, score-based, adversarial, Dice and KD losses.
 * :mod:`diffdistill.discriminators` -- diffusion-UNet discriminators.
 * :mod:`diffdistill.students` -- student construction and layer-level KD hooks.
+* :mod:`diffdistill.errors` -- the exception types every input check raises and the value-check switch
+  (also exported here).
 
 ``import diffdistill`` imports only torch and numpy; optional dependencies (diffusers, kornia, lpips,
 peft, ...) are imported inside the functions that need them.
@@ -16,6 +18,29 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-from . import discriminators, losses, schedulers, students
+from . import discriminators, errors, losses, schedulers, students
+from .errors import (
+    DTypeError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    set_value_checks,
+    value_checks,
+    value_checks_enabled,
+)
 
-__all__ = ["__version__", "discriminators", "losses", "schedulers", "students"]
+__all__ = [
+    "DTypeError",
+    "NonFiniteError",
+    "OptionError",
+    "ShapeError",
+    "__version__",
+    "discriminators",
+    "errors",
+    "losses",
+    "schedulers",
+    "set_value_checks",
+    "students",
+    "value_checks",
+    "value_checks_enabled",
+]

@@ -1,88 +1,48 @@
-"""Input validation shared by every diffdistill component.
+"""Input validation shared by every diffdistill component (private: the public face is
+:mod:`diffdistill.errors`, which holds the exception types and the value-check switch).
 
-Every error raised on user input comes from here. The exception types subclass the builtin
-``ValueError`` / ``TypeError`` (unlike kornia's ``BaseError``), so ``except ValueError`` keeps working,
-and every message names the argument, what was expected, what was received and how to fix it.
-
-Two kinds of check exist:
-
-* *static* checks (types, shapes, dtypes, option strings) cost nothing on the device and always run;
-* *value* checks (``check_finite``, range checks on tensors) read tensor values, which forces a
-  device synchronisation and breaks ``torch.compile`` graphs. They are skipped while tracing and can
-  be switched off globally with the environment variable ``DIFFDISTILL_VALUE_CHECKS=0`` or
-  :func:`set_value_checks` for production runs.
+Every error raised on user input comes from a helper here, and every message names the argument as the caller
+passed it, what was expected, what was received and how to fix it. Static checks (types, shapes, dtypes,
+options) always run; value checks (finiteness, ranges of tensor contents) run only while
+:func:`diffdistill.errors.value_checks_enabled` says so.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
+from .errors import (
+    DTypeError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    set_value_checks,
+    value_checks,
+    value_checks_enabled,
+)
+
 __all__ = [
     "DTypeError",
+    "NonFiniteError",
     "OptionError",
     "ShapeError",
     "check_dtype_floating",
     "check_finite",
+    "check_float_input",
     "check_ndim",
+    "check_nonempty",
     "check_option",
     "check_positive",
     "check_probability",
     "check_same_shape",
     "check_tensor",
     "set_value_checks",
+    "value_checks",
     "value_checks_enabled",
 ]
-
-
-class ShapeError(ValueError):
-    """A tensor has the wrong shape. Carries ``name``, ``expected`` and ``actual``."""
-
-    def __init__(self, message: str, *, name: str = "", expected: Any = None, actual: Any = None) -> None:
-        super().__init__(message)
-        self.name = name
-        self.expected = expected
-        self.actual = actual
-
-
-class DTypeError(TypeError):
-    """An argument has the wrong type or dtype."""
-
-
-class OptionError(ValueError):
-    """A configuration value is outside its allowed set or range."""
-
-
-_VALUE_CHECKS = os.environ.get("DIFFDISTILL_VALUE_CHECKS", "1").strip().lower() not in {
-    "0",
-    "false",
-    "no",
-    "off",
-}
-
-
-def set_value_checks(enabled: bool) -> None:
-    """Turn the value checks (those that read tensor contents) on or off globally.
-
-    Example:
-        >>> from diffdistill._checks import set_value_checks, value_checks_enabled
-        >>> set_value_checks(False); value_checks_enabled()
-        False
-        >>> set_value_checks(True); value_checks_enabled()
-        True
-    """
-    global _VALUE_CHECKS
-    _VALUE_CHECKS = bool(enabled)
-
-
-def value_checks_enabled() -> bool:
-    """Whether value checks run now (never while ``torch.compile`` traces)."""
-    if not _VALUE_CHECKS:
-        return False
-    return not torch.compiler.is_compiling()
 
 
 def _fmt_shape(shape: Iterable[int]) -> str:
@@ -158,10 +118,50 @@ def check_probability(value: float, name: str) -> None:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf (a value check: may be switched off)."""
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or Inf (a value check: may be switched off)."""
     if value_checks_enabled() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"Expected `{name}` to be finite, but it holds {n_bad} NaN/Inf value(s) out of {x.numel()}. "
             "Check the upstream computation (learning rate, mixed-precision overflow, division by zero)."
         )
+
+
+def check_nonempty(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`ShapeError` if ``x`` has no elements or an empty batch (leading) dimension.
+
+    A loss's mean over an empty batch is NaN and a sum is a silent 0; neither is what a caller meant.
+    """
+    if x.numel() == 0 or (x.ndim > 0 and x.shape[0] == 0):
+        raise ShapeError(
+            f"Expected `{name}` to hold at least one sample, but got shape {_fmt_shape(x.shape)} (empty). "
+            "Check the batch that was passed (an empty data-loader batch or a mask that selected nothing).",
+            name=name,
+            expected="non-empty",
+            actual=tuple(x.shape),
+        )
+
+
+def check_float_input(
+    x: Any,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    layout: str = "",
+    finite: bool = True,
+) -> torch.Tensor:
+    """The standard checks on a floating-point tensor the caller passes (``x``, ``x0``, logits, features).
+
+    In order: a ``torch.Tensor`` (:class:`DTypeError`), a floating dtype (:class:`DTypeError`, an integer or
+    bool tensor is never silently promoted), the number of dimensions when ``ndim`` is given
+    (:class:`ShapeError`), a non-empty batch (:class:`ShapeError`) and, as a value check, finite entries
+    (:class:`NonFiniteError`) unless ``finite=False``. Returns ``x``.
+    """
+    check_tensor(x, name)
+    check_dtype_floating(x, name)
+    if ndim is not None:
+        check_ndim(x, name, ndim, layout)
+    check_nonempty(x, name)
+    if finite:
+        check_finite(x, name)
+    return x

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
         cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).to(device)
+        t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).t.to(device)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.convert(noise, x_t, t, "epsilon", schedule.prediction_type)
         with accelerator.accumulate(student), common.autocast(accelerator):

@@ -972,7 +972,7 @@ def renoise_for_discriminator(
             )
     device = clean[0].device
     if t is None:
-        t = categorical_timesteps(batch, values, weights, generator=generator, device=device)
+        t = categorical_timesteps(batch, values, weights, generator=generator, device=device).t
     else:
         check_tensor(t, "t")
         if t.shape != (batch,):

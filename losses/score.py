@@ -121,7 +121,7 @@ def _sample_t(
                 f"Expected `t_range` = (low, high), integers with 0 <= low <= high <= {last} (the noisy "
                 f"timesteps to draw), but got {tuple(t_range)!r}."
             )
-        t = uniform_timesteps(x.shape[0], low, high, generator=generator, device=x.device)
+        t = uniform_timesteps(x.shape[0], low, high, generator=generator, device=x.device).t
     tt = schedule.batch_timesteps(t, x)
     tt = tt.expand(x.shape[0]) if tt.ndim == 0 else tt
     if value_checks_enabled() and bool((tt < 0).any()):  # t = -1 is the clean end: x_t = x0, sigma 0

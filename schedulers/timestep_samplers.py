@@ -7,7 +7,7 @@ published grids are exact multiples: a DDIM grid of N steps is ``u = T/N, 2T/N, 
 ``19, 39, ..., 999`` for N = 50), and segment edges are ``u = j T / k``.
 
 Every sampler takes ``generator`` (draws happen on the generator's device, then move to ``device``)
-and returns what it sampled, so a caller can log it or replay it. Pair samplers return a
+and returns what it sampled, so a caller can log it or replay it. Every sampler returns a
 :class:`TimestepSample` with one shared vocabulary:
 
 * ``t``: where the student (and the teacher's first step) is evaluated;
@@ -15,6 +15,10 @@ and returns what it sampled, so a caller can log it or replay it. Pair samplers 
 * ``t_end``: where both the student side and the target side are DDIM-moved before comparison
   (the segment boundary of TSCD / MLCM, ``t_prev`` for progressive distillation, and ``-1`` for
   LCM, whose consistency function maps to the clean end).
+
+The single-timestep samplers (:func:`uniform_timesteps`, :func:`categorical_timesteps`: score distillation,
+discriminator re-noising) draw only ``t``; their ``t_prev`` and ``t_end`` are ``-1``, the clean end that
+those methods' x0 predictions refer to.
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _single(t: torch.Tensor, device: torch.device | str | None) -> TimestepSample:
+    """A single-timestep draw as a :class:`TimestepSample` whose ``t_prev`` and ``t_end`` are the clean end."""
+    clean = torch.full_like(t, -1)
+    return _to_device(TimestepSample(t, clean, clean.clone()), device)
+
+
 def _to_device(sample: TimestepSample, device: torch.device | str | None) -> TimestepSample:
     return sample if device is None else TimestepSample(*(x.to(device) for x in sample))
 
@@ -85,8 +95,8 @@ def uniform_timesteps(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """``t ~ U{low, ..., high}`` (inclusive), shape ``(B,)`` int64.
+) -> TimestepSample:
+    """``t ~ U{low, ..., high}`` (inclusive), shape ``(B,)`` int64, as a :class:`TimestepSample`.
 
     Presets from the papers (T = 1000): DMD / DMD2 distribution matching ``U[0.02T, 0.98T]`` →
     ``low=20, high=980``; SiD for Stable Diffusion ``t ~ U{20..980}`` (the same); DMD2's
@@ -94,7 +104,7 @@ def uniform_timesteps(
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> t = uniform_timesteps(4, 20, 980, generator=g)
+        >>> t = uniform_timesteps(4, 20, 980, generator=g).t
         >>> bool(((t >= 20) & (t <= 980)).all()), t.dtype
         (True, torch.int64)
     """
@@ -104,7 +114,7 @@ def uniform_timesteps(
     t = torch.randint(
         int(low), int(high) + 1, (batch_size,), generator=generator, device=_gen_device(generator)
     )
-    return t.to(device) if device is not None else t
+    return _single(t, device)
 
 
 def categorical_timesteps(
@@ -114,7 +124,7 @@ def categorical_timesteps(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-) -> torch.Tensor:
+) -> TimestepSample:
     """``t`` drawn from ``values`` with probabilities proportional to ``weights`` (uniform if None).
 
     SDXL-Lightning (Lin et al. 2024, Sec. 3.7) re-noises the discriminator inputs of its 1- and 2-step
@@ -122,7 +132,7 @@ def categorical_timesteps(
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
-        >>> t = categorical_timesteps(1000, weights=(5, 1, 1, 1), generator=g)
+        >>> t = categorical_timesteps(1000, weights=(5, 1, 1, 1), generator=g).t
         >>> round((t == 10).float().mean().item(), 1)
         0.6
     """
@@ -142,8 +152,7 @@ def categorical_timesteps(
             raise OptionError(f"Expected `weights` to be >= 0 with a positive sum, but got {list(weights)}.")
     dev = _gen_device(generator)
     idx = torch.multinomial(probs.to(dev), batch_size, replacement=True, generator=generator)
-    t = vals.to(dev)[idx]
-    return t.to(device) if device is not None else t
+    return _single(vals.to(dev)[idx], device)
 
 
 def lcm_skip_pairs(

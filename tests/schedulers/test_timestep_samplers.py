@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from diffdistill._checks import OptionError
 from diffdistill.schedulers import (
     LIGHTNING_EXTRA_STUDENT_TIMESTEPS,
+    TimestepSample,
     categorical_timesteps,
     lcm_skip_pairs,
     milestone_pairs,
@@ -133,10 +134,10 @@ def test_progressive_pairs_lightning_extra():
 
 def test_categorical_distribution_and_uniform():
     g = torch.Generator().manual_seed(0)
-    t = categorical_timesteps(40_000, weights=(5, 1, 1, 1), generator=g)
+    t = categorical_timesteps(40_000, weights=(5, 1, 1, 1), generator=g).t
     freq = torch.stack([(t == v).float().mean() for v in (10, 250, 500, 750)])
     torch.testing.assert_close(freq, torch.tensor([5 / 8, 1 / 8, 1 / 8, 1 / 8]), atol=0.01, rtol=0)
-    u = uniform_timesteps(40_000, 20, 980, generator=g)
+    u = uniform_timesteps(40_000, 20, 980, generator=g).t
     assert u.min().item() == 20 and u.max().item() == 980
 
 
@@ -184,3 +185,15 @@ def test_errors():
     ):
         progressive_pairs(3, 1, extra_timesteps=[249.7, 999.2])  # not truncated to 249, 999
     assert set(progressive_pairs(8, 1, extra_timesteps=[249.0, 999.0]).t.tolist()) <= {249, 999}
+
+
+def test_single_timestep_samplers_return_a_timestep_sample():
+    # Issue 18: a bare tensor's `.t` is its transpose method, so `uniform_timesteps(...).t` used to return a
+    # bound method silently; every sampler now returns a TimestepSample whose clean-end fields are -1.
+    g = torch.Generator().manual_seed(0)
+    for s in (uniform_timesteps(5, 20, 980, generator=g), categorical_timesteps(5, generator=g)):
+        assert isinstance(s, TimestepSample)
+        assert s.t.shape == s.t_prev.shape == s.t_end.shape == (5,)
+        assert s.t.dtype == s.t_prev.dtype == torch.int64
+        assert bool((s.t_prev == -1).all()) and bool((s.t_end == -1).all())
+        assert bool((s.t >= 10).all())
