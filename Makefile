@@ -24,9 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# pydoclint: every public function, method and class of the package documents its parameters and results
+# (config in pyproject.toml; tests/test_docstrings.py checks the Raises sections).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pydoclint --quiet .
 
 # mypy needs a folder named like the package: link the repository root into build/typecheck/diffdistill.
 typecheck: install

@@ -14,8 +14,7 @@ import argparse
 import time
 
 import torch
-
-from diffdistill._toy_gmm import (
+from toy_gmm import (
     METHODS,
     GaussianMixture,
     TimeMLP,
@@ -27,6 +26,7 @@ from diffdistill._toy_gmm import (
     run_method,
     sliced_wasserstein,
 )
+
 from diffdistill.schedulers import NoiseSchedule
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,38 @@ def test_finite_check_and_switch() -> None:
         _checks.check_finite(x, "x")  # switched off: no error
     finally:
         _checks.set_value_checks(True)
+
+
+def test_wheel_and_sdist_ship_the_license_and_not_the_test_toy(tmp_path: Path) -> None:
+    """The Apache-2.0 text travels in both distributions; test/benchmark helpers stay out of the wheel."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    pytest.importorskip("setuptools", minversion="77")
+    from setuptools import build_meta
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout")
+    src = tmp_path / "src"
+    for name in files.stdout.split():
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    assert "Apache License" in (src / "LICENSE").read_text() and "Version 2.0" in (src / "LICENSE").read_text()
+    cwd = os.getcwd()
+    os.chdir(src)
+    try:
+        wheel_name = build_meta.build_wheel(str(tmp_path))
+        sdist_name = build_meta.build_sdist(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    with zipfile.ZipFile(tmp_path / wheel_name) as wheel:
+        names = wheel.namelist()
+    with tarfile.open(tmp_path / sdist_name) as sdist:
+        sdist_names = sdist.getnames()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "diffdistill/errors.py" in names and "diffdistill/py.typed" in names
+    assert not [n for n in names if "toy" in n or n.startswith("diffdistill/tests")], names
+    assert any(n.endswith("/LICENSE") for n in sdist_names)

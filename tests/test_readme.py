@@ -26,3 +26,16 @@ def test_readme_snippets_run() -> None:
             exec(compile(block, f"README.md[python block {i}]", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the assertion message is the point
             raise AssertionError(f"README python block {i} failed: {exc!r}\n{block}") from exc
+
+
+def test_readme_links_work_on_the_package_index_page() -> None:
+    """README.md is the package's long description: on the index page a relative link or image has no
+    repository to resolve against, so every link must be absolute (files are named as code paths instead)."""
+    targets = re.findall(r"\]\(([^)]*)\)", README.read_text())
+    relative = [t for t in targets if not re.match(r"https?://", t)]
+    assert relative == [], f"relative links in README.md break on the index page: {relative}"
+
+
+def test_readme_imports_no_private_module() -> None:
+    text = README.read_text()
+    assert "diffdistill._" not in text, "README.md tells users to import from a private module"

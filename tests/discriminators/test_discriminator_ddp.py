@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from tests.state_compare import assert_same_update
+
 HERE = str(Path(__file__).resolve().parent)
 
 
@@ -33,14 +35,16 @@ def test_ddp_matches_single_process(tmp_path) -> None:
     single = w.build_discriminator()
     ref_logits = w.train_steps(single, slice(0, w.GLOBAL_BATCH))
     ddp_logits = [torch.cat(z) for z in zip(*(torch.load(tmp_path / f"logits{r}.pt") for r in range(2)))]
-    for a, b in zip(ddp_logits, ref_logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Logits of the same samples, relative to their size: at step 1 the weights are equal and only the batch
+    # split changes the kernels' blocking (float32 rounding through ~30 ops: ~1e-6 relative); at step 2 the
+    # weights differ by rounding of one SGD step (<= 1e-2 of the step, below). A rank whose gradient was not
+    # averaged would move its step-2 logits by the whole step's effect on them.
+    for step, (a, b) in enumerate(zip(ddp_logits, ref_logits)):
+        ratio = float((a - b).norm() / b.norm())
+        assert ratio <= 1e-4, f"step {step}: DDP's logits differ by {ratio:.3g} of their size"
     state = torch.load(tmp_path / "state.pt")
-    ref_state = single.state_dict()
-    init_state = w.build_discriminator().state_dict()
-    assert state.keys() == ref_state.keys()
-    for k in state:
-        # the two runs made the same update up to float32 summation order
-        update = (ref_state[k] - init_state[k]).norm()
-        assert (state[k] - ref_state[k]).norm() <= 1e-3 * update + 1e-6, k
+    # the two runs made the same update up to float32 summation order (tests/state_compare.py)
+    assert_same_update(
+        state, single.state_dict(), w.build_discriminator().state_dict(), what="DDP vs 1 process"
+    )
     assert not torch.equal(ref_logits[0], ref_logits[1])  # the step changed the discriminator

@@ -33,6 +33,7 @@ from tests.examples.test_sdxl_scripts import (  # noqa: F401
     _two_process_runs,
     tiny_sdxl,
 )
+from tests.state_compare import REL, adam_first_update_norm, assert_same_update
 
 
 def _needs_deepspeed() -> None:
@@ -41,11 +42,13 @@ def _needs_deepspeed() -> None:
 
 def _assert_discriminator_and_lora_match_ddp(out: dict[str, Path]) -> dict[str, torch.Tensor]:
     """A LoRA student + discriminator run under ZeRO-2 (``out["zero2"]``) against DDP's (``out["ddp"]``):
-    D after step 1 equal, the student's step 2 within 2 % of its update; returns the ZeRO-2 LoRA."""
+    D's first step and the student's second step the same updates up to summation order (both judged against
+    the size of the update, tests/state_compare.py); returns the ZeRO-2 LoRA."""
     ddp_ckpt, ds_ckpt = out["ddp"] / "checkpoint-1", out["zero2"] / "checkpoint-1"
     # The discriminator's step 1: DDP stepped it (Adam state), and DeepSpeed's second engine holds the same
     # weights (a D that never stepped would sit ~lr = 1e-3 away from DDP's in every entry).
-    ddp_d_opt = torch.load(ddp_ckpt / "optimizer_1.bin", weights_only=False)["state"]
+    ddp_d_optimizer = torch.load(ddp_ckpt / "optimizer_1.bin", weights_only=False)
+    ddp_d_opt = ddp_d_optimizer["state"]
     assert ddp_d_opt and max(float(s["exp_avg"].abs().max()) for s in ddp_d_opt.values()) > 0
     from safetensors.torch import load_file
 
@@ -54,19 +57,20 @@ def _assert_discriminator_and_lora_match_ddp(out: dict[str, Path]) -> dict[str, 
         "module"
     ]
     assert ddp_d.keys() == ds_d.keys() and ddp_d
-    for k in ddp_d:
-        torch.testing.assert_close(
-            ds_d[k], ddp_d[k], rtol=1e-5, atol=1e-6, msg=f"DeepSpeed's D != DDP's at {k}"
-        )
+    # D's weights before the step are not saved; the step's size is recovered from the Adam moments it left
+    # (every entry moves by ~lr, so its norm is ~lr·sqrt(#entries)). Reduction order changes D's gradient in
+    # its last bits (measured on one CPU: 1.47e-6 at one entry, ~1e-3 of lr; absolute float32 tolerances
+    # failed there), while a penalty dropped or counted twice by one engine flips signs: O(1) of the step.
+    step_norm = adam_first_update_norm(ddp_d_optimizer)
+    gap = torch.cat([(ds_d[k].double() - ddp_d[k].double()).flatten() for k in ddp_d])
+    assert step_norm > 0 and float(gap.norm()) <= REL * step_norm, (float(gap.norm()), step_norm)
     # The student's second step, taken against the updated D, matches DDP's up to the reduction order of the
     # accumulated gradients, which Adam amplifies at near-zero gradients (measured gap / update 1e-3).
     name = "pytorch_lora_weights.safetensors"
     step1 = {"unet." + k: v for k, v in _lora_state(ddp_ckpt / "unet_lora.safetensors").items()}
     ddp, ds = _lora_state(out["ddp"] / name), _lora_state(out["zero2"] / name)
     assert ddp.keys() == ds.keys() == step1.keys() and ddp
-    update = torch.cat([(ddp[k] - step1[k]).flatten() for k in ddp])
-    gap = torch.cat([(ds[k] - ddp[k]).flatten() for k in ddp])
-    assert float(update.norm()) > 0 and float(gap.norm() / update.norm()) < 0.02
+    assert_same_update(ds, ddp, step1, rel=0.02, what="ZeRO-2 vs DDP student step 2")
     return ds
 
 
@@ -145,12 +149,9 @@ def test_sim_full_unets_under_zero3_match_ddp_and_resume(tiny_sdxl: dict[str, Pa
     )
     start = UNet2DConditionModel.from_pretrained(str(tiny_sdxl["model"]), subfolder="unet").state_dict()
     assert all(v.dtype == torch.float32 for v in ds.values())
-    update = torch.cat([(ddp[k] - start[k]).flatten() for k in ddp])
-    gap = torch.cat([(ds[k] - ddp[k]).flatten() for k in ddp])
-    # Measured 5e-5: the clipped gradient norm is summed in another order (as under FSDP).
-    assert float(update.norm()) > 0 and float(gap.norm() / update.norm()) < 1e-3
-    for k in ds:
-        torch.testing.assert_close(resumed[k], ds[k], rtol=1e-5, atol=1e-7, msg=f"resume changed {k}")
+    # Measured gap / update 5e-5: the clipped gradient norm is summed in another order (as under FSDP).
+    assert_same_update(ds, ddp, start, what="ZeRO-3 vs DDP")
+    assert_same_update(resumed, ds, start, what="resumed vs uninterrupted ZeRO-3")
 
 
 class _Engine(torch.nn.Module):

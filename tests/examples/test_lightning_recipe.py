@@ -26,6 +26,7 @@ UNIFORM, STABLE = (1.0, 1.0, 1.0, 1.0), (5.0, 1.0, 1.0, 1.0)
 # The tiny pipeline fixture and the loader are imported from test_sdxl_scripts (not copied); an imported
 # fixture's name is then a test parameter, which ruff reads as a redefinition (hence F811 off below).
 from tests.examples.test_sdxl_scripts import _load, tiny_sdxl  # noqa: E402, F401
+from tests.state_compare import assert_same_update  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +181,13 @@ def test_full_stage_continues_the_unconditional_stage_discriminator(
         assert all(torch.equal(start[k], saved[k]) for k in saved)
     got_a, got_b = _file_state(out_a / "discriminator"), _file_state(out_b / "discriminator")
     assert any(not torch.equal(got_a[k], saved[k]) for k in saved), "the full stage's D did not train"
-    for k in got_a:
-        torch.testing.assert_close(got_a[k], got_b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed D's {k}")
+    # Both runs' steps against their size (tests/state_compare.py): D from the stage's start, the UNet
+    # from the pretrained weights.
+    assert_same_update(got_b, got_a, saved, what="resumed vs uninterrupted D")
     a = UNet2DConditionModel.from_pretrained(str(out_a / "unet")).state_dict()
     b = UNet2DConditionModel.from_pretrained(str(out_b / "unet")).state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
+    start = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet").state_dict()
+    assert_same_update(b, a, start, what="resumed vs uninterrupted UNet")
 
 
 def test_init_discriminator_of_the_wrong_kind_says_why(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -277,9 +279,8 @@ def test_one_step_conditional_stage_runs_resumes_and_switches_weights(
     start = UNet2DConditionModel.from_pretrained(str(tiny["model"]), subfolder="unet").state_dict()
     a = UNet2DConditionModel.from_pretrained(str(out_a / "unet")).state_dict()
     b = UNet2DConditionModel.from_pretrained(str(out_b / "unet")).state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume changed {k}")
     assert any(not torch.equal(v, start[k]) for k, v in a.items()), "the UNet did not train"
+    assert_same_update(b, a, start, what="resumed vs uninterrupted UNet")  # tests/state_compare.py
 
 
 def test_teacher_steps_override_for_a_skip_level_teacher(

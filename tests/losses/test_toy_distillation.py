@@ -1,5 +1,5 @@
 """Toy proof that the losses distill: a 2-D Gaussian-mixture teacher with an exact denoiser (see
-``diffdistill/_toy_gmm.py``; the longer run with the full table is ``benchmarks/toy_losses.py``).
+``benchmarks/toy_gmm.py``; the longer run with the full table is ``benchmarks/toy_losses.py``).
 
 Every student starts from the same MLP regressed on the teacher (as real students start from teacher
 weights; one-step generators from its x0-prediction conversion, SDXL-Lightning Eq. 29) and is trained for a few hundred steps with one method through the public loss APIs. Margins
@@ -13,10 +13,16 @@ weights; one-step generators from its x0-prediction conversion, SDXL-Lightning E
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from diffdistill._toy_gmm import (
+# The toy lives beside its benchmark (benchmarks/toy_gmm.py), outside the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from toy_gmm import (
     METHODS,
     GaussianMixture,
     TimeMLP,
@@ -26,6 +32,7 @@ from diffdistill._toy_gmm import (
     initial_network,
     run_method,
 )
+
 from diffdistill.schedulers import NoiseSchedule
 
 CFG = ToyConfig(steps=200, fit_steps=400, eval_samples=2000, seed=0)
@@ -47,7 +54,7 @@ def toy():
 def test_teacher_is_exact(toy):
     sched, gm, _, _ = toy
     # The exact denoiser recovers the mixture: 50-step DDIM is close to the data; 1 step is blurry.
-    from diffdistill._toy_gmm import _teacher_samples, sliced_wasserstein
+    from toy_gmm import _teacher_samples, sliced_wasserstein
 
     g = torch.Generator().manual_seed(0)
     noise, truth = torch.randn(2000, 2, generator=g), gm.sample(2000, g)

@@ -25,20 +25,24 @@ from typing import NamedTuple, cast
 import torch
 from torch import nn
 
-from .losses.adversarial import gan_discriminator_loss, gan_generator_loss, renoise_for_discriminator
-from .losses.consistency import (
+from diffdistill.losses.adversarial import (
+    gan_discriminator_loss,
+    gan_generator_loss,
+    renoise_for_discriminator,
+)
+from diffdistill.losses.consistency import (
     lcm_consistency_loss,
     multistep_consistency_loss,
     teacher_trajectory_states,
     tscd_loss,
     x0_conversion_loss,
 )
-from .losses.distances import compute_distance
-from .losses.score import dmd_loss, fake_score_loss, sim_loss
-from .schedulers.few_step_samplers import ddim_sample, lcm_sample, x0_renoise_sample
-from .schedulers.noise_schedule import NoiseSchedule
-from .schedulers.teacher_solver import TeacherSolver
-from .students.ema import EMA
+from diffdistill.losses.distances import compute_distance
+from diffdistill.losses.score import dmd_loss, fake_score_loss, sim_loss
+from diffdistill.schedulers.few_step_samplers import ddim_sample, lcm_sample, x0_renoise_sample
+from diffdistill.schedulers.noise_schedule import NoiseSchedule
+from diffdistill.schedulers.teacher_solver import TeacherSolver
+from diffdistill.students.ema import EMA
 
 __all__ = [
     "METHODS",
