@@ -9,10 +9,13 @@ options) always run; value checks (finiteness, ranges of tensor contents) run on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, overload
 
 import torch
+from torch import nn
 
 from .errors import (
     DTypeError,
@@ -29,14 +32,22 @@ __all__ = [
     "NonFiniteError",
     "OptionError",
     "ShapeError",
+    "check_all_finite",
+    "check_bool",
     "check_dtype_floating",
     "check_finite",
     "check_float_input",
+    "check_generator",
+    "check_int",
+    "check_mapping",
+    "check_module",
     "check_ndim",
     "check_nonempty",
     "check_option",
+    "check_optional_int",
     "check_positive",
     "check_probability",
+    "check_real",
     "check_same_shape",
     "check_tensor",
     "set_value_checks",
@@ -151,8 +162,16 @@ def check_option(value: Any, name: str, allowed: Iterable[Any]) -> None:
         raise OptionError(f"Expected `{name}` to be one of {list(allowed)}, but got {value!r}.")
 
 
+def _check_number(value: Any, name: str) -> None:
+    """:class:`DTypeError` unless ``value`` is a real Python / NumPy number (not a bool), before comparing it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise DTypeError(f"Expected `{name}` to be a real number, but got {type(value).__name__} {value!r}.")
+
+
 def check_positive(value: float, name: str, *, strict: bool = True) -> None:
     """Raise :class:`OptionError` unless the Python number ``value`` is > 0 (or >= 0); NaN is refused.
+
+    ``inf`` passes (callers that need a finite number use :func:`check_real`).
 
     Args:
         value: The number the caller passed.
@@ -160,8 +179,10 @@ def check_positive(value: float, name: str, *, strict: bool = True) -> None:
         strict: ``True`` for > 0, ``False`` for >= 0.
 
     Raises:
+        DTypeError: ``value`` is not a real number (a string, None, a bool, a tensor).
         OptionError: ``value`` is out of range or NaN.
     """
+    _check_number(value, name)
     ok = value > 0 if strict else value >= 0
     if not ok:
         rel = "> 0" if strict else ">= 0"
@@ -176,10 +197,253 @@ def check_probability(value: float, name: str) -> None:
         name: The argument's public name.
 
     Raises:
+        DTypeError: ``value`` is not a real number (a string, None, a bool, a tensor).
         OptionError: ``value`` lies outside [0, 1].
     """
+    _check_number(value, name)
     if not 0.0 <= value <= 1.0:
         raise OptionError(f"Expected `{name}` to lie in [0, 1], but got {value!r}.")
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    strict: bool = False,
+    high_strict: bool = False,
+    allow_tensor: bool = False,
+) -> float:
+    """A finite real number (Python or NumPy; never a bool) within the given bounds, as a ``float``.
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+        low: The lower bound (None: none).
+        high: The upper bound (None: none).
+        strict: The lower bound is exclusive (``> low``) instead of inclusive (``>= low``).
+        high_strict: The upper bound is exclusive (``< high``) instead of inclusive (``<= high``).
+        allow_tensor: Accept a 0-d real tensor too (it is read to check it: one device synchronisation).
+
+    Returns:
+        ``value`` as a ``float``.
+
+    Raises:
+        DTypeError: ``value`` is not a real number (a string, None, a bool, a list, a tensor unless
+            ``allow_tensor``).
+        OptionError: ``value`` is NaN, infinite or out of bounds.
+    """
+    number = value
+    if isinstance(value, torch.Tensor):
+        real = value.dtype != torch.bool and not value.is_complex()
+        if not (allow_tensor and real and value.ndim == 0):
+            fix = (
+                "a 0-d real tensor or a Python number"
+                if allow_tensor
+                else f"a Python number, e.g. float({name})"
+            )
+            raise DTypeError(
+                f"Expected `{name}` to be a real number, but got a tensor of shape {_fmt_shape(value.shape)} and "
+                f"dtype {value.dtype}. Pass {fix}."
+            )
+        number = value.item()
+    _check_number(number, name)
+    out = float(number)
+    if not math.isfinite(out):
+        raise OptionError(f"Expected `{name}` to be a finite number, but got {value!r}.")
+    if low is not None and (out <= low if strict else out < low):
+        raise OptionError(f"Expected `{name}` to be {'>' if strict else '>='} {low}, but got {value!r}.")
+    if high is not None and (out >= high if high_strict else out > high):
+        raise OptionError(
+            f"Expected `{name}` to be {'<' if high_strict else '<='} {high}, but got {value!r}."
+        )
+    return out
+
+
+def _int_bound(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return "" if maximum is None else f" <= {maximum}"
+
+
+def _int(
+    value: Any,
+    name: str,
+    minimum: int | None,
+    maximum: int | None,
+    hint: str,
+    integral_float: bool,
+    none: bool,
+) -> int:
+    bound = _int_bound(minimum, maximum)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if integral_float and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        ok = True
+    if not ok:
+        raise DTypeError(
+            f"Expected `{name}` to be an int{bound}{' or None' if none else ''}, but got {type(value).__name__} "
+            f"{value!r}.{hint}"
+        )
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise OptionError(f"Expected `{name}` to be an int{bound}, but got {value!r}.{hint}")
+    return int(value)
+
+
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    hint: str = "",
+    integral_float: bool = False,
+) -> int:
+    """An integer (Python or NumPy; never a bool or a float) in ``[minimum, maximum]``, as an ``int``.
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+        minimum: The smallest allowed value (None: no bound).
+        maximum: The largest allowed value (None: no bound).
+        hint: Text appended to the message (how to fix it), e.g. ``" Draw at least one sample."``.
+        integral_float: Accept an integral finite float such as ``1000.0`` too (configuration numbers).
+
+    Returns:
+        ``value`` as an ``int``.
+
+    Raises:
+        DTypeError: ``value`` is not an integer.
+        OptionError: ``value`` is out of bounds.
+    """
+    return _int(value, name, minimum, maximum, hint, integral_float, False)
+
+
+def check_optional_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None, hint: str = ""
+) -> int | None:
+    """``None``, or :func:`check_int`'s integer (None is never silently confused with 0).
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+        minimum: The smallest allowed value (None: no bound).
+        maximum: The largest allowed value (None: no bound).
+        hint: Text appended to the message (how to fix it).
+
+    Returns:
+        None, or ``value`` as an ``int``.
+
+    Raises:
+        DTypeError: ``value`` is neither None nor an integer.
+        OptionError: ``value`` is out of bounds.
+    """
+    return None if value is None else _int(value, name, minimum, maximum, hint, False, True)
+
+
+@overload
+def check_bool(value: Any, name: str, *, allow_none: Literal[False] = False) -> bool: ...
+
+
+@overload
+def check_bool(value: Any, name: str, *, allow_none: bool) -> bool | None: ...
+
+
+def check_bool(value: Any, name: str, *, allow_none: bool = False) -> bool | None:
+    """Refuse anything but ``True`` / ``False`` (a string such as ``"False"`` would be truthy; ``1`` is refused).
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+        allow_none: Accept None too.
+
+    Returns:
+        ``value`` (None only when ``allow_none``).
+
+    Raises:
+        DTypeError: ``value`` is not a bool (nor None when allowed).
+    """
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        raise DTypeError(
+            f"Expected `{name}` to be True or False{' or None' if allow_none else ''}, but got "
+            f"{type(value).__name__} {value!r}."
+        )
+    return value
+
+
+def check_generator(value: Any, name: str = "generator") -> torch.Generator | None:
+    """Refuse anything but a ``torch.Generator`` or None (an int seed is a common mistake).
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        DTypeError: ``value`` is neither None nor a ``torch.Generator``.
+    """
+    if value is not None and not isinstance(value, torch.Generator):
+        raise DTypeError(
+            f"Expected `{name}` to be a torch.Generator or None, but got {type(value).__name__}. Seed one with "
+            "torch.Generator(device).manual_seed(seed)."
+        )
+    return value
+
+
+def check_mapping(
+    value: Any,
+    name: str,
+    *,
+    what: str = "the model's keyword arguments",
+    example: str = "{'encoder_hidden_states': emb}",
+) -> dict[str, Any]:
+    """``None`` or a mapping of keyword arguments (``cond``-style), as a new dict (``{}`` for None).
+
+    Args:
+        value: The value the caller passed.
+        name: The argument's public name.
+        what: What the mapping holds, for the message.
+        example: An example mapping for the message.
+
+    Returns:
+        ``dict(value)``, or ``{}`` for None.
+
+    Raises:
+        DTypeError: ``value`` is neither None nor a mapping.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DTypeError(
+            f"Expected `{name}` to be a mapping of {what} (or None), but got {type(value).__name__}. Pass e.g. "
+            f"{name}={example}."
+        )
+    return dict(value)
+
+
+def check_module(value: Any, name: str) -> nn.Module:
+    """Refuse anything but an ``nn.Module`` (a network passed where a module is needed).
+
+    Args:
+        value: The network the caller passed.
+        name: The argument's public name (``model``, ``teacher``, ...).
+
+    Returns:
+        ``value``, typed as a module.
+
+    Raises:
+        DTypeError: ``value`` is not an ``nn.Module``.
+    """
+    if not isinstance(value, nn.Module):
+        raise DTypeError(
+            f"Expected `{name}` to be a torch.nn.Module, but got {type(value).__name__}. Pass the network "
+            "itself (DDP / FSDP / compiled wrappers are fine)."
+        )
+    return value
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
@@ -192,12 +456,38 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     Raises:
         NonFiniteError: ``x`` holds NaN or Inf while value checks are on.
     """
-    if value_checks_enabled() and not bool(torch.isfinite(x).all()):
+    # Meta tensors (FLOP counting, deferred init) have no values to read.
+    if value_checks_enabled() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise NonFiniteError(
             f"Expected `{name}` to be finite, but it holds {n_bad} NaN/Inf value(s) out of {x.numel()}. "
             "Check the upstream computation (learning rate, mixed-precision overflow, division by zero)."
         )
+
+
+def check_all_finite(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """:func:`check_finite` of several tensors with one device synchronisation (per device), not one per tensor.
+
+    A value check: skipped while value checks are off (and under ``torch.compile``). Non-floating and empty
+    tensors (nothing to check) and tensors on the meta device (FLOP counting) are skipped.
+
+    Args:
+        named: ``(public name, tensor)`` pairs, in the order the errors should be reported.
+
+    Raises:
+        NonFiniteError: A tensor holds NaN or Inf; the message names the first such tensor.
+    """
+    if not value_checks_enabled():
+        return
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in named:
+        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
+            by_device.setdefault(tensor.device, []).append((name, tensor))
+    for items in by_device.values():
+        flags = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()
+        for (name, tensor), ok in zip(items, flags):
+            if not ok:
+                check_finite(tensor, name)
 
 
 def check_nonempty(x: torch.Tensor, name: str) -> None:

@@ -9,12 +9,21 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ._checks import DTypeError
+
 __all__ = ["frozen", "reshard", "unwrap_model"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip ``DistributedDataParallel`` / ``DataParallel`` / DeepSpeed engine (``.module``), FSDP1 and
     ``torch.compile`` (``._orig_mod``) wrappers, repeatedly, so names and parameters are those of the user's model.
+
+    Args:
+        model: The network, wrapped or not (FSDP2's ``fully_shard`` keeps the module itself: nothing to strip).
+
+    Returns:
+        The innermost user module (``model`` itself when it is not wrapped; anything that is not a wrapper
+        comes back unchanged).
 
     Example:
         >>> from diffdistill._modules import unwrap_model
@@ -44,6 +53,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_modules(modules: tuple[object, ...], what: str) -> None:
+    for i, module in enumerate(modules):
+        if not isinstance(module, nn.Module):
+            raise DTypeError(
+                f"Expected every argument of `{what}` to be a torch.nn.Module, but argument {i} is "
+                f"{type(module).__name__}. Pass the networks themselves, e.g. {what}(fake_score, discriminator)."
+            )
+
+
 def reshard(*modules: nn.Module) -> None:
     """Put the FSDP2 modules (``fully_shard``) in ``modules`` back on their sharded parameters (a no-op for
     modules without FSDP2).
@@ -53,10 +71,18 @@ def reshard(*modules: nn.Module) -> None:
     a validation sample), and its next forward would reuse those unsharded values instead of the written
     shards.
 
+    Args:
+        *modules: The networks; every FSDP2 sub-module inside them is resharded. Modules without FSDP2 (or a
+            torch without it) are left alone; no module at all is a no-op.
+
+    Raises:
+        DTypeError: an argument is not an ``nn.Module`` (e.g. ``model.parameters()``).
+
     Example:
         >>> from diffdistill.students import reshard
         >>> reshard(nn.Linear(2, 2))  # no FSDP2 inside: nothing to do
     """
+    _check_modules(modules, "reshard")
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
@@ -78,6 +104,17 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
     parameters undone at the next all-gather: the modules are resharded before the flags change, on entry
     and on exit.
 
+    Args:
+        *modules: The networks to freeze for the block. Each parameter gets its own flag back on exit (also
+            when the block raises), so parameters that were already frozen stay frozen. Gradients are not
+            blocked for the *inputs*: a generator's loss still back-propagates through the frozen network.
+
+    Yields:
+        Nothing; the parameters are frozen inside the ``with`` block.
+
+    Raises:
+        DTypeError: an argument is not an ``nn.Module`` (e.g. ``model.parameters()``).
+
     Example:
         >>> from diffdistill.students import frozen
         >>> net = nn.Linear(2, 2)
@@ -87,6 +124,7 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
         >>> net.weight.requires_grad
         True
     """
+    _check_modules(modules, "frozen")
     reshard(*modules)
     params = [p for m in modules for p in m.parameters()]
     states = [p.requires_grad for p in params]

@@ -290,7 +290,7 @@ def build_diffusion2gan(b: Bench) -> Step:
     groups = 32 if all(c % 32 == 0 for c in widths) else 8  # the tiny UNet's 16-channel level: 8 groups
     disc = MultiScaleConditionalDiscriminator(b.unet, gradient_checkpointing=gc_on, norm_groups=groups)
     unet, _ = b.student()
-    lpips = ELatentLPIPS("sdxl", augment="bg").to(b.device)
+    lpips = ELatentLPIPS("sdxl", weights=None, augment="bg").to(b.device)
     opt, opt_d = b.adam(unet), b.adam(disc)
 
     def step(batch: int, gen: torch.Generator) -> None:

@@ -7,7 +7,11 @@ Compares, at one latent size and several batch sizes, with identical (random) we
   when the package is absent;
 * ``pixel``: ``PixelLPIPS`` with a randomly initialised SD-architecture ``AutoencoderKL`` decoder
   (8× upsampling) and the ``lpips`` VGG trunk;
-* ``num_draws``: one call with ``num_draws=K`` vs ``K`` separate calls.
+* ``num_draws``: one call with ``num_draws=K`` vs ``K`` separate calls;
+* ``baseline``: with ``--baseline REF``, the same losses (and ``LatentAugment("bg")`` alone) from the
+  package as it was at git revision ``REF`` (extracted with ``git archive`` into a temporary folder and
+  imported as ``diffdistill_baseline``), measured in the same run, so old and new share the machine's
+  state; compare their ratios, not absolute times.
 
 Time is the fastest of ``--reps`` timed calls after one warm-up; peak memory is the extra memory of
 the first timed call (CUDA: ``max_memory_allocated``; CPU: peak resident set size sampled every 2 ms, with
@@ -18,6 +22,11 @@ CPU (slow; a batch-8 pixel call takes minutes, skip it)::
 
     python benchmarks/lpips.py --size 64 --batch 2 8 --reps 2 --draws-batches 2 --pixel-batches 2
 
+Old vs new augmentation/loss code on CPU (e.g. before and after a change; ``REF`` is any git revision)::
+
+    python benchmarks/lpips.py --size 64 --batch 2 8 --reps 3 --draws 0 --pixel-batches --no-official \
+        --baseline REF
+
 GPU (the issue's speed goal: batch 8, 128×128 latents, bf16 autocast, channels_last)::
 
     python benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 10 --bf16 --channels-last
@@ -26,13 +35,22 @@ GPU (the issue's speed goal: batch 8, 128×128 latents, bf16 autocast, channels_
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import importlib
 import importlib.util
+import io
 import math
 import os
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from peak_memory import measure, track_cpu_memory_exactly  # this folder's helper, imported first
@@ -42,7 +60,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-from diffdistill.losses import ELatentLPIPS, LatentLPIPS, PixelLPIPS  # noqa: E402
+from diffdistill.losses import ELatentLPIPS, LatentAugment, LatentLPIPS, PixelLPIPS  # noqa: E402
 from diffdistill.losses.latent_augment import sym6_filter  # noqa: E402
 
 
@@ -67,6 +85,20 @@ def official_model(latent: str, augment: str | None, state_dict: dict[str, torch
         sd["augment.Hz_geom"] = sym6_filter()
     ref.load_state_dict(sd, strict=True)
     return ref.eval().requires_grad_(False)
+
+
+def baseline_package(ref: str) -> ModuleType:
+    """The package at git revision ``ref``, imported as ``diffdistill_baseline`` (relative imports only)."""
+    root = Path(__file__).resolve().parents[1]
+    tar = subprocess.run(
+        ["git", "-C", str(root), "archive", "--format=tar", ref], capture_output=True, check=True
+    )
+    folder = Path(tempfile.mkdtemp(prefix="diffdistill-baseline-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as archive:
+        archive.extractall(folder / "diffdistill_baseline", filter="data")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("diffdistill_baseline.losses")
 
 
 def sd_vae_decoder() -> torch.nn.Module:
@@ -101,6 +133,12 @@ def main(argv: list[str] | None = None) -> str:
     )
     p.add_argument("--no-official", action="store_true")
     p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="REF",
+        help="also measure the package at this git revision (e.g. HEAD or a commit), in the same run",
+    )
+    p.add_argument(
         "--official-ref-ops",
         action="store_true",
         help="run the official augmentation's upfirdn2d in its PyTorch reference path (impl='ref') instead "
@@ -121,10 +159,19 @@ def main(argv: list[str] | None = None) -> str:
     )  # reused: autocast contexts are re-enterable
 
     torch.manual_seed(0)
-    ours = ELatentLPIPS(args.latent, augment="bg").to(device, memory_format=mf)
+    ours = ELatentLPIPS(args.latent, augment="bg", weights=None).to(device, memory_format=mf)
     sd = ours.state_dict()
-    bare = LatentLPIPS(args.latent).to(device, memory_format=mf)
+    bare = LatentLPIPS(args.latent, weights=None).to(device, memory_format=mf)
     bare.load_state_dict(sd)
+    aug = LatentAugment("bg")
+    old_losses = None
+    if args.baseline is not None:
+        old = baseline_package(args.baseline)
+        base_aug = old.ELatentLPIPS(args.latent, augment="bg", weights=None).to(device, memory_format=mf)
+        base_aug.load_state_dict(sd)
+        base_bare = old.LatentLPIPS(args.latent, weights=None).to(device, memory_format=mf)
+        base_bare.load_state_dict(sd)
+        old_losses = (base_aug, base_bare, old.LatentAugment("bg"))
     have_official = not args.no_official and importlib.util.find_spec("elatentlpips") is not None
     if have_official and args.official_ref_ops:
         from elatentlpips.style_ops import upfirdn2d
@@ -143,7 +190,9 @@ def main(argv: list[str] | None = None) -> str:
     draws = args.draws
     ours_k = None
     if draws > 1:
-        ours_k = ELatentLPIPS(args.latent, augment="bg", num_draws=draws).to(device, memory_format=mf)
+        ours_k = ELatentLPIPS(args.latent, augment="bg", weights=None, num_draws=draws).to(
+            device, memory_format=mf
+        )
         ours_k.load_state_dict(sd)
 
     rows: list[tuple[str, int, float, float, float]] = []
@@ -163,10 +212,24 @@ def main(argv: list[str] | None = None) -> str:
                 value = loss(x, y)
             value.float().sum().backward()
 
+        def augmented(module: Any, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            xa, ya = module(a, t, generator=torch.Generator(a.device).manual_seed(0))
+            return (xa - ya).square().mean()
+
         cases: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = [
             ("ours E-LatentLPIPS (bg)", lambda a, t: ours(a, t)),
             ("ours LatentLPIPS (no aug)", lambda a, t: bare(a, t)),
         ]
+        if old_losses is not None:
+            cases += [
+                (f"baseline@{args.baseline} E-LatentLPIPS (bg)", lambda a, t: old_losses[0](a, t)),
+                (f"baseline@{args.baseline} LatentLPIPS (no aug)", lambda a, t: old_losses[1](a, t)),
+                ("ours LatentAugment (bg) alone", lambda a, t: augmented(aug, a, t)),
+                (
+                    f"baseline@{args.baseline} LatentAugment (bg) alone",
+                    lambda a, t: augmented(old_losses[2], a, t),
+                ),
+            ]
         if have_official:
             cases += [
                 ("official (bg)", lambda a, t: off_aug(a, t, ensembling=True).mean()),
@@ -214,6 +277,22 @@ def main(argv: list[str] | None = None) -> str:
         ratio = cpu / bc if on_cpu else t / bt  # CPU: ratio of CPU time (robust to other load)
         mr = f"{m / bm:.2f}" if bm > 0 and not math.isnan(m) else "n/a"
         lines.append(f"| {name} | {b} | {t:.3f} | {cpu:.3f} | {m:.0f} | {ratio:.2f} | {mr} |")
+    pairs = [
+        (name[len(prefix) :], b, cpu if on_cpu else t)
+        for name, b, t, cpu, _ in rows
+        if name.startswith(prefix := f"baseline@{args.baseline} ")
+    ]
+    if pairs:
+        lines += [
+            "",
+            f"New code vs the package at {args.baseline} ({'CPU' if on_cpu else 'wall'} time; < 1: new is faster):",
+            "",
+            "| case | batch | new / old |",
+            "|---|---:|---:|",
+        ]
+        for case, b, old_time in pairs:
+            new = next(r for r in rows if r[0] == f"ours {case}" and r[1] == b)
+            lines.append(f"| {case} | {b} | {(new[3] if on_cpu else new[2]) / old_time:.3f} |")
     table = "\n".join(lines)
     print(table)
     return table

@@ -205,7 +205,7 @@ def _teacher_samples(
     gm: GaussianMixture, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """Teacher DDIM ("trailing") samples from ``noise``."""
-    from .schedulers.few_step_samplers import spaced_timesteps
+    from diffdistill.schedulers.few_step_samplers import spaced_timesteps
 
     ts = spaced_timesteps(steps, "trailing", num_train_timesteps=schedule.num_train_timesteps)
     return ddim_sample(gm.epsilon_model(schedule), schedule, noise, ts).sample
@@ -228,7 +228,7 @@ def _consistency_loop(
                 net, teacher, x0, num_segments=2, num_inference_steps=20, target=ema, generator=g
             )
         else:  # mlcm: data-free teacher-trajectory states, online target (MLCD)
-            from .schedulers.timestep_samplers import milestone_pairs
+            from diffdistill.schedulers.timestep_samplers import milestone_pairs
 
             sample = milestone_pairs(cfg.batch, num_segments=4, skip=20, generator=g)
             states = teacher_trajectory_states(
@@ -329,7 +329,7 @@ def run_method(
 def _sample(
     method: str, net: nn.Module, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    from .schedulers.few_step_samplers import dmd2_timesteps, lcm_timesteps, spaced_timesteps
+    from diffdistill.schedulers.few_step_samplers import dmd2_timesteps, lcm_timesteps, spaced_timesteps
 
     g = torch.Generator().manual_seed(123)
     if method == "lcm":

@@ -8,32 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import DTypeError, ShapeError, check_tensor
-from .heads import reset_module_parameters, run_head_float32
+from .._checks import DTypeError, ShapeError, check_real
+from ._inputs import shape_str
+from .heads import _Head, _run_head, reset_module_parameters
 from .unet_features import UNetFeatureExtractor
 
 __all__ = ["UNetDiscriminatorBase"]
-
-
-def _expand_timestep(
-    timestep: torch.Tensor | float | int, batch: int, device: torch.device, name: str
-) -> torch.Tensor:
-    """A number, ``()``, ``(1,)`` or ``(B,)`` timestep as a ``(B,)`` tensor."""
-    if not torch.is_tensor(timestep):
-        dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-        if dtype == torch.float64 and device.type == "mps":  # no float64 on MPS (as diffusers)
-            dtype = torch.float32
-        return torch.full((batch,), timestep, dtype=dtype, device=device)
-    t = timestep.reshape(-1) if timestep.ndim == 0 else timestep
-    if t.ndim != 1 or t.shape[0] not in (1, batch):
-        raise ShapeError(
-            f"Expected `{name}` to be a number or a tensor of shape (), (1,) or ({batch},), but got "
-            f"{tuple(timestep.shape)}.",
-            name=name,
-            expected=(batch,),
-            actual=tuple(timestep.shape),
-        )
-    return t.to(device).expand(batch)
 
 
 def _repeat_batch(value: Any, batch: int, times: int, name: str) -> Any:
@@ -46,7 +26,7 @@ def _repeat_batch(value: Any, batch: int, times: int, name: str) -> Any:
         if value.ndim == 0 or value.shape[0] != batch:
             raise ShapeError(
                 f"Expected `{name}` to have the batch size of `sample` ({batch}) in dim 0, but got shape "
-                f"{tuple(value.shape)}.",
+                f"{shape_str(value.shape)}. Pass one entry per sample.",
                 name=name,
                 expected=(batch,),
                 actual=tuple(value.shape),
@@ -67,6 +47,20 @@ class UNetDiscriminatorBase(nn.Module):
     Subclasses set ``self.extractor`` (a :class:`~diffdistill.discriminators.UNetFeatureExtractor`),
     ``self.heads`` (an ``nn.ModuleList``) and optionally extra new layers listed in ``_new_layer_names``.
     ``forward`` returns a list of logits in at least float32, one ``(B, 1, h, w)`` tensor per head.
+
+    Dtypes: every discriminator casts the latents it judges (and the text conditions) to its backbone's dtype
+    (``extractor.compute_dtype``) before anything else, so a bf16 sample from a mixed-precision generator
+    works with a float32 discriminator with or without ``torch.autocast`` (the gradient flows back to the
+    sample in its own dtype); under autocast the autocast dtype decides the compute dtype. The heads run in
+    their own dtype, outside autocast (:func:`~diffdistill.discriminators.run_head_float32`), so the logits
+    are float32 (float64 for a float64 discriminator).
+
+    Inputs are checked at the boundary and every message names the argument as the caller passed it
+    (``sample``, ``cond_sample``, ``noise``, ``timestep``, ``encoder_hidden_states``, ...); the finiteness
+    checks are value checks (:func:`diffdistill.errors.value_checks`).
+
+    Raises:
+        DTypeError: ``augment`` is neither None nor callable (raised by the subclasses' constructors).
 
     Example:
         >>> from diffdistill.discriminators import UNetEncoderDiscriminator, tiny_sdxl_unet
@@ -89,18 +83,28 @@ class UNetDiscriminatorBase(nn.Module):
         on the GPU must run there without a further ``.to()`` (their dtype stays float32: the heads run in
         float32, see :func:`~diffdistill.discriminators.run_head_float32`). A trunk on the meta device (not
         yet materialised) takes them to meta too: materialise the whole discriminator, then
-        :meth:`reset_head`.
+        :meth:`reset_head`. The heads skip the finiteness check of their features: those are computed here,
+        not passed by the caller (whose inputs are checked by ``forward``).
         """
         if augment is not None and not callable(augment):
             raise DTypeError(
                 f"Expected `augment` to be a module such as LatentAugment('bgc'), or None, but got {type(augment).__name__}."
             )
         self.augment = augment
+        for head in self.heads:
+            if isinstance(head, _Head):
+                head._check_feature_values = False
         weight = next(self.extractor.trunk.parameters(), None)
         if weight is not None:
             self.heads.to(weight.device)
             for name in self._new_layer_names:
                 getattr(self, name).to(weight.device)
+
+    def _prepare_sample(self, sample: Any, name: str = "sample") -> torch.Tensor:
+        """Static checks of a latent to judge (a floating ``(B, in_channels, H, W)`` tensor) and the cast to the
+        backbone's dtype; its finiteness is checked by the extractor (or by the caller for other names)."""
+        self.extractor._check_sample(sample, name)
+        return sample.to(self.extractor.compute_dtype)
 
     def _augment(self, *tensors: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
         """Apply ``augment`` with one shared draw to every tensor (training mode only)."""
@@ -110,16 +114,24 @@ class UNetDiscriminatorBase(nn.Module):
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
     def _run_heads(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [run_head_float32(head, f) for head, f in zip(self.heads, features)]
+        return [_run_head(head, f) for head, f in zip(self.heads, features)]
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters created by the discriminator (heads and any new input layers); give them their own lr."""
+        """Parameters created by the discriminator (heads and any new input layers); give them their own lr.
+
+        Yields:
+            The parameters of the heads, then of the new input layers (e.g. Diffusion2GAN's z-conv).
+        """
         yield from self.heads.parameters()
         for name in self._new_layer_names:
             yield from getattr(self, name).parameters()
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the registered UNet trunk (none for ``backbone="shared"``)."""
+        """Parameters of the registered UNet trunk (none for ``backbone="shared"``).
+
+        Yields:
+            The trunk's parameters, trainable or not.
+        """
         if self.extractor.backbone_mode != "shared":
             yield from self.extractor.trunk.parameters()
 
@@ -127,11 +139,24 @@ class UNetDiscriminatorBase(nn.Module):
         """Optimizer parameter groups ``[{"params": heads, "lr": head_lr}, {"params": backbone, "lr": ...}]``.
 
         Only parameters with ``requires_grad`` are listed; an empty backbone group is dropped.
+
+        Args:
+            head_lr: learning rate of the heads and new input layers (:meth:`head_parameters`).
+            backbone_lr: learning rate of the trainable backbone (:meth:`backbone_parameters`).
+
+        Returns:
+            One or two parameter-group dicts for a ``torch.optim`` optimizer.
+
+        Raises:
+            DTypeError: a learning rate is not a number.
+            OptionError: a learning rate is negative or not finite.
         """
-        groups = [{"params": [p for p in self.head_parameters() if p.requires_grad], "lr": float(head_lr)}]
+        head_lr = check_real(head_lr, "head_lr", low=0)
+        backbone_lr = check_real(backbone_lr, "backbone_lr", low=0)
+        groups = [{"params": [p for p in self.head_parameters() if p.requires_grad], "lr": head_lr}]
         backbone = [p for p in self.backbone_parameters() if p.requires_grad]
         if backbone:
-            groups.append({"params": backbone, "lr": float(backbone_lr)})
+            groups.append({"params": backbone, "lr": backbone_lr})
         return groups
 
     def reset_head(self) -> None:
@@ -143,15 +168,3 @@ class UNetDiscriminatorBase(nn.Module):
 
     def _init_new_layers(self) -> None:
         """Initialise new input layers after a reset (subclasses with zero-initialised layers override it)."""
-
-    @staticmethod
-    def _check_sample(sample: torch.Tensor, name: str = "sample") -> torch.Tensor:
-        check_tensor(sample, name)
-        if sample.ndim != 4:
-            raise ShapeError(
-                f"Expected `{name}` to have 4 dimensions laid out as (B, C, H, W), but got shape {tuple(sample.shape)}.",
-                name=name,
-                expected=4,
-                actual=tuple(sample.shape),
-            )
-        return sample

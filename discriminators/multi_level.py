@@ -22,9 +22,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_int, check_optional_int
+from .._modules import unwrap_model
+from ._inputs import check_levels
 from .discriminator_base import UNetDiscriminatorBase
-from .heads import PointwiseConvHead
-from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_levels
+from .heads import PointwiseConvHead, _check_groups
+from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
 __all__ = ["MultiLevelDiscriminator"]
 
@@ -34,15 +37,26 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
 
     Args:
         unet: the teacher ``UNet2DConditionModel``.
-        levels: the levels to read (default: every down block and the mid block, as PCM); any of
-            :func:`~diffdistill.discriminators.unet_feature_levels`.
+        levels: the levels to read (default None: every down block and the mid block, as PCM); one name or
+            a sequence of distinct names of :func:`~diffdistill.discriminators.unet_feature_levels`.
         backbone: ``"shared"`` (default: the teacher by reference, PCM's frozen teacher, not saved with
             the discriminator), ``"copy"`` or ``"own"``.
         trainable: ``requires_grad`` of a ``"copy"`` / ``"own"`` backbone (None: unchanged).
-        head_channels: hidden width of every head (default: the level's channels).
-        norm_groups: GroupNorm groups of the heads.
-        augment: optional DiffAugment-style module applied to ``sample`` in training mode.
+        head_channels: hidden width of every head (default None: the level's channels).
+        norm_groups: GroupNorm groups of the heads; must divide every head's width.
+        augment: optional DiffAugment-style module applied to ``sample`` in training mode (default None).
         gradient_checkpointing: recompute backbone blocks in the backward pass.
+
+    ``sample`` is cast to the backbone's dtype (see
+    :class:`~diffdistill.discriminators.UNetDiscriminatorBase`), so a bf16 generator output works with a
+    float32 teacher, with or without autocast.
+
+    Raises:
+        DTypeError: ``unet`` is not a ``UNet2DConditionModel``; ``levels`` is not a str or a sequence; a
+            size is not an int; a flag is not a bool; ``augment`` is not callable.
+        OptionError: ``levels`` is empty, repeats a level or names one the UNet lacks; ``backbone`` is
+            unknown; ``trainable`` is set with ``backbone="shared"``; a size is < 1; ``norm_groups`` does
+            not divide a head's width.
 
     Example:
         >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
@@ -66,9 +80,19 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        available = unet_feature_levels(unet)
         if levels is None:
-            levels = tuple(
-                level for level in unet_feature_levels(unet) if level.startswith("down.") or level == "mid"
+            levels = tuple(level for level in available if level.startswith("down.") or level == "mid")
+        levels = check_levels(levels, available, "levels")
+        width = check_optional_int(head_channels, "head_channels", minimum=1)
+        groups = check_int(norm_groups, "norm_groups", minimum=1)
+        channels = _level_geometry(unwrap_model(unet))[0]
+        for level in levels:
+            _check_groups(
+                groups,
+                width or channels[level],
+                "`head_channels`" if width else f"the channels of level {level!r} (the default head width)",
+                f", or set `head_channels` to a multiple of {groups}",
             )
         self.extractor = UNetFeatureExtractor(
             unet,
@@ -97,8 +121,29 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
         *,
         generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
-        """Patch logits, one ``(B, 1, H / s_l, W / s_l)`` float32 tensor per level, in ``levels`` order."""
-        self._check_sample(sample)
+        """Patch logits, one per level, in ``levels`` order.
+
+        Args:
+            sample: the latents to judge ``(B, C_in, H, W)``, any floating dtype (cast to the backbone's).
+            timestep: their timestep (number, ``()``, ``(1,)`` or ``(B,)``).
+            encoder_hidden_states: text hidden states ``(B, L, D)`` (None only for a UNet without
+                cross-attention up to the deepest level).
+            added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}`` (None only for a UNet without added
+                conditions).
+            generator: randomness of ``augment`` (None: the global generator).
+
+        Returns:
+            One ``(B, 1, ceil(H / s_l), ceil(W / s_l))`` float32 tensor per level ``l`` (stride ``s_l``).
+
+        Raises:
+            DTypeError: ``sample`` or a condition is not a floating-point tensor; ``timestep`` is not a number
+                or an integer / floating tensor; ``added_cond_kwargs`` is not a dict.
+            ShapeError: ``sample`` is not ``(B, C_in, H, W)`` or is empty; a timestep or condition has another
+                batch size or layout.
+            NonFiniteError: ``sample``, ``timestep`` or a condition holds NaN / Inf (a value check).
+            ValueError: a condition the UNet needs is None.
+        """
+        sample = self._prepare_sample(sample)
         (sample,) = self._augment(sample, generator=generator)
         feats = self.extractor(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         return self._run_heads([feats[level] for level in self.levels])

@@ -32,10 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import ShapeError
+from .._checks import (
+    ShapeError,
+    check_all_finite,
+    check_bool,
+    check_float_input,
+    check_int,
+    check_optional_int,
+)
 from .._modules import unwrap_model
+from ._inputs import check_levels, shape_str
 from .discriminator_base import UNetDiscriminatorBase, _default_trainable
-from .heads import ReadoutHead
+from .heads import ReadoutHead, _check_groups
 from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
 __all__ = ["MultiScaleConditionalDiscriminator", "decoder_scale_levels"]
@@ -48,15 +56,25 @@ def decoder_scale_levels(unet: nn.Module) -> tuple[str, ...]:
     ``up.1`` and ``up.2`` at stride 1; the decoder's stride-4 scale is the mid block's output. Reading the
     deepest level at each scale gives ``("mid", "up.0", "up.2")``.
 
+    Args:
+        unet: A diffusers ``UNet2DConditionModel``, possibly wrapped in DDP / ``torch.compile``.
+
+    Returns:
+        The level names, deepest (coarsest) scale first.
+
+    Raises:
+        DTypeError: ``unet`` is not a ``UNet2DConditionModel``.
+
     Example:
         >>> from diffdistill.discriminators import tiny_sdxl_unet
         >>> decoder_scale_levels(tiny_sdxl_unet())  # 2-level UNet: two scales
         ('mid', 'up.1')
     """
     unet = unwrap_model(unet)  # DDP / compile wrappers, as the extractor accepts them
+    levels = unet_feature_levels(unet)  # checks that it is a UNet
     strides = _level_geometry(unet)[1]
     last: dict[int, str] = {}
-    for level in unet_feature_levels(unet):
+    for level in levels:
         if level == "mid" or level.startswith("up."):
             last[strides[level]] = level
     return tuple(last[s] for s in sorted(last, reverse=True))
@@ -67,16 +85,29 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
 
     Args:
         unet: the teacher ``UNet2DConditionModel`` (encoder and decoder are used).
-        readout_levels: decoder levels with a readout head (default: :func:`decoder_scale_levels`, one
+        readout_levels: decoder levels with a readout head (default None: :func:`decoder_scale_levels`, one
             per decoder resolution: ``("mid", "up.0", "up.2")`` on SDXL, i.e. 32 / 64 / 128 latent pixels at
-            1024 px -- Diffusion2GAN's three readouts at the decoder scales).
-        noise_channels: channels of the noise ``z`` (default: the UNet's input channels).
+            1024 px -- Diffusion2GAN's three readouts at the decoder scales); one name or a sequence of
+            distinct names of :func:`~diffdistill.discriminators.unet_feature_levels`.
+        noise_channels: channels of the noise ``z`` (default None: the UNet's input channels).
         multiscale_input: feed down-scaled copies of ``sample`` at each encoder resolution.
         backbone: ``"copy"`` (default: a trainable copy), ``"own"`` or ``"shared"``.
-        trainable: ``requires_grad`` of a copied/owned backbone (default True).
-        norm_groups: GroupNorm groups of the readouts.
-        augment: optional DiffAugment-style module, one draw shared by ``sample`` and ``noise``.
+        trainable: ``requires_grad`` of a copied/owned backbone (default None: True).
+        norm_groups: GroupNorm groups of the readouts; must divide every readout level's channels.
+        augment: optional DiffAugment-style module, one draw shared by ``sample`` and ``noise`` (default
+            None).
         gradient_checkpointing: recompute backbone blocks in the backward pass.
+
+    ``sample`` is cast to the backbone's dtype and ``noise`` to the z-conv's (see
+    :class:`~diffdistill.discriminators.UNetDiscriminatorBase`), so bf16 latents work with a float32
+    discriminator, with or without autocast.
+
+    Raises:
+        DTypeError: ``unet`` is not a ``UNet2DConditionModel``; ``readout_levels`` is not a str or a
+            sequence; a size is not an int; a flag is not a bool; ``augment`` is not callable.
+        OptionError: ``readout_levels`` is empty, repeats a level or names one the UNet lacks; ``backbone``
+            is unknown; ``trainable`` is set with ``backbone="shared"``; a size is < 1; ``norm_groups``
+            does not divide a readout level's channels.
 
     Example:
         >>> from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet
@@ -107,8 +138,16 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        available = unet_feature_levels(unet)
         if readout_levels is None:
             readout_levels = decoder_scale_levels(unet)
+        readout_levels = check_levels(readout_levels, available, "readout_levels")
+        check_optional_int(noise_channels, "noise_channels", minimum=1)
+        check_bool(multiscale_input, "multiscale_input")
+        groups = check_int(norm_groups, "norm_groups", minimum=1)
+        channels = _level_geometry(unwrap_model(unet))[0]
+        for level in readout_levels:
+            _check_groups(groups, channels[level], f"the readout channels of level {level!r}", "")
         self.extractor = UNetFeatureExtractor(
             unet,
             readout_levels,
@@ -160,31 +199,47 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
-        """Patch logits, one ``(B, 1, H / s_l, W / s_l)`` float32 tensor per readout level.
+        """Patch logits, one per readout level.
 
         Args:
-            sample: latents to judge ``x``, ``(B, C_in, H, W)``.
+            sample: latents to judge ``x``, ``(B, C_in, H, W)``, any floating dtype (cast to the backbone's).
             timestep: the timestep given to the UNet (Diffusion2GAN does not state one; e.g. 0 for clean
                 latents, or the re-noising timestep).
-            encoder_hidden_states: text hidden states ``(B, L, D)``.
-            added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}``.
+            encoder_hidden_states: text hidden states ``(B, L, D)`` (None only for a UNet without
+                cross-attention).
+            added_cond_kwargs: SDXL ``{"text_embeds", "time_ids"}`` (None only for a UNet without added
+                conditions).
             noise: the generator's input noise ``z``, ``(B, noise_channels, H, W)``; None drops the
                 z-condition (no z-conv added; equal to zero noise only while the z-conv's bias is zero,
                 as initialised).
-            generator: randomness of ``augment``.
+            generator: randomness of ``augment`` (None: the global generator).
+
+        Returns:
+            One ``(B, 1, ceil(H / s_l), ceil(W / s_l))`` float32 tensor per readout level ``l`` (stride
+            ``s_l``).
+
+        Raises:
+            DTypeError: ``sample``, ``noise`` or a condition is not a floating-point tensor; ``timestep`` is not
+                a number or an integer / floating tensor; ``added_cond_kwargs`` is not a dict.
+            ShapeError: ``sample`` is not ``(B, C_in, H, W)`` or is empty; ``noise`` is not ``(B,
+                noise_channels, H, W)``; a timestep or condition has another batch size or layout.
+            NonFiniteError: ``sample``, ``noise``, ``timestep`` or a condition holds NaN / Inf (a value
+                check).
+            ValueError: a condition the UNet needs is None.
         """
-        self._check_sample(sample)
+        sample = self._prepare_sample(sample)
         if noise is not None:
-            self._check_sample(noise, "noise")
+            check_float_input(noise, "noise", ndim=4, layout="(B, C, H, W)", finite=False)
             want = (sample.shape[0], self.noise_channels, *sample.shape[2:])
             if tuple(noise.shape) != want:
                 raise ShapeError(
                     f"Expected `noise` (the generator's input z) of shape {want} to match `sample` "
-                    f"{tuple(sample.shape)}, but got {tuple(noise.shape)}.",
+                    f"{shape_str(sample.shape)}, but got {shape_str(noise.shape)}.",
                     name="noise",
                     expected=want,
                     actual=tuple(noise.shape),
                 )
+            check_all_finite([("noise", noise)])
             sample, noise = self._augment(sample, noise, generator=generator)
             x_in = sample + self._new_layer(self.noise_conv, noise).to(sample.dtype)
         else:

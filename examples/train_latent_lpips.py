@@ -267,7 +267,7 @@ def calibrate_heads(
         data, batch_size=args.calibration_batch_size, shuffle=True, num_workers=args.num_workers
     )
     c = vae.config.latent_channels
-    metric = LatentLPIPS(c, l1_weight=0.0, reduction="none").to(device)
+    metric = LatentLPIPS(c, weights=None, l1_weight=0.0, reduction="none").to(device)
     metric.net.load_state_dict(trunk.state_dict())
     heads = [h.model[1].weight for h in metric.heads]
     for w in heads:

@@ -39,6 +39,7 @@ from .soft_labels import (
 
 __all__: list[str] = [
     "DISTANCES",
+    "RELEASED_WEIGHTS_URL",
     "AlternatingUpdate",
     "ConsistencyPair",
     "DiceSemimetricLoss",
@@ -58,12 +59,14 @@ __all__: list[str] = [
     "denoise",
     "dice_semimetric_loss",
     "dmd_loss",
+    "download_weights",
     "fake_score_loss",
     "gan_discriminator_loss",
     "gan_generator_loss",
     "inter_segment_consistency_loss",
     "lazy_r1_penalty",
     "lcm_consistency_loss",
+    "load_latent_lpips_state_dict",
     "mix_and_match",
     "mps_hinge_loss",
     "multi_rater_soft_labels",
@@ -84,12 +87,16 @@ __all__: list[str] = [
     "x0_conversion_loss",
 ]
 
-# LatentLPIPS & co. are exported lazily: their module is only imported on first attribute access.
+# LatentLPIPS & co. are exported lazily: their module (with einops and kornia) is only imported on first
+# attribute access, so `import diffdistill` stays light.
 _LAZY = {
     "ELatentLPIPS": ".lpips",
     "LatentAugment": ".latent_augment",
     "LatentLPIPS": ".lpips",
     "PixelLPIPS": ".lpips",
+    "RELEASED_WEIGHTS_URL": ".lpips",
+    "download_weights": ".lpips",
+    "load_latent_lpips_state_dict": ".lpips",
 }
 
 
@@ -101,3 +108,7 @@ def __getattr__(name: str) -> object:
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -43,6 +43,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -55,12 +56,16 @@ from .._checks import (
     OptionError,
     ShapeError,
     check_dtype_floating,
+    check_finite,
+    check_float_input,
+    check_int,
     check_option,
-    check_positive,
+    check_real,
     check_tensor,
 )
 from .._outputs import first_tensor
 from ..schedulers.timestep_samplers import LIGHTNING_DISCRIMINATOR_TIMESTEPS, categorical_timesteps
+from .distances import _reduce
 
 __all__ = [
     "GANLoss",
@@ -118,16 +123,28 @@ def _as_heads(logits: Logits, name: str) -> list[torch.Tensor]:
                 expected="(B, ...)",
                 actual=(),
             )
+        check_float_input(head, label)  # non-empty, and finite (a value check)
         out.append(head)
     return out
 
 
-def _head_weights(head_weights: Sequence[float] | None, num_heads: int) -> list[float]:
-    """Normalised head weights (uniform when None)."""
+def _head_weights(head_weights: Sequence[float] | None, num_heads: int | None) -> list[float]:
+    """Normalised head weights (uniform when None); ``num_heads=None`` validates without a head count."""
     if head_weights is None:
-        return [1.0 / num_heads] * num_heads
-    weights = [float(w) for w in head_weights]
-    if len(weights) != num_heads:
+        return [] if num_heads is None else [1.0 / num_heads] * num_heads
+    if isinstance(head_weights, (str, bytes)) or not isinstance(head_weights, (Sequence, torch.Tensor)):
+        raise OptionError(
+            f"Expected `head_weights` to be a sequence with one relative weight per discriminator head, e.g. "
+            f"(1.0, 1.0), or None, but got {type(head_weights).__name__} {head_weights!r}."
+        )
+    try:
+        weights = [float(w) for w in head_weights]
+    except (TypeError, ValueError, RuntimeError):
+        raise OptionError(
+            f"Expected `head_weights` to hold numbers, one relative weight per discriminator head, but got "
+            f"{head_weights!r}."
+        ) from None
+    if num_heads is not None and len(weights) != num_heads:
         raise OptionError(
             f"Expected `head_weights` to have one entry per discriminator head ({num_heads}), but got "
             f"{len(weights)}: {list(head_weights)}."
@@ -162,14 +179,6 @@ def _combine(per_head: list[torch.Tensor], weights: list[float], name: str) -> t
     for v, w in zip(per_head[1:], weights[1:]):
         total = total + v * w
     return total
-
-
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample
 
 
 def _mean_logit(heads: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -228,14 +237,26 @@ def gan_discriminator_loss(
         fake_logits: logits of fake (student) samples, ``(B_f, ...)``, or a list with the same number of
             heads. ``B_r`` and ``B_f`` may differ (e.g. extra mix-and-match negatives) except for
             ``reduction="none"``.
-        loss: ``"non_saturating"``, ``"hinge"`` or ``"least_squares"``.
-        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
-        reduction: ``"mean"`` (mean over each batch, then real + fake), ``"sum"`` (sum over samples) or
-            ``"none"`` (per-sample ``real + fake`` loss, shape ``(B,)``, needs ``B_r == B_f``).
+        loss: ``"non_saturating"`` (the default), ``"hinge"`` or ``"least_squares"``.
+        head_weights: relative weight of each head (normalised to sum 1); None (the default) weighs the
+            heads equally.
+        reduction: ``"mean"`` (the default: mean over each batch, then real + fake), ``"sum"`` (sum over
+            samples) or ``"none"`` (per-sample ``real + fake`` loss, shape ``(B,)``, needs ``B_r == B_f``).
 
     Returns:
-        ``(loss, logs)`` with logs ``d_loss`` (the mean loss), ``d_real`` / ``d_fake`` (mean real / fake
-        logit, head-weighted).
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``; float32 for half inputs, float64
+        for float64) and logs ``d_loss`` (the mean loss), ``d_real`` / ``d_fake`` (mean real / fake logit,
+        head-weighted), detached float32 0-d tensors.
+
+    Raises:
+        OptionError: ``loss`` or ``reduction`` is unknown, or ``head_weights`` is not one finite weight
+            ``>= 0`` per head with a positive sum.
+        DTypeError: a logit is not a floating-point tensor (or the logits are neither a tensor nor a non-empty
+            list/tuple of them).
+        ShapeError: a head is 0-d or empty, ``real_logits`` and ``fake_logits`` have different numbers of heads,
+            the heads of one argument have different batch sizes, or ``reduction="none"`` with
+            ``B_r != B_f``.
+        NonFiniteError: a logit is NaN or Inf (a value check, see :mod:`diffdistill.errors`).
 
     Example:
         >>> real, fake = torch.tensor([[2.0], [1.0]]), torch.tensor([[-1.0], [0.0]])
@@ -305,13 +326,23 @@ def gan_generator_loss(
     Args:
         fake_logits: logits of the student's samples (not detached: the gradient reaches the student
             through the discriminator), ``(B, ...)`` or a list with one tensor per head.
-        loss: ``"non_saturating"``, ``"hinge"`` or ``"least_squares"``.
-        hinge_generator: ``"linear"`` or ``"relu"`` (only used with ``loss="hinge"``).
-        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample, shape ``(B,)``).
+        loss: ``"non_saturating"`` (the default), ``"hinge"`` or ``"least_squares"``.
+        hinge_generator: ``"linear"`` (the default) or ``"relu"``; only used with ``loss="hinge"``.
+        head_weights: relative weight of each head (normalised to sum 1); None (the default) weighs the
+            heads equally.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample, shape ``(B,)``).
 
     Returns:
-        ``(loss, logs)`` with logs ``g_loss`` (the mean loss) and ``d_fake`` (mean fake logit).
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``) and logs ``g_loss`` (the mean
+        loss) and ``d_fake`` (mean fake logit), detached float32 0-d tensors.
+
+    Raises:
+        OptionError: ``loss``, ``hinge_generator`` or ``reduction`` is unknown, or ``head_weights`` is not one
+            finite weight ``>= 0`` per head with a positive sum.
+        DTypeError: a logit is not a floating-point tensor (or ``fake_logits`` is neither a tensor nor a
+            non-empty list/tuple of them).
+        ShapeError: a head is 0-d or empty, or the heads have different batch sizes.
+        NonFiniteError: a logit is NaN or Inf (a value check).
 
     Example:
         >>> f = torch.tensor([0.0, 3.0])
@@ -343,10 +374,16 @@ class GANLoss(nn.Module):
     ``forward(fake_logits, real_logits)`` the discriminator loss.
 
     Args:
-        loss: ``"non_saturating"`` (SDXL-Lightning, DMD2), ``"hinge"`` (PCM) or ``"least_squares"``.
-        hinge_generator: ``"linear"`` (:math:`-f`) or ``"relu"`` (:math:`\\max(0, 1 - f)`, PCM).
-        head_weights: relative weight of each discriminator head; uniform if None.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        loss: ``"non_saturating"`` (the default; SDXL-Lightning, DMD2), ``"hinge"`` (PCM) or
+            ``"least_squares"``.
+        hinge_generator: ``"linear"`` (the default, :math:`-f`) or ``"relu"`` (:math:`\\max(0, 1 - f)`, PCM).
+        head_weights: relative weight of each discriminator head; None (the default) weighs them equally.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample, ``(B,)``).
+
+    Raises:
+        OptionError: ``loss``, ``hinge_generator`` or ``reduction`` is unknown, or ``head_weights`` holds a
+            negative or non-finite weight or sums to 0. The methods raise what :func:`gan_discriminator_loss`
+            and :func:`gan_generator_loss` raise.
 
     Example:
         >>> crit = GANLoss("hinge", hinge_generator="relu")
@@ -369,7 +406,7 @@ class GANLoss(nn.Module):
         check_option(hinge_generator, "hinge_generator", _HINGE_G)
         check_option(reduction, "reduction", _REDUCTIONS)
         if head_weights is not None:
-            _head_weights(head_weights, len(head_weights))
+            _head_weights(head_weights, None)
         self.loss = loss
         self.hinge_generator = hinge_generator
         self.head_weights = None if head_weights is None else tuple(float(w) for w in head_weights)
@@ -378,13 +415,40 @@ class GANLoss(nn.Module):
     def discriminator_loss(
         self, real_logits: Logits, fake_logits: Logits
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:func:`gan_discriminator_loss` with the stored options."""
+        """:func:`gan_discriminator_loss` with the stored options.
+
+        Args:
+            real_logits: logits of real samples, ``(B_r, ...)`` or a list with one tensor per head.
+            fake_logits: logits of (detached) fake samples, ``(B_f, ...)`` or a list with the same heads.
+
+        Returns:
+            ``(loss, logs)`` as :func:`gan_discriminator_loss`.
+
+        Raises:
+            DTypeError: a logit is not a floating-point tensor.
+            ShapeError: a head is 0-d or empty, or the heads do not match (see :func:`gan_discriminator_loss`).
+            OptionError: the stored ``head_weights`` do not have one entry per head.
+            NonFiniteError: a logit is NaN or Inf (a value check).
+        """
         return gan_discriminator_loss(
             real_logits, fake_logits, loss=self.loss, head_weights=self.head_weights, reduction=self.reduction
         )
 
     def generator_loss(self, fake_logits: Logits) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:func:`gan_generator_loss` with the stored options."""
+        """:func:`gan_generator_loss` with the stored options.
+
+        Args:
+            fake_logits: logits of the student's samples (not detached), ``(B, ...)`` or a list per head.
+
+        Returns:
+            ``(loss, logs)`` as :func:`gan_generator_loss`.
+
+        Raises:
+            DTypeError: a logit is not a floating-point tensor.
+            ShapeError: a head is 0-d or empty, or the heads have different batch sizes.
+            OptionError: the stored ``head_weights`` do not have one entry per head.
+            NonFiniteError: a logit is NaN or Inf (a value check).
+        """
         return gan_generator_loss(
             fake_logits,
             loss=self.loss,
@@ -396,7 +460,23 @@ class GANLoss(nn.Module):
     def forward(
         self, fake_logits: Logits, real_logits: Logits | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Generator loss if ``real_logits`` is None, otherwise the discriminator loss."""
+        """Generator loss if ``real_logits`` is None, otherwise the discriminator loss.
+
+        Args:
+            fake_logits: logits of the fake samples (not detached for the generator loss, detached for the
+                discriminator loss), ``(B, ...)`` or a list per head.
+            real_logits: logits of the real samples for the discriminator loss; None (the default) gives the
+                generator loss.
+
+        Returns:
+            ``(loss, logs)`` of :meth:`generator_loss` or :meth:`discriminator_loss`.
+
+        Raises:
+            DTypeError: a logit is not a floating-point tensor.
+            ShapeError: a head is 0-d or empty, or the heads do not match.
+            OptionError: the stored ``head_weights`` do not have one entry per head.
+            NonFiniteError: a logit is NaN or Inf (a value check).
+        """
         if real_logits is None:
             return self.generator_loss(fake_logits)
         return self.discriminator_loss(real_logits, fake_logits)
@@ -418,7 +498,7 @@ def _as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tens
         )
     for i, x in enumerate(items):
         label = "inputs" if isinstance(inputs, torch.Tensor) else f"inputs[{i}]"
-        check_tensor(x, label)
+        check_float_input(x, label)  # floating, non-empty, finite (a value check)
         if not x.requires_grad:
             raise ValueError(
                 f"Expected `{label}` to require grad so the penalty can differentiate the logits with respect "
@@ -460,13 +540,24 @@ def r1_penalty(
             list with one tensor per head.
         inputs: the real tensor(s) the discriminator was run on, each ``(B, ...)`` with
             ``requires_grad=True``.
-        gamma: penalty weight :math:`\gamma`.
-        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
+        gamma: penalty weight :math:`\gamma`, a finite number ``>= 0`` (default 1).
+        head_weights: relative weight of each head (normalised to sum 1); None (the default) weighs the
+            heads equally.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
 
     Returns:
-        ``(loss, logs)`` with logs ``r1`` (the mean penalty) and ``r1_grad_sq`` (mean
-        :math:`\|\nabla_x D\|^2`, without :math:`\gamma/2`).
+        ``(loss, logs)``: the penalty (0-d, or ``(B,)`` for ``reduction="none"``) and logs ``r1`` (the mean
+        penalty) and ``r1_grad_sq`` (mean :math:`\|\nabla_x D\|^2`, without :math:`\gamma/2`).
+
+    Raises:
+        OptionError: ``reduction`` is unknown, ``gamma`` is negative or not finite, or ``head_weights`` is not
+            one finite weight ``>= 0`` per head.
+        DTypeError: a logit or an input is not a floating-point tensor (or not a tensor / a non-empty list of
+            them).
+        ShapeError: a head is 0-d or empty, an input is empty, the inputs have different batch sizes, or a head's
+            batch size is not the inputs'.
+        NonFiniteError: a logit or an input holds NaN or Inf (a value check).
+        ValueError: an input does not require grad, or the logits do not depend on it through autograd.
 
     Example:
         >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
@@ -478,25 +569,12 @@ def r1_penalty(
         tensor([6., 8.])
     """
     check_option(reduction, "reduction", _REDUCTIONS)
-    check_positive(gamma, "gamma", strict=False)
+    gamma = check_real(gamma, "gamma", low=0)
     heads = _as_heads(real_logits, "real_logits")
     xs = _as_inputs(inputs)
     weights = _head_weights(head_weights, len(heads))
-    total = _sample_values(heads, weights).sum()
-    if not total.requires_grad:
-        raise ValueError(
-            "Expected `real_logits` to depend on `inputs` through autograd, but they do not require grad. "
-            "Run the discriminator on the inputs outside torch.no_grad() and without detaching them."
-        )
-    grads = torch.autograd.grad(total, xs, create_graph=True, allow_unused=True)
     batch = xs[0].shape[0] if xs[0].ndim else 1
-    squares = []
-    for i, (x, g) in enumerate(zip(xs, grads)):
-        if g is None:
-            raise ValueError(
-                f"`real_logits` do not depend on `inputs` (entry {i}): pass the tensor the discriminator was run "
-                "on, not a copy of it."
-            )
+    for i, x in enumerate(xs):
         if (x.shape[0] if x.ndim else 1) != batch:
             raise ShapeError(
                 f"Expected every entry of `inputs` to have batch size {batch}, but entry {i} has shape "
@@ -504,6 +582,31 @@ def r1_penalty(
                 name="inputs",
                 expected=(batch,),
                 actual=tuple(x.shape),
+            )
+    for i, head in enumerate(heads):
+        if head.shape[0] != batch:
+            label = "real_logits" if isinstance(real_logits, torch.Tensor) else f"real_logits[{i}]"
+            raise ShapeError(
+                f"Expected `{label}` to hold the logits of each of the {batch} samples of `inputs` (batch size "
+                f"{batch} in dim 0), but got shape {tuple(head.shape)}. R1 penalises each sample's own gradient: "
+                "pass the logits before any reduction over the batch.",
+                name=label,
+                expected=(batch,),
+                actual=tuple(head.shape),
+            )
+    total = _sample_values(heads, weights).sum()
+    if not total.requires_grad:
+        raise ValueError(
+            "Expected `real_logits` to depend on `inputs` through autograd, but they do not require grad. "
+            "Run the discriminator on the inputs outside torch.no_grad() and without detaching them."
+        )
+    grads = torch.autograd.grad(total, xs, create_graph=True, allow_unused=True)
+    squares = []
+    for i, g in enumerate(grads):
+        if g is None:
+            raise ValueError(
+                f"`real_logits` do not depend on `inputs` (entry {i}): pass the tensor the discriminator was run "
+                "on, not a copy of it."
             )
         squares.append(_upcast(g).reshape(batch, -1).square().sum(dim=1))
     sq = squares[0]
@@ -562,14 +665,24 @@ def approximate_r1_penalty(
         real_logits: logits of the real samples ``x``, ``(B, ...)`` or a list with one tensor per head.
         perturbed_logits: logits of ``x + sigma * eps`` (the same shapes), from a fresh standard normal
             ``eps`` per element.
-        sigma: the perturbation's standard deviation :math:`\sigma > 0`.
-        gamma: penalty weight :math:`\gamma` (R1's).
-        head_weights: relative weight of each head (normalised to sum 1); uniform if None.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
+        sigma: the perturbation's standard deviation :math:`\sigma`, a finite number ``> 0``.
+        gamma: penalty weight :math:`\gamma` (R1's), a finite number ``>= 0`` (default 1).
+        head_weights: relative weight of each head (normalised to sum 1); None (the default) weighs the
+            heads equally.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample penalty, shape ``(B,)``).
 
     Returns:
-        ``(loss, logs)`` with logs ``r1`` (the mean penalty) and ``r1_grad_sq`` (the mean estimate
-        :math:`(D(x + \sigma\epsilon) - D(x))^2 / \sigma^2` of :math:`\|\nabla_x D\|^2`).
+        ``(loss, logs)``: the penalty (0-d, or ``(B,)`` for ``reduction="none"``) and logs ``r1`` (the mean
+        penalty) and ``r1_grad_sq`` (the mean estimate :math:`(D(x + \sigma\epsilon) - D(x))^2 / \sigma^2` of
+        :math:`\|\nabla_x D\|^2`).
+
+    Raises:
+        OptionError: ``reduction`` is unknown, ``sigma`` is not finite and ``> 0``, ``gamma`` is
+            negative or not finite, or ``head_weights`` is not one finite weight ``>= 0`` per head.
+        DTypeError: a logit is not a floating-point tensor, or ``sigma`` / ``gamma`` is not a real number.
+        ShapeError: a head is 0-d or empty, or ``perturbed_logits`` does not have the heads and shapes of
+            ``real_logits``.
+        NonFiniteError: a logit is NaN or Inf (a value check).
 
     Example:
         >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
@@ -579,8 +692,8 @@ def approximate_r1_penalty(
         True
     """
     check_option(reduction, "reduction", _REDUCTIONS)
-    check_positive(gamma, "gamma", strict=False)
-    check_positive(sigma, "sigma")
+    gamma = check_real(gamma, "gamma", low=0)
+    sigma = check_real(sigma, "sigma", low=0, strict=True)
     real = _as_heads(real_logits, "real_logits")
     perturbed = _as_heads(perturbed_logits, "perturbed_logits")
     if len(real) != len(perturbed):
@@ -637,10 +750,20 @@ def _index_batch(value: Any, index: torch.Tensor, batch: int, name: str) -> Any:
     return value
 
 
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
-    return value
+def _check_cond(cond: Any, name: str) -> None:
+    """``cond`` is None, a tensor or a mapping (of tensors, nested mappings and shared values)."""
+    if cond is not None and not isinstance(cond, (torch.Tensor, Mapping)):
+        raise DTypeError(
+            f"Expected `{name}` to be a tensor or a mapping of discriminator inputs (tensors with the batch size "
+            f"in dim 0, nested mappings, shared values), or None, but got {type(cond).__name__}."
+        )
+
+
+def _has_batched(value: Any, batch: int) -> bool:
+    """Whether ``value`` (a tensor or a nested mapping) holds a tensor with ``batch`` rows (``batch >= 2``)."""
+    if isinstance(value, Mapping):
+        return any(_has_batched(v, batch) for v in value.values())
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
 
 
 def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -686,22 +809,35 @@ def lazy_r1_penalty(
         discriminator: called as ``discriminator(x, **cond)`` (``cond`` a mapping), ``discriminator(x, cond)``
             (a tensor) or ``discriminator(x)``; returns logits, a list of per-head logits, or an output whose
             main tensor :func:`~diffdistill._outputs.first_tensor` finds.
-        real: real samples, ``(B, ...)``; not modified.
+        real: real samples, ``(B, ...)`` floating; not modified.
         step: the caller's training step (a Python int, the same on every rank).
-        every: the lazy interval :math:`k`.
-        gamma: R1 weight :math:`\gamma`.
-        num_samples: size of the random subset (clipped to ``B``); None uses the whole batch.
-        cond: extra discriminator inputs; every tensor with batch size ``B`` in dim 0 (nested mappings
-            included, such as SDXL's ``added_cond_kwargs``) is indexed with the same subset.
-        head_weights: relative weight of each discriminator head; uniform if None.
+        every: the lazy interval :math:`k`, an int ``>= 1`` (default 16).
+        gamma: R1 weight :math:`\gamma`, a finite number ``>= 0`` (default 1).
+        num_samples: size of the random subset, an int ``>= 1`` clipped to ``B`` (default 1); None uses the
+            whole batch.
+        cond: extra discriminator inputs (None: the discriminator takes ``x`` alone); every tensor with batch
+            size ``B`` in dim 0 (nested mappings included, such as SDXL's ``added_cond_kwargs``) is indexed
+            with the same subset.
+        head_weights: relative weight of each discriminator head; None (the default) weighs them equally.
         generator: draws the subset: the first ``num_samples`` entries of ``torch.randperm(B)`` (and the
-            perturbation of the approximate penalty).
-        approximate_sigma: None for exact R1; a :math:`\sigma > 0` for the approximated R1.
+            perturbation of the approximate penalty); None uses the global RNG.
+        approximate_sigma: None (the default) for exact R1; a finite :math:`\sigma > 0` for the approximated
+            R1.
 
     Returns:
         ``(loss, logs)`` with logs ``r1`` (the returned loss), ``r1_grad_sq`` (mean
         :math:`\|\nabla D\|^2` of the subset, or its finite-difference estimate; 0 off schedule) and
         ``r1_active`` (1.0 on schedule, else 0.0).
+
+    Raises:
+        DTypeError: ``real`` is not a floating-point tensor, ``discriminator`` is not callable, ``cond`` is
+            neither a tensor, a mapping nor None, the discriminator returns no tensor, ``every`` or
+            ``num_samples`` is not an int, or ``gamma`` / ``approximate_sigma`` is not a real number.
+        ShapeError: ``real`` is 0-d or empty, a tensor of ``cond`` has neither batch size ``B`` nor 1, or the
+            discriminator's logits do not have one row per sample.
+        OptionError: ``step`` is not a Python int, ``every`` or ``num_samples`` is ``< 1``,
+            ``gamma`` / ``approximate_sigma`` are out of range or not finite, or ``head_weights`` is invalid.
+        NonFiniteError: ``real`` (on schedule) or the logits hold NaN or Inf (a value check).
 
     Example:
         >>> disc = torch.nn.Linear(3, 1, bias=False)
@@ -721,10 +857,10 @@ def lazy_r1_penalty(
         )
     if isinstance(step, bool) or not isinstance(step, int):
         raise OptionError(f"Expected `step` to be a Python int (the training step), but got {step!r}.")
-    _check_int(every, "every", 1)
-    check_positive(gamma, "gamma", strict=False)
+    check_int(every, "every", minimum=1)
+    gamma = check_real(gamma, "gamma", low=0)
     if approximate_sigma is not None:
-        check_positive(approximate_sigma, "approximate_sigma")
+        approximate_sigma = check_real(approximate_sigma, "approximate_sigma", low=0, strict=True)
     if real.ndim == 0:
         raise ShapeError(
             "Expected `real` to have a batch dimension, shape (B, ...), but got a 0-d tensor.",
@@ -732,22 +868,41 @@ def lazy_r1_penalty(
             expected="(B, ...)",
             actual=(),
         )
+    check_float_input(real, "real", finite=False)  # non-empty; finiteness only on schedule, below
+    _check_cond(cond, "cond")
+    if head_weights is not None:
+        _head_weights(head_weights, None)
     batch = real.shape[0]
-    n = batch if num_samples is None else min(_check_int(num_samples, "num_samples", 1), batch)
+    n = batch if num_samples is None else min(check_int(num_samples, "num_samples", minimum=1), batch)
     if step % every != 0:
         zero = torch.zeros((), device=real.device, dtype=torch.promote_types(real.dtype, torch.float32))
         return zero, {"r1": zero.float(), "r1_grad_sq": zero.float(), "r1_active": zero.float()}
+    check_finite(real, "real")
     index = torch.randperm(batch, generator=generator, device=_gen_device(generator, real.device))[:n]
     index = index.to(real.device)
     x = real.detach()[index]
     cond_sub = _index_batch(cond, index, batch, "cond") if cond is not None else None
 
-    def run(inputs: torch.Tensor) -> Logits:
+    def run(inputs: torch.Tensor, label: str) -> list[torch.Tensor]:
         if cond_sub is None:
-            return _disc_heads(discriminator(inputs))
-        if isinstance(cond_sub, Mapping):
-            return _disc_heads(discriminator(inputs, **cond_sub))
-        return _disc_heads(discriminator(inputs, cond_sub))
+            out = discriminator(inputs)
+        elif isinstance(cond_sub, Mapping):
+            out = discriminator(inputs, **cond_sub)
+        else:
+            out = discriminator(inputs, cond_sub)
+        # Checked here, so that the messages name what the caller gave (the discriminator), not R1's arguments.
+        heads = _as_heads(_disc_heads(out), label)
+        for head in heads:
+            if head.shape[0] != inputs.shape[0]:
+                raise ShapeError(
+                    f"Expected `discriminator` to return logits with one row per sample of its input "
+                    f"({inputs.shape[0]}), but got shape {tuple(head.shape)}. R1 penalises each sample's own "
+                    "gradient: return the logits before any reduction over the batch.",
+                    name="discriminator",
+                    expected=(inputs.shape[0],),
+                    actual=tuple(head.shape),
+                )
+        return heads
 
     if approximate_sigma is not None:
         # Drawn in float32 whatever the dtype of `real`: the same perturbation in float64, float32 and bf16.
@@ -755,11 +910,13 @@ def lazy_r1_penalty(
         # The second call replays the first's RNG state: any randomness inside D (augmentation, dropout)
         # is then the same in both, and the difference is the perturbation's alone.
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            unperturbed = run(x)
+            unperturbed = run(x, "discriminator(real)")
+        perturbed = run(
+            x + approximate_sigma * eps.to(x.device, x.dtype), "discriminator(real + sigma * eps)"
+        )
         penalty, logs = approximate_r1_penalty(
-            unperturbed, run(x + approximate_sigma * eps.to(x.device, x.dtype)), sigma=approximate_sigma, gamma=gamma,
-            head_weights=head_weights,
-        )  # fmt: skip
+            unperturbed, perturbed, sigma=approximate_sigma, gamma=gamma, head_weights=head_weights
+        )
     else:
         # R1 differentiates the discriminator twice; the fused SDPA kernels (flash / memory-efficient, CPU
         # and CUDA) have no double backward, so attention inside D runs on the math kernel for this pass.
@@ -767,7 +924,9 @@ def lazy_r1_penalty(
 
         x.requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):
-            penalty, logs = r1_penalty(run(x), x, gamma=gamma, head_weights=head_weights)
+            penalty, logs = r1_penalty(
+                run(x, "discriminator(real)"), x, gamma=gamma, head_weights=head_weights
+            )
     loss = penalty * every
     return loss, {
         "r1": _log_scalar(loss),
@@ -787,19 +946,27 @@ def random_derangement(
     rejection loop, no device sync).
 
     Args:
-        n: number of elements, at least 2.
-        generator: source of randomness (its device is where the draw happens).
-        device: device of the result (default: the generator's, else CPU).
+        n: number of elements, an int at least 2.
+        generator: source of randomness (its device is where the draw happens); None uses the global RNG.
+        device: device of the result; None (the default) keeps the device of the draw (the generator's,
+            else CPU).
+
+    Returns:
+        An int64 tensor of shape ``(n,)``: a permutation of ``0..n-1`` with ``perm[i] != i``.
+
+    Raises:
+        OptionError: ``n`` is not an int ``>= 2``.
 
     Example:
         >>> perm = random_derangement(5, generator=torch.Generator().manual_seed(0))
         >>> bool((perm != torch.arange(5)).all()), sorted(perm.tolist())
         (True, [0, 1, 2, 3, 4])
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
         raise OptionError(
             f"Expected `n` to be an int >= 2 (a derangement of one element does not exist), but got {n!r}."
         )
+    n = int(n)
     dev = _gen_device(generator, torch.device("cpu"))
     order = torch.randperm(n, generator=generator, device=dev)
     perm = torch.empty_like(order)
@@ -839,17 +1006,28 @@ def mix_and_match(
     first ``B // 4`` rows, if only part of the batch should be mismatched).
 
     Args:
-        latents: ``(B, ...)``, generated or real latents, ``B >= 2``.
+        latents: ``(B, ...)`` floating, generated or real latents, ``B >= 2``.
         cond: the conditions: a tensor or a (nested) mapping of tensors with batch size ``B`` in dim 0;
-            tensors with batch size 1 and non-tensor values are shared and kept.
-        noise: the noise ``(B, ...)`` the latents were generated from (None if the discriminator does
-            not see it).
-        mismatch: which element is paired wrongly: ``"all"``, ``"cond"`` or ``"noise"``.
-        generator: draws the derangement.
+            tensors with batch size 1 and non-tensor values are shared and kept. None (the default): no
+            conditions.
+        noise: the noise ``(B, ...)`` the latents were generated from; None (the default) if the
+            discriminator does not see it.
+        mismatch: which element is paired wrongly: ``"all"`` (the default: the latents), ``"cond"`` or
+            ``"noise"``.
+        generator: draws the derangement; None uses the global RNG.
 
     Returns:
         :class:`MixAndMatch` ``(latents, cond, noise, permutation)``; elements that are not permuted are
-        returned as given.
+        returned as given; ``permutation`` is int64 ``(B,)``.
+
+    Raises:
+        DTypeError: ``latents`` or ``noise`` is not a floating-point tensor, or ``cond`` is neither a tensor,
+            a mapping nor None.
+        ShapeError: ``latents`` holds fewer than 2 samples, ``noise`` has another batch size, or a tensor of
+            ``cond`` has neither batch size ``B`` nor 1.
+        OptionError: ``mismatch`` is unknown, ``mismatch="cond"`` without a ``cond`` holding a tensor of batch
+            size ``B`` (nothing would be permuted), or ``mismatch="noise"`` without ``noise``.
+        NonFiniteError: ``latents`` or ``noise`` holds NaN or Inf (a value check).
 
     Example:
         >>> x, c = torch.arange(4.0).reshape(4, 1), {"text": torch.arange(4.0).reshape(4, 1)}
@@ -858,7 +1036,9 @@ def mix_and_match(
         (True, True)
     """
     check_tensor(latents, "latents")
+    check_dtype_floating(latents, "latents")
     check_option(mismatch, "mismatch", _MISMATCH)
+    _check_cond(cond, "cond")
     if latents.ndim == 0 or latents.shape[0] < 2:
         raise ShapeError(
             "Expected `latents` to hold at least 2 samples, shape (B, ...) with B >= 2, to pair each with "
@@ -868,9 +1048,11 @@ def mix_and_match(
             expected="(B >= 2, ...)",
             actual=tuple(latents.shape),
         )
+    check_float_input(latents, "latents")  # non-empty elements, finite (a value check)
     batch = latents.shape[0]
     if noise is not None:
         check_tensor(noise, "noise")
+        check_dtype_floating(noise, "noise")
         if noise.ndim == 0 or noise.shape[0] != batch:
             raise ShapeError(
                 f"Expected `noise` to have batch size {batch} like `latents`, but got shape {tuple(noise.shape)}.",
@@ -878,8 +1060,15 @@ def mix_and_match(
                 expected=(batch,),
                 actual=tuple(noise.shape),
             )
+        check_float_input(noise, "noise")
     if mismatch == "cond" and cond is None:
         raise OptionError("mismatch='cond' permutes the conditions, but `cond` is None. Pass `cond`.")
+    if mismatch == "cond" and not _has_batched(cond, batch):
+        raise OptionError(
+            f"mismatch='cond' permutes the conditions, but `cond` holds no tensor with batch size {batch} in "
+            "dim 0 (tensors with batch size 1 and other values are shared, so nothing would be mismatched). "
+            "Pass the per-sample conditions, e.g. {'encoder_hidden_states': emb} with emb of shape (B, ...)."
+        )
     if mismatch == "noise" and noise is None:
         raise OptionError("mismatch='noise' permutes the noise, but `noise` is None. Pass `noise`.")
     perm = random_derangement(batch, generator=generator, device=latents.device)
@@ -894,6 +1083,29 @@ def mix_and_match(
 
 
 # --------------------------------------------------------------------------------------------- re-noising
+def _check_values(values: Any, schedule: Any) -> None:
+    """``values`` is a non-empty sequence of ints inside the schedule's ``[-1, T-1]`` (a drawn ``t``)."""
+    try:
+        items = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    except TypeError:
+        items = None
+    if isinstance(values, (str, bytes)) or not items:
+        raise OptionError(
+            f"Expected `values` to be a non-empty sequence of int timesteps, e.g. (10, 250, 500, 750), but got "
+            f"{values!r}."
+        )
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+        raise OptionError(
+            f"Expected `values` to hold int timesteps (diffusers indices), but got {items!r}: round them first."
+        )
+    last = getattr(schedule, "num_train_timesteps", None)
+    if isinstance(last, int) and any(not -1 <= int(v) <= last - 1 for v in items):
+        raise OptionError(
+            f"Expected `values` to lie in [-1, {last - 1}] (the schedule's timesteps; -1 is the clean end), but "
+            f"got {items!r}."
+        )
+
+
 class RenoisedSamples(NamedTuple):
     """Output of :func:`renoise_for_discriminator`: one noised tensor per input, the shared ``t`` and the noise."""
 
@@ -927,17 +1139,29 @@ def renoise_for_discriminator(
     :func:`~diffdistill.schedulers.uniform_timesteps`).
 
     Args:
-        *clean: one or more clean tensors ``(B, ...)`` with the same batch size (teacher ``x0``, student
-            ``x0_hat``, ...).
+        *clean: one or more clean floating tensors ``(B, ...)`` with the same batch size (teacher ``x0``,
+            student ``x0_hat``, ...).
         schedule: a :class:`~diffdistill.schedulers.NoiseSchedule` (its ``terminal_pure_noise`` applies).
-        values: the timestep values to draw from (diffusers indices).
-        weights: their relative probabilities (uniform if None).
-        t: explicit per-sample timesteps ``(B,)`` (skips the draw).
-        generator: draws ``t`` and the noise (in this order: ``t`` first, then one noise tensor per input).
+        values: the timestep values to draw from (diffusers indices, ints in ``[-1, T-1]``); default
+            SDXL-Lightning's ``(10, 250, 500, 750)``.
+        weights: their relative probabilities, one per value; None (the default) draws them uniformly.
+        t: explicit per-sample timesteps ``(B,)`` (skips the draw; ``values`` and ``weights`` are then
+            unused); None (the default) draws ``t`` from ``values``.
+        generator: draws ``t`` and the noise (in this order: ``t`` first, then one noise tensor per input);
+            None uses the global RNG.
 
     Returns:
         :class:`RenoisedSamples` ``(samples, t, noise)``: ``samples[i]`` has the shape and dtype of
-        ``clean[i]``; ``t`` is int64 ``(B,)``.
+        ``clean[i]``; ``t`` is int64 ``(B,)`` when drawn (the given ``t`` otherwise).
+
+    Raises:
+        OptionError: no clean tensor is given, ``values`` holds a non-int or a value outside the schedule's
+            ``[-1, T-1]``, ``weights`` does not match ``values``, ``weights`` is given with an explicit
+            ``t``, or the given ``t`` lies outside ``[-1, T-1]``.
+        DTypeError: ``schedule`` has no ``add_noise``, a clean input is not a floating-point tensor, or
+            ``t`` is not a tensor of integer timesteps.
+        ShapeError: a clean input is 0-d or empty, the batch sizes differ, or ``t`` is not ``(B,)``.
+        NonFiniteError: a clean input holds NaN or Inf (a value check).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -960,9 +1184,16 @@ def renoise_for_discriminator(
     for i, x in enumerate(clean):
         check_tensor(x, f"clean[{i}]")
         check_dtype_floating(x, f"clean[{i}]")
-    batch = clean[0].shape[0] if clean[0].ndim else 0
+        if x.ndim == 0:
+            raise ShapeError(
+                f"Expected `clean[{i}]` to have a batch dimension, shape (B, ...), but got a 0-d tensor.",
+                name=f"clean[{i}]",
+                expected="(B, ...)",
+                actual=(),
+            )
+    batch = clean[0].shape[0]
     for i, x in enumerate(clean):
-        if x.ndim == 0 or x.shape[0] != batch:
+        if x.shape[0] != batch:
             raise ShapeError(
                 f"Expected every clean tensor to have the batch size of clean[0] ({batch}) in dim 0, but "
                 f"clean[{i}] has shape {tuple(x.shape)}.",
@@ -970,10 +1201,18 @@ def renoise_for_discriminator(
                 expected=(batch,),
                 actual=tuple(x.shape),
             )
+    for i, x in enumerate(clean):
+        check_float_input(x, f"clean[{i}]")  # non-empty, finite (a value check)
     device = clean[0].device
     if t is None:
+        _check_values(values, schedule)
         t = categorical_timesteps(batch, values, weights, generator=generator, device=device).t
     else:
+        if weights is not None:
+            raise OptionError(
+                "`weights` are the probabilities of `values` when t is drawn, but an explicit `t` was given too: "
+                "pass one of them."
+            )
         check_tensor(t, "t")
         if t.shape != (batch,):
             raise ShapeError(

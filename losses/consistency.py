@@ -17,20 +17,42 @@ them to any distance, including an adversarial one; the ``*_loss`` functions add
 the distance, and return ``(loss, logs)`` with logs a dict of detached 0-d tensors (no device sync).
 
 A model is any callable ``model(x_t, t, **cond)`` returning a tensor, a diffusers output or a tuple;
-``t`` is an int64 tensor of shape ``(B,)``.
+``t`` is an int64 tensor of shape ``(B,)``. Its prediction must have the shape of ``x_t``.
+
+Inputs are checked at the boundary (see :mod:`diffdistill.errors`): latents and noise must be non-empty
+floating tensors with a batch dimension, finite while value checks are on; conditioning dicts must hold
+tensors whose batch is ``B`` or 1; ``sample`` must be a :class:`~diffdistill.schedulers.TimestepSample`
+for the same batch. A model that fails on the latents' dtype (e.g. float64 latents into a float32 network)
+raises :class:`~diffdistill.errors.DTypeError` naming the model.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, cast
 
 import torch
 
-from .._checks import OptionError, check_option, check_tensor, value_checks_enabled
-from .._outputs import first_tensor
+from .._checks import (
+    DTypeError,
+    NonFiniteError,
+    OptionError,
+    ShapeError,
+    check_finite,
+    check_float_input,
+    check_generator,
+    check_int,
+    check_mapping,
+    check_option,
+    check_real,
+    check_same_shape,
+    value_checks_enabled,
+)
+from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from ..schedulers.consistency import consistency_function
-from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
+from ..schedulers.noise_schedule import PREDICTION_TYPES, NoiseSchedule, TimestepLike
 from ..schedulers.teacher_solver import TeacherSolver
 from ..schedulers.timestep_samplers import (
     TimestepSample,
@@ -39,7 +61,7 @@ from ..schedulers.timestep_samplers import (
     progressive_pairs,
     tscd_segments,
 )
-from .distances import DistanceLike, compute_distance
+from .distances import DISTANCES, DistanceLike, _compute_distance
 
 __all__ = [
     "ConsistencyPair",
@@ -73,8 +95,167 @@ class ConsistencyPair(NamedTuple):
     sample: TimestepSample
 
 
-def _call(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    return first_tensor(model(x, t, **dict(cond or {})))
+# --- input checks (public argument names in every message) ---------------------------------------------
+
+
+def _check_model(model: Any, name: str) -> None:
+    if not callable(model):
+        raise OptionError(
+            f"Expected `{name}` to be a callable model {name}(x_t, t, **cond), but got {type(model).__name__}."
+        )
+
+
+def _check_teacher(teacher: Any) -> TeacherSolver:
+    if not isinstance(teacher, TeacherSolver):
+        raise OptionError(
+            f"Expected `teacher` to be a TeacherSolver, but got {type(teacher).__name__}. Wrap the frozen model: "
+            "TeacherSolver(model, schedule, guidance_scale=...)."
+        )
+    return teacher
+
+
+def _check_latents(x: Any, name: str) -> torch.Tensor:
+    """A non-empty floating ``(B, ...)`` tensor, finite while value checks are on."""
+    check_float_input(x, name)
+    if x.ndim == 0:
+        raise ShapeError(
+            f"Expected `{name}` laid out as (B, ...) with a batch dimension, but got a 0-d tensor. Add one with "
+            f"{name}.reshape(1, -1) or {name}[None].",
+            name=name,
+            expected="(B, ...)",
+            actual=(),
+        )
+    return cast(torch.Tensor, x)
+
+
+def _check_cond(cond: Any, name: str, batch: int) -> None:
+    """``cond`` is None or a mapping whose (nested) tensors have batch ``batch`` or 1 in dim 0."""
+    if cond is None:
+        return
+    check_mapping(cond, name, example="{'encoder_hidden_states': prompt_embeds}")
+    stack: list[tuple[str, Mapping[str, Any]]] = [(name, cond)]
+    while stack:
+        prefix, mapping = stack.pop()
+        for key, value in mapping.items():
+            label = f"{prefix}[{key!r}]"
+            if isinstance(value, Mapping):
+                stack.append((label, value))
+            elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1, batch):
+                raise ShapeError(
+                    f"Expected `{label}` to have batch size {batch} (from the latents) or 1 in dim 0, but got "
+                    f"shape {tuple(value.shape)}. Pass the conditioning of the same samples as the latents.",
+                    name=label,
+                    expected=(batch,),
+                    actual=tuple(value.shape),
+                )
+
+
+def _check_sample(sample: Any, batch: int, source: str) -> TimestepSample:
+    """A :class:`TimestepSample` whose tensors hold one timestep per sample (or one for all)."""
+    if not isinstance(sample, TimestepSample):
+        raise DTypeError(
+            f"Expected `sample` to be a TimestepSample(t, t_prev, t_end) from a sampler of diffdistill.schedulers "
+            f"(e.g. lcm_skip_pairs), but got {type(sample).__name__}. Build one with "
+            "TimestepSample(t, t_prev, t_end) from int64 (B,) tensors."
+        )
+    for field in TimestepSample._fields:
+        value = getattr(sample, field)
+        if isinstance(value, torch.Tensor) and (
+            value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch))
+        ):
+            raise ShapeError(
+                f"Expected `sample.{field}` to hold one timestep per sample ({batch}, the batch of `{source}`), "
+                f"but got shape {tuple(value.shape)}. Draw `sample` with batch_size={batch}.",
+                name=f"sample.{field}",
+                expected=(batch,),
+                actual=tuple(value.shape),
+            )
+    return sample
+
+
+def _check_guidance(guidance_scale: Any, batch: int) -> None:
+    """None, a finite number, or a real tensor of shape ``()``, ``(1,)`` or ``(B,)`` (finite: a value check)."""
+    if guidance_scale is None:
+        return
+    if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.dtype == torch.bool or guidance_scale.is_complex():
+            raise DTypeError(
+                f"Expected `guidance_scale` to be a real tensor, but got dtype {guidance_scale.dtype}."
+            )
+        if guidance_scale.ndim > 1 or (
+            guidance_scale.ndim == 1 and guidance_scale.shape[0] not in (1, batch)
+        ):
+            raise ShapeError(
+                f"Expected `guidance_scale` to be a number or one value per sample ({batch},), but got shape "
+                f"{tuple(guidance_scale.shape)}.",
+                name="guidance_scale",
+                expected=(batch,),
+                actual=tuple(guidance_scale.shape),
+            )
+        if guidance_scale.is_floating_point():
+            check_finite(guidance_scale, "guidance_scale")
+        return
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+        raise DTypeError(
+            f"Expected `guidance_scale` to be a number, a (B,) tensor or None, but got "
+            f"{type(guidance_scale).__name__} {guidance_scale!r}."
+        )
+    if not math.isfinite(float(guidance_scale)):
+        raise NonFiniteError(f"Expected `guidance_scale` to be finite, but got {guidance_scale!r}.")
+
+
+def _check_prediction_type(prediction_type: Any, name: str) -> None:
+    if prediction_type is not None:
+        check_option(prediction_type, name, PREDICTION_TYPES)
+
+
+def _check_distance(distance: Any, huber_c: Any = None) -> None:
+    if not callable(distance):
+        check_option(distance, "distance", DISTANCES)
+    if huber_c is not None:
+        if callable(distance) or distance not in ("pseudo_huber", "pseudo_huber_norm"):
+            raise OptionError(
+                f"`huber_c` sets the constant of distance='pseudo_huber' or 'pseudo_huber_norm', but got "
+                f"distance={distance!r}, which does not use it. Drop `huber_c`, or pick a pseudo-Huber distance."
+            )
+        check_real(huber_c, "huber_c", low=0)
+
+
+def _check_pair_options(
+    student: Any,
+    teacher: Any,
+    cond: Any,
+    uncond: Any,
+    student_cond: Any,
+    target: Any,
+    teacher_steps: Any,
+    guidance_scale: Any,
+    prediction_type: Any,
+    batch: int,
+) -> TeacherSolver:
+    """The checks shared by :func:`consistency_pair` and the losses built on it (no tensor values read)."""
+    _check_model(student, "student")
+    teacher = _check_teacher(teacher)
+    if not (target is None or callable(target) or target in ("online", "teacher")):
+        raise OptionError(
+            f"Expected `target` to be 'online', 'teacher', None or a callable model, but got {target!r}."
+        )
+    check_int(teacher_steps, "teacher_steps", minimum=1)
+    _check_cond(cond, "cond", batch)
+    _check_cond(uncond, "uncond", batch)
+    _check_cond(student_cond, "student_cond", batch)
+    _check_guidance(guidance_scale, batch)
+    _check_prediction_type(prediction_type, "prediction_type")
+    return teacher
+
+
+def _call(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor, cond: Cond, name: str) -> torch.Tensor:
+    """``model(x, t, **cond)``'s prediction, which must be a floating tensor of ``x``'s shape."""
+    with explain_dtype_errors(name, x, "x_t"):
+        out = model(x, t, **dict(cond or {}))
+    pred = first_tensor(out, f"`{name}`")
+    check_prediction(pred, x, name)
+    return pred
 
 
 def _map_side(
@@ -120,21 +301,61 @@ def consistency_pair(
     :math:`\\hat x_{t_{prev}} = \\Psi_\\text{teacher}(x_t, t \\to t_{prev})` (``teacher_steps`` guided DDIM
     steps) and :math:`g` the boundary-condition map (LCM) or the DDIM move to ``t_end`` (TSCD / MLCM).
     With ``target=None`` the target side is the teacher's solution itself (progressive distillation;
-    needs ``parameterization="move"`` and ``t_end == t_prev``, else OptionError). Where ``t_end == t_prev`` in move mode the target side is exactly
-    :math:`\\hat x_{t_{prev}}` (no target evaluation can change it).
+    needs ``parameterization="move"`` and ``t_end == t_prev``, else OptionError). Where ``t_end == t_prev``
+    in move mode the target side is exactly :math:`\\hat x_{t_{prev}}` (no target evaluation can change it).
+
+    Both sides are computed in at least float32 (bf16 / fp16 ``x_t`` is still what the networks see);
+    float64 stays float64. Feed them to any distance, e.g.
+    ``compute_distance(pair.student, pair.target, "mse", reduction="none")`` for per-sample values.
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)``.
-        teacher: frozen teacher with its CFG settings (``cond`` / ``uncond`` / ``guidance_scale``).
-        x_t: noisy states at ``sample.t``, shape ``(B, ...)``.
-        sample: timesteps from a sampler of :mod:`diffdistill.schedulers` (``t``, ``t_prev``, ``t_end``).
-        target: ``"online"`` (the student under no_grad; LCM-LoRA, MLCM), ``"teacher"``, a callable (e.g. an
-            EMA copy; LCM full, Hyper-SD), or ``None``.
-        parameterization: ``"boundary"`` or ``"move"``.
-        teacher_steps: teacher DDIM steps from ``t`` to ``t_prev`` (MLCM inter-segment: 3).
-        student_cond: kwargs of the student and of a callable target (default: ``cond``), e.g. with a
-            guidance embedding ``timestep_cond``.
-        prediction_type: the student's output type (default: the schedule's).
+        student: the trainable model, called as ``student(x_t, t, **student_cond)`` with ``t`` an int64
+            ``(B,)`` tensor; it returns a prediction (tensor, diffusers output or tuple) of ``x_t``'s shape, in
+            ``prediction_type``.
+        teacher: the frozen teacher with its CFG settings and its :class:`~diffdistill.schedulers.NoiseSchedule`
+            (the schedule of every timestep here).
+        x_t: noisy states at ``sample.t``, shape ``(B, ...)`` (e.g. latents ``(B, C, H, W)``), floating.
+        sample: timesteps ``(t, t_prev, t_end)`` from a sampler of :mod:`diffdistill.schedulers`, each an int64
+            tensor of shape ``(B,)`` (or ``()`` / ``(1,)`` for the whole batch) with
+            ``t_end <= t_prev < t``.
+        cond: conditioning kwargs of the teacher's conditional pass (e.g. ``{"encoder_hidden_states": ...,
+            "added_cond_kwargs": {...}}``), tensors of batch ``B`` or 1. Defaults to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass, same keys as ``cond``. Defaults to ``None``:
+            allowed only with a no-op guidance scale (the teacher raises otherwise).
+        target: the network of the target side, evaluated under ``no_grad`` at ``(x_prev, t_prev)``:
+            ``"online"`` (the student itself; LCM-LoRA, MLCM; the default), ``"teacher"`` (the guided teacher,
+            read in the teacher's prediction type), a callable called like the student (e.g. an
+            :class:`~diffdistill.students.EMA` copy; LCM full, Hyper-SD), or ``None`` (the teacher's solution
+            itself; progressive distillation).
+        parameterization: ``"boundary"`` (the default: LCM's :math:`c_\\text{skip} x + c_\\text{out}\\hat x_0`
+            at each side's own time) or ``"move"`` (a DDIM move of both sides to ``sample.t_end``).
+        teacher_steps: teacher DDIM steps from ``t`` to ``t_prev`` (``t - t_prev`` must be at least this).
+            Defaults to 1 (LCM / TSCD); MLCM's inter-segment stage uses 3.
+        guidance_scale: CFG scale of the teacher, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own ``guidance_scale``.
+        student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond`` (pass
+            e.g. ``{**cond, "timestep_cond": w_embedding}`` for a guidance-embedded student).
+        prediction_type: what the student (and a callable target) predicts: ``"epsilon"``, ``"sample"``,
+            ``"v_prediction"`` or ``"score"``. Defaults to ``None``: the schedule's prediction type.
+        sigma_data: :math:`\\sigma_d` of the boundary scalings (``"boundary"`` only). Defaults to 0.5 (LCM).
+        timestep_scaling: :math:`s` in :math:`\\tau = s t` of the boundary scalings (``"boundary"`` only).
+            Defaults to 10 (LCM, diffusers' ``timestep_scaling``).
+
+    Returns:
+        A :class:`ConsistencyPair` ``(student, target, x_prev, sample)``: ``student`` of ``x_t``'s shape with
+        the student's graph, ``target`` and ``x_prev`` (the teacher's solution at ``t_prev``) of the same
+        shape, detached, all in at least float32; ``sample`` as passed.
+
+    Raises:
+        DTypeError: ``x_t`` not a floating tensor; ``sample`` not a TimestepSample; a conditioning argument not
+            a mapping; a model returning no tensor, or failing on ``x_t``'s dtype (named in the message).
+        ShapeError: ``x_t`` empty or 0-d; ``sample``, ``guidance_scale`` or a conditioning tensor not of batch
+            ``B`` (or 1); a model's prediction not of ``x_t``'s shape.
+        OptionError: ``teacher`` not a TeacherSolver, ``student`` / ``target`` not callable, an option outside
+            its values (``parameterization``, ``prediction_type``, ``teacher_steps``, ``sigma_data``,
+            ``timestep_scaling``), timesteps out of order or out of range, or ``target=None`` without
+            ``parameterization="move"`` and ``t_end == t_prev``.
+        NonFiniteError: ``x_t`` or ``guidance_scale`` holds NaN/Inf (value check).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver, lcm_skip_pairs
@@ -147,39 +368,98 @@ def consistency_pair(
         >>> pair.student.requires_grad, pair.target.requires_grad
         (True, False)
     """
-    check_tensor(x_t, "x_t")
+    x_t = _check_latents(x_t, "x_t")
+    batch = x_t.shape[0]
+    teacher = _check_pair_options(
+        student,
+        teacher,
+        cond,
+        uncond,
+        student_cond,
+        target,
+        teacher_steps,
+        guidance_scale,
+        prediction_type,
+        batch,
+    )
     check_option(parameterization, "parameterization", ("boundary", "move"))
-    if not isinstance(teacher, TeacherSolver):
-        raise OptionError(
-            f"Expected `teacher` to be a TeacherSolver, but got {type(teacher).__name__}. Wrap the frozen model: "
-            "TeacherSolver(model, schedule, guidance_scale=...)."
-        )
-    if not (target is None or callable(target) or target in ("online", "teacher")):
-        raise OptionError(
-            f"Expected `target` to be 'online', 'teacher', None or a callable model, but got {target!r}."
-        )
+    check_real(sigma_data, "sigma_data", low=0, strict=True)
+    check_real(timestep_scaling, "timestep_scaling", low=0, strict=True)
+    sample = _check_sample(sample, batch, "x_t")
+    return _pair(
+        student,
+        teacher,
+        x_t,
+        sample,
+        cond,
+        uncond,
+        target=target,
+        parameterization=parameterization,
+        teacher_steps=teacher_steps,
+        guidance_scale=guidance_scale,
+        student_cond=student_cond,
+        prediction_type=prediction_type,
+        sigma_data=sigma_data,
+        timestep_scaling=timestep_scaling,
+    )
+
+
+def _pair(
+    student: Callable[..., Any],
+    teacher: TeacherSolver,
+    x_t: torch.Tensor,
+    sample: TimestepSample,
+    cond: Cond,
+    uncond: Cond,
+    *,
+    target: Target,
+    parameterization: str,
+    teacher_steps: int,
+    guidance_scale: float | torch.Tensor | None,
+    student_cond: Cond,
+    prediction_type: str | None,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+) -> ConsistencyPair:
+    """:func:`consistency_pair` on checked arguments."""
     schedule = teacher.schedule
     s_cond = cond if student_cond is None else student_cond
+    batch = x_t.shape[0]
     t, t_prev, t_end = (
-        schedule.batch_timesteps(sample.t, x_t, "sample.t"),
-        schedule.batch_timesteps(sample.t_prev, x_t, "sample.t_prev"),
-        schedule.batch_timesteps(sample.t_end, x_t, "sample.t_end"),
+        schedule.batch_timesteps(value, x_t, f"sample.{field}").expand(batch)
+        for field, value in zip(TimestepSample._fields, sample)
     )
-    if value_checks_enabled() and bool(((t_end > t_prev) | (t_prev >= t)).any()):
-        raise OptionError(
-            f"Expected t_end <= t_prev < t for every sample, but got t={t.tolist()}, t_prev={t_prev.tolist()}, "
-            f"t_end={t_end.tolist()}. Draw `sample` with a sampler of diffdistill.schedulers."
-        )
-    if target is None:
+    if target is None and parameterization != "move":
         # The teacher's solution x_prev is a state at t_prev: only the student's move to t_end == t_prev
         # lands in the same space (progressive distillation, SDXL-Lightning's adversarial pairs).
-        if parameterization != "move":
+        raise OptionError(
+            "Expected parameterization='move' with target=None (the target is then the teacher's state "
+            f"at t_prev, which only the student's DDIM move to t_end == t_prev matches), but got "
+            f"parameterization={parameterization!r}. Pass parameterization='move', or a target model."
+        )
+    if value_checks_enabled():
+        order, span, moved = torch.stack(
+            [
+                ((t_end > t_prev) | (t_prev >= t)).any(),
+                (t - t_prev < teacher_steps).any(),
+                (t_end != t_prev).any()
+                if target is None
+                else torch.zeros((), dtype=torch.bool, device=t.device),
+            ]
+        ).tolist()
+        if order:
             raise OptionError(
-                "Expected parameterization='move' with target=None (the target is then the teacher's state "
-                f"at t_prev, which only the student's DDIM move to t_end == t_prev matches), but got "
-                f"parameterization={parameterization!r}. Pass parameterization='move', or a target model."
+                f"Expected t_end <= t_prev < t for every sample, but got t={t.tolist()}, "
+                f"t_prev={t_prev.tolist()}, t_end={t_end.tolist()}. Draw `sample` with a sampler of "
+                "diffdistill.schedulers."
             )
-        if value_checks_enabled() and bool((t_end != t_prev).any()):
+        if span:
+            raise OptionError(
+                f"Expected sample.t - sample.t_prev >= teacher_steps ({teacher_steps}) so that every teacher step "
+                f"moves at least one timestep, but got t={t.tolist()} and t_prev={t_prev.tolist()}. Lower "
+                "`teacher_steps` or draw wider steps."
+            )
+        if moved:
             raise OptionError(
                 "Expected sample.t_end == sample.t_prev for every sample with target=None (the student must "
                 f"move to where the teacher's solution lies), but got t_prev={t_prev.tolist()}, "
@@ -187,38 +467,39 @@ def consistency_pair(
             )
     map_args = (parameterization, prediction_type, sigma_data, timestep_scaling)
 
-    pred = _call(student, x_t, t, s_cond)
+    pred = _call(student, x_t, t, s_cond, "student")
     student_side = _map_side(schedule, pred, x_t, t, t_end, *map_args)
 
     with torch.no_grad():
         # The teacher's solution in >= float32 (the networks still see x_t's dtype): a bf16 x_prev would put
         # its rounding into the target.
-        x_prev = cast(
-            torch.Tensor,
-            teacher.solve(
-                x_t,
-                t,
-                t_prev,
-                cond,
-                uncond,
-                num_steps=teacher_steps,
-                guidance_scale=guidance_scale,
-                state_dtype=torch.promote_types(x_t.dtype, torch.float32),
-            ),
-        )
+        with explain_dtype_errors("teacher", x_t, "x_t"):
+            x_prev = cast(
+                torch.Tensor,
+                teacher.solve(
+                    x_t,
+                    t,
+                    t_prev,
+                    cond,
+                    uncond,
+                    num_steps=teacher_steps,
+                    guidance_scale=guidance_scale,
+                    state_dtype=torch.promote_types(x_t.dtype, torch.float32),
+                ),
+            )
         x_in = x_prev.to(x_t.dtype)  # the target network's input, in the student's input dtype
         if target is None:
             target_side = x_prev
         else:
-            t_eval = t_prev.clamp(
-                min=0
-            )  # t_prev = -1 only with t_end = -1, where the result is x_prev anyway
+            # t_prev = -1 only with t_end = -1, where the result is x_prev anyway
+            t_eval = t_prev.clamp(min=0)
             if target == "online":
-                tpred = _call(student, x_in, t_eval, s_cond)
+                tpred = _call(student, x_in, t_eval, s_cond, "student")
             elif target == "teacher":
-                tpred = teacher.predict(x_in, t_eval, cond, uncond, guidance_scale)
+                with explain_dtype_errors("teacher", x_in, "x_t"):
+                    tpred = teacher.predict(x_in, t_eval, cond, uncond, guidance_scale)
             else:
-                tpred = _call(target, x_in, t_eval, s_cond)
+                tpred = _call(cast(Callable[..., Any], target), x_in, t_eval, s_cond, "target")
             t_end_eval = torch.minimum(t_end, t_eval)
             target_pt = teacher.prediction_type if target == "teacher" else prediction_type
             target_side = _map_side(
@@ -238,30 +519,6 @@ def consistency_pair(
     return ConsistencyPair(student_side, target_side.detach(), x_prev.detach(), sample)
 
 
-def _noisy_states(
-    schedule: NoiseSchedule,
-    x0: torch.Tensor | None,
-    x_t: torch.Tensor | None,
-    t: torch.Tensor,
-    noise: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    if (x0 is None) == (x_t is None):
-        raise OptionError(
-            "Pass exactly one of `x0` (clean samples, noised here) and `x_t` (ready noisy states, e.g. from "
-            "teacher_trajectory_states), but got "
-            f"{'both' if x0 is not None else 'neither'}."
-        )
-    if x0 is None:
-        return cast(torch.Tensor, x_t)
-    if noise is None:
-        noise = torch.randn(
-            x0.shape, generator=generator, device=x0.device if generator is None else generator.device
-        )
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
-    return schedule.add_noise(x0, noise, t)
-
-
 def _noised_pair_loss(
     student: Callable[..., Any],
     teacher: TeacherSolver,
@@ -276,10 +533,30 @@ def _noised_pair_loss(
     c: float | None,
     **pair_options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Noise ``x0`` (or take ``x_t``), build the pair with :func:`consistency_pair`, apply the distance."""
-    states = _noisy_states(teacher.schedule, x0, x_t, sample.t, noise, generator)
-    pair = consistency_pair(student, teacher, states, sample, cond, uncond, **pair_options)
-    loss = compute_distance(pair.student, pair.target, distance, c=c)
+    """Noise ``x0`` (or take ``x_t``), build the pair with :func:`_pair`, apply the distance (checked arguments)."""
+    if x0 is None:
+        states = cast(torch.Tensor, x_t)
+    else:
+        if noise is None:
+            noise = torch.randn(
+                x0.shape, generator=generator, device=x0.device if generator is None else generator.device
+            )
+            noise = noise.to(device=x0.device, dtype=x0.dtype)
+        t = teacher.schedule.batch_timesteps(sample.t, x0, "sample.t")  # named as the caller passed it
+        states = teacher.schedule.add_noise(x0, noise, t)
+    pair = _pair(student, teacher, states, sample, cond, uncond, **pair_options)
+    # The pair is computed here from checked inputs: no second finiteness sync on it (a NaN from a diverged
+    # student propagates to the loss, as any loss of a network's output).
+    loss = _compute_distance(
+        pair.student,
+        pair.target,
+        distance,
+        c=c,
+        input_name="student",
+        target_name="target",
+        c_name="huber_c",
+        finite=False,
+    )
     logs = {
         "loss": loss.detach(),
         "t_mean": pair.sample.t.float().mean().detach(),
@@ -288,29 +565,48 @@ def _noised_pair_loss(
     return loss, logs
 
 
-def _batch(
-    x0: torch.Tensor | None,
-    x_t: torch.Tensor | None,
-    sample: TimestepSample | None,
-    noise: torch.Tensor | None,
-) -> tuple[int, torch.device]:
-    """Batch size and device of the input; ready states ``x_t`` need the ``sample`` they were drawn at."""
-    ref = x0 if x0 is not None else x_t
-    if ref is None:
-        raise OptionError("Pass exactly one of `x0` and `x_t`, but got neither.")
-    check_tensor(ref, "x0" if x0 is not None else "x_t")
-    if x0 is None and sample is None:
+def _loss_inputs(
+    x0: Any,
+    x_t: Any,
+    sample: Any,
+    noise: Any,
+    generator: Any,
+    *,
+    ready_states: bool = True,
+) -> tuple[torch.Tensor, TimestepSample | None]:
+    """Check the data arguments of a loss; return the latents given (``x0`` or ``x_t``) and the checked sample.
+
+    ``ready_states=False`` for the losses that take clean samples ``x0`` only.
+    """
+    if ready_states and (x0 is None) == (x_t is None):
         raise OptionError(
-            "`x_t` are noisy states at given timesteps: pass the `sample` they belong to (e.g. draw `sample` "
-            "first, then `x_t = teacher_trajectory_states(teacher, noise, sample.t, ...)`), but got `x_t` "
-            "without `sample`; a sample drawn here would not match their noise level."
+            "Pass exactly one of `x0` (clean samples, noised here) and `x_t` (ready noisy states, e.g. from "
+            "teacher_trajectory_states), but got "
+            f"{'both' if x0 is not None else 'neither'}."
         )
-    if x0 is None and noise is not None:
-        raise OptionError(
-            "`noise` noises `x0` and is unused with ready states `x_t`: pass `x0` with `noise`, or `x_t` "
-            "without it."
-        )
-    return ref.shape[0], ref.device
+    check_generator(generator)
+    if x0 is None and ready_states:
+        ref = _check_latents(x_t, "x_t")
+        if sample is None:
+            raise OptionError(
+                "`x_t` are noisy states at given timesteps: pass the `sample` they belong to (e.g. draw `sample` "
+                "first, then `x_t = teacher_trajectory_states(teacher, noise, sample.t, ...)`), but got `x_t` "
+                "without `sample`; a sample drawn here would not match their noise level."
+            )
+        if noise is not None:
+            raise OptionError(
+                "`noise` noises `x0` and is unused with ready states `x_t`: pass `x0` with `noise`, or `x_t` "
+                "without it."
+            )
+    else:
+        ref = _check_latents(x0, "x0")
+        if noise is not None:
+            check_float_input(noise, "noise")
+            check_same_shape(noise, ref, "noise", "x0")
+    checked = (
+        None if sample is None else _check_sample(sample, ref.shape[0], "x0" if x0 is not None else "x_t")
+    )
+    return ref, checked
 
 
 def lcm_consistency_loss(
@@ -341,8 +637,53 @@ def lcm_consistency_loss(
     pseudo-Huber distance (``c = 0.001``). ``target``: ``"online"`` (LCM-LoRA), an EMA callable (full
     LCM, decay 0.95) or ``"teacher"``.
 
+    Args:
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+            prediction of ``x_t``'s shape in ``prediction_type``.
+        teacher: the frozen guided teacher; its schedule is the schedule of the loss.
+        x0: clean latents ``(B, ...)``, noised here to ``sample.t`` with ``noise``. Defaults to ``None``:
+            pass ready noisy states as ``x_t`` instead (exactly one of the two).
+        cond: conditioning kwargs of the teacher's conditional pass (tensors of batch ``B`` or 1). Defaults
+            to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        x_t: ready noisy states ``(B, ...)`` at ``sample.t`` (e.g. from :func:`teacher_trajectory_states`);
+            needs ``sample`` and no ``noise``. Defaults to ``None``: ``x0`` is noised here.
+        sample: the timesteps ``(t, t_prev, t_end)``. Defaults to ``None``: drawn with
+            :func:`~diffdistill.schedulers.lcm_skip_pairs` (``t_prev = t - k``) using ``generator``.
+        target: the target network: ``"online"`` (the default; the student under ``no_grad``),
+            ``"teacher"``, or a callable such as an EMA copy (see :func:`consistency_pair`).
+        num_ddim_timesteps: size of the teacher's DDIM grid, which sets the skip ``k`` of the drawn sample.
+            Defaults to 50 (LCM). Unused when ``sample`` is given.
+        distance: ``"pseudo_huber"`` (the default), ``"pseudo_huber_norm"``, ``"mse"``, ``"l1"`` or a
+            callable ``fn(student_side, target_side)`` returning ``(B,)`` or a scalar.
+        huber_c: the pseudo-Huber constant ``c`` (>= 0). Defaults to ``None``: 0.001 for ``"pseudo_huber"``,
+            :math:`0.00054\\sqrt{D}` for ``"pseudo_huber_norm"``; an error with any other distance.
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own ``guidance_scale``.
+        student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond``.
+        prediction_type: what the student predicts. Defaults to ``None``: the schedule's prediction type.
+        noise: the noise for ``x0``, of ``x0``'s shape. Defaults to ``None``: drawn with ``generator``.
+        generator: the random source of the drawn ``sample`` and ``noise``. Defaults to ``None``: torch's
+            global generator.
+
     Returns:
-        ``(loss, logs)``: scalar loss (float32; float64 for float64 inputs) and detached 0-d tensors ``loss``, ``t_mean``, ``target_norm``.
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with the student's graph; ``logs`` maps ``"loss"``, ``"t_mean"`` (mean
+        ``sample.t``) and ``"target_norm"`` (RMS of the target side) to detached 0-d tensors. There is no
+        ``reduction``: for per-sample values build the pair with :func:`consistency_pair` and call
+        ``compute_distance(..., reduction="none")``.
+
+    Raises:
+        DTypeError: ``x0`` / ``x_t`` / ``noise`` not a floating tensor, ``sample`` not a TimestepSample, a
+            conditioning argument not a mapping, ``generator`` not a torch.Generator, ``huber_c`` not a
+            number, or a model failing on the latents' dtype.
+        ShapeError: empty or 0-d latents, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
+            conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x_t``'s shape.
+        OptionError: both or neither of ``x0`` / ``x_t``, ``x_t`` without ``sample`` or with ``noise``, a
+            negative or unused ``huber_c``, an unknown ``distance`` / ``target`` / ``prediction_type``,
+            ``num_ddim_timesteps`` < 1, ``teacher`` not a TeacherSolver, timesteps out of order or range.
+        NonFiniteError: NaN/Inf in ``x0``, ``x_t``, ``noise`` or ``guidance_scale`` (value check).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
@@ -354,14 +695,18 @@ def lcm_consistency_loss(
         >>> loss.backward(); conv.weight.grad is not None
         True
     """
-    batch, device = _batch(x0, x_t, sample, noise)
+    ref, sample = _loss_inputs(x0, x_t, sample, noise, generator)
+    teacher = _check_pair_options(
+        student, teacher, cond, uncond, student_cond, target, 1, guidance_scale, prediction_type, ref.shape[0]
+    )
+    _check_distance(distance, huber_c)
     if sample is None:
         sample = lcm_skip_pairs(
-            batch,
+            ref.shape[0],
             num_ddim_timesteps,
             teacher.schedule.num_train_timesteps,
             generator=generator,
-            device=device,
+            device=ref.device,
         )
     return _noised_pair_loss(
         student,
@@ -377,6 +722,7 @@ def lcm_consistency_loss(
         huber_c,
         target=target,
         parameterization="boundary",
+        teacher_steps=1,
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
@@ -414,6 +760,51 @@ def tscd_loss(
     move. Hyper-SD uses an EMA target (pass the EMA copy as ``target``) and a hybrid MSE + adversarial
     distance whose adversarial weight grows as k shrinks (build it with :func:`consistency_pair`).
 
+    Args:
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+            prediction of ``x_t``'s shape in ``prediction_type``.
+        teacher: the frozen guided teacher; its schedule is the schedule of the loss.
+        x0: clean latents ``(B, ...)``, noised here to ``sample.t``. Defaults to ``None``: pass ``x_t``
+            instead (exactly one of the two).
+        cond: conditioning kwargs of the teacher's conditional pass. Defaults to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        num_segments: the number ``k`` of trajectory segments of this stage (Hyper-SD: 8, 4, 2, 1); required.
+            Unused when ``sample`` is given.
+        num_inference_steps: size of the teacher's DDIM grid the segments are cut from. Defaults to 50.
+            Unused when ``sample`` is given.
+        x_t: ready noisy states ``(B, ...)`` at ``sample.t``; needs ``sample`` and no ``noise``. Defaults to
+            ``None``: ``x0`` is noised here.
+        sample: the timesteps ``(t_n, t_{n-1}, t_end)``. Defaults to ``None``: drawn with
+            :func:`~diffdistill.schedulers.tscd_segments` using ``generator``.
+        target: ``"online"`` (the default), ``"teacher"``, or a callable such as an EMA copy.
+        distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
+            callable returning ``(B,)`` or a scalar.
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own.
+        student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond``.
+        prediction_type: what the student predicts. Defaults to ``None``: the schedule's.
+        noise: the noise for ``x0``, of ``x0``'s shape. Defaults to ``None``: drawn with ``generator``.
+        generator: the random source of the drawn ``sample`` and ``noise``. Defaults to ``None``: torch's
+            global generator.
+
+    Returns:
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with the student's graph; ``logs`` maps ``"loss"``, ``"t_mean"`` and
+        ``"target_norm"`` to detached 0-d tensors. For per-sample values use :func:`consistency_pair` with
+        ``parameterization="move"`` and ``compute_distance(..., reduction="none")``.
+
+    Raises:
+        DTypeError: ``x0`` / ``x_t`` / ``noise`` not a floating tensor, ``sample`` not a TimestepSample, a
+            conditioning argument not a mapping, ``generator`` not a torch.Generator, or a model failing on
+            the latents' dtype.
+        ShapeError: empty or 0-d latents, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
+            conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x_t``'s shape.
+        OptionError: both or neither of ``x0`` / ``x_t``, ``x_t`` without ``sample`` or with ``noise``, an
+            invalid ``num_segments`` / ``num_inference_steps`` / ``distance`` / ``target`` /
+            ``prediction_type``, ``teacher`` not a TeacherSolver, timesteps out of order or range.
+        NonFiniteError: NaN/Inf in ``x0``, ``x_t``, ``noise`` or ``guidance_scale`` (value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
         >>> teacher = TeacherSolver(lambda x, t: 0.1 * x, NoiseSchedule.from_betas())
@@ -423,15 +814,19 @@ def tscd_loss(
         >>> loss.ndim, sorted(logs)
         (0, ['loss', 't_mean', 'target_norm'])
     """
-    batch, device = _batch(x0, x_t, sample, noise)
+    ref, sample = _loss_inputs(x0, x_t, sample, noise, generator)
+    teacher = _check_pair_options(
+        student, teacher, cond, uncond, student_cond, target, 1, guidance_scale, prediction_type, ref.shape[0]
+    )
+    _check_distance(distance)
     if sample is None:
         sample = tscd_segments(
-            batch,
+            ref.shape[0],
             num_segments,
             num_inference_steps,
             teacher.schedule.num_train_timesteps,
             generator=generator,
-            device=device,
+            device=ref.device,
         )
     return _noised_pair_loss(
         student,
@@ -447,6 +842,7 @@ def tscd_loss(
         None,
         target=target,
         parameterization="move",
+        teacher_steps=1,
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
@@ -485,6 +881,53 @@ def multistep_consistency_loss(
     online target (no EMA). For the paper's data-free states, draw ``sample`` first and pass
     ``x_t = teacher_trajectory_states(teacher, noise, sample.t, ...)``.
 
+    Args:
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+            prediction of ``x_t``'s shape in ``prediction_type``.
+        teacher: the frozen guided teacher; its schedule is the schedule of the loss.
+        x0: clean latents ``(B, ...)``, noised here to ``sample.t``. Defaults to ``None``: pass ``x_t``
+            instead (exactly one of the two).
+        cond: conditioning kwargs of the teacher's conditional pass. Defaults to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        num_segments: number ``M`` of trajectory segments (milestones). Defaults to 8 (MLCM). Unused when
+            ``sample`` is given.
+        skip: the teacher's step ``t_m - t_n`` in training timesteps, at most ``T / num_segments``. Defaults
+            to 20 (a 50-step DDIM grid over T = 1000). Unused when ``sample`` is given.
+        on_grid: draw ``t_m`` on the multiples of ``skip`` (a DDIM grid) instead of any timestep. Defaults to
+            ``False``. Unused when ``sample`` is given.
+        x_t: ready noisy states ``(B, ...)`` at ``sample.t`` (e.g. :func:`teacher_trajectory_states`); needs
+            ``sample`` and no ``noise``. Defaults to ``None``: ``x0`` is noised here.
+        sample: the timesteps ``(t_m, t_n, t^s)``. Defaults to ``None``: drawn with
+            :func:`~diffdistill.schedulers.milestone_pairs` using ``generator``.
+        target: ``"online"`` (the default, as in MLCM), ``"teacher"``, or a callable such as an EMA copy.
+        distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
+            callable returning ``(B,)`` or a scalar.
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own.
+        student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond``.
+        prediction_type: what the student predicts. Defaults to ``None``: the schedule's.
+        noise: the noise for ``x0``, of ``x0``'s shape. Defaults to ``None``: drawn with ``generator``.
+        generator: the random source of the drawn ``sample`` and ``noise``. Defaults to ``None``: torch's
+            global generator.
+
+    Returns:
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with the student's graph; ``logs`` maps ``"loss"``, ``"t_mean"`` and
+        ``"target_norm"`` to detached 0-d tensors. For per-sample values use :func:`consistency_pair` with
+        ``parameterization="move"`` and ``compute_distance(..., reduction="none")``.
+
+    Raises:
+        DTypeError: ``x0`` / ``x_t`` / ``noise`` not a floating tensor, ``sample`` not a TimestepSample, a
+            conditioning argument not a mapping, ``generator`` not a torch.Generator, or a model failing on
+            the latents' dtype.
+        ShapeError: empty or 0-d latents, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
+            conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x_t``'s shape.
+        OptionError: both or neither of ``x0`` / ``x_t``, ``x_t`` without ``sample`` or with ``noise``, an
+            invalid ``num_segments`` / ``skip`` / ``distance`` / ``target`` / ``prediction_type``, ``teacher``
+            not a TeacherSolver, timesteps out of order or range.
+        NonFiniteError: NaN/Inf in ``x0``, ``x_t``, ``noise`` or ``guidance_scale`` (value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
         >>> teacher = TeacherSolver(lambda x, t: 0.1 * x, NoiseSchedule.from_betas())
@@ -494,16 +937,20 @@ def multistep_consistency_loss(
         >>> bool(loss >= 0)
         True
     """
-    batch, device = _batch(x0, x_t, sample, noise)
+    ref, sample = _loss_inputs(x0, x_t, sample, noise, generator)
+    teacher = _check_pair_options(
+        student, teacher, cond, uncond, student_cond, target, 1, guidance_scale, prediction_type, ref.shape[0]
+    )
+    _check_distance(distance)
     if sample is None:
         sample = milestone_pairs(
-            batch,
+            ref.shape[0],
             num_segments,
             skip,
             teacher.schedule.num_train_timesteps,
             on_grid=on_grid,
             generator=generator,
-            device=device,
+            device=ref.device,
         )
     return _noised_pair_loss(
         student,
@@ -519,6 +966,7 @@ def multistep_consistency_loss(
         None,
         target=target,
         parameterization="move",
+        teacher_steps=1,
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
@@ -552,6 +1000,46 @@ def inter_segment_consistency_loss(
 
     .. math:: \\mathcal L = \\lVert f_\\theta(\\hat z_{t_m}, t_m) - \\mathrm{sg}\\,f_\\theta(\\hat z_{t_n}, t_n) \\rVert^2 .
 
+    Args:
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+            prediction of ``x_t``'s shape in ``prediction_type``.
+        teacher: the frozen guided teacher; its schedule is the schedule of the loss.
+        x0: the student's own clean samples ``(B, ...)`` (detach them), re-noised here to ``sample.t``.
+        cond: conditioning kwargs of the teacher's conditional pass. Defaults to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        num_segments: number ``M`` of segments; it must divide the schedule's T (the milestones are
+            multiples of ``T / M``). Defaults to 8. Unused when ``sample`` is given.
+        teacher_steps: guided teacher DDIM steps ``p`` over one segment. Defaults to 3 (MLCM).
+        sample: the timesteps ``(t_m, t_n, t_n)``. Defaults to ``None``: milestones drawn with
+            :func:`~diffdistill.schedulers.milestone_pairs` (``skip = T / M``, ``on_grid=True``).
+        target: ``"online"`` (the default, as in MLCM), ``"teacher"``, or a callable such as an EMA copy.
+        distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
+            callable returning ``(B,)`` or a scalar.
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own.
+        student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond``.
+        prediction_type: what the student predicts. Defaults to ``None``: the schedule's.
+        noise: the noise for ``x0``, of ``x0``'s shape. Defaults to ``None``: drawn with ``generator``.
+        generator: the random source of the drawn ``sample`` and ``noise``. Defaults to ``None``: torch's
+            global generator.
+
+    Returns:
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with the student's graph; ``logs`` maps ``"loss"``, ``"t_mean"`` and
+        ``"target_norm"`` to detached 0-d tensors. For per-sample values use :func:`consistency_pair` and
+        ``compute_distance(..., reduction="none")``.
+
+    Raises:
+        DTypeError: ``x0`` / ``noise`` not a floating tensor, ``sample`` not a TimestepSample, a conditioning
+            argument not a mapping, ``generator`` not a torch.Generator, or a model failing on ``x0``'s dtype.
+        ShapeError: empty or 0-d ``x0``, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
+            conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x0``'s shape.
+        OptionError: ``num_segments`` not dividing T, ``teacher_steps`` < 1 or longer than a segment, an
+            unknown ``distance`` / ``target`` / ``prediction_type``, ``teacher`` not a TeacherSolver,
+            timesteps out of order or range.
+        NonFiniteError: NaN/Inf in ``x0``, ``noise`` or ``guidance_scale`` (value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
         >>> teacher = TeacherSolver(lambda x, t: 0.1 * x, NoiseSchedule.from_betas())
@@ -561,27 +1049,45 @@ def inter_segment_consistency_loss(
         >>> loss.requires_grad
         True
     """
-    check_tensor(x0, "x0")
+    ref, sample = _loss_inputs(x0, None, sample, noise, generator, ready_states=False)
+    teacher = _check_pair_options(
+        student,
+        teacher,
+        cond,
+        uncond,
+        student_cond,
+        target,
+        teacher_steps,
+        guidance_scale,
+        prediction_type,
+        ref.shape[0],
+    )
+    _check_distance(distance)
     total = teacher.schedule.num_train_timesteps
     if sample is None:
-        if not isinstance(num_segments, int) or num_segments < 1 or total % num_segments:
+        if (
+            isinstance(num_segments, bool)
+            or not isinstance(num_segments, int)
+            or num_segments < 1
+            or total % num_segments
+        ):
             raise OptionError(
                 f"Expected `num_segments` to divide the {total} training timesteps (the stage's grid has step "
                 f"T / num_segments), but got {num_segments!r}; pass a `sample` for other grids."
             )
         sample = milestone_pairs(
-            x0.shape[0],
+            ref.shape[0],
             num_segments,
             total // num_segments,
             total,
             on_grid=True,
             generator=generator,
-            device=x0.device,
+            device=ref.device,
         )
     return _noised_pair_loss(
         student,
         teacher,
-        x0,
+        ref,
         None,
         sample,
         cond,
@@ -629,6 +1135,47 @@ def progressive_distillation_loss(
     with CFG 6; later stages replace the MSE by the adversarial loss (build the pair with
     :func:`consistency_pair` and ``target=None``).
 
+    Args:
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+            prediction of ``x_t``'s shape in ``prediction_type``.
+        teacher: the frozen guided teacher; its schedule is the schedule of the loss.
+        x0: clean latents ``(B, ...)``, noised here to ``sample.t``.
+        cond: conditioning kwargs of the teacher's conditional pass. Defaults to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        num_student_steps: the student's number of sampling steps ``N`` of this stage (its trailing grid);
+            required. Unused when ``sample`` is given.
+        teacher_steps: teacher DDIM steps ``n`` per student jump (e.g. 4 for 128 → 32); required.
+        extra_timesteps: additional training timesteps (ints in ``[0, T-1]``) drawn besides the grid, e.g.
+            SDXL-Lightning's 999 for the terminal step. Defaults to ``None``: the grid only.
+        sample: the timesteps ``(t, t_prev, t_prev)``. Defaults to ``None``: drawn with
+            :func:`~diffdistill.schedulers.progressive_pairs` using ``generator``.
+        distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
+            callable returning ``(B,)`` or a scalar.
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own.
+        student_cond: kwargs of the student. Defaults to ``None``: ``cond``.
+        prediction_type: what the student predicts. Defaults to ``None``: the schedule's.
+        noise: the noise for ``x0``, of ``x0``'s shape. Defaults to ``None``: drawn with ``generator``.
+        generator: the random source of the drawn ``sample`` and ``noise``. Defaults to ``None``: torch's
+            global generator.
+
+    Returns:
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with the student's graph; ``logs`` maps ``"loss"``, ``"t_mean"`` and
+        ``"target_norm"`` to detached 0-d tensors. For per-sample values use :func:`consistency_pair` with
+        ``target=None, parameterization="move"`` and ``compute_distance(..., reduction="none")``.
+
+    Raises:
+        DTypeError: ``x0`` / ``noise`` not a floating tensor, ``sample`` not a TimestepSample, a conditioning
+            argument not a mapping, ``generator`` not a torch.Generator, or a model failing on ``x0``'s dtype.
+        ShapeError: empty or 0-d ``x0``, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
+            conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x0``'s shape.
+        OptionError: ``num_student_steps`` / ``teacher_steps`` < 1, ``teacher_steps`` longer than a student
+            jump, invalid ``extra_timesteps``, an unknown ``distance`` / ``prediction_type``, ``teacher`` not a
+            TeacherSolver, a ``sample`` with ``t_end != t_prev`` or out of order.
+        NonFiniteError: NaN/Inf in ``x0``, ``noise`` or ``guidance_scale`` (value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
         >>> teacher = TeacherSolver(lambda x, t: 0.1 * x, NoiseSchedule.from_betas())
@@ -638,20 +1185,33 @@ def progressive_distillation_loss(
         >>> loss.requires_grad
         True
     """
-    check_tensor(x0, "x0")
+    ref, sample = _loss_inputs(x0, None, sample, noise, generator, ready_states=False)
+    teacher = _check_pair_options(
+        student,
+        teacher,
+        cond,
+        uncond,
+        student_cond,
+        None,
+        teacher_steps,
+        guidance_scale,
+        prediction_type,
+        ref.shape[0],
+    )
+    _check_distance(distance)
     if sample is None:
         sample = progressive_pairs(
-            x0.shape[0],
+            ref.shape[0],
             num_student_steps,
             teacher.schedule.num_train_timesteps,
             extra_timesteps=extra_timesteps,
             generator=generator,
-            device=x0.device,
+            device=ref.device,
         )
     return _noised_pair_loss(
         student,
         teacher,
-        x0,
+        ref,
         None,
         sample,
         cond,
@@ -683,8 +1243,35 @@ def teacher_trajectory_states(
 
     MLCM's multistep denoising strategy: a state at :math:`t_m` in segment ``s`` (of ``M = num_segments``;
     segments as in :func:`~diffdistill.schedulers.milestone_pairs`, ``t_m + 1`` in
-    :math:`(m_s, m_{s+1}]`) is reached with :math:`L = M - s` guided DDIM steps of size :math:`(T - t_m)/L`, so states nearer the
-    data get more (cleaner) steps. Samples with ``t = T-1`` are the noise itself.
+    :math:`(m_s, m_{s+1}]`) is reached with :math:`L = M - s` guided DDIM steps of size :math:`(T - t_m)/L`,
+    so states nearer the data get more (cleaner) steps. Samples with ``t = T-1`` are the noise itself.
+    Runs without gradient; samples needing the same number of steps are solved as one batch.
+
+    Args:
+        teacher: the frozen guided teacher; its schedule gives T.
+        noise: pure noise at ``T-1``, shape ``(B, ...)``, floating (its dtype is the states' dtype).
+        t: the target timesteps, ints in ``[0, T-1]``: one per sample (``(B,)``) or one for all (a number,
+            ``()`` or ``(1,)``); e.g. ``sample.t`` of :func:`~diffdistill.schedulers.milestone_pairs`.
+        cond: conditioning kwargs of the teacher's conditional pass (tensors of batch ``B`` or 1). Defaults
+            to ``None``: no kwargs.
+        uncond: kwargs of the teacher's unconditional pass. Defaults to ``None``: allowed only with a no-op
+            guidance scale.
+        num_segments: number ``M`` of segments, as in the ``sample`` the states are for, in ``[1, T]``.
+            Defaults to 8 (MLCM).
+        guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
+            teacher's own.
+
+    Returns:
+        The states at ``t``: a tensor of ``noise``'s shape and dtype, without gradient.
+
+    Raises:
+        DTypeError: ``noise`` not a floating tensor, ``t`` not integral, a conditioning argument not a
+            mapping, or the teacher failing on ``noise``'s dtype.
+        ShapeError: ``noise`` empty or 0-d; ``t``, ``guidance_scale`` or a conditioning tensor not of batch
+            ``B`` (or 1).
+        OptionError: ``teacher`` not a TeacherSolver, ``t`` outside ``[0, T-1]``, ``num_segments`` not an
+            int in ``[1, T]``.
+        NonFiniteError: NaN/Inf in ``noise`` or ``guidance_scale`` (value check).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule, TeacherSolver
@@ -694,11 +1281,16 @@ def teacher_trajectory_states(
         >>> torch.equal(states[0], z[0]), states.shape
         (True, torch.Size([3, 4, 8, 8]))
     """
-    check_tensor(noise, "noise")
+    teacher = _check_teacher(teacher)
+    noise = _check_latents(noise, "noise")
+    batch = noise.shape[0]
     schedule = teacher.schedule
     total = schedule.num_train_timesteps
-    tt = schedule.batch_timesteps(t, noise, "t")
-    tt = tt.expand(noise.shape[0]) if tt.ndim == 0 else tt
+    num_segments = check_int(num_segments, "num_segments", minimum=1, maximum=total)
+    _check_cond(cond, "cond", batch)
+    _check_cond(uncond, "uncond", batch)
+    _check_guidance(guidance_scale, batch)
+    tt = schedule.batch_timesteps(t, noise, "t").expand(batch)
     if bool((tt < 0).any()):
         raise OptionError(f"Expected `t` >= 0 for trajectory states, but got {tt.tolist()}.")
     # Segment s holds u = t + 1 in (m_s, m_{s+1}], m_s = floor(sT/M): milestone_pairs' convention.
@@ -710,24 +1302,25 @@ def teacher_trajectory_states(
             idx = ((steps == n_steps) & (tt < total - 1)).nonzero().flatten()
             if idx.numel() == 0:
                 continue
-            sub_cond = _select(cond, idx, noise.shape[0])
-            sub_uncond = _select(uncond, idx, noise.shape[0])
+            sub_cond = _select(cond, idx, batch)
+            sub_uncond = _select(uncond, idx, batch)
             w = guidance_scale
-            if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] == noise.shape[0]:
-                w = w[idx]
+            if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] == batch:
+                w = w[idx.to(w.device)]
             span = int((total - 1 - tt[idx]).min())
-            result = cast(
-                torch.Tensor,
-                teacher.solve(
-                    noise[idx],
-                    torch.full_like(tt[idx], total - 1),
-                    tt[idx],
-                    sub_cond,
-                    sub_uncond,
-                    num_steps=min(int(n_steps), span),
-                    guidance_scale=w,
-                ),
-            )
+            with explain_dtype_errors("teacher", noise, "noise"):
+                result = cast(
+                    torch.Tensor,
+                    teacher.solve(
+                        noise[idx],
+                        torch.full_like(tt[idx], total - 1),
+                        tt[idx],
+                        sub_cond,
+                        sub_uncond,
+                        num_steps=min(int(n_steps), span),
+                        guidance_scale=w,
+                    ),
+                )
             out[idx] = result
     return out
 
@@ -764,6 +1357,34 @@ def x0_conversion_loss(
 
     The online copy learns to output the clean sample that the frozen (epsilon- or v-) model implies.
 
+    Args:
+        online: the trainable copy ``online(x_t, t, **cond)`` (``t`` int64 ``(B,)``), whose output is read
+            as the clean sample; it returns a tensor of ``x_t``'s shape.
+        frozen: the frozen original model, called the same way under ``no_grad``, predicting in
+            ``frozen_prediction_type``.
+        x_t: noisy latents ``(B, ...)`` at ``t``, floating.
+        t: their timesteps, ints in ``[0, T-1]``: one per sample (``(B,)``) or one for all.
+        cond: kwargs of both models (tensors of batch ``B`` or 1). Defaults to ``None``: no kwargs.
+        schedule: the noise schedule of ``frozen``; required.
+        frozen_prediction_type: what ``frozen`` predicts (``"epsilon"``, ``"v_prediction"``, ...). Defaults
+            to ``None``: the schedule's prediction type.
+        distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
+            callable returning ``(B,)`` or a scalar.
+
+    Returns:
+        ``(loss, logs)``: ``loss`` is a 0-d tensor, the batch mean of the per-sample distance (float32;
+        float64 for float64 inputs) with ``online``'s graph; ``logs`` maps ``"loss"`` and ``"target_norm"``
+        (RMS of the frozen model's clean-sample estimate) to detached 0-d tensors.
+
+    Raises:
+        DTypeError: ``x_t`` not a floating tensor, ``t`` not integral, ``cond`` not a mapping, a model
+            returning no floating tensor, or failing on ``x_t``'s dtype.
+        ShapeError: ``x_t`` empty or 0-d, ``t`` or a conditioning tensor not of batch ``B`` (or 1), a model's
+            output not of ``x_t``'s shape.
+        OptionError: ``online`` / ``frozen`` not callable, ``schedule`` not a NoiseSchedule, ``t`` outside
+            ``[0, T-1]``, an unknown ``frozen_prediction_type`` or ``distance``.
+        NonFiniteError: NaN/Inf in ``x_t`` (value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> sched = NoiseSchedule.from_betas()
@@ -773,11 +1394,25 @@ def x0_conversion_loss(
         >>> loss.requires_grad
         True
     """
-    check_tensor(x_t, "x_t")
-    tt = schedule.batch_timesteps(t, x_t)
-    tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 else tt
+    _check_model(online, "online")
+    _check_model(frozen, "frozen")
+    if not isinstance(schedule, NoiseSchedule):
+        raise OptionError(
+            f"Expected `schedule` to be a NoiseSchedule, but got {type(schedule).__name__}. Build one with "
+            "NoiseSchedule.from_scheduler(diffusers_scheduler)."
+        )
+    x_t = _check_latents(x_t, "x_t")
+    _check_cond(cond, "cond", x_t.shape[0])
+    _check_prediction_type(frozen_prediction_type, "frozen_prediction_type")
+    _check_distance(distance)
+    tt = schedule.batch_timesteps(t, x_t, "t").expand(x_t.shape[0])
+    if value_checks_enabled() and bool((tt < 0).any()):
+        raise OptionError(
+            f"Expected `t` >= 0 (the networks are evaluated at t; -1 is the clean end of the schedule), but got "
+            f"{tt.tolist()}."
+        )
     with torch.no_grad():
-        target = schedule.to_x0(_call(frozen, x_t, tt, cond), x_t, tt, frozen_prediction_type)
-    pred = _call(online, x_t, tt, cond)
-    loss = compute_distance(pred, target, distance)
+        target = schedule.to_x0(_call(frozen, x_t, tt, cond, "frozen"), x_t, tt, frozen_prediction_type)
+    pred = _call(online, x_t, tt, cond, "online")
+    loss = _compute_distance(pred, target, distance, input_name="online", target_name="target", finite=False)
     return loss, {"loss": loss.detach(), "target_norm": target.float().pow(2).mean().sqrt().detach()}

@@ -24,6 +24,7 @@ The numbers match the authors' ``JDTLoss`` (JDTLosses @ 68ce8ac) to float64 roun
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -35,11 +36,14 @@ from .._checks import (
     DTypeError,
     OptionError,
     ShapeError,
+    check_bool,
     check_dtype_floating,
     check_finite,
+    check_nonempty,
     check_option,
-    check_positive,
+    check_optional_int,
     check_probability,
+    check_real,
     check_tensor,
     value_checks_enabled,
 )
@@ -57,6 +61,53 @@ _REDUCTIONS = ("mean", "none")
 
 def _fmt(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _check_classes(classes: Any) -> tuple[int, ...] | None:
+    """``classes`` as a tuple of ints (None stays None); the range is checked once C is known."""
+    if classes is None:
+        return None
+    if isinstance(classes, torch.Tensor):
+        if (
+            classes.is_floating_point()
+            or classes.is_complex()
+            or classes.dtype == torch.bool
+            or classes.ndim != 1
+        ):
+            raise OptionError(
+                f"Expected `classes` to be a non-empty list of channel indices (ints), but got a tensor of shape "
+                f"{_fmt(classes.shape)} and dtype {classes.dtype}."
+            )
+        items: list[Any] = classes.tolist()
+    else:
+        try:
+            if isinstance(classes, (str, bytes)):
+                raise TypeError(type(classes).__name__)
+            items = list(classes)
+        except TypeError as err:
+            raise OptionError(
+                f"Expected `classes` to be a non-empty list of channel indices (ints), but got "
+                f"{type(classes).__name__} {classes!r}."
+            ) from err
+    if not items or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in items):
+        raise OptionError(
+            f"Expected `classes` to be a non-empty list of channel indices (ints), but got {items!r}."
+        )
+    return tuple(int(c) for c in items)
+
+
+def _class_weights_tensor(class_weights: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``class_weights`` as a real tensor; :class:`DTypeError` for what is not a sequence of numbers."""
+    try:
+        weights = torch.as_tensor(class_weights, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DTypeError(
+            f"Expected `class_weights` to be a sequence or tensor of C numbers, but got "
+            f"{type(class_weights).__name__} {class_weights!r} ({err})."
+        ) from err
+    if weights.dtype == torch.bool or weights.is_complex():
+        raise DTypeError(f"Expected `class_weights` to hold real numbers, but got dtype {weights.dtype}.")
+    return weights
 
 
 def _aggregate_weights(aggregate: str | Mapping[str, float]) -> tuple[float, float, float]:
@@ -102,27 +153,23 @@ def _validate_options(
 ) -> tuple[float, float, float]:
     """Check every option that does not depend on the tensors; return the aggregate weights."""
     check_option(mode, "mode", _MODES)
-    for name, value in (("from_logits", from_logits), ("log_loss", log_loss)):
-        if not isinstance(value, bool):
-            raise DTypeError(f"Expected `{name}` to be a bool, but got {type(value).__name__} {value!r}.")
-    check_positive(temperature, "temperature")
+    check_bool(from_logits, "from_logits")
+    check_bool(log_loss, "log_loss")
+    check_real(temperature, "temperature", low=0, strict=True, allow_tensor=True)
     if not from_logits and temperature != 1.0:
         raise OptionError(
             f"`temperature` only divides logits, but got temperature={temperature!r} with from_logits=False. "
             "Pass logits with from_logits=True, or leave temperature at 1.0."
         )
-    check_positive(alpha, "alpha", strict=False)
-    check_positive(beta, "beta", strict=False)
-    check_positive(gamma, "gamma")
-    check_positive(smooth, "smooth", strict=False)
+    check_real(alpha, "alpha", low=0, allow_tensor=True)
+    check_real(beta, "beta", low=0, allow_tensor=True)
+    check_real(gamma, "gamma", low=0, strict=True, allow_tensor=True)
+    check_real(smooth, "smooth", low=0, allow_tensor=True)
     check_option(norm, "norm", (1, 2))
     weights = _aggregate_weights(aggregate)
     check_option(active_classes, "active_classes", _ACTIVE)
-    check_probability(threshold, "threshold")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
-        raise DTypeError(
-            f"Expected `ignore_index` to be an int or None, but got {type(ignore_index).__name__} {ignore_index!r}."
-        )
+    check_probability(check_real(threshold, "threshold", allow_tensor=True), "threshold")
+    check_optional_int(ignore_index, "ignore_index")
     check_option(reduction, "reduction", _REDUCTIONS)
     if reduction == "none" and sum(w > 0 for w in weights) > 1:
         raise OptionError(
@@ -375,7 +422,7 @@ def dice_semimetric_loss(
     Computation runs in at least float32 (half/bfloat16 inputs are upcast, float64 stays float64,
     autocast is disabled inside); the result has that dtype. Value checks (label range, NaN/Inf, soft
     targets in [0, 1] summing to 1) run unless disabled with
-    :func:`diffdistill._checks.set_value_checks` and are skipped under ``torch.compile``. With hard
+    :func:`diffdistill.errors.set_value_checks` and are skipped under ``torch.compile``. With hard
     labels and the L1 norm the gradient comes from a fused softmax/gather pass, not a one-hot tensor
     (first-order gradients only: a double backward through that path raises).
 
@@ -384,49 +431,62 @@ def dice_semimetric_loss(
         Optimizing the Dice Score with Soft Labels", MICCAI 2023, arXiv:2303.16296.
 
     Args:
-        input: logits (``from_logits=True``) or probabilities in [0, 1], shape (B, C, \*spatial).
-        target: hard labels of any integer dtype, or float soft labels in [0, 1]. ``"multiclass"``:
-            class indices (B, \*spatial) or probabilities (B, C, \*spatial) summing to 1 over C.
-            ``"multilabel"``: (B, C, \*spatial), 0/1 integers or floats. ``"binary"``: (B, \*spatial) or
-            (B, 1, \*spatial), 0/1 integers or floats.
-        mask: optional bool (B, \*spatial); False pixels are ignored (prediction and label zeroed).
-            Works with soft labels; combined (logical and) with ``ignore_index``.
-        mode: ``"multiclass"`` (softmax over dim 1), ``"multilabel"`` (sigmoid per channel) or
+        input: logits (``from_logits=True``) or probabilities in [0, 1], shape (B, C, \*spatial), floating,
+            non-empty (B, C and every spatial size >= 1).
+        target: hard labels of any integer (or bool) dtype, or float soft labels in [0, 1].
+            ``"multiclass"``: class indices (B, \*spatial) or probabilities (B, C, \*spatial) summing to 1
+            over C. ``"multilabel"``: (B, C, \*spatial), 0/1 integers or floats. ``"binary"``:
+            (B, \*spatial) or (B, 1, \*spatial), 0/1 integers or floats.
+        mask: bool (B, \*spatial); False pixels are ignored (prediction and label zeroed). Works with soft
+            labels; combined (logical and) with ``ignore_index``. Defaults to ``None``: every pixel counts.
+        mode: ``"multiclass"`` (softmax over dim 1; the default), ``"multilabel"`` (sigmoid per channel) or
             ``"binary"`` (one channel, sigmoid).
-        from_logits: apply the softmax/sigmoid; False takes ``input`` as probabilities.
+        from_logits: apply the softmax/sigmoid (the default, ``True``); ``False`` takes ``input`` as
+            probabilities.
         temperature: logits are divided by it first (knowledge distillation); needs ``from_logits``.
-        alpha: weight of FP (0.5 Dice, 1 Jaccard).
-        beta: weight of FN (0.5 Dice, 1 Jaccard).
-        gamma: each per-class loss is raised to ``gamma`` (focal-like for ``gamma > 1``).
-        smooth: added to numerator and denominator of the ratio (official default 1e-3).
-        norm: 1 (semimetric L1 form) or 2 (squared-L2 / V-Net form).
-        log_loss: use ``-log(T)`` instead of ``1 - T``.
-        aggregate: ``"batch"``, ``"image"``, ``"class"`` or a mapping of those names to weights.
+            Defaults to 1 (no scaling).
+        alpha: weight of FP. Defaults to 0.5 (Dice; 1 gives Jaccard).
+        beta: weight of FN. Defaults to 0.5 (Dice; 1 gives Jaccard).
+        gamma: each per-class loss is raised to ``gamma`` (focal-like for ``gamma > 1``). Defaults to 1.
+        smooth: added to numerator and denominator of the ratio. Defaults to 1e-3 (the official default).
+        norm: 1 (semimetric L1 form; the default) or 2 (squared-L2 / V-Net form).
+        log_loss: use ``-log(T)`` instead of ``1 - T``. Defaults to ``False``.
+        aggregate: ``"batch"`` (the default), ``"image"``, ``"class"`` or a mapping of those names to
+            weights.
         active_classes: ``"present"`` (classes whose label exceeds ``threshold`` somewhere in the kept
-            pixels of the batch, or of the image for the image/class terms) or ``"all"``; None picks
-            ``"present"`` for hard and ``"all"`` for soft labels, as the official code does.
-        threshold: presence threshold on the label value.
+            pixels of the batch, or of the image for the image/class terms) or ``"all"``. Defaults to
+            ``None``: ``"present"`` for hard and ``"all"`` for soft labels, as the official code does.
+        threshold: presence threshold on the label value, in [0, 1]. Defaults to 0.01.
         ignore_index: hard-label value to ignore (multiclass/binary: the pixel; multilabel: the
-            element). Not used with soft labels; pass ``mask`` instead.
-        class_weights: length-C weights multiplying each per-class loss before the plain mean over
-            active classes (the official semantics: not normalised by their sum).
-        classes: channel indices to average over (others are never active), e.g. ``range(1, C)``
-            to leave out the background.
-        reduction: ``"mean"`` (a 0-dim tensor) or ``"none"``: per-class losses, NaN where a class is
-            not active, of shape (C,) for ``aggregate="batch"`` and (B, C) for ``"image"``/``"class"``
+            element). Not used with soft labels; pass ``mask`` instead. Defaults to ``None``: none ignored.
+        class_weights: length-C non-negative weights multiplying each per-class loss before the plain mean
+            over active classes (the official semantics: not normalised by their sum). Defaults to ``None``:
+            all 1.
+        classes: channel indices (ints in ``[0, C)``) to average over (others are never active), e.g.
+            ``range(1, C)`` to leave out the background. Defaults to ``None``: every channel.
+        reduction: ``"mean"`` (the default; a 0-dim tensor) or ``"none"``: per-class losses, NaN where a class
+            is not active, of shape (C,) for ``aggregate="batch"`` and (B, C) for ``"image"``/``"class"``
             (then ``"mean"`` equals ``nanmean`` of the result for ``"batch"``, and the row/column
             ``nanmean`` averaged for ``"image"``/``"class"``).
 
     Returns:
-        The loss: 0-dim, or per-class as described under ``reduction``.
+        The loss in at least float32 (float64 for float64 ``input``): 0-dim for ``reduction="mean"``;
+        for ``reduction="none"`` the per-class losses, shape (C,) with ``aggregate="batch"`` and (B, C) with
+        ``"image"`` / ``"class"``, NaN where a class is not active.
 
     Raises:
-        ShapeError: shapes of ``input``, ``target`` or ``mask`` do not fit (both shapes are named).
-        DTypeError: ``input`` not floating point, ``mask`` not bool, ``target`` complex, or a
-            non-bool ``from_logits``/``log_loss`` or non-int ``ignore_index``.
-        OptionError: an option outside its allowed values.
-        ValueError: a label outside ``[0, C)`` that is not ``ignore_index``, NaN/Inf input, or soft
-            targets outside [0, 1] / not summing to 1 (value checks).
+        ShapeError: ``input`` not (B, C, \*spatial) or empty (an empty batch, class or spatial dimension),
+            or shapes of ``input``, ``target``, ``mask`` or ``class_weights`` that do not fit (both shapes
+            are named).
+        DTypeError: ``input`` / ``target`` / ``mask`` not tensors, ``input`` not floating point, ``mask``
+            not bool, ``target`` complex, ``class_weights`` not numbers, a numeric option that is not a
+            number, a non-bool ``from_logits`` / ``log_loss`` or a non-int ``ignore_index``.
+        OptionError: an option outside its allowed values (including NaN / Inf), or ``classes`` that are
+            not ints in ``[0, C)``.
+        NonFiniteError: NaN/Inf in ``input`` (value check).
+        ValueError: a label outside ``[0, C)`` that is not ``ignore_index``, probabilities outside [0, 1]
+            with ``from_logits=False``, soft targets outside [0, 1] / not summing to 1, or negative /
+            non-finite ``class_weights`` (value checks).
 
     Example:
         >>> from diffdistill.losses import dice_semimetric_loss
@@ -466,6 +526,9 @@ def dice_semimetric_loss(
             expected="(B, C, *spatial)",
             actual=tuple(input.shape),
         )
+    # An empty batch, class or spatial dimension has no Dice score: the mean would be NaN or a silent 0.
+    check_nonempty(input, "input")
+    check_nonempty(target, "target")
     if target.dtype.is_complex:
         raise DTypeError(
             f"Expected `target` to be an integer or real floating tensor, but got {target.dtype}."
@@ -535,7 +598,7 @@ def dice_semimetric_loss(
     # --- class-level options that need C ---------------------------------------------------------------
     weights_t: torch.Tensor | None = None
     if class_weights is not None:
-        weights_t = torch.as_tensor(class_weights)
+        weights_t = _class_weights_tensor(class_weights)
         if weights_t.ndim != 1 or weights_t.shape[0] != num_classes:
             raise ShapeError(
                 f"Expected `class_weights` of length C = {num_classes} (from `input` {_fmt(input.shape)}), "
@@ -550,15 +613,15 @@ def dice_semimetric_loss(
                 "a non-negative weight (a weight of 0 zeroes that class's term)."
             )
     selected: torch.Tensor | None = None
-    if classes is not None:
-        class_list = [int(c) for c in classes]
-        if not class_list or any(c < 0 or c >= num_classes for c in class_list):
+    class_list = _check_classes(classes)
+    if class_list is not None:
+        if any(c < 0 or c >= num_classes for c in class_list):
             raise OptionError(
                 f"Expected `classes` to be a non-empty list of channel indices in [0, {num_classes}), "
-                f"but got {list(classes)!r}."
+                f"but got {list(class_list)!r}."
             )
         selected = torch.zeros(num_classes, dtype=torch.bool, device=input.device)
-        selected[class_list] = True
+        selected[list(class_list)] = True
     use_present = (active_classes or ("present" if hard else "all")) == "present"
 
     if value_checks_enabled():
@@ -695,6 +758,35 @@ class DiceSemimetricLoss(nn.Module):
         - mask: optional bool (B, \*spatial).
         - output: 0-dim, or (C,) / (B, C) with ``reduction="none"``.
 
+    Args:
+        mode: ``"multiclass"`` (softmax over dim 1; the default), ``"multilabel"`` or ``"binary"`` (sigmoid).
+        from_logits: apply the softmax/sigmoid (the default, ``True``); ``False`` takes probabilities.
+        temperature: logits are divided by it first; needs ``from_logits``. Defaults to 1.
+        alpha: weight of FP. Defaults to 0.5 (Dice; 1 gives Jaccard).
+        beta: weight of FN. Defaults to 0.5 (Dice; 1 gives Jaccard).
+        gamma: exponent of each per-class loss. Defaults to 1.
+        smooth: added to numerator and denominator of the ratio. Defaults to 1e-3.
+        norm: 1 (L1 semimetric form; the default) or 2 (squared-L2 / V-Net form).
+        log_loss: use ``-log(T)`` instead of ``1 - T``. Defaults to ``False``.
+        aggregate: ``"batch"`` (the default), ``"image"``, ``"class"`` or a mapping of those names to
+            weights.
+        active_classes: ``"present"`` or ``"all"``. Defaults to ``None``: ``"present"`` for hard and
+            ``"all"`` for soft labels.
+        threshold: presence threshold on the label value, in [0, 1]. Defaults to 0.01.
+        ignore_index: hard-label value to ignore. Defaults to ``None``: none ignored.
+        class_weights: length-C non-negative weights of the per-class losses, stored as a buffer. Defaults
+            to ``None``: all 1.
+        classes: channel indices to average over. Defaults to ``None``: every channel.
+        reduction: ``"mean"`` (the default) or ``"none"`` (per-class losses).
+
+    Raises:
+        OptionError: an option outside its allowed values (checked here, at construction), or ``classes``
+            that are not ints.
+        DTypeError: a numeric option that is not a number, ``class_weights`` not numbers, a non-bool
+            ``from_logits`` / ``log_loss`` or a non-int ``ignore_index``.
+        ShapeError: ``class_weights`` not one-dimensional. The tensors are checked by :meth:`forward` (see
+            :func:`dice_semimetric_loss`).
+
     Example:
         >>> from diffdistill.losses import DiceSemimetricLoss
         >>> criterion = DiceSemimetricLoss(aggregate={"batch": 0.5, "image": 0.5}, class_weights=[0.5, 1.0, 1.0])
@@ -759,11 +851,11 @@ class DiceSemimetricLoss(nn.Module):
         self.active_classes = active_classes
         self.threshold = threshold
         self.ignore_index = ignore_index
-        self.classes = None if classes is None else tuple(int(c) for c in classes)
+        self.classes = _check_classes(classes)
         self.reduction = reduction
         weights = None
         if class_weights is not None:
-            weights = torch.as_tensor(class_weights, dtype=torch.get_default_dtype()).detach().clone()
+            weights = _class_weights_tensor(class_weights, torch.get_default_dtype()).detach().clone()
             if weights.ndim != 1:
                 raise ShapeError(
                     f"Expected `class_weights` to be one-dimensional (length C), but got shape "
@@ -777,7 +869,24 @@ class DiceSemimetricLoss(nn.Module):
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Compute the loss; see :func:`dice_semimetric_loss`."""
+        r"""Compute the loss with the stored options; see :func:`dice_semimetric_loss`.
+
+        Args:
+            input: logits or probabilities, shape (B, C, \*spatial), floating, non-empty.
+            target: integer labels (B, \*spatial) (or (B, C, \*spatial) / (B, 1, \*spatial) in the sigmoid
+                modes) or float soft labels (B, C, \*spatial).
+            mask: bool (B, \*spatial); False pixels are ignored. Defaults to ``None``: every pixel counts.
+
+        Returns:
+            The loss: 0-dim, or (C,) / (B, C) per-class losses with ``reduction="none"``.
+
+        Raises:
+            ShapeError: empty or mismatched shapes of ``input``, ``target``, ``mask`` or the class weights.
+            DTypeError: ``input`` not floating, ``mask`` not bool, ``target`` complex.
+            OptionError: ``classes`` outside ``[0, C)``.
+            NonFiniteError: NaN/Inf in ``input`` (value check).
+            ValueError: labels or soft targets outside their range (value checks).
+        """
         return dice_semimetric_loss(
             input,
             target,

@@ -20,38 +20,52 @@ augmentation), which the paper shows is needed for the loss to converge as a reg
 
 The official ``elatentlpips`` checkpoints load unchanged (``load_state_dict(sd, strict=True)``), and
 ``python -m diffdistill.losses.lpips convert CHECKPOINT OUT.safetensors`` converts them. Nothing is
-downloaded unless :func:`download_weights` is called with a URL.
+downloaded unless :func:`download_weights` is called with a URL (:data:`RELEASED_WEIGHTS_URL` names the
+released calibrated checkpoints). Built without ``weights``, a loss warns once per call site that it runs
+on a random trunk; ``weights=None`` chooses that random trunk explicitly, without a warning.
+
+Dtypes: the trunk runs in the dtype of its parameters (inputs are cast to it, or the caller's autocast
+picks), and everything after it (normalisation, heads, averages, the L1 term) in at least float32 and at
+least the precision of the inputs and the network, so float64 inputs into the default float32 network give
+a float64 loss (whose trunk part has float32 precision: call ``.double()`` on the module for float64
+throughout) and bf16 inputs give a float32 loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
+import numbers
+import operator
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import (
+    DTypeError,
     OptionError,
     ShapeError,
-    check_dtype_floating,
-    check_ndim,
+    check_finite,
+    check_float_input,
     check_option,
     check_positive,
     check_same_shape,
-    check_tensor,
 )
-from .latent_augment import LatentAugment, augment_ops, sym6_filter
+from .latent_augment import LatentAugment, _check_generator, _check_real, augment_ops, sym6_filter
 
 __all__ = [
     "LATENT_SPECS",
+    "RELEASED_WEIGHTS_URL",
     "ELatentLPIPS",
     "LatentLPIPS",
     "LatentVGG16BN",
@@ -79,6 +93,49 @@ _TAP_CHANNELS = (64, 128, 256, 512, 512)
 _SLICE_BOUNDS = (0, 7, 14, 24, 34, 44)
 _VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")  # fmt: skip
 _NORM_EPS = 1e-8
+
+#: The released calibrated E-LatentLPIPS checkpoints (Kang et al.), by latent name (``sd15``, ``sd21``,
+#: ``sdxl``, ``sd3``, ``flux``): ``download_weights(RELEASED_WEIGHTS_URL.format(latent="sdxl"))`` fetches one
+#: (nothing is downloaded otherwise), and its path is what ``weights=`` takes.
+RELEASED_WEIGHTS_URL = "https://huggingface.co/Mingguksky/elatentlpips/resolve/main/elatentlpips_ckpt/{latent}_latest_vgg16_tuned.pth"
+
+
+class _Weights(enum.Enum):
+    """Sentinel of a ``weights`` argument the caller did not pass (``None`` is an explicit choice)."""
+
+    NOT_GIVEN = "not given"
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _Weights.NOT_GIVEN
+
+
+def _warn_random_weights(cls_name: str, latent: str | int) -> None:
+    """Warn (once per call site, Python's default filter) that a loss was built on a random trunk."""
+    if isinstance(latent, str):
+        how = (
+            "Load the released calibrated weights with weights=diffdistill.losses.download_weights("
+            f"{RELEASED_WEIGHTS_URL.format(latent=latent)!r}) (downloads once) or weights=PATH (an official, "
+            "converted or save_pretrained checkpoint)"
+        )
+    else:
+        how = (
+            f"No weights are released for a {latent}-channel latent: train them with "
+            "examples/train_latent_lpips.py and pass weights=PATH"
+        )
+    # Point the warning at the caller's line: skip the frames of this file (subclass __init__s included).
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(
+        f"{cls_name}(latent={latent!r}) was built without `weights`, so it runs on a randomly initialised "
+        f"latent VGG16-BN trunk with unit heads: an uncalibrated distance, not the paper's LatentLPIPS. {how}, "
+        "or pass weights=None to choose the random trunk explicitly and silence this warning.",
+        UserWarning,
+        stacklevel=level,
+    )
 
 
 def _resolve_latent(latent: str | int) -> tuple[str | int, int, float | None, float | None]:
@@ -125,7 +182,10 @@ class LatentVGG16BN(nn.Module):
     of the latent size), exactly as in the reference.
 
     Args:
-        in_channels: latent channels of the first convolution.
+        in_channels: latent channels of the first convolution, an int >= 1.
+
+    Raises:
+        OptionError: if ``in_channels`` is not an int >= 1.
 
     Shapes:
         input ``(B, C, H, W)`` with ``H, W >= 4``; outputs ``(B, 64, H, W)``, ``(B, 128, H, W)``,
@@ -139,7 +199,9 @@ class LatentVGG16BN(nn.Module):
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
-        self.in_channels = int(in_channels)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
+            raise OptionError(f"Expected `in_channels` to be an int >= 1, but got {in_channels!r}.")
+        self.in_channels: int = operator.index(in_channels)
         layers = _latent_vgg16_bn_features(self.in_channels)
         for k in range(5):
             lo, hi = _SLICE_BOUNDS[k], _SLICE_BOUNDS[k + 1]
@@ -148,6 +210,19 @@ class LatentVGG16BN(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five tapped feature maps of ``x``.
+
+        Args:
+            x: ``(B, in_channels, H, W)`` latents with ``H, W >= 4``, in the trunk's dtype (or under autocast).
+
+        Returns:
+            The relu1_2 … relu5_3 maps, shapes as in the class docstring.
+
+        Raises:
+            DTypeError: if ``x`` is not a floating tensor.
+            ShapeError: if ``x`` is not ``(B, in_channels, H, W)``, has an empty batch or is smaller than 4×4.
+        """
+        _check_latents(x, "x", self.in_channels, f"in_channels={self.in_channels}")
         feats = []
         for k in range(5):
             x = getattr(self, f"slice{k + 1}")(x)
@@ -156,7 +231,12 @@ class LatentVGG16BN(nn.Module):
 
 
 class _LinearHead(nn.Module):
-    """1×1 non-bias projection of a squared feature difference to one channel (LPIPS ``w_l``)."""
+    """1×1 non-bias projection of a squared feature difference to one channel (LPIPS ``w_l``).
+
+    Args:
+        channels: channels of the feature map it projects.
+        dropout: dropout probability before the projection (active only in training mode, never here).
+    """
 
     def __init__(self, channels: int, dropout: float = 0.5) -> None:
         super().__init__()
@@ -167,6 +247,27 @@ class _LinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def _check_latents(x: Any, name: str, channels: int, what: str) -> None:
+    """Static checks of a latent batch: a non-empty floating ``(B, channels, H >= 4, W >= 4)`` tensor."""
+    check_float_input(x, name, ndim=4, layout="(B, C, H, W)", finite=False)
+    if x.shape[1] != channels:
+        raise ShapeError(
+            f"Expected `{name}` to have {channels} channels for {what}, i.e. shape "
+            f"(B, {channels}, H, W), but got shape {tuple(x.shape)}. Pass the latent of the "
+            f"matching VAE (4 channels: 'sd15', 'sd21', 'sdxl'; 16: 'sd3', 'flux') or an int.",
+            name=name,
+            expected=channels,
+            actual=tuple(x.shape),
+        )
+    if x.shape[2] < 4 or x.shape[3] < 4:
+        raise ShapeError(
+            f"Expected `{name}` to be at least 4×4 (the trunk pools twice), but got shape {tuple(x.shape)}.",
+            name=name,
+            expected=(4, 4),
+            actual=tuple(x.shape),
+        )
 
 
 def _unit_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +282,17 @@ def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
     return value
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """At least float32 and at least as precise as each of ``dtypes`` (inputs, network parameters)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    p = next(iter(module.parameters()), None)
+    return p.dtype if p is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,8 +311,30 @@ def _trunk_key(key: str) -> str | None:
     return None
 
 
+def _check_path(path: Any, name: str) -> Path:
+    """A ``str`` / ``os.PathLike`` naming an existing file (:class:`DTypeError` / ``FileNotFoundError``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        hint = (
+            " To load a state dict you hold in memory, call module.load_state_dict(state_dict)."
+            if isinstance(path, Mapping)
+            else ""
+        )
+        raise DTypeError(
+            f"Expected `{name}` to be a file path (str or os.PathLike), but got {type(path).__name__}.{hint}"
+        )
+    out = Path(path)
+    if not out.is_file():
+        raise FileNotFoundError(
+            f"`{name}` names no file: {str(out)!r}. Pass the path of a LatentLPIPS checkpoint (official "
+            "`*_latest_vgg16_tuned.pth` / `*_latent_vgg16.pth.tar`, or a safetensors file from save_pretrained "
+            "or the convert command); download_weights(RELEASED_WEIGHTS_URL.format(latent=...)) fetches the "
+            "released ones."
+        )
+    return out
+
+
 def load_latent_lpips_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Read a LatentLPIPS checkpoint into our key layout; return ``(state_dict, has_heads)``.
+    """Read a LatentLPIPS checkpoint into our key layout.
 
     Accepts a safetensors file written by :meth:`LatentLPIPS.save_pretrained` or the ``convert``
     command, the official calibrated checkpoint ``*_latest_vgg16_tuned.pth`` (a full state dict; its
@@ -211,16 +343,29 @@ def load_latent_lpips_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str
     classifier is dropped and ``has_heads`` is ``False``). Pickles are read with
     ``torch.load(weights_only=True)``.
 
+    Args:
+        path: the checkpoint file (``.safetensors``, or a pickle ``.pth`` / ``.pth.tar``).
+
+    Returns:
+        ``(state_dict, has_heads)``: the tensors under our key names, and whether the checkpoint holds the
+        calibrated heads (``lin0`` … ``lin4``) besides the trunk.
+
+    Raises:
+        DTypeError: if ``path`` is not a ``str`` / ``os.PathLike``.
+        FileNotFoundError: if ``path`` names no file.
+        ValueError: if the file cannot be read with ``weights_only=True``, holds no state dict, or is a
+            trunk checkpoint without latent VGG16-BN keys.
+
     Example:
         >>> import tempfile, os
-        >>> m = LatentLPIPS("sdxl")
+        >>> m = LatentLPIPS("sdxl", weights=None)
         >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
         >>> m.save_pretrained(path)
         >>> sd, has_heads = load_latent_lpips_state_dict(path)
         >>> has_heads, sd["net.slice1.0.weight"].shape[1]
         (True, 4)
     """
-    path = Path(path)
+    path = _check_path(path, "path")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -260,19 +405,42 @@ def load_latent_lpips_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str
 def download_weights(
     url: str, path: str | os.PathLike[str] | None = None, *, hash_prefix: str | None = None
 ) -> Path:
-    """Download ``url`` to ``path`` (default: ``torch.hub.get_dir()/diffdistill/<file name>``).
+    """Download ``url`` to ``path``, or reuse the file already there.
 
-    The only function of this module that touches the network, and only when called. An existing
-    file is reused. Pass the result as ``weights=`` to :class:`LatentLPIPS`.
+    The only function of this module that touches the network, and only when called. Pass the result
+    as ``weights=`` to :class:`LatentLPIPS`; :data:`RELEASED_WEIGHTS_URL` names the released checkpoints.
+
+    Args:
+        url: the address of the file (``https://…``, or ``file://…`` for a local copy).
+        path: where to store it; ``None`` is ``torch.hub.get_dir()/diffdistill/<file name of url>``.
+        hash_prefix: if given, the start of the file's SHA-256 hex digest, checked after the download.
+
+    Returns:
+        The path of the file.
+
+    Raises:
+        DTypeError: if ``url`` is not a string or ``path`` not a ``str`` / ``os.PathLike``.
+        OptionError: if ``url`` is empty.
+        RuntimeError: from ``torch.hub``, if the download fails or the hash does not match.
 
     Example:
         >>> import tempfile, os
         >>> src = os.path.join(tempfile.mkdtemp(), "w.safetensors")
-        >>> LatentLPIPS(4).save_pretrained(src)
+        >>> LatentLPIPS(4, weights=None).save_pretrained(src)
         >>> dst = download_weights("file://" + src, os.path.join(tempfile.mkdtemp(), "copy.safetensors"))
         >>> dst.exists()
         True
     """
+    if not isinstance(url, str):
+        raise DTypeError(f"Expected `url` to be a string, but got {type(url).__name__}.")
+    if not url.strip():
+        raise OptionError(
+            "Expected `url` to be a non-empty address, e.g. RELEASED_WEIGHTS_URL.format(latent='sdxl')."
+        )
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise DTypeError(
+            f"Expected `path` to be a file path (str or os.PathLike) or None, but got {type(path).__name__}."
+        )
     if path is None:
         path = Path(torch.hub.get_dir()) / "diffdistill" / url.rstrip("/").split("/")[-1].split("?")[0]
     path = Path(path)
@@ -297,26 +465,42 @@ class LatentLPIPS(nn.Module):
 
     with unit-normalised trunk features :math:`\hat\phi_l` and learned 1×1 heads :math:`w_l`. The
     trunk and heads are frozen (eval mode, ``requires_grad=False``); gradients flow to the inputs.
-    The distance is computed in at least float32 (the trunk may run under the caller's autocast; the
-    normalisation, heads and averages do not), so half-precision inputs give a float32 loss and
-    float64 inputs (with a ``.double()`` module) stay float64.
+
+    Precision: inputs are cast to the trunk's dtype (its parameters' dtype; the caller's autocast, if
+    any, then picks the convolution dtype); the normalisation, heads, averages and the L1 term run
+    outside autocast in at least float32 and at least the precision of the inputs and of the network.
+    So bf16 inputs give a float32 loss, float64 inputs into the default float32 network give a float64
+    loss with a float32 trunk (call ``.double()`` for float64 throughout, as ``gradcheck`` needs), and a
+    ``.bfloat16()`` network accepts float32 inputs.
 
     Args:
         latent: ``"sd15"``, ``"sd21"``, ``"sdxl"``, ``"sd3"``, ``"flux"`` (4 or 16 channels and the
             VAE's scale/shift for ``normalize=True``) or an int number of channels.
-        weights: a checkpoint path (see :func:`load_latent_lpips_state_dict`); ``None`` keeps a
-            random trunk and heads equal to 1 (the uncalibrated LPIPS baseline).
-        l1_weight: weight :math:`\lambda_1` of the L1 term; 0 turns it off.
+        weights: a checkpoint path (see :func:`load_latent_lpips_state_dict`; the released ones are
+            fetched with ``download_weights(RELEASED_WEIGHTS_URL.format(latent=...))``). ``None`` chooses
+            a random trunk with heads equal to 1 (the uncalibrated LPIPS baseline) explicitly; left out,
+            it is the same random trunk plus a ``UserWarning`` (once per call site) that says how to
+            load the released weights.
+        l1_weight: weight :math:`\lambda_1` (a finite number >= 0) of the L1 term; 0 turns it off.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per-sample values, shape ``(B,)``).
+
+    Raises:
+        OptionError: on an unknown ``latent`` or ``reduction``, a channel count < 1, or a negative,
+            NaN or infinite ``l1_weight``.
+        DTypeError: if ``l1_weight`` is not a number or ``weights`` not a path.
+        FileNotFoundError: if ``weights`` names no file.
+        ShapeError: if the checkpoint's tensors have other shapes (e.g. another channel count).
+        ValueError: if the checkpoint cannot be read or lacks or adds keys.
 
     Shapes:
         ``input``, ``target``: ``(B, C, H, W)`` with ``H, W >= 4``. Output: scalar, or ``(B,)`` for
         ``reduction="none"``; ``spatial=True`` returns the per-pixel map ``(B, 1, H, W)``.
 
     Example:
-        >>> loss_fn = LatentLPIPS("sdxl")
+        >>> loss_fn = LatentLPIPS("sdxl", weights=None)  # random trunk, chosen explicitly
         >>> x, y = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-        >>> loss_fn(x, y).shape, LatentLPIPS("sd3", reduction="none")(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)).shape
+        >>> sd3 = LatentLPIPS("sd3", weights=None, reduction="none")
+        >>> loss_fn(x, y).shape, sd3(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)).shape
         (torch.Size([]), torch.Size([2]))
         >>> float(loss_fn(x, x))
         0.0
@@ -325,27 +509,38 @@ class LatentLPIPS(nn.Module):
     def __init__(
         self,
         latent: str | int = "sdxl",
-        weights: str | os.PathLike[str] | None = None,
+        weights: str | os.PathLike[str] | Literal[_Weights.NOT_GIVEN] | None = _NOT_GIVEN,
         l1_weight: float = 1.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__()
         check_option(reduction, "reduction", _REDUCTIONS)
-        check_positive(l1_weight, "l1_weight", strict=False)
+        self.l1_weight = _check_real(l1_weight, "l1_weight", low=0.0)
         self.latent, self.in_channels, self._scale, self._shift = _resolve_latent(latent)
-        self.l1_weight = float(l1_weight)
         self.reduction = reduction
+        if weights is not None and weights is not _NOT_GIVEN:
+            _check_path(weights, "weights")
         self.net = LatentVGG16BN(self.in_channels)
         for k, c in enumerate(_TAP_CHANNELS):
             self.add_module(f"lin{k}", _LinearHead(c))
         self.register_load_state_dict_pre_hook(_consume_reference_extras)
-        if weights is not None:
+        if weights is _NOT_GIVEN:
+            _warn_random_weights(type(self).__name__, self.latent)
+        elif weights is not None:
             self.load_weights(weights)
         self.requires_grad_(False)
         self.eval()
 
     # The trunk and heads are frozen: the module never leaves eval mode.
     def train(self, mode: bool = True) -> LatentLPIPS:
+        """Keep the module in eval mode whatever ``mode`` is (the trunk and heads are frozen).
+
+        Args:
+            mode: ignored.
+
+        Returns:
+            The module itself, in eval mode.
+        """
         return super().train(False)
 
     def extra_repr(self) -> str:
@@ -359,15 +554,27 @@ class LatentLPIPS(nn.Module):
     # -- weights ---------------------------------------------------------------------------
 
     def load_weights(self, weights: str | os.PathLike[str]) -> None:
-        """Load a checkpoint file (official or converted); errors name keys and shapes.
+        """Load a checkpoint file (official or converted) into this module.
+
+        A trunk-only checkpoint (``*_latent_vgg16.pth.tar``) leaves the heads at 1 and logs a warning.
+
+        Args:
+            weights: the checkpoint path (see :func:`load_latent_lpips_state_dict`).
+
+        Raises:
+            DTypeError: if ``weights`` is not a ``str`` / ``os.PathLike``.
+            FileNotFoundError: if ``weights`` names no file.
+            ShapeError: if tensors have other shapes; the message names the keys and the channel count.
+            ValueError: if the file cannot be read, or keys are missing or unexpected.
 
         Example:
             >>> import tempfile, os
             >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
-            >>> LatentLPIPS("sd3").save_pretrained(path)
+            >>> LatentLPIPS("sd3", weights=None).save_pretrained(path)
             >>> LatentLPIPS("sd3", weights=path).in_channels
             16
         """
+        _check_path(weights, "weights")
         sd, has_heads = load_latent_lpips_state_dict(weights)
         self._check_checkpoint(sd, has_heads, str(weights))
         self.load_state_dict(sd, strict=has_heads)
@@ -426,13 +633,23 @@ class LatentLPIPS(nn.Module):
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         """Write the trunk and heads (no duplicates, no augmentation state) to a safetensors file.
 
+        Args:
+            path: the file to write (``.safetensors`` by convention); its folder must exist.
+
+        Raises:
+            DTypeError: if ``path`` is not a ``str`` / ``os.PathLike``.
+
         Example:
             >>> import tempfile, os
             >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
-            >>> LatentLPIPS(4).save_pretrained(path)
+            >>> LatentLPIPS(4, weights=None).save_pretrained(path)
             >>> os.path.getsize(path) > 0
             True
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise DTypeError(
+                f"Expected `path` to be a file path (str or os.PathLike), but got {type(path).__name__}."
+            )
         from safetensors.torch import save_file
 
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -445,28 +662,17 @@ class LatentLPIPS(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def _check_inputs(self, input: torch.Tensor, target: torch.Tensor) -> None:
-        for t, name in ((input, "input"), (target, "target")):
-            check_tensor(t, name)
-            check_ndim(t, name, 4, "(B, C, H, W)")
-            check_dtype_floating(t, name)
+    def _check_inputs(
+        self, input: torch.Tensor, target: torch.Tensor, normalize: bool, spatial: bool
+    ) -> None:
+        what = f"latent={self.latent!r}"
+        _check_latents(input, "input", self.in_channels, what)
+        _check_latents(target, "target", self.in_channels, what)
         check_same_shape(input, target, "input", "target")
-        if input.shape[1] != self.in_channels:
-            raise ShapeError(
-                f"Expected `input` to have {self.in_channels} channels for latent={self.latent!r}, i.e. shape "
-                f"(B, {self.in_channels}, H, W), but got shape {tuple(input.shape)}. Pass the latent of the "
-                f"matching VAE (4 channels: 'sd15', 'sd21', 'sdxl'; 16: 'sd3', 'flux') or an int.",
-                name="input",
-                expected=self.in_channels,
-                actual=tuple(input.shape),
-            )
-        if input.shape[2] < 4 or input.shape[3] < 4:
-            raise ShapeError(
-                f"Expected `input` to be at least 4×4 (the trunk pools twice), but got shape {tuple(input.shape)}.",
-                name="input",
-                expected=(4, 4),
-                actual=tuple(input.shape),
-            )
+        _check_flag(normalize, "normalize")
+        _check_flag(spatial, "spatial")
+        check_finite(input, "input")
+        check_finite(target, "target")
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self._scale is None or self._shift is None:
@@ -477,10 +683,12 @@ class LatentLPIPS(nn.Module):
         return (x - self._shift) * self._scale
 
     def _prepare(
-        self, input: torch.Tensor, target: torch.Tensor, normalize: bool
+        self, input: torch.Tensor, target: torch.Tensor, normalize: bool, spatial: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_inputs(input, target)
-        dt = _compute_dtype(input)
+        """Check the inputs and cast them to the compute dtype (>= float32, >= inputs and network)."""
+        self._check_inputs(input, target, normalize, spatial)
+        w = self.net.slice1[0].weight  # type: ignore[index, union-attr]
+        dt = _compute_dtype(input.dtype, target.dtype, w.dtype)
         x, y = input.to(dt), target.to(dt)
         if normalize:
             x, y = self._normalize(x), self._normalize(y)
@@ -490,19 +698,20 @@ class LatentLPIPS(nn.Module):
         return (x - y).abs().mean(dim=(1, 2, 3))
 
     def _distance(self, x: torch.Tensor, y: torch.Tensor, spatial: bool) -> torch.Tensor:
-        """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``."""
+        """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``; in ``x``'s dtype."""
         dt = x.dtype
         w = self.net.slice1[0].weight  # type: ignore[index, union-attr]
         channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
         def trunk(t: torch.Tensor) -> list[torch.Tensor]:  # may run under the caller's autocast
+            t = t.to(w.dtype)  # the trunk runs in its parameters' dtype
             return self.net(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
 
         if x.requires_grad == y.requires_grad:
             b = x.shape[0]
             feats = [(f[:b], f[b:]) for f in trunk(torch.cat([x, y]))]
         else:  # a target without gradient needs no autograd graph: half the backward work
-            feats = list(zip(trunk(x), trunk(y)))
+            feats = list(zip(trunk(x), trunk(y), strict=True))
         with torch.autocast(device_type=x.device.type, enabled=False):
             total: torch.Tensor | None = None
             for k, (fx, fy) in enumerate(feats):
@@ -528,14 +737,26 @@ class LatentLPIPS(nn.Module):
         """Distance between latents ``input`` and ``target``.
 
         Args:
-            input: ``(B, C, H, W)`` latents (e.g. the student's prediction).
-            target: ``(B, C, H, W)`` latents of the same shape.
-            normalize: apply the VAE's ``(z - shift) * scale`` first (pass raw VAE-encoder outputs).
+            input: ``(B, C, H, W)`` latents (e.g. the student's prediction), floating point.
+            target: ``(B, C, H, W)`` latents of the same shape (dtype may differ).
+            normalize: apply the VAE's ``(z - shift) * scale`` first (pass raw VAE-encoder outputs);
+                ``False`` takes the latents as the diffusion model sees them.
             spatial: return the per-pixel map ``(B, 1, H, W)`` (layer maps upsampled bilinearly, plus
                 the per-pixel channel-mean L1 map) instead of reduced values.
             generator: unused here; accepted so the call matches :class:`ELatentLPIPS`.
+
+        Returns:
+            The distance: a scalar for ``reduction="mean"`` / ``"sum"``, ``(B,)`` for ``"none"``, or
+            ``(B, 1, H, W)`` with ``spatial=True``; in at least float32 (see the class docstring).
+
+        Raises:
+            DTypeError: if ``input`` or ``target`` is not a floating tensor, or a flag is not a bool.
+            ShapeError: if they are not ``(B, C, H, W)`` with the module's channel count and ``H, W >= 4``,
+                have an empty batch, or differ in shape.
+            NonFiniteError: if either holds NaN/Inf (a value check, see :func:`diffdistill.errors.value_checks`).
+            OptionError: for ``normalize=True`` when ``latent`` is a channel count (no known scaling).
         """
-        x, y = self._prepare(input, target, normalize)
+        x, y = self._prepare(input, target, normalize, spatial)
         value = self._distance(x, y, spatial)
         if self.l1_weight:
             with torch.autocast(device_type=x.device.type, enabled=False):
@@ -554,24 +775,35 @@ class ELatentLPIPS(LatentLPIPS):
 
     Each :math:`T_k` is drawn per sample by :class:`~diffdistill.losses.latent_augment.LatentAugment`
     (Karras et al., ADA, NeurIPS 2020) and applied to both arguments; ``num_draws=K`` evaluates all
-    ``K`` draws in one batched trunk call. The L1 term uses the un-augmented latents, as in the
-    reference. With ``augment=None`` it equals :class:`LatentLPIPS`.
+    ``K`` draws in one batched trunk call (the batch laid out as ``(k b)``). The L1 term uses the
+    un-augmented latents, as in the reference. With ``augment=None`` it equals :class:`LatentLPIPS`.
+    Dtypes are handled as in :class:`LatentLPIPS`; the augmentation resamples in the compute dtype.
 
     Args:
         latent: see :class:`LatentLPIPS`.
         augment: ``"b"``, ``"g"``, ``"c"``, ``"o"``, ``"co"``, ``"bg"``, ``"bgc"``, ``"bgco"`` (any
-            combination of these letters) or ``None``.
-        weights: see :class:`LatentLPIPS`.
-        l1_weight: weight of the L1 term; 0 turns it off.
-        num_draws: number ``K`` of augmentation draws averaged per call.
+            combination of these letters), a list of op names (see
+            :func:`~diffdistill.losses.latent_augment.augment_ops`) or ``None`` (no augmentation).
+        weights: see :class:`LatentLPIPS` (``None``: random trunk, chosen explicitly; left out: the same
+            with a warning).
+        l1_weight: weight of the L1 term (a finite number >= 0); 0 turns it off.
+        num_draws: number ``K`` (an int >= 1) of augmentation draws averaged per call.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape ``(B,)``).
+
+    Raises:
+        OptionError: on an unknown ``augment`` letter, ``num_draws`` < 1 or not an int, and as
+            :class:`LatentLPIPS`.
+        DTypeError: as :class:`LatentLPIPS`.
+        FileNotFoundError: as :class:`LatentLPIPS`.
+        ShapeError: as :class:`LatentLPIPS`.
+        ValueError: as :class:`LatentLPIPS`.
 
     Shapes:
         as :class:`LatentLPIPS`; ``spatial=True`` needs ``augment=None`` (maps of different draws live
         in different coordinates).
 
     Example:
-        >>> loss_fn = ELatentLPIPS("sdxl", augment="bg", num_draws=2, reduction="none")
+        >>> loss_fn = ELatentLPIPS("sdxl", augment="bg", weights=None, num_draws=2, reduction="none")
         >>> x = torch.randn(2, 4, 8, 8, requires_grad=True)
         >>> d = loss_fn(x, torch.randn(2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
         >>> d.shape
@@ -583,8 +815,8 @@ class ELatentLPIPS(LatentLPIPS):
     def __init__(
         self,
         latent: str | int = "sdxl",
-        augment: str | None = "bg",
-        weights: str | os.PathLike[str] | None = None,
+        augment: str | Sequence[str] | None = "bg",
+        weights: str | os.PathLike[str] | Literal[_Weights.NOT_GIVEN] | None = _NOT_GIVEN,
         l1_weight: float = 1.0,
         num_draws: int = 1,
         reduction: str = "mean",
@@ -608,28 +840,51 @@ class ELatentLPIPS(LatentLPIPS):
         spatial: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Augmentation-ensembled distance; ``generator`` makes the draws reproducible.
+        """Augmentation-ensembled distance between latents ``input`` and ``target``.
 
-        Args: as :meth:`LatentLPIPS.forward`.
+        Args:
+            input: ``(B, C, H, W)`` latents (e.g. the student's prediction), floating point.
+            target: ``(B, C, H, W)`` latents of the same shape (dtype may differ).
+            normalize: apply the VAE's ``(z - shift) * scale`` first (pass raw VAE-encoder outputs).
+            spatial: per-pixel map; only with ``augment=None`` (see :meth:`LatentLPIPS.forward`).
+            generator: source of the augmentation draws (reproducible with a seeded generator); ``None``
+                uses the default generator of the inputs' device.
+
+        Returns:
+            The distance: a scalar for ``reduction="mean"`` / ``"sum"``, ``(B,)`` for ``"none"``, in at
+            least float32.
+
+        Raises:
+            OptionError: for ``spatial=True`` with augmentation, or ``normalize=True`` when ``latent`` is a
+                channel count.
+            DTypeError: if an input is not a floating tensor, a flag not a bool, or ``generator`` not a
+                ``torch.Generator``.
+            ShapeError: as :meth:`LatentLPIPS.forward`.
+            NonFiniteError: as :meth:`LatentLPIPS.forward` (a value check).
         """
         if self.augment is None:
             return super().forward(input, target, normalize=normalize, spatial=spatial)
-        if spatial:
+        if spatial is True:
             raise OptionError(
                 "`spatial=True` is not defined for ELatentLPIPS with augmentation (each draw warps the "
                 "map differently); use LatentLPIPS or augment=None for per-pixel maps."
             )
-        x, y = self._prepare(input, target, normalize)
-        b, k = x.shape[0], self.num_draws
-        xk = x.repeat(k, 1, 1, 1) if k > 1 else x
-        yk = y.repeat(k, 1, 1, 1) if k > 1 else y
-        xa, ya = self.augment(xk, yk, generator=generator)  # float32 resampling, outside autocast
-        value = self._distance(xa, ya, spatial=False)
-        if k > 1:
-            value = value.reshape(k, b).mean(dim=0)
+        _check_generator(generator)
+        x, y = self._prepare(input, target, normalize, spatial)
+        k = self.num_draws
+        # The K draws batched along the batch dimension, draw-major: sample i of draw j at j * B + i.
+        xk = einops.repeat(x, "b c h w -> (k b) c h w", k=k)
+        yk = einops.repeat(y, "b c h w -> (k b) c h w", k=k)
+        xa, ya = self.augment._run((xk, yk), generator, None)  # float32+ resampling, outside autocast
+        value = einops.reduce(self._distance(xa, ya, spatial=False), "(k b) -> b", "mean", k=k)
         if self.l1_weight:
             value = value + self.l1_weight * self._l1(x, y)
         return _reduce(value, self.reduction)
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise DTypeError(f"Expected `{name}` to be a bool, but got {type(value).__name__} ({value!r}).")
 
 
 def _consume_reference_extras(
@@ -696,7 +951,26 @@ def _decode(decoder: Any, z: torch.Tensor) -> torch.Tensor:
         out = out.sample
     elif isinstance(out, (tuple, list)):
         out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[1] != 3 or out.shape[0] != z.shape[0]:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ShapeError(
+            f"Expected `vae_decoder` to return RGB images (B, 3, H, W) in [-1, 1], but for a latent batch of "
+            f"shape {tuple(z.shape)} it returned {got}. Pass a VAE decoder (e.g. diffusers AutoencoderKL, whose "
+            "decode(z).sample is taken) or a callable z -> image batch.",
+            name="vae_decoder",
+            expected=(z.shape[0], 3),
+            actual=tuple(out.shape) if isinstance(out, torch.Tensor) else None,
+        )
     return out
+
+
+def _decoder_latent_channels(decoder: Any) -> int | None:
+    """The latent channel count a diffusers-style decoder declares (``config.latent_channels``), if any."""
+    config = getattr(decoder, "config", None)
+    value = getattr(config, "latent_channels", None) if config is not None else None
+    if value is None and isinstance(config, Mapping):
+        value = config.get("latent_channels")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class PixelLPIPS(nn.Module):
@@ -712,15 +986,29 @@ class PixelLPIPS(nn.Module):
     (``requires_grad_(False)``, eval) but gradients reach the latents, which is what makes this
     path ~10× more expensive (Kang et al., ECCV 2024, arXiv:2405.05967).
 
+    Precision: the latents are cast to the decoder's dtype (its parameters'), the images to the ``lpips``
+    network's dtype, outside autocast; the result comes back in at least float32 and at least the
+    inputs' precision, like :class:`LatentLPIPS`.
+
     Args:
         vae_decoder: a module with ``decode(z)`` (e.g. diffusers ``AutoencoderKL``; ``.sample`` is
-            taken) or a callable ``z -> image``.
+            taken) or a callable ``z -> image``, returning ``(B, 3, H, W)`` images in [-1, 1].
         net: ``"vgg"``, ``"alex"`` or ``"squeeze"`` (the ``lpips`` trunks).
-        latent: VAE name from :data:`LATENT_SPECS` whose scaling the inputs carry, or ``None``.
-        pretrained_heads: load the ``lpips`` package's calibrated heads (shipped with it, no download).
+        latent: VAE name from :data:`LATENT_SPECS` whose scaling the inputs carry, or ``None`` (the inputs
+            are what the decoder takes).
+        pretrained_heads: load the ``lpips`` package's calibrated heads (shipped with it, no download);
+            ``False`` keeps heads equal to 1.
         trunk_weights: a torchvision ImageNet state dict file for the trunk (``features.N`` keys,
             read with ``weights_only=True``); ``None`` keeps a random trunk (nothing is downloaded).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape ``(B,)``).
+
+    Raises:
+        OptionError: on an unknown ``net``, ``latent`` or ``reduction``.
+        DTypeError: if ``vae_decoder`` is neither callable nor has ``decode``, ``pretrained_heads`` is not a
+            bool, or ``trunk_weights`` is not a path.
+        FileNotFoundError: if ``trunk_weights`` names no file.
+        ShapeError: if a ``trunk_weights`` tensor has another shape than the trunk's.
+        ValueError: if ``trunk_weights`` cannot be read or lacks a trunk key.
 
     Example:
         >>> decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=4), torch.nn.Conv2d(4, 3, 1))
@@ -740,10 +1028,18 @@ class PixelLPIPS(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
+        if not (callable(vae_decoder) or callable(getattr(vae_decoder, "decode", None))):
+            raise DTypeError(
+                f"Expected `vae_decoder` to be a module with decode(z) (e.g. diffusers AutoencoderKL) or a "
+                f"callable z -> image, but got {type(vae_decoder).__name__}."
+            )
         check_option(net, "net", ("vgg", "alex", "squeeze"))
         check_option(reduction, "reduction", _REDUCTIONS)
         if latent is not None:
             check_option(latent, "latent", LATENT_SPECS)
+        _check_flag(pretrained_heads, "pretrained_heads")
+        if trunk_weights is not None:
+            _check_path(trunk_weights, "trunk_weights")
         import lpips  # heavy: pulls in torchvision
 
         self.latent = latent
@@ -761,7 +1057,17 @@ class PixelLPIPS(nn.Module):
         self.lpips.requires_grad_(False).eval()
 
     def _load_trunk(self, path: str | os.PathLike[str]) -> None:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling restrictions name the offending global
+            raise ValueError(
+                f"Could not read `trunk_weights` {path} with torch.load(weights_only=True): {exc}. Only plain "
+                "tensor state dicts (torchvision's `features.N` keys) are accepted."
+            ) from exc
+        if not isinstance(sd, Mapping):
+            raise ValueError(
+                f"Expected `trunk_weights` {path} to hold a state dict (a mapping), but got {type(sd).__name__}."
+            )
         own = self.lpips.net.state_dict()
         mapped = {}
         for key in own:
@@ -782,6 +1088,14 @@ class PixelLPIPS(nn.Module):
         self.lpips.net.load_state_dict(mapped, strict=True)
 
     def train(self, mode: bool = True) -> PixelLPIPS:
+        """Keep the module in eval mode whatever ``mode`` is (the decoder and LPIPS are frozen).
+
+        Args:
+            mode: ignored.
+
+        Returns:
+            The module itself, in eval mode.
+        """
         return super().train(False)
 
     def forward(
@@ -794,14 +1108,47 @@ class PixelLPIPS(nn.Module):
         generator: torch.Generator | None = None,
         reduction: str | None = None,
     ) -> torch.Tensor:
-        """Decode both latents and compare the images; ``reduction`` overrides the module's."""
+        """Decode both latents and compare the images.
+
+        Args:
+            input: ``(B, C, H, W)`` latents (e.g. the student's prediction), floating point.
+            target: ``(B, C, H, W)`` latents of the same shape.
+            normalize: the inputs are raw VAE latents: skip the ``latent``'s unscaling before decoding.
+            spatial: return the ``lpips`` per-pixel map ``(B, 1, H', W')`` at the image resolution.
+            generator: unused; accepted so the call matches :class:`ELatentLPIPS`.
+            reduction: overrides the module's ``reduction`` for this call; ``None`` keeps it.
+
+        Returns:
+            A scalar for ``"mean"`` / ``"sum"``, ``(B,)`` for ``"none"``, or the map with ``spatial=True``.
+
+        Raises:
+            DTypeError: if an input is not a floating tensor, a flag not a bool or ``generator`` not a
+                ``torch.Generator``.
+            ShapeError: if the inputs are not 4-D, have an empty batch or differ in shape, their channels
+                differ from the decoder's ``config.latent_channels``, or the decoder returns no
+                ``(B, 3, H, W)`` images.
+            NonFiniteError: if an input holds NaN/Inf (a value check).
+            OptionError: on an unknown ``reduction``.
+        """
         for t, name in ((input, "input"), (target, "target")):
-            check_tensor(t, name)
-            check_ndim(t, name, 4, "(B, C, H, W)")
-            check_dtype_floating(t, name)
+            check_float_input(t, name, ndim=4, layout="(B, C, H, W)", finite=False)
         check_same_shape(input, target, "input", "target")
+        _check_flag(normalize, "normalize")
+        _check_flag(spatial, "spatial")
+        _check_generator(generator)
         red = self.reduction if reduction is None else reduction
         check_option(red, "reduction", _REDUCTIONS)
+        channels = _decoder_latent_channels(self.vae_decoder)
+        if channels is not None and input.shape[1] != channels:
+            raise ShapeError(
+                f"Expected `input` to have {channels} channels (the decoder's config.latent_channels), i.e. "
+                f"shape (B, {channels}, H, W), but got shape {tuple(input.shape)}.",
+                name="input",
+                expected=channels,
+                actual=tuple(input.shape),
+            )
+        check_finite(input, "input")
+        check_finite(target, "target")
         w = (
             next(iter(self.vae_decoder.parameters()), None)
             if isinstance(self.vae_decoder, nn.Module)
@@ -820,10 +1167,11 @@ class PixelLPIPS(nn.Module):
             img_x, img_y = images[:b], images[b:]
         else:  # decode the side without gradient without a graph: the decoder's activations dominate
             img_x, img_y = decode(input), decode(target)
+        net_dtype = _param_dtype(self.lpips) or torch.float32
         with torch.autocast(device_type=img_x.device.type, enabled=False):
-            dt = _compute_dtype(img_x)
             self.lpips.spatial = spatial
-            value = self.lpips(img_x.to(dt), img_y.to(dt))
+            value = self.lpips(img_x.to(net_dtype), img_y.to(net_dtype))
+        value = value.to(_compute_dtype(input.dtype, target.dtype, net_dtype))
         if spatial:
             return value
         return _reduce(value.reshape(b), red)
@@ -839,10 +1187,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     Converts an official ``*_latest_vgg16_tuned.pth`` or ``*_latent_vgg16.pth.tar`` (or any
     supported checkpoint) into our safetensors layout; the channel count comes from the checkpoint.
 
+    Args:
+        argv: the command line after the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        The exit status, 0.
+
+    Raises:
+        SystemExit: from ``argparse`` on a malformed command line.
+        FileNotFoundError: if the checkpoint names no file.
+        ValueError: if the checkpoint is not a LatentLPIPS checkpoint or does not fit ``--latent``.
+
     Example:
         >>> import tempfile, os
         >>> d = tempfile.mkdtemp()
-        >>> torch.save(LatentLPIPS(4).state_dict(), os.path.join(d, "ref.pth"))
+        >>> torch.save(LatentLPIPS(4, weights=None).state_dict(), os.path.join(d, "ref.pth"))
         >>> main(["convert", os.path.join(d, "ref.pth"), os.path.join(d, "out.safetensors")])
         0
     """
@@ -855,6 +1214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("output")
     conv.add_argument("--latent", default=None, help=f"one of {list(LATENT_SPECS)} (default: channel count)")
     args = parser.parse_args(argv)
+    _check_path(args.checkpoint, "checkpoint")
     sd, _ = load_latent_lpips_state_dict(args.checkpoint)
     first = sd.get("net.slice1.0.weight")
     if first is None:

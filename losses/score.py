@@ -12,10 +12,16 @@ or a plain callable ``model(x_t, t, **cond)``; outputs of any prediction type ar
 :math:`\\hat x_0` by the schedule. For SIM and SiD the generator gradient flows through :math:`x_t` into
 both networks' *inputs* (as in the papers' code): freeze their parameters during the generator step
 (:class:`AlternatingUpdate` does it for the fake network).
+
+Every loss checks its inputs first (see :mod:`diffdistill.errors`): ``x`` / ``x0`` and ``noise`` must be
+non-empty floating tensors of the same shape, finite while value checks are on; ``cond`` / ``uncond`` /
+``fake_cond`` mappings of keyword arguments; ``uncond`` needs a ``TeacherSolver`` (a plain callable has no
+guidance that would use it); ``t`` and ``t_range`` are alternatives.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,19 +29,26 @@ import torch
 from torch import nn
 
 from .._checks import (
+    DTypeError,
     OptionError,
     ShapeError,
+    check_bool,
+    check_finite,
+    check_float_input,
+    check_int,
+    check_mapping,
     check_option,
-    check_positive,
+    check_real,
+    check_same_shape,
     check_tensor,
     value_checks_enabled,
 )
 from .._modules import frozen
-from .._outputs import first_tensor
+from .._outputs import check_prediction, first_tensor
 from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
 from ..schedulers.teacher_solver import TeacherSolver
 from ..schedulers.timestep_samplers import uniform_timesteps
-from .distances import reduce_loss
+from .distances import _reduce
 
 __all__ = [
     "AlternatingUpdate",
@@ -49,11 +62,112 @@ __all__ = [
 Denoiser = TeacherSolver | Callable[..., Any]
 Cond = Mapping[str, Any] | None
 
+_REDUCTIONS = ("mean", "sum", "none")
+
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+# --------------------------------------------------------------------------------------------- checks
+def _check_schedule(schedule: Any) -> None:
+    if not isinstance(schedule, NoiseSchedule):
+        raise DTypeError(
+            f"Expected `schedule` to be a diffdistill NoiseSchedule, but got {type(schedule).__name__}. Build one "
+            "with NoiseSchedule.from_scheduler(diffusers_scheduler) or NoiseSchedule.from_betas()."
+        )
+
+
+def _check_model(model: Any, name: str, *, solver: bool = True) -> None:
+    if isinstance(model, TeacherSolver) and solver:
+        return
+    if isinstance(model, TeacherSolver) or not callable(model):
+        want = (
+            "a TeacherSolver or a callable model(x_t, t, **cond)"
+            if solver
+            else "a callable model(x_t, t, **cond)"
+        )
+        raise DTypeError(f"Expected `{name}` to be {want}, but got {type(model).__name__}.")
+
+
+def _check_uncond(uncond: Any, model: Any, model_name: str) -> None:
+    check_mapping(uncond, "uncond")
+    if uncond is not None and not isinstance(model, TeacherSolver):
+        raise OptionError(
+            f"`uncond` is the unconditional branch of a TeacherSolver's classifier-free guidance, but `{model_name}` "
+            f"is a plain {type(model).__name__}, which would ignore it. Wrap the model in a TeacherSolver with a "
+            "guidance_scale, or leave `uncond` None."
+        )
+
+
+def _check_sample(x: Any, name: str) -> torch.Tensor:
+    """A floating, non-empty ``(B, ...)`` tensor, finite while value checks are on."""
+    check_tensor(x, name)
+    if x.ndim == 0:
+        raise ShapeError(
+            f"Expected `{name}` to have a batch dimension, shape (B, ...), but got a 0-d tensor. Use "
+            f"{name}.reshape(1, -1) for a single sample.",
+            name=name,
+            expected="(B, ...)",
+            actual=(),
+        )
+    return check_float_input(x, name)
+
+
+def _check_noise(noise: Any, x: torch.Tensor, x_name: str) -> None:
+    if noise is not None:
+        check_float_input(noise, "noise")
+        check_same_shape(x, noise, x_name, "noise")
+
+
+def _check_t_range(t_range: Any, t: Any, schedule: NoiseSchedule) -> None:
+    if t_range is None:
+        return
+    if t is not None:
+        raise OptionError(
+            "`t_range` is the range `t` is drawn from when `t` is None, but an explicit `t` was given too: pass "
+            "one of them."
+        )
+    last = schedule.num_train_timesteps - 1
+    ok = (
+        isinstance(t_range, (Sequence, torch.Tensor))
+        and not isinstance(t_range, (str, bytes))
+        and len(t_range) == 2
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in t_range)
+    )
+    if ok:
+        low, high = t_range
+        ok = int(low) == low and int(high) == high and 0 <= low <= high <= last
+    if not ok:
+        shown = tuple(t_range) if isinstance(t_range, (Sequence, torch.Tensor)) else t_range
+        raise OptionError(
+            f"Expected `t_range` = (low, high), integers with 0 <= low <= high <= {last} (the noisy "
+            f"timesteps to draw), but got {shown!r}."
+        )
+
+
+def _check_common(
+    x: Any,
+    x_name: str,
+    schedule: Any,
+    noise: Any,
+    t: Any,
+    t_range: Any,
+    reduction: str,
+    conds: Mapping[str, Any],
+) -> torch.Tensor:
+    """The checks every score loss makes before running a network; returns ``x``."""
+    check_option(reduction, "reduction", _REDUCTIONS)
+    _check_schedule(schedule)
+    _check_sample(x, x_name)
+    _check_noise(noise, x, x_name)
+    for name, value in conds.items():
+        check_mapping(value, name)
+    _check_t_range(t_range, t, schedule)
+    return x
+
+
+# --------------------------------------------------------------------------------------------- denoisers
 def denoise(
     model: Denoiser,
     x_t: torch.Tensor,
@@ -71,6 +185,34 @@ def denoise(
     bf16/fp16/float32 inputs (float64 for float64), so that the difference of two
     denoisers' estimates -- what DMD, SiD and SIM differentiate -- is not lost to half-precision rounding.
 
+    Args:
+        model: a :class:`~diffdistill.schedulers.TeacherSolver` (its guidance scale and prediction type
+            apply) or a callable ``model(x_t, t, **cond)`` returning a tensor of ``x_t``'s shape (or an
+            output whose ``.sample`` / first element is one).
+        x_t: the noisy states, ``(B, ...)`` floating.
+        t: their timesteps: a scalar or one per sample ``(B,)``, integer indices in ``[-1, T-1]``.
+        schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that converts the output to
+            :math:`\\hat x_0`.
+        cond: keyword arguments of the model (the conditional branch); None (the default) passes none.
+        uncond: the unconditional keyword arguments of a TeacherSolver's guidance; None (the default) for a
+            no-op guidance scale or a plain model.
+        prediction_type: what a plain model predicts (``"epsilon"``, ``"v_prediction"``, ``"sample"``,
+            ...); None (the default) uses the schedule's. Ignored for a TeacherSolver (it has its own).
+        grad: build the autograd graph (default True); False runs the model under ``no_grad``.
+
+    Returns:
+        :math:`\\hat x_0`, the shape of ``x_t``, float32 (float64 for float64 ``x_t``).
+
+    Raises:
+        DTypeError: ``model`` is neither a TeacherSolver nor callable, ``schedule`` is no NoiseSchedule,
+            ``x_t`` is not a floating-point tensor, ``cond`` / ``uncond`` is not a mapping, ``grad`` is not a
+            bool, or ``t`` holds bools.
+        ShapeError: ``x_t`` is empty, ``t`` is neither a scalar nor ``(B,)``, or the model returns another
+            shape than ``x_t``'s.
+        OptionError: ``t`` is missing, fractional or outside ``[-1, T-1]``, ``prediction_type`` is unknown,
+            or ``uncond`` is given with a plain model (which would ignore it).
+        NonFiniteError: ``x_t`` holds NaN or Inf (a value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> s = NoiseSchedule.from_betas(prediction_type="sample")
@@ -78,7 +220,15 @@ def denoise(
         >>> torch.equal(denoise(lambda x, t: 0.5 * x, x, torch.tensor([10, 20]), s), 0.5 * x)
         True
     """
-    return _estimate(model, x_t, _f32(x_t), t, schedule, cond, uncond, prediction_type, grad)
+    _check_model(model, "model")
+    _check_schedule(schedule)
+    check_float_input(x_t, "x_t")
+    if t is None:
+        raise OptionError("Expected `t`, the timesteps of `x_t` (a scalar or one per sample), but got None.")
+    check_mapping(cond, "cond")
+    _check_uncond(uncond, model, "model")
+    check_bool(grad, "grad")
+    return _estimate(model, x_t, _f32(x_t), t, schedule, cond, uncond, prediction_type, grad, "model")
 
 
 def _estimate(
@@ -91,18 +241,21 @@ def _estimate(
     uncond: Cond,
     prediction_type: str | None,
     grad: bool,
+    name: str,
 ) -> torch.Tensor:
     """``model`` on ``x_in`` (the network's dtype); the x0 conversion with ``x_t`` (the same state, >= float32).
 
     Score losses take the small difference of two estimates (and of an estimate and ``x``): rounding each
-    to bf16 first, or letting their ``x_t`` terms meet in a bf16 gradient, would swamp it.
+    to bf16 first, or letting their ``x_t`` terms meet in a bf16 gradient, would swamp it. ``name`` is the
+    model's argument name in messages.
     """
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         if isinstance(model, TeacherSolver):
             out = model.predict(x_in, t, cond, uncond, grad=grad)
             prediction_type = model.prediction_type
         else:
-            out = first_tensor(model(x_in, t, **dict(cond or {})))
+            out = first_tensor(model(x_in, t, **dict(cond or {})), f"`{name}` model")
+        check_prediction(out, x_in, name)
         return schedule.to_x0(out, x_t, t, prediction_type)
 
 
@@ -115,13 +268,7 @@ def _sample_t(
 ) -> torch.Tensor:
     if t is None:
         low, high = t_range
-        last = schedule.num_train_timesteps - 1
-        if not (int(low) == low and int(high) == high and 0 <= low <= high <= last):
-            raise OptionError(
-                f"Expected `t_range` = (low, high), integers with 0 <= low <= high <= {last} (the noisy "
-                f"timesteps to draw), but got {tuple(t_range)!r}."
-            )
-        t = uniform_timesteps(x.shape[0], low, high, generator=generator, device=x.device).t
+        t = uniform_timesteps(x.shape[0], int(low), int(high), generator=generator, device=x.device).t
     tt = schedule.batch_timesteps(t, x)
     tt = tt.expand(x.shape[0]) if tt.ndim == 0 else tt
     if value_checks_enabled() and bool((tt < 0).any()):  # t = -1 is the clean end: x_t = x0, sigma 0
@@ -163,16 +310,35 @@ def _real_and_fake(
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (in >= float32)."""
-    check_tensor(x, "x")
     tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
     # The noisy state in >= float32 for the losses' arithmetic (its x terms cancel there), in x's dtype for
     # the networks (the same values the networks saw before any upcasting).
     x_t = schedule.add_noise(_f32(x), _f32(_noise(noise, x, generator)), tt)
     x_in = x_t.to(x.dtype)
-    d_real = _estimate(real, x_in, x_t, tt, schedule, cond, uncond, prediction_type, True)
+    d_real = _estimate(real, x_in, x_t, tt, schedule, cond, uncond, prediction_type, True, "real")
     f_cond = cond if fake_cond is None else fake_cond
-    d_fake = _estimate(fake, x_in, x_t, tt, schedule, f_cond, None, prediction_type, True)
+    d_fake = _estimate(fake, x_in, x_t, tt, schedule, f_cond, None, prediction_type, True, "fake")
     return tt, d_real, d_fake
+
+
+def _check_score_loss(
+    x: Any,
+    real: Any,
+    fake: Any,
+    schedule: Any,
+    cond: Any,
+    uncond: Any,
+    fake_cond: Any,
+    t: Any,
+    noise: Any,
+    t_range: Any,
+    reduction: str,
+) -> None:
+    """The boundary checks of :func:`dmd_loss`, :func:`sid_loss` and :func:`sim_loss`."""
+    _check_model(real, "real")
+    _check_model(fake, "fake")
+    _check_common(x, "x", schedule, noise, t, t_range, reduction, {"cond": cond, "fake_cond": fake_cond})
+    _check_uncond(uncond, real, "real")
 
 
 def dmd_loss(
@@ -203,8 +369,38 @@ def dmd_loss(
     zero normaliser to the dtype's largest value). ``t`` defaults to :math:`U[0.02T, 0.98T]`.
     ``reduction="none"`` gives each sample's term (the mean over its elements), ``"sum"`` their sum.
 
+    Args:
+        x: the generator's samples, ``(B, ...)`` floating (the gradient reaches the generator through it).
+        real: the real (teacher) denoiser :math:`D_\\phi`: a :class:`~diffdistill.schedulers.TeacherSolver`
+            (its guidance applies) or a callable ``model(x_t, t, **cond)``.
+        fake: the online fake denoiser :math:`D_\\psi`, the same kinds.
+        schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x`` and converts the
+            outputs to :math:`\\hat x_0`.
+        cond: keyword arguments of both denoisers (the prompt); None (the default) passes none.
+        uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
+            (the default) for a no-op guidance scale.
+        fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws
+            :math:`U\\{t_{lo}, ..., t_{hi}\\}` from ``t_range``.
+        noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
+        t_range: ``(low, high)`` for the draw of ``t``; None (the default) is :math:`[0.02T, 0.98T]`.
+        prediction_type: what plain-callable denoisers predict; None (the default) uses the schedule's.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample terms, shape ``(B,)``).
+        generator: draws ``t`` and the noise; None uses the global RNG.
+
     Returns:
-        ``(loss, logs)`` with ``grad_norm`` (RMS of ``g``) and ``t_mean``.
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``; float32, float64 for float64
+        ``x``) and detached 0-d logs ``loss`` (the mean term), ``grad_norm`` (RMS of ``g``) and ``t_mean``.
+
+    Raises:
+        DTypeError: ``x`` or ``noise`` is not a floating-point tensor, ``real`` / ``fake`` is neither a
+            TeacherSolver nor callable, ``schedule`` is no NoiseSchedule, a ``cond`` argument is not a
+            mapping, or a denoiser returns no floating tensor.
+        ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
+            ``(B,)``, or a denoiser returns another shape than ``x``'s.
+        OptionError: ``reduction`` or ``prediction_type`` is unknown, ``t`` is outside ``[0, T-1]``,
+            ``t_range`` is invalid or given with ``t``, or ``uncond`` is given with a plain-callable ``real``.
+        NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check, see :mod:`diffdistill.errors`).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -215,6 +411,7 @@ def dmd_loss(
         >>> loss.backward(); x.grad.shape
         torch.Size([2, 4])
     """
+    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
     with torch.no_grad():
         tt, x0_real, x0_fake = _real_and_fake(
             x.detach(),
@@ -236,7 +433,7 @@ def dmd_loss(
         g = torch.nan_to_num((p_real - p_fake) / norm)
     xw = _f32(x)
     per = 0.5 * _per_sample(xw - (xw - g).detach()).pow(2).mean(dim=1)
-    loss = reduce_loss(per, reduction)
+    loss = _reduce(per, reduction)
     return loss, {
         "loss": per.detach().mean(),
         "grad_norm": g.pow(2).mean().sqrt().detach(),
@@ -272,6 +469,41 @@ def sid_loss(
     with gradients through their inputs. ``alpha = 1.2`` in the paper; ``t`` defaults to
     :math:`U\\{20, ..., 980\\}` (SiD-LSG). The loss can be negative: log samples, not this value.
 
+    Args:
+        x: the generator's samples, ``(B, ...)`` floating (the gradient reaches the generator through it).
+        real: the real (teacher) denoiser :math:`D_\\phi`: a :class:`~diffdistill.schedulers.TeacherSolver`
+            (its guidance applies) or a callable ``model(x_t, t, **cond)``.
+        fake: the online fake denoiser :math:`D_\\psi`, the same kinds.
+        schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x`` and converts the
+            outputs to :math:`\\hat x_0`.
+        alpha: SiD's :math:`\\alpha`, a finite number (default 1.2, the paper's).
+        cond: keyword arguments of both denoisers (the prompt); None (the default) passes none.
+        uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
+            (the default) for a no-op guidance scale.
+        fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
+            ``t_range``.
+        noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
+        t_range: ``(low, high)`` for the draw of ``t``; None (the default) is :math:`[0.02T, 0.98T]`.
+        prediction_type: what plain-callable denoisers predict; None (the default) uses the schedule's.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample losses, shape ``(B,)``).
+        generator: draws ``t`` and the noise; None uses the global RNG.
+
+    Returns:
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``) and detached 0-d logs ``loss``,
+        ``score_gap`` (RMS of :math:`D_\\phi - D_\\psi`) and ``t_mean``.
+
+    Raises:
+        DTypeError: ``x`` or ``noise`` is not a floating-point tensor, ``real`` / ``fake`` is neither a
+            TeacherSolver nor callable, ``schedule`` is no NoiseSchedule, a ``cond`` argument is not a
+            mapping, ``alpha`` is not a real number, or a denoiser returns no floating tensor.
+        ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
+            ``(B,)``, or a denoiser returns another shape than ``x``'s.
+        OptionError: ``alpha`` is not finite, ``reduction`` or ``prediction_type`` is unknown, ``t``
+            is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``, or ``uncond`` is given with a
+            plain-callable ``real``.
+        NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> s = NoiseSchedule.from_betas(prediction_type="sample")
@@ -281,6 +513,8 @@ def sid_loss(
         >>> loss.backward(); bool(x.grad.abs().sum() > 0)
         True
     """
+    alpha = check_real(alpha, "alpha")
+    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
     tt, d_real, d_fake = _real_and_fake(
         x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
     )
@@ -288,7 +522,7 @@ def sid_loss(
     weight = _per_sample(xf - d_real).abs().mean(dim=1).clamp_min(1e-5).detach()
     diff = d_real - d_fake
     per = _per_sample(diff * ((d_real - xf) - alpha * diff)).sum(dim=1) / weight
-    loss = reduce_loss(per, reduction)
+    loss = _reduce(per, reduction)
     return loss, {
         "loss": per.detach().mean(),
         "score_gap": diff.detach().pow(2).mean().sqrt(),
@@ -330,6 +564,48 @@ def sim_loss(
     default :math:`0.00054\\sqrt{D}` (the iCT heuristic; a choice of this library). ``weight`` is
     :math:`w(t)`: a ``(B,)`` tensor or a callable of ``t``. ``t`` defaults to :math:`U[0.02T, 0.98T]`.
 
+    Args:
+        x: the generator's samples, ``(B, ...)`` floating (the gradient reaches the generator through it).
+        real: the real (teacher) denoiser :math:`D_\\phi`: a :class:`~diffdistill.schedulers.TeacherSolver`
+            (its guidance applies) or a callable ``model(x_t, t, **cond)``.
+        fake: the online fake denoiser :math:`D_\\psi`, the same kinds.
+        schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x`` and converts the
+            outputs to :math:`\\hat x_0`.
+        distance: ``"pseudo_huber"`` (the default) or ``"l2"``.
+        c: the pseudo-Huber constant, a finite number ``> 0`` in denoiser units (``"pseudo_huber"`` only);
+            None (the default) is :math:`0.00054\\sqrt{D}`, ``D`` the elements per sample.
+        detach_dprime: stop the gradient of :math:`d'(y)` (default False: it flows).
+        weight: :math:`w(t)`: a scalar or ``(B,)`` tensor, or a callable of the ``(B,)`` timesteps returning
+            one; None (the default) is 1.
+        cond: keyword arguments of both denoisers (the prompt); None (the default) passes none.
+        uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
+            (the default) for a no-op guidance scale.
+        fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
+            ``t_range``.
+        noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
+        t_range: ``(low, high)`` for the draw of ``t``; None (the default) is :math:`[0.02T, 0.98T]`.
+        prediction_type: what plain-callable denoisers predict; None (the default) uses the schedule's.
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample losses, shape ``(B,)``).
+        generator: draws ``t`` and the noise; None uses the global RNG.
+
+    Returns:
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``) and detached 0-d logs ``loss``,
+        ``score_gap`` (RMS of :math:`y`) and ``t_mean``.
+
+    Raises:
+        DTypeError: ``x`` or ``noise`` is not a floating-point tensor, ``real`` / ``fake`` is neither a
+            TeacherSolver nor callable, ``schedule`` is no NoiseSchedule, a ``cond`` argument is not a
+            mapping, ``detach_dprime`` is not a bool, ``c`` is not a real number, ``weight`` is a bool tensor,
+            or a denoiser returns no floating tensor.
+        ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
+            ``(B,)``, a denoiser returns another shape than ``x``'s, or ``weight`` is neither a scalar nor
+            ``(B,)``.
+        OptionError: ``distance``, ``reduction`` or ``prediction_type`` is unknown, ``c`` is not finite and
+            ``> 0`` or is given with ``distance="l2"``, ``t`` is outside ``[0, T-1]``, ``t_range`` is
+            invalid or given with ``t``, or ``uncond`` is given with a plain-callable ``real``.
+        NonFiniteError: ``x``, ``noise`` or ``weight`` holds NaN or Inf (a value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> s = NoiseSchedule.from_betas(prediction_type="sample")
@@ -345,6 +621,15 @@ def sim_loss(
             f"`c` is the pseudo-Huber constant and unused with distance='l2', but got c={c!r}: leave it None "
             "or use distance='pseudo_huber'."
         )
+    if c is not None:
+        check_real(c, "c", low=0, strict=True)
+    check_bool(detach_dprime, "detach_dprime")
+    if weight is not None and not callable(weight) and not isinstance(weight, (torch.Tensor, numbers.Real)):
+        raise DTypeError(
+            f"Expected `weight` (w(t)) to be a tensor, a number, a callable of t or None, but got "
+            f"{type(weight).__name__}."
+        )
+    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
     tt, real_x0, fake_x0 = _real_and_fake(
         x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
     )
@@ -352,7 +637,6 @@ def sim_loss(
     y = d_fake - d_real
     if distance == "pseudo_huber":
         cc = 0.00054 * y.shape[1] ** 0.5 if c is None else c
-        check_positive(cc, "c")
         dprime = y / torch.sqrt(y.pow(2).sum(dim=1, keepdim=True) + cc**2)
     else:
         dprime = y
@@ -360,7 +644,12 @@ def sim_loss(
         dprime = dprime.detach()
     per = -(dprime * (d_fake - _per_sample(_f32(x)))).sum(dim=1)
     if weight is not None:
-        w = torch.as_tensor(weight(tt) if callable(weight) else weight, dtype=per.dtype, device=per.device)
+        w_in = weight(tt) if callable(weight) else weight
+        if isinstance(w_in, torch.Tensor) and w_in.dtype == torch.bool:
+            raise DTypeError(
+                "Expected `weight` (w(t)) to hold numbers, but got a bool tensor. Cast it first."
+            )
+        w = torch.as_tensor(w_in, dtype=per.dtype, device=per.device)
         if w.ndim > 1 or w.numel() not in (1, per.shape[0]):
             raise ShapeError(
                 f"Expected `weight` (w(t)) to be a scalar or one value per sample, shape ({per.shape[0]},), "
@@ -369,8 +658,9 @@ def sim_loss(
                 expected=(per.shape[0],),
                 actual=tuple(w.shape),
             )
+        check_finite(w, "weight")
         per = per * w.reshape(-1)
-    loss = reduce_loss(per, reduction)
+    loss = _reduce(per, reduction)
     return loss, {
         "loss": per.detach().mean(),
         "score_gap": y.detach().pow(2).mean().sqrt(),
@@ -406,6 +696,36 @@ def fake_score_loss(
     :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD). The network's own ``prediction_type`` is converted as needed.
     ``t`` defaults to :math:`U\\{0..T-1\\}`.
 
+    Args:
+        fake: the fake denoiser being trained, a callable ``fake(x_t, t, **cond)`` returning a prediction of
+            ``x_t``'s shape (of type ``prediction_type``).
+        x0: the generator's samples, ``(B, ...)`` floating; detached here.
+        schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x0``.
+        weighting: ``"epsilon"`` (the default), ``"v"``, ``"x0"`` or ``"edm"`` (see above).
+        cond: keyword arguments of ``fake``; None (the default) passes none.
+        t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
+            ``t_range``.
+        noise: the noise of :math:`x_t`, the shape of ``x0``; None (the default) draws it from ``generator``.
+        t_range: ``(low, high)`` for the draw of ``t``; None (the default) is ``(0, T-1)``.
+        prediction_type: what ``fake`` predicts; None (the default) uses the schedule's.
+        sigma_data: :math:`\\sigma_d` of the ``"edm"`` weighting, a finite number ``> 0`` (default 0.5).
+        reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample losses, shape ``(B,)``).
+        generator: draws ``t`` and the noise; None uses the global RNG.
+
+    Returns:
+        ``(loss, logs)``: the loss (0-d, or ``(B,)`` for ``reduction="none"``) and detached 0-d logs ``loss``
+        and ``t_mean``.
+
+    Raises:
+        DTypeError: ``x0`` or ``noise`` is not a floating-point tensor, ``fake`` is not callable, ``schedule``
+            is no NoiseSchedule, ``cond`` is not a mapping, ``sigma_data`` is not a real number, or ``fake``
+            returns no floating tensor.
+        ShapeError: ``x0`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
+            ``(B,)``, or ``fake`` returns another shape than ``x0``'s.
+        OptionError: ``weighting``, ``reduction`` or ``prediction_type`` is unknown, ``sigma_data`` is not
+            finite and ``> 0``, ``t`` is outside ``[0, T-1]``, or ``t_range`` is invalid or given with ``t``.
+        NonFiniteError: ``x0`` or ``noise`` holds NaN or Inf (a value check).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> s = NoiseSchedule.from_betas()
@@ -415,14 +735,18 @@ def fake_score_loss(
         >>> loss.backward(); net.weight.grad is not None
         True
     """
-    check_tensor(x0, "x0")
+    _check_model(fake, "fake", solver=False)
     check_option(weighting, "weighting", ("epsilon", "v", "x0", "edm"))
+    sigma_data = check_real(sigma_data, "sigma_data", low=0, strict=True)
+    _check_common(x0, "x0", schedule, noise, t, t_range, reduction, {"cond": cond})
     x0 = x0.detach()
     tt = _sample_t(t, x0, schedule, t_range or (0, schedule.num_train_timesteps - 1), generator)
     eps = _noise(noise, x0, generator)
     # As in the score losses: the state in >= float32 for the conversion, in x0's dtype for the network.
     x_t = schedule.add_noise(_f32(x0), _f32(eps), tt)
-    out = first_tensor(fake(x_t.to(x0.dtype), tt, **dict(cond or {})))
+    x_in = x_t.to(x0.dtype)
+    out = first_tensor(fake(x_in, tt, **dict(cond or {})), "`fake` model")
+    check_prediction(out, x_in, "fake")
     to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample"}[weighting]
     pred = schedule.convert(out, x_t, tt, prediction_type, to_type)
     if weighting == "epsilon":
@@ -438,7 +762,7 @@ def fake_score_loss(
     elif weighting == "edm":
         sigma = schedule.edm_sigma(tt).to(per.dtype)
         per = per * (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    loss = reduce_loss(per, reduction)
+    loss = _reduce(per, reduction)
     return loss, {"loss": per.detach().mean(), "t_mean": tt.float().mean().detach()}
 
 
@@ -451,6 +775,25 @@ class AlternatingUpdate:
     frozen so the generator loss leaves no gradients in them. The callables do their own forward,
     backward and optimiser step and return a dict of logging scalars; :meth:`step` merges them.
     ``state_dict`` / ``load_state_dict`` keep the counter so a resumed run keeps the same phase.
+
+    Args:
+        generator_step: called with no arguments for a generator update; returns a mapping of logging
+            values or None.
+        fake_step: called with no arguments for a fake-score (or discriminator) update; returns a mapping of
+            logging values or None.
+        generator_every: run ``generator_step`` on every ``generator_every``-th step, an int ``>= 1``
+            (default 1: every step).
+        fake_steps: ``fake_step`` calls per step, an int ``>= 1`` (default 1).
+        generator_first: run the generator update before the fake updates of a step (default True).
+        freeze_during_generator: the modules (or one module) frozen while ``generator_step`` runs; default
+            none.
+
+    Raises:
+        OptionError: ``generator_every`` or ``fake_steps`` is ``< 1``.
+        DTypeError: ``generator_every`` or ``fake_steps`` is not an int (``2.0`` is accepted),
+            ``generator_step`` / ``fake_step`` is not callable, ``generator_first`` is not a bool, or
+            ``freeze_during_generator`` holds something other than ``nn.Module`` s. :meth:`step` raises
+            :class:`DTypeError` when a step callable returns neither a mapping nor None.
 
     Example:
         >>> calls = []
@@ -470,40 +813,107 @@ class AlternatingUpdate:
         generator_every: int = 1,
         fake_steps: int = 1,
         generator_first: bool = True,
-        freeze_during_generator: Sequence[nn.Module] = (),
+        freeze_during_generator: Sequence[nn.Module] | nn.Module = (),
     ) -> None:
-        for name, value in (("generator_every", generator_every), ("fake_steps", fake_steps)):
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise OptionError(f"Expected `{name}` to be an int >= 1, but got {value!r}.")
+        for name, fn in (("generator_step", generator_step), ("fake_step", fake_step)):
+            if not callable(fn):
+                raise DTypeError(
+                    f"Expected `{name}` to be a callable taking no arguments (it runs one update and returns a "
+                    f"dict of logging values or None), but got {type(fn).__name__}."
+                )
+        self.generator_every = check_int(generator_every, "generator_every", minimum=1, integral_float=True)
+        self.fake_steps = check_int(fake_steps, "fake_steps", minimum=1, integral_float=True)
+        check_bool(generator_first, "generator_first")
+        try:
+            if isinstance(freeze_during_generator, (str, bytes)):
+                raise TypeError
+            modules = (
+                (freeze_during_generator,)
+                if isinstance(freeze_during_generator, nn.Module)
+                else tuple(freeze_during_generator)
+            )
+        except TypeError:
+            raise DTypeError(
+                "Expected `freeze_during_generator` to be an nn.Module or a sequence of them, but got "
+                f"{type(freeze_during_generator).__name__}."
+            ) from None
+        for i, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise DTypeError(
+                    f"Expected `freeze_during_generator[{i}]` to be an nn.Module (its parameters are frozen during "
+                    f"the generator step), but got {type(module).__name__}."
+                )
         self.generator_step = generator_step
         self.fake_step = fake_step
-        self.generator_every = int(generator_every)
-        self.fake_steps = int(fake_steps)
         self.generator_first = generator_first
-        self.freeze_during_generator = tuple(freeze_during_generator)
+        self.freeze_during_generator = modules
         self.step_count = 0
+
+    @staticmethod
+    def _logs(value: Any, name: str, prefix: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise DTypeError(
+                f"Expected `{name}` to return a mapping of logging values or None, but it returned "
+                f"{type(value).__name__}."
+            )
+        return {f"{prefix}/{k}": v for k, v in value.items()}
 
     def _run_generator(self, logs: dict[str, torch.Tensor]) -> None:
         if self.step_count % self.generator_every == 0:
             with frozen(*self.freeze_during_generator):
-                logs.update({f"generator/{k}": v for k, v in (self.generator_step() or {}).items()})
+                logs.update(self._logs(self.generator_step(), "generator_step", "generator"))
 
     def step(self) -> dict[str, torch.Tensor]:
-        """One training step; returns merged logs prefixed ``generator/`` and ``fake/``."""
+        """One training step: the due generator update and ``fake_steps`` fake updates.
+
+        Returns:
+            The merged logs of the callables, keys prefixed ``generator/`` and ``fake/``.
+
+        Raises:
+            DTypeError: a step callable returns neither a mapping nor None.
+        """
         logs: dict[str, torch.Tensor] = {}
         if self.generator_first:
             self._run_generator(logs)
         for _ in range(self.fake_steps):
-            logs.update({f"fake/{k}": v for k, v in (self.fake_step() or {}).items()})
+            logs.update(self._logs(self.fake_step(), "fake_step", "fake"))
         if not self.generator_first:
             self._run_generator(logs)
         self.step_count += 1
         return logs
 
     def state_dict(self) -> dict[str, int]:
-        """The step counter."""
+        """The step counter, for checkpoints.
+
+        Returns:
+            ``{"step_count": n}``.
+        """
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restore the step counter."""
-        self.step_count = int(state["step_count"])
+        """Restore the step counter.
+
+        Args:
+            state: a mapping from :meth:`state_dict`, ``{"step_count": n}`` with an int ``n >= 0``.
+
+        Raises:
+            DTypeError: ``state`` is not a mapping.
+            OptionError: ``state`` has no ``"step_count"``, or it is not an int ``>= 0``.
+        """
+        if not isinstance(state, Mapping):
+            raise DTypeError(
+                f"Expected `state` to be a mapping from AlternatingUpdate.state_dict(), but got {type(state).__name__}."
+            )
+        if "step_count" not in state:
+            raise OptionError(
+                f"Expected `state` to hold 'step_count' (from AlternatingUpdate.state_dict()), but got keys "
+                f"{sorted(state)}."
+            )
+        count = state["step_count"]
+        if isinstance(count, torch.Tensor) and count.numel() == 1 and not count.is_floating_point():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise OptionError(f"Expected `state['step_count']` to be an int >= 0, but got {count!r}.")
+        self.step_count = int(count)

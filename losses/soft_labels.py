@@ -28,10 +28,13 @@ from .._checks import (
     DTypeError,
     OptionError,
     ShapeError,
-    check_dtype_floating,
+    check_float_input,
+    check_int,
+    check_nonempty,
     check_option,
-    check_positive,
+    check_optional_int,
     check_probability,
+    check_real,
     check_tensor,
     value_checks_enabled,
 )
@@ -44,15 +47,32 @@ __all__ = [
 ]
 
 
-def _check_labels(target: torch.Tensor, num_classes: int, ignore_index: int | None, name: str) -> None:
+def _check_labels(
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None,
+    name: str,
+    *,
+    layout: str = "(B, *spatial)",
+    min_ndim: int = 1,
+) -> None:
+    """Integer (or bool) class indices laid out as ``layout``, non-empty, in ``[0, C)`` or ``ignore_index``."""
     check_tensor(target, name)
     if target.is_floating_point() or target.dtype.is_complex:
         raise DTypeError(
             f"Expected `{name}` to hold integer class indices, but got dtype {target.dtype}. "
             f"Cast it with {name}.long() if the values are whole numbers."
         )
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise OptionError(f"Expected `num_classes` to be a positive int, but got {num_classes!r}.")
+    if target.ndim < min_ndim:
+        raise ShapeError(
+            f"Expected `{name}` laid out as {layout}, but got shape {tuple(target.shape)}.",
+            name=name,
+            expected=layout,
+            actual=tuple(target.shape),
+        )
+    check_nonempty(target, name)
+    check_int(num_classes, "num_classes", minimum=1)
+    check_optional_int(ignore_index, "ignore_index")
     if value_checks_enabled():
         bad = (target < 0) | (target >= num_classes)
         if ignore_index is not None:
@@ -96,14 +116,23 @@ def uniform_label_smoothing(
     r"""Uniformly smoothed one-hot labels, :math:`(1 - \varepsilon)\,\mathrm{onehot}(y) + \varepsilon / C`.
 
     Args:
-        target: integer class indices, shape (B, \*spatial).
-        num_classes: number of classes C.
-        epsilon: smoothing mass in [0, 1] spread evenly over the C classes.
-        ignore_index: label value whose pixels get an all-zero soft label (mask them in the loss).
-        dtype: floating dtype of the result.
+        target: integer (or bool) class indices in ``[0, C)``, shape (B, \*spatial), non-empty.
+        num_classes: number of classes C (a positive int).
+        epsilon: smoothing mass in [0, 1] spread evenly over the C classes. Defaults to 0.1; 0 gives the
+            one-hot labels.
+        ignore_index: label value whose pixels get an all-zero soft label (mask them in the loss with
+            ``mask = target != ignore_index``). Defaults to ``None``: every pixel is labelled.
+        dtype: floating dtype of the result. Defaults to float32.
 
     Returns:
-        Soft labels of shape (B, C, \*spatial).
+        Soft labels of shape (B, C, \*spatial) that sum to 1 over C at labelled pixels.
+
+    Raises:
+        DTypeError: ``target`` not an integer tensor, ``epsilon`` not a number, ``num_classes`` or ``ignore_index`` not an int,
+            or ``dtype`` not a floating dtype.
+        ShapeError: ``target`` empty or 0-d.
+        OptionError: ``num_classes`` < 1, or ``epsilon`` outside [0, 1].
+        ValueError: a label outside ``[0, C)`` that is not ``ignore_index`` (value check).
 
     Example:
         >>> from diffdistill.losses import uniform_label_smoothing
@@ -114,7 +143,7 @@ def uniform_label_smoothing(
                 [0.1000, 0.8000, 0.0000]])
     """
     _check_labels(target, num_classes, ignore_index, "target")
-    check_probability(epsilon, "epsilon")
+    check_probability(check_real(epsilon, "epsilon", allow_tensor=True), "epsilon")
     onehot = _one_hot(target, num_classes, ignore_index, dtype)
     kept = onehot.sum(1, keepdim=True)  # 1 at labelled pixels, 0 at ignored ones
     return onehot * (1 - epsilon) + kept * (epsilon / num_classes)
@@ -138,15 +167,25 @@ def boundary_label_smoothing(
     ``configs/labels/ls.yaml``; the result matches the official construction on the reference case.
 
     Args:
-        target: integer class indices, shape (B, \*spatial) with 1 to 3 spatial dimensions.
-        num_classes: number of classes C.
-        epsilon: smoothing mass in [0, 1] at boundary pixels.
-        kernel_size: odd neighbourhood size k.
-        ignore_index: label value to ignore (all-zero soft label, never a neighbour).
-        dtype: floating dtype of the result.
+        target: integer (or bool) class indices in ``[0, C)``, shape (B, \*spatial) with 1 to 3 spatial
+            dimensions, non-empty.
+        num_classes: number of classes C (a positive int).
+        epsilon: smoothing mass in [0, 1] at boundary pixels. Defaults to 0.5 (the paper's).
+        kernel_size: odd neighbourhood size k. Defaults to 3 (the paper's).
+        ignore_index: label value to ignore (all-zero soft label, never a neighbour). Defaults to ``None``:
+            every pixel is labelled.
+        dtype: floating dtype of the result. Defaults to float32.
 
     Returns:
-        Soft labels of shape (B, C, \*spatial).
+        Soft labels of shape (B, C, \*spatial) that sum to 1 over C at labelled pixels.
+
+    Raises:
+        DTypeError: ``target`` not an integer tensor, ``epsilon`` not a number, ``num_classes`` or ``ignore_index`` not an int,
+            or ``dtype`` not a floating dtype.
+        ShapeError: ``target`` empty, or without 1 to 3 spatial dimensions.
+        OptionError: ``num_classes`` < 1, ``epsilon`` outside [0, 1], or ``kernel_size`` not
+            an odd positive int.
+        ValueError: a label outside ``[0, C)`` that is not ``ignore_index`` (value check).
 
     Example:
         >>> from diffdistill.losses import boundary_label_smoothing
@@ -155,7 +194,7 @@ def boundary_label_smoothing(
         tensor([[0.0000, 0.0000, 0.2500, 0.7500, 1.0000, 1.0000]])
     """
     _check_labels(target, num_classes, ignore_index, "target")
-    check_probability(epsilon, "epsilon")
+    check_probability(check_real(epsilon, "epsilon", allow_tensor=True), "epsilon")
     if (
         isinstance(kernel_size, bool)
         or not isinstance(kernel_size, int)
@@ -199,15 +238,25 @@ def multi_rater_soft_labels(
     official construction. A pixel no rater labelled gets an all-zero soft label.
 
     Args:
-        annotations: integer label maps of shape (R, B, \*spatial), or a sequence of R tensors of
-            shape (B, \*spatial).
-        num_classes: number of classes C.
-        weights: optional non-negative weight per rater (length R); default equal weights.
-        ignore_index: label value meaning "this rater did not label this pixel".
-        dtype: floating dtype of the result.
+        annotations: integer label maps of shape (R, B, \*spatial) with R >= 1 raters, or a non-empty
+            sequence of R tensors of the same shape (B, \*spatial).
+        num_classes: number of classes C (a positive int).
+        weights: non-negative weight per rater (a sequence or tensor of length R, not all 0). Defaults to
+            ``None``: equal weights.
+        ignore_index: label value meaning "this rater did not label this pixel". Defaults to ``None``:
+            every rater labelled every pixel.
+        dtype: floating dtype of the result. Defaults to float32.
 
     Returns:
-        Soft labels of shape (B, C, \*spatial).
+        Soft labels of shape (B, C, \*spatial): 1 over C where some rater labelled the pixel, 0 elsewhere.
+
+    Raises:
+        DTypeError: ``annotations`` not integer tensors, ``weights`` not numbers, ``ignore_index`` not an
+            int, or ``dtype`` not a floating dtype.
+        ShapeError: no rater, an empty batch, raters of different shapes, or ``weights`` not of length R.
+        OptionError: ``num_classes`` < 1.
+        ValueError: a label outside ``[0, C)`` that is not ``ignore_index``, or ``weights`` negative,
+            non-finite or all 0 (value checks).
 
     Example:
         >>> from diffdistill.losses import multi_rater_soft_labels
@@ -217,20 +266,56 @@ def multi_rater_soft_labels(
                 [0.5000, 0.7500]])
     """
     if not isinstance(annotations, torch.Tensor):
-        annotations = torch.stack(list(annotations))
-    _check_labels(annotations, num_classes, ignore_index, "annotations")
-    if annotations.ndim < 2:
+        if isinstance(annotations, (str, bytes)) or not isinstance(annotations, Sequence):
+            raise DTypeError(
+                "Expected `annotations` to be a tensor (R, B, *spatial) or a sequence of R tensors (B, *spatial), "
+                f"but got {type(annotations).__name__}."
+            )
+        raters = list(annotations)
+        if not raters:
+            raise ShapeError(
+                "Expected `annotations` to hold at least one rater's label map, but got an empty sequence.",
+                name="annotations",
+                expected="R >= 1",
+                actual=(0,),
+            )
+        for i, rater in enumerate(raters):
+            check_tensor(rater, f"annotations[{i}]")
+            if rater.shape != raters[0].shape:
+                raise ShapeError(
+                    f"Expected every rater's label map to have the shape of `annotations[0]` "
+                    f"{tuple(raters[0].shape)}, but got `annotations[{i}]` {tuple(rater.shape)}.",
+                    name=f"annotations[{i}]",
+                    expected=tuple(raters[0].shape),
+                    actual=tuple(rater.shape),
+                )
+        annotations = torch.stack(raters)
+    if annotations.ndim >= 1 and annotations.shape[0] == 0:
         raise ShapeError(
-            f"Expected `annotations` laid out as (R, B, *spatial), but got shape {tuple(annotations.shape)}.",
+            "Expected `annotations` to hold at least one rater's label map (R >= 1 in dim 0), but got shape "
+            f"{tuple(annotations.shape)}.",
             name="annotations",
-            expected="(R, B, *spatial)",
+            expected="R >= 1",
             actual=tuple(annotations.shape),
         )
+    _check_labels(
+        annotations, num_classes, ignore_index, "annotations", layout="(R, B, *spatial)", min_ndim=2
+    )
     num_raters = annotations.shape[0]
     if weights is None:
         w = torch.ones(num_raters, dtype=dtype, device=annotations.device)
     else:
-        w = torch.as_tensor(weights, dtype=dtype, device=annotations.device)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise DTypeError(
+                f"Expected `dtype` (of the soft labels) to be a floating torch.dtype, but got {dtype!r}."
+            )
+        try:
+            w = torch.as_tensor(weights, dtype=dtype, device=annotations.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                f"Expected `weights` to be a sequence or tensor of R = {num_raters} numbers, but got "
+                f"{type(weights).__name__} {weights!r} ({err})."
+            ) from err
         if w.shape != (num_raters,):
             raise ShapeError(
                 f"Expected `weights` of length R = {num_raters} (from `annotations` {tuple(annotations.shape)}), "
@@ -263,12 +348,19 @@ def teacher_soft_labels(
     :func:`~diffdistill.losses.dice.dice_semimetric_loss`.
 
     Args:
-        logits: teacher logits, shape (B, C, \*spatial).
-        temperature: T > 0; T > 1 softens the distribution.
-        mode: ``"multiclass"``, ``"multilabel"`` or ``"binary"``, as in the loss.
+        logits: teacher logits, shape (B, C, \*spatial) (C = 1 for ``"binary"``), floating, non-empty.
+        temperature: T > 0; T > 1 softens the distribution. Defaults to 1 (the teacher's probabilities).
+        mode: ``"multiclass"`` (softmax over C; the default), ``"multilabel"`` or ``"binary"`` (sigmoid), as
+            in the loss.
 
     Returns:
-        Probabilities of the same shape as ``logits`` (no gradient).
+        Probabilities of the same shape as ``logits`` (no gradient), in at least float32.
+
+    Raises:
+        DTypeError: ``logits`` not a floating tensor, or ``temperature`` not a number.
+        ShapeError: ``logits`` empty, not laid out as (B, C, \*spatial), or with C != 1 for ``"binary"``.
+        OptionError: ``temperature`` not > 0 or not finite, or an unknown ``mode``.
+        NonFiniteError: ``logits`` holds NaN/Inf (value check).
 
     Example:
         >>> from diffdistill.losses import teacher_soft_labels
@@ -278,14 +370,22 @@ def teacher_soft_labels(
         (torch.Size([2, 4, 8, 8]), True)
     """
     check_tensor(logits, "logits")
-    check_dtype_floating(logits, "logits")
-    check_positive(temperature, "temperature")
     check_option(mode, "mode", ("multiclass", "multilabel", "binary"))
-    if logits.ndim < 2:
+    check_real(temperature, "temperature", low=0, strict=True, allow_tensor=True)
+    if isinstance(logits, torch.Tensor) and logits.ndim < 2:
         raise ShapeError(
             f"Expected `logits` laid out as (B, C, *spatial), but got shape {tuple(logits.shape)}.",
             name="logits",
             expected="(B, C, *spatial)",
+            actual=tuple(logits.shape),
+        )
+    check_float_input(logits, "logits")
+    if mode == "binary" and logits.shape[1] != 1:
+        raise ShapeError(
+            f"mode='binary' expects one channel, `logits` (B, 1, *spatial), but got shape {tuple(logits.shape)}. "
+            "Use mode='multiclass' for a C-class softmax or 'multilabel' for independent channels.",
+            name="logits",
+            expected=(logits.shape[0], 1, *logits.shape[2:]),
             actual=tuple(logits.shape),
         )
     with torch.no_grad():

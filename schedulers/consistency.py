@@ -18,21 +18,65 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import OptionError, check_positive, check_tensor, value_checks_enabled
+from .._checks import (
+    DTypeError,
+    OptionError,
+    check_finite,
+    check_real,
+    value_checks_enabled,
+)
 from .noise_schedule import NoiseSchedule, TimestepLike
 
 __all__ = ["boundary_scalings", "consistency_function"]
 
 
+def _check_constants(sigma_data: float, timestep_scaling: float) -> tuple[float, float]:
+    """``sigma_data`` and ``timestep_scaling`` as finite floats > 0."""
+    return (
+        check_real(sigma_data, "sigma_data", low=0, strict=True, allow_tensor=True),
+        check_real(timestep_scaling, "timestep_scaling", low=0, strict=True, allow_tensor=True),
+    )
+
+
+def _scalings(
+    tt: torch.Tensor, sigma_data: float, timestep_scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` in float64 for validated timesteps ``tt >= 0`` and validated constants."""
+    tau = tt.to(torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (tau**2 + sigma_data**2)
+    c_out = tau / (tau**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def _check_nonnegative(tt: torch.Tensor) -> None:
+    if value_checks_enabled() and bool((tt < 0).any()):
+        raise OptionError(
+            f"Expected timesteps t >= 0 for the boundary scalings, but got {tt.tolist()}. t = -1 (the clean "
+            "end of a sampler's grid) has no consistency scaling: there the consistency function is the "
+            "clean sample itself; clamp t to >= 0 or map such samples separately."
+        )
+
+
 def boundary_scalings(
     t: TimestepLike, sigma_data: float = 0.5, timestep_scaling: float = 10.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LCM boundary-condition scalings ``(c_skip, c_out)`` at timestep(s) ``t`` (float64, shape of ``t``).
+    """LCM boundary-condition scalings ``(c_skip, c_out)`` at timestep(s) ``t``.
 
     Args:
-        t: timestep index or tensor of indices (diffusers convention, ``t >= 0``; OptionError for ``t < 0``).
-        sigma_data: data standard deviation :math:`\\sigma_d` (0.5 in LCM).
-        timestep_scaling: :math:`s` in :math:`\\tau = s t` (10 in LCM / diffusers' ``timestep_scaling``).
+        t: timestep index or tensor / sequence of indices of any shape (diffusers convention, ``t >= 0``;
+            fractional values are allowed: the scalings are continuous in ``t``).
+        sigma_data: data standard deviation :math:`\\sigma_d`, a finite number > 0 (0.5 in LCM, the default).
+        timestep_scaling: :math:`s` in :math:`\\tau = s t`, a finite number > 0 (10 in LCM / diffusers'
+            ``timestep_scaling``, the default).
+
+    Returns:
+        ``(c_skip, c_out)``: two float64 tensors of the shape of ``t``.
+
+    Raises:
+        DTypeError: if ``t`` is not numeric (or a bool / complex tensor), or a constant is not a real number.
+        NonFiniteError: if ``t`` holds NaN / Inf (a value check).
+        OptionError: if some ``t < 0`` (a value check), or ``sigma_data`` / ``timestep_scaling`` is not a
+            finite number > 0.
 
     Example:
         >>> c_skip, c_out = boundary_scalings(torch.tensor([0, 19, 999]))
@@ -41,19 +85,22 @@ def boundary_scalings(
         >>> bool(c_out[2] > 0.9999)
         True
     """
-    check_positive(sigma_data, "sigma_data")
-    check_positive(timestep_scaling, "timestep_scaling")
-    tt = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.to(torch.float64)
-    if value_checks_enabled() and bool((tt < 0).any()):
-        raise OptionError(
-            f"Expected timesteps t >= 0 for the boundary scalings, but got {tt.tolist()}. t = -1 (the clean "
-            "end of a sampler's grid) has no consistency scaling: there the consistency function is the "
-            "clean sample itself; clamp t to >= 0 or map such samples separately."
-        )
-    tau = tt * timestep_scaling
-    c_skip = sigma_data**2 / (tau**2 + sigma_data**2)
-    c_out = tau / (tau**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
+    sd, scaling = _check_constants(sigma_data, timestep_scaling)
+    if isinstance(t, torch.Tensor):
+        if t.dtype == torch.bool or t.is_complex():
+            raise DTypeError(f"Expected `t` to hold real timesteps, but got dtype {t.dtype}.")
+        tt = t.to(torch.float64)
+    else:
+        try:
+            tt = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                f"Expected `t` to be a number, a sequence of numbers or a tensor of timesteps, but got "
+                f"{type(t).__name__} ({t!r})."
+            ) from err
+    check_finite(tt, "t")
+    _check_nonnegative(tt)
+    return _scalings(tt, sd, scaling)
 
 
 def consistency_function(
@@ -67,8 +114,29 @@ def consistency_function(
 ) -> torch.Tensor:
     """The consistency function :math:`f(x_t, t) = c_\\text{skip} x_t + c_\\text{out} \\hat x_0`.
 
-    ``model_output`` is the raw network output in ``prediction_type`` (default: the schedule's);
-    :math:`\\hat x_0` comes from :meth:`NoiseSchedule.to_x0`. Returned in ``x_t``'s dtype.
+    :math:`\\hat x_0` comes from :meth:`NoiseSchedule.to_x0`; the scalings from :func:`boundary_scalings`.
+
+    Args:
+        model_output: the raw network output at ``(x_t, t)`` in ``prediction_type``, floating, the shape of
+            ``x_t``.
+        x_t: noisy states ``(B, ...)``, floating.
+        t: a scalar timestep or one per sample (``(B,)``), in ``[0, T-1]``.
+        schedule: the :class:`NoiseSchedule` the model was trained with.
+        prediction_type: parameterisation of ``model_output`` (default: the schedule's).
+        sigma_data: :math:`\\sigma_d` of :func:`boundary_scalings` (default 0.5).
+        timestep_scaling: :math:`s` of :func:`boundary_scalings` (default 10).
+
+    Returns:
+        :math:`f(x_t, t)`, shape and dtype of ``x_t``.
+
+    Raises:
+        DTypeError: if ``model_output`` or ``x_t`` is not a floating tensor, ``t`` is not integer-valued, or a
+            constant is not a real number.
+        ShapeError: if ``x_t`` is empty, ``model_output`` has another shape, or ``t`` is neither a scalar nor
+            one per sample.
+        NonFiniteError: if ``model_output`` or ``x_t`` holds NaN / Inf (a value check).
+        OptionError: if ``schedule`` is not a :class:`NoiseSchedule`, ``prediction_type`` is unknown, a ``t``
+            is outside ``[0, T-1]`` (value checks), or a constant is not a finite number > 0.
 
     Example:
         >>> s = NoiseSchedule.from_betas()
@@ -76,9 +144,31 @@ def consistency_function(
         >>> torch.equal(consistency_function(torch.randn_like(x), x, torch.tensor([0, 0]), s), x)
         True
     """
-    check_tensor(x_t, "x_t")
-    x0 = schedule.to_x0(model_output, x_t, t, prediction_type)
-    c_skip, c_out = boundary_scalings(schedule.timesteps(t, x_t.device), sigma_data, timestep_scaling)
+    if not isinstance(schedule, NoiseSchedule):
+        raise OptionError(
+            f"Expected `schedule` to be a NoiseSchedule, but got {type(schedule).__name__}. Build one with "
+            "NoiseSchedule.from_scheduler(diffusers_scheduler) or NoiseSchedule.from_betas()."
+        )
+    sd, scaling = _check_constants(sigma_data, timestep_scaling)
+    pt = schedule._prediction_type(prediction_type)
+    schedule._check_output_and_state(model_output, x_t)
+    tt = schedule.batch_timesteps(t, x_t)
+    _check_nonnegative(tt)
+    return _consistency(model_output, x_t, tt, schedule, pt, sd, scaling)
+
+
+def _consistency(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    tt: torch.Tensor,
+    schedule: NoiseSchedule,
+    pt: str,
+    sigma_data: float,
+    timestep_scaling: float,
+) -> torch.Tensor:
+    """:func:`consistency_function` on validated inputs (no checks; ``tt`` from ``batch_timesteps``)."""
+    x0 = schedule._x0_eps(model_output, x_t, tt, pt)[0].to(x_t.dtype)
+    c_skip, c_out = _scalings(tt, sigma_data, timestep_scaling)
     work = schedule.work_dtype(x_t.dtype)
     shape = c_skip.shape + (1,) * (x_t.ndim - c_skip.ndim)
     out = c_skip.to(work).reshape(shape) * x_t.to(work) + c_out.to(work).reshape(shape) * x0.to(work)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -45,13 +45,23 @@ from .._checks import (
     OptionError,
     ShapeError,
     check_dtype_floating,
+    check_finite,
+    check_generator,
+    check_int,
+    check_mapping,
     check_option,
-    check_probability,
+    check_real,
     check_tensor,
 )
-from .consistency import consistency_function
+from .consistency import _check_constants, _consistency
 from .noise_schedule import NoiseSchedule
-from .teacher_solver import GUIDANCE_CONVENTIONS, TeacherSolver
+from .teacher_solver import (
+    GUIDANCE_CONVENTIONS,
+    TeacherSolver,
+    _check_scale,
+    _check_scale_batch,
+    _check_state,
+)
 
 __all__ = [
     "TIMESTEP_SPACINGS",
@@ -93,18 +103,13 @@ TimestepList = Sequence[int] | torch.Tensor
 # ---------------------------------------------------------------------------------------------------
 # timestep lists
 # ---------------------------------------------------------------------------------------------------
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
-    return int(value)
-
-
 def _check_strength(strength: float) -> float:
-    if not 0.0 < float(strength) <= 1.0:
+    value = check_real(strength, "strength", allow_tensor=True)
+    if not 0.0 < value <= 1.0:
         raise OptionError(
             f"Expected `strength` to lie in (0, 1] (1.0 = start from pure noise), but got {strength!r}."
         )
-    return float(strength)
+    return value
 
 
 def _as_timestep_list(
@@ -118,7 +123,8 @@ def _as_timestep_list(
             ts = torch.as_tensor(list(timesteps))
         except (TypeError, ValueError, RuntimeError) as err:
             raise DTypeError(
-                f"Expected `{name}` to be a sequence of ints or a 1-D tensor, but got {type(timesteps).__name__}."
+                f"Expected `{name}` to be a sequence of ints or a 1-D tensor, but got {type(timesteps).__name__}"
+                f" ({repr(timesteps)[:80]}). Wrap a single timestep in a list, e.g. [999]."
             ) from err
     if ts.ndim != 1 or ts.numel() == 0:
         raise ShapeError(
@@ -131,6 +137,7 @@ def _as_timestep_list(
     if ts.dtype == torch.bool or ts.is_complex():
         raise DTypeError(f"Expected `{name}` to hold integer timesteps, but got dtype {ts.dtype}.")
     if ts.is_floating_point():
+        check_finite(ts, name)
         if not bool((ts == ts.round()).all()):
             raise OptionError(
                 f"Expected `{name}` to hold integral timestep indices, but got {ts.tolist()}. Round them first."
@@ -164,16 +171,21 @@ def custom_timesteps(
     ``LCMScheduler`` / ``TCDScheduler`` do with custom timesteps.
 
     Args:
-        timesteps: strictly decreasing integers in ``[0, T-1]``.
-        num_train_timesteps: ``T``.
-        strength: fraction of the list to keep (from the end), in ``(0, 1]``.
+        timesteps: strictly decreasing integers in ``[0, T-1]`` (a sequence or a 1-D tensor; integral floats
+            are accepted).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        strength: fraction of the list to keep (from the end), in ``(0, 1]``; 1 (the default) keeps all.
 
     Returns:
         int64 tensor of shape ``(m,)``.
 
     Raises:
-        OptionError: if the list is not strictly decreasing, leaves ``[0, T-1]``, or ``strength`` would
-            keep no step.
+        DTypeError: if ``timesteps`` is not a sequence of numbers / a tensor, holds bools, or ``strength`` is
+            not a real number.
+        ShapeError: if ``timesteps`` is empty or not 1-D.
+        NonFiniteError: if ``timesteps`` holds NaN / Inf (a value check).
+        OptionError: if the list is fractional, not strictly decreasing, leaves ``[0, T-1]``, or ``strength``
+            is outside ``(0, 1]`` or would keep no step.
 
     Example:
         >>> from diffdistill.schedulers.few_step_samplers import custom_timesteps
@@ -182,7 +194,7 @@ def custom_timesteps(
         >>> custom_timesteps([999, 759, 499, 259], strength=0.5).tolist()
         [499, 259]
     """
-    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    t_count = check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
     ts = _as_timestep_list(timesteps, t_count)
     keep = min(int(ts.numel() * _check_strength(strength)), ts.numel())
     if keep < 1:
@@ -215,16 +227,18 @@ def lcm_timesteps(
     timestep; that is ``lcm_timesteps(n, original_inference_steps=T)``.
 
     Args:
-        num_inference_steps: ``n``, at most ``floor(N * strength)``.
-        num_train_timesteps: ``T``.
-        original_inference_steps: ``N`` (50 for LCM, LCM-LoRA, TCD, Hyper-SD).
-        strength: img2img strength in ``(0, 1]``; 1 starts at ``T-1``.
+        num_inference_steps: ``n``, an int >= 1, at most ``floor(N * strength)``.
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        original_inference_steps: ``N`` (default 50, as LCM, LCM-LoRA, TCD, Hyper-SD).
+        strength: img2img strength in ``(0, 1]``; 1 (the default) starts at ``T-1``.
 
     Returns:
         int64 tensor of shape ``(n,)``, strictly decreasing, values on the grid ``(t + 1) % k == 0``.
 
     Raises:
-        OptionError: if ``N > T``, ``n > N`` or ``n > floor(N * strength)``.
+        OptionError: if a count is below its minimum, ``strength`` is outside ``(0, 1]``, ``N > T``,
+            ``n > N`` or ``n > floor(N * strength)``.
+        DTypeError: if a count is not an int, or ``strength`` is not a real number.
 
     Example:
         >>> from diffdistill.schedulers.few_step_samplers import lcm_timesteps
@@ -233,9 +247,9 @@ def lcm_timesteps(
         >>> lcm_timesteps(2, strength=0.5).tolist()
         [499, 259]
     """
-    n = _check_int(num_inference_steps, "num_inference_steps", 1)
-    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
-    n_orig = _check_int(original_inference_steps, "original_inference_steps", 1)
+    n = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    t_count = check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
+    n_orig = check_int(original_inference_steps, "original_inference_steps", minimum=1)
     strength = _check_strength(strength)
     if n_orig > t_count:
         raise OptionError(
@@ -282,12 +296,18 @@ def spaced_timesteps(
 
     Args:
         num_inference_steps: ``n`` in ``[1, T]``.
-        spacing: one of :data:`TIMESTEP_SPACINGS`.
-        num_train_timesteps: ``T``.
-        steps_offset: added to ``"leading"`` timesteps (diffusers config ``steps_offset``; SD 1.x uses 1).
+        spacing: one of :data:`TIMESTEP_SPACINGS` (default ``"trailing"``).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        steps_offset: an int >= 0 added to ``"leading"`` timesteps (diffusers config ``steps_offset``; SD 1.x
+            uses 1; default 0).
 
     Returns:
         int64 tensor of shape ``(n,)``, strictly decreasing, in ``[0, T-1]``.
+
+    Raises:
+        OptionError: if ``spacing`` is unknown, a count is below its minimum, ``n > T``, or a
+            ``"leading"`` list with ``steps_offset`` would exceed ``T-1``.
+        DTypeError: if a count is not an int.
 
     Example:
         >>> from diffdistill.schedulers.few_step_samplers import spaced_timesteps
@@ -297,18 +317,24 @@ def spaced_timesteps(
         ([751, 501, 251, 1], [999, 666, 333, 0])
     """
     check_option(spacing, "spacing", TIMESTEP_SPACINGS)
-    n = _check_int(num_inference_steps, "num_inference_steps", 1)
-    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
-    offset = _check_int(steps_offset, "steps_offset", 0)
+    n = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    t_count = check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
+    offset = check_int(steps_offset, "steps_offset", minimum=0)
     if n > t_count:
         raise OptionError(f"Expected `num_inference_steps` <= num_train_timesteps ({t_count}), but got {n}.")
     if spacing == "trailing":
         values = (np.round(np.arange(t_count, 0, -t_count / n)) - 1)[:n]
     elif spacing == "leading":
         values = (np.arange(0, n) * (t_count // n))[::-1] + offset
+        if int(values[0]) > t_count - 1:
+            raise OptionError(
+                f"Expected `steps_offset` <= {t_count - 1 - int(values[0]) + offset} for {n} 'leading' steps "
+                f"with num_train_timesteps={t_count}, but got {offset}: the first timestep would be "
+                f"{int(values[0])} > {t_count - 1}. Lower `steps_offset` or use spacing='trailing'."
+            )
     else:
         values = np.linspace(0, t_count - 1, n).round()[::-1]
-    return _as_timestep_list(torch.from_numpy(values.astype(np.int64)), t_count, name=f"{spacing} timesteps")
+    return _as_timestep_list(torch.from_numpy(values.astype(np.int64)), t_count)
 
 
 def tlcm_timesteps(num_inference_steps: int, *, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -321,18 +347,26 @@ def tlcm_timesteps(num_inference_steps: int, *, num_train_timesteps: int = 1000)
 
     Args:
         num_inference_steps: ``n`` in ``1..8``.
-        num_train_timesteps: ``T``.
+        num_train_timesteps: ``T``, an int >= 9 (default 1000).
 
     Returns:
         int64 tensor of shape ``(n,)``.
+
+    Raises:
+        OptionError: if ``n`` is not an int in ``1..8`` or ``T < 9``.
+        DTypeError: if ``T`` is not an int.
 
     Example:
         >>> from diffdistill.schedulers.few_step_samplers import tlcm_timesteps
         >>> tlcm_timesteps(4).tolist()
         [999, 749, 499, 124]
     """
-    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 9)
-    if num_inference_steps not in TLCM_GRID_INDICES or isinstance(num_inference_steps, bool):
+    t_count = check_int(num_train_timesteps, "num_train_timesteps", minimum=9)
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, (int, np.integer))
+        or int(num_inference_steps) not in TLCM_GRID_INDICES
+    ):
         raise OptionError(
             f"Expected `num_inference_steps` to be one of {sorted(TLCM_GRID_INDICES)} (TLCM's 9-point grid), "
             f"but got {num_inference_steps!r}."
@@ -349,13 +383,24 @@ def dmd2_timesteps(num_inference_steps: int = 4, *, num_train_timesteps: int = 1
     with :func:`x0_renoise_sample`. (DMD2's *one-step* SDXL generator instead conditions on ``t = 399``:
     ``custom_timesteps([399])``.)
 
+    Args:
+        num_inference_steps: ``n`` in ``[1, T]`` (default 4).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+
+    Returns:
+        int64 tensor of shape ``(n,)``, strictly decreasing.
+
+    Raises:
+        OptionError: if a count is below its minimum or ``n > T``.
+        DTypeError: if a count is not an int.
+
     Example:
         >>> from diffdistill.schedulers.few_step_samplers import dmd2_timesteps
         >>> dmd2_timesteps().tolist()
         [999, 749, 499, 249]
     """
-    n = _check_int(num_inference_steps, "num_inference_steps", 1)
-    t_count = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    n = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    t_count = check_int(num_train_timesteps, "num_train_timesteps", minimum=2)
     if n > t_count:
         raise OptionError(f"Expected `num_inference_steps` <= num_train_timesteps ({t_count}), but got {n}.")
     return t_count - 1 - torch.arange(n, dtype=torch.int64) * (t_count // n)
@@ -366,9 +411,9 @@ def dmd2_timesteps(num_inference_steps: int = 4, *, num_train_timesteps: int = 1
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplerOutput:
-    """What a few-step sampler returns.
+    """What a few-step sampler returns (built by the samplers, not by the caller).
 
-    Attributes:
+    Args:
         sample: the final sample (shape and dtype of the input ``x_t``).
         timesteps: int64 ``(n,)`` CPU tensor of the timesteps the model was evaluated at.
         noises: every noise tensor drawn (in order); pass them back as ``noises=`` to replay the run.
@@ -387,7 +432,20 @@ class SamplerOutput:
 
 class _NoiseSource:
     """Fresh N(0, I) draws shaped like ``like`` (drawn on the generator's device, as diffusers'
-    ``randn_tensor``), or the caller's replayed ``noises``; records what it hands out."""
+    ``randn_tensor``), or the caller's replayed ``noises``; records what it hands out.
+
+    Args:
+        like: the state the draws are shaped like (``x_t``).
+        generator: the caller's generator (checked by :func:`_prepare`).
+        noises: the caller's replayed noises, or None.
+        needed: how many draws the sampler makes.
+
+    Raises:
+        DTypeError: if ``noises`` is a bare tensor or not a sequence, or a noise is not a floating tensor.
+        OptionError: if ``noises`` holds another number of tensors than ``needed``.
+        ShapeError: if a noise is not the shape of ``like``.
+        NonFiniteError: if a noise holds NaN / Inf (a value check).
+    """
 
     def __init__(
         self,
@@ -401,6 +459,11 @@ class _NoiseSource:
         self.drawn: list[torch.Tensor] = []
         self.replay: list[torch.Tensor] | None = None
         if noises is not None:
+            if isinstance(noises, torch.Tensor) or not isinstance(noises, Sequence):
+                raise DTypeError(
+                    f"Expected `noises` to be a list of tensors (one per re-noising step), but got "
+                    f"{type(noises).__name__}. Wrap a single tensor: noises=[z]."
+                )
             replay = list(noises)
             if len(replay) != needed:
                 raise OptionError(
@@ -409,6 +472,7 @@ class _NoiseSource:
                 )
             for i, z in enumerate(replay):
                 check_tensor(z, f"noises[{i}]")
+                check_dtype_floating(z, f"noises[{i}]")
                 if z.shape != like.shape:
                     raise ShapeError(
                         f"Expected `noises[{i}]` to have the shape of `x_t` {tuple(like.shape)}, but got "
@@ -417,6 +481,7 @@ class _NoiseSource:
                         expected=tuple(like.shape),
                         actual=tuple(z.shape),
                     )
+                check_finite(z, f"noises[{i}]")
             self.replay = replay
 
     def __call__(self) -> torch.Tensor:
@@ -435,51 +500,15 @@ class _NoiseSource:
 _Step = Callable[[int, int, torch.Tensor, torch.Tensor, _NoiseSource], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _run(
-    model: Model,
-    schedule: NoiseSchedule,
-    x_t: torch.Tensor,
-    timesteps: torch.Tensor,
-    step: _Step,
-    *,
-    prediction_type: str,
-    cond: Mapping[str, Any] | None,
-    uncond: Mapping[str, Any] | None,
-    guidance_scale: float | torch.Tensor | None,
-    guidance: Literal["imagen", "lcm"],
-    generator: torch.Generator | None,
-    noises: Sequence[torch.Tensor] | None,
-    noises_needed: int,
-    return_trajectory: bool,
-    grad: bool,
-) -> SamplerOutput:
-    """Shared loop: guided model call at each ``t_i`` (via TeacherSolver.predict), then ``step``."""
-    if guidance_scale is None:
-        guidance_scale = 1.0 if guidance == "imagen" else 0.0
-    solver = TeacherSolver(
-        model, schedule, guidance_scale=guidance_scale, guidance=guidance, prediction_type=prediction_type
-    )
-    source = _NoiseSource(x_t, generator, noises, noises_needed)
-    trajectory: list[torch.Tensor] = []
-    denoised: list[torch.Tensor] = []
-    x = x_t
-    for i, t in enumerate(timesteps.tolist()):
-        if return_trajectory:
-            trajectory.append(x)
-        out = solver.predict(x, t, cond, uncond, grad=grad)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            x, x0 = step(i, t, x, out, source)
-        if return_trajectory:
-            denoised.append(x0)
-    if return_trajectory:
-        trajectory.append(x)
-    return SamplerOutput(
-        sample=x,
-        timesteps=timesteps,
-        noises=tuple(source.drawn),
-        trajectory=tuple(trajectory),
-        denoised=tuple(denoised),
-    )
+class _Setup(NamedTuple):
+    """Validated sampler inputs (:func:`_prepare`)."""
+
+    timesteps: torch.Tensor
+    prediction_type: str
+    solver: TeacherSolver
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None
+    guidance_scale: float | torch.Tensor
 
 
 def _prepare(
@@ -489,7 +518,14 @@ def _prepare(
     timesteps: TimestepList,
     prediction_type: str | None,
     guidance: Literal["imagen", "lcm"],
-) -> tuple[torch.Tensor, str]:
+    guidance_scale: float | torch.Tensor | None,
+    cond: Mapping[str, Any] | None,
+    uncond: Mapping[str, Any] | None,
+    generator: torch.Generator | None = None,
+    *,
+    timesteps_name: str = "timesteps",
+) -> _Setup:
+    """Every boundary check of a sampler, once, before the first model call."""
     if not callable(model):
         raise OptionError(
             f"Expected `model` to be callable as model(x_t, t, **cond), but got {type(model).__name__}."
@@ -499,22 +535,76 @@ def _prepare(
             f"Expected `schedule` to be a NoiseSchedule, but got {type(schedule).__name__}. Build one with "
             "NoiseSchedule.from_scheduler(diffusers_scheduler) or NoiseSchedule.from_betas()."
         )
-    check_tensor(x_t, "x_t")
-    check_dtype_floating(x_t, "x_t")
-    if x_t.ndim < 1:
-        raise ShapeError(
-            "Expected `x_t` to have a batch dimension, e.g. (B, C, H, W), but got a 0-d tensor.",
-            name="x_t",
-            expected="(B, ...)",
-            actual=(),
-        )
+    _check_state(x_t)
     check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
-    ts = _as_timestep_list(timesteps, schedule.num_train_timesteps)
-    return ts, schedule._prediction_type(prediction_type)
+    ts = _as_timestep_list(timesteps, schedule.num_train_timesteps, timesteps_name)
+    pt = schedule._prediction_type(prediction_type)
+    cond_kw = check_mapping(cond, "cond")
+    uncond_kw = None if uncond is None else check_mapping(uncond, "uncond")
+    solver = TeacherSolver(model, schedule, guidance=guidance, prediction_type=pt)
+    w = solver.guidance_scale if guidance_scale is None else _check_scale(guidance_scale)
+    _check_scale_batch(w, x_t.shape[0])
+    check_generator(generator)
+    return _Setup(ts, pt, solver, cond_kw, uncond_kw, w)
+
+
+def _run(
+    setup: _Setup,
+    x_t: torch.Tensor,
+    step: _Step,
+    *,
+    generator: torch.Generator | None,
+    noises: Sequence[torch.Tensor] | None,
+    noises_needed: int,
+    return_trajectory: bool,
+    grad: bool,
+) -> SamplerOutput:
+    """Shared loop: guided model call at each ``t_i`` (TeacherSolver's, without re-checking), then ``step``."""
+    source = _NoiseSource(x_t, generator, noises, noises_needed)
+    schedule = setup.solver.schedule
+    trajectory: list[torch.Tensor] = []
+    denoised: list[torch.Tensor] = []
+    x = x_t
+    for i, t in enumerate(setup.timesteps.tolist()):
+        if return_trajectory:
+            trajectory.append(x)
+        out = setup.solver._predict(
+            x, schedule._index(t, x), setup.cond, setup.uncond, setup.guidance_scale, grad
+        )
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x, x0 = step(i, t, x, out, source)
+        if return_trajectory:
+            denoised.append(x0)
+    if return_trajectory:
+        trajectory.append(x)
+    return SamplerOutput(
+        sample=x,
+        timesteps=setup.timesteps,
+        noises=tuple(source.drawn),
+        trajectory=tuple(trajectory),
+        denoised=tuple(denoised),
+    )
 
 
 def _work(schedule: NoiseSchedule, like: torch.Tensor) -> torch.dtype:
     return schedule.work_dtype(like.dtype)
+
+
+def _to_x0(schedule: NoiseSchedule, out: torch.Tensor, x: torch.Tensor, t: int, pt: str) -> torch.Tensor:
+    """:meth:`NoiseSchedule.to_x0` inside a sampling loop (inputs checked once by :func:`_prepare`)."""
+    return schedule._x0_eps(out, x, schedule._index(t, x), pt)[0].to(x.dtype)
+
+
+def _ddim(
+    schedule: NoiseSchedule, out: torch.Tensor, x: torch.Tensor, t: int, t_to: int, pt: str
+) -> torch.Tensor:
+    """:meth:`NoiseSchedule.ddim_step` inside a sampling loop (``t_to < t`` by construction)."""
+    return schedule._ddim(out, x, schedule._index(t, x), schedule._index(t_to, x), pt)
+
+
+def _renoise(schedule: NoiseSchedule, x0: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
+    """:meth:`NoiseSchedule.add_noise` inside a sampling loop."""
+    return schedule._add_noise(x0, z, schedule._index(t, x0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -547,26 +637,51 @@ def lcm_sample(
     \\sigma_{t_{i+1}} z_i`. The result is :math:`f_{n-1}`. Same outputs as diffusers' ``LCMScheduler``
     (``set_timesteps`` with the same timesteps, ``step(..., generator=g)``) for the same generator state.
 
+    Guidance: the defaults are :class:`~diffdistill.schedulers.TeacherSolver`'s (``guidance="imagen"``, no
+    guidance unless ``guidance_scale`` is given). An LCM student distilled with a guidance embedding
+    (``w_embedding``) takes its scale as a condition instead; pass it in ``cond``.
+
     Args:
-        model: ``model(x_t, t, **cond)``; ``t`` is an int64 ``(B,)`` tensor. Outputs may be tensors,
-            diffusers outputs or tuples.
-        schedule: the student's noise schedule (its ``prediction_type`` is the default).
-        x_t: starting state at ``timesteps[0]`` (pure noise for text-to-image), ``(B, ...)``.
-        timesteps: strictly decreasing, e.g. :func:`lcm_timesteps` ``(4)`` or ``[800]`` (Hyper-SD 1-step).
-        cond, uncond: model keyword arguments; with ``uncond`` and a non-trivial ``guidance_scale``,
-            classifier-free guidance runs through :class:`~diffdistill.schedulers.teacher_solver.TeacherSolver`
-            (both passes batched).
-        guidance_scale: CFG scale (default: no guidance in the chosen convention).
-        guidance: ``"imagen"`` (:math:`u + w(c-u)`) or ``"lcm"`` (:math:`c + w(c-u)`).
-        prediction_type: model output type (default: the schedule's).
-        sigma_data, timestep_scaling: boundary-scaling constants (0.5, 10 as in LCM / diffusers).
-        generator: source of the re-noising draws (``torch.randn`` on the generator's device).
-        noises: replay these ``n - 1`` noises instead of drawing.
-        return_trajectory: also return the states and consistency outputs.
-        grad: record gradients (default: sampling runs without autograd).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
+            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        sigma_data: :math:`\\sigma_d` of the boundary scalings, a finite number > 0 (0.5, as LCM / diffusers).
+        timestep_scaling: :math:`s` of the boundary scalings, a finite number > 0 (10, as LCM / diffusers).
+        generator: source of the re-noising draws (``torch.randn`` on the generator's device); ``None`` uses
+            the global RNG.
+        noises: a list of tensors of the shape of ``x_t`` to replay instead of drawing (the ``noises`` of an
+            earlier :class:`SamplerOutput` with the same timesteps).
+        return_trajectory: also return the states and the per-step clean estimates (default off).
+        grad: record the autograd graph (default off: sampling runs without autograd).
 
     Returns:
         :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws.
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
+            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            missing for a real ``guidance_scale``, ``noises`` has the wrong count, or ``sigma_data`` /
+            ``timestep_scaling`` is not a finite number > 0.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, ``generator`` is not a torch.Generator, a noise is not a floating
+            tensor, the model returns no floating tensor or fails on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``, or a noise is not the shape of
+            ``x_t``.
+        NonFiniteError: if ``x_t`` or a replayed noise holds NaN / Inf (a value check, once before the first
+            step).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -578,28 +693,25 @@ def lcm_sample(
         >>> out.sample.shape, out.timesteps.tolist(), len(out.noises)
         (torch.Size([2, 4, 8, 8]), [999, 759, 499, 259], 3)
     """
-    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    sd, scaling = _check_constants(sigma_data, timestep_scaling)
+    setup = _prepare(
+        model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond, generator
+    )
+    ts, pt = setup.timesteps, setup.prediction_type
     n = ts.numel()
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        f = consistency_function(out, x, t, schedule, pt, sigma_data, timestep_scaling)
+        f = _consistency(out, x, schedule._index(t, x), schedule, pt, sd, scaling)
         if i == n - 1:
             return f, f
-        return schedule.add_noise(f, draw(), int(ts[i + 1])), f
+        return _renoise(schedule, f, draw(), int(ts[i + 1])), f
 
     return _run(
-        model,
-        schedule,
+        setup,
         x_t,
-        ts,
         step,
-        prediction_type=pt,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
         generator=generator,
         noises=noises,
         noises_needed=n - 1,
@@ -641,7 +753,8 @@ def tcd_sample(
     .. math::
 
         x_s = \\alpha_s \\hat x_0 + \\sigma_s \\hat\\epsilon, \\qquad
-        x_{t'} = \\sqrt{\\bar\\alpha_{t'}/\\bar\\alpha_s}\\, x_s + \\sqrt{1 - \\bar\\alpha_{t'}/\\bar\\alpha_s}\\, z
+        x_{t'} = \\sqrt{\\bar\\alpha_{t'}/\\bar\\alpha_s}\\, x_s + \\sqrt{1 -
+        \\bar\\alpha_{t'}/\\bar\\alpha_s}\\, z
 
     where the re-noising only happens for ``eta > 0`` and not after the last step. ``eta = 0`` is
     deterministic DDIM onto ``t'``; ``eta = 1`` predicts :math:`x_s` at ``s = 0`` and fully re-noises
@@ -650,11 +763,46 @@ def tcd_sample(
     ``denoised[-1]`` with ``return_trajectory=True``), and ``s`` is computed in float32 like diffusers.
 
     Args:
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
+            :func:`spaced_timesteps` or :func:`custom_timesteps`.
         eta: :math:`\\gamma \\in [0, 1]` (diffusers default 0.3).
-        Others: as :func:`lcm_sample`.
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        generator: source of the re-noising draws (``torch.randn`` on the generator's device); ``None`` uses
+            the global RNG.
+        noises: a list of tensors of the shape of ``x_t`` to replay instead of drawing (the ``noises`` of an
+            earlier :class:`SamplerOutput` with the same timesteps).
+        return_trajectory: also return the states and the per-step clean estimates (default off).
+        grad: record the autograd graph (default off: sampling runs without autograd).
 
     Returns:
         :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws if ``eta > 0``, none otherwise.
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
+            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            missing for a real ``guidance_scale``, ``noises`` has the wrong count, or ``eta`` is outside
+            ``[0, 1]``.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, ``eta`` is not a real number, ``generator`` is not a
+            torch.Generator, a noise is not a floating tensor, the model returns no floating tensor or fails
+            on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``, or a noise is not the shape of
+            ``x_t``.
+        NonFiniteError: if ``x_t`` or a replayed noise holds NaN / Inf (a value check, once before the first
+            step).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -666,20 +814,24 @@ def tcd_sample(
         >>> len(out.noises), tcd_sample(lambda x, t: 0.5 * x, sched, x, [999, 499], eta=0.0).noises
         (3, ())
     """
-    check_probability(float(eta), "eta")
-    eta = float(eta)
-    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    eta = check_real(eta, "eta", allow_tensor=True)
+    if not 0.0 <= eta <= 1.0:
+        raise OptionError(f"Expected `eta` to lie in [0, 1], but got {eta!r}.")
+    setup = _prepare(
+        model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond, generator
+    )
+    ts, pt = setup.timesteps, setup.prediction_type
     n = ts.numel()
     stochastic = eta > 0
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = schedule.to_x0(out, x, t, pt)
+        x0 = _to_x0(schedule, out, x, t, pt)
         t_prev = int(ts[i + 1]) if i < n - 1 else 0
         s = _tcd_s(t_prev, eta)
         # s <= t_prev < t, except for a list ending at t = 0, where x_s = x_t exactly.
-        x_s = schedule.ddim_step(out, t, x, s, pt) if s < t else x
+        x_s = _ddim(schedule, out, x, t, s, pt) if s < t else x
         if not stochastic or i == n - 1:
             return x_s, x0
         work = _work(schedule, x)
@@ -689,16 +841,9 @@ def tcd_sample(
         return (keep * x_s.to(work) + add * z.to(work)).to(x.dtype), x0
 
     return _run(
-        model,
-        schedule,
+        setup,
         x_t,
-        ts,
         step,
-        prediction_type=pt,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
         generator=generator,
         noises=noises,
         noises_needed=n - 1 if stochastic else 0,
@@ -735,10 +880,37 @@ def ddim_sample(
     DDIM config has ``set_alpha_to_one=False`` while ``NoiseSchedule.from_betas()`` uses 1, which moves a
     4-step trailing result by about 0.015 RMS.
 
-    Args: as :func:`lcm_sample` (no randomness).
+    Args:
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
+            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        return_trajectory: also return the states and the per-step clean estimates (default off).
+        grad: record the autograd graph (default off: sampling runs without autograd).
 
     Returns:
         :class:`SamplerOutput` (``noises`` empty).
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
+            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            missing for a real ``guidance_scale``.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, the model returns no floating tensor or fails on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``.
+        NonFiniteError: if ``x_t`` holds NaN / Inf (a value check, once before the first step).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -750,27 +922,21 @@ def ddim_sample(
         >>> torch.allclose(out.sample, x0, atol=1e-4)
         True
     """
-    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
+    ts, pt = setup.timesteps, setup.prediction_type
     n = ts.numel()
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
     ) -> tuple[torch.Tensor, torch.Tensor]:
         t_next = int(ts[i + 1]) if i < n - 1 else -1
-        x_next = schedule.ddim_step(out, t, x, t_next, pt)
-        return x_next, (schedule.to_x0(out, x, t, pt) if return_trajectory else x_next)
+        x_next = _ddim(schedule, out, x, t, t_next, pt)
+        return x_next, (_to_x0(schedule, out, x, t, pt) if return_trajectory else x_next)
 
     return _run(
-        model,
-        schedule,
+        setup,
         x_t,
-        ts,
         step,
-        prediction_type=pt,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
         generator=None,
         noises=None,
         noises_needed=0,
@@ -815,11 +981,37 @@ def euler_sample(
     (:math:`\\sqrt{\\sigma_\\text{max}^2 + 1}`).
 
     Args:
-        final_sigmas_type: ``"zero"`` or ``"sigma_min"`` (diffusers config of the same name).
-        Others: as :func:`lcm_sample` (no randomness).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
+            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+        final_sigmas_type: ``"zero"`` (the default) or ``"sigma_min"`` (diffusers config of the same name).
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        return_trajectory: also return the states and the per-step clean estimates (default off).
+        grad: record the autograd graph (default off: sampling runs without autograd).
 
     Returns:
         :class:`SamplerOutput` (``noises`` empty).
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
+            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            missing for a real ``guidance_scale``, or ``final_sigmas_type`` is unknown.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, the model returns no floating tensor or fails on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``.
+        NonFiniteError: if ``x_t`` holds NaN / Inf (a value check, once before the first step).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -832,31 +1024,25 @@ def euler_sample(
         True
     """
     check_option(final_sigmas_type, "final_sigmas_type", ("zero", "sigma_min"))
-    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
+    ts, pt = setup.timesteps, setup.prediction_type
     n = ts.numel()
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = schedule.to_x0(out, x, t, pt)
+        x0 = _to_x0(schedule, out, x, t, pt)
         if i < n - 1:
-            return schedule.ddim_step(out, t, x, int(ts[i + 1]), pt), x0
+            return _ddim(schedule, out, x, t, int(ts[i + 1]), pt), x0
         if final_sigmas_type == "zero":
             return x0, x0
         # "sigma_min": end on t = 0; a list that already ends there stays put (diffusers' dt = 0).
-        return (schedule.ddim_step(out, t, x, 0, pt) if t > 0 else x), x0
+        return (_ddim(schedule, out, x, t, 0, pt) if t > 0 else x), x0
 
     return _run(
-        model,
-        schedule,
+        setup,
         x_t,
-        ts,
         step,
-        prediction_type=pt,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
         generator=None,
         noises=None,
         noises_needed=0,
@@ -892,10 +1078,44 @@ def x0_renoise_sample(
     (:func:`tlcm_timesteps`), i.e. multistep consistency sampling without the boundary scalings.
     With ``schedule.terminal_pure_noise`` nothing changes (re-noising never targets ``t = T-1``).
 
-    Args: as :func:`lcm_sample`.
+    Args:
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
+            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        generator: source of the re-noising draws (``torch.randn`` on the generator's device); ``None`` uses
+            the global RNG.
+        noises: a list of tensors of the shape of ``x_t`` to replay instead of drawing (the ``noises`` of an
+            earlier :class:`SamplerOutput` with the same timesteps).
+        return_trajectory: also return the states and the per-step clean estimates (default off).
+        grad: record the autograd graph (default off: sampling runs without autograd).
 
     Returns:
         :class:`SamplerOutput`; ``noises`` holds ``n - 1`` draws.
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
+            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            missing for a real ``guidance_scale``, or ``noises`` has the wrong count.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, ``generator`` is not a torch.Generator, a noise is not a floating
+            tensor, the model returns no floating tensor or fails on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``, or a noise is not the shape of
+            ``x_t``.
+        NonFiniteError: if ``x_t`` or a replayed noise holds NaN / Inf (a value check, once before the first
+            step).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -906,28 +1126,45 @@ def x0_renoise_sample(
         >>> len(out.trajectory), len(out.denoised), len(out.noises)
         (5, 4, 3)
     """
-    ts, pt = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance)
+    setup = _prepare(
+        model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond, generator
+    )
+    return _x0_renoise(
+        setup,
+        schedule,
+        x_t,
+        generator=generator,
+        noises=noises,
+        return_trajectory=return_trajectory,
+        grad=grad,
+    )
+
+
+def _x0_renoise(
+    setup: _Setup,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    *,
+    generator: torch.Generator | None,
+    noises: Sequence[torch.Tensor] | None,
+    return_trajectory: bool,
+    grad: bool,
+) -> SamplerOutput:
+    ts, pt = setup.timesteps, setup.prediction_type
     n = ts.numel()
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = schedule.to_x0(out, x, t, pt)
+        x0 = _to_x0(schedule, out, x, t, pt)
         if i == n - 1:
             return x0, x0
-        return schedule.add_noise(x0, draw(), int(ts[i + 1])), x0
+        return _renoise(schedule, x0, draw(), int(ts[i + 1])), x0
 
     return _run(
-        model,
-        schedule,
+        setup,
         x_t,
-        ts,
         step,
-        prediction_type=pt,
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
         generator=generator,
         noises=noises,
         noises_needed=n - 1,
@@ -958,6 +1195,36 @@ def one_step_sample(
     released for ``LCMScheduler(timesteps=[800])``: use :func:`lcm_sample` with ``[800]`` for that.
     A one-step :func:`x0_renoise_sample`.
 
+    Args:
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
+            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
+        x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
+        timestep: the model timestep, a Python int in ``[0, T-1]`` (default 999).
+        cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
+        uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
+            ``guidance_scale``, when classifier-free guidance runs through
+            :class:`~diffdistill.schedulers.TeacherSolver` (both passes batched).
+        guidance_scale: CFG scale, a finite number or one per sample ``(B,)``; ``None`` (the default) means no
+            guidance in the chosen convention (1 for Imagen, 0 for LCM), as in ``TeacherSolver``.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default, as ``TeacherSolver``) or ``"lcm"``
+            (:math:`c + w(c-u)`).
+        prediction_type: the model's output type (default: the schedule's).
+        grad: record the autograd graph (default off: sampling runs without autograd).
+
+    Returns:
+        :class:`SamplerOutput` with ``timesteps = [timestep]`` (``noises`` empty).
+
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timestep`` is not an
+            int in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is missing for a
+            real ``guidance_scale``.
+        DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
+            ``guidance_scale`` is not real, the model returns no floating tensor or fails on ``x_t``'s dtype.
+        ShapeError: if ``x_t`` has no batch dimension or is empty, ``guidance_scale`` is neither a number nor
+            one per sample, or the model's output is not the shape of ``x_t``.
+        NonFiniteError: if ``x_t`` holds NaN / Inf (a value check, once before the first step).
+
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> from diffdistill.schedulers.few_step_samplers import one_step_sample
@@ -967,16 +1234,20 @@ def one_step_sample(
         True
     """
     if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
-        raise OptionError(f"Expected `timestep` to be an int, but got {timestep!r}.")
-    return x0_renoise_sample(
+        raise OptionError(
+            f"Expected `timestep` to be an int in [0, T-1], but got {timestep!r}. Pass a Python int, e.g. "
+            "int(t)."
+        )
+    setup = _prepare(
         model,
         schedule,
         x_t,
         [int(timestep)],
-        cond=cond,
-        uncond=uncond,
-        guidance_scale=guidance_scale,
-        guidance=guidance,
-        prediction_type=prediction_type,
-        grad=grad,
+        prediction_type,
+        guidance,
+        guidance_scale,
+        cond,
+        uncond,
+        timesteps_name="timestep",
     )
+    return _x0_renoise(setup, schedule, x_t, generator=None, noises=None, return_trajectory=False, grad=grad)

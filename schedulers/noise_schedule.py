@@ -24,8 +24,11 @@ from .._checks import (
     DTypeError,
     OptionError,
     ShapeError,
-    check_dtype_floating,
+    check_finite,
+    check_float_input,
+    check_int,
     check_option,
+    check_real,
     check_tensor,
     value_checks_enabled,
 )
@@ -56,17 +59,33 @@ class NoiseSchedule:
     (float64 by default, so two implementations of the same step agree to ~1e-12) and every result is
     returned in the dtype of its main tensor input, so bf16 latents stay bf16.
 
+    Every method that takes tensors checks them at the boundary: a non-tensor or an integer / bool tensor
+    raises :class:`~diffdistill.errors.DTypeError`, an empty batch or a shape that would broadcast silently
+    raises :class:`~diffdistill.errors.ShapeError`, and (as a value check, see
+    :func:`diffdistill.errors.value_checks`) NaN / Inf entries raise
+    :class:`~diffdistill.errors.NonFiniteError` naming the argument.
+
     Args:
-        alphas_cumprod: :math:`\\bar\\alpha_t` for ``t = 0 .. T-1``, decreasing, in (0, 1].
-        prediction_type: default parameterisation of model outputs: ``"epsilon"``, ``"sample"`` (x0),
-            ``"v_prediction"`` or ``"score"`` (:math:`\\nabla_x \\log p_t = -\\epsilon / \\sigma_t`).
+        alphas_cumprod: :math:`\\bar\\alpha_t` for ``t = 0 .. T-1``, a 1-D tensor or sequence of at least two
+            values, non-increasing, in (0, 1].
+        prediction_type: default parameterisation of model outputs: ``"epsilon"`` (the default),
+            ``"sample"`` (x0), ``"v_prediction"`` or ``"score"`` (:math:`\\nabla_x \\log p_t = -\\epsilon / \\sigma_t`).
+            Methods that take a ``prediction_type`` use this one when given ``None``.
         terminal_pure_noise: SDXL-Lightning's schedule fix (Lin et al. 2024, Eq. 24): :meth:`add_noise`
             at ``t = T-1`` returns the noise itself, as if the schedule reached zero SNR. Conversions still
-            use the schedule's own :math:`\\bar\\alpha_{T-1}` (as the paper does at inference).
+            use the schedule's own :math:`\\bar\\alpha_{T-1}` (as the paper does at inference). Default off.
         final_alpha_cumprod: :math:`\\bar\\alpha` of the clean end ``t = -1`` (diffusers:
-            ``set_alpha_to_one=True`` gives 1.0, ``False`` gives ``alphas_cumprod[0]``).
-        compute_dtype: dtype of the elementwise arithmetic (``None``: float32 for half inputs, the input
-            dtype otherwise; use it on devices without float64 such as MPS).
+            ``set_alpha_to_one=True`` gives 1.0, the default; ``False`` gives ``alphas_cumprod[0]``).
+        compute_dtype: dtype of the elementwise arithmetic: float64 by default; ``None`` uses float32 for
+            half inputs and the input dtype otherwise (use it on devices without float64 such as MPS).
+
+    Raises:
+        DTypeError: if ``alphas_cumprod`` is not numeric, ``compute_dtype`` is not a floating dtype or None,
+            or ``final_alpha_cumprod`` is not a real number.
+        ShapeError: if ``alphas_cumprod`` has more than one dimension.
+        NonFiniteError: if ``alphas_cumprod`` holds NaN / Inf (a value check).
+        OptionError: if ``alphas_cumprod`` has fewer than 2 values, leaves (0, 1] or increases somewhere,
+            if ``prediction_type`` is unknown, or if ``final_alpha_cumprod`` is outside (0, 1].
 
     Example:
         >>> sched = NoiseSchedule.from_betas()  # SD / SDXL: scaled_linear 0.00085 -> 0.012, T = 1000
@@ -88,9 +107,24 @@ class NoiseSchedule:
         final_alpha_cumprod: float = 1.0,
         compute_dtype: torch.dtype | None = torch.float64,
     ) -> None:
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().flatten()
+        try:
+            abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                "Expected `alphas_cumprod` to be a 1-D tensor or sequence of floats (e.g. a diffusers "
+                f"scheduler's alphas_cumprod), but got {type(alphas_cumprod).__name__}."
+            ) from err
+        if abar.ndim > 1:
+            raise ShapeError(
+                f"Expected `alphas_cumprod` to be 1-D (one value per timestep), but got shape {tuple(abar.shape)}.",
+                name="alphas_cumprod",
+                expected="(T,)",
+                actual=tuple(abar.shape),
+            )
+        abar = abar.flatten()
         if abar.numel() < 2:
             raise OptionError(f"Expected `alphas_cumprod` to hold at least 2 values, but got {abar.numel()}.")
+        check_finite(abar, "alphas_cumprod")
         if not bool(((abar > 0) & (abar <= 1)).all()):
             raise OptionError(
                 "Expected every value of `alphas_cumprod` to lie in (0, 1], but got range "
@@ -109,14 +143,15 @@ class NoiseSchedule:
                 f"Expected `compute_dtype` to be a floating torch.dtype (float64, float32) or None, but got "
                 f"{compute_dtype!r}."
             )
-        if not 0 < final_alpha_cumprod <= 1:
+        final = check_real(final_alpha_cumprod, "final_alpha_cumprod", allow_tensor=True)
+        if not 0 < final <= 1:
             raise OptionError(
                 f"Expected `final_alpha_cumprod` to lie in (0, 1], but got {final_alpha_cumprod!r}."
             )
         self.alphas_cumprod = abar
         self.prediction_type = prediction_type
         self.terminal_pure_noise = bool(terminal_pure_noise)
-        self.final_alpha_cumprod = float(final_alpha_cumprod)
+        self.final_alpha_cumprod = final
         self.compute_dtype = compute_dtype
         # Table indexed by t + 1 so that t = -1 (clean end) needs no branch.
         ext = torch.cat([torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), abar])
@@ -136,8 +171,24 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """Build from a beta schedule, with the SD 1.x / SD 2.x / SDXL defaults.
 
-        ``beta_schedule`` is ``"scaled_linear"`` (linear in :math:`\\sqrt\\beta`), ``"linear"`` or
-        ``"squaredcos_cap_v2"`` (cosine, Nichol & Dhariwal 2021), with diffusers' meanings.
+        Args:
+            num_train_timesteps: ``T``, an int >= 2 (1000 for SD / SDXL).
+            beta_start: first :math:`\\beta`, in ``[0, 1)`` (0.00085 for SD / SDXL).
+            beta_end: last :math:`\\beta`, in ``[0, 1)`` (0.012 for SD / SDXL).
+            beta_schedule: ``"scaled_linear"`` (linear in :math:`\\sqrt\\beta`, the default), ``"linear"`` or
+                ``"squaredcos_cap_v2"`` (cosine, Nichol & Dhariwal 2021, which ignores ``beta_start`` and
+                ``beta_end``), with diffusers' meanings.
+            **kwargs: keyword arguments of :class:`NoiseSchedule` (``prediction_type``,
+                ``terminal_pure_noise``, ``final_alpha_cumprod``, ``compute_dtype``).
+
+        Returns:
+            The schedule, whose ``alphas_cumprod`` match diffusers' to the last float32 bit.
+
+        Raises:
+            OptionError: if ``beta_schedule`` is unknown, ``num_train_timesteps`` is < 2, a beta is
+                outside ``[0, 1)`` or not finite, or the betas drive ``alphas_cumprod`` to 0; and as
+                :class:`NoiseSchedule` for ``kwargs``.
+            DTypeError: if a beta is not a real number or ``num_train_timesteps`` not an int; and as :class:`NoiseSchedule` for ``kwargs``.
 
         Example:
             >>> s = NoiseSchedule.from_betas(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
@@ -145,11 +196,11 @@ class NoiseSchedule:
             4e-05
         """
         check_option(beta_schedule, "beta_schedule", BETA_SCHEDULES)
-        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 2:
-            raise OptionError(
-                f"Expected `num_train_timesteps` to be an int >= 2, but got {num_train_timesteps!r}."
-            )
-        n = int(num_train_timesteps)
+        n = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
+        for name, beta in (("beta_start", beta_start), ("beta_end", beta_end)):
+            value = check_real(beta, name, allow_tensor=True)
+            if not 0 <= value < 1:
+                raise OptionError(f"Expected `{name}` to lie in [0, 1), but got {beta!r}.")
         if beta_schedule == "scaled_linear":
             # diffusers computes this in float32; do the same so alphas_cumprod match to the last bit.
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
@@ -158,14 +209,31 @@ class NoiseSchedule:
         else:
             betas = _betas_for_alpha_bar(n).to(torch.float32)
         abar = torch.cumprod(1.0 - betas, dim=0)
+        if not bool((abar > 0).all()):
+            raise OptionError(
+                f"Expected betas that keep alphas_cumprod > 0, but beta_start={beta_start!r}, beta_end={beta_end!r} "
+                f"over {n} steps drive it to 0 (float32 underflow) at t = {int((abar <= 0).nonzero()[0])}. Use "
+                "smaller betas or fewer `num_train_timesteps`."
+            )
         return cls(abar, **kwargs)
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, **kwargs: Any) -> NoiseSchedule:
         """Build from any object with ``alphas_cumprod`` (e.g. a diffusers scheduler), duck-typed.
 
-        ``prediction_type`` and ``final_alpha_cumprod`` are read from the scheduler (``config`` or
-        attributes) unless given in ``kwargs``.
+        Args:
+            scheduler: anything with an ``alphas_cumprod`` attribute (e.g. a diffusers ``DDPMScheduler``,
+                ``DDIMScheduler``, ``EulerDiscreteScheduler`` or ``LCMScheduler``).
+            **kwargs: keyword arguments of :class:`NoiseSchedule`. ``prediction_type`` and
+                ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given.
+
+        Returns:
+            The schedule.
+
+        Raises:
+            DTypeError: if ``scheduler`` has no ``alphas_cumprod``; and as :class:`NoiseSchedule` for the
+                values read or passed.
+            OptionError: as :class:`NoiseSchedule` for the values read or passed.
 
         Example:
             >>> class Fake:  # anything with alphas_cumprod works; diffusers is not required
@@ -216,7 +284,19 @@ class NoiseSchedule:
         return tables
 
     def work_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """dtype of the elementwise arithmetic for inputs of ``dtype`` (``compute_dtype`` or >= float32)."""
+        """dtype of the elementwise arithmetic for inputs of ``dtype``.
+
+        Args:
+            dtype: the dtype of the tensor input.
+
+        Returns:
+            ``compute_dtype`` when set, else ``dtype`` promoted to at least float32.
+
+        Raises:
+            DTypeError: if ``dtype`` is not a ``torch.dtype``.
+        """
+        if not isinstance(dtype, torch.dtype):
+            raise DTypeError(f"Expected `dtype` to be a torch.dtype, but got {type(dtype).__name__}.")
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.promote_types(dtype, torch.float32)
@@ -228,14 +308,38 @@ class NoiseSchedule:
 
         Floating tensors are accepted when they hold integral values (diffusers' Euler schedulers keep
         float timesteps); a fractional value raises, since the schedule is discrete.
+
+        Args:
+            t: an int, a sequence of ints or a tensor of any shape holding timestep indices.
+            device: where to put the result (default: ``t``'s device, or the CPU for Python values).
+            name: the argument's name in error messages (pass the public name, e.g. ``"sample.t"``).
+
+        Returns:
+            int64 tensor of the shape of ``t``.
+
+        Raises:
+            DTypeError: if ``t`` is not numeric, or is a bool or complex tensor.
+            NonFiniteError: if a float ``t`` holds NaN / Inf (a value check).
+            OptionError: if a value is fractional or outside ``[-1, T-1]`` (value checks).
+
+        Example:
+            >>> NoiseSchedule.from_betas().timesteps([999.0, -1]).tolist()
+            [999, -1]
         """
         if isinstance(t, torch.Tensor):
             tt = t if device is None else t.to(device)
         else:
-            tt = torch.as_tensor(t, device=device)
+            try:
+                tt = torch.as_tensor(t, device=device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise DTypeError(
+                    f"Expected `{name}` to be an int, a sequence of ints or an integer tensor of timestep "
+                    f"indices, but got {type(t).__name__} ({t!r})."
+                ) from err
         if tt.dtype == torch.bool or tt.is_complex():
             raise DTypeError(f"Expected `{name}` to hold integer timesteps, but got dtype {tt.dtype}.")
         if tt.is_floating_point():
+            check_finite(tt, name)
             if value_checks_enabled() and not bool((tt == tt.round()).all()):
                 raise OptionError(
                     f"Expected `{name}` to hold integral timestep indices, but got fractional values "
@@ -257,12 +361,25 @@ class NoiseSchedule:
     def batch_timesteps(self, t: TimestepLike, like: torch.Tensor, name: str = "t") -> torch.Tensor:
         """Validate ``t`` for the batch ``like``: values in ``[-1, T-1]``, a scalar or one per sample.
 
-        Returns int64 indices on ``like``'s device (shape ``()`` or ``(B,)``).
+        Args:
+            t: a scalar timestep or one per sample (shape ``(B,)`` or ``(1,)``).
+            like: the batch ``(B, ...)`` the timesteps belong to (only its device and batch size are read).
+            name: the argument's name in error messages (pass the public name, e.g. ``"sample.t"``).
+
+        Returns:
+            int64 indices on ``like``'s device, shape ``()`` or ``(B,)``.
+
+        Raises:
+            DTypeError: as :meth:`timesteps`, or if ``like`` is not a tensor.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`.
+            ShapeError: if ``t`` has more than one dimension or a length other than 1 or ``B``.
 
         Example:
             >>> NoiseSchedule.from_betas().batch_timesteps([999, 5], torch.zeros(2, 4)).tolist()
             [999, 5]
         """
+        check_tensor(like, "like")
         tt = self.timesteps(t, like.device, name)
         if tt.ndim > 1:
             raise ShapeError(
@@ -282,6 +399,10 @@ class NoiseSchedule:
             )
         return tt
 
+    def _index(self, t: int, like: torch.Tensor) -> torch.Tensor:
+        """An already validated Python timestep as a 0-d int64 tensor on ``like``'s device (no checks)."""
+        return torch.tensor(t, dtype=torch.long, device=like.device)
+
     def _lookup(self, table_index: int, tt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Coefficient (alpha: 0, sigma: 1) at validated ``tt``, broadcastable against ``like``."""
         coef = self._tables(like.device)[table_index][tt + 1].to(self.work_dtype(like.dtype))
@@ -298,7 +419,21 @@ class NoiseSchedule:
         return alpha[tt + 1], sigma[tt + 1]
 
     def alpha(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
-        """:math:`\\alpha_t = \\sqrt{\\bar\\alpha_t}`: float64 shaped like ``t``, or broadcastable to ``like``.
+        """:math:`\\alpha_t = \\sqrt{\\bar\\alpha_t}`.
+
+        Args:
+            t: timestep indices in ``[-1, T-1]``, any shape (with ``like``: a scalar or one per sample).
+            like: optional batch ``(B, ...)``: the result is then shaped to broadcast against it, on its
+                device and in the work dtype (:meth:`work_dtype`).
+
+        Returns:
+            float64 tensor of the shape of ``t``, or, with ``like``, shape ``(B, 1, ..., 1)`` (or ``()``).
+
+        Raises:
+            DTypeError: as :meth:`timesteps`, or if ``like`` is not a tensor.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`.
+            ShapeError: as :meth:`batch_timesteps` (with ``like``).
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -309,11 +444,37 @@ class NoiseSchedule:
         return self._alpha_sigma64(t)[0] if like is None else self._coef(0, t, like)
 
     def sigma(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
-        """:math:`\\sigma_t = \\sqrt{1 - \\bar\\alpha_t}`: float64 shaped like ``t``, or broadcastable to ``like``."""
+        """:math:`\\sigma_t = \\sqrt{1 - \\bar\\alpha_t}`.
+
+        Args:
+            t: timestep indices in ``[-1, T-1]``, any shape (with ``like``: a scalar or one per sample).
+            like: optional batch ``(B, ...)``, as in :meth:`alpha`.
+
+        Returns:
+            float64 tensor of the shape of ``t``, or, with ``like``, shape ``(B, 1, ..., 1)`` (or ``()``).
+
+        Raises:
+            DTypeError: as :meth:`timesteps`, or if ``like`` is not a tensor.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`.
+            ShapeError: as :meth:`batch_timesteps` (with ``like``).
+        """
         return self._alpha_sigma64(t)[1] if like is None else self._coef(1, t, like)
 
     def snr(self, t: TimestepLike) -> torch.Tensor:
-        """Signal-to-noise ratio :math:`\\alpha_t^2 / \\sigma_t^2` (float64).
+        """Signal-to-noise ratio :math:`\\alpha_t^2 / \\sigma_t^2`.
+
+        Args:
+            t: timestep indices in ``[-1, T-1]``, any shape (``t = -1`` gives ``inf`` when
+                ``final_alpha_cumprod = 1``).
+
+        Returns:
+            float64 tensor of the shape of ``t``.
+
+        Raises:
+            DTypeError: as :meth:`timesteps`.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`.
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -325,6 +486,17 @@ class NoiseSchedule:
 
     def edm_sigma(self, t: TimestepLike) -> torch.Tensor:
         """EDM / Karras noise level of a VP step, :math:`\\sigma_t/\\alpha_t = \\sqrt{(1-\\bar\\alpha_t)/\\bar\\alpha_t}`.
+
+        Args:
+            t: timestep indices in ``[-1, T-1]``, any shape.
+
+        Returns:
+            float64 tensor of the shape of ``t``.
+
+        Raises:
+            DTypeError: as :meth:`timesteps`.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`.
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -345,6 +517,19 @@ class NoiseSchedule:
         ``"interpolate"`` returns a float64 ``t`` by piecewise-linear interpolation in log sigma (as
         diffusers' Euler schedulers do), clamped to ``[0, T-1]``.
 
+        Args:
+            sigma: EDM noise levels ``> 0``, a number or a tensor of any shape.
+            mode: ``"nearest"`` (the default) or ``"interpolate"``.
+
+        Returns:
+            Tensor of the shape of ``sigma``: int64 indices (``"nearest"``) or float64 ``t``
+            (``"interpolate"``).
+
+        Raises:
+            DTypeError: if ``sigma`` is not numeric.
+            NonFiniteError: if ``sigma`` holds NaN / Inf (a value check).
+            OptionError: if ``mode`` is unknown or a ``sigma`` is ``<= 0`` (a value check).
+
         Example:
             >>> s = NoiseSchedule.from_betas()
             >>> int(s.edm_sigma_to_timestep(s.edm_sigma(421)))
@@ -353,9 +538,19 @@ class NoiseSchedule:
             421.0
         """
         check_option(mode, "mode", ("nearest", "interpolate"))
-        sig = torch.as_tensor(sigma, dtype=torch.float64)
+        if isinstance(sigma, torch.Tensor) and (sigma.dtype == torch.bool or sigma.is_complex()):
+            raise DTypeError(f"Expected `sigma` to be a real tensor, but got dtype {sigma.dtype}.")
+        try:
+            sig = torch.as_tensor(sigma, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                f"Expected `sigma` to be a number or a tensor of EDM noise levels, but got {type(sigma).__name__}."
+            ) from err
+        check_finite(sig, "sigma")
         if value_checks_enabled() and not bool((sig > 0).all()):
-            raise OptionError("Expected `sigma` to be > 0, but got a non-positive value.")
+            raise OptionError(
+                f"Expected `sigma` to be > 0, but got a non-positive value ({float(sig.min())!r})."
+            )
         device = sig.device
         table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log().to(device)
         log_sigma = sig.log()
@@ -371,7 +566,23 @@ class NoiseSchedule:
         """Forward process :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon`.
 
         With ``terminal_pure_noise=True`` the result at ``t = T-1`` is ``noise`` exactly
-        (SDXL-Lightning Eq. 24). ``t`` is a scalar or one timestep per sample.
+        (SDXL-Lightning Eq. 24).
+
+        Args:
+            x0: clean samples ``(B, ...)``, floating.
+            noise: :math:`\\epsilon`, floating, the shape of ``x0`` (any floating dtype: it is cast to the
+                work dtype).
+            t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
+
+        Returns:
+            :math:`x_t`, shape and dtype of ``x0``.
+
+        Raises:
+            DTypeError: if ``x0`` or ``noise`` is not a floating tensor, or ``t`` is not integer-valued.
+            ShapeError: if ``x0`` is empty, ``noise`` has another shape, or ``t`` is neither a scalar nor one
+                per sample.
+            NonFiniteError: if ``x0``, ``noise`` or a float ``t`` holds NaN / Inf (a value check).
+            OptionError: if a ``t`` is fractional or outside ``[-1, T-1]`` (value checks).
 
         Example:
             >>> s = NoiseSchedule.from_betas(terminal_pure_noise=True)
@@ -379,9 +590,8 @@ class NoiseSchedule:
             >>> torch.equal(s.add_noise(x0, eps, torch.tensor([999, 10]))[0], eps[0])
             True
         """
-        check_tensor(x0, "x0")
-        check_tensor(noise, "noise")
-        check_dtype_floating(x0, "x0")
+        check_float_input(x0, "x0")
+        check_float_input(noise, "noise", finite=False)
         if x0.shape != noise.shape:
             raise ShapeError(
                 f"Expected `x0` and `noise` to have the same shape, but got x0 {tuple(x0.shape)} and noise "
@@ -390,7 +600,11 @@ class NoiseSchedule:
                 expected=tuple(x0.shape),
                 actual=tuple(noise.shape),
             )
-        tt = self.batch_timesteps(t, x0)
+        check_finite(noise, "noise")
+        return self._add_noise(x0, noise, self.batch_timesteps(t, x0))
+
+    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        """:meth:`add_noise` on validated inputs (``tt`` from :meth:`batch_timesteps` or :meth:`_index`)."""
         a = self._lookup(0, tt, x0)
         s = self._lookup(1, tt, x0)
         work = a.dtype
@@ -401,18 +615,15 @@ class NoiseSchedule:
         return x_t.to(x0.dtype)
 
     # ------------------------------------------------------------------ parameterisations
-    def _prediction_type(self, prediction_type: str | None) -> str:
+    def _prediction_type(self, prediction_type: str | None, name: str = "prediction_type") -> str:
         pt = self.prediction_type if prediction_type is None else prediction_type
-        check_option(pt, "prediction_type", PREDICTION_TYPES)
+        check_option(pt, name, PREDICTION_TYPES)
         return pt
 
-    def _x0_eps(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: TimestepLike, prediction_type: str | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean-sample and noise estimates (in the work dtype) implied by one model output."""
-        pt = self._prediction_type(prediction_type)
-        check_tensor(model_output, "model_output")
-        check_tensor(x_t, "x_t")
+    def _check_output_and_state(self, model_output: torch.Tensor, x_t: torch.Tensor) -> None:
+        """The boundary checks on a (model output, state) pair: floating, non-empty, same shape, finite."""
+        check_float_input(model_output, "model_output", finite=False)
+        check_float_input(x_t, "x_t", finite=False)
         if model_output.shape != x_t.shape:
             raise ShapeError(
                 f"Expected `model_output` and `x_t` to have the same shape, but got model_output "
@@ -421,8 +632,21 @@ class NoiseSchedule:
                 expected=tuple(x_t.shape),
                 actual=tuple(model_output.shape),
             )
-        check_dtype_floating(x_t, "x_t")
-        tt = self.batch_timesteps(t, x_t)
+        check_finite(model_output, "model_output")
+        check_finite(x_t, "x_t")
+
+    def _x0_eps(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        tt: torch.Tensor,
+        pt: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean-sample and noise estimates (in the work dtype) implied by one model output.
+
+        No checks: ``model_output`` / ``x_t`` passed :meth:`_check_output_and_state` (or come from a loop
+        that did), ``tt`` is validated and ``pt`` a known prediction type.
+        """
         a = self._lookup(0, tt, x_t)
         s = self._lookup(1, tt, x_t)
         out = model_output.to(a.dtype)
@@ -441,6 +665,19 @@ class NoiseSchedule:
             x0 = (x - s * eps) / a
         return x0, eps
 
+    def _checked_x0_eps(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: TimestepLike,
+        prediction_type: str | None,
+        type_name: str = "prediction_type",
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        pt = self._prediction_type(prediction_type, type_name)
+        self._check_output_and_state(model_output, x_t)
+        tt = self.batch_timesteps(t, x_t)
+        return self._x0_eps(model_output, x_t, tt, pt), tt
+
     def to_x0(
         self,
         model_output: torch.Tensor,
@@ -450,8 +687,25 @@ class NoiseSchedule:
     ) -> torch.Tensor:
         """Clean-sample estimate :math:`\\hat x_0` from a model output of any prediction type.
 
-        epsilon: :math:`(x_t - \\sigma_t\\hat\\epsilon)/\\alpha_t`; v: :math:`\\alpha_t x_t - \\sigma_t \\hat v`;
+        epsilon: :math:`(x_t - \\sigma_t\\hat\\epsilon)/\\alpha_t`; v: :math:`\\alpha_t x_t - \\sigma_t \\hat
+            v`;
         score: :math:`(x_t + \\sigma_t^2 \\hat s)/\\alpha_t`; sample: unchanged.
+
+        Args:
+            model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
+            x_t: noisy states ``(B, ...)``, floating.
+            t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
+            prediction_type: parameterisation of ``model_output`` (default: the schedule's).
+
+        Returns:
+            :math:`\\hat x_0`, shape and dtype of ``x_t``.
+
+        Raises:
+            DTypeError: if ``model_output`` or ``x_t`` is not a floating tensor, or ``t`` is not integer-valued.
+            ShapeError: if ``x_t`` is empty, ``model_output`` has another shape, or ``t`` is neither a scalar
+                nor one per sample.
+            NonFiniteError: if ``model_output``, ``x_t`` or a float ``t`` holds NaN / Inf (a value check).
+            OptionError: if ``prediction_type`` is unknown or a ``t`` is fractional or outside ``[-1, T-1]``.
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -460,7 +714,7 @@ class NoiseSchedule:
             >>> torch.allclose(s.convert(x0, x_t, 300, "sample", "v_prediction"), v, atol=1e-5)
             True
         """
-        return self._x0_eps(model_output, x_t, t, prediction_type)[0].to(x_t.dtype)
+        return self._checked_x0_eps(model_output, x_t, t, prediction_type)[0][0].to(x_t.dtype)
 
     def to_epsilon(
         self,
@@ -469,8 +723,31 @@ class NoiseSchedule:
         t: TimestepLike,
         prediction_type: str | None = None,
     ) -> torch.Tensor:
-        """Noise estimate :math:`\\hat\\epsilon` from a model output of any prediction type."""
-        return self._x0_eps(model_output, x_t, t, prediction_type)[1].to(x_t.dtype)
+        """Noise estimate :math:`\\hat\\epsilon` from a model output of any prediction type.
+
+        Args:
+            model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
+            x_t: noisy states ``(B, ...)``, floating.
+            t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
+            prediction_type: parameterisation of ``model_output`` (default: the schedule's).
+
+        Returns:
+            :math:`\\hat\\epsilon`, shape and dtype of ``x_t``.
+
+        Raises:
+            DTypeError: if ``model_output`` or ``x_t`` is not a floating tensor, or ``t`` is not integer-valued.
+            ShapeError: if ``x_t`` is empty, ``model_output`` has another shape, or ``t`` is neither a scalar
+                nor one per sample.
+            NonFiniteError: if ``model_output``, ``x_t`` or a float ``t`` holds NaN / Inf (a value check).
+            OptionError: if ``prediction_type`` is unknown or a ``t`` is fractional or outside ``[-1, T-1]``.
+
+        Example:
+            >>> s = NoiseSchedule.from_betas()
+            >>> x_t, eps = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+            >>> torch.allclose(s.to_epsilon(eps, x_t, 300), eps)
+            True
+        """
+        return self._checked_x0_eps(model_output, x_t, t, prediction_type)[0][1].to(x_t.dtype)
 
     def convert(
         self,
@@ -484,6 +761,24 @@ class NoiseSchedule:
 
         ``v = \\alpha_t \\epsilon - \\sigma_t x_0``, ``score = -\\epsilon / \\sigma_t``.
 
+        Args:
+            model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
+            x_t: noisy states ``(B, ...)``, floating.
+            t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
+            from_type: parameterisation of ``model_output`` (``None``: the schedule's).
+            to_type: parameterisation of the result, one of :data:`PREDICTION_TYPES`.
+
+        Returns:
+            The output in ``to_type``, shape and dtype of ``x_t``.
+
+        Raises:
+            DTypeError: if ``model_output`` or ``x_t`` is not a floating tensor, or ``t`` is not integer-valued.
+            ShapeError: if ``x_t`` is empty, ``model_output`` has another shape, or ``t`` is neither a scalar
+                nor one per sample.
+            NonFiniteError: if ``model_output``, ``x_t`` or a float ``t`` holds NaN / Inf (a value check).
+            OptionError: if ``from_type`` / ``to_type`` is unknown or a ``t`` is fractional or outside
+                ``[-1, T-1]``.
+
         Example:
             >>> s = NoiseSchedule.from_betas()
             >>> x_t, eps = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
@@ -491,9 +786,8 @@ class NoiseSchedule:
             >>> torch.allclose(score, -eps / s.sigma(500).float())
             True
         """
-        to_type = self._prediction_type(to_type)
-        tt = self.batch_timesteps(t, x_t)
-        x0, eps = self._x0_eps(model_output, x_t, tt, from_type)
+        to_type = self._prediction_type(to_type, "to_type")
+        (x0, eps), tt = self._checked_x0_eps(model_output, x_t, t, from_type, "from_type")
         if to_type == "sample":
             out = x0
         elif to_type == "epsilon":
@@ -524,12 +818,26 @@ class NoiseSchedule:
         diffusers' ``DDIMScheduler.step`` with ``eta=0``. ``t_to = -1`` returns :math:`\\hat x_0` when
         ``final_alpha_cumprod = 1``.
 
-        With ``allow_same=True``, ``t_to == t`` is accepted and the move is the identity (up to rounding):
-        Hyper-SD's TSCD draws its target time ``t_end`` from an interval that includes ``t_{n-1}``.
+        Args:
+            model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
+            t: the current timestep, a scalar or one per sample (``(B,)``), in ``[-1, T-1]``.
+            x_t: noisy states ``(B, ...)``, floating.
+            t_to: the target timestep(s), a scalar or one per sample, earlier than ``t``.
+            prediction_type: parameterisation of ``model_output`` (default: the schedule's).
+            allow_same: accept ``t_to == t`` (the move is then the identity, up to rounding): Hyper-SD's
+                TSCD draws its target time ``t_end`` from an interval that includes ``t_{n-1}``. Default off.
+
+        Returns:
+            :math:`x_{t_{to}}`, shape and dtype of ``x_t``.
 
         Raises:
-            OptionError: if some ``t_to >= t`` (``t_to > t`` with ``allow_same``) or a timestep is outside
-                ``[-1, T-1]``.
+            DTypeError: if ``model_output`` or ``x_t`` is not a floating tensor, or ``t`` / ``t_to`` is not
+                integer-valued.
+            ShapeError: if ``x_t`` is empty, ``model_output`` has another shape, or ``t`` / ``t_to`` is neither
+                a scalar nor one per sample.
+            NonFiniteError: if ``model_output`` or ``x_t`` holds NaN / Inf (a value check).
+            OptionError: if ``prediction_type`` is unknown, some ``t_to >= t`` (``t_to > t`` with
+                ``allow_same``) or a timestep is outside ``[-1, T-1]`` (value checks).
 
         Example:
             >>> s = NoiseSchedule.from_betas()
@@ -539,6 +847,8 @@ class NoiseSchedule:
             >>> torch.allclose(s.ddim_step(eps, t, x_t, t_to), s.add_noise(x0, eps, t_to), atol=1e-5)
             True
         """
+        pt = self._prediction_type(prediction_type)
+        self._check_output_and_state(model_output, x_t)
         tt = self.batch_timesteps(t, x_t, "t")
         tto = self.batch_timesteps(t_to, x_t, "t_to")
         if value_checks_enabled() and bool((tto > tt).any() if allow_same else (tto >= tt).any()):
@@ -547,6 +857,12 @@ class NoiseSchedule:
                 f"Expected every `t_to` to be earlier than `t` ({rel}; the DDIM move goes towards the data), "
                 f"but got t={tt.tolist()} and t_to={tto.tolist()}."
             )
-        x0, eps = self._x0_eps(model_output, x_t, tt, prediction_type)
+        return self._ddim(model_output, x_t, tt, tto, pt)
+
+    def _ddim(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, tto: torch.Tensor, pt: str
+    ) -> torch.Tensor:
+        """:meth:`ddim_step` on validated inputs (no checks)."""
+        x0, eps = self._x0_eps(model_output, x_t, tt, pt)
         out = self._lookup(0, tto, x_t) * x0 + self._lookup(1, tto, x_t) * eps
         return out.to(x_t.dtype)

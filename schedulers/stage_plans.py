@@ -13,11 +13,17 @@ Presets: :meth:`StagePlan.sdxl_lightning` (Lin et al. 2024), :meth:`StagePlan.hy
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._checks import OptionError, check_option
+from .._checks import (
+    DTypeError,
+    OptionError,
+    check_int,
+    check_option,
+    check_real,
+)
 
 __all__ = ["DISCRIMINATOR_MODES", "LOSS_KINDS", "Stage", "StagePlan"]
 
@@ -59,6 +65,12 @@ class Stage:
         loss_weights: weights of the loss terms, e.g. ``{"mse": 0.5, "adversarial": 0.5}``.
         options: any further method-specific setting (guidance scale, skip, learning rate, ...).
         num_iterations: optional length of the stage; ``None`` means "until the loop decides".
+
+    Raises:
+        OptionError: if ``name`` is empty or not a string, ``loss`` / ``discriminator`` / ``trainable`` is not
+            one of its allowed values, a step or segment count is neither None nor an int >= 1, an adversarial
+            loss has no ``discriminator``, or a loss weight is not finite.
+        DTypeError: if ``loss_weights`` / ``options`` is not a mapping, or a loss weight is not a real number.
     """
 
     name: str
@@ -80,10 +92,21 @@ class Stage:
         check_option(self.trainable, "trainable", ("lora", "full"))
         for key in ("student_steps", "teacher_steps", "num_segments", "num_iterations"):
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-                raise OptionError(
-                    f"Stage {self.name!r}: expected `{key}` to be None or an int >= 1, but got {value!r}."
+            if value is not None:
+                try:
+                    check_int(value, key, minimum=1, integral_float=True)
+                except (DTypeError, OptionError):
+                    raise OptionError(
+                        f"Stage {self.name!r}: expected `{key}` to be None or an int >= 1, but got {value!r}."
+                    ) from None
+        for key in ("loss_weights", "options"):
+            value = getattr(self, key)
+            if not isinstance(value, Mapping):
+                raise DTypeError(
+                    f"Stage {self.name!r}: expected `{key}` to be a dict, but got {type(value).__name__}."
                 )
+        for key, weight in self.loss_weights.items():
+            check_real(weight, f"loss_weights[{key!r}]", allow_tensor=True)
         if "adversarial" in self.loss and self.discriminator is None:
             raise OptionError(
                 f"Stage {self.name!r}: loss {self.loss!r} needs `discriminator` ('conditional' or 'unconditional')."
@@ -96,12 +119,27 @@ class Stage:
         return hash((self.name, self.loss, self.student_steps, self.num_segments))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
+        """A JSON-serialisable dict of every field.
+
+        Returns:
+            ``{field: value}`` for every field; ``Stage(**d)`` rebuilds an equal stage.
+        """
         return dataclasses.asdict(self)
 
 
 class StagePlan:
     """An ordered sequence of :class:`Stage` s with unique names.
+
+    Iterate over it, index it by position or by stage name (``plan["2->1/full"]``), and round-trip it
+    through JSON with :meth:`to_dict` / :meth:`from_dict`.
+
+    Args:
+        stages: the stages in training order (at least one), each a :class:`Stage`.
+        name: a label for the plan (default ``"custom"``).
+
+    Raises:
+        DTypeError: if ``stages`` is not iterable, a stage is not a :class:`Stage`, or ``name`` is not a string.
+        OptionError: if ``stages`` is empty or two stages share a name.
 
     Example:
         >>> plan = StagePlan.sdxl_lightning()
@@ -115,14 +153,20 @@ class StagePlan:
     """
 
     def __init__(self, stages: Sequence[Stage], name: str = "custom") -> None:
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Iterable):
+            raise DTypeError(
+                f"Expected `stages` to be a sequence of Stage objects, but got {type(stages).__name__}."
+            )
         stages = tuple(stages)
         if not stages:
             raise OptionError("Expected `stages` to hold at least one Stage, but got none.")
         for i, stage in enumerate(stages):
             if not isinstance(stage, Stage):
-                raise OptionError(
-                    f"Expected every stage to be a Stage, but stage {i} is {type(stage).__name__}."
+                raise DTypeError(
+                    f"Expected every entry of `stages` to be a Stage, but `stages[{i}]` is {type(stage).__name__}."
                 )
+        if not isinstance(name, str):
+            raise DTypeError(f"Expected `name` to be a string, but got {type(name).__name__}.")
         names = [s.name for s in stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -142,6 +186,12 @@ class StagePlan:
                 if stage.name == key:
                     return stage
             raise KeyError(f"No stage named {key!r}; stages are {[s.name for s in self.stages]}.")
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(
+                f"Index a StagePlan by position (int) or stage name (str), not {type(key).__name__}."
+            )
+        if not -len(self.stages) <= key < len(self.stages):
+            raise IndexError(f"Stage index {key} is out of range for a plan of {len(self.stages)} stage(s).")
         return self.stages[key]
 
     def __eq__(self, other: object) -> bool:
@@ -154,15 +204,44 @@ class StagePlan:
         return f"StagePlan({self.name!r}, [{', '.join(repr(s.name) for s in self.stages)}])"
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"name": ..., "stages": [stage dicts]}``, JSON-serialisable."""
+        """The plan as plain data.
+
+        Returns:
+            ``{"name": ..., "stages": [stage dicts]}``, JSON-serialisable.
+        """
         return {"name": self.name, "stages": [s.to_dict() for s in self.stages]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StagePlan:
-        """Inverse of :meth:`to_dict`; unknown stage fields raise with the allowed list."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+            data: ``{"name": ..., "stages": [stage dicts]}`` (``name`` defaults to ``"custom"``).
+
+        Returns:
+            The plan.
+
+        Raises:
+            DTypeError: if ``data`` or a stage entry is not a mapping, or ``data["stages"]`` is not a list.
+            OptionError: if a stage has an unknown field (the message lists the allowed ones), the plan has no
+                stage, or as :class:`Stage` / :class:`StagePlan` for the values.
+        """
+        if not isinstance(data, Mapping):
+            raise DTypeError(
+                f"Expected `data` to be a dict like StagePlan.to_dict() returns, but got {type(data).__name__}."
+            )
+        raw_stages = data.get("stages", [])
+        if not isinstance(raw_stages, (list, tuple)):
+            raise DTypeError(
+                f"Expected `data['stages']` to be a list of stage dicts, but got {type(raw_stages).__name__}."
+            )
         allowed = {f.name for f in dataclasses.fields(Stage)}
         stages = []
-        for raw in data.get("stages", []):
+        for i, raw in enumerate(raw_stages):
+            if not isinstance(raw, Mapping):
+                raise DTypeError(
+                    f"Expected `data['stages'][{i}]` to be a dict of Stage fields, but got {type(raw).__name__}."
+                )
             unknown = sorted(set(raw) - allowed)
             if unknown:
                 raise OptionError(f"Unknown Stage field(s) {unknown}; allowed fields are {sorted(allowed)}.")
@@ -194,7 +273,19 @@ class StagePlan:
         first", then ``discriminator_timestep_weights_stable`` (5:1:1:1, the 5 on t* = 10) "once training
         is stable" (Sec. 3.7; when to switch is the training loop's choice). Adversarial optimiser:
         Adam(beta1=0, beta2=0.99), lr 1e-6 (LoRA) / 5e-7 (full).
+
+        Args:
+            mse_guidance_scale: the teacher's CFG scale in the ``128->32`` MSE stage (Imagen convention;
+                default 6, the paper's).
+
+        Returns:
+            The plan ``"sdxl_lightning"``.
+
+        Raises:
+            DTypeError: if ``mse_guidance_scale`` is not a real number.
+            OptionError: if ``mse_guidance_scale`` is not finite.
         """
+        mse_guidance_scale = check_real(mse_guidance_scale, "mse_guidance_scale", allow_tensor=True)
         stages = [
             Stage(
                 "128->32",
@@ -297,10 +388,39 @@ class StagePlan:
         documented choice of this library, so override them for your run; the last stage is purely
         adversarial (MSE weight 0). lr 1e-6, batch 512 in the paper. The target EMA decay 0.95 is LCM's
         (the paper does not give its value): another library choice.
+
+        Args:
+            segments: the segment counts ``k`` of the stages, in order (default ``(8, 4, 2, 1)``), distinct
+                ints in ``[1, num_inference_steps]``.
+            num_inference_steps: ``N``, the DDIM grid of :func:`~diffdistill.schedulers.tscd_segments`, an int
+                >= 1 dividing 1000 (default 50).
+
+        Returns:
+            The plan ``"hyper_sd"``, one ``tscd-k{k}`` stage per segment count.
+
+        Raises:
+            DTypeError: if ``segments`` is not a sequence.
+            OptionError: if ``segments`` is empty, holds a non-int, a repeated value or a value above
+                ``num_inference_steps``, or ``num_inference_steps`` is not an int >= 1 dividing 1000.
         """
-        segs = [int(k) for k in segments]
+        if isinstance(segments, (str, bytes)) or not isinstance(segments, Iterable):
+            raise DTypeError(
+                f"Expected `segments` to be a sequence of ints (e.g. (8, 4, 2, 1)), but got {type(segments).__name__}."
+            )
+        segs = [
+            check_int(k, f"segments[{i}]", minimum=1, integral_float=True) for i, k in enumerate(segments)
+        ]
         if not segs:
             raise OptionError("Expected at least one segment count in `segments`, but got none.")
+        n = check_int(num_inference_steps, "num_inference_steps", minimum=1, integral_float=True)
+        if 1000 % n != 0:
+            raise OptionError(
+                f"Expected `num_inference_steps` to divide 1000 (tscd_segments' grid), but got {num_inference_steps!r}."
+            )
+        if max(segs) > n:
+            raise OptionError(
+                f"Expected every segment count <= `num_inference_steps` ({n}), but got segments={segs}."
+            )
         stages = []
         for i, k in enumerate(segs):
             w_adv = i / (len(segs) - 1) if len(segs) > 1 else 0.0
@@ -325,7 +445,27 @@ class StagePlan:
         under no_grad), teacher DDIM + CFG w = 8, 12k iterations at lr 1e-4. Stage 2, inter-segment LCD:
         consistency only at the milestones (skip T/M), states from a 4-step student sample re-noised to a
         milestone, a 3-step teacher solver over T/M, 2k iterations at lr 1e-5.
+
+        Args:
+            num_segments: ``M``, the number of milestones: an int dividing 1000 (default 8). Stage 1's skip of
+                20 needs ``1000 / M >= 20``; override ``options["skip"]`` for more milestones.
+            guidance_scale: the teacher's CFG scale (default 8, the paper's ``w``).
+
+        Returns:
+            The plan ``"mlcm"`` (stages ``mlcd`` and ``lcd-inter-segment``).
+
+        Raises:
+            DTypeError: if ``guidance_scale`` is not a real number.
+            OptionError: if ``num_segments`` is not such an int or ``guidance_scale`` is not finite.
         """
+        m = check_int(num_segments, "num_segments", minimum=1, integral_float=True)
+        if 1000 % m != 0:
+            raise OptionError(
+                f"Expected `num_segments` to divide 1000 (stage 2 steps from milestone to milestone on the grid of "
+                f"step 1000 / num_segments), but got {num_segments!r}. Use e.g. 4, 8, 10, 20, 25 or 50."
+            )
+        num_segments = m
+        guidance_scale = check_real(guidance_scale, "guidance_scale", allow_tensor=True)
         stages = [
             Stage(
                 "mlcd",

@@ -11,8 +11,23 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import OptionError, ShapeError, check_option, check_tensor, value_checks_enabled
-from .._outputs import first_tensor
+from .._checks import (
+    DTypeError,
+    OptionError,
+    ShapeError,
+    check_dtype_floating,
+    check_finite,
+    check_float_input,
+    check_int,
+    check_mapping,
+    check_nonempty,
+    check_option,
+    check_real,
+    check_same_shape,
+    check_tensor,
+    value_checks_enabled,
+)
+from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from .noise_schedule import NoiseSchedule, TimestepLike
 
 __all__ = ["GUIDANCE_CONVENTIONS", "TeacherSolver", "apply_guidance", "concat_conditions"]
@@ -21,6 +36,61 @@ GUIDANCE_CONVENTIONS: tuple[str, ...] = ("imagen", "lcm")
 GuidanceConvention = Literal["imagen", "lcm"]
 
 
+# ---------------------------------------------------------------------------------------------------
+# checks shared with the few-step samplers
+# ---------------------------------------------------------------------------------------------------
+def _noop_scale(convention: str) -> float:
+    """The guidance scale that means "no guidance" in ``convention`` (Imagen: 1, LCM: 0)."""
+    return 1.0 if convention == "imagen" else 0.0
+
+
+def _check_scale(w: Any, name: str = "guidance_scale") -> float | torch.Tensor:
+    """A finite real number, or a 0-d / 1-D real tensor (its length is checked against the batch later)."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype == torch.bool or w.is_complex():
+            raise DTypeError(f"Expected `{name}` to be a real number or tensor, but got dtype {w.dtype}.")
+        if w.ndim > 1:
+            raise ShapeError(
+                f"Expected `{name}` to be a number or one value per sample (B,), but got shape {tuple(w.shape)}.",
+                name=name,
+                expected="() or (B,)",
+                actual=tuple(w.shape),
+            )
+        check_finite(w, name)
+        return w
+    return check_real(w, name)
+
+
+def _check_scale_batch(w: float | torch.Tensor, batch: int, name: str = "guidance_scale") -> None:
+    if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] not in (1, batch):
+        raise ShapeError(
+            f"Expected `{name}` to be a number or one value per sample ({batch},), but got shape "
+            f"{tuple(w.shape)}.",
+            name=name,
+            expected=(batch,),
+            actual=tuple(w.shape),
+        )
+
+
+def _check_state(x_t: Any, name: str = "x_t") -> torch.Tensor:
+    """A floating ``(B, ...)`` tensor with at least one sample and finite entries (a value check)."""
+    check_tensor(x_t, name)
+    check_dtype_floating(x_t, name)
+    if x_t.ndim < 1:
+        raise ShapeError(
+            f"Expected `{name}` to have a batch dimension, e.g. (B, C, H, W), but got a 0-d tensor.",
+            name=name,
+            expected="(B, ...)",
+            actual=(),
+        )
+    check_nonempty(x_t, name)
+    check_finite(x_t, name)
+    return x_t
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------
 def apply_guidance(
     cond_out: torch.Tensor,
     uncond_out: torch.Tensor,
@@ -33,7 +103,22 @@ def apply_guidance(
     * ``"lcm"`` (the LCM distillation scripts): :math:`c + w (c - u)`, i.e. Imagen with ``w + 1``;
       ``w = 0`` is no guidance.
 
-    ``guidance_scale`` is a number or one value per sample (shape ``(B,)``).
+    Args:
+        cond_out: the conditional model output :math:`c`, floating, ``(B, ...)``.
+        uncond_out: the unconditional model output :math:`u`, floating, the shape of ``cond_out`` (no
+            broadcasting: a ``(B, 1)`` against a ``(B, C)`` raises).
+        guidance_scale: :math:`w`, a finite number or one value per sample (shape ``(B,)`` or ``(1,)``).
+        convention: ``"imagen"`` (the default) or ``"lcm"``.
+
+    Returns:
+        The guided output, shape and dtype of ``cond_out``.
+
+    Raises:
+        DTypeError: if an output is not a floating tensor or ``guidance_scale`` is not real.
+        ShapeError: if the outputs are empty or differ in shape, or ``guidance_scale`` is neither a number nor
+            one value per sample.
+        NonFiniteError: if an output or a tensor ``guidance_scale`` holds NaN / Inf (a value check).
+        OptionError: if ``convention`` is unknown or a number ``guidance_scale`` is not finite.
 
     Example:
         >>> c, u = torch.ones(2, 3), torch.zeros(2, 3)
@@ -41,16 +126,21 @@ def apply_guidance(
         (7.5, 7.5)
     """
     check_option(convention, "convention", GUIDANCE_CONVENTIONS)
-    w = guidance_scale
+    check_float_input(cond_out, "cond_out", finite=False)
+    check_float_input(uncond_out, "uncond_out", finite=False)
+    check_same_shape(cond_out, uncond_out, "cond_out", "uncond_out")
+    w = _check_scale(guidance_scale)
+    _check_scale_batch(w, cond_out.shape[0] if cond_out.ndim else 1)
+    check_finite(cond_out, "cond_out")
+    check_finite(uncond_out, "uncond_out")
+    return _guide(cond_out, uncond_out, w, convention)
+
+
+def _guide(
+    cond_out: torch.Tensor, uncond_out: torch.Tensor, w: float | torch.Tensor, convention: str
+) -> torch.Tensor:
+    """:func:`apply_guidance` on validated inputs."""
     if isinstance(w, torch.Tensor):
-        if w.ndim > 1 or (w.ndim == 1 and w.shape[0] not in (1, cond_out.shape[0])):
-            raise ShapeError(
-                f"Expected `guidance_scale` to be a number or one value per sample ({cond_out.shape[0]},), but "
-                f"got shape {tuple(w.shape)}.",
-                name="guidance_scale",
-                expected=(cond_out.shape[0],),
-                actual=tuple(w.shape),
-            )
         w = w.to(device=cond_out.device, dtype=torch.promote_types(cond_out.dtype, torch.float32))
         w = w.reshape(w.shape + (1,) * (cond_out.ndim - w.ndim))
     diff = cond_out - uncond_out
@@ -65,6 +155,19 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
     expanded to ``batch``; nested dicts (SDXL's ``added_cond_kwargs``) are handled recursively; any other
     value must be equal in both.
 
+    Args:
+        cond: the conditional model kwargs (tensors with batch ``batch`` or 1 in dim 0, nested dicts, others).
+        uncond: the unconditional model kwargs, with the same keys.
+        batch: ``B``, the batch size of the states, an int >= 1.
+
+    Returns:
+        A new dict with the keys of ``cond``: tensors of batch ``2 * batch``, other values as given.
+
+    Raises:
+        DTypeError: if ``cond`` or ``uncond`` is not a mapping, or ``batch`` is not an int.
+        OptionError: if the keys differ, ``batch`` is < 1, or a non-tensor value differs.
+        ShapeError: if a tensor's dim 0 is neither ``batch`` nor 1.
+
     Example:
         >>> c = {"encoder_hidden_states": torch.ones(2, 77, 8), "added_cond_kwargs": {"time_ids": torch.ones(2, 6)}}
         >>> u = {"encoder_hidden_states": torch.zeros(1, 77, 8), "added_cond_kwargs": {"time_ids": torch.ones(2, 6)}}
@@ -72,24 +175,36 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
         >>> tuple(both["encoder_hidden_states"].shape), tuple(both["added_cond_kwargs"]["time_ids"].shape)
         ((4, 77, 8), (4, 6))
     """
+    for name, value in (("cond", cond), ("uncond", uncond)):
+        if not isinstance(value, Mapping):
+            raise DTypeError(
+                f"Expected `{name}` to be a dict of model keyword arguments, but got {type(value).__name__}."
+            )
+    batch = check_int(batch, "batch", minimum=1)
+    return _concat(cond, uncond, batch, "")
+
+
+def _concat(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int, prefix: str) -> dict[str, Any]:
     if set(cond) != set(uncond):
+        where = f" in {prefix}" if prefix else ""
         raise OptionError(
-            "Expected `cond` and `uncond` to have the same keys, but got "
+            f"Expected `cond` and `uncond` to have the same keys{where}, but got "
             f"cond {sorted(cond)} and uncond {sorted(uncond)}."
         )
     out: dict[str, Any] = {}
     for key in cond:
         a, b = cond[key], uncond[key]
+        path = f"{prefix}[{key!r}]"
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out[key] = concat_conditions(a, b, batch)
+            out[key] = _concat(a, b, batch, path)
         elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             parts = []
             for name, v in (("cond", a), ("uncond", b)):
                 if v.ndim == 0 or v.shape[0] not in (1, batch):
                     raise ShapeError(
-                        f"Expected `{name}[{key!r}]` to have batch size {batch} or 1 in dim 0, but got shape "
+                        f"Expected `{name}{path}` to have batch size {batch} or 1 in dim 0, but got shape "
                         f"{tuple(v.shape)}.",
-                        name=f"{name}[{key!r}]",
+                        name=f"{name}{path}",
                         expected=(batch,),
                         actual=tuple(v.shape),
                     )
@@ -99,7 +214,7 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
             out[key] = a
         else:
             raise OptionError(
-                f"Cannot batch `cond[{key!r}]` ({type(a).__name__}) with `uncond[{key!r}]` ({type(b).__name__}): "
+                f"Cannot batch `cond{path}` ({type(a).__name__}) with `uncond{path}` ({type(b).__name__}): "
                 "non-tensor values must be equal in both."
             )
     return out
@@ -108,17 +223,36 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
 class TeacherSolver:
     """Run a frozen denoiser with classifier-free guidance and DDIM steps.
 
+    The conditional and unconditional passes are batched into one call. No gradient is recorded
+    (``torch.no_grad``) unless ``grad=True`` is passed to :meth:`predict` / :meth:`solve`.
+
+    Guidance defaults agree with the few-step samplers (:func:`~diffdistill.schedulers.lcm_sample` and
+    the others): the convention defaults to ``"imagen"`` and an omitted ``guidance_scale`` means *no
+    guidance in the chosen convention* (1 for Imagen, 0 for LCM), so only the conditional pass runs. Pass
+    both explicitly for CFG, e.g. ``guidance_scale=7.5, guidance="imagen"`` or ``guidance_scale=6.5,
+    guidance="lcm"`` (the same guidance).
+
+    The model sees ``x_t`` in the dtype it was given: a bf16 ``x_t`` into a float32 model without autocast
+    fails inside the model, which is reported as a :class:`~diffdistill.errors.DTypeError` that says how to
+    fix it (the solver does not cast behind the caller's back).
+
     Args:
-        model: any callable ``model(x_t, t, **cond)`` returning a tensor (or a diffusers output /
-            tuple whose first element is the prediction), e.g. a ``UNet2DConditionModel``.
+        model: any callable ``model(x_t, t, **cond)`` returning a tensor of the shape of ``x_t`` (or a
+            diffusers output / tuple / dict whose first tensor is the prediction), e.g. a
+            ``UNet2DConditionModel``; ``t`` is an int64 ``(B,)`` tensor.
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` the model was trained with.
-        guidance_scale: default CFG scale (a number or a ``(B,)`` tensor).
-        guidance: ``"imagen"`` (:math:`u + w(c-u)`) or ``"lcm"`` (:math:`c + w(c-u)`); see
+        guidance_scale: default CFG scale (a finite number or a ``(B,)`` tensor); ``None`` (the default)
+            means no guidance in the chosen convention.
+        guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default) or ``"lcm"`` (:math:`c + w(c-u)`); see
             :func:`apply_guidance`.
         prediction_type: the model's output type (default: the schedule's).
 
-    The conditional and unconditional passes are batched into one call. No gradient is recorded
-    (``torch.no_grad``) unless ``grad=True`` is passed to :meth:`predict` / :meth:`solve`.
+    Raises:
+        OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``guidance``
+            or ``prediction_type`` is unknown, or a number ``guidance_scale`` is not finite.
+        DTypeError: if ``guidance_scale`` is not a real number or tensor.
+        ShapeError: if a tensor ``guidance_scale`` has more than one dimension.
+        NonFiniteError: if a tensor ``guidance_scale`` holds NaN / Inf (a value check).
 
     Example:
         >>> sched = NoiseSchedule.from_betas()
@@ -136,7 +270,7 @@ class TeacherSolver:
         model: Callable[..., Any],
         schedule: NoiseSchedule,
         *,
-        guidance_scale: float | torch.Tensor = 1.0,
+        guidance_scale: float | torch.Tensor | None = None,
         guidance: GuidanceConvention = "imagen",
         prediction_type: str | None = None,
     ) -> None:
@@ -152,14 +286,21 @@ class TeacherSolver:
         check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
         self.model = model
         self.schedule = schedule
-        self.guidance_scale = guidance_scale
         self.guidance = guidance
+        self.guidance_scale: float | torch.Tensor = (
+            _noop_scale(guidance) if guidance_scale is None else _check_scale(guidance_scale)
+        )
         self.prediction_type = schedule._prediction_type(prediction_type)
 
     def _is_noop_guidance(self, w: float | torch.Tensor) -> bool:
         if isinstance(w, torch.Tensor):
             return False
-        return float(w) == (1.0 if self.guidance == "imagen" else 0.0)
+        return float(w) == _noop_scale(self.guidance)
+
+    def _scale(self, guidance_scale: float | torch.Tensor | None, batch: int) -> float | torch.Tensor:
+        w = self.guidance_scale if guidance_scale is None else _check_scale(guidance_scale)
+        _check_scale_batch(w, batch)
+        return w
 
     def predict(
         self,
@@ -176,11 +317,52 @@ class TeacherSolver:
         With a no-op scale (1 for Imagen, 0 for LCM) only the conditional pass runs and ``uncond`` may be
         omitted; any other scale needs ``uncond`` (OptionError otherwise: guidance is never skipped
         silently).
+
+        Args:
+            x_t: noisy states ``(B, ...)``, floating, in the dtype the model takes.
+            t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
+            cond: the model's conditional keyword arguments (default: none).
+            uncond: the unconditional keyword arguments, same keys as ``cond`` (needed for real guidance).
+            guidance_scale: CFG scale for this call (default: the solver's ``guidance_scale``).
+            grad: record the autograd graph (default off: the teacher is frozen).
+
+        Returns:
+            The (guided) prediction, shape of ``x_t``, in the model's output dtype.
+
+        Raises:
+            DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a mapping,
+                ``guidance_scale`` is not real, the model returns no floating tensor, or the model fails on
+                ``x_t``'s dtype (e.g. bf16 states into a float32 model without autocast).
+            ShapeError: if ``x_t`` has no batch dimension or is empty, ``t`` or ``guidance_scale`` is neither a
+                scalar nor one per sample, a condition has another batch size, or the model's output is not
+                the shape of ``x_t``.
+            NonFiniteError: if ``x_t`` or a tensor ``guidance_scale`` holds NaN / Inf (a value check).
+            OptionError: if ``uncond`` is missing for a real guidance scale, a ``t`` is outside ``[-1, T-1]``
+                (a value check), a number ``guidance_scale`` is not finite, or ``cond`` / ``uncond`` keys differ.
+
+        Example:
+            >>> solver = TeacherSolver(lambda x, t, scale: x * scale, NoiseSchedule.from_betas(), guidance_scale=3.0)
+            >>> x = torch.ones(2, 1)
+            >>> solver.predict(x, 500, {"scale": torch.ones(2, 1)}, {"scale": torch.zeros(1, 1)}).tolist()
+            [[3.0], [3.0]]
         """
-        check_tensor(x_t, "x_t")
-        cond = dict(cond or {})
-        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        _check_state(x_t)
+        cond_kw = check_mapping(cond, "cond")
+        uncond_kw = None if uncond is None else check_mapping(uncond, "uncond")
+        w = self._scale(guidance_scale, x_t.shape[0])
         tt = self.schedule.batch_timesteps(t, x_t)
+        return self._predict(x_t, tt, cond_kw, uncond_kw, w, grad)
+
+    def _predict(
+        self,
+        x_t: torch.Tensor,
+        tt: torch.Tensor,
+        cond: dict[str, Any],
+        uncond: dict[str, Any] | None,
+        w: float | torch.Tensor,
+        grad: bool,
+    ) -> torch.Tensor:
+        """:meth:`predict` on validated inputs: no value checks (the sampling loops call it every step)."""
         tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 or tt.shape[0] == 1 else tt
         noop = self._is_noop_guidance(w)
         if uncond is None and not noop:
@@ -188,30 +370,57 @@ class TeacherSolver:
             raise OptionError(
                 f"Expected `uncond` for classifier-free guidance with guidance_scale={scale} "
                 f"({self.guidance} convention), but got None. Pass the unconditional inputs, or a no-op "
-                f"guidance_scale ({1.0 if self.guidance == 'imagen' else 0.0}) for the conditional output alone."
+                f"guidance_scale ({_noop_scale(self.guidance)}) for the conditional output alone."
             )
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if noop or uncond is None:  # (uncond is None only with a no-op scale, checked above)
-                return first_tensor(self.model(x_t, tt, **cond))
+                with explain_dtype_errors("model", x_t, "x_t"):
+                    pred = first_tensor(self.model(x_t, tt, **cond))
+                check_prediction(pred, x_t, "model", input_name="x_t")
+                return pred
             both = concat_conditions(cond, uncond, x_t.shape[0])
-            out = first_tensor(self.model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), **both))
+            x_both = torch.cat([x_t, x_t])
+            with explain_dtype_errors("model", x_t, "x_t"):
+                out = first_tensor(self.model(x_both, torch.cat([tt, tt]), **both))
+            check_prediction(
+                out,
+                x_both,
+                "model",
+                input_name="x_t",
+                note=" (the conditional and unconditional passes are batched: 2B samples)",
+            )
             c_out, u_out = out.chunk(2, dim=0)
-            return apply_guidance(c_out, u_out, w, self.guidance)
+            return _guide(c_out, u_out, w, self.guidance)
 
     def step_timesteps(
         self, t: TimestepLike, t_to: TimestepLike, num_steps: int, like: torch.Tensor
     ) -> torch.Tensor:
-        """The ``num_steps + 1`` timesteps ``t = t_0 > t_1 > ... > t_n = t_to`` (shape ``(n+1, B)``).
+        """The ``num_steps + 1`` timesteps ``t = t_0 > t_1 > ... > t_n = t_to`` of :meth:`solve`.
 
         :math:`t_i = t - \\lfloor i (t - t_{to}) / n \\rfloor`: evenly split, integer, exact at both ends.
+
+        Args:
+            t: where the solve starts, a scalar or one per sample (``(B,)``), in ``[-1, T-1]``.
+            t_to: where it ends, a scalar or one per sample, with ``t - t_to >= num_steps``.
+            num_steps: ``n``, an int >= 1.
+            like: the batch ``(B, ...)`` (only its device and batch size are read).
+
+        Returns:
+            int64 tensor of shape ``(n + 1, B)`` on ``like``'s device.
+
+        Raises:
+            DTypeError: if ``like`` is not a tensor, a timestep is not integer-valued or ``num_steps`` is not
+                an int.
+            ShapeError: if ``t`` / ``t_to`` is neither a scalar nor one per sample.
+            OptionError: if ``num_steps`` is < 1, or some ``t - t_to < num_steps`` or timestep is
+                outside ``[-1, T-1]`` (value checks).
 
         Example:
             >>> s = TeacherSolver(lambda x, t: x, NoiseSchedule.from_betas())
             >>> s.step_timesteps(999, 874, 3, torch.zeros(1)).flatten().tolist()
             [999, 958, 916, 874]
         """
-        if int(num_steps) != num_steps or num_steps < 1:
-            raise OptionError(f"Expected `num_steps` to be an int >= 1, but got {num_steps!r}.")
+        num_steps = check_int(num_steps, "num_steps", minimum=1, integral_float=True)
         tt = self.schedule.batch_timesteps(t, like, "t")
         tto = self.schedule.batch_timesteps(t_to, like, "t_to")
         batch = like.shape[0] if like.ndim else 1
@@ -241,17 +450,55 @@ class TeacherSolver:
     ) -> torch.Tensor | list[torch.Tensor]:
         """Integrate the probability-flow ODE from ``t`` to ``t_to`` with ``num_steps`` guided DDIM steps.
 
-        Returns :math:`x_{t_{to}}` (or, with ``return_trajectory=True``, the list of the ``n + 1`` states
-        including ``x_t``). ``t`` and ``t_to`` may differ per sample. ``state_dtype`` (e.g. float32 for bf16
-        ``x_t``) keeps the states, and the result, in that dtype while the model is still called on
-        ``x_t``'s dtype: the solution is then not rounded to bf16 at each step. Default: ``x_t``'s dtype.
+        ``t`` and ``t_to`` may differ per sample; the steps are :meth:`step_timesteps`. Inputs are checked
+        once, before the first model call.
+
+        Args:
+            x_t: states at ``t``, ``(B, ...)``, floating, in the dtype the model takes.
+            t: where the solve starts, a scalar or one per sample (``(B,)``), in ``[-1, T-1]``.
+            t_to: where it ends (earlier than ``t`` by at least ``num_steps``; ``-1`` is the clean end).
+            cond: the model's conditional keyword arguments (default: none).
+            uncond: the unconditional keyword arguments (needed for real guidance).
+            num_steps: guided DDIM steps ``n``, an int >= 1 (default 1).
+            guidance_scale: CFG scale for this solve (default: the solver's ``guidance_scale``).
+            return_trajectory: return the ``n + 1`` states (``x_t`` first) instead of the last one.
+            grad: record the autograd graph (default off: the teacher is frozen).
+            state_dtype: a floating dtype (e.g. float32 for bf16 ``x_t``) that keeps the states, and the
+                result, in that dtype while the model is still called on ``x_t``'s dtype: the solution is
+                then not rounded to bf16 at each step. Default: ``x_t``'s dtype.
+
+        Returns:
+            :math:`x_{t_{to}}` of the shape of ``x_t``, or with ``return_trajectory=True`` the list of the
+            ``n + 1`` states including ``x_t``.
+
+        Raises:
+            DTypeError: if ``x_t`` is not a floating tensor, ``state_dtype`` is not a floating dtype, a
+                condition is not a mapping, ``num_steps`` is not an int, or as :meth:`predict` for the model
+                calls.
+            ShapeError: if ``x_t`` has no batch dimension or is empty, a timestep / ``guidance_scale`` is
+                neither a scalar nor one per sample, or as :meth:`predict`.
+            NonFiniteError: if ``x_t`` or a tensor ``guidance_scale`` holds NaN / Inf (a value check).
+            OptionError: if ``num_steps`` is < 1, some ``t - t_to < num_steps`` or timestep is
+                outside ``[-1, T-1]`` (value checks), or ``uncond`` is missing for a real guidance scale.
         """
+        _check_state(x_t)
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise DTypeError(
+                f"Expected `state_dtype` to be a floating torch.dtype (e.g. torch.float32) or None, but got "
+                f"{state_dtype!r}."
+            )
+        cond_kw = check_mapping(cond, "cond")
+        uncond_kw = None if uncond is None else check_mapping(uncond, "uncond")
+        w = self._scale(guidance_scale, x_t.shape[0])
         steps = self.step_timesteps(t, t_to, num_steps, x_t)
+        n = steps.shape[0] - 1
         x = x_t if state_dtype is None else x_t.to(state_dtype)
         trajectory = [x]
-        for i in range(num_steps):
-            out = self.predict(x.to(x_t.dtype), steps[i], cond, uncond, guidance_scale, grad=grad)
+        for i in range(n):
+            out = self._predict(x.to(x_t.dtype), steps[i], cond_kw, uncond_kw, w, grad)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                x = self.schedule.ddim_step(out, steps[i], x, steps[i + 1], self.prediction_type)
+                x = self.schedule._ddim(out, x, steps[i], steps[i + 1], self.prediction_type)
             trajectory.append(x)
         return trajectory if return_trajectory else x

@@ -23,12 +23,19 @@ those methods' x0 predictions refer to.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from .._checks import OptionError
+from .._checks import (
+    DTypeError,
+    OptionError,
+    check_generator,
+    check_int,
+)
 
 __all__ = [
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
@@ -51,21 +58,53 @@ LIGHTNING_EXTRA_STUDENT_TIMESTEPS: tuple[int, ...] = (249, 499, 749, 999)
 
 
 class TimestepSample(NamedTuple):
-    """Sampled training timesteps, each an int64 tensor of shape ``(B,)`` (see the module docstring)."""
+    """Sampled training timesteps, each an int64 tensor of shape ``(B,)`` (see the module docstring).
+
+    Attributes:
+        t: where the student (and the teacher's first step) is evaluated.
+        t_prev: where the teacher's ODE solve from ``t`` ends (``-1`` for single-timestep samplers).
+        t_end: where both sides are DDIM-moved before comparison (``-1``: the clean end).
+    """
 
     t: torch.Tensor
     t_prev: torch.Tensor
     t_end: torch.Tensor
 
 
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise OptionError(f"Expected `{name}` to be an int >= {minimum}, but got {value!r}.")
-    return int(value)
-
-
 def _gen_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+    check_generator(generator)
+    return torch.device("cpu") if generator is None else generator.device
+
+
+def _is_integral(value: Any) -> bool:
+    """An int (not a bool), a numpy integer or an integral finite float."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer()
+
+
+def _int_list(values: Any, name: str) -> torch.Tensor:
+    """A sequence or tensor of numbers as a CPU tensor (any numeric dtype); bools and non-numbers raise."""
+    if isinstance(values, torch.Tensor):
+        vals = values.detach().cpu()
+    else:
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise DTypeError(
+                f"Expected `{name}` to be a sequence of numbers or a 1-D tensor, but got {type(values).__name__}."
+            )
+        try:
+            vals = torch.as_tensor(list(values))
+            if vals.is_floating_point():  # keep Python floats exact in messages and checks
+                vals = torch.as_tensor(list(values), dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DTypeError(
+                f"Expected `{name}` to be a sequence of numbers or a 1-D tensor, but got {values!r}."
+            ) from err
+    if vals.dtype == torch.bool or vals.is_complex():
+        raise DTypeError(f"Expected `{name}` to hold real numbers, but got dtype {vals.dtype}.")
+    return vals
 
 
 def _single(t: torch.Tensor, device: torch.device | str | None) -> TimestepSample:
@@ -102,14 +141,30 @@ def uniform_timesteps(
     ``low=20, high=980``; SiD for Stable Diffusion ``t ~ U{20..980}`` (the same); DMD2's
     diffusion-GAN discriminator ``U[0, 1000)`` → ``low=0, high=999``.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        low: smallest timestep, an int >= -1 (default 0).
+        high: largest timestep, an int >= ``low`` (default 999, i.e. ``T - 1`` for ``T = 1000``).
+        generator: source of the draw (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` with ``t`` drawn and ``t_prev = t_end = -1``, each int64 ``(B,)``.
+
+    Raises:
+        OptionError: if ``batch_size`` is < 1, or ``low`` / ``high`` are not ints with
+            ``-1 <= low <= high``.
+        DTypeError: if ``batch_size`` is not an int, or ``generator`` is not a ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> t = uniform_timesteps(4, 20, 980, generator=g).t
         >>> bool(((t >= 20) & (t <= 980)).all()), t.dtype
         (True, torch.int64)
     """
-    _check_int(batch_size, "batch_size", 1)
-    if int(low) != low or int(high) != high or low > high or low < -1:
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    if not (_is_integral(low) and _is_integral(high)) or low > high or low < -1:
         raise OptionError(f"Expected integers -1 <= `low` <= `high`, but got low={low!r}, high={high!r}.")
     t = torch.randint(
         int(low), int(high) + 1, (batch_size,), generator=generator, device=_gen_device(generator)
@@ -130,26 +185,62 @@ def categorical_timesteps(
     SDXL-Lightning (Lin et al. 2024, Sec. 3.7) re-noises the discriminator inputs of its 1- and 2-step
     students to ``t* ∈ {10, 250, 500, 750}`` with weights 1:1:1:1, then 5:1:1:1 once training is stable.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        values: the timesteps to draw from, a non-empty sequence (or 1-D tensor) of ints >= -1 (default
+            :data:`LIGHTNING_DISCRIMINATOR_TIMESTEPS`). The schedule's upper bound ``T - 1`` is checked where
+            the timesteps are used.
+        weights: relative probabilities, one finite value >= 0 per value with a positive sum; ``None`` (the
+            default) is uniform.
+        generator: source of the draw (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` with ``t`` drawn and ``t_prev = t_end = -1``, each int64 ``(B,)``.
+
+    Raises:
+        OptionError: if ``batch_size`` is < 1, ``values`` is empty, not 1-D, fractional or below
+            -1, or ``weights`` has another length, a negative or non-finite entry or a zero sum.
+        DTypeError: if ``batch_size`` is not an int, ``values`` / ``weights`` is not a sequence of numbers (or ``values`` holds bools), or
+            ``generator`` is not a ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> t = categorical_timesteps(1000, weights=(5, 1, 1, 1), generator=g).t
         >>> round((t == 10).float().mean().item(), 1)
         0.6
     """
-    _check_int(batch_size, "batch_size", 1)
-    vals = torch.as_tensor(list(values), dtype=torch.long)
-    if vals.ndim != 1 or vals.numel() == 0:
-        raise OptionError(f"Expected `values` to be a non-empty sequence of ints, but got {values!r}.")
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    given = _int_list(values, "values")
+    if given.ndim != 1 or given.numel() == 0:
+        raise OptionError(
+            f"Expected `values` to be a non-empty sequence of ints, but got {given.tolist()!r}."
+        )
+    if given.is_floating_point() and not bool((given == given.round()).all()):
+        raise OptionError(
+            f"Expected `values` to hold integral timesteps, but got {given.tolist()}: fractional values would be "
+            "truncated. Round them first."
+        )
+    vals = given.to(torch.long)
+    if bool((vals < -1).any()):
+        raise OptionError(
+            f"Expected every value of `values` to be >= -1 (diffusers indices; -1 is the clean end), but got "
+            f"{vals.tolist()}."
+        )
     if weights is None:
         probs = torch.ones(vals.numel(), dtype=torch.float64)
     else:
-        probs = torch.as_tensor(list(weights), dtype=torch.float64)
+        raw = _int_list(weights, "weights")
+        probs = raw.to(torch.float64)
         if probs.shape != vals.shape:
             raise OptionError(
                 f"Expected `weights` to have one entry per value ({vals.numel()}), but got {probs.numel()}."
             )
-        if bool((probs < 0).any()) or float(probs.sum()) <= 0:
-            raise OptionError(f"Expected `weights` to be >= 0 with a positive sum, but got {list(weights)}.")
+        if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()) or float(probs.sum()) <= 0:
+            raise OptionError(
+                f"Expected `weights` to be >= 0 with a positive sum (and finite), but got {probs.tolist()}."
+            )
     dev = _gen_device(generator)
     idx = torch.multinomial(probs.to(dev), batch_size, replacement=True, generator=generator)
     return _single(vals.to(dev)[idx], device)
@@ -168,15 +259,30 @@ def lcm_skip_pairs(
     With skip :math:`k = T // N`: ``t`` is uniform on the grid ``k-1, 2k-1, ..., Nk-1``, the teacher
     steps to ``t_prev = max(t - k, 0)`` (diffusers' LCM distillation scripts), and ``t_end = -1``.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        num_ddim_timesteps: ``N``, the DDIM grid size, an int in ``[1, T // 2]`` (default 50).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        generator: source of the draws (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` of int64 ``(B,)`` tensors.
+
+    Raises:
+        OptionError: if a count is below its minimum or ``N > T // 2`` (the skip must be >= 2).
+        DTypeError: if a count is not an int, or ``generator`` is not a ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> s = lcm_skip_pairs(8, generator=g)
         >>> bool(((s.t + 1) % 20 == 0).all()), bool((s.t_prev == (s.t - 20).clamp(min=0)).all())
         (True, True)
     """
-    _check_int(batch_size, "batch_size", 1)
-    n = _check_int(num_ddim_timesteps, "num_ddim_timesteps", 1)
-    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    n = check_int(num_ddim_timesteps, "num_ddim_timesteps", minimum=1, integral_float=True)
+    total = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
     if n > total // 2:
         raise OptionError(
             f"Expected `num_ddim_timesteps` <= num_train_timesteps // 2 ({total // 2}): the skip "
@@ -218,6 +324,22 @@ def tscd_segments(
     ``N`` divisible by ``k``: exactly when :math:`t_n` is an edge), a case Alg. 1 leaves undefined. ``num_segments = 1`` is plain CTM-style
     consistency towards the clean end.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        num_segments: ``k``, the number of trajectory segments, an int in ``[1, N]`` (Hyper-SD: 8, 4, 2, 1).
+        num_inference_steps: ``N``, the DDIM grid size, an int >= 1 dividing ``T`` (default 50).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        generator: source of the draws (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` of int64 ``(B,)`` tensors with ``t_end <= t_prev < t``.
+
+    Raises:
+        OptionError: if a count is below its minimum, ``N`` does not divide ``T`` or ``k > N``.
+        DTypeError: if a count is not an int, or ``generator`` is not a ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> s = tscd_segments(16, num_segments=4, generator=g)
@@ -225,10 +347,10 @@ def tscd_segments(
         >>> bool(((t_b <= s.t_end) & (s.t_end <= s.t_prev) & (s.t_prev == s.t - 20)).all())
         True
     """
-    _check_int(batch_size, "batch_size", 1)
-    k = _check_int(num_segments, "num_segments", 1)
-    n = _check_int(num_inference_steps, "num_inference_steps", 1)
-    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    k = check_int(num_segments, "num_segments", minimum=1, integral_float=True)
+    n = check_int(num_inference_steps, "num_inference_steps", minimum=1, integral_float=True)
+    total = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
     if total % n != 0:
         raise OptionError(
             f"Expected `num_inference_steps` to divide `num_train_timesteps` ({total}) so the grid step is an "
@@ -269,16 +391,35 @@ def milestone_pairs(
     at the milestones, ``skip = T/M, on_grid=True``, so ``t`` is a milestone and ``t_prev = t_end`` the one
     below.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        num_segments: ``M``, the number of milestones segments, an int >= 1 (default 8).
+        skip: the teacher step, an int in ``[1, T // M]`` (default 20).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        on_grid: draw ``u_m`` on multiples of ``skip`` only (``skip`` must then divide every milestone);
+            default off.
+        generator: source of the draws (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` of int64 ``(B,)`` tensors.
+
+    Raises:
+        OptionError: if a count is below its minimum, ``skip`` exceeds a segment width, or with
+            ``on_grid`` it does not divide every milestone.
+        DTypeError: if a count is not an int, or ``generator`` is not a ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> s = milestone_pairs(8, num_segments=8, skip=125, on_grid=True, generator=g)
         >>> bool(((s.t + 1) % 125 == 0).all() and (s.t_prev == s.t_end).all())
         True
     """
-    _check_int(batch_size, "batch_size", 1)
-    m = _check_int(num_segments, "num_segments", 1)
-    sk = _check_int(skip, "skip", 1)
-    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    m = check_int(num_segments, "num_segments", minimum=1, integral_float=True)
+    sk = check_int(skip, "skip", minimum=1, integral_float=True)
+    total = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
     edges = torch.div(torch.arange(m + 1) * total, m, rounding_mode="floor")
     widths = edges[1:] - edges[:-1]
     if bool((widths < sk).any()):
@@ -326,15 +467,34 @@ def progressive_pairs(
     2-step students at :data:`LIGHTNING_EXTRA_STUDENT_TIMESTEPS` (u ∈ {250, 500, 750, 1000}) instead
     of {1000} / {500, 1000}.
 
+    Args:
+        batch_size: ``B``, an int >= 1.
+        num_student_steps: ``N``, the student's inference steps, an int in ``[1, T]``.
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        extra_timesteps: explicit student timesteps (a non-empty sequence of ints in ``[0, T-1]``) that
+            replace the grid; ``None`` (the default) uses the "trailing" grid.
+        generator: source of the draws (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` of int64 ``(B,)`` tensors with ``t_end == t_prev``.
+
+    Raises:
+        OptionError: if a count is below its minimum, ``N > T``, or ``extra_timesteps`` is empty,
+            fractional or outside ``[0, T-1]``.
+        DTypeError: if a count is not an int, ``extra_timesteps`` is not a sequence of numbers, or ``generator`` is not a
+            ``torch.Generator``.
+
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> s = progressive_pairs(6, 1, extra_timesteps=LIGHTNING_EXTRA_STUDENT_TIMESTEPS, generator=g)
         >>> set(s.t.tolist()) <= {249, 499, 749, 999}, bool((s.t_prev == -1).all())
         (True, True)
     """
-    _check_int(batch_size, "batch_size", 1)
-    n = _check_int(num_student_steps, "num_student_steps", 1)
-    total = _check_int(num_train_timesteps, "num_train_timesteps", 2)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    n = check_int(num_student_steps, "num_student_steps", minimum=1, integral_float=True)
+    total = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
     if n > total:
         raise OptionError(f"Expected `num_student_steps` <= `num_train_timesteps` ({total}), but got {n}.")
     dev = _gen_device(generator)
@@ -346,7 +506,7 @@ def progressive_pairs(
         index = torch.randint(1, n + 1, (batch_size,), generator=generator, device=dev)
         t, t_prev = grid_u[index] - 1, grid_u[index - 1] - 1
     else:
-        given = torch.as_tensor(list(extra_timesteps))
+        given = _int_list(extra_timesteps, "extra_timesteps")
         grid = given.to(device=dev, dtype=torch.long)
         if (
             given.ndim != 1
@@ -356,7 +516,7 @@ def progressive_pairs(
         ):
             raise OptionError(
                 f"Expected `extra_timesteps` to be a non-empty list of ints in [0, {total - 1}], but got "
-                f"{list(extra_timesteps)}."
+                f"{given.tolist()}."
             )
         t = grid[torch.randint(0, grid.numel(), (batch_size,), generator=generator, device=dev)]
         u_prev = torch.floor((t + 1).double() - total / n + 0.5).clamp(min=0).long()

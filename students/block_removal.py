@@ -43,6 +43,7 @@ evenly spaced, first and last included).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import re
@@ -53,7 +54,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._checks import DTypeError, OptionError, ShapeError, check_option
+from .._checks import (
+    DTypeError,
+    OptionError,
+    ShapeError,
+    check_bool,
+    check_module,
+    check_option,
+)
 from .._modules import unwrap_model
 
 __all__ = [
@@ -76,6 +84,36 @@ _MID_TYPES = ("keep", "resnet", "none")
 _PRIVATE_KEYS = ("_use_default_values", "_name_or_path")
 
 
+def _level_tuple(values: Any, what: str, example: str) -> Sequence[Any]:
+    if not isinstance(values, (list, tuple)):
+        raise DTypeError(
+            f"Expected `{what}` to be a per-level tuple (level 0 = highest resolution; None keeps a level) or None, "
+            f"but got {type(values).__name__} {values!r}; e.g. {what}={example}."
+        )
+    return values
+
+
+def _check_count(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DTypeError(
+            f"Expected `{what}` to be an int (a resnet count) or None, but got {type(value).__name__} {value!r}."
+        )
+    if value < 1:
+        raise OptionError(f"Expected `{what}` to be >= 1 (every level keeps a resnet), but got {value}.")
+
+
+def _check_depth(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DTypeError(
+            f"Expected `{what}` to be an int (layers kept), a float in (0, 1] (fraction kept) or None, but got "
+            f"{type(value).__name__} {value!r}."
+        )
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise OptionError(f"Expected the fraction `{what}` to lie in (0, 1], but got {value!r}.")
+    if isinstance(value, int) and value < 1:
+        raise OptionError(f"Expected `{what}` to be >= 1 (a kept attention keeps a layer), but got {value}.")
+
+
 @dataclass(frozen=True)
 class BlockRemovalSpec:
     """What a student keeps of a ``UNet2DConditionModel`` teacher.
@@ -84,19 +122,33 @@ class BlockRemovalSpec:
     and ``up_blocks[n - 1 - i]``); a shorter tuple leaves the remaining levels as they are, and ``None``
     keeps a level.
 
-    Attributes:
-        name: label used in reports.
-        layers_per_block: resnets (and attention pairs) per down block; the matching up block gets one more.
-            Down blocks keep their first ones; up blocks keep their first ones and their last (whose skip
-            input comes from the level above), as distill-sd's ``resnets[1] = resnets[2]``.
-        down_transformer_layers: transformer layers per down attention, an int (absolute), a float
-            (fraction of the teacher's) or a per-layer tuple.
-        up_transformer_layers: the same for up blocks, per-layer tuples in the up block's layer order.
-        mid_block: ``"keep"``, ``"resnet"`` (one ``UNetMidBlock2D`` resnet, SSD-1B/Vega) or ``"none"``.
-        drop_innermost: remove the lowest-resolution stage (``down_blocks[-1]``, ``up_blocks[0]``), as
-            BK-SDM-Tiny; needs equal widths of the two innermost levels.
-        keep_transformer_layers: which teacher transformer layers a shortened attention keeps: ``"first"``,
-            ``"last"``, ``"spread"`` (evenly spaced) or ``fn(teacher_depth, student_depth) -> indices``.
+    Args:
+        name: Label used in reports (default ``"custom"``).
+        layers_per_block: Resnets (and attention pairs) per down block, per level (ints >= 1, None keeps a
+            level); the matching up block gets one more. Down blocks keep their first ones; up blocks keep their
+            first ones and their last (whose skip input comes from the level above), as distill-sd's
+            ``resnets[1] = resnets[2]``. Default None: every level keeps its resnets.
+        down_transformer_layers: Transformer layers per down attention, per level: an int >= 1 (absolute), a
+            float in (0, 1] (fraction of the teacher's), a per-layer tuple of those, or None (the teacher's).
+            Default None: all kept.
+        up_transformer_layers: The same for up blocks, per-layer tuples in the up block's layer order.
+        mid_block: ``"keep"`` (default), ``"resnet"`` (one ``UNetMidBlock2D`` resnet, SSD-1B/Vega) or
+            ``"none"``.
+        drop_innermost: Remove the lowest-resolution stage (``down_blocks[-1]``, ``up_blocks[0]``), as
+            BK-SDM-Tiny; needs equal widths of the two innermost levels. Default ``False``.
+        keep_transformer_layers: Which teacher transformer layers a shortened attention keeps: ``"first"``,
+            ``"last"``, ``"spread"`` (the default: evenly spaced, first and last included) or
+            ``fn(teacher_depth, student_depth) -> indices``.
+
+    The constructor checks the types and ranges it can without a teacher (the fit to a teacher config is
+    checked by :func:`student_config` / :func:`build_student`). Entries past the teacher's levels are
+    ignored (so the SDXL presets also apply to tiny SDXL-structured configs; a custom spec logs a warning).
+
+    Raises:
+        DTypeError: a field has the wrong type (e.g. an int where a per-level tuple is expected, a string
+            depth, a non-bool ``drop_innermost``).
+        OptionError: an unknown ``mid_block`` or ``keep_transformer_layers`` name; a resnet count < 1; a depth
+            < 1 or a fraction outside (0, 1].
 
     Example:
         >>> spec = BlockRemovalSpec(mid_block="resnet", up_transformer_layers=(None, (2, 1, 1)))
@@ -112,8 +164,51 @@ class BlockRemovalSpec:
     drop_innermost: bool = False
     keep_transformer_layers: KeepRule = "spread"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise DTypeError(
+                f"Expected `name` to be a string, but got {type(self.name).__name__} {self.name!r}."
+            )
+        if self.layers_per_block is not None:
+            for i, k in enumerate(_level_tuple(self.layers_per_block, "layers_per_block", "(1, 1, 1, 1)")):
+                if k is not None:
+                    _check_count(k, f"layers_per_block[{i}]")
+        for what in ("down_transformer_layers", "up_transformer_layers"):
+            values = getattr(self, what)
+            if values is None:
+                continue
+            for i, entry in enumerate(_level_tuple(values, what, "(None, 0.5, 0.2)")):
+                if isinstance(entry, (list, tuple)):
+                    for j, v in enumerate(entry):
+                        _check_depth(v, f"{what}[{i}][{j}]")
+                elif entry is not None:
+                    _check_depth(entry, f"{what}[{i}]")
+        check_option(self.mid_block, "mid_block", _MID_TYPES)
+        check_bool(self.drop_innermost, "drop_innermost")
+        rule = self.keep_transformer_layers
+        if not callable(rule) and rule not in ("first", "last", "spread"):
+            raise OptionError(
+                "Expected `keep_transformer_layers` to be one of ['first', 'last', 'spread'] or a callable, but "
+                f"got {rule!r}."
+            )
+
     def replace(self, **changes: Any) -> BlockRemovalSpec:
-        """A copy with some fields changed, e.g. ``PRESETS["ssd-1b"].replace(keep_transformer_layers="first")``."""
+        """A copy with some fields changed, e.g. ``PRESETS["ssd-1b"].replace(keep_transformer_layers="first")``.
+
+        Args:
+            **changes: New values of fields, by name (checked as by the constructor).
+
+        Returns:
+            A new :class:`BlockRemovalSpec` (this one is frozen and unchanged).
+
+        Raises:
+            OptionError: a name is not a field of :class:`BlockRemovalSpec`, or a new value is out of range.
+            DTypeError: a new value has the wrong type.
+        """
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise OptionError(f"Expected fields of BlockRemovalSpec ({sorted(fields)}), but got {unknown}.")
         return dataclasses.replace(self, **changes)
 
 
@@ -158,12 +253,21 @@ def _per_block(value: Any, n: int, what: str) -> list[Any]:
     return [value] * n
 
 
+def _config_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(
+            f"Expected the teacher config's `{what}` to hold ints, but got {type(value).__name__} {value!r}. Pass "
+            "the UNet's own config (unet.config)."
+        )
+    return value
+
+
 def _per_layer(value: Any, n_layers: int, what: str) -> list[int]:
     if isinstance(value, (list, tuple)):
         if len(value) != n_layers:
             raise OptionError(f"Expected `{what}` to list {n_layers} layer depths, but got {list(value)}.")
-        return [int(v) for v in value]
-    return [int(value)] * n_layers
+        return [_config_int(v, what) for v in value]
+    return [_config_int(value, what)] * n_layers
 
 
 @dataclass
@@ -183,15 +287,24 @@ class _Layout:
 
 
 def _layout(config: Mapping[str, Any]) -> _Layout:
-    down_types = list(config.get("down_block_types", ()))
-    up_types = list(config.get("up_block_types", ()))
+    down_types = config.get("down_block_types", ())
+    up_types = config.get("up_block_types", ())
+    if not isinstance(down_types, (list, tuple)) or not isinstance(up_types, (list, tuple)):
+        raise OptionError(
+            "Expected `down_block_types` and `up_block_types` of the teacher config to be lists of block type "
+            f"names, but got {type(down_types).__name__} and {type(up_types).__name__}. Pass `unet.config`."
+        )
+    down_types, up_types = list(down_types), list(up_types)
     n = len(down_types)
     if n == 0 or len(up_types) != n:
         raise OptionError(
             "Expected a UNet2DConditionModel config with as many `down_block_types` as `up_block_types`, "
             f"but got {len(down_types)} and {len(up_types)}. Pass `unet.config`."
         )
-    layers = [int(v) for v in _per_block(config.get("layers_per_block", 2), n, "layers_per_block")]
+    layers = [
+        _config_int(v, "layers_per_block")
+        for v in _per_block(config.get("layers_per_block", 2), n, "layers_per_block")
+    ]
     tl = _per_block(config.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
     down = [_per_layer(tl[i], layers[i], f"transformer_layers_per_block[{i}]") for i in range(n)]
     rev = config.get("reverse_transformer_layers_per_block")
@@ -291,9 +404,28 @@ class _Plan:
 
 
 def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
+    if not isinstance(teacher_config, Mapping):
+        raise DTypeError(
+            f"Expected `teacher_config` to be a UNet2DConditionModel config (a mapping: `unet.config`), but got "
+            f"{type(teacher_config).__name__}."
+        )
     check_option(spec.mid_block, "spec.mid_block", _MID_TYPES)
     lay = _layout(teacher_config)
     n = lay.levels
+    for what in ("layers_per_block", "down_transformer_layers", "up_transformer_layers"):
+        values = getattr(spec, what)
+        extra = [] if values is None else [v for v in values[n:] if v is not None]
+        if extra and spec.name not in PRESETS:  # the presets are written for SDXL / SD1.5 depth on purpose
+            logger.warning(
+                "spec %r: `%s` has entries for %d levels but the teacher has %d; the entries past level %d (%s) "
+                "are ignored. Level 0 is the highest resolution.",
+                spec.name,
+                what,
+                len(values),
+                n,
+                n - 1,
+                extra,
+            )
     n_out = n - 1 if spec.drop_innermost else n
     widths = list(_per_block(teacher_config.get("block_out_channels", ()), n, "block_out_channels"))
     if spec.drop_innermost:
@@ -313,7 +445,7 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
     up_keep: list[list[int]] = []  # indexed by level
     for i in range(n_out):
         k = _level_entry(spec.layers_per_block, i)
-        k = lay.layers[i] if k is None else int(k)
+        k = lay.layers[i] if k is None else k
         if not 1 <= k <= lay.layers[i]:
             raise OptionError(
                 f"Expected `layers_per_block[{i}]` to lie in [1, {lay.layers[i]}] (the teacher's), but got {k}."
@@ -429,6 +561,23 @@ def student_config(teacher_config: Mapping[str, Any], spec: str | BlockRemovalSp
     otherwise), with ``reverse_transformer_layers_per_block`` set whenever the up path differs from the
     mirrored down path.
 
+    Args:
+        teacher_config: The teacher's ``UNet2DConditionModel`` config (``unet.config`` or a dict with at least
+            ``down_block_types``, ``up_block_types`` and ``block_out_channels``).
+        spec: A :data:`PRESETS` name or a :class:`BlockRemovalSpec`.
+
+    Returns:
+        The student's config: a new dict (the teacher's keys with the removal applied; diffusers' private
+        ``_use_default_values`` / ``_name_or_path`` dropped).
+
+    Raises:
+        DTypeError: ``teacher_config`` is not a mapping; ``spec`` is neither a preset name nor a spec.
+        OptionError: an unknown preset; a config that is not a UNet's (block lists of unequal length, non-int
+            depths); a spec that does not fit it (more levels than the teacher, resnet counts or depths above the
+            teacher's, depths on levels without attention, ``drop_innermost`` with unequal innermost widths, a
+            ``mid_block='keep'`` whose innermost depth changes, a ``keep_transformer_layers`` callable returning
+            wrong indices).
+
     Example:
         >>> sdxl_like = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         ...              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
@@ -462,14 +611,16 @@ def _sorted_prefixes(module_map: Mapping[str, str]) -> list[str]:
 class BlockRemovalReport:
     """What :func:`build_student` did.
 
-    Attributes:
-        spec: the spec applied.
-        config: the student config (``from_config``-ready).
-        module_map: student module -> teacher module it was initialised from (blocks, resnets, attentions,
+    Args:
+        spec: The spec applied.
+        config: The student config (``from_config``-ready).
+        module_map: Student module -> teacher module it was initialised from (blocks, resnets, attentions,
             transformer blocks, samplers, mid block; every other module keeps its name).
-        removed: teacher modules none of whose parameters reach the student (the largest such units).
-        teacher_parameters, student_parameters: parameter counts.
-        initialized: whether weights were copied (not on the meta device).
+        removed: Teacher modules none of whose parameters reach the student (the largest such units).
+        teacher_parameters: Parameter count of the teacher.
+        student_parameters: Parameter count of the student.
+        initialized: Whether weights were copied (not on the meta device). Default ``False``.
+        notes: Free-form remarks (default empty).
 
     Example:
         >>> r = BlockRemovalReport(BlockRemovalSpec(), {}, {}, [], 100, 60)
@@ -488,15 +639,28 @@ class BlockRemovalReport:
 
     @property
     def removed_fraction(self) -> float:
-        """``1 - student_parameters / teacher_parameters``."""
+        """``1 - student_parameters / teacher_parameters``.
+
+        Returns:
+            The fraction of the teacher's parameters the student does not have.
+        """
         return 1.0 - self.student_parameters / max(1, self.teacher_parameters)
 
     def kd_pairs(self, level: Literal["block", "sub_block", "layer"] = "sub_block") -> dict[str, str]:
         """``{teacher_module: student_module}`` pairs for :class:`~diffdistill.students.LayerKD`.
 
-        ``"block"``: down/up blocks and the mid block; ``"sub_block"`` (SSD-1B's default): every kept resnet
-        and attention, plus the mid block; ``"layer"``: also every kept transformer block. The teacher's
-        whole mid block pairs with the student's single resnet when ``mid_block="resnet"``.
+        The teacher's whole mid block pairs with the student's single resnet when ``mid_block="resnet"``.
+
+        Args:
+            level: ``"block"``: down/up blocks and the mid block; ``"sub_block"`` (the default, SSD-1B's):
+                every kept resnet and attention, plus the mid block; ``"layer"``: also every kept transformer
+                block.
+
+        Returns:
+            A new dict ``{teacher module name: student module name}``.
+
+        Raises:
+            OptionError: an unknown ``level``.
         """
         check_option(level, "level", ["block", "sub_block", "layer"])
         pairs: dict[str, str] = {}
@@ -520,7 +684,12 @@ class BlockRemovalReport:
         return pairs
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable summary (the spec's callable rule, if any, as its name)."""
+        """A JSON-serialisable summary (the spec's callable rule, if any, as its name).
+
+        Returns:
+            ``{"spec", "config", "module_map", "removed", "teacher_parameters", "student_parameters",
+            "removed_fraction", "initialized"}``.
+        """
         spec = dataclasses.asdict(self.spec)
         rule = spec["keep_transformer_layers"]
         spec["keep_transformer_layers"] = (
@@ -554,11 +723,25 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, module_map: Mappin
     """Copy every student parameter/buffer from the teacher entry it maps to; return the teacher keys used.
 
     Names are translated by the longest matching prefix of ``module_map`` (student module -> teacher
-    module); unmapped names are looked up unchanged.
+    module); unmapped names are looked up unchanged. Values are converted to the student's dtype (a bf16
+    teacher initialises a float32 student) and copied onto the student's device, in place.
+
+    Args:
+        student: The student network (wrappers unwrapped), with real (not meta) weights.
+        teacher: The teacher it was derived from (wrappers unwrapped), with real weights.
+        module_map: ``{student module name: teacher module name}`` (e.g.
+            :attr:`BlockRemovalReport.module_map`); ``{}`` copies by identical names.
+
+    Returns:
+        The teacher's state-dict keys that were copied.
 
     Raises:
-        OptionError: a student entry has no teacher counterpart.
-        ShapeError: the shapes differ.
+        DTypeError: ``student`` / ``teacher`` is not an ``nn.Module``; ``module_map`` is not a mapping of
+            strings to strings.
+        OptionError: a student entry has no teacher counterpart (a teacher of another architecture, or a
+            ``module_map`` from another spec); a network is on the meta device (no weights to copy or to
+            receive).
+        ShapeError: a student entry and its teacher source differ in shape (a teacher of another width).
 
     Example:
         >>> t, s = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -567,7 +750,23 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, module_map: Mappin
         >>> torch.equal(s[0].weight, t[1].weight)
         True
     """
+    check_module(student, "student")
+    check_module(teacher, "teacher")
+    if not isinstance(module_map, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in module_map.items()
+    ):
+        raise DTypeError(
+            "Expected `module_map` to map student module names to teacher module names (str to str), e.g. "
+            f"report.module_map, but got {type(module_map).__name__}."
+        )
     student, teacher = unwrap_model(student), unwrap_model(teacher)
+    for net, what in ((teacher, "teacher"), (student, "student")):
+        if any(t.device.type == "meta" for t in itertools.chain(net.parameters(), net.buffers())):
+            raise OptionError(
+                f"Expected the {what} to hold weights, but it is on the meta device. Load its weights first (or, "
+                f"for the student, materialise it with .to_empty(device=...)); build_student(teacher, spec, "
+                "init_weights=False) sizes a student without copying."
+            )
     prefixes = _sorted_prefixes(module_map)
     t_state = teacher.state_dict()
     new_state: dict[str, torch.Tensor] = {}
@@ -577,13 +776,16 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, module_map: Mappin
         if t_key not in t_state:
             raise OptionError(
                 f"Expected the teacher to have `{t_key}` (source of student `{s_key}`), but it has no such entry. "
-                "Check that the student config was derived from this teacher's config."
+                "Check that the student config was derived from this teacher's config (a teacher of another "
+                "architecture), and that `module_map` comes from the same spec."
             )
         t_value = t_state[t_key]
         if t_value.shape != s_value.shape:
             raise ShapeError(
                 f"Expected teacher `{t_key}` and student `{s_key}` to have the same shape, but got teacher "
-                f"{tuple(t_value.shape)} and student {tuple(s_value.shape)}.",
+                f"{tuple(t_value.shape)} and student {tuple(s_value.shape)}: the student was not derived from "
+                "this teacher (another width or config). Build it from this teacher with "
+                "build_student(teacher, spec).",
                 name=s_key,
                 expected=tuple(s_value.shape),
                 actual=tuple(t_value.shape),
@@ -603,13 +805,22 @@ def build_student(
     """Build the block-removed student of a diffusers ``UNet2DConditionModel`` and initialise it from it.
 
     Args:
-        teacher: the teacher UNet (wrappers are unwrapped). On the meta device the student is built on the
+        teacher: The teacher UNet (wrappers are unwrapped). On the meta device the student is built on the
             meta device too and no weights are copied (sizes only).
-        spec: a :data:`PRESETS` name or a :class:`BlockRemovalSpec`.
-        init_weights: copy the kept modules' weights from the teacher (by :attr:`BlockRemovalReport.module_map`).
+        spec: A :data:`PRESETS` name or a :class:`BlockRemovalSpec`.
+        init_weights: Copy the kept modules' weights from the teacher (by :attr:`BlockRemovalReport.module_map`).
+            Default ``True``; ``False`` leaves diffusers' random initialisation.
 
     Returns:
         ``(student, report)``; the student has the teacher's dtype and device and is in train mode.
+
+    Raises:
+        DTypeError: ``teacher`` has no diffusers config (not a ``UNet2DConditionModel``); ``spec`` is neither a
+            preset name nor a spec; ``init_weights`` is not a bool.
+        OptionError: an unknown preset, or a spec that does not fit the teacher (see :func:`student_config`);
+            the teacher's weights do not match its own config.
+        ShapeError: a copied weight differs in shape from the student's (see :func:`init_from_teacher`).
+        ImportError: diffusers is not installed.
 
     Example:
         >>> from diffusers import UNet2DConditionModel
@@ -625,6 +836,8 @@ def build_student(
     from diffusers import UNet2DConditionModel
 
     spec = _as_spec(spec)
+    check_bool(init_weights, "init_weights")
+    check_module(teacher, "teacher")
     teacher = unwrap_model(teacher)
     config = getattr(teacher, "config", None)
     if not isinstance(config, Mapping):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .._checks import DTypeError, OptionError
+from .._checks import DTypeError, OptionError, check_bool, check_module
 from .._modules import unwrap_model
 from .._outputs import first_tensor
 
@@ -39,6 +39,12 @@ _GLOB_CHARS = set("*?[")
 
 def in_backward_pass() -> bool:
     """Whether the caller runs inside an autograd ``backward()`` (e.g. a gradient-checkpointing recompute).
+
+    Returns:
+        True inside a backward pass (a hook that fires there sees a recomputation, not a new forward).
+
+    Raises:
+        Nothing: a torch without the graph-task query reports False.
 
     Example:
         >>> in_backward_pass()
@@ -60,35 +66,37 @@ def _match_parts(pattern: Sequence[str], name: Sequence[str]) -> bool:
     return bool(name) and fnmatchcase(name[0], head) and _match_parts(rest, name[1:])
 
 
-def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
-    """Resolve explicit names and glob patterns to module names of ``model`` (wrappers unwrapped).
-
-    A ``*`` matches within one dotted component (``down_blocks.*.resnets.*`` does not reach into the
-    resnets' sub-modules); ``**`` matches any number of components. Names come back in the model's
-    ``named_modules()`` order, without duplicates.
-
-    Raises:
-        OptionError: an explicit name is not a module of the model, or a pattern matches nothing.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
-        >>> resolve_module_names(net, ["*", "1.0"])
-        ['0', '1', '1.0']
-    """
+def _resolve(model: nn.Module, patterns: Any, arg: str, owner: str = "") -> list[str]:
+    """:func:`resolve_module_names` with the messages naming the caller's argument ``arg``."""
     model = unwrap_model(model)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple)):
+        raise DTypeError(
+            f"Expected `{arg}` to be a module name or a list of names / glob patterns, but got "
+            f"{type(patterns).__name__}; e.g. {arg}=['mid_block', 'down_blocks.*.attentions.*']."
+        )
+    if not patterns:
+        raise OptionError(
+            f"Expected `{arg}` to name at least one module, but it is empty. List the modules to tap, e.g. "
+            f"{arg}=['mid_block'] (names: [n for n, _ in model.named_modules()])."
+        )
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
     wanted: set[str] = set()
-    for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+    for pattern in patterns:
         if not isinstance(pattern, str):
-            raise DTypeError(f"Expected module names to be strings, but got {type(pattern).__name__}.")
+            raise DTypeError(
+                f"Expected every entry of `{arg}` to be a module name (str), but got {type(pattern).__name__} "
+                f"{pattern!r}. Use dotted names as in model.named_modules(), e.g. 'down_blocks.0'."
+            )
         if _GLOB_CHARS & set(pattern):
             parts = pattern.split(".")
             hits = [n for n in names if _match_parts(parts, n.split("."))]
             if not hits:
                 raise OptionError(
-                    f"Expected the pattern {pattern!r} to match at least one module of "
-                    f"{type(model).__name__}, but it matched none. Each '*' matches one dotted component; "
+                    f"Expected the pattern {pattern!r} in `{arg}` to match at least one module of "
+                    f"{owner}{type(model).__name__}, but it matched none. Each '*' matches one dotted component; "
                     "use '**' to span several."
                 )
             wanted.update(hits)
@@ -98,21 +106,58 @@ def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> lis
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f" Close names: {close}." if close else ""
             raise OptionError(
-                f"Expected {pattern!r} to name a sub-module of {type(model).__name__}, but it has none of that "
-                f"name.{hint} List them with [n for n, _ in model.named_modules()]."
+                f"Expected {pattern!r} in `{arg}` to name a sub-module of {owner}{type(model).__name__}, but it has none "
+                f"of that name.{hint} List them with [n for n, _ in model.named_modules()]."
             )
     return [n for n in names if n in wanted]
+
+
+def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
+    """Resolve explicit names and glob patterns to module names of ``model`` (wrappers unwrapped).
+
+    A ``*`` matches within one dotted component (``down_blocks.*.resnets.*`` does not reach into the
+    resnets' sub-modules); ``**`` matches any number of components. Names come back in the model's
+    ``named_modules()`` order, without duplicates.
+
+    Args:
+        model: The network (DDP / FSDP / compiled / DataParallel wrappers are unwrapped first).
+        patterns: One module name or pattern, or a list / tuple of them (at least one).
+
+    Returns:
+        The matching module names (the root module, named ``""``, is never returned).
+
+    Raises:
+        DTypeError: ``model`` is not an ``nn.Module``; ``patterns`` is not a string or a list / tuple of
+            strings.
+        OptionError: ``patterns`` is empty, an explicit name is not a module of the model, or a pattern
+            matches nothing.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
+        >>> resolve_module_names(net, ["*", "1.0"])
+        ['0', '1', '1.0']
+    """
+    check_module(model, "model")
+    return _resolve(model, patterns, "patterns")
 
 
 class FeatureTap:
     """Record the outputs of named sub-modules of ``model`` at every forward.
 
     Args:
-        model: the network (a DDP / FSDP / compiled / DataParallel wrapper is unwrapped first).
-        modules: module names or glob patterns (the key of each feature is the module name), or a
-            mapping ``{key: name}`` when the features should be stored under other keys (each name must
-            then resolve to exactly one module).
-        detach: store ``output.detach()`` (for a frozen teacher run with grad enabled).
+        model: The network (a DDP / FSDP / compiled / DataParallel wrapper is unwrapped first).
+        modules: Module names or glob patterns (the key of each feature is the module name; see
+            :func:`resolve_module_names`), or a mapping ``{key: name}`` when the features should be stored
+            under other keys (each name must then resolve to exactly one module). At least one module.
+        detach: Store ``output.detach()`` (for a frozen teacher run with grad enabled). Default ``False``:
+            the features keep their autograd graph (a student's KD term trains through them).
+
+    Raises:
+        DTypeError: ``model`` is not an ``nn.Module``; ``modules`` is not a string, a list / tuple of strings
+            or a mapping of strings; ``detach`` is not a bool. At a forward: a tapped module returns no tensor
+            (neither a tensor, a ``.sample``, a dict nor a tuple starting with one).
+        OptionError: ``modules`` is empty, names no module of ``model``, or a mapping entry matches no or
+            several modules.
 
     After a forward, :attr:`features` maps each key to a tensor of the module's output shape, e.g.
     ``(B, C, H, W)`` for UNet blocks, resnets and ``Transformer2DModel`` s and ``(B, H*W, C)`` for
@@ -136,11 +181,23 @@ class FeatureTap:
         *,
         detach: bool = False,
     ) -> None:
+        check_module(model, "model")
+        check_bool(detach, "detach")
         inner = unwrap_model(model)
         if isinstance(modules, Mapping):
+            if not modules:
+                raise OptionError(
+                    "Expected `modules` to name at least one module, but the mapping is empty. Pass e.g. "
+                    "modules={'mid': 'mid_block'}."
+                )
             names: dict[str, str] = {}
             for key, pattern in modules.items():
-                found = resolve_module_names(inner, pattern)
+                if not isinstance(pattern, str):
+                    raise DTypeError(
+                        f"Expected `modules` to map keys to module names (str), but key {key!r} maps to "
+                        f"{type(pattern).__name__} {pattern!r}."
+                    )
+                found = _resolve(inner, pattern, "modules")
                 if len(found) != 1:
                     raise OptionError(
                         f"Expected {pattern!r} (key {key!r}) to name exactly one module, but it matched "
@@ -148,7 +205,7 @@ class FeatureTap:
                     )
                 names[str(key)] = found[0]
         else:
-            names = {n: n for n in resolve_module_names(inner, modules)}
+            names = {n: n for n in _resolve(inner, modules, "modules")}
         self.names: dict[str, str] = names
         self.detach = bool(detach)
         self._features: dict[str, torch.Tensor] = {}
@@ -174,16 +231,29 @@ class FeatureTap:
 
     @property
     def features(self) -> dict[str, torch.Tensor]:
-        """The features of the last forward (a new dict; the tap keeps its references until :meth:`pop`)."""
+        """The features of the last forward (a new dict; the tap keeps its references until :meth:`pop`).
+
+        Returns:
+            ``{key: tensor}`` for every tapped module that ran since the last :meth:`pop` / :meth:`clear`.
+        """
         return dict(self._features)
 
     @property
     def closed(self) -> bool:
-        """Whether the hooks have been removed."""
+        """Whether the hooks have been removed.
+
+        Returns:
+            True after :meth:`close` (or the ``with`` block's end): the tap records nothing any more.
+        """
         return not self.handles
 
     def pop(self) -> dict[str, torch.Tensor]:
-        """Return the recorded features and forget them (call once per training step)."""
+        """Return the recorded features and forget them (call once per training step).
+
+        Returns:
+            ``{key: tensor}`` of the last forward of every tapped module that ran (a module that did not run
+            has no key); the tap then holds no reference to them.
+        """
         out, self._features = self._features, {}
         return out
 

@@ -27,7 +27,10 @@ NO_RAISES = {
     "schedulers.TimestepSample",
     "schedulers.Stage",
     "discriminators.BackboneMode",
+    "discriminators.sdxl_unet_config",  # config dicts: no input to check
+    "discriminators.tiny_sdxl_unet_config",
     "students.BlockRemovalReport",
+    "students.in_backward_pass",  # no arguments
     "errors.DTypeError",
     "errors.NonFiniteError",
     "errors.OptionError",

@@ -209,7 +209,7 @@ def _tiny_discriminator() -> nn.Sequential:
 @pytest.fixture(scope="module")
 def lpips_reference() -> ELatentLPIPS:
     torch.manual_seed(0)
-    model = ELatentLPIPS("sdxl", augment="bg", num_draws=2, reduction="none")
+    model = ELatentLPIPS("sdxl", weights=None, augment="bg", num_draws=2, reduction="none")
     g = _gen(10)
     with torch.no_grad():  # calibrated-looking heads and BN statistics instead of the all-ones defaults
         for name, buf in model.named_buffers():
@@ -232,7 +232,7 @@ def test_elatent_lpips(
     dev_model.net.slice1.register_forward_pre_hook(
         lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
-    plain_ref = LatentLPIPS("sdxl", reduction="none")
+    plain_ref = LatentLPIPS("sdxl", weights=None, reduction="none")
     plain_ref.load_state_dict(lpips_reference.state_dict())
     plain_ref = plain_ref.double()
     plain_dev = _device_copy(plain_ref, device).to(memory_format=memory_format)

@@ -66,6 +66,77 @@ def test_check_messages() -> None:
         _checks.check_dtype_floating(torch.zeros(2, dtype=torch.long), "x")
 
 
+def test_number_and_argument_check_messages() -> None:
+    import numpy as np
+
+    for bad in ("1", None, True, [1.0]):
+        with pytest.raises(_checks.DTypeError, match=r"Expected `lr` to be a real number, but got"):
+            _checks.check_positive(bad, "lr")
+        with pytest.raises(_checks.DTypeError, match=r"Expected `p` to be a real number, but got"):
+            _checks.check_probability(bad, "p")
+    _checks.check_positive(float("inf"), "lr")  # callers needing a finite number use check_real
+    assert _checks.check_real(np.float32(0.5), "w", low=0, high=1) == 0.5
+    assert _checks.check_real(torch.tensor(2.0), "t", allow_tensor=True) == 2.0
+    with pytest.raises(_checks.DTypeError, match=r"Expected `w` to be a real number, but got str '1'"):
+        _checks.check_real("1", "w")
+    with pytest.raises(_checks.DTypeError, match=r"Expected `w` to be a real number, but got bool True"):
+        _checks.check_real(True, "w")
+    with pytest.raises(_checks.DTypeError, match=r"`w` to be a real number, but got a tensor of shape \(\)"):
+        _checks.check_real(torch.tensor(1.0), "w")
+    with pytest.raises(
+        _checks.DTypeError, match=r"`w` to be a real number, but got a tensor of shape \(1,\)"
+    ):
+        _checks.check_real(torch.ones(1), "w", allow_tensor=True)
+    with pytest.raises(_checks.OptionError, match=r"Expected `w` to be a finite number, but got nan"):
+        _checks.check_real(float("nan"), "w")
+    with pytest.raises(_checks.OptionError, match=r"Expected `w` to be > 0, but got 0"):
+        _checks.check_real(0, "w", low=0, strict=True)
+    with pytest.raises(_checks.OptionError, match=r"Expected `w` to be < 1, but got 1"):
+        _checks.check_real(1, "w", high=1, high_strict=True)
+
+    assert _checks.check_int(np.int64(3), "n", minimum=1) == 3
+    assert _checks.check_int(1000.0, "n", integral_float=True) == 1000
+    with pytest.raises(_checks.DTypeError, match=r"Expected `n` to be an int >= 1, but got float 2.0"):
+        _checks.check_int(2.0, "n", minimum=1)
+    with pytest.raises(_checks.DTypeError, match=r"Expected `n` to be an int, but got bool True"):
+        _checks.check_int(True, "n")
+    with pytest.raises(
+        _checks.OptionError, match=r"Expected `n` to be an int in \[1, 4\], but got 5\. Fix it\."
+    ):
+        _checks.check_int(5, "n", minimum=1, maximum=4, hint=" Fix it.")
+    assert _checks.check_optional_int(None, "k", minimum=1) is None
+    with pytest.raises(_checks.DTypeError, match=r"Expected `k` to be an int >= 1 or None, but got str 'a'"):
+        _checks.check_optional_int("a", "k", minimum=1)
+
+    with pytest.raises(_checks.DTypeError, match=r"Expected `flag` to be True or False, but got str 'False'"):
+        _checks.check_bool("False", "flag")
+    with pytest.raises(
+        _checks.DTypeError, match=r"Expected `flag` to be True or False or None, but got int 1"
+    ):
+        _checks.check_bool(1, "flag", allow_none=True)
+    assert _checks.check_bool(None, "flag", allow_none=True) is None
+    with pytest.raises(
+        _checks.DTypeError, match=r"Expected `generator` to be a torch.Generator or None, but got int"
+    ):
+        _checks.check_generator(0)
+    with pytest.raises(
+        _checks.DTypeError, match=r"Expected `cond` to be a mapping of .* \(or None\), but got list"
+    ):
+        _checks.check_mapping([], "cond")
+    assert _checks.check_mapping(None, "cond") == {}
+    with pytest.raises(_checks.DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got str"):
+        _checks.check_module("unet", "model")
+
+
+def test_check_all_finite_names_the_first_offender() -> None:
+    good, bad = torch.ones(2), torch.tensor([1.0, float("inf")])
+    _checks.check_all_finite([("a", good), ("i", torch.arange(3)), ("m", torch.empty(2, device="meta"))])
+    with pytest.raises(_checks.NonFiniteError, match=r"Expected `b` to be finite, but it holds 1 NaN/Inf"):
+        _checks.check_all_finite([("a", good), ("b", bad), ("c", bad)])
+    with _checks.value_checks(False):
+        _checks.check_all_finite([("b", bad)])  # switched off: no error, no sync
+
+
 def test_finite_check_and_switch() -> None:
     x = torch.tensor([1.0, float("nan"), float("inf")])
     with pytest.raises(ValueError, match=r"holds 2 NaN/Inf value\(s\) out of 3"):

@@ -303,7 +303,7 @@ def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     net = toy.trainable_copy()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        lpips = LatentLPIPS(latent=48)  # random-init trunk on 48 x 4 x 4 space-to-depth pixels
+        lpips = LatentLPIPS(latent=48, weights=None)  # random-init trunk on 48 x 4 x 4 space-to-depth pixels
     opt = _Optimizer(net, cfg.regression_lr, cfg.regression_steps)
     for _ in _bar(cfg.regression_steps, "regression"):
         x_t, t, y, target = pairs.batch(cfg.batch, g)

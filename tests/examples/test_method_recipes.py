@@ -85,15 +85,15 @@ def test_hyper_sd_run_draws_teacher_guidance_per_sample_and_trains_d_with_lightn
 
     script, common = _load("sdxl_hyper_sd"), _load("distill_common")
     scales: list[Any] = []
-    predict = TeacherSolver.predict
+    predict = TeacherSolver._predict  # predict() and solve()'s steps, after the inputs were checked once
 
-    def recording_predict(self, x_t, t, cond=None, uncond=None, guidance_scale=None, **kw):  # type: ignore[no-untyped-def]
+    def recording_predict(self, x_t, tt, cond, uncond, w, grad):  # type: ignore[no-untyped-def]
         if uncond is not None:  # a guided call (the validation sampler's are conditional only)
-            scales.append(self.guidance_scale if guidance_scale is None else guidance_scale)
-        return predict(self, x_t, t, cond, uncond, guidance_scale, **kw)
+            scales.append(w)
+        return predict(self, x_t, tt, cond, uncond, w, grad)
 
     optimizers = record_optimisers(monkeypatch, common)
-    monkeypatch.setattr(TeacherSolver, "predict", recording_predict)
+    monkeypatch.setattr(TeacherSolver, "_predict", recording_predict)
     argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
     argv += ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
     argv += ["--guidance_scale_min", "2", "--guidance_scale_max", "9", "--noise_offset", "0.1"]

@@ -568,9 +568,11 @@ def test_mix_and_match_pairs_every_sample_with_another(batch: int, seed: int) ->
 
 
 def test_mix_and_match_keeps_shared_conditions() -> None:
-    shared = torch.ones(1, 5)
-    out = mix_and_match(torch.randn(3, 2), {"null": shared, "scale": 7.5}, mismatch="cond", generator=_gen(0))
+    shared, text = torch.ones(1, 5), torch.arange(3.0).reshape(3, 1)
+    cond = {"null": shared, "scale": 7.5, "text": text}
+    out = mix_and_match(torch.randn(3, 2), cond, mismatch="cond", generator=_gen(0))
     assert out.cond["null"] is shared and out.cond["scale"] == 7.5
+    assert torch.equal(out.cond["text"], text[out.permutation])
 
 
 def test_mix_and_match_errors() -> None:

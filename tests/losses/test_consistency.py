@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import OptionError
 from diffdistill.losses import (
     consistency_pair,
     inter_segment_consistency_loss,

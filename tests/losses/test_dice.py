@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffdistill import _checks
-from diffdistill._checks import DTypeError, OptionError, ShapeError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError, value_checks
 from diffdistill.losses import (
     DiceSemimetricLoss,
     boundary_label_smoothing,
@@ -796,8 +796,8 @@ def test_errors_on_shapes_and_dtypes() -> None:
             r"`active_classes` to be one of \['present', 'all', None\]",
         ),
         ({"ignore_index": 2.5}, DTypeError, r"`ignore_index` to be an int or None, but got float 2\.5"),
-        ({"from_logits": 1}, DTypeError, r"`from_logits` to be a bool, but got int 1"),
-        ({"log_loss": "yes"}, DTypeError, r"`log_loss` to be a bool, but got str 'yes'"),
+        ({"from_logits": 1}, DTypeError, r"`from_logits` to be True or False, but got int 1"),
+        ({"log_loss": "yes"}, DTypeError, r"`log_loss` to be True or False, but got str 'yes'"),
     ],
 )
 def test_option_errors(options: dict[str, Any], error: type[Exception], pattern: str) -> None:
@@ -818,7 +818,7 @@ def test_soft_label_helper_errors() -> None:
         bad = labels.clone()
         bad[0, 0, 0] = 3
         uniform_label_smoothing(bad, 3)
-    with pytest.raises(OptionError, match=r"`num_classes` to be a positive int, but got 0"):
+    with pytest.raises(OptionError, match=r"`num_classes` to be an int >= 1, but got 0"):
         uniform_label_smoothing(labels, 0)
     with pytest.raises(OptionError, match=r"`epsilon` to lie in \[0, 1\], but got 1\.5"):
         uniform_label_smoothing(labels, 3, 1.5)
@@ -845,3 +845,314 @@ def test_soft_label_helper_errors() -> None:
         teacher_soft_labels(labels)
     with pytest.raises(ShapeError, match=r"`logits` laid out as \(B, C, \*spatial\)"):
         teacher_soft_labels(torch.randn(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad inputs (issue 18): empty batches, non-finite values, wrong types; every message names the argument
+# ---------------------------------------------------------------------------------------------------
+
+
+def _labels() -> torch.Tensor:
+    return torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+
+
+DICE_BAD_INPUTS: list[tuple[str, Any, type[Exception], str]] = [
+    # an empty batch / class / spatial dimension: torch's "aminmax(): cannot compute ... empty" before
+    (
+        "empty_batch",
+        lambda x, y: dice_semimetric_loss(x[:0], y[:0]),
+        ShapeError,
+        r"`input` to hold at least one sample, but got shape \(0, 4, 6, 5\)",
+    ),
+    (
+        "empty_spatial",
+        lambda x, y: dice_semimetric_loss(x[:, :, :0], y[:, :0]),
+        ShapeError,
+        r"`input` to hold at least one sample, but got shape \(2, 4, 0, 5\)",
+    ),
+    (
+        "empty_classes",
+        lambda x, y: dice_semimetric_loss(x[:, :0], y),
+        ShapeError,
+        r"`input` to hold at least one sample, but got shape \(2, 0, 6, 5\)",
+    ),
+    (
+        "empty_batch_module",
+        lambda x, y: DiceSemimetricLoss(aggregate="image", reduction="none")(x[:0], y[:0]),
+        ShapeError,
+        r"`input` to hold at least one sample",
+    ),
+    # classes that are not ints were truncated silently (0.5 -> class 0, "12" -> classes 1 and 2)
+    (
+        "classes_float",
+        lambda x, y: dice_semimetric_loss(x, y, classes=[0.5]),
+        OptionError,
+        r"`classes` to be a non-empty list of channel indices \(ints\), but got \[0\.5\]",
+    ),
+    (
+        "classes_str",
+        lambda x, y: dice_semimetric_loss(x, y, classes="12"),
+        OptionError,
+        r"`classes` to be a non-empty list of channel indices \(ints\), but got str '12'",
+    ),
+    (
+        "classes_float_module",
+        lambda x, y: DiceSemimetricLoss(classes=[1.7]),
+        OptionError,
+        r"`classes` to be a non-empty list of channel indices \(ints\)",
+    ),
+    (
+        "classes_float_tensor",
+        lambda x, y: dice_semimetric_loss(x, y, classes=torch.tensor([1.0])),
+        OptionError,
+        r"`classes` .* dtype torch\.float32",
+    ),
+    # wrong Python types: "new(): invalid data type 'str'" / "'>' not supported between 'str' and 'int'" before
+    (
+        "class_weights_str",
+        lambda x, y: dice_semimetric_loss(x, y, class_weights="abc"),
+        DTypeError,
+        r"`class_weights` to be a sequence or tensor of C numbers, but got str 'abc'",
+    ),
+    (
+        "class_weights_str_module",
+        lambda x, y: DiceSemimetricLoss(class_weights="abc"),
+        DTypeError,
+        r"`class_weights` to be a sequence or tensor of C numbers",
+    ),
+    (
+        "class_weights_bool",
+        lambda x, y: dice_semimetric_loss(x, y, class_weights=[True] * 4),
+        DTypeError,
+        r"`class_weights` to hold real numbers, but got dtype torch\.bool",
+    ),
+    (
+        "temperature_str",
+        lambda x, y: dice_semimetric_loss(x, y, temperature="2"),
+        DTypeError,
+        r"`temperature` to be a real number, but got str '2'",
+    ),
+    (
+        "alpha_none",
+        lambda x, y: DiceSemimetricLoss(alpha=None),
+        DTypeError,
+        r"`alpha` to be a real number, but got NoneType",
+    ),
+    # infinite options gave a constant loss (alpha=inf: 1.0, gamma=inf: 0.0)
+    (
+        "alpha_inf",
+        lambda x, y: dice_semimetric_loss(x, y, alpha=float("inf")),
+        OptionError,
+        r"`alpha` to be a finite number, but got inf",
+    ),
+    (
+        "gamma_inf",
+        lambda x, y: dice_semimetric_loss(x, y, gamma=float("inf")),
+        OptionError,
+        r"`gamma` to be a finite number, but got inf",
+    ),
+    (
+        "smooth_inf_module",
+        lambda x, y: DiceSemimetricLoss(smooth=float("inf")),
+        OptionError,
+        r"`smooth` to be a finite number",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "call", "error", "pattern"), DICE_BAD_INPUTS, ids=[c[0] for c in DICE_BAD_INPUTS]
+)
+def test_dice_bad_inputs(case: str, call: Any, error: type[Exception], pattern: str) -> None:
+    logits, labels, _ = _data()
+    with pytest.raises(error, match=pattern):
+        call(logits, labels)
+
+
+def test_dice_numeric_options_accept_numpy_and_0d_tensors() -> None:
+    np = pytest.importorskip("numpy")
+    logits, labels, _ = _data()
+    expected = dice_semimetric_loss(logits, labels, alpha=0.4, classes=[1, 2])
+    for alpha, classes in ((np.float64(0.4), np.array([1, 2])), (torch.tensor(0.4), torch.tensor([1, 2]))):
+        got = dice_semimetric_loss(logits, labels, alpha=alpha, classes=classes)
+        torch.testing.assert_close(got, expected)
+
+
+def test_numpy_ignore_index_is_an_int() -> None:
+    np = pytest.importorskip("numpy")
+    logits, labels, _ = _data()
+    labels[0, 0, 0] = 255
+    torch.testing.assert_close(
+        dice_semimetric_loss(logits, labels, ignore_index=np.int64(255)),
+        dice_semimetric_loss(logits, labels, ignore_index=255),
+    )
+    torch.testing.assert_close(
+        uniform_label_smoothing(labels, 4, ignore_index=np.int64(255)),
+        uniform_label_smoothing(labels, 4, ignore_index=255),
+    )
+
+
+def test_dice_nan_input_passes_with_value_checks_off() -> None:
+    logits, labels, _ = _data()
+    logits[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"`input` to be finite"):
+        dice_semimetric_loss(logits, labels)
+    with value_checks(False):  # no device sync: the NaN propagates
+        assert bool(dice_semimetric_loss(logits, labels).isnan())
+
+
+SOFT_LABEL_BAD_INPUTS: list[tuple[str, Any, type[Exception], str]] = [
+    # empty batches returned an empty tensor silently
+    (
+        "uniform_empty",
+        lambda: uniform_label_smoothing(_labels()[:0], 3),
+        ShapeError,
+        r"`target` to hold at least one sample, but got shape \(0, 4, 4\)",
+    ),
+    (
+        "boundary_empty",
+        lambda: boundary_label_smoothing(_labels()[:0], 3),
+        ShapeError,
+        r"`target` to hold at least one sample",
+    ),
+    (
+        "multi_rater_empty_batch",
+        lambda: multi_rater_soft_labels(torch.stack([_labels(), _labels()])[:, :0], 3),
+        ShapeError,
+        r"`annotations` to hold at least one sample, but got shape \(2, 0, 4, 4\)",
+    ),
+    (
+        "teacher_empty",
+        lambda: teacher_soft_labels(torch.randn(0, 3, 4)),
+        ShapeError,
+        r"`logits` to hold at least one sample",
+    ),
+    (
+        "teacher_no_class",
+        lambda: teacher_soft_labels(torch.randn(2, 0, 4)),
+        ShapeError,
+        r"`logits` to hold at least one sample, but got shape \(2, 0, 4\)",
+    ),
+    # zero raters gave all-zero labels; an empty list or unequal raters failed inside torch.stack
+    (
+        "multi_rater_no_rater",
+        lambda: multi_rater_soft_labels(torch.zeros(0, 2, 4, dtype=torch.long), 3),
+        ShapeError,
+        r"`annotations` to hold at least one rater's label map \(R >= 1 in dim 0\)",
+    ),
+    (
+        "multi_rater_empty_list",
+        lambda: multi_rater_soft_labels([], 3),
+        ShapeError,
+        r"`annotations` to hold at least one rater's label map, but got an empty sequence",
+    ),
+    (
+        "multi_rater_unequal",
+        lambda: multi_rater_soft_labels([_labels(), _labels()[:1]], 3),
+        ShapeError,
+        r"shape of `annotations\[0\]` \(2, 4, 4\), but got `annotations\[1\]` \(1, 4, 4\)",
+    ),
+    (
+        "multi_rater_lists",
+        lambda: multi_rater_soft_labels([[0, 1], [1, 1]], 3),
+        DTypeError,
+        r"`annotations\[0\]` to be a torch\.Tensor, but got list",
+    ),
+    (
+        "multi_rater_int",
+        lambda: multi_rater_soft_labels(3, 3),
+        DTypeError,
+        r"`annotations` to be a tensor \(R, B, \*spatial\) or a sequence of R tensors",
+    ),
+    (
+        "multi_rater_weights_str",
+        lambda: multi_rater_soft_labels(torch.stack([_labels(), _labels()]), 3, weights="ab"),
+        DTypeError,
+        r"`weights` to be a sequence or tensor of R = 2 numbers, but got str 'ab'",
+    ),
+    # a 0-d label map failed with "tuple index out of range"
+    (
+        "uniform_0d",
+        lambda: uniform_label_smoothing(torch.tensor(1), 3),
+        ShapeError,
+        r"`target` laid out as \(B, \*spatial\), but got shape \(\)",
+    ),
+    # a fractional ignore_index was accepted and never matched
+    (
+        "uniform_ignore_float",
+        lambda: uniform_label_smoothing(_labels(), 3, ignore_index=2.5),
+        DTypeError,
+        r"`ignore_index` to be an int or None, but got float 2\.5",
+    ),
+    (
+        "multi_rater_ignore_bool",
+        lambda: multi_rater_soft_labels([_labels()], 3, ignore_index=True),
+        DTypeError,
+        r"`ignore_index` to be an int or None, but got bool True",
+    ),
+    # wrong Python types: "'<=' not supported between instances of 'float' and 'str'" before
+    (
+        "uniform_epsilon_str",
+        lambda: uniform_label_smoothing(_labels(), 3, "0.1"),
+        DTypeError,
+        r"`epsilon` to be a real number, but got str '0\.1'",
+    ),
+    (
+        "boundary_epsilon_inf",
+        lambda: boundary_label_smoothing(_labels(), 3, float("inf")),
+        OptionError,
+        r"`epsilon` to be a finite number",
+    ),
+    (
+        "teacher_temperature_str",
+        lambda: teacher_soft_labels(torch.randn(2, 3, 4), "2"),
+        DTypeError,
+        r"`temperature` to be a real number, but got str '2'",
+    ),
+    (
+        "teacher_temperature_inf",
+        lambda: teacher_soft_labels(torch.randn(2, 3, 4), float("inf")),
+        OptionError,
+        r"`temperature` to be a finite number",
+    ),
+    # non-finite logits gave NaN soft labels (softmax of inf)
+    (
+        "teacher_nan",
+        lambda: teacher_soft_labels(torch.tensor([[[0.0, float("nan")]]])),
+        NonFiniteError,
+        r"`logits` to be finite, but it holds 1 NaN/Inf",
+    ),
+    (
+        "teacher_inf",
+        lambda: teacher_soft_labels(torch.tensor([[[0.0], [float("inf")]]])),
+        NonFiniteError,
+        r"`logits` to be finite",
+    ),
+    (
+        "teacher_bool",
+        lambda: teacher_soft_labels(torch.ones(2, 3, 4, dtype=torch.bool)),
+        DTypeError,
+        r"`logits` to be a floating-point tensor, but got dtype torch\.bool",
+    ),
+    # mode="binary" with C channels applied C independent sigmoids silently
+    (
+        "teacher_binary_channels",
+        lambda: teacher_soft_labels(torch.randn(2, 3, 4), mode="binary"),
+        ShapeError,
+        r"mode='binary' expects one channel, `logits` \(B, 1, \*spatial\), but got shape \(2, 3, 4\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "call", "error", "pattern"), SOFT_LABEL_BAD_INPUTS, ids=[c[0] for c in SOFT_LABEL_BAD_INPUTS]
+)
+def test_soft_label_helper_bad_inputs(case: str, call: Any, error: type[Exception], pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_teacher_soft_labels_nan_passes_with_value_checks_off() -> None:
+    with value_checks(False):
+        soft = teacher_soft_labels(torch.tensor([[[0.0, float("nan")], [1.0, 1.0]]]))
+    assert bool(soft.isnan().any())

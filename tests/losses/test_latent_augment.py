@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from diffdistill._checks import DTypeError, OptionError, ShapeError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError
 from diffdistill.losses.latent_augment import (
     AUGMENT_GROUPS,
     AugmentParams,
@@ -212,3 +212,149 @@ def test_matches_reference_pipeline(spec: str, channels: int) -> None:
     oa, ob = LatentAugment(spec)(x, y)
     torch.testing.assert_close(oa, ra, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ob, rb, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dtypes and bad inputs
+
+
+def test_each_output_keeps_its_input_dtype() -> None:
+    x = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    a, b = LatentAugment("bgc")(x, x.double(), generator=_gen(1))
+    assert a.dtype == torch.float32 and b.dtype == torch.float64  # was: both float32
+    torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0)
+    h, f = LatentAugment("bg")(x.bfloat16(), x, generator=_gen(1))
+    assert h.dtype == torch.bfloat16 and f.dtype == torch.float32
+
+
+_X = torch.zeros(2, 4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"p": float("nan")}, OptionError, r"`p` to be a finite number, but got nan"),
+        ({"p": "1"}, DTypeError, r"`p` to be a real number, but got str"),
+        ({"xint_max": -0.1}, OptionError, r"`xint_max` to lie in \[0, 1\], but got -0.1"),
+        ({"scale_std": -1}, OptionError, r"`scale_std` to be >= 0, but got -1"),
+        ({"rotate_max": float("inf")}, OptionError, r"`rotate_max` to be a finite number"),
+        ({"aniso_std": None}, DTypeError, r"`aniso_std` to be a real number, but got NoneType"),
+        ({"xfrac_std": -0.5}, OptionError, r"`xfrac_std` to be >= 0"),
+        ({"cutout_size": 2}, OptionError, r"`cutout_size` to lie in \[0, 1\], but got 2"),  # was: all erased
+        ({"augment": 3}, DTypeError, r"`augment` to be a string of group letters .*but got int"),
+        ({"augment": ["xflip", 1]}, OptionError, r"unknown \[1\]"),
+    ],
+)
+def test_bad_options(kwargs: dict, error: type, pattern: str) -> None:
+    augment = kwargs.pop("augment", "bgco")
+    with pytest.raises(error, match=pattern):
+        LatentAugment(augment, **kwargs)
+
+
+def test_p_assignment_is_checked() -> None:
+    aug = LatentAugment("b")
+    aug.p = 0.5
+    assert aug.p == 0.5
+    with pytest.raises(OptionError, match=r"`p` to lie in \[0, 1\], but got 1.5"):
+        aug.p = 1.5
+
+
+def test_bad_sample_arguments() -> None:
+    aug = LatentAugment("bgco")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(OptionError, match=r"`batch_size` to be an int >= 1"):
+            aug.sample(bad)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`dtype` to be a floating-point torch.dtype, but got torch.int64"):
+        aug.sample(2, dtype=torch.int64)  # was: brightness silently -0.5 for every sample
+    with pytest.raises(DTypeError, match=r"`generator` to be a torch.Generator or None, but got int"):
+        aug.sample(2, generator=0)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`dtype` to be a floating-point torch.dtype"):
+        sym6_filter(torch.int64)  # was: all-zero integer taps
+
+
+@pytest.mark.parametrize(
+    ("tensors", "error", "pattern"),
+    [
+        ((None,), DTypeError, r"`tensors\[0\]` to be a torch.Tensor, but got NoneType"),
+        ((_X, _X.bool()), DTypeError, r"`tensors\[1\]` to be a floating-point tensor.*torch.bool"),
+        ((_X[:0],), ShapeError, r"`tensors\[0\]` to hold at least one sample"),  # was: torch's "output size"
+        ((_X, torch.full_like(_X, float("nan"))), NonFiniteError, r"`tensors\[1\]` to be finite"),
+        (
+            (_X, torch.zeros(1, 4, 8, 8)),
+            ShapeError,
+            r"shape of tensors\[0\] \(2, 4, 8, 8\), but tensors\[1\]",
+        ),
+    ],
+)
+def test_bad_forward_inputs(tensors: tuple, error: type, pattern: str) -> None:
+    with pytest.raises(error, match=pattern):
+        LatentAugment("bgco")(*tensors, generator=_gen(0))
+
+
+def test_nan_passes_with_value_checks_off() -> None:
+    from diffdistill.errors import value_checks
+
+    nan = torch.full((1, 4, 8, 8), float("nan"))
+    with value_checks(False):
+        assert torch.isnan(LatentAugment("bg")(nan, generator=_gen(0))).all()
+
+
+def test_bad_params() -> None:
+    aug = LatentAugment("bgco")
+    with pytest.raises(DTypeError, match=r"`params` to be an AugmentParams .*but got dict"):
+        aug(_X, params={})  # type: ignore[arg-type]
+    with pytest.raises(
+        ShapeError, match=r"`params.xint` to have shape \(2, 2\) \(an \(x, y\) pair per sample\)"
+    ):
+        aug(_X, params=AugmentParams(xint=torch.zeros(2)))  # was: IndexError
+    with pytest.raises(ShapeError, match=r"`params.scale` to have shape \(2,\)"):
+        aug(_X, params=AugmentParams(scale=torch.ones(2, 1)))
+    with pytest.raises(
+        OptionError, match=r"`params.cutout_size` and `params.cutout_center` to be given together"
+    ):
+        aug(_X, params=AugmentParams(cutout_size=torch.full((2,), 0.5)))  # was: no cutout, silently
+    with pytest.raises(NonFiniteError, match=r"`params.rotate_pre` to be finite"):
+        aug(_X, params=AugmentParams(rotate_pre=torch.tensor([0.0, float("nan")])))
+    with pytest.raises(DTypeError, match=r"`params.scale` to be a torch.Tensor, but got list"):
+        aug(_X, params=AugmentParams(scale=[1.0, 1.0]))  # type: ignore[arg-type]
+
+
+def test_bad_transform_inputs() -> None:
+    aug = LatentAugment("b")
+    prm = aug.sample(2, generator=_gen(0))
+    with pytest.raises(DTypeError, match=r"`tensors` to be a tuple of tensors, but got Tensor; pass \(x,\)"):
+        aug.transform(_X, prm)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"tensors\[1\] is torch.float64"):
+        aug.transform((_X, _X.double()), prm)
+    with pytest.raises(ShapeError, match=r"at least one tensor"):
+        aug.transform((), prm)
+
+
+def test_geometry_matches_the_affine_grid_composition() -> None:
+    """The kornia frame conversion gives the sampling matrix of the plain composition, to float64 rounding."""
+    from diffdistill.losses import latent_augment as la
+
+    n, h, w = 3, 12, 14
+    prm = LatentAugment("bg").sample(n, generator=_gen(0))
+    g_inv = la._inverse_matrix(prm, n, h, w)
+    up_h, up_w, out_h, out_w = (3 * h - 2) * 2, (3 * w - 2) * 2, (h + 6) * 2, (w + 6) * 2
+
+    def fixed(fn, *a: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return fn(*(torch.full((1,), v, dtype=torch.float64) for v in a))
+
+    # ADA's composition: centred pixel units of the two 2x grids, then [-1, 1] with the grid_sample convention.
+    g = fixed(la._scale, 2, 2) @ g_inv @ fixed(la._scale, 0.5, 0.5)
+    g = fixed(la._translate, -0.5, -0.5) @ g @ fixed(la._translate, 0.5, 0.5)
+    want = fixed(la._scale, 2 / up_w, 2 / up_h) @ g @ fixed(la._scale, out_w / 2, out_h / 2)
+    seen = {}
+    real = torch.nn.functional.affine_grid
+
+    def spy(theta: torch.Tensor, size: list[int], align_corners: bool) -> torch.Tensor:
+        seen["theta"] = theta
+        return real(theta, size, align_corners=align_corners)
+
+    x = torch.randn(n, 4, h, w, dtype=torch.float64, generator=_gen(1))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(la.F, "affine_grid", spy)
+        la._apply_geometry(x, g_inv, sym6_filter(torch.float64))
+    torch.testing.assert_close(seen["theta"], want[:, :2, :], atol=1e-12, rtol=0)

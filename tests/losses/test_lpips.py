@@ -5,18 +5,27 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import re
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from diffdistill._checks import OptionError, ShapeError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError, value_checks
 from diffdistill.losses import ELatentLPIPS, LatentLPIPS, PixelLPIPS
 from diffdistill.losses.latent_augment import sym6_filter
-from diffdistill.losses.lpips import LATENT_SPECS, load_latent_lpips_state_dict, main
+from diffdistill.losses.lpips import (
+    LATENT_SPECS,
+    RELEASED_WEIGHTS_URL,
+    LatentVGG16BN,
+    download_weights,
+    load_latent_lpips_state_dict,
+    main,
+)
 
 HAS_REFERENCE = importlib.util.find_spec("elatentlpips") is not None
 needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="reference package elatentlpips not installed")
@@ -75,7 +84,7 @@ def _inputs(channels: int, size: int = 16, batch: int = 3) -> tuple[torch.Tensor
 def models() -> dict[str, LatentLPIPS]:
     out = {}
     for latent in ("sdxl", "sd3"):
-        m = LatentLPIPS(latent, reduction="none")
+        m = LatentLPIPS(latent, weights=None, reduction="none")
         m.load_state_dict(seeded_state_dict(m))
         out[latent] = m
     return out
@@ -153,7 +162,7 @@ def test_parity_with_reference(
             want = ref(x, y, ensembling=False, normalize=normalize).flatten()
             torch.testing.assert_close(ours(x, y, normalize=normalize), want, atol=1e-5, rtol=0)
         want = ref(x, y, ensembling=False, add_l1_loss=False).flatten()
-        no_l1 = LatentLPIPS(latent, l1_weight=0, reduction="none")
+        no_l1 = LatentLPIPS(latent, weights=None, l1_weight=0, reduction="none")
         no_l1.load_state_dict(ours.state_dict())
         torch.testing.assert_close(no_l1(x, y), want, atol=1e-5, rtol=0)
 
@@ -164,11 +173,11 @@ def test_reference_state_dict_loads_strict_and_ensemble_matches(
     reference_models: dict[str, torch.nn.Module], latent: str
 ) -> None:
     ref = reference_models[latent]
-    seeded = LatentLPIPS(latent)
+    seeded = LatentLPIPS(latent, weights=None)
     ref.load_state_dict(official_layout(seeded_state_dict(seeded, seed=1)), strict=True)
     sd = ref.state_dict()
     assert any(k.startswith("lins.") for k in sd) and "augment.Hz_geom" in sd
-    ours = ELatentLPIPS(latent, augment="bg", reduction="none")
+    ours = ELatentLPIPS(latent, weights=None, augment="bg", reduction="none")
     ours.load_state_dict(sd, strict=True)
     x, y = _inputs(ours.in_channels)
     with torch.no_grad():
@@ -182,7 +191,7 @@ def test_reference_state_dict_loads_strict_and_ensemble_matches(
 @pytest.mark.parametrize("augment", ["b", "g", "c", "o", "co", "bg", "bgc", "bgco"])
 @pytest.mark.parametrize("latent", ["sdxl", "sd3"])
 def test_identical_inputs_give_exact_zero_for_every_draw(latent: str, augment: str) -> None:
-    m = ELatentLPIPS(latent, augment=augment, num_draws=3, reduction="none")
+    m = ELatentLPIPS(latent, weights=None, augment=augment, num_draws=3, reduction="none")
     x, _ = _inputs(m.in_channels, size=8, batch=2)
     with torch.no_grad():
         d = m(x, x.clone(), generator=_gen(0))
@@ -194,9 +203,9 @@ def test_reductions_and_spatial(models: dict[str, LatentLPIPS]) -> None:
     x, y = _inputs(4, size=8, batch=2)
     with torch.no_grad():
         per = ours(x, y)
-        mean = LatentLPIPS("sdxl", reduction="mean")
+        mean = LatentLPIPS("sdxl", weights=None, reduction="mean")
         mean.load_state_dict(ours.state_dict())
-        total = LatentLPIPS("sdxl", reduction="sum")
+        total = LatentLPIPS("sdxl", weights=None, reduction="sum")
         total.load_state_dict(ours.state_dict())
         torch.testing.assert_close(mean(x, y), per.mean())
         torch.testing.assert_close(total(x, y), per.sum())
@@ -207,14 +216,14 @@ def test_reductions_and_spatial(models: dict[str, LatentLPIPS]) -> None:
 
 def test_num_draws_is_one_batched_call_of_k_draws(models: dict[str, LatentLPIPS]) -> None:
     k = 3
-    ens = ELatentLPIPS("sdxl", augment="bg", num_draws=k, reduction="none")
+    ens = ELatentLPIPS("sdxl", weights=None, augment="bg", num_draws=k, reduction="none")
     ens.load_state_dict(models["sdxl"].state_dict())
     x, y = _inputs(4, size=8, batch=2)
     with torch.no_grad():
         got = ens(x, y, generator=_gen(4))
         prm = ens.augment.sample(k * 2, generator=_gen(4))
         xa, ya = ens.augment(x.repeat(k, 1, 1, 1), y.repeat(k, 1, 1, 1), params=prm)
-        plain = LatentLPIPS("sdxl", l1_weight=0, reduction="none")
+        plain = LatentLPIPS("sdxl", weights=None, l1_weight=0, reduction="none")
         plain.load_state_dict(models["sdxl"].state_dict())
         want = plain(xa, ya).reshape(k, 2).mean(0) + (x - y).abs().mean(dim=(1, 2, 3))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
@@ -225,7 +234,7 @@ def test_num_draws_is_one_batched_call_of_k_draws(models: dict[str, LatentLPIPS]
 
 
 def test_augment_none_equals_latent_lpips(models: dict[str, LatentLPIPS]) -> None:
-    e = ELatentLPIPS("sd3", augment=None, reduction="none")
+    e = ELatentLPIPS("sd3", weights=None, augment=None, reduction="none")
     e.load_state_dict(models["sd3"].state_dict())
     x, y = _inputs(16, size=8)
     with torch.no_grad():
@@ -238,7 +247,7 @@ def test_augment_none_equals_latent_lpips(models: dict[str, LatentLPIPS]) -> Non
 
 def test_gradcheck_float64() -> None:
     torch.manual_seed(0)
-    m = LatentLPIPS("sdxl", reduction="sum").double()
+    m = LatentLPIPS("sdxl", weights=None, reduction="sum").double()
     x = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: m(a, y), (x,), fast_mode=True)
@@ -246,14 +255,14 @@ def test_gradcheck_float64() -> None:
 
 def test_gradcheck_float64_with_augmentation() -> None:
     torch.manual_seed(0)
-    m = ELatentLPIPS("sdxl", augment="bgco", reduction="sum").double()
+    m = ELatentLPIPS("sdxl", weights=None, augment="bgco", reduction="sum").double()
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a: m(a, y, generator=_gen(3)), (x,), fast_mode=True)
 
 
 def test_frozen_and_eval_but_differentiable_in_input() -> None:
-    m = ELatentLPIPS("sdxl")
+    m = ELatentLPIPS("sdxl", weights=None)
     assert not m.training and all(not p.requires_grad for p in m.parameters())
     m.train()
     assert not m.training and not m.net.training
@@ -267,7 +276,7 @@ def test_frozen_and_eval_but_differentiable_in_input() -> None:
 
 
 def test_bf16_autocast_gives_finite_float32(models: dict[str, LatentLPIPS]) -> None:
-    m = ELatentLPIPS("sdxl", augment="bg", reduction="none")
+    m = ELatentLPIPS("sdxl", weights=None, augment="bg", reduction="none")
     m.load_state_dict(models["sdxl"].state_dict())
     x, y = _inputs(4, size=8, batch=2)
     with torch.no_grad():
@@ -283,7 +292,7 @@ def test_bf16_autocast_gives_finite_float32(models: dict[str, LatentLPIPS]) -> N
 
 
 def test_state_dict_has_reference_names_without_duplicates() -> None:
-    sd = ELatentLPIPS("sdxl", augment="bgco").state_dict()
+    sd = ELatentLPIPS("sdxl", weights=None, augment="bgco").state_dict()
     assert "net.slice1.0.weight" in sd and "net.slice5.41.running_var" in sd
     assert [k for k in sd if k.startswith("lin")] == [f"lin{k}.model.1.weight" for k in range(5)]
     assert not any(k.startswith(("lins.", "augment.")) for k in sd)
@@ -293,7 +302,7 @@ def test_state_dict_has_reference_names_without_duplicates() -> None:
 
 def test_official_layout_loads_strict_and_duplicates_are_checked(models: dict[str, LatentLPIPS]) -> None:
     sd = official_layout(models["sdxl"].state_dict())
-    m = ELatentLPIPS("sdxl")
+    m = ELatentLPIPS("sdxl", weights=None)
     result = m.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert "lins.0.model.1.weight" in sd  # the caller's dict is not modified
@@ -382,7 +391,7 @@ def test_convert_command(models: dict[str, LatentLPIPS], tmp_path: Path) -> None
 
 
 def test_wrong_channel_count_names_expected_and_found() -> None:
-    m = LatentLPIPS("sdxl")
+    m = LatentLPIPS("sdxl", weights=None)
     with pytest.raises(
         ShapeError, match=r"Expected `input` to have 4 channels for latent='sdxl'.*got shape \(2, 16, 8, 8\)"
     ):
@@ -432,11 +441,11 @@ def test_option_errors() -> None:
     with pytest.raises(OptionError, match=r"Expected `l1_weight` to be >= 0"):
         LatentLPIPS(l1_weight=-1)
     with pytest.raises(OptionError, match=r"`normalize=True` needs a known VAE latent, but latent=4"):
-        LatentLPIPS(4)(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), normalize=True)
+        LatentLPIPS(4, weights=None)(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), normalize=True)
     with pytest.raises(
         OptionError, match=r"`spatial=True` is not defined for ELatentLPIPS with augmentation"
     ):
-        ELatentLPIPS()(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), spatial=True)
+        ELatentLPIPS(weights=None)(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), spatial=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,7 +511,7 @@ def test_pixel_lpips_trunk_weights(tmp_path: Path) -> None:
 @pytest.mark.compile
 @pytest.mark.parametrize("augment", [None, "bgco"])
 def test_compiles_fullgraph(models: dict[str, LatentLPIPS], augment: str | None) -> None:
-    m = ELatentLPIPS("sdxl", augment=augment, num_draws=2, reduction="none")
+    m = ELatentLPIPS("sdxl", weights=None, augment=augment, num_draws=2, reduction="none")
     m.load_state_dict(models["sdxl"].state_dict())
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     x, y = _inputs(4, size=8, batch=2)
@@ -512,3 +521,245 @@ def test_compiles_fullgraph(models: dict[str, LatentLPIPS], augment: str | None)
         torch.manual_seed(0)
         want = m(x, y)
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# No weights: the random trunk is explicit (weights=None) or warned about
+
+
+def test_missing_weights_warn_at_the_call_site_and_none_is_silent() -> None:
+    with pytest.warns(UserWarning) as record:
+        LatentLPIPS("sdxl")
+    (w,) = record
+    assert w.filename == __file__  # points at the caller's line, not into the library
+    msg = str(w.message)
+    assert re.search(r"LatentLPIPS\(latent='sdxl'\) was built without `weights`.*randomly initialised", msg)
+    assert RELEASED_WEIGHTS_URL.format(latent="sdxl") in msg and "download_weights(" in msg
+    assert "weights=None" in msg
+    with pytest.warns(UserWarning, match=r"ELatentLPIPS\(latent='sd3'\) was built without `weights`") as rec:
+        ELatentLPIPS("sd3")  # through super().__init__: still the caller's line
+    assert rec[0].filename == __file__
+    with pytest.warns(
+        UserWarning, match=r"No weights are released for a 48-channel latent.*train_latent_lpips"
+    ):
+        LatentLPIPS(48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatentLPIPS("sdxl", weights=None)
+        ELatentLPIPS("sdxl", weights=None)
+
+
+def test_missing_weights_warn_once_per_call_site() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's default: once per location
+        for _ in range(3):
+            LatentLPIPS(4)
+    assert len(record) == 1
+
+
+def test_weight_loaders_are_exported_lazily() -> None:
+    import diffdistill.losses as losses
+    from diffdistill.losses import lpips as module
+
+    for name in ("download_weights", "load_latent_lpips_state_dict", "RELEASED_WEIGHTS_URL"):
+        assert name in losses.__all__ and getattr(losses, name) is getattr(module, name)
+    code = (
+        "import sys, diffdistill.losses as L; heavy = ('kornia', 'einops', 'safetensors'); "
+        "before = [m for m in heavy if m in sys.modules]; L.load_latent_lpips_state_dict; "
+        "print(before, 'kornia' in sys.modules, 'einops' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True", "True"], out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Dtypes at the boundary: inputs are cast to the network's dtype, the loss is >= float32
+
+
+def _seeded(cls: type, **kwargs: object) -> LatentLPIPS:
+    m = cls("sdxl", weights=None, reduction="none", **kwargs)
+    m.load_state_dict(seeded_state_dict(m))
+    return m
+
+
+@pytest.mark.parametrize("cls", [LatentLPIPS, ELatentLPIPS])
+def test_float64_and_bf16_inputs_into_a_float32_network(cls: type) -> None:
+    m = _seeded(cls)
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        want = m(x, y, generator=_gen(0))
+        got64 = m(x.double(), y.double(), generator=_gen(0))  # was: RuntimeError "Input type (double)..."
+        got_mixed = m(x, y.double(), generator=_gen(0))
+        got16 = m(x.bfloat16(), y.bfloat16(), generator=_gen(0))
+    assert got64.dtype == got_mixed.dtype == torch.float64 and got16.dtype == torch.float32
+    torch.testing.assert_close(got64.float(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_mixed.float(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got16, want, atol=5e-2, rtol=5e-2)  # the inputs' bf16 rounding
+
+
+def test_network_dtype_other_than_the_inputs() -> None:
+    m = _seeded(LatentLPIPS)
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        want = m(x, y)
+        bf16_net = _seeded(LatentLPIPS).bfloat16()
+        got_bf16 = bf16_net(x, y)  # was: RuntimeError "Input type (float) and bias type (BFloat16)..."
+        f64_net = _seeded(LatentLPIPS).double()
+        got_f64 = f64_net(x, y)
+    assert got_bf16.dtype == torch.float32 and got_f64.dtype == torch.float64
+    torch.testing.assert_close(got_f64.float(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_bf16, want, atol=0.1, rtol=0.1)  # bf16 trunk weights and activations
+    xg = x.double().requires_grad_(True)
+    m(xg, y).sum().backward()  # the gradient reaches a float64 input through the float32 trunk
+    assert xg.grad is not None and xg.grad.dtype == torch.float64 and xg.grad.abs().sum() > 0
+
+
+def test_pixel_lpips_dtypes() -> None:
+    dec = _tiny_decoder()
+    pix = PixelLPIPS(dec, net="alex", latent="sdxl", pretrained_heads=False, reduction="none")
+    x, y = _inputs(4, size=8, batch=2)
+    with torch.no_grad():
+        want = pix(x, y)
+        got64 = pix(x.double(), y.double())
+        dec64 = PixelLPIPS(_tiny_decoder().double(), net="alex", latent="sdxl", pretrained_heads=False)
+        dec64.lpips.load_state_dict(pix.lpips.state_dict())
+        got_dec64 = dec64(x, y, reduction="none")  # was: RuntimeError "Input type (double)..." in lpips
+    assert got64.dtype == torch.float64 and got_dec64.dtype == torch.float32
+    torch.testing.assert_close(got64.float(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_dec64, want, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: every error names the argument as the caller passed it
+
+
+_X = torch.zeros(2, 4, 8, 8)
+_NAN = torch.full((2, 4, 8, 8), float("nan"))
+_BAD_FORWARD = [
+    ("input None", (None, _X), {}, DTypeError, r"`input` to be a torch.Tensor, but got NoneType"),
+    ("target list", (_X, [1.0]), {}, DTypeError, r"`target` to be a torch.Tensor, but got list"),
+    ("input int", (_X.long(), _X), {}, DTypeError, r"`input` to be a floating-point tensor.*torch.int64"),
+    ("target bool", (_X, _X.bool()), {}, DTypeError, r"`target` to be a floating-point tensor.*torch.bool"),
+    ("empty batch", (_X[:0], _X[:0]), {}, ShapeError, r"`input` to hold at least one sample.*\(0, 4, 8, 8\)"),
+    ("input nan", (_NAN, _X), {}, NonFiniteError, r"`input` to be finite.*512 NaN/Inf"),
+    ("target inf", (_X, _X.clone().fill_(float("inf"))), {}, NonFiniteError, r"`target` to be finite"),
+    ("3-d", (_X[0], _X[0]), {}, ShapeError, r"`input` to have 4 dimensions laid out as \(B, C, H, W\)"),
+    (
+        "batch mismatch",
+        (_X, _X[:1]),
+        {},
+        ShapeError,
+        r"same shape, but got input \(2, 4, 8, 8\) and target \(1, 4",
+    ),
+    ("target channels", (_X, torch.zeros(2, 16, 8, 8)), {}, ShapeError, r"`target` to have 4 channels"),
+    ("normalize str", (_X, _X), {"normalize": "yes"}, DTypeError, r"`normalize` to be a bool, but got str"),
+    ("spatial int", (_X, _X), {"spatial": 1}, DTypeError, r"`spatial` to be a bool, but got int"),
+]
+
+
+@pytest.mark.parametrize("cls", [LatentLPIPS, ELatentLPIPS])
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "pattern"),
+    [case[1:] for case in _BAD_FORWARD],
+    ids=[case[0] for case in _BAD_FORWARD],
+)
+def test_bad_forward_inputs(cls: type, args: tuple, kwargs: dict, error: type, pattern: str) -> None:
+    m = cls("sdxl", weights=None)
+    with pytest.raises(error, match=pattern):
+        m(*args, **kwargs)
+
+
+def test_bad_generator_names_it() -> None:
+    with pytest.raises(DTypeError, match=r"`generator` to be a torch.Generator or None, but got int"):
+        ELatentLPIPS("sdxl", weights=None)(_X, _X, generator=3)  # was: AttributeError 'int' ... 'device'
+
+
+@pytest.mark.parametrize("cls", [LatentLPIPS, ELatentLPIPS])
+def test_nan_passes_with_value_checks_off(cls: type) -> None:
+    m = cls("sdxl", weights=None)
+    with value_checks(False), torch.no_grad():
+        assert torch.isnan(m(_NAN, _X, generator=_gen(0)))
+
+
+def test_bad_constructor_arguments(tmp_path: Path) -> None:
+    with pytest.raises(DTypeError, match=r"`l1_weight` to be a real number, but got str"):
+        LatentLPIPS(weights=None, l1_weight="1")
+    with pytest.raises(OptionError, match=r"`l1_weight` to be a finite number, but got inf"):
+        LatentLPIPS(weights=None, l1_weight=float("inf"))  # was: an infinite loss
+    with pytest.raises(OptionError, match=r"`l1_weight` to be a finite number, but got nan"):
+        ELatentLPIPS(weights=None, l1_weight=float("nan"))
+    with pytest.raises(OptionError, match=r"Expected `latent` to be > 0, but got 0"):
+        LatentLPIPS(0, weights=None)
+    with pytest.raises(OptionError, match=r"`latent` to be one of .* or a positive int"):
+        LatentLPIPS(True, weights=None)
+    with pytest.raises(OptionError, match=r"`num_draws` to be an int >= 1, but got 2.0"):
+        ELatentLPIPS(weights=None, num_draws=2.0)
+    with pytest.raises(DTypeError, match=r"`weights` to be a file path .*but got dict.*load_state_dict"):
+        LatentLPIPS(weights={})
+    with pytest.raises(DTypeError, match=r"`weights` to be a file path .*but got int"):
+        ELatentLPIPS(weights=3)
+    missing = tmp_path / "sdxl_latest_vgg16_tuned.pth"
+    with pytest.raises(FileNotFoundError, match=r"`weights` names no file: .*sdxl_latest_vgg16_tuned.pth"):
+        LatentLPIPS(
+            weights=missing
+        )  # was: ValueError "Could not read ... with torch.load(weights_only=True)"
+    with pytest.raises(OptionError, match=r"`in_channels` to be an int >= 1, but got 0"):
+        LatentVGG16BN(0)
+
+
+def test_bad_loader_and_trunk_arguments(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"`path` names no file"):
+        load_latent_lpips_state_dict(tmp_path / "none.safetensors")
+    with pytest.raises(DTypeError, match=r"`path` to be a file path .*but got int"):
+        load_latent_lpips_state_dict(3)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`url` to be a string, but got int"):
+        download_weights(3)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"`url` to be a non-empty address"):
+        download_weights(" ")
+    with pytest.raises(DTypeError, match=r"`path` to be a file path .*but got list"):
+        LatentLPIPS(4, weights=None).save_pretrained([])  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"`checkpoint` names no file"):
+        main(["convert", str(tmp_path / "none.pth"), str(tmp_path / "out.safetensors")])
+    trunk = LatentVGG16BN(4)
+    with pytest.raises(ShapeError, match=r"`x` to have 4 channels for in_channels=4"):
+        trunk(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(DTypeError, match=r"`x` to be a floating-point tensor"):
+        trunk(torch.zeros(1, 4, 8, 8, dtype=torch.int32))
+
+
+def test_pixel_lpips_bad_inputs(tmp_path: Path) -> None:
+    dec = _tiny_decoder()
+    with pytest.raises(DTypeError, match=r"`vae_decoder` to be a module with decode\(z\).*but got int"):
+        PixelLPIPS(3)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`pretrained_heads` to be a bool"):
+        PixelLPIPS(dec, net="alex", pretrained_heads="yes")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"`trunk_weights` names no file"):
+        PixelLPIPS(dec, net="alex", pretrained_heads=False, trunk_weights=tmp_path / "none.pth")
+    pix = PixelLPIPS(dec, net="alex", pretrained_heads=False)
+    with pytest.raises(ShapeError, match=r"`input` to hold at least one sample"):
+        pix(_X[:0], _X[:0])  # was: a NaN loss
+    with pytest.raises(NonFiniteError, match=r"`target` to be finite"):
+        pix(_X, _NAN)
+    with pytest.raises(DTypeError, match=r"`input` to be a floating-point tensor"):
+        pix(_X.long(), _X)
+    with pytest.raises(OptionError, match=r"`reduction` to be one of"):
+        pix(_X, _X, reduction="avg")
+    with value_checks(False), torch.no_grad():
+        assert torch.isnan(pix(_NAN, _X))
+    rgb4 = PixelLPIPS(torch.nn.Upsample(scale_factor=4), net="alex", pretrained_heads=False)
+    with pytest.raises(
+        ShapeError,
+        match=r"`vae_decoder` to return RGB images \(B, 3, H, W\).*returned shape \(4, 4, 32, 32\)",
+    ):
+        rgb4(_X, _X)  # was: "The size of tensor a (4) must match the size of tensor b (3)" inside lpips
+
+    class Configured(torch.nn.Module):
+        config = SimpleNamespace(latent_channels=16)  # as diffusers' AutoencoderKL.config
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z[:, :3]
+
+    with pytest.raises(
+        ShapeError, match=r"`input` to have 16 channels \(the decoder's config.latent_channels\)"
+    ):
+        PixelLPIPS(Configured(), net="alex", pretrained_heads=False)(_X, _X)

@@ -146,7 +146,7 @@ def test_errors() -> None:
     r = torch.randn(3)
     with pytest.raises(OptionError, match=r"`alpha` to be a finite number, but got nan"):
         reward_hinge_loss(r, float("nan"))
-    with pytest.raises(OptionError, match=r"`s0` to be a finite number, but got 'x'"):
+    with pytest.raises(DTypeError, match=r"`s0` to be a real number, but got str 'x'"):
         mps_hinge_loss(r, r, s0="x")  # type: ignore[arg-type]
     with pytest.raises(OptionError, match=r"`reduction` to be one of \['mean', 'sum', 'none'\]"):
         reward_hinge_loss(r, 1.0, reduction="avg")
@@ -158,7 +158,7 @@ def test_errors() -> None:
         reward_hinge_loss(r.sum(), 1.0)
     with pytest.raises(ShapeError, match=r"one reward per image \(3\), but it returned 1"):
         reward_hinge_loss(torch.randn(3, 2), 1.0, reward_fn=lambda x: x.mean().reshape(1))
-    with pytest.raises(DTypeError, match=r"`rewards` to be a floating-point tensor"):
+    with pytest.raises(DTypeError, match=r"`input` to be a floating-point tensor"):
         reward_hinge_loss(torch.ones(3, dtype=torch.long), 1.0)
     with pytest.raises(DTypeError, match=r"`input` to be a torch\.Tensor"):
         reward_hinge_loss([1.0, 2.0], 1.0)  # type: ignore[arg-type]

@@ -19,21 +19,26 @@ from pathlib import Path
 import pytest
 import torch
 
-# The toy lives beside its benchmark (benchmarks/toy_gmm.py), outside the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from toy_gmm import (
-    METHODS,
-    GaussianMixture,
-    TimeMLP,
-    ToyConfig,
-    evaluate,
-    fit_to_teacher,
-    initial_network,
-    run_method,
-)
-
 from diffdistill.schedulers import NoiseSchedule
+
+# The toy lives beside its benchmark (benchmarks/toy_gmm.py), outside the installed package.
+# Only for this import: left on sys.path, benchmarks/lpips.py would shadow the lpips package in later tests.
+_BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+sys.path.insert(0, _BENCHMARKS)
+try:
+    from toy_gmm import (
+        METHODS,
+        GaussianMixture,
+        TimeMLP,
+        ToyConfig,
+        evaluate,
+        fit_to_teacher,
+        initial_network,
+        run_method,
+    )
+finally:
+    sys.path.remove(_BENCHMARKS)
+
 
 CFG = ToyConfig(steps=200, fit_steps=400, eval_samples=2000, seed=0)
 #: sampling steps checked per method: TSCD with k = 2 segments targets 2-step sampling, MLCM with M = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import OptionError
 from diffdistill.schedulers import NoiseSchedule, boundary_scalings, consistency_function
 
 diffusers = pytest.importorskip("diffusers")

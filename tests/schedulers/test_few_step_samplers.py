@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffdistill._checks import DTypeError, OptionError, ShapeError
+from diffdistill.errors import DTypeError, OptionError, ShapeError
 from diffdistill.schedulers.few_step_samplers import (
     TIMESTEP_SPACINGS,
     TLCM_GRID_INDICES,
@@ -313,7 +313,7 @@ def test_timestep_lists_match_diffusers(diffusers: Any) -> None:
             ddim.set_timesteps(n)
             ref = ddim.timesteps.tolist()
             if spacing == "leading" and n == 1000:  # diffusers returns t = 1000, outside [0, 999]
-                with pytest.raises(OptionError, match="lie in"):
+                with pytest.raises(OptionError, match=r"Expected `steps_offset` <= 0 .* would be 1000 > 999"):
                     spaced_timesteps(n, spacing, steps_offset=1)
                 continue
             ours = spaced_timesteps(n, spacing, steps_offset=1).tolist()
@@ -502,7 +502,7 @@ def test_lcm_timesteps_properties(t_count: int, data: st.DataObject) -> None:
 def test_spaced_timesteps_properties(t_count: int, spacing: str, offset: int, data: st.DataObject) -> None:
     n = data.draw(st.integers(1, t_count))
     if spacing == "leading" and (n - 1) * (t_count // n) + offset > t_count - 1:
-        with pytest.raises(OptionError, match="lie in"):
+        with pytest.raises(OptionError, match=r"Expected `steps_offset` <= "):
             spaced_timesteps(n, spacing, num_train_timesteps=t_count, steps_offset=offset)
         return
     ts = spaced_timesteps(n, spacing, num_train_timesteps=t_count, steps_offset=offset)
@@ -572,7 +572,11 @@ def test_known_lists() -> None:
             r"floor\(original_inference_steps \* strength\) = 25",
         ),
         (lambda: lcm_timesteps(4, strength=0.0), OptionError, r"`strength` to lie in \(0, 1\]"),
-        (lambda: lcm_timesteps(2.5), OptionError, r"`num_inference_steps` to be an int"),
+        (
+            lambda: lcm_timesteps(2.5),
+            DTypeError,
+            r"`num_inference_steps` to be an int >= 1, but got float 2.5",
+        ),
         (lambda: custom_timesteps([999, 999, 500]), OptionError, r"strictly decreasing.*\[999, 999, 500\]"),
         (lambda: custom_timesteps([259, 499]), OptionError, r"strictly decreasing"),
         (lambda: custom_timesteps([1000, 10]), OptionError, r"lie in \[0, 999\]"),
@@ -595,7 +599,11 @@ def test_timestep_list_errors(call: Callable[[], Any], error: type[Exception], m
 def test_sampler_errors() -> None:
     sched = NoiseSchedule.from_betas()
     x = _x_start(15)
-    with pytest.raises(ShapeError, match=r"`model_output` and `x_t` to have the same shape"):
+    with pytest.raises(
+        ShapeError,
+        match=r"Expected `model` to return a prediction of the shape of its input `x_t` \(2, 3, 4, 4\), but got "
+        r"\(1, 3, 4, 4\)",
+    ):
         ddim_sample(lambda x, t: x[:1], sched, x, [999])
     with pytest.raises(DTypeError, match=r"`x_t` to be a floating-point tensor"):
         ddim_sample(linear_model, sched, x.long(), [999])

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffdistill._checks import DTypeError, OptionError, ShapeError
+from diffdistill.errors import DTypeError, OptionError, ShapeError
 from diffdistill.schedulers import PREDICTION_TYPES, NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import OptionError
 from diffdistill.schedulers import Stage, StagePlan
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffdistill._checks import OptionError, ShapeError
+from diffdistill.errors import OptionError, ShapeError
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver, apply_guidance, concat_conditions
 
 
@@ -132,3 +132,44 @@ def test_concat_conditions_and_errors():
         match=r"`guidance_scale` to be a number or one value per sample \(2,\), but got shape \(3,\)",
     ):
         apply_guidance(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3))
+
+
+def test_guidance_defaults_agree_with_the_samplers():
+    """Issue 18, part 4: one default guidance convention and one meaning of an omitted scale.
+
+    TeacherSolver's default scale used to be 1.0 whatever the convention, so ``TeacherSolver(m, s, guidance="lcm")``
+    guided with w = 1 (2c - u, and demanded ``uncond``) while ``lcm_sample(..., guidance="lcm")`` did not guide.
+    Both now default to the Imagen convention, and an omitted scale means no guidance in the chosen convention.
+    """
+    import inspect
+
+    from diffdistill.schedulers import lcm_sample
+
+    assert (
+        inspect.signature(TeacherSolver).parameters["guidance"].default
+        == inspect.signature(lcm_sample).parameters["guidance"].default
+        == "imagen"
+    )
+    assert inspect.signature(TeacherSolver).parameters["guidance_scale"].default is None
+    assert inspect.signature(lcm_sample).parameters["guidance_scale"].default is None
+    sched = NoiseSchedule.from_betas()
+    cond, uncond = _conds(2)
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    for convention, noop in (("imagen", 1.0), ("lcm", 0.0)):
+        model = CountingModel()
+        solver = TeacherSolver(model, sched, guidance=convention)
+        assert solver.guidance_scale == noop
+        got = solver.predict(x, 500, cond)  # no uncond needed: no guidance
+        assert model.batches == [2]
+        torch.testing.assert_close(
+            got,
+            TeacherSolver(model, sched, guidance_scale=noop, guidance=convention).predict(
+                x, 500, cond, uncond
+            ),
+        )
+        # lcm_sample's omitted scale means the same no-op as the solver's.
+        ours = lcm_sample(model, sched, x, [999], cond=cond, uncond=uncond, guidance=convention)
+        explicit = lcm_sample(
+            model, sched, x, [999], cond=cond, uncond=uncond, guidance=convention, guidance_scale=noop
+        )
+        torch.testing.assert_close(ours.sample, explicit.sample)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import OptionError
 from diffdistill.schedulers import (
     LIGHTNING_EXTRA_STUDENT_TIMESTEPS,
     TimestepSample,

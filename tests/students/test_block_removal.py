@@ -358,7 +358,7 @@ def test_spec_errors() -> None:
         match=r"innermost level to keep the teacher's transformer depth \(10\) with mid_block='keep'.*get 4 of",
     ):
         student_config(sdxl_unet_config(), BlockRemovalSpec(down_transformer_layers=(None, None, 0.4)))
-    with pytest.raises(OptionError, match=r"Expected `spec.mid_block` to be one of"):
+    with pytest.raises(OptionError, match=r"Expected `mid_block` to be one of"):
         student_config(TINY_SDXL, BlockRemovalSpec(mid_block="half"))  # type: ignore[arg-type]
     with pytest.raises(OptionError, match=r"to return 2 distinct indices in \[0, 2\)"):
         student_config(TINY_SDXL, BlockRemovalSpec(keep_transformer_layers=lambda d, k: [0] * k))
@@ -386,7 +386,8 @@ def test_more_config_errors() -> None:
     with pytest.raises(OptionError, match=r"`transformer_layers_per_block\[2\]` to list 2 layer depths"):
         student_config({**TINY_SDXL, "transformer_layers_per_block": [1, 2, [1, 2, 3]]}, "ssd-1b")
     with pytest.raises(
-        DTypeError, match=r"`down_transformer_layers\[1\]` to be an int or a float, but got str"
+        DTypeError,
+        match=r"`down_transformer_layers\[1\]` to be an int \(layers kept\), a float .* but got str",
     ):
         student_config(TINY_SDXL, BlockRemovalSpec(down_transformer_layers=(None, "2")))  # type: ignore[arg-type]
     with pytest.raises(
@@ -402,3 +403,97 @@ def test_more_config_errors() -> None:
         OptionError, match=r"teacher mid block of type UNetMidBlock2DCrossAttn or UNetMidBlock2D"
     ):
         student_config({**TINY_SDXL, "mid_block_type": None}, "ssd-1b")
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        # int() truncated 1.5 and "1" before
+        (
+            {"layers_per_block": (1.5,)},
+            DTypeError,
+            r"`layers_per_block\[0\]` to be an int \(a resnet count\)",
+        ),
+        ({"layers_per_block": ("1",)}, DTypeError, r"`layers_per_block\[0\]` to be an int"),
+        ({"layers_per_block": 1}, DTypeError, r"`layers_per_block` to be a per-level tuple .* got int 1"),
+        ({"layers_per_block": (0,)}, OptionError, r"`layers_per_block\[0\]` to be >= 1"),
+        ({"down_transformer_layers": 2}, DTypeError, r"`down_transformer_layers` to be a per-level tuple"),
+        (
+            {"up_transformer_layers": (None, (1, "a"))},
+            DTypeError,
+            r"`up_transformer_layers\[1\]\[1\]` to be an int",
+        ),
+        ({"down_transformer_layers": (None, 0)}, OptionError, r"`down_transformer_layers\[1\]` to be >= 1"),
+        (
+            {"down_transformer_layers": (None, float("nan"))},
+            OptionError,
+            r"fraction `down_transformer_layers\[1\]`",
+        ),
+        (
+            {"drop_innermost": "yes"},
+            DTypeError,
+            r"`drop_innermost` to be True or False, but got str",
+        ),  # truthy before
+        ({"name": 3}, DTypeError, r"Expected `name` to be a string, but got int"),
+        ({"keep_transformer_layers": "middle"}, OptionError, r"`keep_transformer_layers` to be one of"),
+    ],
+)
+def test_spec_is_checked_at_construction(fields, error, match) -> None:
+    with pytest.raises(error, match=match):
+        BlockRemovalSpec(**fields)
+
+
+def test_spec_replace_refuses_unknown_fields() -> None:
+    with pytest.raises(OptionError, match=r"Expected fields of BlockRemovalSpec .* but got \['mid'\]"):
+        PRESETS["vega"].replace(mid="resnet")
+
+
+def test_student_config_refuses_bad_configs(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(DTypeError, match=r"Expected `teacher_config` to be a UNet2DConditionModel config"):
+        student_config(None, "ssd-1b")  # type: ignore[arg-type]
+    with pytest.raises(
+        OptionError, match=r"`down_block_types` and `up_block_types` .* lists of block type names"
+    ):
+        student_config({**TINY_SDXL, "down_block_types": "DownBlock2D"}, "ssd-1b")
+    with pytest.raises(
+        OptionError, match=r"config's `transformer_layers_per_block\[1\]` to hold ints, but got str"
+    ):
+        student_config({**TINY_SDXL, "transformer_layers_per_block": [1, "2", 10]}, "ssd-1b")
+    # a custom spec with more levels than the teacher: the extra entries are ignored, and said so
+    with caplog.at_level("WARNING", logger="diffdistill.students.block_removal"):
+        student_config(TINY_SDXL, BlockRemovalSpec(down_transformer_layers=(None, None, None, 2)))
+    assert any("past level 2 ([2]) are ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_init_from_teacher_refuses_another_architecture_and_meta_networks() -> None:
+    teacher = build(TINY_SDXL)
+    student, report = build_student(teacher, "ssd-1b")
+    narrower = build({**TINY_SDXL, "block_out_channels": [16, 32, 32]})
+    with pytest.raises(
+        ShapeError, match=r"the student was not derived from this teacher .* build_student\(teacher"
+    ):
+        init_from_teacher(student, narrower, report.module_map)
+    shallower = build({**TINY_SDXL, "transformer_layers_per_block": [1, 1, 2]})
+    with pytest.raises(
+        OptionError, match=r"Expected the teacher to have .*\(a teacher of another architecture\)"
+    ):
+        init_from_teacher(student, shallower, report.module_map)
+    with pytest.raises(
+        OptionError, match=r"Expected the teacher to hold weights, but it is on the meta device"
+    ):
+        init_from_teacher(student, on_meta(TINY_SDXL), report.module_map)  # torch's "Cannot copy out of meta"
+    with pytest.raises(
+        OptionError, match=r"Expected the student to hold weights, but it is on the meta device"
+    ):
+        init_from_teacher(on_meta(report.config), teacher, report.module_map)  # a silent no-op before
+    with pytest.raises(DTypeError, match=r"Expected `module_map` to map student module names .* got list"):
+        init_from_teacher(student, teacher, ["mid_block"])  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `student` to be a torch.nn.Module, but got NoneType"):
+        init_from_teacher(None, teacher, {})  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `init_weights` to be True or False, but got str"):
+        build_student(teacher, "ssd-1b", init_weights="no")  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `teacher` to be a torch.nn.Module, but got NoneType"):
+        build_student(None, "ssd-1b")  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import DTypeError, OptionError, ShapeError
 from diffdistill.students import EMA
 
 
@@ -184,3 +184,91 @@ def test_update_keeps_the_count_on_the_host_and_rereads_it_after_a_load():
     clone.load_state_dict(trained.state_dict())  # the loaded count (5) wins over the clone's own (1)
     assert clone.update(net) == trained.update(net) == trained.decay_at(6) != trained.decay_at(2)
     assert int(clone.num_updates) == 6
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+
+class _Narrow(torch.nn.Module):
+    """Parameters that broadcast against ``_net()``'s first layer: (1, 3) and (1,) against (4, 3) and (4,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 1)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.b = torch.nn.Linear(4, 2)
+
+
+def test_update_from_another_architecture_is_refused_before_any_change():
+    ema = EMA(_net(), decay=0.5)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    # Same parameter count, shapes that broadcast: averaged silently before (an EMA of a (1, 3) weight
+    # spread over (4, 3)).
+    with pytest.raises(
+        ShapeError, match=r"`model`'s parameter `a.weight` to have shape \(4, 3\).*got \(1, 3\)"
+    ):
+        ema.update(_Narrow())
+    with pytest.raises(ShapeError, match=r"architecture the EMA was built from \(Sequential\)"):
+        ema.update(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)))
+    with pytest.raises(
+        OptionError, match=r"`model` has 2 parameters but the EMA copy has 6.*same \(online\)"
+    ):
+        ema.update(torch.nn.Linear(3, 4))
+    with pytest.raises(DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got NoneType"):
+        ema.update(None)  # type: ignore[arg-type]
+    assert int(ema.num_updates) == 0  # a refused update does not advance the decay schedule
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    with pytest.raises(ShapeError, match=r"pass the same \(online\) network to copy_to"):
+        ema.copy_to(_Narrow())
+
+
+def test_update_converts_to_the_average_dtype():
+    net = _net()
+    ema = EMA(net, decay=0.5).double()
+    ema.update(copy.deepcopy(net).bfloat16())  # a bf16 online model into a float64 average: converted
+    assert ema.module[0].weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"decay": "0.9"}, DTypeError, r"Expected `decay` to be a real number, but got str '0.9'"),
+        ({"decay": float("nan")}, OptionError, r"Expected `decay` to be a finite number, but got nan"),
+        ({"min_decay": 0.5, "decay": 0.4}, OptionError, r"0 <= `min_decay` <= `decay` <= 1"),
+        (
+            {"update_after_step": -1},
+            OptionError,
+            r"Expected `update_after_step` to be an int >= 0, but got -1",
+        ),
+        (
+            {"update_after_step": 2.5},
+            DTypeError,
+            r"Expected `update_after_step` to be an int >= 0, but got float",
+        ),
+        ({"warmup": "power", "inv_gamma": 0}, OptionError, r"Expected `inv_gamma` to be > 0.0, but got 0"),
+        ({"warmup": "power", "power": -1.0}, OptionError, r"Expected `power` to be > 0.0, but got -1.0"),
+        (
+            {"include_buffers": "no"},
+            DTypeError,
+            r"Expected `include_buffers` to be True or False, but got str",
+        ),
+        ({"trainable_only": 1}, DTypeError, r"Expected `trainable_only` to be True or False, but got int"),
+    ],
+)
+def test_constructor_refuses_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMA(_net(), **kwargs)
+
+
+def test_constructor_and_decay_at_refuse_bad_types():
+    with pytest.raises(DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got list"):
+        EMA([torch.nn.Linear(2, 2)])  # type: ignore[arg-type]
+    ema = EMA(_net(), warmup="linear")
+    with pytest.raises(OptionError, match=r"Expected `num_updates` to be an int >= 0, but got -1"):
+        ema.decay_at(-1)
+    with pytest.raises(DTypeError, match=r"Expected `num_updates` to be an int >= 0, but got float 1.5"):
+        ema.decay_at(1.5)  # type: ignore[arg-type]
+    assert ema.decay_at(0) == 0.0 and ema.decay_at(ema.num_updates + 3) == ema.decay_at(
+        3
+    )  # 0-d tensors index

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import DTypeError, OptionError
 from diffdistill.students import FeatureTap, in_backward_pass, resolve_module_names
 
 TINY_SDXL = {
@@ -123,13 +123,17 @@ def test_resolution_rules_and_errors() -> None:
     assert resolve_module_names(net, "*") == ["0", "1"]
     assert resolve_module_names(net, "**") == ["0", "0.0", "0.1", "1"]
     assert resolve_module_names(net, ["0.*", "1"]) == ["0.0", "0.1", "1"]
-    with pytest.raises(OptionError, match=r"Expected '0\.2' to name a sub-module of Sequential.*Close names"):
+    with pytest.raises(
+        OptionError, match=r"Expected '0\.2' in `patterns` to name a sub-module of Sequential.*Close names"
+    ):
         resolve_module_names(net, "0.2")
-    with pytest.raises(OptionError, match=r"pattern 'x\.\*' to match at least one module"):
+    with pytest.raises(OptionError, match=r"pattern 'x\.\*' in `patterns` to match at least one module"):
         resolve_module_names(net, "x.*")
     with pytest.raises(OptionError, match=r"name exactly one module, but it matched 2"):
         FeatureTap(net, {"a": "0.*"})
-    with pytest.raises(TypeError, match=r"module names to be strings"):
+    with pytest.raises(
+        TypeError, match=r"Expected every entry of `patterns` to be a module name \(str\), but got int 1"
+    ):
         resolve_module_names(net, [1])  # type: ignore[list-item]
 
 
@@ -270,3 +274,60 @@ def test_copies_made_after_the_tap_do_not_record() -> None:
         ema(torch.randn(3, 4))
         assert tap.calls == {"0": 1}
         torch.testing.assert_close(tap.pop()["0"], net[0](x))
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+
+@pytest.mark.parametrize(
+    ("model", "modules", "kwargs", "error", "match"),
+    [
+        (None, ["0"], {}, DTypeError, r"Expected `model` to be a torch.nn.Module, but got NoneType"),
+        ("net", None, {}, DTypeError, r"Expected `modules` to be a module name or a list of names"),
+        ("net", 0, {}, DTypeError, r"Expected `modules` to be a module name or a list .* but got int"),
+        ("net", [], {}, OptionError, r"Expected `modules` to name at least one module, but it is empty"),
+        (
+            "net",
+            {},
+            {},
+            OptionError,
+            r"Expected `modules` to name at least one module, but the mapping is empty",
+        ),
+        (
+            "net",
+            {"a": 0},
+            {},
+            DTypeError,
+            r"Expected `modules` to map keys to module names \(str\), but key 'a'",
+        ),
+        ("net", ["0", 1], {}, DTypeError, r"Expected every entry of `modules` to be a module name \(str\)"),
+        ("net", ["9"], {}, OptionError, r"Expected '9' in `modules` to name a sub-module of Sequential"),
+        ("net", ["0"], {"detach": "yes"}, DTypeError, r"Expected `detach` to be True or False, but got str"),
+    ],
+)
+def test_feature_tap_refuses_bad_arguments(model, modules, kwargs, error, match) -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(error, match=match):
+        FeatureTap(net if model == "net" else model, modules, **kwargs)
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_resolve_module_names_refuses_bad_arguments() -> None:
+    with pytest.raises(DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got NoneType"):
+        resolve_module_names(None, "0")  # type: ignore[arg-type]
+    with pytest.raises(
+        DTypeError, match=r"Expected `patterns` to be a module name or a list .* got NoneType"
+    ):
+        resolve_module_names(nn.Linear(2, 2), None)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"Expected `patterns` to name at least one module"):
+        resolve_module_names(nn.Linear(2, 2), [])
+
+
+def test_a_module_without_tensor_output_is_named() -> None:
+    class NoTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "not a tensor"
+
+    net = nn.Sequential(NoTensor())
+    with FeatureTap(net, ["0"]), pytest.raises(DTypeError, match=r"module '0' to return a tensor"):
+        net(torch.zeros(1))

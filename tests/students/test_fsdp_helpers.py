@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from diffdistill.students import EMA, frozen
+from diffdistill.errors import DTypeError
+from diffdistill.students import EMA, frozen, reshard
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -116,3 +117,20 @@ def test_trainable_only_ema_gathers_only_the_averaged_shards(
     ema.update(online)
     assert gathered == [(1, 4), (1,)]  # the last layer's weight and bias only, not the frozen layer's
     torch.testing.assert_close(ema.module[2].weight, expected)
+
+
+def test_frozen_and_reshard_refuse_what_is_not_a_module() -> None:
+    net = _net()
+    # model.parameters() (a generator) failed with "'generator' object has no attribute 'modules'" before
+    with (
+        pytest.raises(
+            DTypeError, match=r"every argument of `frozen` to be a torch.nn.Module, but argument 1 is"
+        ),
+        frozen(net, net.parameters()),  # type: ignore[arg-type]
+    ):
+        pass
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(
+        DTypeError, match=r"every argument of `reshard` to be a torch.nn.Module, but argument 0 is"
+    ):
+        reshard(None)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffdistill._checks import OptionError, ShapeError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError, value_checks
 from diffdistill.students import LayerKD, build_student, layer_kd_loss
 
 
@@ -136,13 +136,17 @@ def test_shape_mismatch_names_both_modules() -> None:
     with LayerKD(student, Net(width=6), {"mid": "stem"}) as kd:  # same shapes: a valid renamed pair
         _, logs = kd(torch.randn(2, 4), None)
     assert "feature/stem" in logs
-    with pytest.raises(ShapeError, match=r"teacher feature `output` and student feature `output`"):
+    with pytest.raises(
+        ShapeError, match=r"Expected `student_output` and `teacher_output` to have the same shape"
+    ):
         layer_kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), {}, {})
     with pytest.raises(OptionError, match=r"the student lacks \['b'\] and the teacher lacks \['a'\]"):
         layer_kd_loss(torch.zeros(2), torch.zeros(2), {"a": torch.zeros(2)}, {"b": torch.zeros(2)})
     with pytest.raises(OptionError, match=r"Expected `output_weight` to be >= 0"):
         LayerKD(student, teacher, ["stem"], output_weight=-1.0)
-    with pytest.raises(OptionError, match=r"Expected 'head2' to name a sub-module"):
+    with pytest.raises(
+        OptionError, match=r"Expected 'head2' in `layers` to name a sub-module of the student Net"
+    ):
         LayerKD(student, teacher, ["head2"])
     # A teacher name that does not resolve (mapping form): no hook is left behind on the student.
     with pytest.raises(OptionError, match=r"'bodyy'"):
@@ -197,3 +201,191 @@ def test_tiny_sdxl_ssd1b_student_with_report_pairs() -> None:
     assert logs["feature/mid_block.resnets.0"].item() > 0.0  # the student's mid has no attention
     assert student.conv_in.weight.grad is not None
     assert all(len(m._forward_hooks) == 0 for m in student.modules())
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+_NAN = float("nan")
+
+
+def _kd_args(**changes):
+    args = {
+        "student_output": torch.zeros(2, 4),
+        "teacher_output": torch.ones(2, 4),
+        "student_features": {"f": torch.zeros(2, 3)},
+        "teacher_features": {"f": torch.ones(2, 3)},
+        "target": torch.ones(2, 4),
+    }
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("changes", "kwargs", "error", "match"),
+    [
+        # integer / bool tensors: a finite number before
+        (
+            {"student_output": torch.zeros(2, 4, dtype=torch.long)},
+            {},
+            DTypeError,
+            r"`student_output` to be a floating",
+        ),
+        (
+            {"teacher_output": torch.ones(2, 4, dtype=torch.bool)},
+            {},
+            DTypeError,
+            r"`teacher_output` to be a floating",
+        ),
+        ({"target": torch.ones(2, 4, dtype=torch.long)}, {}, DTypeError, r"`target` to be a floating-point"),
+        (
+            {"student_features": {"f": torch.zeros(2, 3, dtype=torch.long)}},
+            {},
+            DTypeError,
+            r"`student_features\['f'\]` to be a floating-point",
+        ),
+        (
+            {"student_features": {"f": [0.0]}},
+            {},
+            DTypeError,
+            r"`student_features\['f'\]` to be a torch.Tensor",
+        ),
+        ({"student_features": None}, {}, DTypeError, r"`student_features` to be a dict \{key: tensor\}"),
+        # empty batch: NaN before
+        (
+            {
+                "student_output": torch.zeros(0, 4),
+                "teacher_output": torch.zeros(0, 4),
+                "target": torch.zeros(0, 4),
+            },
+            {},
+            ShapeError,
+            r"`student_output` to hold at least one sample",
+        ),
+        (
+            {"student_features": {"f": torch.zeros(0, 3)}, "teacher_features": {"f": torch.zeros(0, 3)}},
+            {},
+            ShapeError,
+            r"`student_features\['f'\]` to hold at least one sample",
+        ),
+        # non-finite values: a NaN / inf loss before
+        ({"student_output": torch.full((2, 4), _NAN)}, {}, NonFiniteError, r"`student_output` to be finite"),
+        (
+            {"teacher_output": torch.full((2, 4), float("inf"))},
+            {},
+            NonFiniteError,
+            r"`teacher_output` to be finite",
+        ),
+        ({"target": torch.full((2, 4), _NAN)}, {}, NonFiniteError, r"`target` to be finite"),
+        (
+            {"teacher_features": {"f": torch.full((2, 3), _NAN)}},
+            {},
+            NonFiniteError,
+            r"`teacher_features\['f'\]` to be finite",
+        ),
+        ({}, {"task_weight": torch.tensor([1.0, _NAN])}, NonFiniteError, r"`task_weight` to be finite"),
+        # shapes that would broadcast, weights that would be ignored or reward the error
+        (
+            {"target": torch.ones(2, 1)},
+            {},
+            ShapeError,
+            r"`target` to have the shape of the student's prediction",
+        ),
+        (
+            {"target": None},
+            {"task_weight": torch.ones(2)},
+            OptionError,
+            r"Expected `target` with `task_weight`",
+        ),
+        ({}, {"task_weight": torch.tensor([1.0, -1.0])}, OptionError, r"Expected `task_weight` to be >= 0"),
+        ({}, {"task_weight": torch.ones(2, dtype=torch.long)}, DTypeError, r"`task_weight` to be a floating"),
+        # options
+        (
+            {},
+            {"output_weight": "0.5"},
+            DTypeError,
+            r"Expected `output_weight` to be a real number, but got str",
+        ),
+        ({}, {"feature_weight": _NAN}, OptionError, r"Expected `feature_weight` to be a finite number"),
+        ({}, {"eps": 0.0}, OptionError, r"Expected `eps` to be > 0.0, but got 0.0"),
+        ({}, {"normalize": "yes"}, DTypeError, r"Expected `normalize` to be True or False"),
+        ({}, {"distance": 3}, DTypeError, r"Expected `distance` to be one of \['mse'"),
+    ],
+)
+def test_layer_kd_loss_refuses_bad_inputs(changes, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        layer_kd_loss(**_kd_args(**changes), **kwargs)
+
+
+def test_layer_kd_loss_value_checks_can_be_switched_off() -> None:
+    with value_checks(False):  # no device synchronisation: the NaN propagates
+        loss, _ = layer_kd_loss(**_kd_args(student_output=torch.full((2, 4), _NAN)))
+    assert loss.isnan()
+
+
+def test_layer_kd_refuses_bad_arguments() -> None:
+    student, teacher = make_pair()
+    with pytest.raises(DTypeError, match=r"Expected `teacher` to be a torch.nn.Module, but got NoneType"):
+        LayerKD(student, None, ["stem"])  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"Expected `layers` to name at least one module, but it is empty"):
+        LayerKD(student, teacher, [])
+    with pytest.raises(OptionError, match=r"Expected `layers` to pair at least one module"):
+        LayerKD(student, teacher, {})
+    with pytest.raises(DTypeError, match=r"Expected `layers` to be a module name or a list .* got NoneType"):
+        LayerKD(student, teacher, None)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"'mid' in `layers` to name a sub-module of the teacher Linear"):
+        LayerKD(student, nn.Linear(4, 4), ["mid"])
+    with pytest.raises(OptionError, match=r"each student module to appear once in `layers`.*'stem'"):
+        LayerKD(student, teacher, {"stem": "stem", "mid": "stem"})  # one dropped silently before
+    with pytest.raises(OptionError, match=r"Expected `eps` to be > 0.0"):
+        LayerKD(student, teacher, ["stem"], eps=-1.0)
+    assert all(not m._forward_hooks for net in (student, teacher) for m in net.modules())
+
+
+def test_layer_kd_call_refuses_bad_inputs() -> None:
+    student, teacher = make_pair()
+    with LayerKD(student, teacher, ["stem", "mid"]) as kd:
+        with pytest.raises(
+            DTypeError, match=r"Expected `sample` to be a floating-point tensor, but got dtype torch.int64"
+        ):
+            kd(torch.ones(2, 4, dtype=torch.long), None)
+        with pytest.raises(ShapeError, match=r"Expected `sample` to hold at least one sample"):
+            kd(torch.zeros(0, 4), None)  # NaN loss before
+        with pytest.raises(NonFiniteError, match=r"Expected `sample` to be finite"):
+            kd(torch.full((2, 4), _NAN), None)
+        # torch's "mat1 and mat2 must have the same dtype" named neither the argument nor a fix
+        with pytest.raises(
+            DTypeError,
+            match=r"`teacher` failed on `sample` of dtype torch.(bfloat16|float64) .*cast `sample`",
+        ):
+            kd(torch.zeros(2, 4, dtype=torch.bfloat16), None)
+        with pytest.raises(DTypeError, match=r"Expected `teacher_fn` to be callable"):
+            kd(torch.zeros(2, 4), None, teacher_fn="teacher")
+        with pytest.raises(
+            ShapeError, match=r"Expected `target` to have the shape of the student's prediction"
+        ):
+            kd(torch.zeros(2, 4), None, torch.zeros(2, 1))
+        with value_checks(False):
+            loss, _ = kd(torch.full((2, 4), _NAN), None)
+        assert loss.isnan()
+    with pytest.raises(OptionError, match=r"Expected an open LayerKD, but it is closed"):
+        kd(torch.zeros(2, 4), None)  # recorded no features after close: output KD only, silently, before
+
+
+def test_layer_kd_refuses_the_student_as_its_own_teacher_and_modules_that_did_not_run() -> None:
+    student, _ = make_pair()
+    with (
+        LayerKD(student, student, ["stem"]) as kd,
+        pytest.raises(OptionError, match=r"`teacher` is the student itself"),
+    ):
+        kd(torch.zeros(2, 4), None)  # a zero KD loss before
+
+    class Skip(Net):
+        def forward(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+            return self.head(self.stem(x))  # `mid` never runs
+
+    student, teacher = make_pair()
+    with (
+        LayerKD(Skip(), teacher, ["mid"]) as kd,
+        pytest.raises(OptionError, match=r"every tapped student module to run .* \['mid'\] did not"),
+    ):
+        kd(torch.zeros(2, 4), None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError, value_checks
 from diffdistill.students import (
     LCM_LORA_TARGETS,
     TeacherView,
@@ -116,9 +116,9 @@ def test_rank_alpha_scaling_and_generic_modules() -> None:
         OptionError, match=r"Expected `adapter_name` to be one of \['default'\], but got 'other'"
     ):
         lora_state_dict(net, "other")
-    with pytest.raises(OptionError, match=r"Expected `rank` to be > 0"):
+    with pytest.raises(OptionError, match=r"Expected `rank` to be an int >= 1, but got 0"):
         add_lora(nn.Linear(2, 2), rank=0)
-    with pytest.raises(OptionError, match=r"Expected `rank` to be a positive int, but got float 2.5"):
+    with pytest.raises(DTypeError, match=r"Expected `rank` to be an int >= 1, but got float 2.5"):
         add_lora(nn.Linear(2, 2), rank=2.5)  # peft would take r=2 with alpha 2.5: scaling 1.25, not 1
     import numpy as np
 
@@ -267,7 +267,7 @@ def test_guidance_scale_embedding_formula() -> None:
     for dim in (8, 9, 256):
         ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)  # type: ignore[arg-type]
         torch.testing.assert_close(guidance_scale_embedding(w, dim), ref, atol=0, rtol=0)
-    with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be >= 4, but got 2"):
+    with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be an int >= 4, but got 2"):
         guidance_scale_embedding(w, 2)
 
 
@@ -331,3 +331,210 @@ def test_teacher_view_refuses_a_model_without_adapters():
         TeacherView(net)
     with pytest.raises(OptionError, match=msg.format("adapters_disabled")), adapters_disabled(net):
         pass
+
+
+# --- a guidance embedding with LoRA (issue 18, part 4): trainable and saved, in either order ---
+
+
+@pytest.mark.parametrize("order", ["embedding_then_lora", "lora_then_embedding"])
+def test_guidance_embedding_trains_and_is_saved_with_the_adapter(order: str, tmp_path) -> None:
+    unet = tiny_unet()
+    if order == "embedding_then_lora":
+        add_lora(add_guidance_embedding(unet, 16), rank=4)  # froze the zero embedding for good before
+    else:
+        add_guidance_embedding(add_lora(unet, rank=4), 16)
+    proj = unet.time_embedding.cond_proj.weight
+    assert proj.requires_grad and not unet.conv_in.weight.requires_grad
+    x, t, cond = inputs()
+    w_emb = guidance_scale_embedding(torch.tensor([3.0, 8.0]), 16)
+    opt = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=0.1)
+    unet(x, t, timestep_cond=w_emb, **cond).sample.pow(2).mean().backward()
+    opt.step()
+    assert proj.abs().sum() > 0  # it trained
+    randomize_lora(unet)
+    state = lora_state_dict(unet)
+    assert torch.equal(state["time_embedding.cond_proj.weight"], proj.detach())
+    with pytest.raises(OptionError, match=r"`state_dict` to hold `time_embedding.cond_proj.weight`"):
+        lora_state_dict(unet, state_dict={k: v for k, v in unet.state_dict().items() if "cond_proj" not in k})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_lora(unet, path)
+    with torch.no_grad():
+        expected = unet(x, t, timestep_cond=w_emb, **cond).sample
+    # Our loader adds the embedding (time_cond_proj_dim from the file) to a plain UNet and loads it.
+    ours = load_lora(tiny_unet(), path)
+    assert ours.config.time_cond_proj_dim == 16 and ours.time_embedding.cond_proj.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, timestep_cond=w_emb, **cond).sample, expected)
+    # diffusers' loader reads the file too: into a UNet with the embedding, the embedding is loaded as well.
+    theirs = add_guidance_embedding(tiny_unet(), 16)
+    theirs.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="unet", adapter_name="default")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t, timestep_cond=w_emb, **cond).sample, expected)
+    # A UNet with an embedding of another width refuses the file's.
+    with pytest.raises(ShapeError, match=r"`time_embedding.cond_proj.weight` .* another time_cond_proj_dim"):
+        load_lora(add_guidance_embedding(tiny_unet(), 8), path)
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+
+class _Named(nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.proj(x)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"targets": ["nope"]},
+            OptionError,
+            r"`targets` to match module names of _Named .* none of \['nope'\]",
+        ),
+        ({"targets": []}, OptionError, r"Expected `targets` to name at least one module suffix"),
+        ({"targets": [1]}, DTypeError, r"Expected `targets` to be a module-name suffix or a list of them"),
+        (
+            {"alpha": -1.0},
+            OptionError,
+            r"Expected `alpha` to be > 0.0, but got -1.0",
+        ),  # a negative scale before
+        ({"alpha": float("nan")}, OptionError, r"Expected `alpha` to be a finite number"),
+        ({"dropout": -0.5}, OptionError, r"Expected `dropout` to be >= 0.0, but got -0.5"),  # ignored before
+        ({"dropout": 1.0}, OptionError, r"Expected `dropout` to be < 1.0, but got 1.0"),
+        ({"adapter_name": ""}, OptionError, r"Expected `adapter_name` to be a non-empty string without '.'"),
+        ({"adapter_name": 3}, DTypeError, r"Expected `adapter_name` to be a string, but got int 3"),
+        ({"freeze_base": "no"}, DTypeError, r"Expected `freeze_base` to be True or False, but got str"),
+    ],
+)
+def test_add_lora_refuses_bad_arguments(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        add_lora(_Named(), **{"rank": 2, "targets": ["proj"], **kwargs})
+
+
+def test_add_lora_takes_one_target_as_a_string_and_refuses_a_second_adapter_of_the_same_name() -> None:
+    net = add_lora(_Named(), rank=2, targets="proj")  # list("proj") = ['p', 'r', 'o', 'j'] before: no match
+    assert sorted(n for n, p in net.named_parameters() if p.requires_grad) == [
+        "proj.lora_A.default.weight",
+        "proj.lora_B.default.weight",
+    ]
+    with pytest.raises(
+        OptionError, match=r"Expected a new `adapter_name`, but _Named already has an adapter 'default'"
+    ):
+        add_lora(net, rank=2, targets="proj")
+    with pytest.raises(DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got NoneType"):
+        add_lora(None)  # type: ignore[arg-type]
+
+
+def test_merge_and_views_refuse_models_without_adapters() -> None:
+    with pytest.raises(
+        OptionError, match=r"`model` \(_Named\) to have LoRA layers to merge, but it has none"
+    ):
+        merge_lora(_Named())  # returned the model unchanged before
+    none = r"Expected `model` to be a torch.nn.Module, but got NoneType"
+    with pytest.raises(DTypeError, match=none):
+        merge_lora(None)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=none):
+        TeacherView(None)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=none), adapters_disabled(None):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(DTypeError, match=r"Expected `grad` to be True or False"):
+        TeacherView(add_lora(_Named(), rank=1, targets="proj"), grad="yes")  # type: ignore[arg-type]
+
+
+def test_load_lora_refuses_another_rank_or_architecture(tmp_path) -> None:
+    net = add_lora(_Named(), rank=2, targets=["proj", "out"])
+    path = tmp_path / "a.safetensors"
+    save_lora(net, path)
+    # torch's "size mismatch for proj.lora_A.default.weight" before, also with strict=False
+    for strict in (True, False):
+        with pytest.raises(ShapeError, match=r"rank-2 adapter but the model's adapter 'default' has rank 4"):
+            load_lora(add_lora(_Named(), rank=4, targets=["proj", "out"]), path, strict=strict)
+    with pytest.raises(
+        ShapeError, match=r"`\w+.lora_A.weight` .* \(2, 8\), but got \(2, 4\): .* another architecture"
+    ):
+        load_lora(_Named(width=8), path)
+    (tmp_path / "b.safetensors").write_text("not a safetensors file")
+    with pytest.raises(
+        OptionError, match=r"Expected `path` to be a safetensors file, but .* could not be read"
+    ):
+        load_lora(_Named(), tmp_path / "b.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"Expected `path` to be an existing safetensors file"):
+        load_lora(_Named(), tmp_path / "missing.safetensors")
+    with pytest.raises(DTypeError, match=r"Expected `strict` to be True or False"):
+        load_lora(_Named(), path, strict="no")  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `prefix` to be a string"):
+        load_lora(_Named(), path, prefix=None)  # type: ignore[arg-type]
+
+
+def test_save_lora_and_lora_state_dict_refuse_bad_arguments(tmp_path) -> None:
+    net = add_lora(_Named(), rank=2, targets="proj")
+    with pytest.raises(DTypeError, match=r"Expected `path` to be a file path \(str or os.PathLike\)"):
+        save_lora(net, None)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"Expected the folder of `path` to exist"):
+        save_lora(net, tmp_path / "missing" / "a.safetensors")
+    # a state dict without the adapter's weights: an empty adapter file before
+    with pytest.raises(
+        OptionError, match=r"`state_dict` to hold the weights of adapter 'default' \(1 LoRA layers\)"
+    ):
+        save_lora(net, tmp_path / "a.safetensors", state_dict=_Named().state_dict())
+    with pytest.raises(DTypeError, match=r"Expected `state_dict` to be a mapping"):
+        lora_state_dict(net, state_dict=[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("w", "kwargs", "error", "match"),
+    [
+        (
+            torch.tensor([7, 8]),
+            {},
+            DTypeError,
+            r"Expected `w` to be a floating-point tensor, but got dtype torch.int64",
+        ),
+        (
+            torch.tensor([True]),
+            {},
+            DTypeError,
+            r"Expected `w` to be a floating-point tensor, but got dtype torch.bool",
+        ),
+        (
+            torch.tensor([]),
+            {},
+            ShapeError,
+            r"Expected `w` to hold at least one sample",
+        ),  # an empty result before
+        (torch.tensor([float("nan")]), {}, NonFiniteError, r"Expected `w` to be finite"),
+        (torch.tensor([[7.5]]), {}, ShapeError, r"Expected `w` to have 1 dimensions laid out as \(B,\)"),
+        (
+            torch.tensor([7.5]),
+            {"embedding_dim": 8.5},
+            DTypeError,
+            r"`embedding_dim` to be an int >= 4, but got float",
+        ),
+        (torch.tensor([7.5]), {"dtype": torch.long}, DTypeError, r"`dtype` to be a floating torch dtype"),
+    ],
+)
+def test_guidance_scale_embedding_refuses_bad_inputs(w, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        guidance_scale_embedding(w, **kwargs)
+
+
+def test_guidance_embedding_value_checks_switch_off_and_bad_arguments() -> None:
+    with value_checks(False):
+        assert guidance_scale_embedding(torch.tensor([float("nan")]), 8).isnan().any()
+    with pytest.raises(OptionError, match=r"Expected `time_cond_proj_dim` to be an int >= 1, but got 0"):
+        add_guidance_embedding(tiny_unet(), 0)
+    with pytest.raises(
+        DTypeError, match=r"Expected `time_cond_proj_dim` to be an int >= 1, but got float 16.5"
+    ):
+        add_guidance_embedding(tiny_unet(), 16.5)  # type: ignore[arg-type]
+    with pytest.raises(
+        DTypeError, match=r"Expected `generator` to be a torch.Generator or None, but got int"
+    ):
+        add_guidance_embedding(tiny_unet(), 16, init="uniform", generator=0)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `unet` to be a torch.nn.Module, but got NoneType"):
+        add_guidance_embedding(None)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffdistill._checks import OptionError
+from diffdistill.errors import DTypeError, NonFiniteError, OptionError, ShapeError, value_checks
 from diffdistill.schedulers import NoiseSchedule
 from diffdistill.students import X0Conversion
 
@@ -92,3 +92,90 @@ def test_timesteps_are_checked() -> None:
     with pytest.raises(OptionError, match=r"t = -1 is the clean end"):
         X0Conversion(net, sched, timesteps=[-1, 999])
     assert X0Conversion(net, sched, timesteps=[999.0, 500]).timestep_grid.tolist() == [999, 500]
+
+
+# --- bad inputs (issue 18): refused at the boundary, with the argument's name and a fix ---
+
+
+def test_constructor_refuses_bad_arguments() -> None:
+    sched = NoiseSchedule.from_betas()
+    with pytest.raises(DTypeError, match=r"Expected `model` to be a torch.nn.Module, but got NoneType"):
+        X0Conversion(None, sched)  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"Expected `schedule` to be a NoiseSchedule, but got str"):
+        X0Conversion(Lin(), "ddpm")  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"Expected `distance` to be one of \['mse'"):
+        X0Conversion(Lin(), sched, distance="l7")  # accepted, then failed at the first step, before
+    with pytest.raises(
+        DTypeError, match=r"Expected `timesteps` to be a list or tensor of integer .* got str"
+    ):
+        X0Conversion(Lin(), sched, timesteps="999")  # type: ignore[arg-type]
+    with pytest.raises(
+        DTypeError, match=r"Expected `timesteps` to hold integer training timesteps.*torch.bool"
+    ):
+        X0Conversion(Lin(), sched, timesteps=torch.tensor([True]))
+
+
+@pytest.mark.parametrize(
+    ("x0", "noise", "error", "match"),
+    [
+        (
+            torch.zeros(2, 2, 4, 4, dtype=torch.long),
+            None,
+            DTypeError,
+            r"Expected `x0` to be a floating-point",
+        ),
+        (
+            torch.zeros(0, 2, 4, 4),
+            None,
+            ShapeError,
+            r"Expected `x0` to hold at least one sample",
+        ),  # silent before
+        (torch.full((2, 2, 4, 4), float("nan")), None, NonFiniteError, r"Expected `x0` to be finite"),
+        (
+            torch.tensor(1.0),
+            None,
+            ShapeError,
+            r"Expected `x0` to have a batch dimension",
+        ),  # IndexError before
+        (
+            torch.zeros(2, 2, 4, 4),
+            torch.ones(2, 2, 4, 4, dtype=torch.long),
+            DTypeError,
+            r"Expected `noise` to be a floating",
+        ),
+        (
+            torch.zeros(2, 2, 4, 4),
+            torch.full((2, 2, 4, 4), float("inf")),
+            NonFiniteError,
+            r"Expected `noise` to be finite",
+        ),
+        (
+            torch.zeros(2, 2, 4, 4),
+            torch.zeros(2, 2, 4, 1),
+            ShapeError,
+            r"`x0` and `noise` to have the same shape",
+        ),
+    ],
+)
+def test_noisy_inputs_refuses_bad_inputs(x0, noise, error, match) -> None:
+    conv = X0Conversion(Lin(), NoiseSchedule.from_betas(), timesteps=[999])
+    with pytest.raises(error, match=match):
+        conv.noisy_inputs(x0, noise=noise)
+
+
+def test_forward_refuses_bad_inputs_and_value_checks_switch_off() -> None:
+    conv = X0Conversion(Lin(), NoiseSchedule.from_betas(), timesteps=[999])
+    t = torch.tensor([500, 500])
+    with pytest.raises(DTypeError, match=r"`x_t`"):
+        conv(torch.zeros(2, 2, 4, 4, dtype=torch.long), t)
+    with pytest.raises(NonFiniteError, match=r"Expected `x_t` to be finite"):
+        conv(torch.full((2, 2, 4, 4), float("nan")), t)
+    with pytest.raises(DTypeError, match=r"dtype"):  # a bf16 x_t into a float32 model: named, with a fix
+        conv(torch.zeros(2, 2, 4, 4, dtype=torch.bfloat16), t)
+    with pytest.raises(OptionError, match=r"`t` >= 0"):
+        conv(torch.zeros(2, 2, 4, 4), torch.tensor([-1, 500]))
+    with value_checks(False):
+        loss, _ = conv(torch.full((2, 2, 4, 4), float("nan")), t)
+        assert loss.isnan()
+        x_t, _ = conv.noisy_inputs(torch.full((2, 2, 4, 4), float("nan")))
+        assert x_t.isnan().all()
