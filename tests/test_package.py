@@ -157,7 +157,12 @@ def test_wheel_and_sdist_ship_the_license_and_not_the_test_toy(tmp_path: Path) -
     pytest.importorskip("setuptools", minversion="77")
     from setuptools import build_meta
 
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if files.returncode != 0:
         pytest.skip("not a git checkout")
     src = tmp_path / "src"
@@ -165,7 +170,9 @@ def test_wheel_and_sdist_ship_the_license_and_not_the_test_toy(tmp_path: Path) -
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    assert "Apache License" in (src / "LICENSE").read_text() and "Version 2.0" in (src / "LICENSE").read_text()
+    assert (
+        "Apache License" in (src / "LICENSE").read_text() and "Version 2.0" in (src / "LICENSE").read_text()
+    )
     cwd = os.getcwd()
     os.chdir(src)
     try:
