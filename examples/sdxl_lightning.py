@@ -12,6 +12,10 @@ input at ``t = 999`` is pure noise (``NoiseSchedule(terminal_pure_noise=True)``)
 
 * ``128->32`` -- MSE between the student's jump and 4 guided teacher DDIM steps (CFG 6), LoRA
   (:func:`diffdistill.losses.progressive_distillation_loss`);
+* in every stage the teacher, an N-step model, runs on its own stride ``s = T/N`` from ``t`` (Sec. 2.3:
+  ``t - k s``, clamped at the student's jump target, zero-length steps skipped; :func:`teacher_stride`),
+  not an even split of the student's jump: the 2-step teacher of ``2->1`` runs 749 -> 249 -> clean from
+  the extra timestep 749;
 * ``N->M/conditional`` then ``N->M/unconditional`` -- non-saturating adversarial loss on a LoRA with the
   conditional, then the unconditional :class:`~diffdistill.discriminators.UNetEncoderDiscriminator`
   judging the student's jump against the teacher's ``N/M``-step solution; for the 2- and 1-step students
@@ -346,6 +350,15 @@ def optimizer_options(args: argparse.Namespace, stage: Any) -> dict[str, Any]:
     }
 
 
+def teacher_stride(num_train_timesteps: int, student_steps: int, teacher_steps: int) -> float:
+    """The teacher's own stride ``s = T/N`` (Sec. 2.3): the teacher of a stage ``N->M`` is an N-step model,
+    ``N = M n`` with ``n = teacher_steps`` per student jump (a skip-level ``--teacher_steps K/M`` teacher: a
+    K-step model). It runs ``t - k s``, clamped at the student's jump target ``t - n s`` (the clean end at
+    most), skipping zero-length steps: at ``2->1`` the 2-step teacher runs 749 -> 249 -> clean and
+    249 -> clean from the extra timesteps, a 4-step one 749 -> 499 -> 249 -> clean."""
+    return num_train_timesteps / (student_steps * teacher_steps)
+
+
 def jump_x0(
     schedule: NoiseSchedule, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor
 ) -> torch.Tensor:
@@ -390,6 +403,7 @@ def main(args: argparse.Namespace) -> None:
     schedule = NoiseSchedule.from_scheduler(
         parts.noise_scheduler, prediction_type=base_pred, terminal_pure_noise=True
     )
+    stride = teacher_stride(schedule.num_train_timesteps, stage.student_steps or 1, teacher_steps)
     pred_type = "sample" if stage.loss == "x0_conversion" else opts.get("prediction_type", base_pred)
 
     disc: Any = None
@@ -454,6 +468,7 @@ def main(args: argparse.Namespace) -> None:
             target=None,
             parameterization="move",
             teacher_steps=teacher_steps,
+            teacher_stride=stride,
             prediction_type=pred_type,
         )
         real, fake = pair.target.float(), pair.student.float()
@@ -505,6 +520,7 @@ def main(args: argparse.Namespace) -> None:
                     uncond,
                     num_student_steps=stage.student_steps or 1,
                     teacher_steps=teacher_steps,
+                    teacher_stride=stride,
                     generator=gen,
                 )
             elif stage.loss == "x0_conversion":

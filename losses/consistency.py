@@ -53,7 +53,7 @@ from .._checks import (
 from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from ..schedulers.consistency import consistency_function
 from ..schedulers.noise_schedule import PREDICTION_TYPES, NoiseSchedule, TimestepLike
-from ..schedulers.teacher_solver import TeacherSolver
+from ..schedulers.teacher_solver import TeacherSolver, _stride_timesteps
 from ..schedulers.timestep_samplers import (
     TimestepSample,
     lcm_skip_pairs,
@@ -232,10 +232,15 @@ def _check_pair_options(
     guidance_scale: Any,
     prediction_type: Any,
     batch: int,
+    teacher_stride: Any = None,
 ) -> TeacherSolver:
     """The checks shared by :func:`consistency_pair` and the losses built on it (no tensor values read)."""
     _check_model(student, "student")
     teacher = _check_teacher(teacher)
+    if teacher_stride is not None:
+        check_real(
+            teacher_stride, "teacher_stride", low=0, strict=True, high=teacher.schedule.num_train_timesteps
+        )
     if not (target is None or callable(target) or target in ("online", "teacher")):
         raise OptionError(
             f"Expected `target` to be 'online', 'teacher', None or a callable model, but got {target!r}."
@@ -288,6 +293,7 @@ def consistency_pair(
     target: Target = "online",
     parameterization: Literal["boundary", "move"] = "boundary",
     teacher_steps: int = 1,
+    teacher_stride: float | None = None,
     guidance_scale: float | torch.Tensor | None = None,
     student_cond: Cond = None,
     prediction_type: str | None = None,
@@ -329,8 +335,12 @@ def consistency_pair(
             itself; progressive distillation).
         parameterization: ``"boundary"`` (the default: LCM's :math:`c_\\text{skip} x + c_\\text{out}\\hat x_0`
             at each side's own time) or ``"move"`` (a DDIM move of both sides to ``sample.t_end``).
-        teacher_steps: teacher DDIM steps from ``t`` to ``t_prev`` (``t - t_prev`` must be at least this).
-            Defaults to 1 (LCM / TSCD); MLCM's inter-segment stage uses 3.
+        teacher_steps: teacher DDIM steps from ``t`` to ``t_prev`` (``t - t_prev`` must be at least this,
+            without ``teacher_stride``). Defaults to 1 (LCM / TSCD); MLCM's inter-segment stage uses 3.
+        teacher_stride: the teacher's own step length ``s = T/N`` of a distilled N-step teacher, a real number
+            in ``(0, T]``: its steps are ``t - k s`` clamped at ``t_prev``, zero-length steps skipped per
+            sample (SDXL-Lightning Sec. 2.3; see :meth:`~diffdistill.schedulers.TeacherSolver.step_timesteps`).
+            Defaults to ``None``: ``[t, t_prev]`` split evenly (LCM's DDIM jumps, MLCM).
         guidance_scale: CFG scale of the teacher, a number or a ``(B,)`` tensor. Defaults to ``None``: the
             teacher's own ``guidance_scale``.
         student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond`` (pass
@@ -352,8 +362,9 @@ def consistency_pair(
         ShapeError: ``x_t`` empty or 0-d; ``sample``, ``guidance_scale`` or a conditioning tensor not of batch
             ``B`` (or 1); a model's prediction not of ``x_t``'s shape.
         OptionError: ``teacher`` not a TeacherSolver, ``student`` / ``target`` not callable, an option outside
-            its values (``parameterization``, ``prediction_type``, ``teacher_steps``, ``sigma_data``,
-            ``timestep_scaling``), timesteps out of order or out of range, or ``target=None`` without
+            its values (``parameterization``, ``prediction_type``, ``teacher_steps``, ``teacher_stride``,
+            ``sigma_data``, ``timestep_scaling``), timesteps out of order or out of range, ``t_prev`` out of
+            the reach of ``teacher_steps`` steps of ``teacher_stride``, or ``target=None`` without
             ``parameterization="move"`` and ``t_end == t_prev``.
         NonFiniteError: ``x_t`` or ``guidance_scale`` holds NaN/Inf (value check).
 
@@ -381,6 +392,7 @@ def consistency_pair(
         guidance_scale,
         prediction_type,
         batch,
+        teacher_stride,
     )
     check_option(parameterization, "parameterization", ("boundary", "move"))
     check_real(sigma_data, "sigma_data", low=0, strict=True)
@@ -396,6 +408,7 @@ def consistency_pair(
         target=target,
         parameterization=parameterization,
         teacher_steps=teacher_steps,
+        teacher_stride=teacher_stride,
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,
@@ -420,6 +433,7 @@ def _pair(
     prediction_type: str | None,
     sigma_data: float = 0.5,
     timestep_scaling: float = 10.0,
+    teacher_stride: float | None = None,
 ) -> ConsistencyPair:
     """:func:`consistency_pair` on checked arguments."""
     schedule = teacher.schedule
@@ -441,7 +455,10 @@ def _pair(
         order, span, moved = torch.stack(
             [
                 ((t_end > t_prev) | (t_prev >= t)).any(),
-                (t - t_prev < teacher_steps).any(),
+                # a stride's zero-length steps are skipped: only the even split needs room for every step
+                (t - t_prev < teacher_steps).any()
+                if teacher_stride is None
+                else torch.zeros((), dtype=torch.bool, device=t.device),
                 (t_end != t_prev).any()
                 if target is None
                 else torch.zeros((), dtype=torch.bool, device=t.device),
@@ -465,6 +482,15 @@ def _pair(
                 f"move to where the teacher's solution lies), but got t_prev={t_prev.tolist()}, "
                 f"t_end={t_end.tolist()}. Use a sampler whose t_end equals t_prev (e.g. progressive_pairs)."
             )
+        if teacher_stride is not None:  # t_prev within the stride's reach, checked with the public names
+            _stride_timesteps(
+                t,
+                t_prev,
+                teacher_steps,
+                teacher_stride,
+                schedule.num_train_timesteps,
+                ("sample.t", "sample.t_prev", "teacher_steps", "teacher_stride"),
+            )
     map_args = (parameterization, prediction_type, sigma_data, timestep_scaling)
 
     pred = _call(student, x_t, t, s_cond, "student")
@@ -485,6 +511,7 @@ def _pair(
                     num_steps=teacher_steps,
                     guidance_scale=guidance_scale,
                     state_dtype=torch.promote_types(x_t.dtype, torch.float32),
+                    stride=teacher_stride,
                 ),
             )
         x_in = x_prev.to(x_t.dtype)  # the target network's input, in the student's input dtype
@@ -1114,6 +1141,7 @@ def progressive_distillation_loss(
     *,
     num_student_steps: int,
     teacher_steps: int,
+    teacher_stride: float | None = None,
     extra_timesteps: Sequence[int] | None = None,
     sample: TimestepSample | None = None,
     distance: DistanceLike = "mse",
@@ -1146,6 +1174,9 @@ def progressive_distillation_loss(
         num_student_steps: the student's number of sampling steps ``N`` of this stage (its trailing grid);
             required. Unused when ``sample`` is given.
         teacher_steps: teacher DDIM steps ``n`` per student jump (e.g. 4 for 128 → 32); required.
+        teacher_stride: the teacher's own stride ``s = T/(N n)`` (SDXL-Lightning Sec. 2.3: the teacher runs
+            ``t - k s``, clamped at ``t_prev``, zero-length steps skipped; see :func:`consistency_pair`).
+            Defaults to ``None``: the student's jump split evenly into ``n`` steps.
         extra_timesteps: additional training timesteps (ints in ``[0, T-1]``) drawn besides the grid, e.g.
             SDXL-Lightning's 999 for the terminal step. Defaults to ``None``: the grid only.
         sample: the timesteps ``(t, t_prev, t_prev)``. Defaults to ``None``: drawn with
@@ -1172,7 +1203,8 @@ def progressive_distillation_loss(
         ShapeError: empty or 0-d ``x0``, ``noise`` not of ``x0``'s shape, ``sample`` / ``guidance_scale`` /
             conditioning tensors not of batch ``B`` (or 1), a prediction not of ``x0``'s shape.
         OptionError: ``num_student_steps`` / ``teacher_steps`` < 1, ``teacher_steps`` longer than a student
-            jump, invalid ``extra_timesteps``, an unknown ``distance`` / ``prediction_type``, ``teacher`` not a
+            jump (without ``teacher_stride``), ``teacher_stride`` outside ``(0, T]`` or too short to reach
+            ``t_prev`` in ``teacher_steps`` steps, invalid ``extra_timesteps``, an unknown ``distance`` / ``prediction_type``, ``teacher`` not a
             TeacherSolver, a ``sample`` with ``t_end != t_prev`` or out of order.
         NonFiniteError: NaN/Inf in ``x0``, ``noise`` or ``guidance_scale`` (value check).
 
@@ -1197,6 +1229,7 @@ def progressive_distillation_loss(
         guidance_scale,
         prediction_type,
         ref.shape[0],
+        teacher_stride,
     )
     _check_distance(distance)
     if sample is None:
@@ -1223,6 +1256,7 @@ def progressive_distillation_loss(
         target=None,
         parameterization="move",
         teacher_steps=teacher_steps,
+        teacher_stride=teacher_stride,
         guidance_scale=guidance_scale,
         student_cond=student_cond,
         prediction_type=prediction_type,

@@ -220,6 +220,53 @@ def _concat(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int, pref
     return out
 
 
+def _stride_timesteps(
+    tt: torch.Tensor,
+    tto: torch.Tensor,
+    num_steps: int,
+    stride: float,
+    total: int,
+    names: tuple[str, str, str, str] = ("t", "t_to", "num_steps", "stride"),
+) -> torch.Tensor:
+    """:meth:`TeacherSolver.step_timesteps` with a stride, on validated ``(B,)`` timesteps.
+
+    ``names`` are the public names of ``t``, ``t_to``, ``num_steps`` and ``stride`` in the reach check's
+    message (the losses pass theirs).
+    """
+    # float64 where the device has it (exact grid ties, e.g. 937.5); MPS has no float64.
+    u = (tt + 1).to(torch.float32 if tt.device.type == "mps" else torch.float64)
+    u_to = tto + 1
+    # The exact time of u: the teacher-grid point T - j s that rounds to u (j = floor or ceil of (T - u) / s),
+    # else u itself (an off-grid start, e.g. SDXL-Lightning's extra student timesteps).
+    j = torch.floor((total - u) / stride)
+    exact = u
+    for cand in (j + 1, j):
+        point = total - cand * stride
+        exact = torch.where(torch.round(point) == u, point, exact)
+    k = torch.arange(num_steps + 1, device=tt.device, dtype=u.dtype).unsqueeze(1)
+    u_k = torch.round(exact.unsqueeze(0) - k * stride).long()
+    if value_checks_enabled():
+        reach = u_k[-1].clamp(min=0)
+        backwards, short = torch.stack([(tto > tt).any(), (u_to < reach - 1).any()]).tolist()
+        if backwards:
+            n_t, n_to = names[:2]
+            raise OptionError(
+                f"Expected `{n_to}` <= `{n_t}` (the solve runs towards the clean end, t = -1), but got "
+                f"{n_t}={tt.tolist()} and {n_to}={tto.tolist()}."
+            )
+        if short:
+            n_t, n_to, n_steps, n_stride = names
+            raise OptionError(
+                f"Expected `{n_to}` to be reached by `{n_steps}` ({num_steps}) steps of `{n_stride}` ({stride}) "
+                f"from `{n_t}`, i.e. {n_to} >= {(reach - 2).tolist()}, but got {n_t}={tt.tolist()} and "
+                f"{n_to}={tto.tolist()}. Raise `{n_steps}`, or pass the stride of the teacher's own grid "
+                "(T / its number of steps)."
+            )
+    u_k = torch.maximum(u_k, u_to.unsqueeze(0))
+    u_k[-1] = u_to
+    return u_k - 1
+
+
 class TeacherSolver:
     """Run a frozen denoiser with classifier-free guidance and DDIM steps.
 
@@ -393,38 +440,65 @@ class TeacherSolver:
             return _guide(c_out, u_out, w, self.guidance)
 
     def step_timesteps(
-        self, t: TimestepLike, t_to: TimestepLike, num_steps: int, like: torch.Tensor
+        self,
+        t: TimestepLike,
+        t_to: TimestepLike,
+        num_steps: int,
+        like: torch.Tensor,
+        *,
+        stride: float | None = None,
     ) -> torch.Tensor:
-        """The ``num_steps + 1`` timesteps ``t = t_0 > t_1 > ... > t_n = t_to`` of :meth:`solve`.
+        """The ``num_steps + 1`` timesteps ``t = t_0 >= t_1 >= ... >= t_n = t_to`` of :meth:`solve`.
 
-        :math:`t_i = t - \\lfloor i (t - t_{to}) / n \\rfloor`: evenly split, integer, exact at both ends.
+        Without ``stride`` (the default; LCM's DDIM jumps, MLCM): :math:`t_i = t - \\lfloor i (t - t_{to}) / n
+        \\rfloor`, ``[t, t_to]`` evenly split, integer, exact at both ends, every step at least one timestep.
+
+        With ``stride`` :math:`s` (SDXL-Lightning Sec. 2.3: a distilled N-step teacher runs on its own grid,
+        :math:`s = T/N`), on the continuous clock :math:`u = t + 1` (``u = 0`` the clean end):
+        :math:`u_i = \\max(\\mathrm{round}(u^* - i s), u_{to})` for ``i < n`` and :math:`u_n = u_{to}`, where
+        :math:`u^*` is the exact time of ``t``: the teacher-grid point :math:`T - j s` whose rounding is
+        ``u`` where there is one (``N`` need not divide ``T``), else ``u`` itself (e.g. the extra
+        timesteps of SDXL-Lightning's 1- and 2-step students). Steps clamped at ``t_to`` have zero length
+        (``t_i == t_{i+1}``), per sample; :meth:`solve` skips them. E.g. a 2-step teacher (``s = 500``)
+        from ``t = 249`` to the clean end gives ``249, -1, -1``.
 
         Args:
             t: where the solve starts, a scalar or one per sample (``(B,)``), in ``[-1, T-1]``.
-            t_to: where it ends, a scalar or one per sample, with ``t - t_to >= num_steps``.
+            t_to: where it ends, a scalar or one per sample; without ``stride`` ``t - t_to >= num_steps``,
+                with it ``t_to`` at most one index above ``t - n s`` (``n`` steps of the stride reach it).
             num_steps: ``n``, an int >= 1.
             like: the batch ``(B, ...)`` (only its device and batch size are read).
+            stride: the teacher's step length ``s`` in timesteps, a real number in ``(0, T]``; ``None`` (the
+                default) splits ``[t, t_to]`` evenly.
 
         Returns:
             int64 tensor of shape ``(n + 1, B)`` on ``like``'s device.
 
         Raises:
-            DTypeError: if ``like`` is not a tensor, a timestep is not integer-valued or ``num_steps`` is not
-                an int.
+            DTypeError: if ``like`` is not a tensor, a timestep is not integer-valued, ``num_steps`` is not
+                an int or ``stride`` is not a real number.
             ShapeError: if ``t`` / ``t_to`` is neither a scalar nor one per sample.
-            OptionError: if ``num_steps`` is < 1, or some ``t - t_to < num_steps`` or timestep is
-                outside ``[-1, T-1]`` (value checks).
+            OptionError: if ``num_steps`` is < 1, ``stride`` is outside ``(0, T]``, a timestep is outside
+                ``[-1, T-1]``, without ``stride`` some ``t - t_to < num_steps``, or with it some ``t_to > t`` or
+                ``t_to`` not reached by ``n`` steps of the stride (the last four are value checks).
 
         Example:
             >>> s = TeacherSolver(lambda x, t: x, NoiseSchedule.from_betas())
             >>> s.step_timesteps(999, 874, 3, torch.zeros(1)).flatten().tolist()
             [999, 958, 916, 874]
+            >>> s.step_timesteps(torch.tensor([749, 249]), -1, 2, torch.zeros(2), stride=500).T.tolist()
+            [[749, 249, -1], [249, -1, -1]]
         """
         num_steps = check_int(num_steps, "num_steps", minimum=1, integral_float=True)
+        total = self.schedule.num_train_timesteps
+        if stride is not None:
+            stride = check_real(stride, "stride", low=0, strict=True, high=total)
         tt = self.schedule.batch_timesteps(t, like, "t")
         tto = self.schedule.batch_timesteps(t_to, like, "t_to")
         batch = like.shape[0] if like.ndim else 1
         tt, tto = tt.expand(batch) if tt.ndim == 0 else tt, tto.expand(batch) if tto.ndim == 0 else tto
+        if stride is not None:
+            return _stride_timesteps(tt, tto, num_steps, stride, total)
         span = tt - tto
         if value_checks_enabled() and bool((span < num_steps).any()):
             raise OptionError(
@@ -447,11 +521,14 @@ class TeacherSolver:
         return_trajectory: bool = False,
         grad: bool = False,
         state_dtype: torch.dtype | None = None,
+        stride: float | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Integrate the probability-flow ODE from ``t`` to ``t_to`` with ``num_steps`` guided DDIM steps.
 
-        ``t`` and ``t_to`` may differ per sample; the steps are :meth:`step_timesteps`. Inputs are checked
-        once, before the first model call.
+        ``t`` and ``t_to`` may differ per sample; the steps are :meth:`step_timesteps`: ``[t, t_to]`` evenly
+        split, or with ``stride`` the teacher's own stride (SDXL-Lightning Sec. 2.3), where a sample whose
+        step has zero length (clamped at ``t_to``) keeps its state and a step that moves no sample calls no
+        model. Inputs are checked once, before the first model call.
 
         Args:
             x_t: states at ``t``, ``(B, ...)``, floating, in the dtype the model takes.
@@ -466,20 +543,23 @@ class TeacherSolver:
             state_dtype: a floating dtype (e.g. float32 for bf16 ``x_t``) that keeps the states, and the
                 result, in that dtype while the model is still called on ``x_t``'s dtype: the solution is
                 then not rounded to bf16 at each step. Default: ``x_t``'s dtype.
+            stride: the teacher's step length ``s = T/N`` of an N-step teacher, a real number in ``(0, T]``
+                (see :meth:`step_timesteps`). Default ``None``: ``[t, t_to]`` evenly split.
 
         Returns:
             :math:`x_{t_{to}}` of the shape of ``x_t``, or with ``return_trajectory=True`` the list of the
-            ``n + 1`` states including ``x_t``.
+            ``n + 1`` states including ``x_t`` (a skipped step repeats its state).
 
         Raises:
             DTypeError: if ``x_t`` is not a floating tensor, ``state_dtype`` is not a floating dtype, a
-                condition is not a mapping, ``num_steps`` is not an int, or as :meth:`predict` for the model
-                calls.
+                condition is not a mapping, ``num_steps`` is not an int, ``stride`` is not a real number, or as
+                :meth:`predict` for the model calls.
             ShapeError: if ``x_t`` has no batch dimension or is empty, a timestep / ``guidance_scale`` is
                 neither a scalar nor one per sample, or as :meth:`predict`.
             NonFiniteError: if ``x_t`` or a tensor ``guidance_scale`` holds NaN / Inf (a value check).
-            OptionError: if ``num_steps`` is < 1, some ``t - t_to < num_steps`` or timestep is
-                outside ``[-1, T-1]`` (value checks), or ``uncond`` is missing for a real guidance scale.
+            OptionError: if ``num_steps`` is < 1, ``stride`` is outside ``(0, T]``, some timestep is outside
+                ``[-1, T-1]``, some ``t - t_to < num_steps`` (without ``stride``) or ``t_to`` is above ``t`` or
+                out of the stride's reach (value checks), or ``uncond`` is missing for a real guidance scale.
         """
         _check_state(x_t)
         if state_dtype is not None and not (
@@ -492,13 +572,23 @@ class TeacherSolver:
         cond_kw = check_mapping(cond, "cond")
         uncond_kw = None if uncond is None else check_mapping(uncond, "uncond")
         w = self._scale(guidance_scale, x_t.shape[0])
-        steps = self.step_timesteps(t, t_to, num_steps, x_t)
+        steps = self.step_timesteps(t, t_to, num_steps, x_t, stride=stride)
         n = steps.shape[0] - 1
         x = x_t if state_dtype is None else x_t.to(state_dtype)
         trajectory = [x]
+        moving = steps[1:] != steps[:-1]  # (n, B): False only for the zero-length steps of a stride
+        # Which steps move some sample (one read of the timesteps; the even split moves every sample).
+        any_moving = [True] * n if stride is None else moving.any(dim=1).tolist()
         for i in range(n):
+            if not any_moving[i]:  # every sample is already at t_to: no model call
+                trajectory.append(x)
+                continue
             out = self._predict(x.to(x_t.dtype), steps[i], cond_kw, uncond_kw, w, grad)
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                x = self.schedule._ddim(out, x, steps[i], steps[i + 1], self.prediction_type)
+                x_next = self.schedule._ddim(out, x, steps[i], steps[i + 1], self.prediction_type)
+                if stride is not None:  # samples whose step has zero length stay where they are
+                    keep = moving[i].reshape(-1, *([1] * (x.ndim - 1)))
+                    x_next = torch.where(keep, x_next, x)
+            x = x_next
             trajectory.append(x)
         return trajectory if return_trajectory else x

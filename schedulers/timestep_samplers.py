@@ -458,14 +458,17 @@ def progressive_pairs(
     The student of a stage has N inference steps on ``u = round(T - kT/N)``, ``k = 0..N-1``
     (diffusers' ``timestep_spacing="trailing"``: 999, 749, 499, 249 for N = 4; N need not divide T, e.g.
     the 32- and 128-step stages of SDXL-Lightning). It learns to jump from a grid point to the next one
-    below (``u = 0``, the clean end, after the last) in one step, while the teacher covers the same
-    interval with n steps (about ``T/(N n)`` each) (use
-    :meth:`~diffdistill.schedulers.TeacherSolver.solve` with ``num_steps=n``). SDXL-Lightning (Lin et al.
-    2024, Sec. 2.3, 3.7). ``t_end = t_prev``.
+    below (``u = 0``, the clean end, after the last), ``T/N`` further, in one step, while the teacher, an
+    ``N n``-step model, covers the same interval with n steps of its own stride ``s = T/(N n)``
+    (SDXL-Lightning, Lin et al. 2024, Sec. 2.3, 3.7: use
+    :meth:`~diffdistill.schedulers.TeacherSolver.solve` with ``num_steps=n, stride=s``, which lands the
+    teacher on its own grid). ``t_end = t_prev``.
 
     ``extra_timesteps`` replaces the grid by explicit diffusers indices; SDXL-Lightning trains its 1- and
     2-step students at :data:`LIGHTNING_EXTRA_STUDENT_TIMESTEPS` (u ∈ {250, 500, 750, 1000}) instead
-    of {1000} / {500, 1000}.
+    of {1000} / {500, 1000}. The jump from there is ``u - T/N`` clamped at the clean end, so with the
+    stride the teacher's steps below the clean end have zero length and are skipped (a 2-step teacher,
+    ``s = 500``, runs 749 → 249 → clean and 249 → clean for the 1-step student).
 
     Args:
         batch_size: ``B``, an int >= 1.

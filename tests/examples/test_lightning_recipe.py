@@ -5,7 +5,8 @@
 * ``reset_discriminator``: every adversarial stage writes ``OUTPUT_DIR/discriminator/``; the ``/full``
   stages of the >= 2-step levels continue their level's unconditional D (``--init_discriminator``);
 * the 1-step level's conditional phase, ``2->1/conditional``: the full x0-predicting UNet against the
-  conditional D.
+  conditional D;
+* the teacher runs on its own stride (Sec. 2.3), per sample, in the MSE and the adversarial stages.
 """
 
 from __future__ import annotations
@@ -308,3 +309,66 @@ def test_teacher_steps_override_for_a_skip_level_teacher(
             argv = _argv(tiny, tmp_path / f"o{want}", "4->2/conditional", lora=True)
             script.main(script.parse_args([*argv, *flags]))
         assert seen[-1] == want
+
+
+# ------------------------------------------------------------------ the teacher's own stride (Sec. 2.3)
+@pytest.mark.parametrize(
+    ("stage", "flags", "lora", "want"),
+    [
+        # the plan's 2-step teacher (stride 500) from the extra timesteps
+        (
+            "2->1/conditional",
+            [],
+            False,
+            {999: [999, 499, -1], 749: [749, 249, -1], 499: [499, -1, -1], 249: [249, -1, -1]},
+        ),
+        # a skip-level 4-step teacher (stride 250)
+        (
+            "2->1/conditional",
+            ["--teacher_steps", "4"],
+            False,
+            {
+                999: [999, 749, 499, 249, -1],
+                749: [749, 499, 249, -1, -1],
+                499: [499, 249, -1, -1, -1],
+                249: [249, -1, -1, -1, -1],
+            },
+        ),
+        # the MSE stage: the 128-step teacher on its own trailing grid (stride 1000/128)
+        ("128->32", [], True, None),
+    ],
+    ids=["2->1-plan", "2->1-skip-level", "128->32"],
+)
+def test_teacher_runs_on_its_own_stride(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage, flags, lora, want
+) -> None:
+    """The script's teacher solve: per sample, the timesteps of the teacher's own stride, not an even split
+    of the student's jump (749 -> 249 -> clean, not 749 -> 374 -> clean)."""
+    from diffdistill.schedulers import spaced_timesteps
+
+    script = _load("sdxl_lightning")
+    seen: list[torch.Tensor] = []
+
+    class Stop(Exception):
+        pass
+
+    class RecordingSolver(script.TeacherSolver):  # type: ignore[misc, name-defined]
+        def solve(self, x_t, t, t_to, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.append(
+                self.step_timesteps(t, t_to, kwargs.get("num_steps", 1), x_t, stride=kwargs.get("stride"))
+            )
+            super().solve(x_t, t, t_to, *args, **kwargs)
+            raise Stop
+
+    monkeypatch.setattr(script, "TeacherSolver", RecordingSolver)
+    with pytest.raises(Stop):
+        argv = _argv(tiny, tmp_path / "o", stage, lora=lora)
+        script.main(script.parse_args([*argv, *flags]))
+    (steps,) = seen
+    for column in steps.T.tolist():
+        if want is not None:
+            assert column == want[column[0]]
+        else:
+            own = [*spaced_timesteps(128, "trailing", num_train_timesteps=1000).tolist(), -1]
+            j = own.index(column[0])
+            assert column == own[j : j + 5]
