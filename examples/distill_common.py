@@ -1502,9 +1502,11 @@ class ScoreDistillation:
     ``x = one_step_x0(generator_model, z)`` at ``--generator_timestep`` (``generator`` and ``fake`` are
     ``(prepared model, optimiser)``; e.g. :func:`diffdistill.losses.dmd_loss` against the real and
     fake scores); the fake score is fitted to the detached samples by
-    :func:`diffdistill.losses.fake_score_loss`. :class:`diffdistill.losses.AlternatingUpdate` alternates the
-    two (``--generator_every``, ``--fake_steps``) with the fake network frozen in the generator step. The
-    phase is a function of the step index, so a resumed run needs no extra state.
+    :func:`diffdistill.losses.fake_score_loss`, or by ``fake_loss(x, generator, cond) -> (loss, logs)`` when
+    given (e.g. SiD-LSG's guided fake score on its own timestep range, ``sdxl_sim.py``).
+    :class:`diffdistill.losses.AlternatingUpdate` alternates the two (``--generator_every``, ``--fake_steps``)
+    with the fake network frozen in the generator step. The phase is a function of the step index, so a
+    resumed run needs no extra state.
     """
 
     def __init__(
@@ -1516,12 +1518,13 @@ class ScoreDistillation:
         generator: tuple[nn.Module, torch.optim.Optimizer],
         fake: tuple[nn.Module, torch.optim.Optimizer],
         loss: Any,
+        fake_loss: Any = None,
     ) -> None:
         from diffdistill.losses import AlternatingUpdate
 
         self.accelerator, self.args, self.schedule = accelerator, args, schedule
         (self.generator, self.opt_g), (self.fake, self.opt_f) = generator, fake
-        self.generator_loss = loss
+        self.generator_loss, self.fake_loss = loss, fake_loss
         self.latent_shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
         self.loop = AlternatingUpdate(
             self._generator_step,
@@ -1566,9 +1569,17 @@ class ScoreDistillation:
         if x is None:  # the generator step was skipped this time (generator_every > 1)
             with torch.no_grad():
                 x, _ = self.generate(self.generator, gen, cond)
-        loss, logs = fake_score_loss(
-            self.fake, x, schedule=self.schedule, weighting=self.args.fake_weighting, cond=cond, generator=gen
-        )
+        if self.fake_loss is not None:
+            loss, logs = self.fake_loss(x, gen, cond)
+        else:
+            loss, logs = fake_score_loss(
+                self.fake,
+                x,
+                schedule=self.schedule,
+                weighting=self.args.fake_weighting,
+                cond=cond,
+                generator=gen,
+            )
         backward(self.accelerator, loss, self.fake)
         clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
         return logs

@@ -15,7 +15,10 @@ score's CFG scale, ``--generator_every``, the Adam betas / weight decay and the 
 ``--max_grad_norm``) from the published recipes; an option's own flag always wins. ``dmd2``: DMD2's SDXL
 scripts (CFG 8, generator every 5th step, AdamW (0.9, 0.999) wd 0.01, lr 5e-5 LoRA / 5e-7 full, grad norm
 10). ``sid``: SiD's code (Adam (0, 0.999), one fake update per generator update) and SiD-LSG's Stable
-Diffusion run (lr 1e-6, real-score CFG 2). ``sim``: SIM's training values are not public (its code is
+Diffusion run (Zhou et al. 2024, arXiv:2406.01561; ``run_sid.sh``): lr 1e-6, alpha 1, real-score CFG 2, and
+a *guided* fake score (``--fake_guidance_scale`` 2: its CFG in the fake-score update, kappa1, and in the
+generator loss, kappa2 = kappa3) trained on timesteps drawn from [20, 980) (``--fake_timestep_range 20
+979``). ``sim``: SIM's training values are not public (its code is
 inference only), so it takes SiD's (SIM with an L2 distance is SiD with alpha = 1) and PixArt-alpha's
 default sampling CFG 4.5 (SIM's teacher). See ``PRESETS`` and ``--help``. ``--sim_c`` and
 ``--sim_detach_dprime`` are :func:`diffdistill.losses.sim_loss`'s ``c`` and ``detach_dprime``.
@@ -46,7 +49,7 @@ from typing import Any
 
 import torch
 
-from diffdistill.losses import dmd_loss, sid_loss, sim_loss
+from diffdistill.losses import dmd_loss, fake_score_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,10 +73,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 1e-6,
     },
     # SiD (mingyuanzhou/SiD sid_train.py: Adam (0, 0.999), g_beta1 0, one fake update per G update) and
-    # SiD-LSG for Stable Diffusion (lr = glr = 1e-6; run_sid.sh: kappa4 = cfg_eval_real = 2 on SD1.5/2.1).
+    # SiD-LSG for Stable Diffusion (Zhou et al. 2024, arXiv:2406.01561; mingyuanzhou/SiD-LSG run_sid.sh on
+    # SD1.5 / SD2.1-base: lr = glr = 1e-6, --alpha 1, kappa4 = cfg_eval_real = 2, kappa1 = cfg_train_fake = 2
+    # and kappa2 = kappa3 = cfg_eval_fake = 2 for the fake score; training/sid_training_loop.py draws the
+    # fake score's timesteps with torch.randint(tmin=20, tmax=980), i.e. 20..979 inclusive).
     "sid": {
         "loss": "sid",
         "guidance_scale": 2.0,
+        "sid_alpha": 1.0,
+        "fake_guidance_scale": 2.0,
+        "fake_timestep_range": (20, 979),
         "generator_every": 1,
         "adam_beta1": 0.0,
         "adam_beta2": 0.999,
@@ -102,8 +111,9 @@ PRESET_HELP = (
     "--generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
     "--use_lora / 5e-7 full, --max_grad_norm 10 (DMD2's GAN term is not in this script). "
     "sid = SiD / SiD-LSG (Zhou et al. 2024; mingyuanzhou/SiD sid_train.py, SiD-LSG run_sid.sh): --loss sid, "
-    "Adam (0, 0.999), lr 1e-6, one fake update per generator update, real-score CFG 2 (SiD-LSG's "
-    "cfg_eval_real on SD1.5/2.1; its guidance of the fake score is not applied here). "
+    "Adam (0, 0.999), lr 1e-6, one fake update per generator update, and SiD-LSG's Stable Diffusion run: "
+    "--sid_alpha 1, real-score CFG 2 (cfg_eval_real), --fake_guidance_scale 2 (cfg_train_fake = "
+    "cfg_eval_fake) and --fake_timestep_range 20 979 (torch.randint(20, 980)). "
     "sim = SIM (Luo et al. 2024): --loss sim; SIM's training values are unpublished in the code (inference "
     "only), so Adam, lr and update ratio are SiD's (SIM's L2 special case) and CFG 4.5 is PixArt-alpha's "
     "default sampling scale (SIM's teacher)"
@@ -120,7 +130,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale", type=float, default=None, help="CFG scale of the real score (default: --preset)"
     )
     common.add_fake_score_args(g)
-    g.add_argument("--sid_alpha", type=float, default=1.2, help="SiD's alpha (its default 1.2)")
+    g.add_argument(
+        "--fake_guidance_scale",
+        type=float,
+        default=1.0,
+        help="CFG scale of the fake score, both in its own update and in the generator loss (SiD-LSG's "
+        "kappa1 = kappa2 = kappa3; --preset sid: 2). Default: --preset, else 1 (unguided)",
+    )
+    g.add_argument(
+        "--fake_timestep_range",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="inclusive range of the fake score's training timesteps (--preset sid: 20 979, SiD-LSG's "
+        "[20, 980)). Default: --preset, else every timestep 0..T-1",
+    )
+    g.add_argument(
+        "--sid_alpha",
+        type=float,
+        default=1.2,
+        help="SiD's alpha. Default: --preset (sid: 1, SiD-LSG's Stable Diffusion run), else 1.2 (SiD's EDM runs)",
+    )
     g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
     g.add_argument(
         "--sim_c",
@@ -139,6 +170,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(**{key: None for key in fallback})
     args = p.parse_args(argv)
     resolve_preset(args, fallback)
+    if args.fake_timestep_range is not None:
+        low, high = args.fake_timestep_range
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"Expected --fake_timestep_range LOW HIGH with 0 <= LOW <= HIGH (inclusive), but got {low} {high}."
+            )
+        args.fake_timestep_range = (low, high)
     if args.sim_c is not None:
         if args.sim_c <= 0:
             raise ValueError(f"Expected --sim_c > 0, but got {args.sim_c}.")
@@ -187,12 +225,15 @@ def sim_networks(
 def main(args: argparse.Namespace) -> None:
     accelerator = common.make_accelerator(args, "sdxl_sim")
     logger.info(
-        "preset %s (set: %s): loss %s, guidance_scale %s, generator_every %d, Adam (%s, %s) weight decay %s, "
-        "lr %s, max_grad_norm %s",
+        "preset %s (set: %s): loss %s, guidance_scale %s, fake_guidance_scale %s, fake_timestep_range %s, "
+        "sid_alpha %s, generator_every %d, Adam (%s, %s) weight decay %s, lr %s, max_grad_norm %s",
         args.preset,
         args.preset_set or "nothing, every option was given",
         args.loss,
         args.guidance_scale,
+        args.fake_guidance_scale,
+        args.fake_timestep_range,
+        args.sid_alpha,
         args.generator_every,
         args.adam_beta1,
         args.adam_beta2,
@@ -213,12 +254,23 @@ def main(args: argparse.Namespace) -> None:
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
     data = common.StepData(args, need_images=False)
     uncond = common.uncond_conditions(args, parts, device, dtype)
-    fake_score = common.forward_model(accelerator, fake)  # frozen in the generator's update
+    # The fake score with its own CFG (SiD-LSG's kappa1 in its update, kappa2 = kappa3 in the generator loss;
+    # a no-op at --fake_guidance_scale 1): in the generator's update it is frozen.
+    fake_score = TeacherSolver(
+        common.forward_model(accelerator, fake), schedule, guidance_scale=args.fake_guidance_scale
+    )
+    fake_trained = TeacherSolver(fake, schedule, guidance_scale=args.fake_guidance_scale)
 
     def generator_loss(
         x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        kwargs: dict[str, Any] = {"schedule": schedule, "cond": cond, "uncond": uncond, "generator": gen}
+        kwargs: dict[str, Any] = {
+            "schedule": schedule,
+            "cond": cond,
+            "uncond": uncond,
+            "fake_uncond": uncond,
+            "generator": gen,
+        }
         if args.loss == "sim":
             return sim_loss(
                 x,
@@ -233,8 +285,28 @@ def main(args: argparse.Namespace) -> None:
             return sid_loss(x, real, fake_score, alpha=args.sid_alpha, **kwargs)
         return dmd_loss(x, real, fake_score, **kwargs)
 
+    def fake_loss(
+        x: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fake_score_loss(
+            fake_trained,
+            x,
+            schedule=schedule,
+            weighting=args.fake_weighting,
+            cond=cond,
+            uncond=uncond,
+            t_range=args.fake_timestep_range,
+            generator=gen,
+        )
+
     score = common.ScoreDistillation(
-        accelerator, args, schedule, generator=(unet, opt_g), fake=(fake, opt_f), loss=generator_loss
+        accelerator,
+        args,
+        schedule,
+        generator=(unet, opt_g),
+        fake=(fake, opt_f),
+        loss=generator_loss,
+        fake_loss=fake_loss,
     )
     global_step = common.resume(accelerator, args)
 

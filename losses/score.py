@@ -90,13 +90,13 @@ def _check_model(model: Any, name: str, *, solver: bool = True) -> None:
         raise DTypeError(f"Expected `{name}` to be {want}, but got {type(model).__name__}.")
 
 
-def _check_uncond(uncond: Any, model: Any, model_name: str) -> None:
-    check_mapping(uncond, "uncond")
+def _check_uncond(uncond: Any, model: Any, model_name: str, name: str = "uncond") -> None:
+    check_mapping(uncond, name)
     if uncond is not None and not isinstance(model, TeacherSolver):
         raise OptionError(
-            f"`uncond` is the unconditional branch of a TeacherSolver's classifier-free guidance, but `{model_name}` "
+            f"`{name}` is the unconditional branch of a TeacherSolver's classifier-free guidance, but `{model_name}` "
             f"is a plain {type(model).__name__}, which would ignore it. Wrap the model in a TeacherSolver with a "
-            "guidance_scale, or leave `uncond` None."
+            f"guidance_scale, or leave `{name}` None."
         )
 
 
@@ -308,8 +308,12 @@ def _real_and_fake(
     t_range: tuple[int, int] | None,
     prediction_type: str | None,
     generator: torch.Generator | None,
+    fake_uncond: Cond = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (in >= float32)."""
+    """Draw ``t`` (default U[0.02T, 0.98T]), noise ``x`` and evaluate both denoisers (in >= float32).
+
+    ``fake_uncond`` is the unconditional branch of a guided fake score (a TeacherSolver ``fake``).
+    """
     tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
     # The noisy state in >= float32 for the losses' arithmetic (its x terms cancel there), in x's dtype for
     # the networks (the same values the networks saw before any upcasting).
@@ -317,7 +321,7 @@ def _real_and_fake(
     x_in = x_t.to(x.dtype)
     d_real = _estimate(real, x_in, x_t, tt, schedule, cond, uncond, prediction_type, True, "real")
     f_cond = cond if fake_cond is None else fake_cond
-    d_fake = _estimate(fake, x_in, x_t, tt, schedule, f_cond, None, prediction_type, True, "fake")
+    d_fake = _estimate(fake, x_in, x_t, tt, schedule, f_cond, fake_uncond, prediction_type, True, "fake")
     return tt, d_real, d_fake
 
 
@@ -333,12 +337,14 @@ def _check_score_loss(
     noise: Any,
     t_range: Any,
     reduction: str,
+    fake_uncond: Any = None,
 ) -> None:
     """The boundary checks of :func:`dmd_loss`, :func:`sid_loss` and :func:`sim_loss`."""
     _check_model(real, "real")
     _check_model(fake, "fake")
     _check_common(x, "x", schedule, noise, t, t_range, reduction, {"cond": cond, "fake_cond": fake_cond})
     _check_uncond(uncond, real, "real")
+    _check_uncond(fake_uncond, fake, "fake", "fake_uncond")
 
 
 def dmd_loss(
@@ -350,6 +356,7 @@ def dmd_loss(
     cond: Cond = None,
     uncond: Cond = None,
     fake_cond: Cond = None,
+    fake_uncond: Cond = None,
     t: TimestepLike | None = None,
     noise: torch.Tensor | None = None,
     t_range: tuple[int, int] | None = None,
@@ -380,6 +387,9 @@ def dmd_loss(
         uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
             (the default) for a no-op guidance scale.
         fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        fake_uncond: the unconditional keyword arguments of ``fake``'s guidance when ``fake`` is a
+            :class:`~diffdistill.schedulers.TeacherSolver` with a guidance scale (SiD-LSG's guided fake
+            score, :math:`\\kappa_2 = \\kappa_3`); None (the default) for a no-op guidance scale or a plain model.
         t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws
             :math:`U\\{t_{lo}, ..., t_{hi}\\}` from ``t_range``.
         noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
@@ -399,7 +409,8 @@ def dmd_loss(
         ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
             ``(B,)``, or a denoiser returns another shape than ``x``'s.
         OptionError: ``reduction`` or ``prediction_type`` is unknown, ``t`` is outside ``[0, T-1]``,
-            ``t_range`` is invalid or given with ``t``, or ``uncond`` is given with a plain-callable ``real``.
+            ``t_range`` is invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``, or
+            ``fake_uncond`` with a plain-callable ``fake``.
         NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check, see :mod:`diffdistill.errors`).
 
     Example:
@@ -411,7 +422,9 @@ def dmd_loss(
         >>> loss.backward(); x.grad.shape
         torch.Size([2, 4])
     """
-    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
+    _check_score_loss(
+        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction, fake_uncond
+    )
     with torch.no_grad():
         tt, x0_real, x0_fake = _real_and_fake(
             x.detach(),
@@ -426,6 +439,7 @@ def dmd_loss(
             t_range,
             prediction_type,
             generator,
+            fake_uncond,
         )
         xf = _f32(x.detach())
         p_real, p_fake = xf - x0_real, xf - x0_fake
@@ -451,6 +465,7 @@ def sid_loss(
     cond: Cond = None,
     uncond: Cond = None,
     fake_cond: Cond = None,
+    fake_uncond: Cond = None,
     t: TimestepLike | None = None,
     noise: torch.Tensor | None = None,
     t_range: tuple[int, int] | None = None,
@@ -466,7 +481,8 @@ def sid_loss(
         \\qquad w = \\mathrm{sg}\\,\\max(\\operatorname{mean}_{CHW}|x - D_\\phi|, 10^{-5}),
 
     per sample, with :math:`D_\\phi, D_\\psi` evaluated at :math:`x_t = \\alpha_t x + \\sigma_t\\epsilon`
-    with gradients through their inputs. ``alpha = 1.2`` in the paper; ``t`` defaults to
+    with gradients through their inputs. ``alpha = 1.2`` in SiD's EDM runs; SiD-LSG's Stable Diffusion runs
+    use ``alpha = 1`` (Zhou et al. 2024, arXiv:2406.01561; ``run_sid.sh --alpha 1``). ``t`` defaults to
     :math:`U\\{20, ..., 980\\}` (SiD-LSG). The loss can be negative: log samples, not this value.
 
     Args:
@@ -481,6 +497,9 @@ def sid_loss(
         uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
             (the default) for a no-op guidance scale.
         fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        fake_uncond: the unconditional keyword arguments of ``fake``'s guidance when ``fake`` is a
+            :class:`~diffdistill.schedulers.TeacherSolver` with a guidance scale (SiD-LSG's guided fake
+            score, :math:`\\kappa_2 = \\kappa_3`); None (the default) for a no-op guidance scale or a plain model.
         t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
             ``t_range``.
         noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
@@ -500,8 +519,8 @@ def sid_loss(
         ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
             ``(B,)``, or a denoiser returns another shape than ``x``'s.
         OptionError: ``alpha`` is not finite, ``reduction`` or ``prediction_type`` is unknown, ``t``
-            is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``, or ``uncond`` is given with a
-            plain-callable ``real``.
+            is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``, ``uncond`` is given with a
+            plain-callable ``real``, or ``fake_uncond`` with a plain-callable ``fake``.
         NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check).
 
     Example:
@@ -514,9 +533,23 @@ def sid_loss(
         True
     """
     alpha = check_real(alpha, "alpha")
-    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
+    _check_score_loss(
+        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction, fake_uncond
+    )
     tt, d_real, d_fake = _real_and_fake(
-        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
+        x,
+        real,
+        fake,
+        schedule,
+        cond,
+        uncond,
+        fake_cond,
+        t,
+        noise,
+        t_range,
+        prediction_type,
+        generator,
+        fake_uncond,
     )
     xf = _f32(x)
     weight = _per_sample(xf - d_real).abs().mean(dim=1).clamp_min(1e-5).detach()
@@ -543,6 +576,7 @@ def sim_loss(
     cond: Cond = None,
     uncond: Cond = None,
     fake_cond: Cond = None,
+    fake_uncond: Cond = None,
     t: TimestepLike | None = None,
     noise: torch.Tensor | None = None,
     t_range: tuple[int, int] | None = None,
@@ -581,6 +615,9 @@ def sim_loss(
         uncond: the unconditional keyword arguments of ``real``'s guidance (a TeacherSolver only); None
             (the default) for a no-op guidance scale.
         fake_cond: keyword arguments of ``fake``; None (the default) uses ``cond``.
+        fake_uncond: the unconditional keyword arguments of ``fake``'s guidance when ``fake`` is a
+            :class:`~diffdistill.schedulers.TeacherSolver` with a guidance scale (SiD-LSG's guided fake
+            score, :math:`\\kappa_2 = \\kappa_3`); None (the default) for a no-op guidance scale or a plain model.
         t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
             ``t_range``.
         noise: the noise of :math:`x_t`, the shape of ``x``; None (the default) draws it from ``generator``.
@@ -603,7 +640,8 @@ def sim_loss(
             ``(B,)``.
         OptionError: ``distance``, ``reduction`` or ``prediction_type`` is unknown, ``c`` is not finite and
             ``> 0`` or is given with ``distance="l2"``, ``t`` is outside ``[0, T-1]``, ``t_range`` is
-            invalid or given with ``t``, or ``uncond`` is given with a plain-callable ``real``.
+            invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``, or ``fake_uncond``
+            with a plain-callable ``fake``.
         NonFiniteError: ``x``, ``noise`` or ``weight`` holds NaN or Inf (a value check).
 
     Example:
@@ -629,9 +667,23 @@ def sim_loss(
             f"Expected `weight` (w(t)) to be a tensor, a number, a callable of t or None, but got "
             f"{type(weight).__name__}."
         )
-    _check_score_loss(x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction)
+    _check_score_loss(
+        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, reduction, fake_uncond
+    )
     tt, real_x0, fake_x0 = _real_and_fake(
-        x, real, fake, schedule, cond, uncond, fake_cond, t, noise, t_range, prediction_type, generator
+        x,
+        real,
+        fake,
+        schedule,
+        cond,
+        uncond,
+        fake_cond,
+        t,
+        noise,
+        t_range,
+        prediction_type,
+        generator,
+        fake_uncond,
     )
     d_real, d_fake = _per_sample(real_x0), _per_sample(fake_x0)
     y = d_fake - d_real
@@ -669,12 +721,13 @@ def sim_loss(
 
 
 def fake_score_loss(
-    fake: Callable[..., Any],
+    fake: Denoiser,
     x0: torch.Tensor,
     *,
     schedule: NoiseSchedule,
     weighting: Literal["epsilon", "v", "x0", "edm"] = "epsilon",
     cond: Cond = None,
+    uncond: Cond = None,
     t: TimestepLike | None = None,
     noise: torch.Tensor | None = None,
     t_range: tuple[int, int] | None = None,
@@ -694,20 +747,29 @@ def fake_score_loss(
     in v space; zero at a zero-terminal-SNR last step), ``"x0"`` (the clean sample, :math:`\\lambda = 1`),
     or ``"edm"`` (clean sample with Karras et al.'s :math:`\\lambda = (\\sigma^2 + \\sigma_d^2)/(\\sigma\\sigma_d)^2`,
     :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD). The network's own ``prediction_type`` is converted as needed.
-    ``t`` defaults to :math:`U\\{0..T-1\\}`.
+    ``t`` defaults to :math:`U\\{0..T-1\\}`; SiD-LSG draws it from :math:`U\\{20..979\\}` (``t_range=(20, 979)``).
+    A :class:`~diffdistill.schedulers.TeacherSolver` ``fake`` with a guidance scale trains the *guided*
+    prediction :math:`\\hat u = \\hat u_\\varnothing + \\kappa_1(\\hat u_c - \\hat u_\\varnothing)` (both branches
+    receive gradients), as SiD-LSG's fake-score update does with :math:`\\kappa_1` = ``cfg_train_fake``
+    (Zhou et al. 2024, arXiv:2406.01561).
 
     Args:
-        fake: the fake denoiser being trained, a callable ``fake(x_t, t, **cond)`` returning a prediction of
-            ``x_t``'s shape (of type ``prediction_type``).
+        fake: the fake denoiser being trained: a callable ``fake(x_t, t, **cond)`` returning a prediction of
+            ``x_t``'s shape (of type ``prediction_type``), or a
+            :class:`~diffdistill.schedulers.TeacherSolver` around it (its guidance scale and prediction type
+            apply; the graph is recorded).
         x0: the generator's samples, ``(B, ...)`` floating; detached here.
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x0``.
         weighting: ``"epsilon"`` (the default), ``"v"``, ``"x0"`` or ``"edm"`` (see above).
         cond: keyword arguments of ``fake``; None (the default) passes none.
+        uncond: the unconditional keyword arguments of a TeacherSolver ``fake``'s guidance; None (the
+            default) for a no-op guidance scale or a plain model.
         t: the timesteps, a scalar or ``(B,)`` ints in ``[0, T-1]``; None (the default) draws them from
             ``t_range``.
         noise: the noise of :math:`x_t`, the shape of ``x0``; None (the default) draws it from ``generator``.
-        t_range: ``(low, high)`` for the draw of ``t``; None (the default) is ``(0, T-1)``.
-        prediction_type: what ``fake`` predicts; None (the default) uses the schedule's.
+        t_range: ``(low, high)`` for the draw of ``t``, inclusive; None (the default) is ``(0, T-1)``.
+        prediction_type: what a plain ``fake`` predicts; None (the default) uses the schedule's. Ignored for
+            a TeacherSolver (it has its own).
         sigma_data: :math:`\\sigma_d` of the ``"edm"`` weighting, a finite number ``> 0`` (default 0.5).
         reduction: ``"mean"`` (the default), ``"sum"`` or ``"none"`` (per-sample losses, shape ``(B,)``).
         generator: draws ``t`` and the noise; None uses the global RNG.
@@ -717,13 +779,15 @@ def fake_score_loss(
         and ``t_mean``.
 
     Raises:
-        DTypeError: ``x0`` or ``noise`` is not a floating-point tensor, ``fake`` is not callable, ``schedule``
-            is no NoiseSchedule, ``cond`` is not a mapping, ``sigma_data`` is not a real number, or ``fake``
-            returns no floating tensor.
+        DTypeError: ``x0`` or ``noise`` is not a floating-point tensor, ``fake`` is neither a TeacherSolver nor
+            callable, ``schedule`` is no NoiseSchedule, ``cond`` / ``uncond`` is not a mapping, ``sigma_data`` is
+            not a real number, or ``fake`` returns no floating tensor.
         ShapeError: ``x0`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
             ``(B,)``, or ``fake`` returns another shape than ``x0``'s.
         OptionError: ``weighting``, ``reduction`` or ``prediction_type`` is unknown, ``sigma_data`` is not
-            finite and ``> 0``, ``t`` is outside ``[0, T-1]``, or ``t_range`` is invalid or given with ``t``.
+            finite and ``> 0``, ``t`` is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``,
+            ``uncond`` is given with a plain-callable ``fake``, or a TeacherSolver ``fake`` has a real guidance
+            scale and ``uncond`` is None.
         NonFiniteError: ``x0`` or ``noise`` holds NaN or Inf (a value check).
 
     Example:
@@ -735,17 +799,22 @@ def fake_score_loss(
         >>> loss.backward(); net.weight.grad is not None
         True
     """
-    _check_model(fake, "fake", solver=False)
+    _check_model(fake, "fake")
     check_option(weighting, "weighting", ("epsilon", "v", "x0", "edm"))
     sigma_data = check_real(sigma_data, "sigma_data", low=0, strict=True)
     _check_common(x0, "x0", schedule, noise, t, t_range, reduction, {"cond": cond})
+    _check_uncond(uncond, fake, "fake")
     x0 = x0.detach()
     tt = _sample_t(t, x0, schedule, t_range or (0, schedule.num_train_timesteps - 1), generator)
     eps = _noise(noise, x0, generator)
     # As in the score losses: the state in >= float32 for the conversion, in x0's dtype for the network.
     x_t = schedule.add_noise(_f32(x0), _f32(eps), tt)
     x_in = x_t.to(x0.dtype)
-    out = first_tensor(fake(x_in, tt, **dict(cond or {})), "`fake` model")
+    if isinstance(fake, TeacherSolver):  # guided: cond and uncond branches both in the graph
+        out = fake.predict(x_in, tt, cond, uncond, grad=True)
+        prediction_type = fake.prediction_type
+    else:
+        out = first_tensor(fake(x_in, tt, **dict(cond or {})), "`fake` model")
     check_prediction(out, x_in, "fake")
     to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample"}[weighting]
     pred = schedule.convert(out, x_t, tt, prediction_type, to_type)

@@ -24,7 +24,14 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 # The fixture is imported (not copied): its name is then a test parameter, which ruff reads as a redefinition.
-from tests.examples.test_sdxl_scripts import _common_argv, _load, record_optimisers, tiny_sdxl  # noqa: F401
+from tests.examples.test_sdxl_scripts import (  # noqa: F401
+    _assert_lora_roundtrip,
+    _common_argv,
+    _load,
+    _run_and_resume,
+    record_optimisers,
+    tiny_sdxl,
+)
 
 
 def _set(argv: list[str], flag: str, value: str) -> list[str]:
@@ -188,6 +195,83 @@ def test_sim_run_passes_the_preset_and_sim_options(
     # Generator and fake score: the sim preset's Adam (SiD's beta1 = 0), the explicit learning rate.
     assert [o.param_groups[0]["betas"] for o in optimizers] == [(0.0, 0.999), (0.0, 0.999)]
     assert [o.param_groups[0]["lr"] for o in optimizers] == [1e-3, 1e-3]
+
+
+def test_sid_preset_is_sid_lsg_stable_diffusion_run(tmp_path: Path) -> None:
+    # SiD-LSG (arXiv:2406.01561, run_sid.sh): alpha 1, guided fake score (kappa1 = kappa2 = kappa3 = 2), the
+    # fake score's timesteps from torch.randint(20, 980). The other recipes keep an unguided fake score on
+    # every timestep and SiD's EDM alpha 1.2.
+    script = _load("sdxl_sim")
+    argv = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path)]
+    sid = script.parse_args([*argv, "--preset", "sid"])
+    assert (sid.sid_alpha, sid.fake_guidance_scale, sid.fake_timestep_range) == (1.0, 2.0, (20, 979))
+    for name in ("sim", "dmd2"):
+        args = script.parse_args([*argv, "--preset", name])
+        assert (args.sid_alpha, args.fake_guidance_scale, args.fake_timestep_range) == (1.2, 1.0, None), name
+    flags = ["--sid_alpha", "1.2", "--fake_guidance_scale", "1", "--fake_timestep_range", "0", "999"]
+    args = script.parse_args([*argv, "--preset", "sid", *flags])
+    assert (args.sid_alpha, args.fake_guidance_scale, args.fake_timestep_range) == (1.2, 1.0, (0, 999))
+    assert {"sid_alpha", "fake_guidance_scale", "fake_timestep_range"}.isdisjoint(args.preset_set.split(","))
+    with pytest.raises(ValueError, match=r"--fake_timestep_range LOW HIGH with 0 <= LOW <= HIGH"):
+        script.parse_args([*argv, "--fake_timestep_range", "980", "20"])
+
+
+def test_sid_run_guides_the_fake_score_and_draws_its_timesteps_from_20_to_979(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffdistill.schedulers import TeacherSolver
+
+    script = _load("sdxl_sim")
+    gen_calls: list[dict[str, Any]] = []
+    fake_calls: list[dict[str, Any]] = []
+    fake_t: list[torch.Tensor] = []
+    sid_loss, fake_score_loss = script.sid_loss, script.fake_score_loss
+
+    def recording_sid_loss(x, real, fake, **kw):  # type: ignore[no-untyped-def]
+        gen_calls.append(
+            {
+                "alpha": kw["alpha"],
+                "real": real.guidance_scale,
+                "fake": fake.guidance_scale,
+                "fake_uncond": kw["fake_uncond"] is not None,
+            }
+        )
+        return sid_loss(x, real, fake, **kw)
+
+    def recording_fake_score_loss(fake, x, **kw):  # type: ignore[no-untyped-def]
+        fake_calls.append(
+            {"fake": fake.guidance_scale, "uncond": kw["uncond"] is not None, "t": kw["t_range"]}
+        )
+
+        def model(x_t, t, **cond):  # type: ignore[no-untyped-def]
+            fake_t.append(t.detach().cpu())
+            return fake.model(x_t, t, **cond)
+
+        solver = TeacherSolver(model, fake.schedule, guidance_scale=fake.guidance_scale)
+        return fake_score_loss(solver, x, **kw)
+
+    monkeypatch.setattr(script, "sid_loss", recording_sid_loss)
+    monkeypatch.setattr(script, "fake_score_loss", recording_fake_score_loss)
+    argv = _common_argv(tiny_sdxl, tmp_path / "out", lora=True)
+    script.main(script.parse_args([*argv, "--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sid"]))
+    assert gen_calls == [{"alpha": 1.0, "real": 2.0, "fake": 2.0, "fake_uncond": True}] * 2
+    assert fake_calls == [{"fake": 2.0, "uncond": True, "t": (20, 979)}] * 2
+    # Guided: one call on the conditional and unconditional halves (batch 2 each) per fake update.
+    assert [t.shape for t in fake_t] == [(4,), (4,)]
+    ts = torch.cat(fake_t)
+    assert bool(((ts >= 20) & (ts <= 979)).all())
+
+
+def test_sid_preset_smoke_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sid", "--learning_rate", "1e-3"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _run_and_resume(
+        "sdxl_sim",
+        [*_common_argv(tiny_sdxl, out_a, lora=True), *extra],
+        [*_common_argv(tiny_sdxl, out_b, lora=True), *extra],
+        out_a,
+    )
+    _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
 
 
 # ----------------------------------------------------------------------------------------------- Diffusion2GAN

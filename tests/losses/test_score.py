@@ -314,3 +314,56 @@ def test_fake_score_loss_converts_with_the_unrounded_state_under_bf16():
     for weighting in ("epsilon", "v", "x0", "edm"):
         loss, _ = fake_score_loss(perfect, x0, schedule=EPS_SCHED, weighting=weighting, t=999, noise=eps)
         assert float(loss) < 1e-9, (weighting, float(loss))
+
+
+# ----------------------------------------------------------------------------- guided fake score (SiD-LSG)
+def _scaled(x, t, c):  # a conditional denoiser: the prompt is a per-sample scale
+    return c * x
+
+
+def _guided_pair(batch=4):
+    """``(cond, uncond, guided)``: CFG 2 of ``_scaled`` is ``0.2 x + 2 (0.8 x - 0.2 x) = 1.4 x``."""
+    cond = {"c": torch.full((batch, 1), 0.8, dtype=torch.float64)}
+    uncond = {"c": torch.full((1, 1), 0.2, dtype=torch.float64)}
+    return cond, uncond, lambda x, t: 1.4 * x
+
+
+@pytest.mark.parametrize("loss_fn", [sid_loss, dmd_loss, sim_loss])
+def test_generator_losses_guide_a_teacher_solver_fake_with_fake_uncond(loss_fn):
+    # SiD-LSG (arXiv:2406.01561) evaluates the fake score with CFG kappa2 = kappa3 in the generator loss.
+    x, noise, t = _inputs()
+    cond, uncond, guided = _guided_pair()
+    fake = TeacherSolver(_scaled, SCHED, guidance_scale=2.0)
+    real_c = lambda x, t, c: real(x, t)  # noqa: E731  (takes the prompt, ignores it)
+    got, _ = loss_fn(x, real_c, fake, schedule=SCHED, cond=cond, fake_uncond=uncond, t=t, noise=noise)
+    want, _ = loss_fn(x, real, guided, schedule=SCHED, fake_cond={}, t=t, noise=noise)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(OptionError, match="`fake_uncond` is the unconditional branch"):
+        loss_fn(x, real, lambda x, t: x, schedule=SCHED, fake_uncond=uncond, t=t, noise=noise)
+
+
+def test_fake_score_loss_trains_the_guided_fake_score_on_its_timestep_range():
+    # SiD-LSG's fake-score update: the kappa1-guided prediction, both branches trained, t ~ U{20..979}.
+    x, noise, _ = _inputs()
+    cond, uncond, guided = _guided_pair()
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def model(x_t, t, c):
+        seen.append(t)
+        return scale * _scaled(x_t, t, c)
+
+    fake = TeacherSolver(model, SCHED, guidance_scale=2.0)
+    gen = torch.Generator().manual_seed(0)
+    kw = {"schedule": SCHED, "weighting": "x0", "noise": noise, "t_range": (20, 979)}
+    loss, _ = fake_score_loss(fake, x, cond=cond, uncond=uncond, generator=gen, **kw)
+    want, _ = fake_score_loss(guided, x, generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert scale.grad is not None and float(scale.grad) != 0
+    assert seen[0].shape == (8,)  # one call on cond and uncond together
+    assert bool(((seen[0] >= 20) & (seen[0] <= 979)).all())
+    with pytest.raises(OptionError, match="Expected `uncond` for classifier-free guidance"):
+        fake_score_loss(fake, x, cond=cond, **kw)
+    with pytest.raises(OptionError, match="`uncond` is the unconditional branch"):
+        fake_score_loss(guided, x, uncond=uncond, **kw)
