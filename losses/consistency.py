@@ -570,7 +570,7 @@ def _noised_pair_loss(
             )
             noise = noise.to(device=x0.device, dtype=x0.dtype)
         t = teacher.schedule.batch_timesteps(sample.t, x0, "sample.t")  # named as the caller passed it
-        states = teacher.schedule.add_noise(x0, noise, t)
+        states = teacher.schedule._add_noise(x0, noise, t)  # x0, noise and t checked above: no second sync
     pair = _pair(student, teacher, states, sample, cond, uncond, **pair_options)
     # The pair is computed here from checked inputs: no second finiteness sync on it (a NaN from a diverged
     # student propagates to the loss, as any loss of a network's output).

@@ -317,7 +317,8 @@ def _real_and_fake(
     tt = _sample_t(t, x, schedule, t_range or _default_range(schedule, 0.02, 0.98), generator)
     # The noisy state in >= float32 for the losses' arithmetic (its x terms cancel there), in x's dtype for
     # the networks (the same values the networks saw before any upcasting).
-    x_t = schedule.add_noise(_f32(x), _f32(_noise(noise, x, generator)), tt)
+    # x, noise and tt were checked at the loss's boundary: the unchecked forward process (no second sync).
+    x_t = schedule._add_noise(_f32(x), _f32(_noise(noise, x, generator)), tt)
     x_in = x_t.to(x.dtype)
     d_real = _estimate(real, x_in, x_t, tt, schedule, cond, uncond, prediction_type, True, "real")
     f_cond = cond if fake_cond is None else fake_cond
@@ -808,7 +809,7 @@ def fake_score_loss(
     tt = _sample_t(t, x0, schedule, t_range or (0, schedule.num_train_timesteps - 1), generator)
     eps = _noise(noise, x0, generator)
     # As in the score losses: the state in >= float32 for the conversion, in x0's dtype for the network.
-    x_t = schedule.add_noise(_f32(x0), _f32(eps), tt)
+    x_t = schedule._add_noise(_f32(x0), _f32(eps), tt)  # inputs checked above: no second sync
     x_in = x_t.to(x0.dtype)
     if isinstance(fake, TeacherSolver):  # guided: cond and uncond branches both in the graph
         out = fake.predict(x_in, tt, cond, uncond, grad=True)
