@@ -15,7 +15,7 @@ skips it). ``--memory_cap_gib`` caps the allocator, so that "fits" means "fits a
 larger one (78 GiB: an 80 GB H100 measured on an H200).
 
 The steps are assembled from the library's public losses, one builder per method (the scripts' update
-logic is inline in their ``main``), with the scripts' own building blocks (``distill_common``):
+logic is inline in their ``main``), with the scripts' own building blocks (``examples/training/``):
 
 * ``lightning`` -- SDXL-Lightning's ``8->4/conditional`` stage: the student's jump against 2 teacher DDIM
   steps, judged by the conditional ``UNetEncoderDiscriminator`` (G and D updates);
@@ -33,7 +33,7 @@ logic is inline in their ``main``), with the scripts' own building blocks (``dis
   frozen bf16 teacher.
 
 ``--full`` trains the full UNet instead of a LoRA (ssd1b always does). ``--tiny`` runs the same code on a
-tiny 3-level SDXL-structured UNet (``distill_common.TINY_SDXL_3LEVEL_UNET``) with 32x32 latents, float32,
+tiny 3-level SDXL-structured UNet (``distill_TINY_SDXL_3LEVEL_UNET``) with 32x32 latents, float32,
 for a CPU smoke test.
 
 Usage::
@@ -91,10 +91,14 @@ from diffdistill.schedulers import (
 )
 from diffdistill.students import EMA, LayerKD, build_student
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
-import distill_common as common  # noqa: E402 - the examples' shared module
+sys.path.insert(0, str(ROOT))
 from sdxl_sim import sim_networks  # noqa: E402
+from training import sdxl_models  # noqa: E402 - the examples' shared package
+
+from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET  # noqa: E402 - the test suite's tiny UNet
 
 METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
 REFERENCE = "reference"  # plain fine-tuning step, run first: the ratios' denominator
@@ -178,7 +182,7 @@ class Bench:
 
     def student(self, unet: nn.Module | None = None) -> tuple[nn.Module, Any]:
         """The scripts' ``student_and_teacher``: LoRA on a bf16 base (teacher = adapters off) or full."""
-        return common.student_and_teacher(self.options, unet or self.unet, self.device, self.dtype)
+        return sdxl_models.student_and_teacher(self.options, unet or self.unet, self.device, self.dtype)
 
     def adam(self, *modules: nn.Module, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -372,7 +376,7 @@ def build_sim(b: Bench) -> Step:
 def build_ssd1b(b: Bench) -> Step:
     teacher = b.unet
     student, report = build_student(teacher, "ssd-1b")
-    common.freeze(teacher)
+    sdxl_models.freeze(teacher)
     teacher.to(dtype=b.dtype)
     student.train().requires_grad_(True)
     if not b.options.no_gradient_checkpointing:
@@ -423,7 +427,7 @@ BUILDERS: dict[str, Callable[[Bench], Step]] = {
 def _base_unet(args: argparse.Namespace) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
-    cfg = sdxl_unet_config() if not args.tiny else tiny_sdxl_unet_config(**common.TINY_SDXL_3LEVEL_UNET)
+    cfg = sdxl_unet_config() if not args.tiny else tiny_sdxl_unet_config(**TINY_SDXL_3LEVEL_UNET)
     with torch.random.fork_rng(devices=[]), torch.device(args.device):
         torch.manual_seed(0)
         return UNet2DConditionModel(**cfg)  # type: ignore[return-value]

@@ -62,14 +62,15 @@ from diffdistill.schedulers import NoiseSchedule, TeacherSolver, ddim_sample, sp
 from diffdistill.students import frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
 
 logger = logging.getLogger("sdxl_diffusion2gan")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=1e-5)
+    options.add_common_args(p, default_lr=1e-5)
     g = p.add_argument_group("teacher pairs")
     g.add_argument("--pairs_dir", default=None, help="default: OUTPUT_DIR/pairs")
     g.add_argument("--num_pairs", type=int, default=1000)
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "less memory than exact R1, allowed under FSDP / DeepSpeed (tested: ZeRO-2); default: exact R1",
     )
     g.add_argument("--no_mix_and_match", action="store_true")
-    args = common.check_common_args(p.parse_args(argv))
+    args = options.check_common_args(p.parse_args(argv))
     if args.r1_gamma < 0:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
     if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
@@ -157,7 +158,7 @@ def pair_settings(args: argparse.Namespace) -> dict[str, Any]:
     hash of the prompt list read from ``--prompts_file``, compared instead of the file's path, which is kept
     for the error message; a local teacher folder is stored resolved)."""
     model = args.pretrained_model_name_or_path
-    prompts = common.read_prompts(args.prompts_file)
+    prompts = data_sources.read_prompts(args.prompts_file)
     return {
         "teacher": str(Path(model).resolve()) if Path(model).exists() else model,
         "revision": args.revision,
@@ -239,9 +240,9 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
     """Write the missing teacher-pair shards (this process's share), then wait for every process."""
     from safetensors.torch import save_file
 
-    prompts = common.read_prompts(args.prompts_file)
-    device, dtype = accelerator.device, common.weight_dtype_of(accelerator)
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    prompts = data_sources.read_prompts(args.prompts_file)
+    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     timesteps = spaced_timesteps(args.teacher_steps, num_train_timesteps=teacher.schedule.num_train_timesteps)
     paths = shard_paths(args)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -250,11 +251,11 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
         if i % accelerator.num_processes != accelerator.process_index or path.exists():
             continue
         size = shard_size(args, i)
-        gen = common.step_generator(args.pairs_seed, i, micro=99)  # independent of the training draws
+        gen = data_sources.step_generator(args.pairs_seed, i, micro=99)  # independent of the training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
-        cond = common.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
-        with common.autocast(accelerator):
+        with runtime.autocast(accelerator):
             latent = ddim_sample(
                 teacher.model,
                 teacher.schedule,
@@ -275,10 +276,10 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
     accelerator.wait_for_everyone()
 
 
-class PairShards(common.StepSource):
+class PairShards(data_sources.StepSource):
     """The teacher pairs of the shards as a per-step source: ``batch(generator)`` -> ``(noise, latent,
     prompts)`` for ``batch_size`` pairs drawn with the step's generator; with ``num_workers > 0`` worker
-    processes read them ahead of time (:class:`distill_common.StepSource`)."""
+    processes read them ahead of time (:class:`training.data_sources.StepSource`)."""
 
     def __init__(self, paths: list[Path], batch_size: int, num_workers: int = 0) -> None:
         from safetensors import safe_open
@@ -312,8 +313,8 @@ class PairShards(common.StepSource):
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args, "sdxl_diffusion2gan")
-    if args.r1_gamma > 0 and args.r1_approximate_sigma is None and common.is_sharded(accelerator):
+    accelerator = runtime.make_accelerator(args, "sdxl_diffusion2gan")
+    if args.r1_gamma > 0 and args.r1_approximate_sigma is None and runtime.is_sharded(accelerator):
         raise ValueError(
             "R1 differentiates the discriminator's input gradient (a double backward), which FSDP / DeepSpeed "
             "sharding does not support: run Diffusion2GAN with DDP, pass --r1_approximate_sigma (e.g. 0.1) for "
@@ -322,40 +323,40 @@ def main(args: argparse.Namespace) -> None:
     if args.lpips_weights == "random" and accelerator.is_main_process:
         logger.warning(RANDOM_LPIPS_WARNING)
     check_pairs(args)  # before the models load: shards made with other settings stop the run here
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype, vae=False)
+    sdxl_models.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     disc = MultiScaleConditionalDiscriminator(parts.unet, gradient_checkpointing=args.gradient_checkpointing)
-    unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
+    unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     generate_pairs(accelerator, args, parts, teacher)
     pairs = PairShards(shard_paths(args), args.train_batch_size, args.dataloader_num_workers)
     augment = None if args.lpips_augment == "none" else args.lpips_augment
     weights = None if args.lpips_weights == "random" else args.lpips_weights
     lpips = ELatentLPIPS("sdxl", augment=augment, weights=weights).to(device)
-    opt = common.adamw(unet.parameters(), args)
-    opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
-    unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
-    ema = common.setup_checkpoints(accelerator, args, unet)
-    global_step = common.resume(accelerator, args)
+    opt = runtime.adamw(unet.parameters(), args)
+    opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
+    unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
+    ema = checkpoints.setup_checkpoints(accelerator, args, unet)
+    global_step = checkpoints.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         noise, real, prompts = pairs.batch(gen)
         noise, real = noise.to(device), real.to(device)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), common.autocast(accelerator):
-            fake = common.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
+        with accelerator.accumulate(unet, disc), runtime.autocast(accelerator):
+            fake = validation.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
             rec = lpips(fake, real, generator=gen)
             with frozen(disc):  # until the backward (checkpointed D blocks recompute there)
-                judge = common.forward_model(accelerator, disc)
+                judge = runtime.forward_model(accelerator, disc)
                 g_adv, _ = gan_generator_loss(judge(fake, 0, ehs, added, noise=noise))
                 loss = rec + args.gan_weight * g_adv
-                common.backward(accelerator, loss, unet)
-            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+                runtime.backward(accelerator, loss, unet)
+            runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
 
             fake_logits = disc(fake.detach(), 0, ehs, added, noise=noise)
             if not args.no_mix_and_match and noise.shape[0] >= 2:
@@ -382,7 +383,7 @@ def main(args: argparse.Namespace) -> None:
             approximate_r1 = args.r1_gamma > 0 and args.r1_approximate_sigma is not None
             # APT's finite-difference R1 runs plain forwards: one backward of the sum (one DeepSpeed engine
             # step per D update, like DDP's single optimiser step).
-            common.backward(accelerator, d_loss + lazy_r1() if approximate_r1 else d_loss, disc)
+            runtime.backward(accelerator, d_loss + lazy_r1() if approximate_r1 else d_loss, disc)
             if args.r1_gamma > 0 and not approximate_r1:
                 # Exact R1 differentiates the gradient: fused attention kernels have no double backward, so
                 # the penalty pass -- and its backward, where a checkpointed D recomputes its blocks with the
@@ -394,15 +395,15 @@ def main(args: argparse.Namespace) -> None:
                         # gives none to the heads' last biases (D's input gradient does not depend on them):
                         # a zero-weighted sum of the parameters completes the set (adds exactly 0).
                         every = sum(p.sum() for p in disc.parameters() if p.requires_grad)
-                        common.backward(accelerator, r1 + 0.0 * every, disc)
-            common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+                        runtime.backward(accelerator, r1 + 0.0 * every, disc)
+            runtime.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         logs.update(loss=loss.detach(), lpips=rec.detach(), generator_adv=g_adv.detach())
         logs.update(discriminator=d_loss.detach(), r1=r1_logs["r1"])
         return logs
 
-    validate = common.one_step_validation(accelerator, args, parts, unet, schedule)
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=pairs, ema=ema)
-    common.save_unet(accelerator, unet, args, ema=ema)
+    validate = validation.one_step_validation(accelerator, args, parts, unet, schedule)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=pairs, ema=ema)
+    checkpoints.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

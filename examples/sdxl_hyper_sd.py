@@ -27,7 +27,7 @@ as a one-step generator -- pure noise fed at ``--generator_timestep`` (the paper
 distribution-matching gradient of :func:`diffdistill.losses.dmd_loss` (Eq. 8) between the real score (the
 teacher with CFG) and an online fake score (a trainable copy of the teacher fitted by
 :func:`diffdistill.losses.fake_score_loss`; both alternate as in ``sdxl_sim.py``, through
-``distill_common.ScoreDistillation``), plus ``--one_step_mse_weight`` times an MSE "for stability" to the
+``training.score_distillation.ScoreDistillation``), plus ``--one_step_mse_weight`` times an MSE "for stability" to the
 teacher's ``--one_step_teacher_steps``-step DDIM sample from the same noise (the paper does not state the
 target: this one is our choice), plus the reward hinge when a reward model is given. The TSCD stages share
 the other steps; the output is the one-step model, written like the TSCD one, and the multi-step TSCD
@@ -75,14 +75,26 @@ from diffdistill.schedulers import (
 from diffdistill.students import EMA, frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import (
+    checkpoints,
+    data_sources,
+    ema_release,
+    loop,
+    options,
+    runtime,
+    score_distillation,
+    sdxl_encoding,
+    sdxl_models,
+    validation,
+)
 
 logger = logging.getLogger("sdxl_hyper_sd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=1e-6)
+    options.add_common_args(p, default_lr=1e-6)
     g = p.add_argument_group("Hyper-SD")
     g.add_argument("--segments", default="8,4,2,1", help="TSCD segment counts k, one stage each")
     g.add_argument("--num_inference_steps", type=int, default=50, help="teacher DDIM grid N")
@@ -129,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--one_step_teacher_steps", type=int, default=4, help="teacher DDIM steps of the MSE target"
     )
-    common.add_fake_score_args(g)
+    score_distillation.add_fake_score_args(g)
     g = p.add_argument_group("reward feedback (last TSCD stage and the one-step stage)")
     g.add_argument(
         "--reward_model",
@@ -140,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
     )
-    args = common.check_common_args(p.parse_args(argv), image_method=True)
+    args = options.check_common_args(p.parse_args(argv), image_method=True)
     for end in ("guidance_scale_min", "guidance_scale_max"):
         if getattr(args, end) is None:
             setattr(args, end, args.guidance_scale)
@@ -226,8 +238,8 @@ def stage_index(step: int, num_stages: int, max_steps: int) -> int:
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args, "sdxl_hyper_sd")
-    if args.target == "ema" and common.zero_stage(accelerator) == 3:
+    accelerator = runtime.make_accelerator(args, "sdxl_hyper_sd")
+    if args.target == "ema" and runtime.zero_stage(accelerator) == 3:
         raise ValueError(
             "--target ema averages the student's parameters into a whole copy, and DeepSpeed ZeRO-3 leaves "
             "each process only a flat slice of them: use ZeRO stage 1 or 2, or FSDP, in the accelerate "
@@ -236,10 +248,10 @@ def main(args: argparse.Namespace) -> None:
     plan = StagePlan.hyper_sd(
         [int(k) for k in args.segments.split(",")], num_inference_steps=args.num_inference_steps
     )
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype)
+    sdxl_models.place_frozen(parts, device, dtype)
     unet = parts.unet
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
 
@@ -248,44 +260,44 @@ def main(args: argparse.Namespace) -> None:
     disc = UNetEncoderDiscriminator(
         unet,
         conditional=False,
-        feature_resolution=common.discriminator_feature_resolution(unet, args.resolution),
+        feature_resolution=sdxl_models.discriminator_feature_resolution(unet, args.resolution),
         gradient_checkpointing=args.gradient_checkpointing,
     )
     fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
-    unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
+    unet, teacher_model = sdxl_models.student_and_teacher(args, unet, device, dtype)
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
     # The average of a LoRA student's adapters; its frozen base is shared with the student, not copied.
     ema = EMA(unet, decay=decay, trainable_only=True).to(device) if args.target == "ema" else None
 
-    opt = common.adamw(unet.parameters(), args)
+    opt = runtime.adamw(unet.parameters(), args)
     d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
-    opt_d = common.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
-    unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
+    opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
+    unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
     if fake is not None:
-        common.make_trainable(args, fake, device, dtype)
-        opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
-        fake, opt_f = common.prepare(accelerator, (fake, opt_f))
+        sdxl_models.make_trainable(args, fake, device, dtype)
+        opt_f = runtime.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
+        fake, opt_f = runtime.prepare(accelerator, (fake, opt_f))
     if ema is not None:  # the consistency target (a LoRA student's is checkpointed as its LoRA only)
-        common.register_ema(accelerator, ema, unet)
-    release_ema = common.setup_checkpoints(
+        ema_release.register_ema(accelerator, ema, unet)
+    release_ema = checkpoints.setup_checkpoints(
         accelerator, args, unet, extra_lora={"fake": fake} if fake is not None else None
     )
-    data = common.StepData(args, need_images=True)
+    data = data_sources.StepData(args, need_images=True)
     # The one-step stage uses the captions only: its steps load (decode) no images, in workers either.
     data.load_until_step = args.max_train_steps - args.one_step_steps if args.one_step_steps else None
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
-    with common.zero3_init_disabled():  # a transformers reward model loads whole, as the frozen encoders
+    with sdxl_models.zero3_init_disabled():  # a transformers reward model loads whole, as the frozen encoders
         reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
     if isinstance(reward_fn, torch.nn.Module):
-        common.freeze(reward_fn)
+        sdxl_models.freeze(reward_fn)
         reward_fn.to(device)
     tscd_steps = args.max_train_steps - args.one_step_steps
     state: dict[str, Any] = {}
 
     def reward_term(x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted reward hinge of clean latents ``x0``, decoded with gradients."""
-        images = common.decode_pixels(parts.vae, x0)
+        images = sdxl_encoding.decode_pixels(parts.vae, x0)
         r_loss, r_logs = reward_hinge_loss(
             images, args.reward_margin, reward_fn=lambda x: reward_fn(x, state["prompts"])
         )
@@ -297,7 +309,7 @@ def main(args: argparse.Namespace) -> None:
         loss, dmd_logs = dmd_loss(
             x,
             teacher,
-            common.forward_model(accelerator, fake),
+            runtime.forward_model(accelerator, fake),
             schedule=schedule,
             cond=cond,
             uncond=uncond,
@@ -329,17 +341,17 @@ def main(args: argparse.Namespace) -> None:
 
     score = None
     if fake is not None:
-        score = common.ScoreDistillation(
+        score = score_distillation.ScoreDistillation(
             accelerator, args, schedule, generator=(unet, opt), fake=(fake, opt_f), loss=one_step_loss
         )
-    global_step = common.resume(accelerator, args)
+    global_step = checkpoints.resume(accelerator, args)
 
     def one_step_train_step(
-        score: common.ScoreDistillation, gen: torch.Generator, step: int
+        score: score_distillation.ScoreDistillation, gen: torch.Generator, step: int
     ) -> dict[str, torch.Tensor]:
         prompts = data.prompts_batch(gen)
         state["prompts"] = prompts
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         logs = score.step(step - tscd_steps, gen, cond)
         if ema is not None and accelerator.sync_gradients:
             ema.update(accelerator.unwrap_model(unet))
@@ -356,7 +368,7 @@ def main(args: argparse.Namespace) -> None:
         w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
         x0, prompts = data.latents_batch(gen, parts.vae, device)
         state["prompts"] = prompts
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         sample = tscd_segments(
             x0.shape[0],
             stage.num_segments or 1,
@@ -371,7 +383,7 @@ def main(args: argparse.Namespace) -> None:
             omega = omega.to(device)
         x_t = schedule.add_noise(x0, noise, sample.t)
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), common.autocast(accelerator):
+        with accelerator.accumulate(unet, disc), runtime.autocast(accelerator):
             pair = consistency_pair(
                 student_fn,
                 teacher,
@@ -389,7 +401,7 @@ def main(args: argparse.Namespace) -> None:
             ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
             with frozen(disc):  # until the backward below (checkpointed D recomputes there)
                 if w_adv > 0:
-                    judge = common.forward_model(accelerator, disc)
+                    judge = runtime.forward_model(accelerator, disc)
                     g_loss, _ = gan_generator_loss(judge(student, t_judge, ehs, added))
                     loss = loss + w_adv * g_loss
                     logs["generator_adv"] = g_loss.detach()
@@ -399,14 +411,14 @@ def main(args: argparse.Namespace) -> None:
                     )
                     loss = loss + r_loss
                     logs.update(r_logs)
-                common.backward(accelerator, loss, unet)
-            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+                runtime.backward(accelerator, loss, unet)
+            runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(
                     disc(target, t_judge, ehs, added), disc(student.detach(), t_judge, ehs, added)
                 )
-                common.backward(accelerator, d_loss, disc)
-                common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+                runtime.backward(accelerator, d_loss, disc)
+                runtime.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
                 logs["discriminator"] = d_loss.detach()
         if ema is not None and accelerator.sync_gradients:
             ema.update(accelerator.unwrap_model(unet))
@@ -422,19 +434,19 @@ def main(args: argparse.Namespace) -> None:
 
         def sample_fn(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
             if one_step:
-                return common.one_step_x0(model, schedule, z, args.generator_timestep, c)
+                return validation.one_step_x0(model, schedule, z, args.generator_timestep, c)
             return ddim_sample(model, schedule, z, timesteps, cond=c).sample
 
-        common.log_validation(accelerator, args, parts, sample_fn, step)
+        validation.log_validation(accelerator, args, parts, sample_fn, step)
 
     def after_step(step: int) -> None:
         if (
             args.one_step_steps and step == tscd_steps
         ):  # the multi-step TSCD student, before the one-step stage
             with release_ema.swapped_in() if release_ema is not None else contextlib.nullcontext():
-                common.save_unet(accelerator, unet, args, folder="tscd")
+                checkpoints.save_unet(accelerator, unet, args, folder="tscd")
 
-    common.train_loop(
+    loop.train_loop(
         accelerator,
         args,
         global_step,
@@ -444,7 +456,7 @@ def main(args: argparse.Namespace) -> None:
         ema=release_ema,
         after_step=after_step,
     )
-    common.save_unet(accelerator, unet, args, ema=release_ema)
+    checkpoints.save_unet(accelerator, unet, args, ema=release_ema)
     accelerator.end_training()
 
 

@@ -92,7 +92,8 @@ from diffdistill.schedulers import (
 from diffdistill.students import frozen, load_lora, merge_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
 
 logger = logging.getLogger("sdxl_lightning")
 STAGES = [s.name for s in StagePlan.sdxl_lightning()]
@@ -100,7 +101,7 @@ STAGES = [s.name for s in StagePlan.sdxl_lightning()]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=None)  # None: the stage plan's learning rate
+    options.add_common_args(p, default_lr=None)  # None: the stage plan's learning rate
     g = p.add_argument_group("SDXL-Lightning")
     g.add_argument("--stage", choices=STAGES, default=STAGES[0])
     g.add_argument(
@@ -160,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
     # None: the stage plan's value (resolved per stage by optimizer_options).
     p.set_defaults(adam_beta1=None, adam_beta2=None, adam_weight_decay=None)
-    args = common.check_common_args(p.parse_args(argv), image_method=True)
+    args = options.check_common_args(p.parse_args(argv), image_method=True)
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
     if (stage.trainable == "lora") != bool(args.use_lora):
         raise ValueError(
@@ -387,14 +388,14 @@ def jump_x0(
 def main(args: argparse.Namespace) -> None:
     from diffusers import UNet2DConditionModel
 
-    accelerator = common.make_accelerator(args, "sdxl_lightning")
+    accelerator = runtime.make_accelerator(args, "sdxl_lightning")
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
     opts = stage.options
     optim = optimizer_options(args, stage)
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype)
+    sdxl_models.place_frozen(parts, device, dtype)
     unet = UNet2DConditionModel.from_pretrained(args.init_unet) if args.init_unet else parts.unet
     # Teachers (and the model a stage starts from) predict epsilon (the base's type); the student predicts
     # x0 ("sample") from the x0 conversion on. Sec. 3.5: the input at t = 999 is pure noise in training too.
@@ -412,39 +413,39 @@ def main(args: argparse.Namespace) -> None:
             parts.unet,
             conditional=stage.discriminator == "conditional",
             # The head fits the bottleneck of --resolution latents (not the UNet config's sample_size).
-            feature_resolution=common.discriminator_feature_resolution(parts.unet, args.resolution),
+            feature_resolution=sdxl_models.discriminator_feature_resolution(parts.unet, args.resolution),
             gradient_checkpointing=args.gradient_checkpointing,
         )
         if args.init_discriminator:
             load_discriminator(disc, args.init_discriminator, stage)
     if args.teacher_unet:  # a separate frozen teacher (the previous level's model)
         teacher_model: Any = UNet2DConditionModel.from_pretrained(args.teacher_unet)
-        common.freeze(teacher_model)
+        sdxl_models.freeze(teacher_model)
         teacher_model.to(device, dtype=dtype)
-        unet = common.make_trainable(args, unet, device, dtype)
+        unet = sdxl_models.make_trainable(args, unet, device, dtype)
     else:  # the model the stage starts from (LoRA: adapters off; full: a frozen copy)
-        unet, teacher_model = common.student_and_teacher(args, unet, device, dtype)
+        unet, teacher_model = sdxl_models.student_and_teacher(args, unet, device, dtype)
     if args.init_lora:  # continue the previous LoRA stage's adapter (conditional -> unconditional)
         load_lora(unet, args.init_lora)
-        common.upcast_trainable(unet)
-    opt = common.adamw(unet.parameters(), args, **optim)
+        sdxl_models.upcast_trainable(unet)
+    opt = runtime.adamw(unet.parameters(), args, **optim)
     if disc is not None:
         d_lr = args.discriminator_learning_rate or optim["lr"]
-        opt_d = common.adamw(disc.parameters(), args, **{**optim, "lr": d_lr})
-        unet, opt, disc, opt_d = common.prepare(accelerator, (unet, opt), (disc, opt_d))
+        opt_d = runtime.adamw(disc.parameters(), args, **{**optim, "lr": d_lr})
+        unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
     else:
-        unet, opt = common.prepare(accelerator, (unet, opt))
-    ema = common.setup_checkpoints(accelerator, args, unet)
+        unet, opt = runtime.prepare(accelerator, (unet, opt))
+    ema = checkpoints.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(
         teacher_model,
         schedule,
         guidance_scale=float(opts.get("guidance_scale", 1.0)),
         prediction_type=base_pred,
     )
-    data = common.StepData(args, need_images=True)
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    data = data_sources.StepData(args, need_images=True)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     extra_t = opts.get("extra_student_timesteps")
-    global_step = common.resume(accelerator, args)
+    global_step = checkpoints.resume(accelerator, args)
 
     def adversarial(
         x0: torch.Tensor, cond: dict[str, Any], gen: torch.Generator, step: int
@@ -496,21 +497,21 @@ def main(args: argparse.Namespace) -> None:
         # D stays frozen until the generator's backward is done: with gradient checkpointing its blocks are
         # recomputed there and must see the same requires_grad as in the forward pass.
         with frozen(disc):
-            judge = common.forward_model(accelerator, disc)
+            judge = runtime.forward_model(accelerator, disc)
             g_loss, _ = gan_generator_loss(judge(fake, t_judge, ehs, added, **extra))
-            common.backward(accelerator, g_loss, unet)
-        common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+            runtime.backward(accelerator, g_loss, unet)
+        runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         d_loss, _ = gan_discriminator_loss(
             disc(real, t_judge, ehs, added, **extra), disc(fake.detach(), t_judge, ehs, added, **extra)
         )
-        common.backward(accelerator, d_loss, disc)
-        common.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+        runtime.backward(accelerator, d_loss, disc)
+        runtime.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
         return g_loss, {"generator": g_loss.detach(), "discriminator": d_loss.detach(), **logs}
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
-        with accelerator.accumulate(unet), common.autocast(accelerator):
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        with accelerator.accumulate(unet), runtime.autocast(accelerator):
             if stage.loss == "mse":
                 loss, logs = progressive_distillation_loss(
                     unet,
@@ -532,15 +533,15 @@ def main(args: argparse.Namespace) -> None:
                 )
             else:
                 return adversarial(x0, cond, gen, step)[1]
-            common.backward(accelerator, loss, unet)
-            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+            runtime.backward(accelerator, loss, unet)
+            runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         return logs
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(unet)
         n = stage.student_steps or 1
         timesteps = spaced_timesteps(n, "trailing", num_train_timesteps=schedule.num_train_timesteps)
-        common.log_validation(
+        validation.log_validation(
             accelerator,
             args,
             parts,
@@ -548,8 +549,8 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
-    lora_file = common.save_unet(accelerator, unet, args, ema=ema)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    lora_file = checkpoints.save_unet(accelerator, unet, args, ema=ema)
     if pred_type == "sample" and accelerator.is_main_process:
         # The x0-predicting UNet needs its sampler told so (a default SDXL pipeline reads the output as
         # epsilon): SDXL-Lightning's 1-step scheduler, next to unet/ as in a pipeline folder.

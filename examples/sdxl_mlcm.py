@@ -47,14 +47,15 @@ from diffdistill.schedulers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
 
 logger = logging.getLogger("sdxl_mlcm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=1e-4)
+    options.add_common_args(p, default_lr=1e-4)
     g = p.add_argument_group("MLCM")
     g.add_argument("--num_segments", type=int, default=8, help="milestones M")
     g.add_argument("--guidance_scale", type=float, default=8.0, help="teacher CFG scale")
@@ -62,11 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--stage1_steps", type=int, default=None, help="default: 12/14 of --max_train_steps")
     g.add_argument("--stage2_learning_rate", type=float, default=1e-5)
     g.add_argument("--student_sample_steps", type=int, default=None, help="default: the plan's 4")
-    return common.check_common_args(p.parse_args(argv))
+    return options.check_common_args(p.parse_args(argv))
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args, "sdxl_mlcm")
+    accelerator = runtime.make_accelerator(args, "sdxl_mlcm")
     plan = StagePlan.mlcm(num_segments=args.num_segments, guidance_scale=args.guidance_scale)
     mlcd, inter = plan["mlcd"], plan["lcd-inter-segment"]
     skip = args.skip if args.skip is not None else mlcd.options["skip"]
@@ -76,20 +77,20 @@ def main(args: argparse.Namespace) -> None:
         stage1_steps = round(args.max_train_steps * share)
     else:
         stage1_steps = args.stage1_steps
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype, vae=False)
+    sdxl_models.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
-    unet, teacher_model = common.student_and_teacher(args, parts.unet, device, dtype)
-    opt = common.adamw(unet.parameters(), args)
-    unet, opt = common.prepare(accelerator, (unet, opt))
-    ema = common.setup_checkpoints(accelerator, args, unet)
+    unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
+    opt = runtime.adamw(unet.parameters(), args)
+    unet, opt = runtime.prepare(accelerator, (unet, opt))
+    ema = checkpoints.setup_checkpoints(accelerator, args, unet)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
-    data = common.StepData(args, need_images=False)
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    data = data_sources.StepData(args, need_images=False)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
-    global_step = common.resume(accelerator, args)
+    global_step = checkpoints.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         first = step < stage1_steps
@@ -97,9 +98,9 @@ def main(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         _, prompts = data.batch(gen)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(shape, generator=gen).to(device)
-        with accelerator.accumulate(unet), common.autocast(accelerator):
+        with accelerator.accumulate(unet), runtime.autocast(accelerator):
             if first:
                 sample = milestone_pairs(
                     shape[0],
@@ -129,8 +130,8 @@ def main(args: argparse.Namespace) -> None:
                     target="online",
                     generator=gen,
                 )
-            common.backward(accelerator, loss, unet)
-            common.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+            runtime.backward(accelerator, loss, unet)
+            runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
         logs["stage"] = torch.tensor(1.0 if first else 2.0)
         return logs
 
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
         model = accelerator.unwrap_model(unet)
         timesteps = tlcm_timesteps(q, num_train_timesteps=schedule.num_train_timesteps)
         gen = torch.Generator().manual_seed(args.seed)
-        common.log_validation(
+        validation.log_validation(
             accelerator,
             args,
             parts,
@@ -146,8 +147,8 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
-    common.save_unet(accelerator, unet, args, ema=ema)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    checkpoints.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

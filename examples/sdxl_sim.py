@@ -7,7 +7,7 @@ al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``): the generator map
 classifier-free guidance, the fake score a trainable copy of the teacher fitted to the generator's
 detached samples by denoising score matching (:func:`diffdistill.losses.fake_score_loss`).
 :class:`diffdistill.losses.AlternatingUpdate` alternates the two updates (``--generator_every``,
-``--fake_steps``) and freezes the fake network during the generator step (``distill_common.ScoreDistillation``,
+``--fake_steps``) and freezes the fake network during the generator step (``training.score_distillation.ScoreDistillation``,
 shared with Hyper-SD's one-step stage).
 
 ``--preset sim|sid|dmd2`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
@@ -53,7 +53,18 @@ from diffdistill.losses import dmd_loss, fake_score_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import (
+    checkpoints,
+    data_sources,
+    loop,
+    options,
+    runtime,
+    score_distillation,
+    sdxl_encoding,
+    sdxl_models,
+    validation,
+)
 
 logger = logging.getLogger("sdxl_sim")
 
@@ -122,14 +133,14 @@ PRESET_HELP = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=1e-6)
+    options.add_common_args(p, default_lr=1e-6)
     g = p.add_argument_group("SIM / SiD / DMD")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help=PRESET_HELP)
     g.add_argument("--loss", choices=["sim", "sid", "dmd"], default=None, help="default: the --preset's")
     g.add_argument(
         "--guidance_scale", type=float, default=None, help="CFG scale of the real score (default: --preset)"
     )
-    common.add_fake_score_args(g)
+    score_distillation.add_fake_score_args(g)
     g.add_argument(
         "--fake_guidance_scale",
         type=float,
@@ -182,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"Expected --sim_c > 0, but got {args.sim_c}.")
         if args.sim_distance != "pseudo_huber":
             raise ValueError("--sim_c is the pseudo-Huber constant: it needs --sim_distance pseudo_huber.")
-    return common.check_common_args(args)
+    return options.check_common_args(args)
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
@@ -213,17 +224,17 @@ def sim_networks(
     generator's gradient flows through the real and fake scores' inputs).
     """
     real = copy.deepcopy(unet).to(device, dtype=dtype)
-    common.freeze(real)
+    sdxl_models.freeze(real)
     fake = copy.deepcopy(unet)
     for net in (unet, fake):
-        common.make_trainable(args, net, device, dtype)
+        sdxl_models.make_trainable(args, net, device, dtype)
     if args.gradient_checkpointing:
         real.enable_gradient_checkpointing()
     return unet, fake, real
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args, "sdxl_sim")
+    accelerator = runtime.make_accelerator(args, "sdxl_sim")
     logger.info(
         "preset %s (set: %s): loss %s, guidance_scale %s, fake_guidance_scale %s, fake_timestep_range %s, "
         "sid_alpha %s, generator_every %d, Adam (%s, %s) weight decay %s, lr %s, max_grad_norm %s",
@@ -241,23 +252,23 @@ def main(args: argparse.Namespace) -> None:
         args.learning_rate,
         args.max_grad_norm,
     )
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype, vae=False)
+    sdxl_models.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
-    opt_g = common.adamw(unet.parameters(), args)
-    opt_f = common.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
-    unet, opt_g, fake, opt_f = common.prepare(accelerator, (unet, opt_g), (fake, opt_f))
-    ema = common.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
+    opt_g = runtime.adamw(unet.parameters(), args)
+    opt_f = runtime.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
+    unet, opt_g, fake, opt_f = runtime.prepare(accelerator, (unet, opt_g), (fake, opt_f))
+    ema = checkpoints.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
-    data = common.StepData(args, need_images=False)
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    data = data_sources.StepData(args, need_images=False)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     # The fake score with its own CFG (SiD-LSG's kappa1 in its update, kappa2 = kappa3 in the generator loss;
     # a no-op at --fake_guidance_scale 1): in the generator's update it is frozen.
     fake_score = TeacherSolver(
-        common.forward_model(accelerator, fake), schedule, guidance_scale=args.fake_guidance_scale
+        runtime.forward_model(accelerator, fake), schedule, guidance_scale=args.fake_guidance_scale
     )
     fake_trained = TeacherSolver(fake, schedule, guidance_scale=args.fake_guidance_scale)
 
@@ -299,7 +310,7 @@ def main(args: argparse.Namespace) -> None:
             generator=gen,
         )
 
-    score = common.ScoreDistillation(
+    score = score_distillation.ScoreDistillation(
         accelerator,
         args,
         schedule,
@@ -308,16 +319,16 @@ def main(args: argparse.Namespace) -> None:
         loss=generator_loss,
         fake_loss=fake_loss,
     )
-    global_step = common.resume(accelerator, args)
+    global_step = checkpoints.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         _, prompts = data.batch(gen)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         return score.step(step, gen, cond)
 
-    validate = common.one_step_validation(accelerator, args, parts, unet, schedule)
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
-    common.save_unet(accelerator, unet, args, ema=ema)
+    validate = validation.one_step_validation(accelerator, args, parts, unet, schedule)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    checkpoints.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 
 

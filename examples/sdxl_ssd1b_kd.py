@@ -30,14 +30,15 @@ from diffdistill.schedulers import NoiseSchedule, ddim_sample, spaced_timesteps,
 from diffdistill.students import PRESETS, LayerKD, build_student
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_common as common  # the shared module next to this script
+# the examples' shared package (examples/training/), next to this script
+from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
 
 logger = logging.getLogger("sdxl_ssd1b_kd")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, default_lr=1e-5)
+    options.add_common_args(p, default_lr=1e-5)
     g = p.add_argument_group("layer KD")
     g.add_argument("--preset", choices=sorted(PRESETS), default="ssd-1b")
     g.add_argument("--kd_level", choices=["block", "sub_block", "layer"], default="sub_block")
@@ -45,18 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--feature_weight", type=float, default=0.5)
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
-    args = common.check_common_args(p.parse_args(argv), image_method=True)
+    args = options.check_common_args(p.parse_args(argv), image_method=True)
     if args.use_lora:
         raise ValueError("sdxl_ssd1b_kd trains the whole block-removed student: drop --use_lora.")
     return args
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = common.make_accelerator(args, "sdxl_ssd1b_kd")
-    parts = common.load_sdxl(args)
-    dtype = common.weight_dtype_of(accelerator)
+    accelerator = runtime.make_accelerator(args, "sdxl_ssd1b_kd")
+    parts = sdxl_models.load_sdxl(args)
+    dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    common.place_frozen(parts, device, dtype)
+    sdxl_models.place_frozen(parts, device, dtype)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     teacher = parts.unet
     try:
@@ -69,14 +70,14 @@ def main(args: argparse.Namespace) -> None:
             "SDXL's layout (3 levels, 2 layers per block); --preset vega and bk-sdm-* use fractions and fit "
             "other layouts."
         ) from err
-    common.freeze(teacher)
+    sdxl_models.freeze(teacher)
     teacher.to(device, dtype=dtype)
     student.train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    opt = common.adamw(student.parameters(), args)
-    student, opt = common.prepare(accelerator, (student, opt))
-    ema = common.setup_checkpoints(accelerator, args, student)
+    opt = runtime.adamw(student.parameters(), args)
+    student, opt = runtime.prepare(accelerator, (student, opt))
+    ema = checkpoints.setup_checkpoints(accelerator, args, student)
     kd = LayerKD(
         student,
         teacher,
@@ -84,28 +85,28 @@ def main(args: argparse.Namespace) -> None:
         output_weight=args.output_weight,
         feature_weight=args.feature_weight,
     )
-    data = common.StepData(args, need_images=True)
-    global_step = common.resume(accelerator, args)
+    data = data_sources.StepData(args, need_images=True)
+    global_step = checkpoints.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
-        cond = common.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).t.to(device)
         x_t = schedule.add_noise(x0, noise, t)
         target = schedule.convert(noise, x_t, t, "epsilon", schedule.prediction_type)
-        with accelerator.accumulate(student), common.autocast(accelerator):
+        with accelerator.accumulate(student), runtime.autocast(accelerator):
             loss, logs = kd(x_t, t, target, **cond)
-            common.backward(accelerator, loss, student)
-            common.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
+            runtime.backward(accelerator, loss, student)
+            runtime.clip_and_step(accelerator, opt, student.parameters(), args.max_grad_norm)
         return logs
 
-    uncond = common.uncond_conditions(args, parts, device, dtype)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(student)
         timesteps = spaced_timesteps(args.validation_inference_steps, "trailing")
-        common.log_validation(
+        validation.log_validation(
             accelerator,
             args,
             parts,
@@ -123,9 +124,9 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    common.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     kd.close()
-    common.save_unet(accelerator, student, args, ema=ema)
+    checkpoints.save_unet(accelerator, student, args, ema=ema)
     accelerator.end_training()
 
 

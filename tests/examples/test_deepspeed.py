@@ -2,7 +2,7 @@
 
 Each run is compared with a DDP run of the same global batch. The two-engine cases are the point: a
 generator with a discriminator or fake score is two DeepSpeed engines, and ``accelerator.backward`` only
-ever drives the first one (``distill_common.backward`` routes each loss to its own engine). Helpers and the
+ever drives the first one (``training.runtime.backward`` routes each loss to its own engine). Helpers and the
 tiny pipeline come from ``test_sdxl_scripts.py``.
 """
 
@@ -31,6 +31,7 @@ from tests.examples.test_sdxl_scripts import (  # noqa: F401
     _load,
     _lora_state,
     _two_process_runs,
+    runtime,
     tiny_sdxl,
 )
 from tests.state_compare import REL, adam_first_update_norm, assert_same_update
@@ -86,7 +87,7 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
     ds = _assert_discriminator_and_lora_match_ddp(out)
     name = "pytorch_lora_weights.safetensors"
     # bf16: DeepSpeed holds the engines' weights in bf16 (the released LoRA too) and the step runs under
-    # torch.autocast (distill_common.autocast; accelerate's does nothing under DeepSpeed, and float32 inputs
+    # torch.autocast (training.runtime.autocast; accelerate's does nothing under DeepSpeed, and float32 inputs
     # met bf16 weights). It trains like the float32 run up to bf16 noise, which Adam's normalised first
     # steps make large here: cosine of the released LoRA-B weights (the --use_ema average) with the float32
     # run's measured 0.42 (0.38 without --use_ema; DDP bf16 vs float32: 0.44); an untrained B is zero.
@@ -173,7 +174,7 @@ class _Engine(torch.nn.Module):
 
 
 class _DeepSpeedAccelerator:
-    """The parts of a DeepSpeed ``Accelerator`` that ``distill_common``'s helpers read."""
+    """The parts of a DeepSpeed ``Accelerator`` that helpers of ``examples/training/`` read."""
 
     def __init__(self, plugin: Any = None, sync_gradients: bool = True) -> None:
         from accelerate.utils import DistributedType
@@ -191,17 +192,16 @@ class _DeepSpeedAccelerator:
 
 
 def test_backward_and_forward_model_use_the_models_own_engine() -> None:
-    common = _load("distill_common")
     loss = torch.zeros(())
     for sync in (True, False):
         engine = _Engine()
-        common.backward(_DeepSpeedAccelerator(sync_gradients=sync), loss, engine)
+        runtime.backward(_DeepSpeedAccelerator(sync_gradients=sync), loss, engine)
         # DeepSpeed steps inside backward at the end of an accumulation cycle only.
         assert engine.calls == [("boundary", sync), "backward", *(["step"] if sync else [])]
     engine = _Engine()
-    assert common.forward_model(_DeepSpeedAccelerator(), engine) is engine.module
+    assert runtime.forward_model(_DeepSpeedAccelerator(), engine) is engine.module
     ddp = types.SimpleNamespace(distributed_type="MULTI_CPU")
-    assert common.forward_model(ddp, engine) is engine
+    assert runtime.forward_model(ddp, engine) is engine
 
 
 def _plugin(stage: int, **config: Any) -> Any:
@@ -218,33 +218,32 @@ def _plugin(stage: int, **config: Any) -> Any:
 def test_configure_deepspeed_fills_auto_values_and_refuses_ema_under_zero3(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    common = _load("distill_common")
     args = argparse.Namespace(train_batch_size=3, max_grad_norm=0.5, use_ema=False)
     plugin = _plugin(2)
-    common.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
+    runtime.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
-    assert common.zero_stage(_DeepSpeedAccelerator(plugin)) == 2
+    assert runtime.zero_stage(_DeepSpeedAccelerator(plugin)) == 2
     # An explicit value in the user's config is kept (DeepSpeed applies it), and the mismatch is logged.
     plugin = _plugin(3, gradient_clipping=2.0)
-    with caplog.at_level(logging.WARNING, logger="distill_common"):
-        common.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
+    with caplog.at_level(logging.WARNING, logger="training"):
+        runtime.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
     assert plugin.deepspeed_config["gradient_clipping"] == 2.0
     assert "sets gradient_clipping = 2.0 (used); the script's options give 0.5" in caplog.text
     # ZeRO-3 must gather the partitions to write the final weights.
     assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # A config file without the keys gets them too (DeepSpeed's defaults: micro batch 1, no clipping).
     plugin = _plugin(2, gradient_clipping=None, train_micro_batch_size_per_gpu=None)
-    common.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
+    runtime.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
     with pytest.raises(
         ValueError, match=r"--use_ema is not supported under DeepSpeed ZeRO-3.*ZeRO stage 1 or 2"
     ):
-        common.configure_deepspeed(
+        runtime.configure_deepspeed(
             _DeepSpeedAccelerator(_plugin(3)), argparse.Namespace(**{**vars(args), "use_ema": True})
         )
-    common.configure_deepspeed(
+    runtime.configure_deepspeed(
         _DeepSpeedAccelerator(_plugin(2)), argparse.Namespace(**{**vars(args), "use_ema": True})
     )
 
@@ -252,8 +251,8 @@ def test_configure_deepspeed_fills_auto_values_and_refuses_ema_under_zero3(
 def test_hyper_sd_ema_target_is_refused_under_zero3(
     tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script, common = _load("sdxl_hyper_sd"), _load("distill_common")
-    monkeypatch.setattr(common, "make_accelerator", lambda args, name: _DeepSpeedAccelerator(_plugin(3)))
+    script = _load("sdxl_hyper_sd")
+    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name: _DeepSpeedAccelerator(_plugin(3)))
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--train_data_dir", str(tiny_sdxl["images"])]
     with pytest.raises(ValueError, match=r"--target ema .* ZeRO-3 .* or pass --target online"):
         script.main(script.parse_args(argv))
@@ -262,18 +261,17 @@ def test_hyper_sd_ema_target_is_refused_under_zero3(
 def test_an_accumulation_other_than_the_option_is_refused() -> None:
     # accelerate's DeepSpeed launch exports the config's gradient_accumulation_steps (1 by default), which
     # Accelerator() prefers to its argument; a DeepSpeed config file may set its own.
-    common = _load("distill_common")
     args = argparse.Namespace(gradient_accumulation_steps=4)
     accelerator = _DeepSpeedAccelerator(_plugin(2))
     accelerator.gradient_accumulation_steps = 1
     with pytest.raises(ValueError, match=r"accelerate config .* = 4, but it is 1: set"):
-        common.check_accumulation(accelerator, args)
+        runtime.check_accumulation(accelerator, args)
     accelerator = _DeepSpeedAccelerator(_plugin(2, gradient_accumulation_steps=2))
     accelerator.gradient_accumulation_steps = 4
     with pytest.raises(ValueError, match=r"DeepSpeed config to be .* = 4, but it is 2: .*\"auto\""):
-        common.check_accumulation(accelerator, args)
+        runtime.check_accumulation(accelerator, args)
     accelerator = _DeepSpeedAccelerator(_plugin(2))
     accelerator.gradient_accumulation_steps = 4
-    common.check_accumulation(accelerator, args)  # "auto" in the DeepSpeed config: accelerate fills it
+    runtime.check_accumulation(accelerator, args)  # "auto" in the DeepSpeed config: accelerate fills it
     ddp = types.SimpleNamespace(distributed_type="MULTI_GPU", gradient_accumulation_steps=4)
-    common.check_accumulation(ddp, args)
+    runtime.check_accumulation(ddp, args)

@@ -26,7 +26,7 @@ UNIFORM, STABLE = (1.0, 1.0, 1.0, 1.0), (5.0, 1.0, 1.0, 1.0)
 
 # The tiny pipeline fixture and the loader are imported from test_sdxl_scripts (not copied); an imported
 # fixture's name is then a test parameter, which ruff reads as a redefinition (hence F811 off below).
-from tests.examples.test_sdxl_scripts import _load, tiny_sdxl  # noqa: E402, F401
+from tests.examples.test_sdxl_scripts import _load, runtime, tiny_sdxl  # noqa: E402, F401
 from tests.state_compare import assert_same_update  # noqa: E402
 
 
@@ -144,7 +144,7 @@ def test_full_stage_continues_the_unconditional_stage_discriminator(
     own, and a resumed 4->2/full run ends with the same student and D as an uninterrupted one."""
     from diffusers import UNet2DConditionModel
 
-    script, common = _load("sdxl_lightning"), _load("distill_common")
+    script = _load("sdxl_lightning")
     uncond = tmp_path / "uncond"
     script.main(script.parse_args(_argv(tiny, uncond, "4->2/unconditional", steps=1, lora=True)))
     d_folder = uncond / "discriminator"
@@ -163,14 +163,14 @@ def test_full_stage_continues_the_unconditional_stage_discriminator(
     )
 
     starts: list[dict[str, torch.Tensor]] = []
-    prepare = common.prepare
+    prepare = runtime.prepare
 
     def recording_prepare(accelerator, *pairs):  # type: ignore[no-untyped-def]
         if len(pairs) == 2:  # (student, opt), (discriminator, opt_d)
             starts.append({k: v.detach().clone() for k, v in pairs[1][0].state_dict().items()})
         return prepare(accelerator, *pairs)
 
-    monkeypatch.setattr(common, "prepare", recording_prepare)
+    monkeypatch.setattr(runtime, "prepare", recording_prepare)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     full = ["--init_discriminator", str(d_folder)]
     script.main(script.parse_args([*_argv(tiny, out_a, "4->2/full"), *full]))

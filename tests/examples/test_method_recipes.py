@@ -30,6 +30,8 @@ from tests.examples.test_sdxl_scripts import (  # noqa: F401
     _load,
     _run_and_resume,
     record_optimisers,
+    runtime,
+    sdxl_models,
     tiny_sdxl,
 )
 
@@ -90,7 +92,7 @@ def test_hyper_sd_run_draws_teacher_guidance_per_sample_and_trains_d_with_lightn
 ) -> None:
     from diffdistill.schedulers import TeacherSolver
 
-    script, common = _load("sdxl_hyper_sd"), _load("distill_common")
+    script = _load("sdxl_hyper_sd")
     scales: list[Any] = []
     predict = TeacherSolver._predict  # predict() and solve()'s steps, after the inputs were checked once
 
@@ -99,7 +101,7 @@ def test_hyper_sd_run_draws_teacher_guidance_per_sample_and_trains_d_with_lightn
             scales.append(w)
         return predict(self, x_t, tt, cond, uncond, w, grad)
 
-    optimizers = record_optimisers(monkeypatch, common)
+    optimizers = record_optimisers(monkeypatch)
     monkeypatch.setattr(TeacherSolver, "_predict", recording_predict)
     argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
     argv += ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
@@ -177,7 +179,7 @@ def test_sim_preset_resolves_as_documented_and_explicit_flags_win(tmp_path: Path
 def test_sim_run_passes_the_preset_and_sim_options(
     tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script, common = _load("sdxl_sim"), _load("distill_common")
+    script = _load("sdxl_sim")
     calls: list[dict[str, Any]] = []
     sim_loss = script.sim_loss
 
@@ -185,7 +187,7 @@ def test_sim_run_passes_the_preset_and_sim_options(
         calls.append({"guidance_scale": real.guidance_scale, "c": kw["c"], "detach": kw["detach_dprime"]})
         return sim_loss(x, real, fake, **kw)
 
-    optimizers = record_optimisers(monkeypatch, common)
+    optimizers = record_optimisers(monkeypatch)
     monkeypatch.setattr(script, "sim_loss", recording_sim_loss)
     argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
     argv += ["--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sim", "--guidance_scale", "3"]
@@ -306,12 +308,12 @@ def test_diffusion2gan_pair_shards_record_settings_and_stale_ones_are_refused(
 
     from diffdistill.schedulers import NoiseSchedule, TeacherSolver
 
-    script, common = _load("sdxl_diffusion2gan"), _load("distill_common")
+    script = _load("sdxl_diffusion2gan")
     pairs = tmp_path / "pairs"
     argv = _d2g_argv(tiny_sdxl, tmp_path, pairs)
     args = script.parse_args(argv)
-    accelerator = common.make_accelerator(args, "test")
-    parts = common.load_sdxl(args)
+    accelerator = runtime.make_accelerator(args, "test")
+    parts = sdxl_models.load_sdxl(args)
     teacher = TeacherSolver(
         parts.unet, NoiseSchedule.from_scheduler(parts.noise_scheduler), guidance_scale=args.guidance_scale
     )

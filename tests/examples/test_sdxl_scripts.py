@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET, save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -65,16 +66,26 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
-def record_optimisers(monkeypatch: pytest.MonkeyPatch, common: ModuleType) -> list[torch.optim.Optimizer]:
-    """Spy on ``distill_common.adamw``: the returned list fills with every optimiser the scripts build."""
+# The examples' shared package (examples/training/), imported as the scripts import it.
+checkpoints = _load("training.checkpoints")
+data_sources = _load("training.data_sources")
+loop = _load("training.loop")
+runtime = _load("training.runtime")
+sdxl_encoding = _load("training.sdxl_encoding")
+sdxl_models = _load("training.sdxl_models")
+validation = _load("training.validation")
+
+
+def record_optimisers(monkeypatch: pytest.MonkeyPatch) -> list[torch.optim.Optimizer]:
+    """Spy on ``training.runtime.adamw``: the returned list fills with every optimiser the scripts build."""
     made: list[torch.optim.Optimizer] = []
-    adamw = common.adamw
+    adamw = runtime.adamw
 
     def recording_adamw(*a: Any, **kw: Any) -> torch.optim.Optimizer:
         made.append(adamw(*a, **kw))
         return made[-1]
 
-    monkeypatch.setattr(common, "adamw", recording_adamw)
+    monkeypatch.setattr(runtime, "adamw", recording_adamw)
     return made
 
 
@@ -84,8 +95,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from PIL import Image
 
     root = tmp_path_factory.mktemp("tiny_sdxl")
-    common = _load("distill_common")
-    model = common.save_tiny_sdxl_pipeline(root / "model", seed=0)
+    model = save_tiny_sdxl_pipeline(root / "model", seed=0)
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -101,9 +111,8 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tiny_sdxl_3level(tmp_path_factory: pytest.TempPathFactory, tiny_sdxl: dict[str, Path]) -> Path:
     """The tiny pipeline with a 3-level, 2-layers-per-block UNet (SDXL's layout, for --preset ssd-1b)."""
-    common = _load("distill_common")
     root = tmp_path_factory.mktemp("tiny_sdxl_3level")
-    return common.save_tiny_sdxl_pipeline(root / "model", seed=0, unet_overrides=common.TINY_SDXL_3LEVEL_UNET)
+    return save_tiny_sdxl_pipeline(root / "model", seed=0, unet_overrides=TINY_SDXL_3LEVEL_UNET)
 
 
 def _common_argv(tiny: dict[str, Path], out: Path, *, lora: bool) -> list[str]:
@@ -270,15 +279,14 @@ def test_hyper_sd_one_step_score_distillation_stage(
     """TSCD k = 1 for one step, then 2 steps of the one-step stage (DMD + MSE + reward); resume inside it."""
     from diffusers import UNet2DConditionModel
 
-    common = _load("distill_common")
     loads: list[int] = []
-    get_image = common.ImageCaptionFolder.__getitem__
+    get_image = data_sources.ImageCaptionFolder.__getitem__
 
     def counted(self, index: int):  # type: ignore[no-untyped-def]
         loads.append(index)
         return get_image(self, index)
 
-    monkeypatch.setattr(common.ImageCaptionFolder, "__getitem__", counted)
+    monkeypatch.setattr(data_sources.ImageCaptionFolder, "__getitem__", counted)
 
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
     extra += ["--one_step_steps", "2", "--one_step_teacher_steps", "2", "--generator_timestep", "800"]
@@ -349,9 +357,8 @@ class _FakeAccelerator:
 
 
 def test_step_source_prefetch_follows_the_steps_and_says_when_out_of_step() -> None:
-    common = _load("distill_common")
 
-    class Numbers(common.StepSource):
+    class Numbers(data_sources.StepSource):
         def __init__(self) -> None:
             self.num_workers = 1
 
@@ -365,51 +372,53 @@ def test_step_source_prefetch_follows_the_steps_and_says_when_out_of_step() -> N
     data = Numbers()
     data.start(5, 8, seed=1, process_index=0, accumulation=1)
     for step in (5, 6):  # resumed at step 5: the worker's items are the steps' own draws
-        idx, texts, items = data.fetch(common.step_generator(1, step))
+        idx, texts, items = data.fetch(data_sources.step_generator(1, step))
         assert items == [2 * i for i in idx] and texts == [str(i) for i in idx]
     with pytest.raises(RuntimeError, match=r"out of step: it prefetched indices .* Call Numbers.start"):
-        data.fetch(common.step_generator(1, 3))  # step 7 was prefetched
+        data.fetch(data_sources.step_generator(1, 3))  # step 7 was prefetched
     data.close()
-    assert data.fetch(common.step_generator(1, 3))[2] == [
-        2 * i for i in data.draw(common.step_generator(1, 3))[0]
+    assert data.fetch(data_sources.step_generator(1, 3))[2] == [
+        2 * i for i in data.draw(data_sources.step_generator(1, 3))[0]
     ]
     # Steps from load_until_step on use only the texts: their workers load nothing (item None), the loader
     # stays in step, and a step that still asks for the items gets them loaded in-process.
     data.load_until_step = 6
     data.start(5, 8, seed=1, process_index=0, accumulation=1)
-    idx, _, items = data.fetch(common.step_generator(1, 5))
+    idx, _, items = data.fetch(data_sources.step_generator(1, 5))
     assert items == [2 * i for i in idx]
-    assert data.fetch(common.step_generator(1, 6), load=False)[2] == [None] * 3
-    idx, _, items = data.fetch(common.step_generator(1, 7))
+    assert data.fetch(data_sources.step_generator(1, 6), load=False)[2] == [None] * 3
+    idx, _, items = data.fetch(data_sources.step_generator(1, 7))
     assert items == [2 * i for i in idx]
     data.close()
-    assert data.fetch(common.step_generator(1, 3), load=False)[2] == [None] * 3
+    assert data.fetch(data_sources.step_generator(1, 3), load=False)[2] == [None] * 3
 
 
 def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
     import argparse
 
-    common = _load("distill_common")
     (tmp_path / "checkpoint-x").mkdir()
     acc = _FakeAccelerator()
     args = argparse.Namespace(
         output_dir=str(tmp_path), checkpoints_total_limit=2, resume_from_checkpoint=None
     )
     for step in (5, 10, 20, 100):
-        common.save_checkpoint(acc, args, step)
-    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == ["checkpoint-20", "checkpoint-100"]
-    assert common.resume(acc, args) == 0
+        checkpoints.save_checkpoint(acc, args, step)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-20", "checkpoint-100"]
+    assert checkpoints.resume(acc, args) == 0
     args.resume_from_checkpoint = "latest"
-    assert common.resume(acc, args) == 100
+    assert checkpoints.resume(acc, args) == 100
     args.resume_from_checkpoint = "checkpoint-20"
-    assert common.resume(acc, args) == 20 and acc.loaded == ["checkpoint-100", "checkpoint-20"]
+    assert checkpoints.resume(acc, args) == 20 and acc.loaded == ["checkpoint-100", "checkpoint-20"]
     args.resume_from_checkpoint = "latest"
-    assert common.resume(acc, argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "new")})) == 0
-    g1, g2 = common.step_generator(0, 5, 0, 0), common.step_generator(0, 5, 0, 0)
+    assert (
+        checkpoints.resume(acc, argparse.Namespace(**{**vars(args), "output_dir": str(tmp_path / "new")}))
+        == 0
+    )
+    g1, g2 = data_sources.step_generator(0, 5, 0, 0), data_sources.step_generator(0, 5, 0, 0)
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
     assert not torch.equal(
-        torch.randn(3, generator=common.step_generator(0, 5, 1, 0)),
-        torch.randn(3, generator=common.step_generator(0, 5, 0, 0)),
+        torch.randn(3, generator=data_sources.step_generator(0, 5, 1, 0)),
+        torch.randn(3, generator=data_sources.step_generator(0, 5, 0, 0)),
     )
 
 
@@ -488,12 +497,11 @@ def test_fsdp1_is_refused_with_the_fix() -> None:
 
     from accelerate.utils import DistributedType
 
-    common = _load("distill_common")
     fsdp1 = types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
     with pytest.raises(ValueError, match=r"FSDP2 only.*selects FSDP1: set fsdp_version: 2"):
-        common.check_fsdp_version(fsdp1)
-    common.check_fsdp_version(types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
-    common.check_fsdp_version(
+        runtime.check_fsdp_version(fsdp1)
+    runtime.check_fsdp_version(types.SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
+    runtime.check_fsdp_version(
         types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False)
     )
 
@@ -607,9 +615,8 @@ def test_use_ema_releases_the_average_and_resumes(
 
     from diffdistill.schedulers import NoiseSchedule
 
-    common = _load("distill_common")
     samples: dict[tuple[str, int], tuple[torch.Tensor, dict, torch.Tensor]] = {}
-    log_validation = common.log_validation
+    log_validation = validation.log_validation
 
     def recording(accelerator, args, parts, sample_fn, step):  # type: ignore[no-untyped-def]
         def recorded(z: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -619,7 +626,7 @@ def test_use_ema_releases_the_average_and_resumes(
 
         return log_validation(accelerator, args, parts, recorded, step)
 
-    monkeypatch.setattr(common, "log_validation", recording)
+    monkeypatch.setattr(validation, "log_validation", recording)
     extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--loss", "sim"]
     ema = ["--use_ema", "--ema_decay", "0.5"]
     out_a, out_b, out_raw = tmp_path / "a", tmp_path / "b", tmp_path / "raw"
@@ -658,7 +665,7 @@ def test_use_ema_releases_the_average_and_resumes(
         DDPMScheduler.from_pretrained(str(tiny_sdxl["model"]), subfolder="scheduler")
     )
     with torch.no_grad():  # on the device the script sampled on (the GPU where there is one)
-        want = common.one_step_x0(unet.to(z.device), schedule, z, 999, cond)
+        want = validation.one_step_x0(unet.to(z.device), schedule, z, 999, cond)
     for step in (1, 2):
         assert torch.equal(samples[("a", step)][0], samples[("raw", step)][0])  # the same noise
     # Samples are compared against what the average changes in them at step 2 (the online run's sample vs
@@ -816,7 +823,7 @@ def test_diffusion2gan_r1_under_sharding_says_why(
 
     from accelerate.utils import DistributedType
 
-    script, common = _load("sdxl_diffusion2gan"), _load("distill_common")
+    script = _load("sdxl_diffusion2gan")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     argv += ["--lpips_weights", "random"]
     with pytest.raises(ValueError, match=r"Expected --r1_gamma >= 0, but got -1.0"):
@@ -824,14 +831,14 @@ def test_diffusion2gan_r1_under_sharding_says_why(
     with pytest.raises(ValueError, match=r"Expected --r1_approximate_sigma > 0, but got 0.0; leave it out"):
         script.parse_args([*argv, "--r1_approximate_sigma", "0"])
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    monkeypatch.setattr(common, "make_accelerator", lambda args, name: fsdp)
+    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name: fsdp)
     with pytest.raises(
         ValueError,
         match=r"double backward.*FSDP.*run Diffusion2GAN with DDP, pass --r1_approximate_sigma \(e\.g\. 0\.1\) "
         r"for the finite-difference R1, or --r1_gamma 0",
     ):
         script.main(script.parse_args(argv))
-    assert common.is_sharded(fsdp) and not common.is_sharded(
+    assert runtime.is_sharded(fsdp) and not runtime.is_sharded(
         types.SimpleNamespace(distributed_type="MULTI_CPU")
     )
 
@@ -905,7 +912,7 @@ def test_diffusion2gan_approximate_r1_in_the_discriminator_update(
     script = _load("sdxl_diffusion2gan")
     penalties: list[tuple[float | None, torch.Tensor, bool]] = []
     backward_losses: list[torch.Tensor] = []
-    lazy, backward = script.lazy_r1_penalty, script.common.backward
+    lazy, backward = script.lazy_r1_penalty, runtime.backward
 
     def recording_lazy(*args: Any, **kwargs: Any) -> Any:
         loss, logs = lazy(*args, **kwargs)
@@ -917,7 +924,7 @@ def test_diffusion2gan_approximate_r1_in_the_discriminator_update(
         backward(accelerator, loss, model)
 
     monkeypatch.setattr(script, "lazy_r1_penalty", recording_lazy)
-    monkeypatch.setattr(script.common, "backward", recording_backward)
+    monkeypatch.setattr(runtime, "backward", recording_backward)
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     argv += ["--lpips_weights", "random", "--num_pairs", "2", "--teacher_steps", "2", "--r1_every", "1"]
     argv += ["--r1_approximate_sigma", "0.05", "--pairs_dir", str(tmp_path / "pairs")]
@@ -952,7 +959,7 @@ def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
     plan's beta1 with the flags that were given."""
     from diffusers import UNet2DConditionModel
 
-    script, common = _load("sdxl_lightning"), _load("distill_common")
+    script = _load("sdxl_lightning")
     init = _perturbed_unet(tiny_sdxl, tmp_path / "init")
     argv = [
         *_common_argv(tiny_sdxl, tmp_path / "out", lora=False),
@@ -993,7 +1000,7 @@ def test_lightning_full_stage_teacher_schedule_and_discriminator_inputs(
         d_inputs.append((real.detach().clone(), fake.detach().clone()))
         return renoise(real, fake, **kwargs)
 
-    optimisers = record_optimisers(monkeypatch, common)
+    optimisers = record_optimisers(monkeypatch)
     monkeypatch.setattr(script, "TeacherSolver", recording_solver)
     monkeypatch.setattr(script, "consistency_pair", recording_pair)
     monkeypatch.setattr(script, "renoise_for_discriminator", recording_renoise)
@@ -1080,8 +1087,6 @@ def test_clip_and_step_unscales_only_its_optimizer() -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    common = _load("distill_common")
-
     class FakeFp16Accelerator:
         unscale_gradients = Accelerator.unscale_gradients
         clip_grad_norm_ = Accelerator.clip_grad_norm_
@@ -1099,7 +1104,7 @@ def test_clip_and_step_unscales_only_its_optimizer() -> None:
     acc = FakeFp16Accelerator([opt_g, opt_d])
     acc.scaler.scale(disc_param.sum()).backward()  # D's first micro-batch, accumulated and scaled
     acc.scaler.scale(3.0 * gen_param.sum()).backward()
-    common.clip_and_step(acc, opt_g, [gen_param], max_norm=1e6)
+    runtime.clip_and_step(acc, opt_g, [gen_param], max_norm=1e6)
     assert gen_param.grad is None  # stepped and zeroed
     torch.testing.assert_close(
         disc_param.grad, torch.full((3,), 1024.0)
@@ -1109,27 +1114,27 @@ def test_clip_and_step_unscales_only_its_optimizer() -> None:
     # The generator's own gradients were unscaled before clipping: the norm clipped is the true one.
     acc.scaler.update()
     acc.scaler.scale(3.0 * gen_param.sum()).backward()
-    common.clip_and_step(acc, opt_g, [gen_param], max_norm=1.0)
+    runtime.clip_and_step(acc, opt_g, [gen_param], max_norm=1.0)
     assert gen_param.grad is None
 
 
 def test_uncond_defaults_to_zero_embeddings(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     """--uncond zeros (default): zero prompt and pooled embeddings with the conditional time_ids, as
     diffusers' SDXL pipeline with force_zeros_for_empty_prompt; --uncond empty_prompt: the encoded ""."""
-    script, common = _load("sdxl_sim"), _load("distill_common")
+    script = _load("sdxl_sim")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     args = script.parse_args(argv)
     assert args.uncond == "zeros"
-    parts = common.load_sdxl(args)
-    uncond = common.uncond_conditions(args, parts, "cpu", torch.float32)
-    empty = common.unet_conditions(parts, [""], args.resolution, "cpu", torch.float32)
+    parts = sdxl_models.load_sdxl(args)
+    uncond = sdxl_encoding.uncond_conditions(args, parts, "cpu", torch.float32)
+    empty = sdxl_encoding.unet_conditions(parts, [""], args.resolution, "cpu", torch.float32)
     assert uncond["encoder_hidden_states"].shape == empty["encoder_hidden_states"].shape
     assert not uncond["encoder_hidden_states"].any() and not uncond["added_cond_kwargs"]["text_embeds"].any()
     assert uncond["added_cond_kwargs"]["text_embeds"].shape == empty["added_cond_kwargs"]["text_embeds"].shape
     assert torch.equal(uncond["added_cond_kwargs"]["time_ids"], empty["added_cond_kwargs"]["time_ids"])
     assert empty["encoder_hidden_states"].any()
     args = script.parse_args([*argv, "--uncond", "empty_prompt"])
-    got = common.uncond_conditions(args, parts, "cpu", torch.float32)
+    got = sdxl_encoding.uncond_conditions(args, parts, "cpu", torch.float32)
     assert torch.equal(got["encoder_hidden_states"], empty["encoder_hidden_states"])
     assert torch.equal(got["added_cond_kwargs"]["text_embeds"], empty["added_cond_kwargs"]["text_embeds"])
     # Every script builds its unconditional branch through --uncond.
@@ -1137,7 +1142,7 @@ def test_uncond_defaults_to_zero_embeddings(tiny_sdxl: dict[str, Path], tmp_path
         source = path.read_text()
         assert 'unet_conditions(parts, [""]' not in source, path.name
         if "uncond" in source and "uncond=" in source.replace(" ", ""):
-            assert "common.uncond_conditions(args, parts" in source, path.name
+            assert "sdxl_encoding.uncond_conditions(args, parts" in source, path.name
 
 
 # ------------------------------------------------------------------------- review findings (examples)
@@ -1174,14 +1179,13 @@ def test_discriminator_head_follows_the_resolution(
 
 
 def test_discriminator_feature_resolution_rounds_up_like_the_strided_convs() -> None:
-    common = _load("distill_common")
     from diffdistill.discriminators import tiny_sdxl_unet
 
     unet = tiny_sdxl_unet()  # sample_size 16, bottleneck stride 2
-    assert common.discriminator_feature_resolution(unet, 128) == 8
-    assert common.discriminator_feature_resolution(unet, 64) == 4
-    assert common.discriminator_feature_resolution(unet, 72) == 5  # latent 9 -> ceil(9 / 2)
-    assert common.discriminator_feature_resolution(unet, 72, level="conv_in") == 9
+    assert sdxl_models.discriminator_feature_resolution(unet, 128) == 8
+    assert sdxl_models.discriminator_feature_resolution(unet, 64) == 4
+    assert sdxl_models.discriminator_feature_resolution(unet, 72) == 5  # latent 9 -> ceil(9 / 2)
+    assert sdxl_models.discriminator_feature_resolution(unet, 72, level="conv_in") == 9
 
 
 def _complete(folder: Path) -> Path:
@@ -1195,15 +1199,14 @@ def test_resume_latest_skips_checkpoints_without_the_completion_marker(
 ) -> None:
     import argparse
 
-    common = _load("distill_common")
     _complete(tmp_path / "checkpoint-10")
     (tmp_path / "checkpoint-20").mkdir()  # a save that never finished (no step.json)
     (tmp_path / "checkpoint-30").mkdir()
     (tmp_path / "checkpoint-30" / "model.safetensors").write_text("partial")
     acc = _FakeAccelerator()
     args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest")
-    with caplog.at_level("WARNING", logger="distill_common"):
-        assert common.resume(acc, args) == 10
+    with caplog.at_level("WARNING", logger="training"):
+        assert checkpoints.resume(acc, args) == 10
     assert acc.loaded == ["checkpoint-10"]
     assert "checkpoint-30" in caplog.text and "checkpoint-20" in caplog.text
     assert "step.json" in caplog.text
@@ -1211,9 +1214,9 @@ def test_resume_latest_skips_checkpoints_without_the_completion_marker(
     partial_root = tmp_path / "only_partial"
     (partial_root / "checkpoint-5").mkdir(parents=True)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="distill_common"):
+    with caplog.at_level("WARNING", logger="training"):
         assert (
-            common.resume(
+            checkpoints.resume(
                 acc, argparse.Namespace(output_dir=str(partial_root), resume_from_checkpoint="latest")
             )
             == 0
@@ -1231,28 +1234,29 @@ class _FailingSave(_FakeAccelerator):
 def test_a_failed_save_keeps_the_older_checkpoints(tmp_path: Path) -> None:
     import argparse
 
-    common = _load("distill_common")
     args = argparse.Namespace(
         output_dir=str(tmp_path), checkpoints_total_limit=1, resume_from_checkpoint=None
     )
-    common.save_checkpoint(_FakeAccelerator(), args, 10)
+    checkpoints.save_checkpoint(_FakeAccelerator(), args, 10)
     with pytest.raises(OSError, match="disk full"):
-        common.save_checkpoint(_FailingSave(), args, 20)
+        checkpoints.save_checkpoint(_FailingSave(), args, 20)
     assert (tmp_path / "checkpoint-10" / "step.json").is_file()  # the limit pruned nothing before the save
     assert not (tmp_path / "checkpoint-20" / "step.json").exists()
     acc = _FakeAccelerator()
-    assert common.resume(acc, argparse.Namespace(**{**vars(args), "resume_from_checkpoint": "latest"})) == 10
+    assert (
+        checkpoints.resume(acc, argparse.Namespace(**{**vars(args), "resume_from_checkpoint": "latest"}))
+        == 10
+    )
     # The next complete save prunes the old complete checkpoint and the abandoned partial one.
-    common.save_checkpoint(_FakeAccelerator(), args, 30)
-    assert [p.name for p in common.checkpoint_dirs(tmp_path)] == ["checkpoint-30"]
+    checkpoints.save_checkpoint(_FakeAccelerator(), args, 30)
+    assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path)] == ["checkpoint-30"]
     assert (tmp_path / "checkpoint-30" / "step.json").is_file()
 
 
 def test_step_generator_keys_do_not_collide() -> None:
-    common = _load("distill_common")
 
     def draw(*key: int) -> torch.Tensor:
-        return torch.randn(8, generator=common.step_generator(*key))
+        return torch.randn(8, generator=data_sources.step_generator(*key))
 
     # Each pair collided under the former linear key ((seed * 1_000_003 + step) * 1_009 + process) * 101 + micro.
     for a, b in [
@@ -1263,9 +1267,9 @@ def test_step_generator_keys_do_not_collide() -> None:
         assert not torch.equal(draw(*a), draw(*b)), (a, b)
     assert torch.equal(draw(3, 7, 1, 2), draw(3, 7, 1, 2))
     # Deterministic across processes and runs: a fixed key gives a pinned seed (no Python hash salt).
-    assert common.step_generator(3, 7, 1, 2).initial_seed() == 7674004941594573099
+    assert data_sources.step_generator(3, 7, 1, 2).initial_seed() == 7674004941594573099
     seeds = {
-        common.step_generator(s, t, p, m).initial_seed()
+        data_sources.step_generator(s, t, p, m).initial_seed()
         for s in range(3)
         for t in range(20)
         for p in range(4)
@@ -1316,7 +1320,7 @@ def test_accumulation_with_two_networks_is_refused_where_it_would_misweight(
 ) -> None:
     import types
 
-    script, common = _load("sdxl_sim"), _load("distill_common")
+    script = _load("sdxl_sim")
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--prompts_file", str(tiny_sdxl["prompts"])]
     with pytest.raises(ValueError, match=r"--fake_steps 2 with --gradient_accumulation_steps 2: each micro"):
         script.parse_args([*argv, "--fake_steps", "2", "--gradient_accumulation_steps", "2"])
@@ -1333,10 +1337,10 @@ def test_accumulation_with_two_networks_is_refused_where_it_would_misweight(
         )
 
     with pytest.raises(ValueError, match=r"fp16 with --gradient_accumulation_steps > 1 trains two networks"):
-        common.prepare(accelerator("fp16", 2), *pairs)
+        runtime.prepare(accelerator("fp16", 2), *pairs)
     for ok in (accelerator("bf16", 2), accelerator("fp16", 1), accelerator("fp16", 2, "DEEPSPEED")):
-        assert len(common.prepare(ok, *pairs)) == 4
-    assert len(common.prepare(accelerator("fp16", 2), pairs[0])) == 2  # one network: one scale, no issue
+        assert len(runtime.prepare(ok, *pairs)) == 4
+    assert len(runtime.prepare(accelerator("fp16", 2), pairs[0])) == 2  # one network: one scale, no issue
 
 
 def test_max_grad_norm_zero_still_means_no_clipping(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
@@ -1351,7 +1355,6 @@ def test_disk_caches_are_keyed_by_model_and_image_version(
     import argparse
     import shutil
 
-    common = _load("distill_common")
     cache = str(tmp_path / "cache")
     # Prompt embeddings: a second model sharing the cache gets its own, not the first model's.
     encoded: list[float] = []
@@ -1361,18 +1364,18 @@ def test_disk_caches_are_keyed_by_model_and_image_version(
         encoded.append(value)
         return torch.full((len(prompts), 2, 3), value), torch.full((len(prompts), 3), value)
 
-    monkeypatch.setattr(common, "encode_prompts", fake_encode)
+    monkeypatch.setattr(sdxl_encoding, "encode_prompts", fake_encode)
 
     def parts(value: float, tag: str) -> Any:
-        return common.SDXLComponents(None, None, value, None, None, None, None, cache_tag=tag)
+        return sdxl_models.SDXLComponents(None, None, value, None, None, None, None, cache_tag=tag)
 
     for value, tag in ((1.0, "model=a"), (2.0, "model=b"), (1.0, "model=a")):
-        ehs, _ = common.encode_prompts_cached(parts(value, tag), ["a cat"], "cpu", cache)
+        ehs, _ = sdxl_encoding.encode_prompts_cached(parts(value, tag), ["a cat"], "cpu", cache)
         assert float(ehs.max()) == value
     assert encoded == [1.0, 2.0]  # the third call read model a's file
     base = {"pretrained_model_name_or_path": "m", "revision": None, "variant": None}
-    tag = common.model_cache_tag(argparse.Namespace(**base, pretrained_vae_model_name_or_path=None))
-    assert tag != common.model_cache_tag(
+    tag = sdxl_models.model_cache_tag(argparse.Namespace(**base, pretrained_vae_model_name_or_path=None))
+    assert tag != sdxl_models.model_cache_tag(
         argparse.Namespace(**{**base, "variant": "fp16"}, pretrained_vae_model_name_or_path=None)
     )
     # Latents: the key follows the VAE and the image file's version (an edited image is encoded again).
@@ -1390,7 +1393,7 @@ def test_disk_caches_are_keyed_by_model_and_image_version(
             prompts_file=None,
             resolution=64,
         )
-        return common.StepData(args, need_images=True)._latent_cache(0)
+        return data_sources.StepData(args, need_images=True)._latent_cache(0)
 
     before = latent_file(None)
     assert latent_file(None) == before and latent_file("madebyollin/sdxl-vae-fp16-fix") != before
@@ -1405,16 +1408,17 @@ def test_after_step_runs_before_the_checkpoint(monkeypatch: pytest.MonkeyPatch) 
     import argparse
     import types
 
-    common = _load("distill_common")
     order: list[tuple[str, int]] = []
-    monkeypatch.setattr(common, "save_checkpoint", lambda acc, args, step: order.append(("checkpoint", step)))
+    monkeypatch.setattr(
+        checkpoints, "save_checkpoint", lambda acc, args, step: order.append(("checkpoint", step))
+    )
     accelerator = types.SimpleNamespace(
         is_local_main_process=False, process_index=0, log=lambda *a, **k: None
     )
     args = argparse.Namespace(
         max_train_steps=3, checkpointing_steps=1, gradient_accumulation_steps=1, seed=0, validation_steps=10
     )
-    common.train_loop(
+    loop.train_loop(
         accelerator, args, 0, lambda gen, step: {}, after_step=lambda step: order.append(("after", step))
     )
     assert order == [("after", 1), ("checkpoint", 1), ("after", 2), ("checkpoint", 2), ("after", 3)]

@@ -1,0 +1,28 @@
+"""The plumbing the ``examples/sdxl_*.py`` distillation scripts share, one module per concern.
+
+A script imports the modules it needs (``from training import runtime, checkpoints``) and calls them by
+qualified name (``runtime.adamw(...)``), so a reader sees where each piece lives and a test can replace one
+function of one module. Nothing here is a loss: the methods live in the scripts and in ``diffdistill``.
+
+Modules:
+
+- :mod:`training.options`: the command-line options every script shares, and their validation.
+- :mod:`training.sdxl_models`: loading the SDXL components, the student and the frozen teacher.
+- :mod:`training.sdxl_encoding`: SDXL prompt encoding (two CLIP encoders, pooled embeddings, ``time_ids``,
+  an on-disk cache) and VAE latents (encode, decode).
+- :mod:`training.data_sources`: prompt lists and image-caption folders, read per optimisation step.
+- :mod:`training.runtime`: the accelerate / DeepSpeed / FSDP runtime (accelerator, optimisers, backward,
+  autocast, clipping).
+- :mod:`training.checkpoints`: numbered ``checkpoint-{step}`` folders with pruning and exact resume, and the
+  final diffusers-loadable weights.
+- :mod:`training.ema_release`: the exponential moving average a run releases, checkpointed under every engine.
+- :mod:`training.validation`: validation images during training.
+- :mod:`training.loop`: the training loop (steps, checkpoints, validation, progress bar).
+- :mod:`training.score_distillation`: the online fake score and its alternation with the generator (SIM, SiD,
+  DMD, Hyper-SD's one-step stage).
+
+Determinism and resume: every optimisation step draws its data indices, noise and timesteps from a
+``torch.Generator`` seeded by ``(seed, step, process, micro-batch)``
+(:func:`training.data_sources.step_generator`), so a run resumed from ``checkpoint-N`` computes exactly the
+step ``N + 1`` that an uninterrupted run computes.
+"""

@@ -1,0 +1,254 @@
+"""Numbered checkpoint folders (save, prune, exact resume) and the final diffusers-loadable weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffdistill.students import save_lora
+
+from . import ema_release, runtime
+
+logger = logging.getLogger(__name__)
+
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """``checkpoint-N`` folders of ``output_dir``, oldest (smallest N) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+CHECKPOINT_MARKER = "step.json"  # written last: a checkpoint-N folder without it is incomplete
+
+
+def is_complete_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether the ``checkpoint-N`` folder ``path`` holds its completion marker (``step.json``), written by
+    :func:`save_checkpoint` only after every process finished ``save_state``."""
+    return (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
+def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int) -> Path:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``, keeping at most the total limit.
+
+    The folder is marked complete (``step.json``, written atomically) once every process has saved, and only
+    then are older checkpoints pruned: a save that fails (disk full, a killed job) leaves the previous
+    checkpoints in place, and :func:`resume` skips the unmarked folder. Pruning keeps the newest
+    ``--checkpoints_total_limit`` complete checkpoints (this one included) and removes incomplete folders
+    older than this one (abandoned saves).
+    """
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    marker = path / CHECKPOINT_MARKER
+    if accelerator.is_main_process and marker.exists():
+        marker.unlink()  # re-saving a step: the folder is incomplete until this save finishes
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every process's files are written before the folder is marked
+    if accelerator.is_main_process:
+        tmp = path / f"{CHECKPOINT_MARKER}.tmp"
+        tmp.write_text(json.dumps({"global_step": step}))
+        os.replace(tmp, marker)
+        if args.checkpoints_total_limit is not None:
+            _prune_checkpoints(args.output_dir, path, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _prune_checkpoints(output_dir: str | os.PathLike[str], newest: Path, limit: int) -> None:
+    """Remove complete checkpoints beyond the newest ``limit`` (``newest`` included, never removed) and
+    incomplete folders older than ``newest``."""
+    found = checkpoint_dirs(output_dir)  # oldest first
+    older = found[: found.index(newest)] if newest in found else found
+    others = [p for p in found if p != newest]
+    complete = [p for p in others if is_complete_checkpoint(p)]
+    stale = complete[: max(0, len(complete) - limit + 1)]
+    stale += [p for p in older if not is_complete_checkpoint(p)]
+    for folder in stale:
+        shutil.rmtree(folder)
+
+
+def resume(accelerator: Any, args: argparse.Namespace) -> int:
+    """Load ``--resume_from_checkpoint`` (``latest`` or a path) and return its step (0 without one).
+
+    ``latest`` is the newest *complete* checkpoint (with ``step.json``); newer folders without the marker
+    (a save that did not finish) are skipped with a warning.
+    """
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(args.output_dir)
+        complete = [p for p in found if is_complete_checkpoint(p)]
+        newer = found[found.index(complete[-1]) + 1 :] if complete else found
+        for skipped in newer:  # all incomplete: newer than the newest complete one
+            logger.warning(
+                "Skipping %s for --resume_from_checkpoint latest: it has no %s, so its save did not finish "
+                "(delete the folder, or pass it as --resume_from_checkpoint to try it anyway).",
+                skipped,
+                CHECKPOINT_MARKER,
+            )
+        if not complete:
+            return 0  # first launch of a job that always passes "latest" (or only unfinished saves)
+        path = complete[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            path = Path(args.output_dir) / args.resume_from_checkpoint
+    match = CHECKPOINT_RE.match(path.name)
+    if not path.is_dir() or match is None:
+        raise ValueError(
+            f"Expected --resume_from_checkpoint to be 'latest' or a checkpoint-N folder, got {path}."
+        )
+    if not is_complete_checkpoint(path):
+        logger.warning(
+            "%s has no %s: its save may not have finished; loading it as asked.", path, CHECKPOINT_MARKER
+        )
+    accelerator.load_state(str(path))
+    return int(match.group(1))
+
+
+def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) -> None:
+    """Checkpoint LoRA models as their adapters only: ``checkpoint-N/{name}_lora.safetensors``.
+
+    accelerate save/load pre-hooks (as in diffusers' LoRA training scripts): the save hook writes each
+    model's adapter (:func:`diffdistill.students.save_lora`) and drops the model from the weights accelerate
+    writes; the load hook reads the adapter back into the live model (same parameter objects, so the
+    optimiser and an EMA keep tracking them) and drops the model from the ones accelerate loads. Other
+    prepared models (discriminators) are saved by accelerate as usual. Not used with FSDP / DeepSpeed
+    (:func:`setup_checkpoints`): there accelerate writes every model's shards itself.
+    """
+    from diffdistill.students import load_lora
+
+    targets = {name: accelerator.unwrap_model(m) for name, m in models.items()}
+
+    def ours(prepared: list[Any]) -> dict[int, str]:
+        unwrapped = [accelerator.unwrap_model(m) for m in prepared]
+        return {i: name for name, t in targets.items() for i, m in enumerate(unwrapped) if m is t}
+
+    def save_hook(prepared: list[Any], weights: list[Any], output_dir: str) -> None:
+        found = ours(prepared)
+        if accelerator.is_main_process:
+            for name in found.values():
+                save_lora(targets[name], Path(output_dir) / f"{name}_lora.safetensors", prefix="")
+        if len(weights) == len(prepared):
+            for i in sorted(found, reverse=True):
+                weights.pop(i)
+
+    def load_hook(prepared: list[Any], input_dir: str) -> None:
+        found = ours(prepared)
+        for i in sorted(found, reverse=True):
+            load_lora(targets[found[i]], Path(input_dir) / f"{found[i]}_lora.safetensors", prefix="")
+            prepared.pop(i)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def setup_checkpoints(
+    accelerator: Any,
+    args: argparse.Namespace,
+    student: nn.Module,
+    extra_lora: dict[str, nn.Module] | None = None,
+) -> ema_release.ReleaseEMA | None:
+    """What the checkpoints hold beyond accelerate's defaults; call after ``prepare``, before :func:`resume`.
+
+    With ``--use_lora`` the student (named ``unet``) and the ``extra_lora`` models are checkpointed as
+    adapters (:func:`register_lora_checkpointing`), except under FSDP / DeepSpeed. With ``--use_ema`` returns the :class:`ReleaseEMA` of the
+    student's trainable parameters, registered for checkpointing; pass it to :func:`train_loop` and
+    :func:`save_unet`.
+    """
+    if args.use_lora and not runtime.is_sharded(
+        accelerator
+    ):  # sharded: accelerate's own (whole-model) shards
+        register_lora_checkpointing(accelerator, {"unet": student, **(extra_lora or {})})
+    if not args.use_ema:
+        return None
+    ema = ema_release.ReleaseEMA(accelerator.unwrap_model(student), args.ema_decay, args.ema_warmup)
+    ema_release.register_ema(accelerator, ema.ema, ema.params)
+    return ema
+
+
+def should_checkpoint(args: argparse.Namespace, step: int) -> bool:
+    return step % args.checkpointing_steps == 0 and step < args.max_train_steps
+
+
+def save_unet(
+    accelerator: Any,
+    unet: nn.Module,
+    args: argparse.Namespace,
+    subfolder: str = "unet",
+    *,
+    ema: ema_release.ReleaseEMA | None = None,
+    folder: str = "",
+) -> Path:
+    """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet,
+    under ``--output_dir`` (or its sub-folder ``folder``, e.g. for a stage's intermediate weights).
+
+    With ``ema`` (``--use_ema``) the averaged weights are copied into ``unet`` first, so they are what is
+    written (and what the model holds afterwards); mid-run, save inside ``ReleaseEMA.swapped_in()``
+    instead, which puts the online weights back.
+
+    Call on every process: the weights are ``accelerator.get_state_dict(unet)``, which gathers the shards
+    of an FSDP model; the main process writes them (a full UNet as ``save_pretrained`` lays it out: config
+    and ``diffusion_pytorch_model*.safetensors`` shards of at most 10 GB).
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    accelerator.wait_for_everyone()
+    out = Path(args.output_dir) / folder
+    model = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to_model()
+    state = accelerator.get_state_dict(unet)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.use_lora:
+            save_lora(model, out / LORA_WEIGHT_NAME, state_dict=state)
+            path = out / LORA_WEIGHT_NAME
+        else:
+            path = out / subfolder
+            model.save_config(path)
+            _fix_class_name(path / "config.json", model)
+            save_torch_state_dict(
+                state,
+                path,
+                filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                max_shard_size="10GB",
+                metadata={"format": "pt"},
+            )
+    else:
+        path = out / (LORA_WEIGHT_NAME if args.use_lora else subfolder)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _fix_class_name(config_file: Path, model: nn.Module) -> None:
+    """Write the model's own class in ``_class_name``: FSDP2 (``fully_shard``) swaps the instance's class for
+    a generated ``FSDP<Name>`` subclass, which diffusers' ``save_config`` would record."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    if not isinstance(model, FSDPModule):
+        return
+    own = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = own.__name__
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

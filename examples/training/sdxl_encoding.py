@@ -1,0 +1,174 @@
+"""SDXL prompt encoding (two CLIP encoders, pooled embeddings, time ids, on-disk cache) and VAE latents."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import sdxl_models
+
+
+@torch.no_grad()
+def encode_prompts(
+    components: sdxl_models.SDXLComponents, prompts: Sequence[str], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning: ``(prompt_embeds (B, L, D1 + D2), pooled (B, P))``.
+
+    Both encoders' penultimate hidden states are concatenated on the feature axis; the pooled embedding is
+    the projected text embedding of the second encoder.
+    """
+    hidden = []
+    pooled = None
+    for tok, enc in (
+        (components.tokenizer, components.text_encoder),
+        (components.tokenizer_2, components.text_encoder_2),
+    ):
+        ids = tok(
+            list(prompts),
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        out = enc(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]
+    assert pooled is not None
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(
+    batch: int, resolution: int, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per sample."""
+    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+    return row.repeat(batch, 1)
+
+
+def cache_file(cache_dir: str | os.PathLike[str], kind: str, key: str) -> Path:
+    return Path(cache_dir) / kind / f"{hashlib.sha1(key.encode('utf-8')).hexdigest()}.safetensors"
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent processes never read a partial file
+
+
+def encode_prompts_cached(
+    components: sdxl_models.SDXLComponents,
+    prompts: Sequence[str],
+    device: torch.device | str,
+    cache_dir: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_prompts` with one safetensors file per prompt under ``cache_dir/text`` (if given)."""
+    if cache_dir is None:
+        return encode_prompts(components, prompts, device)
+    from safetensors.torch import load_file
+
+    def file(prompt: str) -> Path:
+        return cache_file(cache_dir, "text", f"{components.cache_tag}|{prompt}")
+
+    files = [file(p) for p in prompts]
+    missing = sorted({p for p, f in zip(prompts, files) if not f.exists()})
+    if missing:
+        ehs, pooled = encode_prompts(components, missing, device)
+        for i, p in enumerate(missing):
+            save_atomic({"ehs": ehs[i], "pooled": pooled[i]}, file(p))
+    loaded = [load_file(str(f)) for f in files]
+    return (
+        torch.stack([d["ehs"] for d in loaded]).to(device),
+        torch.stack([d["pooled"] for d in loaded]).to(device),
+    )
+
+
+def unet_conditions(
+    components: sdxl_models.SDXLComponents,
+    prompts: Sequence[str],
+    resolution: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """UNet keyword arguments ``{"encoder_hidden_states", "added_cond_kwargs"}`` for ``prompts``."""
+    ehs, pooled = encode_prompts_cached(components, prompts, device, cache_dir)
+    added = {
+        "text_embeds": pooled.to(dtype),
+        "time_ids": sdxl_time_ids(len(prompts), resolution, device, dtype),
+    }
+    return {"encoder_hidden_states": ehs.to(dtype), "added_cond_kwargs": added}
+
+
+def uncond_conditions(
+    args: argparse.Namespace,
+    components: sdxl_models.SDXLComponents,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """UNet keyword arguments of the unconditional (negative) branch of CFG, batch 1, per ``--uncond``.
+
+    ``zeros`` (default): zero ``encoder_hidden_states`` and zero pooled ``text_embeds`` -- what diffusers'
+    ``StableDiffusionXLPipeline`` uses for an empty negative prompt when ``force_zeros_for_empty_prompt``
+    is set (SDXL-base's setting) and what diffusers' LCM-SDXL distillation script uses. ``empty_prompt``:
+    the encoded ``""`` prompt. ``time_ids`` are those of the conditional branch in both cases.
+    """
+    cond = unet_conditions(components, [""], args.resolution, device, dtype, args.cache_dir)
+    if args.uncond == "empty_prompt":
+        return cond
+    added = cond["added_cond_kwargs"]
+    return {
+        "encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros_like(added["text_embeds"]),
+            "time_ids": added["time_ids"],
+        },
+    }
+
+
+def latent_scale(vae: Any) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of the VAE."""
+    cfg = vae.config
+    return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+
+@torch.no_grad()
+def posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the VAE posterior of pixel images in [-1, 1] (float32)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_posterior(
+    vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Scaled latents ``(mean + std * eps - shift) * scale`` with ``eps`` drawn from ``generator``."""
+    scale, shift = latent_scale(vae)
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+    return (mean + std * noise.to(mean) - shift) * scale
+
+
+@torch.no_grad()
+def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents of pixel images in [-1, 1] (a sample of the posterior drawn with ``generator``)."""
+    return sample_posterior(vae, *posterior(vae, pixels), generator)
+
+
+def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], ``(B, 3, H, W)`` float32, from scaled latents; differentiable in ``latents``."""
+    scale, shift = latent_scale(vae)
+    return vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], ``(B, 3, H, W)`` float32 on the CPU, from scaled latents."""
+    return ((decode_pixels(vae, latents) + 1) / 2).cpu()

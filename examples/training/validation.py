@@ -1,0 +1,79 @@
+"""Validation images written to tensorboard / disk during training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import runtime, sdxl_encoding, sdxl_models
+
+
+@torch.no_grad()
+def log_validation(
+    accelerator: Any, args: argparse.Namespace, parts: sdxl_models.SDXLComponents, sample_fn: Any, step: int
+) -> Path | None:
+    """Sample ``--validation_prompts`` with ``sample_fn(noise, cond) -> latents``; save and log the grid.
+
+    The main process samples -- every process when the model is sharded (FSDP: a forward pass needs all of
+    them) -- with a fixed generator (the same noise at every validation), leaving the training randomness
+    untouched; the main process writes the grid (one row) to ``OUTPUT_DIR/samples/step-{step}.png`` and to TensorBoard when it
+    is a tracker.
+    """
+    if not args.validation_prompts or not (accelerator.is_main_process or runtime.is_sharded(accelerator)):
+        return None
+    from PIL import Image
+
+    device = accelerator.device
+    dtype = runtime.weight_dtype_of(accelerator)
+    prompts = list(args.validation_prompts)
+    cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((len(prompts), 4, args.resolution // 8, args.resolution // 8), generator=gen).to(
+        device
+    )
+    with runtime.autocast(accelerator):
+        latents = sample_fn(noise, cond).float()
+    if not accelerator.is_main_process:
+        return None
+    if parts.vae.device != device:
+        parts.vae.to(device)
+    images = sdxl_encoding.decode_latents(parts.vae, latents)
+    grid = torch.cat(list(images), dim=2)  # one row
+    path = Path(args.output_dir) / "samples" / f"step-{step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    for tracker in getattr(accelerator, "trackers", []):
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", images, step)
+    return path
+
+
+def one_step_x0(
+    model: Any, schedule: Any, z: torch.Tensor, timestep: int, cond: dict[str, Any]
+) -> torch.Tensor:
+    """A one-step generator's sample: the clean latents ``model`` predicts from pure noise ``z`` fed at
+    ``timestep`` (float32)."""
+    t = torch.full((z.shape[0],), timestep, device=z.device, dtype=torch.long)
+    return schedule.to_x0(model(z, t, **cond).sample.float(), z, t)
+
+
+def one_step_validation(
+    accelerator: Any,
+    args: argparse.Namespace,
+    parts: sdxl_models.SDXLComponents,
+    unet: nn.Module,
+    schedule: Any,
+) -> Any:
+    """``validate(step)`` for :func:`train_loop`: the grid of the one-step generator ``unet`` (prepared)
+    called at ``--generator_timestep``."""
+
+    def validate(step: int) -> None:
+        model = accelerator.unwrap_model(unet)
+        sample = lambda z, c: one_step_x0(model, schedule, z, args.generator_timestep, c)  # noqa: E731
+        log_validation(accelerator, args, parts, sample, step)
+
+    return validate
