@@ -18,6 +18,7 @@ Modules:
 - :mod:`training.ema_release`: the exponential moving average a run releases, checkpointed under every engine.
 - :mod:`training.validation`: validation images during training.
 - :mod:`training.loop`: the training loop (steps, checkpoints, validation, progress bar).
+- :mod:`training.teacher_pairs`: Diffusion2GAN's teacher ODE pairs (shards, their recorded settings, reading).
 - :mod:`training.score_distillation`: the online fake score and its alternation with the generator (SIM, SiD,
   DMD, Hyper-SD's one-step stage).
 

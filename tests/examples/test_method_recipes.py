@@ -32,6 +32,7 @@ from tests.examples.test_sdxl_scripts import (  # noqa: F401
     record_optimisers,
     runtime,
     sdxl_models,
+    teacher_pairs,
     tiny_sdxl,
 )
 
@@ -317,21 +318,21 @@ def test_diffusion2gan_pair_shards_record_settings_and_stale_ones_are_refused(
     teacher = TeacherSolver(
         parts.unet, NoiseSchedule.from_scheduler(parts.noise_scheduler), guidance_scale=args.guidance_scale
     )
-    script.generate_pairs(accelerator, args, parts, teacher)
+    teacher_pairs.generate_pairs(accelerator, args, parts, teacher)
     shards = sorted(pairs.iterdir())
     assert [p.name for p in shards] == ["pairs-00000.safetensors", "pairs-00001.safetensors"]
     with safe_open(str(shards[0]), framework="pt") as f:
         stored = json.loads(f.metadata()["settings"])
-    assert stored == script.pair_settings(args)
+    assert stored == teacher_pairs.pair_settings(args)
     assert stored["teacher"] == str(tiny_sdxl["model"].resolve())
     assert (stored["guidance_scale"], stored["teacher_steps"], stored["resolution"]) == (7.0, 1, 128)
     assert (stored["pairs_seed"], stored["pairs_shard_size"], stored["uncond"]) == (3, 2, "zeros")
     # The same settings reuse the shards as they are (nothing rewritten).
     mtimes = [p.stat().st_mtime_ns for p in shards]
-    script.generate_pairs(accelerator, args, parts, teacher)
+    teacher_pairs.generate_pairs(accelerator, args, parts, teacher)
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
     # Another training seed with the shards' --pairs_seed reuses them too.
-    script.check_pairs(script.parse_args([*_set(argv, "--seed", "5"), "--pairs_seed", "3"]))
+    teacher_pairs.check_pairs(script.parse_args([*_set(argv, "--seed", "5"), "--pairs_seed", "3"]))
 
     def refused(argv_b: list[str], pattern: str) -> None:
         with pytest.raises(ValueError, match=pattern):
@@ -362,7 +363,9 @@ def test_diffusion2gan_pair_shards_record_settings_and_stale_ones_are_refused(
     )
     other_model = tmp_path / "model_copy"
     other_model.symlink_to(tiny_sdxl["model"], target_is_directory=True)  # resolves to the same teacher
-    script.check_pairs(script.parse_args(_set(argv, "--pretrained_model_name_or_path", str(other_model))))
+    teacher_pairs.check_pairs(
+        script.parse_args(_set(argv, "--pretrained_model_name_or_path", str(other_model)))
+    )
     refused(
         [*argv, "--variant", "fp16"], r"variant=None and this run asks for variant='fp16'.*\(no --variant\)"
     )

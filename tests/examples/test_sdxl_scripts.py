@@ -73,6 +73,7 @@ loop = _load("training.loop")
 runtime = _load("training.runtime")
 sdxl_encoding = _load("training.sdxl_encoding")
 sdxl_models = _load("training.sdxl_models")
+teacher_pairs = _load("training.teacher_pairs")
 validation = _load("training.validation")
 
 
