@@ -12,7 +12,7 @@ input at ``t = 999`` is pure noise (``NoiseSchedule(terminal_pure_noise=True)``)
 
 * ``128->32`` -- MSE between the student's jump and 4 guided teacher DDIM steps (CFG 6), LoRA
   (:func:`diffdistill.losses.progressive_distillation_loss`);
-* in every stage the teacher, an N-step model, runs on its own stride ``s = T/N`` from ``t`` (Sec. 2.3:
+* in every stage with a teacher (all but ``2->1/x0-conversion``) the teacher, an N-step model, runs on its own stride ``s = T/N`` from ``t`` (Sec. 2.3:
   ``t - k s``, clamped at the student's jump target, zero-length steps skipped; :func:`teacher_stride`),
   not an even split of the student's jump: the 2-step teacher of ``2->1`` runs 749 -> 249 -> clean from
   the extra timestep 749;
@@ -49,7 +49,8 @@ and ``--discriminator_timestep_weights_stable`` override the two weight sets.
 Each stage's optimiser is AdamW (decoupled weight decay; Adam when it is 0) with the plan's betas --
 (0.9, 0.999) for the MSE stage, (0, 0.99) for the adversarial ones -- and learning rate, and no weight
 decay; ``--adam_beta1``, ``--adam_beta2``, ``--adam_weight_decay`` and ``--learning_rate`` override them
-where given (:func:`optimizer_options`).
+where given (:func:`optimizer_options`). The x0 conversion, for which the paper gives none, takes lr 1e-6
+and betas (0.9, 0.999) (our choice).
 
 Example (first two stages; the whole chain is in examples/README.md)::
 

@@ -3,7 +3,8 @@
 Stage 1 trains a VGG16-BN classifier whose first convolution takes the VAE's latent channels and whose
 first three max-pools are removed (Kang et al., "Distilling Diffusion Models into Conditional GANs",
 ECCV 2024, arXiv:2405.05967) on the latents of an image folder laid out as ``root/<class>/<image>``
-(ImageNet in the paper; SGD, lr 0.1, momentum 0.9, weight decay 1e-4, step decay).
+(ImageNet in the paper; the optimiser is our choice, torchvision's ImageNet recipe as in the unofficial
+reproduction: SGD, lr 0.1, momentum 0.9, weight decay 1e-4, step decay; the paper's values are not known).
 
 Stage 2 freezes that trunk and fits the five non-negative 1×1 heads on two-alternative forced-choice
 triplets in the BAPPS layout (``<dir>/ref``, ``<dir>/p0``, ``<dir>/p1`` images with matching names

@@ -18,10 +18,12 @@ E-LatentLPIPS ensembles it over random differentiable augmentations :math:`T` ap
 both arguments, :math:`d_E(x, y) = \mathbb E_T\, d(T(x), T(y))` (the L1 term is taken before the
 augmentation), which the paper shows is needed for the loss to converge as a regression target.
 
-The official ``elatentlpips`` checkpoints load unchanged (``load_state_dict(sd, strict=True)``), and
-``python -m diffdistill.losses.lpips convert CHECKPOINT OUT.safetensors`` converts them. Nothing is
-downloaded unless :func:`download_weights` is called with a URL (:data:`RELEASED_WEIGHTS_URL` names the
-released calibrated checkpoints). Built without ``weights``, a loss warns once per call site that it runs
+Checkpoints in the layout of the author's ``elatentlpips`` package (``*_latest_vgg16_tuned.pth``,
+``*_latent_vgg16.pth.tar``) load unchanged (``load_state_dict(sd, strict=True)``; tested on state dicts
+written in that layout, not on the downloaded files), and ``python -m diffdistill.losses.lpips convert
+CHECKPOINT OUT.safetensors`` converts them. No weights ship with this library and nothing is downloaded
+unless :func:`download_weights` is called with a URL: :data:`RELEASED_WEIGHTS_URL` names the calibrated
+checkpoints of the author's later re-implementation (CC-BY-NC licensed, not the paper's original weights). Built without ``weights``, a loss warns once per call site that it runs
 on a random trunk; ``weights=None`` chooses that random trunk explicitly, without a warning.
 
 Dtypes: the trunk runs in the dtype of its parameters (inputs are cast to it, or the caller's autocast
@@ -94,7 +96,8 @@ _SLICE_BOUNDS = (0, 7, 14, 24, 34, 44)
 _VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")  # fmt: skip
 _NORM_EPS = 1e-8
 
-#: The released calibrated E-LatentLPIPS checkpoints (Kang et al.), by latent name (``sd15``, ``sd21``,
+#: The calibrated checkpoints of the author's E-LatentLPIPS re-implementation (the ``elatentlpips`` package,
+#: CC-BY-NC licensed; not the paper's original weights, which were not released), by latent name (``sd15``, ``sd21``,
 #: ``sdxl``, ``sd3``, ``flux``): ``download_weights(RELEASED_WEIGHTS_URL.format(latent="sdxl"))`` fetches one
 #: (nothing is downloaded otherwise), and its path is what ``weights=`` takes.
 RELEASED_WEIGHTS_URL = "https://huggingface.co/Mingguksky/elatentlpips/resolve/main/elatentlpips_ckpt/{latent}_latest_vgg16_tuned.pth"
@@ -116,7 +119,7 @@ def _warn_random_weights(cls_name: str, latent: str | int) -> None:
     """Warn (once per call site, Python's default filter) that a loss was built on a random trunk."""
     if isinstance(latent, str):
         how = (
-            "Load the released calibrated weights with weights=diffdistill.losses.download_weights("
+            "Load calibrated weights (the author's CC-BY-NC re-implementation) with weights=diffdistill.losses.download_weights("
             f"{RELEASED_WEIGHTS_URL.format(latent=latent)!r}) (downloads once) or weights=PATH (an official, "
             "converted or save_pretrained checkpoint)"
         )

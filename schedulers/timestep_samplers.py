@@ -138,7 +138,8 @@ def uniform_timesteps(
     """``t ~ U{low, ..., high}`` (inclusive), shape ``(B,)`` int64, as a :class:`TimestepSample`.
 
     Presets from the papers (T = 1000): DMD / DMD2 distribution matching ``U[0.02T, 0.98T]`` →
-    ``low=20, high=980``; SiD for Stable Diffusion ``t ~ U{20..980}`` (the same); DMD2's
+    ``low=20, high=980``; SiD-LSG for Stable Diffusion
+    ``torch.randint(20, 980)`` → ``low=20, high=979``; DMD2's
     diffusion-GAN discriminator ``U[0, 1000)`` → ``low=0, high=999``.
 
     Args:
