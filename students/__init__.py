@@ -4,6 +4,9 @@
 * :class:`FeatureTap`, :class:`LayerKD`, :func:`layer_kd_loss` -- forward-hook feature KD (SSD-1B / BK-SDM).
 * :class:`BlockRemovalSpec`, :data:`PRESETS`, :func:`student_config`, :func:`build_student` -- SSD-1B /
   Segmind-Vega / BK-SDM block removal with teacher-weight initialisation and a :class:`BlockRemovalReport`.
+* :func:`start_chain`, :func:`remove_blocks`, :class:`BlockRemovalChain`, :class:`RemovalRound`,
+  :func:`split_rounds`, :func:`removed_units`, :func:`infer_chain`, :func:`unet_flops`, :data:`ROUND_GROUPS` --
+  progressive block removal in rounds (SSD-1B / Segmind-Vega), each from the previous round's student.
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
   :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
@@ -39,16 +42,30 @@ from .lora import (
     merge_lora,
     save_lora,
 )
+from .removal_rounds import (
+    ROUND_GROUPS,
+    BlockRemovalChain,
+    RemovalRound,
+    infer_chain,
+    remove_blocks,
+    removed_units,
+    split_rounds,
+    start_chain,
+    unet_flops,
+)
 from .x0_conversion import X0Conversion
 
 __all__ = [
     "EMA",
     "LCM_LORA_TARGETS",
     "PRESETS",
+    "ROUND_GROUPS",
+    "BlockRemovalChain",
     "BlockRemovalReport",
     "BlockRemovalSpec",
     "FeatureTap",
     "LayerKD",
+    "RemovalRound",
     "TeacherView",
     "X0Conversion",
     "adapters_disabled",
@@ -58,13 +75,19 @@ __all__ = [
     "frozen",
     "guidance_scale_embedding",
     "in_backward_pass",
+    "infer_chain",
     "init_from_teacher",
     "layer_kd_loss",
     "load_lora",
     "lora_state_dict",
     "merge_lora",
+    "remove_blocks",
+    "removed_units",
     "reshard",
     "resolve_module_names",
     "save_lora",
+    "split_rounds",
+    "start_chain",
     "student_config",
+    "unet_flops",
 ]

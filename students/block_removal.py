@@ -32,6 +32,9 @@ depth, rounded half up, at least 1, so the SDXL presets also apply to tiny SDXL-
                    ``up_blocks[0]``) removed: 0.323B (BK-SDM-Tiny, published 0.33B).
 =================  ==================================================================================
 
+Progressive rounds (SSD-1B / Segmind-Vega: blocks removed in rounds, each from the previous round's trained
+student) are in :mod:`diffdistill.students.removal_rounds`.
+
 The SDXL preset depths are those of the released configs (``segmind/SSD-1B``: ``reverse_transformer_
 layers_per_block`` [[4,4,10],[2,1,1],1] as quoted in onediff issue #570, down [1,2,4]; Segmind-Vega:
 down [1,1,2], up [[2,2,2],[1,1,1],1]; both with a one-resnet mid block, as in ComfyUI's
@@ -403,7 +406,14 @@ class _Plan:
     module_map: dict[str, str]
 
 
-def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
+def _plan(
+    teacher_config: Mapping[str, Any],
+    spec: BlockRemovalSpec,
+    kept_layers: Mapping[str, Sequence[int]] | None = None,
+) -> _Plan:
+    """The student config and module map for ``spec``; ``kept_layers`` (teacher attention name -> the
+    teacher transformer-layer indices it keeps) overrides the spec's depth and keep rule per attention."""
+    kept_layers = kept_layers or {}
     if not isinstance(teacher_config, Mapping):
         raise DTypeError(
             f"Expected `teacher_config` to be a UNet2DConditionModel config (a mapping: `unet.config`), but got "
@@ -459,7 +469,8 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
 
     def map_attention(s_attn: str, t_attn: str, t_depth: int, s_depth: int) -> None:
         module_map[s_attn] = t_attn
-        for s_l, t_l in enumerate(_keep_indices(rule, t_depth, s_depth)):
+        keep = kept_layers[t_attn] if t_attn in kept_layers else _keep_indices(rule, t_depth, s_depth)
+        for s_l, t_l in enumerate(keep):
             module_map[f"{s_attn}.transformer_blocks.{s_l}"] = f"{t_attn}.transformer_blocks.{t_l}"
 
     down_depths: list[list[int]] = []
@@ -468,6 +479,8 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
         has_attn = _has_attention(lay.down_types[i])
         entry = _attention_entry(spec.down_transformer_layers, i, has_attn, lay.down_types[i], "down")
         depths = _level_depths(entry, teacher_depths, f"down_transformer_layers[{i}]")
+        for s_j, t_j in enumerate(down_keep[i]):
+            depths[s_j] = len(kept_layers.get(f"down_blocks.{i}.attentions.{t_j}", range(depths[s_j])))
         down_depths.append(depths)
         module_map[f"down_blocks.{i}"] = f"down_blocks.{i}"
         for s_j, t_j in enumerate(down_keep[i]):
@@ -491,6 +504,8 @@ def _plan(teacher_config: Mapping[str, Any], spec: BlockRemovalSpec) -> _Plan:
         has_attn = _has_attention(lay.up_types[t_u])
         entry = _attention_entry(spec.up_transformer_layers, level, has_attn, lay.up_types[t_u], "up")
         depths = _level_depths(entry, teacher_depths, f"up_transformer_layers[{level}]")
+        for s_j, t_j in enumerate(up_keep[level]):
+            depths[s_j] = len(kept_layers.get(f"up_blocks.{t_u}.attentions.{t_j}", range(depths[s_j])))
         up_depths.append(depths)
         module_map[f"up_blocks.{u}"] = f"up_blocks.{t_u}"
         for s_j, t_j in enumerate(up_keep[level]):
@@ -881,3 +896,6 @@ def build_student(
         len(report.removed),
     )
     return student, report
+
+
+# --- Progressive rounds: each round removes blocks from the previous round's student ---------------------

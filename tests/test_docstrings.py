@@ -30,6 +30,8 @@ NO_RAISES = {
     "discriminators.sdxl_unet_config",  # config dicts: no input to check
     "discriminators.tiny_sdxl_unet_config",
     "students.BlockRemovalReport",
+    "students.BlockRemovalChain",  # records the library builds (start_chain / remove_blocks / from_json)
+    "students.RemovalRound",
     "students.in_backward_pass",  # no arguments
     "errors.DTypeError",
     "errors.NonFiniteError",

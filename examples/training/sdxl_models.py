@@ -170,3 +170,26 @@ def place_frozen(parts: SDXLComponents, device: Any, dtype: torch.dtype, *, vae:
         m.to(device, dtype=dtype)
     if vae:
         parts.vae.to(device, dtype=torch.float32 if dtype == torch.float16 else dtype)
+
+
+def load_unet(path: str, args: argparse.Namespace | None = None) -> Any:
+    """A ``UNet2DConditionModel`` from a UNet folder (``config.json`` at its root, as ``save_unet`` writes it), a
+    run's ``--output_dir`` or a pipeline folder (its ``unet/``), or a hub id (its ``unet/``, at ``--revision`` /
+    ``--variant`` when ``args`` is given)."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    local = Path(path)
+    rev, var = (args.revision, args.variant) if args is not None else (None, None)
+    with zero3_init_disabled():
+        if not local.is_dir():
+            return UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+        if (local / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(path)
+        if (local / "unet" / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    raise ValueError(
+        f"Expected {path} to be a UNet folder (config.json at its root), a run's output folder or a pipeline "
+        "folder (with unet/config.json), but it holds neither config.json nor unet/config.json."
+    )

@@ -12,10 +12,18 @@ from diffdistill._checks import DTypeError, OptionError, ShapeError
 from diffdistill.discriminators import sdxl_unet_config
 from diffdistill.students import (
     PRESETS,
+    ROUND_GROUPS,
+    BlockRemovalChain,
     BlockRemovalSpec,
     build_student,
+    infer_chain,
     init_from_teacher,
+    remove_blocks,
+    removed_units,
+    split_rounds,
+    start_chain,
     student_config,
+    unet_flops,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -497,3 +505,301 @@ def test_init_from_teacher_refuses_another_architecture_and_meta_networks() -> N
         build_student(teacher, "ssd-1b", init_weights="no")  # type: ignore[arg-type]
     with pytest.raises(DTypeError, match=r"Expected `teacher` to be a torch.nn.Module, but got NoneType"):
         build_student(None, "ssd-1b")  # type: ignore[arg-type]
+
+
+# --- progressive rounds (issue 19 part 3): each round removes blocks from the previous round's student ---
+
+TWO_LEVEL = {
+    **TINY_SDXL,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 4],
+    "sample_size": 8,
+}
+
+
+def _chain_through(teacher: nn.Module, rounds: list[list[str]], *, flops: bool = False):
+    chain = start_chain(teacher, count_flops=flops)
+    student = teacher
+    for units in rounds:
+        student, chain = remove_blocks(student, chain, units, count_flops=flops)
+    return student, chain
+
+
+@pytest.mark.parametrize(
+    ("config", "preset", "groups"),
+    [
+        (TINY_SDXL, "ssd-1b", ROUND_GROUPS),
+        (TINY_SDXL, "vega", (("up_blocks",), ("mid_block", "down_blocks"))),
+        (
+            TINY_SD15,
+            "bk-sdm-tiny",
+            (
+                ("mid_block",),
+                ("down_blocks.3", "up_blocks.0", "down_blocks.2.downsamplers"),
+                ("down_blocks", "up_blocks"),
+            ),
+        ),
+    ],
+)
+def test_rounds_of_a_preset_end_at_the_preset_student(config: dict, preset: str, groups) -> None:
+    rounds = split_rounds(config, preset, groups)
+    assert sorted(u for r in rounds for u in r) == removed_units(config, preset)
+    for units, group in zip(rounds, groups):
+        assert units and all(any(u == p or u.startswith(p + ".") for p in group) for u in units)
+    student, chain = _chain_through(on_meta(config), rounds)
+    _, report = build_student(on_meta(config), preset)
+    assert student.config == on_meta(report.config).config
+    assert chain.rounds[-1].module_map == report.module_map
+    assert chain.removed == report.removed
+    assert chain.kd_pairs("layer") == report.kd_pairs("layer")
+
+
+def test_each_round_starts_from_the_previous_rounds_student() -> None:
+    teacher = build(TINY_SDXL)
+    rounds = split_rounds(TINY_SDXL, "ssd-1b")
+    assert rounds[0] == ["mid_block.attentions.0", "mid_block.resnets.1"]
+    chain = start_chain(teacher, count_flops=False)
+    s1, chain = remove_blocks(teacher, chain, rounds[0], count_flops=False)
+    assert s1.config.mid_block_type == "UNetMidBlock2D"
+    # "train" round 1: every weight of the round-1 student moves away from the source's
+    with torch.no_grad():
+        for p in s1.parameters():
+            p.add_(0.01)
+    s2, chain = remove_blocks(s1, chain, rounds[1], count_flops=False)
+    m2 = chain.rounds[-1].module_map
+    # round 2's kept down-path transformer layers come from the round-1 student (names are the source's, and
+    # round 1 kept the source's names there), not from the source
+    kept = m2["down_blocks.2.attentions.0.transformer_blocks.1"]
+    assert kept == "down_blocks.2.attentions.0.transformer_blocks.3"  # spread 10 -> 4: 0, 3, 6, 9
+    assert torch.equal(
+        s2.get_submodule("down_blocks.2.attentions.0.transformer_blocks.1").ff.net[2].weight,
+        s1.get_submodule(kept).ff.net[2].weight,
+    )
+    assert torch.equal(s2.mid_block.resnets[0].conv1.weight, s1.mid_block.resnets[0].conv1.weight)
+    assert torch.equal(s2.conv_in.weight, teacher.conv_in.weight + 0.01)
+    # the round-2 student runs, and its kept modules all equal the round-1 student's
+    for s_name, t_name in m2.items():
+        if s_name.count(".") >= 3 and "transformer_blocks" not in s_name and s_name.startswith("up_"):
+            for key, value in s2.get_submodule(s_name).state_dict().items():
+                assert torch.equal(value, s1.get_submodule(t_name).state_dict()[key])
+    x, t, cond = sdxl_inputs()
+    with torch.no_grad():
+        assert torch.isfinite(s2(x, t, **cond).sample).all()
+
+
+def test_round_report_counts_parameters_and_flops_per_round_and_in_total() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher = on_meta(TWO_LEVEL)  # counted on the meta device, as unet_flops does
+    rounds = [
+        ["mid_block.attentions.0", "mid_block.resnets.1"],
+        [f"down_blocks.1.attentions.{a}.transformer_blocks.{b}" for a in (0, 1) for b in (1, 2)],
+    ]
+    student, chain = _chain_through(teacher, rounds, flops=True)
+    # Independent count: the removed units' own parameters and FLOPs inside the source's forward.
+    with torch.device("meta"):
+        x, t = torch.zeros(1, 4, 8, 8), torch.zeros(1)
+        cond = {
+            "encoder_hidden_states": torch.zeros(1, 77, 32),
+            "added_cond_kwargs": {"text_embeds": torch.zeros(1, 32), "time_ids": torch.zeros(1, 6)},
+        }
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        teacher(x, t, **cond)
+    per_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    assert chain.source_flops == per_module["Global"]
+    params, flops = n_params(teacher), chain.source_flops
+    for units, rnd in zip(rounds, chain.rounds):
+        assert rnd.removed == sorted(units)
+        assert params - rnd.parameters == sum(n_params(teacher.get_submodule(u)) for u in units)
+        assert flops - rnd.flops == sum(per_module[f"UNet2DConditionModel.{u}"] for u in units)
+        params, flops = rnd.parameters, rnd.flops
+    assert chain.parameters == n_params(student)
+    assert chain.report().removed_fraction == pytest.approx(1 - n_params(student) / n_params(teacher))
+    lines = chain.summary()
+    assert len(lines) == 2 + len(rounds) and lines[1].startswith("0 source")
+    assert lines[3].startswith("2 round 2 | 4 | ") and "%" in lines[3]
+
+
+def test_chain_record_round_trips_and_pairs_with_any_rounds_teacher() -> None:
+    teacher = on_meta(TINY_SDXL)
+    rounds = split_rounds(TINY_SDXL, "ssd-1b")
+    _, chain = _chain_through(teacher, rounds)
+    back = BlockRemovalChain.from_dict(json.loads(json.dumps(chain.to_dict())))
+    assert back == chain
+    assert chain.round_of(TINY_SDXL) == 0
+    assert chain.round_of(chain.rounds[0].config) == 1
+    assert chain.round_of(chain.config) == 3
+    # A teacher of round 1's architecture (the round-1 student): the pairs name its modules.
+    pairs = chain.kd_pairs("layer", teacher_round=1)
+    s1 = on_meta(chain.rounds[0].config)
+    s3 = on_meta(chain.config)
+    assert pairs["mid_block"] == "mid_block.resnets.0"
+    assert (
+        pairs["down_blocks.2.attentions.0.transformer_blocks.9"]
+        == "down_blocks.2.attentions.0.transformer_blocks.3"
+    )
+    for t_name, s_name in pairs.items():
+        s1.get_submodule(t_name), s3.get_submodule(s_name)  # both exist
+    # and against the source (a fine-tuned SDXL): the same student modules, the source's names
+    assert chain.kd_pairs("layer")["up_blocks.0.attentions.1.transformer_blocks.6"] == (
+        "up_blocks.0.attentions.1.transformer_blocks.2"
+    )
+    assert chain.report(2).removed == sorted(rounds[2])
+    with pytest.raises(OptionError, match=r"architecture of the chain's source or of one of its 3 round"):
+        chain.round_of({**TINY_SDXL, "transformer_layers_per_block": [1, 1, 10]})
+    with pytest.raises(OptionError, match=r"`teacher_round` to lie in \[0, 3\]"):
+        chain.report(4)
+    with pytest.raises(OptionError, match=r"block-removal record with 'source_config'"):
+        BlockRemovalChain.from_dict({"rounds": []})
+    with pytest.raises(OptionError, match=r"round 1 of the record to have the fields"):
+        BlockRemovalChain.from_dict({**chain.to_dict(), "rounds": [{"depth": 3}]})
+
+
+def test_kd_pairs_across_rounds_have_equal_feature_shapes() -> None:
+    teacher = build(TINY_SDXL)
+    student, chain = _chain_through(teacher, split_rounds(TINY_SDXL, "ssd-1b"))
+    pairs = chain.kd_pairs("layer")
+    shapes: dict[str, dict[str, tuple]] = {"t": {}, "s": {}}
+    handles = []
+    for side, net, names in (("t", teacher, pairs), ("s", student, pairs.values())):
+        for name in names:
+
+            def hook(_m, _i, out, side=side, name=name):
+                shapes[side][name] = tuple((out[0] if isinstance(out, tuple) else out).shape)
+
+            handles.append(net.get_submodule(name).register_forward_hook(hook))
+    x, t, cond = sdxl_inputs(1)
+    with torch.no_grad():
+        teacher(x, t[:1], **cond), student(x, t[:1], **cond)
+    for h in handles:
+        h.remove()
+    assert len(pairs) > 40
+    for t_name, s_name in pairs.items():
+        assert shapes["t"][t_name] == shapes["s"][s_name], (t_name, s_name)
+
+
+def test_an_empty_round_records_a_teacher_change_and_keeps_the_student() -> None:
+    teacher = on_meta(TWO_LEVEL)
+    s1, chain = remove_blocks(
+        teacher, start_chain(teacher, count_flops=False), ["mid_block"], count_flops=False
+    )
+    s2, chain = remove_blocks(s1, chain, [], name="new teacher", info={"teacher": "juggernaut"})
+    assert s2 is s1 and chain.rounds[-1].removed == [] and chain.rounds[-1].info == {"teacher": "juggernaut"}
+    assert chain.rounds[-1].config == chain.rounds[0].config and chain.removed == ["mid_block"]
+
+
+def test_remove_blocks_refuses_bad_rounds_with_the_reason() -> None:
+    teacher = on_meta(TWO_LEVEL)
+    chain = start_chain(teacher, count_flops=False)
+    s1, chain1 = remove_blocks(
+        teacher, chain, ["mid_block.attentions.0", "mid_block.resnets.1"], count_flops=False
+    )
+    with pytest.raises(
+        OptionError, match=r"'mid_block.resnets.1' is already gone: round 1 \('round 1'\) removed"
+    ):
+        remove_blocks(s1, chain1, ["mid_block.resnets.1"])
+    with pytest.raises(
+        OptionError, match=r"units of the source UNet .* but got 'mid_block.resnets.7': no such unit"
+    ):
+        remove_blocks(s1, chain1, ["mid_block.resnets.7"])
+    with pytest.raises(OptionError, match=r"but got 'down_blocks.1.attentions.0.norm': no such unit"):
+        remove_blocks(s1, chain1, ["down_blocks.1.attentions.0.norm"])
+    with pytest.raises(OptionError, match=r"the chain's latest student \(after round 1\)"):
+        remove_blocks(teacher, chain1, ["down_blocks.1.attentions.0.transformer_blocks.1"])
+    with pytest.raises(OptionError, match=r"listed twice or inside \['mid_block'\]"):
+        remove_blocks(teacher, chain, ["mid_block", "mid_block.resnets.1"])
+    with pytest.raises(OptionError, match=r"takes all 4 of `down_blocks.1.attentions.0`"):
+        remove_blocks(
+            teacher, chain, [f"down_blocks.1.attentions.0.transformer_blocks.{b}" for b in range(4)]
+        )
+    # a down attention without its resnet, or a down resnet without its up partners: said what is missing
+    with pytest.raises(
+        OptionError, match=r"cannot remove \['down_blocks.1.attentions.1'\] alone .*Add or drop those names"
+    ):
+        remove_blocks(teacher, chain, ["down_blocks.1.attentions.1"])
+    with pytest.raises(OptionError, match=r"needs \['up_blocks.1.resnets.1'\]"):
+        remove_blocks(teacher, chain, ["down_blocks.0.resnets.1"])
+    with pytest.raises(
+        OptionError,
+        match=r"but removing .* cannot remove \['mid_block.attentions.0.transformer_blocks.0'\]",
+    ):
+        remove_blocks(teacher, chain, ["mid_block.attentions.0.transformer_blocks.0"])
+    with pytest.raises(DTypeError, match=r"`remove` to be a sequence of source module names"):
+        remove_blocks(teacher, chain, "mid_block")  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`chain` to be a BlockRemovalChain \(start_chain\(source\)"):
+        remove_blocks(teacher, {}, [])  # type: ignore[arg-type]
+    with pytest.raises(DTypeError, match=r"`count_flops` to be True or False"):
+        remove_blocks(teacher, chain, [], count_flops="no")  # type: ignore[arg-type]
+    # the three-way down/up resnet removal that does fit: accepted
+    s, c = remove_blocks(
+        teacher, chain, ["down_blocks.0.resnets.1", "up_blocks.1.resnets.1"], count_flops=False
+    )
+    assert s.config.layers_per_block == [1, 2] and c.removed == [
+        "down_blocks.0.resnets.1",
+        "up_blocks.1.resnets.1",
+    ]
+
+
+def test_split_rounds_and_unet_flops_refuse_bad_inputs() -> None:
+    with pytest.raises(OptionError, match=r"but 'mid_blocks' owns no module of it"):
+        split_rounds(TINY_SDXL, "ssd-1b", (("mid_blocks",),))
+    with pytest.raises(
+        OptionError, match=r"but 'down_blocks.2.attentions.0.transformer_blocks.1' matches none"
+    ):
+        split_rounds(TINY_SDXL, "ssd-1b", (("mid_block",),))
+    with pytest.raises(DTypeError, match=r"`groups\[0\]` to be a tuple of module-name prefixes"):
+        split_rounds(TINY_SDXL, "ssd-1b", ("mid_block",))
+    with pytest.raises(DTypeError, match=r"`groups` to be a sequence of prefix tuples"):
+        split_rounds(TINY_SDXL, "ssd-1b", None)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"`sample_size` to be an int >= 1, but got 0"):
+        unet_flops(TWO_LEVEL, sample_size=0)
+    with pytest.raises(
+        OptionError, match=r"`addition_embed_type` None or 'text_time' \(SDXL\), but got 'text'"
+    ):
+        unet_flops({**TWO_LEVEL, "addition_embed_type": "text"})
+    with pytest.raises(DTypeError, match=r"`unet` to be a diffusers UNet2DConditionModel or its config"):
+        unet_flops(nn.Linear(2, 2))
+    with pytest.raises(DTypeError, match=r"`source` to be a diffusers UNet2DConditionModel"):
+        start_chain(nn.Linear(2, 2))
+
+
+def test_infer_chain_for_a_student_saved_without_its_record() -> None:
+    # segmind/SSD-1B's published UNet config: the SDXL config with these four entries changed
+    ssd1b = {
+        **SDXL,
+        "transformer_layers_per_block": [1, 2, 4],
+        "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
+        "mid_block_type": "UNetMidBlock2D",
+    }
+    chain = infer_chain(SDXL, ssd1b, count_flops=False)
+    assert chain.removed == removed_units(SDXL, "ssd-1b")
+    assert chain.rounds[0].info == {"inferred": True, "keep_transformer_layers": "spread"}
+    assert chain.parameters == n_params(on_meta(ssd1b)) and chain.source_parameters == n_params(on_meta(SDXL))
+    first = infer_chain(SDXL, ssd1b, keep_transformer_layers="first", count_flops=False)
+    assert first.kd_pairs("layer")["down_blocks.2.attentions.0.transformer_blocks.3"] == (
+        "down_blocks.2.attentions.0.transformer_blocks.3"
+    )
+    assert first.kd_pairs() == chain.kd_pairs()  # sub-block pairs do not depend on the assumption
+    # later rounds continue from it, in SDXL's names
+    _, chain2 = remove_blocks(
+        on_meta(ssd1b), chain, ["down_blocks.2.attentions.1.transformer_blocks.3"], count_flops=False
+    )
+    assert chain2.config["transformer_layers_per_block"] == [1, 2, [4, 3]]
+    with pytest.raises(
+        OptionError, match=r"to be a block removal of the source, but: Expected `down_transformer"
+    ):
+        infer_chain(TINY_SDXL, {**TINY_SDXL, "transformer_layers_per_block": [1, 2, 11]}, count_flops=False)
+    with pytest.raises(OptionError, match=r"no removal of the source gives its layout"):
+        infer_chain(TINY_SDXL, {**TINY_SDXL, "block_out_channels": [32, 64, 128]}, count_flops=False)
+    with pytest.raises(OptionError, match=r"the source's 3 levels \(or one fewer\), but it has 1"):
+        one_level = {
+            "down_block_types": ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"],
+            "block_out_channels": [32],
+        }
+        infer_chain(TINY_SDXL, {**TINY_SDXL, **one_level, "transformer_layers_per_block": 1})
+    with pytest.raises(DTypeError, match=r"`student_config` to be a UNet config \(a mapping\)"):
+        infer_chain(TINY_SDXL, None)  # type: ignore[arg-type]
