@@ -1,25 +1,51 @@
 """Hyper-SD for SDXL: trajectory-segmented consistency distillation (TSCD) on a LoRA student.
 
 Ren et al., "Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024
-(arXiv:2404.13686), Sec. 3.1 and 4.1. The stages of ``StagePlan.hyper_sd`` (k = 8 → 4 → 2 → 1 segments)
-run one after the other, each for an equal share of ``--max_train_steps`` (less ``--one_step_steps``);
-the distance between the student side and the (EMA) target side of
-:func:`diffdistill.losses.consistency_pair` is the stage's ``mse`` weight times MSE plus its
+(arXiv:2404.13686). The run is, in order: the TSCD stages, the optional human-feedback phase
+(``--feedback_steps``), the optional one-step stage (``--one_step_steps``); the TSCD stages share the steps
+the other two leave.
+
+TSCD (Sec. 3.1 and 4.1): the stages of ``StagePlan.hyper_sd`` (k = 8 → 4 → 2 → 1 segments) run one after
+the other, each for an equal share of the TSCD steps; the distance between the student side and the (EMA)
+target side of :func:`diffdistill.losses.consistency_pair` is the stage's ``mse`` weight times MSE plus its
 ``adversarial`` weight times the non-saturating GAN loss of an unconditional ``UNetEncoderDiscriminator``
-(a trainable copy of the teacher's encoder), which judges both sides at ``t_end``. The teacher is the
+(a trainable copy of the base UNet's encoder and mid block with a strided-conv head; one D for the whole
+run, not reset between stages), which judges both sides at ``t_end``. The teacher is the
 same UNet with its adapters disabled (LoRA) or a frozen copy (full UNet), run with classifier-free
 guidance: a scale ``omega ~ U[--guidance_scale_min, --guidance_scale_max]`` drawn per sample (Alg. 1 line 6;
 the paper gives no range, both ends default to ``--guidance_scale`` 7, a fixed scale). The discriminator
 is trained with Adam ``(--discriminator_adam_beta1, --discriminator_adam_beta2) = (0, 0.99)``, the
 optimiser of SDXL-Lightning's adversarial stages, whose loss Hyper-SD uses; ``--noise_offset`` (default 0:
 off) adds offset noise to the training noise, the paper's "noise perturbation mechanism" (value not given).
+No reward scores the TSCD stages (the paper's feedback scores x0' reached from pure noise, below).
 
-Reward feedback (Sec. 3.2, Eq. 13; optional): ``--reward_model module:callable`` names a user reward,
-called as ``fn(images, prompts) -> (B,)`` with the decoded images in [-1, 1]; in the last TSCD stage the
-student's one-step x0 prediction (in the one-step stage: the generator's sample) is decoded by the
-(frozen) VAE with gradients and ``--reward_weight * relu(--reward_margin - score)``
-(:func:`diffdistill.losses.reward_hinge_loss`) is added to the loss. A reward that is an ``nn.Module`` is
-frozen and moved to the device.
+Human feedback (Sec. 3.2, Eq. 10 and 13-15; optional, needs ``--use_lora``): ``--feedback_steps N`` trains a
+second LoRA (peft adapter ``"feedback"``) on top of the TSCD LoRA, which stays active and frozen; as the
+paper, a separate LoRA merged with the TSCD one at the end. Each step:
+
+- Rewards (Eq. 10 and 13), as ReFL: the student (both LoRAs) denoises pure noise ``x_T`` without gradient
+  by DDIM moves along the trailing ``--feedback_rollout_steps`` grid down to ``t ~ U{t_l..t_r}``
+  (``--feedback_timestep_range``, one ``t`` per batch), then one call with gradient predicts x0' there
+  (:func:`refl_x0`). The frozen VAE decodes x0' with gradients; the loss is the sum over the
+  ``--reward_model`` options (repeat it: the paper uses an aesthetic predictor and ImageReward) of
+  ``--reward_weight * relu(--reward_margin - r(x0', prompts))`` (:func:`diffdistill.losses.reward_hinge_loss`).
+- Perceptual feedback (Eq. 14; with ``--perceptual_model``): x0' reached the same way from dataset latents
+  noised to ``t_a = --perceptual_start_timestep`` (down to ``min(t, t_a)``) is scored by a user hook,
+  ``fn(images, reference_images, prompts) -> (B,)`` per-sample losses (or their 0-d mean), weighted by
+  ``--perceptual_weight`` and added (Eq. 15). The paper's loss is an instance-segmentation loss (SOLO
+  against COCO annotations) whose weights cannot ship; the hook gets the decoded x0' (with gradients) and
+  the dataset images as the VAE reconstructs them (no gradient), both in [-1, 1] -- our choice: the data
+  pipeline carries images and captions, not annotations, so a hook derives its targets from the reference.
+- Not given by the paper, our choices: the feedback LoRA has the TSCD LoRA's rank and alpha; ``t_l, t_r =
+  0, 250`` (about ReFL's stop range: it stops at one of the last 10 of 40 steps); a 4-step rollout grid
+  (Hyper-SD's N-step LoRAs sample on trailing DDIM grids); ``t_a = 500`` (mid-trajectory, so the real
+  image's layout, which its annotations describe, survives); the margins ``alpha_d`` (required options).
+- Output: the two LoRAs merged exactly into the one unified LoRA file the script writes
+  (:func:`training.lora_adapters.merged_lora_state`: rank r1 + r2, loadable by diffusers), and the feedback LoRA alone in
+  ``OUTPUT_DIR/feedback/``. A reward (or hook) that is an ``nn.Module`` is frozen and moved to the device.
+- One process only: the phase freezes one LoRA at a time by switching ``requires_grad``, which DDP's
+  reducer does not allow without ``find_unused_parameters`` (a multi-process launch is refused). A full-UNet
+  student (no ``--use_lora``) is refused too: there is no TSCD LoRA to train a separate one on.
 
 One-step stage (Sec. 3.3; optional): ``--one_step_steps N`` trains the last ``N`` of ``--max_train_steps``
 as a one-step generator -- pure noise fed at ``--generator_timestep`` (the paper: 999 for the unified LoRA,
@@ -29,9 +55,12 @@ teacher with CFG) and an online fake score (a trainable copy of the teacher fitt
 :func:`diffdistill.losses.fake_score_loss`; both alternate as in ``sdxl_sim.py``, through
 ``training.score_distillation.ScoreDistillation``), plus ``--one_step_mse_weight`` times an MSE "for stability" to the
 teacher's ``--one_step_teacher_steps``-step DDIM sample from the same noise (the paper does not state the
-target: this one is our choice), plus the reward hinge when a reward model is given. The TSCD stages share
-the other steps; the output is the one-step model, written like the TSCD one, and the multi-step TSCD
-student reached just before the stage is written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``).
+target: this one is our choice), plus the reward hinges of the feedback phase (Eq. 13) on the generator's
+samples when a reward model is given (the paper adds "the human-feedback losses"; the perceptual hook is not
+used here: this stage loads no dataset images). It runs after the feedback phase and trains the TSCD LoRA
+with the feedback LoRA active and frozen. The output is the one-step model, written like the TSCD one (with a
+feedback phase: the unified LoRA), and the multi-step student reached just before the stage (likewise) is
+written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``).
 
 Example::
 
@@ -40,6 +69,12 @@ Example::
         --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \\
         --train_data_dir data/images --output_dir out/hyper-sd --use_lora --lora_rank 64 \\
         --mixed_precision bf16 --gradient_checkpointing --train_batch_size 4 --max_train_steps 8000
+
+    # the same run (same options for "...") with 1000 feedback steps after its 8000 TSCD steps, on one
+    # process, with two rewards of a user module my_rewards.py
+    accelerate launch --num_processes 1 examples/sdxl_hyper_sd.py ... --max_train_steps 9000 \\
+        --feedback_steps 1000 --reward_model my_rewards:aesthetic --reward_margin 6.5 \\
+        --reward_model my_rewards:image_reward --reward_margin 1.0 --reward_weight 1 --reward_weight 0.5
 """
 
 from __future__ import annotations
@@ -47,9 +82,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
+import itertools
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +108,7 @@ from diffdistill.schedulers import (
     spaced_timesteps,
     tscd_segments,
 )
-from diffdistill.students import EMA, frozen
+from diffdistill.students import EMA, add_lora, frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
@@ -81,7 +117,9 @@ from training import (
     data_sources,
     ema_release,
     loop,
+    lora_adapters,
     options,
+    rewards,
     runtime,
     score_distillation,
     sdxl_encoding,
@@ -90,6 +128,9 @@ from training import (
 )
 
 logger = logging.getLogger("sdxl_hyper_sd")
+
+TSCD_ADAPTER, FEEDBACK_ADAPTER = "default", "feedback"  # the peft adapter names of the two LoRAs
+ADAPTERS = (TSCD_ADAPTER, FEEDBACK_ADAPTER)  # merged in this order into the unified LoRA
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,15 +183,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--one_step_teacher_steps", type=int, default=4, help="teacher DDIM steps of the MSE target"
     )
     score_distillation.add_fake_score_args(g)
-    g = p.add_argument_group("reward feedback (last TSCD stage and the one-step stage)")
+    g = p.add_argument_group("human feedback (Sec. 3.2; optional phase after the TSCD stages)")
+    g.add_argument(
+        "--feedback_steps",
+        type=int,
+        default=0,
+        help="steps of the feedback phase: a separate LoRA trained on top of the frozen TSCD LoRA after the "
+        "TSCD stages, then merged with it (0: none; needs --use_lora)",
+    )
+    g.add_argument("--feedback_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument(
+        "--feedback_timestep_range",
+        type=int,
+        nargs=2,
+        default=(0, 250),
+        metavar=("T_L", "T_R"),
+        help="x0' is predicted at t ~ U{T_L..T_R}, one per batch (the paper's [t_left, t_right], not given; "
+        "default: about ReFL's stop range)",
+    )
+    g.add_argument(
+        "--feedback_rollout_steps",
+        type=int,
+        default=4,
+        help="the no-grad rollout to t takes DDIM moves along this many trailing timesteps (our choice)",
+    )
     g.add_argument(
         "--reward_model",
+        action="append",
         default=None,
-        help='"module:callable", called as fn(images in [-1, 1] (B, 3, H, W), prompts) -> (B,) scores',
+        help=rewards.REWARD_CALL + "; once per reward (the paper: an aesthetic predictor and ImageReward). "
+        "Scores x0' in the feedback phase and the one-step stage's samples",
     )
-    g.add_argument("--reward_weight", type=float, default=1.0)
     g.add_argument(
-        "--reward_margin", type=float, default=None, help="hinge relu(margin - score), reward scale"
+        "--reward_weight",
+        type=float,
+        action="append",
+        default=None,
+        help="weight of each reward's hinge, once per --reward_model in order (default: 1 each)",
+    )
+    g.add_argument(
+        "--reward_margin",
+        type=float,
+        action="append",
+        default=None,
+        help="hinge relu(margin - score) of each reward, once per --reward_model in order, on its scale (the "
+        "paper's alpha_d, not given)",
+    )
+    g.add_argument(
+        "--perceptual_model",
+        default=None,
+        help='"module:callable", called as fn(images, reference_images, prompts) -> (B,) losses: the paper\'s '
+        "instance-segmentation feedback (Eq. 14) as a user hook (feedback phase only)",
+    )
+    g.add_argument("--perceptual_weight", type=float, default=1.0, help="weight of the perceptual loss")
+    g.add_argument(
+        "--perceptual_start_timestep",
+        type=int,
+        default=500,
+        help="t_a: the perceptual branch starts from dataset latents noised to t_a (not given; our choice)",
     )
     args = options.check_common_args(p.parse_args(argv), image_method=True)
     for end in ("guidance_scale_min", "guidance_scale_max"):
@@ -171,41 +261,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Expected 0 <= --one_step_steps < --max_train_steps ({args.max_train_steps}) so the TSCD stages "
             f"keep some steps, but got {args.one_step_steps}."
         )
-    if args.reward_model is not None:
-        if args.reward_margin is None:
-            raise ValueError("--reward_model needs --reward_margin (on the reward model's scale).")
-        load_reward_model(args.reward_model)  # fail at start-up, not at the last stage
+    check_feedback_args(args)
     return args
 
 
-def load_reward_model(spec: str) -> Any:
-    """The callable named by ``"package.module:name"`` (``name`` may be dotted: ``module:Class.method``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+def check_feedback_args(args: argparse.Namespace) -> None:
+    """Validate the human-feedback options in place (one weight and margin per reward, the phase's needs)."""
+    models = args.reward_model or []
+    for spec in models:
+        rewards.load_reward_model(spec)  # fail at start-up, not at the feedback phase
+    if args.perceptual_model is not None:
+        load_perceptual_model(args.perceptual_model)
+    margins = args.reward_margin or []
+    if models and not margins:
         raise ValueError(
-            f"Expected --reward_model as 'module:callable', e.g. 'my_rewards:aesthetic', got {spec!r}."
+            "--reward_model needs --reward_margin (on the reward model's scale), once per reward."
         )
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
+    if len(margins) != len(models):
         raise ValueError(
-            f"Expected --reward_model {spec!r} to name a callable, but it is {type(obj).__name__}."
+            f"Expected one --reward_margin per --reward_model, in order, but got {len(models)} models and "
+            f"{len(margins)} margin(s)."
         )
-    return obj
+    weights = args.reward_weight if args.reward_weight is not None else [1.0] * len(models)
+    if len(weights) != len(models):
+        raise ValueError(
+            f"Expected --reward_weight once per --reward_model (or never: weight 1 each), but got "
+            f"{len(models)} models and {len(weights)} weight(s)."
+        )
+    args.reward_model, args.reward_weight, args.reward_margin = models, weights, margins
+    if args.feedback_steps < 0:
+        raise ValueError(
+            f"Expected --feedback_steps >= 0 (0: no feedback phase), but got {args.feedback_steps}."
+        )
+    if args.max_train_steps - args.feedback_steps - args.one_step_steps < 1:
+        raise ValueError(
+            f"Expected --feedback_steps + --one_step_steps < --max_train_steps ({args.max_train_steps}) to keep "
+            f"at least one TSCD step, but got {args.feedback_steps} + {args.one_step_steps}."
+        )
+    if args.feedback_steps:
+        if not args.use_lora:
+            raise ValueError(
+                "The feedback phase trains a separate LoRA on top of the TSCD LoRA (Hyper-SD Sec. 3.2), which a "
+                "full-UNet student does not have: pass --use_lora, or drop --feedback_steps."
+            )
+        if not models and args.perceptual_model is None:
+            raise ValueError(
+                "--feedback_steps needs --reward_model or --perceptual_model (the phase's losses)."
+            )
+    else:
+        if models and not args.one_step_steps:
+            raise ValueError(
+                "Hyper-SD's reward hinge scores only the feedback phase (--feedback_steps, x0' reached from pure "
+                "noise) and the one-step stage (--one_step_steps), not the TSCD stages: pass one of them with "
+                "--reward_model."
+            )
+        if args.perceptual_model is not None:
+            raise ValueError("--perceptual_model is used by the feedback phase only: pass --feedback_steps.")
+    t_l, t_r = args.feedback_timestep_range
+    if not 0 <= t_l <= t_r:
+        raise ValueError(
+            f"Expected --feedback_timestep_range T_L T_R with 0 <= t_l <= t_r, but got {t_l} {t_r}."
+        )
+    if args.feedback_rollout_steps < 1:
+        raise ValueError(f"Expected --feedback_rollout_steps >= 1, but got {args.feedback_rollout_steps}.")
+    if args.perceptual_start_timestep < 0:
+        raise ValueError(
+            f"Expected --perceptual_start_timestep >= 0, but got {args.perceptual_start_timestep}."
+        )
 
 
-class _RecordOutput:
-    """Calls ``model`` and keeps its last output computed with autograd (the student side's prediction)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.output = model, None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.model(*args, **kwargs)
-        if torch.is_grad_enabled():
-            self.output = out
-        return out
+def load_perceptual_model(spec: str) -> Any:
+    """The callable ``--perceptual_model`` names (``"module:callable"``, loaded as a reward model is)."""
+    return rewards.load_reward_model(spec, option="--perceptual_model")
 
 
 def training_noise(
@@ -237,6 +364,57 @@ def stage_index(step: int, num_stages: int, max_steps: int) -> int:
     return min(num_stages - 1, step * num_stages // max_steps)
 
 
+def refl_x0(
+    model: Any,
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    t_start: int,
+    t_stop: int,
+    cond: dict[str, Any],
+    grid: Any,
+) -> torch.Tensor:
+    """The student's clean prediction x0' at ``t_stop``, reached by denoising ``x`` from ``t_start`` (ReFL as
+    Hyper-SD Sec. 3.2 / Eq. 10 uses it).
+
+    Without gradient, ``model`` takes DDIM moves (``NoiseSchedule.ddim_step``) from ``t_start`` through the
+    timesteps of ``grid`` strictly between ``t_stop`` and ``t_start``, down to ``t_stop``; then one call with
+    gradient predicts x0' there (``NoiseSchedule.to_x0``). ``x`` is pure noise at ``t_start = T - 1`` for the
+    rewards (Eq. 10, 13) and dataset latents noised to ``t_start`` for the perceptual loss (Eq. 14). One
+    timestep for the whole batch; ``t_stop == t_start`` makes only the call with gradient.
+    """
+
+    def at(t: int) -> torch.Tensor:
+        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+    points = [int(t_start)] + [int(t) for t in grid if t_stop < int(t) < t_start] + [int(t_stop)]
+    with torch.no_grad():
+        for t_from, t_to in itertools.pairwise(points):
+            if t_to < t_from:
+                out = model(x, at(t_from), **cond).sample
+                x = schedule.ddim_step(out.to(x.dtype), at(t_from), x, at(t_to))
+    out = model(x, at(t_stop), **cond).sample
+    return schedule.to_x0(out.to(x.dtype), x, at(t_stop))
+
+
+def perceptual_loss(
+    hook: Any, images: torch.Tensor, reference: torch.Tensor, prompts: list[str]
+) -> torch.Tensor:
+    """The mean of ``hook(images, reference, prompts)``: per-sample losses ``(B,)`` (or their 0-d mean) of a
+    user's perceptual model (Hyper-SD Eq. 14); a float32 0-d tensor."""
+    out = hook(images, reference, prompts)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise TypeError(
+            f"Expected --perceptual_model to return a floating tensor of per-sample losses (B,), but got "
+            f"{type(out).__name__ if not isinstance(out, torch.Tensor) else out.dtype}."
+        )
+    if not (out.ndim == 0 or (out.ndim == 1 and out.shape[0] == images.shape[0])):
+        raise ValueError(
+            f"Expected --perceptual_model to return ({images.shape[0]},) per-sample losses or a 0-d loss, but got "
+            f"shape {tuple(out.shape)}."
+        )
+    return out.float().mean()
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "sdxl_hyper_sd")
     if args.target == "ema" and runtime.zero_stage(accelerator) == 3:
@@ -244,6 +422,12 @@ def main(args: argparse.Namespace) -> None:
             "--target ema averages the student's parameters into a whole copy, and DeepSpeed ZeRO-3 leaves "
             "each process only a flat slice of them: use ZeRO stage 1 or 2, or FSDP, in the accelerate "
             "config, or pass --target online."
+        )
+    if args.feedback_steps and accelerator.num_processes > 1:
+        raise ValueError(
+            "The feedback phase (--feedback_steps) runs on one process: it freezes the TSCD LoRA by turning its "
+            "gradients off mid-run, which DDP does not allow without find_unused_parameters (and which is "
+            "untested under FSDP and DeepSpeed). Launch it without multiple processes."
         )
     plan = StagePlan.hyper_sd(
         [int(k) for k in args.segments.split(",")], num_inference_steps=args.num_inference_steps
@@ -265,11 +449,28 @@ def main(args: argparse.Namespace) -> None:
     )
     fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
     unet, teacher_model = sdxl_models.student_and_teacher(args, unet, device, dtype)
+    if args.feedback_steps:  # the feedback LoRA (Sec. 3.2), beside the TSCD LoRA; B = 0 until its phase
+        with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha, adapter_name=FEEDBACK_ADAPTER)
+        unet.set_adapters([TSCD_ADAPTER, FEEDBACK_ADAPTER])  # both active, both trainable until train_only
+        sdxl_models.upcast_trainable(unet)
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
     # The average of a LoRA student's adapters; its frozen base is shared with the student, not copied.
     ema = EMA(unet, decay=decay, trainable_only=True).to(device) if args.target == "ema" else None
 
-    opt = runtime.adamw(unet.parameters(), args)
+    if args.feedback_steps:  # one optimiser, the feedback LoRA in its own group (its learning rate)
+        opt = runtime.adamw(lora_adapters.adapter_params(unet, TSCD_ADAPTER), args)
+        opt.add_param_group(
+            {
+                "params": lora_adapters.adapter_params(unet, FEEDBACK_ADAPTER),
+                "lr": args.learning_rate
+                if args.feedback_learning_rate is None
+                else args.feedback_learning_rate,
+            }
+        )
+    else:
+        opt = runtime.adamw(unet.parameters(), args)
     d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
     opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
     unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
@@ -282,26 +483,44 @@ def main(args: argparse.Namespace) -> None:
     release_ema = checkpoints.setup_checkpoints(
         accelerator, args, unet, extra_lora={"fake": fake} if fake is not None else None
     )
+    tscd_steps = args.max_train_steps - args.feedback_steps - args.one_step_steps
+    one_step_start = tscd_steps + args.feedback_steps  # the feedback phase runs in between
     data = data_sources.StepData(args, need_images=True)
-    # The one-step stage uses the captions only: its steps load (decode) no images, in workers either.
-    data.load_until_step = args.max_train_steps - args.one_step_steps if args.one_step_steps else None
+    # Later phases that use the captions only load (decode) no images, in workers either: the one-step stage,
+    # and the feedback phase without a perceptual model.
+    image_steps = tscd_steps + (args.feedback_steps if args.perceptual_model else 0)
+    data.load_until_step = image_steps if image_steps < args.max_train_steps else None
     uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
-    with sdxl_models.zero3_init_disabled():  # a transformers reward model loads whole, as the frozen encoders
-        reward_fn = load_reward_model(args.reward_model) if args.reward_model else None
-    if isinstance(reward_fn, torch.nn.Module):
-        sdxl_models.freeze(reward_fn)
-        reward_fn.to(device)
-    tscd_steps = args.max_train_steps - args.one_step_steps
+    # Frozen, on the device (an nn.Module); loaded whole under ZeRO-3, as the frozen encoders.
+    reward_models = [rewards.frozen_reward_model(spec, device) for spec in args.reward_model]
+    perceptual = None
+    if args.perceptual_model is not None:
+        with sdxl_models.zero3_init_disabled():
+            perceptual = load_perceptual_model(args.perceptual_model)
+        if isinstance(perceptual, torch.nn.Module):
+            sdxl_models.freeze(perceptual)
+            perceptual.to(device)
+    T = schedule.num_train_timesteps
+    if args.feedback_steps and max(args.feedback_timestep_range[1], args.perceptual_start_timestep) >= T:
+        raise ValueError(
+            f"Expected --feedback_timestep_range and --perceptual_start_timestep below the schedule's {T} "
+            f"timesteps, but got {args.feedback_timestep_range[1]} and {args.perceptual_start_timestep}."
+        )
+    rollout_grid = spaced_timesteps(args.feedback_rollout_steps, "trailing", num_train_timesteps=T).tolist()
+    latent_shape = (args.train_batch_size, 4, args.resolution // 8, args.resolution // 8)
     state: dict[str, Any] = {}
 
-    def reward_term(x0: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted reward hinge of clean latents ``x0``, decoded with gradients."""
+    def reward_term(x0: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 13 for every reward: the sum of ``weight * mean(relu(margin - r(images, prompts)))`` of clean
+        latents ``x0``, decoded once with gradients."""
         images = sdxl_encoding.decode_pixels(parts.vae, x0)
-        r_loss, r_logs = reward_hinge_loss(
-            images, args.reward_margin, reward_fn=lambda x: reward_fn(x, state["prompts"])
-        )
-        return args.reward_weight * r_loss, r_logs
+        total, logs = torch.zeros((), device=images.device), {}
+        for i, (fn, weight, margin) in enumerate(zip(reward_models, args.reward_weight, args.reward_margin)):
+            r_loss, r_logs = reward_hinge_loss(images, margin, reward_fn=lambda x, fn=fn: fn(x, prompts))
+            total = total + weight * r_loss
+            logs.update({(f"{k}_{i}" if len(reward_models) > 1 else k): v for k, v in r_logs.items()})
+        return total, logs
 
     def one_step_loss(
         x: torch.Tensor, z: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
@@ -332,8 +551,8 @@ def main(args: argparse.Namespace) -> None:
             mse = F.mse_loss(x, target.float())
             loss = loss + args.one_step_mse_weight * mse
             logs["mse"] = mse.detach()
-        if reward_fn is not None:
-            r_loss, r_logs = reward_term(x)
+        if reward_models:
+            r_loss, r_logs = reward_term(x, state["prompts"])
             loss = loss + r_loss
             logs.update(r_logs)
         logs["loss"] = loss.detach()
@@ -349,22 +568,62 @@ def main(args: argparse.Namespace) -> None:
     def one_step_train_step(
         score: score_distillation.ScoreDistillation, gen: torch.Generator, step: int
     ) -> dict[str, torch.Tensor]:
+        if args.feedback_steps:  # the feedback LoRA stays active, frozen
+            lora_adapters.train_only(unet, TSCD_ADAPTER)
         prompts = data.prompts_batch(gen)
         state["prompts"] = prompts
         cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
-        logs = score.step(step - tscd_steps, gen, cond)
+        logs = score.step(step - one_step_start, gen, cond)
         if ema is not None and accelerator.sync_gradients:
             ema.update(accelerator.unwrap_model(unet))
         logs["k"] = torch.tensor(0.0)  # the one-step stage
         return logs
 
+    def feedback_train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        """Human feedback (Sec. 3.2): the feedback LoRA trained on Eq. 13 (+ Eq. 14) at x0' of a rollout."""
+        lora_adapters.train_only(unet, FEEDBACK_ADAPTER)  # the TSCD LoRA stays active, frozen
+        if perceptual is not None:
+            x_real, prompts = data.latents_batch(gen, parts.vae, device)
+        else:
+            prompts = data.prompts_batch(gen)
+        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        t_l, t_r = args.feedback_timestep_range
+        t_stop = int(torch.randint(t_l, t_r + 1, (1,), generator=gen))
+        logs: dict[str, torch.Tensor] = {"feedback_t": torch.tensor(float(t_stop))}
+        with accelerator.accumulate(unet), runtime.autocast(accelerator):
+            loss = torch.zeros((), device=device)
+            if reward_models:  # Eq. 10 and 13: x0' reached from pure noise x_T
+                z = torch.randn(latent_shape, generator=gen).to(device)
+                r_loss, r_logs = reward_term(
+                    refl_x0(unet, schedule, z, T - 1, t_stop, cond, rollout_grid), prompts
+                )
+                loss = loss + r_loss
+                logs.update(r_logs)
+            if perceptual is not None:  # Eq. 14: x0' reached from dataset latents noised to t_a
+                t_a = args.perceptual_start_timestep
+                x_ta = schedule.add_noise(x_real, torch.randn(x_real.shape, generator=gen).to(device), t_a)
+                x0 = refl_x0(unet, schedule, x_ta, t_a, min(t_stop, t_a), cond, rollout_grid)
+                with torch.no_grad():
+                    reference = sdxl_encoding.decode_pixels(parts.vae, x_real)
+                p_loss = perceptual_loss(
+                    perceptual, sdxl_encoding.decode_pixels(parts.vae, x0), reference, prompts
+                )
+                loss = loss + args.perceptual_weight * p_loss
+                logs["perceptual"] = p_loss.detach()
+            runtime.backward(accelerator, loss, unet)
+            runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+        logs["loss"] = loss.detach()
+        return logs
+
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        if score is not None and step >= tscd_steps:
+        if score is not None and step >= one_step_start:
             return one_step_train_step(score, gen, step)
+        if step >= tscd_steps:
+            return feedback_train_step(gen, step)
+        if args.feedback_steps:  # the feedback LoRA stays active, frozen (its B = 0: no effect yet)
+            lora_adapters.train_only(unet, TSCD_ADAPTER)
         index = stage_index(step, len(plan), tscd_steps)
         stage = plan[index]
-        use_reward = reward_fn is not None and index == len(plan) - 1
-        student_fn = _RecordOutput(unet)
         w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
         x0, prompts = data.latents_batch(gen, parts.vae, device)
         state["prompts"] = prompts
@@ -385,7 +644,7 @@ def main(args: argparse.Namespace) -> None:
         logs: dict[str, torch.Tensor] = {}
         with accelerator.accumulate(unet, disc), runtime.autocast(accelerator):
             pair = consistency_pair(
-                student_fn,
+                unet,
                 teacher,
                 x_t,
                 sample,
@@ -405,12 +664,6 @@ def main(args: argparse.Namespace) -> None:
                     g_loss, _ = gan_generator_loss(judge(student, t_judge, ehs, added))
                     loss = loss + w_adv * g_loss
                     logs["generator_adv"] = g_loss.detach()
-                if use_reward:  # the one-step x0 of the student's prediction at t, decoded with gradients
-                    r_loss, r_logs = reward_term(
-                        schedule.to_x0(student_fn.output.sample.float(), x_t, pair.sample.t)
-                    )
-                    loss = loss + r_loss
-                    logs.update(r_logs)
                 runtime.backward(accelerator, loss, unet)
             runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
             if w_adv > 0:
@@ -428,7 +681,7 @@ def main(args: argparse.Namespace) -> None:
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(unet)
-        one_step = step - 1 >= tscd_steps  # the last step was one of the one-step stage
+        one_step = step - 1 >= one_step_start  # the last step was one of the one-step stage
         k = 1 if one_step else plan[stage_index(step - 1, len(plan), tscd_steps)].num_segments or 1
         timesteps = spaced_timesteps(k, "trailing", num_train_timesteps=schedule.num_train_timesteps)
 
@@ -441,10 +694,13 @@ def main(args: argparse.Namespace) -> None:
 
     def after_step(step: int) -> None:
         if (
-            args.one_step_steps and step == tscd_steps
-        ):  # the multi-step TSCD student, before the one-step stage
+            args.one_step_steps and step == one_step_start
+        ):  # the multi-step student, before the one-step stage
             with release_ema.swapped_in() if release_ema is not None else contextlib.nullcontext():
-                checkpoints.save_unet(accelerator, unet, args, folder="tscd")
+                if args.feedback_steps:
+                    lora_adapters.save_merged_lora(accelerator, unet, args, ADAPTERS, folder="tscd")
+                else:
+                    checkpoints.save_unet(accelerator, unet, args, folder="tscd")
 
     loop.train_loop(
         accelerator,
@@ -456,7 +712,12 @@ def main(args: argparse.Namespace) -> None:
         ema=release_ema,
         after_step=after_step,
     )
-    checkpoints.save_unet(accelerator, unet, args, ema=release_ema)
+    if args.feedback_steps:  # the unified LoRA (TSCD + feedback, merged) and the feedback LoRA alone
+        if release_ema is not None:
+            release_ema.copy_to_model()
+        lora_adapters.save_merged_lora(accelerator, unet, args, ADAPTERS, alone=FEEDBACK_ADAPTER)
+    else:
+        checkpoints.save_unet(accelerator, unet, args, ema=release_ema)
     accelerator.end_training()
 
 

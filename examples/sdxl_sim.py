@@ -2,13 +2,14 @@
 
 Luo et al., "One-Step Diffusion Distillation through Score Implicit Matching", NeurIPS 2024
 (arXiv:2410.16794); ``--loss sid``: Zhou et al., ICML 2024 (arXiv:2404.04057); ``--loss dmd``: Yin et
-al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``): the generator maps pure noise at
-``--generator_timestep`` to a clean latent in one UNet call; the real score is the frozen teacher with
-classifier-free guidance, the fake score a trainable copy of the teacher fitted to the generator's
-detached samples by denoising score matching (:func:`diffdistill.losses.fake_score_loss`).
-:class:`diffdistill.losses.AlternatingUpdate` alternates the two updates (``--generator_every``,
-``--fake_steps``) and freezes the fake network during the generator step (``training.score_distillation.ScoreDistillation``,
-shared with Hyper-SD's one-step stage).
+al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``; with ``--gan_weight`` an image-caption
+folder, below): the generator maps pure noise at ``--generator_timestep`` to a clean latent in one UNet
+call; the real score is the frozen teacher with classifier-free guidance, the fake score a trainable copy
+of the teacher fitted to the generator's detached samples by denoising score matching
+(:func:`diffdistill.losses.fake_score_loss`). :class:`diffdistill.losses.AlternatingUpdate` alternates the
+two updates (``--generator_every``, ``--fake_steps``) and freezes the fake network during the generator
+step (``training.score_distillation.ScoreDistillation``, shared with Hyper-SD's one-step stage and MLCM's
+DMD phase).
 
 ``--preset sim|sid|dmd2`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
 score's CFG scale, ``--generator_every``, the Adam betas / weight decay and the learning rate (DMD2 also
@@ -18,10 +19,19 @@ scripts (CFG 8, generator every 5th step, AdamW (0.9, 0.999) wd 0.01, lr 5e-5 Lo
 Diffusion run (Zhou et al. 2024, arXiv:2406.01561; ``run_sid.sh``): lr 1e-6, alpha 1, real-score CFG 2, and
 a *guided* fake score (``--fake_guidance_scale`` 2: its CFG in the fake-score update, kappa1, and in the
 generator loss, kappa2 = kappa3) trained on timesteps drawn from [20, 980) (``--fake_timestep_range 20
-979``). ``sim``: SIM's training values are not public (its code is
+979``), the generator loss's timesteps drawn from the same range (``--loss_timestep_range 20 979``). ``sim``: SIM's training values are not public (its code is
 inference only), so it takes SiD's (SIM with an L2 distance is SiD with alpha = 1) and PixArt-alpha's
 default sampling CFG 4.5 (SIM's teacher). See ``PRESETS`` and ``--help``. ``--sim_c`` and
 ``--sim_detach_dprime`` are :func:`diffdistill.losses.sim_loss`'s ``c`` and ``detach_dprime``.
+
+DMD2's GAN classifier (Yin et al. 2024, arXiv:2405.14867, Sec. 4.3; ``--gan_weight``, e.g. ``--preset dmd2
+--gan_weight``): a head on the fake score UNet's bottleneck (:class:`diffdistill.discriminators.BottleneckHead`,
+``training.score_distillation.BottleneckGAN``) tells noised real latents from noised generator samples. It
+trains with the fake score, in the fake-score update (``--gan_classifier_weight``, DMD2-SDXL 1e-2), and the
+generator adds ``--gan_weight`` times its non-saturating term (the flag alone: DMD2-SDXL's 5e-3). The real
+latents are the VAE latents of an image-caption folder (``--train_data_dir``, whose captions are then the
+prompts); without ``--gan_weight`` the script stays prompt-only. DMD2's regression-free two-time-scale
+update is the preset's ``--generator_every 5`` (or ``--fake_steps``).
 
 With ``--use_lora`` both the generator and the fake score are LoRAs (the fake one on its own copy of the
 UNet). The real score is a frozen copy of the teacher in the mixed-precision dtype, run *with* autograd so
@@ -94,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sid_alpha": 1.0,
         "fake_guidance_scale": 2.0,
         "fake_timestep_range": (20, 979),
+        "loss_timestep_range": (20, 979),
         "generator_every": 1,
         "adam_beta1": 0.0,
         "adam_beta2": 0.999,
@@ -120,7 +131,7 @@ PRESET_HELP = (
     "recipe (sim -> sim, sid -> sid, dmd -> dmd2; sim without either). "
     "dmd2 = DMD2 on SDXL (Yin et al. 2024; tianweiy/DMD2 experiments/sdxl): --loss dmd, real-score CFG 8, "
     "--generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
-    "--use_lora / 5e-7 full, --max_grad_norm 10 (DMD2's GAN term is not in this script). "
+    "--use_lora / 5e-7 full, --max_grad_norm 10; DMD2's GAN classifier is --gan_weight (with --train_data_dir). "
     "sid = SiD / SiD-LSG (Zhou et al. 2024; mingyuanzhou/SiD sid_train.py, SiD-LSG run_sid.sh): --loss sid, "
     "Adam (0, 0.999), lr 1e-6, one fake update per generator update, and SiD-LSG's Stable Diffusion run: "
     "--sid_alpha 1, real-score CFG 2 (cfg_eval_real), --fake_guidance_scale 2 (cfg_train_fake = "
@@ -141,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale", type=float, default=None, help="CFG scale of the real score (default: --preset)"
     )
     score_distillation.add_fake_score_args(g)
+    score_distillation.add_gan_args(g)
     g.add_argument(
         "--fake_guidance_scale",
         type=float,
@@ -156,6 +168,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="inclusive range of the fake score's training timesteps (--preset sid: 20 979, SiD-LSG's "
         "[20, 980)). Default: --preset, else every timestep 0..T-1",
+    )
+    g.add_argument(
+        "--loss_timestep_range",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="inclusive range of the timesteps the generator loss noises its samples to (--preset sid: 20 979, "
+        "SiD-LSG's torch.randint(20, 980)). Default: --preset, else the loss's own [0.02T, 0.98T] (DMD2's)",
     )
     g.add_argument(
         "--sid_alpha",
@@ -181,19 +202,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(**{key: None for key in fallback})
     args = p.parse_args(argv)
     resolve_preset(args, fallback)
-    if args.fake_timestep_range is not None:
-        low, high = args.fake_timestep_range
+    for flag in ("fake_timestep_range", "loss_timestep_range"):
+        if getattr(args, flag) is None:
+            continue
+        low, high = getattr(args, flag)
         if not 0 <= low <= high:
             raise ValueError(
-                f"Expected --fake_timestep_range LOW HIGH with 0 <= LOW <= HIGH (inclusive), but got {low} {high}."
+                f"Expected --{flag} LOW HIGH with 0 <= LOW <= HIGH (inclusive), but got {low} {high}."
             )
-        args.fake_timestep_range = (low, high)
+        setattr(args, flag, (low, high))
     if args.sim_c is not None:
         if args.sim_c <= 0:
             raise ValueError(f"Expected --sim_c > 0, but got {args.sim_c}.")
         if args.sim_distance != "pseudo_huber":
             raise ValueError("--sim_c is the pseudo-Huber constant: it needs --sim_distance pseudo_huber.")
-    return options.check_common_args(args)
+    score_distillation.check_gan_args(args)
+    if args.gan_weight > 0 and not args.train_data_dir:
+        raise ValueError(
+            "--gan_weight: DMD2's classifier compares the generator's samples with real images: pass "
+            "--train_data_dir (images with .txt captions)."
+        )
+    return options.check_common_args(args, image_method=args.gan_weight > 0)
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
@@ -255,15 +284,17 @@ def main(args: argparse.Namespace) -> None:
     parts = sdxl_models.load_sdxl(args)
     dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
-    sdxl_models.place_frozen(parts, device, dtype, vae=False)
+    with_gan = args.gan_weight > 0
+    sdxl_models.place_frozen(parts, device, dtype, vae=with_gan)  # the GAN's real latents
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
     opt_g = runtime.adamw(unet.parameters(), args)
     opt_f = runtime.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
     unet, opt_g, fake, opt_f = runtime.prepare(accelerator, (unet, opt_g), (fake, opt_f))
+    gan = score_distillation.BottleneckGAN.build(accelerator, args, fake, schedule) if with_gan else None
     ema = checkpoints.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake})
     real = TeacherSolver(real_model, schedule, guidance_scale=args.guidance_scale)
-    data = data_sources.StepData(args, need_images=False)
+    data = data_sources.StepData(args, need_images=with_gan)
     uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     # The fake score with its own CFG (SiD-LSG's kappa1 in its update, kappa2 = kappa3 in the generator loss;
     # a no-op at --fake_guidance_scale 1): in the generator's update it is frozen.
@@ -281,6 +312,7 @@ def main(args: argparse.Namespace) -> None:
             "uncond": uncond,
             "fake_uncond": uncond,
             "generator": gen,
+            "t_range": args.loss_timestep_range,
         }
         if args.loss == "sim":
             return sim_loss(
@@ -318,13 +350,18 @@ def main(args: argparse.Namespace) -> None:
         fake=(fake, opt_f),
         loss=generator_loss,
         fake_loss=fake_loss,
+        gan=gan,
     )
     global_step = checkpoints.resume(accelerator, args)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        _, prompts = data.batch(gen)
+        real_latents = None
+        if gan is None:
+            _, prompts = data.batch(gen)
+        else:  # the batch's images as VAE latents, and their captions as the prompts
+            real_latents, prompts = data.latents_batch(gen, parts.vae, device)
         cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
-        return score.step(step, gen, cond)
+        return score.step(step, gen, cond, real=real_latents)
 
     validate = validation.one_step_validation(accelerator, args, parts, unet, schedule)
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)

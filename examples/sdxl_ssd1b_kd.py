@@ -37,7 +37,8 @@ Recipe (SSD-1B; Vega: the same with ``--preset vega``). What is the paper's and 
 - Teachers in succession SDXL -> ZavyChromaXL -> JuggernautXL: as the SSD-1B model card. Which rounds use which
   teacher: our choice (SDXL base for the removal rounds, then one round per fine-tuned teacher, no removal).
 - 251k steps in all, learning rate 1e-5, batch 32 x gradient accumulation 4, 1024 px, fp16: as the SSD-1B
-  model card; how the steps split over rounds is not published: our choice (about 50k per round, below).
+  model card (set by the example's flags below; the script's defaults are batch 1, no accumulation, 1000
+  steps); how the steps split over rounds is not published: our choice (about 50k per round, below).
 
 Example (five rounds; each ``--output_dir`` is the next round's ``--student_model``)::
 

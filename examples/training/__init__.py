@@ -20,7 +20,10 @@ Modules:
 - :mod:`training.loop`: the training loop (steps, checkpoints, validation, progress bar).
 - :mod:`training.teacher_pairs`: Diffusion2GAN's teacher ODE pairs (shards, their recorded settings, reading).
 - :mod:`training.score_distillation`: the online fake score and its alternation with the generator (SIM, SiD,
-  DMD, Hyper-SD's one-step stage).
+  DMD, Hyper-SD's one-step stage, MLCM's DMD phase), and DMD2's GAN classifier on the fake score's bottleneck.
+- :mod:`training.rewards`: reward models named on the command line (``module:callable``), loaded and frozen.
+- :mod:`training.lora_adapters`: several LoRA adapters on one UNet, trained one at a time and merged exactly
+  into one diffusers LoRA file (Hyper-SD's unified LoRA).
 
 Determinism and resume: every optimisation step draws its data indices, noise and timesteps from a
 ``torch.Generator`` seeded by ``(seed, step, process, micro-batch)``

@@ -125,7 +125,8 @@ def resume(accelerator: Any, args: argparse.Namespace) -> int:
 
 
 def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) -> None:
-    """Checkpoint LoRA models as their adapters only: ``checkpoint-N/{name}_lora.safetensors``.
+    """Checkpoint LoRA models as their adapters only: ``checkpoint-N/{name}_lora.safetensors``, and a model's
+    adapters other than ``"default"`` as ``{name}_{adapter}_lora.safetensors`` (Hyper-SD's feedback LoRA).
 
     accelerate save/load pre-hooks (as in diffusers' LoRA training scripts): the save hook writes each
     model's adapter (:func:`diffdistill.students.save_lora`) and drops the model from the weights accelerate
@@ -146,7 +147,8 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
         found = ours(prepared)
         if accelerator.is_main_process:
             for name in found.values():
-                save_lora(targets[name], Path(output_dir) / f"{name}_lora.safetensors", prefix="")
+                for adapter, file in _adapter_files(targets[name], name):
+                    save_lora(targets[name], Path(output_dir) / file, adapter_name=adapter, prefix="")
         if len(weights) == len(prepared):
             for i in sorted(found, reverse=True):
                 weights.pop(i)
@@ -154,11 +156,22 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
     def load_hook(prepared: list[Any], input_dir: str) -> None:
         found = ours(prepared)
         for i in sorted(found, reverse=True):
-            load_lora(targets[found[i]], Path(input_dir) / f"{found[i]}_lora.safetensors", prefix="")
+            for adapter, file in _adapter_files(targets[found[i]], found[i]):
+                load_lora(targets[found[i]], Path(input_dir) / file, adapter_name=adapter, prefix="")
             prepared.pop(i)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _adapter_files(model: nn.Module, name: str) -> list[tuple[str, str]]:
+    """``(adapter, file name)`` of each LoRA adapter of ``model``: ``{name}_lora.safetensors`` for
+    ``"default"``, ``{name}_{adapter}_lora.safetensors`` for the others."""
+    adapters = sorted(getattr(model, "peft_config", None) or {"default": None})
+    return [
+        (a, f"{name}_lora.safetensors" if a == "default" else f"{name}_{a}_lora.safetensors")
+        for a in adapters
+    ]
 
 
 def setup_checkpoints(

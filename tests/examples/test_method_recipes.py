@@ -208,15 +208,19 @@ def test_sid_preset_is_sid_lsg_stable_diffusion_run(tmp_path: Path) -> None:
     argv = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path)]
     sid = script.parse_args([*argv, "--preset", "sid"])
     assert (sid.sid_alpha, sid.fake_guidance_scale, sid.fake_timestep_range) == (1.0, 2.0, (20, 979))
+    assert sid.loss_timestep_range == (20, 979)  # the generator loss's t ~ torch.randint(20, 980) too
     for name in ("sim", "dmd2"):
         args = script.parse_args([*argv, "--preset", name])
         assert (args.sid_alpha, args.fake_guidance_scale, args.fake_timestep_range) == (1.2, 1.0, None), name
+        assert args.loss_timestep_range is None, name  # the losses' own [0.02T, 0.98T] (DMD2's)
     flags = ["--sid_alpha", "1.2", "--fake_guidance_scale", "1", "--fake_timestep_range", "0", "999"]
     args = script.parse_args([*argv, "--preset", "sid", *flags])
     assert (args.sid_alpha, args.fake_guidance_scale, args.fake_timestep_range) == (1.2, 1.0, (0, 999))
     assert {"sid_alpha", "fake_guidance_scale", "fake_timestep_range"}.isdisjoint(args.preset_set.split(","))
     with pytest.raises(ValueError, match=r"--fake_timestep_range LOW HIGH with 0 <= LOW <= HIGH"):
         script.parse_args([*argv, "--fake_timestep_range", "980", "20"])
+    with pytest.raises(ValueError, match=r"--loss_timestep_range LOW HIGH with 0 <= LOW <= HIGH"):
+        script.parse_args([*argv, "--loss_timestep_range", "-1", "20"])
 
 
 def test_sid_run_guides_the_fake_score_and_draws_its_timesteps_from_20_to_979(
@@ -237,6 +241,7 @@ def test_sid_run_guides_the_fake_score_and_draws_its_timesteps_from_20_to_979(
                 "real": real.guidance_scale,
                 "fake": fake.guidance_scale,
                 "fake_uncond": kw["fake_uncond"] is not None,
+                "t_range": kw["t_range"],
             }
         )
         return sid_loss(x, real, fake, **kw)
@@ -257,7 +262,9 @@ def test_sid_run_guides_the_fake_score_and_draws_its_timesteps_from_20_to_979(
     monkeypatch.setattr(script, "fake_score_loss", recording_fake_score_loss)
     argv = _common_argv(tiny_sdxl, tmp_path / "out", lora=True)
     script.main(script.parse_args([*argv, "--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sid"]))
-    assert gen_calls == [{"alpha": 1.0, "real": 2.0, "fake": 2.0, "fake_uncond": True}] * 2
+    assert (
+        gen_calls == [{"alpha": 1.0, "real": 2.0, "fake": 2.0, "fake_uncond": True, "t_range": (20, 979)}] * 2
+    )
     assert fake_calls == [{"fake": 2.0, "uncond": True, "t": (20, 979)}] * 2
     # Guided: one call on the conditional and unconditional halves (batch 2 each) per fake update.
     assert [t.shape for t in fake_t] == [(4,), (4,)]
