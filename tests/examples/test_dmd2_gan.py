@@ -16,12 +16,11 @@ import types
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
+from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline, write_captioned_images
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -208,16 +207,10 @@ def test_the_classifier_needs_real_latents(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny SDXL pipeline folder and 3 captioned 128 px images."""
-    from PIL import Image
 
     root = tmp_path_factory.mktemp("tiny_sdxl_dmd2")
     model = save_tiny_sdxl_pipeline(root / "model", seed=0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cube", "a blue sphere", "a green cone"]):
-        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(caption)
+    images = write_captioned_images(root / "images", ["a red cube", "a blue sphere", "a green cone"])
     prompts = root / "prompts.txt"
     prompts.write_text("a photo of a cat\n")
     return {"model": model, "images": images, "prompts": prompts}

@@ -13,9 +13,7 @@ against independent derivations, and the new options' errors against their messa
 # ruff: noqa: F811
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from tests.examples.test_sdxl_scripts import (  # noqa: F401
     _lora_state,
     tiny_sdxl,
 )
+from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
 lora_adapters = _load("training.lora_adapters")
@@ -72,27 +71,6 @@ def _feedback_argv(tiny: dict[str, Path], out: Path) -> list[str]:
     return argv
 
 
-@contextlib.contextmanager
-def _deterministic_kernels() -> Iterator[None]:
-    """Deterministic CUDA kernels while the module's runs are made (the resume test compares two runs), as
-    ``test_sdxl_scripts.py``'s autouse fixture does per test; nothing changes on CPU."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.benchmark = before[2]
-
-
 @pytest.fixture(scope="module")
 def feedback_runs(tiny_sdxl: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run ``a`` (3 steps, checkpoints after steps 1 and 2; ``refl_x0`` and the UNet's calls spied on) and
@@ -122,7 +100,7 @@ def feedback_runs(tiny_sdxl: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
     tiny_feedback_models.CALLS.clear()
     out_a, out_b = root / "a", root / "b"
-    with _deterministic_kernels(), pytest.MonkeyPatch.context() as mp:
+    with deterministic_kernels(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(script, "refl_x0", spied_refl_x0)
         mp.setattr(UNet2DConditionModel, "forward", spied_forward)
         script.main(script.parse_args(_feedback_argv(tiny_sdxl, out_a)))

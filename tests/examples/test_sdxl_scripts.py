@@ -18,11 +18,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
-from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET, save_tiny_sdxl_pipeline
+from tests.examples.tiny_sdxl import (
+    TINY_SDXL_3LEVEL_UNET,
+    deterministic_kernels,
+    save_tiny_sdxl_pipeline,
+    write_captioned_images,
+)
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -36,28 +40,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 @pytest.fixture(autouse=True)
 def _deterministic_kernels() -> Any:
-    """Deterministic kernels while a script runs on a GPU: the resume tests compare two runs' weights.
-
-    On CUDA, cuDNN's default convolution weight-gradient algorithms sum with atomics in no fixed order,
-    and Adam's first steps turn such last-bit gradient differences into differences of the learning
-    rate's size. Measured on an H200 (2026-11-27): without this, 10 resume tests failed at rtol 1e-5; with
-    it only Diffusion2GAN's (grid_sample's backward has no deterministic CUDA kernel: compared on CPU only).
-    """
-    if not torch.cuda.is_available():
+    """Deterministic kernels while a script runs on a GPU (:func:`tiny_sdxl.deterministic_kernels`)."""
+    with deterministic_kernels():
         yield
-        return
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-    )
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.benchmark = before[2]
 
 
 def _load(name: str) -> ModuleType:
@@ -93,17 +78,10 @@ def record_optimisers(monkeypatch: pytest.MonkeyPatch) -> list[torch.optim.Optim
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny SDXL pipeline folder, 3 captioned 128 px images and a prompt file."""
-    from PIL import Image
 
     root = tmp_path_factory.mktemp("tiny_sdxl")
     model = save_tiny_sdxl_pipeline(root / "model", seed=0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i, caption in enumerate(["a red cube", "a blue sphere", ""]):
-        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        if caption:
-            (images / f"{i}.txt").write_text(caption)
+    images = write_captioned_images(root / "images", ["a red cube", "a blue sphere", ""])
     prompts = root / "prompts.txt"
     prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
     return {"model": model, "images": images, "prompts": prompts}

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET, save_tiny_sdxl_pipeline
+from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET, deterministic_kernels, save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -38,17 +38,8 @@ DOWN = [f"down_blocks.2.attentions.{a}.transformer_blocks.{b}" for a in (0, 1) f
 @pytest.fixture(autouse=True)
 def _deterministic_kernels() -> Any:
     """Deterministic kernels on a GPU (resume is compared against the size of one step); a no-op on CPU."""
-    if not torch.cuda.is_available():
+    with deterministic_kernels():
         yield
-        return
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
 
 
 def _script() -> ModuleType:

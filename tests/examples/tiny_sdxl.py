@@ -1,13 +1,17 @@
-"""A tiny SDXL-structured pipeline (random weights, offline tokenizers) written to disk for the example tests."""
+"""Fixtures of the example tests: a tiny SDXL-structured pipeline (random weights, offline tokenizers) written to
+disk, captioned images, and deterministic GPU kernels for the runs they compare."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -128,3 +132,44 @@ def save_tiny_sdxl_pipeline(
     pipe.save_pretrained(root, safe_serialization=True)
     shutil.rmtree(root / "_tokenizer_src")
     return root
+
+
+def write_captioned_images(folder: Path, captions: Sequence[str], seed: int = 0) -> Path:
+    """Write one random 136x144 RGB image per caption into ``folder`` (``{i}.png``), each with its caption in
+    ``{i}.txt`` (none for an empty caption); returns ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        if caption:
+            (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Deterministic kernels while a script runs on a GPU; nothing changes on the CPU.
+
+    The resume tests compare two runs' weights. On CUDA, cuDNN's default convolution weight-gradient
+    algorithms sum with atomics in no fixed order, and Adam's first steps turn such last-bit gradient
+    differences into differences of the learning rate's size. Measured on an H200 (2026-11-27): without this,
+    10 resume tests failed at rtol 1e-5; with it only Diffusion2GAN's (grid_sample's backward has no
+    deterministic CUDA kernel: compared on CPU only).
+    """
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
