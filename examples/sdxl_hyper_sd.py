@@ -495,12 +495,8 @@ def main(args: argparse.Namespace) -> None:
     # Frozen, on the device (an nn.Module); loaded whole under ZeRO-3, as the frozen encoders.
     reward_models = [rewards.frozen_reward_model(spec, device) for spec in args.reward_model]
     perceptual = None
-    if args.perceptual_model is not None:
-        with sdxl_models.zero3_init_disabled():
-            perceptual = load_perceptual_model(args.perceptual_model)
-        if isinstance(perceptual, torch.nn.Module):
-            sdxl_models.freeze(perceptual)
-            perceptual.to(device)
+    if args.perceptual_model is not None:  # frozen and placed as a reward model is
+        perceptual = rewards.frozen_reward_model(args.perceptual_model, device, option="--perceptual_model")
     T = schedule.num_train_timesteps
     if args.feedback_steps and max(args.feedback_timestep_range[1], args.perceptual_start_timestep) >= T:
         raise ValueError(

@@ -32,11 +32,11 @@ def load_reward_model(spec: str, option: str = "--reward_model") -> Any:
     return obj
 
 
-def frozen_reward_model(spec: str, device: Any) -> Any:
+def frozen_reward_model(spec: str, device: Any, option: str = "--reward_model") -> Any:
     """:func:`load_reward_model`, loaded whole even under DeepSpeed ZeRO-3 (as the frozen text encoders); an
     ``nn.Module`` reward is frozen (eval mode, no gradients to its weights) and moved to ``device``."""
     with sdxl_models.zero3_init_disabled():
-        reward = load_reward_model(spec)
+        reward = load_reward_model(spec, option)
     if isinstance(reward, torch.nn.Module):
         sdxl_models.freeze(reward)
         reward.to(device)
