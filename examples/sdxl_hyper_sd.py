@@ -43,9 +43,10 @@ paper, a separate LoRA merged with the TSCD one at the end. Each step:
 - Output: the two LoRAs merged exactly into the one unified LoRA file the script writes
   (:func:`training.lora_adapters.merged_lora_state`: rank r1 + r2, loadable by diffusers), and the feedback LoRA alone in
   ``OUTPUT_DIR/feedback/``. A reward (or hook) that is an ``nn.Module`` is frozen and moved to the device.
-- One process only: the phase freezes one LoRA at a time by switching ``requires_grad``, which DDP's
-  reducer does not allow without ``find_unused_parameters`` (a multi-process launch is refused). A full-UNet
-  student (no ``--use_lora``) is refused too: there is no TSCD LoRA to train a separate one on.
+- One process or DDP: the phase freezes one LoRA at a time by switching ``requires_grad``, so a run with
+  ``--feedback_steps`` wraps the UNet with DDP's ``find_unused_parameters`` (a graph walk per step); FSDP2 and
+  DeepSpeed, which shard the adapters at prepare, are refused. A full-UNet student (no ``--use_lora``) is
+  refused too: there is no TSCD LoRA to train a separate one on.
 
 One-step stage (Sec. 3.3; optional): ``--one_step_steps N`` trains the last ``N`` of ``--max_train_steps``
 as a one-step generator -- pure noise fed at ``--generator_timestep`` (the paper: 999 for the unified LoRA,
@@ -70,9 +71,9 @@ Example::
         --train_data_dir data/images --output_dir out/hyper-sd --use_lora --lora_rank 64 \\
         --mixed_precision bf16 --gradient_checkpointing --train_batch_size 4 --max_train_steps 8000
 
-    # the same run (same options for "...") with 1000 feedback steps after its 8000 TSCD steps, on one
-    # process, with two rewards of a user module my_rewards.py
-    accelerate launch --num_processes 1 examples/sdxl_hyper_sd.py ... --max_train_steps 9000 \\
+    # the same run (same options for "...") with 1000 feedback steps after its 8000 TSCD steps, with two
+    # rewards of a user module my_rewards.py (one process or DDP)
+    accelerate launch examples/sdxl_hyper_sd.py ... --max_train_steps 9000 \\
         --feedback_steps 1000 --reward_model my_rewards:aesthetic --reward_margin 6.5 \\
         --reward_model my_rewards:image_reward --reward_margin 1.0 --reward_weight 1 --reward_weight 0.5
 """
@@ -416,18 +417,21 @@ def perceptual_loss(
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = runtime.make_accelerator(args, "sdxl_hyper_sd")
+    # The feedback phase freezes the TSCD LoRA mid-run: DDP must accept weights without a gradient.
+    accelerator = runtime.make_accelerator(
+        args, "sdxl_hyper_sd", find_unused_parameters=args.feedback_steps > 0
+    )
     if args.target == "ema" and runtime.zero_stage(accelerator) == 3:
         raise ValueError(
             "--target ema averages the student's parameters into a whole copy, and DeepSpeed ZeRO-3 leaves "
             "each process only a flat slice of them: use ZeRO stage 1 or 2, or FSDP, in the accelerate "
             "config, or pass --target online."
         )
-    if args.feedback_steps and accelerator.num_processes > 1:
+    if args.feedback_steps and runtime.is_sharded(accelerator):
         raise ValueError(
-            "The feedback phase (--feedback_steps) runs on one process: it freezes the TSCD LoRA by turning its "
-            "gradients off mid-run, which DDP does not allow without find_unused_parameters (and which is "
-            "untested under FSDP and DeepSpeed). Launch it without multiple processes."
+            "The feedback phase (--feedback_steps) freezes the TSCD LoRA by turning its gradients off mid-run, "
+            "which is supported with DDP (find_unused_parameters) but not under FSDP2 or DeepSpeed, whose "
+            "prepared models shard the adapters' weights: run the feedback phase with DDP or on one process."
         )
     plan = StagePlan.hyper_sd(
         [int(k) for k in args.segments.split(",")], num_inference_steps=args.num_inference_steps

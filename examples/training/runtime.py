@@ -21,18 +21,26 @@ def weight_dtype_of(accelerator: Any) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_accelerator(args: argparse.Namespace, project_name: str) -> Any:
-    """``Accelerator`` with mixed precision, gradient accumulation and trackers from ``args``."""
+def make_accelerator(
+    args: argparse.Namespace, project_name: str, *, find_unused_parameters: bool = False
+) -> Any:
+    """``Accelerator`` with mixed precision, gradient accumulation and trackers from ``args``.
+
+    ``find_unused_parameters``: DDP's option of that name, for a model part of whose trainable weights get no
+    gradient in some steps (e.g. one of two LoRA adapters frozen mid-run); it costs a graph walk per step.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     out = Path(args.output_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        kwargs_handlers=handlers,
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ against independent derivations, and the new options' errors against their messa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ pytest.importorskip("accelerate")
 from tests.examples import tiny_feedback_models
 from tests.examples.test_sdxl_scripts import (  # noqa: F401
     _common_argv,
+    _launch_two_processes,
     _load,
     _lora_state,
     tiny_sdxl,
@@ -420,3 +422,24 @@ def test_perceptual_loss_checks_what_the_hook_returns() -> None:
         ValueError, match=r"to return \(2,\) per-sample losses or a 0-d loss, but got shape \(2, 3\)"
     ):
         script.perceptual_loss(lambda x, r, p: torch.ones(2, 3), images, reference, ["a", "b"])
+
+
+def test_feedback_phase_under_ddp(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two DDP processes (batch 1 each): the TSCD LoRA is frozen mid-run (DDP's find_unused_parameters), so
+    the feedback steps leave it bit for bit and train the feedback LoRA, the same on both replicas."""
+    root = str(Path(__file__).resolve().parents[2])  # the reward modules are imported in the children
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = tmp_path / "ddp"
+    argv = _set(_feedback_argv(tiny_sdxl, out), "--train_batch_size", "1")  # 1 TSCD step, then 2 feedback steps
+    _launch_two_processes("sdxl_hyper_sd", argv)
+    ckpt_1, ckpt_2 = out / "checkpoint-1", out / "checkpoint-2"
+    assert (ckpt_1 / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    tscd_1, tscd_2 = (_lora_state(c / "unet_lora.safetensors") for c in (ckpt_1, ckpt_2))
+    fb_1, fb_2 = (_lora_state(c / "unet_feedback_lora.safetensors") for c in (ckpt_1, ckpt_2))
+    assert all(torch.equal(tscd_1[k], tscd_2[k]) for k in tscd_1), "the feedback step changed the TSCD LoRA"
+    assert any(not torch.equal(fb_1[k], fb_2[k]) for k in fb_1 if "lora_B" in k), (
+        "feedback LoRA did not train"
+    )
+    assert (out / "feedback" / LORA_FILE).is_file() and (out / LORA_FILE).is_file()
