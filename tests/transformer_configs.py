@@ -1,0 +1,99 @@
+"""Tiny configs of the rectified-flow transformers (SD3 MMDiT, FLUX) for CPU tests, with the published ones.
+
+The tiny configs keep each architecture's structure (SD3: joint blocks, the last one context-pre-only, optional
+dual-attention layers; FLUX: double-stream then single-stream blocks, guidance embedding, RoPE axes) at widths
+that run in milliseconds. The published configs (``stabilityai/stable-diffusion-3.5-large`` / ``-medium``,
+``black-forest-labs/FLUX.1-dev`` ``transformer/config.json``) are for meta-device shape and FLOP checks only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_sd3_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """A 4-block SD3-structured ``SD3Transformer2DModel`` config: 8x8 latents of 4 channels, patch 2 (16 tokens),
+    2 heads of 8, text tokens of width 16, pooled width 16; ``overrides`` replace any entry."""
+    config: dict[str, Any] = {
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 4,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 16,
+        "pos_embed_max_size": 16,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_flux_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """A FLUX-structured ``FluxTransformer2DModel`` config with 2 double-stream and 3 single-stream blocks: packed
+    latents of 16 channels (4 latent channels x 2x2 patches), 2 heads of 8 (RoPE axes 2+2+4), text width 16,
+    pooled width 16, guidance embedding (as FLUX.1-dev); ``overrides`` replace any entry."""
+    config: dict[str, Any] = {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 2,
+        "num_single_layers": 3,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "pooled_projection_dim": 16,
+        "guidance_embeds": True,
+        "axes_dims_rope": (2, 2, 4),
+    }
+    config.update(overrides)
+    return config
+
+
+#: ``black-forest-labs/FLUX.1-dev`` ``transformer/config.json`` (11.90 B parameters as diffusers builds it).
+FLUX1_DEV_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+#: ``stabilityai/stable-diffusion-3.5-medium`` ``transformer/config.json`` (MMDiT-X; 2.24 B parameters as built).
+SD35_MEDIUM_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+
+#: ``stabilityai/stable-diffusion-3.5-large`` ``transformer/config.json`` (8.06 B parameters as built).
+SD35_LARGE_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+}
