@@ -1,6 +1,7 @@
 """diffdistill.schedulers: noise-schedule math, DDIM moves, teacher solvers, timestep samplers,
-progressive stage plans and few-step samplers. Duck-typed over diffusers (anything with
-``alphas_cumprod`` builds a :class:`NoiseSchedule`); diffusers is never imported here."""
+progressive stage plans and few-step samplers, for variance-preserving and rectified-flow schedules.
+Duck-typed over diffusers (anything with ``alphas_cumprod``, or a flow-matching scheduler's config, builds a
+:class:`NoiseSchedule`); diffusers is never imported here."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from .few_step_samplers import (
     tlcm_timesteps,
     x0_renoise_sample,
 )
-from .noise_schedule import PREDICTION_TYPES, NoiseSchedule
+from .flow_schedule import (
+    TIME_SHIFT_TYPES,
+    FlowMatchingConfig,
+    FlowSigmaGrid,
+    flow_sigma_grid,
+    packed_image_seq_len,
+    resolution_mu,
+    shift_sigmas,
+)
+from .noise_schedule import FLOW_PREDICTION_TYPES, PREDICTION_TYPES, SCHEDULE_KINDS, NoiseSchedule
 from .stage_plans import Stage, StagePlan
 from .teacher_solver import TeacherSolver, apply_guidance, concat_conditions
 from .timestep_samplers import (
@@ -37,11 +47,16 @@ from .timestep_samplers import (
 )
 
 __all__ = [
+    "FLOW_PREDICTION_TYPES",
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
     "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
     "PREDICTION_TYPES",
+    "SCHEDULE_KINDS",
     "TIMESTEP_SPACINGS",
+    "TIME_SHIFT_TYPES",
     "TLCM_GRID_INDICES",
+    "FlowMatchingConfig",
+    "FlowSigmaGrid",
     "NoiseSchedule",
     "SamplerOutput",
     "Stage",
@@ -57,12 +72,16 @@ __all__ = [
     "ddim_sample",
     "dmd2_timesteps",
     "euler_sample",
+    "flow_sigma_grid",
     "lcm_sample",
     "lcm_skip_pairs",
     "lcm_timesteps",
     "milestone_pairs",
     "one_step_sample",
+    "packed_image_seq_len",
     "progressive_pairs",
+    "resolution_mu",
+    "shift_sigmas",
     "spaced_timesteps",
     "tcd_sample",
     "tlcm_timesteps",

@@ -1,6 +1,9 @@
-"""Discrete variance-preserving noise schedules and the DDIM move shared by every distillation method.
+"""Discrete noise schedules (variance-preserving and rectified flow) and the DDIM move shared by every method.
 
-Notation (DDPM / VP, diffusers timestep indices ``t`` in ``0 .. T-1``):
+One vocabulary for both families: integer indices ``t`` in ``0 .. T-1`` into a table of
+:math:`(\\alpha_t, \\sigma_t)` with :math:`x_t = \\alpha_t x_0 + \\sigma_t \\epsilon`, ``t = -1`` the clean end.
+
+Variance preserving (``kind == "vp"``: DDPM, SD, SDXL; diffusers timestep indices):
 
 .. math::
 
@@ -11,6 +14,12 @@ Notation (DDPM / VP, diffusers timestep indices ``t`` in ``0 .. T-1``):
 The index ``t = -1`` denotes the clean end of the trajectory, with :math:`\\bar\\alpha_{-1}` equal to
 ``final_alpha_cumprod`` (1.0 by default, as diffusers' ``set_alpha_to_one=True``), so a DDIM move to
 ``t_to = -1`` lands on the model's clean-sample estimate.
+
+Rectified flow (``kind == "flow"``: SD3, FLUX, Qwen-Image, Wan; Esser et al. 2024, Sec. 2-3):
+:math:`\\alpha_t = 1 - \\sigma_t` with a shifted :math:`\\sigma_t` table reaching 1 at ``t = T-1`` and
+:math:`\\sigma_{-1} = 0` (see :mod:`diffdistill.schedulers.flow_schedule` for the table, diffusers' index
+mapping and sampling grids). The DDIM move is then the exact Euler step of the flow ODE
+:math:`dx/d\\sigma = \\epsilon - x_0`, since the path is linear in :math:`\\sigma`.
 """
 
 from __future__ import annotations
@@ -32,11 +41,23 @@ from .._checks import (
     check_tensor,
     value_checks_enabled,
 )
+from .flow_schedule import FlowMatchingConfig, _as_sigmas
 
-__all__ = ["PREDICTION_TYPES", "NoiseSchedule", "PredictionType", "TimestepLike"]
+__all__ = [
+    "FLOW_PREDICTION_TYPES",
+    "PREDICTION_TYPES",
+    "SCHEDULE_KINDS",
+    "NoiseSchedule",
+    "PredictionType",
+    "TimestepLike",
+]
 
-PredictionType = Literal["epsilon", "sample", "v_prediction", "score"]
+PredictionType = Literal["epsilon", "sample", "v_prediction", "score", "flow"]
+# The prediction types of every schedule; a flow schedule also takes "flow" (FLOW_PREDICTION_TYPES). A VP
+# model never outputs eps - x0, so "flow" is refused on VP schedules (ask for "v_prediction" there).
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction", "score")
+FLOW_PREDICTION_TYPES: tuple[str, ...] = (*PREDICTION_TYPES, "flow")
+SCHEDULE_KINDS: tuple[str, ...] = ("vp", "flow")
 BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear", "squaredcos_cap_v2")
 
 TimestepLike = int | float | Sequence[int] | torch.Tensor
@@ -53,11 +74,31 @@ def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tenso
 
 
 class NoiseSchedule:
-    """A discrete VP noise schedule (DDPM / SD / SDXL) with conversions and the DDIM move.
+    """A discrete noise schedule, VP (DDPM / SD / SDXL) or rectified flow (SD3 / FLUX), with conversions and the
+    DDIM move.
 
     Coefficients are looked up in float64 tables; the elementwise arithmetic runs in ``compute_dtype``
     (float64 by default, so two implementations of the same step agree to ~1e-12) and every result is
     returned in the dtype of its main tensor input, so bf16 latents stay bf16.
+
+    Build a VP schedule from ``alphas_cumprod`` (or :meth:`from_betas`), a rectified-flow one from
+    ``flow_sigmas`` (or :meth:`flow_matching`, :meth:`from_flow_sigmas`); :meth:`from_scheduler` reads either
+    kind from a diffusers scheduler. For a flow schedule :math:`\\alpha_t = 1 - \\sigma_t`, and
+    ``alphas_cumprod`` is the :math:`\\bar\\alpha` of the VP schedule with the same signal-to-noise ratio,
+    :math:`\\alpha_t^2 / (\\alpha_t^2 + \\sigma_t^2)` (a flow state rescaled by
+    :math:`1/\\sqrt{\\alpha_t^2+\\sigma_t^2}` is that VP state), which is 0 at :math:`\\sigma = 1`: read it for
+    SNR-based weightings only; the coefficients are :meth:`alpha` / :meth:`sigma`.
+
+    Prediction types (``model_output`` of a network at ``(x_t, t)``): ``"epsilon"`` (:math:`\\epsilon`),
+    ``"sample"`` (:math:`x_0`), ``"v_prediction"`` (:math:`(\\alpha_t\\epsilon - \\sigma_t x_0) /
+    \\sqrt{\\alpha_t^2 + \\sigma_t^2}`: Salimans & Ho's v for VP, where the root is 1; for flow our choice,
+    the v of the equivalent VP state, which is TrigFlow's F-target with :math:`\\sigma_d = 1`, Lu & Song 2024,
+    arXiv:2410.11081, as SANA-Sprint maps flow to F), ``"score"`` (:math:`\\nabla_x \\log p_t =
+    -\\epsilon/\\sigma_t`) and ``"flow"`` (:math:`\\epsilon - x_0`, the velocity of diffusers' SD3 / FLUX
+    models; Esser et al. 2024, Sec. 2; flow schedules only, since a VP model never outputs it). Every
+    conversion works both ways. At a flow table's :math:`\\sigma = 1` (``t = T-1``), :math:`\\alpha = 0`: an
+    ``"epsilon"`` or ``"score"`` output carries no :math:`x_0` there (its conversions divide by zero);
+    ``"flow"`` and ``"sample"`` do.
 
     Every method that takes tensors checks them at the boundary: a non-tensor or an integer / bool tensor
     raises :class:`~diffdistill.errors.DTypeError`, an empty batch or a shape that would broadcast silently
@@ -66,76 +107,121 @@ class NoiseSchedule:
     :class:`~diffdistill.errors.NonFiniteError` naming the argument.
 
     Args:
-        alphas_cumprod: :math:`\\bar\\alpha_t` for ``t = 0 .. T-1``, a 1-D tensor or sequence of at least two
-            values, non-increasing, in (0, 1].
-        prediction_type: default parameterisation of model outputs: ``"epsilon"`` (the default),
-            ``"sample"`` (x0), ``"v_prediction"`` or ``"score"`` (:math:`\\nabla_x \\log p_t = -\\epsilon / \\sigma_t`).
-            Methods that take a ``prediction_type`` use this one when given ``None``.
+        alphas_cumprod: VP: :math:`\\bar\\alpha_t` for ``t = 0 .. T-1``, a 1-D tensor or sequence of at least two
+            values, non-increasing, in (0, 1]. Give this or ``flow_sigmas``.
+        flow_sigmas: rectified flow: :math:`\\sigma_t` for ``t = 0 .. T-1``, at least two values,
+            non-decreasing, in (0, 1] (:math:`\\alpha_t = 1 - \\sigma_t`; ``t = -1`` has :math:`\\sigma = 0`).
+        prediction_type: default parameterisation of model outputs, one of :data:`PREDICTION_TYPES`
+            (a flow schedule: :data:`FLOW_PREDICTION_TYPES`, with ``"flow"``; default: ``"epsilon"`` for VP, ``"flow"`` for flow). Methods that take a ``prediction_type``
+            use this one when given ``None``.
         terminal_pure_noise: SDXL-Lightning's schedule fix (Lin et al. 2024, Eq. 24): :meth:`add_noise`
             at ``t = T-1`` returns the noise itself, as if the schedule reached zero SNR. Conversions still
-            use the schedule's own :math:`\\bar\\alpha_{T-1}` (as the paper does at inference). Default off.
-        final_alpha_cumprod: :math:`\\bar\\alpha` of the clean end ``t = -1`` (diffusers:
-            ``set_alpha_to_one=True`` gives 1.0, the default; ``False`` gives ``alphas_cumprod[0]``).
+            use the schedule's own :math:`\\bar\\alpha_{T-1}` (as the paper does at inference). Default off
+            (a flow table ending at :math:`\\sigma = 1` is pure noise there anyway).
+        final_alpha_cumprod: VP: :math:`\\bar\\alpha` of the clean end ``t = -1`` (diffusers:
+            ``set_alpha_to_one=True`` gives 1.0, the default; ``False`` gives ``alphas_cumprod[0]``). Flow
+            schedules end at :math:`\\sigma = 0` and accept only 1.0.
         compute_dtype: dtype of the elementwise arithmetic: float64 by default; ``None`` uses float32 for
             half inputs and the input dtype otherwise (use it on devices without float64 such as MPS).
+        timestep_scale: flow only: :meth:`model_timestep` returns :math:`\\sigma_t` times this (default 1000,
+            or the config's ``T``: SD3 / Wan take :math:`1000\\sigma`; FLUX's pipeline passes :math:`\\sigma` and
+            its transformer multiplies by 1000, so use 1.0 there). Must be None for VP.
+        flow_config: flow only: the :class:`~diffdistill.schedulers.FlowMatchingConfig` the table was built
+            from (set by :meth:`flow_matching` / :meth:`from_scheduler`; sampling grids read it), or None.
 
     Raises:
-        DTypeError: if ``alphas_cumprod`` is not numeric, ``compute_dtype`` is not a floating dtype or None,
-            or ``final_alpha_cumprod`` is not a real number.
-        ShapeError: if ``alphas_cumprod`` has more than one dimension.
-        NonFiniteError: if ``alphas_cumprod`` holds NaN / Inf (a value check).
-        OptionError: if ``alphas_cumprod`` has fewer than 2 values, leaves (0, 1] or increases somewhere,
-            if ``prediction_type`` is unknown, or if ``final_alpha_cumprod`` is outside (0, 1].
+        DTypeError: if no table is given or a table is not numeric, ``compute_dtype`` is not a floating dtype or None,
+            ``final_alpha_cumprod`` / ``timestep_scale`` is not a real number, or ``flow_config`` is not a
+            :class:`~diffdistill.schedulers.FlowMatchingConfig`.
+        ShapeError: if a table has more than one dimension.
+        NonFiniteError: if a table holds NaN / Inf (a value check).
+        OptionError: if both tables are given, a table has fewer than 2 values, leaves its range
+            or is not monotone, if ``prediction_type`` is unknown, ``final_alpha_cumprod`` is outside (0, 1]
+            (flow: not 1), ``timestep_scale`` is not > 0 or is given for VP, or ``flow_config`` for VP.
 
     Example:
         >>> sched = NoiseSchedule.from_betas()  # SD / SDXL: scaled_linear 0.00085 -> 0.012, T = 1000
-        >>> sched.num_train_timesteps
-        1000
+        >>> sched.num_train_timesteps, sched.kind
+        (1000, 'vp')
         >>> x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
         >>> t = torch.tensor([999, 500])
         >>> x_t = sched.add_noise(x0, eps, t)
         >>> torch.allclose(sched.to_x0(eps, x_t, t), x0, atol=1e-5)
         True
+        >>> sd3 = NoiseSchedule.flow_matching(shift=3.0)  # rectified flow, prediction_type "flow"
+        >>> v = eps - x0
+        >>> torch.allclose(sd3.to_x0(v, sd3.add_noise(x0, eps, t), t), x0, atol=1e-5)
+        True
     """
 
     def __init__(
         self,
-        alphas_cumprod: torch.Tensor | Sequence[float],
+        alphas_cumprod: torch.Tensor | Sequence[float] | None = None,
         *,
-        prediction_type: str = "epsilon",
+        flow_sigmas: torch.Tensor | Sequence[float] | None = None,
+        prediction_type: str | None = None,
         terminal_pure_noise: bool = False,
         final_alpha_cumprod: float = 1.0,
         compute_dtype: torch.dtype | None = torch.float64,
+        timestep_scale: float | None = None,
+        flow_config: FlowMatchingConfig | None = None,
     ) -> None:
-        try:
-            abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
-        except (TypeError, ValueError, RuntimeError) as err:
+        if alphas_cumprod is None and flow_sigmas is None:
             raise DTypeError(
-                "Expected `alphas_cumprod` to be a 1-D tensor or sequence of floats (e.g. a diffusers "
-                f"scheduler's alphas_cumprod), but got {type(alphas_cumprod).__name__}."
-            ) from err
-        if abar.ndim > 1:
-            raise ShapeError(
-                f"Expected `alphas_cumprod` to be 1-D (one value per timestep), but got shape {tuple(abar.shape)}.",
-                name="alphas_cumprod",
-                expected="(T,)",
-                actual=tuple(abar.shape),
+                "Expected `alphas_cumprod` (a VP schedule) to be a 1-D tensor or sequence of floats, or "
+                "`flow_sigmas=` (a rectified-flow schedule), but got NoneType for both. Or use "
+                "NoiseSchedule.from_betas(...) / NoiseSchedule.flow_matching(...)."
             )
-        abar = abar.flatten()
-        if abar.numel() < 2:
-            raise OptionError(f"Expected `alphas_cumprod` to hold at least 2 values, but got {abar.numel()}.")
-        check_finite(abar, "alphas_cumprod")
-        if not bool(((abar > 0) & (abar <= 1)).all()):
+        if alphas_cumprod is not None and flow_sigmas is not None:
             raise OptionError(
-                "Expected every value of `alphas_cumprod` to lie in (0, 1], but got range "
-                f"[{abar.min().item():.3g}, {abar.max().item():.3g}]. A zero-terminal-SNR schedule has "
-                "abar_T = 0 exactly; use `terminal_pure_noise=True` on the original schedule instead."
+                "Expected exactly one of `alphas_cumprod` (a VP schedule) or `flow_sigmas` (a rectified-flow "
+                "schedule), but got both."
             )
-        if bool((abar[1:] > abar[:-1]).any()):
+        flow = flow_sigmas is not None
+        name = "flow_sigmas" if flow else "alphas_cumprod"
+        raw = flow_sigmas if flow else alphas_cumprod
+        try:
+            table = torch.as_tensor(raw, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            what = "flow sigmas" if flow else "a diffusers scheduler's alphas_cumprod"
+            raise DTypeError(
+                f"Expected `{name}` to be a 1-D tensor or sequence of floats (e.g. {what}), but got "
+                f"{type(raw).__name__}."
+            ) from err
+        if table.ndim > 1:
+            raise ShapeError(
+                f"Expected `{name}` to be 1-D (one value per timestep), but got shape {tuple(table.shape)}.",
+                name=name,
+                expected="(T,)",
+                actual=tuple(table.shape),
+            )
+        table = table.flatten()
+        if table.numel() < 2:
+            raise OptionError(f"Expected `{name}` to hold at least 2 values, but got {table.numel()}.")
+        check_finite(table, name)
+        if not bool(((table > 0) & (table <= 1)).all()):
+            hint = (
+                " A flow table starts after the clean end: sigma_{-1} = 0 is implied."
+                if flow
+                else " A zero-terminal-SNR schedule has abar_T = 0 exactly; use `terminal_pure_noise=True` on the "
+                "original schedule instead."
+            )
+            raise OptionError(
+                f"Expected every value of `{name}` to lie in (0, 1], but got range "
+                f"[{table.min().item():.3g}, {table.max().item():.3g}].{hint}"
+            )
+        if flow and bool((table[1:] < table[:-1]).any()):
+            raise OptionError(
+                "Expected `flow_sigmas` to be non-decreasing in t (index 0 the least noisy; diffusers lists them "
+                "descending: pass scheduler_sigmas.flip(0)), but it decreases somewhere."
+            )
+        if not flow and bool((table[1:] > table[:-1]).any()):
             raise OptionError(
                 "Expected `alphas_cumprod` to be non-increasing in t, but it increases somewhere."
             )
-        check_option(prediction_type, "prediction_type", PREDICTION_TYPES)
+        if prediction_type is None:
+            prediction_type = "flow" if flow else "epsilon"
+        check_option(prediction_type, "prediction_type", FLOW_PREDICTION_TYPES if flow else PREDICTION_TYPES)
         if compute_dtype is not None and not (
             isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
         ):
@@ -148,15 +234,45 @@ class NoiseSchedule:
             raise OptionError(
                 f"Expected `final_alpha_cumprod` to lie in (0, 1], but got {final_alpha_cumprod!r}."
             )
-        self.alphas_cumprod = abar
+        if flow and final != 1.0:
+            raise OptionError(
+                f"A flow schedule ends at sigma = 0 (alpha = 1), so `final_alpha_cumprod` must be 1.0, but got "
+                f"{final_alpha_cumprod!r}. Drop it."
+            )
+        if flow_config is not None and not isinstance(flow_config, FlowMatchingConfig):
+            raise DTypeError(
+                f"Expected `flow_config` to be a FlowMatchingConfig or None, but got {type(flow_config).__name__}."
+            )
+        if not flow and (timestep_scale is not None or flow_config is not None):
+            bad = "timestep_scale" if timestep_scale is not None else "flow_config"
+            raise OptionError(
+                f"`{bad}` applies only to a flow schedule (`flow_sigmas=`), but this is a VP schedule, whose "
+                "network takes the integer index. Drop it."
+            )
+        if flow:
+            default_scale = float(flow_config.num_train_timesteps) if flow_config is not None else 1000.0
+            scale = default_scale if timestep_scale is None else check_real(timestep_scale, "timestep_scale")
+            if scale <= 0:
+                raise OptionError(f"Expected `timestep_scale` > 0, but got {timestep_scale!r}.")
+            self.timestep_scale: float | None = scale
+            # Table indexed by t + 1 so that t = -1 (clean end, sigma = 0) needs no branch.
+            sig_ext = torch.cat([torch.zeros(1, dtype=torch.float64), table])
+            self._alpha_table = 1 - sig_ext
+            self._sigma_table = sig_ext
+            a, sg = 1 - table, table
+            self.alphas_cumprod = a**2 / (a**2 + sg**2)
+        else:
+            self.timestep_scale = None
+            self.alphas_cumprod = table
+            ext = torch.cat([torch.tensor([final], dtype=torch.float64), table])
+            self._alpha_table = ext.sqrt()
+            self._sigma_table = (1 - ext).clamp_min(0).sqrt()
+        self._kind = "flow" if flow else "vp"
+        self.flow_config = flow_config
         self.prediction_type = prediction_type
         self.terminal_pure_noise = bool(terminal_pure_noise)
         self.final_alpha_cumprod = final
         self.compute_dtype = compute_dtype
-        # Table indexed by t + 1 so that t = -1 (clean end) needs no branch.
-        ext = torch.cat([torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), abar])
-        self._alpha_table = ext.sqrt()
-        self._sigma_table = (1 - ext).clamp_min(0).sqrt()
         self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ constructors
@@ -218,35 +334,135 @@ class NoiseSchedule:
         return cls(abar, **kwargs)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any, **kwargs: Any) -> NoiseSchedule:
-        """Build from any object with ``alphas_cumprod`` (e.g. a diffusers scheduler), duck-typed.
+    def flow_matching(
+        cls,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        mu: float | None = None,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        **kwargs: Any,
+    ) -> NoiseSchedule:
+        """Build a rectified-flow schedule from plain arguments, as diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+        :math:`\\sigma_t` = :func:`~diffdistill.schedulers.shift_sigmas` of ``(t + 1) / T`` (the index mapping of
+        :mod:`~diffdistill.schedulers.flow_schedule`): a static ``shift`` (SD3: 3.0; Esser et al. 2024,
+        Sec. 5.3.2) or the resolution's ``mu`` (FLUX: :func:`~diffdistill.schedulers.resolution_mu`).
 
         Args:
-            scheduler: anything with an ``alphas_cumprod`` attribute (e.g. a diffusers ``DDPMScheduler``,
-                ``DDIMScheduler``, ``EulerDiscreteScheduler`` or ``LCMScheduler``).
-            **kwargs: keyword arguments of :class:`NoiseSchedule`. ``prediction_type`` and
+            num_train_timesteps: ``T``, an int >= 2 (1000 for every released flow model).
+            shift: the static shift, > 0 (1.0: no shift; must stay 1.0 with ``mu``).
+            mu: the dynamic (resolution-dependent) shift, or None.
+            time_shift_type: ``"exponential"`` (FLUX) or ``"linear"`` (CogView4), used with ``mu``.
+            shift_terminal: diffusers' ``shift_terminal`` for sampling grids (see
+                :class:`~diffdistill.schedulers.FlowMatchingConfig`), or None.
+            **kwargs: keyword arguments of :class:`NoiseSchedule` (``prediction_type`` default ``"flow"``,
+                ``terminal_pure_noise``, ``compute_dtype``, ``timestep_scale``).
+
+        Returns:
+            The flow schedule; ``sigma(t)`` equals diffusers' ``scheduler.sigmas[T - 1 - t]`` bit for bit for a
+            static shift, and ``set_timesteps(T, mu=mu)``'s to float32 rounding for a dynamic one.
+
+        Raises:
+            DTypeError: if an argument has the wrong type; and as :class:`NoiseSchedule` for ``kwargs``.
+            OptionError: if an argument is out of range, or both ``shift`` (not 1) and ``mu`` are given; and as
+                :class:`NoiseSchedule` for ``kwargs``.
+
+        Example:
+            >>> sd3 = NoiseSchedule.flow_matching(shift=3.0)
+            >>> sd3.kind, sd3.prediction_type, float(sd3.sigma(999)), round(float(sd3.sigma(499)), 4)
+            ('flow', 'flow', 1.0, 0.75)
+            >>> float(sd3.model_timestep(499))  # what SD3's transformer takes: sigma * 1000
+            750.0
+        """
+        config = FlowMatchingConfig(
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            mu=mu,
+            time_shift_type=time_shift_type,
+            shift_terminal=shift_terminal,
+        )
+        return cls.flow_matching_from_config(config, **kwargs)
+
+    @classmethod
+    def from_flow_sigmas(cls, sigmas: torch.Tensor | Sequence[float], **kwargs: Any) -> NoiseSchedule:
+        """Build a rectified-flow schedule over any table of sigmas (ascending in ``t``).
+
+        No shift is applied; sampling grids treat the table as static shift 1
+        (:func:`~diffdistill.schedulers.flow_sigma_grid`).
+
+        Args:
+            sigmas: :math:`\\sigma_t` for ``t = 0 .. T-1``, non-decreasing, in (0, 1].
+            **kwargs: keyword arguments of :class:`NoiseSchedule` (not ``alphas_cumprod`` / ``flow_sigmas``).
+
+        Returns:
+            The flow schedule (``T = len(sigmas)``).
+
+        Raises:
+            DTypeError: as :class:`NoiseSchedule`.
+            ShapeError: as :class:`NoiseSchedule`.
+            NonFiniteError: as :class:`NoiseSchedule`.
+            OptionError: as :class:`NoiseSchedule`.
+
+        Example:
+            >>> s = NoiseSchedule.from_flow_sigmas([0.25, 0.5, 0.75, 1.0])
+            >>> s.alpha(torch.tensor([-1, 0, 3])).tolist()
+            [1.0, 0.75, 0.0]
+        """
+        return cls(flow_sigmas=sigmas, **kwargs)
+
+    @classmethod
+    def from_scheduler(
+        cls,
+        scheduler: Any,
+        *,
+        mu: float | None = None,
+        image_seq_len: int | float | None = None,
+        **kwargs: Any,
+    ) -> NoiseSchedule:
+        """Build from a diffusers scheduler (or anything shaped like one), duck-typed, VP or flow.
+
+        VP: anything with ``alphas_cumprod`` (``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``,
+        ``LCMScheduler``, ...). Flow: a scheduler without ``alphas_cumprod`` whose ``config`` has ``shift`` or
+        ``use_dynamic_shifting`` (``FlowMatchEulerDiscreteScheduler``, ``FlowMatchLCMScheduler``,
+        ``FlowMatchHeunDiscreteScheduler``), parsed by
+        :meth:`~diffdistill.schedulers.FlowMatchingConfig.from_diffusers_config` (static ``shift``; dynamic
+        shifting with this resolution's ``mu`` or ``image_seq_len``; ``time_shift_type``, ``shift_terminal``;
+        ``invert_sigmas`` and Karras / exponential / beta sigmas refused). The table is recomputed from the
+        config (never read from ``scheduler.sigmas``, which ``set_timesteps`` overwrites with a sampling grid).
+
+        Args:
+            scheduler: a VP scheduler with ``alphas_cumprod``, or a flow-matching scheduler with a ``config``.
+            mu: flow with ``use_dynamic_shifting``: the resolution's :math:`\\mu`.
+            image_seq_len: flow with ``use_dynamic_shifting``: the image token count to compute ``mu`` from with
+                the config's base / max values, as FLUX's pipeline does (e.g.
+                :func:`~diffdistill.schedulers.packed_image_seq_len` ``(1024, 1024)``).
+            **kwargs: keyword arguments of :class:`NoiseSchedule`. VP: ``prediction_type`` and
                 ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given.
+                Flow: ``prediction_type`` defaults to ``"flow"``.
 
         Returns:
             The schedule.
 
         Raises:
-            DTypeError: if ``scheduler`` has no ``alphas_cumprod``; and as :class:`NoiseSchedule` for the
-                values read or passed.
-            OptionError: as :class:`NoiseSchedule` for the values read or passed.
+            DTypeError: if ``scheduler`` has neither ``alphas_cumprod`` nor a flow-matching config; and as
+                :class:`NoiseSchedule` for the values read or passed.
+            OptionError: if ``mu`` / ``image_seq_len`` are passed for a VP or static-shift scheduler, missing for a
+                dynamic one, or the config asks for an unsupported option (``invert_sigmas``, Karras /
+                exponential / beta sigmas, diffusers' ``use_flow_sigmas``); and as :class:`NoiseSchedule`.
 
         Example:
             >>> class Fake:  # anything with alphas_cumprod works; diffusers is not required
             ...     alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
             >>> NoiseSchedule.from_scheduler(Fake()).num_train_timesteps
             1000
+            >>> class FakeFlux:  # a FlowMatchEulerDiscreteScheduler's config, as FLUX.1-dev ships it
+            ...     config = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+            >>> flux = NoiseSchedule.from_scheduler(FakeFlux(), image_seq_len=4096)
+            >>> flux.kind, round(flux.flow_config.mu, 4)
+            ('flow', 1.15)
         """
         abar = getattr(scheduler, "alphas_cumprod", None)
-        if abar is None:
-            raise DTypeError(
-                f"Expected `scheduler` to have an `alphas_cumprod` attribute (e.g. a diffusers DDPMScheduler), "
-                f"but {type(scheduler).__name__} has none. Use NoiseSchedule.from_betas(...) instead."
-            )
         config = getattr(scheduler, "config", None)
 
         def _get(name: str) -> Any:
@@ -256,6 +472,30 @@ class NoiseSchedule:
                     return value
             return getattr(scheduler, name, None)
 
+        if _get("use_flow_sigmas"):
+            raise OptionError(
+                f"{type(scheduler).__name__} uses `use_flow_sigmas=True` (diffusers' multistep solvers on flow "
+                "models, e.g. Wan's UniPC), whose table is not parsed here. Build the schedule with "
+                "NoiseSchedule.flow_matching(shift=<the model's flow shift>) and check it against the scheduler."
+            )
+        if abar is None:
+            is_flow = config is not None and (
+                _get("shift") is not None or _get("use_dynamic_shifting") is not None
+            )
+            if not is_flow:
+                raise DTypeError(
+                    f"Expected `scheduler` to have an `alphas_cumprod` attribute (e.g. a diffusers DDPMScheduler), "
+                    f"but {type(scheduler).__name__} has none, nor a flow-matching config (`shift` / "
+                    "`use_dynamic_shifting`, e.g. FlowMatchEulerDiscreteScheduler). Use NoiseSchedule.from_betas(...) "
+                    "or NoiseSchedule.flow_matching(...) instead."
+                )
+            flow_config = FlowMatchingConfig.from_diffusers_config(config, mu=mu, image_seq_len=image_seq_len)
+            return cls.flow_matching_from_config(flow_config, **kwargs)
+        if mu is not None or image_seq_len is not None:
+            raise OptionError(
+                f"`mu` / `image_seq_len` apply only to flow-matching schedulers, but {type(scheduler).__name__} is a "
+                "VP scheduler (it has alphas_cumprod). Drop them."
+            )
         if "prediction_type" not in kwargs and _get("prediction_type") is not None:
             kwargs["prediction_type"] = _get("prediction_type")
         if "final_alpha_cumprod" not in kwargs:
@@ -264,13 +504,50 @@ class NoiseSchedule:
                 kwargs["final_alpha_cumprod"] = float(final)
         return cls(abar, **kwargs)
 
+    @classmethod
+    def flow_matching_from_config(cls, config: FlowMatchingConfig, **kwargs: Any) -> NoiseSchedule:
+        """Build a rectified-flow schedule from a :class:`~diffdistill.schedulers.FlowMatchingConfig`.
+
+        Args:
+            config: the config (its training table: :meth:`FlowMatchingConfig.training_sigmas`).
+            **kwargs: keyword arguments of :class:`NoiseSchedule` (not the table nor ``flow_config``).
+
+        Returns:
+            The flow schedule.
+
+        Raises:
+            DTypeError: if ``config`` is not a :class:`~diffdistill.schedulers.FlowMatchingConfig`; and as
+                :class:`NoiseSchedule` for ``kwargs``.
+            OptionError: as :class:`NoiseSchedule` for ``kwargs``.
+
+        Example:
+            >>> from diffdistill.schedulers import FlowMatchingConfig
+            >>> NoiseSchedule.flow_matching_from_config(FlowMatchingConfig(shift=3.0)).flow_config.shift
+            3.0
+        """
+        if not isinstance(config, FlowMatchingConfig):
+            raise DTypeError(
+                f"Expected `config` to be a FlowMatchingConfig, but got {type(config).__name__}."
+            )
+        return cls(flow_sigmas=config.training_sigmas(), flow_config=config, **kwargs)
+
     # ------------------------------------------------------------------ basics
+    @property
+    def kind(self) -> str:
+        """``"vp"`` (:math:`\\alpha^2 + \\sigma^2 = 1`) or ``"flow"`` (rectified flow, :math:`\\alpha = 1 - \\sigma`)."""
+        return self._kind
+
     @property
     def num_train_timesteps(self) -> int:
         """T, the number of discrete training timesteps."""
         return int(self.alphas_cumprod.numel())
 
     def __repr__(self) -> str:
+        if self._kind == "flow":
+            return (
+                f"NoiseSchedule(kind='flow', T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
+                f"flow_config={self.flow_config!r}, timestep_scale={self.timestep_scale})"
+            )
         return (
             f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
             f"terminal_pure_noise={self.terminal_pure_noise}, final_alpha_cumprod={self.final_alpha_cumprod})"
@@ -304,10 +581,12 @@ class NoiseSchedule:
     def timesteps(
         self, t: TimestepLike, device: torch.device | str | None = None, name: str = "t"
     ) -> torch.Tensor:
-        """Validate ``t`` and return it as an int64 tensor of diffusers indices in ``[-1, T-1]``.
+        r"""Validate ``t`` and return it as an int64 tensor of diffusers indices in ``[-1, T-1]``.
 
-        Floating tensors are accepted when they hold integral values (diffusers' Euler schedulers keep
-        float timesteps); a fractional value raises, since the schedule is discrete.
+        VP: floating tensors are accepted when they hold integral values (diffusers' Euler schedulers keep
+        float timesteps); a fractional value raises, since the schedule is discrete. Flow: floating values are
+        refused, since diffusers' flow ``timesteps`` are :math:`1000\sigma` (the network input), not indices;
+        map them with :meth:`sigma_to_timestep` ``(timesteps / 1000)``.
 
         Args:
             t: an int, a sequence of ints or a tensor of any shape holding timestep indices.
@@ -318,7 +597,7 @@ class NoiseSchedule:
             int64 tensor of the shape of ``t``.
 
         Raises:
-            DTypeError: if ``t`` is not numeric, or is a bool or complex tensor.
+            DTypeError: if ``t`` is not numeric, or is a bool or complex tensor, or floating for a flow schedule.
             NonFiniteError: if a float ``t`` holds NaN / Inf (a value check).
             OptionError: if a value is fractional or outside ``[-1, T-1]`` (value checks).
 
@@ -338,6 +617,13 @@ class NoiseSchedule:
                 ) from err
         if tt.dtype == torch.bool or tt.is_complex():
             raise DTypeError(f"Expected `{name}` to hold integer timesteps, but got dtype {tt.dtype}.")
+        if tt.is_floating_point() and self._kind == "flow":
+            raise DTypeError(
+                f"Expected `{name}` to hold integer indices into the flow table (0 .. {self.num_train_timesteps - 1}, "
+                f"-1 the clean end), but got floating values (dtype {tt.dtype}). diffusers' flow `timesteps` are "
+                "sigma * 1000, not indices: map them with schedule.sigma_to_timestep(timesteps / 1000), or pass "
+                "integer indices (e.g. t.long() if they are indices)."
+            )
         if tt.is_floating_point():
             check_finite(tt, name)
             if value_checks_enabled() and not bool((tt == tt.round()).all()):
@@ -419,7 +705,7 @@ class NoiseSchedule:
         return alpha[tt + 1], sigma[tt + 1]
 
     def alpha(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
-        """:math:`\\alpha_t = \\sqrt{\\bar\\alpha_t}`.
+        """The signal coefficient :math:`\\alpha_t`: VP :math:`\\sqrt{\\bar\\alpha_t}`, flow :math:`1 - \\sigma_t`.
 
         Args:
             t: timestep indices in ``[-1, T-1]``, any shape (with ``like``: a scalar or one per sample).
@@ -444,7 +730,7 @@ class NoiseSchedule:
         return self._alpha_sigma64(t)[0] if like is None else self._coef(0, t, like)
 
     def sigma(self, t: TimestepLike, like: torch.Tensor | None = None) -> torch.Tensor:
-        """:math:`\\sigma_t = \\sqrt{1 - \\bar\\alpha_t}`.
+        """The noise coefficient :math:`\\sigma_t`: VP :math:`\\sqrt{1 - \\bar\\alpha_t}`, flow the (shifted) table value.
 
         Args:
             t: timestep indices in ``[-1, T-1]``, any shape (with ``like``: a scalar or one per sample).
@@ -485,7 +771,8 @@ class NoiseSchedule:
         return a**2 / s**2
 
     def edm_sigma(self, t: TimestepLike) -> torch.Tensor:
-        """EDM / Karras noise level of a VP step, :math:`\\sigma_t/\\alpha_t = \\sqrt{(1-\\bar\\alpha_t)/\\bar\\alpha_t}`.
+        """EDM / Karras noise level :math:`\\sigma_t/\\alpha_t` (VP: :math:`\\sqrt{(1-\\bar\\alpha_t)/\\bar\\alpha_t}`;
+        flow: :math:`\\sigma_t / (1 - \\sigma_t)`, ``inf`` at :math:`\\sigma = 1`).
 
         Args:
             t: timestep indices in ``[-1, T-1]``, any shape.
@@ -515,7 +802,8 @@ class NoiseSchedule:
         ``round_sigma`` take the nearest sigma itself: for a sigma between two steps, near the mean of
         the two, the index can differ by one);
         ``"interpolate"`` returns a float64 ``t`` by piecewise-linear interpolation in log sigma (as
-        diffusers' Euler schedulers do), clamped to ``[0, T-1]``.
+        diffusers' Euler schedulers do), clamped to ``[0, T-1]``. On a flow table ending at :math:`\\sigma = 1`
+        (an infinite EDM sigma) every finite sigma maps to ``t <= T-2``; use :meth:`sigma_to_timestep` there.
 
         Args:
             sigma: EDM noise levels ``> 0``, a number or a tensor of any shape.
@@ -552,7 +840,12 @@ class NoiseSchedule:
                 f"Expected `sigma` to be > 0, but got a non-positive value ({float(sig.min())!r})."
             )
         device = sig.device
-        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log().to(device)
+        if (
+            self._kind == "flow"
+        ):  # log(sigma / alpha); +inf at sigma = 1, which only an infinite sigma reaches
+            table = (self._sigma_table[1:] / self._alpha_table[1:]).log().to(device)
+        else:
+            table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().log().to(device)
         log_sigma = sig.log()
         if mode == "nearest":
             return (log_sigma.unsqueeze(-1) - table).abs().argmin(dim=-1)
@@ -560,6 +853,100 @@ class NoiseSchedule:
         lo, hi = table[idx - 1], table[idx]
         w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
         return ((idx - 1).double() + w).reshape(log_sigma.shape)
+
+    def sigma_to_timestep(
+        self, sigma: torch.Tensor | float, mode: Literal["nearest", "interpolate"] = "nearest"
+    ) -> torch.Tensor:
+        """Inverse of :meth:`sigma` over ``t = -1 .. T-1`` (the flow noise level for a flow schedule).
+
+        ``mode="nearest"`` returns the int64 index whose :math:`\\sigma_t` is closest (ties: the smaller
+        ``t``); ``"interpolate"`` returns a float64 ``t`` linear in :math:`\\sigma` between neighbours (for
+        flow, linear in the network's timestep :math:`1000\\sigma`), clamped to ``[-1, T-1]``. For diffusers'
+        flow ``timesteps`` pass ``timesteps / 1000`` (``/ num_train_timesteps``).
+
+        Args:
+            sigma: noise levels in ``[0, 1]``, a number or a tensor of any shape.
+            mode: ``"nearest"`` (the default) or ``"interpolate"``.
+
+        Returns:
+            Tensor of the shape of ``sigma`` on its device: int64 indices (``"nearest"``) or float64 ``t``
+            (``"interpolate"``).
+
+        Raises:
+            DTypeError: if ``sigma`` is not numeric.
+            NonFiniteError: if ``sigma`` holds NaN / Inf (a value check).
+            OptionError: if ``mode`` is unknown or a ``sigma`` is outside ``[0, 1]`` (a value check).
+
+        Example:
+            >>> s = NoiseSchedule.flow_matching(shift=3.0)
+            >>> int(s.sigma_to_timestep(s.sigma(421)))
+            421
+            >>> s.sigma_to_timestep(torch.tensor([0.0, 1.0])).tolist()
+            [-1, 999]
+        """
+        check_option(mode, "mode", ("nearest", "interpolate"))
+        sig = _as_sigmas(sigma, "sigma")
+        table = self._sigma_table.to(sig.device)  # index t + 1, non-decreasing
+        flat = sig.reshape(-1).contiguous()
+        hi = torch.searchsorted(table, flat).clamp(1, table.numel() - 1)
+        lo_val, hi_val = table[hi - 1], table[hi]
+        if mode == "nearest":
+            pick = torch.where((flat - lo_val) <= (hi_val - flat), hi - 1, hi)
+            return (pick - 1).reshape(sig.shape)
+        gap = hi_val - lo_val
+        w = torch.where(gap > 0, (flat - lo_val) / torch.where(gap > 0, gap, 1.0), 0.0).clamp(0, 1)
+        return ((hi - 2).double() + w).reshape(sig.shape)
+
+    def model_timestep(
+        self, t: TimestepLike, *, scale: float | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """What the network takes as its timestep input at index ``t``.
+
+        VP (SD / SDXL UNets): the integer index itself (int64). Flow: :math:`\\sigma_t` times ``scale``
+        (default: the schedule's ``timestep_scale``, 1000), as float32: SD3 / SD3.5 and Wan pipelines pass
+        :math:`1000\\sigma` (diffusers' ``scheduler.timesteps``, bit for bit); FLUX's pipeline passes
+        :math:`\\sigma` (``timestep / 1000``, cast to the latents' dtype) and its transformer multiplies by 1000
+        inside, so use ``scale=1.0`` (or build the schedule with ``timestep_scale=1.0``) and
+        ``dtype=latents.dtype`` there. Cast teacher and student inputs identically: bf16 holds
+        :math:`1000\\sigma` only to a spacing of 4 above 512.
+
+        Args:
+            t: indices in ``[-1, T-1]``, any shape (a tensor keeps its device).
+            scale: flow only: the multiplier of :math:`\\sigma_t` (None: ``timestep_scale``).
+            dtype: the result's dtype (default int64 for VP, float32 for flow).
+
+        Returns:
+            Tensor of the shape of ``t``.
+
+        Raises:
+            DTypeError: as :meth:`timesteps`, or if ``dtype`` is not a torch dtype or ``scale`` not a number.
+            NonFiniteError: as :meth:`timesteps`.
+            OptionError: as :meth:`timesteps`, or if ``scale`` is given for a VP schedule or is not > 0.
+
+        Example:
+            >>> NoiseSchedule.from_betas().model_timestep([999, 0]).tolist()
+            [999, 0]
+            >>> flux = NoiseSchedule.flow_matching(mu=1.15, timestep_scale=1.0)
+            >>> round(float(flux.model_timestep(499)), 4)  # FLUX's transformer takes sigma
+            0.7595
+        """
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise DTypeError(f"Expected `dtype` to be a torch.dtype or None, but got {type(dtype).__name__}.")
+        device = t.device if isinstance(t, torch.Tensor) else None
+        tt = self.timesteps(t, device)
+        if self._kind == "vp":
+            if scale is not None:
+                raise OptionError(
+                    "`scale` applies only to a flow schedule; a VP network takes the integer index. Drop it."
+                )
+            return tt if dtype is None else tt.to(dtype)
+        factor = (
+            float(self.timestep_scale or 1000.0)
+            if scale is None
+            else check_real(scale, "scale", low=0, strict=True)
+        )
+        sig = self._tables(tt.device)[1][tt + 1]
+        return (sig * factor).to(torch.float32 if dtype is None else dtype)
 
     # ------------------------------------------------------------------ forward process
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:
@@ -617,7 +1004,7 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ parameterisations
     def _prediction_type(self, prediction_type: str | None, name: str = "prediction_type") -> str:
         pt = self.prediction_type if prediction_type is None else prediction_type
-        check_option(pt, name, PREDICTION_TYPES)
+        check_option(pt, name, FLOW_PREDICTION_TYPES if self._kind == "flow" else PREDICTION_TYPES)
         return pt
 
     def _check_output_and_state(self, model_output: torch.Tensor, x_t: torch.Tensor) -> None:
@@ -658,8 +1045,17 @@ class NoiseSchedule:
             x0 = out
             eps = (x - a * x0) / s
         elif pt == "v_prediction":
-            x0 = a * x - s * out
-            eps = a * out + s * x
+            if self._kind == "vp":
+                x0 = a * x - s * out
+                eps = a * out + s * x
+            else:  # v = (a eps - s x0) / n with n^2 = a^2 + s^2 (the equivalent VP state's v)
+                n2 = a * a + s * s
+                n = n2.sqrt()
+                x0 = (a * x - n * s * out) / n2
+                eps = (s * x + n * a * out) / n2
+        elif pt == "flow":  # v = eps - x0 and x = (1 - s) x0 + s eps
+            x0 = x - s * out  # a + s = 1 (flow schedules only): diffusers' x0 = x - sigma v
+            eps = x + a * out
         else:  # score = -eps / sigma
             eps = -s * out
             x0 = (x - s * eps) / a
@@ -689,7 +1085,8 @@ class NoiseSchedule:
 
         epsilon: :math:`(x_t - \\sigma_t\\hat\\epsilon)/\\alpha_t`; v: :math:`\\alpha_t x_t - \\sigma_t \\hat
             v`;
-        score: :math:`(x_t + \\sigma_t^2 \\hat s)/\\alpha_t`; sample: unchanged.
+        score: :math:`(x_t + \\sigma_t^2 \\hat s)/\\alpha_t`; flow (flow schedules): :math:`x_t - \\sigma_t \\hat v`
+        (diffusers' SD3 / FLUX); sample: unchanged (v for a flow schedule: see the class docstring).
 
         Args:
             model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
@@ -759,7 +1156,8 @@ class NoiseSchedule:
     ) -> torch.Tensor:
         """Re-express a model output in another parameterisation (diffusers ``prediction_type`` names).
 
-        ``v = \\alpha_t \\epsilon - \\sigma_t x_0``, ``score = -\\epsilon / \\sigma_t``.
+        ``v = (\\alpha_t \\epsilon - \\sigma_t x_0) / \\sqrt{\\alpha_t^2 + \\sigma_t^2}`` (the root is 1 for VP),
+        ``score = -\\epsilon / \\sigma_t``, ``flow = \\epsilon - x_0``.
 
         Args:
             model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
@@ -793,7 +1191,12 @@ class NoiseSchedule:
         elif to_type == "epsilon":
             out = eps
         elif to_type == "v_prediction":
-            out = self._lookup(0, tt, x_t) * eps - self._lookup(1, tt, x_t) * x0
+            a, s = self._lookup(0, tt, x_t), self._lookup(1, tt, x_t)
+            out = a * eps - s * x0
+            if self._kind == "flow":
+                out = out / (a * a + s * s).sqrt()
+        elif to_type == "flow":
+            out = eps - x0
         else:
             out = -eps / self._lookup(1, tt, x_t)
         return out.to(x_t.dtype)
@@ -816,7 +1219,9 @@ class NoiseSchedule:
         with both estimates taken from the same model output at ``t``. This is SDXL-Lightning's "move"
         (Lin et al. 2024, Eq. 5), Hyper-SD's :math:`\\Psi` (Ren et al. 2024, Eq. 1), LCM's DDIM solver and
         diffusers' ``DDIMScheduler.step`` with ``eta=0``. ``t_to = -1`` returns :math:`\\hat x_0` when
-        ``final_alpha_cumprod = 1``.
+        ``final_alpha_cumprod = 1``. On a flow schedule it is the exact Euler step of the flow ODE,
+        :math:`x_{t'} = x_t + (\\sigma_{t'} - \\sigma_t)\\hat v` (diffusers'
+        ``FlowMatchEulerDiscreteScheduler.step``; computed in that form for ``"flow"`` outputs).
 
         Args:
             model_output: the network's output at ``(x_t, t)``, floating, the shape of ``x_t``.
@@ -863,6 +1268,11 @@ class NoiseSchedule:
         self, model_output: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, tto: torch.Tensor, pt: str
     ) -> torch.Tensor:
         """:meth:`ddim_step` on validated inputs (no checks)."""
+        if (
+            self._kind == "flow" and pt == "flow"
+        ):  # diffusers' Euler step x + (sigma_to - sigma) v, same floats
+            s_to, s = self._lookup(1, tto, x_t), self._lookup(1, tt, x_t)
+            return (x_t.to(s.dtype) + (s_to - s) * model_output.to(s.dtype)).to(x_t.dtype)
         x0, eps = self._x0_eps(model_output, x_t, tt, pt)
         out = self._lookup(0, tto, x_t) * x0 + self._lookup(1, tto, x_t) * eps
         return out.to(x_t.dtype)

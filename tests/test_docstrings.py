@@ -24,6 +24,7 @@ NO_RAISES = {
     "losses.MixAndMatch",
     "losses.RenoisedSamples",
     "schedulers.SamplerOutput",
+    "schedulers.FlowSigmaGrid",  # result of flow_sigma_grid
     "schedulers.TimestepSample",
     "schedulers.Stage",
     "discriminators.BackboneMode",
