@@ -1,12 +1,18 @@
 """diffdistill.students: student construction and layer-level KD.
 
 * :class:`EMA` -- exponential-moving-average targets.
-* :class:`FeatureTap`, :class:`LayerKD`, :func:`layer_kd_loss` -- forward-hook feature KD (SSD-1B / BK-SDM).
+* :class:`FeatureTap`, :class:`LayerKD`, :func:`layer_kd_loss` -- forward-hook feature KD (SSD-1B / BK-SDM), for
+  UNets and transformers (:func:`transformer_block_names`, :func:`image_stream`, :data:`IMAGE_STREAM_OUTPUT`:
+  the image stream of SD3 / FLUX joint and single-stream blocks).
 * :class:`BlockRemovalSpec`, :data:`PRESETS`, :func:`student_config`, :func:`build_student` -- SSD-1B /
   Segmind-Vega / BK-SDM block removal with teacher-weight initialisation and a :class:`BlockRemovalReport`.
 * :func:`start_chain`, :func:`remove_blocks`, :class:`BlockRemovalChain`, :class:`RemovalRound`,
   :func:`split_rounds`, :func:`removed_units`, :func:`infer_chain`, :func:`unet_flops`, :data:`ROUND_GROUPS` --
   progressive block removal in rounds (SSD-1B / Segmind-Vega), each from the previous round's student.
+* :class:`TransformerBlockRemovalSpec`, :data:`TRANSFORMER_PRESETS`, :func:`transformer_student_config`,
+  :func:`build_transformer_student`, :class:`TransformerBlockRemovalReport`, :func:`transformer_flops` -- block
+  removal for SD3 / FLUX transformers (Flux.1-Lite-8B, Flux-Mini depths) with teacher init, KD pairs, parameter
+  and FLOP counts.
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
   :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
@@ -28,7 +34,14 @@ from .block_removal import (
     student_config,
 )
 from .ema import EMA
-from .feature_taps import FeatureTap, in_backward_pass, resolve_module_names
+from .feature_taps import (
+    IMAGE_STREAM_OUTPUT,
+    FeatureTap,
+    image_stream,
+    in_backward_pass,
+    resolve_module_names,
+    transformer_block_names,
+)
 from .layer_kd import LayerKD, layer_kd_loss
 from .lora import (
     LCM_LORA_TARGETS,
@@ -53,13 +66,23 @@ from .removal_rounds import (
     start_chain,
     unet_flops,
 )
+from .transformer_block_removal import (
+    TRANSFORMER_PRESETS,
+    TransformerBlockRemovalReport,
+    TransformerBlockRemovalSpec,
+    build_transformer_student,
+    transformer_flops,
+    transformer_student_config,
+)
 from .x0_conversion import X0Conversion
 
 __all__ = [
     "EMA",
+    "IMAGE_STREAM_OUTPUT",
     "LCM_LORA_TARGETS",
     "PRESETS",
     "ROUND_GROUPS",
+    "TRANSFORMER_PRESETS",
     "BlockRemovalChain",
     "BlockRemovalReport",
     "BlockRemovalSpec",
@@ -67,13 +90,17 @@ __all__ = [
     "LayerKD",
     "RemovalRound",
     "TeacherView",
+    "TransformerBlockRemovalReport",
+    "TransformerBlockRemovalSpec",
     "X0Conversion",
     "adapters_disabled",
     "add_guidance_embedding",
     "add_lora",
     "build_student",
+    "build_transformer_student",
     "frozen",
     "guidance_scale_embedding",
+    "image_stream",
     "in_backward_pass",
     "infer_chain",
     "init_from_teacher",
@@ -89,5 +116,8 @@ __all__ = [
     "split_rounds",
     "start_chain",
     "student_config",
+    "transformer_block_names",
+    "transformer_flops",
+    "transformer_student_config",
     "unet_flops",
 ]

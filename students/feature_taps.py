@@ -9,7 +9,15 @@ store ``output[0]`` of tuple-returning blocks; :class:`FeatureTap` is that helpe
   ``*`` (``"down_blocks.*.attentions.*"``; ``"**"`` spans any number of components);
 * DDP / FSDP / ``torch.compile`` / ``DataParallel`` wrappers are unwrapped before the names are
   resolved (the "unet has no attribute down_blocks" bug of distill-sd);
-* the first tensor of tuple / ``ModelOutput`` outputs is kept (:func:`diffdistill._outputs.first_tensor`);
+* the first tensor of tuple / ``ModelOutput`` outputs is kept (:func:`diffdistill._outputs.first_tensor`),
+  except for the joint-attention blocks of diffusers' rectified-flow transformers, which return
+  ``(encoder_hidden_states, hidden_states)``: their image stream (element 1) is kept, see
+  :data:`IMAGE_STREAM_OUTPUT` (SD3's last, context-pre-only block returns ``(None, hidden_states)``; FLUX's
+  single-stream blocks split the joint sequence and return the image tokens as element 1, checked in diffusers
+  0.42; older releases returned the concatenated ``[text; image]`` sequence from single blocks);
+* transformer blocks may also be named by their index in execution order (``3`` for
+  ``transformer_blocks.3``; FLUX: ``19 + i`` for ``single_transformer_blocks.i``), see
+  :func:`transformer_block_names`;
 * a gradient-checkpointing recomputation (hooks fire again inside ``backward()``) is not recorded, so
   each key holds the output of the last *real* forward and :attr:`FeatureTap.calls` counts those;
 * hooks are removed on :meth:`FeatureTap.close` and on context-manager exit.
@@ -20,6 +28,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,11 +39,109 @@ from .._checks import DTypeError, OptionError, check_bool, check_module
 from .._modules import unwrap_model
 from .._outputs import first_tensor
 
-__all__ = ["FeatureTap", "in_backward_pass", "resolve_module_names"]
+__all__ = [
+    "IMAGE_STREAM_OUTPUT",
+    "FeatureTap",
+    "image_stream",
+    "in_backward_pass",
+    "resolve_module_names",
+    "transformer_block_names",
+]
 
 logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
+
+#: Blocks whose output is a tuple holding the text and the image stream, by class name: the position of the image
+#: stream (``hidden_states``) in the tuple. Checked against diffusers 0.42: SD3 / SD3.5 ``JointTransformerBlock``,
+#: FLUX ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` and Qwen-Image ``QwenImageTransformerBlock``
+#: return ``(encoder_hidden_states, hidden_states)``. Other modules give their first tensor.
+IMAGE_STREAM_OUTPUT: Mapping[str, int] = MappingProxyType(
+    {
+        "JointTransformerBlock": 1,
+        "FluxTransformerBlock": 1,
+        "FluxSingleTransformerBlock": 1,
+        "QwenImageTransformerBlock": 1,
+    }
+)
+
+#: Names of the block lists of diffusers transformers, in execution order (FLUX / Qwen-Image run
+#: ``transformer_blocks`` first, then FLUX's ``single_transformer_blocks``).
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def image_stream(module: nn.Module, output: Any, what: str = "module") -> torch.Tensor:
+    """The image-token tensor of a block's output: element :data:`IMAGE_STREAM_OUTPUT` of a joint block's tuple,
+    else the first tensor (:func:`~diffdistill._outputs.first_tensor`).
+
+    Args:
+        module: The module that returned ``output`` (its class name, or a base class's, selects the element).
+        output: What it returned.
+        what: How to name the module in an error message.
+
+    Returns:
+        The tensor (the same object, not a copy): ``(B, tokens, width)`` for transformer blocks.
+
+    Raises:
+        DTypeError: no tensor at the expected place.
+
+    Example:
+        >>> class JointTransformerBlock(torch.nn.Module):  # returns (text, image) like diffusers' SD3 block
+        ...     def forward(self, img, txt):
+        ...         return txt + 1, img + 1
+        >>> img, txt = torch.zeros(1, 4, 2), torch.zeros(1, 3, 2)
+        >>> block = JointTransformerBlock()
+        >>> tuple(image_stream(block, block(img, txt)).shape)
+        (1, 4, 2)
+    """
+    # FSDP2's fully_shard swaps the class for a subclass ("FSDPFluxTransformerBlock"): look along the MRO.
+    index = next(
+        (IMAGE_STREAM_OUTPUT[c.__name__] for c in type(module).__mro__ if c.__name__ in IMAGE_STREAM_OUTPUT),
+        None,
+    )
+    if index is None or not isinstance(output, (tuple, list)):
+        return first_tensor(output, what=what)
+    if len(output) <= index or not isinstance(output[index], torch.Tensor):
+        raise DTypeError(
+            f"Expected the {what} ({type(module).__name__}) to return its image stream as element {index} of a "
+            f"tuple, but got a {type(output).__name__} of {len(output)} without a tensor there. A diffusers "
+            "version with another block output order: tap a sub-module whose output is the image stream."
+        )
+    return output[index]
+
+
+def transformer_block_names(model: nn.Module) -> list[str]:
+    """The transformer blocks of a diffusers transformer in execution order (the index of a block is its position).
+
+    SD3 / SD3.5: ``transformer_blocks.0 ...``; FLUX: the double-stream ``transformer_blocks.*`` then the
+    single-stream ``single_transformer_blocks.*`` (FLUX.1-dev: 19 + 38, so index 19 is
+    ``single_transformer_blocks.0``). Wrappers are unwrapped first.
+
+    Args:
+        model: The network (DDP / FSDP / compiled wrappers are fine).
+
+    Returns:
+        The block names (empty for a network without ``transformer_blocks`` / ``single_transformer_blocks``
+        module lists at its top level, e.g. a UNet).
+
+    Raises:
+        DTypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> net = torch.nn.Module()
+        >>> net.transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()] * 2)
+        >>> net.single_transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()])
+        >>> transformer_block_names(net)
+        ['transformer_blocks.0', 'transformer_blocks.1', 'single_transformer_blocks.0']
+    """
+    check_module(model, "model")
+    inner = unwrap_model(model)
+    names: list[str] = []
+    for attr in _BLOCK_LISTS:
+        blocks = getattr(inner, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            names += [f"{attr}.{i}" for i in range(len(blocks))]
+    return names
 
 
 def in_backward_pass() -> bool:
@@ -84,7 +191,17 @@ def _resolve(model: nn.Module, patterns: Any, arg: str, owner: str = "") -> list
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
     wanted: set[str] = set()
+    blocks = transformer_block_names(model)
     for pattern in patterns:
+        if blocks and isinstance(pattern, int) and not isinstance(pattern, bool):
+            if not -len(blocks) <= pattern < len(blocks):
+                raise OptionError(
+                    f"Expected the block index {pattern} in `{arg}` to lie in [0, {len(blocks)}) (the "
+                    f"{owner}{type(model).__name__} has {len(blocks)} transformer blocks: {blocks[0]} ... "
+                    f"{blocks[-1]}), but it does not. Use transformer_block_names(model) to list them."
+                )
+            wanted.add(blocks[pattern])
+            continue
         if not isinstance(pattern, str):
             raise DTypeError(
                 f"Expected every entry of `{arg}` to be a module name (str), but got {type(pattern).__name__} "
@@ -121,7 +238,9 @@ def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> lis
 
     Args:
         model: The network (DDP / FSDP / compiled / DataParallel wrappers are unwrapped first).
-        patterns: One module name or pattern, or a list / tuple of them (at least one).
+        patterns: One module name or pattern, or a list / tuple of them (at least one); for a diffusers
+            transformer, list entries may also be block indices in execution order
+            (:func:`transformer_block_names`).
 
     Returns:
         The matching module names (the root module, named ``""``, is never returned).
@@ -129,8 +248,8 @@ def resolve_module_names(model: nn.Module, patterns: str | Sequence[str]) -> lis
     Raises:
         DTypeError: ``model`` is not an ``nn.Module``; ``patterns`` is not a string or a list / tuple of
             strings.
-        OptionError: ``patterns`` is empty, an explicit name is not a module of the model, or a pattern
-            matches nothing.
+        OptionError: ``patterns`` is empty, an explicit name is not a module of the model, a pattern
+            matches nothing, or a block index is out of range.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.ReLU()))
@@ -156,12 +275,12 @@ class FeatureTap:
         DTypeError: ``model`` is not an ``nn.Module``; ``modules`` is not a string, a list / tuple of strings
             or a mapping of strings; ``detach`` is not a bool. At a forward: a tapped module returns no tensor
             (neither a tensor, a ``.sample``, a dict nor a tuple starting with one).
-        OptionError: ``modules`` is empty, names no module of ``model``, or a mapping entry matches no or
-            several modules.
+        OptionError: ``modules`` is empty, names no module of ``model``, holds a block index out of range, or a
+            mapping entry matches no or several modules.
 
     After a forward, :attr:`features` maps each key to a tensor of the module's output shape, e.g.
     ``(B, C, H, W)`` for UNet blocks, resnets and ``Transformer2DModel`` s and ``(B, H*W, C)`` for
-    ``transformer_blocks``. Use :meth:`pop` at each step so no feature outlives it.
+    ``transformer_blocks`` (UNet attentions' and SD3 / FLUX blocks' image tokens alike). Use :meth:`pop` at each step so no feature outlives it.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
@@ -223,7 +342,7 @@ class FeatureTap:
             # the copy's module: only the tapped module itself records.
             if module is not tapped or in_backward_pass():  # in backward: checkpoint recomputation
                 return
-            feature = first_tensor(output, what=f"module '{name}'")
+            feature = image_stream(module, output, what=f"module '{name}'")
             self._features[key] = feature.detach() if self.detach else feature
             self.calls[key] += 1
 

@@ -17,6 +17,7 @@ with ``--snr_gamma`` silently dropped both KD terms, which this loss cannot do.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -289,6 +290,24 @@ def _layer_kd_loss(
     return loss, logs
 
 
+def _timestep_keyword(net: nn.Module) -> bool:
+    """Whether ``net`` takes ``timestep`` by keyword: its ``forward`` has a ``timestep`` parameter that is not the
+    second one (diffusers' SD3 / FLUX transformers: ``forward(hidden_states, encoder_hidden_states,
+    pooled_projections, timestep, ...)``). A UNet (``forward(sample, timestep, ...)``) and any other network take it
+    as the second positional argument, as before."""
+    try:
+        params = list(inspect.signature(unwrap_model(net).forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return "timestep" in params and params.index("timestep") != 1
+
+
+def _call(net: Callable[..., Any], by_keyword: bool, sample: torch.Tensor, timestep: Any, cond: Any) -> Any:
+    if by_keyword:
+        return net(sample, timestep=timestep, **cond)
+    return net(sample, timestep, **cond)
+
+
 def _pairs(student: nn.Module, teacher: nn.Module, layers: Any) -> dict[str, str]:
     """``{student module: teacher module}`` of ``layers``, every name resolved in its network."""
     if not isinstance(layers, Mapping):
@@ -336,10 +355,12 @@ class LayerKD(nn.Module):
         teacher: The frozen network; it runs under ``torch.no_grad`` (set its eval mode and
             ``requires_grad_(False)`` yourself). It may be the student itself when each call passes a
             ``teacher_fn`` (a :class:`~diffdistill.students.TeacherView` of a LoRA student).
-        layers: Module names / glob patterns present in both networks, or ``{teacher_name: student_name}``
+        layers: Module names / glob patterns present in both networks (for diffusers transformers also block
+            indices, see :func:`~diffdistill.students.transformer_block_names`), or ``{teacher_name: student_name}``
             to pair renamed modules, e.g. ``{"mid_block": "mid_block.resnets.0"}`` (SSD-1B's single-resnet
             mid block) or :meth:`~diffdistill.students.BlockRemovalReport.kd_pairs` (each name must then
-            resolve to exactly one module, and each student module appear once). At least one layer.
+            resolve to exactly one module, and each student module appear once; for transformers
+            :meth:`~diffdistill.students.TransformerBlockRemovalReport.kd_pairs`). At least one layer.
         output_weight: ``lambda_out`` (>= 0, default 0.5 as SSD-1B), see :func:`layer_kd_loss`.
         feature_weight: ``lambda_feat`` (>= 0, default 0.5 as SSD-1B), see :func:`layer_kd_loss`.
         normalize: Divide each layer's term by the teacher feature's mean square (default ``False``: raw).
@@ -358,6 +379,13 @@ class LayerKD(nn.Module):
     optimised or saved twice). Calling ``kd(sample, timestep, target, **cond)`` runs the teacher and
     the student on the same inputs and returns ``(loss, logs)``; the taps are emptied in the call, so
     no feature outlives the step. Per-layer logs are keyed by the student's module name.
+
+    Transformer backbones (diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel``): the joint and
+    single-stream blocks' image stream is compared (:data:`~diffdistill.students.IMAGE_STREAM_OUTPUT`), and
+    ``timestep`` is passed by keyword to a network whose ``forward`` takes it after the text inputs, so
+    ``kd(latents, timestep, target, encoder_hidden_states=..., pooled_projections=...)`` works for both
+    families (FLUX also ``img_ids=``, ``txt_ids=``, ``guidance=``), with the timestep each expects: SD3
+    ``sigma * 1000``, FLUX ``sigma`` (its ``forward`` multiplies by 1000).
 
     Example:
         >>> class Net(torch.nn.Module):  # called as net(sample, timestep, **cond), like a UNet
@@ -397,6 +425,8 @@ class LayerKD(nn.Module):
         self.pairs: dict[str, str] = _pairs(student, teacher, layers)  # student name -> teacher name
         # Plain attributes (not sub-modules): the networks belong to the training loop.
         self.__dict__["_nets"] = (student, teacher)
+        # diffusers transformers take `timestep` after the text inputs: pass it by name to them.
+        self._timestep_kw = (_timestep_keyword(student), _timestep_keyword(teacher))
         self._warned: set[str] = set()
         self.student_tap = FeatureTap(student, {s: s for s in self.pairs})
         try:
@@ -449,7 +479,8 @@ class LayerKD(nn.Module):
             teacher_fn: Replaces the teacher call (e.g. a wrapper that adds conditioning, or
                 :class:`~diffdistill.students.TeacherView` for a LoRA student whose teacher is the same network
                 with adapters disabled: pass the network as both ``student`` and ``teacher``); it must run the
-                tapped teacher exactly once, on the student's batch. Defaults to ``None``: ``teacher(sample,
+                tapped teacher exactly once, on the student's batch; it is called like the teacher (``timestep``
+                by keyword when the teacher's ``forward`` takes it so). Defaults to ``None``: ``teacher(sample,
                 timestep, **cond)``.
             **cond: Conditioning keyword arguments of both networks (``encoder_hidden_states=...``, ...).
 
@@ -490,10 +521,12 @@ class LayerKD(nn.Module):
         self.teacher_tap.pop()
         self.student_tap.pop()
         with torch.no_grad(), explain_dtype_errors("teacher", sample, "sample"):
-            teacher_out = first_tensor(call(sample, timestep, **cond), "teacher")
+            teacher_out = first_tensor(_call(call, self._timestep_kw[1], sample, timestep, cond), "teacher")
         teacher_feats = self.teacher_tap.pop()
         with explain_dtype_errors("student", sample, "sample"):
-            student_out = first_tensor(student(sample, timestep, **cond), "student")
+            student_out = first_tensor(
+                _call(student, self._timestep_kw[0], sample, timestep, cond), "student"
+            )
         student_feats = self.student_tap.pop()
         self.teacher_tap.pop()  # a LoRA teacher view shares the student's modules: its tap saw this run too
         for side, feats in (("student", student_feats), ("teacher", teacher_feats)):
