@@ -17,11 +17,20 @@ checked anywhere.
 The conditional SDXL-Lightning D runs its backbone once at batch ``2B``, so its ``vs own backbone`` row
 also compares against a bare ``2B`` backbone call (goal: no more than that).
 
+``--transformer sd3|flux`` benchmarks LADD's discriminator (:class:`~diffdistill.discriminators.LADDDiscriminator`)
+on a frozen shared transformer teacher instead: the bare teacher's forward+backward, the D's generator step
+(heads on every k-th block, gradient to the input through the teacher) and its own backbone (the same early-exit
+feature extractor, no heads); ``vs own backbone`` is the heads' overhead (goal: at most 1.05). With
+``--published`` the published configs (SD3.5-Large, FLUX.1-dev) at 1024 px (4096 image tokens; 333 / 512 text
+tokens) are used, normally with ``--flops`` (meta device).
+
 Usage::
 
     python benchmarks/discriminators.py                  # tiny SDXL-structured UNet on CPU
     python benchmarks/discriminators.py --sdxl           # real SDXL config, random weights, 128x128, bf16, GPU
     python benchmarks/discriminators.py --sdxl --flops   # SDXL-scale FLOP counts on the meta device (any machine)
+    python benchmarks/discriminators.py --transformer flux                       # tiny FLUX-structured, CPU
+    python benchmarks/discriminators.py --transformer flux --published --flops   # FLUX.1-dev scale, meta device
 
 Prints a Markdown table.
 """
@@ -67,6 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="count FLOPs of forward+backward on the meta device instead of timing (no memory, any config)",
     )
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the backbone blocks")
+    p.add_argument(
+        "--transformer",
+        choices=["sd3", "flux"],
+        default=None,
+        help="benchmark LADD's discriminator on a transformer teacher instead of the UNet discriminators",
+    )
+    p.add_argument(
+        "--published",
+        action="store_true",
+        help="with --transformer: the published config (SD3.5-Large / FLUX.1-dev) at 1024 px",
+    )
+    p.add_argument("--every", type=int, default=None, help="with --transformer: read every k-th block")
     return p.parse_args(argv)
 
 
@@ -300,5 +321,102 @@ def main(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def transformer_main(args: argparse.Namespace) -> str:
+    """LADD's discriminator vs its frozen transformer teacher (see the module docstring)."""
+    import diffusers
+
+    from diffdistill.discriminators import LADDDiscriminator
+    from diffdistill.tests import transformer_configs as tc
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(
+        "meta" if args.flops else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    run = measure_flops if args.flops else measure
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.published else "float32"))
+    batch = args.batch or (1 if args.published else 2)
+    sd3 = args.transformer == "sd3"
+    if sd3:
+        cfg = tc.SD35_LARGE_CONFIG if args.published else tc.tiny_sd3_transformer_config()
+        cls = diffusers.SD3Transformer2DModel
+    else:
+        cfg = tc.FLUX1_DEV_CONFIG if args.published else tc.tiny_flux_transformer_config()
+        cls = diffusers.FluxTransformer2DModel
+    torch.manual_seed(0)
+    with device:
+        teacher = cls(**cfg)
+    teacher = (teacher if dtype == torch.float32 else teacher.to(dtype)).requires_grad_(False).eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    text_len = (333 if sd3 else 512) if args.published else 5
+    grid = 64 if args.published else (4 if sd3 else 3)  # patch grid per side (1024 px: 128 latent / 2)
+    ehs = torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=gen).to(device, dtype)
+    pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=gen).to(device, dtype)
+    kw: dict[str, Any] = {"encoder_hidden_states": ehs}
+    if sd3:
+        x = torch.randn(batch, cfg["in_channels"], 2 * grid, 2 * grid, generator=gen).to(device, dtype)
+        t = torch.full((batch,), 750.0, device=device)
+    else:
+        x = torch.randn(batch, grid * grid, cfg["in_channels"], generator=gen).to(device, dtype)
+        t = torch.full((batch,), 0.75, device=device)
+        ids = torch.zeros(grid, grid, 3)
+        ids[..., 1] = torch.arange(grid)[:, None]
+        ids[..., 2] = torch.arange(grid)[None, :]
+        kw.update(
+            img_ids=ids.reshape(-1, 3).to(device),
+            txt_ids=torch.zeros(text_len, 3, device=device),
+            guidance=torch.full((batch,), 3.5, device=device),
+            grid_size=(grid, grid),
+        )
+    model_kw = {k: v for k, v in kw.items() if k != "grid_size"}
+    groups = 32 if args.published else 4
+    disc = LADDDiscriminator(
+        teacher, every=args.every, norm_groups=groups, gradient_checkpointing=args.gradient_checkpointing
+    )
+    disc.to(device)
+    x_in = x.detach().clone().requires_grad_(True)
+
+    def bare() -> None:
+        x_in.grad = None
+        out = teacher(x_in, timestep=t, pooled_projections=pooled, **model_kw).sample
+        out.float().mean().backward()
+
+    def d_step() -> (
+        None
+    ):  # the generator step: gradient to the input through the frozen teacher and the heads
+        x_in.grad = None
+        _zero(disc)
+        logits = disc(x_in, t, pooled_projections=pooled, **kw)
+        sum(v.mean() for v in logits).backward()
+
+    def backbone() -> None:
+        x_in.grad = None
+        feats = disc.extractor(x_in, timestep=t, pooled_projections=pooled, **kw)
+        sum(v.float().mean() for v in feats.values()).backward()
+
+    (bare_c, d_c, bb_c), (_, d_r, bb_r), (bare_m, d_m, bb_m) = run(
+        [bare, d_step, backbone], device, args.repeats, args.warmup
+    )
+    n_params = sum(p.numel() for p in teacher.parameters()) / 1e9
+    head_params = sum(p.numel() for p in disc.head_parameters()) / 1e6
+    cost_label = "fwd+bwd GFLOP" if args.flops else "fwd+bwd ms"
+    name = {True: "SD3.5-Large", False: "FLUX.1-dev"}[sd3] if args.published else f"tiny {args.transformer}"
+    lines = [
+        f"Teacher: {name} ({n_params:.2f} B params, random weights), batch {batch}, {grid}x{grid} image tokens, "
+        f"{text_len} text tokens, {dtype}, device {device}, gradient checkpointing {args.gradient_checkpointing}; "
+        f"LADD D reads {len(disc.blocks)} blocks {list(disc.blocks)} ({head_params:.2f} M head parameters)",
+        "",
+        f"| case | {cost_label} | vs teacher | vs own backbone |",
+        "|---|---:|---:|---:|",
+        f"| bare teacher fwd+bwd (to the input) | {bare_c:.1f} | 1.00 | |",
+        f"| LADD D backbone only (early exit) | {bb_c:.1f} | {bb_r:.3f} | 1.000 |",
+        f"| LADD D (backbone + heads) | {d_c:.1f} | {d_r:.3f} | {d_r / bb_r:.3f} |",
+    ]
+    if not args.flops:
+        lines.append("")
+        lines.append(f"memory MiB (bare / backbone / D): {bare_m:.1f} / {bb_m:.1f} / {d_m:.1f}")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(main(parse_args()))
+    _args = parse_args()
+    print(transformer_main(_args) if _args.transformer else main(_args))

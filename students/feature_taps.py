@@ -38,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from .._checks import DTypeError, OptionError, check_bool, check_module
 from .._modules import unwrap_model
 from .._outputs import first_tensor
+from .._transformer_blocks import block_lists_of, transformer_block_names
 
 __all__ = [
     "IMAGE_STREAM_OUTPUT",
@@ -67,7 +68,6 @@ IMAGE_STREAM_OUTPUT: Mapping[str, int] = MappingProxyType(
 
 #: Names of the block lists of diffusers transformers, in execution order (FLUX / Qwen-Image run
 #: ``transformer_blocks`` first, then FLUX's ``single_transformer_blocks``).
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 def image_stream(module: nn.Module, output: Any, what: str = "module") -> torch.Tensor:
@@ -108,40 +108,6 @@ def image_stream(module: nn.Module, output: Any, what: str = "module") -> torch.
             "version with another block output order: tap a sub-module whose output is the image stream."
         )
     return output[index]
-
-
-def transformer_block_names(model: nn.Module) -> list[str]:
-    """The transformer blocks of a diffusers transformer in execution order (the index of a block is its position).
-
-    SD3 / SD3.5: ``transformer_blocks.0 ...``; FLUX: the double-stream ``transformer_blocks.*`` then the
-    single-stream ``single_transformer_blocks.*`` (FLUX.1-dev: 19 + 38, so index 19 is
-    ``single_transformer_blocks.0``). Wrappers are unwrapped first.
-
-    Args:
-        model: The network (DDP / FSDP / compiled wrappers are fine).
-
-    Returns:
-        The block names (empty for a network without ``transformer_blocks`` / ``single_transformer_blocks``
-        module lists at its top level, e.g. a UNet).
-
-    Raises:
-        DTypeError: ``model`` is not an ``nn.Module``.
-
-    Example:
-        >>> net = torch.nn.Module()
-        >>> net.transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()] * 2)
-        >>> net.single_transformer_blocks = torch.nn.ModuleList([torch.nn.Identity()])
-        >>> transformer_block_names(net)
-        ['transformer_blocks.0', 'transformer_blocks.1', 'single_transformer_blocks.0']
-    """
-    check_module(model, "model")
-    inner = unwrap_model(model)
-    names: list[str] = []
-    for attr in _BLOCK_LISTS:
-        blocks = getattr(inner, attr, None)
-        if isinstance(blocks, nn.ModuleList):
-            names += [f"{attr}.{i}" for i in range(len(blocks))]
-    return names
 
 
 def in_backward_pass() -> bool:
@@ -191,7 +157,11 @@ def _resolve(model: nn.Module, patterns: Any, arg: str, owner: str = "") -> list
     names = [n for n, _ in model.named_modules() if n]
     known = set(names)
     wanted: set[str] = set()
-    blocks = transformer_block_names(model)
+    blocks = [
+        f"{n}.{i}"
+        for n, b in block_lists_of(unwrap_model(model), None, required=False)
+        for i in range(len(b))
+    ]
     for pattern in patterns:
         if blocks and isinstance(pattern, int) and not isinstance(pattern, bool):
             if not -len(blocks) <= pattern < len(blocks):

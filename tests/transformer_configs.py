@@ -97,3 +97,21 @@ SD35_LARGE_CONFIG: dict[str, Any] = {
     "pos_embed_max_size": 192,
     "qk_norm": "rms_norm",
 }
+
+
+def tiny_sd3_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A frozen, eval-mode ``SD3Transformer2DModel`` of :func:`tiny_sd3_transformer_config`, seeded."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**tiny_sd3_transformer_config(**overrides)).requires_grad_(False).eval()
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A frozen, eval-mode ``FluxTransformer2DModel`` of :func:`tiny_flux_transformer_config`, seeded."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**tiny_flux_transformer_config(**overrides)).requires_grad_(False).eval()

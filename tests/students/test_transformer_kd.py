@@ -69,15 +69,16 @@ def hook_count(model: nn.Module) -> int:
 
 
 def test_block_names_in_execution_order() -> None:
-    assert transformer_block_names(tiny_sd3()) == [f"transformer_blocks.{i}" for i in range(4)]
-    assert transformer_block_names(nn.DataParallel(tiny_flux())) == [
+    assert transformer_block_names(tiny_sd3()) == tuple(f"transformer_blocks.{i}" for i in range(4))
+    assert transformer_block_names(nn.DataParallel(tiny_flux())) == (
         "transformer_blocks.0",
         "transformer_blocks.1",
         "single_transformer_blocks.0",
         "single_transformer_blocks.1",
         "single_transformer_blocks.2",
-    ]
-    assert transformer_block_names(nn.Linear(2, 2)) == []
+    )
+    with pytest.raises(OptionError, match="Found no transformer blocks on Linear"):
+        transformer_block_names(nn.Linear(2, 2))
     assert set(IMAGE_STREAM_OUTPUT) >= {
         "JointTransformerBlock",
         "FluxTransformerBlock",
@@ -99,7 +100,7 @@ def test_taps_record_the_image_stream_by_index_and_name(name: str) -> None:
         feats, named = by_index.pop(), by_name.pop()
     for h in handles:
         h.remove()
-    assert list(feats) == blocks and hook_count(net) == 0
+    assert tuple(feats) == blocks and hook_count(net) == 0
     for block in blocks:  # the image tokens (16), never the text tokens (5) nor [text; image] (21)
         assert feats[block] is seen[block] and tuple(feats[block].shape) == (2, 16, 16)
     for block in blocks[-2:]:
