@@ -17,7 +17,7 @@ maps of chosen transformer blocks) that of the transformer ones.
 
 from __future__ import annotations
 
-from .discriminator_base import UNetDiscriminatorBase
+from .discriminator_base import DiscriminatorBase, UNetDiscriminatorBase
 from .heads import PointwiseConvHead, ReadoutHead, StridedConvHead, reset_module_parameters, run_head_float32
 from .ladd import LADDDiscriminator, LADDHead, ladd_renoise_sigma, noise_level_embedding
 from .multi_level import MultiLevelDiscriminator
@@ -30,6 +30,7 @@ from .unet_features import BackboneMode, UNetFeatureExtractor, unet_feature_leve
 __all__ = [
     "BackboneMode",
     "BottleneckHead",
+    "DiscriminatorBase",
     "LADDDiscriminator",
     "LADDHead",
     "MultiLevelDiscriminator",

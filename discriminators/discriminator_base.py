@@ -11,9 +11,10 @@ from torch import nn
 from .._checks import DTypeError, ShapeError, check_real
 from ._inputs import shape_str
 from .heads import _Head, _run_head, reset_module_parameters
+from .transformer_features import TransformerFeatureExtractor
 from .unet_features import UNetFeatureExtractor
 
-__all__ = ["UNetDiscriminatorBase"]
+__all__ = ["DiscriminatorBase", "UNetDiscriminatorBase"]
 
 
 def _repeat_batch(value: Any, batch: int, times: int, name: str) -> Any:
@@ -41,10 +42,11 @@ def _default_trainable(backbone: str, trainable: bool | None) -> bool | None:
     return True if trainable is None else trainable
 
 
-class UNetDiscriminatorBase(nn.Module):
-    """Base of the UNet discriminators: ``extractor`` (backbone), ``heads`` and an optional ``augment``.
+class DiscriminatorBase(nn.Module):
+    """Base of the discriminators (UNet and transformer backbones): ``extractor``, ``heads`` and an ``augment``.
 
-    Subclasses set ``self.extractor`` (a :class:`~diffdistill.discriminators.UNetFeatureExtractor`),
+    Subclasses set ``self.extractor`` (a :class:`~diffdistill.discriminators.UNetFeatureExtractor` or
+    :class:`~diffdistill.discriminators.TransformerFeatureExtractor`),
     ``self.heads`` (an ``nn.ModuleList``) and optionally extra new layers listed in ``_new_layer_names``.
     ``forward`` returns a list of logits in at least float32, one ``(B, 1, h, w)`` tensor per head.
 
@@ -65,14 +67,14 @@ class UNetDiscriminatorBase(nn.Module):
     Example:
         >>> from diffdistill.discriminators import UNetEncoderDiscriminator, tiny_sdxl_unet
         >>> disc = UNetEncoderDiscriminator(tiny_sdxl_unet(), conditional=False)
-        >>> isinstance(disc, UNetDiscriminatorBase)
+        >>> isinstance(disc, DiscriminatorBase)
         True
         >>> opt = torch.optim.AdamW(disc.parameter_groups(head_lr=1e-4, backbone_lr=1e-5))
         >>> [g["lr"] for g in opt.param_groups]
         [0.0001, 1e-05]
     """
 
-    extractor: UNetFeatureExtractor
+    extractor: UNetFeatureExtractor | TransformerFeatureExtractor
     heads: nn.ModuleList
     _new_layer_names: tuple[str, ...] = ()
 
@@ -168,3 +170,7 @@ class UNetDiscriminatorBase(nn.Module):
 
     def _init_new_layers(self) -> None:
         """Initialise new input layers after a reset (subclasses with zero-initialised layers override it)."""
+
+
+#: The name :class:`DiscriminatorBase` had while every discriminator was a UNet's (kept for compatibility).
+UNetDiscriminatorBase = DiscriminatorBase

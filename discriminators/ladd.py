@@ -16,7 +16,7 @@ The logits plug into the library's GAN losses (:func:`~diffdistill.losses.gan_di
 :func:`~diffdistill.losses.gan_generator_loss`, hinge as in the paper or non-saturating),
 :func:`~diffdistill.losses.r1_penalty` and :func:`~diffdistill.losses.approximate_r1_penalty` unchanged: a list of
 tensors, one per head. The class shares the interface of the UNet discriminators
-(:class:`~diffdistill.discriminators.UNetDiscriminatorBase`: ``heads``, ``head_parameters``,
+(:class:`~diffdistill.discriminators.DiscriminatorBase`: ``heads``, ``head_parameters``,
 ``parameter_groups``, ``reset_head``, ``augment``).
 
 References:
@@ -52,7 +52,7 @@ from .._checks import (
     check_real,
 )
 from ._inputs import shape_str, timestep_batch
-from .discriminator_base import UNetDiscriminatorBase
+from .discriminator_base import DiscriminatorBase
 from .heads import _check_groups, _group_norm, _Head, _module_dtype
 from .transformer_features import TransformerFeatureExtractor, transformer_block_names
 from .unet_features import BackboneMode
@@ -290,7 +290,7 @@ def _run_cond_heads(
         return [head(f.to(dtype), cond).to(out_dtype) for head, f in zip(heads, features)]
 
 
-class LADDDiscriminator(UNetDiscriminatorBase):
+class LADDDiscriminator(DiscriminatorBase):
     r"""LADD's discriminator (arXiv:2403.12015): conditioned heads on every k-th block of a frozen transformer.
 
     ``D(x_t, timestep, pooled_projections=..., **model_kwargs)`` runs the teacher on the re-noised latents
@@ -360,7 +360,7 @@ class LADDDiscriminator(UNetDiscriminatorBase):
         >>> loss.backward()
     """
 
-    extractor: TransformerFeatureExtractor  # type: ignore[assignment]  # the base's UNet extractor slot
+    extractor: TransformerFeatureExtractor
     blocks: tuple[str, ...]
     _new_layer_names = ("cond_embed",)
 

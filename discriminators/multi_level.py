@@ -25,14 +25,14 @@ from torch import nn
 from .._checks import check_int, check_optional_int
 from .._modules import unwrap_model
 from ._inputs import check_levels
-from .discriminator_base import UNetDiscriminatorBase
+from .discriminator_base import DiscriminatorBase
 from .heads import PointwiseConvHead, _check_groups
 from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
 __all__ = ["MultiLevelDiscriminator"]
 
 
-class MultiLevelDiscriminator(UNetDiscriminatorBase):
+class MultiLevelDiscriminator(DiscriminatorBase):
     r"""1×1-conv heads (PCM) on several levels of a frozen or trainable UNet encoder (arXiv:2405.18407).
 
     Args:
@@ -48,7 +48,7 @@ class MultiLevelDiscriminator(UNetDiscriminatorBase):
         gradient_checkpointing: recompute backbone blocks in the backward pass.
 
     ``sample`` is cast to the backbone's dtype (see
-    :class:`~diffdistill.discriminators.UNetDiscriminatorBase`), so a bf16 generator output works with a
+    :class:`~diffdistill.discriminators.DiscriminatorBase`), so a bf16 generator output works with a
     float32 teacher, with or without autocast.
 
     Raises:

@@ -42,7 +42,7 @@ from .._checks import (
 )
 from .._modules import unwrap_model
 from ._inputs import check_levels, shape_str
-from .discriminator_base import UNetDiscriminatorBase, _default_trainable
+from .discriminator_base import DiscriminatorBase, _default_trainable
 from .heads import ReadoutHead, _check_groups
 from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
@@ -80,7 +80,7 @@ def decoder_scale_levels(unet: nn.Module) -> tuple[str, ...]:
     return tuple(last[s] for s in sorted(last, reverse=True))
 
 
-class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
+class MultiScaleConditionalDiscriminator(DiscriminatorBase):
     r"""Diffusion2GAN discriminator :math:`D(c, z, x)`: full UNet, z-conv, multi-scale input and readouts.
 
     Args:
@@ -99,7 +99,7 @@ class MultiScaleConditionalDiscriminator(UNetDiscriminatorBase):
         gradient_checkpointing: recompute backbone blocks in the backward pass.
 
     ``sample`` is cast to the backbone's dtype and ``noise`` to the z-conv's (see
-    :class:`~diffdistill.discriminators.UNetDiscriminatorBase`), so bf16 latents work with a float32
+    :class:`~diffdistill.discriminators.DiscriminatorBase`), so bf16 latents work with a float32
     discriminator, with or without autocast.
 
     Raises:

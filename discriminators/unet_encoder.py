@@ -41,7 +41,7 @@ from .._checks import (
 )
 from .._modules import unwrap_model
 from ._inputs import check_level, shape_str, timestep_batch
-from .discriminator_base import UNetDiscriminatorBase, _default_trainable, _repeat_batch
+from .discriminator_base import DiscriminatorBase, _default_trainable, _repeat_batch
 from .heads import StridedConvHead, _check_groups, _run_head
 from .unet_features import BackboneMode, UNetFeatureExtractor, _level_geometry, unet_feature_levels
 
@@ -99,7 +99,9 @@ def _check_head_options(
     return level
 
 
-def _check_sample_size(disc: UNetDiscriminatorBase, sample: torch.Tensor, level: str, name: str) -> None:
+def _check_sample_size(
+    disc: UNetEncoderDiscriminator | BottleneckHead, sample: torch.Tensor, level: str, name: str
+) -> None:
     """Refuse latents too small for the strided-conv head (it was sized for ``feature_resolution``)."""
     res = getattr(disc.heads[0], "feature_resolution", None)
     if res is None:
@@ -117,7 +119,7 @@ def _check_sample_size(disc: UNetDiscriminatorBase, sample: torch.Tensor, level:
         )
 
 
-class UNetEncoderDiscriminator(UNetDiscriminatorBase):
+class UNetEncoderDiscriminator(DiscriminatorBase):
     r"""SDXL-Lightning discriminator: a UNet encoder + mid block with a strided-conv head (arXiv:2402.13929).
 
     ``conditional=True``: the sample to judge :math:`(x_{t-ns}, t-ns)` and the input it was denoised from
@@ -130,7 +132,7 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
     ``examples/sdxl_lightning.py`` does); :meth:`parameter_groups` gives the head and the backbone their own learning rates.
 
     ``sample`` and ``cond_sample`` are cast to the backbone's dtype (see
-    :class:`~diffdistill.discriminators.UNetDiscriminatorBase`): a bf16 generator output works with a float32
+    :class:`~diffdistill.discriminators.DiscriminatorBase`): a bf16 generator output works with a float32
     discriminator, with or without autocast.
 
     Args:
@@ -166,6 +168,8 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
         >>> [tuple(l.shape) for l in logits], logits[0].dtype
         ([(2, 1, 1, 1)], torch.float32)
     """
+
+    extractor: UNetFeatureExtractor
 
     def __init__(
         self,
@@ -301,7 +305,7 @@ class UNetEncoderDiscriminator(UNetDiscriminatorBase):
         return f"conditional={self.conditional}, level={self.level!r}"
 
 
-class BottleneckHead(UNetDiscriminatorBase):
+class BottleneckHead(DiscriminatorBase):
     r"""DMD2 classifier head on the bottleneck of an existing UNet whose weights it shares (arXiv:2405.14867).
 
     The UNet (DMD2: the fake-score UNet) is held by reference and not registered, so this module's
@@ -310,7 +314,7 @@ class BottleneckHead(UNetDiscriminatorBase):
     classifier and the fake-score loss train one network. ``forward`` runs the UNet encoder + mid block
     (the ``classify_forward`` of DMD2) and the :class:`~diffdistill.discriminators.StridedConvHead`
     (``cls_pred_branch``); :meth:`classify` applies the head to features already computed. ``sample`` is
-    cast to the UNet's dtype (see :class:`~diffdistill.discriminators.UNetDiscriminatorBase`).
+    cast to the UNet's dtype (see :class:`~diffdistill.discriminators.DiscriminatorBase`).
 
     Under DDP, wrap a module that owns both the UNet and this head (DMD2's guidance model) so the
     UNet's gradients are synchronised by that wrapper.
@@ -342,6 +346,8 @@ class BottleneckHead(UNetDiscriminatorBase):
         >>> sum(p.numel() for p in head.parameters()) == sum(p.numel() for p in head.head_parameters())
         True
     """
+
+    extractor: UNetFeatureExtractor
 
     def __init__(
         self,

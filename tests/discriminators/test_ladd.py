@@ -13,9 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffdistill._checks import DTypeError, OptionError, ShapeError
 from diffdistill.discriminators import (
+    DiscriminatorBase,
     LADDDiscriminator,
     LADDHead,
-    UNetDiscriminatorBase,
     ladd_renoise_sigma,
     noise_level_embedding,
 )
@@ -93,7 +93,7 @@ def test_blocks_default_every_and_list(sd3, flux) -> None:
 def test_shapes_dtype_params(kind, sd3, flux) -> None:
     model, (x, t, cond) = (sd3, sd3_batch()) if kind == "sd3" else (flux, flux_batch())
     disc = build(model, every=2)
-    assert isinstance(disc, UNetDiscriminatorBase)
+    assert isinstance(disc, DiscriminatorBase)
     logits = disc(x, t, **cond)
     grid = (4, 4) if kind == "sd3" else (3, 4)
     assert [tuple(v.shape) for v in logits] == [(2, 1, *grid)] * 2
