@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .consistency import boundary_scalings, consistency_function
 from .few_step_samplers import (
+    FLOW_PIPELINES,
     TIMESTEP_SPACINGS,
     TLCM_GRID_INDICES,
     SamplerOutput,
@@ -14,6 +15,7 @@ from .few_step_samplers import (
     ddim_sample,
     dmd2_timesteps,
     euler_sample,
+    flow_pipeline_grid,
     lcm_sample,
     lcm_timesteps,
     one_step_sample,
@@ -35,10 +37,12 @@ from .noise_schedule import FLOW_PREDICTION_TYPES, PREDICTION_TYPES, SCHEDULE_KI
 from .stage_plans import Stage, StagePlan
 from .teacher_solver import TeacherSolver, apply_guidance, concat_conditions
 from .timestep_samplers import (
+    DENSITY_SCHEMES,
     LIGHTNING_DISCRIMINATOR_TIMESTEPS,
     LIGHTNING_EXTRA_STUDENT_TIMESTEPS,
     TimestepSample,
     categorical_timesteps,
+    flow_density_timesteps,
     lcm_skip_pairs,
     milestone_pairs,
     progressive_pairs,
@@ -47,6 +51,8 @@ from .timestep_samplers import (
 )
 
 __all__ = [
+    "DENSITY_SCHEMES",
+    "FLOW_PIPELINES",
     "FLOW_PREDICTION_TYPES",
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
     "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
@@ -72,6 +78,8 @@ __all__ = [
     "ddim_sample",
     "dmd2_timesteps",
     "euler_sample",
+    "flow_density_timesteps",
+    "flow_pipeline_grid",
     "flow_sigma_grid",
     "lcm_sample",
     "lcm_skip_pairs",

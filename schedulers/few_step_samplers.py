@@ -29,6 +29,20 @@ Timestep lists (int64, strictly decreasing, in ``[0, T-1]``): :func:`lcm_timeste
 :func:`spaced_timesteps` (diffusers ``timestep_spacing``), :func:`custom_timesteps` (any list, e.g.
 ``[999, 759, 499, 259]`` or Hyper-SD's one-step ``[800]``), :func:`tlcm_timesteps`,
 :func:`dmd2_timesteps`.
+
+**Rectified-flow models** (SD3, FLUX, Qwen-Image, Wan; Esser et al. 2024): the same samplers run on a flow
+:class:`~diffdistill.schedulers.NoiseSchedule`, where the model is called with
+:meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` (:math:`\\sigma \\cdot 1000`, float32) and outputs
+the velocity (``prediction_type="flow"``). Because :math:`x_\\sigma` is linear in :math:`\\sigma`, the DDIM
+move is the exact Euler step, so :func:`ddim_sample` / :func:`euler_sample` are diffusers'
+``FlowMatchEulerDiscreteScheduler`` loop, :func:`x0_renoise_sample` is ``FlowMatchLCMScheduler``'s loop
+(flow-LCM: :math:`\\hat x_0 = x - \\sigma v`, then :math:`(1-\\sigma') \\hat x_0 + \\sigma' z`) and
+:func:`one_step_sample` at ``t = T-1`` is :math:`x - v`. ``timesteps`` may then be a
+:class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid` for the grids diffusers' SD3 / FLUX
+pipelines use, :func:`~diffdistill.schedulers.flow_sigma_grid` for any other, e.g. a student's shifted grid):
+a grid on the training table steps on its indices, an off-table one (SD3's shifted default grids, custom
+sigmas) on its own :meth:`~diffdistill.schedulers.FlowSigmaGrid.grid_schedule`. A guidance-distilled model
+(FLUX.1-dev) takes its scale as a condition: pass ``cond={"guidance": torch.full((B,), 3.5)}``.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ from .._checks import (
     check_tensor,
 )
 from .consistency import _check_constants, _consistency
+from .flow_schedule import FlowSigmaGrid, flow_sigma_grid
 from .noise_schedule import NoiseSchedule
 from .teacher_solver import (
     GUIDANCE_CONVENTIONS,
@@ -61,9 +76,11 @@ from .teacher_solver import (
     _check_scale,
     _check_scale_batch,
     _check_state,
+    _noop_scale,
 )
 
 __all__ = [
+    "FLOW_PIPELINES",
     "TIMESTEP_SPACINGS",
     "TLCM_GRID_INDICES",
     "SamplerOutput",
@@ -71,6 +88,7 @@ __all__ = [
     "ddim_sample",
     "dmd2_timesteps",
     "euler_sample",
+    "flow_pipeline_grid",
     "lcm_sample",
     "lcm_timesteps",
     "one_step_sample",
@@ -97,7 +115,10 @@ TLCM_GRID_INDICES: dict[int, tuple[int, ...]] = {
 clean end where the last x0 prediction is returned, so it is not a model timestep)."""
 
 Model = Callable[..., Any]
-TimestepList = Sequence[int] | torch.Tensor
+IndexList = Sequence[int] | torch.Tensor
+TimestepList = IndexList | FlowSigmaGrid
+FLOW_PIPELINES: tuple[str, ...] = ("sd3", "flux")
+"""The sampling-grid recipes of diffusers' flow pipelines known to :func:`flow_pipeline_grid`."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,7 +134,7 @@ def _check_strength(strength: float) -> float:
 
 
 def _as_timestep_list(
-    timesteps: TimestepList, num_train_timesteps: int, name: str = "timesteps"
+    timesteps: IndexList, num_train_timesteps: int, name: str = "timesteps"
 ) -> torch.Tensor:
     """Validate a list of diffusers timestep indices; return it as a 1-D int64 CPU tensor."""
     if isinstance(timesteps, torch.Tensor):
@@ -159,7 +180,7 @@ def _as_timestep_list(
 
 
 def custom_timesteps(
-    timesteps: TimestepList, *, num_train_timesteps: int = 1000, strength: float = 1.0
+    timesteps: IndexList, *, num_train_timesteps: int = 1000, strength: float = 1.0
 ) -> torch.Tensor:
     """Validate a user-chosen timestep list (as diffusers' ``set_timesteps(timesteps=[...])``).
 
@@ -406,6 +427,84 @@ def dmd2_timesteps(num_inference_steps: int = 4, *, num_train_timesteps: int = 1
     return t_count - 1 - torch.arange(n, dtype=torch.int64) * (t_count // n)
 
 
+def flow_pipeline_grid(
+    schedule: NoiseSchedule,
+    num_inference_steps: int,
+    *,
+    pipeline: Literal["sd3", "flux"] | None = None,
+    mu: float | None = None,
+    image_seq_len: int | float | None = None,
+) -> FlowSigmaGrid:
+    """The sigma grid a diffusers flow pipeline samples on, for a flow schedule (float64).
+
+    * ``"sd3"`` (``StableDiffusion3Pipeline``, SD3 / SD3.5): ``scheduler.set_timesteps(N)`` without sigmas, i.e.
+      :func:`~diffdistill.schedulers.flow_sigma_grid` ``(schedule, N)``: ``linspace`` between the shifted
+      table's ends, shifted again (SD3 at 28 steps, shift 3, ends at :math:`\\sigma = 0.00893`; reference/flow.md
+      §1 "double shift").
+    * ``"flux"`` (``FluxPipeline``, ``QwenImagePipeline``): ``sigmas = numpy.linspace(1, 1/N, N)``, shifted by the
+      resolution's :math:`\\mu` (``calculate_shift`` of the image token count) on a dynamic schedule, or by the
+      static shift otherwise (FLUX.1-schnell: 1).
+
+    Sample on the result with any sampler of this module (``timesteps=grid``), e.g. :func:`ddim_sample` for
+    diffusers' Euler loop.
+
+    Args:
+        schedule: a flow :class:`~diffdistill.schedulers.NoiseSchedule` (from ``from_scheduler`` /
+            ``flow_matching``).
+        num_inference_steps: ``N``, an int >= 1 (SD3: 28, FLUX.1-dev: 28, FLUX.1-schnell: 4).
+        pipeline: ``"sd3"`` or ``"flux"``; default: ``"flux"`` for a dynamic-shift schedule, ``"sd3"`` otherwise.
+        mu: a dynamic schedule's shift for this grid (default: the schedule's ``mu``); not with
+            ``image_seq_len``.
+        image_seq_len: the image token count to compute ``mu`` from with the schedule config's base / max values
+            (:func:`~diffdistill.schedulers.packed_image_seq_len`, as the FLUX pipeline does).
+
+    Returns:
+        The :class:`~diffdistill.schedulers.FlowSigmaGrid` (``N + 1`` sigmas ending at 0).
+
+    Raises:
+        DTypeError: if ``schedule`` is not a flow schedule, ``num_inference_steps`` not an int, ``mu`` /
+            ``image_seq_len`` not a number.
+        OptionError: if ``pipeline`` is unknown, ``num_inference_steps`` < 1, both ``mu`` and ``image_seq_len``
+            are given, or either is given for a static-shift schedule.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> sd3 = NoiseSchedule.flow_matching(shift=3.0)
+        >>> grid = flow_pipeline_grid(sd3, 28)
+        >>> grid.num_inference_steps, round(float(grid.sigmas[-2]), 5), grid.on_table
+        (28, 0.00893, False)
+        >>> flux = NoiseSchedule.flow_matching(mu=0.5)
+        >>> [round(s, 3) for s in flow_pipeline_grid(flux, 4, image_seq_len=4096).sigmas.tolist()]
+        [1.0, 0.905, 0.76, 0.513, 0.0]
+    """
+    if getattr(schedule, "kind", None) != "flow":
+        raise DTypeError(
+            f"Expected `schedule` to be a flow NoiseSchedule (kind='flow'), but got {type(schedule).__name__} of "
+            f"kind {getattr(schedule, 'kind', None)!r}. VP pipelines use spaced_timesteps / lcm_timesteps."
+        )
+    n = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    config = schedule.flow_config
+    dynamic = config is not None and config.dynamic
+    if pipeline is None:
+        pipeline = "flux" if dynamic else "sd3"
+    check_option(pipeline, "pipeline", FLOW_PIPELINES)
+    if mu is not None and image_seq_len is not None:
+        raise OptionError(
+            f"Expected at most one of `mu` or `image_seq_len`, but got mu={mu!r} and image_seq_len={image_seq_len!r}."
+        )
+    if (mu is not None or image_seq_len is not None) and not dynamic:
+        raise OptionError(
+            "`mu` / `image_seq_len` apply only to a dynamic-shift schedule (use_dynamic_shifting), but this schedule "
+            "uses a static shift, which diffusers applies whatever the resolution. Drop them."
+        )
+    if image_seq_len is not None and config is not None:
+        mu = config.mu_for(image_seq_len)
+    if pipeline == "sd3":
+        return flow_sigma_grid(schedule, n, mu=mu)
+    sigmas = np.linspace(1.0, 1 / n, n)
+    return flow_sigma_grid(schedule, sigmas=torch.from_numpy(sigmas), mu=mu)
+
+
 # ---------------------------------------------------------------------------------------------------
 # sampler plumbing
 # ---------------------------------------------------------------------------------------------------
@@ -421,6 +520,9 @@ class SamplerOutput:
             final sample (``n + 1`` tensors); empty otherwise.
         denoised: with ``return_trajectory=True``, the per-step clean-sample estimates (the consistency
             function output for :func:`lcm_sample`, :math:`\\hat x_0` otherwise); empty otherwise.
+        sigmas: on a flow schedule, float64 ``(n,)``: the :math:`\\sigma` of each model evaluation (with a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` off the table, ``timesteps`` index the grid's own
+            schedule, so read these); None on a VP schedule.
     """
 
     sample: torch.Tensor
@@ -428,6 +530,7 @@ class SamplerOutput:
     noises: tuple[torch.Tensor, ...] = ()
     trajectory: tuple[torch.Tensor, ...] = ()
     denoised: tuple[torch.Tensor, ...] = ()
+    sigmas: torch.Tensor | None = None
 
 
 class _NoiseSource:
@@ -524,8 +627,13 @@ def _prepare(
     generator: torch.Generator | None = None,
     *,
     timesteps_name: str = "timesteps",
+    sampler: str | None = None,
 ) -> _Setup:
-    """Every boundary check of a sampler, once, before the first model call."""
+    """Every boundary check of a sampler, once, before the first model call.
+
+    ``sampler`` names a sampler whose step reads the training index itself (LCM's boundary scalings, TCD's
+    ``s``): it refuses an off-table :class:`FlowSigmaGrid`, whose indices are the grid's own.
+    """
     if not callable(model):
         raise OptionError(
             f"Expected `model` to be callable as model(x_t, t, **cond), but got {type(model).__name__}."
@@ -537,15 +645,57 @@ def _prepare(
         )
     _check_state(x_t)
     check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
+    if isinstance(timesteps, FlowSigmaGrid):
+        schedule, timesteps = _resolve_grid(schedule, timesteps, timesteps_name, sampler)
     ts = _as_timestep_list(timesteps, schedule.num_train_timesteps, timesteps_name)
     pt = schedule._prediction_type(prediction_type)
     cond_kw = check_mapping(cond, "cond")
     uncond_kw = None if uncond is None else check_mapping(uncond, "uncond")
     solver = TeacherSolver(model, schedule, guidance=guidance, prediction_type=pt)
-    w = solver.guidance_scale if guidance_scale is None else _check_scale(guidance_scale)
+    w = _noop_scale(guidance) if guidance_scale is None else _check_scale(guidance_scale)
     _check_scale_batch(w, x_t.shape[0])
     check_generator(generator)
     return _Setup(ts, pt, solver, cond_kw, uncond_kw, w)
+
+
+def _resolve_grid(
+    schedule: NoiseSchedule, grid: FlowSigmaGrid, name: str, sampler: str | None
+) -> tuple[NoiseSchedule, torch.Tensor]:
+    """The schedule and indices a sampler walks for a flow grid: the training table's indices when every grid
+    sigma lies on it, else the grid's own schedule (indices ``N-1 .. 0``), with ``schedule``'s settings."""
+    if schedule.kind != "flow":
+        raise OptionError(
+            f"`{name}` is a FlowSigmaGrid, which needs a flow schedule, but `schedule` is a VP schedule. Pass "
+            "integer timesteps (spaced_timesteps / lcm_timesteps) instead."
+        )
+    base = grid.schedule
+    total = schedule.num_train_timesteps
+    same = base is schedule or (
+        base.kind == "flow"
+        and base.num_train_timesteps == total
+        and torch.equal(base.sigma(torch.arange(total)), schedule.sigma(torch.arange(total)))
+    )
+    if not same:
+        raise OptionError(
+            f"`{name}` is a FlowSigmaGrid built for another schedule ({base!r}) than `schedule` ({schedule!r}). "
+            "Build it with flow_sigma_grid(schedule, ...) or flow_pipeline_grid(schedule, ...)."
+        )
+    if grid.on_table:
+        return schedule, grid.indices[:-1]
+    if sampler is not None:
+        raise OptionError(
+            f"{sampler} reads the training index at each step, but `{name}` is a FlowSigmaGrid off the training "
+            "table (its sigmas are not table values), which would be walked on its own schedule. Use an on-table "
+            "grid (grid.on_table), pass integer timesteps, or sample a flow student with x0_renoise_sample "
+            "(flow-LCM) / ddim_sample (Euler)."
+        )
+    own = grid.grid_schedule(
+        prediction_type=schedule.prediction_type,
+        compute_dtype=schedule.compute_dtype,
+        timestep_scale=schedule.timestep_scale,
+    )
+    n = grid.num_inference_steps
+    return own, torch.arange(n - 1, -1, -1, dtype=torch.int64)
 
 
 def _run(
@@ -583,6 +733,7 @@ def _run(
         noises=tuple(source.drawn),
         trajectory=tuple(trajectory),
         denoised=tuple(denoised),
+        sigmas=schedule.sigma(setup.timesteps) if schedule.kind == "flow" else None,
     )
 
 
@@ -642,12 +793,14 @@ def lcm_sample(
     (``w_embedding``) takes its scale as a condition instead; pass it in ``cond``.
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
-            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+            :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
             ``guidance_scale``, when classifier-free guidance runs through
@@ -671,7 +824,8 @@ def lcm_sample(
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
-            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            strictly decreasing in ``[0, T-1]`` (or is a FlowSigmaGrid of another schedule, or of a VP one),
+            ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
             missing for a real ``guidance_scale``, ``noises`` has the wrong count, or ``sigma_data`` /
             ``timestep_scaling`` is not a finite number > 0.
         DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
@@ -695,9 +849,20 @@ def lcm_sample(
     """
     sd, scaling = _check_constants(sigma_data, timestep_scaling)
     setup = _prepare(
-        model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond, generator
+        model,
+        schedule,
+        x_t,
+        timesteps,
+        prediction_type,
+        guidance,
+        guidance_scale,
+        cond,
+        uncond,
+        generator,
+        sampler="lcm_sample",
     )
     ts, pt = setup.timesteps, setup.prediction_type
+    schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
 
     def step(
@@ -763,12 +928,14 @@ def tcd_sample(
     ``denoised[-1]`` with ``return_trajectory=True``), and ``s`` is computed in float32 like diffusers.
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
-            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+            :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
         eta: :math:`\\gamma \\in [0, 1]` (diffusers default 0.3).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
@@ -791,7 +958,8 @@ def tcd_sample(
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
-            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            strictly decreasing in ``[0, T-1]`` (or is a FlowSigmaGrid of another schedule, or of a VP one),
+            ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
             missing for a real ``guidance_scale``, ``noises`` has the wrong count, or ``eta`` is outside
             ``[0, 1]``.
         DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
@@ -818,9 +986,20 @@ def tcd_sample(
     if not 0.0 <= eta <= 1.0:
         raise OptionError(f"Expected `eta` to lie in [0, 1], but got {eta!r}.")
     setup = _prepare(
-        model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond, generator
+        model,
+        schedule,
+        x_t,
+        timesteps,
+        prediction_type,
+        guidance,
+        guidance_scale,
+        cond,
+        uncond,
+        generator,
+        sampler="tcd_sample",
     )
     ts, pt = setup.timesteps, setup.prediction_type
+    schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
     stochastic = eta > 0
 
@@ -835,8 +1014,15 @@ def tcd_sample(
         if not stochastic or i == n - 1:
             return x_s, x0
         work = _work(schedule, x)
-        ratio = (schedule.alpha(t_prev) / schedule.alpha(s)) ** 2  # abar_prev / abar_s, float64
-        keep, add = ratio.sqrt().to(work), (1 - ratio).clamp_min(0).sqrt().to(work)
+        if (
+            schedule.kind == "flow"
+        ):  # q(x_t' | x_s) of the straight path: keep = a'/a_s, add^2 = s'^2 - keep^2 s_s^2
+            a_ratio = schedule.alpha(t_prev) / schedule.alpha(s)
+            var = schedule.sigma(t_prev) ** 2 - (a_ratio * schedule.sigma(s)) ** 2
+            keep, add = a_ratio.to(work), var.clamp_min(0).sqrt().to(work)
+        else:
+            ratio = (schedule.alpha(t_prev) / schedule.alpha(s)) ** 2  # abar_prev / abar_s, float64
+            keep, add = ratio.sqrt().to(work), (1 - ratio).clamp_min(0).sqrt().to(work)
         z = draw()
         return (keep * x_s.to(work) + add * z.to(work)).to(x.dtype), x0
 
@@ -881,12 +1067,14 @@ def ddim_sample(
     4-step trailing result by about 0.015 RMS.
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
-            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+            :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
             ``guidance_scale``, when classifier-free guidance runs through
@@ -904,7 +1092,8 @@ def ddim_sample(
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
-            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            strictly decreasing in ``[0, T-1]`` (or is a FlowSigmaGrid of another schedule, or of a VP one),
+            ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
             missing for a real ``guidance_scale``.
         DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
             ``guidance_scale`` is not real, the model returns no floating tensor or fails on ``x_t``'s dtype.
@@ -924,6 +1113,7 @@ def ddim_sample(
     """
     setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
     ts, pt = setup.timesteps, setup.prediction_type
+    schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
 
     def step(
@@ -981,12 +1171,14 @@ def euler_sample(
     (:math:`\\sqrt{\\sigma_\\text{max}^2 + 1}`).
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
-            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+            :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
         final_sigmas_type: ``"zero"`` (the default) or ``"sigma_min"`` (diffusers config of the same name).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
@@ -1005,7 +1197,8 @@ def euler_sample(
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
-            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            strictly decreasing in ``[0, T-1]`` (or is a FlowSigmaGrid of another schedule, or of a VP one),
+            ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
             missing for a real ``guidance_scale``, or ``final_sigmas_type`` is unknown.
         DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
             ``guidance_scale`` is not real, the model returns no floating tensor or fails on ``x_t``'s dtype.
@@ -1026,6 +1219,7 @@ def euler_sample(
     check_option(final_sigmas_type, "final_sigmas_type", ("zero", "sigma_min"))
     setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
     ts, pt = setup.timesteps, setup.prediction_type
+    schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
 
     def step(
@@ -1079,12 +1273,14 @@ def x0_renoise_sample(
     With ``schedule.terminal_pure_noise`` nothing changes (re-noising never targets ``t = T-1``).
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
-            :func:`spaced_timesteps` or :func:`custom_timesteps`.
+            :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
             ``guidance_scale``, when classifier-free guidance runs through
@@ -1106,7 +1302,8 @@ def x0_renoise_sample(
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a NoiseSchedule, ``timesteps`` is not
-            strictly decreasing in ``[0, T-1]``, ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
+            strictly decreasing in ``[0, T-1]`` (or is a FlowSigmaGrid of another schedule, or of a VP one),
+            ``guidance`` / ``prediction_type`` is unknown, ``uncond`` is
             missing for a real ``guidance_scale``, or ``noises`` has the wrong count.
         DTypeError: if ``x_t`` is not a floating tensor, ``cond`` / ``uncond`` is not a dict,
             ``guidance_scale`` is not real, ``generator`` is not a torch.Generator, a noise is not a floating
@@ -1151,6 +1348,7 @@ def _x0_renoise(
     grad: bool,
 ) -> SamplerOutput:
     ts, pt = setup.timesteps, setup.prediction_type
+    schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
 
     def step(
@@ -1196,8 +1394,9 @@ def one_step_sample(
     A one-step :func:`x0_renoise_sample`.
 
     Args:
-        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` an int64 ``(B,)`` tensor, returning a
-            floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
+        model: the denoiser, ``model(x_t, t, **cond)`` with ``t`` a ``(B,)`` tensor (``schedule.model_timestep``:
+            the int64 index, or float32 :math:`\\sigma \\cdot` ``timestep_scale`` on a flow schedule), returning
+            a floating prediction of the shape of ``x_t`` (a tensor, a diffusers output or a tuple).
         schedule: the model's :class:`~diffdistill.schedulers.NoiseSchedule`.
         x_t: the starting state at ``timesteps[0]`` (pure noise for text-to-image), floating, ``(B, ...)``.
         timestep: the model timestep, a Python int in ``[0, T-1]`` (default 999).

@@ -2,6 +2,11 @@
 
 Used as the multi-step teacher of progressive distillation (SDXL-Lightning Eq. 16), the one-step
 teacher of LCM / TSCD, MLCM's p-step inter-segment solver and its data-free trajectory states.
+
+Schedule-agnostic: the network is called with :meth:`NoiseSchedule.model_timestep` of the index (a VP
+UNet the integer index itself, a rectified-flow transformer :math:`\\sigma \\cdot` ``timestep_scale``), and
+on a flow schedule the DDIM step is the exact Euler step of the flow ODE. Guidance-distilled teachers
+(FLUX.1-dev) take the scale as an input instead of running an unconditional pass: ``guidance_input``.
 """
 
 from __future__ import annotations
@@ -283,21 +288,40 @@ class TeacherSolver:
     fails inside the model, which is reported as a :class:`~diffdistill.errors.DTypeError` that says how to
     fix it (the solver does not cast behind the caller's back).
 
+    The model's timestep input is :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` of the index
+    (DESIGN convention 10): on a VP schedule the int64 index itself (SD / SDXL UNets), on a flow schedule a
+    float32 :math:`\\sigma_t \\cdot` ``timestep_scale`` (SD3 / Wan: :math:`1000\\sigma`; FLUX: build the schedule
+    with ``timestep_scale=1.0``, since its transformer multiplies by 1000 inside). Outputs are read in
+    ``prediction_type`` (a flow model's ``"flow"``: :math:`v = \\epsilon - x_0`, Esser et al. 2024, Sec. 2).
+
+    **Guidance-distilled teachers.** FLUX.1-dev was trained with guidance distillation: it takes the scale as
+    an input embedding (``guidance=``, a ``(B,)`` tensor) and has no unconditional pass (reference/flow.md
+    §3; diffusers' ``FluxPipeline`` passes ``torch.full([B], w, float32)``). Give ``guidance_input="guidance"``
+    (the model's keyword): every call is then one conditional pass with ``guidance=w``, ``uncond`` is refused
+    and a ``guidance_scale`` is required. The scale is read in the chosen convention and handed to the model in
+    diffusers' (Imagen) one: ``"lcm"`` / rCM / PCM's :math:`c + w(c-u)` passes ``w + 1``.
+
     Args:
         model: any callable ``model(x_t, t, **cond)`` returning a tensor of the shape of ``x_t`` (or a
             diffusers output / tuple / dict whose first tensor is the prediction), e.g. a
-            ``UNet2DConditionModel``; ``t`` is an int64 ``(B,)`` tensor.
+            ``UNet2DConditionModel``; ``t`` is a ``(B,)`` tensor from ``schedule.model_timestep``: int64
+            indices (VP) or float32 :math:`\\sigma \\cdot` ``timestep_scale`` (flow).
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` the model was trained with.
         guidance_scale: default CFG scale (a finite number or a ``(B,)`` tensor); ``None`` (the default)
-            means no guidance in the chosen convention.
+            means no guidance in the chosen convention (with ``guidance_input``: none, so each call must
+            pass one).
         guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default) or ``"lcm"`` (:math:`c + w(c-u)`); see
             :func:`apply_guidance`.
         prediction_type: the model's output type (default: the schedule's).
+        guidance_input: the keyword through which a guidance-distilled model takes its scale (FLUX.1-dev:
+            ``"guidance"``), or ``None`` (the default: classifier-free guidance with two passes).
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``guidance``
-            or ``prediction_type`` is unknown, or a number ``guidance_scale`` is not finite.
-        DTypeError: if ``guidance_scale`` is not a real number or tensor.
+            or ``prediction_type`` is unknown, a number ``guidance_scale`` is not finite, or
+            ``guidance_input`` is not an identifier.
+        DTypeError: if ``guidance_scale`` is not a real number or tensor, or ``guidance_input`` is not a
+            string or None.
         ShapeError: if a tensor ``guidance_scale`` has more than one dimension.
         NonFiniteError: if a tensor ``guidance_scale`` holds NaN / Inf (a value check).
 
@@ -310,6 +334,11 @@ class TeacherSolver:
         >>> x_prev = solver.solve(x, torch.tensor([999, 500]), torch.tensor([759, 250]), cond, uncond, num_steps=3)
         >>> x_prev.shape
         torch.Size([2, 4, 8, 8])
+        >>> flux_like = lambda x, t, guidance: x * (t / 1000 + guidance).view(-1, 1)  # a flow model, embedded w
+        >>> dev = TeacherSolver(flux_like, NoiseSchedule.flow_matching(shift=3.0), guidance_scale=3.5,
+        ...                     guidance_input="guidance")
+        >>> dev.predict(torch.ones(1, 2), 499).tolist()  # t = 1000 sigma_499 = 750: 1 * (0.75 + 3.5)
+        [[4.25, 4.25]]
     """
 
     def __init__(
@@ -320,6 +349,7 @@ class TeacherSolver:
         guidance_scale: float | torch.Tensor | None = None,
         guidance: GuidanceConvention = "imagen",
         prediction_type: str | None = None,
+        guidance_input: str | None = None,
     ) -> None:
         if not callable(model):
             raise OptionError(
@@ -331,23 +361,69 @@ class TeacherSolver:
                 "Build one with NoiseSchedule.from_scheduler(diffusers_scheduler)."
             )
         check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
+        if guidance_input is not None:
+            if not isinstance(guidance_input, str):
+                raise DTypeError(
+                    f"Expected `guidance_input` to be a model keyword (str, FLUX.1-dev: 'guidance') or None, but "
+                    f"got {type(guidance_input).__name__}."
+                )
+            if not guidance_input.isidentifier():
+                raise OptionError(
+                    f"Expected `guidance_input` to be a model keyword name (FLUX.1-dev: 'guidance'), but got "
+                    f"{guidance_input!r}."
+                )
         self.model = model
         self.schedule = schedule
         self.guidance = guidance
-        self.guidance_scale: float | torch.Tensor = (
-            _noop_scale(guidance) if guidance_scale is None else _check_scale(guidance_scale)
-        )
+        self.guidance_input = guidance_input
+        self.guidance_scale: float | torch.Tensor | None
+        if guidance_scale is not None:
+            self.guidance_scale = _check_scale(guidance_scale)
+        else:  # embedded guidance has no neutral value: each call must then name its scale
+            self.guidance_scale = None if guidance_input is not None else _noop_scale(guidance)
         self.prediction_type = schedule._prediction_type(prediction_type)
 
-    def _is_noop_guidance(self, w: float | torch.Tensor) -> bool:
-        if isinstance(w, torch.Tensor):
+    def _is_noop_guidance(self, w: float | torch.Tensor | None) -> bool:
+        if isinstance(w, torch.Tensor) or w is None:
             return False
         return float(w) == _noop_scale(self.guidance)
 
-    def _scale(self, guidance_scale: float | torch.Tensor | None, batch: int) -> float | torch.Tensor:
+    def _scale(self, guidance_scale: float | torch.Tensor | None, batch: int) -> float | torch.Tensor | None:
         w = self.guidance_scale if guidance_scale is None else _check_scale(guidance_scale)
-        _check_scale_batch(w, batch)
+        if w is not None:
+            _check_scale_batch(w, batch)
         return w
+
+    def model_timestep(self, tt: torch.Tensor) -> torch.Tensor:
+        """What the model is called with at validated indices ``tt``: the index (VP) or
+        :meth:`NoiseSchedule.model_timestep` (flow: float32 :math:`\\sigma \\cdot` ``timestep_scale``).
+
+        Args:
+            tt: int64 timestep indices in ``[-1, T-1]`` (already validated), any shape.
+
+        Returns:
+            The model's timestep input, the shape of ``tt``, on its device.
+
+        Example:
+            >>> solver = TeacherSolver(lambda x, t: x, NoiseSchedule.flow_matching(shift=3.0))
+            >>> solver.model_timestep(torch.tensor([999, 499])).tolist()
+            [1000.0, 750.0]
+        """
+        if self.schedule.kind == "vp":
+            return tt
+        # NoiseSchedule.model_timestep's arithmetic on already validated indices: no value check, hence no device
+        # sync, in the sampling loops (tests/schedulers/test_flow_solvers.py pins the two equal).
+        sigma = self.schedule._tables(tt.device)[1][tt + 1]
+        return (sigma * float(self.schedule.timestep_scale or 1000.0)).to(torch.float32)
+
+    def _embedded_scale(self, w: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The ``(B,)`` float32 guidance input of a guidance-distilled model, in diffusers' (Imagen) convention."""
+        batch = like.shape[0]
+        if isinstance(w, torch.Tensor):
+            g = w.to(device=like.device, dtype=torch.float32).reshape(-1).expand(batch)
+        else:
+            g = torch.full((batch,), float(w), device=like.device, dtype=torch.float32)
+        return g + 1.0 if self.guidance == "lcm" else g
 
     def predict(
         self,
@@ -363,7 +439,8 @@ class TeacherSolver:
 
         With a no-op scale (1 for Imagen, 0 for LCM) only the conditional pass runs and ``uncond`` may be
         omitted; any other scale needs ``uncond`` (OptionError otherwise: guidance is never skipped
-        silently).
+        silently). With ``guidance_input`` (a guidance-distilled model) one conditional pass runs with the
+        scale as that keyword, and ``uncond`` must be None.
 
         Args:
             x_t: noisy states ``(B, ...)``, floating, in the dtype the model takes.
@@ -385,7 +462,9 @@ class TeacherSolver:
                 the shape of ``x_t``.
             NonFiniteError: if ``x_t`` or a tensor ``guidance_scale`` holds NaN / Inf (a value check).
             OptionError: if ``uncond`` is missing for a real guidance scale, a ``t`` is outside ``[-1, T-1]``
-                (a value check), a number ``guidance_scale`` is not finite, or ``cond`` / ``uncond`` keys differ.
+                (a value check), a number ``guidance_scale`` is not finite, or ``cond`` / ``uncond`` keys differ;
+                with ``guidance_input``: if ``uncond`` is given, no scale is given, or ``cond`` already holds
+                that keyword.
 
         Example:
             >>> solver = TeacherSolver(lambda x, t, scale: x * scale, NoiseSchedule.from_betas(), guidance_scale=3.0)
@@ -406,11 +485,14 @@ class TeacherSolver:
         tt: torch.Tensor,
         cond: dict[str, Any],
         uncond: dict[str, Any] | None,
-        w: float | torch.Tensor,
+        w: float | torch.Tensor | None,
         grad: bool,
     ) -> torch.Tensor:
         """:meth:`predict` on validated inputs: no value checks (the sampling loops call it every step)."""
         tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 or tt.shape[0] == 1 else tt
+        model_t = self.model_timestep(tt)
+        if self.guidance_input is not None:
+            return self._predict_embedded(self.guidance_input, x_t, model_t, cond, uncond, w, grad)
         noop = self._is_noop_guidance(w)
         if uncond is None and not noop:
             scale = w.tolist() if isinstance(w, torch.Tensor) else w
@@ -422,13 +504,13 @@ class TeacherSolver:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if noop or uncond is None:  # (uncond is None only with a no-op scale, checked above)
                 with explain_dtype_errors("model", x_t, "x_t"):
-                    pred = first_tensor(self.model(x_t, tt, **cond))
+                    pred = first_tensor(self.model(x_t, model_t, **cond))
                 check_prediction(pred, x_t, "model", input_name="x_t")
                 return pred
             both = concat_conditions(cond, uncond, x_t.shape[0])
             x_both = torch.cat([x_t, x_t])
             with explain_dtype_errors("model", x_t, "x_t"):
-                out = first_tensor(self.model(x_both, torch.cat([tt, tt]), **both))
+                out = first_tensor(self.model(x_both, torch.cat([model_t, model_t]), **both))
             check_prediction(
                 out,
                 x_both,
@@ -437,7 +519,42 @@ class TeacherSolver:
                 note=" (the conditional and unconditional passes are batched: 2B samples)",
             )
             c_out, u_out = out.chunk(2, dim=0)
-            return _guide(c_out, u_out, w, self.guidance)
+            return _guide(c_out, u_out, _noop_scale(self.guidance) if w is None else w, self.guidance)
+
+    def _predict_embedded(
+        self,
+        name: str,
+        x_t: torch.Tensor,
+        model_t: torch.Tensor,
+        cond: dict[str, Any],
+        uncond: dict[str, Any] | None,
+        w: float | torch.Tensor | None,
+        grad: bool,
+    ) -> torch.Tensor:
+        """One conditional pass of a guidance-distilled model with the scale as its ``guidance_input`` ``name``."""
+        if uncond is not None:
+            raise OptionError(
+                f"This TeacherSolver drives a guidance-distilled model (guidance_input={name!r}, e.g. FLUX.1-dev), "
+                "which has no unconditional pass, but got `uncond`. Drop `uncond`: the scale is passed as "
+                f"`{name}=`."
+            )
+        if w is None:
+            raise OptionError(
+                f"Expected a `guidance_scale` for the guidance-distilled model (guidance_input={name!r}), but got "
+                "None: the model takes the scale as an input and has no neutral value. Pass guidance_scale= to "
+                "TeacherSolver or to this call (FLUX.1-dev: 3.5)."
+            )
+        if name in cond:
+            raise OptionError(
+                f"`cond` already holds {name!r}, which the solver passes itself (guidance_input={name!r}). Pass "
+                "the scale as `guidance_scale` instead."
+            )
+        kwargs = {**cond, name: self._embedded_scale(w, x_t)}
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            with explain_dtype_errors("model", x_t, "x_t"):
+                pred = first_tensor(self.model(x_t, model_t, **kwargs))
+            check_prediction(pred, x_t, "model", input_name="x_t")
+        return pred
 
     def step_timesteps(
         self,

@@ -16,9 +16,15 @@ and returns what it sampled, so a caller can log it or replay it. Every sampler 
   (the segment boundary of TSCD / MLCM, ``t_prev`` for progressive distillation, and ``-1`` for
   LCM, whose consistency function maps to the clean end).
 
-The single-timestep samplers (:func:`uniform_timesteps`, :func:`categorical_timesteps`: score distillation,
-discriminator re-noising) draw only ``t``; their ``t_prev`` and ``t_end`` are ``-1``, the clean end that
-those methods' x0 predictions refer to.
+The single-timestep samplers (:func:`uniform_timesteps`, :func:`categorical_timesteps`,
+:func:`flow_density_timesteps`: score distillation, discriminator re-noising, flow-matching training) draw only
+``t``; their ``t_prev`` and ``t_end`` are ``-1``, the clean end that those methods' x0 predictions refer to.
+
+Rectified-flow schedules (SD3, FLUX) use the same indices (``t = T-1`` is :math:`\\sigma = 1`, ``t = -1`` is
+:math:`\\sigma = 0`; see :mod:`~diffdistill.schedulers.flow_schedule`), so every sampler here works on them
+unchanged: a grid point ``u = jT/N`` is the same index whatever the table holds, the shift only moves the
+:math:`\\sigma` it stands for. :func:`flow_density_timesteps` adds the densities flow-matching training draws
+from (Esser et al. 2024, Sec. 3.1), mapped to indices as diffusers' training scripts do.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -35,13 +41,17 @@ from .._checks import (
     OptionError,
     check_generator,
     check_int,
+    check_option,
+    check_real,
 )
 
 __all__ = [
+    "DENSITY_SCHEMES",
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
     "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
     "TimestepSample",
     "categorical_timesteps",
+    "flow_density_timesteps",
     "lcm_skip_pairs",
     "milestone_pairs",
     "progressive_pairs",
@@ -55,6 +65,9 @@ __all__ = [
 LIGHTNING_DISCRIMINATOR_TIMESTEPS: tuple[int, ...] = (10, 250, 500, 750)
 #: SDXL-Lightning Sec. 3.7: 1- and 2-step students train at u in {250, 500, 750, 1000} (diffusers t = u - 1).
 LIGHTNING_EXTRA_STUDENT_TIMESTEPS: tuple[int, ...] = (249, 499, 749, 999)
+#: The densities of :func:`flow_density_timesteps` (diffusers' ``weighting_scheme`` names; "uniform" is its
+#: fallback for "none" / "sigma_sqrt" / "cosmap", which only reweight the loss).
+DENSITY_SCHEMES: tuple[str, ...] = ("logit_normal", "mode", "uniform")
 
 
 class TimestepSample(NamedTuple):
@@ -527,3 +540,85 @@ def progressive_pairs(
         t_prev = u_prev - 1
     sample = TimestepSample(t, t_prev, t_prev.clone())
     return _to_device(sample, device)
+
+
+def flow_density_timesteps(
+    batch_size: int,
+    weighting_scheme: Literal["logit_normal", "mode", "uniform"] = "logit_normal",
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    num_train_timesteps: int = 1000,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> TimestepSample:
+    """Flow-matching training timesteps from SD3's densities, indexed as diffusers' training scripts do.
+
+    A draw :math:`u \\in [0, 1)` (diffusers' ``compute_density_for_timestep_sampling``, same calls, so the same
+    generator state gives the same ``u``):
+
+    * ``"logit_normal"``: :math:`u = \\mathrm{sigmoid}(n)`, :math:`n \\sim \\mathcal N(\\text{logit\\_mean},
+      \\text{logit\\_std}^2)` (Esser et al. 2024, Sec. 3.1, Eq. 19; rf/lognorm(0, 1) ranked first, Table 1);
+    * ``"mode"``: :math:`u = 1 - v - s(\\cos^2(\\pi v/2) - 1 + v)`, :math:`v \\sim U[0, 1)`, ``s = mode_scale``
+      (Sec. 3.1, Eq. 20; a density for :math:`-1 \\le s \\le 2/(\\pi - 2)`);
+    * ``"uniform"``: :math:`u \\sim U[0, 1)`: on a shifted table, the *shifted uniform* density of SD3's
+      training (:math:`\\sigma \\approx` shift(:math:`1-u`)).
+
+    is mapped to diffusers' table index :math:`\\lfloor uT \\rfloor` of its *descending* (shifted) sigma table
+    (``noise_scheduler.timesteps[indices]`` in ``train_dreambooth_lora_sd3.py`` / ``_flux.py``), i.e. our
+    ascending index :math:`t = T - 1 - \\lfloor uT \\rfloor`: :math:`\\sigma_t \\approx \\text{shift}(1 - u)`, the
+    shift composing on top of the density (reference/flow.md §2). Hence diffusers' ``logit_mean > 0`` favours
+    *low* noise, the paper's sign reversed: the paper's :math:`\\pi_\\text{ln}(t; m, s)` on the noise level is
+    ``logit_mean = -m`` here (sigmoid(-n) = 1 - sigmoid(n)). A float32 :math:`u` that rounds to 1 would give
+    diffusers' out-of-range index ``T``; it is clamped to ``t = 0``.
+
+    Args:
+        batch_size: ``B``, an int >= 1.
+        weighting_scheme: one of :data:`DENSITY_SCHEMES` (default ``"logit_normal"``, the SD3 script's).
+        logit_mean: mean of the logit-normal's normal (diffusers' sign), a finite number (default 0).
+        logit_std: its standard deviation, a finite number > 0 (default 1).
+        mode_scale: ``s`` of the mode density, in ``[-1, 2/(pi-2)]`` (default 1.29, the paper's best mode).
+        num_train_timesteps: ``T``, an int >= 2 (default 1000).
+        generator: source of the draw (drawn on its device, then moved to ``device``); ``None`` uses the
+            global RNG.
+        device: where the result lives (default: the generator's device, the CPU without one).
+
+    Returns:
+        :class:`TimestepSample` with ``t`` drawn in ``[0, T-1]`` and ``t_prev = t_end = -1``, each int64 ``(B,)``.
+
+    Raises:
+        OptionError: if ``batch_size`` < 1, ``weighting_scheme`` is unknown, ``logit_std`` <= 0, ``mode_scale``
+            leaves ``[-1, 2/(pi-2)]`` or a number is not finite.
+        DTypeError: if a count is not an int, a parameter is not a real number, or ``generator`` is not a
+            ``torch.Generator``.
+
+    Example:
+        >>> from diffdistill.schedulers import NoiseSchedule
+        >>> sd3 = NoiseSchedule.flow_matching(shift=3.0)
+        >>> t = flow_density_timesteps(4096, generator=torch.Generator().manual_seed(0)).t
+        >>> round(float(sd3.sigma(t).median()), 2)  # logit-normal(0, 1) has median u = 1/2: shift(1/2) = 0.75
+        0.75
+    """
+    batch_size = check_int(batch_size, "batch_size", minimum=1, integral_float=True)
+    check_option(weighting_scheme, "weighting_scheme", DENSITY_SCHEMES)
+    total = check_int(num_train_timesteps, "num_train_timesteps", minimum=2, integral_float=True)
+    mean = check_real(logit_mean, "logit_mean")
+    std = check_real(logit_std, "logit_std", low=0, strict=True)
+    scale = check_real(mode_scale, "mode_scale")
+    if not -1.0 <= scale <= 2 / (math.pi - 2):
+        raise OptionError(
+            f"Expected `mode_scale` in [-1, 2/(pi-2) = {2 / (math.pi - 2):.4f}], where the mode map is monotone (a "
+            f"density; SD3 Sec. 3.1), but got {mode_scale!r}."
+        )
+    dev = _gen_device(generator)
+    if weighting_scheme == "logit_normal":
+        u = torch.normal(mean=mean, std=std, size=(batch_size,), device=dev, generator=generator)
+        u = torch.nn.functional.sigmoid(u)
+    elif weighting_scheme == "mode":
+        u = torch.rand(size=(batch_size,), device=dev, generator=generator)
+        u = 1 - u - scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        u = torch.rand(size=(batch_size,), device=dev, generator=generator)
+    index = (u * total).long().clamp(0, total - 1)  # diffusers: indices = (u * T).long()
+    return _single(total - 1 - index, device)
