@@ -945,8 +945,18 @@ class NoiseSchedule:
             if scale is None
             else check_real(scale, "scale", low=0, strict=True)
         )
+        return self._model_timestep(tt, factor, dtype)
+
+    def _model_timestep(
+        self, tt: torch.Tensor, factor: float | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """:meth:`model_timestep` of already validated int64 indices ``tt``: no checks, so no device sync (the
+        sampling loops call it every step). ``factor`` None: the schedule's ``timestep_scale``."""
+        if self._kind == "vp":
+            return tt if dtype is None else tt.to(dtype)
+        scale = float(self.timestep_scale or 1000.0) if factor is None else factor
         sig = self._tables(tt.device)[1][tt + 1]
-        return (sig * factor).to(torch.float32 if dtype is None else dtype)
+        return (sig * scale).to(torch.float32 if dtype is None else dtype)
 
     # ------------------------------------------------------------------ forward process
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: TimestepLike) -> torch.Tensor:

@@ -409,12 +409,8 @@ class TeacherSolver:
             >>> solver.model_timestep(torch.tensor([999, 499])).tolist()
             [1000.0, 750.0]
         """
-        if self.schedule.kind == "vp":
-            return tt
-        # NoiseSchedule.model_timestep's arithmetic on already validated indices: no value check, hence no device
-        # sync, in the sampling loops (tests/schedulers/test_flow_solvers.py pins the two equal).
-        sigma = self.schedule._tables(tt.device)[1][tt + 1]
-        return (sigma * float(self.schedule.timestep_scale or 1000.0)).to(torch.float32)
+        # Already validated indices: the unchecked path, so no device sync in the sampling loops.
+        return self.schedule._model_timestep(tt)
 
     def _embedded_scale(self, w: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The ``(B,)`` float32 guidance input of a guidance-distilled model, in diffusers' (Imagen) convention."""
