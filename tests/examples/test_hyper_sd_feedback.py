@@ -432,7 +432,8 @@ def test_feedback_phase_under_ddp(
     root = str(Path(__file__).resolve().parents[2])  # the reward modules are imported in the children
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     out = tmp_path / "ddp"
-    argv = _set(_feedback_argv(tiny_sdxl, out), "--train_batch_size", "1")  # 1 TSCD step, then 2 feedback steps
+    # 1 TSCD step, then 2 feedback steps
+    argv = _set(_feedback_argv(tiny_sdxl, out), "--train_batch_size", "1")
     _launch_two_processes("sdxl_hyper_sd", argv)
     ckpt_1, ckpt_2 = out / "checkpoint-1", out / "checkpoint-2"
     assert (ckpt_1 / "random_states_1.pkl").is_file(), "DDP ran in one process"
