@@ -8,10 +8,18 @@ optimal denoiser is
 .. math:: E[x_0 \\mid x_t] = \\sum_k r_k(x_t)\\Big(\\mu_k + \\frac{\\alpha_t s^2}{v_t}(x_t - \\alpha_t \\mu_k)\\Big),
           \\qquad r_k \\propto \\pi_k \\exp\\!\\big(-\\lVert x_t - \\alpha_t\\mu_k \\rVert^2 / 2 v_t\\big).
 
-Students are small MLPs; :func:`run_method` trains one with a named method through the public loss APIs
-and :func:`evaluate` reports the sliced Wasserstein distance of its 1-, 2- and 4-step samples to the true
-mixture. ``benchmarks/toy_losses.py`` prints the full table; ``tests/losses/test_toy_distillation.py``
-runs a reduced version.
+Two mixtures (:data:`MIXTURES`): ``"easy"`` (8 modes of std 0.1 on a circle of radius 1.5) and ``"hard"``
+(std 0.05 on radius 2, issue 20's check: narrow, well-separated modes are where one-step score distillation
+used to collapse onto the ring). Students are small MLPs; :func:`run_method` trains one with a named method
+through the public loss APIs and :func:`evaluate` reports the sliced Wasserstein distance of its 1-, 2- and
+4-step samples to the true mixture. ``benchmarks/toy_losses.py`` prints the full table;
+``tests/losses/test_toy_distillation.py`` runs a reduced version.
+
+One-step generators (``sim``, ``dmd``) follow the recipe of :mod:`diffdistill.losses.score`: pure noise fed
+at an intermediate input timestep (:attr:`ToyConfig.generator_timestep`, 625 here: SiD/SIM's
+``init_sigma = 2.5``), the generator initialised from the teacher's x0 estimate at that timestep, the fake
+score from the teacher. The adversarial family (``regression``, ``adversarial``, ``gan``) maps pure noise at
+``t = 999`` to the teacher's ODE solution from the same noise (Diffusion2GAN's noise-image pairs).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 from diffdistill.losses.adversarial import (
     gan_discriminator_loss,
     gan_generator_loss,
+    r1_penalty,
     renoise_for_discriminator,
 )
 from diffdistill.losses.consistency import (
@@ -39,26 +48,37 @@ from diffdistill.losses.consistency import (
 )
 from diffdistill.losses.distances import compute_distance
 from diffdistill.losses.score import dmd_loss, fake_score_loss, sim_loss
-from diffdistill.schedulers.few_step_samplers import ddim_sample, lcm_sample, x0_renoise_sample
+from diffdistill.schedulers.few_step_samplers import ddim_sample, lcm_sample
 from diffdistill.schedulers.noise_schedule import NoiseSchedule
 from diffdistill.schedulers.teacher_solver import TeacherSolver
 from diffdistill.students.ema import EMA
 
 __all__ = [
     "METHODS",
+    "MIXTURES",
+    "ONE_STEP",
     "GaussianMixture",
     "TimeMLP",
     "ToyConfig",
     "ToyInit",
     "evaluate",
     "fit_to_teacher",
+    "generator_timestep",
     "initial_network",
     "run_method",
     "sliced_wasserstein",
 ]
 
-#: Methods :func:`run_method` knows.
-METHODS: tuple[str, ...] = ("lcm", "tscd", "mlcm", "sim", "dmd", "adversarial")
+#: Methods :func:`run_method` knows: consistency families (multi-step students), one-step score
+#: distillation, and one-step adversarial distillation (ODE-pair regression alone, regression + GAN, GAN alone).
+METHODS: tuple[str, ...] = ("lcm", "tscd", "mlcm", "sim", "dmd", "regression", "adversarial", "gan")
+#: Methods whose student is a one-step generator (evaluated at 1 step only).
+ONE_STEP: tuple[str, ...] = ("sim", "dmd", "regression", "adversarial", "gan")
+#: The toy mixtures: keyword arguments of :class:`GaussianMixture`.
+MIXTURES: dict[str, dict[str, float]] = {
+    "easy": {"radius": 1.5, "std": 0.1},
+    "hard": {"radius": 2.0, "std": 0.05},
+}
 
 
 class GaussianMixture:
@@ -104,6 +124,13 @@ class GaussianMixture:
             return schedule.convert(self.denoise(x_t, tt, schedule), x_t, tt, "sample", "epsilon")
 
         return model
+
+    @classmethod
+    def named(cls, name: str) -> GaussianMixture:
+        """The mixture ``name`` of :data:`MIXTURES` (``"easy"`` or ``"hard"``)."""
+        if name not in MIXTURES:
+            raise ValueError(f"Expected `name` to be one of {list(MIXTURES)}, but got {name!r}.")
+        return cls(**MIXTURES[name])
 
 
 class TimeMLP(nn.Module):
@@ -157,6 +184,26 @@ class ToyConfig:
     fit_steps: int = 1500
     eval_samples: int = 4000
     seed: int = 0
+    #: MLP width (3 hidden layers); the hard mixture's check used 256.
+    hidden: int = 128
+    #: input timestep of the one-step score generators (pure noise fed there; 625 = SiD/SIM's init_sigma 2.5).
+    generator_timestep: int = 625
+    #: sim_loss's pseudo-Huber c (None: the library default).
+    sim_c: float | None = None
+    #: weight of the GAN term in "adversarial" (regression + GAN).
+    gan_weight: float = 0.1
+    #: teacher DDIM steps of the regression targets (the ODE solution from the generator's noise).
+    teacher_steps: int = 32
+    #: what the discriminator of "adversarial" sees as real: the regression targets ("teacher",
+    #: Diffusion2GAN's pairs) or data samples ("data"); "gan" always sees data.
+    gan_real: str = "teacher"
+    #: MLCM's training states: "teacher" (the paper's data-free teacher-trajectory states) or "data" (noised
+    #: data samples).
+    mlcm_states: str = "teacher"
+    #: R1 penalty weight (gamma) on the discriminator's real inputs (0: none).
+    r1_gamma: float = 0.0
+    #: EMA decay of the one-step generators' weights (the returned generator is the EMA; 0: none).
+    generator_ema: float = 0.995
 
 
 class ToyInit(NamedTuple):
@@ -174,7 +221,7 @@ def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig)
     :math:`1/\alpha_{T-1} \approx 15`."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net = TimeMLP()
+    net = TimeMLP(hidden=cfg.hidden)
     teacher = gm.epsilon_model(schedule)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,68 +274,73 @@ def _consistency_loop(
             loss, _ = tscd_loss(
                 net, teacher, x0, num_segments=2, num_inference_steps=20, target=ema, generator=g
             )
-        else:  # mlcm: data-free teacher-trajectory states, online target (MLCD)
+        else:  # mlcm (MLCD): online target; data-free teacher-trajectory states, or noised data
             from diffdistill.schedulers.timestep_samplers import milestone_pairs
 
-            sample = milestone_pairs(cfg.batch, num_segments=4, skip=20, generator=g)
-            states = teacher_trajectory_states(
-                teacher, torch.randn(cfg.batch, 2, generator=g), sample.t, num_segments=4
-            )
-            loss, _ = multistep_consistency_loss(net, teacher, x_t=states, sample=sample, target="online")
+            sample = milestone_pairs(cfg.batch, num_segments=4, skip=25, on_grid=True, generator=g)
+            if cfg.mlcm_states == "teacher":
+                states = teacher_trajectory_states(
+                    teacher, torch.randn(cfg.batch, 2, generator=g), sample.t, num_segments=4
+                )
+                loss, _ = multistep_consistency_loss(net, teacher, x_t=states, sample=sample, target="online")
+            else:
+                loss, _ = multistep_consistency_loss(
+                    net, teacher, x0, sample=sample, target="online", generator=g
+                )
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(net)
 
 
-def _backward_simulated_states(
-    net: TimeMLP, schedule: NoiseSchedule, grid: torch.Tensor, batch: int, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DMD2's backward simulation: run the generator's first k steps from noise (no grad), then train at t_k."""
-    k = int(torch.randint(0, grid.numel(), (1,), generator=g))
-    x = torch.randn(batch, 2, generator=g)
-    with torch.no_grad():
-        for i in range(k):
-            t = grid[i].expand(batch)
-            x0 = schedule.to_x0(net(x, t), x, t, net.prediction_type)
-            x = schedule.add_noise(x0, torch.randn(x.shape, generator=g), grid[i + 1].expand(batch))
-    return x, grid[k].expand(batch)
-
-
 def _generator_loop(
     method: str, net: TimeMLP, fake: TimeMLP, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
 ) -> None:
+    """One-step generator training: pure noise at the method's input timestep to a clean sample in one call."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
     real = gm.epsilon_model(schedule)
+    # Adam(0, 0.99) for all three networks (SiD's fake beta1 0; SDXL-Lightning's adversarial optimiser).
     opt_g = torch.optim.Adam(net.parameters(), lr=cfg.lr * 0.3, betas=(0.0, 0.99))
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
-    grid = torch.tensor([999, 749, 499, 249])
     disc = nn.Sequential(nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
+    t_gen = generator_timestep(method, cfg)
 
     def d_logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return disc(torch.cat([x, t.float().reshape(-1, 1) / 1000], dim=1))
 
+    solver = TeacherSolver(real, schedule)
+    ema = EMA(net, decay=cfg.generator_ema) if cfg.generator_ema > 0 else None
     for _ in range(cfg.steps):
-        x_in, t_in = _backward_simulated_states(net, schedule, grid, cfg.batch, g)
-        x_g = schedule.to_x0(net(x_in, t_in), x_in, t_in, net.prediction_type)
-        if method == "adversarial":
-            # Diffusion2GAN-style: regression to the teacher's ODE solution from the same state, plus a GAN term
-            # with the discriminator shown re-noised samples (SDXL-Lightning's multi-timestep D).
+        z = torch.randn(cfg.batch, 2, generator=g)
+        t_in = torch.full((cfg.batch,), t_gen)
+        x_g = schedule.to_x0(net(z, t_in), z, t_in, net.prediction_type)
+        if method in ("regression", "adversarial", "gan"):
+            # Diffusion2GAN-style: the teacher's ODE solution from the same noise (x_999 is pure noise to
+            # within alpha_999 = 0.07), and/or a GAN term with the discriminator shown re-noised samples
+            # (SDXL-Lightning's multi-timestep D).
             with torch.no_grad():
-                teacher_x0 = cast(
-                    torch.Tensor, TeacherSolver(real, schedule).solve(x_in, t_in, -1, num_steps=8)
-                )
-            renoised = renoise_for_discriminator(teacher_x0, x_g.detach(), schedule=schedule, generator=g)
-            (real_t, fake_t), t_star = renoised.samples, renoised.t
-            d_loss, _ = gan_discriminator_loss(d_logits(real_t, t_star), d_logits(fake_t, t_star))
-            opt_d.zero_grad()
-            d_loss.backward()
-            opt_d.step()
-            noise = torch.randn(x_g.shape, generator=g)
-            fake_noised = schedule.add_noise(x_g, noise, t_star)
-            g_adv, _ = gan_generator_loss(d_logits(fake_noised, t_star))
-            loss = compute_distance(x_g, teacher_x0, "mse") + 0.1 * g_adv
+                teacher_x0 = cast(torch.Tensor, solver.solve(z, t_in, -1, num_steps=cfg.teacher_steps))
+            loss = compute_distance(x_g, teacher_x0, "mse") if method != "gan" else x_g.sum() * 0
+            if method != "regression":
+                use_data = method == "gan" or cfg.gan_real == "data"
+                real_x0 = gm.sample(cfg.batch, g) if use_data else teacher_x0
+                renoised = renoise_for_discriminator(real_x0, x_g.detach(), schedule=schedule, generator=g)
+                (real_t, fake_t), t_star = renoised.samples, renoised.t
+                real_t = real_t.detach().requires_grad_(cfg.r1_gamma > 0)
+                real_logits = d_logits(real_t, t_star)
+                d_loss, _ = gan_discriminator_loss(real_logits, d_logits(fake_t, t_star))
+                if cfg.r1_gamma > 0:
+                    d_loss = d_loss + r1_penalty(real_logits, real_t, gamma=cfg.r1_gamma)[0]
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+                noise = torch.randn(x_g.shape, generator=g)
+                fake_noised = schedule.add_noise(x_g, noise, t_star)
+                disc.requires_grad_(False)
+                g_adv, _ = gan_generator_loss(d_logits(fake_noised, t_star))
+                disc.requires_grad_(True)
+                loss = loss + (cfg.gan_weight if method == "adversarial" else 1.0) * g_adv
         else:
             f_loss, _ = fake_score_loss(fake, x_g.detach(), schedule=schedule, generator=g)
             opt_f.zero_grad()
@@ -296,13 +348,23 @@ def _generator_loop(
             opt_f.step()
             fake.requires_grad_(False)
             if method == "sim":
-                loss, _ = sim_loss(x_g, real, fake, schedule=schedule, c=0.1, generator=g)
+                loss, _ = sim_loss(x_g, real, fake, schedule=schedule, c=cfg.sim_c, generator=g)
             else:
                 loss, _ = dmd_loss(x_g, real, fake, schedule=schedule, generator=g)
             fake.requires_grad_(True)
         opt_g.zero_grad()
         loss.backward()
         opt_g.step()
+        if ema is not None:
+            ema.update(net)
+    if ema is not None:
+        ema.copy_to(net)
+
+
+def generator_timestep(method: str, cfg: ToyConfig) -> int:
+    """The input timestep of a one-step ``method``'s generator: ``cfg.generator_timestep`` for score
+    distillation, 999 for the adversarial family (its regression pairs start from pure noise at ``T-1``)."""
+    return cfg.generator_timestep if method in ("sim", "dmd") else 999
 
 
 def initial_network(method: str, init: ToyInit) -> TimeMLP:
@@ -327,9 +389,9 @@ def run_method(
 
 
 def _sample(
-    method: str, net: nn.Module, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
+    method: str, net: nn.Module, schedule: NoiseSchedule, noise: torch.Tensor, steps: int, cfg: ToyConfig
 ) -> torch.Tensor:
-    from diffdistill.schedulers.few_step_samplers import dmd2_timesteps, lcm_timesteps, spaced_timesteps
+    from diffdistill.schedulers.few_step_samplers import lcm_timesteps, one_step_sample, spaced_timesteps
 
     g = torch.Generator().manual_seed(123)
     if method == "lcm":
@@ -338,26 +400,29 @@ def _sample(
     if method in ("tscd", "mlcm"):
         ts = spaced_timesteps(steps, "trailing")
         return ddim_sample(net, schedule, noise, ts).sample
-    grid = dmd2_timesteps(4)
-    ts = grid[:: 4 // steps] if steps in (1, 2, 4) else grid
     prediction_type = str(getattr(net, "prediction_type", "epsilon"))
-    return x0_renoise_sample(net, schedule, noise, ts, prediction_type=prediction_type, generator=g).sample
+    t_gen = generator_timestep(method, cfg)
+    return one_step_sample(net, schedule, noise, t_gen, prediction_type=prediction_type).sample
 
 
 def evaluate(
     method: str, net: nn.Module, gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig
 ) -> dict[int, float]:
-    """Sliced Wasserstein distance to the true mixture of 1-, 2- and 4-step samples."""
+    """Sliced Wasserstein distance to the true mixture of 1-, 2- and 4-step samples (one-step generators:
+    1 step only; their 2- and 4-step entries are NaN)."""
     g = torch.Generator().manual_seed(cfg.seed + 99)
     truth = gm.sample(cfg.eval_samples, g)
     noise = torch.randn(cfg.eval_samples, 2, generator=g)
     out = {}
     with torch.no_grad():
         for steps in (1, 2, 4):
+            if method in ONE_STEP and steps > 1:
+                out[steps] = math.nan
+                continue
             x = (
                 _teacher_samples(gm, schedule, noise, steps)
                 if method == "teacher"
-                else _sample(method, net, schedule, noise, steps)
+                else _sample(method, net, schedule, noise, steps, cfg)
             )
             out[steps] = sliced_wasserstein(x, truth, generator=torch.Generator().manual_seed(5))
     return out

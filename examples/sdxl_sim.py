@@ -189,8 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sim_c",
         type=float,
         default=None,
-        help="pseudo-Huber c of --loss sim, in denoiser (x0) units (default: 0.00054 sqrt(D), the iCT "
-        "heuristic; SIM's value is not verified)",
+        help="pseudo-Huber c of --loss sim, in denoiser (x0) units (default: sim_loss's, 5%% of the batch's RMS "
+        "sample norm, which scales with the data; SIM's value is not verified)",
     )
     g.add_argument(
         "--sim_detach_dprime",

@@ -13,6 +13,43 @@ or a plain callable ``model(x_t, t, **cond)``; outputs of any prediction type ar
 both networks' *inputs* (as in the papers' code): freeze their parameters during the generator step
 (:class:`AlternatingUpdate` does it for the fake network).
 
+Recipe for a one-step generator, measured on the issue-20 toy (``benchmarks/toy_losses.py --mixture hard``:
+8 modes of std 0.05 on a circle of radius 2, an exact teacher, a 3x256 MLP, batch 512, 3,000 generator steps,
+2 seeds), where one-step SIM and DMD generators had settled on the ring through the modes (1-step sliced
+Wasserstein ~0.15 and worse; data vs data 0.016):
+
+* **An EMA of the generator** for sampling (as SiD and DMD2 do). The per-sample score gradients are noisy:
+  DMD's normaliser :math:`\\operatorname{mean}|x - D_\\phi|` vanishes for a sample on a narrow mode at small
+  ``t``, so a sample that reached a mode gets heavy-tailed kicks (toy, generator on the ring: per-sample
+  tangential gradient sd 9.4 on a mode, against a mean pull of 0.42 towards it 0.1 away), and the
+  pseudo-Huber :math:`d'(y)` of SIM with a too small
+  ``c`` is a unit vector that never shrinks. The raw weights random-walk around the ring; their average
+  does not.
+* **Input timestep.** Feed pure noise at an intermediate timestep :math:`t_g`, not at ``T-1``, and initialise
+  the generator from the teacher's :math:`\\hat x_0` there (an x0-converted copy,
+  :func:`~diffdistill.losses.x0_conversion_loss`, for an epsilon teacher). SiD and SIM feed
+  :math:`\\sigma_\\text{init} = 2.5` (``schedule.edm_sigma_to_timestep(2.5)``: 625 on the SD/SDXL schedule);
+  DMD2's one-step SDXL generator 399; Hyper-SD's one-step UNet 800. At ``t = T-1`` (:math:`\\alpha_{999} =
+  0.068` on SD's schedule) the teacher's estimate hardly depends on the noise, so the generator starts as a
+  near-constant map that the losses must first spread out; at :math:`t_g = 625` it already sends each
+  direction of the noise towards a mode. Sample with ``one_step_sample(..., timestep=t_g)``.
+* **Fake score** initialised from the teacher and updated once per generator update
+  (:class:`AlternatingUpdate`). In the toy, five fake updates per generator update (DMD2's SDXL ratio) and
+  an exact fake score (a kernel density of the generator's samples) left the ring as it was: the fake score
+  was not the bottleneck.
+* **sim_loss's c** in the data's units: its default scales with the samples (see :func:`sim_loss`).
+
+Toy 1-step SW after 3,000 steps, mean ± sd over 2 seeds, SIM / DMD (the target was <= 0.12):
+
+==============  =============================  =============================
+input timestep  raw generator weights          EMA 0.995 of the weights
+==============  =============================  =============================
+``t_g = 999``   0.144 ± 0.005 / 0.171 ± 0.017  0.124 ± 0.004 / 0.118 ± 0.018
+``t_g = 625``   0.166 ± 0.012 / 0.158 ± 0.006  0.109 ± 0.001 / 0.111 ± 0.005
+==============  =============================  =============================
+
+The EMA does most of the work; the intermediate input timestep makes both methods pass on both seeds.
+
 Every loss checks its inputs first (see :mod:`diffdistill.errors`): ``x`` / ``x0`` and ``noise`` must be
 non-empty floating tensors of the same shape, finite while value checks are on; ``cond`` / ``uncond`` /
 ``fake_cond`` mappings of keyword arguments; ``uncond`` needs a ``TeacherSolver`` (a plain callable has no
@@ -293,6 +330,16 @@ def _default_range(schedule: NoiseSchedule, lo: float, hi: float) -> tuple[int, 
 
 def _per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
+
+
+#: sim_loss's default pseudo-Huber c as a fraction of the samples' RMS norm.
+SIM_C_FRACTION = 0.05
+
+
+def _default_c(x: torch.Tensor) -> torch.Tensor:
+    """sim_loss's default ``c``: ``SIM_C_FRACTION`` times the batch's RMS per-sample norm (detached, >= 1e-8)."""
+    xf = _per_sample(_f32(x.detach()))
+    return (SIM_C_FRACTION * xf.pow(2).sum(dim=1).mean().sqrt()).clamp_min(1e-8)
 
 
 def _real_and_fake(
@@ -595,9 +642,17 @@ def sim_loss(
     per sample over all dims) or :math:`d(y) = \\tfrac12\\lVert y \\rVert^2` (``"l2"``, :math:`d' = y`; then
     this equals :func:`sid_loss` with ``alpha = 1`` times SiD's normaliser). The gradient flows through
     :math:`x` and through both networks' inputs at :math:`x_t`. The paper leaves open whether
-    :math:`d'(y)` is held constant: ``detach_dprime=True`` stops its gradient. ``c`` is in denoiser units;
-    default :math:`0.00054\\sqrt{D}` (the iCT heuristic; a choice of this library). ``weight`` is
+    :math:`d'(y)` is held constant: ``detach_dprime=True`` stops its gradient. ``weight`` is
     :math:`w(t)`: a ``(B,)`` tensor or a callable of ``t``. ``t`` defaults to :math:`U[0.02T, 0.98T]`.
+
+    ``c`` is in denoiser (x0) units, so it must scale with the data. The default (our choice; the paper's
+    value is not verified) is 5% of the samples' RMS norm, :math:`c = 0.05\\sqrt{\\operatorname{mean}_b
+    \\lVert x_b\\rVert^2}` over the batch (detached): 0.1 for a mixture on a circle of radius 2, about 13
+    for SDXL latents of unit scale (``D = 4 \\cdot 128 \\cdot 128``). A fixed constant does not carry across
+    data: the iCT heuristic :math:`0.00054\\sqrt{D}` (this loss's former default) is 0.0008 in 2-D, where
+    :math:`d'(y)` becomes a unit vector that never shrinks as the generator approaches the data, so samples
+    that reached a mode keep being kicked off it (issue 20: free particles got *worse*, SW 0.163 → 0.240;
+    with ``c = 0.1`` they reach 0.049). Pass ``c`` explicitly to pin it.
 
     Args:
         x: the generator's samples, ``(B, ...)`` floating (the gradient reaches the generator through it).
@@ -608,7 +663,7 @@ def sim_loss(
             outputs to :math:`\\hat x_0`.
         distance: ``"pseudo_huber"`` (the default) or ``"l2"``.
         c: the pseudo-Huber constant, a finite number ``> 0`` in denoiser units (``"pseudo_huber"`` only);
-            None (the default) is :math:`0.00054\\sqrt{D}`, ``D`` the elements per sample.
+            None (the default) is 5% of the batch's RMS sample norm (see above; at least ``1e-8``).
         detach_dprime: stop the gradient of :math:`d'(y)` (default False: it flows).
         weight: :math:`w(t)`: a scalar or ``(B,)`` tensor, or a callable of the ``(B,)`` timesteps returning
             one; None (the default) is 1.
@@ -689,7 +744,7 @@ def sim_loss(
     d_real, d_fake = _per_sample(real_x0), _per_sample(fake_x0)
     y = d_fake - d_real
     if distance == "pseudo_huber":
-        cc = 0.00054 * y.shape[1] ** 0.5 if c is None else c
+        cc = _default_c(x) if c is None else c
         dprime = y / torch.sqrt(y.pow(2).sum(dim=1, keepdim=True) + cc**2)
     else:
         dprime = y

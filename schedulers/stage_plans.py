@@ -382,12 +382,30 @@ class StagePlan:
     def hyper_sd(cls, segments: Sequence[int] = (8, 4, 2, 1), num_inference_steps: int = 50) -> StagePlan:
         """Hyper-SD TSCD (Ren et al. 2024, arXiv:2404.13686, Sec. 3.1, 4.1): k = 8 → 4 → 2 → 1 on a LoRA.
 
-        The distance is MSE + adversarial; the paper increases the adversarial weight and lowers the MSE
-        weight across stages without giving numbers. The default weights move linearly from
-        (mse 1.0, adversarial 0.0) at the first stage to (mse 0.0, adversarial 1.0) at the last; they are a
-        documented choice of this library, so override them for your run; the last stage is purely
-        adversarial (MSE weight 0). lr 1e-6, batch 512 in the paper. The target EMA decay 0.95 is LCM's
-        (the paper does not give its value): another library choice.
+        The paper's distance is a hybrid of MSE and the adversarial loss whose adversarial weight grows and
+        MSE weight shrinks across stages, without numbers. Stage ``i`` of ``n`` here has
+        ``loss_weights = {"mse": 1 - i/(n-1), "adversarial": i/(n-1)}`` (a documented choice of this
+        library; override them for your run), so with the default ``(8, 4, 2, 1)``:
+
+        * ``tscd-k8``: MSE only (adversarial weight 0, no discriminator);
+        * ``tscd-k4``: 2/3 MSE + 1/3 adversarial (unconditional discriminator);
+        * ``tscd-k2``: 1/3 MSE + 2/3 adversarial;
+        * ``tscd-k1``: adversarial only (MSE weight 0).
+
+        A single-stage plan is MSE only. lr 1e-6, batch 512 in the paper. The target EMA decay 0.95 is
+        LCM's (the paper does not give its value): another library choice.
+
+        What each stage's student is for: a ``k``-segment student is a DDIM sampler of ``k`` steps (or a
+        multiple of ``k``) on the trailing grid whose points are the segment boundaries (``ddim_sample``
+        with ``spaced_timesteps(k, "trailing")``; the paper's N-step LoRAs use diffusers'
+        ``DDIMScheduler(timestep_spacing="trailing")``): each step moves to a boundary, which is what its
+        consistency targets train. The ``k = 1`` stage moves along the whole trajectory to random ends
+        ``t_end`` (CTM-style), so its 1-step sample is not the paper's one-step model. The one-step model
+        comes from the separate one-step stage (Sec. 3.3: score distillation, :func:`~diffdistill.losses.dmd_loss`
+        with an online fake score, plus an MSE "for stability", on pure noise fed at ``t = 999`` or ``800``),
+        which this plan does not list: run it after the TSCD stages (``examples/sdxl_hyper_sd.py
+        --one_step_steps``). The unified LoRA of the paper samples 1-8 steps with the TCD sampler
+        (``tcd_sample``, ``eta`` = TCD's gamma).
 
         Args:
             segments: the segment counts ``k`` of the stages, in order (default ``(8, 4, 2, 1)``), distinct

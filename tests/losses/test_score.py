@@ -88,6 +88,43 @@ def test_sid_matches_formula_and_gradcheck():
     torch.testing.assert_close(g_ours, g_ref)
 
 
+def test_sim_default_c_scales_with_the_data():
+    # Issue 20: c is in denoiser units, so its default is 5% of the batch's RMS sample norm (detached).
+    x, noise, t = _inputs()
+    fake = Fake().requires_grad_(False)
+    c = 0.05 * float(x.detach().pow(2).sum(dim=1).mean().sqrt())
+    default, _ = sim_loss(x, real, fake, schedule=SCHED, t=t, noise=noise, reduction="none")
+    explicit, _ = sim_loss(x, real, fake, schedule=SCHED, c=c, t=t, noise=noise, reduction="none")
+    torch.testing.assert_close(default, explicit)
+    g_default = torch.autograd.grad(default.sum(), x)[0]
+    g_explicit = torch.autograd.grad(explicit.sum(), x)[0]
+    torch.testing.assert_close(g_default, g_explicit)  # c is a constant of the step: no gradient through it
+
+    # Scaling the data (and the noise) by k scales y and D - x by k: with a c that scales too, d'(y) is
+    # unchanged and the loss scales by k exactly (a fixed c, like the former 0.00054 sqrt(D), breaks this).
+    def linear(v, tt):
+        return 0.8 * v
+
+    def lin_fake(v, tt):
+        return 0.5 * v + 0.1 * v.flip(1)
+
+    for k in (1e-3, 1e3):
+        small, _ = sim_loss(x * k, linear, lin_fake, schedule=SCHED, t=t, noise=noise * k, reduction="none")
+        base, _ = sim_loss(x, linear, lin_fake, schedule=SCHED, t=t, noise=noise, reduction="none")
+        torch.testing.assert_close(small, k * base)
+        fixed, _ = sim_loss(
+            x * k,
+            linear,
+            lin_fake,
+            schedule=SCHED,
+            c=0.00054 * 6**0.5,
+            t=t,
+            noise=noise * k,
+            reduction="none",
+        )
+        assert not torch.allclose(fixed, k * base, rtol=1e-3)
+
+
 def test_sim_pseudo_huber_formula_and_detach_flag():
     x, noise, t = _inputs()
     fake = Fake().requires_grad_(False)
