@@ -252,7 +252,9 @@ def test_hyper_sd_ema_target_is_refused_under_zero3(
     tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     script = _load("sdxl_hyper_sd")
-    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name: _DeepSpeedAccelerator(_plugin(3)))
+    monkeypatch.setattr(
+        runtime, "make_accelerator", lambda args, name, **kw: _DeepSpeedAccelerator(_plugin(3))
+    )
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--train_data_dir", str(tiny_sdxl["images"])]
     with pytest.raises(ValueError, match=r"--target ema .* ZeRO-3 .* or pass --target online"):
         script.main(script.parse_args(argv))

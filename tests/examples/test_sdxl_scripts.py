@@ -782,7 +782,7 @@ def test_diffusion2gan_r1_under_sharding_says_why(
     with pytest.raises(ValueError, match=r"Expected --r1_approximate_sigma > 0, but got 0.0; leave it out"):
         script.parse_args([*argv, "--r1_approximate_sigma", "0"])
     fsdp = types.SimpleNamespace(distributed_type=DistributedType.FSDP)
-    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name: fsdp)
+    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name, **kw: fsdp)
     with pytest.raises(
         ValueError,
         match=r"double backward.*FSDP.*run Diffusion2GAN with DDP, pass --r1_approximate_sigma \(e\.g\. 0\.1\) "
