@@ -1,4 +1,9 @@
-"""diffdistill.losses: loss families, one module each, as functional + ``nn.Module`` pairs."""
+"""diffdistill.losses: loss families, one module each, as functional + ``nn.Module`` pairs.
+
+Every loss that reads a noise schedule runs on variance-preserving (SD / SDXL) and rectified-flow (SD3, FLUX)
+schedules alike: the networks a loss calls itself get the schedule's model timestep (the index for VP,
+:math:`1000\\sigma` for SD3), as :class:`~diffdistill.schedulers.TeacherSolver` calls the teacher.
+"""
 
 from __future__ import annotations
 

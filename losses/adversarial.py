@@ -1158,7 +1158,10 @@ def renoise_for_discriminator(
     with weights 1:1:1:1 first and ``(5, 1, 1, 1)`` once training is stable. Sample ``b`` of every
     input gets the same :math:`t^*_b`; each input gets its own independent noise. DMD2's diffusion-GAN
     (``t ~ U[0, 1000)``) and PCM's within-phase re-noising are obtained by passing ``t`` (e.g. from
-    :func:`~diffdistill.schedulers.uniform_timesteps`).
+    :func:`~diffdistill.schedulers.uniform_timesteps`). On a rectified-flow schedule (SD3, FLUX) the same call
+    gives :math:`(1 - \sigma_{t^*}) x_0 + \sigma_{t^*}\epsilon^*` (LADD's re-noising of both inputs before
+    the teacher-feature discriminator, Sauer et al. 2024, arXiv:2403.12015); ``values`` are indices into the
+    flow table (``schedule.sigma_to_timestep`` finds the index of a given :math:`\sigma`).
 
     Args:
         *clean: one or more clean floating tensors ``(B, ...)`` with the same batch size (teacher ``x0``,

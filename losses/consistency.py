@@ -17,7 +17,16 @@ them to any distance, including an adversarial one; the ``*_loss`` functions add
 the distance, and return ``(loss, logs)`` with logs a dict of detached 0-d tensors (no device sync).
 
 A model is any callable ``model(x_t, t, **cond)`` returning a tensor, a diffusers output or a tuple;
-``t`` is an int64 tensor of shape ``(B,)``. Its prediction must have the shape of ``x_t``.
+``t`` is a tensor of shape ``(B,)``, what the network takes as its timestep, as
+:class:`~diffdistill.schedulers.TeacherSolver` calls the teacher: the int64 diffusers index on a VP schedule,
+the schedule's :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` on a rectified-flow one (float32
+:math:`\\sigma_t` times ``timestep_scale``, 1000 for SD3). Its prediction must have the shape of ``x_t``.
+
+Rectified flow (SD3, FLUX; issue 21): every loss here runs unchanged on a flow schedule
+(``NoiseSchedule.flow_matching``) with ``"flow"`` predictions (:math:`v = \\epsilon - x_0`); the teacher's
+step is the Euler step of the flow ODE, the DDIM move of TSCD / MLCM / progressive distillation is that Euler
+step too, and the boundary map of LCM is :math:`f = x_t - \\sigma_t \\hat v` (see
+:func:`~diffdistill.schedulers.consistency_function`).
 
 Inputs are checked at the boundary (see :mod:`diffdistill.errors`): latents and noise must be non-empty
 floating tensors with a batch dimension, finite while value checks are on; conditioning dicts must hold
@@ -52,7 +61,7 @@ from .._checks import (
 )
 from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from ..schedulers.consistency import consistency_function
-from ..schedulers.noise_schedule import PREDICTION_TYPES, NoiseSchedule, TimestepLike
+from ..schedulers.noise_schedule import FLOW_PREDICTION_TYPES, PREDICTION_TYPES, NoiseSchedule, TimestepLike
 from ..schedulers.teacher_solver import TeacherSolver, _stride_timesteps
 from ..schedulers.timestep_samplers import (
     TimestepSample,
@@ -204,9 +213,12 @@ def _check_guidance(guidance_scale: Any, batch: int) -> None:
         raise NonFiniteError(f"Expected `guidance_scale` to be finite, but got {guidance_scale!r}.")
 
 
-def _check_prediction_type(prediction_type: Any, name: str) -> None:
+def _check_prediction_type(prediction_type: Any, name: str, schedule: NoiseSchedule) -> None:
+    """A known prediction type of ``schedule`` (a flow schedule also takes ``"flow"``), or None."""
     if prediction_type is not None:
-        check_option(prediction_type, name, PREDICTION_TYPES)
+        check_option(
+            prediction_type, name, FLOW_PREDICTION_TYPES if schedule.kind == "flow" else PREDICTION_TYPES
+        )
 
 
 def _check_distance(distance: Any, huber_c: Any = None) -> None:
@@ -250,14 +262,38 @@ def _check_pair_options(
     _check_cond(uncond, "uncond", batch)
     _check_cond(student_cond, "student_cond", batch)
     _check_guidance(guidance_scale, batch)
-    _check_prediction_type(prediction_type, "prediction_type")
+    _check_prediction_type(prediction_type, "prediction_type", teacher.schedule)
     return teacher
 
 
-def _call(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor, cond: Cond, name: str) -> torch.Tensor:
-    """``model(x, t, **cond)``'s prediction, which must be a floating tensor of ``x``'s shape."""
+def _network_timestep(schedule: NoiseSchedule, tt: Any) -> Any:
+    """The timestep input of a network that a loss calls directly (student, target, fake score, online copy).
+
+    The one place where the losses turn a timestep index into what the network takes, the same as
+    :meth:`~diffdistill.schedulers.TeacherSolver.model_timestep` for the teacher: a VP schedule passes ``tt``
+    through unchanged (the diffusers index); a flow schedule gives
+    :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep`, float32 :math:`\\sigma_t` times the
+    schedule's ``timestep_scale`` (SD3 / Wan: :math:`1000\\sigma`), so that student and teacher see the same
+    input at the same index. ``tt`` must be validated int64 indices (from ``batch_timesteps``) on a flow
+    schedule: no checks here, so no device sync.
+    """
+    if schedule.kind != "flow":
+        return tt
+    return schedule._model_timestep(tt)
+
+
+def _call(
+    model: Callable[..., Any],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Cond,
+    name: str,
+    schedule: NoiseSchedule,
+) -> torch.Tensor:
+    """``model(x, _network_timestep(t), **cond)``'s prediction, a floating tensor of ``x``'s shape (``t``:
+    validated indices)."""
     with explain_dtype_errors(name, x, "x_t"):
-        out = model(x, t, **dict(cond or {}))
+        out = model(x, _network_timestep(schedule, t), **dict(cond or {}))
     pred = first_tensor(out, f"`{name}`")
     check_prediction(pred, x, name)
     return pred
@@ -315,9 +351,9 @@ def consistency_pair(
     ``compute_distance(pair.student, pair.target, "mse", reduction="none")`` for per-sample values.
 
     Args:
-        student: the trainable model, called as ``student(x_t, t, **student_cond)`` with ``t`` an int64
-            ``(B,)`` tensor; it returns a prediction (tensor, diffusers output or tuple) of ``x_t``'s shape, in
-            ``prediction_type``.
+        student: the trainable model, called as ``student(x_t, t, **student_cond)`` with ``t`` a ``(B,)``
+            tensor (the int64 index on a VP schedule, float32 :math:`1000\\sigma_t` on a flow one); it returns a
+            prediction (tensor, diffusers output or tuple) of ``x_t``'s shape, in ``prediction_type``.
         teacher: the frozen teacher with its CFG settings and its :class:`~diffdistill.schedulers.NoiseSchedule`
             (the schedule of every timestep here).
         x_t: noisy states at ``sample.t``, shape ``(B, ...)`` (e.g. latents ``(B, C, H, W)``), floating.
@@ -346,7 +382,8 @@ def consistency_pair(
         student_cond: kwargs of the student and of a callable target. Defaults to ``None``: ``cond`` (pass
             e.g. ``{**cond, "timestep_cond": w_embedding}`` for a guidance-embedded student).
         prediction_type: what the student (and a callable target) predicts: ``"epsilon"``, ``"sample"``,
-            ``"v_prediction"`` or ``"score"``. Defaults to ``None``: the schedule's prediction type.
+            ``"v_prediction"``, ``"score"`` or (flow schedules) ``"flow"``. Defaults to ``None``: the schedule's
+            prediction type.
         sigma_data: :math:`\\sigma_d` of the boundary scalings (``"boundary"`` only). Defaults to 0.5 (LCM).
         timestep_scaling: :math:`s` in :math:`\\tau = s t` of the boundary scalings (``"boundary"`` only).
             Defaults to 10 (LCM, diffusers' ``timestep_scaling``).
@@ -493,7 +530,7 @@ def _pair(
             )
     map_args = (parameterization, prediction_type, sigma_data, timestep_scaling)
 
-    pred = _call(student, x_t, t, s_cond, "student")
+    pred = _call(student, x_t, t, s_cond, "student", schedule)
     student_side = _map_side(schedule, pred, x_t, t, t_end, *map_args)
 
     with torch.no_grad():
@@ -521,12 +558,12 @@ def _pair(
             # t_prev = -1 only with t_end = -1, where the result is x_prev anyway
             t_eval = t_prev.clamp(min=0)
             if target == "online":
-                tpred = _call(student, x_in, t_eval, s_cond, "student")
+                tpred = _call(student, x_in, t_eval, s_cond, "student", schedule)
             elif target == "teacher":
                 with explain_dtype_errors("teacher", x_in, "x_t"):
                     tpred = teacher.predict(x_in, t_eval, cond, uncond, guidance_scale)
             else:
-                tpred = _call(cast(Callable[..., Any], target), x_in, t_eval, s_cond, "target")
+                tpred = _call(cast(Callable[..., Any], target), x_in, t_eval, s_cond, "target", schedule)
             t_end_eval = torch.minimum(t_end, t_eval)
             target_pt = teacher.prediction_type if target == "teacher" else prediction_type
             target_side = _map_side(
@@ -665,7 +702,8 @@ def lcm_consistency_loss(
     LCM, decay 0.95) or ``"teacher"``.
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` ``(B,)``: the network
+            timestep, see the module docstring), returning a
             prediction of ``x_t``'s shape in ``prediction_type``.
         teacher: the frozen guided teacher; its schedule is the schedule of the loss.
         x0: clean latents ``(B, ...)``, noised here to ``sample.t`` with ``noise``. Defaults to ``None``:
@@ -797,7 +835,8 @@ def tscd_loss(
     MSE, on pure noise at ``t = 999`` or ``800``). See :meth:`~diffdistill.schedulers.StagePlan.hyper_sd`.
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` ``(B,)``: the network
+            timestep, see the module docstring), returning a
             prediction of ``x_t``'s shape in ``prediction_type``.
         teacher: the frozen guided teacher; its schedule is the schedule of the loss.
         x0: clean latents ``(B, ...)``, noised here to ``sample.t``. Defaults to ``None``: pass ``x_t``
@@ -920,7 +959,8 @@ def multistep_consistency_loss(
     ``x_t = teacher_trajectory_states(teacher, noise, sample.t, ...)``.
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` ``(B,)``: the network
+            timestep, see the module docstring), returning a
             prediction of ``x_t``'s shape in ``prediction_type``.
         teacher: the frozen guided teacher; its schedule is the schedule of the loss.
         x0: clean latents ``(B, ...)``, noised here to ``sample.t``. Defaults to ``None``: pass ``x_t``
@@ -1042,7 +1082,8 @@ def inter_segment_consistency_loss(
     .. math:: \\mathcal L = \\lVert f_\\theta(\\hat z_{t_m}, t_m) - \\mathrm{sg}\\,f_\\theta(\\hat z_{t_n}, t_n) \\rVert^2 .
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` ``(B,)``: the network
+            timestep, see the module docstring), returning a
             prediction of ``x_t``'s shape in ``prediction_type``.
         teacher: the frozen guided teacher; its schedule is the schedule of the loss.
         x0: the student's own clean samples ``(B, ...)`` (detach them), re-noised here to ``sample.t``.
@@ -1178,7 +1219,8 @@ def progressive_distillation_loss(
     :func:`consistency_pair` and ``target=None``).
 
     Args:
-        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` int64 ``(B,)``), returning a
+        student: the trainable model ``student(x_t, t, **student_cond)`` (``t`` ``(B,)``: the network
+            timestep, see the module docstring), returning a
             prediction of ``x_t``'s shape in ``prediction_type``.
         teacher: the frozen guided teacher; its schedule is the schedule of the loss.
         x0: clean latents ``(B, ...)``, noised here to ``sample.t``.
@@ -1406,7 +1448,8 @@ def x0_conversion_loss(
     The online copy learns to output the clean sample that the frozen (epsilon- or v-) model implies.
 
     Args:
-        online: the trainable copy ``online(x_t, t, **cond)`` (``t`` int64 ``(B,)``), whose output is read
+        online: the trainable copy ``online(x_t, t, **cond)`` (``t`` ``(B,)``: the network timestep, see the
+            module docstring), whose output is read
             as the clean sample; it returns a tensor of ``x_t``'s shape.
         frozen: the frozen original model, called the same way under ``no_grad``, predicting in
             ``frozen_prediction_type``.
@@ -1414,8 +1457,9 @@ def x0_conversion_loss(
         t: their timesteps, ints in ``[0, T-1]``: one per sample (``(B,)``) or one for all.
         cond: kwargs of both models (tensors of batch ``B`` or 1). Defaults to ``None``: no kwargs.
         schedule: the noise schedule of ``frozen``; required.
-        frozen_prediction_type: what ``frozen`` predicts (``"epsilon"``, ``"v_prediction"``, ...). Defaults
-            to ``None``: the schedule's prediction type.
+        frozen_prediction_type: what ``frozen`` predicts (``"epsilon"``, ``"v_prediction"``, ...; on a flow
+            schedule also ``"flow"``, whose target is :math:`x_t - \\sigma_t v`). Defaults to ``None``: the
+            schedule's prediction type.
         distance: ``"mse"`` (the default), ``"l1"``, ``"pseudo_huber"``, ``"pseudo_huber_norm"`` or a
             callable returning ``(B,)`` or a scalar.
 
@@ -1451,7 +1495,7 @@ def x0_conversion_loss(
         )
     x_t = _check_latents(x_t, "x_t")
     _check_cond(cond, "cond", x_t.shape[0])
-    _check_prediction_type(frozen_prediction_type, "frozen_prediction_type")
+    _check_prediction_type(frozen_prediction_type, "frozen_prediction_type", schedule)
     _check_distance(distance)
     tt = schedule.batch_timesteps(t, x_t, "t").expand(x_t.shape[0])
     if value_checks_enabled() and bool((tt < 0).any()):
@@ -1460,7 +1504,9 @@ def x0_conversion_loss(
             f"{tt.tolist()}."
         )
     with torch.no_grad():
-        target = schedule.to_x0(_call(frozen, x_t, tt, cond, "frozen"), x_t, tt, frozen_prediction_type)
-    pred = _call(online, x_t, tt, cond, "online")
+        target = schedule.to_x0(
+            _call(frozen, x_t, tt, cond, "frozen", schedule), x_t, tt, frozen_prediction_type
+        )
+    pred = _call(online, x_t, tt, cond, "online", schedule)
     loss = _compute_distance(pred, target, distance, input_name="online", target_name="target", finite=False)
     return loss, {"loss": loss.detach(), "target_norm": target.float().pow(2).mean().sqrt().detach()}

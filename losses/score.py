@@ -9,9 +9,16 @@ difference of clean-sample estimates: :math:`s_\\psi - s_\\phi = (\\alpha_t/\\si
 
 ``real`` and ``fake`` are either a :class:`~diffdistill.schedulers.TeacherSolver` (its guidance applies)
 or a plain callable ``model(x_t, t, **cond)``; outputs of any prediction type are converted to
-:math:`\\hat x_0` by the schedule. For SIM and SiD the generator gradient flows through :math:`x_t` into
-both networks' *inputs* (as in the papers' code): freeze their parameters during the generator step
-(:class:`AlternatingUpdate` does it for the fake network).
+:math:`\\hat x_0` by the schedule. A plain callable gets the timestep a TeacherSolver would give it: the
+int64 index on a VP schedule, :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` (float32
+:math:`1000\\sigma_t` for SD3) on a rectified-flow one, where the same losses run unchanged with ``"flow"``
+outputs (:math:`\\hat x_0 = x_t - \\sigma_t \\hat v`; FastGen's DMD2 on FLUX / SD3 and SiD on flow models,
+arXiv:2509.25127, work in this same :math:`\\hat x_0` space) and the fake score can regress the velocity
+(:func:`fake_score_loss` with ``weighting="flow"``).
+
+For SIM and SiD the generator gradient flows through :math:`x_t` into both networks' *inputs* (as in the
+papers' code): freeze their parameters during the generator step (:class:`AlternatingUpdate` does it for
+the fake network).
 
 Recipe for a one-step generator, measured on the issue-20 toy (``benchmarks/toy_losses.py --mixture hard``:
 8 modes of std 0.05 on a circle of radius 2, an exact teacher, a 3x256 MLP, batch 512, 3,000 generator steps,
@@ -85,6 +92,7 @@ from .._outputs import check_prediction, first_tensor
 from ..schedulers.noise_schedule import NoiseSchedule, TimestepLike
 from ..schedulers.teacher_solver import TeacherSolver
 from ..schedulers.timestep_samplers import uniform_timesteps
+from .consistency import _network_timestep
 from .distances import _reduce
 
 __all__ = [
@@ -225,7 +233,8 @@ def denoise(
     Args:
         model: a :class:`~diffdistill.schedulers.TeacherSolver` (its guidance scale and prediction type
             apply) or a callable ``model(x_t, t, **cond)`` returning a tensor of ``x_t``'s shape (or an
-            output whose ``.sample`` / first element is one).
+            output whose ``.sample`` / first element is one); on a flow schedule it gets the ``(B,)`` model
+            timestep (:meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep`), on VP ``t`` as given.
         x_t: the noisy states, ``(B, ...)`` floating.
         t: their timesteps: a scalar or one per sample ``(B,)``, integer indices in ``[-1, T-1]``.
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that converts the output to
@@ -265,6 +274,10 @@ def denoise(
     check_mapping(cond, "cond")
     _check_uncond(uncond, model, "model")
     check_bool(grad, "grad")
+    if schedule.kind == "flow" and not isinstance(model, TeacherSolver):
+        # the network takes the schedule's model timestep of every sample: validate and expand the indices
+        t = schedule.batch_timesteps(t, x_t)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 or t.shape[0] == 1 else t
     return _estimate(model, x_t, _f32(x_t), t, schedule, cond, uncond, prediction_type, grad, "model")
 
 
@@ -291,7 +304,9 @@ def _estimate(
             out = model.predict(x_in, t, cond, uncond, grad=grad)
             prediction_type = model.prediction_type
         else:
-            out = first_tensor(model(x_in, t, **dict(cond or {})), f"`{name}` model")
+            out = first_tensor(
+                model(x_in, _network_timestep(schedule, t), **dict(cond or {})), f"`{name}` model"
+            )
         check_prediction(out, x_in, name)
         return schedule.to_x0(out, x_t, t, prediction_type)
 
@@ -325,7 +340,7 @@ def _noise(noise: torch.Tensor | None, x: torch.Tensor, generator: torch.Generat
 
 def _default_range(schedule: NoiseSchedule, lo: float, hi: float) -> tuple[int, int]:
     total = schedule.num_train_timesteps
-    return round(lo * total), round(hi * total)
+    return round(lo * total), min(round(hi * total), total - 1)  # a small T (10) would round 0.98T up to T
 
 
 def _per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -781,7 +796,7 @@ def fake_score_loss(
     x0: torch.Tensor,
     *,
     schedule: NoiseSchedule,
-    weighting: Literal["epsilon", "v", "x0", "edm"] = "epsilon",
+    weighting: Literal["epsilon", "v", "x0", "edm", "flow"] = "epsilon",
     cond: Cond = None,
     uncond: Cond = None,
     t: TimestepLike | None = None,
@@ -802,7 +817,13 @@ def fake_score_loss(
     makes it equal to the epsilon loss in value and gradient for a variance-preserving schedule, computed
     in v space; zero at a zero-terminal-SNR last step), ``"x0"`` (the clean sample, :math:`\\lambda = 1`),
     or ``"edm"`` (clean sample with Karras et al.'s :math:`\\lambda = (\\sigma^2 + \\sigma_d^2)/(\\sigma\\sigma_d)^2`,
-    :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD). The network's own ``prediction_type`` is converted as needed.
+    :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD), or ``"flow"`` (rectified-flow schedules only: the velocity
+    :math:`u = \\epsilon - x_0` with :math:`\\lambda = 1`, the conditional flow-matching loss of SD3,
+    Esser et al. 2024, Sec. 2-3, which is the epsilon loss weighted by :math:`1/\\alpha_t^2`; FastGen's and
+    SiD-on-flow's fake scores regress the same velocity as the teacher was trained on). On a flow schedule
+    ``"v"`` regresses the schedule's ``"v_prediction"`` (:math:`(\\alpha_t\\epsilon - \\sigma_t x_0) /
+    \\sqrt{\\alpha_t^2+\\sigma_t^2}`, TrigFlow's F), with the same :math:`\\lambda` it again equals the epsilon
+    loss. The network's own ``prediction_type`` is converted as needed.
     ``t`` defaults to :math:`U\\{0..T-1\\}`; SiD-LSG draws it from :math:`U\\{20..979\\}` (``t_range=(20, 979)``).
     A :class:`~diffdistill.schedulers.TeacherSolver` ``fake`` with a guidance scale trains the *guided*
     prediction :math:`\\hat u = \\hat u_\\varnothing + \\kappa_1(\\hat u_c - \\hat u_\\varnothing)` (both branches
@@ -816,7 +837,8 @@ def fake_score_loss(
             apply; the graph is recorded).
         x0: the generator's samples, ``(B, ...)`` floating; detached here.
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` that noises ``x0``.
-        weighting: ``"epsilon"`` (the default), ``"v"``, ``"x0"`` or ``"edm"`` (see above).
+        weighting: ``"epsilon"`` (the default), ``"v"``, ``"x0"``, ``"edm"`` or ``"flow"`` (flow schedules;
+            see above).
         cond: keyword arguments of ``fake``; None (the default) passes none.
         uncond: the unconditional keyword arguments of a TeacherSolver ``fake``'s guidance; None (the
             default) for a no-op guidance scale or a plain model.
@@ -840,7 +862,8 @@ def fake_score_loss(
             not a real number, or ``fake`` returns no floating tensor.
         ShapeError: ``x0`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
             ``(B,)``, or ``fake`` returns another shape than ``x0``'s.
-        OptionError: ``weighting``, ``reduction`` or ``prediction_type`` is unknown, ``sigma_data`` is not
+        OptionError: ``weighting``, ``reduction`` or ``prediction_type`` is unknown, ``weighting="flow"`` on a
+            VP schedule, ``sigma_data`` is not
             finite and ``> 0``, ``t`` is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``,
             ``uncond`` is given with a plain-callable ``fake``, or a TeacherSolver ``fake`` has a real guidance
             scale and ``uncond`` is None.
@@ -856,7 +879,18 @@ def fake_score_loss(
         True
     """
     _check_model(fake, "fake")
-    check_option(weighting, "weighting", ("epsilon", "v", "x0", "edm"))
+    flow = isinstance(schedule, NoiseSchedule) and schedule.kind == "flow"
+    if weighting == "flow" and isinstance(schedule, NoiseSchedule) and not flow:
+        raise OptionError(
+            "weighting='flow' regresses the rectified-flow velocity eps - x0, which a VP schedule's models do not "
+            "predict, but got a VP schedule. Use weighting='epsilon' or 'v' (SiD), or a flow schedule "
+            "(NoiseSchedule.flow_matching / from_scheduler of a FlowMatchEulerDiscreteScheduler)."
+        )
+    check_option(
+        weighting,
+        "weighting",
+        ("epsilon", "v", "x0", "edm", "flow") if flow else ("epsilon", "v", "x0", "edm"),
+    )
     sigma_data = check_real(sigma_data, "sigma_data", low=0, strict=True)
     _check_common(x0, "x0", schedule, noise, t, t_range, reduction, {"cond": cond})
     _check_uncond(uncond, fake, "fake")
@@ -870,14 +904,22 @@ def fake_score_loss(
         out = fake.predict(x_in, tt, cond, uncond, grad=True)
         prediction_type = fake.prediction_type
     else:
-        out = first_tensor(fake(x_in, tt, **dict(cond or {})), "`fake` model")
+        out = first_tensor(fake(x_in, _network_timestep(schedule, tt), **dict(cond or {})), "`fake` model")
     check_prediction(out, x_in, "fake")
-    to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample"}[weighting]
+    to_type = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "edm": "sample", "flow": "flow"}[
+        weighting
+    ]
     pred = schedule.convert(out, x_t, tt, prediction_type, to_type)
     if weighting == "epsilon":
         target = eps
     elif weighting == "v":  # from x0 and eps, not x_t: x_t holds no x0 at t = T-1 with terminal_pure_noise
-        target = (schedule.alpha(tt, like=pred) * eps - schedule.sigma(tt, like=pred) * x0).to(pred.dtype)
+        a_t, s_t = schedule.alpha(tt, like=pred), schedule.sigma(tt, like=pred)
+        target = a_t * eps - s_t * x0
+        if schedule.kind == "flow":  # the schedule's v_prediction on flow: the equivalent VP state's v
+            target = target / (a_t * a_t + s_t * s_t).sqrt()
+        target = target.to(pred.dtype)
+    elif weighting == "flow":  # the velocity d x_t / d sigma of the straight path (SD3 Sec. 2)
+        target = eps - x0
     else:
         target = x0
     per = _per_sample(pred - _f32(target)).pow(2).mean(dim=1)

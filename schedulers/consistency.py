@@ -12,6 +12,24 @@ scripts use:
 
 with :math:`\\sigma_d` = ``sigma_data`` (0.5) and :math:`s` = ``timestep_scaling`` (10), so that
 :math:`f(x_0, 0) = x_0` exactly and :math:`f \\approx \\hat x_0` for ``t >= 20``.
+
+Rectified flow (SD3 / FLUX schedules, ``schedule.kind == "flow"``): the boundary condition is imposed in
+:math:`\\sigma`, where the clean end :math:`\\sigma = 0` is on the path itself (index ``t = -1``):
+
+.. math::
+
+    f(x_\\sigma, \\sigma) = x_\\sigma - \\sigma\\,\\hat v(x_\\sigma, \\sigma) = \\hat x_0(x_\\sigma, \\sigma),
+    \\qquad f(x, 0) = x,
+
+i.e. :math:`c_\\text{skip} = 1`, :math:`c_\\text{out} = -\\sigma` on the velocity :math:`\\hat v = \\epsilon - x_0`
+(the consistency parameterisation of phased consistency models on SD3, Wang et al. 2024, arXiv:2405.18407,
+``train_pcm_lora_sd3_adv.py``; FastGen's flow students). Written on :math:`\\hat x_0` as everywhere here,
+:math:`c_\\text{skip} = 1, c_\\text{out} = 0` at :math:`\\sigma = 0` and :math:`c_\\text{skip} = 0,
+c_\\text{out} = 1` for :math:`\\sigma > 0`: a flow (or epsilon, v) output gives :math:`\\hat x_0 \\to x` as
+:math:`\\sigma \\to 0`, so :math:`f` is continuous there; only a ``"sample"`` output needs the explicit
+:math:`f(x, 0) = x`. LCM's :math:`(\\sigma_d, s)` scalings are not used on flow schedules (our choice: they are
+functions of the integer index, whose :math:`\\sigma` depends on the shift, and would make a student that
+equals a straight-path teacher inconsistent, since :math:`c_\\text{skip}(t) x_t \\ne c_\\text{skip}(t') x_{t'}`).
 """
 
 from __future__ import annotations
@@ -48,6 +66,12 @@ def _scalings(
     return c_skip, c_out
 
 
+def _flow_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` in float64 of :math:`f = x - \\sigma \\hat v` on :math:`\\hat x_0`, at ``sigma``."""
+    clean = (sigma.to(torch.float64) == 0).to(torch.float64)
+    return clean, 1 - clean
+
+
 def _check_nonnegative(tt: torch.Tensor) -> None:
     if value_checks_enabled() and bool((tt < 0).any()):
         raise OptionError(
@@ -58,25 +82,37 @@ def _check_nonnegative(tt: torch.Tensor) -> None:
 
 
 def boundary_scalings(
-    t: TimestepLike, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+    t: TimestepLike,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+    *,
+    schedule: NoiseSchedule | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LCM boundary-condition scalings ``(c_skip, c_out)`` at timestep(s) ``t``.
+    """Boundary-condition scalings ``(c_skip, c_out)`` of :math:`f = c_\\text{skip} x_t + c_\\text{out} \\hat x_0`.
+
+    VP (``schedule`` None or a VP schedule): LCM's scalings at timestep(s) ``t`` (see the module docstring).
+    Rectified flow (a flow ``schedule``): the scalings in :math:`\\sigma` of :math:`f = x - \\sigma \\hat v`,
+    written on :math:`\\hat x_0`: ``(1, 0)`` at :math:`\\sigma_t = 0` (``t = -1``), ``(0, 1)`` elsewhere
+    (the module docstring gives the reason); ``sigma_data`` and ``timestep_scaling`` are then unused.
 
     Args:
         t: timestep index or tensor / sequence of indices of any shape (diffusers convention, ``t >= 0``;
-            fractional values are allowed: the scalings are continuous in ``t``).
+            fractional values are allowed: the scalings are continuous in ``t``). With a flow ``schedule``:
+            integer indices in ``[-1, T-1]``.
         sigma_data: data standard deviation :math:`\\sigma_d`, a finite number > 0 (0.5 in LCM, the default).
         timestep_scaling: :math:`s` in :math:`\\tau = s t`, a finite number > 0 (10 in LCM / diffusers'
             ``timestep_scaling``, the default).
+        schedule: the :class:`NoiseSchedule` of ``t``; None (the default) gives LCM's scalings.
 
     Returns:
         ``(c_skip, c_out)``: two float64 tensors of the shape of ``t``.
 
     Raises:
-        DTypeError: if ``t`` is not numeric (or a bool / complex tensor), or a constant is not a real number.
+        DTypeError: if ``t`` is not numeric (or a bool / complex tensor), or a constant is not a real number;
+            with a flow ``schedule``, if ``t`` is not integer-valued.
         NonFiniteError: if ``t`` holds NaN / Inf (a value check).
-        OptionError: if some ``t < 0`` (a value check), or ``sigma_data`` / ``timestep_scaling`` is not a
-            finite number > 0.
+        OptionError: if some ``t < 0`` (a value check; flow: outside ``[-1, T-1]``), ``sigma_data`` /
+            ``timestep_scaling`` is not a finite number > 0, or ``schedule`` is not a :class:`NoiseSchedule`.
 
     Example:
         >>> c_skip, c_out = boundary_scalings(torch.tensor([0, 19, 999]))
@@ -84,8 +120,19 @@ def boundary_scalings(
         (1.0, 0.0)
         >>> bool(c_out[2] > 0.9999)
         True
+        >>> sd3 = NoiseSchedule.flow_matching(shift=3.0)
+        >>> [c.tolist() for c in boundary_scalings(torch.tensor([-1, 0, 999]), schedule=sd3)]
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
     """
     sd, scaling = _check_constants(sigma_data, timestep_scaling)
+    if schedule is not None and not isinstance(schedule, NoiseSchedule):
+        raise OptionError(
+            f"Expected `schedule` to be a NoiseSchedule or None, but got {type(schedule).__name__}. Build one "
+            "with NoiseSchedule.from_scheduler(diffusers_scheduler) or NoiseSchedule.flow_matching()."
+        )
+    if schedule is not None and schedule.kind == "flow":
+        sigma = schedule.sigma(t)  # validates t: integer indices in [-1, T-1]
+        return _flow_scalings(sigma)
     if isinstance(t, torch.Tensor):
         if t.dtype == torch.bool or t.is_complex():
             raise DTypeError(f"Expected `t` to hold real timesteps, but got dtype {t.dtype}.")
@@ -115,12 +162,15 @@ def consistency_function(
     """The consistency function :math:`f(x_t, t) = c_\\text{skip} x_t + c_\\text{out} \\hat x_0`.
 
     :math:`\\hat x_0` comes from :meth:`NoiseSchedule.to_x0`; the scalings from :func:`boundary_scalings`.
+    On a flow schedule :math:`f = x_t - \\sigma_t \\hat v = \\hat x_0` and ``t = -1`` (:math:`\\sigma = 0`)
+    is allowed, where :math:`f(x, 0) = x` (see the module docstring); ``sigma_data`` and
+    ``timestep_scaling`` are then unused.
 
     Args:
         model_output: the raw network output at ``(x_t, t)`` in ``prediction_type``, floating, the shape of
             ``x_t``.
         x_t: noisy states ``(B, ...)``, floating.
-        t: a scalar timestep or one per sample (``(B,)``), in ``[0, T-1]``.
+        t: a scalar timestep or one per sample (``(B,)``), in ``[0, T-1]`` (flow schedules: ``[-1, T-1]``).
         schedule: the :class:`NoiseSchedule` the model was trained with.
         prediction_type: parameterisation of ``model_output`` (default: the schedule's).
         sigma_data: :math:`\\sigma_d` of :func:`boundary_scalings` (default 0.5).
@@ -153,7 +203,8 @@ def consistency_function(
     pt = schedule._prediction_type(prediction_type)
     schedule._check_output_and_state(model_output, x_t)
     tt = schedule.batch_timesteps(t, x_t)
-    _check_nonnegative(tt)
+    if schedule.kind != "flow":  # flow: t = -1 is sigma = 0 on the path, where f(x, 0) = x
+        _check_nonnegative(tt)
     return _consistency(model_output, x_t, tt, schedule, pt, sd, scaling)
 
 
@@ -167,6 +218,10 @@ def _consistency(
     timestep_scaling: float,
 ) -> torch.Tensor:
     """:func:`consistency_function` on validated inputs (no checks; ``tt`` from ``batch_timesteps``)."""
+    if schedule.kind == "flow":  # f = x - sigma v = x0_hat, and x itself at sigma = 0
+        x0 = schedule._x0_eps(model_output, x_t, tt, pt)[0]
+        clean = schedule._lookup(1, tt, x_t) == 0
+        return torch.where(clean, x_t.to(x0.dtype), x0).to(x_t.dtype)
     x0 = schedule._x0_eps(model_output, x_t, tt, pt)[0].to(x_t.dtype)
     c_skip, c_out = _scalings(tt, sigma_data, timestep_scaling)
     work = schedule.work_dtype(x_t.dtype)
