@@ -3,7 +3,8 @@ execution order, shared by the discriminators' feature extractor and the student
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -11,7 +12,14 @@ from torch import nn
 from ._checks import DTypeError, OptionError, check_module
 from ._modules import unwrap_model
 
-__all__ = ["DEFAULT_BLOCK_LISTS", "block_lists_of", "check_block_lists", "transformer_block_names"]
+__all__ = [
+    "DEFAULT_BLOCK_LISTS",
+    "IMAGE_STREAM_OUTPUT",
+    "block_lists_of",
+    "check_block_lists",
+    "image_stream_index",
+    "transformer_block_names",
+]
 
 #: Attribute names of the block lists a diffusers transformer runs, in execution order (FLUX: double-stream
 #: ``transformer_blocks`` then single-stream ``single_transformer_blocks``; Wan: ``blocks``).
@@ -99,3 +107,35 @@ def transformer_block_names(model: nn.Module, block_lists: Sequence[str] | None 
     check_module(model, "model")
     lists = block_lists_of(unwrap_model(model), check_block_lists(block_lists))
     return tuple(f"{name}.{i}" for name, blocks in lists for i in range(len(blocks)))
+
+
+#: Blocks whose output is a tuple holding the text and the image stream, by class name: the position of the image
+#: stream (``hidden_states``) in the tuple. Checked against diffusers 0.42: SD3 / SD3.5 ``JointTransformerBlock``,
+#: FLUX ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` and Qwen-Image ``QwenImageTransformerBlock``
+#: return ``(encoder_hidden_states, hidden_states)``.
+IMAGE_STREAM_OUTPUT: Mapping[str, int] = MappingProxyType(
+    {
+        "JointTransformerBlock": 1,
+        "FluxTransformerBlock": 1,
+        "FluxSingleTransformerBlock": 1,
+        "QwenImageTransformerBlock": 1,
+    }
+)
+
+
+def image_stream_index(module: nn.Module) -> int | None:
+    """Where the image stream sits in the output tuple of ``module`` (:data:`IMAGE_STREAM_OUTPUT`).
+
+    FSDP2's ``fully_shard`` swaps the class for a subclass (``FSDPFluxTransformerBlock``), so the lookup goes
+    along the class's MRO.
+
+    Args:
+        module: a block of a diffusers transformer (or any module).
+
+    Returns:
+        The tuple index of the image stream, or None for a module not listed.
+    """
+    return next(
+        (IMAGE_STREAM_OUTPUT[c.__name__] for c in type(module).__mro__ if c.__name__ in IMAGE_STREAM_OUTPUT),
+        None,
+    )

@@ -73,6 +73,7 @@ from .._modules import unwrap_model
 from .._transformer_blocks import (
     block_lists_of,
     check_block_lists,
+    image_stream_index,
     transformer_block_names,
 )
 from ._inputs import shape_str, timestep_batch
@@ -416,7 +417,9 @@ class TransformerFeatureExtractor(nn.Module):
 
         def save(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                store[name] = output
+                index = image_stream_index(module)  # a known joint block: its image-stream element
+                known = index is not None and isinstance(output, (tuple, list)) and len(output) > index
+                store[name] = output[index] if known else output
 
             return hook
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -38,7 +37,12 @@ from torch.utils.hooks import RemovableHandle
 from .._checks import DTypeError, OptionError, check_bool, check_module
 from .._modules import unwrap_model
 from .._outputs import first_tensor
-from .._transformer_blocks import block_lists_of, transformer_block_names
+from .._transformer_blocks import (
+    IMAGE_STREAM_OUTPUT,
+    block_lists_of,
+    image_stream_index,
+    transformer_block_names,
+)
 
 __all__ = [
     "IMAGE_STREAM_OUTPUT",
@@ -53,18 +57,6 @@ logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = set("*?[")
 
-#: Blocks whose output is a tuple holding the text and the image stream, by class name: the position of the image
-#: stream (``hidden_states``) in the tuple. Checked against diffusers 0.42: SD3 / SD3.5 ``JointTransformerBlock``,
-#: FLUX ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` and Qwen-Image ``QwenImageTransformerBlock``
-#: return ``(encoder_hidden_states, hidden_states)``. Other modules give their first tensor.
-IMAGE_STREAM_OUTPUT: Mapping[str, int] = MappingProxyType(
-    {
-        "JointTransformerBlock": 1,
-        "FluxTransformerBlock": 1,
-        "FluxSingleTransformerBlock": 1,
-        "QwenImageTransformerBlock": 1,
-    }
-)
 
 #: Names of the block lists of diffusers transformers, in execution order (FLUX / Qwen-Image run
 #: ``transformer_blocks`` first, then FLUX's ``single_transformer_blocks``).
@@ -94,11 +86,7 @@ def image_stream(module: nn.Module, output: Any, what: str = "module") -> torch.
         >>> tuple(image_stream(block, block(img, txt)).shape)
         (1, 4, 2)
     """
-    # FSDP2's fully_shard swaps the class for a subclass ("FSDPFluxTransformerBlock"): look along the MRO.
-    index = next(
-        (IMAGE_STREAM_OUTPUT[c.__name__] for c in type(module).__mro__ if c.__name__ in IMAGE_STREAM_OUTPUT),
-        None,
-    )
+    index = image_stream_index(module)
     if index is None or not isinstance(output, (tuple, list)):
         return first_tensor(output, what=what)
     if len(output) <= index or not isinstance(output[index], torch.Tensor):
