@@ -8,6 +8,17 @@ optimal denoiser is
 .. math:: E[x_0 \\mid x_t] = \\sum_k r_k(x_t)\\Big(\\mu_k + \\frac{\\alpha_t s^2}{v_t}(x_t - \\alpha_t \\mu_k)\\Big),
           \\qquad r_k \\propto \\pi_k \\exp\\!\\big(-\\lVert x_t - \\alpha_t\\mu_k \\rVert^2 / 2 v_t\\big).
 
+(Per mode, :math:`(x_0, x_t)` is jointly Gaussian with :math:`\\mathrm{Cov}(x_0, x_t) = \\alpha_t s^2 I`; the
+posterior mean is the regression of :math:`x_0` on :math:`x_t`, and :math:`r_k` is the posterior of the mode.)
+The derivation uses only :math:`x_t = \\alpha_t x_0 + \\sigma_t\\epsilon`, so it holds for any
+:math:`(\\alpha_t, \\sigma_t)`: on a rectified-flow schedule (``NoiseSchedule.flow_matching``, Esser et al. 2024,
+Sec. 2) :math:`\\alpha = 1 - \\sigma`. The flow teacher (:meth:`GaussianMixture.teacher_model`) takes the model
+timestep :math:`1000\\sigma` (SD3's input) and predicts the velocity
+:math:`v = \\epsilon - x_0 = (x_t - \\hat x_0) / \\sigma` (diffusers' ``"flow"`` convention); the VP teacher takes
+the index and predicts :math:`\\epsilon`. At matched signal-to-noise ratio the two are the same denoiser up to the
+input scale: :math:`E_\\text{flow}[x_0 \\mid x] = E_\\text{VP}[x_0 \\mid x\\,\\alpha^\\text{VP} / (1 - \\sigma)]` when
+:math:`(1 - \\sigma)/\\sigma = \\alpha^\\text{VP}/\\sigma^\\text{VP}` (tested, with a Monte-Carlo check).
+
 Two mixtures (:data:`MIXTURES`): ``"easy"`` (8 modes of std 0.1 on a circle of radius 1.5) and ``"hard"``
 (std 0.05 on radius 2, issue 20's check: narrow, well-separated modes are where one-step score distillation
 used to collapse onto the ring). Students are small MLPs; :func:`run_method` trains one with a named method
@@ -15,11 +26,17 @@ through the public loss APIs and :func:`evaluate` reports the sliced Wasserstein
 4-step samples to the true mixture. ``benchmarks/toy_losses.py`` prints the full table;
 ``tests/losses/test_toy_distillation.py`` runs a reduced version.
 
+Every network is called the way the library calls it: with ``schedule.model_timestep(t)`` (the index on VP,
+:math:`1000\\sigma` as a float on flow), and predicts the schedule's prediction type (``"epsilon"`` on VP,
+``"flow"`` on flow) unless it is an x0 generator.
+
 One-step generators (``sim``, ``dmd``) follow the recipe of :mod:`diffdistill.losses.score`: pure noise fed
-at an intermediate input timestep (:attr:`ToyConfig.generator_timestep`, 625 here: SiD/SIM's
-``init_sigma = 2.5``), the generator initialised from the teacher's x0 estimate at that timestep, the fake
-score from the teacher. The adversarial family (``regression``, ``adversarial``, ``gan``) maps pure noise at
-``t = 999`` to the teacher's ODE solution from the same noise (Diffusion2GAN's noise-image pairs).
+at an intermediate input timestep (:func:`generator_timestep`: the index of EDM sigma 2.5, SiD/SIM's
+``init_sigma``: 625 on SD's VP schedule, 454 on the shift-3 flow schedule), the generator initialised from
+the teacher's x0 estimate at that timestep, the fake score from the teacher. The adversarial family
+(``regression``, ``adversarial``, ``gan``) maps pure noise at ``t = 999`` (exactly pure noise on flow,
+:math:`\\alpha_{999} = 0.07` on VP) to the teacher's ODE solution from the same noise (Diffusion2GAN's
+noise-image pairs).
 """
 
 from __future__ import annotations
@@ -57,6 +74,7 @@ __all__ = [
     "METHODS",
     "MIXTURES",
     "ONE_STEP",
+    "SCHEDULES",
     "GaussianMixture",
     "TimeMLP",
     "ToyConfig",
@@ -65,6 +83,7 @@ __all__ = [
     "fit_to_teacher",
     "generator_timestep",
     "initial_network",
+    "make_schedule",
     "run_method",
     "sliced_wasserstein",
 ]
@@ -79,10 +98,21 @@ MIXTURES: dict[str, dict[str, float]] = {
     "easy": {"radius": 1.5, "std": 0.1},
     "hard": {"radius": 2.0, "std": 0.05},
 }
+#: Schedules of the toy teacher: SD's variance-preserving one, or rectified flow (:func:`make_schedule`).
+SCHEDULES: tuple[str, ...] = ("vp", "flow")
+
+
+def make_schedule(kind: str = "vp", shift: float = 3.0) -> NoiseSchedule:
+    """The toy's schedule: ``"vp"`` (SD / SDXL betas, epsilon prediction) or ``"flow"`` (rectified flow with a
+    static ``shift``, 3.0 as SD3 (Esser et al. 2024, Sec. 5.3.2), velocity prediction, model timestep
+    :math:`1000\\sigma`)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"Expected `kind` to be one of {list(SCHEDULES)}, but got {kind!r}.")
+    return NoiseSchedule.from_betas() if kind == "vp" else NoiseSchedule.flow_matching(shift=shift)
 
 
 class GaussianMixture:
-    """Mixture of isotropic 2-D Gaussians on a circle, with its exact VP denoiser.
+    """Mixture of isotropic 2-D Gaussians on a circle, with its exact denoiser (VP or rectified flow).
 
     Example:
         >>> gm = GaussianMixture()
@@ -104,9 +134,14 @@ class GaussianMixture:
         return (self.means[k] + self.std * noise).float()
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-        """Exact :math:`E[x_0 | x_t]` (computed in float64, returned in ``x_t``'s dtype)."""
-        a = schedule.alpha(t).to(torch.float64).reshape(-1, 1, 1)
-        s2 = schedule.sigma(t).to(torch.float64).reshape(-1, 1, 1) ** 2
+        """Exact :math:`E[x_0 | x_t]` at indices ``t`` of ``schedule`` (float64 inside, ``x_t``'s dtype out)."""
+        return self.posterior_mean(x_t, schedule.alpha(t), schedule.sigma(t))
+
+    def posterior_mean(self, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Exact :math:`E[x_0 | x_t]` for :math:`x_t = \\alpha x_0 + \\sigma\\epsilon` (module docstring), with
+        ``alpha`` and ``sigma`` one per sample ``(B,)`` or one for all; float64 inside, ``x_t``'s dtype out."""
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
+        s2 = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1) ** 2
         x = x_t.to(torch.float64).unsqueeze(1)  # (B, 1, 2)
         mu = self.means.unsqueeze(0)  # (1, K, 2)
         v = a**2 * self.std**2 + s2
@@ -125,6 +160,24 @@ class GaussianMixture:
 
         return model
 
+    def flow_model(self, schedule: NoiseSchedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The teacher as a rectified-flow velocity model ``model(x_t, 1000 sigma)`` (SD3's convention):
+        :math:`v = \\epsilon - x_0 = (x_t - \\hat x_0)/\\sigma` with :math:`\\alpha = 1 - \\sigma`, sigma read from
+        the model timestep (divided by the schedule's ``timestep_scale``)."""
+        scale = float(schedule.timestep_scale or 1000.0)
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            sig = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(x_t.shape[0]) / scale
+            x0 = self.posterior_mean(x_t, 1.0 - sig, sig).to(torch.float64)
+            return ((x_t.to(torch.float64) - x0) / sig.reshape(-1, 1)).to(x_t.dtype)
+
+        return model
+
+    def teacher_model(self, schedule: NoiseSchedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The teacher as the schedule's native network, called with ``schedule.model_timestep(t)``: an
+        epsilon model on VP (:meth:`epsilon_model`), a velocity model on flow (:meth:`flow_model`)."""
+        return self.flow_model(schedule) if schedule.kind == "flow" else self.epsilon_model(schedule)
+
     @classmethod
     def named(cls, name: str) -> GaussianMixture:
         """The mixture ``name`` of :data:`MIXTURES` (``"easy"`` or ``"hard"``)."""
@@ -134,7 +187,11 @@ class GaussianMixture:
 
 
 class TimeMLP(nn.Module):
-    """``f(x, t)``: an MLP on ``[x, sin/cos features of t/T]``; ``prediction_type`` says what it outputs."""
+    """``f(x, t)``: an MLP on ``[x, sin/cos features of t/1000]``; ``prediction_type`` says what it outputs.
+
+    ``t`` is the network timestep the library passes (``schedule.model_timestep``): the integer index on VP,
+    :math:`1000\\sigma` as a float on flow; both land in ``[0, 1]`` after the division by 1000.
+    """
 
     freqs: torch.Tensor
 
@@ -186,8 +243,9 @@ class ToyConfig:
     seed: int = 0
     #: MLP width (3 hidden layers); the hard mixture's check used 256.
     hidden: int = 128
-    #: input timestep of the one-step score generators (pure noise fed there; 625 = SiD/SIM's init_sigma 2.5).
-    generator_timestep: int = 625
+    #: input timestep (index) of the one-step score generators (pure noise fed there); None: the index of EDM
+    #: sigma 2.5 (SiD/SIM's init_sigma) on the schedule: 625 on VP, 454 on the shift-3 flow schedule.
+    generator_timestep: int | None = None
     #: sim_loss's pseudo-Huber c (None: the library default).
     sim_c: float | None = None
     #: weight of the GAN term in "adversarial" (regression + GAN).
@@ -207,7 +265,8 @@ class ToyConfig:
 
 
 class ToyInit(NamedTuple):
-    """The pretrained networks students start from: epsilon-prediction, and its x0-prediction conversion."""
+    """The pretrained networks students start from: the schedule's prediction type (``epsilon``: epsilon on
+    VP, velocity on flow), and its x0-prediction conversion (``sample``)."""
 
     epsilon: TimeMLP
     sample: TimeMLP
@@ -221,8 +280,8 @@ def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig)
     :math:`1/\alpha_{T-1} \approx 15`."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    net = TimeMLP(hidden=cfg.hidden)
-    teacher = gm.epsilon_model(schedule)
+    net = TimeMLP(hidden=cfg.hidden, prediction_type=schedule.prediction_type)
+    teacher = gm.teacher_model(schedule)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         x0 = gm.sample(cfg.batch, g)
@@ -232,7 +291,8 @@ def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(cfg.fit_steps):
         x_t, t = batch()
-        loss = (net(x_t, t) - teacher(x_t, t)).pow(2).mean()
+        t_in = schedule.model_timestep(t)
+        loss = (net(x_t, t_in) - teacher(x_t, t_in)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -251,11 +311,11 @@ def fit_to_teacher(gm: GaussianMixture, schedule: NoiseSchedule, cfg: ToyConfig)
 def _teacher_samples(
     gm: GaussianMixture, schedule: NoiseSchedule, noise: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    """Teacher DDIM ("trailing") samples from ``noise``."""
+    """Teacher DDIM ("trailing") samples from ``noise`` (on flow: Euler on the trailing grid)."""
     from diffdistill.schedulers.few_step_samplers import spaced_timesteps
 
     ts = spaced_timesteps(steps, "trailing", num_train_timesteps=schedule.num_train_timesteps)
-    return ddim_sample(gm.epsilon_model(schedule), schedule, noise, ts).sample
+    return ddim_sample(gm.teacher_model(schedule), schedule, noise, ts).sample
 
 
 def _consistency_loop(
@@ -298,27 +358,28 @@ def _generator_loop(
 ) -> None:
     """One-step generator training: pure noise at the method's input timestep to a clean sample in one call."""
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    real = gm.epsilon_model(schedule)
+    real = gm.teacher_model(schedule)
     # Adam(0, 0.99) for all three networks (SiD's fake beta1 0; SDXL-Lightning's adversarial optimiser).
     opt_g = torch.optim.Adam(net.parameters(), lr=cfg.lr * 0.3, betas=(0.0, 0.99))
     opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
     disc = nn.Sequential(nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.0, 0.99))
-    t_gen = generator_timestep(method, cfg)
+    t_gen = generator_timestep(method, cfg, schedule)
 
     def d_logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return disc(torch.cat([x, t.float().reshape(-1, 1) / 1000], dim=1))
+        t_d = schedule.model_timestep(t).float().reshape(-1, 1) / 1000  # VP: t / 1000; flow: sigma
+        return disc(torch.cat([x, t_d], dim=1))
 
     solver = TeacherSolver(real, schedule)
     ema = EMA(net, decay=cfg.generator_ema) if cfg.generator_ema > 0 else None
     for _ in range(cfg.steps):
         z = torch.randn(cfg.batch, 2, generator=g)
         t_in = torch.full((cfg.batch,), t_gen)
-        x_g = schedule.to_x0(net(z, t_in), z, t_in, net.prediction_type)
+        x_g = schedule.to_x0(net(z, schedule.model_timestep(t_in)), z, t_in, net.prediction_type)
         if method in ("regression", "adversarial", "gan"):
             # Diffusion2GAN-style: the teacher's ODE solution from the same noise (x_999 is pure noise to
-            # within alpha_999 = 0.07), and/or a GAN term with the discriminator shown re-noised samples
-            # (SDXL-Lightning's multi-timestep D).
+            # within alpha_999 = 0.07 on VP, exactly on flow), and/or a GAN term with the discriminator
+            # shown re-noised samples (SDXL-Lightning's multi-timestep D).
             with torch.no_grad():
                 teacher_x0 = cast(torch.Tensor, solver.solve(z, t_in, -1, num_steps=cfg.teacher_steps))
             loss = compute_distance(x_g, teacher_x0, "mse") if method != "gan" else x_g.sum() * 0
@@ -361,10 +422,16 @@ def _generator_loop(
         ema.copy_to(net)
 
 
-def generator_timestep(method: str, cfg: ToyConfig) -> int:
-    """The input timestep of a one-step ``method``'s generator: ``cfg.generator_timestep`` for score
-    distillation, 999 for the adversarial family (its regression pairs start from pure noise at ``T-1``)."""
-    return cfg.generator_timestep if method in ("sim", "dmd") else 999
+def generator_timestep(method: str, cfg: ToyConfig, schedule: NoiseSchedule) -> int:
+    """The input timestep (index) of a one-step ``method``'s generator: for score distillation
+    ``cfg.generator_timestep``, or if None the index of EDM sigma :math:`\\sigma/\\alpha = 2.5` on ``schedule``
+    (SiD/SIM's ``init_sigma``; 625 on VP, 454 on shift-3 flow); 999 for the adversarial family (its regression
+    pairs start from pure noise at ``T-1``)."""
+    if method not in ("sim", "dmd"):
+        return schedule.num_train_timesteps - 1
+    if cfg.generator_timestep is not None:
+        return cfg.generator_timestep
+    return int(schedule.edm_sigma_to_timestep(2.5))
 
 
 def initial_network(method: str, init: ToyInit) -> TimeMLP:
@@ -382,7 +449,7 @@ def run_method(
     net = copy.deepcopy(initial_network(method, init))
     torch.manual_seed(cfg.seed)
     if method in ("lcm", "tscd", "mlcm"):
-        _consistency_loop(method, net, TeacherSolver(gm.epsilon_model(schedule), schedule), gm, cfg)
+        _consistency_loop(method, net, TeacherSolver(gm.teacher_model(schedule), schedule), gm, cfg)
     else:
         _generator_loop(method, net, copy.deepcopy(init.epsilon), gm, schedule, cfg)
     return net
@@ -401,7 +468,7 @@ def _sample(
         ts = spaced_timesteps(steps, "trailing")
         return ddim_sample(net, schedule, noise, ts).sample
     prediction_type = str(getattr(net, "prediction_type", "epsilon"))
-    t_gen = generator_timestep(method, cfg)
+    t_gen = generator_timestep(method, cfg, schedule)
     return one_step_sample(net, schedule, noise, t_gen, prediction_type=prediction_type).sample
 
 

@@ -6,6 +6,9 @@ student, and a student trained with each method, as mean ± sd over seeds.
                                                                     # 3000 steps
     python benchmarks/toy_losses.py --mixture easy --seeds 0 1      # std 0.1 on radius 1.5: 3x128, batch 256,
                                                                     # 1500 steps
+    python benchmarks/toy_losses.py --schedule flow --mixture hard --seeds 0 1   # the same mixtures under a
+    python benchmarks/toy_losses.py --schedule flow --mixture easy --seeds 0 1   # rectified-flow teacher
+                                                                    # (shift 3 as SD3; --shift to change it)
 
 Ablations behind the library's recipes (losses/score.py, losses/adversarial.py docstrings):
 
@@ -36,11 +39,11 @@ from toy_gmm import (
     _teacher_samples,
     evaluate,
     fit_to_teacher,
+    generator_timestep,
+    make_schedule,
     run_method,
     sliced_wasserstein,
 )
-
-from diffdistill.schedulers import NoiseSchedule
 
 #: Sizes per mixture: the hard one is issue 20's independent check (3x256 MLP, batch 512, 3000 steps).
 PRESETS = {
@@ -60,11 +63,21 @@ def _cell(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mixture", choices=["easy", "hard"], default="hard")
+    parser.add_argument(
+        "--schedule",
+        choices=["vp", "flow"],
+        default="vp",
+        help="teacher schedule: SD's VP, or rectified flow",
+    )
+    parser.add_argument("--shift", type=float, default=3.0, help="flow schedule's shift (SD3: 3.0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the mixture's)")
     parser.add_argument(
-        "--generator-timestep", type=int, default=625, help="input timestep of the one-step score generators"
+        "--generator-timestep",
+        type=int,
+        default=None,
+        help="input timestep of the one-step score generators (default: EDM sigma 2.5: 625 on VP, 454 on flow)",
     )
     parser.add_argument("--generator-ema", type=float, default=0.995, help="EMA decay of one-step generators")
     parser.add_argument("--gan-weight", type=float, default=0.1, help="GAN weight of 'adversarial'")
@@ -88,7 +101,8 @@ def main() -> None:
     preset = dict(PRESETS[args.mixture])
     if args.steps is not None:
         preset["steps"] = args.steps
-    sched, gm = NoiseSchedule.from_betas(), GaussianMixture.named(args.mixture)
+    sched, gm = make_schedule(args.schedule, args.shift), GaussianMixture.named(args.mixture)
+    teacher = "DDIM" if args.schedule == "vp" else "Euler"  # the same move: DDIM is flow's exact Euler step
     start = time.perf_counter()
     rows: dict[str, list[dict[int, float]]] = {}
     seconds: dict[str, list[float]] = {}
@@ -106,9 +120,9 @@ def main() -> None:
             teacher_steps=args.teacher_steps,
             **preset,
         )
-        rows.setdefault("teacher (exact), DDIM", []).append(evaluate("teacher", None, gm, sched, cfg))
+        rows.setdefault(f"teacher (exact), {teacher}", []).append(evaluate("teacher", None, gm, sched, cfg))
         torch.manual_seed(seed)
-        untrained = TimeMLP(hidden=cfg.hidden)
+        untrained = TimeMLP(hidden=cfg.hidden, prediction_type=sched.prediction_type)
         rows.setdefault("untrained student (random init)", []).append(
             evaluate("lcm", untrained, gm, sched, cfg)
         )
@@ -127,8 +141,10 @@ def main() -> None:
         _teacher_samples(gm, sched, noise, 50), truth, generator=torch.Generator().manual_seed(5)
     )
     print(
-        f"\nMixture {args.mixture!r} {gm.means.norm(dim=1)[0]:.1f}-radius circle, mode std {gm.std}; "
-        f"data vs data SW = {floor:.3f}; teacher DDIM 50 steps SW = {sw50:.3f}\n"
+        f"\nSchedule {sched!r}; score generators' input timestep "
+        f"{generator_timestep('sim', cfg, sched)}\n"
+        f"Mixture {args.mixture!r} {gm.means.norm(dim=1)[0]:.1f}-radius circle, mode std {gm.std}; "
+        f"data vs data SW = {floor:.3f}; teacher {teacher} 50 steps SW = {sw50:.3f}\n"
     )
     print(f"| model ({len(args.seeds)} seeds, mean ± sd) | 1 step | 2 steps | 4 steps | train s |")
     print("|---|---|---|---|---|")
