@@ -34,14 +34,6 @@ from transformer_configs import (  # noqa: E402
 TEXT = 5  # text tokens of the tiny inputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_sd3(seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     return diffusers.SD3Transformer2DModel(**tiny_sd3_transformer_config(**overrides)).eval()

@@ -29,14 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_transformer_block_removal import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def group() -> Iterator[None]:
     if dist.is_initialized():
