@@ -14,7 +14,10 @@
   removal for SD3 / FLUX transformers (Flux.1-Lite-8B, Flux-Mini depths) with teacher init, KD pairs, parameter
   and FLOP counts.
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
-  :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding.
+  :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding;
+  :data:`LCM_LORA_TARGETS` (UNets), :data:`FLOW_LORA_TARGETS` (SD3 / FLUX transformers).
+* :class:`SharedBase`, :class:`AdapterView` -- one frozen base with named LoRA adapters as independent callables
+  (real score / teacher, fake score, generator) without copying the base weights.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
 * :func:`frozen`, :func:`reshard` -- temporarily frozen networks and FSDP2 resharding around writes to
   sharded parameters (generator steps through a fake score or discriminator, swapped-in averages).
@@ -44,6 +47,7 @@ from .feature_taps import (
 )
 from .layer_kd import LayerKD, layer_kd_loss
 from .lora import (
+    FLOW_LORA_TARGETS,
     LCM_LORA_TARGETS,
     TeacherView,
     adapters_disabled,
@@ -66,6 +70,7 @@ from .removal_rounds import (
     start_chain,
     unet_flops,
 )
+from .shared_base import AdapterView, SharedBase
 from .transformer_block_removal import (
     TRANSFORMER_PRESETS,
     TransformerBlockRemovalReport,
@@ -78,17 +83,20 @@ from .x0_conversion import X0Conversion
 
 __all__ = [
     "EMA",
+    "FLOW_LORA_TARGETS",
     "IMAGE_STREAM_OUTPUT",
     "LCM_LORA_TARGETS",
     "PRESETS",
     "ROUND_GROUPS",
     "TRANSFORMER_PRESETS",
+    "AdapterView",
     "BlockRemovalChain",
     "BlockRemovalReport",
     "BlockRemovalSpec",
     "FeatureTap",
     "LayerKD",
     "RemovalRound",
+    "SharedBase",
     "TeacherView",
     "TransformerBlockRemovalReport",
     "TransformerBlockRemovalSpec",

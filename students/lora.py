@@ -45,6 +45,7 @@ from .._checks import (
 from .._modules import unwrap_model
 
 __all__ = [
+    "FLOW_LORA_TARGETS",
     "LCM_LORA_TARGETS",
     "TeacherView",
     "adapters_disabled",
@@ -79,6 +80,24 @@ LCM_LORA_TARGETS: tuple[str, ...] = (
 transformer ``proj_in``/``proj_out`` and feed-forward, every resnet conv / shortcut / time projection and
 the down/up-sampler convs. Not targeted: ``conv_in``, ``conv_out``, ``time_embedding.linear_1/2`` and
 SDXL's ``add_embedding`` linears."""
+
+FLOW_LORA_TARGETS: tuple[str, ...] = (
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+)
+"""The 12 module-name suffixes of the default ``target_modules`` of diffusers' ``train_dreambooth_lora_flux.py``
+for SD3 / FLUX transformers: attention q/k/v/out of the image and text streams and both feed-forwards (FLUX's
+single-stream blocks get their ``attn.to_q/k/v``)."""
 
 _META_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
