@@ -1,4 +1,4 @@
-"""The plumbing the ``examples/sdxl_*.py`` distillation scripts share, one module per concern.
+"""The plumbing the ``examples/sdxl_*.py`` and ``examples/flow_*.py`` distillation scripts share, one module per concern.
 
 A script imports the modules it needs (``from training import runtime, checkpoints``) and calls them by
 qualified name (``runtime.adamw(...)``), so a reader sees where each piece lives and a test can replace one
@@ -24,6 +24,13 @@ Modules:
 - :mod:`training.rewards`: reward models named on the command line (``module:callable``), loaded and frozen.
 - :mod:`training.lora_adapters`: several LoRA adapters on one UNet, trained one at a time and merged exactly
   into one diffusers LoRA file (Hyper-SD's unified LoRA).
+- :mod:`training.shared_critics`: ``--shared_base``, one frozen UNet whose LoRA adapters are the generator, the
+  fake score (SIM / SiD / DMD) or the discriminator (Diffusion2GAN), and the teacher that UNet with none.
+- :mod:`training.flow_models`: SD3 / FLUX components (``load_flow``), the flow denoiser with FLUX's packing
+  (``FlowDenoiser``), latent normalisation, the resolution-shifted schedule, LoRA / full student, saving.
+- :mod:`training.flow_encoding`: SD3 / FLUX prompt conditions through the pipeline's ``encode_prompt``, cached.
+- :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``).
+- :mod:`training.flow_validation`: few-step validation grids of flow students.
 
 Determinism and resume: every optimisation step draws its data indices, noise and timesteps from a
 ``torch.Generator`` seeded by ``(seed, step, process, micro-batch)``

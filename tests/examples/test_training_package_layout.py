@@ -34,7 +34,9 @@ def test_each_module_is_one_concern(path: Path) -> None:
     assert f":mod:`training.{path.stem}`" in (PACKAGE / "__init__.py").read_text()
 
 
-@pytest.mark.parametrize("script", sorted(EXAMPLES.glob("sdxl_*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script", sorted([*EXAMPLES.glob("sdxl_*.py"), *EXAMPLES.glob("flow_*.py")]), ids=lambda p: p.name
+)
 def test_scripts_call_the_package_by_module(script: Path) -> None:
     """Scripts import modules (``from training import runtime``) and call ``runtime.adamw``: no star or name imports."""
     tree = ast.parse(script.read_text())

@@ -1,0 +1,421 @@
+"""LADD: latent adversarial diffusion distillation of SD3 / SD3.5 or FLUX.1 into a 1-4 step student.
+
+Sauer, Boesel, Dockhorn, Blattmann, Esser, Rombach, "Fast High-Resolution Image Synthesis with Latent
+Adversarial Diffusion Distillation", 2024 (arXiv:2403.12015; SD3-Turbo). The discriminator is built on the
+*generative* features of the frozen teacher: the teacher transformer runs on re-noised latents and small heads
+on every k-th block's image tokens, conditioned on the noise level and the pooled text embedding, give patch
+logits (:class:`diffdistill.discriminators.LADDDiscriminator`). There is no distillation (regression) loss: the
+student learns from the adversarial term alone, on synthetic data made by the teacher.
+
+One optimisation step (``train_step``):
+
+1. a batch of the teacher's own samples ``x0`` (latents) and their prompts (synthetic data, as the paper);
+2. the student's noise level ``sigma`` from ``--student_sigmas`` (default 1, 0.75, 0.5, 0.25) drawn with
+   ``--student_sigma_weights`` (default 0.7, 0.1, 0.1, 0.1: biased toward pure noise, as the paper's
+   re-implementations describe it); input ``x_sigma = (1 - sigma) x0 + sigma eps`` (pure noise at sigma 1) and
+   its clean prediction ``x0_hat = x_sigma - sigma v`` (one transformer call);
+3. both ``x0`` and ``x0_hat`` re-noised with one ``sigma_hat`` per sample from the logit-normal shifted toward
+   high noise (:func:`diffdistill.discriminators.ladd_renoise_sigma`, ``--renoise_mean 1 --renoise_std 1``) and
+   one shared ``eps'``;
+4. generator update: ``--gan_loss`` (hinge by default, as the paper; or non-saturating) of the discriminator's
+   logits on the student's re-noised sample, gradients reaching the student through the frozen teacher's
+   blocks; then the discriminator update on real vs detached fake, plus an optional R1 penalty
+   (``--r1_gamma`` with ``--r1_approximate_sigma``: the finite-difference R1 of Lin et al. 2025, as NVlabs'
+   FastGen LADD uses it with sigma 0.1; the exact R1 would differentiate the teacher's attention twice, which
+   PyTorch's fused attention kernels do not support, so it is refused).
+
+Synthetic data (our choice: generated once and cached): before training every process writes its share of
+``--num_teacher_samples`` teacher samples to ``--teacher_samples_dir`` (default ``OUTPUT_DIR/teacher_samples``)
+in shards that record their settings (model, steps, guidance, resolution, T5 length, prompts, seed); a later run
+reuses matching shards and refuses stale ones. The teacher samples the way its diffusers pipeline does
+(``flow_pipeline_grid``: SD3's default grid, FLUX's ``linspace(1, 1/N, N)`` shifted by the resolution's
+``mu``; ``--teacher_steps`` Euler steps; SD3 with classifier-free guidance ``--teacher_guidance_scale`` against
+the encoded empty prompt, FLUX.1-dev with its embedded ``--guidance``). A teacher trajectory per training step
+would cost ``--teacher_steps`` (x2 with CFG) teacher calls per sample and step, several times the step itself;
+cached samples are drawn again across epochs.
+
+The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma -> next sigma -> 0``), unguided
+(FLUX.1-dev keeps its embedded ``--guidance`` input). To sample with the diffusers pipeline::
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(BASE)   # or FluxPipeline
+    pipe.load_lora_weights(OUTPUT_DIR)                       # or the full OUTPUT_DIR/transformer
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
+    image = pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0).images[0]  # FLUX.1-dev: 3.5
+
+(the saved scheduler has shift 1 and no dynamic shifting, so the pipeline keeps the sigmas as given;
+reference/flow.md pitfall 5). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
+(``training.flow_models.FLOW_LORA_TARGETS``), otherwise the whole transformer. The teacher is a separate
+frozen copy in the mixed-precision dtype in both cases (our choice: the discriminator runs it inside the
+student's backward, where a shared LoRA model could not keep its adapters off for blocks recomputed by
+gradient checkpointing). Engines: one process, DDP, FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 through the accelerate
+config (the student and the discriminator heads are prepared; the teacher stays a whole frozen copy on every
+process). On 2 CPU processes FSDP2, ZeRO-2 and ZeRO-3 made the same 2 LoRA steps as DDP (within
+``tests/state_compare.py``'s bound); the suite runs DDP and FSDP2.
+
+Fidelity:
+
+========================================  ==============================================================
+as the paper (arXiv:2403.12015)           teacher-feature discriminator on the frozen teacher's blocks,
+                                          heads conditioned on noise level and pooled text; synthetic
+                                          teacher data; no distillation loss; re-noising of real and
+                                          fake at a noise level biased toward high noise; hinge loss;
+                                          1-4 step student; student noise levels favouring pure noise
+our choice (paper details not checked     student sigmas 1 / 0.75 / 0.5 / 0.25 with weights 0.7 / 0.1 /
+against its text; the values of the       0.1 / 0.1; logit-normal(1, 1) re-noising; heads on every
+re-implementations, reference/flow.md)    ``len(blocks) // 4``-th block; disc lr 10x the student's; the
+                                          same ``eps'`` for real and fake; cached teacher samples; R1
+                                          off by default (optional, approximate only)
+not implemented                           multi-aspect-ratio buckets (square ``--resolution`` only);
+                                          DPO-LoRA finetuning; image editing / inpainting variants
+========================================  ==============================================================
+
+Example::
+
+    accelerate launch examples/flow_ladd.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+        --prompts_file prompts.txt --output_dir out/ladd-sd35m --use_lora --lora_rank 64 \\
+        --resolution 1024 --mixed_precision bf16 --gradient_checkpointing --train_batch_size 2 \\
+        --num_teacher_samples 20000 --teacher_steps 28 --max_train_steps 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffdistill.discriminators import LADDDiscriminator, ladd_renoise_sigma
+from diffdistill.losses import (
+    approximate_r1_penalty,
+    gan_discriminator_loss,
+    gan_generator_loss,
+)
+from diffdistill.schedulers import ddim_sample, flow_pipeline_grid
+from diffdistill.students import frozen
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the examples' shared package (examples/training/), next to this script
+from training import (
+    checkpoints,
+    data_sources,
+    flow_encoding,
+    flow_models,
+    flow_options,
+    flow_validation,
+    loop,
+    options,
+    runtime,
+    teacher_pairs,
+)
+
+logger = logging.getLogger("flow_ladd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    options.add_common_args(p, default_lr=1e-6)
+    flow_options.add_flow_args(p)
+    g = p.add_argument_group("LADD")
+    g.add_argument("--student_sigmas", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    g.add_argument(
+        "--student_sigma_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="probabilities of --student_sigmas in training (default: 0.7 for the first, the rest shared evenly)",
+    )
+    g.add_argument(
+        "--renoise_mean", type=float, default=1.0, help="logit-normal mean of the re-noising sigma"
+    )
+    g.add_argument("--renoise_std", type=float, default=1.0, help="logit-normal std of the re-noising sigma")
+    g.add_argument("--gan_loss", choices=["hinge", "non_saturating"], default="hinge")
+    g.add_argument(
+        "--discriminator_blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="teacher blocks (execution order) read by the heads (default: every len(blocks)//4-th)",
+    )
+    g.add_argument("--discriminator_head_channels", type=int, default=None, help="default min(width, 256)")
+    g.add_argument("--discriminator_norm_groups", type=int, default=32)
+    g.add_argument(
+        "--discriminator_learning_rate", type=float, default=None, help="default 10x --learning_rate"
+    )
+    g.add_argument("--r1_gamma", type=float, default=0.0, help="R1 weight on the real inputs (0: off)")
+    g.add_argument(
+        "--r1_approximate_sigma",
+        type=float,
+        default=None,
+        help="finite-difference R1 with this perturbation (FastGen LADD: 0.1); needed by --r1_gamma > 0",
+    )
+    g = p.add_argument_group("teacher samples")
+    g.add_argument("--num_teacher_samples", type=int, default=1000)
+    g.add_argument("--teacher_samples_dir", default=None, help="default OUTPUT_DIR/teacher_samples")
+    g.add_argument("--teacher_samples_shard_size", type=int, default=64)
+    g.add_argument("--teacher_samples_seed", type=int, default=0)
+    g.add_argument("--teacher_steps", type=int, default=28, help="Euler steps of the teacher (pipelines: 28)")
+    g.add_argument(
+        "--teacher_guidance_scale",
+        type=float,
+        default=None,
+        help="SD3: classifier-free guidance of the teacher samples (default 7.0, StableDiffusion3Pipeline's); "
+        "refused for FLUX (its guidance is --guidance)",
+    )
+    args = options.check_common_args(p.parse_args(argv))
+    return check_ladd_args(args)
+
+
+def check_ladd_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the LADD options (``ValueError`` with the fix) and fill the student sigma weights."""
+    if not args.prompts_file or args.train_data_dir:
+        raise ValueError(
+            "LADD trains on the teacher's own samples of a prompt list: pass --prompts_file (one prompt a line) "
+            "and no --train_data_dir."
+        )
+    sig = args.student_sigmas
+    if any(not 0 < s <= 1 for s in sig) or any(a <= b for a, b in itertools.pairwise(sig)):
+        raise ValueError(
+            f"Expected --student_sigmas to be strictly decreasing noise levels in (0, 1], e.g. 1.0 0.75 0.5 0.25, "
+            f"but got {sig}."
+        )
+    if args.student_sigma_weights is None:
+        rest = len(sig) - 1
+        args.student_sigma_weights = [1.0] if not rest else [0.7] + [0.3 / rest] * rest
+    w = args.student_sigma_weights
+    if len(w) != len(sig) or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(
+            f"Expected --student_sigma_weights to be {len(sig)} non-negative weights (one per --student_sigmas) "
+            f"with a positive sum, but got {w}."
+        )
+    for name in ("num_teacher_samples", "teacher_samples_shard_size", "teacher_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    if args.renoise_std <= 0:
+        raise ValueError(f"Expected --renoise_std > 0, but got {args.renoise_std}.")
+    if args.r1_gamma < 0:
+        raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
+    if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
+        raise ValueError(f"Expected --r1_approximate_sigma > 0, but got {args.r1_approximate_sigma}.")
+    if args.r1_gamma > 0 and args.r1_approximate_sigma is None:
+        raise ValueError(
+            f"--r1_gamma {args.r1_gamma} needs --r1_approximate_sigma (e.g. 0.1): the exact R1 penalty differentiates "
+            "the teacher's attention twice, which PyTorch's fused attention kernels do not support. Pass "
+            "--r1_approximate_sigma for the finite-difference R1, or --r1_gamma 0."
+        )
+    return args
+
+
+# ------------------------------------------------------------------------------------------ teacher samples
+def sample_settings(args: argparse.Namespace, parts: flow_models.FlowComponents) -> dict[str, Any]:
+    """What the teacher samples depend on (stored in each shard, compared before a shard is reused)."""
+    model = args.pretrained_model_name_or_path
+    prompts = data_sources.read_prompts(args.prompts_file)
+    return {
+        "teacher": str(Path(model).resolve()) if Path(model).exists() else model,
+        "revision": args.revision,
+        "variant": args.variant,
+        "teacher_steps": args.teacher_steps,
+        "teacher_guidance_scale": args.teacher_guidance_scale,
+        "guidance": args.guidance,
+        "uncond": args.uncond,
+        "resolution": args.resolution,
+        "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
+        "teacher_samples_seed": args.teacher_samples_seed,
+        "teacher_samples_shard_size": args.teacher_samples_shard_size,
+        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+    }
+
+
+def sample_shards(args: argparse.Namespace) -> list[Path]:
+    root = Path(args.teacher_samples_dir or Path(args.output_dir) / "teacher_samples")
+    count = -(-args.num_teacher_samples // args.teacher_samples_shard_size)
+    return [root / f"samples-{i:05d}.safetensors" for i in range(count)]
+
+
+def check_sample_shard(path: Path, settings: dict[str, Any], rows: int) -> None:
+    """Refuse a shard made with other settings, or of another size (it would be trained on as stale data)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads((f.metadata() or {}).get("settings", "{}"))
+        stored_rows = f.get_slice("latent").get_shape()[0]
+    differ = sorted(k for k in settings if stored.get(k) != settings[k])
+    if differ or stored_rows != rows:
+        made = ", ".join(f"{k}={stored.get(k)!r}" for k in differ) or f"{stored_rows} samples"
+        want = ", ".join(f"{k}={settings[k]!r}" for k in differ) or f"{rows} samples"
+        raise ValueError(
+            f"Expected the teacher samples in {path.parent} to match this run, but {path.name} was made with {made} "
+            f"and this run asks for {want}. Pass a new --teacher_samples_dir (or delete the shards) to make "
+            "samples for this run, or run with the settings the shards were made with."
+        )
+
+
+@torch.no_grad()
+def generate_teacher_samples(
+    accelerator: Any, args: argparse.Namespace, parts: flow_models.FlowComponents, teacher: Any, schedule: Any
+) -> list[Path]:
+    """Write the missing shards of teacher samples (this process's share), then wait for every process."""
+    from safetensors.torch import save_file
+
+    settings = sample_settings(args, parts)
+    prompts = data_sources.read_prompts(args.prompts_file)
+    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
+    grid = flow_pipeline_grid(schedule, args.teacher_steps, pipeline=parts.family)
+    cfg = parts.family == "sd3" and args.teacher_guidance_scale != 1.0
+    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
+    paths = sample_shards(args)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(paths):
+        rows = min(
+            args.teacher_samples_shard_size, args.num_teacher_samples - i * args.teacher_samples_shard_size
+        )
+        if path.exists():
+            check_sample_shard(path, settings, rows)
+            continue
+        if i % accelerator.num_processes != accelerator.process_index:
+            continue
+        gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
+        picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
+        cond = flow_encoding.conditions(parts, picked, args, device, dtype)
+        noise = torch.randn(flow_models.latent_shape(parts, rows, args.resolution), generator=gen).to(device)
+        with runtime.autocast(accelerator):
+            latent = ddim_sample(
+                teacher,
+                schedule,
+                noise,
+                grid,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=args.teacher_guidance_scale if cfg else None,
+            ).sample
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        save_file(
+            {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
+            str(tmp),
+            metadata={"prompts": json.dumps(picked), "settings": json.dumps(settings)},
+        )
+        os.replace(tmp, path)
+        logger.info("wrote %s (%d teacher samples)", path, rows)
+    accelerator.wait_for_everyone()
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ training
+def main(args: argparse.Namespace) -> None:
+    accelerator = runtime.make_accelerator(args, "flow_ladd")
+    parts = flow_models.load_flow(args)
+    flow_options.check_flow_args(args, parts)
+    if parts.family == "flux" and args.teacher_guidance_scale is not None:
+        raise ValueError(
+            "--teacher_guidance_scale is SD3's classifier-free guidance of the teacher samples; FLUX.1 takes its "
+            "guidance as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
+        )
+    if parts.family == "sd3" and args.teacher_guidance_scale is None:
+        args.teacher_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
+    flow_models.place_frozen(parts, device, dtype)
+    schedule = flow_models.flow_schedule(parts, args.resolution)
+
+    # The frozen teacher makes the synthetic data and carries the discriminator's features.
+    teacher_model = flow_models.load_teacher(args, parts, device, dtype)
+    teacher = flow_models.FlowDenoiser(teacher_model, parts.family, args.guidance)
+    shards = generate_teacher_samples(accelerator, args, parts, teacher, schedule)
+    disc = LADDDiscriminator(
+        teacher_model,
+        args.discriminator_blocks,
+        head_channels=args.discriminator_head_channels,
+        norm_groups=args.discriminator_norm_groups,
+        gradient_checkpointing=args.gradient_checkpointing,
+    ).to(device)
+
+    transformer = flow_models.make_trainable(args, parts.transformer, device, dtype)
+    opt = runtime.adamw(transformer.parameters(), args)
+    d_lr = args.discriminator_learning_rate or 10 * args.learning_rate
+    opt_d = runtime.adamw(disc.parameters(), args, lr=d_lr)
+    transformer, opt, disc, opt_d = runtime.prepare(accelerator, (transformer, opt), (disc, opt_d))
+    ema = checkpoints.setup_checkpoints(accelerator, args, transformer)
+    student = flow_models.FlowDenoiser(transformer, parts.family, args.guidance)
+    data = teacher_pairs.PairShards(shards, args.train_batch_size, args.dataloader_num_workers)
+    sigmas = torch.tensor(args.student_sigmas, dtype=torch.float32)
+    weights = torch.tensor(args.student_sigma_weights, dtype=torch.float64)
+    global_step = checkpoints.resume(accelerator, args)
+
+    def judge(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> list[torch.Tensor]:
+        """Discriminator logits of latents ``x`` at noise level ``sigma``: the teacher's own call (FLUX packed)."""
+        hidden, kwargs, grid = teacher.model_inputs(x, 1000 * sigma, **cond)
+        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
+        return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        _, x0, prompts = data.batch(gen)
+        x0 = x0.to(device)
+        b = x0.shape[0]
+        cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
+        sigma = sigmas[torch.multinomial(weights, b, replacement=True, generator=gen)].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        renoise_sigma = ladd_renoise_sigma(
+            b, mean=args.renoise_mean, std=args.renoise_std, generator=gen, device=device
+        )
+        renoise = torch.randn(x0.shape, generator=gen).to(device)
+        r1_noise = torch.randn(x0.shape, generator=gen).to(device)
+
+        def renoised(clean: torch.Tensor) -> torch.Tensor:
+            s = renoise_sigma.view(-1, 1, 1, 1)
+            return (1 - s) * clean + s * renoise
+
+        with accelerator.accumulate(transformer), runtime.autocast(accelerator):
+            s = sigma.view(-1, 1, 1, 1)
+            x_sigma = (1 - s) * x0 + s * noise
+            fake = x_sigma - s * student(x_sigma, 1000 * sigma, **cond).float()  # x0_hat = x - sigma v
+            # D stays frozen until the generator's backward is done (gradient checkpointing recomputes its
+            # blocks there with the same requires_grad as in the forward pass).
+            with frozen(disc):
+                g_loss, _ = gan_generator_loss(
+                    judge(runtime.forward_model(accelerator, disc), renoised(fake), renoise_sigma, cond),
+                    loss=args.gan_loss,
+                )
+                runtime.backward(accelerator, g_loss, transformer)
+            runtime.clip_and_step(accelerator, opt, transformer.parameters(), args.max_grad_norm)
+
+            real_in = renoised(x0)
+            real_logits = judge(disc, real_in, renoise_sigma, cond)
+            d_loss, _ = gan_discriminator_loss(
+                real_logits, judge(disc, renoised(fake.detach()), renoise_sigma, cond), loss=args.gan_loss
+            )
+            r1 = torch.zeros((), device=device)
+            if args.r1_gamma > 0:  # APT's finite difference (Lin et al. 2025): no double backward
+                perturbed = judge(disc, real_in + args.r1_approximate_sigma * r1_noise, renoise_sigma, cond)
+                r1, _ = approximate_r1_penalty(
+                    real_logits, perturbed, sigma=args.r1_approximate_sigma, gamma=args.r1_gamma
+                )
+            runtime.backward(accelerator, d_loss + r1, disc)
+            runtime.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+        return {
+            "generator": g_loss.detach(),
+            "discriminator": d_loss.detach(),
+            "r1": r1.detach(),
+            "student_sigma": sigma.mean(),
+        }
+
+    validate = flow_validation.few_step_validation(accelerator, args, parts, transformer, args.student_sigmas)
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    flow_models.save_transformer(accelerator, transformer, args, parts, ema=ema)
+    if accelerator.is_main_process:  # the scheduler that keeps --student_sigmas as given (no shift)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler.from_config(
+            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False
+        ).save_pretrained(Path(args.output_dir) / "scheduler")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

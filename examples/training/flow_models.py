@@ -1,0 +1,361 @@
+"""Loading SD3 / FLUX components, the flow denoiser (FLUX packing), latents, the schedule, student and saving."""
+
+# The flow scripts (``examples/flow_*.py``) use the same plumbing as the SDXL ones (runtime, checkpoints, loop,
+# EMA); what differs per model family lives here:
+#
+# - :func:`load_flow` reads ``model_index.json`` (``_class_name`` ``StableDiffusion3Pipeline`` -> ``"sd3"``,
+#   ``FluxPipeline`` -> ``"flux"``; anything else is refused) and loads every component the way the pipeline does
+#   (each ``[library, class]`` entry of ``model_index.json`` with ``from_pretrained(subfolder=name)``).
+# - :class:`FlowDenoiser` makes both transformers one denoiser ``denoiser(sample (B, C, h, w), timestep,
+#   **cond) -> velocity (B, C, h, w)`` with ``timestep`` = sigma * 1000 (the schedule's model timestep,
+#   :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's packed tokens.
+# - :func:`encode_latents` / :func:`decode_latents`: the family's latent normalisation read from the VAE config
+#   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611).
+# - :func:`flow_schedule`: the training :class:`~diffdistill.schedulers.NoiseSchedule` with the model's shift at a
+#   resolution (SD3: its static shift; FLUX: ``mu`` from the image token count, Esser et al. 2024 Sec. 5.3.2 and
+#   diffusers' ``calculate_shift``).
+# - :func:`make_trainable` / :func:`load_teacher`: LoRA on :data:`FLOW_LORA_TARGETS` or the full transformer.
+# - :func:`save_transformer`: a LoRA file that ``pipeline_class.load_lora_weights`` loads (written by the
+#   pipeline class's own ``save_lora_weights``), or a ``save_pretrained`` transformer folder.
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffdistill.students import FLOW_LORA_TARGETS as _LIBRARY_FLOW_LORA_TARGETS
+
+from . import checkpoints, sdxl_encoding, sdxl_models
+
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+FLOW_LORA_TARGETS = _LIBRARY_FLOW_LORA_TARGETS
+"""LoRA targets of the transformer: :data:`diffdistill.students.FLOW_LORA_TARGETS`, the default ``target_modules``
+of diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (attention q/k/v/out of both streams and both
+feed-forwards; FLUX's single-stream blocks get their ``attn.to_q/k/v``). diffusers' SD3 DreamBooth script takes
+the eight attention names only by default; we add the feed-forwards for SD3 too (our choice: one list, the
+attention + FF linears of both families)."""
+
+
+@dataclass
+class FlowComponents:
+    """The parts of an SD3 / FLUX pipeline a distillation script uses.
+
+    ``text_encoders`` / ``tokenizers`` are in the pipeline's order (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5);
+    ``pipeline_class`` is ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its ``encode_prompt`` and
+    ``save_lora_weights`` are used).
+    """
+
+    family: str
+    transformer: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    pipeline_class: Any
+    cache_tag: str = ""
+    _text_pipeline: Any = field(default=None, repr=False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.vae, *self.text_encoders]
+
+    def text_pipeline(self) -> Any:
+        """The pipeline with its text encoders and tokenizers only (no transformer, no VAE): what
+        ``encode_prompt`` needs."""
+        if self._text_pipeline is None:
+            names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+            toks = ("tokenizer", "tokenizer_2", "tokenizer_3")
+            parts = dict(zip(names, self.text_encoders)) | dict(zip(toks, self.tokenizers))
+            self._text_pipeline = self.pipeline_class(
+                transformer=None, vae=None, scheduler=self.noise_scheduler, **parts
+            )
+        return self._text_pipeline
+
+
+def model_family(path: str, revision: str | None = None) -> str:
+    """``"sd3"`` or ``"flux"`` from the ``_class_name`` of ``model_index.json`` in a folder or hub repo."""
+    from diffusers import DiffusionPipeline
+
+    name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    if name not in FAMILIES:
+        raise ValueError(
+            f"Expected --pretrained_model_name_or_path {path} to be a StableDiffusion3Pipeline (SD3 / SD3.5) or "
+            f"FluxPipeline (FLUX.1) folder, but its model_index.json names {name!r}. The SDXL scripts "
+            "(examples/sdxl_*.py) take SDXL pipelines."
+        )
+    return FAMILIES[name]
+
+
+def load_flow(args: argparse.Namespace) -> FlowComponents:
+    """Load transformer, VAE, text encoders, tokenizers and the flow-matching scheduler of an SD3 / FLUX pipeline
+    (``--pretrained_model_name_or_path``, ``--revision``, ``--variant``; ``--pretrained_vae_model_name_or_path``
+    replaces the VAE)."""
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
+    family = model_family(path, rev)
+    index = DiffusionPipeline.load_config(path, revision=rev)
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+
+    def load(name: str, **kw: Any) -> Any:
+        library, cls = index[name]
+        return getattr(libraries[library], cls).from_pretrained(path, subfolder=name, revision=rev, **kw)
+
+    encoders = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if n in index]
+    with sdxl_models.zero3_init_disabled():
+        vae_path = args.pretrained_vae_model_name_or_path
+        return FlowComponents(
+            family=family,
+            transformer=load("transformer", variant=var),
+            vae=diffusers.AutoencoderKL.from_pretrained(vae_path, revision=rev) if vae_path else load("vae"),
+            text_encoders=[load(n, variant=var) for n in encoders],
+            tokenizers=[load(n.replace("text_encoder", "tokenizer")) for n in encoders],
+            noise_scheduler=load("scheduler"),
+            pipeline_class=getattr(diffusers, index["_class_name"]),
+            cache_tag=sdxl_models.model_cache_tag(args),
+        )
+
+
+def vae_scale_factor(vae: Any) -> int:
+    """The VAE's spatial downsampling, ``2 ** (levels - 1)`` (8 for SD3 / FLUX), as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_shape(parts: FlowComponents, batch: int, resolution: int) -> tuple[int, int, int, int]:
+    """``(B, C, h, w)`` of the latents of ``resolution`` px square images (C from the VAE config, 16)."""
+    side = resolution // vae_scale_factor(parts.vae)
+    return (batch, int(parts.vae.config.latent_channels), side, side)
+
+
+def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Normalised latents ``(z - shift_factor) * scaling_factor`` of images in [-1, 1] (a posterior sample drawn
+    with ``generator``); both factors from the VAE config (:func:`training.sdxl_encoding.latent_scale`)."""
+    return sdxl_encoding.encode_images(vae, images, generator)
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] ``(B, 3, H, W)`` float32 on the CPU from normalised latents (``z / scale + shift``)."""
+    return sdxl_encoding.decode_latents(vae, latents)
+
+
+def flow_schedule(parts: FlowComponents, resolution: int) -> Any:
+    """The training schedule of the model at ``resolution`` px (square), from its own scheduler config.
+
+    SD3: the static ``shift`` (3.0). FLUX (``use_dynamic_shifting``): ``mu`` of the packed image token count
+    ``(R / 16)^2`` with the config's base / max shift, as ``FluxPipeline`` computes it. The model timestep is
+    sigma * 1000 for both families (:class:`FlowDenoiser` hands FLUX its sigma)."""
+    from diffdistill.schedulers import NoiseSchedule, packed_image_seq_len
+
+    config = parts.noise_scheduler.config
+    kwargs: dict[str, Any] = {"timestep_scale": 1000.0}
+    if config.get("use_dynamic_shifting", False):
+        kwargs["image_seq_len"] = packed_image_seq_len(
+            resolution, resolution, vae_scale_factor=vae_scale_factor(parts.vae)
+        )
+    return NoiseSchedule.from_scheduler(parts.noise_scheduler, **kwargs)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 patch packing ``(B, C, h, w) -> (B, h/2 * w/2, 4C)`` (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for ``height x width`` latents."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def image_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """FLUX's ``img_ids`` ``(h/2 * w/2, 3)``: ``(0, row, col)`` of each packed patch, row-major."""
+    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2, device=device).repeat(height // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+
+
+class FlowDenoiser(nn.Module):
+    """An SD3 / FLUX transformer as ``forward(sample (B, C, h, w), timestep, **cond) -> velocity (B, C, h, w)``.
+
+    ``timestep`` is sigma * 1000 (float, ``(B,)`` or a number): SD3 takes it as it is; FLUX takes sigma (the
+    pipeline passes ``timestep.to(latents.dtype) / 1000``, done the same way here). ``cond`` holds
+    ``encoder_hidden_states`` ``(B, L, D)``, ``pooled_projections`` ``(B, P)`` and, for a guidance-distilled
+    FLUX (``guidance_embeds``, FLUX.1-dev), optionally ``guidance`` ``(B,)`` (default: ``guidance`` given here,
+    the ``--guidance`` option; FluxPipeline's default 3.5). FLUX latents are packed into 2x2 patches with
+    ``img_ids`` / zero ``txt_ids`` and the output unpacked (reference/flow.md Sec. 3).
+
+    Args:
+        transformer: the transformer (possibly wrapped by accelerate: DDP / FSDP); ``family`` ``"sd3"`` / ``"flux"``.
+        family: ``"sd3"`` or ``"flux"``.
+        guidance: the embedded guidance of a guidance-distilled FLUX (ignored by other models).
+    """
+
+    def __init__(self, transformer: nn.Module, family: str, guidance: float | None = None) -> None:
+        super().__init__()
+        if family not in ("sd3", "flux"):
+            raise ValueError(f"Expected family 'sd3' or 'flux', but got {family!r}.")
+        self.transformer = transformer
+        self.family = family
+        from diffdistill._modules import unwrap_model
+
+        inner: Any = unwrap_model(transformer)
+        self.guidance_embeds = bool(getattr(inner.config, "guidance_embeds", False))
+        self.guidance = guidance
+
+    def model_inputs(
+        self, sample: torch.Tensor, timestep: Any, **cond: Any
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]:
+        """``(hidden_states, keyword arguments, grid_size)`` of the transformer call the pipeline would make:
+        SD3 ``(sample, {timestep, ...cond}, None)``; FLUX ``(packed, {timestep: sigma, img_ids, txt_ids,
+        guidance, ...cond}, (h/2, w/2))`` (``grid_size`` as the LADD discriminator takes packed tokens)."""
+        b = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = (t.expand(b) if t.ndim == 0 else t).to(torch.float32)
+        kwargs = dict(cond)
+        if self.family == "sd3":
+            kwargs.pop("guidance", None)
+            return sample, {"timestep": t, **kwargs}, None
+        h, w = sample.shape[-2:]
+        guidance = kwargs.pop("guidance", None)
+        if self.guidance_embeds:
+            g = self.guidance if guidance is None else guidance
+            if g is None:
+                raise ValueError(
+                    "This FLUX transformer takes an embedded guidance scale (guidance_embeds, FLUX.1-dev): pass "
+                    "--guidance (FluxPipeline's default is 3.5)."
+                )
+            kwargs["guidance"] = torch.as_tensor(g, device=sample.device, dtype=torch.float32).expand(b)
+        ehs = kwargs["encoder_hidden_states"]
+        kwargs["timestep"] = t.to(sample.dtype) / 1000
+        kwargs["img_ids"] = image_ids(h, w, sample.device, ehs.dtype)
+        kwargs["txt_ids"] = torch.zeros(ehs.shape[1], 3, device=sample.device, dtype=ehs.dtype)
+        return pack_latents(sample), kwargs, (h // 2, w // 2)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:
+        hidden, kwargs, grid = self.model_inputs(sample, timestep, **cond)
+        out = self.transformer(hidden_states=hidden, return_dict=False, **kwargs)[0]
+        if grid is None:
+            return out
+        return unpack_latents(out, *sample.shape[-2:])
+
+
+def euler_sample(
+    denoiser: Any, noise: torch.Tensor, sigmas: list[float], cond: dict[str, Any]
+) -> torch.Tensor:
+    """A few-step sample on the explicit grid ``sigmas`` (descending, then 0): Euler
+    ``x <- x + (sigma' - sigma) v`` from ``noise`` at ``sigmas[0]``, diffusers' ``FlowMatchEulerDiscreteScheduler``
+    step (float32 state)."""
+    x = noise.float()
+    for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
+        t = torch.full((x.shape[0],), 1000.0 * s, device=x.device)
+        v = denoiser(x.to(noise.dtype), t, **cond).float()
+        x = x + (s_next - s) * v
+    return x
+
+
+def make_trainable(
+    args: argparse.Namespace, transformer: nn.Module, device: Any, dtype: torch.dtype
+) -> nn.Module:
+    """Make ``transformer`` trainable in place: a float32 LoRA (``--lora_rank``, ``--lora_alpha``) on
+    :data:`FLOW_LORA_TARGETS` over a frozen ``dtype`` base (``--use_lora``), or the whole transformer (float32);
+    ``--gradient_checkpointing`` on. As :func:`training.sdxl_models.make_trainable` for the UNet."""
+    from diffdistill.students import add_lora
+
+    if args.use_lora:
+        transformer.requires_grad_(False)
+        transformer.to(device, dtype=dtype)
+        add_lora(transformer, rank=args.lora_rank, alpha=args.lora_alpha, targets=FLOW_LORA_TARGETS)
+        sdxl_models.upcast_trainable(transformer)
+    else:
+        transformer.to(device).train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def load_teacher(
+    args: argparse.Namespace, parts: FlowComponents, device: Any, dtype: torch.dtype
+) -> nn.Module:
+    """A frozen, eval-mode teacher transformer in ``dtype`` on ``device``, loaded again from
+    ``--pretrained_model_name_or_path`` straight in ``dtype`` (not a copy of the float32 student: at FLUX's
+    12 B parameters that copy would hold a second 48 GB of float32 weights in host memory)."""
+    with sdxl_models.zero3_init_disabled():
+        teacher = type(parts.transformer).from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="transformer",
+            revision=args.revision,
+            variant=args.variant,
+            torch_dtype=dtype,
+        )
+    sdxl_models.freeze(teacher)
+    return teacher.to(device)
+
+
+def place_frozen(parts: FlowComponents, device: Any, dtype: torch.dtype) -> None:
+    """Freeze the VAE and text encoders and move them to ``device`` (the VAE stays float32 under fp16)."""
+    sdxl_models.freeze(*parts.frozen_modules())
+    for m in parts.text_encoders:
+        m.to(device, dtype=dtype)
+    parts.vae.to(device, dtype=torch.float32 if dtype == torch.float16 else dtype)
+
+
+def save_transformer(
+    accelerator: Any,
+    transformer: nn.Module,
+    args: argparse.Namespace,
+    parts: FlowComponents,
+    *,
+    ema: Any = None,
+) -> Path:
+    """Final weights under ``--output_dir``: with ``--use_lora`` ``pytorch_lora_weights.safetensors`` written by
+    ``parts.pipeline_class.save_lora_weights(transformer_lora_layers=...)`` (keys ``transformer.<module>.lora_A
+    .weight``, the LoRA config in the metadata), which ``pipeline.load_lora_weights(OUTPUT_DIR)`` loads;
+    otherwise a ``transformer/`` folder (``save_pretrained`` layout, :func:`training.checkpoints.save_unet`).
+    With ``ema`` the average is written. Call on every process (FSDP gathers the shards)."""
+    if not args.use_lora:
+        return checkpoints.save_unet(accelerator, transformer, args, "transformer", ema=ema)
+    from diffdistill.students import lora_state_dict
+
+    accelerator.wait_for_everyone()
+    out = Path(args.output_dir)
+    model = accelerator.unwrap_model(transformer)
+    if ema is not None:
+        ema.copy_to_model()
+    state = accelerator.get_state_dict(transformer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        layers = {k: v.detach().cpu() for k, v in lora_state_dict(model, state_dict=state).items()}
+        config = json.loads(json.dumps(model.peft_config["default"].to_dict(), default=sorted))
+        parts.pipeline_class.save_lora_weights(
+            out,
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=config,
+            weight_name=checkpoints.LORA_WEIGHT_NAME,
+        )
+    accelerator.wait_for_everyone()
+    return out / checkpoints.LORA_WEIGHT_NAME
+
+
+def load_transformer(path: str, parts: FlowComponents) -> Any:
+    """The transformer class of ``parts`` from a transformer folder (``config.json`` at its root) or a run's
+    output / pipeline folder (its ``transformer/``)."""
+    cls = type(parts.transformer)
+    local = Path(path)
+    if (local / "config.json").is_file():
+        return cls.from_pretrained(path)
+    if (local / "transformer" / "config.json").is_file():
+        return cls.from_pretrained(path, subfolder="transformer")
+    raise ValueError(
+        f"Expected {path} to be a transformer folder (config.json at its root) or a folder with "
+        "transformer/config.json, but it holds neither."
+    )

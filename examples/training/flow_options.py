@@ -1,0 +1,57 @@
+"""Command-line options of the SD3 / FLUX scripts (beside the shared ones), and their validation."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options every flow script takes on top of :func:`training.options.add_common_args`.
+
+    ``--guidance``: FLUX.1-dev's embedded guidance (an input of the guidance-distilled transformer, not CFG;
+    reference/flow.md pitfall 1); ``--max_sequence_length``: the T5 token length; ``--uncond`` defaults to the
+    encoded empty prompt (the SD3 pipeline's negative) instead of SDXL's zeros; ``--resolution`` defaults to 1024.
+    """
+    g = parser.add_argument_group("SD3 / FLUX")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="embedded guidance of a guidance-distilled FLUX (FLUX.1-dev: default 3.5, FluxPipeline's); refused "
+        "for models without a guidance embedding (SD3, FLUX.1-schnell)",
+    )
+    g.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 prompt length in tokens (default: the pipeline's, SD3 256, FLUX 512)",
+    )
+    parser.set_defaults(uncond="empty_prompt")
+    return parser
+
+
+def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
+    """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`);
+    fills ``--guidance`` with 3.5 for a guidance-distilled FLUX. Raises ``ValueError`` with the fix."""
+    step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
+    if args.resolution % step:
+        raise ValueError(
+            f"Expected --resolution to be a multiple of {step} (the VAE's factor 8 times the transformer's 2x2 "
+            f"patches), but got {args.resolution}: round it, e.g. to {max(step, args.resolution // step * step)}."
+        )
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+        raise ValueError(
+            f"Expected --max_sequence_length in [1, 512] (T5 tokens; the pipelines refuse more), but got "
+            f"{args.max_sequence_length}."
+        )
+    embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
+    if args.guidance is not None and not embeds:
+        raise ValueError(
+            f"--guidance {args.guidance} is the embedded guidance of a guidance-distilled FLUX (FLUX.1-dev), but this "
+            f"{parts.family.upper()} transformer has no guidance embedding: drop --guidance (use the script's "
+            "classifier-free guidance scale where it has one)."
+        )
+    if embeds and args.guidance is None:
+        args.guidance = 3.5  # FluxPipeline's default guidance_scale
+    return args

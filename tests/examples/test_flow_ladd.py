@@ -1,0 +1,245 @@
+"""Smoke tests of examples/flow_ladd.py (LADD) on tiny SD3 and FLUX pipelines: 2 optimisation steps, exact
+resume, the released LoRA / transformer loaded by the diffusers pipeline, a 2-process DDP run, option checks."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+from tests.examples.tiny_sdxl import deterministic_kernels
+from tests.state_compare import assert_same_update
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+flow_ladd = importlib.import_module("flow_ladd")
+flow_models = importlib.import_module("training.flow_models")
+flow_encoding = importlib.import_module("training.flow_encoding")
+
+STUDENT_SIGMAS = ["1.0", "0.75", "0.5", "0.25"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_kernels() -> Any:
+    with deterministic_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_flow_ladd")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
+    return {
+        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
+        "flux": save_tiny_flux_pipeline(root / "flux"),
+        "prompts": prompts,
+    }
+
+
+def _argv(tiny: dict[str, Path], family: str, out: Path, samples: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path",
+        str(tiny[family]),
+        "--prompts_file",
+        str(tiny["prompts"]),
+        "--output_dir",
+        str(out),
+        "--teacher_samples_dir",
+        str(samples),
+        "--resolution",
+        str(IMAGE_SIZE),
+        "--max_sequence_length",
+        str(T5_LENGTH),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+        "--num_teacher_samples",
+        "4",
+        "--teacher_samples_shard_size",
+        "2",
+        "--teacher_steps",
+        "2",
+        "--discriminator_norm_groups",
+        "4",
+        "--student_sigmas",
+        *STUDENT_SIGMAS,
+        *extra,
+    ]
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_ladd_lora_resumes_exactly_and_loads_in_the_pipeline(
+    family: str, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    # alpha != rank: the pipeline must read the scale alpha / rank from the file's metadata
+    lora = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--gradient_checkpointing"]
+    val = ["--validation_prompts", "a cat", "", "--validation_steps", "1"]
+    out_a, out_b, samples = tmp_path / "a", tmp_path / "b", tmp_path / "samples"
+    flow_ladd.main(
+        flow_ladd.parse_args(_argv(tiny, family, out_a, samples, *lora, *val, "--report_to", "tensorboard"))
+    )
+    assert sorted(p.name for p in (out_a / "samples").iterdir()) == ["step-1.png", "step-2.png"]
+    assert len(list(samples.iterdir())) == 2 and any((out_a / "logs").rglob("events.out.tfevents.*"))
+    resume = ["--resume_from_checkpoint", str(out_a / "checkpoint-1")]
+    flow_ladd.main(flow_ladd.parse_args(_argv(tiny, family, out_b, samples, *lora, *resume)))
+    a, b = (
+        _lora(out_a / "pytorch_lora_weights.safetensors"),
+        _lora(out_b / "pytorch_lora_weights.safetensors"),
+    )
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out_a / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert a.keys() == b.keys() == step1.keys() and all(k.startswith("transformer.") for k in a)
+    assert any(not torch.equal(step1[k], b[k]) for k in b), "the resumed run did not train"
+    assert_same_update(b, a, step1, what="resumed vs uninterrupted LoRA")
+
+    # The pipeline loads the LoRA and, with the saved scheduler, samples on the student's sigmas exactly as the
+    # script's validation sampler does with the same adapter loaded by diffdistill.
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    from diffdistill.students import load_lora
+
+    pipe_class = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipe = pipe_class.from_pretrained(str(tiny[family]))
+    pipe.load_lora_weights(str(out_a))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out_a), subfolder="scheduler")
+    args = flow_ladd.parse_args(_argv(tiny, family, out_a, samples))
+    parts = flow_models.load_flow(args)
+    guidance = 3.5 if family == "flux" else None
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, IMAGE_SIZE), generator=torch.Generator().manual_seed(0)
+    )
+    sigmas = [float(s) for s in STUDENT_SIGMAS]
+    with torch.no_grad():
+        got = pipe(
+            "a cat",
+            sigmas=sigmas,
+            guidance_scale=guidance or 1.0,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            latents=flow_models.pack_latents(noise) if family == "flux" else noise,
+            max_sequence_length=T5_LENGTH,
+            output_type="latent",
+        ).images
+        student = load_lora(
+            parts.transformer, out_a / "pytorch_lora_weights.safetensors", prefix="transformer"
+        )
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        want = flow_models.euler_sample(
+            flow_models.FlowDenoiser(student, family, guidance), noise, sigmas, cond
+        )
+    if family == "flux":
+        got = flow_models.unpack_latents(got, *noise.shape[-2:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ladd_full_flux_transformer_bf16_with_ema_and_r1(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    extra = [
+        "--use_ema",
+        "--r1_gamma",
+        "0.1",
+        "--r1_approximate_sigma",
+        "0.1",
+        "--gan_loss",
+        "non_saturating",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_checkpointing",
+    ]
+    out = tmp_path / "full"
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state: the in-process runs before this one fixed mixed precision "no".
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        flow_ladd.main(flow_ladd.parse_args(_argv(tiny, "flux", out, tmp_path / "samples", *extra)))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    start = FluxTransformer2DModel.from_pretrained(str(tiny["flux"]), subfolder="transformer").state_dict()
+    trained = FluxTransformer2DModel.from_pretrained(str(out / "transformer")).state_dict()
+    assert trained.keys() == start.keys()
+    assert any(not torch.equal(trained[k], start[k]) for k in start), "the transformer did not train"
+    ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert "num_updates" in ema
+
+
+def test_ladd_lora_fsdp2_equals_ddp_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """2 CPU processes (gloo): DDP and accelerate's FSDP2 make the same LoRA steps (tests/state_compare.py)."""
+    from tests.examples.test_sdxl_scripts import _launch_two_processes
+
+    out = {mode: tmp_path / mode for mode in ("ddp", "fsdp")}
+    for mode, folder in out.items():
+        argv = _argv(tiny, "sd3", folder, tmp_path / "samples", "--use_lora", "--lora_rank", "4")
+        argv[argv.index("--train_batch_size") + 1] = "1"  # per process
+        _launch_two_processes("flow_ladd", argv, mode=mode)
+    assert (out["ddp"] / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    assert (out["fsdp"] / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "FSDP2 did not shard"
+    assert len(list((tmp_path / "samples").iterdir())) == 2  # one shard per process, reused by the FSDP2 run
+    ddp, fsdp = (_lora(out[m] / "pytorch_lora_weights.safetensors") for m in ("ddp", "fsdp"))
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert_same_update(fsdp, ddp, step1, what="FSDP2 vs DDP")
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--student_sigmas", "0.5", "1.0"], "strictly decreasing noise levels"),
+        (["--student_sigma_weights", "1", "1"], "4 non-negative weights"),
+        (["--r1_gamma", "1"], "needs --r1_approximate_sigma"),
+        (["--teacher_steps", "0"], "--teacher_steps >= 1"),
+    ],
+)
+def test_ladd_options_are_checked(
+    tiny: dict[str, Path], tmp_path: Path, extra: list[str], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        flow_ladd.parse_args(_argv(tiny, "sd3", tmp_path, tmp_path, *extra))
+
+
+def test_ladd_refuses_stale_samples_and_flux_cfg(tiny: dict[str, Path], tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    one_step = ["--max_train_steps", "1", "--use_lora", "--lora_rank", "2"]
+    flow_ladd.main(flow_ladd.parse_args(_argv(tiny, "sd3", tmp_path / "a", samples, *one_step)))
+    stale = _argv(tiny, "sd3", tmp_path / "b", samples, *one_step)
+    stale[stale.index("--teacher_steps") + 1] = "3"
+    with pytest.raises(
+        ValueError, match="was made with teacher_steps=2 and this run asks for teacher_steps=3"
+    ):
+        flow_ladd.main(flow_ladd.parse_args(stale))
+    flux = _argv(tiny, "flux", tmp_path / "c", tmp_path / "s2", "--teacher_guidance_scale", "4")
+    with pytest.raises(ValueError, match=r"FLUX\.1 takes its guidance as an input"):
+        flow_ladd.main(flow_ladd.parse_args(flux))
+    with pytest.raises(ValueError, match="pass --prompts_file"):
+        flow_ladd.parse_args([*_argv(tiny, "sd3", tmp_path, tmp_path), "--train_data_dir", str(tmp_path)])

@@ -1,0 +1,183 @@
+"""Fixtures of the flow-model example tests: tiny SD3- and FLUX-structured diffusers pipelines written to disk offline
+(random weights, tokenizers built in memory), so the ``examples/flow_*.py`` scripts load them like the real folders.
+
+Both pipelines share one layout: a 16-channel ``AutoencoderKL`` (4 levels of 8 channels, factor 8) with the
+family's latent normalisation in its config (SD3: shift 0.0609, scale 1.5305; FLUX: shift 0.1159, scale 0.3611),
+2-layer CLIP text encoders of width 16 (:func:`tests.examples.tiny_sdxl.tiny_clip_tokenizer`), a 2-layer
+``T5EncoderModel`` with a character-level T5 tokenizer (:func:`tiny_t5_tokenizer`), the tiny transformers of
+:mod:`tests.transformer_configs` sized for those encoders, and ``FlowMatchEulerDiscreteScheduler`` with the
+family's config (SD3: static shift 3; FLUX: ``use_dynamic_shifting`` with FLUX.1's base / max shift).
+Images of 64 px give 8x8 latents: a 4x4 patch grid (16 image tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.examples.tiny_sdxl import tiny_clip_tokenizer
+from tests.transformer_configs import tiny_flux_transformer_config, tiny_sd3_transformer_config
+
+CLIP_WIDTH = 16  # hidden size of each tiny CLIP encoder
+CLIP_LENGTH = 16  # CLIP tokenizer length
+T5_LENGTH = 8  # default --max_sequence_length of the tests
+IMAGE_SIZE = 64  # pixels: 8x8 latents
+
+
+def tiny_t5_tokenizer(max_length: int = T5_LENGTH) -> Any:
+    """A character-level T5 tokenizer built in memory (a ``tokenizers`` Unigram model, no sentencepiece download):
+    ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the word-start piece and the printable ASCII characters, no extra ids."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _tiny_t5(vocab: int, d_model: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def _clip_config(vocab: int, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=CLIP_WIDTH,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_LENGTH,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        **extra,
+    )
+
+
+def _tiny_vae(shift: float, scale: float) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=scale,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def save_tiny_sd3_pipeline(folder: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write a tiny ``StableDiffusion3Pipeline`` folder (random weights, no download) to ``folder`` and return it.
+
+    Text: two CLIP encoders with projection (hidden 16, projection 16; pooled 16 + 16 = 32) and T5 of width 32
+    (CLIP's 16 + 16 hidden states are zero-padded to it, as the pipeline does); transformer: the tiny SD3 config
+    with 16 latent channels, ``joint_attention_dim`` 32, ``pooled_projection_dim`` 32; scheduler: shift 3.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    root = Path(folder)
+    clip_tok = tiny_clip_tokenizer(root / "_tokenizer_src", CLIP_LENGTH)
+    t5_tok = tiny_t5_tokenizer()
+    vocab = len(clip_tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc1 = CLIPTextModelWithProjection(_clip_config(vocab, projection_dim=16))
+        enc2 = CLIPTextModelWithProjection(_clip_config(vocab, projection_dim=16))
+        t5 = _tiny_t5(len(t5_tok), 2 * CLIP_WIDTH)
+        vae = _tiny_vae(0.0609, 1.5305)
+        transformer = SD3Transformer2DModel(
+            **tiny_sd3_transformer_config(
+                in_channels=16, out_channels=16, joint_attention_dim=32, pooled_projection_dim=32
+            )
+        )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=enc1,
+        tokenizer=clip_tok,
+        text_encoder_2=enc2,
+        tokenizer_2=clip_tok,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    shutil.rmtree(root / "_tokenizer_src")
+    return root
+
+
+def save_tiny_flux_pipeline(
+    folder: str | os.PathLike[str], *, seed: int = 0, guidance_embeds: bool = True
+) -> Path:
+    """Write a tiny ``FluxPipeline`` folder (random weights, no download) to ``folder`` and return it.
+
+    Text: CLIP (pooled output, hidden 16) and T5 of width 16; transformer: the tiny FLUX config with 64 packed
+    input channels (16 latent channels x 2x2), guidance embedding as FLUX.1-dev (``guidance_embeds=False``:
+    FLUX.1-schnell's layout); scheduler: ``use_dynamic_shifting`` with base / max shift 0.5 / 1.15 over
+    256 / 4096 tokens (FLUX.1-dev's ``scheduler_config.json``).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    root = Path(folder)
+    clip_tok = tiny_clip_tokenizer(root / "_tokenizer_src", CLIP_LENGTH)
+    t5_tok = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIPTextModel(_clip_config(len(clip_tok)))
+        t5 = _tiny_t5(len(t5_tok), CLIP_WIDTH)
+        vae = _tiny_vae(0.1159, 0.3611)
+        transformer = FluxTransformer2DModel(
+            **tiny_flux_transformer_config(in_channels=64, guidance_embeds=guidance_embeds)
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
+    shutil.rmtree(root / "_tokenizer_src")
+    return root
