@@ -32,6 +32,14 @@ logic is inline in their ``main``), with the scripts' own building blocks (``exa
 * ``ssd1b`` -- the ``ssd-1b`` block-removed student (full, float32 master weights) + LayerKD against the
   frozen bf16 teacher.
 
+``--shared_base`` (LoRA only) builds ``sim`` and ``diffusion2gan`` as the scripts' ``--shared_base`` does
+(``examples/training/shared_critics.py``): ONE frozen bf16 UNet holding the generator's adapter and the fake
+score's (SIM) / the discriminator's (Diffusion2GAN) instead of two / three UNets; their ``trains`` column reads
+``LoRA, shared base`` (the other methods keep one UNet already, or train a full student, and are unchanged).
+Run the table with and without the flag to read the memory it saves, e.g.
+``--methods sim diffusion2gan --r1_approximate_sigma 0.1 --batches 8 16 32 64 --memory_cap_gib 78``
+twice. With gradient checkpointing, Diffusion2GAN's shared base takes APT's R1 only (as the script).
+
 ``--full`` trains the full UNet instead of a LoRA (ssd1b always does). ``--tiny`` runs the same code on a
 tiny 3-level SDXL-structured UNet (``distill_TINY_SDXL_3LEVEL_UNET``) with 32x32 latents, float32,
 for a CPU smoke test.
@@ -43,6 +51,7 @@ Usage::
     python benchmarks/gpu_sdxl.py --batches 1 8 --warmup 1 --repeats 1     # what gpu_checks.sh runs
     python benchmarks/gpu_sdxl.py --full                            # full-UNet students
     python benchmarks/gpu_sdxl.py --batches 16 32 64 --memory_cap_gib 78   # largest batch on an 80 GB card
+    python benchmarks/gpu_sdxl.py --methods sim diffusion2gan --r1_approximate_sigma 0.1 --shared_base
     OMP_NUM_THREADS=1 python benchmarks/gpu_sdxl.py --tiny --device cpu   # CPU smoke run (seconds)
 """
 
@@ -96,12 +105,13 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(ROOT))
 from sdxl_sim import sim_networks  # noqa: E402
-from training import sdxl_models  # noqa: E402 - the examples' shared package
+from training import sdxl_models, shared_critics  # noqa: E402 - the examples' shared package
 
 from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET  # noqa: E402 - the test suite's tiny UNet
 
 METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
 REFERENCE = "reference"  # plain fine-tuning step, run first: the ratios' denominator
+SHARED_BASE_METHODS = ("sim", "diffusion2gan")  # what --shared_base changes (the scripts that take it)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument(
+        "--shared_base",
+        action="store_true",
+        help="sim and diffusion2gan on ONE frozen UNet holding every trained network's LoRA adapter (the "
+        "scripts' --shared_base); the other methods are unchanged",
+    )
+    p.add_argument(
         "--no_reference",
         action="store_true",
         help="skip the plain fine-tuning reference step (then the ratio columns read '-')",
@@ -163,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
         if args.memory_cap_gib <= 0:
             p.error(f"--memory_cap_gib must be positive, got {args.memory_cap_gib}")
+    if args.shared_base and args.full:
+        p.error("--shared_base shares one frozen UNet between LoRA adapters: leave out --full")
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
     args.repeats = args.repeats or (1 if tiny else 5)
     return args
@@ -292,8 +310,18 @@ def build_diffusion2gan(b: Bench) -> Step:
     gc_on = not b.options.no_gradient_checkpointing
     widths = b.unet.config.block_out_channels
     groups = 32 if all(c % 32 == 0 for c in widths) else 8  # the tiny UNet's 16-channel level: 8 groups
-    disc = MultiScaleConditionalDiscriminator(b.unet, gradient_checkpointing=gc_on, norm_groups=groups)
-    unet, _ = b.student()
+    if b.options.shared_base:  # the script's --shared_base: D = a LoRA adapter of the generator's base
+        base = shared_critics.build(
+            b.options, b.unet, b.device, b.dtype, (shared_critics.GENERATOR, shared_critics.DISCRIMINATOR)
+        )
+        trunk = MultiScaleConditionalDiscriminator(base.model, backbone="shared", norm_groups=groups)
+        disc: nn.Module = shared_critics.ActiveAdapter(
+            trunk, base, shared_critics.DISCRIMINATOR, owns_adapter=True
+        ).to(b.device)
+        unet: nn.Module = base.view(shared_critics.GENERATOR)
+    else:
+        disc = MultiScaleConditionalDiscriminator(b.unet, gradient_checkpointing=gc_on, norm_groups=groups)
+        unet, _ = b.student()
     lpips = ELatentLPIPS("sdxl", weights=None, augment="bg").to(b.device)
     opt, opt_d = b.adam(unet), b.adam(disc)
 
@@ -470,6 +498,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         no_gradient_checkpointing=args.no_gradient_checkpointing,
         r1_approximate_sigma=args.r1_approximate_sigma,
+        shared_base=args.shared_base and name in SHARED_BASE_METHODS,
     )
     bench = Bench(
         unet=_base_unet(args),
@@ -482,6 +511,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     step = BUILDERS[name](bench)
     trains = "student (full)" if name == "ssd1b" else ("LoRA" if options.use_lora else "full UNet")
+    trains += ", shared base" if options.shared_base else ""
     rows: list[dict[str, Any]] = []
     for batch in args.batches:
         try:
@@ -582,6 +612,7 @@ def main(args: argparse.Namespace) -> str:
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
         f"{'' if args.r1_approximate_sigma is None else f', approximate R1 (sigma {args.r1_approximate_sigma})'}"
         f"{'' if args.memory_cap_gib is None else f', memory capped at {args.memory_cap_gib:g} GiB'}"
+        f"{', shared base (sim, diffusion2gan)' if args.shared_base else ''}"
     )
     return header + "\n\n" + table(rows)
 

@@ -26,6 +26,18 @@ Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arX
    (:func:`diffdistill.losses.approximate_r1_penalty`, Lin et al. 2025): two more plain forwards of the
    penalised sample, no double backward, and allowed under FSDP / DeepSpeed (tested under ZeRO-2).
 
+``--shared_base`` (with ``--use_lora``; our choice, for memory: issue 22): ONE frozen copy of the UNet in the
+mixed-precision dtype instead of the LoRA generator's base plus the discriminator's trainable float32 copy.
+It holds two LoRA adapters (:class:`diffdistill.students.SharedBase`, ``training.shared_critics``): the
+generator's, and a "discriminator" adapter that stands in for fine-tuning the discriminator's UNet backbone
+(the paper trains the whole copy; a LoRA of it keeps the backbone trainable, only at rank ``--lora_rank``,
+where frozen adapters-off features would not let it adapt at all). The discriminator's own layers (z-conv,
+multi-scale input convs, readout heads) are unchanged and run on the base's features under that adapter;
+the teacher of the pairs is the base with the adapters off. Gradient checkpointing recomputes each block
+under the adapter it ran with (also in R1's double backward). Checkpoints: the generator's adapter in
+``unet_lora.safetensors``, the discriminator (adapter + its layers) in accelerate's model file. DDP or one
+process (FSDP / DeepSpeed are refused).
+
 Example::
 
     accelerate launch examples/sdxl_diffusion2gan.py \\
@@ -65,6 +77,7 @@ from training import (
     runtime,
     sdxl_encoding,
     sdxl_models,
+    shared_critics,
     teacher_pairs,
     validation,
 )
@@ -109,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "less memory than exact R1, allowed under FSDP / DeepSpeed (tested: ZeRO-2); default: exact R1",
     )
     g.add_argument("--no_mix_and_match", action="store_true")
+    shared_critics.add_shared_base_arg(g)
     args = options.check_common_args(p.parse_args(argv))
+    shared_critics.check_shared_base_args(args)
     if args.r1_gamma < 0:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
     if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
@@ -151,6 +166,8 @@ def main(args: argparse.Namespace) -> None:
             "sharding does not support: run Diffusion2GAN with DDP, pass --r1_approximate_sigma (e.g. 0.1) for "
             "the finite-difference R1, or --r1_gamma 0 to train without R1."
         )
+    if args.shared_base:
+        shared_critics.check_engine(accelerator)
     if args.lpips_weights == "random" and accelerator.is_main_process:
         logger.warning(RANDOM_LPIPS_WARNING)
     teacher_pairs.check_pairs(
@@ -161,8 +178,22 @@ def main(args: argparse.Namespace) -> None:
     device = accelerator.device
     sdxl_models.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
-    disc = MultiScaleConditionalDiscriminator(parts.unet, gradient_checkpointing=args.gradient_checkpointing)
-    unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
+    if args.shared_base:  # one frozen UNet: generator and discriminator adapters, teacher = adapters off
+        base = shared_critics.build(
+            args, parts.unet, device, dtype, (shared_critics.GENERATOR, shared_critics.DISCRIMINATOR)
+        )
+        disc = shared_critics.ActiveAdapter(
+            MultiScaleConditionalDiscriminator(base.model, backbone="shared"),  # checkpointed by the base
+            base,
+            shared_critics.DISCRIMINATOR,
+            owns_adapter=True,
+        )
+        unet, teacher_model = base.view(shared_critics.GENERATOR), base.view(None)
+    else:
+        disc = MultiScaleConditionalDiscriminator(
+            parts.unet, gradient_checkpointing=args.gradient_checkpointing
+        )
+        unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     teacher_pairs.generate_pairs(accelerator, args, parts, teacher)
     pairs = teacher_pairs.PairShards(

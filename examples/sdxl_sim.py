@@ -39,6 +39,18 @@ the SIM / SiD gradient flows through its input as in the papers. (It is not the 
 adapters disabled: with gradient checkpointing that UNet would recompute its blocks in the backward pass
 with the adapters enabled again, which torch's checkpoint rejects.)
 
+``--shared_base`` (with ``--use_lora``; our choice, for memory: issue 22): ONE frozen copy of the UNet in the
+mixed-precision dtype holds two LoRA adapters, the generator's and the fake score's, and the real score is
+that UNet with both adapters off (:class:`diffdistill.students.SharedBase`, ``training.shared_critics``):
+one copy of the base weights instead of three, the same networks and losses. Each view runs with only its
+adapter active, gradients reach only the adapter being trained, and gradient checkpointing recomputes each
+block under the adapter it ran with (so the separate real copy above is not needed). The checkpoints hold
+each adapter in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake
+score), the released ``pytorch_lora_weights.safetensors`` is the generator's adapter as without the flag, and
+DMD2's classifier head runs the base's encoder under the fake score's adapter. DDP, FSDP2 (the frozen base
+sharded once by ``SharedBase.fully_shard``, each view sharding its adapter; tested against DDP) or one
+process; DeepSpeed is refused (the classifier stays refused under FSDP, as without the flag).
+
 Example::
 
     accelerate launch examples/sdxl_sim.py \\
@@ -73,6 +85,7 @@ from training import (
     score_distillation,
     sdxl_encoding,
     sdxl_models,
+    shared_critics,
     validation,
 )
 
@@ -153,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     score_distillation.add_fake_score_args(g)
     score_distillation.add_gan_args(g)
+    shared_critics.add_shared_base_arg(g)
     g.add_argument(
         "--fake_guidance_scale",
         type=float,
@@ -217,6 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.sim_distance != "pseudo_huber":
             raise ValueError("--sim_c is the pseudo-Huber constant: it needs --sim_distance pseudo_huber.")
     score_distillation.check_gan_args(args)
+    shared_critics.check_shared_base_args(args)
     if args.gan_weight > 0 and not args.train_data_dir:
         raise ValueError(
             "--gan_weight: DMD2's classifier compares the generator's samples with real images: pass "
@@ -250,8 +265,14 @@ def sim_networks(
 
     The real score is a frozen copy in ``dtype``; the generator and the fake score are LoRAs on ``dtype``
     bases (``--use_lora``) or full float32 copies. ``--gradient_checkpointing`` applies to all three (the
-    generator's gradient flows through the real and fake scores' inputs).
+    generator's gradient flows through the real and fake scores' inputs). ``--shared_base``: no copy, the
+    three are views of ``unet`` (frozen in ``dtype``) with the generator's adapter, the fake score's, none.
     """
+    if args.shared_base:
+        base = shared_critics.build(
+            args, unet, device, dtype, (shared_critics.GENERATOR, shared_critics.FAKE)
+        )
+        return base.view(shared_critics.GENERATOR), base.view(shared_critics.FAKE), base.view(None)
     real = copy.deepcopy(unet).to(device, dtype=dtype)
     sdxl_models.freeze(real)
     fake = copy.deepcopy(unet)
@@ -281,6 +302,8 @@ def main(args: argparse.Namespace) -> None:
         args.learning_rate,
         args.max_grad_norm,
     )
+    if args.shared_base:
+        shared_critics.check_engine(accelerator, fsdp=True)
     parts = sdxl_models.load_sdxl(args)
     dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
@@ -288,6 +311,8 @@ def main(args: argparse.Namespace) -> None:
     sdxl_models.place_frozen(parts, device, dtype, vae=with_gan)  # the GAN's real latents
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
+    if args.shared_base:
+        shared_critics.shard(accelerator, unet.shared_base)
     opt_g = runtime.adamw(unet.parameters(), args)
     opt_f = runtime.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
     unet, opt_g, fake, opt_f = runtime.prepare(accelerator, (unet, opt_g), (fake, opt_f))

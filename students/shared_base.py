@@ -80,6 +80,26 @@ def _adapter_configs(inner: nn.Module) -> dict[str, Any]:
     return dict(getattr(inner, "peft_config", None) or {})
 
 
+class _Recompute:
+    """Context of a checkpointed block's recomputation: ``state`` active inside, the previous state after.
+
+    Re-enterable (a stack of previous states), unlike a generator context: a double backward (exact R1's
+    ``autograd.grad(..., create_graph=True)`` then ``backward``) recomputes the same block twice.
+    """
+
+    def __init__(self, base: SharedBase, state: str | None) -> None:
+        self._base = base
+        self._state = state
+        self._previous: list[str | None] = []
+
+    def __enter__(self) -> None:
+        self._previous.append(self._base._state)
+        self._base._switch(self._state)
+
+    def __exit__(self, *exc: object) -> None:
+        self._base._switch(self._previous.pop())
+
+
 class _AdapterCheckpoint:
     """The ``gradient_checkpointing_func`` of a shared base: torch's non-reentrant checkpoint whose recomputation
     runs under the adapter that was active in the forward pass (``context_fn``). Holds the base weakly (the
@@ -106,7 +126,7 @@ class _AdapterCheckpoint:
         def context_fn() -> tuple[
             contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]
         ]:
-            return contextlib.nullcontext(), base._switched(state)
+            return contextlib.nullcontext(), _Recompute(base, state)
 
         return torch.utils.checkpoint.checkpoint(
             module.__call__, *args, use_reentrant=False, context_fn=context_fn, **kwargs

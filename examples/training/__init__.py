@@ -31,6 +31,9 @@ Modules:
 - :mod:`training.flow_encoding`: SD3 / FLUX prompt conditions through the pipeline's ``encode_prompt``, cached.
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``).
 - :mod:`training.flow_validation`: few-step validation grids of flow students.
+- :mod:`training.flow_critics`: shared-base critics of SD3 / FLUX score distillation (DMD2 / SiD / SIM): one frozen
+  transformer with the generator's and the fake score's adapters, DMD2's backward simulation and sampler, GAN
+  heads on the fake score, adapter export.
 
 Determinism and resume: every optimisation step draws its data indices, noise and timesteps from a
 ``torch.Generator`` seeded by ``(seed, step, process, micro-batch)``

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from diffdistill.students import save_lora
+from diffdistill.students import AdapterView, save_lora
 
 from . import ema_release, runtime
 
@@ -131,7 +131,9 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
     accelerate save/load pre-hooks (as in diffusers' LoRA training scripts): the save hook writes each
     model's adapter (:func:`diffdistill.students.save_lora`) and drops the model from the weights accelerate
     writes; the load hook reads the adapter back into the live model (same parameter objects, so the
-    optimiser and an EMA keep tracking them) and drops the model from the ones accelerate loads. Other
+    optimiser and an EMA keep tracking them) and drops the model from the ones accelerate loads. A model that
+    is an :class:`~diffdistill.students.AdapterView` (one adapter of a ``--shared_base`` UNet) is written as
+    that adapter alone, ``{name}_lora.safetensors``, and read back into it. Other
     prepared models (discriminators) are saved by accelerate as usual. Not used with FSDP / DeepSpeed
     (:func:`setup_checkpoints`): there accelerate writes every model's shards itself.
     """
@@ -147,6 +149,9 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
         found = ours(prepared)
         if accelerator.is_main_process:
             for name in found.values():
+                if isinstance(targets[name], AdapterView):  # one adapter of a shared base (--shared_base)
+                    targets[name].save(Path(output_dir) / f"{name}_lora.safetensors", prefix="")
+                    continue
                 for adapter, file in _adapter_files(targets[name], name):
                     save_lora(targets[name], Path(output_dir) / file, adapter_name=adapter, prefix="")
         if len(weights) == len(prepared):
@@ -156,6 +161,14 @@ def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) 
     def load_hook(prepared: list[Any], input_dir: str) -> None:
         found = ours(prepared)
         for i in sorted(found, reverse=True):
+            if isinstance(targets[found[i]], AdapterView):  # its state dict has the file's (unprefixed) keys
+                from safetensors.torch import load_file
+
+                targets[found[i]].load_state_dict(
+                    load_file(str(Path(input_dir) / f"{found[i]}_lora.safetensors"))
+                )
+                prepared.pop(i)
+                continue
             for adapter, file in _adapter_files(targets[found[i]], found[i]):
                 load_lora(targets[found[i]], Path(input_dir) / file, adapter_name=adapter, prefix="")
             prepared.pop(i)
@@ -232,7 +245,10 @@ def save_unet(
     state = accelerator.get_state_dict(unet)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if args.use_lora:
+        if isinstance(model, AdapterView):  # --shared_base: the generator's adapter alone
+            model.save(out / LORA_WEIGHT_NAME, state_dict=state)
+            path = out / LORA_WEIGHT_NAME
+        elif args.use_lora:
             save_lora(model, out / LORA_WEIGHT_NAME, state_dict=state)
             path = out / LORA_WEIGHT_NAME
         else:

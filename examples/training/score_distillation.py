@@ -112,9 +112,15 @@ class BottleneckGAN:
 
         The head is sized for ``--resolution`` and shares the fake UNet's weights; it is a prepared model of
         its own, so checkpoints hold it and its optimiser. Refused under FSDP / DeepSpeed, where the shared
-        trunk is sharded by the fake score's engine and the head would run it outside that engine.
+        trunk is sharded by the fake score's engine and the head would run it outside that engine. A fake
+        score that is an adapter of a ``--shared_base`` UNet: the head reads that UNet's encoder and mid block
+        run under the fake score's adapter (``shared_critics.ActiveAdapter``), which stays the fake score's to
+        train (as DMD2's classifier trains the fake score's trunk).
         """
         from diffdistill.discriminators import BottleneckHead
+        from diffdistill.students import AdapterView
+
+        from . import shared_critics
 
         if runtime.is_sharded(accelerator):
             raise ValueError(
@@ -123,9 +129,14 @@ class BottleneckGAN:
                 "or leave --gan_weight 0."
             )
         trunk = accelerator.unwrap_model(fake)
-        head = BottleneckHead(
+        view = trunk if isinstance(trunk, AdapterView) else None
+        if view is not None:
+            trunk = view.shared_base.model
+        head: nn.Module = BottleneckHead(
             trunk, feature_resolution=sdxl_models.discriminator_feature_resolution(trunk, args.resolution)
         )
+        if view is not None:
+            head = shared_critics.ActiveAdapter(head, view.shared_base, view.adapter_name, owns_adapter=False)
         lr = args.fake_learning_rate or args.learning_rate
         optimizer = runtime.adamw(head.parameters(), args, lr=lr)
         head, optimizer = runtime.prepare(accelerator, (head, optimizer))
