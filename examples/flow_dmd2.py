@@ -1,0 +1,467 @@
+"""DMD2 (or SiD / SIM) one-step and few-step generators for SD3 / SD3.5 and FLUX.1 on one shared frozen transformer.
+
+Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, arXiv:2405.14867;
+``--loss dmd``, the default); ``--loss sid``: Score identity Distillation (Zhou et al. 2024, arXiv:2404.04057),
+which Gu et al. 2025 ("Score Distillation of Flow Matching Models", arXiv:2509.25127) run on SD3, SD3.5 and
+FLUX.1-dev; ``--loss sim``: Score Implicit Matching (Luo et al. 2024, arXiv:2410.16794). Prompt-only
+(``--prompts_file``; with ``--gan_weight`` an image-caption folder). The losses are the library's
+(:func:`diffdistill.losses.dmd_loss`, ``sid_loss``, ``sim_loss``, ``fake_score_loss``); this script wires them
+to the flow transformers.
+
+Three networks, ONE transformer (``training.flow_critics``, :class:`diffdistill.students.SharedBase`; issue 22):
+the frozen base in the mixed-precision dtype carries two LoRA adapters, the generator's and the fake score's,
+and the real score is the base with both adapters off. Each view runs with only its adapter active, gradients
+reach only the adapter being trained, and gradient checkpointing recomputes each block under the adapter it ran
+with. FLUX.1 (11.9 B parameters) holds one 24 GB bf16 copy instead of three. LoRA only (``--use_lora`` is
+always on): full fine-tuning would keep the generator and the fake score as two trainable float32 copies of the
+transformer with their AdamW states (16 bytes a parameter) beside the frozen teacher: 377 GiB of weights and
+states for FLUX.1, 255 GiB for SD3.5-Large, 71 GiB for SD3.5-Medium before any activation (meta-device count,
+``tests/transformer_configs.py``), and the shared base cannot hold full copies; with rank-64 adapters the three
+networks take 27.5 / 21.3 / 6.7 GiB (bf16 base, float32 adapters with gradients and AdamW states).
+DDP or one process (FSDP / DeepSpeed are refused, ``training.shared_critics``).
+
+One optimisation step (``training.flow_critics.FlowScoreDistillation``):
+
+1. the generator's input: DMD2's backward simulation on the K-step grid (``--num_student_steps``; the model's
+   own shifted ``linspace(1, 1/K, K)``, SD3 at K = 4: 1, 0.9, 0.75, 0.5; or ``--student_sigmas``): a step ``k``
+   uniform in ``{0..K-1}``, the same on every process, and the state at ``sigma_k`` reached by running the
+   current generator ``k`` steps from pure noise under ``no_grad`` (predict ``x0 = x - sigma v``, re-noise to the
+   next sigma with fresh noise); the generator's sample is its clean prediction there, ``x = x_k - sigma_k v``;
+2. ``--fake_steps`` fake-score updates on the detached sample: conditional flow matching in velocity units
+   (``fake_score_loss(weighting="flow")``, the loss the teacher was trained with) at ``sigma ~ U[--fake_sigma_range]``;
+3. every ``--generator_every``-th step the generator update through the real and fake scores at
+   ``sigma ~ U[--loss_sigma_range]``, with the fake score (and the GAN heads) frozen.
+
+Guidance. The real score is the teacher with its recipe's guidance: SD3 / SD3.5 classifier-free guidance
+``--guidance_scale`` (default 7.0, ``StableDiffusion3Pipeline``'s default) against the encoded empty prompt;
+FLUX.1-dev its embedded ``--guidance`` (3.5, FastGen's FLUX DMD2 and ``FluxPipeline``'s default; one pass, no
+unconditional branch); FLUX.1-schnell unguided. The fake score models the generator's samples: on SD3 it is
+unguided (DMD2; ``--fake_guidance_scale`` for SiD-LSG's guided fake score). On a guidance-distilled FLUX it must
+still take a guidance input, and which one is a design choice: we follow FastGen (``config_dmd2.py`` for Flux
+sets the network's ``guidance_scale = 3.5`` and ``dmd2.py`` builds the fake score from the teacher's config and
+weights), so ``--fake_guidance`` defaults to ``--guidance``: the fake score starts as the real score, the
+closest model of the generator (itself the teacher at guidance 3.5 at step 0). Its adapter starts at zero, so
+at step 0 the two scores are equal and the DMD gradient is exactly zero; FastGen takes that first generator
+update anyway, we run each step's fake-score update before its generator update (our choice), so the first
+generator update already sees a fake score fitted once to the generator's samples. The generator takes
+``--guidance`` as its input too (FastGen's student does; the pipeline then samples with ``guidance_scale=3.5``).
+
+``--gan_weight`` (with ``--train_data_dir``): DMD2's GAN classifier, here LADD heads
+(:class:`diffdistill.discriminators.LADDDiscriminator`) on the fake score's transformer blocks (the base under the
+fake adapter; ``training.flow_critics.FakeFeatureGAN``), trained in the fake-score update on noised real latents
+vs the generator's samples; the flag alone sets FastGen's FLUX weight 0.03.
+
+Output (``OUTPUT_DIR``): the generator's adapter as ``pytorch_lora_weights.safetensors`` (``--use_ema``: its
+average), written by the pipeline class's ``save_lora_weights``, and the fake score's adapter as
+``fake_lora_weights.safetensors``; ``scheduler/`` is ``FlowMatchEulerDiscreteScheduler`` with shift 1, no
+dynamic shifting and ``stochastic_sampling=True``, i.e. DMD2's sampler on the sigmas as given::
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")      # or StableDiffusion3Pipeline
+    pipe.load_lora_weights(OUTPUT_DIR)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
+    image = pipe(prompt, sigmas=SIGMAS, guidance_scale=3.5).images[0]     # SD3: guidance_scale=1.0
+
+with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``). Checkpoints hold each adapter
+in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake score), the GAN
+heads and every optimiser; a resumed run is exact.
+
+Fidelity:
+
+=========================================  ===========================================================
+as the paper / recipe                      DMD loss ``0.5 ||x - sg(x - g)||^2`` with ``g = (x0_fake -
+                                           x0_real) / mean|x - x0_real|`` (DMD2 code; FastGen's VSD
+                                           loss); fake score = the teacher plus an online-trained part,
+                                           one real score with the teacher's guidance (SD3 CFG, FLUX.1-dev
+                                           embedded 3.5, FastGen); the fake score's guidance input on
+                                           FLUX = the real score's (FastGen); backward simulation on the
+                                           K-step grid with the step synchronised across processes (DMD2
+                                           ``sample_backward``); two-time-scale update
+                                           ``--generator_every 5`` (DMD2); FastGen FLUX DMD2: lr 1e-5,
+                                           4 steps, ``sigma ~ U[0.001, 0.999]`` for both losses, GAN
+                                           weight 0.03; SiD's loss and Adam (0, 0.999), alpha 1 (SiD-LSG)
+our choice (why)                           shared-base LoRA critics (memory: one base copy); fake score in
+                                           velocity units (SD3's CFM; FastGen trains it in x0 units); the
+                                           fake update before the generator update (no zero-gradient step);
+                                           the generator's grid = the model's shifted linspace (FastGen's
+                                           FLUX ``t_list`` not read); FastGen's full-model lr 1e-5 also
+                                           for LoRA; GAN heads on the fake score's blocks (DMD2; FastGen
+                                           reads the teacher's); SiD / SIM learning rates and the 4-step
+                                           SiD grid not checked against arXiv:2509.25127's text
+not implemented                            DMD2's ODE-pair regression warm-up; FSDP / DeepSpeed; full
+                                           fine-tuning (see above); approximate R1 of the GAN heads
+=========================================  ===========================================================
+
+Example::
+
+    accelerate launch examples/flow_dmd2.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+        --prompts_file prompts.txt --output_dir out/dmd2-flux --lora_rank 64 --resolution 1024 \\
+        --mixed_precision bf16 --gradient_checkpointing --train_batch_size 2 --use_ema --max_train_steps 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffdistill.losses import dmd_loss, fake_score_loss, sid_loss, sim_loss
+from diffdistill.schedulers import TeacherSolver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the examples' shared package (examples/training/), next to this script
+from training import (
+    checkpoints,
+    data_sources,
+    flow_critics,
+    flow_encoding,
+    flow_models,
+    flow_options,
+    flow_validation,
+    loop,
+    options,
+    runtime,
+    shared_critics,
+)
+
+logger = logging.getLogger("flow_dmd2")
+
+#: FastGen's FLUX DMD2 GAN weight (``gan_loss_weight_gen``): ``--gan_weight`` given without a value.
+FASTGEN_FLUX_GAN_WEIGHT = 0.03
+
+# The published recipes. A preset sets each option it names unless that option's flag is given.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DMD2 (tianweiy/DMD2: dfake_gen_update_ratio 5, AdamW (0.9, 0.999) wd 0.01, grad norm 10) with FastGen's
+    # FLUX values (fastgen/configs/experiments/Flux/config_dmd2.py: lr 1e-5 for generator, fake score and
+    # discriminator; student_sample_steps 4; t ~ U[0.001, 0.999]).
+    "dmd2": {
+        "loss": "dmd",
+        "num_student_steps": 4,
+        "generator_every": 5,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.01,
+        "learning_rate": 1e-5,
+        "max_grad_norm": 10.0,
+    },
+    # SiD (mingyuanzhou/SiD: Adam (0, 0.999), one fake update per generator update) with SiD-LSG's lr 1e-6 and
+    # alpha 1; a four-step generator as SiD-DiT's (arXiv:2509.25127, Fig. 1).
+    "sid": {
+        "loss": "sid",
+        "num_student_steps": 4,
+        "sid_alpha": 1.0,
+        "generator_every": 1,
+        "adam_beta1": 0.0,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "learning_rate": 1e-6,
+    },
+    # SIM's training values are unpublished (its code is inference only): SiD's, one step (SIM's generator).
+    "sim": {
+        "loss": "sim",
+        "num_student_steps": 1,
+        "generator_every": 1,
+        "adam_beta1": 0.0,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "learning_rate": 1e-6,
+    },
+}
+LOSS_PRESET = {"dmd": "dmd2", "sid": "sid", "sim": "sim"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    options.add_common_args(p, default_lr=1e-5)
+    flow_options.add_flow_args(p)
+    g = p.add_argument_group("DMD2 / SiD / SIM")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: --loss's (dmd -> dmd2)")
+    g.add_argument(
+        "--loss", choices=["dmd", "sid", "sim"], default=None, help="default: the --preset's (dmd)"
+    )
+    g.add_argument("--num_student_steps", type=int, default=None, help="K of the generator's grid (preset)")
+    g.add_argument(
+        "--student_sigmas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the generator's noise levels, strictly decreasing from 1.0 (default: the model's shifted "
+        "linspace(1, 1/K, K) at --resolution)",
+    )
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="SD3: CFG of the real score (default 7.0, the pipeline's)",
+    )
+    g.add_argument(
+        "--fake_guidance",
+        type=float,
+        default=None,
+        help="FLUX.1-dev: the fake score's embedded guidance (default --guidance, FastGen's)",
+    )
+    g.add_argument(
+        "--fake_guidance_scale",
+        type=float,
+        default=1.0,
+        help="SD3: CFG of the fake score (1: unguided, DMD2)",
+    )
+    for name, what in (
+        ("loss", "the generator loss noises its samples to"),
+        ("fake", "of the fake-score loss"),
+    ):
+        g.add_argument(
+            f"--{name}_sigma_range",
+            type=float,
+            nargs=2,
+            default=(0.001, 0.999),
+            metavar=("LOW", "HIGH"),
+            help=f"uniform noise levels {what} (default FastGen's FLUX 0.001 0.999)",
+        )
+    g.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument(
+        "--generator_every", type=int, default=None, help="fake updates per generator update (preset)"
+    )
+    g.add_argument("--fake_steps", type=int, default=1, help="fake-score updates per step")
+    g.add_argument(
+        "--fake_weighting",
+        choices=["flow", "x0", "epsilon", "v"],
+        default="flow",
+        help="space of the fake score's loss (default: velocity, the teacher's CFM loss)",
+    )
+    g.add_argument("--sid_alpha", type=float, default=None, help="SiD's alpha (preset sid: 1)")
+    g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
+    g.add_argument("--sim_c", type=float, default=None, help="pseudo-Huber c (default: sim_loss's)")
+    g.add_argument(
+        "--gan_weight",
+        type=float,
+        nargs="?",
+        const=FASTGEN_FLUX_GAN_WEIGHT,
+        default=0.0,
+        help=f"DMD2's GAN term in the generator loss (the flag alone: FastGen FLUX's {FASTGEN_FLUX_GAN_WEIGHT}); "
+        "needs --train_data_dir",
+    )
+    g.add_argument(
+        "--gan_classifier_weight", type=float, default=1.0, help="the classifier's loss in the fake update"
+    )
+    g.add_argument("--discriminator_blocks", type=int, nargs="+", default=None)
+    g.add_argument("--discriminator_norm_groups", type=int, default=32)
+    fallback = {key: p.get_default(key) for preset in PRESETS.values() for key in preset}
+    fallback.update(sid_alpha=1.2, num_student_steps=1, generator_every=1)
+    p.set_defaults(use_lora=True, **{key: None for key in fallback})
+    args = p.parse_args(argv)
+    resolve_preset(args, fallback)
+    return check_dmd2_args(args)
+
+
+def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
+    """Fill unset options from ``--preset`` (default: the ``--loss``'s), then from ``fallback``."""
+    args.preset = args.preset or LOSS_PRESET[args.loss or "dmd"]
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, value in fallback.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the options (``ValueError`` with the fix)."""
+    options.check_common_args(args, image_method=args.gan_weight > 0)
+    if args.num_student_steps < 1:
+        raise ValueError(f"Expected --num_student_steps >= 1, but got {args.num_student_steps}.")
+    sig = args.student_sigmas
+    if sig is not None and (
+        sig[0] != 1.0 or any(not 0 < s <= 1 for s in sig) or any(a <= b for a, b in itertools.pairwise(sig))
+    ):
+        raise ValueError(
+            "Expected --student_sigmas to be strictly decreasing noise levels in (0, 1] starting at 1.0 (the "
+            f"generator starts from pure noise), e.g. 1.0 0.75 0.5 0.25, but got {sig}."
+        )
+    for name in ("loss_sigma_range", "fake_sigma_range"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high < 1:
+            raise ValueError(f"Expected --{name} LOW HIGH with 0 < LOW <= HIGH < 1, but got {low} {high}.")
+        setattr(args, name, (low, high))
+    if args.generator_every < 1:
+        raise ValueError(f"Expected --generator_every >= 1, but got {args.generator_every}.")
+    for name in ("gan_weight", "gan_classifier_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"Expected --{name} >= 0, but got {getattr(args, name)} (0 turns the GAN off).")
+    if args.gan_weight > 0 and not args.train_data_dir:
+        raise ValueError(
+            "--gan_weight: DMD2's classifier compares the generator's samples with real images: pass "
+            "--train_data_dir (images with .txt captions)."
+        )
+    if not args.prompts_file and not args.train_data_dir:
+        raise ValueError("Pass --prompts_file (one prompt a line) or, with --gan_weight, --train_data_dir.")
+    return args
+
+
+def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponents) -> None:
+    """Refuse the other family's guidance options and fill the family's defaults."""
+    flow_options.check_flow_args(args, parts)
+    if parts.family == "flux":
+        if args.guidance_scale is not None or args.fake_guidance_scale != 1.0:
+            raise ValueError(
+                "--guidance_scale / --fake_guidance_scale are SD3's classifier-free guidance; FLUX.1 has no "
+                "unconditional pass (FLUX.1-dev takes --guidance and --fake_guidance as inputs): drop them."
+            )
+        if args.fake_guidance is not None and args.guidance is None:
+            raise ValueError("--fake_guidance is the embedded guidance of FLUX.1-dev; this FLUX has none.")
+        if args.guidance is not None and args.fake_guidance is None:
+            args.fake_guidance = args.guidance  # FastGen: the fake score is built from the teacher's config
+    else:
+        if args.fake_guidance is not None:
+            raise ValueError(
+                "--fake_guidance is FLUX.1-dev's embedded guidance; SD3 takes --fake_guidance_scale."
+            )
+        if args.guidance_scale is None:
+            args.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = runtime.make_accelerator(args, "flow_dmd2")
+    shared_critics.check_engine(accelerator)
+    parts = flow_models.load_flow(args)
+    check_family_args(args, parts)
+    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
+    flow_models.place_frozen(parts, device, dtype)
+    schedule = flow_critics.loss_schedule()  # unshifted: t ~ U{...} is sigma ~ U[...]
+    sigmas = args.student_sigmas or flow_critics.student_grid(
+        flow_models.flow_schedule(parts, args.resolution), args.num_student_steps
+    )
+    logger.info(
+        "preset %s: loss %s, %d-step grid %s, real guidance %s, fake guidance %s",
+        args.preset,
+        args.loss,
+        len(sigmas),
+        [round(s, 4) for s in sigmas],
+        args.guidance if parts.family == "flux" else args.guidance_scale,
+        args.fake_guidance if parts.family == "flux" else args.fake_guidance_scale,
+    )
+
+    # One frozen transformer: the generator's adapter, the fake score's adapter, and the teacher (none).
+    base = flow_critics.build_shared_base(args, parts.transformer, device, dtype)
+    gen_view, fake_view = base.view(flow_critics.GENERATOR), base.view(flow_critics.FAKE)
+    opt_g = runtime.adamw(gen_view.parameters(), args)
+    opt_f = runtime.adamw(fake_view.parameters(), args, lr=args.fake_learning_rate)
+    gen_view, opt_g, fake_view, opt_f = runtime.prepare(accelerator, (gen_view, opt_g), (fake_view, opt_f))
+    gan = (
+        flow_critics.FakeFeatureGAN.build(accelerator, args, base, parts.family)
+        if args.gan_weight > 0
+        else None
+    )
+    ema = checkpoints.setup_checkpoints(accelerator, args, gen_view, extra_lora={"fake": fake_view})
+
+    def denoiser(model: Any, guidance: float | None = args.guidance) -> flow_models.FlowDenoiser:
+        return flow_models.FlowDenoiser(model, parts.family, guidance)
+
+    embedded = parts.family == "flux" and args.guidance is not None
+    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
+
+    def score(model: Any, scale: float | None) -> TeacherSolver:
+        """A score with its guidance: FLUX.1-dev's embedded input, SD3's CFG (a no-op at 1), schnell's none."""
+        if embedded:
+            return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_input="guidance")
+        return TeacherSolver(
+            denoiser(model), schedule, guidance_scale=scale if parts.family == "sd3" else None
+        )
+
+    real_scale = args.guidance if parts.family == "flux" else args.guidance_scale
+    fake_scale = args.fake_guidance if parts.family == "flux" else args.fake_guidance_scale
+    real = score(base.view(None), real_scale)
+    fake_frozen = score(accelerator.unwrap_model(fake_view), fake_scale)  # in the generator update
+    fake_trained = score(fake_view, fake_scale)  # the prepared (DDP) view in its own update
+    real_uncond = uncond if not embedded and parts.family == "sd3" else None
+    fake_uncond = uncond if parts.family == "sd3" and args.fake_guidance_scale != 1.0 else None
+    loss_range = flow_critics.sigma_range_to_t(args.loss_sigma_range, schedule)
+    fake_range = flow_critics.sigma_range_to_t(args.fake_sigma_range, schedule)
+
+    def generator_loss(
+        x: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kwargs: dict[str, Any] = {
+            "schedule": schedule,
+            "cond": cond,
+            "uncond": real_uncond,
+            "fake_uncond": fake_uncond,
+            "t_range": loss_range,
+            "generator": gen,
+        }
+        if args.loss == "sim":
+            return sim_loss(x, real, fake_frozen, distance=args.sim_distance, c=args.sim_c, **kwargs)
+        if args.loss == "sid":
+            return sid_loss(x, real, fake_frozen, alpha=args.sid_alpha, **kwargs)
+        return dmd_loss(x, real, fake_frozen, **kwargs)
+
+    def fake_loss(
+        x: torch.Tensor, gen: torch.Generator, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fake_score_loss(
+            fake_trained,
+            x,
+            schedule=schedule,
+            weighting=args.fake_weighting,
+            cond=cond,
+            uncond=fake_uncond,
+            t_range=fake_range,
+            generator=gen,
+        )
+
+    data = data_sources.StepData(args, need_images=gan is not None)
+    score_distillation = flow_critics.FlowScoreDistillation(
+        accelerator,
+        args,
+        generator=(gen_view, opt_g),
+        fake=(fake_view, opt_f),
+        denoiser=denoiser,
+        sigmas=sigmas,
+        latent_shape=flow_models.latent_shape(parts, args.train_batch_size, args.resolution),
+        generator_loss=generator_loss,
+        fake_loss=fake_loss,
+        gan=gan,
+    )
+    global_step = checkpoints.resume(accelerator, args)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        real_latents = None
+        if gan is None:
+            _, prompts = data.batch(gen)
+        else:  # the batch's images as VAE latents (the family's normalisation), their captions the prompts
+            real_latents, prompts = data.latents_batch(gen, parts.vae, device)
+        cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
+        return score_distillation.step(step, gen, cond, real=real_latents)
+
+    def validate(step: int) -> None:
+        student = denoiser(accelerator.unwrap_model(gen_view))
+        flow_validation.log_validation(
+            accelerator,
+            args,
+            parts,
+            lambda z, c: flow_critics.renoise_steps(
+                student, z, sigmas, c, torch.Generator().manual_seed(args.seed)
+            ),
+            step,
+        )
+
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    flow_critics.save_adapter(accelerator, fake_view, args, parts, flow_critics.FAKE_LORA_NAME)
+    flow_critics.save_adapter(accelerator, gen_view, args, parts, checkpoints.LORA_WEIGHT_NAME, ema=ema)
+    if accelerator.is_main_process:  # DMD2's sampler on the sigmas as given (no shift, fresh noise per step)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler.from_config(
+            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
+        ).save_pretrained(Path(args.output_dir) / "scheduler")
+        (Path(args.output_dir) / "student_sigmas.json").write_text(json.dumps(sigmas) + "\n")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,336 @@
+"""examples/flow_dmd2.py: DMD2 / SiD / SIM few-step generators on one shared SD3 / FLUX transformer (issue 23, part 2).
+
+CPU smoke runs on the tiny pipelines of :mod:`tests.examples.tiny_flow` (2 steps, a checkpoint after step 1,
+resumed into a fresh folder): one copy of the base weights while training, the base bit-identical afterwards
+(only the adapters train), exact resume, the generator's LoRA loaded by the diffusers pipeline and sampling
+there as the script's DMD2 sampler does; SiD, SIM and the GAN term; the zero DMD gradient of a guidance-distilled
+FLUX at initialisation (why the fake-score update runs first); one 2-process DDP run; option errors.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.examples.test_sdxl_scripts import _launch_two_processes
+from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
+from tests.state_compare import assert_same_update
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+flow_dmd2 = importlib.import_module("flow_dmd2")
+flow_models = importlib.import_module("training.flow_models")
+flow_encoding = importlib.import_module("training.flow_encoding")
+flow_critics = importlib.import_module("training.flow_critics")
+loop = importlib.import_module("training.loop")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_kernels() -> Any:
+    with deterministic_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_flow_dmd2")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
+    return {
+        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
+        "flux": save_tiny_flux_pipeline(root / "flux"),
+        "prompts": prompts,
+        "images": write_captioned_images(root / "images", ["a cat", "a dog", ""]),
+    }
+
+
+def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str, prompts: bool = True) -> list[str]:
+    argv = [
+        "--pretrained_model_name_or_path",
+        str(tiny[family]),
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(IMAGE_SIZE),
+        "--max_sequence_length",
+        str(T5_LENGTH),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--lora_rank",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--seed",
+        "3",
+        *extra,
+    ]
+    return [*argv, "--prompts_file", str(tiny["prompts"])] if prompts else argv
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Record the loaded components and, when training starts, the number of live copies of the base weights.
+
+    The fingerprint is the loaded transformer's ``norm_out.linear.weight`` (a base weight no adapter targets):
+    every live tensor of its shape and values is one copy, counted once per storage (views share it).
+    """
+    seen: dict[str, Any] = {"copies": []}
+    load_flow, train_loop = flow_models.load_flow, loop.train_loop
+
+    def recording_load(args: Any) -> Any:
+        parts = load_flow(args)
+        seen["parts"] = parts
+        seen["start"] = {k: v.clone() for k, v in parts.transformer.state_dict().items()}
+        return parts
+
+    def counting_loop(*args: Any, **kwargs: Any) -> Any:
+        want = seen["start"]["norm_out.linear.weight"]
+        gc.collect()
+        storages = set()
+        for obj in gc.get_objects():
+            same_kind = (
+                issubclass(type(obj), torch.Tensor) and obj.shape == want.shape and obj.is_floating_point()
+            )
+            if same_kind and torch.equal(obj.detach().float().cpu(), want.float()):
+                storages.add(obj.untyped_storage().data_ptr())
+        seen["copies"].append(len(storages - {want.untyped_storage().data_ptr()}))
+        return train_loop(*args, **kwargs)
+
+    monkeypatch.setattr(flow_models, "load_flow", recording_load)
+    monkeypatch.setattr(loop, "train_loop", counting_loop)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_dmd2_trains_only_adapters_of_one_base_resumes_exactly_and_loads_in_the_pipeline(
+    family: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DMD2 preset (4-step grid, backward simulation) with gradient checkpointing, EMA and a validation grid."""
+    seen = _spy(monkeypatch)
+    extra = ["--gradient_checkpointing", "--generator_every", "1", "--use_ema", "--ema_decay", "0.5"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    val = ["--validation_prompts", "a cat", "--validation_steps", "2"]
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, family, out_a, *extra, *val)))
+    assert seen["copies"] == [1], seen["copies"]  # one base: no copy of the transformer's weights
+    # Only the adapters trained: every base weight is bit-identical to the loaded one.
+    trained = seen["parts"].transformer.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert base.keys() == seen["start"].keys()
+    assert all(torch.equal(base[k], seen["start"][k]) for k in base), "a base weight changed"
+    assert sorted(p.name for p in (out_a / "samples").iterdir()) == ["step-2.png"]
+    sigmas = json.loads((out_a / "student_sigmas.json").read_text())
+    assert len(sigmas) == 4 and sigmas[0] == 1.0
+
+    flow_dmd2.main(
+        flow_dmd2.parse_args(
+            _argv(tiny, family, out_b, *extra, "--resume_from_checkpoint", str(out_a / "checkpoint-1"))
+        )
+    )
+    ckpt = out_a / "checkpoint-1"
+    gen_a, gen_b = (_lora(o / "pytorch_lora_weights.safetensors") for o in (out_a, out_b))
+    fake_a, fake_b = (_lora(o / flow_critics.FAKE_LORA_NAME) for o in (out_a, out_b))
+    assert all(k.startswith("transformer.") for k in gen_a) and gen_a.keys() == fake_a.keys()
+    # Each adapter in its own checkpoint file; the EMA's start is the raw step-1 weights of its own run.
+    fake1 = {"transformer." + k: v for k, v in _lora(ckpt / "fake_lora.safetensors").items()}
+    assert any(not torch.equal(fake1[k], fake_b[k]) for k in fake_b), "the resumed run did not train"
+    assert_same_update(fake_b, fake_a, fake1, what="resumed vs uninterrupted fake score")
+    gen1 = {"transformer." + k: v for k, v in _lora(ckpt / "unet_lora.safetensors").items()}
+    assert_same_update(gen_b, gen_a, gen1, what="resumed vs uninterrupted generator (EMA)")
+    assert any(not torch.equal(gen_a[k], fake_a[k]) for k in gen_a if "lora_B" in k), "adapters trained apart"
+
+    # The pipeline loads the generator's LoRA; with the saved scheduler (shift 1, stochastic sampling) it samples
+    # as the script's DMD2 sampler: SD3 on the whole 4-step grid (the same noise stream), FLUX its one-step grid.
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    from diffdistill.students import load_lora
+
+    pipe = (StableDiffusion3Pipeline if family == "sd3" else FluxPipeline).from_pretrained(str(tiny[family]))
+    pipe.load_lora_weights(str(out_a))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out_a), subfolder="scheduler")
+    args = flow_dmd2.parse_args(_argv(tiny, family, out_a))
+    parts = flow_models.load_flow(args)
+    guidance = 3.5 if family == "flux" else None
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, IMAGE_SIZE), generator=torch.Generator().manual_seed(0)
+    )
+    grid = sigmas if family == "sd3" else sigmas[:1]
+    torch.manual_seed(7)  # the pipeline's scheduler draws its re-noising noise from the global generator
+    with torch.no_grad():
+        got = pipe(
+            "a cat",
+            sigmas=grid,
+            guidance_scale=guidance or 1.0,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            latents=flow_models.pack_latents(noise) if family == "flux" else noise,
+            max_sequence_length=T5_LENGTH,
+            output_type="latent",
+        ).images
+        student = load_lora(
+            parts.transformer, out_a / "pytorch_lora_weights.safetensors", prefix="transformer"
+        )
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        denoiser = flow_models.FlowDenoiser(student, family, guidance)
+        want = flow_critics.renoise_steps(denoiser, noise, grid, cond, torch.Generator().manual_seed(7))
+    if family == "flux":
+        got = flow_models.unpack_latents(got, *noise.shape[-2:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_fake_score_equals_real_at_init_so_dmd_gradient_is_zero() -> None:
+    """The design question of a guidance-distilled teacher: the fake score takes the real score's embedded guidance
+    (FastGen) and its adapter starts at zero, so at step 0 the DMD gradient is exactly zero (the script runs the
+    fake-score update first); SD3's real score has CFG 7 and the unguided fake score differs from it at once."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from diffdistill.losses import dmd_loss
+    from diffdistill.schedulers import TeacherSolver
+    from tests.transformer_configs import tiny_flux_transformer_config, tiny_sd3_transformer_config
+
+    schedule = flow_critics.loss_schedule()
+    args = type("Args", (), {"lora_rank": 2, "lora_alpha": None, "gradient_checkpointing": False})()
+    gen = torch.Generator().manual_seed(0)
+    norms = {}
+    for family, cls, config in (
+        ("flux", FluxTransformer2DModel, tiny_flux_transformer_config(in_channels=16)),
+        ("sd3", SD3Transformer2DModel, tiny_sd3_transformer_config()),
+    ):
+        torch.manual_seed(0)
+        base = flow_critics.build_shared_base(args, cls(**config), "cpu", torch.float32)
+        channels = 4
+        x = torch.randn(2, channels, 8, 8, generator=gen, requires_grad=True)
+        cond = {
+            "encoder_hidden_states": torch.randn(2, 6, config["joint_attention_dim"], generator=gen),
+            "pooled_projections": torch.randn(2, config["pooled_projection_dim"], generator=gen),
+        }
+        fake_model = flow_models.FlowDenoiser(base.view("fake"), family)
+        real_model = flow_models.FlowDenoiser(base.view(None), family)
+        if family == "flux":
+            real = TeacherSolver(real_model, schedule, guidance_scale=3.5, guidance_input="guidance")
+            fake = TeacherSolver(fake_model, schedule, guidance_scale=3.5, guidance_input="guidance")
+            uncond = None
+        else:
+            real = TeacherSolver(real_model, schedule, guidance_scale=7.0)
+            fake = TeacherSolver(fake_model, schedule)
+            uncond = {k: torch.zeros_like(v[:1]) for k, v in cond.items()}
+        loss, logs = dmd_loss(x, real, fake, schedule=schedule, cond=cond, uncond=uncond, generator=gen)
+        loss.backward()
+        norms[family] = (float(logs["grad_norm"]), float(x.grad.abs().max()))
+    assert norms["flux"] == (0.0, 0.0), norms
+    assert norms["sd3"][0] > 0 and norms["sd3"][1] > 0, norms
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("flux", ["--loss", "sid", "--gradient_checkpointing"]),
+        ("sd3", ["--loss", "sim", "--fake_guidance_scale", "2"]),
+    ],
+)
+def test_sid_and_sim_train_both_adapters(
+    family: str, extra: list[str], tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """SiD (4-step grid) on FLUX.1-dev and one-step SIM with SiD-LSG's guided fake score on SD3: one step."""
+    out = tmp_path / "out"
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, family, out, "--max_train_steps", "1", *extra)))
+    gen, fake = _lora(out / "pytorch_lora_weights.safetensors"), _lora(out / flow_critics.FAKE_LORA_NAME)
+    for name, state in (("generator", gen), ("fake score", fake)):
+        assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_B" in k), (
+            f"the {name} did not train"
+        )
+    assert len(json.loads((out / "student_sigmas.json").read_text())) == (4 if "sid" in extra else 1)
+
+
+def test_dmd2_gan_heads_on_the_fake_score(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--gan_weight: LADD heads on the fake view's blocks, trained on real image latents; resumed exactly."""
+    extra = ["--gan_weight", "--train_data_dir", str(tiny["images"]), "--discriminator_norm_groups", "4"]
+    extra += ["--generator_every", "1", "--num_student_steps", "2"]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    args = flow_dmd2.parse_args(_argv(tiny, "sd3", out_a, *extra, prompts=False))
+    assert args.gan_weight == flow_dmd2.FASTGEN_FLUX_GAN_WEIGHT
+    flow_dmd2.main(args)
+    resume = ["--resume_from_checkpoint", str(out_a / "checkpoint-1")]
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, "sd3", out_b, *extra, *resume, prompts=False)))
+    heads = [p.name for p in (out_a / "checkpoint-1").iterdir() if p.name.startswith("model")]
+    assert heads, "the GAN heads are not checkpointed"
+    a, b = (_lora(o / flow_critics.FAKE_LORA_NAME) for o in (out_a, out_b))
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out_a / "checkpoint-1" / "fake_lora.safetensors").items()
+    }
+    assert_same_update(b, a, step1, what="resumed vs uninterrupted fake score with the GAN classifier")
+
+
+def test_dmd2_lora_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """2 CPU processes (gloo, DDP): the adapters of the shared base train and are saved once."""
+    out = tmp_path / "ddp"
+    argv = _argv(tiny, "flux", out, "--generator_every", "1", "--gradient_checkpointing")
+    argv[argv.index("--train_batch_size") + 1] = "1"  # per process
+    _launch_two_processes("flow_dmd2", argv)
+    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    start = {"transformer." + k: v for k, v in _lora(out / "checkpoint-1" / "unet_lora.safetensors").items()}
+    final = _lora(out / "pytorch_lora_weights.safetensors")
+    assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in final)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--student_sigmas", "0.75", "0.5"], "starting at 1.0"),
+        (["--loss_sigma_range", "0.5", "0.2"], "0 < LOW <= HIGH < 1"),
+        (["--num_student_steps", "0"], "--num_student_steps >= 1"),
+        (["--gan_weight"], "pass --train_data_dir"),
+        (["--gan_weight", "-1", "--train_data_dir", "x"], "--gan_weight >= 0"),
+    ],
+)
+def test_dmd2_options_are_checked(
+    tiny: dict[str, Path], tmp_path: Path, extra: list[str], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, *extra, prompts="--train_data_dir" not in extra))
+
+
+def test_dmd2_presets_and_family_guidance(tiny: dict[str, Path], tmp_path: Path) -> None:
+    argv = _argv(tiny, "flux", tmp_path)
+    del argv[argv.index("--learning_rate") : argv.index("--learning_rate") + 2]  # the preset's value
+    args = flow_dmd2.parse_args(argv)
+    assert (args.preset, args.loss, args.num_student_steps, args.learning_rate) == ("dmd2", "dmd", 4, 1e-5)
+    assert (args.generator_every, args.use_lora, args.loss_sigma_range) == (5, True, (0.001, 0.999))
+    sid = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--loss", "sid", "--learning_rate", "2e-6"))
+    assert (sid.preset, sid.sid_alpha, sid.adam_beta1, sid.learning_rate) == ("sid", 1.0, 0.0, 2e-6)
+    parts = flow_models.load_flow(args)
+    flow_dmd2.check_family_args(args, parts)
+    assert (
+        args.guidance == args.fake_guidance == 3.5
+    )  # FastGen: the fake score takes the real score's guidance
+    bad = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--guidance_scale", "4"))
+    with pytest.raises(ValueError, match=r"FLUX\.1 has no unconditional pass"):
+        flow_dmd2.check_family_args(bad, parts)
+    sd3 = flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, "--fake_guidance", "2"))
+    with pytest.raises(ValueError, match="SD3 takes --fake_guidance_scale"):
+        flow_dmd2.check_family_args(sd3, flow_models.load_flow(sd3))
