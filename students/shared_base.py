@@ -85,6 +85,10 @@ class _Recompute:
 
     Re-enterable (a stack of previous states), unlike a generator context: a double backward (exact R1's
     ``autograd.grad(..., create_graph=True)`` then ``backward``) recomputes the same block twice.
+
+    Args:
+        base: The :class:`SharedBase` to switch.
+        state: The adapter that was active in the block's forward pass (``None``: none).
     """
 
     def __init__(self, base: SharedBase, state: str | None) -> None:
