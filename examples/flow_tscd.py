@@ -1,0 +1,502 @@
+"""Hyper-SD on SD3 / SD3.5 and FLUX.1: trajectory-segmented consistency distillation (TSCD) of a flow teacher.
+
+Ren et al., "Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024
+(arXiv:2404.13686), Sec. 3.1 and Alg. 1, on a rectified-flow teacher (the method behind the Hyper-SD3 and
+Hyper-FLUX.1-dev LoRAs; their flow training recipe is not public, so every flow-specific value below is ours and
+says so). ``examples/sdxl_hyper_sd.py`` is the SDXL script (with the human-feedback and one-step stages, which
+this script does not have).
+
+One optimisation step (``train_step``):
+
+1. The stage: ``--segments 8,4,2,1`` (``StagePlan.hyper_sd``, as the paper: k = 8 -> 4 -> 2 -> 1 segments, one
+   stage after the other, equal shares of ``--max_train_steps``, weights carried over), or ``--num_segments k``
+   for one stage.
+2. Timesteps (Eq. 11, Alg. 1; :func:`diffdistill.schedulers.tscd_segments`): ``t_n`` on the
+   ``--num_inference_steps`` grid (50, PCM-SD3's Euler sub-steps) of the model's *shifted* training table (SD3:
+   shift 3; FLUX: ``mu`` of the resolution's token count, as the pipelines), ``t_{n-1}`` one grid step below,
+   ``t_end ~ U[t_b, t_{n-1}]`` with ``t_b`` the lower edge of ``t_n``'s segment.
+3. The state ``x_{t_n}``: image-caption data (``--train_data_dir``, as the paper: LAION / COYO images) noised
+   on the flow path ``(1 - sigma) x0 + sigma eps`` (``--noise_offset``: the paper's "noise perturbation",
+   offset noise; value not given, default off); or, with ``--prompts_file`` only, teacher-noised states: the
+   guided teacher's Euler solve from pure noise down to ``t_n`` (:func:`diffdistill.losses.teacher_trajectory_states`,
+   ``--trajectory_segments`` Euler steps at most; our choice, data-free as MLCM).
+4. Eq. 12 through :func:`tscd_sides` (:func:`diffdistill.losses.consistency_pair`, ``parameterization="move"``):
+   the student's velocity at ``(x_{t_n}, t_n)`` moves ``x_{t_n}`` to ``t_end`` (the flow move is the Euler step
+   ``x + (sigma_end - sigma) v``, which is DDIM on the flow path: the consistency boundary in sigma); the
+   teacher's guided Euler step gives ``x_{t_{n-1}}`` and the target network's velocity there moves it to
+   ``t_end``. The target is the EMA of the student (Alg. 1 line 16, ``--target ema``, decay 0.95 by default:
+   LCM's, the paper gives none) or the student itself under ``no_grad`` (``--target online``).
+5. The distance (Sec. 3.1): MSE + adversarial, the stage plan's weights (the adversarial weight grows, the MSE
+   weight shrinks across stages; the paper gives no numbers: ``StagePlan.hyper_sd``'s 1 - i/(n-1) and
+   i/(n-1)); ``--distance mse`` keeps MSE alone in every stage. The adversarial term is LADD-style (our
+   choice for flow transformers; the SDXL script copies the UNet encoder): heads on the *frozen teacher's*
+   transformer blocks (:class:`diffdistill.discriminators.LADDDiscriminator`, conditioned on the noise level
+   and the pooled text) judge both sides at ``t_end``, the target side as real and the student side as fake,
+   with the non-saturating loss of SDXL-Lightning (whose adversarial loss the paper names; ``--gan_loss
+   hinge`` for LADD's), discriminator Adam ``(0, 0.99)`` as Lightning.
+
+Guidance (Alg. 1 line 6: ``omega ~ U[omega_min, omega_max]``, range not given). SD3 / SD3.5: classifier-free
+guidance of the teacher at ``--teacher_guidance_scale`` (default 7.0, StableDiffusion3Pipeline's) against the
+encoded empty prompt; the student learns the guided trajectory and samples without CFG (as Hyper-SDXL's N-step
+LoRAs, ``guidance_scale`` 0; Hyper-SD3's "CFG-preserved" LoRAs are another variant, not implemented here).
+FLUX.1-dev (guidance-distilled, reference/flow.md Sec. 3 and pitfall 1): the teacher takes its guidance as an
+input embedding (``TeacherSolver(guidance_input="guidance")``: one pass, no unconditional branch) at ``--guidance``
+(3.5, FluxPipeline's), and the student LoRA keeps that input: it is fed the same guidance (so it samples with
+``FluxPipeline(guidance_scale=3.5)``, as the Hyper-FLUX LoRAs). ``--guidance_range MIN MAX`` draws ``omega`` per
+sample (SD3: the CFG scale; FLUX.1-dev: the embedded guidance given to both teacher and student, so the
+student stays guidance-conditioned). FLUX.1-schnell (no guidance embedding): an unguided teacher.
+
+The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_models.FLOW_LORA_TARGETS``
+or the whole transformer. Teacher and target cost no second base: with a LoRA the teacher is the same
+transformer with its adapters off (:class:`diffdistill.students.TeacherView`) and the EMA target averages the
+adapters only (:class:`diffdistill.students.EMA` with ``trainable_only``: the frozen base is shared). Our choice
+over :class:`diffdistill.students.SharedBase`'s second "target" adapter: the same memory (the adapters), one code
+path for a LoRA and a full student, and the EMA the SDXL script and its checkpoints use. The adversarial term
+needs a frozen teacher *copy* (one more base in memory: FLUX.1 ~24 GB in bf16): the discriminator runs the
+teacher inside the student's backward, where a LoRA model recomputing its checkpointed blocks could not keep its
+adapters off (as ``flow_ladd.py``); the copy then also serves as the teacher.
+
+Validation samples the student on its stage's grid: ``k`` Euler steps through the segment edges of the shifted
+table (``spaced_timesteps(k, "trailing")``, the moves TSCD trains), unguided (FLUX.1-dev: with ``--guidance``).
+The output is a LoRA file (or a ``transformer/`` folder) and ``student_grid.json`` with the last stage's grid.
+To sample with diffusers (the pipeline's own scheduler shifts the given sigmas exactly as training did; FLUX at
+the sampling resolution's ``mu``)::
+
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")   # or StableDiffusion3Pipeline
+    pipe.load_lora_weights(OUTPUT_DIR)
+    image = pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=3.5).images[0]  # SD3: guidance_scale=1.0
+
+(a ``k``-segment student: ``sigmas = [1 - j/k for j in range(k)]``, ``student_grid.json``'s ``pipeline_sigmas``).
+
+Fidelity:
+
+===========================================  ===========================================================
+as the paper (arXiv:2404.13686)              segments k = 8 -> 4 -> 2 -> 1, one stage each, weights
+                                             carried over; t_n on the N-grid, t_end ~ U[t_b, t_{n-1}]
+                                             (Eq. 11-12, Alg. 1); one teacher solver step; EMA target;
+                                             MSE + adversarial distance, adversarial weight growing with
+                                             the stages; Lightning's non-saturating GAN loss; LoRA;
+                                             lr 1e-6; image-caption data; offset noise (optional)
+as PCM-SD3 (reference/flow.md Sec. 4)        Euler teacher on 50 sub-steps of the shifted table;
+                                             consistency boundary in sigma (f = x + (sigma_end - sigma) v)
+our choice (the flow recipe is not public)   the stage weights 1 - i/(n-1) / i/(n-1); EMA decay 0.95;
+                                             teacher CFG 7.0 (SD3) / embedded guidance 3.5 (FLUX.1-dev,
+                                             fed to the student too); omega fixed unless --guidance_range;
+                                             LADD-style discriminator heads on the frozen teacher's
+                                             blocks (every len(blocks)//4-th), judged at t_end; disc lr =
+                                             the student's; teacher-noised states for prompt-only data;
+                                             LoRA targets (attention + feed-forward of both streams)
+not implemented                              Hyper-SD's human-feedback LoRA and one-step DMD stage
+                                             (see sdxl_hyper_sd.py); Hyper-SD3's CFG-preserved LoRAs;
+                                             multi-aspect buckets; tested engines: one process and DDP
+===========================================  ===========================================================
+
+Example::
+
+    accelerate launch examples/flow_tscd.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev \\
+        --train_data_dir data/images --output_dir out/hyper-flux --use_lora --lora_rank 64 \\
+        --resolution 1024 --mixed_precision bf16 --gradient_checkpointing --train_batch_size 2 \\
+        --max_train_steps 8000 --validation_prompts "a photo of a cat" --validation_steps 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from diffdistill.discriminators import LADDDiscriminator
+from diffdistill.losses import (
+    ConsistencyPair,
+    consistency_pair,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    teacher_trajectory_states,
+)
+from diffdistill.schedulers import StagePlan, TeacherSolver, TimestepSample, spaced_timesteps, tscd_segments
+from diffdistill.students import EMA, TeacherView, frozen
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the examples' shared package (examples/training/), next to this script
+from training import (
+    checkpoints,
+    data_sources,
+    ema_release,
+    flow_encoding,
+    flow_models,
+    flow_options,
+    flow_validation,
+    loop,
+    options,
+    runtime,
+)
+
+logger = logging.getLogger("flow_tscd")
+
+GRID_FILE = "student_grid.json"  # the last stage's sampling grid, beside the LoRA
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    options.add_common_args(p, default_lr=1e-6)
+    flow_options.add_flow_args(p)
+    g = p.add_argument_group("Hyper-SD (TSCD)")
+    g.add_argument(
+        "--segments", default="8,4,2,1", help="segment counts k, one stage each (Hyper-SD: 8,4,2,1)"
+    )
+    g.add_argument(
+        "--num_segments", type=int, default=None, help="one stage of k segments instead of --segments"
+    )
+    g.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=50,
+        help="N: the teacher's Euler grid on the shifted table, the segments are cut from it (PCM-SD3: 50)",
+    )
+    g.add_argument(
+        "--teacher_guidance_scale",
+        type=float,
+        default=None,
+        help="SD3: the teacher's classifier-free guidance (default 7.0, StableDiffusion3Pipeline's); refused for "
+        "FLUX (its guidance is --guidance)",
+    )
+    g.add_argument(
+        "--guidance_range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="omega ~ U[MIN, MAX] per sample (Hyper-SD Alg. 1 line 6; range not given): SD3's CFG scale, or "
+        "FLUX.1-dev's embedded guidance fed to teacher and student. Default: the fixed scale",
+    )
+    g.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="offset noise on the training noise (Hyper-SD's 'noise perturbation mechanism'; value not given)",
+    )
+    g.add_argument(
+        "--trajectory_segments",
+        type=int,
+        default=8,
+        help="prompt-only data: teacher-noised states reached in at most this many Euler steps (MLCM's rule)",
+    )
+    g.add_argument("--target", choices=["ema", "online"], default="ema")
+    g.add_argument(
+        "--target_ema_decay", type=float, default=None, help="EMA target decay (default 0.95, the plan's)"
+    )
+    g = p.add_argument_group("adversarial distance")
+    g.add_argument(
+        "--distance",
+        choices=["hybrid", "mse"],
+        default="hybrid",
+        help="hybrid: MSE + adversarial with the stage plan's weights (the paper); mse: MSE in every stage",
+    )
+    g.add_argument("--gan_loss", choices=["non_saturating", "hinge"], default="non_saturating")
+    g.add_argument(
+        "--discriminator_blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="teacher blocks (execution order) the heads read (default: every len(blocks)//4-th)",
+    )
+    g.add_argument("--discriminator_head_channels", type=int, default=None, help="default min(width, 256)")
+    g.add_argument("--discriminator_norm_groups", type=int, default=32)
+    g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
+    g.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Lightning's Adam (0, 0.99)")
+    g.add_argument("--discriminator_adam_beta2", type=float, default=0.99)
+    return check_tscd_args(options.check_common_args(p.parse_args(argv), image_method=True))
+
+
+def check_tscd_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the TSCD options (``ValueError`` with the fix) and fill ``args.segments_list``."""
+    if args.num_segments is not None:
+        args.segments_list = [args.num_segments]
+    else:
+        try:
+            args.segments_list = [int(k) for k in args.segments.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"Expected --segments to be comma-separated segment counts, e.g. 8,4,2,1, but got {args.segments!r}."
+            ) from None
+    n = args.num_inference_steps
+    if n < 1 or 1000 % n:
+        raise ValueError(f"Expected --num_inference_steps to divide 1000 (e.g. 50, 40, 25), but got {n}.")
+    segs = args.segments_list
+    if len(set(segs)) != len(segs) or not all(1 <= k <= n for k in segs):
+        raise ValueError(
+            f"Expected distinct segment counts in [1, --num_inference_steps ({n})], but got {segs}."
+        )
+    if args.guidance_range is not None and not 0 <= args.guidance_range[0] <= args.guidance_range[1]:
+        raise ValueError(
+            f"Expected --guidance_range MIN MAX with 0 <= MIN <= MAX, but got {args.guidance_range}."
+        )
+    if args.noise_offset < 0:
+        raise ValueError(f"Expected --noise_offset >= 0, but got {args.noise_offset}; 0 turns it off.")
+    if args.trajectory_segments < 1:
+        raise ValueError(f"Expected --trajectory_segments >= 1, but got {args.trajectory_segments}.")
+    if args.target_ema_decay is not None and not 0 <= args.target_ema_decay <= 1:
+        raise ValueError(f"Expected --target_ema_decay in [0, 1], but got {args.target_ema_decay}.")
+    for name in ("discriminator_adam_beta1", "discriminator_adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ValueError(f"Expected --{name} in [0, 1), but got {getattr(args, name)}.")
+    return args
+
+
+def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowComponents) -> None:
+    """The teacher's guidance for this model (after ``flow_options.check_flow_args`` filled ``--guidance``):
+    SD3 takes CFG (``--teacher_guidance_scale``, default 7.0), FLUX none (FLUX.1-dev: the embedded input)."""
+    if parts.family == "flux":
+        if args.teacher_guidance_scale is not None:
+            raise ValueError(
+                "--teacher_guidance_scale is SD3's classifier-free guidance; FLUX.1 takes its guidance as an input "
+                "(--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
+            )
+        if args.guidance_range is not None and args.guidance is None:
+            raise ValueError(
+                "--guidance_range draws FLUX.1-dev's embedded guidance, but this FLUX transformer has no guidance "
+                "embedding (FLUX.1-schnell): drop --guidance_range."
+            )
+    elif args.teacher_guidance_scale is None:
+        args.teacher_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+
+
+# ------------------------------------------------------------------------------------------ the method
+def tscd_sides(
+    student: Any,
+    target: Any,
+    teacher: TeacherSolver,
+    x_t: torch.Tensor,
+    sample: TimestepSample,
+    cond: dict[str, Any],
+    uncond: dict[str, Any] | None,
+    omega: float | torch.Tensor | None,
+    guidance_input: bool,
+) -> ConsistencyPair:
+    """Both sides of Hyper-SD's Eq. 12 on a flow model: the student's and the target's states at ``t_end``.
+
+    Student side ``x_{t_n} + (sigma_end - sigma_n) v_theta(x_{t_n}, t_n)``; target side
+    ``x_hat + (sigma_end - sigma_{n-1}) v^-(x_hat, t_{n-1})`` with ``x_hat`` the teacher's guided Euler step from
+    ``t_n`` to ``t_{n-1}`` (``x_hat`` itself where ``t_end = t_{n-1}``). ``omega`` is the teacher's guidance (SD3:
+    CFG against ``uncond``; with ``guidance_input``, FLUX.1-dev: the embedded guidance, also given to the student
+    and the target as their ``guidance`` input). ``student`` / ``target`` / the teacher's model are denoisers
+    ``(x (B, C, h, w), 1000 sigma, **cond) -> v`` (:class:`training.flow_models.FlowDenoiser`); ``target`` is
+    ``"online"`` or a callable (the EMA). Returns the :class:`diffdistill.losses.ConsistencyPair`.
+    """
+    student_cond = cond
+    if guidance_input:  # the student keeps FLUX.1-dev's guidance input: the teacher's omega
+        g = torch.as_tensor(omega, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+        student_cond = {**cond, "guidance": g}
+    return consistency_pair(
+        student,
+        teacher,
+        x_t,
+        sample,
+        cond,
+        uncond,
+        target=target,
+        parameterization="move",
+        guidance_scale=omega,
+        student_cond=student_cond,
+        prediction_type="flow",
+    )
+
+
+def tscd_mse(pair: ConsistencyPair) -> torch.Tensor:
+    """The MSE part of the distance: mean over the batch and the latents of ``(student - target)^2`` (float32)."""
+    return F.mse_loss(pair.student.float(), pair.target.float())
+
+
+def stage_index(step: int, num_stages: int, max_steps: int) -> int:
+    """Stage of optimisation step ``step`` (0-based): equal shares of ``max_steps``."""
+    return min(num_stages - 1, step * num_stages // max_steps)
+
+
+def student_grid(schedule: Any, k: int) -> dict[str, list[float]]:
+    """A ``k``-segment student's sampling grid: the trailing ``k`` timesteps (the segment edges), as
+    ``sigmas`` (the shifted table's, what validation uses) and ``pipeline_sigmas`` (``1 - j/k``: what a diffusers
+    pipeline is given, its scheduler shifting them the same way)."""
+    total = schedule.num_train_timesteps
+    t = spaced_timesteps(k, "trailing", num_train_timesteps=total)
+    return {
+        "sigmas": [float(s) for s in schedule.sigma(t)],
+        "pipeline_sigmas": [float(u) / total for u in (t + 1).tolist()],
+    }
+
+
+def draw_guidance(args: argparse.Namespace, batch: int, gen: torch.Generator) -> float | torch.Tensor | None:
+    """The teacher's omega: ``U[--guidance_range]`` per sample (a ``(B,)`` tensor), else the fixed scale (SD3
+    ``--teacher_guidance_scale``, FLUX.1-dev ``--guidance``, FLUX.1-schnell ``None``); nothing is drawn then."""
+    fixed = args.teacher_guidance_scale if args.teacher_guidance_scale is not None else args.guidance
+    if args.guidance_range is None or fixed is None:
+        return fixed
+    low, high = args.guidance_range
+    return low + (high - low) * torch.rand(batch, generator=gen)
+
+
+def training_noise(shape: tuple[int, ...], gen: torch.Generator, noise_offset: float) -> torch.Tensor:
+    """Gaussian noise plus ``noise_offset`` x one Gaussian per sample and channel (offset noise); with 0 nothing
+    more is drawn."""
+    noise = torch.randn(shape, generator=gen)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=gen)
+    return noise
+
+
+# ------------------------------------------------------------------------------------------ training
+def main(args: argparse.Namespace) -> None:
+    accelerator = runtime.make_accelerator(args, "flow_tscd")
+    if args.target == "ema" and runtime.zero_stage(accelerator) == 3:
+        raise ValueError(
+            "--target ema averages the student's parameters into a whole copy, which DeepSpeed ZeRO-3 does not "
+            "keep on a process: use DDP or ZeRO stage 1 / 2, or pass --target online."
+        )
+    parts = flow_models.load_flow(args)
+    flow_options.check_flow_args(args, parts)
+    check_guidance_args(args, parts)
+    plan = StagePlan.hyper_sd(args.segments_list, num_inference_steps=args.num_inference_steps)
+    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
+    flow_models.place_frozen(parts, device, dtype)
+    schedule = flow_models.flow_schedule(parts, args.resolution)
+    adversarial = args.distance == "hybrid" and any(s.loss_weights.get("adversarial", 0) > 0 for s in plan)
+
+    # Teacher: the LoRA student with its adapters off, or a frozen copy (full student, or the discriminator's).
+    teacher_copy = None
+    if adversarial or not args.use_lora:
+        teacher_copy = flow_models.load_teacher(args, parts, device, dtype)
+    transformer = flow_models.make_trainable(args, parts.transformer, device, dtype)
+    if teacher_copy is not None:
+        teacher_net: Any = flow_models.FlowDenoiser(teacher_copy, parts.family, args.guidance)
+    else:
+        teacher_net = TeacherView(flow_models.FlowDenoiser(transformer, parts.family, args.guidance))
+    guidance_input = parts.family == "flux" and args.guidance is not None
+    teacher = TeacherSolver(
+        teacher_net, schedule, prediction_type="flow", guidance_input="guidance" if guidance_input else None
+    )
+    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
+
+    decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
+    # The average of a LoRA student's adapters; its frozen base is shared with the student, not copied.
+    ema = EMA(transformer, decay=decay, trainable_only=True).to(device) if args.target == "ema" else None
+    opt = runtime.adamw(transformer.parameters(), args)
+    disc = opt_d = None
+    if adversarial:
+        disc = LADDDiscriminator(
+            teacher_copy,
+            args.discriminator_blocks,
+            head_channels=args.discriminator_head_channels,
+            norm_groups=args.discriminator_norm_groups,
+            gradient_checkpointing=args.gradient_checkpointing,
+        ).to(device)
+        d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
+        opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
+        transformer, opt, disc, opt_d = runtime.prepare(accelerator, (transformer, opt), (disc, opt_d))
+    else:
+        transformer, opt = runtime.prepare(accelerator, (transformer, opt))
+    if ema is not None:  # the consistency target (a LoRA student's is checkpointed as its LoRA only)
+        ema_release.register_ema(accelerator, ema, transformer)
+    release_ema = checkpoints.setup_checkpoints(accelerator, args, transformer)
+    student = flow_models.FlowDenoiser(transformer, parts.family, args.guidance)
+    target = (
+        flow_models.FlowDenoiser(ema.module, parts.family, args.guidance) if ema is not None else "online"
+    )
+    data = data_sources.StepData(args, need_images=bool(args.train_data_dir))
+    global_step = checkpoints.resume(accelerator, args)
+
+    def judge(model: Any, x: torch.Tensor, t_end: torch.Tensor, cond: dict[str, Any]) -> list[torch.Tensor]:
+        """Discriminator logits of states ``x`` at ``t_end`` (sigma 0 at the clean end): the teacher's own call."""
+        sigma = torch.where(t_end < 0, 0.0, schedule.sigma(t_end.clamp(min=0)).float().to(x.device))
+        hidden, kwargs, grid = teacher_net.model_inputs(x, 1000 * sigma, **cond)
+        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
+        return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
+
+    def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
+        stage = plan[stage_index(step, len(plan), args.max_train_steps)]
+        k = stage.num_segments or 1
+        w_mse, w_adv = stage.loss_weights.get("mse", 1.0), stage.loss_weights.get("adversarial", 0.0)
+        if args.distance == "mse":
+            w_mse, w_adv = 1.0, 0.0
+        if args.train_data_dir:
+            x0, prompts = data.latents_batch(gen, parts.vae, device)
+        else:
+            prompts = data.prompts_batch(gen)
+        cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
+        b = len(prompts)
+        sample = tscd_segments(
+            b, k, args.num_inference_steps, schedule.num_train_timesteps, generator=gen, device=device
+        )
+        shape = flow_models.latent_shape(parts, b, args.resolution)
+        noise = training_noise(shape, gen, args.noise_offset).to(device)
+        omega = draw_guidance(args, b, gen)
+        if isinstance(omega, torch.Tensor):
+            omega = omega.to(device)
+        logs: dict[str, torch.Tensor] = {}
+        trained = [m for m in (transformer, disc) if m is not None]
+        with accelerator.accumulate(*trained), runtime.autocast(accelerator):
+            if args.train_data_dir:
+                x_t = schedule.add_noise(x0, noise, sample.t)  # (1 - sigma) x0 + sigma eps
+            else:  # teacher-noised states: the guided teacher's Euler solve from pure noise to t_n
+                x_t = teacher_trajectory_states(
+                    teacher,
+                    noise,
+                    sample.t,
+                    cond,
+                    uncond,
+                    num_segments=args.trajectory_segments,
+                    guidance_scale=omega,
+                ).float()
+            pair = tscd_sides(student, target, teacher, x_t, sample, cond, uncond, omega, guidance_input)
+            mse = tscd_mse(pair)
+            loss = w_mse * mse
+            logs["mse"] = mse.detach()
+            if disc is not None:
+                with frozen(disc):  # until the backward below (checkpointed blocks recompute there)
+                    if w_adv > 0:
+                        fake = judge(
+                            runtime.forward_model(accelerator, disc), pair.student, sample.t_end, cond
+                        )
+                        g_loss, _ = gan_generator_loss(fake, loss=args.gan_loss)
+                        loss = loss + w_adv * g_loss
+                        logs["generator_adv"] = g_loss.detach()
+                    runtime.backward(accelerator, loss, transformer)
+            else:
+                runtime.backward(accelerator, loss, transformer)
+            runtime.clip_and_step(accelerator, opt, transformer.parameters(), args.max_grad_norm)
+            if disc is not None and w_adv > 0:
+                d_loss, _ = gan_discriminator_loss(
+                    judge(disc, pair.target, sample.t_end, cond),
+                    judge(disc, pair.student.detach(), sample.t_end, cond),
+                    loss=args.gan_loss,
+                )
+                runtime.backward(accelerator, d_loss, disc)
+                runtime.clip_and_step(accelerator, opt_d, disc.parameters(), args.max_grad_norm)
+                logs["discriminator"] = d_loss.detach()
+        if ema is not None and accelerator.sync_gradients:
+            ema.update(accelerator.unwrap_model(transformer))
+        logs["loss"] = loss.detach()
+        logs["k"] = torch.tensor(float(k))
+        return logs
+
+    def validate(step: int) -> None:
+        k = plan[stage_index(step - 1, len(plan), args.max_train_steps)].num_segments or 1
+        sigmas = student_grid(schedule, k)["sigmas"]
+        flow_validation.few_step_validation(accelerator, args, parts, transformer, sigmas)(step)
+
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=release_ema)
+    flow_models.save_transformer(accelerator, transformer, args, parts, ema=release_ema)
+    if accelerator.is_main_process:  # how to sample the student of the last stage trained
+        k = plan[stage_index(args.max_train_steps - 1, len(plan), args.max_train_steps)].num_segments or 1
+        grid = {"num_inference_steps": k, **student_grid(schedule, k), "guidance": args.guidance}
+        (Path(args.output_dir) / GRID_FILE).write_text(json.dumps(grid, indent=1) + "\n")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
