@@ -137,18 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--renoise_std", type=float, default=1.0, help="logit-normal std of the re-noising sigma")
     g.add_argument("--gan_loss", choices=["hinge", "non_saturating"], default="hinge")
-    g.add_argument(
-        "--discriminator_blocks",
-        type=int,
-        nargs="+",
-        default=None,
-        help="teacher blocks (execution order) read by the heads (default: every len(blocks)//4-th)",
-    )
-    g.add_argument("--discriminator_head_channels", type=int, default=None, help="default min(width, 256)")
-    g.add_argument("--discriminator_norm_groups", type=int, default=32)
-    g.add_argument(
-        "--discriminator_learning_rate", type=float, default=None, help="default 10x --learning_rate"
-    )
+    flow_options.add_ladd_head_args(g, lr_help="default 10x --learning_rate")
     g.add_argument("--r1_gamma", type=float, default=0.0, help="R1 weight on the real inputs (0: off)")
     g.add_argument(
         "--r1_approximate_sigma",

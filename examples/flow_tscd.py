@@ -200,16 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="hybrid: MSE + adversarial with the stage plan's weights (the paper); mse: MSE in every stage",
     )
     g.add_argument("--gan_loss", choices=["non_saturating", "hinge"], default="non_saturating")
-    g.add_argument(
-        "--discriminator_blocks",
-        type=int,
-        nargs="+",
-        default=None,
-        help="teacher blocks (execution order) the heads read (default: every len(blocks)//4-th)",
-    )
-    g.add_argument("--discriminator_head_channels", type=int, default=None, help="default min(width, 256)")
-    g.add_argument("--discriminator_norm_groups", type=int, default=32)
-    g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
+    flow_options.add_ladd_head_args(g, lr_help="default: --learning_rate")
     g.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Lightning's Adam (0, 0.99)")
     g.add_argument("--discriminator_adam_beta2", type=float, default=0.99)
     return check_tscd_args(options.check_common_args(p.parse_args(argv), image_method=True))

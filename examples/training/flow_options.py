@@ -31,6 +31,25 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
+    """The options of LADD-style discriminator heads on the frozen teacher's blocks
+    (:class:`diffdistill.discriminators.LADDDiscriminator`), shared by the flow scripts that judge with them:
+    ``--discriminator_blocks``, ``--discriminator_head_channels``, ``--discriminator_norm_groups`` and
+    ``--discriminator_learning_rate`` (``lr_help``: the script's default learning rate of the heads)."""
+    group.add_argument(
+        "--discriminator_blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="teacher blocks (execution order) read by the heads (default: every len(blocks)//4-th)",
+    )
+    group.add_argument(
+        "--discriminator_head_channels", type=int, default=None, help="default min(width, 256)"
+    )
+    group.add_argument("--discriminator_norm_groups", type=int, default=32)
+    group.add_argument("--discriminator_learning_rate", type=float, default=None, help=lr_help)
+
+
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
     """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`);
     fills ``--guidance`` with 3.5 for a guidance-distilled FLUX. Raises ``ValueError`` with the fix."""

@@ -21,8 +21,12 @@ import pytest
 import torch
 
 from tests.examples.test_sdxl_scripts import _launch_two_processes
-from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
-from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
+from tests.examples.tiny_flow import (
+    IMAGE_SIZE,
+    T5_LENGTH,
+    write_tiny_flow_models,
+)
+from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -48,15 +52,7 @@ def _deterministic_kernels() -> Any:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_flow_dmd2")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
-        "flux": save_tiny_flux_pipeline(root / "flux"),
-        "prompts": prompts,
-        "images": write_captioned_images(root / "images", ["a cat", "a dog", ""]),
-    }
+    return write_tiny_flow_models(tmp_path_factory.mktemp("tiny_flow_dmd2"), captions=["a cat", "a dog", ""])
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str, prompts: bool = True) -> list[str]:

@@ -24,10 +24,9 @@ from tests.examples.tiny_flow import (
     CLIP_LENGTH,
     IMAGE_SIZE,
     T5_LENGTH,
-    save_tiny_flux_pipeline,
-    save_tiny_sd3_pipeline,
+    write_tiny_flow_models,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
+from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -56,13 +55,12 @@ def _script() -> ModuleType:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny SD3 and FLUX pipelines (FLUX.1-dev's layout and, ``schnell``, one without the guidance
     embedding) and 3 images, two captioned."""
-    root = tmp_path_factory.mktemp("flow_kd")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
-        "flux": save_tiny_flux_pipeline(root / "flux"),
-        "schnell": save_tiny_flux_pipeline(root / "schnell", guidance_embeds=False),
-        "images": write_captioned_images(root / "images", ["a red cube", "a blue sphere", ""]),
-    }
+    return write_tiny_flow_models(
+        tmp_path_factory.mktemp("flow_kd"),
+        prompts=None,
+        captions=["a red cube", "a blue sphere", ""],
+        schnell=True,
+    )
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str) -> list[str]:

@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+from tests.examples.tiny_flow import (
+    IMAGE_SIZE,
+    T5_LENGTH,
+    write_tiny_flow_models,
+)
 from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
@@ -39,14 +43,7 @@ def _deterministic_kernels() -> Any:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_flow_ladd")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a photo of a cat\n\nan astronaut riding a horse\n")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
-        "flux": save_tiny_flux_pipeline(root / "flux"),
-        "prompts": prompts,
-    }
+    return write_tiny_flow_models(tmp_path_factory.mktemp("tiny_flow_ladd"))
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, samples: Path, *extra: str) -> list[str]:

@@ -16,8 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
-from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
+from tests.examples.tiny_flow import (
+    IMAGE_SIZE,
+    T5_LENGTH,
+    write_tiny_flow_models,
+)
+from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
@@ -43,15 +47,11 @@ def _deterministic_kernels() -> Any:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_flow_tscd")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a photo of a cat\nan astronaut riding a horse\n")
-    return {
-        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
-        "flux": save_tiny_flux_pipeline(root / "flux"),
-        "prompts": prompts,
-        "images": write_captioned_images(root / "images", ["a red square", "a blue circle", ""]),
-    }
+    return write_tiny_flow_models(
+        tmp_path_factory.mktemp("tiny_flow_tscd"),
+        prompts="a photo of a cat\nan astronaut riding a horse\n",
+        captions=["a red square", "a blue circle", ""],
+    )
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str, data: str = "prompts") -> list[str]:

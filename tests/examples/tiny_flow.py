@@ -181,3 +181,28 @@ def save_tiny_flux_pipeline(
     pipe.save_pretrained(root, safe_serialization=True)
     shutil.rmtree(root / "_tokenizer_src")
     return root
+
+
+def write_tiny_flow_models(
+    root: str | os.PathLike[str],
+    *,
+    prompts: str | None = "a photo of a cat\n\nan astronaut riding a horse\n",
+    captions: list[str] | None = None,
+    schnell: bool = False,
+) -> dict[str, Path]:
+    """What the flow script tests train on, written under ``root``: ``{"sd3": ..., "flux": ...}`` pipeline folders
+    (:func:`save_tiny_sd3_pipeline`, :func:`save_tiny_flux_pipeline`: FLUX.1-dev's layout), ``"schnell"`` (a FLUX
+    without the guidance embedding) with ``schnell``, ``"prompts"`` (a prompts file, a blank line included) unless
+    ``prompts`` is None, and ``"images"`` (captioned images, ``""`` = no caption) when ``captions`` is given."""
+    from tests.examples.tiny_sdxl import write_captioned_images
+
+    base = Path(root)
+    out = {"sd3": save_tiny_sd3_pipeline(base / "sd3"), "flux": save_tiny_flux_pipeline(base / "flux")}
+    if schnell:
+        out["schnell"] = save_tiny_flux_pipeline(base / "schnell", guidance_embeds=False)
+    if prompts is not None:
+        out["prompts"] = base / "prompts.txt"
+        out["prompts"].write_text(prompts)
+    if captions is not None:
+        out["images"] = write_captioned_images(base / "images", captions)
+    return out
