@@ -70,8 +70,6 @@ from diffdistill.students import LayerKD, SharedBase, build_transformer_student
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_sdxl import REFERENCE, _out_of_memory, cap_memory, measure, table  # noqa: E402 - the SDXL benchmark's
 from training.flow_models import FLOW_LORA_TARGETS, FlowDenoiser  # noqa: E402 - the examples' package
 
 from tests.transformer_configs import (  # noqa: E402 - the published and tiny configs
@@ -80,6 +78,30 @@ from tests.transformer_configs import (  # noqa: E402 - the published and tiny c
     SD35_MEDIUM_CONFIG,
     tiny_flux_transformer_config,
     tiny_sd3_transformer_config,
+)
+
+
+def _gpu_sdxl() -> Any:
+    """The SDXL benchmark module (its measuring loop, table and memory cap), loaded by path: putting benchmarks/ on
+    sys.path would shadow installed packages by the benchmarks' file names (benchmarks/lpips.py vs lpips)."""
+    import importlib.util
+
+    if "gpu_sdxl" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_sdxl", ROOT / "benchmarks" / "gpu_sdxl.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_sdxl"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_sdxl"]
+
+
+_sdxl = _gpu_sdxl()
+REFERENCE, _out_of_memory, cap_memory, measure, table = (
+    _sdxl.REFERENCE,
+    _sdxl._out_of_memory,
+    _sdxl.cap_memory,
+    _sdxl.measure,
+    _sdxl.table,
 )
 
 METHODS = ("ladd", "dmd2", "tscd", "kd")
