@@ -96,11 +96,10 @@ def _gpu_sdxl() -> Any:
 
 
 _sdxl = _gpu_sdxl()
-REFERENCE, _out_of_memory, cap_memory, measure, table = (
+REFERENCE, _out_of_memory, cap_memory, table = (
     _sdxl.REFERENCE,
     _sdxl._out_of_memory,
     _sdxl.cap_memory,
-    _sdxl.measure,
     _sdxl.table,
 )
 
@@ -393,35 +392,12 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows ``{method, trains, batch, seconds, peak_gib, status}`` for ``args.batches`` up to the first OOM."""
     bench = Bench(build_transformer(args), args, NoiseSchedule.flow_matching(shift=3.0))
     trains = f"student {args.kd_preset} (full)" if name == "kd" else "LoRA"
-    rows: list[dict[str, Any]] = []
     try:
-        step = BUILDERS[name](bench)
-        for batch in args.batches:
-            try:
-                seconds, peak = measure(step, batch, args)
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-                if not _out_of_memory(err):
-                    raise
-                rows.append({"method": name, "trains": trains, "batch": batch, "status": "OOM"})
-                print(f"# {name} batch {batch}: out of memory", file=sys.stderr, flush=True)
-                break
-            rows.append(
-                {
-                    "method": name,
-                    "trains": trains,
-                    "batch": batch,
-                    "seconds": seconds,
-                    "peak_gib": peak,
-                    "status": "ok",
-                }
-            )
-            print(
-                f"# {name} batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB", file=sys.stderr, flush=True
-            )
+        rows = _sdxl.measure_batches(BUILDERS[name](bench), name, trains, args)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # the networks alone do not fit
         if not _out_of_memory(err):
             raise
-        rows.append({"method": name, "trains": trains, "batch": args.batches[0], "status": "OOM"})
+        rows = [{"method": name, "trains": trains, "batch": args.batches[0], "status": "OOM"}]
     del bench
     gc.collect()
     if args.device.type == "cuda":

@@ -489,6 +489,30 @@ def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, fl
     return statistics.median(times), peak
 
 
+def measure_batches(step: Step, name: str, trains: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows ``{method, trains, batch, seconds, peak_gib, status}`` of ``step`` at ``args.batches``, in order, up to
+    and including the first that runs out of memory (``status`` ``"OOM"``); progress on stderr as it comes, so a
+    run stopped by a time limit still leaves its figures."""
+    rows: list[dict[str, Any]] = []
+    for batch in args.batches:
+        try:
+            seconds, peak = measure(step, batch, args)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            rows.append({"method": name, "trains": trains, "batch": batch, "status": "OOM"})
+            print(f"# {name} ({trains}) batch {batch}: out of memory", file=sys.stderr, flush=True)
+            break
+        row = {"method": name, "trains": trains, "batch": batch, "seconds": seconds, "peak_gib": peak}
+        rows.append({**row, "status": "ok"})
+        print(
+            f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
+
+
 def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows ``{method, trains, batch, seconds, peak_gib, status}`` for ``args.batches`` up to the first OOM."""
     options = argparse.Namespace(
@@ -512,32 +536,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     step = BUILDERS[name](bench)
     trains = "student (full)" if name == "ssd1b" else ("LoRA" if options.use_lora else "full UNet")
     trains += ", shared base" if options.shared_base else ""
-    rows: list[dict[str, Any]] = []
-    for batch in args.batches:
-        try:
-            seconds, peak = measure(step, batch, args)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
-            if not _out_of_memory(err):
-                raise
-            rows.append({"method": name, "trains": trains, "batch": batch, "status": "OOM"})
-            print(f"# {name} ({trains}) batch {batch}: out of memory", file=sys.stderr, flush=True)
-            break
-        rows.append(
-            {
-                "method": name,
-                "trains": trains,
-                "batch": batch,
-                "seconds": seconds,
-                "peak_gib": peak,
-                "status": "ok",
-            }
-        )
-        # Progress as it comes (stderr), so a run stopped by a time limit still leaves its figures.
-        print(
-            f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB",
-            file=sys.stderr,
-            flush=True,
-        )
+    rows = measure_batches(step, name, trains, args)
     del step, bench
     gc.collect()
     if args.device.type == "cuda":
