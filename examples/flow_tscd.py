@@ -56,6 +56,12 @@ needs a frozen teacher *copy* (one more base in memory: FLUX.1 ~24 GB in bf16): 
 teacher inside the student's backward, where a LoRA model recomputing its checkpointed blocks could not keep its
 adapters off (as ``flow_ladd.py``); the copy then also serves as the teacher.
 
+Engines: one process, DDP and FSDP2 (both distances tested equal to DDP on 2 CPU processes). Under FSDP2 the
+student's transformer is sharded by its ``prepare`` (with ``--distance mse`` the adapters-off teacher runs that
+sharded model), the EMA target averages the adapters' shards, and the LADD heads are a second sharded model; the
+hybrid distance's teacher copy is no prepared model and stays whole on every process (FLUX.1: ~24 GB in bf16 a
+GPU). DeepSpeed: not tested (ZeRO-3 refused with the EMA target).
+
 Validation samples the student on its stage's grid: ``k`` Euler steps through the segment edges of the shifted
 table (``spaced_timesteps(k, "trailing")``, the moves TSCD trains), unguided (FLUX.1-dev: with ``--guidance``).
 The output is a LoRA file (or a ``transformer/`` folder) and ``student_grid.json`` with the last stage's grid.
@@ -88,7 +94,8 @@ our choice (the flow recipe is not public)   the stage weights 1 - i/(n-1) / i/(
                                              LoRA targets (attention + feed-forward of both streams)
 not implemented                              Hyper-SD's human-feedback LoRA and one-step DMD stage
                                              (see sdxl_hyper_sd.py); Hyper-SD3's CFG-preserved LoRAs;
-                                             multi-aspect buckets; tested engines: one process and DDP
+                                             multi-aspect buckets; DeepSpeed (untested; ZeRO-3 refused
+                                             with the EMA target); a sharded teacher copy under FSDP2
 ===========================================  ===========================================================
 
 Example::

@@ -4,7 +4,8 @@ CPU smoke runs on the tiny pipelines of :mod:`tests.examples.tiny_flow` (2 steps
 resumed into a fresh folder): one copy of the base weights while training, the base bit-identical afterwards
 (only the adapters train), exact resume, the generator's LoRA loaded by the diffusers pipeline and sampling
 there as the script's DMD2 sampler does; SiD, SIM and the GAN term; the zero DMD gradient of a guidance-distilled
-FLUX at initialisation (why the fake-score update runs first); one 2-process DDP run; option errors.
+FLUX at initialisation (why the fake-score update runs first); 2-process DDP vs FSDP2 (the base sharded once) and
+the FSDP2 run resumed; DeepSpeed and the GAN term under FSDP2 refused; option errors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
@@ -282,16 +282,60 @@ def test_dmd2_gan_heads_on_the_fake_score(tiny: dict[str, Path], tmp_path: Path)
     assert_same_update(b, a, step1, what="resumed vs uninterrupted fake score with the GAN classifier")
 
 
-def test_dmd2_lora_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """2 CPU processes (gloo, DDP): the adapters of the shared base train and are saved once."""
-    out = tmp_path / "ddp"
-    argv = _argv(tiny, "flux", out, "--generator_every", "1", "--gradient_checkpointing")
-    argv[argv.index("--train_batch_size") + 1] = "1"  # per process
-    _launch_two_processes("flow_dmd2", argv)
-    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
-    start = {"transformer." + k: v for k, v in _lora(out / "checkpoint-1" / "unet_lora.safetensors").items()}
-    final = _lora(out / "pytorch_lora_weights.safetensors")
-    assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in final)
+def test_dmd2_fsdp2_equals_ddp_and_resumes_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """2 CPU processes (gloo): DDP, and FSDP2 with the frozen base sharded once (``SharedBase.fully_shard``) and each
+    view sharding its adapter with its optimiser, then FSDP2 resumed from its sharded step-1 checkpoint. FLUX.1-dev,
+    gradient checkpointing, a generator update in both steps, the EMA release of the generator. The generator's
+    (EMA) and the fake score's adapters of each run against the size of DDP's step 2 (tests/state_compare.py: the
+    engines sum the gradients in another order; a lost shard, optimiser state or EMA would differ by O(1))."""
+    from tests.examples.test_sdxl_scripts import _two_process_runs
+
+    extra = ["--generator_every", "1", "--gradient_checkpointing", "--use_ema", "--ema_decay", "0.5"]
+    out = _two_process_runs("flow_dmd2", _argv(tiny, "flux", tmp_path, *extra), tmp_path, "fsdp")
+    ddp_ckpt = out["ddp"] / "checkpoint-1"
+    for name, ckpt_file in (
+        ("pytorch_lora_weights.safetensors", "unet_lora.safetensors"),
+        (flow_critics.FAKE_LORA_NAME, "fake_lora.safetensors"),
+    ):
+        ddp, fsdp, resumed = (_lora(out[k] / name) for k in ("ddp", "fsdp", "fsdp_resumed"))
+        step1 = {"transformer." + k: v for k, v in _lora(ddp_ckpt / ckpt_file).items()}
+        assert_same_update(fsdp, ddp, step1, what=f"FSDP2 vs DDP ({name})")
+        assert_same_update(resumed, fsdp, step1, what=f"resumed vs uninterrupted FSDP2 ({name})")
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tiny["flux"]))
+    pipe.load_lora_weights(str(out["fsdp"]))  # written from the gathered adapter
+    assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("engine", "extra", "match"),
+    [
+        ("DEEPSPEED", [], r"runs under DDP, FSDP2 or one process, not DeepSpeed: DeepSpeed wraps"),
+        ("FSDP", ["--gan_weight"], r"--gan_weight under FSDP2: .*outside the fake view's FSDP2 forward"),
+    ],
+)
+def test_dmd2_refuses_deepspeed_and_the_gan_under_fsdp2(
+    engine: str,
+    extra: list[str],
+    match: str,
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused before any model is loaded, with the engines that work."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    runtime = importlib.import_module("training.runtime")
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType[engine], is_main_process=True)
+    monkeypatch.setattr(runtime, "make_accelerator", lambda args, name, **kw: accelerator)
+    monkeypatch.setattr(flow_models, "load_flow", lambda args: pytest.fail("the engine was not refused"))
+    images = ["--train_data_dir", str(tiny["images"])] if extra else []
+    args = flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, *extra, *images, prompts=not extra))
+    with pytest.raises(ValueError, match=match):
+        flow_dmd2.main(args)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Tests of examples/flow_tscd.py (Hyper-SD's TSCD on SD3 / FLUX) on tiny pipelines: the script's loss is zero
 for a student equal to the (guided) teacher, 2-step smoke runs with exact resume and the LoRA loaded by the
-diffusers pipeline, a full-transformer run on image-caption data, a 2-process DDP run, option checks."""
+diffusers pipeline, a full-transformer run on image-caption data, 2-process DDP vs FSDP2 (MSE and hybrid
+distances), option checks."""
 
 from __future__ import annotations
 
@@ -331,23 +332,32 @@ def test_tscd_full_flux_transformer_on_images_with_guidance_range(
     assert json.loads((out / flow_tscd.GRID_FILE).read_text())["pipeline_sigmas"] == [1.0, 0.75, 0.5, 0.25]
 
 
-def test_tscd_lora_ddp_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """2 CPU processes (gloo, accelerate's DDP): a LoRA with the adapters-off teacher (``--distance mse``: no
-    teacher copy) and the EMA target trains, and each process's random state is checkpointed."""
-    from tests.examples.test_sdxl_scripts import _launch_two_processes
+@pytest.mark.parametrize("distance", ["mse", "hybrid"])
+def test_tscd_lora_fsdp2_equals_ddp_on_two_processes(
+    distance: str, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """2 CPU processes (gloo): accelerate's DDP and FSDP2 make the same two steps of a LoRA student (stages k = 2
+    then 1) with the EMA of its (sharded) adapters as the consistency target and gradient checkpointing.
+    ``mse``: the teacher is the sharded transformer with its adapters off (no teacher copy). ``hybrid``: the
+    frozen teacher copy (replicated) is the teacher and carries the LADD heads (sharded by their own prepare),
+    and step 2 is the adversarial stage (weight 1), the heads frozen through the student's backward. The released
+    LoRA of each engine against the size of DDP's step 2 (tests/state_compare.py: the engines sum the gradients in
+    another order; a lost shard, a teacher run with the adapters on or an EMA of the wrong weights would change
+    the step by O(1))."""
+    from tests.examples.test_sdxl_scripts import _two_process_runs
 
-    out = tmp_path / "ddp"
-    argv = _argv(tiny, "sd3", out, "--use_lora", "--lora_rank", "4", "--segments", "2,1", "--distance", "mse")
-    argv[argv.index("--train_batch_size") + 1] = "1"  # per process
-    _launch_two_processes("flow_tscd", argv)
-    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
-    final, step1 = (
-        _lora(out / "pytorch_lora_weights.safetensors"),
-        _lora(out / "checkpoint-1" / "unet_lora.safetensors"),
-    )
-    assert any(not torch.equal(final["transformer." + k], v) for k, v in step1.items()), (
-        "step 2 did not train"
-    )
+    extra = ["--use_lora", "--lora_rank", "4", "--segments", "2,1", "--distance", distance]
+    extra += ["--gradient_checkpointing"]
+    argv = _argv(tiny, "sd3", tmp_path, *extra, data="images")  # no teacher-noised states: cheaper
+    out = _two_process_runs("flow_tscd", argv, tmp_path, "fsdp", resume=False)
+    name = "pytorch_lora_weights.safetensors"
+    ddp, fsdp = _lora(out["ddp"] / name), _lora(out["fsdp"] / name)
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert_same_update(fsdp, ddp, step1, what=f"FSDP2 vs DDP ({distance})")
+    heads = (out["fsdp"] / "checkpoint-1" / "pytorch_model_fsdp_1").is_dir()
+    assert heads == (distance == "hybrid"), "the LADD heads are a second sharded model exactly with hybrid"
 
 
 @pytest.mark.parametrize(
