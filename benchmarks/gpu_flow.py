@@ -276,7 +276,10 @@ def build_ladd(b: Bench) -> Step:
     student = b.denoiser(gen_view)
     disc = LADDDiscriminator(
         base.model,
-        gradient_checkpointing=False,  # the base's own checkpointing (SharedBase) already recomputes its blocks
+        # the extractor's own checkpointing for the teacher pass (it replaces the base's recompute function for the
+        # call; the recomputation then runs in the generator's backward, outside any view call: adapters off, as in
+        # its forward under base.active(None))
+        gradient_checkpointing=not b.args.no_gradient_checkpointing,
         norm_groups=32 if not b.args.tiny else 4,
     ).to(b.args.device)
     features = b.denoiser(base.model)

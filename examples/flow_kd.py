@@ -54,7 +54,8 @@ Recipe. What is the paper's (SSD-1B) and what is ours:
 
 Engines: as the SDXL scripts (one process, DDP, FSDP2, DeepSpeed ZeRO-2; bf16 with the frozen teacher in bf16 and
 the student's float32 weights under autocast; ``--gradient_checkpointing`` on the student, whose taps record
-only the real forward, not the recomputation).
+only the real forward, not the recomputation). On 2 CPU processes DDP and FSDP2 made the same two steps as one
+process accumulating the same two micro-batches (the suite checks both; bit-identical on the tiny FLUX).
 
 Example (FLUX.1-dev -> Flux-Mini's architecture)::
 

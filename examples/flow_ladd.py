@@ -44,13 +44,22 @@ The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma ->
 
 (the saved scheduler has shift 1 and no dynamic shifting, so the pipeline keeps the sigmas as given;
 reference/flow.md pitfall 5). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
-(``training.flow_models.FLOW_LORA_TARGETS``), otherwise the whole transformer. The teacher is a separate
-frozen copy in the mixed-precision dtype in both cases (our choice: the discriminator runs it inside the
-student's backward, where a shared LoRA model could not keep its adapters off for blocks recomputed by
-gradient checkpointing). Engines: one process, DDP, FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 through the accelerate
-config (the student and the discriminator heads are prepared; the teacher stays a whole frozen copy on every
-process). On 2 CPU processes FSDP2, ZeRO-2 and ZeRO-3 made the same 2 LoRA steps as DDP (within
-``tests/state_compare.py``'s bound); the suite runs DDP and FSDP2.
+(``training.flow_models.FLOW_LORA_TARGETS``), otherwise the whole transformer.
+
+One copy of the transformer with ``--use_lora`` (our choice, for memory: FLUX.1 would hold a second 24 GB bf16
+copy): the student is the LoRA adapter of ONE frozen base in the mixed-precision dtype and the teacher (the
+synthetic samples, the discriminator's features) is that base with the adapter off
+(:class:`diffdistill.students.SharedBase`, ``shared_critics.build``). Gradient checkpointing recomputes the
+student's blocks under its adapter (``SharedBase.enable_gradient_checkpointing``) and the discriminator's teacher
+blocks, in the generator's backward, with the adapter off, as they ran forward. Full fine-tuning keeps a separate
+frozen teacher copy in the mixed-precision dtype. Engines: one process, DDP, FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3
+through the accelerate config; the student (with ``--use_lora`` its adapter's view) and the discriminator heads
+are prepared. With ``--use_lora`` FSDP2 shards the base once (``SharedBase.fully_shard``) and the view shards its
+adapter; under DeepSpeed the base stays whole on every process and the student's engine holds the adapter, whose
+layers run only inside that engine's forward (the teacher runs them switched off), so no second engine touches
+them. A separate teacher copy stays whole on every process. On 2 CPU processes FSDP2 and ZeRO-3 (tested) and
+DDP made the same 2 LoRA steps as one process accumulating the same two micro-batches
+(``tests/state_compare.py``'s bound); by hand, ZeRO-2 matched DDP to 1.4e-5 of the update and ZeRO-3 exactly.
 
 Fidelity:
 
@@ -81,6 +90,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -106,6 +116,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training import (
     checkpoints,
     data_sources,
+    flow_critics,
     flow_encoding,
     flow_models,
     flow_options,
@@ -113,6 +124,7 @@ from training import (
     loop,
     options,
     runtime,
+    shared_critics,
     teacher_pairs,
 )
 
@@ -297,6 +309,49 @@ def generate_teacher_samples(
     return paths
 
 
+# ------------------------------------------------------------------------------------------ networks
+def teacher_transformer(
+    args: argparse.Namespace, parts: flow_models.FlowComponents, device: Any, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The frozen teacher in ``dtype`` on ``device``: with ``--use_lora`` the loaded transformer itself (the
+    base the student's adapter is added to by :func:`make_student`), otherwise a second copy
+    (``flow_models.load_teacher``) beside the fully trained student."""
+    if not args.use_lora:
+        return flow_models.load_teacher(args, parts, device, dtype)
+    parts.transformer.requires_grad_(False).eval()
+    return parts.transformer.to(device, dtype=dtype)
+
+
+def make_student(
+    accelerator: Any,
+    args: argparse.Namespace,
+    parts: flow_models.FlowComponents,
+    device: Any,
+    dtype: torch.dtype,
+) -> tuple[torch.nn.Module, Any]:
+    """``(student, base)``: with ``--use_lora`` the generator's :class:`~diffdistill.students.AdapterView` of ONE
+    :class:`~diffdistill.students.SharedBase` (the teacher being ``base.view(None)``; FSDP2 shards the base
+    once, ``shared_critics.shard``); otherwise the whole transformer, trainable, and ``base`` None.
+
+    Our choice (memory: FLUX.1 holds one 24 GB bf16 base instead of two): gradient checkpointing goes through
+    :meth:`SharedBase.enable_gradient_checkpointing`, so the student's blocks are recomputed under its adapter;
+    the discriminator's own checkpointing of the teacher's blocks recomputes them in the generator's backward,
+    which runs outside any view call, i.e. with the adapter off (the teacher), as in their forward pass.
+    """
+    if not args.use_lora:
+        return flow_models.make_trainable(args, parts.transformer, device, dtype), None
+    base = shared_critics.build(
+        args,
+        parts.transformer,
+        device,
+        dtype,
+        (shared_critics.GENERATOR,),
+        targets=flow_models.FLOW_LORA_TARGETS,
+    )
+    shared_critics.shard(accelerator, base)
+    return base.view(shared_critics.GENERATOR), base
+
+
 # ------------------------------------------------------------------------------------------ training
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_ladd")
@@ -313,8 +368,9 @@ def main(args: argparse.Namespace) -> None:
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_models.flow_schedule(parts, args.resolution)
 
-    # The frozen teacher makes the synthetic data and carries the discriminator's features.
-    teacher_model = flow_models.load_teacher(args, parts, device, dtype)
+    # The frozen teacher makes the synthetic data and carries the discriminator's features. With --use_lora it
+    # is the student's own base with the adapter off (one copy of the transformer); otherwise a separate copy.
+    teacher_model = teacher_transformer(args, parts, device, dtype)
     teacher = flow_models.FlowDenoiser(teacher_model, parts.family, args.guidance)
     shards = generate_teacher_samples(accelerator, args, parts, teacher, schedule)
     disc = LADDDiscriminator(
@@ -325,7 +381,7 @@ def main(args: argparse.Namespace) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
     ).to(device)
 
-    transformer = flow_models.make_trainable(args, parts.transformer, device, dtype)
+    transformer, base = make_student(accelerator, args, parts, device, dtype)
     opt = runtime.adamw(transformer.parameters(), args)
     d_lr = args.discriminator_learning_rate or 10 * args.learning_rate
     opt_d = runtime.adamw(disc.parameters(), args, lr=d_lr)
@@ -336,12 +392,14 @@ def main(args: argparse.Namespace) -> None:
     sigmas = torch.tensor(args.student_sigmas, dtype=torch.float32)
     weights = torch.tensor(args.student_sigma_weights, dtype=torch.float64)
     global_step = checkpoints.resume(accelerator, args)
+    teacher_features = (lambda: base.active(None)) if base is not None else contextlib.nullcontext
 
     def judge(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> list[torch.Tensor]:
         """Discriminator logits of latents ``x`` at noise level ``sigma``: the teacher's own call (FLUX packed)."""
         hidden, kwargs, grid = teacher.model_inputs(x, 1000 * sigma, **cond)
         timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
-        return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
+        with teacher_features():  # the shared base: adapter off
+            return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         _, x0, prompts = data.batch(gen)
@@ -396,7 +454,12 @@ def main(args: argparse.Namespace) -> None:
 
     validate = flow_validation.few_step_validation(accelerator, args, parts, transformer, args.student_sigmas)
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
-    flow_models.save_transformer(accelerator, transformer, args, parts, ema=ema)
+    if base is not None:  # the generator's adapter, as the pipeline's save_lora_weights writes it
+        flow_critics.save_adapter(
+            accelerator, transformer, args, parts, checkpoints.LORA_WEIGHT_NAME, ema=ema
+        )
+    else:
+        flow_models.save_transformer(accelerator, transformer, args, parts, ema=ema)
     if accelerator.is_main_process:  # the scheduler that keeps --student_sigmas as given (no shift)
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -71,12 +71,19 @@ def shard(accelerator: Any, base: Any) -> None:
 
 
 def build(
-    args: argparse.Namespace, unet: nn.Module, device: Any, dtype: torch.dtype, adapters: Sequence[str]
+    args: argparse.Namespace,
+    unet: nn.Module,
+    device: Any,
+    dtype: torch.dtype,
+    adapters: Sequence[str],
+    *,
+    targets: Sequence[str] | None = None,
 ) -> Any:
     """The :class:`diffdistill.students.SharedBase` of ``unet`` with a LoRA adapter per name of ``adapters``.
 
     The base is frozen in ``dtype`` on ``device`` (as a LoRA student's base, ``sdxl_models.make_trainable``);
-    each adapter has ``--lora_rank`` / ``--lora_alpha`` on the default targets and is kept in float32. The
+    each adapter has ``--lora_rank`` / ``--lora_alpha`` on ``targets`` (default: the UNet's default targets; a
+    flow transformer: ``training.flow_models.FLOW_LORA_TARGETS``) and is kept in float32. The
     adapters are added in the order given, so with ``(GENERATOR, FAKE)`` they start from the same random
     draws as the generator's and the fake score's LoRAs of two separate copies. ``--gradient_checkpointing``
     goes through :meth:`SharedBase.enable_gradient_checkpointing` (the recomputation runs under the adapter
@@ -86,10 +93,11 @@ def build(
 
     unet.requires_grad_(False)
     unet.to(device, dtype=dtype)
+    where = {} if targets is None else {"targets": list(targets)}
     with warnings.catch_warnings():  # peft warns at every adapter after the first: several are the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for name in adapters:
-            add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha, adapter_name=name)
+            add_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha, adapter_name=name, **where)
     sdxl_models.upcast_trainable(unet)
     base = SharedBase(unet)
     if args.gradient_checkpointing:

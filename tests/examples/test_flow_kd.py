@@ -3,7 +3,8 @@
 CPU smoke runs of 2 steps on the tiny pipelines of :mod:`tests.examples.tiny_flow` (SD3: 4 joint blocks; FLUX: 2
 double-stream + 3 single-stream blocks, guidance-embedded as FLUX.1-dev), each resumed from its step-1 checkpoint
 into a fresh folder (the resumed run must make the uninterrupted run's second step), the removal report checked
-against the saved student, and the student run in the diffusers pipeline. One 2-process DDP run.
+against the saved student, and the student run in the diffusers pipeline. 2-process DDP and FSDP2 runs, each
+compared with one process accumulating the same two micro-batches.
 """
 
 from __future__ import annotations
@@ -281,19 +282,54 @@ def test_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
         script.main(script.parse_args([*flux, "--validation_guidance_scale", "3"]))
 
 
-def test_flux_lite_under_ddp_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """Two CPU processes (gloo), one image each: both processes train (their random states are checkpointed) and
-    the gathered student loads and keeps the preset's blocks."""
-    out = tmp_path / "ddp"
-    argv = _argv(tiny, "flux", out, "--preset", "flux-lite-8b", "--gradient_checkpointing")
-    argv[argv.index("--train_batch_size") + 1] = "1"
-    _launch_two_processes("flow_kd", argv)
-    assert (out / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
-    record = _check_report(tiny, "flux", out)
-    # flux-lite-8b keeps 8/19 of the double blocks (1 of 2 here) and every single block.
-    assert record["removed"] == ["transformer_blocks.1"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_flux_lite_on_two_processes_equals_one_process_on_the_whole_batch(
+    mode: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two CPU processes (gloo), one image each, under DDP or accelerate's FSDP2, against ONE process that
+    accumulates the same two micro-batches: both make the same two steps (tests/state_compare.py: the runs differ
+    only in the order float32 gradients are summed), and the gathered student keeps the preset's blocks.
+
+    The one-process run sees the two processes' data and noise: its micro-batch ``m`` draws from process ``m``'s
+    generator (``step_generator(seed, step, process=m, micro=0)``), and accumulating two micro-batches of one
+    averages their gradients as the all-reduce (DDP) or reduce-scatter (FSDP2) of two processes does (the loss
+    has no batch statistics: the two are the same batch of 2).
+    """
     from safetensors.torch import load_file
 
-    start = load_file(str(out / "checkpoint-1" / "model.safetensors"))
-    final = _transformer("flux", out / "transformer").state_dict()
-    assert any(not torch.equal(final[k], start[k]) for k in final), "the second step did not train"
+    argv = _argv(tiny, "flux", tmp_path / "x", "--preset", "flux-lite-8b", "--gradient_checkpointing")
+    argv += [
+        "--use_ema",
+        "--ema_decay",
+        "0.5",
+    ]  # the released average is gathered from the shards under FSDP2
+    argv[argv.index("--train_batch_size") + 1] = "1"  # per process / per micro-batch
+    out = {name: tmp_path / name for name in (mode, "one")}
+
+    def with_output(name: str) -> list[str]:
+        args = list(argv)
+        args[args.index("--output_dir") + 1] = str(out[name])
+        return args
+
+    _launch_two_processes("flow_kd", with_output(mode), mode=mode)
+    if mode == "ddp":
+        assert (out[mode] / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
+    else:
+        assert (out[mode] / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "FSDP2 did not shard"
+    data_sources = importlib.import_module("training.data_sources")
+    per_process = data_sources.step_generator
+    monkeypatch.setattr(
+        data_sources,
+        "step_generator",
+        lambda seed, step, process_index=0, micro=0: per_process(seed, step, micro, process_index),
+    )
+    script = _script()
+    script.main(script.parse_args([*with_output("one"), "--gradient_accumulation_steps", "2"]))
+
+    record = _check_report(tiny, "flux", out[mode])
+    # flux-lite-8b keeps 8/19 of the double blocks (1 of 2 here) and every single block.
+    assert record["removed"] == ["transformer_blocks.1"]
+    start = load_file(str(out["one"] / "checkpoint-1" / "model.safetensors"))
+    one, two = (_transformer("flux", out[name] / "transformer").state_dict() for name in ("one", mode))
+    assert any(not torch.equal(one[k], start[k]) for k in one), "the second step did not train"
+    assert_same_update(two, one, start, what=f"{mode} on 2 processes vs one process on the whole batch")

@@ -1,5 +1,6 @@
-"""Smoke tests of examples/flow_ladd.py (LADD) on tiny SD3 and FLUX pipelines: 2 optimisation steps, exact
-resume, the released LoRA / transformer loaded by the diffusers pipeline, a 2-process DDP run, option checks."""
+"""Smoke tests of examples/flow_ladd.py (LADD) on tiny SD3 and FLUX pipelines: 2 optimisation steps, the LoRA
+student and its teacher on one base (one copy, base unchanged), exact resume, the released LoRA / transformer
+loaded by the diffusers pipeline, 2-process DDP / FSDP2 / ZeRO-3 runs against one process, option checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.examples.test_flow_dmd2 import _spy
+from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
@@ -31,6 +34,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 flow_ladd = importlib.import_module("flow_ladd")
 flow_models = importlib.import_module("training.flow_models")
 flow_encoding = importlib.import_module("training.flow_encoding")
+data_sources = importlib.import_module("training.data_sources")
 
 STUDENT_SIGMAS = ["1.0", "0.75", "0.5", "0.25"]
 
@@ -93,18 +97,40 @@ def _lora(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_ladd_lora_resumes_exactly_and_loads_in_the_pipeline(
-    family: str, tiny: dict[str, Path], tmp_path: Path
+def test_ladd_lora_on_one_base_resumes_exactly_and_loads_in_the_pipeline(
+    family: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The LoRA student and its teacher are one transformer (the adapter on / off): one copy of the base
+    weights while training, the base bit-identical afterwards; exact resume; the LoRA samples in the pipeline."""
+    seen = _spy(monkeypatch)
     # alpha != rank: the pipeline must read the scale alpha / rank from the file's metadata
-    lora = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--gradient_checkpointing"]
+    lora = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8"]
     val = ["--validation_prompts", "a cat", "", "--validation_steps", "1"]
     out_a, out_b, samples = tmp_path / "a", tmp_path / "b", tmp_path / "samples"
     flow_ladd.main(
-        flow_ladd.parse_args(_argv(tiny, family, out_a, samples, *lora, *val, "--report_to", "tensorboard"))
+        flow_ladd.parse_args(
+            _argv(
+                tiny,
+                family,
+                out_a,
+                samples,
+                *lora,
+                "--gradient_checkpointing",
+                *val,
+                "--report_to",
+                "tensorboard",
+            )
+        )
     )
+    assert seen["copies"] == [1], seen["copies"]  # the teacher is no second copy of the transformer
+    trained = seen["parts"].transformer.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert base.keys() == seen["start"].keys()
+    assert all(torch.equal(base[k], seen["start"][k]) for k in base), "a base weight changed"
     assert sorted(p.name for p in (out_a / "samples").iterdir()) == ["step-1.png", "step-2.png"]
     assert len(list(samples.iterdir())) == 2 and any((out_a / "logs").rglob("events.out.tfevents.*"))
+    # Resumed WITHOUT gradient checkpointing: its second step must equal the checkpointed run's, whose backward
+    # recomputed the student's blocks under its adapter and the discriminator's teacher blocks with it off.
     resume = ["--resume_from_checkpoint", str(out_a / "checkpoint-1")]
     flow_ladd.main(flow_ladd.parse_args(_argv(tiny, family, out_b, samples, *lora, *resume)))
     a, b = (
@@ -116,7 +142,7 @@ def test_ladd_lora_resumes_exactly_and_loads_in_the_pipeline(
     }
     assert a.keys() == b.keys() == step1.keys() and all(k.startswith("transformer.") for k in a)
     assert any(not torch.equal(step1[k], b[k]) for k in b), "the resumed run did not train"
-    assert_same_update(b, a, step1, what="resumed vs uninterrupted LoRA")
+    assert_same_update(b, a, step1, what="resumed (not checkpointed) vs uninterrupted (checkpointed) LoRA")
 
     # The pipeline loads the LoRA and, with the saved scheduler, samples on the student's sigmas exactly as the
     # script's validation sampler does with the same adapter loaded by diffdistill.
@@ -190,23 +216,45 @@ def test_ladd_full_flux_transformer_bf16_with_ema_and_r1(tiny: dict[str, Path], 
     assert "num_updates" in ema
 
 
-def test_ladd_lora_fsdp2_equals_ddp_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """2 CPU processes (gloo): DDP and accelerate's FSDP2 make the same LoRA steps (tests/state_compare.py)."""
-    from tests.examples.test_sdxl_scripts import _launch_two_processes
-
-    out = {mode: tmp_path / mode for mode in ("ddp", "fsdp")}
-    for mode, folder in out.items():
-        argv = _argv(tiny, "sd3", folder, tmp_path / "samples", "--use_lora", "--lora_rank", "4")
-        argv[argv.index("--train_batch_size") + 1] = "1"  # per process
-        _launch_two_processes("flow_ladd", argv, mode=mode)
-    assert (out["ddp"] / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
-    assert (out["fsdp"] / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "FSDP2 did not shard"
-    assert len(list((tmp_path / "samples").iterdir())) == 2  # one shard per process, reused by the FSDP2 run
-    ddp, fsdp = (_lora(out[m] / "pytorch_lora_weights.safetensors") for m in ("ddp", "fsdp"))
-    step1 = {
-        "transformer." + k: v for k, v in _lora(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").items()
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero3"])
+def test_ladd_lora_on_two_processes_equals_one_process_on_the_whole_batch(
+    mode: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 CPU processes (gloo) under DDP, accelerate's FSDP2 (the shared base sharded once, the adapter by its view)
+    or DeepSpeed ZeRO-3 (the adapter partitioned by the student's engine) make the same 2 LoRA steps as ONE process
+    accumulating the same two micro-batches (tests/state_compare.py: they differ in the order float32 gradients
+    are summed). The one-process run's micro-batch ``m`` draws from process ``m``'s generator; the generator and
+    the discriminator both update once per step from gradients averaged over the two micro-batches, as the
+    processes' all-reduce averages them."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed")
+    samples = tmp_path / "samples"
+    out = {name: tmp_path / name for name in (mode, "one")}
+    argv = {
+        name: _argv(tiny, "sd3", folder, samples, "--use_lora", "--lora_rank", "4")
+        for name, folder in out.items()
     }
-    assert_same_update(fsdp, ddp, step1, what="FSDP2 vs DDP")
+    argv[mode][argv[mode].index("--train_batch_size") + 1] = "1"  # per process
+    argv["one"][argv["one"].index("--train_batch_size") + 1] = "1"  # per micro-batch
+    _launch_two_processes("flow_ladd", argv[mode], mode=mode)
+    assert (out[mode] / "checkpoint-1" / "random_states_1.pkl").is_file(), f"{mode} ran in one process"
+    sharded = {"fsdp": "pytorch_model_fsdp_0", "zero3": "pytorch_model_1"}.get(mode)  # FSDP2's / 2nd engine's
+    assert sharded is None or (out[mode] / "checkpoint-1" / sharded).is_dir(), (
+        f"{mode} wrote no sharded state"
+    )
+    assert len(list(samples.iterdir())) == 2  # one shard per process, reused by the one-process run
+    per_process = data_sources.step_generator
+    monkeypatch.setattr(
+        data_sources,
+        "step_generator",
+        lambda seed, step, process_index=0, micro=0: per_process(seed, step, micro, process_index),
+    )
+    flow_ladd.main(flow_ladd.parse_args([*argv["one"], "--gradient_accumulation_steps", "2"]))
+    two, one = (_lora(out[name] / "pytorch_lora_weights.safetensors") for name in (mode, "one"))
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out["one"] / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert_same_update(two, one, step1, what=f"{mode} on 2 processes vs one process on the whole batch")
 
 
 @pytest.mark.parametrize(
