@@ -10,7 +10,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 DEEPSPEED_PIN ?= deepspeed==0.19.8
 
-.PHONY: install test lint typecheck bench clean demo gpu-wheels
+.PHONY: install test lint typecheck bench clean demo demo-flow gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: install lint typecheck
 # 2 cores); prints a table and writes build/toy_demo/grid.png and results.md (see examples/toy/README.md).
 demo: install
 	$(PY) examples/toy/distill.py --out build/toy_demo
+
+# The same demo on the shipped rectified-flow teacher (examples/toy/README.md, "Flow-matching teacher").
+demo-flow: install
+	$(PY) examples/toy/distill.py --teacher flow --out build/toy_demo_flow
 
 # Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
 # carries .whl/ (git-ignored) and the script installs it there.
