@@ -3,6 +3,11 @@
 Compares, at one latent size and several batch sizes, with identical (random) weights:
 
 * ``ours``: ``diffdistill.losses.ELatentLPIPS`` (augment "bg") and ``LatentLPIPS`` (no augmentation);
+* ``ours compiled``: the same E-LatentLPIPS through ``torch.compile(fullgraph=True, dynamic=False)``
+  (inductor; ``--compile-mode reduce-overhead`` adds CUDA graphs), skipped with a note when compiling
+  fails on the machine (``--compile off`` skips it);
+* ``bare latent VGG``: the latent VGG16-BN trunk alone, forward of both latents and backward through the
+  input's features -- the floor E-LatentLPIPS is compared against;
 * ``official``: ``elatentlpips.ELatentLPIPS`` (augment "bg", ``ensembling=True``/``False``), skipped
   when the package is absent;
 * ``pixel``: ``PixelLPIPS`` with a randomly initialised SD-architecture ``AutoencoderKL`` decoder
@@ -62,6 +67,8 @@ import torch  # noqa: E402
 
 from diffdistill.losses import ELatentLPIPS, LatentAugment, LatentLPIPS, PixelLPIPS  # noqa: E402
 from diffdistill.losses.latent_augment import sym6_filter  # noqa: E402
+
+COMPILED = "ours E-LatentLPIPS (bg) compiled"
 
 
 def official_model(latent: str, augment: str | None, state_dict: dict[str, torch.Tensor]) -> Any:
@@ -144,6 +151,17 @@ def main(argv: list[str] | None = None) -> str:
         help="run the official augmentation's upfirdn2d in its PyTorch reference path (impl='ref') instead "
         "of its just-in-time compiled CUDA plugin (which failed to build on the CUDA 13 / torch 2.11 GPU image)",
     )
+    p.add_argument(
+        "--compile",
+        choices=("on", "off"),
+        default="on",
+        help="also time ours (bg) through torch.compile (inductor); skipped with a note if it fails",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs) on a GPU; default: the default mode',
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the loss calls")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -187,6 +205,19 @@ def main(argv: list[str] | None = None) -> str:
     if pixel_batches:
         pixel = PixelLPIPS(sd_vae_decoder(), net="vgg", latent=args.latent, pretrained_heads=True).to(device)
 
+    compiled: Any = None
+    if args.compile == "on":
+        # Static shapes (one graph per batch size); generator=None: dynamo does not trace Generators.
+        compiled = torch.compile(ours, fullgraph=True, dynamic=False, mode=args.compile_mode)
+    notes: list[str] = []
+    trunk = bare.net
+
+    def bare_vgg(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The trunk alone: both latents forward (the target without a graph), backward through ``a``."""
+        with torch.no_grad():
+            trunk(t)
+        return sum(f.float().mean() for f in trunk(a))  # type: ignore[return-value]
+
     draws = args.draws
     ours_k = None
     if draws > 1:
@@ -219,7 +250,10 @@ def main(argv: list[str] | None = None) -> str:
         cases: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = [
             ("ours E-LatentLPIPS (bg)", lambda a, t: ours(a, t)),
             ("ours LatentLPIPS (no aug)", lambda a, t: bare(a, t)),
+            ("bare latent VGG16-BN trunk", bare_vgg),
         ]
+        if compiled is not None:
+            cases.insert(1, (COMPILED, compiled))
         if old_losses is not None:
             cases += [
                 (f"baseline@{args.baseline} E-LatentLPIPS (bg)", lambda a, t: old_losses[0](a, t)),
@@ -245,6 +279,16 @@ def main(argv: list[str] | None = None) -> str:
         for name, fn in cases:
             reps = 1 if name.startswith("PixelLPIPS") and device.type == "cpu" else args.reps
             warm = 0 if name.startswith("PixelLPIPS") and device.type == "cpu" else 1
+            if name == COMPILED:
+                try:
+                    step(fn)  # compiles (not timed)
+                except Exception as exc:  # a machine without a working compiler
+                    notes.append(
+                        f"torch.compile failed on this machine ({type(exc).__name__}: {exc}".split("\n")[0]
+                        + ")"
+                    )
+                    compiled = None
+                    continue
             t, cpu, m = measure(lambda fn=fn: step(fn), device, reps, warmup=warm)
             rows.append((name, b, t, cpu, m))
             print(
@@ -293,6 +337,23 @@ def main(argv: list[str] | None = None) -> str:
         for case, b, old_time in pairs:
             new = next(r for r in rows if r[0] == f"ours {case}" and r[1] == b)
             lines.append(f"| {case} | {b} | {(new[3] if on_cpu else new[2]) / old_time:.3f} |")
+    goals = []
+    for b in args.batch:
+        got = {name: (cpu if on_cpu else t) for name, bb, t, cpu, _ in rows if bb == b}
+        if COMPILED in got and "official (bg)" in got:
+            goals.append(
+                f"batch {b}: official (bg) / ours compiled = {got['official (bg)'] / got[COMPILED]:.2f}×"
+            )
+        if COMPILED in got:
+            goals.append(
+                f"batch {b}: ours compiled / bare trunk = {got[COMPILED] / got['bare latent VGG16-BN trunk']:.2f}×"
+            )
+    if goals:
+        lines += [
+            "",
+            "Issue 24 goals (≥ 3× the official package, ≤ 1.5× the bare trunk): " + "; ".join(goals),
+        ]
+    lines += [f"Note: {n}" for n in notes]
     table = "\n".join(lines)
     print(table)
     return table

@@ -92,7 +92,7 @@ __all__: list[str] = [
     "x0_conversion_loss",
 ]
 
-# LatentLPIPS & co. are exported lazily: their module (with einops and kornia) is only imported on first
+# LatentLPIPS & co. are exported lazily: their module (with einops) is only imported on first
 # attribute access, so `import diffdistill` stays light.
 _LAZY = {
     "ELatentLPIPS": ".lpips",

@@ -13,19 +13,21 @@ to ensemble its latent perceptual distance. Ops are grouped by letter:
 =====  ======================================================================================
 
 Every op draws its parameters per sample; all tensors passed in one call receive the *same* draw,
-so ``aug(x, x)`` returns two identical tensors. The geometric ops compose one inverse homogeneous
-matrix per sample and resample once: reflect padding, 2× upsampling with the orthogonal ``sym6``
-low-pass filter, bilinear ``grid_sample`` through a single sampling grid, then filtered 2×
-downsampling -- differentiable with respect to the inputs, on any number of channels.
+so ``aug(x, x)`` returns two identical tensors. The geometric ops compose one affine sampling matrix
+per sample in closed form (float64; ADA's chain of eight 3×3 factors and both frame changes, written
+out) and resample once: reflect padding, 2× upsampling with the orthogonal ``sym6`` low-pass filter,
+bilinear ``grid_sample`` through a single sampling grid, then filtered 2× downsampling --
+differentiable with respect to the inputs, on any number of channels. The colour ops collapse to one
+affine colour transform per sample (three fused multiply-adds), and tensors with the same
+``requires_grad`` go through every pass together, stacked along channels. No op reads a value back to
+the host and no shape depends on a draw, so the module runs under ``torch.compile(fullgraph=True)``
+and CUDA-graph capture (with ``generator=None``: dynamo does not trace ``torch.Generator`` objects).
 
-kornia supplies the pieces whose semantics match exactly: the pixel → ``[-1, 1]`` frame conversion of
-the warp (:func:`kornia.geometry.conversions.normalize_homography`, in float64, feeding one
-``affine_grid``) and the brightness shift (:func:`kornia.enhance.adjust_brightness` without clipping).
-The rest stays in plain PyTorch because kornia's version differs: its ``warp_affine`` normalises and
-re-inverts the warp in the image dtype (2-3× the float32 error of this float64 composition, and up to
-7% slower at batch 8 on CPU), its contrast and saturation clamp to ``[0, 1]`` and use RGB luminance,
-its erasing draws its own randomness by area and aspect ratio, and its ``filter2d`` has no stride for
-the decimating filter.
+Not taken from kornia: its ``warp_affine`` normalises and re-inverts the warp in the image dtype (2-3×
+the float32 error of this float64 composition), its contrast and saturation clamp to ``[0, 1]`` and
+use RGB luminance, its erasing draws its own randomness by area and aspect ratio, and its ``filter2d``
+has no stride for the decimating filter; its frame conversion and brightness shift matched, but cost
+more kernels than the closed forms here.
 
 With ``p = 1`` and the default generator the random numbers are drawn in the same order as the
 reference ADA pipeline, so a seeded call reproduces it.
@@ -41,9 +43,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from kornia.enhance import adjust_brightness
-from kornia.geometry.conversions import normalize_homography
 from torch import nn
 
 from .._checks import (
@@ -300,57 +299,100 @@ class AugmentParams:
 
 
 # ----------------------------------------------------------------------------------------------
-# Homogeneous 2-D matrices, batched: (N, 3, 3).
+# The geometric chain as one affine sampling matrix, composed in closed form (float64, per sample).
+
+_Scalar = torch.Tensor | float
 
 
-def _matrices(*entries: torch.Tensor) -> torch.Tensor:
-    """Nine ``(N,)`` entries in row-major order -> ``(N, 3, 3)``."""
-    return rearrange(torch.stack(entries, -1), "n (row col) -> n row col", row=3, col=3)
+def _cos(v: _Scalar) -> _Scalar:
+    return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)
 
 
-def _translate(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
-    one, zero = torch.ones_like(tx), torch.zeros_like(tx)
-    return _matrices(one, zero, tx, zero, one, ty, zero, zero, one)
+def _sin(v: _Scalar) -> _Scalar:
+    return torch.sin(v) if isinstance(v, torch.Tensor) else math.sin(v)
 
 
-def _scale(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
-    one, zero = torch.ones_like(sx), torch.zeros_like(sx)
-    return _matrices(sx, zero, zero, zero, sy, zero, zero, zero, one)
+def _sampling_theta(
+    params: AugmentParams, n: int, size: tuple[int, int], out: tuple[int, int], up: tuple[int, int]
+) -> torch.Tensor:
+    r"""The ``(N, 2, 3)`` float64 ``affine_grid`` matrix of the whole geometric chain, in one composition.
 
+    ADA (Karras et al., NeurIPS 2020, App. B.2 / ``augment.py``) composes the inverse warp
+    :math:`G^{-1} = F \, R_{90} \, T_{int} \, S \, R_{pre} \, A \, R_{post} \, T_{frac}` (output pixel ->
+    input pixel, centred coordinates, each factor a 3×3 matrix) and embeds it between the two 2× grids.
+    Here the product is written out: the isotropic scale commutes with rotations, so the linear part is
+    :math:`L = s^{-1} F\, R(\alpha + \theta_{pre})\, \mathrm{diag}(a^{-1}, a)\, R(\theta_{post})` with
+    :math:`R(\phi)\,\mathrm{diag}(u, v)\,R(\psi) = \tfrac{u+v}{2} R(\phi+\psi) + \tfrac{u-v}{2}
+    \mathrm{Ref}(\phi-\psi)`, and the translation is :math:`F R_{90} t_{int} + L\, t_{frac}`. The frame
+    changes are per-axis affine maps with constant (Python) coefficients: from the output's ``[-1, 1]``
+    coordinates ``v`` to centred original-resolution pixels ``v·out/4 + 1/4`` on the right, from
+    centred pixels ``u`` to the upsampled input's ``[-1, 1]`` frame ``4u/up - 1/up`` on the left (our
+    choice: one closed form instead of eight 3×3 products and a matrix inverse -- for ``"bg"`` 83
+    instead of 133 small ops in the profiler; equal to the matrix product to float64 rounding).
+    Disabled ops enter as Python constants and cost no kernel.
 
-def _rotate(theta: torch.Tensor) -> torch.Tensor:
-    c, s = torch.cos(theta), torch.sin(theta)
-    one, zero = torch.ones_like(theta), torch.zeros_like(theta)
-    return _matrices(c, -s, zero, s, c, zero, zero, zero, one)
+    Args:
+        params: the draw; at least one geometric field is set.
+        n: batch size.
+        size: ``(H, W)`` of the images.
+        out: ``(H, W)`` of the sampled (2×) output grid.
+        up: ``(H, W)`` of the padded, upsampled input.
 
-
-def _inverse_matrix(params: AugmentParams, n: int, height: int, width: int) -> torch.Tensor:
-    """Compose the per-sample inverse transform (output pixel -> input pixel), centred coordinates."""
+    Returns:
+        ``theta`` of shape ``(N, 2, 3)``, float64, on the parameters' device.
+    """
     ref = next(getattr(params, f.name) for f in fields(params) if getattr(params, f.name) is not None)
-    g = torch.eye(3, dtype=torch.float64, device=ref.device).expand(n, 3, 3)
+    dev = ref.device
+    (h, w), (out_h, out_w), (up_h, up_w) = size, out, up
 
     def d(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=ref.device, dtype=torch.float64)
+        return t.to(device=dev, dtype=torch.float64)
 
-    if params.xflip is not None:
-        g = g @ _scale(1 - 2 * d(params.xflip), torch.ones(n, dtype=torch.float64, device=ref.device))
-    if params.rotate90 is not None:
-        g = g @ _rotate(math.pi / 2 * d(params.rotate90))
-    if params.xint is not None:
-        t = d(params.xint)
-        g = g @ _translate(-torch.round(t[:, 0] * width), -torch.round(t[:, 1] * height))
-    if params.scale is not None:
-        g = g @ _scale(1 / d(params.scale), 1 / d(params.scale))
-    if params.rotate_pre is not None:
-        g = g @ _rotate(d(params.rotate_pre))
-    if params.aniso is not None:
-        g = g @ _scale(1 / d(params.aniso), d(params.aniso))
-    if params.rotate_post is not None:
-        g = g @ _rotate(d(params.rotate_post))
+    flip: _Scalar = 1 - 2 * d(params.xflip) if params.xflip is not None else 1.0
+    alpha: _Scalar = (math.pi / 2) * d(params.rotate90) if params.rotate90 is not None else 0.0
+    inv_s: _Scalar = 1 / d(params.scale) if params.scale is not None else 1.0
+    pre: _Scalar = d(params.rotate_pre) if params.rotate_pre is not None else 0.0
+    post: _Scalar = d(params.rotate_post) if params.rotate_post is not None else 0.0
+    aniso: _Scalar = d(params.aniso) if params.aniso is not None else 1.0
+    # L = inv_s * diag(flip, 1) * (p R(sigma) + q Ref(delta)), Ref(t) = [[cos t, sin t], [sin t, -cos t]].
+    phi = alpha + pre
+    sigma, delta = phi + post, phi - post
+    p = (1 / aniso + aniso) * (0.5 * inv_s)
+    q = (1 / aniso - aniso) * (0.5 * inv_s)
+    cs, ss, cd, sd = _cos(sigma), _sin(sigma), _cos(delta), _sin(delta)
+    l00 = (p * cs + q * cd) * flip
+    l01 = (q * sd - p * ss) * flip
+    l10 = p * ss + q * sd
+    l11 = p * cs - q * cd
+    # Translation of G^{-1} plus L times the right frame change's offset (1/4, 1/4): t = F R90 t_int + L (t_frac + 1/4).
+    fx: _Scalar = 0.25
+    fy: _Scalar = 0.25
     if params.xfrac is not None:
         t = d(params.xfrac)
-        g = g @ _translate(-t[:, 0] * width, -t[:, 1] * height)
-    return g
+        fx, fy = t[:, 0] * -w + 0.25, t[:, 1] * -h + 0.25
+    tx = l00 * fx + l01 * fy
+    ty = l10 * fx + l11 * fy
+    if params.xint is not None:
+        t = d(params.xint)
+        ix, iy = torch.round(t[:, 0] * -w), torch.round(t[:, 1] * -h)
+        ca, sa = _cos(alpha), _sin(alpha)
+        tx = tx + (ix * ca - iy * sa) * flip
+        ty = ty + (ix * sa + iy * ca)
+    # Output frame (right: v -> v * out / 4) and input frame (left: u -> 4u / up - 1 / up).
+    ax, ay = 4 / up_w, 4 / up_h
+    entries = (
+        l00 * (ax * out_w / 4),
+        l01 * (ax * out_h / 4),
+        tx * ax - 1 / up_w,
+        l10 * (ay * out_w / 4),
+        l11 * (ay * out_h / 4),
+        ty * ay - 1 / up_h,
+    )
+    cols = [
+        e if isinstance(e, torch.Tensor) else torch.full((n,), e, dtype=torch.float64, device=dev)
+        for e in entries
+    ]
+    return torch.stack(cols, dim=1).view(n, 2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,72 +400,91 @@ def _inverse_matrix(params: AugmentParams, n: int, height: int, width: int) -> t
 
 
 def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """2× upsampling with the FIR filter ``f`` (gain 2 per axis keeps the DC level), polyphase form.
+    """2× upsampling with the even-length FIR filter ``f`` (gain 2 per axis keeps the DC level), polyphase form.
 
-    Equal to inserting zeros, padding by ``((k + 1) // 2, (k - 2) // 2)`` and convolving with ``f``;
-    a stride-2 transposed convolution per axis skips the multiplications by the inserted zeros.
-    """
-    _, c, h, w = x.shape
-    k = f.numel()
-    off = k - 1 - (k + 1) // 2
-    g = f * 2
-    y = F.conv_transpose2d(x, g.reshape(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), groups=c)
-    y = y[..., off : off + 2 * w]
-    y = F.conv_transpose2d(y, g.reshape(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), groups=c)
-    return y[..., off : off + 2 * h, :]
-
-
-def _downsample2x(x: torch.Tensor, f: torch.Tensor, crop: int) -> torch.Tensor:
-    """Crop ``crop`` pixels per side, low-pass with the FIR filter ``f`` and keep every second pixel.
-
-    Equal to padding by ``((k - 1) // 2, (k - 2) // 2)``, correlating both axes with ``f`` and taking
-    ``[::2, ::2]``; a stride-2 convolution per axis computes only the kept outputs.
+    Equal to inserting zeros, padding by ``((k + 1) // 2, (k - 2) // 2)`` and convolving with ``f``; a
+    stride-2 transposed convolution per axis skips the multiplications by the inserted zeros, and its
+    ``padding`` of ``k // 2 - 1`` drops the surplus ``k - 2`` border outputs symmetrically (no slice).
     """
     c, k = x.shape[1], f.numel()
-    p0, p1 = (k - 1) // 2 - crop, (k - 2) // 2 - crop
-    x = F.pad(x, [max(p0, 0), max(p1, 0), max(p0, 0), max(p1, 0)])
-    h, w = x.shape[-2:]
-    x = x[:, :, max(-p0, 0) : h - max(-p1, 0), max(-p0, 0) : w - max(-p1, 0)]
-    x = F.conv2d(x, f.reshape(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), groups=c)
-    return F.conv2d(x, f.reshape(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), groups=c)
+    g = f * 2
+    x = F.conv_transpose2d(
+        x, g.view(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), padding=(0, k // 2 - 1), groups=c
+    )
+    return F.conv_transpose2d(
+        x, g.view(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), padding=(k // 2 - 1, 0), groups=c
+    )
 
 
-def _affine(sx: float, tx: float, sy: float, ty: float, ref: torch.Tensor) -> torch.Tensor:
-    """The constant ``(1, 3, 3)`` matrix ``[[sx, 0, tx], [0, sy, ty], [0, 0, 1]]`` in ``ref``'s dtype and device.
+def _downsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Low-pass with the FIR filter ``f`` and keep every second pixel (no padding: the caller sized ``x``).
 
-    Filled on the device (``torch.full``), not copied from the host: ``torch.tensor(..., device="cuda")``
-    would wait for every queued kernel.
+    A stride-2 convolution per axis computes only the kept outputs.
     """
-
-    def c(v: float) -> torch.Tensor:
-        return torch.full((1,), v, dtype=ref.dtype, device=ref.device)
-
-    zero = c(0.0)
-    return _matrices(c(sx), zero, c(tx), zero, c(sy), c(ty), zero, zero, c(1.0))
+    c, k = x.shape[1], f.numel()
+    x = F.conv2d(x, f.view(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), groups=c)
+    return F.conv2d(x, f.view(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), groups=c)
 
 
-def _apply_geometry(x: torch.Tensor, g_inv: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Resample ``x`` (N, C, H, W) through the inverse transforms ``g_inv`` (N, 3, 3, float64)."""
+def _geometry_sizes(h: int, w: int, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(up, out)``: the padded, 2× upsampled input size and the sampled grid size of :func:`_apply_geometry`."""
+    return (2 * (3 * h - 2), 2 * (3 * w - 2)), (2 * h + k - 2, 2 * w + k - 2)
+
+
+def _apply_geometry(x: torch.Tensor, theta: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` (N, C, H, W) through ``theta`` (:func:`_sampling_theta`): one ``grid_sample``.
+
+    ADA's filtered warp (Karras et al., NeurIPS 2020, ``augment.py``): reflect padding, 2× upsampling
+    with ``f``, bilinear sampling of a 2× output grid through the composed inverse warp, then filtered
+    2× downsampling. The reference pads the sampled grid by ``k/2 - 1`` and crops ``k/2`` before the
+    decimating filter (``k`` = 12 taps): the net one-pixel crop per side is folded into the sampled grid
+    (our choice: it samples ``2H + k - 2`` rows instead of ``2H + k``, and the downsampling needs no pad
+    and no slice; the kept outputs are the same).
+    """
     n, c, h, w = x.shape
-    hz = f.numel() // 4
     # Static reflect padding: the largest the image allows, so no draw ever samples the zero border
     # needlessly, and shapes never depend on the draw (no host sync, torch.compile friendly).
     my, mx = h - 1, w - 1
     x = F.pad(x, [mx, mx, my, my], mode="reflect") if (mx or my) else x
     x = _upsample2x(x, f)
-    up_h, up_w = x.shape[2], x.shape[3]
-    out_h, out_w = (h + 2 * hz) * 2, (w + 2 * hz) * 2
-    # Output pixel index -> input pixel index (of the upsampled image): centre the output grid, go to
-    # original-resolution units, apply the inverse warp, come back to upsampled units and shift to the
-    # input's indices (ADA's half-pixel alignment of the two 2x grids), all in float64.
-    from_out = _affine(0.5, 0.5 - out_w / 4, 0.5, 0.5 - out_h / 4, g_inv)
-    to_in = _affine(2.0, up_w / 2 - 1, 2.0, up_h / 2 - 1, g_inv)
-    pix = to_in @ g_inv @ from_out
-    # kornia's pixel -> [-1, 1] conversion, in the grid_sample convention (align_corners=False).
-    theta = normalize_homography(pix, (out_h, out_w), (up_h, up_w), align_corners=False)
-    grid = F.affine_grid(theta[:, :2, :].to(x.dtype), [n, c, out_h, out_w], align_corners=False)
+    _, (out_h, out_w) = _geometry_sizes(h, w, f.numel())
+    grid = F.affine_grid(theta.to(x.dtype), [n, c, out_h, out_w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return _downsample2x(x, f, crop=2 * hz)
+    return _downsample2x(x, f)
+
+
+def _apply_colour(x: torch.Tensor, params: AugmentParams, channels: int) -> torch.Tensor:
+    r"""Brightness, contrast and saturation (DiffAugment's ops, as E-LatentLPIPS uses them) as one affine map.
+
+    ``x`` is ``(N, K·C, H, W)``: ``K`` tensors of ``C`` channels stacked along channels, each with its own
+    statistics. The sequential chain -- :math:`x + b`, then contrast :math:`c` around the per-sample mean
+    :math:`m`, then saturation :math:`s` around the per-pixel channel mean :math:`\mu` -- is affine in
+    :math:`x` with means that move along, so it collapses to one colour matrix per sample,
+
+    .. math:: T(x) = s c\, x + (c - s c)\, \mu(x) + (1 - c)\, m(x) + b,
+
+    i.e. :math:`(s c\, I + \tfrac{c - s c}{C} \mathbf{1}\mathbf{1}^\top) x` plus an offset (our choice:
+    three fused multiply-adds instead of a dozen element-wise passes; equal to the chain up to float
+    rounding). With one channel :math:`\mu(x) = x` and the saturation has no effect, as in the chain.
+    """
+    n, kc, h, w = x.shape
+    v = x.view(n, kc // channels, channels, h, w)
+
+    def coef(t: torch.Tensor | None, neutral: float) -> torch.Tensor | float:
+        return t.to(x).view(n, 1, 1, 1, 1) if t is not None else neutral
+
+    saturate = params.saturation is not None and channels > 1  # one channel: the identity, skipped
+    b, c, s = coef(params.brightness, 0.0), coef(params.contrast, 1.0), coef(params.saturation, 1.0)
+    out = v
+    if saturate or params.contrast is not None:
+        mu = v.mean(dim=2, keepdim=True)
+        sc = s * c
+        out = v * sc + mu * (c - sc) if saturate else v * c
+        if params.contrast is not None:
+            out = out + mu.mean(dim=(3, 4), keepdim=True) * (1 - c)
+    if params.brightness is not None:
+        out = out + b
+    return out.view(n, kc, h, w)
 
 
 class LatentAugment(nn.Module):
@@ -574,8 +635,12 @@ class LatentAugment(nn.Module):
         def gate(
             value: torch.Tensor, prob: float | torch.Tensor, neutral: float, *gshape: int
         ) -> torch.Tensor:
-            keep = rand(*gshape) < prob
-            return torch.where(keep, value, torch.full_like(value, neutral))
+            keep = rand(*gshape)  # drawn even when it always passes: the stream stays ADA's
+            # rand < 1 always: eager mode skips the select kernels; a traced graph keeps them, else its
+            # dead-code elimination would drop this draw and shift every later one.
+            if isinstance(prob, float) and prob >= 1.0 and not torch.compiler.is_compiling():
+                return value
+            return torch.where(keep < prob, value, torch.full_like(value, neutral))
 
         out = AugmentParams()
         if "xflip" in ops:
@@ -609,7 +674,7 @@ class LatentAugment(nn.Module):
             size = gate(torch.full((n,), self.cutout_size, device=gdev), p, 0.0, n)
             out.cutout_size = size
             out.cutout_center = rand(n, 2, 1, 1, 1).reshape(n, 2)
-        return out.to(dev)
+        return out.to(dev) if torch.device(gdev) != dev else out  # already there: no op per field
 
     def _check_tensors(self, tensors: tuple[Any, ...], name: str) -> None:
         """The static checks of every tensor passed (and, as a value check, finiteness)."""
@@ -689,36 +754,28 @@ class LatentAugment(nn.Module):
         self, tensors: tuple[torch.Tensor, ...], params: AugmentParams
     ) -> tuple[torch.Tensor, ...]:
         n, c, h, w = tensors[0].shape
-        k = len(tensors)
+        ref = tensors[0]
+        # Tensors with equal requires_grad share each pass (stacked along channels: one grid, one colour
+        # transform per sample); otherwise each runs alone, keeping tensors without gradient out of the graph.
+        together = len(tensors) > 1 and all(t.requires_grad == ref.requires_grad for t in tensors)
+        groups = [torch.cat(tensors, dim=1)] if together else list(tensors)
         if params.has_geometry:
-            ref = tensors[0]
-            g_inv = _inverse_matrix(params, n, h, w).to(ref.device)
             f = self.filter.to(device=ref.device, dtype=ref.dtype)
-            if k > 1 and all(t.requires_grad == ref.requires_grad for t in tensors):
-                # One resampling pass for all tensors: stack them along channels (same grid per sample).
-                tensors = tuple(_apply_geometry(torch.cat(tensors, dim=1), g_inv, f).split(c, dim=1))
-            else:  # keep tensors without gradient out of the autograd graph
-                tensors = tuple(_apply_geometry(t, g_inv, f) for t in tensors)
-        out = []
-        for x in tensors:
-            if params.brightness is not None:
-                x = adjust_brightness(x, params.brightness.to(x), clip_output=False)
-            if params.contrast is not None:
-                mean = x.mean(dim=(1, 2, 3), keepdim=True)
-                x = (x - mean) * params.contrast.to(x).reshape(n, 1, 1, 1) + mean
-            if params.saturation is not None and c > 1:
-                mean = x.mean(dim=1, keepdim=True)
-                x = (x - mean) * params.saturation.to(x).reshape(n, 1, 1, 1) + mean
-            out.append(x)
+            up, out_size = _geometry_sizes(h, w, f.numel())
+            theta = _sampling_theta(params, n, (h, w), out_size, up)
+            groups = [_apply_geometry(g, theta, f) for g in groups]
+        if params.brightness is not None or params.contrast is not None or params.saturation is not None:
+            groups = [_apply_colour(g, params, c) for g in groups]
         if params.cutout_size is not None and params.cutout_center is not None:
-            size = params.cutout_size.to(out[0]).reshape(n, 1, 1)
-            center = params.cutout_center.to(out[0])
-            xs = (torch.arange(w, device=out[0].device, dtype=out[0].dtype) + 0.5) / w
-            ys = (torch.arange(h, device=out[0].device, dtype=out[0].dtype) + 0.5) / h
+            size = params.cutout_size.to(ref).reshape(n, 1, 1)
+            center = params.cutout_center.to(ref)
+            xs = (torch.arange(w, device=ref.device, dtype=ref.dtype) + 0.5) / w
+            ys = (torch.arange(h, device=ref.device, dtype=ref.dtype) + 0.5) / h
             keep_x = (xs.reshape(1, 1, w) - center[:, 0].reshape(n, 1, 1)).abs() >= size / 2
             keep_y = (ys.reshape(1, h, 1) - center[:, 1].reshape(n, 1, 1)).abs() >= size / 2
-            mask = (keep_x | keep_y).to(out[0].dtype).unsqueeze(1)
-            out = [x * mask for x in out]
+            mask = (keep_x | keep_y).to(ref.dtype).unsqueeze(1)
+            groups = [g * mask for g in groups]
+        out = [part for g in groups for part in (g.split(c, dim=1) if together else (g,))]
         return tuple(out)
 
     def forward(

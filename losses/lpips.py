@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import itertools
 import logging
 import numbers
 import operator
@@ -182,7 +183,8 @@ class LatentVGG16BN(nn.Module):
     Module names follow torchvision's ``features`` indices inside ``slice1`` … ``slice5`` so
     checkpoints of the official package map one to one. Each slice ends where the next tap starts;
     the taps of slices 4 and 5 therefore come after the remaining max-pools (features at 1/2 and 1/4
-    of the latent size), exactly as in the reference.
+    of the latent size), exactly as in the reference. Frozen (eval mode, no parameter requiring a
+    gradient, no forward hook), it runs each convolution with its batch norm folded in (cached).
 
     Args:
         in_channels: latent channels of the first convolution, an int >= 1.
@@ -227,10 +229,58 @@ class LatentVGG16BN(nn.Module):
         """
         _check_latents(x, "x", self.in_channels, f"in_channels={self.in_channels}")
         feats = []
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+        if self.training or hooked or any(p.requires_grad for p in self.parameters()):
+            for k in range(5):
+                x = getattr(self, f"slice{k + 1}")(x)
+                feats.append(x)
+            return feats
+        folded = iter(self._folded())
         for k in range(5):
-            x = getattr(self, f"slice{k + 1}")(x)
+            for layer in getattr(self, f"slice{k + 1}"):
+                if isinstance(layer, nn.Conv2d):
+                    weight, bias = next(folded)
+                    x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
+                elif not isinstance(layer, nn.BatchNorm2d):  # folded into the convolution before it
+                    x = layer(x)
             feats.append(x)
         return feats
+
+    def _folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        r"""Each convolution with its (eval-mode) batch norm folded in: ``(weight, bias)`` per conv.
+
+        :meth:`forward` uses them when the trunk is frozen (eval mode, no parameter requiring a gradient)
+        and no forward hook is registered on it or its layers (those run the layers module by module).
+
+        Our choice (one kernel less per layer forward and backward, and no pass over the activations):
+        :math:`\mathrm{BN}(w * x + b) = (s\,w) * x + s\,(b - \mu) + \beta` with
+        :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}` (running statistics), composed in float64 and
+        rounded once to the weights' dtype and memory format. Eager mode caches the result until a
+        parameter or buffer changes (storage or version counter: ``load_state_dict``, ``.to()``, in-place
+        updates); a traced graph recomputes it (a few small fused kernels).
+        """
+        tensors = [t for m in self.modules() for t in (*m.parameters(False), *m.buffers(False))]
+        key = None
+        # Inference tensors (a trunk built under torch.inference_mode) have no version counter: no cache.
+        if not torch.compiler.is_compiling() and not any(t.is_inference() for t in tensors):
+            key = tuple((t.data_ptr(), t._version) for t in tensors)
+            cached = self.__dict__.get("_fold_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        out = []
+        layers = [m for k in range(5) for m in getattr(self, f"slice{k + 1}")]
+        for conv, bn in itertools.pairwise(layers):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            w = conv.weight
+            var, mean = bn.running_var.double(), bn.running_mean.double()  # type: ignore[union-attr]
+            s = bn.weight.double() * torch.rsqrt(var + bn.eps)
+            weight = (w.double() * s.view(-1, 1, 1, 1)).to(w.dtype)
+            bias = ((conv.bias.double() - mean) * s + bn.bias.double()).to(w.dtype)  # type: ignore[union-attr]
+            out.append((weight, bias))
+        if key is not None:
+            self.__dict__["_fold_cache"] = (key, out)
+        return out
 
 
 class _LinearHead(nn.Module):
@@ -273,8 +323,55 @@ def _check_latents(x: Any, name: str, channels: int, what: str) -> None:
         )
 
 
-def _unit_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.sqrt(x.pow(2).sum(dim=1, keepdim=True) + _NORM_EPS)
+def _unit_normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x / sqrt(|x|^2 + eps), 1 / sqrt(|x|^2 + eps))`` with the norm over channels (dim 1)."""
+    r = torch.rsqrt(x.square().sum(dim=1, keepdim=True) + _NORM_EPS)
+    return x * r, r
+
+
+class _LayerDistance(torch.autograd.Function):
+    r"""One LPIPS layer term :math:`\operatorname{mean}_{hw} w^\top (\hat\phi(x) - \hat\phi(y))^{\odot 2}` (Zhang et
+    al., LPIPS, CVPR 2018, Eq. 1, as Kang et al., ECCV 2024, use it on latents) with a hand-written backward.
+
+    Our choice (kernel count): autograd records ~20 element-wise ops per layer for the normalisation,
+    difference, 1×1 head and mean; the closed-form gradient of :math:`\hat\phi = \phi\, r`,
+    :math:`r = (\lVert\phi\rVert^2 + \epsilon)^{-1/2}`, is
+    :math:`\partial\phi = r\,(g - \hat\phi\, \langle\hat\phi, g\rangle_c)` for the gradient :math:`g` with
+    respect to :math:`\hat\phi`, a handful of ops; the heads get theirs when they require it (their
+    calibration). First-order only (``once_differentiable``: a second
+    derivative raises instead of being silently wrong).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, fx: torch.Tensor, fy: torch.Tensor, head: torch.Tensor, spatial: bool
+    ) -> torch.Tensor:
+        nx, rx = _unit_normalize(fx)
+        ny, ry = _unit_normalize(fy)
+        diff = nx - ny
+        if spatial:
+            value = F.conv2d(diff.square(), head)  # (B, 1, h, w)
+        else:
+            value = diff.square().mean(dim=(2, 3)) @ head.view(-1)  # (B,): the mean commutes with the head
+        ctx.save_for_backward(nx, rx, ny, ry, diff, head)
+        ctx.spatial = spatial
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        nx, rx, ny, ry, diff, head = ctx.saved_tensors
+        b, c, h, w = diff.shape
+        scale = grad if ctx.spatial else grad.view(b, 1, 1, 1) * (1.0 / (h * w))
+        g = diff * (head.view(1, c, 1, 1) * (2 * scale))  # gradient w.r.t. the normalised x features
+        gx = gy = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.addcmul(g, nx, (nx * g).sum(dim=1, keepdim=True), value=-1) * rx
+        if ctx.needs_input_grad[1]:
+            gy = torch.addcmul(g, ny, (ny * g).sum(dim=1, keepdim=True), value=-1) * -ry
+        if ctx.needs_input_grad[2]:  # the heads are trained (calibration): d value / d w_c = mean_hw diff_c^2
+            gw = (diff.square() * scale).sum(dim=(0, 2, 3)).view_as(head)
+        return gx, gy, gw, None
 
 
 def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -707,7 +804,7 @@ class LatentLPIPS(nn.Module):
         channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
         def trunk(t: torch.Tensor) -> list[torch.Tensor]:  # may run under the caller's autocast
-            t = t.to(w.dtype)  # the trunk runs in its parameters' dtype
+            t = t if t.dtype == w.dtype else t.to(w.dtype)  # the trunk runs in its parameters' dtype
             return self.net(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
 
         if x.requires_grad == y.requires_grad:
@@ -718,13 +815,11 @@ class LatentLPIPS(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             total: torch.Tensor | None = None
             for k, (fx, fy) in enumerate(feats):
-                d = (_unit_normalize(fx.to(dt)) - _unit_normalize(fy.to(dt))).pow(2)
-                head = self.heads[k].model[1].weight.to(dt)  # type: ignore[index, union-attr]
-                m = F.conv2d(d, head)  # (B, 1, h, w)
+                fx, fy = (f if f.dtype == dt else f.to(dt) for f in (fx, fy))
+                head = self.heads[k].model[1].weight  # type: ignore[index, union-attr]
+                m = _LayerDistance.apply(fx, fy, head if head.dtype == dt else head.to(dt), spatial)
                 if spatial:
                     m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
-                else:
-                    m = m.mean(dim=(1, 2, 3))
                 total = m if total is None else total + m
         return cast(torch.Tensor, total)  # five slices: never None
 
@@ -851,7 +946,9 @@ class ELatentLPIPS(LatentLPIPS):
             normalize: apply the VAE's ``(z - shift) * scale`` first (pass raw VAE-encoder outputs).
             spatial: per-pixel map; only with ``augment=None`` (see :meth:`LatentLPIPS.forward`).
             generator: source of the augmentation draws (reproducible with a seeded generator); ``None``
-                uses the default generator of the inputs' device.
+                uses the default generator of the inputs' device -- what ``torch.compile(fullgraph=True)``
+                and CUDA-graph capture need (dynamo does not trace ``torch.Generator`` objects; seed with
+                ``torch.manual_seed`` instead). Forward and backward read nothing back to the host.
 
         Returns:
             The distance: a scalar for ``reduction="mean"`` / ``"sum"``, ``(B,)`` for ``"none"``, in at

@@ -330,31 +330,97 @@ def test_bad_transform_inputs() -> None:
         aug.transform((), prm)
 
 
-def test_geometry_matches_the_affine_grid_composition() -> None:
-    """The kornia frame conversion gives the sampling matrix of the plain composition, to float64 rounding."""
+def _ada_inverse_matrix(prm: AugmentParams, n: int, h: int, w: int) -> torch.Tensor:
+    """ADA's inverse warp as the plain product of its 3×3 factors (float64), the reference of the closed form."""
+
+    def mat(*rows: tuple) -> torch.Tensor:  # type: ignore[type-arg]
+        return torch.stack(
+            [torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(n) for v in r], -1) for r in rows],
+            -2,
+        )
+
+    def d(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        return t.double() if t is not None else torch.full((n,), default, dtype=torch.float64)
+
+    def rot(a: torch.Tensor) -> torch.Tensor:
+        return mat((a.cos(), -a.sin(), 0.0), (a.sin(), a.cos(), 0.0), (0.0, 0.0, 1.0))
+
+    def trans(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+        return mat((1.0, 0.0, tx), (0.0, 1.0, ty), (0.0, 0.0, 1.0))
+
+    def scale(sx: torch.Tensor | float, sy: torch.Tensor | float) -> torch.Tensor:
+        return mat((sx, 0.0, 0.0), (0.0, sy, 0.0), (0.0, 0.0, 1.0))
+
+    xint = prm.xint.double() if prm.xint is not None else torch.zeros(n, 2, dtype=torch.float64)
+    xfrac = prm.xfrac.double() if prm.xfrac is not None else torch.zeros(n, 2, dtype=torch.float64)
+    a, s = d(prm.aniso, 1.0), d(prm.scale, 1.0)
+    return (
+        scale(1 - 2 * d(prm.xflip, 0.0), 1.0)
+        @ rot(math.pi / 2 * d(prm.rotate90, 0.0))
+        @ trans(-torch.round(xint[:, 0] * w), -torch.round(xint[:, 1] * h))
+        @ scale(1 / s, 1 / s)
+        @ rot(d(prm.rotate_pre, 0.0))
+        @ scale(1 / a, a)
+        @ rot(d(prm.rotate_post, 0.0))
+        @ trans(-xfrac[:, 0] * w, -xfrac[:, 1] * h)
+    )
+
+
+@pytest.mark.parametrize("spec", ["bg", "b", "g", ("xint",), ("rotate", "xfrac"), ("scale", "aniso")])
+def test_closed_form_theta_is_the_ada_matrix_product(spec: str | tuple[str, ...]) -> None:
+    """The closed-form sampling matrix equals ADA's product of 3×3 factors and frame changes, to float64 rounding."""
     from diffdistill.losses import latent_augment as la
 
-    n, h, w = 3, 12, 14
-    prm = LatentAugment("bg").sample(n, generator=_gen(0))
-    g_inv = la._inverse_matrix(prm, n, h, w)
-    up_h, up_w, out_h, out_w = (3 * h - 2) * 2, (3 * w - 2) * 2, (h + 6) * 2, (w + 6) * 2
+    n, h, w = 5, 12, 14
+    prm = LatentAugment(spec, p=0.7).sample(n, generator=_gen(0))
+    up, out = la._geometry_sizes(h, w, 12)
+    assert up == ((3 * h - 2) * 2, (3 * w - 2) * 2) and out == (2 * h + 10, 2 * w + 10)
+    g = _ada_inverse_matrix(prm, n, h, w)
 
-    def fixed(fn, *a: float) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        return fn(*(torch.full((1,), v, dtype=torch.float64) for v in a))
+    def fixed(*rows: tuple) -> torch.Tensor:  # type: ignore[type-arg]
+        return torch.tensor(rows, dtype=torch.float64)
 
-    # ADA's composition: centred pixel units of the two 2x grids, then [-1, 1] with the grid_sample convention.
-    g = fixed(la._scale, 2, 2) @ g_inv @ fixed(la._scale, 0.5, 0.5)
-    g = fixed(la._translate, -0.5, -0.5) @ g @ fixed(la._translate, 0.5, 0.5)
-    want = fixed(la._scale, 2 / up_w, 2 / up_h) @ g @ fixed(la._scale, out_w / 2, out_h / 2)
-    seen = {}
-    real = torch.nn.functional.affine_grid
+    # ADA's embedding: centred pixel units of the two 2x grids, then [-1, 1] in the grid_sample convention.
+    up_h, up_w = up
+    out_h, out_w = out
+    left = fixed((2 / up_w, 0, 0), (0, 2 / up_h, 0), (0, 0, 1)) @ fixed((1, 0, -0.5), (0, 1, -0.5), (0, 0, 1))
+    left = left @ fixed((2, 0, 0), (0, 2, 0), (0, 0, 1))
+    right = fixed((0.5, 0, 0), (0, 0.5, 0), (0, 0, 1)) @ fixed((1, 0, 0.5), (0, 1, 0.5), (0, 0, 1))
+    right = right @ fixed((out_w / 2, 0, 0), (0, out_h / 2, 0), (0, 0, 1))
+    want = (left @ g @ right)[:, :2, :]
+    got = la._sampling_theta(prm, n, (h, w), out, up)
+    assert got.dtype == torch.float64 and got.shape == (n, 2, 3)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
-    def spy(theta: torch.Tensor, size: list[int], align_corners: bool) -> torch.Tensor:
-        seen["theta"] = theta
-        return real(theta, size, align_corners=align_corners)
 
-    x = torch.randn(n, 4, h, w, dtype=torch.float64, generator=_gen(1))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(la.F, "affine_grid", spy)
-        la._apply_geometry(x, g_inv, sym6_filter(torch.float64))
-    torch.testing.assert_close(seen["theta"], want[:, :2, :], atol=1e-12, rtol=0)
+def test_colour_matrix_equals_the_sequential_chain() -> None:
+    """One colour transform per sample == brightness, then contrast, then saturation (DiffAugment's order)."""
+    from diffdistill.losses import latent_augment as la
+
+    n, c, h, w = 4, 4, 6, 5
+    prm = LatentAugment("c").sample(n, generator=_gen(0))
+    x = torch.randn(n, c, h, w, generator=_gen(1)) * 3 + 1
+    y = torch.randn(n, c, h, w, generator=_gen(2))
+
+    def chain(t: torch.Tensor, p: AugmentParams = prm) -> torch.Tensor:  # float64, one op after the other
+        def v(f: torch.Tensor | None, neutral: float) -> torch.Tensor | float:
+            return f.double().view(n, 1, 1, 1) if f is not None else neutral
+
+        t = t.double() + v(p.brightness, 0.0)
+        m = t.mean(dim=(1, 2, 3), keepdim=True)
+        t = (t - m) * v(p.contrast, 1.0) + m
+        mu = t.mean(dim=1, keepdim=True)
+        return (t - mu) * v(p.saturation, 1.0) + mu
+
+    got = la._apply_colour(torch.cat([x, y], dim=1), prm, c)  # two tensors stacked, own statistics each
+    want = torch.cat([chain(x), chain(y)], dim=1)
+    # Float32 evaluation of a few fused terms of magnitude <= max|want| (+ the means): a few ulps of that.
+    tol = 8 * torch.finfo(torch.float32).eps * float(want.abs().max() + x.abs().max())
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+    # Each op alone (the others neutral), and one channel (saturation is then the identity, as in the chain).
+    for op in ("brightness", "contrast", "saturation"):
+        only = AugmentParams(**{op: getattr(prm, op)})
+        (got,) = LatentAugment([op]).transform((x,), only)
+        torch.testing.assert_close(got.double(), chain(x, only), atol=tol, rtol=0)
+    one = AugmentParams(saturation=prm.saturation)
+    assert torch.equal(LatentAugment("c").transform((x[:, :1],), one)[0], x[:, :1])
