@@ -288,7 +288,9 @@ class _LinearHead(nn.Module):
 
     Args:
         channels: channels of the feature map it projects.
-        dropout: dropout probability before the projection (active only in training mode, never here).
+        dropout: dropout probability before the projection, applied to the squared difference when the dropout
+            module is in training mode (LPIPS calibrates its heads so: ``examples/train_latent_lpips.py``); the
+            metric itself stays in eval mode, where it does nothing.
     """
 
     def __init__(self, channels: int, dropout: float = 0.5) -> None:
@@ -817,7 +819,15 @@ class LatentLPIPS(nn.Module):
             for k, (fx, fy) in enumerate(feats):
                 fx, fy = (f if f.dtype == dt else f.to(dt) for f in (fx, fy))
                 head = self.heads[k].model[1].weight  # type: ignore[index, union-attr]
-                m = _LayerDistance.apply(fx, fy, head if head.dtype == dt else head.to(dt), spatial)
+                head = head if head.dtype == dt else head.to(dt)
+                drop = cast(nn.Dropout, self.heads[k].model[0])  # type: ignore[index, union-attr]
+                # Head calibration with dropout (LPIPS' trainer; train_latent_lpips.py): the autograd path.
+                if drop.training and drop.p > 0:
+                    sq = drop((_unit_normalize(fx)[0] - _unit_normalize(fy)[0]).square())
+                    m = F.conv2d(sq, head)
+                    m = m if spatial else m.mean(dim=(2, 3)).flatten()
+                else:
+                    m = _LayerDistance.apply(fx, fy, head, spatial)
                 if spatial:
                     m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)
                 total = m if total is None else total + m

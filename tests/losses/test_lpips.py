@@ -833,3 +833,35 @@ def test_heads_get_gradients_for_calibration(models: dict[str, LatentLPIPS]) -> 
     x, y = _inputs(4, size=8, batch=2)
     m(x, y).sum().backward()
     assert all(w.grad is not None and bool(w.grad.abs().sum() > 0) for w in heads)
+
+
+def test_head_dropout_in_training_mode_drops_terms_of_the_squared_difference(
+    models: dict[str, LatentLPIPS],
+) -> None:
+    """Calibration (examples/train_latent_lpips.py) switches the heads' dropout on, as LPIPS' trainer does: the
+    distance then equals the per-layer formula with the dropout mask applied to the squared difference (the same
+    draws, replayed from the seed); switched off (eval), the fused path is unchanged."""
+    m = copy.deepcopy(models["sdxl"]).double()
+    x, y = (t.double() for t in _inputs(4, size=8, batch=2))
+    plain = m(x, y)
+    for h in m.heads:
+        h.model[0].train()  # type: ignore[index, union-attr]
+    torch.manual_seed(5)
+    dropped = m(x, y)
+    assert not torch.allclose(dropped, plain)  # the mask changed the value
+    torch.manual_seed(
+        5
+    )  # the reference: the same trunk features, each layer's dropout drawn in the same order
+    feats_x = m.net(torch.cat([x, y]))
+    b = x.shape[0]
+    want = torch.zeros(b, dtype=torch.float64)
+    for k, f in enumerate(feats_x):
+        fx, fy = f[:b], f[b:]
+        nx = fx / torch.sqrt(fx.square().sum(1, keepdim=True) + 1e-8)
+        ny = fy / torch.sqrt(fy.square().sum(1, keepdim=True) + 1e-8)
+        sq = torch.nn.functional.dropout((nx - ny).square(), p=m.heads[k].model[0].p, training=True)  # type: ignore[index, union-attr]
+        want = want + (sq * m.heads[k].model[1].weight).sum(1).mean(dim=(1, 2))  # type: ignore[index, union-attr]
+    torch.testing.assert_close(dropped - m.l1_weight * (x - y).abs().mean(dim=(1, 2, 3)), want)
+    for h in m.heads:
+        h.model[0].eval()  # type: ignore[index, union-attr]
+    torch.testing.assert_close(m(x, y), plain, rtol=0, atol=0)
