@@ -139,7 +139,7 @@ def renoise_steps(
     return x
 
 
-class FlowScoreDistillation:
+class FlowScoreDistillation(score_distillation.CriticUpdates):
     """Alternating fake-score and generator updates of a K-step flow generator (DMD2 / SiD / SIM).
 
     Each optimisation step first builds the generator's input: a step index ``k`` uniform in ``{0..K-1}``, drawn
@@ -243,30 +243,11 @@ class FlowScoreDistillation:
             with torch.no_grad():
                 self._state["x"] = self.generate(self.student_eval)
         x = self._state["x"]
-        loss, logs = self.fake_loss(x, gen, cond)
-        if self.gan is not None:
-            cls_loss, cls_logs = self.gan.classifier_term(self._state["real"], x, gen, cond)
-            loss, logs = loss + cls_loss, {**logs, **cls_logs}
-        runtime.backward(self.accelerator, loss, self.fake)
-        runtime.clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
-        if self.gan is not None:
-            runtime.clip_and_step(
-                self.accelerator, self.gan.optimizer, self.gan.head.parameters(), self.args.max_grad_norm
-            )
-        return logs
+        return self.update_fake(x, *self.fake_loss(x, gen, cond))
 
     def _generator_step(self) -> dict[str, torch.Tensor]:
-        gen, cond = self._state["gen"], self._state["cond"]
         x = self.generate(self.student)
-        loss, logs = self.generator_loss(x, gen, cond)
-        if self.gan is not None:
-            gan_loss, gan_logs = self.gan.generator_term(x, gen, cond)
-            loss, logs = loss + gan_loss, {**logs, **gan_logs}
-        runtime.backward(self.accelerator, loss, self.generator)
-        runtime.clip_and_step(
-            self.accelerator, self.opt_g, self.generator.parameters(), self.args.max_grad_norm
-        )
-        return logs
+        return self.update_generator(x, *self.generator_loss(x, self._state["gen"], self._state["cond"]))
 
 
 class FakeFeatureGAN(score_distillation.BottleneckGAN):

@@ -193,7 +193,57 @@ def _repeat_batch(cond: Any, times: int) -> Any:
     return torch.cat([cond] * times) if isinstance(cond, torch.Tensor) and times > 1 else cond
 
 
-class ScoreDistillation:
+class CriticUpdates:
+    """The two updates every score-distillation loop shares: the generator's (its loss plus the optional GAN
+    term, then backward and a clipped optimiser step) and the fake score's (its loss plus the optional GAN
+    classifier's, then the fake score's and the classifier heads' steps).
+
+    Subclasses set ``accelerator``, ``args`` (``--max_grad_norm``), ``generator`` / ``opt_g``, ``fake`` /
+    ``opt_f``, ``gan`` (a :class:`BottleneckGAN` or ``None``) and ``_state["gen" | "cond" | "real"]``, the
+    step's random generator, UNet / transformer keyword arguments and real latents.
+    """
+
+    accelerator: Any
+    args: argparse.Namespace
+    generator: nn.Module
+    opt_g: torch.optim.Optimizer
+    fake: nn.Module
+    opt_f: torch.optim.Optimizer
+    gan: BottleneckGAN | None
+    _state: dict[str, Any]
+
+    def update_generator(
+        self, x: torch.Tensor, loss: torch.Tensor, logs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Add the GAN term of the generator's samples ``x`` to its ``loss``, backward, clip, step."""
+        if self.gan is not None:
+            gan_loss, gan_logs = self.gan.generator_term(x, self._state["gen"], self._state["cond"])
+            loss, logs = loss + gan_loss, {**logs, **gan_logs}
+        runtime.backward(self.accelerator, loss, self.generator)
+        runtime.clip_and_step(
+            self.accelerator, self.opt_g, self.generator.parameters(), self.args.max_grad_norm
+        )
+        return logs
+
+    def update_fake(
+        self, x: torch.Tensor, loss: torch.Tensor, logs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Add the GAN classifier's loss on the real latents and the detached samples ``x`` to the fake score's
+        ``loss``, backward, then clip and step the fake score (and the classifier heads)."""
+        if self.gan is not None:
+            gen, cond = self._state["gen"], self._state["cond"]
+            cls_loss, cls_logs = self.gan.classifier_term(self._state["real"], x, gen, cond)
+            loss, logs = loss + cls_loss, {**logs, **cls_logs}
+        runtime.backward(self.accelerator, loss, self.fake)
+        runtime.clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
+        if self.gan is not None:
+            runtime.clip_and_step(
+                self.accelerator, self.gan.optimizer, self.gan.head.parameters(), self.args.max_grad_norm
+            )
+        return logs
+
+
+class ScoreDistillation(CriticUpdates):
     """Alternating updates of a generator and its online fake score (SIM, SiD, DMD), optionally with DMD2's GAN
     classifier on the fake score (:class:`BottleneckGAN`).
 
@@ -281,14 +331,7 @@ class ScoreDistillation:
     def _generator_step(self) -> dict[str, torch.Tensor]:
         gen, cond = self._state["gen"], self._state["cond"]
         x, z = self.generate(self.generator, gen, cond)
-        loss, logs = self.generator_loss(x, z, gen, cond)
-        if self.gan is not None:
-            gan_loss, gan_logs = self.gan.generator_term(x, gen, cond)
-            loss, logs = loss + gan_loss, {**logs, **gan_logs}
-        runtime.backward(self.accelerator, loss, self.generator)
-        runtime.clip_and_step(
-            self.accelerator, self.opt_g, self.generator.parameters(), self.args.max_grad_norm
-        )
+        logs = self.update_generator(x, *self.generator_loss(x, z, gen, cond))
         self._state["x"] = x.detach()
         return logs
 
@@ -311,13 +354,4 @@ class ScoreDistillation:
                 cond=cond,
                 generator=gen,
             )
-        if self.gan is not None:
-            cls_loss, cls_logs = self.gan.classifier_term(self._state["real"], x, gen, cond)
-            loss, logs = loss + cls_loss, {**logs, **cls_logs}
-        runtime.backward(self.accelerator, loss, self.fake)
-        runtime.clip_and_step(self.accelerator, self.opt_f, self.fake.parameters(), self.args.max_grad_norm)
-        if self.gan is not None:
-            runtime.clip_and_step(
-                self.accelerator, self.gan.optimizer, self.gan.head.parameters(), self.args.max_grad_norm
-            )
-        return logs
+        return self.update_fake(x, loss, logs)

@@ -24,6 +24,7 @@ import torch
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
+    smoke_argv,
     write_tiny_flow_models,
 )
 from tests.examples.tiny_sdxl import deterministic_kernels
@@ -56,32 +57,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str, prompts: bool = True) -> list[str]:
-    argv = [
-        "--pretrained_model_name_or_path",
-        str(tiny[family]),
-        "--output_dir",
-        str(out),
-        "--resolution",
-        str(IMAGE_SIZE),
-        "--max_sequence_length",
-        str(T5_LENGTH),
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "1",
-        "--lora_rank",
-        "4",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        "--seed",
-        "3",
-        *extra,
-    ]
-    return [*argv, "--prompts_file", str(tiny["prompts"])] if prompts else argv
+    return smoke_argv(tiny, family, out, "--lora_rank", "4", *extra, data="prompts" if prompts else None)
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from tests.examples.tiny_flow import (
     CLIP_LENGTH,
     IMAGE_SIZE,
     T5_LENGTH,
+    smoke_argv,
     write_tiny_flow_models,
 )
 from tests.examples.tiny_sdxl import deterministic_kernels
@@ -65,14 +66,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str) -> list[str]:
-    return [
-        *("--pretrained_model_name_or_path", str(tiny[family]), "--train_data_dir", str(tiny["images"])),
-        *("--output_dir", str(out), "--resolution", str(IMAGE_SIZE), "--train_batch_size", "2"),
-        *("--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"),
-        *("--learning_rate", "1e-4", "--report_to", "none", "--seed", "3"),
-        *("--max_sequence_length", str(T5_LENGTH), "--validation_inference_steps", "2"),
+    return smoke_argv(
+        tiny,
+        family,
+        out,
+        *("--checkpoints_total_limit", "1", "--validation_inference_steps", "2"),
         *extra,
-    ]
+        data="images",
+        learning_rate="1e-4",
+    )
 
 
 def _transformer(family: str, path: Path, **kw: Any) -> Any:

@@ -18,6 +18,7 @@ from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
+    smoke_argv,
     write_tiny_flow_models,
 )
 from tests.examples.tiny_sdxl import deterministic_kernels
@@ -51,43 +52,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, samples: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(tiny[family]),
-        "--prompts_file",
-        str(tiny["prompts"]),
-        "--output_dir",
-        str(out),
-        "--teacher_samples_dir",
-        str(samples),
-        "--resolution",
-        str(IMAGE_SIZE),
-        "--max_sequence_length",
-        str(T5_LENGTH),
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        "--seed",
-        "3",
-        "--num_teacher_samples",
-        "4",
-        "--teacher_samples_shard_size",
-        "2",
-        "--teacher_steps",
-        "2",
-        "--discriminator_norm_groups",
-        "4",
-        "--student_sigmas",
-        *STUDENT_SIGMAS,
+    return smoke_argv(
+        tiny,
+        family,
+        out,
+        *("--teacher_samples_dir", str(samples), "--num_teacher_samples", "4"),
+        *("--teacher_samples_shard_size", "2", "--teacher_steps", "2", "--discriminator_norm_groups", "4"),
+        *("--student_sigmas", *STUDENT_SIGMAS),
         *extra,
-    ]
+    )
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:

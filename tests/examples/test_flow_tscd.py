@@ -20,6 +20,7 @@ from torch import nn
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
+    smoke_argv,
     write_tiny_flow_models,
 )
 from tests.examples.tiny_sdxl import deterministic_kernels
@@ -56,37 +57,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str, data: str = "prompts") -> list[str]:
-    source = (
-        ["--prompts_file", str(tiny["prompts"])]
-        if data == "prompts"
-        else ["--train_data_dir", str(tiny["images"])]
-    )
-    return [
-        "--pretrained_model_name_or_path",
-        str(tiny[family]),
-        *source,
-        "--output_dir",
-        str(out),
-        "--resolution",
-        str(IMAGE_SIZE),
-        "--max_sequence_length",
-        str(T5_LENGTH),
-        "--train_batch_size",
-        "2",
-        "--max_train_steps",
-        "2",
-        "--checkpointing_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        "--seed",
-        "3",
-        "--discriminator_norm_groups",
-        "4",
-        *extra,
-    ]
+    return smoke_argv(tiny, family, out, "--discriminator_norm_groups", "4", *extra, data=data)
 
 
 def _lora(path: Path) -> dict[str, torch.Tensor]:

@@ -206,3 +206,25 @@ def write_tiny_flow_models(
     if captions is not None:
         out["images"] = write_captioned_images(base / "images", captions)
     return out
+
+
+def smoke_argv(
+    tiny: dict[str, Path],
+    family: str,
+    out: Path,
+    *extra: str,
+    data: str | None = "prompts",
+    learning_rate: str = "1e-3",
+) -> list[str]:
+    """The options every ``examples/flow_*.py`` smoke run shares: the tiny ``family`` pipeline of
+    :func:`write_tiny_flow_models`, its prompts (``data="prompts"``), image-caption folder (``"images"``) or neither (``None``),
+    2 steps of batch 2 at :data:`IMAGE_SIZE` with a checkpoint after each, seed 3, no tracker; then ``extra``."""
+    flag = {"prompts": "--prompts_file", "images": "--train_data_dir", None: None}[data]
+    source = [] if flag is None else [flag, str(tiny[data])]
+    return [
+        *("--pretrained_model_name_or_path", str(tiny[family]), *source),
+        *("--output_dir", str(out), "--resolution", str(IMAGE_SIZE), "--max_sequence_length", str(T5_LENGTH)),
+        *("--train_batch_size", "2", "--max_train_steps", "2", "--checkpointing_steps", "1"),
+        *("--learning_rate", learning_rate, "--report_to", "none", "--seed", "3"),
+        *extra,
+    ]
