@@ -331,7 +331,9 @@ class LADDDiscriminator(DiscriminatorBase):
         timestep_scale: ``s`` with ``s * timestep = σ·1000`` (default None: 1000 for FLUX / Qwen-Image, which
             take σ; 1 otherwise, e.g. SD3, which takes σ·1000).
         augment: optional module applied to the input in training mode (it must accept the model's layout).
-        gradient_checkpointing: recompute the teacher's blocks in the backward pass.
+        gradient_checkpointing: recompute the teacher's blocks in the backward pass (``None``: leave the
+            model's own checkpointing setting in force, e.g. a shared base's; see
+            :class:`~diffdistill.discriminators.TransformerFeatureExtractor`).
 
     Raises:
         DTypeError: ``model`` is not a module; a size is not an int; a flag is not a bool; ``augment`` is not
@@ -379,7 +381,7 @@ class LADDDiscriminator(DiscriminatorBase):
         pooled_dim: int | None = None,
         timestep_scale: float | None = None,
         augment: nn.Module | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = False,
     ) -> None:
         super().__init__()
         every = check_optional_int(every, "every", minimum=1)

@@ -197,7 +197,11 @@ class TransformerFeatureExtractor(nn.Module):
             also keeps it in eval mode); None (default) leaves it as it is. Must be None for ``"shared"``.
         gradient_checkpointing: recompute each block in the backward pass (non-reentrant
             ``torch.utils.checkpoint``) through the model's own checkpointing loop; needs a model with
-            ``gradient_checkpointing`` support (every diffusers transformer).
+            ``gradient_checkpointing`` support (every diffusers transformer). ``True`` / ``False`` (default)
+            apply during the extractor's call only (the owner's setting is restored after it); ``None``
+            leaves the model's own setting and checkpointing function in force, e.g. a
+            :class:`~diffdistill.students.SharedBase` whose checkpointing recomputes each block under the
+            adapter it ran with.
         channels: the token width ``C`` (default None: the model's ``inner_dim``, or
             ``num_attention_heads * attention_head_dim`` of its config).
 
@@ -236,14 +240,14 @@ class TransformerFeatureExtractor(nn.Module):
         block_lists: Sequence[str] | None = None,
         backbone: BackboneMode = "shared",
         trainable: bool | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = False,
         channels: int | None = None,
     ) -> None:
         super().__init__()
         check_module(model, "model")
         check_option(backbone, "backbone", _BACKBONE_MODES)
         check_bool(trainable, "trainable", allow_none=True)
-        check_bool(gradient_checkpointing, "gradient_checkpointing")
+        check_bool(gradient_checkpointing, "gradient_checkpointing", allow_none=True)
         channels = check_optional_int(channels, "channels", minimum=1)
         if backbone == "shared" and trainable is not None:
             raise OptionError(
@@ -261,7 +265,7 @@ class TransformerFeatureExtractor(nn.Module):
                 f"`gradient_checkpointing=True` needs a model with diffusers' gradient checkpointing loop, but "
                 f"{type(net).__name__} has no `gradient_checkpointing` attribute. Pass gradient_checkpointing=False."
             )
-        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.gradient_checkpointing = gradient_checkpointing
         width = _model_width(net, channels)
         self.channels = {name: width for name in self.blocks}
         cfg = _config(net)
@@ -431,7 +435,8 @@ class TransformerFeatureExtractor(nn.Module):
         stop_module = self._module(self._stop_name) if self._stop_name else getattr(model, "norm_out", None)
         if isinstance(stop_module, nn.Module):
             handles.append(stop_module.register_forward_pre_hook(stop, prepend=True))  # before FSDP's unshard
-        has_flag = hasattr(model, "gradient_checkpointing")
+        # None: the owner's checkpointing setting stays in force (nothing to set or restore).
+        has_flag = hasattr(model, "gradient_checkpointing") and self.gradient_checkpointing is not None
         saved_flag = getattr(model, "gradient_checkpointing", None)
         has_func = "_gradient_checkpointing_func" in vars(model)
         saved_func = vars(model).get("_gradient_checkpointing_func")

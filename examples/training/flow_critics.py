@@ -303,7 +303,7 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
             base.model,
             args.discriminator_blocks,
             norm_groups=args.discriminator_norm_groups,
-            gradient_checkpointing=False,  # the shared base's own checkpointing recomputes its blocks
+            gradient_checkpointing=None,  # the shared base's own setting: its blocks recomputed under the fake adapter
         ).to(accelerator.device)
         head = shared_critics.ActiveAdapter(heads, base, FAKE, owns_adapter=False)
         optimizer = runtime.adamw(head.parameters(), args, lr=args.fake_learning_rate or args.learning_rate)

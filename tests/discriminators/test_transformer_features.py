@@ -333,6 +333,44 @@ def test_owner_checkpointing_is_restored(sd3) -> None:
     assert model.gradient_checkpointing is True and model._gradient_checkpointing_func is func
 
 
+def test_none_keeps_the_owners_checkpointing(flux) -> None:
+    """gradient_checkpointing=None: the owner's checkpointing function runs the blocks (here a counting wrapper
+    around torch's checkpoint), values and gradients equal a run without any checkpointing."""
+    model = copy.deepcopy(flux).requires_grad_(True)
+    x, kw = flux_inputs()
+    results = []
+    for owner in (False, True):
+        model.zero_grad(set_to_none=True)
+        used: list[int] = []
+        if owner:
+
+            def owner_func(block, *args, _used=used, **kwargs):
+                _used.append(1)
+                return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+
+            model.gradient_checkpointing, model._gradient_checkpointing_func = True, owner_func
+        ext = TransformerFeatureExtractor(model, (0, 3), gradient_checkpointing=None)
+        xi = x.clone().requires_grad_(True)
+        calls, handles = count_calls(model, ["transformer_blocks.1"])
+        feats = ext(xi, grid_size=(3, 4), **kw)
+        sum(f.square().mean() for f in feats.values()).backward()
+        for h in handles:
+            h.remove()
+        assert calls["transformer_blocks.1"] == (2 if owner else 1)  # recomputed by the owner's checkpoint
+        assert bool(used) is owner and model.gradient_checkpointing is owner
+        if owner:
+            assert model._gradient_checkpointing_func is owner_func
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((feats, xi.grad, grads))
+    (f0, x0, g0), (f1, x1, g1) = results
+    for k in f0:
+        torch.testing.assert_close(f0[k], f1[k])
+    torch.testing.assert_close(x0, x1)
+    assert g0.keys() == g1.keys() and g0
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_sample_float32_model(sd3) -> None:
     x, kw = sd3_inputs()
     xb = x.to(torch.bfloat16).requires_grad_(True)

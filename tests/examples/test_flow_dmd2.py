@@ -240,7 +240,8 @@ def test_sid_and_sim_train_both_adapters(
 
 
 def test_dmd2_gan_heads_on_the_fake_score(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """--gan_weight: LADD heads on the fake view's blocks, trained on real image latents; resumed exactly."""
+    """--gan_weight: LADD heads on the fake view's blocks, trained on real image latents; resumed exactly; the
+    same with gradient checkpointing."""
     extra = ["--gan_weight", "--train_data_dir", str(tiny["images"]), "--discriminator_norm_groups", "4"]
     extra += ["--generator_every", "1", "--num_student_steps", "2"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
@@ -256,6 +257,14 @@ def test_dmd2_gan_heads_on_the_fake_score(tiny: dict[str, Path], tmp_path: Path)
         "transformer." + k: v for k, v in _lora(out_a / "checkpoint-1" / "fake_lora.safetensors").items()
     }
     assert_same_update(b, a, step1, what="resumed vs uninterrupted fake score with the GAN classifier")
+    # --gradient_checkpointing: the heads' pass recomputes the base's blocks under the fake adapter (the shared
+    # base's own checkpointing, which the extractor leaves in force): the same updates as without it.
+    out_c = tmp_path / "c"
+    flow_dmd2.main(
+        flow_dmd2.parse_args(_argv(tiny, "sd3", out_c, *extra, "--gradient_checkpointing", prompts=False))
+    )
+    c = _lora(out_c / flow_critics.FAKE_LORA_NAME)
+    assert_same_update(c, a, step1, what="fake score with the GAN classifier, checkpointed vs not")
 
 
 def test_dmd2_fsdp2_equals_ddp_and_resumes_on_two_processes(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -316,6 +316,43 @@ def test_gradient_checkpointing_gives_the_same_gradients_for_each_view(name: str
         torch.testing.assert_close(ckpt[key], g, rtol=0, atol=64 * EPS32 * float(g.abs().max()), msg=key)
 
 
+def test_feature_extractor_under_an_adapter_keeps_the_shared_checkpointing() -> None:
+    """DMD2's GAN heads read the fake score's blocks (``base.active("fake")``) through a
+    TransformerFeatureExtractor with ``gradient_checkpointing=None``: the shared base's checkpointing stays in
+    force, so each block before the last readout is recomputed in backward, under the fake adapter: the fake
+    adapter's gradients equal those without checkpointing (64 float32 ulps of each gradient's largest entry).
+    ``False`` switches checkpointing off for the call (one run per block)."""
+    from diffdistill.discriminators import TransformerFeatureExtractor
+
+    model, _, _, gen_t, fake_t = family("flux")
+    base = SharedBase(with_adapters(model, gen_t, fake_t))
+    x, t, cond = flux_inputs()
+    block = model.get_submodule("transformer_blocks.1")
+
+    def run(setting: bool | None) -> tuple[dict[str, torch.Tensor | None], int]:
+        calls = [0]
+        handle = block.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+        ext = TransformerFeatureExtractor(model, (0, 3), gradient_checkpointing=setting)
+        view = base.view("fake")
+        view.zero_grad(set_to_none=True)
+        with base.active("fake"):
+            feats = ext(x, grid_size=(4, 4), timestep=t, **cond)
+        sum(f.square().mean() for f in feats.values()).backward()
+        handle.remove()
+        return grads(view), calls[0]
+
+    plain, calls_plain = run(None)
+    base.enable_gradient_checkpointing()
+    ckpt, calls_ckpt = run(None)
+    _, calls_off = run(False)
+    assert (calls_plain, calls_ckpt, calls_off) == (1, 2, 1)
+    reached = {k for k, g in plain.items() if g is not None}  # blocks after the last readout do not run
+    assert reached == {k for k, g in ckpt.items() if g is not None} and len(reached) > 3
+    for key in reached:
+        g = plain[key]
+        torch.testing.assert_close(ckpt[key], g, rtol=0, atol=64 * EPS32 * float(g.abs().max()), msg=key)
+
+
 def test_double_backward_through_checkpointed_views_recomputes_each_block_twice() -> None:
     """Exact R1 (``autograd.grad(..., create_graph=True)``, then ``backward``) recomputes a checkpointed block once
     per backward: the recomputation context must be re-enterable. The penalty's gradients in the adapter equal
