@@ -1,5 +1,5 @@
 # `make test` works on a fresh machine: it creates .venv if missing, installs the package with the
-# dev, diffusers and train extras (and DeepSpeed), then runs ruff and pytest (unit tests + doctests + README snippets).
+# dev, diffusers, train and eval extras (and DeepSpeed), then runs ruff and pytest (unit tests + doctests + README snippets).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[dev,diffusers,train]" $(TORCH_PINS)
+	$(PIP) install --quiet -e ".[dev,diffusers,train,eval]" $(TORCH_PINS)
 	# DeepSpeed for tests/examples/test_deepspeed.py: an sdist whose setup imports torch, so it builds
 	# against the installed torch (no build isolation); its ops compile just in time, none are needed on CPU.
 	$(PIP) install --quiet --no-build-isolation $(DEEPSPEED_PIN)
@@ -50,7 +50,7 @@ demo-flow: install
 
 # Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
 # carries .whl/ (git-ignored) and the script installs it there.
-GPU_WHEELS ?= diffusers==0.42.1 lpips==0.1.4 kornia==0.9.0 kornia_rs==0.2.0 elatentlpips==0.2 setuptools==80.10.2
+GPU_WHEELS ?= diffusers==0.42.1 lpips==0.1.4 elatentlpips==0.2 setuptools==80.10.2
 gpu-wheels: install
 	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

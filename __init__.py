@@ -7,10 +7,12 @@ Subpackages:
 * :mod:`diffdistill.losses` -- perceptual, consistency, score-based, adversarial, Dice and KD losses.
 * :mod:`diffdistill.discriminators` -- diffusion-UNet discriminators.
 * :mod:`diffdistill.students` -- student construction and layer-level KD hooks.
+* :mod:`diffdistill.metrics` -- FID, CLIP and preference scores as accumulators, and the evaluation protocol
+  record (their backbones come with the ``eval`` extra).
 * :mod:`diffdistill.errors` -- the exception types every input check raises and the value-check switch
   (also exported here).
 
-``import diffdistill`` imports only torch and numpy; optional dependencies (diffusers, kornia, lpips,
+``import diffdistill`` imports only torch and numpy; optional dependencies (diffusers, lpips,
 peft, ...) are imported inside the functions that need them.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0.dev0"
 
-from . import discriminators, errors, losses, schedulers, students
+from . import discriminators, errors, losses, metrics, schedulers, students
 from .errors import (
     DTypeError,
     NonFiniteError,
@@ -38,6 +40,7 @@ __all__ = [
     "discriminators",
     "errors",
     "losses",
+    "metrics",
     "schedulers",
     "set_value_checks",
     "students",

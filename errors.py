@@ -39,8 +39,10 @@ import torch
 
 __all__ = [
     "DTypeError",
+    "MissingDependencyError",
     "NonFiniteError",
     "OptionError",
+    "ProtocolMismatchError",
     "ShapeError",
     "set_value_checks",
     "value_checks",
@@ -138,3 +140,24 @@ def value_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _VALUE_CHECKS = previous
+
+
+# Raised by diffdistill.metrics (issue 25); exported here and from :mod:`diffdistill.metrics`.
+class ProtocolMismatchError(ValueError):
+    """Two evaluation runs were measured under different protocols, so their numbers are not comparable.
+
+    Raised by :func:`diffdistill.metrics.check_comparable`; the message lists every differing field with both
+    values.
+
+    Args:
+        message: The full message.
+        differences: ``{field: (value in a, value in b)}`` for every differing (dotted) field.
+    """
+
+    def __init__(self, message: str, *, differences: dict[str, tuple[Any, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.differences = dict(differences or {})
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a feature needs is not installed; the message says what to ``pip install``."""

@@ -11,7 +11,7 @@
 # takes seconds) and writes $OUT/<section>.log, so a
 # section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
 # and durations. gpu_sdxl.py prints each measured row as it goes. The machine's image has torch,
-# accelerate, peft, transformers and pytest; diffusers, lpips, kornia (+ kornia_rs), elatentlpips (the
+# accelerate, peft, transformers and pytest; diffusers, lpips, elatentlpips (the
 # LPIPS benchmark's reference) and setuptools < 81 (its pkg_resources, which elatentlpips imports) come
 # from .whl/, and the repository root is put on the path as the package `diffdistill`.
 set -u

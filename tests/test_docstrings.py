@@ -16,10 +16,14 @@ import pytest
 
 import diffdistill
 
-SUBPACKAGES = ("errors", "losses", "schedulers", "discriminators", "students")
+SUBPACKAGES = ("errors", "losses", "schedulers", "discriminators", "students", "metrics")
 
 # Result containers and constants: built by the library, not from user input, so they raise nothing.
 NO_RAISES = {
+    "errors.MissingDependencyError",  # exception types: raised, not raising
+    "errors.ProtocolMismatchError",
+    "metrics.MissingDependencyError",
+    "metrics.ProtocolMismatchError",
     "losses.ConsistencyPair",
     "losses.MixAndMatch",
     "losses.RenoisedSamples",

@@ -1,0 +1,276 @@
+"""Measure a distilled student (or its teacher) the way the papers do: FID, CLIP score and preference scores on a
+prompt set, with a record of the protocol beside the numbers.
+
+1. Images. A diffusers pipeline (``--pretrained_model_name_or_path``: SDXL, SD3, FLUX, ...) with the student's
+   weights (``--student_weights``: a LoRA, as the training scripts write it, or a ``unet/`` / ``transformer/``
+   folder) and its few-step sampler (``--scheduler``, ``--scheduler_config``, ``--num_inference_steps`` or
+   ``--timesteps`` / ``--sigmas``, ``--guidance_scale``) samples every prompt of ``--prompts_file``; prompt ``i``
+   from the noise of seed ``--seed + i`` (one generator per image, SiD-LSG's convention) into
+   ``OUTPUT_DIR/images/{i:06d}.png``. ``--teacher`` samples the base pipeline with its own sampler instead (e.g.
+   ``--num_inference_steps 50 --guidance_scale 5``): the teacher row of the table, under the same protocol.
+   Images are written as they come; a rerun generates only the missing ones. ``--images DIR`` scores a folder of
+   ``{i:06d}.png`` files made elsewhere.
+2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
+   first when given (GigaGAN's and DMD2's preparation):
+
+   * FID with clean-fid's Inception and resize (``metrics.fid.FID``) against ``--reference_dir`` (real images;
+     ``--save_reference_stats ref.npz`` keeps their statistics) or ``--reference_stats`` (an ``.npz`` of ``mu`` /
+     ``sigma``, clean-fid's format);
+   * CLIP score with a named backbone, ``--clip open_clip:ViT-g-14:laion2b_s12b_b42k`` (open_clip model and
+     pretrained tag) or ``--clip hf:openai/clip-vit-large-patch14`` (a transformers CLIP, hub id or folder);
+   * preference scores where their packages are installed: ``--preference imagereward hpsv21 pickscore
+     aesthetic``.
+
+   Any metric may instead be named ``module:callable`` (a factory returning an object with ``update`` /
+   ``compute`` / ``all_reduce`` / ``protocol``): ``--clip``, ``--preference`` and ``--fid_features`` (the FID's
+   feature extractor) take that form, for a custom backbone or a test's stand-in.
+3. ``OUTPUT_DIR/results.json``: the numbers and the protocol (``metrics.protocol.EvaluationProtocol``: prompt-set
+   hash, seeds, resolutions, resize, FID reference, backbones and package versions, and under ``generator`` the
+   model, weights, sampler, steps and guidance). ``--compare a/results.json b/results.json ...`` prints one
+   markdown table and refuses runs whose protocols differ in anything but ``generator``.
+
+Multi-GPU: ``accelerate launch --num_processes N examples/evaluate.py ...`` splits the prompts by index (process
+``r`` takes ``r, r + N, ...``) and sums every metric's statistics over the processes before computing it, so the
+numbers are those of one process (up to float64 summation order).
+
+Protocols: ``examples/evaluation/coco_prompts.py`` builds the prompt files of COCO-2014 30k (GigaGAN / SiD-LSG:
+``--seed 0 --eval_resolution 256``, FID against all of val2014) and DMD2's COCO-10k (``--eval_resolution 512
+--clip_eval_resolution 256``, FID against its ``coco10k/subset``), both with ``--clip_prefix "A photo depicts "``;
+its docstring says what each source publishes and what is our choice.
+
+Example (a 4-step SDXL LoRA student and its teacher on DMD2's COCO-10k protocol, our caption selection)::
+
+    python examples/evaluation/coco_prompts.py --protocol dmd2-coco10k \\
+        --annotations coco/annotations/captions_val2014.json --link_reference_images coco/val2014 \\
+        --output_dir prompts/coco10k
+    COMMON="--pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --dtype float16 \\
+        --prompts_file prompts/coco10k/prompts.txt --resolution 1024 --eval_resolution 512 \\
+        --clip_eval_resolution 256 --clip open_clip:ViT-g-14:laion2b_s12b_b42k --clip_prefix 'A photo depicts '"
+    accelerate launch examples/evaluate.py $COMMON --teacher --num_inference_steps 50 --guidance_scale 5 \\
+        --reference_dir prompts/coco10k/reference --save_reference_stats prompts/coco10k/reference.npz \\
+        --output_dir eval/teacher
+    accelerate launch examples/evaluate.py $COMMON --student_weights out/hyper-sd \\
+        --scheduler EulerDiscreteScheduler --scheduler_config timestep_spacing=trailing \\
+        --num_inference_steps 4 --guidance_scale 0 --reference_stats prompts/coco10k/reference.npz \\
+        --output_dir eval/student
+    python examples/evaluate.py --compare eval/teacher eval/student
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from evaluation import generation, metric_specs, records, scoring
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--compare", nargs="+", default=None, help="results.json files / run folders: print one table"
+    )
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--pretrained_model_name_or_path", default=None, help="diffusers pipeline folder or hub id"
+    )
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument(
+        "--student_weights",
+        default=None,
+        help="LoRA (.safetensors or a folder with pytorch_lora_weights.safetensors) or a unet/ / transformer/ folder",
+    )
+    g.add_argument("--lora_scale", type=float, default=1.0, help="scale the LoRA is fused with")
+    g.add_argument("--teacher", action="store_true", help="sample the base pipeline (no --student_weights)")
+    g.add_argument(
+        "--images", default=None, help="score this folder of {index:06d}.png files instead of generating"
+    )
+    g.add_argument("--prompts_file", default=None, help="one prompt a line; image i is prompt i")
+    g.add_argument(
+        "--prompt_set",
+        default=None,
+        help="the prompt set's name in the protocol (default: coco_prompts.py's protocol name, else 'custom')",
+    )
+    g.add_argument("--num_prompts", type=int, default=None, help="the first N prompts only (quick looks)")
+    g.add_argument("--seed", type=int, default=0, help="prompt i is sampled from seed + i")
+    g.add_argument("--resolution", type=int, default=1024, help="generated image side")
+    g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call, per process")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="pipeline weights")
+    g = p.add_argument_group("sampler")
+    g.add_argument(
+        "--scheduler", default=None, help="diffusers scheduler class name (default: the pipeline's)"
+    )
+    g.add_argument("--scheduler_config", nargs="*", default=None, help="key=value overrides of its config")
+    g.add_argument("--num_inference_steps", type=int, default=4)
+    g.add_argument(
+        "--timesteps", type=int, nargs="+", default=None, help="explicit timesteps (UNet pipelines)"
+    )
+    g.add_argument("--sigmas", type=float, nargs="+", default=None, help="explicit sigmas (flow pipelines)")
+    g.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--reference_dir", default=None, help="real images: FID reference")
+    g.add_argument("--reference_stats", default=None, help="FID reference statistics (.npz, mu / sigma)")
+    g.add_argument(
+        "--save_reference_stats",
+        default=None,
+        help="write the --reference_dir statistics here (.npz, mu / sigma; and <file>.json, what they are) to pass "
+        "as --reference_stats later",
+    )
+    g.add_argument(
+        "--fid_features", default=None, help="module:callable FID feature extractor (default: Inception)"
+    )
+    g.add_argument(
+        "--clip", default=None, help="open_clip:MODEL:PRETRAINED | hf:MODEL_OR_PATH | module:callable"
+    )
+    g.add_argument(
+        "--clip_prefix",
+        default="",
+        help='text put before every prompt for the CLIP score: "A photo depicts " in GigaGAN / SiD-LSG / DMD2',
+    )
+    g.add_argument(
+        "--preference", nargs="*", default=[], help=f"{' '.join(metric_specs.PREFERENCE)} | module:callable"
+    )
+    g.add_argument(
+        "--eval_resolution", type=int, default=None, help="centre crop + LANCZOS to this side first"
+    )
+    g.add_argument(
+        "--clip_eval_resolution",
+        type=int,
+        default=None,
+        help="the CLIP score's crop + resize side when it differs from --eval_resolution (DMD2: 256, FID at 512)",
+    )
+    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument("--output_dir", default=None)
+    args = p.parse_args(argv)
+    check_args(args, p)
+    return args
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse contradictory or missing options with a message naming them."""
+    if args.compare:
+        return
+    if not args.output_dir or not args.prompts_file:
+        parser.error("--output_dir and --prompts_file are needed (or --compare to print a table)")
+    if args.images is None and not args.pretrained_model_name_or_path:
+        parser.error(
+            "--pretrained_model_name_or_path is needed to generate images (or --images DIR to score a folder)"
+        )
+    if args.teacher and args.student_weights:
+        parser.error("--teacher samples the base pipeline: drop --student_weights")
+    if args.reference_dir and args.reference_stats:
+        parser.error("give --reference_dir or --reference_stats, not both")
+    if args.save_reference_stats and not args.reference_dir:
+        parser.error("--save_reference_stats saves the statistics of --reference_dir: give it")
+    if args.timesteps and args.sigmas:
+        parser.error("give --timesteps or --sigmas, not both")
+
+
+def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Generate (or read) the images, score them and write ``results.json``; with ``--compare`` print the table.
+
+    ``metrics`` replaces the metric objects the options would build (``{"fid": ..., "clip_score": ..., ...}``;
+    a test passes stand-ins, as ``--clip module:callable`` does from the command line)."""
+    if args.compare:
+        table = records.comparison_table(args.compare)
+        print(table)
+        return None
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from training import data_sources
+
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    prompts = data_sources.read_prompts(args.prompts_file)[: args.num_prompts]
+    mine = generation.shard(range(len(prompts)), rank, world)
+    images_dir = args.images or f"{args.output_dir}/images"
+
+    # 1. images: generated (missing ones only) or given
+    sampler_record = None
+    if args.images is None:
+        pipe = generation.load_pipeline(args, device, DTYPES[args.dtype])
+        sampler_record = generation.sampler_record(pipe, args)
+        bar = tqdm(total=len(mine), desc="generating", disable=not accelerator.is_local_main_process)
+        sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args))
+        generation.generate_images(
+            sample, prompts, mine, images_dir, seed=args.seed, batch_size=args.batch_size, progress=bar
+        )
+        bar.close()
+        del pipe, sample
+    accelerator.wait_for_everyone()
+    absent = generation.missing(images_dir, mine)
+    if absent:
+        raise ValueError(
+            f"Expected an image per prompt in {images_dir}, but {len(absent)} are missing (first: "
+            f"{generation.image_path(images_dir, absent[0]).name}). --images folders name image i {{i:06d}}.png."
+        )
+
+    # 2. metrics: this process's share of the images (and of the reference folder), then summed over processes
+    if metrics is None:
+        metrics = metric_specs.build_metrics(args, device)
+    fid = metrics.get("fid")
+    text_metrics = {k: m for k, m in metrics.items() if k != "fid"}
+    bar = tqdm(total=len(mine), desc="scoring", disable=not accelerator.is_local_main_process)
+    scoring.score_images(
+        [generation.image_path(images_dir, i) for i in mine],
+        [prompts[i] for i in mine],
+        fid=fid,
+        text_metrics=text_metrics,
+        prefixes={"clip_score": args.clip_prefix},
+        eval_resolution=args.eval_resolution,
+        resolutions={"clip_score": args.clip_eval_resolution} if args.clip_eval_resolution else None,
+        batch_size=args.eval_batch_size,
+        device=device,
+        progress=bar,
+    )
+    bar.close()
+    reference_files: list[Any] = []
+    if fid is not None and args.reference_dir:
+        reference_files = scoring.image_files(args.reference_dir)
+        scoring.add_reference_images(
+            fid,
+            generation.shard(reference_files, rank, world),
+            eval_resolution=args.eval_resolution,
+            batch_size=args.eval_batch_size,
+            device=device,
+        )
+    scoring.reduce_metrics(metrics)
+    numbers = scoring.compute_metrics(metrics)
+    reference = metric_specs.reference_identity(
+        args.reference_dir, reference_files, args.reference_stats, args.eval_resolution
+    )
+    if args.save_reference_stats and fid is not None and accelerator.is_main_process:
+        fid.real.save(args.save_reference_stats)  # and what it is, so runs against it compare with this one
+        records.write_results(f"{args.save_reference_stats}.json", reference)
+
+    # 3. the record
+    protocol = metric_specs.evaluation_protocol(
+        args,
+        prompts,
+        metrics,
+        generator=sampler_record,
+        image_size=scoring.image_size(generation.image_path(images_dir, 0)),
+        reference=reference,
+    )
+    record = {
+        "metrics": numbers,
+        "protocol": protocol,
+        "num_images": len(prompts),
+        "images_dir": str(images_dir),
+        "label": Path(args.output_dir).name,
+        "command": sys.argv[1:] if __name__ == "__main__" else None,
+    }
+    if accelerator.is_main_process:
+        path = records.write_results(f"{args.output_dir}/{records.RESULTS_NAME}", record)
+        print(f"{path}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+    accelerator.wait_for_everyone()
+    return record
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,237 @@
+"""Generating the evaluation images: a diffusers pipeline with a student's weights and sampler, one seeded PNG per prompt.
+
+The pipeline is the model's own (``DiffusionPipeline.from_pretrained``: SDXL, SD3, FLUX ...), so its prompt
+encoding, classifier-free guidance and decoding are diffusers' and a student is sampled the way its users sample
+it. A student replaces the teacher's weights (:func:`apply_student`: a LoRA file or folder, a full ``unet/`` or
+``transformer/``) and brings its few-step sampler (:func:`set_sampler`: a scheduler class, its config overrides,
+the step count or explicit timesteps / sigmas, guidance); the teacher baseline is the same pipeline with neither.
+
+Images are written as they are generated, ``{index:06d}.png`` for prompt ``index`` (SiD-LSG's naming), from the
+noise of a CPU generator seeded ``seed + index`` (one generator per image, as SiD-LSG's ``StackedRandomGenerator``:
+an image does not depend on the batch it was generated in, the batch size or the number of processes). A run
+that stops leaves finished files only (written to a temporary name, then renamed), and a rerun generates only
+the missing ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SEED_STRIDE = 1
+"""Prompt ``i`` is sampled from seed ``seed + SEED_STRIDE * i`` (SiD-LSG's ``--seeds=0-29999``: seed ``i``)."""
+
+
+def image_path(folder: str | Path, index: int) -> Path:
+    """Where the image of prompt ``index`` lives: ``folder/{index:06d}.png``."""
+    return Path(folder) / f"{int(index):06d}.png"
+
+
+def shard(indices: Sequence[int], process_index: int, num_processes: int) -> list[int]:
+    """The prompts one process handles: every ``num_processes``-th index from ``process_index`` (balanced to
+    one prompt, and a process's share does not change when some images already exist)."""
+    return list(indices[process_index::num_processes])
+
+
+def missing(folder: str | Path, indices: Iterable[int]) -> list[int]:
+    """The indices whose image is not written yet (resume: the others are skipped)."""
+    return [i for i in indices if not image_path(folder, i).is_file()]
+
+
+def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> Any:
+    """The pipeline of ``--pretrained_model_name_or_path`` (any diffusers text-to-image pipeline), with the
+    student's weights unless ``--teacher``, its sampler, on ``device`` in ``dtype``, progress bar off."""
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if args.revision:
+        kwargs["revision"] = args.revision
+    if args.variant:
+        kwargs["variant"] = args.variant
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    if not args.teacher:
+        apply_student(pipe, args, dtype)
+    set_sampler(pipe, args)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def denoiser_name(pipe: Any) -> str:
+    """``"unet"`` or ``"transformer"``: the pipeline component a student replaces."""
+    if getattr(pipe, "unet", None) is not None:
+        return "unet"
+    if getattr(pipe, "transformer", None) is not None:
+        return "transformer"
+    raise ValueError(
+        f"Expected a pipeline with a unet or a transformer, but {type(pipe).__name__} has neither. "
+        "examples/evaluate.py samples text-to-image diffusion pipelines (SDXL, SD3, FLUX ...)."
+    )
+
+
+def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Put the student into ``pipe``: ``--student_weights`` is a LoRA (a ``.safetensors`` file, or a folder holding
+    ``pytorch_lora_weights.safetensors``, as the training scripts write it; fused into the weights, so sampling
+    costs what the base model costs) or a full denoiser (a ``unet/`` / ``transformer/`` folder, or a run's output
+    folder holding one). None: the pipeline as loaded."""
+    if not args.student_weights:
+        return
+    path = Path(args.student_weights)
+    name = denoiser_name(pipe)
+    lora_file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+    if lora_file.is_file():
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+        return
+    cls = type(getattr(pipe, name))
+    for folder in (path, path / name):
+        if (folder / "config.json").is_file():
+            setattr(pipe, name, cls.from_pretrained(str(folder), torch_dtype=dtype))
+            pipe.register_modules(**{name: getattr(pipe, name)})
+            return
+    raise ValueError(
+        f"Expected --student_weights {path} to be a LoRA (a .safetensors file or a folder with "
+        f"pytorch_lora_weights.safetensors) or a {name} folder (config.json at its root or in {name}/), "
+        "but it is neither."
+    )
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["timestep_spacing=trailing", "shift=3.0"]`` -> ``{"timestep_spacing": "trailing", "shift": 3.0}``
+    (values read as JSON where they parse: numbers, ``true``, ``null``; strings otherwise).
+
+    Example:
+        >>> parse_overrides(["timestep_spacing=trailing", "shift=3", "use_karras_sigmas=true"])
+        {'timestep_spacing': 'trailing', 'shift': 3, 'use_karras_sigmas': True}
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Expected --scheduler_config entries as key=value, but got {item!r}.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def set_sampler(pipe: Any, args: argparse.Namespace) -> None:
+    """``--scheduler`` (a diffusers scheduler class name; default: the pipeline's own) built from the pipeline's
+    scheduler config with the ``--scheduler_config`` overrides (e.g. ``timestep_spacing=trailing``,
+    ``prediction_type=sample`` for an x0 student)."""
+    overrides = parse_overrides(args.scheduler_config)
+    if not args.scheduler and not overrides:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, args.scheduler) if args.scheduler else type(pipe.scheduler)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def sampler_record(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What the images were sampled with (the protocol record's ``generator`` entry)."""
+    return {
+        "model": str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "role": "teacher" if args.teacher else "student",
+        "student_weights": None if args.teacher else args.student_weights,
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": parse_overrides(args.scheduler_config),
+        "num_inference_steps": None if (args.timesteps or args.sigmas) else args.num_inference_steps,
+        "timesteps": args.timesteps,
+        "sigmas": args.sigmas,
+        "guidance_scale": args.guidance_scale,
+        "dtype": args.dtype,
+    }
+
+
+def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline call's sampler arguments from the options (only those given, so each pipeline keeps its
+    defaults for the rest)."""
+    kw: dict[str, Any] = {"height": args.resolution, "width": args.resolution}
+    if args.timesteps:
+        kw["timesteps"] = list(args.timesteps)
+    elif args.sigmas:
+        kw["sigmas"] = list(args.sigmas)
+    else:
+        kw["num_inference_steps"] = args.num_inference_steps
+    if args.guidance_scale is not None:
+        kw["guidance_scale"] = args.guidance_scale
+    return kw
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in ``[0, 1]`` (N, 3, H, W) -> uint8 (N, H, W, 3), rounded (as diffusers' ``numpy_to_pil``)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """Write a uint8 (H, W, 3) image atomically: a temporary name in the same folder, then a rename."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image.numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def generate_images(
+    sample: Callable[[list[str], list[torch.Generator]], torch.Tensor],
+    prompts: Sequence[str],
+    indices: Sequence[int],
+    folder: str | Path,
+    *,
+    seed: int,
+    batch_size: int,
+    progress: Any = None,
+) -> list[int]:
+    """Generate and write the images of ``indices`` that are missing from ``folder``; return those generated.
+
+    Args:
+        sample: ``sample(prompts, generators) -> images`` float in ``[0, 1]`` (N, 3, H, W), e.g. a pipeline call
+            (:func:`pipeline_sampler`); ``generators[k]`` is image ``k``'s own CPU generator.
+        prompts: all prompts (indexed by ``indices``).
+        indices: the prompts this process handles.
+        folder: the image folder.
+        seed: the base seed; prompt ``i`` uses ``seed + i``.
+        batch_size: prompts per call.
+        progress: a tqdm bar to advance by one per image (or None).
+
+    Returns:
+        The indices generated now (the others existed).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = missing(folder, indices)
+    if progress is not None:
+        progress.update(len(indices) - len(todo))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(int(seed) + SEED_STRIDE * i) for i in batch]
+        images = to_uint8(sample([prompts[i] for i in batch], gens))
+        for i, image in zip(batch, images):
+            save_png(image, image_path(folder, i))
+        if progress is not None:
+            progress.update(len(batch))
+    return todo
+
+
+def pipeline_sampler(
+    pipe: Any, kwargs: dict[str, Any]
+) -> Callable[[list[str], list[torch.Generator]], torch.Tensor]:
+    """``sample(prompts, generators)`` calling ``pipe`` with the sampler arguments ``kwargs`` (``output_type="pt"``:
+    float images in ``[0, 1]``)."""
+
+    def sample(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+        return pipe(prompt=prompts, generator=generators, output_type="pt", **kwargs).images
+
+    return sample

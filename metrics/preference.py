@@ -1,0 +1,488 @@
+"""Human-preference scores of (image, prompt) pairs: ImageReward, HPSv2.1, PickScore and the LAION aesthetic score.
+
+These are the four preference numbers the few-step SDXL papers report beside CLIP score (Hyper-SD, Ren et al.
+2024, Table 2: aesthetic, ImageReward, PickScore; MLCM, Xie et al. 2024: CLIP, aesthetic, ImageReward; HPSv2
+in SDXL-Lightning / DMD2 user studies). Each class accumulates a mean with the same ``update(images, prompts)``
+/ ``compute()`` / ``all_reduce()`` / ``reset()`` / ``protocol()`` interface as :class:`CLIPScore`; images are
+float ``(N, 3, H, W)`` in ``[0, 1]`` and are scored as the uint8 images a PNG file would hold.
+
+* :class:`ImageRewardScore` -- ImageReward (Xu et al., NeurIPS 2023): a BLIP-based reward model, called
+  through the ``image-reward`` package's public API (``ImageReward.load(...).score(prompt, image)``), which
+  returns the reward already standardised by the package.
+* :class:`HPSv21Score` -- Human Preference Score v2.1 (Wu et al., "Human Preference Score v2", 2023): an
+  OpenCLIP ViT-H/14 fine-tuned on HPDv2; the score is the cosine of its L2-normalised image and text features
+  (the diagonal of ``image_features @ text_features.T`` in the ``hpsv2`` package's ``img_score.score``).
+* :class:`PickScore` -- PickScore (Kirstain et al., "Pick-a-Pic", NeurIPS 2023, Sec. 4): a CLIP-H fine-tuned
+  on Pick-a-Pic; the score is ``logit_scale.exp() * cos(E_image, E_text)`` (the model card's ``calc_probs``
+  before the softmax). ``logit_scale.exp()`` is 100 for ``yuvalkirstain/PickScore_v1``, so SDXL scores ~22;
+  Hyper-SD's table prints the same number divided by 100 (0.229).
+* :class:`AestheticScore` -- the LAION aesthetic predictor v2 (C. Schuhmann, ``improved-aesthetic-predictor``,
+  ``sac+logos+ava1-l14-linearMSE.pth``): a 5-layer MLP (768-1024-128-64-16-1, dropout between the first
+  layers, no non-linearity) on the L2-normalised CLIP ViT-L/14 image embedding; scores ~5-6 on SDXL images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DTypeError
+from .clip_score import (
+    CLIPScore,
+    PromptImageMetric,
+    _check_images_prompts,
+    _load_open_clip,
+    _load_transformers_clip,
+    _to_pil,
+    _TransformersImageEncoder,
+    _TransformersPreprocess,
+    _TransformersTextEncoder,
+)
+from .fid import _require
+
+__all__ = ["AestheticMLP", "AestheticScore", "HPSv21Score", "ImageRewardScore", "PickScore"]
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+HPS_REPO, HPS_V21_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+
+
+class ImageRewardScore(PromptImageMetric):
+    """Mean ImageReward of (image, prompt) pairs, scored by the ``image-reward`` package (Xu et al. 2023).
+
+    Args:
+        scorer: ``scorer(prompt, pil_image) -> float`` (a one-element list is accepted too): the package's
+            ``ImageReward.load(name).score``, or a stand-in in tests.
+        description: How the scorer is named in :meth:`protocol`.
+
+    Raises:
+        DTypeError: ``scorer`` is not callable.
+
+    Example:
+        >>> from diffdistill.metrics import ImageRewardScore
+        >>> metric = ImageRewardScore(lambda prompt, image: float(len(prompt)))
+        >>> metric.update(torch.rand(2, 3, 8, 8), ["a", "abc"])
+        >>> metric.compute()
+        2.0
+    """
+
+    metric_name = "image_reward"
+
+    def __init__(self, scorer: Callable[[str, Any], Any], *, description: str = "custom scorer") -> None:
+        super().__init__()
+        if not callable(scorer):
+            raise DTypeError(
+                f"Expected `scorer` to be callable (prompt, image) -> float, got {type(scorer).__name__}."
+            )
+        self.scorer = scorer
+        self.description = description
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str = "ImageReward-v1.0",
+        *,
+        device: torch.device | str | None = None,
+        download_root: str | None = None,
+    ) -> ImageRewardScore:
+        """Load ImageReward through its package (downloads the weights on first use).
+
+        Args:
+            name: The checkpoint name ``ImageReward.load`` takes.
+            device: Where the model runs (``None``: the package's default, CUDA when available).
+            download_root: The package's download folder (``None``: its default).
+
+        Returns:
+            The metric.
+
+        Raises:
+            MissingDependencyError: ``image-reward`` is not installed (``pip install image-reward``).
+        """
+        rm = _require("ImageReward", "image-reward", "ImageRewardScore.from_pretrained")
+        kwargs: dict[str, Any] = {}
+        if device is not None:
+            kwargs["device"] = str(device)
+        if download_root is not None:
+            kwargs["download_root"] = download_root
+        model = rm.load(name, **kwargs)
+        version = getattr(rm, "__version__", "unknown")
+        return cls(model.score, description=f"image-reward {version} {name}")
+
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Per-pair rewards ``(N,)`` (float64).
+
+        Args:
+            images: Float ``(N, 3, H, W)`` images in ``[0, 1]``.
+            prompts: ``N`` prompts.
+
+        Returns:
+            The rewards.
+
+        Raises:
+            DTypeError: Wrong input types, or the scorer returned no number.
+            ShapeError: Wrong shapes.
+        """
+        x, prompts = _check_images_prompts(images, prompts)
+        out = []
+        with torch.no_grad():
+            for prompt, image in zip(prompts, _to_pil(x)):
+                value = self.scorer(prompt, image)
+                if isinstance(value, (list, tuple)) and len(value) == 1:
+                    value = value[0]
+                try:
+                    out.append(float(value))
+                except (TypeError, ValueError) as err:
+                    raise DTypeError(
+                        f"The ImageReward scorer returned {type(value).__name__}; expected a number per image."
+                    ) from err
+        return torch.tensor(out, dtype=torch.float64)
+
+    def protocol(self) -> dict[str, Any]:
+        """The scorer, for a protocol record.
+
+        Returns:
+            A JSON-serialisable dict.
+        """
+        return {"metric": self.metric_name, "backbone": self.description}
+
+
+class HPSv21Score(CLIPScore):
+    """Mean HPSv2.1 of (image, prompt) pairs: the cosine of HPS's OpenCLIP ViT-H/14 image and text features.
+
+    HPSv2 (Wu et al. 2023) scores a pair by ``image_features @ text_features.T`` of its fine-tuned OpenCLIP
+    model, whose features are L2-normalised: a CLIP score with ``scale=1`` (about 0.27-0.32 for SDXL-class
+    models; some tables multiply by 100). The constructor takes the same three callables as
+    :class:`CLIPScore`; :meth:`from_pretrained` builds them.
+
+    Args:
+        image_encoder: Pixel input -> ``(N, E)`` image embeddings.
+        text_encoder: ``N`` prompts -> ``(N, E)`` text embeddings.
+        preprocess: Float images -> pixel input (HPS: open_clip's ViT-H-14 validation transform).
+        description: How the model is named in :meth:`protocol`.
+
+    Raises:
+        DTypeError: An encoder / preprocess is not callable.
+    """
+
+    metric_name = "hpsv2.1"
+
+    def __init__(
+        self,
+        image_encoder: Callable[[Any], torch.Tensor],
+        text_encoder: Callable[[list[str]], torch.Tensor],
+        preprocess: Callable[[torch.Tensor], Any],
+        *,
+        description: str | None = None,
+    ) -> None:
+        super().__init__(image_encoder, text_encoder, preprocess, scale=1.0, description=description)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike[str] | None = None,
+        *,
+        device: torch.device | str | None = None,
+        model_name: str = "ViT-H-14",
+    ) -> HPSv21Score:
+        """HPSv2.1: open_clip ViT-H-14 with the weights of ``HPS_v2.1_compressed.pt``.
+
+        The checkpoint is the one the ``hpsv2`` package downloads for ``hps_version="v2.1"`` (file
+        ``HPS_v2.1_compressed.pt`` of the Hub repository ``xswu/HPSv2``); its ``state_dict`` is loaded into
+        open_clip's ViT-H-14 (the ``hpsv2`` package itself is not needed). ``checkpoint=None`` downloads it with
+        ``huggingface_hub`` on first use.
+
+        Args:
+            checkpoint: A local ``HPS_v2.1_compressed.pt``; ``None`` downloads it.
+            device: Where the model runs (``None``: CPU).
+            model_name: The open_clip architecture (ViT-H-14 for HPSv2 / v2.1; a tiny one in tests).
+
+        Returns:
+            The metric.
+
+        Raises:
+            FileNotFoundError: ``checkpoint`` does not exist.
+            MissingDependencyError: open_clip (or huggingface_hub, to download) is not installed.
+        """
+        if checkpoint is None:
+            hub = _require("huggingface_hub", "huggingface_hub", "Downloading the HPSv2.1 checkpoint")
+            checkpoint = hub.hf_hub_download(HPS_REPO, HPS_V21_FILE)
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"No HPSv2.1 checkpoint at `{path}`. Download {HPS_V21_FILE} from the Hub repository {HPS_REPO} "
+                "(or pass checkpoint=None to download it)."
+            )
+        model, preprocess, tokenizer = _load_open_clip(model_name, None, None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        if device is not None:
+            model = model.to(device)
+        from .clip_score import _OpenCLIPImageEncoder, _OpenCLIPTextEncoder
+
+        metric = cls(
+            _OpenCLIPImageEncoder(model),
+            _OpenCLIPTextEncoder(model, tokenizer),
+            preprocess,
+            description=f"HPSv2.1 open_clip {model_name} + {path.name}",
+        )
+        metric.model = model
+        return metric
+
+
+class PickScore(CLIPScore):
+    """Mean PickScore of (image, prompt) pairs: ``logit_scale.exp() * cos(E_image, E_text)`` (Kirstain et al. 2023).
+
+    Args:
+        image_encoder: Pixel input -> ``(N, E)`` image embeddings.
+        text_encoder: ``N`` prompts -> ``(N, E)`` text embeddings.
+        preprocess: Float images -> pixel input.
+        logit_scale: The model's ``logit_scale.exp()`` (100 for PickScore_v1).
+        description: How the model is named in :meth:`protocol`.
+
+    Raises:
+        DTypeError: An encoder / preprocess is not callable.
+        OptionError: ``logit_scale`` is not a positive finite number.
+    """
+
+    metric_name = "pickscore"
+
+    def __init__(
+        self,
+        image_encoder: Callable[[Any], torch.Tensor],
+        text_encoder: Callable[[list[str]], torch.Tensor],
+        preprocess: Callable[[torch.Tensor], Any],
+        logit_scale: float,
+        *,
+        description: str | None = None,
+    ) -> None:
+        super().__init__(image_encoder, text_encoder, preprocess, scale=logit_scale, description=description)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any = PICKSCORE_MODEL,
+        processor: Any = PICKSCORE_PROCESSOR,
+        *,
+        device: torch.device | str | None = None,
+    ) -> PickScore:
+        """PickScore_v1 (transformers ``CLIPModel``) with the CLIP-ViT-H-14-laion2B processor, as its model card.
+
+        Args:
+            model: A ``CLIPModel`` or the id / folder of one (default ``yuvalkirstain/PickScore_v1``).
+            processor: A ``CLIPProcessor`` or the id / folder of one (default
+                ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
+            device: Where the model runs (``None``: where it is).
+
+        Returns:
+            The metric.
+
+        Raises:
+            DTypeError: ``model`` / ``processor`` have the wrong type.
+            MissingDependencyError: transformers is not installed.
+        """
+        clip, proc = _load_transformers_clip(model, processor, device)
+        name = getattr(clip.config, "_name_or_path", "") or type(clip).__name__
+        metric = cls(
+            _TransformersImageEncoder(clip),
+            _TransformersTextEncoder(clip, proc.tokenizer),
+            _TransformersPreprocess(proc.image_processor),
+            float(clip.logit_scale.exp()),
+            description=f"PickScore transformers CLIPModel {name}",
+        )
+        metric.model = clip
+        return metric
+
+
+class AestheticMLP(nn.Module):
+    """The LAION aesthetic predictor v2 head: 768-1024-128-64-16-1 linear layers, dropout, no activation.
+
+    Layer names (``layers.0``, ``layers.2``, ``layers.4``, ``layers.6``, ``layers.7``) match the state dict of
+    ``sac+logos+ava1-l14-linearMSE.pth`` so that it loads as is.
+
+    Args:
+        input_size: The CLIP embedding size (768 for ViT-L/14).
+
+    Raises:
+        DTypeError: ``input_size`` is not an integer.
+        OptionError: ``input_size`` < 1.
+
+    Example:
+        >>> from diffdistill.metrics import AestheticMLP
+        >>> AestheticMLP(8)(torch.randn(2, 8)).shape
+        torch.Size([2, 1])
+    """
+
+    def __init__(self, input_size: int = 768) -> None:
+        super().__init__()
+        from .._checks import check_int
+
+        self.input_size = check_int(input_size, "input_size", minimum=1)
+        self.layers = nn.Sequential(
+            nn.Linear(self.input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scores of (already L2-normalised) embeddings.
+
+        Args:
+            embeddings: ``(N, input_size)``.
+
+        Returns:
+            ``(N, 1)`` scores.
+        """
+        return self.layers(embeddings)
+
+
+class AestheticScore(PromptImageMetric):
+    """Mean LAION aesthetic score (predictor v2) of images: ``MLP(E_image / ||E_image||)``.
+
+    Prompts are accepted (and ignored) so that every preference metric has the same ``update``.
+
+    Args:
+        image_encoder: Pixel input -> ``(N, E)`` CLIP image embeddings (ViT-L/14 for the LAION weights).
+        preprocess: Float images -> pixel input (the CLIP model's own preprocessing).
+        mlp: The head (an :class:`AestheticMLP` with the LAION weights).
+        description: How the model is named in :meth:`protocol`.
+
+    Raises:
+        DTypeError: ``image_encoder`` / ``preprocess`` is not callable, or ``mlp`` is not a module.
+
+    Example:
+        >>> from diffdistill.metrics import AestheticMLP, AestheticScore
+        >>> metric = AestheticScore(lambda px: px.flatten(1)[:, :8], lambda images: images, AestheticMLP(8))
+        >>> metric.update(torch.rand(3, 3, 4, 4), ["a", "b", "c"])
+        >>> metric.count
+        3
+    """
+
+    metric_name = "aesthetic"
+
+    def __init__(
+        self,
+        image_encoder: Callable[[Any], torch.Tensor],
+        preprocess: Callable[[torch.Tensor], Any],
+        mlp: nn.Module,
+        *,
+        description: str = "custom encoder",
+    ) -> None:
+        super().__init__()
+        for name, fn in (("image_encoder", image_encoder), ("preprocess", preprocess)):
+            if not callable(fn):
+                raise DTypeError(f"Expected `{name}` to be callable, but got {type(fn).__name__}.")
+        if not isinstance(mlp, nn.Module):
+            raise DTypeError(
+                f"Expected `mlp` to be an nn.Module (AestheticMLP), but got {type(mlp).__name__}."
+            )
+        self.image_encoder, self.preprocess = image_encoder, preprocess
+        self.mlp = mlp.eval().requires_grad_(False)
+        self.description = description
+        self.model: Any = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | os.PathLike[str] | None = None,
+        *,
+        clip_name: str = "ViT-L-14",
+        clip_pretrained: str | None = "openai",
+        device: torch.device | str | None = None,
+    ) -> AestheticScore:
+        """The LAION predictor: open_clip ViT-L/14 (OpenAI weights, as ``clip.load("ViT-L/14")``) + the MLP.
+
+        Args:
+            weights: The MLP weights, ``sac+logos+ava1-l14-linearMSE.pth`` from
+                github.com/christophschuhmann/improved-aesthetic-predictor (a state dict; ``.safetensors`` too);
+                ``None`` downloads that file once into torch's hub cache (``torch.hub.get_dir()``).
+            clip_name: The open_clip architecture.
+            clip_pretrained: Its pretrained tag (``None``: random weights, for tests).
+            device: Where the models run (``None``: CPU).
+
+        Returns:
+            The metric.
+
+        Raises:
+            FileNotFoundError: ``weights`` does not exist.
+            MissingDependencyError: open_clip is not installed.
+        """
+        if weights is None:
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            folder.mkdir(parents=True, exist_ok=True)
+            weights = folder / AESTHETIC_FILE
+            if not weights.exists():
+                torch.hub.download_url_to_file(AESTHETIC_URL, str(weights))
+        path = Path(weights)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"No aesthetic-predictor weights at `{path}`. Download sac+logos+ava1-l14-linearMSE.pth from "
+                "github.com/christophschuhmann/improved-aesthetic-predictor."
+            )
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model, preprocess, _ = _load_open_clip(clip_name, clip_pretrained, device)
+        mlp = AestheticMLP(int(state["layers.0.weight"].shape[1]))
+        mlp.load_state_dict(state)
+        if device is not None:
+            mlp = mlp.to(device)
+        from .clip_score import _OpenCLIPImageEncoder
+
+        metric = cls(
+            _OpenCLIPImageEncoder(model),
+            preprocess,
+            mlp,
+            description=f"LAION aesthetic v2 {path.name} on open_clip {clip_name} pretrained={clip_pretrained}",
+        )
+        metric.model = model
+        return metric
+
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Per-image aesthetic scores ``(N,)`` (float64).
+
+        Args:
+            images: Float ``(N, 3, H, W)`` images in ``[0, 1]``.
+            prompts: ``N`` prompts (ignored by the score).
+
+        Returns:
+            The scores.
+
+        Raises:
+            DTypeError: Wrong input types.
+            ShapeError: Wrong shapes.
+        """
+        x, _ = _check_images_prompts(images, prompts)
+        with torch.no_grad():
+            emb = self.image_encoder(self.preprocess(x)).float()
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            param = next(self.mlp.parameters(), None)
+            if param is not None:
+                emb = emb.to(device=param.device, dtype=param.dtype)
+            return self.mlp(emb).reshape(-1).double().cpu()
+
+    def protocol(self) -> dict[str, Any]:
+        """The model and its preprocessing, for a protocol record.
+
+        Returns:
+            A JSON-serialisable dict.
+        """
+        return {
+            "metric": self.metric_name,
+            "backbone": self.description,
+            "preprocess": repr(self.preprocess),
+        }

@@ -1,0 +1,334 @@
+"""The protocol record of an evaluation run, and the refusal to compare runs measured differently.
+
+FID and CLIP score move by whole points with the prompt set, the number of images, the resize filter, the
+evaluation resolution and the CLIP backbone (Parmar et al., CVPR 2022, Sec. 3-4 for the resize; DMD2 evaluates
+SDXL on COCO-10k at 512 px, GigaGAN / SiD-LSG on COCO-2014 val 30k). Every run writes an
+:class:`EvaluationProtocol` beside its numbers; :func:`check_comparable` refuses to put two runs in one table
+unless everything except the generator (by default) matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DTypeError, OptionError, ProtocolMismatchError
+
+__all__ = ["EvaluationProtocol", "check_comparable", "hash_prompts", "package_versions"]
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise DTypeError(
+            f"Expected `prompts` to be a list of strings, but got {type(prompts).__name__}. Read a prompt file "
+            "with Path(path).read_text().splitlines()."
+        )
+    out = list(prompts)
+    for i, p in enumerate(out):
+        if not isinstance(p, str):
+            raise DTypeError(f"Expected every prompt to be a str, but prompts[{i}] is {type(p).__name__}.")
+    return out
+
+
+def hash_prompts(prompts: Iterable[str]) -> str:
+    """The SHA-256 identity of a prompt set: ``sha256("\\n".join(prompts).encode("utf-8")).hexdigest()``.
+
+    Exactly: the prompts in their order, joined with one line feed (``"\\n"``, no trailing one), encoded as
+    UTF-8, hashed with SHA-256, written as 64 lowercase hex digits. A prompt file with one prompt per line and
+    no final newline hashes to the same value (``hashlib.sha256(path.read_bytes())``). Order matters (seeds
+    are assigned by position).
+
+    Args:
+        prompts: The prompts, in evaluation order.
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        DTypeError: ``prompts`` is a single string or holds a non-string.
+        OptionError: A prompt contains a line feed (the join would be ambiguous).
+
+    Example:
+        >>> from diffdistill.metrics import hash_prompts
+        >>> hash_prompts(["a cat", "a dog"])[:16]
+        'f658c42ad55fc07e'
+    """
+    items = _check_prompts(prompts)
+    for i, p in enumerate(items):
+        if "\n" in p:
+            raise OptionError(
+                f"prompts[{i}] contains a line feed, which would make the joined prompt set ambiguous. Replace "
+                "line breaks inside prompts with spaces first."
+            )
+    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed versions of distributions (``importlib.metadata``), ``"not installed"`` for missing ones.
+
+    Args:
+        names: Distribution names as pip knows them (``"torch"``, ``"clean-fid"``, ``"open-clip-torch"``).
+
+    Returns:
+        ``{name: version}``, in the order given.
+
+    Raises:
+        DTypeError: ``names`` is a single string or holds a non-string.
+
+    Example:
+        >>> from diffdistill.metrics import package_versions
+        >>> sorted(package_versions(["torch", "surely-not-a-package"]).items())[1]
+        ('torch', ...)
+    """
+    from importlib import metadata
+
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise DTypeError(
+            f"Expected `names` to be a list of distribution names, but got {type(names).__name__}."
+        )
+    out: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str):
+            raise DTypeError(f"Expected every name to be a str, but got {type(name).__name__}.")
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples as lists, recursively (what a JSON round trip gives), so that comparisons are stable."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class EvaluationProtocol:
+    """Everything that decides what an evaluation number means, written beside the number.
+
+    Fields group into what is measured (prompt set, seeds, resolution), how it is measured (preprocessing,
+    backbones, package versions) and what produced the images (``generator``: excluded from comparisons by
+    default, since comparing generators is the point of a table).
+
+    Args:
+        prompt_set: A name for the prompt set (e.g. ``"coco2014-val-30k"``, ``"dmd2-coco10k"``).
+        prompt_sha256: :func:`hash_prompts` of the prompts in evaluation order.
+        prompt_count: The number of prompts (= images per model).
+        seeds: How seeds were chosen: a base seed (``seed + prompt index``), a list, or a description.
+        resolution: The generation resolution, an int or ``[height, width]``.
+        preprocessing: How images are brought to each metric (e.g. ``{"fid": "clean-fid clean resize 299",
+            "eval_resolution": 512}``).
+        backbones: Per metric, its backbone and convention (:meth:`CLIPScore.protocol` / :meth:`FID.protocol`).
+        versions: Package versions (:func:`package_versions`).
+        generator: What made the images: model id, LoRA / UNet / transformer, sampler, steps, guidance.
+        extra: Anything else that matters (free form, compared too).
+
+    Raises:
+        DTypeError: A field has the wrong type.
+        OptionError: ``prompt_count`` is negative or ``prompt_sha256`` is not 64 hex digits.
+
+    Example:
+        >>> from diffdistill.metrics import EvaluationProtocol, check_comparable
+        >>> prompts = ["a cat", "a dog"]
+        >>> base = EvaluationProtocol.for_prompts("toy", prompts, seeds=0, resolution=64)
+        >>> student = dataclasses.replace(base, generator={"steps": 4})
+        >>> check_comparable(base, student)  # generators may differ
+        >>> try:
+        ...     check_comparable(base, dataclasses.replace(base, resolution=128))
+        ... except ValueError as err:
+        ...     print(str(err).splitlines()[1])
+          resolution: 64 != 128
+    """
+
+    prompt_set: str
+    prompt_sha256: str
+    prompt_count: int
+    seeds: int | list[int] | str | None = None
+    resolution: int | list[int] | None = None
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
+    backbones: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    generator: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_set, str):
+            raise DTypeError(f"Expected `prompt_set` to be a str, but got {type(self.prompt_set).__name__}.")
+        if not isinstance(self.prompt_sha256, str) or len(self.prompt_sha256) != 64:
+            raise OptionError(
+                f"Expected `prompt_sha256` to be 64 hex digits (hash_prompts(prompts)), but got {self.prompt_sha256!r}."
+            )
+        try:
+            int(self.prompt_sha256, 16)
+        except ValueError as err:
+            raise OptionError(f"`prompt_sha256` is not hexadecimal: {self.prompt_sha256!r}.") from err
+        if (
+            isinstance(self.prompt_count, bool)
+            or not isinstance(self.prompt_count, int)
+            or self.prompt_count < 0
+        ):
+            raise OptionError(
+                f"Expected `prompt_count` to be an integer >= 0, but got {self.prompt_count!r}."
+            )
+        for name in ("preprocessing", "backbones", "versions", "generator", "extra"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise DTypeError(f"Expected `{name}` to be a dict, but got {type(value).__name__}.")
+            setattr(self, name, _jsonable(value))
+        self.resolution = _jsonable(self.resolution)
+        self.seeds = _jsonable(self.seeds)
+
+    @classmethod
+    def for_prompts(cls, prompt_set: str, prompts: Sequence[str], **fields: Any) -> EvaluationProtocol:
+        """A protocol whose hash and count are computed from the prompts themselves.
+
+        Args:
+            prompt_set: The prompt set's name.
+            prompts: The prompts, in evaluation order.
+            **fields: The other fields.
+
+        Returns:
+            The protocol.
+
+        Raises:
+            DTypeError: See :func:`hash_prompts` and the class.
+        """
+        items = _check_prompts(prompts)
+        return cls(
+            prompt_set=prompt_set, prompt_sha256=hash_prompts(items), prompt_count=len(items), **fields
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict.
+
+        Returns:
+            The dict.
+        """
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the protocol as indented, key-sorted JSON.
+
+        Args:
+            path: The file.
+
+        Raises:
+            TypeError: A field holds something JSON cannot represent.
+        """
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> EvaluationProtocol:
+        """Read a protocol written by :meth:`to_json`.
+
+        Args:
+            path: The file.
+
+        Returns:
+            The protocol.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            OptionError: The JSON holds unknown or missing fields.
+        """
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), source=f"`{path}`")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "the record") -> EvaluationProtocol:
+        """The protocol of a :meth:`to_dict` mapping (e.g. the ``"protocol"`` entry of a results file).
+
+        Args:
+            data: The fields.
+            source: How errors name where ``data`` came from.
+
+        Returns:
+            The protocol.
+
+        Raises:
+            DTypeError: ``data`` is not a mapping.
+            OptionError: ``data`` holds unknown or missing fields.
+        """
+        if not isinstance(data, Mapping):
+            raise DTypeError(f"Expected a protocol mapping in {source}, but got {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise OptionError(
+                f"{source} holds unknown protocol field(s) {unknown}; known fields are {sorted(names)}. Put free-form "
+                "entries under `extra`."
+            )
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise OptionError(f"{source} is not a complete protocol record: {err}.") from err
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+_MISSING = "<missing>"
+
+
+def check_comparable(
+    a: EvaluationProtocol, b: EvaluationProtocol, ignore: Iterable[str] = ("generator",)
+) -> None:
+    """Raise unless two runs were measured under the same protocol (their numbers can share a table).
+
+    Every field is compared; dict fields are compared entry by entry (dotted names such as
+    ``backbones.clip_score.backbone``), and the error lists every difference with both values.
+
+    Args:
+        a: The first run's protocol.
+        b: The second run's protocol.
+        ignore: Field names or dotted prefixes to skip (default: ``("generator",)``; e.g. add ``"versions"``
+            to compare runs across package upgrades).
+
+    Raises:
+        DTypeError: ``a`` or ``b`` is not an :class:`EvaluationProtocol`, or ``ignore`` is a single string.
+        ProtocolMismatchError: A compared field differs (a ``ValueError``).
+    """
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, EvaluationProtocol):
+            raise DTypeError(
+                f"Expected `{name}` to be an EvaluationProtocol, but got {type(value).__name__}. Read one with "
+                "EvaluationProtocol.from_json(path)."
+            )
+    if isinstance(ignore, str):
+        raise DTypeError(
+            f"Expected `ignore` to be a list of field names, but got the string {ignore!r}: wrap it in a list."
+        )
+    skip = tuple(ignore)
+    flat_a = {k: v for f in dataclasses.fields(a) for k, v in _flatten(getattr(a, f.name), f.name).items()}
+    flat_b = {k: v for f in dataclasses.fields(b) for k, v in _flatten(getattr(b, f.name), f.name).items()}
+    differences: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(flat_a) | set(flat_b)):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        va, vb = flat_a.get(key, _MISSING), flat_b.get(key, _MISSING)
+        if va != vb:
+            differences[key] = (va, vb)
+    if differences:
+        lines = [f"  {k}: {va!r} != {vb!r}" for k, (va, vb) in differences.items()]
+        raise ProtocolMismatchError(
+            f"The two runs were evaluated under different protocols ({len(differences)} field(s) differ; "
+            f"ignored: {list(skip)}):\n"
+            + "\n".join(lines)
+            + "\nRe-evaluate one run under the other's protocol "
+            "(or pass ignore=[...] for fields you know do not matter).",
+            differences=differences,
+        )

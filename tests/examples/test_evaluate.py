@@ -1,0 +1,394 @@
+"""Tests of ``examples/evaluate.py`` and its package ``examples/evaluation/`` on tiny random-weight stand-ins.
+
+Tiny SDXL and FLUX pipelines (``tiny_sdxl.py`` / ``tiny_flow.py``) generate 64 px images; the FID runs on a random
+conv net's 8 features and the CLIP score on a random 2-layer ``CLIPModel`` (``tiny_metrics.py``): no downloads.
+Checked: resume generates only the missing images and gives bit-identical numbers; a folder against itself has
+FID 0; a LoRA / full-UNet student changes the images as loading it into diffusers does; ``--compare`` refuses runs
+under different protocols; 2 processes give the numbers of one; the COCO prompt files follow their rules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.examples import tiny_metrics
+from tests.examples.tiny_flow import save_tiny_flux_pipeline
+from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+pytest.importorskip("scipy")
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+PROMPTS = ["a cat", "a red car", "an apple on a table", "two dogs"]
+
+
+def _load(name: str) -> ModuleType:
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def _load_script(name: str) -> ModuleType:
+    """``examples/{name}.py`` as the module ``examples_{name}`` (``evaluate`` is also a PyPI package's name)."""
+    import importlib.util
+
+    _load("evaluation")  # puts examples/ on sys.path, as running the script does
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate = _load_script("evaluate")
+coco_prompts = _load("evaluation.coco_prompts")
+generation = _load("evaluation.generation")
+scoring = _load("evaluation.scoring")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny SDXL pipeline, a tiny FLUX pipeline and a prompt file."""
+    root = tmp_path_factory.mktemp("evaluate")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return {
+        "sdxl": save_tiny_sdxl_pipeline(root / "sdxl"),
+        "flux": save_tiny_flux_pipeline(root / "flux"),
+        "prompts": root / "prompts.txt",
+    }
+
+
+def _argv(tiny: dict[str, Path], out: Path, *extra: str, model: str = "sdxl") -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny[model]), "--prompts_file", str(tiny["prompts"]),
+        "--resolution", "64", "--num_inference_steps", "2", "--batch_size", "2", "--output_dir", str(out),
+        "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def _png_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_resume_generates_only_missing_images_and_gives_the_same_numbers(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "teacher"
+    # batches of 1: the regenerated images are computed exactly as before (on a GPU, kernels may round differently
+    # for another batch composition, and one PNG level could flip)
+    args = evaluate.parse_args(_argv(tiny, out, "--teacher", "--guidance_scale", "2.0", "--batch_size", "1"))
+    first = evaluate.main(args, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    images = out / "images"
+    before = _png_bytes(images)
+    assert sorted(before) == [f"{i:06d}.png" for i in range(len(PROMPTS))]
+    # a stopped run: two images missing, the others must not be regenerated
+    (images / "000001.png").unlink()
+    (images / "000002.png").unlink()
+    kept = {n: (images / n).stat().st_mtime_ns for n in ("000000.png", "000003.png")}
+    second = evaluate.main(args, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    assert {n: (images / n).stat().st_mtime_ns for n in kept} == kept
+    assert _png_bytes(images) == before  # per-image seeds: the regenerated images are the same bytes
+    assert second["metrics"] == first["metrics"]
+    record = json.loads((out / "results.json").read_text())
+    generator = record["protocol"]["generator"]
+    assert generator["role"] == "teacher" and generator["guidance_scale"] == 2.0
+    assert generator["num_inference_steps"] == 2 and record["protocol"]["prompt_count"] == len(PROMPTS)
+
+
+def test_image_i_is_drawn_from_seed_plus_i_whatever_the_batches(tmp_path: Path) -> None:
+    def sample(prompts: list[str], gens: list[torch.Generator]) -> torch.Tensor:
+        return torch.stack([torch.rand(3, 4, 4, generator=g) for g in gens])
+
+    generation.generate_images(sample, PROMPTS * 2, [6, 1, 4, 3, 7], tmp_path / "a", seed=10, batch_size=3)
+    done = generation.generate_images(sample, PROMPTS * 2, range(8), tmp_path / "a", seed=10, batch_size=2)
+    assert done == [0, 2, 5]  # the others existed
+    for i in range(8):
+        expected = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(10 + i)) * 255).round()
+        got = scoring.load_image(tmp_path / "a" / f"{i:06d}.png") * 255
+        assert torch.equal(got.round(), expected), i
+
+
+def test_folder_against_itself_has_fid_zero(tiny: dict[str, Path], tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    generation.generate_images(
+        lambda prompts, gens: torch.stack([torch.rand(3, 24, 24, generator=g) for g in gens]),
+        PROMPTS * 3,
+        range(12),
+        images,
+        seed=0,
+        batch_size=5,
+    )
+    argv = ["--images", str(images), "--reference_dir", str(images), "--fid_features",
+            "tests.examples.tiny_metrics:tiny_features", "--prompts_file", str(tmp_path / "p.txt"),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS * 3))
+    stats = tmp_path / "reference.npz"
+    record = evaluate.main(evaluate.parse_args([*argv, "--save_reference_stats", str(stats)]))
+    # identical statistics: |mu1 - mu2|^2 = 0 and tr(S + S - 2 sqrtm(S S)) = 0 up to sqrtm's float64 round-off,
+    # which is ~1e-13 relative to tr(S) (the features are O(0.1), tr(S) ~ 1e-2)
+    assert abs(record["metrics"]["fid"]) < 1e-9
+    assert record["protocol"]["extra"]["fid_reference"]["images"] == 12
+    assert record["protocol"]["generator"] == {}
+    # the saved reference statistics given instead of the folder: the same FID, and the same protocol (the
+    # statistics' .json names the folder they came from), so the runs compare
+    i = argv.index("--reference_dir")
+    argv[i : i + 2] = ["--reference_stats", str(stats)]
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "again")
+    again = evaluate.main(evaluate.parse_args(argv))
+    assert abs(again["metrics"]["fid"]) < 1e-9
+    assert again["protocol"] == record["protocol"]
+    evaluate.records.comparison_table([tmp_path / "out", tmp_path / "again"])
+    Path(f"{stats}.json").unlink()  # statistics of unknown origin: identified by their own hash
+    third = evaluate.main(evaluate.parse_args(argv))
+    assert len(third["protocol"]["extra"]["fid_reference"]["stats_sha256"]) == 64
+
+
+def _random_lora_file(unet: Any, folder: Path) -> Path:
+    from diffdistill.students import add_lora, save_lora
+
+    add_lora(unet, rank=2)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    folder.mkdir(parents=True)
+    save_lora(unet, folder / "pytorch_lora_weights.safetensors")
+    return folder
+
+
+def test_lora_and_full_unet_students_sample_as_diffusers_loads_them(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny["sdxl"], subfolder="unet")
+    lora = _random_lora_file(unet, tmp_path / "lora_run")
+    full = tmp_path / "full_run"
+    unet = UNet2DConditionModel.from_pretrained(tiny["sdxl"], subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(-1.5)
+    unet.save_pretrained(full / "unet")
+    sampler = ["--scheduler", "EulerDiscreteScheduler", "--scheduler_config", "timestep_spacing=trailing"]
+    folders = {}
+    for name, weights in (("lora", lora), ("full", full)):
+        args = evaluate.parse_args(_argv(tiny, tmp_path / name, "--student_weights", str(weights), *sampler))
+        record = evaluate.main(args, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+        assert record["protocol"]["generator"]["scheduler_config"] == {"timestep_spacing": "trailing"}
+        folders[name] = tmp_path / name / "images"
+    # the same prompts and seeds through diffusers with the weights loaded its own way (LoRA unfused)
+    for name in ("lora", "full"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
+        if name == "lora":
+            pipe.load_lora_weights(str(lora))
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(full / "unet")
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+        ref = pipe(
+            PROMPTS[:2], generator=gens, height=64, width=64, num_inference_steps=2, output_type="pt"
+        ).images
+        got = torch.stack([scoring.load_image(folders[name] / f"{i:06d}.png") for i in range(2)])
+        # PNG stores round(255 x): one quantisation step (1/255), plus the fused-vs-unfused LoRA float round-off
+        assert torch.allclose(got, ref.float(), atol=1.5 / 255), (name, (got - ref).abs().max())
+    teacher = tmp_path / "teacher"
+    evaluate.main(
+        evaluate.parse_args(_argv(tiny, teacher, "--teacher", "--num_prompts", "2", *sampler)),
+        metrics={"clip_score": tiny_metrics.tiny_clip_score()},
+    )
+    for name in ("lora", "full"):
+        assert _png_bytes(folders[name])["000000.png"] != _png_bytes(teacher / "images")["000000.png"]
+
+
+def test_flux_student_and_compare_table(tiny: dict[str, Path], tmp_path: Path) -> None:
+    runs = {}
+    for name, extra in (("teacher", ["--teacher", "--num_inference_steps", "3"]), ("student", [])):
+        runs[name] = tmp_path / name
+        args = evaluate.parse_args(_argv(tiny, runs[name], "--guidance_scale", "3.5", *extra, model="flux"))
+        evaluate.main(args, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+        assert len(list((runs[name] / "images").glob("*.png"))) == len(PROMPTS)
+    table = evaluate.records.comparison_table([runs["teacher"], runs["student"] / "results.json"])
+    lines = table.splitlines()
+    assert lines[0] == "| run | sampler | guidance | clip_score |"
+    assert lines[2].startswith("| teacher | FlowMatchEulerDiscreteScheduler, 3 steps | 3.5 |")
+    assert lines[3].startswith("| student | FlowMatchEulerDiscreteScheduler, 2 steps | 3.5 |")
+    # another prompt set: refused, naming the differing fields
+    other = tmp_path / "other_prompts.txt"
+    other.write_text("\n".join(reversed(PROMPTS)))
+    argv = _argv(tiny, tmp_path / "other", model="flux")
+    argv[argv.index("--prompts_file") + 1] = str(other)
+    evaluate.main(evaluate.parse_args(argv), metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    with pytest.raises(ValueError, match=r"(?s)different protocols.*prompt_sha256"):
+        evaluate.main(evaluate.parse_args(["--compare", str(runs["student"]), str(tmp_path / "other")]))
+
+
+def _accelerate(argv: list[str], processes: int) -> None:
+    """Run ``examples/evaluate.py`` in ``processes`` CPU processes (gloo) through ``accelerate launch``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+    ]
+    cmd += ["--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(port)]
+    cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU: CPU processes (--cpu would start one without MPI)
+    result = subprocess.run(
+        [*cmd, str(EXAMPLES / "evaluate.py"), *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    generation.generate_images(
+        lambda prompts, gens: torch.stack([torch.rand(3, 64, 64, generator=g) for g in gens]),
+        PROMPTS * 2,
+        range(8),
+        reference,
+        seed=100,
+        batch_size=8,
+    )
+    hooks = ["--fid_features", "tests.examples.tiny_metrics:tiny_features"]
+    hooks += ["--clip", "tests.examples.tiny_metrics:tiny_clip_score", "--reference_dir", str(reference)]
+    records = {}
+    # batches of 1 (generation and scoring): every image and every feature vector is computed alone, so none can
+    # depend on how the prompts were split (float32 kernels give last-bit differences between batch sizes, 1e-7
+    # relative, which would hide a reduction error of that size)
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        argv = _argv(tiny, out, "--batch_size", "1", "--eval_batch_size", "1", *hooks)
+        if n == 1:  # one process: in this interpreter, through the same command line
+            evaluate.main(evaluate.parse_args(argv))
+        else:
+            _accelerate(argv, n)
+        records[n] = json.loads((out / "results.json").read_text())
+    assert _png_bytes(tmp_path / "p1" / "images") == _png_bytes(tmp_path / "p2" / "images")
+    one, two = records[1]["metrics"], records[2]["metrics"]
+    # the same images and features; only the order of the float64 sums over the processes differs (1e-16
+    # relative per sum), which the CLIP mean keeps at that size and FID's covariance square root (condition
+    # number of the 8x8 covariances ~1e3) amplifies to ~1e-13: rel 1e-9 leaves a wide margin
+    assert one.keys() == two.keys() == {"fid", "clip_score"}
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12)
+    assert records[1]["protocol"] == records[2]["protocol"]
+
+
+def _write_annotations(path: Path) -> dict[int, list[str]]:
+    """A fake captions_val2014.json: 9 images with 1-6 captions (one caption empty, one over two lines)."""
+    rng = np.random.default_rng(5)
+    images, anns, captions = [], [], {}
+    ann_id = 1000
+    for k in range(9):
+        image_id = 50 + 7 * k
+        images.append({"id": image_id, "file_name": f"COCO_val2014_{image_id:012d}.jpg"})
+        for c in range(1 + k % 6):
+            text = f"image {image_id} caption {c}" + (" on\ntwo lines" if (k, c) == (2, 1) else "")
+            anns.append({"image_id": image_id, "id": ann_id, "caption": "" if (k, c) == (3, 0) else text})
+            captions.setdefault(image_id, []).append(" ".join(text.split()))
+            ann_id += int(rng.integers(1, 5))
+    captions[50 + 21] = captions[50 + 21][1:]  # the empty caption is dropped
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return captions
+
+
+def test_coco_prompt_files_follow_the_rules(tmp_path: Path) -> None:
+    ann = tmp_path / "captions_val2014.json"
+    captions = _write_annotations(ann)
+    path = coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "a", annotations=ann, count=6)
+    again = coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "b", annotations=ann, count=6)
+    assert path.read_bytes() == again.read_bytes()  # deterministic
+    record = json.loads((tmp_path / "a" / "selection.json").read_text())
+    picked = record["selection"]
+    assert len({s["image_id"] for s in picked}) == 6  # distinct images, one caption each
+    for s, line in zip(picked, path.read_text().splitlines()):
+        assert s["caption"] == line and line in captions[s["image_id"]]
+    assert record["rule"].startswith("our choice") and record["protocol"]["count"] == 30_000
+    # the drawn images linked as the FID reference
+    coco = tmp_path / "val2014"
+    coco.mkdir()
+    for s in json.loads(ann.read_text())["images"]:
+        (coco / s["file_name"]).write_bytes(str(s["id"]).encode())
+    coco_prompts.main(
+        coco_prompts.parse_args(
+            ["--protocol", "dmd2-coco10k", "--annotations", str(ann), "--output_dir", str(tmp_path / "r"),
+             "--count", "6", "--link_reference_images", str(coco)]
+        )
+    )  # fmt: skip
+    linked = sorted(p.name for p in (tmp_path / "r" / "reference").iterdir())
+    assert linked == sorted(s["file_name"] for s in picked)  # the same draw (same seed) as above
+    other = coco_prompts.build_prompt_file(
+        "dmd2-coco10k", tmp_path / "c", annotations=ann, count=6, selection_seed=1
+    )
+    assert other.read_text() != path.read_text()
+    with pytest.raises(ValueError, match="at least 10 captioned images"):
+        coco_prompts.build_prompt_file("dmd2-coco10k", tmp_path / "d", annotations=ann, count=10)
+    # published files are used as they are
+    txt = tmp_path / "captions.txt"
+    txt.write_text(" a b \n\nc d\ne\n")
+    used = coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "e", published_prompts=txt, count=3)
+    assert used.read_text() == "a b\nc d\ne\n"
+    with pytest.raises(ValueError, match="to hold 30000 prompts for coco2014-30k, but it holds 3"):
+        coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "f", published_prompts=txt)
+    pkl = tmp_path / "all_prompts.pkl"
+    pkl.write_bytes(pickle.dumps(["x y", None, "z"]))
+    assert coco_prompts.read_published_prompts(pkl) == ["x y", "z"]
+    pkl.write_bytes(pickle.dumps(OrderedDict(a="b")))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load it"):
+        coco_prompts.read_published_prompts(pkl)
+    with pytest.raises(ValueError, match="Expected --annotations"):
+        coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "g")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--teacher", "--student_weights", "x"],
+            "--teacher samples the base pipeline: drop --student_weights",
+        ),
+        (
+            ["--reference_dir", "a", "--reference_stats", "b"],
+            "give --reference_dir or --reference_stats, not both",
+        ),
+        (["--timesteps", "999", "--sigmas", "1.0"], "give --timesteps or --sigmas, not both"),
+        (
+            ["--save_reference_stats", "s.npz"],
+            "--save_reference_stats saves the statistics of --reference_dir",
+        ),
+    ],
+)
+def test_contradictory_options_are_refused(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--pretrained_model_name_or_path", "m", "--prompts_file", "p.txt", "--output_dir", "o"]
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*base, *extra])
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--prompts_file", "p.txt", "--output_dir", "o"])
+    assert "--pretrained_model_name_or_path is needed" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""CLIPScore against independent computations with the raw model calls (tiny transformers / open_clip models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill.errors import DTypeError, OptionError, ShapeError
+from diffdistill.metrics import CLIPScore
+from tests.metrics import tiny_clip
+
+PROMPTS = ["a red cat", "two dogs!", "a cup of tea", "x"]
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 40, 36, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_transformers(model, processor, images, prompts) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The cosines from the raw transformers calls (as the PickScore / CLIP model cards write them)."""
+    pixels = processor(images=tiny_clip.pil_images(images), return_tensors="pt")["pixel_values"]
+    tokens = processor.tokenizer(prompts, padding=True, truncation=True, max_length=40, return_tensors="pt")
+    with torch.no_grad():
+        img = tiny_clip.embedding(model.get_image_features(pixel_values=pixels))
+        txt = tiny_clip.embedding(model.get_text_features(**tokens))
+    return tiny_clip.cosine(img, txt)
+
+
+def test_transformers_backbone_equals_raw_model_calls(tmp_path: Path) -> None:
+    model, processor = tiny_clip.transformers_clip()
+    images = _images()
+    want = _reference_transformers(model, processor, images, PROMPTS)
+    metric = CLIPScore.from_transformers(model, processor)
+    metric.update(images[:3], PROMPTS[:3])
+    metric.update(images[3:], PROMPTS[3:])
+    assert metric.count == 4
+    assert metric.compute() == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(metric.cosines(images, PROMPTS), want, rtol=1e-5, atol=1e-6)
+    # torchmetrics' convention: 100 * max(cos, 0)
+    tm = CLIPScore.from_transformers(model, processor, scale=100.0, clamp_negative=True)
+    tm.update(images, PROMPTS)
+    assert tm.compute() == pytest.approx(float((100 * want.clamp_min(0)).mean()), rel=1e-5, abs=1e-4)
+    # loading from folders gives the same numbers
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    loaded = CLIPScore.from_transformers(str(tmp_path / "model"))
+    torch.testing.assert_close(loaded.cosines(images, PROMPTS), want, rtol=1e-5, atol=1e-6)
+    record = loaded.protocol()
+    assert record["metric"] == "clip_score" and "transformers CLIPModel" in record["backbone"]
+    assert "CLIPImageProcessor" in record["preprocess"] and record["scale"] == 1.0
+
+
+def test_open_clip_backbone_equals_raw_model_calls() -> None:
+    import open_clip
+
+    name = tiny_clip.register_open_clip()
+    torch.manual_seed(0)
+    metric = CLIPScore.from_open_clip(name, None)
+    model = metric.model
+    _, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(name)
+    images = _images(seed=1)
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([transform(p) for p in tiny_clip.pil_images(images)]))
+        txt = model.encode_text(tokenizer(PROMPTS))
+    want = tiny_clip.cosine(img, txt)
+    metric.update(images, PROMPTS)
+    assert metric.compute() == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
+    assert "open_clip" in metric.protocol()["backbone"] and "Resize" in metric.protocol()["preprocess"]
+    metric.all_reduce()  # no process group: a no-op
+    assert metric.count == 4
+    metric.reset()
+    with pytest.raises(OptionError, match=r"CLIPScore.compute\(\) before any update"):
+        metric.compute()
+
+
+def test_clip_score_errors() -> None:
+    metric = CLIPScore(lambda px: px.flatten(1)[:, :4], lambda p: torch.ones(len(p), 4), lambda x: x)
+    images = _images(2)
+    with pytest.raises(ShapeError, match=r"`images` holds 2 images but `prompts` holds 1 strings"):
+        metric.update(images, ["a"])
+    with pytest.raises(
+        DTypeError, match=r"Expected `prompts` to be a list of strings .* pass \[prompt\] \* len"
+    ):
+        metric.update(images, "a cat")
+    with pytest.raises(DTypeError, match=r"Expected every entry of `prompts` to be a str, but got int"):
+        metric.update(images, ["a", 3])
+    with pytest.raises(OptionError, match=r"Expected float `images` in \[0, 1\], but they range over \[-1"):
+        metric.update(images * 2 - 1.5, ["a", "b"])
+    with pytest.raises(ShapeError, match=r"with 3 \(RGB\) channels, but got shape \(2, 1, 40, 36\)"):
+        metric.update(images[:, :1], ["a", "b"])
+    with pytest.raises(DTypeError, match=r"Expected `image_encoder` to be callable"):
+        CLIPScore(None, lambda p: p, lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(OptionError, match=r"Expected `scale` to be > 0"):
+        CLIPScore(lambda x: x, lambda p: p, lambda x: x, scale=0.0)
+    mismatched = CLIPScore(lambda px: px.flatten(1)[:, :4], lambda p: torch.ones(len(p), 5), lambda x: x)
+    with pytest.raises(ShapeError, match=r"image embeddings \(2, 4\) and text embeddings \(2, 5\)"):
+        mismatched.update(images, ["a", "b"])
+    model, _ = tiny_clip.transformers_clip()
+    with pytest.raises(OptionError, match=r"a model object needs its processor"):
+        CLIPScore.from_transformers(model)
+    with pytest.raises(DTypeError, match=r"Expected `model_or_path` to be a transformers CLIPModel"):
+        CLIPScore.from_transformers(3)
+
+
+def test_openai_weights_get_quick_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenAI's CLIP uses QuickGELU; open_clip's plain names would build GELU with a warning only."""
+    import open_clip
+
+    name = tiny_clip.register_open_clip()
+    seen: list[dict[str, object]] = []
+    original = open_clip.create_model_and_transforms
+
+    def recording(model_name: str, pretrained: str | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        seen.append({"pretrained": pretrained, **kwargs})
+        return original(model_name, pretrained=None, **kwargs)  # no download: random weights
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", recording)
+    metric = CLIPScore.from_open_clip(name, "openai")
+    assert seen[-1]["force_quick_gelu"] is True
+    assert type(metric.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    CLIPScore.from_open_clip(name, "laion2b_s32b_b79k")
+    assert seen[-1]["force_quick_gelu"] is False
