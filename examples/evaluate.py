@@ -8,8 +8,9 @@ prompt set, with a record of the protocol beside the numbers.
    from the noise of seed ``--seed + i`` (one generator per image, SiD-LSG's convention) into
    ``OUTPUT_DIR/images/{i:06d}.png``. ``--teacher`` samples the base pipeline with its own sampler instead (e.g.
    ``--num_inference_steps 50 --guidance_scale 5``): the teacher row of the table, under the same protocol.
-   Images are written as they come; a rerun generates only the missing ones. ``--images DIR`` scores a folder of
-   ``{i:06d}.png`` files made elsewhere.
+   Images are written as they come; a rerun generates only the missing ones, and refuses a folder whose images
+   were made with other settings, seed or prompts (``images/generation.json`` records them; the student's
+   weights by their SHA-256). ``--images DIR`` scores a folder of ``{i:06d}.png`` files made elsewhere.
 2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
    first when given (GigaGAN's and DMD2's preparation):
 
@@ -195,6 +196,11 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     if args.images is None:
         pipe = generation.load_pipeline(args, device, DTYPES[args.dtype])
         sampler_record = generation.sampler_record(pipe, args)
+        # images are reused by index: only when they were made with these settings, seed and prompts
+        generation.check_resume(
+            images_dir, prompts, args.seed, sampler_record, write=accelerator.is_main_process
+        )
+        accelerator.wait_for_everyone()  # no process writes an image before every process has checked
         bar = tqdm(total=len(mine), desc="generating", disable=not accelerator.is_local_main_process)
         sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args))
         generation.generate_images(
@@ -202,6 +208,10 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         )
         bar.close()
         del pipe, sample
+    elif (manifest := generation.read_manifest(images_dir)) is not None:
+        # a folder this script generated: its record says how, and its seed and prompts must be this run's
+        sampler_record = manifest["generator"]
+        generation.check_resume(images_dir, prompts, args.seed, sampler_record, write=False)
     accelerator.wait_for_everyone()
     absent = generation.missing(images_dir, mine)
     if absent:
@@ -212,7 +222,8 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
 
     # 2. metrics: this process's share of the images (and of the reference folder), then summed over processes
     if metrics is None:
-        metrics = metric_specs.build_metrics(args, device)
+        with accelerator.main_process_first():  # weights are downloaded once, by the main process
+            metrics = metric_specs.build_metrics(args, device)
     fid = metrics.get("fid")
     text_metrics = {k: m for k, m in metrics.items() if k != "fid"}
     bar = tqdm(total=len(mine), desc="scoring", disable=not accelerator.is_local_main_process)

@@ -7,8 +7,10 @@ in SDXL-Lightning / DMD2 user studies). Each class accumulates a mean with the s
 float ``(N, 3, H, W)`` in ``[0, 1]`` and are scored as the uint8 images a PNG file would hold.
 
 * :class:`ImageRewardScore` -- ImageReward (Xu et al., NeurIPS 2023): a BLIP-based reward model, called
-  through the ``image-reward`` package's public API (``ImageReward.load(...).score(prompt, image)``), which
-  returns the reward already standardised by the package.
+  through the ``image-reward`` package's public API (``ImageReward.load(name, device, download_root)`` and
+  ``.score(prompt, image)``), which returns the reward already standardised by the package (``(r - 0.1672) /
+  1.0333``). We pass PIL images, as DMD2's ``compute_image_reward`` does; the package's first releases read
+  ``score``'s image from a file path only, later ones take a PIL image or a path.
 * :class:`HPSv21Score` -- Human Preference Score v2.1 (Wu et al., "Human Preference Score v2", 2023): an
   OpenCLIP ViT-H/14 fine-tuned on HPDv2; the score is the cosine of its L2-normalised image and text features
   (the diagonal of ``image_features @ text_features.T`` in the ``hpsv2`` package's ``img_score.score``).

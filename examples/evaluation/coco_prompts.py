@@ -17,8 +17,8 @@ file name and caption id of every prompt where the rule picked them, and the SHA
 What each protocol's source publishes (read from the code and READMEs, 2026-12):
 
 ``coco2014-30k`` -- GigaGAN (Kang et al., CVPR 2023) and SiD-LSG (Zhou et al., ICLR 2025). Diffusion2GAN (Kang et
-al., ECCV 2024) reports COCO-2014 FID-30k in one table with GigaGAN's number; its evaluation code is not
-published, so that it used these captions is an assumption, not something we could read.
+al., ECCV 2024) reports COCO-2014 FID-30k in one table with GigaGAN's number; we found no published
+evaluation code for it, so that it used these captions is an assumption, not something we could read.
     * Prompts: the 30,000 captions of GigaGAN's ``captions.txt``, shipped inside the generated-image archive
       linked from ``mingukkang/GigaGAN/evaluation/README.md`` (``GigaGAN_t2i_coco256``); SiD-LSG's README asks
       for that file "to make an apple-to-apple comparison" (its ``generate_onestep.py``: "the default
@@ -35,17 +35,28 @@ published, so that it used these captions is an assumption, not something we cou
       generated images likewise, then clean-fid: ``--eval_resolution 256``.
     * CLIP score: OpenAI CLIP ViT-B/32 (GigaGAN's default; open_clip ``ViT-B-32`` ``openai`` holds those weights)
       or open_clip ViT-g-14 ``laion2b_s12b_b42k`` (SiD-LSG's ``evaluate_SiD_t2i_coco256.sh``), the caption
-      prefixed with ``"A photo depicts "``, on the 256 px images the FID sees.
+      prefixed with ``"A photo depicts "``, on the 256 px images the FID sees. Not reproduced, each a small
+      difference: GigaGAN's ``compute_clip_score`` runs ViT-B/32 through OpenAI's ``clip.load``, which keeps
+      float16 weights on a GPU (ours: float32); and it takes its images through ``ToTensor`` / ``Normalize`` and
+      back with a truncating ``.to(torch.uint8)`` (``tensor2pil``), which lowers 63 of the 256 intensity levels
+      by one (float32 round-off), where we read the PNG's own values.
 
 ``dmd2-coco10k`` -- DMD2 (Yin et al., NeurIPS 2024), its SDXL results (``experiments/sdxl/README.md``).
     * Prompts: ``coco10k/all_prompts.pkl`` (a pickled list of 10,000 caption strings) with its reference images
       ``coco10k/subset``, both from the ``coco10k.zip`` that DMD2's ``scripts/download_sdxl.sh`` downloads from
       its Hugging Face repository. The rule that chose the 10k captions and images is NOT published in the
       repository. ``--published_prompts all_prompts.pkl`` reads that file (a restricted unpickler: lists and
-      strings only, nothing is executed); without it, our choice (below).
+      strings only, nothing is executed); without it, our choice (below). DMD2's ``SDTextDataset`` samples a
+      ``None`` entry as the empty prompt ``""``; ``prompts.txt`` holds one non-empty prompt a line and cannot
+      keep such an entry in place, so a file holding one is refused rather than shifted.
     * Seeds: DMD2's ``test_folder_sdxl.py`` draws the noise of batch ``b`` (``--eval_batch_size`` 4) from
-      ``torch.Generator().manual_seed(b)`` -- per batch, not per image; we draw per image (``seed + i``), so
-      the images are not DMD2's own (the same distribution: FID agrees up to its sampling noise).
+      ``torch.Generator().manual_seed(b)`` -- per batch, not per image (its ``--seed 10`` only seeds the global
+      generators); we draw per image (``seed + i``), so the images are not DMD2's own (the same distribution:
+      FID agrees up to its sampling noise).
+    * Quantisation: DMD2 turns its images into uint8 by truncation (``(x * 255).to(torch.uint8)`` after the
+      pipelines' ``output_type="np"``, ``((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)`` after its own
+      sampler); we round, as diffusers' ``numpy_to_pil`` and SiD-LSG's ``x * 127.5 + 128`` then truncation do.
+      Truncation darkens every image by half a level on average: a systematic difference we do not reproduce.
     * FID: ``--eval_res 512`` against ``coco10k/subset`` (centre crop on the long edge, LANCZOS, clean-fid;
       their ``coco_evaluator.compute_fid``): ``--eval_resolution 512``, ``--reference_dir coco10k/subset``.
     * CLIP score: open_clip ViT-g-14 ``laion2b_s12b_b42k`` with the ``"A photo depicts "`` prefix, on the images
@@ -243,9 +254,10 @@ class _ListsAndStrings(pickle.Unpickler):
 
 def read_published_prompts(path: str | Path) -> list[str]:
     """The prompts of a protocol's published file: a text file (one a line; empty lines dropped, lines stripped,
-    as SiD-LSG reads GigaGAN's ``captions.txt``) or DMD2's pickled list of strings (``None`` entries, which
-    DMD2's ``SDTextDataset`` turns into ``""``, are dropped with the empty captions: ``prompts.txt`` cannot hold
-    an empty prompt).
+    as SiD-LSG's ``read_file_to_sentences`` reads GigaGAN's ``captions.txt``) or DMD2's pickled list of strings.
+    A pickle entry that is ``None`` or blank is refused: DMD2's ``SDTextDataset`` samples it as the prompt ``""``
+    at its index, which ``prompts.txt`` (non-empty lines) cannot hold, and dropping it would shift every later
+    prompt onto another seed and reference.
 
     Args:
         path: ``.txt`` or ``.pkl`` file.
@@ -254,7 +266,8 @@ def read_published_prompts(path: str | Path) -> list[str]:
         The prompts, each on one line.
 
     Raises:
-        ValueError: if a pickle holds something other than a list of strings / None, or the file has no prompt.
+        ValueError: if a pickle holds something other than a list of strings, a ``None`` or blank entry, or the
+            file has no prompt.
     """
     p = Path(path)
     if p.suffix == ".pkl":
@@ -264,7 +277,14 @@ def read_published_prompts(path: str | Path) -> list[str]:
             raise ValueError(
                 f"Expected {path} to hold a list of caption strings, but got {type(loaded).__name__}."
             )
-        prompts = [c for c in (clean_caption(x or "") for x in loaded) if c]
+        prompts = [clean_caption(x or "") for x in loaded]
+        blank = [k for k, c in enumerate(prompts) if not c]
+        if blank:
+            raise ValueError(
+                f"Expected every entry of {path} to be a caption, but {len(blank)} are None or blank (first: index "
+                f"{blank[0]}). DMD2 samples them as the empty prompt at their index; prompts.txt cannot hold an "
+                "empty line, and dropping them would move every later prompt to another seed."
+            )
     else:
         prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
         prompts = [ln for ln in prompts if ln]

@@ -10,7 +10,9 @@ Images are written as they are generated, ``{index:06d}.png`` for prompt ``index
 noise of a CPU generator seeded ``seed + index`` (one generator per image, as SiD-LSG's ``StackedRandomGenerator``:
 an image does not depend on the batch it was generated in, the batch size or the number of processes). A run
 that stops leaves finished files only (written to a temporary name, then renamed), and a rerun generates only
-the missing ones.
+the missing ones -- after :func:`check_resume` has compared the folder's ``generation.json`` (the sampler record
+with the student weights' SHA-256, the seed, the prompt of every index) with the rerun's, so that images made
+otherwise are never mixed in.
 """
 
 from __future__ import annotations
@@ -73,32 +75,60 @@ def denoiser_name(pipe: Any) -> str:
     )
 
 
-def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Put the student into ``pipe``: ``--student_weights`` is a LoRA (a ``.safetensors`` file, or a folder holding
-    ``pytorch_lora_weights.safetensors``, as the training scripts write it; fused into the weights, so sampling
-    costs what the base model costs) or a full denoiser (a ``unet/`` / ``transformer/`` folder, or a run's output
-    folder holding one). None: the pipeline as loaded."""
-    if not args.student_weights:
-        return
-    path = Path(args.student_weights)
-    name = denoiser_name(pipe)
+def resolve_student(weights: str | Path, name: str) -> tuple[str, Path]:
+    """What ``--student_weights`` names: ``("lora", file)`` -- a ``.safetensors`` file, or a folder holding
+    ``pytorch_lora_weights.safetensors`` (as the training scripts write it) -- or ``("denoiser", folder)`` -- a
+    ``unet/`` / ``transformer/`` folder (``name``), or a run's output folder holding one.
+
+    Raises:
+        ValueError: if ``weights`` is neither.
+    """
+    path = Path(weights)
     lora_file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
     if lora_file.is_file():
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-        pipe.fuse_lora(lora_scale=args.lora_scale)
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-        return
-    cls = type(getattr(pipe, name))
+        return "lora", lora_file
     for folder in (path, path / name):
         if (folder / "config.json").is_file():
-            setattr(pipe, name, cls.from_pretrained(str(folder), torch_dtype=dtype))
-            pipe.register_modules(**{name: getattr(pipe, name)})
-            return
+            return "denoiser", folder
     raise ValueError(
         f"Expected --student_weights {path} to be a LoRA (a .safetensors file or a folder with "
         f"pytorch_lora_weights.safetensors) or a {name} folder (config.json at its root or in {name}/), "
         "but it is neither."
     )
+
+
+def weights_sha256(kind: str, path: Path) -> str:
+    """SHA-256 identifying the student's weights: of the LoRA file's bytes, or of a denoiser folder's files (its
+    top-level files, sorted by name, each name and its bytes) -- what :func:`apply_student` loads, so retraining
+    into the same path changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if kind == "lora" else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        digest.update(file.name.encode("utf-8") + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Put the student into ``pipe`` (:func:`resolve_student`): a LoRA is fused into the weights at
+    ``--lora_scale`` (so sampling costs what the base model costs), a full denoiser replaces the pipeline's.
+    None: the pipeline as loaded."""
+    if not args.student_weights:
+        return
+    name = denoiser_name(pipe)
+    kind, path = resolve_student(args.student_weights, name)
+    if kind == "lora":
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+        return
+    cls = type(getattr(pipe, name))
+    setattr(pipe, name, cls.from_pretrained(str(path), torch_dtype=dtype))
+    pipe.register_modules(**{name: getattr(pipe, name)})
 
 
 def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
@@ -137,12 +167,22 @@ def set_sampler(pipe: Any, args: argparse.Namespace) -> None:
 
 
 def sampler_record(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """What the images were sampled with (the protocol record's ``generator`` entry)."""
+    """What the images were sampled with (the protocol record's ``generator`` entry): the model, the student's
+    weights (path, kind, SHA-256 of the files loaded, LoRA scale), the sampler, steps, guidance, dtype and the
+    generated resolution."""
+    student: dict[str, Any] | None = None
+    if args.student_weights and not args.teacher:
+        kind, path = resolve_student(args.student_weights, denoiser_name(pipe))
+        student = {"path": str(args.student_weights), "kind": kind, "sha256": weights_sha256(kind, path)}
+        if kind == "lora":
+            student["lora_scale"] = args.lora_scale
     return {
         "model": str(args.pretrained_model_name_or_path),
         "revision": args.revision,
+        "variant": args.variant,
         "role": "teacher" if args.teacher else "student",
-        "student_weights": None if args.teacher else args.student_weights,
+        "student_weights": student,
+        "resolution": args.resolution,
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": parse_overrides(args.scheduler_config),
@@ -152,6 +192,77 @@ def sampler_record(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
         "guidance_scale": args.guidance_scale,
         "dtype": args.dtype,
     }
+
+
+MANIFEST_NAME = "generation.json"
+"""The record a generating run writes into its image folder before the first image: the sampler record, the seed
+and the prompt of every index. A rerun resumes only when they agree with the folder's images."""
+
+
+def check_resume(
+    folder: str | Path, prompts: Sequence[str], seed: int, generator: dict[str, Any], *, write: bool
+) -> None:
+    """Refuse to resume into an image folder whose images were made otherwise; record (``write``) how they are made.
+
+    Images are reused by index, so a rerun may only add images: with the same sampler record (model, student weights
+    and their hash, sampler, steps, guidance, dtype, resolution) and seed, and -- for every image already there --
+    the same prompt at its index (a longer or shorter prompt list is fine). Images without a record (written by
+    something else) are refused too: score such a folder with ``--images``.
+
+    Args:
+        folder: the image folder.
+        prompts: all prompts of this run.
+        seed: the base seed.
+        generator: :func:`sampler_record` of this run.
+        write: whether this process writes the updated record (the main process; the others only check).
+
+    Raises:
+        ValueError: naming the first difference and how to proceed.
+    """
+    import json
+
+    folder = Path(folder)
+    record_path = folder / MANIFEST_NAME
+    existing = sorted(p for p in folder.glob("[0-9]*.png")) if folder.is_dir() else []
+    recorded: list[str] = []
+    if record_path.is_file():
+        old = json.loads(record_path.read_text(encoding="utf-8"))
+        for key, now in (("generator", generator), ("seed", int(seed))):
+            if old.get(key) != json.loads(json.dumps(now)):
+                raise ValueError(
+                    f"Expected the images in {folder} to have been generated with this run's {key}, but they were "
+                    f"made with {key} = {old.get(key)!r} and this run has {now!r}. Choose another --output_dir, or "
+                    "delete the folder to regenerate."
+                )
+        recorded = list(old.get("prompts", []))
+    elif existing:
+        raise ValueError(
+            f"Expected {folder} to hold images this script generated (with {MANIFEST_NAME}), but it holds "
+            f"{len(existing)} images without a record. Score them with --images {folder}, or choose another "
+            "--output_dir."
+        )
+    for file in existing:
+        index = int(file.stem) if file.stem.isdigit() else -1
+        if 0 <= index < len(prompts) and (index >= len(recorded) or recorded[index] != prompts[index]):
+            raise ValueError(
+                f"Expected image {file.name} in {folder} to show prompt {index} of this run ({prompts[index]!r}), "
+                f"but it was generated for "
+                f"{recorded[index] if index < len(recorded) else 'a prompt the record does not hold'!r}. "
+                "Choose another --output_dir for another prompt file, or delete the folder."
+            )
+    if write:
+        from .records import write_results
+
+        merged = list(prompts) + recorded[len(prompts) :]  # keep prompts of images beyond this run's list
+        write_results(record_path, {"generator": generator, "seed": int(seed), "prompts": merged})
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The generation record of an image folder (``{"generator", "seed", "prompts"}``), or None."""
+    import json
+
+    path = Path(folder) / MANIFEST_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def metric_name(spec: str) -> str:
 def build_metrics(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     """``{"fid": FID, "clip_score": CLIPScore, name: preference score}`` for the options given: FID when a
     reference is (``--reference_dir`` / ``--reference_stats``), CLIP with ``--clip``, one per ``--preference``.
-    Objects with a ``to`` method are moved to ``device``."""
+    Objects with a ``to`` method are moved to ``device``. Weights are fetched here (the default Inception too), so
+    that ``examples/evaluate.py`` lets its main process download them before the others read them."""
     out: dict[str, Any] = {}
     if args.reference_dir or args.reference_stats:
         from diffdistill.metrics.fid import FID
@@ -101,6 +102,7 @@ def build_metrics(args: argparse.Namespace, device: Any) -> dict[str, Any]:
             from diffdistill.metrics.fid import InceptionFeatures
 
             features = InceptionFeatures().to(device)
+            features.load()  # now (downloading once), inside evaluate.py's main_process_first()
         out["fid"] = FID(features, reference=args.reference_stats)
     if args.clip:
         out["clip_score"] = clip_metric(args.clip, device)

@@ -9,10 +9,13 @@ under different protocols; 2 processes give the numbers of one; the COCO prompt 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import importlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections import OrderedDict
@@ -59,6 +62,7 @@ evaluate = _load_script("evaluate")
 coco_prompts = _load("evaluation.coco_prompts")
 generation = _load("evaluation.generation")
 scoring = _load("evaluation.scoring")
+metric_specs = _load("evaluation.metric_specs")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,20 @@ def test_resume_generates_only_missing_images_and_gives_the_same_numbers(
     generator = record["protocol"]["generator"]
     assert generator["role"] == "teacher" and generator["guidance_scale"] == 2.0
     assert generator["num_inference_steps"] == 2 and record["protocol"]["prompt_count"] == len(PROMPTS)
+    # another guidance into the same folder: refused (the images would mix two samplers), nothing written
+    (images / "000002.png").unlink()
+    other = evaluate.parse_args(_argv(tiny, out, "--teacher", "--guidance_scale", "3.0", "--batch_size", "1"))
+    with pytest.raises(ValueError, match=r"'guidance_scale': 2.0.* and this run has .*'guidance_scale': 3.0"):
+        evaluate.main(other, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    assert not (images / "000002.png").exists()
+    # the folder scored as --images: its record names the sampler
+    scored = evaluate.main(
+        evaluate.parse_args(
+            [*_argv(tiny, tmp_path / "scored", "--images", str(images)), "--num_prompts", "2"]
+        ),
+        metrics={"clip_score": tiny_metrics.tiny_clip_score()},
+    )
+    assert scored["protocol"]["generator"] == generator
 
 
 def test_image_i_is_drawn_from_seed_plus_i_whatever_the_batches(tmp_path: Path) -> None:
@@ -121,6 +139,101 @@ def test_image_i_is_drawn_from_seed_plus_i_whatever_the_batches(tmp_path: Path) 
         expected = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(10 + i)) * 255).round()
         got = scoring.load_image(tmp_path / "a" / f"{i:06d}.png") * 255
         assert torch.equal(got.round(), expected), i
+
+
+def test_resume_refuses_images_made_with_other_settings_seed_or_prompts(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    record = {
+        "model": "m",
+        "num_inference_steps": 4,
+        "guidance_scale": 0.0,
+        "student_weights": {"sha256": "ab"},
+    }
+    generation.check_resume(folder, PROMPTS, 0, record, write=True)  # a fresh folder: recorded
+    for i in (0, 1):
+        generation.save_png(torch.zeros(4, 4, 3, dtype=torch.uint8), generation.image_path(folder, i))
+    generation.check_resume(folder, PROMPTS, 0, record, write=True)  # the same run resumes
+    # more prompts (or fewer) with the same ones at the indices already drawn: resumes, and the record keeps all
+    generation.check_resume(folder, [*PROMPTS, "a boat"], 0, record, write=True)
+    generation.check_resume(folder, PROMPTS[:2], 0, record, write=True)
+    assert generation.read_manifest(folder)["prompts"] == [*PROMPTS, "a boat"]
+    with pytest.raises(ValueError, match=r"this run's generator, but they were made with generator"):
+        generation.check_resume(folder, PROMPTS, 0, record | {"num_inference_steps": 2}, write=False)
+    retrained = record | {"student_weights": {"sha256": "cd"}}  # same path, other weights
+    with pytest.raises(ValueError, match=r"this run's generator"):
+        generation.check_resume(folder, PROMPTS, 0, retrained, write=False)
+    with pytest.raises(ValueError, match=r"this run's seed, but they were made with seed = 0"):
+        generation.check_resume(folder, PROMPTS, 1, record, write=False)
+    with pytest.raises(ValueError, match=r"image 000001.png .* prompt 1 of this run \('another'\)"):
+        generation.check_resume(folder, [PROMPTS[0], "another"], 0, record, write=False)
+    (folder / generation.MANIFEST_NAME).unlink()  # images of unknown origin
+    with pytest.raises(ValueError, match=r"holds 2 images without a record. Score them with --images"):
+        generation.check_resume(folder, PROMPTS, 0, record, write=False)
+
+
+def test_center_crop_resize_is_gigagans_center_crop_long_edge_and_lanczos() -> None:
+    """GigaGAN's and DMD2's preparation: ``transforms.functional.center_crop(img, min(img.size))`` (their
+    ``CenterCropLongEdge``), then ``img.resize((s, s), Image.LANCZOS)``; odd margins round as torchvision does."""
+    from PIL import Image
+    from torchvision.transforms import functional as tvf
+
+    rng = np.random.default_rng(0)
+    for w, h in ((41, 30), (30, 41), (33, 33), (64, 43), (43, 64)):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = tvf.center_crop(image, min(image.size)).resize((16, 16), Image.LANCZOS)
+        got = scoring.center_crop_resize(image, 16)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), (w, h)
+    assert scoring.center_crop_resize(image, None) is image
+
+
+def test_every_setting_that_moves_the_numbers_changes_the_protocol(tmp_path: Path) -> None:
+    """The protocol record differs (and ``check_comparable`` refuses) when the prompts, seed, generated resolution,
+    evaluation resize, CLIP prefix or a backbone differ; the sampler (steps, guidance, scheduler, weights) lives under
+    ``generator``, which differs between a teacher and its students by design and is recorded, not compared."""
+    from diffdistill.errors import ProtocolMismatchError
+    from diffdistill.metrics.protocol import EvaluationProtocol, check_comparable
+
+    class Stub:
+        def __init__(self, **protocol: Any) -> None:
+            self._protocol = protocol
+
+        def protocol(self) -> dict[str, Any]:
+            return dict(self._protocol)
+
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    base = dict(prompts_file=str(tmp_path / "p.txt"), prompt_set=None, seed=0, eval_resolution=256,
+                clip_eval_resolution=None, clip_prefix="A photo depicts ")  # fmt: skip
+    clip = Stub(metric="clip_score", backbone="open_clip ViT-g-14 pretrained=laion2b_s12b_b42k")
+    generator = {"num_inference_steps": 4, "guidance_scale": 0.0, "student_weights": {"sha256": "ab"}}
+
+    def protocol(prompts: tuple[str, ...] = ("a", "b"), size: tuple[int, int] = (512, 512), gen: Any = generator,
+                 metric: Any = clip, **changes: Any) -> EvaluationProtocol:  # fmt: skip
+        args = argparse.Namespace(**(base | changes))
+        record = metric_specs.evaluation_protocol(
+            args, list(prompts), {"clip_score": metric}, generator=gen, image_size=size, reference=None
+        )
+        return EvaluationProtocol.from_dict(record)
+
+    reference = protocol()
+    check_comparable(reference, protocol(gen=generator | {"num_inference_steps": 50, "guidance_scale": 5.0}))
+    variants = {
+        "prompt_sha256": protocol(prompts=("a", "c")),
+        "seeds": protocol(seed=1),
+        "resolution": protocol(size=(1024, 1024)),
+        "preprocessing.eval_resolution": protocol(eval_resolution=512),
+        "preprocessing.clip_eval_resolution": protocol(clip_eval_resolution=224),
+        "preprocessing.clip_prefix": protocol(clip_prefix=""),
+        "backbones.clip_score.backbone": protocol(
+            metric=Stub(metric="clip_score", backbone="open_clip ViT-B-32")
+        ),
+    }
+    for field, other in variants.items():
+        with pytest.raises(ProtocolMismatchError, match=re.escape(field)):
+            check_comparable(reference, other)
+    with pytest.raises(ProtocolMismatchError, match=r"generator.student_weights.sha256"):
+        check_comparable(
+            reference, protocol(gen=generator | {"student_weights": {"sha256": "cd"}}), ignore=()
+        )
 
 
 def test_folder_against_itself_has_fid_zero(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -189,7 +302,16 @@ def test_lora_and_full_unet_students_sample_as_diffusers_loads_them(
     for name, weights in (("lora", lora), ("full", full)):
         args = evaluate.parse_args(_argv(tiny, tmp_path / name, "--student_weights", str(weights), *sampler))
         record = evaluate.main(args, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
-        assert record["protocol"]["generator"]["scheduler_config"] == {"timestep_spacing": "trailing"}
+        generator = record["protocol"]["generator"]
+        assert generator["scheduler_config"] == {"timestep_spacing": "trailing"}
+        # the weights are identified by their bytes (retraining into the same path changes the record)
+        student = generator["student_weights"]
+        if name == "lora":
+            lora_bytes = (weights / "pytorch_lora_weights.safetensors").read_bytes()
+            want = hashlib.sha256(b"pytorch_lora_weights.safetensors\0" + lora_bytes).hexdigest()
+            assert student == {"path": str(weights), "kind": "lora", "sha256": want, "lora_scale": 1.0}
+        else:
+            assert student["kind"] == "denoiser" and len(student["sha256"]) == 64
         folders[name] = tmp_path / name / "images"
     # the same prompts and seeds through diffusers with the weights loaded its own way (LoRA unfused)
     for name in ("lora", "full"):
@@ -268,11 +390,14 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     generation.generate_images(
         lambda prompts, gens: torch.stack([torch.rand(3, 64, 64, generator=g) for g in gens]),
         PROMPTS * 2,
-        range(8),
+        range(7),
         reference,
         seed=100,
         batch_size=8,
     )
+    # 5 prompts and 7 reference images on 2 processes: uneven shards (3 / 2 and 4 / 3), nothing dropped or doubled
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join([*PROMPTS, "a boat"]) + "\n")
     hooks = ["--fid_features", "tests.examples.tiny_metrics:tiny_features"]
     hooks += ["--clip", "tests.examples.tiny_metrics:tiny_clip_score", "--reference_dir", str(reference)]
     records = {}
@@ -282,12 +407,14 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         argv = _argv(tiny, out, "--batch_size", "1", "--eval_batch_size", "1", *hooks)
+        argv[argv.index("--prompts_file") + 1] = str(prompts)
         if n == 1:  # one process: in this interpreter, through the same command line
             evaluate.main(evaluate.parse_args(argv))
         else:
             _accelerate(argv, n)
         records[n] = json.loads((out / "results.json").read_text())
     assert _png_bytes(tmp_path / "p1" / "images") == _png_bytes(tmp_path / "p2" / "images")
+    assert len(_png_bytes(tmp_path / "p2" / "images")) == 5
     one, two = records[1]["metrics"], records[2]["metrics"]
     # the same images and features; only the order of the float64 sums over the processes differs (1e-16
     # relative per sum), which the CLIP mean keeps at that size and FID's covariance square root (condition
@@ -355,8 +482,12 @@ def test_coco_prompt_files_follow_the_rules(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="to hold 30000 prompts for coco2014-30k, but it holds 3"):
         coco_prompts.build_prompt_file("coco2014-30k", tmp_path / "f", published_prompts=txt)
     pkl = tmp_path / "all_prompts.pkl"
-    pkl.write_bytes(pickle.dumps(["x y", None, "z"]))
+    pkl.write_bytes(pickle.dumps(["x  y", "z"]))
     assert coco_prompts.read_published_prompts(pkl) == ["x y", "z"]
+    # DMD2 samples a None entry as "" at its index: refused, not dropped (dropping would shift later prompts)
+    pkl.write_bytes(pickle.dumps(["x y", None, "z"]))
+    with pytest.raises(ValueError, match=r"1 are None or blank \(first: index 1\)"):
+        coco_prompts.read_published_prompts(pkl)
     pkl.write_bytes(pickle.dumps(OrderedDict(a="b")))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load it"):
         coco_prompts.read_published_prompts(pkl)

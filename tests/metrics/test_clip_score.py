@@ -123,3 +123,37 @@ def test_openai_weights_get_quick_gelu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert type(metric.model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     CLIPScore.from_open_clip(name, "laion2b_s32b_b79k")
     assert seen[-1]["force_quick_gelu"] is False
+
+
+def test_text_prefix_equals_gigagans_token_level_prefix() -> None:
+    """GigaGAN's ``compute_clip_score`` (also DMD2's ``coco_evaluator``) inserts the tokens of "A photo depicts "
+    (``tokenize(prefix)[:, 1:4]``) after the start token of the caption's tokens, cuts to 77 and writes the end token
+    into the last column when it holds a token; ``--clip_prefix`` instead tokenizes ``prefix + caption``. The BPE
+    splits words independently, so both are the same token ids -- for short captions, for captions that reach the
+    context exactly, and for truncated ones. (GigaGAN calls OpenAI's ``clip.tokenize(..., truncate=True)``;
+    open_clip's ``SimpleTokenizer`` has the same vocabulary, cleaning and truncation.)"""
+    open_clip = pytest.importorskip("open_clip")
+    tokenize = open_clip.get_tokenizer("ViT-g-14")
+    prefix = "A photo depicts "
+    end = 49407  # the end-of-text token id (the highest id, which encode_text's argmax pools at)
+
+    def gigagan_tokens(captions: list[str]) -> torch.Tensor:
+        tokens = tokenize(captions)
+        inserted = tokenize([prefix])[:, 1:4].expand(len(captions), -1)
+        joined = torch.cat([tokens[:, :1], inserted, tokens[:, 1:]], dim=1)[:, :77]
+        last = joined[:, 76:77].clone()
+        last[last > 0] = end
+        return torch.cat([joined[:, :76], last], dim=1)
+
+    captions = [
+        "A man riding a wave on top of a surfboard.",
+        "  two   dogs\nplaying  ",
+        " ".join(["cat"] * 72),  # 72 tokens + start + 3 + end = 77: fills the context exactly
+        " ".join(["cat"] * 73),  # one too many: truncated, end token in the last column
+        " ".join(f"word{k}" for k in range(120)),  # far too long
+    ]
+    got = tokenize([prefix + c for c in captions])
+    want = gigagan_tokens(captions)
+    assert torch.equal(got, want)
+    assert int((want[2] == end).nonzero()) == 76 and int((want[3] == end).nonzero()) == 76
+    assert int((want[0] == end).nonzero()) < 76  # short: not truncated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -283,6 +284,86 @@ def test_fid_accumulator_matches_features_in_one_pass(tmp_path: Path) -> None:
     fid.reset()
     with pytest.raises(OptionError, match=r"before any update"):
         fid.compute()
+
+
+def _write_pngs(folder: Path, seed: int, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """PNG files of random uint8 images (``(width, height)`` each); returns the arrays as PIL reads them back."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for k, (w, h) in enumerate(sizes):
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        array[: h // 2] //= 1 + k % 3  # structure beyond noise, so that the features vary across images
+        array[..., seed % 3] //= seed  # and the two sets differ (FID ~ 1)
+        Image.fromarray(array).save(folder / f"{k:06d}.png")
+        arrays.append(array)
+    return arrays
+
+
+def test_folder_fid_equals_clean_fids_compute_fid(tmp_path: Path) -> None:
+    """clean-fid's own folder path (``compute_fid(fdir1, fdir2, mode="clean", custom_feat_extractor=...)``: PIL
+    reading, clean resize, its DataLoader, ``np.cov``, its ``frechet_distance``) and ours (:class:`FID` over
+    :func:`clean_resize` of the same files, streaming float64 statistics) give the same FID with the same feature
+    network, here a random 6-feature net on ``(x - 128) / 128`` (clean-fid's Inception normalisation) so that the
+    covariances are full rank with 14 / 12 images. Images of several sizes: each is resized on its own."""
+    from cleanfid import fid as clean_fid
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 9, stride=8), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+    def features_of_resized(batch: torch.Tensor) -> torch.Tensor:  # (N, 3, 299, 299) in [0, 255]
+        # image by image: a conv's float32 result can depend on the batch it runs in, and the batches differ
+        with torch.no_grad():
+            return torch.cat([net((x[None] - 128) / 128) for x in batch])
+
+    fake = _write_pngs(tmp_path / "fake", 1, [(40, 52)] * 6 + [(33, 33)] * 8)
+    real = _write_pngs(tmp_path / "real", 2, [(64, 48)] * 12)
+    ours = FID(lambda images: features_of_resized(clean_resize(images, num_threads=1)))
+    for array in fake:
+        ours.update(array[None])
+    for array in real[:7], real[7:]:
+        ours.update(np.stack(array), real=True)
+    assert ours.fake is not None and ours.real is not None
+    # 1. clean-fid's folder features (its reading, resize and batching) are ours bit for bit, and our streaming
+    # float64 moments are np.cov's / the float64 mean's to float64 rounding (~1e-15 relative; 1e-12 with margin)
+    kwargs: dict[str, Any] = dict(num_workers=0, batch_size=5, device=torch.device("cpu"), verbose=False)
+    theirs = {
+        k: clean_fid.get_folder_features(str(tmp_path / k), features_of_resized, mode="clean", **kwargs)
+        for k in ("fake", "real")
+    }
+    for stats, feats in ((ours.fake, theirs["fake"]), (ours.real, theirs["real"])):
+        f64 = feats.astype(np.float64)
+        np.testing.assert_allclose(stats.mean.numpy(), f64.mean(0), rtol=1e-12, atol=0)
+        np.testing.assert_allclose(
+            stats.covariance.numpy(), np.cov(f64, rowvar=False), rtol=1e-12, atol=1e-15
+        )
+    exact = clean_fid.frechet_distance(
+        theirs["fake"].astype(np.float64).mean(0), np.cov(theirs["fake"], rowvar=False),
+        theirs["real"].astype(np.float64).mean(0), np.cov(theirs["real"], rowvar=False),
+    )  # fmt: skip
+    assert ours.compute() == pytest.approx(float(exact), rel=1e-9)
+    # 2. compute_fid itself takes the mean of the float32 features in float32 (np.mean keeps the dtype): its mu
+    # is off by up to ~log2(N) * eps32 * |mu| per set, which moves |mu1 - mu2|^2 by at most about
+    # 2 |mu1 - mu2| (|d1| + |d2|) -- the only difference left
+    want = clean_fid.compute_fid(
+        str(tmp_path / "fake"),
+        str(tmp_path / "real"),
+        mode="clean",
+        custom_feat_extractor=features_of_resized,
+        use_dataparallel=False,
+        **kwargs,
+    )
+    eps32 = float(np.finfo(np.float32).eps)
+    mu_f, mu_r = ours.fake.mean.numpy(), ours.real.mean.numpy()
+    drift = 4 * eps32 * (np.linalg.norm(mu_f) + np.linalg.norm(mu_r))
+    assert abs(ours.compute() - float(want)) <= 2 * np.linalg.norm(mu_f - mu_r) * drift + drift**2 + 1e-12
+    # 3. the float layout of the same images (what examples/evaluate.py reads back from the PNGs) gives the same
+    floats = FID(lambda images: features_of_resized(clean_resize(images, num_threads=1)), reference=ours.real)
+    for array in fake:
+        floats.update(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255)
+    assert floats.compute() == ours.compute()
 
 
 def test_fid_of_identical_image_sets_is_zero() -> None:
