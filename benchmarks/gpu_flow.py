@@ -31,6 +31,9 @@ timestep and guidance inputs):
   float32 master weights) with LayerKD against the frozen bf16 teacher (flow-matching task loss, output KD and
   feature KD), as ``examples/flow_kd.py``.
 
+The FLOP columns (TFLOP/step, TFLOP/s, MFU against the device's dense bf16 peak, the checkpointing recomputation)
+and ``--compile`` / ``--peak_tflops`` are gpu_sdxl.py's (counted once per method and batch before the timing).
+
 ``--tiny`` runs the same code on the tiny FLUX / SD3 configs with 8x8 latents, float32, on the CPU (the smoke
 test). Without a GPU the GPU columns are missing: ``benchmarks/shared_base_memory.py`` gives the parameter-memory
 estimate.
@@ -40,6 +43,7 @@ Usage::
     python benchmarks/gpu_flow.py --model flux                          # all methods, FLUX.1-dev size
     python benchmarks/gpu_flow.py --model sd35-large --methods ladd dmd2
     python benchmarks/gpu_flow.py --model flux --batches 1 2 4 8 --memory_cap_gib 78   # an 80 GB card
+    python benchmarks/gpu_flow.py --model flux --batches 4 8 --compile --warmup 3        # with torch.compile
     OMP_NUM_THREADS=1 python benchmarks/gpu_flow.py --tiny --model flux --device cpu   # CPU smoke run (seconds)
 """
 
@@ -70,7 +74,8 @@ from diffdistill.students import LayerKD, SharedBase, build_transformer_student
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
-from training.flow_models import FLOW_LORA_TARGETS, FlowDenoiser  # noqa: E402 - the examples' package
+from training import compilation  # noqa: E402 - the examples' package
+from training.flow_models import FLOW_LORA_TARGETS, FlowDenoiser  # noqa: E402
 
 from tests.transformer_configs import (  # noqa: E402 - the published and tiny configs
     FLUX1_DEV_CONFIG,
@@ -140,7 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=None, help="default 2 (tiny: 1)")
     p.add_argument("--repeats", type=int, default=None, help="default 3 (tiny: 1)")
+    _sdxl.add_speed_args(p)
     args = p.parse_args(argv)
+    _sdxl.check_speed_args(p, args)
     args.family, config = MODELS[args.model]
     if args.tiny:
         config = tiny_flux_transformer_config() if args.family == "flux" else tiny_sd3_transformer_config()
@@ -208,6 +215,10 @@ class Bench:
             base.enable_gradient_checkpointing()
         return base
 
+    def compile(self, *networks: Any) -> None:
+        """``--compile``: the networks' blocks through ``torch.compile``, as the scripts (``compile_networks``)."""
+        compilation.compile_networks(self.args, *networks)
+
     def denoiser(self, model: nn.Module) -> FlowDenoiser:
         return FlowDenoiser(model, self.args.family, guidance=self.guidance)
 
@@ -260,6 +271,7 @@ def build_reference(b: Bench) -> Step:
     """The yardstick: a plain flow-matching LoRA fine-tuning step (velocity MSE, one forward and backward)."""
     base = b.shared("default")
     student = b.denoiser(base.view("default"))
+    b.compile(b.transformer)
     opt = b.adam(base.view("default"))
 
     def step(batch: int, gen: torch.Generator) -> None:
@@ -283,6 +295,7 @@ def build_ladd(b: Bench) -> Step:
         norm_groups=32 if not b.args.tiny else 4,
     ).to(b.args.device)
     features = b.denoiser(base.model)
+    b.compile(b.transformer)  # the student's and the teacher's (= the heads' trunk) blocks
     opt_g, opt_d = b.adam(gen_view), b.adam(disc)
     sigmas = torch.tensor(LADD_SIGMAS, dtype=torch.float64)
 
@@ -319,6 +332,7 @@ def build_dmd2(b: Bench) -> Step:
     generator = b.denoiser(gen_view)
     real = b.teacher(b.denoiser(base.view(None)))
     fake = TeacherSolver(b.denoiser(fake_view), b.schedule)
+    b.compile(b.transformer)
     opt_g, opt_f = b.adam(gen_view), b.adam(fake_view)
     uncond = b.uncond()
 
@@ -343,6 +357,7 @@ def build_tscd(b: Bench) -> Step:
     gen_view = base.view("generator")
     student = b.denoiser(gen_view)
     teacher = b.teacher(b.denoiser(base.view(None)))
+    b.compile(b.transformer)
     opt = b.adam(gen_view)
     uncond = b.uncond()
 
@@ -363,6 +378,7 @@ def build_kd(b: Bench) -> Step:
     if not b.args.no_gradient_checkpointing:
         student.enable_gradient_checkpointing()
     kd = LayerKD(b.denoiser(student), b.denoiser(teacher), _prefixed(report.kd_pairs()))
+    b.compile(student, teacher)
     opt = b.adam(student)
 
     def step(batch: int, gen: torch.Generator) -> None:
@@ -415,14 +431,16 @@ def main(args: argparse.Namespace) -> str:
         cap_memory(args.device, args.memory_cap_gib)
     names = ([REFERENCE] if not args.no_reference else []) + list(args.methods)
     rows = [row for name in names for row in run_method(name, args)]
-    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
+    peak, peak_note = _sdxl.peak_tflops(args)
     header = (
-        f"device: {device}, {'tiny ' if args.tiny else ''}{args.model} transformer (random weights), latents "
+        f"device: {_sdxl.device_name(args.device)}, {'tiny ' if args.tiny else ''}{args.model} transformer "
+        "(random weights), latents "
         f"{args.latent_size}x{args.latent_size}, {args.text_tokens} text tokens, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, one shared base per step"
         f"{'' if args.memory_cap_gib is None else f', memory capped at {args.memory_cap_gib:g} GiB'}"
+        f"{_sdxl.compile_note(args)}; {peak_note}"
     )
-    return header + "\n\n" + table(rows)
+    return header + "\n\n" + table(rows, peak)
 
 
 if __name__ == "__main__":

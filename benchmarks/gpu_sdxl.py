@@ -40,6 +40,18 @@ Run the table with and without the flag to read the memory it saves, e.g.
 ``--methods sim diffusion2gan --r1_approximate_sigma 0.1 --batches 8 16 32 64 --memory_cap_gib 78``
 twice. With gradient checkpointing, Diffusion2GAN's shared base takes APT's R1 only (as the script).
 
+Model FLOP utilisation (issue 24): the FLOPs of one step are counted once per method and batch, before the
+timing, by ``torch.utils.flop_counter.FlopCounterMode`` on the real shapes and device (:func:`count_flops`: every
+matmul, convolution and attention of the step's forward and backward passes -- student, teacher, critics and
+losses -- with compilation off), so the last columns read the model FLOPs per step, the achieved rate (FLOPs over
+the median step time) and that rate as a share of the device's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, or
+``--peak_tflops``): a method far below the reference is bound by its glue, not by its networks. The
+recomputation of gradient checkpointing is executed work but not model work: it is counted apart and shown as a
+share of the step's FLOPs (``recomputed``), and MFU leaves it out (PaLM's definition, Chowdhery et al. 2022,
+App. B). ``--compile`` (``--compile_mode``, ``--compile_backend``) compiles each step's networks as the scripts'
+``--compile`` does (``examples/training/compilation.py``: block by block) -- run the table with and without it to
+read the speed-up per method; give ``--warmup`` room for the compiles (each block shape, grad mode and adapter).
+
 ``--full`` trains the full UNet instead of a LoRA (ssd1b always does). ``--tiny`` runs the same code on a
 tiny 3-level SDXL-structured UNet (``distill_TINY_SDXL_3LEVEL_UNET``) with 32x32 latents, float32,
 for a CPU smoke test.
@@ -52,6 +64,7 @@ Usage::
     python benchmarks/gpu_sdxl.py --full                            # full-UNet students
     python benchmarks/gpu_sdxl.py --batches 16 32 64 --memory_cap_gib 78   # largest batch on an 80 GB card
     python benchmarks/gpu_sdxl.py --methods sim diffusion2gan --r1_approximate_sigma 0.1 --shared_base
+    python benchmarks/gpu_sdxl.py --compile --warmup 3 --batches 8 16 32   # MFU with torch.compile (inductor)
     OMP_NUM_THREADS=1 python benchmarks/gpu_sdxl.py --tiny --device cpu   # CPU smoke run (seconds)
 """
 
@@ -59,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 import statistics
 import sys
 import time
@@ -70,6 +84,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffdistill.discriminators import (
     MultiScaleConditionalDiscriminator,
@@ -105,13 +120,64 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(ROOT))
 from sdxl_sim import sim_networks  # noqa: E402
-from training import sdxl_models, shared_critics  # noqa: E402 - the examples' shared package
+from training import (  # noqa: E402 - the examples' shared package
+    compilation,
+    options,
+    sdxl_models,
+    shared_critics,
+)
 
 from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET  # noqa: E402 - the test suite's tiny UNet
 
 METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
 REFERENCE = "reference"  # plain fine-tuning step, run first: the ratios' denominator
 SHARED_BASE_METHODS = ("sim", "diffusion2gan")  # what --shared_base changes (the scripts that take it)
+#: Dense (no sparsity) bf16 tensor-core peak in TFLOP/s by device name (``torch.cuda.get_device_name``), from
+#: NVIDIA's datasheets: H100 SXM (named "NVIDIA H100 80GB HBM3") and H200 SXM 989.4, A100 (SXM and PCIe) 312.
+#: Other cards (H100 PCIe / NVL, H200 NVL, ...) are left blank: pass ``--peak_tflops``.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H100.*(SXM|HBM3)", 989.4),
+    (r"H200(?!.*NVL)", 989.4),
+    (r"A100", 312.0),
+)
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """``--peak_tflops`` and the scripts' ``--compile`` options (shared with ``benchmarks/gpu_flow.py``)."""
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak in TFLOP/s for the MFU column (default: PEAK_BF16_TFLOPS by device "
+        "name: H100 SXM / H200 989.4, A100 312; other devices, the CPU included, need it)",
+    )
+    options.add_compile_args(p.add_argument_group("torch.compile (as the scripts' --compile)"))
+
+
+def check_speed_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a non-positive ``--peak_tflops`` or bad ``--compile`` options (``p.error``)."""
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        p.error(f"--peak_tflops must be positive (TFLOP/s), got {args.peak_tflops}")
+    try:
+        options.check_compile_args(args)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def peak_tflops(args: argparse.Namespace) -> tuple[float | None, str]:
+    """``(peak TFLOP/s or None, what the header says about it)``: ``--peak_tflops``, else the device's entry in
+    :data:`PEAK_BF16_TFLOPS`, else none (the MFU column stays blank)."""
+    name = device_name(args.device)
+    if args.peak_tflops is not None:
+        return args.peak_tflops, f"MFU against {args.peak_tflops:g} TFLOP/s (--peak_tflops)"
+    for pattern, peak in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name):
+            return peak, f"MFU against the dense bf16 peak of {name}, {peak:g} TFLOP/s"
+    return None, f"MFU blank: no bf16 peak known for {name} (pass --peak_tflops)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -161,7 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=None, help="default 2 (tiny: 1)")
     p.add_argument("--repeats", type=int, default=None, help="default 5 (tiny: 1)")
+    add_speed_args(p)
     args = p.parse_args(argv)
+    check_speed_args(p, args)
     tiny = args.tiny
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not tiny else "cpu"))
     args.dtype = getattr(torch, args.dtype or ("float32" if tiny else "bfloat16"))
@@ -181,6 +249,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--memory_cap_gib must be positive, got {args.memory_cap_gib}")
     if args.shared_base and args.full:
         p.error("--shared_base shares one frozen UNet between LoRA adapters: leave out --full")
+    if (
+        args.compile
+        and args.shared_base
+        and "diffusion2gan" in args.methods
+        and args.r1_approximate_sigma is None
+    ):
+        p.error(
+            "--compile --shared_base: Diffusion2GAN's exact R1 differentiates the discriminator twice, which compiled "
+            "blocks do not support, and its discriminator runs the generator's blocks: pass --r1_approximate_sigma"
+        )
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 2)
     args.repeats = args.repeats or (1 if tiny else 5)
     return args
@@ -201,6 +279,10 @@ class Bench:
     def student(self, unet: nn.Module | None = None) -> tuple[nn.Module, Any]:
         """The scripts' ``student_and_teacher``: LoRA on a bf16 base (teacher = adapters off) or full."""
         return sdxl_models.student_and_teacher(self.options, unet or self.unet, self.device, self.dtype)
+
+    def compile(self, *networks: Any, **kwargs: Any) -> None:
+        """``--compile``: the networks' blocks through ``torch.compile``, as the scripts (``compile_networks``)."""
+        compilation.compile_networks(self.options, *networks, **kwargs)
 
     def adam(self, *modules: nn.Module, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
         params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -257,6 +339,7 @@ def build_lightning(b: Bench) -> Step:
     disc = UNetEncoderDiscriminator(b.unet, conditional=True, gradient_checkpointing=gc_on)
     unet, teacher_model = b.student()
     teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=stage.options["guidance_scale"])
+    b.compile(unet, teacher_model, disc)
     betas = tuple(stage.options["adam_betas"])
     opts = b.adam(unet, betas=betas), b.adam(disc, betas=betas)  # type: ignore[arg-type]
     uncond = b.cond(1, torch.Generator().manual_seed(1))
@@ -286,6 +369,7 @@ def build_hyper_sd(b: Bench) -> Step:
     unet, teacher_model = b.student()
     ema = EMA(unet, decay=stage.options.get("ema_decay", 0.95), trainable_only=True)
     teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=7.0)
+    b.compile(unet, teacher_model, disc)
     opt, opt_d = b.adam(unet), b.adam(disc)
     uncond = b.cond(1, torch.Generator().manual_seed(1))
 
@@ -323,6 +407,10 @@ def build_diffusion2gan(b: Bench) -> Step:
         disc = MultiScaleConditionalDiscriminator(b.unet, gradient_checkpointing=gc_on, norm_groups=groups)
         unet, _ = b.student()
     lpips = ELatentLPIPS("sdxl", weights=None, augment="bg").to(b.device)
+    exact_r1 = (
+        b.options.r1_approximate_sigma is None
+    )  # D eager: exact R1 is a second backward (as the script)
+    b.compile(unet, disc, whole=(lpips,), double_backward=(disc,) * exact_r1)
     opt, opt_d = b.adam(unet), b.adam(disc)
 
     def step(batch: int, gen: torch.Generator) -> None:
@@ -365,6 +453,7 @@ def build_mlcm(b: Bench) -> Step:
     mlcd = StagePlan.mlcm()["mlcd"]
     unet, teacher_model = b.student()
     teacher = TeacherSolver(teacher_model, b.schedule, guidance_scale=8.0)
+    b.compile(unet, teacher_model)
     opt = b.adam(unet)
     uncond = b.cond(1, torch.Generator().manual_seed(1))
 
@@ -383,6 +472,7 @@ def build_mlcm(b: Bench) -> Step:
 def build_sim(b: Bench) -> Step:
     unet, fake, real_model = sim_networks(b.options, b.unet, b.device, b.dtype)  # the script's networks
     real = TeacherSolver(real_model, b.schedule, guidance_scale=4.5)
+    b.compile(unet, fake, real_model)
     opt_g, opt_f = b.adam(unet), b.adam(fake)
     uncond = b.cond(1, torch.Generator().manual_seed(1))
 
@@ -410,6 +500,7 @@ def build_ssd1b(b: Bench) -> Step:
     if not b.options.no_gradient_checkpointing:
         student.enable_gradient_checkpointing()
     kd = LayerKD(student, teacher, report.kd_pairs("sub_block"))
+    b.compile(student, teacher)
     opt = b.adam(student)
 
     def step(batch: int, gen: torch.Generator) -> None:
@@ -430,6 +521,7 @@ def build_reference(b: Bench) -> Step:
     same on any GPU.
     """
     unet, _ = b.student()
+    b.compile(unet)
     opt = b.adam(unet)
 
     def step(batch: int, gen: torch.Generator) -> None:
@@ -470,6 +562,76 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _autocast(args: argparse.Namespace) -> Any:
+    return torch.autocast(args.device.type, dtype=args.dtype, enabled=args.dtype != torch.float32)
+
+
+def _recomputing() -> bool:
+    """Whether the op running now belongs to a gradient-checkpointing recomputation.
+
+    ``torch.utils.checkpoint`` (non-reentrant, what diffusers and ``diffdistill`` use) recomputes a block inside
+    the backward pass with its own saved-tensor hooks on top of the stack (marked ``_checkpoint_internal``); the
+    backward formulas themselves run without them, and a checkpointed forward runs outside a backward pass
+    (graph task id -1)."""
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and bool(getattr(hooks[0], "_checkpoint_internal", False))
+
+
+class _NoModuleTracking:
+    """Stands in for ``FlopCounterMode``'s module tracker: per-module attribution is not needed here, and the
+    tracker's gradient hooks fail inside ``torch.autograd.grad`` (R1: "A leaf node was passed to
+    _will_engine_execute_node ...", torch 2.14)."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> _NoModuleTracking:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class StepFlops(FlopCounterMode):
+    """``FlopCounterMode`` that counts the recomputation of gradient checkpointing apart (``recomputed``):
+    ``get_total_flops()`` is then the model FLOPs of what ran (forward and backward of every pass)."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _NoModuleTracking()  # type: ignore[assignment]
+        self.recomputed = 0
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        formula = self.flop_registry.get(func_packet)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
+            if _recomputing():
+                self.recomputed += flops
+            else:
+                self.flop_counts["Global"][func_packet] += flops
+        return out
+
+
+def count_flops(step: Step, batch: int, args: argparse.Namespace) -> tuple[int, int]:
+    """``(model FLOPs, recomputed FLOPs)`` of one call of ``step`` at ``batch``, run once on the device.
+
+    Counted on the real device rather than the meta device (our choice, why): the steps draw random numbers with
+    CPU generators, move them, index and sample (mix-and-match, timesteps, E-LatentLPIPS's augmentation) and call
+    diffusers' models, which would all have to be meta-safe; one extra step costs less than that and runs the
+    exact shapes of the timed steps. It runs before the timing (it is never one of the timed steps, and the
+    dispatch-mode overhead stays out of them), under the same autocast, with ``torch.compile`` off
+    (``set_stance("force_eager")``: a compiled graph's kernels would bypass the counter; the FLOPs are the same).
+    The step updates the weights like a warm-up step. Its random draws are those of one more seed than the timed
+    steps use: where a method's work depends on them (MLCM's teacher-trajectory length), the count is one draw's.
+    """
+    counter = StepFlops()
+    with torch.compiler.set_stance("force_eager"), counter, _autocast(args):
+        step(batch, torch.Generator().manual_seed(args.warmup + args.repeats))
+    _sync(args.device)
+    return counter.get_total_flops(), counter.recomputed
+
+
 def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, float]:
     """``(median step seconds, peak GiB)`` of ``step`` at ``batch`` (peak: CUDA only, else NaN)."""
     cuda = args.device.type == "cuda"
@@ -480,7 +642,7 @@ def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, fl
         gen = torch.Generator().manual_seed(i)
         _sync(args.device)
         start = time.perf_counter()
-        with torch.autocast(args.device.type, dtype=args.dtype, enabled=args.dtype != torch.float32):
+        with _autocast(args):
             step(batch, gen)
         _sync(args.device)
         if i >= args.warmup:
@@ -490,12 +652,14 @@ def measure(step: Step, batch: int, args: argparse.Namespace) -> tuple[float, fl
 
 
 def measure_batches(step: Step, name: str, trains: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Rows ``{method, trains, batch, seconds, peak_gib, status}`` of ``step`` at ``args.batches``, in order, up to
-    and including the first that runs out of memory (``status`` ``"OOM"``); progress on stderr as it comes, so a
-    run stopped by a time limit still leaves its figures."""
+    """Rows ``{method, trains, batch, seconds, peak_gib, flops, recomputed_flops, status}`` of ``step`` at
+    ``args.batches``, in order, up to and including the first that runs out of memory (``status`` ``"OOM"``);
+    progress on stderr as it comes, so a run stopped by a time limit still leaves its figures. The FLOPs are
+    counted once per batch (:func:`count_flops`), before the timed steps."""
     rows: list[dict[str, Any]] = []
     for batch in args.batches:
         try:
+            flops, recomputed = count_flops(step, batch, args)
             seconds, peak = measure(step, batch, args)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
@@ -504,9 +668,10 @@ def measure_batches(step: Step, name: str, trains: str, args: argparse.Namespace
             print(f"# {name} ({trains}) batch {batch}: out of memory", file=sys.stderr, flush=True)
             break
         row = {"method": name, "trains": trains, "batch": batch, "seconds": seconds, "peak_gib": peak}
-        rows.append({**row, "status": "ok"})
+        rows.append({**row, "flops": flops, "recomputed_flops": recomputed, "status": "ok"})
         print(
-            f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB",
+            f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB, "
+            f"{flops / 1e12:.4g} TFLOP/step ({flops / seconds / 1e12:.4g} TFLOP/s)",
             file=sys.stderr,
             flush=True,
         )
@@ -523,6 +688,9 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         no_gradient_checkpointing=args.no_gradient_checkpointing,
         r1_approximate_sigma=args.r1_approximate_sigma,
         shared_base=args.shared_base and name in SHARED_BASE_METHODS,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
     )
     bench = Bench(
         unet=_base_unet(args),
@@ -550,16 +718,28 @@ def _ratio(value: float, ref: float | None) -> str:
     return f"{value / ref:.2f}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def _flop_columns(r: dict[str, Any], peak: float | None) -> str:
+    """``TFLOP/step | TFLOP/s | MFU (%) | recomputed (%)`` of a row (``-`` where unknown)."""
+    flops = r.get("flops")
+    if not flops or not r.get("seconds"):
+        return "- | - | - | -"
+    rate = flops / r["seconds"] / 1e12
+    mfu = "-" if peak is None else f"{100 * rate / peak:.1f}"
+    return f"{flops / 1e12:.4g} | {rate:.4g} | {mfu} | {100 * r.get('recomputed_flops', 0) / flops:.0f}"
+
+
+def table(rows: list[dict[str, Any]], peak: float | None = None) -> str:
     """Markdown: per method, batch 1 and the largest batch that ran (and where it ran out of memory).
 
-    The last two columns divide step time and peak memory by the ``reference`` row's at the same batch
-    (``-`` where it has none).
+    ``step / reference`` and ``memory / reference`` divide step time and peak memory by the ``reference`` row's
+    at the same batch (``-`` where it has none). Then the model FLOPs of one step (TFLOP, recomputation left
+    out), the achieved TFLOP/s (over the median step time), MFU = that rate over ``peak`` (TFLOP/s; ``-``
+    without one) and the checkpointing recomputation as a percentage of the model FLOPs.
     """
     lines = [
         "| method | trains | batch | step (s) | peak memory (GiB) | largest batch tried "
-        "| step / reference | memory / reference |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| step / reference | memory / reference | TFLOP/step | TFLOP/s | MFU (%) | recomputed (%) |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     ref = {r["batch"]: r for r in rows if r["method"] == REFERENCE and r["status"] == "ok"}
     for name in dict.fromkeys(r["method"] for r in rows):
@@ -568,16 +748,16 @@ def table(rows: list[dict[str, Any]]) -> str:
         oom = [r["batch"] for r in own if r["status"] == "OOM"]
         limit = f"OOM at {oom[0]}" if oom else f"{ok[-1]['batch'] if ok else '-'} (no OOM)"
         for r in [ok[0], ok[-1]] if len(ok) > 1 else ok:
-            peak = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
+            memory = "-" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}"
             base = ref.get(r["batch"])
             time_ratio = _ratio(r["seconds"], base["seconds"] if base else None)
             mem_ratio = _ratio(r["peak_gib"], base["peak_gib"] if base else None)
             lines.append(
-                f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {peak} | {limit} "
-                f"| {time_ratio} | {mem_ratio} |"
+                f"| {name} | {r['trains']} | {r['batch']} | {r['seconds']:.3f} | {memory} | {limit} "
+                f"| {time_ratio} | {mem_ratio} | {_flop_columns(r, peak)} |"
             )
         if not ok:  # out of memory at the first batch tried
-            lines.append(f"| {name} | {own[0]['trains']} | - | - | - | {limit} | - | - |")
+            lines.append(f"| {name} | {own[0]['trains']} | - | - | - | {limit} | - | - | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -604,16 +784,25 @@ def main(args: argparse.Namespace) -> str:
         cap_memory(args.device, args.memory_cap_gib)
     names = ([REFERENCE] if not args.no_reference else []) + [m for m in args.methods if m != REFERENCE]
     rows = [row for name in names for row in run_method(name, args)]
+    peak, peak_note = peak_tflops(args)
     header = (
-        f"device: {torch.cuda.get_device_name(args.device) if args.device.type == 'cuda' else 'cpu'}, "
+        f"device: {device_name(args.device)}, "
         f"{'tiny 3-level UNet' if args.tiny else 'SDXL UNet (random weights)'}, latents "
         f"{args.latent_size}x{args.latent_size}, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"
         f"{'' if args.r1_approximate_sigma is None else f', approximate R1 (sigma {args.r1_approximate_sigma})'}"
         f"{'' if args.memory_cap_gib is None else f', memory capped at {args.memory_cap_gib:g} GiB'}"
         f"{', shared base (sim, diffusion2gan)' if args.shared_base else ''}"
+        f"{compile_note(args)}; {peak_note}"
     )
-    return header + "\n\n" + table(rows)
+    return header + "\n\n" + table(rows, peak)
+
+
+def compile_note(args: argparse.Namespace) -> str:
+    """What the header says about ``--compile``."""
+    if not args.compile:
+        return ", eager"
+    return f", torch.compile per block ({args.compile_backend}, mode {args.compile_mode})"
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     data_sources,
     flow_encoding,
     flow_models,
@@ -226,6 +227,7 @@ def main(args: argparse.Namespace) -> None:
     student.to(device).train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    compilation.compile_networks(args, student, teacher)  # --compile: the blocks of both
     opt = runtime.adamw(student.parameters(), args)
     student, opt = runtime.prepare(accelerator, (student, opt))
     ema = checkpoints.setup_checkpoints(accelerator, args, student)

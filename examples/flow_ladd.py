@@ -115,6 +115,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     data_sources,
     flow_critics,
     flow_encoding,
@@ -382,6 +383,7 @@ def main(args: argparse.Namespace) -> None:
     ).to(device)
 
     transformer, base = make_student(accelerator, args, parts, device, dtype)
+    compilation.compile_networks(args, transformer, teacher_model)  # --compile; the teacher is D's trunk
     opt = runtime.adamw(transformer.parameters(), args)
     d_lr = args.discriminator_learning_rate or 10 * args.learning_rate
     opt_d = runtime.adamw(disc.parameters(), args, lr=d_lr)

@@ -134,6 +134,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     data_sources,
     ema_release,
     flow_encoding,
@@ -378,6 +379,7 @@ def main(args: argparse.Namespace) -> None:
     teacher = TeacherSolver(
         teacher_net, schedule, prediction_type="flow", guidance_input="guidance" if guidance_input else None
     )
+    compilation.compile_networks(args, transformer, teacher_copy)  # --compile: student, teacher (= D's trunk)
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
 
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]

@@ -72,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     loop,
     options,
     runtime,
@@ -202,6 +203,10 @@ def main(args: argparse.Namespace) -> None:
     augment = None if args.lpips_augment == "none" else args.lpips_augment
     weights = None if args.lpips_weights == "random" else args.lpips_weights
     lpips = ELatentLPIPS("sdxl", augment=augment, weights=weights).to(device)
+    exact_r1 = args.r1_gamma > 0 and args.r1_approximate_sigma is None  # --compile: D eager (a 2nd backward)
+    compilation.compile_networks(
+        args, unet, teacher_model, disc, whole=(lpips,), double_backward=(disc,) * exact_r1
+    )
     opt = runtime.adamw(unet.parameters(), args)
     opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
     unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))

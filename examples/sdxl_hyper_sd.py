@@ -115,6 +115,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     data_sources,
     ema_release,
     loop,
@@ -477,6 +478,7 @@ def main(args: argparse.Namespace) -> None:
         opt = runtime.adamw(unet.parameters(), args)
     d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
     opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
+    compilation.compile_networks(args, unet, teacher_model, disc, fake)  # --compile (before any forward)
     unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
     if fake is not None:
         sdxl_models.make_trainable(args, fake, device, dtype)

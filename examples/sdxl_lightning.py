@@ -94,7 +94,17 @@ from diffdistill.students import frozen, load_lora, merge_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
-from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
+from training import (
+    checkpoints,
+    compilation,
+    data_sources,
+    loop,
+    options,
+    runtime,
+    sdxl_encoding,
+    sdxl_models,
+    validation,
+)
 
 logger = logging.getLogger("sdxl_lightning")
 STAGES = [s.name for s in StagePlan.sdxl_lightning()]
@@ -429,6 +439,7 @@ def main(args: argparse.Namespace) -> None:
     if args.init_lora:  # continue the previous LoRA stage's adapter (conditional -> unconditional)
         load_lora(unet, args.init_lora)
         sdxl_models.upcast_trainable(unet)
+    compilation.compile_networks(args, unet, teacher_model, disc)  # --compile: their blocks
     opt = runtime.adamw(unet.parameters(), args, **optim)
     if disc is not None:
         d_lr = args.discriminator_learning_rate or optim["lr"]

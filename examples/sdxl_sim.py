@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
     checkpoints,
+    compilation,
     data_sources,
     loop,
     options,
@@ -311,6 +312,7 @@ def main(args: argparse.Namespace) -> None:
     sdxl_models.place_frozen(parts, device, dtype, vae=with_gan)  # the GAN's real latents
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
+    compilation.compile_networks(args, unet, fake, real_model)  # --compile: their blocks (one set if shared)
     if args.shared_base:
         shared_critics.shard(accelerator, unet.shared_base)
     opt_g = runtime.adamw(unet.parameters(), args)

@@ -85,7 +85,17 @@ from diffdistill.students import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
-from training import checkpoints, data_sources, loop, options, runtime, sdxl_encoding, sdxl_models, validation
+from training import (
+    checkpoints,
+    compilation,
+    data_sources,
+    loop,
+    options,
+    runtime,
+    sdxl_encoding,
+    sdxl_models,
+    validation,
+)
 
 logger = logging.getLogger("sdxl_ssd1b_kd")
 
@@ -178,6 +188,7 @@ def main(args: argparse.Namespace) -> None:
     student.train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    compilation.compile_networks(args, student, teacher)  # --compile: the blocks of both
     opt = runtime.adamw(student.parameters(), args)
     student, opt = runtime.prepare(accelerator, (student, opt))
     ema = checkpoints.setup_checkpoints(accelerator, args, student)

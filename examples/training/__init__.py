@@ -11,6 +11,8 @@ Modules:
 - :mod:`training.sdxl_encoding`: SDXL prompt encoding (two CLIP encoders, pooled embeddings, ``time_ids``,
   an on-disk cache) and VAE latents (encode, decode).
 - :mod:`training.data_sources`: prompt lists and image-caption folders, read per optimisation step.
+- :mod:`training.compilation`: ``--compile``: the networks' blocks through ``torch.compile``, one block at a time
+  (regional compilation, in place; works with LoRA, ``--shared_base`` and gradient checkpointing).
 - :mod:`training.runtime`: the accelerate / DeepSpeed / FSDP runtime (accelerator, optimisers, backward,
   autocast, clipping).
 - :mod:`training.checkpoints`: numbered ``checkpoint-{step}`` folders with pruning and exact resume, and the

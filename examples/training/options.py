@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+import torch
 
 
 def add_common_args(
@@ -89,7 +92,54 @@ def add_common_args(
     g.add_argument("--tracker_project_name", default=None)
     g.add_argument("--validation_prompts", nargs="*", default=None, help="prompts of the validation grid")
     g.add_argument("--validation_steps", type=int, default=500, help="grid every N steps and at the end")
+    add_compile_args(parser.add_argument_group("speed"))
     return parser
+
+
+def add_compile_args(parser: argparse.ArgumentParser | Any) -> None:
+    """Add ``--compile``, ``--compile_mode`` and ``--compile_backend`` (a parser or an argument group)."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the trained network(s), the frozen teacher and the critics, block by block (regional "
+        "compilation: examples/training/compilation.py); works with LoRA, --shared_base and gradient checkpointing",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default="default",
+        help="torch.compile mode (inductor only): reduce-overhead adds CUDA graphs, max-autotune also tunes kernels",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        default="inductor",
+        help="torch.compile backend (default inductor; aot_eager / eager compile no kernels: for tests)",
+    )
+
+
+def check_compile_args(args: argparse.Namespace) -> None:
+    """Refuse an unknown ``--compile_backend``, a ``--compile_mode`` the backend ignores, or either without
+    ``--compile`` (``ValueError``)."""
+    compile_, mode = getattr(args, "compile", False), getattr(args, "compile_mode", "default")
+    backend = getattr(args, "compile_backend", "inductor")
+    if not compile_:
+        if mode != "default" or backend != "inductor":
+            raise ValueError(
+                f"--compile_mode {mode} / --compile_backend {backend} choose how --compile compiles, but "
+                "--compile is not given: add --compile, or leave them out."
+            )
+        return
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(
+            f"Expected --compile_backend to be one of torch.compile's backends {backends}, but got "
+            f"{backend!r}: leave it out for inductor."
+        )
+    if mode != "default" and backend != "inductor":
+        raise ValueError(
+            f"--compile_mode {mode} is an inductor mode, but --compile_backend is {backend!r} (which ignores it): "
+            "use --compile_backend inductor, or leave out --compile_mode."
+        )
 
 
 def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -> argparse.Namespace:
@@ -138,6 +188,7 @@ def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -
             "norm to clip at, or 0 to train without clipping."
         )
     check_data_sources(args, image_method=image_method)
+    check_compile_args(args)
     return args
 
 

@@ -36,10 +36,13 @@ def test_every_method_steps_on_the_tiny_transformer(model: str) -> None:
     out = bench.main(args)
     lines = out.splitlines()
     assert lines[0].startswith(f"device: cpu, tiny {model} transformer")
+    assert lines[0].endswith(", eager; MFU blank: no bf16 peak known for cpu (pass --peak_tflops)")
     for name in (bench.REFERENCE, *bench.METHODS):
         rows = [ln.split("|") for ln in lines if ln.startswith(f"| {name} |")]
         assert [r[3].strip() for r in rows] == ["1"], out
         assert float(rows[0][4]) > 0, out
+        # gpu_sdxl's FLOP columns: the step's model FLOPs and rate; no MFU without a peak
+        assert float(rows[0][9]) > 0 and float(rows[0][10]) > 0 and rows[0][11].strip() == "-", out
     preset = "flux-mini" if model == "flux" else "sd3-half"
     assert f"| kd | student {preset} (full) |" in out
 

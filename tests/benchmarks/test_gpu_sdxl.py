@@ -29,9 +29,11 @@ def _load() -> ModuleType:
 def test_every_method_steps_on_the_tiny_unet() -> None:
     bench = _load()
     # Batch 1 only (the doubling is checked below); diffusion2gan also at 2 for its mix-and-match negatives.
-    args = bench.parse_args(["--tiny", "--device", "cpu", "--max_batch", "1", "--warmup", "0"])
+    argv = ["--tiny", "--device", "cpu", "--max_batch", "1", "--warmup", "0", "--peak_tflops", "0.5"]
+    args = bench.parse_args(argv)
     assert args.latent_size == 32 and args.dtype == torch.float32
     out = bench.main(args)
+    assert lines_mfu_consistent(out, peak=0.5) == 1 + len(bench.METHODS)
     lines = out.splitlines()
     assert lines[0].startswith("device: cpu, tiny 3-level UNet")
     for name in (bench.REFERENCE, *bench.METHODS):  # one row per method, with a time
@@ -46,9 +48,26 @@ def test_every_method_steps_on_the_tiny_unet() -> None:
     assert (
         lines.index(next(ln for ln in lines if ln.startswith("| reference |"))) == 4
     )  # run (and listed) first
-    args = bench.parse_args(["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--warmup", "0"])
-    assert "| diffusion2gan | LoRA | 2 |" in bench.main(args)
+    argv = ["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--warmup", "0", "--batches", "2"]
+    assert "| diffusion2gan | LoRA | 2 |" in bench.main(bench.parse_args([*argv, "--no_reference"]))
     assert "| ssd1b | student (full) |" in out and "| sim | LoRA |" in out
+
+
+def lines_mfu_consistent(out: str, *, peak: float | None) -> int:
+    """Check every measured row's FLOP columns against its step time (as printed); return how many rows."""
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if ln.startswith("| ") and "method" not in ln]
+    measured = [r for r in rows if r[3].strip() != "-"]
+    for r in measured:
+        seconds, tflop, rate, mfu, recomputed = (r[i].strip() for i in (3, 8, 9, 10, 11))
+        assert float(tflop) > 0, r  # every step runs matmuls / convolutions
+        # printed to 3 decimals (s) and 4 significant digits: ~1e-3 / 0.01 s relative rounding on the tiny steps
+        assert float(rate) == pytest.approx(float(tflop) / float(seconds), rel=0.1), r
+        if peak is None:
+            assert mfu == "-", r
+        else:
+            assert float(mfu) == pytest.approx(100 * float(rate) / peak, rel=1e-2, abs=0.05), r
+        assert 0 <= float(recomputed) < 100, r  # checkpointing recomputes at most the forward passes
+    return len(measured)
 
 
 def _out_of_memory_from_batch_8(monkeypatch: pytest.MonkeyPatch, bench: ModuleType) -> list[int]:
@@ -107,7 +126,7 @@ def test_explicit_batches_stop_at_the_first_out_of_memory(monkeypatch: pytest.Mo
     ]
     assert (
         bench.table(oom_first).splitlines()[-1]
-        == "| ssd1b | student (full) | - | - | - | OOM at 16 | - | - |"
+        == "| ssd1b | student (full) | - | - | - | OOM at 16 | - | - | - | - | - | - |"
     )
     assert bench.parse_args(["--tiny", "--max_batch", "5"]).batches == [1, 2, 4]
     with pytest.raises(SystemExit):
@@ -127,9 +146,10 @@ def test_diffusion2gan_with_the_approximate_r1(monkeypatch: pytest.MonkeyPatch) 
     argv = ["--tiny", "--device", "cpu", "--methods", "diffusion2gan", "--batches", "1", "--warmup", "0"]
     out = bench.main(bench.parse_args([*argv, "--no_reference", "--r1_approximate_sigma", "0.1"]))
     assert (
-        out.splitlines()[0].endswith(", approximate R1 (sigma 0.1)") and "| diffusion2gan | LoRA | 1 |" in out
+        ", approximate R1 (sigma 0.1), eager;" in out.splitlines()[0]
+        and "| diffusion2gan | LoRA | 1 |" in out
     )
-    assert sigmas == [0.1]
+    assert sigmas == [0.1, 0.1]  # the FLOP count's step, then the timed step
 
 
 def test_memory_cap(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,3 +180,75 @@ def test_memory_cap(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     with pytest.raises(ValueError, match=r"--memory_cap_gib 150 exceeds the device's 139.8 GiB"):
         bench.cap_memory(device, 150)
     assert len(set_fraction) == 2
+
+
+def _two_linear_step(checkpointed: bool) -> tuple[object, int, int, int, int]:
+    """A step (forward, backward, Adam) of ``Linear(I, H) -> Linear(H, O)`` at batch ``B``, the second layer
+    gradient-checkpointed when asked, and its sizes."""
+    B, I, H, O = 3, 5, 7, 11  # noqa: E741 - the shapes' usual letters
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(I, H), torch.nn.Linear(H, O)
+    opt = torch.optim.Adam([*first.parameters(), *second.parameters()], lr=1e-3)
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        hidden = first(torch.randn(batch, I, generator=gen))
+        if checkpointed:  # without early stop: the whole layer runs again (with it, torch stops the
+            # recomputation once the saved tensors are back -- here before the matmul itself)
+            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                out = torch.utils.checkpoint.checkpoint(second, hidden, use_reentrant=False)
+        else:
+            out = second(hidden)
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, B, I, H, O
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_flops_of_a_linear_step_match_the_hand_count(checkpointed: bool) -> None:
+    """Counted by the benchmark's own function against the count by hand: a (B, n) x (n, m) matmul is 2 B n m
+    FLOPs. Forward: 2BIH + 2BHO. Backward: the second layer's weight and input gradients (2BHO each), the first
+    layer's weight gradient only (2BIH; its input needs none). Checkpointing runs the second layer's forward again
+    in the backward pass: 2BHO more executed, counted apart, the model count unchanged."""
+    bench = _load()
+    args = bench.parse_args(["--tiny", "--device", "cpu"])
+    step, B, I, H, O = _two_linear_step(checkpointed)  # noqa: E741
+    flops, recomputed = bench.count_flops(step, B, args)
+    assert flops == 2 * B * I * H + 2 * B * H * O + 2 * B * H * O * 2 + 2 * B * I * H
+    assert recomputed == (2 * B * H * O if checkpointed else 0)
+
+
+def test_mfu_columns_and_the_device_peak(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _load()
+    rows = [
+        {"method": "sim", "trains": "LoRA", "batch": 4, "seconds": 0.5, "peak_gib": 30.0, "status": "ok"}
+        | {"flops": 2e14, "recomputed_flops": 5e13},
+    ]
+    # 200 TFLOP in 0.5 s = 400 TFLOP/s = 40.4 % of 989.4; recomputation 25 % of the model FLOPs
+    assert bench.table(rows, 989.4).endswith("| 200 | 400 | 40.4 | 25 |")
+    assert bench.table(rows).endswith("| 200 | 400 | - | 25 |")  # no peak: MFU blank
+    args = bench.parse_args(["--tiny", "--device", "cpu"])
+    assert bench.peak_tflops(args) == (None, "MFU blank: no bf16 peak known for cpu (pass --peak_tflops)")
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.4),  # the SXM card's name
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA H100 PCIe", None),  # another peak (756): not guessed
+        ("NVIDIA H200 NVL", None),
+    ]:
+        monkeypatch.setattr(bench, "device_name", lambda device, name=name: name)
+        assert bench.peak_tflops(args)[0] == peak, name
+    assert bench.peak_tflops(bench.parse_args(["--tiny", "--peak_tflops", "100"]))[0] == 100.0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--peak_tflops", "0"])
+    assert "--peak_tflops must be positive (TFLOP/s), got 0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--compile", "--compile_backend", "nope"])
+    assert "Expected --compile_backend to be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--compile", "--shared_base", "--methods", "diffusion2gan"])
+    assert "pass --r1_approximate_sigma" in capsys.readouterr().err
