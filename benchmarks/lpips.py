@@ -18,6 +18,11 @@ Compares, at one latent size and several batch sizes, with identical (random) we
   imported as ``diffdistill_baseline``), measured in the same run, so old and new share the machine's
   state; compare their ratios, not absolute times.
 
+Each eager row also gets the aten ops of one forward+backward (the profiler's CPU-side events, value checks
+off; issue 24 counts them): the top-level ones (not called by another aten op; 682 for E-LatentLPIPS "bg" before
+issue 24's kernel cuts), and among them those that compute (no view, metadata, allocation or no-op cast) --
+about the kernels a GPU launches. Both are independent of the batch size and the latent size.
+
 Time is the fastest of ``--reps`` timed calls after one warm-up; peak memory is the extra memory of
 the first timed call (CUDA: ``max_memory_allocated``; CPU: peak resident set size sampled every 2 ms, with
 glibc told to unmap freed blocks). The result
@@ -65,10 +70,46 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
+from diffdistill.errors import value_checks  # noqa: E402
 from diffdistill.losses import ELatentLPIPS, LatentAugment, LatentLPIPS, PixelLPIPS  # noqa: E402
 from diffdistill.losses.latent_augment import sym6_filter  # noqa: E402
 
 COMPILED = "ours E-LatentLPIPS (bg) compiled"
+
+
+# Aten ops that compute nothing by themselves: views, metadata, allocations, casts to the same dtype.
+_NO_COMPUTE_NAMES = (
+    "view", "alias", "as_strided", "expand", "unsqueeze", "squeeze", "reshape", "_reshape_alias",
+    "_unsafe_view", "permute", "transpose", "t", "select", "slice", "narrow", "split", "split_with_sizes",
+    "chunk", "unbind", "unflatten", "flatten", "detach", "detach_", "lift_fresh", "empty", "empty_like",
+    "empty_strided", "resize_", "to", "contiguous", "promote_types", "result_type",
+)  # fmt: skip
+_NO_COMPUTE = frozenset(f"aten::{name}" for name in _NO_COMPUTE_NAMES)
+
+
+def _copies(event: Any) -> bool:
+    """Whether an aten op copies data below it (a real cast, a reshape or ``contiguous`` that must copy)."""
+    return any(c.name in ("aten::copy_", "aten::clone") or _copies(c) for c in event.cpu_children)
+
+
+def aten_op_counts(fn: Callable[[], Any]) -> tuple[int, int]:
+    """``(all, compute)`` top-level aten ops of one call of ``fn`` in the CPU profiler (see the module docstring).
+
+    Top-level: not called by another aten op (autograd's backward ops included). Compute: those that are not a
+    view, metadata, an allocation or a no-op cast -- about the kernels a GPU launches for them (a convolution
+    may launch a few).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    top = [
+        e
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    ]
+    return len(top), sum(1 for e in top if e.name not in _NO_COMPUTE or _copies(e))
 
 
 def official_model(latent: str, augment: str | None, state_dict: dict[str, torch.Tensor]) -> Any:
@@ -95,7 +136,10 @@ def official_model(latent: str, augment: str | None, state_dict: dict[str, torch
 
 
 def baseline_package(ref: str) -> ModuleType:
-    """The package at git revision ``ref``, imported as ``diffdistill_baseline`` (relative imports only)."""
+    """The package at git revision ``ref``, imported as ``diffdistill_baseline`` (relative imports only).
+
+    Returns its ``losses`` module; ``diffdistill_baseline.errors`` is imported too (its own value-check switch).
+    """
     root = Path(__file__).resolve().parents[1]
     tar = subprocess.run(
         ["git", "-C", str(root), "archive", "--format=tar", ref], capture_output=True, check=True
@@ -183,8 +227,12 @@ def main(argv: list[str] | None = None) -> str:
     bare.load_state_dict(sd)
     aug = LatentAugment("bg")
     old_losses = None
+    checks_off: list[Callable[[bool], Any]] = [value_checks]
     if args.baseline is not None:
         old = baseline_package(args.baseline)
+        old_checks = getattr(importlib.import_module("diffdistill_baseline.errors"), "value_checks", None)
+        if old_checks is not None:
+            checks_off.append(old_checks)
         base_aug = old.ELatentLPIPS(args.latent, augment="bg", weights=None).to(device, memory_format=mf)
         base_aug.load_state_dict(sd)
         base_bare = old.LatentLPIPS(args.latent, weights=None).to(device, memory_format=mf)
@@ -227,6 +275,7 @@ def main(argv: list[str] | None = None) -> str:
         ours_k.load_state_dict(sd)
 
     rows: list[tuple[str, int, float, float, float]] = []
+    op_counts: dict[tuple[str, int], tuple[int, int]] = {}
     c = ours.in_channels
     for b in args.batch:
         g = torch.Generator().manual_seed(b)
@@ -291,6 +340,22 @@ def main(argv: list[str] | None = None) -> str:
                     continue
             t, cpu, m = measure(lambda fn=fn: step(fn), device, reps, warmup=warm)
             rows.append((name, b, t, cpu, m))
+            if name != COMPILED and not name.startswith("PixelLPIPS"):
+                x_grad = x0.detach().requires_grad_(True)  # made outside the profiled call
+
+                def once(
+                    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = fn,
+                    x: torch.Tensor = x_grad,
+                    y: torch.Tensor = y,
+                ) -> None:
+                    with amp:
+                        value = fn(x, y)
+                    value.backward()
+
+                with contextlib.ExitStack() as stack:
+                    for switch in checks_off:
+                        stack.enter_context(switch(False))
+                    op_counts[(name, b)] = aten_op_counts(once)
             print(
                 f"  {name:42s} B={b}: {t:8.3f} s wall {cpu:8.3f} s cpu {m:9.1f} MB",
                 file=sys.stderr,
@@ -312,15 +377,18 @@ def main(argv: list[str] | None = None) -> str:
         f"{'official upfirdn2d in its reference path; ' if args.official_ref_ops else ''}fastest of {args.reps} after 1 warm-up (pixel on CPU: 1 cold run); "
         f"{'time ratios use CPU time' if device.type == 'cpu' else 'time ratios use wall time'}.",
         "",
-        "| loss | batch | fwd+bwd wall (s) | CPU time (s) | peak extra mem (MB) | time / ours (bg) | mem / ours (bg) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| loss | batch | fwd+bwd wall (s) | CPU time (s) | peak extra mem (MB) | time / ours (bg) | mem / ours (bg) "
+        "| aten ops: top-level / compute |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     on_cpu = device.type == "cpu"
     for name, b, t, cpu, m in rows:
         _, _, bt, bc, bm = base[b]
         ratio = cpu / bc if on_cpu else t / bt  # CPU: ratio of CPU time (robust to other load)
         mr = f"{m / bm:.2f}" if bm > 0 and not math.isnan(m) else "n/a"
-        lines.append(f"| {name} | {b} | {t:.3f} | {cpu:.3f} | {m:.0f} | {ratio:.2f} | {mr} |")
+        ops = op_counts.get((name, b))
+        ops_text = f"{ops[0]} / {ops[1]}" if ops is not None else "–"
+        lines.append(f"| {name} | {b} | {t:.3f} | {cpu:.3f} | {m:.0f} | {ratio:.2f} | {mr} | {ops_text} |")
     pairs = [
         (name[len(prefix) :], b, cpu if on_cpu else t)
         for name, b, t, cpu, _ in rows

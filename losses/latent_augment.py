@@ -35,6 +35,7 @@ reference ADA pipeline, so a seeded call reproduces it.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable
@@ -105,6 +106,26 @@ def _check_real(value: Any, name: str, *, low: float | None = None, high: float 
             want = f"lie in [{low:g}, {high:g}]"
         raise OptionError(f"Expected `{name}` to {want}, but got {value!r}.")
     return v
+
+
+def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+_cached_promote = functools.lru_cache(maxsize=None)(_promote)
+
+
+def _working_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """At least float32 and at least as precise as each of ``dtypes`` (looked up on the host: no op recorded)."""
+    return _promote(dtypes) if torch.compiler.is_compiling() else _cached_promote(dtypes)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; ``t`` itself when it already is (no ``aten::to`` call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _check_generator(generator: Any) -> None:
@@ -301,15 +322,107 @@ class AugmentParams:
 # ----------------------------------------------------------------------------------------------
 # The geometric chain as one affine sampling matrix, composed in closed form (float64, per sample).
 
-_Scalar = torch.Tensor | float
+# The draw's geometric fields in the order they are gathered into one float64 matrix (scales first: their
+# logarithms are taken in place), and their number of columns.
+_THETA_FIELDS: tuple[tuple[str, int], ...] = (
+    ("scale", 1),
+    ("aniso", 1),
+    ("xflip", 1),
+    ("rotate90", 1),
+    ("rotate_pre", 1),
+    ("rotate_post", 1),
+    ("xint", 2),
+    ("xfrac", 2),
+)
+# Columns of the affine pre-map Z of _sampling_theta: six angles (their cos taken in place), two log2 scales
+# (exp2 in place), the flip sign, and the right factors (1, fx, fy, ix, iy), whose ix, iy are rounded in place.
+_Z_TRIG = slice(0, 6)
+_Z_LOG = slice(6, 8)
+_Z_FLIP = 8
+_Z_RIGHT = slice(9, 14)
+_Z_INT = slice(12, 14)
+_Z_COLS = 14
 
 
-def _cos(v: _Scalar) -> _Scalar:
-    return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)
+def _theta_constants(
+    names: tuple[str, ...],
+    size: tuple[int, int],
+    out: tuple[int, int],
+    up: tuple[int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """The constant float64 matrices of :func:`_sampling_theta` for the fields ``names`` and the given sizes.
+
+    Returns ``(bias, A, E, e0, C, s1, s2, O)``: ``Z = bias + V A`` (the affine pre-map of the gathered
+    fields ``V``), ``[p, p, q, q, 1, 1] = exp2(Z_log) E + e0``, the bilinear form ``C`` (30 × 6) that maps the
+    products ``left_j right_k`` to the six entries of ``theta`` (frame changes included), and the flip's row
+    scaling ``S = F s1 + s2`` and offset ``O`` (``theta = (left ⊗ right) C ⊙ S + O``).
+    """
+    (h, w), (out_h, out_w), (up_h, up_w) = size, out, up
+    f64 = torch.float64
+    widths = dict(_THETA_FIELDS)
+    row, col = {}, 0
+    for name in names:
+        row[name] = col
+        col += widths[name]
+    bias = torch.zeros(_Z_COLS, dtype=f64)
+    a = torch.zeros(col, _Z_COLS, dtype=f64)
+    half_pi = math.pi / 2
+    # Angles: columns 0-5 are (sigma, sigma - pi/2, delta, delta - pi/2, alpha, alpha - pi/2), so that one cos
+    # gives (cos, sin) of each: sigma = alpha + pre + post, delta = alpha + pre - post, alpha = pi/2 * rotate90.
+    bias[[1, 3, 5]] = -half_pi
+    if "rotate90" in row:
+        a[row["rotate90"], 0:6] = half_pi
+    if "rotate_pre" in row:
+        a[row["rotate_pre"], 0:4] = 1.0
+    if "rotate_post" in row:
+        a[row["rotate_post"], 0:2] = 1.0
+        a[row["rotate_post"], 2:4] = -1.0
+    # Scales (their log2 in V): columns 6, 7 = log2 of 1 / (aniso * scale) and aniso / scale.
+    if "scale" in row:
+        a[row["scale"], 6:8] = -1.0
+    if "aniso" in row:
+        a[row["aniso"], 6] = -1.0
+        a[row["aniso"], 7] = 1.0
+    # Flip sign F = 1 - 2 xflip; then the right factors (1, fx, fy, ix, iy) of the translation.
+    bias[_Z_FLIP] = 1.0
+    if "xflip" in row:
+        a[row["xflip"], _Z_FLIP] = -2.0
+    bias[9], bias[10], bias[11] = 1.0, 0.25, 0.25  # the right frame change's offset (1/4, 1/4)
+    if "xfrac" in row:
+        a[row["xfrac"], 10], a[row["xfrac"] + 1, 11] = -w, -h
+    if "xint" in row:
+        a[row["xint"], 12], a[row["xint"] + 1, 13] = -w, -h
+    # (p, p, q, q, 1, 1) from (u1, u2) = (1 / (aniso scale), aniso / scale): p = (u1 + u2) / 2, q = (u1 - u2) / 2.
+    e = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0, 0.0], [0.5, 0.5, -0.5, -0.5, 0.0, 0.0]], dtype=f64)
+    e0 = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=f64)
+    # left = (p cos s, p sin s, q cos d, q sin d, cos a, sin a), right = (1, fx, fy, ix, iy); entry m of the
+    # unflipped G^-1 (2 x 3, row-major) is sum_jk C[j, k, m] left_j right_k, scaled by the frame changes.
+    c = torch.zeros(6, 5, 6, dtype=f64)
+    l00, l01 = {0: 1.0, 2: 1.0}, {3: 1.0, 1: -1.0}  # p R(sigma) + q Ref(delta)
+    l10, l11 = {1: 1.0, 3: 1.0}, {0: 1.0, 2: -1.0}
+    # Frame changes: input (left: u -> 4u / up - 1 / up, the offset in O), output (right: v -> v out / 4 + 1 / 4).
+    ax, ay = 4 / up_w, 4 / up_h
+    for m, entries, k, scale in (
+        (0, l00, 0, ax * out_w / 4),
+        (1, l01, 0, ax * out_h / 4),
+        (3, l10, 0, ay * out_w / 4),
+        (4, l11, 0, ay * out_h / 4),
+        (2, l00, 1, ax),  # t_x = L00 fx + L01 fy + (cos a ix - sin a iy)
+        (2, l01, 2, ax),
+        (5, l10, 1, ay),  # t_y = L10 fx + L11 fy + (sin a ix + cos a iy)
+        (5, l11, 2, ay),
+    ):
+        for j, sign in entries.items():
+            c[j, k, m] += sign * scale
+    c[4, 3, 2], c[5, 4, 2], c[5, 3, 5], c[4, 4, 5] = ax, -ax, ay, ay
+    s1 = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], dtype=f64)  # the flip scales row 0
+    s2 = 1.0 - s1
+    o = torch.tensor([0.0, 0.0, -1 / up_w, 0.0, 0.0, -1 / up_h], dtype=f64)
+    return tuple(t.to(device) for t in (bias, a, e, e0, c.view(30, 6), s1, s2, o))
 
 
-def _sin(v: _Scalar) -> _Scalar:
-    return torch.sin(v) if isinstance(v, torch.Tensor) else math.sin(v)
+_cached_theta_constants = functools.lru_cache(maxsize=64)(_theta_constants)
 
 
 def _sampling_theta(
@@ -321,15 +434,26 @@ def _sampling_theta(
     :math:`G^{-1} = F \, R_{90} \, T_{int} \, S \, R_{pre} \, A \, R_{post} \, T_{frac}` (output pixel ->
     input pixel, centred coordinates, each factor a 3×3 matrix) and embeds it between the two 2× grids.
     Here the product is written out: the isotropic scale commutes with rotations, so the linear part is
-    :math:`L = s^{-1} F\, R(\alpha + \theta_{pre})\, \mathrm{diag}(a^{-1}, a)\, R(\theta_{post})` with
-    :math:`R(\phi)\,\mathrm{diag}(u, v)\,R(\psi) = \tfrac{u+v}{2} R(\phi+\psi) + \tfrac{u-v}{2}
-    \mathrm{Ref}(\phi-\psi)`, and the translation is :math:`F R_{90} t_{int} + L\, t_{frac}`. The frame
-    changes are per-axis affine maps with constant (Python) coefficients: from the output's ``[-1, 1]``
-    coordinates ``v`` to centred original-resolution pixels ``v·out/4 + 1/4`` on the right, from
-    centred pixels ``u`` to the upsampled input's ``[-1, 1]`` frame ``4u/up - 1/up`` on the left (our
-    choice: one closed form instead of eight 3×3 products and a matrix inverse -- for ``"bg"`` 83
-    instead of 133 small ops in the profiler; equal to the matrix product to float64 rounding).
-    Disabled ops enter as Python constants and cost no kernel.
+    :math:`L = F\, L'` with :math:`L' = s^{-1} R(\alpha + \theta_{pre})\, \mathrm{diag}(a^{-1}, a)\,
+    R(\theta_{post}) = p\, R(\sigma) + q\, \mathrm{Ref}(\delta)` (from :math:`R(\phi)\,\mathrm{diag}(u, v)\,R(\psi)
+    = \tfrac{u+v}{2} R(\phi+\psi) + \tfrac{u-v}{2} \mathrm{Ref}(\phi-\psi)`), :math:`\sigma = \alpha +
+    \theta_{pre} + \theta_{post}`, :math:`\delta = \alpha + \theta_{pre} - \theta_{post}`,
+    :math:`p, q = (a^{-1} \pm a) / 2s`, and the translation is :math:`F (R_{90} t_{int} + L' t_{frac})`.
+    The frame changes are per-axis affine maps with constant coefficients: from the output's ``[-1, 1]``
+    coordinates ``v`` to centred original-resolution pixels ``v·out/4 + 1/4`` on the right, from centred
+    pixels ``u`` to the upsampled input's ``[-1, 1]`` frame ``4u/up - 1/up`` on the left.
+
+    Our choice (few kernels, no host sync): every entry is then a bilinear form in
+    :math:`\mathrm{left} = (p\cos\sigma, p\sin\sigma, q\cos\delta, q\sin\delta, \cos\alpha, \sin\alpha)` and
+    :math:`\mathrm{right} = (1, f_x, f_y, i_x, i_y)` (the translations with the frame offset), times
+    :math:`F` on the first row. The fields present are gathered into one float64 matrix ``V`` (scales as
+    ``log2``), one affine map ``Z = b + V A`` gives the angles, ``log2`` of :math:`1/(as)` and :math:`a/s`,
+    :math:`F` and the right factors; ``cos`` (``sin`` as ``cos(· - π/2)``), ``exp2`` and ``round`` (the
+    integer translation) act on column blocks of ``Z`` in place; one matrix product with the constant
+    bilinear form ``C`` (frame changes folded in) and one scaling by :math:`F` give ``theta`` -- about 25
+    small ops instead of ADA's eight 3×3 products and an inverse (133). The constants depend only on the
+    fields present and the sizes (cached per device in eager mode). Equal to the matrix product to float64
+    rounding (tested).
 
     Args:
         params: the draw; at least one geometric field is set.
@@ -341,89 +465,67 @@ def _sampling_theta(
     Returns:
         ``theta`` of shape ``(N, 2, 3)``, float64, on the parameters' device.
     """
-    ref = next(getattr(params, f.name) for f in fields(params) if getattr(params, f.name) is not None)
-    dev = ref.device
-    (h, w), (out_h, out_w), (up_h, up_w) = size, out, up
-
-    def d(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=dev, dtype=torch.float64)
-
-    flip: _Scalar = 1 - 2 * d(params.xflip) if params.xflip is not None else 1.0
-    alpha: _Scalar = (math.pi / 2) * d(params.rotate90) if params.rotate90 is not None else 0.0
-    inv_s: _Scalar = 1 / d(params.scale) if params.scale is not None else 1.0
-    pre: _Scalar = d(params.rotate_pre) if params.rotate_pre is not None else 0.0
-    post: _Scalar = d(params.rotate_post) if params.rotate_post is not None else 0.0
-    aniso: _Scalar = d(params.aniso) if params.aniso is not None else 1.0
-    # L = inv_s * diag(flip, 1) * (p R(sigma) + q Ref(delta)), Ref(t) = [[cos t, sin t], [sin t, -cos t]].
-    phi = alpha + pre
-    sigma, delta = phi + post, phi - post
-    p = (1 / aniso + aniso) * (0.5 * inv_s)
-    q = (1 / aniso - aniso) * (0.5 * inv_s)
-    cs, ss, cd, sd = _cos(sigma), _sin(sigma), _cos(delta), _sin(delta)
-    l00 = (p * cs + q * cd) * flip
-    l01 = (q * sd - p * ss) * flip
-    l10 = p * ss + q * sd
-    l11 = p * cs - q * cd
-    # Translation of G^{-1} plus L times the right frame change's offset (1/4, 1/4): t = F R90 t_int + L (t_frac + 1/4).
-    fx: _Scalar = 0.25
-    fy: _Scalar = 0.25
-    if params.xfrac is not None:
-        t = d(params.xfrac)
-        fx, fy = t[:, 0] * -w + 0.25, t[:, 1] * -h + 0.25
-    tx = l00 * fx + l01 * fy
-    ty = l10 * fx + l11 * fy
-    if params.xint is not None:
-        t = d(params.xint)
-        ix, iy = torch.round(t[:, 0] * -w), torch.round(t[:, 1] * -h)
-        ca, sa = _cos(alpha), _sin(alpha)
-        tx = tx + (ix * ca - iy * sa) * flip
-        ty = ty + (ix * sa + iy * ca)
-    # Output frame (right: v -> v * out / 4) and input frame (left: u -> 4u / up - 1 / up).
-    ax, ay = 4 / up_w, 4 / up_h
-    entries = (
-        l00 * (ax * out_w / 4),
-        l01 * (ax * out_h / 4),
-        tx * ax - 1 / up_w,
-        l10 * (ay * out_w / 4),
-        l11 * (ay * out_h / 4),
-        ty * ay - 1 / up_h,
-    )
-    cols = [
-        e if isinstance(e, torch.Tensor) else torch.full((n,), e, dtype=torch.float64, device=dev)
-        for e in entries
+    present = [
+        (name, getattr(params, name)) for name, _ in _THETA_FIELDS if getattr(params, name) is not None
     ]
-    return torch.stack(cols, dim=1).view(n, 2, 3)
+    dev = present[0][1].device
+    names = tuple(name for name, _ in present)
+    build = _theta_constants if torch.compiler.is_compiling() else _cached_theta_constants
+    bias, a, e, e0, c, s1, s2, o = build(names, size, out, up, dev)
+    v = torch.column_stack([t if t.device == dev else t.to(dev) for _, t in present]).to(torch.float64)
+    logs = sum(name in ("scale", "aniso") for name in names)
+    if logs:
+        v[:, :logs].log2_()
+    z = torch.addmm(bias, v, a)
+    trig = z[:, _Z_TRIG].cos_()  # (cos, sin) of sigma, delta, alpha
+    if "xint" in names:
+        z[:, _Z_INT].round_()  # whole pixels, as ADA's integer translation
+    left = trig * torch.addmm(e0, z[:, _Z_LOG].exp2_(), e)  # (p, p, q, q, 1, 1) * trig
+    right = z[:, _Z_RIGHT]
+    theta = (left.unsqueeze(2) * right.unsqueeze(1)).flatten(1) @ c
+    if "xflip" in names:
+        theta = torch.addcmul(o, theta, torch.addcmul(s2, z[:, _Z_FLIP : _Z_FLIP + 1], s1))
+    else:
+        theta = theta + o
+    return theta.view(n, 2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
 # Filtered resampling (separable FIR filters as depthwise convolutions).
 
 
-def _upsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """2× upsampling with the even-length FIR filter ``f`` (gain 2 per axis keeps the DC level), polyphase form.
+def _resampling_filters(f: torch.Tensor, channels: int) -> tuple[torch.Tensor, ...]:
+    """Depthwise weights of the separable filter ``f`` for ``channels`` channels, built once per call.
 
-    Equal to inserting zeros, padding by ``((k + 1) // 2, (k - 2) // 2)`` and convolving with ``f``; a
+    Returns ``(up_w, up_h, down_w, down_h)``: the 2× upsampling taps ``2 f`` (gain 2 per axis keeps the DC
+    level) along the width ``(C, 1, 1, k)`` and the height ``(C, 1, k, 1)``, then the decimating taps ``f``.
+    """
+    k = f.numel()
+    down_w = f.expand(channels, 1, 1, k)
+    up_w = down_w * 2
+    return up_w, up_w.transpose(2, 3), down_w, down_w.transpose(2, 3)
+
+
+def _upsample2x(x: torch.Tensor, up_w: torch.Tensor, up_h: torch.Tensor) -> torch.Tensor:
+    """2× upsampling with the even-length FIR taps ``up_w`` / ``up_h`` (:func:`_resampling_filters`), polyphase form.
+
+    Equal to inserting zeros, padding by ``((k + 1) // 2, (k - 2) // 2)`` and convolving with the filter; a
     stride-2 transposed convolution per axis skips the multiplications by the inserted zeros, and its
     ``padding`` of ``k // 2 - 1`` drops the surplus ``k - 2`` border outputs symmetrically (no slice).
     """
-    c, k = x.shape[1], f.numel()
-    g = f * 2
-    x = F.conv_transpose2d(
-        x, g.view(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), padding=(0, k // 2 - 1), groups=c
-    )
-    return F.conv_transpose2d(
-        x, g.view(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), padding=(k // 2 - 1, 0), groups=c
-    )
+    c, k = x.shape[1], up_w.shape[-1]
+    x = F.conv_transpose2d(x, up_w, stride=(1, 2), padding=(0, k // 2 - 1), groups=c)
+    return F.conv_transpose2d(x, up_h, stride=(2, 1), padding=(k // 2 - 1, 0), groups=c)
 
 
-def _downsample2x(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Low-pass with the FIR filter ``f`` and keep every second pixel (no padding: the caller sized ``x``).
+def _downsample2x(x: torch.Tensor, down_w: torch.Tensor, down_h: torch.Tensor) -> torch.Tensor:
+    """Low-pass with the FIR taps ``down_w`` / ``down_h`` and keep every second pixel (no padding: the caller sized ``x``).
 
     A stride-2 convolution per axis computes only the kept outputs.
     """
-    c, k = x.shape[1], f.numel()
-    x = F.conv2d(x, f.view(1, 1, 1, k).expand(c, 1, 1, k), stride=(1, 2), groups=c)
-    return F.conv2d(x, f.view(1, 1, k, 1).expand(c, 1, k, 1), stride=(2, 1), groups=c)
+    c = x.shape[1]
+    x = F.conv2d(x, down_w, stride=(1, 2), groups=c)
+    return F.conv2d(x, down_h, stride=(2, 1), groups=c)
 
 
 def _geometry_sizes(h: int, w: int, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -431,26 +533,33 @@ def _geometry_sizes(h: int, w: int, k: int) -> tuple[tuple[int, int], tuple[int,
     return (2 * (3 * h - 2), 2 * (3 * w - 2)), (2 * h + k - 2, 2 * w + k - 2)
 
 
-def _apply_geometry(x: torch.Tensor, theta: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Resample ``x`` (N, C, H, W) through ``theta`` (:func:`_sampling_theta`): one ``grid_sample``.
+def _sampling_grid(theta: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``grid_sample`` grid of :func:`_apply_geometry` for images shaped like ``x``, in ``x``'s dtype."""
+    n, c, h, w = x.shape
+    _, (out_h, out_w) = _geometry_sizes(h, w, k)
+    return F.affine_grid(theta.to(x.dtype), [n, c, out_h, out_w], align_corners=False)
+
+
+def _apply_geometry(x: torch.Tensor, grid: torch.Tensor, filters: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Resample ``x`` (N, C, H, W) through ``grid`` (:func:`_sampling_grid`): one ``grid_sample``.
 
     ADA's filtered warp (Karras et al., NeurIPS 2020, ``augment.py``): reflect padding, 2× upsampling
-    with ``f``, bilinear sampling of a 2× output grid through the composed inverse warp, then filtered
+    with the filter, bilinear sampling of a 2× output grid through the composed inverse warp, then filtered
     2× downsampling. The reference pads the sampled grid by ``k/2 - 1`` and crops ``k/2`` before the
     decimating filter (``k`` = 12 taps): the net one-pixel crop per side is folded into the sampled grid
     (our choice: it samples ``2H + k - 2`` rows instead of ``2H + k``, and the downsampling needs no pad
-    and no slice; the kept outputs are the same).
+    and no slice; the kept outputs are the same). The grid and the ``filters`` (:func:`_resampling_filters`)
+    are built once per call and shared by every tensor resampled with the same draw.
     """
-    n, c, h, w = x.shape
+    _, _, h, w = x.shape
     # Static reflect padding: the largest the image allows, so no draw ever samples the zero border
     # needlessly, and shapes never depend on the draw (no host sync, torch.compile friendly).
     my, mx = h - 1, w - 1
     x = F.pad(x, [mx, mx, my, my], mode="reflect") if (mx or my) else x
-    x = _upsample2x(x, f)
-    _, (out_h, out_w) = _geometry_sizes(h, w, f.numel())
-    grid = F.affine_grid(theta.to(x.dtype), [n, c, out_h, out_w], align_corners=False)
+    up_w, up_h, down_w, down_h = filters
+    x = _upsample2x(x, up_w, up_h)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return _downsample2x(x, f)
+    return _downsample2x(x, down_w, down_h)
 
 
 def _apply_colour(x: torch.Tensor, params: AugmentParams, channels: int) -> torch.Tensor:
@@ -632,6 +741,13 @@ class LatentAugment(nn.Module):
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(shape, generator=generator, device=gdev)
 
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            # u (high - low) + low inside the generator's kernel (one kernel instead of three): the same numbers
+            # as rand(...) * (high - low) + low from the same stream, bit for bit for the ranges used here
+            # (the scaling by 2 or 4 is exact, so the shift by -1 rounds the same exact value once).
+            draw = torch.empty(shape, device=gdev, dtype=torch.float32)
+            return draw.uniform_(low, high, generator=generator)
+
         def gate(
             value: torch.Tensor, prob: float | torch.Tensor, neutral: float, *gshape: int
         ) -> torch.Tensor:
@@ -644,20 +760,20 @@ class LatentAugment(nn.Module):
 
         out = AugmentParams()
         if "xflip" in ops:
-            out.xflip = gate(torch.floor(rand(n) * 2), p, 0.0, n)
+            out.xflip = gate(torch.floor(uniform(0, 2, n)), p, 0.0, n)
         if "rotate90" in ops:
-            out.rotate90 = gate(torch.floor(rand(n) * 4), p, 0.0, n)
+            out.rotate90 = gate(torch.floor(uniform(0, 4, n)), p, 0.0, n)
         if "xint" in ops:
-            out.xint = gate((rand(n, 2) * 2 - 1) * self.xint_max, p, 0.0, n, 1)
+            out.xint = gate(uniform(-1, 1, n, 2) * self.xint_max, p, 0.0, n, 1)
         if "scale" in ops:
             out.scale = gate(torch.exp2(randn(n) * self.scale_std), p, 1.0, n)
         p_rot = 1 - math.sqrt(min(max(1 - p, 0.0), 1.0))  # P(pre or post) = p
         if "rotate" in ops:
-            out.rotate_pre = gate((rand(n) * 2 - 1) * math.pi * self.rotate_max, p_rot, 0.0, n)
+            out.rotate_pre = gate(uniform(-1, 1, n) * math.pi * self.rotate_max, p_rot, 0.0, n)
         if "aniso" in ops:
             out.aniso = gate(torch.exp2(randn(n) * self.aniso_std), p, 1.0, n)
         if "rotate" in ops:
-            out.rotate_post = gate((rand(n) * 2 - 1) * math.pi * self.rotate_max, p_rot, 0.0, n)
+            out.rotate_post = gate(uniform(-1, 1, n) * math.pi * self.rotate_max, p_rot, 0.0, n)
         if "xfrac" in ops:
             out.xfrac = gate(randn(n, 2) * self.xfrac_std, p, 0.0, n, 1)
         # Colour draws follow DiffAugment's ranges; a gate is drawn only when p < 1.
@@ -760,10 +876,16 @@ class LatentAugment(nn.Module):
         together = len(tensors) > 1 and all(t.requires_grad == ref.requires_grad for t in tensors)
         groups = [torch.cat(tensors, dim=1)] if together else list(tensors)
         if params.has_geometry:
-            f = self.filter.to(device=ref.device, dtype=ref.dtype)
+            f = self.filter
+            f = (
+                f
+                if (f.dtype, f.device) == (ref.dtype, ref.device)
+                else f.to(device=ref.device, dtype=ref.dtype)
+            )
             up, out_size = _geometry_sizes(h, w, f.numel())
-            theta = _sampling_theta(params, n, (h, w), out_size, up)
-            groups = [_apply_geometry(g, theta, f) for g in groups]
+            grid = _sampling_grid(_sampling_theta(params, n, (h, w), out_size, up), ref, f.numel())
+            filters = _resampling_filters(f, groups[0].shape[1])  # every group has the same channel count
+            groups = [_apply_geometry(g, grid, filters) for g in groups]
         if params.brightness is not None or params.contrast is not None or params.saturation is not None:
             groups = [_apply_colour(g, params, c) for g in groups]
         if params.cutout_size is not None and params.cutout_center is not None:
@@ -825,11 +947,9 @@ class LatentAugment(nn.Module):
         params: AugmentParams | None,
     ) -> tuple[torch.Tensor, ...]:
         """Forward without the input checks (for callers that have checked already)."""
-        work = torch.float32
-        for t in tensors:
-            work = torch.promote_types(work, t.dtype)
+        work = _working_dtype(*(t.dtype for t in tensors))
         if params is None:
             params = self._sample(tensors[0].shape[0], generator, tensors[0].device, work)
         with torch.autocast(device_type=tensors[0].device.type, enabled=False):
-            out = self._transform(tuple(t.to(work) for t in tensors), params)
-        return tuple(o.to(t.dtype) for o, t in zip(out, tensors, strict=True))
+            out = self._transform(tuple(_cast(t, work) for t in tensors), params)
+        return tuple(_cast(o, t.dtype) for o, t in zip(out, tensors, strict=True))

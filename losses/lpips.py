@@ -64,7 +64,15 @@ from .._checks import (
     check_positive,
     check_same_shape,
 )
-from .latent_augment import LatentAugment, _check_generator, _check_real, augment_ops, sym6_filter
+from .latent_augment import (
+    LatentAugment,
+    _cast,
+    _check_generator,
+    _check_real,
+    _working_dtype,
+    augment_ops,
+    sym6_filter,
+)
 
 __all__ = [
     "LATENT_SPECS",
@@ -336,12 +344,15 @@ class _LayerDistance(torch.autograd.Function):
     al., LPIPS, CVPR 2018, Eq. 1, as Kang et al., ECCV 2024, use it on latents) with a hand-written backward.
 
     Our choice (kernel count): autograd records ~20 element-wise ops per layer for the normalisation,
-    difference, 1×1 head and mean; the closed-form gradient of :math:`\hat\phi = \phi\, r`,
-    :math:`r = (\lVert\phi\rVert^2 + \epsilon)^{-1/2}`, is
-    :math:`\partial\phi = r\,(g - \hat\phi\, \langle\hat\phi, g\rangle_c)` for the gradient :math:`g` with
-    respect to :math:`\hat\phi`, a handful of ops; the heads get theirs when they require it (their
-    calibration). First-order only (``once_differentiable``: a second
-    derivative raises instead of being silently wrong).
+    difference, 1×1 head and mean. Here the forward keeps the head-weighted difference
+    :math:`u = d \odot w / (HW)` of :math:`d = \hat\phi(x) - \hat\phi(y)` (per pixel without the
+    :math:`1/(HW)` when ``spatial``), so the value is :math:`\sum_{chw} u \odot d` and the gradient with respect
+    to :math:`\hat\phi(x)` is :math:`g = 2 u` times the incoming gradient; the closed-form gradient of
+    :math:`\hat\phi = \phi\, r`, :math:`r = (\lVert\phi\rVert^2 + \epsilon)^{-1/2}`, is then
+    :math:`\partial\phi = r\,(g - \hat\phi\, \langle\hat\phi, g\rangle_c)` -- seven ops per input. The heads
+    get theirs when they require it (their calibration); only the tensors a requested gradient needs are
+    saved. First-order only (``once_differentiable``: a second derivative raises instead of being
+    silently wrong).
     """
 
     @staticmethod
@@ -351,28 +362,40 @@ class _LayerDistance(torch.autograd.Function):
         nx, rx = _unit_normalize(fx)
         ny, ry = _unit_normalize(fy)
         diff = nx - ny
-        if spatial:
-            value = F.conv2d(diff.square(), head)  # (B, 1, h, w)
-        else:
-            value = diff.square().mean(dim=(2, 3)) @ head.view(-1)  # (B,): the mean commutes with the head
-        ctx.save_for_backward(nx, rx, ny, ry, diff, head)
+        # head: the (1, C, 1, 1) weight of the 1×1 convolution, broadcast over the batch and the pixels.
+        if spatial:  # (B, 1, h, w)
+            weighted = diff * head
+            value = (weighted * diff).sum(dim=1, keepdim=True)
+        else:  # (B,): the mean over the pixels folded into the head
+            weighted = diff * (head * (1.0 / (diff.shape[2] * diff.shape[3])))
+            value = (weighted * diff).sum(dim=(1, 2, 3))
+        need_x, need_y, need_w = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(
+            weighted,
+            nx if need_x else None,
+            rx if need_x else None,
+            ny if need_y else None,
+            ry if need_y else None,
+            diff if need_w else None,
+        )
         ctx.spatial = spatial
         return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        nx, rx, ny, ry, diff, head = ctx.saved_tensors
-        b, c, h, w = diff.shape
-        scale = grad if ctx.spatial else grad.view(b, 1, 1, 1) * (1.0 / (h * w))
-        g = diff * (head.view(1, c, 1, 1) * (2 * scale))  # gradient w.r.t. the normalised x features
+        weighted, nx, rx, ny, ry, diff = ctx.saved_tensors
+        b, _, h, w = weighted.shape
+        scale = (grad if ctx.spatial else grad.view(b, 1, 1, 1)) * 2
+        g = weighted * scale  # gradient w.r.t. the normalised x features (minus it for y)
         gx = gy = gw = None
         if ctx.needs_input_grad[0]:
             gx = torch.addcmul(g, nx, (nx * g).sum(dim=1, keepdim=True), value=-1) * rx
         if ctx.needs_input_grad[1]:
             gy = torch.addcmul(g, ny, (ny * g).sum(dim=1, keepdim=True), value=-1) * -ry
         if ctx.needs_input_grad[2]:  # the heads are trained (calibration): d value / d w_c = mean_hw diff_c^2
-            gw = (diff.square() * scale).sum(dim=(0, 2, 3)).view_as(head)
+            per_pixel = 0.5 if ctx.spatial else 0.5 / (h * w)
+            gw = ((diff.square() * scale).sum(dim=(0, 2, 3)) * per_pixel).view(1, -1, 1, 1)
         return gx, gy, gw, None
 
 
@@ -386,10 +409,7 @@ def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """At least float32 and at least as precise as each of ``dtypes`` (inputs, network parameters)."""
-    out = torch.float32
-    for dt in dtypes:
-        out = torch.promote_types(out, dt)
-    return out
+    return _working_dtype(*dtypes)
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype | None:
@@ -791,13 +811,17 @@ class LatentLPIPS(nn.Module):
         self._check_inputs(input, target, normalize, spatial)
         w = self.net.slice1[0].weight  # type: ignore[index, union-attr]
         dt = _compute_dtype(input.dtype, target.dtype, w.dtype)
-        x, y = input.to(dt), target.to(dt)
+        x, y = _cast(input, dt), _cast(target, dt)
         if normalize:
             x, y = self._normalize(x), self._normalize(y)
         return x, y
 
     def _l1(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x - y).abs().mean(dim=(1, 2, 3))
+
+    def _plus_l1(self, value: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+        """``value + l1_weight * l1``; the default weight 1 adds ``l1`` without a multiplication."""
+        return value + l1 if self.l1_weight == 1 else value + self.l1_weight * l1
 
     def _distance(self, x: torch.Tensor, y: torch.Tensor, spatial: bool) -> torch.Tensor:
         """LPIPS part only: ``(B,)``, or ``(B, 1, H, W)`` when ``spatial``; in ``x``'s dtype."""
@@ -817,9 +841,9 @@ class LatentLPIPS(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             total: torch.Tensor | None = None
             for k, (fx, fy) in enumerate(feats):
-                fx, fy = (f if f.dtype == dt else f.to(dt) for f in (fx, fy))
+                fx, fy = _cast(fx, dt), _cast(fy, dt)
                 head = self.heads[k].model[1].weight  # type: ignore[index, union-attr]
-                head = head if head.dtype == dt else head.to(dt)
+                head = _cast(head, dt)
                 drop = cast(nn.Dropout, self.heads[k].model[0])  # type: ignore[index, union-attr]
                 # Head calibration with dropout (LPIPS' trainer; train_latent_lpips.py): the autograd path.
                 if drop.training and drop.p > 0:
@@ -869,7 +893,7 @@ class LatentLPIPS(nn.Module):
         if self.l1_weight:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 l1 = (x - y).abs().mean(dim=1, keepdim=True) if spatial else self._l1(x, y)
-                value = value + self.l1_weight * l1
+                value = self._plus_l1(value, l1)
         return value if spatial else _reduce(value, self.reduction)
 
 
@@ -983,12 +1007,17 @@ class ELatentLPIPS(LatentLPIPS):
         x, y = self._prepare(input, target, normalize, spatial)
         k = self.num_draws
         # The K draws batched along the batch dimension, draw-major: sample i of draw j at j * B + i.
-        xk = einops.repeat(x, "b c h w -> (k b) c h w", k=k)
-        yk = einops.repeat(y, "b c h w -> (k b) c h w", k=k)
-        xa, ya = self.augment._run((xk, yk), generator, None)  # float32+ resampling, outside autocast
-        value = einops.reduce(self._distance(xa, ya, spatial=False), "(k b) -> b", "mean", k=k)
+        if k > 1:
+            x_k = einops.repeat(x, "b c h w -> (k b) c h w", k=k)
+            y_k = einops.repeat(y, "b c h w -> (k b) c h w", k=k)
+        else:  # one draw: no copies (and no repeat / mean in the graph)
+            x_k, y_k = x, y
+        xa, ya = self.augment._run((x_k, y_k), generator, None)  # float32+ resampling, outside autocast
+        value = self._distance(xa, ya, spatial=False)
+        if k > 1:
+            value = einops.reduce(value, "(k b) -> b", "mean", k=k)
         if self.l1_weight:
-            value = value + self.l1_weight * self._l1(x, y)
+            value = self._plus_l1(value, self._l1(x, y))
         return _reduce(value, self.reduction)
 
 

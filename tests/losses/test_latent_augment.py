@@ -424,3 +424,54 @@ def test_colour_matrix_equals_the_sequential_chain() -> None:
         torch.testing.assert_close(got.double(), chain(x, only), atol=tol, rtol=0)
     one = AugmentParams(saturation=prm.saturation)
     assert torch.equal(LatentAugment("c").transform((x[:, :1],), one)[0], x[:, :1])
+
+
+@pytest.mark.parametrize("n", [3, 20])  # below and above the CPU generators' vectorised block of 16
+def test_draws_are_adas_formulas_bit_for_bit(n: int) -> None:
+    """Every field of a p = 1 draw equals ADA's formula on the same random stream, exactly (no tolerance).
+
+    The draws use ``uniform_(low, high)`` in place of ADA's ``rand() * (high - low) + low``; this pins that
+    both read the same numbers from the generator and round them the same.
+    """
+    got = LatentAugment("bgc").sample(n, generator=_gen(5))
+    g = _gen(5)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=g)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g)
+
+    want: dict[str, torch.Tensor] = {}
+    # ADA's order (augment.py): each value, then its (always passing) gate draw.
+    want["xflip"], _ = torch.floor(rand(n) * 2), rand(n)
+    want["rotate90"], _ = torch.floor(rand(n) * 4), rand(n)
+    want["xint"], _ = (rand(n, 2) * 2 - 1) * 0.125, rand(n, 1)
+    want["scale"], _ = torch.exp2(randn(n) * 0.2), rand(n)
+    want["rotate_pre"], _ = (rand(n) * 2 - 1) * math.pi * 1.0, rand(n)
+    want["aniso"], _ = torch.exp2(randn(n) * 0.2), rand(n)
+    want["rotate_post"], _ = (rand(n) * 2 - 1) * math.pi * 1.0, rand(n)
+    want["xfrac"], _ = randn(n, 2) * 0.125, rand(n, 1)
+    # DiffAugment's colour draws, no gate at p = 1.
+    want["brightness"] = rand(n, 1, 1, 1).reshape(n) - 0.5
+    want["contrast"] = rand(n, 1, 1, 1).reshape(n) + 0.5
+    want["saturation"] = rand(n, 1, 1, 1).reshape(n) * 2
+    for name, value in want.items():
+        assert torch.equal(getattr(got, name), value), name
+
+
+def test_closed_form_theta_gradcheck_float64() -> None:
+    """The in-place blocks of the closed-form matrix keep it differentiable in the continuous parameters."""
+    from diffdistill.losses import latent_augment as la
+
+    n, h, w = 3, 6, 7
+    prm = LatentAugment("bg").sample(n, generator=_gen(0), dtype=torch.float64)
+    up, out = la._geometry_sizes(h, w, 12)
+    names = ("scale", "aniso", "rotate_pre", "rotate_post", "xfrac")
+    start = tuple(getattr(prm, k).double().requires_grad_(True) for k in names)
+
+    def theta(*values: torch.Tensor) -> torch.Tensor:
+        fixed = {k: getattr(prm, k) for k in ("xflip", "rotate90", "xint")}
+        return la._sampling_theta(AugmentParams(**fixed, **dict(zip(names, values))), n, (h, w), out, up)
+
+    assert torch.autograd.gradcheck(theta, start)

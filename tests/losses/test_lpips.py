@@ -808,14 +808,19 @@ def test_trainable_trunk_keeps_its_batch_norm_modules() -> None:
 
 
 @pytest.mark.parametrize("spatial", [False, True])
-def test_layer_distance_gradients_float64(spatial: bool) -> None:
-    """The hand-written backward of one layer term against finite differences: features of both sides and the head."""
+@pytest.mark.parametrize("needs", ["xyw", "x", "y", "w"])
+def test_layer_distance_gradients_float64(spatial: bool, needs: str) -> None:
+    """The hand-written backward of one layer term against finite differences: features of both sides and the head.
+
+    ``needs`` names the inputs that require a gradient (the forward saves only what those need; "x" is the
+    loss's usual case, a target without gradient).
+    """
     from diffdistill.losses.lpips import _LayerDistance
 
     g = _gen(0)
-    fx = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    fy = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    head = torch.rand(1, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    fx = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad="x" in needs)
+    fy = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g, requires_grad="y" in needs)
+    head = torch.rand(1, 3, 1, 1, dtype=torch.float64, generator=g, requires_grad="w" in needs)
     assert torch.autograd.gradcheck(lambda a, b, w: _LayerDistance.apply(a, b, w, spatial), (fx, fy, head))
     # The value is LPIPS' layer term, written out independently.
     nx = fx / torch.sqrt(fx.pow(2).sum(1, keepdim=True) + 1e-8)
