@@ -4,9 +4,9 @@
 # SDXL-size benchmarks whose figures the README still lacks.
 #
 #   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
-#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=510)
+#   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=590)
 #
-# Each section runs under its own time limit (they add up to 460 s, 900 s with GPU_CHECKS_FULL=1, which
+# Each section runs under its own time limit (they add up to 540 s, 1,445 s with GPU_CHECKS_FULL=1, which
 # needs a second command or a longer lease; a stopped section gets 10 s more to exit, and the wheel install
 # takes seconds) and writes $OUT/<section>.log, so a
 # section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
@@ -40,35 +40,35 @@ section() {  # section NAME SECONDS COMMAND...
     echo "- $name: exit $rc after $(( $(date +%s) - start )) s (limit $limit s)" >> "$SUMMARY"
 }
 
-# Most wanted first: a later section is the one a short lease cuts. The first lease (H200, 2026-11-27)
-# recorded the LoRA table at batches 1 and 8, the full-UNet students at batch 1, LPIPS and the discriminator
-# heads (README); those reruns come with GPU_CHECKS_FULL=1. A LoRA SDXL step took 1.1-2.0 s at batch 1 and 8
-# alike (the host side bounds it): one warm-up and one timed step each.
-# Diffusion2GAN with APT's finite-difference R1 (exact R1 peaked at 109 GiB): does it fit 80 GB? Uncapped,
-# so the peak itself is measured.
-section 01-d2g-approximate-r1 120 python3 benchmarks/gpu_sdxl.py --methods diffusion2gan --no_reference \
-    --batches 1 8 16 --warmup 1 --repeats 1 --r1_approximate_sigma 0.1
-# Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
-# run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).
-section 02-tests-cuda 100 env CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -p no:cacheprovider -n 4 --device cuda tests/test_on_device.py \
-    tests/examples/test_sdxl_scripts.py -k "not fsdp and not two_process"
-# The largest batch each LoRA method fits on an 80 GB card (the allocator capped at 78 GiB; every method fit
-# batch 8 except Lightning at 55 GiB, which batch 16 decides), cheapest steps first.
-section 03-largest-batch 240 python3 benchmarks/gpu_sdxl.py --batches 16 32 64 --memory_cap_gib 78 --warmup 1 \
-    --repeats 1 --methods ssd1b hyper_sd sim lightning mlcm
+# Most wanted first: a later section is the one a short lease cuts (the whole default run: ~540 s, so run it
+# with timeout_s=590). Issue 24's open GPU figures lead: E-LatentLPIPS against the official package and the bare
+# trunk (eager and CUDA-graph compiled), the MFU of every SDXL step (eager), FLUX's one-step methods on one shared
+# base (issue 22/23: does batch >= 1 fit 80 GB?), and the compiled speed-up of the reference LoRA step and SIM.
+# Diffusion2GAN runs with APT's approximate R1 (exact R1 peaked at 109 GiB on the first lease).
+section 01-lpips 150 python3 benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 10 --bf16 \
+    --channels-last --draws 0 --pixel-batches --official-ref-ops --compile-mode reduce-overhead
+section 02-mfu-sdxl 160 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 1 --repeats 2 --memory_cap_gib 78 \
+    --r1_approximate_sigma 0.1
+section 03-flux 110 python3 benchmarks/gpu_flow.py --model flux --batches 1 2 --warmup 1 --repeats 1 \
+    --memory_cap_gib 78
+section 04-mfu-sdxl-compiled 120 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 3 --repeats 2 \
+    --memory_cap_gib 78 --compile --methods reference sim
 if [ "${GPU_CHECKS_FULL:-0}" = 1 ]; then
-    # One training step per method at the real SDXL UNet (random weights), 128x128 latents, bf16, LoRA with
-    # gradient checkpointing (ssd1b's student is always full).
-    section 04-gpu-sdxl-lora 230 python3 benchmarks/gpu_sdxl.py --batches 1 8 --warmup 1 --repeats 1
-    # E-LatentLPIPS speed goal (ours vs the official package, batch 8, 128x128, bf16, channels_last); the
-    # official package's upfirdn2d CUDA plugin failed to build on the image (CUDA 13, torch 2.11): its
-    # PyTorch reference path; no num_draws or pixel-LPIPS rows here.
-    section 05-lpips 55 python3 benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 5 --bf16 \
-        --channels-last --draws 0 --pixel-batches --official-ref-ops
+    # Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
+    # run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).
+    section 05-tests-cuda 100 env CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -p no:cacheprovider -n 4 \
+        --device cuda tests/test_on_device.py tests/examples/test_sdxl_scripts.py -k "not fsdp and not two_process"
+    # The largest batch each LoRA method fits on an 80 GB card (allocator capped at 78 GiB), shared base too.
+    section 06-largest-batch 240 python3 benchmarks/gpu_sdxl.py --batches 16 32 64 --memory_cap_gib 78 --warmup 1 \
+        --repeats 1 --methods ssd1b hyper_sd sim lightning mlcm
+    section 07-shared-base 150 python3 benchmarks/gpu_sdxl.py --methods sim diffusion2gan --r1_approximate_sigma 0.1 \
+        --batches 8 16 32 64 --memory_cap_gib 78 --shared_base --warmup 1 --repeats 1
+    section 08-sd35-large 110 python3 benchmarks/gpu_flow.py --model sd35-large --batches 1 2 4 --warmup 1 \
+        --repeats 1 --memory_cap_gib 78
     # Discriminator heads' overhead on the SDXL backbone (bf16, 128x128).
-    section 06-discriminators 55 python3 benchmarks/discriminators.py --sdxl --device cuda --repeats 2 --warmup 1
+    section 09-discriminators 55 python3 benchmarks/discriminators.py --sdxl --device cuda --repeats 2 --warmup 1
     # The full-UNet students at batch 1.
-    section 07-gpu-sdxl-full 100 python3 benchmarks/gpu_sdxl.py --full --batches 1 --warmup 1 --repeats 1 \
+    section 10-gpu-sdxl-full 100 python3 benchmarks/gpu_sdxl.py --full --batches 1 --warmup 1 --repeats 1 \
         --methods lightning hyper_sd diffusion2gan mlcm sim
 fi
 cat "$SUMMARY"
