@@ -261,9 +261,13 @@ class LADDHead(_Head):
 
 
 def _default_timestep_scale(model: Any) -> float:
-    """1000 for models that take σ (FLUX, Qwen-Image: they multiply by 1000 inside), else 1 (SD3 takes σ·1000)."""
-    name = type(model).__name__
-    return 1000.0 if name.startswith(("Flux", "QwenImage")) else 1.0
+    """1000 for models that take σ (FLUX, Qwen-Image: they multiply by 1000 inside), else 1 (SD3 takes σ·1000).
+
+    The class is named over its whole MRO: FSDP2's ``fully_shard`` swaps a module's class for a generated
+    subclass ``FSDP<Name>``, and a sharded FLUX read by its own class name alone would get 1 (heads conditioned
+    on σ instead of σ·1000; measured: flow_dmd2.py's FSDP2 updates then left DDP's by 41-82 %)."""
+    names = [cls.__name__ for cls in type(model).__mro__]
+    return 1000.0 if any(name.startswith(("Flux", "QwenImage")) for name in names) else 1.0
 
 
 def _run_cond_heads(

@@ -20,13 +20,10 @@ states for FLUX.1, 255 GiB for SD3.5-Large, 71 GiB for SD3.5-Medium before any a
 networks take 27.5 / 21.3 / 6.7 GiB (bf16 base, float32 adapters with gradients and AdamW states).
 Engines: one process, DDP, or FSDP2, where the frozen base is sharded once
 (:meth:`~diffdistill.students.SharedBase.fully_shard`) and each view shards its adapter with its optimiser
-(checkpoints then hold accelerate's sharded states; tested equal to DDP on 2 CPU processes, resumed exactly).
-Refused (``training.flow_critics.check_engine``): DeepSpeed (it wraps each prepared model in its own engine, and
-the shared base is no prepared model: each view runs the other's adapter layers and the base outside its
-engine), and ``--gan_weight`` under FSDP2: the heads run the sharded base under the fake adapter outside the fake
-view's FSDP2 forward, and such a run does not reproduce DDP's updates (measured on 2 CPU processes: off by 41 % of
-the fake score's update and 71-82 % of the generator's, with or without gradient checkpointing; the cause is not
-pinned down).
+(checkpoints then hold accelerate's sharded states; with ``--gan_weight`` and gradient checkpointing tested equal
+to DDP on 2 CPU processes, resumed exactly). Refused (``training.flow_critics.check_engine``): DeepSpeed (it wraps
+each prepared model in its own engine, and the shared base is no prepared model: each view runs the other's
+adapter layers and the base outside its engine).
 
 One optimisation step (``training.flow_critics.FlowScoreDistillation``):
 
@@ -95,9 +92,8 @@ our choice (why)                           shared-base LoRA critics (memory: one
                                            for LoRA; GAN heads on the fake score's blocks (DMD2; FastGen
                                            reads the teacher's); SiD / SIM learning rates and the 4-step
                                            SiD grid not checked against arXiv:2509.25127's text
-not implemented                            DMD2's ODE-pair regression warm-up; DeepSpeed; the GAN term
-                                           under FSDP2; full fine-tuning (see above); approximate R1 of
-                                           the GAN heads
+not implemented                            DMD2's ODE-pair regression warm-up; DeepSpeed; full
+                                           fine-tuning (see above); approximate R1 of the GAN heads
 =========================================  ===========================================================
 
 Example::
@@ -337,7 +333,7 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
 
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_dmd2")
-    flow_critics.check_engine(accelerator, args)
+    flow_critics.check_engine(accelerator)
     parts = flow_models.load_flow(args)
     check_family_args(args, parts)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)

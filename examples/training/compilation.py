@@ -98,7 +98,8 @@ def compile_networks(
     for network in networks:
         if network is None or any(network is n for n in double_backward):
             continue
-        blocks = [m for m in _modules_of(network) if type(m).__name__ in REGIONS]
+        # By class name over the MRO: FSDP2's fully_shard swaps a module's class for an "FSDP<Name>" subclass.
+        blocks = [m for m in _modules_of(network) if any(c.__name__ in REGIONS for c in type(m).__mro__)]
         if any(id(m) in eager for m in blocks):
             raise ValueError(
                 f"--compile: {type(network).__name__} shares its blocks with a network differentiated twice (exact "

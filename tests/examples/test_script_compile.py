@@ -207,6 +207,18 @@ def _check_compiled_blocks() -> None:
     assert len(resnet_shapes) > 1
     assert torch._dynamo.config.recompile_limit == 8 * len(resnet_shapes)
     assert compilation.compile_networks(args, unet) == []  # compiled already: not again
+    # FSDP2's fully_shard swaps each sharded module's class for a generated "FSDP<Name>" subclass (torch's own
+    # construction, repeated here without a process group): its blocks are still found by the MRO.
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = _tiny_unet()
+    for m in sharded.modules():
+        if type(m).__name__ in compilation.REGIONS:
+            m.__class__ = type(f"FSDP{type(m).__name__}", (FSDPModule, type(m)), {})
+    renamed = [m for m in sharded.modules() if type(m).__name__.startswith("FSDP")]
+    assert renamed and {id(m) for m in compilation.compile_networks(args, sharded)} == {
+        id(m) for m in renamed
+    }
 
 
 def test_exact_r1_discriminator_stays_eager_or_is_refused() -> None:
