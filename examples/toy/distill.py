@@ -25,14 +25,18 @@ regression students sample with deterministic DDIM over trailing timesteps (999 
 749, 499, 249), the states their teacher ODE pairs come from.
 
 Quality is measured without downloads by a small classifier trained on the same synthetic shapes
-(``metrics.py``): the Fréchet distance of its features to real images (FD, lower is better) and the
+(``toy_metric.py``): the Fréchet distance of its features to real images (FD, lower is better; computed
+through :mod:`diffdistill.metrics` with the classifier as the feature extractor, as FID is) and the
 class accuracy of the samples (FD compares marginal distributions, so it does not see a well-formed
 sample of the wrong class; accuracy does). Each number is a mean ± sd over ``eval_draws`` draws of
 ``eval_samples`` samples; a draw fixes the initial noises and the re-noising generator of the stochastic
 samplers, the same for every row. The baseline of each student is the teacher run through *that
 student's* sampler (DDIM, the LCM sampler or the x0 re-noise sampler) at the same step count; the
 ``results.md`` comparison table gives the per-draw paired differences. Writes ``grid.png`` and
-``results.md`` (tables and per-stage wall times) to ``--out`` and prints them::
+``results.md`` (tables and per-stage wall times) to ``--out`` and prints them; ``results.json`` holds the
+table with an :class:`~diffdistill.metrics.EvaluationProtocol` record (the class labels are the prompts),
+and ``runs/*/results.json`` the table's lines in ``examples/evaluate.py``'s format (issue 25), so
+``examples/evaluate.py --compare build/toy_demo/runs/*`` reads them as it reads an SDXL evaluation::
 
     make demo        # = .venv/bin/python examples/toy/distill.py
     .venv/bin/python examples/toy/distill.py --teacher flow --out build/toy_demo_flow
@@ -46,8 +50,12 @@ the trailing grid of the shifted table is FLUX's ``linspace(1, 1/N, N)`` shifted
 flow-LCM (diffusers' ``FlowMatchLCMScheduler``: the consistency boundary in sigma makes it the x0 re-noise
 loop), the students keep the velocity prediction (a velocity network's ``x0`` at ``sigma = 1`` is
 ``x - v``: no amplification, so they take larger learning rates, :func:`flow_config`), and the fake score of
-``sim`` regresses the velocity (``fake_score_loss(weighting="flow")``, the teacher's own CFM objective). The
-flow run adds the teacher's 50-step Euler row, the reference of issue 21's goal for the best 1-step student.
+``sim`` regresses the velocity (``fake_score_loss(weighting="flow")``, the teacher's own CFM objective). On
+the flow teacher ``sim`` follows the one-step recipe of :mod:`diffdistill.losses.score` (the toy proof's):
+its first call takes pure noise at SiD/SIM's intermediate input timestep (EDM sigma 2.5: index 454 of the
+shift-3 table) instead of t = 999, where the velocity teacher's estimate does not depend on the noise, and
+it samples with an EMA of its weights. The flow run adds the teacher's 50-step Euler row, the reference of
+issue 21's goal for the best 1-step student.
 """
 
 from __future__ import annotations
@@ -69,8 +77,14 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from metrics import evaluate_samples, train_classifier  # noqa: E402
 from shapes import CLASS_NAMES, NUM_CLASSES, sample_shapes  # noqa: E402
+from toy_metric import (  # noqa: E402
+    ShapeClassifier,
+    classifier_protocol,
+    evaluate_samples,
+    reference_statistics,
+    train_classifier,
+)
 from train_teacher import TEACHER_WEIGHTS, WEIGHTS, class_condition, load_teacher  # noqa: E402
 
 from diffdistill.discriminators import UNetEncoderDiscriminator  # noqa: E402
@@ -83,6 +97,7 @@ from diffdistill.losses import (  # noqa: E402
     renoise_for_discriminator,
     sim_loss,
 )
+from diffdistill.metrics import FID, EvaluationProtocol, package_versions  # noqa: E402
 from diffdistill.schedulers import (  # noqa: E402
     NoiseSchedule,
     TeacherSolver,
@@ -90,9 +105,11 @@ from diffdistill.schedulers import (  # noqa: E402
     dmd2_timesteps,
     lcm_sample,
     lcm_timesteps,
+    one_step_sample,
     spaced_timesteps,
     x0_renoise_sample,
 )
+from diffdistill.students import EMA  # noqa: E402
 
 METHODS = ("lcm", "sim", "adversarial", "regression")
 STEP_COUNTS = (1, 2, 4)
@@ -112,6 +129,13 @@ class DemoConfig:
     lcm_ddim_timesteps: int = 4  # skip 250: teacher DDIM jumps on the 4-step grid
     sim_steps: int = 120
     sim_lr: float = 2e-5
+    # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is);
+    # the flow run feeds SiD/SIM's intermediate one (losses/score.py's recipe, flow_config()).
+    sim_generator_timestep: int | None = None
+    # EMA decay of each student's weights, used for sampling (0: the raw weights; DMD2 / SiD sample an EMA).
+    sim_ema: float = 0.0
+    adversarial_ema: float = 0.0
+    regression_ema: float = 0.0
     fake_score_lr: float = 1e-4
     # fake_score_loss's weighting: "epsilon" (VP), "flow" on the flow teacher (its own CFM loss)
     fake_score_weighting: str = "epsilon"
@@ -138,16 +162,20 @@ def flow_config() -> DemoConfig:
     """The run on the flow teacher (``--teacher flow``): the same students, samplers and evaluation, with
     the teacher's 50-step Euler row (issue 21's reference for the best 1-step student) and re-tuned budgets.
 
-    Our choices, measured on ``--seed 0`` (2 draws of 512; examples/toy/README.md lists the runs): a velocity
-    network's :math:`\\hat x_0 = x - \\sigma v` does not amplify output errors, so the students that regress
-    teacher pairs take larger steps (regression 1e-3, adversarial 1e-4, lcm 3e-4); SIM keeps a small one
-    (3e-5: at 1e-4 its 4-step samples degraded) and its fake score regresses the velocity (``"flow"``
-    weighting, the teacher's CFM loss; ``"epsilon"`` gave worse 2- and 4-step samples). The adversarial
-    student, the best at 1 step, gets 1024 teacher pairs and 240 steps (512 pairs / 160 steps: FD 6.4 at
-    1 step, against 5.4). The 50-step teacher row costs 50 network calls per sample, more than the rest of
-    the evaluation together (42), so to aim at the 10-minute budget (estimated at about 9.5 min from the VP
-    run's stage rates, not measured) the flow run evaluates 2 draws of 512 (not 4) and trains lcm for 160
-    steps (not 240) and sim for 80 (not 120).
+    Our choices, measured on ``--seed 0`` (2 draws of 512; examples/toy/README.md lists the runs, and the
+    held-out ``--seed 1``): a velocity network's :math:`\\hat x_0 = x - \\sigma v` does not amplify output
+    errors, so the students that regress teacher pairs take larger steps (regression 1e-3, adversarial 1e-4,
+    lcm 3e-4); SIM keeps a small one (3e-5: at 1e-4 its 1- and 4-step samples degraded) and its fake score
+    regresses the velocity (``"flow"`` weighting, the teacher's CFM loss; ``"epsilon"`` gave worse 2- and
+    4-step samples). SIM feeds pure noise at index 454 (EDM sigma 2.5, SiD/SIM's ``init_sigma``; as the toy
+    proof, losses/score.py) and samples an EMA (decay 0.95 over its 80 steps): its 1-step FD went from 137 to
+    35. The adversarial student, the best at 1 step, gets 2048 teacher pairs and 240 steps: it is
+    data-limited (1-step FD 6.4 on 512 pairs / 160 steps, 5.4 on 1024 / 240, 3.4 on 2048 / 240; 6.9 on
+    2048 / 360, also worse on ``--seed 1``); an EMA of its
+    weights did not help it (its learning rate decays to zero, which already averages). The 50-step teacher
+    row costs 50 network calls per sample, more than the rest of the evaluation together (42), so to fit the
+    10-minute budget the flow run evaluates 2 draws of 512 (not 4) and trains lcm for 160 steps (not 240) and
+    sim for 80 (not 120).
     """
     return DemoConfig(
         teacher="flow",
@@ -155,11 +183,13 @@ def flow_config() -> DemoConfig:
         teacher_extra_ddim_steps=(50,),
         lcm_lr=3e-4,
         sim_lr=3e-5,
+        sim_generator_timestep=454,  # schedule.edm_sigma_to_timestep(2.5) on the shift-3 table (tested)
+        sim_ema=0.95,
         fake_score_weighting="flow",
         adversarial_steps=240,
         adversarial_lr=1e-4,
         regression_lr=1e-3,
-        num_pairs=1024,
+        num_pairs=2048,
         lcm_steps=160,
         sim_steps=80,
         eval_draws=2,
@@ -313,7 +343,8 @@ def train_lcm(toy: Toy, cfg: DemoConfig) -> nn.Module:
 def _backward_simulate(
     net: nn.Module, toy: Toy, grid: torch.Tensor, cond: dict, n: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DMD2 backward simulation: run the generator's first k grid steps (no grad), train at t_k."""
+    """DMD2 backward simulation: run the generator's first k grid steps (no grad), train at t_k. ``grid[0]``
+    is the input timestep of the first call on pure noise (:func:`sim_grid`), the others re-noising targets."""
     k = int(torch.randint(0, grid.numel(), (1,), generator=g))
     x = torch.randn(n, 3, 16, 16, generator=g)
     with torch.no_grad():
@@ -323,6 +354,32 @@ def _backward_simulate(
     return x, grid[k].expand(n)
 
 
+def sim_grid(generator_timestep: int | None = None) -> torch.Tensor:
+    """SIM's 4-step grid: DMD2's ``[999, 749, 499, 249]`` with the first entry, the input timestep of the
+    generator's call on pure noise, replaced by ``generator_timestep`` (as the paper recipe of
+    losses/score.py: SiD/SIM feed pure noise at :math:`\\sigma_\text{init} = 2.5`; on the shift-3 flow table
+    index 454). The later entries stay the re-noising targets of the multi-step generator (DMD2, Sec. 4.5),
+    so the grid is not decreasing when ``generator_timestep`` is below 749: its first call is a generator
+    call on pure noise, not a denoising step."""
+    grid = dmd2_timesteps(4)
+    if generator_timestep is not None:
+        grid = grid.clone()
+        grid[0] = generator_timestep
+    return grid
+
+
+def _ema(net: nn.Module, decay: float) -> EMA | None:
+    """An EMA of ``net``'s weights (``decay`` 0: none)."""
+    return EMA(net, decay=decay) if decay > 0 else None
+
+
+def _finish(net: nn.Module, ema: EMA | None) -> nn.Module:
+    """The weights a student samples with: the EMA's when there is one (as DMD2 and SiD sample)."""
+    if ema is not None:
+        ema.copy_to(net)
+    return net
+
+
 def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
     """One-step SIM with an online fake score, trained on the DMD2 4-step grid by backward simulation."""
     g = torch.Generator().manual_seed(cfg.seed + 20)
@@ -330,7 +387,8 @@ def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
     fake = toy.trainable_copy()
     opt_g = _Optimizer(net, cfg.sim_lr, cfg.sim_steps)
     opt_f = _Optimizer(fake, cfg.fake_score_lr, cfg.sim_steps, decay=False)
-    grid = dmd2_timesteps(4)
+    ema = _ema(net, cfg.sim_ema)
+    grid = sim_grid(cfg.sim_generator_timestep)
     for _ in _bar(cfg.sim_steps, "sim"):
         y = _labels(cfg.batch, g)
         cond = toy.cond(y)
@@ -351,7 +409,9 @@ def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
         )
         fake.requires_grad_(True)
         opt_g.step(loss)
-    return net
+        if ema is not None:
+            ema.update(net)
+    return _finish(net, ema)
 
 
 def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
@@ -361,6 +421,7 @@ def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     disc = UNetEncoderDiscriminator(toy.unet, conditional=False, norm_groups=16)
     opt_g = _Optimizer(net, cfg.adversarial_lr, cfg.adversarial_steps)
     opt_d = _Optimizer(disc, cfg.discriminator_lr, cfg.adversarial_steps, decay=False)
+    ema = _ema(net, cfg.adversarial_ema)
     for _ in _bar(cfg.adversarial_steps, "adversarial"):
         x_t, t, y, target = pairs.batch(cfg.batch, g)
         cond = toy.cond(y)
@@ -375,7 +436,9 @@ def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
         disc.requires_grad_(True)
         loss = F.mse_loss(x_g, target) + cfg.adversarial_weight * g_adv
         opt_g.step(loss)
-    return net
+        if ema is not None:
+            ema.update(net)
+    return _finish(net, ema)
 
 
 def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
@@ -386,13 +449,16 @@ def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
         torch.manual_seed(cfg.seed)
         lpips = LatentLPIPS(latent=48, weights=None)  # random-init trunk on 48 x 4 x 4 space-to-depth pixels
     opt = _Optimizer(net, cfg.regression_lr, cfg.regression_steps)
+    ema = _ema(net, cfg.regression_ema)
     for _ in _bar(cfg.regression_steps, "regression"):
         x_t, t, y, target = pairs.batch(cfg.batch, g)
         x_g = _x0(net, toy.schedule, x_t, t, toy.cond(y))
         perceptual = lpips(F.pixel_unshuffle(x_g, 4), F.pixel_unshuffle(target, 4))
         loss = perceptual + F.mse_loss(x_g, target)
         opt.step(loss)
-    return net
+        if ema is not None:
+            ema.update(net)
+    return _finish(net, ema)
 
 
 #: The sampler each student is evaluated with; the teacher is run through every one of them too.
@@ -411,7 +477,13 @@ def sampler_names(teacher: str) -> dict[str, str]:
 SampleFn = Callable[[torch.Tensor, torch.Tensor, int, torch.Generator], torch.Tensor]
 
 
-def sampler(kind: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_ddim_timesteps) -> SampleFn:
+def sampler(
+    kind: str,
+    net: nn.Module,
+    toy: Toy,
+    lcm_grid: int = DemoConfig.lcm_ddim_timesteps,
+    generator_timestep: int | None = None,
+) -> SampleFn:
     """``sample(noise, labels, steps, generator)`` running ``net`` (a student or the teacher) with one of
     the students' samplers: ``"ddim"`` (deterministic, trailing timesteps; on a flow teacher the Euler loop of
     diffusers' flow pipelines on FLUX's grid ``linspace(1, 1/N, N)`` shifted by the schedule's shift: the
@@ -419,7 +491,9 @@ def sampler(kind: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_
     on ``lcm_timesteps(steps, original_inference_steps=lcm_grid)``) or ``"x0_renoise"``
     (:func:`x0_renoise_sample` on ``dmd2_timesteps(4)[:: 4 // steps]``). The stochastic samplers draw their
     re-noising from ``generator``, which the caller creates once per evaluation and passes through every
-    chunk (so each sample gets its own draws)."""
+    chunk (so each sample gets its own draws). ``generator_timestep`` (``"x0_renoise"`` only; SIM's
+    :attr:`DemoConfig.sim_generator_timestep`) is the input timestep of the first call on pure noise, as
+    the student was trained (:func:`sim_grid`); the later calls stay on the DMD2 grid."""
     if kind not in SAMPLER_NAMES:
         raise ValueError(f"Expected a sampler from {list(SAMPLER_NAMES)}, but got {kind!r}.")
 
@@ -432,8 +506,14 @@ def sampler(kind: str, net: nn.Module, toy: Toy, lcm_grid: int = DemoConfig.lcm_
             ts = lcm_timesteps(steps, original_inference_steps=lcm_grid)
             return lcm_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
         if kind == "x0_renoise":
-            ts = dmd2_timesteps(4)[:: 4 // steps]
-            return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
+            ts = sim_grid(generator_timestep)[:: 4 // steps]
+            if generator_timestep is None:
+                return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
+            x0 = one_step_sample(net, toy.schedule, noise, int(ts[0]), cond=cond).sample
+            if steps == 1:
+                return x0
+            x = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts[1])
+            return x0_renoise_sample(net, toy.schedule, x, ts[1:], cond=cond, generator=generator).sample
         return ddim_sample(net, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond).sample
 
     return run
@@ -551,6 +631,7 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
     ref_labels = torch.arange(cfg.reference_samples) % NUM_CLASSES
     reference, _ = sample_shapes(cfg.reference_samples, g, labels=ref_labels)
     noises = torch.randn(cfg.eval_draws, cfg.eval_samples, 3, 16, 16, generator=g)
+    reference_stats = reference_statistics(classifier, reference)  # the FD's reference, as FID's .npz
 
     seconds: dict[str, float] = {}
     students: dict[str, nn.Module] = {}
@@ -588,13 +669,14 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
             grid_rows.extend((f"{row.short_label} {s}", first_draw[(twin, s)]) for s in row.steps)  # type: ignore[index]
             continue
         net = toy.unet if row.key.startswith("teacher:") else students[row.key]
-        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps)
+        t_gen = cfg.sim_generator_timestep if row.key == "sim" else None
+        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen)
         results[row.key] = {}
         for steps in row.steps:
             fds, accs = [], []
             for draw in range(cfg.eval_draws):
                 x = _batched(fn, noises[draw], labels, steps, renoise_generator(cfg.seed, draw))
-                m = evaluate_samples(classifier, x, labels, reference)
+                m = evaluate_samples(classifier, x, labels, reference_stats)
                 fds.append(m["fd"])
                 accs.append(m["acc"])
                 if draw == 0:
@@ -620,8 +702,96 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         save_grid(grid_rows, out / "grid.png")
         header = "columns: " + ", ".join(f"{c} ({n})" for c, n in zip(range(NUM_CLASSES), CLASS_NAMES))
         (out / "results.md").write_text(f"{table}\n\n{timing}\n\nGrid (draw 0) {header}, 3 samples each.\n")
-        print(f"wrote {out / 'grid.png'} and {out / 'results.md'}")
+        protocol = evaluation_protocol(cfg, classifier, labels, reference_stats)
+        write_records(out, rows, results, cfg, protocol, seconds)
+        print(f"wrote {out / 'grid.png'}, {out / 'results.md'} and {out / 'results.json'}")
     return results
+
+
+def evaluation_protocol(
+    cfg: DemoConfig, classifier: ShapeClassifier, labels: torch.Tensor, reference: Any
+) -> EvaluationProtocol:
+    """The demo's :class:`~diffdistill.metrics.EvaluationProtocol`, as ``examples/evaluate.py`` records an SDXL
+    evaluation (issue 25): the class labels of one draw, in order, are the "prompts" (their names, hashed),
+    ``--seed`` the seed, and the classifier (architecture, training, weights hash) is the FD's feature extractor
+    and the accuracy's backbone. ``generator`` (what made the images; compared by no check) names the teacher."""
+    fid = FID(feature_extractor=classifier.features, reference=reference)
+    extractor = classifier_protocol(classifier)
+    return EvaluationProtocol.for_prompts(
+        "toy shapes, balanced class labels",
+        [CLASS_NAMES[int(i)] for i in labels],
+        seeds=cfg.seed,
+        resolution=16,
+        preprocessing={"fd": "samples clamped to [-1, 1], no resize", "class_accuracy": "clamped to [-1, 1]"},
+        backbones={"fd": {**fid.protocol(), **extractor}, "class_accuracy": extractor},
+        versions=package_versions(["torch", "diffusers", "diffdistill"]),
+        generator={"teacher": cfg.teacher, "weights": cfg.weights.name},
+        extra={
+            "draws": cfg.eval_draws,
+            "draw": "initial noises torch.randn from Generator(seed + 99) after the reference images; "
+            "re-noising from Generator(1000 seed + 123 + draw)",
+            "reference_images": cfg.reference_samples,
+        },
+    )
+
+
+def write_records(
+    out: Path,
+    rows: list[EvalRow],
+    results: Results,
+    cfg: DemoConfig,
+    protocol: EvaluationProtocol,
+    seconds: dict[str, float],
+) -> None:
+    """``results.json`` (the table, the protocol, the config and the stage times) and, per table line,
+    ``runs/<model>_<sampler>_<steps>/results.json`` in ``examples/evaluate.py``'s record format (``metrics``,
+    ``protocol`` with the line's sampler under ``generator``), so ``examples/evaluate.py --compare
+    build/toy_demo/runs/*`` prints the demo's lines as it prints an SDXL teacher beside its students."""
+    import dataclasses
+    import json
+
+    names = sampler_names(cfg.teacher)
+    lines = []
+    for row in rows:
+        role = "teacher" if row.key.startswith("teacher:") else "student"
+        for steps, m in results[row.key].items():
+            lines.append(
+                {
+                    "model": "teacher" if role == "teacher" else f"student: {row.key}",
+                    "sampler": names[row.kind],
+                    "steps": steps,
+                    "metrics": {"fd": m["fd"], "class_accuracy": m["acc"]},
+                    "sd": {"fd": m["fd_sd"], "class_accuracy": m["acc_sd"]},
+                    "draws": {"fd": m["fd_draws"], "class_accuracy": m["acc_draws"]},
+                }
+            )
+            generator = {
+                **protocol.generator,
+                "role": role,
+                "method": None if role == "teacher" else row.key,
+                "scheduler": names[row.kind],
+                "num_inference_steps": steps,
+            }
+            label = f"{'teacher' if role == 'teacher' else row.key}_{row.kind}_{steps}"
+            record = {
+                "metrics": lines[-1]["metrics"],
+                "protocol": dataclasses.replace(protocol, generator=generator).to_dict(),
+                "num_images": cfg.eval_draws * cfg.eval_samples,
+                "label": label,
+            }
+            (out / "runs" / label).mkdir(parents=True, exist_ok=True)
+            (out / "runs" / label / "results.json").write_text(
+                json.dumps(record, indent=1, sort_keys=True) + "\n"
+            )
+    config = {k: (v.name if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    summary = {
+        "table": lines,
+        "protocol": protocol.to_dict(),
+        "config": config,
+        "seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
 
 def _bar_list(items: list[EvalRow], desc: str) -> Any:

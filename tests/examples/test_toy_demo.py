@@ -174,7 +174,7 @@ def test_flow_teacher_euler_samples_have_the_right_class(distill, one_thread) ->
     """The flow teacher's 20-step Euler samples (shifted grid) are recognised as their class by the demo's
     classifier (300 steps, as the demo's), far above chance (25%): measured 32 of 32 (seed 0; the VP
     teacher's 20-step DDIM samples from the same noises: 30 of 32)."""
-    from metrics import train_classifier
+    from toy_metric import train_classifier
 
     toy = distill.Toy(distill.TEACHER_WEIGHTS["flow"])
     labels = torch.arange(32) % 4
@@ -206,3 +206,122 @@ def test_quick_flow_demo_one_step_student_beats_teacher(distill, tmp_path: Path,
     assert "--teacher flow" in text
     assert "| student: regression | Euler | 1 |" in text
     assert "64 × 4-step teacher Euler" in text
+
+
+# ------------------------------------------------------------------------ SIM's recipe, EMA, the metric interface
+def test_sim_generator_timestep_grid_and_sampler(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """SIM's first call takes pure noise at its input timestep: the VP grid is DMD2's unchanged, the flow
+    run's first entry is SiD/SIM's sigma_init = 2.5 on the flow teacher's table (index 454), and the
+    1-step sampler is then one call of the network at that timestep; at 2 steps its re-noising lands on
+    DMD2's t = 499 as the teacher row's does."""
+    from diffdistill.schedulers import dmd2_timesteps, one_step_sample
+
+    assert torch.equal(distill.sim_grid(None), dmd2_timesteps(4))
+    assert distill.demo_config("vp").sim_generator_timestep is None
+    toy = distill.Toy(distill.TEACHER_WEIGHTS["flow"])
+    t_gen = distill.demo_config("flow").sim_generator_timestep
+    assert t_gen == int(toy.schedule.edm_sigma_to_timestep(2.5))
+    assert distill.sim_grid(t_gen).tolist() == [t_gen, 749, 499, 249]
+    noise = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 4
+    fn = distill.sampler("x0_renoise", toy.unet, toy, generator_timestep=t_gen)
+    one = fn(noise, labels, 1, torch.Generator().manual_seed(1))
+    ref = one_step_sample(toy.unet, toy.schedule, noise, t_gen, cond=toy.cond(labels)).sample
+    torch.testing.assert_close(one, ref, rtol=0, atol=0)
+    # 2 steps: x0 at t_gen, re-noised to 499 with the generator's first draw, then one x0 prediction there.
+    g = torch.Generator().manual_seed(1)
+    x = toy.schedule.add_noise(ref, torch.randn(ref.shape, generator=g), torch.tensor(499))
+    with torch.no_grad():
+        two = distill._x0(toy.unet, toy.schedule, x, torch.full((8,), 499), toy.cond(labels))
+    torch.testing.assert_close(fn(noise, labels, 2, torch.Generator().manual_seed(1)), two)
+
+
+def test_student_ema_is_what_the_student_samples_with(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """With an EMA the trained student returns the averaged weights: decay 1 freezes the average at the
+    first copy, so after two SIM steps the student is still the teacher, while the raw weights moved."""
+    cfg = distill.flow_config()
+    cfg.sim_steps, cfg.batch = 2, 4
+    toy = distill.Toy(cfg.weights)
+    cfg.sim_ema = 1.0
+    frozen = distill.train_sim(toy, cfg)
+    for (name, p), q in zip(frozen.named_parameters(), toy.unet.parameters()):
+        assert torch.equal(p, q), name
+    cfg.sim_ema = 0.0
+    moved = distill.train_sim(toy, cfg)
+    assert any(not torch.equal(p, q) for p, q in zip(moved.parameters(), toy.unet.parameters()))
+
+
+def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """The demo's FD goes through diffdistill.metrics (FeatureStatistics, FID, scipy's sqrtm); it equals the
+    closed form computed here independently (torch.cov, and tr sqrt(A B) from the eigenvalues of
+    sqrt(A) B sqrt(A), symmetric PSD: the demo's formula before issue 25) to float64 rounding. Both sides
+    sum terms of size T = |mu_a - mu_b|^2 + tr A + tr B with D = 32 eigenvalues each computed to a relative
+    ~1e-13 (symmetric eigensolver) or ~1e-11 (Schur sqrtm, a condition number up to ~1e2 here); the bound
+    1e-9 T leaves a factor >= 10 (measured: |diff| <= 4e-9 on T ~ 40, 3e-12 relative on FD 8.6). Giving
+    the reference images or their statistics is the same computation, bit for bit."""
+    from shapes import sample_shapes
+    from toy_metric import evaluate_samples, reference_statistics, train_classifier
+
+    classifier = train_classifier(0, steps=60)
+    g = torch.Generator().manual_seed(1)
+    reference, _ = sample_shapes(1024, g)
+    x, y = sample_shapes(256, g)
+    for noise in (0.0, 0.3, 1.0):
+        xs = x + noise * torch.randn(x.shape, generator=g)
+        got = evaluate_samples(classifier, xs, y, reference)
+        with torch.no_grad():
+            a = classifier.features(xs.clamp(-1, 1)).double()
+            b = classifier.features(reference).double()
+            acc = float((classifier(xs.clamp(-1, 1)).argmax(1) == y).float().mean())
+        cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+        ev, vec = torch.linalg.eigh(cov_a)
+        sqrt_a = vec @ torch.diag(ev.clamp_min(0).sqrt()) @ vec.T
+        cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
+        scale = float((a.mean(0) - b.mean(0)).pow(2).sum() + cov_a.trace() + cov_b.trace())
+        want = scale - 2 * float(cross)
+        assert abs(got["fd"] - want) <= 1e-9 * scale, (noise, got["fd"], want, scale)
+        assert got["acc"] == acc
+        again = evaluate_samples(classifier, xs, y, reference_statistics(classifier, reference))
+        assert again == got
+
+
+def test_flow_demo_writes_results_json_with_a_protocol_record(distill, tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """results.json holds the table and an EvaluationProtocol (class labels as the prompts, seed, samples,
+    the classifier's identity), and every table line is also written in examples/evaluate.py's record
+    format: its --compare reads them as one table (same protocol, generators differ), and refuses a run
+    measured with another classifier."""
+    import dataclasses
+    import json
+
+    from diffdistill.errors import ProtocolMismatchError
+    from diffdistill.metrics import EvaluationProtocol, check_comparable, hash_prompts
+
+    sys.path.insert(0, str(TOY.parent))
+    try:
+        from evaluation import records
+    finally:
+        sys.path.remove(str(TOY.parent))
+    cfg = distill.quick_config("flow")
+    cfg.regression_steps, cfg.num_pairs, cfg.eval_samples, cfg.classifier_steps = 2, 16, 32, 20
+    results = distill.run_demo(cfg, tmp_path)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    protocol = EvaluationProtocol(**summary["protocol"])
+    labels = (torch.arange(32) % 4).tolist()
+    assert protocol.prompt_sha256 == hash_prompts([distill.CLASS_NAMES[i] for i in labels])
+    assert (protocol.prompt_count, protocol.seeds, protocol.extra["draws"]) == (32, 0, 1)
+    assert protocol.backbones["fd"]["training"] == {"seed": 0, "steps": 20, "batch": 64}
+    line = next(r for r in summary["table"] if r["model"] == "student: regression" and r["steps"] == 1)
+    assert line["metrics"]["fd"] == results["regression"][1]["fd"]
+    assert line["sampler"] == "Euler"
+    runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 6  # teacher and regression at 1, 2, 4 Euler steps
+    table = records.comparison_table(runs)
+    assert "| regression_ddim_1 (student) | Euler, 1 steps |" in table
+    first = records.protocol_of(records.read_results(runs[0]))
+    check_comparable(first, protocol)
+    other = dataclasses.replace(
+        protocol,
+        backbones={**protocol.backbones, "fd": {**protocol.backbones["fd"], "weights_sha256": "0" * 64}},
+    )
+    with pytest.raises(ProtocolMismatchError, match="weights_sha256"):
+        check_comparable(protocol, other)
