@@ -10,8 +10,6 @@ SDXL pipeline with real images and resumes it.
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline, write_captioned_images
 from tests.state_compare import assert_same_update
 
@@ -27,13 +26,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-
-def _load(name: str) -> types.ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+_load = load_example
 
 
 runtime = _load("training.runtime")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from tests.examples import tiny_metrics
+from tests.examples.example_modules import EXAMPLES, load_example
 from tests.examples.tiny_flow import save_tiny_flux_pipeline
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 
@@ -36,14 +36,10 @@ pytest.importorskip("accelerate")
 pytest.importorskip("scipy")
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
 PROMPTS = ["a cat", "a red car", "an apple on a table", "two dogs"]
 
 
-def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+_load = load_example
 
 
 def _load_script(name: str) -> ModuleType:

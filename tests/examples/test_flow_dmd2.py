@@ -11,16 +11,15 @@ the FSDP2 run resumed, with the GAN term; DeepSpeed refused; option errors.
 from __future__ import annotations
 
 import gc
-import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
@@ -34,15 +33,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_dmd2 = importlib.import_module("flow_dmd2")
-flow_models = importlib.import_module("training.flow_models")
-flow_encoding = importlib.import_module("training.flow_encoding")
-flow_critics = importlib.import_module("training.flow_critics")
-loop = importlib.import_module("training.loop")
+flow_dmd2 = load_example("flow_dmd2")
+flow_models = load_example("training.flow_models")
+flow_encoding = load_example("training.flow_encoding")
+flow_critics = load_example("training.flow_critics")
+loop = load_example("training.loop")
 
 
 @pytest.fixture(autouse=True)
@@ -323,7 +319,7 @@ def test_dmd2_refuses_deepspeed(
 
     from accelerate.utils import DistributedType
 
-    runtime = importlib.import_module("training.runtime")
+    runtime = load_example("training.runtime")
     accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, is_main_process=True)
     monkeypatch.setattr(runtime, "make_accelerator", lambda args, name, **kw: accelerator)
     monkeypatch.setattr(flow_models, "load_flow", lambda args: pytest.fail("the engine was not refused"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
     CLIP_LENGTH,
@@ -34,7 +34,6 @@ from tests.state_compare import assert_same_update
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 CLASSES = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -48,9 +47,7 @@ def _deterministic_kernels() -> Any:
 
 
 def _script() -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module("flow_kd")
+    return load_example("flow_kd")
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,14 @@ loaded by the diffusers pipeline, 2-process DDP / FSDP2 / ZeRO-3 runs against on
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.test_flow_dmd2 import _spy
 from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
@@ -28,14 +27,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_ladd = importlib.import_module("flow_ladd")
-flow_models = importlib.import_module("training.flow_models")
-flow_encoding = importlib.import_module("training.flow_encoding")
-data_sources = importlib.import_module("training.data_sources")
+flow_ladd = load_example("flow_ladd")
+flow_models = load_example("training.flow_models")
+flow_encoding = load_example("training.flow_encoding")
+data_sources = load_example("training.data_sources")
 
 STUDENT_SIGMAS = ["1.0", "0.75", "0.5", "0.25"]
 

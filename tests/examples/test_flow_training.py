@@ -10,26 +10,22 @@ schedule's shift equals the pipeline's at a resolution.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-flow_models = importlib.import_module("training.flow_models")
-flow_encoding = importlib.import_module("training.flow_encoding")
-flow_options = importlib.import_module("training.flow_options")
+flow_models = load_example("training.flow_models")
+flow_encoding = load_example("training.flow_encoding")
+flow_options = load_example("training.flow_options")
 
 
 @pytest.fixture(scope="module")

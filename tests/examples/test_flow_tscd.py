@@ -5,10 +5,8 @@ distances), option checks."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
@@ -30,13 +29,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_tscd = importlib.import_module("flow_tscd")
-flow_models = importlib.import_module("training.flow_models")
-flow_encoding = importlib.import_module("training.flow_encoding")
+flow_tscd = load_example("flow_tscd")
+flow_models = load_example("training.flow_models")
+flow_encoding = load_example("training.flow_encoding")
 
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver, TimestepSample, tscd_segments  # noqa: E402
 

@@ -9,14 +9,13 @@ exact resume inside the DMD + GAN phase.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
 
@@ -24,7 +23,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REWARD = "tests.examples.test_mlcm_options:tiny_preference"
 
 #: One entry per call of :func:`tiny_preference` (the script loads it by name: read it through :func:`_calls`).
@@ -44,10 +42,7 @@ def _calls() -> list[dict[str, Any]]:
     return importlib.import_module("tests.examples.test_mlcm_options").CALLS
 
 
-def _load(name: str) -> types.ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+_load = load_example
 
 
 runtime = _load("training.runtime")

@@ -26,15 +26,13 @@ states; ``sdxl_sim`` with three UNets passed once (35 s) and is left out of the 
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_flow import smoke_argv, write_tiny_flow_models
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
@@ -43,15 +41,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BACKEND = "eager"  # dynamo capture, guards and recompiles without code generation (module docstring)
 REL_LOSS = 1000 * 2.0**-24  # float32 reordering over < 1000 dependent ops (module docstring)
 
 
-def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+_load = load_example
 
 
 compilation = _load("training.compilation")

@@ -11,16 +11,15 @@ back into diffusers (``UNet2DConditionModel.from_pretrained`` or ``load_lora_ada
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
+from tests.examples.example_modules import EXAMPLES, load_example
 from tests.examples.tiny_sdxl import (
     TINY_SDXL_3LEVEL_UNET,
     deterministic_kernels,
@@ -33,7 +32,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made, so set at import.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -45,10 +43,7 @@ def _deterministic_kernels() -> Any:
         yield
 
 
-def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+_load = load_example
 
 
 # The examples' shared package (examples/training/), imported as the scripts import it.

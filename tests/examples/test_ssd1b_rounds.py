@@ -9,11 +9,9 @@ with perturbed weights, as a fine-tuned SDXL would be).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.tiny_sdxl import TINY_SDXL_3LEVEL_UNET, deterministic_kernels, save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
 
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 MID = ["mid_block.attentions.0", "mid_block.resnets.1"]
 # ssd-1b on the tiny UNet's level 2 (4 transformer layers per attention): 0.4 x 4 -> 2 kept, "spread": 0 and 3
@@ -43,9 +41,7 @@ def _deterministic_kernels() -> Any:
 
 
 def _script() -> ModuleType:
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module("sdxl_ssd1b_kd")
+    return load_example("sdxl_ssd1b_kd")
 
 
 def _unet(path: Path) -> Any:
