@@ -52,7 +52,7 @@ section 02-mfu-sdxl 160 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 1 --
 section 03-flux 110 python3 benchmarks/gpu_flow.py --model flux --batches 1 2 --warmup 1 --repeats 1 \
     --memory_cap_gib 78
 section 04-mfu-sdxl-compiled 120 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 3 --repeats 2 \
-    --memory_cap_gib 78 --compile --methods reference sim
+    --memory_cap_gib 78 --compile --methods sim
 if [ "${GPU_CHECKS_FULL:-0}" = 1 ]; then
     # Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
     # run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).

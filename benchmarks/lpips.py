@@ -170,7 +170,9 @@ def sd_vae_decoder() -> torch.nn.Module:
     )
 
 
-def main(argv: list[str] | None = None) -> str:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default ``sys.argv[1:]``); ``benchmarks/gpu_checks.sh``'s lines are parsed
+    by ``tests/benchmarks/test_gpu_checks.py``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--latent", default="sdxl")
@@ -209,7 +211,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the loss calls")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
