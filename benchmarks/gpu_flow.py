@@ -74,7 +74,7 @@ from diffdistill.students import LayerKD, SharedBase, build_transformer_student
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
-from training import compilation  # noqa: E402 - the examples' package
+from training import compilation, sdxl_models  # noqa: E402 - the examples' package
 from training.flow_models import FLOW_LORA_TARGETS, FlowDenoiser  # noqa: E402
 
 from tests.transformer_configs import (  # noqa: E402 - the published and tiny configs
@@ -208,9 +208,7 @@ class Bench:
         """One base with a float32 LoRA (rank ``--lora_rank``) per name; gradient checkpointing per adapter."""
         opts = {"rank": self.args.lora_rank, "targets": list(FLOW_LORA_TARGETS)}
         base = SharedBase(self.transformer, adapters={name: dict(opts) for name in adapters})
-        for name, p in self.transformer.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
+        sdxl_models.upcast_trainable(self.transformer)  # SharedBase trains exactly the "lora_" parameters
         if not self.args.no_gradient_checkpointing:
             base.enable_gradient_checkpointing()
         return base
