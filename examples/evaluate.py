@@ -8,9 +8,12 @@ prompt set, with a record of the protocol beside the numbers.
    from the noise of seed ``--seed + i`` (one generator per image, SiD-LSG's convention) into
    ``OUTPUT_DIR/images/{i:06d}.png``. ``--teacher`` samples the base pipeline with its own sampler instead (e.g.
    ``--num_inference_steps 50 --guidance_scale 5``): the teacher row of the table, under the same protocol.
-   Images are written as they come; a rerun generates only the missing ones, and refuses a folder whose images
-   were made with other settings, seed or prompts (``images/generation.json`` records them; the student's
-   weights by their SHA-256). ``--images DIR`` scores a folder of ``{i:06d}.png`` files made elsewhere.
+   Images are written as they come, quantised to uint8 by rounding (``--quantization truncate``: by truncation,
+   as DMD2's evaluation); a rerun generates only the missing ones, and refuses a folder whose images were made
+   with other settings, seed, quantisation or prompts (``images/generation.json`` records them; the student's
+   weights by their SHA-256, hashed once by the main process). ``--images DIR`` scores a folder of
+   ``{i:06d}.png`` files made elsewhere (``--quantization`` then declares how they were quantised; a folder this
+   script generated says so itself).
 2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
    first when given (GigaGAN's and DMD2's preparation):
 
@@ -26,7 +29,8 @@ prompt set, with a record of the protocol beside the numbers.
    ``compute`` / ``all_reduce`` / ``protocol``): ``--clip``, ``--preference`` and ``--fid_features`` (the FID's
    feature extractor) take that form, for a custom backbone or a test's stand-in.
 3. ``OUTPUT_DIR/results.json``: the numbers and the protocol (``metrics.protocol.EvaluationProtocol``: prompt-set
-   hash, seeds, resolutions, resize, FID reference, backbones and package versions, and under ``generator`` the
+   hash, seeds, resolutions, quantisation, resize, FID reference, backbones and package versions, and under
+   ``generator`` the
    model, weights, sampler, steps and guidance). ``--compare a/results.json b/results.json ...`` prints one
    markdown table and refuses runs whose protocols differ in anything but ``generator``.
 
@@ -102,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resolution", type=int, default=1024, help="generated image side")
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call, per process")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="pipeline weights")
+    g.add_argument(
+        "--quantization",
+        choices=generation.QUANTIZATIONS,
+        default=None,
+        help="float -> uint8: round (default; diffusers) or truncate (DMD2's evaluation). With --images: how the "
+        "folder's images were made (default: its generation.json's, else round)",
+    )
     g = p.add_argument_group("sampler")
     g.add_argument(
         "--scheduler", default=None, help="diffusers scheduler class name (default: the pipeline's)"
@@ -193,25 +204,38 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
 
     # 1. images: generated (missing ones only) or given
     sampler_record = None
+    quantization = args.quantization or "round"
     if args.images is None:
         pipe = generation.load_pipeline(args, device, DTYPES[args.dtype])
-        sampler_record = generation.sampler_record(pipe, args)
-        # images are reused by index: only when they were made with these settings, seed and prompts
-        generation.check_resume(
-            images_dir, prompts, args.seed, sampler_record, write=accelerator.is_main_process
-        )
+        # the student's weights are hashed by the main process and the digest broadcast
+        sampler_record = generation.sampler_record(pipe, args, accelerator)
+        # images are reused by index: only when they were made with these settings, seed, quantisation and prompts
+        made_as = (images_dir, prompts, args.seed, sampler_record)
+        generation.check_resume(*made_as, write=accelerator.is_main_process, quantization=quantization)
         accelerator.wait_for_everyone()  # no process writes an image before every process has checked
+        if not accelerator.is_main_process:  # every process samples as the record process 0 wrote says
+            generation.check_resume(*made_as, write=False, quantization=quantization)
         bar = tqdm(total=len(mine), desc="generating", disable=not accelerator.is_local_main_process)
         sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args))
         generation.generate_images(
-            sample, prompts, mine, images_dir, seed=args.seed, batch_size=args.batch_size, progress=bar
+            sample,
+            prompts,
+            mine,
+            images_dir,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=bar,
+            quantization=quantization,
         )
         bar.close()
         del pipe, sample
     elif (manifest := generation.read_manifest(images_dir)) is not None:
         # a folder this script generated: its record says how, and its seed and prompts must be this run's
         sampler_record = manifest["generator"]
-        generation.check_resume(images_dir, prompts, args.seed, sampler_record, write=False)
+        quantization = args.quantization or generation.manifest_quantization(manifest)
+        generation.check_resume(
+            images_dir, prompts, args.seed, sampler_record, write=False, quantization=quantization
+        )
     accelerator.wait_for_everyone()
     absent = generation.missing(images_dir, mine)
     if absent:
@@ -267,6 +291,7 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         generator=sampler_record,
         image_size=scoring.image_size(generation.image_path(images_dir, 0)),
         reference=reference,
+        quantization=quantization,
     )
     record = {
         "metrics": numbers,

@@ -40,7 +40,7 @@ from .fid import (
     fid_from_statistics,
     frechet_distance,
 )
-from .preference import AestheticMLP, AestheticScore, HPSv21Score, ImageRewardScore, PickScore
+from .preference import AestheticMLP, AestheticScore, HPSPreprocess, HPSv21Score, ImageRewardScore, PickScore
 from .protocol import EvaluationProtocol, check_comparable, hash_prompts, package_versions
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "CLIPScore",
     "EvaluationProtocol",
     "FeatureStatistics",
+    "HPSPreprocess",
     "HPSv21Score",
     "ImageRewardScore",
     "InceptionFeatures",

@@ -124,14 +124,15 @@ class _OpenCLIPTextEncoder:
 
 
 class _TransformersPreprocess:
-    """A transformers CLIP image processor applied to float image batches (as uint8 PIL images).
+    """A transformers CLIP image processor applied to float image batches (as uint8 PIL images), through its PIL
+    implementation (:func:`_pil_image_processor`; the processor passed in is left as it is).
 
     Args:
         image_processor: The ``CLIPImageProcessor``.
     """
 
     def __init__(self, image_processor: Any) -> None:
-        self.image_processor = image_processor
+        self.image_processor = _pil_image_processor(image_processor)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_processor(images=_to_pil(images), return_tensors="pt")["pixel_values"]
@@ -234,6 +235,27 @@ def _load_transformers_clip(
     return model, processor
 
 
+def _pil_image_processor(image_processor: Any) -> Any:
+    """The PIL implementation of a transformers image processor (the same settings), where it has one.
+
+    transformers 4 processed images with PIL and NumPy (``CLIPImageProcessor``: ``PIL.Image.resize`` of the shorter
+    side, bicubic; a centre crop at offsets ``(size - crop) // 2``; rescale and normalise). transformers >= 5 makes
+    ``CLIPImageProcessor`` a torchvision re-implementation and names the PIL one ``CLIPImageProcessorPil``; 4.x's
+    optional ``CLIPImageProcessorFast`` is the torchvision one there. They differ by up to 2 uint8 levels per pixel
+    (torchvision's antialiased bicubic on uint8 tensors vs PIL's). CLIP scores and PickScore were published with the
+    PIL path (PickScore's model card, torchmetrics' ``CLIPScore``), so we use it.
+    """
+    import transformers
+
+    name = type(image_processor).__name__
+    for candidate in (f"{name}Pil", name[: -len("Fast")] if name.endswith("Fast") else ""):
+        cls = getattr(transformers, candidate, None) if candidate else None
+        if cls is not None and cls is not type(image_processor):
+            settings = {k: v for k, v in image_processor.to_dict().items() if k != "image_processor_type"}
+            return cls.from_dict(settings)
+    return image_processor
+
+
 class PromptImageMetric:
     """The accumulator every prompt-image metric shares: a float64 sum of per-pair scores and their count.
 
@@ -323,9 +345,14 @@ class CLIPScore(PromptImageMetric):
     Built from three callables, so that any CLIP implementation fits: ``preprocess`` maps float images
     ``(N, 3, H, W)`` in ``[0, 1]`` to the backbone's pixel input, ``image_encoder`` maps that to ``(N, E)``
     embeddings and ``text_encoder`` maps a list of ``N`` prompts to ``(N, E)`` embeddings. The named
-    constructors :meth:`from_open_clip` and :meth:`from_transformers` use the backbone's own preprocessing
-    (resize of the shorter side, centre crop, normalisation; applied to the images rounded to uint8, as when
-    the images are read back from PNG files) and record it in :meth:`protocol`.
+    constructors :meth:`from_open_clip` and :meth:`from_transformers` use the backbone's own preprocessing,
+    applied to the images rounded to uint8 (as when they are read back from PNG files), and record it in
+    :meth:`protocol`. A non-square image is not squashed: its shorter side is resized to the model's size and the
+    middle square kept -- open_clip's validation transform (``open_clip/transform.py``: torchvision ``Resize(size,
+    BICUBIC)`` on the PIL image, the longer side ``int(size * long / short)``, ``CenterCrop`` at offsets
+    ``round(margin / 2)``), or transformers' ``CLIPImageProcessor`` in its PIL implementation (PIL bicubic, the same
+    sizes, offsets ``margin // 2``; see :func:`_pil_image_processor` for why not transformers >= 5's torchvision
+    default).
 
     Conventions (see the module docstring): the default ``scale=1.0`` reports the raw cosine (DMD2, GigaGAN,
     Diffusion2GAN: ~0.33 for SDXL); ``scale=100.0, clamp_negative=True`` gives torchmetrics' ``CLIPScore``

@@ -13,7 +13,25 @@ float ``(N, 3, H, W)`` in ``[0, 1]`` and are scored as the uint8 images a PNG fi
   ``score``'s image from a file path only, later ones take a PIL image or a path.
 * :class:`HPSv21Score` -- Human Preference Score v2.1 (Wu et al., "Human Preference Score v2", 2023): an
   OpenCLIP ViT-H/14 fine-tuned on HPDv2; the score is the cosine of its L2-normalised image and text features
-  (the diagonal of ``image_features @ text_features.T`` in the ``hpsv2`` package's ``img_score.score``).
+  (the diagonal of ``image_features @ text_features.T`` in the ``hpsv2`` package's ``img_score.score``). Its
+  images are not centre-cropped: HPSv2's own open_clip fork pads them to a square (:class:`HPSPreprocess`).
+
+How each scorer brings a (possibly non-square) image to its backbone, as its original package does:
+
+* ImageReward: the package's own ``_transform(224)`` (``ImageReward/ImageReward.py``): torchvision ``Resize(224,
+  BICUBIC)`` of the shorter side on the PIL image, ``CenterCrop(224)``, ``ToTensor``, OpenAI CLIP normalisation;
+  we hand the package the whole uint8 PIL image and it applies that transform itself.
+* HPSv2.1: ``hpsv2/img_score.py`` builds its model with ``light_augmentation=True``, which makes its open_clip
+  fork's validation transform ``image_transform(..., resize_longest_max=True)`` (``hpsv2/src/open_clip/factory.py``
+  and ``transform.py``): ``ToTensor``, ``ResizeMaxSize(224)`` -- the longer side to 224, bicubic, on the float
+  tensor -- zero padding (black) to 224 x 224, then normalisation; :class:`HPSPreprocess`.
+* PickScore: its model card's ``AutoProcessor`` of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (transformers'
+  ``CLIPImageProcessor``: the shorter side to 224, PIL bicubic, centre crop with floor offsets, rescale,
+  normalise). transformers >= 5 defaults to a torchvision re-implementation of it; we load the PIL one (what the
+  model card's transformers 4 ran; the two differ by up to 2 uint8 levels per pixel).
+* Aesthetic: ``clip.load("ViT-L/14")``'s preprocess (``improved-aesthetic-predictor/simple_inference.py``, OpenAI
+  ``clip/clip.py`` ``_transform``): ``Resize(224, BICUBIC)`` of the shorter side on the PIL image, ``CenterCrop(224)``,
+  ``ToTensor``, normalisation -- open_clip's validation transform for ``ViT-L-14`` / ``openai`` is the same.
 * :class:`PickScore` -- PickScore (Kirstain et al., "Pick-a-Pic", NeurIPS 2023, Sec. 4): a CLIP-H fine-tuned
   on Pick-a-Pic; the score is ``logit_scale.exp() * cos(E_image, E_text)`` (the model card's ``calc_probs``
   before the softmax). ``logit_scale.exp()`` is 100 for ``yuvalkirstain/PickScore_v1``, so SDXL scores ~22;
@@ -45,15 +63,17 @@ from .clip_score import (
     _TransformersPreprocess,
     _TransformersTextEncoder,
 )
-from .fid import _require
+from .fid import _require, check_float_images
 
-__all__ = ["AestheticMLP", "AestheticScore", "HPSv21Score", "ImageRewardScore", "PickScore"]
+__all__ = ["AestheticMLP", "AestheticScore", "HPSPreprocess", "HPSv21Score", "ImageRewardScore", "PickScore"]
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPS_REPO, HPS_V21_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageRewardScore(PromptImageMetric):
@@ -155,6 +175,109 @@ class ImageRewardScore(PromptImageMetric):
         return {"metric": self.metric_name, "backbone": self.description}
 
 
+class HPSPreprocess:
+    """HPSv2's validation transform: the longer side to ``image_size`` (bicubic), zero padding to a square.
+
+    ``hpsv2/img_score.py`` builds its model with ``create_model_and_transforms(..., light_augmentation=True)``,
+    and its open_clip fork (``hpsv2/src/open_clip/factory.py``) then builds the validation transform with
+    ``image_transform(image_size, is_train=False, resize_longest_max=True)`` (fill colour 0). That transform
+    (``hpsv2/src/open_clip/transform.py``) is, on the PIL image the package is given:
+
+    1. ``ToTensor()``: float32 ``uint8 / 255`` (we round the float images to uint8 first, as a PNG holds them);
+    2. ``ResizeMaxSize(image_size)``: ``scale = image_size / max(H, W)``; the tensor is resized to
+       ``(round(H * scale), round(W * scale))`` (Python's ``round``: halves to even) with torchvision's
+       ``F.resize(..., BICUBIC)`` -- on the float tensor, so without clamping, and with antialiasing (torchvision
+       >= 0.17's default for tensors; the package pins no torchvision) -- then padded with ``fill=0`` by
+       ``[pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]`` (left, top, right, bottom: centred,
+       the odd pixel on the right / bottom);
+    3. ``Normalize`` with OpenAI CLIP's mean / std -- after the padding, so the border is ``-mean / std``, black.
+
+    The fork skips step 2 when the longer side already equals ``image_size`` (a non-square image then reaches the
+    ViT at the wrong size and fails); we still pad it. The package scores under ``torch.cuda.amp.autocast``
+    (fp16 on a GPU); we run the backbone in the dtype it is given.
+
+    Args:
+        image_size: The model's input side (224 for HPS's ViT-H/14).
+        mean: Per-channel normalisation mean (OpenAI CLIP's, which HPS's ``laion2B-s32B-b79K`` config uses).
+        std: Per-channel normalisation std.
+
+    Raises:
+        DTypeError: ``image_size`` is not an integer, or ``mean`` / ``std`` are not three numbers.
+        OptionError: ``image_size`` < 1 or a std entry is not positive.
+
+    Example:
+        >>> from diffdistill.metrics.preference import HPSPreprocess
+        >>> HPSPreprocess(16)(torch.rand(2, 3, 12, 20)).shape
+        torch.Size([2, 3, 16, 16])
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+    ) -> None:
+        from .._checks import check_int, check_real
+
+        self.image_size = check_int(image_size, "image_size", minimum=1)
+        for name, values in (("mean", mean), ("std", std)):
+            if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != 3:
+                raise DTypeError(
+                    f"Expected `{name}` to be three numbers (one per channel), but got {values!r}."
+                )
+        self.mean = tuple(check_real(m, "mean") for m in mean)
+        self.std = tuple(check_real(v, "std", low=0.0, strict=True) for v in std)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(round(H * s), round(W * s))`` with ``s = image_size / max(H, W)`` (``ResizeMaxSize``).
+
+        Args:
+            height: Image height.
+            width: Image width.
+
+        Returns:
+            The resized ``(height, width)`` before padding.
+        """
+        scale = self.image_size / float(max(height, width))
+        return round(height * scale), round(width * scale)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Float ``(N, 3, H, W)`` images in ``[0, 1]`` -> normalised ``(N, 3, image_size, image_size)`` pixels.
+
+        Args:
+            images: The images (rounded to uint8 levels first, as the PNG files the package would read).
+
+        Returns:
+            The pixel input of HPS's ViT.
+
+        Raises:
+            DTypeError: ``images`` is not a float tensor.
+            ShapeError: ``images`` is not ``(N, 3, H, W)``.
+        """
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as tvf
+
+        x = check_float_images(images, "Permute channels-last images with images.permute(0, 3, 1, 2)")
+        x = (x.detach().float().clamp(0, 1) * 255.0).round() / 255.0  # PIL uint8 -> ToTensor
+        height, width = x.shape[-2:]
+        new_h, new_w = self.resized_size(height, width)
+        if (new_h, new_w) != (height, width):
+            x = tvf.resize(x, [new_h, new_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = self.image_size - new_h, self.image_size - new_w
+        x = torch.nn.functional.pad(
+            x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0
+        )
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return (
+            f"HPSv2 ResizeMaxSize({self.image_size}, bicubic antialias, longer side; zero pad centred) + "
+            f"Normalize(mean={self.mean}, std={self.std})"
+        )
+
+
 class HPSv21Score(CLIPScore):
     """Mean HPSv2.1 of (image, prompt) pairs: the cosine of HPS's OpenCLIP ViT-H/14 image and text features.
 
@@ -166,7 +289,7 @@ class HPSv21Score(CLIPScore):
     Args:
         image_encoder: Pixel input -> ``(N, E)`` image embeddings.
         text_encoder: ``N`` prompts -> ``(N, E)`` text embeddings.
-        preprocess: Float images -> pixel input (HPS: open_clip's ViT-H-14 validation transform).
+        preprocess: Float images -> pixel input (HPS: :class:`HPSPreprocess`, its fork's pad-to-square transform).
         description: How the model is named in :meth:`protocol`.
 
     Raises:
@@ -198,7 +321,8 @@ class HPSv21Score(CLIPScore):
         The checkpoint is the one the ``hpsv2`` package downloads for ``hps_version="v2.1"`` (file
         ``HPS_v2.1_compressed.pt`` of the Hub repository ``xswu/HPSv2``); its ``state_dict`` is loaded into
         open_clip's ViT-H-14 (the ``hpsv2`` package itself is not needed). ``checkpoint=None`` downloads it with
-        ``huggingface_hub`` on first use.
+        ``huggingface_hub`` on first use. Images are brought to the model by :class:`HPSPreprocess` (HPSv2's own
+        longer-side resize and zero padding), not by open_clip's resize-shorter-side + centre crop.
 
         Args:
             checkpoint: A local ``HPS_v2.1_compressed.pt``; ``None`` downloads it.
@@ -221,7 +345,9 @@ class HPSv21Score(CLIPScore):
                 f"No HPSv2.1 checkpoint at `{path}`. Download {HPS_V21_FILE} from the Hub repository {HPS_REPO} "
                 "(or pass checkpoint=None to download it)."
             )
-        model, preprocess, tokenizer = _load_open_clip(model_name, None, None)
+        model, _, tokenizer = _load_open_clip(model_name, None, None)
+        side: Any = getattr(model.visual, "image_size", 224)
+        preprocess = HPSPreprocess(int(side[0] if isinstance(side, (tuple, list)) else side))
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         if device is not None:
@@ -275,6 +401,10 @@ class PickScore(CLIPScore):
         device: torch.device | str | None = None,
     ) -> PickScore:
         """PickScore_v1 (transformers ``CLIPModel``) with the CLIP-ViT-H-14-laion2B processor, as its model card.
+
+        The processor's image part runs in its PIL implementation (``CLIPImageProcessorPil`` under transformers >=
+        5), the one the model card's transformers 4 ran: the shorter side to 224 (PIL bicubic), centre crop at
+        offsets ``margin // 2``, rescale, normalise.
 
         Args:
             model: A ``CLIPModel`` or the id / folder of one (default ``yuvalkirstain/PickScore_v1``).

@@ -55,8 +55,10 @@ evaluation code for it, so that it used these captions is an assumption, not som
       FID agrees up to its sampling noise).
     * Quantisation: DMD2 turns its images into uint8 by truncation (``(x * 255).to(torch.uint8)`` after the
       pipelines' ``output_type="np"``, ``((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)`` after its own
-      sampler); we round, as diffusers' ``numpy_to_pil`` and SiD-LSG's ``x * 127.5 + 128`` then truncation do.
-      Truncation darkens every image by half a level on average: a systematic difference we do not reproduce.
+      sampler); we round by default, as diffusers' ``numpy_to_pil`` and SiD-LSG's ``x * 127.5 + 128`` then
+      truncation do. Truncation darkens every image by half a level on average; ``examples/evaluate.py
+      --quantization truncate`` reproduces it (recorded as ``preprocessing.quantization``, so such runs are
+      compared only with each other).
     * FID: ``--eval_res 512`` against ``coco10k/subset`` (centre crop on the long edge, LANCZOS, clean-fid;
       their ``coco_evaluator.compute_fid``): ``--eval_resolution 512``, ``--reference_dir coco10k/subset``.
     * CLIP score: open_clip ViT-g-14 ``laion2b_s12b_b42k`` with the ``"A photo depicts "`` prefix, on the images

@@ -6,13 +6,16 @@ it. A student replaces the teacher's weights (:func:`apply_student`: a LoRA file
 ``transformer/``) and brings its few-step sampler (:func:`set_sampler`: a scheduler class, its config overrides,
 the step count or explicit timesteps / sigmas, guidance); the teacher baseline is the same pipeline with neither.
 
-Images are written as they are generated, ``{index:06d}.png`` for prompt ``index`` (SiD-LSG's naming), from the
+Images are written as they are generated, ``{index:06d}.png`` for prompt ``index`` (SiD-LSG's naming), quantised
+to uint8 by rounding (diffusers' ``numpy_to_pil``) or, with ``--quantization truncate``, by truncation as DMD2's
+evaluation does (:func:`to_uint8`), from the
 noise of a CPU generator seeded ``seed + index`` (one generator per image, as SiD-LSG's ``StackedRandomGenerator``:
 an image does not depend on the batch it was generated in, the batch size or the number of processes). A run
 that stops leaves finished files only (written to a temporary name, then renamed), and a rerun generates only
 the missing ones -- after :func:`check_resume` has compared the folder's ``generation.json`` (the sampler record
-with the student weights' SHA-256, the seed, the prompt of every index) with the rerun's, so that images made
-otherwise are never mixed in.
+with the student weights' SHA-256, the seed, the quantisation, the prompt of every index) with the rerun's, so that
+images made otherwise are never mixed in. The weights are hashed once, by the main process, and the hash is
+broadcast to the others (:func:`shared_weights_sha256`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ import torch
 
 SEED_STRIDE = 1
 """Prompt ``i`` is sampled from seed ``seed + SEED_STRIDE * i`` (SiD-LSG's ``--seeds=0-29999``: seed ``i``)."""
+
+QUANTIZATIONS = ("round", "truncate")
+"""How float images in ``[0, 1]`` become uint8 (:func:`to_uint8`): ``round`` (ours, diffusers' ``numpy_to_pil``) or
+``truncate`` (DMD2's ``(x * 255).to(torch.uint8)``)."""
 
 
 def image_path(folder: str | Path, index: int) -> Path:
@@ -113,6 +120,19 @@ def weights_sha256(kind: str, path: Path) -> str:
     return digest.hexdigest()
 
 
+def shared_weights_sha256(kind: str, path: Path, accelerator: Any = None) -> str:
+    """:func:`weights_sha256` computed once, on the main process, and broadcast to the others (hashing a full UNet
+    takes seconds; every process must call this, in the same order). Without ``accelerator`` (or with one
+    process): computed here."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return weights_sha256(kind, path)
+    from accelerate.utils import broadcast_object_list
+
+    digest = [weights_sha256(kind, path) if accelerator.is_main_process else None]
+    broadcast_object_list(digest, from_process=0)
+    return str(digest[0])
+
+
 def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
     """Put the student into ``pipe`` (:func:`resolve_student`): a LoRA is fused into the weights at
     ``--lora_scale`` (so sampling costs what the base model costs), a full denoiser replaces the pipeline's.
@@ -166,14 +186,16 @@ def set_sampler(pipe: Any, args: argparse.Namespace) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
 
 
-def sampler_record(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None) -> dict[str, Any]:
     """What the images were sampled with (the protocol record's ``generator`` entry): the model, the student's
-    weights (path, kind, SHA-256 of the files loaded, LoRA scale), the sampler, steps, guidance, dtype and the
+    weights (path, kind, SHA-256 of the files loaded -- hashed by the main process of ``accelerator`` and
+    broadcast, :func:`shared_weights_sha256` --, LoRA scale), the sampler, steps, guidance, dtype and the
     generated resolution."""
     student: dict[str, Any] | None = None
     if args.student_weights and not args.teacher:
         kind, path = resolve_student(args.student_weights, denoiser_name(pipe))
-        student = {"path": str(args.student_weights), "kind": kind, "sha256": weights_sha256(kind, path)}
+        digest = shared_weights_sha256(kind, path, accelerator)
+        student = {"path": str(args.student_weights), "kind": kind, "sha256": digest}
         if kind == "lora":
             student["lora_scale"] = args.lora_scale
     return {
@@ -195,19 +217,31 @@ def sampler_record(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 MANIFEST_NAME = "generation.json"
-"""The record a generating run writes into its image folder before the first image: the sampler record, the seed
-and the prompt of every index. A rerun resumes only when they agree with the folder's images."""
+"""The record a generating run writes into its image folder before the first image: the sampler record, the seed,
+the quantisation and the prompt of every index. A rerun resumes only when they agree with the folder's images."""
+
+
+def manifest_quantization(manifest: dict[str, Any]) -> str:
+    """The quantisation a folder's record names (``"round"`` for records written before the option existed, when
+    every image was rounded)."""
+    return str(manifest.get("quantization", "round"))
 
 
 def check_resume(
-    folder: str | Path, prompts: Sequence[str], seed: int, generator: dict[str, Any], *, write: bool
+    folder: str | Path,
+    prompts: Sequence[str],
+    seed: int,
+    generator: dict[str, Any],
+    *,
+    write: bool,
+    quantization: str = "round",
 ) -> None:
     """Refuse to resume into an image folder whose images were made otherwise; record (``write``) how they are made.
 
     Images are reused by index, so a rerun may only add images: with the same sampler record (model, student weights
-    and their hash, sampler, steps, guidance, dtype, resolution) and seed, and -- for every image already there --
-    the same prompt at its index (a longer or shorter prompt list is fine). Images without a record (written by
-    something else) are refused too: score such a folder with ``--images``.
+    and their hash, sampler, steps, guidance, dtype, resolution), seed and quantisation, and -- for every image
+    already there -- the same prompt at its index (a longer or shorter prompt list is fine). Images without a
+    record (written by something else) are refused too: score such a folder with ``--images``.
 
     Args:
         folder: the image folder.
@@ -215,6 +249,7 @@ def check_resume(
         seed: the base seed.
         generator: :func:`sampler_record` of this run.
         write: whether this process writes the updated record (the main process; the others only check).
+        quantization: how this run turns images into uint8 (:data:`QUANTIZATIONS`).
 
     Raises:
         ValueError: naming the first difference and how to proceed.
@@ -227,7 +262,8 @@ def check_resume(
     recorded: list[str] = []
     if record_path.is_file():
         old = json.loads(record_path.read_text(encoding="utf-8"))
-        for key, now in (("generator", generator), ("seed", int(seed))):
+        old["quantization"] = manifest_quantization(old)
+        for key, now in (("generator", generator), ("seed", int(seed)), ("quantization", quantization)):
             if old.get(key) != json.loads(json.dumps(now)):
                 raise ValueError(
                     f"Expected the images in {folder} to have been generated with this run's {key}, but they were "
@@ -254,11 +290,12 @@ def check_resume(
         from .records import write_results
 
         merged = list(prompts) + recorded[len(prompts) :]  # keep prompts of images beyond this run's list
-        write_results(record_path, {"generator": generator, "seed": int(seed), "prompts": merged})
+        record = {"generator": generator, "seed": int(seed), "quantization": quantization, "prompts": merged}
+        write_results(record_path, record)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The generation record of an image folder (``{"generator", "seed", "prompts"}``), or None."""
+    """The generation record of an image folder (``{"generator", "seed", "quantization", "prompts"}``), or None."""
     import json
 
     path = Path(folder) / MANIFEST_NAME
@@ -280,9 +317,24 @@ def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in ``[0, 1]`` (N, 3, H, W) -> uint8 (N, H, W, 3), rounded (as diffusers' ``numpy_to_pil``)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(images: torch.Tensor, quantization: str = "round") -> torch.Tensor:
+    """Float images in ``[0, 1]`` (N, 3, H, W) -> uint8 (N, H, W, 3): ``y = 255 x`` in float32, then
+
+    * ``"round"``: ``round(y)`` (halves to even), as diffusers' ``numpy_to_pil`` (``(x * 255).round()``) -- ours;
+    * ``"truncate"``: ``floor(y)``, as DMD2's evaluation (``main/sdxl/test_folder_sdxl.py``: ``(torch.tensor(images,
+      dtype=torch.float32) * 255.0).to(torch.uint8)`` on the pipelines' ``output_type="np"`` images): one
+      level below rounding wherever the fraction of ``y`` exceeds one half, or equals it above an odd level
+      (``round`` takes halves to the even neighbour), so the images are half a level darker on average.
+
+    Raises:
+        ValueError: for another ``quantization``.
+    """
+    y = images.float().clamp(0, 1) * 255
+    if quantization == "round":
+        y = y.round()
+    elif quantization != "truncate":
+        raise ValueError(f"Expected quantization in {QUANTIZATIONS}, but got {quantization!r}.")
+    return y.to(torch.uint8).permute(0, 2, 3, 1).cpu()  # the cast truncates (y >= 0)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -304,6 +356,7 @@ def generate_images(
     seed: int,
     batch_size: int,
     progress: Any = None,
+    quantization: str = "round",
 ) -> list[int]:
     """Generate and write the images of ``indices`` that are missing from ``folder``; return those generated.
 
@@ -316,6 +369,7 @@ def generate_images(
         seed: the base seed; prompt ``i`` uses ``seed + i``.
         batch_size: prompts per call.
         progress: a tqdm bar to advance by one per image (or None).
+        quantization: how the images become uint8 (:func:`to_uint8`).
 
     Returns:
         The indices generated now (the others existed).
@@ -328,7 +382,7 @@ def generate_images(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         gens = [torch.Generator().manual_seed(int(seed) + SEED_STRIDE * i) for i in batch]
-        images = to_uint8(sample([prompts[i] for i in batch], gens))
+        images = to_uint8(sample([prompts[i] for i in batch], gens), quantization)
         for i, image in zip(batch, images):
             save_png(image, image_path(folder, i))
         if progress is not None:

@@ -175,6 +175,7 @@ def evaluation_protocol(
     generator: dict[str, Any] | None,
     image_size: tuple[int, int],
     reference: dict[str, Any] | None = None,
+    quantization: str = "round",
 ) -> dict[str, Any]:
     """The protocol record of a run, as the JSON object of :class:`diffdistill.metrics.protocol.EvaluationProtocol`.
 
@@ -188,6 +189,9 @@ def evaluation_protocol(
         image_size: ``(width, height)`` of the images scored (read from the first file); recorded as
             ``resolution = [height, width]``.
         reference: the FID reference's identity (:func:`reference_identity`).
+        quantization: how the images were turned into uint8 (``"round"`` / ``"truncate"``,
+            :func:`evaluation.generation.to_uint8`): a half-level shift of every pixel, so part of what is compared
+            (``preprocessing.quantization``).
 
     Returns:
         The protocol as a JSON-ready dict (``EvaluationProtocol.to_dict()``).
@@ -206,6 +210,7 @@ def evaluation_protocol(
             "clip_eval_resolution": args.clip_eval_resolution or args.eval_resolution,
             "resize": resize,
             "clip_prefix": args.clip_prefix,
+            "quantization": quantization,
         },
         backbones=metric_protocols(metrics),
         versions=package_versions(PACKAGES),

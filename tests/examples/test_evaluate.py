@@ -114,6 +114,24 @@ def test_resume_generates_only_missing_images_and_gives_the_same_numbers(
     with pytest.raises(ValueError, match=r"'guidance_scale': 2.0.* and this run has .*'guidance_scale': 3.0"):
         evaluate.main(other, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
     assert not (images / "000002.png").exists()
+    # the other quantisation into the same folder: refused (a half-level shift of every pixel)
+    truncating = evaluate.parse_args(
+        _argv(
+            tiny,
+            out,
+            "--teacher",
+            "--guidance_scale",
+            "2.0",
+            "--batch_size",
+            "1",
+            "--quantization",
+            "truncate",
+        )
+    )
+    with pytest.raises(ValueError, match=r"quantization = 'round' and this run has 'truncate'"):
+        evaluate.main(truncating, metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    assert not (images / "000002.png").exists()
+    assert record["protocol"]["preprocessing"]["quantization"] == "round"
     # the folder scored as --images: its record names the sampler
     scored = evaluate.main(
         evaluate.parse_args(
@@ -135,6 +153,73 @@ def test_image_i_is_drawn_from_seed_plus_i_whatever_the_batches(tmp_path: Path) 
         expected = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(10 + i)) * 255).round()
         got = scoring.load_image(tmp_path / "a" / f"{i:06d}.png") * 255
         assert torch.equal(got.round(), expected), i
+
+
+def test_truncation_differs_from_rounding_exactly_where_the_fraction_says(tmp_path: Path) -> None:
+    """``y = 255 x`` (float32). Rounding (halves to even) and DMD2's truncation (``(x * 255).to(torch.uint8)``) give
+    ``floor(y) + 1`` and ``floor(y)`` where the fraction of ``y`` exceeds 1/2 or equals it above an odd level, the
+    same value everywhere else; the PNG files hold those values."""
+    levels = torch.arange(256, dtype=torch.float64)
+    # every level, exactly and nudged by +-1e-3 / +-0.49 / +-0.51 of a level, exact halves, and random values
+    offsets = torch.tensor([0.0, 1e-3, -1e-3, 0.49, 0.5, 0.51, -0.49, -0.51])
+    grid = ((levels[:, None] + offsets[None]) / 255).flatten().float()
+    x = torch.cat([grid, torch.rand(4000, generator=torch.Generator().manual_seed(0))]).clamp(0, 1)
+    side = 24  # lay the values out as (N, 3, 24, 24) images
+    pad = (-x.numel()) % (3 * side * side)
+    images = torch.cat([x, torch.zeros(pad)]).reshape(-1, 3, side, side)
+    rounded = generation.to_uint8(images, "round").long()
+    truncated = generation.to_uint8(images, "truncate").long()
+    y = images.float().permute(0, 2, 3, 1) * 255  # the float32 product both modes start from
+    floor = torch.floor(y.double())
+    frac = y.double() - floor
+    up = (frac > 0.5) | ((frac == 0.5) & (floor % 2 == 1))
+    assert torch.equal(truncated, floor.long())
+    assert torch.equal(rounded - truncated, up.long())
+    assert 0.4 < up[: x.numel()].double().mean() < 0.6  # about half the pixels move by one level
+    assert up.any() and (~up).any() and ((frac == 0.5) & ~up).any()  # ties below an even level do not move
+    with pytest.raises(
+        ValueError, match=r"Expected quantization in \('round', 'truncate'\), but got 'floor'"
+    ):
+        generation.to_uint8(images, "floor")
+    # generate_images writes what to_uint8 gives
+    batch = images[:2]
+    generation.generate_images(
+        lambda prompts, gens: batch[: len(prompts)], ["a", "b"], [0, 1], tmp_path, seed=0, batch_size=2,
+        quantization="truncate",
+    )  # fmt: skip
+    for i in (0, 1):
+        got = (scoring.load_image(tmp_path / f"{i:06d}.png") * 255).round().long().permute(1, 2, 0)
+        assert torch.equal(got, truncated[i])
+
+
+def test_student_weights_are_hashed_by_the_main_process_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under accelerate, process 0 hashes the weights and broadcasts the digest (``broadcast_object_list``); the
+    others never read the files. One process (or no accelerator): hashed in place."""
+    import accelerate.utils
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    want = hashlib.sha256(b"w.safetensors\0weights").hexdigest()
+    broadcasts: list[list[Any]] = []
+
+    def fake_broadcast(objects: list[Any], from_process: int = 0) -> list[Any]:
+        assert from_process == 0
+        broadcasts.append(list(objects))
+        objects[0] = broadcasts[0][0]  # what process 0 sent (the first call below is process 0's)
+        return objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", fake_broadcast)
+    main, other = (argparse.Namespace(num_processes=2, is_main_process=m) for m in (True, False))
+    assert generation.shared_weights_sha256("lora", weights, main) == want
+    hashed: list[Path] = []
+    monkeypatch.setattr(generation, "weights_sha256", lambda kind, path: hashed.append(path) or "x")
+    assert generation.shared_weights_sha256("lora", weights, other) == want  # received, not computed
+    assert hashed == [] and broadcasts == [[want], [None]]
+    assert generation.shared_weights_sha256("lora", weights, None) == "x" and hashed == [weights]
+    single = argparse.Namespace(num_processes=1, is_main_process=True)
+    assert generation.shared_weights_sha256("lora", weights, single) == "x" and len(broadcasts) == 2
 
 
 def test_resume_refuses_images_made_with_other_settings_seed_or_prompts(tmp_path: Path) -> None:
@@ -162,6 +247,18 @@ def test_resume_refuses_images_made_with_other_settings_seed_or_prompts(tmp_path
         generation.check_resume(folder, PROMPTS, 1, record, write=False)
     with pytest.raises(ValueError, match=r"image 000001.png .* prompt 1 of this run \('another'\)"):
         generation.check_resume(folder, [PROMPTS[0], "another"], 0, record, write=False)
+    with pytest.raises(
+        ValueError, match=r"this run's quantization, but they were made with quantization = 'round'"
+    ):
+        generation.check_resume(folder, PROMPTS, 0, record, write=False, quantization="truncate")
+    assert generation.read_manifest(folder)["quantization"] == "round"
+    # a record written before the option (no "quantization"): its images were rounded
+    manifest = generation.read_manifest(folder)
+    del manifest["quantization"]
+    (folder / generation.MANIFEST_NAME).write_text(json.dumps(manifest))
+    generation.check_resume(folder, PROMPTS, 0, record, write=False)
+    with pytest.raises(ValueError, match=r"quantization = 'round' and this run has 'truncate'"):
+        generation.check_resume(folder, PROMPTS, 0, record, write=False, quantization="truncate")
     (folder / generation.MANIFEST_NAME).unlink()  # images of unknown origin
     with pytest.raises(ValueError, match=r"holds 2 images without a record. Score them with --images"):
         generation.check_resume(folder, PROMPTS, 0, record, write=False)
@@ -203,11 +300,12 @@ def test_every_setting_that_moves_the_numbers_changes_the_protocol(tmp_path: Pat
     generator = {"num_inference_steps": 4, "guidance_scale": 0.0, "student_weights": {"sha256": "ab"}}
 
     def protocol(prompts: tuple[str, ...] = ("a", "b"), size: tuple[int, int] = (512, 512), gen: Any = generator,
-                 metric: Any = clip, **changes: Any) -> EvaluationProtocol:  # fmt: skip
+                 metric: Any = clip, quantization: str = "round", **changes: Any) -> EvaluationProtocol:  # fmt: skip
         args = argparse.Namespace(**(base | changes))
         record = metric_specs.evaluation_protocol(
-            args, list(prompts), {"clip_score": metric}, generator=gen, image_size=size, reference=None
-        )
+            args, list(prompts), {"clip_score": metric}, generator=gen, image_size=size, reference=None,
+            quantization=quantization,
+        )  # fmt: skip
         return EvaluationProtocol.from_dict(record)
 
     reference = protocol()
@@ -219,6 +317,7 @@ def test_every_setting_that_moves_the_numbers_changes_the_protocol(tmp_path: Pat
         "preprocessing.eval_resolution": protocol(eval_resolution=512),
         "preprocessing.clip_eval_resolution": protocol(clip_eval_resolution=224),
         "preprocessing.clip_prefix": protocol(clip_prefix=""),
+        "preprocessing.quantization": protocol(quantization="truncate"),
         "backbones.clip_score.backbone": protocol(
             metric=Stub(metric="clip_score", backbone="open_clip ViT-B-32")
         ),
@@ -396,6 +495,15 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     prompts.write_text("\n".join([*PROMPTS, "a boat"]) + "\n")
     hooks = ["--fid_features", "tests.examples.tiny_metrics:tiny_features"]
     hooks += ["--clip", "tests.examples.tiny_metrics:tiny_clip_score", "--reference_dir", str(reference)]
+    # a LoRA student: its weights are hashed by process 0 only and the digest broadcast to process 1
+    from diffusers import UNet2DConditionModel
+
+    lora = _random_lora_file(
+        UNet2DConditionModel.from_pretrained(tiny["sdxl"], subfolder="unet"), tmp_path / "lora"
+    )
+    lora_bytes = (lora / "pytorch_lora_weights.safetensors").read_bytes()
+    digest = hashlib.sha256(b"pytorch_lora_weights.safetensors\0" + lora_bytes).hexdigest()
+    hooks += ["--student_weights", str(lora)]
     records = {}
     # batches of 1 (generation and scoring): every image and every feature vector is computed alone, so none can
     # depend on how the prompts were split (float32 kernels give last-bit differences between batch sizes, 1e-7
@@ -419,6 +527,14 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12)
     assert records[1]["protocol"] == records[2]["protocol"]
+    # process 1 checked its sampler record, hash included, against the generation.json process 0 wrote (a
+    # different digest would have stopped it); both name the file's own SHA-256
+    for n in (1, 2):
+        assert records[n]["protocol"]["generator"]["student_weights"]["sha256"] == digest
+        assert (
+            generation.read_manifest(tmp_path / f"p{n}" / "images")["generator"]["student_weights"]["sha256"]
+            == digest
+        )
 
 
 def _write_annotations(path: Path) -> dict[int, list[str]]:

@@ -19,8 +19,9 @@ def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def _reference_transformers(model, processor, images, prompts) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """The cosines from the raw transformers calls (as the PickScore / CLIP model cards write them)."""
-    pixels = processor(images=tiny_clip.pil_images(images), return_tensors="pt")["pixel_values"]
+    """The cosines from the raw transformers calls (as the PickScore / CLIP model cards write them), the pixels by
+    transformers 4's PIL ``CLIPImageProcessor`` rule written out (shorter side, floor-offset centre crop)."""
+    pixels = tiny_clip.shorter_side_crop_pixels(images, 32, offsets="floor")
     tokens = processor.tokenizer(prompts, padding=True, truncation=True, max_length=40, return_tensors="pt")
     with torch.no_grad():
         img = tiny_clip.embedding(model.get_image_features(pixel_values=pixels))
@@ -49,7 +50,10 @@ def test_transformers_backbone_equals_raw_model_calls(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.cosines(images, PROMPTS), want, rtol=1e-5, atol=1e-6)
     record = loaded.protocol()
     assert record["metric"] == "clip_score" and "transformers CLIPModel" in record["backbone"]
-    assert "CLIPImageProcessor" in record["preprocess"] and record["scale"] == 1.0
+    assert "CLIPImageProcessorPil" in record["preprocess"] and record["scale"] == 1.0
+    assert (
+        type(processor.image_processor).__name__ == "CLIPImageProcessor"
+    )  # the caller's object is left alone
 
 
 def test_open_clip_backbone_equals_raw_model_calls() -> None:
@@ -59,11 +63,11 @@ def test_open_clip_backbone_equals_raw_model_calls() -> None:
     torch.manual_seed(0)
     metric = CLIPScore.from_open_clip(name, None)
     model = metric.model
-    _, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(name)
     images = _images(seed=1)
     with torch.no_grad():
-        img = model.encode_image(torch.stack([transform(p) for p in tiny_clip.pil_images(images)]))
+        # OpenAI CLIP's / open_clip's Resize(shorter side) + CenterCrop (rounded offsets), written out
+        img = model.encode_image(tiny_clip.shorter_side_crop_pixels(images, 32, offsets="round"))
         txt = model.encode_text(tokenizer(PROMPTS))
     want = tiny_clip.cosine(img, txt)
     metric.update(images, PROMPTS)
@@ -74,6 +78,23 @@ def test_open_clip_backbone_equals_raw_model_calls() -> None:
     metric.reset()
     with pytest.raises(OptionError, match=r"CLIPScore.compute\(\) before any update"):
         metric.compute()
+
+
+@pytest.mark.parametrize("size", [*tiny_clip.NON_SQUARE, (40, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_non_square_images_are_resized_and_cropped_as_each_backbone_does(size: tuple[int, int]) -> None:
+    """Both named backbones take the whole pipeline of their library on non-square images: transformers 4's PIL
+    ``CLIPImageProcessor`` (floor offsets), open_clip's / OpenAI CLIP's torchvision ``Resize`` + ``CenterCrop``
+    (rounded offsets). The 48 x 83 / 83 x 48 sizes tell the two crops apart; the torchvision re-implementation of
+    transformers >= 5 differs from the PIL one by up to 2 uint8 levels, which the 1e-5 bound also refuses."""
+    model, processor = tiny_clip.transformers_clip()
+    images = tiny_clip.uint8_images(2, *size, seed=sum(size))
+    hf = CLIPScore.from_transformers(model, processor)
+    want = tiny_clip.shorter_side_crop_pixels(images, 32, offsets="floor")
+    torch.testing.assert_close(hf.preprocess(images), want, rtol=0, atol=1e-5)
+    name = tiny_clip.register_open_clip()
+    oc = CLIPScore.from_open_clip(name, None)
+    want = tiny_clip.shorter_side_crop_pixels(images, 32, offsets="round")
+    torch.testing.assert_close(oc.preprocess(images), want, rtol=0, atol=1e-5)
 
 
 def test_clip_score_errors() -> None:

@@ -9,11 +9,13 @@ import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from diffdistill.errors import DTypeError, MissingDependencyError
 from diffdistill.metrics import AestheticMLP, AestheticScore, HPSv21Score, ImageRewardScore, PickScore
+from diffdistill.metrics.preference import HPSPreprocess
 from tests.metrics import tiny_clip
 
 PROMPTS = ["a red cat", "two dogs!", "a cup of tea"]
@@ -26,8 +28,9 @@ def _images(seed: int = 0) -> torch.Tensor:
 def test_pickscore_is_logit_scale_times_cosine() -> None:
     """The model card's calc_probs before the softmax: logit_scale.exp() * (text_embs @ image_embs.T)."""
     model, processor = tiny_clip.transformers_clip(logit_scale=math.log(100.0))
-    images = _images()
-    pixels = processor(images=tiny_clip.pil_images(images), return_tensors="pt")["pixel_values"]
+    images = tiny_clip.uint8_images(3, 48, 83, seed=0)  # non-square, odd crop margin
+    # the model card's processor (transformers 4's PIL CLIPImageProcessor), its rule written out
+    pixels = tiny_clip.shorter_side_crop_pixels(images, 32, offsets="floor")
     tokens = processor(text=PROMPTS, padding=True, truncation=True, max_length=40, return_tensors="pt")
     with torch.no_grad():
         img = tiny_clip.embedding(model.get_image_features(pixel_values=pixels))
@@ -47,15 +50,15 @@ def test_hpsv21_loads_the_checkpoint_state_dict_and_scores_the_cosine(tmp_path: 
 
     name = tiny_clip.register_open_clip()
     torch.manual_seed(3)
-    source, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    source, _, _ = open_clip.create_model_and_transforms(name, pretrained=None)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
     metric = HPSv21Score.from_pretrained(tmp_path / "HPS_v2.1_compressed.pt", model_name=name)
+    assert isinstance(metric.preprocess, HPSPreprocess) and metric.preprocess.image_size == 32
     tokenizer = open_clip.get_tokenizer(name)
-    images = _images(1)
+    images = tiny_clip.uint8_images(3, 48, 80, seed=1)
     with torch.no_grad():
-        out = source.eval()(
-            torch.stack([transform(p) for p in tiny_clip.pil_images(images)]), tokenizer(PROMPTS)
-        )
+        # HPSv2's own transform (longer side, zero padding), not open_clip's centre crop
+        out = source.eval()(tiny_clip.hps_pixels(images, 32), tokenizer(PROMPTS))
         # hpsv2's img_score: image_features @ text_features.T of the (normalised) output dict, diagonal
         feats_i, feats_t = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
         want = (feats_i @ feats_t.T).diagonal().double()
@@ -65,6 +68,44 @@ def test_hpsv21_loads_the_checkpoint_state_dict_and_scores_the_cosine(tmp_path: 
     )
     with pytest.raises(FileNotFoundError, match=r"No HPSv2.1 checkpoint at"):
         HPSv21Score.from_pretrained(tmp_path / "missing.pt", model_name=name)
+
+
+@pytest.mark.parametrize("size", [*tiny_clip.NON_SQUARE, (40, 40), (32, 20)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_hps_preprocess_is_hpsv2s_resize_max_size(size: tuple[int, int]) -> None:
+    """``hpsv2/src/open_clip/transform.py``: ToTensor, ``ResizeMaxSize`` (longer side to 32, bicubic antialiased on
+    the float tensor, sides rounded), black padding centred with the odd row / column after, then Normalize --
+    written out independently in ``tiny_clip.hps_pixels``; square images are a plain resize (no padding)."""
+    images = tiny_clip.uint8_images(2, *size, seed=size[0] * size[1])
+    pre = HPSPreprocess(32)
+    got = pre(images)
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, tiny_clip.hps_pixels(images, 32), rtol=0, atol=2e-6)
+    height, width = size
+    new_h, new_w = pre.resized_size(height, width)
+    assert max(new_h, new_w) == 32 and (new_h, new_w) == (
+        round(height * 32 / max(size)),
+        round(width * 32 / max(size)),
+    )
+    # the border is black after normalisation: -mean / std, on exactly floor(pad / 2) rows before and the rest after
+    black = (-torch.tensor(tiny_clip.OPENAI_MEAN) / torch.tensor(tiny_clip.OPENAI_STD)).view(1, 3, 1, 1)
+    is_border = (got - black).abs().amax(dim=(0, 1)) < 1e-6  # (32, 32)
+    rows, cols = is_border.all(dim=1), is_border.all(dim=0)
+    top, left = (32 - new_h) // 2, (32 - new_w) // 2
+    assert rows[:top].all() and rows[top + new_h :].all() and not rows[top : top + new_h].any()
+    assert cols[:left].all() and cols[left + new_w :].all() and not cols[left : left + new_w].any()
+    if size == (48, 80):  # 19 rows of image, 13 of padding: 6 above, 7 below
+        assert (new_h, top, 32 - top - new_h) == (19, 6, 7)
+
+
+def test_hps_preprocess_errors() -> None:
+    from diffdistill.errors import OptionError, ShapeError
+
+    with pytest.raises(OptionError, match=r"image_size"):
+        HPSPreprocess(0)
+    with pytest.raises(DTypeError, match=r"Expected `mean` to be three numbers"):
+        HPSPreprocess(32, mean=(0.5, 0.5))
+    with pytest.raises(ShapeError, match=r"3 \(RGB\) channels"):
+        HPSPreprocess(32)(torch.rand(1, 1, 8, 8))
 
 
 def test_aesthetic_mlp_matches_the_laion_layout_and_formula(tmp_path: Path) -> None:
@@ -79,9 +120,11 @@ def test_aesthetic_mlp_matches_the_laion_layout_and_formula(tmp_path: Path) -> N
     head = AestheticMLP(16)
     torch.save(head.state_dict(), tmp_path / "aesthetic.pth")
     metric = AestheticScore.from_pretrained(tmp_path / "aesthetic.pth", clip_name=name, clip_pretrained=None)
-    images = _images(2)
+    images = tiny_clip.uint8_images(3, 83, 48, seed=2)  # tall, odd crop margin
     with torch.no_grad():
-        emb = metric.model.encode_image(metric.preprocess(images))
+        # clip.load("ViT-L/14")'s preprocess (improved-aesthetic-predictor's simple_inference.py): torchvision
+        # Resize(shorter side) + CenterCrop (rounded offsets) on the PIL image, written out
+        emb = metric.model.encode_image(tiny_clip.shorter_side_crop_pixels(images, 32, offsets="round"))
         emb = emb / emb.norm(dim=-1, keepdim=True)
         # the head written out as matrix products (dropout is the identity in eval)
         x = emb
@@ -117,6 +160,16 @@ def test_image_reward_goes_through_the_packages_public_api(monkeypatch: pytest.M
     want = torch.tensor([len(p) for p in PROMPTS], dtype=torch.float64) + first_pixel.double()
     assert metric.compute() == pytest.approx(float(want.mean()), rel=1e-9)
     assert metric.protocol()["metric"] == "image_reward"
+    # non-square images reach the package whole (it resizes and crops them itself, with its BLIP transform)
+    for size in ((48, 80), (80, 48), (37, 52)):
+        handed: list[Any] = []
+        wide = tiny_clip.uint8_images(2, *size, seed=7)
+        ImageRewardScore(lambda prompt, image, seen=handed: seen.append(image) or 0.0).update(
+            wide, PROMPTS[:2]
+        )
+        for image, x in zip(handed, wide):
+            want_arr = (x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            assert image.size == (size[1], size[0]) and (np.asarray(image) == want_arr).all()
     bad = ImageRewardScore(lambda prompt, image: "high")
     with pytest.raises(DTypeError, match=r"The ImageReward scorer returned str"):
         bad.update(images, PROMPTS)

@@ -98,3 +98,65 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def embedding(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+NON_SQUARE = ((48, 80), (80, 48), (48, 83), (83, 48), (37, 52))
+"""(H, W) test sizes: wide and tall, odd sides, and 48 x 83 / 83 x 48, whose centre crop after a 32 px shorter-side
+resize has an odd margin of 23 (transformers' floor offset 11, torchvision's rounded offset 12)."""
+
+
+def uint8_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Float images on the uint8 grid (``k / 255``, as read from a PNG): rounding to uint8 is then exact in any
+    precision, so a derivation cannot differ from the library by a float32-vs-float64 tie at ``k + 0.5``."""
+    levels = torch.randint(0, 256, (n, 3, height, width), generator=torch.Generator().manual_seed(seed))
+    return levels.float() / 255
+
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def shorter_side_crop_pixels(images: torch.Tensor, size: int, *, offsets: str) -> torch.Tensor:
+    """CLIP's "resize the shorter side, centre crop" written out from the original packages' rules.
+
+    The uint8 image (PNG rounding) is resized by PIL (bicubic) so that its shorter side is ``size`` and its longer
+    side ``int(size * long / short)`` (truncated; torchvision's ``Resize(int)`` and transformers'
+    ``get_resize_output_image_size`` both), then cropped to ``size x size`` at offsets ``(d) // 2``
+    (``offsets="floor"``: transformers' ``center_crop``) or ``int(round(d / 2))`` (``"round"``: torchvision's
+    ``CenterCrop``, OpenAI CLIP / open_clip), scaled by 1/255 and normalised with OpenAI CLIP's mean / std.
+    """
+    from PIL import Image
+
+    out = []
+    for pil in pil_images(images):
+        w, h = pil.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+        arr = np.asarray(pil.resize((new_w, new_h), Image.BICUBIC)).astype(np.float64)
+        dy, dx = new_h - size, new_w - size
+        top, left = (dy // 2, dx // 2) if offsets == "floor" else (round(dy / 2), round(dx / 2))
+        arr = arr[top : top + size, left : left + size] / 255.0
+        arr = (arr - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)
+        out.append(torch.from_numpy(arr).permute(2, 0, 1).float())
+    return torch.stack(out)
+
+
+def hps_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's pad-to-square transform written out (``hpsv2/src/open_clip/transform.py``, ``ResizeMaxSize``):
+    uint8 / 255, the longer side to ``size`` (``round`` of each side times ``size / long``; bicubic, antialiased,
+    on the float tensor, unclamped), black padding centred with the odd pixel after, then normalisation."""
+    out = []
+    for x in images:
+        x = torch.from_numpy(np.rint(x.numpy().astype(np.float64) * 255)).float() / 255
+        h, w = x.shape[-2:]
+        new_h, new_w = round(h * size / max(h, w)), round(w * size / max(h, w))
+        x = torch.nn.functional.interpolate(
+            x[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        )[0]
+        canvas = torch.zeros(3, size, size)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        canvas[:, top : top + new_h, left : left + new_w] = x
+        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+        out.append((canvas - mean) / std)
+    return torch.stack(out)
