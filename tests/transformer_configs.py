@@ -1,4 +1,4 @@
-"""Tiny configs of the rectified-flow transformers (SD3 MMDiT, FLUX) for CPU tests, with the published ones.
+"""Tiny configs of the rectified-flow transformers (SD3 MMDiT, FLUX, Wan) for CPU tests, with the published ones.
 
 The tiny configs keep each architecture's structure (SD3: joint blocks, the last one context-pre-only, optional
 dual-attention layers; FLUX: double-stream then single-stream blocks, guidance embedding, RoPE axes) at widths
@@ -50,6 +50,47 @@ def tiny_flux_transformer_config(**overrides: Any) -> dict[str, Any]:
     config.update(overrides)
     return config
 
+
+def tiny_wan_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """A 3-block Wan-structured ``WanTransformer3DModel`` config (Wan 2.1 text-to-video): video latents
+    ``(B, 4, F, 8, 8)``, patch (1, 2, 2) (16 tokens per frame), 2 heads of 12 (3-D RoPE axes: 4 for frames, 4 + 4
+    for height and width, as Wan splits the head dimension), text tokens of width 16, timestep frequencies 16,
+    feed-forward width 32, RMS q/k norm across heads (as Wan 2.1); ``overrides`` replace any entry."""
+    config: dict[str, Any] = {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 4,
+        "out_channels": 4,
+        "text_dim": 16,
+        "freq_dim": 16,
+        "ffn_dim": 32,
+        "num_layers": 3,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "rope_max_seq_len": 32,
+    }
+    config.update(overrides)
+    return config
+
+
+#: ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` ``transformer/config.json`` (1.42 B parameters as built); the 14B model
+#: is this with 40 heads, 40 layers and ``ffn_dim`` 13824 (diffusers' defaults).
+WAN21_T2V_1_3B_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
 
 #: ``black-forest-labs/FLUX.1-dev`` ``transformer/config.json`` (11.90 B parameters as diffusers builds it).
 FLUX1_DEV_CONFIG: dict[str, Any] = {
@@ -115,3 +156,12 @@ def tiny_flux_transformer(seed: int = 0, **overrides: Any) -> Any:
 
     torch.manual_seed(seed)
     return FluxTransformer2DModel(**tiny_flux_transformer_config(**overrides)).requires_grad_(False).eval()
+
+
+def tiny_wan_transformer(seed: int = 0, **overrides: Any) -> Any:
+    """A frozen, eval-mode ``WanTransformer3DModel`` of :func:`tiny_wan_transformer_config`, seeded."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**tiny_wan_transformer_config(**overrides)).requires_grad_(False).eval()
