@@ -672,6 +672,18 @@ class LatentAugment(nn.Module):
         self.filter: torch.Tensor
         self.register_buffer("filter", sym6_filter(), persistent=False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> LatentAugment:
+        """``.to()`` / ``.cuda()`` / ``.half()`` move the resampling filter but never round it below float32.
+
+        The augmentation computes in float32 or wider (``forward``), so a filter cast to bf16 / fp16 with the
+        module (e.g. ``ELatentLPIPS(...).to(torch.bfloat16)``) would only round its taps (their sum to 1.0025:
+        every resampled latent scaled by ~1%); it is rebuilt in float32 on its new device instead.
+        """
+        super()._apply(fn, recurse)
+        if self.filter.dtype not in (torch.float32, torch.float64):
+            self.filter = sym6_filter(torch.float32, self.filter.device)
+        return self
+
     @property
     def p(self) -> float:
         """The probability multiplier in [0, 1]; assigning it is checked like the constructor argument."""

@@ -265,12 +265,20 @@ class LatentVGG16BN(nn.Module):
         :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}` (running statistics), composed in float64 and
         rounded once to the weights' dtype and memory format. Eager mode caches the result until a
         parameter or buffer changes (storage or version counter: ``load_state_dict``, ``.to()``, in-place
-        updates); a traced graph recomputes it (a few small fused kernels).
+        updates); a traced graph recomputes it (a few small fused kernels). A write through ``.data``
+        (``p.data.copy_(...)``, as diffusers' ``EMAModel.copy_to`` does) bumps no version counter: call
+        :meth:`refresh_folded` after one. Nothing is cached under ``torch.inference_mode()`` (inference
+        tensors cannot be saved for a later backward).
         """
         tensors = [t for m in self.modules() for t in (*m.parameters(False), *m.buffers(False))]
         key = None
-        # Inference tensors (a trunk built under torch.inference_mode) have no version counter: no cache.
-        if not torch.compiler.is_compiling() and not any(t.is_inference() for t in tensors):
+        # Inference tensors (a trunk built under torch.inference_mode) have no version counter, and folds made
+        # under inference mode could not be saved for backward by a later call outside it: no cache then.
+        if (
+            not torch.compiler.is_compiling()
+            and not torch.is_inference_mode_enabled()
+            and not any(t.is_inference() for t in tensors)
+        ):
             key = tuple((t.data_ptr(), t._version) for t in tensors)
             cached = self.__dict__.get("_fold_cache")
             if cached is not None and cached[0] == key:
@@ -289,6 +297,24 @@ class LatentVGG16BN(nn.Module):
         if key is not None:
             self.__dict__["_fold_cache"] = (key, out)
         return out
+
+    def refresh_folded(self) -> None:
+        """Drop the cached folded weights (:meth:`_folded`), so the next frozen forward folds the current ones.
+
+        Needed only after weights were written through ``.data`` (e.g. ``p.data.copy_(...)``, diffusers'
+        ``EMAModel.copy_to``), which changes no version counter; ``load_state_dict``, ``.to()`` and in-place
+        updates of the parameters themselves are noticed without it.
+
+        Example:
+            >>> trunk = LatentVGG16BN(4).eval().requires_grad_(False)
+            >>> _ = trunk(torch.randn(1, 4, 8, 8))
+            >>> trunk.slice1[0].weight.data.zero_()  # doctest: +ELLIPSIS
+            tensor(...)
+            >>> trunk.refresh_folded()
+            >>> bool(trunk(torch.randn(1, 4, 8, 8))[0].std() == 0)
+            True
+        """
+        self.__dict__.pop("_fold_cache", None)
 
 
 class _LinearHead(nn.Module):

@@ -475,3 +475,18 @@ def test_closed_form_theta_gradcheck_float64() -> None:
         return la._sampling_theta(AugmentParams(**fixed, **dict(zip(names, values))), n, (h, w), out, up)
 
     assert torch.autograd.gradcheck(theta, start)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_module_cast_to_half_precision_keeps_the_filter_exact(dtype: torch.dtype) -> None:
+    """``LatentAugment(...).to(bf16)`` (e.g. inside ``ELatentLPIPS(...).to(torch.bfloat16)``) must not round the
+    resampling filter: its taps would sum to ~1.0025 and every resampled latent be scaled by ~1%. The augmentation
+    computes in float32 or wider, so the cast module gives the float32 module's output (same draw) exactly."""
+    reference, cast = LatentAugment("g"), LatentAugment("g").to(dtype)
+    assert cast.filter.dtype == torch.float32
+    torch.testing.assert_close(cast.filter, sym6_filter(), atol=0, rtol=0)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)) + 3.0
+    want = reference(x, generator=torch.Generator().manual_seed(1))
+    got = cast(x, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert LatentAugment("g").double().filter.dtype == torch.float64  # wider casts are kept

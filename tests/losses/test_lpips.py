@@ -807,6 +807,43 @@ def test_trainable_trunk_keeps_its_batch_norm_modules() -> None:
     assert "_fold_cache" not in built.__dict__
 
 
+def test_a_validation_call_under_inference_mode_leaves_training_calls_working() -> None:
+    """Folds made under ``torch.inference_mode()`` are inference tensors: cached, they would make the next
+    training call's backward fail ("Inference tensors cannot be saved for backward")."""
+    loss = LatentLPIPS("sdxl", weights=None, reduction="none")
+    x, y = torch.randn(2, 4, 8, 8, generator=_gen(1)), torch.randn(2, 4, 8, 8, generator=_gen(2))
+    with torch.inference_mode():
+        validation = loss(x, y)
+    assert "_fold_cache" not in loss.net.__dict__
+    student = x.clone().requires_grad_(True)
+    value = loss(student, y)
+    value.sum().backward()
+    assert student.grad is not None and bool(student.grad.abs().sum() > 0)
+    torch.testing.assert_close(value.detach(), validation)  # same weights, same folds
+    with torch.inference_mode():  # a cache filled outside inference mode still serves inside it
+        torch.testing.assert_close(loss(x, y), validation)
+
+
+def test_weights_written_through_data_are_folded_after_refresh_folded() -> None:
+    """``p.data.copy_`` (diffusers' ``EMAModel.copy_to``) bumps no version counter: the cached folds stay until
+    :meth:`LatentVGG16BN.refresh_folded`, after which the loss equals a module built with those weights."""
+    loss = LatentLPIPS("sdxl", weights=None, reduction="none")
+    source = LatentLPIPS("sdxl", weights=None, reduction="none")
+    with torch.no_grad():
+        for name, buf in source.net.named_buffers():
+            if "running_var" in name:
+                buf.uniform_(0.5, 2.0, generator=_gen(3))
+    x, y = torch.randn(2, 4, 8, 8, generator=_gen(4)), torch.randn(2, 4, 8, 8, generator=_gen(5))
+    before = loss(x, y)
+    for mine, theirs in zip(loss.state_dict().values(), source.state_dict().values(), strict=True):
+        mine.data.copy_(theirs.data)
+    torch.testing.assert_close(loss(x, y), before)  # documented: not noticed without the refresh
+    loss.net.refresh_folded()
+    after = loss(x, y)
+    torch.testing.assert_close(after, source(x, y))
+    assert not torch.allclose(after, before)  # the copy changed the loss
+
+
 @pytest.mark.parametrize("spatial", [False, True])
 @pytest.mark.parametrize("needs", ["xyw", "x", "y", "w"])
 def test_layer_distance_gradients_float64(spatial: bool, needs: str) -> None:
