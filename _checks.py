@@ -43,6 +43,7 @@ __all__ = [
     "check_module",
     "check_ndim",
     "check_nonempty",
+    "check_not_video",
     "check_option",
     "check_optional_int",
     "check_positive",
@@ -550,3 +551,30 @@ def check_float_input(
     if finite:
         check_finite(x, name)
     return x
+
+
+def check_not_video(x: Any, name: str, what: str, layout: str = "(B, C, H, W)") -> None:
+    """Raise :class:`ShapeError` for a 5-D tensor (video latents ``(B, C, F, H, W)``, e.g. Wan's) passed to an
+    image-only component, with the reason and how to proceed; other inputs pass unchanged (checked later).
+
+    Args:
+        x: The value the caller passed.
+        name: The argument's public name.
+        what: The component and why it is image-only, e.g. ``"LatentLPIPS (a latent VGG trained on one image
+            VAE's latents)"``.
+        layout: The image layout the component takes.
+
+    Raises:
+        ShapeError: ``x`` is a 5-D tensor.
+    """
+    if isinstance(x, torch.Tensor) and x.ndim == 5:
+        raise ShapeError(
+            f"Expected `{name}` to be image latents {layout}, but got 5-D video latents of shape "
+            f"{_fmt_shape(x.shape)} (B, C, F, H, W). {what} is image-only by design and is not defined on video "
+            "latents (e.g. Wan's video VAE, whose latent frames are compressed in time). Folding the frames into the "
+            "batch (x.transpose(1, 2).flatten(0, 1)) runs it frame by frame, which is meaningful only with a "
+            "component trained on that VAE's frame latents.",
+            name=name,
+            expected=layout,
+            actual=tuple(x.shape),
+        )

@@ -1,8 +1,10 @@
 """diffdistill.losses: loss families, one module each, as functional + ``nn.Module`` pairs.
 
-Every loss that reads a noise schedule runs on variance-preserving (SD / SDXL) and rectified-flow (SD3, FLUX)
+Every loss that reads a noise schedule runs on variance-preserving (SD / SDXL) and rectified-flow (SD3, FLUX, Wan)
 schedules alike: the networks a loss calls itself get the schedule's model timestep (the index for VP,
-:math:`1000\\sigma` for SD3), as :class:`~diffdistill.schedulers.TeacherSolver` calls the teacher.
+:math:`1000\\sigma` for SD3), as :class:`~diffdistill.schedulers.TeacherSolver` calls the teacher. Latents are
+``(B, ...)``: image ``(B, C, H, W)`` and video ``(B, C, F, H, W)`` (Wan) alike, reduced per sample over every other
+dimension; the image-only E-LatentLPIPS, ``LatentAugment`` and ``PixelLPIPS`` refuse video latents.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ r"""Adversarial losses for distillation: GAN objectives, R1 penalties, mix-and-m
 Every loss here takes discriminator **logits** (the raw output before any sigmoid) and returns
 ``(loss, logs)``: the loss tensor (0-d for ``reduction="mean"`` / ``"sum"``, ``(B,)`` for ``"none"``) and a
 dict of detached float32 0-d tensors for logging (no ``.item()``, so no device sync). Losses compute in
-float32 when the logits are float16/bfloat16 and in float64 when they are float64.
+float32 when the logits are float16/bfloat16 and in float64 when they are float64. Logits and inputs are
+``(B, ...)``: per-sample means (GAN losses) and sums (R1) run over every non-batch dim, so video patch logits
+``(B, 1, F, h, w)`` and video latents ``(B, C, F, H, W)`` work as image ones do.
 
 Objectives, for real logits :math:`r` and fake logits :math:`f`:
 

@@ -1,5 +1,6 @@
 """Consistency-family distillation losses: LCM, Hyper-SD TSCD, MLCM multistep consistency, progressive
-distillation and SDXL-Lightning's x0 conversion, over any denoiser callable.
+distillation and SDXL-Lightning's x0 conversion, over any denoiser callable and any ``(B, ...)`` latents
+(image ``(B, C, H, W)``; video ``(B, C, F, H, W)`` for Wan, reduced per sample over every non-batch dim).
 
 All of them compare a *student side* and a *target side* built from the same noisy state ``x_t``:
 
@@ -356,7 +357,8 @@ def consistency_pair(
             prediction (tensor, diffusers output or tuple) of ``x_t``'s shape, in ``prediction_type``.
         teacher: the frozen teacher with its CFG settings and its :class:`~diffdistill.schedulers.NoiseSchedule`
             (the schedule of every timestep here).
-        x_t: noisy states at ``sample.t``, shape ``(B, ...)`` (e.g. latents ``(B, C, H, W)``), floating.
+        x_t: noisy states at ``sample.t``, shape ``(B, ...)`` (image latents ``(B, C, H, W)``, video latents
+            ``(B, C, F, H, W)``), floating.
         sample: timesteps ``(t, t_prev, t_end)`` from a sampler of :mod:`diffdistill.schedulers`, each an int64
             tensor of shape ``(B,)`` (or ``()`` / ``(1,)`` for the whole batch) with
             ``t_end <= t_prev < t``.

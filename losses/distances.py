@@ -1,7 +1,9 @@
 """Distances between a prediction and a target, per sample: the ``d`` of every regression-style loss.
 
 Every distance maps ``(input, target)`` of shape ``(B, ...)`` to per-sample values ``(B,)`` before
-``reduction``, and computes in at least float32 (half and bf16 are upcast; float64 stays float64).
+``reduction``, and computes in at least float32 (half and bf16 are upcast; float64 stays float64). "Per
+sample" is over every non-batch dim: image latents ``(B, C, H, W)`` and video latents ``(B, C, F, H, W)``
+(Wan) alike, so a video's distance equals that of its frames folded into the channels.
 
 * ``"mse"``: mean over non-batch dims of :math:`(x - y)^2`.
 * ``"l1"``: mean of :math:`|x - y|`.

@@ -52,6 +52,7 @@ from .._checks import (
     ShapeError,
     check_finite,
     check_float_input,
+    check_not_video,
     check_tensor,
     value_checks_enabled,
 )
@@ -617,6 +618,10 @@ class LatentAugment(nn.Module):
     Precision: the resampling runs outside autocast in at least float32 (half-precision inputs are upcast
     and the outputs cast back to each input's dtype; float64 stays float64), the warp matrices in float64.
 
+    Image-only by design (2-D warps of ``(N, C, H, W)`` latents, as ADA augments images): 5-D video latents
+    ``(B, C, F, H, W)`` are refused with a :class:`ShapeError` that says so, since a per-frame draw would
+    break the video's temporal coherence and one shared draw per video is a choice the paper does not make.
+
     Args:
         augment: group letters (``"b"``, ``"g"``, ``"c"``, ``"o"``, e.g. ``"bg"``) or op names,
             see :func:`augment_ops`; ``None`` is the identity.
@@ -809,6 +814,12 @@ class LatentAugment(nn.Module):
         if not tensors:
             raise ShapeError(f"Expected at least one tensor in `{name}` to augment, but got none.", name=name)
         for i, t in enumerate(tensors):
+            check_not_video(
+                t,
+                f"{name}[{i}]",
+                "LatentAugment (2-D geometric / colour augmentation of image latents)",
+                "(N, C, H, W)",
+            )
             check_float_input(t, f"{name}[{i}]", ndim=4, layout="(N, C, H, W)")
             if t.shape != tensors[0].shape:
                 raise ShapeError(
@@ -847,8 +858,8 @@ class LatentAugment(nn.Module):
             The augmented tensors, in the order given.
 
         Raises:
-            ShapeError: if ``tensors`` is empty, a tensor is not 4-D or empty, or shapes differ; if a
-                ``params`` field does not fit a batch of ``N`` (see :meth:`AugmentParams.check_batch`).
+            ShapeError: if ``tensors`` is empty, a tensor is 5-D (image-only), not 4-D or empty, or shapes differ;
+                if a ``params`` field does not fit a batch of ``N`` (see :meth:`AugmentParams.check_batch`).
             DTypeError: if an entry is not a floating tensor, dtypes differ or ``params`` is not an
                 :class:`AugmentParams`.
             NonFiniteError: if a tensor or a parameter holds NaN/Inf (a value check).
@@ -936,8 +947,8 @@ class LatentAugment(nn.Module):
             shape and dtype.
 
         Raises:
-            ShapeError: if no tensor is given, a tensor is not 4-D ``(N, C, H, W)`` or has an empty batch,
-                shapes differ, or ``params`` was drawn for another batch size.
+            ShapeError: if no tensor is given, a tensor is 5-D video latents (image-only) or not 4-D
+                ``(N, C, H, W)`` or has an empty batch, shapes differ, or ``params`` was drawn for another batch size.
             DTypeError: if an input is not a floating tensor, ``generator`` is not a ``torch.Generator`` or
                 ``params`` is not an :class:`AugmentParams`.
             NonFiniteError: if an input or ``params`` holds NaN/Inf (a value check, see

@@ -60,6 +60,7 @@ from .._checks import (
     ShapeError,
     check_finite,
     check_float_input,
+    check_not_video,
     check_option,
     check_positive,
     check_same_shape,
@@ -233,7 +234,8 @@ class LatentVGG16BN(nn.Module):
 
         Raises:
             DTypeError: if ``x`` is not a floating tensor.
-            ShapeError: if ``x`` is not ``(B, in_channels, H, W)``, has an empty batch or is smaller than 4×4.
+            ShapeError: if ``x`` is 5-D video latents (image-only) or not ``(B, in_channels, H, W)``, has an empty
+                batch or is smaller than 4×4.
         """
         _check_latents(x, "x", self.in_channels, f"in_channels={self.in_channels}")
         feats = []
@@ -339,7 +341,13 @@ class _LinearHead(nn.Module):
 
 
 def _check_latents(x: Any, name: str, channels: int, what: str) -> None:
-    """Static checks of a latent batch: a non-empty floating ``(B, channels, H >= 4, W >= 4)`` tensor."""
+    """Static checks of a latent batch: a non-empty floating ``(B, channels, H >= 4, W >= 4)`` tensor (video
+    latents ``(B, C, F, H, W)`` refused with the reason)."""
+    check_not_video(
+        x,
+        name,
+        "LatentLPIPS / E-LatentLPIPS (a latent VGG16 trained on one image VAE's latents, Kang et al. 2024)",
+    )
     check_float_input(x, name, ndim=4, layout="(B, C, H, W)", finite=False)
     if x.shape[1] != channels:
         raise ShapeError(
@@ -613,6 +621,10 @@ class LatentLPIPS(nn.Module):
 
     with unit-normalised trunk features :math:`\hat\phi_l` and learned 1×1 heads :math:`w_l`. The
     trunk and heads are frozen (eval mode, ``requires_grad=False``); gradients flow to the inputs.
+
+    Image-only by design: the trunk is trained on one image VAE's latents, so 5-D video latents
+    ``(B, C, F, H, W)`` (Wan) are refused with a :class:`ShapeError` that says so; no released trunk is
+    trained on a video VAE's latents, whose frames are also compressed in time.
 
     Precision: inputs are cast to the trunk's dtype (its parameters' dtype; the caller's autocast, if
     any, then picks the convolution dtype); the normalisation, heads, averages and the L1 term run
@@ -909,8 +921,8 @@ class LatentLPIPS(nn.Module):
 
         Raises:
             DTypeError: if ``input`` or ``target`` is not a floating tensor, or a flag is not a bool.
-            ShapeError: if they are not ``(B, C, H, W)`` with the module's channel count and ``H, W >= 4``,
-                have an empty batch, or differ in shape.
+            ShapeError: if they are 5-D video latents (image-only), or not ``(B, C, H, W)`` with the module's
+                channel count and ``H, W >= 4``, have an empty batch, or differ in shape.
             NonFiniteError: if either holds NaN/Inf (a value check, see :func:`diffdistill.errors.value_checks`).
             OptionError: for ``normalize=True`` when ``latent`` is a channel count (no known scaling).
         """
@@ -1149,7 +1161,8 @@ class PixelLPIPS(nn.Module):
     (skipped for ``latent=None`` or ``normalize=True``, i.e. raw latents). Same call as
     :class:`LatentLPIPS`, so swapping losses is one line. The decoder is frozen
     (``requires_grad_(False)``, eval) but gradients reach the latents, which is what makes this
-    path ~10× more expensive (Kang et al., ECCV 2024, arXiv:2405.05967).
+    path ~10× more expensive (Kang et al., ECCV 2024, arXiv:2405.05967). Image-only: 5-D video latents
+    ``(B, C, F, H, W)`` are refused (decode them with the video VAE and compare frames yourself).
 
     Precision: the latents are cast to the decoder's dtype (its parameters'), the images to the ``lpips``
     network's dtype, outside autocast; the result comes back in at least float32 and at least the
@@ -1289,13 +1302,14 @@ class PixelLPIPS(nn.Module):
         Raises:
             DTypeError: if an input is not a floating tensor, a flag not a bool or ``generator`` not a
                 ``torch.Generator``.
-            ShapeError: if the inputs are not 4-D, have an empty batch or differ in shape, their channels
-                differ from the decoder's ``config.latent_channels``, or the decoder returns no
+            ShapeError: if the inputs are 5-D video latents (image-only) or not 4-D, have an empty batch or differ
+                in shape, their channels differ from the decoder's ``config.latent_channels``, or the decoder returns no
                 ``(B, 3, H, W)`` images.
             NonFiniteError: if an input holds NaN/Inf (a value check).
             OptionError: on an unknown ``reduction``.
         """
         for t, name in ((input, "input"), (target, "target")):
+            check_not_video(t, name, "PixelLPIPS (an image VAE decoder and an image LPIPS)")
             check_float_input(t, name, ndim=4, layout="(B, C, H, W)", finite=False)
         check_same_shape(input, target, "input", "target")
         _check_flag(normalize, "normalize")

@@ -8,7 +8,9 @@ trained on detached generator samples with :func:`fake_score_loss`) are evaluate
 difference of clean-sample estimates: :math:`s_\\psi - s_\\phi = (\\alpha_t/\\sigma_t^2)(D_\\psi - D_\\phi)`.
 
 ``real`` and ``fake`` are either a :class:`~diffdistill.schedulers.TeacherSolver` (its guidance applies)
-or a plain callable ``model(x_t, t, **cond)``; outputs of any prediction type are converted to
+or a plain callable ``model(x_t, t, **cond)`` on ``(B, ...)`` states (image latents, or video latents
+``(B, C, F, H, W)`` for Wan's ``WanTransformer3DModel``: per-sample normalisers and reductions run over every
+non-batch dim); outputs of any prediction type are converted to
 :math:`\\hat x_0` by the schedule. A plain callable gets the timestep a TeacherSolver would give it: the
 int64 index on a VP schedule, :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` (float32
 :math:`1000\\sigma_t` for SD3) on a rectified-flow one, where the same losses run unchanged with ``"flow"``

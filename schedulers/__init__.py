@@ -25,6 +25,7 @@ from .few_step_samplers import (
     x0_renoise_sample,
 )
 from .flow_schedule import (
+    MULTISTEP_GRIDS,
     TIME_SHIFT_TYPES,
     FlowMatchingConfig,
     FlowSigmaGrid,
@@ -56,6 +57,7 @@ __all__ = [
     "FLOW_PREDICTION_TYPES",
     "LIGHTNING_DISCRIMINATOR_TIMESTEPS",
     "LIGHTNING_EXTRA_STUDENT_TIMESTEPS",
+    "MULTISTEP_GRIDS",
     "PREDICTION_TYPES",
     "SCHEDULE_KINDS",
     "TIMESTEP_SPACINGS",

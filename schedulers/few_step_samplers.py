@@ -6,7 +6,8 @@ of diffusers timestep indices ``t_0 > t_1 > ... > t_{n-1}``, starting from ``x_t
 noise for text-to-image), and returns a :class:`SamplerOutput` holding the final sample, the timesteps
 used, every noise it drew (so a run can be logged and replayed with ``noises=``) and, on request, the
 trajectory. All the schedule arithmetic goes through :class:`~diffdistill.schedulers.NoiseSchedule`
-(float64 coefficients, results in the input dtype).
+(float64 coefficients, results in the input dtype). States are ``(B, ...)``: image latents, or Wan's video
+latents ``(B, C, F, H, W)`` (on :func:`flow_pipeline_grid` ``(schedule, N, pipeline="wan")``, its UniPC grid).
 
 ==============================  =====================================================================
 sampler                         step from ``t_i`` (model output :math:`\\to \\hat x_0, \\hat\\epsilon`)
@@ -68,7 +69,7 @@ from .._checks import (
     check_tensor,
 )
 from .consistency import _check_constants, _consistency
-from .flow_schedule import FlowSigmaGrid, flow_sigma_grid
+from .flow_schedule import FlowSigmaGrid, _unipc_flow_grid, flow_sigma_grid
 from .noise_schedule import NoiseSchedule
 from .teacher_solver import (
     GUIDANCE_CONVENTIONS,
@@ -117,7 +118,7 @@ clean end where the last x0 prediction is returned, so it is not a model timeste
 Model = Callable[..., Any]
 IndexList = Sequence[int] | torch.Tensor
 TimestepList = IndexList | FlowSigmaGrid
-FLOW_PIPELINES: tuple[str, ...] = ("sd3", "flux")
+FLOW_PIPELINES: tuple[str, ...] = ("sd3", "flux", "wan")
 """The sampling-grid recipes of diffusers' flow pipelines known to :func:`flow_pipeline_grid`."""
 
 
@@ -431,7 +432,7 @@ def flow_pipeline_grid(
     schedule: NoiseSchedule,
     num_inference_steps: int,
     *,
-    pipeline: Literal["sd3", "flux"] | None = None,
+    pipeline: Literal["sd3", "flux", "wan"] | None = None,
     mu: float | None = None,
     image_seq_len: int | float | None = None,
 ) -> FlowSigmaGrid:
@@ -444,6 +445,11 @@ def flow_pipeline_grid(
     * ``"flux"`` (``FluxPipeline``, ``QwenImagePipeline``): ``sigmas = numpy.linspace(1, 1/N, N)``, shifted by the
       resolution's :math:`\\mu` (``calculate_shift`` of the image token count) on a dynamic schedule, or by the
       static shift otherwise (FLUX.1-schnell: 1).
+    * ``"wan"`` (``WanPipeline``, Wan 2.1 / 2.2): its ``UniPCMultistepScheduler(use_flow_sigmas=True,
+      flow_shift=...)``'s ``set_timesteps(N)``: ``numpy.linspace(1, 1/T, N + 1)[:-1]`` shifted, the first sigma
+      lowered by 1e-6 (:func:`~diffdistill.schedulers.flow_sigma_grid` on a schedule from that scheduler; here
+      for any static-shift schedule). The samplers walk it with their own steps, not UniPC's; Wan 2.2 A14B's
+      expert switch is the caller's (call the high-noise expert while ``sigma * T >= boundary_ratio * T``).
 
     Sample on the result with any sampler of this module (``timesteps=grid``), e.g. :func:`ddim_sample` for
     diffusers' Euler loop.
@@ -452,7 +458,8 @@ def flow_pipeline_grid(
         schedule: a flow :class:`~diffdistill.schedulers.NoiseSchedule` (from ``from_scheduler`` /
             ``flow_matching``).
         num_inference_steps: ``N``, an int >= 1 (SD3: 28, FLUX.1-dev: 28, FLUX.1-schnell: 4).
-        pipeline: ``"sd3"`` or ``"flux"``; default: ``"flux"`` for a dynamic-shift schedule, ``"sd3"`` otherwise.
+        pipeline: ``"sd3"``, ``"flux"`` or ``"wan"``; default: ``"wan"`` for a schedule read from a UniPC
+            ``use_flow_sigmas`` scheduler, ``"flux"`` for a dynamic-shift schedule, ``"sd3"`` otherwise.
         mu: a dynamic schedule's shift for this grid (default: the schedule's ``mu``); not with
             ``image_seq_len``.
         image_seq_len: the image token count to compute ``mu`` from with the schedule config's base / max values
@@ -465,7 +472,8 @@ def flow_pipeline_grid(
         DTypeError: if ``schedule`` is not a flow schedule, ``num_inference_steps`` not an int, ``mu`` /
             ``image_seq_len`` not a number.
         OptionError: if ``pipeline`` is unknown, ``num_inference_steps`` < 1, both ``mu`` and ``image_seq_len``
-            are given, or either is given for a static-shift schedule.
+            are given, or either is given for a static-shift schedule (``"wan"``: as
+            :func:`~diffdistill.schedulers.flow_sigma_grid`).
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -486,7 +494,8 @@ def flow_pipeline_grid(
     config = schedule.flow_config
     dynamic = config is not None and config.dynamic
     if pipeline is None:
-        pipeline = "flux" if dynamic else "sd3"
+        unipc = config is not None and config.multistep_grid == "unipc"
+        pipeline = "wan" if unipc else "flux" if dynamic else "sd3"
     check_option(pipeline, "pipeline", FLOW_PIPELINES)
     if mu is not None and image_seq_len is not None:
         raise OptionError(
@@ -499,6 +508,8 @@ def flow_pipeline_grid(
         )
     if image_seq_len is not None and config is not None:
         mu = config.mu_for(image_seq_len)
+    if pipeline == "wan":
+        return _unipc_flow_grid(schedule, n, mu)
     if pipeline == "sd3":
         return flow_sigma_grid(schedule, n, mu=mu)
     sigmas = np.linspace(1.0, 1 / n, n)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .noise_schedule import NoiseSchedule
 
 __all__ = [
+    "MULTISTEP_GRIDS",
     "TIME_SHIFT_TYPES",
     "FlowMatchingConfig",
     "FlowSigmaGrid",
@@ -54,6 +55,16 @@ __all__ = [
 ]
 
 TIME_SHIFT_TYPES: tuple[str, ...] = ("exponential", "linear")
+
+MULTISTEP_GRIDS: tuple[str, ...] = ("unipc", "dpmsolver")
+"""The default-grid recipes of diffusers' multistep solvers with ``use_flow_sigmas=True`` (Wan's scheduler)
+that :func:`flow_sigma_grid` reproduces: ``UniPCMultistepScheduler`` and ``DPMSolverMultistepScheduler``."""
+
+# diffusers' multistep schedulers whose `use_flow_sigmas` grids are reproduced, by class name.
+_MULTISTEP_CLASSES = {
+    "UniPCMultistepScheduler": "unipc",
+    "DPMSolverMultistepScheduler": "dpmsolver",
+}
 
 # diffusers' config keys that change the sampling grid in ways this module does not reproduce.
 _REFUSED_GRID_OPTIONS = {
@@ -256,10 +267,15 @@ class FlowMatchingConfig:
         max_shift: ``mu`` at ``max_image_seq_len`` tokens (for :meth:`mu_for`).
         base_image_seq_len: token count of ``base_shift``.
         max_image_seq_len: token count of ``max_shift``.
+        multistep_grid: None (the default) for ``FlowMatchEulerDiscreteScheduler``'s default sampling grids, or
+            ``"unipc"`` / ``"dpmsolver"`` (:data:`MULTISTEP_GRIDS`) for those of diffusers' multistep solvers
+            with ``use_flow_sigmas=True`` (Wan 2.1 / 2.2 ship ``UniPCMultistepScheduler`` with
+            ``flow_shift``): only :func:`flow_sigma_grid` reads it, never the training table.
 
     Raises:
         DTypeError: if a field has the wrong type.
-        OptionError: if a field is out of range, or both a ``shift`` other than 1 and ``mu`` are set.
+        OptionError: if a field is out of range, or both a ``shift`` other than 1 and ``mu`` are set, or
+            ``multistep_grid`` is not one of :data:`MULTISTEP_GRIDS` (or None).
 
     Example:
         >>> cfg = FlowMatchingConfig(mu=resolution_mu(4096))
@@ -276,6 +292,7 @@ class FlowMatchingConfig:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    multistep_grid: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise config numbers (JSON configs hold 1000.0 or ints where floats are meant).
@@ -291,6 +308,8 @@ class FlowMatchingConfig:
             object.__setattr__(self, "shift_terminal", terminal)
         for name in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"):
             check_real(getattr(self, name), name)
+        if self.multistep_grid is not None:
+            check_option(self.multistep_grid, "multistep_grid", MULTISTEP_GRIDS)
 
     @property
     def dynamic(self) -> bool:
@@ -352,10 +371,27 @@ class FlowMatchingConfig:
 
     @classmethod
     def from_diffusers_config(
-        cls, config: Any, *, mu: float | None = None, image_seq_len: int | float | None = None
+        cls,
+        config: Any,
+        *,
+        mu: float | None = None,
+        image_seq_len: int | float | None = None,
+        scheduler_class: str | None = None,
     ) -> FlowMatchingConfig:
         """Parse a diffusers flow-matching scheduler config (``FlowMatchEulerDiscreteScheduler``,
-        ``FlowMatchLCMScheduler``, ``FlowMatchHeunDiscreteScheduler``), duck-typed.
+        ``FlowMatchLCMScheduler``, ``FlowMatchHeunDiscreteScheduler``, or a ``UniPCMultistepScheduler`` /
+        ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas=True`` as Wan ships it), duck-typed.
+
+        ``use_flow_sigmas=True`` (diffusers 0.42.1's multistep solvers on a flow model): the solver's
+        ``flow_shift`` is the static shift (Wan 2.1 T2V: 3.0; its ``shift`` key does not exist), the training
+        table is the same shifted table as ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)`` (our choice:
+        diffusers' multistep schedulers keep no flow training table, their ``sigmas`` before ``set_timesteps``
+        are the unused VP betas table, and their default grids shift the same map
+        :math:`s \\mapsto \\text{shift}\\, s / (1 + (\\text{shift} - 1) s)` of points in ``(0, 1]``), and
+        :attr:`multistep_grid` records which solver's default grids :func:`flow_sigma_grid` reproduces.
+        Refused there: ``final_sigmas_type="sigma_min"`` (the grid would not end at the clean end), a solver
+        other than UniPC / DPM-Solver multistep, and ``prediction_type`` other than ``"flow_prediction"`` is
+        refused by :meth:`~diffdistill.schedulers.NoiseSchedule.from_scheduler`.
 
         Supported: ``num_train_timesteps``, ``shift``, ``use_dynamic_shifting`` (with the resolution's ``mu``,
         or ``image_seq_len`` to compute it with the config's ``base_shift`` / ``max_shift`` /
@@ -369,6 +405,8 @@ class FlowMatchingConfig:
             config: a mapping or an object with the config's attributes (a scheduler's ``config``).
             mu: the resolution's :math:`\\mu` (dynamic shifting only).
             image_seq_len: the image token count to compute ``mu`` from (dynamic shifting only; not with ``mu``).
+            scheduler_class: the scheduler's class name, read for ``use_flow_sigmas`` configs (default: the
+                config's ``_class_name``, as diffusers stores it).
 
         Returns:
             The config.
@@ -395,6 +433,7 @@ class FlowMatchingConfig:
                 "The scheduler config sets `invert_sigmas=True` (Mochi: sigma runs from 0 to 1 while sampling), "
                 "which is not supported. Use a config with invert_sigmas=False."
             )
+        multistep = _multistep_grid(config, get, scheduler_class)
         dynamic = bool(get("use_dynamic_shifting", False))
         if (mu is not None or image_seq_len is not None) and not dynamic:
             raise OptionError(
@@ -416,12 +455,50 @@ class FlowMatchingConfig:
             "max_shift": get("max_shift", 1.15),
             "base_image_seq_len": get("base_image_seq_len", 256),
             "max_image_seq_len": get("max_image_seq_len", 4096),
+            "multistep_grid": multistep,
         }
         if not dynamic:
-            return cls(shift=get("shift", 1.0), **kwargs)
+            shift = get("flow_shift", 1.0) if multistep is not None else get("shift", 1.0)
+            return cls(shift=shift, **kwargs)
         if mu is None:
             mu = cls(**kwargs).mu_for(image_seq_len)  # type: ignore[arg-type]
         return cls(mu=mu, **kwargs)
+
+
+def _multistep_grid(config: Any, get: Any, scheduler_class: str | None) -> str | None:
+    """The :data:`MULTISTEP_GRIDS` entry of a ``use_flow_sigmas`` config (None without it), with its refusals."""
+    if not get("use_flow_sigmas", False):
+        return None
+    name = scheduler_class or get("_class_name", None)
+    grid = _MULTISTEP_CLASSES.get(str(name))
+    if grid is None:
+        what = (
+            repr(name)
+            if name is not None
+            else "a scheduler of unknown class (no `_class_name` in its config)"
+        )
+        raise OptionError(
+            f"The scheduler config sets `use_flow_sigmas=True` on {what}, whose sampling grids are not reproduced "
+            f"here (supported: {sorted(_MULTISTEP_CLASSES)}). Build the schedule with "
+            "NoiseSchedule.flow_matching(shift=<its flow_shift>) and pass the grid's own sigmas: "
+            "NoiseSchedule.from_flow_sigmas(scheduler.sigmas[:-1].flip(0))."
+        )
+    final = get("final_sigmas_type", "zero")
+    if final != "zero":
+        raise OptionError(
+            f"The scheduler config sets `final_sigmas_type={final!r}`: its grids end at the last sigma instead of "
+            "the clean end 0, which the samplers here do not reproduce. Use final_sigmas_type='zero' (Wan's)."
+        )
+    if (
+        grid == "dpmsolver"
+        and get("use_dynamic_shifting", False)
+        and get("time_shift_type", "exponential") != ("exponential")
+    ):
+        raise OptionError(
+            "DPMSolverMultistepScheduler's dynamic shifting supports only time_shift_type='exponential' "
+            "(flow_shift = exp(mu)); got a linear one."
+        )
+    return grid
 
 
 @dataclass(frozen=True)
@@ -505,6 +582,16 @@ def flow_sigma_grid(
     ``grid.sigmas.float()`` equals diffusers' bit for bit; custom ``sigmas``, which diffusers shifts in float32
     arithmetic, agree to float32 rounding).
 
+    A schedule read from a multistep solver with ``use_flow_sigmas=True`` (``flow_config.multistep_grid``, Wan's
+    ``UniPCMultistepScheduler``) gets that solver's grid instead, as diffusers 0.42.1 builds it in float64
+    before its float32 cast: UniPC: ``s = numpy.linspace(1, 1/T, N + 1)[:-1]`` (or the custom ``sigmas``), the
+    static shift (or ``mu``), the ``shift_terminal`` stretch, then a first sigma within 1e-6 of 1 is lowered
+    by 1e-6 (diffusers avoids :math:`\\log 0` in its first UniPC update); DPM-Solver multistep: ``s = (1 -
+    1/T) k / N``, ``k = N .. 1``, shifted (custom ``sigmas`` refused: its flow branch ignores them). Both solvers
+    hand the network ``int64(sigma * T)`` (truncated; ``grid.timesteps`` keeps the float64 product) and take
+    their own multistep updates: the samplers here walk the same sigmas with Euler / DDIM / LCM steps, so they
+    reproduce diffusers' grid and model inputs, not the UniPC update.
+
     Each sigma is placed on the integer table: ``indices`` is the nearest ``t`` (``-1`` for the final 0) and
     ``exact`` says whether it lies on it. Default grids of a dynamic-shift schedule are exact whenever
     ``(T - 1) / (N - 1)`` is an integer (FLUX at 28 steps: 999 / 27 = 37); shifted static grids (SD3) and
@@ -526,7 +613,8 @@ def flow_sigma_grid(
         ShapeError: if ``sigmas`` is not 1-D or its length differs from ``num_inference_steps``.
         NonFiniteError: if ``sigmas`` holds NaN / Inf (a value check).
         OptionError: if neither ``num_inference_steps`` nor ``sigmas`` is given, a sigma is outside (0, 1],
-            ``mu`` is given for a static schedule, or ``shift_terminal`` meets a grid whose last sigma is 1.
+            ``mu`` is given for a static schedule, ``shift_terminal`` meets a grid whose last sigma is 1, or
+            custom ``sigmas`` meet a DPM-Solver multistep schedule.
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
@@ -544,6 +632,18 @@ def flow_sigma_grid(
             "NoiseSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(...))."
         )
     cfg = schedule.flow_config or FlowMatchingConfig(num_train_timesteps=schedule.num_train_timesteps)
+    return _flow_sigma_grid(schedule, cfg, num_inference_steps, sigmas, mu, cfg.multistep_grid)
+
+
+def _flow_sigma_grid(
+    schedule: NoiseSchedule,
+    cfg: FlowMatchingConfig,
+    num_inference_steps: int | None,
+    sigmas: Any,
+    mu: float | None,
+    multistep: str | None,
+) -> FlowSigmaGrid:
+    """:func:`flow_sigma_grid` with the grid recipe chosen by the caller (None: FlowMatchEuler's)."""
     if mu is not None and not cfg.dynamic:
         raise OptionError(
             f"`mu` applies only to a dynamic-shift schedule, but this schedule uses the static shift {cfg.shift!r}. "
@@ -551,10 +651,17 @@ def flow_sigma_grid(
         )
     grid_mu = (cfg.mu if mu is None else check_real(mu, "mu")) if cfg.dynamic else None
     n_train = int(cfg.num_train_timesteps)
+    if sigmas is not None and multistep == "dpmsolver":
+        raise OptionError(
+            "DPMSolverMultistepScheduler's flow grids take no custom sigmas (diffusers ignores them there); pass "
+            "num_inference_steps only, or build the schedule from a UniPC / FlowMatchEuler config."
+        )
     if sigmas is None:
         if num_inference_steps is None:
             raise OptionError("Expected `num_inference_steps` or `sigmas`, but got neither.")
         n = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+        if multistep is not None:
+            return _multistep_flow_grid(schedule, cfg, n, None, grid_mu, multistep)
         if schedule.flow_config is None:
             table = schedule.sigma(torch.arange(schedule.num_train_timesteps))
         else:
@@ -583,17 +690,65 @@ def flow_sigma_grid(
                 "Expected every grid sigma to be > 0 (the final 0 is appended for you), but got "
                 f"{sig.tolist()!r}."
             )
+        if multistep is not None:
+            return _multistep_flow_grid(schedule, cfg, sig.numel(), sig, grid_mu, multistep)
     sig = _shift(sig.cpu(), cfg.shift, grid_mu, cfg.time_shift_type)
-    if cfg.shift_terminal is not None:
-        if float(sig[-1]) == 1.0:
-            raise OptionError(
-                f"shift_terminal={cfg.shift_terminal!r} cannot stretch a grid whose last sigma is 1 (diffusers "
-                "returns NaN here): use at least 2 steps, or a schedule without shift_terminal."
-            )
-        one_minus = 1 - sig
-        sig = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+    sig = _stretch_to_terminal(sig, cfg)
+    return _finish_grid(schedule, sig, n_train)
+
+
+def _stretch_to_terminal(sig: torch.Tensor, cfg: FlowMatchingConfig) -> torch.Tensor:
+    """diffusers' ``stretch_shift_to_terminal`` (no-op without ``shift_terminal``)."""
+    if cfg.shift_terminal is None:
+        return sig
+    if float(sig[-1]) == 1.0:
+        raise OptionError(
+            f"shift_terminal={cfg.shift_terminal!r} cannot stretch a grid whose last sigma is 1 (diffusers "
+            "returns NaN here): use at least 2 steps, or a schedule without shift_terminal."
+        )
+    one_minus = 1 - sig
+    return 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+
+
+def _finish_grid(schedule: NoiseSchedule, sig: torch.Tensor, n_train: int) -> FlowSigmaGrid:
+    """Append the clean end and place every sigma on the integer table."""
     full = torch.cat([sig, sig.new_zeros(1)])
     indices = schedule.sigma_to_timestep(full)
     table = schedule.sigma(indices)
     exact = table.float() == full.float()
     return FlowSigmaGrid(full, sig * n_train, indices, exact, schedule)
+
+
+def _multistep_flow_grid(
+    schedule: NoiseSchedule,
+    cfg: FlowMatchingConfig,
+    n: int,
+    sigmas: torch.Tensor | None,
+    mu: float | None,
+    multistep: str,
+) -> FlowSigmaGrid:
+    """The ``use_flow_sigmas`` grid of diffusers' UniPC / DPM-Solver multistep ``set_timesteps`` (0.42.1)."""
+    n_train = int(cfg.num_train_timesteps)
+    if multistep == "dpmsolver":
+        # alphas = linspace(1, 1/T, N+1); sigmas = flip(shift(1 - alphas))[:-1]; mu: flow_shift = exp(mu).
+        shift = cfg.shift if mu is None else math.exp(mu)
+        base = 1.0 - _np_linspace(1.0, 1.0 / n_train, n + 1)
+        sig = _shift(base, shift, None, "exponential").flip(0)[:-1]
+        return _finish_grid(schedule, sig, n_train)
+    base = _np_linspace(1.0, 1.0 / n_train, n + 1)[:-1] if sigmas is None else sigmas.cpu()
+    sig = _shift(base, cfg.shift, mu, cfg.time_shift_type)
+    sig = _stretch_to_terminal(sig, cfg)
+    if abs(float(sig[0]) - 1.0) < 1e-6:
+        sig = sig.clone()
+        sig[0] -= 1e-6
+    return _finish_grid(schedule, sig, n_train)
+
+
+def _unipc_flow_grid(schedule: NoiseSchedule, n: int, mu: float | None) -> FlowSigmaGrid:
+    """Wan's grid (UniPC ``use_flow_sigmas``) for any flow schedule, whatever its config's own grid recipe."""
+    if getattr(schedule, "kind", None) != "flow":
+        raise DTypeError(
+            f"Expected `schedule` to be a flow NoiseSchedule (kind='flow'), but got {type(schedule).__name__}."
+        )
+    cfg = schedule.flow_config or FlowMatchingConfig(num_train_timesteps=schedule.num_train_timesteps)
+    return _flow_sigma_grid(schedule, cfg, n, None, mu, "unipc")

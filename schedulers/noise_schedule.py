@@ -41,7 +41,7 @@ from .._checks import (
     check_tensor,
     value_checks_enabled,
 )
-from .flow_schedule import FlowMatchingConfig, _as_sigmas
+from .flow_schedule import _MULTISTEP_CLASSES, FlowMatchingConfig, _as_sigmas
 
 __all__ = [
     "FLOW_PREDICTION_TYPES",
@@ -71,6 +71,16 @@ def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tenso
         return torch.cos((u + 0.008) / 1.008 * torch.pi / 2) ** 2
 
     return torch.clamp(1 - abar((i + 1) / num_steps) / abar(i / num_steps), max=max_beta)
+
+
+def _multistep_class(scheduler: Any, config: Any) -> str:
+    """The diffusers multistep class a ``use_flow_sigmas`` scheduler is (or derives from), else its config's
+    ``_class_name`` (a duck-typed stand-in), else its own class name."""
+    names = [klass.__name__ for klass in type(scheduler).__mro__]
+    found = next((name for name in names if name in _MULTISTEP_CLASSES), None)
+    if found is None and isinstance(config, dict):
+        found = config.get("_class_name")
+    return str(found or type(scheduler).__name__)
 
 
 class NoiseSchedule:
@@ -428,8 +438,16 @@ class NoiseSchedule:
         ``FlowMatchHeunDiscreteScheduler``), parsed by
         :meth:`~diffdistill.schedulers.FlowMatchingConfig.from_diffusers_config` (static ``shift``; dynamic
         shifting with this resolution's ``mu`` or ``image_seq_len``; ``time_shift_type``, ``shift_terminal``;
-        ``invert_sigmas`` and Karras / exponential / beta sigmas refused). The table is recomputed from the
-        config (never read from ``scheduler.sigmas``, which ``set_timesteps`` overwrites with a sampling grid).
+        ``invert_sigmas`` and Karras / exponential / beta sigmas refused). Wan: a ``UniPCMultistepScheduler`` /
+        ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas=True`` and ``prediction_type="flow_prediction"``
+        (mapped to ``"flow"``) gives the static-shift table of its ``flow_shift`` (the same table as
+        ``FlowMatchEulerDiscreteScheduler(shift=flow_shift)``; its ``alphas_cumprod`` is diffusers' unused VP
+        betas table) and remembers the solver's default sampling grid (``flow_config.multistep_grid``, for
+        :func:`~diffdistill.schedulers.flow_sigma_grid`). Wan 2.2 A14B's switch between its high-noise and
+        low-noise experts at ``boundary_ratio`` (0.875 T2V / 0.9 I2V of ``num_train_timesteps``) is a pipeline
+        matter, not part of the schedule: call the expert whose range holds the model timestep yourself. The table
+        is recomputed from the config (never read from ``scheduler.sigmas``, which ``set_timesteps`` overwrites
+        with a sampling grid).
 
         Args:
             scheduler: a VP scheduler with ``alphas_cumprod``, or a flow-matching scheduler with a ``config``.
@@ -439,7 +457,7 @@ class NoiseSchedule:
                 :func:`~diffdistill.schedulers.packed_image_seq_len` ``(1024, 1024)``).
             **kwargs: keyword arguments of :class:`NoiseSchedule`. VP: ``prediction_type`` and
                 ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given.
-                Flow: ``prediction_type`` defaults to ``"flow"``.
+                Flow: ``prediction_type`` defaults to ``"flow"`` (diffusers' ``"flow_prediction"``).
 
         Returns:
             The schedule.
@@ -449,7 +467,9 @@ class NoiseSchedule:
                 :class:`NoiseSchedule` for the values read or passed.
             OptionError: if ``mu`` / ``image_seq_len`` are passed for a VP or static-shift scheduler, missing for a
                 dynamic one, or the config asks for an unsupported option (``invert_sigmas``, Karras /
-                exponential / beta sigmas, diffusers' ``use_flow_sigmas``); and as :class:`NoiseSchedule`.
+                exponential / beta sigmas; with ``use_flow_sigmas``: a prediction type other than
+                ``"flow_prediction"``, ``final_sigmas_type="sigma_min"``, a solver other than UniPC / DPM-Solver
+                multistep); and as :class:`NoiseSchedule`.
 
         Example:
             >>> class Fake:  # anything with alphas_cumprod works; diffusers is not required
@@ -461,6 +481,12 @@ class NoiseSchedule:
             >>> flux = NoiseSchedule.from_scheduler(FakeFlux(), image_seq_len=4096)
             >>> flux.kind, round(flux.flow_config.mu, 4)
             ('flow', 1.15)
+            >>> class FakeWan:  # UniPCMultistepScheduler's config as Wan 2.1 ships it
+            ...     config = {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+            ...               "flow_shift": 3.0, "prediction_type": "flow_prediction"}
+            >>> wan = NoiseSchedule.from_scheduler(FakeWan())
+            >>> wan.prediction_type, wan.flow_config.shift, wan.flow_config.multistep_grid
+            ('flow', 3.0, 'unipc')
         """
         abar = getattr(scheduler, "alphas_cumprod", None)
         config = getattr(scheduler, "config", None)
@@ -473,11 +499,22 @@ class NoiseSchedule:
             return getattr(scheduler, name, None)
 
         if _get("use_flow_sigmas"):
-            raise OptionError(
-                f"{type(scheduler).__name__} uses `use_flow_sigmas=True` (diffusers' multistep solvers on flow "
-                "models, e.g. Wan's UniPC), whose table is not parsed here. Build the schedule with "
-                "NoiseSchedule.flow_matching(shift=<the model's flow shift>) and check it against the scheduler."
+            # Wan: UniPC / DPM-Solver multistep on a flow model. Their alphas_cumprod is an unused VP betas table.
+            prediction = _get("prediction_type")
+            if prediction not in (None, "flow_prediction"):
+                raise OptionError(
+                    f"{type(scheduler).__name__} sets `use_flow_sigmas=True` with prediction_type={prediction!r}; "
+                    "only 'flow_prediction' (the velocity of a flow model, as Wan ships it) is a flow schedule here."
+                )
+            if kwargs.get("prediction_type", "flow_prediction") == "flow_prediction":
+                kwargs["prediction_type"] = "flow"
+            flow_config = FlowMatchingConfig.from_diffusers_config(
+                config if config is not None else {"use_flow_sigmas": True},
+                mu=mu,
+                image_seq_len=image_seq_len,
+                scheduler_class=_multistep_class(scheduler, config),
             )
+            return cls.flow_matching_from_config(flow_config, **kwargs)
         if abar is None:
             is_flow = config is not None and (
                 _get("shift") is not None or _get("use_dynamic_shifting") is not None
@@ -903,10 +940,11 @@ class NoiseSchedule:
         """What the network takes as its timestep input at index ``t``.
 
         VP (SD / SDXL UNets): the integer index itself (int64). Flow: :math:`\\sigma_t` times ``scale``
-        (default: the schedule's ``timestep_scale``, 1000), as float32: SD3 / SD3.5 and Wan pipelines pass
-        :math:`1000\\sigma` (diffusers' ``scheduler.timesteps``, bit for bit); FLUX's pipeline passes
-        :math:`\\sigma` (``timestep / 1000``, cast to the latents' dtype) and its transformer multiplies by 1000
-        inside, so use ``scale=1.0`` (or build the schedule with ``timestep_scale=1.0``) and
+        (default: the schedule's ``timestep_scale``, 1000), as float32: SD3 / SD3.5 pipelines pass
+        :math:`1000\\sigma` (diffusers' ``scheduler.timesteps``, bit for bit); Wan's pipeline passes its UniPC
+        ``scheduler.timesteps``, i.e. ``int64(1000 sigma)`` truncated (at most 1 below this value); FLUX's
+        pipeline passes :math:`\\sigma` (``timestep / 1000``, cast to the latents' dtype) and its transformer
+        multiplies by 1000 inside, so use ``scale=1.0`` (or build the schedule with ``timestep_scale=1.0``) and
         ``dtype=latents.dtype`` there. Cast teacher and student inputs identically: bf16 holds
         :math:`1000\\sigma` only to a spacing of 4 above 512.
 

@@ -83,7 +83,8 @@ def _check_state(x_t: Any, name: str = "x_t") -> torch.Tensor:
     check_dtype_floating(x_t, name)
     if x_t.ndim < 1:
         raise ShapeError(
-            f"Expected `{name}` to have a batch dimension, e.g. (B, C, H, W), but got a 0-d tensor.",
+            f"Expected `{name}` to have a batch dimension, (B, ...): image latents (B, C, H, W), video latents "
+            "(B, C, F, H, W) or any (B, ...), but got a 0-d tensor.",
             name=name,
             expected="(B, ...)",
             actual=(),

@@ -395,9 +395,9 @@ def test_flow_sampler_bad_inputs():
     ):
         flow_pipeline_grid(vp, 4)
     with pytest.raises(
-        OptionError, match=r"Expected `pipeline` to be one of \['sd3', 'flux'\], but got 'wan'"
+        OptionError, match=r"Expected `pipeline` to be one of \['sd3', 'flux', 'wan'\], but got 'ltx'"
     ):
-        flow_pipeline_grid(flow, 4, pipeline="wan")
+        flow_pipeline_grid(flow, 4, pipeline="ltx")
     with pytest.raises(OptionError, match=r"at most one of `mu` or `image_seq_len`"):
         flow_pipeline_grid(flux, 4, mu=1.0, image_seq_len=4096)
     with pytest.raises(OptionError, match=r"`mu` / `image_seq_len` apply only to a dynamic-shift schedule"):
