@@ -819,7 +819,8 @@ def fake_score_loss(
     makes it equal to the epsilon loss in value and gradient for a variance-preserving schedule, computed
     in v space; zero at a zero-terminal-SNR last step), ``"x0"`` (the clean sample, :math:`\\lambda = 1`),
     or ``"edm"`` (clean sample with Karras et al.'s :math:`\\lambda = (\\sigma^2 + \\sigma_d^2)/(\\sigma\\sigma_d)^2`,
-    :math:`\\sigma = \\sigma_t/\\alpha_t`; SiD), or ``"flow"`` (rectified-flow schedules only: the velocity
+    :math:`\\sigma = \\sigma_t/\\alpha_t`, computed as :math:`1/\\sigma_d^2 + \\alpha_t^2/\\sigma_t^2`: :math:`1/\\sigma_d^2` at a flow
+    schedule's pure-noise step; SiD), or ``"flow"`` (rectified-flow schedules only: the velocity
     :math:`u = \\epsilon - x_0` with :math:`\\lambda = 1`, the conditional flow-matching loss of SD3,
     Esser et al. 2024, Sec. 2-3, which is the epsilon loss weighted by :math:`1/\\alpha_t^2`; FastGen's and
     SiD-on-flow's fake scores regress the same velocity as the teacher was trained on). On a flow schedule
@@ -929,8 +930,10 @@ def fake_score_loss(
         a2, s2 = schedule.alpha(tt) ** 2, schedule.sigma(tt) ** 2
         per = per * (a2 / (a2 + s2)).to(per.dtype)
     elif weighting == "edm":
-        sigma = schedule.edm_sigma(tt).to(per.dtype)
-        per = per * (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+        # (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1/sigma_d^2 + alpha_t^2/sigma_t^2 with sigma = sigma_t/alpha_t:
+        # finite at a flow schedule's last step (alpha = 0, sigma = inf), where the first form is inf/inf.
+        a, s = schedule.alpha(tt), schedule.sigma(tt)
+        per = per * (1.0 / sigma_data**2 + (a / s) ** 2).to(per.dtype)
     loss = _reduce(per, reduction)
     return loss, {"loss": per.detach().mean(), "t_mean": tt.float().mean().detach()}
 

@@ -191,6 +191,27 @@ def test_fake_score_loss_spaces(weighting):
     assert x0.grad is None  # generator samples are detached
 
 
+def test_edm_weighting_is_finite_at_a_flow_schedules_pure_noise_step():
+    """At t = T-1 a flow schedule has sigma_t = 1, alpha_t = 0 (EDM sigma = inf): the weight
+    (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 tends to 1 / sigma_d^2, and the loss must be that times the x0 MSE --
+    not the NaN of inf / inf (the default t_range reaches this step)."""
+    sched = NoiseSchedule.flow_matching(shift=3.0)
+    net = lambda x, t: 0.3 * x  # noqa: E731 - a flow-prediction network
+    x0 = torch.randn(3, 6, dtype=torch.float64)
+    noise = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.tensor([999, 500, 20])
+    loss, _ = fake_score_loss(
+        net, x0, schedule=sched, weighting="edm", t=t, noise=noise, reduction="none", sigma_data=0.5
+    )
+    a, s = sched.alpha(t).view(-1, 1), sched.sigma(t).view(-1, 1)
+    x_t = a * x0 + s * noise
+    x0_mse = ((x_t - s * net(x_t, t)) - x0).pow(2).mean(1)  # flow: x0 = x_t - sigma_t v
+    assert float(a[0]) == 0.0 and bool(torch.isfinite(loss).all())
+    torch.testing.assert_close(loss[0], x0_mse[0] / 0.25, atol=0, rtol=1e-12)
+    sig = (s / a).view(-1)[1:]  # the textbook form where it is finite
+    torch.testing.assert_close(loss[1:], x0_mse[1:] * (sig**2 + 0.25) / (sig * 0.5) ** 2, atol=0, rtol=1e-12)
+
+
 def test_denoise_teacher_solver_applies_guidance():
     solver = TeacherSolver(lambda x, t, s: x * s, SCHED, guidance_scale=3.0)
     x = torch.randn(2, 3)
