@@ -213,8 +213,10 @@ class NoiseSchedule:
             hint = (
                 " A flow table starts after the clean end: sigma_{-1} = 0 is implied."
                 if flow
-                else " A zero-terminal-SNR schedule has abar_T = 0 exactly; use `terminal_pure_noise=True` on the "
-                "original schedule instead."
+                else " A zero-terminal-SNR schedule (diffusers' rescale_betas_zero_snr) has abar_T = 0 exactly: "
+                "NoiseSchedule.from_scheduler(scheduler) reads it, or pass this table with its last entry clamped "
+                "(alphas_cumprod.clamp_min(2**-24), as diffusers' EulerDiscreteScheduler does) and "
+                "terminal_pure_noise=True -- not the schedule before rescaling, whose every noise level differs."
             )
             raise OptionError(
                 f"Expected every value of `{name}` to lie in (0, 1], but got range "
@@ -456,8 +458,11 @@ class NoiseSchedule:
                 the config's base / max values, as FLUX's pipeline does (e.g.
                 :func:`~diffdistill.schedulers.packed_image_seq_len` ``(1024, 1024)``).
             **kwargs: keyword arguments of :class:`NoiseSchedule`. VP: ``prediction_type`` and
-                ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given.
-                Flow: ``prediction_type`` defaults to ``"flow"`` (diffusers' ``"flow_prediction"``).
+                ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given; a
+                zero-terminal-SNR table (``rescale_betas_zero_snr``: ``alphas_cumprod[-1] = 0``) is kept with its
+                last entry clamped to ``2**-24`` (as diffusers' ``EulerDiscreteScheduler``) and
+                ``terminal_pure_noise=True``. Flow: ``prediction_type`` defaults to ``"flow"`` (diffusers'
+                ``"flow_prediction"``).
 
         Returns:
             The schedule.
@@ -539,6 +544,20 @@ class NoiseSchedule:
             final = getattr(scheduler, "final_alpha_cumprod", None)
             if final is not None:
                 kwargs["final_alpha_cumprod"] = float(final)
+        table = torch.as_tensor(abar)
+        rescaled = bool(_get("rescale_betas_zero_snr"))  # Euler keeps abar_T clamped to 2**-24 itself
+        if table.ndim == 1 and table.numel() > 1 and (float(table[-1]) == 0.0 or rescaled):
+            # Zero terminal SNR (``rescale_betas_zero_snr``, Lin et al. 2024, Sec. 3.1): the rescaled table with
+            # its last entry clamped to 2**-24 (diffusers' EulerDiscreteScheduler does the same), and add_noise's
+            # last step pure noise (Eq. 24) -- not the table before rescaling, whose every level differs.
+            if kwargs.get("terminal_pure_noise") is False:
+                raise OptionError(
+                    f"{type(scheduler).__name__} has a zero-terminal-SNR table (rescale_betas_zero_snr), whose last "
+                    "step is pure noise; terminal_pure_noise=False contradicts it. Drop the argument."
+                )
+            table = table.double().clone()
+            table[-1] = max(float(table[-1]), 2.0**-24)
+            abar, kwargs["terminal_pure_noise"] = table, True
         return cls(abar, **kwargs)
 
     @classmethod

@@ -170,6 +170,31 @@ def test_terminal_pure_noise():
     torch.testing.assert_close(s.to_x0(eps, out, t), plain.to_x0(eps, out, t))
 
 
+@pytest.mark.parametrize("scheduler_class", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
+def test_zero_terminal_snr_scheduler_keeps_its_rescaled_table(scheduler_class):
+    """diffusers' ``rescale_betas_zero_snr=True`` (Lin et al. 2024) rescales every beta so that abar_T = 0: the
+    schedule must be that table (last entry clamped to 2**-24 as diffusers' Euler does, last step pure noise), not
+    the one before rescaling, whose noise levels differ at every t (alpha_900: 0.054 vs 0.119)."""
+    kw = dict(SD_BETAS, prediction_type="v_prediction")
+    cls = getattr(diffusers, scheduler_class)
+    zsnr = cls(rescale_betas_zero_snr=True, **kw)
+    s = NoiseSchedule.from_scheduler(zsnr)
+    ref = diffusers.DDIMScheduler(rescale_betas_zero_snr=True, **kw).alphas_cumprod.double()
+    assert float(ref[-1]) == 0.0 and s.terminal_pure_noise and s.prediction_type == "v_prediction"
+    torch.testing.assert_close(s.alphas_cumprod[:-1], ref[:-1], atol=1e-7, rtol=0)
+    assert float(s.alphas_cumprod[-1]) == pytest.approx(2.0**-24, rel=1e-6)
+    before = NoiseSchedule.from_scheduler(cls(**kw))
+    assert float(s.alpha(900)) < 0.06 < float(before.alpha(900))  # the rescaled levels, not the original ones
+    x0, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    assert torch.equal(s.add_noise(x0, eps, torch.tensor([999, 999])), eps)
+    with pytest.raises(
+        OptionError, match=r"zero-terminal-SNR table .* terminal_pure_noise=False contradicts it"
+    ):
+        NoiseSchedule.from_scheduler(zsnr, terminal_pure_noise=False)
+    with pytest.raises(OptionError, match=r"clamp_min\(2\*\*-24\).* not the schedule before rescaling"):
+        NoiseSchedule(ref)
+
+
 def test_edm_sigma_matches_euler_and_inverts():
     e = diffusers.EulerDiscreteScheduler(**SD_BETAS)
     s = NoiseSchedule.from_scheduler(e)
