@@ -112,7 +112,8 @@ def transformer_block_names(model: nn.Module, block_lists: Sequence[str] | None 
 #: Blocks whose output is a tuple holding the text and the image stream, by class name: the position of the image
 #: stream (``hidden_states``) in the tuple. Checked against diffusers 0.42: SD3 / SD3.5 ``JointTransformerBlock``,
 #: FLUX ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock`` and Qwen-Image ``QwenImageTransformerBlock``
-#: return ``(encoder_hidden_states, hidden_states)``.
+#: return ``(encoder_hidden_states, hidden_states)``. Wan's ``WanTransformerBlock`` is not listed: it returns one
+#: ``(B, F'H'W', D)`` tensor of video tokens (text enters by cross-attention), taken as it is.
 IMAGE_STREAM_OUTPUT: Mapping[str, int] = MappingProxyType(
     {
         "JointTransformerBlock": 1,

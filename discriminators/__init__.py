@@ -9,17 +9,17 @@ imported here) and returns a list of logits in at least float32 (float64 for a f
 * :class:`MultiLevelDiscriminator` -- PCM's 1×1-conv heads on several encoder levels;
 * :class:`MultiScaleConditionalDiscriminator` -- Diffusion2GAN's full-UNet D(c, z, x);
 * :class:`LADDDiscriminator` -- LADD's (SD3-Turbo) noise-level and text conditioned heads on every k-th block of
-  a frozen transformer teacher (SD3 / FLUX / any listed blocks).
+  a frozen transformer teacher (SD3 / FLUX / Wan video / any listed blocks).
 
 :class:`UNetFeatureExtractor` is the backbone of the UNet ones, :class:`TransformerFeatureExtractor` (image-token
-maps of chosen transformer blocks) that of the transformer ones.
+maps of chosen transformer blocks, ``(B, C, f, h, w)`` for Wan's video latents) that of the transformer ones.
 """
 
 from __future__ import annotations
 
 from .discriminator_base import DiscriminatorBase, UNetDiscriminatorBase
 from .heads import PointwiseConvHead, ReadoutHead, StridedConvHead, reset_module_parameters, run_head_float32
-from .ladd import LADDDiscriminator, LADDHead, ladd_renoise_sigma, noise_level_embedding
+from .ladd import LADDDiscriminator, LADDHead, ladd_renoise_sigma, mean_text_embedding, noise_level_embedding
 from .multi_level import MultiLevelDiscriminator
 from .multi_scale import MultiScaleConditionalDiscriminator, decoder_scale_levels
 from .transformer_features import TransformerFeatureExtractor, transformer_block_names
@@ -44,6 +44,7 @@ __all__ = [
     "UNetFeatureExtractor",
     "decoder_scale_levels",
     "ladd_renoise_sigma",
+    "mean_text_embedding",
     "noise_level_embedding",
     "reset_module_parameters",
     "run_head_float32",

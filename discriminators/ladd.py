@@ -12,6 +12,19 @@ on the noise level and the pooled text embedding, gives patch logits:
     D_k(x_{\hat t}, \hat t, c) = \mathrm{head}_k\big(f_k(x_{\hat t}, \hat t, c),\ e(\hat t, c_\text{pool})\big)
     \in \mathbb{R}^{B \times 1 \times h \times w}
 
+**Video teachers (Wan).** ``WanTransformer3DModel`` features are ``(B, C, f, h, w)`` maps
+(:class:`TransformerFeatureExtractor`). Our choice: the frames are folded into the batch, each frame's map goes
+through the same 2-D :class:`LADDHead` with its sample's conditioning repeated, and the logits come back as one
+``(B, 1, f, h, w)`` map per head: patch logits per frame, which the GAN losses average per sample and R1 sums
+per sample, as for images. The head mixes no frames: the features already come from Wan's full
+spatio-temporal self-attention. FastGen's Wan LADD / DMD2 discriminator differs: it unpatchifies the tokens of
+blocks (15, 22, 29) of Wan 1.3B to latent resolution, runs unconditioned 3-D convolution heads and pools them to
+one logit per sample and head (NVlabs/FastGen, ``fastgen/networks/Wan/network.py::_unpatchify_features`` and
+its video discriminator heads, ``disc_type="multiscale_down_mlp_large"``). Wan has no pooled text embedding
+(text enters by cross-attention only): by default its heads are conditioned on the noise level alone
+(``pooled_dim`` = 0), or, with ``text_pooling="mean"``, also on the mean of the prompt's text tokens (our choice,
+see :class:`LADDDiscriminator`). Wan takes ``timestep`` = σ·1000 unscaled, so ``timestep_scale`` is 1.
+
 The logits plug into the library's GAN losses (:func:`~diffdistill.losses.gan_discriminator_loss`,
 :func:`~diffdistill.losses.gan_generator_loss`, hinge as in the paper or non-saturating),
 :func:`~diffdistill.losses.r1_penalty` and :func:`~diffdistill.losses.approximate_r1_penalty` unchanged: a list of
@@ -34,9 +47,10 @@ References:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -57,7 +71,13 @@ from .heads import _check_groups, _group_norm, _Head, _module_dtype
 from .transformer_features import TransformerFeatureExtractor, transformer_block_names
 from .unet_features import BackboneMode
 
-__all__ = ["LADDDiscriminator", "LADDHead", "ladd_renoise_sigma", "noise_level_embedding"]
+__all__ = [
+    "LADDDiscriminator",
+    "LADDHead",
+    "ladd_renoise_sigma",
+    "mean_text_embedding",
+    "noise_level_embedding",
+]
 
 #: Width of the sinusoidal noise-level embedding (as the timestep embedding of DDPM / SD3's ``Timesteps(256)``).
 NOISE_EMBED_DIM = 256
@@ -84,7 +104,7 @@ def ladd_renoise_sigma(
     (arXiv:2403.12015). Defaults :math:`m = 1, s = 1`: the setting reported for LADD in the
     re-implementations we checked (not read off the paper's text); SANA-Sprint uses :math:`m = -0.6` in its
     TrigFlow parametrisation. Re-noise with :math:`x = (1 - \hat\sigma) x_0 + \hat\sigma \epsilon` and give the
-    teacher its timestep input (SD3: :math:`1000 \hat\sigma`, FLUX: :math:`\hat\sigma`).
+    teacher its timestep input (SD3 and Wan: :math:`1000 \hat\sigma`, FLUX: :math:`\hat\sigma`).
 
     Args:
         batch: number of noise levels ``B`` (>= 1).
@@ -260,8 +280,54 @@ class LADDHead(_Head):
         return self.out(h) + proj
 
 
+def mean_text_embedding(encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    r"""Mean of a prompt's text tokens, zero-padding tokens left out: a pooled text condition for models without one.
+
+    .. math::
+
+        \bar c_b = \frac{\sum_l m_{bl}\, c_{bl}}{\max(1, \sum_l m_{bl})}, \qquad
+        m_{bl} = [\, c_{bl} \neq 0 \,]
+
+    diffusers' Wan pipelines cut the umT5 embedding after the prompt's length and pad it with exact zeros to
+    ``max_sequence_length`` (``WanPipeline._get_t5_prompt_embeds``), so the tokens that are all zero are the
+    padding; a prompt of padding only gives zeros. Used by :class:`LADDDiscriminator` with
+    ``text_pooling="mean"`` (our choice: Wan has no pooled text embedding).
+
+    Args:
+        encoder_hidden_states: ``(B, L, D)`` text tokens, floating.
+
+    Returns:
+        ``(B, D)`` in the dtype of ``encoder_hidden_states``.
+
+    Raises:
+        DTypeError: ``encoder_hidden_states`` is not a floating tensor.
+        ShapeError: it is not 3-D or is empty.
+
+    Example:
+        >>> tokens = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]]])  # two tokens and one padding token
+        >>> mean_text_embedding(tokens)
+        tensor([[2., 3.]])
+    """
+    check_float_input(
+        encoder_hidden_states, "encoder_hidden_states", ndim=3, layout="(B, L, D)", finite=False
+    )
+    mask = (encoder_hidden_states != 0).any(dim=-1, keepdim=True).to(encoder_hidden_states.dtype)
+    total = (encoder_hidden_states * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp_min(1.0)
+
+
+def _takes_keyword(model: Any, name: str) -> bool:
+    """Whether ``model.forward`` accepts the keyword ``name`` (a named parameter or ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _default_timestep_scale(model: Any) -> float:
-    """1000 for models that take σ (FLUX, Qwen-Image: they multiply by 1000 inside), else 1 (SD3 takes σ·1000).
+    """1000 for models that take σ (FLUX, Qwen-Image: they multiply by 1000 inside), else 1 (SD3 and Wan take σ·1000
+    unscaled).
 
     The class is named over its whole MRO: FSDP2's ``fully_shard`` swaps a module's class for a generated
     subclass ``FSDP<Name>``, and a sharded FLUX read by its own class name alone would get 1 (heads conditioned
@@ -277,7 +343,10 @@ def _run_cond_heads(
     noise_level: torch.Tensor,
     pooled: torch.Tensor | None,
 ) -> list[torch.Tensor]:
-    """Conditioning MLP and heads with autocast off, in the heads' dtype (float32 logits, float64 for a float64 D)."""
+    """Conditioning MLP and heads with autocast off, in the heads' dtype (float32 logits, float64 for a float64 D).
+
+    A video feature map ``(B, C, f, h, w)`` has its frames folded into the batch, the conditioning repeated per
+    frame, and its logits unfolded to ``(B, 1, f, h, w)``."""
     dtype = _module_dtype(heads)
     out_dtype = torch.promote_types(dtype, torch.float32)
     device_type = noise_level.device.type
@@ -291,7 +360,16 @@ def _run_cond_heads(
         if pooled is not None:
             cond_in = torch.cat([cond_in, pooled.to(dtype)], dim=1)
         cond = cond_embed(cond_in)
-        return [head(f.to(dtype), cond).to(out_dtype) for head, f in zip(heads, features)]
+        out = []
+        for head, f in zip(heads, features):
+            if f.ndim == 5:  # video: frames into the batch, one conditioning per frame
+                frames = f.shape[2]
+                folded = f.to(dtype).movedim(2, 1).flatten(0, 1)
+                logits = head(folded, cond.repeat_interleave(frames, dim=0))
+                out.append(logits.unflatten(0, (f.shape[0], frames)).movedim(1, 2).to(out_dtype))
+            else:
+                out.append(head(f.to(dtype), cond).to(out_dtype))
+        return out
 
 
 class LADDDiscriminator(DiscriminatorBase):
@@ -306,7 +384,11 @@ class LADDDiscriminator(DiscriminatorBase):
         e = \mathrm{MLP}\big([\,\mathrm{sinusoidal}(s \cdot \text{timestep}),\ c_\text{pool}\,]\big)
 
     (``s`` = ``timestep_scale`` maps the model's timestep input to σ·1000) and returns one ``(B, 1, h, w)``
-    logit map per readout block from a :class:`LADDHead`. The heads and the conditioning MLP run in float32
+    logit map per readout block from a :class:`LADDHead` (a video teacher, Wan: ``(B, 1, f, h, w)``, one map per
+    frame, see the module docstring). A teacher without a pooled text embedding (Qwen-Image, Wan) gets heads
+    conditioned on the noise level only, unless ``text_pooling="mean"`` puts the mean of the text tokens
+    (:func:`mean_text_embedding` of ``encoder_hidden_states``) in place of :math:`c_\text{pool}`;
+    ``pooled_projections`` reaches the teacher only when its ``forward`` takes it. The heads and the conditioning MLP run in float32
     outside autocast (float64 for a float64 discriminator); the teacher runs in its own dtype. The logits are
     the list the GAN losses and R1 penalties of :mod:`diffdistill.losses` take.
 
@@ -317,8 +399,9 @@ class LADDDiscriminator(DiscriminatorBase):
     ``gan_generator_loss(D(x_fake))``, gradients reaching the student through the frozen teacher.
 
     Args:
-        model: the teacher transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, any transformer
-            :class:`TransformerFeatureExtractor` takes), frozen or with trainable LoRA adapters.
+        model: the teacher transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+            ``WanTransformer3DModel``, any transformer :class:`TransformerFeatureExtractor` takes), frozen or with
+            trainable LoRA adapters.
         blocks: the readout blocks (indices in execution order or module names); exclusive with ``every``.
         every: read every k-th block: indices ``k-1, 2k-1, ...`` (so the last of ``n`` blocks is read when
             ``k`` divides ``n``). Default (both None): ``k = max(1, n // 4)``, about four heads (our choice:
@@ -331,9 +414,14 @@ class LADDDiscriminator(DiscriminatorBase):
         norm_groups: GroupNorm groups of the heads; must divide the head width.
         cond_dim: width of the conditioning vector ``e`` (default 256).
         pooled_dim: width of ``pooled_projections`` (default None: the config's ``pooled_projection_dim``, 0
-            when absent: then the heads are conditioned on the noise level only).
+            when absent: then the heads are conditioned on the noise level only); with ``text_pooling="mean"``
+            the width of the text tokens (default None: the config's ``text_dim`` (Wan) or
+            ``joint_attention_dim``).
+        text_pooling: what the heads take as the text condition: None (default) ``pooled_projections`` (when
+            ``pooled_dim > 0``); ``"mean"`` the mean of the non-padding tokens of ``encoder_hidden_states``
+            (:func:`mean_text_embedding`; our choice for teachers without a pooled embedding, e.g. Wan).
         timestep_scale: ``s`` with ``s * timestep = σ·1000`` (default None: 1000 for FLUX / Qwen-Image, which
-            take σ; 1 otherwise, e.g. SD3, which takes σ·1000).
+            take σ; 1 otherwise, e.g. SD3 and Wan, which take σ·1000).
         augment: optional module applied to the input in training mode (it must accept the model's layout).
         gradient_checkpointing: recompute the teacher's blocks in the backward pass (``None``: leave the
             model's own checkpointing setting in force, e.g. a shared base's; see
@@ -344,7 +432,8 @@ class LADDDiscriminator(DiscriminatorBase):
             callable; ``blocks`` has the wrong type.
         OptionError: both ``blocks`` and ``every`` are given; a block does not exist or repeats; a size is
             < 1; ``norm_groups`` does not divide the head width; ``backbone`` is unknown; ``trainable`` is set
-            with ``"shared"``; ``timestep_scale`` is not > 0.
+            with ``"shared"``; ``timestep_scale`` is not > 0; ``text_pooling`` is unknown, or ``"mean"`` without
+            a text width in the config or ``pooled_dim``.
 
     Example:
         >>> from diffusers import SD3Transformer2DModel
@@ -383,11 +472,17 @@ class LADDDiscriminator(DiscriminatorBase):
         norm_groups: int = 32,
         cond_dim: int = 256,
         pooled_dim: int | None = None,
+        text_pooling: Literal["mean"] | None = None,
         timestep_scale: float | None = None,
         augment: nn.Module | None = None,
         gradient_checkpointing: bool | None = False,
     ) -> None:
         super().__init__()
+        if text_pooling is not None and text_pooling != "mean":
+            raise OptionError(
+                f"Expected `text_pooling` to be None (heads take `pooled_projections`) or 'mean' (the mean of the "
+                f"text tokens), but got {text_pooling!r}."
+            )
         every = check_optional_int(every, "every", minimum=1)
         width = check_optional_int(head_channels, "head_channels", minimum=1)
         groups = check_int(norm_groups, "norm_groups", minimum=1)
@@ -415,15 +510,29 @@ class LADDDiscriminator(DiscriminatorBase):
         )
         self.blocks = self.extractor.blocks
         net = self.extractor.trunk
+        cfg = getattr(net, "config", None)
+
+        def config_int(key: str) -> int | None:
+            got = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+            return int(got) if isinstance(got, int) and not isinstance(got, bool) else None
+
+        if pooled_dim is None and text_pooling == "mean":
+            pooled_dim = config_int("text_dim") or config_int("joint_attention_dim")
+            if pooled_dim is None:
+                raise OptionError(
+                    f"text_pooling='mean' conditions the heads on the mean text token, but the config of "
+                    f"{type(net).__name__} has no `text_dim` / `joint_attention_dim`: pass `pooled_dim`, the width of "
+                    "`encoder_hidden_states`."
+                )
         if pooled_dim is None:
-            cfg = getattr(net, "config", None)
-            got = (
-                cfg.get("pooled_projection_dim")
-                if isinstance(cfg, dict)
-                else getattr(cfg, "pooled_projection_dim", None)
+            pooled_dim = config_int("pooled_projection_dim") or 0
+        if text_pooling == "mean" and pooled_dim == 0:
+            raise OptionError(
+                "Expected `pooled_dim` > 0 with text_pooling='mean' (the text width), but got 0."
             )
-            pooled_dim = int(got) if isinstance(got, int) else 0
         self.pooled_dim = pooled_dim
+        self.text_pooling = text_pooling
+        self._teacher_takes_pooled = _takes_keyword(net, "pooled_projections")
         self.timestep_scale = (
             _default_timestep_scale(net)
             if timestep_scale is None
@@ -465,12 +574,14 @@ class LADDDiscriminator(DiscriminatorBase):
         """Patch logits of the re-noised latents, one map per readout block, in execution order.
 
         Args:
-            hidden_states: the teacher's input at noise level ``timestep``: ``(B, C, H, W)`` latents (SD3) or
-                packed tokens ``(B, L, C)`` (FLUX), any floating dtype (cast to the teacher's).
-            timestep: the teacher's timestep input (SD3: σ·1000, FLUX: σ): a number, ``()``, ``(1,)`` or
+            hidden_states: the teacher's input at noise level ``timestep``: ``(B, C, H, W)`` latents (SD3),
+                packed tokens ``(B, L, C)`` (FLUX) or video latents ``(B, C, F, H, W)`` (Wan), any floating dtype
+                (cast to the teacher's).
+            timestep: the teacher's timestep input (SD3, Wan: σ·1000, FLUX: σ): a number, ``()``, ``(1,)`` or
                 ``(B,)``; also the heads' noise-level condition (times ``timestep_scale``).
-            pooled_projections: the pooled text embedding ``(B, pooled_dim)``, given to the teacher and to the
-                heads (None only for ``pooled_dim == 0``).
+            pooled_projections: the pooled text embedding ``(B, pooled_dim)``, given to the teacher when its
+                ``forward`` takes it and, with ``text_pooling=None``, to the heads (None only for ``pooled_dim ==
+                0`` or ``text_pooling="mean"``).
             grid_size: the patch grid ``(h, w)`` of packed tokens (FLUX: half the latent size); None for
                 ``(B, C, H, W)`` latents.
             generator: randomness of ``augment`` (None: the global generator).
@@ -478,35 +589,61 @@ class LADDDiscriminator(DiscriminatorBase):
                 ``txt_ids``, ``guidance``; ``joint_attention_kwargs`` ...).
 
         Returns:
-            One ``(B, 1, h, w)`` float32 (float64 for a float64 discriminator) logit map per block.
+            One ``(B, 1, h, w)`` (video: ``(B, 1, f, h, w)``) float32 (float64 for a float64 discriminator) logit
+            map per block.
 
         Raises:
             DTypeError: an input is not a floating tensor; ``timestep`` is not a number or real tensor.
             ShapeError: ``hidden_states`` does not fit the teacher; ``pooled_projections`` is not
-                ``(B, pooled_dim)``; a condition has another batch size; ``grid_size`` does not fit.
+                ``(B, pooled_dim)``; a condition has another batch size; ``grid_size`` does not fit; with
+                ``text_pooling="mean"``, ``encoder_hidden_states`` is not ``(B, L, pooled_dim)``.
             OptionError: ``grid_size`` is missing for packed tokens.
-            ValueError: ``pooled_projections`` is None although ``pooled_dim > 0``.
+            ValueError: ``pooled_projections`` is None although the heads take it (``pooled_dim > 0``), or
+                ``encoder_hidden_states`` is missing with ``text_pooling="mean"``.
             NonFiniteError: an input holds NaN / Inf (a value check).
         """
         sample = self._prepare_sample(hidden_states, "hidden_states")
         batch = sample.shape[0]
         t = timestep_batch(timestep, batch, sample.device, "timestep")
         pooled = self._check_pooled(pooled_projections, batch)
+        text = self._text_condition(model_kwargs.get("encoder_hidden_states"), batch)
         check_all_finite([("timestep", t)])
         (sample,) = self._augment(sample, generator=generator)
-        if pooled is not None:
+        if pooled is not None and self._teacher_takes_pooled:
             model_kwargs["pooled_projections"] = pooled
         feats = self.extractor(sample, grid_size=grid_size, timestep=t, **model_kwargs)
         noise_level = (t if t.is_floating_point() else t.float()) * self.timestep_scale
+        if text is None and self.pooled_dim:
+            text = pooled
         return _run_cond_heads(
-            self.heads,
-            self.cond_embed,
-            [feats[b] for b in self.blocks],
-            noise_level,
-            pooled if self.pooled_dim else None,
+            self.heads, self.cond_embed, [feats[b] for b in self.blocks], noise_level, text
         )
 
+    def _text_condition(self, tokens: Any, batch: int) -> torch.Tensor | None:
+        """With ``text_pooling="mean"``: the mean text token of ``encoder_hidden_states`` (checked), else None."""
+        if self.text_pooling is None:
+            return None
+        if tokens is None:
+            raise ValueError(
+                "text_pooling='mean' conditions the heads on the mean text token, but `encoder_hidden_states` is "
+                "None. Pass the prompt embedding the teacher takes."
+            )
+        check_float_input(tokens, "encoder_hidden_states", ndim=3, layout="(B, L, D)", finite=False)
+        if tokens.shape[0] != batch or tokens.shape[2] != self.pooled_dim:
+            raise ShapeError(
+                f"Expected `encoder_hidden_states` of shape ({batch}, L, {self.pooled_dim}) (the batch of "
+                f"`hidden_states` and the text width pooled_dim), but got {shape_str(tokens.shape)}.",
+                name="encoder_hidden_states",
+                expected=(batch, self.pooled_dim),
+                actual=tuple(tokens.shape),
+            )
+        return mean_text_embedding(tokens)
+
     def _check_pooled(self, pooled: Any, batch: int) -> torch.Tensor | None:
+        if self.text_pooling is not None:  # the heads pool the text: pooled_projections is the teacher's only
+            if pooled is not None:
+                check_float_input(pooled, "pooled_projections", ndim=2, layout="(B, D)", finite=False)
+            return pooled
         if pooled is None:
             if self.pooled_dim:
                 raise ValueError(
@@ -527,5 +664,6 @@ class LADDDiscriminator(DiscriminatorBase):
 
     def extra_repr(self) -> str:
         return (
-            f"blocks={list(self.blocks)}, timestep_scale={self.timestep_scale}, pooled_dim={self.pooled_dim}"
+            f"blocks={list(self.blocks)}, timestep_scale={self.timestep_scale}, pooled_dim={self.pooled_dim}, "
+            f"text_pooling={self.text_pooling!r}"
         )

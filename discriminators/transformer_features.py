@@ -1,4 +1,4 @@
-r"""Image-token features of a diffusers transformer backbone (SD3/SD3.5 MMDiT, FLUX, any listed blocks).
+r"""Image-token features of a diffusers transformer backbone (SD3/SD3.5 MMDiT, FLUX, Wan, any listed blocks).
 
 :class:`TransformerFeatureExtractor` runs the model's **own** ``forward`` with the keyword arguments the model
 takes and reads the output of chosen blocks with forward hooks, so it follows the installed diffusers exactly
@@ -22,6 +22,15 @@ one tensor of ``N_img`` tokens (DiT, SANA, ...)        the tensor itself
 
 Tokens are in row-major order of the patch grid (SD3's ``PatchEmbed`` and FLUX's 2×2 packing both flatten
 rows first), so ``tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)`` is the feature map.
+
+**Video (Wan).** ``WanTransformer3DModel`` takes video latents ``(B, C, F, H, W)`` and patchifies them with a
+``Conv3d`` of kernel = stride = ``patch_size`` ``(p_t, p_h, p_w)`` (Wan 2.1 / 2.2: ``(1, 2, 2)``), then
+``flatten(2).transpose(1, 2)``: token ``n = (f * H' + i) * W' + j`` is the patch at frame ``f``, row ``i``, column
+``j`` of the grid ``(F', H', W') = (F / p_t, H / p_h, W / p_w)`` (checked against diffusers 0.42.1; the model's
+unpatchify reshapes its output tokens in the same order). Its blocks (``blocks.0`` ...) carry image tokens only
+(text enters by cross-attention) and return one ``(B, F'H'W', D)`` tensor, so a readout is
+``tokens.unflatten(1, (F', H', W')).movedim(-1, 1)``: a ``(B, D, F', H', W')`` map. Frame counts and sizes must be
+multiples of the patch size (the ``Conv3d`` would silently drop a remainder).
 
 **Early exit**: the blocks after the last readout do not run (the forward is stopped by a pre-hook on the
 next block, or on ``norm_out`` when the last block is read). **Gradient checkpointing**
@@ -50,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -151,6 +161,22 @@ def _model_width(model: Any, channels: int | None) -> int:
     )
 
 
+def _patch_size(value: Any, model: str) -> int | tuple[int, ...]:
+    """The config's ``patch_size``: an int (2-D latents) or a ``(p_t, p_h, p_w)`` triple (video, Wan)."""
+    if value is None:
+        return 1
+    if isinstance(value, (list, tuple)):
+        if len(value) != 3 or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in value
+        ):
+            raise OptionError(
+                f"Expected the config's `patch_size` of {model} to be an int or a (p_t, p_h, p_w) triple of ints "
+                f">= 1 (Wan: (1, 2, 2)), but got {value!r}."
+            )
+        return tuple(int(p) for p in value)
+    return int(value)
+
+
 def _image_stream(output: Any, num_image_tokens: int, block: str) -> torch.Tensor:
     """The image tokens ``(B, N_img, C)`` of a block's output (see the module docstring's table)."""
     tokens = output[-1] if isinstance(output, (tuple, list)) else output
@@ -175,9 +201,11 @@ class TransformerFeatureExtractor(nn.Module):
     ``extractor(hidden_states, grid_size=None, **model_kwargs)`` calls
     ``model(hidden_states, **model_kwargs)`` (the keyword arguments the model itself takes: SD3
     ``encoder_hidden_states``, ``pooled_projections``, ``timestep`` = σ·1000; FLUX also ``img_ids``,
-    ``txt_ids``, ``guidance`` and ``timestep`` = σ), stops it after the last requested block and returns
-    ``{block name: (B, C, h, w)}`` in execution order, with ``(h, w)`` the patch grid. ``timestep`` and
-    ``guidance`` may be numbers, ``()``, ``(1,)`` or ``(B,)`` tensors (expanded to ``(B,)``).
+    ``txt_ids``, ``guidance`` and ``timestep`` = σ; Wan ``encoder_hidden_states`` and ``timestep`` = σ·1000),
+    stops it after the last requested block and returns ``{block name: (B, C, h, w)}`` in execution order, with
+    ``(h, w)`` the patch grid (Wan's video latents: ``(B, C, f, h, w)``, see the module docstring).
+    ``timestep`` and ``guidance`` may be numbers, ``()``, ``(1,)`` or ``(B,)`` tensors (expanded to ``(B,)``;
+    Wan 2.2 TI2V's per-token ``(B, N)`` timesteps are refused).
 
     Dtypes: ``hidden_states``, ``encoder_hidden_states`` and ``pooled_projections`` are cast to the model's
     dtype (:attr:`compute_dtype`), as a diffusers pipeline does, so a bf16 sample works with a float32
@@ -186,7 +214,7 @@ class TransformerFeatureExtractor(nn.Module):
 
     Args:
         model: the transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``QwenImageTransformer2DModel``,
-            or any module whose ``forward(hidden_states, **kwargs)`` runs the blocks of ``block_lists``),
+            ``WanTransformer3DModel`` or any module whose ``forward(hidden_states, **kwargs)`` runs the blocks of ``block_lists``),
             possibly wrapped in DDP / ``torch.compile``; it may carry LoRA adapters.
         blocks: the blocks to read: an index in execution order (negative counts from the end), a module name
             such as ``"single_transformer_blocks.0"``, or a sequence of them (distinct).
@@ -208,7 +236,8 @@ class TransformerFeatureExtractor(nn.Module):
     Attributes:
         blocks: the block names read, in execution order.
         channels: ``{block name: C}``.
-        patch_size: the config's ``patch_size`` (the stride of the feature maps for a ``(B, C, H, W)`` input).
+        patch_size: the config's ``patch_size``: an int (the stride of the feature maps for a ``(B, C, H, W)``
+            input) or, for a video model, the ``(p_t, p_h, p_w)`` tuple (Wan: ``(1, 2, 2)``).
 
     Raises:
         DTypeError: ``model`` is not a module; ``blocks`` / ``block_lists`` have the wrong types; a flag is not
@@ -269,7 +298,7 @@ class TransformerFeatureExtractor(nn.Module):
         width = _model_width(net, channels)
         self.channels = {name: width for name in self.blocks}
         cfg = _config(net)
-        self.patch_size = int(cfg.get("patch_size") or 1)
+        self.patch_size = _patch_size(cfg.get("patch_size"), type(net).__name__)
         self.in_channels = cfg.get("in_channels")
         self.backbone_mode = backbone
         if backbone == "copy":
@@ -325,12 +354,33 @@ class TransformerFeatureExtractor(nn.Module):
 
     # ----------------------------------------------------------------------------------------- checks
     def _check_sample(self, sample: Any, name: str = "sample") -> torch.Tensor:
-        """Static checks of a model input: floating ``(B, C_in, H, W)`` (SD3) or packed ``(B, L, C_in)`` (FLUX)."""
-        check_float_input(sample, name, ndim=(3, 4), layout="(B, C, H, W) or packed (B, L, C)", finite=False)
+        """Static checks of a model input: floating ``(B, C_in, H, W)`` (SD3), packed ``(B, L, C_in)`` (FLUX) or
+        video ``(B, C_in, F, H, W)`` (Wan)."""
+        video = isinstance(self.patch_size, tuple)
+        if not video and isinstance(sample, torch.Tensor) and sample.ndim == 5:
+            raise ShapeError(
+                f"Expected `{name}` laid out as (B, C, H, W) or packed (B, L, C): video latents (B, C, F, H, W) need a "
+                f"model with a 3-D patch size (p_t, p_h, p_w) such as Wan, but this model's is {self.patch_size}; got "
+                f"shape {shape_str(sample.shape)}.",
+                name=name,
+                expected=4,
+                actual=tuple(sample.shape),
+            )
+        if video and isinstance(sample, torch.Tensor) and sample.ndim != 5:
+            raise ShapeError(
+                f"Expected `{name}` to be video latents (B, C, F, H, W): the model's patch size {self.patch_size} is "
+                f"3-D (a video transformer such as Wan), but got shape {shape_str(sample.shape)}. Add the frame axis "
+                "(x.unsqueeze(2) for one frame).",
+                name=name,
+                expected=5,
+                actual=tuple(sample.shape),
+            )
+        layout = "(B, C, F, H, W)" if video else "(B, C, H, W) or packed (B, L, C)"
+        check_float_input(sample, name, ndim=5 if video else (3, 4), layout=layout, finite=False)
         if isinstance(self.in_channels, int):
-            dim = 1 if sample.ndim == 4 else 2
+            dim = 2 if sample.ndim == 3 else 1
             if sample.shape[dim] != self.in_channels:
-                layout = "(B, C, H, W)" if sample.ndim == 4 else "packed (B, L, C)"
+                layout = {3: "packed (B, L, C)", 4: "(B, C, H, W)", 5: "(B, C, F, H, W)"}[sample.ndim]
                 raise ShapeError(
                     f"Expected `{name}` laid out as {layout} to have the model's {self.in_channels} input channels in dim "
                     f"{dim}, but got shape {shape_str(sample.shape)}. FLUX takes packed 2x2 patches: "
@@ -341,23 +391,25 @@ class TransformerFeatureExtractor(nn.Module):
                 )
         return sample
 
-    def _grid(self, sample: torch.Tensor, grid_size: Any, name: str) -> tuple[int, int]:
-        if sample.ndim == 4:
-            p = self.patch_size
-            h, w = sample.shape[-2:]
-            if h % p or w % p:
+    def _grid(self, sample: torch.Tensor, grid_size: Any, name: str) -> tuple[int, ...]:
+        """The patch grid: ``(h, w)`` of a 2-D input, ``(f, h, w)`` of a video input."""
+        if sample.ndim in (4, 5):
+            patch = (self.patch_size,) * 2 if isinstance(self.patch_size, int) else self.patch_size
+            sizes = tuple(sample.shape[2:])
+            if any(n % p for n, p in zip(sizes, patch)):
+                what = "frames, height and width" if sample.ndim == 5 else "height and width"
                 raise ShapeError(
-                    f"Expected the height and width of `{name}` to be multiples of the patch size {p}, but got "
+                    f"Expected the {what} of `{name}` to be multiples of the patch size {self.patch_size}, but got "
                     f"shape {shape_str(sample.shape)}.",
                     name=name,
-                    expected=p,
+                    expected=patch,
                     actual=tuple(sample.shape),
                 )
-            grid = (h // p, w // p)
+            grid = tuple(n // p for n, p in zip(sizes, patch))
             if grid_size is not None and tuple(grid_size) != grid:
                 raise ShapeError(
                     f"Expected `grid_size` to be None or {grid} for `{name}` of shape {shape_str(sample.shape)} and "
-                    f"patch size {p}, but got {grid_size!r}.",
+                    f"patch size {self.patch_size}, but got {grid_size!r}.",
                     name="grid_size",
                     expected=grid,
                     actual=grid_size,
@@ -395,6 +447,7 @@ class TransformerFeatureExtractor(nn.Module):
         for key, ndim, layout in (
             ("encoder_hidden_states", 3, "(B, L, D)"),
             ("pooled_projections", 2, "(B, D)"),
+            ("encoder_hidden_states_image", 3, "(B, L, D)"),  # Wan image-to-video
         ):
             value = kwargs.get(key)
             if value is None:
@@ -468,29 +521,33 @@ class TransformerFeatureExtractor(nn.Module):
         """Run the model up to the last requested block and return the image-stream feature maps.
 
         Args:
-            hidden_states: the model's input: latents ``(B, C_in, H, W)`` (SD3) or packed tokens
-                ``(B, L, C_in)`` (FLUX), any floating dtype (cast to the model's).
-            grid_size: the patch grid ``(h, w)``: None for a ``(B, C, H, W)`` input (then ``(H/p, W/p)``),
-                required for packed tokens (FLUX: half the latent height and width).
+            hidden_states: the model's input: latents ``(B, C_in, H, W)`` (SD3), packed tokens
+                ``(B, L, C_in)`` (FLUX) or video latents ``(B, C_in, F, H, W)`` (Wan), any floating dtype (cast to
+                the model's).
+            grid_size: the patch grid ``(h, w)``: None for a ``(B, C, H, W)`` input (then ``(H/p, W/p)``) or a
+                video input (then ``(F/p_t, H/p_h, W/p_w)``; a given value must equal it), required for packed
+                tokens (FLUX: half the latent height and width).
             **model_kwargs: the keyword arguments the model's ``forward`` takes (SD3: ``timestep``,
                 ``encoder_hidden_states``, ``pooled_projections``; FLUX: also ``img_ids``, ``txt_ids``,
-                ``guidance``; ``joint_attention_kwargs`` ...), passed through.
+                ``guidance``; Wan: ``timestep``, ``encoder_hidden_states``, ``encoder_hidden_states_image``;
+                ``joint_attention_kwargs`` ...), passed through.
 
         Returns:
-            ``{block name: (B, C, h, w)}`` for :attr:`blocks`, in execution order.
+            ``{block name: (B, C, h, w)}`` (video: ``(B, C, f, h, w)``) for :attr:`blocks`, in execution order.
 
         Raises:
             DTypeError: ``hidden_states`` or a text condition is not a floating tensor; ``timestep`` /
                 ``guidance`` is not a number or a real tensor; ``grid_size`` is not a pair of ints.
-            ShapeError: ``hidden_states`` is not 3-D / 4-D, has other input channels or a size that is not a
-                multiple of the patch size; ``grid_size`` does not match the tokens; a condition has another
-                batch size; a block returns no image tokens of the grid's size.
+            ShapeError: ``hidden_states`` is not 3-D / 4-D / 5-D, is 5-D for a model with a 2-D patch (or not
+                5-D for a video model), has other input channels or a size that is not a multiple of the patch
+                size; ``grid_size`` does not match the tokens; a condition has another batch size; ``timestep``
+                is not one value per sample; a block returns no image tokens of the grid's size.
             OptionError: ``grid_size`` is missing for packed tokens.
             NonFiniteError: an input holds NaN / Inf (a value check).
         """
         sample = self._check_sample(hidden_states, "hidden_states")
         batch = sample.shape[0]
-        h, w = self._grid(sample, grid_size, "hidden_states")
+        grid = self._grid(sample, grid_size, "hidden_states")
         kwargs = dict(model_kwargs)
         named = self._prepare_kwargs(batch, sample.device, kwargs)
         check_all_finite([("hidden_states", sample), *named])
@@ -500,8 +557,8 @@ class TransformerFeatureExtractor(nn.Module):
             self.trunk(sample.to(self.compute_dtype), **kwargs)
         out = {}
         for name in self.blocks:
-            tokens = _image_stream(store.get(name), h * w, name)
-            out[name] = tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+            tokens = _image_stream(store.get(name), math.prod(grid), name)
+            out[name] = tokens.unflatten(1, grid).movedim(-1, 1)
         return out
 
     def extra_repr(self) -> str:

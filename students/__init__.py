@@ -3,7 +3,7 @@
 * :class:`EMA` -- exponential-moving-average targets.
 * :class:`FeatureTap`, :class:`LayerKD`, :func:`layer_kd_loss` -- forward-hook feature KD (SSD-1B / BK-SDM), for
   UNets and transformers (:func:`transformer_block_names`, :func:`image_stream`, :data:`IMAGE_STREAM_OUTPUT`:
-  the image stream of SD3 / FLUX joint and single-stream blocks).
+  the image stream of SD3 / FLUX joint and single-stream blocks; Wan's blocks return their image tokens).
 * :class:`BlockRemovalSpec`, :data:`PRESETS`, :func:`student_config`, :func:`build_student` -- SSD-1B /
   Segmind-Vega / BK-SDM block removal with teacher-weight initialisation and a :class:`BlockRemovalReport`.
 * :func:`start_chain`, :func:`remove_blocks`, :class:`BlockRemovalChain`, :class:`RemovalRound`,
@@ -11,11 +11,12 @@
   progressive block removal in rounds (SSD-1B / Segmind-Vega), each from the previous round's student.
 * :class:`TransformerBlockRemovalSpec`, :data:`TRANSFORMER_PRESETS`, :func:`transformer_student_config`,
   :func:`build_transformer_student`, :class:`TransformerBlockRemovalReport`, :func:`transformer_flops` -- block
-  removal for SD3 / FLUX transformers (Flux.1-Lite-8B, Flux-Mini depths) with teacher init, KD pairs, parameter
-  and FLOP counts.
+  removal for SD3 / FLUX / Wan transformers (Flux.1-Lite-8B, Flux-Mini depths; ``"wan-half"``) with teacher init,
+  KD pairs, parameter and FLOP counts.
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
   :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding;
-  :data:`LCM_LORA_TARGETS` (UNets), :data:`FLOW_LORA_TARGETS` (SD3 / FLUX transformers).
+  :data:`LCM_LORA_TARGETS` (UNets), :data:`FLOW_LORA_TARGETS` (SD3 / FLUX transformers), :data:`WAN_LORA_TARGETS`
+  (Wan).
 * :class:`SharedBase`, :class:`AdapterView` -- one frozen base with named LoRA adapters as independent callables
   (real score / teacher, fake score, generator) without copying the base weights.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
@@ -49,6 +50,7 @@ from .layer_kd import LayerKD, layer_kd_loss
 from .lora import (
     FLOW_LORA_TARGETS,
     LCM_LORA_TARGETS,
+    WAN_LORA_TARGETS,
     TeacherView,
     adapters_disabled,
     add_guidance_embedding,
@@ -89,6 +91,7 @@ __all__ = [
     "PRESETS",
     "ROUND_GROUPS",
     "TRANSFORMER_PRESETS",
+    "WAN_LORA_TARGETS",
     "AdapterView",
     "BlockRemovalChain",
     "BlockRemovalReport",

@@ -47,6 +47,7 @@ from .._modules import unwrap_model
 __all__ = [
     "FLOW_LORA_TARGETS",
     "LCM_LORA_TARGETS",
+    "WAN_LORA_TARGETS",
     "TeacherView",
     "adapters_disabled",
     "add_guidance_embedding",
@@ -97,7 +98,27 @@ FLOW_LORA_TARGETS: tuple[str, ...] = (
 )
 """The 12 module-name suffixes of the default ``target_modules`` of diffusers' ``train_dreambooth_lora_flux.py``
 for SD3 / FLUX transformers: attention q/k/v/out of the image and text streams and both feed-forwards (FLUX's
-single-stream blocks get their ``attn.to_q/k/v``)."""
+single-stream blocks get their ``attn.to_q/k/v``). They match no module of Wan's transformer (its attentions
+are ``attn1`` / ``attn2``): use :data:`WAN_LORA_TARGETS` there."""
+
+WAN_LORA_TARGETS: tuple[str, ...] = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+)
+"""The 8 module-name suffixes of the Wan LoRA examples of finetrainers, the diffusers team's video trainer
+(``--target_modules "blocks.*(to_q|to_k|to_v|to_out.0)"``, a-r-r-o-w/finetrainers
+``examples/training/sft/wan/crush_smol_lora/train.sh``): q/k/v/out of every ``WanTransformerBlock``'s
+self-attention (``attn1``) and cross-attention (``attn2``); diffusers ships no Wan LoRA training script of its own.
+DiffSynth-Studio's Wan default (``--lora_target_modules "q,k,v,o,ffn.0,ffn.2"``, ``examples/wanvideo/
+train_wan_t2v.py``) also adapts the feed-forward: add ``"ffn.net.0.proj"`` and ``"ffn.net.2"`` (its ``ffn.0`` /
+``ffn.2`` under diffusers' names). Wan 2.1 image-to-video's ``attn2.add_k_proj`` / ``add_v_proj`` (the image
+tokens' keys and values) are in neither set."""
 
 _META_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 

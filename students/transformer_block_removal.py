@@ -1,8 +1,9 @@
-"""Block removal for rectified-flow transformers (SD3 / SD3.5 MMDiT, FLUX): drop whole transformer blocks.
+"""Block removal for rectified-flow transformers (SD3 / SD3.5 MMDiT, FLUX, Wan): drop whole transformer blocks.
 
 A transformer student keeps a subset of the teacher's blocks in their order: SD3's joint blocks
 (``transformer_blocks``), FLUX's double-stream (``transformer_blocks``) and single-stream
-(``single_transformer_blocks``) blocks. :func:`transformer_student_config` writes the diffusers config of that
+(``single_transformer_blocks``) blocks, Wan's video blocks (``blocks``: self-attention over all frames'
+tokens, cross-attention to the text, feed-forward; all alike, so any subset builds a valid student). :func:`transformer_student_config` writes the diffusers config of that
 student, :func:`build_transformer_student` builds it and copies every kept block from the teacher by name (the
 block indices remapped: student ``transformer_blocks.j`` <- teacher ``transformer_blocks.m(j)``; every other
 module keeps its name), and the :class:`TransformerBlockRemovalReport` lists the removed blocks, the parameters
@@ -53,7 +54,16 @@ Presets (:data:`TRANSFORMER_PRESETS`; counts scale to tiny configs by the fracti
                     block is converted to context-pre-only, see above). Our choice, after HierarchicalPrune
                     (arXiv:2508.04663, abstract: keep early blocks, prune late ones) without its sensitivity
                     analysis.
+``"wan-half"``      Wan 2.1 / 2.2 (``WanTransformer3DModel``): every other block, first and last kept (spread 0.5;
+                    Wan2.1-T2V-1.3B 30 -> 15 blocks, 1.42 B -> 0.74 B parameters). Our choice, TinyFusion's depth
+                    ratio as ``"sd3-half"``. No published block-pruned Wan is reproduced: we know of none with a
+                    fixed, listed block subset (PARE, arXiv:2605.27336, prunes Wan2.1-14B's attention heads and routes
+                    blocks per input and step, which is not a static student).
 ================  =================================================================================================
+
+Wan's FLOPs are counted for video latents ``(frames, height, width)`` (default ``(21, 60, 104)``: 81 frames at
+480 x 832, Wan's VAE compressing time by 4 and space by 8) and 512 umT5 tokens (``WanPipeline``'s
+``max_sequence_length``).
 """
 
 from __future__ import annotations
@@ -89,9 +99,20 @@ BlockKeep = int | float | Sequence[int] | None
 (rounded half up, at least 1), a sequence the kept indices."""
 KeepRule = Literal["first", "last", "spread"] | Callable[[int, int], Sequence[int]]
 
-_SD3, _FLUX = "SD3Transformer2DModel", "FluxTransformer2DModel"
-_CLASSES = (_SD3, _FLUX)
+_SD3, _FLUX, _WAN = "SD3Transformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel"
+_CLASSES = (_SD3, _FLUX, _WAN)
 _LISTS = {"blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+_LIST_ORDER = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "blocks",
+)  # execution order of the block lists
+_WAN_LATENT = (21, 60, 104)  # 81 frames at 480 x 832 (Wan 2.1's VAE: time / 4, space / 8)
+
+
+def _main_list(kind: str) -> str:
+    """The attribute of the joint / double-stream / Wan block list that a spec's ``blocks`` field keeps."""
+    return "blocks" if kind == _WAN else "transformer_blocks"
 
 
 def _check_keep(value: Any, what: str) -> None:
@@ -126,9 +147,9 @@ class TransformerBlockRemovalSpec:
 
     Args:
         name: Label used in reports (default ``"custom"``).
-        blocks: Joint (SD3) / double-stream (FLUX) blocks kept: None (all, the default), a count, a fraction of
-            the teacher's or the kept indices (negative indices count from the end).
-        single_blocks: FLUX's single-stream blocks kept, as ``blocks`` (must stay None for SD3).
+        blocks: Joint (SD3) / double-stream (FLUX) / Wan blocks kept: None (all, the default), a count, a fraction
+            of the teacher's or the kept indices (negative indices count from the end).
+        single_blocks: FLUX's single-stream blocks kept, as ``blocks`` (must stay None for SD3 and Wan).
         rule: Which blocks a count or fraction keeps: ``"spread"`` (the default: evenly spaced, first and last
             included), ``"first"``, ``"last"`` or ``fn(teacher_count, student_count) -> indices``.
         stride: Keep every ``stride``-th block of the whole execution order (FLUX: double then single blocks),
@@ -201,10 +222,17 @@ TRANSFORMER_PRESETS: dict[str, TransformerBlockRemovalSpec] = {
     "flux-mini": TransformerBlockRemovalSpec(name="flux-mini", stride=4),
     "sd3-half": TransformerBlockRemovalSpec(name="sd3-half", blocks=0.5),
     "sd3-early": TransformerBlockRemovalSpec(name="sd3-early", blocks=0.5, rule="first"),
+    "wan-half": TransformerBlockRemovalSpec(name="wan-half", blocks=0.5),
 }
 """Named :class:`TransformerBlockRemovalSpec` s (see the module docstring for the published models they follow)."""
 
-_PRESET_CLASS = {"flux-lite-8b": _FLUX, "flux-mini": _FLUX, "sd3-half": _SD3, "sd3-early": _SD3}
+_PRESET_CLASS = {
+    "flux-lite-8b": _FLUX,
+    "flux-mini": _FLUX,
+    "sd3-half": _SD3,
+    "sd3-early": _SD3,
+    "wan-half": _WAN,
+}
 
 
 def _as_spec(spec: Any) -> TransformerBlockRemovalSpec:
@@ -220,14 +248,28 @@ def _as_spec(spec: Any) -> TransformerBlockRemovalSpec:
 
 
 def _class_of(config: Mapping[str, Any], model: nn.Module | None = None) -> str:
-    """``"SD3Transformer2DModel"`` or ``"FluxTransformer2DModel"``: from the model's class, diffusers'
-    ``_class_name`` or the config's keys (FLUX has ``num_single_layers``)."""
-    name = type(model).__name__ if model is not None else config.get("_class_name")
+    """``"SD3Transformer2DModel"``, ``"FluxTransformer2DModel"`` or ``"WanTransformer3DModel"``: from the model's
+    class (or a base class: FSDP2 subclasses it), diffusers' ``_class_name`` or the config's keys (FLUX has
+    ``num_single_layers``, Wan ``ffn_dim``)."""
+    name: Any
+    if model is not None:
+        name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in _CLASSES), type(model).__name__)
+    else:
+        name = config.get("_class_name")
     if name is None:
-        name = _FLUX if "num_single_layers" in config else _SD3 if "num_layers" in config else None
+        name = (
+            _FLUX
+            if "num_single_layers" in config
+            else _WAN
+            if "ffn_dim" in config
+            else _SD3
+            if "num_layers" in config
+            else None
+        )
     if name not in _CLASSES:
         raise DTypeError(
-            f"Expected a diffusers SD3Transformer2DModel or FluxTransformer2DModel (or its config), but got "
+            f"Expected a diffusers SD3Transformer2DModel or FluxTransformer2DModel (or WanTransformer3DModel, or their "
+            f"configs), but got "
             f"{name or type(config).__name__}. Other transformers: tap their blocks with FeatureTap / LayerKD and "
             "build the student yourself."
         )
@@ -285,24 +327,25 @@ class _Plan:
 
 def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, kind: str) -> _Plan:
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
-    counts = {
-        "transformer_blocks": _count(config.get("num_layers", 18 if kind == _SD3 else 19), "num_layers")
-    }
+    main = _main_list(kind)
+    counts = {main: _count(config.get("num_layers", {_SD3: 18, _FLUX: 19, _WAN: 40}[kind]), "num_layers")}
     if kind == _FLUX:
         counts["single_transformer_blocks"] = _count(config.get("num_single_layers", 38), "num_single_layers")
     elif spec.single_blocks is not None:
+        what = (
+            "an SD3 transformer (it has joint blocks only)"
+            if kind == _SD3
+            else "a Wan transformer (one block list)"
+        )
         raise OptionError(
-            "Expected `single_blocks` to be None for an SD3 transformer (it has joint blocks only), but got "
-            f"{spec.single_blocks!r}. Use `blocks`."
+            f"Expected `single_blocks` to be None for {what}, but got {spec.single_blocks!r}. Use `blocks`."
         )
     if spec.stride is not None:
         order = [(name, i) for name, n in counts.items() for i in range(n)]
         picked = order[:: spec.stride]
         kept = {name: [i for lst, i in picked if lst == name] for name in counts}
     else:
-        kept = {
-            "transformer_blocks": _pick(spec.blocks, spec.rule, counts["transformer_blocks"], "blocks"),
-        }
+        kept = {main: _pick(spec.blocks, spec.rule, counts[main], "blocks")}
         if kind == _FLUX:
             kept["single_transformer_blocks"] = _pick(
                 spec.single_blocks, spec.rule, counts["single_transformer_blocks"], "single_blocks"
@@ -313,10 +356,10 @@ def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, 
                 f"Expected the student to keep at least one of the teacher's {counts[name]} `{name}`, but the spec "
                 f"keeps none (stride {spec.stride}). Use a smaller stride or explicit `blocks` / `single_blocks`."
             )
-    config["num_layers"] = len(kept["transformer_blocks"])
+    config["num_layers"] = len(kept[main])
     if kind == _FLUX:
         config["num_single_layers"] = len(kept["single_transformer_blocks"])
-    else:
+    elif kind == _SD3:
         dual = {int(i) for i in config.get("dual_attention_layers", ()) or ()}
         config["dual_attention_layers"] = tuple(
             j for j, m in enumerate(kept["transformer_blocks"]) if m in dual
@@ -327,24 +370,25 @@ def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, 
 def transformer_student_config(
     teacher_config: Mapping[str, Any], spec: str | TransformerBlockRemovalSpec
 ) -> dict[str, Any]:
-    """The diffusers config of the block-removed student (``SD3Transformer2DModel`` / ``FluxTransformer2DModel``).
+    """The diffusers config of the block-removed student (SD3 / FLUX / Wan transformer).
 
     Only the depths change (``num_layers``, FLUX's ``num_single_layers``) and, for SD3.5, the
     ``dual_attention_layers`` indices, remapped to the student's blocks; widths stay the teacher's.
 
     Args:
         teacher_config: The teacher's config (``model.config`` or the dict it was built from); the family is read
-            from diffusers' ``_class_name`` or, without it, from the keys (``num_single_layers``: FLUX).
+            from diffusers' ``_class_name`` or, without it, from the keys (``num_single_layers``: FLUX; ``ffn_dim``:
+            Wan).
         spec: A :data:`TRANSFORMER_PRESETS` name or a :class:`TransformerBlockRemovalSpec`.
 
     Returns:
         A new config dict (diffusers' private ``_*`` keys dropped), ready for ``from_config``.
 
     Raises:
-        DTypeError: ``teacher_config`` is not a mapping of an SD3 or FLUX transformer; ``spec`` is neither a
+        DTypeError: ``teacher_config`` is not a mapping of an SD3, FLUX or Wan transformer; ``spec`` is neither a
             preset name nor a spec.
         OptionError: an unknown preset; a spec that does not fit the teacher (an index out of range, more blocks
-            than the teacher has, ``single_blocks`` for SD3, a stride that leaves a block list empty).
+            than the teacher has, ``single_blocks`` for SD3 / Wan, a stride that leaves a block list empty).
 
     Example:
         >>> cfg = {"num_layers": 24, "dual_attention_layers": tuple(range(13))}  # SD3.5-Medium's depths
@@ -374,7 +418,8 @@ class TransformerBlockRemovalReport:
         student_parameters: Parameter count of the student.
         teacher_flops: FLOPs of one teacher forward at batch 1 (:func:`transformer_flops`), None when not counted.
         student_flops: The same for the student.
-        flops_at: The ``latent_size`` and ``text_tokens`` the FLOPs were counted at.
+        flops_at: The ``latent_size`` (Wan: ``[frames, height, width]``) and ``text_tokens`` the FLOPs were counted
+            at.
         initialized: Whether weights were copied (not on the meta device). Default ``False``.
         notes: Remarks (e.g. an SD3 block converted to context-pre-only). Default empty.
 
@@ -395,7 +440,7 @@ class TransformerBlockRemovalReport:
     student_parameters: int
     teacher_flops: int | None = None
     student_flops: int | None = None
-    flops_at: dict[str, int] = field(default_factory=dict)
+    flops_at: dict[str, Any] = field(default_factory=dict)
     initialized: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -441,7 +486,7 @@ class TransformerBlockRemovalReport:
             return {t: s for s, t in self.module_map.items()}
         order = sorted(
             [*self.module_map.values(), *self.removed],
-            key=lambda name: (list(_LISTS.values()).index(name.split(".")[0]), int(name.split(".")[1])),
+            key=lambda name: (_LIST_ORDER.index(name.split(".")[0]), int(name.split(".")[1])),
         )
         position = {name: i for i, name in enumerate(order)}
         students = sorted(self.module_map, key=lambda s: position[self.module_map[s]])
@@ -482,7 +527,7 @@ class TransformerBlockRemovalReport:
 
 def _translate(key: str, module_map: Mapping[str, str]) -> str:
     parts = key.split(".")
-    if len(parts) > 2 and parts[0] in _LISTS.values():
+    if len(parts) > 2 and parts[0] in _LIST_ORDER:
         prefix = f"{parts[0]}.{parts[1]}"
         if prefix in module_map:
             return module_map[prefix] + key[len(prefix) :]
@@ -527,13 +572,14 @@ def build_transformer_student(
     *,
     init_weights: bool = True,
     count_flops: bool = True,
-    latent_size: int | None = None,
+    latent_size: int | Sequence[int] | None = None,
     text_tokens: int | None = None,
 ) -> tuple[nn.Module, TransformerBlockRemovalReport]:
-    """Build the block-removed student of a diffusers SD3 / FLUX transformer and initialise it from the teacher.
+    """Build the block-removed student of a diffusers SD3 / FLUX / Wan transformer and initialise it from the teacher.
 
     Args:
-        teacher: The teacher (``SD3Transformer2DModel`` or ``FluxTransformer2DModel``; wrappers are unwrapped). On
+        teacher: The teacher (``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or ``WanTransformer3DModel``;
+            wrappers are unwrapped). On
             the meta device the student is built on the meta device too and no weights are copied (sizes only).
         spec: A :data:`TRANSFORMER_PRESETS` name or a :class:`TransformerBlockRemovalSpec`.
         init_weights: Copy the kept blocks (and every other module) from the teacher. Default ``True``;
@@ -547,7 +593,7 @@ def build_transformer_student(
         ``(student, report)``; the student has the teacher's dtype and device and is in train mode.
 
     Raises:
-        DTypeError: ``teacher`` is not an SD3 / FLUX transformer; ``spec`` is neither a preset name nor a spec;
+        DTypeError: ``teacher`` is not an SD3 / FLUX / Wan transformer; ``spec`` is neither a preset name nor a spec;
             ``init_weights`` / ``count_flops`` is not a bool.
         OptionError: an unknown preset or a spec that does not fit the teacher (see
             :func:`transformer_student_config`); a bad ``latent_size`` / ``text_tokens``; the teacher's weights do
@@ -572,7 +618,7 @@ def build_transformer_student(
     config = getattr(teacher, "config", None)
     if not isinstance(config, Mapping):
         raise DTypeError(
-            f"Expected `teacher` to be a diffusers SD3Transformer2DModel or FluxTransformer2DModel (with a "
+            f"Expected `teacher` to be a diffusers SD3Transformer2DModel or FluxTransformer2DModel (or WanTransformer3DModel, with a "
             f"`.config`), but got {type(teacher).__name__}."
         )
     kind = _class_of(config, teacher)
@@ -629,7 +675,10 @@ def build_transformer_student(
         report.student_flops = transformer_flops(
             {**plan.config, "_class_name": kind}, latent_size=size, text_tokens=tokens
         )
-        report.flops_at = {"latent_size": size, "text_tokens": tokens}
+        report.flops_at = {
+            "latent_size": list(size) if isinstance(size, tuple) else size,
+            "text_tokens": tokens,
+        }
     logger.info(
         "transformer block removal %r: %d -> %d parameters (%.1f%% removed), %d block(s) dropped",
         spec.name,
@@ -641,7 +690,9 @@ def build_transformer_student(
     return student, report
 
 
-def _flops_args(config: Mapping[str, Any], kind: str, latent_size: Any, text_tokens: Any) -> tuple[int, int]:
+def _flops_args(config: Mapping[str, Any], kind: str, latent_size: Any, text_tokens: Any) -> tuple[Any, int]:
+    if kind == _WAN:
+        return _wan_flops_args(config, latent_size, text_tokens)
     size = (
         latent_size if latent_size is not None else (config.get("sample_size", 128) if kind == _SD3 else 128)
     )
@@ -659,26 +710,57 @@ def _flops_args(config: Mapping[str, Any], kind: str, latent_size: Any, text_tok
     return int(size), int(tokens)
 
 
+def _wan_flops_args(
+    config: Mapping[str, Any], latent_size: Any, text_tokens: Any
+) -> tuple[tuple[int, ...], int]:
+    """Wan: ``latent_size`` an int (one frame of size x size) or ``(frames, height, width)``; text tokens."""
+    size: Any = _WAN_LATENT if latent_size is None else latent_size
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (1, size, size)
+    ok = isinstance(size, (list, tuple)) and len(size) == 3
+    if not ok or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size):
+        raise OptionError(
+            f"Expected `latent_size` of a Wan transformer to be an int >= 1 (one square frame) or (frames, height, "
+            f"width) ints >= 1 (default {_WAN_LATENT}: 81 frames at 480 x 832), but got {latent_size!r}."
+        )
+    tokens = 512 if text_tokens is None else text_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise OptionError(f"Expected `text_tokens` to be an int >= 1, but got {tokens!r}.")
+    patch = tuple(int(p) for p in config.get("patch_size", (1, 2, 2)))
+    if any(n % p for n, p in zip(size, patch)):
+        raise OptionError(
+            f"Expected `latent_size` (frames, height, width) to be multiples of the patch size {patch} of "
+            f"{_WAN}, but got {tuple(size)}."
+        )
+    return tuple(int(n) for n in size), int(tokens)
+
+
 def transformer_flops(
-    model: nn.Module | Mapping[str, Any], *, latent_size: int | None = None, text_tokens: int | None = None
+    model: nn.Module | Mapping[str, Any],
+    *,
+    latent_size: int | Sequence[int] | None = None,
+    text_tokens: int | None = None,
 ) -> int:
-    """Floating-point operations of one SD3 / FLUX transformer forward at batch 1 (counted on the meta device).
+    """Floating-point operations of one SD3 / FLUX / Wan transformer forward at batch 1 (counted on the meta device).
 
     Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention, 2
     FLOPs per multiply-add) on a copy built on the meta device (no weight memory), cached per config.
 
     Args:
-        model: The transformer, or its config (with diffusers' ``_class_name`` or FLUX's ``num_single_layers``).
+        model: The transformer, or its config (with diffusers' ``_class_name``, FLUX's ``num_single_layers`` or
+            Wan's ``ffn_dim``).
         latent_size: Latent height and width (VAE latents, before patching). Default: SD3 the config's
-            ``sample_size`` (128, 1024 px); FLUX 128 (1024 px: 64 x 64 = 4096 packed image tokens).
+            ``sample_size`` (128, 1024 px); FLUX 128 (1024 px: 64 x 64 = 4096 packed image tokens). Wan: an int
+            (one square frame) or ``(frames, height, width)``, default ``(21, 60, 104)`` (81 frames at 480 x 832:
+            21 x 30 x 52 = 32760 tokens).
         text_tokens: Length of the text sequence. Default: SD3 333 (77 CLIP + 256 T5, as the SD3 pipelines);
-            FLUX 512 (``max_sequence_length`` of FLUX.1-dev).
+            FLUX 512 (``max_sequence_length`` of FLUX.1-dev); Wan 512 (``WanPipeline``'s).
 
     Returns:
         The FLOP count.
 
     Raises:
-        DTypeError: ``model`` is neither an SD3 / FLUX transformer nor its config.
+        DTypeError: ``model`` is neither an SD3 / FLUX / Wan transformer nor its config.
         OptionError: ``latent_size`` / ``text_tokens`` not an int >= 1, or a latent size the patching does not
             divide.
         ImportError: diffusers is not installed.
@@ -699,7 +781,7 @@ def transformer_flops(
         config = getattr(inner, "config", None)  # type: ignore[assignment]
         if not isinstance(config, Mapping):
             raise DTypeError(
-                f"Expected `model` to be a diffusers SD3 / FLUX transformer or its config, but got "
+                f"Expected `model` to be a diffusers SD3 / FLUX transformer or its config (or a Wan one), but got "
                 f"{type(model).__name__}."
             )
         kind = _class_of(config, inner)
@@ -709,7 +791,7 @@ def transformer_flops(
 
 
 @functools.lru_cache(maxsize=32)
-def _flops_of(kind: str, key: str, size: int, tokens: int) -> int:
+def _flops_of(kind: str, key: str, size: Any, tokens: int) -> int:
     import diffusers
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -717,6 +799,13 @@ def _flops_of(kind: str, key: str, size: int, tokens: int) -> int:
     meta = torch.device("meta")
     with meta:
         model = getattr(diffusers, kind).from_config(config)
+    if kind == _WAN:
+        frames, height, width_ = size
+        video = torch.zeros(1, int(config.get("in_channels", 16)), frames, height, width_, device=meta)
+        text = torch.zeros(1, tokens, int(config.get("text_dim", 4096)), device=meta)
+        with FlopCounterMode(display=False) as counter:
+            model(video, timestep=torch.zeros(1, device=meta), encoder_hidden_states=text, return_dict=False)
+        return int(counter.get_total_flops())
     width = int(config.get("joint_attention_dim", 4096))
     pooled = int(config.get("pooled_projection_dim", 2048 if kind == _SD3 else 768))
     text = torch.zeros(1, tokens, width, device=meta)
