@@ -87,11 +87,11 @@ def _mean_distance(a: torch.Tensor, b: torch.Tensor, distance: DistanceLike) -> 
     Equal to ``compute_distance(a, b, "mse")`` (mean of per-sample means = global mean); the fused
     kernel halves the cost of the feature terms (``benchmarks/kd_hooks.py``).
     """
+    if b.is_inference():  # a teacher run under torch.inference_mode(): autograd may not save it as it is
+        b = b.clone()
     if isinstance(distance, str) and distance == "mse":
         return F.mse_loss(_work(a), _work(b))
-    return _compute_distance(
-        a, b, distance, input_name="student", target_name="teacher", finite=False
-    ).float()
+    return _work(_compute_distance(a, b, distance, input_name="student", target_name="teacher", finite=False))
 
 
 def layer_kd_loss(
@@ -264,7 +264,7 @@ def _layer_kd_loss(
             "Per-sample task weights (min-SNR, ...) are non-negative; a negative weight rewards the error."
         )
     logs: dict[str, torch.Tensor] = {}
-    zero = student_output.new_zeros((), dtype=torch.float32)
+    zero = student_output.new_zeros((), dtype=torch.promote_types(student_output.dtype, torch.float32))
     if target is None:
         task = zero
     elif task_weight is None:
@@ -272,15 +272,15 @@ def _layer_kd_loss(
     else:
         per_sample = _compute_distance(
             student_output, target, distance, reduction="none", input_name="student_output", finite=False
-        ).float()
-        task = (per_sample * task_weight.detach().float()).mean()
+        )
+        task = (_work(per_sample) * _work(task_weight.detach())).mean()
     output_kd = _mean_distance(student_output, teacher_output.detach(), distance)
     feature_kd = zero
     for key in keys:
         s_feat, t_feat = student_features[key], teacher_features[key].detach()
         term = _mean_distance(s_feat, t_feat, distance)
         if normalize:
-            term = term / (t_feat.float().pow(2).mean() + eps)
+            term = term / (_work(t_feat).pow(2).mean() + eps)
         logs[f"feature/{key}"] = term.detach()
         feature_kd = feature_kd + term
     loss = task + output_weight * output_kd + feature_weight * feature_kd

@@ -213,6 +213,7 @@ def add_lora(
     dropout: float = 0.0,
     freeze_base: bool = True,
     init_lora_weights: bool | str = True,
+    adapter_dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
     """Add a peft LoRA adapter (``W + (alpha / rank) B A``) to ``model`` in place and return it.
 
@@ -235,6 +236,10 @@ def add_lora(
             adapter's weights are trainable).
         init_lora_weights: peft's option (default ``True``: ``B = 0``, so the model is unchanged at first;
             ``False``: random A and B; a peft init name such as ``"gaussian"``).
+        adapter_dtype: Floating dtype of the adapter's weights where peft made them half precision (it follows
+            the base layer: a bf16 / fp16 base gives bf16 / fp16 adapters, whose Adam updates mostly round away);
+            default float32, the trainable weights in full precision as diffusers' training scripts keep them
+            (``cast_training_params``). ``None`` keeps peft's dtype.
 
     Returns:
         ``model`` (the object passed in, its modules replaced in place by LoRA layers).
@@ -243,7 +248,8 @@ def add_lora(
         DTypeError: ``model`` is not an ``nn.Module``; ``rank``, ``targets``, ``adapter_name``, ``freeze_base``,
             ``alpha`` or ``dropout`` has the wrong type.
         OptionError: ``rank`` < 1; ``alpha`` not > 0; ``dropout`` outside [0, 1); ``targets`` empty
-            or matching no module; ``adapter_name`` empty, holding a ``"."`` or already used on ``model``.
+            or matching no module; ``adapter_name`` empty, holding a ``"."`` or already used on ``model``;
+            ``adapter_dtype`` not a floating torch dtype (or None).
         ImportError: peft is not installed.
 
     Example:
@@ -264,6 +270,13 @@ def add_lora(
     alpha_value = float(rank) if alpha is None else check_real(alpha, "alpha", low=0.0, strict=True)
     dropout = check_real(dropout, "dropout", low=0.0, high=1.0, high_strict=True)
     check_bool(freeze_base, "freeze_base")
+    if adapter_dtype is not None and not (
+        isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point
+    ):
+        raise OptionError(
+            f"Expected `adapter_dtype` to be a floating torch dtype (default torch.float32) or None (peft's: the "
+            f"base layer's dtype), but got {adapter_dtype!r}."
+        )
     _check_adapter_name(adapter_name)
     inner: Any = unwrap_model(model)  # diffusers/peft attributes are dynamic
     target_list = _check_targets(targets, inner)
@@ -288,6 +301,14 @@ def add_lora(
         configs = dict(getattr(inner, "peft_config", {}) or {})
         configs[adapter_name] = config
         inner.peft_config = configs
+    if adapter_dtype is not None:
+        for name, param in inner.named_parameters():
+            if (
+                "lora_" in name
+                and f".{adapter_name}." in name
+                and param.dtype in (torch.float16, torch.bfloat16)
+            ):
+                param.data = param.data.to(adapter_dtype)
     if freeze_base:
         for name, param in inner.named_parameters():
             if "lora_" not in name:
@@ -861,7 +882,7 @@ def guidance_scale_embedding(
         )
     half = embedding_dim // 2
     freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    args = (w.to(dtype) * 1000.0)[:, None] * freqs[None, :]
+    args = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]  # scaled in w's dtype first, as diffusers
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if embedding_dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))

@@ -389,3 +389,36 @@ def test_layer_kd_refuses_the_student_as_its_own_teacher_and_modules_that_did_no
         pytest.raises(OptionError, match=r"every tapped student module to run .* \['mid'\] did not"),
     ):
         kd(torch.zeros(2, 4), None)
+
+
+@pytest.mark.parametrize("distance", ["mse", "l1", "pseudo_huber"])
+def test_teacher_run_under_inference_mode(distance: str) -> None:
+    """A teacher run under ``torch.inference_mode()`` gives inference tensors, which autograd may not save: every
+    distance must still train the student (the fused MSE saved the teacher tensor as it was)."""
+    student_out = torch.randn(2, 4, requires_grad=True)
+    feat = torch.randn(2, 3, requires_grad=True)
+    with torch.inference_mode():
+        teacher_out, teacher_feat = torch.randn(2, 4), torch.randn(2, 3)
+    loss, _ = layer_kd_loss(student_out, teacher_out, {"f": feat}, {"f": teacher_feat}, distance=distance)
+    loss.backward()
+    assert student_out.grad is not None and feat.grad is not None
+    plain, _ = layer_kd_loss(
+        student_out, teacher_out.clone(), {"f": feat}, {"f": teacher_feat.clone()}, distance=distance
+    )
+    torch.testing.assert_close(loss.detach(), plain.detach(), atol=0, rtol=0)
+
+
+def test_float64_stays_float64_in_every_term() -> None:
+    """Task weights and normalisation used to compute in float32 for float64 inputs."""
+    g = torch.Generator().manual_seed(0)
+    s_out, t_out, target = (torch.randn(3, 4, dtype=torch.float64, generator=g) for _ in range(3))
+    s_feat, t_feat = (torch.randn(3, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    weight = torch.tensor([0.1, 1.0, 3.0], dtype=torch.float64)
+    loss, logs = layer_kd_loss(
+        s_out, t_out, {"f": s_feat}, {"f": t_feat}, target, task_weight=weight, normalize=True, distance="l1"
+    )
+    task = (weight * (s_out - target).abs().mean(1)).mean()
+    output_kd = (s_out - t_out).abs().mean()
+    feature = (s_feat - t_feat).abs().mean() / (t_feat.pow(2).mean() + 1e-8)
+    assert loss.dtype == torch.float64 and logs["task"].dtype == torch.float64
+    torch.testing.assert_close(loss, task + 0.5 * output_kd + 0.5 * feature, atol=0, rtol=1e-14)

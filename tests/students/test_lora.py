@@ -267,6 +267,12 @@ def test_guidance_scale_embedding_formula() -> None:
     for dim in (8, 9, 256):
         ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)  # type: ignore[arg-type]
         torch.testing.assert_close(guidance_scale_embedding(w, dim), ref, atol=0, rtol=0)
+    # bf16: diffusers scales w by 1000 before the cast (w = 8.1 -> 8096 in bf16, not 8.1 in bf16 x 1000 = 8128)
+    w = torch.tensor([8.1, 3.3])
+    ref = LatentConsistencyModelPipeline.get_guidance_scale_embedding(  # type: ignore[arg-type]
+        None, w, embedding_dim=16, dtype=torch.bfloat16
+    )
+    torch.testing.assert_close(guidance_scale_embedding(w, 16, dtype=torch.bfloat16), ref, atol=0, rtol=0)
     with pytest.raises(OptionError, match=r"Expected `embedding_dim` to be an int >= 4, but got 2"):
         guidance_scale_embedding(w, 2)
 
@@ -538,3 +544,21 @@ def test_guidance_embedding_value_checks_switch_off_and_bad_arguments() -> None:
         add_guidance_embedding(tiny_unet(), 16, init="uniform", generator=0)  # type: ignore[arg-type]
     with pytest.raises(DTypeError, match=r"Expected `unet` to be a torch.nn.Module, but got NoneType"):
         add_guidance_embedding(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_adapters_on_a_half_precision_base_are_float32_by_default(base_dtype: torch.dtype) -> None:
+    """peft gives an adapter its base layer's dtype; bf16 LoRA weights lose most Adam updates to rounding, so the
+    trainable adapter is float32 unless ``adapter_dtype=None`` asks for peft's."""
+    net = add_lora(nn.Sequential(nn.Linear(8, 8)).to(base_dtype), rank=2, targets=["0"])
+    lora = {n: p.dtype for n, p in net.named_parameters() if "lora_" in n}
+    assert set(lora.values()) == {torch.float32} and len(lora) == 2
+    assert net[0].base_layer.weight.dtype == base_dtype  # the frozen base is untouched
+    out = net(torch.randn(3, 8, dtype=base_dtype))  # peft casts around the float32 adapter
+    assert out.dtype == base_dtype
+    kept = add_lora(nn.Sequential(nn.Linear(8, 8)).to(base_dtype), rank=2, targets=["0"], adapter_dtype=None)
+    assert {p.dtype for n, p in kept.named_parameters() if "lora_" in n} == {base_dtype}
+    double = add_lora(nn.Sequential(nn.Linear(8, 8)).double(), rank=2, targets=["0"])
+    assert {p.dtype for n, p in double.named_parameters() if "lora_" in n} == {torch.float64}  # never lowered
+    with pytest.raises(OptionError, match=r"Expected `adapter_dtype` to be a floating torch dtype"):
+        add_lora(nn.Sequential(nn.Linear(8, 8)), rank=2, targets=["0"], adapter_dtype=torch.int8)
