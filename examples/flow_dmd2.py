@@ -358,7 +358,8 @@ def main(args: argparse.Namespace) -> None:
         accelerator, base
     )  # FSDP2: the frozen base sharded once, each view shards its adapter
     gen_view, fake_view = base.view(flow_critics.GENERATOR), base.view(flow_critics.FAKE)
-    compilation.compile_networks(args, base.model)  # --compile: the base's blocks, run by every view
+    # --compile: the base's blocks, run by every view
+    compilation.compile_networks(args, base.model, accelerator=accelerator)
     opt_g = runtime.adamw(gen_view.parameters(), args)
     opt_f = runtime.adamw(fake_view.parameters(), args, lr=args.fake_learning_rate)
     gen_view, opt_g, fake_view, opt_f = runtime.prepare(accelerator, (gen_view, opt_g), (fake_view, opt_f))

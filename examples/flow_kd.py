@@ -227,7 +227,8 @@ def main(args: argparse.Namespace) -> None:
     student.to(device).train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    compilation.compile_networks(args, student, teacher)  # --compile: the blocks of both
+    # --compile: the blocks of both
+    compilation.compile_networks(args, student, teacher, accelerator=accelerator)
     opt = runtime.adamw(student.parameters(), args)
     student, opt = runtime.prepare(accelerator, (student, opt))
     ema = checkpoints.setup_checkpoints(accelerator, args, student)

@@ -383,7 +383,8 @@ def main(args: argparse.Namespace) -> None:
     ).to(device)
 
     transformer, base = make_student(accelerator, args, parts, device, dtype)
-    compilation.compile_networks(args, transformer, teacher_model)  # --compile; the teacher is D's trunk
+    # --compile; the teacher is D's trunk
+    compilation.compile_networks(args, transformer, teacher_model, accelerator=accelerator)
     opt = runtime.adamw(transformer.parameters(), args)
     d_lr = args.discriminator_learning_rate or 10 * args.learning_rate
     opt_d = runtime.adamw(disc.parameters(), args, lr=d_lr)

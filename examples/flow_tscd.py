@@ -379,7 +379,8 @@ def main(args: argparse.Namespace) -> None:
     teacher = TeacherSolver(
         teacher_net, schedule, prediction_type="flow", guidance_input="guidance" if guidance_input else None
     )
-    compilation.compile_networks(args, transformer, teacher_copy)  # --compile: student, teacher (= D's trunk)
+    # --compile: student, teacher (= D's trunk)
+    compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
 
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]

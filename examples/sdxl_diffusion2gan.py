@@ -205,7 +205,13 @@ def main(args: argparse.Namespace) -> None:
     lpips = ELatentLPIPS("sdxl", augment=augment, weights=weights).to(device)
     exact_r1 = args.r1_gamma > 0 and args.r1_approximate_sigma is None  # --compile: D eager (a 2nd backward)
     compilation.compile_networks(
-        args, unet, teacher_model, disc, whole=(lpips,), double_backward=(disc,) * exact_r1
+        args,
+        unet,
+        teacher_model,
+        disc,
+        whole=(lpips,),
+        double_backward=(disc,) * exact_r1,
+        accelerator=accelerator,
     )
     opt = runtime.adamw(unet.parameters(), args)
     opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)

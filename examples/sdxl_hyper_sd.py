@@ -478,7 +478,8 @@ def main(args: argparse.Namespace) -> None:
         opt = runtime.adamw(unet.parameters(), args)
     d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
     opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
-    compilation.compile_networks(args, unet, teacher_model, disc, fake)  # --compile (before any forward)
+    # --compile (before any forward)
+    compilation.compile_networks(args, unet, teacher_model, disc, fake, accelerator=accelerator)
     unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
     if fake is not None:
         sdxl_models.make_trainable(args, fake, device, dtype)

@@ -439,7 +439,8 @@ def main(args: argparse.Namespace) -> None:
     if args.init_lora:  # continue the previous LoRA stage's adapter (conditional -> unconditional)
         load_lora(unet, args.init_lora)
         sdxl_models.upcast_trainable(unet)
-    compilation.compile_networks(args, unet, teacher_model, disc)  # --compile: their blocks
+    # --compile: their blocks
+    compilation.compile_networks(args, unet, teacher_model, disc, accelerator=accelerator)
     opt = runtime.adamw(unet.parameters(), args, **optim)
     if disc is not None:
         d_lr = args.discriminator_learning_rate or optim["lr"]

@@ -196,7 +196,8 @@ def main(args: argparse.Namespace) -> None:
     # Eq. 12: the fake score starts from SDXL too (a copy taken before the student's LoRA is added).
     fake = copy.deepcopy(parts.unet) if args.dmd_steps else None
     unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
-    compilation.compile_networks(args, unet, teacher_model, fake)  # --compile (fake: its LoRA comes later)
+    # --compile (fake: its LoRA comes later)
+    compilation.compile_networks(args, unet, teacher_model, fake, accelerator=accelerator)
     opt = runtime.adamw(unet.parameters(), args)
     unet, opt = runtime.prepare(accelerator, (unet, opt))
     if fake is not None:

@@ -312,7 +312,8 @@ def main(args: argparse.Namespace) -> None:
     sdxl_models.place_frozen(parts, device, dtype, vae=with_gan)  # the GAN's real latents
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
     unet, fake, real_model = sim_networks(args, parts.unet, device, dtype)
-    compilation.compile_networks(args, unet, fake, real_model)  # --compile: their blocks (one set if shared)
+    # --compile: their blocks (one set if shared)
+    compilation.compile_networks(args, unet, fake, real_model, accelerator=accelerator)
     if args.shared_base:
         shared_critics.shard(accelerator, unet.shared_base)
     opt_g = runtime.adamw(unet.parameters(), args)

@@ -102,7 +102,8 @@ def add_compile_args(parser: argparse.ArgumentParser | Any) -> None:
         "--compile",
         action="store_true",
         help="torch.compile the trained network(s), the frozen teacher and the critics, block by block (regional "
-        "compilation: examples/training/compilation.py); works with LoRA, --shared_base and gradient checkpointing",
+        "compilation: examples/training/compilation.py); works with LoRA, --shared_base, gradient checkpointing, "
+        "DDP, FSDP2 and DeepSpeed ZeRO-1/2 (ZeRO-3 refused)",
     )
     parser.add_argument(
         "--compile_mode",

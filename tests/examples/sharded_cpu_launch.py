@@ -12,10 +12,15 @@ sharded checkpoints and ``get_state_dict``.
 Usage: ``ACCELERATE_USE_CPU=true ACCELERATE_USE_FSDP=true FSDP_VERSION=2 torchrun --nproc_per_node 2
 sharded_cpu_launch.py SCRIPT.py [ARGS...]``, or with ``ACCELERATE_USE_DEEPSPEED=true
 ACCELERATE_DEEPSPEED_ZERO_STAGE=3 DS_ACCELERATOR=cpu`` instead of the FSDP variables.
+
+With ``DYNAMO_STATS_DIR`` set (``--compile`` runs), dynamo fails on reaching a recompile limit instead of falling
+back to eager (``fail_on_recompile_limit_hit``), and each process writes dynamo's counters (graphs, graph breaks,
+recompiles) to ``rank<R>.json`` in that folder once the script is done.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import sys
@@ -24,6 +29,7 @@ from typing import Any
 import accelerate.state
 from accelerate.utils import DistributedType
 
+DYNAMO_STATS_DIR = "DYNAMO_STATS_DIR"  # environment variable: where each process writes dynamo's counters
 _plugins: dict[str, Any] = {}
 _init = accelerate.state.AcceleratorState.__init__
 
@@ -52,7 +58,17 @@ def _sharded_on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
 if __name__ == "__main__":
     accelerate.state.AcceleratorState.__init__ = _sharded_on_cpu  # type: ignore[method-assign]
     sys.argv = sys.argv[1:]
+    stats = os.environ.get(DYNAMO_STATS_DIR)
+    if stats:
+        import torch._dynamo
+
+        torch._dynamo.config.fail_on_recompile_limit_hit = True  # a block falling back to eager fails the run
     runpy.run_path(sys.argv[0], run_name="__main__")
+    if stats:
+        from torch._dynamo.utils import counters
+
+        with open(os.path.join(stats, f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump({k: dict(v) for k, v in counters.items()}, f, default=str)
     # The script finished and wrote its files. Leave without the interpreter's teardown: C++ threads of the
     # process group (gloo, DeepSpeed's CPU engine) destroyed while still joinable at static destruction abort
     # the process now and then ("terminate called without an active exception", SIGABRT after a finished
