@@ -17,12 +17,13 @@ checked anywhere.
 The conditional SDXL-Lightning D runs its backbone once at batch ``2B``, so its ``vs own backbone`` row
 also compares against a bare ``2B`` backbone call (goal: no more than that).
 
-``--transformer sd3|flux`` benchmarks LADD's discriminator (:class:`~diffdistill.discriminators.LADDDiscriminator`)
+``--transformer sd3|flux|wan`` benchmarks LADD's discriminator (:class:`~diffdistill.discriminators.LADDDiscriminator`)
 on a frozen shared transformer teacher instead: the bare teacher's forward+backward, the D's generator step
 (heads on every k-th block, gradient to the input through the teacher) and its own backbone (the same early-exit
 feature extractor, no heads); ``vs own backbone`` is the heads' overhead (goal: at most 1.05). With
 ``--published`` the published configs (SD3.5-Large, FLUX.1-dev) at 1024 px (4096 image tokens; 333 / 512 text
-tokens) are used, normally with ``--flops`` (meta device).
+tokens) are used, normally with ``--flops`` (meta device); for Wan, Wan2.1-T2V-1.3B at 81 frames of 480x832
+(latents 16x21x60x104: 32,760 video tokens; 512 text tokens) with ``--blocks 15 22 29``, FastGen's readouts.
 
 Usage::
 
@@ -31,6 +32,7 @@ Usage::
     python benchmarks/discriminators.py --sdxl --flops   # SDXL-scale FLOP counts on the meta device (any machine)
     python benchmarks/discriminators.py --transformer flux                       # tiny FLUX-structured, CPU
     python benchmarks/discriminators.py --transformer flux --published --flops   # FLUX.1-dev scale, meta device
+    python benchmarks/discriminators.py --transformer wan --published --flops --blocks 15 22 29  # Wan 1.3B video
 
 Prints a Markdown table.
 """
@@ -78,16 +80,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the backbone blocks")
     p.add_argument(
         "--transformer",
-        choices=["sd3", "flux"],
+        choices=["sd3", "flux", "wan"],
         default=None,
         help="benchmark LADD's discriminator on a transformer teacher instead of the UNet discriminators",
     )
     p.add_argument(
         "--published",
         action="store_true",
-        help="with --transformer: the published config (SD3.5-Large / FLUX.1-dev) at 1024 px",
+        help="with --transformer: the published config (SD3.5-Large / FLUX.1-dev at 1024 px; Wan2.1-T2V-1.3B at "
+        "81x480x832)",
     )
     p.add_argument("--every", type=int, default=None, help="with --transformer: read every k-th block")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --transformer: read these blocks (not --every)",
+    )
     return p.parse_args(argv)
 
 
@@ -335,10 +345,13 @@ def transformer_main(args: argparse.Namespace) -> str:
     run = measure_flops if args.flops else measure
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.published else "float32"))
     batch = args.batch or (1 if args.published else 2)
-    sd3 = args.transformer == "sd3"
+    sd3, wan = args.transformer == "sd3", args.transformer == "wan"
     if sd3:
         cfg = tc.SD35_LARGE_CONFIG if args.published else tc.tiny_sd3_transformer_config()
         cls = diffusers.SD3Transformer2DModel
+    elif wan:
+        cfg = tc.WAN21_T2V_1_3B_CONFIG if args.published else tc.tiny_wan_transformer_config()
+        cls = diffusers.WanTransformer3DModel
     else:
         cfg = tc.FLUX1_DEV_CONFIG if args.published else tc.tiny_flux_transformer_config()
         cls = diffusers.FluxTransformer2DModel
@@ -349,10 +362,18 @@ def transformer_main(args: argparse.Namespace) -> str:
     gen = torch.Generator(device="cpu").manual_seed(0)
     text_len = (333 if sd3 else 512) if args.published else 5
     grid = 64 if args.published else (4 if sd3 else 3)  # patch grid per side (1024 px: 128 latent / 2)
-    ehs = torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=gen).to(device, dtype)
-    pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=gen).to(device, dtype)
+    text_dim = cfg["text_dim"] if wan else cfg["joint_attention_dim"]
+    ehs = torch.randn(batch, text_len, text_dim, generator=gen).to(device, dtype)
+    pooled = (
+        None if wan else torch.randn(batch, cfg["pooled_projection_dim"], generator=gen).to(device, dtype)
+    )
     kw: dict[str, Any] = {"encoder_hidden_states": ehs}
-    if sd3:
+    if wan:  # video latents (B, C, F, H, W); Wan takes sigma * 1000 and no pooled text embedding
+        frames, height, width = (21, 60, 104) if args.published else (3, 8, 8)
+        x = torch.randn(batch, cfg["in_channels"], frames, height, width, generator=gen).to(device, dtype)
+        t = torch.full((batch,), 750.0, device=device)
+        grid_text = f"{frames}x{height // 2}x{width // 2} video tokens"
+    elif sd3:
         x = torch.randn(batch, cfg["in_channels"], 2 * grid, 2 * grid, generator=gen).to(device, dtype)
         t = torch.full((batch,), 750.0, device=device)
     else:
@@ -367,17 +388,23 @@ def transformer_main(args: argparse.Namespace) -> str:
             guidance=torch.full((batch,), 3.5, device=device),
             grid_size=(grid, grid),
         )
+    if pooled is not None:
+        kw["pooled_projections"] = pooled
     model_kw = {k: v for k, v in kw.items() if k != "grid_size"}
     groups = 32 if args.published else 4
     disc = LADDDiscriminator(
-        teacher, every=args.every, norm_groups=groups, gradient_checkpointing=args.gradient_checkpointing
+        teacher,
+        blocks=args.blocks,
+        every=args.every,
+        norm_groups=groups,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     disc.to(device)
     x_in = x.detach().clone().requires_grad_(True)
 
     def bare() -> None:
         x_in.grad = None
-        out = teacher(x_in, timestep=t, pooled_projections=pooled, **model_kw).sample
+        out = teacher(x_in, timestep=t, **model_kw).sample
         out.float().mean().backward()
 
     def d_step() -> (
@@ -385,12 +412,12 @@ def transformer_main(args: argparse.Namespace) -> str:
     ):  # the generator step: gradient to the input through the frozen teacher and the heads
         x_in.grad = None
         _zero(disc)
-        logits = disc(x_in, t, pooled_projections=pooled, **kw)
+        logits = disc(x_in, t, **kw)
         sum(v.mean() for v in logits).backward()
 
     def backbone() -> None:
         x_in.grad = None
-        feats = disc.extractor(x_in, timestep=t, pooled_projections=pooled, **kw)
+        feats = disc.extractor(x_in, timestep=t, **kw)
         sum(v.float().mean() for v in feats.values()).backward()
 
     (bare_c, d_c, bb_c), (_, d_r, bb_r), (bare_m, d_m, bb_m) = run(
@@ -399,9 +426,12 @@ def transformer_main(args: argparse.Namespace) -> str:
     n_params = sum(p.numel() for p in teacher.parameters()) / 1e9
     head_params = sum(p.numel() for p in disc.head_parameters()) / 1e6
     cost_label = "fwd+bwd GFLOP" if args.flops else "fwd+bwd ms"
-    name = {True: "SD3.5-Large", False: "FLUX.1-dev"}[sd3] if args.published else f"tiny {args.transformer}"
+    published = "Wan2.1-T2V-1.3B" if wan else "SD3.5-Large" if sd3 else "FLUX.1-dev"
+    name = published if args.published else f"tiny {args.transformer}"
+    if not wan:
+        grid_text = f"{grid}x{grid} image tokens"
     lines = [
-        f"Teacher: {name} ({n_params:.2f} B params, random weights), batch {batch}, {grid}x{grid} image tokens, "
+        f"Teacher: {name} ({n_params:.2f} B params, random weights), batch {batch}, {grid_text}, "
         f"{text_len} text tokens, {dtype}, device {device}, gradient checkpointing {args.gradient_checkpointing}; "
         f"LADD D reads {len(disc.blocks)} blocks {list(disc.blocks)} ({head_params:.2f} M head parameters)",
         "",

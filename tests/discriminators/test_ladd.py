@@ -379,7 +379,11 @@ def test_benchmark_transformer_rows_smoke() -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    for kind in ("sd3", "flux"):
+    for kind in ("sd3", "flux", "wan"):
         table = bench.transformer_main(bench.parse_args(["--transformer", kind, "--flops", "--every", "2"]))
         rows = [line for line in table.splitlines() if line.startswith("| LADD D (backbone + heads)")]
         assert len(rows) == 1 and float(rows[0].split("|")[4]) > 1.0  # the heads cost something
+    table = bench.transformer_main(
+        bench.parse_args(["--transformer", "wan", "--flops", "--blocks", "0", "2"])
+    )
+    assert "reads 2 blocks ['blocks.0', 'blocks.2']" in table and "3x4x4 video tokens" in table
