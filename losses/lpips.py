@@ -1175,7 +1175,8 @@ class PixelLPIPS(nn.Module):
         latent: VAE name from :data:`LATENT_SPECS` whose scaling the inputs carry, or ``None`` (the inputs
             are what the decoder takes).
         pretrained_heads: load the ``lpips`` package's calibrated heads (shipped with it, no download);
-            ``False`` keeps heads equal to 1.
+            ``False`` sets every head weight to 1 (the uncalibrated distance: each layer's mean squared
+            difference of unit-normalised features, summed; the ``lpips`` package would draw them at random).
         trunk_weights: a torchvision ImageNet state dict file for the trunk (``features.N`` keys,
             read with ``weights_only=True``); ``None`` keeps a random trunk (nothing is downloaded).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (shape ``(B,)``).
@@ -1228,6 +1229,12 @@ class PixelLPIPS(nn.Module):
         with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             self.lpips = lpips.LPIPS(pretrained=pretrained_heads, net=net, pnet_rand=True, verbose=False)
+        if (
+            not pretrained_heads
+        ):  # lpips initialises unloaded heads randomly (signed): make them the plain sum
+            with torch.no_grad():
+                for head in self.lpips.lins:
+                    head.model[-1].weight.fill_(1.0)
         if trunk_weights is not None:
             self._load_trunk(trunk_weights)
         else:

@@ -486,6 +486,27 @@ def test_pixel_lpips_matches_lpips_on_decoded_images() -> None:
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_pixel_lpips_without_pretrained_heads_sums_the_layers() -> None:
+    """``pretrained_heads=False``: every head weight is 1, so the distance is the plain sum over layers of the mean
+    squared difference of unit-normalised features (lpips' ``LPIPS(lpips=False)``), never negative -- the lpips
+    package alone would draw the unloaded heads at random (signed)."""
+    import lpips
+
+    dec = _tiny_decoder()
+    pix = PixelLPIPS(dec, net="alex", latent=None, pretrained_heads=False, reduction="none")
+    assert all(bool((head.model[-1].weight == 1).all()) for head in pix.lpips.lins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = lpips.LPIPS(net="alex", lpips=False, pnet_rand=True, verbose=False)
+    plain.net.load_state_dict(pix.lpips.net.state_dict())
+    x, y = _inputs(4, size=8, batch=3)
+    with torch.no_grad():
+        got = pix(x, y)
+        want = plain(dec(x), dec(y)).flatten()
+    assert bool((got >= 0).all())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_pixel_lpips_trunk_weights(tmp_path: Path) -> None:
     dec = _tiny_decoder()
     pix = PixelLPIPS(dec, net="alex", pretrained_heads=False)
