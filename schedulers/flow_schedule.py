@@ -541,8 +541,11 @@ class FlowSigmaGrid:
             **kwargs: keyword arguments of :class:`NoiseSchedule` (default: the training schedule's
                 ``prediction_type``, ``compute_dtype`` and ``timestep_scale``).
 
+        A one-step grid gets an unused second entry, sigma 1 (a table holds at least two values; the walk is
+        ``0 -> -1``), so a single off-table sigma (Wan's 1-step UniPC grid, a custom ``sigmas=[s]``) samples too.
+
         Returns:
-            The grid schedule (``T = N``).
+            The grid schedule (``T = N``; ``T = 2`` for one step).
 
         Raises:
             OptionError: as :class:`NoiseSchedule` (e.g. a grid with a zero sigma before its end).
@@ -551,7 +554,10 @@ class FlowSigmaGrid:
         kwargs.setdefault("prediction_type", base.prediction_type)
         kwargs.setdefault("compute_dtype", base.compute_dtype)
         kwargs.setdefault("timestep_scale", base.timestep_scale)
-        return type(base).from_flow_sigmas(self.sigmas[:-1].flip(0), **kwargs)
+        table = self.sigmas[:-1].flip(0)
+        if table.numel() == 1:  # never read: the one step runs at index 0
+            table = torch.cat([table, table.new_ones(1)])
+        return type(base).from_flow_sigmas(table, **kwargs)
 
 
 def _np_linspace(start: float, stop: float, num: int) -> torch.Tensor:

@@ -553,3 +553,23 @@ def test_teacher_solver_strides_on_a_flow_table():
     )
     torch.testing.assert_close(traj[1], sched.add_noise(x0, eps, 249), atol=1e-12, rtol=0)
     torch.testing.assert_close(traj[2], x0, atol=1e-12, rtol=0)
+
+
+def test_one_step_off_table_grid_samples() -> None:
+    """A single off-table sigma (Wan's 1-step UniPC grid lowers it by 1e-6; a custom ``sigmas=[s]``) is one Euler
+    step: x0 = x - sigma v, with the network fed sigma * 1000 (the grid schedule's one-entry table used to be
+    refused: "Expected `flow_sigmas` to hold at least 2 values")."""
+    schedule = NoiseSchedule.flow_matching(shift=5.0)
+    x = torch.randn(2, 4, 2, 4, 4, dtype=torch.float64)
+    for grid in (flow_pipeline_grid(schedule, 1, pipeline="wan"), flow_sigma_grid(schedule, sigmas=[0.9505])):
+        assert not grid.on_table and grid.num_inference_steps == 1
+        sigma = float(grid.sigmas[0])
+        seen: list[torch.Tensor] = []
+
+        def velocity(z: torch.Tensor, t: torch.Tensor, seen: list[torch.Tensor] = seen) -> torch.Tensor:
+            seen.append(t)
+            return 0.5 * z
+
+        out = ddim_sample(velocity, schedule, x, grid)
+        torch.testing.assert_close(out.sample, x * (1 - 0.5 * sigma), atol=1e-12, rtol=0)
+        assert len(seen) == 1 and float(seen[0].flatten()[0]) == pytest.approx(1000 * sigma, rel=1e-6)
