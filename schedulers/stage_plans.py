@@ -93,8 +93,8 @@ class Stage:
         for key in ("student_steps", "teacher_steps", "num_segments", "num_iterations"):
             value = getattr(self, key)
             if value is not None:
-                try:
-                    check_int(value, key, minimum=1, integral_float=True)
+                try:  # stored as a Python int (2.0 or numpy.int64(2) -> 2: range() and JSON take it)
+                    object.__setattr__(self, key, check_int(value, key, minimum=1, integral_float=True))
                 except (DTypeError, OptionError):
                     raise OptionError(
                         f"Stage {self.name!r}: expected `{key}` to be None or an int >= 1, but got {value!r}."

@@ -103,6 +103,10 @@ def _int_list(values: Any, name: str) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         vals = values.detach().cpu()
     else:
+        if (
+            type(values).__module__ == "numpy" and getattr(values, "ndim", 0) >= 1
+        ):  # arrays, as custom_timesteps
+            values = values.tolist()
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise DTypeError(
                 f"Expected `{name}` to be a sequence of numbers or a 1-D tensor, but got {type(values).__name__}."

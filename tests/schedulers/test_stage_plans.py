@@ -101,3 +101,13 @@ def test_validation():
         StagePlan.mlcm()["zzz"]
     with pytest.raises(OptionError, match=r"at least one Stage"):
         StagePlan([])
+
+
+def test_counts_are_stored_as_python_ints():
+    """``teacher_steps=2.0`` / ``numpy.int64(4)`` pass the integer check and are stored as ``int`` (they were kept
+    as given: ``range(stage.teacher_steps)`` failed, and ``json.dumps(plan.to_dict())`` raised on numpy ints)."""
+    np = pytest.importorskip("numpy")
+    stage = Stage("a", loss="mse", student_steps=np.int64(4), teacher_steps=2.0)
+    assert type(stage.student_steps) is int and type(stage.teacher_steps) is int
+    assert (stage.student_steps, stage.teacher_steps) == (4, 2)
+    assert json.loads(json.dumps(StagePlan([stage]).to_dict()))["stages"][0]["student_steps"] == 4

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffdistill.errors import OptionError
+from diffdistill.errors import DTypeError, OptionError
 from diffdistill.schedulers import (
     LIGHTNING_EXTRA_STUDENT_TIMESTEPS,
     TimestepSample,
@@ -205,3 +205,23 @@ def test_single_timestep_samplers_return_a_timestep_sample():
         assert s.t.dtype == s.t_prev.dtype == torch.int64
         assert bool((s.t_prev == -1).all()) and bool((s.t_end == -1).all())
         assert bool((s.t >= 10).all())
+
+
+def test_numpy_arrays_are_accepted_as_sequences():
+    """``categorical_timesteps`` / ``progressive_pairs`` take numpy arrays as ``custom_timesteps`` does (they were
+    refused: "got ndarray"); a numpy scalar is still not a sequence."""
+    np = pytest.importorskip("numpy")
+
+    def draw(values, weights):
+        return categorical_timesteps(64, values, weights, generator=torch.Generator().manual_seed(0)).t
+
+    assert torch.equal(
+        draw(np.array([10, 500, 999]), np.array([1.0, 2.0, 1.0])), draw([10, 500, 999], [1.0, 2.0, 1.0])
+    )
+    pairs = [
+        progressive_pairs(8, 4, extra_timesteps=extra, generator=torch.Generator().manual_seed(1))
+        for extra in (np.array([999, 900]), [999, 900])
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(pairs[0], pairs[1], strict=True))
+    with pytest.raises(DTypeError, match=r"Expected `values` to be a sequence of numbers or a 1-D tensor"):
+        categorical_timesteps(4, np.int64(500))
