@@ -139,12 +139,12 @@ class X0Conversion(nn.Module):
                 f"but got {grid.tolist()!r} (shape {tuple(grid.shape)}); e.g. timesteps=[249, 499, 749, 999], "
                 "or None for all of them."
             )
-        grid = schedule.timesteps(grid.long(), torch.device("cpu"), "timesteps")
-        if bool((grid < 0).any()):
+        if bool((grid < 0).any()) or bool((grid > last).any()):  # before the schedule's check, whose range has -1
             raise OptionError(
-                f"Expected `timesteps` in [0, {last}]: t = -1 is the clean end, where x_t is x0 and there is "
-                f"nothing to convert; got {grid.tolist()!r}."
+                f"Expected `timesteps` in [0, {last}] (t = -1 is the clean end, where x_t is x0 and there is "
+                f"nothing to convert), but got {grid.tolist()!r}."
             )
+        grid = schedule.timesteps(grid.long(), torch.device("cpu"), "timesteps")
         self.register_buffer("timestep_grid", grid)
         logger.info("x0 conversion of a %s-prediction model", self.prediction_type)
 

@@ -91,6 +91,8 @@ def test_timesteps_are_checked() -> None:
             X0Conversion(net, sched, timesteps=bad)
     with pytest.raises(OptionError, match=r"t = -1 is the clean end"):
         X0Conversion(net, sched, timesteps=[-1, 999])
+    with pytest.raises(OptionError, match=r"Expected `timesteps` in \[0, 999\] .* but got \[1000\]"):
+        X0Conversion(net, sched, timesteps=[1000])  # the range said [-1, 999], whose -1 is refused
     assert X0Conversion(net, sched, timesteps=[999.0, 500]).timestep_grid.tolist() == [999, 500]
 
 
