@@ -7,8 +7,12 @@ text-to-image distillation papers:
 * the raw cosine, e.g. 0.332 for SDXL on COCO-10k in DMD2 (Yin et al. 2024, Table 3) or 0.347 / 0.346 in
   Diffusion2GAN (Kang et al. 2024) and GigaGAN (Kang et al. 2023): ``CLIPScore(..., scale=1.0)`` (the
   default);
-* ``100 * max(cos, 0)``, torchmetrics' ``CLIPScore`` (``w = 100``), e.g. 33.16 for SDXL in Hyper-SD
-  (Ren et al. 2024, Table 2) or SDXS: ``CLIPScore(..., scale=100.0, clamp_negative=True)``.
+* ``100 * cos`` as torchmetrics' ``CLIPScore`` reports it, e.g. 33.16 for SDXL in Hyper-SD (Ren et al. 2024,
+  Table 2) or SDXS: ``CLIPScore(..., scale=100.0, clamp_mean=True)``. torchmetrics clamps the *mean*:
+  ``max(mean(100 cos), 0)`` (``functional/multimodal/clip_score.py``: ``score.mean(0)`` then ``torch.max(score,
+  0)``; the module's ``compute`` clamps ``score / n_samples``), where Hessel et al. clamp each pair
+  (``clamp_negative=True``: ``mean(100 max(cos, 0))``). The two agree unless a pair's cosine is negative, which is
+  rare for real CLIP models on generated images.
 
 The number also depends on the backbone (ViT-B/32, ViT-L/14, ViT-g/14 ... and which pretrained weights) and on
 its preprocessing; :meth:`CLIPScore.protocol` records all three so that two runs can be checked for
@@ -355,15 +359,20 @@ class CLIPScore(PromptImageMetric):
     default).
 
     Conventions (see the module docstring): the default ``scale=1.0`` reports the raw cosine (DMD2, GigaGAN,
-    Diffusion2GAN: ~0.33 for SDXL); ``scale=100.0, clamp_negative=True`` gives torchmetrics' ``CLIPScore``
-    (Hyper-SD, SDXS: ~33).
+    Diffusion2GAN: ~0.33 for SDXL); ``scale=100.0, clamp_mean=True`` gives torchmetrics' ``CLIPScore``
+    (Hyper-SD, SDXS: ~33), ``max(mean(100 cos), 0)``; ``clamp_negative=True`` clamps each pair instead, as
+    Hessel et al.'s Eq. 1 (``mean(scale * max(cos, 0))``, with ``scale=2.5`` their CLIP-S).
 
     Args:
         image_encoder: Pixel input -> ``(N, E)`` image embeddings.
         text_encoder: ``N`` prompts -> ``(N, E)`` text embeddings.
         preprocess: Float images ``(N, 3, H, W)`` in ``[0, 1]`` -> pixel input.
         scale: Multiplier of the cosine (1 or 100 in the papers).
-        clamp_negative: Whether negative cosines count as 0 (Hessel et al.'s ``max(cos, 0)``).
+        clamp_negative: Whether each pair's negative cosine counts as 0 (Hessel et al.'s ``max(cos, 0)``, per
+            pair: :meth:`scores` and the mean are clamped).
+        clamp_mean: Whether :meth:`compute` returns ``max(mean, 0)`` (torchmetrics' ``CLIPScore``: the mean over
+            every pair accumulated, on all processes after :meth:`all_reduce`, is clamped; :meth:`scores` are
+            not).
         description: How the backbone is named in :meth:`protocol` (e.g. ``"open_clip ViT-B-32 openai"``).
 
     Raises:
@@ -393,6 +402,7 @@ class CLIPScore(PromptImageMetric):
         *,
         scale: float = 1.0,
         clamp_negative: bool = False,
+        clamp_mean: bool = False,
         description: str | None = None,
     ) -> None:
         super().__init__()
@@ -408,6 +418,7 @@ class CLIPScore(PromptImageMetric):
         self.preprocess = preprocess
         self.scale = check_real(scale, "scale", low=0.0, strict=True)
         self.clamp_negative = check_bool(clamp_negative, "clamp_negative")
+        self.clamp_mean = check_bool(clamp_mean, "clamp_mean")
         if description is not None and not isinstance(description, str):
             raise DTypeError(
                 f"Expected `description` to be a str or None, but got {type(description).__name__}."
@@ -424,6 +435,7 @@ class CLIPScore(PromptImageMetric):
         device: torch.device | str | None = None,
         scale: float = 1.0,
         clamp_negative: bool = False,
+        clamp_mean: bool = False,
         cache_dir: str | None = None,
     ) -> CLIPScore:
         """A CLIP score with an open_clip backbone, e.g. ``("ViT-g-14", "laion2b_s12b_b42k")``.
@@ -439,6 +451,7 @@ class CLIPScore(PromptImageMetric):
             device: Where the model runs (``None``: CPU).
             scale: See the class.
             clamp_negative: See the class.
+            clamp_mean: See the class.
             cache_dir: open_clip's download cache.
 
         Returns:
@@ -455,6 +468,7 @@ class CLIPScore(PromptImageMetric):
             preprocess,
             scale=scale,
             clamp_negative=clamp_negative,
+            clamp_mean=clamp_mean,
             description=f"open_clip {name} pretrained={pretrained} (open_clip {open_clip.__version__})",
         )
         metric.model = model
@@ -469,6 +483,7 @@ class CLIPScore(PromptImageMetric):
         device: torch.device | str | None = None,
         scale: float = 1.0,
         clamp_negative: bool = False,
+        clamp_mean: bool = False,
     ) -> CLIPScore:
         """A CLIP score with a transformers ``CLIPModel`` (e.g. ``"openai/clip-vit-large-patch14"``).
 
@@ -479,6 +494,7 @@ class CLIPScore(PromptImageMetric):
             device: Where the model runs (``None``: where it is).
             scale: See the class.
             clamp_negative: See the class.
+            clamp_mean: See the class.
 
         Returns:
             The metric.
@@ -497,6 +513,7 @@ class CLIPScore(PromptImageMetric):
             _TransformersPreprocess(processor.image_processor),
             scale=scale,
             clamp_negative=clamp_negative,
+            clamp_mean=clamp_mean,
             description=f"transformers CLIPModel {name} (transformers {transformers.__version__})",
         )
         metric.model = model
@@ -552,6 +569,18 @@ class CLIPScore(PromptImageMetric):
             cos = cos.clamp_min(0.0)
         return self.scale * cos
 
+    def compute(self) -> float:
+        """The mean score over every pair accumulated, ``max(mean, 0)`` with ``clamp_mean`` (torchmetrics').
+
+        Returns:
+            The mean, as a Python float.
+
+        Raises:
+            OptionError: Nothing was accumulated.
+        """
+        mean = super().compute()
+        return 0.0 if self.clamp_mean and mean < 0.0 else mean  # NaN stays NaN, as torch.max gives it
+
     def protocol(self) -> dict[str, Any]:
         """The backbone, its preprocessing and the convention, for a protocol record.
 
@@ -564,4 +593,5 @@ class CLIPScore(PromptImageMetric):
             "preprocess": repr(self.preprocess),
             "scale": self.scale,
             "clamp_negative": self.clamp_negative,
+            "clamp_mean": self.clamp_mean,
         }

@@ -24,6 +24,7 @@ Pieces:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -116,6 +117,9 @@ class FeatureStatistics:
         self._mean = torch.zeros(self.num_features, dtype=torch.float64, device=dev)
         self._m2 = torch.zeros(self.num_features, self.num_features, dtype=torch.float64, device=dev)
         self._fixed_covariance: torch.Tensor | None = None  # set by load() of a file without a count
+        # the covariance a file held, returned as read (bit for bit) until new features change the state: the
+        # scatter is stored as sigma * (n - 1), and dividing that by n - 1 again can move the last bit
+        self._loaded_covariance: torch.Tensor | None = None
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -142,6 +146,8 @@ class FeatureStatistics:
         """
         if self._fixed_covariance is not None:
             return self._fixed_covariance.clone()
+        if self._loaded_covariance is not None:
+            return self._loaded_covariance.clone()
         if self._n < 2:
             raise ShapeError(
                 f"The covariance needs at least 2 feature vectors, but {self._n} were seen. Pass more images "
@@ -164,6 +170,7 @@ class FeatureStatistics:
         """Chan et al.'s pairwise update with a batch of ``m`` vectors (mean, centred scatter)."""
         if m == 0:
             return
+        self._loaded_covariance = None
         n = self._n
         total = n + m
         delta = batch_mean - self._mean
@@ -270,6 +277,7 @@ class FeatureStatistics:
         total = round(float(first[0]))
         if total == 0:
             return self
+        self._loaded_covariance = None
         pooled = first[1:] / total
         offset = self._mean - pooled
         s1 = offset * self._n
@@ -282,18 +290,45 @@ class FeatureStatistics:
         return self
 
     # -- files -------------------------------------------------------------------------------------------------
+    def sha256(self) -> str:
+        """The identity of the statistics FID uses: SHA-256 of the float64 mean and covariance bytes.
+
+        Exactly ``sha256(mu.astype("<f8").tobytes() + sigma.astype("<f8").tobytes()).hexdigest()`` (C order,
+        little-endian float64, whatever the platform), with ``mu`` = :attr:`mean` and ``sigma`` =
+        :attr:`covariance`. It depends on the values only: the same statistics saved with or without a count,
+        compressed or not, or given in memory hash the same (a clean-fid reference's float32 ``mu`` is hashed
+        after the exact upcast to float64). Statistics accumulated from the same images on a different number of
+        processes or in other batches can differ in the last bits, and then in the hash.
+
+        Returns:
+            64 lowercase hex digits.
+
+        Raises:
+            ShapeError: Fewer than 2 feature vectors were seen.
+        """
+        mu = self._mean.detach().cpu().numpy().astype("<f8")
+        sigma = self.covariance.detach().cpu().numpy().astype("<f8")
+        return hashlib.sha256(
+            np.ascontiguousarray(mu).tobytes() + np.ascontiguousarray(sigma).tobytes()
+        ).hexdigest()
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``mu``, ``sigma`` (as clean-fid's reference statistics) and ``count`` to an ``.npz`` file.
 
+        The file is written at exactly ``path``: no ``.npz`` is appended when the name lacks it (``np.savez`` of a
+        name would append one), so that ``save(path)``, :meth:`load` ``(path)``, ``FID(reference=path)`` and
+        anything else that names the file (a hash of it, a ``<path>.json`` beside it) all see the same file.
+
         Args:
-            path: The file to write (numpy adds ``.npz`` when the name lacks it).
+            path: The file to write.
 
         Raises:
             ShapeError: Fewer than 2 feature vectors were seen.
         """
         mu = self._mean.cpu().numpy()
         sigma = self.covariance.cpu().numpy()
-        np.savez(path, mu=mu, sigma=sigma, count=np.int64(-1 if self.count is None else self.count))
+        with open(path, "wb") as file:  # a file object: numpy writes there and appends no suffix
+            np.savez(file, mu=mu, sigma=sigma, count=np.int64(-1 if self.count is None else self.count))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FeatureStatistics:
@@ -309,13 +344,20 @@ class FeatureStatistics:
             The statistics.
 
         Raises:
-            FileNotFoundError: ``path`` does not exist.
+            FileNotFoundError: ``path`` does not exist (the message names ``path + ".npz"`` when that exists:
+                what ``np.savez`` writes for a name without the suffix).
             ShapeError: ``mu`` is not ``(D,)`` or ``sigma`` is not ``(D, D)``, or a key is missing.
         """
         path = Path(path)
         if not path.exists():
+            suffixed = Path(f"{path}.npz")
+            hint = (
+                f" `{suffixed}` exists (np.savez appends .npz to a name without it): pass that path."
+                if suffixed.is_file()
+                else ""
+            )
             raise FileNotFoundError(
-                f"No feature statistics at `{path}`. Write them with FeatureStatistics.save() or pass a "
+                f"No feature statistics at `{path}`.{hint} Write them with FeatureStatistics.save() or pass a "
                 "clean-fid / pytorch-fid reference .npz file."
             )
         with np.load(path) as data:
@@ -344,6 +386,7 @@ class FeatureStatistics:
         if count >= 2:
             stats._n = count
             stats._m2 = torch.from_numpy(sigma * (count - 1))
+            stats._loaded_covariance = torch.from_numpy(sigma.copy())
         else:
             stats._fixed_covariance = torch.from_numpy(sigma.copy())
         return stats
@@ -762,10 +805,12 @@ class FID:
                 f"{type(feature_extractor).__name__}."
             )
         self.feature_extractor = feature_extractor
+        self.reference_file: str | None = None  # the file name, when `reference` was a path
         if reference is None or isinstance(reference, FeatureStatistics):
             self.reference = reference
         elif isinstance(reference, (str, os.PathLike)):
             self.reference = FeatureStatistics.load(reference)
+            self.reference_file = Path(reference).name
         else:
             raise DTypeError(
                 f"Expected `reference` to be FeatureStatistics, the path of an .npz of mu / sigma, or None, but "
@@ -873,13 +918,40 @@ class FID:
     def protocol(self) -> dict[str, Any]:
         """What a protocol record should hold about this metric (see :class:`EvaluationProtocol`).
 
-        Counts are results, not protocol, and are left out (the prompt count is the protocol's).
+        The reference set moves FID by points (COCO-2014 val 30k against a 10k subset, 512 against 1024 px
+        reference images), so given reference statistics are identified in the record and
+        :func:`~diffdistill.metrics.check_comparable` refuses runs scored against different ones:
+
+        * ``reference_sha256``: :meth:`FeatureStatistics.sha256` of the reference (its float64 mean and
+          covariance), read when this method is called;
+        * ``reference_count``: the number of images behind it, when the statistics know it (statistics in
+          memory and :meth:`FeatureStatistics.save` files; clean-fid / pytorch-fid files do not hold it);
+        * ``reference_file``: the file's name (not its folder), when ``reference`` was a path. It is compared
+          like everything else; for a renamed copy of the same file pass
+          ``ignore=["generator", "backbones.fid.reference_file"]`` (the hash still has to agree).
+
+        A reference accumulated with ``update(images, real=True)`` is recorded as ``"accumulated from images"``
+        only: the statistics of the same images differ in the last bits with the batching and the number of
+        processes, so the caller identifies the images (as ``examples/evaluate.py`` does with their file list).
+        The counts of generated images are results, not protocol, and are left out (the prompt count is the
+        protocol's).
 
         Returns:
-            ``{"metric": "fid", "feature_extractor": ..., "reference": ...}``.
+            ``{"metric": "fid", "feature_extractor": ..., "reference": ...}``, plus the ``reference_*`` entries
+            above for given statistics.
+
+        Raises:
+            ShapeError: The given reference statistics hold fewer than 2 feature vectors.
         """
-        return {
+        out: dict[str, Any] = {
             "metric": "fid",
             "feature_extractor": _describe_extractor(self.feature_extractor),
             "reference": "given statistics" if self.reference is not None else "accumulated from images",
         }
+        if self.reference is not None:
+            out["reference_sha256"] = self.reference.sha256()
+            if self.reference.count is not None:
+                out["reference_count"] = self.reference.count
+            if self.reference_file is not None:
+                out["reference_file"] = self.reference_file
+        return out

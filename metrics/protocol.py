@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,9 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def _jsonable(value: Any) -> Any:
     """Tuples as lists, recursively (what a JSON round trip gives), so that comparisons are stable."""
     if isinstance(value, Mapping):
@@ -121,7 +126,8 @@ class EvaluationProtocol:
 
     Args:
         prompt_set: A name for the prompt set (e.g. ``"coco2014-val-30k"``, ``"dmd2-coco10k"``).
-        prompt_sha256: :func:`hash_prompts` of the prompts in evaluation order.
+        prompt_sha256: :func:`hash_prompts` of the prompts in evaluation order (64 hex digits; stored in lower
+            case, as :func:`hash_prompts` writes them, so an upper-case copy compares equal).
         prompt_count: The number of prompts (= images per model).
         seeds: How seeds were chosen: a base seed (``seed + prompt index``), a list, or a description.
         resolution: The generation resolution, an int or ``[height, width]``.
@@ -167,10 +173,9 @@ class EvaluationProtocol:
             raise OptionError(
                 f"Expected `prompt_sha256` to be 64 hex digits (hash_prompts(prompts)), but got {self.prompt_sha256!r}."
             )
-        try:
-            int(self.prompt_sha256, 16)
-        except ValueError as err:
-            raise OptionError(f"`prompt_sha256` is not hexadecimal: {self.prompt_sha256!r}.") from err
+        if not _HEX64.fullmatch(self.prompt_sha256):  # digits and a-f only: no "0x", "_", sign or spaces
+            raise OptionError(f"`prompt_sha256` is not hexadecimal: {self.prompt_sha256!r}.")
+        self.prompt_sha256 = self.prompt_sha256.lower()
         if (
             isinstance(self.prompt_count, bool)
             or not isinstance(self.prompt_count, int)
@@ -272,13 +277,38 @@ class EvaluationProtocol:
             raise OptionError(f"{source} is not a complete protocol record: {err}.") from err
 
 
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+def _entry_name(path: tuple[str, ...]) -> str:
+    """The printed name of a nested entry: keys joined with dots (``backbones.fid.reference``); a key that holds a
+    dot or a bracket is written as a quoted subscript (``extra["a.b"]``), so that ``{"a.b": x}`` and
+    ``{"a": {"b": x}}`` get different names."""
+    name = path[0]
+    for key in path[1:]:
+        name += f"[{json.dumps(key)}]" if ("." in key or "[" in key or not key) else f".{key}"
+    return name
+
+
+def _flatten(value: Any, path: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
+    """The leaves of a nested dict by their key paths (an empty dict is a leaf: it differs from a missing one)."""
     if isinstance(value, Mapping) and value:
-        out: dict[str, Any] = {}
+        out: dict[tuple[str, ...], Any] = {}
         for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
+            out.update(_flatten(v, (*path, str(k))))
         return out
-    return {prefix: value}
+    return {path: value}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of recorded values, where a NaN equals a NaN (a protocol is comparable with itself) and a bool
+    differs from the number it equals in Python (``True`` / ``1``: JSON keeps them apart)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 _MISSING = "<missing>"
@@ -290,16 +320,20 @@ def check_comparable(
     """Raise unless two runs were measured under the same protocol (their numbers can share a table).
 
     Every field is compared; dict fields are compared entry by entry (dotted names such as
-    ``backbones.clip_score.backbone``), and the error lists every difference with both values.
+    ``backbones.clip_score.backbone``; a key holding a dot is written as a subscript, ``extra["a.b"]``, so it
+    never collides with a nested ``{"a": {"b": ...}}``), and the error lists every difference with both values.
+    NaN equals NaN (a record is comparable with itself and with its JSON round trip); ``True`` differs from ``1``.
 
     Args:
         a: The first run's protocol.
         b: The second run's protocol.
-        ignore: Field names or dotted prefixes to skip (default: ``("generator",)``; e.g. add ``"versions"``
-            to compare runs across package upgrades).
+        ignore: Field names or entry-name prefixes to skip, written as in the error message (default:
+            ``("generator",)``; e.g. add ``"versions"`` to compare runs across package upgrades, or
+            ``"backbones.fid.reference_file"`` for a renamed copy of the same FID reference).
 
     Raises:
-        DTypeError: ``a`` or ``b`` is not an :class:`EvaluationProtocol`, or ``ignore`` is a single string.
+        DTypeError: ``a`` or ``b`` is not an :class:`EvaluationProtocol`, or ``ignore`` is a single string or
+            holds a non-string.
         ProtocolMismatchError: A compared field differs (a ``ValueError``).
     """
     for name, value in (("a", a), ("b", b)):
@@ -313,14 +347,18 @@ def check_comparable(
             f"Expected `ignore` to be a list of field names, but got the string {ignore!r}: wrap it in a list."
         )
     skip = tuple(ignore)
-    flat_a = {k: v for f in dataclasses.fields(a) for k, v in _flatten(getattr(a, f.name), f.name).items()}
-    flat_b = {k: v for f in dataclasses.fields(b) for k, v in _flatten(getattr(b, f.name), f.name).items()}
+    for s in skip:
+        if not isinstance(s, str):
+            raise DTypeError(f"Expected every entry of `ignore` to be a str, but got {type(s).__name__}.")
+    flat_a = {k: v for f in dataclasses.fields(a) for k, v in _flatten(getattr(a, f.name), (f.name,)).items()}
+    flat_b = {k: v for f in dataclasses.fields(b) for k, v in _flatten(getattr(b, f.name), (f.name,)).items()}
     differences: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(flat_a) | set(flat_b)):
-        if any(key == s or key.startswith(s + ".") for s in skip):
+    for path in sorted(set(flat_a) | set(flat_b)):
+        key = _entry_name(path)
+        if any(key == s or key.startswith((s + ".", s + "[")) for s in skip):
             continue
-        va, vb = flat_a.get(key, _MISSING), flat_b.get(key, _MISSING)
-        if va != vb:
+        va, vb = flat_a.get(path, _MISSING), flat_b.get(path, _MISSING)
+        if not _same(va, vb):
             differences[key] = (va, vb)
     if differences:
         lines = [f"  {k}: {va!r} != {vb!r}" for k, (va, vb) in differences.items()]

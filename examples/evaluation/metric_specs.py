@@ -115,10 +115,12 @@ def build_metrics(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     return out
 
 
-FID_REFERENCE_KEYS = ("reference", "reference_count")
-"""Entries of ``FID.protocol()`` that say how the reference was given (statistics or images) rather than what it is;
-the record holds the reference's identity instead (:func:`reference_identity`), so a run against a folder and a run
-against the statistics saved from it compare."""
+FID_REFERENCE_KEYS = ("reference", "reference_count", "reference_sha256", "reference_file")
+"""Entries of ``FID.protocol()`` about the reference: how it was given (statistics or images) and, for statistics,
+their hash, count and file name. The record holds the reference's identity instead (:func:`reference_identity`, under
+``extra.fid_reference``), so a run against a folder and a run against the statistics saved from it compare (the
+metric's own ``reference_sha256`` exists only for given statistics, and the statistics of the same folder differ in
+the last bits with the number of processes)."""
 
 
 def metric_protocols(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,10 +42,14 @@ def test_transformers_backbone_equals_raw_model_calls(tmp_path: Path) -> None:
     assert metric.count == 4
     assert metric.compute() == pytest.approx(float(want.mean()), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(metric.cosines(images, PROMPTS), want, rtol=1e-5, atol=1e-6)
-    # torchmetrics' convention: 100 * max(cos, 0)
-    tm = CLIPScore.from_transformers(model, processor, scale=100.0, clamp_negative=True)
+    # Hessel et al.'s per-pair clamp, mean(100 max(cos, 0)), and torchmetrics' clamp of the mean, max(mean(100 cos), 0)
+    hessel = CLIPScore.from_transformers(model, processor, scale=100.0, clamp_negative=True)
+    hessel.update(images, PROMPTS)
+    assert hessel.compute() == pytest.approx(float((100 * want.clamp_min(0)).mean()), rel=1e-5, abs=1e-4)
+    tm = CLIPScore.from_transformers(model, processor, scale=100.0, clamp_mean=True)
     tm.update(images, PROMPTS)
-    assert tm.compute() == pytest.approx(float((100 * want.clamp_min(0)).mean()), rel=1e-5, abs=1e-4)
+    assert tm.compute() == pytest.approx(max(float((100 * want).mean()), 0.0), rel=1e-5, abs=1e-4)
+    assert tm.protocol()["clamp_mean"] is True and tm.protocol()["clamp_negative"] is False
     # loading from folders gives the same numbers
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -95,6 +102,49 @@ def test_non_square_images_are_resized_and_cropped_as_each_backbone_does(size: t
     oc = CLIPScore.from_open_clip(name, None)
     want = tiny_clip.shorter_side_crop_pixels(images, 32, offsets="round")
     torch.testing.assert_close(oc.preprocess(images), want, rtol=0, atol=1e-5)
+
+
+def _angle_metric(**options: Any) -> CLIPScore:
+    """A CLIP score whose cosine is set by the image: pixel [0, 0, 0] = theta / pi gives the image embedding
+    (cos theta, sin theta) against the text embedding (1, 0), so the pair's cosine is cos(theta)."""
+
+    def image_encoder(px: torch.Tensor) -> torch.Tensor:
+        theta = px[:, 0, 0, 0].double() * math.pi
+        return torch.stack([theta.cos(), theta.sin()], dim=1)
+
+    return CLIPScore(image_encoder, lambda p: torch.tensor([[1.0, 0.0]] * len(p)), lambda x: x, **options)
+
+
+def _angle_images(cosines: list[float]) -> torch.Tensor:
+    x = torch.zeros(len(cosines), 3, 2, 2, dtype=torch.float64)
+    x[:, 0, 0, 0] = torch.tensor([math.acos(c) / math.pi for c in cosines], dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [[[1.0, 0.6, -0.8]], [[-0.8], [1.0, 0.6]], [[-0.5, -0.2]], [[0.3, -0.9], [0.1]]],
+)
+def test_clamp_mean_is_torchmetrics_clamp_negative_is_per_pair(batches: list[list[float]]) -> None:
+    """torchmetrics' CLIPScore returns max(sum(100 cos) / n, 0) (``compute`` clamps ``score / n_samples``, over
+    every batch: no clamp per batch); Hessel et al. clamp each pair, mean(100 max(cos, 0)). Both against those
+    formulas in numpy, on cosines the images set."""
+    cosines = np.array([c for batch in batches for c in batch])
+    want = {
+        "clamp_mean": max(float(np.mean(100.0 * cosines)), 0.0),
+        "clamp_negative": float(np.mean(100.0 * np.maximum(cosines, 0.0))),
+        "none": float(np.mean(100.0 * cosines)),
+    }
+    for option, value in want.items():
+        metric = _angle_metric(scale=100.0, **({} if option == "none" else {option: True}))
+        for batch in batches:
+            metric.update(_angle_images(batch), ["p"] * len(batch))
+        assert metric.compute() == pytest.approx(value, abs=1e-9), option
+    # per-pair scores are not clamped by clamp_mean (only the mean is)
+    metric = _angle_metric(scale=100.0, clamp_mean=True)
+    np.testing.assert_allclose(metric.scores(_angle_images([0.5, -0.5]), ["p", "q"]).numpy(), [50.0, -50.0])
+    with pytest.raises(DTypeError, match=r"`clamp_mean`"):
+        _angle_metric(clamp_mean=1)
 
 
 def test_clip_score_errors() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,86 @@ def test_save_load_round_trip_and_reference_files(tmp_path: Path) -> None:
         FeatureStatistics.load(tmp_path / "bad2.npz")
     with pytest.raises(FileNotFoundError, match=r"No feature statistics at"):
         FeatureStatistics.load(tmp_path / "missing.npz")
+
+
+def test_save_writes_exactly_the_path_given_and_load_reads_it_back_bit_for_bit(tmp_path: Path) -> None:
+    """A name without ``.npz`` is kept (``np.savez`` of a name would write ``coco_ref.npz``, which ``load`` and
+    ``FID(reference=...)`` of the same name did not find), and the covariance of a file with a count is read back
+    as written, bit for bit (kept as the scatter ``sigma * (n - 1)`` only, dividing by ``n - 1`` again moves the
+    last bit of some entries of a covariance not computed as such a quotient)."""
+    x = _features(50, 4, seed=11, offset=3.0)
+    stats = FeatureStatistics(4).update(x)
+    path = tmp_path / "coco_ref"
+    stats.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco_ref"]
+    back = FeatureStatistics.load(path)
+    assert back.count == 50
+    np.testing.assert_array_equal(back.mean.numpy(), stats.mean.numpy())
+    np.testing.assert_array_equal(back.covariance.numpy(), stats.covariance.numpy())
+    fid = FID(lambda feats: feats, reference=path)
+    fid.update(x)
+    assert abs(fid.compute()) < 1e-9
+    # a covariance from elsewhere (a @ a.T) with a count: 4 of its 36 entries would change in the last bit
+    a = np.random.default_rng(5).standard_normal((6, 6))
+    sigma = a @ a.T
+    assert ((sigma * 49) / 49 != sigma).any()  # the case the test needs
+    np.savez(tmp_path / "foreign.npz", mu=np.zeros(6), sigma=sigma, count=np.int64(50))
+    foreign = FeatureStatistics.load(tmp_path / "foreign.npz")
+    np.testing.assert_array_equal(foreign.covariance.numpy(), sigma)
+    # new features: the state moves on from the scatter, as a merge of the two sets
+    y = _features(30, 6, seed=12).numpy()
+    scatter = (
+        sigma * 49 + (y - y.mean(0)).T @ (y - y.mean(0)) + np.outer(y.mean(0), y.mean(0)) * (50 * 30 / 80)
+    )
+    np.testing.assert_allclose(
+        foreign.update(torch.from_numpy(y)).covariance.numpy(), scatter / 79, rtol=1e-12
+    )
+    # a file np.savez wrote for a name without the suffix: the error names the file that exists
+    np.savez(tmp_path / "legacy", mu=x.numpy().mean(0), sigma=np.cov(x.numpy(), rowvar=False))
+    with pytest.raises(
+        FileNotFoundError, match=r"No feature statistics at `.*legacy`\. `.*legacy\.npz` exists"
+    ):
+        FeatureStatistics.load(tmp_path / "legacy")
+
+
+def test_fid_protocol_identifies_the_given_reference_statistics(tmp_path: Path) -> None:
+    """Runs scored against different reference statistics are refused by ``check_comparable``; the same statistics
+    in memory, saved with a count, or as a clean-fid-style file (float32 ``mu``, no count) hash the same, the
+    hash being SHA-256 of the float64 mean and covariance bytes written out here."""
+    from diffdistill.errors import ProtocolMismatchError
+    from diffdistill.metrics import EvaluationProtocol, check_comparable
+
+    ref_a = FeatureStatistics(4).update(_features(60, 4, seed=21))
+    ref_b = FeatureStatistics(4).update(_features(60, 4, seed=22, offset=0.5))
+
+    def record(fid: FID) -> EvaluationProtocol:
+        return EvaluationProtocol("toy", "0" * 64, 1, backbones={"fid": fid.protocol()})
+
+    fid_a, fid_b = FID(TinyExtractor(), reference=ref_a), FID(TinyExtractor(), reference=ref_b)
+    check_comparable(record(fid_a), record(FID(TinyExtractor(), reference=ref_a)))
+    with pytest.raises(ProtocolMismatchError, match=r"backbones\.fid\.reference_sha256: '[0-9a-f]{64}' != "):
+        check_comparable(record(fid_a), record(fid_b))
+    mu, sigma = ref_a.mean.numpy(), ref_a.covariance.numpy()
+    want = hashlib.sha256(mu.astype(np.float64).tobytes() + sigma.astype(np.float64).tobytes()).hexdigest()
+    proto = fid_a.protocol()
+    assert proto["reference_sha256"] == want and proto["reference_count"] == 60
+    assert proto["reference"] == "given statistics" and "reference_file" not in proto
+    # saved with its count and loaded from the path: the same hash and count, and the file's name
+    ref_a.save(tmp_path / "ref_a.npz")
+    loaded = FID(TinyExtractor(), reference=tmp_path / "ref_a.npz").protocol()
+    assert loaded == proto | {"reference_file": "ref_a.npz"}
+    # a clean-fid reference: float32 mu, float64 sigma, no count; hashed after the exact upcast
+    mu32 = mu.astype(np.float32)
+    np.savez_compressed(tmp_path / "clean.npz", mu=mu32, sigma=sigma)
+    clean = FID(TinyExtractor(), reference=tmp_path / "clean.npz").protocol()
+    assert "reference_count" not in clean and clean["reference_file"] == "clean.npz"
+    assert (
+        clean["reference_sha256"]
+        == hashlib.sha256(mu32.astype(np.float64).tobytes() + sigma.tobytes()).hexdigest()
+    )
+    assert clean["reference_sha256"] != want  # the float32 rounding of mu is a different reference
+    # a reference accumulated from images carries no hash (the caller identifies the images)
+    assert "reference_sha256" not in FID(TinyExtractor()).protocol()
 
 
 def test_feature_statistics_errors() -> None:

@@ -110,3 +110,41 @@ def test_protocol_field_checks_and_package_versions() -> None:
     assert torch.__version__.startswith(versions["torch"])
     with pytest.raises(DTypeError, match=r"Expected `names` to be a list of distribution names"):
         package_versions("torch")
+
+
+def test_prompt_hash_is_normalised_to_lower_case_and_only_plain_hex_is_accepted() -> None:
+    """An upper-case copy of a hash is the same prompt set; "0x", "_" and signs (which ``int(s, 16)`` takes) are
+    not hex digits."""
+    digest = hash_prompts(PROMPTS)
+    upper = EvaluationProtocol("coco-test", digest.upper(), 3)
+    assert upper.prompt_sha256 == digest
+    check_comparable(upper, EvaluationProtocol.for_prompts("coco-test", PROMPTS))
+    for bad in ("0x" + digest[2:], digest[:10] + "_" + digest[11:], "+" + digest[1:], " " + digest[1:]):
+        with pytest.raises(OptionError, match=r"`prompt_sha256` is not hexadecimal"):
+            EvaluationProtocol("x", bad, 1)
+
+
+def test_dotted_keys_do_not_collide_with_nested_keys_and_nan_equals_itself(tmp_path: Path) -> None:
+    """``{"a.b": 1}`` against ``{"a": {"b": 1}}`` differs (both entries named apart in the message); a NaN entry
+    leaves a record comparable with itself and with its JSON round trip; ``True`` is not ``1``."""
+    dotted, nested = _protocol(extra={"a.b": 1}), _protocol(extra={"a": {"b": 1}})
+    with pytest.raises(ProtocolMismatchError, match=r"2 field\(s\) differ") as info:
+        check_comparable(dotted, nested)
+    assert set(info.value.differences) == {'extra["a.b"]', "extra.a.b"}
+    assert "extra[\"a.b\"]: 1 != '<missing>'" in str(info.value)
+    check_comparable(dotted, nested, ignore=["extra"])
+    check_comparable(dotted, _protocol(extra={"a.b": 2}), ignore=['extra["a.b"]'])
+    nan = _protocol(extra={"fid_reference": {"score": float("nan"), "scores": [1.0, float("nan")]}})
+    check_comparable(nan, nan)
+    nan.to_json(tmp_path / "nan.json")
+    check_comparable(nan, EvaluationProtocol.from_json(tmp_path / "nan.json"))
+    with pytest.raises(ProtocolMismatchError, match=r"extra.fid_reference.score: nan != 1.0"):
+        check_comparable(
+            nan, _protocol(extra={"fid_reference": {"score": 1.0, "scores": [1.0, float("nan")]}})
+        )
+    clip = {"backbone": "open_clip ViT-g-14"}
+    with pytest.raises(ProtocolMismatchError, match=r"backbones.clip_score.scale: 1.0 != True"):
+        check_comparable(_protocol(), _protocol(backbones={"clip_score": clip | {"scale": True}}))
+    check_comparable(_protocol(), _protocol(backbones={"clip_score": clip | {"scale": 1}}))  # 1 == 1.0
+    with pytest.raises(DTypeError, match=r"Expected every entry of `ignore` to be a str, but got int"):
+        check_comparable(dotted, dotted, ignore=[3])  # type: ignore[list-item]
