@@ -14,6 +14,15 @@ prompt set, with a record of the protocol beside the numbers.
    weights by their SHA-256, hashed once by the main process). ``--images DIR`` scores a folder of
    ``{i:06d}.png`` files made elsewhere (``--quantization`` then declares how they were quantised; a folder this
    script generated says so itself).
+
+   A student's run folder says how it is sampled, and that is used rather than retyped
+   (:mod:`evaluation.generation`): a folder with ``unet_merged/`` (SDXL-Lightning's LoRA stages) is evaluated as
+   that UNet, not as its LoRA fused into base SDXL; a LoRA trained on another UNet is refused unless
+   ``--lora_base`` names it; the run's ``scheduler/``, ``student_sigmas.json`` (flow_dmd2) or ``student_grid.json``
+   (flow_tscd) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` / ``--sigmas`` /
+   ``--timesteps`` / ``--num_inference_steps`` are given. The record holds the guidance the pipeline ran with
+   (its default when ``--guidance_scale`` is not given, with a warning for a student) and the source of each
+   sampler setting (``sampler_sources``).
 2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
    first when given (GigaGAN's and DMD2's preparation):
 
@@ -90,7 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="LoRA (.safetensors or a folder with pytorch_lora_weights.safetensors) or a unet/ / transformer/ folder",
     )
-    g.add_argument("--lora_scale", type=float, default=1.0, help="scale the LoRA is fused with")
+    g.add_argument("--lora_scale", type=float, default=None, help="scale the LoRA is fused with (default 1)")
+    g.add_argument(
+        "--lora_base",
+        default=None,
+        help="the unet/ / transformer/ folder the LoRA was trained on, when not the pipeline's (e.g. a Lightning "
+        "stage's --init_unet): it replaces the pipeline's before the LoRA is fused",
+    )
     g.add_argument("--teacher", action="store_true", help="sample the base pipeline (no --student_weights)")
     g.add_argument(
         "--images", default=None, help="score this folder of {index:06d}.png files instead of generating"
@@ -118,12 +133,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scheduler", default=None, help="diffusers scheduler class name (default: the pipeline's)"
     )
     g.add_argument("--scheduler_config", nargs="*", default=None, help="key=value overrides of its config")
-    g.add_argument("--num_inference_steps", type=int, default=4)
+    g.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help=f"default: the run folder's saved grid, else {generation.DEFAULT_STEPS}",
+    )
     g.add_argument(
         "--timesteps", type=int, nargs="+", default=None, help="explicit timesteps (UNet pipelines)"
     )
     g.add_argument("--sigmas", type=float, nargs="+", default=None, help="explicit sigmas (flow pipelines)")
-    g.add_argument("--guidance_scale", type=float, default=None, help="default: the pipeline's")
+    g.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="default: flow_tscd's student_grid.json, else the pipeline's (recorded; a student gets a warning)",
+    )
     g = p.add_argument_group("metrics")
     g.add_argument("--reference_dir", default=None, help="real images: FID reference")
     g.add_argument("--reference_stats", default=None, help="FID reference statistics (.npz, mu / sigma)")
@@ -181,6 +206,41 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--save_reference_stats saves the statistics of --reference_dir: give it")
     if args.timesteps and args.sigmas:
         parser.error("give --timesteps or --sigmas, not both")
+    if (args.timesteps or args.sigmas) and args.num_inference_steps is not None:
+        parser.error("--timesteps / --sigmas set the steps: drop --num_inference_steps")
+    for name in ("num_prompts", "batch_size", "num_inference_steps", "eval_resolution", "clip_eval_resolution",
+                 "eval_batch_size"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"expected --{name} >= 1, but got {value}")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(
+            f"expected --resolution a positive multiple of 8 (the VAE's factor), but got {args.resolution}"
+        )
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        parser.error(f"expected --guidance_scale >= 0, but got {args.guidance_scale}")
+    for name in ("sigmas", "timesteps"):
+        if getattr(args, name) and min(getattr(args, name)) < 0:
+            parser.error(f"expected --{name} >= 0, but got {getattr(args, name)}")
+    if (args.lora_scale is not None or args.lora_base) and (args.teacher or not args.student_weights):
+        parser.error("--lora_scale / --lora_base apply to a LoRA --student_weights: drop them")
+    if args.images is not None and (args.student_weights or args.teacher):
+        parser.error("--images scores a folder as it is: drop --student_weights / --teacher")
+    paths = {
+        "prompts_file": Path.is_file, "student_weights": Path.exists, "lora_base": Path.is_dir,
+        "images": Path.is_dir, "reference_dir": Path.is_dir, "reference_stats": Path.is_file,
+    }  # fmt: skip
+    for name, exists in paths.items():
+        value = getattr(args, name)
+        if value is not None and not exists(Path(value)):
+            kind = "file" if exists is Path.is_file else "folder" if exists is Path.is_dir else "path"
+            parser.error(f"--{name} {value}: no such {kind}")
+    if args.output_dir and Path(args.output_dir).is_file():
+        parser.error(f"--output_dir {args.output_dir} is a file: give a folder")
+    try:  # the student's run folder's sampler (scheduler/, its grid), where the options leave it open
+        generation.resolve_sampler(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dict[str, Any] | None:

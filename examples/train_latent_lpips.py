@@ -17,11 +17,27 @@ small ranking network and binary cross-entropy of LPIPS (Zhang et al., CVPR 2018
   (``2afc_train``, with the heads' dropout on) and, with ``--bapps_val_dir``, the held-out 2AFC score
   (``2afc``, dropout off).
 
+Stage 1 is the long one (90 ImageNet epochs), so every input is checked before it starts (the VAE folder, the
+image folder, and the BAPPS triplets of ``--bapps_dir`` / ``--bapps_val_dir``: each ``ref`` image with its
+``p0``, ``p1`` and ``judge``), and it never has to run twice (our choices):
+
+* ``OUTPUT_DIR/classifier_checkpoint.pt`` (classifier, SGD state, StepLR state, epochs done, the settings) is
+  rewritten after every epoch; ``--resume`` continues from it exactly (each epoch draws its shuffle, crops,
+  posterior samples and dropout from generators seeded by ``(--seed, epoch)``, so a resumed run computes the
+  epochs an uninterrupted one computes), and refuses one written with other settings. A resume may raise
+  ``--classifier_epochs``. A fresh run into a folder holding a checkpoint is refused.
+* ``--trunk OUTPUT_DIR/latent_vgg16_bn.safetensors`` skips stage 1 and calibrates the heads on that trunk
+  (``--train_dir`` is then not needed). Stage 2 is seeded by ``--seed`` alone, so it gives the same metric
+  whether stage 1 ran just before, was resumed, or was loaded.
+
 Example (a 32-channel VAE the reference never released)::
 
     python examples/train_latent_lpips.py --pretrained_vae path/to/vae \\
         --train_dir imagenet/train --bapps_dir bapps/2afc/train --output_dir out \\
         --resolution 256 --classifier_epochs 90 --calibration_epochs 5
+    # after a crash in stage 1: the same command with --resume; to redo stage 2 only (another BAPPS folder):
+    python examples/train_latent_lpips.py --pretrained_vae path/to/vae --trunk out/latent_vgg16_bn.safetensors \
+        --bapps_dir bapps/2afc/train --bapps_val_dir bapps/2afc/val --output_dir out-heads --resolution 256
 
 Every option has a CPU-sized default for the smoke test; real runs want a GPU.
 """
@@ -32,6 +48,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +63,20 @@ from diffdistill.losses.lpips import LatentLPIPS, LatentVGG16BN
 logger = logging.getLogger("train_latent_lpips")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+TRUNK_NAME = "latent_vgg16_bn.safetensors"
+CHECKPOINT_NAME = "classifier_checkpoint.pt"
+RESUME_SETTINGS = (
+    "classifier_width",
+    "resolution",
+    "batch_size",
+    "lr",
+    "lr_step_epochs",
+    "weight_decay",
+    "seed",
+    "mixed_precision",
+)
+"""Options a stage-1 checkpoint must have been written with for ``--resume`` to continue it (they change what an
+epoch computes); ``--classifier_epochs`` / ``--classifier_max_steps`` may change (train longer)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--shift_factor", type=float, default=None, help="default: vae.config.shift_factor or 0")
     g.add_argument("--classifier_width", type=int, default=4096, help="hidden width of the VGG classifier")
     g = p.add_argument_group("data")
-    g.add_argument("--train_dir", required=True, help="image folder root/<class>/<image> for stage 1")
+    g.add_argument(
+        "--train_dir", default=None, help="image folder root/<class>/<image> for stage 1 (not with --trunk)"
+    )
     g.add_argument("--bapps_dir", required=True, help="BAPPS 2AFC folder(s): searched for ref/p0/p1/judge")
     g.add_argument(
         "--bapps_val_dir",
@@ -67,6 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resolution", type=int, default=256)
     g.add_argument("--num_workers", type=int, default=0)
     g = p.add_argument_group("stage 1: classifier")
+    g.add_argument(
+        "--trunk",
+        default=None,
+        help=f"skip stage 1: the {TRUNK_NAME} a previous run wrote (its net.* trunk is calibrated)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue stage 1 from OUTPUT_DIR/{CHECKPOINT_NAME} (written after every epoch)",
+    )
     g.add_argument("--classifier_epochs", type=int, default=1)
     g.add_argument("--classifier_max_steps", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=32)
@@ -84,7 +127,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     g.add_argument("--log_every", type=int, default=50)
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse values and paths stage 1 or 2 would fail on later (raises ``ValueError`` with the fix); the data
+    folders' contents are checked in :func:`main` before any training."""
+    for name in ("resolution", "batch_size", "calibration_batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    for name in ("classifier_epochs", "calibration_epochs", "lr_step_epochs", "classifier_max_steps",
+                 "calibration_max_steps"):  # fmt: skip
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    if args.num_workers < 0:
+        raise ValueError(f"Expected --num_workers >= 0, but got {args.num_workers}.")
+    if not (Path(args.pretrained_vae) / "config.json").is_file():
+        raise ValueError(
+            f"Expected --pretrained_vae {args.pretrained_vae} to be a local diffusers AutoencoderKL folder (with "
+            "config.json), but it is not: pass e.g. path/to/sdxl/vae."
+        )
+    if args.trunk is not None:
+        if args.resume or args.train_dir is not None:
+            raise ValueError(
+                "--trunk skips stage 1: drop --resume and --train_dir (they are stage 1's), or drop --trunk."
+            )
+        if not Path(args.trunk).is_file():
+            raise ValueError(
+                f"Expected --trunk {args.trunk} to be the {TRUNK_NAME} file stage 1 wrote, but it is not a file."
+            )
+    elif args.train_dir is None:
+        raise ValueError(
+            f"--train_dir is needed for stage 1 (image folder root/<class>/<image>), or pass --trunk {TRUNK_NAME} "
+            "of a previous run to skip it."
+        )
+    elif not Path(args.train_dir).is_dir():
+        raise ValueError(
+            f"Expected --train_dir {args.train_dir} to be a folder root/<class>/<image>, but it is not."
+        )
+    for name in ("bapps_dir", "bapps_val_dir"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"Expected --{name} {value} to be a BAPPS 2AFC folder, but it is not a folder.")
+    if Path(args.output_dir).is_file():
+        raise ValueError(f"Expected --output_dir {args.output_dir} to be a folder, but it is a file.")
+    checkpoint = Path(args.output_dir) / CHECKPOINT_NAME
+    if args.resume and not checkpoint.is_file():
+        raise ValueError(f"--resume continues stage 1 from {checkpoint}, but there is none: drop --resume.")
+    if not args.resume and args.trunk is None and checkpoint.is_file():
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds a stage-1 checkpoint ({CHECKPOINT_NAME}): pass --resume to "
+            "continue it, or choose another --output_dir."
+        )
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +245,12 @@ class TwoAFCDataset(Dataset):
                     )
         if not self.items:
             raise ValueError(f"No BAPPS triplets (ref/, p0/, p1/, judge/) found under {roots}.")
+        broken = [item for item in self.items if not all(f.is_file() for f in item[1:])]
+        if broken:
+            raise ValueError(
+                f"Expected every BAPPS ref image under {roots} to have its p0/, p1/ image and judge/ .npy, but "
+                f"{len(broken)} of {len(self.items)} lack one (first: {broken[0][0]}). Re-extract the download."
+            )
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -224,21 +325,80 @@ def encode(vae, images: torch.Tensor, scale: float, shift: float, *, sample: boo
 # Stages
 
 
+def seed_epoch(seed: int, epoch: int, loader_generator: torch.Generator) -> None:
+    """Seed everything random in one stage-1 epoch from ``(seed, epoch)`` (our choice, for exact resume): the
+    shuffle and the workers' seeds (``loader_generator``), the crops and flips (``random``), the posterior samples
+    and dropout (torch's global generators)."""
+    value = seed * 1_000_003 + epoch + 1
+    loader_generator.manual_seed(value)
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+def stage1_settings(args: argparse.Namespace, classes: list[str], scale: float, shift: float) -> dict:
+    """What a stage-1 checkpoint must agree with to be resumed (:data:`RESUME_SETTINGS`, the classes, the latents)."""
+    return {
+        **{name: getattr(args, name) for name in RESUME_SETTINGS},
+        "classes": classes,
+        "scaling_factor": scale,
+        "shift_factor": shift,
+    }
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write the stage-1 checkpoint atomically (a temporary name, then a rename), so a crash keeps the last one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def train_classifier(
-    args: argparse.Namespace, vae, scale: float, shift: float, device: torch.device
-) -> tuple[LatentVGGClassifier, dict]:  # type: ignore[no-untyped-def]
-    data = ImageFolderDataset(args.train_dir, args.resolution)
+    args: argparse.Namespace,
+    vae,  # type: ignore[no-untyped-def]
+    scale: float,
+    shift: float,
+    device: torch.device,
+    data: ImageFolderDataset | None = None,
+) -> tuple[LatentVGGClassifier, dict]:
+    data = data if data is not None else ImageFolderDataset(args.train_dir, args.resolution)
+    loader_generator = torch.Generator()
     loader = DataLoader(
-        data, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, drop_last=False
+        data,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        drop_last=False,
+        generator=loader_generator,
     )
     c = vae.config.latent_channels
     model = LatentVGGClassifier(c, len(data.classes), args.classifier_width).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, args.lr_step_epochs), gamma=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=args.lr_step_epochs, gamma=0.1)
     amp = args.mixed_precision == "bf16"
-    step, loss_v, acc = 0, float("nan"), float("nan")
+    settings = stage1_settings(args, data.classes, scale, shift)
+    checkpoint = Path(args.output_dir) / CHECKPOINT_NAME
+    first_epoch, step, loss_v, acc = 0, 0, float("nan"), float("nan")
+    if args.resume:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        changed = {
+            k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v
+        }
+        if changed:
+            raise ValueError(
+                f"Expected --resume to continue {checkpoint} with its settings, but these differ (checkpoint, now): "
+                f"{changed}. Pass the checkpoint's values, or choose another --output_dir to start afresh."
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        first_epoch, step, loss_v, acc = state["epoch"], state["step"], state["loss"], state["acc"]
+        logger.info("resumed stage 1 from %s after epoch %d (step %d)", checkpoint, first_epoch, step)
+    done = args.classifier_max_steps is not None and step >= args.classifier_max_steps
     model.train()
-    for epoch in range(args.classifier_epochs):
+    for epoch in range(first_epoch, args.classifier_epochs):
+        if done:
+            break
+        seed_epoch(args.seed, epoch, loader_generator)
         for images, labels in loader:
             z = encode(vae, images.to(device), scale, shift)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -252,18 +412,54 @@ def train_classifier(
             acc = float((logits.argmax(-1) == labels.to(device)).float().mean())
             if step % args.log_every == 0 or step == 1:
                 logger.info("classifier epoch %d step %d loss %.4f acc %.3f", epoch, step, loss_v, acc)
-            if args.classifier_max_steps is not None and step >= args.classifier_max_steps:
+            done = args.classifier_max_steps is not None and step >= args.classifier_max_steps
+            if done:
                 break
         sched.step()
-        if args.classifier_max_steps is not None and step >= args.classifier_max_steps:
-            break
+        # --classifier_max_steps ends stage 1 mid-epoch; a resume then continues with the next epoch
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        state.update(epoch=epoch + 1, step=step, loss=loss_v, acc=acc, settings=settings)
+        save_checkpoint(checkpoint, state)
     return model.eval(), {"classifier_steps": step, "classifier_loss": loss_v, "classifier_acc": acc}
 
 
+def load_trunk(path: str | Path, in_channels: int, scale: float, shift: float) -> LatentVGG16BN:
+    """The latent VGG16-BN trunk (``net.*``) of a stage-1 file (``--trunk``), checked against this run's latents.
+
+    Raises:
+        ValueError: if the file was trained on other latent channels, scale or shift, or holds no trunk.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k[len("net.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("net.")}  # noqa: SIM118
+    if not state:
+        raise ValueError(
+            f"Expected --trunk {path} to hold the stage-1 trunk (net.* tensors), but it has none."
+        )
+    for key, now in (("in_channels", in_channels), ("scaling_factor", scale), ("shift_factor", shift)):
+        if key in meta and not math.isclose(float(meta[key]), float(now), rel_tol=1e-6, abs_tol=1e-12):
+            raise ValueError(
+                f"Expected --trunk {path} to have been trained on this VAE's latents, but its {key} is {meta[key]} "
+                f"and this run's is {now}. Pass the VAE (or --scaling_factor / --shift_factor) it was trained with."
+            )
+    trunk = LatentVGG16BN(in_channels)
+    trunk.load_state_dict(state)
+    return trunk.eval()
+
+
 def calibrate_heads(
-    args: argparse.Namespace, trunk: LatentVGG16BN, vae, scale: float, shift: float, device: torch.device
-) -> tuple[LatentLPIPS, dict]:  # type: ignore[no-untyped-def]
-    data = TwoAFCDataset(args.bapps_dir, args.resolution)
+    args: argparse.Namespace,
+    trunk: LatentVGG16BN,
+    vae,  # type: ignore[no-untyped-def]
+    scale: float,
+    shift: float,
+    device: torch.device,
+    data: TwoAFCDataset | None = None,
+    val_data: TwoAFCDataset | None = None,
+) -> tuple[LatentLPIPS, dict]:
+    data = data if data is not None else TwoAFCDataset(args.bapps_dir, args.resolution)
     loader = DataLoader(
         data, batch_size=args.calibration_batch_size, shuffle=True, num_workers=args.num_workers
     )
@@ -311,7 +507,7 @@ def calibrate_heads(
     recent = scores[-max(1, len(scores) // 10) :]
     logs = {"calibration_steps": step, "calibration_loss": loss_v, "2afc_train": sum(recent) / len(recent)}
     if args.bapps_val_dir is not None:
-        logs["2afc"] = two_afc_score(args, metric, vae, scale, shift, device)
+        logs["2afc"] = two_afc_score(args, metric, vae, scale, shift, device, val_data)
     return metric, logs
 
 
@@ -322,10 +518,16 @@ def two_afc_agreement(d0: torch.Tensor, d1: torch.Tensor, judge: torch.Tensor) -
 
 @torch.no_grad()
 def two_afc_score(
-    args: argparse.Namespace, metric: LatentLPIPS, vae, scale: float, shift: float, device: torch.device
-) -> float:  # type: ignore[no-untyped-def]
+    args: argparse.Namespace,
+    metric: LatentLPIPS,
+    vae,  # type: ignore[no-untyped-def]
+    scale: float,
+    shift: float,
+    device: torch.device,
+    data: TwoAFCDataset | None = None,
+) -> float:
     """The mean 2AFC agreement of the calibrated ``metric`` on the held-out ``--bapps_val_dir`` triplets."""
-    data = TwoAFCDataset(args.bapps_val_dir, args.resolution)
+    data = data if data is not None else TwoAFCDataset(args.bapps_val_dir, args.resolution)
     loader = DataLoader(data, batch_size=args.calibration_batch_size, num_workers=args.num_workers)
     total, count = 0.0, 0
     for ref, p0, p1, judge in loader:
@@ -339,6 +541,10 @@ def main(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    # every folder is read before stage 1, so a typo or an incomplete BAPPS download fails now, not after it
+    train_data = ImageFolderDataset(args.train_dir, args.resolution) if args.trunk is None else None
+    bapps = TwoAFCDataset(args.bapps_dir, args.resolution)
+    bapps_val = TwoAFCDataset(args.bapps_val_dir, args.resolution) if args.bapps_val_dir is not None else None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae(args.pretrained_vae, device)
@@ -346,17 +552,25 @@ def main(args: argparse.Namespace) -> dict:
     shift = args.shift_factor
     if shift is None:
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    logger.info("VAE: %d latent channels, scale %.5f, shift %.5f", vae.config.latent_channels, scale, shift)
+    c = vae.config.latent_channels
+    logger.info("VAE: %d latent channels, scale %.5f, shift %.5f", c, scale, shift)
 
-    classifier, metrics = train_classifier(args, vae, scale, shift, device)
-    from safetensors.torch import save_file
+    if args.trunk is not None:
+        trunk = load_trunk(args.trunk, c, scale, shift).to(device)
+        metrics: dict = {"trunk": str(args.trunk)}
+    else:
+        classifier, metrics = train_classifier(args, vae, scale, shift, device, train_data)
+        from safetensors.torch import save_file
 
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
-        str(out / "latent_vgg16_bn.safetensors"),
-        metadata={"in_channels": str(vae.config.latent_channels)},
-    )
-    metric, cal = calibrate_heads(args, classifier.net, vae, scale, shift, device)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()},
+            str(out / TRUNK_NAME),
+            metadata={"in_channels": str(c), "scaling_factor": repr(scale), "shift_factor": repr(shift)},
+        )
+        trunk = classifier.net
+    random.seed(args.seed)  # stage 2 draws the same numbers however stage 1 ran (trained, resumed or loaded)
+    torch.manual_seed(args.seed)
+    metric, cal = calibrate_heads(args, trunk, vae, scale, shift, device, bapps, bapps_val)
     metric.save_pretrained(out / "latent_lpips.safetensors")
     metrics.update(cal)
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

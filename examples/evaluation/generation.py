@@ -16,12 +16,29 @@ the missing ones -- after :func:`check_resume` has compared the folder's ``gener
 with the student weights' SHA-256, the seed, the quantisation, the prompt of every index) with the rerun's, so that
 images made otherwise are never mixed in. The weights are hashed once, by the main process, and the hash is
 broadcast to the others (:func:`shared_weights_sha256`).
+
+A training run's output folder says how its student is sampled, and it is read rather than retyped (our choices):
+
+* the model a LoRA was trained on: a folder with ``unet_merged/`` (SDXL-Lightning's LoRA stages merge their adapter
+  into the stage's own starting UNet) is evaluated as that full UNet; a LoRA trained on another UNet than the
+  pipeline's (recorded in its ``base_unet`` metadata, or a Lightning stage after ``128->32`` without
+  ``unet_merged/``) is refused unless ``--lora_base`` names that UNet folder (:func:`check_lora_base`);
+* the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, Lightning's x0 stages) and its grid
+  (``student_sigmas.json`` of flow_dmd2, ``student_grid.json``'s ``pipeline_sigmas`` and ``guidance`` of
+  flow_tscd), unless ``--scheduler`` / ``--scheduler_config`` (resp. ``--sigmas`` / ``--timesteps`` /
+  ``--num_inference_steps``, ``--guidance_scale``) are given (:func:`read_saved_sampler`); the record names the
+  source of each;
+* the guidance: the record holds the value the pipeline ran with (its own default when ``--guidance_scale`` is
+  not given, :func:`default_guidance`), and a student sampled with the pipeline's default guidance is warned about
+  (a distilled student usually wants 0 or 1: its CFG is baked in).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +47,18 @@ import torch
 
 SEED_STRIDE = 1
 """Prompt ``i`` is sampled from seed ``seed + SEED_STRIDE * i`` (SiD-LSG's ``--seeds=0-29999``: seed ``i``)."""
+
+DEFAULT_STEPS = 4
+"""``--num_inference_steps`` when neither it, explicit timesteps / sigmas nor a saved grid are given."""
+
+SCHEDULER_FOLDER = "scheduler"
+"""A run folder's saved sampler (``save_pretrained`` of a diffusers scheduler)."""
+
+SIGMA_FILES = {"student_sigmas.json": None, "student_grid.json": "pipeline_sigmas"}
+"""A run folder's saved sampling grid: flow_dmd2's sigma list, flow_tscd's grid (its ``pipeline_sigmas`` entry)."""
+
+LORA_BASE_KEY = "base_unet"
+"""The LoRA file's metadata entry naming the denoiser folder it was trained on, when not the pipeline's own."""
 
 QUANTIZATIONS = ("round", "truncate")
 """How float images in ``[0, 1]`` become uint8 (:func:`to_uint8`): ``round`` (ours, diffusers' ``numpy_to_pil``) or
@@ -65,7 +94,7 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     if not args.teacher:
         apply_student(pipe, args, dtype)
-    set_sampler(pipe, args)
+    set_sampler(pipe, args, resolve_sampler(args).saved_sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -83,14 +112,26 @@ def denoiser_name(pipe: Any) -> str:
 
 
 def resolve_student(weights: str | Path, name: str) -> tuple[str, Path]:
-    """What ``--student_weights`` names: ``("lora", file)`` -- a ``.safetensors`` file, or a folder holding
-    ``pytorch_lora_weights.safetensors`` (as the training scripts write it) -- or ``("denoiser", folder)`` -- a
-    ``unet/`` / ``transformer/`` folder (``name``), or a run's output folder holding one.
+    """What ``--student_weights`` names: ``("denoiser", folder)`` -- a run folder with ``{name}_merged/`` (a LoRA
+    merged into the UNet it was trained on, SDXL-Lightning's LoRA stages: preferred to the LoRA beside it), a
+    ``unet/`` / ``transformer/`` folder (``name``), or a run's output folder holding one -- or ``("lora", file)`` --
+    a ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors`` (as the training scripts
+    write it).
+
+    Args:
+        weights: the ``--student_weights`` path.
+        name: the pipeline's denoiser component, ``"unet"`` or ``"transformer"``.
+
+    Returns:
+        The kind and the file or folder to load.
 
     Raises:
         ValueError: if ``weights`` is neither.
     """
     path = Path(weights)
+    merged = path / f"{name}_merged"
+    if (merged / "config.json").is_file():
+        return "denoiser", merged
     lora_file = path if path.is_file() else path / "pytorch_lora_weights.safetensors"
     if lora_file.is_file():
         return "lora", lora_file
@@ -99,9 +140,62 @@ def resolve_student(weights: str | Path, name: str) -> tuple[str, Path]:
             return "denoiser", folder
     raise ValueError(
         f"Expected --student_weights {path} to be a LoRA (a .safetensors file or a folder with "
-        f"pytorch_lora_weights.safetensors) or a {name} folder (config.json at its root or in {name}/), "
-        "but it is neither."
+        f"pytorch_lora_weights.safetensors) or a {name} folder (config.json at its root, in {name}/ or in "
+        f"{name}_merged/), but it is neither."
     )
+
+
+def run_folder(weights: str | Path, name: str | None = None) -> Path:
+    """The training run's output folder of ``--student_weights``: the folder itself, or the one holding the given
+    LoRA file or ``unet/`` / ``transformer/`` / ``*_merged/`` folder (``name``: that component; None: either)."""
+    path = Path(weights)
+    names = {name, f"{name}_merged"} if name else {"unet", "transformer", "unet_merged", "transformer_merged"}
+    return path.parent if path.is_file() or path.name in names else path
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_lora_base(lora_file: Path, args: argparse.Namespace) -> None:
+    """Refuse to fuse a LoRA into another denoiser than the one it was trained on.
+
+    The pipeline's own denoiser is the base unless ``--lora_base`` names another folder. A LoRA knows its base when
+    its file's metadata holds ``base_unet`` (:data:`LORA_BASE_KEY`), and an SDXL-Lightning stage after ``128->32``
+    (its ``discriminator/discriminator.json`` names the stage) was trained on its ``--init_unet``, the previous
+    stage's merged UNet, not on base SDXL.
+
+    Args:
+        lora_file: the LoRA file :func:`resolve_student` found.
+        args: the options (``--lora_base``, ``--student_weights``).
+
+    Raises:
+        ValueError: naming the base the LoRA needs and the option that gives it.
+    """
+    from safetensors import safe_open
+
+    given = getattr(args, "lora_base", None)
+    with safe_open(str(lora_file), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(LORA_BASE_KEY)
+    if recorded:
+        target = given or "the pipeline's own"
+        if given is None or not _same_path(given, recorded):
+            raise ValueError(
+                f"Expected --student_weights {lora_file} to be fused into the denoiser it was trained on, but its "
+                f"metadata records {LORA_BASE_KEY}={recorded!r} and this run would fuse it into "
+                f"{target}. Pass --lora_base {recorded}."
+            )
+        return
+    stage_file = run_folder(lora_file) / "discriminator" / "discriminator.json"
+    if given is None and stage_file.is_file():
+        stage = str(json.loads(stage_file.read_text(encoding="utf-8")).get("stage", ""))
+        if stage and not stage.startswith("128->"):
+            raise ValueError(
+                f"Expected a LoRA trained on the pipeline's UNet, but --student_weights {lora_file} comes from the "
+                f"SDXL-Lightning stage {stage!r}, trained on that stage's --init_unet (the previous stage's "
+                "unet_merged/). Pass --lora_base <that --init_unet folder>, or evaluate the stage that merges it "
+                "(its run folder's unet_merged/)."
+            )
 
 
 def weights_sha256(kind: str, path: Path) -> str:
@@ -135,15 +229,36 @@ def shared_weights_sha256(kind: str, path: Path, accelerator: Any = None) -> str
 
 def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
     """Put the student into ``pipe`` (:func:`resolve_student`): a LoRA is fused into the weights at
-    ``--lora_scale`` (so sampling costs what the base model costs), a full denoiser replaces the pipeline's.
-    None: the pipeline as loaded."""
+    ``--lora_scale`` (so sampling costs what the base model costs) -- of the ``--lora_base`` denoiser when given,
+    after :func:`check_lora_base` --, a full denoiser replaces the pipeline's. None: the pipeline as loaded.
+
+    Args:
+        pipe: the diffusers pipeline.
+        args: the options (``--student_weights``, ``--lora_scale``, ``--lora_base``).
+        dtype: the pipeline's weight dtype.
+
+    Raises:
+        ValueError: for ``--lora_base`` with a full denoiser, or a LoRA trained on another base.
+    """
     if not args.student_weights:
         return
     name = denoiser_name(pipe)
     kind, path = resolve_student(args.student_weights, name)
+    base = getattr(args, "lora_base", None)
+    if kind != "lora" and base is not None:
+        raise ValueError(
+            f"--lora_base is the denoiser a LoRA is fused into, but --student_weights {args.student_weights} "
+            f"is a full {name} ({path}): drop --lora_base."
+        )
     if kind == "lora":
+        check_lora_base(path, args)
+        if (
+            base is not None
+        ):  # the denoiser the LoRA was trained on replaces the pipeline's, then the LoRA is fused
+            cls = type(getattr(pipe, name))
+            pipe.register_modules(**{name: cls.from_pretrained(str(base), torch_dtype=dtype)})
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-        pipe.fuse_lora(lora_scale=args.lora_scale)
+        pipe.fuse_lora(lora_scale=lora_scale(args))
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
         return
     cls = type(getattr(pipe, name))
@@ -173,31 +288,176 @@ def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def set_sampler(pipe: Any, args: argparse.Namespace) -> None:
+def lora_scale(args: argparse.Namespace) -> float:
+    """``--lora_scale`` (1 when not given)."""
+    value = getattr(args, "lora_scale", None)
+    return 1.0 if value is None else float(value)
+
+
+def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
+    """What the student's run folder saved about its sampler, for the options that do not say it themselves.
+
+    Returns ``{"scheduler": folder or None, "sigmas": list or None, "guidance_scale": float or None, "sources":
+    {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
+    (:data:`SIGMA_FILES`) unless ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given; the guidance
+    its ``student_grid.json`` names unless ``--guidance_scale`` is given. ``sources`` names where each value of
+    the sampler comes from (an option, a file of the run, or the pipeline's default).
+
+    Args:
+        args: the options.
+
+    Returns:
+        The saved sampler, as above.
+
+    Raises:
+        ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``pipeline_sigmas``).
+    """
+    out: dict[str, Any] = {"scheduler": None, "sigmas": None, "guidance_scale": None, "sources": {}}
+    sources = out["sources"]
+    run = (
+        run_folder(args.student_weights)
+        if getattr(args, "student_weights", None) and not args.teacher
+        else None
+    )
+    if args.scheduler or args.scheduler_config:
+        sources["scheduler"] = "--scheduler / --scheduler_config"
+    elif run is not None and (run / SCHEDULER_FOLDER / "scheduler_config.json").is_file():
+        out["scheduler"] = str(run / SCHEDULER_FOLDER)
+        sources["scheduler"] = str(run / SCHEDULER_FOLDER)
+    else:
+        sources["scheduler"] = "pipeline"
+    if args.timesteps or args.sigmas or args.num_inference_steps is not None:
+        sources["steps"] = (
+            "--timesteps" if args.timesteps else "--sigmas" if args.sigmas else "--num_inference_steps"
+        )
+    else:
+        sources["steps"] = f"default {DEFAULT_STEPS}"
+        for file, key in SIGMA_FILES.items():
+            if run is None or not (run / file).is_file():
+                continue
+            saved = json.loads((run / file).read_text(encoding="utf-8"))
+            sigmas = saved.get(key) if key and isinstance(saved, dict) else saved
+            if (
+                not isinstance(sigmas, list)
+                or not sigmas
+                or not all(isinstance(v, (int, float)) for v in sigmas)
+            ):
+                raise ValueError(
+                    f"Expected {run / file} to hold the student's sigmas (a list of numbers"
+                    f"{f' under {key!r}' if key else ''}), but it holds {saved!r}. Pass --sigmas instead."
+                )
+            out["sigmas"] = [float(v) for v in sigmas]
+            sources["steps"] = str(run / file)
+            if isinstance(saved, dict) and saved.get("guidance") is not None and args.guidance_scale is None:
+                out["guidance_scale"] = float(saved["guidance"])
+                sources["guidance_scale"] = str(run / file)
+            break
+    if args.guidance_scale is not None:
+        sources["guidance_scale"] = "--guidance_scale"
+    return out
+
+
+def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | None = None) -> None:
     """``--scheduler`` (a diffusers scheduler class name; default: the pipeline's own) built from the pipeline's
     scheduler config with the ``--scheduler_config`` overrides (e.g. ``timestep_spacing=trailing``,
-    ``prediction_type=sample`` for an x0 student)."""
-    overrides = parse_overrides(args.scheduler_config)
-    if not args.scheduler and not overrides:
-        return
+    ``prediction_type=sample`` for an x0 student); without either, the run folder's saved ``scheduler/``
+    (``saved``, :func:`read_saved_sampler`) when there is one.
+
+    Args:
+        pipe: the diffusers pipeline.
+        args: the options.
+        saved: :func:`read_saved_sampler` of ``args`` (None: read here).
+    """
     import diffusers
 
+    overrides = parse_overrides(args.scheduler_config)
+    if not args.scheduler and not overrides:
+        folder = (saved if saved is not None else read_saved_sampler(args))["scheduler"]
+        if folder is not None:
+            config = json.loads((Path(folder) / "scheduler_config.json").read_text(encoding="utf-8"))
+            pipe.scheduler = getattr(diffusers, config["_class_name"]).from_pretrained(str(folder))
+        return
     cls = getattr(diffusers, args.scheduler) if args.scheduler else type(pipe.scheduler)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def default_guidance(pipe: Any) -> float | None:
+    """The ``guidance_scale`` a pipeline's call defaults to (SDXL 5, SD3 7, FLUX 3.5), or None if it takes none."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return float(parameter.default)
+
+
+def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the sampler a student's run folder saved filled in where the options leave it open
+    (:func:`read_saved_sampler`): ``sigmas``, ``guidance_scale``, ``num_inference_steps`` (else
+    :data:`DEFAULT_STEPS`), and ``saved_sampler`` (the saved values and the source of each). Idempotent.
+
+    Args:
+        args: the parsed options.
+
+    Returns:
+        The same namespace, filled in.
+    """
+    if getattr(args, "saved_sampler", None) is not None:
+        return args
+    saved = read_saved_sampler(args)
+    if saved["sigmas"] is not None:
+        args.sigmas = saved["sigmas"]
+    if saved["guidance_scale"] is not None:
+        args.guidance_scale = saved["guidance_scale"]
+    if args.num_inference_steps is None and not (args.timesteps or args.sigmas):
+        args.num_inference_steps = DEFAULT_STEPS
+        if saved["scheduler"] is not None:  # e.g. flow_ladd: its grid is the run's --student_sigmas
+            warnings.warn(
+                f"The student's saved {saved['scheduler']} is used with the default {DEFAULT_STEPS} steps: the run "
+                "folder saves no grid. Pass the steps (or --sigmas / --timesteps) it was trained for.",
+                UserWarning,
+                stacklevel=2,
+            )
+    args.saved_sampler = saved
+    return args
 
 
 def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None) -> dict[str, Any]:
     """What the images were sampled with (the protocol record's ``generator`` entry): the model, the student's
     weights (path, kind, SHA-256 of the files loaded -- hashed by the main process of ``accelerator`` and
-    broadcast, :func:`shared_weights_sha256` --, LoRA scale), the sampler, steps, guidance, dtype and the
-    generated resolution."""
+    broadcast, :func:`shared_weights_sha256` --, LoRA scale and base, the folder loaded when not the path given),
+    the sampler, steps, the guidance the pipeline runs with (its default when ``--guidance_scale`` is not given:
+    a student then gets a warning), dtype, the generated resolution, and where each sampler setting came from
+    (``sampler_sources``: an option, a file of the run folder, or the pipeline)."""
     student: dict[str, Any] | None = None
+    saved = getattr(args, "saved_sampler", None) or {}
+    sources = dict(saved.get("sources", {}))
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = default_guidance(pipe)
+        sources["guidance_scale"] = "pipeline default"
+        # FLUX.1-dev's guidance_scale is an input of the distilled transformer (guidance_embeds), not CFG
+        embedded = getattr(
+            getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False
+        )
+        if not args.teacher and guidance is not None and guidance > 1 and not embedded:
+            warnings.warn(
+                f"The student is sampled with {type(pipe).__name__}'s default guidance_scale {guidance} (classifier-"
+                "free guidance, 2 denoiser calls a step), as --guidance_scale was not given. Distilled students "
+                "mostly take 0 or 1 (the guidance is baked in): pass the value the student was trained for.",
+                UserWarning,
+                stacklevel=2,
+            )
     if args.student_weights and not args.teacher:
         kind, path = resolve_student(args.student_weights, denoiser_name(pipe))
         digest = shared_weights_sha256(kind, path, accelerator)
         student = {"path": str(args.student_weights), "kind": kind, "sha256": digest}
         if kind == "lora":
-            student["lora_scale"] = args.lora_scale
+            student["lora_scale"] = lora_scale(args)
+            if getattr(args, "lora_base", None) is not None:
+                student["lora_base"] = str(args.lora_base)
+        elif path != Path(args.student_weights):
+            student["loaded"] = str(path)
     return {
         "model": str(args.pretrained_model_name_or_path),
         "revision": args.revision,
@@ -211,8 +471,9 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
         "num_inference_steps": None if (args.timesteps or args.sigmas) else args.num_inference_steps,
         "timesteps": args.timesteps,
         "sigmas": args.sigmas,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": guidance,
         "dtype": args.dtype,
+        "sampler_sources": sources,
     }
 
 
@@ -311,7 +572,7 @@ def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     elif args.sigmas:
         kw["sigmas"] = list(args.sigmas)
     else:
-        kw["num_inference_steps"] = args.num_inference_steps
+        kw["num_inference_steps"] = args.num_inference_steps or DEFAULT_STEPS
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     return kw

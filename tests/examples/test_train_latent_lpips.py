@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,100 @@ def test_two_steps_per_stage(tiny_setup: dict[str, Path], monkeypatch: pytest.Mo
 
     trunk = load_file(str(out / "latent_vgg16_bn.safetensors"))
     assert trunk["net.slice1.0.weight"].shape == (64, 4, 3, 3) and "classifier.6.weight" in trunk
+
+
+def _argv(root: Path, out: Path, *extra: str, stage1: bool = True) -> list[str]:
+    """A tiny run: 6 images of batch 3 (2 steps an epoch), 2 calibration steps."""
+    argv = ["--pretrained_vae", str(root / "vae"), "--bapps_dir", str(root / "bapps"), "--output_dir", str(out),
+            "--resolution", "16", "--batch_size", "3", "--classifier_width", "32", "--calibration_batch_size", "2",
+            "--calibration_max_steps", "2", "--device", "cpu", "--lr", "0.01"]  # fmt: skip
+    return argv + (["--train_dir", str(root / "train")] if stage1 else []) + list(extra)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_bapps_is_checked_before_stage_1(
+    tiny_setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BAPPS folder without judge/ (or a ref without its p1 image) fails before stage 1 runs one step."""
+    root = tiny_setup["root"]
+    script = _load_script()
+    stage1: list[int] = []
+    monkeypatch.setattr(script, "train_classifier", lambda *a, **k: stage1.append(1))
+    bapps = root / "bapps" / "traditional"
+    (bapps / "judge").rename(root / "judge_elsewhere")
+    with pytest.raises(ValueError, match="No BAPPS triplets"):
+        script.main(script.parse_args(_argv(root, root / "out")))
+    (root / "judge_elsewhere").rename(bapps / "judge")
+    (bapps / "p1" / "002.png").unlink()
+    with pytest.raises(ValueError, match=r"1 of 4 lack one \(first: .*002.png\)"):
+        script.main(script.parse_args(_argv(root, root / "out", "--bapps_val_dir", str(root / "bapps"))))
+    assert stage1 == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--bapps_dir", "/typo/bapps"], "--bapps_dir /typo/bapps to be a BAPPS 2AFC folder"),
+        (["--bapps_val_dir", "/typo/val"], "--bapps_val_dir /typo/val to be a BAPPS"),
+        (["--train_dir", "/typo/train"], "--train_dir /typo/train to be a folder"),
+        (["--pretrained_vae", "/typo/vae"], "local diffusers AutoencoderKL folder"),
+        (["--batch_size", "0"], "--batch_size >= 1"),
+        (["--classifier_epochs", "0"], "--classifier_epochs >= 1"),
+        (["--calibration_max_steps", "-1"], "--calibration_max_steps >= 1"),
+        (["--resume"], "there is none: drop --resume"),
+        (["--trunk", "/typo/trunk.safetensors"], "drop --resume and --train_dir"),
+    ],
+)
+def test_bad_options_are_refused_by_parse_args(
+    tiny_setup: dict[str, Path], extra: list[str], match: str
+) -> None:
+    root = tiny_setup["root"]
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _load_script().parse_args(_argv(root, root / "out", *extra))
+
+
+def test_trunk_and_resume_reproduce_the_uninterrupted_run(tiny_setup: dict[str, Path]) -> None:
+    """Stage 1 resumed after epoch 1 gives the trunk of 2 uninterrupted epochs, bit for bit (each epoch seeded by
+    (seed, epoch)); --trunk skips stage 1 and gives the heads of the full run (stage 2 seeded by --seed)."""
+    root = tiny_setup["root"]
+    script = _load_script()
+    full = script.main(script.parse_args(_argv(root, root / "full", "--classifier_epochs", "2")))
+    assert full["classifier_steps"] == 4
+    reference = _tensors(root / "full" / script.TRUNK_NAME)
+    heads = _tensors(root / "full" / "latent_lpips.safetensors")
+
+    script.main(script.parse_args(_argv(root, root / "split", "--classifier_epochs", "1")))
+    once = _tensors(root / "split" / script.TRUNK_NAME)
+    assert not torch.equal(once["net.slice1.0.weight"], reference["net.slice1.0.weight"])
+    with pytest.raises(ValueError, match="pass --resume to continue it"):
+        script.parse_args(_argv(root, root / "split", "--classifier_epochs", "2"))
+    with pytest.raises(ValueError, match=r"these differ \(checkpoint, now\): \{'lr': \(0.01, 0.1\)\}"):
+        script.main(
+            script.parse_args(
+                _argv(root, root / "split", "--classifier_epochs", "2", "--resume", "--lr", "0.1")
+            )
+        )
+    resumed = script.main(
+        script.parse_args(_argv(root, root / "split", "--classifier_epochs", "2", "--resume"))
+    )
+    assert resumed["classifier_steps"] == 4
+    assert all(torch.equal(v, reference[k]) for k, v in _tensors(root / "split" / script.TRUNK_NAME).items())
+    assert all(
+        torch.equal(v, heads[k]) for k, v in _tensors(root / "split" / "latent_lpips.safetensors").items()
+    )
+
+    trunk = str(root / "full" / script.TRUNK_NAME)
+    loaded = script.main(script.parse_args(_argv(root, root / "heads", "--trunk", trunk, stage1=False)))
+    assert loaded["trunk"] == trunk and "classifier_steps" not in loaded
+    assert not (root / "heads" / script.CHECKPOINT_NAME).exists()
+    assert all(
+        torch.equal(v, heads[k]) for k, v in _tensors(root / "heads" / "latent_lpips.safetensors").items()
+    )
+    with pytest.raises(ValueError, match="its scaling_factor is"):
+        script.main(script.parse_args(_argv(root, root / "h2", "--trunk", trunk, "--scaling_factor", "2",
+                                            stage1=False)))  # fmt: skip
