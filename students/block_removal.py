@@ -140,8 +140,8 @@ class BlockRemovalSpec:
         drop_innermost: Remove the lowest-resolution stage (``down_blocks[-1]``, ``up_blocks[0]``), as
             BK-SDM-Tiny; needs equal widths of the two innermost levels. Default ``False``.
         keep_transformer_layers: Which teacher transformer layers a shortened attention keeps: ``"first"``,
-            ``"last"``, ``"spread"`` (the default: evenly spaced, first and last included) or
-            ``fn(teacher_depth, student_depth) -> indices``.
+            ``"last"``, ``"spread"`` (the default: evenly spaced, first and last included, ties rounded half up as in
+            transformer block removal) or ``fn(teacher_depth, student_depth) -> indices``.
 
     The constructor checks the types and ranges it can without a teacher (the fit to a teacher config is
     checked by :func:`student_config` / :func:`build_student`). Entries past the teacher's levels are
@@ -374,6 +374,33 @@ def _attention_entry(
     return entry
 
 
+def _spread_indices(n: int, k: int) -> list[int]:
+    """The ``"spread"`` keep rule: ``k`` of ``n`` indices evenly spaced, first and last included.
+
+    Index ``j`` keeps ``floor(j (n - 1) / (k - 1) + 1/2)``, rounded half up as the fractions of a depth are, in
+    integer arithmetic (so a tie is a tie: depth 6 -> 3 keeps ``[0, 3, 5]``). Shared by UNet block removal
+    (``BlockRemovalSpec.keep_transformer_layers``) and transformer block removal
+    (``TransformerBlockRemovalSpec.rule``), so the two agree on the same numbers. No
+    preset depends on the tie: the SDXL presets' depths (10 -> 4 / 2, 2 -> 1) and FLUX's 19 -> 8 have none; the
+    ties ``"wan-half"`` (Wan2.1-1.3B 30 -> 15: block 15, not 14) and ``"sd3-half"`` (SD3.5-Large 38 -> 19: block 19,
+    not 18) meet are our choice, not a published list.
+
+    Args:
+        n: The teacher's count (>= 1).
+        k: How many to keep (1 <= ``k`` <= ``n``; 1 keeps index 0).
+
+    Returns:
+        The ``k`` kept indices, increasing.
+
+    Example:
+        >>> _spread_indices(10, 4), _spread_indices(6, 3), _spread_indices(5, 1)
+        ([0, 3, 6, 9], [0, 3, 5], [0])
+    """
+    if k == 1:
+        return [0]
+    return [(2 * j * (n - 1) + (k - 1)) // (2 * (k - 1)) for j in range(k)]
+
+
 def _keep_indices(rule: KeepRule, teacher_depth: int, student_depth: int) -> list[int]:
     if callable(rule):
         idx = [int(i) for i in rule(teacher_depth, student_depth)]
@@ -392,9 +419,7 @@ def _keep_indices(rule: KeepRule, teacher_depth: int, student_depth: int) -> lis
     if rule == "last":
         return list(range(teacher_depth - student_depth, teacher_depth))
     if rule == "spread":
-        if student_depth == 1:
-            return [0]
-        return [round(k * (teacher_depth - 1) / (student_depth - 1)) for k in range(student_depth)]
+        return _spread_indices(teacher_depth, student_depth)
     raise OptionError(
         f"Expected `keep_transformer_layers` to be one of ['first', 'last', 'spread'] or a callable, but got {rule!r}."
     )

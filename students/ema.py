@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,27 @@ __all__ = ["EMA"]
 
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """Where a module holds tensors: per tensor, its owning module's ``_parameters`` / ``_buffers`` dict and key."""
+
+    module: nn.Module
+    params: list[tuple[dict[str, Any], str]]
+    buffers: list[tuple[dict[str, Any], str]]
+
+
+def _slots_of(module: nn.Module, averaged: Sequence[bool]) -> _Slots:
+    """The slots of ``module``'s parameters (those flagged in ``averaged``, in ``parameters()`` order) and of its
+    buffers (``buffers()`` order; tied tensors once, as those iterators list them)."""
+
+    def slot(name: str, kind: str) -> tuple[dict[str, Any], str]:
+        owner, _, key = name.rpartition(".")
+        return getattr(module.get_submodule(owner), kind), key
+
+    params = [slot(n, "_parameters") for (n, _), keep in zip(module.named_parameters(), averaged) if keep]
+    return _Slots(module, params, [slot(n, "_buffers") for n, _ in module.named_buffers()])
 
 
 def _is_shard(param: torch.Tensor, like: torch.Tensor) -> bool:
@@ -70,7 +92,8 @@ class EMA(nn.Module):
     The update count lives in a buffer, so ``load_state_dict`` restores the decay schedule too. The
     averaged copy is in eval mode with ``requires_grad=False``; it keeps the dtype and device it is given
     (``ema.to(...)``, e.g. a float32 average of bf16 weights, or an average kept on the CPU): :meth:`update`
-    converts the online weights to them.
+    converts the online weights to them. The copy may also be moved or cast by itself (``ema.module.to(...)``,
+    or a pipeline holding it: ``pipe.unet = ema.module; pipe.to(...)``): later updates reach its new tensors.
 
     Sharded models: an EMA built before FSDP2 (``fully_shard``) shards the online model is a whole copy,
     and :meth:`update` gathers the online shards one tensor at a time (``DTensor.full_tensor``: a
@@ -133,9 +156,9 @@ class EMA(nn.Module):
         self._param_names = [n for n, _ in source.named_parameters()]
         self._param_shapes = [p.shape for p in params]
         self._buffer_shapes = [b.shape for b in source.buffers()]
-        # The copy's averaged parameters and its buffers, listed once (walking a UNet's module tree takes
-        # tens of milliseconds); dropped by _apply, which may replace buffers (.to(), .float(), ...).
-        self._own: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        # Where the copy holds its averaged parameters and its buffers, found once (walking a UNet's module
+        # tree takes tens of milliseconds): see _own_tensors.
+        self._slots: _Slots | None = None
         if self._shared_names:
             self.register_state_dict_post_hook(EMA._drop_shared)
             self.register_load_state_dict_pre_hook(EMA._keep_shared)
@@ -168,18 +191,22 @@ class EMA(nn.Module):
         for name in module._shared_names:
             state_dict[prefix + name] = current[name.removeprefix("module.")].detach()
 
-    def _apply(self, fn: Any, recurse: bool = True) -> EMA:
-        self._own = None
-        return super()._apply(fn, recurse)
-
     def _own_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        own = self._own
-        if own is None:
-            params: list[torch.Tensor] = [
-                e for e, averaged in zip(self.module.parameters(), self._averaged) if averaged
-            ]
-            own = self._own = (params, list(self.module.buffers()))
-        return own
+        """The copy's averaged parameters and its buffers, as the copy holds them now.
+
+        They are read through the slots that hold them (each owning module's ``_parameters`` / ``_buffers``
+        dict and the key), found once per copy: moving or casting the copy in place (``ema.module.to(...)``,
+        ``pipe.unet = ema.module; pipe.to(...)``, ``.double()``) puts new buffers in those dicts (and new
+        parameters under ``torch.__future__.set_overwrite_module_params_on_conversion(True)``, or after
+        ``load_state_dict(..., assign=True)``), and the next update writes into them, not into the old
+        tensors. A cached list of tensors would go stale there; reading the slots costs one dict look-up per
+        tensor (0.17 ms for the 3,256 parameters of SDXL's UNet with a LoRA, one CPU thread), not a walk of
+        its 9,810 modules.
+        """
+        slots = self._slots
+        if slots is None or slots.module is not self.module:  # first update, or a new copy was assigned
+            slots = self._slots = _slots_of(self.module, self._averaged)
+        return [d[key] for d, key in slots.params], [d[key] for d, key in slots.buffers]
 
     def train(self, mode: bool = True) -> EMA:
         """Set the training flag of this wrapper; the averaged copy always stays in eval mode.

@@ -62,7 +62,13 @@ ROUND_GROUPS: tuple[tuple[str, ...], ...] = (("mid_block",), ("down_blocks",), (
 """How :func:`split_rounds` splits a preset by default: round 1 the mid block, round 2 the down path, round 3
 the up path. Our choice: the paper removes blocks progressively, guided by layer-level losses (Gupta et al.
 2024, abstract and method), in an order of its own that this split does not claim to reproduce; only the
-preset's end point is the released model's."""
+preset's end point is the released model's.
+
+It suits the SDXL presets ``"ssd-1b"`` and ``"vega"``, which remove transformer layers and mid-block parts: the
+three rounds hold what they name. The BK-SDM presets remove resnet/attention pairs, and an up block has one
+resnet more than its down block (``layers_per_block + 1``), so the up path's removals go with the down path's:
+with these groups round 2 takes them and round 3 is empty (``"bk-sdm-base"``: round 1 too, it keeps the mid
+block). For BK-SDM, name the rounds you want, e.g. ``(("mid_block",), ("down_blocks", "up_blocks"))``."""
 
 
 def _clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,8 +169,13 @@ def split_rounds(
     """Split what ``spec`` removes from a teacher into rounds, for :func:`remove_blocks`.
 
     Each removed unit (see :func:`removed_units`) goes to the first group with a prefix that owns it (a prefix
-    is a module name such as ``"mid_block"``, ``"up_blocks"`` or ``"up_blocks.1"``). Applying the rounds in
-    order with :func:`remove_blocks` ends at the student :func:`build_student` builds from ``spec``.
+    is a module name such as ``"mid_block"``, ``"up_blocks"`` or ``"up_blocks.1"``). Every round is then checked
+    to leave a diffusers-loadable UNet (with the rounds before it): a round whose units cannot leave without
+    units of a later round takes those over (logged; e.g. BK-SDM's up-path resnets, which go with the down-path
+    resnets of their level, into the down-path round), and a round that removes units before the units that
+    make them removable is refused. So applying the rounds in order with :func:`remove_blocks` works round by
+    round and ends at the student :func:`build_student` builds from ``spec``. The default groups suit
+    ``"ssd-1b"`` and ``"vega"`` (see :data:`ROUND_GROUPS`; for BK-SDM they give an empty last round).
 
     Args:
         teacher_config: The teacher's (the chain's source) ``UNet2DConditionModel`` config.
@@ -173,12 +184,14 @@ def split_rounds(
             path, up path: our choice).
 
     Returns:
-        One sorted list of teacher unit names per group (a group that owns none of the units gets ``[]``).
+        One sorted list of teacher unit names per group (a group left with none of the units gets ``[]``; a unit
+        taken over by an earlier round is in that round's list).
 
     Raises:
         DTypeError: ``groups`` is not a sequence of sequences of strings.
-        OptionError: a prefix names no module of the teacher; a removed unit is owned by no group; an unknown
-            preset or a spec that does not fit (see :func:`student_config`).
+        OptionError: a prefix names no module of the teacher; a removed unit is owned by no group; a round
+            removes units that no unit of it or of a later round makes removable (the units are named: put
+            them in a later group); an unknown preset or a spec that does not fit (see :func:`student_config`).
         ImportError: diffusers is not installed.
 
     Example:
@@ -222,6 +235,56 @@ def split_rounds(
                 f"{[list(g) for g in groups]}. Add its prefix to a round."
             )
         rounds[owner].append(unit)
+    return _buildable_rounds(teacher_config, rounds, groups)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _buildable_rounds(
+    teacher_config: Mapping[str, Any], rounds: list[list[str]], groups: Sequence[Sequence[str]]
+) -> list[list[str]]:
+    """``rounds`` with every cumulative round a loadable UNet: a round whose units need units of later rounds
+    (the units the loadable UNet closest to it removes as well) takes them over; a round that removes a unit too
+    early (one no later unit makes removable with it) is refused, naming the units."""
+    rounds = [list(r) for r in rounds]
+    done: set[str] = set()
+    for k in range(len(rounds)):
+        while rounds[k]:
+            cumulative = _largest(done | set(rounds[k]))
+            got = _removal_plan(teacher_config, cumulative, f"round {k + 1}")[3]
+            if got == cumulative:
+                break
+            needed = sorted(got - cumulative)
+            later = [(r, u) for r in range(k + 1, len(rounds)) for u in rounds[r]]
+            pull = [(r, u) for r, u in later if any(_overlaps(u, n) for n in needed)]
+            uncovered = [n for n in needed if not any(_overlaps(u, n) for _, u in pull)]
+            early = sorted(cumulative - got)
+            if early or uncovered or not pull:
+                what = (
+                    f"removes {early} before the units that make them removable"
+                    if early
+                    else f"needs {uncovered} as well, which no later round removes"
+                )
+                raise OptionError(
+                    f"Expected every round of `groups` to leave a diffusers-loadable UNet, but round {k + 1} "
+                    f"({list(groups[k])}) {what} (a down resnet goes with its attention and the up resnets of its "
+                    "level, the last ones first; the mid block loses its attention and second resnet together; the "
+                    "innermost stage goes with its downsampler). Put those units in one group, or in a later group "
+                    "than the units they need."
+                )
+            moved = [u for _, u in pull]
+            logger.info(
+                "split_rounds: round %d (%s) takes %s from later rounds: they must be removed with it",
+                k + 1,
+                list(groups[k]),
+                moved,
+            )
+            for r, u in pull:
+                rounds[r].remove(u)
+            rounds[k] = sorted(rounds[k] + moved)
+        done |= set(rounds[k])
     return rounds
 
 
@@ -237,11 +300,18 @@ def _attention_depth(lay: _Layout, attention: str) -> int | None:
     return depths[b][j] if b < len(depths) and j < len(depths[b]) else None
 
 
-def _plan_without(
+def _largest(units: set[str]) -> set[str]:
+    """``units`` without those inside another of them."""
+    return {u for u in units if not any(u.startswith(a + ".") for a in units)}
+
+
+def _removal_plan(
     source_config: Mapping[str, Any], removed: set[str], name: str
-) -> tuple[BlockRemovalSpec, dict[str, list[int]], _Plan]:
-    """The spec, per-attention kept layers and plan of the source with exactly the units ``removed`` gone."""
-    removed = {u for u in removed if not any(u.startswith(a + ".") for a in removed)}  # largest units only
+) -> tuple[BlockRemovalSpec, dict[str, list[int]], _Plan, set[str]]:
+    """The spec, per-attention kept layers and plan that ``removed`` asks of the source (down resnets counted, mid
+    block and transformer layers as named), and the units that plan really removes (largest only): these equal
+    ``_largest(removed)`` exactly when the removal is a diffusers-loadable UNet."""
+    removed = _largest(removed)
     lay = _layout(source_config)
     n = lay.levels
     mid: Literal["keep", "resnet", "none"] = "keep"
@@ -273,7 +343,20 @@ def _plan_without(
         name=name, layers_per_block=layers, mid_block=mid, drop_innermost=f"down_blocks.{n - 1}" in removed
     )
     plan = _plan(source_config, spec, kept)
-    got = set(_removed_units(_state_names(source_config), _used_by(plan.config, plan.module_map)))
+    return (
+        spec,
+        kept,
+        plan,
+        set(_removed_units(_state_names(source_config), _used_by(plan.config, plan.module_map))),
+    )
+
+
+def _plan_without(
+    source_config: Mapping[str, Any], removed: set[str], name: str
+) -> tuple[BlockRemovalSpec, dict[str, list[int]], _Plan]:
+    """The spec, per-attention kept layers and plan of the source with exactly the units ``removed`` gone."""
+    spec, kept, plan, got = _removal_plan(source_config, removed, name)
+    removed = _largest(removed)
     if got != removed:
         shown = f"{sorted(removed)[:6]}{' ...' if len(removed) > 6 else ''}"
         needs = f" needs {sorted(got - removed)} as well" if got - removed else ""

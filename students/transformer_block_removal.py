@@ -82,6 +82,7 @@ from torch import nn
 
 from .._checks import DTypeError, OptionError, ShapeError, check_bool, check_module, check_option
 from .._modules import unwrap_model
+from .block_removal import _spread_indices
 
 __all__ = [
     "TRANSFORMER_PRESETS",
@@ -151,7 +152,8 @@ class TransformerBlockRemovalSpec:
             of the teacher's or the kept indices (negative indices count from the end).
         single_blocks: FLUX's single-stream blocks kept, as ``blocks`` (must stay None for SD3 and Wan).
         rule: Which blocks a count or fraction keeps: ``"spread"`` (the default: evenly spaced, first and last
-            included), ``"first"``, ``"last"`` or ``fn(teacher_count, student_count) -> indices``.
+            included, ties rounded half up: depth 6 -> 3 keeps 0, 3, 5, as UNet
+            block removal's ``"spread"``), ``"first"``, ``"last"`` or ``fn(teacher_count, student_count) -> indices``.
         stride: Keep every ``stride``-th block of the whole execution order (FLUX: double then single blocks),
             starting at block 0, instead of ``blocks`` / ``single_blocks`` (Flux-Mini: 4). Default None.
 
@@ -314,7 +316,7 @@ def _pick(keep: BlockKeep, rule: KeepRule, n: int, what: str) -> list[int]:
         return list(range(k))
     if rule == "last":
         return list(range(n - k, n))
-    return [0] if k == 1 else [math.floor(j * (n - 1) / (k - 1) + 0.5) for j in range(k)]
+    return _spread_indices(n, k)
 
 
 @dataclass
@@ -326,6 +328,14 @@ class _Plan:
 
 
 def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, kind: str) -> _Plan:
+    """What ``spec`` keeps of a teacher of family ``kind``: the one place both public builders go through, so
+    both refuse a preset of another family (by the spec's name, e.g. ``"flux-mini"`` for an SD3 teacher;
+    ``TRANSFORMER_PRESETS[...].replace(...)`` keeps the name, a custom name is not checked)."""
+    if isinstance(spec.name, str) and _PRESET_CLASS.get(spec.name, kind) != kind:
+        raise OptionError(
+            f"Expected a preset for {kind}, but {spec.name!r} is for {_PRESET_CLASS[spec.name]}. Presets: "
+            f"{sorted(n for n, c in _PRESET_CLASS.items() if c == kind)}."
+        )
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     main = _main_list(kind)
     counts = {main: _count(config.get("num_layers", {_SD3: 18, _FLUX: 19, _WAN: 40}[kind]), "num_layers")}
@@ -387,8 +397,9 @@ def transformer_student_config(
     Raises:
         DTypeError: ``teacher_config`` is not a mapping of an SD3, FLUX or Wan transformer; ``spec`` is neither a
             preset name nor a spec.
-        OptionError: an unknown preset; a spec that does not fit the teacher (an index out of range, more blocks
-            than the teacher has, ``single_blocks`` for SD3 / Wan, a stride that leaves a block list empty).
+        OptionError: an unknown preset or a preset of another family (e.g. ``"flux-mini"`` for an SD3 config); a
+            spec that does not fit the teacher (an index out of range, more blocks than the teacher has,
+            ``single_blocks`` for SD3 / Wan, a stride that leaves a block list empty).
 
     Example:
         >>> cfg = {"num_layers": 24, "dual_attention_layers": tuple(range(13))}  # SD3.5-Medium's depths
@@ -622,14 +633,9 @@ def build_transformer_student(
             f"`.config`), but got {type(teacher).__name__}."
         )
     kind = _class_of(config, teacher)
-    if isinstance(spec.name, str) and _PRESET_CLASS.get(spec.name, kind) != kind:
-        raise OptionError(
-            f"Expected a preset for {kind}, but {spec.name!r} is for {_PRESET_CLASS[spec.name]}. Presets: "
-            f"{sorted(n for n, c in _PRESET_CLASS.items() if c == kind)}."
-        )
+    plan = _plan(config, spec, kind)
     if count_flops:
         _flops_args(config, kind, latent_size, text_tokens)  # refuse bad sizes before building anything
-    plan = _plan(config, spec, kind)
     module_map: dict[str, str] = {}
     removed: list[str] = []
     for lst, kept in plan.kept.items():

@@ -530,8 +530,7 @@ def _chain_through(teacher: nn.Module, rounds: list[list[str]], *, flops: bool =
 
 @pytest.mark.parametrize(
     ("config", "preset", "groups"),
-    [
-        (TINY_SDXL, "ssd-1b", ROUND_GROUPS),
+    [  # the default groups of every preset: test_default_rounds_of_every_preset_are_each_buildable
         (TINY_SDXL, "vega", (("up_blocks",), ("mid_block", "down_blocks"))),
         (
             TINY_SD15,
@@ -555,6 +554,52 @@ def test_rounds_of_a_preset_end_at_the_preset_student(config: dict, preset: str,
     assert chain.rounds[-1].module_map == report.module_map
     assert chain.removed == report.removed
     assert chain.kd_pairs("layer") == report.kd_pairs("layer")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_default_rounds_of_every_preset_are_each_buildable(preset: str) -> None:
+    # Audit 2, item 5: with the default groups, BK-SDM's down-path round was refused by remove_blocks (its down
+    # resnets need the up resnets of their level, which the default put in round 3). Each preset on the
+    # tiny config of the teacher it was published for.
+    config = TINY_SD15 if preset.startswith("bk-sdm") else TINY_SDXL
+    teacher = on_meta(config)
+    rounds = split_rounds(config, preset)
+    assert len(rounds) == len(ROUND_GROUPS)
+    assert sorted(u for r in rounds for u in r) == removed_units(config, preset)
+    student, chain = _chain_through(teacher, rounds)  # remove_blocks refuses an unloadable round
+    assert [r.removed for r in chain.rounds] == rounds
+    _, report = build_student(teacher, preset)
+    expected = json.loads(json.dumps({k: v for k, v in report.config.items() if not k.startswith("_")}))
+    assert json.loads(json.dumps({k: student.config[k] for k in expected})) == expected == chain.config
+    assert chain.rounds[-1].module_map == report.module_map
+    assert chain.removed == report.removed
+    assert chain.kd_pairs("layer") == report.kd_pairs("layer")
+    if preset.startswith("bk-sdm"):  # the up path goes with the down path (ROUND_GROUPS' docstring)
+        assert rounds[2] == [] and any(u.startswith("up_blocks") for u in rounds[1])
+        assert (rounds[0] == []) == (preset == "bk-sdm-base")
+    else:  # SSD-1B / Vega: each round holds what its group names
+        for units, group in zip(rounds, ROUND_GROUPS):
+            assert units and all(u.startswith(group[0] + ".") for u in units)
+
+
+def test_bk_sdm_rounds_copy_the_weights_build_student_copies() -> None:
+    teacher = build(TINY_SD15)
+    student, _ = _chain_through(teacher, split_rounds(TINY_SD15, "bk-sdm-tiny"))
+    expected, _ = build_student(teacher, "bk-sdm-tiny")
+    got, want = student.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_split_rounds_refuses_a_round_that_removes_units_too_early() -> None:
+    # BK-SDM's up resnets can only go with the down resnets of their level (layers_per_block + 1 per up
+    # block): an up-path round before the down path is refused, naming the units; no later unit is pulled in.
+    with pytest.raises(
+        OptionError,
+        match=r"round 1 \(\['up_blocks'\]\) removes \['up_blocks\.0\.resnets\.1', 'up_blocks\.1\.attentions\.1', ",
+    ):
+        split_rounds(TINY_SD15, "bk-sdm-base", (("up_blocks",), ("mid_block", "down_blocks")))
 
 
 def test_each_round_starts_from_the_previous_rounds_student() -> None:

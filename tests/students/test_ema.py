@@ -164,6 +164,59 @@ def test_update_after_a_dtype_change_writes_the_live_copy():
     torch.testing.assert_close(ema.module[0].weight, 0.5 * before_weight + 0.5 * net[0].weight)
 
 
+def _double_under_the_overwrite_flag(ema: EMA) -> None:
+    # torch then gives the copy new Parameter objects as well as new buffers.
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        ema.module.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+
+
+def _load_assigned(ema: EMA) -> None:
+    state = {
+        k: v.double().clone() if v.is_floating_point() else v.clone()
+        for k, v in ema.module.state_dict().items()
+    }
+    ema.module.load_state_dict(state, assign=True)
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda ema: ema.module.double(),
+        lambda ema: torch.nn.ModuleDict({"unet": ema.module}).to(
+            torch.float64
+        ),  # pipe.unet = ema.module; pipe.to
+        _double_under_the_overwrite_flag,
+        _load_assigned,
+    ],
+    ids=["module.double", "pipeline.to", "overwrite_params_flag", "load_state_dict_assign"],
+)
+def test_update_reaches_the_copy_after_the_copy_itself_is_moved(move):
+    # Audit 2, item 2: moving / casting ema.module (not the EMA) puts new tensors in the copy; later updates
+    # must average into those (a stale list of the old tensors left BatchNorm's statistics frozen).
+    net = _net()
+    ema = EMA(net, decay=0.5)
+    net.train()
+    net(torch.randn(8, 3) + 5.0)
+    ema.update(net)
+    move(ema)
+    net.double()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(8, 3, dtype=torch.float64) + 5.0)  # moves the running statistics, counts a batch
+    copy = ema.module
+    before = {k: v.clone() for k, v in copy.state_dict().items()}
+    ema.update(net)
+    assert copy[0].weight.dtype == torch.float64
+    for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var", "2.weight"):
+        now, online = copy.state_dict()[name], net.state_dict()[name]
+        torch.testing.assert_close(now, 0.5 * before[name] + 0.5 * online, rtol=0, atol=1e-12)
+    assert not torch.equal(copy[1].running_mean, before["1.running_mean"])
+    assert int(copy[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 2  # copied, not averaged
+
+
 def test_update_counter_lives_on_the_model_device():
     # The whole state_dict sits with the model (meta stands in for a GPU; the first H200 run found the
     # counter on the CPU beside a CUDA average).

@@ -3,6 +3,7 @@ parameter and FLOP counts (against an independent hand count), the SD3 context-p
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -29,6 +30,7 @@ from transformer_configs import (  # noqa: E402
     SD35_MEDIUM_CONFIG,
     tiny_flux_transformer_config,
     tiny_sd3_transformer_config,
+    tiny_wan_transformer_config,
 )
 
 TEXT = 5  # text tokens of the tiny inputs
@@ -409,3 +411,69 @@ def test_span_end_pairs_match_the_last_teacher_block_of_each_span() -> None:
     assert torch.isfinite(loss) and logs["feature/transformer_blocks.0"].item() > 0
     with pytest.raises(OptionError, match=r"Expected `target` to be one of \['source', 'span_end'\]"):
         report.kd_pairs("end")  # type: ignore[arg-type]
+
+
+_FAMILY_CONFIGS = {
+    "SD3Transformer2DModel": tiny_sd3_transformer_config(num_layers=24),
+    "FluxTransformer2DModel": tiny_flux_transformer_config(num_layers=19, num_single_layers=38),
+    "WanTransformer3DModel": tiny_wan_transformer_config(num_layers=30),
+}
+_PRESET_FAMILY = {
+    "flux-lite-8b": "FluxTransformer2DModel",
+    "flux-mini": "FluxTransformer2DModel",
+    "sd3-half": "SD3Transformer2DModel",
+    "sd3-early": "SD3Transformer2DModel",
+    "wan-half": "WanTransformer3DModel",
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILY_CONFIGS))
+@pytest.mark.parametrize("preset", sorted(TRANSFORMER_PRESETS))
+def test_transformer_student_config_refuses_a_preset_of_another_family(preset: str, family: str) -> None:
+    # Audit 2, item 4: the config-only path refuses what build_transformer_student refuses (an SD3 config with
+    # "flux-mini" gave a 6-block SD3 student silently).
+    assert set(_PRESET_FAMILY) == set(TRANSFORMER_PRESETS)
+    config = _FAMILY_CONFIGS[family]
+    if _PRESET_FAMILY[preset] == family:
+        assert transformer_student_config(config, preset)["num_layers"] < config["num_layers"]
+        return
+    with pytest.raises(OptionError, match=rf"Expected a preset for {family}, but '{preset}' is for"):
+        transformer_student_config(config, preset)
+    with pytest.raises(OptionError, match=rf"Expected a preset for {family}, but '{preset}' is for"):
+        transformer_student_config(config, TRANSFORMER_PRESETS[preset].replace(rule="first"))
+
+
+def test_spread_rule_rounds_ties_half_up_as_unet_block_removal() -> None:
+    # Audit 2, item 9: the UNet rule rounded ties to even (6 -> 3 kept [0, 2, 5]), the transformer rule half
+    # up ([0, 3, 5]); both now use one rule. Oracle: exact fractions, floor(j (n - 1) / (k - 1) + 1/2).
+    from fractions import Fraction
+
+    from diffdistill.students import BlockRemovalSpec, removed_units
+    from diffdistill.students.block_removal import _spread_indices
+
+    def oracle(n: int, k: int) -> list[int]:
+        return (
+            [0] if k == 1 else [math.floor(Fraction(j * (n - 1), k - 1) + Fraction(1, 2)) for j in range(k)]
+        )
+
+    for n in range(1, 41):
+        for k in range(1, n + 1):
+            assert _spread_indices(n, k) == oracle(n, k), (n, k)
+    assert oracle(6, 3) == [0, 3, 5]
+    # the transformer path
+    sd3 = tiny_sd3(num_layers=6)
+    _, report = build_transformer_student(sd3, TransformerBlockRemovalSpec(blocks=3), count_flops=False)
+    assert list(report.module_map.values()) == [f"transformer_blocks.{i}" for i in (0, 3, 5)]
+    # the UNet path: a level-1 attention of depth 6 keeps 3 transformer layers
+    unet_config = {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [8, 16],
+        "norm_num_groups": 4,
+        "cross_attention_dim": 8,
+        "attention_head_dim": 4,
+        "transformer_layers_per_block": [1, 6],
+    }
+    spec = BlockRemovalSpec(down_transformer_layers=(None, 3), mid_block="resnet")
+    gone = [u for u in removed_units(unet_config, spec) if not u.startswith("mid_block")]
+    assert gone == [f"down_blocks.1.attentions.{a}.transformer_blocks.{b}" for a in (0, 1) for b in (1, 2, 4)]
