@@ -241,7 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="space of the fake score's loss (default: velocity, the teacher's CFM loss)",
     )
     g.add_argument("--sid_alpha", type=float, default=None, help="SiD's alpha (preset sid: 1)")
-    g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
+    g.add_argument(
+        "--sim_distance",
+        choices=["pseudo_huber", "l2"],
+        default=None,
+        help="--loss sim (default pseudo_huber)",
+    )
     g.add_argument("--sim_c", type=float, default=None, help="pseudo-Huber c (default: sim_loss's)")
     g.add_argument(
         "--gan_weight",
@@ -253,16 +258,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "needs --train_data_dir",
     )
     g.add_argument(
-        "--gan_classifier_weight", type=float, default=1.0, help="the classifier's loss in the fake update"
+        "--gan_classifier_weight",
+        type=float,
+        default=None,
+        help="the classifier's loss in the fake update (default 1; needs --gan_weight)",
     )
-    g.add_argument("--discriminator_blocks", type=int, nargs="+", default=None)
-    g.add_argument("--discriminator_norm_groups", type=int, default=32)
+    g.add_argument("--discriminator_blocks", type=int, nargs="+", default=None, help="needs --gan_weight")
+    g.add_argument(
+        "--discriminator_norm_groups", type=int, default=None, help="default 32; needs --gan_weight"
+    )
     fallback = {key: p.get_default(key) for preset in PRESETS.values() for key in preset}
     fallback.update(sid_alpha=1.2, num_student_steps=1, generator_every=1)
     p.set_defaults(use_lora=True, **{key: None for key in fallback})
     args = p.parse_args(argv)
+    given = {key for key in fallback if getattr(args, key) is not None}
     resolve_preset(args, fallback)
+    check_unused_args(args, given)
     return check_dmd2_args(args)
+
+
+#: Defaults of the options only the GAN classifier (``--gan_weight``) reads.
+GAN_DEFAULTS = {"gan_classifier_weight": 1.0, "discriminator_blocks": None, "discriminator_norm_groups": 32}
+
+
+def check_unused_args(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse the options this run would ignore (another ``--loss``'s, the GAN's without ``--gan_weight``,
+    ``--num_student_steps`` beside a ``--student_sigmas`` of another length) and fill their defaults;
+    ``given``: the preset options given on the command line. Raises ``ValueError``."""
+    unused = {
+        "sid_alpha": (args.loss != "sid" and "sid_alpha" in given, "--loss sid"),
+        "sim_c": (args.loss != "sim" and args.sim_c is not None, "--loss sim"),
+        "sim_distance": (args.loss != "sim" and args.sim_distance is not None, "--loss sim"),
+        **{
+            name: (not args.gan_weight and getattr(args, name) is not None, "--gan_weight")
+            for name in GAN_DEFAULTS
+        },
+    }
+    for name, (ignored, needs) in unused.items():
+        if ignored:
+            raise ValueError(f"--{name} applies only with {needs}, which this run does not use: drop it.")
+    for name, default in {"sim_distance": "pseudo_huber", **GAN_DEFAULTS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.student_sigmas is not None:
+        if "num_student_steps" in given and args.num_student_steps != len(args.student_sigmas):
+            raise ValueError(
+                f"--student_sigmas gives the generator's {len(args.student_sigmas)}-step grid, but "
+                f"--num_student_steps is {args.num_student_steps}: drop --num_student_steps (the sigmas set K)."
+            )
+        args.num_student_steps = len(args.student_sigmas)  # K is the grid's length (the preset's K is unused)
+    if args.discriminator_norm_groups < 1:
+        raise ValueError(
+            f"Expected --discriminator_norm_groups >= 1, but got {args.discriminator_norm_groups}."
+        )
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
@@ -279,6 +327,7 @@ def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
 def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the options (``ValueError`` with the fix)."""
     options.check_common_args(args, image_method=args.gan_weight > 0)
+    flow_options.check_flow_values(args)
     if args.num_student_steps < 1:
         raise ValueError(f"Expected --num_student_steps >= 1, but got {args.num_student_steps}.")
     sig = args.student_sigmas

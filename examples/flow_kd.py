@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CFG scale of the validation grid; default: the pipeline's (SD3 7.0; FLUX 1, i.e. FluxPipeline's "
         "true_cfg_scale); a guidance-distilled FLUX samples with its embedded --guidance and refuses this",
     )
-    args = options.check_common_args(p.parse_args(argv), image_method=True)
+    args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv), image_method=True))
     if args.use_lora:
         raise ValueError(
             "flow_kd trains the whole block-removed student (a new architecture): drop --use_lora."
@@ -193,6 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Expected --teacher_guidance_scale >= 1 (1: the conditional teacher), but got "
             f"{args.teacher_guidance_scale}."
         )
+    options.check_range(args, "validation_inference_steps", low=1)
     return args
 
 

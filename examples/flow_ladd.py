@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SD3: classifier-free guidance of the teacher samples (default 7.0, StableDiffusion3Pipeline's); "
         "refused for FLUX (its guidance is --guidance)",
     )
-    args = options.check_common_args(p.parse_args(argv))
+    args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv)))
     return check_ladd_args(args)
 
 
@@ -211,6 +211,14 @@ def check_ladd_args(args: argparse.Namespace) -> argparse.Namespace:
             f"--r1_gamma {args.r1_gamma} needs --r1_approximate_sigma (e.g. 0.1): the exact R1 penalty differentiates "
             "the teacher's attention twice, which PyTorch's fused attention kernels do not support. Pass "
             "--r1_approximate_sigma for the finite-difference R1, or --r1_gamma 0."
+        )
+    if args.teacher_guidance_scale is not None and not args.teacher_guidance_scale >= 1:
+        raise ValueError(
+            f"Expected --teacher_guidance_scale >= 1 (1: no guidance), but got {args.teacher_guidance_scale}."
+        )
+    if args.discriminator_norm_groups < 1:
+        raise ValueError(
+            f"Expected --discriminator_norm_groups >= 1, but got {args.discriminator_norm_groups}."
         )
     return args
 

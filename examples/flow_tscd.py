@@ -28,7 +28,9 @@ One optimisation step (``train_step``):
    LCM's, the paper gives none) or the student itself under ``no_grad`` (``--target online``).
 5. The distance (Sec. 3.1): MSE + adversarial, the stage plan's weights (the adversarial weight grows, the MSE
    weight shrinks across stages; the paper gives no numbers: ``StagePlan.hyper_sd``'s 1 - i/(n-1) and
-   i/(n-1)); ``--distance mse`` keeps MSE alone in every stage. The adversarial term is LADD-style (our
+   i/(n-1)); ``--distance mse`` keeps MSE alone in every stage. A one-stage plan (``--num_segments k``) has
+   adversarial weight 0 (the plan's choice), so it defaults to ``--distance mse`` and refuses ``--distance
+   hybrid`` and the discriminator flags (:func:`check_distance_args`). The adversarial term is LADD-style (our
    choice for flow transformers; the SDXL script copies the UNet encoder): heads on the *frozen teacher's*
    transformer blocks (:class:`diffdistill.discriminators.LADDDiscriminator`, conditioned on the noise level
    and the pooled text) judge both sides at ``t_end``, the target side as real and the student side as fake,
@@ -157,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flow_options.add_flow_args(p)
     g = p.add_argument_group("Hyper-SD (TSCD)")
     g.add_argument(
-        "--segments", default="8,4,2,1", help="segment counts k, one stage each (Hyper-SD: 8,4,2,1)"
+        "--segments", default=None, help="segment counts k, one stage each (default 8,4,2,1, Hyper-SD's)"
     )
     g.add_argument(
         "--num_segments", type=int, default=None, help="one stage of k segments instead of --segments"
@@ -204,23 +206,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--distance",
         choices=["hybrid", "mse"],
-        default="hybrid",
-        help="hybrid: MSE + adversarial with the stage plan's weights (the paper); mse: MSE in every stage",
+        default=None,
+        help="hybrid: MSE + adversarial with the stage plan's weights (the paper); mse: MSE in every stage. "
+        "Default: hybrid, or mse for a plan without adversarial weight (one stage: StagePlan.hyper_sd's "
+        "single-stage plan is MSE only), where hybrid and the discriminator options are refused",
     )
     g.add_argument("--gan_loss", choices=["non_saturating", "hinge"], default="non_saturating")
     flow_options.add_ladd_head_args(g, lr_help="default: --learning_rate")
     g.add_argument("--discriminator_adam_beta1", type=float, default=0.0, help="Lightning's Adam (0, 0.99)")
     g.add_argument("--discriminator_adam_beta2", type=float, default=0.99)
-    return check_tscd_args(options.check_common_args(p.parse_args(argv), image_method=True))
+    # None: not given (the discriminator options are refused when no stage trains a discriminator)
+    p.set_defaults(**{name: None for name in DISCRIMINATOR_DEFAULTS})
+    args = options.check_common_args(p.parse_args(argv), image_method=True)
+    return check_tscd_args(flow_options.check_flow_values(args))
+
+
+#: The discriminator options' defaults (filled by :func:`check_tscd_args` when a stage trains a discriminator).
+DISCRIMINATOR_DEFAULTS = {
+    "gan_loss": "non_saturating",
+    "discriminator_blocks": None,
+    "discriminator_head_channels": None,
+    "discriminator_norm_groups": 32,
+    "discriminator_learning_rate": None,
+    "discriminator_adam_beta1": 0.0,
+    "discriminator_adam_beta2": 0.99,
+}
 
 
 def check_tscd_args(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the TSCD options (``ValueError`` with the fix) and fill ``args.segments_list``."""
+    if args.num_segments is not None and args.segments is not None:
+        raise ValueError(
+            f"Pass --segments (a list of stages) or --num_segments (one stage), not both: got --segments "
+            f"{args.segments} and --num_segments {args.num_segments}."
+        )
     if args.num_segments is not None:
         args.segments_list = [args.num_segments]
     else:
         try:
-            args.segments_list = [int(k) for k in args.segments.split(",")]
+            args.segments_list = [int(k) for k in (args.segments or "8,4,2,1").split(",")]
         except ValueError:
             raise ValueError(
                 f"Expected --segments to be comma-separated segment counts, e.g. 8,4,2,1, but got {args.segments!r}."
@@ -243,10 +267,49 @@ def check_tscd_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"Expected --trajectory_segments >= 1, but got {args.trajectory_segments}.")
     if args.target_ema_decay is not None and not 0 <= args.target_ema_decay <= 1:
         raise ValueError(f"Expected --target_ema_decay in [0, 1], but got {args.target_ema_decay}.")
+    if args.target_ema_decay is not None and args.target != "ema":
+        raise ValueError("--target_ema_decay is the decay of --target ema: drop it with --target online.")
+    if args.teacher_guidance_scale is not None and not args.teacher_guidance_scale >= 1:
+        raise ValueError(
+            f"Expected --teacher_guidance_scale >= 1 (1: no guidance), but got {args.teacher_guidance_scale}."
+        )
+    check_distance_args(args)
+    return args
+
+
+def check_distance_args(args: argparse.Namespace) -> None:
+    """Resolve ``--distance`` and refuse the discriminator options where no stage trains a discriminator.
+
+    ``StagePlan.hyper_sd`` gives stage ``i`` of ``n`` the adversarial weight ``i/(n-1)``; a one-stage plan
+    (``--num_segments k``) is MSE only (the paper gives no weights; the library's documented choice). Our
+    choice: rather than invent a weight for a lone stage, such a run defaults to ``--distance mse`` and refuses
+    ``--distance hybrid`` and the discriminator flags, which it would ignore. Raises ``ValueError``."""
+    plan = StagePlan.hyper_sd(args.segments_list, num_inference_steps=args.num_inference_steps)
+    planned = any(stage.loss_weights.get("adversarial", 0) > 0 for stage in plan)
+    given = [f"--{name}" for name in DISCRIMINATOR_DEFAULTS if getattr(args, name) is not None]
+    if not planned and args.distance == "hybrid":
+        raise ValueError(
+            f"The plan {args.segments_list} has no adversarial weight (a one-stage TSCD plan is MSE only: "
+            "StagePlan.hyper_sd), so --distance hybrid would train MSE alone: pass --distance mse (or several "
+            "stages, e.g. --segments 8,4,2,1)."
+        )
+    if args.distance is None:
+        args.distance = "hybrid" if planned else "mse"
+    if args.distance == "mse" and given:
+        why = "--distance mse" if planned else f"the plan {args.segments_list} (MSE only)"
+        raise ValueError(
+            f"{', '.join(given)} configure the discriminator, which {why} does not train: drop them."
+        )
+    for name, default in DISCRIMINATOR_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("discriminator_adam_beta1", "discriminator_adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ValueError(f"Expected --{name} in [0, 1), but got {getattr(args, name)}.")
-    return args
+    if args.discriminator_norm_groups < 1:
+        raise ValueError(
+            f"Expected --discriminator_norm_groups >= 1, but got {args.discriminator_norm_groups}."
+        )
 
 
 def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowComponents) -> None:

@@ -63,6 +63,7 @@ from diffdistill.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
     lazy_r1_penalty,
+    load_latent_lpips_state_dict,
     mix_and_match,
 )
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
@@ -114,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gan_weight", type=float, default=0.5)
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
     g.add_argument("--r1_gamma", type=float, default=1.0)
-    g.add_argument("--r1_every", type=int, default=16)
+    g.add_argument("--r1_every", type=int, default=None, help="R1 every N discriminator steps (default 16)")
     g.add_argument(
         "--r1_approximate_sigma",
         type=float,
@@ -128,6 +129,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared_critics.check_shared_base_args(args)
     if args.r1_gamma < 0:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
+    if args.r1_gamma == 0:
+        given = [f"--{n}" for n in ("r1_every", "r1_approximate_sigma") if getattr(args, n) is not None]
+        if given:
+            raise ValueError(f"--r1_gamma 0 turns R1 off, so {', '.join(given)} would be ignored: drop them.")
+    args.r1_every = 16 if args.r1_every is None else args.r1_every
+    for name in ("num_pairs", "pairs_shard_size", "teacher_steps", "r1_every"):
+        options.check_range(args, name, low=1)
+    why = "the generator's input timestep; 999: pure noise"
+    options.check_range(args, "generator_timestep", low=0, high=999, why=why)
+    options.check_range(args, "gan_weight", low=0, why="0: no adversarial term")
     if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
         raise ValueError(
             f"Expected --r1_approximate_sigma > 0, but got {args.r1_approximate_sigma}; leave it out for exact R1."
@@ -147,6 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "VGG trunk, which is not the paper's E-LatentLPIPS; pass --lpips_weights random to train with "
             "it anyway."
         )
+    if args.lpips_weights != "random":
+        # read it now (a missing or wrong-format file fails here, not after the model load and the pairs)
+        try:
+            load_latent_lpips_state_dict(args.lpips_weights)
+        except (
+            Exception
+        ) as err:  # missing, unreadable or not a LatentLPIPS checkpoint (safetensors raises its own)
+            raise ValueError(f"--lpips_weights {args.lpips_weights}: {err}") from err
     if args.pairs_seed is None:
         args.pairs_seed = args.seed
     return args

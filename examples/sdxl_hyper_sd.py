@@ -10,7 +10,9 @@ the other, each for an equal share of the TSCD steps; the distance between the s
 target side of :func:`diffdistill.losses.consistency_pair` is the stage's ``mse`` weight times MSE plus its
 ``adversarial`` weight times the non-saturating GAN loss of an unconditional ``UNetEncoderDiscriminator``
 (a trainable copy of the base UNet's encoder and mid block with a strided-conv head; one D for the whole
-run, not reset between stages), which judges both sides at ``t_end``. The teacher is the
+run, not reset between stages), which judges both sides at ``t_end``. A plan whose stages all have
+adversarial weight 0 (one stage, e.g. ``--segments 1``: ``StagePlan.hyper_sd``'s single-stage plan is MSE
+only) builds no D, and its discriminator flags are refused (our choice: the paper gives no weights). The teacher is the
 same UNet with its adapters disabled (LoRA) or a frozen copy (full UNet), run with classifier-free
 guidance: a scale ``omega ~ U[--guidance_scale_min, --guidance_scale_max]`` drawn per sample (Alg. 1 line 6;
 the paper gives no range, both ends default to ``--guidance_scale`` 7, a fixed scale). The discriminator
@@ -61,7 +63,12 @@ samples when a reward model is given (the paper adds "the human-feedback losses"
 used here: this stage loads no dataset images). It runs after the feedback phase and trains the TSCD LoRA
 with the feedback LoRA active and frozen. The output is the one-step model, written like the TSCD one (with a
 feedback phase: the unified LoRA), and the multi-step student reached just before the stage (likewise) is
-written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``).
+written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``). With ``--use_ema``
+(the released average), the one average runs through the whole run and is not reset when the one-step stage
+starts: the one-step output averages the TSCD steps before it too (with ``--ema_warmup none --ema_decay
+0.9999`` and 2000 one-step steps, 0.9999^2000 = 82 % of its weight is on pre-stage weights); use a decay
+whose horizon ``1 / (1 - decay)`` is well below ``--one_step_steps``, or no ``--use_ema``, for a one-step model
+of the stage alone.
 
 Example::
 
@@ -244,7 +251,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=500,
         help="t_a: the perceptual branch starts from dataset latents noised to t_a (not given; our choice)",
     )
+    # None: not given (refused where the stage or phase that reads them does not run; filled below)
+    p.set_defaults(
+        **{name: None for name in (*ONE_STEP_DEFAULTS, *FEEDBACK_DEFAULTS, *DISCRIMINATOR_DEFAULTS)}
+    )
     args = options.check_common_args(p.parse_args(argv), image_method=True)
+    check_stage_options(args)
     for end in ("guidance_scale_min", "guidance_scale_max"):
         if getattr(args, end) is None:
             setattr(args, end, args.guidance_scale)
@@ -265,6 +277,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     check_feedback_args(args)
     return args
+
+
+#: Defaults of the options that only the one-step stage, the feedback phase or the discriminator read.
+ONE_STEP_DEFAULTS = {
+    "generator_timestep": 999,
+    "one_step_mse_weight": 1.0,
+    "one_step_teacher_steps": 4,
+    "generator_every": 1,
+    "fake_learning_rate": None,
+}
+FEEDBACK_DEFAULTS = {"feedback_learning_rate": None, "feedback_timestep_range": (0, 250)}
+DISCRIMINATOR_DEFAULTS = {
+    "discriminator_learning_rate": None,
+    "discriminator_adam_beta1": 0.0,
+    "discriminator_adam_beta2": 0.99,
+}
+
+
+def check_stage_options(args: argparse.Namespace) -> None:
+    """Refuse the options of a stage or phase the run does not have, fill their defaults, and bound the
+    TSCD and one-step values (``ValueError`` with the fix).
+
+    ``--one_step_*`` / ``--generator_*`` / ``--fake_learning_rate`` need ``--one_step_steps``; ``--feedback_*``
+    need ``--feedback_steps``; the discriminator options need a stage with adversarial weight
+    (``StagePlan.hyper_sd``: a one-stage plan is MSE only, and then no discriminator is built);
+    ``--target_ema_decay`` needs ``--target ema``."""
+    try:
+        segments = [int(k) for k in args.segments.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"Expected --segments to be comma-separated segment counts, e.g. 8,4,2,1, but got {args.segments!r}."
+        ) from None
+    if args.num_inference_steps < 1 or 1000 % args.num_inference_steps:
+        raise ValueError(
+            f"Expected --num_inference_steps to divide 1000 (e.g. 50, 40, 25), but got {args.num_inference_steps}."
+        )
+    if len(set(segments)) != len(segments) or not all(1 <= k <= args.num_inference_steps for k in segments):
+        raise ValueError(
+            f"Expected distinct segment counts in [1, --num_inference_steps ({args.num_inference_steps})], but "
+            f"got {segments}."
+        )
+    args.adversarial = has_adversarial_stage(args)
+    groups = (
+        (ONE_STEP_DEFAULTS, args.one_step_steps > 0, "the one-step stage (--one_step_steps N)"),
+        (FEEDBACK_DEFAULTS, args.feedback_steps > 0, "the feedback phase (--feedback_steps N)"),
+        (
+            DISCRIMINATOR_DEFAULTS,
+            args.adversarial,
+            f"the discriminator (a stage with adversarial weight; --segments {args.segments} has none: a "
+            "one-stage plan is MSE only)",
+        ),
+    )
+    for defaults, used, what in groups:
+        given = [f"--{name}" for name in defaults if getattr(args, name) is not None]
+        if given and not used:
+            raise ValueError(f"{', '.join(given)} configure {what}, which this run does not have: drop them.")
+        for name, default in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    if args.target_ema_decay is not None:
+        if args.target != "ema":
+            raise ValueError("--target_ema_decay is the decay of --target ema: drop it with --target online.")
+        if not 0 <= args.target_ema_decay <= 1:
+            raise ValueError(f"Expected --target_ema_decay in [0, 1], but got {args.target_ema_decay}.")
+    why = "the one-step generator's input timestep; the paper: 999, or 800 for a dedicated one-step UNet"
+    options.check_range(args, "generator_timestep", low=0, high=999, why=why)
+    options.check_range(args, "one_step_mse_weight", low=0, why="0: no MSE")
+    for name in ("one_step_teacher_steps", "generator_every"):
+        options.check_range(args, name, low=1)
+
+
+def has_adversarial_stage(args: argparse.Namespace) -> bool:
+    """Whether a stage of the run's plan (``--segments``) has adversarial weight, i.e. trains the discriminator."""
+    plan = StagePlan.hyper_sd(
+        [int(k) for k in args.segments.split(",")], num_inference_steps=args.num_inference_steps
+    )
+    return any(stage.loss_weights.get("adversarial", 0) > 0 for stage in plan)
 
 
 def check_feedback_args(args: argparse.Namespace) -> None:
@@ -446,11 +535,16 @@ def main(args: argparse.Namespace) -> None:
 
     # The discriminator copies the teacher's encoder before any adapter is added.
     # Its head is sized for the bottleneck of --resolution latents (not the UNet config's sample_size).
-    disc = UNetEncoderDiscriminator(
-        unet,
-        conditional=False,
-        feature_resolution=sdxl_models.discriminator_feature_resolution(unet, args.resolution),
-        gradient_checkpointing=args.gradient_checkpointing,
+    # None where no stage has adversarial weight (a one-stage plan): nothing would step it.
+    disc = (
+        UNetEncoderDiscriminator(
+            unet,
+            conditional=False,
+            feature_resolution=sdxl_models.discriminator_feature_resolution(unet, args.resolution),
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        if args.adversarial
+        else None
     )
     fake = copy.deepcopy(unet) if args.one_step_steps else None  # the one-step stage's fake score
     unet, teacher_model = sdxl_models.student_and_teacher(args, unet, device, dtype)
@@ -476,11 +570,15 @@ def main(args: argparse.Namespace) -> None:
         )
     else:
         opt = runtime.adamw(unet.parameters(), args)
-    d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
-    opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
     # --compile (before any forward)
     compilation.compile_networks(args, unet, teacher_model, disc, fake, accelerator=accelerator)
-    unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
+    opt_d = None
+    if disc is not None:
+        d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
+        opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
+        unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
+    else:
+        unet, opt = runtime.prepare(accelerator, (unet, opt))
     if fake is not None:
         sdxl_models.make_trainable(args, fake, device, dtype)
         opt_f = runtime.adamw(fake.parameters(), args, lr=args.fake_learning_rate)
@@ -645,7 +743,10 @@ def main(args: argparse.Namespace) -> None:
             omega = omega.to(device)
         x_t = schedule.add_noise(x0, noise, sample.t)
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), runtime.autocast(accelerator):
+        with (
+            accelerator.accumulate(*(m for m in (unet, disc) if m is not None)),
+            runtime.autocast(accelerator),
+        ):
             pair = consistency_pair(
                 unet,
                 teacher,
@@ -661,7 +762,7 @@ def main(args: argparse.Namespace) -> None:
             loss = w_mse * F.mse_loss(student, target)
             t_judge = pair.sample.t_end.clamp(min=0)
             ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
-            with frozen(disc):  # until the backward below (checkpointed D recomputes there)
+            with frozen(disc) if disc is not None else contextlib.nullcontext():  # until the backward below
                 if w_adv > 0:
                     judge = runtime.forward_model(accelerator, disc)
                     g_loss, _ = gan_generator_loss(judge(student, t_judge, ehs, added))

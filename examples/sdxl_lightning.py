@@ -2,7 +2,8 @@
 
 Lin, Wang, Yang, "SDXL-Lightning: Progressive Adversarial Diffusion Distillation", 2024
 (arXiv:2402.13929), Sec. 3.4-3.7. Run the stages in order (``--stage``), each starting from the previous
-stage's UNet (``--init_unet``). The teacher of a LoRA stage is the model it starts from (the previous
+stage's UNet (``--init_unet``; refused without it after ``128->32`` unless ``--from_base``, and an
+``/unconditional`` stage without ``--init_lora`` unless ``--fresh_lora``: :func:`check_chain_args`). The teacher of a LoRA stage is the model it starts from (the previous
 level's student, progressive distillation); a full-UNet adversarial stage starts from this level's student
 (the merged LoRA, or the x0-converted model for the 1-step level), so its teacher is given by
 ``--teacher_unet`` (the previous level's model, or a skip-level one for the 1- and 2-step students'
@@ -118,7 +119,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--init_unet", default=None, help="UNet folder of the previous stage (default: the base UNet)"
     )
-    g.add_argument("--init_lora", default=None, help="LoRA file of the previous LoRA stage to continue")
+    g.add_argument(
+        "--from_base",
+        action="store_true",
+        help="start a stage after 128->32 from the base UNet instead of the previous stage's --init_unet "
+        "(leaves the chain: for tests and experiments)",
+    )
+    g.add_argument(
+        "--init_lora",
+        default=None,
+        help="/unconditional stages: the conditional stage's LoRA file (pytorch_lora_weights.safetensors) to continue",
+    )
+    g.add_argument(
+        "--fresh_lora",
+        action="store_true",
+        help="/unconditional stages: start a new LoRA instead of continuing the conditional stage's (no --init_lora)",
+    )
     g.add_argument(
         "--teacher_unet",
         default=None,
@@ -168,12 +184,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the weights from --stable_after_steps on (default: the plan's, 5 1 1 1)",
     )
-    g.add_argument("--mse_guidance_scale", type=float, default=6.0)
-    g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: the student's")
+    g.add_argument(
+        "--mse_guidance_scale", type=float, default=None, help="128->32 only: the teacher's CFG (default 6)"
+    )
+    g.add_argument(
+        "--discriminator_learning_rate",
+        type=float,
+        default=None,
+        help="adversarial stages only (default: the student's)",
+    )
     # None: the stage plan's value (resolved per stage by optimizer_options).
     p.set_defaults(adam_beta1=None, adam_beta2=None, adam_weight_decay=None)
     args = options.check_common_args(p.parse_args(argv), image_method=True)
+    stage = StagePlan.sdxl_lightning()[args.stage]
+    if args.mse_guidance_scale is not None:
+        if stage.loss != "mse":
+            raise ValueError(
+                f"--mse_guidance_scale is the teacher's CFG of the MSE stage 128->32, but stage {stage.name!r} is "
+                "adversarial: drop it."
+            )
+        if not args.mse_guidance_scale >= 1:
+            raise ValueError(
+                f"Expected --mse_guidance_scale >= 1 (1: no guidance), but got {args.mse_guidance_scale}."
+            )
+    args.mse_guidance_scale = 6.0 if args.mse_guidance_scale is None else args.mse_guidance_scale
     stage = StagePlan.sdxl_lightning(args.mse_guidance_scale)[args.stage]
+    check_chain_args(args, stage)
     if (stage.trainable == "lora") != bool(args.use_lora):
         raise ValueError(
             f"Stage {stage.name!r} trains {'a LoRA: add --use_lora' if stage.trainable == 'lora' else 'the full UNet: drop --use_lora'}."
@@ -205,7 +241,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"{stage.teacher_steps} at {stage.name!r}."
         )
     check_discriminator_args(args, stage)
+    check_init_paths(args)
     return args
+
+
+def check_chain_args(args: argparse.Namespace, stage: Any) -> None:
+    """Raise ``ValueError`` (with the fix) where ``stage`` is launched without its link to the previous stage.
+
+    Every stage after ``128->32`` starts from the previous stage's UNet (``--init_unet``, Sec. 3.6's chain;
+    ``--from_base`` opts out), and an ``/unconditional`` stage continues its level's conditional LoRA
+    (``--init_lora``; ``--fresh_lora`` opts out), as ``/full`` stages need ``--init_discriminator`` or
+    ``--fresh_discriminator`` (:func:`check_discriminator_args`)."""
+    first = stage.name == STAGES[0]
+    if args.init_unet and args.from_base:
+        raise ValueError("Expected one of --init_unet and --from_base, but got both.")
+    if first and (args.init_unet or args.from_base):
+        raise ValueError(
+            f"Stage {stage.name!r} is the first of the chain and starts from the base UNet: drop "
+            f"{'--init_unet' if args.init_unet else '--from_base'}."
+        )
+    if not first and not args.init_unet and not args.from_base:
+        raise ValueError(
+            f"Stage {stage.name!r} starts from the previous stage's UNet (e.g. --init_unet out/l-32/unet_merged "
+            "for 32->8/conditional, the commands in examples/README.md): pass --init_unet (or --from_base to "
+            "start from the base UNet, outside the paper's chain)."
+        )
+    unconditional = stage.name.endswith("/unconditional")
+    for name in ("init_lora", "fresh_lora"):
+        if getattr(args, name) and not unconditional:
+            raise ValueError(
+                f"--{name} is for the /unconditional stages (which continue their level's conditional LoRA); "
+                f"stage {stage.name!r} {'trains the full UNet' if stage.trainable == 'full' else 'starts a new LoRA'}: "
+                f"drop --{name}."
+            )
+    if unconditional:
+        level = stage.name.split("/")[0]
+        if args.init_lora and args.fresh_lora:
+            raise ValueError("Expected one of --init_lora and --fresh_lora, but got both.")
+        if not args.init_lora and not args.fresh_lora:
+            raise ValueError(
+                f"Stage {stage.name!r} continues the LoRA of {level}/conditional: pass --init_lora with that "
+                "stage's OUTPUT_DIR/pytorch_lora_weights.safetensors (or --fresh_lora to start a new one)."
+            )
+    if args.discriminator_learning_rate is not None and stage.discriminator is None:
+        raise ValueError(f"Stage {stage.name!r} trains no discriminator: drop --discriminator_learning_rate.")
+
+
+def check_init_paths(args: argparse.Namespace) -> None:
+    """Refuse a local ``--init_lora`` / ``--init_unet`` / ``--teacher_unet`` / ``--init_discriminator`` that does
+    not exist, in ``parse_args`` rather than after the base model loads (``ValueError``); an ``owner/name``
+    UNet is taken for a hub id."""
+    if args.init_lora and not Path(args.init_lora).is_file():
+        raise ValueError(f"--init_lora {args.init_lora}: no such file (the conditional stage's LoRA file).")
+    for name in ("init_unet", "teacher_unet"):
+        path = getattr(args, name)
+        if path and not Path(path).is_dir() and _looks_local(path):
+            raise ValueError(f"--{name} {path}: no such folder (a UNet folder with config.json).")
+    if args.init_discriminator and not Path(args.init_discriminator).exists():
+        raise ValueError(
+            f"--init_discriminator {args.init_discriminator}: no such folder or file (the unconditional "
+            "stage's OUTPUT_DIR/discriminator)."
+        )
+
+
+def _looks_local(path: str) -> bool:
+    """Whether ``path`` is meant as a local path rather than a hub id (``owner/name``)."""
+    return path.startswith((".", "/", "~")) or path.count("/") != 1
 
 
 def check_discriminator_args(args: argparse.Namespace, stage: Any) -> None:

@@ -113,7 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--stage1_steps", type=int, default=None, help="default: 12/14 of the consistency steps (stages 1-2)"
     )
-    g.add_argument("--stage2_learning_rate", type=float, default=1e-5, help="lr of every phase after stage 1")
+    g.add_argument(
+        "--stage2_learning_rate",
+        type=float,
+        default=None,
+        help="lr of every phase after stage 1 (default 1e-5)",
+    )
     g.add_argument("--student_sample_steps", type=int, default=None, help="default: the plan's 4")
     g = p.add_argument_group("MPS preference phase (Eq. 11)")
     g.add_argument("--mps_steps", type=int, default=0, help="steps of the phase (the paper: 500; 0: none)")
@@ -125,9 +130,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dmd_steps", type=int, default=0, help="steps of the phase (the paper: 1000; 0: none)")
     score_distillation.add_fake_score_args(g, one_step=False)
     score_distillation.add_gan_args(g)
+    # None: not given (the DMD phase's options are refused without --dmd_steps)
+    p.set_defaults(**{name: None for name in DMD_DEFAULTS})
     args = options.check_common_args(p.parse_args(argv))
     check_phase_args(args)
     return args
+
+
+#: Defaults of the options only the DMD + GAN phase reads (filled by :func:`check_phase_args`).
+DMD_DEFAULTS = {
+    "fake_learning_rate": None,
+    "generator_every": 1,
+    "fake_weighting": "epsilon",
+    "gan_classifier_weight": score_distillation.DMD2_SDXL_CLASSIFIER_WEIGHT,
+}
 
 
 def check_phase_args(args: argparse.Namespace) -> None:
@@ -152,6 +168,44 @@ def check_phase_args(args: argparse.Namespace) -> None:
         )
     if args.reward_model is not None:
         rewards.load_reward_model(args.reward_model)  # fail at start-up, not at the MPS phase
+    given = [f"--{name}" for name in DMD_DEFAULTS if getattr(args, name) is not None]
+    if given and not args.dmd_steps:
+        raise ValueError(
+            f"{', '.join(given)} configure the DMD + GAN phase: pass --dmd_steps N, or drop them."
+        )
+    if args.gan_classifier_weight is not None and not args.gan_weight:
+        raise ValueError(
+            "--gan_classifier_weight weighs the classifier of --gan_weight: pass both, or neither."
+        )
+    for name, default in DMD_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    options.check_range(args, "generator_every", low=1)
+    plan = StagePlan.mlcm(num_segments=args.num_segments, guidance_scale=args.guidance_scale)  # checks M
+    width = 1000 // args.num_segments
+    skip = args.skip if args.skip is not None else plan["mlcd"].options["skip"]
+    if not 1 <= skip <= width:
+        raise ValueError(
+            f"Expected --skip in [1, {width}] (the stage-1 teacher step stays inside its segment of 1000 / "
+            f"--num_segments = {width} timesteps), but got {skip}"
+            + ("" if args.skip is not None else " (the plan's default): pass a smaller --skip")
+            + "."
+        )
+    if args.student_sample_steps is not None and args.student_sample_steps < 1:
+        raise ValueError(
+            f"Expected --student_sample_steps >= 1, but got {args.student_sample_steps}; leave it out for the "
+            "plan's 4."
+        )
+    if args.stage2_learning_rate is not None:
+        # only an explicit --stage1_steps covering the run: the default 12/14 split of a tiny test run may
+        # round to every step, which a user did not ask for
+        if args.stage1_steps is not None and Phases(args, plan).stage1_steps >= args.max_train_steps:
+            raise ValueError(
+                f"--stage2_learning_rate is the lr of the phases after stage 1, but --stage1_steps "
+                f"{args.stage1_steps} puts every step of this run in stage 1: drop it."
+            )
+    else:
+        args.stage2_learning_rate = 1e-5
     score_distillation.check_gan_args(args)
     if args.gan_weight > 0 and args.dmd_steps == 0:
         raise ValueError("--gan_weight trains the GAN term of the DMD phase: pass --dmd_steps N as well.")

@@ -199,7 +199,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.2,
         help="SiD's alpha. Default: --preset (sid: 1, SiD-LSG's Stable Diffusion run), else 1.2 (SiD's EDM runs)",
     )
-    g.add_argument("--sim_distance", choices=["pseudo_huber", "l2"], default="pseudo_huber")
+    g.add_argument(
+        "--sim_distance",
+        choices=["pseudo_huber", "l2"],
+        default=None,
+        help="--loss sim (default pseudo_huber)",
+    )
     g.add_argument(
         "--sim_c",
         type=float,
@@ -215,8 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The options a preset sets: no parser default, so an explicit flag is told from an unset one.
     fallback = {key: p.get_default(key) for preset in PRESETS.values() for key in preset}
     p.set_defaults(**{key: None for key in fallback})
+    p.set_defaults(gan_classifier_weight=None)  # None: not given (refused without --gan_weight)
     args = p.parse_args(argv)
+    given = {key for key in fallback if getattr(args, key) is not None}
     resolve_preset(args, fallback)
+    check_loss_options(args, given)
     for flag in ("fake_timestep_range", "loss_timestep_range"):
         if getattr(args, flag) is None:
             continue
@@ -239,6 +247,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--train_data_dir (images with .txt captions)."
         )
     return options.check_common_args(args, image_method=args.gan_weight > 0)
+
+
+def check_loss_options(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse the options the chosen ``--loss`` (or the off GAN term) would ignore, and fill their defaults;
+    ``given``: the preset options given on the command line. Bounds ``--generator_timestep`` to [0, 999]
+    (-1 would be the clean end, where the generator's output does not matter). Raises ``ValueError``."""
+    unused = {
+        "sid_alpha": (args.loss != "sid" and "sid_alpha" in given, "--loss sid"),
+        "sim_c": (args.loss != "sim" and args.sim_c is not None, "--loss sim"),
+        "sim_distance": (args.loss != "sim" and args.sim_distance is not None, "--loss sim"),
+        "sim_detach_dprime": (args.loss != "sim" and args.sim_detach_dprime, "--loss sim"),
+        "gan_classifier_weight": (
+            not args.gan_weight and args.gan_classifier_weight is not None,
+            "--gan_weight",
+        ),
+    }
+    for name, (ignored, needs) in unused.items():
+        if ignored:
+            raise ValueError(f"--{name} applies only with {needs}, which this run does not use: drop it.")
+    if args.sim_distance is None:
+        args.sim_distance = "pseudo_huber"
+    if args.gan_classifier_weight is None:
+        args.gan_classifier_weight = score_distillation.DMD2_SDXL_CLASSIFIER_WEIGHT
+    why = "the generator's input timestep; 999: pure noise"
+    options.check_range(args, "generator_timestep", low=0, high=999, why=why)
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ Gupta et al., "Progressive Knowledge Distillation of Stable Diffusion XL using L
    ``unet/block_removal.json`` records its rounds, or any block-removed SDXL UNet such as ``segmind/SSD-1B``,
    whose history is then inferred from its config with :func:`diffdistill.students.block_removal.infer_chain`).
    The blocks this round removes: ``--preset P --round K`` (round K of the preset, split by
-   :data:`~diffdistill.students.block_removal.ROUND_GROUPS`), ``--preset P`` alone (whatever of the preset the
+   :data:`~diffdistill.students.block_removal.ROUND_GROUPS`; ``--round`` without ``--preset`` is refused), ``--preset P`` alone (whatever of the preset the
    student still has: the whole preset in a fresh run), or ``--remove`` with source module names; none with
    ``--student_model`` and neither option. Kept blocks start from the previous student's weights
    (:func:`~diffdistill.students.block_removal.remove_blocks`), as the paper's rounds do.
@@ -151,6 +151,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(
             f"Expected --round in 1..{len(ROUND_GROUPS)} (mid block, down path, up path), got {args.round}."
         )
+    if args.round is not None and args.preset is None:
+        # our choice: refuse rather than guess the preset from the student's record (a pruned hub UNet has
+        # none, and ssd-1b / vega rounds differ), so a round never silently trains with nothing removed
+        raise ValueError(
+            f"--round {args.round} is round {args.round} of a preset, but no --preset is given (with "
+            "--student_model nothing would be removed): add --preset "
+            f"{'|'.join(sorted(PRESETS))}, e.g. --preset ssd-1b --round {args.round}."
+        )
+    for name in ("output_weight", "feature_weight"):  # a negative weight maximises the KD distance
+        options.check_range(args, name, low=0, why="0 leaves that KD term out")
+    options.check_range(args, "validation_inference_steps", low=1)
     if args.student_model is None and args.preset is None and args.remove is None:
         args.preset = "ssd-1b"  # a fresh run removes the whole SSD-1B preset, as before rounds existed
     return args

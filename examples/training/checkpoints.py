@@ -49,7 +49,8 @@ def is_complete_checkpoint(path: str | os.PathLike[str]) -> bool:
 def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int) -> Path:
     """``accelerator.save_state`` into ``output_dir/checkpoint-{step}``, keeping at most the total limit.
 
-    The folder is marked complete (``step.json``, written atomically) once every process has saved, and only
+    The folder is marked complete (``step.json``, written atomically, with the step and the run's options,
+    :func:`run_options`, which :func:`resume` compares with the resumed run's) once every process has saved, and only
     then are older checkpoints pruned: a save that fails (disk full, a killed job) leaves the previous
     checkpoints in place, and :func:`resume` skips the unmarked folder. Pruning keeps the newest
     ``--checkpoints_total_limit`` complete checkpoints (this one included) and removes incomplete folders
@@ -64,10 +65,11 @@ def save_checkpoint(accelerator: Any, args: argparse.Namespace, step: int) -> Pa
     accelerator.wait_for_everyone()  # every process's files are written before the folder is marked
     if accelerator.is_main_process:
         tmp = path / f"{CHECKPOINT_MARKER}.tmp"
-        tmp.write_text(json.dumps({"global_step": step}))
+        tmp.write_text(json.dumps({"global_step": step, "options": run_options(args)}, indent=1))
         os.replace(tmp, marker)
-        if args.checkpoints_total_limit is not None:
-            _prune_checkpoints(args.output_dir, path, args.checkpoints_total_limit)
+        limit = getattr(args, "checkpoints_total_limit", None)
+        if limit:  # None or 0: keep every checkpoint
+            _prune_checkpoints(args.output_dir, path, limit)
     accelerator.wait_for_everyone()
     return path
 
@@ -85,14 +87,17 @@ def _prune_checkpoints(output_dir: str | os.PathLike[str], newest: Path, limit: 
         shutil.rmtree(folder)
 
 
-def resume(accelerator: Any, args: argparse.Namespace) -> int:
-    """Load ``--resume_from_checkpoint`` (``latest`` or a path) and return its step (0 without one).
+def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The folder ``--resume_from_checkpoint`` names (``None`` without one, or for ``latest`` with no complete
+    checkpoint in ``--output_dir``); raises ``ValueError`` for a path that is not a ``checkpoint-N`` folder.
 
     ``latest`` is the newest *complete* checkpoint (with ``step.json``); newer folders without the marker
-    (a save that did not finish) are skipped with a warning.
+    (a save that did not finish) are skipped with a warning. Another value is a folder, or a folder name
+    inside ``--output_dir``. Model-independent: the scripts' ``parse_args`` call it (through
+    :func:`training.options.check_common_args`) so a typo fails before any model loads.
     """
     if not args.resume_from_checkpoint:
-        return 0
+        return None
     if args.resume_from_checkpoint == "latest":
         found = checkpoint_dirs(args.output_dir)
         complete = [p for p in found if is_complete_checkpoint(p)]
@@ -104,24 +109,142 @@ def resume(accelerator: Any, args: argparse.Namespace) -> int:
                 skipped,
                 CHECKPOINT_MARKER,
             )
-        if not complete:
-            return 0  # first launch of a job that always passes "latest" (or only unfinished saves)
-        path = complete[-1]
-    else:
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            path = Path(args.output_dir) / args.resume_from_checkpoint
-    match = CHECKPOINT_RE.match(path.name)
-    if not path.is_dir() or match is None:
+        return complete[-1] if complete else None  # None: first launch of a job that always passes "latest"
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        path = Path(args.output_dir) / args.resume_from_checkpoint
+    if not path.is_dir() or CHECKPOINT_RE.match(path.name) is None:
+        names = ", ".join(p.name for p in checkpoint_dirs(args.output_dir)) or "none"
         raise ValueError(
-            f"Expected --resume_from_checkpoint to be 'latest' or a checkpoint-N folder, got {path}."
+            f"Expected --resume_from_checkpoint to be 'latest' or an existing checkpoint-N folder, but got "
+            f"{args.resume_from_checkpoint!r} ({path} is not one): pass 'latest', a checkpoint-N folder, or "
+            f"the name of one in --output_dir {args.output_dir} (found: {names})."
         )
+    return path
+
+
+def resume(accelerator: Any, args: argparse.Namespace) -> int:
+    """Load ``--resume_from_checkpoint`` (``latest`` or a path, :func:`resolve_checkpoint`) and return its step
+    (0 without one).
+
+    The optimisers keep the hyper-parameters the script built them with from the options (lr, betas,
+    weight decay, eps; :func:`reapply_optimizer_options`), not the checkpoint's, and the options recorded in
+    the checkpoint are compared with this run's (:func:`compare_options`): each difference is logged.
+    """
+    path = resolve_checkpoint(args)
+    if path is None:
+        return 0
     if not is_complete_checkpoint(path):
         logger.warning(
             "%s has no %s: its save may not have finished; loading it as asked.", path, CHECKPOINT_MARKER
         )
+    built = optimizer_options(accelerator)
     accelerator.load_state(str(path))
+    reapply_optimizer_options(accelerator, built)
+    compare_options(path, args)
+    match = CHECKPOINT_RE.match(path.name)
+    assert match is not None  # resolve_checkpoint returns checkpoint-N folders only
     return int(match.group(1))
+
+
+OPTIMIZER_OPTIONS = ("lr", "betas", "weight_decay", "eps")  # an optimiser group's hyper-parameters
+
+
+def optimizer_options(accelerator: Any) -> list[list[dict[str, Any]]]:
+    """The hyper-parameters (:data:`OPTIMIZER_OPTIONS`) of each param group of each prepared optimiser."""
+    return [
+        [{k: group[k] for k in OPTIMIZER_OPTIONS if k in group} for group in opt.param_groups]
+        for opt in getattr(accelerator, "_optimizers", ())
+    ]
+
+
+def reapply_optimizer_options(accelerator: Any, built: list[list[dict[str, Any]]]) -> None:
+    """Put back the optimisers' hyper-parameters ``built`` (:func:`optimizer_options` before ``load_state``).
+
+    ``accelerator.load_state`` restores each optimiser's ``param_groups`` -- lr, betas, weight decay -- from
+    the checkpoint, which would silently override the options of the resumed run (``--learning_rate``,
+    ``--adam_beta1/2``, ``--adam_weight_decay``, a preset's, ``--fake_learning_rate``...). Our choice: the
+    options win (resuming with a lower lr is a common move), the moments and step counts come from the
+    checkpoint, and each difference is logged.
+    """
+    for i, (opt, groups) in enumerate(zip(getattr(accelerator, "_optimizers", ()), built)):
+        for j, (group, wanted) in enumerate(zip(opt.param_groups, groups)):
+            for key, value in wanted.items():
+                old = group.get(key)
+                if _norm(old) != _norm(value):
+                    msg = "Resumed optimiser %d (param group %d): %s %s in the checkpoint, %s from this run's options (used)."
+                    logger.warning(msg, i, j, key, old, value)
+                group[key] = value
+
+
+def _norm(value: Any) -> Any:
+    """A hyper-parameter in a comparable form (betas: a tuple; a 0-d tensor lr: a float)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value)
+    return float(value) if hasattr(value, "item") else value
+
+
+RESUME_FREE_OPTIONS = frozenset(
+    {
+        "output_dir",
+        "resume_from_checkpoint",
+        "max_train_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "report_to",
+        "tracker_project_name",
+        "validation_prompts",
+        "validation_steps",
+        "dataloader_num_workers",
+        "cache_dir",
+        "compile",
+        "compile_mode",
+        "compile_backend",
+        "gradient_checkpointing",
+        "allow_tf32",
+        "preset_set",  # sdxl_sim's record of which options its preset filled (their values are compared)
+    }
+)  # options that change where or how fast a run goes, not what its steps compute
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options as recorded in each checkpoint's ``step.json``: ``vars(args)`` with JSON values."""
+
+    def plain(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items()) if plain(v)}
+
+
+def compare_options(path: Path, args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    """Log (warning) each option of this run that differs from the one recorded in checkpoint ``path``;
+    returns them as ``{name: (recorded, now)}``.
+
+    Options that only say where or how fast the run goes (:data:`RESUME_FREE_OPTIONS`) are not compared.
+    Our choice: warn, not refuse. A fresh run into a folder that holds another run's checkpoints is
+    already refused (:func:`training.options.check_output_dir`), so a difference here is a change the user
+    made on purpose -- continuing a finished run with more steps or a next phase, a lower lr (applied,
+    :func:`reapply_optimizer_options`) -- and which options are safe to change is the script's to say.
+    A checkpoint written before the options were recorded is not compared.
+    """
+    try:
+        recorded = json.loads((path / CHECKPOINT_MARKER).read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return {}
+    now = run_options(args)
+    changed = {
+        k: (recorded.get(k), now.get(k))
+        for k in sorted(set(recorded) | set(now))
+        if k not in RESUME_FREE_OPTIONS and recorded.get(k) != now.get(k)
+    }
+    msg = "Resuming %s with --%s %s, but it was saved by a run with --%s %s: the steps from here on differ."
+    for name, (old, new) in changed.items():
+        logger.warning(msg, path, name, new, name, old)
+    return changed
 
 
 def register_lora_checkpointing(accelerator: Any, models: dict[str, nn.Module]) -> None:
@@ -212,7 +335,11 @@ def setup_checkpoints(
 
 
 def should_checkpoint(args: argparse.Namespace, step: int) -> bool:
-    return step % args.checkpointing_steps == 0 and step < args.max_train_steps
+    """Whether optimisation step ``step`` (1-based) is checkpointed: every ``--checkpointing_steps`` and at the
+    last step (so a finished run relaunched with ``latest``, or continued with a larger ``--max_train_steps``,
+    redoes nothing); never with ``--checkpointing_steps 0``."""
+    every = args.checkpointing_steps
+    return bool(every) and (step % every == 0 or step == args.max_train_steps)
 
 
 def save_unet(

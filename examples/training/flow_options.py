@@ -50,9 +50,10 @@ def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
     group.add_argument("--discriminator_learning_rate", type=float, default=None, help=lr_help)
 
 
-def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
-    """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`);
-    fills ``--guidance`` with 3.5 for a guidance-distilled FLUX. Raises ``ValueError`` with the fix."""
+def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
+    in [1, 512], ``--guidance`` > 0); the scripts' ``parse_args`` call it, so a typo fails before the (minutes
+    long) model load. Raises ``ValueError`` with the fix."""
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     if args.resolution % step:
         raise ValueError(
@@ -64,6 +65,18 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
             f"Expected --max_sequence_length in [1, 512] (T5 tokens; the pipelines refuse more), but got "
             f"{args.max_sequence_length}."
         )
+    if args.guidance is not None and not args.guidance > 0:
+        raise ValueError(
+            f"Expected --guidance > 0 (FLUX.1-dev's embedded guidance, default 3.5), but got {args.guidance}."
+        )
+    return args
+
+
+def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
+    """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`)
+    after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX. Raises
+    ``ValueError`` with the fix."""
+    check_flow_values(args)
     embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
     if args.guidance is not None and not embeds:
         raise ValueError(

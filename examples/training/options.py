@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,7 +13,12 @@ import torch
 def add_common_args(
     parser: argparse.ArgumentParser, *, default_lr: float | None = 1e-6
 ) -> argparse.ArgumentParser:
-    """Add the options every script shares (model, data, optimisation, checkpoints, logging)."""
+    """Add the options every script shares (model, data, optimisation, checkpoints, logging).
+
+    Also turns off argparse's prefix matching (``allow_abbrev``) for the whole parser: with it, a flag of
+    another script (``--guidance``, FLUX's embedded guidance) would silently set this script's
+    ``--guidance_scale`` (CFG)."""
+    parser.allow_abbrev = False
     g = parser.add_argument_group("model")
     g.add_argument(
         "--pretrained_model_name_or_path",
@@ -85,8 +92,19 @@ def add_common_args(
     )
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--output_dir", required=True)
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="save a checkpoint every N steps and at the last step; 0: no checkpoints",
+    )
+    g.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=3,
+        help="keep the newest N complete checkpoints (default 3: a full SDXL checkpoint with its optimiser "
+        "states is tens of GB); 0: keep every one",
+    )
     g.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
     g.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none"')
     g.add_argument("--tracker_project_name", default=None)
@@ -148,49 +166,144 @@ def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -
 
     ``image_method``: the script trains on images and their captions (``--train_data_dir``), so a
     ``--prompts_file`` beside them is refused (:func:`check_data_sources`)."""
-    for name in (
-        "train_batch_size",
-        "max_train_steps",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_steps",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"Expected --checkpoints_total_limit >= 1, but got {args.checkpoints_total_limit}.")
-    if args.dataloader_num_workers < 0:
-        raise ValueError(f"Expected --dataloader_num_workers >= 0, but got {args.dataloader_num_workers}.")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        raise ValueError(f"Expected --ema_decay in [0, 1], but got {args.ema_decay}.")
+    for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps"):
+        check_range(args, name, low=1)
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers"):
+        check_range(args, name, low=0)
+    check_optimizer_ranges(args)
     if args.resolution < 8 or args.resolution % 8:
         raise ValueError(
             "Expected --resolution to be a positive multiple of 8 (the VAE's downsampling factor; the image "
             f"side in pixels, e.g. 1024 for SDXL), but got {args.resolution}."
         )
-    if args.lora_rank < 1:
-        raise ValueError(f"Expected --lora_rank >= 1, but got {args.lora_rank}: pass e.g. --lora_rank 64.")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        raise ValueError(
-            "Expected --lora_alpha > 0 (the LoRA update is scaled by alpha / rank), but got "
-            f"{args.lora_alpha}: leave it out to use the rank."
-        )
+    check_range(args, "lora_rank", low=1)
+    check_range(
+        args,
+        "lora_alpha",
+        low=0,
+        low_open=True,
+        why="the update is scaled by alpha / rank; default: the rank",
+    )
+    check_range(args, "fake_steps", low=1)
     if getattr(args, "fake_steps", 1) > 1 and args.gradient_accumulation_steps > 1:
         raise ValueError(
             f"--fake_steps {args.fake_steps} with --gradient_accumulation_steps {args.gradient_accumulation_steps}: "
             "each micro-batch runs every fake-score update, so the first update of a step would apply the "
             "gradients of all of them; use --fake_steps 1 with accumulation (or no accumulation)."
         )
-    if getattr(args, "fake_steps", 1) < 1:
-        raise ValueError(f"Expected --fake_steps >= 1, but got {args.fake_steps}.")
-    if args.max_grad_norm is not None and not args.max_grad_norm >= 0:
-        raise ValueError(
-            f"Expected --max_grad_norm >= 0 (0: no clipping), but got {args.max_grad_norm}: pass a positive "
-            "norm to clip at, or 0 to train without clipping."
-        )
     check_data_sources(args, image_method=image_method)
+    check_paths(args)
     check_compile_args(args)
     return args
+
+
+def check_range(
+    args: argparse.Namespace,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    """Refuse ``--name`` outside ``[low, high]`` (``low_open`` / ``high_open``: the bound itself excluded);
+    ``None`` (an option left out) passes, NaN never does. Raises ``ValueError`` naming the option, the range,
+    the value and ``why``.
+
+    The one range check of the scripts' numeric options: learning rates ``> 0``, Adam betas in ``[0, 1)``,
+    weight decays ``>= 0``, decays of averages in ``[0, 1)`` (:func:`check_optimizer_ranges`), counts ``>= 1``.
+    """
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if above and below and not (isinstance(value, float) and math.isnan(value)):
+        return
+    if high is None:
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+    elif low is None:
+        wanted = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"Expected --{name} {wanted}{f' ({why})' if why else ''}, but got {value}.")
+
+
+def check_optimizer_ranges(args: argparse.Namespace) -> None:
+    """The bounds of the optimiser and average options, by name, for every option of the script that has one
+    (the shared ones and the scripts' own ``--fake_learning_rate``, ``--discriminator_adam_beta2``, ...):
+
+    - ``*learning_rate`` ``> 0`` (0 trains nothing; a negative lr ascends the loss);
+    - ``*adam_beta1`` / ``*adam_beta2`` in ``[0, 1)`` (Adam's moment decays; 1 never updates them);
+    - ``*weight_decay`` ``>= 0`` (a negative one grows the weights);
+    - ``--ema_decay`` in ``[0, 1)`` (1 would release the initial weights) and ``--target_ema_decay`` in
+      ``[0, 1]`` (1: a target frozen at the initial student);
+    - ``--max_grad_norm`` ``>= 0`` (0: no clipping).
+    """
+    for name in sorted(vars(args)):
+        if name.endswith("learning_rate"):
+            check_range(
+                args, name, low=0, low_open=True, why="0 trains nothing, a negative rate ascends the loss"
+            )
+        elif name.endswith(("adam_beta1", "adam_beta2")):
+            check_range(args, name, low=0, high=1, high_open=True, why="an Adam moment decay")
+        elif name.endswith("weight_decay"):
+            check_range(args, name, low=0, why="0: no weight decay")
+    check_range(args, "ema_decay", low=0, high=1, high_open=True, why="1 would release the initial weights")
+    check_range(args, "target_ema_decay", low=0, high=1)
+    check_range(args, "max_grad_norm", low=0, why="0: no clipping")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse a ``--prompts_file`` that is not a file, a ``--train_data_dir`` without an image, and a
+    ``--resume_from_checkpoint`` that is neither ``latest`` nor a ``checkpoint-N`` folder -- in ``parse_args``,
+    before the models load (``ValueError``)."""
+    from . import checkpoints, data_sources  # they import this module
+
+    prompts = getattr(args, "prompts_file", None)
+    if prompts and not Path(prompts).is_file():
+        raise ValueError(
+            f"Expected --prompts_file to be a text file (one prompt a line), but {prompts} is not a file."
+        )
+    images = getattr(args, "train_data_dir", None)
+    if images:
+        if not Path(images).is_dir():
+            raise ValueError(
+                f"Expected --train_data_dir to be a folder of images, but {images} is not a folder."
+            )
+        if (
+            next(
+                (p for p in Path(images).rglob("*") if p.suffix.lower() in data_sources.IMAGE_SUFFIXES), None
+            )
+            is None
+        ):
+            raise ValueError(
+                f"Expected --train_data_dir {images} to hold images ({', '.join(data_sources.IMAGE_SUFFIXES)}, "
+                "in it or its sub-folders), but found none."
+            )
+    checkpoints.resolve_checkpoint(args)
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse a run without ``--resume_from_checkpoint`` into an ``--output_dir`` that holds checkpoints
+    (``ValueError``). Called by :func:`training.runtime.make_accelerator`, the first call of every script's
+    ``main`` (before any model loads): ``parse_args`` alone may read a finished run's options again.
+
+    Such a run would start from the pretrained weights and interleave its checkpoints with the earlier run's:
+    pruning keeps the earlier run's higher-numbered ones, and a relaunch with ``latest`` resumes them.
+    """
+    from . import checkpoints  # it imports this module's users
+
+    if getattr(args, "resume_from_checkpoint", None):
+        return
+    found = checkpoints.checkpoint_dirs(args.output_dir)
+    if found:
+        raise ValueError(
+            f"--output_dir {args.output_dir} already holds checkpoints ({', '.join(p.name for p in found[-3:])}) "
+            "but --resume_from_checkpoint is not given: pass --resume_from_checkpoint latest to continue that "
+            "run, choose a new --output_dir, or delete its checkpoint-* folders to start over there."
+        )
 
 
 def check_data_sources(args: argparse.Namespace, *, image_method: bool) -> None:

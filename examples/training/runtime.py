@@ -26,12 +26,16 @@ def make_accelerator(
 ) -> Any:
     """``Accelerator`` with mixed precision, gradient accumulation and trackers from ``args``.
 
-    ``find_unused_parameters``: DDP's option of that name, for a model part of whose trainable weights get no
+    Refuses a run without ``--resume_from_checkpoint`` into an ``--output_dir`` that holds checkpoints
+    (:func:`training.options.check_output_dir`). ``find_unused_parameters``: DDP's option of that name, for a model part of whose trainable weights get no
     gradient in some steps (e.g. one of two LoRA adapters frozen mid-run); it costs a graph walk per step.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
+    from . import options
+
+    options.check_output_dir(args)  # before any model loads, and before this run writes into the folder
     out = Path(args.output_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
@@ -160,15 +164,21 @@ def prepare(accelerator: Any, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -
     accelerate's FSDP2 shards one model per ``prepare`` call (its optimiser must come with it); under DDP
     or a single process this is the same as one call with every object (same order of models and
     optimisers in the checkpoints).
+
+    fp16 with gradient accumulation is refused once the run has more than one optimiser -- counting those
+    of earlier ``prepare`` calls (``accelerator._optimizers``), so a script that prepares its networks one
+    call at a time (MLCM's generator, fake score and GAN head) is refused like one that prepares them together.
     """
+    earlier = len(getattr(accelerator, "_optimizers", ()))
     if (
-        len(pairs) > 1
+        earlier + len(pairs) > 1
         and accelerator.mixed_precision == "fp16"
         and accelerator.gradient_accumulation_steps > 1
         and distributed_kind(accelerator) != "DEEPSPEED"  # each DeepSpeed engine has its own loss scale
     ):
         raise ValueError(
-            "fp16 with --gradient_accumulation_steps > 1 trains two networks on one loss scale: accelerate "
+            "fp16 with --gradient_accumulation_steps > 1 trains two networks or more (here "
+            f"{earlier + len(pairs)} optimisers in the run) on one loss scale: accelerate "
             "updates it at each optimiser step, so the second network's earlier micro-batches would be "
             "unscaled with a scale they were not scaled with. Use --mixed_precision bf16 (no loss scaling), "
             "or --gradient_accumulation_steps 1."

@@ -119,7 +119,7 @@ def test_lightning_adversarial_compiled_under_zero2_equals_eager(
     monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path], tmp_path: Path
 ) -> None:
     argv = [*_common_argv(tiny, tmp_path / "unused", lora=True), "--train_data_dir", str(tiny["images"])]
-    argv += ["--stage", "4->2/conditional", "--gradient_accumulation_steps", "2"]
+    argv += ["--stage", "4->2/conditional", "--from_base", "--gradient_accumulation_steps", "2"]
     out = _eager_and_compiled(monkeypatch, "sdxl_lightning", argv, tmp_path, "zero2")
     ckpt = out["eager"] / "checkpoint-1"
     # ZeRO-2 keeps whole weights in each engine's model states: the student's LoRA and D at step 1.

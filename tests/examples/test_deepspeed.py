@@ -80,7 +80,7 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
 ) -> None:
     # LoRA student and discriminator are two ZeRO-2 engines; gradient accumulation over 2 micro-batches.
     _needs_deepspeed()
-    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", "4->2/conditional"]
+    extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", "4->2/conditional", "--from_base"]
     extra += ["--gradient_accumulation_steps", "2"]
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
     out = _two_process_runs("sdxl_lightning", argv, tmp_path, "zero2", resume=False)

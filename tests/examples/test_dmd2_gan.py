@@ -285,7 +285,7 @@ def test_dmd2_gan_smoke_trains_the_classifier_and_resumes_exactly(
     # TTUR: two fake-score (and classifier) updates per step, the generator every step (DMD2's ratio 5 would
     # leave these steps without a generator update).
     extra += ["--fake_steps", "2", "--generator_every", "1", "--max_grad_norm", "0"]
-    extra += ["--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--validation_steps", "10"]
+    extra += ["--checkpointing_steps", "1", "--checkpoints_total_limit", "3", "--validation_steps", "10"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     script.main(script.parse_args([*_argv(tiny_sdxl, out_a, *extra), "--max_train_steps", "3"]))
     ckpt1, ckpt2 = _safetensors(out_a / "checkpoint-1"), _safetensors(out_a / "checkpoint-2")

@@ -340,12 +340,13 @@ def test_dmd2_refuses_deepspeed(
         (["--loss_sigma_range", "0.5", "0.2"], "0 < LOW <= HIGH < 1"),
         (["--num_student_steps", "0"], "--num_student_steps >= 1"),
         (["--gan_weight"], "pass --train_data_dir"),
-        (["--gan_weight", "-1", "--train_data_dir", "x"], "--gan_weight >= 0"),
+        (["--gan_weight", "-1", "--train_data_dir", "IMAGES"], "--gan_weight >= 0"),
     ],
 )
 def test_dmd2_options_are_checked(
     tiny: dict[str, Path], tmp_path: Path, extra: list[str], match: str
 ) -> None:
+    extra = [str(tiny["images"]) if a == "IMAGES" else a for a in extra]  # an image folder (checked first)
     with pytest.raises(ValueError, match=match):
         flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, *extra, prompts="--train_data_dir" not in extra))
 

@@ -67,7 +67,7 @@ def _argv(tiny: dict[str, Path], family: str, out: Path, *extra: str) -> list[st
         tiny,
         family,
         out,
-        *("--checkpoints_total_limit", "1", "--validation_inference_steps", "2"),
+        *("--checkpoints_total_limit", "2", "--validation_inference_steps", "2"),
         *extra,
         data="images",
         learning_rate="1e-4",

@@ -255,5 +255,8 @@ def test_ladd_refuses_stale_samples_and_flux_cfg(tiny: dict[str, Path], tmp_path
     flux = _argv(tiny, "flux", tmp_path / "c", tmp_path / "s2", "--teacher_guidance_scale", "4")
     with pytest.raises(ValueError, match=r"FLUX\.1 takes its guidance as an input"):
         flow_ladd.main(flow_ladd.parse_args(flux))
+    images = tmp_path / "images"  # a folder with an image: the shared check of --train_data_dir passes
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="pass --prompts_file"):
-        flow_ladd.parse_args([*_argv(tiny, "sd3", tmp_path, tmp_path), "--train_data_dir", str(tmp_path)])
+        flow_ladd.parse_args([*_argv(tiny, "sd3", tmp_path, tmp_path), "--train_data_dir", str(images)])

@@ -61,14 +61,21 @@ def _argv(tiny: dict[str, Path], out: Path, stage: str, *, steps: int = 2, lora:
         "--seed",
         "3",
     ]
-    return argv + (["--use_lora", "--lora_rank", "4"] if lora else [])
+    return argv + (["--use_lora", "--lora_rank", "4"] if lora else []) + _unchained(stage)
+
+
+def _unchained(stage: str) -> list[str]:
+    """The tiny runs start every stage from the base UNet: the chain links' explicit opt-outs."""
+    if stage == "128->32":
+        return []
+    return ["--from_base", *(["--fresh_lora"] if stage.endswith("/unconditional") else [])]
 
 
 def _parse_only(tmp_path: Path, stage: str, *flags: str) -> Any:
     script = _load("sdxl_lightning")
     argv = ["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path), "--stage", stage]
     lora = script.StagePlan.sdxl_lightning()[stage].trainable == "lora"
-    return script.parse_args([*argv, *(["--use_lora"] if lora else []), *flags])
+    return script.parse_args([*argv, *(["--use_lora"] if lora else []), *_unchained(stage), *flags])
 
 
 def _file_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -124,6 +131,7 @@ def test_discriminator_flags_follow_the_plan(tmp_path: Path) -> None:
     ):
         _parse_only(tmp_path, "4->2/full")
     d = str(tmp_path / "d")
+    (tmp_path / "d").mkdir()  # parse_args checks that a local --init_discriminator exists
     with pytest.raises(ValueError, match=r"one of --init_discriminator and --fresh_discriminator"):
         _parse_only(tmp_path, "32->8/full", "--init_discriminator", d, "--fresh_discriminator")
     for stage in ("4->2/conditional", "4->2/unconditional", "2->1/conditional", "2->1/full"):

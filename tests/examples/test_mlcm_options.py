@@ -267,7 +267,7 @@ def test_every_phase_runs_and_a_resume_inside_the_dmd_phase_is_exact(
     # Steps: 0 MLCD, 1 MPS, 2-3 DMD + GAN (no LCD step); checkpoints after steps 1, 2 and 3.
     extra = ["--max_train_steps", "4", "--stage1_steps", "1", "--mps_steps", "1", "--reward_model", REWARD]
     extra += ["--dmd_steps", "2", "--gan_weight", "0.5", "--checkpointing_steps", "1"]
-    extra += ["--checkpoints_total_limit", "3", "--max_grad_norm", "0"]
+    extra += ["--checkpoints_total_limit", "4", "--max_grad_norm", "0"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     script.main(script.parse_args(_argv(tiny_sdxl, out_a, *extra)))
     ckpt = out_a / "checkpoint-3"

@@ -104,7 +104,7 @@ def _common_argv(tiny: dict[str, Path], out: Path, *, lora: bool) -> list[str]:
         "--checkpointing_steps",
         "1",
         "--checkpoints_total_limit",
-        "1",
+        "2",
         "--learning_rate",
         "1e-3",
         "--report_to",
@@ -185,7 +185,7 @@ def test_hyper_sd_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     assert "num_updates" in target and all(".lora_" in k for k in target if k != "num_updates")
     assert len(list((tmp_path / "cache" / "latents").iterdir())) >= 1
     assert len(list((tmp_path / "cache" / "text").iterdir())) >= 2  # a caption and the empty prompt
-    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert any((out_a / "logs").rglob("events.out.tfevents.*"))
     assert not (out_a / "tscd").exists()  # no one-step stage, no intermediate release
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
@@ -250,7 +250,7 @@ def test_hyper_sd_one_step_score_distillation_stage(
     # Only the TSCD step decodes images (its batch of 2); the one-step stage needs only the captions.
     assert len(loads) == 2
     ckpt = out_a / "checkpoint-2"  # after the first one-step step: the fake score is checkpointed too
-    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == [ckpt.name]
+    assert sorted(p.name for p in out_a.glob("checkpoint-*")) == [ckpt.name, "checkpoint-3"]
     assert (ckpt / "fake_lora.safetensors").is_file() and (ckpt / "unet_lora.safetensors").is_file()
     assert sorted(p.name for p in (out_a / "samples").iterdir()) == [f"step-{i}.png" for i in (1, 2, 3)]
     loads.clear()
@@ -268,9 +268,8 @@ def test_hyper_sd_one_step_score_distillation_stage(
     assert tscd.keys() == a.keys() and not (out_b / "tscd").exists()
     assert any(not torch.equal(tscd[k], a[k]) for k in a), "tscd/ holds the one-step weights"
     out_c = tmp_path / "c"
-    argv_c = [*_common_argv(tiny_sdxl, out_c, lora=True), *extra[: extra.index("--reward_model")]]
-    argv_c[argv_c.index("--max_train_steps") + 1] = "1"
-    argv_c[argv_c.index("--one_step_steps") + 1] = "0"
+    argv_c = [*_common_argv(tiny_sdxl, out_c, lora=True), *extra[: extra.index("--one_step_steps")]]
+    argv_c[argv_c.index("--max_train_steps") + 1] = "1"  # TSCD only: no one-step options (they are refused)
     script.main(script.parse_args(argv_c))
     tscd_only = _lora_state(out_c / "pytorch_lora_weights.safetensors")
     # Both are one step from peft's initial adapter, which is not saved: its B is zero (so step 1's update of
@@ -716,6 +715,7 @@ def test_ssd1b_preset_on_a_2_level_unet_says_why(tiny_sdxl: dict[str, Path], tmp
 def test_lightning_stage(tiny_sdxl: dict[str, Path], tmp_path: Path, stage: str) -> None:
     lora = stage in ("128->32", "4->2/conditional")
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", stage, "--learning_rate", "1e-3"]
+    extra += [] if stage == "128->32" else ["--from_base"]  # the tiny stages start from the base UNet
     # 128->32: the resumed run decodes its images in a loader worker (no cache), with 2 accumulated
     # micro-batches per step, and must still match the uninterrupted in-process run.
     workers = ["--dataloader_num_workers", "1"] if stage == "128->32" else []
@@ -1002,7 +1002,7 @@ def test_lightning_optimizer_options_default_to_the_plan(tmp_path: Path) -> None
         "betas": (0.9, 0.999),
         "weight_decay": 0.0,
     }
-    args = script.parse_args([*argv, "--stage", "4->2/conditional", "--use_lora"])
+    args = script.parse_args([*argv, "--stage", "4->2/conditional", "--use_lora", "--from_base"])
     assert script.optimizer_options(args, plan["4->2/conditional"]) == {
         "lr": 1e-6,
         "betas": (0.0, 0.99),
@@ -1018,7 +1018,7 @@ def test_lightning_optimizer_options_default_to_the_plan(tmp_path: Path) -> None
         "--learning_rate",
         "2e-6",
     ]
-    args = script.parse_args([*argv, "--stage", "4->2/full", "--fresh_discriminator", *flags])
+    args = script.parse_args([*argv, "--stage", "4->2/full", "--from_base", "--fresh_discriminator", *flags])
     assert script.optimizer_options(args, plan["4->2/full"]) == {
         "lr": 2e-6,
         "betas": (0.5, 0.9),
@@ -1096,7 +1096,7 @@ def test_uncond_defaults_to_zero_embeddings(tiny_sdxl: dict[str, Path], tmp_path
     ("name", "extra"),
     [
         ("sdxl_hyper_sd", ["--segments", "2,1", "--num_inference_steps", "4"]),
-        ("sdxl_lightning", ["--stage", "4->2/conditional"]),
+        ("sdxl_lightning", ["--stage", "4->2/conditional", "--from_base"]),
     ],
 )
 def test_discriminator_head_follows_the_resolution(
@@ -1367,4 +1367,11 @@ def test_after_step_runs_before_the_checkpoint(monkeypatch: pytest.MonkeyPatch) 
     loop.train_loop(
         accelerator, args, 0, lambda gen, step: {}, after_step=lambda step: order.append(("after", step))
     )
-    assert order == [("after", 1), ("checkpoint", 1), ("after", 2), ("checkpoint", 2), ("after", 3)]
+    assert order == [
+        ("after", 1),
+        ("checkpoint", 1),
+        ("after", 2),
+        ("checkpoint", 2),
+        ("after", 3),
+        ("checkpoint", 3),
+    ]

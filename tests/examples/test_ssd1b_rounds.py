@@ -76,7 +76,7 @@ def _argv(tiny: dict[str, Path], out: Path, *extra: str, steps: int = 2) -> list
     return [
         *("--pretrained_model_name_or_path", str(tiny["model"]), "--train_data_dir", str(tiny["images"])),
         *("--output_dir", str(out), "--resolution", "128", "--train_batch_size", "2"),
-        *("--max_train_steps", str(steps), "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"),
+        *("--max_train_steps", str(steps), "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"),
         *("--learning_rate", "1e-4", "--report_to", "none", "--seed", "3"),
         *extra,
     ]
