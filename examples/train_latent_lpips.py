@@ -80,7 +80,7 @@ epoch computes); ``--classifier_epochs`` / ``--classifier_max_steps`` may change
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_vae", required=True, help="diffusers AutoencoderKL folder (local)")
     g.add_argument("--scaling_factor", type=float, default=None, help="default: vae.config.scaling_factor")

@@ -55,6 +55,33 @@ def test_no_script_reads_an_abbreviated_flag(
     assert "unrecognized arguments: --learning_rat 1e-4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name,argv",
+    [
+        ("evaluate", ["--num_prompt", "3"]),
+        (
+            "train_latent_lpips",
+            ["--pretrained_vae", "v", "--bapps_dir", "b", "--output_dir", "o", "--lr_ste", "1"],
+        ),
+    ],
+)
+def test_the_other_scripts_refuse_abbreviations_too(
+    name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate.py and train_latent_lpips.py build their own parsers: the same rule."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
+    load_example("training")  # examples/ on sys.path, as running the script does
+    spec = importlib.util.spec_from_file_location(f"_abbrev_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.parse_args(argv)
+    assert f"unrecognized arguments: {' '.join(argv[-2:])}" in capsys.readouterr().err
+
+
 def test_the_flow_guidance_flag_is_not_the_sdxl_guidance_scale(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
