@@ -128,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--round",
         type=int,
         default=None,
-        help=f"apply only round K (1..{len(ROUND_GROUPS)}) of --preset: 1 the mid block, 2 the down path, 3 the up path",
+        help=f"apply only round K (1..{len(ROUND_GROUPS)}) of --preset: 1 the mid block, 2 the down path, 3 the up path "
+        "(BK-SDM: round 2 also takes the up path; round 3 is then empty)",
     )
     g.add_argument(
         "--remove",
