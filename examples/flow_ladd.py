@@ -43,7 +43,8 @@ The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma ->
     image = pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0).images[0]  # FLUX.1-dev: 3.5
 
 (the saved scheduler has shift 1 and no dynamic shifting, so the pipeline keeps the sigmas as given;
-reference/flow.md pitfall 5). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
+reference/flow.md pitfall 5; the grid is also written to ``OUTPUT_DIR/student_sigmas.json``, which
+``examples/evaluate.py`` samples on by default). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
 (``training.flow_models.FLOW_LORA_TARGETS``), otherwise the whole transformer.
 
 One copy of the transformer with ``--use_lora`` (our choice, for memory: FLUX.1 would hold a second 24 GB bf16
@@ -477,6 +478,10 @@ def main(args: argparse.Namespace) -> None:
         FlowMatchEulerDiscreteScheduler.from_config(
             parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False
         ).save_pretrained(Path(args.output_dir) / "scheduler")
+        # The grid, as flow_dmd2 writes it: examples/evaluate.py samples the student on it by default.
+        (Path(args.output_dir) / "student_sigmas.json").write_text(
+            json.dumps(list(args.student_sigmas)) + "\n"
+        )
     accelerator.end_training()
 
 

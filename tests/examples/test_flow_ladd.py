@@ -4,6 +4,7 @@ loaded by the diffusers pipeline, 2-process DDP / FSDP2 / ZeRO-3 runs against on
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ def test_ladd_lora_on_one_base_resumes_exactly_and_loads_in_the_pipeline(
         flow_models.latent_shape(parts, 1, IMAGE_SIZE), generator=torch.Generator().manual_seed(0)
     )
     sigmas = [float(s) for s in STUDENT_SIGMAS]
+    assert json.loads((out_a / "student_sigmas.json").read_text()) == sigmas  # what evaluate.py samples on
     with torch.no_grad():
         got = pipe(
             "a cat",
