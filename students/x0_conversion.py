@@ -139,7 +139,8 @@ class X0Conversion(nn.Module):
                 f"but got {grid.tolist()!r} (shape {tuple(grid.shape)}); e.g. timesteps=[249, 499, 749, 999], "
                 "or None for all of them."
             )
-        if bool((grid < 0).any()) or bool((grid > last).any()):  # before the schedule's check, whose range has -1
+        # Checked before the schedule's own check, whose range includes the clean end -1.
+        if bool((grid < 0).any()) or bool((grid > last).any()):
             raise OptionError(
                 f"Expected `timesteps` in [0, {last}] (t = -1 is the clean end, where x_t is x0 and there is "
                 f"nothing to convert), but got {grid.tolist()!r}."
