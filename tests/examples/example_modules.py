@@ -17,3 +17,17 @@ def load_example(name: str) -> ModuleType:
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     return importlib.import_module(name)
+
+
+def load_script(name: str) -> ModuleType:
+    """``examples/{name}.py`` as the module ``examples_{name}``, loaded from its file (for scripts whose name is also
+    an installed package's, e.g. ``evaluate``), with ``examples/`` on ``sys.path`` as when the script runs."""
+    import importlib.util
+
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -19,7 +19,6 @@ import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 from tests.examples import tiny_metrics
-from tests.examples.example_modules import EXAMPLES, load_example
+from tests.examples.example_modules import EXAMPLES, load_example, load_script
 from tests.examples.tiny_flow import save_tiny_flux_pipeline
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 
@@ -42,19 +41,7 @@ PROMPTS = ["a cat", "a red car", "an apple on a table", "two dogs"]
 _load = load_example
 
 
-def _load_script(name: str) -> ModuleType:
-    """``examples/{name}.py`` as the module ``examples_{name}`` (``evaluate`` is also a PyPI package's name)."""
-    import importlib.util
-
-    _load("evaluation")  # puts examples/ on sys.path, as running the script does
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_script("evaluate")
+evaluate = load_script("evaluate")
 coco_prompts = _load("evaluation.coco_prompts")
 generation = _load("evaluation.generation")
 scoring = _load("evaluation.scoring")

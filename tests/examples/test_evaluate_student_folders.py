@@ -14,14 +14,13 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
 from tests.examples import tiny_metrics
-from tests.examples.example_modules import EXAMPLES, load_example
+from tests.examples.example_modules import load_example, load_script
 from tests.examples.tiny_flow import save_tiny_flux_pipeline
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 
@@ -33,19 +32,7 @@ PROMPTS = ["a cat", "a red car"]
 PNG_TOLERANCE = 0.5 / 255 + 1e-6
 
 
-def _load_evaluate() -> ModuleType:
-    """``examples/evaluate.py`` as ``examples_evaluate`` (``evaluate`` is also a PyPI package's name)."""
-    import importlib.util
-
-    load_example("evaluation")  # puts examples/ on sys.path, as running the script does
-    spec = importlib.util.spec_from_file_location("examples_evaluate", EXAMPLES / "evaluate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = _load_evaluate()
+evaluate = load_script("evaluate")
 generation = load_example("evaluation.generation")
 scoring = load_example("evaluation.scoring")
 

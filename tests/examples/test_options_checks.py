@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples.example_modules import load_example
+from tests.examples.example_modules import load_example, load_script
 
 options = load_example("training.options")
 
@@ -69,14 +69,7 @@ def test_the_other_scripts_refuse_abbreviations_too(
     name: str, argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """evaluate.py and train_latent_lpips.py build their own parsers: the same rule."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.py"
-    load_example("training")  # examples/ on sys.path, as running the script does
-    spec = importlib.util.spec_from_file_location(f"_abbrev_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(name)
     with pytest.raises(SystemExit):
         module.parse_args(argv)
     assert f"unrecognized arguments: {' '.join(argv[-2:])}" in capsys.readouterr().err
