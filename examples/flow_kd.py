@@ -173,11 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CFG scale of the validation grid; default: the pipeline's (SD3 7.0; FLUX 1, i.e. FluxPipeline's "
         "true_cfg_scale); a guidance-distilled FLUX samples with its embedded --guidance and refuses this",
     )
-    args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv), image_method=True))
-    if args.use_lora:
-        raise ValueError(
-            "flow_kd trains the whole block-removed student (a new architecture): drop --use_lora."
-        )
+    args = p.parse_args(argv)
+    options.refuse_lora(args, "flow_kd trains the whole block-removed student (a new architecture)")
+    args = flow_options.check_flow_values(options.check_common_args(args, image_method=True))
     if args.preset is not None and (args.keep_blocks is not None or args.keep_single_blocks is not None):
         raise ValueError("Pass --preset or --keep_blocks / --keep_single_blocks, not both.")
     if args.preset is None and args.keep_blocks is None and args.keep_single_blocks is None:

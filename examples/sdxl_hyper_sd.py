@@ -63,12 +63,14 @@ samples when a reward model is given (the paper adds "the human-feedback losses"
 used here: this stage loads no dataset images). It runs after the feedback phase and trains the TSCD LoRA
 with the feedback LoRA active and frozen. The output is the one-step model, written like the TSCD one (with a
 feedback phase: the unified LoRA), and the multi-step student reached just before the stage (likewise) is
-written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``). With ``--use_ema``
-(the released average), the one average runs through the whole run and is not reset when the one-step stage
-starts: the one-step output averages the TSCD steps before it too (with ``--ema_warmup none --ema_decay
-0.9999`` and 2000 one-step steps, 0.9999^2000 = 82 % of its weight is on pre-stage weights); use a decay
-whose horizon ``1 / (1 - decay)`` is well below ``--one_step_steps``, or no ``--use_ema``, for a one-step model
-of the stage alone.
+written to ``OUTPUT_DIR/tscd/`` (LoRA file or ``unet/``). With ``--use_ema`` (the released average; the paper
+keeps only the consistency target's EMA and says nothing of one, so all of this is our choice) ``tscd/`` holds
+the average of the steps before the stage, and the average restarts when the stage starts
+(``ReleaseEMA.restart``: the current weights copied in, the ``--ema_warmup`` count back to 0), so the one-step
+output averages the one-step stage's own steps only -- an average of the multi-step stages' weights is not a
+one-step model (without the restart, ``--ema_warmup none --ema_decay 0.9999`` and 2000 one-step steps would
+leave 0.9999^2000 = 82 % of its weight on pre-stage weights). The TSCD stages and the feedback phase share one
+average: they refine one multi-step model, each resuming the weights of the one before (Sec. 3.1).
 
 Example::
 
@@ -671,6 +673,8 @@ def main(args: argparse.Namespace) -> None:
     ) -> dict[str, torch.Tensor]:
         if args.feedback_steps:  # the feedback LoRA stays active, frozen
             lora_adapters.train_only(unet, TSCD_ADAPTER)
+        if release_ema is not None and step == one_step_start:  # our choice: the stage's own average
+            release_ema.restart()  # (each micro-batch of the step: the weights move only at its end)
         prompts = data.prompts_batch(gen)
         state["prompts"] = prompts
         cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)

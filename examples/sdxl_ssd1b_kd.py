@@ -143,9 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--feature_weight", type=float, default=0.5)
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
-    args = options.check_common_args(p.parse_args(argv), image_method=True)
-    if args.use_lora:
-        raise ValueError("sdxl_ssd1b_kd trains the whole block-removed student: drop --use_lora.")
+    args = p.parse_args(argv)
+    options.refuse_lora(args, "sdxl_ssd1b_kd trains the whole block-removed student")
+    args = options.check_common_args(args, image_method=True)
     if args.round is not None and args.remove is not None:
         raise ValueError("Pass --round (a round of --preset) or --remove (module names), not both.")
     if args.round is not None and not 1 <= args.round <= len(ROUND_GROUPS):

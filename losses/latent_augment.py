@@ -53,11 +53,13 @@ from .._checks import (
     check_finite,
     check_float_input,
     check_not_video,
+    check_real,
     check_tensor,
     value_checks_enabled,
 )
 
 __all__ = ["AUGMENT_GROUPS", "AugmentParams", "LatentAugment", "augment_ops", "sym6_filter"]
+
 
 #: The op names behind each letter of an ``augment`` string, in execution order.
 AUGMENT_GROUPS: dict[str, tuple[str, ...]] = {
@@ -87,26 +89,6 @@ _SYM6 = (
     0.0017677118642428036,
     -0.007800708325034148,
 )
-
-
-def _check_real(value: Any, name: str, *, low: float | None = None, high: float | None = None) -> float:
-    """A finite Python/NumPy real number in ``[low, high]`` (:class:`DTypeError` / :class:`OptionError`)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise DTypeError(
-            f"Expected `{name}` to be a real number, but got {type(value).__name__} ({value!r})."
-        )
-    v = float(value)
-    if not math.isfinite(v):
-        raise OptionError(f"Expected `{name}` to be a finite number, but got {value!r}.")
-    if (low is not None and v < low) or (high is not None and v > high):
-        if high is None:
-            want = f"be >= {low:g}"
-        elif low is None:
-            want = f"be <= {high:g}"
-        else:
-            want = f"lie in [{low:g}, {high:g}]"
-        raise OptionError(f"Expected `{name}` to {want}, but got {value!r}.")
-    return v
 
 
 def _promote(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
@@ -667,12 +649,12 @@ class LatentAugment(nn.Module):
         super().__init__()
         self.ops = augment_ops(augment)
         self.p = p
-        self.xint_max = _check_real(xint_max, "xint_max", low=0.0, high=1.0)
-        self.scale_std = _check_real(scale_std, "scale_std", low=0.0)
-        self.rotate_max = _check_real(rotate_max, "rotate_max", low=0.0)
-        self.aniso_std = _check_real(aniso_std, "aniso_std", low=0.0)
-        self.xfrac_std = _check_real(xfrac_std, "xfrac_std", low=0.0)
-        self.cutout_size = _check_real(cutout_size, "cutout_size", low=0.0, high=1.0)
+        self.xint_max = check_real(xint_max, "xint_max", low=0, high=1)
+        self.scale_std = check_real(scale_std, "scale_std", low=0)
+        self.rotate_max = check_real(rotate_max, "rotate_max", low=0)
+        self.aniso_std = check_real(aniso_std, "aniso_std", low=0)
+        self.xfrac_std = check_real(xfrac_std, "xfrac_std", low=0)
+        self.cutout_size = check_real(cutout_size, "cutout_size", low=0, high=1)
         # Constant, not part of the state dict.
         self.filter: torch.Tensor
         self.register_buffer("filter", sym6_filter(), persistent=False)
@@ -696,7 +678,7 @@ class LatentAugment(nn.Module):
 
     @p.setter
     def p(self, value: float) -> None:
-        self._p = _check_real(value, "p", low=0.0, high=1.0)
+        self._p = check_real(value, "p", low=0, high=1)
 
     def extra_repr(self) -> str:
         return f"ops={list(self.ops)}, p={self.p}"

@@ -63,13 +63,13 @@ from .._checks import (
     check_not_video,
     check_option,
     check_positive,
+    check_real,
     check_same_shape,
 )
 from .latent_augment import (
     LatentAugment,
     _cast,
     _check_generator,
-    _check_real,
     _working_dtype,
     augment_ops,
     sym6_filter,
@@ -675,7 +675,7 @@ class LatentLPIPS(nn.Module):
     ) -> None:
         super().__init__()
         check_option(reduction, "reduction", _REDUCTIONS)
-        self.l1_weight = _check_real(l1_weight, "l1_weight", low=0.0)
+        self.l1_weight = check_real(l1_weight, "l1_weight", low=0.0)
         self.latent, self.in_channels, self._scale, self._shift = _resolve_latent(latent)
         self.reduction = reduction
         if weights is not None and weights is not _NOT_GIVEN:

@@ -46,6 +46,18 @@ class ReleaseEMA:
     def update(self) -> None:
         self.ema.update(self.params)
 
+    def restart(self) -> None:
+        """Start the average over from the student's current weights: copy them into the average and set its
+        update count to 0, so the decay schedule (``--ema_warmup``) starts again too.
+
+        For a run whose next phase trains another model from these weights (Hyper-SD's one-step stage after
+        its multi-step TSCD stages): an average that carries the earlier phase's weights is neither model.
+        Goes through ``load_state_dict``: cast to the float32 average, the count re-read from it, and an FSDP2
+        student's shards copied into the average's shards (the average is a copy of the sharded parameters)."""
+        state = {f"module.{name}": value for name, value in self.params.state_dict().items()}
+        state["num_updates"] = torch.zeros_like(self.ema.num_updates)
+        self.ema.load_state_dict(state)
+
     def copy_to_model(self) -> None:
         """Write the averaged weights into the student's parameters (in place).
 

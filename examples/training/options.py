@@ -33,8 +33,8 @@ def add_common_args(
     g.add_argument(
         "--use_lora", action="store_true", help="train a LoRA on the UNet instead of the full UNet"
     )
-    g.add_argument("--lora_rank", type=int, default=64)
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
+    g.add_argument("--lora_rank", type=int, default=None, help="default 64; needs --use_lora")
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank; needs --use_lora")
     g = parser.add_argument_group("data")
     g.add_argument("--prompts_file", default=None, help="text file, one prompt a line (prompt-only methods)")
     g.add_argument(
@@ -74,13 +74,16 @@ def add_common_args(
         action="store_true",
         help="keep an EMA of the trainable weights (checkpointed; written as the output instead of the raw weights)",
     )
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="decay of the --use_ema average")
+    g.add_argument(
+        "--ema_decay", type=float, default=None, help="decay of the --use_ema average (default 0.9999)"
+    )
     g.add_argument(
         "--ema_warmup",
         choices=["linear", "none"],
-        default="linear",
-        help="--use_ema decay schedule: 'linear' caps update n's decay at (1 + k) / (10 + k), k = n - 1 (diffusers' "
-        "EMAModel), so a short run's average is not mostly its start weights; 'none': constant --ema_decay",
+        default=None,
+        help="--use_ema decay schedule: 'linear' (the default) caps update n's decay at (1 + k) / (10 + k), "
+        "k = n - 1 (diffusers' EMAModel), so a short run's average is not mostly its start weights; 'none': "
+        "constant --ema_decay",
     )
     g.add_argument(
         "--uncond",
@@ -161,11 +164,59 @@ def check_compile_args(args: argparse.Namespace) -> None:
         )
 
 
+#: The shared options that only a flag turns on: ``{option: (flag, default)}``. Parsed with ``None`` (not given),
+#: refused without their flag and filled with their default under it by :func:`check_parent_options`
+#: (``--lora_alpha``'s default is the rank).
+LORA_OPTIONS = ("lora_rank", "lora_alpha")
+"""The options of ``--use_lora``."""
+
+PARENT_OPTIONS: dict[str, tuple[str, Any]] = {
+    "lora_rank": ("use_lora", 64),
+    "lora_alpha": ("use_lora", None),
+    "ema_decay": ("use_ema", 0.9999),
+    "ema_warmup": ("use_ema", "linear"),
+}
+
+
+def check_parent_options(args: argparse.Namespace) -> None:
+    """Refuse a :data:`PARENT_OPTIONS` option given without its flag (``ValueError``), and fill the defaults of
+    those whose flag is on.
+
+    Without the flag nothing reads them (a run without ``--use_lora`` trains the full network whatever
+    ``--lora_rank`` says), so a forgotten ``--use_lora`` would otherwise pass without a word. Options of an
+    unused flag stay ``None`` (also in the checkpoints' recorded options), so a second call changes nothing.
+    """
+    for name, (flag, default) in PARENT_OPTIONS.items():
+        if not hasattr(args, name):
+            continue
+        if not getattr(args, flag, False):
+            if getattr(args, name) is not None:
+                raise ValueError(
+                    f"--{name} applies only with --{flag}, which this run does not use: add --{flag} or drop "
+                    f"--{name}."
+                )
+        elif getattr(args, name) is None:
+            setattr(args, name, default)
+    if getattr(args, "use_lora", False) and getattr(args, "lora_alpha", 0) is None:
+        args.lora_alpha = float(args.lora_rank)  # a scale alpha / rank of 1
+
+
+def refuse_lora(args: argparse.Namespace, why: str) -> None:
+    """Refuse ``--use_lora`` and its options in a script that trains a whole network (``why`` says which and
+    why); call it before :func:`check_common_args`, whose advice for a lone ``--lora_rank`` is to add
+    ``--use_lora``. Raises ``ValueError``."""
+    given = [f"--{name}" for name in ("use_lora", *LORA_OPTIONS) if getattr(args, name, None)]
+    if given:
+        raise ValueError(f"{why}: drop {' / '.join(given)}.")
+
+
 def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -> argparse.Namespace:
-    """Validate the shared options; raises ``ValueError`` with the fix.
+    """Validate the shared options and fill the defaults of the flag-dependent ones
+    (:func:`check_parent_options`); raises ``ValueError`` with the fix.
 
     ``image_method``: the script trains on images and their captions (``--train_data_dir``), so a
     ``--prompts_file`` beside them is refused (:func:`check_data_sources`)."""
+    check_parent_options(args)
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "validation_steps"):
         check_range(args, name, low=1)
     for name in ("checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers"):

@@ -6,6 +6,8 @@ Parse-level only: no model is built (``--pretrained_model_name_or_path`` is not 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -120,8 +122,9 @@ def test_check_range_bounds_and_messages() -> None:
 def test_shared_numeric_options_are_range_checked(
     tmp_path: Path, flag: str, value: str, message: str
 ) -> None:
+    parent = ["--use_ema"] if flag == "--ema_decay" else []  # refused without it (its own test below)
     with pytest.raises(ValueError, match=message):
-        _parse(tmp_path, flag, value)
+        _parse(tmp_path, *parent, flag, value)
 
 
 def test_scripts_own_optimiser_options_get_the_same_bounds(tmp_path: Path) -> None:
@@ -177,3 +180,57 @@ def test_checkpoint_defaults_keep_three_and_zero_turns_off(tmp_path: Path) -> No
     assert (args.checkpointing_steps, args.checkpoints_total_limit) == (500, 3)
     args = _parse(tmp_path, "--checkpointing_steps", "0", "--checkpoints_total_limit", "0")
     assert (args.checkpointing_steps, args.checkpoints_total_limit) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "parent"),
+    [
+        ("--lora_rank", "8", "--use_lora"),
+        ("--lora_alpha", "16", "--use_lora"),
+        ("--ema_decay", "0.99", "--use_ema"),
+        ("--ema_warmup", "none", "--use_ema"),
+    ],
+)
+def test_an_option_without_its_flag_is_refused(tmp_path: Path, flag: str, value: str, parent: str) -> None:
+    """``--lora_rank 8`` without ``--use_lora`` trained the full UNet without a word; likewise ``--ema_decay`` /
+    ``--ema_warmup`` without ``--use_ema`` (nothing averaged). With the flag the value is kept."""
+    message = f"{flag} applies only with {parent}, which this run does not use: add {parent} or drop {flag}."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _parse(tmp_path, flag, value)
+    kept = getattr(_parse(tmp_path, parent, flag, value), flag[2:])
+    assert str(kept) == value or kept == float(value)
+
+
+def test_the_flag_dependent_defaults_are_filled_under_their_flag(tmp_path: Path) -> None:
+    """64, alpha = rank (scale 1), 0.9999 and the linear warm-up, as before; ``None`` where the flag is off
+    (nothing reads them), and a second check changes nothing."""
+    names = ("lora_rank", "lora_alpha", "ema_decay", "ema_warmup")
+    values = lambda args: tuple(getattr(args, n) for n in names)  # noqa: E731
+    assert values(_parse(tmp_path)) == (None, None, None, None)
+    args = _parse(tmp_path, "--use_lora", "--use_ema")
+    assert values(args) == (64, 64.0, 0.9999, "linear")
+    assert values(options.check_common_args(args)) == (64, 64.0, 0.9999, "linear")  # idempotent
+    assert values(_parse(tmp_path, "--use_lora", "--lora_rank", "8")) == (8, 8.0, None, None)
+    assert values(_parse(tmp_path, "--use_lora", "--lora_alpha", "2")) == (64, 2.0, None, None)
+    assert values(options.check_common_args(_parse(tmp_path))) == (None, None, None, None)
+
+
+def test_the_checkpoints_record_the_filled_values(tmp_path: Path) -> None:
+    """``step.json`` records the values the run used (64, not the parser's ``None``), so resuming with the same
+    command line warns about nothing, and a changed rank is named."""
+    checkpoints = load_example("training.checkpoints")
+    args = _parse(tmp_path, "--use_lora", "--use_ema")
+    recorded = checkpoints.run_options(args)
+    assert (recorded["lora_rank"], recorded["lora_alpha"], recorded["ema_decay"]) == (64, 64.0, 0.9999)
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / checkpoints.CHECKPOINT_MARKER).write_text(json.dumps({"step": 1, "options": recorded}))
+    assert checkpoints.compare_options(folder, _parse(tmp_path, "--use_lora", "--use_ema")) == {}
+    changed = checkpoints.compare_options(
+        folder, _parse(tmp_path, "--use_lora", "--lora_rank", "64", "--use_ema")
+    )
+    assert changed == {}
+    changed = checkpoints.compare_options(
+        folder, _parse(tmp_path, "--use_lora", "--lora_rank", "8", "--use_ema")
+    )
+    assert changed == {"lora_rank": (64, 8), "lora_alpha": (64.0, 8.0)}

@@ -360,3 +360,63 @@ def test_score_distillation_defaults_are_filled(paths: dict[str, str]) -> None:
         1.0,
         32,
     )
+
+
+# ---------------------------------------------------------------------------------- LoRA / EMA options
+#: Each script's extra flags (and data) for a command line that parses.
+BASES = {
+    "sdxl_sim": ([], "prompts"),
+    "sdxl_mlcm": ([], "prompts"),
+    "sdxl_hyper_sd": ([], "images"),
+    "sdxl_lightning": ([], "images"),
+    "sdxl_diffusion2gan": (["--lpips_weights", "random"], "prompts"),
+    "sdxl_ssd1b_kd": ([], "images"),
+    "flow_kd": (["--preset", "flux-mini"], "images"),
+    "flow_ladd": ([], "prompts"),
+    "flow_tscd": ([], "images"),
+    "flow_dmd2": ([], "prompts"),
+}
+
+
+@pytest.mark.parametrize("script", sorted(BASES))
+def test_lora_and_ema_options_need_their_flag_in_every_script(paths: dict[str, str], script: str) -> None:
+    """Every script refuses ``--lora_rank`` / ``--lora_alpha`` without ``--use_lora`` (a forgotten flag trained
+    the full network without a word) and ``--ema_decay`` / ``--ema_warmup`` without ``--use_ema``, before any
+    model loads; with ``--use_ema`` the EMA defaults are filled. flow_dmd2 always trains a LoRA."""
+    extra, data = BASES[script]
+    pairs = [("--ema_decay", "0.99", "--use_ema"), ("--ema_warmup", "none", "--use_ema")]
+    if script not in ("flow_dmd2", *WHOLE_STUDENT):
+        pairs += [("--lora_rank", "8", "--use_lora"), ("--lora_alpha", "8", "--use_lora")]
+    for flag, value, parent in pairs:
+        with pytest.raises(
+            ValueError, match=rf"^{flag} applies only with {parent}, which this run does not use: "
+        ):
+            _parse(script, paths, *extra, flag, value, data=data)
+    lora = ["--use_lora"] if script == "sdxl_lightning" else []  # its first stage trains a LoRA
+    args = _parse(script, paths, *extra, *lora, "--use_ema", data=data)
+    assert (args.ema_decay, args.ema_warmup) == (0.9999, "linear")
+
+
+#: The scripts that train a whole (block-removed) student and refuse a LoRA.
+WHOLE_STUDENT = ("sdxl_ssd1b_kd", "flow_kd")
+
+
+@pytest.mark.parametrize("script", WHOLE_STUDENT)
+def test_whole_student_scripts_refuse_lora_options_without_advising_use_lora(
+    paths: dict[str, str], script: str
+) -> None:
+    """A LoRA option there is refused with the script's reason and the flags to drop, not with the common advice
+    to add ``--use_lora`` (which the script refuses next)."""
+    extra, data = BASES[script]
+    with pytest.raises(ValueError, match=r"trains the whole block-removed student.*: drop --lora_rank\.$"):
+        _parse(script, paths, *extra, "--lora_rank", "8", data=data)
+    with pytest.raises(ValueError, match=r": drop --use_lora / --lora_rank / --lora_alpha\.$"):
+        _parse(script, paths, *extra, "--use_lora", "--lora_rank", "8", "--lora_alpha", "4", data=data)
+
+
+def test_flow_dmd2_takes_lora_options_without_use_lora(paths: dict[str, str]) -> None:
+    """flow_dmd2 trains a LoRA always (``--use_lora`` is on by default): its LoRA options are taken as given."""
+    args = _parse("flow_dmd2", paths, "--lora_rank", "8", data="prompts")
+    assert (args.use_lora, args.lora_rank, args.lora_alpha) == (True, 8, 8.0)
+    args = _parse("flow_dmd2", paths, "--lora_alpha", "4", data="prompts")
+    assert (args.lora_rank, args.lora_alpha) == (64, 4.0)
