@@ -1,4 +1,4 @@
-"""DMD2 (or SiD / SIM) one-step and few-step generators for SD3 / SD3.5 and FLUX.1 on one shared frozen transformer.
+"""DMD2 (or SiD / SIM) one-step and few-step generators for SD3 / SD3.5, FLUX.1 and Wan 2.1 on one shared frozen transformer.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, arXiv:2405.14867;
 ``--loss dmd``, the default); ``--loss sid``: Score identity Distillation (Zhou et al. 2024, arXiv:2404.04057),
@@ -37,11 +37,12 @@ One optimisation step (``training.flow_critics.FlowScoreDistillation``):
 3. every ``--generator_every``-th step the generator update through the real and fake scores at
    ``sigma ~ U[--loss_sigma_range]``, with the fake score (and the GAN heads) frozen.
 
-Guidance. The real score is the teacher with its recipe's guidance: SD3 / SD3.5 classifier-free guidance
-``--guidance_scale`` (default 7.0, ``StableDiffusion3Pipeline``'s default) against the encoded empty prompt;
+Guidance. The real score is the teacher with its recipe's guidance: SD3 / SD3.5 and Wan classifier-free guidance
+``--guidance_scale`` (default: the pipeline's, ``StableDiffusion3Pipeline`` 7.0, ``WanPipeline`` 5.0) against the
+encoded empty prompt;
 FLUX.1-dev its embedded ``--guidance`` (3.5, FastGen's FLUX DMD2 and ``FluxPipeline``'s default; one pass, no
-unconditional branch); FLUX.1-schnell unguided. The fake score models the generator's samples: on SD3 it is
-unguided (DMD2; ``--fake_guidance_scale`` for SiD-LSG's guided fake score). On a guidance-distilled FLUX it must
+unconditional branch); FLUX.1-schnell unguided. The fake score models the generator's samples: on SD3 and Wan
+it is unguided (DMD2; ``--fake_guidance_scale`` for SiD-LSG's guided fake score). On a guidance-distilled FLUX it must
 still take a guidance input, and which one is a design choice: we follow FastGen (``config_dmd2.py`` for Flux
 sets the network's ``guidance_scale = 3.5`` and ``dmd2.py`` builds the fake score from the teacher's config and
 weights), so ``--fake_guidance`` defaults to ``--guidance``: the fake score starts as the real score, the
@@ -66,7 +67,26 @@ dynamic shifting and ``stochastic_sampling=True``, i.e. DMD2's sampler on the si
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
     image = pipe(prompt, sigmas=SIGMAS, guidance_scale=3.5).images[0]     # SD3: guidance_scale=1.0
 
-with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``). Checkpoints hold each adapter
+with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``).
+
+Wan 2.1 text-to-video (``WanPipeline`` folders, e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``): the same method on
+video latents ``(B, 16, f, h, w)`` (``--num_frames``, default 81 -> 21 latent frames; square ``--resolution``),
+prompt-only: DMD on a video teacher as FastGen's Wan DMD2 (NVlabs/FastGen, ``configs/experiments/WanT2V``) and the
+DMD stages of CausVid and Self-Forcing (Yin et al. 2025, arXiv:2412.07772; Huang et al. 2025, arXiv:2506.08009),
+which distil Wan2.1-T2V-1.3B (their causal students are not built here: this generator is bidirectional). The teacher's
+CFG 5.0 against the encoded empty prompt (``WanPipeline``'s default negative; Wan's long recommended negative
+prompt is not used: our choice), LoRA on :data:`diffdistill.students.WAN_LORA_TARGETS`. Not available for Wan:
+``--gan_weight`` (it needs real videos; this script reads images). ``WanPipeline`` takes no ``sigmas``: sample
+the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timesteps yourself::
+
+    pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
+    pipe.load_lora_weights(OUTPUT_DIR)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=SIGMAS, device=device)
+    video = pipe(prompt, num_inference_steps=len(SIGMAS), guidance_scale=1.0, num_frames=81).frames[0]
+
+Checkpoints hold each adapter
 in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake score), the GAN
 heads and every optimiser; a resumed run is exact.
 
@@ -203,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale",
         type=float,
         default=None,
-        help="SD3: CFG of the real score (default 7.0, the pipeline's)",
+        help="SD3 / Wan: CFG of the real score (default: the pipeline's, SD3 7.0, Wan 5.0)",
     )
     g.add_argument(
         "--fake_guidance",
@@ -215,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fake_guidance_scale",
         type=float,
         default=1.0,
-        help="SD3: CFG of the fake score (1: unguided, DMD2)",
+        help="SD3 / Wan: CFG of the fake score (1: unguided, DMD2)",
     )
     for name, what in (
         ("loss", "the generator loss noises its samples to"),
@@ -364,8 +384,8 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
     if parts.family == "flux":
         if args.guidance_scale is not None or args.fake_guidance_scale != 1.0:
             raise ValueError(
-                "--guidance_scale / --fake_guidance_scale are SD3's classifier-free guidance; FLUX.1 has no "
-                "unconditional pass (FLUX.1-dev takes --guidance and --fake_guidance as inputs): drop them."
+                "--guidance_scale / --fake_guidance_scale are the classifier-free guidance of SD3 and Wan; FLUX.1 "
+                "has no unconditional pass (FLUX.1-dev takes --guidance and --fake_guidance as inputs): drop them."
             )
         if args.fake_guidance is not None and args.guidance is None:
             raise ValueError("--fake_guidance is the embedded guidance of FLUX.1-dev; this FLUX has none.")
@@ -374,10 +394,12 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
     else:
         if args.fake_guidance is not None:
             raise ValueError(
-                "--fake_guidance is FLUX.1-dev's embedded guidance; SD3 takes --fake_guidance_scale."
+                f"--fake_guidance is FLUX.1-dev's embedded guidance; {parts.name} takes --fake_guidance_scale."
             )
-        if args.guidance_scale is None:
-            args.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+        if (
+            args.guidance_scale is None
+        ):  # the pipeline's default (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
+            args.guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -402,7 +424,7 @@ def main(args: argparse.Namespace) -> None:
     )
 
     # One frozen transformer: the generator's adapter, the fake score's adapter, and the teacher (none).
-    base = flow_critics.build_shared_base(args, parts.transformer, device, dtype)
+    base = flow_critics.build_shared_base(args, parts.transformer, device, dtype, parts.family)
     shared_critics.shard(
         accelerator, base
     )  # FSDP2: the frozen base sharded once, each view shards its adapter
@@ -423,23 +445,22 @@ def main(args: argparse.Namespace) -> None:
         return flow_models.FlowDenoiser(model, parts.family, guidance)
 
     embedded = parts.family == "flux" and args.guidance is not None
-    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
+    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.uses_cfg else None
 
     def score(model: Any, scale: float | None) -> TeacherSolver:
-        """A score with its guidance: FLUX.1-dev's embedded input, SD3's CFG (a no-op at 1), schnell's none."""
+        """A score with its guidance: FLUX.1-dev's embedded input, SD3's / Wan's CFG (a no-op at 1), schnell's
+        none."""
         if embedded:
             return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_input="guidance")
-        return TeacherSolver(
-            denoiser(model), schedule, guidance_scale=scale if parts.family == "sd3" else None
-        )
+        return TeacherSolver(denoiser(model), schedule, guidance_scale=scale if parts.uses_cfg else None)
 
     real_scale = args.guidance if parts.family == "flux" else args.guidance_scale
     fake_scale = args.fake_guidance if parts.family == "flux" else args.fake_guidance_scale
     real = score(base.view(None), real_scale)
     fake_frozen = score(accelerator.unwrap_model(fake_view), fake_scale)  # in the generator update
     fake_trained = score(fake_view, fake_scale)  # the prepared (DDP) view in its own update
-    real_uncond = uncond if not embedded and parts.family == "sd3" else None
-    fake_uncond = uncond if parts.family == "sd3" and args.fake_guidance_scale != 1.0 else None
+    real_uncond = uncond if not embedded and parts.uses_cfg else None
+    fake_uncond = uncond if parts.uses_cfg and args.fake_guidance_scale != 1.0 else None
     loss_range = flow_critics.sigma_range_to_t(args.loss_sigma_range, schedule)
     fake_range = flow_critics.sigma_range_to_t(args.fake_sigma_range, schedule)
 
@@ -482,7 +503,7 @@ def main(args: argparse.Namespace) -> None:
         fake=(fake_view, opt_f),
         denoiser=denoiser,
         sigmas=sigmas,
-        latent_shape=flow_models.latent_shape(parts, args.train_batch_size, args.resolution),
+        latent_shape=flow_models.latent_shape(parts, args.train_batch_size, args.resolution, args.num_frames),
         generator_loss=generator_loss,
         fake_loss=fake_loss,
         gan=gan,

@@ -1,4 +1,4 @@
-"""LADD: latent adversarial diffusion distillation of SD3 / SD3.5 or FLUX.1 into a 1-4 step student.
+"""LADD: latent adversarial diffusion distillation of SD3 / SD3.5, FLUX.1 or Wan 2.1 into a 1-4 step student.
 
 Sauer, Boesel, Dockhorn, Blattmann, Esser, Rombach, "Fast High-Resolution Image Synthesis with Latent
 Adversarial Diffusion Distillation", 2024 (arXiv:2403.12015; SD3-Turbo). The discriminator is built on the
@@ -30,7 +30,8 @@ in shards that record their settings (model, steps, guidance, resolution, T5 len
 reuses matching shards and refuses stale ones. The teacher samples the way its diffusers pipeline does
 (``flow_pipeline_grid``: SD3's default grid, FLUX's ``linspace(1, 1/N, N)`` shifted by the resolution's
 ``mu``; ``--teacher_steps`` Euler steps; SD3 with classifier-free guidance ``--teacher_guidance_scale`` against
-the encoded empty prompt, FLUX.1-dev with its embedded ``--guidance``). A teacher trajectory per training step
+the encoded empty prompt, FLUX.1-dev with its embedded ``--guidance``; Wan 2.1: ``WanPipeline`` itself, its
+UniPC multistep solver, which our first-order samplers do not reproduce, with CFG 5.0). A teacher trajectory per training step
 would cost ``--teacher_steps`` (x2 with CFG) teacher calls per sample and step, several times the step itself;
 cached samples are drawn again across epochs.
 
@@ -45,7 +46,12 @@ The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma ->
 (the saved scheduler has shift 1 and no dynamic shifting, so the pipeline keeps the sigmas as given;
 reference/flow.md pitfall 5; the grid is also written to ``OUTPUT_DIR/student_sigmas.json``, which
 ``examples/evaluate.py`` samples on by default). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
-(``training.flow_models.FLOW_LORA_TARGETS``), otherwise the whole transformer.
+(``training.flow_models.lora_targets``), otherwise the whole transformer.
+
+Wan 2.1 text-to-video (``WanPipeline``): the same method on video latents (``--num_frames``); the heads take the
+mean prompt token as their text condition (``text_pooling="mean"``: Wan has no pooled embedding; our choice, FastGen's
+Wan LADD heads are unconditioned 3-D heads on blocks 15, 22, 29 of the 1.3B model, ``--discriminator_blocks 15 22
+29``). ``WanPipeline`` takes no ``sigmas``: sample the student as the ``flow_dmd2.py`` docstring shows.
 
 One copy of the transformer with ``--use_lora`` (our choice, for memory: FLUX.1 would hold a second 24 GB bf16
 copy): the student is the LoRA adapter of ONE frozen base in the mixed-precision dtype and the teacher (the
@@ -169,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher_guidance_scale",
         type=float,
         default=None,
-        help="SD3: classifier-free guidance of the teacher samples (default 7.0, StableDiffusion3Pipeline's); "
+        help="SD3 / Wan: classifier-free guidance of the teacher samples (default: the pipeline's, 7.0 / 5.0); "
         "refused for FLUX (its guidance is --guidance)",
     )
     args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv)))
@@ -238,6 +244,7 @@ def sample_settings(args: argparse.Namespace, parts: flow_models.FlowComponents)
         "guidance": args.guidance,
         "uncond": args.uncond,
         "resolution": args.resolution,
+        "num_frames": args.num_frames,
         "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
         "teacher_samples_seed": args.teacher_samples_seed,
         "teacher_samples_shard_size": args.teacher_samples_shard_size,
@@ -280,7 +287,7 @@ def generate_teacher_samples(
     prompts = data_sources.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     grid = flow_pipeline_grid(schedule, args.teacher_steps, pipeline=parts.family)
-    cfg = parts.family == "sd3" and args.teacher_guidance_scale != 1.0
+    cfg = parts.uses_cfg and args.teacher_guidance_scale != 1.0
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
     paths = sample_shards(args)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -296,17 +303,21 @@ def generate_teacher_samples(
         gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
         cond = flow_encoding.conditions(parts, picked, args, device, dtype)
-        noise = torch.randn(flow_models.latent_shape(parts, rows, args.resolution), generator=gen).to(device)
+        shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames)
+        noise = torch.randn(shape, generator=gen).to(device)
         with runtime.autocast(accelerator):
-            latent = ddim_sample(
-                teacher,
-                schedule,
-                noise,
-                grid,
-                cond=cond,
-                uncond=uncond,
-                guidance_scale=args.teacher_guidance_scale if cfg else None,
-            ).sample
+            if parts.is_video:  # WanPipeline's own UniPC solve (see pipeline_samples)
+                latent = pipeline_samples(args, parts, teacher.transformer, noise, cond, uncond)
+            else:
+                latent = ddim_sample(
+                    teacher,
+                    schedule,
+                    noise,
+                    grid,
+                    cond=cond,
+                    uncond=uncond,
+                    guidance_scale=args.teacher_guidance_scale if cfg else None,
+                ).sample
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
         save_file(
             {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
@@ -317,6 +328,44 @@ def generate_teacher_samples(
         logger.info("wrote %s (%d teacher samples)", path, rows)
     accelerator.wait_for_everyone()
     return paths
+
+
+def pipeline_samples(
+    args: argparse.Namespace,
+    parts: flow_models.FlowComponents,
+    transformer: Any,
+    noise: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Wan's teacher samples as ``WanPipeline`` makes them: its ``UniPCMultistepScheduler`` (a multistep solver,
+    which our first-order samplers do not reproduce) for ``--teacher_steps`` on the pipeline's grid, with CFG at
+    ``--teacher_guidance_scale`` against ``uncond`` (the encoded empty prompt, ``WanPipeline``'s default negative),
+    from ``noise``; the latents ``(B, C, f, h, w)`` float32 (``output_type="latent"``)."""
+    import copy
+
+    pipe = parts.pipeline_class(
+        tokenizer=parts.tokenizers[0],
+        text_encoder=parts.text_encoders[0],
+        vae=parts.vae,
+        scheduler=copy.deepcopy(parts.noise_scheduler),  # the pipeline sets its timesteps
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    b = noise.shape[0]
+    negative = None if uncond is None else uncond["encoder_hidden_states"].expand(b, -1, -1)
+    out = pipe(
+        prompt_embeds=cond["encoder_hidden_states"],
+        negative_prompt_embeds=negative,
+        guidance_scale=args.teacher_guidance_scale,
+        num_inference_steps=args.teacher_steps,
+        height=args.resolution,
+        width=args.resolution,
+        num_frames=args.num_frames,
+        latents=noise.float(),
+        output_type="latent",
+    )
+    return out.frames.float()
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -349,14 +398,14 @@ def make_student(
     which runs outside any view call, i.e. with the adapter off (the teacher), as in their forward pass.
     """
     if not args.use_lora:
-        return flow_models.make_trainable(args, parts.transformer, device, dtype), None
+        return flow_models.make_trainable(args, parts.transformer, device, dtype, family=parts.family), None
     base = shared_critics.build(
         args,
         parts.transformer,
         device,
         dtype,
         (shared_critics.GENERATOR,),
-        targets=flow_models.FLOW_LORA_TARGETS,
+        targets=flow_models.lora_targets(parts.family),
     )
     shared_critics.shard(accelerator, base)
     return base.view(shared_critics.GENERATOR), base
@@ -369,11 +418,11 @@ def main(args: argparse.Namespace) -> None:
     flow_options.check_flow_args(args, parts)
     if parts.family == "flux" and args.teacher_guidance_scale is not None:
         raise ValueError(
-            "--teacher_guidance_scale is SD3's classifier-free guidance of the teacher samples; FLUX.1 takes its "
-            "guidance as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
+            "--teacher_guidance_scale is the classifier-free guidance of SD3's and Wan's teacher samples; FLUX.1 "
+            "takes its guidance as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
         )
-    if parts.family == "sd3" and args.teacher_guidance_scale is None:
-        args.teacher_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    if parts.uses_cfg and args.teacher_guidance_scale is None:  # the pipeline's (SD3 7.0, Wan 5.0)
+        args.teacher_guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_models.flow_schedule(parts, args.resolution)
@@ -386,6 +435,7 @@ def main(args: argparse.Namespace) -> None:
     disc = LADDDiscriminator(
         teacher_model,
         args.discriminator_blocks,
+        text_pooling="mean" if parts.family == "wan" else None,  # Wan has no pooled text embedding
         head_channels=args.discriminator_head_channels,
         norm_groups=args.discriminator_norm_groups,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -409,7 +459,7 @@ def main(args: argparse.Namespace) -> None:
     def judge(model: Any, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> list[torch.Tensor]:
         """Discriminator logits of latents ``x`` at noise level ``sigma``: the teacher's own call (FLUX packed)."""
         hidden, kwargs, grid = teacher.model_inputs(x, 1000 * sigma, **cond)
-        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
+        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections", None)
         with teacher_features():  # the shared base: adapter off
             return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
 
@@ -426,12 +476,14 @@ def main(args: argparse.Namespace) -> None:
         renoise = torch.randn(x0.shape, generator=gen).to(device)
         r1_noise = torch.randn(x0.shape, generator=gen).to(device)
 
+        per_sample = (-1, *(1,) * (x0.ndim - 1))  # a sigma per sample, over images or videos
+
         def renoised(clean: torch.Tensor) -> torch.Tensor:
-            s = renoise_sigma.view(-1, 1, 1, 1)
+            s = renoise_sigma.view(per_sample)
             return (1 - s) * clean + s * renoise
 
         with accelerator.accumulate(transformer), runtime.autocast(accelerator):
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(per_sample)
             x_sigma = (1 - s) * x0 + s * noise
             fake = x_sigma - s * student(x_sigma, 1000 * sigma, **cond).float()  # x0_hat = x - sigma v
             # D stays frozen until the generator's backward is done (gradient checkpointing recomputes its

@@ -1,4 +1,4 @@
-"""Hyper-SD on SD3 / SD3.5 and FLUX.1: trajectory-segmented consistency distillation (TSCD) of a flow teacher.
+"""Hyper-SD on SD3 / SD3.5, FLUX.1 and Wan 2.1: trajectory-segmented consistency distillation (TSCD) of a flow teacher.
 
 Ren et al., "Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024
 (arXiv:2404.13686), Sec. 3.1 and Alg. 1, on a rectified-flow teacher (the method behind the Hyper-SD3 and
@@ -48,7 +48,11 @@ input embedding (``TeacherSolver(guidance_input="guidance")``: one pass, no unco
 sample (SD3: the CFG scale; FLUX.1-dev: the embedded guidance given to both teacher and student, so the
 student stays guidance-conditioned). FLUX.1-schnell (no guidance embedding): an unguided teacher.
 
-The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_models.FLOW_LORA_TARGETS``
+Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video states, ``--num_frames``), CFG at
+``--teacher_guidance_scale`` (default 5.0, ``WanPipeline``'s) against the encoded empty prompt, heads conditioned
+on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding).
+
+The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_models.lora_targets``
 or the whole transformer. Teacher and target cost no second base: with a LoRA the teacher is the same
 transformer with its adapters off (:class:`diffdistill.students.TeacherView`) and the EMA target averages the
 adapters only (:class:`diffdistill.students.EMA` with ``trainable_only``: the frozen base is shared). Our choice
@@ -174,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher_guidance_scale",
         type=float,
         default=None,
-        help="SD3: the teacher's classifier-free guidance (default 7.0, StableDiffusion3Pipeline's); refused for "
+        help="SD3 / Wan: the teacher's classifier-free guidance (default: the pipeline's, 7.0 / 5.0); refused for "
         "FLUX (its guidance is --guidance)",
     )
     g.add_argument(
@@ -314,20 +318,23 @@ def check_distance_args(args: argparse.Namespace) -> None:
 
 def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowComponents) -> None:
     """The teacher's guidance for this model (after ``flow_options.check_flow_args`` filled ``--guidance``):
-    SD3 takes CFG (``--teacher_guidance_scale``, default 7.0), FLUX none (FLUX.1-dev: the embedded input)."""
+    SD3 and Wan take CFG (``--teacher_guidance_scale``, default the pipeline's: 7.0, 5.0), FLUX none (FLUX.1-dev:
+    the embedded input)."""
     if parts.family == "flux":
         if args.teacher_guidance_scale is not None:
             raise ValueError(
-                "--teacher_guidance_scale is SD3's classifier-free guidance; FLUX.1 takes its guidance as an input "
-                "(--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
+                "--teacher_guidance_scale is the classifier-free guidance of SD3 and Wan; FLUX.1 takes its guidance "
+                "as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
             )
         if args.guidance_range is not None and args.guidance is None:
             raise ValueError(
                 "--guidance_range draws FLUX.1-dev's embedded guidance, but this FLUX transformer has no guidance "
                 "embedding (FLUX.1-schnell): drop --guidance_range."
             )
-    elif args.teacher_guidance_scale is None:
-        args.teacher_guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    elif (
+        args.teacher_guidance_scale is None
+    ):  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
+        args.teacher_guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -404,11 +411,11 @@ def draw_guidance(args: argparse.Namespace, batch: int, gen: torch.Generator) ->
 
 
 def training_noise(shape: tuple[int, ...], gen: torch.Generator, noise_offset: float) -> torch.Tensor:
-    """Gaussian noise plus ``noise_offset`` x one Gaussian per sample and channel (offset noise); with 0 nothing
-    more is drawn."""
+    """Gaussian noise plus ``noise_offset`` x one Gaussian per sample and channel (offset noise; for a video one
+    per channel of the whole clip); with 0 nothing more is drawn."""
     noise = torch.randn(shape, generator=gen)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((*shape[:2], 1, 1), generator=gen)
+        noise = noise + noise_offset * torch.randn((*shape[:2], *(1,) * (len(shape) - 2)), generator=gen)
     return noise
 
 
@@ -433,7 +440,7 @@ def main(args: argparse.Namespace) -> None:
     teacher_copy = None
     if adversarial or not args.use_lora:
         teacher_copy = flow_models.load_teacher(args, parts, device, dtype)
-    transformer = flow_models.make_trainable(args, parts.transformer, device, dtype)
+    transformer = flow_models.make_trainable(args, parts.transformer, device, dtype, family=parts.family)
     if teacher_copy is not None:
         teacher_net: Any = flow_models.FlowDenoiser(teacher_copy, parts.family, args.guidance)
     else:
@@ -444,7 +451,7 @@ def main(args: argparse.Namespace) -> None:
     )
     # --compile: student, teacher (= D's trunk)
     compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
-    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.family == "sd3" else None
+    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.uses_cfg else None
 
     decay = args.target_ema_decay if args.target_ema_decay is not None else plan[0].options["ema_decay"]
     # The average of a LoRA student's adapters; its frozen base is shared with the student, not copied.
@@ -455,6 +462,7 @@ def main(args: argparse.Namespace) -> None:
         disc = LADDDiscriminator(
             teacher_copy,
             args.discriminator_blocks,
+            text_pooling="mean" if parts.family == "wan" else None,  # Wan has no pooled text embedding
             head_channels=args.discriminator_head_channels,
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=args.gradient_checkpointing,
@@ -478,7 +486,7 @@ def main(args: argparse.Namespace) -> None:
         """Discriminator logits of states ``x`` at ``t_end`` (sigma 0 at the clean end): the teacher's own call."""
         sigma = torch.where(t_end < 0, 0.0, schedule.sigma(t_end.clamp(min=0)).float().to(x.device))
         hidden, kwargs, grid = teacher_net.model_inputs(x, 1000 * sigma, **cond)
-        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
+        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections", None)
         return model(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
@@ -496,7 +504,7 @@ def main(args: argparse.Namespace) -> None:
         sample = tscd_segments(
             b, k, args.num_inference_steps, schedule.num_train_timesteps, generator=gen, device=device
         )
-        shape = flow_models.latent_shape(parts, b, args.resolution)
+        shape = flow_models.latent_shape(parts, b, args.resolution, args.num_frames)
         noise = training_noise(shape, gen, args.noise_offset).to(device)
         omega = draw_guidance(args, b, gen)
         if isinstance(omega, torch.Tensor):

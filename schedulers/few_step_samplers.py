@@ -69,7 +69,7 @@ from .._checks import (
     check_tensor,
 )
 from .consistency import _check_constants, _consistency
-from .flow_schedule import FlowSigmaGrid, _unipc_flow_grid, flow_sigma_grid
+from .flow_schedule import FlowSigmaGrid, _pipeline_flow_grid
 from .noise_schedule import NoiseSchedule
 from .teacher_solver import (
     GUIDANCE_CONVENTIONS,
@@ -451,6 +451,9 @@ def flow_pipeline_grid(
       for any static-shift schedule). The samplers walk it with their own steps, not UniPC's; Wan 2.2 A14B's
       expert switch is the caller's (call the high-noise expert while ``sigma * T >= boundary_ratio * T``).
 
+    ``"sd3"`` and ``"flux"`` build ``FlowMatchEulerDiscreteScheduler``'s grids from the schedule's shift whatever
+    solver the schedule was read from: on a Wan schedule ``"flux"`` starts at exactly 1 (UniPC's 1e-6 is UniPC's).
+
     Sample on the result with any sampler of this module (``timesteps=grid``), e.g. :func:`ddim_sample` for
     diffusers' Euler loop.
 
@@ -509,11 +512,13 @@ def flow_pipeline_grid(
     if image_seq_len is not None and config is not None:
         mu = config.mu_for(image_seq_len)
     if pipeline == "wan":
-        return _unipc_flow_grid(schedule, n, mu)
-    if pipeline == "sd3":
-        return flow_sigma_grid(schedule, n, mu=mu)
-    sigmas = np.linspace(1.0, 1 / n, n)
-    return flow_sigma_grid(schedule, sigmas=torch.from_numpy(sigmas), mu=mu)
+        return _pipeline_flow_grid(schedule, n, None, mu, "unipc")
+    if (
+        pipeline == "sd3"
+    ):  # FlowMatchEulerDiscreteScheduler's recipe, whatever solver the schedule was read from
+        return _pipeline_flow_grid(schedule, n, None, mu, None)
+    sigmas = torch.from_numpy(np.linspace(1.0, 1 / n, n))
+    return _pipeline_flow_grid(schedule, None, sigmas, mu, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -750,11 +750,15 @@ def _multistep_flow_grid(
     return _finish_grid(schedule, sig, n_train)
 
 
-def _unipc_flow_grid(schedule: NoiseSchedule, n: int, mu: float | None) -> FlowSigmaGrid:
-    """Wan's grid (UniPC ``use_flow_sigmas``) for any flow schedule, whatever its config's own grid recipe."""
+def _pipeline_flow_grid(
+    schedule: NoiseSchedule, n: int | None, sigmas: Any, mu: float | None, multistep: str | None
+) -> FlowSigmaGrid:
+    """A named solver's grid for any flow schedule, whatever its config's own grid recipe: ``multistep`` "unipc"
+    (Wan's UniPC ``use_flow_sigmas``) or None (``FlowMatchEulerDiscreteScheduler``'s: SD3's and FLUX's
+    pipelines, also on a schedule read from a multistep solver)."""
     if getattr(schedule, "kind", None) != "flow":
         raise DTypeError(
             f"Expected `schedule` to be a flow NoiseSchedule (kind='flow'), but got {type(schedule).__name__}."
         )
     cfg = schedule.flow_config or FlowMatchingConfig(num_train_timesteps=schedule.num_train_timesteps)
-    return _flow_sigma_grid(schedule, cfg, n, None, mu, "unipc")
+    return _flow_sigma_grid(schedule, cfg, n, sigmas, mu, multistep)

@@ -91,12 +91,38 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
         kwargs["revision"] = args.revision
     if args.variant:
         kwargs["variant"] = args.variant
+    check_image_pipeline(
+        DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    )
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     if not args.teacher:
         apply_student(pipe, args, dtype)
     set_sampler(pipe, args, resolve_sampler(args).saved_sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+VIDEO_PIPELINE_MARKERS = ("Wan", "Video", "CogVideoX", "LTX", "Mochi")
+"""Name parts of diffusers' video pipelines (``WanPipeline``, ``HunyuanVideoPipeline``, ``CogVideoXPipeline`` ...)."""
+
+
+def check_image_pipeline(index: dict[str, Any]) -> None:
+    """Refuse a video pipeline (its ``model_index.json`` as ``index``) before its weights load: the metrics here
+    score images (FID, CLIP score, preference models); video metrics (FVD, VBench) are not implemented.
+
+    Args:
+        index: the pipeline's ``model_index.json``.
+
+    Raises:
+        ValueError: if ``_class_name`` names a video pipeline (:data:`VIDEO_PIPELINE_MARKERS`).
+    """
+    name = str(index.get("_class_name", ""))
+    if any(marker in name for marker in VIDEO_PIPELINE_MARKERS):
+        raise ValueError(
+            f"Expected a text-to-image pipeline, but --pretrained_model_name_or_path is a {name} (video): "
+            "examples/evaluate.py scores images (FID, CLIP score, preference models) and has no video metric "
+            "(FVD, VBench). Look at a Wan student's validation videos (OUTPUT_DIR/samples/*.gif) instead."
+        )
 
 
 def denoiser_name(pipe: Any) -> str:

@@ -28,12 +28,14 @@ Modules:
   into one diffusers LoRA file (Hyper-SD's unified LoRA).
 - :mod:`training.shared_critics`: ``--shared_base``, one frozen UNet whose LoRA adapters are the generator, the
   fake score (SIM / SiD / DMD) or the discriminator (Diffusion2GAN), and the teacher that UNet with none.
-- :mod:`training.flow_models`: SD3 / FLUX components (``load_flow``), the flow denoiser with FLUX's packing
+- :mod:`training.flow_models`: SD3 / FLUX / Wan components (``load_flow``), the flow denoiser with FLUX's packing
   (``FlowDenoiser``), latent normalisation, the resolution-shifted schedule, LoRA / full student, saving.
-- :mod:`training.flow_encoding`: SD3 / FLUX prompt conditions through the pipeline's ``encode_prompt``, cached.
-- :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``).
-- :mod:`training.flow_validation`: few-step validation grids of flow students.
-- :mod:`training.flow_critics`: shared-base critics of SD3 / FLUX score distillation (DMD2 / SiD / SIM): one frozen
+- :mod:`training.flow_encoding`: SD3 / FLUX / Wan prompt conditions through the pipeline's ``encode_prompt``,
+  cached.
+- :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
+  ``--num_frames``).
+- :mod:`training.flow_validation`: few-step validation grids (Wan: videos) of flow students.
+- :mod:`training.flow_critics`: shared-base critics of SD3 / FLUX / Wan score distillation (DMD2 / SiD / SIM): one frozen
   transformer with the generator's and the fake score's adapters, DMD2's backward simulation and sampler, GAN
   heads on the fake score, adapter export.
 

@@ -1,11 +1,12 @@
-"""Shared-base critics of SD3 / FLUX score distillation (DMD2, SiD, SIM): one frozen transformer, three views."""
+"""Shared-base critics of SD3 / FLUX / Wan score distillation (DMD2, SiD, SIM): one frozen transformer, three views."""
 
 # The generator, the fake score and the real score of ``examples/flow_dmd2.py`` are views of ONE frozen transformer
 # (:class:`diffdistill.students.SharedBase`): the generator's LoRA adapter, the fake score's LoRA adapter, and the
 # transformer with both off (the teacher / real score). This module holds what the script needs beside the
 # library's losses:
 #
-# - :func:`build_shared_base`: the base with the two adapters on :data:`training.flow_models.FLOW_LORA_TARGETS`.
+# - :func:`build_shared_base`: the base with the two adapters on the family's LoRA targets
+#   (:func:`training.flow_models.lora_targets`).
 # - :func:`loss_schedule`: the unshifted flow schedule the losses noise the generator's samples on
 #   (``sigma_t = (t + 1) / 1000``), so a uniform draw of ``t`` is a uniform draw of sigma (FastGen's FLUX DMD2
 #   draws ``t ~ U[0.001, 0.999]`` on the unshifted rectified-flow path); :func:`sigma_range_to_t`.
@@ -34,10 +35,11 @@ FAKE_LORA_NAME = "fake_lora_weights.safetensors"  # the fake score's adapter in 
 
 
 def build_shared_base(
-    args: argparse.Namespace, transformer: nn.Module, device: Any, dtype: torch.dtype
+    args: argparse.Namespace, transformer: nn.Module, device: Any, dtype: torch.dtype, family: str
 ) -> Any:
     """The :class:`diffdistill.students.SharedBase` of ``transformer`` with the generator's and the fake score's
-    LoRA adapters (``--lora_rank`` / ``--lora_alpha`` on :data:`training.flow_models.FLOW_LORA_TARGETS`, float32)
+    LoRA adapters (``--lora_rank`` / ``--lora_alpha`` on the ``family``'s
+    :func:`training.flow_models.lora_targets`, float32)
     over the frozen base in ``dtype`` on ``device``; ``--gradient_checkpointing`` recomputes each block under the
     adapter it ran with (:meth:`SharedBase.enable_gradient_checkpointing`)."""
     from diffdistill.students import SharedBase, add_lora
@@ -49,7 +51,7 @@ def build_shared_base(
             transformer,
             rank=args.lora_rank,
             alpha=args.lora_alpha,
-            targets=flow_models.FLOW_LORA_TARGETS,
+            targets=flow_models.lora_targets(family),
             adapter_name=name,
         )
     sdxl_models.upcast_trainable(transformer)
@@ -301,6 +303,7 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
         heads = LADDDiscriminator(
             base.model,
             args.discriminator_blocks,
+            text_pooling="mean" if family == "wan" else None,  # Wan has no pooled text embedding
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=None,  # the shared base's own setting: its blocks recomputed under the fake adapter
         ).to(accelerator.device)
@@ -329,13 +332,13 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
             b, device = latents.shape[0], latents.device
             sigma = (low + (high - low) * torch.rand(b, generator=gen)).to(device)
             noise = torch.randn(latents.shape, generator=gen).to(device)
-            s = sigma.view(-1, 1, 1, 1)
+            s = sigma.view(-1, *(1,) * (latents.ndim - 1))
             noised.append((1 - s) * latents.float() + s * noise)
             sigmas.append(sigma)
         batch = torch.cat(noised)
         repeated = {k: torch.cat([v] * len(batches)) for k, v in cond.items()}
         hidden, kwargs, grid = self.features.model_inputs(batch, 1000 * torch.cat(sigmas), **repeated)
-        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections")
+        timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections", None)
         maps = head(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
         flat = torch.cat([m.flatten(1) for m in maps], dim=1)  # every head's patch logits of a sample
         return list(flat.chunk(len(batches)))

@@ -1,20 +1,24 @@
-"""Loading SD3 / FLUX components, the flow denoiser (FLUX packing), latents, the schedule, student and saving."""
+"""Loading SD3 / FLUX / Wan components, the flow denoiser (FLUX packing), latents, the schedule, student and saving."""
 
 # The flow scripts (``examples/flow_*.py``) use the same plumbing as the SDXL ones (runtime, checkpoints, loop,
 # EMA); what differs per model family lives here:
 #
 # - :func:`load_flow` reads ``model_index.json`` (``_class_name`` ``StableDiffusion3Pipeline`` -> ``"sd3"``,
-#   ``FluxPipeline`` -> ``"flux"``; anything else is refused) and loads every component the way the pipeline does
-#   (each ``[library, class]`` entry of ``model_index.json`` with ``from_pretrained(subfolder=name)``).
-# - :class:`FlowDenoiser` makes both transformers one denoiser ``denoiser(sample (B, C, h, w), timestep,
-#   **cond) -> velocity (B, C, h, w)`` with ``timestep`` = sigma * 1000 (the schedule's model timestep,
-#   :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's packed tokens.
+#   ``FluxPipeline`` -> ``"flux"``, ``WanPipeline`` -> ``"wan"``, Wan 2.1 text-to-video; anything else is refused)
+#   and loads every component the way the pipeline does (each ``[library, class]`` entry of ``model_index.json``
+#   with ``from_pretrained(subfolder=name)``).
+# - :class:`FlowDenoiser` makes the transformers one denoiser ``denoiser(sample, timestep, **cond) -> velocity`` of
+#   the sample's shape (images ``(B, C, h, w)``, Wan's videos ``(B, C, f, h, w)``) with ``timestep`` = sigma * 1000
+#   (the schedule's model timestep, :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's packed
+#   tokens.
 # - :func:`encode_latents` / :func:`decode_latents`: the family's latent normalisation read from the VAE config
-#   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611).
+#   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611; Wan's per-channel
+#   ``(z - latents_mean) / latents_std``).
 # - :func:`flow_schedule`: the training :class:`~diffdistill.schedulers.NoiseSchedule` with the model's shift at a
 #   resolution (SD3: its static shift; FLUX: ``mu`` from the image token count, Esser et al. 2024 Sec. 5.3.2 and
 #   diffusers' ``calculate_shift``).
-# - :func:`make_trainable` / :func:`load_teacher`: LoRA on :data:`FLOW_LORA_TARGETS` or the full transformer.
+# - :func:`make_trainable` / :func:`load_teacher`: LoRA on the family's targets (:func:`lora_targets`) or the full
+#   transformer.
 # - :func:`save_transformer`: a LoRA file that ``pipeline_class.load_lora_weights`` loads (written by the
 #   pipeline class's own ``save_lora_weights``), or a ``save_pretrained`` transformer folder.
 
@@ -30,10 +34,19 @@ import torch
 from torch import nn
 
 from diffdistill.students import FLOW_LORA_TARGETS as _LIBRARY_FLOW_LORA_TARGETS
+from diffdistill.students import WAN_LORA_TARGETS
 
 from . import checkpoints, sdxl_encoding, sdxl_models
 
-FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "WanPipeline": "wan"}
+FAMILY_NAMES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "wan": "Wan 2.1"}
+CFG_FAMILIES = ("sd3", "wan")
+"""The families guided by classifier-free guidance against an unconditional pass (FLUX.1-dev embeds its guidance
+as an input instead; reference/flow.md pitfall 1)."""
+DEFAULT_GUIDANCE_SCALE = {"sd3": 7.0, "wan": 5.0}
+"""The pipelines' default classifier-free guidance scale (``StableDiffusion3Pipeline`` 7.0, ``WanPipeline`` 5.0)."""
+DEFAULT_NUM_FRAMES = 81
+"""``WanPipeline``'s default video length (frames; Wan 2.1 generates ``4k + 1`` frames, 81 = 5 s at 16 fps)."""
 
 FLOW_LORA_TARGETS = _LIBRARY_FLOW_LORA_TARGETS
 """LoRA targets of the transformer: :data:`diffdistill.students.FLOW_LORA_TARGETS`, the default ``target_modules``
@@ -41,6 +54,13 @@ of diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (attention q
 feed-forwards; FLUX's single-stream blocks get their ``attn.to_q/k/v``). diffusers' SD3 DreamBooth script takes
 the eight attention names only by default; we add the feed-forwards for SD3 too (our choice: one list, the
 attention + FF linears of both families)."""
+
+
+def lora_targets(family: str) -> Any:
+    """The LoRA targets of a family's transformer: :data:`FLOW_LORA_TARGETS` (SD3 / FLUX) or, for Wan,
+    :data:`diffdistill.students.WAN_LORA_TARGETS` (self- and cross-attention q/k/v/o and the feed-forward of every
+    block, as finetrainers' Wan LoRA)."""
+    return WAN_LORA_TARGETS if family == "wan" else FLOW_LORA_TARGETS
 
 
 @dataclass
@@ -62,6 +82,21 @@ class FlowComponents:
     cache_tag: str = ""
     _text_pipeline: Any = field(default=None, repr=False)
 
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the family is guided by classifier-free guidance (:data:`CFG_FAMILIES`: SD3, Wan)."""
+        return self.family in CFG_FAMILIES
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the latents are videos ``(B, C, f, h, w)`` (Wan)."""
+        return self.family == "wan"
+
+    @property
+    def name(self) -> str:
+        """The family's name for messages (``"SD3 / SD3.5"``, ``"FLUX.1"``, ``"Wan 2.1"``)."""
+        return FAMILY_NAMES[self.family]
+
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, *self.text_encoders]
 
@@ -69,6 +104,17 @@ class FlowComponents:
         """The pipeline with its text encoders and tokenizers only (no transformer, no VAE): what
         ``encode_prompt`` needs."""
         if self._text_pipeline is None:
+            if (
+                self.is_video
+            ):  # WanPipeline: one umT5 encoder; its __init__ reads the VAE's factors when given
+                self._text_pipeline = self.pipeline_class(
+                    tokenizer=self.tokenizers[0],
+                    text_encoder=self.text_encoders[0],
+                    vae=None,
+                    scheduler=self.noise_scheduler,
+                    transformer=None,
+                )
+                return self._text_pipeline
             names = ("text_encoder", "text_encoder_2", "text_encoder_3")
             toks = ("tokenizer", "tokenizer_2", "tokenizer_3")
             parts = dict(zip(names, self.text_encoders)) | dict(zip(toks, self.tokenizers))
@@ -79,16 +125,34 @@ class FlowComponents:
 
 
 def model_family(path: str, revision: str | None = None) -> str:
-    """``"sd3"`` or ``"flux"`` from the ``_class_name`` of ``model_index.json`` in a folder or hub repo."""
+    """``"sd3"``, ``"flux"`` or ``"wan"`` from the ``_class_name`` of ``model_index.json`` in a folder or hub repo.
+
+    Wan: the single-transformer text-to-video pipelines (Wan 2.1 T2V 1.3B / 14B). Refused with the reason: Wan 2.2
+    A14B (two experts, ``transformer_2`` switched at ``boundary_ratio``: which expert a distilled step runs is a
+    recipe of its own) and Wan 2.2 TI2V-5B (``expand_timesteps``: a timestep per token)."""
     from diffusers import DiffusionPipeline
 
-    name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    index = DiffusionPipeline.load_config(path, revision=revision)
+    name = index.get("_class_name")
     if name not in FAMILIES:
         raise ValueError(
-            f"Expected --pretrained_model_name_or_path {path} to be a StableDiffusion3Pipeline (SD3 / SD3.5) or "
-            f"FluxPipeline (FLUX.1) folder, but its model_index.json names {name!r}. The SDXL scripts "
-            "(examples/sdxl_*.py) take SDXL pipelines."
+            f"Expected --pretrained_model_name_or_path {path} to be a StableDiffusion3Pipeline (SD3 / SD3.5), "
+            f"FluxPipeline (FLUX.1) or WanPipeline (Wan 2.1 text-to-video) folder, but its model_index.json names "
+            f"{name!r}. The SDXL scripts (examples/sdxl_*.py) take SDXL pipelines."
         )
+    if name == "WanPipeline":
+        second = index.get("transformer_2")
+        if (second and second[0] is not None) or index.get("boundary_ratio") is not None:
+            raise ValueError(
+                f"{path} is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio): the flow scripts distil "
+                "one transformer. Distil Wan 2.1 (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, -14B-Diffusers), or one expert "
+                "as its own single-transformer pipeline folder."
+            )
+        if index.get("expand_timesteps"):
+            raise ValueError(
+                f"{path} sets expand_timesteps (Wan 2.2 TI2V-5B: a timestep per token for its image-conditioned "
+                "frames), which the flow scripts' denoiser does not build. Distil a Wan 2.1 text-to-video model."
+            )
     return FAMILIES[name]
 
 
@@ -115,7 +179,9 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
         return FlowComponents(
             family=family,
             transformer=load("transformer", variant=var),
-            vae=diffusers.AutoencoderKL.from_pretrained(vae_path, revision=rev) if vae_path else load("vae"),
+            vae=getattr(diffusers, index["vae"][1]).from_pretrained(vae_path, revision=rev)
+            if vae_path
+            else load("vae"),
             text_encoders=[load(n, variant=var) for n in encoders],
             tokenizers=[load(n.replace("text_encoder", "tokenizer")) for n in encoders],
             noise_scheduler=load("scheduler"),
@@ -125,33 +191,58 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
 
 
 def vae_scale_factor(vae: Any) -> int:
-    """The VAE's spatial downsampling, ``2 ** (levels - 1)`` (8 for SD3 / FLUX), as the pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """The VAE's spatial downsampling, as the pipelines compute it: ``2 ** (levels - 1)`` (8 for SD3 / FLUX), or
+    Wan's ``scale_factor_spatial`` (8)."""
+    spatial = getattr(vae.config, "scale_factor_spatial", None)
+    return int(spatial) if spatial else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_shape(parts: FlowComponents, batch: int, resolution: int) -> tuple[int, int, int, int]:
-    """``(B, C, h, w)`` of the latents of ``resolution`` px square images (C from the VAE config, 16)."""
+def latent_frames(vae: Any, num_frames: int) -> int:
+    """Latent frames of a ``num_frames`` video: ``(num_frames - 1) // scale_factor_temporal + 1`` (Wan's causal
+    VAE keeps the first frame and compresses each later group of 4: 81 -> 21), as ``WanPipeline`` computes it."""
+    return (num_frames - 1) // int(vae.config.scale_factor_temporal) + 1
+
+
+def latent_shape(
+    parts: FlowComponents, batch: int, resolution: int, num_frames: int | None = None
+) -> tuple[int, ...]:
+    """``(B, C, h, w)`` of the latents of ``resolution`` px square images (C from the VAE config, 16), or
+    ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (``num_frames`` default :data:`DEFAULT_NUM_FRAMES`)."""
     side = resolution // vae_scale_factor(parts.vae)
+    if parts.is_video:
+        frames = latent_frames(parts.vae, num_frames or DEFAULT_NUM_FRAMES)
+        return (batch, int(parts.vae.config.z_dim), frames, side, side)
     return (batch, int(parts.vae.config.latent_channels), side, side)
 
 
 def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Normalised latents ``(z - shift_factor) * scaling_factor`` of images in [-1, 1] (a posterior sample drawn
-    with ``generator``); both factors from the VAE config (:func:`training.sdxl_encoding.latent_scale`)."""
+    with ``generator``); both factors from the VAE config (:func:`training.sdxl_encoding.latent_scale`). Images
+    only: the flow scripts read no video data (Wan runs prompt-only)."""
     return sdxl_encoding.encode_images(vae, images, generator)
 
 
+@torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] ``(B, 3, H, W)`` float32 on the CPU from normalised latents (``z / scale + shift``)."""
-    return sdxl_encoding.decode_latents(vae, latents)
+    """Images in [0, 1] ``(B, 3, H, W)`` float32 on the CPU from normalised latents (``z / scale + shift``), or
+    Wan's videos ``(B, 3, F, H, W)`` from ``(B, C, f, h, w)`` (``z * latents_std + latents_mean`` per channel, as
+    ``WanPipeline`` decodes)."""
+    if latents.ndim != 5:
+        return sdxl_encoding.decode_latents(vae, latents)
+    per_channel = (1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(per_channel).to(latents.device)
+    std = torch.tensor(vae.config.latents_std).view(per_channel).to(latents.device)
+    z = (latents.float() * std + mean).to(vae.device, vae.dtype)
+    return ((vae.decode(z).sample.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
 def flow_schedule(parts: FlowComponents, resolution: int) -> Any:
     """The training schedule of the model at ``resolution`` px (square), from its own scheduler config.
 
     SD3: the static ``shift`` (3.0). FLUX (``use_dynamic_shifting``): ``mu`` of the packed image token count
-    ``(R / 16)^2`` with the config's base / max shift, as ``FluxPipeline`` computes it. The model timestep is
-    sigma * 1000 for both families (:class:`FlowDenoiser` hands FLUX its sigma)."""
+    ``(R / 16)^2`` with the config's base / max shift, as ``FluxPipeline`` computes it. Wan: the ``flow_shift`` of
+    its ``UniPCMultistepScheduler`` (3.0 for Wan 2.1 T2V at 480p). The model timestep is sigma * 1000 for every
+    family (:class:`FlowDenoiser` hands FLUX its sigma)."""
     from diffdistill.schedulers import NoiseSchedule, packed_image_seq_len
 
     config = parts.noise_scheduler.config
@@ -185,25 +276,28 @@ def image_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> torch
 
 
 class FlowDenoiser(nn.Module):
-    """An SD3 / FLUX transformer as ``forward(sample (B, C, h, w), timestep, **cond) -> velocity (B, C, h, w)``.
+    """An SD3 / FLUX / Wan transformer as ``forward(sample, timestep, **cond) -> velocity`` of ``sample``'s shape
+    (images ``(B, C, h, w)``; Wan's videos ``(B, C, f, h, w)``).
 
-    ``timestep`` is sigma * 1000 (float, ``(B,)`` or a number): SD3 takes it as it is; FLUX takes sigma (the
-    pipeline passes ``timestep.to(latents.dtype) / 1000``, done the same way here). ``cond`` holds
-    ``encoder_hidden_states`` ``(B, L, D)``, ``pooled_projections`` ``(B, P)`` and, for a guidance-distilled
+    ``timestep`` is sigma * 1000 (float, ``(B,)`` or a number): SD3 and Wan take it as it is (``WanPipeline``
+    hands its UniPC timesteps, ``int(1000 sigma)``; a float is the same embedding without the rounding); FLUX
+    takes sigma (the pipeline passes ``timestep.to(latents.dtype) / 1000``, done the same way here). ``cond``
+    holds ``encoder_hidden_states`` ``(B, L, D)`` (Wan: its only condition, umT5's states), ``pooled_projections``
+    ``(B, P)`` (SD3 / FLUX) and, for a guidance-distilled
     FLUX (``guidance_embeds``, FLUX.1-dev), optionally ``guidance`` ``(B,)`` (default: ``guidance`` given here,
     the ``--guidance`` option; FluxPipeline's default 3.5). FLUX latents are packed into 2x2 patches with
     ``img_ids`` / zero ``txt_ids`` and the output unpacked (reference/flow.md Sec. 3).
 
     Args:
-        transformer: the transformer (possibly wrapped by accelerate: DDP / FSDP); ``family`` ``"sd3"`` / ``"flux"``.
-        family: ``"sd3"`` or ``"flux"``.
+        transformer: the transformer (possibly wrapped by accelerate: DDP / FSDP).
+        family: ``"sd3"``, ``"flux"`` or ``"wan"``.
         guidance: the embedded guidance of a guidance-distilled FLUX (ignored by other models).
     """
 
     def __init__(self, transformer: nn.Module, family: str, guidance: float | None = None) -> None:
         super().__init__()
-        if family not in ("sd3", "flux"):
-            raise ValueError(f"Expected family 'sd3' or 'flux', but got {family!r}.")
+        if family not in FAMILY_NAMES:
+            raise ValueError(f"Expected family 'sd3', 'flux' or 'wan', but got {family!r}.")
         self.transformer = transformer
         self.family = family
         from diffdistill._modules import unwrap_model
@@ -216,14 +310,17 @@ class FlowDenoiser(nn.Module):
         self, sample: torch.Tensor, timestep: Any, **cond: Any
     ) -> tuple[torch.Tensor, dict[str, Any], tuple[int, int] | None]:
         """``(hidden_states, keyword arguments, grid_size)`` of the transformer call the pipeline would make:
-        SD3 ``(sample, {timestep, ...cond}, None)``; FLUX ``(packed, {timestep: sigma, img_ids, txt_ids,
-        guidance, ...cond}, (h/2, w/2))`` (``grid_size`` as the LADD discriminator takes packed tokens)."""
+        SD3 ``(sample, {timestep, ...cond}, None)``; Wan ``(sample, {timestep, encoder_hidden_states}, None)``
+        (a ``pooled_projections`` in ``cond`` is dropped: Wan has none); FLUX ``(packed, {timestep: sigma, img_ids,
+        txt_ids, guidance, ...cond}, (h/2, w/2))`` (``grid_size`` as the LADD discriminator takes packed tokens)."""
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = (t.expand(b) if t.ndim == 0 else t).to(torch.float32)
         kwargs = dict(cond)
-        if self.family == "sd3":
+        if self.family in CFG_FAMILIES:
             kwargs.pop("guidance", None)
+            if self.family == "wan":
+                kwargs.pop("pooled_projections", None)
             return sample, {"timestep": t, **kwargs}, None
         h, w = sample.shape[-2:]
         guidance = kwargs.pop("guidance", None)
@@ -264,17 +361,23 @@ def euler_sample(
 
 
 def make_trainable(
-    args: argparse.Namespace, transformer: nn.Module, device: Any, dtype: torch.dtype
+    args: argparse.Namespace,
+    transformer: nn.Module,
+    device: Any,
+    dtype: torch.dtype,
+    *,
+    family: str = "sd3",
 ) -> nn.Module:
-    """Make ``transformer`` trainable in place: a float32 LoRA (``--lora_rank``, ``--lora_alpha``) on
-    :data:`FLOW_LORA_TARGETS` over a frozen ``dtype`` base (``--use_lora``), or the whole transformer (float32);
+    """Make ``transformer`` trainable in place: a float32 LoRA (``--lora_rank``, ``--lora_alpha``) on the family's
+    :func:`lora_targets` (``family``) over a frozen ``dtype`` base (``--use_lora``), or the whole transformer (float32);
     ``--gradient_checkpointing`` on. As :func:`training.sdxl_models.make_trainable` for the UNet."""
     from diffdistill.students import add_lora
 
     if args.use_lora:
         transformer.requires_grad_(False)
         transformer.to(device, dtype=dtype)
-        add_lora(transformer, rank=args.lora_rank, alpha=args.lora_alpha, targets=FLOW_LORA_TARGETS)
+        targets = lora_targets(family)
+        add_lora(transformer, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
         sdxl_models.upcast_trainable(transformer)
     else:
         transformer.to(device).train().requires_grad_(True)

@@ -1,4 +1,4 @@
-"""Command-line options of the SD3 / FLUX scripts (beside the shared ones), and their validation."""
+"""Command-line options of the SD3 / FLUX / Wan scripts (beside the shared ones), and their validation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options every flow script takes on top of :func:`training.options.add_common_args`.
 
     ``--guidance``: FLUX.1-dev's embedded guidance (an input of the guidance-distilled transformer, not CFG;
-    reference/flow.md pitfall 1); ``--max_sequence_length``: the T5 token length; ``--uncond`` defaults to the
-    encoded empty prompt (the SD3 pipeline's negative) instead of SDXL's zeros; ``--resolution`` defaults to 1024.
+    reference/flow.md pitfall 1); ``--max_sequence_length``: the T5 token length; ``--num_frames``: Wan's video
+    length; ``--uncond`` defaults to the encoded empty prompt (the SD3 and Wan pipelines' negative) instead of
+    SDXL's zeros.
     """
-    g = parser.add_argument_group("SD3 / FLUX")
+    g = parser.add_argument_group("SD3 / FLUX / Wan")
     g.add_argument(
         "--guidance",
         type=float,
@@ -25,7 +26,14 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max_sequence_length",
         type=int,
         default=None,
-        help="T5 prompt length in tokens (default: the pipeline's, SD3 256, FLUX 512)",
+        help="T5 prompt length in tokens (default: the pipeline's, SD3 256, FLUX and Wan 512)",
+    )
+    g.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="Wan: frames of the training and validation videos, 4k + 1 (default 81, WanPipeline's); refused "
+        "for image models",
     )
     parser.set_defaults(uncond="empty_prompt")
     return parser
@@ -52,8 +60,8 @@ def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
 
 def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
-    in [1, 512], ``--guidance`` > 0); the scripts' ``parse_args`` call it, so a typo fails before the (minutes
-    long) model load. Raises ``ValueError`` with the fix."""
+    in [1, 512], ``--guidance`` > 0, ``--num_frames`` >= 1); the scripts' ``parse_args`` call it, so a typo fails
+    before the (minutes long) model load. Raises ``ValueError`` with the fix."""
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     if args.resolution % step:
         raise ValueError(
@@ -69,21 +77,54 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(
             f"Expected --guidance > 0 (FLUX.1-dev's embedded guidance, default 3.5), but got {args.guidance}."
         )
+    if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
+        raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
     return args
 
 
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
     """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`)
-    after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX. Raises
-    ``ValueError`` with the fix."""
+    after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX and
+    ``--num_frames`` with 81 for Wan. Raises ``ValueError`` with the fix."""
     check_flow_values(args)
     embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
     if args.guidance is not None and not embeds:
         raise ValueError(
             f"--guidance {args.guidance} is the embedded guidance of a guidance-distilled FLUX (FLUX.1-dev), but this "
-            f"{parts.family.upper()} transformer has no guidance embedding: drop --guidance (use the script's "
+            f"{parts.name} transformer has no guidance embedding: drop --guidance (use the script's "
             "classifier-free guidance scale where it has one)."
         )
     if embeds and args.guidance is None:
         args.guidance = 3.5  # FluxPipeline's default guidance_scale
+    if parts.is_video and getattr(args, "train_data_dir", None):
+        raise ValueError(
+            f"--train_data_dir holds images with captions, but {parts.name} is a video model and the flow scripts "
+            "read no video data: run it prompt-only (--prompts_file; flow_dmd2 without --gan_weight, flow_ladd, "
+            "flow_tscd with teacher-noised states)."
+        )
+    check_num_frames(args, parts)
     return args
+
+
+def check_num_frames(args: argparse.Namespace, parts: Any) -> None:
+    """``--num_frames`` is Wan's: refused for image models; for Wan filled with 81 (``WanPipeline``'s default) and
+    checked to be ``k * scale_factor_temporal + 1`` (the VAE keeps the first frame and compresses each later group
+    of 4; ``WanPipeline`` rounds other lengths down with a warning, we refuse them). Raises ``ValueError``."""
+    from . import flow_models
+
+    frames = getattr(args, "num_frames", None)
+    if not parts.is_video:
+        if frames is not None:
+            raise ValueError(
+                f"--num_frames is the video length of Wan, but this is a {parts.name} image model: drop it."
+            )
+        return
+    if frames is None:
+        args.num_frames = frames = flow_models.DEFAULT_NUM_FRAMES
+    step = int(parts.vae.config.scale_factor_temporal)
+    if (frames - 1) % step:
+        fit = (frames - 1) // step * step + 1
+        raise ValueError(
+            f"Expected --num_frames to be {step}k + 1 (Wan's VAE keeps the first frame and compresses each later "
+            f"group of {step}), but got {frames}: use {fit} or {fit + step}."
+        )

@@ -190,7 +190,7 @@ def test_flux_fake_score_equals_real_at_init_so_dmd_gradient_is_zero() -> None:
         ("sd3", SD3Transformer2DModel, tiny_sd3_transformer_config()),
     ):
         torch.manual_seed(0)
-        base = flow_critics.build_shared_base(args, cls(**config), "cpu", torch.float32)
+        base = flow_critics.build_shared_base(args, cls(**config), "cpu", torch.float32, family)
         channels = 4
         x = torch.randn(2, channels, 8, 8, generator=gen, requires_grad=True)
         cond = {
@@ -368,5 +368,5 @@ def test_dmd2_presets_and_family_guidance(tiny: dict[str, Path], tmp_path: Path)
     with pytest.raises(ValueError, match=r"FLUX\.1 has no unconditional pass"):
         flow_dmd2.check_family_args(bad, parts)
     sd3 = flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, "--fake_guidance", "2"))
-    with pytest.raises(ValueError, match="SD3 takes --fake_guidance_scale"):
+    with pytest.raises(ValueError, match=r"SD3 / SD3\.5 takes --fake_guidance_scale"):
         flow_dmd2.check_family_args(sd3, flow_models.load_flow(sd3))

@@ -209,5 +209,5 @@ def test_flow_options_are_checked(tiny_flow: dict[str, Path], tmp_path: Path) ->
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError, match="names 'StableDiffusionXLPipeline'"):
         flow_models.load_flow(_args(tmp_path))
-    with pytest.raises(ValueError, match="family 'sd3' or 'flux'"):
+    with pytest.raises(ValueError, match="family 'sd3', 'flux' or 'wan'"):
         flow_models.FlowDenoiser(sd3.transformer, "sdxl")

@@ -21,12 +21,17 @@ from typing import Any
 import torch
 
 from tests.examples.tiny_sdxl import tiny_clip_tokenizer
-from tests.transformer_configs import tiny_flux_transformer_config, tiny_sd3_transformer_config
+from tests.transformer_configs import (
+    tiny_flux_transformer_config,
+    tiny_sd3_transformer_config,
+    tiny_wan_transformer_config,
+)
 
 CLIP_WIDTH = 16  # hidden size of each tiny CLIP encoder
 CLIP_LENGTH = 16  # CLIP tokenizer length
 T5_LENGTH = 8  # default --max_sequence_length of the tests
 IMAGE_SIZE = 64  # pixels: 8x8 latents
+NUM_FRAMES = 5  # video frames of the Wan tests: (5 - 1) / 4 + 1 = 2 latent frames
 
 
 def tiny_t5_tokenizer(max_length: int = T5_LENGTH) -> Any:
@@ -39,11 +44,14 @@ def tiny_t5_tokenizer(max_length: int = T5_LENGTH) -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def _tiny_t5(vocab: int, d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+def _tiny_t5(vocab: int, d_model: int, *, umt5: bool = False) -> Any:
+    """A 2-layer T5 encoder (``umt5``: Wan's ``UMT5EncoderModel``) of width ``d_model``, random weights."""
+    import transformers
 
-    return T5EncoderModel(
-        T5Config(
+    kind = "UMT5" if umt5 else "T5"
+    config, model = getattr(transformers, f"{kind}Config"), getattr(transformers, f"{kind}EncoderModel")
+    return model(
+        config(
             vocab_size=vocab,
             d_model=d_model,
             d_kv=8,
@@ -180,6 +188,37 @@ def save_tiny_flux_pipeline(
     )
     pipe.save_pretrained(root, safe_serialization=True)
     shutil.rmtree(root / "_tokenizer_src")
+    return root
+
+
+def save_tiny_wan_pipeline(folder: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Write a tiny Wan 2.1 text-to-video ``WanPipeline`` folder (random weights, no download) to ``folder``.
+
+    Text: a 2-layer ``UMT5EncoderModel`` of width 16 with the character-level T5 tokenizer; VAE:
+    ``AutoencoderKLWan`` (base width 8, one residual block a level, 16 latent channels, spatial factor 8, temporal
+    factor 4 as Wan's: 5 frames of 64 px -> latents (16, 2, 8, 8)) with Wan's per-channel ``latents_mean`` /
+    ``latents_std`` (the constructor's defaults); transformer: the tiny Wan config with 16 latent channels and text
+    width 16; scheduler: ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+    flow_shift=3.0)`` as Wan2.1-T2V ships it.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    root = Path(folder)
+    tok = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        umt5 = _tiny_t5(len(tok), CLIP_WIDTH, umt5=True)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+        transformer = WanTransformer3DModel(
+            **tiny_wan_transformer_config(in_channels=16, out_channels=16, text_dim=CLIP_WIDTH)
+        )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tok, text_encoder=umt5, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    pipe.save_pretrained(root, safe_serialization=True)
     return root
 
 

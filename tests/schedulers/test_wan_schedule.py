@@ -96,6 +96,22 @@ def test_wan_pipeline_grid_on_any_static_schedule():
     assert not grid.on_table  # UniPC's s grid is not (t + 1) / T: samplers walk the grid's own schedule
 
 
+@pytest.mark.parametrize("n", [1, 4, 28])
+def test_euler_pipeline_grids_of_a_wan_schedule_are_flow_match_eulers(n):
+    """Naming "sd3" / "flux" on a schedule read from Wan's UniPC gives FlowMatchEulerDiscreteScheduler's grids of
+    the same shift (no UniPC 1e-6 at the top): the grid a diffusers FlowMatchEuler scheduler with Wan's shift
+    builds, e.g. a few-step student's saved sampler."""
+    wan = NoiseSchedule.from_scheduler(_wan_unipc())
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    euler.set_timesteps(n)
+    assert torch.equal(flow_pipeline_grid(wan, n, pipeline="sd3").sigmas.float(), euler.sigmas)
+    flux = flow_pipeline_grid(wan, n, pipeline="flux")
+    euler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n))
+    # diffusers shifts custom sigmas in float32: s' = 3s / (1 + 2s) is three float32 operations, one rounding each
+    torch.testing.assert_close(flux.sigmas.float(), euler.sigmas, atol=0, rtol=3 * 2.0**-23)
+    assert float(flux.sigmas[0]) == 1.0
+
+
 def test_wan_unipc_custom_sigmas_dynamic_shift_and_terminal():
     custom = [1.0, 0.75, 0.5, 0.25]
     scheduler = _wan_unipc()

@@ -1,0 +1,294 @@
+"""Wan 2.1 text-to-video in the flow scripts: ``examples/flow_dmd2.py``, ``flow_ladd.py`` and ``flow_tscd.py`` on a
+tiny ``WanPipeline`` (:func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`), checked against the pipeline itself.
+
+- the pieces: :class:`training.flow_models.FlowDenoiser` is the transformer call ``WanPipeline`` makes, the prompt
+  conditions are its ``encode_prompt``'s, a sample decoded by :func:`training.flow_models.decode_latents` is the
+  pipeline's own video;
+- DMD2: only the two adapters train, and the generator's LoRA loaded into ``WanPipeline`` with the scheduler the
+  script saves samples as the script's DMD2 sampler does (the recipe its docstring gives);
+- LADD: the cached teacher samples are ``WanPipeline``'s own videos of those prompts (UniPC, CFG 5 against the
+  empty prompt), and the student trains against LADD heads on the teacher's video features;
+- TSCD: prompt-only (teacher-noised states) with the hybrid distance's heads;
+- what is refused, with the reason: two-expert Wan 2.2, ``expand_timesteps``, a ``--num_frames`` that is not
+  ``4k + 1`` or given to an image model, image data for a video model, video pipelines in ``evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from tests.examples.example_modules import load_example
+from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_wan_pipeline, smoke_argv
+from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+flow_dmd2 = load_example("flow_dmd2")
+flow_ladd = load_example("flow_ladd")
+flow_tscd = load_example("flow_tscd")
+flow_kd = load_example("flow_kd")
+flow_models = load_example("training.flow_models")
+flow_encoding = load_example("training.flow_encoding")
+flow_options = load_example("training.flow_options")
+flow_critics = load_example("training.flow_critics")
+generation = load_example("evaluation.generation")
+
+FRAMES = 5  # (5 - 1) / 4 + 1 = 2 latent frames
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_kernels() -> Any:
+    with deterministic_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_wan")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat walking\n\na dog running on grass\n")
+    return {"wan": save_tiny_wan_pipeline(root / "wan"), "prompts": prompts}
+
+
+def _argv(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return smoke_argv(tiny, "wan", out, "--num_frames", str(FRAMES), "--lora_rank", "4", *extra)
+
+
+def _pipeline(tiny: dict[str, Path]) -> Any:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(tiny["wan"]))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(
+    pipe: Any, latents: torch.Tensor, steps: int, guidance: float, output: str = "latent", **prompt: Any
+) -> Any:
+    """``pipe``'s frames of a ``FRAMES`` x ``IMAGE_SIZE``^2 video from ``latents``, ``prompt`` given as ``prompt=``
+    or ``prompt_embeds=``."""
+    with torch.no_grad():
+        return pipe(
+            **prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_frames=FRAMES,
+            latents=latents.clone(),
+            max_sequence_length=T5_LENGTH,
+            output_type=output,
+        ).frames
+
+
+def _lora(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_denoiser_conditions_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
+    """The three pieces the scripts build a Wan step from, each against what ``WanPipeline`` does itself."""
+    pipe = _pipeline(tiny)
+    args = flow_dmd2.parse_args(_argv(tiny, tiny["wan"].parent / "unused"))
+    parts = flow_models.load_flow(args)
+    assert (parts.family, parts.is_video, parts.uses_cfg) == ("wan", True, True)
+    flow_options.check_flow_args(args, parts)
+    shape = flow_models.latent_shape(parts, 2, IMAGE_SIZE, FRAMES)
+    assert shape == (2, 16, 2, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+
+    prompts = ["a cat walking", "a dog running on grass"]
+    cond = flow_encoding.conditions(parts, prompts, args, "cpu", torch.float32)
+    assert cond.keys() == {"encoder_hidden_states"}  # Wan has no pooled embedding
+    want, negative = pipe.encode_prompt(prompts, max_sequence_length=T5_LENGTH, device=torch.device("cpu"))
+    # float32's default tolerance: the same encoder on the same tokens, loaded twice (kernel summation order)
+    torch.testing.assert_close(cond["encoder_hidden_states"], want)
+    uncond = flow_encoding.uncond_conditions(parts, args, "cpu", torch.float32)
+    torch.testing.assert_close(uncond["encoder_hidden_states"], negative[:1])  # the "" prompt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    t = torch.tensor([980.0, 310.5])
+    with torch.no_grad():
+        got = flow_models.FlowDenoiser(parts.transformer, "wan")(x, t, **cond, pooled_projections=None)
+        direct = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=want, return_dict=False)[
+            0
+        ]
+    torch.testing.assert_close(got, direct)
+
+    # One pipeline step from given latents: its latents and its decoded video (float "pt" output in [0, 1]).
+    def run(output: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        return _sample(pipe, x[:1], 1, 1.0, output, prompt_embeds=want[:1])
+
+    video = flow_models.decode_latents(parts.vae, run("latent"))
+    expected = run("pt")  # (B, F, 3, H, W) from diffusers' video processor
+    assert video.shape == (1, 3, FRAMES, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(video, expected.permute(0, 2, 1, 3, 4), rtol=0, atol=1e-6)
+
+
+def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DMD2 (4-step grid, CFG 5 real score): the base untouched, both adapters trained, a validation video; the
+    generator's LoRA in ``WanPipeline`` with the saved scheduler and the docstring's ``set_timesteps`` override
+    samples as the script's DMD2 sampler on the same noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffdistill.students import WAN_LORA_TARGETS, load_lora
+
+    seen: dict[str, Any] = {}
+    load_flow = flow_models.load_flow
+
+    def recording_load(args: Any) -> Any:
+        parts = load_flow(args)
+        seen["parts"], seen["args"] = parts, args
+        seen["start"] = {k: v.clone() for k, v in parts.transformer.state_dict().items()}
+        return parts
+
+    monkeypatch.setattr(flow_models, "load_flow", recording_load)
+    out = tmp_path / "dmd2"
+    val = ["--validation_prompts", "a cat", "--validation_steps", "2", "--generator_every", "1"]
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, out, *val)))
+    assert seen["args"].guidance_scale == 5.0  # WanPipeline's CFG
+    trained = seen["parts"].transformer.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert all(torch.equal(base[k], seen["start"][k]) for k in seen["start"]), "a base weight changed"
+    gen_lora, fake_lora = (
+        _lora(out / "pytorch_lora_weights.safetensors"),
+        _lora(out / flow_critics.FAKE_LORA_NAME),
+    )
+    assert gen_lora.keys() == fake_lora.keys()
+    assert any(n in k for k in gen_lora for n in WAN_LORA_TARGETS)
+    for lora in (gen_lora, fake_lora):
+        assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "an adapter did not train"
+    gif = out / "samples" / "step-2-0.gif"
+    from PIL import Image
+
+    with Image.open(gif) as im:
+        assert (im.n_frames, im.size) == (FRAMES, (IMAGE_SIZE, IMAGE_SIZE))
+    with Image.open(out / "samples" / "step-2.png") as im:  # the frames of one video in a row
+        assert im.size == (FRAMES * IMAGE_SIZE, IMAGE_SIZE)
+
+    sigmas = json.loads((out / "student_sigmas.json").read_text())
+    assert len(sigmas) == 4 and sigmas[0] == 1.0
+    pipe = _pipeline(tiny)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sigmas, device=device)
+    args = flow_dmd2.parse_args(_argv(tiny, out))
+    parts = load_flow(args)
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, IMAGE_SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(7)  # the scheduler's re-noising draws from the global generator
+    got = _sample(pipe, noise, len(sigmas), 1.0, prompt="a cat")
+    with torch.no_grad():
+        student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        denoiser = flow_models.FlowDenoiser(student, "wan")
+        want = flow_critics.renoise_steps(denoiser, noise, sigmas, cond, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cached teacher samples are ``WanPipeline(prompt)``'s videos from the stored noise (its UniPC solver,
+    CFG 5 against the empty prompt); LADD heads read the teacher's video features (text pooled by the mean) and
+    the student's LoRA trains against them."""
+    from safetensors import safe_open
+
+    out = tmp_path / "ladd"
+    extra = ["--use_lora", "--num_teacher_samples", "2", "--teacher_samples_shard_size", "2"]
+    extra += ["--teacher_steps", "3", "--discriminator_norm_groups", "4"]
+    flow_ladd.main(flow_ladd.parse_args(_argv(tiny, out, *extra)))
+    shard = out / "teacher_samples" / "samples-00000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        settings = json.loads(f.metadata()["settings"])
+        noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
+    assert (settings["num_frames"], settings["teacher_guidance_scale"]) == (FRAMES, 5.0)
+    assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+    want = _sample(_pipeline(tiny), noise, 3, 5.0, prompt=prompts)
+    # the same solve; the prompt states of the encoder loaded twice differ by float32 rounding (see the first test)
+    torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+    lora = _lora(out / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
+
+
+def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Hyper-SD's two-stage plan on teacher-noised video states (CFG 5), with LADD heads in the second stage."""
+    out = tmp_path / "tscd"
+    extra = ["--use_lora", "--segments", "2,1", "--discriminator_norm_groups", "4", "--noise_offset", "0.1"]
+    flow_tscd.main(flow_tscd.parse_args(_argv(tiny, out, *extra)))
+    lora = _lora(out / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
+    grid = json.loads((out / flow_tscd.GRID_FILE).read_text())
+    assert grid["num_inference_steps"] == 1
+
+
+def _variant(tiny: dict[str, Path], tmp_path: Path, **index: Any) -> Path:
+    """A copy of the tiny Wan folder whose ``model_index.json`` has ``index`` merged in."""
+    folder = tmp_path / "variant"
+    shutil.copytree(tiny["wan"], folder)
+    path = folder / "model_index.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | index))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("index", "match"),
+    [
+        (
+            {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
+            "two-expert Wan 2.2",
+        ),
+        ({"expand_timesteps": True}, "expand_timesteps"),
+    ],
+)
+def test_wan_22_variants_are_refused(
+    tiny: dict[str, Path], tmp_path: Path, index: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        flow_models.model_family(str(_variant(tiny, tmp_path, **index)))
+
+
+def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
+    args = flow_dmd2.parse_args(_argv(tiny, tmp_path / "a"))
+    parts = flow_models.load_flow(args)
+    args.num_frames = 6
+    with pytest.raises(ValueError, match=r"--num_frames to be 4k \+ 1 .* but got 6: use 5 or 9"):
+        flow_options.check_flow_args(args, parts)
+    defaults = flow_dmd2.parse_args(smoke_argv(tiny, "wan", tmp_path / "b"))
+    flow_options.check_flow_args(defaults, parts)
+    assert defaults.num_frames == 81  # WanPipeline's default
+    image_model = SimpleNamespace(is_video=False, name="SD3 / SD3.5")
+    with pytest.raises(ValueError, match="--num_frames is the video length of Wan, but this is a SD3"):
+        flow_options.check_num_frames(SimpleNamespace(num_frames=5), image_model)
+    with pytest.raises(ValueError, match=r"--num_frames >= 1"):
+        flow_dmd2.parse_args(_argv(tiny, tmp_path / "c", "--num_frames", "0"))
+    images = write_captioned_images(tmp_path / "images", ["a cat", "a dog"])
+    kd_argv = smoke_argv(
+        {**tiny, "images": images}, "wan", tmp_path / "d", "--preset", "wan-half", data="images"
+    )
+    kd = flow_kd.parse_args(kd_argv)
+    with pytest.raises(
+        ValueError, match=r"Wan 2\.1 is a video model and the flow scripts read no video data"
+    ):
+        flow_options.check_flow_args(kd, parts)
+    with pytest.raises(ValueError, match=r"WanPipeline \(video\).*no video metric"):
+        generation.check_image_pipeline(json.loads((tiny["wan"] / "model_index.json").read_text()))
+    generation.check_image_pipeline({"_class_name": "StableDiffusion3Pipeline"})  # images pass
