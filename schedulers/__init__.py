@@ -36,7 +36,13 @@ from .flow_schedule import (
 )
 from .noise_schedule import FLOW_PREDICTION_TYPES, PREDICTION_TYPES, SCHEDULE_KINDS, NoiseSchedule
 from .stage_plans import Stage, StagePlan
-from .teacher_solver import TeacherSolver, apply_guidance, concat_conditions
+from .teacher_solver import (
+    TeacherSolver,
+    apply_guidance,
+    concat_conditions,
+    rescale_guidance_norm,
+    rescale_guidance_std,
+)
 from .timestep_samplers import (
     DENSITY_SCHEMES,
     LIGHTNING_DISCRIMINATOR_TIMESTEPS,
@@ -90,6 +96,8 @@ __all__ = [
     "one_step_sample",
     "packed_image_seq_len",
     "progressive_pairs",
+    "rescale_guidance_norm",
+    "rescale_guidance_std",
     "resolution_mu",
     "shift_sigmas",
     "spaced_timesteps",

@@ -7,6 +7,9 @@ Schedule-agnostic: the network is called with :meth:`NoiseSchedule.model_timeste
 UNet the integer index itself, a rectified-flow transformer :math:`\\sigma \\cdot` ``timestep_scale``), and
 on a flow schedule the DDIM step is the exact Euler step of the flow ODE. Guidance-distilled teachers
 (FLUX.1-dev) take the scale as an input instead of running an unconditional pass: ``guidance_input``.
+Teachers whose pipelines rescale the guided output get the same rescale: ``guidance_rescale``
+(:func:`rescale_guidance_std`, Lin et al. 2024 / diffusers' ``guidance_rescale``; :func:`rescale_guidance_norm`,
+Qwen-Image's true-CFG renormalisation).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from .._checks import (
 from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from .noise_schedule import NoiseSchedule, TimestepLike
 
-__all__ = ["GUIDANCE_CONVENTIONS", "TeacherSolver", "apply_guidance", "concat_conditions"]
+__all__ = [
+    "GUIDANCE_CONVENTIONS",
+    "TeacherSolver",
+    "apply_guidance",
+    "concat_conditions",
+    "rescale_guidance_norm",
+    "rescale_guidance_std",
+]
 
 GUIDANCE_CONVENTIONS: tuple[str, ...] = ("imagen", "lcm")
 GuidanceConvention = Literal["imagen", "lcm"]
@@ -140,6 +150,127 @@ def apply_guidance(
     check_finite(cond_out, "cond_out")
     check_finite(uncond_out, "uncond_out")
     return _guide(cond_out, uncond_out, w, convention)
+
+
+def rescale_guidance_std(guided: torch.Tensor, cond_out: torch.Tensor, phi: float = 0.7) -> torch.Tensor:
+    """Lin et al.'s guidance rescale: bring the guided output's standard deviation back to the conditional one's.
+
+    Lin, Liu, Li, Yang, "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024, Sec. 3.4
+    (Eq. 15-16; diffusers' ``guidance_rescale`` of the SD / SDXL pipelines, ``rescale_noise_cfg``):
+    :math:`\\hat g = g \\cdot \\mathrm{std}(c) / \\mathrm{std}(g)`, then :math:`\\phi \\hat g + (1 - \\phi) g`, with
+    the (unbiased) standard deviations per sample over every other dimension. ``phi = 0`` is no rescale; the
+    paper uses 0.7.
+
+    Args:
+        guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, ...)``.
+        cond_out: the conditional output :math:`c`, the shape of ``guided``.
+        phi: the rescale weight :math:`\\phi` in ``[0, 1]`` (default 0.7, the paper's).
+
+    Returns:
+        The rescaled output, shape and dtype of ``guided``.
+
+    Raises:
+        DTypeError: if an output is not a floating tensor or ``phi`` is not a real number.
+        ShapeError: if the outputs differ in shape or hold one value per sample (no spread to rescale).
+        OptionError: if ``phi`` is outside ``[0, 1]``.
+        NonFiniteError: if an output holds NaN / Inf (a value check).
+
+    Example:
+        >>> c = torch.tensor([[1.0, -1.0]])
+        >>> rescale_guidance_std(3 * c, c, phi=1.0).tolist()  # CFG tripled the spread; the rescale undoes it
+        [[1.0, -1.0]]
+    """
+    phi = check_real(phi, "phi", low=0.0, high=1.0)
+    _check_rescale_inputs(guided, cond_out)
+    return _rescale_std(guided, cond_out, phi)
+
+
+def _check_rescale_inputs(guided: Any, cond_out: Any) -> None:
+    check_float_input(guided, "guided", finite=False)
+    check_float_input(cond_out, "cond_out", finite=False)
+    check_same_shape(guided, cond_out, "guided", "cond_out")
+    if guided.ndim < 2 or guided[0].numel() < 2:
+        raise ShapeError(
+            f"Expected `guided` of shape (B, ...) with at least 2 values per sample to rescale, but got shape "
+            f"{tuple(guided.shape)}.",
+            name="guided",
+            expected="(B, C, ...)",
+            actual=tuple(guided.shape),
+        )
+    check_finite(guided, "guided")
+    check_finite(cond_out, "cond_out")
+
+
+def _rescale_std(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> torch.Tensor:
+    dims = tuple(range(1, guided.ndim))
+    work = torch.promote_types(guided.dtype, torch.float32)  # half precision upcast, float64 kept
+    g, c = guided.to(work), cond_out.to(work)
+    rescaled = g * (c.std(dim=dims, keepdim=True) / g.std(dim=dims, keepdim=True))
+    return (phi * rescaled + (1 - phi) * g).to(guided.dtype)
+
+
+def rescale_guidance_norm(guided: torch.Tensor, cond_out: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+    """Qwen-Image's true-CFG renormalisation: each token of the guided output scaled to the conditional norm.
+
+    ``QwenImagePipeline`` (diffusers 0.42.1, ``true_cfg_scale``) rescales the guided velocity of every packed
+    token to the norm of the conditional one, :math:`g_i \\leftarrow g_i \\lVert c_i \\rVert / \\lVert g_i \\rVert`
+    with norms over the token's channels (reference/flow.md pitfall 10). On unpacked latents ``(B, C, h, w)``
+    a token is the ``patch_size x patch_size`` patch of all channels (Qwen-Image / FLUX packing: 2, so each
+    norm runs over 4C values); with ``patch_size = 1`` (and for ``(B, C, ...)`` of any rank) the norm runs over
+    the channels at each position.
+
+    Args:
+        guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, C, ...)``.
+        cond_out: the conditional output :math:`c`, the shape of ``guided``.
+        patch_size: the side of a packed token in the latent grid (Qwen-Image: 2); > 1 needs ``(B, C, h, w)``
+            with ``h`` and ``w`` multiples of it.
+
+    Returns:
+        The rescaled output, shape and dtype of ``guided``.
+
+    Raises:
+        DTypeError: if an output is not a floating tensor or ``patch_size`` is not an int.
+        ShapeError: if the outputs differ in shape, or ``patch_size`` > 1 meets a tensor that is not
+            ``(B, C, h, w)`` with ``h`` and ``w`` divisible by it.
+        OptionError: if ``patch_size`` < 1.
+        NonFiniteError: if an output holds NaN / Inf (a value check).
+
+    Example:
+        >>> c, g = torch.tensor([[[[3.0]], [[4.0]]]]), torch.tensor([[[[6.0]], [[8.0]]]])  # (1, 2, 1, 1)
+        >>> rescale_guidance_norm(g, c).flatten().tolist()  # norm 10 -> 5, direction kept
+        [3.0, 4.0]
+    """
+    p = check_int(patch_size, "patch_size", minimum=1)
+    _check_rescale_inputs(guided, cond_out)
+    if p > 1 and (guided.ndim != 4 or guided.shape[-1] % p or guided.shape[-2] % p):
+        raise ShapeError(
+            f"Expected `guided` of shape (B, C, h, w) with h and w divisible by patch_size={p}, but got shape "
+            f"{tuple(guided.shape)}.",
+            name="guided",
+            expected=f"(B, C, {p}k, {p}m)",
+            actual=tuple(guided.shape),
+        )
+    return _rescale_norm(guided, cond_out, p)
+
+
+def _rescale_norm(guided: torch.Tensor, cond_out: torch.Tensor, p: int) -> torch.Tensor:
+    work = torch.promote_types(guided.dtype, torch.float32)
+    g, c = guided.to(work), cond_out.to(work)
+    if p == 1:
+        scale = torch.linalg.vector_norm(c, dim=1, keepdim=True) / torch.linalg.vector_norm(
+            g, dim=1, keepdim=True
+        )
+        return (g * scale).to(guided.dtype)
+    b, ch, h, w = g.shape
+
+    def patches(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, ch, h // p, p, w // p, p)
+
+    dims = (1, 3, 5)
+    ratio = torch.linalg.vector_norm(patches(c), dim=dims, keepdim=True) / torch.linalg.vector_norm(
+        patches(g), dim=dims, keepdim=True
+    )
+    return (patches(g) * ratio).reshape(b, ch, h, w).to(guided.dtype)
 
 
 def _guide(
@@ -316,13 +447,20 @@ class TeacherSolver:
         prediction_type: the model's output type (default: the schedule's).
         guidance_input: the keyword through which a guidance-distilled model takes its scale (FLUX.1-dev:
             ``"guidance"``), or ``None`` (the default: classifier-free guidance with two passes).
+        guidance_rescale: what the teacher's pipeline does to the guided output, applied after every guided
+            prediction (not when only the conditional pass runs): ``None`` (the default) nothing; a number
+            :math:`\\phi` in ``[0, 1]``: :func:`rescale_guidance_std` (Lin et al. 2024, diffusers'
+            ``guidance_rescale``); a callable ``(guided, cond_out) -> tensor``, e.g.
+            ``functools.partial(rescale_guidance_norm, patch_size=2)`` for Qwen-Image (``QwenImagePipeline``'s
+            true CFG on unpacked latents).
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``guidance``
-            or ``prediction_type`` is unknown, a number ``guidance_scale`` is not finite, or
-            ``guidance_input`` is not an identifier.
-        DTypeError: if ``guidance_scale`` is not a real number or tensor, or ``guidance_input`` is not a
-            string or None.
+            or ``prediction_type`` is unknown, a number ``guidance_scale`` is not finite, ``guidance_input``
+            is not an identifier, a number ``guidance_rescale`` is outside ``[0, 1]``, or ``guidance_rescale``
+            meets ``guidance_input``.
+        DTypeError: if ``guidance_scale`` is not a real number or tensor, ``guidance_input`` is not a
+            string or None, or ``guidance_rescale`` is neither a number, a callable nor None.
         ShapeError: if a tensor ``guidance_scale`` has more than one dimension.
         NonFiniteError: if a tensor ``guidance_scale`` holds NaN / Inf (a value check).
 
@@ -351,6 +489,7 @@ class TeacherSolver:
         guidance: GuidanceConvention = "imagen",
         prediction_type: str | None = None,
         guidance_input: str | None = None,
+        guidance_rescale: float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if not callable(model):
             raise OptionError(
@@ -373,10 +512,19 @@ class TeacherSolver:
                     f"Expected `guidance_input` to be a model keyword name (FLUX.1-dev: 'guidance'), but got "
                     f"{guidance_input!r}."
                 )
+        if guidance_rescale is not None and guidance_input is not None:
+            raise OptionError(
+                f"`guidance_rescale` rescales classifier-free guidance's combination of two passes, but this solver "
+                f"drives a guidance-distilled model (guidance_input={guidance_input!r}) with one pass: drop "
+                "`guidance_rescale`."
+            )
+        if guidance_rescale is not None and not callable(guidance_rescale):
+            check_real(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
         self.model = model
         self.schedule = schedule
         self.guidance = guidance
         self.guidance_input = guidance_input
+        self.guidance_rescale = guidance_rescale
         self.guidance_scale: float | torch.Tensor | None
         if guidance_scale is not None:
             self.guidance_scale = _check_scale(guidance_scale)
@@ -516,7 +664,19 @@ class TeacherSolver:
                 note=" (the conditional and unconditional passes are batched: 2B samples)",
             )
             c_out, u_out = out.chunk(2, dim=0)
-            return _guide(c_out, u_out, _noop_scale(self.guidance) if w is None else w, self.guidance)
+            guided = _guide(c_out, u_out, _noop_scale(self.guidance) if w is None else w, self.guidance)
+            return self._rescale(guided, c_out)
+
+    def _rescale(self, guided: torch.Tensor, c_out: torch.Tensor) -> torch.Tensor:
+        """The ``guidance_rescale`` of a guided prediction (checked: a callable's result keeps the shape)."""
+        rescale = self.guidance_rescale
+        if rescale is None:
+            return guided
+        if not callable(rescale):
+            return _rescale_std(guided, c_out, float(rescale))
+        out = rescale(guided, c_out)
+        check_prediction(out, guided, "guidance_rescale", input_name="guided")
+        return out
 
     def _predict_embedded(
         self,
