@@ -276,7 +276,7 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         if not accelerator.is_main_process:  # every process samples as the record process 0 wrote says
             generation.check_resume(*made_as, write=False, quantization=quantization)
         bar = tqdm(total=len(mine), desc="generating", disable=not accelerator.is_local_main_process)
-        sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args))
+        sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args, pipe))
         generation.generate_images(
             sample,
             prompts,

@@ -1,4 +1,4 @@
-"""DMD2 (or SiD / SIM) one-step and few-step generators for SD3 / SD3.5, FLUX.1 and Wan 2.1 on one shared frozen transformer.
+"""DMD2 / SiD / SIM few-step generators for SD3, FLUX.1, Qwen-Image and Wan 2.1 on one shared frozen transformer.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, arXiv:2405.14867;
 ``--loss dmd``, the default); ``--loss sid``: Score identity Distillation (Zhou et al. 2024, arXiv:2404.04057),
@@ -37,13 +37,15 @@ One optimisation step (``training.flow_critics.FlowScoreDistillation``):
 3. every ``--generator_every``-th step the generator update through the real and fake scores at
    ``sigma ~ U[--loss_sigma_range]``, with the fake score (and the GAN heads) frozen.
 
-Guidance. The real score is the teacher with its recipe's guidance: SD3 / SD3.5 and Wan classifier-free guidance
-``--guidance_scale`` (default: the pipeline's, ``StableDiffusion3Pipeline`` 7.0, ``WanPipeline`` 5.0) against the
-encoded empty prompt;
+Guidance. The real score is the teacher with its recipe's guidance: SD3 / SD3.5, Qwen-Image and Wan
+classifier-free guidance ``--guidance_scale`` (default: the pipeline's, ``StableDiffusion3Pipeline`` 7.0,
+``QwenImagePipeline``'s ``true_cfg_scale`` 4.0, ``WanPipeline`` 5.0) against the encoded empty prompt (Qwen-Image:
+``" "``, and its pipeline's renormalisation of each guided token to the conditional norm,
+``TeacherSolver(guidance_rescale=...)``);
 FLUX.1-dev its embedded ``--guidance`` (3.5, FastGen's FLUX DMD2 and ``FluxPipeline``'s default; one pass, no
-unconditional branch); FLUX.1-schnell unguided. The fake score models the generator's samples: on SD3 and Wan
-it is unguided (DMD2; ``--fake_guidance_scale`` for SiD-LSG's guided fake score). On a guidance-distilled FLUX it must
-still take a guidance input, and which one is a design choice: we follow FastGen (``config_dmd2.py`` for Flux
+unconditional branch); FLUX.1-schnell unguided. The fake score models the generator's samples: on SD3,
+Qwen-Image and Wan it is unguided (DMD2; ``--fake_guidance_scale`` for SiD-LSG's guided fake score). On a
+guidance-distilled FLUX it must still take a guidance input, and which one is a design choice: we follow FastGen (``config_dmd2.py`` for Flux
 sets the network's ``guidance_scale = 3.5`` and ``dmd2.py`` builds the fake score from the teacher's config and
 weights), so ``--fake_guidance`` defaults to ``--guidance``: the fake score starts as the real score, the
 closest model of the generator (itself the teacher at guidance 3.5 at step 0). Its adapter starts at zero, so
@@ -68,6 +70,15 @@ dynamic shifting and ``stochastic_sampling=True``, i.e. DMD2's sampler on the si
     image = pipe(prompt, sigmas=SIGMAS, guidance_scale=3.5).images[0]     # SD3: guidance_scale=1.0
 
 with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``).
+
+Qwen-Image (``QwenImagePipeline`` folders, e.g. ``Qwen/Qwen-Image``): the same method on its packed transformer
+(``FlowDenoiser`` packs 2x2 patches and passes ``img_shapes`` and the text mask), prompts through Qwen2.5-VL in the
+pipeline's template, padded to ``--max_sequence_length`` (default 512, up to 1024) with their mask (our choice: one
+length for every batch and the unconditional branch; the padding is masked out), LoRA on
+:data:`diffdistill.students.QWEN_IMAGE_LORA_TARGETS`; the generator's grid is the shifted linspace without the
+scheduler's ``shift_terminal`` stretch (our choice: it would pin the last of K sigmas at 0.02), and the saved
+scheduler drops ``shift_terminal`` so the pipeline keeps ``sigmas`` as given (``pipe(prompt, sigmas=SIGMAS,
+true_cfg_scale=1.0)``). ``--gan_weight`` works on its images (the VAE encodes them as one-frame videos).
 
 Wan 2.1 text-to-video (``WanPipeline`` folders, e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``): the same method on
 video latents ``(B, 16, f, h, w)`` (``--num_frames``, default 81 -> 21 latent frames; square ``--resolution``),
@@ -223,7 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale",
         type=float,
         default=None,
-        help="SD3 / Wan: CFG of the real score (default: the pipeline's, SD3 7.0, Wan 5.0)",
+        help="SD3 / Qwen-Image / Wan: CFG of the real score (default: the pipeline's, SD3 7.0, Qwen-Image 4.0, "
+        "Wan 5.0)",
     )
     g.add_argument(
         "--fake_guidance",
@@ -235,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fake_guidance_scale",
         type=float,
         default=1.0,
-        help="SD3 / Wan: CFG of the fake score (1: unguided, DMD2)",
+        help="SD3 / Qwen-Image / Wan: CFG of the fake score (1: unguided, DMD2)",
     )
     for name, what in (
         ("loss", "the generator loss noises its samples to"),
@@ -411,7 +423,7 @@ def main(args: argparse.Namespace) -> None:
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_critics.loss_schedule()  # unshifted: t ~ U{...} is sigma ~ U[...]
     sigmas = args.student_sigmas or flow_critics.student_grid(
-        flow_models.flow_schedule(parts, args.resolution), args.num_student_steps
+        flow_models.flow_schedule(parts, args.resolution, terminal_stretch=False), args.num_student_steps
     )
     logger.info(
         "preset %s: loss %s, %d-step grid %s, real guidance %s, fake guidance %s",
@@ -452,7 +464,10 @@ def main(args: argparse.Namespace) -> None:
         none."""
         if embedded:
             return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_input="guidance")
-        return TeacherSolver(denoiser(model), schedule, guidance_scale=scale if parts.uses_cfg else None)
+        if not parts.uses_cfg:
+            return TeacherSolver(denoiser(model), schedule)
+        rescale = flow_models.guidance_rescale(parts.family)  # Qwen-Image's true-CFG renormalisation
+        return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_rescale=rescale)
 
     real_scale = args.guidance if parts.family == "flux" else args.guidance_scale
     fake_scale = args.fake_guidance if parts.family == "flux" else args.fake_guidance_scale
@@ -538,7 +553,11 @@ def main(args: argparse.Namespace) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         FlowMatchEulerDiscreteScheduler.from_config(
-            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=True
+            parts.noise_scheduler.config,
+            shift=1.0,
+            use_dynamic_shifting=False,
+            shift_terminal=None,  # Qwen-Image's 0.02 would stretch the given sigmas (reference/flow.md pitfall 5)
+            stochastic_sampling=True,
         ).save_pretrained(Path(args.output_dir) / "scheduler")
         (Path(args.output_dir) / "student_sigmas.json").write_text(json.dumps(sigmas) + "\n")
     accelerator.end_training()

@@ -248,7 +248,8 @@ def main(args: argparse.Namespace) -> None:
         feature_weight=args.feature_weight,
         normalize=args.normalize_features,
     )
-    teacher_fn = guided_teacher(teacher_net, uncond, args.teacher_guidance_scale)
+    rescale = flow_models.guidance_rescale(parts.family)
+    teacher_fn = guided_teacher(teacher_net, uncond, args.teacher_guidance_scale, rescale)
     data = data_sources.StepData(args, need_images=True)
     global_step = checkpoints.resume(accelerator, args)
 
@@ -277,10 +278,12 @@ def main(args: argparse.Namespace) -> None:
         model = flow_models.FlowDenoiser(
             accelerator.unwrap_model(student), parts.family, guidance=args.guidance
         )
-        grid = flow_pipeline_grid(schedule, args.validation_inference_steps, pipeline=parts.family)
+        grid = flow_pipeline_grid(
+            schedule, args.validation_inference_steps, pipeline=flow_models.pipeline_grid(parts.family)
+        )
         sigmas = [float(s) for s in grid.sigmas[:-1]]
         scale = validation_guidance(args, parts.family)
-        sample = lambda z, c: flow_models.euler_sample(guided(model, uncond, scale), z, sigmas, c)  # noqa: E731
+        sample = lambda z, c: flow_models.euler_sample(guided(model, uncond, scale, rescale), z, sigmas, c)  # noqa: E731
         flow_validation.log_validation(accelerator, args, parts, sample, step)
 
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
@@ -298,7 +301,7 @@ def removal_spec(args: argparse.Namespace, family: str) -> str | TransformerBloc
     """``--preset`` (checked against the model family), or the explicit ``--keep_blocks`` /
     ``--keep_single_blocks`` as a spec (``None``: every block of that kind kept)."""
     if args.preset is not None:
-        wanted = "flux" if args.preset.startswith("flux") else "sd3"
+        wanted = args.preset.split("-")[0]  # the family a preset is named after
         if wanted != family:
             fits = sorted(n for n in TRANSFORMER_PRESETS if n.startswith(family))
             raise ValueError(
@@ -306,8 +309,10 @@ def removal_spec(args: argparse.Namespace, family: str) -> str | TransformerBloc
                 f"{args.pretrained_model_name_or_path} is a {family.upper()} pipeline: use one of {fits}."
             )
         return args.preset
-    if family == "sd3" and args.keep_single_blocks is not None:
-        raise ValueError("--keep_single_blocks applies to FLUX only: SD3 has joint blocks (--keep_blocks).")
+    if family != "flux" and args.keep_single_blocks is not None:
+        raise ValueError(
+            f"--keep_single_blocks applies to FLUX only: {family.upper()} has one block list (--keep_blocks)."
+        )
     return TransformerBlockRemovalSpec(
         name="custom",
         blocks=None if args.keep_blocks is None else tuple(args.keep_blocks),
@@ -351,9 +356,10 @@ def module_prefix(net: Any, inner: Any) -> str:
     return next(name for name, module in net.named_modules() if module is inner) + "."
 
 
-def guided(net: Any, uncond: dict[str, torch.Tensor], scale: float) -> Any:
-    """``net`` with classifier-free guidance ``u + scale (c - u)`` (``scale`` 1: ``net`` itself); the
-    unconditional pass runs first, so features a tap records are the conditional pass's."""
+def guided(net: Any, uncond: dict[str, torch.Tensor], scale: float, rescale: Any = None) -> Any:
+    """``net`` with classifier-free guidance ``u + scale (c - u)`` (``scale`` 1: ``net`` itself), then the family's
+    ``rescale(guided, c)`` if given (:func:`training.flow_models.guidance_rescale`); the unconditional pass runs
+    first, so features a tap records are the conditional pass's."""
     if scale == 1.0:
         return net
 
@@ -361,14 +367,15 @@ def guided(net: Any, uncond: dict[str, torch.Tensor], scale: float) -> Any:
         b = sample.shape[0]
         u = net(sample, timestep, **{k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()})
         c = net(sample, timestep, **cond)
-        return u + scale * (c - u)
+        out = u + scale * (c - u)
+        return out if rescale is None else rescale(out, c)
 
     return call
 
 
-def guided_teacher(net: Any, uncond: dict[str, torch.Tensor], scale: float) -> Any:
+def guided_teacher(net: Any, uncond: dict[str, torch.Tensor], scale: float, rescale: Any = None) -> Any:
     """The teacher call of :class:`LayerKD`: conditional only (``scale`` 1, SSD-1B), or with CFG."""
-    return None if scale == 1.0 else guided(net, uncond, scale)
+    return None if scale == 1.0 else guided(net, uncond, scale, rescale)
 
 
 def check_guidance(args: argparse.Namespace, transformer: Any) -> None:
@@ -386,11 +393,12 @@ def check_guidance(args: argparse.Namespace, transformer: Any) -> None:
 
 def validation_guidance(args: argparse.Namespace, family: str) -> float:
     """The validation grid's CFG scale: ``--validation_guidance_scale``, else the pipeline's default
-    (``StableDiffusion3Pipeline`` 7.0; ``FluxPipeline``'s ``true_cfg_scale`` 1, i.e. none: FLUX.1-dev samples with
-    its embedded ``--guidance``, FLUX.1-schnell unguided)."""
+    (``StableDiffusion3Pipeline`` 7.0, ``QwenImagePipeline``'s ``true_cfg_scale`` 4.0; ``FluxPipeline``'s
+    ``true_cfg_scale`` 1, i.e. none: FLUX.1-dev samples with its embedded ``--guidance``, FLUX.1-schnell
+    unguided)."""
     if args.validation_guidance_scale is not None:
         return float(args.validation_guidance_scale)
-    return 7.0 if family == "sd3" else 1.0
+    return flow_models.DEFAULT_GUIDANCE_SCALE.get(family, 1.0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LADD: latent adversarial diffusion distillation of SD3 / SD3.5, FLUX.1 or Wan 2.1 into a 1-4 step student.
+"""LADD: latent adversarial diffusion distillation of SD3, FLUX.1, Qwen-Image or Wan 2.1 into a 1-4 step student.
 
 Sauer, Boesel, Dockhorn, Blattmann, Esser, Rombach, "Fast High-Resolution Image Synthesis with Latent
 Adversarial Diffusion Distillation", 2024 (arXiv:2403.12015; SD3-Turbo). The discriminator is built on the
@@ -31,8 +31,9 @@ reuses matching shards and refuses stale ones. The teacher samples the way its d
 (``flow_pipeline_grid``: SD3's default grid, FLUX's ``linspace(1, 1/N, N)`` shifted by the resolution's
 ``mu``; ``--teacher_steps`` Euler steps; SD3 with classifier-free guidance ``--teacher_guidance_scale`` against
 the encoded empty prompt, FLUX.1-dev with its embedded ``--guidance``; Wan 2.1: ``WanPipeline`` itself, its
-UniPC multistep solver, which our first-order samplers do not reproduce, with CFG 5.0). A teacher trajectory per training step
-would cost ``--teacher_steps`` (x2 with CFG) teacher calls per sample and step, several times the step itself;
+UniPC multistep solver, which our first-order samplers do not reproduce, with CFG 5.0; Qwen-Image:
+``QwenImagePipeline`` itself, true CFG 4.0 against ``" "`` with its renormalisation). A teacher trajectory per
+training step would cost ``--teacher_steps`` (x2 with CFG) teacher calls per sample and step, several times the step itself;
 cached samples are drawn again across epochs.
 
 The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma -> next sigma -> 0``), unguided
@@ -175,7 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher_guidance_scale",
         type=float,
         default=None,
-        help="SD3 / Wan: classifier-free guidance of the teacher samples (default: the pipeline's, 7.0 / 5.0); "
+        help="SD3 / Qwen-Image / Wan: classifier-free guidance of the teacher samples (default: the pipeline's, "
+        "7.0 / 4.0 / 5.0); "
         "refused for FLUX (its guidance is --guidance)",
     )
     args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv)))
@@ -286,7 +288,7 @@ def generate_teacher_samples(
     settings = sample_settings(args, parts)
     prompts = data_sources.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
-    grid = flow_pipeline_grid(schedule, args.teacher_steps, pipeline=parts.family)
+    grid = flow_pipeline_grid(schedule, args.teacher_steps, pipeline=flow_models.pipeline_grid(parts.family))
     cfg = parts.uses_cfg and args.teacher_guidance_scale != 1.0
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
     paths = sample_shards(args)
@@ -306,7 +308,7 @@ def generate_teacher_samples(
         shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames)
         noise = torch.randn(shape, generator=gen).to(device)
         with runtime.autocast(accelerator):
-            if parts.is_video:  # WanPipeline's own UniPC solve (see pipeline_samples)
+            if parts.family in ("wan", "qwen"):  # the pipeline's own solve (see pipeline_samples)
                 latent = pipeline_samples(args, parts, teacher.transformer, noise, cond, uncond)
             else:
                 latent = ddim_sample(
@@ -338,10 +340,11 @@ def pipeline_samples(
     cond: dict[str, torch.Tensor],
     uncond: dict[str, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Wan's teacher samples as ``WanPipeline`` makes them: its ``UniPCMultistepScheduler`` (a multistep solver,
-    which our first-order samplers do not reproduce) for ``--teacher_steps`` on the pipeline's grid, with CFG at
-    ``--teacher_guidance_scale`` against ``uncond`` (the encoded empty prompt, ``WanPipeline``'s default negative),
-    from ``noise``; the latents ``(B, C, f, h, w)`` float32 (``output_type="latent"``)."""
+    """Wan's and Qwen-Image's teacher samples as their pipelines make them, from ``noise`` with CFG at
+    ``--teacher_guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid: ``WanPipeline``
+    with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do not reproduce),
+    ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
+    conditional norm). Returns the latents (``(B, C, f, h, w)`` / unpacked ``(B, C, h, w)``) in float32."""
     import copy
 
     pipe = parts.pipeline_class(
@@ -353,19 +356,33 @@ def pipeline_samples(
     )
     pipe.set_progress_bar_config(disable=True)
     b = noise.shape[0]
-    negative = None if uncond is None else uncond["encoder_hidden_states"].expand(b, -1, -1)
-    out = pipe(
+    negative = {} if uncond is None else {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
+    common = {
+        "num_inference_steps": args.teacher_steps,
+        "height": args.resolution,
+        "width": args.resolution,
+        "output_type": "latent",
+    }
+    if parts.family == "wan":
+        return pipe(
+            prompt_embeds=cond["encoder_hidden_states"],
+            negative_prompt_embeds=negative.get("encoder_hidden_states"),
+            guidance_scale=args.teacher_guidance_scale,
+            num_frames=args.num_frames,
+            latents=noise.float(),
+            **common,
+        ).frames.float()
+    packed = pipe(
         prompt_embeds=cond["encoder_hidden_states"],
-        negative_prompt_embeds=negative,
-        guidance_scale=args.teacher_guidance_scale,
-        num_inference_steps=args.teacher_steps,
-        height=args.resolution,
-        width=args.resolution,
-        num_frames=args.num_frames,
-        latents=noise.float(),
-        output_type="latent",
-    )
-    return out.frames.float()
+        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
+        negative_prompt_embeds=negative.get("encoder_hidden_states"),
+        negative_prompt_embeds_mask=negative.get("encoder_hidden_states_mask"),
+        true_cfg_scale=args.teacher_guidance_scale,
+        max_sequence_length=cond["encoder_hidden_states"].shape[1],
+        latents=flow_models.pack_latents(noise.float()),
+        **common,
+    ).images
+    return flow_models.unpack_latents(packed.float(), *noise.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -421,7 +438,9 @@ def main(args: argparse.Namespace) -> None:
             "--teacher_guidance_scale is the classifier-free guidance of SD3's and Wan's teacher samples; FLUX.1 "
             "takes its guidance as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
         )
-    if parts.uses_cfg and args.teacher_guidance_scale is None:  # the pipeline's (SD3 7.0, Wan 5.0)
+    if (
+        parts.uses_cfg and args.teacher_guidance_scale is None
+    ):  # the pipeline's (SD3 7.0, Qwen-Image 4.0, Wan 5.0)
         args.teacher_guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
@@ -435,7 +454,7 @@ def main(args: argparse.Namespace) -> None:
     disc = LADDDiscriminator(
         teacher_model,
         args.discriminator_blocks,
-        text_pooling="mean" if parts.family == "wan" else None,  # Wan has no pooled text embedding
+        text_pooling=flow_models.ladd_text_pooling(parts.family),
         head_channels=args.discriminator_head_channels,
         norm_groups=args.discriminator_norm_groups,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -528,7 +547,7 @@ def main(args: argparse.Namespace) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         FlowMatchEulerDiscreteScheduler.from_config(
-            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False
+            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None
         ).save_pretrained(Path(args.output_dir) / "scheduler")
         # The grid, as flow_dmd2 writes it: examples/evaluate.py samples the student on it by default.
         (Path(args.output_dir) / "student_sigmas.json").write_text(

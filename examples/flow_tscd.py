@@ -1,4 +1,4 @@
-"""Hyper-SD on SD3 / SD3.5, FLUX.1 and Wan 2.1: trajectory-segmented consistency distillation (TSCD) of a flow teacher.
+"""Hyper-SD's trajectory-segmented consistency distillation (TSCD) of SD3, FLUX.1, Qwen-Image and Wan teachers.
 
 Ren et al., "Hyper-SD: Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024
 (arXiv:2404.13686), Sec. 3.1 and Alg. 1, on a rectified-flow teacher (the method behind the Hyper-SD3 and
@@ -47,6 +47,10 @@ input embedding (``TeacherSolver(guidance_input="guidance")``: one pass, no unco
 ``FluxPipeline(guidance_scale=3.5)``, as the Hyper-FLUX LoRAs). ``--guidance_range MIN MAX`` draws ``omega`` per
 sample (SD3: the CFG scale; FLUX.1-dev: the embedded guidance given to both teacher and student, so the
 student stays guidance-conditioned). FLUX.1-schnell (no guidance embedding): an unguided teacher.
+
+Qwen-Image (``QwenImagePipeline``): CFG at ``--teacher_guidance_scale`` (default 4.0, its ``true_cfg_scale``)
+against ``" "`` with the pipeline's renormalisation of each guided token (``TeacherSolver(guidance_rescale=...)``),
+images or prompts as for SD3.
 
 Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video states, ``--num_frames``), CFG at
 ``--teacher_guidance_scale`` (default 5.0, ``WanPipeline``'s) against the encoded empty prompt, heads conditioned
@@ -178,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--teacher_guidance_scale",
         type=float,
         default=None,
-        help="SD3 / Wan: the teacher's classifier-free guidance (default: the pipeline's, 7.0 / 5.0); refused for "
+        help="SD3 / Qwen-Image / Wan: the teacher's classifier-free guidance (default: the pipeline's, 7.0 / 4.0 / "
+        "5.0); refused for "
         "FLUX (its guidance is --guidance)",
     )
     g.add_argument(
@@ -447,7 +452,11 @@ def main(args: argparse.Namespace) -> None:
         teacher_net = TeacherView(flow_models.FlowDenoiser(transformer, parts.family, args.guidance))
     guidance_input = parts.family == "flux" and args.guidance is not None
     teacher = TeacherSolver(
-        teacher_net, schedule, prediction_type="flow", guidance_input="guidance" if guidance_input else None
+        teacher_net,
+        schedule,
+        prediction_type="flow",
+        guidance_input="guidance" if guidance_input else None,
+        guidance_rescale=None if guidance_input else flow_models.guidance_rescale(parts.family),
     )
     # --compile: student, teacher (= D's trunk)
     compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
@@ -462,7 +471,7 @@ def main(args: argparse.Namespace) -> None:
         disc = LADDDiscriminator(
             teacher_copy,
             args.discriminator_blocks,
-            text_pooling="mean" if parts.family == "wan" else None,  # Wan has no pooled text embedding
+            text_pooling=flow_models.ladd_text_pooling(parts.family),
             head_channels=args.discriminator_head_channels,
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=args.gradient_checkpointing,

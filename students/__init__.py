@@ -16,7 +16,7 @@
 * :func:`add_lora`, :func:`merge_lora`, :func:`save_lora`, :func:`load_lora`, :class:`TeacherView`,
   :func:`add_guidance_embedding` -- LoRA students (LCM-LoRA) and the LCM guidance embedding;
   :data:`LCM_LORA_TARGETS` (UNets), :data:`FLOW_LORA_TARGETS` (SD3 / FLUX transformers), :data:`WAN_LORA_TARGETS`
-  (Wan).
+  (Wan), :data:`QWEN_IMAGE_LORA_TARGETS` (Qwen-Image).
 * :class:`SharedBase`, :class:`AdapterView` -- one frozen base with named LoRA adapters as independent callables
   (real score / teacher, fake score, generator) without copying the base weights.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
@@ -50,6 +50,7 @@ from .layer_kd import LayerKD, layer_kd_loss
 from .lora import (
     FLOW_LORA_TARGETS,
     LCM_LORA_TARGETS,
+    QWEN_IMAGE_LORA_TARGETS,
     WAN_LORA_TARGETS,
     TeacherView,
     adapters_disabled,
@@ -89,6 +90,7 @@ __all__ = [
     "IMAGE_STREAM_OUTPUT",
     "LCM_LORA_TARGETS",
     "PRESETS",
+    "QWEN_IMAGE_LORA_TARGETS",
     "ROUND_GROUPS",
     "TRANSFORMER_PRESETS",
     "WAN_LORA_TARGETS",

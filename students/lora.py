@@ -47,6 +47,7 @@ from .._modules import unwrap_model
 __all__ = [
     "FLOW_LORA_TARGETS",
     "LCM_LORA_TARGETS",
+    "QWEN_IMAGE_LORA_TARGETS",
     "WAN_LORA_TARGETS",
     "TeacherView",
     "adapters_disabled",
@@ -99,7 +100,21 @@ FLOW_LORA_TARGETS: tuple[str, ...] = (
 """The 12 module-name suffixes of the default ``target_modules`` of diffusers' ``train_dreambooth_lora_flux.py``
 for SD3 / FLUX transformers: attention q/k/v/out of the image and text streams and both feed-forwards (FLUX's
 single-stream blocks get their ``attn.to_q/k/v``). They match no module of Wan's transformer (its attentions
-are ``attn1`` / ``attn2``): use :data:`WAN_LORA_TARGETS` there."""
+are ``attn1`` / ``attn2``): use :data:`WAN_LORA_TARGETS` there, and :data:`QWEN_IMAGE_LORA_TARGETS` for Qwen-Image
+(whose feed-forwards are ``img_mlp`` / ``txt_mlp``)."""
+
+QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
+    *FLOW_LORA_TARGETS[:8],
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+)
+"""The 12 module-name suffixes of :data:`FLOW_LORA_TARGETS` on ``QwenImageTransformer2DModel``'s double-stream
+blocks: attention q/k/v/out of the image and text streams (``attn.to_*`` / ``attn.add_*_proj`` / ``attn.to_add_out``)
+and both feed-forwards (``img_mlp`` / ``txt_mlp``). Our choice: the attention + feed-forward set of the SD3 / FLUX
+LoRAs; diffusers' ``train_dreambooth_lora_qwen_image.py`` targets the four image-stream attention projections
+(``to_k``, ``to_q``, ``to_v``, ``to_out.0``) by default."""
 
 WAN_LORA_TARGETS: tuple[str, ...] = (
     "attn1.to_q",

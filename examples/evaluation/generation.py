@@ -484,7 +484,7 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
                 student["lora_base"] = str(args.lora_base)
         elif path != Path(args.student_weights):
             student["loaded"] = str(path)
-    return {
+    record = {
         "model": str(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "variant": args.variant,
@@ -501,6 +501,10 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
         "dtype": args.dtype,
         "sampler_sources": sources,
     }
+    negative = call_kwargs(args, pipe).get("negative_prompt")
+    if negative is not None:  # true CFG (Qwen-Image): the negative prompt is part of the guidance
+        record["negative_prompt"] = negative
+    return record
 
 
 MANIFEST_NAME = "generation.json"
@@ -589,9 +593,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+TRUE_CFG_NEGATIVE = {"QwenImagePipeline": " "}
+"""Pipelines whose classifier-free guidance is ``true_cfg_scale`` with a negative prompt (``guidance_scale`` is
+their guidance-distilled models' input, ignored otherwise), and the negative prompt used: diffusers' Qwen-Image docs
+pass ``" "``."""
+
+
+def call_kwargs(args: argparse.Namespace, pipe: Any = None) -> dict[str, Any]:
     """The pipeline call's sampler arguments from the options (only those given, so each pipeline keeps its
-    defaults for the rest)."""
+    defaults for the rest). ``--guidance_scale`` of a :data:`TRUE_CFG_NEGATIVE` pipeline (Qwen-Image) is its
+    ``true_cfg_scale`` with that negative prompt, so the guidance the record names is the guidance that ran."""
     kw: dict[str, Any] = {"height": args.resolution, "width": args.resolution}
     if args.timesteps:
         kw["timesteps"] = list(args.timesteps)
@@ -599,8 +610,15 @@ def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["sigmas"] = list(args.sigmas)
     else:
         kw["num_inference_steps"] = args.num_inference_steps or DEFAULT_STEPS
-    if args.guidance_scale is not None:
+    if args.guidance_scale is None:
+        return kw
+    negative = TRUE_CFG_NEGATIVE.get(type(pipe).__name__) if pipe is not None else None
+    if negative is None:
         kw["guidance_scale"] = args.guidance_scale
+    else:
+        kw["true_cfg_scale"] = args.guidance_scale
+        if args.guidance_scale > 1:
+            kw["negative_prompt"] = negative
     return kw
 
 
@@ -684,6 +702,9 @@ def pipeline_sampler(
     float images in ``[0, 1]``)."""
 
     def sample(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
-        return pipe(prompt=prompts, generator=generators, output_type="pt", **kwargs).images
+        call = dict(kwargs)
+        if isinstance(call.get("negative_prompt"), str):  # one per prompt, as the pipelines batch them
+            call["negative_prompt"] = [call["negative_prompt"]] * len(prompts)
+        return pipe(prompt=prompts, generator=generators, output_type="pt", **call).images
 
     return sample

@@ -102,8 +102,9 @@ def student_grid(schedule: Any, num_steps: int) -> list[float]:
     (:func:`diffdistill.schedulers.flow_pipeline_grid`; SD3 at K = 4: 1, 0.9, 0.75, 0.5)."""
     from diffdistill.schedulers import flow_pipeline_grid
 
-    grid = flow_pipeline_grid(schedule, num_steps, pipeline="flux")
-    return [float(s) for s in grid.sigmas[:-1]]
+    grid = [float(s) for s in flow_pipeline_grid(schedule, num_steps, pipeline="flux").sigmas[:-1]]
+    # every shift maps 1 to 1; e^mu / (e^mu + 1/1 - 1) can round to one ulp below: the generator starts at noise
+    return [1.0 if abs(grid[0] - 1.0) < 1e-12 else grid[0], *grid[1:]]
 
 
 def renoise_steps(
@@ -303,7 +304,7 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
         heads = LADDDiscriminator(
             base.model,
             args.discriminator_blocks,
-            text_pooling="mean" if family == "wan" else None,  # Wan has no pooled text embedding
+            text_pooling=flow_models.ladd_text_pooling(family),
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=None,  # the shared base's own setting: its blocks recomputed under the fake adapter
         ).to(accelerator.device)

@@ -1,19 +1,20 @@
-"""Loading SD3 / FLUX / Wan components, the flow denoiser (FLUX packing), latents, the schedule, student and saving."""
+"""Loading SD3 / FLUX / Qwen-Image / Wan components, the flow denoiser (packing), latents, schedule, student, saving."""
 
 # The flow scripts (``examples/flow_*.py``) use the same plumbing as the SDXL ones (runtime, checkpoints, loop,
 # EMA); what differs per model family lives here:
 #
 # - :func:`load_flow` reads ``model_index.json`` (``_class_name`` ``StableDiffusion3Pipeline`` -> ``"sd3"``,
-#   ``FluxPipeline`` -> ``"flux"``, ``WanPipeline`` -> ``"wan"``, Wan 2.1 text-to-video; anything else is refused)
+#   ``FluxPipeline`` -> ``"flux"``, ``QwenImagePipeline`` -> ``"qwen"``, ``WanPipeline`` -> ``"wan"``, Wan 2.1
+#   text-to-video; anything else is refused)
 #   and loads every component the way the pipeline does (each ``[library, class]`` entry of ``model_index.json``
 #   with ``from_pretrained(subfolder=name)``).
 # - :class:`FlowDenoiser` makes the transformers one denoiser ``denoiser(sample, timestep, **cond) -> velocity`` of
 #   the sample's shape (images ``(B, C, h, w)``, Wan's videos ``(B, C, f, h, w)``) with ``timestep`` = sigma * 1000
-#   (the schedule's model timestep, :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's packed
-#   tokens.
+#   (the schedule's model timestep, :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's or
+#   Qwen-Image's packed tokens.
 # - :func:`encode_latents` / :func:`decode_latents`: the family's latent normalisation read from the VAE config
-#   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611; Wan's per-channel
-#   ``(z - latents_mean) / latents_std``).
+#   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611; Wan's and Qwen-Image's
+#   per-channel ``(z - latents_mean) / latents_std``).
 # - :func:`flow_schedule`: the training :class:`~diffdistill.schedulers.NoiseSchedule` with the model's shift at a
 #   resolution (SD3: its static shift; FLUX: ``mu`` from the image token count, Esser et al. 2024 Sec. 5.3.2 and
 #   diffusers' ``calculate_shift``).
@@ -34,17 +35,28 @@ import torch
 from torch import nn
 
 from diffdistill.students import FLOW_LORA_TARGETS as _LIBRARY_FLOW_LORA_TARGETS
-from diffdistill.students import WAN_LORA_TARGETS
+from diffdistill.students import QWEN_IMAGE_LORA_TARGETS, WAN_LORA_TARGETS
 
 from . import checkpoints, sdxl_encoding, sdxl_models
 
-FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "WanPipeline": "wan"}
-FAMILY_NAMES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "wan": "Wan 2.1"}
-CFG_FAMILIES = ("sd3", "wan")
+FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwen",
+    "WanPipeline": "wan",
+}
+FAMILY_NAMES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "qwen": "Qwen-Image", "wan": "Wan 2.1"}
+CFG_FAMILIES = ("sd3", "qwen", "wan")
 """The families guided by classifier-free guidance against an unconditional pass (FLUX.1-dev embeds its guidance
 as an input instead; reference/flow.md pitfall 1)."""
-DEFAULT_GUIDANCE_SCALE = {"sd3": 7.0, "wan": 5.0}
-"""The pipelines' default classifier-free guidance scale (``StableDiffusion3Pipeline`` 7.0, ``WanPipeline`` 5.0)."""
+PACKED_FAMILIES = ("flux", "qwen")
+"""The families whose transformer takes 2x2 patches of the latents as packed tokens ``(B, h/2 * w/2, 4C)``."""
+DEFAULT_GUIDANCE_SCALE = {"sd3": 7.0, "qwen": 4.0, "wan": 5.0}
+"""The pipelines' default classifier-free guidance scale (``StableDiffusion3Pipeline`` 7.0, ``QwenImagePipeline``'s
+``true_cfg_scale`` 4.0, ``WanPipeline`` 5.0)."""
+UNCOND_PROMPT = {"qwen": " "}
+"""The negative prompt of a family's unconditional branch when it is not the empty prompt: Qwen-Image's pipeline
+enables true CFG only with a negative prompt, and diffusers' Qwen-Image docs pass ``negative_prompt=" "``."""
 DEFAULT_NUM_FRAMES = 81
 """``WanPipeline``'s default video length (frames; Wan 2.1 generates ``4k + 1`` frames, 81 = 5 s at 16 fps)."""
 
@@ -57,10 +69,34 @@ attention + FF linears of both families)."""
 
 
 def lora_targets(family: str) -> Any:
-    """The LoRA targets of a family's transformer: :data:`FLOW_LORA_TARGETS` (SD3 / FLUX) or, for Wan,
-    :data:`diffdistill.students.WAN_LORA_TARGETS` (self- and cross-attention q/k/v/o and the feed-forward of every
-    block, as finetrainers' Wan LoRA)."""
-    return WAN_LORA_TARGETS if family == "wan" else FLOW_LORA_TARGETS
+    """The LoRA targets of a family's transformer: :data:`FLOW_LORA_TARGETS` (SD3 / FLUX),
+    :data:`diffdistill.students.QWEN_IMAGE_LORA_TARGETS` (Qwen-Image: the same attention + feed-forward set on its
+    ``img_mlp`` / ``txt_mlp``) or, for Wan, :data:`diffdistill.students.WAN_LORA_TARGETS` (self- and
+    cross-attention q/k/v/o of every block, as finetrainers' Wan LoRA)."""
+    return {"wan": WAN_LORA_TARGETS, "qwen": QWEN_IMAGE_LORA_TARGETS}.get(family, FLOW_LORA_TARGETS)
+
+
+def ladd_text_pooling(family: str) -> str | None:
+    """The ``text_pooling`` of LADD heads on a family's teacher: None (the pooled text embedding, SD3 / FLUX) or
+    ``"mean"`` (the mean prompt token: Qwen-Image and Wan have no pooled embedding; our choice)."""
+    return None if family in ("sd3", "flux") else "mean"
+
+
+def pipeline_grid(family: str) -> str:
+    """The :func:`diffdistill.schedulers.flow_pipeline_grid` recipe of a family's pipeline (``QwenImagePipeline``
+    builds FLUX's: ``linspace(1, 1/N, N)`` shifted by the resolution's ``mu``)."""
+    return "flux" if family == "qwen" else family
+
+
+def guidance_rescale(family: str) -> Any:
+    """What a family's pipeline does to its guided output, for :class:`diffdistill.schedulers.TeacherSolver`'s
+    ``guidance_rescale``: Qwen-Image's true-CFG renormalisation of each packed 2x2 token to the conditional norm
+    (:func:`diffdistill.schedulers.rescale_guidance_norm`, ``patch_size=2``); None for the others."""
+    import functools
+
+    from diffdistill.schedulers import rescale_guidance_norm
+
+    return functools.partial(rescale_guidance_norm, patch_size=2) if family == "qwen" else None
 
 
 @dataclass
@@ -104,9 +140,7 @@ class FlowComponents:
         """The pipeline with its text encoders and tokenizers only (no transformer, no VAE): what
         ``encode_prompt`` needs."""
         if self._text_pipeline is None:
-            if (
-                self.is_video
-            ):  # WanPipeline: one umT5 encoder; its __init__ reads the VAE's factors when given
+            if self.family in ("wan", "qwen"):  # one text encoder (umT5 / Qwen2.5-VL), no VAE
                 self._text_pipeline = self.pipeline_class(
                     tokenizer=self.tokenizers[0],
                     text_encoder=self.text_encoders[0],
@@ -191,10 +225,17 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
 
 
 def vae_scale_factor(vae: Any) -> int:
-    """The VAE's spatial downsampling, as the pipelines compute it: ``2 ** (levels - 1)`` (8 for SD3 / FLUX), or
-    Wan's ``scale_factor_spatial`` (8)."""
-    spatial = getattr(vae.config, "scale_factor_spatial", None)
-    return int(spatial) if spatial else 2 ** (len(vae.config.block_out_channels) - 1)
+    """The VAE's spatial downsampling, as the pipelines compute it: ``2 ** (levels - 1)`` (8 for SD3 / FLUX), Wan's
+    ``scale_factor_spatial`` (8) or Qwen-Image's ``2 ** len(temperal_downsample)`` (8)."""
+    config = vae.config
+    spatial = getattr(config, "scale_factor_spatial", None)
+    if spatial:
+        return int(spatial)
+    if (
+        getattr(config, "temperal_downsample", None) is not None
+    ):  # AutoencoderKLQwenImage (diffusers' spelling)
+        return 2 ** len(config.temperal_downsample)
+    return 2 ** (len(config.block_out_channels) - 1)
 
 
 def latent_frames(vae: Any, num_frames: int) -> int:
@@ -209,10 +250,11 @@ def latent_shape(
     """``(B, C, h, w)`` of the latents of ``resolution`` px square images (C from the VAE config, 16), or
     ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (``num_frames`` default :data:`DEFAULT_NUM_FRAMES`)."""
     side = resolution // vae_scale_factor(parts.vae)
+    channels = int(getattr(parts.vae.config, "latent_channels", None) or parts.vae.config.z_dim)
     if parts.is_video:
         frames = latent_frames(parts.vae, num_frames or DEFAULT_NUM_FRAMES)
-        return (batch, int(parts.vae.config.z_dim), frames, side, side)
-    return (batch, int(parts.vae.config.latent_channels), side, side)
+        return (batch, channels, frames, side, side)
+    return (batch, channels, side, side)
 
 
 def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -222,36 +264,35 @@ def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | 
     return sdxl_encoding.encode_images(vae, images, generator)
 
 
-@torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] ``(B, 3, H, W)`` float32 on the CPU from normalised latents (``z / scale + shift``), or
-    Wan's videos ``(B, 3, F, H, W)`` from ``(B, C, f, h, w)`` (``z * latents_std + latents_mean`` per channel, as
-    ``WanPipeline`` decodes)."""
-    if latents.ndim != 5:
-        return sdxl_encoding.decode_latents(vae, latents)
-    per_channel = (1, -1, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(per_channel).to(latents.device)
-    std = torch.tensor(vae.config.latents_std).view(per_channel).to(latents.device)
-    z = (latents.float() * std + mean).to(vae.device, vae.dtype)
-    return ((vae.decode(z).sample.float().clamp(-1, 1) + 1) / 2).cpu()
+    """Images in [0, 1] ``(B, 3, H, W)`` float32 on the CPU from normalised latents, or Wan's videos
+    ``(B, 3, F, H, W)`` from ``(B, C, f, h, w)``: :func:`training.sdxl_encoding.decode_latents` (``z / scale +
+    shift``, per channel for the Wan-family VAEs of Wan and Qwen-Image, as their pipelines decode)."""
+    return sdxl_encoding.decode_latents(vae, latents)
 
 
-def flow_schedule(parts: FlowComponents, resolution: int) -> Any:
+def flow_schedule(parts: FlowComponents, resolution: int, *, terminal_stretch: bool = True) -> Any:
     """The training schedule of the model at ``resolution`` px (square), from its own scheduler config.
 
-    SD3: the static ``shift`` (3.0). FLUX (``use_dynamic_shifting``): ``mu`` of the packed image token count
-    ``(R / 16)^2`` with the config's base / max shift, as ``FluxPipeline`` computes it. Wan: the ``flow_shift`` of
-    its ``UniPCMultistepScheduler`` (3.0 for Wan 2.1 T2V at 480p). The model timestep is sigma * 1000 for every
-    family (:class:`FlowDenoiser` hands FLUX its sigma)."""
+    SD3: the static ``shift`` (3.0). FLUX and Qwen-Image (``use_dynamic_shifting``): ``mu`` of the packed image
+    token count ``(R / 16)^2`` with the config's base / max shift, as their pipelines compute it. Wan: the
+    ``flow_shift`` of its ``UniPCMultistepScheduler`` (3.0 for Wan 2.1 T2V at 480p). The model timestep is sigma *
+    1000 for every family (:class:`FlowDenoiser` hands FLUX and Qwen-Image their sigma).
+    ``terminal_stretch=False`` drops a ``shift_terminal`` (Qwen-Image: 0.02) from the schedule's sampling grids:
+    the stretch pins the last of N grid sigmas at it, which for a few-step generator's grid makes its last step
+    a near-clean one (the training table is the same either way)."""
     from diffdistill.schedulers import NoiseSchedule, packed_image_seq_len
 
-    config = parts.noise_scheduler.config
+    scheduler = parts.noise_scheduler
+    if not terminal_stretch and scheduler.config.get("shift_terminal"):
+        scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+    config = scheduler.config
     kwargs: dict[str, Any] = {"timestep_scale": 1000.0}
     if config.get("use_dynamic_shifting", False):
         kwargs["image_seq_len"] = packed_image_seq_len(
             resolution, resolution, vae_scale_factor=vae_scale_factor(parts.vae)
         )
-    return NoiseSchedule.from_scheduler(parts.noise_scheduler, **kwargs)
+    return NoiseSchedule.from_scheduler(scheduler, **kwargs)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -276,28 +317,29 @@ def image_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> torch
 
 
 class FlowDenoiser(nn.Module):
-    """An SD3 / FLUX / Wan transformer as ``forward(sample, timestep, **cond) -> velocity`` of ``sample``'s shape
-    (images ``(B, C, h, w)``; Wan's videos ``(B, C, f, h, w)``).
+    """An SD3 / FLUX / Qwen-Image / Wan transformer as ``forward(sample, timestep, **cond) -> velocity`` of
+    ``sample``'s shape (images ``(B, C, h, w)``; Wan's videos ``(B, C, f, h, w)``).
 
     ``timestep`` is sigma * 1000 (float, ``(B,)`` or a number): SD3 and Wan take it as it is (``WanPipeline``
     hands its UniPC timesteps, ``int(1000 sigma)``; a float is the same embedding without the rounding); FLUX
-    takes sigma (the pipeline passes ``timestep.to(latents.dtype) / 1000``, done the same way here). ``cond``
+    and Qwen-Image take sigma (their pipelines pass ``timestep.to(latents.dtype) / 1000``, done the same way here). ``cond``
     holds ``encoder_hidden_states`` ``(B, L, D)`` (Wan: its only condition, umT5's states), ``pooled_projections``
     ``(B, P)`` (SD3 / FLUX) and, for a guidance-distilled
     FLUX (``guidance_embeds``, FLUX.1-dev), optionally ``guidance`` ``(B,)`` (default: ``guidance`` given here,
     the ``--guidance`` option; FluxPipeline's default 3.5). FLUX latents are packed into 2x2 patches with
-    ``img_ids`` / zero ``txt_ids`` and the output unpacked (reference/flow.md Sec. 3).
+    ``img_ids`` / zero ``txt_ids`` and the output unpacked (reference/flow.md Sec. 3); Qwen-Image's the same way
+    with ``img_shapes`` and its text mask ``encoder_hidden_states_mask`` ``(B, L)`` from ``cond``.
 
     Args:
         transformer: the transformer (possibly wrapped by accelerate: DDP / FSDP).
-        family: ``"sd3"``, ``"flux"`` or ``"wan"``.
+        family: ``"sd3"``, ``"flux"``, ``"qwen"`` or ``"wan"``.
         guidance: the embedded guidance of a guidance-distilled FLUX (ignored by other models).
     """
 
     def __init__(self, transformer: nn.Module, family: str, guidance: float | None = None) -> None:
         super().__init__()
         if family not in FAMILY_NAMES:
-            raise ValueError(f"Expected family 'sd3', 'flux' or 'wan', but got {family!r}.")
+            raise ValueError(f"Expected family 'sd3', 'flux', 'qwen' or 'wan', but got {family!r}.")
         self.transformer = transformer
         self.family = family
         from diffdistill._modules import unwrap_model
@@ -312,12 +354,14 @@ class FlowDenoiser(nn.Module):
         """``(hidden_states, keyword arguments, grid_size)`` of the transformer call the pipeline would make:
         SD3 ``(sample, {timestep, ...cond}, None)``; Wan ``(sample, {timestep, encoder_hidden_states}, None)``
         (a ``pooled_projections`` in ``cond`` is dropped: Wan has none); FLUX ``(packed, {timestep: sigma, img_ids,
-        txt_ids, guidance, ...cond}, (h/2, w/2))`` (``grid_size`` as the LADD discriminator takes packed tokens)."""
+        txt_ids, guidance, ...cond}, (h/2, w/2))``; Qwen-Image ``(packed, {timestep: sigma, img_shapes,
+        encoder_hidden_states, encoder_hidden_states_mask}, (h/2, w/2))`` (``grid_size`` as the LADD
+        discriminator takes packed tokens)."""
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = (t.expand(b) if t.ndim == 0 else t).to(torch.float32)
         kwargs = dict(cond)
-        if self.family in CFG_FAMILIES:
+        if self.family not in PACKED_FAMILIES:  # SD3, Wan: the latents as they are
             kwargs.pop("guidance", None)
             if self.family == "wan":
                 kwargs.pop("pooled_projections", None)
@@ -332,10 +376,14 @@ class FlowDenoiser(nn.Module):
                     "--guidance (FluxPipeline's default is 3.5)."
                 )
             kwargs["guidance"] = torch.as_tensor(g, device=sample.device, dtype=torch.float32).expand(b)
-        ehs = kwargs["encoder_hidden_states"]
         kwargs["timestep"] = t.to(sample.dtype) / 1000
-        kwargs["img_ids"] = image_ids(h, w, sample.device, ehs.dtype)
-        kwargs["txt_ids"] = torch.zeros(ehs.shape[1], 3, device=sample.device, dtype=ehs.dtype)
+        if self.family == "qwen":  # QwenImagePipeline: one (frame, rows, columns) patch grid per sample
+            kwargs.pop("pooled_projections", None)
+            kwargs["img_shapes"] = [[(1, h // 2, w // 2)]] * b
+        else:
+            ehs = kwargs["encoder_hidden_states"]
+            kwargs["img_ids"] = image_ids(h, w, sample.device, ehs.dtype)
+            kwargs["txt_ids"] = torch.zeros(ehs.shape[1], 3, device=sample.device, dtype=ehs.dtype)
         return pack_latents(sample), kwargs, (h // 2, w // 2)
 
     def forward(self, sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:

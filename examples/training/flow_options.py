@@ -58,9 +58,13 @@ def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
     group.add_argument("--discriminator_learning_rate", type=float, default=None, help=lr_help)
 
 
+MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
+"""The longest ``--max_sequence_length`` a family's pipeline takes (its T5 / umT5 512; ``QwenImagePipeline`` 1024)."""
+
+
 def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
-    in [1, 512], ``--guidance`` > 0, ``--num_frames`` >= 1); the scripts' ``parse_args`` call it, so a typo fails
+    in [1, 1024] (per family: :func:`check_flow_args`), ``--guidance`` > 0, ``--num_frames`` >= 1); the scripts' ``parse_args`` call it, so a typo fails
     before the (minutes long) model load. Raises ``ValueError`` with the fix."""
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     if args.resolution % step:
@@ -68,10 +72,10 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
             f"Expected --resolution to be a multiple of {step} (the VAE's factor 8 times the transformer's 2x2 "
             f"patches), but got {args.resolution}: round it, e.g. to {max(step, args.resolution // step * step)}."
         )
-    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_TEXT_TOKENS["qwen"]:
         raise ValueError(
-            f"Expected --max_sequence_length in [1, 512] (T5 tokens; the pipelines refuse more), but got "
-            f"{args.max_sequence_length}."
+            f"Expected --max_sequence_length in [1, 512] (T5 tokens; the pipelines refuse more; Qwen-Image up to "
+            f"1024), but got {args.max_sequence_length}."
         )
     if args.guidance is not None and not args.guidance > 0:
         raise ValueError(
@@ -96,6 +100,12 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
         )
     if embeds and args.guidance is None:
         args.guidance = 3.5  # FluxPipeline's default guidance_scale
+    limit = MAX_TEXT_TOKENS[parts.family]
+    if args.max_sequence_length is not None and args.max_sequence_length > limit:
+        raise ValueError(
+            f"Expected --max_sequence_length <= {limit} for {parts.name} (its pipeline refuses more), but got "
+            f"{args.max_sequence_length}."
+        )
     if parts.is_video and getattr(args, "train_data_dir", None):
         raise ValueError(
             f"--train_data_dir holds images with captions, but {parts.name} is a video model and the flow scripts "

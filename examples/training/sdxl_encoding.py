@@ -1,4 +1,9 @@
-"""SDXL prompt encoding (two CLIP encoders, pooled embeddings, time ids, on-disk cache) and VAE latents."""
+"""SDXL prompt encoding (two CLIP encoders, pooled embeddings, time ids, on-disk cache) and VAE latents.
+
+The VAE helpers also serve the flow scripts: an ``AutoencoderKL`` normalises with its scalar
+``(z - shift_factor) * scaling_factor`` (SDXL, SD3, FLUX); the Wan-family VAEs (``AutoencoderKLWan``,
+``AutoencoderKLQwenImage``: 5-D ``(B, C, F, H, W)``) with their per-channel ``(z - latents_mean) / latents_std``,
+and an image is their one-frame video (as ``QwenImagePipeline`` encodes and decodes)."""
 
 from __future__ import annotations
 
@@ -135,23 +140,44 @@ def uncond_conditions(
 
 
 def latent_scale(vae: Any) -> tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` of the VAE."""
+    """``(scaling_factor, shift_factor)`` of an ``AutoencoderKL``."""
     cfg = vae.config
     return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
 
 
+def per_channel(vae: Any) -> bool:
+    """Whether ``vae`` is a Wan-family VAE (5-D latents, per-channel ``latents_mean`` / ``latents_std``)."""
+    return getattr(vae.config, "latents_mean", None) is not None and hasattr(vae.config, "z_dim")
+
+
+def normalisation(vae: Any, like: torch.Tensor) -> tuple[Any, Any]:
+    """``(scale, shift)`` with normalised latents ``(z - shift) * scale``, broadcastable to latents like ``like``:
+    :func:`latent_scale`'s numbers, or a Wan-family VAE's ``(1 / latents_std, latents_mean)`` per channel (dim 1)."""
+    if not per_channel(vae):
+        return latent_scale(vae)
+    view = (1, -1, *(1,) * (like.ndim - 2))
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=like.dtype).view(view)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=like.dtype).view(view)
+    return 1.0 / std, mean
+
+
 @torch.no_grad()
 def posterior(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, std)`` of the VAE posterior of pixel images in [-1, 1] (float32)."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
+    """``(mean, std)`` of the VAE posterior of pixel images in [-1, 1] (float32); a Wan-family VAE encodes each
+    image as a one-frame video and the frame axis is dropped."""
+    x = pixels.to(vae.device, vae.dtype)
+    image = per_channel(vae) and x.ndim == 4
+    dist = vae.encode(x.unsqueeze(2) if image else x).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    return (mean.squeeze(2), std.squeeze(2)) if image else (mean, std)
 
 
 def sample_posterior(
     vae: Any, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Scaled latents ``(mean + std * eps - shift) * scale`` with ``eps`` drawn from ``generator``."""
-    scale, shift = latent_scale(vae)
+    """Scaled latents ``(mean + std * eps - shift) * scale`` (:func:`normalisation`) with ``eps`` drawn from
+    ``generator``."""
+    scale, shift = normalisation(vae, mean)
     noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
     return (mean + std * noise.to(mean) - shift) * scale
 
@@ -163,12 +189,16 @@ def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator | N
 
 
 def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1], ``(B, 3, H, W)`` float32, from scaled latents; differentiable in ``latents``."""
-    scale, shift = latent_scale(vae)
-    return vae.decode((latents / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+    """Images in [-1, 1], ``(B, 3, H, W)`` float32, from scaled latents (:func:`normalisation`); videos
+    ``(B, 3, F, H, W)`` from a Wan VAE's 5-D latents; differentiable in ``latents``."""
+    scale, shift = normalisation(vae, latents)
+    z = (latents / scale + shift).to(vae.device, vae.dtype)
+    image = per_channel(vae) and z.ndim == 4  # a one-frame video for a Wan-family VAE
+    pixels = vae.decode(z.unsqueeze(2) if image else z).sample
+    return (pixels[:, :, 0] if image else pixels).float().clamp(-1, 1)
 
 
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1], ``(B, 3, H, W)`` float32 on the CPU, from scaled latents."""
+    """Images in [0, 1], ``(B, 3, H, W)`` (videos ``(B, 3, F, H, W)``) float32 on the CPU, from scaled latents."""
     return ((decode_pixels(vae, latents) + 1) / 2).cpu()
