@@ -95,7 +95,8 @@ the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timest
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
     set_timesteps = pipe.scheduler.set_timesteps
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=SIGMAS, device=device)
-    video = pipe(prompt, num_inference_steps=len(SIGMAS), guidance_scale=1.0, num_frames=81).frames[0]
+    video = pipe(prompt, num_inference_steps=len(SIGMAS), guidance_scale=1.0, num_frames=81,
+                 height=RESOLUTION, width=RESOLUTION).frames[0]      # the trained --resolution (square)
 
 Checkpoints hold each adapter
 in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake score), the GAN
@@ -157,6 +158,7 @@ from training import (
     data_sources,
     flow_critics,
     flow_encoding,
+    flow_families,
     flow_models,
     flow_options,
     flow_validation,
@@ -411,7 +413,7 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
         if (
             args.guidance_scale is None
         ):  # the pipeline's default (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
-            args.guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
+            args.guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -466,7 +468,7 @@ def main(args: argparse.Namespace) -> None:
             return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_input="guidance")
         if not parts.uses_cfg:
             return TeacherSolver(denoiser(model), schedule)
-        rescale = flow_models.guidance_rescale(parts.family)  # Qwen-Image's true-CFG renormalisation
+        rescale = flow_families.guidance_rescale(parts.family)  # Qwen-Image's true-CFG renormalisation
         return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_rescale=rescale)
 
     real_scale = args.guidance if parts.family == "flux" else args.guidance_scale

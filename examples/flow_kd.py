@@ -1,13 +1,14 @@
-"""Layer-level KD for a block-removed SD3 / FLUX transformer: SSD-1B's recipe on rectified-flow transformers.
+"""Layer-level KD for a block-removed SD3 / FLUX / Qwen-Image transformer: SSD-1B's recipe on flow transformers.
 
 Gupta et al., "Progressive Knowledge Distillation of Stable Diffusion XL using Layer Level Loss", 2024
 (arXiv:2401.02677; SSD-1B / Segmind-Vega) is the recipe; :mod:`examples.sdxl_ssd1b_kd` is its SDXL script, this
-is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``: joint blocks) and FLUX.1
-(``FluxTransformer2DModel``: double-stream then single-stream blocks):
+is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``: joint blocks), FLUX.1
+(``FluxTransformer2DModel``: double-stream then single-stream blocks) and Qwen-Image
+(``QwenImageTransformer2DModel``: double-stream blocks; its teacher CFG with the pipeline's renormalisation):
 
 1. The student (:func:`diffdistill.students.build_transformer_student`): the teacher's transformer with whole
    blocks removed, ``--preset`` (:data:`~diffdistill.students.TRANSFORMER_PRESETS`: ``flux-mini``,
-   ``flux-lite-8b``, ``sd3-half``, ``sd3-early``) or explicit ``--keep_blocks`` / ``--keep_single_blocks``
+   ``flux-lite-8b``, ``sd3-half``, ``sd3-early``, ``qwen-half``) or explicit ``--keep_blocks`` / ``--keep_single_blocks``
    indices; every kept block (and every other module) starts from the teacher's weights. The removal report
    (blocks kept and removed, the student -> teacher block map, parameters and FLOPs of both at the training
    resolution and text length) is written as ``transformer_block_removal.json`` into ``--output_dir`` before
@@ -93,6 +94,7 @@ from training import (
     compilation,
     data_sources,
     flow_encoding,
+    flow_families,
     flow_models,
     flow_options,
     flow_validation,
@@ -183,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Choose the student: --preset ({', '.join(sorted(TRANSFORMER_PRESETS))}) or --keep_blocks I J ... "
             "(and for FLUX --keep_single_blocks)."
         )
+    family = flow_options.local_family(args)
+    if family is not None:  # a local pipeline folder: its family's student plan is checked before any load
+        removal_spec(args, family)
     for name in ("output_weight", "feature_weight"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"Expected --{name} >= 0, but got {getattr(args, name)}.")
@@ -248,7 +253,7 @@ def main(args: argparse.Namespace) -> None:
         feature_weight=args.feature_weight,
         normalize=args.normalize_features,
     )
-    rescale = flow_models.guidance_rescale(parts.family)
+    rescale = flow_families.guidance_rescale(parts.family)
     teacher_fn = guided_teacher(teacher_net, uncond, args.teacher_guidance_scale, rescale)
     data = data_sources.StepData(args, need_images=True)
     global_step = checkpoints.resume(accelerator, args)
@@ -279,7 +284,7 @@ def main(args: argparse.Namespace) -> None:
             accelerator.unwrap_model(student), parts.family, guidance=args.guidance
         )
         grid = flow_pipeline_grid(
-            schedule, args.validation_inference_steps, pipeline=flow_models.pipeline_grid(parts.family)
+            schedule, args.validation_inference_steps, pipeline=flow_families.pipeline_grid(parts.family)
         )
         sigmas = [float(s) for s in grid.sigmas[:-1]]
         scale = validation_guidance(args, parts.family)
@@ -358,7 +363,7 @@ def module_prefix(net: Any, inner: Any) -> str:
 
 def guided(net: Any, uncond: dict[str, torch.Tensor], scale: float, rescale: Any = None) -> Any:
     """``net`` with classifier-free guidance ``u + scale (c - u)`` (``scale`` 1: ``net`` itself), then the family's
-    ``rescale(guided, c)`` if given (:func:`training.flow_models.guidance_rescale`); the unconditional pass runs
+    ``rescale(guided, c)`` if given (:func:`training.flow_families.guidance_rescale`); the unconditional pass runs
     first, so features a tap records are the conditional pass's."""
     if scale == 1.0:
         return net
@@ -398,7 +403,7 @@ def validation_guidance(args: argparse.Namespace, family: str) -> float:
     unguided)."""
     if args.validation_guidance_scale is not None:
         return float(args.validation_guidance_scale)
-    return flow_models.DEFAULT_GUIDANCE_SCALE.get(family, 1.0)
+    return flow_families.DEFAULT_GUIDANCE_SCALE.get(family, 1.0)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma ->
 (the saved scheduler has shift 1 and no dynamic shifting, so the pipeline keeps the sigmas as given;
 reference/flow.md pitfall 5; the grid is also written to ``OUTPUT_DIR/student_sigmas.json``, which
 ``examples/evaluate.py`` samples on by default). ``--use_lora`` trains a LoRA on the attention and feed-forward linears
-(``training.flow_models.lora_targets``), otherwise the whole transformer.
+(``training.flow_families.lora_targets``), otherwise the whole transformer.
 
 Wan 2.1 text-to-video (``WanPipeline``): the same method on video latents (``--num_frames``); the heads take the
 mean prompt token as their text condition (``text_pooling="mean"``: Wan has no pooled embedding; our choice, FastGen's
@@ -127,6 +127,7 @@ from training import (
     data_sources,
     flow_critics,
     flow_encoding,
+    flow_families,
     flow_models,
     flow_options,
     flow_validation,
@@ -288,7 +289,9 @@ def generate_teacher_samples(
     settings = sample_settings(args, parts)
     prompts = data_sources.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
-    grid = flow_pipeline_grid(schedule, args.teacher_steps, pipeline=flow_models.pipeline_grid(parts.family))
+    grid = flow_pipeline_grid(
+        schedule, args.teacher_steps, pipeline=flow_families.pipeline_grid(parts.family)
+    )
     cfg = parts.uses_cfg and args.teacher_guidance_scale != 1.0
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
     paths = sample_shards(args)
@@ -422,7 +425,7 @@ def make_student(
         device,
         dtype,
         (shared_critics.GENERATOR,),
-        targets=flow_models.lora_targets(parts.family),
+        targets=flow_families.lora_targets(parts.family),
     )
     shared_critics.shard(accelerator, base)
     return base.view(shared_critics.GENERATOR), base
@@ -441,7 +444,7 @@ def main(args: argparse.Namespace) -> None:
     if (
         parts.uses_cfg and args.teacher_guidance_scale is None
     ):  # the pipeline's (SD3 7.0, Qwen-Image 4.0, Wan 5.0)
-        args.teacher_guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
+        args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_models.flow_schedule(parts, args.resolution)
@@ -454,7 +457,7 @@ def main(args: argparse.Namespace) -> None:
     disc = LADDDiscriminator(
         teacher_model,
         args.discriminator_blocks,
-        text_pooling=flow_models.ladd_text_pooling(parts.family),
+        text_pooling=flow_families.ladd_text_pooling(parts.family),
         head_channels=args.discriminator_head_channels,
         norm_groups=args.discriminator_norm_groups,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -56,7 +56,7 @@ Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video state
 ``--teacher_guidance_scale`` (default 5.0, ``WanPipeline``'s) against the encoded empty prompt, heads conditioned
 on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding).
 
-The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_models.lora_targets``
+The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_families.lora_targets``
 or the whole transformer. Teacher and target cost no second base: with a LoRA the teacher is the same
 transformer with its adapters off (:class:`diffdistill.students.TeacherView`) and the EMA target averages the
 adapters only (:class:`diffdistill.students.EMA` with ``trainable_only``: the frozen base is shared). Our choice
@@ -74,15 +74,20 @@ GPU). DeepSpeed: not tested (ZeRO-3 refused with the EMA target).
 
 Validation samples the student on its stage's grid: ``k`` Euler steps through the segment edges of the shifted
 table (``spaced_timesteps(k, "trailing")``, the moves TSCD trains), unguided (FLUX.1-dev: with ``--guidance``).
-The output is a LoRA file (or a ``transformer/`` folder) and ``student_grid.json`` with the last stage's grid.
-To sample with diffusers (the pipeline's own scheduler shifts the given sigmas exactly as training did; FLUX at
-the sampling resolution's ``mu``)::
+The output is a LoRA file (or a ``transformer/`` folder), ``student_grid.json`` with the last stage's grid
+(``sigmas``: the trained grid, shifted at ``--resolution``; ``pipeline_sigmas``: ``1 - j/k``, what a pipeline's own
+scheduler shifts into it) and ``scheduler/``: ``FlowMatchEulerDiscreteScheduler`` with shift 1, no dynamic shift
+and no ``shift_terminal``, which keeps the given ``sigmas`` as they are (``examples/evaluate.py`` samples on it)::
 
     pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")   # or StableDiffusion3Pipeline
     pipe.load_lora_weights(OUTPUT_DIR)
-    image = pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=3.5).images[0]  # SD3: guidance_scale=1.0
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
+    image = pipe(prompt, sigmas=GRID["sigmas"], guidance_scale=3.5).images[0]  # SD3 / Qwen-Image: 1.0
 
-(a ``k``-segment student: ``sigmas = [1 - j/k for j in range(k)]``, ``student_grid.json``'s ``pipeline_sigmas``).
+(SD3 / FLUX: with the pipeline's own scheduler pass ``GRID["pipeline_sigmas"]`` instead, which FLUX then shifts
+with the sampling resolution's ``mu``; Qwen-Image's own scheduler would stretch them to its ``shift_terminal``:
+use the saved one. ``WanPipeline`` takes no ``sigmas``: set the saved scheduler's timesteps as the
+``flow_dmd2.py`` docstring shows.)
 
 Fidelity:
 
@@ -148,6 +153,7 @@ from training import (
     data_sources,
     ema_release,
     flow_encoding,
+    flow_families,
     flow_models,
     flow_options,
     flow_validation,
@@ -339,7 +345,7 @@ def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowCompone
     elif (
         args.teacher_guidance_scale is None
     ):  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
-        args.teacher_guidance_scale = flow_models.DEFAULT_GUIDANCE_SCALE[parts.family]
+        args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -456,7 +462,7 @@ def main(args: argparse.Namespace) -> None:
         schedule,
         prediction_type="flow",
         guidance_input="guidance" if guidance_input else None,
-        guidance_rescale=None if guidance_input else flow_models.guidance_rescale(parts.family),
+        guidance_rescale=None if guidance_input else flow_families.guidance_rescale(parts.family),
     )
     # --compile: student, teacher (= D's trunk)
     compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
@@ -471,7 +477,7 @@ def main(args: argparse.Namespace) -> None:
         disc = LADDDiscriminator(
             teacher_copy,
             args.discriminator_blocks,
-            text_pooling=flow_models.ladd_text_pooling(parts.family),
+            text_pooling=flow_families.ladd_text_pooling(parts.family),
             head_channels=args.discriminator_head_channels,
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=args.gradient_checkpointing,
@@ -576,6 +582,11 @@ def main(args: argparse.Namespace) -> None:
         k = plan[stage_index(args.max_train_steps - 1, len(plan), args.max_train_steps)].num_segments or 1
         grid = {"num_inference_steps": k, **student_grid(schedule, k), "guidance": args.guidance}
         (Path(args.output_dir) / GRID_FILE).write_text(json.dumps(grid, indent=1) + "\n")
+        from diffusers import FlowMatchEulerDiscreteScheduler  # the grid's sigmas kept as given
+
+        FlowMatchEulerDiscreteScheduler.from_config(
+            parts.noise_scheduler.config, shift=1.0, use_dynamic_shifting=False, shift_terminal=None
+        ).save_pretrained(Path(args.output_dir) / "scheduler")
     accelerator.end_training()
 
 

@@ -1,8 +1,9 @@
-"""Block removal for rectified-flow transformers (SD3 / SD3.5 MMDiT, FLUX, Wan): drop whole transformer blocks.
+"""Block removal for rectified-flow transformers (SD3 / SD3.5 MMDiT, FLUX, Qwen-Image, Wan): drop whole blocks.
 
 A transformer student keeps a subset of the teacher's blocks in their order: SD3's joint blocks
 (``transformer_blocks``), FLUX's double-stream (``transformer_blocks``) and single-stream
-(``single_transformer_blocks``) blocks, Wan's video blocks (``blocks``: self-attention over all frames'
+(``single_transformer_blocks``) blocks, Qwen-Image's double-stream blocks (``transformer_blocks``, all alike), Wan's
+video blocks (``blocks``: self-attention over all frames'
 tokens, cross-attention to the text, feed-forward; all alike, so any subset builds a valid student). :func:`transformer_student_config` writes the diffusers config of that
 student, :func:`build_transformer_student` builds it and copies every kept block from the teacher by name (the
 block indices remapped: student ``transformer_blocks.j`` <- teacher ``transformer_blocks.m(j)``; every other
@@ -59,9 +60,14 @@ Presets (:data:`TRANSFORMER_PRESETS`; counts scale to tiny configs by the fracti
                     ratio as ``"sd3-half"``. No published block-pruned Wan is reproduced: we know of none with a
                     fixed, listed block subset (PARE, arXiv:2605.27336, prunes Wan2.1-14B's attention heads and routes
                     blocks per input and step, which is not a static student).
+``"qwen-half"``     Qwen-Image (``QwenImageTransformer2DModel``): every other double-stream block, first and last
+                    kept (spread 0.5; Qwen-Image 60 -> 30 blocks). Our choice, TinyFusion's depth ratio as
+                    ``"sd3-half"``; PPCL (arXiv:2511.16156, Qwen-Image 20 B -> 10 B) removes contiguous spans found
+                    by linear probes and CKA, not reproduced here.
 ================  =================================================================================================
 
-Wan's FLOPs are counted for video latents ``(frames, height, width)`` (default ``(21, 60, 104)``: 81 frames at
+Qwen-Image's FLOPs are counted on packed latents (as FLUX's) with 512 text tokens (``QwenImagePipeline``'s
+``max_sequence_length``). Wan's FLOPs are counted for video latents ``(frames, height, width)`` (default ``(21, 60, 104)``: 81 frames at
 480 x 832, Wan's VAE compressing time by 4 and space by 8) and 512 umT5 tokens (``WanPipeline``'s
 ``max_sequence_length``).
 """
@@ -101,7 +107,8 @@ BlockKeep = int | float | Sequence[int] | None
 KeepRule = Literal["first", "last", "spread"] | Callable[[int, int], Sequence[int]]
 
 _SD3, _FLUX, _WAN = "SD3Transformer2DModel", "FluxTransformer2DModel", "WanTransformer3DModel"
-_CLASSES = (_SD3, _FLUX, _WAN)
+_QWEN = "QwenImageTransformer2DModel"
+_CLASSES = (_SD3, _FLUX, _QWEN, _WAN)
 _LISTS = {"blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
 _LIST_ORDER = (
     "transformer_blocks",
@@ -225,6 +232,7 @@ TRANSFORMER_PRESETS: dict[str, TransformerBlockRemovalSpec] = {
     "sd3-half": TransformerBlockRemovalSpec(name="sd3-half", blocks=0.5),
     "sd3-early": TransformerBlockRemovalSpec(name="sd3-early", blocks=0.5, rule="first"),
     "wan-half": TransformerBlockRemovalSpec(name="wan-half", blocks=0.5),
+    "qwen-half": TransformerBlockRemovalSpec(name="qwen-half", blocks=0.5),
 }
 """Named :class:`TransformerBlockRemovalSpec` s (see the module docstring for the published models they follow)."""
 
@@ -234,6 +242,7 @@ _PRESET_CLASS = {
     "sd3-half": _SD3,
     "sd3-early": _SD3,
     "wan-half": _WAN,
+    "qwen-half": _QWEN,
 }
 
 
@@ -250,9 +259,10 @@ def _as_spec(spec: Any) -> TransformerBlockRemovalSpec:
 
 
 def _class_of(config: Mapping[str, Any], model: nn.Module | None = None) -> str:
-    """``"SD3Transformer2DModel"``, ``"FluxTransformer2DModel"`` or ``"WanTransformer3DModel"``: from the model's
-    class (or a base class: FSDP2 subclasses it), diffusers' ``_class_name`` or the config's keys (FLUX has
-    ``num_single_layers``, Wan ``ffn_dim``)."""
+    """``"SD3Transformer2DModel"``, ``"FluxTransformer2DModel"``, ``"QwenImageTransformer2DModel"`` or
+    ``"WanTransformer3DModel"``: from the model's class (or a base class: FSDP2 subclasses it), diffusers'
+    ``_class_name`` or the config's keys (FLUX has ``num_single_layers``, Wan ``ffn_dim``, Qwen-Image
+    ``axes_dims_rope`` without single layers)."""
     name: Any
     if model is not None:
         name = next((c.__name__ for c in type(model).__mro__ if c.__name__ in _CLASSES), type(model).__name__)
@@ -264,14 +274,16 @@ def _class_of(config: Mapping[str, Any], model: nn.Module | None = None) -> str:
             if "num_single_layers" in config
             else _WAN
             if "ffn_dim" in config
+            else _QWEN
+            if "axes_dims_rope" in config
             else _SD3
             if "num_layers" in config
             else None
         )
     if name not in _CLASSES:
         raise DTypeError(
-            f"Expected a diffusers SD3Transformer2DModel or FluxTransformer2DModel (or WanTransformer3DModel, or their "
-            f"configs), but got "
+            f"Expected a diffusers SD3Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel or "
+            f"WanTransformer3DModel (or their configs), but got "
             f"{name or type(config).__name__}. Other transformers: tap their blocks with FeatureTap / LayerKD and "
             "build the student yourself."
         )
@@ -338,15 +350,16 @@ def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, 
         )
     config = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     main = _main_list(kind)
-    counts = {main: _count(config.get("num_layers", {_SD3: 18, _FLUX: 19, _WAN: 40}[kind]), "num_layers")}
+    default_layers = {_SD3: 18, _FLUX: 19, _QWEN: 60, _WAN: 40}[kind]
+    counts = {main: _count(config.get("num_layers", default_layers), "num_layers")}
     if kind == _FLUX:
         counts["single_transformer_blocks"] = _count(config.get("num_single_layers", 38), "num_single_layers")
     elif spec.single_blocks is not None:
-        what = (
-            "an SD3 transformer (it has joint blocks only)"
-            if kind == _SD3
-            else "a Wan transformer (one block list)"
-        )
+        what = {
+            _SD3: "an SD3 transformer (it has joint blocks only)",
+            _QWEN: "a Qwen-Image transformer (one block list)",
+            _WAN: "a Wan transformer (one block list)",
+        }[kind]
         raise OptionError(
             f"Expected `single_blocks` to be None for {what}, but got {spec.single_blocks!r}. Use `blocks`."
         )
@@ -380,7 +393,7 @@ def _plan(teacher_config: Mapping[str, Any], spec: TransformerBlockRemovalSpec, 
 def transformer_student_config(
     teacher_config: Mapping[str, Any], spec: str | TransformerBlockRemovalSpec
 ) -> dict[str, Any]:
-    """The diffusers config of the block-removed student (SD3 / FLUX / Wan transformer).
+    """The diffusers config of the block-removed student (SD3 / FLUX / Qwen-Image / Wan transformer).
 
     Only the depths change (``num_layers``, FLUX's ``num_single_layers``) and, for SD3.5, the
     ``dual_attention_layers`` indices, remapped to the student's blocks; widths stay the teacher's.
@@ -388,18 +401,18 @@ def transformer_student_config(
     Args:
         teacher_config: The teacher's config (``model.config`` or the dict it was built from); the family is read
             from diffusers' ``_class_name`` or, without it, from the keys (``num_single_layers``: FLUX; ``ffn_dim``:
-            Wan).
+            Wan; ``axes_dims_rope`` alone: Qwen-Image).
         spec: A :data:`TRANSFORMER_PRESETS` name or a :class:`TransformerBlockRemovalSpec`.
 
     Returns:
         A new config dict (diffusers' private ``_*`` keys dropped), ready for ``from_config``.
 
     Raises:
-        DTypeError: ``teacher_config`` is not a mapping of an SD3, FLUX or Wan transformer; ``spec`` is neither a
-            preset name nor a spec.
+        DTypeError: ``teacher_config`` is not a mapping of an SD3, FLUX, Qwen-Image or Wan transformer; ``spec`` is
+            neither a preset name nor a spec.
         OptionError: an unknown preset or a preset of another family (e.g. ``"flux-mini"`` for an SD3 config); a
             spec that does not fit the teacher (an index out of range, more blocks than the teacher has,
-            ``single_blocks`` for SD3 / Wan, a stride that leaves a block list empty).
+            ``single_blocks`` for SD3 / Qwen-Image / Wan, a stride that leaves a block list empty).
 
     Example:
         >>> cfg = {"num_layers": 24, "dual_attention_layers": tuple(range(13))}  # SD3.5-Medium's depths
@@ -586,11 +599,12 @@ def build_transformer_student(
     latent_size: int | Sequence[int] | None = None,
     text_tokens: int | None = None,
 ) -> tuple[nn.Module, TransformerBlockRemovalReport]:
-    """Build the block-removed student of a diffusers SD3 / FLUX / Wan transformer and initialise it from the teacher.
+    """Build the block-removed student of a diffusers SD3 / FLUX / Qwen-Image / Wan transformer, initialised from the
+    teacher.
 
     Args:
-        teacher: The teacher (``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or ``WanTransformer3DModel``;
-            wrappers are unwrapped). On
+        teacher: The teacher (``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``QwenImageTransformer2DModel``
+            or ``WanTransformer3DModel``; wrappers are unwrapped). On
             the meta device the student is built on the meta device too and no weights are copied (sizes only).
         spec: A :data:`TRANSFORMER_PRESETS` name or a :class:`TransformerBlockRemovalSpec`.
         init_weights: Copy the kept blocks (and every other module) from the teacher. Default ``True``;
@@ -604,7 +618,8 @@ def build_transformer_student(
         ``(student, report)``; the student has the teacher's dtype and device and is in train mode.
 
     Raises:
-        DTypeError: ``teacher`` is not an SD3 / FLUX / Wan transformer; ``spec`` is neither a preset name nor a spec;
+        DTypeError: ``teacher`` is not an SD3 / FLUX / Qwen-Image / Wan transformer; ``spec`` is neither a preset name
+            nor a spec;
             ``init_weights`` / ``count_flops`` is not a bool.
         OptionError: an unknown preset or a spec that does not fit the teacher (see
             :func:`transformer_student_config`); a bad ``latent_size`` / ``text_tokens``; the teacher's weights do
@@ -629,7 +644,7 @@ def build_transformer_student(
     config = getattr(teacher, "config", None)
     if not isinstance(config, Mapping):
         raise DTypeError(
-            f"Expected `teacher` to be a diffusers SD3Transformer2DModel or FluxTransformer2DModel (or WanTransformer3DModel, with a "
+            f"Expected `teacher` to be a diffusers SD3 / FLUX / Qwen-Image / Wan transformer (with a "
             f"`.config`), but got {type(teacher).__name__}."
         )
     kind = _class_of(config, teacher)
@@ -747,7 +762,7 @@ def transformer_flops(
     latent_size: int | Sequence[int] | None = None,
     text_tokens: int | None = None,
 ) -> int:
-    """Floating-point operations of one SD3 / FLUX / Wan transformer forward at batch 1 (counted on the meta device).
+    """Floating-point operations of one SD3 / FLUX / Qwen-Image / Wan transformer forward at batch 1 (meta device).
 
     Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and attention, 2
     FLOPs per multiply-add) on a copy built on the meta device (no weight memory), cached per config.
@@ -756,17 +771,17 @@ def transformer_flops(
         model: The transformer, or its config (with diffusers' ``_class_name``, FLUX's ``num_single_layers`` or
             Wan's ``ffn_dim``).
         latent_size: Latent height and width (VAE latents, before patching). Default: SD3 the config's
-            ``sample_size`` (128, 1024 px); FLUX 128 (1024 px: 64 x 64 = 4096 packed image tokens). Wan: an int
+            ``sample_size`` (128, 1024 px); FLUX and Qwen-Image 128 (1024 px: 64 x 64 = 4096 packed image tokens). Wan: an int
             (one square frame) or ``(frames, height, width)``, default ``(21, 60, 104)`` (81 frames at 480 x 832:
             21 x 30 x 52 = 32760 tokens).
         text_tokens: Length of the text sequence. Default: SD3 333 (77 CLIP + 256 T5, as the SD3 pipelines);
-            FLUX 512 (``max_sequence_length`` of FLUX.1-dev); Wan 512 (``WanPipeline``'s).
+            FLUX 512 (``max_sequence_length`` of FLUX.1-dev); Qwen-Image 512 and Wan 512 (their pipelines').
 
     Returns:
         The FLOP count.
 
     Raises:
-        DTypeError: ``model`` is neither an SD3 / FLUX / Wan transformer nor its config.
+        DTypeError: ``model`` is neither an SD3 / FLUX / Qwen-Image / Wan transformer nor its config.
         OptionError: ``latent_size`` / ``text_tokens`` not an int >= 1, or a latent size the patching does not
             divide.
         ImportError: diffusers is not installed.
@@ -812,9 +827,21 @@ def _flops_of(kind: str, key: str, size: Any, tokens: int) -> int:
         with FlopCounterMode(display=False) as counter:
             model(video, timestep=torch.zeros(1, device=meta), encoder_hidden_states=text, return_dict=False)
         return int(counter.get_total_flops())
-    width = int(config.get("joint_attention_dim", 4096))
-    pooled = int(config.get("pooled_projection_dim", 2048 if kind == _SD3 else 768))
+    width = int(config.get("joint_attention_dim", 3584 if kind == _QWEN else 4096))
     text = torch.zeros(1, tokens, width, device=meta)
+    if kind == _QWEN:  # packed latents, one (frame, rows, columns) grid, no pooled embedding
+        n = (size // 2) ** 2
+        packed = torch.zeros(1, n, int(config.get("in_channels", 64)), device=meta)
+        with FlopCounterMode(display=False) as counter:
+            model(
+                packed,
+                encoder_hidden_states=text,
+                timestep=torch.zeros(1, device=meta),
+                img_shapes=[[(1, size // 2, size // 2)]],
+                return_dict=False,
+            )
+        return int(counter.get_total_flops())
+    pooled = int(config.get("pooled_projection_dim", 2048 if kind == _SD3 else 768))
     kwargs: dict[str, Any] = {
         "encoder_hidden_states": text,
         "pooled_projections": torch.zeros(1, pooled, device=meta),

@@ -23,9 +23,9 @@ A training run's output folder says how its student is sampled, and it is read r
   into the stage's own starting UNet) is evaluated as that full UNet; a LoRA trained on another UNet than the
   pipeline's (recorded in its ``base_unet`` metadata, or a Lightning stage after ``128->32`` without
   ``unet_merged/``) is refused unless ``--lora_base`` names that UNet folder (:func:`check_lora_base`);
-* the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, Lightning's x0 stages) and its grid
-  (``student_sigmas.json`` of flow_dmd2, ``student_grid.json``'s ``pipeline_sigmas`` and ``guidance`` of
-  flow_tscd), unless ``--scheduler`` / ``--scheduler_config`` (resp. ``--sigmas`` / ``--timesteps`` /
+* the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, flow_tscd, Lightning's x0 stages) and its grid
+  (``student_sigmas.json`` of flow_dmd2 / flow_ladd, ``student_grid.json``'s ``sigmas`` -- ``pipeline_sigmas`` in
+  an older flow_tscd folder without ``scheduler/`` -- and ``guidance`` of flow_tscd), unless ``--scheduler`` / ``--scheduler_config`` (resp. ``--sigmas`` / ``--timesteps`` /
   ``--num_inference_steps``, ``--guidance_scale``) are given (:func:`read_saved_sampler`); the record names the
   source of each;
 * the guidance: the record holds the value the pipeline ran with (its own default when ``--guidance_scale`` is
@@ -54,8 +54,10 @@ DEFAULT_STEPS = 4
 SCHEDULER_FOLDER = "scheduler"
 """A run folder's saved sampler (``save_pretrained`` of a diffusers scheduler)."""
 
-SIGMA_FILES = {"student_sigmas.json": None, "student_grid.json": "pipeline_sigmas"}
-"""A run folder's saved sampling grid: flow_dmd2's sigma list, flow_tscd's grid (its ``pipeline_sigmas`` entry)."""
+SIGMA_FILES = {"student_sigmas.json": (None, None), "student_grid.json": ("sigmas", "pipeline_sigmas")}
+"""A run folder's saved sampling grid: flow_dmd2's / flow_ladd's sigma list, flow_tscd's grid: the entry for the run's
+saved ``scheduler/`` (unshifted: the trained ``sigmas``) or, without one, for the pipeline's own scheduler
+(``pipeline_sigmas``, which it shifts)."""
 
 LORA_BASE_KEY = "base_unet"
 """The LoRA file's metadata entry naming the denoiser folder it was trained on, when not the pipeline's own."""
@@ -336,7 +338,8 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         The saved sampler, as above.
 
     Raises:
-        ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``pipeline_sigmas``).
+        ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``sigmas`` /
+            ``pipeline_sigmas``).
     """
     out: dict[str, Any] = {"scheduler": None, "sigmas": None, "guidance_scale": None, "sources": {}}
     sources = out["sources"]
@@ -358,9 +361,10 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         sources["steps"] = f"default {DEFAULT_STEPS}"
-        for file, key in SIGMA_FILES.items():
+        for file, (saved_key, own_key) in SIGMA_FILES.items():
             if run is None or not (run / file).is_file():
                 continue
+            key = saved_key if out["scheduler"] is not None else own_key
             saved = json.loads((run / file).read_text(encoding="utf-8"))
             sigmas = saved.get(key) if key and isinstance(saved, dict) else saved
             if (

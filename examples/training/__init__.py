@@ -28,9 +28,12 @@ Modules:
   into one diffusers LoRA file (Hyper-SD's unified LoRA).
 - :mod:`training.shared_critics`: ``--shared_base``, one frozen UNet whose LoRA adapters are the generator, the
   fake score (SIM / SiD / DMD) or the discriminator (Diffusion2GAN), and the teacher that UNet with none.
-- :mod:`training.flow_models`: SD3 / FLUX / Wan components (``load_flow``), the flow denoiser with FLUX's packing
+- :mod:`training.flow_families`: what distinguishes the SD3 / FLUX / Qwen-Image / Wan families (pipeline classes,
+  CFG or embedded guidance, packing, default guidance / negative prompt / video length, LoRA targets, Qwen-Image's
+  CFG renormalisation, LADD text pooling, pipeline grids).
+- :mod:`training.flow_models`: SD3 / FLUX / Qwen-Image / Wan components (``load_flow``), the flow denoiser with FLUX's packing
   (``FlowDenoiser``), latent normalisation, the resolution-shifted schedule, LoRA / full student, saving.
-- :mod:`training.flow_encoding`: SD3 / FLUX / Wan prompt conditions through the pipeline's ``encode_prompt``,
+- :mod:`training.flow_encoding`: SD3 / FLUX / Qwen-Image / Wan prompt conditions through the pipeline's ``encode_prompt``,
   cached.
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
   ``--num_frames``).

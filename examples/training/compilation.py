@@ -22,6 +22,8 @@ REGIONS = (
     "FluxTransformerBlock",
     "FluxSingleTransformerBlock",
     "JointTransformerBlock",
+    "QwenImageTransformerBlock",
+    "WanTransformerBlock",
 )
 DYNAMO_DEFAULT_RECOMPILES = 8  # torch._dynamo.config.recompile_limit's default: compiles per function
 
@@ -60,7 +62,7 @@ def compile_networks(
 
     * Regional, not whole-model: each *block* that diffusers' gradient checkpointing recomputes (SDXL's
       ``ResnetBlock2D`` / ``BasicTransformerBlock``, FLUX's ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``,
-      SD3's ``JointTransformerBlock``) gets ``module.compile()`` -- in place, so parameter names, state dicts,
+      SD3's ``JointTransformerBlock``, Qwen-Image's ``QwenImageTransformerBlock``, Wan's ``WanTransformerBlock``) gets ``module.compile()`` -- in place, so parameter names, state dicts,
       ``accelerator.prepare`` and the checkpoints are unchanged -- and the glue between blocks (embeddings,
       samplers, the checkpoint calls) stays eager. A whole-model compile fails with ``--shared_base`` and gradient
       checkpointing: the shared base recomputes each block under its forward pass's adapter through

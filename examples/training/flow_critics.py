@@ -6,7 +6,7 @@
 # library's losses:
 #
 # - :func:`build_shared_base`: the base with the two adapters on the family's LoRA targets
-#   (:func:`training.flow_models.lora_targets`).
+#   (:func:`training.flow_families.lora_targets`).
 # - :func:`loss_schedule`: the unshifted flow schedule the losses noise the generator's samples on
 #   (``sigma_t = (t + 1) / 1000``), so a uniform draw of ``t`` is a uniform draw of sigma (FastGen's FLUX DMD2
 #   draws ``t ~ U[0.001, 0.999]`` on the unshifted rectified-flow path); :func:`sigma_range_to_t`.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import data_sources, flow_models, runtime, score_distillation, sdxl_models
+from . import data_sources, flow_families, flow_models, runtime, score_distillation, sdxl_models
 
 GENERATOR, FAKE = "generator", "fake"
 FAKE_LORA_NAME = "fake_lora_weights.safetensors"  # the fake score's adapter in the output folder
@@ -39,7 +39,7 @@ def build_shared_base(
 ) -> Any:
     """The :class:`diffdistill.students.SharedBase` of ``transformer`` with the generator's and the fake score's
     LoRA adapters (``--lora_rank`` / ``--lora_alpha`` on the ``family``'s
-    :func:`training.flow_models.lora_targets`, float32)
+    :func:`training.flow_families.lora_targets`, float32)
     over the frozen base in ``dtype`` on ``device``; ``--gradient_checkpointing`` recomputes each block under the
     adapter it ran with (:meth:`SharedBase.enable_gradient_checkpointing`)."""
     from diffdistill.students import SharedBase, add_lora
@@ -51,7 +51,7 @@ def build_shared_base(
             transformer,
             rank=args.lora_rank,
             alpha=args.lora_alpha,
-            targets=flow_models.lora_targets(family),
+            targets=flow_families.lora_targets(family),
             adapter_name=name,
         )
     sdxl_models.upcast_trainable(transformer)
@@ -304,7 +304,7 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
         heads = LADDDiscriminator(
             base.model,
             args.discriminator_blocks,
-            text_pooling=flow_models.ladd_text_pooling(family),
+            text_pooling=flow_families.ladd_text_pooling(family),
             norm_groups=args.discriminator_norm_groups,
             gradient_checkpointing=None,  # the shared base's own setting: its blocks recomputed under the fake adapter
         ).to(accelerator.device)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import flow_models, sdxl_encoding
+from . import flow_families, flow_models, sdxl_encoding
 
 DEFAULT_MAX_SEQUENCE_LENGTH = {
     "sd3": 256,
@@ -90,13 +90,16 @@ def encode_prompts_cached(
     cache_dir: str | None,
 ) -> dict[str, torch.Tensor]:
     """:func:`encode_prompts` with one safetensors file per prompt under ``cache_dir/text`` (if given), keyed by
-    the model (folder / hub id, revision, variant), the family, the text length and the prompt."""
+    the model (folder / hub id, revision, variant), the family, the text encoders' dtype (a bf16 run's states
+    differ from a float32 run's), the text length and the prompt."""
     if cache_dir is None:
         return encode_prompts(parts, prompts, device, max_length)
     from safetensors.torch import load_file
 
+    dtypes = ",".join(str(next(m.parameters()).dtype) for m in parts.text_encoders)
+
     def file(prompt: str) -> Any:
-        key = f"{parts.cache_tag}|{parts.family}|max_sequence_length={max_length}|{prompt}"
+        key = f"{parts.cache_tag}|{parts.family}|{dtypes}|max_sequence_length={max_length}|{prompt}"
         return sdxl_encoding.cache_file(cache_dir, "text", key)
 
     files = [file(p) for p in prompts]
@@ -134,9 +137,9 @@ def uncond_conditions(
     """The unconditional (negative) branch of classifier-free guidance, batch 1, per ``--uncond``:
     ``empty_prompt`` (the flow scripts' default) is the encoded ``""``, what ``StableDiffusion3Pipeline`` uses for
     an empty negative prompt (and ``FluxPipeline`` with ``true_cfg_scale > 1``, ``WanPipeline`` without a
-    ``negative_prompt``), or a family's :data:`training.flow_models.UNCOND_PROMPT` (Qwen-Image: ``" "``);
+    ``negative_prompt``), or a family's :data:`training.flow_families.UNCOND_PROMPT` (Qwen-Image: ``" "``);
     ``zeros`` zero embeddings (a text mask kept)."""
-    cond = conditions(parts, [flow_models.UNCOND_PROMPT.get(parts.family, "")], args, device, dtype)
+    cond = conditions(parts, [flow_families.UNCOND_PROMPT.get(parts.family, "")], args, device, dtype)
     if getattr(args, "uncond", "empty_prompt") == "zeros":
         return {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in cond.items()}
     return cond

@@ -18,8 +18,8 @@
 # - :func:`flow_schedule`: the training :class:`~diffdistill.schedulers.NoiseSchedule` with the model's shift at a
 #   resolution (SD3: its static shift; FLUX: ``mu`` from the image token count, Esser et al. 2024 Sec. 5.3.2 and
 #   diffusers' ``calculate_shift``).
-# - :func:`make_trainable` / :func:`load_teacher`: LoRA on the family's targets (:func:`lora_targets`) or the full
-#   transformer.
+# - :func:`make_trainable` / :func:`load_teacher`: LoRA on the family's targets
+#   (:func:`training.flow_families.lora_targets`) or the full transformer. The families: :mod:`training.flow_families`.
 # - :func:`save_transformer`: a LoRA file that ``pipeline_class.load_lora_weights`` loads (written by the
 #   pipeline class's own ``save_lora_weights``), or a ``save_pretrained`` transformer folder.
 
@@ -34,69 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffdistill.students import FLOW_LORA_TARGETS as _LIBRARY_FLOW_LORA_TARGETS
-from diffdistill.students import QWEN_IMAGE_LORA_TARGETS, WAN_LORA_TARGETS
-
-from . import checkpoints, sdxl_encoding, sdxl_models
-
-FAMILIES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-    "QwenImagePipeline": "qwen",
-    "WanPipeline": "wan",
-}
-FAMILY_NAMES = {"sd3": "SD3 / SD3.5", "flux": "FLUX.1", "qwen": "Qwen-Image", "wan": "Wan 2.1"}
-CFG_FAMILIES = ("sd3", "qwen", "wan")
-"""The families guided by classifier-free guidance against an unconditional pass (FLUX.1-dev embeds its guidance
-as an input instead; reference/flow.md pitfall 1)."""
-PACKED_FAMILIES = ("flux", "qwen")
-"""The families whose transformer takes 2x2 patches of the latents as packed tokens ``(B, h/2 * w/2, 4C)``."""
-DEFAULT_GUIDANCE_SCALE = {"sd3": 7.0, "qwen": 4.0, "wan": 5.0}
-"""The pipelines' default classifier-free guidance scale (``StableDiffusion3Pipeline`` 7.0, ``QwenImagePipeline``'s
-``true_cfg_scale`` 4.0, ``WanPipeline`` 5.0)."""
-UNCOND_PROMPT = {"qwen": " "}
-"""The negative prompt of a family's unconditional branch when it is not the empty prompt: Qwen-Image's pipeline
-enables true CFG only with a negative prompt, and diffusers' Qwen-Image docs pass ``negative_prompt=" "``."""
-DEFAULT_NUM_FRAMES = 81
-"""``WanPipeline``'s default video length (frames; Wan 2.1 generates ``4k + 1`` frames, 81 = 5 s at 16 fps)."""
-
-FLOW_LORA_TARGETS = _LIBRARY_FLOW_LORA_TARGETS
-"""LoRA targets of the transformer: :data:`diffdistill.students.FLOW_LORA_TARGETS`, the default ``target_modules``
-of diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (attention q/k/v/out of both streams and both
-feed-forwards; FLUX's single-stream blocks get their ``attn.to_q/k/v``). diffusers' SD3 DreamBooth script takes
-the eight attention names only by default; we add the feed-forwards for SD3 too (our choice: one list, the
-attention + FF linears of both families)."""
-
-
-def lora_targets(family: str) -> Any:
-    """The LoRA targets of a family's transformer: :data:`FLOW_LORA_TARGETS` (SD3 / FLUX),
-    :data:`diffdistill.students.QWEN_IMAGE_LORA_TARGETS` (Qwen-Image: the same attention + feed-forward set on its
-    ``img_mlp`` / ``txt_mlp``) or, for Wan, :data:`diffdistill.students.WAN_LORA_TARGETS` (self- and
-    cross-attention q/k/v/o of every block, as finetrainers' Wan LoRA)."""
-    return {"wan": WAN_LORA_TARGETS, "qwen": QWEN_IMAGE_LORA_TARGETS}.get(family, FLOW_LORA_TARGETS)
-
-
-def ladd_text_pooling(family: str) -> str | None:
-    """The ``text_pooling`` of LADD heads on a family's teacher: None (the pooled text embedding, SD3 / FLUX) or
-    ``"mean"`` (the mean prompt token: Qwen-Image and Wan have no pooled embedding; our choice)."""
-    return None if family in ("sd3", "flux") else "mean"
-
-
-def pipeline_grid(family: str) -> str:
-    """The :func:`diffdistill.schedulers.flow_pipeline_grid` recipe of a family's pipeline (``QwenImagePipeline``
-    builds FLUX's: ``linspace(1, 1/N, N)`` shifted by the resolution's ``mu``)."""
-    return "flux" if family == "qwen" else family
-
-
-def guidance_rescale(family: str) -> Any:
-    """What a family's pipeline does to its guided output, for :class:`diffdistill.schedulers.TeacherSolver`'s
-    ``guidance_rescale``: Qwen-Image's true-CFG renormalisation of each packed 2x2 token to the conditional norm
-    (:func:`diffdistill.schedulers.rescale_guidance_norm`, ``patch_size=2``); None for the others."""
-    import functools
-
-    from diffdistill.schedulers import rescale_guidance_norm
-
-    return functools.partial(rescale_guidance_norm, patch_size=2) if family == "qwen" else None
+from . import checkpoints, flow_families, sdxl_encoding, sdxl_models
+from .flow_families import CFG_FAMILIES, DEFAULT_NUM_FRAMES, FAMILY_NAMES, PACKED_FAMILIES
 
 
 @dataclass
@@ -158,38 +97,6 @@ class FlowComponents:
         return self._text_pipeline
 
 
-def model_family(path: str, revision: str | None = None) -> str:
-    """``"sd3"``, ``"flux"`` or ``"wan"`` from the ``_class_name`` of ``model_index.json`` in a folder or hub repo.
-
-    Wan: the single-transformer text-to-video pipelines (Wan 2.1 T2V 1.3B / 14B). Refused with the reason: Wan 2.2
-    A14B (two experts, ``transformer_2`` switched at ``boundary_ratio``: which expert a distilled step runs is a
-    recipe of its own) and Wan 2.2 TI2V-5B (``expand_timesteps``: a timestep per token)."""
-    from diffusers import DiffusionPipeline
-
-    index = DiffusionPipeline.load_config(path, revision=revision)
-    name = index.get("_class_name")
-    if name not in FAMILIES:
-        raise ValueError(
-            f"Expected --pretrained_model_name_or_path {path} to be a StableDiffusion3Pipeline (SD3 / SD3.5), "
-            f"FluxPipeline (FLUX.1) or WanPipeline (Wan 2.1 text-to-video) folder, but its model_index.json names "
-            f"{name!r}. The SDXL scripts (examples/sdxl_*.py) take SDXL pipelines."
-        )
-    if name == "WanPipeline":
-        second = index.get("transformer_2")
-        if (second and second[0] is not None) or index.get("boundary_ratio") is not None:
-            raise ValueError(
-                f"{path} is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio): the flow scripts distil "
-                "one transformer. Distil Wan 2.1 (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, -14B-Diffusers), or one expert "
-                "as its own single-transformer pipeline folder."
-            )
-        if index.get("expand_timesteps"):
-            raise ValueError(
-                f"{path} sets expand_timesteps (Wan 2.2 TI2V-5B: a timestep per token for its image-conditioned "
-                "frames), which the flow scripts' denoiser does not build. Distil a Wan 2.1 text-to-video model."
-            )
-    return FAMILIES[name]
-
-
 def load_flow(args: argparse.Namespace) -> FlowComponents:
     """Load transformer, VAE, text encoders, tokenizers and the flow-matching scheduler of an SD3 / FLUX pipeline
     (``--pretrained_model_name_or_path``, ``--revision``, ``--variant``; ``--pretrained_vae_model_name_or_path``
@@ -199,7 +106,7 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
     from diffusers import DiffusionPipeline
 
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
-    family = model_family(path, rev)
+    family = flow_families.model_family(path, rev)
     index = DiffusionPipeline.load_config(path, revision=rev)
     libraries = {"diffusers": diffusers, "transformers": transformers}
 
@@ -417,14 +324,14 @@ def make_trainable(
     family: str = "sd3",
 ) -> nn.Module:
     """Make ``transformer`` trainable in place: a float32 LoRA (``--lora_rank``, ``--lora_alpha``) on the family's
-    :func:`lora_targets` (``family``) over a frozen ``dtype`` base (``--use_lora``), or the whole transformer (float32);
+    :func:`training.flow_families.lora_targets` (``family``) over a frozen ``dtype`` base (``--use_lora``), or the whole transformer (float32);
     ``--gradient_checkpointing`` on. As :func:`training.sdxl_models.make_trainable` for the UNet."""
     from diffdistill.students import add_lora
 
     if args.use_lora:
         transformer.requires_grad_(False)
         transformer.to(device, dtype=dtype)
-        targets = lora_targets(family)
+        targets = flow_families.lora_targets(family)
         add_lora(transformer, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
         sdxl_models.upcast_trainable(transformer)
     else:

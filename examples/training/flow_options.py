@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import flow_families
+
 
 def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options every flow script takes on top of :func:`training.options.add_common_args`.
@@ -64,8 +66,9 @@ MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
 
 def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
-    in [1, 1024] (per family: :func:`check_flow_args`), ``--guidance`` > 0, ``--num_frames`` >= 1); the scripts' ``parse_args`` call it, so a typo fails
-    before the (minutes long) model load. Raises ``ValueError`` with the fix."""
+    in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and, for a local pipeline folder, those that need only
+    its ``model_index.json`` (:func:`local_family`, :func:`check_family_options`); the scripts' ``parse_args`` call
+    it, so a typo fails before the (minutes long) model load. Raises ``ValueError`` with the fix."""
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     if args.resolution % step:
         raise ValueError(
@@ -83,7 +86,44 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
         )
     if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
         raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
+    family = local_family(args)
+    if family is not None:
+        check_family_options(args, family)
     return args
+
+
+def local_family(args: argparse.Namespace) -> str | None:
+    """The family of a local ``--pretrained_model_name_or_path`` folder, read from its ``model_index.json``
+    (:func:`training.flow_families.model_family`, which refuses other pipelines), or None for a hub id (its family
+    is known once the model loads)."""
+    from pathlib import Path
+
+    path = args.pretrained_model_name_or_path
+    if path is None or not (Path(path) / "model_index.json").is_file():
+        return None
+    return flow_families.model_family(str(path), getattr(args, "revision", None))
+
+
+def check_family_options(args: argparse.Namespace, family: str) -> None:
+    """The checks that need only the model family: ``--max_sequence_length`` within the family's limit,
+    ``--num_frames`` only for Wan, no image data (``--train_data_dir``) for Wan. Raises ``ValueError``."""
+    name = flow_families.FAMILY_NAMES[family]
+    limit = MAX_TEXT_TOKENS[family]
+    if args.max_sequence_length is not None and args.max_sequence_length > limit:
+        raise ValueError(
+            f"Expected --max_sequence_length <= {limit} for {name} (its pipeline refuses more), but got "
+            f"{args.max_sequence_length}."
+        )
+    if family != "wan" and getattr(args, "num_frames", None) is not None:
+        raise ValueError(
+            f"--num_frames is the video length of Wan, but this is a {name} image model: drop it."
+        )
+    if family == "wan" and getattr(args, "train_data_dir", None):
+        raise ValueError(
+            f"--train_data_dir holds images with captions, but {name} is a video model and the flow scripts "
+            "read no video data: run it prompt-only (--prompts_file; flow_dmd2 without --gan_weight, flow_ladd, "
+            "flow_tscd with teacher-noised states)."
+        )
 
 
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
@@ -100,37 +140,21 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
         )
     if embeds and args.guidance is None:
         args.guidance = 3.5  # FluxPipeline's default guidance_scale
-    limit = MAX_TEXT_TOKENS[parts.family]
-    if args.max_sequence_length is not None and args.max_sequence_length > limit:
-        raise ValueError(
-            f"Expected --max_sequence_length <= {limit} for {parts.name} (its pipeline refuses more), but got "
-            f"{args.max_sequence_length}."
-        )
-    if parts.is_video and getattr(args, "train_data_dir", None):
-        raise ValueError(
-            f"--train_data_dir holds images with captions, but {parts.name} is a video model and the flow scripts "
-            "read no video data: run it prompt-only (--prompts_file; flow_dmd2 without --gan_weight, flow_ladd, "
-            "flow_tscd with teacher-noised states)."
-        )
+    check_family_options(args, parts.family)
     check_num_frames(args, parts)
     return args
 
 
 def check_num_frames(args: argparse.Namespace, parts: Any) -> None:
-    """``--num_frames`` is Wan's: refused for image models; for Wan filled with 81 (``WanPipeline``'s default) and
-    checked to be ``k * scale_factor_temporal + 1`` (the VAE keeps the first frame and compresses each later group
-    of 4; ``WanPipeline`` rounds other lengths down with a warning, we refuse them). Raises ``ValueError``."""
-    from . import flow_models
-
+    """Wan's ``--num_frames`` (image models refuse it: :func:`check_family_options`): filled with 81
+    (``WanPipeline``'s default) and checked to be ``k * scale_factor_temporal + 1`` (the VAE keeps the first frame
+    and compresses each later group of 4; ``WanPipeline`` rounds other lengths down with a warning, we refuse
+    them). Raises ``ValueError``."""
     frames = getattr(args, "num_frames", None)
     if not parts.is_video:
-        if frames is not None:
-            raise ValueError(
-                f"--num_frames is the video length of Wan, but this is a {parts.name} image model: drop it."
-            )
         return
     if frames is None:
-        args.num_frames = frames = flow_models.DEFAULT_NUM_FRAMES
+        args.num_frames = frames = flow_families.DEFAULT_NUM_FRAMES
     step = int(parts.vae.config.scale_factor_temporal)
     if (frames - 1) % step:
         fit = (frames - 1) // step * step + 1

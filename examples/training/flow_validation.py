@@ -25,8 +25,8 @@ def log_validation(
     ``--resolution / 8`` (Wan: and ``--num_frames``' latent frames), drawn from a generator seeded with ``--seed``
     (the same at every validation); the main process samples (every process when the model is sharded), decodes
     with the family's latent normalisation and writes ``OUTPUT_DIR/samples/step-{step}.png`` (images: one row;
-    videos: a row of up to 8 evenly spaced frames per prompt, and each video as ``step-{step}-{i}.gif`` at 16
-    fps, Wan 2.1's frame rate) and the TensorBoard images (videos: their middle frames).
+    videos: a row of up to 8 evenly spaced frames per prompt, and each video as ``step-{step}-{i}.gif`` at Wan
+    2.1's 16 fps as closely as a GIF's whole-centisecond frame times allow: 60 ms, 16.7 fps) and the TensorBoard images (videos: their middle frames).
     """
     if not args.validation_prompts or not (accelerator.is_main_process or runtime.is_sharded(accelerator)):
         return None
@@ -66,7 +66,8 @@ def to_uint8(image: torch.Tensor) -> Any:
 
 
 def write_gif(video: torch.Tensor, path: Path, fps: int = 16) -> None:
-    """Write a ``(3, F, H, W)`` video in [0, 1] as a looping animated GIF (Pillow; ``fps`` frames a second)."""
+    """Write a ``(3, F, H, W)`` video in [0, 1] as a looping animated GIF (Pillow; ``fps`` frames a second, to the
+    centisecond a GIF frame time holds)."""
     from PIL import Image
 
     frames = [Image.fromarray(to_uint8(frame)) for frame in video.unbind(1)]

@@ -1,9 +1,9 @@
-"""SDXL prompt encoding (two CLIP encoders, pooled embeddings, time ids, on-disk cache) and VAE latents.
+"""SDXL prompt encoding (two CLIP encoders, pooled embeddings, time ids, on-disk cache) and VAE latents."""
 
-The VAE helpers also serve the flow scripts: an ``AutoencoderKL`` normalises with its scalar
-``(z - shift_factor) * scaling_factor`` (SDXL, SD3, FLUX); the Wan-family VAEs (``AutoencoderKLWan``,
-``AutoencoderKLQwenImage``: 5-D ``(B, C, F, H, W)``) with their per-channel ``(z - latents_mean) / latents_std``,
-and an image is their one-frame video (as ``QwenImagePipeline`` encodes and decodes)."""
+# The VAE helpers also serve the flow scripts: an ``AutoencoderKL`` normalises with its scalar
+# ``(z - shift_factor) * scaling_factor`` (SDXL, SD3, FLUX); the Wan-family VAEs (``AutoencoderKLWan``,
+# ``AutoencoderKLQwenImage``: 5-D ``(B, C, F, H, W)``) with their per-channel ``(z - latents_mean) / latents_std``,
+# and an image is their one-frame video (as ``QwenImagePipeline`` encodes and decodes).
 
 from __future__ import annotations
 

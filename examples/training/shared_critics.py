@@ -83,7 +83,7 @@ def build(
 
     The base is frozen in ``dtype`` on ``device`` (as a LoRA student's base, ``sdxl_models.make_trainable``);
     each adapter has ``--lora_rank`` / ``--lora_alpha`` on ``targets`` (default: the UNet's default targets; a
-    flow transformer: ``training.flow_models.FLOW_LORA_TARGETS``) and is kept in float32. The
+    flow transformer: ``training.flow_families.FLOW_LORA_TARGETS``) and is kept in float32. The
     adapters are added in the order given, so with ``(GENERATOR, FAKE)`` they start from the same random
     draws as the generator's and the fake score's LoRAs of two separate copies. ``--gradient_checkpointing``
     goes through :meth:`SharedBase.enable_gradient_checkpointing` (the recomputation runs under the adapter

@@ -237,6 +237,13 @@ def test_flow_run_folders_give_their_sigmas(tiny: dict[str, Path], tmp_path: Pat
         "steps": str(tscd / "student_grid.json"),
         "guidance_scale": str(tscd / "student_grid.json"),
     }
+    # flow_tscd's saved scheduler/ (no shift): the trained sigmas, not the ones a pipeline's scheduler shifts
+    FlowMatchEulerDiscreteScheduler.from_config(
+        config, shift=1.0, use_dynamic_shifting=False
+    ).save_pretrained(tscd / "scheduler")
+    args = evaluate.parse_args(_argv(models, tmp_path / "e4", "--student_weights", str(tscd), model="flux"))
+    assert args.sigmas == [1.0, 0.8] and args.saved_sampler["sources"]["scheduler"] == str(tscd / "scheduler")
+    shutil.rmtree(tscd / "scheduler")
     (tscd / "student_grid.json").write_text(json.dumps({"sigmas": [1.0]}))
     with pytest.raises(SystemExit):
         evaluate.parse_args(_argv(models, tmp_path / "e3", "--student_weights", str(tscd), model="flux"))

@@ -35,6 +35,7 @@ flow_dmd2 = load_example("flow_dmd2")
 flow_ladd = load_example("flow_ladd")
 flow_tscd = load_example("flow_tscd")
 flow_models = load_example("training.flow_models")
+flow_families = load_example("training.flow_families")
 flow_encoding = load_example("training.flow_encoding")
 flow_critics = load_example("training.flow_critics")
 sdxl_encoding = load_example("training.sdxl_encoding")
@@ -73,6 +74,21 @@ def _pipeline(tiny: dict[str, Path], cls: Any = None) -> Any:
 def _parts(tiny: dict[str, Path], tmp_path: Path) -> tuple[Any, Any]:
     args = flow_dmd2.parse_args(_argv(tiny, tmp_path / "unused"))
     return args, flow_models.load_flow(args)
+
+
+def _run(pipe: Any, noise: torch.Tensor, steps: int, output: str = "latent", **kwargs: Any) -> torch.Tensor:
+    """``pipe``'s output (``.images``) from the unpacked ``noise`` at :data:`IMAGE_SIZE` px, ``kwargs`` the prompt,
+    guidance and the rest."""
+    with torch.no_grad():
+        return pipe(
+            num_inference_steps=steps,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            latents=flow_models.pack_latents(noise),
+            max_sequence_length=T5_LENGTH,
+            output_type=output,
+            **kwargs,
+        ).images
 
 
 def _trained(path: Path) -> bool:
@@ -125,7 +141,7 @@ def test_conditions_denoiser_and_vae_are_the_pipelines(tiny: dict[str, Path], tm
         flow_models.FlowDenoiser(parts.transformer, "qwen"),
         schedule,
         guidance_scale=4.0,
-        guidance_rescale=flow_models.guidance_rescale("qwen"),
+        guidance_rescale=flow_families.guidance_rescale("qwen"),
     )
     assert float(schedule.sigma(schedule.num_train_timesteps - 1)) == 1.0
     c1 = {k: v[:1] for k, v in cond.items()}
@@ -135,20 +151,9 @@ def test_conditions_denoiser_and_vae_are_the_pipelines(tiny: dict[str, Path], tm
         seen.setdefault("latents", kwargs["latents"].clone())
         return {}
 
+    embeds = {"prompt_embeds": want[:1], "prompt_embeds_mask": None if mask is None else mask[:1]}
+    _run(pipe, x[:1], 2, negative_prompt=" ", true_cfg_scale=4.0, callback_on_step_end=record, **embeds)
     with torch.no_grad():
-        pipe(
-            prompt_embeds=want[:1],
-            prompt_embeds_mask=None if mask is None else mask[:1],
-            negative_prompt=" ",
-            true_cfg_scale=4.0,
-            num_inference_steps=2,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            latents=flow_models.pack_latents(x[:1]),
-            max_sequence_length=T5_LENGTH,
-            output_type="latent",
-            callback_on_step_end=record,
-        )
         v = teacher.predict(x[:1], schedule.num_train_timesteps - 1, c1, uncond)
     sigmas = pipe.scheduler.sigmas  # [1, sigma_1, 0] of the 2-step run
     v_pipe = (flow_models.unpack_latents(seen["latents"], 8, 8) - x[:1]) / (sigmas[1] - sigmas[0])
@@ -157,27 +162,7 @@ def test_conditions_denoiser_and_vae_are_the_pipelines(tiny: dict[str, Path], tm
     # VAE: the pipeline's decode of the latents, and its img2img encode (the same posterior draw)
     from diffusers import QwenImageImg2ImgPipeline
 
-    with torch.no_grad():
-        image = pipe(
-            prompt_embeds=want[:1],
-            prompt_embeds_mask=None if mask is None else mask[:1],
-            num_inference_steps=2,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            latents=flow_models.pack_latents(x[:1]),
-            max_sequence_length=T5_LENGTH,
-            output_type="pt",
-        ).images
-        final = pipe(
-            prompt_embeds=want[:1],
-            prompt_embeds_mask=None if mask is None else mask[:1],
-            num_inference_steps=2,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            latents=flow_models.pack_latents(x[:1]),
-            max_sequence_length=T5_LENGTH,
-            output_type="latent",
-        ).images
+    image, final = (_run(pipe, x[:1], 2, output, **embeds) for output in ("pt", "latent"))
     decoded = flow_models.decode_latents(parts.vae, flow_models.unpack_latents(final, 8, 8))
     torch.testing.assert_close(decoded, image, rtol=0, atol=1e-6)
     pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
@@ -215,17 +200,7 @@ def test_dmd2_on_qwen_samples_in_the_pipeline(tiny: dict[str, Path], tmp_path: P
     def sample(scheduler: Any, grid: list[float]) -> torch.Tensor:
         pipe.scheduler = scheduler
         torch.manual_seed(7)  # a stochastic scheduler's re-noising draws from the global generator
-        with torch.no_grad():
-            return pipe(
-                "a cat",
-                sigmas=grid,
-                true_cfg_scale=1.0,
-                height=IMAGE_SIZE,
-                width=IMAGE_SIZE,
-                latents=flow_models.pack_latents(noise),
-                max_sequence_length=T5_LENGTH,
-                output_type="latent",
-            ).images
+        return _run(pipe, noise, len(grid), prompt="a cat", sigmas=grid, true_cfg_scale=1.0)
 
     with torch.no_grad():
         student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
@@ -277,18 +252,9 @@ def test_ladd_on_qwen_learns_from_the_pipelines_own_teacher_images(
     with safe_open(str(out / "teacher_samples" / "samples-00000.safetensors"), framework="pt") as f:
         prompts = json.loads(f.metadata()["prompts"])
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
-    with torch.no_grad():
-        want = _pipeline(tiny)(
-            prompts,
-            negative_prompt=[" "] * len(prompts),
-            true_cfg_scale=4.0,
-            num_inference_steps=3,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
-            latents=flow_models.pack_latents(noise),
-            max_sequence_length=T5_LENGTH,
-            output_type="latent",
-        ).images
+    want = _run(
+        _pipeline(tiny), noise, 3, prompt=prompts, negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0
+    )
     # the same solve; our fixed-length text padding is masked out (float32 rounding of the longer softmax)
     torch.testing.assert_close(latent, flow_models.unpack_latents(want, 8, 8), rtol=1e-4, atol=1e-5)
     assert _trained(out / "pytorch_lora_weights.safetensors")
@@ -302,25 +268,46 @@ def test_tscd_on_qwen_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path]
 
 
 def test_qwen_options(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """Qwen-Image takes up to 1024 text tokens (its pipeline's limit; T5 families 512) and refuses the
-    FLUX-only ``--keep_single_blocks``."""
+    """Qwen-Image takes up to 1024 text tokens (its pipeline's limit; T5 families 512); ``--num_frames`` and
+    FLUX's ``--keep_single_blocks`` are refused at parse time (from the folder's ``model_index.json``)."""
     flow_options = load_example("training.flow_options")
-    flow_kd = load_example("flow_kd")
     args, parts = _parts(tiny, tmp_path)
     args.max_sequence_length = 1024
     flow_options.check_flow_args(args, parts)
     args.max_sequence_length = 1025
     with pytest.raises(ValueError, match=r"--max_sequence_length in \[1, 512\].*Qwen-Image up to 1024"):
         flow_options.check_flow_values(args)
-    kd = flow_kd.parse_args(
-        smoke_argv(
-            tiny, "qwen", tmp_path / "kd", "--keep_blocks", "0", "--keep_single_blocks", "0", data="images"
-        )
-    )
+    args.max_sequence_length = 1024
+    args.num_frames = 5
+    with pytest.raises(
+        ValueError, match="--num_frames is the video length of Wan, but this is a Qwen-Image image"
+    ):
+        flow_options.check_flow_values(args)
+
+
+def test_kd_into_the_qwen_half_student(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """flow_kd on Qwen-Image images: the "qwen-half" student (1 of the tiny teacher's 2 blocks) trains with task +
+    output + feature KD and is saved as a transformer folder diffusers loads, with its removal report."""
+    from diffusers import QwenImageTransformer2DModel
+
+    flow_kd = load_example("flow_kd")
     with pytest.raises(
         ValueError, match="--keep_single_blocks applies to FLUX only: QWEN has one block list"
     ):
-        flow_kd.removal_spec(kd, "qwen")
+        flow_kd.parse_args(
+            smoke_argv(
+                tiny, "qwen", tmp_path / "x", "--keep_blocks", "0", "--keep_single_blocks", "0", data="images"
+            )
+        )
+    out = tmp_path / "kd"
+    flow_kd.main(flow_kd.parse_args(smoke_argv(tiny, "qwen", out, "--preset", "qwen-half", data="images")))
+    student = QwenImageTransformer2DModel.from_pretrained(str(out / "transformer"))
+    assert student.config.num_layers == 1
+    record = json.loads((out / "transformer" / "transformer_block_removal.json").read_text())
+    assert record["family"] == "qwen" and record["removed"] == ["transformer_blocks.1"]
+    teacher = QwenImageTransformer2DModel.from_pretrained(str(tiny["qwen"]), subfolder="transformer")
+    moved = student.transformer_blocks[0].attn.to_q.weight
+    assert not torch.equal(moved, teacher.transformer_blocks[0].attn.to_q.weight)  # trained from block 0
 
 
 def test_evaluate_guides_qwen_with_true_cfg(tiny: dict[str, Path]) -> None:

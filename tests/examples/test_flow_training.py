@@ -146,6 +146,12 @@ def test_prompt_cache_returns_the_encoding(family: str, tiny_flow: dict[str, Pat
         uncond["pooled_projections"],
         flow_encoding.encode_prompts(parts, [""], "cpu", 8)["pooled_projections"],
     )
+    # a bf16 run (encoders in bf16) encodes again instead of reading the float32 run's states
+    for encoder in parts.text_encoders:
+        encoder.to(torch.bfloat16)
+    half = flow_encoding.encode_prompts_cached(parts, ["a cat"], "cpu", T5_LENGTH, str(tmp_path))
+    assert len(list((tmp_path / "text").iterdir())) == 5  # 2 + the longer one + ("" above) + the bf16 one
+    assert half["encoder_hidden_states"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])

@@ -39,6 +39,7 @@ flow_ladd = load_example("flow_ladd")
 flow_tscd = load_example("flow_tscd")
 flow_kd = load_example("flow_kd")
 flow_models = load_example("training.flow_models")
+flow_families = load_example("training.flow_families")
 flow_encoding = load_example("training.flow_encoding")
 flow_options = load_example("training.flow_options")
 flow_critics = load_example("training.flow_critics")
@@ -238,6 +239,27 @@ def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path],
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
     grid = json.loads((out / flow_tscd.GRID_FILE).read_text())
     assert grid["num_inference_steps"] == 1
+    # the LoRA in WanPipeline with the saved (unshifted) scheduler and the trained grid samples as validation does
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffdistill.students import load_lora
+
+    pipe = _pipeline(tiny)
+    pipe.load_lora_weights(str(out))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=grid["sigmas"], device=device)
+    args = flow_tscd.parse_args(_argv(tiny, out, *extra))
+    parts = flow_models.load_flow(args)
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, IMAGE_SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    got = _sample(pipe, noise, len(grid["sigmas"]), 1.0, prompt="a cat")
+    with torch.no_grad():
+        student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        want = flow_models.euler_sample(flow_models.FlowDenoiser(student, "wan"), noise, grid["sigmas"], cond)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def _variant(tiny: dict[str, Path], tmp_path: Path, **index: Any) -> Path:
@@ -263,7 +285,7 @@ def test_wan_22_variants_are_refused(
     tiny: dict[str, Path], tmp_path: Path, index: dict[str, Any], match: str
 ) -> None:
     with pytest.raises(ValueError, match=match):
-        flow_models.model_family(str(_variant(tiny, tmp_path, **index)))
+        flow_families.model_family(str(_variant(tiny, tmp_path, **index)))
 
 
 def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -275,20 +297,18 @@ def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
     defaults = flow_dmd2.parse_args(smoke_argv(tiny, "wan", tmp_path / "b"))
     flow_options.check_flow_args(defaults, parts)
     assert defaults.num_frames == 81  # WanPipeline's default
-    image_model = SimpleNamespace(is_video=False, name="SD3 / SD3.5")
     with pytest.raises(ValueError, match="--num_frames is the video length of Wan, but this is a SD3"):
-        flow_options.check_num_frames(SimpleNamespace(num_frames=5), image_model)
+        flow_options.check_family_options(SimpleNamespace(num_frames=5, max_sequence_length=None), "sd3")
     with pytest.raises(ValueError, match=r"--num_frames >= 1"):
         flow_dmd2.parse_args(_argv(tiny, tmp_path / "c", "--num_frames", "0"))
     images = write_captioned_images(tmp_path / "images", ["a cat", "a dog"])
     kd_argv = smoke_argv(
         {**tiny, "images": images}, "wan", tmp_path / "d", "--preset", "wan-half", data="images"
     )
-    kd = flow_kd.parse_args(kd_argv)
     with pytest.raises(
         ValueError, match=r"Wan 2\.1 is a video model and the flow scripts read no video data"
     ):
-        flow_options.check_flow_args(kd, parts)
+        flow_kd.parse_args(kd_argv)  # refused from model_index.json, before any load
     with pytest.raises(ValueError, match=r"WanPipeline \(video\).*no video metric"):
         generation.check_image_pipeline(json.loads((tiny["wan"] / "model_index.json").read_text()))
     generation.check_image_pipeline({"_class_name": "StableDiffusion3Pipeline"})  # images pass

@@ -33,6 +33,8 @@ from transformer_configs import (  # noqa: E402
     tiny_wan_transformer_config,
 )
 
+from tests.examples.tiny_qwen import tiny_qwen_transformer_config  # noqa: E402
+
 TEXT = 5  # text tokens of the tiny inputs
 
 
@@ -337,10 +339,13 @@ def test_build_refuses_bad_inputs() -> None:
     sd3, flux = tiny_sd3(), tiny_flux()
     with pytest.raises(DTypeError, match=r"Expected `teacher` to be a torch.nn.Module"):
         build_transformer_student(None, "sd3-half")  # type: ignore[arg-type]
-    with pytest.raises(DTypeError, match=r"Expected `teacher` to be a diffusers SD3Transformer2DModel or"):
+    with pytest.raises(
+        DTypeError, match=r"Expected `teacher` to be a diffusers SD3 / FLUX / Qwen-Image / Wan"
+    ):
         build_transformer_student(nn.Linear(2, 2), "sd3-half")
     with pytest.raises(
-        DTypeError, match=r"Expected a diffusers SD3Transformer2DModel or FluxTransformer2DModel"
+        DTypeError,
+        match=r"Expected a diffusers SD3Transformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel or",
     ):
         build_transformer_student(
             diffusers.UNet2DModel(
@@ -417,6 +422,7 @@ _FAMILY_CONFIGS = {
     "SD3Transformer2DModel": tiny_sd3_transformer_config(num_layers=24),
     "FluxTransformer2DModel": tiny_flux_transformer_config(num_layers=19, num_single_layers=38),
     "WanTransformer3DModel": tiny_wan_transformer_config(num_layers=30),
+    "QwenImageTransformer2DModel": tiny_qwen_transformer_config(num_layers=60),
 }
 _PRESET_FAMILY = {
     "flux-lite-8b": "FluxTransformer2DModel",
@@ -424,6 +430,7 @@ _PRESET_FAMILY = {
     "sd3-half": "SD3Transformer2DModel",
     "sd3-early": "SD3Transformer2DModel",
     "wan-half": "WanTransformer3DModel",
+    "qwen-half": "QwenImageTransformer2DModel",
 }
 
 
