@@ -75,7 +75,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 from training import compilation, sdxl_models  # noqa: E402 - the examples' package
-from training.flow_models import FLOW_LORA_TARGETS, FlowDenoiser  # noqa: E402
+from training.flow_families import FLOW_LORA_TARGETS  # noqa: E402
+from training.flow_models import FlowDenoiser  # noqa: E402
 
 from tests.transformer_configs import (  # noqa: E402 - the published and tiny configs
     FLUX1_DEV_CONFIG,
