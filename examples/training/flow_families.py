@@ -35,6 +35,9 @@ DEFAULT_GUIDANCE_SCALE = {"sd3": 7.0, "qwen": 4.0, "wan": 5.0}
 UNCOND_PROMPT = {"qwen": " "}
 """The negative prompt of a family's unconditional branch when it is not the empty prompt: Qwen-Image's pipeline
 enables true CFG only with a negative prompt, and diffusers' Qwen-Image docs pass ``negative_prompt=" "``."""
+DEFAULT_RESOLUTION = {"wan": 480}
+"""A family's default ``--resolution`` when it is not 1024: Wan 2.1 generates 480p (480 x 832; the 14B model also
+720p), and a square 1024 video of 81 frames is 2.6x the tokens of 480 x 832."""
 DEFAULT_NUM_FRAMES = 81
 """``WanPipeline``'s default video length (frames; Wan 2.1 generates ``4k + 1`` frames, 81 = 5 s at 16 fps)."""
 

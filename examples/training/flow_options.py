@@ -14,9 +14,9 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--guidance``: FLUX.1-dev's embedded guidance (an input of the guidance-distilled transformer, not CFG;
     reference/flow.md pitfall 1); ``--max_sequence_length``: the T5 token length; ``--num_frames``: Wan's video
     length; ``--uncond`` defaults to the encoded empty prompt (the SD3 and Wan pipelines' negative) instead of
-    SDXL's zeros.
+    SDXL's zeros; ``--resolution`` defaults to the family's (1024; Wan 480: :func:`fill_resolution`).
     """
-    g = parser.add_argument_group("SD3 / FLUX / Wan")
+    g = parser.add_argument_group("SD3 / FLUX / Qwen-Image / Wan")
     g.add_argument(
         "--guidance",
         type=float,
@@ -37,8 +37,15 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Wan: frames of the training and validation videos, 4k + 1 (default 81, WanPipeline's); refused "
         "for image models",
     )
-    parser.set_defaults(uncond="empty_prompt")
+    parser.set_defaults(uncond="empty_prompt", resolution=None)
     return parser
+
+
+def fill_resolution(args: argparse.Namespace, family: str | None) -> None:
+    """Fill an unset ``--resolution`` with the family's default (:data:`training.flow_families.DEFAULT_RESOLUTION`,
+    else 1024); ``family`` None (a hub id before the load) leaves it unset."""
+    if getattr(args, "resolution", 0) is None and family is not None:
+        args.resolution = flow_families.DEFAULT_RESOLUTION.get(family, 1024)
 
 
 def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
@@ -69,8 +76,10 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
     in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and, for a local pipeline folder, those that need only
     its ``model_index.json`` (:func:`local_family`, :func:`check_family_options`); the scripts' ``parse_args`` call
     it, so a typo fails before the (minutes long) model load. Raises ``ValueError`` with the fix."""
+    family = local_family(args)
+    fill_resolution(args, family)
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
-    if args.resolution % step:
+    if args.resolution is not None and args.resolution % step:
         raise ValueError(
             f"Expected --resolution to be a multiple of {step} (the VAE's factor 8 times the transformer's 2x2 "
             f"patches), but got {args.resolution}: round it, e.g. to {max(step, args.resolution // step * step)}."
@@ -86,7 +95,6 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
         )
     if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
         raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
-    family = local_family(args)
     if family is not None:
         check_family_options(args, family)
     return args
@@ -130,6 +138,7 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
     """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`)
     after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX and
     ``--num_frames`` with 81 for Wan. Raises ``ValueError`` with the fix."""
+    fill_resolution(args, parts.family)
     check_flow_values(args)
     embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
     if args.guidance is not None and not embeds:

@@ -222,7 +222,7 @@ def check_common_args(args: argparse.Namespace, *, image_method: bool = False) -
     for name in ("checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers"):
         check_range(args, name, low=0)
     check_optimizer_ranges(args)
-    if args.resolution < 8 or args.resolution % 8:
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):  # None: filled by family
         raise ValueError(
             "Expected --resolution to be a positive multiple of 8 (the VAE's downsampling factor; the image "
             f"side in pixels, e.g. 1024 for SDXL), but got {args.resolution}."

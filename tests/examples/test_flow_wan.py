@@ -15,6 +15,7 @@ tiny ``WanPipeline`` (:func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`), 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -294,9 +295,17 @@ def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
     args.num_frames = 6
     with pytest.raises(ValueError, match=r"--num_frames to be 4k \+ 1 .* but got 6: use 5 or 9"):
         flow_options.check_flow_args(args, parts)
-    defaults = flow_dmd2.parse_args(smoke_argv(tiny, "wan", tmp_path / "b"))
+    argv = smoke_argv(tiny, "wan", tmp_path / "b")
+    del argv[argv.index("--resolution") : argv.index("--resolution") + 2]
+    defaults = flow_dmd2.parse_args(argv)
+    assert defaults.resolution == 480  # Wan 2.1's 480p, not the image models' 1024 (read at parse time)
     flow_options.check_flow_args(defaults, parts)
     assert defaults.num_frames == 81  # WanPipeline's default
+    hub = argparse.Namespace(resolution=None)  # a hub id: filled once the model is loaded
+    flow_options.fill_resolution(hub, None)
+    assert hub.resolution is None
+    flow_options.fill_resolution(hub, "flux")
+    assert hub.resolution == 1024
     with pytest.raises(ValueError, match="--num_frames is the video length of Wan, but this is a SD3"):
         flow_options.check_family_options(SimpleNamespace(num_frames=5, max_sequence_length=None), "sd3")
     with pytest.raises(ValueError, match=r"--num_frames >= 1"):
