@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> None:
     parts.transformer = None
 
     sdxl_models.freeze(teacher)
-    teacher.to(device, dtype=dtype)
+    sdxl_models.to_frozen_dtype(teacher, device, dtype)
     student.to(device).train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()

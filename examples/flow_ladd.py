@@ -134,6 +134,7 @@ from training import (
     loop,
     options,
     runtime,
+    sdxl_models,
     shared_critics,
     teacher_pairs,
 )
@@ -398,7 +399,7 @@ def teacher_transformer(
     if not args.use_lora:
         return flow_models.load_teacher(args, parts, device, dtype)
     parts.transformer.requires_grad_(False).eval()
-    return parts.transformer.to(device, dtype=dtype)
+    return sdxl_models.to_frozen_dtype(parts.transformer, device, dtype)
 
 
 def make_student(

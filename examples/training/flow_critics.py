@@ -45,7 +45,7 @@ def build_shared_base(
     from diffdistill.students import SharedBase, add_lora
 
     transformer.requires_grad_(False)
-    transformer.to(device, dtype=dtype)
+    sdxl_models.to_frozen_dtype(transformer, device, dtype)
     for name in (GENERATOR, FAKE):
         add_lora(
             transformer,

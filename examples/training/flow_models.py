@@ -330,7 +330,7 @@ def make_trainable(
 
     if args.use_lora:
         transformer.requires_grad_(False)
-        transformer.to(device, dtype=dtype)
+        sdxl_models.to_frozen_dtype(transformer, device, dtype)
         targets = flow_families.lora_targets(family)
         add_lora(transformer, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
         sdxl_models.upcast_trainable(transformer)

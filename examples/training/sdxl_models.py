@@ -124,6 +124,19 @@ def upcast_trainable(module: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def to_frozen_dtype(module: nn.Module, device: Any, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)`` for a frozen base, but the parameters diffusers keeps in float32
+    (``_keep_in_fp32_modules``: Wan's rope, time embedder, modulation tables and norms) stay float32, as
+    ``from_pretrained(torch_dtype=dtype)`` and the pipelines load them; a no-op difference for models without
+    such a list (UNets, SD3, FLUX, Qwen-Image). Returns ``module``."""
+    module.to(device, dtype=dtype)
+    keep = getattr(type(module), "_keep_in_fp32_modules", None) or ()
+    for name, p in module.named_parameters():
+        if p.dtype != torch.float32 and any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return module
+
+
 def student_and_teacher(
     args: argparse.Namespace, unet: nn.Module, device: Any, dtype: torch.dtype
 ) -> tuple[nn.Module, Any]:

@@ -92,7 +92,7 @@ def build(
     from diffdistill.students import SharedBase, add_lora
 
     unet.requires_grad_(False)
-    unet.to(device, dtype=dtype)
+    sdxl_models.to_frozen_dtype(unet, device, dtype)
     where = {} if targets is None else {"targets": list(targets)}
     with warnings.catch_warnings():  # peft warns at every adapter after the first: several are the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -205,6 +205,45 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_bf16_runs_keep_the_modules_wan_keeps_in_float32(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``--mixed_precision bf16`` the shared base is bf16 but Wan's ``_keep_in_fp32_modules`` (rope, time
+    embedder, modulation tables, norms) stay float32, as ``WanPipeline.from_pretrained(torch_dtype=bf16)`` keeps
+    them: the LoRA trains against the base it is deployed on."""
+    seen: dict[str, Any] = {}
+    load_flow = flow_models.load_flow
+
+    def recording_load(args: Any) -> Any:
+        seen["parts"] = load_flow(args)
+        return seen["parts"]
+
+    monkeypatch.setattr(flow_models, "load_flow", recording_load)
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state: the in-process runs before this one fixed mixed precision "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, tmp_path / "bf16", "--mixed_precision", "bf16")))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    keep = type(seen["parts"].transformer)._keep_in_fp32_modules
+    dtypes = {
+        n: p.dtype
+        for n, p in seen["parts"].transformer.named_parameters()
+        if "lora_" not in n and "base_layer" not in n
+    }
+    kept = {n for n in dtypes if any(k in n.split(".") for k in keep)}
+    assert kept and all(dtypes[n] == torch.float32 for n in kept)
+    assert {dtypes[n] for n in dtypes if n not in kept} == {torch.bfloat16}
+    from diffusers import WanTransformer3DModel
+
+    reference = WanTransformer3DModel.from_pretrained(
+        str(tiny["wan"]), subfolder="transformer", torch_dtype=torch.bfloat16
+    )
+    assert {n for n, p in reference.named_parameters() if p.dtype == torch.float32} == kept
+
+
 def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
