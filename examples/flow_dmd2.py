@@ -81,7 +81,8 @@ scheduler drops ``shift_terminal`` so the pipeline keeps ``sigmas`` as given (``
 true_cfg_scale=1.0)``). ``--gan_weight`` works on its images (the VAE encodes them as one-frame videos).
 
 Wan 2.1 text-to-video (``WanPipeline`` folders, e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``): the same method on
-video latents ``(B, 16, f, h, w)`` (``--num_frames``, default 81 -> 21 latent frames; square ``--resolution``),
+video latents ``(B, 16, f, h, w)`` (``--num_frames``, default 81 -> 21 latent frames; ``--resolution`` 480 by
+``--width``, default square; Wan's native aspect: ``--width 832``),
 prompt-only: DMD on a video teacher as FastGen's Wan DMD2 (NVlabs/FastGen, ``configs/experiments/WanT2V``) and the
 DMD stages of CausVid and Self-Forcing (Yin et al. 2025, arXiv:2412.07772; Huang et al. 2025, arXiv:2506.08009),
 which distil Wan2.1-T2V-1.3B (their causal students are not built here: this generator is bidirectional). The teacher's
@@ -96,7 +97,7 @@ the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timest
     set_timesteps = pipe.scheduler.set_timesteps
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=SIGMAS, device=device)
     video = pipe(prompt, num_inference_steps=len(SIGMAS), guidance_scale=1.0, num_frames=81,
-                 height=RESOLUTION, width=RESOLUTION).frames[0]      # the trained --resolution (square)
+                 height=RESOLUTION, width=WIDTH).frames[0]    # the trained --resolution / --width
 
 Checkpoints hold each adapter
 in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake score), the GAN
@@ -425,7 +426,8 @@ def main(args: argparse.Namespace) -> None:
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_critics.loss_schedule()  # unshifted: t ~ U{...} is sigma ~ U[...]
     sigmas = args.student_sigmas or flow_critics.student_grid(
-        flow_models.flow_schedule(parts, args.resolution, terminal_stretch=False), args.num_student_steps
+        flow_models.flow_schedule(parts, args.resolution, width=args.width, terminal_stretch=False),
+        args.num_student_steps,
     )
     logger.info(
         "preset %s: loss %s, %d-step grid %s, real guidance %s, fake guidance %s",
@@ -520,7 +522,9 @@ def main(args: argparse.Namespace) -> None:
         fake=(fake_view, opt_f),
         denoiser=denoiser,
         sigmas=sigmas,
-        latent_shape=flow_models.latent_shape(parts, args.train_batch_size, args.resolution, args.num_frames),
+        latent_shape=flow_models.latent_shape(
+            parts, args.train_batch_size, args.resolution, args.num_frames, args.width
+        ),
         generator_loss=generator_loss,
         fake_loss=fake_loss,
         gan=gan,

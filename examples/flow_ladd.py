@@ -82,7 +82,7 @@ against its text; the values of the       0.1 / 0.1; logit-normal(1, 1) re-noisi
 re-implementations, reference/flow.md)    ``len(blocks) // 4``-th block; disc lr 10x the student's; the
                                           same ``eps'`` for real and fake; cached teacher samples; R1
                                           off by default (optional, approximate only)
-not implemented                           multi-aspect-ratio buckets (square ``--resolution`` only);
+not implemented                           multi-aspect-ratio buckets (one ``--resolution`` x ``--width``);
                                           DPO-LoRA finetuning; image editing / inpainting variants
 ========================================  ==============================================================
 
@@ -248,6 +248,7 @@ def sample_settings(args: argparse.Namespace, parts: flow_models.FlowComponents)
         "guidance": args.guidance,
         "uncond": args.uncond,
         "resolution": args.resolution,
+        "width": args.width,
         "num_frames": args.num_frames,
         "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
         "teacher_samples_seed": args.teacher_samples_seed,
@@ -309,7 +310,7 @@ def generate_teacher_samples(
         gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
         cond = flow_encoding.conditions(parts, picked, args, device, dtype)
-        shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames)
+        shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames, args.width)
         noise = torch.randn(shape, generator=gen).to(device)
         with runtime.autocast(accelerator):
             if parts.family in ("wan", "qwen"):  # the pipeline's own solve (see pipeline_samples)
@@ -364,7 +365,7 @@ def pipeline_samples(
     common = {
         "num_inference_steps": args.teacher_steps,
         "height": args.resolution,
-        "width": args.resolution,
+        "width": args.width or args.resolution,
         "output_type": "latent",
     }
     if parts.family == "wan":
@@ -448,7 +449,7 @@ def main(args: argparse.Namespace) -> None:
         args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
-    schedule = flow_models.flow_schedule(parts, args.resolution)
+    schedule = flow_models.flow_schedule(parts, args.resolution, width=args.width)
 
     # The frozen teacher makes the synthetic data and carries the discriminator's features. With --use_lora it
     # is the student's own base with the adapter off (one copy of the transformer); otherwise a separate copy.

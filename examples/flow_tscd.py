@@ -444,7 +444,7 @@ def main(args: argparse.Namespace) -> None:
     plan = StagePlan.hyper_sd(args.segments_list, num_inference_steps=args.num_inference_steps)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
-    schedule = flow_models.flow_schedule(parts, args.resolution)
+    schedule = flow_models.flow_schedule(parts, args.resolution, width=args.width)
     adversarial = args.distance == "hybrid" and any(s.loss_weights.get("adversarial", 0) > 0 for s in plan)
 
     # Teacher: the LoRA student with its adapters off, or a frozen copy (full student, or the discriminator's).
@@ -519,7 +519,7 @@ def main(args: argparse.Namespace) -> None:
         sample = tscd_segments(
             b, k, args.num_inference_steps, schedule.num_train_timesteps, generator=gen, device=device
         )
-        shape = flow_models.latent_shape(parts, b, args.resolution, args.num_frames)
+        shape = flow_models.latent_shape(parts, b, args.resolution, args.num_frames, args.width)
         noise = training_noise(shape, gen, args.noise_offset).to(device)
         omega = draw_guidance(args, b, gen)
         if isinstance(omega, torch.Tensor):

@@ -159,7 +159,8 @@ def rescale_guidance_std(guided: torch.Tensor, cond_out: torch.Tensor, phi: floa
     (Eq. 15-16; diffusers' ``guidance_rescale`` of the SD / SDXL pipelines, ``rescale_noise_cfg``):
     :math:`\\hat g = g \\cdot \\mathrm{std}(c) / \\mathrm{std}(g)`, then :math:`\\phi \\hat g + (1 - \\phi) g`, with
     the (unbiased) standard deviations per sample over every other dimension. ``phi = 0`` is no rescale; the
-    paper uses 0.7.
+    paper uses 0.7. As in diffusers, nothing guards the division: a guided output constant over a sample has
+    zero spread and no finite rescale.
 
     Args:
         guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, ...)``.
@@ -217,7 +218,8 @@ def rescale_guidance_norm(guided: torch.Tensor, cond_out: torch.Tensor, patch_si
     with norms over the token's channels (reference/flow.md pitfall 10). On unpacked latents ``(B, C, h, w)``
     a token is the ``patch_size x patch_size`` patch of all channels (Qwen-Image / FLUX packing: 2, so each
     norm runs over 4C values); with ``patch_size = 1`` (and for ``(B, C, ...)`` of any rank) the norm runs over
-    the channels at each position.
+    the channels at each position. As in the pipeline, nothing guards the division: a guided token of norm 0 gives
+    NaN.
 
     Args:
         guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, C, ...)``.

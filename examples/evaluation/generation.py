@@ -412,11 +412,12 @@ def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | Non
 
 
 def default_guidance(pipe: Any) -> float | None:
-    """The ``guidance_scale`` a pipeline's call defaults to (SDXL 5, SD3 7, FLUX 3.5), or None if it takes none."""
+    """The ``guidance_scale`` a pipeline's call defaults to (SDXL 5, SD3 7, FLUX 3.5), or None if it takes none or
+    defaults to None (``QwenImagePipeline``: a guidance-distilled model's input; its CFG is ``true_cfg_scale``)."""
     import inspect
 
     parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
-    if parameter is None or parameter.default is inspect.Parameter.empty:
+    if parameter is None or parameter.default in (inspect.Parameter.empty, None):
         return None
     return float(parameter.default)
 
@@ -703,12 +704,26 @@ def pipeline_sampler(
     pipe: Any, kwargs: dict[str, Any]
 ) -> Callable[[list[str], list[torch.Generator]], torch.Tensor]:
     """``sample(prompts, generators)`` calling ``pipe`` with the sampler arguments ``kwargs`` (``output_type="pt"``:
-    float images in ``[0, 1]``)."""
+    float images in ``[0, 1]``).
+
+    A stochastic scheduler (``stochastic_sampling``: flow_dmd2's saved DMD2 sampler) draws its re-noising noise from
+    torch's global generator, not from the per-image generators, so a batch's images would depend on the batch and
+    on what ran before. Then each image is sampled alone after seeding the global generator with its own seed: the
+    same image whatever the batch size, the process split or a resume."""
+
+    def call(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
+        extra = dict(kwargs)
+        if isinstance(extra.get("negative_prompt"), str):  # one per prompt, as the pipelines batch them
+            extra["negative_prompt"] = [extra["negative_prompt"]] * len(prompts)
+        return pipe(prompt=prompts, generator=generators, output_type="pt", **extra).images
 
     def sample(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
-        call = dict(kwargs)
-        if isinstance(call.get("negative_prompt"), str):  # one per prompt, as the pipelines batch them
-            call["negative_prompt"] = [call["negative_prompt"]] * len(prompts)
-        return pipe(prompt=prompts, generator=generators, output_type="pt", **call).images
+        if not getattr(pipe.scheduler.config, "stochastic_sampling", False):
+            return call(prompts, generators)
+        images = []
+        for prompt, generator in zip(prompts, generators):
+            torch.manual_seed(generator.initial_seed())
+            images.append(call([prompt], [generator]))
+        return torch.cat(images)
 
     return sample

@@ -81,7 +81,7 @@ def guidance_rescale(family: str) -> Any:
 
 
 def model_family(path: str, revision: str | None = None) -> str:
-    """``"sd3"``, ``"flux"`` or ``"wan"`` from the ``_class_name`` of ``model_index.json`` in a folder or hub repo.
+    """``"sd3"``, ``"flux"``, ``"qwen"`` or ``"wan"`` from the ``_class_name`` of ``model_index.json`` (folder or hub).
 
     Wan: the single-transformer text-to-video pipelines (Wan 2.1 T2V 1.3B / 14B). Refused with the reason: Wan 2.2
     A14B (two experts, ``transformer_2`` switched at ``boundary_ratio``: which expert a distilled step runs is a
@@ -93,7 +93,8 @@ def model_family(path: str, revision: str | None = None) -> str:
     if name not in FAMILIES:
         raise ValueError(
             f"Expected --pretrained_model_name_or_path {path} to be a StableDiffusion3Pipeline (SD3 / SD3.5), "
-            f"FluxPipeline (FLUX.1) or WanPipeline (Wan 2.1 text-to-video) folder, but its model_index.json names "
+            f"FluxPipeline (FLUX.1), QwenImagePipeline (Qwen-Image) or WanPipeline (Wan 2.1 text-to-video) folder, "
+            f"but its model_index.json names "
             f"{name!r}. The SDXL scripts (examples/sdxl_*.py) take SDXL pipelines."
         )
     if name == "WanPipeline":

@@ -3,11 +3,8 @@
 # The flow scripts (``examples/flow_*.py``) use the same plumbing as the SDXL ones (runtime, checkpoints, loop,
 # EMA); what differs per model family lives here:
 #
-# - :func:`load_flow` reads ``model_index.json`` (``_class_name`` ``StableDiffusion3Pipeline`` -> ``"sd3"``,
-#   ``FluxPipeline`` -> ``"flux"``, ``QwenImagePipeline`` -> ``"qwen"``, ``WanPipeline`` -> ``"wan"``, Wan 2.1
-#   text-to-video; anything else is refused)
-#   and loads every component the way the pipeline does (each ``[library, class]`` entry of ``model_index.json``
-#   with ``from_pretrained(subfolder=name)``).
+# - :func:`load_flow` reads the family from ``model_index.json`` (:func:`training.flow_families.model_family`) and
+#   loads each ``[library, class]`` entry the way the pipeline does (``from_pretrained(subfolder=name)``).
 # - :class:`FlowDenoiser` makes the transformers one denoiser ``denoiser(sample, timestep, **cond) -> velocity`` of
 #   the sample's shape (images ``(B, C, h, w)``, Wan's videos ``(B, C, f, h, w)``) with ``timestep`` = sigma * 1000
 #   (the schedule's model timestep, :func:`flow_schedule`), so losses, samplers and solvers never see FLUX's or
@@ -16,8 +13,7 @@
 #   (``(z - shift_factor) * scaling_factor``; SD3 0.0609 / 1.5305, FLUX 0.1159 / 0.3611; Wan's and Qwen-Image's
 #   per-channel ``(z - latents_mean) / latents_std``).
 # - :func:`flow_schedule`: the training :class:`~diffdistill.schedulers.NoiseSchedule` with the model's shift at a
-#   resolution (SD3: its static shift; FLUX: ``mu`` from the image token count, Esser et al. 2024 Sec. 5.3.2 and
-#   diffusers' ``calculate_shift``).
+#   resolution (SD3 / Wan static; FLUX / Qwen-Image ``mu`` of the token count, Esser et al. 2024 Sec. 5.3.2).
 # - :func:`make_trainable` / :func:`load_teacher`: LoRA on the family's targets
 #   (:func:`training.flow_families.lora_targets`) or the full transformer. The families: :mod:`training.flow_families`.
 # - :func:`save_transformer`: a LoRA file that ``pipeline_class.load_lora_weights`` loads (written by the
@@ -40,10 +36,10 @@ from .flow_families import CFG_FAMILIES, DEFAULT_NUM_FRAMES, FAMILY_NAMES, PACKE
 
 @dataclass
 class FlowComponents:
-    """The parts of an SD3 / FLUX pipeline a distillation script uses.
+    """The parts of an SD3 / FLUX / Qwen-Image / Wan pipeline a distillation script uses.
 
-    ``text_encoders`` / ``tokenizers`` are in the pipeline's order (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5);
-    ``pipeline_class`` is ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (its ``encode_prompt`` and
+    ``text_encoders`` / ``tokenizers`` in the pipeline's order (SD3: CLIP-L, CLIP-G, T5; FLUX: CLIP-L, T5; Qwen-Image
+    Qwen2.5-VL; Wan umT5); ``pipeline_class`` is the pipeline's class (its ``encode_prompt`` and
     ``save_lora_weights`` are used).
     """
 
@@ -98,7 +94,7 @@ class FlowComponents:
 
 
 def load_flow(args: argparse.Namespace) -> FlowComponents:
-    """Load transformer, VAE, text encoders, tokenizers and the flow-matching scheduler of an SD3 / FLUX pipeline
+    """Load transformer, VAE, text encoders, tokenizers and the scheduler of an SD3 / FLUX / Qwen-Image / Wan pipeline
     (``--pretrained_model_name_or_path``, ``--revision``, ``--variant``; ``--pretrained_vae_model_name_or_path``
     replaces the VAE)."""
     import diffusers
@@ -152,16 +148,19 @@ def latent_frames(vae: Any, num_frames: int) -> int:
 
 
 def latent_shape(
-    parts: FlowComponents, batch: int, resolution: int, num_frames: int | None = None
+    parts: FlowComponents,
+    batch: int,
+    resolution: int,
+    num_frames: int | None = None,
+    width: int | None = None,
 ) -> tuple[int, ...]:
-    """``(B, C, h, w)`` of the latents of ``resolution`` px square images (C from the VAE config, 16), or
-    ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (``num_frames`` default :data:`DEFAULT_NUM_FRAMES`)."""
-    side = resolution // vae_scale_factor(parts.vae)
+    """``(B, C, h, w)`` of the latents of ``resolution`` x ``width`` px images (``width`` default: square; C from
+    the VAE config, 16), or ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (default 81)."""
+    h, w = (side // vae_scale_factor(parts.vae) for side in (resolution, width or resolution))
     channels = int(getattr(parts.vae.config, "latent_channels", None) or parts.vae.config.z_dim)
     if parts.is_video:
-        frames = latent_frames(parts.vae, num_frames or DEFAULT_NUM_FRAMES)
-        return (batch, channels, frames, side, side)
-    return (batch, channels, side, side)
+        return (batch, channels, latent_frames(parts.vae, num_frames or DEFAULT_NUM_FRAMES), h, w)
+    return (batch, channels, h, w)
 
 
 def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -178,11 +177,13 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     return sdxl_encoding.decode_latents(vae, latents)
 
 
-def flow_schedule(parts: FlowComponents, resolution: int, *, terminal_stretch: bool = True) -> Any:
-    """The training schedule of the model at ``resolution`` px (square), from its own scheduler config.
+def flow_schedule(
+    parts: FlowComponents, resolution: int, *, width: int | None = None, terminal_stretch: bool = True
+) -> Any:
+    """The training schedule of the model at ``resolution`` x ``width`` px (default square), from its scheduler config.
 
     SD3: the static ``shift`` (3.0). FLUX and Qwen-Image (``use_dynamic_shifting``): ``mu`` of the packed image
-    token count ``(R / 16)^2`` with the config's base / max shift, as their pipelines compute it. Wan: the
+    token count ``H W / 16^2`` with the config's base / max shift, as their pipelines compute it. Wan: the
     ``flow_shift`` of its ``UniPCMultistepScheduler`` (3.0 for Wan 2.1 T2V at 480p). The model timestep is sigma *
     1000 for every family (:class:`FlowDenoiser` hands FLUX and Qwen-Image their sigma).
     ``terminal_stretch=False`` drops a ``shift_terminal`` (Qwen-Image: 0.02) from the schedule's sampling grids:
@@ -197,7 +198,7 @@ def flow_schedule(parts: FlowComponents, resolution: int, *, terminal_stretch: b
     kwargs: dict[str, Any] = {"timestep_scale": 1000.0}
     if config.get("use_dynamic_shifting", False):
         kwargs["image_seq_len"] = packed_image_seq_len(
-            resolution, resolution, vae_scale_factor=vae_scale_factor(parts.vae)
+            resolution, width or resolution, vae_scale_factor=vae_scale_factor(parts.vae)
         )
     return NoiseSchedule.from_scheduler(scheduler, **kwargs)
 

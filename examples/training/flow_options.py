@@ -28,7 +28,8 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max_sequence_length",
         type=int,
         default=None,
-        help="T5 prompt length in tokens (default: the pipeline's, SD3 256, FLUX and Wan 512)",
+        help="prompt length in tokens (default: the pipeline's, SD3 256, FLUX / Qwen-Image / Wan 512; at most 512, "
+        "Qwen-Image 1024)",
     )
     g.add_argument(
         "--num_frames",
@@ -36,6 +37,13 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="Wan: frames of the training and validation videos, 4k + 1 (default 81, WanPipeline's); refused "
         "for image models",
+    )
+    g.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="width in px of prompt-only training and validation samples (default --resolution: square; e.g. Wan "
+        "--resolution 480 --width 832); refused with --train_data_dir (square image crops)",
     )
     parser.set_defaults(uncond="empty_prompt", resolution=None)
     return parser
@@ -79,14 +87,21 @@ def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
     family = local_family(args)
     fill_resolution(args, family)
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
-    if args.resolution is not None and args.resolution % step:
+    for name in ("resolution", "width"):
+        value = getattr(args, name, None)
+        if value is not None and (value < step or value % step):
+            raise ValueError(
+                f"Expected --{name} to be a positive multiple of {step} (the VAE's factor 8 times the transformer's "
+                f"2x2 patches), but got {value}: round it, e.g. to {max(step, value // step * step)}."
+            )
+    if getattr(args, "width", None) is not None and getattr(args, "train_data_dir", None):
         raise ValueError(
-            f"Expected --resolution to be a multiple of {step} (the VAE's factor 8 times the transformer's 2x2 "
-            f"patches), but got {args.resolution}: round it, e.g. to {max(step, args.resolution // step * step)}."
+            "--width trains non-square samples from prompts, but --train_data_dir images are square crops at "
+            "--resolution: drop --width (or run prompt-only)."
         )
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_TEXT_TOKENS["qwen"]:
         raise ValueError(
-            f"Expected --max_sequence_length in [1, 512] (T5 tokens; the pipelines refuse more; Qwen-Image up to "
+            f"Expected --max_sequence_length in [1, 1024] (SD3 / FLUX / Wan: T5 tokens, at most 512; Qwen-Image up to "
             f"1024), but got {args.max_sequence_length}."
         )
     if args.guidance is not None and not args.guidance > 0:

@@ -22,7 +22,7 @@ def log_validation(
     """Sample ``--validation_prompts`` with ``sample_fn(noise, cond) -> latents``; save and log the grid.
 
     As :func:`training.validation.log_validation` for the flow latents: the noise has the VAE's 16 channels at
-    ``--resolution / 8`` (Wan: and ``--num_frames``' latent frames), drawn from a generator seeded with ``--seed``
+    ``--resolution / 8`` by ``--width / 8`` (Wan: and ``--num_frames``' latent frames), drawn from a generator seeded with ``--seed``
     (the same at every validation); the main process samples (every process when the model is sharded), decodes
     with the family's latent normalisation and writes ``OUTPUT_DIR/samples/step-{step}.png`` (images: one row;
     videos: a row of up to 8 evenly spaced frames per prompt, and each video as ``step-{step}-{i}.gif`` at Wan
@@ -36,7 +36,8 @@ def log_validation(
     prompts = list(args.validation_prompts)
     cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
-    shape = flow_models.latent_shape(parts, len(prompts), args.resolution, getattr(args, "num_frames", None))
+    frames, width = getattr(args, "num_frames", None), getattr(args, "width", None)
+    shape = flow_models.latent_shape(parts, len(prompts), args.resolution, frames, width)
     noise = torch.randn(shape, generator=gen)
     with runtime.autocast(accelerator):
         latents = sample_fn(noise.to(device), cond).float()

@@ -275,7 +275,7 @@ def test_qwen_options(tiny: dict[str, Path], tmp_path: Path) -> None:
     args.max_sequence_length = 1024
     flow_options.check_flow_args(args, parts)
     args.max_sequence_length = 1025
-    with pytest.raises(ValueError, match=r"--max_sequence_length in \[1, 512\].*Qwen-Image up to 1024"):
+    with pytest.raises(ValueError, match=r"--max_sequence_length in \[1, 1024\].*Qwen-Image up to 1024"):
         flow_options.check_flow_values(args)
     args.max_sequence_length = 1024
     args.num_frames = 5
@@ -348,3 +348,71 @@ def test_evaluate_guides_qwen_with_true_cfg(tiny: dict[str, Path]) -> None:
     assert torch.equal(got, want) and not torch.allclose(got, unguided)
     args.guidance_scale = 1.0
     assert "negative_prompt" not in generation.call_kwargs(args, pipe)
+    # no --guidance_scale: the pipeline's own behaviour (no CFG without a negative prompt), recorded as None
+    assert generation.default_guidance(pipe) is None
+    args.guidance_scale = None
+    assert not {"guidance_scale", "true_cfg_scale"} & set(generation.call_kwargs(args, pipe))
+
+
+def test_evaluate_seeds_a_stochastic_scheduler_per_image(tiny: dict[str, Path]) -> None:
+    """flow_dmd2's saved scheduler re-noises from torch's global generator: evaluate.py samples each image alone
+    after seeding it with the image's seed, so an image does not depend on its batch or on what ran before."""
+    import argparse
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    generation = load_example("evaluation.generation")
+    pipe = _pipeline(tiny)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config,
+        shift=1.0,
+        use_dynamic_shifting=False,
+        shift_terminal=None,
+        stochastic_sampling=True,
+    )
+    args = argparse.Namespace(
+        resolution=IMAGE_SIZE, timesteps=None, sigmas=[1.0, 0.6], num_inference_steps=None
+    )
+    args.guidance_scale = None
+    sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args, pipe))
+
+    def gens(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    both = sample(["a cat", "a dog"], gens(10, 11))
+    torch.rand(3)  # the global generator moves on between calls, as in a run
+    alone = torch.cat([sample(["a cat"], gens(10)), sample(["a dog"], gens(11))])
+    assert torch.equal(both, alone)
+    assert not torch.equal(both[0], both[1])
+
+
+def test_width_sets_the_dynamic_shift_of_a_non_square_resolution(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--width``: the schedule's ``mu`` is the one ``QwenImagePipeline`` computes for ``height x width`` (its
+    ``calculate_shift`` of the packed token count), so the FLUX-recipe grid equals the pipeline scheduler's."""
+    import numpy as np
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    from diffdistill.schedulers import flow_pipeline_grid
+
+    _, parts = _parts(tiny, tmp_path)
+    schedule = flow_models.flow_schedule(parts, IMAGE_SIZE, width=2 * IMAGE_SIZE, terminal_stretch=True)
+    scheduler = parts.noise_scheduler
+    tokens = (IMAGE_SIZE // 16) * (2 * IMAGE_SIZE // 16)
+    mu = calculate_shift(
+        tokens,
+        scheduler.config.base_image_seq_len,
+        scheduler.config.max_image_seq_len,
+        scheduler.config.base_shift,
+        scheduler.config.max_shift,
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    grid = flow_pipeline_grid(schedule, 4, pipeline="flux")
+    # diffusers shifts and stretches in float32: the shift's roundings are relative (rtol); the stretch computes
+    # 1 - (1 - sigma) c, whose roundings are relative to 1, i.e. absolute (atol: a few float32 ulps of 1)
+    torch.testing.assert_close(grid.sigmas.float(), scheduler.sigmas, atol=4 * 2.0**-24, rtol=3 * 2.0**-23)
+    square = flow_pipeline_grid(flow_models.flow_schedule(parts, IMAGE_SIZE), 4, pipeline="flux")
+    assert not torch.allclose(square.sigmas, grid.sigmas)  # the width changed mu
+    with pytest.raises(ValueError, match="--width trains non-square samples from prompts"):
+        flow_dmd2.parse_args(_argv(tiny, tmp_path / "w", "--width", "128", "--gan_weight", data="images"))

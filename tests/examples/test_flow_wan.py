@@ -79,14 +79,13 @@ def _sample(
     pipe: Any, latents: torch.Tensor, steps: int, guidance: float, output: str = "latent", **prompt: Any
 ) -> Any:
     """``pipe``'s frames of a ``FRAMES`` x ``IMAGE_SIZE``^2 video from ``latents``, ``prompt`` given as ``prompt=``
-    or ``prompt_embeds=``."""
+    or ``prompt_embeds=`` (and a ``width`` for a non-square video)."""
     with torch.no_grad():
         return pipe(
-            **prompt,
+            **{"width": IMAGE_SIZE, **prompt},
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
             num_frames=FRAMES,
             latents=latents.clone(),
             max_sequence_length=T5_LENGTH,
@@ -300,6 +299,29 @@ def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path],
         cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
         want = flow_models.euler_sample(flow_models.FlowDenoiser(student, "wan"), noise, grid["sigmas"], cond)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_non_square_wan_videos_with_width(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``--width`` (Wan's native aspect is 480 x 832): LADD's teacher videos and the student's validation videos are
+    ``--resolution`` x ``--width``; the teacher shards are ``WanPipeline``'s at that size."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    out = tmp_path / "wide"
+    extra = ["--use_lora", "--num_teacher_samples", "2", "--teacher_samples_shard_size", "2", "--width", "96"]
+    extra += ["--teacher_steps", "2", "--discriminator_norm_groups", "4", "--max_train_steps", "1"]
+    extra += ["--validation_prompts", "a cat", "--validation_steps", "1"]
+    flow_ladd.main(flow_ladd.parse_args(_argv(tiny, out, *extra)))
+    with safe_open(str(out / "teacher_samples" / "samples-00000.safetensors"), framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
+    assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, 96 // 8)
+    want = _sample(_pipeline(tiny), noise, 2, 5.0, prompt=prompts, width=96)
+    torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+    with Image.open(out / "samples" / "step-1-0.gif") as im:
+        assert im.size == (96, IMAGE_SIZE)
+    with pytest.raises(ValueError, match=r"--width to be a positive multiple of 16.*but got 100"):
+        flow_ladd.parse_args(_argv(tiny, out, "--use_lora", "--width", "100"))
 
 
 def _variant(tiny: dict[str, Path], tmp_path: Path, **index: Any) -> Path:

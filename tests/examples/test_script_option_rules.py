@@ -213,9 +213,9 @@ def test_flow_model_free_checks_run_in_parse_args(paths: dict[str, str], script:
     before ``load_flow`` (minutes for FLUX), item 10."""
     data = "prompts" if script in ("flow_ladd", "flow_dmd2") else "images"
     extra = ["--preset", "flux-mini"] if script == "flow_kd" else []
-    with pytest.raises(ValueError, match=r"--resolution to be a multiple of 16"):
+    with pytest.raises(ValueError, match=r"--resolution to be a positive multiple of 16"):
         _parse(script, paths, *extra, "--resolution", "1000", data=data)
-    with pytest.raises(ValueError, match=r"--max_sequence_length in \[1, 512\]"):
+    with pytest.raises(ValueError, match=r"--max_sequence_length in \[1, 1024\]"):
         _parse(script, paths, *extra, "--max_sequence_length", "1100", data=data)
 
 
