@@ -1,4 +1,5 @@
-"""Tiny configs of the rectified-flow transformers (SD3 MMDiT, FLUX, Wan) for CPU tests, with the published ones.
+"""Tiny configs of the rectified-flow transformers (SD3 MMDiT, FLUX, Qwen-Image, Wan) for CPU tests, with the
+published ones.
 
 The tiny configs keep each architecture's structure (SD3: joint blocks, the last one context-pre-only, optional
 dual-attention layers; FLUX: double-stream then single-stream blocks, guidance embedding, RoPE axes) at widths
@@ -72,6 +73,40 @@ def tiny_wan_transformer_config(**overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+def tiny_qwen_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """A 2-block Qwen-Image-structured ``QwenImageTransformer2DModel`` config: packed latents of 64 channels
+    (16 latent channels x 2x2 patches), 16 output channels, 2 heads of 8 (RoPE axes 2 + 2 + 4 for frame, height,
+    width, summing to the head dimension), text width 16 (the tiny Qwen2.5-VL's, :mod:`tests.examples.tiny_qwen`), no guidance embedding (Qwen-Image uses
+    true CFG); ``overrides`` replace any entry."""
+    config: dict[str, Any] = {
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "guidance_embeds": False,
+        "axes_dims_rope": (2, 2, 4),
+    }
+    config.update(overrides)
+    return config
+
+
+#: ``Qwen/Qwen-Image`` ``transformer/config.json`` (reference/flow.md: 60 blocks, 24 heads of 128, text width 3584).
+QWEN_IMAGE_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
 
 
 #: ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` ``transformer/config.json`` (1.42 B parameters as built); the 14B model

@@ -79,12 +79,13 @@ MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
 """The longest ``--max_sequence_length`` a family's pipeline takes (its T5 / umT5 512; ``QwenImagePipeline`` 1024)."""
 
 
-def check_flow_values(args: argparse.Namespace) -> argparse.Namespace:
+def check_flow_values(args: argparse.Namespace, family: str | None = None) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
-    in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and, for a local pipeline folder, those that need only
-    its ``model_index.json`` (:func:`local_family`, :func:`check_family_options`); the scripts' ``parse_args`` call
-    it, so a typo fails before the (minutes long) model load. Raises ``ValueError`` with the fix."""
-    family = local_family(args)
+    in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and those that need only the family
+    (:func:`check_family_options`): ``family``, or for a local pipeline folder the one its ``model_index.json``
+    names (:func:`local_family`). The scripts' ``parse_args`` call it, so a typo fails before the (minutes long)
+    model load. Raises ``ValueError`` with the fix."""
+    family = family or local_family(args)
     fill_resolution(args, family)
     step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     for name in ("resolution", "width"):
@@ -153,8 +154,7 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
     """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`)
     after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX and
     ``--num_frames`` with 81 for Wan. Raises ``ValueError`` with the fix."""
-    fill_resolution(args, parts.family)
-    check_flow_values(args)
+    check_flow_values(args, parts.family)
     embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
     if args.guidance is not None and not embeds:
         raise ValueError(
@@ -164,7 +164,6 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
         )
     if embeds and args.guidance is None:
         args.guidance = 3.5  # FluxPipeline's default guidance_scale
-    check_family_options(args, parts.family)
     check_num_frames(args, parts)
     return args
 

@@ -258,9 +258,8 @@ def test_wan_and_qwen_blocks_are_compile_regions(family: str) -> None:
     the eager one (dynamo's eager backend: the same kernels in the same order)."""
     import argparse
 
-    from tests.examples.tiny_qwen import tiny_qwen_transformer_config
     from tests.tiny_wan import wan_batch
-    from tests.transformer_configs import tiny_wan_transformer
+    from tests.transformer_configs import tiny_qwen_transformer_config, tiny_wan_transformer
 
     torch.manual_seed(0)
     if family == "wan":

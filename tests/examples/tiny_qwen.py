@@ -14,7 +14,7 @@ condition encoder, a 16-channel VAE, a double-stream MMDiT); the sizes are our c
 - VAE: ``AutoencoderKLQwenImage`` of base width 8 (4 levels of width 8, one residual block each: the spatial
   factor 8 needs 3 downsamplings; the default temporal downsampling, unused on single frames), 16 latent
   channels, Qwen-Image's per-channel ``latents_mean`` / ``latents_std`` (the constructor's defaults);
-- transformer: ``QwenImageTransformer2DModel`` from :func:`tiny_qwen_transformer_config` (64 packed channels);
+- transformer: ``QwenImageTransformer2DModel`` from :func:`tests.transformer_configs.tiny_qwen_transformer_config` (64 packed channels);
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` with Qwen-Image's config: exponential dynamic shift 0.5 / 0.9 over
   256 / 8192 image tokens, ``shift_terminal`` 0.02 (``Qwen/Qwen-Image``'s ``scheduler_config.json`` as third-party
   copies give it; not read from the hub here).
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from tests.examples.tiny_sdxl import _bytes_to_unicode
+from tests.transformer_configs import tiny_qwen_transformer_config
 
 TEXT_WIDTH = 16  # hidden size of the tiny Qwen2.5-VL text model = the transformer's joint_attention_dim
 IMAGE_SIZE = 64  # pixels: 8x8 latents, 16 packed tokens
@@ -50,26 +51,6 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-
-
-def tiny_qwen_transformer_config(**overrides: Any) -> dict[str, Any]:
-    """A 2-block Qwen-Image-structured ``QwenImageTransformer2DModel`` config: packed latents of 64 channels
-    (16 latent channels x 2x2 patches), 16 output channels, 2 heads of 8 (RoPE axes 2 + 2 + 4 for frame, height,
-    width, summing to the head dimension), text width :data:`TEXT_WIDTH`, no guidance embedding (Qwen-Image uses
-    true CFG); ``overrides`` replace any entry."""
-    config: dict[str, Any] = {
-        "patch_size": 2,
-        "in_channels": 64,
-        "out_channels": 16,
-        "num_layers": 2,
-        "attention_head_dim": 8,
-        "num_attention_heads": 2,
-        "joint_attention_dim": TEXT_WIDTH,
-        "guidance_embeds": False,
-        "axes_dims_rope": (2, 2, 4),
-    }
-    config.update(overrides)
-    return config
 
 
 def _template_words() -> list[str]:

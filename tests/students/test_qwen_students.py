@@ -17,22 +17,9 @@ from diffdistill.students import (
     transformer_flops,
     transformer_student_config,
 )
-from tests.examples.tiny_qwen import tiny_qwen_transformer_config
+from tests.transformer_configs import QWEN_IMAGE_CONFIG, tiny_qwen_transformer_config
 
 diffusers = pytest.importorskip("diffusers")
-
-#: ``Qwen/Qwen-Image`` ``transformer/config.json`` (reference/flow.md: 60 blocks, 24 heads of 128, text width 3584).
-QWEN_IMAGE_CONFIG = {
-    "patch_size": 2,
-    "in_channels": 64,
-    "out_channels": 16,
-    "num_layers": 60,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 3584,
-    "guidance_embeds": False,
-    "axes_dims_rope": (16, 56, 56),
-}
 
 
 def _tiny(num_layers: int = 4) -> torch.nn.Module:

@@ -29,11 +29,10 @@ from transformer_configs import (  # noqa: E402
     SD35_LARGE_CONFIG,
     SD35_MEDIUM_CONFIG,
     tiny_flux_transformer_config,
+    tiny_qwen_transformer_config,
     tiny_sd3_transformer_config,
     tiny_wan_transformer_config,
 )
-
-from tests.examples.tiny_qwen import tiny_qwen_transformer_config  # noqa: E402
 
 TEXT = 5  # text tokens of the tiny inputs
 
