@@ -1,4 +1,4 @@
-"""DMD2 / SiD / SIM few-step generators for SD3, FLUX.1, Qwen-Image and Wan 2.1 on one shared frozen transformer.
+"""DMD2 / SiD / SIM few-step generators for SD3, FLUX.1, Qwen-Image and Wan 2.1 / 2.2 on one shared frozen transformer.
 
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis" (DMD2, arXiv:2405.14867;
 ``--loss dmd``, the default); ``--loss sid``: Score identity Distillation (Zhou et al. 2024, arXiv:2404.04057),
@@ -98,6 +98,14 @@ the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timest
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=SIGMAS, device=device)
     video = pipe(prompt, num_inference_steps=len(SIGMAS), guidance_scale=1.0, num_frames=81,
                  height=RESOLUTION, width=WIDTH).frames[0]    # the trained --resolution / --width
+
+Wan 2.2: TI2V-5B (``expand_timesteps``; its text-to-video mode, 16x VAE, defaults 704 px and 121 frames) the same
+way. A14B (two experts): :class:`training.wan_experts.WanExperts` runs each sample on the expert ``WanPipeline``
+would (timestep >= 875), every adapter sits on both experts, the real score's CFG is 4.0 where the high-noise
+expert runs and ``--guidance_scale_2`` 3.0 below (a ``TeacherSolver`` guidance schedule; the T2V A14B config's
+scales), and each expert's LoRA is its own file: load ``pytorch_lora_weights_transformer_2.safetensors`` with
+``pipe.load_lora_weights(OUTPUT_DIR, weight_name=..., load_into_transformer_2=True)`` (``fake_lora_weights`` the
+same way).
 
 Checkpoints hold each adapter
 in its own file (``unet_lora.safetensors``: the generator, ``fake_lora.safetensors``: the fake score), the GAN
@@ -239,6 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="SD3 / Qwen-Image / Wan: CFG of the real score (default: the pipeline's, SD3 7.0, Qwen-Image 4.0, "
         "Wan 5.0)",
+    )
+    g.add_argument(
+        "--guidance_scale_2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: CFG of the real score where the low-noise expert runs (WanPipeline's guidance_scale_2; "
+        "default 3.0, --guidance_scale 4.0 above the boundary); refused for one-transformer models",
     )
     g.add_argument(
         "--fake_guidance",
@@ -411,10 +426,11 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
             raise ValueError(
                 f"--fake_guidance is FLUX.1-dev's embedded guidance; {parts.name} takes --fake_guidance_scale."
             )
-        if (
-            args.guidance_scale is None
-        ):  # the pipeline's default (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
-            args.guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
+        if args.guidance_scale is None:  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
+            args.guidance_scale = flow_families.default_guidance_scale(parts.variant)
+    args.guidance_scale_2 = flow_families.check_expert_scale(
+        parts, "--guidance_scale_2", args.guidance_scale_2
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -463,7 +479,7 @@ def main(args: argparse.Namespace) -> None:
     embedded = parts.family == "flux" and args.guidance is not None
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.uses_cfg else None
 
-    def score(model: Any, scale: float | None) -> TeacherSolver:
+    def score(model: Any, scale: Any) -> TeacherSolver:
         """A score with its guidance: FLUX.1-dev's embedded input, SD3's / Wan's CFG (a no-op at 1), schnell's
         none."""
         if embedded:
@@ -473,7 +489,11 @@ def main(args: argparse.Namespace) -> None:
         rescale = flow_families.guidance_rescale(parts.family)  # Qwen-Image's true-CFG renormalisation
         return TeacherSolver(denoiser(model), schedule, guidance_scale=scale, guidance_rescale=rescale)
 
-    real_scale = args.guidance if parts.family == "flux" else args.guidance_scale
+    real_scale = (  # Wan 2.2 A14B: each expert's scale (a guidance schedule of the timestep)
+        args.guidance
+        if parts.family == "flux"
+        else flow_families.expert_guidance(parts, args.guidance_scale, args.guidance_scale_2)
+    )
     fake_scale = args.fake_guidance if parts.family == "flux" else args.fake_guidance_scale
     real = score(base.view(None), real_scale)
     fake_frozen = score(accelerator.unwrap_model(fake_view), fake_scale)  # in the generator update

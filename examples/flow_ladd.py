@@ -183,7 +183,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "refused for FLUX (its guidance is --guidance)",
     )
     args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv)))
+    refuse_experts(flow_options.local_variant(args))
     return check_ladd_args(args)
+
+
+def refuse_experts(variant: str | None) -> None:
+    """Refuse Wan 2.2 A14B (``ValueError`` with the reason): the heads read one transformer's blocks."""
+    if variant == "wan-a14b":
+        raise ValueError(
+            "flow_ladd.py does not distil Wan 2.2 A14B: its discriminator heads read the frozen teacher's blocks, "
+            "and with two experts which transformer's features a head sees would change with the noise level. "
+            "Distil it with flow_dmd2.py, or flow_tscd.py --distance mse."
+        )
 
 
 def check_ladd_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -438,6 +449,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_ladd")
     parts = flow_models.load_flow(args)
     flow_options.check_flow_args(args, parts)
+    refuse_experts(parts.variant)  # a hub id's variant is known once it is loaded
     if parts.family == "flux" and args.teacher_guidance_scale is not None:
         raise ValueError(
             "--teacher_guidance_scale is the classifier-free guidance of SD3's and Wan's teacher samples; FLUX.1 "

@@ -54,7 +54,12 @@ images or prompts as for SD3.
 
 Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video states, ``--num_frames``), CFG at
 ``--teacher_guidance_scale`` (default 5.0, ``WanPipeline``'s) against the encoded empty prompt, heads conditioned
-on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding).
+on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding). Wan 2.2 TI2V-5B the same way. Wan
+2.2 A14B (two experts, :class:`training.wan_experts.WanExperts`): LoRA on both experts (``--use_lora``), the
+teacher's CFG ``--teacher_guidance_scale`` 4.0 where its high-noise expert runs and ``--teacher_guidance_scale_2``
+3.0 below (a ``--guidance_range`` omega applies to both), ``--distance mse`` (the heads read one transformer's
+blocks); the low-noise expert's LoRA is ``pytorch_lora_weights_transformer_2.safetensors``
+(``load_into_transformer_2=True``).
 
 The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_families.lora_targets``
 or the whole transformer. Teacher and target cost no second base: with a LoRA the teacher is the same
@@ -193,6 +198,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "FLUX (its guidance is --guidance)",
     )
     g.add_argument(
+        "--teacher_guidance_scale_2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the teacher's CFG where its low-noise expert runs (WanPipeline's guidance_scale_2; "
+        "default 3.0, --teacher_guidance_scale 4.0 above the boundary); refused for one-transformer models",
+    )
+    g.add_argument(
         "--guidance_range",
         type=float,
         nargs=2,
@@ -233,7 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # None: not given (the discriminator options are refused when no stage trains a discriminator)
     p.set_defaults(**{name: None for name in DISCRIMINATOR_DEFAULTS})
     args = options.check_common_args(p.parse_args(argv), image_method=True)
-    return check_tscd_args(flow_options.check_flow_values(args))
+    args = check_tscd_args(flow_options.check_flow_values(args))
+    check_expert_options(args, flow_options.local_variant(args))
+    return args
 
 
 #: The discriminator options' defaults (filled by :func:`check_tscd_args` when a stage trains a discriminator).
@@ -345,7 +359,29 @@ def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowCompone
     elif (
         args.teacher_guidance_scale is None
     ):  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
-        args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
+        args.teacher_guidance_scale = flow_families.default_guidance_scale(parts.variant)
+    args.teacher_guidance_scale_2 = flow_families.check_expert_scale(
+        parts, "--teacher_guidance_scale_2", args.teacher_guidance_scale_2
+    )
+    check_expert_options(args, parts.variant)
+
+
+def check_expert_options(args: argparse.Namespace, variant: str | None) -> None:
+    """What Wan 2.2 A14B (``variant`` ``"wan-a14b"``) needs here: ``--use_lora`` and ``--distance mse``
+    (``ValueError`` with the reason); checked at parse time for a local folder, after the load for a hub id."""
+    if variant != "wan-a14b":
+        return
+    if not args.use_lora:
+        raise ValueError(
+            "Wan 2.2 A14B trains as LoRA adapters on both experts: pass --use_lora (a full fine-tune of two 14 B "
+            "transformers is not built here)."
+        )
+    if args.distance == "hybrid":
+        raise ValueError(
+            "Wan 2.2 A14B: the LADD heads of --distance hybrid read one transformer's blocks, and which expert's "
+            "features a head would see changes with the noise level; pass --distance mse (the consistency loss "
+            "alone)."
+        )
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -412,9 +448,12 @@ def student_grid(schedule: Any, k: int) -> dict[str, list[float]]:
 
 
 def draw_guidance(args: argparse.Namespace, batch: int, gen: torch.Generator) -> float | torch.Tensor | None:
-    """The teacher's omega: ``U[--guidance_range]`` per sample (a ``(B,)`` tensor), else the fixed scale (SD3
-    ``--teacher_guidance_scale``, FLUX.1-dev ``--guidance``, FLUX.1-schnell ``None``); nothing is drawn then."""
+    """The teacher's omega: ``U[--guidance_range]`` per sample (a ``(B,)`` tensor, for both of Wan 2.2 A14B's
+    experts), else the fixed scale (SD3 ``--teacher_guidance_scale``, FLUX.1-dev ``--guidance``, FLUX.1-schnell
+    ``None``, Wan 2.2 A14B ``None``: the teacher's own per-expert schedule); nothing is drawn then."""
     fixed = args.teacher_guidance_scale if args.teacher_guidance_scale is not None else args.guidance
+    if getattr(args, "teacher_guidance_scale_2", None) is not None and args.guidance_range is None:
+        return None
     if args.guidance_range is None or fixed is None:
         return fixed
     low, high = args.guidance_range
@@ -460,6 +499,11 @@ def main(args: argparse.Namespace) -> None:
     teacher = TeacherSolver(
         teacher_net,
         schedule,
+        guidance_scale=flow_families.expert_guidance(
+            parts, args.teacher_guidance_scale, args.teacher_guidance_scale_2
+        )
+        if parts.has_experts
+        else None,
         prediction_type="flow",
         guidance_input="guidance" if guidance_input else None,
         guidance_rescale=None if guidance_input else flow_families.guidance_rescale(parts.family),

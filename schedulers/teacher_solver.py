@@ -76,6 +76,30 @@ def _check_scale(w: Any, name: str = "guidance_scale") -> float | torch.Tensor:
     return check_real(w, name)
 
 
+def _check_scale_or_schedule(w: Any) -> Any:
+    """:func:`_check_scale`, or a callable guidance schedule ``w(model_t)`` as it is (its results are checked per
+    call by :func:`_scheduled_scale`)."""
+    if callable(w) and not isinstance(w, torch.Tensor):
+        return w
+    return _check_scale(w)
+
+
+def _scheduled_scale(schedule: Callable[[torch.Tensor], Any], model_t: torch.Tensor) -> float | torch.Tensor:
+    """The scale a guidance schedule gives at the model timesteps ``model_t`` ``(B,)``: a real number, or a 0-d /
+    ``(B,)`` / ``(1,)`` real tensor (dtype and shape checked; no value check, which would sync the device every
+    step)."""
+    w = schedule(model_t)
+    if isinstance(w, torch.Tensor):
+        if w.dtype == torch.bool or w.is_complex() or w.ndim > 1:
+            raise DTypeError(
+                f"Expected the guidance_scale schedule to return a real number or a real (B,) tensor, but it "
+                f"returned a {w.dtype} tensor of shape {tuple(w.shape)}."
+            )
+        _check_scale_batch(w, model_t.shape[0], "guidance_scale(t)")
+        return w
+    return check_real(w, "guidance_scale(t)")
+
+
 def _check_scale_batch(w: float | torch.Tensor, batch: int, name: str = "guidance_scale") -> None:
     if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] not in (1, batch):
         raise ShapeError(
@@ -443,7 +467,13 @@ class TeacherSolver:
         schedule: the :class:`~diffdistill.schedulers.NoiseSchedule` the model was trained with.
         guidance_scale: default CFG scale (a finite number or a ``(B,)`` tensor); ``None`` (the default)
             means no guidance in the chosen convention (with ``guidance_input``: none, so each call must
-            pass one).
+            pass one). Or a *guidance schedule*: a callable of the model's timestep input ``(B,)`` (what
+            :meth:`model_timestep` gives) returning a number or a ``(B,)`` tensor, called at every prediction:
+            a scale that depends on the noise level, e.g. Wan 2.2 A14B's two experts (``WanPipeline``'s
+            ``guidance_scale`` where ``t >= boundary_ratio * 1000``, ``guidance_scale_2`` below) or a guidance
+            interval (Kynkäänniemi et al. 2024, arXiv:2404.07724: guidance on a middle band of noise levels
+            only). A sample whose scale is the no-op one still gets both passes when others in its batch are
+            guided.
         guidance: ``"imagen"`` (:math:`u + w(c-u)`, the default) or ``"lcm"`` (:math:`c + w(c-u)`); see
             :func:`apply_guidance`.
         prediction_type: the model's output type (default: the schedule's).
@@ -487,7 +517,7 @@ class TeacherSolver:
         model: Callable[..., Any],
         schedule: NoiseSchedule,
         *,
-        guidance_scale: float | torch.Tensor | None = None,
+        guidance_scale: float | torch.Tensor | Callable[[torch.Tensor], Any] | None = None,
         guidance: GuidanceConvention = "imagen",
         prediction_type: str | None = None,
         guidance_input: str | None = None,
@@ -527,9 +557,9 @@ class TeacherSolver:
         self.guidance = guidance
         self.guidance_input = guidance_input
         self.guidance_rescale = guidance_rescale
-        self.guidance_scale: float | torch.Tensor | None
+        self.guidance_scale: float | torch.Tensor | Callable[[torch.Tensor], Any] | None
         if guidance_scale is not None:
-            self.guidance_scale = _check_scale(guidance_scale)
+            self.guidance_scale = _check_scale_or_schedule(guidance_scale)
         else:  # embedded guidance has no neutral value: each call must then name its scale
             self.guidance_scale = None if guidance_input is not None else _noop_scale(guidance)
         self.prediction_type = schedule._prediction_type(prediction_type)
@@ -539,9 +569,9 @@ class TeacherSolver:
             return False
         return float(w) == _noop_scale(self.guidance)
 
-    def _scale(self, guidance_scale: float | torch.Tensor | None, batch: int) -> float | torch.Tensor | None:
-        w = self.guidance_scale if guidance_scale is None else _check_scale(guidance_scale)
-        if w is not None:
+    def _scale(self, guidance_scale: Any, batch: int) -> Any:
+        w = self.guidance_scale if guidance_scale is None else _check_scale_or_schedule(guidance_scale)
+        if w is not None and not callable(w):
             _check_scale_batch(w, batch)
         return w
 
@@ -578,7 +608,7 @@ class TeacherSolver:
         t: TimestepLike,
         cond: Mapping[str, Any] | None = None,
         uncond: Mapping[str, Any] | None = None,
-        guidance_scale: float | torch.Tensor | None = None,
+        guidance_scale: float | torch.Tensor | Callable[[torch.Tensor], Any] | None = None,
         *,
         grad: bool = False,
     ) -> torch.Tensor:
@@ -594,7 +624,7 @@ class TeacherSolver:
             t: a scalar timestep or one per sample (``(B,)``), in ``[-1, T-1]``.
             cond: the model's conditional keyword arguments (default: none).
             uncond: the unconditional keyword arguments, same keys as ``cond`` (needed for real guidance).
-            guidance_scale: CFG scale for this call (default: the solver's ``guidance_scale``).
+            guidance_scale: CFG scale (or guidance schedule) for this call (default: the solver's ``guidance_scale``).
             grad: record the autograd graph (default off: the teacher is frozen).
 
         Returns:
@@ -638,6 +668,10 @@ class TeacherSolver:
         """:meth:`predict` on validated inputs: no value checks (the sampling loops call it every step)."""
         tt = tt.expand(x_t.shape[0]) if tt.ndim == 0 or tt.shape[0] == 1 else tt
         model_t = self.model_timestep(tt)
+        if callable(w) and not isinstance(
+            w, torch.Tensor
+        ):  # a guidance schedule: its scale at these timesteps
+            w = _scheduled_scale(w, model_t)
         if self.guidance_input is not None:
             return self._predict_embedded(self.guidance_input, x_t, model_t, cond, uncond, w, grad)
         noop = self._is_noop_guidance(w)
@@ -792,7 +826,7 @@ class TeacherSolver:
         cond: Mapping[str, Any] | None = None,
         uncond: Mapping[str, Any] | None = None,
         num_steps: int = 1,
-        guidance_scale: float | torch.Tensor | None = None,
+        guidance_scale: float | torch.Tensor | Callable[[torch.Tensor], Any] | None = None,
         *,
         return_trajectory: bool = False,
         grad: bool = False,

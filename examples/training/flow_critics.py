@@ -21,14 +21,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import data_sources, flow_families, flow_models, runtime, score_distillation, sdxl_models
+from . import data_sources, flow_families, flow_models, runtime, score_distillation, sdxl_models, wan_experts
 
 GENERATOR, FAKE = "generator", "fake"
 FAKE_LORA_NAME = "fake_lora_weights.safetensors"  # the fake score's adapter in the output folder
@@ -368,12 +367,7 @@ def save_adapter(
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         layers = {k: v.detach().cpu() for k, v in state.items()}
-        config = model.shared_base._inner.peft_config[model.adapter_name].to_dict()
-        parts.pipeline_class.save_lora_weights(
-            out,
-            transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=json.loads(json.dumps(config, default=sorted)),
-            weight_name=weight_name,
-        )
+        config = model.shared_base._inner.peft_config[model.adapter_name]
+        wan_experts.write_lora(parts, out, layers, config, weight_name)
     accelerator.wait_for_everyone()
     return out / weight_name

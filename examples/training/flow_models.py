@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoints, flow_families, sdxl_encoding, sdxl_models
-from .flow_families import CFG_FAMILIES, DEFAULT_NUM_FRAMES, FAMILY_NAMES, PACKED_FAMILIES
+from . import checkpoints, flow_families, sdxl_encoding, sdxl_models, wan_experts
+from .flow_families import CFG_FAMILIES, FAMILY_NAMES, PACKED_FAMILIES, VARIANT_NAMES
+from .flow_packing import image_ids, pack_latents, unpack_latents
 
 
 @dataclass
@@ -51,6 +51,7 @@ class FlowComponents:
     noise_scheduler: Any
     pipeline_class: Any
     cache_tag: str = ""
+    variant: str = ""
     _text_pipeline: Any = field(default=None, repr=False)
 
     @property
@@ -59,14 +60,19 @@ class FlowComponents:
         return self.family in CFG_FAMILIES
 
     @property
+    def has_experts(self) -> bool:
+        """Whether the transformer is Wan 2.2 A14B's two experts (:class:`training.wan_experts.WanExperts`)."""
+        return self.variant == "wan-a14b"
+
+    @property
     def is_video(self) -> bool:
         """Whether the latents are videos ``(B, C, f, h, w)`` (Wan)."""
         return self.family == "wan"
 
     @property
     def name(self) -> str:
-        """The family's name for messages (``"SD3 / SD3.5"``, ``"FLUX.1"``, ``"Wan 2.1"``)."""
-        return FAMILY_NAMES[self.family]
+        """The model's name for messages (``"SD3 / SD3.5"``, ``"FLUX.1"``, ``"Wan 2.1"``, ``"Wan 2.2 TI2V-5B"``)."""
+        return VARIANT_NAMES[self.variant or self.family]
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, *self.text_encoders]
@@ -102,7 +108,7 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
     from diffusers import DiffusionPipeline
 
     path, rev, var = args.pretrained_model_name_or_path, args.revision, args.variant
-    family = flow_families.model_family(path, rev)
+    variant = flow_families.model_variant(path, rev)
     index = DiffusionPipeline.load_config(path, revision=rev)
     libraries = {"diffusers": diffusers, "transformers": transformers}
 
@@ -114,8 +120,17 @@ def load_flow(args: argparse.Namespace) -> FlowComponents:
     with sdxl_models.zero3_init_disabled():
         vae_path = args.pretrained_vae_model_name_or_path
         return FlowComponents(
-            family=family,
-            transformer=load("transformer", variant=var),
+            family=flow_families.family_of(variant),
+            variant=variant,
+            transformer=wan_experts.load_experts(
+                getattr(diffusers, index["transformer"][1]),
+                path,
+                wan_experts.boundary_timestep(index, load("scheduler")),
+                revision=rev,
+                variant=var,
+            )
+            if variant == "wan-a14b"
+            else load("transformer", variant=var),
             vae=getattr(diffusers, index["vae"][1]).from_pretrained(vae_path, revision=rev)
             if vae_path
             else load("vae"),
@@ -155,11 +170,18 @@ def latent_shape(
     width: int | None = None,
 ) -> tuple[int, ...]:
     """``(B, C, h, w)`` of the latents of ``resolution`` x ``width`` px images (``width`` default: square; C from
-    the VAE config, 16), or ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (default 81)."""
+    the VAE config, 16), or ``(B, C, f, h, w)`` of ``num_frames``-frame videos for Wan (default: the variant's,
+    :func:`training.flow_families.default_num_frames`; Wan 2.2 TI2V-5B's VAE: C 48, factor 16)."""
     h, w = (side // vae_scale_factor(parts.vae) for side in (resolution, width or resolution))
     channels = int(getattr(parts.vae.config, "latent_channels", None) or parts.vae.config.z_dim)
     if parts.is_video:
-        return (batch, channels, latent_frames(parts.vae, num_frames or DEFAULT_NUM_FRAMES), h, w)
+        return (
+            batch,
+            channels,
+            latent_frames(parts.vae, num_frames or flow_families.default_num_frames(parts.variant)),
+            h,
+            w,
+        )
     return (batch, channels, h, w)
 
 
@@ -201,27 +223,6 @@ def flow_schedule(
             resolution, width or resolution, vae_scale_factor=vae_scale_factor(parts.vae)
         )
     return NoiseSchedule.from_scheduler(scheduler, **kwargs)
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX's 2x2 patch packing ``(B, C, h, w) -> (B, h/2 * w/2, 4C)`` (``FluxPipeline._pack_latents``)."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for ``height x width`` latents."""
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
-
-
-def image_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """FLUX's ``img_ids`` ``(h/2 * w/2, 3)``: ``(0, row, col)`` of each packed patch, row-major."""
-    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
-    cols = torch.arange(width // 2, device=device).repeat(height // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
 
 
 class FlowDenoiser(nn.Module):
@@ -348,14 +349,16 @@ def load_teacher(
     """A frozen, eval-mode teacher transformer in ``dtype`` on ``device``, loaded again from
     ``--pretrained_model_name_or_path`` straight in ``dtype`` (not a copy of the float32 student: at FLUX's
     12 B parameters that copy would hold a second 48 GB of float32 weights in host memory)."""
+    kwargs = {"revision": args.revision, "variant": args.variant, "torch_dtype": dtype}
     with sdxl_models.zero3_init_disabled():
-        teacher = type(parts.transformer).from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="transformer",
-            revision=args.revision,
-            variant=args.variant,
-            torch_dtype=dtype,
-        )
+        if isinstance(parts.transformer, wan_experts.WanExperts):  # Wan 2.2 A14B: both experts
+            high = type(parts.transformer.transformer)
+            path, boundary = args.pretrained_model_name_or_path, parts.transformer.boundary_timestep
+            teacher = wan_experts.load_experts(high, path, boundary, **kwargs)
+        else:
+            teacher = type(parts.transformer).from_pretrained(
+                args.pretrained_model_name_or_path, subfolder="transformer", **kwargs
+            )
     sdxl_models.freeze(teacher)
     return teacher.to(device)
 
@@ -394,27 +397,7 @@ def save_transformer(
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         layers = {k: v.detach().cpu() for k, v in lora_state_dict(model, state_dict=state).items()}
-        config = json.loads(json.dumps(model.peft_config["default"].to_dict(), default=sorted))
-        parts.pipeline_class.save_lora_weights(
-            out,
-            transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=config,
-            weight_name=checkpoints.LORA_WEIGHT_NAME,
-        )
+        config = model.peft_config["default"]
+        wan_experts.write_lora(parts, out, layers, config, checkpoints.LORA_WEIGHT_NAME)
     accelerator.wait_for_everyone()
     return out / checkpoints.LORA_WEIGHT_NAME
-
-
-def load_transformer(path: str, parts: FlowComponents) -> Any:
-    """The transformer class of ``parts`` from a transformer folder (``config.json`` at its root) or a run's
-    output / pipeline folder (its ``transformer/``)."""
-    cls = type(parts.transformer)
-    local = Path(path)
-    if (local / "config.json").is_file():
-        return cls.from_pretrained(path)
-    if (local / "transformer" / "config.json").is_file():
-        return cls.from_pretrained(path, subfolder="transformer")
-    raise ValueError(
-        f"Expected {path} to be a transformer folder (config.json at its root) or a folder with "
-        "transformer/config.json, but it holds neither."
-    )

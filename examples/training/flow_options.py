@@ -14,7 +14,7 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--guidance``: FLUX.1-dev's embedded guidance (an input of the guidance-distilled transformer, not CFG;
     reference/flow.md pitfall 1); ``--max_sequence_length``: the T5 token length; ``--num_frames``: Wan's video
     length; ``--uncond`` defaults to the encoded empty prompt (the SD3 and Wan pipelines' negative) instead of
-    SDXL's zeros; ``--resolution`` defaults to the family's (1024; Wan 480: :func:`fill_resolution`).
+    SDXL's zeros; ``--resolution`` defaults to the variant's (1024; Wan 480, Wan 2.2 TI2V-5B 704: :func:`fill_resolution`).
     """
     g = parser.add_argument_group("SD3 / FLUX / Qwen-Image / Wan")
     g.add_argument(
@@ -49,11 +49,11 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def fill_resolution(args: argparse.Namespace, family: str | None) -> None:
-    """Fill an unset ``--resolution`` with the family's default (:data:`training.flow_families.DEFAULT_RESOLUTION`,
-    else 1024); ``family`` None (a hub id before the load) leaves it unset."""
-    if getattr(args, "resolution", 0) is None and family is not None:
-        args.resolution = flow_families.DEFAULT_RESOLUTION.get(family, 1024)
+def fill_resolution(args: argparse.Namespace, variant: str | None) -> None:
+    """Fill an unset ``--resolution`` with the variant's default (:data:`training.flow_families.DEFAULT_RESOLUTION`,
+    else 1024); ``variant`` None (a hub id before the load) leaves it unset."""
+    if getattr(args, "resolution", 0) is None and variant is not None:
+        args.resolution = flow_families.DEFAULT_RESOLUTION.get(variant, 1024)
 
 
 def add_ladd_head_args(group: Any, *, lr_help: str) -> None:
@@ -79,21 +79,24 @@ MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
 """The longest ``--max_sequence_length`` a family's pipeline takes (its T5 / umT5 512; ``QwenImagePipeline`` 1024)."""
 
 
-def check_flow_values(args: argparse.Namespace, family: str | None = None) -> argparse.Namespace:
+def check_flow_values(
+    args: argparse.Namespace, variant: str | None = None, *, vae_factor: int = 8
+) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
     in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and those that need only the family
-    (:func:`check_family_options`): ``family``, or for a local pipeline folder the one its ``model_index.json``
-    names (:func:`local_family`). The scripts' ``parse_args`` call it, so a typo fails before the (minutes long)
-    model load. Raises ``ValueError`` with the fix."""
-    family = family or local_family(args)
-    fill_resolution(args, family)
-    step = 8 * 2  # VAE factor x patch size: the latents must split into 2x2 patches
+    (:func:`check_family_options`): ``variant`` (a family or Wan variant), or for a local pipeline folder the one its
+    ``model_index.json`` names (:func:`local_variant`). The scripts' ``parse_args`` call it, so a typo fails before
+    the (minutes long) model load; :func:`check_flow_args` calls it again with the VAE's ``vae_factor`` (Wan 2.2
+    TI2V-5B: 16, so multiples of 32). Raises ``ValueError`` with the fix."""
+    variant = variant or local_variant(args)
+    fill_resolution(args, variant)
+    step = vae_factor * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     for name in ("resolution", "width"):
         value = getattr(args, name, None)
         if value is not None and (value < step or value % step):
             raise ValueError(
-                f"Expected --{name} to be a positive multiple of {step} (the VAE's factor 8 times the transformer's "
-                f"2x2 patches), but got {value}: round it, e.g. to {max(step, value // step * step)}."
+                f"Expected --{name} to be a positive multiple of {step} (the VAE's factor {vae_factor} times the "
+                f"transformer's 2x2 patches), but got {value}: round it, e.g. to {max(step, value // step * step)}."
             )
     if getattr(args, "width", None) is not None and getattr(args, "train_data_dir", None):
         raise ValueError(
@@ -111,21 +114,27 @@ def check_flow_values(args: argparse.Namespace, family: str | None = None) -> ar
         )
     if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
         raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
-    if family is not None:
-        check_family_options(args, family)
+    if variant is not None:
+        check_family_options(args, flow_families.family_of(variant))
     return args
 
 
-def local_family(args: argparse.Namespace) -> str | None:
-    """The family of a local ``--pretrained_model_name_or_path`` folder, read from its ``model_index.json``
-    (:func:`training.flow_families.model_family`, which refuses other pipelines), or None for a hub id (its family
-    is known once the model loads)."""
+def local_variant(args: argparse.Namespace) -> str | None:
+    """The variant of a local ``--pretrained_model_name_or_path`` folder, read from its ``model_index.json``
+    (:func:`training.flow_families.model_variant`, which refuses other pipelines), or None for a hub id (it is
+    known once the model loads)."""
     from pathlib import Path
 
     path = args.pretrained_model_name_or_path
     if path is None or not (Path(path) / "model_index.json").is_file():
         return None
-    return flow_families.model_family(str(path), getattr(args, "revision", None))
+    return flow_families.model_variant(str(path), getattr(args, "revision", None))
+
+
+def local_family(args: argparse.Namespace) -> str | None:
+    """The family of a local ``--pretrained_model_name_or_path`` folder (:func:`local_variant`), or None."""
+    variant = local_variant(args)
+    return None if variant is None else flow_families.family_of(variant)
 
 
 def check_family_options(args: argparse.Namespace, family: str) -> None:
@@ -153,8 +162,10 @@ def check_family_options(args: argparse.Namespace, family: str) -> None:
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
     """Validate the flow options against the loaded model (``parts``: :class:`training.flow_models.FlowComponents`)
     after :func:`check_flow_values`; fills ``--guidance`` with 3.5 for a guidance-distilled FLUX and
-    ``--num_frames`` with 81 for Wan. Raises ``ValueError`` with the fix."""
-    check_flow_values(args, parts.family)
+    ``--num_frames`` with the Wan variant's default. Raises ``ValueError`` with the fix."""
+    from .flow_models import vae_scale_factor
+
+    check_flow_values(args, parts.variant or parts.family, vae_factor=vae_scale_factor(parts.vae))
     embeds = bool(getattr(parts.transformer.config, "guidance_embeds", False))
     if args.guidance is not None and not embeds:
         raise ValueError(
@@ -169,15 +180,15 @@ def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:
 
 
 def check_num_frames(args: argparse.Namespace, parts: Any) -> None:
-    """Wan's ``--num_frames`` (image models refuse it: :func:`check_family_options`): filled with 81
-    (``WanPipeline``'s default) and checked to be ``k * scale_factor_temporal + 1`` (the VAE keeps the first frame
+    """Wan's ``--num_frames`` (image models refuse it: :func:`check_family_options`): filled with the variant's
+    default (:func:`training.flow_families.default_num_frames`: ``WanPipeline``'s 81, Wan 2.2 TI2V-5B 121) and checked to be ``k * scale_factor_temporal + 1`` (the VAE keeps the first frame
     and compresses each later group of 4; ``WanPipeline`` rounds other lengths down with a warning, we refuse
     them). Raises ``ValueError``."""
     frames = getattr(args, "num_frames", None)
     if not parts.is_video:
         return
     if frames is None:
-        args.num_frames = frames = flow_families.DEFAULT_NUM_FRAMES
+        args.num_frames = frames = flow_families.default_num_frames(parts.variant)
     step = int(parts.vae.config.scale_factor_temporal)
     if (frames - 1) % step:
         fit = (frames - 1) // step * step + 1

@@ -128,12 +128,14 @@ def to_frozen_dtype(module: nn.Module, device: Any, dtype: torch.dtype) -> nn.Mo
     """``module.to(device, dtype)`` for a frozen base, but the parameters diffusers keeps in float32
     (``_keep_in_fp32_modules``: Wan's rope, time embedder, modulation tables and norms) stay float32, as
     ``from_pretrained(torch_dtype=dtype)`` and the pipelines load them; a no-op difference for models without
-    such a list (UNets, SD3, FLUX, Qwen-Image). Returns ``module``."""
+    such a list (UNets, SD3, FLUX, Qwen-Image). The lists of submodules count too (Wan 2.2 A14B's two experts in
+    one module). Returns ``module``."""
     module.to(device, dtype=dtype)
-    keep = getattr(type(module), "_keep_in_fp32_modules", None) or ()
-    for name, p in module.named_parameters():
-        if p.dtype != torch.float32 and any(k in name.split(".") for k in keep):
-            p.data = p.data.float()
+    for _, sub in module.named_modules():
+        keep = getattr(type(sub), "_keep_in_fp32_modules", None) or ()
+        for name, p in sub.named_parameters() if keep else ():
+            if p.dtype != torch.float32 and any(k in name.split(".") for k in keep):
+                p.data = p.data.float()
     return module
 
 

@@ -350,7 +350,7 @@ def test_tscd_options_are_checked(
 
 
 def test_tscd_guidance_options_fit_the_model(tiny: dict[str, Path], tmp_path: Path) -> None:
-    flux = SimpleNamespace(family="flux")
+    flux = SimpleNamespace(family="flux", variant="flux", has_experts=False, name="FLUX.1")
     args = flow_tscd.parse_args(_argv(tiny, "flux", tmp_path, "--teacher_guidance_scale", "4"))
     with pytest.raises(ValueError, match=r"FLUX\.1 takes its guidance as an input"):
         flow_tscd.check_guidance_args(args, flux)
@@ -358,7 +358,9 @@ def test_tscd_guidance_options_fit_the_model(tiny: dict[str, Path], tmp_path: Pa
     with pytest.raises(ValueError, match="has no guidance embedding"):
         flow_tscd.check_guidance_args(args, flux)  # --guidance unset: FLUX.1-schnell
     sd3 = flow_tscd.parse_args(_argv(tiny, "sd3", tmp_path))
-    flow_tscd.check_guidance_args(sd3, SimpleNamespace(family="sd3"))
+    flow_tscd.check_guidance_args(
+        sd3, SimpleNamespace(family="sd3", variant="sd3", has_experts=False, name="SD3")
+    )
     assert sd3.teacher_guidance_scale == 7.0
     assert flow_tscd.draw_guidance(sd3, 2, torch.Generator()) == 7.0
     with pytest.raises(ValueError, match="drop --prompts_file"):

@@ -9,7 +9,7 @@ tiny ``WanPipeline`` (:func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`), 
 - LADD: the cached teacher samples are ``WanPipeline``'s own videos of those prompts (UniPC, CFG 5 against the
   empty prompt), and the student trains against LADD heads on the teacher's video features;
 - TSCD: prompt-only (teacher-noised states) with the hybrid distance's heads;
-- what is refused, with the reason: two-expert Wan 2.2, ``expand_timesteps``, a ``--num_frames`` that is not
+- the Wan variants read from ``model_index.json``; what is refused, with the reason: a ``--num_frames`` that is not
   ``4k + 1`` or given to an image model, image data for a video model, video pipelines in ``evaluate.py``.
 """
 
@@ -27,10 +27,20 @@ import pytest
 import torch
 
 from tests.examples.example_modules import load_example
-from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_wan_pipeline, smoke_argv
+from tests.examples.tiny_flow import (
+    IMAGE_SIZE,
+    T5_LENGTH,
+    quiet_pipeline,
+    read_lora,
+    save_tiny_wan_pipeline,
+    smoke_argv,
+    use_sigmas,
+)
 from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
 
 pytest.importorskip("diffusers")
+from diffusers import WanPipeline
+
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
@@ -67,14 +77,6 @@ def _argv(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return smoke_argv(tiny, "wan", out, "--num_frames", str(FRAMES), "--lora_rank", "4", *extra)
 
 
-def _pipeline(tiny: dict[str, Path]) -> Any:
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(str(tiny["wan"]))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _sample(
     pipe: Any, latents: torch.Tensor, steps: int, guidance: float, output: str = "latent", **prompt: Any
 ) -> Any:
@@ -93,15 +95,9 @@ def _sample(
         ).frames
 
 
-def _lora(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 def test_denoiser_conditions_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
     """The three pieces the scripts build a Wan step from, each against what ``WanPipeline`` does itself."""
-    pipe = _pipeline(tiny)
+    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
     args = flow_dmd2.parse_args(_argv(tiny, tiny["wan"].parent / "unused"))
     parts = flow_models.load_flow(args)
     assert (parts.family, parts.is_video, parts.uses_cfg) == ("wan", True, True)
@@ -145,7 +141,6 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
     """DMD2 (4-step grid, CFG 5 real score): the base untouched, both adapters trained, a validation video; the
     generator's LoRA in ``WanPipeline`` with the saved scheduler and the docstring's ``set_timesteps`` override
     samples as the script's DMD2 sampler on the same noise."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffdistill.students import WAN_LORA_TARGETS, load_lora
 
@@ -167,8 +162,8 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
     base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
     assert all(torch.equal(base[k], seen["start"][k]) for k in seen["start"]), "a base weight changed"
     gen_lora, fake_lora = (
-        _lora(out / "pytorch_lora_weights.safetensors"),
-        _lora(out / flow_critics.FAKE_LORA_NAME),
+        read_lora(out / "pytorch_lora_weights.safetensors"),
+        read_lora(out / flow_critics.FAKE_LORA_NAME),
     )
     assert gen_lora.keys() == fake_lora.keys()
     assert any(n in k for k in gen_lora for n in WAN_LORA_TARGETS)
@@ -184,11 +179,9 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
 
     sigmas = json.loads((out / "student_sigmas.json").read_text())
     assert len(sigmas) == 4 and sigmas[0] == 1.0
-    pipe = _pipeline(tiny)
+    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
     pipe.load_lora_weights(str(out))
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
-    set_timesteps = pipe.scheduler.set_timesteps
-    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sigmas, device=device)
+    use_sigmas(pipe, out, sigmas)
     args = flow_dmd2.parse_args(_argv(tiny, out))
     parts = load_flow(args)
     noise = torch.randn(
@@ -262,10 +255,10 @@ def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert (settings["num_frames"], settings["teacher_guidance_scale"]) == (FRAMES, 5.0)
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
-    want = _sample(_pipeline(tiny), noise, 3, 5.0, prompt=prompts)
+    want = _sample(quiet_pipeline(WanPipeline, tiny["wan"]), noise, 3, 5.0, prompt=prompts)
     # the same solve; the prompt states of the encoder loaded twice differ by float32 rounding (see the first test)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
-    lora = _lora(out / "pytorch_lora_weights.safetensors")
+    lora = read_lora(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
 
 
@@ -274,20 +267,17 @@ def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path],
     out = tmp_path / "tscd"
     extra = ["--use_lora", "--segments", "2,1", "--discriminator_norm_groups", "4", "--noise_offset", "0.1"]
     flow_tscd.main(flow_tscd.parse_args(_argv(tiny, out, *extra)))
-    lora = _lora(out / "pytorch_lora_weights.safetensors")
+    lora = read_lora(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
     grid = json.loads((out / flow_tscd.GRID_FILE).read_text())
     assert grid["num_inference_steps"] == 1
     # the LoRA in WanPipeline with the saved (unshifted) scheduler and the trained grid samples as validation does
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     from diffdistill.students import load_lora
 
-    pipe = _pipeline(tiny)
+    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
     pipe.load_lora_weights(str(out))
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(out), subfolder="scheduler")
-    set_timesteps = pipe.scheduler.set_timesteps
-    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=grid["sigmas"], device=device)
+    use_sigmas(pipe, out, grid["sigmas"])
     args = flow_tscd.parse_args(_argv(tiny, out, *extra))
     parts = flow_models.load_flow(args)
     noise = torch.randn(
@@ -316,7 +306,7 @@ def test_non_square_wan_videos_with_width(tiny: dict[str, Path], tmp_path: Path)
         prompts = json.loads(f.metadata()["prompts"])
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, 96 // 8)
-    want = _sample(_pipeline(tiny), noise, 2, 5.0, prompt=prompts, width=96)
+    want = _sample(quiet_pipeline(WanPipeline, tiny["wan"]), noise, 2, 5.0, prompt=prompts, width=96)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     with Image.open(out / "samples" / "step-1-0.gif") as im:
         assert im.size == (96, IMAGE_SIZE)
@@ -327,27 +317,28 @@ def test_non_square_wan_videos_with_width(tiny: dict[str, Path], tmp_path: Path)
 def _variant(tiny: dict[str, Path], tmp_path: Path, **index: Any) -> Path:
     """A copy of the tiny Wan folder whose ``model_index.json`` has ``index`` merged in."""
     folder = tmp_path / "variant"
+    folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tiny["wan"], folder)
     path = folder / "model_index.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | index))
     return folder
 
 
-@pytest.mark.parametrize(
-    ("index", "match"),
-    [
-        (
-            {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875},
-            "two-expert Wan 2.2",
-        ),
-        ({"expand_timesteps": True}, "expand_timesteps"),
-    ],
-)
-def test_wan_22_variants_are_refused(
-    tiny: dict[str, Path], tmp_path: Path, index: dict[str, Any], match: str
-) -> None:
-    with pytest.raises(ValueError, match=match):
-        flow_families.model_family(str(_variant(tiny, tmp_path, **index)))
+def test_wan_variants_are_read_from_model_index(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Wan 2.1, Wan 2.2 TI2V-5B (``expand_timesteps``) and A14B (two experts) are told apart by
+    ``model_index.json`` (tests/examples/test_flow_wan22.py trains them); an index with one of A14B's two keys only
+    is refused."""
+    assert flow_families.model_variant(str(tiny["wan"])) == "wan"
+    two = {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
+    assert flow_families.model_variant(str(_variant(tiny, tmp_path / "a", **two))) == "wan-a14b"
+    assert (
+        flow_families.model_variant(str(_variant(tiny, tmp_path / "b", expand_timesteps=True))) == "wan-ti2v"
+    )
+    assert flow_families.model_family(str(_variant(tiny, tmp_path / "c", expand_timesteps=True))) == "wan"
+    with pytest.raises(ValueError, match=r"both transformer_2 and boundary_ratio .* or neither"):
+        flow_families.model_variant(str(_variant(tiny, tmp_path / "d", boundary_ratio=0.9)))
+    with pytest.raises(ValueError, match=r"two experts and expand_timesteps, which no published Wan has"):
+        flow_families.model_variant(str(_variant(tiny, tmp_path / "e", expand_timesteps=True, **two)))
 
 
 def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -375,9 +366,7 @@ def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
     kd_argv = smoke_argv(
         {**tiny, "images": images}, "wan", tmp_path / "d", "--preset", "wan-half", data="images"
     )
-    with pytest.raises(
-        ValueError, match=r"Wan 2\.1 is a video model and the flow scripts read no video data"
-    ):
+    with pytest.raises(ValueError, match=r"Wan is a video model and the flow scripts read no video data"):
         flow_kd.parse_args(kd_argv)  # refused from model_index.json, before any load
     with pytest.raises(ValueError, match=r"WanPipeline \(video\).*no video metric"):
         generation.check_image_pipeline(json.loads((tiny["wan"] / "model_index.json").read_text()))

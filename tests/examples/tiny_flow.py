@@ -191,35 +191,92 @@ def save_tiny_flux_pipeline(
     return root
 
 
-def save_tiny_wan_pipeline(folder: str | os.PathLike[str], *, seed: int = 0) -> Path:
-    """Write a tiny Wan 2.1 text-to-video ``WanPipeline`` folder (random weights, no download) to ``folder``.
+def save_tiny_wan_pipeline(folder: str | os.PathLike[str], *, seed: int = 0, variant: str = "wan") -> Path:
+    """Write a tiny Wan text-to-video ``WanPipeline`` folder (random weights, no download) to ``folder``.
 
-    Text: a 2-layer ``UMT5EncoderModel`` of width 16 with the character-level T5 tokenizer; VAE:
-    ``AutoencoderKLWan`` (base width 8, one residual block a level, 16 latent channels, spatial factor 8, temporal
-    factor 4 as Wan's: 5 frames of 64 px -> latents (16, 2, 8, 8)) with Wan's per-channel ``latents_mean`` /
-    ``latents_std`` (the constructor's defaults); transformer: the tiny Wan config with 16 latent channels and text
-    width 16; scheduler: ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-    flow_shift=3.0)`` as Wan2.1-T2V ships it.
+    ``variant`` ``"wan"`` (Wan 2.1): text: a 2-layer ``UMT5EncoderModel`` of width 16 with the character-level T5
+    tokenizer; VAE: ``AutoencoderKLWan`` (base width 8, one residual block a level, 16 latent channels, spatial factor
+    8, temporal factor 4 as Wan's: 5 frames of 64 px -> latents (16, 2, 8, 8)) with Wan's per-channel
+    ``latents_mean`` / ``latents_std`` (the constructor's defaults); transformer: the tiny Wan config with 16 latent
+    channels and text width 16; scheduler: ``UniPCMultistepScheduler(prediction_type="flow_prediction",
+    use_flow_sigmas=True, flow_shift=3.0)`` as Wan2.1-T2V ships it.
+
+    ``"ti2v"`` (Wan 2.2 TI2V-5B's layout): Wan 2.2's VAE structure (``is_residual``, 2x2 patchified 12-channel
+    input, spatial factor 16: 5 frames of 64 px -> latents (8, 2, 4, 4)) with 8 latent channels and random
+    per-channel statistics, ``expand_timesteps=True`` and ``flow_shift`` 5.0 (TI2V-5B's). ``"a14b"`` (Wan 2.2
+    A14B's): a second transformer ``transformer_2`` (the low-noise expert, other weights) and ``boundary_ratio``
+    0.875 (the T2V A14B's).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+    if variant not in ("wan", "ti2v", "a14b"):
+        raise ValueError(f"Expected variant 'wan', 'ti2v' or 'a14b', but got {variant!r}.")
     root = Path(folder)
     tok = tiny_t5_tokenizer()
+    channels = 8 if variant == "ti2v" else 16
+    extra: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         umt5 = _tiny_t5(len(tok), CLIP_WIDTH, umt5=True)
-        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-        transformer = WanTransformer3DModel(
-            **tiny_wan_transformer_config(in_channels=16, out_channels=16, text_dim=CLIP_WIDTH)
-        )
+        if variant == "ti2v":
+            stats = torch.rand(2, channels, generator=torch.Generator().manual_seed(seed + 1))
+            vae = AutoencoderKLWan(
+                base_dim=8,
+                z_dim=channels,
+                dim_mult=[1, 1, 1, 1],
+                num_res_blocks=1,
+                is_residual=True,
+                in_channels=12,
+                out_channels=12,
+                patch_size=2,
+                scale_factor_spatial=16,
+                latents_mean=(stats[0] - 0.5).tolist(),
+                latents_std=(stats[1] + 0.5).tolist(),
+            )
+        else:
+            vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+        config = tiny_wan_transformer_config(in_channels=channels, out_channels=channels, text_dim=CLIP_WIDTH)
+        transformer = WanTransformer3DModel(**config)
+        if variant == "a14b":
+            extra = {"transformer_2": WanTransformer3DModel(**config), "boundary_ratio": 0.875}
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0 if variant == "ti2v" else 3.0
     )
     pipe = WanPipeline(
-        tokenizer=tok, text_encoder=umt5, vae=vae, scheduler=scheduler, transformer=transformer
+        tokenizer=tok,
+        text_encoder=umt5,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        expand_timesteps=variant == "ti2v",
+        **extra,
     )
     pipe.save_pretrained(root, safe_serialization=True)
     return root
+
+
+def quiet_pipeline(cls: Any, folder: str | os.PathLike[str]) -> Any:
+    """``cls.from_pretrained(folder)`` (a saved tiny pipeline) with its progress bar off."""
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_lora(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA ``.safetensors`` file a script wrote."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def use_sigmas(pipe: Any, folder: str | os.PathLike[str], sigmas: list[float]) -> None:
+    """Give ``pipe`` (a pipeline that takes no ``sigmas``, e.g. ``WanPipeline``) the scheduler a script saved in
+    ``folder/scheduler`` with the scripts' documented ``set_timesteps`` override to ``sigmas``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sigmas, device=device)
 
 
 def write_tiny_flow_models(

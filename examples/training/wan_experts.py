@@ -1,0 +1,187 @@
+"""Wan 2.2 A14B's two experts as one transformer switched by timestep, and the flow scripts' LoRA files (one per expert)."""
+
+# Wan 2.2 A14B (text-to-video) is two 14 B transformers of one architecture: ``WanPipeline`` runs ``transformer``
+# (the high-noise expert) at the steps whose timestep is at least ``boundary_ratio * num_train_timesteps`` (0.875 x
+# 1000 for T2V A14B) and ``transformer_2`` (the low-noise expert) below, each with its own CFG scale
+# (``guidance_scale`` 4.0 / ``guidance_scale_2`` 3.0; the Wan 2.2 repository's T2V A14B config). :class:`WanExperts`
+# makes them one module with the single transformer's call, so the flow scripts' denoiser, LoRA, shared base,
+# gradient checkpointing, FSDP2 sharding and checkpoints handle a two-expert model as they handle one transformer:
+#
+# - each sample of a call runs on the expert the pipeline would use at its timestep (a batch with both kinds is
+#   split and the outputs put back in order);
+# - distributed runs stay in step: every process runs an expert that any process needs in this call (on one
+#   sample, its output weighted 0, where it has none), so FSDP2's gathers and DDP's reductions match;
+# - LoRA adapters sit on both experts (module names ``transformer.blocks...`` / ``transformer_2.blocks...``) and
+#   are saved as two files that ``WanPipeline.load_lora_weights`` loads (the second with
+#   ``load_into_transformer_2=True``): :func:`split_lora`.
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LOW_NOISE_LORA_NAME = "pytorch_lora_weights_transformer_2.safetensors"
+"""The low-noise expert's LoRA file beside ``pytorch_lora_weights.safetensors`` (the high-noise expert's)."""
+EXPERTS = ("transformer", "transformer_2")
+"""The experts' names: ``WanPipeline``'s components, the module prefixes in :class:`WanExperts`."""
+
+
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's ``transformer`` (high noise) and ``transformer_2`` (low noise) as one transformer.
+
+    ``forward`` takes ``WanTransformer3DModel``'s arguments with one timestep per sample (``(B,)``, ``1000 sigma``)
+    and runs each sample on ``transformer`` where ``timestep >= boundary_timestep`` and on ``transformer_2``
+    elsewhere, as ``WanPipeline`` switches (its UniPC timesteps are integers, and ``floor(1000 sigma) >= 875`` iff
+    ``1000 sigma >= 875``, so a float timestep picks the same expert). Tensor arguments with the batch's first
+    dimension are split with the samples. Under ``torch.distributed`` the experts each process needs are agreed
+    with one ``all_reduce`` per call, and a process with no sample for a needed expert runs it on its first sample
+    with the output weighted 0 (our choice: FSDP2 gathers an expert's shards on every process that calls it, and
+    DDP expects gradients for every parameter; the extra pass is one sample).
+
+    Args:
+        transformer: the high-noise expert.
+        transformer_2: the low-noise expert (the same class and config).
+        boundary_timestep: ``boundary_ratio * num_train_timesteps`` (T2V A14B: 875).
+    """
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_timestep: float) -> None:
+        super().__init__()
+        if type(transformer) is not type(transformer_2):
+            raise ValueError(
+                f"Expected the two Wan 2.2 experts to be one class, but got {type(transformer).__name__} and "
+                f"{type(transformer_2).__name__}."
+            )
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_timestep = float(boundary_timestep)
+        self._no_split_modules = list(getattr(transformer, "_no_split_modules", None) or ())
+
+    @property
+    def config(self) -> Any:
+        """The high-noise expert's config (the experts share their architecture)."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.transformer, "is_gradient_checkpointing", False))
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Any = None) -> None:
+        """Checkpoint both experts' blocks (diffusers' ``enable_gradient_checkpointing``, same function)."""
+        for expert in (self.transformer, self.transformer_2):
+            if gradient_checkpointing_func is None:
+                expert.enable_gradient_checkpointing()
+            else:
+                expert.enable_gradient_checkpointing(gradient_checkpointing_func=gradient_checkpointing_func)
+
+    def disable_gradient_checkpointing(self) -> None:
+        for expert in (self.transformer, self.transformer_2):
+            expert.disable_gradient_checkpointing()
+
+    def experts(self) -> list[tuple[str, nn.Module]]:
+        """``[("transformer", high), ("transformer_2", low)]``."""
+        return [(name, getattr(self, name)) for name in EXPERTS]
+
+    def forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor]:
+        b = hidden_states.shape[0]
+        t = torch.as_tensor(timestep, device=hidden_states.device)
+        if t.ndim != 1 or t.shape[0] != b:
+            raise ValueError(
+                f"Expected one timestep per sample ({b},) for the Wan 2.2 experts, but got shape {tuple(t.shape)}."
+            )
+        high = t >= self.boundary_timestep
+        counts = torch.stack([high.sum(), (~high).sum()])
+        needed = counts.clone()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(needed)
+        here, anywhere = counts.tolist(), needed.tolist()  # one host read per call
+        out: torch.Tensor | None = None
+        anchor = hidden_states.new_zeros(())
+        for (_, expert), mask, n, wanted in zip(self.experts(), (high, ~high), here, anywhere):
+            if not wanted:
+                continue
+            if n == b:  # the whole batch: the expert's own call, as the pipeline makes it
+                out = expert(hidden_states=hidden_states, timestep=t, return_dict=False, **kwargs)[0]
+                continue
+            if n == 0:  # another process needs this expert: run it on one sample, weight 0
+                dummy = expert(hidden_states=hidden_states[:1], timestep=t[:1], return_dict=False,
+                               **_take(kwargs, slice(0, 1), b))[0]  # fmt: skip
+                anchor = anchor + 0.0 * dummy.sum()
+                continue
+            index = mask.nonzero().squeeze(1)
+            part = expert(hidden_states=hidden_states[index], timestep=t[index], return_dict=False,
+                          **_take(kwargs, index, b))[0]  # fmt: skip
+            if out is None:
+                out = part.new_zeros((b, *part.shape[1:]))
+            out = out.index_put((index,), part)
+        assert out is not None  # every sample is high or low noise
+        return (out + anchor.to(out.dtype),)
+
+
+def _take(kwargs: dict[str, Any], index: Any, batch: int) -> dict[str, Any]:
+    """``kwargs`` with the batch's rows ``index`` of every tensor whose first dimension is ``batch``."""
+    return {
+        k: v[index] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+        for k, v in kwargs.items()
+    }
+
+
+def load_experts(cls: Any, path: str, boundary_timestep: float, **kwargs: Any) -> WanExperts:
+    """Both experts of a Wan 2.2 A14B pipeline folder or hub id (``cls.from_pretrained(path, subfolder=...,
+    **kwargs)``) as :class:`WanExperts`."""
+    high, low = (cls.from_pretrained(path, subfolder=name, **kwargs) for name in EXPERTS)
+    return WanExperts(high, low, boundary_timestep)
+
+
+def boundary_timestep(index: dict[str, Any], scheduler: Any) -> float:
+    """``WanPipeline``'s switch: ``boundary_ratio * scheduler.config.num_train_timesteps``."""
+    return float(index["boundary_ratio"]) * float(scheduler.config.num_train_timesteps)
+
+
+def split_lora(layers: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A :class:`WanExperts` LoRA state (``transformer.blocks...`` / ``transformer_2.blocks...``) as one state per
+    expert, keys relative to it (what ``WanPipeline.save_lora_weights(transformer_lora_layers=...)`` takes)."""
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EXPERTS}
+    for key, value in layers.items():
+        name, _, rest = key.partition(".")
+        if name not in out:
+            raise ValueError(f"Expected a LoRA key under transformer. or transformer_2., but got {key!r}.")
+        out[name][rest] = value
+    return out
+
+
+def lora_files(output_dir: str | Path, weight_name: str) -> dict[str, Path]:
+    """Where a two-expert run writes each expert's LoRA: ``weight_name`` for the high-noise expert (what
+    ``pipe.load_lora_weights(output_dir, weight_name=weight_name)`` loads) and ``<stem>_transformer_2.safetensors``
+    for the low-noise one (``pytorch_lora_weights_transformer_2.safetensors`` beside the default name:
+    :data:`LOW_NOISE_LORA_NAME`)."""
+    out, name = Path(output_dir), Path(weight_name)
+    return {"transformer": out / name.name, "transformer_2": out / f"{name.stem}_transformer_2{name.suffix}"}
+
+
+def write_lora(parts: Any, out: Path, layers: dict[str, Any], config: Any, weight_name: str) -> None:
+    """Write LoRA ``layers`` (module keys; the adapter's peft ``config``) as ``out/weight_name`` with
+    ``parts.pipeline_class.save_lora_weights`` (keys ``transformer.<module>``, the config in the metadata), which
+    ``pipeline.load_lora_weights(out, weight_name=weight_name)`` loads; for Wan 2.2 A14B's experts
+    (``parts.has_experts``) one file each (:func:`lora_files`; the low-noise one loads with
+    ``load_into_transformer_2=True``)."""
+    metadata = json.loads(json.dumps(config.to_dict(), default=sorted))
+    files = lora_files(out, weight_name) if parts.has_experts else {"": out / weight_name}
+    per_file = split_lora(layers) if parts.has_experts else {"": layers}
+    for name, path in files.items():
+        parts.pipeline_class.save_lora_weights(
+            out,
+            transformer_lora_layers=per_file[name],
+            transformer_lora_adapter_metadata=metadata,
+            weight_name=path.name,
+        )

@@ -1,0 +1,376 @@
+"""Wan 2.2 in the flow scripts, each checked against ``WanPipeline`` itself on tiny pipelines
+(:func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`).
+
+- TI2V-5B (``expand_timesteps``, the 16x VAE of 48 channels; here 8): the denoiser's one timestep per sample is the
+  pipeline's per-token call, the decoded video is the pipeline's, a DMD2 LoRA samples in the pipeline as the
+  script's sampler, and its defaults (704 px, 121 frames, multiples of 32) are the model's;
+- A14B (two experts switched at ``boundary_ratio``): :class:`training.wan_experts.WanExperts` runs each sample on
+  the pipeline's expert, the teacher's per-expert CFG (4 / 3) is the pipeline's sampling, DMD2 and TSCD train
+  adapters on both experts that ``WanPipeline`` loads (``load_into_transformer_2=True``) and samples as the
+  scripts' samplers, and DDP / FSDP2 on 2 processes whose samples need different experts make one process's
+  update; what is refused, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffdistill.students import load_lora
+from tests.examples.example_modules import load_example
+from tests.examples.tiny_flow import (
+    T5_LENGTH,
+    quiet_pipeline,
+    read_lora,
+    save_tiny_wan_pipeline,
+    smoke_argv,
+    use_sigmas,
+)
+from tests.examples.tiny_sdxl import deterministic_kernels
+from tests.state_compare import assert_same_update
+
+pytest.importorskip("diffusers")
+from diffusers import WanPipeline
+
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+flow_dmd2 = load_example("flow_dmd2")
+flow_ladd = load_example("flow_ladd")
+flow_tscd = load_example("flow_tscd")
+flow_models = load_example("training.flow_models")
+flow_families = load_example("training.flow_families")
+flow_encoding = load_example("training.flow_encoding")
+flow_options = load_example("training.flow_options")
+flow_critics = load_example("training.flow_critics")
+wan_experts = load_example("training.wan_experts")
+
+FRAMES = 5  # 2 latent frames
+SIZE = 64  # TI2V's 16x VAE: 4 x 4 latents; A14B's 8x: 8 x 8
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_kernels() -> Any:
+    with deterministic_kernels():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_wan22")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat walking\n\na dog running on grass\n")
+    return {
+        "ti2v": save_tiny_wan_pipeline(root / "ti2v", variant="ti2v"),
+        "a14b": save_tiny_wan_pipeline(root / "a14b", variant="a14b"),
+        "prompts": prompts,
+    }
+
+
+def _argv(tiny: dict[str, Path], variant: str, out: Path, *extra: str) -> list[str]:
+    return smoke_argv(tiny, variant, out, "--num_frames", str(FRAMES), "--lora_rank", "4", *extra)
+
+
+def _sample(pipe: Any, latents: torch.Tensor, steps: int, output: str = "latent", **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return pipe(
+            **{"guidance_scale": 1.0, **kwargs},
+            num_inference_steps=steps,
+            height=SIZE,
+            width=SIZE,
+            num_frames=FRAMES,
+            latents=latents.clone(),
+            max_sequence_length=T5_LENGTH,
+            output_type=output,
+        ).frames
+
+
+def _trained(lora: dict[str, torch.Tensor]) -> bool:
+    return any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+# ----------------------------------------------------------------------------------------------- TI2V-5B
+def test_ti2v_denoiser_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
+    pipe = quiet_pipeline(WanPipeline, tiny["ti2v"])
+    args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tiny["ti2v"].parent / "unused"))
+    parts = flow_models.load_flow(args)
+    assert (parts.family, parts.variant, parts.name) == ("wan", "wan-ti2v", "Wan 2.2 TI2V-5B")
+    assert flow_models.latent_shape(parts, 2, SIZE, FRAMES) == (2, 8, 2, SIZE // 16, SIZE // 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 2, SIZE // 16, SIZE // 16, generator=g)
+    text, _ = pipe.encode_prompt(
+        ["a cat", "a dog"], max_sequence_length=T5_LENGTH, device=torch.device("cpu")
+    )
+    t = torch.tensor([980.0, 310.0])
+    # WanPipeline with expand_timesteps passes one timestep per latent token (the first-frame mask of its
+    # image-to-video mode is all ones here): (B, f * h/2 * w/2) copies of the step's timestep
+    tokens = 2 * (SIZE // 32) ** 2
+    with torch.no_grad():
+        got = flow_models.FlowDenoiser(parts.transformer, "wan")(x, t, encoder_hidden_states=text)
+        want = pipe.transformer(
+            hidden_states=x,
+            timestep=t[:, None].expand(2, tokens),
+            encoder_hidden_states=text,
+            return_dict=False,
+        )[0]
+    # the same per-token arithmetic batched as (B,) or (B * L,) rows (float32 kernel blocking)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def run(output: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        return _sample(pipe, x[:1], 1, output, prompt_embeds=text[:1])
+
+    video = flow_models.decode_latents(parts.vae, run("latent"))
+    assert video.shape == (1, 3, FRAMES, SIZE, SIZE)
+    torch.testing.assert_close(video, run("pt").permute(0, 2, 1, 3, 4), rtol=0, atol=1e-6)
+
+
+def test_dmd2_on_ti2v_samples_in_the_pipeline(tiny: dict[str, Path], tmp_path: Path) -> None:
+
+    out = tmp_path / "dmd2"
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, "ti2v", out, "--generator_every", "1")))
+    lora = read_lora(out / "pytorch_lora_weights.safetensors")
+    assert _trained(lora)
+    sigmas = json.loads((out / "student_sigmas.json").read_text())
+    pipe = quiet_pipeline(WanPipeline, tiny["ti2v"])
+    pipe.load_lora_weights(str(out))
+    use_sigmas(pipe, out, sigmas)
+    args = flow_dmd2.parse_args(_argv(tiny, "ti2v", out))
+    parts = flow_models.load_flow(args)
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(7)  # the stochastic scheduler re-noises from the global generator
+    got = _sample(pipe, noise, len(sigmas), prompt="a cat")
+    with torch.no_grad():
+        student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        denoiser = flow_models.FlowDenoiser(student, "wan")
+        want = flow_critics.renoise_steps(denoiser, noise, sigmas, cond, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ti2v_defaults_and_sizes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    argv = smoke_argv(tiny, "ti2v", tmp_path / "a")
+    del argv[argv.index("--resolution") : argv.index("--resolution") + 2]
+    args = flow_dmd2.parse_args(argv)
+    assert args.resolution == 704  # TI2V-5B's 704 x 1280, read from model_index.json at parse time
+    parts = flow_models.load_flow(args)
+    flow_options.check_flow_args(args, parts)
+    assert args.num_frames == 121  # 5 s at 24 fps
+    # a multiple of 16 passes at parse time; the 16x VAE (2x2 patches: 32 px) refuses it once loaded
+    args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tmp_path / "b", "--width", "48"))
+    with pytest.raises(
+        ValueError, match=r"--width to be a positive multiple of 32 \(the VAE's factor 16.*got 48"
+    ):
+        flow_options.check_flow_args(args, parts)
+
+
+# ----------------------------------------------------------------------------------------------- A14B
+def test_experts_run_each_sample_on_the_pipelines_expert(tiny: dict[str, Path]) -> None:
+    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    args = flow_dmd2.parse_args(_argv(tiny, "a14b", tiny["a14b"].parent / "unused"))
+    parts = flow_models.load_flow(args)
+    assert (parts.variant, parts.has_experts, parts.name) == ("wan-a14b", True, "Wan 2.2 A14B")
+    experts = parts.transformer
+    assert experts.boundary_timestep == 875.0  # boundary_ratio 0.875 x 1000 train timesteps
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 2, 8, 8, generator=g)
+    text = torch.randn(4, 6, 16, generator=g)
+    t = torch.tensor([100.0, 875.0, 874.5, 990.0])  # WanPipeline: t >= 875 -> transformer, else transformer_2
+    with torch.no_grad():
+        got = experts(hidden_states=x, timestep=t, encoder_hidden_states=text)[0]
+        for i, expert in enumerate(
+            [pipe.transformer_2, pipe.transformer, pipe.transformer_2, pipe.transformer]
+        ):
+            want = expert(
+                hidden_states=x[i : i + 1], timestep=t[i : i + 1], encoder_hidden_states=text[i : i + 1]
+            )
+            # one sample alone vs within a sub-batch (float32 kernel blocking)
+            torch.testing.assert_close(got[i : i + 1], want[0], rtol=1e-5, atol=1e-5)
+        whole = experts(hidden_states=x, timestep=torch.full((4,), 900.0), encoder_hidden_states=text)[0]
+        own = pipe.transformer(hidden_states=x, timestep=torch.full((4,), 900.0), encoder_hidden_states=text)[
+            0
+        ]
+    assert torch.equal(whole, own)  # a batch on one expert is that expert's own call
+    with pytest.raises(ValueError, match=r"one timestep per sample \(4,\).*got shape \(\)"):
+        experts(hidden_states=x, timestep=torch.tensor(900.0), encoder_hidden_states=text)
+
+
+def test_a14b_teacher_guidance_is_the_pipelines_per_expert_cfg(tiny: dict[str, Path]) -> None:
+    """Two Euler steps, one on each expert: ``WanPipeline(guidance_scale=4, guidance_scale_2=3)`` and the scripts'
+    teacher (``TeacherSolver`` with :func:`training.flow_families.expert_guidance`) from the same latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffdistill.schedulers import TeacherSolver
+
+    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    args = flow_dmd2.parse_args(_argv(tiny, "a14b", tiny["a14b"].parent / "unused"))
+    parts = flow_models.load_flow(args)
+    cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+    uncond = flow_encoding.uncond_conditions(parts, args, "cpu", torch.float32)
+    schedule = flow_critics.loss_schedule()  # unshifted: index i is sigma (i + 1) / 1000
+    steps = [949, 599]  # sigma 0.95 (timestep 950: transformer) then 0.6 (600: transformer_2)
+    x = torch.randn(
+        flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    set_timesteps = pipe.scheduler.set_timesteps
+    pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=[0.95, 0.6], device=device)
+    negative = uncond["encoder_hidden_states"]
+    got = _sample(
+        pipe, x, 2, prompt_embeds=cond["encoder_hidden_states"], negative_prompt_embeds=negative,
+        guidance_scale=4.0, guidance_scale_2=3.0,
+    )  # fmt: skip
+
+    def euler(scale: Any) -> torch.Tensor:
+        solver = TeacherSolver(
+            flow_models.FlowDenoiser(parts.transformer, "wan"), schedule, guidance_scale=scale
+        )
+        state = x.clone()
+        for i, s_next in zip(steps, [0.6, 0.0]):
+            v = solver.predict(state, i, cond, uncond)
+            state = state + (s_next - (i + 1) / 1000) * v
+        return state
+
+    want = euler(flow_families.expert_guidance(parts, 4.0, 3.0))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the same arithmetic, float32 batching
+    assert not torch.allclose(got, euler(4.0), rtol=1e-3, atol=1e-3)  # one scale for both experts differs
+
+
+def test_dmd2_on_a14b_trains_both_experts_and_samples_in_the_pipeline(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    seen: dict[str, Any] = {}
+    load_flow = flow_models.load_flow
+
+    def recording_load(args: Any) -> Any:
+        parts = load_flow(args)
+        seen["args"], seen["start"] = args, {k: v.clone() for k, v in parts.transformer.state_dict().items()}
+        seen["parts"] = parts
+        return parts
+
+    monkeypatch.setattr(flow_models, "load_flow", recording_load)
+    out = tmp_path / "dmd2"
+    # the fake score's sigmas around the boundary, so both experts' fake adapters train in 2 steps
+    extra = ("--generator_every", "1", "--fake_sigma_range", "0.8", "0.95")
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, "a14b", out, *extra)))
+    assert (seen["args"].guidance_scale, seen["args"].guidance_scale_2) == (4.0, 3.0)  # Wan 2.2 T2V A14B's
+    trained = seen["parts"].transformer.state_dict()
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items() if "lora_" not in k}
+    assert all(torch.equal(base[k], seen["start"][k]) for k in seen["start"]), "a base weight changed"
+    files = {
+        name: wan_experts.lora_files(out, weight)
+        for name, weight in (
+            ("generator", "pytorch_lora_weights.safetensors"),
+            ("fake", flow_critics.FAKE_LORA_NAME),
+        )
+    }
+    for per_expert in files.values():
+        for path in per_expert.values():
+            assert _trained(read_lora(path)), f"{path.name}: an expert's adapter did not train"
+    sigmas = json.loads((out / "student_sigmas.json").read_text())
+    assert sigmas[1] >= 0.875 > sigmas[2]  # the 4-step grid (flow_shift 3) runs both experts
+
+    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(
+        str(out), weight_name=files["generator"]["transformer_2"].name, load_into_transformer_2=True
+    )
+    use_sigmas(pipe, out, sigmas)
+    args = flow_dmd2.parse_args(_argv(tiny, "a14b", out))
+    parts = load_flow(args)
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(7)
+    got = _sample(pipe, noise, len(sigmas), prompt="a cat")
+    with torch.no_grad():
+        for name, expert in parts.transformer.experts():
+            load_lora(expert, files["generator"][name], prefix="transformer")
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        denoiser = flow_models.FlowDenoiser(parts.transformer, "wan")
+        want = flow_critics.renoise_steps(denoiser, noise, sigmas, cond, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tscd_on_a14b_trains_both_experts(tiny: dict[str, Path], tmp_path: Path) -> None:
+
+    out = tmp_path / "tscd"
+    extra = ("--use_lora", "--segments", "2,1", "--distance", "mse")
+    flow_tscd.main(flow_tscd.parse_args(_argv(tiny, "a14b", out, *extra)))
+    files = wan_experts.lora_files(out, "pytorch_lora_weights.safetensors")
+    assert all(_trained(read_lora(path)) for path in files.values())
+    grid = json.loads((out / flow_tscd.GRID_FILE).read_text())
+    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(out), weight_name=files["transformer_2"].name, load_into_transformer_2=True)
+    use_sigmas(pipe, out, grid["sigmas"])
+    args = flow_tscd.parse_args(_argv(tiny, "a14b", out, *extra))
+    parts = flow_models.load_flow(args)
+    noise = torch.randn(
+        flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
+    )
+    got = _sample(pipe, noise, len(grid["sigmas"]), prompt="a cat")
+    with torch.no_grad():
+        for name, expert in parts.transformer.experts():
+            load_lora(expert, files[name], prefix="transformer")
+        cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
+        want = flow_models.euler_sample(
+            flow_models.FlowDenoiser(parts.transformer, "wan"), noise, grid["sigmas"], cond
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a14b_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"flow_ladd\.py does not distil Wan 2\.2 A14B"):
+        flow_ladd.parse_args(_argv(tiny, "a14b", tmp_path / "a", "--use_lora"))
+    with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
+        flow_tscd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "b", "--distance", "mse"))
+    with pytest.raises(ValueError, match=r"LADD heads of --distance hybrid .* pass --distance mse"):
+        flow_tscd.parse_args(_argv(tiny, "a14b", tmp_path / "c", "--use_lora", "--segments", "2,1"))
+    args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tmp_path / "d", "--guidance_scale_2", "3"))
+    with pytest.raises(ValueError, match=r"--guidance_scale_2 is the CFG scale of Wan 2\.2 A14B's low-noise"):
+        flow_dmd2.check_family_args(args, flow_models.load_flow(args))
+    args = flow_dmd2.parse_args(_argv(tiny, "a14b", tmp_path / "e", "--guidance_scale_2", "0.5"))
+    with pytest.raises(ValueError, match=r"Expected --guidance_scale_2 >= 1"):
+        flow_dmd2.check_family_args(args, flow_models.load_flow(args))
+
+
+# ----------------------------------------------------------------------------------------------- 2 processes
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine: str) -> None:
+    """Rank 0's sample needs only the high-noise expert, rank 1's only the low-noise one: each runs the other's
+    expert on its sample weighted 0, so DDP reduces every gradient and FSDP2 gathers match; the update is one
+    process's on both samples."""
+    import torch.multiprocessing as mp
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    worker = importlib.import_module("wan_experts_worker")
+    mp.spawn(worker.run_worker, args=(2, _free_port(), str(tmp_path), engine), nprocs=2, join=True)
+    single = worker.build()
+    start = {k: v.clone() for k, v in single.state_dict().items()}
+    worker.train_step(single, slice(0, 2))
+    got = torch.load(tmp_path / f"{engine}_state.pt")
+    # the same update up to float32 summation order (tests/state_compare.py); both experts moved
+    assert_same_update(got, single.state_dict(), start, what=f"{engine} vs 1 process")
+    for prefix in wan_experts.EXPERTS:
+        assert any(not torch.equal(got[k], start[k]) for k in got if k.startswith(prefix + "."))
