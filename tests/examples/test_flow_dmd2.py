@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,21 @@ import pytest
 import torch
 
 from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    deterministic_runs,
+    flow_critics,
+    flow_dmd2,
+    flow_encoding,
+    flow_models,
+    loop,
+)
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
     smoke_argv,
     write_tiny_flow_models,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_dmd2 = load_example("flow_dmd2")
-flow_models = load_example("training.flow_models")
-flow_encoding = load_example("training.flow_encoding")
-flow_critics = load_example("training.flow_critics")
-loop = load_example("training.loop")
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
 
 
 @pytest.fixture(scope="module")

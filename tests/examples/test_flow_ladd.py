@@ -5,14 +5,18 @@ loaded by the diffusers pipeline, 2-process DDP / FSDP2 / ZeRO-3 runs against on
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    data_sources,
+    deterministic_runs,
+    flow_encoding,
+    flow_ladd,
+    flow_models,
+)
 from tests.examples.test_flow_dmd2 import _spy
 from tests.examples.test_sdxl_scripts import _launch_two_processes
 from tests.examples.tiny_flow import (
@@ -21,26 +25,9 @@ from tests.examples.tiny_flow import (
     smoke_argv,
     write_tiny_flow_models,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_ladd = load_example("flow_ladd")
-flow_models = load_example("training.flow_models")
-flow_encoding = load_example("training.flow_encoding")
-data_sources = load_example("training.data_sources")
-
 STUDENT_SIGMAS = ["1.0", "0.75", "0.5", "0.25"]
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -14,37 +14,29 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    deterministic_runs,
+    flow_critics,
+    flow_dmd2,
+    flow_encoding,
+    flow_families,
+    flow_kd,
+    flow_ladd,
+    flow_models,
+    flow_options,
+    flow_tscd,
+    generation,
+    sdxl_encoding,
+)
 from tests.examples.tiny_flow import T5_LENGTH, smoke_argv
 from tests.examples.tiny_qwen import IMAGE_SIZE, save_tiny_qwen_pipeline
-from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_dmd2 = load_example("flow_dmd2")
-flow_ladd = load_example("flow_ladd")
-flow_tscd = load_example("flow_tscd")
-flow_models = load_example("training.flow_models")
-flow_families = load_example("training.flow_families")
-flow_encoding = load_example("training.flow_encoding")
-flow_critics = load_example("training.flow_critics")
-sdxl_encoding = load_example("training.sdxl_encoding")
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
+from tests.examples.tiny_sdxl import write_captioned_images
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +262,6 @@ def test_tscd_on_qwen_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path]
 def test_qwen_options(tiny: dict[str, Path], tmp_path: Path) -> None:
     """Qwen-Image takes up to 1024 text tokens (its pipeline's limit; T5 families 512); ``--num_frames`` and
     FLUX's ``--keep_single_blocks`` are refused at parse time (from the folder's ``model_index.json``)."""
-    flow_options = load_example("training.flow_options")
     args, parts = _parts(tiny, tmp_path)
     args.max_sequence_length = 1024
     flow_options.check_flow_args(args, parts)
@@ -290,7 +281,6 @@ def test_kd_into_the_qwen_half_student(tiny: dict[str, Path], tmp_path: Path) ->
     output + feature KD and is saved as a transformer folder diffusers loads, with its removal report."""
     from diffusers import QwenImageTransformer2DModel
 
-    flow_kd = load_example("flow_kd")
     with pytest.raises(
         ValueError, match="--keep_single_blocks applies to FLUX only: QWEN has one block list"
     ):
@@ -316,7 +306,6 @@ def test_evaluate_guides_qwen_with_true_cfg(tiny: dict[str, Path]) -> None:
     input), so the recorded guidance would not be the one that ran."""
     import argparse
 
-    generation = load_example("evaluation.generation")
     pipe = _pipeline(tiny)
     args = argparse.Namespace(resolution=IMAGE_SIZE, timesteps=None, sigmas=None, num_inference_steps=2)
     args.guidance_scale = 4.0
@@ -361,7 +350,6 @@ def test_evaluate_seeds_a_stochastic_scheduler_per_image(tiny: dict[str, Path]) 
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    generation = load_example("evaluation.generation")
     pipe = _pipeline(tiny)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config,

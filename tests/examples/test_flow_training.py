@@ -17,15 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import flow_encoding, flow_models, flow_options
 from tests.examples.tiny_flow import IMAGE_SIZE, T5_LENGTH, save_tiny_flux_pipeline, save_tiny_sd3_pipeline
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-
-flow_models = load_example("training.flow_models")
-flow_encoding = load_example("training.flow_encoding")
-flow_options = load_example("training.flow_options")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ distances), option checks."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,32 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from tests.examples.example_modules import load_example
+from diffdistill.schedulers import NoiseSchedule, TeacherSolver, TimestepSample, tscd_segments
+from tests.examples.flow_scripts import deterministic_runs, flow_encoding, flow_models, flow_tscd  # noqa: F401 (autouse fixture)
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
     smoke_argv,
     write_tiny_flow_models,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
-
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_tscd = load_example("flow_tscd")
-flow_models = load_example("training.flow_models")
-flow_encoding = load_example("training.flow_encoding")
-
-from diffdistill.schedulers import NoiseSchedule, TeacherSolver, TimestepSample, tscd_segments  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,43 +25,31 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    deterministic_runs,
+    flow_critics,
+    flow_dmd2,
+    flow_encoding,
+    flow_families,
+    flow_kd,
+    flow_ladd,
+    flow_models,
+    flow_options,
+    flow_tscd,
+    generation,
+)
 from tests.examples.tiny_flow import (
     IMAGE_SIZE,
     T5_LENGTH,
-    quiet_pipeline,
     read_lora,
     save_tiny_wan_pipeline,
     smoke_argv,
     use_sigmas,
+    wan_pipeline,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels, write_captioned_images
-
-pytest.importorskip("diffusers")
-from diffusers import WanPipeline
-
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_dmd2 = load_example("flow_dmd2")
-flow_ladd = load_example("flow_ladd")
-flow_tscd = load_example("flow_tscd")
-flow_kd = load_example("flow_kd")
-flow_models = load_example("training.flow_models")
-flow_families = load_example("training.flow_families")
-flow_encoding = load_example("training.flow_encoding")
-flow_options = load_example("training.flow_options")
-flow_critics = load_example("training.flow_critics")
-generation = load_example("evaluation.generation")
+from tests.examples.tiny_sdxl import write_captioned_images
 
 FRAMES = 5  # (5 - 1) / 4 + 1 = 2 latent frames
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +84,7 @@ def _sample(
 
 def test_denoiser_conditions_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
     """The three pieces the scripts build a Wan step from, each against what ``WanPipeline`` does itself."""
-    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
+    pipe = wan_pipeline(tiny["wan"])
     args = flow_dmd2.parse_args(_argv(tiny, tiny["wan"].parent / "unused"))
     parts = flow_models.load_flow(args)
     assert (parts.family, parts.is_video, parts.uses_cfg) == ("wan", True, True)
@@ -179,7 +166,7 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
 
     sigmas = json.loads((out / "student_sigmas.json").read_text())
     assert len(sigmas) == 4 and sigmas[0] == 1.0
-    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
+    pipe = wan_pipeline(tiny["wan"])
     pipe.load_lora_weights(str(out))
     use_sigmas(pipe, out, sigmas)
     args = flow_dmd2.parse_args(_argv(tiny, out))
@@ -255,7 +242,7 @@ def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert (settings["num_frames"], settings["teacher_guidance_scale"]) == (FRAMES, 5.0)
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
-    want = _sample(quiet_pipeline(WanPipeline, tiny["wan"]), noise, 3, 5.0, prompt=prompts)
+    want = _sample(wan_pipeline(tiny["wan"]), noise, 3, 5.0, prompt=prompts)
     # the same solve; the prompt states of the encoder loaded twice differ by float32 rounding (see the first test)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     lora = read_lora(out / "pytorch_lora_weights.safetensors")
@@ -275,7 +262,7 @@ def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path],
 
     from diffdistill.students import load_lora
 
-    pipe = quiet_pipeline(WanPipeline, tiny["wan"])
+    pipe = wan_pipeline(tiny["wan"])
     pipe.load_lora_weights(str(out))
     use_sigmas(pipe, out, grid["sigmas"])
     args = flow_tscd.parse_args(_argv(tiny, out, *extra))
@@ -306,7 +293,7 @@ def test_non_square_wan_videos_with_width(tiny: dict[str, Path], tmp_path: Path)
         prompts = json.loads(f.metadata()["prompts"])
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, 96 // 8)
-    want = _sample(quiet_pipeline(WanPipeline, tiny["wan"]), noise, 2, 5.0, prompt=prompts, width=96)
+    want = _sample(wan_pipeline(tiny["wan"]), noise, 2, 5.0, prompt=prompts, width=96)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     with Image.open(out / "samples" / "step-1-0.gif") as im:
         assert im.size == (96, IMAGE_SIZE)

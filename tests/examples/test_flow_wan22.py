@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import socket
 import sys
 from pathlib import Path
@@ -25,43 +24,30 @@ import pytest
 import torch
 
 from diffdistill.students import load_lora
-from tests.examples.example_modules import load_example
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    deterministic_runs,
+    flow_critics,
+    flow_dmd2,
+    flow_encoding,
+    flow_families,
+    flow_ladd,
+    flow_models,
+    flow_options,
+    flow_tscd,
+    wan_experts,
+)
 from tests.examples.tiny_flow import (
     T5_LENGTH,
-    quiet_pipeline,
     read_lora,
     save_tiny_wan_pipeline,
     smoke_argv,
     use_sigmas,
+    wan_pipeline,
 )
-from tests.examples.tiny_sdxl import deterministic_kernels
 from tests.state_compare import assert_same_update
-
-pytest.importorskip("diffusers")
-from diffusers import WanPipeline
-
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
-
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-flow_dmd2 = load_example("flow_dmd2")
-flow_ladd = load_example("flow_ladd")
-flow_tscd = load_example("flow_tscd")
-flow_models = load_example("training.flow_models")
-flow_families = load_example("training.flow_families")
-flow_encoding = load_example("training.flow_encoding")
-flow_options = load_example("training.flow_options")
-flow_critics = load_example("training.flow_critics")
-wan_experts = load_example("training.wan_experts")
 
 FRAMES = 5  # 2 latent frames
 SIZE = 64  # TI2V's 16x VAE: 4 x 4 latents; A14B's 8x: 8 x 8
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_kernels() -> Any:
-    with deterministic_kernels():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +86,7 @@ def _trained(lora: dict[str, torch.Tensor]) -> bool:
 
 # ----------------------------------------------------------------------------------------------- TI2V-5B
 def test_ti2v_denoiser_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
-    pipe = quiet_pipeline(WanPipeline, tiny["ti2v"])
+    pipe = wan_pipeline(tiny["ti2v"])
     args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tiny["ti2v"].parent / "unused"))
     parts = flow_models.load_flow(args)
     assert (parts.family, parts.variant, parts.name) == ("wan", "wan-ti2v", "Wan 2.2 TI2V-5B")
@@ -141,7 +127,7 @@ def test_dmd2_on_ti2v_samples_in_the_pipeline(tiny: dict[str, Path], tmp_path: P
     lora = read_lora(out / "pytorch_lora_weights.safetensors")
     assert _trained(lora)
     sigmas = json.loads((out / "student_sigmas.json").read_text())
-    pipe = quiet_pipeline(WanPipeline, tiny["ti2v"])
+    pipe = wan_pipeline(tiny["ti2v"])
     pipe.load_lora_weights(str(out))
     use_sigmas(pipe, out, sigmas)
     args = flow_dmd2.parse_args(_argv(tiny, "ti2v", out))
@@ -177,7 +163,7 @@ def test_ti2v_defaults_and_sizes(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- A14B
 def test_experts_run_each_sample_on_the_pipelines_expert(tiny: dict[str, Path]) -> None:
-    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe = wan_pipeline(tiny["a14b"])
     args = flow_dmd2.parse_args(_argv(tiny, "a14b", tiny["a14b"].parent / "unused"))
     parts = flow_models.load_flow(args)
     assert (parts.variant, parts.has_experts, parts.name) == ("wan-a14b", True, "Wan 2.2 A14B")
@@ -213,7 +199,7 @@ def test_a14b_teacher_guidance_is_the_pipelines_per_expert_cfg(tiny: dict[str, P
 
     from diffdistill.schedulers import TeacherSolver
 
-    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe = wan_pipeline(tiny["a14b"])
     args = flow_dmd2.parse_args(_argv(tiny, "a14b", tiny["a14b"].parent / "unused"))
     parts = flow_models.load_flow(args)
     cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
@@ -282,7 +268,7 @@ def test_dmd2_on_a14b_trains_both_experts_and_samples_in_the_pipeline(
     sigmas = json.loads((out / "student_sigmas.json").read_text())
     assert sigmas[1] >= 0.875 > sigmas[2]  # the 4-step grid (flow_shift 3) runs both experts
 
-    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe = wan_pipeline(tiny["a14b"])
     pipe.load_lora_weights(str(out))
     pipe.load_lora_weights(
         str(out), weight_name=files["generator"]["transformer_2"].name, load_into_transformer_2=True
@@ -312,7 +298,7 @@ def test_tscd_on_a14b_trains_both_experts(tiny: dict[str, Path], tmp_path: Path)
     files = wan_experts.lora_files(out, "pytorch_lora_weights.safetensors")
     assert all(_trained(read_lora(path)) for path in files.values())
     grid = json.loads((out / flow_tscd.GRID_FILE).read_text())
-    pipe = quiet_pipeline(WanPipeline, tiny["a14b"])
+    pipe = wan_pipeline(tiny["a14b"])
     pipe.load_lora_weights(str(out))
     pipe.load_lora_weights(str(out), weight_name=files["transformer_2"].name, load_into_transformer_2=True)
     use_sigmas(pipe, out, grid["sigmas"])

@@ -262,6 +262,13 @@ def quiet_pipeline(cls: Any, folder: str | os.PathLike[str]) -> Any:
     return pipe
 
 
+def wan_pipeline(folder: str | os.PathLike[str]) -> Any:
+    """The tiny ``WanPipeline`` saved in ``folder`` (:func:`save_tiny_wan_pipeline`), progress bar off."""
+    from diffusers import WanPipeline
+
+    return quiet_pipeline(WanPipeline, folder)
+
+
 def read_lora(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA ``.safetensors`` file a script wrote."""
     from safetensors.torch import load_file
