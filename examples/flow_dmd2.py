@@ -253,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="Wan 2.2 A14B: CFG of the real score where the low-noise expert runs (WanPipeline's guidance_scale_2; "
-        "default 3.0, --guidance_scale 4.0 above the boundary); refused for one-transformer models",
+        "default: --guidance_scale when given, as the pipeline, else 3.0 beside its 4.0); refused for "
+        "one-transformer models",
     )
     g.add_argument(
         "--fake_guidance",
@@ -411,6 +412,9 @@ def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
 def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponents) -> None:
     """Refuse the other family's guidance options and fill the family's defaults."""
     flow_options.check_flow_args(args, parts)
+    args.guidance_scale_2 = flow_families.check_expert_scale(  # before the default: it follows a given scale
+        parts, "--guidance_scale_2", args.guidance_scale_2, args.guidance_scale
+    )
     if parts.family == "flux":
         if args.guidance_scale is not None or args.fake_guidance_scale != 1.0:
             raise ValueError(
@@ -428,9 +432,6 @@ def check_family_args(args: argparse.Namespace, parts: flow_models.FlowComponent
             )
         if args.guidance_scale is None:  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
             args.guidance_scale = flow_families.default_guidance_scale(parts.variant)
-    args.guidance_scale_2 = flow_families.check_expert_scale(
-        parts, "--guidance_scale_2", args.guidance_scale_2
-    )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -202,7 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="Wan 2.2 A14B: the teacher's CFG where its low-noise expert runs (WanPipeline's guidance_scale_2; "
-        "default 3.0, --teacher_guidance_scale 4.0 above the boundary); refused for one-transformer models",
+        "default: --teacher_guidance_scale when given, as the pipeline, else 3.0 beside its 4.0); refused for "
+        "one-transformer models",
     )
     g.add_argument(
         "--guidance_range",
@@ -356,13 +357,13 @@ def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowCompone
                 "--guidance_range draws FLUX.1-dev's embedded guidance, but this FLUX transformer has no guidance "
                 "embedding (FLUX.1-schnell): drop --guidance_range."
             )
-    elif (
-        args.teacher_guidance_scale is None
-    ):  # the pipeline's (StableDiffusion3Pipeline 7.0, WanPipeline 5.0)
-        args.teacher_guidance_scale = flow_families.default_guidance_scale(parts.variant)
-    args.teacher_guidance_scale_2 = flow_families.check_expert_scale(
-        parts, "--teacher_guidance_scale_2", args.teacher_guidance_scale_2
+    args.teacher_guidance_scale_2 = (
+        flow_families.check_expert_scale(  # before the default: it follows a given one
+            parts, "--teacher_guidance_scale_2", args.teacher_guidance_scale_2, args.teacher_guidance_scale
+        )
     )
+    if parts.family != "flux" and args.teacher_guidance_scale is None:  # the pipeline's (SD3 7.0, Wan 5.0)
+        args.teacher_guidance_scale = flow_families.default_guidance_scale(parts.variant)
     check_expert_options(args, parts.variant)
 
 

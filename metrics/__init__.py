@@ -3,7 +3,8 @@
 * FID with clean-fid's resize and Inception (:class:`FID`, :class:`InceptionFeatures`, :func:`clean_resize`),
   on streaming float64 statistics that merge across batches and processes (:class:`FeatureStatistics`,
   :func:`frechet_distance`, :func:`fid_from_statistics`);
-* CLIP score with a named open_clip or transformers backbone (:class:`CLIPScore`);
+* CLIP score with a named open_clip or transformers backbone (:class:`CLIPScore`), and the frame consistency of
+  videos on the same backbone (:class:`FrameConsistency`: the mean cosine of consecutive frames' CLIP embeddings);
 * preference scores (:class:`ImageRewardScore`, :class:`HPSv21Score`, :class:`PickScore`,
   :class:`AestheticScore`);
 * the protocol record written beside every number, and the refusal to compare runs measured differently
@@ -40,6 +41,7 @@ from .fid import (
     fid_from_statistics,
     frechet_distance,
 )
+from .frame_consistency import FrameConsistency
 from .preference import AestheticMLP, AestheticScore, HPSPreprocess, HPSv21Score, ImageRewardScore, PickScore
 from .protocol import EvaluationProtocol, check_comparable, hash_prompts, package_versions
 
@@ -50,6 +52,7 @@ __all__ = [
     "CLIPScore",
     "EvaluationProtocol",
     "FeatureStatistics",
+    "FrameConsistency",
     "HPSPreprocess",
     "HPSv21Score",
     "ImageRewardScore",

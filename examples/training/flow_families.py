@@ -111,9 +111,11 @@ def expert_guidance(parts: Any, scale: float, scale_2: float | None) -> Any:
     return by_expert
 
 
-def check_expert_scale(parts: Any, option: str, value: float | None) -> float | None:
-    """A two-expert model's low-noise CFG option ``option`` (``value``): its default when unset
-    (:data:`DEFAULT_GUIDANCE_SCALE_2`), refused for one-transformer models. Raises ``ValueError``."""
+def check_expert_scale(parts: Any, option: str, value: float | None, high: float | None) -> float | None:
+    """A two-expert model's low-noise CFG option ``option`` (``value``), refused for one-transformer models. Unset,
+    it is ``high`` (the high-noise expert's scale as the user gave it, as ``WanPipeline`` takes ``guidance_scale_2 =
+    guidance_scale`` when only that is given) or, with neither given, the recipe's
+    (:data:`DEFAULT_GUIDANCE_SCALE_2`: 3.0 beside 4.0). Raises ``ValueError``."""
     if not parts.has_experts:
         if value is not None:
             raise ValueError(
@@ -123,7 +125,9 @@ def check_expert_scale(parts: Any, option: str, value: float | None) -> float | 
         return None
     if value is not None and not value >= 1:
         raise ValueError(f"Expected {option} >= 1 (1: no guidance), but got {value}.")
-    return DEFAULT_GUIDANCE_SCALE_2[parts.variant] if value is None else value
+    if value is not None:
+        return value
+    return DEFAULT_GUIDANCE_SCALE_2[parts.variant] if high is None else high
 
 
 def family_of(variant: str) -> str:

@@ -80,15 +80,17 @@ MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
 
 
 def check_flow_values(
-    args: argparse.Namespace, variant: str | None = None, *, vae_factor: int = 8
+    args: argparse.Namespace, variant: str | None = None, *, vae_factor: int | None = None
 ) -> argparse.Namespace:
     """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
     in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and those that need only the family
     (:func:`check_family_options`): ``variant`` (a family or Wan variant), or for a local pipeline folder the one its
     ``model_index.json`` names (:func:`local_variant`). The scripts' ``parse_args`` call it, so a typo fails before
-    the (minutes long) model load; :func:`check_flow_args` calls it again with the VAE's ``vae_factor`` (Wan 2.2
-    TI2V-5B: 16, so multiples of 32). Raises ``ValueError`` with the fix."""
+    the (minutes long) model load; ``vae_factor`` is the VAE's spatial factor (default: a local folder's
+    ``vae/config.json`` ``scale_factor_spatial``, else 8; Wan 2.2 TI2V-5B: 16, so multiples of 32), and
+    :func:`check_flow_args` calls it again with the loaded VAE's. Raises ``ValueError`` with the fix."""
     variant = variant or local_variant(args)
+    vae_factor = vae_factor or local_vae_factor(args)
     fill_resolution(args, variant)
     step = vae_factor * 2  # VAE factor x patch size: the latents must split into 2x2 patches
     for name in ("resolution", "width"):
@@ -129,6 +131,19 @@ def local_variant(args: argparse.Namespace) -> str | None:
     if path is None or not (Path(path) / "model_index.json").is_file():
         return None
     return flow_families.model_variant(str(path), getattr(args, "revision", None))
+
+
+def local_vae_factor(args: argparse.Namespace) -> int:
+    """The spatial factor a local pipeline folder's ``vae/config.json`` declares (``scale_factor_spatial``: the Wan
+    VAEs, 8 or 16), else 8 (SD3 / FLUX / Qwen-Image VAEs, and hub ids before the load)."""
+    import json
+    from pathlib import Path
+
+    path = args.pretrained_model_name_or_path
+    config = Path(path or "") / "vae" / "config.json"
+    if path is None or not config.is_file():
+        return 8
+    return int(json.loads(config.read_text()).get("scale_factor_spatial") or 8)
 
 
 def local_family(args: argparse.Namespace) -> str | None:

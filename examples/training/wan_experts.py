@@ -9,8 +9,10 @@
 #
 # - each sample of a call runs on the expert the pipeline would use at its timestep (a batch with both kinds is
 #   split and the outputs put back in order);
-# - distributed runs stay in step: every process runs an expert that any process needs in this call (on one
-#   sample, its output weighted 0, where it has none), so FSDP2's gathers and DDP's reductions match;
+# - distributed runs stay in step: with more than one process every call runs both experts (an expert with no sample
+#   here on one sample, its output weighted 0), so each process makes the same expert calls whatever its samples,
+#   FSDP2's gathers match and DDP gets a gradient for every parameter; no collective of its own (processes may make
+#   different numbers of calls, e.g. TSCD's teacher trajectories);
 # - LoRA adapters sit on both experts (module names ``transformer.blocks...`` / ``transformer_2.blocks...``) and
 #   are saved as two files that ``WanPipeline.load_lora_weights`` loads (the second with
 #   ``load_into_transformer_2=True``): :func:`split_lora`.
@@ -37,10 +39,12 @@ class WanExperts(nn.Module):
     and runs each sample on ``transformer`` where ``timestep >= boundary_timestep`` and on ``transformer_2``
     elsewhere, as ``WanPipeline`` switches (its UniPC timesteps are integers, and ``floor(1000 sigma) >= 875`` iff
     ``1000 sigma >= 875``, so a float timestep picks the same expert). Tensor arguments with the batch's first
-    dimension are split with the samples. Under ``torch.distributed`` the experts each process needs are agreed
-    with one ``all_reduce`` per call, and a process with no sample for a needed expert runs it on its first sample
-    with the output weighted 0 (our choice: FSDP2 gathers an expert's shards on every process that calls it, and
-    DDP expects gradients for every parameter; the extra pass is one sample).
+    dimension are split with the samples. With more than one ``torch.distributed`` process every call runs both
+    experts, an expert with no sample here on the first sample with its output weighted 0 (our choice: FSDP2 gathers
+    an expert's shards on every process that calls it and DDP expects a gradient for every parameter, so the
+    processes must make the same expert calls; deciding that from every process's samples would take a collective
+    per call, which processes making different numbers of calls, e.g. TSCD's teacher trajectories, would not
+    match; the extra pass is one sample). One process runs only the experts its samples need.
 
     Args:
         transformer: the high-noise expert.
@@ -99,31 +103,24 @@ class WanExperts(nn.Module):
                 f"Expected one timestep per sample ({b},) for the Wan 2.2 experts, but got shape {tuple(t.shape)}."
             )
         high = t >= self.boundary_timestep
-        counts = torch.stack([high.sum(), (~high).sum()])
-        needed = counts.clone()
+        n_high = int(high.sum())  # one host read per call
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(needed)
-        here, anywhere = counts.tolist(), needed.tolist()  # one host read per call
+        every_expert = distributed and torch.distributed.get_world_size() > 1
         out: torch.Tensor | None = None
         anchor = hidden_states.new_zeros(())
-        for (_, expert), mask, n, wanted in zip(self.experts(), (high, ~high), here, anywhere):
-            if not wanted:
-                continue
+        for (_, expert), mask, n in zip(self.experts(), (high, ~high), (n_high, b - n_high)):
             if n == b:  # the whole batch: the expert's own call, as the pipeline makes it
                 out = expert(hidden_states=hidden_states, timestep=t, return_dict=False, **kwargs)[0]
-                continue
-            if n == 0:  # another process needs this expert: run it on one sample, weight 0
+            elif n:
+                index = mask.nonzero().squeeze(1)
+                part = expert(hidden_states=hidden_states[index], timestep=t[index], return_dict=False,
+                              **_take(kwargs, index, b))[0]  # fmt: skip
+                out = part.new_zeros((b, *part.shape[1:])) if out is None else out
+                out = out.index_put((index,), part)
+            elif every_expert:  # no sample here, but processes stay in step: one sample, weight 0
                 dummy = expert(hidden_states=hidden_states[:1], timestep=t[:1], return_dict=False,
                                **_take(kwargs, slice(0, 1), b))[0]  # fmt: skip
-                anchor = anchor + 0.0 * dummy.sum()
-                continue
-            index = mask.nonzero().squeeze(1)
-            part = expert(hidden_states=hidden_states[index], timestep=t[index], return_dict=False,
-                          **_take(kwargs, index, b))[0]  # fmt: skip
-            if out is None:
-                out = part.new_zeros((b, *part.shape[1:]))
-            out = out.index_put((index,), part)
+                anchor = anchor + 0.0 * dummy.nan_to_num(0.0, 0.0, 0.0).sum()
         assert out is not None  # every sample is high or low noise
         return (out + anchor.to(out.dtype),)
 
