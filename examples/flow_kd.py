@@ -1,4 +1,4 @@
-"""Layer-level KD for a block-removed SD3 / FLUX / Qwen-Image transformer: SSD-1B's recipe on flow transformers.
+"""Layer-level KD for a block-removed SD3 / FLUX / Qwen-Image / Wan transformer: SSD-1B's recipe on flow transformers.
 
 Gupta et al., "Progressive Knowledge Distillation of Stable Diffusion XL using Layer Level Loss", 2024
 (arXiv:2401.02677; SSD-1B / Segmind-Vega) is the recipe; :mod:`examples.sdxl_ssd1b_kd` is its SDXL script, this
@@ -16,7 +16,11 @@ is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``
 2. The loss (:class:`diffdistill.students.LayerKD`) on the same noisy latents for teacher and student:
    task loss + ``--output_weight`` x output KD + ``--feature_weight`` x feature KD, all mean squared errors.
    Task: the conditional flow-matching loss ``|v_S - (eps - x0)|^2`` (Esser et al. 2024, SD3, Sec. 3) on
-   image-caption data (``--train_data_dir``), ``x_sigma = (1 - sigma) x0 + sigma eps``, sigma drawn from SD3's
+   image-caption data (``--train_data_dir``) or, prompt-only (``--prompts_file``), on the teacher's own samples of
+   the prompts (made once with the teacher's pipeline sampler and CFG, ``--sample_guidance_scale`` default the
+   pipeline's, and cached in shards that record their settings: ``training.flow_teacher_samples``, LADD's data; our
+   choice for models without a data reader here, e.g. Wan's videos: SSD-1B trains on real images),
+   ``x_sigma = (1 - sigma) x0 + sigma eps``, sigma drawn from SD3's
    densities on the model's shifted table (:func:`diffdistill.schedulers.flow_density_timesteps`: the
    logit-normal by default, SD3 Sec. 3.1 / Table 1; SD3 its static shift 3, FLUX the resolution's ``mu``).
    Output KD: student velocity vs the teacher's velocity (with the teacher's CFG at
@@ -52,6 +56,10 @@ Recipe. What is the paper's (SSD-1B) and what is ours:
 - Removal in rounds (SSD-1B's "progressive" removal), a curated data set, the published models' own training
   details (Flux-Mini's and Flux.1-Lite-8B's steps, data, learning rates): not implemented / not published.
 - Optimisation: AdamW, learning rate 1e-5 (SSD-1B's card), constant; EMA optional (our choice).
+
+Wan (2.1, 2.2 TI2V-5B; ``WanTransformer3DModel``): prompt-only on the teacher's videos (``--num_frames``), the
+``wan-half`` preset or ``--keep_blocks``; the report counts FLOPs on the videos' latents (frames, height, width).
+Wan 2.2 A14B (two experts) is refused.
 
 Engines: as the SDXL scripts (one process, DDP, FSDP2, DeepSpeed ZeRO-2; bf16 with the frozen teacher in bf16 and
 the student's float32 weights under autocast; ``--gradient_checkpointing`` on the student, whose taps record
@@ -97,11 +105,13 @@ from training import (
     flow_families,
     flow_models,
     flow_options,
+    flow_teacher_samples,
     flow_validation,
     loop,
     options,
     runtime,
     sdxl_models,
+    teacher_pairs,
 )
 
 logger = logging.getLogger("flow_kd")
@@ -156,6 +166,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CFG scale of the teacher's output-KD target (1: conditional only, as SSD-1B); not for a "
         "guidance-distilled FLUX (it takes --guidance)",
     )
+    g = p.add_argument_group("teacher samples (prompt-only: --prompts_file instead of --train_data_dir)")
+    flow_teacher_samples.add_args(g)
+    g.add_argument(
+        "--sample_guidance_scale",
+        type=float,
+        default=None,
+        help="SD3 / Qwen-Image / Wan: CFG of the teacher samples (default: the pipeline's, 7.0 / 4.0 / 5.0); "
+        "refused for FLUX (FLUX.1-dev samples with --guidance)",
+    )
     g = p.add_argument_group("timesteps and validation")
     g.add_argument(
         "--weighting_scheme",
@@ -185,9 +204,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Choose the student: --preset ({', '.join(sorted(TRANSFORMER_PRESETS))}) or --keep_blocks I J ... "
             "(and for FLUX --keep_single_blocks)."
         )
-    family = flow_options.local_family(args)
-    if family is not None:  # a local pipeline folder: its family's student plan is checked before any load
-        removal_spec(args, family)
+    if bool(args.train_data_dir) == bool(args.prompts_file):
+        raise ValueError(
+            "Pass --train_data_dir (images with .txt captions) or --prompts_file (prompt-only: the teacher's own "
+            "samples of the prompts, made once and cached), one of them."
+        )
+    flow_teacher_samples.check_args(args)
+    if args.sample_guidance_scale is not None and not (args.prompts_file and args.sample_guidance_scale >= 1):
+        raise ValueError(
+            f"--sample_guidance_scale is the CFG (>= 1) of the teacher samples of a prompt-only run (--prompts_file), "
+            f"but got {args.sample_guidance_scale}{'' if args.prompts_file else ' without --prompts_file'}."
+        )
+    variant = flow_options.local_variant(args)
+    if variant is not None:  # a local pipeline folder: its family's student plan is checked before any load
+        refuse_experts(variant)
+        removal_spec(args, flow_families.family_of(variant))
     for name in ("output_weight", "feature_weight"):
         if not getattr(args, name) >= 0:
             raise ValueError(f"Expected --{name} >= 0, but got {getattr(args, name)}.")
@@ -200,14 +231,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def refuse_experts(variant: str) -> None:
+    """Refuse Wan 2.2 A14B (``ValueError`` with the reason)."""
+    if variant == "wan-a14b":
+        raise ValueError(
+            "flow_kd.py removes blocks of one transformer; Wan 2.2 A14B is two experts (a student would be two "
+            "block-removed experts and their switch), which is not built here. Distil Wan 2.1 or Wan 2.2 TI2V-5B."
+        )
+
+
+def latent_size(args: argparse.Namespace, parts: flow_models.FlowComponents) -> Any:
+    """The latent size the removal report counts FLOPs at: Wan's ``(frames, height, width)``, an image model's
+    latent height (the count is for square latents: a ``--width`` run is counted at ``--resolution`` squared)."""
+    shape = flow_models.latent_shape(parts, 1, args.resolution, args.num_frames, args.width)
+    return tuple(shape[2:]) if parts.is_video else shape[2]
+
+
+def sample_guidance(args: argparse.Namespace, parts: flow_models.FlowComponents) -> float | None:
+    """The teacher samples' CFG (prompt-only runs): ``--sample_guidance_scale``, else the pipeline's; None for
+    FLUX (FLUX.1-dev samples with its embedded ``--guidance``), which refuses the option (``ValueError``)."""
+    if not parts.uses_cfg:
+        if args.sample_guidance_scale is not None:
+            raise ValueError(
+                f"--sample_guidance_scale is the CFG of the teacher samples; {parts.name} has no unconditional pass "
+                "(FLUX.1-dev samples with its embedded --guidance): drop it."
+            )
+        return None
+    if args.sample_guidance_scale is not None:
+        return float(args.sample_guidance_scale)
+    return flow_families.default_guidance_scale(parts.variant)
+
+
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_kd")
     parts = flow_models.load_flow(args)
     flow_options.check_flow_args(args, parts)
+    refuse_experts(parts.variant)  # a hub id's variant is known once it is loaded
     dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
     flow_models.place_frozen(parts, device, dtype)
-    schedule = flow_models.flow_schedule(parts, args.resolution)  # the model's shift at this resolution
+    schedule = flow_models.flow_schedule(
+        parts, args.resolution, width=args.width
+    )  # the model's shift at this size
 
     # The student: the teacher's transformer less the removed blocks, kept blocks copied from the teacher.
     teacher = parts.transformer
@@ -216,7 +281,7 @@ def main(args: argparse.Namespace) -> None:
     student, report = build_transformer_student(
         teacher,
         removal_spec(args, parts.family),
-        latent_size=args.resolution // flow_models.vae_scale_factor(parts.vae),
+        latent_size=latent_size(args, parts),
         text_tokens=int(uncond["encoder_hidden_states"].shape[1]),
     )
     record = report_record(report, args, parts.family)
@@ -240,6 +305,16 @@ def main(args: argparse.Namespace) -> None:
     # Both transformers as denoisers of (B, C, h, w) latents (FLUX packing inside), tapped at the mapped blocks.
     student_net = flow_models.FlowDenoiser(student, parts.family, guidance=args.guidance)
     teacher_net = flow_models.FlowDenoiser(teacher, parts.family, guidance=args.guidance)
+    if (
+        args.prompts_file
+    ):  # prompt-only: the teacher's own samples (made once, cached in shards; before the taps)
+        scale = sample_guidance(args, parts)
+        shards = flow_teacher_samples.generate_teacher_samples(
+            accelerator, args, parts, teacher_net, schedule, scale
+        )
+        data: Any = teacher_pairs.PairShards(shards, args.train_batch_size, args.dataloader_num_workers)
+    else:
+        data = data_sources.StepData(args, need_images=True)
     pairs, prefix = denoiser_pairs(
         report.kd_pairs(args.kd_target),
         (student_net, accelerator.unwrap_model(student)),
@@ -255,11 +330,17 @@ def main(args: argparse.Namespace) -> None:
     )
     rescale = flow_families.guidance_rescale(parts.family)
     teacher_fn = guided_teacher(teacher_net, uncond, args.teacher_guidance_scale, rescale)
-    data = data_sources.StepData(args, need_images=True)
     global_step = checkpoints.resume(accelerator, args)
 
+    def clean_batch(gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """The step's clean latents and prompts: encoded images, or teacher samples (prompt-only)."""
+        if args.prompts_file:
+            _, x0, prompts = data.batch(gen)
+            return x0.to(device), prompts
+        return data.latents_batch(gen, parts.vae, device)
+
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
-        x0, prompts = data.latents_batch(gen, parts.vae, device)
+        x0, prompts = clean_batch(gen)
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = flow_density_timesteps(

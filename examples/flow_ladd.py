@@ -99,11 +99,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +114,6 @@ from diffdistill.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from diffdistill.schedulers import ddim_sample, flow_pipeline_grid
 from diffdistill.students import frozen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,12 +121,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training import (
     checkpoints,
     compilation,
-    data_sources,
     flow_critics,
     flow_encoding,
     flow_families,
     flow_models,
     flow_options,
+    flow_teacher_samples,
     flow_validation,
     loop,
     options,
@@ -169,11 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="finite-difference R1 with this perturbation (FastGen LADD: 0.1); needed by --r1_gamma > 0",
     )
     g = p.add_argument_group("teacher samples")
-    g.add_argument("--num_teacher_samples", type=int, default=1000)
-    g.add_argument("--teacher_samples_dir", default=None, help="default OUTPUT_DIR/teacher_samples")
-    g.add_argument("--teacher_samples_shard_size", type=int, default=64)
-    g.add_argument("--teacher_samples_seed", type=int, default=0)
-    g.add_argument("--teacher_steps", type=int, default=28, help="Euler steps of the teacher (pipelines: 28)")
+    flow_teacher_samples.add_args(g)
     g.add_argument(
         "--teacher_guidance_scale",
         type=float,
@@ -219,9 +212,7 @@ def check_ladd_args(args: argparse.Namespace) -> argparse.Namespace:
             f"Expected --student_sigma_weights to be {len(sig)} non-negative weights (one per --student_sigmas) "
             f"with a positive sum, but got {w}."
         )
-    for name in ("num_teacher_samples", "teacher_samples_shard_size", "teacher_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    flow_teacher_samples.check_args(args)
     if args.renoise_std <= 0:
         raise ValueError(f"Expected --renoise_std > 0, but got {args.renoise_std}.")
     if args.r1_gamma < 0:
@@ -243,162 +234,6 @@ def check_ladd_args(args: argparse.Namespace) -> argparse.Namespace:
             f"Expected --discriminator_norm_groups >= 1, but got {args.discriminator_norm_groups}."
         )
     return args
-
-
-# ------------------------------------------------------------------------------------------ teacher samples
-def sample_settings(args: argparse.Namespace, parts: flow_models.FlowComponents) -> dict[str, Any]:
-    """What the teacher samples depend on (stored in each shard, compared before a shard is reused)."""
-    model = args.pretrained_model_name_or_path
-    prompts = data_sources.read_prompts(args.prompts_file)
-    return {
-        "teacher": str(Path(model).resolve()) if Path(model).exists() else model,
-        "revision": args.revision,
-        "variant": args.variant,
-        "teacher_steps": args.teacher_steps,
-        "teacher_guidance_scale": args.teacher_guidance_scale,
-        "guidance": args.guidance,
-        "uncond": args.uncond,
-        "resolution": args.resolution,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
-        "teacher_samples_seed": args.teacher_samples_seed,
-        "teacher_samples_shard_size": args.teacher_samples_shard_size,
-        "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-    }
-
-
-def sample_shards(args: argparse.Namespace) -> list[Path]:
-    root = Path(args.teacher_samples_dir or Path(args.output_dir) / "teacher_samples")
-    count = -(-args.num_teacher_samples // args.teacher_samples_shard_size)
-    return [root / f"samples-{i:05d}.safetensors" for i in range(count)]
-
-
-def check_sample_shard(path: Path, settings: dict[str, Any], rows: int) -> None:
-    """Refuse a shard made with other settings, or of another size (it would be trained on as stale data)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        stored = json.loads((f.metadata() or {}).get("settings", "{}"))
-        stored_rows = f.get_slice("latent").get_shape()[0]
-    differ = sorted(k for k in settings if stored.get(k) != settings[k])
-    if differ or stored_rows != rows:
-        made = ", ".join(f"{k}={stored.get(k)!r}" for k in differ) or f"{stored_rows} samples"
-        want = ", ".join(f"{k}={settings[k]!r}" for k in differ) or f"{rows} samples"
-        raise ValueError(
-            f"Expected the teacher samples in {path.parent} to match this run, but {path.name} was made with {made} "
-            f"and this run asks for {want}. Pass a new --teacher_samples_dir (or delete the shards) to make "
-            "samples for this run, or run with the settings the shards were made with."
-        )
-
-
-@torch.no_grad()
-def generate_teacher_samples(
-    accelerator: Any, args: argparse.Namespace, parts: flow_models.FlowComponents, teacher: Any, schedule: Any
-) -> list[Path]:
-    """Write the missing shards of teacher samples (this process's share), then wait for every process."""
-    from safetensors.torch import save_file
-
-    settings = sample_settings(args, parts)
-    prompts = data_sources.read_prompts(args.prompts_file)
-    device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
-    grid = flow_pipeline_grid(
-        schedule, args.teacher_steps, pipeline=flow_families.pipeline_grid(parts.family)
-    )
-    cfg = parts.uses_cfg and args.teacher_guidance_scale != 1.0
-    uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
-    paths = sample_shards(args)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(paths):
-        rows = min(
-            args.teacher_samples_shard_size, args.num_teacher_samples - i * args.teacher_samples_shard_size
-        )
-        if path.exists():
-            check_sample_shard(path, settings, rows)
-            continue
-        if i % accelerator.num_processes != accelerator.process_index:
-            continue
-        gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
-        picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
-        cond = flow_encoding.conditions(parts, picked, args, device, dtype)
-        shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames, args.width)
-        noise = torch.randn(shape, generator=gen).to(device)
-        with runtime.autocast(accelerator):
-            if parts.family in ("wan", "qwen"):  # the pipeline's own solve (see pipeline_samples)
-                latent = pipeline_samples(args, parts, teacher.transformer, noise, cond, uncond)
-            else:
-                latent = ddim_sample(
-                    teacher,
-                    schedule,
-                    noise,
-                    grid,
-                    cond=cond,
-                    uncond=uncond,
-                    guidance_scale=args.teacher_guidance_scale if cfg else None,
-                ).sample
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        save_file(
-            {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
-            str(tmp),
-            metadata={"prompts": json.dumps(picked), "settings": json.dumps(settings)},
-        )
-        os.replace(tmp, path)
-        logger.info("wrote %s (%d teacher samples)", path, rows)
-    accelerator.wait_for_everyone()
-    return paths
-
-
-def pipeline_samples(
-    args: argparse.Namespace,
-    parts: flow_models.FlowComponents,
-    transformer: Any,
-    noise: torch.Tensor,
-    cond: dict[str, torch.Tensor],
-    uncond: dict[str, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Wan's and Qwen-Image's teacher samples as their pipelines make them, from ``noise`` with CFG at
-    ``--teacher_guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid: ``WanPipeline``
-    with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do not reproduce),
-    ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
-    conditional norm). Returns the latents (``(B, C, f, h, w)`` / unpacked ``(B, C, h, w)``) in float32."""
-    import copy
-
-    pipe = parts.pipeline_class(
-        tokenizer=parts.tokenizers[0],
-        text_encoder=parts.text_encoders[0],
-        vae=parts.vae,
-        scheduler=copy.deepcopy(parts.noise_scheduler),  # the pipeline sets its timesteps
-        transformer=transformer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    b = noise.shape[0]
-    negative = {} if uncond is None else {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
-    common = {
-        "num_inference_steps": args.teacher_steps,
-        "height": args.resolution,
-        "width": args.width or args.resolution,
-        "output_type": "latent",
-    }
-    if parts.family == "wan":
-        return pipe(
-            prompt_embeds=cond["encoder_hidden_states"],
-            negative_prompt_embeds=negative.get("encoder_hidden_states"),
-            guidance_scale=args.teacher_guidance_scale,
-            num_frames=args.num_frames,
-            latents=noise.float(),
-            **common,
-        ).frames.float()
-    packed = pipe(
-        prompt_embeds=cond["encoder_hidden_states"],
-        prompt_embeds_mask=cond["encoder_hidden_states_mask"],
-        negative_prompt_embeds=negative.get("encoder_hidden_states"),
-        negative_prompt_embeds_mask=negative.get("encoder_hidden_states_mask"),
-        true_cfg_scale=args.teacher_guidance_scale,
-        max_sequence_length=cond["encoder_hidden_states"].shape[1],
-        latents=flow_models.pack_latents(noise.float()),
-        **common,
-    ).images
-    return flow_models.unpack_latents(packed.float(), *noise.shape[-2:])
 
 
 # ------------------------------------------------------------------------------------------ networks
@@ -467,7 +302,9 @@ def main(args: argparse.Namespace) -> None:
     # is the student's own base with the adapter off (one copy of the transformer); otherwise a separate copy.
     teacher_model = teacher_transformer(args, parts, device, dtype)
     teacher = flow_models.FlowDenoiser(teacher_model, parts.family, args.guidance)
-    shards = generate_teacher_samples(accelerator, args, parts, teacher, schedule)
+    shards = flow_teacher_samples.generate_teacher_samples(
+        accelerator, args, parts, teacher, schedule, args.teacher_guidance_scale
+    )
     disc = LADDDiscriminator(
         teacher_model,
         args.discriminator_blocks,

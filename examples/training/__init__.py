@@ -38,6 +38,8 @@ Modules:
 - :mod:`training.flow_packing`: FLUX / Qwen-Image latent packing (2x2 patches as tokens) and FLUX's position ids.
 - :mod:`training.wan_experts`: Wan 2.2 A14B's two experts as one transformer routed by timestep, and the flow
   scripts' LoRA files (one per expert for A14B).
+- :mod:`training.flow_teacher_samples`: the teacher's own samples of a prompt list in shards that record their
+  settings (LADD's data; flow_kd's prompt-only data).
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
   ``--num_frames``).
 - :mod:`training.flow_validation`: few-step validation grids (Wan: videos) of flow students.

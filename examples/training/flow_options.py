@@ -170,7 +170,7 @@ def check_family_options(args: argparse.Namespace, family: str) -> None:
         raise ValueError(
             f"--train_data_dir holds images with captions, but {name} is a video model and the flow scripts "
             "read no video data: run it prompt-only (--prompts_file; flow_dmd2 without --gan_weight, flow_ladd, "
-            "flow_tscd with teacher-noised states)."
+            "flow_tscd with teacher-noised states, flow_kd on the teacher's own samples)."
         )
 
 

@@ -120,7 +120,6 @@ def check_pairs(args: argparse.Namespace) -> dict[str, Any]:
 @torch.no_grad()
 def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teacher: TeacherSolver) -> None:
     """Write the missing teacher-pair shards (this process's share), then wait for every process."""
-    from safetensors.torch import save_file
 
     prompts = data_sources.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
@@ -147,15 +146,25 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
                 uncond=uncond,
                 guidance_scale=teacher.guidance_scale,
             ).sample
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
-            str(tmp),
-            metadata={"prompts": json.dumps(picked), "settings": json.dumps(settings)},
-        )
-        os.replace(tmp, path)
+        write_shard(path, noise, latent, picked, settings)
         logger.info("wrote %s (%d pairs)", path, size)
     accelerator.wait_for_everyone()
+
+
+def write_shard(
+    path: Path, noise: torch.Tensor, latent: torch.Tensor, prompts: list[str], settings: dict[str, Any]
+) -> None:
+    """Write one shard atomically (a temporary file of this process, then a rename): float32 ``noise`` and
+    ``latent`` rows, and the ``prompts`` and ``settings`` (JSON) in its metadata, as :class:`PairShards` reads it."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    save_file(
+        {"noise": noise.float().cpu().contiguous(), "latent": latent.float().cpu().contiguous()},
+        str(tmp),
+        metadata={"prompts": json.dumps(prompts), "settings": json.dumps(settings)},
+    )
+    os.replace(tmp, path)
 
 
 class PairShards(data_sources.StepSource):

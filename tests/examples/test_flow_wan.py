@@ -9,6 +9,7 @@ tiny ``WanPipeline`` (:func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`), 
 - LADD: the cached teacher samples are ``WanPipeline``'s own videos of those prompts (UniPC, CFG 5 against the
   empty prompt), and the student trains against LADD heads on the teacher's video features;
 - TSCD: prompt-only (teacher-noised states) with the hybrid distance's heads;
+- KD: prompt-only, on the teacher's own videos (``WanPipeline``'s), into a block-removed ``WanTransformer3DModel``;
 - the Wan variants read from ``model_index.json``; what is refused, with the reason: a ``--num_frames`` that is not
   ``4k + 1`` or given to an image model, image data for a video model, video pipelines in ``evaluate.py``.
 """
@@ -247,6 +248,56 @@ def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     lora = read_lora(out / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k), "the student did not train"
+
+
+def test_kd_on_wan_prompt_only_learns_from_the_pipelines_own_teacher_videos(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flow_kd.py --prompts_file``: the teacher's own videos (``WanPipeline``'s, CFG 5, cached in shards as LADD's)
+    are the clean latents of the layer KD of a block-removed Wan; the student is a ``WanTransformer3DModel`` folder
+    and its report counts the FLOPs of the training videos' latents (frames, height, width)."""
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    seen: list[torch.Tensor] = []
+    batch = flow_kd.teacher_pairs.PairShards.batch
+
+    def recording_batch(self: Any, gen: torch.Generator) -> Any:
+        out = batch(self, gen)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(flow_kd.teacher_pairs.PairShards, "batch", recording_batch)
+    out = tmp_path / "kd"
+    extra = ["--keep_blocks", "0", "2", "--num_teacher_samples", "3", "--teacher_samples_shard_size", "2"]
+    flow_kd.main(flow_kd.parse_args([*smoke_argv(tiny, "wan", out, "--num_frames", str(FRAMES)), *extra,
+                                     "--teacher_steps", "2"]))  # fmt: skip
+    shards = sorted((out / "teacher_samples").glob("samples-*.safetensors"))
+    assert len(shards) == 2  # 3 samples in shards of 2
+    latents = []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            assert json.loads(f.metadata()["settings"])["teacher_guidance_scale"] == 5.0  # WanPipeline's CFG
+            noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
+        want = _sample(wan_pipeline(tiny["wan"]), noise, 2, 5.0, prompt=prompts)
+        torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)  # as the LADD test above
+        latents.append(latent)
+    pool = torch.cat(latents)
+    assert len(seen) == 2 and all(any(torch.equal(row, p) for p in pool) for x0 in seen for row in x0)
+    student = WanTransformer3DModel.from_pretrained(str(out / "transformer"))
+    assert student.config.num_layers == 2
+    report = json.loads((out / "transformer" / flow_kd.REPORT).read_text())
+    assert report["flops_at"]["latent_size"] == [2, IMAGE_SIZE // 8, IMAGE_SIZE // 8]
+    with pytest.raises(ValueError, match=r"Pass --train_data_dir .* or --prompts_file .* one of them"):
+        flow_kd.parse_args(smoke_argv(tiny, "wan", out, "--keep_blocks", "0", data=None))
+    with pytest.raises(ValueError, match=r"--sample_guidance_scale is the CFG \(>= 1\) .* got 0.5"):
+        flow_kd.parse_args(
+            [*smoke_argv(tiny, "wan", out, "--keep_blocks", "0"), "--sample_guidance_scale", "0.5"]
+        )
+    flux = SimpleNamespace(uses_cfg=False, name="FLUX.1")
+    with pytest.raises(ValueError, match=r"FLUX\.1 has no unconditional pass"):
+        flow_kd.sample_guidance(SimpleNamespace(sample_guidance_scale=3.0), flux)
 
 
 def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path], tmp_path: Path) -> None:
