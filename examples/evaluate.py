@@ -43,6 +43,38 @@ prompt set, with a record of the protocol beside the numbers.
    model, weights, sampler, steps and guidance). ``--compare a/results.json b/results.json ...`` prints one
    markdown table and refuses runs whose protocols differ in anything but ``generator``.
 
+4. Videos (Wan text-to-video: a ``WanPipeline`` folder of Wan 2.1, Wan 2.2 TI2V-5B or A14B;
+   :mod:`evaluation.video_generation`). The student is the flow scripts' run folder: its LoRA
+   (``pytorch_lora_weights.safetensors``; A14B also ``pytorch_lora_weights_transformer_2.safetensors``, loaded into
+   ``transformer_2`` -- refused when missing), fused, and its ``scheduler/`` + ``student_sigmas.json`` (flow_dmd2) /
+   ``student_grid.json`` ``sigmas`` (flow_tscd), given to ``WanPipeline`` (which takes no ``sigmas=``) through the
+   scripts' documented ``pipe.scheduler.set_timesteps`` override. ``--teacher`` samples with the pipeline's UniPC
+   at ``--num_inference_steps`` and ``--guidance_scale`` (A14B: ``--guidance_scale_2`` where the low-noise expert
+   runs; refused for other pipelines). ``--num_frames`` (4k + 1; default the pipeline's 81), ``--resolution`` /
+   ``--width`` (height / width; default the pipeline's 480, square), ``--max_sequence_length`` (umT5 tokens).
+   Video ``i`` (seed ``--seed + i``, one generator per video) is written as ``OUTPUT_DIR/videos/{i:06d}/{f:03d}.png``
+   (quantised as the images; a video folder appears only when complete), resumed and refused as the images are
+   (``videos/generation.json``). Scores, all on every frame: frame FID (every frame of every video as an image,
+   against ``--reference_dir`` / ``--reference_stats``; a teacher run's ``videos/`` folder works as
+   ``--reference_dir``; not FVD, whose I3D weights cannot be downloaded here), CLIPSIM (the CLIP score of every
+   frame with its video's prompt, averaged over frames and videos; Wu et al. 2021, GODIVA), preference scores the
+   same way, and the frame consistency (``metrics.FrameConsistency``, Gen-1: the mean cosine of consecutive
+   frames' CLIP image embeddings, on the ``--clip`` backbone). The protocol's ``extra.video`` records the frame
+   count and what each metric does with the frames, so ``--compare`` refuses to put video and image runs (or
+   videos of another length) in one table. ``--images DIR`` also scores a folder of ``{i:06d}/{f:03d}.png`` videos.
+
+   Example (the 4-step DMD2 LoRA of Wan 2.1 1.3B of examples/README.md and its teacher, 81 frames at the trained
+   480 x 480; the CLIP backbone is an example, not a published protocol)::
+
+       COMMON="--pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --dtype bfloat16 \\
+           --prompts_file prompts.txt --resolution 480 --num_frames 81 --batch_size 1 \\
+           --clip open_clip:ViT-B-32:openai"
+       accelerate launch examples/evaluate.py $COMMON --teacher --num_inference_steps 50 --guidance_scale 5 \\
+           --output_dir eval/wan-teacher
+       accelerate launch examples/evaluate.py $COMMON --student_weights out/dmd2-wan --guidance_scale 1 \\
+           --reference_dir eval/wan-teacher/videos --output_dir eval/wan-dmd2
+       python examples/evaluate.py --compare eval/wan-teacher eval/wan-dmd2
+
 Multi-GPU: ``accelerate launch --num_processes N examples/evaluate.py ...`` splits the prompts by index (process
 ``r`` takes ``r, r + N, ...``) and sums every metric's statistics over the processes before computing it, so the
 numbers are those of one process (up to float64 summation order).
@@ -78,7 +110,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from evaluation import generation, metric_specs, records, scoring
+from evaluation import generation, metric_specs, records, scoring, video_generation
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -118,7 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--num_prompts", type=int, default=None, help="the first N prompts only (quick looks)")
     g.add_argument("--seed", type=int, default=0, help="prompt i is sampled from seed + i")
-    g.add_argument("--resolution", type=int, default=1024, help="generated image side")
+    g.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="generated image side (default 1024); a video's height (default: the pipeline's, WanPipeline 480)",
+    )
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call, per process")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="pipeline weights")
     g.add_argument(
@@ -127,6 +164,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="float -> uint8: round (default; diffusers) or truncate (DMD2's evaluation). With --images: how the "
         "folder's images were made (default: its generation.json's, else round)",
+    )
+    g = p.add_argument_group("videos (WanPipeline: Wan 2.1, Wan 2.2 TI2V-5B / A14B)")
+    g.add_argument(
+        "--num_frames", type=int, default=None, help="frames per video, 4k + 1 (default: the pipeline's 81)"
+    )
+    g.add_argument("--width", type=int, default=None, help="video width (default: --resolution, square)")
+    g.add_argument(
+        "--guidance_scale_2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: CFG where the low-noise expert runs (WanPipeline's guidance_scale_2; default: "
+        "--guidance_scale, the pipeline's rule)",
+    )
+    g.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="prompt tokens of umT5 (default: the pipeline's 512)",
     )
     g = p.add_argument_group("sampler")
     g.add_argument(
@@ -209,16 +264,17 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if (args.timesteps or args.sigmas) and args.num_inference_steps is not None:
         parser.error("--timesteps / --sigmas set the steps: drop --num_inference_steps")
     for name in ("num_prompts", "batch_size", "num_inference_steps", "eval_resolution", "clip_eval_resolution",
-                 "eval_batch_size"):  # fmt: skip
+                 "eval_batch_size", "num_frames", "max_sequence_length"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"expected --{name} >= 1, but got {value}")
-    if args.resolution < 8 or args.resolution % 8:
-        parser.error(
-            f"expected --resolution a positive multiple of 8 (the VAE's factor), but got {args.resolution}"
-        )
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        parser.error(f"expected --guidance_scale >= 0, but got {args.guidance_scale}")
+    for name in ("resolution", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            parser.error(f"expected --{name} a positive multiple of 8 (the VAE's factor), but got {value}")
+    for name in ("guidance_scale", "guidance_scale_2"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"expected --{name} >= 0, but got {getattr(args, name)}")
     for name in ("sigmas", "timesteps"):
         if getattr(args, name) and min(getattr(args, name)) < 0:
             parser.error(f"expected --{name} >= 0, but got {getattr(args, name)}")
@@ -237,10 +293,33 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--{name} {value}: no such {kind}")
     if args.output_dir and Path(args.output_dir).is_file():
         parser.error(f"--output_dir {args.output_dir} is a file: give a folder")
+    try:  # images or videos: read from a local pipeline folder (a hub id: after its config is fetched, in main)
+        check_media(args)
+    except ValueError as err:
+        parser.error(str(err))
     try:  # the student's run folder's sampler (scheduler/, its grid), where the options leave it open
         generation.resolve_sampler(args)
     except ValueError as err:
         parser.error(str(err))
+
+
+def check_media(args: argparse.Namespace, *, download: bool = False) -> None:
+    """Decide whether the run generates (or scores) videos -- a ``WanPipeline``, or an ``--images`` folder of
+    ``{i:06d}/`` frame folders -- into ``args.video`` (None while a hub id's config is not read), refuse the options
+    that do not fit (:func:`evaluation.video_generation.check_options`) and fill ``--resolution``'s image default."""
+    if getattr(args, "video", None) is not None:
+        return
+    index = video_generation.model_index(args.pretrained_model_name_or_path, args.revision, download=download)
+    if args.images is not None:
+        args.video = video_generation.video_folder(args.images)
+    elif index is not None:
+        args.video = video_generation.is_video_index(index)
+    else:  # a hub id, not read at parse time
+        args.video = None
+        return
+    video_generation.check_options(args, index, args.video)
+    if not args.video and args.resolution is None:
+        args.resolution = 1024
 
 
 def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -260,24 +339,40 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     prompts = data_sources.read_prompts(args.prompts_file)[: args.num_prompts]
     mine = generation.shard(range(len(prompts)), rank, world)
-    images_dir = args.images or f"{args.output_dir}/images"
+    check_media(args, download=True)  # a hub id's model_index.json: images or videos
+    video = bool(args.video)
+    images_dir = args.images or f"{args.output_dir}/{video_generation.VIDEO_DIR if video else 'images'}"
+    # what a folder holds by index: images {i:06d}.png, or videos {i:06d}/ of frames {f:03d}.png
+    entries = "[0-9]*" if video else "[0-9]*.png"
 
-    # 1. images: generated (missing ones only) or given
+    # 1. images / videos: generated (missing ones only) or given
     sampler_record = None
     quantization = args.quantization or "round"
     if args.images is None:
-        pipe = generation.load_pipeline(args, device, DTYPES[args.dtype])
-        # the student's weights are hashed by the main process and the digest broadcast
-        sampler_record = generation.sampler_record(pipe, args, accelerator)
+        if video:
+            pipe = video_generation.load_pipeline(args, device, DTYPES[args.dtype])
+            sampler_record = video_generation.sampler_record(pipe, args, accelerator)
+        else:
+            pipe = generation.load_pipeline(args, device, DTYPES[args.dtype])
+            # the student's weights are hashed by the main process and the digest broadcast
+            sampler_record = generation.sampler_record(pipe, args, accelerator)
         # images are reused by index: only when they were made with these settings, seed, quantisation and prompts
         made_as = (images_dir, prompts, args.seed, sampler_record)
-        generation.check_resume(*made_as, write=accelerator.is_main_process, quantization=quantization)
+        resume = {"quantization": quantization, "entries": entries}
+        generation.check_resume(*made_as, write=accelerator.is_main_process, **resume)
         accelerator.wait_for_everyone()  # no process writes an image before every process has checked
         if not accelerator.is_main_process:  # every process samples as the record process 0 wrote says
-            generation.check_resume(*made_as, write=False, quantization=quantization)
+            generation.check_resume(*made_as, write=False, **resume)
         bar = tqdm(total=len(mine), desc="generating", disable=not accelerator.is_local_main_process)
-        sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args, pipe))
-        generation.generate_images(
+        if video:
+            sample = generation.pipeline_sampler(
+                pipe, video_generation.call_kwargs(args, pipe), field="frames"
+            )
+            write = video_generation.generate_videos
+        else:
+            sample = generation.pipeline_sampler(pipe, generation.call_kwargs(args, pipe))
+            write = generation.generate_images
+        write(
             sample,
             prompts,
             mine,
@@ -294,26 +389,42 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         sampler_record = manifest["generator"]
         quantization = args.quantization or generation.manifest_quantization(manifest)
         generation.check_resume(
-            images_dir, prompts, args.seed, sampler_record, write=False, quantization=quantization
+            images_dir,
+            prompts,
+            args.seed,
+            sampler_record,
+            write=False,
+            quantization=quantization,
+            entries=entries,
         )
     accelerator.wait_for_everyone()
-    absent = generation.missing(images_dir, mine)
-    if absent:
-        raise ValueError(
-            f"Expected an image per prompt in {images_dir}, but {len(absent)} are missing (first: "
-            f"{generation.image_path(images_dir, absent[0]).name}). --images folders name image i {{i:06d}}.png."
-        )
+    if video:
+        num_frames = video_generation.frame_count(images_dir)
+        video_generation.check_complete(images_dir, mine, num_frames)
+        files, file_prompts = video_generation.frame_files(images_dir, mine, prompts, num_frames)
+    else:
+        absent = generation.missing(images_dir, mine)
+        if absent:
+            raise ValueError(
+                f"Expected an image per prompt in {images_dir}, but {len(absent)} are missing (first: "
+                f"{generation.image_path(images_dir, absent[0]).name}). --images folders name image i "
+                "{i:06d}.png."
+            )
+        files, file_prompts = [generation.image_path(images_dir, i) for i in mine], [prompts[i] for i in mine]
 
-    # 2. metrics: this process's share of the images (and of the reference folder), then summed over processes
+    # 2. metrics: this process's share of the images (and of the reference folder), then summed over processes;
+    # a video's frames are scored as images with its prompt, and its frame consistency on the CLIP backbone
     if metrics is None:
         with accelerator.main_process_first():  # weights are downloaded once, by the main process
             metrics = metric_specs.build_metrics(args, device)
+    if video:
+        metrics = video_generation.add_frame_consistency(metrics)
     fid = metrics.get("fid")
-    text_metrics = {k: m for k, m in metrics.items() if k != "fid"}
-    bar = tqdm(total=len(mine), desc="scoring", disable=not accelerator.is_local_main_process)
+    text_metrics = {k: m for k, m in metrics.items() if k not in ("fid", "frame_consistency")}
+    bar = tqdm(total=len(files), desc="scoring", disable=not accelerator.is_local_main_process)
     scoring.score_images(
-        [generation.image_path(images_dir, i) for i in mine],
-        [prompts[i] for i in mine],
+        files,
+        file_prompts,
         fid=fid,
         text_metrics=text_metrics,
         prefixes={"clip_score": args.clip_prefix},
@@ -324,6 +435,15 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         progress=bar,
     )
     bar.close()
+    if "frame_consistency" in metrics:
+        video_generation.score_frame_consistency(
+            metrics["frame_consistency"],
+            images_dir,
+            mine,
+            num_frames,
+            eval_resolution=args.clip_eval_resolution or args.eval_resolution,  # the CLIP score's frames
+            device=device,
+        )
     reference_files: list[Any] = []
     if fid is not None and args.reference_dir:
         reference_files = scoring.image_files(args.reference_dir)
@@ -344,23 +464,27 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         records.write_results(f"{args.save_reference_stats}.json", reference)
 
     # 3. the record
+    first = video_generation.frame_path(images_dir, 0, 0) if video else generation.image_path(images_dir, 0)
     protocol = metric_specs.evaluation_protocol(
         args,
         prompts,
         metrics,
         generator=sampler_record,
-        image_size=scoring.image_size(generation.image_path(images_dir, 0)),
+        image_size=scoring.image_size(first),
         reference=reference,
         quantization=quantization,
+        video=video_generation.protocol_entry(num_frames) if video else None,
     )
     record = {
         "metrics": numbers,
         "protocol": protocol,
-        "num_images": len(prompts),
+        "num_images": len(prompts) * (num_frames if video else 1),
         "images_dir": str(images_dir),
         "label": Path(args.output_dir).name,
         "command": sys.argv[1:] if __name__ == "__main__" else None,
     }
+    if video:
+        record["num_videos"] = len(prompts)
     if accelerator.is_main_process:
         path = records.write_results(f"{args.output_dir}/{records.RESULTS_NAME}", record)
         print(f"{path}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))

@@ -3,8 +3,8 @@
 Esser et al., "Structure and Content-Guided Video Synthesis with Diffusion Models" (Gen-1, ICCV 2023), measure
 temporal consistency by computing the CLIP image embedding of every output frame and averaging the cosine similarity
 of consecutive frames; Wu et al., "Tune-A-Video" (ICCV 2023), report the same quantity under the name "frame
-consistency" (their text says "all pairs of video frames"). For a video of ``F`` frames with unit CLIP image
-embeddings ``e_1 ... e_F``::
+consistency", described there as an average over all pairs of video frames (our reading; ``pairs="all"``). For
+a video of ``F`` frames with unit CLIP image embeddings ``e_1 ... e_F``::
 
     consecutive (Gen-1, default):  c = 1 / (F - 1) * sum_{f=1}^{F-1} <e_f, e_{f+1}>
     all pairs  (``pairs="all"``):   c = 2 / (F (F - 1)) * sum_{f<g} <e_f, e_g>
@@ -12,8 +12,8 @@ embeddings ``e_1 ... e_F``::
 and the metric is the mean of ``c`` over the videos (every video weighs the same, whatever its frame count).
 We default to consecutive pairs (our choice: it is the definition the Gen-1 paper states explicitly, it measures
 frame-to-frame flicker rather than how far a video moves over its length, and it costs ``F - 1`` products instead of
-``F (F - 1) / 2``). Both conventions are reported as a raw cosine here (``scale=1``); tables that print e.g. 92.4 use
-``scale=100``. The backbone and preprocessing are those of a :class:`~diffdistill.metrics.CLIPScore`
+``F (F - 1) / 2``). Both conventions are reported as a raw cosine here (``scale=1``); tables that print it in
+percent use ``scale=100``. The backbone and preprocessing are those of a :class:`~diffdistill.metrics.CLIPScore`
 (:meth:`FrameConsistency.from_clip_score`: the text-video alignment "CLIPSIM" and the consistency then share one
 CLIP model), and :meth:`FrameConsistency.protocol` records them.
 """

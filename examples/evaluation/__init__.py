@@ -5,6 +5,9 @@ Modules:
 
 - :mod:`evaluation.generation`: the pipeline with the student's weights and sampler; seeded, resumable images
   (``{index:06d}.png``), prompts split over processes.
+- :mod:`evaluation.video_generation`: the same for Wan text-to-video (``WanPipeline``: Wan 2.1, Wan 2.2 TI2V-5B /
+  A14B): the student's LoRA(s) and grid, seeded resumable videos (``{index:06d}/{frame:03d}.png``), frame
+  consistency and the video entry of the protocol.
 - :mod:`evaluation.scoring`: reading images back with the protocol's resize, feeding the metric objects,
   reducing them over processes.
 - :mod:`evaluation.metric_specs`: metric objects named on the command line (``--clip``, ``--preference``,

@@ -109,8 +109,9 @@ VIDEO_PIPELINE_MARKERS = ("Wan", "Video", "CogVideoX", "LTX", "Mochi")
 
 
 def check_image_pipeline(index: dict[str, Any]) -> None:
-    """Refuse a video pipeline (its ``model_index.json`` as ``index``) before its weights load: the metrics here
-    score images (FID, CLIP score, preference models); video metrics (FVD, VBench) are not implemented.
+    """Refuse a video pipeline (its ``model_index.json`` as ``index``) on the image path, before its weights load.
+    ``examples/evaluate.py`` sends ``WanPipeline`` folders to :mod:`evaluation.video_generation` first and refuses
+    other video pipelines there; this guards callers of :func:`load_pipeline`.
 
     Args:
         index: the pipeline's ``model_index.json``.
@@ -121,9 +122,9 @@ def check_image_pipeline(index: dict[str, Any]) -> None:
     name = str(index.get("_class_name", ""))
     if any(marker in name for marker in VIDEO_PIPELINE_MARKERS):
         raise ValueError(
-            f"Expected a text-to-image pipeline, but --pretrained_model_name_or_path is a {name} (video): "
-            "examples/evaluate.py scores images (FID, CLIP score, preference models) and has no video metric "
-            "(FVD, VBench). Look at a Wan student's validation videos (OUTPUT_DIR/samples/*.gif) instead."
+            f"Expected a text-to-image pipeline, but --pretrained_model_name_or_path is a {name} (video): the image "
+            "path has no video metric. examples/evaluate.py evaluates WanPipeline folders through "
+            "evaluation.video_generation (frame FID, CLIPSIM, frame consistency; not FVD / VBench)."
         )
 
 
@@ -531,6 +532,7 @@ def check_resume(
     *,
     write: bool,
     quantization: str = "round",
+    entries: str = "[0-9]*.png",
 ) -> None:
     """Refuse to resume into an image folder whose images were made otherwise; record (``write``) how they are made.
 
@@ -546,6 +548,8 @@ def check_resume(
         generator: :func:`sampler_record` of this run.
         write: whether this process writes the updated record (the main process; the others only check).
         quantization: how this run turns images into uint8 (:data:`QUANTIZATIONS`).
+        entries: the glob of the folder's items named by index (``"[0-9]*.png"``; a video folder's
+            ``"[0-9]*"``: one folder of frames per video).
 
     Raises:
         ValueError: naming the first difference and how to proceed.
@@ -554,7 +558,7 @@ def check_resume(
 
     folder = Path(folder)
     record_path = folder / MANIFEST_NAME
-    existing = sorted(p for p in folder.glob("[0-9]*.png")) if folder.is_dir() else []
+    existing = sorted(p for p in folder.glob(entries)) if folder.is_dir() else []
     recorded: list[str] = []
     if record_path.is_file():
         old = json.loads(record_path.read_text(encoding="utf-8"))
@@ -656,6 +660,11 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_image(image: torch.Tensor, folder: Path, index: int, quantization: str) -> None:
+    """Write one generated image (float ``[0, 1]`` (3, H, W)) as ``folder/{index:06d}.png`` (:func:`to_uint8`)."""
+    save_png(to_uint8(image[None], quantization)[0], image_path(folder, index))
+
+
 @torch.no_grad()
 def generate_images(
     sample: Callable[[list[str], list[torch.Generator]], torch.Tensor],
@@ -667,6 +676,8 @@ def generate_images(
     batch_size: int,
     progress: Any = None,
     quantization: str = "round",
+    save: Callable[[torch.Tensor, Path, int, str], None] = save_image,
+    absent: Callable[[Path, Sequence[int]], list[int]] = missing,
 ) -> list[int]:
     """Generate and write the images of ``indices`` that are missing from ``folder``; return those generated.
 
@@ -680,31 +691,33 @@ def generate_images(
         batch_size: prompts per call.
         progress: a tqdm bar to advance by one per image (or None).
         quantization: how the images become uint8 (:func:`to_uint8`).
+        save: ``save(output k, folder, index, quantization)`` writes one sample (:func:`save_image`; a video's:
+            :func:`evaluation.video_generation.save_video`).
+        absent: ``absent(folder, indices)``: those not written yet (:func:`missing`).
 
     Returns:
         The indices generated now (the others existed).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = missing(folder, indices)
+    todo = absent(folder, indices)
     if progress is not None:
         progress.update(len(indices) - len(todo))
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         gens = [torch.Generator().manual_seed(int(seed) + SEED_STRIDE * i) for i in batch]
-        images = to_uint8(sample([prompts[i] for i in batch], gens), quantization)
-        for i, image in zip(batch, images):
-            save_png(image, image_path(folder, i))
+        for i, output in zip(batch, sample([prompts[i] for i in batch], gens)):
+            save(output, folder, i, quantization)
         if progress is not None:
             progress.update(len(batch))
     return todo
 
 
 def pipeline_sampler(
-    pipe: Any, kwargs: dict[str, Any]
+    pipe: Any, kwargs: dict[str, Any], field: str = "images"
 ) -> Callable[[list[str], list[torch.Generator]], torch.Tensor]:
     """``sample(prompts, generators)`` calling ``pipe`` with the sampler arguments ``kwargs`` (``output_type="pt"``:
-    float images in ``[0, 1]``).
+    float images in ``[0, 1]``; ``field="frames"``: a video pipeline's ``(N, F, 3, H, W)`` videos).
 
     A stochastic scheduler (``stochastic_sampling``: flow_dmd2's saved DMD2 sampler) draws its re-noising noise from
     torch's global generator, not from the per-image generators, so a batch's images would depend on the batch and
@@ -715,7 +728,7 @@ def pipeline_sampler(
         extra = dict(kwargs)
         if isinstance(extra.get("negative_prompt"), str):  # one per prompt, as the pipelines batch them
             extra["negative_prompt"] = [extra["negative_prompt"]] * len(prompts)
-        return pipe(prompt=prompts, generator=generators, output_type="pt", **extra).images
+        return getattr(pipe(prompt=prompts, generator=generators, output_type="pt", **extra), field)
 
     def sample(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
         if not getattr(pipe.scheduler.config, "stochastic_sampling", False):

@@ -178,6 +178,7 @@ def evaluation_protocol(
     image_size: tuple[int, int],
     reference: dict[str, Any] | None = None,
     quantization: str = "round",
+    video: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The protocol record of a run, as the JSON object of :class:`diffdistill.metrics.protocol.EvaluationProtocol`.
 
@@ -194,6 +195,9 @@ def evaluation_protocol(
         quantization: how the images were turned into uint8 (``"round"`` / ``"truncate"``,
             :func:`evaluation.generation.to_uint8`): a half-level shift of every pixel, so part of what is compared
             (``preprocessing.quantization``).
+        video: a video run's entry (:func:`evaluation.video_generation.protocol_entry`: frames per video, which are
+            scored, what each metric does with them), recorded as ``extra.video``; None for images (no entry, so
+            image and video runs differ).
 
     Returns:
         The protocol as a JSON-ready dict (``EvaluationProtocol.to_dict()``).
@@ -220,7 +224,12 @@ def evaluation_protocol(
         extra={
             "fid_reference": reference,
             "seed_rule": "prompt i from seed + i, one CPU generator per image",
-        },
+        }
+        | (
+            {"video": video, "seed_rule": "video i from seed + i, one CPU generator per video"}
+            if video is not None
+            else {}
+        ),
     )
     return protocol.to_dict()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_NAME = "results.json"
-METRIC_ORDER = ("fid", "clip_score", "imagereward", "hpsv21", "pickscore", "aesthetic")
+METRIC_ORDER = ("fid", "clip_score", "frame_consistency", "imagereward", "hpsv21", "pickscore", "aesthetic")
 """Column order of :func:`comparison_table` (other metrics follow, sorted)."""
 
 

@@ -65,11 +65,18 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files under ``folder`` (recursive), sorted by path."""
+    """The image files under ``folder`` (recursive: a video run's ``videos/`` folder gives every frame), sorted by
+    path; hidden files and folders (a generating run's temporary ones) are left out."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"Expected {folder} to be a folder of images, but it is not a folder.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise ValueError(f"Expected image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}, but found none.")
     return files

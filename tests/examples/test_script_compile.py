@@ -150,6 +150,43 @@ def test_flow_dmd2_compiled_equals_eager(
     _compare(monkeypatch, "flow_dmd2", [*argv, "--generator_every", "1"], tmp_path, "transformer.")
 
 
+def test_flow_dmd2_on_wan_a14b_compiled_equals_eager(
+    monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Wan 2.2 A14B's two experts on one shared base (``WanExperts`` splits each batch between them, so a block
+    sees sub-batches of varying size): the blocks of both experts compile, the losses and both experts' updates are
+    eager's."""
+    import torch._dynamo
+
+    from tests.examples.tiny_flow import save_tiny_wan_pipeline
+
+    models = {"wan": save_tiny_wan_pipeline(tmp_path / "a14b", variant="a14b"), "prompts": tiny["prompts"]}
+    argv = smoke_argv(models, "wan", tmp_path / "unused", "--lora_rank", "4", "--gradient_checkpointing")
+    argv += ["--num_frames", "5", "--generator_every", "1", "--fake_sigma_range", "0.8", "0.95"]
+
+    def both_experts(out: Path) -> dict[str, torch.Tensor]:  # the two LoRA files under the WanExperts names
+        low = _load_lora(out / "pytorch_lora_weights_transformer_2.safetensors")
+        high = _load_lora(out / "pytorch_lora_weights.safetensors")
+        return {**high, **{k.replace("transformer.", "transformer_2.", 1): v for k, v in low.items()}}
+
+    eager_logs, _, step1 = _run(monkeypatch, "flow_dmd2", argv, tmp_path / "eager", "")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_argv = [*argv, "--compile", "--compile_backend", BACKEND]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        compiled_logs, _, _ = _run(monkeypatch, "flow_dmd2", compiled_argv, tmp_path / "compiled", "")
+    counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()}
+    torch._dynamo.reset()
+    for key, value in eager_logs[0].items():
+        assert compiled_logs[0][key] == pytest.approx(value, rel=REL_LOSS, abs=1e-12), key
+    eager = both_experts(tmp_path / "eager")
+    assert {k.split(".")[0] for k in eager} == {"transformer", "transformer_2"}
+    assert_same_update(both_experts(tmp_path / "compiled"), eager, step1, what="A14B --compile vs eager")
+    assert counters.get("stats", {}).get("unique_graphs", 0) >= 2 and not counters.get("graph_break"), (
+        counters
+    )
+
+
 def _tiny_unet() -> Any:
     from diffusers import UNet2DConditionModel
 

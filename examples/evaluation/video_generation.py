@@ -1,0 +1,417 @@
+"""Generating and scoring the evaluation videos of a Wan text-to-video student (or its teacher): ``WanPipeline``
+folders of Wan 2.1, Wan 2.2 TI2V-5B and Wan 2.2 A14B, as the flow scripts distil them.
+
+What is the image path's (:mod:`evaluation.generation`), and what changes for videos:
+
+* the pipeline is ``WanPipeline`` itself, so prompt encoding, CFG (A14B: ``guidance_scale`` where the high-noise
+  expert runs, ``guidance_scale_2`` below ``boundary_ratio``), the expert switch and decoding are diffusers';
+* the student: the LoRA the flow scripts write (``pytorch_lora_weights.safetensors`` into ``transformer``; for A14B
+  also ``pytorch_lora_weights_transformer_2.safetensors``, loaded with ``load_into_transformer_2=True``), fused
+  into the experts at ``--lora_scale`` (:func:`apply_student`); an A14B folder without its second file is refused
+  (the low-noise steps would run the teacher's expert);
+* the sampler: the run's ``scheduler/`` and grid (``student_sigmas.json`` / ``student_grid.json``'s ``sigmas``) as
+  for images (:func:`evaluation.generation.resolve_sampler`); ``WanPipeline`` takes no ``sigmas=``, so the grid is
+  given through the scripts' documented override ``pipe.scheduler.set_timesteps = lambda n, device=None:
+  set_timesteps(sigmas=SIGMAS, device=device)`` (:func:`set_sampler`). ``--teacher`` keeps the pipeline's UniPC
+  sampler at ``--num_inference_steps``;
+* the files: video ``i`` (prompt ``i``, noise of seed ``--seed + i``: one CPU generator per video) is written as
+  ``videos/{i:06d}/{f:03d}.png``, frame ``f`` quantised to uint8 as the images are
+  (:func:`evaluation.generation.to_uint8`). The frames go to a hidden temporary folder that is renamed when the
+  video is complete, so a stopped run leaves whole videos only and a rerun generates the missing ones, after
+  :func:`evaluation.generation.check_resume` has compared ``videos/generation.json`` (the sampler record with the
+  frame count, size and the weights' SHA-256, seed, quantisation, prompts) with the rerun's;
+* the metrics, each on the frames read back from the PNG files (:func:`frame_files`): FID on every frame of every
+  video as an image ("frame FID": not FVD, whose I3D weights cannot be downloaded here), CLIP score of every frame
+  with its video's prompt averaged over frames and videos ("CLIPSIM", Wu et al. 2021 "GODIVA", as
+  VideoCrafter and EvalCrafter report text-video alignment), preference scores the same way, and the frame
+  consistency of :class:`diffdistill.metrics.FrameConsistency` (Gen-1's mean cosine of consecutive frames' CLIP image
+  embeddings) on the CLIP score's backbone (:func:`score_frame_consistency`). :func:`protocol_entry` says all of
+  this in the protocol, so video runs are never compared with image runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import generation
+
+VIDEO_PIPELINES = ("WanPipeline",)
+"""The video pipelines ``examples/evaluate.py`` generates with (text-to-video Wan 2.1 / 2.2)."""
+
+VIDEO_OPTIONS = ("num_frames", "width", "guidance_scale_2", "max_sequence_length")
+"""Options that only a video pipeline takes (refused for image pipelines)."""
+
+LOW_NOISE_LORA_SUFFIX = "_transformer_2"
+"""A14B's low-noise expert LoRA is ``<stem>_transformer_2.safetensors`` beside the high-noise one (the flow scripts'
+``training.wan_experts.lora_files``: ``pytorch_lora_weights_transformer_2.safetensors``)."""
+
+TEMPORAL_FACTOR = 4
+"""Wan's VAEs compress time by 4: a video has ``4k + 1`` frames (``WanPipeline`` rounds other counts, which would
+make the files disagree with the record)."""
+
+VIDEO_DIR = "videos"
+
+
+def model_index(
+    path: str | None, revision: str | None = None, *, download: bool = False
+) -> dict[str, Any] | None:
+    """The ``model_index.json`` of a pipeline folder (read locally; a hub id only with ``download``, else None)."""
+    if not path:
+        return None
+    local = Path(path) / "model_index.json"
+    if local.is_file():
+        return dict(json.loads(local.read_text(encoding="utf-8")))
+    if not download:
+        return None
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(path, revision=revision))
+
+
+def is_video_index(index: dict[str, Any]) -> bool:
+    """Whether a pipeline's ``model_index.json`` is a video pipeline evaluated here (:data:`VIDEO_PIPELINES`).
+
+    Raises:
+        ValueError: for another video pipeline (``evaluation.generation.check_image_pipeline``'s markers).
+    """
+    name = str(index.get("_class_name", ""))
+    if name in VIDEO_PIPELINES:
+        return True
+    if any(marker in name for marker in generation.VIDEO_PIPELINE_MARKERS):
+        raise ValueError(
+            f"Expected a text-to-image pipeline or a {' / '.join(VIDEO_PIPELINES)} (text-to-video), but "
+            f"--pretrained_model_name_or_path is a {name}: examples/evaluate.py generates videos with "
+            f"{' / '.join(VIDEO_PIPELINES)} only."
+        )
+    return False
+
+
+def two_experts(index: dict[str, Any]) -> bool:
+    """Whether a ``WanPipeline``'s ``model_index.json`` holds Wan 2.2 A14B's second expert (``transformer_2``)."""
+    entry = index.get("transformer_2")
+    return isinstance(entry, (list, tuple)) and any(entry)
+
+
+def video_folder(folder: str | Path) -> bool:
+    """Whether an ``--images`` folder holds videos (``000000/`` frame folders) rather than ``{i:06d}.png`` images."""
+    return (Path(folder) / f"{0:06d}").is_dir()
+
+
+def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video: bool) -> None:
+    """Refuse options that do not fit the pipeline (or the ``--images`` folder), and fill the video defaults that
+    need no load: ``--width`` = ``--resolution`` (square, the flow scripts' default).
+
+    Args:
+        args: the options.
+        index: the pipeline's ``model_index.json`` (None: ``--images``, or a hub id not read yet).
+        video: whether this run generates or scores videos.
+
+    Raises:
+        ValueError: naming the option and why.
+    """
+    if not video:
+        given = [f"--{name}" for name in VIDEO_OPTIONS if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(
+                f"{' / '.join(given)} apply to a video pipeline ({' / '.join(VIDEO_PIPELINES)}), but this run "
+                "evaluates images: drop them."
+            )
+        return
+    if args.timesteps:
+        raise ValueError("--timesteps: WanPipeline samples on sigmas (flow matching): give --sigmas instead.")
+    if getattr(args, "lora_base", None):
+        raise ValueError("--lora_base is for SDXL LoRAs trained on another UNet: drop it for a Wan student.")
+    if args.num_frames is not None and args.num_frames % TEMPORAL_FACTOR != 1:
+        raise ValueError(
+            f"Expected --num_frames of the form {TEMPORAL_FACTOR}k + 1 (Wan's VAE compresses time by "
+            f"{TEMPORAL_FACTOR}; e.g. 81), but got {args.num_frames}."
+        )
+    if index is not None and args.guidance_scale_2 is not None and not two_experts(index):
+        raise ValueError(
+            f"--guidance_scale_2 is the CFG of Wan 2.2 A14B's low-noise expert, but {args.pretrained_model_name_or_path} "
+            "has one transformer: drop it."
+        )
+    if args.width is None and args.resolution is not None:
+        args.width = args.resolution
+
+
+def fill_defaults(args: argparse.Namespace, pipe: Any) -> None:
+    """``--resolution`` / ``--width`` / ``--num_frames`` left open: the pipeline's defaults (``WanPipeline``: 480,
+    then square, 81 frames)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    if args.resolution is None:
+        args.resolution = int(params["height"].default)
+    if args.width is None:
+        args.width = args.resolution
+    if args.num_frames is None:
+        args.num_frames = int(params["num_frames"].default)
+
+
+def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
+    """The LoRA files of ``--student_weights``: the high-noise (or only) expert's, and for a two-expert pipeline the
+    low-noise expert's beside it (:data:`LOW_NOISE_LORA_SUFFIX`).
+
+    Raises:
+        ValueError: for a full ``transformer/`` folder (the flow scripts write LoRAs for Wan; a full fine-tune of
+            A14B is refused by them) or an A14B LoRA without its second file.
+    """
+    kind, path = generation.resolve_student(args.student_weights, "transformer")
+    if kind != "lora":
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise ValueError(
+                f"Expected a LoRA student for Wan 2.2 A14B (one file per expert), but --student_weights "
+                f"{args.student_weights} is a full transformer ({path})."
+            )
+        return [path]
+    files = [path]
+    if getattr(pipe, "transformer_2", None) is not None:
+        second = path.with_name(f"{path.stem}{LOW_NOISE_LORA_SUFFIX}{path.suffix}")
+        if not second.is_file():
+            raise ValueError(
+                f"Expected the low-noise expert's LoRA {second.name} beside {path} (Wan 2.2 A14B: one LoRA per "
+                "expert, as flow_dmd2.py / flow_tscd.py write them), but it is missing: without it the low-noise "
+                "steps would run the teacher's expert."
+            )
+        files.append(second)
+    return files
+
+
+def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Put the student into a ``WanPipeline``: its LoRA(s) fused into ``transformer`` (and ``transformer_2``) at
+    ``--lora_scale``, or a full ``transformer/`` folder in place of the pipeline's.
+
+    Args:
+        pipe: the ``WanPipeline``.
+        args: the options (``--student_weights``, ``--lora_scale``).
+        dtype: the pipeline's weight dtype.
+
+    Raises:
+        ValueError: see :func:`student_files`.
+    """
+    if not args.student_weights:
+        return
+    files = student_files(args, pipe)
+    kind, _ = generation.resolve_student(args.student_weights, "transformer")
+    if kind != "lora":
+        cls = type(pipe.transformer)
+        pipe.register_modules(transformer=cls.from_pretrained(str(files[0]), torch_dtype=dtype))
+        return
+    pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name)
+    components = ["transformer"]
+    if len(files) > 1:
+        pipe.load_lora_weights(str(files[1].parent), weight_name=files[1].name, load_into_transformer_2=True)
+        components.append("transformer_2")
+    pipe.fuse_lora(components=components, lora_scale=generation.lora_scale(args))
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+
+
+def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | None) -> None:
+    """The sampler of :func:`evaluation.generation.set_sampler` (the run's ``scheduler/`` or ``--scheduler``), and
+    the sigmas (``--sigmas`` or the run's grid) through the ``set_timesteps`` override, as ``WanPipeline`` takes no
+    ``sigmas=``.
+
+    Raises:
+        ValueError: if the scheduler takes no sigmas (``UniPCMultistepScheduler``): name one that does.
+    """
+    generation.set_sampler(pipe, args, saved)
+    if not args.sigmas:
+        return
+    scheduler = pipe.scheduler
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(
+            f"Expected a scheduler that takes sigmas for --sigmas / the run's grid, but {type(scheduler).__name__} "
+            "takes none: give the run folder (its scheduler/) or --scheduler FlowMatchEulerDiscreteScheduler."
+        )
+    sigmas = [float(s) for s in args.sigmas]
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=sigmas, device=device)
+
+
+def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> Any:
+    """The ``WanPipeline`` of ``--pretrained_model_name_or_path`` with the student (unless ``--teacher``) and its
+    sampler, the video defaults filled in (:func:`fill_defaults`), on ``device``, progress bar off."""
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if args.revision:
+        kwargs["revision"] = args.revision
+    if args.variant:
+        kwargs["variant"] = args.variant
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    fill_defaults(args, pipe)
+    if not args.teacher:
+        apply_student(pipe, args, dtype)
+    set_sampler(pipe, args, generation.resolve_sampler(args).saved_sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The ``WanPipeline`` call's arguments: size, frames, steps (``len(sigmas)`` with a grid: the override ignores
+    the count), guidance (A14B: ``guidance_scale_2`` when given) and ``max_sequence_length`` when given."""
+    kw: dict[str, Any] = {"height": args.resolution, "width": args.width, "num_frames": args.num_frames}
+    kw["num_inference_steps"] = len(args.sigmas) if args.sigmas else args.num_inference_steps
+    if args.guidance_scale is not None:
+        kw["guidance_scale"] = args.guidance_scale
+    if args.guidance_scale_2 is not None:
+        kw["guidance_scale_2"] = args.guidance_scale_2
+    if args.max_sequence_length is not None:
+        kw["max_sequence_length"] = args.max_sequence_length
+    return kw
+
+
+def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None) -> dict[str, Any]:
+    """:func:`evaluation.generation.sampler_record` with what a video adds: ``width``, ``num_frames``, the
+    low-noise expert's guidance (A14B: ``guidance_scale_2``, the pipeline's rule -- ``guidance_scale`` when not
+    given), ``max_sequence_length``, and the second LoRA's SHA-256 (``sha256_transformer_2``)."""
+    record = generation.sampler_record(pipe, args, accelerator)
+    record["width"] = args.width
+    record["num_frames"] = args.num_frames
+    if getattr(pipe, "transformer_2", None) is not None:
+        record["guidance_scale_2"] = (
+            args.guidance_scale_2 if args.guidance_scale_2 is not None else record["guidance_scale"]
+        )
+        if args.guidance_scale_2 is not None:
+            record["sampler_sources"]["guidance_scale_2"] = "--guidance_scale_2"
+        else:
+            record["sampler_sources"]["guidance_scale_2"] = "guidance_scale (WanPipeline's rule)"
+    record["max_sequence_length"] = args.max_sequence_length
+    if record["student_weights"] is not None and not args.teacher:
+        files = student_files(args, pipe)
+        if len(files) > 1:
+            record["student_weights"]["sha256_transformer_2"] = generation.shared_weights_sha256(
+                "lora", files[1], accelerator
+            )
+    return record
+
+
+def video_path(folder: str | Path, index: int) -> Path:
+    """Where video ``index`` lives: ``folder/{index:06d}/`` (its frames ``{f:03d}.png``)."""
+    return Path(folder) / f"{int(index):06d}"
+
+
+def frame_path(folder: str | Path, index: int, frame: int) -> Path:
+    """Frame ``frame`` of video ``index``: ``folder/{index:06d}/{frame:03d}.png``."""
+    return video_path(folder, index) / f"{int(frame):03d}.png"
+
+
+def missing(folder: str | Path, indices: Sequence[int]) -> list[int]:
+    """The indices whose video folder is not written yet (a folder appears only when every frame is written)."""
+    return [i for i in indices if not video_path(folder, i).is_dir()]
+
+
+def frame_count(folder: str | Path) -> int:
+    """The frames per video of a video folder: its record's ``num_frames``, else the PNG files of ``000000/``.
+
+    Raises:
+        ValueError: if neither says.
+    """
+    manifest = generation.read_manifest(folder)
+    if manifest is not None and (manifest.get("generator") or {}).get("num_frames"):
+        return int(manifest["generator"]["num_frames"])
+    count = len(list(video_path(folder, 0).glob("[0-9]*.png")))
+    if count < 1:
+        raise ValueError(f"Expected frames {{f:03d}}.png in {video_path(folder, 0)}, but found none.")
+    return count
+
+
+def check_complete(folder: str | Path, indices: Sequence[int], num_frames: int) -> None:
+    """Refuse a video folder with a missing video or frame among ``indices``.
+
+    Raises:
+        ValueError: naming the first missing file.
+    """
+    for i in indices:
+        for f in range(num_frames):
+            if not frame_path(folder, i, f).is_file():
+                raise ValueError(
+                    f"Expected {num_frames} frames per video in {folder}, but {frame_path(folder, i, f)} is missing. "
+                    "Video folders hold video i's frame f as {i:06d}/{f:03d}.png."
+                )
+
+
+def save_video(video: torch.Tensor, folder: Path, index: int, quantization: str) -> None:
+    """Write one generated video (float ``[0, 1]`` (F, 3, H, W)) as ``folder/{index:06d}/{f:03d}.png``
+    (:func:`evaluation.generation.to_uint8`): into a hidden temporary folder, renamed when every frame is written,
+    so that the video appears whole."""
+    tmp = folder / f".{int(index):06d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f, frame in enumerate(generation.to_uint8(video, quantization)):
+        generation.save_png(frame, tmp / f"{f:03d}.png")
+    os.replace(tmp, video_path(folder, index))
+
+
+def generate_videos(
+    sample: Callable[[list[str], list[torch.Generator]], torch.Tensor],
+    prompts: Sequence[str],
+    indices: Sequence[int],
+    folder: str | Path,
+    **kwargs: Any,
+) -> list[int]:
+    """:func:`evaluation.generation.generate_images` for videos: ``sample`` returns float ``[0, 1]``
+    ``(N, F, 3, H, W)`` videos (:func:`evaluation.generation.pipeline_sampler` with ``field="frames"``), each written
+    by :func:`save_video`, those with a folder already skipped (:func:`missing`); ``kwargs``: ``seed``,
+    ``batch_size``, ``progress``, ``quantization``. Returns the indices generated now."""
+    return generation.generate_images(
+        sample, prompts, indices, folder, save=save_video, absent=missing, **kwargs
+    )
+
+
+def frame_files(
+    folder: str | Path, indices: Sequence[int], prompts: Sequence[str], num_frames: int
+) -> tuple[list[Path], list[str]]:
+    """Every frame of the videos ``indices`` in order (video by video) and the prompt of each frame (its video's)."""
+    files = [frame_path(folder, i, f) for i in indices for f in range(num_frames)]
+    return files, [prompts[i] for i in indices for _ in range(num_frames)]
+
+
+def score_frame_consistency(
+    metric: Any,
+    folder: str | Path,
+    indices: Sequence[int],
+    num_frames: int,
+    *,
+    eval_resolution: int | None,
+    device: Any = "cpu",
+) -> None:
+    """Feed each video's frames (read back from the PNG files, resized as the CLIP score's frames are) to
+    ``metric.update(videos (1, F, 3, H, W))`` (:class:`diffdistill.metrics.FrameConsistency`)."""
+    from .scoring import load_image
+
+    for i in indices:
+        frames = [load_image(frame_path(folder, i, f), eval_resolution) for f in range(num_frames)]
+        metric.update(torch.stack(frames)[None].to(device))
+
+
+def add_frame_consistency(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with ``frame_consistency`` on the CLIP score's backbone (when there is a CLIP score and no
+    frame consistency given)."""
+    if "clip_score" in metrics and "frame_consistency" not in metrics:
+        from diffdistill.metrics import FrameConsistency
+
+        metrics = {**metrics, "frame_consistency": FrameConsistency.from_clip_score(metrics["clip_score"])}
+    return metrics
+
+
+def protocol_entry(num_frames: int) -> dict[str, Any]:
+    """What the protocol records about a video run (its ``extra.video``): frames per video, which are scored and how
+    each metric treats them -- so video runs compare only with video runs of the same length."""
+    return {
+        "num_frames": int(num_frames),
+        "frames_scored": "all",
+        "layout": "videos/{i:06d}/{f:03d}.png",
+        "fid": "frame FID: every frame of every video scored as an image (not FVD: no I3D weights)",
+        "clip_score": "CLIPSIM: the CLIP score of every frame with its video's prompt, averaged over frames and videos",
+        "preference": "per frame with its video's prompt, averaged over frames and videos",
+        "frame_consistency": "mean over videos of the mean cosine of consecutive frames' CLIP image embeddings (Gen-1)",
+    }
