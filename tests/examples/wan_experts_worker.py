@@ -9,11 +9,19 @@ whole batch.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-from tests.examples.example_modules import load_example
-from tests.transformer_configs import tiny_wan_transformer_config
+# Spawned children import this module by its top-level name (its folder on sys.path, as the test puts it) and may
+# not have the repository root on sys.path (pytest-xdist workers): put it there for the tests package.
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.examples.example_modules import load_example  # noqa: E402
+from tests.transformer_configs import tiny_wan_transformer_config  # noqa: E402
 
 wan_experts = load_example("training.wan_experts")
 
