@@ -87,8 +87,9 @@ prompt-only: DMD on a video teacher as FastGen's Wan DMD2 (NVlabs/FastGen, ``con
 DMD stages of CausVid and Self-Forcing (Yin et al. 2025, arXiv:2412.07772; Huang et al. 2025, arXiv:2506.08009),
 which distil Wan2.1-T2V-1.3B (their causal students are not built here: this generator is bidirectional). The teacher's
 CFG 5.0 against the encoded empty prompt (``WanPipeline``'s default negative; Wan's long recommended negative
-prompt is not used: our choice), LoRA on :data:`diffdistill.students.WAN_LORA_TARGETS`. Not available for Wan:
-``--gan_weight`` (it needs real videos; this script reads images). ``WanPipeline`` takes no ``sigmas``: sample
+prompt is not used: our choice), LoRA on :data:`diffdistill.students.WAN_LORA_TARGETS`. ``--gan_weight`` with
+``--train_data_dir`` video clips: LADD heads on the fake score's video features vs real video latents (Wan 2.1,
+TI2V-5B; refused for A14B). ``WanPipeline`` takes no ``sigmas``: sample
 the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timesteps yourself::
 
     pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)
@@ -402,7 +403,7 @@ def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.gan_weight > 0 and not args.train_data_dir:
         raise ValueError(
             "--gan_weight: DMD2's classifier compares the generator's samples with real images: pass "
-            "--train_data_dir (images with .txt captions)."
+            "--train_data_dir (images, or Wan clips, with .txt captions)."
         )
     if not args.prompts_file and not args.train_data_dir:
         raise ValueError("Pass --prompts_file (one prompt a line) or, with --gan_weight, --train_data_dir.")

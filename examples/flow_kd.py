@@ -19,7 +19,7 @@ is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``
    image-caption data (``--train_data_dir``) or, prompt-only (``--prompts_file``), on the teacher's own samples of
    the prompts (made once with the teacher's pipeline sampler and CFG, ``--sample_guidance_scale`` default the
    pipeline's, and cached in shards that record their settings: ``training.flow_teacher_samples``, LADD's data; our
-   choice for models without a data reader here, e.g. Wan's videos: SSD-1B trains on real images),
+   choice where no data set is at hand: SSD-1B trains on real images),
    ``x_sigma = (1 - sigma) x0 + sigma eps``, sigma drawn from SD3's
    densities on the model's shifted table (:func:`diffdistill.schedulers.flow_density_timesteps`: the
    logit-normal by default, SD3 Sec. 3.1 / Table 1; SD3 its static shift 3, FLUX the resolution's ``mu``).
@@ -57,8 +57,9 @@ Recipe. What is the paper's (SSD-1B) and what is ours:
   details (Flux-Mini's and Flux.1-Lite-8B's steps, data, learning rates): not implemented / not published.
 - Optimisation: AdamW, learning rate 1e-5 (SSD-1B's card), constant; EMA optional (our choice).
 
-Wan (2.1, 2.2 TI2V-5B; ``WanTransformer3DModel``): prompt-only on the teacher's videos (``--num_frames``), the
-``wan-half`` preset or ``--keep_blocks``; the report counts FLOPs on the videos' latents (frames, height, width).
+Wan (2.1, 2.2 TI2V-5B; ``WanTransformer3DModel``): on video clips (``--train_data_dir``,
+:class:`training.data_sources.VideoCaptionFolder`: each clip's first ``--num_frames`` frames at ``--resolution`` x
+``--width``) or prompt-only on the teacher's videos, the ``wan-half`` preset or ``--keep_blocks``; the report counts FLOPs on the videos' latents (frames, height, width).
 Wan 2.2 A14B (two experts) is refused.
 
 Engines: as the SDXL scripts (one process, DDP, FSDP2, DeepSpeed ZeRO-2; bf16 with the frozen teacher in bf16 and
@@ -206,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if bool(args.train_data_dir) == bool(args.prompts_file):
         raise ValueError(
-            "Pass --train_data_dir (images with .txt captions) or --prompts_file (prompt-only: the teacher's own "
+            "Pass --train_data_dir (images, or Wan clips, with .txt captions) or --prompts_file (prompt-only: the teacher's own "
             "samples of the prompts, made once and cached), one of them."
         )
     flow_teacher_samples.check_args(args)

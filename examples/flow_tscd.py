@@ -52,7 +52,8 @@ Qwen-Image (``QwenImagePipeline``): CFG at ``--teacher_guidance_scale`` (default
 against ``" "`` with the pipeline's renormalisation of each guided token (``TeacherSolver(guidance_rescale=...)``),
 images or prompts as for SD3.
 
-Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video states, ``--num_frames``), CFG at
+Wan 2.1 text-to-video (``WanPipeline``): prompt-only (teacher-noised video states) or, with ``--train_data_dir``
+video clips, noised real video latents (as the paper does with images), ``--num_frames``, CFG at
 ``--teacher_guidance_scale`` (default 5.0, ``WanPipeline``'s) against the encoded empty prompt, heads conditioned
 on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding). Wan 2.2 TI2V-5B the same way. Wan
 2.2 A14B (two experts, :class:`training.wan_experts.WanExperts`): LoRA on both experts (``--use_lora``), the

@@ -187,8 +187,8 @@ def latent_shape(
 
 def encode_latents(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Normalised latents ``(z - shift_factor) * scaling_factor`` of images in [-1, 1] (a posterior sample drawn
-    with ``generator``); both factors from the VAE config (:func:`training.sdxl_encoding.latent_scale`). Images
-    only: the flow scripts read no video data (Wan runs prompt-only)."""
+    with ``generator``); both factors from the VAE config (:func:`training.sdxl_encoding.latent_scale`). Wan's
+    videos: :func:`training.sdxl_encoding.encode_videos` (``StepData.latents_batch``)."""
     return sdxl_encoding.encode_images(vae, images, generator)
 
 

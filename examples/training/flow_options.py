@@ -42,8 +42,9 @@ def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--width",
         type=int,
         default=None,
-        help="width in px of prompt-only training and validation samples (default --resolution: square; e.g. Wan "
-        "--resolution 480 --width 832); refused with --train_data_dir (square image crops)",
+        help="width in px of the training and validation samples (default --resolution: square; e.g. Wan "
+        "--resolution 480 --width 832); Wan's video clips (--train_data_dir) are cropped to it; refused with image "
+        "data (square crops)",
     )
     parser.set_defaults(uncond="empty_prompt", resolution=None)
     return parser
@@ -100,11 +101,6 @@ def check_flow_values(
                 f"Expected --{name} to be a positive multiple of {step} (the VAE's factor {vae_factor} times the "
                 f"transformer's 2x2 patches), but got {value}: round it, e.g. to {max(step, value // step * step)}."
             )
-    if getattr(args, "width", None) is not None and getattr(args, "train_data_dir", None):
-        raise ValueError(
-            "--width trains non-square samples from prompts, but --train_data_dir images are square crops at "
-            "--resolution: drop --width (or run prompt-only)."
-        )
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_TEXT_TOKENS["qwen"]:
         raise ValueError(
             f"Expected --max_sequence_length in [1, 1024] (SD3 / FLUX / Wan: T5 tokens, at most 512; Qwen-Image up to "
@@ -116,6 +112,11 @@ def check_flow_values(
         )
     if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
         raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
+    if variant == "wan-a14b" and (getattr(args, "gan_weight", None) or 0) > 0:
+        raise ValueError(
+            "--gan_weight puts DMD2's GAN heads on one transformer's blocks, but Wan 2.2 A14B is two experts (heads "
+            "on both are not built here): drop --gan_weight, or distil Wan 2.1 / Wan 2.2 TI2V-5B with it."
+        )
     if variant is not None:
         check_family_options(args, flow_families.family_of(variant))
     return args
@@ -154,7 +155,10 @@ def local_family(args: argparse.Namespace) -> str | None:
 
 def check_family_options(args: argparse.Namespace, family: str) -> None:
     """The checks that need only the model family: ``--max_sequence_length`` within the family's limit,
-    ``--num_frames`` only for Wan, no image data (``--train_data_dir``) for Wan. Raises ``ValueError``."""
+    ``--num_frames`` only for Wan, ``--width`` with ``--train_data_dir`` only for Wan (image data is square crops;
+    Wan's clips are cropped to ``--resolution`` x ``--width``), and for Wan a ``--train_data_dir`` of video clips
+    (:func:`training.data_sources.find_clips`: no loose images; ``ImportError`` for video files without imageio).
+    Raises ``ValueError``."""
     name = flow_families.FAMILY_NAMES[family]
     limit = MAX_TEXT_TOKENS[family]
     if args.max_sequence_length is not None and args.max_sequence_length > limit:
@@ -166,12 +170,16 @@ def check_family_options(args: argparse.Namespace, family: str) -> None:
         raise ValueError(
             f"--num_frames is the video length of Wan, but this is a {name} image model: drop it."
         )
-    if family == "wan" and getattr(args, "train_data_dir", None):
+    data = getattr(args, "train_data_dir", None)
+    if family != "wan" and getattr(args, "width", None) is not None and data:
         raise ValueError(
-            f"--train_data_dir holds images with captions, but {name} is a video model and the flow scripts "
-            "read no video data: run it prompt-only (--prompts_file; flow_dmd2 without --gan_weight, flow_ladd, "
-            "flow_tscd with teacher-noised states, flow_kd on the teacher's own samples)."
+            "--width trains non-square samples from prompts, but --train_data_dir images are square crops at "
+            "--resolution: drop --width (or run prompt-only)."
         )
+    if family == "wan" and data:
+        from . import data_sources  # it imports the shared options, which import nothing of the flow scripts
+
+        data_sources.find_clips(data)  # a folder of clips, not of images: refused before the model loads
 
 
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:

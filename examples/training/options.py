@@ -40,7 +40,8 @@ def add_common_args(
     g.add_argument(
         "--train_data_dir",
         default=None,
-        help="folder of images, each with an optional same-name .txt caption",
+        help="folder of images, each with an optional same-name .txt caption (Wan: clips, i.e. folders of frames "
+        "with clip.txt beside them, or .mp4 files)",
     )
     g.add_argument("--resolution", type=int, default=1024)
     g.add_argument(
@@ -307,7 +308,7 @@ def check_optimizer_ranges(args: argparse.Namespace) -> None:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Refuse a ``--prompts_file`` that is not a file, a ``--train_data_dir`` without an image, and a
+    """Refuse a ``--prompts_file`` that is not a file, a ``--train_data_dir`` without an image or video, and a
     ``--resume_from_checkpoint`` that is neither ``latest`` nor a ``checkpoint-N`` folder -- in ``parse_args``,
     before the models load (``ValueError``)."""
     from . import checkpoints, data_sources  # they import this module
@@ -323,14 +324,10 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"Expected --train_data_dir to be a folder of images, but {images} is not a folder."
             )
-        if (
-            next(
-                (p for p in Path(images).rglob("*") if p.suffix.lower() in data_sources.IMAGE_SUFFIXES), None
-            )
-            is None
-        ):
+        suffixes = data_sources.IMAGE_SUFFIXES + data_sources.VIDEO_SUFFIXES  # a clip's frames are images
+        if next((p for p in Path(images).rglob("*") if p.suffix.lower() in suffixes), None) is None:
             raise ValueError(
-                f"Expected --train_data_dir {images} to hold images ({', '.join(data_sources.IMAGE_SUFFIXES)}, "
+                f"Expected --train_data_dir {images} to hold images or video clips ({', '.join(suffixes)}, "
                 "in it or its sub-folders), but found none."
             )
     checkpoints.resolve_checkpoint(args)

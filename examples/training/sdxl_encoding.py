@@ -188,6 +188,30 @@ def encode_images(vae: Any, pixels: torch.Tensor, generator: torch.Generator | N
     return sample_posterior(vae, *posterior(vae, pixels), generator)
 
 
+@torch.no_grad()
+def encode_videos(vae: Any, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Normalised latents ``(B, C, f, h, w)`` of videos ``(B, 3, F, H, W)`` in [-1, 1] through a Wan-family VAE
+    (``AutoencoderKLWan``): a posterior sample ``z`` drawn with ``generator`` (as :func:`encode_images`), per channel
+    ``(z - latents_mean) / latents_std``, ``WanPipeline``'s convention (the inverse of its decode and of
+    :func:`decode_latents`). ``F = 4k + 1`` frames give ``f = k + 1`` latent frames (Wan 2.1 / 2.2 VAEs).
+
+    Raises:
+        ValueError: ``videos`` not ``(B, 3, F, H, W)``, or ``vae`` without per-channel ``latents_mean`` /
+            ``latents_std`` (an image VAE).
+    """
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(
+            f"Expected videos of shape (B, 3, F, H, W) in [-1, 1], but got {tuple(videos.shape)}: stack clips "
+            "(3, F, H, W) on a new batch axis."
+        )
+    if not per_channel(vae):
+        raise ValueError(
+            f"Expected a Wan-family video VAE (per-channel latents_mean / latents_std), but got {type(vae).__name__}: "
+            "encode images with encode_images."
+        )
+    return sample_posterior(vae, *posterior(vae, videos), generator)
+
+
 def decode_pixels(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1], ``(B, 3, H, W)`` float32, from scaled latents (:func:`normalisation`); videos
     ``(B, 3, F, H, W)`` from a Wan VAE's 5-D latents; differentiable in ``latents``."""

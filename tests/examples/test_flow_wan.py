@@ -404,7 +404,9 @@ def test_wan_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
     kd_argv = smoke_argv(
         {**tiny, "images": images}, "wan", tmp_path / "d", "--preset", "wan-half", data="images"
     )
-    with pytest.raises(ValueError, match=r"Wan is a video model and the flow scripts read no video data"):
+    with pytest.raises(
+        ValueError, match=r"video clips for a video model \(Wan\), but it holds images directly"
+    ):
         flow_kd.parse_args(kd_argv)  # refused from model_index.json, before any load
     with pytest.raises(ValueError, match=r"WanPipeline \(video\).*no video metric"):
         generation.check_image_pipeline(json.loads((tiny["wan"] / "model_index.json").read_text()))

@@ -331,3 +331,30 @@ def smoke_argv(
         *("--learning_rate", learning_rate, "--report_to", "none", "--seed", "3"),
         *extra,
     ]
+
+
+def write_captioned_videos(
+    folder: str | os.PathLike[str],
+    captions: list[str],
+    frames: int = NUM_FRAMES,
+    size: tuple[int, int] = (72, 80),
+    *,
+    seed: int = 0,
+) -> Path:
+    """Write a video-caption folder (``training.data_sources.VideoCaptionFolder``'s format): per caption ``i`` a clip
+    folder ``clip{i}/`` of ``frames`` random RGB frames ``000.png, 001.png, ...`` of ``size`` (height, width), with
+    its caption in ``clip{i}.txt`` beside it (none for an empty caption); returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(folder)
+    rng = np.random.default_rng(seed)
+    for i, caption in enumerate(captions):
+        clip = root / f"clip{i}"
+        clip.mkdir(parents=True, exist_ok=True)
+        for j in range(frames):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(clip / f"{j:03d}.png")
+        if caption:
+            (root / f"clip{i}.txt").write_text(caption)
+    return root
