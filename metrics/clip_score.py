@@ -28,7 +28,7 @@ import torch
 
 from .._checks import check_bool, check_real
 from ..errors import DTypeError, OptionError, ShapeError
-from ._dist import all_reduce_sum
+from ._dist import RunningMean
 from .fid import _require, check_float_images
 
 __all__ = ["CLIPScore"]
@@ -260,17 +260,15 @@ def _pil_image_processor(image_processor: Any) -> Any:
     return image_processor
 
 
-class PromptImageMetric:
-    """The accumulator every prompt-image metric shares: a float64 sum of per-pair scores and their count.
+class PromptImageMetric(RunningMean):
+    """The accumulator every prompt-image metric shares: a float64 sum of per-pair scores and their count
+    (:class:`~diffdistill.metrics._dist.RunningMean`: ``compute`` / ``reset`` / ``all_reduce`` / ``count``).
 
-    Subclasses define :meth:`scores`; ``update`` / ``compute`` / ``reset`` / ``all_reduce`` are the same for all.
+    Subclasses define :meth:`scores`; ``update`` is the same for all.
     """
 
     metric_name = "score"
-
-    def __init__(self) -> None:
-        self._sum = 0.0
-        self._count = 0
+    _update_args = "images, prompts"
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         """Per-pair scores ``(N,)`` (float64) of a batch, without accumulating them.
@@ -284,11 +282,6 @@ class PromptImageMetric:
         """
         raise NotImplementedError
 
-    @property
-    def count(self) -> int:
-        """The number of (image, prompt) pairs accumulated."""
-        return self._count
-
     def update(self, images: torch.Tensor, prompts: Sequence[str]) -> None:
         """Score a batch of (image, prompt) pairs and add the scores to the running mean.
 
@@ -301,37 +294,7 @@ class PromptImageMetric:
             ShapeError: ``images`` is not ``(N, 3, H, W)``, or ``len(prompts) != N``.
             OptionError: ``images`` lie outside ``[0, 1]`` (value checks on).
         """
-        s = self.scores(images, prompts)
-        self._sum += float(s.double().sum())
-        self._count += int(s.numel())
-
-    def compute(self) -> float:
-        """The mean score over every pair accumulated (on this process, or on all after :meth:`all_reduce`).
-
-        Returns:
-            The mean, as a Python float.
-
-        Raises:
-            OptionError: Nothing was accumulated.
-        """
-        if self._count == 0:
-            raise OptionError(f"{type(self).__name__}.compute() before any update(images, prompts).")
-        return self._sum / self._count
-
-    def reset(self) -> None:
-        """Forget the accumulated scores."""
-        self._sum, self._count = 0.0, 0
-
-    def all_reduce(self, group: Any = None) -> None:
-        """Sum the accumulated scores and counts over processes (in place; a no-op without a process group).
-
-        Call it on every process, once, after the last :meth:`update`.
-
-        Args:
-            group: The process group (``None``: the default group).
-        """
-        total = all_reduce_sum(torch.tensor([self._sum, float(self._count)], dtype=torch.float64), group)
-        self._sum, self._count = float(total[0]), round(float(total[1]))
+        self._add(self.scores(images, prompts))
 
     def protocol(self) -> dict[str, Any]:
         """What a protocol record should hold about this metric.

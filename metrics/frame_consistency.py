@@ -27,7 +27,7 @@ import torch
 
 from .._checks import check_float_input, check_option, check_real
 from ..errors import DTypeError, OptionError, ShapeError, value_checks_enabled
-from ._dist import all_reduce_sum
+from ._dist import RunningMean
 
 __all__ = ["FrameConsistency"]
 
@@ -64,7 +64,7 @@ def _check_videos(videos: Any) -> torch.Tensor:
     return x
 
 
-class FrameConsistency:
+class FrameConsistency(RunningMean):
     """Mean over videos of the average cosine similarity of CLIP image embeddings of their frame pairs.
 
     See the module docstring for the formula and the two conventions (``pairs="consecutive"``, Gen-1's, the
@@ -97,6 +97,7 @@ class FrameConsistency:
     """
 
     metric_name = "frame_consistency"
+    _update_args = "videos"
 
     def __init__(
         self,
@@ -120,8 +121,7 @@ class FrameConsistency:
         self.pairs = pairs
         self.scale = check_real(scale, "scale", low=0.0, strict=True)
         self.description = description or "custom encoder"
-        self._sum = 0.0
-        self._count = 0
+        super().__init__()
 
     @classmethod
     def from_clip_score(
@@ -152,11 +152,6 @@ class FrameConsistency:
             )
         description = getattr(clip_score, "description", None)
         return cls(encoder, preprocess, pairs=pairs, scale=scale, description=description)
-
-    @property
-    def count(self) -> int:
-        """The number of videos accumulated."""
-        return self._count
 
     def embeddings(self, videos: torch.Tensor) -> torch.Tensor:
         """Unit CLIP image embeddings ``(N, F, E)`` (float64) of every frame of a batch of videos.
@@ -226,37 +221,7 @@ class FrameConsistency:
             ShapeError: ``videos`` is not ``(N, F, 3, H, W)`` with ``F >= 2``.
             OptionError: ``videos`` lie outside ``[0, 1]`` (value checks on).
         """
-        s = self.video_scores(videos)
-        self._sum += float(s.sum())
-        self._count += int(s.numel())
-
-    def compute(self) -> float:
-        """The mean consistency over every video accumulated (on this process, or on all after :meth:`all_reduce`).
-
-        Returns:
-            The mean, as a Python float.
-
-        Raises:
-            OptionError: Nothing was accumulated.
-        """
-        if self._count == 0:
-            raise OptionError("FrameConsistency.compute() before any update(videos).")
-        return self._sum / self._count
-
-    def reset(self) -> None:
-        """Forget the accumulated scores."""
-        self._sum, self._count = 0.0, 0
-
-    def all_reduce(self, group: Any = None) -> None:
-        """Sum the accumulated scores and video counts over processes (in place; a no-op without a process group).
-
-        Call it on every process, once, after the last :meth:`update`.
-
-        Args:
-            group: The process group (``None``: the default group).
-        """
-        total = all_reduce_sum(torch.tensor([self._sum, float(self._count)], dtype=torch.float64), group)
-        self._sum, self._count = float(total[0]), round(float(total[1]))
+        self._add(self.video_scores(videos))
 
     def protocol(self) -> dict[str, Any]:
         """The backbone, its preprocessing and the convention, for a protocol record.

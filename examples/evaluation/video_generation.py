@@ -50,9 +50,6 @@ VIDEO_PIPELINES = ("WanPipeline",)
 VIDEO_OPTIONS = ("num_frames", "width", "guidance_scale_2", "max_sequence_length")
 """Options that only a video pipeline takes (refused for image pipelines)."""
 
-LOW_NOISE_LORA_SUFFIX = "_transformer_2"
-"""A14B's low-noise expert LoRA is ``<stem>_transformer_2.safetensors`` beside the high-noise one (the flow scripts'
-``training.wan_experts.lora_files``: ``pytorch_lora_weights_transformer_2.safetensors``)."""
 
 TEMPORAL_FACTOR = 4
 """Wan's VAEs compress time by 4: a video has ``4k + 1`` frames (``WanPipeline`` rounds other counts, which would
@@ -158,7 +155,7 @@ def fill_defaults(args: argparse.Namespace, pipe: Any) -> None:
 
 def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
     """The LoRA files of ``--student_weights``: the high-noise (or only) expert's, and for a two-expert pipeline the
-    low-noise expert's beside it (:data:`LOW_NOISE_LORA_SUFFIX`).
+    low-noise expert's beside it (named as the flow scripts write it: ``training.wan_experts.lora_files``).
 
     Raises:
         ValueError: for a full ``transformer/`` folder (the flow scripts write LoRAs for Wan; a full fine-tune of
@@ -174,7 +171,9 @@ def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
         return [path]
     files = [path]
     if getattr(pipe, "transformer_2", None) is not None:
-        second = path.with_name(f"{path.stem}{LOW_NOISE_LORA_SUFFIX}{path.suffix}")
+        from training import wan_experts
+
+        second = wan_experts.lora_files(path.parent, path.name)["transformer_2"]
         if not second.is_file():
             raise ValueError(
                 f"Expected the low-noise expert's LoRA {second.name} beside {path} (Wan 2.2 A14B: one LoRA per "

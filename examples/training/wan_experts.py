@@ -26,8 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-LOW_NOISE_LORA_NAME = "pytorch_lora_weights_transformer_2.safetensors"
-"""The low-noise expert's LoRA file beside ``pytorch_lora_weights.safetensors`` (the high-noise expert's)."""
 EXPERTS = ("transformer", "transformer_2")
 """The experts' names: ``WanPipeline``'s components, the module prefixes in :class:`WanExperts`."""
 
@@ -160,8 +158,7 @@ def split_lora(layers: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
 def lora_files(output_dir: str | Path, weight_name: str) -> dict[str, Path]:
     """Where a two-expert run writes each expert's LoRA: ``weight_name`` for the high-noise expert (what
     ``pipe.load_lora_weights(output_dir, weight_name=weight_name)`` loads) and ``<stem>_transformer_2.safetensors``
-    for the low-noise one (``pytorch_lora_weights_transformer_2.safetensors`` beside the default name:
-    :data:`LOW_NOISE_LORA_NAME`)."""
+    for the low-noise one (``pytorch_lora_weights_transformer_2.safetensors`` beside the default name)."""
     out, name = Path(output_dir), Path(weight_name)
     return {"transformer": out / name.name, "transformer_2": out / f"{name.stem}_transformer_2{name.suffix}"}
 

@@ -46,6 +46,7 @@ from tests.examples.tiny_flow import (
     save_tiny_wan_pipeline,
     smoke_argv,
     use_sigmas,
+    wan_frames,
     wan_pipeline,
 )
 from tests.examples.tiny_sdxl import write_captioned_images
@@ -63,24 +64,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _argv(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return smoke_argv(tiny, "wan", out, "--num_frames", str(FRAMES), "--lora_rank", "4", *extra)
-
-
-def _sample(
-    pipe: Any, latents: torch.Tensor, steps: int, guidance: float, output: str = "latent", **prompt: Any
-) -> Any:
-    """``pipe``'s frames of a ``FRAMES`` x ``IMAGE_SIZE``^2 video from ``latents``, ``prompt`` given as ``prompt=``
-    or ``prompt_embeds=`` (and a ``width`` for a non-square video)."""
-    with torch.no_grad():
-        return pipe(
-            **{"width": IMAGE_SIZE, **prompt},
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=IMAGE_SIZE,
-            num_frames=FRAMES,
-            latents=latents.clone(),
-            max_sequence_length=T5_LENGTH,
-            output_type=output,
-        ).frames
 
 
 def test_denoiser_conditions_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> None:
@@ -115,7 +98,7 @@ def test_denoiser_conditions_and_decoding_are_the_pipelines(tiny: dict[str, Path
     # One pipeline step from given latents: its latents and its decoded video (float "pt" output in [0, 1]).
     def run(output: str) -> torch.Tensor:
         torch.manual_seed(0)
-        return _sample(pipe, x[:1], 1, 1.0, output, prompt_embeds=want[:1])
+        return wan_frames(pipe, x[:1], 1, output, prompt_embeds=want[:1])
 
     video = flow_models.decode_latents(parts.vae, run("latent"))
     expected = run("pt")  # (B, F, 3, H, W) from diffusers' video processor
@@ -176,7 +159,7 @@ def test_dmd2_on_wan_trains_two_adapters_and_samples_in_the_pipeline(
         flow_models.latent_shape(parts, 1, IMAGE_SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
     )
     torch.manual_seed(7)  # the scheduler's re-noising draws from the global generator
-    got = _sample(pipe, noise, len(sigmas), 1.0, prompt="a cat")
+    got = wan_frames(pipe, noise, len(sigmas), guidance_scale=1.0, prompt="a cat")
     with torch.no_grad():
         student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
         cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
@@ -243,7 +226,7 @@ def test_ladd_on_wan_learns_from_the_pipelines_own_teacher_videos(
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert (settings["num_frames"], settings["teacher_guidance_scale"]) == (FRAMES, 5.0)
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
-    want = _sample(wan_pipeline(tiny["wan"]), noise, 3, 5.0, prompt=prompts)
+    want = wan_frames(wan_pipeline(tiny["wan"]), noise, 3, guidance_scale=5.0, prompt=prompts)
     # the same solve; the prompt states of the encoder loaded twice differ by float32 rounding (see the first test)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     lora = read_lora(out / "pytorch_lora_weights.safetensors")
@@ -280,7 +263,7 @@ def test_kd_on_wan_prompt_only_learns_from_the_pipelines_own_teacher_videos(
             prompts = json.loads(f.metadata()["prompts"])
             assert json.loads(f.metadata()["settings"])["teacher_guidance_scale"] == 5.0  # WanPipeline's CFG
             noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
-        want = _sample(wan_pipeline(tiny["wan"]), noise, 2, 5.0, prompt=prompts)
+        want = wan_frames(wan_pipeline(tiny["wan"]), noise, 2, guidance_scale=5.0, prompt=prompts)
         torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)  # as the LADD test above
         latents.append(latent)
     pool = torch.cat(latents)
@@ -321,7 +304,7 @@ def test_tscd_on_wan_prompt_only_with_the_hybrid_distance(tiny: dict[str, Path],
     noise = torch.randn(
         flow_models.latent_shape(parts, 1, IMAGE_SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
     )
-    got = _sample(pipe, noise, len(grid["sigmas"]), 1.0, prompt="a cat")
+    got = wan_frames(pipe, noise, len(grid["sigmas"]), guidance_scale=1.0, prompt="a cat")
     with torch.no_grad():
         student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
         cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
@@ -344,7 +327,7 @@ def test_non_square_wan_videos_with_width(tiny: dict[str, Path], tmp_path: Path)
         prompts = json.loads(f.metadata()["prompts"])
         noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
     assert latent.shape == (2, 16, 2, IMAGE_SIZE // 8, 96 // 8)
-    want = _sample(wan_pipeline(tiny["wan"]), noise, 2, 5.0, prompt=prompts, width=96)
+    want = wan_frames(wan_pipeline(tiny["wan"]), noise, 2, guidance_scale=5.0, prompt=prompts, width=96)
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     with Image.open(out / "samples" / "step-1-0.gif") as im:
         assert im.size == (96, IMAGE_SIZE)

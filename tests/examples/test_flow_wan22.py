@@ -42,6 +42,7 @@ from tests.examples.tiny_flow import (
     save_tiny_wan_pipeline,
     smoke_argv,
     use_sigmas,
+    wan_frames,
     wan_pipeline,
 )
 from tests.state_compare import assert_same_update
@@ -64,20 +65,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _argv(tiny: dict[str, Path], variant: str, out: Path, *extra: str) -> list[str]:
     return smoke_argv(tiny, variant, out, "--num_frames", str(FRAMES), "--lora_rank", "4", *extra)
-
-
-def _sample(pipe: Any, latents: torch.Tensor, steps: int, output: str = "latent", **kwargs: Any) -> Any:
-    with torch.no_grad():
-        return pipe(
-            **{"guidance_scale": 1.0, **kwargs},
-            num_inference_steps=steps,
-            height=SIZE,
-            width=SIZE,
-            num_frames=FRAMES,
-            latents=latents.clone(),
-            max_sequence_length=T5_LENGTH,
-            output_type=output,
-        ).frames
 
 
 def _trained(lora: dict[str, torch.Tensor]) -> bool:
@@ -113,7 +100,7 @@ def test_ti2v_denoiser_and_decoding_are_the_pipelines(tiny: dict[str, Path]) -> 
 
     def run(output: str) -> torch.Tensor:
         torch.manual_seed(0)
-        return _sample(pipe, x[:1], 1, output, prompt_embeds=text[:1])
+        return wan_frames(pipe, x[:1], 1, output, prompt_embeds=text[:1])
 
     video = flow_models.decode_latents(parts.vae, run("latent"))
     assert video.shape == (1, 3, FRAMES, SIZE, SIZE)
@@ -136,7 +123,7 @@ def test_dmd2_on_ti2v_samples_in_the_pipeline(tiny: dict[str, Path], tmp_path: P
         flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
     )
     torch.manual_seed(7)  # the stochastic scheduler re-noises from the global generator
-    got = _sample(pipe, noise, len(sigmas), prompt="a cat")
+    got = wan_frames(pipe, noise, len(sigmas), prompt="a cat")
     with torch.no_grad():
         student = load_lora(parts.transformer, out / "pytorch_lora_weights.safetensors", prefix="transformer")
         cond = flow_encoding.conditions(parts, ["a cat"], args, "cpu", torch.float32)
@@ -215,7 +202,7 @@ def test_a14b_teacher_guidance_is_the_pipelines_per_expert_cfg(tiny: dict[str, P
     set_timesteps = pipe.scheduler.set_timesteps
     pipe.scheduler.set_timesteps = lambda n, device=None: set_timesteps(sigmas=[0.95, 0.6], device=device)
     negative = uncond["encoder_hidden_states"]
-    got = _sample(
+    got = wan_frames(
         pipe, x, 2, prompt_embeds=cond["encoder_hidden_states"], negative_prompt_embeds=negative,
         guidance_scale=4.0, guidance_scale_2=3.0,
     )  # fmt: skip
@@ -282,7 +269,7 @@ def test_dmd2_on_a14b_trains_both_experts_and_samples_in_the_pipeline(
         flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
     )
     torch.manual_seed(7)
-    got = _sample(pipe, noise, len(sigmas), prompt="a cat")
+    got = wan_frames(pipe, noise, len(sigmas), prompt="a cat")
     with torch.no_grad():
         for name, expert in parts.transformer.experts():
             load_lora(expert, files["generator"][name], prefix="transformer")
@@ -309,7 +296,7 @@ def test_tscd_on_a14b_trains_both_experts(tiny: dict[str, Path], tmp_path: Path)
     noise = torch.randn(
         flow_models.latent_shape(parts, 1, SIZE, FRAMES), generator=torch.Generator().manual_seed(0)
     )
-    got = _sample(pipe, noise, len(grid["sigmas"]), prompt="a cat")
+    got = wan_frames(pipe, noise, len(grid["sigmas"]), prompt="a cat")
     with torch.no_grad():
         for name, expert in parts.transformer.experts():
             load_lora(expert, files[name], prefix="transformer")

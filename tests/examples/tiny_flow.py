@@ -269,6 +269,21 @@ def wan_pipeline(folder: str | os.PathLike[str]) -> Any:
     return quiet_pipeline(WanPipeline, folder)
 
 
+def wan_frames(pipe: Any, latents: torch.Tensor, steps: int, output: str = "latent", **kwargs: Any) -> Any:
+    """``pipe``'s (a ``WanPipeline``) frames of a :data:`NUM_FRAMES` x :data:`IMAGE_SIZE` ^2 video from ``latents``
+    in ``steps`` steps, unguided unless ``kwargs`` give ``guidance_scale``; ``kwargs`` also hold the prompt
+    (``prompt=`` or ``prompt_embeds=``) and may override the size (``width=``)."""
+    defaults = {"guidance_scale": 1.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_frames": NUM_FRAMES}
+    with torch.no_grad():
+        return pipe(
+            **{**defaults, **kwargs},
+            num_inference_steps=steps,
+            latents=latents.clone(),
+            max_sequence_length=T5_LENGTH,
+            output_type=output,
+        ).frames
+
+
 def read_lora(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA ``.safetensors`` file a script wrote."""
     from safetensors.torch import load_file
