@@ -473,8 +473,11 @@ class TransformerFeatureExtractor(nn.Module):
         handles = []
 
         def save(name: str) -> Callable[..., None]:
+            # A known joint block: its image-stream element, looked up here, not in the hook: a hook runs inside a
+            # compiled block's graph, where dynamo cannot iterate over a class's MRO (a graph break per block).
+            index = image_stream_index(self._module(name))
+
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                index = image_stream_index(module)  # a known joint block: its image-stream element
                 known = index is not None and isinstance(output, (tuple, list)) and len(output) > index
                 store[name] = output[index] if known else output
 

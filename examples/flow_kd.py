@@ -23,6 +23,8 @@ is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``
    ``x_sigma = (1 - sigma) x0 + sigma eps``, sigma drawn from SD3's
    densities on the model's shifted table (:func:`diffdistill.schedulers.flow_density_timesteps`: the
    logit-normal by default, SD3 Sec. 3.1 / Table 1; SD3 its static shift 3, FLUX the resolution's ``mu``).
+   Prompt-only runs may make their samples at several sizes (``--aspect_buckets``, as LADD's: each batch of one
+   size, FLUX's / Qwen-Image's ``mu`` that size's; the removal report counts FLOPs at ``--resolution``).
    Output KD: student velocity vs the teacher's velocity (with the teacher's CFG at
    ``--teacher_guidance_scale`` > 1, or FLUX.1-dev's embedded ``--guidance`` given to both). Feature KD: each
    student block's image stream vs that of the teacher block it maps to
@@ -99,6 +101,7 @@ from diffdistill.students import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
+    aspect_buckets,
     checkpoints,
     compilation,
     data_sources,
@@ -211,6 +214,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "samples of the prompts, made once and cached), one of them."
         )
     flow_teacher_samples.check_args(args)
+    if args.aspect_buckets and not args.prompts_file:
+        raise ValueError(
+            "--aspect_buckets sets the sizes of the teacher samples of a prompt-only run (--prompts_file); "
+            "--train_data_dir images are square crops at --resolution: drop --aspect_buckets."
+        )
     if args.sample_guidance_scale is not None and not (args.prompts_file and args.sample_guidance_scale >= 1):
         raise ValueError(
             f"--sample_guidance_scale is the CFG (>= 1) of the teacher samples of a prompt-only run (--prompts_file), "
@@ -273,7 +281,8 @@ def main(args: argparse.Namespace) -> None:
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_models.flow_schedule(
         parts, args.resolution, width=args.width
-    )  # the model's shift at this size
+    )  # the model's shift at this size (validation); training: each batch's bucket
+    schedules = aspect_buckets.BucketSchedules(parts, args)
 
     # The student: the teacher's transformer less the removed blocks, kept blocks copied from the teacher.
     teacher = parts.transformer
@@ -310,9 +319,7 @@ def main(args: argparse.Namespace) -> None:
         args.prompts_file
     ):  # prompt-only: the teacher's own samples (made once, cached in shards; before the taps)
         scale = sample_guidance(args, parts)
-        shards = flow_teacher_samples.generate_teacher_samples(
-            accelerator, args, parts, teacher_net, schedule, scale
-        )
+        shards = flow_teacher_samples.generate_teacher_samples(accelerator, args, parts, teacher_net, scale)
         data: Any = teacher_pairs.PairShards(shards, args.train_batch_size, args.dataloader_num_workers)
     else:
         data = data_sources.StepData(args, need_images=True)
@@ -342,6 +349,7 @@ def main(args: argparse.Namespace) -> None:
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = clean_batch(gen)
+        schedule = schedules(x0)  # at the batch's size (--aspect_buckets; else --resolution x --width)
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = flow_density_timesteps(

@@ -36,6 +36,15 @@ UniPC multistep solver, which our first-order samplers do not reproduce, with CF
 training step would cost ``--teacher_steps`` (x2 with CFG) teacher calls per sample and step, several times the step itself;
 cached samples are drawn again across epochs.
 
+Multi-aspect training (the paper trains SD3-Turbo at several aspect ratios): ``--aspect_buckets HxW ...`` makes
+shard ``i`` of the teacher samples at the ``(i mod K)``-th size (FLUX's ``mu`` of that size's token count), and
+each batch holds samples of one size: a size drawn with probability proportional to its samples, then samples
+within it, so every sample is drawn as often as without buckets (``training.aspect_buckets``). The student,
+the teacher's features and the heads (convolutions over the token grid) take any size; the student's sigmas
+and the re-noising need no shift. Processes draw their sizes independently (DDP / FSDP2 synchronise gradients,
+not shapes); ``--compile`` compiles each block again for a new size. Validation samples at ``--resolution`` x
+``--width``.
+
 The student samples on the explicit grid ``--student_sigmas`` (Euler, ``sigma -> next sigma -> 0``), unguided
 (FLUX.1-dev keeps its embedded ``--guidance`` input). To sample with the diffusers pipeline::
 
@@ -76,14 +85,16 @@ as the paper (arXiv:2403.12015)           teacher-feature discriminator on the f
                                           heads conditioned on noise level and pooled text; synthetic
                                           teacher data; no distillation loss; re-noising of real and
                                           fake at a noise level biased toward high noise; hinge loss;
-                                          1-4 step student; student noise levels favouring pure noise
+                                          1-4 step student; student noise levels favouring pure noise;
+                                          multi-aspect training (``--aspect_buckets``)
 our choice (paper details not checked     student sigmas 1 / 0.75 / 0.5 / 0.25 with weights 0.7 / 0.1 /
 against its text; the values of the       0.1 / 0.1; logit-normal(1, 1) re-noising; heads on every
 re-implementations, reference/flow.md)    ``len(blocks) // 4``-th block; disc lr 10x the student's; the
                                           same ``eps'`` for real and fake; cached teacher samples; R1
-                                          off by default (optional, approximate only)
-not implemented                           multi-aspect-ratio buckets (one ``--resolution`` x ``--width``);
-                                          DPO-LoRA finetuning; image editing / inpainting variants
+                                          off by default (optional, approximate only); the buckets (no
+                                          default list: one size unless given) and their share of the
+                                          shards (round robin), one size per batch
+not implemented                           DPO-LoRA finetuning; image editing / inpainting variants
 ========================================  ==============================================================
 
 Example::
@@ -296,14 +307,13 @@ def main(args: argparse.Namespace) -> None:
         args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
-    schedule = flow_models.flow_schedule(parts, args.resolution, width=args.width)
 
     # The frozen teacher makes the synthetic data and carries the discriminator's features. With --use_lora it
     # is the student's own base with the adapter off (one copy of the transformer); otherwise a separate copy.
     teacher_model = teacher_transformer(args, parts, device, dtype)
     teacher = flow_models.FlowDenoiser(teacher_model, parts.family, args.guidance)
     shards = flow_teacher_samples.generate_teacher_samples(
-        accelerator, args, parts, teacher, schedule, args.teacher_guidance_scale
+        accelerator, args, parts, teacher, args.teacher_guidance_scale
     )
     disc = LADDDiscriminator(
         teacher_model,

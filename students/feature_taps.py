@@ -86,7 +86,12 @@ def image_stream(module: nn.Module, output: Any, what: str = "module") -> torch.
         >>> tuple(image_stream(block, block(img, txt)).shape)
         (1, 4, 2)
     """
-    index = image_stream_index(module)
+    return _image_stream_at(image_stream_index(module), module, output, what)
+
+
+def _image_stream_at(index: int | None, module: nn.Module, output: Any, what: str) -> torch.Tensor:
+    """:func:`image_stream` with the block's :func:`image_stream_index` given (a hook looks it up once, outside the
+    compiled graph of a ``torch.compile`` d block, where dynamo cannot iterate over a class's MRO)."""
     if index is None or not isinstance(output, (tuple, list)):
         return first_tensor(output, what=what)
     if len(output) <= index or not isinstance(output[index], torch.Tensor):
@@ -295,12 +300,14 @@ class FeatureTap:
         logger.debug("FeatureTap on %d module(s) of %s", len(names), type(inner).__name__)
 
     def _make_hook(self, key: str, name: str, tapped: nn.Module) -> Any:
+        index = image_stream_index(tapped)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             # copy.deepcopy of the model (an EMA or frozen copy made after the tap) copies this hook onto
             # the copy's module: only the tapped module itself records.
             if module is not tapped or in_backward_pass():  # in backward: checkpoint recomputation
                 return
-            feature = image_stream(module, output, what=f"module '{name}'")
+            feature = _image_stream_at(index, module, output, f"module '{name}'")
             self._features[key] = feature.detach() if self.detach else feature
             self.calls[key] += 1
 

@@ -40,6 +40,8 @@ Modules:
   scripts' LoRA files (one per expert for A14B).
 - :mod:`training.flow_teacher_samples`: the teacher's own samples of a prompt list in shards that record their
   settings (LADD's data; flow_kd's prompt-only data).
+- :mod:`training.aspect_buckets`: multi-aspect training (``--aspect_buckets``): the sizes of the teacher samples,
+  batches drawn within one size, each size's schedule (FLUX's ``mu``).
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
   ``--num_frames``).
 - :mod:`training.flow_validation`: few-step validation grids (Wan: videos) of flow students.

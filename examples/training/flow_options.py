@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import flow_families
+from . import aspect_buckets, flow_families
 
 
 def add_flow_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -83,8 +83,8 @@ MAX_TEXT_TOKENS = {"sd3": 512, "flux": 512, "wan": 512, "qwen": 1024}
 def check_flow_values(
     args: argparse.Namespace, variant: str | None = None, *, vae_factor: int | None = None
 ) -> argparse.Namespace:
-    """Validate the flow options that need no model (``--resolution`` a multiple of 16, ``--max_sequence_length``
-    in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and those that need only the family
+    """Validate the flow options that need no model (``--resolution`` and ``--aspect_buckets`` sides multiples of 16,
+    ``--max_sequence_length`` in [1, 1024], ``--guidance`` > 0, ``--num_frames`` >= 1) and those that need only the family
     (:func:`check_family_options`): ``variant`` (a family or Wan variant), or for a local pipeline folder the one its
     ``model_index.json`` names (:func:`local_variant`). The scripts' ``parse_args`` call it, so a typo fails before
     the (minutes long) model load; ``vae_factor`` is the VAE's spatial factor (default: a local folder's
@@ -101,6 +101,7 @@ def check_flow_values(
                 f"Expected --{name} to be a positive multiple of {step} (the VAE's factor {vae_factor} times the "
                 f"transformer's 2x2 patches), but got {value}: round it, e.g. to {max(step, value // step * step)}."
             )
+    aspect_buckets.check_sizes(args, step)
     if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_TEXT_TOKENS["qwen"]:
         raise ValueError(
             f"Expected --max_sequence_length in [1, 1024] (SD3 / FLUX / Wan: T5 tokens, at most 512; Qwen-Image up to "

@@ -4,7 +4,8 @@
 # ``examples/flow_kd.py`` with ``--prompts_file`` distils a block-removed student on them. Each shard of
 # ``--teacher_samples_shard_size`` samples holds the noise, the clean latents and the prompts, with the settings it
 # was made with in its metadata: a later run reuses matching shards, refuses stale ones and makes the missing ones
-# (each process its share). SD3 / FLUX sample with :func:`diffdistill.schedulers.ddim_sample` on the pipeline's
+# (each process its share). With ``--aspect_buckets`` shard ``i`` is made at the ``(i mod K)``-th size
+# (``training.aspect_buckets``). SD3 / FLUX sample with :func:`diffdistill.schedulers.ddim_sample` on the pipeline's
 # grid; Wan and Qwen-Image through their pipelines (:func:`pipeline_samples`).
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import torch
 
 from diffdistill.schedulers import ddim_sample, flow_pipeline_grid
 
-from . import data_sources, flow_encoding, flow_families, flow_models, runtime, teacher_pairs
+from . import aspect_buckets, data_sources, flow_encoding, flow_families, flow_models, runtime, teacher_pairs
 
 logger = logging.getLogger(__name__)
 
 
 def add_args(group: Any) -> None:
     """The options of the teacher samples: ``--num_teacher_samples``, ``--teacher_samples_dir``,
-    ``--teacher_samples_shard_size``, ``--teacher_samples_seed`` and ``--teacher_steps`` (their CFG is the script's
-    own option)."""
+    ``--teacher_samples_shard_size``, ``--teacher_samples_seed``, ``--teacher_steps`` and ``--aspect_buckets`` (their
+    CFG is the script's own option)."""
     group.add_argument("--num_teacher_samples", type=int, default=1000)
     group.add_argument("--teacher_samples_dir", default=None, help="default OUTPUT_DIR/teacher_samples")
     group.add_argument("--teacher_samples_shard_size", type=int, default=64)
@@ -36,20 +37,36 @@ def add_args(group: Any) -> None:
     group.add_argument(
         "--teacher_steps", type=int, default=28, help="sampling steps of the teacher (pipelines: 28)"
     )
+    aspect_buckets.add_args(group)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """``--num_teacher_samples``, ``--teacher_samples_shard_size`` and ``--teacher_steps`` >= 1 (``ValueError``)."""
+    """``--num_teacher_samples``, ``--teacher_samples_shard_size`` and ``--teacher_steps`` >= 1, and at least one
+    shard per ``--aspect_buckets`` size (``ValueError``)."""
     for name in ("num_teacher_samples", "teacher_samples_shard_size", "teacher_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
+    shards = len(sample_shards(args))
+    buckets = len(getattr(args, "aspect_buckets", None) or [])
+    if buckets > shards:
+        raise ValueError(
+            f"Expected at least one shard of teacher samples per --aspect_buckets size, but {buckets} sizes are listed "
+            f"and --num_teacher_samples {args.num_teacher_samples} in shards of --teacher_samples_shard_size "
+            f"{args.teacher_samples_shard_size} make {shards}: raise --num_teacher_samples to at least "
+            f"{buckets * args.teacher_samples_shard_size} or lower --teacher_samples_shard_size."
+        )
 
 
 def sample_settings(
-    args: argparse.Namespace, parts: flow_models.FlowComponents, guidance_scale: float | None
+    args: argparse.Namespace,
+    parts: flow_models.FlowComponents,
+    guidance_scale: float | None,
+    size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """What the teacher samples depend on (stored in each shard, compared before a shard is reused);
-    ``guidance_scale`` is the samples' CFG (recorded as ``teacher_guidance_scale``)."""
+    """What the teacher samples of one shard depend on (stored in it, compared before it is reused);
+    ``guidance_scale`` is the samples' CFG (recorded as ``teacher_guidance_scale``), ``size`` the shard's ``(height,
+    width)`` with ``--aspect_buckets`` (recorded as ``resolution`` and ``width``, None when square: a square
+    bucket's shard is the shard a run at that ``--resolution`` makes)."""
     model = args.pretrained_model_name_or_path
     prompts = data_sources.read_prompts(args.prompts_file)
     return {
@@ -60,8 +77,8 @@ def sample_settings(
         "teacher_guidance_scale": guidance_scale,
         "guidance": args.guidance,
         "uncond": args.uncond,
-        "resolution": args.resolution,
-        "width": args.width,
+        "resolution": args.resolution if size is None else size[0],
+        "width": args.width if size is None else (None if size[1] == size[0] else size[1]),
         "num_frames": args.num_frames,
         "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
         "teacher_samples_seed": args.teacher_samples_seed,
@@ -102,20 +119,16 @@ def generate_teacher_samples(
     args: argparse.Namespace,
     parts: flow_models.FlowComponents,
     teacher: Any,
-    schedule: Any,
     guidance_scale: float | None,
 ) -> list[Path]:
     """Write the missing shards of teacher samples (this process's share), then wait for every process; returns
     every shard's path. ``teacher`` is the frozen teacher as a :class:`training.flow_models.FlowDenoiser`,
-    ``schedule`` the model's training schedule at the run's resolution, ``guidance_scale`` the samples' CFG (SD3 /
-    Qwen-Image / Wan; None for FLUX, whose FLUX.1-dev guidance is ``--guidance``)."""
-
-    settings = sample_settings(args, parts, guidance_scale)
+    ``guidance_scale`` the samples' CFG (SD3 / Qwen-Image / Wan; None for FLUX, whose FLUX.1-dev guidance is
+    ``--guidance``). Each shard is sampled at its size (:func:`training.aspect_buckets.shard_size`) on the pipeline's
+    grid of the model's schedule at that size (FLUX: ``mu`` of its token count)."""
+    buckets = bool(getattr(args, "aspect_buckets", None))
     prompts = data_sources.read_prompts(args.prompts_file)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
-    grid = flow_pipeline_grid(
-        schedule, args.teacher_steps, pipeline=flow_families.pipeline_grid(parts.family)
-    )
     cfg = parts.uses_cfg and guidance_scale != 1.0
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
     paths = sample_shards(args)
@@ -124,6 +137,8 @@ def generate_teacher_samples(
         rows = min(
             args.teacher_samples_shard_size, args.num_teacher_samples - i * args.teacher_samples_shard_size
         )
+        size = aspect_buckets.shard_size(args, i)
+        settings = sample_settings(args, parts, guidance_scale, size if buckets else None)
         if path.exists():
             check_sample_shard(path, settings, rows)
             continue
@@ -132,14 +147,18 @@ def generate_teacher_samples(
         gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
         picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
         cond = flow_encoding.conditions(parts, picked, args, device, dtype)
-        shape = flow_models.latent_shape(parts, rows, args.resolution, args.num_frames, args.width)
+        shape = flow_models.latent_shape(parts, rows, size[0], args.num_frames, size[1])
         noise = torch.randn(shape, generator=gen).to(device)
         with runtime.autocast(accelerator):
             if parts.family in ("wan", "qwen"):  # the pipeline's own solve (see pipeline_samples)
                 latent = pipeline_samples(
-                    args, parts, teacher.transformer, noise, cond, uncond, guidance_scale
+                    args, parts, teacher.transformer, noise, cond, uncond, guidance_scale, size
                 )
             else:
+                schedule = flow_models.flow_schedule(parts, size[0], width=size[1])
+                grid = flow_pipeline_grid(
+                    schedule, args.teacher_steps, pipeline=flow_families.pipeline_grid(parts.family)
+                )
                 latent = ddim_sample(
                     teacher,
                     schedule,
@@ -163,9 +182,11 @@ def pipeline_samples(
     cond: dict[str, torch.Tensor],
     uncond: dict[str, torch.Tensor] | None,
     guidance_scale: float | None,
+    size: tuple[int, int],
 ) -> torch.Tensor:
     """Wan's and Qwen-Image's teacher samples as their pipelines make them, from ``noise`` with CFG at
-    ``guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid: ``WanPipeline``
+    ``guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid at ``size`` (height, width
+    px): ``WanPipeline``
     with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do not reproduce),
     ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
     conditional norm). Returns the latents (``(B, C, f, h, w)`` / unpacked ``(B, C, h, w)``) in float32."""
@@ -183,8 +204,8 @@ def pipeline_samples(
     negative = {} if uncond is None else {k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()}
     common = {
         "num_inference_steps": args.teacher_steps,
-        "height": args.resolution,
-        "width": args.width or args.resolution,
+        "height": size[0],
+        "width": size[1],
         "output_type": "latent",
     }
     if parts.family == "wan":

@@ -15,7 +15,7 @@ import torch
 
 from diffdistill.schedulers import TeacherSolver, ddim_sample, spaced_timesteps
 
-from . import data_sources, runtime, sdxl_encoding
+from . import aspect_buckets, data_sources, runtime, sdxl_encoding
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ def write_shard(
 class PairShards(data_sources.StepSource):
     """The teacher pairs of the shards as a per-step source: ``batch(generator)`` -> ``(noise, latent,
     prompts)`` for ``batch_size`` pairs drawn with the step's generator; with ``num_workers > 0`` worker
-    processes read them ahead of time (:class:`training.data_sources.StepSource`)."""
+    processes read them ahead of time (:class:`training.data_sources.StepSource`). Shards of several latent shapes
+    (``--aspect_buckets``) give batches of one shape (:func:`training.aspect_buckets.draw_grouped`)."""
 
     def __init__(self, paths: list[Path], batch_size: int, num_workers: int = 0) -> None:
         from safetensors import safe_open
@@ -178,14 +179,17 @@ class PairShards(data_sources.StepSource):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.index: list[tuple[Path, int]] = []
         self.prompts: dict[Path, list[str]] = {}
+        shapes: dict[tuple[int, ...], list[int]] = {}  # the rows of each latent shape, in shard order
         for path in paths:
             with safe_open(str(path), framework="pt") as f:
                 self.prompts[path] = json.loads((f.metadata() or {})["prompts"])
-                rows = f.get_slice("noise").get_shape()[0]
+                rows, *shape = f.get_slice("latent").get_shape()
+            shapes.setdefault(tuple(shape), []).extend(range(len(self.index), len(self.index) + rows))
             self.index += [(path, r) for r in range(rows)]
+        self.groups = list(shapes.values())
 
     def draw(self, generator: torch.Generator) -> tuple[list[int], list[str]]:
-        idx = torch.randint(len(self.index), (self.batch_size,), generator=generator).tolist()
+        idx = aspect_buckets.draw_grouped(self.groups, self.batch_size, generator)
         return idx, [self.prompts[self.index[k][0]][self.index[k][1]] for k in idx]
 
     def load(self, idx: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

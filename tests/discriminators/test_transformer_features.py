@@ -137,6 +137,34 @@ def test_flux_double_and_single_blocks_give_the_image_stream(flux) -> None:
     assert feats["single_transformer_blocks.0"].shape == (2, 16, 3, 4)
 
 
+def test_readout_hooks_stay_inside_compiled_blocks(flux) -> None:
+    """Blocks compiled one at a time (``module.compile``, as the scripts' ``--compile``): the readout hooks run inside
+    each block's graph without a graph break (the image-stream element is looked up when the hook is registered;
+    dynamo cannot iterate over a class's MRO inside the graph), and the features are eager's."""
+    import torch._dynamo
+
+    x, kw = flux_inputs(h=3, w=4)
+    names = transformer_block_names(flux)
+    with torch.no_grad():
+        want = TransformerFeatureExtractor(flux, names)(x, grid_size=(3, 4), **kw)
+    model = copy.deepcopy(flux)
+    for name in names:
+        model.get_submodule(name).compile(backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with torch.no_grad():
+            got = TransformerFeatureExtractor(model, names)(x, grid_size=(3, 4), **kw)
+        counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()}
+    finally:
+        torch._dynamo.reset()
+    assert counters.get("stats", {}).get("unique_graphs", 0) >= 2 and not counters.get("graph_break"), (
+        counters
+    )
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 def test_grid_follows_flux_image_ids(flux) -> None:
     """A feature at (i, j) comes from the token whose RoPE position (img_ids) is (i, j)."""
     x, kw = flux_inputs(batch=1, h=2, w=3)

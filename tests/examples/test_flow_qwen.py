@@ -69,13 +69,13 @@ def _parts(tiny: dict[str, Path], tmp_path: Path) -> tuple[Any, Any]:
 
 
 def _run(pipe: Any, noise: torch.Tensor, steps: int, output: str = "latent", **kwargs: Any) -> torch.Tensor:
-    """``pipe``'s output (``.images``) from the unpacked ``noise`` at :data:`IMAGE_SIZE` px, ``kwargs`` the prompt,
-    guidance and the rest."""
+    """``pipe``'s output (``.images``) from the unpacked ``noise`` at its size (the VAE's factor 8: :data:`IMAGE_SIZE`
+    px for 8 x 8 latents), ``kwargs`` the prompt, guidance and the rest."""
     with torch.no_grad():
         return pipe(
             num_inference_steps=steps,
-            height=IMAGE_SIZE,
-            width=IMAGE_SIZE,
+            height=8 * noise.shape[-2],
+            width=8 * noise.shape[-1],
             latents=flow_models.pack_latents(noise),
             max_sequence_length=T5_LENGTH,
             output_type=output,
@@ -238,17 +238,32 @@ def test_ladd_on_qwen_learns_from_the_pipelines_own_teacher_images(
     from safetensors import safe_open
 
     out = tmp_path / "ladd"
-    extra = ["--use_lora", "--num_teacher_samples", "2", "--teacher_samples_shard_size", "2"]
-    extra += ["--teacher_steps", "3", "--discriminator_norm_groups", "4"]
+    extra = ["--use_lora", "--num_teacher_samples", "4", "--teacher_samples_shard_size", "2"]
+    extra += [
+        "--teacher_steps",
+        "3",
+        "--discriminator_norm_groups",
+        "4",
+        "--aspect_buckets",
+        "64x64",
+        "32x96",
+    ]
     flow_ladd.main(flow_ladd.parse_args(_argv(tiny, out, *extra)))
-    with safe_open(str(out / "teacher_samples" / "samples-00000.safetensors"), framework="pt") as f:
-        prompts = json.loads(f.metadata()["prompts"])
-        noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
-    want = _run(
-        _pipeline(tiny), noise, 3, prompt=prompts, negative_prompt=[" "] * len(prompts), true_cfg_scale=4.0
-    )
-    # the same solve; our fixed-length text padding is masked out (float32 rounding of the longer softmax)
-    torch.testing.assert_close(latent, flow_models.unpack_latents(want, 8, 8), rtol=1e-4, atol=1e-5)
+    for shard, size in (("samples-00000", (8, 8)), ("samples-00001", (4, 12))):  # each at its bucket's size
+        with safe_open(str(out / "teacher_samples" / f"{shard}.safetensors"), framework="pt") as f:
+            prompts = json.loads(f.metadata()["prompts"])
+            noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
+        assert latent.shape[-2:] == size
+        want = _run(
+            _pipeline(tiny),
+            noise,
+            3,
+            prompt=prompts,
+            negative_prompt=[" "] * len(prompts),
+            true_cfg_scale=4.0,
+        )
+        # the same solve; our fixed-length text padding is masked out (float32 rounding of the longer softmax)
+        torch.testing.assert_close(latent, flow_models.unpack_latents(want, *size), rtol=1e-4, atol=1e-5)
     assert _trained(out / "pytorch_lora_weights.safetensors")
 
 

@@ -1,0 +1,111 @@
+"""Multi-aspect-ratio buckets (``--aspect_buckets``): their sizes, batches drawn within one bucket, each one's schedule."""
+
+# LADD (Sauer et al. 2024, arXiv:2403.12015, SD3-Turbo) trains at several aspect ratios. ``--aspect_buckets`` lists
+# the sizes ``HxW`` (px) the teacher samples are made at (``training.flow_teacher_samples``: shard ``i`` at bucket
+# ``i mod K``). A batch holds samples of one bucket (:func:`draw_grouped`: a bucket drawn with probability
+# proportional to its samples, then samples uniformly within it, so each sample is drawn as often as without
+# buckets), and FLUX's / Qwen-Image's dynamic shift follows each bucket's token count (:class:`BucketSchedules`).
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_SIZE = re.compile(r"(\d+)x(\d+)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"832x1216"`` -> ``(832, 1216)`` (height, width in px): the ``argparse`` type of ``--aspect_buckets``."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a size HEIGHTxWIDTH in px with positive sides, e.g. 832x1216, but got {text!r}"
+        )
+    return int(match[1]), int(match[2])
+
+
+def add_args(group: Any) -> None:
+    """``--aspect_buckets HxW [HxW ...]`` (default: one size, ``--resolution`` x ``--width``)."""
+    group.add_argument(
+        "--aspect_buckets",
+        type=parse_size,
+        nargs="+",
+        default=None,
+        metavar="HxW",
+        help="multi-aspect training: the sizes (height x width, px) of the teacher samples, shard i made at the "
+        "(i mod K)-th, each batch within one size (e.g. 1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 "
+        "768x1344); default one size, --resolution x --width. Validation samples at --resolution x --width",
+    )
+
+
+def sizes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The buckets' ``(height, width)`` in px: ``--aspect_buckets``, else ``[(--resolution, --width or
+    --resolution)]``."""
+    if getattr(args, "aspect_buckets", None):
+        return [tuple(s) for s in args.aspect_buckets]  # type: ignore[misc]
+    return [(args.resolution, getattr(args, "width", None) or args.resolution)]
+
+
+def check_sizes(args: argparse.Namespace, step: int) -> None:
+    """Each ``--aspect_buckets`` side a multiple of ``step`` (the VAE factor times the patch size) and no size listed
+    twice; ``ValueError`` with the fix."""
+    buckets = getattr(args, "aspect_buckets", None) or []
+    for h, w in buckets:
+        if h % step or w % step:
+            raise ValueError(
+                f"Expected each --aspect_buckets size to have sides that are multiples of {step} (the VAE's factor "
+                f"times the transformer's 2x2 patches), but got {h}x{w}: round it, e.g. to "
+                f"{max(step, h // step * step)}x{max(step, w // step * step)}."
+            )
+    repeated = sorted({f"{h}x{w}" for h, w in buckets if buckets.count((h, w)) > 1})
+    if repeated:
+        raise ValueError(
+            f"Expected distinct --aspect_buckets sizes, but {', '.join(repeated)} is listed more than once (a "
+            "bucket's share of the samples is its share of the shards: list each size once)."
+        )
+
+
+def shard_size(args: argparse.Namespace, index: int) -> tuple[int, int]:
+    """The ``(height, width)`` px of teacher-sample shard ``index``: bucket ``index mod K``."""
+    buckets = sizes(args)
+    return buckets[index % len(buckets)]
+
+
+def draw_grouped(groups: Sequence[Sequence[int]], batch_size: int, generator: torch.Generator) -> list[int]:
+    """``batch_size`` items of one group: with one group, ``batch_size`` uniform draws (with replacement) of its
+    items; with several, a group drawn with probability proportional to its size, then ``batch_size`` uniform
+    draws within it. Every item is drawn with probability ``1 / total`` per draw either way."""
+    if len(groups) == 1:
+        items = groups[0]
+    else:
+        counts = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+        items = groups[int(torch.multinomial(counts, 1, generator=generator))]
+    return [items[k] for k in torch.randint(len(items), (batch_size,), generator=generator).tolist()]
+
+
+class BucketSchedules:
+    """The training schedule of each bucket (:func:`training.flow_models.flow_schedule` at its size: FLUX's and
+    Qwen-Image's ``mu`` of its token count), looked up by a batch's latent shape; ``kwargs`` go to
+    ``flow_schedule``."""
+
+    def __init__(self, parts: Any, args: argparse.Namespace, **kwargs: Any) -> None:
+        from . import flow_models
+
+        self.by_shape: dict[tuple[int, ...], Any] = {}
+        for h, w in sizes(args):
+            shape = flow_models.latent_shape(parts, 1, h, getattr(args, "num_frames", None), w)[2:]
+            self.by_shape[tuple(shape)] = flow_models.flow_schedule(parts, h, width=w, **kwargs)
+
+    def __call__(self, latents: torch.Tensor) -> Any:
+        """The schedule of the bucket of ``latents`` ``(B, C, [f,] h, w)`` (``ValueError`` for another shape)."""
+        shape = tuple(latents.shape[2:])
+        if shape not in self.by_shape:
+            raise ValueError(
+                f"Expected latents of one of the buckets' shapes {sorted(self.by_shape)}, but got {shape}: the "
+                "teacher samples were made at other sizes than --aspect_buckets (or --resolution) lists."
+            )
+        return self.by_shape[shape]

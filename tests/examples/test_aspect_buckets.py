@@ -1,0 +1,219 @@
+"""Multi-aspect training (``--aspect_buckets``, ``examples/training/aspect_buckets.py``): LADD's and prompt-only
+flow_kd's teacher samples made at several sizes (each shard the pipeline's own samples at its size, FLUX's ``mu``
+that size's), batches of one size that draw every sample as often as without buckets, each size's schedule in
+the KD's noising, and the option checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    deterministic_runs,
+    flow_kd,
+    flow_ladd,
+    flow_models,
+)
+from tests.examples.tiny_flow import T5_LENGTH, smoke_argv, write_tiny_flow_models
+
+from training import aspect_buckets, teacher_pairs  # isort: skip  (examples/ is on sys.path via flow_scripts)
+
+# 128 x 256 px: 16 x 32 latents, 128 FLUX tokens (mu 0.478) against 64 x 64's 16 (mu 0.459): distinct grids
+BUCKETS = ["64x64", "128x256"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_tiny_flow_models(tmp_path_factory.mktemp("tiny_buckets"), captions=["a red cube", ""])
+
+
+def _samples_argv(samples: Path, count: int = 4) -> list[str]:
+    return [
+        *("--teacher_samples_dir", str(samples), "--num_teacher_samples", str(count)),
+        *("--teacher_samples_shard_size", "2", "--teacher_steps", "2"),
+    ]
+
+
+def _shard(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        return (
+            f.get_tensor("noise"),
+            f.get_tensor("latent"),
+            json.loads(meta["prompts"]),
+            json.loads(meta["settings"]),
+        )
+
+
+def test_parse_size_and_its_errors() -> None:
+    assert aspect_buckets.parse_size("832x1216") == (832, 1216)
+    assert aspect_buckets.parse_size(" 64X96 ") == (64, 96)
+    for bad in ("832", "832x", "x64", "0x64", "64*64", "-64x64"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"HEIGHTxWIDTH.*but got '{re.escape(bad)}'"):
+            aspect_buckets.parse_size(bad)
+
+
+def test_one_group_draws_as_before_and_several_draw_each_item_uniformly() -> None:
+    """One group: exactly the draws of ``torch.randint`` over all items (runs without buckets keep their data order,
+    and resume from checkpoints made before buckets existed). Several: a batch lies in one group, and each item is
+    drawn with probability 1 / total, the group with probability proportional to its size."""
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        want = torch.randint(7, (3,), generator=gen_b).tolist()
+        assert aspect_buckets.draw_grouped([list(range(7))], 3, gen_a) == want
+    groups = [[0], [1, 2, 3], [4, 5, 6, 7, 8, 9]]  # sizes 1, 3, 6 of 10 items
+    gen = torch.Generator().manual_seed(0)
+    counts, trials, batch = torch.zeros(10), 6000, 4
+    for _ in range(trials):
+        drawn = aspect_buckets.draw_grouped(groups, batch, gen)
+        assert sum(any(i in g for i in drawn) for g in groups) == 1, drawn  # one group per batch
+        counts += torch.bincount(torch.tensor(drawn), minlength=10)
+    # each draw hits item i with p = 1/10; items within one batch are not independent across groups, so bound the
+    # count by 6 standard deviations of the batch-level variance (batch draws of one item: at most `batch` each).
+    n, p = trials * batch, 0.1
+    sd = math.sqrt(
+        trials * batch**2 * p
+    )  # >= the count's standard deviation (second moment of a batch's hits)
+    assert ((counts - n * p).abs() < 6 * sd).all(), counts.tolist()
+    with pytest.raises(AssertionError):  # the bound is tight enough to see a group drawn uniformly instead
+        assert ((torch.tensor([n / 3] + [n / 9] * 3 + [n / 18] * 6) - n * p).abs() < 6 * sd).all()
+
+
+def test_ladd_makes_each_shard_at_its_size_as_the_pipeline_and_trains_on_batches_of_one_size(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX LADD with two buckets: shard 0 at 64 x 64, shard 1 at 128 x 256, each ``FluxPipeline``'s own sample of
+    its prompts at that size (its ``mu``: a 64 x 64 grid on the 128 x 256 noise differs); training batches hold one
+    size and both sizes train; a run without buckets reuses the square bucket's shard (the same samples)."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    shapes: list[tuple[int, ...]] = []
+    batch = teacher_pairs.PairShards.batch
+
+    def recording_batch(self: Any, gen: torch.Generator) -> Any:
+        out = batch(self, gen)
+        shapes.append(tuple(out[1].shape))
+        return out
+
+    monkeypatch.setattr(teacher_pairs.PairShards, "batch", recording_batch)
+    samples, out = tmp_path / "samples", tmp_path / "ladd"
+    argv = smoke_argv(tiny, "flux", out, *_samples_argv(samples), "--use_lora", "--lora_rank", "2")
+    argv += ["--discriminator_norm_groups", "4", "--max_train_steps", "6", "--checkpointing_steps", "6"]
+    flow_ladd.main(flow_ladd.parse_args([*argv, "--aspect_buckets", *BUCKETS]))
+
+    first, second = sorted(samples.glob("samples-*.safetensors"))
+    _, latent0, _, settings0 = _shard(first)
+    noise1, latent1, prompts1, settings1 = _shard(second)
+    assert (latent0.shape, latent1.shape) == ((2, 16, 8, 8), (2, 16, 16, 32))
+    assert (settings0["resolution"], settings0["width"]) == (64, None)
+    assert (settings1["resolution"], settings1["width"]) == (128, 256)
+    pipe = FluxPipeline.from_pretrained(str(tiny["flux"]))
+    pipe.set_progress_bar_config(disable=True)
+
+    def pipeline_sample(noise: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+        """``FluxPipeline`` at the noise's size: its ``mu`` of the token count, or a static ``shift``."""
+        if shift is not None:  # a static shift e^mu gives the exponential time shift of that mu exactly
+            pipe.scheduler = type(pipe.scheduler).from_config(
+                pipe.scheduler.config, use_dynamic_shifting=False, shift=shift
+            )
+        with torch.no_grad():
+            packed = pipe(
+                prompts1,
+                height=8 * noise.shape[-2],
+                width=8 * noise.shape[-1],
+                num_inference_steps=2,
+                guidance_scale=3.5,
+                latents=flow_models.pack_latents(noise),
+                max_sequence_length=T5_LENGTH,
+                output_type="latent",
+            ).images
+        return flow_models.unpack_latents(packed, *noise.shape[-2:])
+
+    torch.testing.assert_close(latent1, pipeline_sample(noise1), rtol=1e-4, atol=1e-4)
+    # mutation: the same noise on the grid of 64 x 64's mu (16 tokens) is off by far more than the tolerance
+    config = pipe.scheduler.config
+    mu_64 = calculate_shift(
+        16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
+    assert (pipeline_sample(noise1, shift=math.exp(mu_64)) - latent1).abs().max() > 1e-3
+    assert shapes and {s[1:] for s in shapes} == {(16, 8, 8), (16, 16, 32)}, (
+        shapes
+    )  # both sizes, one per batch
+
+    # a run without buckets at 64 px reuses shard 0 (the same prompts, noise and samples) untouched
+    stamp = first.stat().st_mtime_ns
+    plain = smoke_argv(tiny, "flux", tmp_path / "plain", *_samples_argv(samples, 2), "--use_lora")
+    plain += ["--lora_rank", "2", "--discriminator_norm_groups", "4", "--max_train_steps", "1"]
+    flow_ladd.main(flow_ladd.parse_args(plain))
+    assert first.stat().st_mtime_ns == stamp
+
+
+def test_prompt_only_kd_noises_each_batch_on_its_sizes_schedule(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flow_kd.py --prompts_file --aspect_buckets``: each training batch is noised on the schedule of its own
+    size (FLUX: the ``mu`` of its token count, as ``flow_schedule`` at that size), not on ``--resolution``'s."""
+    seen: list[tuple[tuple[int, ...], Any]] = []
+    lookup = aspect_buckets.BucketSchedules.__call__
+
+    def recording_lookup(self: Any, latents: torch.Tensor) -> Any:
+        schedule = lookup(self, latents)
+        seen.append((tuple(latents.shape[2:]), schedule))
+        return schedule
+
+    monkeypatch.setattr(aspect_buckets.BucketSchedules, "__call__", recording_lookup)
+    out = tmp_path / "kd"
+    argv = smoke_argv(tiny, "flux", out, *_samples_argv(tmp_path / "samples"), "--keep_blocks", "0")
+    argv += ["--keep_single_blocks", "0", "--max_train_steps", "6", "--checkpointing_steps", "6"]
+    args = flow_kd.parse_args([*argv, "--aspect_buckets", *BUCKETS])
+    flow_kd.main(args)
+    assert {shape for shape, _ in seen} == {(8, 8), (16, 32)}, [s for s, _ in seen]
+    parts = flow_models.load_flow(args)
+    t = torch.arange(0, 1000, 37)
+    want = {
+        (8, 8): flow_models.flow_schedule(parts, 64),
+        (16, 32): flow_models.flow_schedule(parts, 128, width=256),
+    }
+    for shape, schedule in seen:
+        torch.testing.assert_close(schedule.sigma(t), want[shape].sigma(t), rtol=0, atol=0)
+    assert (want[(8, 8)].sigma(t) - want[(16, 32)].sigma(t)).abs().max() > 1e-3  # the sizes' tables differ
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--aspect_buckets", "64x72"], r"multiples of 16 .* but got 64x72: round it, e.g. to 64x64"),
+        (
+            ["--aspect_buckets", "64x64", "32x64", "64X64"],
+            r"distinct --aspect_buckets sizes, but 64x64 is listed",
+        ),
+        (
+            ["--aspect_buckets", "64x64", "32x64", "64x32"],
+            r"3 sizes are listed .* make 2: raise --num_teacher_samples",
+        ),
+    ],
+)
+def test_bucket_options_are_checked(
+    tiny: dict[str, Path], tmp_path: Path, extra: list[str], match: str
+) -> None:
+    argv = smoke_argv(tiny, "flux", tmp_path, *_samples_argv(tmp_path / "samples"), *extra)
+    with pytest.raises(ValueError, match=match):
+        flow_ladd.parse_args(argv)
+
+
+def test_kd_on_images_refuses_buckets(tiny: dict[str, Path], tmp_path: Path) -> None:
+    argv = smoke_argv(
+        tiny, "sd3", tmp_path, "--preset", "sd3-half", "--aspect_buckets", *BUCKETS, data="images"
+    )
+    with pytest.raises(ValueError, match=r"prompt-only run \(--prompts_file\).*drop --aspect_buckets"):
+        flow_kd.parse_args(argv)
