@@ -61,7 +61,8 @@ prompt set, with a record of the protocol beside the numbers.
    same way, and the frame consistency (``metrics.FrameConsistency``, Gen-1: the mean cosine of consecutive
    frames' CLIP image embeddings, on the ``--clip`` backbone). The protocol's ``extra.video`` records the frame
    count and what each metric does with the frames, so ``--compare`` refuses to put video and image runs (or
-   videos of another length) in one table. ``--images DIR`` also scores a folder of ``{i:06d}/{f:03d}.png`` videos.
+   videos of another length) in one table. ``--images DIR`` also scores a folder of ``{i:06d}/{f:03d}.png`` videos
+   (of their own length: ``--num_frames`` is refused with it).
 
    Example (the 4-step DMD2 LoRA of Wan 2.1 1.3B of examples/README.md and its teacher, 81 frames at the trained
    480 x 480; the CLIP backbone is an example, not a published protocol)::

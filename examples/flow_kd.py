@@ -23,8 +23,10 @@ is the same method on the transformers of SD3 / SD3.5 (``SD3Transformer2DModel``
    ``x_sigma = (1 - sigma) x0 + sigma eps``, sigma drawn from SD3's
    densities on the model's shifted table (:func:`diffdistill.schedulers.flow_density_timesteps`: the
    logit-normal by default, SD3 Sec. 3.1 / Table 1; SD3 its static shift 3, FLUX the resolution's ``mu``).
-   Prompt-only runs may make their samples at several sizes (``--aspect_buckets``, as LADD's: each batch of one
-   size, FLUX's / Qwen-Image's ``mu`` that size's; the removal report counts FLOPs at ``--resolution``).
+   Multi-aspect (``--aspect_buckets HxW ...``, ``training.aspect_buckets``): each image cropped to the size nearest
+   its aspect ratio, or prompt-only the teacher samples made at the sizes (as LADD's); each batch of one size and
+   noised on that size's schedule (FLUX's / Qwen-Image's ``mu``); our choice, SSD-1B has no buckets (the removal
+   report counts FLOPs at ``--resolution``; Wan clips take one size).
    Output KD: student velocity vs the teacher's velocity (with the teacher's CFG at
    ``--teacher_guidance_scale`` > 1, or FLUX.1-dev's embedded ``--guidance`` given to both). Feature KD: each
    student block's image stream vs that of the teacher block it maps to
@@ -60,7 +62,7 @@ Recipe. What is the paper's (SSD-1B) and what is ours:
 - Optimisation: AdamW, learning rate 1e-5 (SSD-1B's card), constant; EMA optional (our choice).
 
 Wan (2.1, 2.2 TI2V-5B; ``WanTransformer3DModel``): on video clips (``--train_data_dir``,
-:class:`training.data_sources.VideoCaptionFolder`: each clip's first ``--num_frames`` frames at ``--resolution`` x
+:class:`training.caption_folders.VideoCaptionFolder`: each clip's first ``--num_frames`` frames at ``--resolution`` x
 ``--width``) or prompt-only on the teacher's videos, the ``wan-half`` preset or ``--keep_blocks``; the report counts FLOPs on the videos' latents (frames, height, width).
 Wan 2.2 A14B (two experts) is refused.
 
@@ -214,11 +216,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "samples of the prompts, made once and cached), one of them."
         )
     flow_teacher_samples.check_args(args)
-    if args.aspect_buckets and not args.prompts_file:
-        raise ValueError(
-            "--aspect_buckets sets the sizes of the teacher samples of a prompt-only run (--prompts_file); "
-            "--train_data_dir images are square crops at --resolution: drop --aspect_buckets."
-        )
     if args.sample_guidance_scale is not None and not (args.prompts_file and args.sample_guidance_scale >= 1):
         raise ValueError(
             f"--sample_guidance_scale is the CFG (>= 1) of the teacher samples of a prompt-only run (--prompts_file), "

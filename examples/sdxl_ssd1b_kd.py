@@ -57,6 +57,12 @@ Example (five rounds; each ``--output_dir`` is the next round's ``--student_mode
         --output_dir out/r5
 
 ``--preset ssd-1b`` without ``--round`` (and without ``--student_model``) removes the whole preset in one round.
+
+Multi-aspect data (our choice; SSD-1B's training has no aspect buckets): ``--aspect_buckets HxW ...`` crops each
+image to the size nearest its aspect ratio, draws each batch within one size and conditions the UNet on it (SDXL's
+bucket conditioning, the target size of ``time_ids``, Podell et al. 2023 Sec. 2.3; original size = target, no
+crop, as the pipeline's defaults), e.g. the ~1 MP sizes common with SDXL ``1024x1024 1152x896 896x1152 1216x832 832x1216
+1344x768 768x1344 1536x640 640x1536``; validation stays at ``--resolution``.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ from diffdistill.students import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
+    aspect_buckets,
     checkpoints,
     compilation,
     data_sources,
@@ -143,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--feature_weight", type=float, default=0.5)
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    aspect_buckets.add_args(g)
     args = p.parse_args(argv)
     options.refuse_lora(args, "sdxl_ssd1b_kd trains the whole block-removed student")
     args = options.check_common_args(args, image_method=True)
@@ -163,6 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("output_weight", "feature_weight"):  # a negative weight maximises the KD distance
         options.check_range(args, name, low=0, why="0 leaves that KD term out")
     options.check_range(args, "validation_inference_steps", low=1)
+    aspect_buckets.check_sizes(args, 8)  # SDXL's VAE factor (as --resolution)
     if args.student_model is None and args.preset is None and args.remove is None:
         args.preset = "ssd-1b"  # a fresh run removes the whole SSD-1B preset, as before rounds existed
     return args
@@ -217,7 +226,9 @@ def main(args: argparse.Namespace) -> None:
 
     def train_step(gen: torch.Generator, step: int) -> dict[str, torch.Tensor]:
         x0, prompts = data.latents_batch(gen, parts.vae, device)
-        cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
+        # px (SDXL's VAE: factor 8): --resolution, or the batch's bucket
+        size = (8 * x0.shape[-2], 8 * x0.shape[-1])
+        cond = sdxl_encoding.unet_conditions(parts, prompts, size, device, dtype, args.cache_dir)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = uniform_timesteps(x0.shape[0], 0, schedule.num_train_timesteps - 1, generator=gen).t.to(device)
         x_t = schedule.add_noise(x0, noise, t)

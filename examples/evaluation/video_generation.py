@@ -127,6 +127,11 @@ def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video:
         raise ValueError("--timesteps: WanPipeline samples on sigmas (flow matching): give --sigmas instead.")
     if getattr(args, "lora_base", None):
         raise ValueError("--lora_base is for SDXL LoRAs trained on another UNet: drop it for a Wan student.")
+    if getattr(args, "images", None) is not None and args.num_frames is not None:
+        raise ValueError(
+            f"--num_frames {args.num_frames} is the length of the videos a run generates, but --images scores the "
+            "folder's videos as they are (each its {f:03d}.png frames): drop --num_frames."
+        )
     if args.num_frames is not None and args.num_frames % TEMPORAL_FACTOR != 1:
         raise ValueError(
             f"Expected --num_frames of the form {TEMPORAL_FACTOR}k + 1 (Wan's VAE compresses time by "

@@ -10,7 +10,9 @@ Modules:
 - :mod:`training.sdxl_models`: loading the SDXL components, the student and the frozen teacher.
 - :mod:`training.sdxl_encoding`: SDXL prompt encoding (two CLIP encoders, pooled embeddings, ``time_ids``,
   an on-disk cache) and VAE latents (encode, decode).
-- :mod:`training.data_sources`: prompt lists and image-caption folders, read per optimisation step.
+- :mod:`training.data_sources`: prompt lists and caption folders, read per optimisation step (``StepData``).
+- :mod:`training.caption_folders`: image- and (Wan) video-caption folders: files, captions, crops (aspect buckets),
+  cache keys.
 - :mod:`training.compilation`: ``--compile``: the networks' blocks through ``torch.compile``, one block at a time
   (regional compilation, in place; works with LoRA, ``--shared_base`` and gradient checkpointing).
 - :mod:`training.runtime`: the accelerate / DeepSpeed / FSDP runtime (accelerator, optimisers, backward,
@@ -40,8 +42,8 @@ Modules:
   scripts' LoRA files (one per expert for A14B).
 - :mod:`training.flow_teacher_samples`: the teacher's own samples of a prompt list in shards that record their
   settings (LADD's data; flow_kd's prompt-only data).
-- :mod:`training.aspect_buckets`: multi-aspect training (``--aspect_buckets``): the sizes of the teacher samples,
-  batches drawn within one size, each size's schedule (FLUX's ``mu``).
+- :mod:`training.aspect_buckets`: multi-aspect training (``--aspect_buckets``): the sizes of the teacher samples or
+  the nearest size of each image, batches drawn within one size, each size's schedule (FLUX's ``mu``).
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
   ``--num_frames``).
 - :mod:`training.flow_validation`: few-step validation grids (Wan: videos) of flow students.

@@ -1,14 +1,18 @@
 """Multi-aspect-ratio buckets (``--aspect_buckets``): their sizes, batches drawn within one bucket, each one's schedule."""
 
-# LADD (Sauer et al. 2024, arXiv:2403.12015, SD3-Turbo) trains at several aspect ratios. ``--aspect_buckets`` lists
-# the sizes ``HxW`` (px) the teacher samples are made at (``training.flow_teacher_samples``: shard ``i`` at bucket
-# ``i mod K``). A batch holds samples of one bucket (:func:`draw_grouped`: a bucket drawn with probability
-# proportional to its samples, then samples uniformly within it, so each sample is drawn as often as without
-# buckets), and FLUX's / Qwen-Image's dynamic shift follows each bucket's token count (:class:`BucketSchedules`).
+# LADD (Sauer et al. 2024, arXiv:2403.12015, SD3-Turbo) trains at several aspect ratios; SDXL itself was trained on
+# aspect buckets (Podell et al. 2023, arXiv:2307.01952, Sec. 2.3), which SSD-1B's fine-tuning lacks (reference/methods.md).
+# ``--aspect_buckets`` lists sizes ``HxW`` (px): the teacher samples are made at them (``training.flow_teacher_samples``:
+# shard ``i`` at bucket ``i mod K``), or each image of ``--train_data_dir`` is cropped to the bucket nearest its aspect
+# ratio (:func:`nearest_bucket`; ``training.caption_folders.ImageCaptionFolder``). A batch holds samples of one bucket
+# (:func:`draw_grouped`: a bucket drawn with probability proportional to its samples, then samples uniformly within
+# it, so each sample is drawn as often as without buckets), and FLUX's / Qwen-Image's dynamic shift follows each
+# bucket's token count (:class:`BucketSchedules`).
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -36,9 +40,10 @@ def add_args(group: Any) -> None:
         nargs="+",
         default=None,
         metavar="HxW",
-        help="multi-aspect training: the sizes (height x width, px) of the teacher samples, shard i made at the "
-        "(i mod K)-th, each batch within one size (e.g. 1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 "
-        "768x1344); default one size, --resolution x --width. Validation samples at --resolution x --width",
+        help="multi-aspect training: sizes (height x width, px), each batch within one of them; teacher samples "
+        "(prompt-only) are made at them, shard i at the (i mod K)-th; --train_data_dir images are each cropped to "
+        "the size nearest their aspect ratio (e.g. 1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 "
+        "768x1344); default one size, --resolution x --width (images: square). Validation samples at --resolution",
     )
 
 
@@ -73,6 +78,13 @@ def shard_size(args: argparse.Namespace, index: int) -> tuple[int, int]:
     """The ``(height, width)`` px of teacher-sample shard ``index``: bucket ``index mod K``."""
     buckets = sizes(args)
     return buckets[index % len(buckets)]
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is nearest ``width / height`` in log scale (a 2:1 image is as far
+    from 1:1 as from 4:1); ties go to the first listed."""
+    aspect = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - aspect))
 
 
 def draw_grouped(groups: Sequence[Sequence[int]], batch_size: int, generator: torch.Generator) -> list[int]:

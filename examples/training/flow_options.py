@@ -158,7 +158,7 @@ def check_family_options(args: argparse.Namespace, family: str) -> None:
     """The checks that need only the model family: ``--max_sequence_length`` within the family's limit,
     ``--num_frames`` only for Wan, ``--width`` with ``--train_data_dir`` only for Wan (image data is square crops;
     Wan's clips are cropped to ``--resolution`` x ``--width``), and for Wan a ``--train_data_dir`` of video clips
-    (:func:`training.data_sources.find_clips`: no loose images; ``ImportError`` for video files without imageio).
+    (:func:`training.caption_folders.find_clips`: no loose images; ``ImportError`` for video files without imageio).
     Raises ``ValueError``."""
     name = flow_families.FAMILY_NAMES[family]
     limit = MAX_TEXT_TOKENS[family]
@@ -175,12 +175,17 @@ def check_family_options(args: argparse.Namespace, family: str) -> None:
     if family != "wan" and getattr(args, "width", None) is not None and data:
         raise ValueError(
             "--width trains non-square samples from prompts, but --train_data_dir images are square crops at "
-            "--resolution: drop --width (or run prompt-only)."
+            "--resolution: drop --width (or run prompt-only; non-square images: --aspect_buckets)."
+        )
+    if family == "wan" and data and getattr(args, "aspect_buckets", None):
+        raise ValueError(
+            "--aspect_buckets crops images to several sizes, but Wan's --train_data_dir clips are cropped to one, "
+            "--resolution x --width: drop --aspect_buckets (or run prompt-only, whose teacher videos take them)."
         )
     if family == "wan" and data:
-        from . import data_sources  # it imports the shared options, which import nothing of the flow scripts
+        from . import caption_folders  # no import of the flow scripts
 
-        data_sources.find_clips(data)  # a folder of clips, not of images: refused before the model loads
+        caption_folders.find_clips(data)  # a folder of clips, not of images: refused before the model loads
 
 
 def check_flow_args(args: argparse.Namespace, parts: Any) -> argparse.Namespace:

@@ -311,7 +311,7 @@ def check_paths(args: argparse.Namespace) -> None:
     """Refuse a ``--prompts_file`` that is not a file, a ``--train_data_dir`` without an image or video, and a
     ``--resume_from_checkpoint`` that is neither ``latest`` nor a ``checkpoint-N`` folder -- in ``parse_args``,
     before the models load (``ValueError``)."""
-    from . import checkpoints, data_sources  # they import this module
+    from . import caption_folders, checkpoints  # checkpoints imports this module
 
     prompts = getattr(args, "prompts_file", None)
     if prompts and not Path(prompts).is_file():
@@ -324,7 +324,8 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"Expected --train_data_dir to be a folder of images, but {images} is not a folder."
             )
-        suffixes = data_sources.IMAGE_SUFFIXES + data_sources.VIDEO_SUFFIXES  # a clip's frames are images
+        # a clip's frames are images
+        suffixes = caption_folders.IMAGE_SUFFIXES + caption_folders.VIDEO_SUFFIXES
         if next((p for p in Path(images).rglob("*") if p.suffix.lower() in suffixes), None) is None:
             raise ValueError(
                 f"Expected --train_data_dir {images} to hold images or video clips ({', '.join(suffixes)}, "

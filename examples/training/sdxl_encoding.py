@@ -49,10 +49,13 @@ def encode_prompts(
 
 
 def sdxl_time_ids(
-    batch: int, resolution: int, device: torch.device | str, dtype: torch.dtype
+    batch: int, resolution: int | tuple[int, int], device: torch.device | str, dtype: torch.dtype
 ) -> torch.Tensor:
-    """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per sample."""
-    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+    """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per sample, for square
+    ``resolution`` px images or ``(height, width)``: original = target size, no crop (the pipeline's defaults; the
+    target size of an aspect bucket is SDXL's bucket conditioning, Podell et al. 2023 Sec. 2.3)."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    row = torch.tensor([h, w, 0, 0, h, w], dtype=dtype, device=device)
     return row.repeat(batch, 1)
 
 
@@ -99,12 +102,13 @@ def encode_prompts_cached(
 def unet_conditions(
     components: sdxl_models.SDXLComponents,
     prompts: Sequence[str],
-    resolution: int,
+    resolution: int | tuple[int, int],
     device: torch.device | str,
     dtype: torch.dtype,
     cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """UNet keyword arguments ``{"encoder_hidden_states", "added_cond_kwargs"}`` for ``prompts``."""
+    """UNet keyword arguments ``{"encoder_hidden_states", "added_cond_kwargs"}`` for ``prompts`` of ``resolution``
+    (square px, or ``(height, width)``: :func:`sdxl_time_ids`)."""
     ehs, pooled = encode_prompts_cached(components, prompts, device, cache_dir)
     added = {
         "text_embeds": pooled.to(dtype),

@@ -1,7 +1,8 @@
 """Multi-aspect training (``--aspect_buckets``, ``examples/training/aspect_buckets.py``): LADD's and prompt-only
 flow_kd's teacher samples made at several sizes (each shard the pipeline's own samples at its size, FLUX's ``mu``
-that size's), batches of one size that draw every sample as often as without buckets, each size's schedule in
-the KD's noising, and the option checks."""
+that size's), images cropped to their nearest size (flow_kd, sdxl_ssd1b_kd with SDXL's bucket conditioning),
+batches of one size that draw every sample as often as without buckets, each size's schedule in the KD's
+noising, and the option checks."""
 
 from __future__ import annotations
 
@@ -15,13 +16,24 @@ from typing import Any
 import pytest
 import torch
 
+from tests.examples.example_modules import load_example
 from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    caption_folders,
+    data_sources,
     deterministic_runs,
     flow_kd,
     flow_ladd,
     flow_models,
 )
-from tests.examples.tiny_flow import T5_LENGTH, smoke_argv, write_tiny_flow_models
+from tests.examples.tiny_flow import (
+    NUM_FRAMES,
+    T5_LENGTH,
+    save_tiny_wan_pipeline,
+    smoke_argv,
+    write_captioned_videos,
+    write_tiny_flow_models,
+)
+from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline, write_captioned_images
 
 from training import aspect_buckets, teacher_pairs  # isort: skip  (examples/ is on sys.path via flow_scripts)
 
@@ -158,11 +170,23 @@ def test_ladd_makes_each_shard_at_its_size_as_the_pipeline_and_trains_on_batches
     assert first.stat().st_mtime_ns == stamp
 
 
-def test_prompt_only_kd_noises_each_batch_on_its_sizes_schedule(
-    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# (height, width) of the images: square, 2:1 wide, near-square, 2:1 wide -> buckets 64x64 and 128x256 (both 1:1, 1:2)
+IMAGE_SIZES = [(64, 64), (60, 120), (70, 66), (50, 100)]
+
+
+def _images(folder: Path) -> Path:
+    return write_captioned_images(
+        folder, ["a red cube", "a wide road", "", "a long table"], sizes=IMAGE_SIZES
+    )
+
+
+@pytest.mark.parametrize("data", ["prompts", "images"])
+def test_kd_noises_each_batch_on_its_sizes_schedule(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
 ) -> None:
-    """``flow_kd.py --prompts_file --aspect_buckets``: each training batch is noised on the schedule of its own
-    size (FLUX: the ``mu`` of its token count, as ``flow_schedule`` at that size), not on ``--resolution``'s."""
+    """``flow_kd.py --aspect_buckets``, prompt-only (teacher samples at the sizes) or on images (each cropped to its
+    nearest size): each training batch is noised on the schedule of its own size (FLUX: the ``mu`` of its token
+    count, as ``flow_schedule`` at that size), not on ``--resolution``'s."""
     seen: list[tuple[tuple[int, ...], Any]] = []
     lookup = aspect_buckets.BucketSchedules.__call__
 
@@ -172,8 +196,9 @@ def test_prompt_only_kd_noises_each_batch_on_its_sizes_schedule(
         return schedule
 
     monkeypatch.setattr(aspect_buckets.BucketSchedules, "__call__", recording_lookup)
-    out = tmp_path / "kd"
-    argv = smoke_argv(tiny, "flux", out, *_samples_argv(tmp_path / "samples"), "--keep_blocks", "0")
+    source = {**tiny, "images": _images(tmp_path / "images")}
+    extra = _samples_argv(tmp_path / "samples") if data == "prompts" else []
+    argv = smoke_argv(source, "flux", tmp_path / "kd", *extra, "--keep_blocks", "0", data=data)
     argv += ["--keep_single_blocks", "0", "--max_train_steps", "6", "--checkpointing_steps", "6"]
     args = flow_kd.parse_args([*argv, "--aspect_buckets", *BUCKETS])
     flow_kd.main(args)
@@ -187,6 +212,70 @@ def test_prompt_only_kd_noises_each_batch_on_its_sizes_schedule(
     for shape, schedule in seen:
         torch.testing.assert_close(schedule.sigma(t), want[shape].sigma(t), rtol=0, atol=0)
     assert (want[(8, 8)].sigma(t) - want[(16, 32)].sigma(t)).abs().max() > 1e-3  # the sizes' tables differ
+
+
+def test_image_folder_crops_each_image_to_its_nearest_bucket(tmp_path: Path) -> None:
+    """Each image goes to the bucket of the nearest aspect ratio in log scale and is resized (bicubic) by the
+    smallest factor that covers the bucket, then centre-cropped (derived here by hand with PIL); the folder's
+    groups are the buckets' images; cache keys name the crop (square keys are unchanged without buckets); a
+    StepData batch holds one bucket's images."""
+    import numpy as np
+    from PIL import Image
+
+    folder = _images(tmp_path / "images")
+    buckets = [(64, 64), (32, 96), (96, 32)]  # 1:1, 1:3 wide, 3:1 tall
+    data = caption_folders.ImageCaptionFolder(folder, 64, buckets)
+    # log aspects: 0, log 2 = 0.69 (nearest log 3 = 1.10, not 0), log(66/70) = -0.06, log 2: -> 0, 1, 0, 1
+    assert data.bucket_of == [0, 1, 0, 1] and data.groups == [[0, 2], [1, 3]]
+    # image 1 (60 x 120) into 32 x 96: scale max(32/60, 96/120) = 0.8 -> 48 x 96, rows 8..40
+    with Image.open(folder / "1.png") as img:
+        rgb = img.convert("RGB").resize((96, 48), Image.BICUBIC).crop((0, 8, 96, 40))
+    want = torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    pixels, caption = data[1]
+    assert caption == "a wide road" and pixels.shape == (3, 32, 96)
+    torch.testing.assert_close(pixels, want, rtol=0, atol=0)
+    assert data[2][0].shape == (3, 64, 64) and data.cache_key(1).endswith("|32x96")
+    assert caption_folders.ImageCaptionFolder(folder, 64).cache_key(1).endswith("|64")  # as before buckets
+    args = argparse.Namespace(
+        train_batch_size=3,
+        train_data_dir=str(folder),
+        prompts_file=None,
+        resolution=64,
+        aspect_buckets=buckets,
+    )
+    steps = data_sources.StepData(args, need_images=True)
+    for step in range(8):
+        idx, _ = steps.draw(data_sources.step_generator(0, step))
+        assert {data.bucket_of[i] for i in idx} in ({0}, {1}), idx
+
+
+def test_ssd1b_kd_conditions_each_batch_on_its_bucket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sdxl_ssd1b_kd.py --aspect_buckets``: each KD batch holds one bucket's latents and the UNet's ``time_ids``
+    carry that size as original and target size (SDXL's bucket conditioning), both sizes train."""
+    from diffdistill.students import LayerKD
+
+    seen: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    forward = LayerKD.forward
+
+    def recording(self: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append((tuple(sample.shape[-2:]), kwargs["added_cond_kwargs"]["time_ids"].clone()))
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(LayerKD, "forward", recording)
+    script = load_example("sdxl_ssd1b_kd")
+    model = save_tiny_sdxl_pipeline(tmp_path / "sdxl", seed=0)
+    argv = ["--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")]
+    argv += ["--train_data_dir", str(_images(tmp_path / "images")), "--preset", "vega", "--resolution", "64"]
+    argv += ["--train_batch_size", "2", "--max_train_steps", "6", "--report_to", "none", "--seed", "3"]
+    script.main(script.parse_args([*argv, "--aspect_buckets", "64x64", "64x128"]))
+    assert {shape for shape, _ in seen} == {(8, 8), (8, 16)}, [s for s, _ in seen]
+    for (h, w), time_ids in seen:
+        want = torch.tensor([8 * h, 8 * w, 0, 0, 8 * h, 8 * w], dtype=time_ids.dtype)
+        assert torch.equal(time_ids, want.expand_as(time_ids)), time_ids
+    with pytest.raises(ValueError, match=r"multiples of 8 .* but got 64x100"):
+        script.parse_args([*argv, "--aspect_buckets", "64x100"])
 
 
 @pytest.mark.parametrize(
@@ -211,9 +300,14 @@ def test_bucket_options_are_checked(
         flow_ladd.parse_args(argv)
 
 
-def test_kd_on_images_refuses_buckets(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_wan_clips_refuse_buckets(tmp_path: Path) -> None:
+    """Wan's clips are cropped to one size: ``--aspect_buckets`` with ``--train_data_dir`` is refused for Wan."""
+    tiny = {"wan": save_tiny_wan_pipeline(tmp_path / "wan")}
+    tiny["images"] = write_captioned_videos(tmp_path / "clips", ["a", "b"])
     argv = smoke_argv(
-        tiny, "sd3", tmp_path, "--preset", "sd3-half", "--aspect_buckets", *BUCKETS, data="images"
+        tiny, "wan", tmp_path / "out", "--keep_blocks", "0", "--num_frames", str(NUM_FRAMES), data="images"
     )
-    with pytest.raises(ValueError, match=r"prompt-only run \(--prompts_file\).*drop --aspect_buckets"):
-        flow_kd.parse_args(argv)
+    with pytest.raises(
+        ValueError, match=r"Wan's --train_data_dir clips are cropped to one.*drop --aspect_buckets"
+    ):
+        flow_kd.parse_args([*argv, "--aspect_buckets", *BUCKETS])

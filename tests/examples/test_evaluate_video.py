@@ -277,6 +277,39 @@ def test_a14b_student_loads_both_loras(tiny: dict[str, Path], tmp_path: Path) ->
               "--num_prompts", "1", "--output_dir", str(tmp_path / "lone_out")])  # fmt: skip
 
 
+def test_full_transformer_student(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A full ``transformer/`` student (``flow_tscd.py`` without ``--use_lora``) replaces the pipeline's transformer:
+    the frames are ``WanPipeline``'s with that transformer and the run's sigmas; the record hashes the folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    run = tmp_path / "run"
+    pipe = wan_pipeline(tiny["wan"])
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        for p in pipe.transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe.transformer.save_pretrained(run / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True).save_pretrained(run / "scheduler")
+    (run / "student_sigmas.json").write_text(json.dumps(SIGMAS) + "\n")
+    out = tmp_path / "student"
+    argv = _argv(
+        tiny, "wan", out, "--student_weights", str(run), "--guidance_scale", "1", "--num_prompts", "1"
+    )
+    record = _run(argv)
+    use_sigmas(pipe, run, SIGMAS)
+    want = _pipeline_frames(pipe, 0, num_inference_steps=len(SIGMAS), guidance_scale=1.0)
+    got = _saved_frames(out, 0)
+    assert (got - want).abs().max() <= PNG_TOLERANCE, (got - want).abs().max()
+    teacher = wan_pipeline(tiny["wan"])  # mutation: the teacher's transformer on the same sigmas is far off
+    use_sigmas(teacher, run, SIGMAS)
+    other = _pipeline_frames(teacher, 0, num_inference_steps=len(SIGMAS), guidance_scale=1.0)
+    assert (got - other).abs().max() > 20 * PNG_TOLERANCE
+    weights = record["protocol"]["generator"]["student_weights"]
+    assert weights["kind"] != "lora" and weights["sha256"] == generation.weights_sha256(
+        weights["kind"], run / "transformer"
+    )
+
+
 def test_ti2v_student_at_another_width(tiny: dict[str, Path], tmp_path: Path) -> None:
     """Wan 2.2 TI2V-5B (``expand_timesteps``, the 16x VAE): a non-square video, the LoRA and sigmas as the pipeline
     samples them."""
@@ -310,6 +343,8 @@ def test_teacher_guidance_2_is_the_pipelines(tiny: dict[str, Path], tmp_path: Pa
 def test_options_that_do_not_fit_are_refused(
     tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from PIL import Image
+
     image_model = tmp_path / "sdxl"
     image_model.mkdir()
     (image_model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
@@ -317,11 +352,16 @@ def test_options_that_do_not_fit_are_refused(
     other_video.mkdir()
     (other_video / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
     out = str(tmp_path / "o")
+    videos = tmp_path / "videos" / "000000"  # an --images folder of one (one-frame) video
+    videos.mkdir(parents=True)
+    Image.new("RGB", (SIZE, SIZE)).save(videos / "000.png")
     cases = [
         (_argv(tiny, "wan", tmp_path / "o", "--teacher", "--guidance_scale_2", "3"),
          "--guidance_scale_2 is the CFG of Wan 2.2 A14B's low-noise expert"),
         (_argv(tiny, "wan", tmp_path / "o", "--teacher", "--num_frames", "6"), "--num_frames of the form 4k + 1"),
         (_argv(tiny, "wan", tmp_path / "o", "--teacher", "--timesteps", "999"), "give --sigmas instead"),
+        (["--prompts_file", str(tiny["prompts"]), "--images", str(videos.parent), "--output_dir", out,
+          "--num_frames", "5"], "--images scores the folder's videos as they are"),
         (["--pretrained_model_name_or_path", str(image_model), "--prompts_file", str(tiny["prompts"]),
           "--output_dir", out, "--num_frames", "5", "--width", "64"],
          "--num_frames / --width apply to a video pipeline"),

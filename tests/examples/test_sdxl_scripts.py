@@ -49,6 +49,7 @@ _load = load_example
 # The examples' shared package (examples/training/), imported as the scripts import it.
 checkpoints = _load("training.checkpoints")
 data_sources = _load("training.data_sources")
+caption_folders = _load("training.caption_folders")
 loop = _load("training.loop")
 runtime = _load("training.runtime")
 sdxl_encoding = _load("training.sdxl_encoding")
@@ -225,13 +226,13 @@ def test_hyper_sd_one_step_score_distillation_stage(
     from diffusers import UNet2DConditionModel
 
     loads: list[int] = []
-    get_image = data_sources.ImageCaptionFolder.__getitem__
+    get_image = caption_folders.ImageCaptionFolder.__getitem__
 
     def counted(self, index: int):  # type: ignore[no-untyped-def]
         loads.append(index)
         return get_image(self, index)
 
-    monkeypatch.setattr(data_sources.ImageCaptionFolder, "__getitem__", counted)
+    monkeypatch.setattr(caption_folders.ImageCaptionFolder, "__getitem__", counted)
 
     extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--segments", "1", "--num_inference_steps", "4"]
     extra += ["--one_step_steps", "2", "--one_step_teacher_steps", "2", "--generator_timestep", "800"]

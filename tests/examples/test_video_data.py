@@ -1,4 +1,4 @@
-"""Video-caption data for Wan (``--train_data_dir``): :class:`training.data_sources.VideoCaptionFolder`,
+"""Video-caption data for Wan (``--train_data_dir``): :class:`training.caption_folders.VideoCaptionFolder`,
 :func:`training.sdxl_encoding.encode_videos` and :class:`training.data_sources.StepData`'s video batches, checked
 against the PNG frames and ``WanPipeline``'s latent convention, then ``flow_kd.py`` (task loss on real video
 latents), ``flow_dmd2.py --gan_weight`` (LADD heads on the fake score vs real video latents) and ``flow_tscd.py``
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
+    caption_folders,
     data_sources,
     deterministic_runs,
     flow_critics,
@@ -87,7 +88,7 @@ def test_reader_frames_are_the_pngs_cropped_in_name_order(tmp_path: Path) -> Non
         Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(clip / f"{i}.png")
     (tmp_path / "data" / "walk.txt").write_text("a walk\n")
     write_captioned_videos(tmp_path / "data" / "more", ["", "x"], 9, (40, 40))
-    data = data_sources.VideoCaptionFolder(tmp_path / "data", 9, 32, 48)
+    data = caption_folders.VideoCaptionFolder(tmp_path / "data", 9, 32, 48)
     assert [p.relative_to(tmp_path / "data").as_posix() for p in data.files] == [
         "more/clip0",
         "more/clip1",
@@ -99,11 +100,11 @@ def test_reader_frames_are_the_pngs_cropped_in_name_order(tmp_path: Path) -> Non
     want = torch.stack([_by_hand(clip / f"{i}.png", 32, 48) for i in range(9)], dim=1)
     torch.testing.assert_close(pixels, want, rtol=0, atol=0)
     assert pixels.min() >= -1 and pixels.max() <= 1
-    square = data_sources.VideoCaptionFolder(tmp_path / "data", 5, 32)[2][0]
+    square = caption_folders.VideoCaptionFolder(tmp_path / "data", 5, 32)[2][0]
     torch.testing.assert_close(
         square, torch.stack([_by_hand(clip / f"{i}.png", 32, 32) for i in range(5)], 1)
     )
-    images = data_sources.ImageCaptionFolder(write_captioned_images(tmp_path / "images", ["a"]), 64)
+    images = caption_folders.ImageCaptionFolder(write_captioned_images(tmp_path / "images", ["a"]), 64)
     torch.testing.assert_close(images[0][0], _by_hand(images.files[0], 64, 64), rtol=0, atol=0)
 
 
@@ -161,7 +162,7 @@ def test_step_data_video_batches_are_the_clips_latents(tiny: dict[str, Path], tm
     and a clip's single-clip posterior sampled as uncached); prefetching workers hand over the same batches."""
     vae = _vae(tiny)
     data = data_sources.StepData(_data_args(tiny), need_images=True)
-    assert isinstance(data.images, data_sources.VideoCaptionFolder)
+    assert isinstance(data.images, caption_folders.VideoCaptionFolder)
     gen = data_sources.step_generator(3, 1)
     ref = _copy(gen)
     latents, prompts = data.latents_batch(gen, vae, "cpu")
@@ -279,7 +280,7 @@ def test_video_data_refusals(tiny: dict[str, Path], tmp_path: Path, monkeypatch:
     short = write_captioned_videos(tmp_path / "short", ["a", "b"], NUM_FRAMES)
     (short / "clip1" / "004.png").unlink()
     with pytest.raises(ValueError, match=r"at least --num_frames 5 frames, but .*clip1 has 4: remove it"):
-        data_sources.VideoCaptionFolder(short, NUM_FRAMES, 32)
+        caption_folders.VideoCaptionFolder(short, NUM_FRAMES, 32)
     images = write_captioned_images(tmp_path / "images", ["a cat", "a dog"])
     with pytest.raises(
         ValueError, match=r"video clips for a video model \(Wan\), but it holds images directly"
@@ -287,7 +288,7 @@ def test_video_data_refusals(tiny: dict[str, Path], tmp_path: Path, monkeypatch:
         flow_kd.parse_args(smoke_argv({**tiny, "images": images}, "wan", tmp_path / "o", "--preset", "wan-half",
                                       data="images"))  # fmt: skip
     with pytest.raises(ValueError, match=r"to hold video clips .* but found none"):
-        data_sources.find_clips(tmp_path / "short" / "clip0" / "missing")
+        caption_folders.find_clips(tmp_path / "short" / "clip0" / "missing")
 
     mp4 = write_captioned_videos(tmp_path / "mp4", ["a"])
     (mp4 / "walk.mp4").write_bytes(b"")

@@ -356,7 +356,7 @@ def write_captioned_videos(
     *,
     seed: int = 0,
 ) -> Path:
-    """Write a video-caption folder (``training.data_sources.VideoCaptionFolder``'s format): per caption ``i`` a clip
+    """Write a video-caption folder (``training.caption_folders.VideoCaptionFolder``'s format): per caption ``i`` a clip
     folder ``clip{i}/`` of ``frames`` random RGB frames ``000.png, 001.png, ...`` of ``size`` (height, width), with
     its caption in ``clip{i}.txt`` beside it (none for an empty caption); returns ``folder``."""
     import numpy as np

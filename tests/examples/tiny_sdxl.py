@@ -134,15 +134,21 @@ def save_tiny_sdxl_pipeline(
     return root
 
 
-def write_captioned_images(folder: Path, captions: Sequence[str], seed: int = 0) -> Path:
-    """Write one random 136x144 RGB image per caption into ``folder`` (``{i}.png``), each with its caption in
-    ``{i}.txt`` (none for an empty caption); returns ``folder``."""
+def write_captioned_images(
+    folder: Path,
+    captions: Sequence[str],
+    seed: int = 0,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> Path:
+    """Write one random RGB image per caption into ``folder`` (``{i}.png``: 136 x 144, or ``sizes[i]`` as (height,
+    width)), each with its caption in ``{i}.txt`` (none for an empty caption); returns ``folder``."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, caption in enumerate(captions):
-        Image.fromarray(rng.integers(0, 256, (136, 144, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        h, w = sizes[i] if sizes is not None else (136, 144)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         if caption:
             (folder / f"{i}.txt").write_text(caption)
     return folder
