@@ -56,7 +56,8 @@ prompt set, with a record of the protocol beside the numbers.
    (quantised as the images; a video folder appears only when complete), resumed and refused as the images are
    (``videos/generation.json``). Scores, all on every frame: frame FID (every frame of every video as an image,
    against ``--reference_dir`` / ``--reference_stats``; a teacher run's ``videos/`` folder works as
-   ``--reference_dir``; not FVD, whose I3D weights cannot be downloaded here), CLIPSIM (the CLIP score of every
+   ``--reference_dir``), FVD with ``--fvd_detector`` (StyleGAN-V's TorchScript I3D, a local file; the first
+   ``--fvd_frames`` 16 frames of every video against each clip folder of ``--reference_dir``), CLIPSIM (the CLIP score of every
    frame with its video's prompt, averaged over frames and videos; Wu et al. 2021, GODIVA), preference scores the
    same way, and the frame consistency (``metrics.FrameConsistency``, Gen-1: the mean cosine of consecutive
    frames' CLIP image embeddings, on the ``--clip`` backbone). The protocol's ``extra.video`` records the frame
@@ -218,6 +219,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fid_features", default=None, help="module:callable FID feature extractor (default: Inception)"
     )
     g.add_argument(
+        "--fvd_detector",
+        default=None,
+        help="video runs: StyleGAN-V's TorchScript I3D (i3d_torchscript.pt, a local file) for FVD against the clip "
+        "folders of --reference_dir",
+    )
+    g.add_argument(
+        "--fvd_frames", type=int, default=None, help="FVD clip length: the first N frames (default 16)"
+    )
+    g.add_argument(
         "--clip", default=None, help="open_clip:MODEL:PRETRAINED | hf:MODEL_OR_PATH | module:callable"
     )
     g.add_argument(
@@ -260,12 +270,16 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("give --reference_dir or --reference_stats, not both")
     if args.save_reference_stats and not args.reference_dir:
         parser.error("--save_reference_stats saves the statistics of --reference_dir: give it")
+    if (args.fvd_detector or args.fvd_frames is not None) and not (args.fvd_detector and args.reference_dir):
+        parser.error(
+            "FVD needs --fvd_detector (the I3D file) and --reference_dir (one folder of frames per video)"
+        )
     if args.timesteps and args.sigmas:
         parser.error("give --timesteps or --sigmas, not both")
     if (args.timesteps or args.sigmas) and args.num_inference_steps is not None:
         parser.error("--timesteps / --sigmas set the steps: drop --num_inference_steps")
     for name in ("num_prompts", "batch_size", "num_inference_steps", "eval_resolution", "clip_eval_resolution",
-                 "eval_batch_size", "num_frames", "max_sequence_length"):  # fmt: skip
+                 "eval_batch_size", "num_frames", "max_sequence_length", "fvd_frames"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"expected --{name} >= 1, but got {value}")
@@ -286,6 +300,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     paths = {
         "prompts_file": Path.is_file, "student_weights": Path.exists, "lora_base": Path.is_dir,
         "images": Path.is_dir, "reference_dir": Path.is_dir, "reference_stats": Path.is_file,
+        "fvd_detector": Path.is_file,
     }  # fmt: skip
     for name, exists in paths.items():
         value = getattr(args, name)
@@ -420,8 +435,9 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
             metrics = metric_specs.build_metrics(args, device)
     if video:
         metrics = video_generation.add_frame_consistency(metrics)
+        metrics = video_generation.add_fvd(metrics, args, device)
     fid = metrics.get("fid")
-    text_metrics = {k: m for k, m in metrics.items() if k not in ("fid", "frame_consistency")}
+    text_metrics = {k: m for k, m in metrics.items() if k not in ("fid", "fvd", "frame_consistency")}
     bar = tqdm(total=len(files), desc="scoring", disable=not accelerator.is_local_main_process)
     scoring.score_images(
         files,
@@ -445,9 +461,21 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
             eval_resolution=args.clip_eval_resolution or args.eval_resolution,  # the CLIP score's frames
             device=device,
         )
-    reference_files: list[Any] = []
+    if (
+        "fvd" in metrics
+    ):  # clips of the first --fvd_frames frames: generated, and this process's reference share
+        clips = video_generation.reference_clips(args.reference_dir, args.fvd_frames)
+        video_generation.score_fvd(
+            metrics["fvd"],
+            images_dir,
+            mine,
+            generation.shard(clips, rank, world),
+            batch_size=args.eval_batch_size,
+            device=device,
+        )
+    # the reference folder's identity (FID's images, FVD's clips: the same files) is recorded with either metric
+    reference_files: list[Any] = scoring.image_files(args.reference_dir) if args.reference_dir else []
     if fid is not None and args.reference_dir:
-        reference_files = scoring.image_files(args.reference_dir)
         scoring.add_reference_images(
             fid,
             generation.shard(reference_files, rank, world),

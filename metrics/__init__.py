@@ -5,6 +5,8 @@
   :func:`frechet_distance`, :func:`fid_from_statistics`);
 * CLIP score with a named open_clip or transformers backbone (:class:`CLIPScore`), and the frame consistency of
   videos on the same backbone (:class:`FrameConsistency`: the mean cosine of consecutive frames' CLIP embeddings);
+* FVD on clips of the first 16 frames with StyleGAN-V's TorchScript I3D from a local file (:class:`FVD`,
+  :class:`I3DFeatures`);
 * preference scores (:class:`ImageRewardScore`, :class:`HPSv21Score`, :class:`PickScore`,
   :class:`AestheticScore`);
 * the protocol record written beside every number, and the refusal to compare runs measured differently
@@ -42,11 +44,13 @@ from .fid import (
     frechet_distance,
 )
 from .frame_consistency import FrameConsistency
+from .fvd import FVD, I3DFeatures
 from .preference import AestheticMLP, AestheticScore, HPSPreprocess, HPSv21Score, ImageRewardScore, PickScore
 from .protocol import EvaluationProtocol, check_comparable, hash_prompts, package_versions
 
 __all__ = [
     "FID",
+    "FVD",
     "AestheticMLP",
     "AestheticScore",
     "CLIPScore",
@@ -55,6 +59,7 @@ __all__ = [
     "FrameConsistency",
     "HPSPreprocess",
     "HPSv21Score",
+    "I3DFeatures",
     "ImageRewardScore",
     "InceptionFeatures",
     "MissingDependencyError",

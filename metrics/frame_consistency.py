@@ -34,8 +34,29 @@ __all__ = ["FrameConsistency"]
 PAIRS = ("consecutive", "all")
 
 
-def _check_videos(videos: Any) -> torch.Tensor:
-    """Float videos ``(N, F, 3, H, W)`` in ``[0, 1]`` with ``F >= 2`` (the range check is a value check)."""
+def check_float_videos(
+    videos: Any,
+    min_frames: int = 2,
+    why: str = "frame consistency compares frames",
+    instead: str = "Score single images with CLIPScore instead.",
+) -> torch.Tensor:
+    """Float videos ``(N, F, 3, H, W)`` in ``[0, 1]`` with ``F >= min_frames`` (the range check is a value check);
+    ``why`` and ``instead`` complete the frame-count error (why the frames are needed, what to do instead).
+
+    Args:
+        videos: The value the caller passed.
+        min_frames: The fewest frames a video may have.
+        why: Why that many frames are needed (error message).
+        instead: What to do with shorter videos (error message).
+
+    Returns:
+        ``videos``, typed as a tensor.
+
+    Raises:
+        DTypeError: ``videos`` is not a floating-point tensor.
+        ShapeError: ``videos`` is not ``(N, F, 3, H, W)``, or ``F < min_frames``.
+        OptionError: ``videos`` lie outside ``[0, 1]`` (value checks on).
+    """
     x = check_float_input(videos, "videos", ndim=5, layout="(N, F, 3, H, W)")
     if x.shape[2] != 3:
         raise ShapeError(
@@ -46,12 +67,12 @@ def _check_videos(videos: Any) -> torch.Tensor:
             expected="(N, F, 3, H, W)",
             actual=tuple(x.shape),
         )
-    if x.shape[1] < 2:
+    if x.shape[1] < min_frames:
         raise ShapeError(
-            f"Expected at least 2 frames per video (frame consistency compares frames), but `videos` has shape "
-            f"{tuple(x.shape)} ({x.shape[1]} frame). Score single images with CLIPScore instead.",
+            f"Expected at least {min_frames} frames per video ({why}), but `videos` has shape {tuple(x.shape)} "
+            f"({x.shape[1]} frame{'s' if x.shape[1] != 1 else ''}). {instead}",
             name="videos",
-            expected="F >= 2",
+            expected=f"F >= {min_frames}",
             actual=tuple(x.shape),
         )
     if value_checks_enabled():
@@ -170,7 +191,7 @@ class FrameConsistency(RunningMean):
         """
         from .clip_score import _embedding
 
-        x = _check_videos(videos)
+        x = check_float_videos(videos)
         n, f = x.shape[:2]
         with torch.no_grad():
             emb = _embedding(self.image_encoder(self.preprocess(x.flatten(0, 1))))

@@ -21,7 +21,9 @@ What is the image path's (:mod:`evaluation.generation`), and what changes for vi
   :func:`evaluation.generation.check_resume` has compared ``videos/generation.json`` (the sampler record with the
   frame count, size and the weights' SHA-256, seed, quantisation, prompts) with the rerun's;
 * the metrics, each on the frames read back from the PNG files (:func:`frame_files`): FID on every frame of every
-  video as an image ("frame FID": not FVD, whose I3D weights cannot be downloaded here), CLIP score of every frame
+  video as an image ("frame FID"), FVD with ``--fvd_detector`` (StyleGAN-V's TorchScript I3D, a local file: the
+  first ``--fvd_frames`` 16 frames of every video against those of each clip folder of ``--reference_dir``,
+  :func:`score_fvd`, :class:`diffdistill.metrics.FVD`), CLIP score of every frame
   with its video's prompt averaged over frames and videos ("CLIPSIM", Wu et al. 2021 "GODIVA", as
   VideoCrafter and EvalCrafter report text-video alignment), preference scores the same way, and the frame
   consistency of :class:`diffdistill.metrics.FrameConsistency` (Gen-1's mean cosine of consecutive frames' CLIP image
@@ -47,7 +49,14 @@ from . import generation
 VIDEO_PIPELINES = ("WanPipeline",)
 """The video pipelines ``examples/evaluate.py`` generates with (text-to-video Wan 2.1 / 2.2)."""
 
-VIDEO_OPTIONS = ("num_frames", "width", "guidance_scale_2", "max_sequence_length")
+VIDEO_OPTIONS = (
+    "num_frames",
+    "width",
+    "guidance_scale_2",
+    "max_sequence_length",
+    "fvd_detector",
+    "fvd_frames",
+)
 """Options that only a video pipeline takes (refused for image pipelines)."""
 
 
@@ -56,6 +65,9 @@ TEMPORAL_FACTOR = 4
 make the files disagree with the record)."""
 
 VIDEO_DIR = "videos"
+
+FVD_FRAMES = 16
+"""FVD's default clip length: StyleGAN-V's FVD_16 (the first 16 frames of each video here)."""
 
 
 def model_index(
@@ -105,7 +117,8 @@ def video_folder(folder: str | Path) -> bool:
 
 def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video: bool) -> None:
     """Refuse options that do not fit the pipeline (or the ``--images`` folder), and fill the video defaults that
-    need no load: ``--width`` = ``--resolution`` (square, the flow scripts' default).
+    need no load: ``--width`` = ``--resolution`` (square, the flow scripts' default), ``--fvd_frames`` 16 with
+    ``--fvd_detector``.
 
     Args:
         args: the options.
@@ -144,6 +157,13 @@ def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video:
         )
     if args.width is None and args.resolution is not None:
         args.width = args.resolution
+    if getattr(args, "fvd_detector", None) and args.fvd_frames is None:
+        args.fvd_frames = FVD_FRAMES
+    if args.num_frames is not None and (getattr(args, "fvd_frames", None) or 0) > args.num_frames:
+        raise ValueError(
+            f"--fvd_frames {args.fvd_frames} is longer than the videos (--num_frames {args.num_frames}): FVD scores "
+            "clips of each video's first frames; lower --fvd_frames or generate longer videos."
+        )
 
 
 def fill_defaults(args: argparse.Namespace, pipe: Any) -> None:
@@ -397,6 +417,72 @@ def score_frame_consistency(
         metric.update(torch.stack(frames)[None].to(device))
 
 
+def add_fvd(metrics: dict[str, Any], args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """``metrics`` with ``fvd`` (:class:`diffdistill.metrics.FVD` on :class:`~diffdistill.metrics.I3DFeatures` of
+    ``--fvd_detector``, clips of ``--fvd_frames``) when ``--fvd_detector`` is given."""
+    if not getattr(args, "fvd_detector", None):
+        return metrics
+    from diffdistill.metrics import FVD, I3DFeatures
+
+    return {**metrics, "fvd": FVD(I3DFeatures(args.fvd_detector).to(device), num_frames=args.fvd_frames)}
+
+
+def reference_clips(folder: str | Path, num_frames: int) -> list[list[Path]]:
+    """The clips of an FVD reference folder: each sub-folder holding frames (a run's ``videos/``, or real videos
+    extracted to frames) is a video, its frames in name order (digit runs as numbers), cut to the first
+    ``num_frames``; sorted by folder path.
+
+    Raises:
+        ValueError: frames lie directly in ``folder``, or a video has fewer than ``num_frames`` frames (named).
+    """
+    from training.caption_folders import frame_order
+
+    from .scoring import image_files
+
+    root = Path(folder)
+    videos: dict[Path, list[Path]] = {}
+    for path in image_files(root):
+        if path.parent == root:
+            raise ValueError(
+                f"Expected --reference_dir {folder} to hold one folder of frames per video (FVD scores clips), but "
+                f"{path.name} lies in it directly."
+            )
+        videos.setdefault(path.parent, []).append(path)
+    clips = []
+    for video, frames in sorted(videos.items()):
+        if len(frames) < num_frames:
+            raise ValueError(
+                f"Expected every reference video to have at least --fvd_frames {num_frames} frames, but {video} has "
+                f"{len(frames)}: leave it out or lower --fvd_frames (recorded in the protocol)."
+            )
+        clips.append(sorted(frames, key=frame_order)[:num_frames])
+    return clips
+
+
+def score_fvd(
+    metric: Any,
+    folder: str | Path,
+    indices: Sequence[int],
+    reference: Sequence[Sequence[Path]],
+    *,
+    batch_size: int,
+    device: Any = "cpu",
+) -> None:
+    """Feed the first ``metric.num_frames`` frames of the generated videos ``indices`` (read back from the PNG files
+    at their size: the I3D resizes) and the ``reference`` clips (this process's share) to ``metric.update``, in
+    batches of ``batch_size`` videos."""
+    from .scoring import load_image
+
+    def feed(clips: Sequence[Sequence[Path]], real: bool) -> None:
+        for start in range(0, len(clips), batch_size):
+            batch = [torch.stack([load_image(f) for f in clip]) for clip in clips[start : start + batch_size]]
+            metric.update(torch.stack(batch).to(device), real=real)
+
+    frames = range(metric.num_frames)
+    feed([[frame_path(folder, i, f) for f in frames] for i in indices], real=False)
+    feed(reference, real=True)
+
+
 def add_frame_consistency(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` with ``frame_consistency`` on the CLIP score's backbone (when there is a CLIP score and no
     frame consistency given)."""
@@ -414,7 +500,9 @@ def protocol_entry(num_frames: int) -> dict[str, Any]:
         "num_frames": int(num_frames),
         "frames_scored": "all",
         "layout": "videos/{i:06d}/{f:03d}.png",
-        "fid": "frame FID: every frame of every video scored as an image (not FVD: no I3D weights)",
+        "fid": "frame FID: every frame of every video scored as an image",
+        "fvd": "FVD (with --fvd_detector): the first fvd_frames frames of every video against the first frames of "
+        "each reference clip folder, at their size (the I3D resizes)",
         "clip_score": "CLIPSIM: the CLIP score of every frame with its video's prompt, averaged over frames and videos",
         "preference": "per frame with its video's prompt, averaged over frames and videos",
         "frame_consistency": "mean over videos of the mean cosine of consecutive frames' CLIP image embeddings (Gen-1)",

@@ -94,7 +94,7 @@ def crop_pixels(img: Any, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def _name_order(path: Path) -> list[Any]:
+def frame_order(path: Path) -> list[Any]:
     """Sort key of frame files: names with their digit runs compared as numbers (``2.png`` before ``10.png``)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
@@ -167,7 +167,7 @@ class VideoCaptionFolder(torch.utils.data.Dataset):
         for clip in self.files:
             if clip.is_dir():
                 frames = sorted(
-                    (p for p in clip.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_name_order
+                    (p for p in clip.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=frame_order
                 )
                 self._check_length(clip, len(frames))
                 self._frames[clip] = frames[:num_frames]

@@ -2,9 +2,9 @@
 :func:`tests.examples.tiny_flow.save_tiny_wan_pipeline`: Wan 2.1, Wan 2.2 TI2V-5B and A14B; 64 px, 5 frames).
 
 Checked: the saved frames are ``WanPipeline``'s own frames for each seed with the student's LoRA(s) and sigmas (the
-A14B student's second LoRA included: the test fails without it) and the teacher's UniPC sampler; the numbers (frame
-FID against a teacher run's ``videos/`` folder, CLIPSIM, frame consistency) equal a computation by hand over the
-frames; resume generates only missing videos and refuses other settings; video / image runs are not compared;
+A14B student's second LoRA included: the test fails without it; a full ``transformer/`` student) and the teacher's
+UniPC sampler; the numbers (frame FID against a teacher run's ``videos/`` folder, CLIPSIM, frame consistency; FVD with
+a TorchScript I3D stand-in against clip folders) equal a computation by hand over the frames; resume generates only missing videos and refuses other settings; video / image runs are not compared;
 options that do not fit the pipeline are refused with the reason.
 """
 
@@ -416,3 +416,74 @@ def test_two_processes_give_the_videos_and_numbers_of_one(tiny: dict[str, Path],
     weights = records[2]["protocol"]["generator"]["student_weights"]
     second = run / "pytorch_lora_weights_transformer_2.safetensors"
     assert weights["sha256_transformer_2"] == generation.weights_sha256("lora", second)
+
+
+class TwoFeatureI3D(torch.nn.Module):
+    """An I3D stand-in (its TorchScript call signature): per uint8 clip (N, 3, T, H, W) the mean of the clip and of
+    its last frame, over 255 -- so the numbers depend on which frames form the clip and on their order."""
+
+    def forward(
+        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
+    ) -> torch.Tensor:
+        if x.dtype != torch.uint8 or not (rescale and resize and return_features):
+            raise RuntimeError("expected StyleGAN-V's call on uint8 clips")
+        clip = x.float().mean(dim=(1, 2, 3, 4))
+        last = x[:, :, -1].float().mean(dim=(1, 2, 3))
+        return torch.stack([clip, last], dim=1) / 255
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_fvd_of_a_video_folder_against_reference_clips(tmp_path: Path) -> None:
+    """``--images`` videos scored with ``--fvd_detector`` (a TorchScript stand-in) against a ``--reference_dir`` of
+    clip folders whose frames sort by number (``frame_2`` before ``frame_10``): FVD of the first ``--fvd_frames``
+    frames equals the Frechet distance computed by hand; the protocol records the clip; options are checked."""
+    from PIL import Image
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    detector = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(TwoFeatureI3D()).save(str(detector))
+    videos, reference = tmp_path / "videos", tmp_path / "reference"
+    fake, real = [], []
+    for i in range(5):  # generated: videos/{i:06d}/{f:03d}.png, 5 frames
+        frames = rng.integers(0, 256, (FRAMES, 16, 16, 3), dtype=np.uint8)
+        (videos / f"{i:06d}").mkdir(parents=True)
+        for f, frame in enumerate(frames):
+            Image.fromarray(frame).save(videos / f"{i:06d}" / f"{f:03d}.png")
+        fake.append(frames)
+    for i in range(
+        6
+    ):  # real: clip folders of 11 frames named frame_1 ... frame_11 (name order would put 10 first)
+        frames = rng.integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
+        (reference / f"clip{i}").mkdir(parents=True)
+        for f, frame in enumerate(frames):
+            Image.fromarray(frame).save(reference / f"clip{i}" / f"frame_{f + 1}.png")
+        real.append(frames)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(5)) + "\n")
+    argv = ["--prompts_file", str(prompts), "--images", str(videos), "--output_dir", str(tmp_path / "out"),
+            "--reference_dir", str(reference), "--fvd_detector", str(detector), "--fvd_frames", "4"]  # fmt: skip
+    record = _run(argv)
+
+    def features(clips: list[np.ndarray]) -> np.ndarray:
+        return np.array([[c[:4].mean(), c[3].mean()] for c in clips], dtype=np.float64) / 255
+
+    a, b = features(fake), features(real)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert record["metrics"]["fvd"] == pytest.approx(want, rel=1e-5)
+    protocol = record["protocol"]
+    fvd = protocol["backbones"]["fvd"]
+    assert (
+        fvd["metric"] == "fvd" and fvd["num_frames"] == 4 and "i3d_torchscript.pt" in fvd["feature_extractor"]
+    )
+    assert "first fvd_frames frames" in protocol["extra"]["video"]["fvd"]
+    assert protocol["extra"]["fid_reference"]["images"] == 6 * 11  # the reference folder's identity
+    # the options: FVD needs both; a reference clip shorter than the clip length is refused by name
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*argv[: argv.index("--fvd_detector")], "--fvd_frames", "4"])
+    (reference / "clip0" / "frame_11.png").rename(reference / "clip0" / "x.txt")
+    for f in range(5, 11):
+        (reference / "clip0" / f"frame_{f}.png").unlink()
+    with pytest.raises(ValueError, match=r"at least --fvd_frames 5 frames, but .*clip0 has 4"):
+        _run([*argv[:-1], "5", "--output_dir", str(tmp_path / "out5")])
