@@ -1,5 +1,5 @@
 # `make test` works on a fresh machine: it creates .venv if missing, installs the package with the
-# dev, diffusers, train and eval extras (and DeepSpeed), then runs ruff and pytest (unit tests + doctests + README snippets).
+# dev, diffusers, train, eval and video extras (and DeepSpeed), then runs ruff and pytest (unit tests + doctests + README snippets).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[dev,diffusers,train,eval]" $(TORCH_PINS)
+	$(PIP) install --quiet -e ".[dev,diffusers,train,eval,video]" $(TORCH_PINS)
 	# DeepSpeed for tests/examples/test_deepspeed.py: an sdist whose setup imports torch, so it builds
 	# against the installed torch (no build isolation); its ops compile just in time, none are needed on CPU.
 	$(PIP) install --quiet --no-build-isolation $(DEEPSPEED_PIN)

@@ -75,6 +75,43 @@ def _by_hand(path: Path, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(crop).permute(2, 0, 1) / 127.5 - 1
 
 
+def test_mp4_clips_are_read_with_imageio(tmp_path: Path) -> None:
+    """An ``.mp4`` clip (imageio's ffmpeg plugin, the ``video`` extra) gives its first ``num_frames`` frames,
+    cropped as the PNG frames are, in order: each decoded frame lies within the codec's loss of the frame written
+    at its position and far from its neighbours; its caption is the ``.txt`` beside it; a short one is refused."""
+    imageio = pytest.importorskip("imageio.v2")
+    pytest.importorskip("imageio_ffmpeg")
+    from PIL import Image
+
+    # smooth frames (a ramp moving 24 px a frame): H.264 at the highest quality keeps them to a few levels, and
+    # neighbouring frames differ by far more than that
+    yy, xx = np.mgrid[0:64, 0:80]
+    frames = [
+        np.stack([(xx * 3 + 24 * f) % 256, (yy * 4) % 256, np.full_like(xx, 40 * f)], -1).astype(np.uint8)
+        for f in range(7)
+    ]
+    (tmp_path / "data").mkdir()
+    writer = imageio.get_writer(str(tmp_path / "data" / "walk.mp4"), format="FFMPEG", fps=8, quality=10)
+    for frame in frames:
+        writer.append_data(frame)
+    writer.close()
+    (tmp_path / "data" / "walk.txt").write_text("a walk\n")
+    for f, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"{f}.png")
+    data = caption_folders.VideoCaptionFolder(tmp_path / "data", 5, 32, 48)
+    pixels, caption = data[0]
+    assert caption == "a walk" and pixels.shape == (3, 5, 32, 48)
+    want = [_by_hand(tmp_path / f"{f}.png", 32, 48) for f in range(7)]
+    for f in range(5):
+        own = (pixels[:, f] - want[f]).abs().mean()
+        others = [(pixels[:, f] - want[g]).abs().mean() for g in range(7) if g != f]
+        # codec loss: a few levels of 255 on average (2 / 127.5 in [-1, 1] would be two levels everywhere)
+        assert own < 4 / 127.5 and own < min(others) / 4, (f, float(own), [float(o) for o in others])
+    assert "walk.mp4" in data.cache_key(0)
+    with pytest.raises(ValueError, match=r"at least --num_frames 9 frames, but .*walk\.mp4 has 7"):
+        caption_folders.VideoCaptionFolder(tmp_path / "data", 9, 32)[0]
+
+
 def test_reader_frames_are_the_pngs_cropped_in_name_order(tmp_path: Path) -> None:
     """A clip is its folder's first ``num_frames`` frames in name order (digit runs as numbers: ``2`` before
     ``10``), each the PNG resized and centre-cropped to ``height x width``; captions from ``clip.txt`` beside the
