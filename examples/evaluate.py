@@ -357,6 +357,10 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     mine = generation.shard(range(len(prompts)), rank, world)
     check_media(args, download=True)  # a hub id's model_index.json: images or videos
     video = bool(args.video)
+    # FVD's reference clips, read (and refused when too short) before anything is generated
+    fvd_clips = (
+        video_generation.reference_clips(args.reference_dir, args.fvd_frames) if args.fvd_detector else []
+    )
     images_dir = args.images or f"{args.output_dir}/{video_generation.VIDEO_DIR if video else 'images'}"
     # what a folder holds by index: images {i:06d}.png, or videos {i:06d}/ of frames {f:03d}.png
     entries = "[0-9]*" if video else "[0-9]*.png"
@@ -416,6 +420,7 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     accelerator.wait_for_everyone()
     if video:
         num_frames = video_generation.frame_count(images_dir)
+        video_generation.check_fvd_frames(args, num_frames)  # an --images folder's own length
         video_generation.check_complete(images_dir, mine, num_frames)
         files, file_prompts = video_generation.frame_files(images_dir, mine, prompts, num_frames)
     else:
@@ -461,15 +466,13 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
             eval_resolution=args.clip_eval_resolution or args.eval_resolution,  # the CLIP score's frames
             device=device,
         )
-    if (
-        "fvd" in metrics
-    ):  # clips of the first --fvd_frames frames: generated, and this process's reference share
-        clips = video_generation.reference_clips(args.reference_dir, args.fvd_frames)
+    # FVD: clips of the first --fvd_frames frames, generated and this process's share of the reference
+    if "fvd" in metrics:
         video_generation.score_fvd(
             metrics["fvd"],
             images_dir,
             mine,
-            generation.shard(clips, rank, world),
+            generation.shard(fvd_clips, rank, world),
             batch_size=args.eval_batch_size,
             device=device,
         )

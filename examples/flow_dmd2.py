@@ -88,8 +88,8 @@ DMD stages of CausVid and Self-Forcing (Yin et al. 2025, arXiv:2412.07772; Huang
 which distil Wan2.1-T2V-1.3B (their causal students are not built here: this generator is bidirectional). The teacher's
 CFG 5.0 against the encoded empty prompt (``WanPipeline``'s default negative; Wan's long recommended negative
 prompt is not used: our choice), LoRA on :data:`diffdistill.students.WAN_LORA_TARGETS`. ``--gan_weight`` with
-``--train_data_dir`` video clips: LADD heads on the fake score's video features vs real video latents (Wan 2.1,
-TI2V-5B; refused for A14B). ``WanPipeline`` takes no ``sigmas``: sample
+``--train_data_dir`` video clips: LADD heads on the fake score's video features vs real video latents (A14B: one set
+of heads per expert, :class:`training.wan_experts.ExpertDiscriminators`). ``WanPipeline`` takes no ``sigmas``: sample
 the LoRA with DMD2's sampler on the run's grid by setting the scheduler's timesteps yourself::
 
     pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)

@@ -61,7 +61,12 @@ reference/flow.md pitfall 5; the grid is also written to ``OUTPUT_DIR/student_si
 Wan 2.1 text-to-video (``WanPipeline``): the same method on video latents (``--num_frames``); the heads take the
 mean prompt token as their text condition (``text_pooling="mean"``: Wan has no pooled embedding; our choice, FastGen's
 Wan LADD heads are unconditioned 3-D heads on blocks 15, 22, 29 of the 1.3B model, ``--discriminator_blocks 15 22
-29``). ``WanPipeline`` takes no ``sigmas``: sample the student as the ``flow_dmd2.py`` docstring shows.
+29``). ``WanPipeline`` takes no ``sigmas``: sample the student as the ``flow_dmd2.py`` docstring shows. Wan 2.2 A14B
+(two experts, ``--use_lora``: adapters on both, one LoRA file each as ``flow_dmd2.py`` writes them): the teacher
+samples are ``WanPipeline``'s with both experts (CFG ``--teacher_guidance_scale`` 4.0 / ``--teacher_guidance_scale_2``
+3.0), and the discriminator is one set of heads per expert, each sample judged by the heads on the expert the
+pipeline runs at its re-noised level (:class:`training.wan_experts.ExpertDiscriminators`; our choice: the experts'
+features differ).
 
 One copy of the transformer with ``--use_lora`` (our choice, for memory: FLUX.1 would hold a second 24 GB bf16
 copy): the student is the LoRA adapter of ONE frozen base in the mixed-precision dtype and the teacher (the
@@ -145,6 +150,7 @@ from training import (
     sdxl_models,
     shared_critics,
     teacher_pairs,
+    wan_experts,
 )
 
 logger = logging.getLogger("flow_ladd")
@@ -183,21 +189,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="SD3 / Qwen-Image / Wan: classifier-free guidance of the teacher samples (default: the pipeline's, "
-        "7.0 / 4.0 / 5.0); "
-        "refused for FLUX (its guidance is --guidance)",
+        "7.0 / 4.0 / 5.0; Wan 2.2 A14B 4.0 where its high-noise expert runs); refused for FLUX (its guidance is "
+        "--guidance)",
+    )
+    g.add_argument(
+        "--teacher_guidance_scale_2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the teacher samples' CFG where its low-noise expert runs (WanPipeline's "
+        "guidance_scale_2; default: --teacher_guidance_scale when given, as the pipeline, else 3.0); refused for "
+        "one-transformer models",
     )
     args = flow_options.check_flow_values(options.check_common_args(p.parse_args(argv)))
-    refuse_experts(flow_options.local_variant(args))
+    check_experts(args, flow_options.local_variant(args))
     return check_ladd_args(args)
 
 
-def refuse_experts(variant: str | None) -> None:
-    """Refuse Wan 2.2 A14B (``ValueError`` with the reason): the heads read one transformer's blocks."""
-    if variant == "wan-a14b":
+def check_experts(args: argparse.Namespace, variant: str | None) -> None:
+    """Wan 2.2 A14B trains as LoRA adapters on both experts: ``--use_lora`` (``ValueError`` with the reason; checked
+    at parse time for a local folder, after the load for a hub id)."""
+    if variant == "wan-a14b" and not args.use_lora:
         raise ValueError(
-            "flow_ladd.py does not distil Wan 2.2 A14B: its discriminator heads read the frozen teacher's blocks, "
-            "and with two experts which transformer's features a head sees would change with the noise level. "
-            "Distil it with flow_dmd2.py, or flow_tscd.py --distance mse."
+            "Wan 2.2 A14B trains as LoRA adapters on both experts: pass --use_lora (a full fine-tune of two 14 B "
+            "transformers is not built here)."
         )
 
 
@@ -260,6 +274,26 @@ def teacher_transformer(
     return sdxl_models.to_frozen_dtype(parts.transformer, device, dtype)
 
 
+def make_discriminator(
+    args: argparse.Namespace, parts: flow_models.FlowComponents, teacher_model: torch.nn.Module
+) -> torch.nn.Module:
+    """LADD's discriminator on the frozen teacher's blocks (``--discriminator_blocks``, heads conditioned on the noise
+    level and the text); for Wan 2.2 A14B one per expert, each sample judged by the heads on the expert
+    ``WanPipeline`` runs at its re-noised level (:class:`training.wan_experts.ExpertDiscriminators`; our choice)."""
+
+    def on(trunk: torch.nn.Module) -> LADDDiscriminator:
+        return LADDDiscriminator(
+            trunk,
+            args.discriminator_blocks,
+            text_pooling=flow_families.ladd_text_pooling(parts.family),
+            head_channels=args.discriminator_head_channels,
+            norm_groups=args.discriminator_norm_groups,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+
+    return wan_experts.per_expert(teacher_model, on)
+
+
 def make_student(
     accelerator: Any,
     args: argparse.Namespace,
@@ -295,16 +329,19 @@ def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_ladd")
     parts = flow_models.load_flow(args)
     flow_options.check_flow_args(args, parts)
-    refuse_experts(parts.variant)  # a hub id's variant is known once it is loaded
+    check_experts(args, parts.variant)  # a hub id's variant is known once it is loaded
     if parts.family == "flux" and args.teacher_guidance_scale is not None:
         raise ValueError(
             "--teacher_guidance_scale is the classifier-free guidance of SD3's and Wan's teacher samples; FLUX.1 "
             "takes its guidance as an input (--guidance, FLUX.1-dev) and has no unconditional pass: drop it."
         )
-    if (
-        parts.uses_cfg and args.teacher_guidance_scale is None
-    ):  # the pipeline's (SD3 7.0, Qwen-Image 4.0, Wan 5.0)
-        args.teacher_guidance_scale = flow_families.DEFAULT_GUIDANCE_SCALE[parts.family]
+    args.teacher_guidance_scale_2 = (
+        flow_families.check_expert_scale(  # before the default: it follows a given one
+            parts, "--teacher_guidance_scale_2", args.teacher_guidance_scale_2, args.teacher_guidance_scale
+        )
+    )
+    if parts.uses_cfg and args.teacher_guidance_scale is None:  # the pipeline's (SD3 7.0, Qwen 4.0, Wan 5.0)
+        args.teacher_guidance_scale = flow_families.default_guidance_scale(parts.variant)
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
 
@@ -315,14 +352,7 @@ def main(args: argparse.Namespace) -> None:
     shards = flow_teacher_samples.generate_teacher_samples(
         accelerator, args, parts, teacher, args.teacher_guidance_scale
     )
-    disc = LADDDiscriminator(
-        teacher_model,
-        args.discriminator_blocks,
-        text_pooling=flow_families.ladd_text_pooling(parts.family),
-        head_channels=args.discriminator_head_channels,
-        norm_groups=args.discriminator_norm_groups,
-        gradient_checkpointing=args.gradient_checkpointing,
-    ).to(device)
+    disc = make_discriminator(args, parts, teacher_model).to(device)
 
     transformer, base = make_student(accelerator, args, parts, device, dtype)
     # --compile; the teacher is D's trunk

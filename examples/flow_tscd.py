@@ -58,9 +58,10 @@ video clips, noised real video latents (as the paper does with images), ``--num_
 on the mean prompt token (``text_pooling="mean"``; Wan has no pooled embedding). Wan 2.2 TI2V-5B the same way. Wan
 2.2 A14B (two experts, :class:`training.wan_experts.WanExperts`): LoRA on both experts (``--use_lora``), the
 teacher's CFG ``--teacher_guidance_scale`` 4.0 where its high-noise expert runs and ``--teacher_guidance_scale_2``
-3.0 below (a ``--guidance_range`` omega applies to both), ``--distance mse`` (the heads read one transformer's
-blocks); the low-noise expert's LoRA is ``pytorch_lora_weights_transformer_2.safetensors``
-(``load_into_transformer_2=True``).
+3.0 below (a ``--guidance_range`` omega applies to both), the hybrid distance's heads on each expert of the teacher
+copy, a sample judged by those of the expert ``WanPipeline`` runs at its level
+(:class:`training.wan_experts.ExpertDiscriminators`; our choice); the low-noise expert's LoRA is
+``pytorch_lora_weights_transformer_2.safetensors`` (``load_into_transformer_2=True``).
 
 The student is a LoRA (``--use_lora``, as the paper: "LoRA only") on ``training.flow_families.lora_targets``
 or the whole transformer. Teacher and target cost no second base: with a LoRA the teacher is the same
@@ -166,6 +167,7 @@ from training import (
     loop,
     options,
     runtime,
+    wan_experts,
 )
 
 logger = logging.getLogger("flow_tscd")
@@ -369,20 +371,14 @@ def check_guidance_args(args: argparse.Namespace, parts: flow_models.FlowCompone
 
 
 def check_expert_options(args: argparse.Namespace, variant: str | None) -> None:
-    """What Wan 2.2 A14B (``variant`` ``"wan-a14b"``) needs here: ``--use_lora`` and ``--distance mse``
-    (``ValueError`` with the reason); checked at parse time for a local folder, after the load for a hub id."""
+    """What Wan 2.2 A14B (``variant`` ``"wan-a14b"``) needs here: ``--use_lora`` (``ValueError`` with the reason);
+    checked at parse time for a local folder, after the load for a hub id."""
     if variant != "wan-a14b":
         return
     if not args.use_lora:
         raise ValueError(
             "Wan 2.2 A14B trains as LoRA adapters on both experts: pass --use_lora (a full fine-tune of two 14 B "
             "transformers is not built here)."
-        )
-    if args.distance == "hybrid":
-        raise ValueError(
-            "Wan 2.2 A14B: the LADD heads of --distance hybrid read one transformer's blocks, and which expert's "
-            "features a head would see changes with the noise level; pass --distance mse (the consistency loss "
-            "alone)."
         )
 
 
@@ -520,14 +516,19 @@ def main(args: argparse.Namespace) -> None:
     opt = runtime.adamw(transformer.parameters(), args)
     disc = opt_d = None
     if adversarial:
-        disc = LADDDiscriminator(
-            teacher_copy,
-            args.discriminator_blocks,
-            text_pooling=flow_families.ladd_text_pooling(parts.family),
-            head_channels=args.discriminator_head_channels,
-            norm_groups=args.discriminator_norm_groups,
-            gradient_checkpointing=args.gradient_checkpointing,
-        ).to(device)
+
+        def on(trunk: torch.nn.Module) -> LADDDiscriminator:
+            return LADDDiscriminator(
+                trunk,
+                args.discriminator_blocks,
+                text_pooling=flow_families.ladd_text_pooling(parts.family),
+                head_channels=args.discriminator_head_channels,
+                norm_groups=args.discriminator_norm_groups,
+                gradient_checkpointing=args.gradient_checkpointing,
+            )
+
+        # Wan 2.2 A14B: heads on each expert of the teacher copy, a sample judged on its noise level's expert
+        disc = wan_experts.per_expert(teacher_copy, on).to(device)
         d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
         opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
         transformer, opt, disc, opt_d = runtime.prepare(accelerator, (transformer, opt), (disc, opt_d))

@@ -13,7 +13,9 @@ and reuses :class:`~diffdistill.metrics.FID`'s float64 statistics and Fréchet d
 Where we differ from StyleGAN-V (documented in :meth:`FVD.protocol`): the covariance is the unbiased ``1 / (n - 1)``
 estimate (StyleGAN-V's ``FeatureStats`` divides by ``n``; the FVD differs by a factor ``(n - 1) / n`` on the
 covariance terms, 5e-4 relative at 2048 clips), and the clip is the first ``num_frames`` frames of each video
-(StyleGAN-V draws real clips at a random offset in each video; generated clips start at frame 0 there too).
+(StyleGAN-V draws real clips at a random offset in each video; generated clips start at frame 0 there too). The
+network resizes every frame to 224 x 224 itself, so non-square videos (Wan's 480 x 832) are squashed, as they would
+be in StyleGAN-V's call on its square data sets: such FVDs compare with FVDs of videos of the same size only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from ..errors import DTypeError
+from ..errors import DTypeError, ShapeError
 from .fid import FID, FeatureStatistics, _describe_extractor
 from .frame_consistency import check_float_videos
 
@@ -124,6 +126,21 @@ class I3DFeatures(nn.Module):
                 p.requires_grad_(False)
         return self.net
 
+    def sha256(self) -> str:
+        """The SHA-256 of the TorchScript file (recorded by :meth:`FVD.protocol`: another network under the same
+        name must not compare as the same protocol).
+
+        Returns:
+            The hex digest.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        with self.path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
     def train(self, mode: bool = True) -> I3DFeatures:
         """Frozen: stays in eval mode whatever ``mode`` is (DESIGN.md convention 6).
 
@@ -145,21 +162,25 @@ class I3DFeatures(nn.Module):
             float32 ``(N, D)`` features (400 for StyleGAN-V's I3D), on this module's device.
 
         Raises:
-            DTypeError: ``videos`` is not a floating-point tensor, or the network returned no floating ``(N, D)``.
-            ShapeError: ``videos`` is not ``(N, T, 3, H, W)``.
+            DTypeError: ``videos`` is not a floating-point tensor, or the network returned no floating tensor.
+            ShapeError: ``videos`` is not ``(N, T, 3, H, W)``, or the network returned other than ``(N, D)``.
             OptionError: ``videos`` lie outside ``[0, 1]`` (value checks on).
         """
         clips = videos_to_uint8_clips(videos).to(self.get_buffer("_device_anchor").device)
         with torch.no_grad():
             out = self.load()(clips, rescale=True, resize=True, return_features=True)
-        if (
-            not isinstance(out, torch.Tensor)
-            or not out.is_floating_point()
-            or out.shape[:1] != clips.shape[:1]
-        ):
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             raise DTypeError(
-                f"Expected the I3D in {self.path} to return floating features (N, D) for {clips.shape[0]} clips, but "
-                f"got {getattr(out, 'shape', type(out).__name__)}. Pass StyleGAN-V's {I3D_FILE}."
+                f"Expected the I3D in {self.path} to return floating features (N, D), but got "
+                f"{getattr(out, 'dtype', type(out).__name__)}. Pass StyleGAN-V's {I3D_FILE}."
+            )
+        if out.ndim < 2 or out.shape[0] != clips.shape[0]:
+            raise ShapeError(
+                f"Expected the I3D in {self.path} to return features (N, D) for {clips.shape[0]} clips, but got shape "
+                f"{tuple(out.shape)}. Pass StyleGAN-V's {I3D_FILE}.",
+                name="features",
+                expected=f"({clips.shape[0]}, D)",
+                actual=tuple(out.shape),
             )
         return out.float().flatten(1)
 
@@ -236,7 +257,7 @@ class FVD(FID):
     def protocol(self) -> dict[str, Any]:
         """What a protocol record should hold about this metric: FID's entries with ``metric`` ``"fvd"``, the clip
         (``num_frames``, ``"first frames"``), the covariance estimate, and the extractor (for :class:`I3DFeatures`
-        the file name and the StyleGAN-V call).
+        the file name, its SHA-256 and the StyleGAN-V call).
 
         Returns:
             The record's dict.
@@ -255,6 +276,7 @@ class FVD(FID):
                 f"TorchScript I3D {extractor.path.name} on uint8 (N, 3, T, H, W) clips (rounded half up), "
                 "rescale=True, resize=True, return_features=True (StyleGAN-V's FVD call)"
             )
+            out["feature_extractor_sha256"] = extractor.sha256()
         else:
             out["feature_extractor"] = _describe_extractor(extractor)
         return out

@@ -159,11 +159,8 @@ def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video:
         args.width = args.resolution
     if getattr(args, "fvd_detector", None) and args.fvd_frames is None:
         args.fvd_frames = FVD_FRAMES
-    if args.num_frames is not None and (getattr(args, "fvd_frames", None) or 0) > args.num_frames:
-        raise ValueError(
-            f"--fvd_frames {args.fvd_frames} is longer than the videos (--num_frames {args.num_frames}): FVD scores "
-            "clips of each video's first frames; lower --fvd_frames or generate longer videos."
-        )
+    if args.num_frames is not None:
+        check_fvd_frames(args, args.num_frames)
 
 
 def fill_defaults(args: argparse.Namespace, pipe: Any) -> None:
@@ -176,6 +173,16 @@ def fill_defaults(args: argparse.Namespace, pipe: Any) -> None:
         args.width = args.resolution
     if args.num_frames is None:
         args.num_frames = int(params["num_frames"].default)
+    check_fvd_frames(args, args.num_frames)
+
+
+def check_fvd_frames(args: argparse.Namespace, num_frames: int) -> None:
+    """Refuse an FVD clip (``--fvd_frames``) longer than the videos (``num_frames``), before anything is scored."""
+    if getattr(args, "fvd_detector", None) and args.fvd_frames > num_frames:
+        raise ValueError(
+            f"--fvd_frames {args.fvd_frames} is longer than the videos ({num_frames} frames): FVD scores clips of each "
+            "video's first frames; lower --fvd_frames or generate longer videos."
+        )
 
 
 def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
@@ -470,12 +477,19 @@ def score_fvd(
 ) -> None:
     """Feed the first ``metric.num_frames`` frames of the generated videos ``indices`` (read back from the PNG files
     at their size: the I3D resizes) and the ``reference`` clips (this process's share) to ``metric.update``, in
-    batches of ``batch_size`` videos."""
+    batches of at most ``batch_size`` videos of one frame size (a new batch where the size changes: real clips come
+    at their own sizes)."""
     from .scoring import load_image
 
     def feed(clips: Sequence[Sequence[Path]], real: bool) -> None:
-        for start in range(0, len(clips), batch_size):
-            batch = [torch.stack([load_image(f) for f in clip]) for clip in clips[start : start + batch_size]]
+        batch: list[torch.Tensor] = []
+        for clip in clips:
+            video = torch.stack([load_image(f) for f in clip])
+            if batch and (len(batch) == batch_size or video.shape != batch[0].shape):
+                metric.update(torch.stack(batch).to(device), real=real)
+                batch = []
+            batch.append(video)
+        if batch:
             metric.update(torch.stack(batch).to(device), real=real)
 
     frames = range(metric.num_frames)

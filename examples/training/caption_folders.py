@@ -6,6 +6,7 @@ import itertools
 import os
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         self.buckets = list(buckets) if buckets else None
         self.bucket_of = [0] * len(self.files)
         if self.buckets:
+            aspects = [Fraction(w, h) for h, w in self.buckets]
+            same = [f"{h}x{w}" for (h, w), a in zip(self.buckets, aspects) if aspects.count(a) > 1]
+            if same:
+                raise ValueError(
+                    f"Expected --aspect_buckets of distinct aspect ratios for --train_data_dir images (each image goes "
+                    f"to the size nearest its aspect ratio), but {', '.join(same)} share one: every image would go to "
+                    "the first of them. Keep one size per aspect ratio."
+                )
             from PIL import Image
 
             for i, path in enumerate(self.files):

@@ -153,7 +153,8 @@ class StepData(StepSource):
         return sdxl_encoding.cache_file(self.cache_dir, "latents", key)
 
     def load(self, idx: Sequence[int]) -> list[torch.Tensor | None]:
-        """The pixels the consumer needs: one ``(3, R, R)`` tensor (videos ``(3, F, R, W)``) per index, ``None`` where the VAE
+        """The pixels the consumer needs: one ``(3, R, R)`` tensor (with ``--aspect_buckets`` ``(3, H, W)`` of the image's
+        size; videos ``(3, F, R, W)``) per index, ``None`` where the VAE
         posterior is already cached (or where no pixels are used: prompt-only methods)."""
         if self.images is None or not self.need_images:
             return [None] * len(idx)

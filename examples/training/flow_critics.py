@@ -300,13 +300,17 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
 
         from . import shared_critics
 
-        heads = LADDDiscriminator(
-            base.model,
-            args.discriminator_blocks,
-            text_pooling=flow_families.ladd_text_pooling(family),
-            norm_groups=args.discriminator_norm_groups,
-            gradient_checkpointing=None,  # the shared base's own setting: its blocks recomputed under the fake adapter
-        ).to(accelerator.device)
+        def on(trunk: nn.Module) -> LADDDiscriminator:
+            return LADDDiscriminator(
+                trunk,
+                args.discriminator_blocks,
+                text_pooling=flow_families.ladd_text_pooling(family),
+                norm_groups=args.discriminator_norm_groups,
+                gradient_checkpointing=None,  # the shared base's own: its blocks recomputed under the fake adapter
+            )
+
+        # Wan 2.2 A14B: heads on each expert, a sample judged on the expert of its noise level (ExpertDiscriminators)
+        heads = wan_experts.per_expert(base.model, on).to(accelerator.device)
         head = shared_critics.ActiveAdapter(heads, base, FAKE, owns_adapter=False)
         optimizer = runtime.adamw(head.parameters(), args, lr=args.fake_learning_rate or args.learning_rate)
         head, optimizer = runtime.prepare(accelerator, (head, optimizer))

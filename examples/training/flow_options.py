@@ -113,11 +113,6 @@ def check_flow_values(
         )
     if getattr(args, "num_frames", None) is not None and args.num_frames < 1:
         raise ValueError(f"Expected --num_frames >= 1 (Wan: 4k + 1, e.g. 81), but got {args.num_frames}.")
-    if variant == "wan-a14b" and (getattr(args, "gan_weight", None) or 0) > 0:
-        raise ValueError(
-            "--gan_weight puts DMD2's GAN heads on one transformer's blocks, but Wan 2.2 A14B is two experts (heads "
-            "on both are not built here): drop --gan_weight, or distil Wan 2.1 / Wan 2.2 TI2V-5B with it."
-        )
     if variant is not None:
         check_family_options(args, flow_families.family_of(variant))
     return args

@@ -41,14 +41,14 @@ def add_args(group: Any) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """``--num_teacher_samples``, ``--teacher_samples_shard_size`` and ``--teacher_steps`` >= 1, and at least one
-    shard per ``--aspect_buckets`` size (``ValueError``)."""
+    """``--num_teacher_samples``, ``--teacher_samples_shard_size`` and ``--teacher_steps`` >= 1, and (prompt-only
+    runs, which make teacher samples) at least one shard per ``--aspect_buckets`` size (``ValueError``)."""
     for name in ("num_teacher_samples", "teacher_samples_shard_size", "teacher_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"Expected --{name} >= 1, but got {getattr(args, name)}.")
     shards = len(sample_shards(args))
     buckets = len(getattr(args, "aspect_buckets", None) or [])
-    if buckets > shards:
+    if buckets > shards and getattr(args, "prompts_file", None):  # image runs make no teacher samples
         raise ValueError(
             f"Expected at least one shard of teacher samples per --aspect_buckets size, but {buckets} sizes are listed "
             f"and --num_teacher_samples {args.num_teacher_samples} in shards of --teacher_samples_shard_size "
@@ -75,6 +75,9 @@ def sample_settings(
         "variant": args.variant,
         "teacher_steps": args.teacher_steps,
         "teacher_guidance_scale": guidance_scale,
+        "teacher_guidance_scale_2": getattr(
+            args, "teacher_guidance_scale_2", None
+        ),  # Wan 2.2 A14B's low-noise CFG
         "guidance": args.guidance,
         "uncond": args.uncond,
         "resolution": args.resolution if size is None else size[0],
@@ -186,18 +189,22 @@ def pipeline_samples(
 ) -> torch.Tensor:
     """Wan's and Qwen-Image's teacher samples as their pipelines make them, from ``noise`` with CFG at
     ``guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid at ``size`` (height, width
-    px): ``WanPipeline``
-    with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do not reproduce),
-    ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
+    px): ``WanPipeline`` with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do
+    not reproduce; Wan 2.2 A14B: both experts and ``--teacher_guidance_scale_2`` below the switch), ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
     conditional norm). Returns the latents (``(B, C, f, h, w)`` / unpacked ``(B, C, h, w)``) in float32."""
     import copy
 
+    experts: dict[str, Any] = {"transformer": transformer}
+    if parts.has_experts:  # Wan 2.2 A14B: both experts, switched at the boundary as WanPipeline does
+        boundary = transformer.boundary_timestep / parts.noise_scheduler.config.num_train_timesteps
+        experts = {"transformer": transformer.transformer, "transformer_2": transformer.transformer_2}
+        experts["boundary_ratio"] = boundary
     pipe = parts.pipeline_class(
         tokenizer=parts.tokenizers[0],
         text_encoder=parts.text_encoders[0],
         vae=parts.vae,
         scheduler=copy.deepcopy(parts.noise_scheduler),  # the pipeline sets its timesteps
-        transformer=transformer,
+        **experts,
     )
     pipe.set_progress_bar_config(disable=True)
     b = noise.shape[0]
@@ -209,10 +216,12 @@ def pipeline_samples(
         "output_type": "latent",
     }
     if parts.family == "wan":
+        scale_2 = {"guidance_scale_2": args.teacher_guidance_scale_2} if parts.has_experts else {}
         return pipe(
             prompt_embeds=cond["encoder_hidden_states"],
             negative_prompt_embeds=negative.get("encoder_hidden_states"),
             guidance_scale=guidance_scale,
+            **scale_2,
             num_frames=args.num_frames,
             latents=noise.float(),
             **common,

@@ -60,7 +60,12 @@ class WanExperts(nn.Module):
         self.transformer = transformer
         self.transformer_2 = transformer_2
         self.boundary_timestep = float(boundary_timestep)
-        self._no_split_modules = list(getattr(transformer, "_no_split_modules", None) or ())
+        # FSDP2 units: the blocks and each expert (whose own weights, e.g. its patch embedding, then unshard when the
+        # expert is called directly, as LADD's discriminators call it)
+        self._no_split_modules = [
+            *(getattr(transformer, "_no_split_modules", None) or ()),
+            type(transformer).__name__,
+        ]
 
     @property
     def config(self) -> Any:
@@ -94,33 +99,105 @@ class WanExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False, **kwargs: Any
     ) -> tuple[torch.Tensor]:
-        b = hidden_states.shape[0]
-        t = torch.as_tensor(timestep, device=hidden_states.device)
-        if t.ndim != 1 or t.shape[0] != b:
-            raise ValueError(
-                f"Expected one timestep per sample ({b},) for the Wan 2.2 experts, but got shape {tuple(t.shape)}."
-            )
+        t = per_sample_timestep(timestep, hidden_states)
+
+        def run(expert: nn.Module) -> Any:
+            return lambda **kw: [expert(return_dict=False, **kw)[0]]
+
         high = t >= self.boundary_timestep
-        n_high = int(high.sum())  # one host read per call
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        every_expert = distributed and torch.distributed.get_world_size() > 1
-        out: torch.Tensor | None = None
-        anchor = hidden_states.new_zeros(())
-        for (_, expert), mask, n in zip(self.experts(), (high, ~high), (n_high, b - n_high)):
-            if n == b:  # the whole batch: the expert's own call, as the pipeline makes it
-                out = expert(hidden_states=hidden_states, timestep=t, return_dict=False, **kwargs)[0]
-            elif n:
-                index = mask.nonzero().squeeze(1)
-                part = expert(hidden_states=hidden_states[index], timestep=t[index], return_dict=False,
-                              **_take(kwargs, index, b))[0]  # fmt: skip
-                out = part.new_zeros((b, *part.shape[1:])) if out is None else out
-                out = out.index_put((index,), part)
-            elif every_expert:  # no sample here, but processes stay in step: one sample, weight 0
-                dummy = expert(hidden_states=hidden_states[:1], timestep=t[:1], return_dict=False,
-                               **_take(kwargs, slice(0, 1), b))[0]  # fmt: skip
-                anchor = anchor + 0.0 * dummy.nan_to_num(0.0, 0.0, 0.0).sum()
-        assert out is not None  # every sample is high or low noise
-        return (out + anchor.to(out.dtype),)
+        (out,) = route(
+            [run(self.transformer), run(self.transformer_2)],
+            high,
+            {"hidden_states": hidden_states, "timestep": t, **kwargs},
+        )
+        return (out,)
+
+
+class ExpertDiscriminators(nn.Module):
+    """Two discriminators (LADD heads on each Wan 2.2 A14B expert's blocks) as one, switched by timestep as the
+    experts are: each sample's logits come from ``discriminator`` (on the high-noise ``transformer``) where
+    ``timestep >= boundary_timestep`` and from ``discriminator_2`` (on ``transformer_2``) elsewhere, so the heads read
+    the features of the expert ``WanPipeline`` runs at that noise level. Our choice: one set of heads per expert (the
+    experts' features differ), trained together; distributed runs make both calls as :class:`WanExperts` does.
+
+    Args:
+        discriminator: the high-noise expert's discriminator (e.g. ``LADDDiscriminator(experts.transformer, ...)``).
+        discriminator_2: the low-noise expert's.
+        boundary_timestep: the experts' switch (:attr:`WanExperts.boundary_timestep`).
+    """
+
+    def __init__(
+        self, discriminator: nn.Module, discriminator_2: nn.Module, boundary_timestep: float
+    ) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self.discriminator_2 = discriminator_2
+        self.boundary_timestep = float(boundary_timestep)
+
+    def forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, **kwargs: Any
+    ) -> list[torch.Tensor]:
+        """The logit maps (one per readout block, as each discriminator returns them) of every sample, from the
+        discriminator of its expert; ``kwargs`` are the discriminators' (``grid_size``, ``encoder_hidden_states`` ...)."""
+        t = per_sample_timestep(timestep, hidden_states)
+        calls = [_as_list(d) for d in (self.discriminator, self.discriminator_2)]
+        return route(
+            calls, t >= self.boundary_timestep, {"hidden_states": hidden_states, "timestep": t, **kwargs}
+        )
+
+
+def per_expert(model: nn.Module, build: Any) -> nn.Module:
+    """``build(model)`` (a discriminator on ``model``'s blocks), or for :class:`WanExperts` one per expert as
+    :class:`ExpertDiscriminators` (``build(transformer)``, ``build(transformer_2)``, switched at the boundary)."""
+    if not isinstance(model, WanExperts):
+        return build(model)
+    return ExpertDiscriminators(build(model.transformer), build(model.transformer_2), model.boundary_timestep)
+
+
+def _as_list(module: nn.Module) -> Any:
+    """``module``'s call returning a list (a discriminator's logit maps)."""
+    return lambda **kw: list(module(**kw))
+
+
+def per_sample_timestep(timestep: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``timestep`` as a ``(B,)`` tensor on the samples' device (``ValueError`` for another shape)."""
+    b = hidden_states.shape[0]
+    t = torch.as_tensor(timestep, device=hidden_states.device)
+    if t.ndim != 1 or t.shape[0] != b:
+        raise ValueError(
+            f"Expected one timestep per sample ({b},) for the Wan 2.2 experts, but got shape {tuple(t.shape)}."
+        )
+    return t
+
+
+def route(branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """Run each sample on ``branches[0]`` where ``high`` (``(B,)`` bool) and on ``branches[1]`` elsewhere, and put
+    the outputs back in sample order. A branch is called with ``kwargs`` (its tensors with the batch's first
+    dimension cut to its samples) and returns a list of tensors with the batch first; a branch with the whole
+    batch makes its own call. With more than one ``torch.distributed`` process a branch with no sample here runs
+    on the first sample, its outputs weighted 0 (see :class:`WanExperts`); one host read per call."""
+    b = high.shape[0]
+    n_high = int(high.sum())
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    every_branch = distributed and torch.distributed.get_world_size() > 1
+    outs: list[torch.Tensor] | None = None
+    anchor: Any = 0.0
+    for branch, mask, n in zip(branches, (high, ~high), (n_high, b - n_high)):
+        if n == b:  # the whole batch: the branch's own call
+            outs = list(branch(**kwargs))
+        elif n:
+            index = mask.nonzero().squeeze(1)
+            parts = branch(**_take(kwargs, index, b))
+            if outs is None:
+                outs = [p.new_zeros((b, *p.shape[1:])) for p in parts]
+            outs = [o.index_put((index,), p) for o, p in zip(outs, parts)]
+        elif every_branch:  # no sample here, but processes stay in step: one sample, weight 0
+            parts = branch(**_take(kwargs, slice(0, 1), b))
+            anchor = anchor + sum(0.0 * p.nan_to_num(0.0, 0.0, 0.0).sum() for p in parts)
+    assert outs is not None  # every sample is high or low noise
+    if isinstance(anchor, float):
+        return outs
+    return [o + anchor.to(o.dtype) for o in outs]
 
 
 def _take(kwargs: dict[str, Any], index: Any, batch: int) -> dict[str, Any]:

@@ -311,3 +311,23 @@ def test_wan_clips_refuse_buckets(tmp_path: Path) -> None:
         ValueError, match=r"Wan's --train_data_dir clips are cropped to one.*drop --aspect_buckets"
     ):
         flow_kd.parse_args([*argv, "--aspect_buckets", *BUCKETS])
+
+
+def test_image_buckets_need_distinct_aspect_ratios_and_image_runs_need_no_shards(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Images go to the size nearest their aspect ratio, so two sizes of one ratio would leave the second empty:
+    refused; an image run makes no teacher samples, so the shard-per-size rule does not apply to it."""
+    with pytest.raises(ValueError, match=r"distinct aspect ratios .* but 64x64, 128x128 share one"):
+        caption_folders.ImageCaptionFolder(
+            _images(tmp_path / "images"), 64, [(64, 64), (128, 128), (64, 128)]
+        )
+    source = {**tiny, "images": _images(tmp_path / "more")}
+    sizes = [
+        f"{16 * k}x{16 * (k + 1)}" for k in range(1, 6)
+    ]  # 5 sizes; --num_teacher_samples 4 would make 2 shards
+    argv = smoke_argv(
+        source, "flux", tmp_path / "kd", *_samples_argv(tmp_path / "s"), "--keep_blocks", "0", data="images"
+    )
+    args = flow_kd.parse_args([*argv, "--aspect_buckets", *sizes])
+    assert len(args.aspect_buckets) == 5

@@ -451,10 +451,9 @@ def test_fvd_of_a_video_folder_against_reference_clips(tmp_path: Path) -> None:
         for f, frame in enumerate(frames):
             Image.fromarray(frame).save(videos / f"{i:06d}" / f"{f:03d}.png")
         fake.append(frames)
-    for i in range(
-        6
-    ):  # real: clip folders of 11 frames named frame_1 ... frame_11 (name order would put 10 first)
-        frames = rng.integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
+    # real: clips of 11 frames frame_1 ... frame_11 (name order would put 10 first), at two sizes
+    for i in range(6):
+        frames = rng.integers(0, 256, (11, *((16, 16) if i % 3 else (12, 20)), 3), dtype=np.uint8)
         (reference / f"clip{i}").mkdir(parents=True)
         for f, frame in enumerate(frames):
             Image.fromarray(frame).save(reference / f"clip{i}" / f"frame_{f + 1}.png")
@@ -462,7 +461,8 @@ def test_fvd_of_a_video_folder_against_reference_clips(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt {i}" for i in range(5)) + "\n")
     argv = ["--prompts_file", str(prompts), "--images", str(videos), "--output_dir", str(tmp_path / "out"),
-            "--reference_dir", str(reference), "--fvd_detector", str(detector), "--fvd_frames", "4"]  # fmt: skip
+            "--reference_dir", str(reference), "--fvd_detector", str(detector), "--eval_batch_size", "4",
+            "--fvd_frames", "4"]  # fmt: skip
     record = _run(argv)
 
     def features(clips: list[np.ndarray]) -> np.ndarray:
@@ -479,7 +479,10 @@ def test_fvd_of_a_video_folder_against_reference_clips(tmp_path: Path) -> None:
     )
     assert "first fvd_frames frames" in protocol["extra"]["video"]["fvd"]
     assert protocol["extra"]["fid_reference"]["images"] == 6 * 11  # the reference folder's identity
-    # the options: FVD needs both; a reference clip shorter than the clip length is refused by name
+    # the options: FVD needs both; clips longer than the videos, or a reference clip shorter than the clip length,
+    # are refused by name before anything is scored
+    with pytest.raises(ValueError, match=r"--fvd_frames 6 is longer than the videos \(5 frames\)"):
+        _run([*argv[:-1], "6", "--output_dir", str(tmp_path / "out6")])
     with pytest.raises(SystemExit):
         evaluate.parse_args([*argv[: argv.index("--fvd_detector")], "--fvd_frames", "4"])
     (reference / "clip0" / "frame_11.png").rename(reference / "clip0" / "x.txt")

@@ -7,8 +7,9 @@
 - A14B (two experts switched at ``boundary_ratio``): :class:`training.wan_experts.WanExperts` runs each sample on
   the pipeline's expert, the teacher's per-expert CFG (4 / 3) is the pipeline's sampling, DMD2 and TSCD train
   adapters on both experts that ``WanPipeline`` loads (``load_into_transformer_2=True``) and samples as the
-  scripts' samplers, and DDP / FSDP2 on 2 processes whose samples need different experts make one process's
-  update; what is refused, with the reason.
+  scripts' samplers, LADD's teacher samples are the pipeline's and its discriminator judges each sample with the
+  heads on its expert (:class:`training.wan_experts.ExpertDiscriminators`), and DDP / FSDP2 on 2 processes whose
+  samples need different experts make one process's update; what is refused, with the reason.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tests.examples.tiny_flow import (
     use_sigmas,
     wan_frames,
     wan_pipeline,
+    write_captioned_videos,
 )
 from tests.state_compare import assert_same_update
 
@@ -279,6 +281,81 @@ def test_dmd2_on_a14b_trains_both_experts_and_samples_in_the_pipeline(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_dmd2_gan_on_a14b_videos_trains_both_experts_heads(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DMD2's GAN classifier (``--gan_weight``) on Wan 2.2 A14B with video clips: LADD heads on each expert's fake-score
+    features (:class:`training.wan_experts.ExpertDiscriminators`); noised to sigmas on both sides of the switch,
+    both experts' heads and adapters train."""
+    seen: dict[str, Any] = {}
+    build = flow_critics.FakeFeatureGAN.build.__func__
+
+    def recording_build(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        gan = build(cls, *args, **kwargs)
+        heads = gan.accelerator.unwrap_model(gan.head).module
+        seen["heads"], seen["start"] = heads, {k: v.clone() for k, v in heads.state_dict().items()}
+        return gan
+
+    monkeypatch.setattr(flow_critics.FakeFeatureGAN, "build", classmethod(recording_build))
+    clips = write_captioned_videos(tmp_path / "clips", ["a cat walking", "a dog"], FRAMES)
+    out = tmp_path / "dmd2"
+    argv = smoke_argv({**tiny, "images": clips}, "a14b", out, "--num_frames", str(FRAMES), data="images")
+    extra = [
+        "--lora_rank",
+        "4",
+        "--generator_every",
+        "1",
+        "--gan_weight",
+        "0.1",
+        "--discriminator_norm_groups",
+        "4",
+    ]
+    extra += [
+        "--loss_sigma_range",
+        "0.6",
+        "0.99",
+        "--max_train_steps",
+        "3",
+    ]  # GAN sigmas on both sides of 0.875
+    flow_dmd2.main(flow_dmd2.parse_args([*argv, *extra]))
+    heads = seen["heads"]
+    assert isinstance(heads, wan_experts.ExpertDiscriminators)
+    moved = {
+        name: any(
+            not torch.equal(v, seen["start"][k])
+            for k, v in heads.state_dict().items()
+            if k.startswith(name + ".")
+        )
+        for name in ("discriminator", "discriminator_2")
+    }
+    assert moved == {"discriminator": True, "discriminator_2": True}, moved
+    for path in wan_experts.lora_files(out, "pytorch_lora_weights.safetensors").values():
+        assert _trained(read_lora(path))
+
+
+def test_tscd_hybrid_on_a14b_trains_both_experts_heads(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TSCD's hybrid distance on Wan 2.2 A14B: heads on each expert of the teacher copy
+    (:class:`training.wan_experts.ExpertDiscriminators`) train in the adversarial stage; both experts' adapters train."""
+    seen: dict[str, Any] = {}
+    per_expert = wan_experts.per_expert
+
+    def recording(model: Any, build: Any) -> Any:
+        heads = per_expert(model, build)
+        seen["heads"], seen["start"] = heads, {k: v.clone() for k, v in heads.state_dict().items()}
+        return heads
+
+    monkeypatch.setattr(wan_experts, "per_expert", recording)
+    out = tmp_path / "hybrid"
+    flow_tscd.main(flow_tscd.parse_args(_argv(tiny, "a14b", out, "--use_lora", "--segments", "2,1",
+                                              "--discriminator_norm_groups", "4", "--max_train_steps", "4")))  # fmt: skip
+    assert isinstance(seen["heads"], wan_experts.ExpertDiscriminators)
+    assert any(not torch.equal(v, seen["start"][k]) for k, v in seen["heads"].state_dict().items())
+    files = wan_experts.lora_files(out, "pytorch_lora_weights.safetensors")
+    assert all(_trained(read_lora(path)) for path in files.values())
+
+
 def test_tscd_on_a14b_trains_both_experts(tiny: dict[str, Path], tmp_path: Path) -> None:
 
     out = tmp_path / "tscd"
@@ -307,13 +384,66 @@ def test_tscd_on_a14b_trains_both_experts(tiny: dict[str, Path], tmp_path: Path)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_ladd_on_a14b_judges_each_sample_on_its_experts_features(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """LADD on Wan 2.2 A14B: the teacher samples are ``WanPipeline``'s own (both experts, CFG 4 / 3); the
+    discriminator's logits of each sample are those of the heads on the expert the pipeline runs at its re-noised
+    level (bitwise for a batch on one expert); a loss on a mixed batch trains both sets of heads, a batch on one
+    expert only its own; the student's LoRA trains on both experts."""
+    from safetensors import safe_open
+
+    out = tmp_path / "ladd"
+    extra = ["--use_lora", "--num_teacher_samples", "2", "--teacher_samples_shard_size", "2"]
+    extra += ["--teacher_steps", "3", "--discriminator_norm_groups", "4", "--max_train_steps", "3"]
+    args = flow_ladd.parse_args(_argv(tiny, "a14b", out, *extra))
+    flow_ladd.main(args)
+    with safe_open(str(out / "teacher_samples" / "samples-00000.safetensors"), framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        settings = json.loads(f.metadata()["settings"])
+        noise, latent = f.get_tensor("noise"), f.get_tensor("latent")
+    assert (settings["teacher_guidance_scale"], settings["teacher_guidance_scale_2"]) == (4.0, 3.0)
+    want = wan_frames(
+        wan_pipeline(tiny["a14b"]), noise, 3, guidance_scale=4.0, guidance_scale_2=3.0, prompt=prompts
+    )
+    torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+    files = wan_experts.lora_files(out, "pytorch_lora_weights.safetensors")
+    assert all(_trained(read_lora(path)) for path in files.values())
+
+    parts = flow_models.load_flow(args)
+    disc = flow_ladd.make_discriminator(args, parts, parts.transformer)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 2, 8, 8, generator=g)
+    text = torch.randn(3, 6, 16, generator=g)
+    t = torch.tensor([990.0, 300.0, 875.0])  # high, low, high (WanPipeline: t >= 875 -> transformer)
+    logits = disc(x, t, encoder_hidden_states=text)
+    judges = [disc.discriminator, disc.discriminator_2, disc.discriminator]
+    for i, judge in enumerate(judges):
+        own = judge(x[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1])
+        for got, one in zip(logits, own):  # one sample alone vs within a sub-batch (float32 kernel blocking)
+            torch.testing.assert_close(got[i : i + 1], one, rtol=1e-5, atol=1e-5)
+    whole = disc(x, torch.full((3,), 100.0), encoder_hidden_states=text)
+    alone = disc.discriminator_2(x, torch.full((3,), 100.0), encoder_hidden_states=text)
+    assert all(torch.equal(a, b) for a, b in zip(whole, alone))  # a batch on one expert is its own call
+
+    def head_grads(loss: torch.Tensor) -> list[bool]:
+        disc.zero_grad(set_to_none=True)
+        loss.backward()
+        return [
+            any(p.grad is not None and p.grad.abs().sum() > 0 for p in d.heads.parameters())
+            for d in (disc.discriminator, disc.discriminator_2)
+        ]
+
+    assert head_grads(sum(m.square().mean() for m in disc(x, t, encoder_hidden_states=text))) == [True, True]
+    low = disc(x, torch.full((3,), 100.0), encoder_hidden_states=text)
+    assert head_grads(sum(m.square().mean() for m in low)) == [False, True]
+
+
 def test_a14b_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"flow_ladd\.py does not distil Wan 2\.2 A14B"):
-        flow_ladd.parse_args(_argv(tiny, "a14b", tmp_path / "a", "--use_lora"))
+    with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
+        flow_ladd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "a", "--num_frames", str(FRAMES)))
     with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
         flow_tscd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "b", "--distance", "mse"))
-    with pytest.raises(ValueError, match=r"LADD heads of --distance hybrid .* pass --distance mse"):
-        flow_tscd.parse_args(_argv(tiny, "a14b", tmp_path / "c", "--use_lora", "--segments", "2,1"))
     args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tmp_path / "d", "--guidance_scale_2", "3"))
     with pytest.raises(ValueError, match=r"--guidance_scale_2 is the CFG scale of Wan 2\.2 A14B's low-noise"):
         flow_dmd2.check_family_args(args, flow_models.load_flow(args))
@@ -364,8 +494,12 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
         ("flow_tscd", "ddp", ("--use_lora", "--segments", "2", "--distance", "mse")),
         ("flow_tscd", "fsdp", ("--use_lora", "--segments", "2", "--distance", "mse")),
         ("flow_dmd2", "ddp", ("--generator_every", "1")),
+        ("flow_ladd", "ddp", ("--use_lora", "--num_teacher_samples", "2", "--teacher_steps", "2",
+                              "--discriminator_norm_groups", "4")),
+        ("flow_ladd", "fsdp", ("--use_lora", "--num_teacher_samples", "2", "--teacher_steps", "2",
+                               "--discriminator_norm_groups", "4")),
     ],
-)
+)  # fmt: skip
 def test_a14b_scripts_run_on_two_processes(
     tiny: dict[str, Path], tmp_path: Path, script: str, mode: str, extra: tuple[str, ...]
 ) -> None:

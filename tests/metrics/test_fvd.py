@@ -4,6 +4,7 @@ numpy and scipy by hand, the protocol, and the input checks."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,7 @@ def test_fvd_protocol_names_the_clip_and_the_network(i3d_file: Path) -> None:
         "i3d_torchscript.pt" in record["feature_extractor"] and "rescale=True" in record["feature_extractor"]
     )
     assert "1/(n-1)" in record["covariance"]
+    assert record["feature_extractor_sha256"] == hashlib.sha256(i3d_file.read_bytes()).hexdigest()
 
 
 def test_fvd_input_checks(i3d_file: Path, tmp_path: Path) -> None:
@@ -140,7 +142,5 @@ def test_fvd_input_checks(i3d_file: Path, tmp_path: Path) -> None:
         FVD(I3DFeatures(i3d_file), num_frames=0)
     other = tmp_path / "scalar.pt"  # a network that returns no (N, D) features
     torch.jit.script(ScalarI3D()).save(str(other))
-    with pytest.raises(
-        DTypeError, match=r"to return floating features \(N, D\) for 2 clips, but got torch.Size\(\[\]\)"
-    ):
+    with pytest.raises(ShapeError, match=r"to return features \(N, D\) for 2 clips, but got shape \(\)"):
         I3DFeatures(other)(_videos(2, 4, seed=0))
