@@ -124,7 +124,7 @@ from typing import Any
 
 import torch
 
-from diffdistill.discriminators import LADDDiscriminator, ladd_renoise_sigma
+from diffdistill.discriminators import ladd_renoise_sigma
 from diffdistill.losses import (
     approximate_r1_penalty,
     gan_discriminator_loss,
@@ -150,7 +150,6 @@ from training import (
     sdxl_models,
     shared_critics,
     teacher_pairs,
-    wan_experts,
 )
 
 logger = logging.getLogger("flow_ladd")
@@ -274,26 +273,6 @@ def teacher_transformer(
     return sdxl_models.to_frozen_dtype(parts.transformer, device, dtype)
 
 
-def make_discriminator(
-    args: argparse.Namespace, parts: flow_models.FlowComponents, teacher_model: torch.nn.Module
-) -> torch.nn.Module:
-    """LADD's discriminator on the frozen teacher's blocks (``--discriminator_blocks``, heads conditioned on the noise
-    level and the text); for Wan 2.2 A14B one per expert, each sample judged by the heads on the expert
-    ``WanPipeline`` runs at its re-noised level (:class:`training.wan_experts.ExpertDiscriminators`; our choice)."""
-
-    def on(trunk: torch.nn.Module) -> LADDDiscriminator:
-        return LADDDiscriminator(
-            trunk,
-            args.discriminator_blocks,
-            text_pooling=flow_families.ladd_text_pooling(parts.family),
-            head_channels=args.discriminator_head_channels,
-            norm_groups=args.discriminator_norm_groups,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-
-    return wan_experts.per_expert(teacher_model, on)
-
-
 def make_student(
     accelerator: Any,
     args: argparse.Namespace,
@@ -352,7 +331,10 @@ def main(args: argparse.Namespace) -> None:
     shards = flow_teacher_samples.generate_teacher_samples(
         accelerator, args, parts, teacher, args.teacher_guidance_scale
     )
-    disc = make_discriminator(args, parts, teacher_model).to(device)
+    # Wan 2.2 A14B: one set of heads per expert, a sample judged on the expert of its re-noised level
+    disc = flow_critics.ladd_heads(
+        args, parts.family, teacher_model, gradient_checkpointing=args.gradient_checkpointing
+    ).to(device)
 
     transformer, base = make_student(accelerator, args, parts, device, dtype)
     # --compile; the teacher is D's trunk

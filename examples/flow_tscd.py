@@ -141,7 +141,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffdistill.discriminators import LADDDiscriminator
 from diffdistill.losses import (
     ConsistencyPair,
     consistency_pair,
@@ -159,6 +158,7 @@ from training import (
     compilation,
     data_sources,
     ema_release,
+    flow_critics,
     flow_encoding,
     flow_families,
     flow_models,
@@ -167,7 +167,6 @@ from training import (
     loop,
     options,
     runtime,
-    wan_experts,
 )
 
 logger = logging.getLogger("flow_tscd")
@@ -516,19 +515,10 @@ def main(args: argparse.Namespace) -> None:
     opt = runtime.adamw(transformer.parameters(), args)
     disc = opt_d = None
     if adversarial:
-
-        def on(trunk: torch.nn.Module) -> LADDDiscriminator:
-            return LADDDiscriminator(
-                trunk,
-                args.discriminator_blocks,
-                text_pooling=flow_families.ladd_text_pooling(parts.family),
-                head_channels=args.discriminator_head_channels,
-                norm_groups=args.discriminator_norm_groups,
-                gradient_checkpointing=args.gradient_checkpointing,
-            )
-
         # Wan 2.2 A14B: heads on each expert of the teacher copy, a sample judged on its noise level's expert
-        disc = wan_experts.per_expert(teacher_copy, on).to(device)
+        disc = flow_critics.ladd_heads(
+            args, parts.family, teacher_copy, gradient_checkpointing=args.gradient_checkpointing
+        ).to(device)
         d_betas = (args.discriminator_adam_beta1, args.discriminator_adam_beta2)
         opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate, betas=d_betas)
         transformer, opt, disc, opt_d = runtime.prepare(accelerator, (transformer, opt), (disc, opt_d))

@@ -296,21 +296,11 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
     def build(cls, accelerator: Any, args: argparse.Namespace, base: Any, family: str) -> FakeFeatureGAN:
         """The heads on ``base``'s blocks (``--discriminator_blocks``, default every ``len(blocks) // 4``-th)
         under the fake adapter, their optimiser (``--fake_learning_rate`` or ``--learning_rate``), prepared."""
-        from diffdistill.discriminators import LADDDiscriminator
 
         from . import shared_critics
 
-        def on(trunk: nn.Module) -> LADDDiscriminator:
-            return LADDDiscriminator(
-                trunk,
-                args.discriminator_blocks,
-                text_pooling=flow_families.ladd_text_pooling(family),
-                norm_groups=args.discriminator_norm_groups,
-                gradient_checkpointing=None,  # the shared base's own: its blocks recomputed under the fake adapter
-            )
-
-        # Wan 2.2 A14B: heads on each expert, a sample judged on the expert of its noise level (ExpertDiscriminators)
-        heads = wan_experts.per_expert(base.model, on).to(accelerator.device)
+        # the shared base's own checkpointing: its blocks recomputed under the fake adapter
+        heads = ladd_heads(args, family, base.model, gradient_checkpointing=None).to(accelerator.device)
         head = shared_critics.ActiveAdapter(heads, base, FAKE, owns_adapter=False)
         optimizer = runtime.adamw(head.parameters(), args, lr=args.fake_learning_rate or args.learning_rate)
         head, optimizer = runtime.prepare(accelerator, (head, optimizer))
@@ -346,6 +336,29 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
         maps = head(hidden, timestep, pooled_projections=pooled, grid_size=grid, **kwargs)
         flat = torch.cat([m.flatten(1) for m in maps], dim=1)  # every head's patch logits of a sample
         return list(flat.chunk(len(batches)))
+
+
+def ladd_heads(
+    args: argparse.Namespace, family: str, model: nn.Module, *, gradient_checkpointing: bool | None
+) -> nn.Module:
+    """LADD's discriminator (:class:`diffdistill.discriminators.LADDDiscriminator`) on ``model``'s blocks from the
+    head options (``--discriminator_blocks``, ``--discriminator_head_channels`` where the script has it,
+    ``--discriminator_norm_groups``; text pooling per family); for Wan 2.2 A14B's experts one per expert, each sample
+    judged by the heads on the expert ``WanPipeline`` runs at its noise level
+    (:class:`training.wan_experts.ExpertDiscriminators`; our choice: the experts' features differ)."""
+    from diffdistill.discriminators import LADDDiscriminator
+
+    def on(trunk: nn.Module) -> nn.Module:
+        return LADDDiscriminator(
+            trunk,
+            args.discriminator_blocks,
+            text_pooling=flow_families.ladd_text_pooling(family),
+            head_channels=getattr(args, "discriminator_head_channels", None),
+            norm_groups=args.discriminator_norm_groups,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    return wan_experts.per_expert(model, on)
 
 
 def save_adapter(

@@ -341,7 +341,7 @@ def test_tscd_hybrid_on_a14b_trains_both_experts_heads(
     seen: dict[str, Any] = {}
     per_expert = wan_experts.per_expert
 
-    def recording(model: Any, build: Any) -> Any:
+    def recording(model: Any, build: Any) -> Any:  # flow_critics.ladd_heads calls it
         heads = per_expert(model, build)
         seen["heads"], seen["start"] = heads, {k: v.clone() for k, v in heads.state_dict().items()}
         return heads
@@ -411,7 +411,7 @@ def test_ladd_on_a14b_judges_each_sample_on_its_experts_features(
     assert all(_trained(read_lora(path)) for path in files.values())
 
     parts = flow_models.load_flow(args)
-    disc = flow_ladd.make_discriminator(args, parts, parts.transformer)
+    disc = flow_critics.ladd_heads(args, parts.family, parts.transformer, gradient_checkpointing=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 16, 2, 8, 8, generator=g)
     text = torch.randn(3, 6, 16, generator=g)
