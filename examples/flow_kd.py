@@ -64,7 +64,13 @@ Recipe. What is the paper's (SSD-1B) and what is ours:
 Wan (2.1, 2.2 TI2V-5B; ``WanTransformer3DModel``): on video clips (``--train_data_dir``,
 :class:`training.caption_folders.VideoCaptionFolder`: each clip's first ``--num_frames`` frames at ``--resolution`` x
 ``--width``) or prompt-only on the teacher's videos, the ``wan-half`` preset or ``--keep_blocks``; the report counts FLOPs on the videos' latents (frames, height, width).
-Wan 2.2 A14B (two experts) is refused.
+Wan 2.2 A14B (two experts): one expert per run (``--expert transformer`` or ``transformer_2``), our choice, as each
+expert was trained on its own noise range: the teacher is that expert, the student its block-removed copy, the
+timesteps those ``WanPipeline`` runs it at (``t >= boundary_ratio x 1000`` for the high-noise ``transformer``, below
+for ``transformer_2``; the density restricted to that range by rejection), the clean latents the whole A14B
+teacher's (both experts, ``--sample_guidance_scale`` 4.0 / ``--sample_guidance_scale_2`` 3.0 prompt-only); validation
+samples with the student in place of its expert; saved as ``OUTPUT_DIR/transformer`` or ``OUTPUT_DIR/transformer_2``
+(``WanPipeline.from_pretrained(BASE, transformer_2=WanTransformer3DModel.from_pretrained(OUT / "transformer_2"))``).
 
 Engines: as the SDXL scripts (one process, DDP, FSDP2, DeepSpeed ZeRO-2; bf16 with the frozen teacher in bf16 and
 the student's float32 weights under autocast; ``--gradient_checkpointing`` on the student, whose taps record
@@ -118,6 +124,7 @@ from training import (
     runtime,
     sdxl_models,
     teacher_pairs,
+    wan_experts,
 )
 
 logger = logging.getLogger("flow_kd")
@@ -150,6 +157,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="FLUX: teacher indices of the single-stream blocks kept (default with --keep_blocks: all)",
     )
+    g.add_argument(
+        "--expert",
+        choices=list(wan_experts.EXPERTS),
+        default=None,
+        help="Wan 2.2 A14B (needed): the expert this run distils into a block-removed student, on the timesteps it "
+        "runs (transformer: high noise, t >= the boundary; transformer_2: below); one run per expert",
+    )
     g = p.add_argument_group("layer KD")
     g.add_argument("--output_weight", type=float, default=0.5, help="output KD weight (SSD-1B: 0.5)")
     g.add_argument("--feature_weight", type=float, default=0.5, help="feature KD weight (SSD-1B: 0.5)")
@@ -178,8 +192,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sample_guidance_scale",
         type=float,
         default=None,
-        help="SD3 / Qwen-Image / Wan: CFG of the teacher samples (default: the pipeline's, 7.0 / 4.0 / 5.0); "
-        "refused for FLUX (FLUX.1-dev samples with --guidance)",
+        help="SD3 / Qwen-Image / Wan: CFG of the teacher samples (default: the pipeline's, 7.0 / 4.0 / 5.0; Wan 2.2 "
+        "A14B 4.0 where its high-noise expert runs); refused for FLUX (FLUX.1-dev samples with --guidance)",
+    )
+    g.add_argument(
+        "--sample_guidance_scale_2",
+        type=float,
+        default=None,
+        help="Wan 2.2 A14B: the teacher samples' CFG where the low-noise expert runs (default: "
+        "--sample_guidance_scale when given, as WanPipeline, else 3.0)",
     )
     g = p.add_argument_group("timesteps and validation")
     g.add_argument(
@@ -223,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     variant = flow_options.local_variant(args)
     if variant is not None:  # a local pipeline folder: its family's student plan is checked before any load
-        refuse_experts(variant)
+        check_experts(args, variant)
         removal_spec(args, flow_families.family_of(variant))
     for name in ("output_weight", "feature_weight"):
         if not getattr(args, name) >= 0:
@@ -237,12 +258,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def refuse_experts(variant: str) -> None:
-    """Refuse Wan 2.2 A14B (``ValueError`` with the reason)."""
-    if variant == "wan-a14b":
+def check_experts(args: argparse.Namespace, variant: str | None) -> None:
+    """Wan 2.2 A14B needs ``--expert`` (one block-removed expert per run); other models refuse it (``ValueError``)."""
+    if variant == "wan-a14b" and args.expert is None:
         raise ValueError(
-            "flow_kd.py removes blocks of one transformer; Wan 2.2 A14B is two experts (a student would be two "
-            "block-removed experts and their switch), which is not built here. Distil Wan 2.1 or Wan 2.2 TI2V-5B."
+            "Wan 2.2 A14B is two experts: pass --expert transformer (high noise) or --expert transformer_2 (low "
+            "noise); each run distils one expert into a block-removed student on the timesteps it runs."
+        )
+    if variant != "wan-a14b" and args.expert is not None:
+        raise ValueError(
+            f"--expert {args.expert} picks a Wan 2.2 A14B expert, but this model has one: drop it."
         )
 
 
@@ -272,7 +297,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "flow_kd")
     parts = flow_models.load_flow(args)
     flow_options.check_flow_args(args, parts)
-    refuse_experts(parts.variant)  # a hub id's variant is known once it is loaded
+    check_experts(args, parts.variant)  # a hub id's variant is known once it is loaded
     dtype = runtime.weight_dtype_of(accelerator)
     device = accelerator.device
     flow_models.place_frozen(parts, device, dtype)
@@ -282,7 +307,9 @@ def main(args: argparse.Namespace) -> None:
     schedules = aspect_buckets.BucketSchedules(parts, args)
 
     # The student: the teacher's transformer less the removed blocks, kept blocks copied from the teacher.
-    teacher = parts.transformer
+    # Wan 2.2 A14B: the teacher is the expert --expert; the pipeline (samples, validation) keeps both experts.
+    experts = parts.transformer if parts.has_experts else None
+    teacher = parts.transformer if experts is None else getattr(experts, args.expert)
     check_guidance(args, teacher)
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype)
     student, report = build_transformer_student(
@@ -292,14 +319,17 @@ def main(args: argparse.Namespace) -> None:
         text_tokens=int(uncond["encoder_hidden_states"].shape[1]),
     )
     record = report_record(report, args, parts.family)
+    if experts is not None:
+        record["expert"] = args.expert
     for note in report.notes:
         logger.info(note)
     if accelerator.is_main_process:
         write_report(record, Path(args.output_dir))
     parts.transformer = None
 
-    sdxl_models.freeze(teacher)
-    sdxl_models.to_frozen_dtype(teacher, device, dtype)
+    frozen_teacher = teacher if experts is None else experts  # A14B: both experts (samples, validation)
+    sdxl_models.freeze(frozen_teacher)
+    sdxl_models.to_frozen_dtype(frozen_teacher, device, dtype)
     student.to(device).train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -316,7 +346,13 @@ def main(args: argparse.Namespace) -> None:
         args.prompts_file
     ):  # prompt-only: the teacher's own samples (made once, cached in shards; before the taps)
         scale = sample_guidance(args, parts)
-        shards = flow_teacher_samples.generate_teacher_samples(accelerator, args, parts, teacher_net, scale)
+        scale_2 = flow_families.check_expert_scale(
+            parts, "--sample_guidance_scale_2", args.sample_guidance_scale_2, args.sample_guidance_scale
+        )
+        sampler = teacher_net if experts is None else flow_models.FlowDenoiser(experts, parts.family)
+        shards = flow_teacher_samples.generate_teacher_samples(
+            accelerator, args, parts, sampler, scale, scale_2
+        )
         data: Any = teacher_pairs.PairShards(shards, args.train_batch_size, args.dataloader_num_workers)
     else:
         data = data_sources.StepData(args, need_images=True)
@@ -349,15 +385,26 @@ def main(args: argparse.Namespace) -> None:
         schedule = schedules(x0)  # at the batch's size (--aspect_buckets; else --resolution x --width)
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = flow_density_timesteps(
-            x0.shape[0],
-            args.weighting_scheme,
-            logit_mean=args.logit_mean,
-            logit_std=args.logit_std,
-            mode_scale=args.mode_scale,
-            num_train_timesteps=schedule.num_train_timesteps,
-            generator=gen,
-        ).t.to(device)
+
+        def draw(n: int) -> torch.Tensor:
+            return flow_density_timesteps(
+                n,
+                args.weighting_scheme,
+                logit_mean=args.logit_mean,
+                logit_std=args.logit_std,
+                mode_scale=args.mode_scale,
+                num_train_timesteps=schedule.num_train_timesteps,
+                generator=gen,
+            ).t
+
+        if experts is None:
+            t = draw(x0.shape[0]).to(device)
+        else:  # the expert's range only: the timesteps WanPipeline runs it at
+            boundary = experts.boundary_timestep
+            t = wan_experts.expert_timesteps(
+                draw, schedule.model_timestep, args.expert, boundary, x0.shape[0]
+            )
+            t = t.to(device)
         x_t = schedule.add_noise(x0, noise, t)  # (1 - sigma) x0 + sigma eps
         target = noise - x0  # the flow-matching velocity (SD3 Sec. 3)
         with accelerator.accumulate(student), runtime.autocast(accelerator):
@@ -367,9 +414,10 @@ def main(args: argparse.Namespace) -> None:
         return {k.replace(prefix, ""): v for k, v in logs.items()}  # feature/<student block>
 
     def validate(step: int) -> None:
-        model = flow_models.FlowDenoiser(
-            accelerator.unwrap_model(student), parts.family, guidance=args.guidance
-        )
+        trained = accelerator.unwrap_model(student)
+        if experts is not None:  # the student in place of its expert, the other expert the teacher's
+            trained = wan_experts.with_expert(experts, args.expert, trained)
+        model = flow_models.FlowDenoiser(trained, parts.family, guidance=args.guidance)
         grid = flow_pipeline_grid(
             schedule, args.validation_inference_steps, pipeline=flow_families.pipeline_grid(parts.family)
         )
@@ -380,7 +428,10 @@ def main(args: argparse.Namespace) -> None:
 
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
     kd.close()
-    folder = flow_models.save_transformer(accelerator, student, args, parts, ema=ema)
+    if experts is None:
+        folder = flow_models.save_transformer(accelerator, student, args, parts, ema=ema)
+    else:  # OUTPUT_DIR/transformer or OUTPUT_DIR/transformer_2: the WanPipeline component it replaces
+        folder = checkpoints.save_unet(accelerator, student, args, args.expert, ema=ema)
     if accelerator.is_main_process:
         write_report(record, folder)
     accelerator.end_training()

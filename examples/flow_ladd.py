@@ -329,7 +329,7 @@ def main(args: argparse.Namespace) -> None:
     teacher_model = teacher_transformer(args, parts, device, dtype)
     teacher = flow_models.FlowDenoiser(teacher_model, parts.family, args.guidance)
     shards = flow_teacher_samples.generate_teacher_samples(
-        accelerator, args, parts, teacher, args.teacher_guidance_scale
+        accelerator, args, parts, teacher, args.teacher_guidance_scale, args.teacher_guidance_scale_2
     )
     # Wan 2.2 A14B: one set of heads per expert, a sample judged on the expert of its re-noised level
     disc = flow_critics.ladd_heads(

@@ -62,11 +62,13 @@ def sample_settings(
     parts: flow_models.FlowComponents,
     guidance_scale: float | None,
     size: tuple[int, int] | None = None,
+    guidance_scale_2: float | None = None,
 ) -> dict[str, Any]:
     """What the teacher samples of one shard depend on (stored in it, compared before it is reused);
-    ``guidance_scale`` is the samples' CFG (recorded as ``teacher_guidance_scale``), ``size`` the shard's ``(height,
-    width)`` with ``--aspect_buckets`` (recorded as ``resolution`` and ``width``, None when square: a square
-    bucket's shard is the shard a run at that ``--resolution`` makes)."""
+    ``guidance_scale`` is the samples' CFG (recorded as ``teacher_guidance_scale``; Wan 2.2 A14B's low-noise
+    ``guidance_scale_2`` as ``teacher_guidance_scale_2``), ``size`` the shard's ``(height, width)`` with
+    ``--aspect_buckets`` (recorded as ``resolution`` and ``width``, None when square: a square bucket's shard is the
+    shard a run at that ``--resolution`` makes)."""
     model = args.pretrained_model_name_or_path
     prompts = data_sources.read_prompts(args.prompts_file)
     return {
@@ -75,9 +77,7 @@ def sample_settings(
         "variant": args.variant,
         "teacher_steps": args.teacher_steps,
         "teacher_guidance_scale": guidance_scale,
-        "teacher_guidance_scale_2": getattr(
-            args, "teacher_guidance_scale_2", None
-        ),  # Wan 2.2 A14B's low-noise CFG
+        "teacher_guidance_scale_2": guidance_scale_2,
         "guidance": args.guidance,
         "uncond": args.uncond,
         "resolution": args.resolution if size is None else size[0],
@@ -123,11 +123,12 @@ def generate_teacher_samples(
     parts: flow_models.FlowComponents,
     teacher: Any,
     guidance_scale: float | None,
+    guidance_scale_2: float | None = None,
 ) -> list[Path]:
     """Write the missing shards of teacher samples (this process's share), then wait for every process; returns
     every shard's path. ``teacher`` is the frozen teacher as a :class:`training.flow_models.FlowDenoiser`,
     ``guidance_scale`` the samples' CFG (SD3 / Qwen-Image / Wan; None for FLUX, whose FLUX.1-dev guidance is
-    ``--guidance``). Each shard is sampled at its size (:func:`training.aspect_buckets.shard_size`) on the pipeline's
+    ``--guidance``; ``guidance_scale_2`` Wan 2.2 A14B's below the experts' switch). Each shard is sampled at its size (:func:`training.aspect_buckets.shard_size`) on the pipeline's
     grid of the model's schedule at that size (FLUX: ``mu`` of its token count)."""
     buckets = bool(getattr(args, "aspect_buckets", None))
     prompts = data_sources.read_prompts(args.prompts_file)
@@ -141,7 +142,7 @@ def generate_teacher_samples(
             args.teacher_samples_shard_size, args.num_teacher_samples - i * args.teacher_samples_shard_size
         )
         size = aspect_buckets.shard_size(args, i)
-        settings = sample_settings(args, parts, guidance_scale, size if buckets else None)
+        settings = sample_settings(args, parts, guidance_scale, size if buckets else None, guidance_scale_2)
         if path.exists():
             check_sample_shard(path, settings, rows)
             continue
@@ -155,7 +156,15 @@ def generate_teacher_samples(
         with runtime.autocast(accelerator):
             if parts.family in ("wan", "qwen"):  # the pipeline's own solve (see pipeline_samples)
                 latent = pipeline_samples(
-                    args, parts, teacher.transformer, noise, cond, uncond, guidance_scale, size
+                    args,
+                    parts,
+                    teacher.transformer,
+                    noise,
+                    cond,
+                    uncond,
+                    guidance_scale,
+                    size,
+                    guidance_scale_2,
                 )
             else:
                 schedule = flow_models.flow_schedule(parts, size[0], width=size[1])
@@ -186,11 +195,12 @@ def pipeline_samples(
     uncond: dict[str, torch.Tensor] | None,
     guidance_scale: float | None,
     size: tuple[int, int],
+    guidance_scale_2: float | None = None,
 ) -> torch.Tensor:
     """Wan's and Qwen-Image's teacher samples as their pipelines make them, from ``noise`` with CFG at
     ``guidance_scale`` against ``uncond`` for ``--teacher_steps`` on the pipeline's grid at ``size`` (height, width
     px): ``WanPipeline`` with its ``UniPCMultistepScheduler`` (a multistep solver, which our first-order samplers do
-    not reproduce; Wan 2.2 A14B: both experts and ``--teacher_guidance_scale_2`` below the switch), ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
+    not reproduce; Wan 2.2 A14B: both experts and ``guidance_scale_2`` below the switch), ``QwenImagePipeline`` with its true CFG (``true_cfg_scale``, each token's guided velocity renormalised to the
     conditional norm). Returns the latents (``(B, C, f, h, w)`` / unpacked ``(B, C, h, w)``) in float32."""
     import copy
 
@@ -216,7 +226,7 @@ def pipeline_samples(
         "output_type": "latent",
     }
     if parts.family == "wan":
-        scale_2 = {"guidance_scale_2": args.teacher_guidance_scale_2} if parts.has_experts else {}
+        scale_2 = {"guidance_scale_2": guidance_scale_2} if parts.has_experts else {}
         return pipe(
             prompt_embeds=cond["encoder_hidden_states"],
             negative_prompt_embeds=negative.get("encoder_hidden_states"),

@@ -1,4 +1,4 @@
-"""Wan 2.2 A14B's two experts as one transformer switched by timestep, and the flow scripts' LoRA files (one per expert)."""
+"""Wan 2.2 A14B's two experts as one transformer (or discriminator) switched by timestep, one expert's training range, LoRA files."""
 
 # Wan 2.2 A14B (text-to-video) is two 14 B transformers of one architecture: ``WanPipeline`` runs ``transformer``
 # (the high-noise expert) at the steps whose timestep is at least ``boundary_ratio * num_train_timesteps`` (0.875 x
@@ -206,6 +206,36 @@ def _take(kwargs: dict[str, Any], index: Any, batch: int) -> dict[str, Any]:
         k: v[index] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
         for k, v in kwargs.items()
     }
+
+
+def with_expert(experts: WanExperts, name: str, module: nn.Module) -> WanExperts:
+    """``experts`` with expert ``name`` (``"transformer"`` / ``"transformer_2"``) replaced by ``module`` (e.g. a
+    block-removed student of it): the pipeline a one-expert distillation makes."""
+    parts = dict(experts.experts())
+    parts[name] = module
+    return WanExperts(parts["transformer"], parts["transformer_2"], experts.boundary_timestep)
+
+
+def expert_timesteps(draw: Any, model_timestep: Any, name: str, boundary: float, batch: int) -> torch.Tensor:
+    """``batch`` training timesteps of expert ``name`` only: candidates from ``draw(n)`` (indices into the schedule's
+    table, e.g. :func:`diffdistill.schedulers.flow_density_timesteps`), kept where ``model_timestep(t)`` (``1000
+    sigma``) is in the expert's range (``transformer``: ``>= boundary``, ``transformer_2``: below), in draw order:
+    the density restricted to that range (rejection sampling; a deterministic function of the generator
+    ``draw`` uses)."""
+    kept: list[torch.Tensor] = []
+    count = 0
+    for _ in range(1000):
+        t = draw(4 * batch)
+        high = model_timestep(t) >= boundary
+        t = t[high if name == "transformer" else ~high]
+        kept.append(t)
+        count += len(t)
+        if count >= batch:
+            return torch.cat(kept)[:batch]
+    raise ValueError(
+        f"Drew no timesteps of expert {name} (boundary {boundary}) in 1000 tries: the timestep density puts (almost) "
+        "no mass on its range; use another --weighting_scheme or --logit_mean."
+    )
 
 
 def load_experts(cls: Any, path: str, boundary_timestep: float, **kwargs: Any) -> WanExperts:

@@ -31,6 +31,7 @@ from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
     flow_dmd2,
     flow_encoding,
     flow_families,
+    flow_kd,
     flow_ladd,
     flow_models,
     flow_options,
@@ -439,9 +440,67 @@ def test_ladd_on_a14b_judges_each_sample_on_its_experts_features(
     assert head_grads(sum(m.square().mean() for m in low)) == [False, True]
 
 
+@pytest.mark.parametrize("expert", ["transformer", "transformer_2"])
+def test_kd_on_one_a14b_expert(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expert: str
+) -> None:
+    """``flow_kd.py --expert``: one A14B expert becomes a block-removed student, trained on the timesteps WanPipeline
+    runs that expert at (t >= 875 for ``transformer``, below for ``transformer_2``), initialised from and distilled
+    against that expert, on the teacher's own videos (both experts, CFG 4 / 3); saved as the pipeline component it
+    replaces."""
+    from diffusers import WanTransformer3DModel
+    from safetensors import safe_open
+
+    from diffdistill.students import LayerKD
+
+    seen: list[torch.Tensor] = []
+    forward = LayerKD.forward
+
+    def recording(self: Any, sample: torch.Tensor, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(timestep.detach().clone())
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(LayerKD, "forward", recording)
+    out = tmp_path / "kd"
+    argv = smoke_argv(
+        tiny, "a14b", out, "--num_frames", str(FRAMES), "--keep_blocks", "0", "--expert", expert
+    )
+    argv += ["--num_teacher_samples", "2", "--teacher_samples_shard_size", "2", "--teacher_steps", "2"]
+    flow_kd.main(flow_kd.parse_args(argv))
+    t = torch.cat(seen)
+    assert len(t) == 4 and ((t >= 875).all() if expert == "transformer" else (t < 875).all()), t
+    with safe_open(str(out / "teacher_samples" / "samples-00000.safetensors"), framework="pt") as f:
+        prompts, noise = json.loads(f.metadata()["prompts"]), f.get_tensor("noise")
+        latent = f.get_tensor("latent")
+    want = wan_frames(
+        wan_pipeline(tiny["a14b"]), noise, 2, guidance_scale=4.0, guidance_scale_2=3.0, prompt=prompts
+    )
+    torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
+    student = WanTransformer3DModel.from_pretrained(str(out / expert))
+    assert len(student.blocks) == 1
+    assert json.loads((out / expert / flow_kd.REPORT).read_text())["expert"] == expert
+    # initialised from (and close to, after 2 small steps) its own expert's block 0, not the other expert's
+    teachers = {
+        name: WanTransformer3DModel.from_pretrained(str(tiny["a14b"]), subfolder=name)
+        for name in wan_experts.EXPERTS
+    }
+    key = "blocks.0.attn1.to_q.weight"
+    mine = (student.state_dict()[key] - teachers[expert].state_dict()[key]).abs().max()
+    other = next(n for n in wan_experts.EXPERTS if n != expert)
+    assert mine < (student.state_dict()[key] - teachers[other].state_dict()[key]).abs().max() / 10
+
+
 def test_a14b_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
         flow_ladd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "a", "--num_frames", str(FRAMES)))
+    kd = smoke_argv(tiny, "a14b", tmp_path / "k", "--num_frames", str(FRAMES), "--keep_blocks", "0")
+    with pytest.raises(
+        ValueError, match=r"A14B is two experts: pass --expert transformer .* or --expert transformer_2"
+    ):
+        flow_kd.parse_args(kd)
+    kd = smoke_argv(tiny, "ti2v", tmp_path / "k", "--num_frames", str(FRAMES), "--keep_blocks", "0")
+    with pytest.raises(ValueError, match=r"--expert transformer picks a Wan 2\.2 A14B expert"):
+        flow_kd.parse_args([*kd, "--expert", "transformer"])
     with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
         flow_tscd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "b", "--distance", "mse"))
     args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tmp_path / "d", "--guidance_scale_2", "3"))
