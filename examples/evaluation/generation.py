@@ -454,13 +454,16 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None) -> dict[str, Any]:
+def sampler_record(
+    pipe: Any, args: argparse.Namespace, accelerator: Any = None, resolved: tuple[str, Path] | None = None
+) -> dict[str, Any]:
     """What the images were sampled with (the protocol record's ``generator`` entry): the model, the student's
     weights (path, kind, SHA-256 of the files loaded -- hashed by the main process of ``accelerator`` and
     broadcast, :func:`shared_weights_sha256` --, LoRA scale and base, the folder loaded when not the path given),
     the sampler, steps, the guidance the pipeline runs with (its default when ``--guidance_scale`` is not given:
     a student then gets a warning), dtype, the generated resolution, and where each sampler setting came from
-    (``sampler_sources``: an option, a file of the run folder, or the pipeline)."""
+    (``sampler_sources``: an option, a file of the run folder, or the pipeline). ``resolved``: the student's
+    ``(kind, path)`` when the caller resolved it (default :func:`resolve_student` of the pipeline's denoiser)."""
     student: dict[str, Any] | None = None
     saved = getattr(args, "saved_sampler", None) or {}
     sources = dict(saved.get("sources", {}))
@@ -481,7 +484,7 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
                 stacklevel=2,
             )
     if args.student_weights and not args.teacher:
-        kind, path = resolve_student(args.student_weights, denoiser_name(pipe))
+        kind, path = resolved or resolve_student(args.student_weights, denoiser_name(pipe))
         digest = shared_weights_sha256(kind, path, accelerator)
         student = {"path": str(args.student_weights), "kind": kind, "sha256": digest}
         if kind == "lora":

@@ -8,7 +8,8 @@ What is the image path's (:mod:`evaluation.generation`), and what changes for vi
 * the student: the LoRA the flow scripts write (``pytorch_lora_weights.safetensors`` into ``transformer``; for A14B
   also ``pytorch_lora_weights_transformer_2.safetensors``, loaded with ``load_into_transformer_2=True``), fused
   into the experts at ``--lora_scale`` (:func:`apply_student`); an A14B folder without its second file is refused
-  (the low-noise steps would run the teacher's expert);
+  (the low-noise steps would run the teacher's expert); a full student: ``transformer/`` in place of the pipeline's,
+  for A14B ``transformer/`` and / or ``transformer_2/`` (``flow_kd.py --expert``) each in place of its expert;
 * the sampler: the run's ``scheduler/`` and grid (``student_sigmas.json`` / ``student_grid.json``'s ``sigmas``) as
   for images (:func:`evaluation.generation.resolve_sampler`); ``WanPipeline`` takes no ``sigmas=``, so the grid is
   given through the scripts' documented override ``pipe.scheduler.set_timesteps = lambda n, device=None:
@@ -185,20 +186,39 @@ def check_fvd_frames(args: argparse.Namespace, num_frames: int) -> None:
         )
 
 
+def expert_students(args: argparse.Namespace, pipe: Any) -> dict[str, Path]:
+    """Wan 2.2 A14B's full expert students in ``--student_weights``: its ``transformer/`` and ``transformer_2/``
+    folders (``flow_kd.py --expert`` writes one a run: put both runs' folders in one folder to evaluate both); ``{}``
+    for a LoRA run, a one-transformer pipeline or no student."""
+    root = Path(args.student_weights or "")
+    if getattr(pipe, "transformer_2", None) is None or not args.student_weights or root.is_file():
+        return {}
+    if (root / "pytorch_lora_weights.safetensors").is_file():
+        return {}
+    from training import wan_experts
+
+    return {name: root / name for name in wan_experts.EXPERTS if (root / name / "config.json").is_file()}
+
+
 def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
     """The LoRA files of ``--student_weights``: the high-noise (or only) expert's, and for a two-expert pipeline the
-    low-noise expert's beside it (named as the flow scripts write it: ``training.wan_experts.lora_files``).
+    low-noise expert's beside it (named as the flow scripts write it: ``training.wan_experts.lora_files``); or the
+    full transformer folder (Wan 2.2 A14B: the expert folders of :func:`expert_students`).
 
     Raises:
-        ValueError: for a full ``transformer/`` folder (the flow scripts write LoRAs for Wan; a full fine-tune of
-            A14B is refused by them) or an A14B LoRA without its second file.
+        ValueError: for A14B, a full transformer folder that is neither ``transformer/`` nor ``transformer_2/`` of the
+            run folder, or a LoRA without its second file.
     """
+    experts = expert_students(args, pipe)
+    if experts:
+        return list(experts.values())
     kind, path = generation.resolve_student(args.student_weights, "transformer")
     if kind != "lora":
         if getattr(pipe, "transformer_2", None) is not None:
             raise ValueError(
-                f"Expected a LoRA student for Wan 2.2 A14B (one file per expert), but --student_weights "
-                f"{args.student_weights} is a full transformer ({path})."
+                f"Expected a LoRA student for Wan 2.2 A14B (one file per expert) or a folder holding transformer/ "
+                f"and / or transformer_2/ (flow_kd.py --expert), but --student_weights {args.student_weights} is a "
+                f"full transformer ({path})."
             )
         return [path]
     files = [path]
@@ -218,7 +238,8 @@ def student_files(args: argparse.Namespace, pipe: Any) -> list[Path]:
 
 def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> None:
     """Put the student into a ``WanPipeline``: its LoRA(s) fused into ``transformer`` (and ``transformer_2``) at
-    ``--lora_scale``, or a full ``transformer/`` folder in place of the pipeline's.
+    ``--lora_scale``, or a full ``transformer/`` folder in place of the pipeline's (A14B: each of ``transformer/``,
+    ``transformer_2/`` in place of its expert).
 
     Args:
         pipe: the ``WanPipeline``.
@@ -229,6 +250,12 @@ def apply_student(pipe: Any, args: argparse.Namespace, dtype: torch.dtype) -> No
         ValueError: see :func:`student_files`.
     """
     if not args.student_weights:
+        return
+    experts = expert_students(args, pipe)
+    for name, folder in experts.items():  # A14B: each expert student in place of its expert
+        cls = type(getattr(pipe, name))
+        pipe.register_modules(**{name: cls.from_pretrained(str(folder), torch_dtype=dtype)})
+    if experts:
         return
     files = student_files(args, pipe)
     kind, _ = generation.resolve_student(args.student_weights, "transformer")
@@ -304,7 +331,9 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
     """:func:`evaluation.generation.sampler_record` with what a video adds: ``width``, ``num_frames``, the
     low-noise expert's guidance (A14B: ``guidance_scale_2``, the pipeline's rule -- ``guidance_scale`` when not
     given), ``max_sequence_length``, and the second LoRA's SHA-256 (``sha256_transformer_2``)."""
-    record = generation.sampler_record(pipe, args, accelerator)
+    experts = {} if args.teacher else expert_students(args, pipe)
+    resolved = ("denoiser", next(iter(experts.values()))) if experts else None
+    record = generation.sampler_record(pipe, args, accelerator, resolved)
     record["width"] = args.width
     record["num_frames"] = args.num_frames
     if getattr(pipe, "transformer_2", None) is not None:
@@ -318,9 +347,11 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
     record["max_sequence_length"] = args.max_sequence_length
     if record["student_weights"] is not None and not args.teacher:
         files = student_files(args, pipe)
+        if experts:
+            record["student_weights"]["experts"] = list(experts)
         if len(files) > 1:
             record["student_weights"]["sha256_transformer_2"] = generation.shared_weights_sha256(
-                "lora", files[1], accelerator
+                "denoiser" if experts else "lora", files[1], accelerator
             )
     return record
 

@@ -310,6 +310,33 @@ def test_full_transformer_student(tiny: dict[str, Path], tmp_path: Path) -> None
     )
 
 
+def test_a14b_expert_student_replaces_its_expert(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A14B block-removal students (``flow_kd.py --expert``): a run folder holding ``transformer_2/`` replaces the
+    low-noise expert only; the frames are ``WanPipeline``'s with that expert swapped, and the record names it."""
+    from diffusers import WanTransformer3DModel
+
+    run = tmp_path / "run"
+    student = WanTransformer3DModel.from_pretrained(str(tiny["a14b"]), subfolder="transformer_2")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    student.save_pretrained(run / "transformer_2")
+    out = tmp_path / "student"
+    argv = _argv(tiny, "a14b", out, "--student_weights", str(run), "--guidance_scale", "1", "--num_prompts", "1",
+                 "--num_inference_steps", "4")  # fmt: skip
+    record = _run(argv)
+    pipe = wan_pipeline(tiny["a14b"])
+    teacher_frames = _pipeline_frames(pipe, 0, num_inference_steps=4, guidance_scale=1.0)
+    pipe.transformer_2 = student
+    want = _pipeline_frames(pipe, 0, num_inference_steps=4, guidance_scale=1.0)
+    got = _saved_frames(out, 0)
+    assert (got - want).abs().max() <= PNG_TOLERANCE, (got - want).abs().max()
+    assert (got - teacher_frames).abs().max() > 20 * PNG_TOLERANCE  # the low-noise steps ran the student
+    weights = record["protocol"]["generator"]["student_weights"]
+    assert weights["experts"] == ["transformer_2"] and weights["loaded"] == str(run / "transformer_2")
+
+
 def test_ti2v_student_at_another_width(tiny: dict[str, Path], tmp_path: Path) -> None:
     """Wan 2.2 TI2V-5B (``expand_timesteps``, the 16x VAE): a non-square video, the LoRA and sigmas as the pipeline
     samples them."""
