@@ -237,11 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "samples of the prompts, made once and cached), one of them."
         )
     flow_teacher_samples.check_args(args)
-    if args.sample_guidance_scale is not None and not (args.prompts_file and args.sample_guidance_scale >= 1):
-        raise ValueError(
-            f"--sample_guidance_scale is the CFG (>= 1) of the teacher samples of a prompt-only run (--prompts_file), "
-            f"but got {args.sample_guidance_scale}{'' if args.prompts_file else ' without --prompts_file'}."
-        )
+    for name in ("sample_guidance_scale", "sample_guidance_scale_2"):
+        value = getattr(args, name)
+        if value is not None and not (args.prompts_file and value >= 1):
+            raise ValueError(
+                f"--{name} is a CFG (>= 1) of the teacher samples of a prompt-only run (--prompts_file), but got "
+                f"{value}{'' if args.prompts_file else ' without --prompts_file'}."
+            )
     variant = flow_options.local_variant(args)
     if variant is not None:  # a local pipeline folder: its family's student plan is checked before any load
         check_experts(args, variant)
@@ -321,6 +323,7 @@ def main(args: argparse.Namespace) -> None:
     record = report_record(report, args, parts.family)
     if experts is not None:
         record["expert"] = args.expert
+    val_scale = validation_guidance(args, parts)  # before the pipeline's transformer is let go
     for note in report.notes:
         logger.info(note)
     if accelerator.is_main_process:
@@ -422,8 +425,10 @@ def main(args: argparse.Namespace) -> None:
             schedule, args.validation_inference_steps, pipeline=flow_families.pipeline_grid(parts.family)
         )
         sigmas = [float(s) for s in grid.sigmas[:-1]]
-        scale = validation_guidance(args, parts.family)
-        sample = lambda z, c: flow_models.euler_sample(guided(model, uncond, scale, rescale), z, sigmas, c)  # noqa: E731
+
+        def sample(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
+            return flow_models.euler_sample(guided(model, uncond, val_scale, rescale), z, sigmas, c)
+
         flow_validation.log_validation(accelerator, args, parts, sample, step)
 
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
@@ -499,18 +504,22 @@ def module_prefix(net: Any, inner: Any) -> str:
     return next(name for name, module in net.named_modules() if module is inner) + "."
 
 
-def guided(net: Any, uncond: dict[str, torch.Tensor], scale: float, rescale: Any = None) -> Any:
-    """``net`` with classifier-free guidance ``u + scale (c - u)`` (``scale`` 1: ``net`` itself), then the family's
-    ``rescale(guided, c)`` if given (:func:`training.flow_families.guidance_rescale`); the unconditional pass runs
-    first, so features a tap records are the conditional pass's."""
-    if scale == 1.0:
+def guided(net: Any, uncond: dict[str, torch.Tensor], scale: Any, rescale: Any = None) -> Any:
+    """``net`` with classifier-free guidance ``u + scale (c - u)`` (``scale`` 1: ``net`` itself; a callable of the
+    timestep: a guidance schedule, e.g. Wan 2.2 A14B's per expert), then the family's ``rescale(guided, c)`` if given
+    (:func:`training.flow_families.guidance_rescale`); the unconditional pass runs first, so features a tap records
+    are the conditional pass's."""
+    if not callable(scale) and scale == 1.0:
         return net
 
     def call(sample: torch.Tensor, timestep: Any, **cond: Any) -> torch.Tensor:
         b = sample.shape[0]
         u = net(sample, timestep, **{k: v.expand(b, *v.shape[1:]) for k, v in uncond.items()})
         c = net(sample, timestep, **cond)
-        out = u + scale * (c - u)
+        w = scale(torch.as_tensor(timestep, device=sample.device).expand(b)) if callable(scale) else scale
+        if isinstance(w, torch.Tensor):
+            w = w.to(c.dtype).view(-1, *(1,) * (c.ndim - 1))
+        out = u + w * (c - u)
         return out if rescale is None else rescale(out, c)
 
     return call
@@ -534,14 +543,21 @@ def check_guidance(args: argparse.Namespace, transformer: Any) -> None:
             )
 
 
-def validation_guidance(args: argparse.Namespace, family: str) -> float:
+def validation_guidance(args: argparse.Namespace, parts: flow_models.FlowComponents) -> Any:
     """The validation grid's CFG scale: ``--validation_guidance_scale``, else the pipeline's default
     (``StableDiffusion3Pipeline`` 7.0, ``QwenImagePipeline``'s ``true_cfg_scale`` 4.0; ``FluxPipeline``'s
     ``true_cfg_scale`` 1, i.e. none: FLUX.1-dev samples with its embedded ``--guidance``, FLUX.1-schnell
-    unguided)."""
+    unguided). Wan 2.2 A14B: ``WanPipeline``'s per-expert schedule, that scale (default 4.0) where the high-noise
+    expert runs and 3.0 below (the given scale when one is given, as the pipeline)."""
+    if parts.has_experts:
+        high = args.validation_guidance_scale or flow_families.default_guidance_scale(parts.variant)
+        low = flow_families.check_expert_scale(
+            parts, "--validation_guidance_scale_2", None, args.validation_guidance_scale
+        )
+        return flow_families.expert_guidance(parts, high, low)
     if args.validation_guidance_scale is not None:
         return float(args.validation_guidance_scale)
-    return flow_families.DEFAULT_GUIDANCE_SCALE.get(family, 1.0)
+    return flow_families.DEFAULT_GUIDANCE_SCALE.get(parts.family, 1.0)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LADD: latent adversarial diffusion distillation of SD3, FLUX.1, Qwen-Image or Wan 2.1 into a 1-4 step student.
+"""LADD: latent adversarial diffusion distillation of SD3, FLUX.1, Qwen-Image or Wan (2.1, 2.2) into a 1-4 step student.
 
 Sauer, Boesel, Dockhorn, Blattmann, Esser, Rombach, "Fast High-Resolution Image Synthesis with Latent
 Adversarial Diffusion Distillation", 2024 (arXiv:2403.12015; SD3-Turbo). The discriminator is built on the

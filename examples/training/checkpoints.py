@@ -382,6 +382,12 @@ def save_unet(
             path = out / subfolder
             model.save_config(path)
             _fix_class_name(path / "config.json", model)
+            # FSDP2's gathered tensors can be views into a larger buffer (Wan's scale_shift_table), which the
+            # safetensors writer refuses as "shared": each tensor is written from its own storage
+            state = {
+                k: v.detach().clone() if v.untyped_storage().nbytes() != v.nbytes else v
+                for k, v in state.items()
+            }
             save_torch_state_dict(
                 state,
                 path,

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import wan_experts
+
 logger = logging.getLogger(__name__)
 
 
@@ -259,6 +261,11 @@ def clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, params: An
     engine has already clipped (at ``--max_grad_norm``, :func:`configure_deepspeed`) and stepped in
     :func:`backward`; its optimiser wrapper's ``step`` and ``zero_grad`` do nothing.
     """
+    params = list(params)
+    if accelerator.sync_gradients and distributed_kind(accelerator) != "DEEPSPEED":
+        wan_experts.drop_unused_grads(
+            accelerator, params
+        )  # Wan 2.2 A14B: an expert unused everywhere is not stepped
     clip = accelerator.sync_gradients and max_norm and max_norm > 0 and math.isfinite(max_norm)
     if clip and distributed_kind(accelerator) != "DEEPSPEED":
         accelerator.unscale_gradients(optimizer=optimizer)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,23 @@ from torch import nn
 EXPERTS = ("transformer", "transformer_2")
 """The experts' names: ``WanPipeline``'s components, the module prefixes in :class:`WanExperts`."""
 
+_ROUTERS: list[Any] = []  # weak references to every WanExperts / ExpertDiscriminators, in construction order
 
-class WanExperts(nn.Module):
+
+class _Routed(nn.Module):
+    """What :class:`WanExperts` and :class:`ExpertDiscriminators` share: ``used``, which branches ran on real
+    samples with gradients enabled since the last optimiser step (:func:`drop_unused_grads`)."""
+
+    def _register(self, track: bool = True) -> None:
+        self.used = [False, False]
+        if track:  # a transient composition (validation) is not tracked
+            _ROUTERS.append(weakref.ref(self))
+
+    def branches(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+
+class WanExperts(_Routed):
     """Wan 2.2 A14B's ``transformer`` (high noise) and ``transformer_2`` (low noise) as one transformer.
 
     ``forward`` takes ``WanTransformer3DModel``'s arguments with one timestep per sample (``(B,)``, ``1000 sigma``)
@@ -42,7 +58,8 @@ class WanExperts(nn.Module):
     an expert's shards on every process that calls it and DDP expects a gradient for every parameter, so the
     processes must make the same expert calls; deciding that from every process's samples would take a collective
     per call, which processes making different numbers of calls, e.g. TSCD's teacher trajectories, would not
-    match; the extra pass is one sample). One process runs only the experts its samples need.
+    match; the extra pass is one sample; when no process used an expert in a step, its zero gradient is dropped
+    before the optimiser step, :func:`drop_unused_grads`). One process runs only the experts its samples need.
 
     Args:
         transformer: the high-noise expert.
@@ -50,9 +67,16 @@ class WanExperts(nn.Module):
         boundary_timestep: ``boundary_ratio * num_train_timesteps`` (T2V A14B: 875).
     """
 
-    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_timestep: float) -> None:
+    def __init__(
+        self,
+        transformer: nn.Module,
+        transformer_2: nn.Module,
+        boundary_timestep: float,
+        *,
+        track: bool = True,
+    ) -> None:
         super().__init__()
-        if type(transformer) is not type(transformer_2):
+        if not (isinstance(transformer, type(transformer_2)) or isinstance(transformer_2, type(transformer))):
             raise ValueError(
                 f"Expected the two Wan 2.2 experts to be one class, but got {type(transformer).__name__} and "
                 f"{type(transformer_2).__name__}."
@@ -60,6 +84,7 @@ class WanExperts(nn.Module):
         self.transformer = transformer
         self.transformer_2 = transformer_2
         self.boundary_timestep = float(boundary_timestep)
+        self._register(track)
         # FSDP2 units: the blocks and each expert (whose own weights, e.g. its patch embedding, then unshard when the
         # expert is called directly, as LADD's discriminators call it)
         self._no_split_modules = [
@@ -96,6 +121,9 @@ class WanExperts(nn.Module):
         """``[("transformer", high), ("transformer_2", low)]``."""
         return [(name, getattr(self, name)) for name in EXPERTS]
 
+    def branches(self) -> list[nn.Module]:
+        return [self.transformer, self.transformer_2]
+
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False, **kwargs: Any
     ) -> tuple[torch.Tensor]:
@@ -109,11 +137,12 @@ class WanExperts(nn.Module):
             [run(self.transformer), run(self.transformer_2)],
             high,
             {"hidden_states": hidden_states, "timestep": t, **kwargs},
+            self.used,
         )
         return (out,)
 
 
-class ExpertDiscriminators(nn.Module):
+class ExpertDiscriminators(_Routed):
     """Two discriminators (LADD heads on each Wan 2.2 A14B expert's blocks) as one, switched by timestep as the
     experts are: each sample's logits come from ``discriminator`` (on the high-noise ``transformer``) where
     ``timestep >= boundary_timestep`` and from ``discriminator_2`` (on ``transformer_2``) elsewhere, so the heads read
@@ -133,6 +162,10 @@ class ExpertDiscriminators(nn.Module):
         self.discriminator = discriminator
         self.discriminator_2 = discriminator_2
         self.boundary_timestep = float(boundary_timestep)
+        self._register()
+
+    def branches(self) -> list[nn.Module]:
+        return [self.discriminator, self.discriminator_2]
 
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, **kwargs: Any
@@ -142,7 +175,10 @@ class ExpertDiscriminators(nn.Module):
         t = per_sample_timestep(timestep, hidden_states)
         calls = [_as_list(d) for d in (self.discriminator, self.discriminator_2)]
         return route(
-            calls, t >= self.boundary_timestep, {"hidden_states": hidden_states, "timestep": t, **kwargs}
+            calls,
+            t >= self.boundary_timestep,
+            {"hidden_states": hidden_states, "timestep": t, **kwargs},
+            self.used,
         )
 
 
@@ -170,19 +206,24 @@ def per_sample_timestep(timestep: Any, hidden_states: torch.Tensor) -> torch.Ten
     return t
 
 
-def route(branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+def route(
+    branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any], used: list[bool] | None = None
+) -> list[torch.Tensor]:
     """Run each sample on ``branches[0]`` where ``high`` (``(B,)`` bool) and on ``branches[1]`` elsewhere, and put
     the outputs back in sample order. A branch is called with ``kwargs`` (its tensors with the batch's first
     dimension cut to its samples) and returns a list of tensors with the batch first; a branch with the whole
     batch makes its own call. With more than one ``torch.distributed`` process a branch with no sample here runs
-    on the first sample, its outputs weighted 0 (see :class:`WanExperts`); one host read per call."""
+    on the first sample, its outputs weighted 0 (see :class:`WanExperts`); one host read per call. ``used[i]`` is
+    set when branch ``i`` ran on real samples with gradients enabled (:func:`drop_unused_grads`)."""
     b = high.shape[0]
     n_high = int(high.sum())
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     every_branch = distributed and torch.distributed.get_world_size() > 1
     outs: list[torch.Tensor] | None = None
     anchor: Any = 0.0
-    for branch, mask, n in zip(branches, (high, ~high), (n_high, b - n_high)):
+    for i, (branch, mask, n) in enumerate(zip(branches, (high, ~high), (n_high, b - n_high))):
+        if n and used is not None and torch.is_grad_enabled():
+            used[i] = True
         if n == b:  # the whole batch: the branch's own call
             outs = list(branch(**kwargs))
         elif n:
@@ -200,6 +241,32 @@ def route(branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any]) -> li
     return [o + anchor.to(o.dtype) for o in outs]
 
 
+def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
+    """Before an optimiser step: set ``grad`` to None for the parameters (of ``params``) of every expert (or
+    per-expert discriminator) that ran on no real sample with gradients enabled, on any process, since the last
+    step; then forget the usage. On one process such an expert has no gradient anyway; with several, its weight-0
+    pass (:func:`route`) gave it a zero gradient, on which AdamW would still take a momentum (and weight-decay)
+    step that a one-process run does not: with ``grad`` None the optimiser skips it, as one process does. One
+    all-reduce of the usage flags (MAX) per step, over the routers owning any of ``params``, in construction order
+    (the same on every process)."""
+    ids = {id(p) for p in params}
+    routers = [r for r in (ref() for ref in _ROUTERS) if r is not None]
+    mine = [r for r in routers if any(id(p) in ids for m in r.branches() for p in m.parameters())]
+    if not mine:
+        return
+    flags = torch.tensor([u for r in mine for u in r.used], dtype=torch.int32)
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        flags = flags.to(accelerator.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    for router, pair in zip(mine, flags.view(-1, 2).tolist()):
+        for module, used in zip(router.branches(), pair):
+            if not used:
+                for p in module.parameters():
+                    if id(p) in ids:
+                        p.grad = None
+        router.used = [False, False]
+
+
 def _take(kwargs: dict[str, Any], index: Any, batch: int) -> dict[str, Any]:
     """``kwargs`` with the batch's rows ``index`` of every tensor whose first dimension is ``batch``."""
     return {
@@ -213,7 +280,7 @@ def with_expert(experts: WanExperts, name: str, module: nn.Module) -> WanExperts
     block-removed student of it): the pipeline a one-expert distillation makes."""
     parts = dict(experts.experts())
     parts[name] = module
-    return WanExperts(parts["transformer"], parts["transformer_2"], experts.boundary_timestep)
+    return WanExperts(parts["transformer"], parts["transformer_2"], experts.boundary_timestep, track=False)
 
 
 def expert_timesteps(draw: Any, model_timestep: Any, name: str, boundary: float, batch: int) -> torch.Tensor:
@@ -233,8 +300,8 @@ def expert_timesteps(draw: Any, model_timestep: Any, name: str, boundary: float,
         if count >= batch:
             return torch.cat(kept)[:batch]
     raise ValueError(
-        f"Drew no timesteps of expert {name} (boundary {boundary}) in 1000 tries: the timestep density puts (almost) "
-        "no mass on its range; use another --weighting_scheme or --logit_mean."
+        f"Drew {count} of {batch} timesteps of expert {name} (boundary {boundary}) in 1000 tries: the timestep density "
+        "puts (almost) no mass on its range; use another --weighting_scheme or --logit_mean."
     )
 
 

@@ -312,8 +312,11 @@ def test_exact_r1_equals_the_input_gradient_norm(wan, ckpt) -> None:
 def test_approximate_r1_is_the_finite_difference_of_exact_r1(wan) -> None:
     """Along one direction eps, approximate R1 = gamma / 2 ((D(x + s eps) - D(x)) / s)^2, and the forward difference
     is grad D . eps + s / 2 eps^T H eps + O(s^2): its relative error against exact R1 along eps (autograd) is first
-    order in s. Measured: 15.0 % at s = 4e-2, 3.5 % at 1e-2 (ratio 0.23 ~ 1/4); float32 rounding of D over s
-    (~1e-6 / 1e-2) is two orders below, so the ratio is checked in [0.2, 0.3]."""
+    order in s. Measured (heads seeded 0): 6.8 % at s = 4e-2, 1.8 % at 1e-2 (ratio 0.26 ~ 1/4); float32 rounding of D over s
+    (~1e-6 / 1e-2) is two orders below, so the ratio is checked in [0.2, 0.3]. The heads are seeded: their
+    initialisation sets the curvature term, and an unseeded one (drawn from whatever the tests before left in the
+    global generator) can put the ratio at 0.15, where s = 4e-2 is not yet in the first-order regime."""
+    torch.manual_seed(0)
     disc = build(wan, blocks=(1, 2))
     x, t, cond = wan_batch()
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))

@@ -13,7 +13,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -229,8 +229,9 @@ def test_flux_without_guidance_embedding_with_a_guided_teacher(tiny: dict[str, P
         "single_transformer_blocks.1": "single_transformer_blocks.2",
     }
     assert (tmp_path / "samples" / "step-1.png").is_file()
-    assert script.validation_guidance(script.parse_args(argv), "flux") == 1.0
-    assert script.validation_guidance(script.parse_args(argv), "sd3") == 7.0
+    one = {"has_experts": False, "variant": ""}
+    assert script.validation_guidance(script.parse_args(argv), SimpleNamespace(family="flux", **one)) == 1.0
+    assert script.validation_guidance(script.parse_args(argv), SimpleNamespace(family="sd3", **one)) == 7.0
     _run_pipeline({**tiny, "flux": tiny["schnell"]}, "flux", tmp_path)
 
 

@@ -478,6 +478,9 @@ def test_kd_on_one_a14b_expert(
     torch.testing.assert_close(latent, want, rtol=1e-5, atol=1e-5)
     student = WanTransformer3DModel.from_pretrained(str(out / expert))
     assert len(student.blocks) == 1
+    parts = flow_models.load_flow(flow_kd.parse_args(argv))  # validation: WanPipeline's per-expert CFG, 4 / 3
+    scale = flow_kd.validation_guidance(flow_kd.parse_args(argv), parts)
+    assert scale(torch.tensor([990.0, 875.0, 874.0, 10.0])).tolist() == [4.0, 4.0, 3.0, 3.0]
     assert json.loads((out / expert / flow_kd.REPORT).read_text())["expert"] == expert
     # initialised from (and close to, after 2 small steps) its own expert's block 0, not the other expert's
     teachers = {
@@ -501,6 +504,9 @@ def test_a14b_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     kd = smoke_argv(tiny, "ti2v", tmp_path / "k", "--num_frames", str(FRAMES), "--keep_blocks", "0")
     with pytest.raises(ValueError, match=r"--expert transformer picks a Wan 2\.2 A14B expert"):
         flow_kd.parse_args([*kd, "--expert", "transformer"])
+    with pytest.raises(ValueError, match=r"--sample_guidance_scale_2 is a CFG \(>= 1\) .* but got 0\.5"):
+        flow_kd.parse_args([*smoke_argv(tiny, "a14b", tmp_path / "k", "--num_frames", str(FRAMES)),
+                            "--keep_blocks", "0", "--expert", "transformer", "--sample_guidance_scale_2", "0.5"])  # fmt: skip
     with pytest.raises(ValueError, match=r"A14B trains as LoRA adapters on both experts: pass --use_lora"):
         flow_tscd.parse_args(smoke_argv(tiny, "a14b", tmp_path / "b", "--distance", "mse"))
     args = flow_dmd2.parse_args(_argv(tiny, "ti2v", tmp_path / "d", "--guidance_scale_2", "3"))
@@ -527,9 +533,10 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine: str) -> None:
-    """Rank 0's sample needs only the high-noise expert, rank 1's only the low-noise one: each runs the other's
-    expert on its sample weighted 0, so DDP reduces every gradient and FSDP2 gathers match; the update is one
-    process's on both samples."""
+    """Step 1: rank 0's sample needs only the high-noise expert, rank 1's only the low-noise one: each runs the
+    other's expert on its sample weighted 0, so DDP reduces every gradient and FSDP2 gathers match. Step 2: both need
+    the high-noise expert: the low-noise one, unused everywhere, gets no AdamW step (its zero gradient dropped). The
+    two updates are one process's on both samples."""
     import torch.multiprocessing as mp
 
     here = str(Path(__file__).resolve().parent)
@@ -539,7 +546,7 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
     mp.spawn(worker.run_worker, args=(2, _free_port(), str(tmp_path), engine), nprocs=2, join=True)
     single = worker.build()
     start = {k: v.clone() for k, v in single.state_dict().items()}
-    worker.train_step(single, slice(0, 2))
+    worker.train_steps(single, slice(0, 2), 1)
     got = torch.load(tmp_path / f"{engine}_state.pt")
     # the same update up to float32 summation order (tests/state_compare.py); both experts moved
     assert_same_update(got, single.state_dict(), start, what=f"{engine} vs 1 process")
@@ -557,6 +564,8 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
                               "--discriminator_norm_groups", "4")),
         ("flow_ladd", "fsdp", ("--use_lora", "--num_teacher_samples", "2", "--teacher_steps", "2",
                                "--discriminator_norm_groups", "4")),
+        ("flow_kd", "fsdp", ("--keep_blocks", "0", "--expert", "transformer_2", "--num_teacher_samples", "2",
+                             "--teacher_steps", "2")),
     ],
 )  # fmt: skip
 def test_a14b_scripts_run_on_two_processes(
@@ -572,6 +581,11 @@ def test_a14b_scripts_run_on_two_processes(
     argv[argv.index("--train_batch_size") + 1] = "1"
     argv[argv.index("--max_train_steps") + 1] = "4"
     argv[argv.index("--checkpointing_steps") + 1] = "0"
+    if script == "flow_kd":  # a full student: no LoRA rank
+        del argv[argv.index("--lora_rank") : argv.index("--lora_rank") + 2]
     _launch_two_processes(script, argv, mode=mode)
+    if script == "flow_kd":  # the block-removed expert, saved after the last step's validation
+        assert (out / "transformer_2" / "config.json").is_file()
+        return
     files = wan_experts.lora_files(out, "pytorch_lora_weights.safetensors")
     assert all(_trained(read_lora(path)) for path in files.values())

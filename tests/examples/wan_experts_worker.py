@@ -1,9 +1,11 @@
 """DDP / FSDP2 worker for test_flow_wan22.py's two-expert test, importable by top-level name in spawned processes.
 
-Each of 2 processes holds one sample of a global batch of 2 whose timesteps fall on either side of the experts'
-boundary, so each process needs only one of :class:`training.wan_experts.WanExperts`' experts: the run must still
-keep the processes in step (DDP's gradient reduction, FSDP2's gathers) and make the update of one process on the
-whole batch.
+Each of 2 processes holds one sample of a global batch of 2. In step 1 their timesteps fall on either side of the
+experts' boundary, so each process needs only one of :class:`training.wan_experts.WanExperts`' experts: the run must
+still keep the processes in step (DDP's gradient reduction, FSDP2's gathers). In step 2 both need the high-noise
+expert only: the low-noise expert, unused everywhere, must not move (AdamW would take a momentum step on the zero
+gradient of its weight-0 pass; :func:`training.wan_experts.drop_unused_grads` skips it). Both steps together must be
+one process's two updates on the whole batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from tests.transformer_configs import tiny_wan_transformer_config  # noqa: E402
 wan_experts = load_example("training.wan_experts")
 
 BOUNDARY = 875.0
-TIMESTEPS = (950.0, 300.0)  # rank 0: the high-noise expert only; rank 1: the low-noise expert only
+# step 1: rank 0 the high-noise expert only, rank 1 the low-noise one; step 2: both the high-noise one
+TIMESTEPS = ((950.0, 300.0), (990.0, 900.0))
 
 
 def build() -> torch.nn.Module:
@@ -37,20 +40,27 @@ def build() -> torch.nn.Module:
     return wan_experts.WanExperts(WanTransformer3DModel(**config), WanTransformer3DModel(**config), BOUNDARY)
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
+def data(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1 + step)
     x = torch.randn(2, 4, 2, 8, 8, generator=gen)
     text = torch.randn(2, 5, 16, generator=gen)
-    return x, torch.tensor(TIMESTEPS), text
+    return x, torch.tensor(TIMESTEPS[step]), text
 
 
-def train_step(model: torch.nn.Module, rows: slice) -> None:
-    """One SGD step on the mean squared output of rows ``rows`` of the global batch."""
-    x, t, text = data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    out = model(hidden_states=x[rows], timestep=t[rows], encoder_hidden_states=text[rows])[0]
-    out.square().mean().backward()
-    opt.step()
+def train_steps(model: torch.nn.Module, rows: slice, processes: int) -> None:
+    """Two AdamW steps on the mean squared output of rows ``rows`` of each step's global batch, the unused experts'
+    gradients dropped before each step as the scripts' ``runtime.clip_and_step`` does."""
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(num_processes=processes, device=torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in range(2):
+        x, t, text = data(step)
+        out = model(hidden_states=x[rows], timestep=t[rows], encoder_hidden_states=text[rows])[0]
+        out.square().mean().backward()
+        wan_experts.drop_unused_grads(accelerator, list(model.parameters()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def run_worker(rank: int, world: int, port: int, out_dir: str, engine: str) -> None:
@@ -69,7 +79,7 @@ def run_worker(rank: int, world: int, port: int, out_dir: str, engine: str) -> N
                 fully_shard(expert)
             fully_shard(model)
             wrapped = model
-        train_step(wrapped, slice(rank, rank + 1))
+        train_steps(wrapped, slice(rank, rank + 1), world)
         if engine == "ddp":
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
