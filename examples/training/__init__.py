@@ -38,8 +38,9 @@ Modules:
 - :mod:`training.flow_encoding`: SD3 / FLUX / Qwen-Image / Wan prompt conditions through the pipeline's ``encode_prompt``,
   cached.
 - :mod:`training.flow_packing`: FLUX / Qwen-Image latent packing (2x2 patches as tokens) and FLUX's position ids.
-- :mod:`training.wan_experts`: Wan 2.2 A14B's two experts as one transformer routed by timestep, and the flow
-  scripts' LoRA files (one per expert for A14B).
+- :mod:`training.wan_experts`: Wan 2.2 A14B's two experts as one transformer (or one discriminator per expert)
+  routed by timestep, the optimiser-step rule for experts no process used, one expert's training range, and the
+  flow scripts' LoRA files (one per expert for A14B).
 - :mod:`training.flow_teacher_samples`: the teacher's own samples of a prompt list in shards that record their
   settings (LADD's data; flow_kd's prompt-only data).
 - :mod:`training.aspect_buckets`: multi-aspect training (``--aspect_buckets``): the sizes of the teacher samples or

@@ -274,7 +274,7 @@ def test_kd_on_wan_prompt_only_learns_from_the_pipelines_own_teacher_videos(
     assert report["flops_at"]["latent_size"] == [2, IMAGE_SIZE // 8, IMAGE_SIZE // 8]
     with pytest.raises(ValueError, match=r"Pass --train_data_dir .* or --prompts_file .* one of them"):
         flow_kd.parse_args(smoke_argv(tiny, "wan", out, "--keep_blocks", "0", data=None))
-    with pytest.raises(ValueError, match=r"--sample_guidance_scale is the CFG \(>= 1\) .* got 0.5"):
+    with pytest.raises(ValueError, match=r"--sample_guidance_scale is a CFG \(>= 1\) .* got 0.5"):
         flow_kd.parse_args(
             [*smoke_argv(tiny, "wan", out, "--keep_blocks", "0"), "--sample_guidance_scale", "0.5"]
         )
