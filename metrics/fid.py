@@ -548,14 +548,28 @@ def check_float_images(images: Any, hint: str) -> torch.Tensor:
             expected="(N, 3, H, W)",
             actual=tuple(x.shape),
         )
+    check_unit_range(x, "images", "image")
+    return x
+
+
+def check_unit_range(x: torch.Tensor, name: str, processor: str) -> None:
+    """The value check of float pixels: ``x`` within ``[0, 1]`` (with value checks on).
+
+    Args:
+        x: The float tensor.
+        name: Its argument name (``images``, ``videos``).
+        processor: Which diffusers processor maps ``[-1, 1]`` outputs the same way (``image``, ``video``).
+
+    Raises:
+        OptionError: ``x`` lies outside ``[0, 1]``, naming the range found and the map from ``[-1, 1]``.
+    """
     if value_checks_enabled():
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise OptionError(
-                f"Expected float `images` in [0, 1], but they range over [{lo:.4g}, {hi:.4g}]. Map [-1, 1] "
-                "outputs with (images / 2 + 0.5).clamp(0, 1), as diffusers' image processor does."
+                f"Expected float `{name}` in [0, 1], but they range over [{lo:.4g}, {hi:.4g}]. Map [-1, 1] "
+                f"outputs with ({name} / 2 + 0.5).clamp(0, 1), as diffusers' {processor} processor does."
             )
-    return x
 
 
 def _images_to_uint8_hwc(images: Any, quantize: bool) -> np.ndarray:

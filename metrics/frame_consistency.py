@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from .._checks import check_float_input, check_option, check_real
-from ..errors import DTypeError, OptionError, ShapeError, value_checks_enabled
+from ..errors import DTypeError, ShapeError
 from ._dist import RunningMean
+from .fid import check_unit_range
 
 __all__ = ["FrameConsistency"]
 
@@ -75,13 +76,7 @@ def check_float_videos(
             expected=f"F >= {min_frames}",
             actual=tuple(x.shape),
         )
-    if value_checks_enabled():
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise OptionError(
-                f"Expected float `videos` in [0, 1], but they range over [{lo:.4g}, {hi:.4g}]. Map [-1, 1] "
-                "outputs with (videos / 2 + 0.5).clamp(0, 1), as diffusers' video processor does."
-            )
+    check_unit_range(x, "videos", "video")
     return x
 
 

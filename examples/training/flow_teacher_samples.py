@@ -61,14 +61,12 @@ def sample_settings(
     args: argparse.Namespace,
     parts: flow_models.FlowComponents,
     guidance_scale: float | None,
-    size: tuple[int, int] | None = None,
     guidance_scale_2: float | None = None,
 ) -> dict[str, Any]:
-    """What the teacher samples of one shard depend on (stored in it, compared before it is reused);
-    ``guidance_scale`` is the samples' CFG (recorded as ``teacher_guidance_scale``; Wan 2.2 A14B's low-noise
-    ``guidance_scale_2`` as ``teacher_guidance_scale_2``), ``size`` the shard's ``(height, width)`` with
-    ``--aspect_buckets`` (recorded as ``resolution`` and ``width``, None when square: a square bucket's shard is the
-    shard a run at that ``--resolution`` makes)."""
+    """What the teacher samples depend on (stored in each shard, compared before it is reused); ``guidance_scale``
+    is the samples' CFG (recorded as ``teacher_guidance_scale``; Wan 2.2 A14B's low-noise ``guidance_scale_2`` as
+    ``teacher_guidance_scale_2``). With ``--aspect_buckets`` each shard records its own size instead of
+    ``--resolution`` / ``--width`` (:func:`shard_settings`)."""
     model = args.pretrained_model_name_or_path
     prompts = data_sources.read_prompts(args.prompts_file)
     return {
@@ -80,14 +78,22 @@ def sample_settings(
         "teacher_guidance_scale_2": guidance_scale_2,
         "guidance": args.guidance,
         "uncond": args.uncond,
-        "resolution": args.resolution if size is None else size[0],
-        "width": args.width if size is None else (None if size[1] == size[0] else size[1]),
+        "resolution": args.resolution,
+        "width": args.width,
         "num_frames": args.num_frames,
         "max_sequence_length": flow_encoding.max_sequence_length(args, parts),
         "teacher_samples_seed": args.teacher_samples_seed,
         "teacher_samples_shard_size": args.teacher_samples_shard_size,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
     }
+
+
+def shard_settings(settings: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """``settings`` of a shard made at ``size`` ``(height, width)`` with ``--aspect_buckets``: ``resolution`` the
+    height, ``width`` the width or None when square (a square bucket's shard is the shard a run at that
+    ``--resolution`` makes)."""
+    height, width = size
+    return {**settings, "resolution": height, "width": None if width == height else width}
 
 
 def sample_shards(args: argparse.Namespace) -> list[Path]:
@@ -132,6 +138,9 @@ def generate_teacher_samples(
     grid of the model's schedule at that size (FLUX: ``mu`` of its token count)."""
     buckets = bool(getattr(args, "aspect_buckets", None))
     prompts = data_sources.read_prompts(args.prompts_file)
+    settings = sample_settings(
+        args, parts, guidance_scale, guidance_scale_2
+    )  # one read and hash of the prompts
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     cfg = parts.uses_cfg and guidance_scale != 1.0
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if cfg else None
@@ -142,9 +151,9 @@ def generate_teacher_samples(
             args.teacher_samples_shard_size, args.num_teacher_samples - i * args.teacher_samples_shard_size
         )
         size = aspect_buckets.shard_size(args, i)
-        settings = sample_settings(args, parts, guidance_scale, size if buckets else None, guidance_scale_2)
+        made_as = shard_settings(settings, size) if buckets else settings
         if path.exists():
-            check_sample_shard(path, settings, rows)
+            check_sample_shard(path, made_as, rows)
             continue
         if i % accelerator.num_processes != accelerator.process_index:
             continue
@@ -180,7 +189,7 @@ def generate_teacher_samples(
                     uncond=uncond,
                     guidance_scale=guidance_scale if cfg else None,
                 ).sample
-        teacher_pairs.write_shard(path, noise, latent, picked, settings)
+        teacher_pairs.write_shard(path, noise, latent, picked, made_as)
         logger.info("wrote %s (%d teacher samples)", path, rows)
     accelerator.wait_for_everyone()
     return paths

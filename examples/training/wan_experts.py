@@ -249,8 +249,11 @@ def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
     step that a one-process run does not: with ``grad`` None the optimiser skips it, as one process does. One
     all-reduce of the usage flags (MAX) per step, over the routers owning any of ``params``, in construction order
     (the same on every process)."""
+    _ROUTERS[:] = [ref for ref in _ROUTERS if ref() is not None]  # forget collected ones
+    routers = [ref() for ref in _ROUTERS]
+    if not routers:  # no two-expert model in this run: nothing to look up
+        return
     ids = {id(p) for p in params}
-    routers = [r for r in (ref() for ref in _ROUTERS) if r is not None]
     mine = [r for r in routers if any(id(p) in ids for m in r.branches() for p in m.parameters())]
     if not mine:
         return
