@@ -551,9 +551,7 @@ def validation_guidance(args: argparse.Namespace, parts: flow_models.FlowCompone
     expert runs and 3.0 below (the given scale when one is given, as the pipeline)."""
     if parts.has_experts:
         high = args.validation_guidance_scale or flow_families.default_guidance_scale(parts.variant)
-        low = flow_families.check_expert_scale(
-            parts, "--validation_guidance_scale_2", None, args.validation_guidance_scale
-        )
+        low = args.validation_guidance_scale or flow_families.DEFAULT_GUIDANCE_SCALE_2[parts.variant]
         return flow_families.expert_guidance(parts, high, low)
     if args.validation_guidance_scale is not None:
         return float(args.validation_guidance_scale)

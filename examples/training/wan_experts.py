@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import weakref
 from pathlib import Path
@@ -34,16 +35,31 @@ _ROUTERS: list[Any] = []  # weak references to every WanExperts / ExpertDiscrimi
 
 
 class _Routed(nn.Module):
-    """What :class:`WanExperts` and :class:`ExpertDiscriminators` share: ``used``, which branches ran on real
-    samples with gradients enabled since the last optimiser step (:func:`drop_unused_grads`)."""
+    """What :class:`WanExperts` and :class:`ExpertDiscriminators` share: ``used``, per branch the LoRA adapters
+    active (``None``: adapters off or none) when it ran on real samples with gradients enabled since the last
+    optimiser step (:func:`drop_unused_grads`)."""
 
     def _register(self, track: bool = True) -> None:
-        self.used = [False, False]
+        self.used: list[set[str | None]] = [set(), set()]
+        self._tuner_layers: list[Any] = []
         if track:  # a transient composition (validation) is not tracked
             _ROUTERS.append(weakref.ref(self))
 
     def branches(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def mark_used(self, index: int) -> None:
+        """Record that branch ``index`` runs on real samples now, under the adapters active in it (read from
+        one of its peft LoRA layers: a shared base or ``set_adapter`` switches every layer together)."""
+        if not self._tuner_layers:  # looked up once (the adapters exist before the first training forward)
+            self._tuner_layers = [
+                next((m for m in b.modules() if _adapter_dict(m)), None) for b in self.branches()
+            ]
+        layer = self._tuner_layers[index]
+        if layer is None or layer.disable_adapters:
+            self.used[index].add(None)
+        else:
+            self.used[index].update(layer.active_adapters)
 
 
 class WanExperts(_Routed):
@@ -137,7 +153,7 @@ class WanExperts(_Routed):
             [run(self.transformer), run(self.transformer_2)],
             high,
             {"hidden_states": hidden_states, "timestep": t, **kwargs},
-            self.used,
+            self.mark_used,
         )
         return (out,)
 
@@ -178,7 +194,7 @@ class ExpertDiscriminators(_Routed):
             calls,
             t >= self.boundary_timestep,
             {"hidden_states": hidden_states, "timestep": t, **kwargs},
-            self.used,
+            self.mark_used,
         )
 
 
@@ -207,14 +223,14 @@ def per_sample_timestep(timestep: Any, hidden_states: torch.Tensor) -> torch.Ten
 
 
 def route(
-    branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any], used: list[bool] | None = None
+    branches: list[Any], high: torch.Tensor, kwargs: dict[str, Any], mark_used: Any = None
 ) -> list[torch.Tensor]:
     """Run each sample on ``branches[0]`` where ``high`` (``(B,)`` bool) and on ``branches[1]`` elsewhere, and put
     the outputs back in sample order. A branch is called with ``kwargs`` (its tensors with the batch's first
     dimension cut to its samples) and returns a list of tensors with the batch first; a branch with the whole
     batch makes its own call. With more than one ``torch.distributed`` process a branch with no sample here runs
-    on the first sample, its outputs weighted 0 (see :class:`WanExperts`); one host read per call. ``used[i]`` is
-    set when branch ``i`` ran on real samples with gradients enabled (:func:`drop_unused_grads`)."""
+    on the first sample, its outputs weighted 0 (see :class:`WanExperts`); one host read per call. ``mark_used(i)``
+    is called when branch ``i`` runs on real samples with gradients enabled (:func:`drop_unused_grads`)."""
     b = high.shape[0]
     n_high = int(high.sum())
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -222,8 +238,8 @@ def route(
     outs: list[torch.Tensor] | None = None
     anchor: Any = 0.0
     for i, (branch, mask, n) in enumerate(zip(branches, (high, ~high), (n_high, b - n_high))):
-        if n and used is not None and torch.is_grad_enabled():
-            used[i] = True
+        if n and mark_used is not None and torch.is_grad_enabled():
+            mark_used(i)
         if n == b:  # the whole batch: the branch's own call
             outs = list(branch(**kwargs))
         elif n:
@@ -242,13 +258,16 @@ def route(
 
 
 def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
-    """Before an optimiser step: set ``grad`` to None for the parameters (of ``params``) of every expert (or
-    per-expert discriminator) that ran on no real sample with gradients enabled, on any process, since the last
-    step; then forget the usage. On one process such an expert has no gradient anyway; with several, its weight-0
-    pass (:func:`route`) gave it a zero gradient, on which AdamW would still take a momentum (and weight-decay)
-    step that a one-process run does not: with ``grad`` None the optimiser skips it, as one process does. One
-    all-reduce of the usage flags (MAX) per step, over the routers owning any of ``params``, in construction order
-    (the same on every process)."""
+    """Before an optimiser step: set ``grad`` to None for the parameters (of ``params``) that no process used on a
+    real sample with gradients enabled since the last step -- a LoRA adapter's parameters of an expert (or
+    per-expert discriminator) that never ran with that adapter active, the other parameters of an expert that never
+    ran -- then forget the usage. On one process such parameters have no gradient anyway; with several, the
+    weight-0 pass (:func:`route`) gave them a zero gradient, on which AdamW would still take a momentum (and
+    weight-decay) step that a one-process run does not: with ``grad`` None the optimiser skips them, as one process
+    does. Per adapter, since two adapters of one base (a shared base's generator and fake score) may run on different
+    experts in one step (SiD's generator loss differentiates through the fake score). One all-reduce of the usage
+    flags (MAX) per step, over the routers owning any of ``params``, in construction order (the same on every
+    process)."""
     _ROUTERS[:] = [ref for ref in _ROUTERS if ref() is not None]  # forget collected ones
     routers = [ref() for ref in _ROUTERS]
     if not routers:  # no two-expert model in this run: nothing to look up
@@ -257,17 +276,46 @@ def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
     mine = [r for r in routers if any(id(p) in ids for m in r.branches() for p in m.parameters())]
     if not mine:
         return
-    flags = torch.tensor([u for r in mine for u in r.used], dtype=torch.int32)
+    # per branch: flag 0 "ran at all", then one flag per adapter (sorted names: the same list on every process)
+    slots = [[None, *sorted(_adapter_names(m))] for r in mine for m in r.branches()]
+    used = [u for r in mine for u in r.used]
+    flags = torch.tensor(
+        [int(bool(u)) if k == 0 else int(name in u) for s, u in zip(slots, used) for k, name in enumerate(s)],
+        dtype=torch.int32,
+    )
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         flags = flags.to(accelerator.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    for router, pair in zip(mine, flags.view(-1, 2).tolist()):
-        for module, used in zip(router.branches(), pair):
-            if not used:
-                for p in module.parameters():
-                    if id(p) in ids:
-                        p.grad = None
-        router.used = [False, False]
+    values = iter(flags.tolist())
+    modules = [m for r in mine for m in r.branches()]
+    for module, names in zip(modules, slots):
+        ran = dict(zip(names, (next(values) for _ in names)))
+        for name, p in module.named_parameters():
+            if id(p) in ids and not ran.get(_adapter_of(name, ran), ran[None]):
+                p.grad = None
+    for router in mine:
+        router.used = [set(), set()]
+
+
+def _adapter_dict(module: nn.Module) -> Any:
+    """A peft LoRA layer's ``lora_A`` (its adapters by name), or None for another module."""
+    lora_a = getattr(module, "lora_A", None)
+    return lora_a if isinstance(lora_a, nn.ModuleDict) and hasattr(module, "active_adapters") else None
+
+
+def _adapter_names(module: nn.Module) -> set[str]:
+    """The names of the peft LoRA adapters inside ``module``."""
+    return {name for m in module.modules() for name in (_adapter_dict(m) or ())}
+
+
+def _adapter_of(param_name: str, names: Any) -> str | None:
+    """The adapter a parameter belongs to (peft names it ``...lora_A.<adapter>.weight``, ``lora_B``,
+    ``lora_magnitude_vector``, ``lora_embedding_A`` ...), or None for a parameter of no adapter."""
+    parts = param_name.split(".")
+    for kind, name in itertools.pairwise(parts):
+        if kind.startswith("lora_") and name in names:
+            return name
+    return None
 
 
 def _take(kwargs: dict[str, Any], index: Any, batch: int) -> dict[str, Any]:

@@ -554,6 +554,29 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
         assert any(not torch.equal(got[k], start[k]) for k in got if k.startswith(prefix + "."))
 
 
+def test_an_adapter_unused_everywhere_is_not_stepped_though_its_expert_ran(tmp_path: Path) -> None:
+    """DDP, two LoRA adapters on both experts (a shared base's generator and fake score): in step 2 the generator
+    runs on the high-noise expert only and the fake score, differentiated to its input (SiD), on the low-noise one.
+    The generator's low-noise adapter had a gradient in step 1 and none in step 2: AdamW must skip it there, as one
+    process does (a per-expert drop kept its zero gradient because the expert ran, and took a momentum step)."""
+    import torch.multiprocessing as mp
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    worker = importlib.import_module("wan_experts_worker")
+    mp.spawn(worker.run_worker, args=(2, _free_port(), str(tmp_path), "ddp_adapters"), nprocs=2, join=True)
+    model, gen, fake = worker.build_adapters()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    worker.train_adapter_steps(gen, fake, slice(0, 2), 1)
+    got = torch.load(tmp_path / "ddp_adapters.pt")
+    # the same update up to float32 summation order (tests/state_compare.py)
+    assert_same_update(got, model.state_dict(), start, what="ddp vs 1 process, per-adapter usage")
+    moved = {k for k in got if not torch.equal(got[k], start[k])}
+    assert moved and all(".gen." in k for k in moved)  # only the generator's adapter trains
+    assert any(k.startswith("transformer_2.") for k in moved)  # the low-noise one in step 1
+
+
 @pytest.mark.parametrize(
     ("script", "mode", "extra"),
     [
