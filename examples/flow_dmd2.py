@@ -176,6 +176,7 @@ from training import (
     options,
     runtime,
     shared_critics,
+    student_sampler,
 )
 
 logger = logging.getLogger("flow_dmd2")
@@ -568,8 +569,8 @@ def main(args: argparse.Namespace) -> None:
             accelerator,
             args,
             parts,
-            lambda z, c: flow_critics.renoise_steps(
-                student, z, sigmas, c, torch.Generator().manual_seed(args.seed)
+            lambda z, c: flow_critics.renoise_steps(  # re-noising apart from the initial noise (seed --seed)
+                student, z, sigmas, c, torch.Generator().manual_seed(student_sampler.renoise_seed(args.seed))
             ),
             step,
         )
@@ -588,6 +589,12 @@ def main(args: argparse.Namespace) -> None:
             stochastic_sampling=True,
         ).save_pretrained(Path(args.output_dir) / "scheduler")
         (Path(args.output_dir) / "student_sigmas.json").write_text(json.dumps(sigmas) + "\n")
+        student_sampler.write_record(
+            args,
+            parts,
+            flow_encoding.max_sequence_length(args, parts),
+            shifted_grid=args.student_sigmas is None,
+        )
     accelerator.end_training()
 
 

@@ -149,6 +149,7 @@ from training import (
     runtime,
     sdxl_models,
     shared_critics,
+    student_sampler,
     teacher_pairs,
 )
 
@@ -428,6 +429,9 @@ def main(args: argparse.Namespace) -> None:
         # The grid, as flow_dmd2 writes it: examples/evaluate.py samples the student on it by default.
         (Path(args.output_dir) / "student_sigmas.json").write_text(
             json.dumps(list(args.student_sigmas)) + "\n"
+        )
+        student_sampler.write_record(  # guidance, size, text length (explicit sigmas: no size-dependent grid)
+            args, parts, flow_encoding.max_sequence_length(args, parts), shifted_grid=False
         )
     accelerator.end_training()
 

@@ -167,6 +167,7 @@ from training import (
     loop,
     options,
     runtime,
+    student_sampler,
 )
 
 logger = logging.getLogger("flow_tscd")
@@ -617,8 +618,12 @@ def main(args: argparse.Namespace) -> None:
     flow_models.save_transformer(accelerator, transformer, args, parts, ema=release_ema)
     if accelerator.is_main_process:  # how to sample the student of the last stage trained
         k = plan[stage_index(args.max_train_steps - 1, len(plan), args.max_train_steps)].num_segments or 1
-        grid = {"num_inference_steps": k, **student_grid(schedule, k), "guidance": args.guidance}
+        guidance = student_sampler.sampling_guidance(args, parts)  # unguided (FLUX.1-dev: --guidance)
+        grid = {"num_inference_steps": k, **student_grid(schedule, k), "guidance": guidance}
         (Path(args.output_dir) / GRID_FILE).write_text(json.dumps(grid, indent=1) + "\n")
+        student_sampler.write_record(
+            args, parts, flow_encoding.max_sequence_length(args, parts), shifted_grid=True
+        )
         from diffusers import FlowMatchEulerDiscreteScheduler  # the grid's sigmas kept as given
 
         FlowMatchEulerDiscreteScheduler.from_config(

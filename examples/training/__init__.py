@@ -48,6 +48,8 @@ Modules:
 - :mod:`training.flow_options`: the flow scripts' options (``--guidance``, ``--max_sequence_length``,
   ``--num_frames``).
 - :mod:`training.flow_validation`: few-step validation grids (Wan: videos) of flow students.
+- :mod:`training.student_sampler`: what a flow run records about sampling its student (guidance, size, text
+  length) for evaluate.py, and the seed of DMD2's re-noising draws.
 - :mod:`training.flow_critics`: shared-base critics of SD3 / FLUX / Wan score distillation (DMD2 / SiD / SIM): one frozen
   transformer with the generator's and the fake score's adapters, DMD2's backward simulation and sampler, GAN
   heads on the fake score, adapter export.

@@ -93,7 +93,33 @@ def test_dmd2_trains_only_adapters_of_one_base_resumes_exactly_and_loads_in_the_
     extra = ["--gradient_checkpointing", "--generator_every", "1", "--use_ema", "--ema_decay", "0.5"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     val = ["--validation_prompts", "a cat", "--validation_steps", "2"]
+    renoise, first_draws = flow_critics.renoise_steps, []
+
+    def spying_renoise(
+        denoiser: Any, noise: torch.Tensor, sigmas: Any, cond: Any, generator: Any, **kw: Any
+    ) -> Any:
+        ahead = torch.Generator().set_state(
+            generator.get_state()
+        )  # the first re-noising draw, without taking it
+        first_draws.append(torch.equal(torch.randn(noise.shape, generator=ahead), noise.cpu().float()))
+        return renoise(denoiser, noise, sigmas, cond, generator, **kw)
+
+    monkeypatch.setattr(flow_critics, "renoise_steps", spying_renoise)
     flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, family, out_a, *extra, *val)))
+    # DMD2's fresh re-noising noise, in training and in validation: never the initial noise again (audit 9: the
+    # validation drew both from one seed, so its first step was a deterministic Euler step)
+    assert len(first_draws) >= 2 and not any(first_draws)
+    monkeypatch.setattr(flow_critics, "renoise_steps", renoise)
+    # how evaluate.py samples the student: unguided (FLUX.1-dev: its embedded guidance), the grid of the trained size
+    record = json.loads((out_a / "student_sampler.json").read_text())
+    assert record == {
+        "guidance_scale": 3.5 if family == "flux" else 1.0,
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_frames": None,
+        "grid_size": [IMAGE_SIZE, IMAGE_SIZE] if family == "flux" else None,  # FLUX's dynamic shift
+        "max_sequence_length": T5_LENGTH,
+    }
     assert seen["copies"] == [1], seen["copies"]  # one base: no copy of the transformer's weights
     # Only the adapters trained: every base weight is bit-identical to the loaded one.
     trained = seen["parts"].transformer.state_dict()

@@ -119,6 +119,13 @@ def test_ladd_lora_on_one_base_resumes_exactly_and_loads_in_the_pipeline(
     )
     sigmas = [float(s) for s in STUDENT_SIGMAS]
     assert json.loads((out_a / "student_sigmas.json").read_text()) == sigmas  # what evaluate.py samples on
+    record = json.loads(
+        (out_a / "student_sampler.json").read_text()
+    )  # and with what (training.student_sampler)
+    assert (record["guidance_scale"], record["grid_size"]) == (
+        guidance or 1.0,
+        None,
+    )  # explicit sigmas: any size
     with torch.no_grad():
         got = pipe(
             "a cat",

@@ -208,6 +208,14 @@ def test_tscd_lora_resumes_exactly_and_loads_in_the_pipeline(
     assert sorted(p.name for p in (out_a / "samples").iterdir()) == ["step-1.png", "step-2.png"]
     grid = json.loads((out_a / flow_tscd.GRID_FILE).read_text())
     assert grid["num_inference_steps"] == 2 and grid["pipeline_sigmas"] == [1.0, 0.5]
+    assert grid["guidance"] == (
+        3.5 if family == "flux" else 1.0
+    )  # unguided; FLUX.1-dev: its embedded guidance
+    record = json.loads((out_a / "student_sampler.json").read_text())  # what evaluate.py samples with
+    assert record["guidance_scale"] == grid["guidance"] and record["max_sequence_length"] == T5_LENGTH
+    assert record["grid_size"] == (
+        [IMAGE_SIZE, IMAGE_SIZE] if family == "flux" else None
+    )  # FLUX's dynamic shift
     resume = ["--resume_from_checkpoint", str(out_a / "checkpoint-1")]
     flow_tscd.main(flow_tscd.parse_args(_argv(tiny, family, out_b, *lora, *resume)))
     a, b = (_lora(o / "pytorch_lora_weights.safetensors") for o in (out_a, out_b))

@@ -1,0 +1,91 @@
+"""What a flow run records about sampling its student (guidance, size, text length), and DMD2's re-noising seed."""
+
+# ``evaluate.py`` samples a student with its pipeline. The run folder's ``scheduler/`` and grid file
+# (``student_sigmas.json`` / ``student_grid.json``) say on which steps; ``student_sampler.json`` (this module) says the
+# rest the scripts' validation used and the pipeline's defaults would get wrong:
+#
+# - ``guidance_scale``: evaluate.py's ``--guidance_scale`` of the student: 1.0 (no classifier-free guidance) for the
+#   families sampled with CFG (SD3, Qwen-Image, Wan; every flow student here is trained to sample unguided),
+#   FLUX.1-dev's embedded ``--guidance``, None for a model without a guidance input (FLUX.1-schnell);
+#   ``guidance_scale_2`` the same for Wan 2.2 A14B's low-noise expert;
+# - ``height`` / ``width`` / ``num_frames``: the trained size (the validation size, ``--resolution`` x ``--width``);
+# - ``grid_size``: the size whose schedule shifted the grid (FLUX / Qwen-Image's dynamic shift, flow_dmd2 and
+#   flow_tscd), None when the grid does not depend on the size (SD3, Wan; flow_ladd's explicit sigmas);
+# - ``max_sequence_length``: the text length the prompts were encoded at.
+#
+# DMD2's sampler re-noises with fresh noise at every step. Drawn from a generator seeded with the image's seed, the
+# first draw would be the initial noise itself and the first step a deterministic Euler step (audit 9): the
+# re-noising draws use :func:`renoise_seed` of the image's seed, in the scripts' validation and in evaluate.py.
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RECORD_FILE = "student_sampler.json"
+"""The record's file name in the run folder (``OUTPUT_DIR``)."""
+
+
+def renoise_seed(seed: int) -> int:
+    """The seed of the re-noising draws of DMD2's sampler for the image whose initial noise has seed ``seed``: the
+    first 8 bytes of SHA-256 of ``"dmd2-renoise:<seed>"``, a stream apart from it. Not ``seed + c`` for a large
+    ``c``: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so ``seed + 2**32`` is ``seed``."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"dmd2-renoise:{int(seed)}".encode()).digest()[:8], "little")
+
+
+def sampling_guidance(args: argparse.Namespace, parts: Any) -> float | None:
+    """evaluate.py's ``--guidance_scale`` of a flow student: FLUX.1-dev's embedded ``--guidance``, None for
+    FLUX.1-schnell (no guidance input), else 1.0 (sampled without classifier-free guidance)."""
+    if parts.family == "flux":
+        return None if args.guidance is None else float(args.guidance)
+    return 1.0
+
+
+def write_record(
+    args: argparse.Namespace, parts: Any, max_sequence_length: int, *, shifted_grid: bool
+) -> Path:
+    """Write ``OUTPUT_DIR/student_sampler.json`` (see the module comment); call on the main process.
+
+    Args:
+        args: the run's options (``output_dir``, ``resolution``, ``width``, ``num_frames``, ``guidance``).
+        parts: the run's ``training.flow_models.FlowComponents``.
+        max_sequence_length: the text length the prompts were encoded at.
+        shifted_grid: the student's grid is the model's schedule at the trained size (flow_dmd2, flow_tscd), so a
+            dynamic-shift model (FLUX, Qwen-Image: ``use_dynamic_shifting``) records that size as ``grid_size``.
+
+    Returns:
+        The file written.
+    """
+    guidance = sampling_guidance(args, parts)
+    height, width = int(args.resolution), int(getattr(args, "width", None) or args.resolution)
+    dynamic = bool(getattr(parts.noise_scheduler.config, "use_dynamic_shifting", False))
+    record: dict[str, Any] = {
+        "guidance_scale": guidance,
+        "height": height,
+        "width": width,
+        "num_frames": getattr(args, "num_frames", None) if parts.family == "wan" else None,
+        "grid_size": [height, width] if shifted_grid and dynamic else None,
+        "max_sequence_length": int(max_sequence_length),
+    }
+    if parts.has_experts:
+        record["guidance_scale_2"] = guidance
+    path = Path(args.output_dir) / RECORD_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The record of the run folder ``folder``, or None when it has none (a run before this file, or an SDXL run)."""
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"Expected {path} to hold a JSON object (the student's sampler record), but got {record!r}."
+        )
+    return record
