@@ -578,3 +578,49 @@ def check_not_video(x: Any, name: str, what: str, layout: str = "(B, C, H, W)") 
             expected=layout,
             actual=tuple(x.shape),
         )
+
+
+#: Conditioning keywords whose 2-D tensors are shared by the whole batch (no batch dimension): the position ids
+#: of diffusers' FLUX-family transformers (FLUX.1, FLUX.2, Chroma), ``img_ids (L, 3)`` and ``txt_ids (T, 3)``.
+#: See :func:`is_shared_condition`.
+SHARED_CONDITION_KEYS: frozenset[str] = frozenset({"img_ids", "txt_ids"})
+
+#: The sentence that names the rule in the messages of the places that batch conditioning values.
+SHARED_CONDITION_HINT = (
+    "Values without a batch dimension are passed through as they are only as 2-D `img_ids` / `txt_ids` (the "
+    "position ids of FLUX-family transformers, as FluxPipeline passes them); build other unbatched inputs "
+    "inside a wrapper of the model."
+)
+
+
+def is_shared_condition(key: Any, value: Any) -> bool:
+    """Whether the conditioning value ``value`` under the keyword ``key`` is shared by the batch, not batched.
+
+    One rule for every place that indexes, slices or concatenates conditioning along the batch (the
+    consistency losses' batch checks and per-sample subsets, the adversarial losses' lazy-R1 subset and
+    ``mix_and_match`` permutation, classifier-free guidance's cond / uncond concatenation): a tensor is
+    *shared* when its keyword is one of :data:`SHARED_CONDITION_KEYS` and it is 2-D. That is how diffusers'
+    ``FluxPipeline`` calls ``FluxTransformer2DModel`` (0.42.1): ``txt_ids = zeros(T, 3)`` from ``encode_prompt``
+    and ``img_ids = _prepare_latent_image_ids(...)``, ``(L, 3)``, one set for the whole batch (the transformer
+    warns on the deprecated 3-D ``(B, L, 3)`` form and reads ``ids[0]``). A shared value is passed through
+    unindexed and unconcatenated; the 3-D form keeps its batch dimension and is batched like any other
+    tensor. The rule goes by name and rank, not by comparing dim 0 with the batch size, so that ``L == B``
+    cannot make a shared value look batched.
+
+    Args:
+        key: the keyword the value is passed under (the innermost key of a nested mapping).
+        value: the value.
+
+    Returns:
+        True for a 2-D tensor under a shared keyword.
+
+    Example:
+        >>> is_shared_condition("img_ids", torch.zeros(16, 3)), is_shared_condition("img_ids", torch.zeros(2, 16, 3))
+        (True, False)
+    """
+    return (
+        isinstance(key, str)
+        and key in SHARED_CONDITION_KEYS
+        and isinstance(value, torch.Tensor)
+        and value.ndim == 2
+    )

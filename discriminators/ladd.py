@@ -425,7 +425,10 @@ class LADDDiscriminator(DiscriminatorBase):
         augment: optional module applied to the input in training mode (it must accept the model's layout).
         gradient_checkpointing: recompute the teacher's blocks in the backward pass (``None``: leave the
             model's own checkpointing setting in force, e.g. a shared base's; see
-            :class:`~diffdistill.discriminators.TransformerFeatureExtractor`).
+            :class:`~diffdistill.discriminators.TransformerFeatureExtractor`). ``True`` on a
+            :class:`~diffdistill.students.SharedBase`'s model uses the base's checkpoint function when
+            ``base.enable_gradient_checkpointing()`` installed it, and is refused while an adapter is active
+            without it.
 
     Raises:
         DTypeError: ``model`` is not a module; a size is not an int; a flag is not a bool; ``augment`` is not

@@ -36,7 +36,8 @@ multiples of the patch size (the ``Conv3d`` would silently drop a remainder).
 next block, or on ``norm_out`` when the last block is read). **Gradient checkpointing**
 (``gradient_checkpointing=True``) uses the model's own checkpointing loop (diffusers'
 ``_gradient_checkpointing_func``) with a non-reentrant ``torch.utils.checkpoint`` for the duration of
-the call, whatever the owner set; the owner's setting is restored afterwards. Gradients flow to the input
+the call, whatever the owner set (a :class:`~diffdistill.students.SharedBase`'s own checkpoint function, if
+its ``enable_gradient_checkpointing()`` installed one); the owner's setting is restored afterwards. Gradients flow to the input
 (the generator is trained through a discriminator built on these features) and to whatever parameters of the
 model require grad (a LoRA-trainable teacher); a frozen model gets none. The early exit is a Python exception
 caught here, so under ``torch.compile`` compile the blocks (diffusers' ``compile_repeated_blocks``), not the
@@ -229,7 +230,11 @@ class TransformerFeatureExtractor(nn.Module):
             apply during the extractor's call only (the owner's setting is restored after it); ``None``
             leaves the model's own setting and checkpointing function in force, e.g. a
             :class:`~diffdistill.students.SharedBase` whose checkpointing recomputes each block under the
-            adapter it ran with.
+            adapter it ran with. ``True`` on a SharedBase's model uses the base's checkpoint function when
+            ``base.enable_gradient_checkpointing()`` installed it (the same recomputation), and is refused
+            (OptionError at the call) while a LoRA adapter is active without it: torch's plain checkpoint would
+            recompute the blocks under the adapter active at backward time. The supported route there is
+            ``None`` plus ``base.enable_gradient_checkpointing()``.
         channels: the token width ``C`` (default None: the model's ``inner_dim``, or
             ``num_attention_heads * attention_head_dim`` of its config).
 
@@ -466,10 +471,40 @@ class TransformerFeatureExtractor(nn.Module):
         return named
 
     # ----------------------------------------------------------------------------------------- forward
+    def _checkpoint_func(self, model: nn.Module) -> Callable[..., Any] | None:
+        """With ``gradient_checkpointing=True`` on a :class:`~diffdistill.students.SharedBase`'s model: the base's
+        own checkpoint (it recomputes each block under the adapter that was active in its forward pass), if
+        ``base.enable_gradient_checkpointing()`` installed it; else None for torch's plain checkpoint, refused
+        while a LoRA adapter is active (its blocks would be recomputed under whatever adapter is active at
+        backward time: none, once a SharedBase view has returned)."""
+        from ..students.shared_base import _AdapterCheckpoint
+
+        func = vars(model).get("_gradient_checkpointing_func")
+        if isinstance(func, _AdapterCheckpoint):
+            return func
+        active = [
+            name
+            for name, m in model.named_modules()
+            if getattr(m, "lora_A", None) and getattr(m, "_disable_adapters", True) is False
+        ]
+        if active:
+            raise OptionError(
+                f"`gradient_checkpointing=True` recomputes the model's blocks in the backward pass with torch's plain "
+                f"checkpoint, but a LoRA adapter is active in this call ({active[0]!r}, e.g. inside a SharedBase "
+                "view or `with base.active(name):`): the recomputation would run under whatever adapter is active at "
+                "backward time (a SharedBase switches it off when the call returns). Build the extractor / "
+                "discriminator with gradient_checkpointing=None and switch checkpointing on where the adapters are "
+                "managed: base.enable_gradient_checkpointing() for a SharedBase (each block is then recomputed under "
+                "the adapter it ran with), or model.enable_gradient_checkpointing() for a model whose adapter never "
+                "changes."
+            )
+        return None
+
     @contextlib.contextmanager
     def _hooks(self, store: dict[str, Any]) -> Iterator[None]:
         """Readout hooks, the early-exit pre-hook and the checkpointing switch, removed / restored on exit."""
         model = self.trunk
+        shared_checkpoint = self._checkpoint_func(model) if self.gradient_checkpointing else None
         handles = []
 
         def save(name: str) -> Callable[..., None]:
@@ -500,6 +535,8 @@ class TransformerFeatureExtractor(nn.Module):
         def run_checkpointed(block: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             if block is stop_module:  # stop before entering the checkpoint
                 raise _EarlyExit
+            if shared_checkpoint is not None:  # a SharedBase's: the block's adapter travels with it
+                return shared_checkpoint(block, *args, **kwargs)
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
 
         try:
@@ -545,7 +582,8 @@ class TransformerFeatureExtractor(nn.Module):
                 5-D for a video model), has other input channels or a size that is not a multiple of the patch
                 size; ``grid_size`` does not match the tokens; a condition has another batch size; ``timestep``
                 is not one value per sample; a block returns no image tokens of the grid's size.
-            OptionError: ``grid_size`` is missing for packed tokens.
+            OptionError: ``grid_size`` is missing for packed tokens, or ``gradient_checkpointing=True`` meets an
+                active LoRA adapter without a SharedBase's checkpoint function (see the class's Args).
             NonFiniteError: an input holds NaN / Inf (a value check).
         """
         sample = self._check_sample(hidden_states, "hidden_states")

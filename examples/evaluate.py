@@ -18,11 +18,20 @@ prompt set, with a record of the protocol beside the numbers.
    A student's run folder says how it is sampled, and that is used rather than retyped
    (:mod:`evaluation.generation`): a folder with ``unet_merged/`` (SDXL-Lightning's LoRA stages) is evaluated as
    that UNet, not as its LoRA fused into base SDXL; a LoRA trained on another UNet is refused unless
-   ``--lora_base`` names it; the run's ``scheduler/``, ``student_sigmas.json`` (flow_dmd2) or ``student_grid.json``
-   (flow_tscd) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` / ``--sigmas`` /
-   ``--timesteps`` / ``--num_inference_steps`` are given. The record holds the guidance the pipeline ran with
-   (its default when ``--guidance_scale`` is not given, with a warning for a student) and the source of each
-   sampler setting (``sampler_sources``).
+   ``--lora_base`` names it; the run's ``scheduler/``, ``student_sigmas.json`` (flow_dmd2, flow_ladd) or
+   ``student_grid.json`` (flow_tscd) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` /
+   ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, and its ``student_sampler.json`` (the flow
+   scripts, ``training.student_sampler``) the guidance the student was trained to be sampled at (1 for SD3 /
+   Qwen-Image / Wan, FLUX.1-dev's embedded ``--guidance``, none for FLUX.1-schnell) and the prompt length unless
+   ``--guidance_scale`` / ``--max_sequence_length`` are given. The record holds the guidance the pipeline ran with
+   (without a saved one, its default, with a warning for a student; None for a FLUX.1-schnell ``FluxPipeline``,
+   which has no guidance input and whose CFG is ``true_cfg_scale``), the prompt length, and the source of each
+   sampler setting (``sampler_sources``). A FLUX / Qwen-Image DMD2 or TSCD grid is the schedule shifted for the
+   trained size: evaluated at another ``--resolution``, it gets a warning and the record holds both sizes
+   (``grid_size``). A ``--resolution`` the pipeline would change (not a multiple of the VAE's factor x the patch
+   size: SD3 / FLUX / Qwen-Image 16) is refused with the nearest sizes it keeps. A stochastic sampler (flow_dmd2's
+   ``scheduler/``) re-noises each image from ``training.student_sampler.renoise_seed(--seed + i)``, as the script's
+   validation does: fresh noise, not the initial noise again.
 2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
    first when given (GigaGAN's and DMD2's preparation):
 
@@ -176,16 +185,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale_2",
         type=float,
         default=None,
-        help="Wan 2.2 A14B: CFG where the low-noise expert runs (WanPipeline's guidance_scale_2; default: "
-        "--guidance_scale, the pipeline's rule)",
+        help="Wan 2.2 A14B: CFG where the low-noise expert runs (WanPipeline's guidance_scale_2; default: the run "
+        "folder's student_sampler.json, else --guidance_scale, the pipeline's rule)",
     )
+    g = p.add_argument_group("sampler")
     g.add_argument(
         "--max_sequence_length",
         type=int,
         default=None,
-        help="prompt tokens of umT5 (default: the pipeline's 512)",
+        help="prompt tokens of the T5 / umT5 / Qwen text encoder (SD3, FLUX, Qwen-Image, Wan; default: the run "
+        "folder's student_sampler.json, else the pipeline's: SD3 256, FLUX / Wan 512)",
     )
-    g = p.add_argument_group("sampler")
     g.add_argument(
         "--scheduler", default=None, help="diffusers scheduler class name (default: the pipeline's)"
     )
@@ -204,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale",
         type=float,
         default=None,
-        help="default: flow_tscd's student_grid.json, else the pipeline's (recorded; a student gets a warning)",
+        help="default: the run folder's student_sampler.json (flow scripts) or student_grid.json, else the "
+        "pipeline's (recorded; a student gets a warning)",
     )
     g = p.add_argument_group("metrics")
     g.add_argument("--reference_dir", default=None, help="real images: FID reference")

@@ -398,6 +398,15 @@ def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
         setattr(args, name, (low, high))
     if args.generator_every < 1:
         raise ValueError(f"Expected --generator_every >= 1, but got {args.generator_every}.")
+    for name in ("guidance_scale", "fake_guidance_scale"):  # CFG scales (a typo'd sign would anti-guide)
+        value = getattr(args, name)
+        if value is not None and not value >= 1:
+            raise ValueError(f"Expected --{name} >= 1 (1: no classifier-free guidance), but got {value}.")
+    if args.fake_guidance is not None and not args.fake_guidance > 0:
+        raise ValueError(
+            f"Expected --fake_guidance > 0 (FLUX.1-dev's embedded guidance of the fake score), but got "
+            f"{args.fake_guidance}."
+        )
     for name in ("gan_weight", "gan_classifier_weight"):
         if getattr(args, name) < 0:
             raise ValueError(f"Expected --{name} >= 0, but got {getattr(args, name)} (0 turns the GAN off).")
@@ -575,7 +584,16 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    loop.train_loop(
+        accelerator,
+        args,
+        global_step,
+        train_step,
+        validate,
+        data=data,
+        ema=ema,
+        ema_due=score_distillation.generator_steps_at,  # the average moves once per generator update
+    )
     flow_critics.save_adapter(accelerator, fake_view, args, parts, flow_critics.FAKE_LORA_NAME)
     flow_critics.save_adapter(accelerator, gen_view, args, parts, checkpoints.LORA_WEIGHT_NAME, ema=ema)
     if accelerator.is_main_process:  # DMD2's sampler on the sigmas as given (no shift, fresh noise per step)

@@ -256,6 +256,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"Expected --teacher_guidance_scale >= 1 (1: the conditional teacher), but got "
             f"{args.teacher_guidance_scale}."
         )
+    if args.validation_guidance_scale is not None and not args.validation_guidance_scale >= 1.0:
+        raise ValueError(
+            f"Expected --validation_guidance_scale >= 1 (1: no classifier-free guidance), but got "
+            f"{args.validation_guidance_scale}."
+        )
     options.check_range(args, "validation_inference_steps", low=1)
     return args
 

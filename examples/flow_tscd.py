@@ -46,7 +46,8 @@ input embedding (``TeacherSolver(guidance_input="guidance")``: one pass, no unco
 (3.5, FluxPipeline's), and the student LoRA keeps that input: it is fed the same guidance (so it samples with
 ``FluxPipeline(guidance_scale=3.5)``, as the Hyper-FLUX LoRAs). ``--guidance_range MIN MAX`` draws ``omega`` per
 sample (SD3: the CFG scale; FLUX.1-dev: the embedded guidance given to both teacher and student, so the
-student stays guidance-conditioned). FLUX.1-schnell (no guidance embedding): an unguided teacher.
+student stays guidance-conditioned, and to the teacher the hybrid distance's heads read, so each pair is judged at
+the guidance it was made at). FLUX.1-schnell (no guidance embedding): an unguided teacher.
 
 Qwen-Image (``QwenImagePipeline``): CFG at ``--teacher_guidance_scale`` (default 4.0, its ``true_cfg_scale``)
 against ``" "`` with the pipeline's renormalisation of each guided token (``TeacherSolver(guidance_rescale=...)``),
@@ -562,6 +563,14 @@ def main(args: argparse.Namespace) -> None:
         omega = draw_guidance(args, b, gen)
         if isinstance(omega, torch.Tensor):
             omega = omega.to(device)
+        judge_cond = (
+            cond  # FLUX.1-dev: the heads read the teacher at each state's own guidance (--guidance_range)
+        )
+        if guidance_input:
+            judge_cond = {
+                **cond,
+                "guidance": torch.as_tensor(omega, device=device, dtype=torch.float32).expand(b),
+            }
         logs: dict[str, torch.Tensor] = {}
         trained = [m for m in (transformer, disc) if m is not None]
         with accelerator.accumulate(*trained), runtime.autocast(accelerator):
@@ -585,7 +594,7 @@ def main(args: argparse.Namespace) -> None:
                 with frozen(disc):  # until the backward below (checkpointed blocks recompute there)
                     if w_adv > 0:
                         fake = judge(
-                            runtime.forward_model(accelerator, disc), pair.student, sample.t_end, cond
+                            runtime.forward_model(accelerator, disc), pair.student, sample.t_end, judge_cond
                         )
                         g_loss, _ = gan_generator_loss(fake, loss=args.gan_loss)
                         loss = loss + w_adv * g_loss
@@ -596,8 +605,8 @@ def main(args: argparse.Namespace) -> None:
             runtime.clip_and_step(accelerator, opt, transformer.parameters(), args.max_grad_norm)
             if disc is not None and w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(
-                    judge(disc, pair.target, sample.t_end, cond),
-                    judge(disc, pair.student.detach(), sample.t_end, cond),
+                    judge(disc, pair.target, sample.t_end, judge_cond),
+                    judge(disc, pair.student.detach(), sample.t_end, judge_cond),
                     loss=args.gan_loss,
                 )
                 runtime.backward(accelerator, d_loss, disc)

@@ -810,6 +810,9 @@ def main(args: argparse.Namespace) -> None:
                 else:
                     checkpoints.save_unet(accelerator, unet, args, folder="tscd")
 
+    def ema_due(step: int) -> bool:  # the one-step stage's average moves once per generator update
+        return score is None or step < one_step_start or score.generator_steps_at(step - one_step_start)
+
     loop.train_loop(
         accelerator,
         args,
@@ -818,6 +821,7 @@ def main(args: argparse.Namespace) -> None:
         validate,
         data=data,
         ema=release_ema,
+        ema_due=ema_due,
         after_step=after_step,
     )
     if args.feedback_steps:  # the unified LoRA (TSCD + feedback, merged) and the feedback LoRA alone

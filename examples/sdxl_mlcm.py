@@ -405,7 +405,12 @@ def main(args: argparse.Namespace) -> None:
             step,
         )
 
-    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    def ema_due(step: int) -> bool:  # the DMD phase's average moves once per generator update
+        return (
+            score is None or phase_of(step) != "dm-gan" or score.generator_steps_at(step - phase_of.dmd_start)
+        )
+
+    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema, ema_due=ema_due)
     checkpoints.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 

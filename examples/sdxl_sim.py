@@ -425,7 +425,16 @@ def main(args: argparse.Namespace) -> None:
         return score.step(step, gen, cond, real=real_latents)
 
     validate = validation.one_step_validation(accelerator, args, parts, unet, schedule)
-    loop.train_loop(accelerator, args, global_step, train_step, validate, data=data, ema=ema)
+    loop.train_loop(
+        accelerator,
+        args,
+        global_step,
+        train_step,
+        validate,
+        data=data,
+        ema=ema,
+        ema_due=score.generator_steps_at,  # the average moves once per generator update
+    )
     checkpoints.save_unet(accelerator, unet, args, ema=ema)
     accelerator.end_training()
 

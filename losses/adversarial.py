@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import (
+    SHARED_CONDITION_HINT,
     DTypeError,
     OptionError,
     ShapeError,
@@ -86,6 +87,7 @@ from .._checks import (
     check_option,
     check_real,
     check_tensor,
+    is_shared_condition,
 )
 from .._outputs import first_tensor
 from ..schedulers.timestep_samplers import LIGHTNING_DISCRIMINATOR_TIMESTEPS, categorical_timesteps
@@ -751,21 +753,22 @@ def _disc_heads(output: Any) -> Logits:
     return first_tensor(output, "discriminator")
 
 
-def _index_batch(value: Any, index: torch.Tensor, batch: int, name: str) -> Any:
+def _index_batch(value: Any, index: torch.Tensor, batch: int, name: str, key: Any = None) -> Any:
     """Index every batched tensor of ``value`` (a tensor or a possibly nested mapping) along dim 0.
 
-    Tensors with a leading dimension of 1 and 0-d tensors are shared by the batch and kept; any other
-    non-tensor value is kept as is.
+    Tensors with a leading dimension of 1, 0-d tensors and shared position ids (``key`` is the value's keyword;
+    :func:`~diffdistill._checks.is_shared_condition`) are shared by the batch and kept; any other non-tensor
+    value is kept as is.
     """
     if isinstance(value, Mapping):
-        return {k: _index_batch(v, index, batch, f"{name}[{k!r}]") for k, v in value.items()}
+        return {k: _index_batch(v, index, batch, f"{name}[{k!r}]", k) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 or (value.shape[0] == 1 and batch != 1):
+        if value.ndim == 0 or (value.shape[0] == 1 and batch != 1) or is_shared_condition(key, value):
             return value
         if value.shape[0] != batch:
             raise ShapeError(
                 f"Expected `{name}` to have batch size {batch} (or 1, shared by the batch) in dim 0, but got "
-                f"shape {tuple(value.shape)}.",
+                f"shape {tuple(value.shape)}. {SHARED_CONDITION_HINT}",
                 name=name,
                 expected=(batch,),
                 actual=tuple(value.shape),
@@ -783,11 +786,17 @@ def _check_cond(cond: Any, name: str) -> None:
         )
 
 
-def _has_batched(value: Any, batch: int) -> bool:
-    """Whether ``value`` (a tensor or a nested mapping) holds a tensor with ``batch`` rows (``batch >= 2``)."""
+def _has_batched(value: Any, batch: int, key: Any = None) -> bool:
+    """Whether ``value`` (a tensor or a nested mapping) holds a tensor with ``batch`` rows (``batch >= 2``) that is
+    not a shared position id."""
     if isinstance(value, Mapping):
-        return any(_has_batched(v, batch) for v in value.values())
-    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
+        return any(_has_batched(v, batch, k) for k, v in value.items())
+    return (
+        isinstance(value, torch.Tensor)
+        and value.ndim > 0
+        and value.shape[0] == batch
+        and not is_shared_condition(key, value)
+    )
 
 
 def _gen_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
@@ -841,7 +850,8 @@ def lazy_r1_penalty(
             whole batch.
         cond: extra discriminator inputs (None: the discriminator takes ``x`` alone); every tensor with batch
             size ``B`` in dim 0 (nested mappings included, such as SDXL's ``added_cond_kwargs``) is indexed
-            with the same subset.
+            with the same subset; tensors with batch size 1 and FLUX's shared position ids (2-D ``img_ids`` /
+            ``txt_ids``, the rule of :func:`~diffdistill.schedulers.concat_conditions`) are passed whole.
         head_weights: relative weight of each discriminator head; None (the default) weighs them equally.
         generator: draws the subset: the first ``num_samples`` entries of ``torch.randperm(B)`` (and the
             perturbation of the approximate penalty); None uses the global RNG.
@@ -1032,8 +1042,9 @@ def mix_and_match(
     Args:
         latents: ``(B, ...)`` floating, generated or real latents, ``B >= 2``.
         cond: the conditions: a tensor or a (nested) mapping of tensors with batch size ``B`` in dim 0;
-            tensors with batch size 1 and non-tensor values are shared and kept. None (the default): no
-            conditions.
+            tensors with batch size 1, FLUX's shared position ids (2-D ``img_ids`` / ``txt_ids``, the rule of
+            :func:`~diffdistill.schedulers.concat_conditions`) and non-tensor values are shared and kept. None
+            (the default): no conditions.
         noise: the noise ``(B, ...)`` the latents were generated from; None (the default) if the
             discriminator does not see it.
         mismatch: which element is paired wrongly: ``"all"`` (the default: the latents), ``"cond"`` or

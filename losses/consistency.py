@@ -31,7 +31,8 @@ step too, and the boundary map of LCM is :math:`f = x_t - \\sigma_t \\hat v` (se
 
 Inputs are checked at the boundary (see :mod:`diffdistill.errors`): latents and noise must be non-empty
 floating tensors with a batch dimension, finite while value checks are on; conditioning dicts must hold
-tensors whose batch is ``B`` or 1; ``sample`` must be a :class:`~diffdistill.schedulers.TimestepSample`
+tensors whose batch is ``B`` or 1, except FLUX's shared position ids (2-D ``img_ids`` / ``txt_ids``, passed
+through as they are; the rule of :func:`~diffdistill.schedulers.concat_conditions`); ``sample`` must be a :class:`~diffdistill.schedulers.TimestepSample`
 for the same batch. A model that fails on the latents' dtype (e.g. float64 latents into a float32 network)
 raises :class:`~diffdistill.errors.DTypeError` naming the model.
 """
@@ -46,6 +47,7 @@ from typing import Any, Literal, NamedTuple, cast
 import torch
 
 from .._checks import (
+    SHARED_CONDITION_HINT,
     DTypeError,
     NonFiniteError,
     OptionError,
@@ -58,6 +60,7 @@ from .._checks import (
     check_option,
     check_real,
     check_same_shape,
+    is_shared_condition,
     value_checks_enabled,
 )
 from .._outputs import check_prediction, explain_dtype_errors, first_tensor
@@ -139,7 +142,8 @@ def _check_latents(x: Any, name: str) -> torch.Tensor:
 
 
 def _check_cond(cond: Any, name: str, batch: int) -> None:
-    """``cond`` is None or a mapping whose (nested) tensors have batch ``batch`` or 1 in dim 0."""
+    """``cond`` is None or a mapping whose (nested) tensors have batch ``batch`` or 1 in dim 0, or are shared
+    position ids (:func:`~diffdistill._checks.is_shared_condition`)."""
     if cond is None:
         return
     check_mapping(cond, name, example="{'encoder_hidden_states': prompt_embeds}")
@@ -150,10 +154,16 @@ def _check_cond(cond: Any, name: str, batch: int) -> None:
             label = f"{prefix}[{key!r}]"
             if isinstance(value, Mapping):
                 stack.append((label, value))
-            elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] not in (1, batch):
+            elif (
+                isinstance(value, torch.Tensor)
+                and value.ndim > 0
+                and value.shape[0] not in (1, batch)
+                and not is_shared_condition(key, value)
+            ):
                 raise ShapeError(
                     f"Expected `{label}` to have batch size {batch} (from the latents) or 1 in dim 0, but got "
-                    f"shape {tuple(value.shape)}. Pass the conditioning of the same samples as the latents.",
+                    f"shape {tuple(value.shape)}. Pass the conditioning of the same samples as the latents. "
+                    f"{SHARED_CONDITION_HINT}",
                     name=label,
                     expected=(batch,),
                     actual=tuple(value.shape),
@@ -1418,14 +1428,20 @@ def teacher_trajectory_states(
 
 
 def _select(cond: Cond, idx: torch.Tensor, batch: int) -> dict[str, Any] | None:
-    """Rows ``idx`` of every batched tensor in a (nested) conditioning dict."""
+    """Rows ``idx`` of every batched tensor in a (nested) conditioning dict (shared position ids kept whole)."""
     if cond is None:
         return None
     out: dict[str, Any] = {}
     for key, value in cond.items():
         if isinstance(value, Mapping):
             out[key] = _select(value, idx, batch)
-        elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch and batch > 1:
+        elif (
+            isinstance(value, torch.Tensor)
+            and value.ndim > 0
+            and value.shape[0] == batch
+            and batch > 1
+            and not is_shared_condition(key, value)
+        ):
             out[key] = value[idx.to(value.device)]
         else:
             out[key] = value

@@ -62,7 +62,9 @@ The EMA does most of the work; the intermediate input timestep makes both method
 Every loss checks its inputs first (see :mod:`diffdistill.errors`): ``x`` / ``x0`` and ``noise`` must be
 non-empty floating tensors of the same shape, finite while value checks are on; ``cond`` / ``uncond`` /
 ``fake_cond`` mappings of keyword arguments; ``uncond`` needs a ``TeacherSolver`` (a plain callable has no
-guidance that would use it); ``t`` and ``t_range`` are alternatives.
+guidance that would use it); a ``TeacherSolver`` must be built on the loss's ``schedule`` (the same noise
+levels and model timesteps: it calls its network through its own schedule); ``t`` and ``t_range`` are
+alternatives.
 """
 
 from __future__ import annotations
@@ -135,6 +137,25 @@ def _check_model(model: Any, name: str, *, solver: bool = True) -> None:
             else "a callable model(x_t, t, **cond)"
         )
         raise DTypeError(f"Expected `{name}` to be {want}, but got {type(model).__name__}.")
+
+
+def _check_solver_schedule(model: Any, schedule: Any, name: str) -> None:
+    """A TeacherSolver ``model`` must run on the loss's ``schedule`` (the same noise levels and model timesteps).
+
+    The loss noises the batch to ``x_t`` with ``schedule`` and converts the output with it, while the solver
+    calls its network with *its own* schedule's timestep at the same index: on another schedule (FLUX's
+    ``mu`` of another resolution, shift 3 against 1, VP against flow) the network would denoise at another
+    noise level than the state's, silently.
+    """
+    if not isinstance(model, TeacherSolver) or not isinstance(schedule, NoiseSchedule):
+        return
+    if not model.schedule._same_noise_levels(schedule):
+        raise OptionError(
+            f"`{name}` is a TeacherSolver on another schedule than `schedule` (solver: {model.schedule!r}; "
+            f"loss: {schedule!r}): its network would be called at its own schedule's noise level for each t, not "
+            f"at the one the batch is noised to. Build it on the schedule the batch is noised with, "
+            f"TeacherSolver(model, schedule, ...) (one solver per schedule, e.g. per FLUX resolution's mu)."
+        )
 
 
 def _check_uncond(uncond: Any, model: Any, model_name: str, name: str = "uncond") -> None:
@@ -258,7 +279,8 @@ def denoise(
         ShapeError: ``x_t`` is empty, ``t`` is neither a scalar nor ``(B,)``, or the model returns another
             shape than ``x_t``'s.
         OptionError: ``t`` is missing, fractional or outside ``[-1, T-1]``, ``prediction_type`` is unknown,
-            or ``uncond`` is given with a plain model (which would ignore it).
+            ``uncond`` is given with a plain model (which would ignore it), or a TeacherSolver ``model`` runs on
+            another schedule than ``schedule`` (other noise levels or model timesteps).
         NonFiniteError: ``x_t`` holds NaN or Inf (a value check).
 
     Example:
@@ -275,6 +297,7 @@ def denoise(
         raise OptionError("Expected `t`, the timesteps of `x_t` (a scalar or one per sample), but got None.")
     check_mapping(cond, "cond")
     _check_uncond(uncond, model, "model")
+    _check_solver_schedule(model, schedule, "model")
     check_bool(grad, "grad")
     if schedule.kind == "flow" and not isinstance(model, TeacherSolver):
         # the network takes the schedule's model timestep of every sample: validate and expand the indices
@@ -410,6 +433,8 @@ def _check_score_loss(
     _check_common(x, "x", schedule, noise, t, t_range, reduction, {"cond": cond, "fake_cond": fake_cond})
     _check_uncond(uncond, real, "real")
     _check_uncond(fake_uncond, fake, "fake", "fake_uncond")
+    _check_solver_schedule(real, schedule, "real")
+    _check_solver_schedule(fake, schedule, "fake")
 
 
 def dmd_loss(
@@ -474,8 +499,9 @@ def dmd_loss(
         ShapeError: ``x`` is 0-d or empty, ``noise`` has another shape, ``t`` is neither a scalar nor
             ``(B,)``, or a denoiser returns another shape than ``x``'s.
         OptionError: ``reduction`` or ``prediction_type`` is unknown, ``t`` is outside ``[0, T-1]``,
-            ``t_range`` is invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``, or
-            ``fake_uncond`` with a plain-callable ``fake``.
+            ``t_range`` is invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``,
+            ``fake_uncond`` with a plain-callable ``fake``, or a TeacherSolver ``real`` / ``fake`` runs on another
+            schedule than ``schedule``.
         NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check, see :mod:`diffdistill.errors`).
 
     Example:
@@ -585,7 +611,8 @@ def sid_loss(
             ``(B,)``, or a denoiser returns another shape than ``x``'s.
         OptionError: ``alpha`` is not finite, ``reduction`` or ``prediction_type`` is unknown, ``t``
             is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``, ``uncond`` is given with a
-            plain-callable ``real``, or ``fake_uncond`` with a plain-callable ``fake``.
+            plain-callable ``real``, ``fake_uncond`` with a plain-callable ``fake``, or a TeacherSolver ``real`` /
+            ``fake`` runs on another schedule than ``schedule``.
         NonFiniteError: ``x`` or ``noise`` holds NaN or Inf (a value check).
 
     Example:
@@ -713,8 +740,9 @@ def sim_loss(
             ``(B,)``.
         OptionError: ``distance``, ``reduction`` or ``prediction_type`` is unknown, ``c`` is not finite and
             ``> 0`` or is given with ``distance="l2"``, ``t`` is outside ``[0, T-1]``, ``t_range`` is
-            invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``, or ``fake_uncond``
-            with a plain-callable ``fake``.
+            invalid or given with ``t``, ``uncond`` is given with a plain-callable ``real``, ``fake_uncond``
+            with a plain-callable ``fake``, or a TeacherSolver ``real`` / ``fake`` runs on another schedule than
+            ``schedule``.
         NonFiniteError: ``x``, ``noise`` or ``weight`` holds NaN or Inf (a value check).
 
     Example:
@@ -868,8 +896,8 @@ def fake_score_loss(
         OptionError: ``weighting``, ``reduction`` or ``prediction_type`` is unknown, ``weighting="flow"`` on a
             VP schedule, ``sigma_data`` is not
             finite and ``> 0``, ``t`` is outside ``[0, T-1]``, ``t_range`` is invalid or given with ``t``,
-            ``uncond`` is given with a plain-callable ``fake``, or a TeacherSolver ``fake`` has a real guidance
-            scale and ``uncond`` is None.
+            ``uncond`` is given with a plain-callable ``fake``, a TeacherSolver ``fake`` has a real guidance
+            scale and ``uncond`` is None, or runs on another schedule than ``schedule``.
         NonFiniteError: ``x0`` or ``noise`` holds NaN or Inf (a value check).
 
     Example:
@@ -897,6 +925,7 @@ def fake_score_loss(
     sigma_data = check_real(sigma_data, "sigma_data", low=0, strict=True)
     _check_common(x0, "x0", schedule, noise, t, t_range, reduction, {"cond": cond})
     _check_uncond(uncond, fake, "fake")
+    _check_solver_schedule(fake, schedule, "fake")
     x0 = x0.detach()
     tt = _sample_t(t, x0, schedule, t_range or (0, schedule.num_train_timesteps - 1), generator)
     eps = _noise(noise, x0, generator)

@@ -769,6 +769,20 @@ def _ddim(
     return schedule._ddim(out, x, schedule._index(t, x), schedule._index(t_to, x), pt)
 
 
+def _flow_move(
+    schedule: NoiseSchedule, out: torch.Tensor, x: torch.Tensor, t: int, sigma_to: float, pt: str
+) -> torch.Tensor:
+    """The DDIM (flow: Euler) move of a flow state at index ``t`` to the noise level ``sigma_to``, which need not
+    lie on ``schedule``'s table: :math:`x + (\\sigma_{to} - \\sigma_t) v` for a velocity, else
+    :math:`(1 - \\sigma_{to}) \\hat x_0 + \\sigma_{to} \\hat\\epsilon` (the same move)."""
+    tt = schedule._index(t, x)
+    if pt == "flow":
+        s = schedule._lookup(1, tt, x)
+        return (x.to(s.dtype) + (sigma_to - s) * out.to(s.dtype)).to(x.dtype)
+    x0, eps = schedule._x0_eps(out, x, tt, pt)
+    return ((1 - sigma_to) * x0 + sigma_to * eps).to(x.dtype)
+
+
 def _renoise(schedule: NoiseSchedule, x0: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
     """:meth:`NoiseSchedule.add_noise` inside a sampling loop."""
     return schedule._add_noise(x0, z, schedule._index(t, x0))
@@ -1176,7 +1190,7 @@ def euler_sample(
 
     which in the model's (VP) variables is the DDIM move to :math:`t_{i+1}`; the last step goes to
     :math:`\\sigma = 0`, i.e. returns :math:`\\hat x_0` (``final_sigmas_type="zero"``, diffusers' default)
-    or to ``t = 0`` (``"sigma_min"``). SDXL-Lightning's students are sampled this way with
+    or to the training table's least noise level, ``t = 0`` (``"sigma_min"``). SDXL-Lightning's students are sampled this way with
     :func:`spaced_timesteps` ``(n, "trailing")``, and its 1-step UNet with ``prediction_type="sample"``
     (Lin et al. 2024, arXiv:2402.13929).
 
@@ -1195,7 +1209,14 @@ def euler_sample(
         timesteps: strictly decreasing ints in ``[0, T-1]``, e.g. from :func:`lcm_timesteps`,
             :func:`spaced_timesteps` or :func:`custom_timesteps`. On a flow schedule also a
             :class:`~diffdistill.schedulers.FlowSigmaGrid` (:func:`flow_pipeline_grid`, ``flow_sigma_grid``).
-        final_sigmas_type: ``"zero"`` (the default) or ``"sigma_min"`` (diffusers config of the same name).
+        final_sigmas_type: ``"zero"`` (the default) or ``"sigma_min"`` (diffusers config of the same name): the
+            last step goes to the *training* table's :math:`\\sigma_{t=0}` (VP: diffusers'
+            :math:`\\sqrt{(1 - \\bar\\alpha_0) / \\bar\\alpha_0}`), whatever the grid. On a flow
+            :class:`~diffdistill.schedulers.FlowSigmaGrid` that holds for on- and off-table grids alike (our
+            choice: one meaning per option; diffusers' ``FlowMatchEulerDiscreteScheduler`` has no such option):
+            an off-table grid (e.g. ``flow_pipeline_grid(schedule, 28, "flux")``, ending at sigma 0.105) takes a
+            last Euler step from its last sigma to ``schedule.sigma(0)``. A grid that already ends at (or below)
+            that level stays where it is (diffusers' ``dt = 0``).
         cond: the model's keyword arguments (e.g. ``encoder_hidden_states``); default: none.
         uncond: the unconditional keyword arguments (same keys as ``cond``); needed with a real
             ``guidance_scale``, when classifier-free guidance runs through
@@ -1235,8 +1256,11 @@ def euler_sample(
     check_option(final_sigmas_type, "final_sigmas_type", ("zero", "sigma_min"))
     setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
     ts, pt = setup.timesteps, setup.prediction_type
+    # "sigma_min" is the training table's t = 0 (checked by _prepare: a flow grid is the schedule's own grid)
+    sigma_min, train = float(schedule.sigma(0)), schedule
     schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
+    last_sigma = float(schedule.sigma(int(ts[-1])))
 
     def step(
         i: int, t: int, x: torch.Tensor, out: torch.Tensor, draw: _NoiseSource
@@ -1246,8 +1270,13 @@ def euler_sample(
             return _ddim(schedule, out, x, t, int(ts[i + 1]), pt), x0
         if final_sigmas_type == "zero":
             return x0, x0
-        # "sigma_min": end on t = 0; a list that already ends there stays put (diffusers' dt = 0).
-        return (_ddim(schedule, out, x, t, 0, pt) if t > 0 else x), x0
+        # "sigma_min": end on the training table's t = 0; a list that already ends there (or below, an off-table
+        # grid) stays put (diffusers' dt = 0). An off-table grid runs on its own schedule: move to the level itself.
+        if last_sigma <= sigma_min:
+            return x, x0
+        if setup.solver.schedule is not train:
+            return _flow_move(schedule, out, x, t, sigma_min, pt), x0
+        return _ddim(schedule, out, x, t, 0, pt), x0
 
     return _run(
         setup,

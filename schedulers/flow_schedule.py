@@ -252,8 +252,9 @@ class FlowMatchingConfig:
     """How a rectified-flow table is built and shifted: the schedule-defining part of diffusers' config.
 
     Mirrors ``FlowMatchEulerDiscreteScheduler``'s config: a static ``shift`` (SD3: 3.0, FLUX.1-schnell: 1.0)
-    or, with ``use_dynamic_shifting``, the resolution's ``mu`` (from :func:`resolution_mu` and the base/max
-    values kept here, so another resolution's ``mu`` can be recomputed with :meth:`mu_for`).
+    or, with ``use_dynamic_shifting``, the resolution's ``mu`` (from :func:`resolution_mu`, or CogView4's formula
+    for a linear time shift, and the base/max values kept here, so another resolution's ``mu`` can be
+    recomputed with :meth:`mu_for`).
     ``shift_terminal`` only changes sampling grids (as in diffusers), never the training table.
 
     Args:
@@ -317,18 +318,35 @@ class FlowMatchingConfig:
         return self.mu is not None
 
     def mu_for(self, image_seq_len: int | float) -> float:
-        """:func:`resolution_mu` with this config's base / max values.
+        """The resolution's :math:`\\mu` with this config's base / max values, by the formula of the pipeline that
+        goes with its ``time_shift_type``.
+
+        * ``"exponential"`` (FLUX, Qwen-Image, SD3 with dynamic shifting): :func:`resolution_mu`, the linear
+          interpolation of ``FluxPipeline``'s ``calculate_shift``.
+        * ``"linear"`` (CogView4, the only diffusers pipeline with a linear time shift):
+          ``CogView4Pipeline``'s ``calculate_shift`` (diffusers 0.42.1),
+          :math:`\\mu = \\sqrt{L / L_0}\\, b_1 + b_0` with ``L_0 = base_image_seq_len``, ``b_1 = max_shift``,
+          ``b_0 = base_shift`` (the same float operations; ``max_image_seq_len`` unused).
 
         Args:
-            image_seq_len: the image token count (:func:`packed_image_seq_len`).
+            image_seq_len: the image token count (:func:`packed_image_seq_len`), > 0.
 
         Returns:
             :math:`\\mu` for that token count.
 
         Raises:
             DTypeError: as :func:`resolution_mu`.
-            OptionError: as :func:`resolution_mu`.
+            OptionError: as :func:`resolution_mu`; linear: ``image_seq_len`` or ``base_image_seq_len`` <= 0.
+
+        Example:
+            >>> cogview4 = FlowMatchingConfig(mu=1.0, time_shift_type="linear", base_shift=0.25, max_shift=0.75)
+            >>> cogview4.mu_for(4096)  # 1024^2 px: sqrt(4096 / 256) * 0.75 + 0.25
+            3.25
         """
+        if self.time_shift_type == "linear":
+            length = check_real(image_seq_len, "image_seq_len", low=0, strict=True)
+            base_len = check_real(self.base_image_seq_len, "base_image_seq_len", low=0, strict=True)
+            return (length / base_len) ** 0.5 * float(self.max_shift) + float(self.base_shift)
         return resolution_mu(
             image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift
         )
@@ -395,7 +413,8 @@ class FlowMatchingConfig:
 
         Supported: ``num_train_timesteps``, ``shift``, ``use_dynamic_shifting`` (with the resolution's ``mu``,
         or ``image_seq_len`` to compute it with the config's ``base_shift`` / ``max_shift`` /
-        ``base_image_seq_len`` / ``max_image_seq_len`` as FLUX's pipeline does), ``time_shift_type`` and
+        ``base_image_seq_len`` / ``max_image_seq_len`` as FLUX's pipeline does, or with
+        ``time_shift_type="linear"`` as CogView4's does: :meth:`mu_for`), ``time_shift_type`` and
         ``shift_terminal``. Refused with an error: ``invert_sigmas`` (Mochi) and Karras / exponential / beta
         sigmas (they change only diffusers' grids: pass the grid's sigmas yourself). Ignored (sampler settings,
         not the schedule): ``stochastic_sampling`` (use an x0 re-noise sampler), ``scale_factors`` /
@@ -404,7 +423,8 @@ class FlowMatchingConfig:
         Args:
             config: a mapping or an object with the config's attributes (a scheduler's ``config``).
             mu: the resolution's :math:`\\mu` (dynamic shifting only).
-            image_seq_len: the image token count to compute ``mu`` from (dynamic shifting only; not with ``mu``).
+            image_seq_len: the image token count to compute ``mu`` from (dynamic shifting only; not with ``mu``):
+                :meth:`mu_for`, FLUX's formula, or CogView4's with ``time_shift_type="linear"``.
             scheduler_class: the scheduler's class name, read for ``use_flow_sigmas`` configs (default: the
                 config's ``_class_name``, as diffusers stores it).
 
@@ -599,15 +619,19 @@ def flow_sigma_grid(
     reproduce diffusers' grid and model inputs, not the UniPC update.
 
     Each sigma is placed on the integer table: ``indices`` is the nearest ``t`` (``-1`` for the final 0) and
-    ``exact`` says whether it lies on it. Default grids of a dynamic-shift schedule are exact whenever
-    ``(T - 1) / (N - 1)`` is an integer (FLUX at 28 steps: 999 / 27 = 37); shifted static grids (SD3) and
-    custom grids mostly are not: use :meth:`FlowSigmaGrid.grid_schedule` for those.
+    ``exact`` says whether it lies on it. Default grids (``set_timesteps(N)`` without ``sigmas``) of a
+    dynamic-shift schedule are exact whenever ``(T - 1) / (N - 1)`` is an integer (28 steps: 999 / 27 = 37);
+    shifted static grids (SD3) and custom grids mostly are not: the samplers walk those on
+    :meth:`FlowSigmaGrid.grid_schedule`. Note that ``FluxPipeline`` does not sample on the default grid: it
+    passes ``sigmas = linspace(1, 1/N, N)``, i.e. :func:`~diffdistill.schedulers.flow_pipeline_grid`
+    ``(schedule, N, "flux")``, which is off the table at 28 steps and ends at sigma 0.105 (1024 px) instead of
+    the default grid's 0.003.
 
     Args:
         schedule: a flow :class:`~diffdistill.schedulers.NoiseSchedule` (from :meth:`NoiseSchedule.flow_matching`
             or :meth:`NoiseSchedule.from_scheduler`; a plain sigma table counts as static shift 1).
         num_inference_steps: ``N`` >= 1; optional when ``sigmas`` is given (then it must equal its length).
-        sigmas: custom descending grid of ``N`` sigmas in ``(0, 1]`` *before* the shift, or None.
+        sigmas: custom grid of ``N`` sigmas in ``(0, 1]``, strictly decreasing, *before* the shift, or None.
         mu: the dynamic shift for this grid (default: the schedule's ``mu``); only for dynamic schedules.
 
     Returns:
@@ -618,14 +642,15 @@ def flow_sigma_grid(
             numeric or ``mu`` not a number.
         ShapeError: if ``sigmas`` is not 1-D or its length differs from ``num_inference_steps``.
         NonFiniteError: if ``sigmas`` holds NaN / Inf (a value check).
-        OptionError: if neither ``num_inference_steps`` nor ``sigmas`` is given, a sigma is outside (0, 1],
+        OptionError: if neither ``num_inference_steps`` nor ``sigmas`` is given, a sigma is outside (0, 1] or
+            ``sigmas`` is not strictly decreasing,
             ``mu`` is given for a static schedule, ``shift_terminal`` meets a grid whose last sigma is 1, or
             custom ``sigmas`` meet a DPM-Solver multistep schedule.
 
     Example:
         >>> from diffdistill.schedulers import NoiseSchedule
         >>> flux = NoiseSchedule.flow_matching(mu=resolution_mu(4096))  # FLUX.1 at 1024^2
-        >>> grid = flow_sigma_grid(flux, 28)
+        >>> grid = flow_sigma_grid(flux, 28)  # set_timesteps(28)'s default grid (not FluxPipeline's)
         >>> grid.on_table, grid.indices[:3].tolist()
         (True, [999, 962, 925])
         >>> [round(s, 3) for s in flow_sigma_grid(flux, sigmas=[1.0, 0.75, 0.5, 0.25]).sigmas.tolist()]
@@ -695,6 +720,12 @@ def _flow_sigma_grid(
             raise OptionError(
                 "Expected every grid sigma to be > 0 (the final 0 is appended for you), but got "
                 f"{sig.tolist()!r}."
+            )
+        if sig.numel() > 1 and not bool((sig[1:] < sig[:-1]).all()):
+            raise OptionError(
+                "Expected `sigmas` to be strictly decreasing (the noisiest first, as diffusers' scheduler.sigmas "
+                f"without the final 0, e.g. FluxPipeline's linspace(1, 1/N, N)), but got {sig.tolist()!r}. Pass "
+                "them in descending order (sigmas.flip(0) for an ascending list), without repeats."
             )
         if multistep is not None:
             return _multistep_flow_grid(schedule, cfg, sig.numel(), sig, grid_mu, multistep)

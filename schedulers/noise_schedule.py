@@ -456,7 +456,8 @@ class NoiseSchedule:
             mu: flow with ``use_dynamic_shifting``: the resolution's :math:`\\mu`.
             image_seq_len: flow with ``use_dynamic_shifting``: the image token count to compute ``mu`` from with
                 the config's base / max values, as FLUX's pipeline does (e.g.
-                :func:`~diffdistill.schedulers.packed_image_seq_len` ``(1024, 1024)``).
+                :func:`~diffdistill.schedulers.packed_image_seq_len` ``(1024, 1024)``), or CogView4's with
+                ``time_shift_type="linear"`` (:meth:`~diffdistill.schedulers.FlowMatchingConfig.mu_for`).
             **kwargs: keyword arguments of :class:`NoiseSchedule`. VP: ``prediction_type`` and
                 ``final_alpha_cumprod`` default to the scheduler's (``config`` or attributes) when not given; a
                 zero-terminal-SNR table (``rescale_betas_zero_snr``: ``alphas_cumprod[-1] = 0``) is kept with its
@@ -607,6 +608,24 @@ class NoiseSchedule:
         return (
             f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
             f"terminal_pure_noise={self.terminal_pure_noise}, final_alpha_cumprod={self.final_alpha_cumprod})"
+        )
+
+    def _same_noise_levels(self, other: NoiseSchedule) -> bool:
+        """Whether ``other`` is this schedule or gives every index the same noise level and model timestep.
+
+        Same kind, the same :math:`(\\alpha_t, \\sigma_t)` table (``t = -1 .. T-1``, so also the same ``T``)
+        and the same ``timestep_scale``: a network called through one schedule sees what it would through the
+        other. ``prediction_type`` and ``terminal_pure_noise`` are not compared (a TeacherSolver has its own
+        prediction type; the forward process is the loss's). CPU tables: no device sync.
+        """
+        if other is self:
+            return True
+        return (
+            self._kind == other._kind
+            and self.timestep_scale == other.timestep_scale
+            and self._sigma_table.shape == other._sigma_table.shape
+            and torch.equal(self._sigma_table, other._sigma_table)
+            and torch.equal(self._alpha_table, other._alpha_table)
         )
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

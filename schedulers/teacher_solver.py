@@ -20,9 +20,11 @@ from typing import Any, Literal
 import torch
 
 from .._checks import (
+    SHARED_CONDITION_HINT,
     DTypeError,
     OptionError,
     ShapeError,
+    check_bool,
     check_dtype_floating,
     check_finite,
     check_float_input,
@@ -33,8 +35,10 @@ from .._checks import (
     check_real,
     check_same_shape,
     check_tensor,
+    is_shared_condition,
     value_checks_enabled,
 )
+from .._modules import unwrap_model
 from .._outputs import check_prediction, explain_dtype_errors, first_tensor
 from .noise_schedule import NoiseSchedule, TimestepLike
 
@@ -234,40 +238,77 @@ def _rescale_std(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> to
     return (phi * rescaled + (1 - phi) * g).to(guided.dtype)
 
 
-def rescale_guidance_norm(guided: torch.Tensor, cond_out: torch.Tensor, patch_size: int = 1) -> torch.Tensor:
+def rescale_guidance_norm(
+    guided: torch.Tensor, cond_out: torch.Tensor, patch_size: int = 1, *, packed: bool = False
+) -> torch.Tensor:
     """Qwen-Image's true-CFG renormalisation: each token of the guided output scaled to the conditional norm.
 
     ``QwenImagePipeline`` (diffusers 0.42.1, ``true_cfg_scale``) rescales the guided velocity of every packed
     token to the norm of the conditional one, :math:`g_i \\leftarrow g_i \\lVert c_i \\rVert / \\lVert g_i \\rVert`
-    with norms over the token's channels (reference/flow.md pitfall 10). On unpacked latents ``(B, C, h, w)``
-    a token is the ``patch_size x patch_size`` patch of all channels (Qwen-Image / FLUX packing: 2, so each
-    norm runs over 4C values); with ``patch_size = 1`` (and for ``(B, C, ...)`` of any rank) the norm runs over
-    the channels at each position. As in the pipeline, nothing guards the division: a guided token of norm 0 gives
-    NaN.
+    with norms over the token's channels (reference/flow.md pitfall 10): ``torch.norm(noise_pred, dim=-1)`` on
+    its packed tokens ``(B, L, 4C)``. Two layouts:
+
+    * ``packed=True``: the transformer's own layout ``(B, L, D)`` (what a TeacherSolver around the bare
+      ``QwenImageTransformer2DModel`` sees): the norm runs over the last dimension, the pipeline's formula.
+    * ``packed=False`` (the default): channel-first latents ``(B, C, ...)``. On unpacked latents ``(B, C, h, w)``
+      a token is the ``patch_size x patch_size`` patch of all channels (Qwen-Image / FLUX packing: 2, so each
+      norm runs over 4C values); with ``patch_size = 1`` (image ``(B, C, H, W)`` or video ``(B, C, F, H, W)``
+      latents) the norm runs over the channels at each position. A 3-D tensor is refused here: ``(B, L, D)`` is
+      the packed layout, where a channel-first norm would rescale each channel across the tokens instead.
+
+    As in the pipeline, nothing guards the division: a guided token of norm 0 gives NaN.
 
     Args:
-        guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, C, ...)``.
+        guided: the guided output :math:`g` (:func:`apply_guidance`), floating, ``(B, C, ...)`` (or ``(B, ..., D)``
+            with ``packed=True``).
         cond_out: the conditional output :math:`c`, the shape of ``guided``.
         patch_size: the side of a packed token in the latent grid (Qwen-Image: 2); > 1 needs ``(B, C, h, w)``
-            with ``h`` and ``w`` multiples of it.
+            with ``h`` and ``w`` multiples of it, and ``packed=False``.
+        packed: the outputs are packed tokens with the channels last (default False).
 
     Returns:
         The rescaled output, shape and dtype of ``guided``.
 
     Raises:
-        DTypeError: if an output is not a floating tensor or ``patch_size`` is not an int.
-        ShapeError: if the outputs differ in shape, or ``patch_size`` > 1 meets a tensor that is not
-            ``(B, C, h, w)`` with ``h`` and ``w`` divisible by it.
-        OptionError: if ``patch_size`` < 1.
+        DTypeError: if an output is not a floating tensor, ``patch_size`` is not an int or ``packed`` not a bool.
+        ShapeError: if the outputs differ in shape, ``patch_size`` > 1 meets a tensor that is not
+            ``(B, C, h, w)`` with ``h`` and ``w`` divisible by it, or a 3-D tensor comes without ``packed=True``.
+        OptionError: if ``patch_size`` < 1, or > 1 with ``packed=True``.
         NonFiniteError: if an output holds NaN / Inf (a value check).
 
     Example:
         >>> c, g = torch.tensor([[[[3.0]], [[4.0]]]]), torch.tensor([[[[6.0]], [[8.0]]]])  # (1, 2, 1, 1)
         >>> rescale_guidance_norm(g, c).flatten().tolist()  # norm 10 -> 5, direction kept
         [3.0, 4.0]
+        >>> rescale_guidance_norm(g.reshape(1, 1, 2), c.reshape(1, 1, 2), packed=True).flatten().tolist()
+        [3.0, 4.0]
     """
     p = check_int(patch_size, "patch_size", minimum=1)
+    packed = check_bool(packed, "packed")
     _check_rescale_inputs(guided, cond_out)
+    if packed:
+        if p > 1:
+            raise OptionError(
+                f"`packed=True` takes packed tokens (B, L, D), each already a patch, but got patch_size={p}. Drop "
+                "`patch_size` (or pass unpacked latents (B, C, h, w) with packed=False)."
+            )
+        work = torch.promote_types(guided.dtype, torch.float32)
+        g, c = guided.to(work), cond_out.to(work)
+        ratio = torch.linalg.vector_norm(c, dim=-1, keepdim=True) / torch.linalg.vector_norm(
+            g, dim=-1, keepdim=True
+        )
+        return (g * ratio).to(guided.dtype)
+    if guided.ndim == 3:
+        raise ShapeError(
+            f"Expected `guided` laid out channel-first, (B, C, H, W) or (B, C, F, H, W), but got the 3-D shape "
+            f"{tuple(guided.shape)}, the layout of packed tokens (B, L, D) (QwenImageTransformer2DModel's input and "
+            "output), where QwenImagePipeline takes the norm over the last dimension. Pass packed=True (e.g. "
+            "functools.partial(rescale_guidance_norm, packed=True) as guidance_rescale), or unpacked latents with "
+            "patch_size=2.",
+            name="guided",
+            expected="(B, C, H, W) or packed=True",
+            actual=tuple(guided.shape),
+        )
     if p > 1 and (guided.ndim != 4 or guided.shape[-1] % p or guided.shape[-2] % p):
         raise ShapeError(
             f"Expected `guided` of shape (B, C, h, w) with h and w divisible by patch_size={p}, but got shape "
@@ -318,8 +359,21 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
     expanded to ``batch``; nested dicts (SDXL's ``added_cond_kwargs``) are handled recursively; any other
     value must be equal in both.
 
+    **Values without a batch dimension.** One rule, shared by every place of the library that batches
+    conditioning (this function, so every classifier-free-guided :class:`TeacherSolver` call; the consistency
+    losses; :func:`~diffdistill.losses.lazy_r1_penalty`'s subset and
+    :func:`~diffdistill.losses.mix_and_match`): a 2-D tensor under the keyword ``img_ids`` or ``txt_ids`` is the
+    position ids of a FLUX-family transformer, shared by the whole batch, and is passed through as it is
+    (not concatenated, not indexed). That is how diffusers' ``FluxPipeline`` (0.42.1) calls
+    ``FluxTransformer2DModel``: ``txt_ids`` ``(T, 3)`` from ``encode_prompt`` and ``img_ids`` ``(L, 3)`` from
+    ``_prepare_latent_image_ids``, one set for the batch, also under ``true_cfg_scale`` (the same ids for both
+    passes). Here ``cond`` and ``uncond`` must then hold the same ids (the same tensor, or equal values: a value
+    check); the deprecated 3-D form ``(B, L, 3)`` is batched like any tensor. The rule goes by name and rank, so
+    ``L == B`` cannot make shared ids look batched; other unbatched inputs belong inside a wrapper of the model.
+
     Args:
-        cond: the conditional model kwargs (tensors with batch ``batch`` or 1 in dim 0, nested dicts, others).
+        cond: the conditional model kwargs (tensors with batch ``batch`` or 1 in dim 0, shared position ids,
+            nested dicts, others).
         uncond: the unconditional model kwargs, with the same keys.
         batch: ``B``, the batch size of the states, an int >= 1.
 
@@ -328,8 +382,9 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
 
     Raises:
         DTypeError: if ``cond`` or ``uncond`` is not a mapping, or ``batch`` is not an int.
-        OptionError: if the keys differ, ``batch`` is < 1, or a non-tensor value differs.
-        ShapeError: if a tensor's dim 0 is neither ``batch`` nor 1.
+        OptionError: if the keys differ, ``batch`` is < 1, a non-tensor value differs, or shared position ids
+            differ between ``cond`` and ``uncond`` (their values: a value check).
+        ShapeError: if a tensor's dim 0 is neither ``batch`` nor 1 (and it is no shared position id).
 
     Example:
         >>> c = {"encoder_hidden_states": torch.ones(2, 77, 8), "added_cond_kwargs": {"time_ids": torch.ones(2, 6)}}
@@ -337,6 +392,9 @@ def concat_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch:
         >>> both = concat_conditions(c, u, batch=2)
         >>> tuple(both["encoder_hidden_states"].shape), tuple(both["added_cond_kwargs"]["time_ids"].shape)
         ((4, 77, 8), (4, 6))
+        >>> ids = torch.zeros(16, 3)  # FLUX's img_ids (L, 3): shared, passed through
+        >>> concat_conditions({"img_ids": ids}, {"img_ids": ids}, batch=2)["img_ids"] is ids
+        True
     """
     for name, value in (("cond", cond), ("uncond", uncond)):
         if not isinstance(value, Mapping):
@@ -360,13 +418,15 @@ def _concat(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int, pref
         path = f"{prefix}[{key!r}]"
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out[key] = _concat(a, b, batch, path)
+        elif is_shared_condition(key, a) or is_shared_condition(key, b):
+            out[key] = _shared_ids(a, b, path)
         elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             parts = []
             for name, v in (("cond", a), ("uncond", b)):
                 if v.ndim == 0 or v.shape[0] not in (1, batch):
                     raise ShapeError(
                         f"Expected `{name}{path}` to have batch size {batch} or 1 in dim 0, but got shape "
-                        f"{tuple(v.shape)}.",
+                        f"{tuple(v.shape)}. {SHARED_CONDITION_HINT}",
                         name=f"{name}{path}",
                         expected=(batch,),
                         actual=tuple(v.shape),
@@ -381,6 +441,25 @@ def _concat(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int, pref
                 "non-tensor values must be equal in both."
             )
     return out
+
+
+def _shared_ids(a: Any, b: Any, path: str) -> torch.Tensor:
+    """The shared position ids of ``cond`` and ``uncond`` (see :func:`concat_conditions`): one tensor for both."""
+    same = a is b or (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.shape == b.shape
+        and (not value_checks_enabled() or torch.equal(a, b.to(a.device)))
+    )
+    if not same:
+        shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+        raise OptionError(
+            f"`cond{path}` {shape(a)} and `uncond{path}` {shape(b)} are position ids shared by the batch (2-D "
+            "img_ids / txt_ids, no batch dimension), but they differ: the conditional and unconditional passes "
+            "run as one batch, which has one set of ids. Pass the same ids in both (FluxPipeline does; text of "
+            "another length needs the unconditional embeddings padded to the conditional ones' length)."
+        )
+    return a
 
 
 def _stride_timesteps(
@@ -430,6 +509,25 @@ def _stride_timesteps(
     return u_k - 1
 
 
+def _check_sigma_model(model: Any, schedule: NoiseSchedule) -> None:
+    """Refuse a bare FLUX / Qwen-Image transformer (known by class, over the MRO of the unwrapped module, so an
+    FSDP2 ``FSDP<Name>`` subclass counts) on a flow schedule whose ``timestep_scale`` is not 1: those transformers
+    take :math:`\\sigma` and multiply by 1000 inside (``FluxPipeline`` / ``QwenImagePipeline`` pass
+    ``timestep / 1000``), so ``1000 sigma`` would reach them as ``10^6 sigma``. Wrappers (any callable that is
+    not such a module) are not inspected: they may rescale the timestep themselves."""
+    if not isinstance(model, torch.nn.Module) or schedule.kind != "flow" or schedule.timestep_scale == 1.0:
+        return
+    names = [cls.__name__ for cls in type(unwrap_model(model)).__mro__]
+    family = next((n for n in names if n.startswith(("Flux", "QwenImage"))), None)
+    if family is not None:
+        raise OptionError(
+            f"`model` is a {family}, which takes sigma and multiplies it by 1000 inside (its pipeline passes "
+            f"timestep / 1000), but `schedule` has timestep_scale={schedule.timestep_scale}: the network would be "
+            "called at timestep_scale times the noise level. Build the schedule with timestep_scale=1.0, e.g. "
+            "NoiseSchedule.from_scheduler(pipe.scheduler, image_seq_len=..., timestep_scale=1.0)."
+        )
+
+
 class TeacherSolver:
     """Run a frozen denoiser with classifier-free guidance and DDIM steps.
 
@@ -449,7 +547,8 @@ class TeacherSolver:
     The model's timestep input is :meth:`~diffdistill.schedulers.NoiseSchedule.model_timestep` of the index
     (DESIGN convention 10): on a VP schedule the int64 index itself (SD / SDXL UNets), on a flow schedule a
     float32 :math:`\\sigma_t \\cdot` ``timestep_scale`` (SD3 / Wan: :math:`1000\\sigma`; FLUX: build the schedule
-    with ``timestep_scale=1.0``, since its transformer multiplies by 1000 inside). Outputs are read in
+    with ``timestep_scale=1.0``, since its transformer multiplies by 1000 inside; a bare FLUX / Qwen-Image
+    transformer on another scale is refused). Outputs are read in
     ``prediction_type`` (a flow model's ``"flow"``: :math:`v = \\epsilon - x_0`, Esser et al. 2024, Sec. 2).
 
     **Guidance-distilled teachers.** FLUX.1-dev was trained with guidance distillation: it takes the scale as
@@ -484,11 +583,13 @@ class TeacherSolver:
             :math:`\\phi` in ``[0, 1]``: :func:`rescale_guidance_std` (Lin et al. 2024, diffusers'
             ``guidance_rescale``); a callable ``(guided, cond_out) -> tensor``, e.g.
             ``functools.partial(rescale_guidance_norm, patch_size=2)`` for Qwen-Image (``QwenImagePipeline``'s
-            true CFG on unpacked latents).
+            true CFG) on unpacked latents, ``functools.partial(rescale_guidance_norm, packed=True)`` on the
+            transformer's packed tokens.
 
     Raises:
-        OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``guidance``
-            or ``prediction_type`` is unknown, a number ``guidance_scale`` is not finite, ``guidance_input``
+        OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``model`` is a
+            bare FLUX / Qwen-Image transformer (known by its class) and ``schedule.timestep_scale`` is not 1,
+            ``guidance`` or ``prediction_type`` is unknown, a number ``guidance_scale`` is not finite, ``guidance_input``
             is not an identifier, a number ``guidance_rescale`` is outside ``[0, 1]``, or ``guidance_rescale``
             meets ``guidance_input``.
         DTypeError: if ``guidance_scale`` is not a real number or tensor, ``guidance_input`` is not a
@@ -533,6 +634,7 @@ class TeacherSolver:
                 "Build one with NoiseSchedule.from_scheduler(diffusers_scheduler)."
             )
         check_option(guidance, "guidance", GUIDANCE_CONVENTIONS)
+        _check_sigma_model(model, schedule)
         if guidance_input is not None:
             if not isinstance(guidance_input, str):
                 raise DTypeError(
@@ -676,11 +778,21 @@ class TeacherSolver:
             return self._predict_embedded(self.guidance_input, x_t, model_t, cond, uncond, w, grad)
         noop = self._is_noop_guidance(w)
         if uncond is None and not noop:
-            scale = w.tolist() if isinstance(w, torch.Tensor) else w
+            noop_value = _noop_scale(self.guidance)
+            if isinstance(w, torch.Tensor):  # never read for a no-op: that would sync the device every step
+                scale = f"a tensor ({tuple(w.shape)})"
+                how = (
+                    f"the no-op guidance_scale ({noop_value}) as a Python number for the conditional output alone (a "
+                    "tensor scale always runs both passes, whatever its values)"
+                )
+            else:
+                scale, how = (
+                    repr(w),
+                    f"a no-op guidance_scale ({noop_value}) for the conditional output alone",
+                )
             raise OptionError(
                 f"Expected `uncond` for classifier-free guidance with guidance_scale={scale} "
-                f"({self.guidance} convention), but got None. Pass the unconditional inputs, or a no-op "
-                f"guidance_scale ({_noop_scale(self.guidance)}) for the conditional output alone."
+                f"({self.guidance} convention), but got None. Pass the unconditional inputs, or {how}."
             )
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             if noop or uncond is None:  # (uncond is None only with a no-op scale, checked above)

@@ -243,7 +243,10 @@ def add_lora(
             r = alpha = 64).
         targets: Module-name suffixes to adapt (a module is adapted when its name equals a suffix or ends in
             ``".<suffix>"``; at least one must match). A single string is one suffix. Default
-            :data:`LCM_LORA_TARGETS`.
+            :data:`LCM_LORA_TARGETS` (the SDXL UNet's LCM-LoRA set). On SD3 / FLUX / Qwen-Image / Wan transformers
+            it matches only the image-stream attention, feed-forward and the final ``proj_out``, none of the text
+            stream: pass :data:`FLOW_LORA_TARGETS`, :data:`QWEN_IMAGE_LORA_TARGETS` or :data:`WAN_LORA_TARGETS`
+            (the diffusers training scripts' sets).
         adapter_name: peft adapter name (non-empty, no ``"."``), not yet used on ``model``.
         dropout: LoRA dropout probability in [0, 1) (default 0).
         freeze_base: Set ``requires_grad=False`` on every parameter that is neither this adapter's nor a

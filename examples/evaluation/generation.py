@@ -25,12 +25,24 @@ A training run's output folder says how its student is sampled, and it is read r
   ``unet_merged/``) is refused unless ``--lora_base`` names that UNet folder (:func:`check_lora_base`);
 * the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, flow_tscd, Lightning's x0 stages) and its grid
   (``student_sigmas.json`` of flow_dmd2 / flow_ladd, ``student_grid.json``'s ``sigmas`` -- ``pipeline_sigmas`` in
-  an older flow_tscd folder without ``scheduler/`` -- and ``guidance`` of flow_tscd), unless ``--scheduler`` / ``--scheduler_config`` (resp. ``--sigmas`` / ``--timesteps`` /
-  ``--num_inference_steps``, ``--guidance_scale``) are given (:func:`read_saved_sampler`); the record names the
-  source of each;
-* the guidance: the record holds the value the pipeline ran with (its own default when ``--guidance_scale`` is
-  not given, :func:`default_guidance`), and a student sampled with the pipeline's default guidance is warned about
-  (a distilled student usually wants 0 or 1: its CFG is baked in).
+  an older flow_tscd folder without ``scheduler/``), unless ``--scheduler`` / ``--scheduler_config`` (resp.
+  ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps``) are given (:func:`read_saved_sampler`); the record
+  names the source of each;
+* the guidance and the prompt length: the flow scripts' ``student_sampler.json`` (``training.student_sampler``)
+  holds the ``guidance_scale`` the student was trained to be sampled at (1 for SD3 / Qwen-Image / Wan: no CFG;
+  FLUX.1-dev's embedded ``--guidance``; None for FLUX.1-schnell, which has no guidance input; A14B's
+  ``guidance_scale_2``) and the ``max_sequence_length`` its prompts were encoded at, used unless
+  ``--guidance_scale`` / ``--guidance_scale_2`` / ``--max_sequence_length`` are given (an older flow_tscd
+  ``student_grid.json``'s ``guidance`` otherwise). Without either, the record holds the pipeline's default guidance
+  (:func:`default_guidance`) and a student is warned about it (a distilled student usually wants 0 or 1: its CFG
+  is baked in); a ``FluxPipeline`` without guidance embedding (schnell) records None (it ignores
+  ``guidance_scale``; its CFG is ``true_cfg_scale``);
+* the size: a ``--resolution`` the pipeline would change (not a multiple of the VAE's factor x the patch size,
+  :func:`size_multiple`: SD3 / FLUX / Qwen-Image 16) is refused (:func:`check_pipeline_options`); a FLUX / Qwen-Image
+  grid of flow_dmd2 / flow_tscd is the schedule shifted for the trained size (``grid_size``), so generating at
+  another size warns, and the record holds both (:func:`check_grid_size`);
+* the re-noising of DMD2's stochastic sampler: from ``training.student_sampler.renoise_seed`` of each image's seed,
+  as flow_dmd2's validation, apart from the initial noise (:func:`pipeline_sampler`).
 """
 
 from __future__ import annotations
@@ -85,7 +97,8 @@ def missing(folder: str | Path, indices: Iterable[int]) -> list[int]:
 
 def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> Any:
     """The pipeline of ``--pretrained_model_name_or_path`` (any diffusers text-to-image pipeline), with the
-    student's weights unless ``--teacher``, its sampler, on ``device`` in ``dtype``, progress bar off."""
+    student's weights unless ``--teacher``, its sampler, on ``device`` in ``dtype``, progress bar off; options it
+    would change or not take are refused first (:func:`check_pipeline_options`)."""
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
@@ -97,6 +110,7 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
         DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     )
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
+    check_pipeline_options(pipe, resolve_sampler(args))
     if not args.teacher:
         apply_student(pipe, args, dtype)
     set_sampler(pipe, args, resolve_sampler(args).saved_sampler)
@@ -326,11 +340,16 @@ def lora_scale(args: argparse.Namespace) -> float:
 def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     """What the student's run folder saved about its sampler, for the options that do not say it themselves.
 
-    Returns ``{"scheduler": folder or None, "sigmas": list or None, "guidance_scale": float or None, "sources":
+    Returns ``{"scheduler": folder or None, "sigmas": list or None, "guidance_scale": float or None,
+    "guidance_scale_2": float or None, "max_sequence_length": int or None, "grid_size": [H, W] or None, "sources":
     {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
-    (:data:`SIGMA_FILES`) unless ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given; the guidance
-    its ``student_grid.json`` names unless ``--guidance_scale`` is given. ``sources`` names where each value of
-    the sampler comes from (an option, a file of the run, or the pipeline's default).
+    (:data:`SIGMA_FILES`) unless ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, with the size
+    whose schedule shifted it (``grid_size`` of ``student_sampler.json``); the guidance unless ``--guidance_scale``
+    is given: ``student_sampler.json``'s (``training.student_sampler``: the value the run trained the student to be
+    sampled at, None for a model without a guidance input), else the ``guidance`` of an older flow_tscd
+    ``student_grid.json``; A14B's ``guidance_scale_2`` and the text length (``max_sequence_length``) the same way.
+    ``sources`` names where each value of the sampler comes from (an option, a file of the run, or the pipeline's
+    default); a ``guidance_scale`` source with the value None means the run recorded "no guidance".
 
     Args:
         args: the options.
@@ -342,13 +361,18 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``sigmas`` /
             ``pipeline_sigmas``).
     """
-    out: dict[str, Any] = {"scheduler": None, "sigmas": None, "guidance_scale": None, "sources": {}}
+    from training import student_sampler
+
+    out: dict[str, Any] = {"scheduler": None, "sigmas": None, "sources": {}, "grid_size": None}
+    out.update(guidance_scale=None, guidance_scale_2=None, max_sequence_length=None)
     sources = out["sources"]
     run = (
         run_folder(args.student_weights)
         if getattr(args, "student_weights", None) and not args.teacher
         else None
     )
+    record = student_sampler.read_record(run) if run is not None else None
+    record_file = str(run / student_sampler.RECORD_FILE) if record is not None and run is not None else ""
     if args.scheduler or args.scheduler_config:
         sources["scheduler"] = "--scheduler / --scheduler_config"
     elif run is not None and (run / SCHEDULER_FOLDER / "scheduler_config.json").is_file():
@@ -379,12 +403,29 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 )
             out["sigmas"] = [float(v) for v in sigmas]
             sources["steps"] = str(run / file)
+            if record is not None and record.get("grid_size") is not None:
+                out["grid_size"] = [int(v) for v in record["grid_size"]]
             if isinstance(saved, dict) and saved.get("guidance") is not None and args.guidance_scale is None:
                 out["guidance_scale"] = float(saved["guidance"])
                 sources["guidance_scale"] = str(run / file)
             break
     if args.guidance_scale is not None:
         sources["guidance_scale"] = "--guidance_scale"
+    elif record is not None and "guidance_scale" in record:  # the record wins over an older grid's guidance
+        value = record["guidance_scale"]
+        out["guidance_scale"] = None if value is None else float(value)
+        sources["guidance_scale"] = record_file
+    if (
+        record is not None
+        and record.get("guidance_scale_2") is not None
+        and getattr(args, "guidance_scale_2", None) is None
+    ):
+        out["guidance_scale_2"] = float(record["guidance_scale_2"])
+    if getattr(args, "max_sequence_length", None) is not None:
+        sources["max_sequence_length"] = "--max_sequence_length"
+    elif record is not None and record.get("max_sequence_length") is not None:
+        out["max_sequence_length"] = int(record["max_sequence_length"])
+        sources["max_sequence_length"] = record_file
     return out
 
 
@@ -423,10 +464,100 @@ def default_guidance(pipe: Any) -> float | None:
     return float(parameter.default)
 
 
+def guidance_embedding(pipe: Any) -> bool | None:
+    """Whether the pipeline's transformer takes the guidance as an input (``guidance_embeds``: FLUX.1-dev True,
+    FLUX.1-schnell False), or None when it has no such setting (``guidance_scale`` is then classifier-free
+    guidance, or absent)."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    value = getattr(config, "guidance_embeds", None)
+    return None if value is None else bool(value)
+
+
+def ignores_guidance_scale(pipe: Any) -> bool:
+    """Whether the pipeline takes ``guidance_scale`` but runs without it: a ``FluxPipeline`` whose transformer has
+    no guidance embedding (FLUX.1-schnell) passes no guidance to it and makes one denoiser call a step; its
+    classifier-free guidance is ``true_cfg_scale`` (with a negative prompt). Not :data:`TRUE_CFG_NEGATIVE` pipelines
+    (Qwen-Image), whose ``--guidance_scale`` becomes their ``true_cfg_scale``."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    return (
+        guidance_embedding(pipe) is False
+        and {"guidance_scale", "true_cfg_scale"} <= set(params)
+        and type(pipe).__name__ not in TRUE_CFG_NEGATIVE
+    )
+
+
+def text_length(pipe: Any, args: argparse.Namespace) -> int | None:
+    """The prompt length (tokens of the T5 / umT5 / Qwen text encoder) the pipeline runs at: ``--max_sequence_length``
+    (or the run folder's record, :func:`read_saved_sampler`), else its call's default (SD3 256, FLUX and Wan 512);
+    None for a pipeline that takes no ``max_sequence_length`` (SDXL)."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    if parameter is None:
+        return None
+    given = getattr(args, "max_sequence_length", None)
+    if given is not None:
+        return int(given)
+    return None if parameter.default in (inspect.Parameter.empty, None) else int(parameter.default)
+
+
+def size_multiple(pipe: Any) -> int:
+    """The multiple of which a generated side must be for the pipeline to keep it: the VAE's scale factor times the
+    latent patch size (SDXL 8; SD3 8 x 2 = 16; FLUX / Qwen-Image 8 x their 2x2 packing = 16, the factor of their
+    image processor). SD3 refuses other sizes when called; FLUX and Qwen-Image round them down with a logged
+    warning, so the images would not have the recorded resolution."""
+    processor = getattr(getattr(pipe, "image_processor", None), "config", None)
+    multiple = int(getattr(processor, "vae_scale_factor", None) or 8)
+    factor, patch = getattr(pipe, "vae_scale_factor", None), getattr(pipe, "patch_size", None)
+    # SD3: the VAE's factor x the transformer's patches (FLUX / Qwen-Image: in their image processor's factor)
+    if isinstance(factor, int) and isinstance(patch, int):
+        multiple = max(multiple, factor * patch)
+    return multiple
+
+
+def check_pipeline_options(pipe: Any, args: argparse.Namespace) -> None:
+    """Refuse image options the loaded pipeline would change or not take: a ``--resolution`` that is not a multiple
+    of :func:`size_multiple` (naming the nearest sizes it keeps), a ``--max_sequence_length`` (given, or from the
+    run folder's ``student_sampler.json``) for a pipeline without a text length (SDXL: CLIP's 77 tokens).
+
+    Args:
+        pipe: the diffusers pipeline.
+        args: the options (``--resolution``, ``--max_sequence_length``).
+
+    Raises:
+        ValueError: naming the option, what the pipeline needs and the sizes to pass.
+    """
+    name = type(pipe).__name__
+    multiple = size_multiple(pipe)
+    size = args.resolution
+    if size is not None and size % multiple:
+        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise ValueError(
+            f"Expected --resolution a multiple of {multiple} for {name} (the VAE's scale factor x the latent patch "
+            f"size), but got {size}: the pipeline would not generate {size} x {size} images. Pass --resolution "
+            f"{nearest}."
+        )
+    length = getattr(args, "max_sequence_length", None)
+    if length is not None and text_length(pipe, args) is None:
+        source = (getattr(args, "saved_sampler", None) or {}).get("sources", {}).get("max_sequence_length")
+        option = source in (None, "--max_sequence_length")
+        raise ValueError(
+            f"Expected a pipeline with a T5-like text encoder for "
+            f"{'--max_sequence_length' if option else f'the max_sequence_length of {source}'} ({length}), but "
+            f"{name} takes none (its prompts are encoded at its tokenizers' length): "
+            f"{'drop --max_sequence_length' if option else 'evaluate the run with the pipeline it was trained on'}."
+        )
+
+
 def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the sampler a student's run folder saved filled in where the options leave it open
-    (:func:`read_saved_sampler`): ``sigmas``, ``guidance_scale``, ``num_inference_steps`` (else
-    :data:`DEFAULT_STEPS`), and ``saved_sampler`` (the saved values and the source of each). Idempotent.
+    (:func:`read_saved_sampler`): ``sigmas``, ``guidance_scale``, ``max_sequence_length``, ``num_inference_steps``
+    (else :data:`DEFAULT_STEPS`), and ``saved_sampler`` (the saved values and the source of each; Wan 2.2 A14B's
+    ``guidance_scale_2`` is filled in by :func:`evaluation.video_generation.load_pipeline`, which knows whether the
+    pipeline has that expert). Idempotent.
 
     Args:
         args: the parsed options.
@@ -441,6 +572,8 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
         args.sigmas = saved["sigmas"]
     if saved["guidance_scale"] is not None:
         args.guidance_scale = saved["guidance_scale"]
+    if saved["max_sequence_length"] is not None:
+        args.max_sequence_length = saved["max_sequence_length"]
     if args.num_inference_steps is None and not (args.timesteps or args.sigmas):
         args.num_inference_steps = DEFAULT_STEPS
         if saved["scheduler"] is not None:  # e.g. flow_ladd: its grid is the run's --student_sigmas
@@ -460,22 +593,32 @@ def sampler_record(
     """What the images were sampled with (the protocol record's ``generator`` entry): the model, the student's
     weights (path, kind, SHA-256 of the files loaded -- hashed by the main process of ``accelerator`` and
     broadcast, :func:`shared_weights_sha256` --, LoRA scale and base, the folder loaded when not the path given),
-    the sampler, steps, the guidance the pipeline runs with (its default when ``--guidance_scale`` is not given:
-    a student then gets a warning), dtype, the generated resolution, and where each sampler setting came from
-    (``sampler_sources``: an option, a file of the run folder, or the pipeline). ``resolved``: the student's
-    ``(kind, path)`` when the caller resolved it (default :func:`resolve_student` of the pipeline's denoiser)."""
+    the sampler, steps, the guidance the pipeline runs with, dtype, the generated resolution, the prompt length
+    (``max_sequence_length``, pipelines with a T5-like encoder), the size the saved grid was shifted for
+    (``grid_size``, when the run recorded one) and where each sampler setting came from (``sampler_sources``: an
+    option, a file of the run folder, or the pipeline). ``resolved``: the student's ``(kind, path)`` when the caller
+    resolved it (default :func:`resolve_student` of the pipeline's denoiser).
+
+    The guidance: ``--guidance_scale``, else the run's ``student_sampler.json`` / ``student_grid.json``, else the
+    pipeline's default (:func:`default_guidance`; a student then gets a warning when that default is CFG: a distilled
+    student mostly takes 0 or 1). A run that recorded None (FLUX.1-schnell), and a pipeline that ignores
+    ``guidance_scale`` (:func:`ignores_guidance_scale`), record None. A saved grid shifted for another size than the
+    one generated gets a warning (:func:`check_grid_size`)."""
     student: dict[str, Any] | None = None
     saved = getattr(args, "saved_sampler", None) or {}
     sources = dict(saved.get("sources", {}))
     guidance = args.guidance_scale
-    if guidance is None:
+    if ignores_guidance_scale(pipe):  # FLUX.1-schnell: no guidance input, one denoiser call a step
+        guidance = None
+        sources["guidance_scale"] = (
+            f"none: {type(pipe).__name__}'s transformer has no guidance embedding (FLUX.1-schnell), so it ignores "
+            "guidance_scale; its classifier-free guidance is true_cfg_scale"
+        )
+    elif guidance is None and "guidance_scale" not in sources:
         guidance = default_guidance(pipe)
         sources["guidance_scale"] = "pipeline default"
         # FLUX.1-dev's guidance_scale is an input of the distilled transformer (guidance_embeds), not CFG
-        embedded = getattr(
-            getattr(getattr(pipe, "transformer", None), "config", None), "guidance_embeds", False
-        )
-        if not args.teacher and guidance is not None and guidance > 1 and not embedded:
+        if not args.teacher and guidance is not None and guidance > 1 and not guidance_embedding(pipe):
             warnings.warn(
                 f"The student is sampled with {type(pipe).__name__}'s default guidance_scale {guidance} (classifier-"
                 "free guidance, 2 denoiser calls a step), as --guidance_scale was not given. Distilled students "
@@ -510,10 +653,39 @@ def sampler_record(
         "dtype": args.dtype,
         "sampler_sources": sources,
     }
+    length = text_length(pipe, args)
+    if length is not None:  # the T5 / umT5 / Qwen prompt length (not in records of pipelines without one)
+        record["max_sequence_length"] = length
+        sources.setdefault("max_sequence_length", "pipeline default")
+    grid_size = check_grid_size(args, saved.get("grid_size"))
+    if grid_size is not None:
+        record["grid_size"] = grid_size
     negative = call_kwargs(args, pipe).get("negative_prompt")
     if negative is not None:  # true CFG (Qwen-Image): the negative prompt is part of the guidance
         record["negative_prompt"] = negative
     return record
+
+
+def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -> list[int] | None:
+    """Warn when the run folder's grid was shifted for another size than the one generated: flow_dmd2 / flow_tscd
+    save the schedule of the trained ``--resolution`` x ``--width`` (``grid_size`` of ``student_sampler.json``) for a
+    model with a size-dependent shift (FLUX, Qwen-Image: ``use_dynamic_shifting``), and the saved grid is used as it
+    is. Returns ``grid_size`` as a list (None when the run recorded none or its grid is not used)."""
+    if grid_size is None or not args.sigmas:
+        return None
+    grid = [int(v) for v in grid_size]
+    size = [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
+    if grid != size:
+        warnings.warn(
+            f"The student's saved grid {[round(s, 4) for s in args.sigmas]} is the schedule shifted for "
+            f"{grid[0]} x {grid[1]} (the trained size), but the images are generated at {size[0]} x {size[1]}: "
+            f"their model's own schedule would shift by another amount. Pass --resolution {grid[0]}"
+            f"{f' --width {grid[1]}' if grid[1] != grid[0] else ''} to evaluate at the trained size, or --sigmas / "
+            "--num_inference_steps for another grid (the record holds both sizes).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return grid
 
 
 MANIFEST_NAME = "generation.json"
@@ -614,8 +786,12 @@ pass ``" "``."""
 def call_kwargs(args: argparse.Namespace, pipe: Any = None) -> dict[str, Any]:
     """The pipeline call's sampler arguments from the options (only those given, so each pipeline keeps its
     defaults for the rest). ``--guidance_scale`` of a :data:`TRUE_CFG_NEGATIVE` pipeline (Qwen-Image) is its
-    ``true_cfg_scale`` with that negative prompt, so the guidance the record names is the guidance that ran."""
+    ``true_cfg_scale`` with that negative prompt, so the guidance the record names is the guidance that ran.
+    ``--max_sequence_length`` (or the run's record of it) goes to the pipelines that take it (SD3, FLUX,
+    Qwen-Image: :func:`check_pipeline_options` refuses it for the others)."""
     kw: dict[str, Any] = {"height": args.resolution, "width": args.resolution}
+    if getattr(args, "max_sequence_length", None) is not None:
+        kw["max_sequence_length"] = int(args.max_sequence_length)
     if args.timesteps:
         kw["timesteps"] = list(args.timesteps)
     elif args.sigmas:
@@ -724,8 +900,11 @@ def pipeline_sampler(
 
     A stochastic scheduler (``stochastic_sampling``: flow_dmd2's saved DMD2 sampler) draws its re-noising noise from
     torch's global generator, not from the per-image generators, so a batch's images would depend on the batch and
-    on what ran before. Then each image is sampled alone after seeding the global generator with its own seed: the
-    same image whatever the batch size, the process split or a resume."""
+    on what ran before. Then each image is sampled alone after seeding the global generator from its own seed: the
+    same image whatever the batch size, the process split or a resume. The seed is
+    ``training.student_sampler.renoise_seed`` of the image's seed, the stream flow_dmd2's validation re-noises from,
+    not the image's seed itself: the first draw would then be the initial noise again (FLUX: its numbers in the
+    packed order), and the first step the deterministic Euler step instead of DMD2's fresh re-noising (audit 9)."""
 
     def call(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
         extra = dict(kwargs)
@@ -736,9 +915,11 @@ def pipeline_sampler(
     def sample(prompts: list[str], generators: list[torch.Generator]) -> torch.Tensor:
         if not getattr(pipe.scheduler.config, "stochastic_sampling", False):
             return call(prompts, generators)
+        from training import student_sampler
+
         images = []
         for prompt, generator in zip(prompts, generators):
-            torch.manual_seed(generator.initial_seed())
+            torch.manual_seed(student_sampler.renoise_seed(generator.initial_seed()))
             images.append(call([prompt], [generator]))
         return torch.cat(images)
 

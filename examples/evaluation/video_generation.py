@@ -54,11 +54,11 @@ VIDEO_OPTIONS = (
     "num_frames",
     "width",
     "guidance_scale_2",
-    "max_sequence_length",
     "fvd_detector",
     "fvd_frames",
 )
-"""Options that only a video pipeline takes (refused for image pipelines)."""
+"""Options that only a video pipeline takes (refused for image pipelines; ``--max_sequence_length`` is not one:
+SD3, FLUX and Qwen-Image take it too)."""
 
 
 TEMPORAL_FACTOR = 4
@@ -132,9 +132,10 @@ def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video:
     if not video:
         given = [f"--{name}" for name in VIDEO_OPTIONS if getattr(args, name, None) is not None]
         if given:
+            verb, them = ("applies", "it") if len(given) == 1 else ("apply", "them")
             raise ValueError(
-                f"{' / '.join(given)} apply to a video pipeline ({' / '.join(VIDEO_PIPELINES)}), but this run "
-                "evaluates images: drop them."
+                f"{' / '.join(given)} {verb} to a video pipeline ({' / '.join(VIDEO_PIPELINES)}), but this run "
+                f"evaluates images: drop {them}."
             )
         return
     if args.timesteps:
@@ -296,7 +297,8 @@ def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | Non
 
 def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> Any:
     """The ``WanPipeline`` of ``--pretrained_model_name_or_path`` with the student (unless ``--teacher``) and its
-    sampler, the video defaults filled in (:func:`fill_defaults`), on ``device``, progress bar off."""
+    sampler, the video defaults filled in (:func:`fill_defaults`; A14B's ``--guidance_scale_2`` from the run's
+    ``student_sampler.json`` when it records one), on ``device``, progress bar off."""
     from diffusers import DiffusionPipeline
 
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
@@ -306,9 +308,13 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
         kwargs["variant"] = args.variant
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     fill_defaults(args, pipe)
+    saved = generation.resolve_sampler(args).saved_sampler
+    if getattr(pipe, "transformer_2", None) is not None and args.guidance_scale_2 is None:
+        # the run's record (A14B); None: the pipeline's rule (guidance_scale)
+        args.guidance_scale_2 = saved.get("guidance_scale_2")
     if not args.teacher:
         apply_student(pipe, args, dtype)
-    set_sampler(pipe, args, generation.resolve_sampler(args).saved_sampler)
+    set_sampler(pipe, args, saved)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -328,9 +334,10 @@ def call_kwargs(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
 
 
 def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None) -> dict[str, Any]:
-    """:func:`evaluation.generation.sampler_record` with what a video adds: ``width``, ``num_frames``, the
-    low-noise expert's guidance (A14B: ``guidance_scale_2``, the pipeline's rule -- ``guidance_scale`` when not
-    given), ``max_sequence_length``, and the second LoRA's SHA-256 (``sha256_transformer_2``)."""
+    """:func:`evaluation.generation.sampler_record` (which holds ``max_sequence_length``: the option, the run's
+    record, else ``WanPipeline``'s 512) with what a video adds: ``width``, ``num_frames``, the low-noise expert's
+    guidance (A14B: ``guidance_scale_2``: the option, the run's ``student_sampler.json``, else the pipeline's rule
+    -- ``guidance_scale``), and the second LoRA's SHA-256 (``sha256_transformer_2``)."""
     experts = {} if args.teacher else expert_students(args, pipe)
     resolved = ("denoiser", next(iter(experts.values()))) if experts else None
     record = generation.sampler_record(pipe, args, accelerator, resolved)
@@ -340,11 +347,16 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
         record["guidance_scale_2"] = (
             args.guidance_scale_2 if args.guidance_scale_2 is not None else record["guidance_scale"]
         )
-        if args.guidance_scale_2 is not None:
-            record["sampler_sources"]["guidance_scale_2"] = "--guidance_scale_2"
+        saved = getattr(args, "saved_sampler", None) or {}
+        if args.guidance_scale_2 is None:
+            source = "guidance_scale (WanPipeline's rule)"
+        elif saved.get("guidance_scale_2") is not None:  # read only when --guidance_scale_2 is not given
+            from training import student_sampler
+
+            source = str(generation.run_folder(args.student_weights) / student_sampler.RECORD_FILE)
         else:
-            record["sampler_sources"]["guidance_scale_2"] = "guidance_scale (WanPipeline's rule)"
-    record["max_sequence_length"] = args.max_sequence_length
+            source = "--guidance_scale_2"
+        record["sampler_sources"]["guidance_scale_2"] = source
     if record["student_weights"] is not None and not args.teacher:
         files = student_files(args, pipe)
         if experts:

@@ -234,6 +234,29 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)  # noqa: NPY002 - seeds the global state that third-party code in the worker uses
 
 
+PROMPT_DRAW = "permutations"
+"""How :func:`covering_prompts` assigns prompts to synthetic samples (recorded in the shards' settings, so shards drawn
+by the former rule -- independent uniform draws, which leave about 1/e of a list unused -- are refused)."""
+
+
+def covering_prompts(prompts: Sequence[str], first: int, count: int, seed: int) -> list[str]:
+    """The prompts of the synthetic samples ``first .. first + count - 1`` of a run (teacher samples, teacher pairs):
+    sample ``g`` takes the prompt at position ``g mod N`` of epoch ``g // N``'s permutation of the ``N`` prompts
+    (drawn from ``step_generator(seed, epoch, micro=98)``). Our choice: every prompt is used once per ``N`` samples,
+    in a fresh order each epoch; independent draws with replacement leave about 37 % of a list unused at ``N``
+    samples. A shard's prompts depend only on its sample indices and ``seed``, so shards can be made in any order,
+    by any process."""
+    n = len(prompts)
+    orders: dict[int, list[int]] = {}
+    picked = []
+    for g in range(first, first + count):
+        epoch = g // n
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=step_generator(seed, epoch, micro=98)).tolist()
+        picked.append(prompts[orders[epoch][g % n]])
+    return picked
+
+
 def step_generator(seed: int, step: int, process_index: int = 0, micro: int = 0) -> torch.Generator:
     """A CPU generator seeded by ``(seed, step, process, micro-batch)``: the randomness of one micro-step.
 

@@ -304,7 +304,9 @@ class FakeFeatureGAN(score_distillation.BottleneckGAN):
         head = shared_critics.ActiveAdapter(heads, base, FAKE, owns_adapter=False)
         optimizer = runtime.adamw(head.parameters(), args, lr=args.fake_learning_rate or args.learning_rate)
         head, optimizer = runtime.prepare(accelerator, (head, optimizer))
-        features = flow_models.FlowDenoiser(base.model, family, args.guidance)
+        # the fake score's features: the base under the fake adapter at the fake score's own guidance input
+        # (FLUX.1-dev's --fake_guidance, default --guidance)
+        features = flow_models.FlowDenoiser(base.model, family, getattr(args, "fake_guidance", args.guidance))
         return cls(
             accelerator,
             head,

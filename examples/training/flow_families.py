@@ -50,12 +50,17 @@ DEFAULT_NUM_FRAMES = {"wan": 81, "wan-a14b": 81, "wan-ti2v": 121}
 """A video variant's default length in frames (``4k + 1``): ``WanPipeline``'s default 81 (5 s at 16 fps); Wan 2.2
 TI2V-5B's 121 (5 s at 24 fps, its published inference setting)."""
 
-FLOW_LORA_TARGETS = _LIBRARY_FLOW_LORA_TARGETS
+SD35_ATTN2_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+"""SD3.5-Medium's MMDiT-X blocks (``dual_attention_layers``, blocks 0-12) have a second image-stream attention,
+``attn2``, whose names the ``attn.*`` suffixes do not match (123 M weights of SD3.5-Medium)."""
+
+FLOW_LORA_TARGETS = (*_LIBRARY_FLOW_LORA_TARGETS, *SD35_ATTN2_TARGETS)
 """LoRA targets of the transformer: :data:`diffdistill.students.FLOW_LORA_TARGETS`, the default ``target_modules``
 of diffusers' ``examples/dreambooth/train_dreambooth_lora_flux.py`` (attention q/k/v/out of both streams and both
-feed-forwards; FLUX's single-stream blocks get their ``attn.to_q/k/v``). diffusers' SD3 DreamBooth script takes
-the eight attention names only by default; we add the feed-forwards for SD3 too (our choice: one list, the
-attention + FF linears of both families)."""
+feed-forwards; FLUX's single-stream blocks get their ``attn.to_q/k/v``), and SD3.5-Medium's second attention
+(:data:`SD35_ATTN2_TARGETS`). diffusers' SD3 DreamBooth script takes the eight attention names only by default; we
+add the feed-forwards for SD3 too, and ``attn2`` where the blocks have it (our choice: one list, every attention and
+FF linear of both families)."""
 
 
 def lora_targets(family: str) -> Any:

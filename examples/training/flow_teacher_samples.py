@@ -4,7 +4,8 @@
 # ``examples/flow_kd.py`` with ``--prompts_file`` distils a block-removed student on them. Each shard of
 # ``--teacher_samples_shard_size`` samples holds the noise, the clean latents and the prompts, with the settings it
 # was made with in its metadata: a later run reuses matching shards, refuses stale ones and makes the missing ones
-# (each process its share). With ``--aspect_buckets`` shard ``i`` is made at the ``(i mod K)``-th size
+# (each process its share). Every prompt of the list is used once per N samples (N prompts; a fresh order each
+# epoch: ``data_sources.covering_prompts``). With ``--aspect_buckets`` shard ``i`` is made at the ``(i mod K)``-th size
 # (``training.aspect_buckets``). SD3 / FLUX sample with :func:`diffdistill.schedulers.ddim_sample` on the pipeline's
 # grid; Wan and Qwen-Image through their pipelines (:func:`pipeline_samples`).
 
@@ -85,6 +86,7 @@ def sample_settings(
         "teacher_samples_seed": args.teacher_samples_seed,
         "teacher_samples_shard_size": args.teacher_samples_shard_size,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompt_draw": data_sources.PROMPT_DRAW,
     }
 
 
@@ -158,7 +160,9 @@ def generate_teacher_samples(
         if i % accelerator.num_processes != accelerator.process_index:
             continue
         gen = data_sources.step_generator(args.teacher_samples_seed, i, micro=99)  # apart from training draws
-        picked = [prompts[j] for j in torch.randint(len(prompts), (rows,), generator=gen).tolist()]
+        picked = data_sources.covering_prompts(
+            prompts, i * args.teacher_samples_shard_size, rows, args.teacher_samples_seed
+        )
         cond = flow_encoding.conditions(parts, picked, args, device, dtype)
         shape = flow_models.latent_shape(parts, rows, size[0], args.num_frames, size[1])
         noise = torch.randn(shape, generator=gen).to(device)

@@ -32,6 +32,7 @@ def train_loop(
     *,
     data: data_sources.StepSource | None = None,
     ema: ema_release.ReleaseEMA | None = None,
+    ema_due: Any = None,
     after_step: Any = None,
 ) -> int:
     """Run ``train_step(generator, step) -> logs`` until ``--max_train_steps``; log, checkpoint, show progress.
@@ -41,7 +42,10 @@ def train_loop(
     the 0-based index of the optimisation step it contributes to. ``validate(step)`` runs every
     ``--validation_steps`` and after the last step. ``data`` (a :class:`StepSource`) starts its prefetching
     workers at the resume step; ``ema`` (:func:`setup_checkpoints`) is updated after every optimisation
-    step, and with it ``validate`` samples the averaged weights (swapped in, then back). ``after_step(step)``
+    step for which ``ema_due(step)`` (0-based; default: every step) holds -- a score-distillation run averages
+    the steps in which its generator stepped (``score_distillation.CriticUpdates.generator_steps_at``), as DMD2's
+    line of code updates the generator's EMA after the generator's optimiser step only -- and with it
+    ``validate`` samples the averaged weights (swapped in, then back). ``after_step(step)``
     runs on every process after each optimisation step, before its checkpoint (e.g. to write a stage's
     weights: a run resumed from that checkpoint has them, and one resumed from an earlier checkpoint redoes
     the step and writes them again).
@@ -61,7 +65,7 @@ def train_loop(
         for micro in range(args.gradient_accumulation_steps):
             gen = data_sources.step_generator(args.seed, global_step, accelerator.process_index, micro)
             logs = train_step(gen, global_step) or {}
-        if ema is not None:
+        if ema is not None and (ema_due is None or ema_due(global_step)):
             ema.update()
         global_step += 1
         bar.update(1)

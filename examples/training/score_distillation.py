@@ -212,6 +212,14 @@ class CriticUpdates:
     gan: BottleneckGAN | None
     _state: dict[str, Any]
 
+    def generator_steps_at(self, step: int) -> bool:
+        """Whether the generator takes an optimiser step in step ``step`` (0-based, counted as :meth:`step` counts:
+        from the first score-distillation step): every ``--generator_every``-th. The scripts pass it to
+        ``loop.train_loop(ema_due=...)``, so ``--use_ema`` averages the generator once per update of it (with
+        ``--generator_every 5`` a per-step EMA would decay 5 times per generator update: ``--ema_decay``'s horizon
+        5x shorter than it says)."""
+        return step % self.args.generator_every == 0
+
     def update_generator(
         self, x: torch.Tensor, loss: torch.Tensor, logs: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:

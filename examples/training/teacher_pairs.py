@@ -52,6 +52,7 @@ def pair_settings(args: argparse.Namespace) -> dict[str, Any]:
         "pairs_shard_size": int(args.pairs_shard_size),
         "uncond": args.uncond,
         "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "prompt_draw": data_sources.PROMPT_DRAW,
         "prompts_file": str(Path(args.prompts_file).resolve()),  # for the message only: not compared
     }
 
@@ -133,7 +134,7 @@ def generate_pairs(accelerator: Any, args: argparse.Namespace, parts: Any, teach
             continue
         size = shard_size(args, i)
         gen = data_sources.step_generator(args.pairs_seed, i, micro=99)  # independent of the training draws
-        picked = [prompts[j] for j in torch.randint(len(prompts), (size,), generator=gen).tolist()]
+        picked = data_sources.covering_prompts(prompts, i * args.pairs_shard_size, size, args.pairs_seed)
         cond = sdxl_encoding.unet_conditions(parts, picked, args.resolution, device, dtype, args.cache_dir)
         noise = torch.randn((size, 4, args.resolution // 8, args.resolution // 8), generator=gen).to(device)
         with runtime.autocast(accelerator):

@@ -496,3 +496,49 @@ def test_bad_options(sd3) -> None:
         )
     with pytest.raises(OptionError, match=r"Cannot tell the token width of _ListedBlocksModel"):
         TransformerFeatureExtractor(_ListedBlocksModel(), 0, block_lists="layers")
+
+
+# ------------------------------------------------------------------------------- SharedBase checkpointing
+def test_checkpointing_true_on_a_shared_base_uses_its_checkpoint_or_refuses():
+    """gradient_checkpointing=True on a SharedBase's model (audit 10, defect 6): with the base's own checkpoint
+    installed (base.enable_gradient_checkpointing()) the blocks are recomputed under the adapter they ran with,
+    so the fake adapter's gradients equal those of the uncheckpointed call (the same float ops recomputed, default
+    float32 tolerance); without it, a call with an adapter active is refused with the supported route; with every
+    adapter off (a discriminator on the teacher outside any view) torch's plain checkpoint stays."""
+    pytest.importorskip("peft")
+    from diffdistill.students import SharedBase
+
+    x, cond = sd3_inputs()
+
+    def shared(enable_base):
+        model = tiny_sd3_transformer()
+        base = SharedBase(model, adapters={"fake": {"rank": 2, "init_lora_weights": False}})
+        if enable_base:
+            base.enable_gradient_checkpointing()
+        return model, base
+
+    def grads(model_base, ckpt, adapter="fake"):
+        model, base = model_base
+        fake = base.view("fake")
+        fake.zero_grad(set_to_none=True)
+        ext = TransformerFeatureExtractor(model, (0, 1), gradient_checkpointing=ckpt)
+        xin = x.clone().requires_grad_()
+        with base.active(adapter):
+            feats = ext(xin, **cond)
+        sum(f.square().mean() for f in feats.values()).backward()
+        named = {n: p.grad for n, p in fake.named_parameters() if p.grad is not None}
+        return {**named, "input": xin.grad}
+
+    plain, enabled = shared(False), shared(True)
+    reference = grads(plain, False)
+    assert len(reference) > 8  # the adapters of the blocks read (the later ones do not run: early exit)
+    torch.testing.assert_close(grads(enabled, True), reference)
+    with pytest.raises(
+        OptionError,
+        match=r"a LoRA adapter is active.*gradient_checkpointing=None.*base\.enable_gradient_checkpointing\(\)",
+    ):
+        grads(plain, True)
+    off = grads(
+        plain, True, adapter=None
+    )  # adapters off in forward and backward: the plain checkpoint is right
+    torch.testing.assert_close(off, grads(plain, False, adapter=None))

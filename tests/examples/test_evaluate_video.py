@@ -39,6 +39,7 @@ evaluate = load_script("evaluate")
 generation = load_example("evaluation.generation")
 scoring = load_example("evaluation.scoring")
 video_generation = load_example("evaluation.video_generation")
+student_sampler = load_example("training.student_sampler")
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,9 @@ def _student(pipe: Any, run: Path, *, second: bool = False) -> Path:
 
 
 def _pipeline_frames(pipe: Any, index: int, width: int = SIZE, **kwargs: Any) -> torch.Tensor:
-    """``WanPipeline``'s frames (F, 3, H, W) of prompt ``index`` from seed 3 + index (the global generator seeded the
-    same way, for the stochastic scheduler's re-noising)."""
-    torch.manual_seed(3 + index)
+    """``WanPipeline``'s frames (F, 3, H, W) of prompt ``index`` from seed 3 + index (the global generator, which the
+    stochastic scheduler re-noises from, seeded with its ``student_sampler.renoise_seed``)."""
+    torch.manual_seed(student_sampler.renoise_seed(3 + index))
     with torch.no_grad():
         return pipe(
             [PROMPTS[index]], generator=[torch.Generator().manual_seed(3 + index)], height=SIZE, width=width,
@@ -275,6 +276,42 @@ def test_a14b_student_loads_both_loras(tiny: dict[str, Path], tmp_path: Path) ->
     with pytest.raises(ValueError, match=r"pytorch_lora_weights_transformer_2.safetensors beside .* missing"):
         _run([*argv[: argv.index("--student_weights")], "--student_weights", str(lone), "--guidance_scale", "1",
               "--num_prompts", "1", "--output_dir", str(tmp_path / "lone_out")])  # fmt: skip
+
+
+def test_a14b_guidance_and_text_length_come_from_the_run_record(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """The run's ``student_sampler.json`` (``training.student_sampler.write_record`` of an A14B run) gives
+    ``guidance_scale``, ``guidance_scale_2`` and ``max_sequence_length`` when the options do not; the options win."""
+    import types
+
+    run = _student(wan_pipeline(tiny["a14b"]), tmp_path / "run", second=True)
+    args = types.SimpleNamespace(
+        output_dir=str(run), resolution=SIZE, width=None, num_frames=FRAMES, guidance=None
+    )
+    parts = types.SimpleNamespace(
+        family="wan", noise_scheduler=types.SimpleNamespace(config=types.SimpleNamespace()), has_experts=True
+    )
+    record_file = str(student_sampler.write_record(args, parts, 6, shifted_grid=True))
+    argv = ["--pretrained_model_name_or_path", str(tiny["a14b"]), "--prompts_file", str(tiny["prompts"]),
+            "--resolution", str(SIZE), "--num_frames", str(FRAMES), "--output_dir", str(tmp_path / "o"),
+            "--student_weights", str(run)]  # fmt: skip
+    args = evaluate.parse_args(argv)
+    pipe = video_generation.load_pipeline(args, "cpu", torch.float32)
+    generator = video_generation.sampler_record(pipe, args)
+    keys = ("guidance_scale", "guidance_scale_2", "max_sequence_length")
+    assert [generator[k] for k in keys] == [1.0, 1.0, 6]
+    assert "grid_size" not in generator  # Wan: no size-dependent shift
+    assert [generator["sampler_sources"][k] for k in keys] == [record_file] * 3
+    kwargs = video_generation.call_kwargs(args, pipe)
+    assert [kwargs[k] for k in keys] == [1.0, 1.0, 6]
+    # the options win
+    args = evaluate.parse_args([*argv, "--guidance_scale_2", "2", "--max_sequence_length", str(T5_LENGTH)])
+    pipe = video_generation.load_pipeline(args, "cpu", torch.float32)
+    generator = video_generation.sampler_record(pipe, args)
+    assert (generator["guidance_scale_2"], generator["max_sequence_length"]) == (2.0, T5_LENGTH)
+    assert generator["sampler_sources"]["guidance_scale_2"] == "--guidance_scale_2"
+    assert generator["sampler_sources"]["max_sequence_length"] == "--max_sequence_length"
 
 
 def test_full_transformer_student(tiny: dict[str, Path], tmp_path: Path) -> None:

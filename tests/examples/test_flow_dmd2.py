@@ -356,6 +356,9 @@ def test_dmd2_refuses_deepspeed(
         (["--num_student_steps", "0"], "--num_student_steps >= 1"),
         (["--gan_weight"], "pass --train_data_dir"),
         (["--gan_weight", "-1", "--train_data_dir", "IMAGES"], "--gan_weight >= 0"),
+        (["--guidance_scale", "-3"], r"--guidance_scale >= 1 \(1: no classifier-free guidance\), but got -3"),
+        (["--fake_guidance_scale", "0"], r"--fake_guidance_scale >= 1 .*but got 0"),
+        (["--fake_guidance", "-1"], r"--fake_guidance > 0 \(FLUX.1-dev's embedded guidance"),
     ],
 )
 def test_dmd2_options_are_checked(
@@ -385,3 +388,48 @@ def test_dmd2_presets_and_family_guidance(tiny: dict[str, Path], tmp_path: Path)
     sd3 = flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path, "--fake_guidance", "2"))
     with pytest.raises(ValueError, match=r"SD3 / SD3\.5 takes --fake_guidance_scale"):
         flow_dmd2.check_family_args(sd3, flow_models.load_flow(sd3))
+
+
+def test_release_average_moves_once_per_generator_update(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--use_ema with --generator_every 2 over 3 steps: the generator steps at steps 0 and 2, and so does its
+    average (audit 9: updated every step, the EMA decayed --generator_every times per generator update)."""
+    ema_release = load_example("training.ema_release")
+    updates, update = [], ema_release.ReleaseEMA.update
+
+    def counting(self: Any) -> None:
+        updates.append(self)
+        update(self)
+
+    monkeypatch.setattr(ema_release.ReleaseEMA, "update", counting)
+    steps = []
+    step = flow_critics.FlowScoreDistillation._generator_step
+
+    def recording(self: Any) -> Any:
+        steps.append(self.loop.step_count)
+        return step(self)
+
+    monkeypatch.setattr(flow_critics.FlowScoreDistillation, "_generator_step", recording)
+    extra = ["--use_ema", "--generator_every", "2", "--max_train_steps", "3", "--checkpointing_steps", "0"]
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, "sd3", tmp_path / "out", *extra)))
+    assert steps == [0, 2] and len(updates) == 2
+
+
+def test_flux_gan_heads_read_the_fake_score_at_its_guidance(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX.1-dev with --fake_guidance 2 (the real score's --guidance 3.5): DMD2's classifier reads the fake score's
+    features, the base under the fake adapter at the fake score's guidance input (audit 9: it read them at 3.5)."""
+    built: list[Any] = []
+    init = flow_critics.FakeFeatureGAN.__init__
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(flow_critics.FakeFeatureGAN, "__init__", recording)
+    extra = ["--gan_weight", "--train_data_dir", str(tiny["images"]), "--discriminator_norm_groups", "4"]
+    extra += ["--fake_guidance", "2", "--max_train_steps", "1", "--checkpointing_steps", "0"]
+    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path / "out", *extra, prompts=False)))
+    assert [gan.features.guidance for gan in built] == [2.0]

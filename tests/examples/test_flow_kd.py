@@ -270,6 +270,10 @@ def test_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--teacher_guidance_scale >= 1"):
         script.parse_args([*base, "--preset", "sd3-half", "--teacher_guidance_scale", "0.5"])
     with pytest.raises(
+        ValueError, match=r"--validation_guidance_scale >= 1 \(1: no classifier-free guidance\)"
+    ):
+        script.parse_args([*base, "--preset", "sd3-half", "--validation_guidance_scale", "-2"])
+    with pytest.raises(
         ValueError, match=r"--preset flux-mini is for FLUX.*use one of \['sd3-early', 'sd3-half'\]"
     ):
         script.main(script.parse_args([*base, "--preset", "flux-mini"]))

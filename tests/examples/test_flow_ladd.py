@@ -256,3 +256,20 @@ def test_ladd_refuses_stale_samples_and_flux_cfg(tiny: dict[str, Path], tmp_path
     (images / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="pass --prompts_file"):
         flow_ladd.parse_args([*_argv(tiny, "sd3", tmp_path, tmp_path), "--train_data_dir", str(images)])
+
+
+def test_synthetic_samples_cover_the_prompt_list_once_per_epoch() -> None:
+    """Teacher samples (LADD, prompt-only KD) and Diffusion2GAN's pairs take their prompts by
+    ``data_sources.covering_prompts``: each block of N samples (N prompts) uses every prompt once, in an order drawn
+    per block; a shard's prompts depend only on its sample range (audit 9: independent draws with replacement left
+    27 of 64 prompts unused at 64 samples)."""
+    prompts = [f"prompt {i}" for i in range(10)]
+    picked = data_sources.covering_prompts(prompts, 0, 25, seed=3)
+    assert sorted(picked[:10]) == sorted(prompts) and sorted(picked[10:20]) == sorted(prompts)
+    assert len(set(picked[20:])) == 5
+    assert picked[:10] != picked[10:20] and picked[:10] != prompts  # a fresh order per block, not the list's
+    shards = [
+        data_sources.covering_prompts(prompts, first, n, seed=3) for first, n in ((0, 7), (7, 11), (18, 7))
+    ]
+    assert [p for shard in shards for p in shard] == picked  # any split into shards, made in any order
+    assert data_sources.covering_prompts(prompts, 0, 10, seed=4) != picked[:10]

@@ -200,6 +200,21 @@ def test_lora_targets_cover_attention_and_feed_forward(tiny_flow: dict[str, Path
         assert model.gradient_checkpointing
 
 
+def test_lora_targets_cover_sd35_mediums_second_attention() -> None:
+    """SD3.5-Medium's MMDiT-X blocks (dual_attention_layers) have a second image-stream attention, attn2: adapted
+    too (audit 9: the attn.* suffixes missed it, 123 M weights of SD3.5-Medium without an adapter)."""
+    from diffusers import SD3Transformer2DModel
+
+    from tests.transformer_configs import tiny_sd3_transformer_config
+
+    config = tiny_sd3_transformer_config(dual_attention_layers=(0,), qk_norm="rms_norm")
+    args = argparse.Namespace(use_lora=True, lora_rank=2, lora_alpha=None, gradient_checkpointing=False)
+    model = flow_models.make_trainable(args, SD3Transformer2DModel(**config), "cpu", torch.float32)
+    trained = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    linears = {f"transformer_blocks.0.attn2.{n}" for n in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert linears <= trained and not any("transformer_blocks.1.attn2" in n for n in trained)
+
+
 def test_flow_options_are_checked(tiny_flow: dict[str, Path], tmp_path: Path) -> None:
     sd3 = flow_models.load_flow(_args(tiny_flow["sd3"]))
     with pytest.raises(ValueError, match="no guidance embedding: drop --guidance"):

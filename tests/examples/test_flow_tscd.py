@@ -357,3 +357,27 @@ def test_tscd_guidance_options_fit_the_model(tiny: dict[str, Path], tmp_path: Pa
         flow_tscd.parse_args(
             [*_argv(tiny, "sd3", tmp_path, data="images"), "--prompts_file", str(tiny["prompts"])]
         )
+
+
+def test_hybrid_heads_read_the_teacher_at_each_pairs_guidance(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUX.1-dev, --guidance_range 2 5, hybrid distance in its adversarial stage: the heads' teacher call gets each
+    sample's drawn omega as its embedded guidance, the guidance the pair was made at (audit 9: it got --guidance
+    3.5 whatever the draw)."""
+    from diffdistill.discriminators import LADDDiscriminator
+
+    seen: list[torch.Tensor] = []
+    forward = LADDDiscriminator.forward
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["guidance"].detach().cpu())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LADDDiscriminator, "forward", recording)
+    extra = ["--use_lora", "--lora_rank", "2", "--segments", "2,1", "--distance", "hybrid"]
+    extra += ["--guidance_range", "2", "5", "--max_train_steps", "2", "--checkpointing_steps", "0"]
+    flow_tscd.main(flow_tscd.parse_args(_argv(tiny, "flux", tmp_path / "out", *extra)))
+    assert seen, "the heads never ran"
+    for g in seen:
+        assert bool(((g >= 2) & (g <= 5)).all()) and not bool((g == 3.5).all()), g

@@ -573,3 +573,47 @@ def test_one_step_off_table_grid_samples() -> None:
         out = ddim_sample(velocity, schedule, x, grid)
         torch.testing.assert_close(out.sample, x * (1 - 0.5 * sigma), atol=1e-12, rtol=0)
         assert len(seen) == 1 and float(seen[0].flatten()[0]) == pytest.approx(1000 * sigma, rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["flow", "sample"])
+def test_euler_sigma_min_means_the_training_sigma_min_on_any_grid(prediction_type) -> None:
+    """final_sigmas_type="sigma_min" ends at the training table's sigma(0), on- and off-table grids alike (audit
+    10, defect 3). The exact denoiser of a point mass at x0 makes every Euler state (1 - sigma) x0 + sigma eps
+    for the same eps, so the end state reads off the sigma it ends at."""
+    x0 = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    eps = torch.tensor([[0.4, 2.0]], dtype=torch.float64)
+    sd3 = NoiseSchedule.flow_matching(shift=3.0)
+    flux = NoiseSchedule.flow_matching(mu=1.15)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = (t / 1000.0).to(x.dtype).reshape(-1, 1)
+        return (x - x0) / sigma if prediction_type == "flow" else x0.expand_as(x)
+
+    on = flow_sigma_grid(sd3, sigmas=NoiseSchedule.flow_matching().sigma(torch.tensor([999, 749, 499, 249])))
+    for schedule, grid, on_table in [
+        (sd3, on, True),
+        (sd3, flow_pipeline_grid(sd3, 4), False),
+        (flux, flow_pipeline_grid(flux, 4), True),
+        (flux, flow_pipeline_grid(flux, 28), False),  # FluxPipeline's grid ends at sigma 0.105
+    ]:
+        assert grid.on_table is on_table
+        s0 = float(grid.sigmas[0])
+        x_start = (1 - s0) * x0 + s0 * eps
+        out = euler_sample(
+            model, schedule, x_start, grid, final_sigmas_type="sigma_min", prediction_type=prediction_type
+        )
+        s_min = float(schedule.sigma(0))
+        # 1e-6: the velocity model reads sigma back from the float32 timestep input (relative error ~6e-8)
+        torch.testing.assert_close(out.sample, (1 - s_min) * x0 + s_min * eps, rtol=0, atol=1e-6)
+    # a grid that already ends below sigma_min stays at its last sigma (diffusers' dt = 0)
+    low = flow_sigma_grid(NoiseSchedule.flow_matching(), sigmas=[1.0, 0.5, 0.001])
+    x_start = eps.clone()
+    out = euler_sample(
+        model,
+        NoiseSchedule.flow_matching(),
+        x_start,
+        low,
+        final_sigmas_type="sigma_min",
+        prediction_type=prediction_type,
+    )
+    torch.testing.assert_close(out.sample, 0.999 * x0 + 0.001 * eps, rtol=0, atol=1e-6)

@@ -109,6 +109,38 @@ def test_resolution_mu_matches_flux_pipeline():
     assert packed_image_seq_len(1024, 1024) == 4096 and packed_image_seq_len(1024, 512, 8, 2) == 2048
 
 
+def test_linear_time_shift_takes_cogview4_pipelines_mu():
+    """image_seq_len= on a CogView4 config (time_shift_type="linear") gives CogView4Pipeline's mu, not FLUX's
+    (audit 10, defect 5); an exponential config keeps FLUX's."""
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift as cogview4_shift
+
+    # CogView4's scheduler as diffusers' scripts/convert_cogview4_to_diffusers.py builds it
+    sched = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25,
+        max_shift=0.75,
+        base_image_seq_len=256,
+        use_dynamic_shifting=True,
+        time_shift_type="linear",
+    )
+    for length in [256, 1024, 4096, 77]:
+        want = cogview4_shift(length, 256, 0.25, 0.75)
+        ours = NoiseSchedule.from_scheduler(sched, image_seq_len=length)
+        assert ours.flow_config.mu == want == ours.flow_config.mu_for(length)
+        assert torch.equal(
+            ours.sigma(torch.arange(1000)),
+            NoiseSchedule.from_scheduler(sched, mu=want).sigma(torch.arange(1000)),
+        )
+    assert FlowMatchingConfig.from_diffusers_config(sched.config, image_seq_len=4096).mu == 3.25
+    flux = {**sched.config, "time_shift_type": "exponential"}
+    assert FlowMatchingConfig.from_diffusers_config(flux, image_seq_len=4096).mu == resolution_mu(
+        4096, 256, 4096, 0.25, 0.75
+    )
+    with pytest.raises(OptionError, match="`image_seq_len` to be > 0"):
+        FlowMatchingConfig.from_diffusers_config(sched.config, image_seq_len=0)
+
+
 def test_shift_sigmas_maps():
     u = torch.linspace(0, 1, 101, dtype=torch.float64)
     for shift in (0.5, 1.0, 3.0, 25.0):
@@ -631,6 +663,16 @@ BAD = [
         lambda: flow_sigma_grid(NoiseSchedule.flow_matching(), sigmas=[1.0, 0.0]),
         OptionError,
         r"every grid sigma to be > 0 \(the final 0 is appended",
+    ),
+    (  # audit 10: an ascending grid was accepted and failed later, in a sampler, naming other arguments
+        lambda: flow_sigma_grid(NoiseSchedule.flow_matching(shift=3.0), sigmas=[0.25, 0.5, 1.0]),
+        OptionError,
+        r"`sigmas` to be strictly decreasing .*\[0.25, 0.5, 1.0\].*sigmas.flip\(0\)",
+    ),
+    (
+        lambda: flow_sigma_grid(NoiseSchedule.flow_matching(mu=1.15), sigmas=[1.0, 0.5, 0.5]),
+        OptionError,
+        r"`sigmas` to be strictly decreasing",
     ),
     (
         lambda: flow_sigma_grid(NoiseSchedule.flow_matching(), sigmas=[[1.0]]),

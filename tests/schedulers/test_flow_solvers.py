@@ -252,3 +252,34 @@ def test_guidance_distilled_bad_inputs(flux_dev):
         TeacherSolver(flux_dev, sched, guidance_input="guid ance")
     with pytest.raises(OptionError, match=r"Expected `guidance` to be one of \['imagen', 'lcm'\]"):
         TeacherSolver(flux_dev, sched, guidance="embedded", guidance_input="guidance")
+
+
+def test_bare_flux_or_qwen_transformer_needs_timestep_scale_one():
+    """FLUX / Qwen-Image transformers take sigma and multiply by 1000 inside: a TeacherSolver around the bare
+    module on a 1000-sigma schedule is refused (audit 10, note); the class is read over the unwrapped module's
+    MRO (FSDP2's FSDP<Name> subclass); wrappers and other classes are left alone."""
+
+    class FluxTransformer2DModel(torch.nn.Module):
+        def forward(self, x, t):
+            return x
+
+    class FSDPQwenImageTransformer2DModel(type("QwenImageTransformer2DModel", (torch.nn.Module,), {})):
+        def forward(self, x, t):
+            return x
+
+    sd3_scale = NoiseSchedule.flow_matching(mu=1.15)  # timestep_scale 1000
+    flux_scale = NoiseSchedule.flow_matching(mu=1.15, timestep_scale=1.0)
+    for model, name in (
+        (FluxTransformer2DModel(), "FluxTransformer2DModel"),
+        (FSDPQwenImageTransformer2DModel(), "QwenImageTransformer2DModel"),
+    ):
+        with pytest.raises(
+            OptionError,
+            match=rf"`model` is a {name}, which takes sigma.*timestep_scale=1000\.0.*timestep_scale=1\.0",
+        ):
+            TeacherSolver(model, sd3_scale)
+        with pytest.raises(OptionError, match="takes sigma"):
+            TeacherSolver(torch.nn.DataParallel(model), sd3_scale)
+        TeacherSolver(model, flux_scale)  # the right scale
+        TeacherSolver(lambda x, t, m=model: m(x, t / 1000), sd3_scale)  # a wrapper may rescale itself
+    TeacherSolver(torch.nn.Identity(), sd3_scale)

@@ -81,6 +81,12 @@ def test_conventions_are_shifted_by_one_and_noop_skips_uncond():
             TeacherSolver(model, sched, guidance_scale=w, guidance=conv).predict(x, 500, cond)
         with pytest.raises(OptionError, match=r"Expected `uncond`"):
             TeacherSolver(model, sched, guidance_scale=w, guidance=conv).solve(x, 999, 500, cond, num_steps=2)
+    # a tensor scale equal to the no-op still runs both passes (its values are never read): say so
+    with pytest.raises(
+        OptionError,
+        match=r"guidance_scale=a tensor \(\(\)\).*no-op guidance_scale \(1\.0\) as a Python number",
+    ):
+        TeacherSolver(model, sched).predict(x, 500, cond, guidance_scale=torch.tensor(1.0))
     assert model.batches == [2, 2, 2]
 
 
