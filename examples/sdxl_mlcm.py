@@ -394,7 +394,9 @@ def main(args: argparse.Namespace) -> None:
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(unet)
-        gen = torch.Generator().manual_seed(args.seed)
+        _, gen = validation.validation_noise(
+            args
+        )  # re-noising continues the initial noise's stream (a pipeline's)
         validation.log_validation(
             accelerator,
             args,

@@ -15,7 +15,10 @@
 #
 # DMD2's sampler re-noises with fresh noise at every step. Drawn from a generator seeded with the image's seed, the
 # first draw would be the initial noise itself and the first step a deterministic Euler step (audit 9): the
-# re-noising draws use :func:`renoise_seed` of the image's seed, in the scripts' validation and in evaluate.py.
+# re-noising draws use :func:`renoise_seed` of the image's seed, in flow_dmd2's validation and in evaluate.py
+# (``FlowMatchEulerDiscreteScheduler`` re-noises from torch's global generator, seeded there). SDXL's MLCM validation
+# continues the initial noise's generator instead, as ``LCMScheduler`` does with the pipeline's generator
+# (``training.validation.validation_noise``).
 
 from __future__ import annotations
 

@@ -31,10 +31,8 @@ def log_validation(
     dtype = runtime.weight_dtype_of(accelerator)
     prompts = list(args.validation_prompts)
     cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype)
-    gen = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((len(prompts), 4, args.resolution // 8, args.resolution // 8), generator=gen).to(
-        device
-    )
+    noise, _ = validation_noise(args)
+    noise = noise.to(device)
     with runtime.autocast(accelerator):
         latents = sample_fn(noise, cond).float()
     if not accelerator.is_main_process:
@@ -50,6 +48,16 @@ def log_validation(
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", images, step)
     return path
+
+
+def validation_noise(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Generator]:
+    """The initial noise of :func:`log_validation` (``(len(--validation_prompts), 4, R/8, R/8)`` from a generator
+    seeded with ``--seed``) and that generator after it: a sampler that re-noises (TLCM's x0-then-re-noise) draws
+    from it, as a pipeline called with one generator continues its stream (``LCMScheduler.step(generator=...)``), so
+    the re-noising is neither the initial noise again nor another stream than ``evaluate.py``'s."""
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (len(args.validation_prompts or ()), 4, args.resolution // 8, args.resolution // 8)
+    return torch.randn(shape, generator=gen), gen
 
 
 def one_step_x0(

@@ -141,6 +141,12 @@ def test_sim_preset_resolves_as_documented_and_explicit_flags_win(tmp_path: Path
     assert script.parse_args([*argv, "--preset", "dmd2", "--use_lora"]).learning_rate == 5e-5
     sid = script.parse_args([*argv, "--preset", "sid"])
     assert (sid.adam_weight_decay, sid.learning_rate, sid.max_grad_norm) == (0.0, 1e-6, 1.0)  # shared clip
+    # the papers' full-UNet rate; a LoRA takes DMD2's SDXL LoRA rate (our choice, audit 11)
+    for name in ("sim", "sid"):
+        assert script.parse_args([*argv, "--preset", name]).learning_rate == 1e-6
+        assert script.parse_args([*argv, "--preset", name, "--use_lora"]).learning_rate == 5e-5
+    with pytest.raises(ValueError, match=r"--fake_timestep_range LOW HIGH with 0 <= LOW <= HIGH <= 999"):
+        script.parse_args([*argv, "--preset", "sid", "--fake_timestep_range", "20", "1500"])
     # No preset: the --loss's recipe; neither: SIM's.
     assert script.parse_args([*argv, "--loss", "dmd"]).preset == "dmd2"
     assert script.parse_args([*argv, "--loss", "sid"]).guidance_scale == 2.0

@@ -283,3 +283,28 @@ def test_every_phase_runs_and_a_resume_inside_the_dmd_phase_is_exact(
     at_mps = {"unet." + k: v for k, v in _lora(out_a / "checkpoint-1" / "unet_lora.safetensors").items()}
     at_dmd = {"unet." + k: v for k, v in _lora(out_a / "checkpoint-2" / "unet_lora.safetensors").items()}
     assert any(not torch.equal(at_mps[k], at_dmd[k]) for k in at_mps), "the MPS step did not train"
+
+
+def test_validation_renoises_on_the_initial_noises_stream_not_with_it(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLCM's validation sampler (x0, then re-noise to the next milestone) draws its re-noising noise from the
+    generator of the initial noise, after it, as StableDiffusionXLPipeline with LCMScheduler and one generator does
+    (audit 11: a fresh generator of --seed drew the initial noise itself again)."""
+    script = _load("sdxl_mlcm")
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sample = script.x0_renoise_sample
+
+    def spying(model: Any, schedule: Any, noise: torch.Tensor, *args: Any, generator: Any, **kw: Any) -> Any:
+        ahead = torch.Generator().set_state(generator.get_state())
+        calls.append((noise.detach().cpu().clone(), torch.randn(noise.shape, generator=ahead)))
+        return sample(model, schedule, noise, *args, generator=generator, **kw)
+
+    monkeypatch.setattr(script, "x0_renoise_sample", spying)
+    val = ["--validation_prompts", "a cat", "--validation_steps", "1", "--max_train_steps", "1"]
+    script.main(script.parse_args(_argv(tiny_sdxl, tmp_path / "out", *val)))
+    (noise, first_draw), *_ = [c for c in calls if c[0].shape[0] == 1]  # the validation call (one prompt)
+    stream = torch.Generator().manual_seed(3)  # --seed: the initial noise, then the re-noising draws
+    assert torch.equal(noise, torch.randn(noise.shape, generator=stream))
+    assert torch.equal(first_draw, torch.randn(noise.shape, generator=stream))
+    assert not torch.equal(first_draw, noise)
