@@ -7,13 +7,16 @@ prompt set, with a record of the protocol beside the numbers.
    ``--timesteps`` / ``--sigmas``, ``--guidance_scale``) samples every prompt of ``--prompts_file``; prompt ``i``
    from the noise of seed ``--seed + i`` (one generator per image, SiD-LSG's convention) into
    ``OUTPUT_DIR/images/{i:06d}.png``. ``--teacher`` samples the base pipeline with its own sampler instead (e.g.
-   ``--num_inference_steps 50 --guidance_scale 5``): the teacher row of the table, under the same protocol.
-   Images are written as they come, quantised to uint8 by rounding (``--quantization truncate``: by truncation,
-   as DMD2's evaluation); a rerun generates only the missing ones, and refuses a folder whose images were made
-   with other settings, seed, quantisation or prompts (``images/generation.json`` records them; the student's
-   weights by their SHA-256, hashed once by the main process). ``--images DIR`` scores a folder of
-   ``{i:06d}.png`` files made elsewhere (``--quantization`` then declares how they were quantised; a folder this
-   script generated says so itself).
+   ``--num_inference_steps 50 --guidance_scale 5``; without ``--num_inference_steps``, the pipeline's own default
+   steps -- SDXL / Wan 50, SD3 / FLUX 28 -- recorded, not the students' 4): the teacher row of the table, under
+   the same protocol. Images are written as they come, quantised to uint8 by rounding (``--quantization
+   truncate``: by truncation, as DMD2's evaluation); a batch with NaN / infinite pixels (a float16 VAE overflowing,
+   a diverged student) is refused, naming the images, before any of it is written. A rerun generates only the
+   missing ones, and refuses a folder whose images were made with other settings, seed, quantisation or prompts
+   (``images/generation.json`` records them, and the package versions they were generated with; the student's
+   weights by their SHA-256, hashed once by the main process; a Hub pipeline by the commit its id resolved to).
+   ``--images DIR`` scores a folder of ``{i:06d}.png`` files made elsewhere (a folder this script generated says
+   how itself; for another, ``--seed`` and ``--quantization`` are recorded as declared, ``generator.declared``).
 
    A student's run folder says how it is sampled, and that is used rather than retyped
    (:mod:`evaluation.generation`): a folder with ``unet_merged/`` (SDXL-Lightning's LoRA stages) is evaluated as
@@ -33,11 +36,16 @@ prompt set, with a record of the protocol beside the numbers.
    ``scheduler/``) re-noises each image from ``training.student_sampler.renoise_seed(--seed + i)``, as the script's
    validation does: fresh noise, not the initial noise again.
 2. Metrics (:mod:`diffdistill.metrics`), each image centre-cropped and LANCZOS-resized to ``--eval_resolution``
-   first when given (GigaGAN's and DMD2's preparation):
+   first when given (GigaGAN's and DMD2's preparation). The metrics are built, and reference statistics checked,
+   before any image is generated:
 
    * FID with clean-fid's Inception and resize (``metrics.fid.FID``) against ``--reference_dir`` (real images;
-     ``--save_reference_stats ref.npz`` keeps their statistics) or ``--reference_stats`` (an ``.npz`` of ``mu`` /
-     ``sigma``, clean-fid's format);
+     ``--save_reference_stats ref.npz`` keeps their statistics, and ``ref.npz.json`` what they are: the folder's
+     identity, their SHA-256, the eval resolution and the feature extractor) or ``--reference_stats`` (an ``.npz``
+     of ``mu`` / ``sigma``, clean-fid's format). Statistics with a ``.json`` are refused when they are not the ones
+     it describes (replaced since), or were made at another ``--eval_resolution`` or with another extractor (or
+     dimension); without one (clean-fid's own files) they are used with a warning, recorded as of unknown
+     preprocessing;
    * CLIP score with a named backbone, ``--clip open_clip:ViT-g-14:laion2b_s12b_b42k`` (open_clip model and
      pretrained tag) or ``--clip hf:openai/clip-vit-large-patch14`` (a transformers CLIP, hub id or folder);
    * preference scores where their packages are installed: ``--preference imagereward hpsv21 pickscore
@@ -47,9 +55,9 @@ prompt set, with a record of the protocol beside the numbers.
    ``compute`` / ``all_reduce`` / ``protocol``): ``--clip``, ``--preference`` and ``--fid_features`` (the FID's
    feature extractor) take that form, for a custom backbone or a test's stand-in.
 3. ``OUTPUT_DIR/results.json``: the numbers and the protocol (``metrics.protocol.EvaluationProtocol``: prompt-set
-   hash, seeds, resolutions, quantisation, resize, FID reference, backbones and package versions, and under
-   ``generator`` the
-   model, weights, sampler, steps and guidance). ``--compare a/results.json b/results.json ...`` prints one
+   hash, seeds, resolutions, quantisation, resize, FID reference, backbones -- local checkpoints by SHA-256, Hub ids
+   by resolved commit, ``module:factory`` objects by spec and weights -- and package versions, and under
+   ``generator`` the model, weights, sampler, steps, guidance and the versions the images were generated with). ``--compare a/results.json b/results.json ...`` prints one
    markdown table and refuses runs whose protocols differ in anything but ``generator``.
 
 4. Videos (Wan text-to-video: a ``WanPipeline`` folder of Wan 2.1, Wan 2.2 TI2V-5B or A14B;
@@ -93,7 +101,9 @@ numbers are those of one process (up to float64 summation order).
 Protocols: ``examples/evaluation/coco_prompts.py`` builds the prompt files of COCO-2014 30k (GigaGAN / SiD-LSG:
 ``--seed 0 --eval_resolution 256``, FID against all of val2014) and DMD2's COCO-10k (``--eval_resolution 512
 --clip_eval_resolution 256``, FID against its ``coco10k/subset``), both with ``--clip_prefix "A photo depicts "``;
-its docstring says what each source publishes and what is our choice.
+its docstring says what each source publishes and what is our choice. The record names such a protocol only when
+the run follows it (the prompt file ``selection.json`` describes, all of it, and the protocol's seed, resolutions and
+prefix); otherwise ``"<protocol> (modified)"``, with a warning and ``extra.protocol_deviations``.
 
 Example (a 4-step SDXL LoRA student and its teacher on DMD2's COCO-10k protocol, our caption selection)::
 
@@ -174,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=generation.QUANTIZATIONS,
         default=None,
         help="float -> uint8: round (default; diffusers) or truncate (DMD2's evaluation). With --images: how the "
-        "folder's images were made (default: its generation.json's, else round)",
+        "folder's images were made (default: its generation.json's, else round, recorded as declared)",
     )
     g = p.add_argument_group("videos (WanPipeline: Wan 2.1, Wan 2.2 TI2V-5B / A14B)")
     g.add_argument(
@@ -204,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_inference_steps",
         type=int,
         default=None,
-        help=f"default: the run folder's saved grid, else {generation.DEFAULT_STEPS}",
+        help=f"default: the run folder's saved grid, else {generation.DEFAULT_STEPS}; with --teacher the pipeline's "
+        "own default (SDXL / Wan 50, SD3 / FLUX 28; recorded)",
     )
     g.add_argument(
         "--timesteps", type=int, nargs="+", default=None, help="explicit timesteps (UNet pipelines)"
@@ -376,6 +387,18 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     # what a folder holds by index: images {i:06d}.png, or videos {i:06d}/ of frames {f:03d}.png
     entries = "[0-9]*" if video else "[0-9]*.png"
 
+    # the metrics first: a mistyped backbone or reference statistics that do not fit this run (another extractor,
+    # dimension or --eval_resolution, a stale sidecar) are refused before any image is generated
+    if metrics is None:
+        with accelerator.main_process_first():  # weights are downloaded once, by the main process
+            metrics = metric_specs.build_metrics(args, device)
+    fid = metrics.get("fid")
+    reference = (
+        metric_specs.check_reference_stats(args.reference_stats, fid, args.eval_resolution)
+        if fid is not None and args.reference_stats and getattr(fid, "reference", None) is not None
+        else None
+    )
+
     # 1. images / videos: generated (missing ones only) or given
     sampler_record = None
     quantization = args.quantization or "round"
@@ -428,6 +451,10 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
             quantization=quantization,
             entries=entries,
         )
+    else:  # images made elsewhere: the seed and quantisation are the options', declared, not read
+        sampler_record = generation.declared_record(args, quantization)
+    # the package versions the images were generated with (generation.json), beside the scoring run's
+    sampler_record = generation.with_generation_versions(sampler_record, images_dir)
     accelerator.wait_for_everyone()
     if video:
         num_frames = video_generation.frame_count(images_dir)
@@ -446,13 +473,9 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
 
     # 2. metrics: this process's share of the images (and of the reference folder), then summed over processes;
     # a video's frames are scored as images with its prompt, and its frame consistency on the CLIP backbone
-    if metrics is None:
-        with accelerator.main_process_first():  # weights are downloaded once, by the main process
-            metrics = metric_specs.build_metrics(args, device)
     if video:
         metrics = video_generation.add_frame_consistency(metrics)
         metrics = video_generation.add_fvd(metrics, args, device)
-    fid = metrics.get("fid")
     text_metrics = {k: m for k, m in metrics.items() if k not in ("fid", "fvd", "frame_consistency")}
     bar = tqdm(total=len(files), desc="scoring", disable=not accelerator.is_local_main_process)
     scoring.score_images(
@@ -499,12 +522,12 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
         )
     scoring.reduce_metrics(metrics)
     numbers = scoring.compute_metrics(metrics)
-    reference = metric_specs.reference_identity(
-        args.reference_dir, reference_files, args.reference_stats, args.eval_resolution
-    )
+    if args.reference_dir:
+        reference = metric_specs.reference_identity(args.reference_dir, reference_files, args.eval_resolution)
     if args.save_reference_stats and fid is not None and accelerator.is_main_process:
         fid.real.save(args.save_reference_stats)  # and what it is, so runs against it compare with this one
-        records.write_results(f"{args.save_reference_stats}.json", reference)
+        sidecar = metric_specs.reference_sidecar(reference or {}, fid)  # and is checked by them
+        records.write_results(f"{args.save_reference_stats}.json", sidecar)
 
     # 3. the record
     first = video_generation.frame_path(images_dir, 0, 0) if video else generation.image_path(images_dir, 0)

@@ -16,7 +16,9 @@ text-to-image distillation papers:
 
 The number also depends on the backbone (ViT-B/32, ViT-L/14, ViT-g/14 ... and which pretrained weights) and on
 its preprocessing; :meth:`CLIPScore.protocol` records all three so that two runs can be checked for
-comparability (:func:`diffdistill.metrics.check_comparable`).
+comparability (:func:`diffdistill.metrics.check_comparable`), and what identifies the weights beyond their name
+(``weights``: a local checkpoint's SHA-256, a Hub id's resolved commit, a model object's ``state_dict`` hash), so
+that other weights saved at the same path do not compare as the same backbone.
 """
 
 from __future__ import annotations
@@ -239,6 +241,16 @@ def _load_transformers_clip(
     return model, processor
 
 
+def _transformers_identity(model_or_path: Any, model: torch.nn.Module) -> dict[str, str]:
+    """The weights' identity of a transformers backbone: a folder's files or a Hub id's commit
+    (:func:`~diffdistill.metrics.protocol.weights_identity`), or the ``state_dict`` hash of a model object."""
+    from .protocol import module_sha256, weights_identity
+
+    if isinstance(model_or_path, torch.nn.Module):
+        return {"state_dict_sha256": module_sha256(model)}
+    return weights_identity(str(model_or_path))
+
+
 def _pil_image_processor(image_processor: Any) -> Any:
     """The PIL implementation of a transformers image processor (the same settings), where it has one.
 
@@ -269,6 +281,10 @@ class PromptImageMetric(RunningMean):
 
     metric_name = "score"
     _update_args = "images, prompts"
+    weights: dict[str, str] = {}  # noqa: RUF012 -- replaced (never changed in place) by the named constructors
+    """What identifies the backbone's weights beyond its name (:func:`~diffdistill.metrics.protocol.weights_identity`:
+    a local checkpoint's SHA-256, a Hub id's resolved commit, a model object's ``state_dict`` hash), recorded by
+    :meth:`protocol` as ``weights`` when not empty."""
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:  # pragma: no cover
         """Per-pair scores ``(N,)`` (float64) of a batch, without accumulating them.
@@ -303,7 +319,10 @@ class PromptImageMetric(RunningMean):
             A JSON-serialisable dict (metric name, backbone, preprocessing, convention; no counts: those are
             results).
         """
-        return {"metric": self.metric_name}
+        return {"metric": self.metric_name} | self._weights_entry()
+
+    def _weights_entry(self) -> dict[str, Any]:
+        return {"weights": dict(self.weights)} if self.weights else {}
 
 
 class CLIPScore(PromptImageMetric):
@@ -435,6 +454,11 @@ class CLIPScore(PromptImageMetric):
             description=f"open_clip {name} pretrained={pretrained} (open_clip {open_clip.__version__})",
         )
         metric.model = model
+        from .protocol import weights_identity
+
+        metric.weights = weights_identity(
+            pretrained
+        )  # a local checkpoint by content; a registry tag is its name
         return metric
 
     @classmethod
@@ -480,6 +504,7 @@ class CLIPScore(PromptImageMetric):
             description=f"transformers CLIPModel {name} (transformers {transformers.__version__})",
         )
         metric.model = model
+        metric.weights = _transformers_identity(model_or_path, model)
         return metric
 
     def cosines(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -557,4 +582,4 @@ class CLIPScore(PromptImageMetric):
             "scale": self.scale,
             "clamp_negative": self.clamp_negative,
             "clamp_mean": self.clamp_mean,
-        }
+        } | self._weights_entry()

@@ -39,6 +39,7 @@ from torch import nn
 from .._checks import check_bool, check_float_input, check_int, check_tensor
 from ..errors import DTypeError, MissingDependencyError, OptionError, ShapeError, value_checks_enabled
 from ._dist import all_reduce_sum, is_distributed
+from .protocol import module_sha256
 
 __all__ = [
     "FID",
@@ -950,9 +951,13 @@ class FID:
         The counts of generated images are results, not protocol, and are left out (the prompt count is the
         protocol's).
 
+        A feature extractor other than :class:`InceptionFeatures` (whose file is clean-fid's published one) is
+        named by its class and, when it is an ``nn.Module``, identified by its weights
+        (``feature_extractor_sha256``, :func:`~diffdistill.metrics.protocol.module_sha256`, hashed once).
+
         Returns:
             ``{"metric": "fid", "feature_extractor": ..., "reference": ...}``, plus the ``reference_*`` entries
-            above for given statistics.
+            above for given statistics and ``feature_extractor_sha256`` for a custom module.
 
         Raises:
             ShapeError: The given reference statistics hold fewer than 2 feature vectors.
@@ -962,6 +967,10 @@ class FID:
             "feature_extractor": _describe_extractor(self.feature_extractor),
             "reference": "given statistics" if self.reference is not None else "accumulated from images",
         }
+        extractor = self.feature_extractor
+        own_hash = isinstance(extractor, InceptionFeatures) or hasattr(extractor, "sha256")  # FVD's I3D file
+        if isinstance(extractor, nn.Module) and not own_hash:
+            out["feature_extractor_sha256"] = module_sha256(extractor)  # another network of the same class
         if self.reference is not None:
             out["reference_sha256"] = self.reference.sha256()
             if self.reference.count is not None:

@@ -59,11 +59,13 @@ from .clip_score import (
     _load_open_clip,
     _load_transformers_clip,
     _to_pil,
+    _transformers_identity,
     _TransformersImageEncoder,
     _TransformersPreprocess,
     _TransformersTextEncoder,
 )
 from .fid import _require, check_float_images
+from .protocol import files_sha256, weights_identity
 
 __all__ = ["AestheticMLP", "AestheticScore", "HPSPreprocess", "HPSv21Score", "ImageRewardScore", "PickScore"]
 
@@ -95,7 +97,7 @@ class ImageRewardScore(PromptImageMetric):
         2.0
     """
 
-    metric_name = "image_reward"
+    metric_name = "imagereward"
 
     def __init__(self, scorer: Callable[[str, Any], Any], *, description: str = "custom scorer") -> None:
         super().__init__()
@@ -172,7 +174,7 @@ class ImageRewardScore(PromptImageMetric):
         Returns:
             A JSON-serialisable dict.
         """
-        return {"metric": self.metric_name, "backbone": self.description}
+        return {"metric": self.metric_name, "backbone": self.description} | self._weights_entry()
 
 
 class HPSPreprocess:
@@ -296,7 +298,7 @@ class HPSv21Score(CLIPScore):
         DTypeError: An encoder / preprocess is not callable.
     """
 
-    metric_name = "hpsv2.1"
+    metric_name = "hpsv21"
 
     def __init__(
         self,
@@ -361,6 +363,7 @@ class HPSv21Score(CLIPScore):
             description=f"HPSv2.1 open_clip {model_name} + {path.name}",
         )
         metric.model = model
+        metric.weights = {"weights_sha256": files_sha256(path)}  # the checkpoint by content, not by file name
         return metric
 
 
@@ -429,6 +432,7 @@ class PickScore(CLIPScore):
             description=f"PickScore transformers CLIPModel {name}",
         )
         metric.model = clip
+        metric.weights = _transformers_identity(model, clip)
         return metric
 
 
@@ -582,6 +586,10 @@ class AestheticScore(PromptImageMetric):
             description=f"LAION aesthetic v2 {path.name} on open_clip {clip_name} pretrained={clip_pretrained}",
         )
         metric.model = model
+        clip_identity = weights_identity(clip_pretrained)
+        metric.weights = {"weights_sha256": files_sha256(path)} | {
+            f"clip_{k}": v for k, v in clip_identity.items()
+        }
         return metric
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -617,4 +625,4 @@ class AestheticScore(PromptImageMetric):
             "metric": self.metric_name,
             "backbone": self.description,
             "preprocess": repr(self.preprocess),
-        }
+        } | self._weights_entry()

@@ -21,7 +21,16 @@ from typing import Any
 
 from ..errors import DTypeError, OptionError, ProtocolMismatchError
 
-__all__ = ["EvaluationProtocol", "check_comparable", "hash_prompts", "package_versions"]
+__all__ = [
+    "EvaluationProtocol",
+    "check_comparable",
+    "files_sha256",
+    "hash_prompts",
+    "hub_commit",
+    "module_sha256",
+    "package_versions",
+    "weights_identity",
+]
 
 
 def _check_prompts(prompts: Any) -> list[str]:
@@ -102,6 +111,148 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def files_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 identity of weights on disk: of a file's name and bytes, or of a folder's top-level files
+    (sorted by name; each name, a NUL byte, then its bytes). Files are read in 16 MiB blocks, so a checkpoint of
+    any size hashes in constant memory (about 1 s per GB).
+
+    Another checkpoint saved under the same path changes it; the same files under another folder name do not
+    (a folder's own name is not hashed).
+
+    Args:
+        path: A file or a folder.
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> from diffdistill.metrics.protocol import files_sha256
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = (Path(folder) / "w.bin").write_bytes(b"1234")
+        ...     len(files_sha256(folder))
+        64
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"No file or folder at `{root}` to hash.")
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    for file in files:
+        digest.update(file.name.encode("utf-8") + b"\0")
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def module_sha256(module: Any) -> str:
+    """The SHA-256 identity of a module's weights: every ``state_dict`` entry in order, its name, dtype, shape
+    and bytes (copied to the CPU one tensor at a time). Computed once per module object and kept on it (frozen
+    evaluation backbones do not change during a run).
+
+    Args:
+        module: An ``nn.Module``.
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        DTypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch
+        >>> from diffdistill.metrics.protocol import module_sha256
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> module_sha256(a) == module_sha256(a), module_sha256(a) == module_sha256(b)
+        (True, False)
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise DTypeError(f"Expected `module` to be an nn.Module, but got {type(module).__name__}.")
+    cached = module.__dict__.get("_diffdistill_sha256")
+    if cached is not None:
+        return str(cached)
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    module.__dict__["_diffdistill_sha256"] = digest.hexdigest()
+    return str(module.__dict__["_diffdistill_sha256"])
+
+
+def hub_commit(
+    repo_id: str, revision: str | None = None, *, filename: str = "config.json", cache_dir: str | None = None
+) -> str | None:
+    """The commit a Hub id resolves to in the local Hugging Face cache (what ``from_pretrained`` loaded), read
+    offline: the snapshot folder that holds ``filename`` for ``revision`` (default ``main``).
+
+    Args:
+        repo_id: The Hub id (``"openai/clip-vit-large-patch14"``).
+        revision: A branch, tag or commit (``None``: ``main``).
+        filename: A file of the repository's root that the loader fetched.
+        cache_dir: The cache (``None``: huggingface_hub's default, ``HF_HUB_CACHE``).
+
+    Returns:
+        The 40-hex-digit commit, or None when the file is not cached (or huggingface_hub is not installed).
+
+    Example:
+        >>> from diffdistill.metrics.protocol import hub_commit
+        >>> hub_commit("surely-not/a-cached-repo") is None
+        True
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers / diffusers
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    except ValueError:  # not a valid repository id (e.g. a path that does not exist)
+        return None
+    if not isinstance(found, str):
+        return None
+    commit = Path(found).parent.name
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def weights_identity(
+    source: str | os.PathLike[str] | None, *, revision: str | None = None, filename: str = "config.json"
+) -> dict[str, str]:
+    """What identifies the weights a backbone was loaded from, for a protocol record: a local file or folder by
+    its content (:func:`files_sha256`, ``{"weights_sha256": ...}``), a Hub id by the commit it resolved to
+    (:func:`hub_commit`, ``{"commit": ...}``; ``{}`` when not cached), a name from a registry (an open_clip
+    ``pretrained`` tag) or None by nothing (``{}``: the name is the identity).
+
+    Args:
+        source: A path, a Hub id, a registry tag, or None.
+        revision: The Hub revision asked for.
+        filename: A root file of the Hub repository (see :func:`hub_commit`).
+
+    Returns:
+        ``{"weights_sha256": ...}``, ``{"commit": ...}`` or ``{}``.
+
+    Example:
+        >>> from diffdistill.metrics.protocol import weights_identity
+        >>> weights_identity(None), weights_identity("laion2b_s12b_b42k")
+        ({}, {})
+    """
+    if source is None:
+        return {}
+    path = Path(source)
+    if path.exists():
+        return {"weights_sha256": files_sha256(path)}
+    name = str(source)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        commit = hub_commit(name, revision, filename=filename)
+        return {} if commit is None else {"commit": commit}
+    return {}
 
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")

@@ -15,7 +15,9 @@ that stops leaves finished files only (written to a temporary name, then renamed
 the missing ones -- after :func:`check_resume` has compared the folder's ``generation.json`` (the sampler record
 with the student weights' SHA-256, the seed, the quantisation, the prompt of every index) with the rerun's, so that
 images made otherwise are never mixed in. The weights are hashed once, by the main process, and the hash is
-broadcast to the others (:func:`shared_weights_sha256`).
+broadcast to the others (:func:`shared_weights_sha256`). ``generation.json`` also records the package versions the
+images were generated with (:func:`resume_versions`: a resume under others warns and is recorded). A batch with NaN /
+infinite pixels is refused before any of it is written (:func:`check_finite`: our choice over scoring it).
 
 A training run's output folder says how its student is sampled, and it is read rather than retyped (our choices):
 
@@ -61,7 +63,8 @@ SEED_STRIDE = 1
 """Prompt ``i`` is sampled from seed ``seed + SEED_STRIDE * i`` (SiD-LSG's ``--seeds=0-29999``: seed ``i``)."""
 
 DEFAULT_STEPS = 4
-"""``--num_inference_steps`` when neither it, explicit timesteps / sigmas nor a saved grid are given."""
+"""A student's ``--num_inference_steps`` when neither it, explicit timesteps / sigmas nor a saved grid are given
+(``--teacher``: the pipeline's own default, :func:`fill_teacher_steps`)."""
 
 SCHEDULER_FOLDER = "scheduler"
 """A run folder's saved sampler (``save_pretrained`` of a diffusers scheduler)."""
@@ -111,6 +114,7 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
     )
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     check_pipeline_options(pipe, resolve_sampler(args))
+    fill_teacher_steps(pipe, args)
     if not args.teacher:
         apply_student(pipe, args, dtype)
     set_sampler(pipe, args, resolve_sampler(args).saved_sampler)
@@ -244,17 +248,12 @@ def check_lora_base(lora_file: Path, args: argparse.Namespace) -> None:
 def weights_sha256(kind: str, path: Path) -> str:
     """SHA-256 identifying the student's weights: of the LoRA file's bytes, or of a denoiser folder's files (its
     top-level files, sorted by name, each name and its bytes) -- what :func:`apply_student` loads, so retraining
-    into the same path changes it."""
-    import hashlib
+    into the same path changes it (:func:`diffdistill.metrics.protocol.files_sha256`, as the backbones' local
+    checkpoints: a file is hashed as itself, a folder by its top-level files; ``kind``, ``"lora"`` or
+    ``"denoiser"``, says which of the two :func:`resolve_student` found)."""
+    from diffdistill.metrics.protocol import files_sha256
 
-    digest = hashlib.sha256()
-    files = [path] if kind == "lora" else sorted(p for p in path.iterdir() if p.is_file())
-    for file in files:
-        digest.update(file.name.encode("utf-8") + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return files_sha256(path)
 
 
 def shared_weights_sha256(kind: str, path: Path, accelerator: Any = None) -> str:
@@ -384,6 +383,8 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         sources["steps"] = (
             "--timesteps" if args.timesteps else "--sigmas" if args.sigmas else "--num_inference_steps"
         )
+    elif getattr(args, "teacher", False):
+        sources["steps"] = "pipeline default"  # the number: fill_teacher_steps, once the pipeline is loaded
     else:
         sources["steps"] = f"default {DEFAULT_STEPS}"
         for file, (saved_key, own_key) in SIGMA_FILES.items():
@@ -451,6 +452,47 @@ def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | Non
         return
     cls = getattr(diffusers, args.scheduler) if args.scheduler else type(pipe.scheduler)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def default_steps(pipe: Any) -> int | None:
+    """The ``num_inference_steps`` a pipeline's call defaults to (SDXL 50, SD3 / FLUX 28, Wan 50), or None if it
+    has no integer default."""
+    import inspect
+
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    default = None if parameter is None else parameter.default
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
+
+
+def fill_teacher_steps(pipe: Any, args: argparse.Namespace) -> None:
+    """A ``--teacher`` without ``--num_inference_steps`` / ``--timesteps`` / ``--sigmas`` samples at the
+    pipeline's own default (:func:`default_steps`; our choice: the teacher row of a table is the teacher as its
+    users sample it, not the students' 4 steps), written into ``args`` so that the call and the record hold it.
+
+    Args:
+        pipe: the loaded pipeline.
+        args: the options (changed in place).
+
+    Raises:
+        ValueError: if the pipeline's call has no default step count (pass ``--num_inference_steps``).
+    """
+    if (
+        not getattr(args, "teacher", False)
+        or args.num_inference_steps is not None
+        or args.timesteps
+        or args.sigmas
+    ):
+        return
+    steps = default_steps(pipe)
+    if steps is None:
+        raise ValueError(
+            f"Expected --num_inference_steps with --teacher: {type(pipe).__name__}'s call has no default step count. "
+            "Pass the steps the teacher is sampled with (e.g. --num_inference_steps 50)."
+        )
+    args.num_inference_steps = steps
+    sources = (getattr(args, "saved_sampler", None) or {}).get("sources")
+    if sources is not None:
+        sources["steps"] = f"pipeline default {steps}"
 
 
 def default_guidance(pipe: Any) -> float | None:
@@ -555,7 +597,7 @@ def check_pipeline_options(pipe: Any, args: argparse.Namespace) -> None:
 def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the sampler a student's run folder saved filled in where the options leave it open
     (:func:`read_saved_sampler`): ``sigmas``, ``guidance_scale``, ``max_sequence_length``, ``num_inference_steps``
-    (else :data:`DEFAULT_STEPS`), and ``saved_sampler`` (the saved values and the source of each; Wan 2.2 A14B's
+    (else :data:`DEFAULT_STEPS`; a ``--teacher``'s stays None until :func:`fill_teacher_steps`), and ``saved_sampler`` (the saved values and the source of each; Wan 2.2 A14B's
     ``guidance_scale_2`` is filled in by :func:`evaluation.video_generation.load_pipeline`, which knows whether the
     pipeline has that expert). Idempotent.
 
@@ -574,7 +616,10 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
         args.guidance_scale = saved["guidance_scale"]
     if saved["max_sequence_length"] is not None:
         args.max_sequence_length = saved["max_sequence_length"]
-    if args.num_inference_steps is None and not (args.timesteps or args.sigmas):
+    teacher = getattr(
+        args, "teacher", False
+    )  # the pipeline's own steps: fill_teacher_steps, with the pipeline
+    if args.num_inference_steps is None and not (args.timesteps or args.sigmas) and not teacher:
         args.num_inference_steps = DEFAULT_STEPS
         if saved["scheduler"] is not None:  # e.g. flow_ladd: its grid is the run's --student_sigmas
             warnings.warn(
@@ -638,6 +683,7 @@ def sampler_record(
             student["loaded"] = str(path)
     record = {
         "model": str(args.pretrained_model_name_or_path),
+        **model_commit(args),
         "revision": args.revision,
         "variant": args.variant,
         "role": "teacher" if args.teacher else "student",
@@ -664,6 +710,19 @@ def sampler_record(
     if negative is not None:  # true CFG (Qwen-Image): the negative prompt is part of the guidance
         record["negative_prompt"] = negative
     return record
+
+
+def model_commit(args: argparse.Namespace) -> dict[str, str]:
+    """``{"model_commit": ...}``: the commit a Hub id's ``--revision`` (default ``main``, which moves) resolved to
+    in the local cache when the pipeline was loaded (:func:`diffdistill.metrics.protocol.hub_commit` of its
+    ``model_index.json``); ``{}`` for a local folder (its student weights are hashed; the base folder is named)."""
+    from diffdistill.metrics.protocol import hub_commit
+
+    model = str(args.pretrained_model_name_or_path)
+    if Path(model).exists():
+        return {}
+    commit = hub_commit(model, args.revision, filename="model_index.json")
+    return {} if commit is None else {"model_commit": commit}
 
 
 def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -> list[int] | None:
@@ -735,6 +794,7 @@ def check_resume(
     record_path = folder / MANIFEST_NAME
     existing = sorted(p for p in folder.glob(entries)) if folder.is_dir() else []
     recorded: list[str] = []
+    old: dict[str, Any] = {}
     if record_path.is_file():
         old = json.loads(record_path.read_text(encoding="utf-8"))
         old["quantization"] = manifest_quantization(old)
@@ -766,11 +826,88 @@ def check_resume(
 
         merged = list(prompts) + recorded[len(prompts) :]  # keep prompts of images beyond this run's list
         record = {"generator": generator, "seed": int(seed), "quantization": quantization, "prompts": merged}
+        present = {int(f.stem) for f in existing if f.stem.isdigit()}
+        adds = any(i not in present for i in range(len(prompts)))  # a resume that generates images
+        record.update(resume_versions(old, bool(existing) and adds, folder))
         write_results(record_path, record)
 
 
+def resume_versions(old: dict[str, Any], mixes: bool, folder: Path) -> dict[str, Any]:
+    """The package versions of an image folder's record: ``versions``, those of the run that generated its first
+    images (kept on resume; None for a folder recorded before versions were), and ``resumed_versions``, every other
+    set a resumed run added images with -- with a warning, as kernels and schedulers may differ between releases
+    and the folder then mixes images of both.
+
+    Args:
+        old: the folder's record so far (``{}``: none).
+        mixes: whether this run adds images to a folder that holds some.
+        folder: the image folder (named in the warning).
+
+    Returns:
+        ``{"versions": ..., "resumed_versions": [...]}``.
+    """
+    from diffdistill.metrics.protocol import package_versions
+
+    from .metric_specs import PACKAGES
+
+    now = package_versions(PACKAGES)
+    if not old:
+        return {"versions": now, "resumed_versions": []}
+    first, resumed = old.get("versions"), list(old.get("resumed_versions", []))
+    if mixes and first != now and now not in resumed:
+        resumed.append(now)
+        changed = sorted(k for k in now if (first or {}).get(k) != now[k])
+        before = {k: (first or {}).get(k) for k in changed} if first else "not recorded"
+        warnings.warn(
+            f"The images in {folder} were generated with other package versions ({', '.join(changed)}: {before}) "
+            f"than this run's ({ {k: now[k] for k in changed} }): "
+            "the folder will mix images of both (recorded as resumed_versions). Choose another --output_dir to "
+            "generate every image with these versions.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"versions": first, "resumed_versions": resumed}
+
+
+def declared_record(args: argparse.Namespace, quantization: str) -> dict[str, Any]:
+    """The ``generator`` entry of an ``--images`` folder without ``generation.json`` (made elsewhere): the seed and
+    the quantisation are what the options declare (``--seed``, ``--quantization``, default round), not facts the
+    script read, and are recorded under ``declared``; a warning when the quantisation was not given (DMD2's
+    evaluation truncates: ``--quantization truncate``)."""
+    if getattr(args, "quantization", None) is None:
+        warnings.warn(
+            f"--images {args.images} has no {MANIFEST_NAME}: its quantisation is declared 'round' by default "
+            f"(diffusers' numpy_to_pil) and its seed --seed {args.seed}, as nothing records them. Pass --quantization "
+            "truncate for folders made as DMD2's evaluation makes them.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return {
+        "images": f"made elsewhere (no {MANIFEST_NAME})",
+        "declared": {
+            "seed": int(args.seed),
+            "quantization": quantization,
+            "quantization_source": "--quantization" if getattr(args, "quantization", None) else "default",
+        },
+    }
+
+
+def with_generation_versions(record: dict[str, Any] | None, folder: str | Path) -> dict[str, Any] | None:
+    """``record`` (a ``generator`` entry) with the package versions of the folder's ``generation.json``
+    (``generation_versions``, and ``resumed_versions`` when a resumed run added images with others,
+    :func:`resume_versions`); as it is without a record (or one from before versions were recorded)."""
+    manifest = read_manifest(folder)
+    if record is None or manifest is None or "versions" not in manifest:
+        return record
+    out = dict(record) | {"generation_versions": manifest["versions"]}
+    if manifest.get("resumed_versions"):
+        out["resumed_versions"] = manifest["resumed_versions"]
+    return out
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The generation record of an image folder (``{"generator", "seed", "quantization", "prompts"}``), or None."""
+    """The generation record of an image folder (``{"generator", "seed", "quantization", "prompts", "versions",
+    "resumed_versions"}``), or None."""
     import json
 
     path = Path(folder) / MANIFEST_NAME
@@ -796,8 +933,9 @@ def call_kwargs(args: argparse.Namespace, pipe: Any = None) -> dict[str, Any]:
         kw["timesteps"] = list(args.timesteps)
     elif args.sigmas:
         kw["sigmas"] = list(args.sigmas)
-    else:
+    elif args.num_inference_steps is not None or not getattr(args, "teacher", False):
         kw["num_inference_steps"] = args.num_inference_steps or DEFAULT_STEPS
+    # else: a teacher before fill_teacher_steps -- the pipeline's own default
     if args.guidance_scale is None:
         return kw
     negative = TRUE_CFG_NEGATIVE.get(type(pipe).__name__) if pipe is not None else None
@@ -819,15 +957,47 @@ def to_uint8(images: torch.Tensor, quantization: str = "round") -> torch.Tensor:
       level below rounding wherever the fraction of ``y`` exceeds one half, or equals it above an odd level
       (``round`` takes halves to the even neighbour), so the images are half a level darker on average.
 
+    Non-finite pixels are refused (:func:`check_finite`): ``clamp`` keeps NaN, and its cast to uint8 is undefined
+    (0 on CPUs: a black image that FID and the CLIP score would take for a generated one).
+
     Raises:
-        ValueError: for another ``quantization``.
+        ValueError: for another ``quantization``, or images with NaN / infinite pixels.
     """
+    check_finite(images)
     y = images.float().clamp(0, 1) * 255
     if quantization == "round":
         y = y.round()
     elif quantization != "truncate":
         raise ValueError(f"Expected quantization in {QUANTIZATIONS}, but got {quantization!r}.")
     return y.to(torch.uint8).permute(0, 2, 3, 1).cpu()  # the cast truncates (y >= 0)
+
+
+def check_finite(images: torch.Tensor, indices: Sequence[int] | None = None) -> None:
+    """Refuse generated images (or videos) with NaN / infinite pixels, before any is written.
+
+    Our choice: refuse rather than count and score them. Written as uint8 they become black / white images that
+    look plausible to every metric (FID rises by an amount nobody can tell from a real regression), and a resumed
+    run would reuse them; a stopped run with the indices named costs less than a wrong number.
+
+    Args:
+        images: ``(N, ...)`` float images (or ``(N, F, 3, H, W)`` videos).
+        indices: the images' indices in the prompt set (default ``0 .. N-1``).
+
+    Raises:
+        ValueError: naming the images with non-finite pixels and the usual causes.
+    """
+    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    names = list(range(images.shape[0])) if indices is None else list(indices)
+    bad = [int(names[k]) for k in torch.nonzero(~finite).flatten().tolist()]
+    raise ValueError(
+        f"Expected finite pixels, but the sampler returned NaN / infinite values for {len(bad)} of {len(names)} "
+        f"images (indices {bad[:20]}{' ...' if len(bad) > 20 else ''}); nothing of this batch was written. Usual "
+        "causes: a float16 VAE overflowing (SDXL's VAE: pass --dtype float32 or bfloat16, or a VAE with "
+        "force_upcast), a diverged student (check its training losses / validation images), or a sampler "
+        "setting outside what the model supports."
+    )
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -876,6 +1046,9 @@ def generate_images(
 
     Returns:
         The indices generated now (the others existed).
+
+    Raises:
+        ValueError: if a batch holds NaN / infinite pixels (:func:`check_finite`; nothing of it is written).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -885,7 +1058,9 @@ def generate_images(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         gens = [torch.Generator().manual_seed(int(seed) + SEED_STRIDE * i) for i in batch]
-        for i, output in zip(batch, sample([prompts[i] for i in batch], gens)):
+        outputs = sample([prompts[i] for i in batch], gens)
+        check_finite(outputs, batch)  # before any of the batch is written, with the prompts' indices
+        for i, output in zip(batch, outputs):
             save(output, folder, i, quantization)
         if progress is not None:
             progress.update(len(batch))

@@ -99,7 +99,7 @@ def _describe(record: dict[str, Any]) -> tuple[str, str, str]:
     gen = record["protocol"].get("generator") or {}
     steps = gen.get("timesteps") or gen.get("sigmas") or gen.get("num_inference_steps")
     n = len(steps) if isinstance(steps, list) else steps
-    sampler = f"{gen.get('scheduler', '?')}, {n} steps" if gen else "images"
+    sampler = f"{gen['scheduler']}, {n} steps" if "scheduler" in gen else "images"  # else: --images, declared
     guidance = "-" if gen.get("guidance_scale") is None else f"{gen['guidance_scale']:g}"
     role, label = gen.get("role"), str(record.get("label", ""))
     return (f"{label} ({role})" if role and role != label else label), sampler, guidance
@@ -137,4 +137,7 @@ def comparison_table(paths: Sequence[str | Path]) -> str:
         f"{protocol['prompt_sha256'][:12]}...), seed {protocol['seeds']}, resolution {protocol['resolution']}, "
         f"eval resolution {protocol['preprocessing'].get('eval_resolution')}."
     )
+    deviations = (protocol.get("extra") or {}).get("protocol_deviations")
+    if deviations:  # the prompt file's protocol, not followed (evaluation.metric_specs.prompt_set)
+        lines.append("Deviations from the prompt file's protocol: " + "; ".join(deviations) + ".")
     return "\n".join(lines)

@@ -309,6 +309,7 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
     fill_defaults(args, pipe)
     saved = generation.resolve_sampler(args).saved_sampler
+    generation.fill_teacher_steps(pipe, args)  # a teacher without --num_inference_steps: WanPipeline's own 50
     if getattr(pipe, "transformer_2", None) is not None and args.guidance_scale_2 is None:
         # the run's record (A14B); None: the pipeline's rule (guidance_scale)
         args.guidance_scale_2 = saved.get("guidance_scale_2")

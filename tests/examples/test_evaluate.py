@@ -338,7 +338,9 @@ def test_folder_against_itself_has_fid_zero(tiny: dict[str, Path], tmp_path: Pat
     # which is ~1e-13 relative to tr(S) (the features are O(0.1), tr(S) ~ 1e-2)
     assert abs(record["metrics"]["fid"]) < 1e-9
     assert record["protocol"]["extra"]["fid_reference"]["images"] == 12
-    assert record["protocol"]["generator"] == {}
+    # no generation.json: the seed and quantisation are the options', recorded as declared
+    declared = {"seed": 0, "quantization": "round", "quantization_source": "default"}
+    assert record["protocol"]["generator"]["declared"] == declared
     # the saved reference statistics given instead of the folder: the same FID, and the same protocol (the
     # statistics' .json names the folder they came from), so the runs compare
     i = argv.index("--reference_dir")
@@ -348,9 +350,15 @@ def test_folder_against_itself_has_fid_zero(tiny: dict[str, Path], tmp_path: Pat
     assert abs(again["metrics"]["fid"]) < 1e-9
     assert again["protocol"] == record["protocol"]
     evaluate.records.comparison_table([tmp_path / "out", tmp_path / "again"])
-    Path(f"{stats}.json").unlink()  # statistics of unknown origin: identified by their own hash
-    third = evaluate.main(evaluate.parse_args(argv))
-    assert len(third["protocol"]["extra"]["fid_reference"]["stats_sha256"]) == 64
+    Path(
+        f"{stats}.json"
+    ).unlink()  # statistics of unknown origin: identified by their own hash, with a warning
+    with pytest.warns(UserWarning, match=r"has no reference.npz.json .* crop, resize and resolution"):
+        third = evaluate.main(evaluate.parse_args(argv))
+    from diffdistill.metrics import FeatureStatistics
+
+    unknown = {"stats_sha256": FeatureStatistics.load(stats).sha256(), "preprocessing": "unknown"}
+    assert third["protocol"]["extra"]["fid_reference"] == unknown
 
 
 def _random_lora_file(unet: Any, folder: Path) -> Path:
@@ -418,6 +426,20 @@ def test_lora_and_full_unet_students_sample_as_diffusers_loads_them(
     )
     for name in ("lora", "full"):
         assert _png_bytes(folders[name])["000000.png"] != _png_bytes(teacher / "images")["000000.png"]
+
+
+def test_a_teacher_without_steps_runs_and_records_its_pipelines_default(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--teacher`` without ``--num_inference_steps``: StableDiffusionXLPipeline's own 50 steps, not the students'
+    4, in the call and in the record (audit 12, item 5)."""
+    argv = _argv(tiny, tmp_path / "teacher", "--teacher", "--guidance_scale", "1", "--num_prompts", "1")
+    i = argv.index("--num_inference_steps")
+    del argv[i : i + 2]
+    record = evaluate.main(evaluate.parse_args(argv), metrics={"clip_score": tiny_metrics.tiny_clip_score()})
+    generator = record["protocol"]["generator"]
+    assert generator["num_inference_steps"] == 50
+    assert generator["sampler_sources"]["steps"] == "pipeline default 50"
 
 
 def test_flux_student_and_compare_table(tiny: dict[str, Path], tmp_path: Path) -> None:

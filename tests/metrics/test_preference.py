@@ -64,7 +64,7 @@ def test_hpsv21_loads_the_checkpoint_state_dict_and_scores_the_cosine(tmp_path: 
         want = (feats_i @ feats_t.T).diagonal().double()
     torch.testing.assert_close(metric.scores(images, PROMPTS), want, rtol=1e-5, atol=1e-6)
     assert (
-        metric.protocol()["metric"] == "hpsv2.1" and "HPS_v2.1_compressed.pt" in metric.protocol()["backbone"]
+        metric.protocol()["metric"] == "hpsv21" and "HPS_v2.1_compressed.pt" in metric.protocol()["backbone"]
     )
     with pytest.raises(FileNotFoundError, match=r"No HPSv2.1 checkpoint at"):
         HPSv21Score.from_pretrained(tmp_path / "missing.pt", model_name=name)
@@ -159,7 +159,7 @@ def test_image_reward_goes_through_the_packages_public_api(monkeypatch: pytest.M
     first_pixel = torch.round(images[:, 0, 0, 0] * 255).double() / 255
     want = torch.tensor([len(p) for p in PROMPTS], dtype=torch.float64) + first_pixel.double()
     assert metric.compute() == pytest.approx(float(want.mean()), rel=1e-9)
-    assert metric.protocol()["metric"] == "image_reward"
+    assert metric.protocol()["metric"] == "imagereward"
     # non-square images reach the package whole (it resizes and crops them itself, with its BLIP transform)
     for size in ((48, 80), (80, 48), (37, 52)):
         handed: list[Any] = []
