@@ -340,14 +340,14 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     """What the student's run folder saved about its sampler, for the options that do not say it themselves.
 
     Returns ``{"scheduler": folder or None, "sigmas": list or None, "guidance_scale": float or None,
-    "guidance_scale_2": float or None, "max_sequence_length": int or None, "grid_size": [H, W] or None, "sources":
-    {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
+    "guidance_scale_2": float or None, "max_sequence_length": int or None, "grid_size": [H, W] or None,
+    "trained_size": [H, W] (when recorded), "sources": {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
     (:data:`SIGMA_FILES`) unless ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, with the size
     whose schedule shifted it (``grid_size`` of ``student_sampler.json``); the guidance unless ``--guidance_scale``
     is given: ``student_sampler.json``'s (``training.student_sampler``: the value the run trained the student to be
     sampled at, None for a model without a guidance input), else the ``guidance`` of an older flow_tscd
-    ``student_grid.json``; A14B's ``guidance_scale_2`` and the text length (``max_sequence_length``) the same way.
-    ``sources`` names where each value of the sampler comes from (an option, a file of the run, or the pipeline's
+    ``student_grid.json``; A14B's ``guidance_scale_2`` and the text length (``max_sequence_length``) the same way;
+    the trained size (``height`` / ``width``, :func:`check_trained_size`). ``sources`` names where each value of the sampler comes from (an option, a file of the run, or the pipeline's
     default); a ``guidance_scale`` source with the value None means the run recorded "no guidance".
 
     Args:
@@ -427,6 +427,8 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     elif record is not None and record.get("max_sequence_length") is not None:
         out["max_sequence_length"] = int(record["max_sequence_length"])
         sources["max_sequence_length"] = record_file
+    if record is not None and record.get("height") is not None:
+        out["trained_size"] = [int(record["height"]), int(record.get("width") or record["height"])]
     return out
 
 
@@ -706,6 +708,9 @@ def sampler_record(
     grid_size = check_grid_size(args, saved.get("grid_size"))
     if grid_size is not None:
         record["grid_size"] = grid_size
+    trained = check_trained_size(args, saved.get("trained_size"), warn=grid_size is None)
+    if trained is not None:
+        record["trained_size"] = trained
     negative = call_kwargs(args, pipe).get("negative_prompt")
     if negative is not None:  # true CFG (Qwen-Image): the negative prompt is part of the guidance
         record["negative_prompt"] = negative
@@ -745,6 +750,28 @@ def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -
             stacklevel=3,
         )
     return grid
+
+
+def check_trained_size(
+    args: argparse.Namespace, trained: Sequence[int] | None, *, warn: bool = True
+) -> list[int] | None:
+    """Warn (when ``warn``: :func:`check_grid_size` has not already) when the images are generated at another size
+    than the flow student was trained at (``height`` / ``width`` of its ``student_sampler.json``): a few-step student
+    is evaluated off its training distribution there. Returns the trained size (None when the run recorded none)."""
+    if trained is None:
+        return None
+    size = [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
+    trained = [int(v) for v in trained]
+    if warn and trained != size:
+        warnings.warn(
+            f"The student was trained at {trained[0]} x {trained[1]} (its run's student_sampler.json), but the images "
+            f"are generated at {size[0]} x {size[1]}. Pass --resolution {trained[0]}"
+            f"{f' --width {trained[1]}' if trained[1] != trained[0] else ''} to evaluate it at its trained size (the "
+            "record holds both sizes).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return trained
 
 
 MANIFEST_NAME = "generation.json"

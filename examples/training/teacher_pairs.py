@@ -85,6 +85,12 @@ def check_shard(path: Path, settings: dict[str, Any], rows: int, num_pairs: int)
             f"(written by an older version of this script), so it cannot be checked against this run. {fix}."
         )
     stored = json.loads(stored_json)
+    if stored.get("prompt_draw") != settings["prompt_draw"]:
+        raise ValueError(
+            f"Expected the teacher pairs in {path.parent} to use every prompt once per N pairs (prompt_draw="
+            f"{settings['prompt_draw']!r}, data_sources.covering_prompts), but {path.name} was made by an older "
+            f"version that drew the prompts with replacement (prompt_draw={stored.get('prompt_draw')!r}). {fix}."
+        )
     differ = [k for k in PAIR_SETTINGS_FLAGS if stored.get(k) != settings[k]]
     if differ:
         made = ", ".join(f"{k}={stored.get(k)!r}" for k in differ)

@@ -35,13 +35,13 @@ _ROUTERS: list[Any] = []  # weak references to every WanExperts / ExpertDiscrimi
 
 
 class _Routed(nn.Module):
-    """What :class:`WanExperts` and :class:`ExpertDiscriminators` share: ``used``, per branch the LoRA adapters
-    active (``None``: adapters off or none) when it ran on real samples with gradients enabled since the last
-    optimiser step (:func:`drop_unused_grads`)."""
+    """What :class:`WanExperts` and :class:`ExpertDiscriminators` share: ``used``, per branch what ran on real
+    samples with gradients enabled and is not yet accounted for by an optimiser step (:func:`drop_unused_grads`):
+    ``None`` when the branch ran at all, and the name of each LoRA adapter active in it then."""
 
     def _register(self, track: bool = True) -> None:
         self.used: list[set[str | None]] = [set(), set()]
-        self._tuner_layers: list[Any] = []
+        self._tuner_layers: list[Any] = [None, None]
         if track:  # a transient composition (validation) is not tracked
             _ROUTERS.append(weakref.ref(self))
 
@@ -50,15 +50,14 @@ class _Routed(nn.Module):
 
     def mark_used(self, index: int) -> None:
         """Record that branch ``index`` runs on real samples now, under the adapters active in it (read from
-        one of its peft LoRA layers: a shared base or ``set_adapter`` switches every layer together)."""
-        if not self._tuner_layers:  # looked up once (the adapters exist before the first training forward)
-            self._tuner_layers = [
-                next((m for m in b.modules() if _adapter_dict(m)), None) for b in self.branches()
-            ]
+        one of its peft LoRA layers: a shared base or ``set_adapter`` switches every layer together; a branch
+        without one is searched again at the next call, so adapters added after a first forward count)."""
         layer = self._tuner_layers[index]
-        if layer is None or layer.disable_adapters:
-            self.used[index].add(None)
-        else:
+        if layer is None:
+            layer = next((m for m in self.branches()[index].modules() if _adapter_dict(m)), None)
+            self._tuner_layers[index] = layer
+        self.used[index].add(None)
+        if layer is not None and not layer.disable_adapters:
             self.used[index].update(layer.active_adapters)
 
 
@@ -265,9 +264,11 @@ def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
     weight-0 pass (:func:`route`) gave them a zero gradient, on which AdamW would still take a momentum (and
     weight-decay) step that a one-process run does not: with ``grad`` None the optimiser skips them, as one process
     does. Per adapter, since two adapters of one base (a shared base's generator and fake score) may run on different
-    experts in one step (SiD's generator loss differentiates through the fake score). One all-reduce of the usage
-    flags (MAX) per step, over the routers owning any of ``params``, in construction order (the same on every
-    process)."""
+    experts in one step (SiD's generator loss differentiates through the fake score). Only the usage of ``params``'
+    own adapters (and of the branches' other parameters among ``params``) is forgotten: the optimisers of one model
+    step one after another (generator, fake score, GAN heads), each after all its micro-batches. One all-reduce of
+    the usage flags (MAX) per call, over the routers owning any of ``params``, in construction order (the same on
+    every process)."""
     _ROUTERS[:] = [ref for ref in _ROUTERS if ref() is not None]  # forget collected ones
     routers = [ref() for ref in _ROUTERS]
     if not routers:  # no two-expert model in this run: nothing to look up
@@ -277,24 +278,28 @@ def drop_unused_grads(accelerator: Any, params: list[Any]) -> None:
     if not mine:
         return
     # per branch: flag 0 "ran at all", then one flag per adapter (sorted names: the same list on every process)
-    slots = [[None, *sorted(_adapter_names(m))] for r in mine for m in r.branches()]
-    used = [u for r in mine for u in r.used]
+    branches = [(r, i, m) for r in mine for i, m in enumerate(r.branches())]
+    slots = [[None, *sorted(_adapter_names(m))] for _, _, m in branches]
     flags = torch.tensor(
-        [int(bool(u)) if k == 0 else int(name in u) for s, u in zip(slots, used) for k, name in enumerate(s)],
+        [int(name in r.used[i]) for (r, i, _), names in zip(branches, slots) for name in names],
         dtype=torch.int32,
     )
     if accelerator.num_processes > 1 and torch.distributed.is_initialized():
         flags = flags.to(accelerator.device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     values = iter(flags.tolist())
-    modules = [m for r in mine for m in r.branches()]
-    for module, names in zip(modules, slots):
+    for (router, index, module), names in zip(branches, slots):
         ran = dict(zip(names, (next(values) for _ in names)))
+        stepped: set[str | None] = set()
         for name, p in module.named_parameters():
-            if id(p) in ids and not ran.get(_adapter_of(name, ran), ran[None]):
-                p.grad = None
-    for router in mine:
-        router.used = [set(), set()]
+            if id(p) in ids:
+                key = _adapter_of(name, ran)
+                stepped.add(key)
+                if not ran[key]:
+                    p.grad = None
+        # forget only what this optimiser's step accounts for: another optimiser of the same model (the fake score's
+        # after the generator's, the GAN heads' after the fake score's, the next micro-batches' sync) keeps its usage
+        router.used[index] -= stepped
 
 
 def _adapter_dict(module: nn.Module) -> Any:
@@ -310,7 +315,8 @@ def _adapter_names(module: nn.Module) -> set[str]:
 
 def _adapter_of(param_name: str, names: Any) -> str | None:
     """The adapter a parameter belongs to (peft names it ``...lora_A.<adapter>.weight``, ``lora_B``,
-    ``lora_magnitude_vector``, ``lora_embedding_A`` ...), or None for a parameter of no adapter."""
+    ``lora_magnitude_vector``, ``lora_embedding_A`` ...), or None for a parameter of no adapter (``names``: the
+    adapters' names)."""
     parts = param_name.split(".")
     for kind, name in itertools.pairwise(parts):
         if kind.startswith("lora_") and name in names:

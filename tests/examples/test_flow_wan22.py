@@ -554,6 +554,43 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
         assert any(not torch.equal(got[k], start[k]) for k in got if k.startswith(prefix + "."))
 
 
+def test_each_optimiser_keeps_its_own_usage_and_late_adapters_count() -> None:
+    """One process, the optimisers of one model stepping one after another: the fake score's (low-noise expert)
+    and then the generator's (high-noise expert), over two micro-batches each, must keep every gradient they have;
+    so must an adapter added after a first forward (audit 14: a drop forgot every adapter's usage, so the second
+    optimiser's gradients were all dropped, and a first forward without adapters hid them for good)."""
+    from types import SimpleNamespace
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    worker = importlib.import_module("wan_experts_worker")
+    model = worker.build()
+    x, _, text = worker.data(0)
+    with torch.enable_grad():  # a first forward with gradients, before any adapter exists
+        model(hidden_states=x, timestep=torch.tensor([950.0, 300.0]), encoder_hidden_states=text)
+    model.zero_grad(set_to_none=True)
+    from diffdistill.students import SharedBase
+
+    lora = {"rank": 2, "targets": ["to_q", "to_v"], "init_lora_weights": False}
+    base = SharedBase(model, adapters={"gen": lora, "fake": lora})
+    gen, fake = base.view("gen"), base.view("fake")
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    for _ in range(2):  # micro-batches: usage accumulates until the optimisers' drops
+        fake(hidden_states=x, timestep=torch.tensor([300.0, 200.0]), encoder_hidden_states=text)[
+            0
+        ].square().mean().backward()
+        gen(hidden_states=x, timestep=torch.tensor([990.0, 900.0]), encoder_hidden_states=text)[
+            0
+        ].square().mean().backward()
+    had = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(".fake." in n and n.startswith("transformer_2.") for n in had)
+    assert any(".gen." in n and n.startswith("transformer.") for n in had)
+    wan_experts.drop_unused_grads(accelerator, list(fake.parameters()))
+    wan_experts.drop_unused_grads(accelerator, list(gen.parameters()))
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == had
+
+
 def test_an_adapter_unused_everywhere_is_not_stepped_though_its_expert_ran(tmp_path: Path) -> None:
     """DDP, two LoRA adapters on both experts (a shared base's generator and fake score): in step 2 the generator
     runs on the high-noise expert only and the fake score, differentiated to its input (SiD), on the low-noise one.

@@ -387,9 +387,15 @@ def test_diffusion2gan_pair_shards_record_settings_and_stale_ones_are_refused(
     )
     # More pairs: the short last shard is refused (the first still matches).
     refused(_set(argv, "--num_pairs", "4"), r"pairs-00001.safetensors to hold 2 pairs .* but it holds 1")
-    # A shard without recorded settings (an older version of the script) cannot be checked: refused.
+    # A shard whose prompts were drawn with replacement (before data_sources.covering_prompts): refused.
     tensors = load_file(str(shards[0]))
     with safe_open(str(shards[0]), framework="pt") as f:
         prompts = f.metadata()["prompts"]
+    older = {k: v for k, v in stored.items() if k != "prompt_draw"}
+    save_file(tensors, str(shards[0]), metadata={"prompts": prompts, "settings": json.dumps(older)})
+    refused(
+        argv, r"use every prompt once per N pairs .* drew the prompts with replacement \(prompt_draw=None\)"
+    )
+    # A shard without recorded settings (an older version of the script) cannot be checked: refused.
     save_file(tensors, str(shards[0]), metadata={"prompts": prompts})
     refused(argv, r"record the settings it was made with, but it has none .*older version")

@@ -308,3 +308,23 @@ def test_validation_renoises_on_the_initial_noises_stream_not_with_it(
     assert torch.equal(noise, torch.randn(noise.shape, generator=stream))
     assert torch.equal(first_draw, torch.randn(noise.shape, generator=stream))
     assert not torch.equal(first_draw, noise)
+
+
+def test_release_average_moves_once_per_generator_update_in_the_dmd_phase(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--use_ema over step 0 (consistency) and steps 1-2 (DMD phase, --generator_every 2): the average moves at
+    step 0 and at the DMD phase's generator step 1 only (its steps counted from the phase start)."""
+    script = _load("sdxl_mlcm")
+    ema_release = load_example("training.ema_release")
+    updates, update = [], ema_release.ReleaseEMA.update
+
+    def counting(self: Any) -> None:
+        updates.append(self)
+        update(self)
+
+    monkeypatch.setattr(ema_release.ReleaseEMA, "update", counting)
+    extra = ["--max_train_steps", "3", "--stage1_steps", "1", "--dmd_steps", "2", "--generator_every", "2"]
+    extra += ["--use_ema", "--checkpointing_steps", "0"]
+    script.main(script.parse_args(_argv(tiny_sdxl, tmp_path / "out", *extra)))
+    assert len(updates) == 2
