@@ -166,8 +166,9 @@ class StridedConvHead(_Head):
     With feature resolution :math:`r_0` the head halves it with ``k`` blocks
     ``[Conv4×4 stride 2 (pad 1), GroupNorm, SiLU]`` until :math:`r_k \le 4`, then applies
     ``[Conv r_k×r_k stride r_k, GroupNorm, SiLU]`` to reach 1×1 and a 1×1 conv to one channel. For SDXL's
-    32×32 bottleneck this is DMD2's ``cls_pred_branch`` (32 → 16 → 8 → 4 → 1). Inputs larger than
-    :math:`r_0` give a patch map of logits. The GroupNorm after the last conv sees a 1×1 map, so each
+    32×32 bottleneck this is DMD2's ``cls_pred_branch`` (32 → 16 → 8 → 4 → 1). Inputs whose sides are
+    multiples of :math:`r_0` give a patch map of logits (the UNet discriminators refuse other sizes: the last
+    strided conv would leave a strip of the map out of every logit). The GroupNorm after the last conv sees a 1×1 map, so each
     group should hold several channels (SDXL: 1280 / 32 = 40); for narrow test backbones pass a smaller
     ``norm_groups`` (with 2 channels per group the normalised values are only ±1).
 

@@ -102,7 +102,9 @@ def _check_head_options(
 def _check_sample_size(
     disc: UNetEncoderDiscriminator | BottleneckHead, sample: torch.Tensor, level: str, name: str
 ) -> None:
-    """Refuse latents too small for the strided-conv head (it was sized for ``feature_resolution``)."""
+    """Refuse latents too small for the strided-conv head (it was sized for ``feature_resolution``), or whose
+    feature map it does not tile: each side of the level's map must be a multiple of ``feature_resolution``, else
+    the last strided conv (``r_k x r_k``, stride ``r_k``) leaves a strip out of every logit (audit 13)."""
     res = getattr(disc.heads[0], "feature_resolution", None)
     if res is None:
         return
@@ -115,6 +117,20 @@ def _check_sample_size(
             f"Build the discriminator with feature_resolution=ceil(H / {stride}) for these latents.",
             name=name,
             expected=(need, need),
+            actual=tuple(sample.shape),
+        )
+    # the level's map: ceil(H / stride) x ceil(W / stride)
+    h, w = (-(-int(side) // stride) for side in sample.shape[-2:])
+    if h % int(res) or w % int(res):
+        step = int(res) * stride
+        raise ShapeError(
+            f"Expected `{name}` whose level-{level!r} feature map ({h}x{w}, stride {stride}) tiles the head's "
+            f"feature_resolution={res} on both sides, but got {shape_str(sample.shape)}: the head's last strided conv "
+            f"would leave the right / bottom strip of the map out of every logit (that part of the image not judged). "
+            f"Use latents whose sides are multiples of {step} (e.g. crop or bucket to them), or build the "
+            f"discriminator for a size it tiles.",
+            name=name,
+            expected=(step, step),
             actual=tuple(sample.shape),
         )
 

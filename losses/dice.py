@@ -740,7 +740,7 @@ class DiceSemimetricLoss(nn.Module):
     r"""Module form of :func:`dice_semimetric_loss`: stores the options and delegates to it.
 
     ``class_weights`` is registered as a buffer, so it follows ``.to(device)`` and is saved in the
-    ``state_dict``. Options are validated at construction. See :func:`dice_semimetric_loss` for the
+    ``state_dict``; a narrowing cast (``.half()`` / ``.to(torch.bfloat16)``) leaves it as it is (no rounding of the weights). Options are validated at construction. See :func:`dice_semimetric_loss` for the
     formula and every option:
 
     .. math::
@@ -865,6 +865,19 @@ class DiceSemimetricLoss(nn.Module):
                     actual=tuple(weights.shape),
                 )
         self.register_buffer("class_weights", weights)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DiceSemimetricLoss:
+        """``nn.Module._apply`` with ``class_weights`` following device moves and widening casts, never a narrowing
+        one: ``.half()`` / ``.to(torch.bfloat16)`` of a model holding the loss would round the weights (by up to
+        ~5e-4 relative); the loss casts them to its computation's dtype itself."""
+        weights = self.class_weights
+        super()._apply(fn, recurse)
+        moved = self.class_weights
+        if weights is None or moved is None:
+            return self
+        if torch.finfo(moved.dtype).eps > torch.finfo(weights.dtype).eps:  # narrowed: keep the exact weights
+            self.class_weights = weights.to(moved.device)
+        return self
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None

@@ -788,6 +788,21 @@ def _renoise(schedule: NoiseSchedule, x0: torch.Tensor, z: torch.Tensor, t: int)
     return schedule._add_noise(x0, z, schedule._index(t, x0))
 
 
+def _warn_if_source_clips(schedule: Any, sampler: str) -> None:
+    """Warn when ``schedule`` was built from a scheduler that clips / thresholds its x0 estimate (audit 13)."""
+    if getattr(schedule, "source_clips_x0", False):
+        import warnings
+
+        warnings.warn(
+            f"{sampler}: the schedule was built from a scheduler with clip_sample=True or thresholding=True "
+            "(DDIMScheduler() / DDPMScheduler() default to clip_sample=True; SDXL's config sets False). diffdistill's "
+            "samplers never clip the x0 estimate, so the samples differ from that scheduler's. Build it with "
+            "clip_sample=False (and thresholding=False), or clip inside your model wrapper.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # samplers
 # ---------------------------------------------------------------------------------------------------
@@ -816,7 +831,8 @@ def lcm_sample(
     :func:`~diffdistill.schedulers.consistency.boundary_scalings`) is the clean estimate; except after the
     last step it is re-noised with fresh noise, :math:`x \\leftarrow \\alpha_{t_{i+1}} f_i +
     \\sigma_{t_{i+1}} z_i`. The result is :math:`f_{n-1}`. Same outputs as diffusers' ``LCMScheduler``
-    (``set_timesteps`` with the same timesteps, ``step(..., generator=g)``) for the same generator state.
+    (``set_timesteps`` with the same timesteps, ``step(..., generator=g)``) for the same generator state, unless
+    that scheduler clips / thresholds its x0 estimate (``clip_sample`` / ``thresholding``: warned).
 
     Guidance: the defaults are :class:`~diffdistill.schedulers.TeacherSolver`'s (``guidance="imagen"``, no
     guidance unless ``guidance_scale`` is given). An LCM student distilled with a guidance embedding
@@ -891,6 +907,7 @@ def lcm_sample(
         generator,
         sampler="lcm_sample",
     )
+    _warn_if_source_clips(schedule, "lcm_sample")
     ts, pt = setup.timesteps, setup.prediction_type
     schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule
     n = ts.numel()
@@ -1089,7 +1106,7 @@ def ddim_sample(
 
     each step being :meth:`NoiseSchedule.ddim_step`. Hyper-SD's N-step LoRAs use it with
     :func:`spaced_timesteps` ``(n, "trailing")`` (Ren et al. 2024, arXiv:2404.13686). Equals diffusers'
-    ``DDIMScheduler`` (``eta=0``) whenever its ``prev_timestep = t - T // n`` is the next listed
+    ``DDIMScheduler`` (``eta=0``, ``clip_sample=False``: a clipping one is warned about) whenever its ``prev_timestep = t - T // n`` is the next listed
     timestep, i.e. ``"trailing"`` / ``"leading"`` spacing with ``n`` dividing ``T``; for other lists this
     sampler always moves to the next listed timestep. The last step lands on ``final_alpha_cumprod``: build
     the schedule from the pipeline's scheduler (``NoiseSchedule.from_scheduler``) to match it -- SDXL's
@@ -1141,6 +1158,7 @@ def ddim_sample(
         >>> torch.allclose(out.sample, x0, atol=1e-4)
         True
     """
+    _warn_if_source_clips(schedule, "ddim_sample")
     setup = _prepare(model, schedule, x_t, timesteps, prediction_type, guidance, guidance_scale, cond, uncond)
     ts, pt = setup.timesteps, setup.prediction_type
     schedule = setup.solver.schedule  # a FlowSigmaGrid off the table runs on its own schedule

@@ -282,6 +282,7 @@ class NoiseSchedule:
         self._kind = "flow" if flow else "vp"
         self.flow_config = flow_config
         self.prediction_type = prediction_type
+        self.source_clips_x0 = False  # set by from_scheduler for a clipping / thresholding VP scheduler
         self.terminal_pure_noise = bool(terminal_pure_noise)
         self.final_alpha_cumprod = final
         self.compute_dtype = compute_dtype
@@ -449,7 +450,10 @@ class NoiseSchedule:
         low-noise experts at ``boundary_ratio`` (0.875 T2V / 0.9 I2V of ``num_train_timesteps``) is a pipeline
         matter, not part of the schedule: call the expert whose range holds the model timestep yourself. The table
         is recomputed from the config (never read from ``scheduler.sigmas``, which ``set_timesteps`` overwrites
-        with a sampling grid).
+        with a sampling grid). A VP scheduler configured to clip or threshold its x0 estimate (``clip_sample`` /
+        ``thresholding``; ``DDIMScheduler()`` and ``DDPMScheduler()`` default to ``clip_sample=True``) sets
+        ``source_clips_x0``: the samplers here never clip, and :func:`~diffdistill.schedulers.ddim_sample` /
+        :func:`~diffdistill.schedulers.lcm_sample` warn that they differ from that scheduler.
 
         Args:
             scheduler: a VP scheduler with ``alphas_cumprod``, or a flow-matching scheduler with a ``config``.
@@ -559,7 +563,13 @@ class NoiseSchedule:
             table = table.double().clone()
             table[-1] = max(float(table[-1]), 2.0**-24)
             abar, kwargs["terminal_pure_noise"] = table, True
-        return cls(abar, **kwargs)
+        schedule = cls(abar, **kwargs)
+        # DDIM / DDPM / LCM clip (or threshold) their x0 estimate when configured to (DDIMScheduler() and
+        # DDPMScheduler() default to clip_sample=True; SDXL's config sets False); diffdistill's samplers never do,
+        # so ddim_sample / lcm_sample warn on such a schedule (TCDScheduler.step reads neither key: no warning).
+        clips = bool(_get("clip_sample")) or bool(_get("thresholding"))
+        schedule.source_clips_x0 = clips and type(scheduler).__name__ != "TCDScheduler"
+        return schedule
 
     @classmethod
     def flow_matching_from_config(cls, config: FlowMatchingConfig, **kwargs: Any) -> NoiseSchedule:

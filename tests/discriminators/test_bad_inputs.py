@@ -271,6 +271,21 @@ def test_sample_too_small_for_the_head_names_sample(models, conds, latents) -> N
     ] == [(2, 1, 1, 1)]
 
 
+def test_sample_the_strided_head_does_not_tile_is_refused(models, conds, latents) -> None:
+    # 16x24 latents: 8x12 'mid' features for a head sized for 8x8; its last strided conv would leave the right third
+    # of the map out of every logit (audit 13), silently. A multiple of 8 on both sides (16x32) is judged whole.
+    wide = torch.cat([latents, latents[..., :8]], dim=-1)
+    for kind in ("lightning_cond", "lightning_uncond", "bottleneck"):
+        extra = {"cond_sample": wide} if kind == "lightning_cond" else {}
+        with pytest.raises(ShapeError, match=r"feature map \(8x12, stride 2\) tiles the head's feature_resolution=8.*"
+                           r"multiples of 16"):  # fmt: skip
+            _call(kind, models[kind], wide, 250, *conds, **extra)
+    twice = torch.cat([latents, latents], dim=-1)
+    assert [tuple(o.shape) for o in _call("bottleneck", models["bottleneck"], twice, 250, *conds)] == [
+        (2, 1, 1, 2)
+    ]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_value_checks_off_let_nan_through(kind, models, conds, latents) -> None:
     # No device sync when switched off: the NaN propagates to the output instead of raising.

@@ -509,13 +509,20 @@ def test_module_equals_function_and_buffer() -> None:
         "aggregate": {"batch": 0.5, "image": 0.5},
         "alpha": 0.4,
         "beta": 0.6,
-        "class_weights": [1.0, 2.0, 0.5],
+        "class_weights": [1.0, 2.0, 0.3],  # 0.3: not a bf16 number
     }
     module = DiceSemimetricLoss(**options)
     assert "class_weights" in dict(module.named_buffers())
     assert "class_weights" in module.state_dict()
     for target in (labels, soft):
         torch.testing.assert_close(module(logits, target), dice_semimetric_loss(logits, target, **options))
+    # a narrowing cast of a model holding the loss leaves the weights exact (audit 13: bf16 rounded them, the
+    # loss moved by ~5e-4 relative); a widening one follows
+    want = dice_semimetric_loss(logits, labels, **options)
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = DiceSemimetricLoss(**options).to(dtype)
+        assert cast.class_weights is not None and cast.class_weights.dtype == torch.float32
+        assert torch.equal(cast(logits, labels), want)
     module = module.to(torch.float64)
     assert module.class_weights is not None and module.class_weights.dtype == torch.float64
     assert "alpha=0.4" in repr(module)

@@ -631,3 +631,36 @@ def test_sampler_errors() -> None:
         ddim_sample(linear_model, sched, x, [999], prediction_type="flow")
     with pytest.raises(OptionError, match=r"`timestep` to be an int"):
         one_step_sample(linear_model, sched, x, 999.0)
+
+
+def test_a_schedule_of_a_clipping_scheduler_is_warned_about() -> None:
+    """DDIMScheduler() / DDPMScheduler() default to clip_sample=True (SDXL's config sets False); the samplers here
+    never clip the x0 estimate, so on such a schedule they differ from that scheduler (audit 13: 22 latent units
+    apart for DDIM, silently): ddim_sample and lcm_sample warn; clip_sample=False and TCDScheduler do not."""
+    import warnings
+
+    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+
+    from diffdistill.schedulers import NoiseSchedule, ddim_sample, lcm_sample, spaced_timesteps
+
+    sdxl = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.3 * x_t
+
+    clipping = NoiseSchedule.from_scheduler(DDIMScheduler(**sdxl))
+    assert clipping.source_clips_x0
+    with pytest.warns(
+        UserWarning, match=r"ddim_sample: the schedule was built from a scheduler with clip_sample"
+    ):
+        ddim_sample(model, clipping, x, spaced_timesteps(2))
+    thresholding = NoiseSchedule.from_scheduler(LCMScheduler(**sdxl, thresholding=True))
+    with pytest.warns(UserWarning, match=r"lcm_sample: .*never clip the x0 estimate"):
+        lcm_sample(model, thresholding, x, spaced_timesteps(2), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for scheduler in (DDIMScheduler(**sdxl, clip_sample=False), TCDScheduler(**sdxl, clip_sample=True)):
+            schedule = NoiseSchedule.from_scheduler(scheduler)
+            assert not schedule.source_clips_x0
+            ddim_sample(model, schedule, x, spaced_timesteps(2))
