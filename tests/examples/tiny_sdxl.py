@@ -131,6 +131,13 @@ def save_tiny_sdxl_pipeline(
     )
     pipe.save_pretrained(root, safe_serialization=True)
     shutil.rmtree(root / "_tokenizer_src")
+    # SDXL-base's scheduler_config.json also carries DDIM / DDPM keys: no x0 clipping (DDIMScheduler() and
+    # DDPMScheduler() default to clip_sample=True, which the scripts' DDPM / DDIM schedulers built from this
+    # config would inherit; audit 11 / 13)
+    config_file = root / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(clip_sample=False, thresholding=False)
+    config_file.write_text(json.dumps(config, indent=2))
     return root
 
 
