@@ -33,6 +33,7 @@ from .._checks import check_int
 from ..errors import DTypeError, ShapeError
 from .fid import FID, FeatureStatistics, _describe_extractor
 from .frame_consistency import check_float_videos
+from .protocol import file_sha256
 
 __all__ = ["FVD", "I3DFeatures"]
 
@@ -133,13 +134,7 @@ class I3DFeatures(nn.Module):
         Returns:
             The hex digest.
         """
-        import hashlib
-
-        digest = hashlib.sha256()
-        with self.path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     def train(self, mode: bool = True) -> I3DFeatures:
         """Frozen: stays in eval mode whatever ``mode`` is (DESIGN.md convention 6).

@@ -24,6 +24,7 @@ from ..errors import DTypeError, OptionError, ProtocolMismatchError
 __all__ = [
     "EvaluationProtocol",
     "check_comparable",
+    "file_sha256",
     "files_sha256",
     "hash_prompts",
     "hub_commit",
@@ -113,6 +114,35 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _update_from_file(digest: Any, path: Path) -> None:
+    """Feed the bytes of ``path`` to ``digest`` in 16 MiB blocks (constant memory, any file size)."""
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (what ``sha256sum`` prints), read in 16 MiB blocks.
+
+    Args:
+        path: A file.
+
+    Returns:
+        The hex digest.
+
+    Example:
+        >>> import tempfile
+        >>> from diffdistill.metrics.protocol import file_sha256
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = (Path(folder) / "w.bin").write_bytes(b"abc")
+        ...     file_sha256(Path(folder) / "w.bin")[:12]
+        'ba7816bf8f01'
+    """
+    digest = hashlib.sha256()
+    _update_from_file(digest, Path(path))
+    return digest.hexdigest()
+
+
 def files_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 identity of weights on disk: of a file's name and bytes, or of a folder's top-level files
     (sorted by name; each name, a NUL byte, then its bytes). Files are read in 16 MiB blocks, so a checkpoint of
@@ -145,9 +175,7 @@ def files_sha256(path: str | os.PathLike[str]) -> str:
     files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
     for file in files:
         digest.update(file.name.encode("utf-8") + b"\0")
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                digest.update(block)
+        _update_from_file(digest, file)
     return digest.hexdigest()
 
 

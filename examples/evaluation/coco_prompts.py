@@ -77,7 +77,6 @@ val2014). Numbers from such a file are comparable with each other, not with the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import re
@@ -88,6 +87,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diffdistill.metrics.protocol import file_sha256
 
 
 @dataclass(frozen=True)
@@ -313,15 +314,6 @@ def link_images(selection: Sequence[dict[str, Any]], image_dir: str | Path, fold
         if not link.is_symlink():
             link.symlink_to(source)
     return folder
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_prompt_file(

@@ -730,6 +730,11 @@ def model_commit(args: argparse.Namespace) -> dict[str, str]:
     return {} if commit is None else {"model_commit": commit}
 
 
+def generated_size(args: argparse.Namespace) -> list[int]:
+    """``[height, width]`` of the images / videos generated: ``--resolution`` x (``--width`` or square)."""
+    return [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
+
+
 def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -> list[int] | None:
     """Warn when the run folder's grid was shifted for another size than the one generated: flow_dmd2 / flow_tscd
     save the schedule of the trained ``--resolution`` x ``--width`` (``grid_size`` of ``student_sampler.json``) for a
@@ -737,8 +742,7 @@ def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -
     is. Returns ``grid_size`` as a list (None when the run recorded none or its grid is not used)."""
     if grid_size is None or not args.sigmas:
         return None
-    grid = [int(v) for v in grid_size]
-    size = [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
+    grid, size = [int(v) for v in grid_size], generated_size(args)
     if grid != size:
         warnings.warn(
             f"The student's saved grid {[round(s, 4) for s in args.sigmas]} is the schedule shifted for "
@@ -760,8 +764,7 @@ def check_trained_size(
     is evaluated off its training distribution there. Returns the trained size (None when the run recorded none)."""
     if trained is None:
         return None
-    size = [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
-    trained = [int(v) for v in trained]
+    trained, size = [int(v) for v in trained], generated_size(args)
     if warn and trained != size:
         warnings.warn(
             f"The student was trained at {trained[0]} x {trained[1]} (its run's student_sampler.json), but the images "
