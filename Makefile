@@ -12,6 +12,9 @@ DEEPSPEED_PIN ?= deepspeed==0.19.8
 
 .PHONY: install test lint typecheck bench clean demo demo-flow gpu-wheels
 
+# No pip cache: CI machines have had little free disk (one install died of "No space left on device"), and the
+# venv alone is ~6 GB (torch's CUDA build); a cache would hold a second copy of every downloaded wheel.
+$(VENV)/.installed: export PIP_NO_CACHE_DIR = 1
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip

@@ -26,7 +26,9 @@ prompt set, with a record of the protocol beside the numbers.
    ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, and its ``student_sampler.json`` (the flow
    scripts, ``training.student_sampler``) the guidance the student was trained to be sampled at (1 for SD3 /
    Qwen-Image / Wan, FLUX.1-dev's embedded ``--guidance``, none for FLUX.1-schnell) and the prompt length unless
-   ``--guidance_scale`` / ``--max_sequence_length`` are given. The record holds the guidance the pipeline ran with
+   ``--guidance_scale`` / ``--max_sequence_length`` are given, and the trained size (height x width, a video's
+   frames) unless ``--resolution`` / ``--width`` (``--num_frames``) are given; images are generated at
+   ``--resolution`` x ``--width`` (default square; without a run's record, 1024). The record holds the guidance the pipeline ran with
    (without a saved one, its default, with a warning for a student; None for a FLUX.1-schnell ``FluxPipeline``,
    which has no guidance input and whose CFG is ``true_cfg_scale``), the prompt length, and the source of each
    sampler setting (``sampler_sources``). A FLUX / Qwen-Image DMD2 or TSCD grid is the schedule shifted for the
@@ -67,8 +69,9 @@ prompt set, with a record of the protocol beside the numbers.
    ``student_grid.json`` ``sigmas`` (flow_tscd), given to ``WanPipeline`` (which takes no ``sigmas=``) through the
    scripts' documented ``pipe.scheduler.set_timesteps`` override. ``--teacher`` samples with the pipeline's UniPC
    at ``--num_inference_steps`` and ``--guidance_scale`` (A14B: ``--guidance_scale_2`` where the low-noise expert
-   runs; refused for other pipelines). ``--num_frames`` (4k + 1; default the pipeline's 81), ``--resolution`` /
-   ``--width`` (height / width; default the pipeline's 480, square), ``--max_sequence_length`` (umT5 tokens).
+   runs; refused for other pipelines). ``--num_frames`` (4k + 1), ``--resolution`` / ``--width`` (height / width;
+   default the student's trained size, else the pipeline's 81 frames at 480, square), ``--max_sequence_length``
+   (umT5 tokens).
    Video ``i`` (seed ``--seed + i``, one generator per video) is written as ``OUTPUT_DIR/videos/{i:06d}/{f:03d}.png``
    (quantised as the images; a video folder appears only when complete), resumed and refused as the images are
    (``videos/generation.json``). Scores, all on every frame: frame FID (every frame of every video as an image,
@@ -175,7 +178,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resolution",
         type=int,
         default=None,
-        help="generated image side (default 1024); a video's height (default: the pipeline's, WanPipeline 480)",
+        help="generated image height (square unless --width) or a video's height; default: a flow student's trained "
+        "height (its run's student_sampler.json), else 1024 for images and the pipeline's for videos (WanPipeline 480)",
+    )
+    g.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="generated image / video width (default: a flow student's trained width when --resolution is not "
+        "given either, else --resolution: square)",
     )
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call, per process")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="pipeline weights")
@@ -190,7 +201,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--num_frames", type=int, default=None, help="frames per video, 4k + 1 (default: the pipeline's 81)"
     )
-    g.add_argument("--width", type=int, default=None, help="video width (default: --resolution, square)")
     g.add_argument(
         "--guidance_scale_2",
         type=float,
@@ -331,12 +341,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--{name} {value}: no such {kind}")
     if args.output_dir and Path(args.output_dir).is_file():
         parser.error(f"--output_dir {args.output_dir} is a file: give a folder")
-    try:  # images or videos: read from a local pipeline folder (a hub id: after its config is fetched, in main)
-        check_media(args)
+    try:  # the student's run folder's sampler (scheduler/, its grid, its trained size), where the options leave it
+        generation.resolve_sampler(args)  # open; before check_media, whose defaults fill the size left open
     except ValueError as err:
         parser.error(str(err))
-    try:  # the student's run folder's sampler (scheduler/, its grid), where the options leave it open
-        generation.resolve_sampler(args)
+    try:  # images or videos: read from a local pipeline folder (a hub id: after its config is fetched, in main)
+        check_media(args)
     except ValueError as err:
         parser.error(str(err))
 
@@ -358,6 +368,8 @@ def check_media(args: argparse.Namespace, *, download: bool = False) -> None:
     video_generation.check_options(args, index, args.video)
     if not args.video and args.resolution is None:
         args.resolution = 1024
+    if not args.video and args.width is None:
+        args.width = args.resolution
 
 
 def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dict[str, Any] | None:

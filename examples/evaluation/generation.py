@@ -39,8 +39,10 @@ A training run's output folder says how its student is sampled, and it is read r
   (:func:`default_guidance`) and a student is warned about it (a distilled student usually wants 0 or 1: its CFG
   is baked in); a ``FluxPipeline`` without guidance embedding (schnell) records None (it ignores
   ``guidance_scale``; its CFG is ``true_cfg_scale``);
-* the size: a ``--resolution`` the pipeline would change (not a multiple of the VAE's factor x the patch size,
-  :func:`size_multiple`: SD3 / FLUX / Qwen-Image 16) is refused (:func:`check_pipeline_options`); a FLUX / Qwen-Image
+* the size: the trained ``height`` x ``width`` of ``student_sampler.json`` when neither ``--resolution`` nor
+  ``--width`` is given (:func:`fill_trained_size`); a ``--resolution`` / ``--width`` the pipeline would change (not a
+  multiple of the VAE's factor x the patch size, :func:`size_multiple`: SD3 / FLUX / Qwen-Image 16) is refused
+  (:func:`check_pipeline_options`); another size than the trained one warns (:func:`check_trained_size`); a FLUX / Qwen-Image
   grid of flow_dmd2 / flow_tscd is the schedule shifted for the trained size (``grid_size``), so generating at
   another size warns, and the record holds both (:func:`check_grid_size`);
 * the re-noising of DMD2's stochastic sampler: from ``training.student_sampler.renoise_seed`` of each image's seed,
@@ -429,7 +431,27 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         sources["max_sequence_length"] = record_file
     if record is not None and record.get("height") is not None:
         out["trained_size"] = [int(record["height"]), int(record.get("width") or record["height"])]
+        out["trained_size_source"] = record_file
+        if record.get("num_frames") is not None:
+            out["trained_num_frames"] = int(record["num_frames"])
     return out
+
+
+def fill_trained_size(args: argparse.Namespace, saved: dict[str, Any]) -> None:
+    """A flow student's trained size where the options leave the size open: ``--resolution`` x ``--width`` from
+    its run's ``student_sampler.json`` (``height`` / ``width``) when neither is given, and a video's
+    ``--num_frames`` when not given; ``saved["sources"]["size"]`` names the file. A size given in part
+    (``--resolution`` alone: square) is kept, and :func:`check_trained_size` warns when it is not the trained one."""
+    trained = saved.get("trained_size")
+    if trained is None:
+        return
+    if args.resolution is None and getattr(args, "width", None) is None:
+        args.resolution, args.width = int(trained[0]), int(trained[1])
+        saved["sources"]["size"] = saved["trained_size_source"]
+    frames = saved.get("trained_num_frames")
+    if frames is not None and getattr(args, "num_frames", "absent") is None:
+        args.num_frames = frames
+        saved["sources"]["num_frames"] = saved["trained_size_source"]
 
 
 def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | None = None) -> None:
@@ -562,28 +584,30 @@ def size_multiple(pipe: Any) -> int:
 
 
 def check_pipeline_options(pipe: Any, args: argparse.Namespace) -> None:
-    """Refuse image options the loaded pipeline would change or not take: a ``--resolution`` that is not a multiple
-    of :func:`size_multiple` (naming the nearest sizes it keeps), a ``--max_sequence_length`` (given, or from the
+    """Refuse image options the loaded pipeline would change or not take: a ``--resolution`` or ``--width`` that is
+    not a multiple of :func:`size_multiple` (naming the nearest sizes it keeps), a ``--max_sequence_length`` (given, or from the
     run folder's ``student_sampler.json``) for a pipeline without a text length (SDXL: CLIP's 77 tokens).
 
     Args:
         pipe: the diffusers pipeline.
-        args: the options (``--resolution``, ``--max_sequence_length``).
+        args: the options (``--resolution``, ``--width``, ``--max_sequence_length``).
 
     Raises:
         ValueError: naming the option, what the pipeline needs and the sizes to pass.
     """
     name = type(pipe).__name__
     multiple = size_multiple(pipe)
-    size = args.resolution
-    if size is not None and size % multiple:
-        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
-        nearest = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(
-            f"Expected --resolution a multiple of {multiple} for {name} (the VAE's scale factor x the latent patch "
-            f"size), but got {size}: the pipeline would not generate {size} x {size} images. Pass --resolution "
-            f"{nearest}."
-        )
+    height = args.resolution
+    width = getattr(args, "width", None) or height
+    for option, size in (("--resolution", height), ("--width", width)):
+        if size is not None and size % multiple:
+            lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+            nearest = f"{lower} or {upper}" if lower else f"{upper}"
+            raise ValueError(
+                f"Expected {option} a multiple of {multiple} for {name} (the VAE's scale factor x the latent patch "
+                f"size), but got {size}: the pipeline would not generate {height} x {width} images. Pass {option} "
+                f"{nearest}."
+            )
     length = getattr(args, "max_sequence_length", None)
     if length is not None and text_length(pipe, args) is None:
         source = (getattr(args, "saved_sampler", None) or {}).get("sources", {}).get("max_sequence_length")
@@ -612,6 +636,7 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "saved_sampler", None) is not None:
         return args
     saved = read_saved_sampler(args)
+    fill_trained_size(args, saved)
     if saved["sigmas"] is not None:
         args.sigmas = saved["sigmas"]
     if saved["guidance_scale"] is not None:
@@ -691,6 +716,7 @@ def sampler_record(
         "role": "teacher" if args.teacher else "student",
         "student_weights": student,
         "resolution": args.resolution,
+        **({"width": width} if (width := generated_size(args)[1]) != args.resolution else {}),
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": parse_overrides(args.scheduler_config),
@@ -956,7 +982,7 @@ def call_kwargs(args: argparse.Namespace, pipe: Any = None) -> dict[str, Any]:
     ``true_cfg_scale`` with that negative prompt, so the guidance the record names is the guidance that ran.
     ``--max_sequence_length`` (or the run's record of it) goes to the pipelines that take it (SD3, FLUX,
     Qwen-Image: :func:`check_pipeline_options` refuses it for the others)."""
-    kw: dict[str, Any] = {"height": args.resolution, "width": args.resolution}
+    kw: dict[str, Any] = {"height": args.resolution, "width": generated_size(args)[1]}
     if getattr(args, "max_sequence_length", None) is not None:
         kw["max_sequence_length"] = int(args.max_sequence_length)
     if args.timesteps:

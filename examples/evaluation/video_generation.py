@@ -52,13 +52,12 @@ VIDEO_PIPELINES = ("WanPipeline",)
 
 VIDEO_OPTIONS = (
     "num_frames",
-    "width",
     "guidance_scale_2",
     "fvd_detector",
     "fvd_frames",
 )
-"""Options that only a video pipeline takes (refused for image pipelines; ``--max_sequence_length`` is not one:
-SD3, FLUX and Qwen-Image take it too)."""
+"""Options that only a video pipeline takes (refused for image pipelines; ``--max_sequence_length`` and ``--width``
+are not: SD3, FLUX and Qwen-Image take them too)."""
 
 
 TEMPORAL_FACTOR = 4

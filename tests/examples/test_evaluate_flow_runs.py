@@ -14,7 +14,10 @@ Checked:
   ``true_cfg_scale``; a FLUX.1-dev run's recorded guidance is used rather than the pipeline's 3.5;
 - ``--max_sequence_length`` reaches SD3 / FLUX pipelines (the image changes with it) and is refused for a pipeline
   without a text length; a ``--resolution`` the pipeline would change is refused with the nearest sizes it keeps; a
-  FLUX grid shifted for the trained size warns when evaluated at another size, and the record holds both sizes.
+  FLUX grid shifted for the trained size warns when evaluated at another size, and the record holds both sizes;
+- a student trained at a non-square size is generated at it when no size is given (the record's ``height`` x
+  ``width``, named as the size's source), ``--width`` makes non-square images of any image pipeline, and a
+  ``--width`` the pipeline would change is refused.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def _run_folder(
     stochastic: bool = False,
     guidance: float | None = None,
     shifted_grid: bool = False,
+    width: int | None = None,
 ) -> Path:
     """A flow run folder: the teacher's transformer as a full student, a flow_dmd2-style ``scheduler/`` (unshifted;
     ``stochastic``: DMD2's re-noising) with :data:`SIGMAS`, and the ``student_sampler.json`` the scripts write
@@ -80,7 +84,7 @@ def _run_folder(
         config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic
     ).save_pretrained(run / "scheduler")
     (run / "student_sigmas.json").write_text(json.dumps(SIGMAS) + "\n")
-    args = types.SimpleNamespace(output_dir=str(run), resolution=IMAGE_SIZE, width=None, guidance=guidance)
+    args = types.SimpleNamespace(output_dir=str(run), resolution=IMAGE_SIZE, width=width, guidance=guidance)
     dynamic = types.SimpleNamespace(use_dynamic_shifting=family != "sd3")
     parts = types.SimpleNamespace(
         family="sd3" if family == "sd3" else "flux",
@@ -311,3 +315,54 @@ def test_flux_grid_of_another_size_warns_and_records_both(tiny: dict[str, Path],
     ):
         generator = generation.sampler_record(pipe, args)
     assert "grid_size" not in generator and generator["trained_size"] == [IMAGE_SIZE, IMAGE_SIZE]
+
+
+def test_the_trained_size_is_the_default_and_width_makes_non_square_images(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FLUX.1-dev run trained at 64 x 96 (flow scripts' --width): evaluated at that size when the options give none
+    (the warning of another size told users to pass --width, which image runs refused before)."""
+    wide = IMAGE_SIZE + 32
+    run = _run_folder(tiny, "flux", tmp_path / "dmd2", guidance=3.5, shifted_grid=True, width=wide)
+    record_file = str(run / student_sampler.RECORD_FILE)
+    argv = _argv(tiny, "flux", tmp_path / "e", "--student_weights", str(run), "--num_prompts", "1")
+    no_size = [a for i, a in enumerate(argv) if "--resolution" not in argv[max(i - 1, 0) : i + 1]]
+    assert "--resolution" not in no_size and len(no_size) == len(argv) - 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the trained size: no size warning
+        record = _run(no_size)
+    generator = record["protocol"]["generator"]
+    assert (generator["resolution"], generator["width"]) == (IMAGE_SIZE, wide)
+    assert generator["sampler_sources"]["size"] == record_file
+    assert generator["grid_size"] == [IMAGE_SIZE, wide] == generator["trained_size"]
+    pipe = _pipeline(tiny, "flux")
+    pipe.scheduler = type(pipe.scheduler).from_pretrained(run, subfolder="scheduler")
+    with torch.no_grad():
+        want = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(3), height=IMAGE_SIZE, width=wide,
+                    sigmas=SIGMAS, guidance_scale=3.5, max_sequence_length=T5_LENGTH, output_type="pt").images  # fmt: skip
+    got = _saved(tmp_path / "e", 0)
+    assert got.shape[-2:] == (IMAGE_SIZE, wide)
+    assert (got - want[0]).abs().max() <= PNG_TOLERANCE
+
+    # --resolution alone: square, as before, with the trained-size warning naming --width
+    args = evaluate.parse_args(_argv(tiny, "flux", tmp_path / "s", "--student_weights", str(run)))
+    assert (args.resolution, args.width) == (IMAGE_SIZE, IMAGE_SIZE) and "size" not in args.saved_sampler[
+        "sources"
+    ]
+    pipe = generation.load_pipeline(args, "cpu", torch.float32)
+    with pytest.warns(
+        UserWarning, match=rf"shifted for 64 x 96 .* generated at 64 x 64.*--resolution 64 --width {wide}"
+    ):
+        generation.sampler_record(pipe, args)
+    # --width on an image pipeline (an SD3 teacher): non-square images, recorded
+    args = evaluate.parse_args(_argv(tiny, "sd3", tmp_path / "t", "--teacher", "--width", str(wide),
+                                     "--num_inference_steps", "2"))  # fmt: skip
+    assert generation.call_kwargs(args)["width"] == wide
+    pipe = generation.load_pipeline(args, "cpu", torch.float32)
+    assert generation.sampler_record(pipe, args)["width"] == wide
+    # a width the pipeline would round: refused with the nearest sizes
+    args.width = wide + 8
+    with pytest.raises(
+        ValueError, match=r"Expected --width a multiple of 16 .* got 104: .* 64 x 104 .* 96 or 112"
+    ):
+        generation.check_pipeline_options(pipe, args)

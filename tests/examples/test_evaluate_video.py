@@ -312,6 +312,12 @@ def test_a14b_guidance_and_text_length_come_from_the_run_record(
     assert (generator["guidance_scale_2"], generator["max_sequence_length"]) == (2.0, T5_LENGTH)
     assert generator["sampler_sources"]["guidance_scale_2"] == "--guidance_scale_2"
     assert generator["sampler_sources"]["max_sequence_length"] == "--max_sequence_length"
+    # no size, no frame count: the trained ones (the record's), named as their source
+    args = evaluate.parse_args(
+        [a for a in argv if a not in ("--resolution", "--num_frames", str(SIZE), str(FRAMES))]
+    )
+    assert (args.resolution, args.width, args.num_frames) == (SIZE, SIZE, FRAMES)
+    assert args.saved_sampler["sources"]["size"] == record_file == args.saved_sampler["sources"]["num_frames"]
 
 
 def test_full_transformer_student(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -427,8 +433,8 @@ def test_options_that_do_not_fit_are_refused(
         (["--prompts_file", str(tiny["prompts"]), "--images", str(videos.parent), "--output_dir", out,
           "--num_frames", "5"], "--images scores the folder's videos as they are"),
         (["--pretrained_model_name_or_path", str(image_model), "--prompts_file", str(tiny["prompts"]),
-          "--output_dir", out, "--num_frames", "5", "--width", "64"],
-         "--num_frames / --width apply to a video pipeline"),
+          "--output_dir", out, "--num_frames", "5", "--guidance_scale_2", "3"],
+         "--num_frames / --guidance_scale_2 apply to a video pipeline"),
         (["--pretrained_model_name_or_path", str(other_video), "--prompts_file", str(tiny["prompts"]),
           "--output_dir", out], "HunyuanVideoPipeline: examples/evaluate.py generates videos with WanPipeline"),
     ]  # fmt: skip
