@@ -54,6 +54,14 @@ update anyway, we run each step's fake-score update before its generator update 
 generator update already sees a fake score fitted once to the generator's samples. The generator takes
 ``--guidance`` as its input too (FastGen's student does; the pipeline then samples with ``guidance_scale=3.5``).
 
+Multi-aspect training (our choice; DMD2 trains SDXL at 1024 x 1024 only): ``--aspect_buckets HxW ...``
+(``training.aspect_buckets``) gives each micro-batch one of the sizes, drawn uniformly per micro-batch prompt-only,
+or the bucket of its images with ``--gan_weight`` (each image cropped to the size nearest its aspect ratio); the
+generator's noise, its backward simulation and its grid are that size's (FLUX / Qwen-Image: the grid shifted with
+the ``mu`` of its token count; the score losses' ``sigma ~ U[...]`` needs no shift). Processes draw their sizes
+independently (the gradients are reduced whatever the shapes); the step index ``k`` stays shared. Validation samples
+at ``--resolution`` x ``--width``; ``student_sigmas_by_size.json`` holds each bucket's grid.
+
 ``--gan_weight`` (with ``--train_data_dir``): DMD2's GAN classifier, here LADD heads
 (:class:`diffdistill.discriminators.LADDDiscriminator`) on the fake score's transformer blocks (the base under the
 fake adapter; ``training.flow_critics.FakeFeatureGAN``), trained in the fake-score update on noised real latents
@@ -69,7 +77,8 @@ dynamic shifting and ``stochastic_sampling=True``, i.e. DMD2's sampler on the si
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(OUTPUT_DIR, subfolder="scheduler")
     image = pipe(prompt, sigmas=SIGMAS, guidance_scale=3.5).images[0]     # SD3: guidance_scale=1.0
 
-with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``).
+with ``SIGMAS`` the run's grid (logged, and in ``OUTPUT_DIR/student_sigmas.json``; with ``--aspect_buckets`` each
+trained size's in ``student_sigmas_by_size.json``).
 
 Qwen-Image (``QwenImagePipeline`` folders, e.g. ``Qwen/Qwen-Image``): the same method on its packed transformer
 (``FlowDenoiser`` packs 2x2 patches and passes ``img_shapes`` and the text mask), prompts through Qwen2.5-VL in the
@@ -163,6 +172,7 @@ from diffdistill.schedulers import TeacherSolver
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
+    aspect_buckets,
     checkpoints,
     compilation,
     data_sources,
@@ -223,6 +233,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 LOSS_PRESET = {"dmd": "dmd2", "sid": "sid", "sim": "sim"}
+#: With ``--aspect_buckets``: the generator's grid at each trained size, ``{"HxW": [sigmas]}`` (``evaluate.py
+#: --sigmas`` for a size other than ``--resolution`` x ``--width``, whose grid is ``student_sigmas.json``).
+BUCKET_GRIDS_FILE = "student_sigmas_by_size.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -320,6 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--discriminator_norm_groups", type=int, default=None, help="default 32; needs --gan_weight"
     )
+    aspect_buckets.add_args(g)
     fallback = {key: p.get_default(key) for preset in PRESETS.values() for key in preset}
     fallback.update(sid_alpha=1.2, num_student_steps=1, generator_every=1)
     p.set_defaults(use_lora=True, **{key: None for key in fallback})
@@ -453,10 +467,26 @@ def main(args: argparse.Namespace) -> None:
     device, dtype = accelerator.device, runtime.weight_dtype_of(accelerator)
     flow_models.place_frozen(parts, device, dtype)
     schedule = flow_critics.loss_schedule()  # unshifted: t ~ U{...} is sigma ~ U[...]
-    sigmas = args.student_sigmas or flow_critics.student_grid(
-        flow_models.flow_schedule(parts, args.resolution, width=args.width, terminal_stretch=False),
-        args.num_student_steps,
-    )
+
+    def grid_at(height: int, width: int | None) -> list[float]:
+        """The generator's grid at a size: --student_sigmas, else the model's shifted linspace there (FLUX /
+        Qwen-Image: the mu of the size's token count)."""
+        return args.student_sigmas or flow_critics.student_grid(
+            flow_models.flow_schedule(parts, height, width=width, terminal_stretch=False),
+            args.num_student_steps,
+        )
+
+    sigmas = grid_at(args.resolution, args.width)  # validation's and the saved grid: --resolution x --width
+    # --aspect_buckets: each micro-batch at one size, with that size's grid and latents
+    sizes = aspect_buckets.sizes(args)
+    grids = {
+        size: (
+            grid_at(*size),
+            flow_models.latent_shape(parts, args.train_batch_size, size[0], args.num_frames, size[1]),
+        )
+        for size in sizes
+    }
+    size_of_latents = {shape[2:]: size for size, (_, shape) in grids.items()}
     logger.info(
         "preset %s: loss %s, %d-step grid %s, real guidance %s, fake guidance %s",
         args.preset,
@@ -554,9 +584,7 @@ def main(args: argparse.Namespace) -> None:
         fake=(fake_view, opt_f),
         denoiser=denoiser,
         sigmas=sigmas,
-        latent_shape=flow_models.latent_shape(
-            parts, args.train_batch_size, args.resolution, args.num_frames, args.width
-        ),
+        latent_shape=grids[sizes[0]][1],
         generator_loss=generator_loss,
         fake_loss=fake_loss,
         gan=gan,
@@ -567,10 +595,13 @@ def main(args: argparse.Namespace) -> None:
         real_latents = None
         if gan is None:
             _, prompts = data.batch(gen)
+            # a size per micro-batch, uniform over the buckets (each process its own: the gradients are reduced)
+            size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))] if len(sizes) > 1 else sizes[0]
         else:  # the batch's images as VAE latents (the family's normalisation), their captions the prompts
             real_latents, prompts = data.latents_batch(gen, parts.vae, device)
+            size = size_of_latents[tuple(real_latents.shape[2:])]  # the images' bucket: the samples' size
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
-        return score_distillation.step(step, gen, cond, real=real_latents)
+        return score_distillation.step(step, gen, cond, real=real_latents, grid=grids[size])
 
     def validate(step: int) -> None:
         student = denoiser(accelerator.unwrap_model(gen_view))
@@ -607,6 +638,9 @@ def main(args: argparse.Namespace) -> None:
             stochastic_sampling=True,
         ).save_pretrained(Path(args.output_dir) / "scheduler")
         (Path(args.output_dir) / "student_sigmas.json").write_text(json.dumps(sigmas) + "\n")
+        if args.aspect_buckets:  # each trained size's grid (FLUX / Qwen-Image: shifted for its token count)
+            by_size = {f"{h}x{w}": grids[(h, w)][0] for h, w in sizes}
+            (Path(args.output_dir) / BUCKET_GRIDS_FILE).write_text(json.dumps(by_size, indent=1) + "\n")
         student_sampler.write_record(
             args,
             parts,

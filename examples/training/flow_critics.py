@@ -154,8 +154,9 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
         generator: ``(prepared generator view, optimiser)``.
         fake: ``(prepared fake view, optimiser)``.
         denoiser: ``denoiser(model) -> FlowDenoiser`` of a view (family and guidance input bound).
-        sigmas: the generator's K noise levels (descending, ``sigmas[0]`` = 1: pure noise).
-        latent_shape: ``(B, C, h, w)`` of one micro-batch's latents.
+        sigmas: the generator's K noise levels (descending, ``sigmas[0]`` = 1: pure noise); :meth:`step` takes
+            another grid for a micro-batch of another size (``--aspect_buckets``: FLUX's shift follows the size).
+        latent_shape: ``(B, C, h, w)`` of one micro-batch's latents (:meth:`step` takes another).
         generator_loss: ``loss(x, gen, cond) -> (loss, logs)`` of the generator's samples ``x``.
         fake_loss: ``loss(x, gen, cond) -> (loss, logs)`` of the fake score on detached samples.
         gan: the optional :class:`FakeFeatureGAN`.
@@ -201,12 +202,13 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
         self, step: int, gen: torch.Generator, cond: dict[str, Any]
     ) -> tuple[torch.Tensor, float]:
         """``(x_k, sigma_k)``: the backward-simulated input of this step's generator update (see the class)."""
+        sigmas, shape = self._state.get("grid", (self.sigmas, self.latent_shape))
         shared = data_sources.step_generator(self.args.seed, step, 0, -1)  # the same k on every process
-        k = int(torch.randint(len(self.sigmas), (1,), generator=shared))
-        noise = torch.randn(self.latent_shape, generator=gen).to(self.accelerator.device)
+        k = int(torch.randint(len(sigmas), (1,), generator=shared))
+        noise = torch.randn(shape, generator=gen).to(self.accelerator.device)
         with torch.no_grad():
-            x_k = renoise_steps(self.student_eval, noise, self.sigmas, cond, gen, steps=k)
-        return x_k, self.sigmas[k]
+            x_k = renoise_steps(self.student_eval, noise, sigmas, cond, gen, steps=k)
+        return x_k, sigmas[k]
 
     def generate(self, model: Any) -> torch.Tensor:
         """The clean prediction ``x_k - sigma_k v`` (float32) of ``model`` at this step's input."""
@@ -215,10 +217,17 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
         return x_k - sigma * model(x_k, t, **self._state["cond"]).float()
 
     def step(
-        self, step: int, gen: torch.Generator, cond: dict[str, Any], *, real: torch.Tensor | None = None
+        self,
+        step: int,
+        gen: torch.Generator,
+        cond: dict[str, Any],
+        *,
+        real: torch.Tensor | None = None,
+        grid: tuple[list[float], tuple[int, ...]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The updates of optimisation step ``step`` (0-based) for one micro-batch; ``real``: the real latents of
-        the GAN classifier (needed with ``gan``)."""
+        the GAN classifier (needed with ``gan``); ``grid``: ``(sigmas, latent_shape)`` of this micro-batch's size
+        (default the constructor's). The step index ``k`` is drawn the same on every process, whatever its grid."""
         if self.gan is not None and real is None:
             raise ValueError("The GAN classifier needs the step's real latents: pass `real`.")
         # The phase follows the optimisation step: every micro-batch of a step runs the same updates and a
@@ -226,6 +235,8 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
         self.loop.step_count = step
         with self.accelerator.accumulate(*self.models), runtime.autocast(self.accelerator):
             self._state = {"gen": gen, "cond": cond, "real": real, "x": None}
+            if grid is not None:
+                self._state["grid"] = (list(grid[0]), tuple(grid[1]))
             self._state["input"] = self.generator_input(step, gen, cond)
             logs = self.loop.step()
         logs["student_sigma"] = torch.tensor(self._state["input"][1])

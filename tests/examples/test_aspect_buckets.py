@@ -21,6 +21,8 @@ from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
     caption_folders,
     data_sources,
     deterministic_runs,
+    flow_critics,
+    flow_dmd2,
     flow_kd,
     flow_ladd,
     flow_models,
@@ -212,6 +214,53 @@ def test_kd_noises_each_batch_on_its_sizes_schedule(
     for shape, schedule in seen:
         torch.testing.assert_close(schedule.sigma(t), want[shape].sigma(t), rtol=0, atol=0)
     assert (want[(8, 8)].sigma(t) - want[(16, 32)].sigma(t)).abs().max() > 1e-3  # the sizes' tables differ
+
+
+@pytest.mark.parametrize("data", ["prompts", "images"])
+def test_dmd2_generates_each_micro_batch_at_its_size_on_that_sizes_grid(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
+) -> None:
+    """``flow_dmd2.py --aspect_buckets`` on FLUX: prompt-only, each micro-batch's size drawn among the buckets; with
+    the GAN term, the size of its real images' bucket. The generator's noise has that size and its backward
+    simulation runs on that size's grid (FLUX's shifted linspace with the ``mu`` of its token count), which the
+    run saves per size; ``student_sigmas.json`` stays the grid of ``--resolution`` (validation's)."""
+    seen: list[tuple[tuple[int, ...], list[float]]] = []
+    real: list[tuple[int, ...]] = []
+    renoise, latents_batch = flow_critics.renoise_steps, data_sources.StepData.latents_batch
+
+    def recording_renoise(denoiser: Any, noise: torch.Tensor, sigmas: Any, *a: Any, **k: Any) -> Any:
+        seen.append((tuple(noise.shape[2:]), list(sigmas)))
+        return renoise(denoiser, noise, sigmas, *a, **k)
+
+    def recording_batch(self: Any, *a: Any, **k: Any) -> Any:
+        out = latents_batch(self, *a, **k)
+        real.append(tuple(out[0].shape[2:]))
+        return out
+
+    monkeypatch.setattr(flow_critics, "renoise_steps", recording_renoise)
+    monkeypatch.setattr(data_sources.StepData, "latents_batch", recording_batch)
+    source = {**tiny, "images": _images(tmp_path / "images")}
+    extra = ["--gan_weight", "--discriminator_norm_groups", "4"] if data == "images" else []
+    argv = smoke_argv(source, "flux", tmp_path / "dmd2", "--lora_rank", "4", *extra, data=data)
+    argv += ["--num_student_steps", "2", "--generator_every", "1", "--max_train_steps", "6"]
+    args = flow_dmd2.parse_args([*argv, "--checkpointing_steps", "6", "--aspect_buckets", *BUCKETS])
+    flow_dmd2.main(args)
+    parts = flow_models.load_flow(args)
+    want = {
+        (h // 8, w // 8): flow_critics.student_grid(
+            flow_models.flow_schedule(parts, h, width=w, terminal_stretch=False), 2
+        )
+        for h, w in (aspect_buckets.parse_size(b) for b in BUCKETS)
+    }
+    assert len(seen) == 6 and {shape for shape, _ in seen} == set(want), [s for s, _ in seen]
+    for shape, sigmas in seen:
+        assert sigmas == want[shape]
+    assert want[(8, 8)][1] != want[(16, 32)][1]  # the sizes' grids differ
+    if data == "images":  # the samples are made at the size of the batch's images
+        assert real == [shape for shape, _ in seen]
+    saved = json.loads((tmp_path / "dmd2" / flow_dmd2.BUCKET_GRIDS_FILE).read_text())
+    assert saved == {"64x64": want[(8, 8)], "128x256": want[(16, 32)]}
+    assert json.loads((tmp_path / "dmd2" / "student_sigmas.json").read_text()) == want[(8, 8)]
 
 
 def test_image_folder_crops_each_image_to_its_nearest_bucket(tmp_path: Path) -> None:
