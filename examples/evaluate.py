@@ -27,7 +27,8 @@ prompt set, with a record of the protocol beside the numbers.
    scripts, ``training.student_sampler``) the guidance the student was trained to be sampled at (1 for SD3 /
    Qwen-Image / Wan, FLUX.1-dev's embedded ``--guidance``, none for FLUX.1-schnell) and the prompt length unless
    ``--guidance_scale`` / ``--max_sequence_length`` are given, and the trained size (height x width, a video's
-   frames) unless ``--resolution`` / ``--width`` (``--num_frames``) are given; images are generated at
+   frames; the SDXL scripts and flow_kd record the size alone) unless ``--resolution`` / ``--width``
+   (``--num_frames``) are given; images are generated at
    ``--resolution`` x ``--width`` (default square; without a run's record, 1024). The record holds the guidance the pipeline ran with
    (without a saved one, its default, with a warning for a student; None for a FLUX.1-schnell ``FluxPipeline``,
    which has no guidance input and whose CFG is ``true_cfg_scale``), the prompt length, and the source of each

@@ -237,6 +237,9 @@ PHASE_NUMBER = {"mlcd": 1.0, "lcd-inter-segment": 2.0, "mps": 3.0, "dm-gan": 4.0
 
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "sdxl_mlcm")
+    score_distillation.check_engine(
+        accelerator, args
+    )  # --gan_weight under FSDP / DeepSpeed: before the UNets load
     plan = StagePlan.mlcm(num_segments=args.num_segments, guidance_scale=args.guidance_scale)
     mlcd, inter = plan["mlcd"], plan["lcd-inter-segment"]
     skip = args.skip if args.skip is not None else mlcd.options["skip"]

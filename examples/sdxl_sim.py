@@ -324,6 +324,9 @@ def sim_networks(
 
 def main(args: argparse.Namespace) -> None:
     accelerator = runtime.make_accelerator(args, "sdxl_sim")
+    score_distillation.check_engine(
+        accelerator, args
+    )  # --gan_weight under FSDP / DeepSpeed: before the UNets load
     logger.info(
         "preset %s (set: %s): loss %s, guidance_scale %s, fake_guidance_scale %s, fake_timestep_range %s, "
         "sid_alpha %s, generator_every %d, Adam (%s, %s) weight decay %s, lr %s, max_grad_norm %s",

@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("output_weight", "feature_weight"):  # a negative weight maximises the KD distance
         options.check_range(args, name, low=0, why="0 leaves that KD term out")
     options.check_range(args, "validation_inference_steps", low=1)
-    aspect_buckets.check_sizes(args, 8)  # SDXL's VAE factor (as --resolution)
+    aspect_buckets.check_sizes(args, 8, why="SDXL's VAE factor, as --resolution")
     if args.student_model is None and args.preset is None and args.remove is None:
         args.preset = "ssd-1b"  # a fresh run removes the whole SSD-1B preset, as before rounds existed
     return args

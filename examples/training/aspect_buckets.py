@@ -41,9 +41,10 @@ def add_args(group: Any) -> None:
         default=None,
         metavar="HxW",
         help="multi-aspect training: sizes (height x width, px), each batch within one of them; teacher samples "
-        "(prompt-only) are made at them, shard i at the (i mod K)-th; --train_data_dir images are each cropped to "
-        "the size nearest their aspect ratio (e.g. 1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 "
-        "768x1344); default one size, --resolution x --width (images: square). Validation samples at --resolution",
+        "(LADD, prompt-only KD) are made at them, shard i at the (i mod K)-th, and prompt-only DMD2 draws one per "
+        "micro-batch; --train_data_dir images are each cropped to the size nearest their aspect ratio (e.g. "
+        "1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 768x1344); default one size, --resolution (x "
+        "--width where the script has it; images: square). Validation samples at --resolution",
     )
 
 
@@ -55,15 +56,17 @@ def sizes(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(args.resolution, getattr(args, "width", None) or args.resolution)]
 
 
-def check_sizes(args: argparse.Namespace, step: int) -> None:
-    """Each ``--aspect_buckets`` side a multiple of ``step`` (the VAE factor times the patch size) and no size listed
-    twice; ``ValueError`` with the fix."""
+def check_sizes(
+    args: argparse.Namespace, step: int, why: str = "the VAE's factor times the transformer's 2x2 patches"
+) -> None:
+    """Each ``--aspect_buckets`` side a multiple of ``step`` (``why``: the VAE factor times the patch size; SDXL's
+    VAE factor alone) and no size listed twice; ``ValueError`` with the fix."""
     buckets = getattr(args, "aspect_buckets", None) or []
     for h, w in buckets:
         if h % step or w % step:
             raise ValueError(
-                f"Expected each --aspect_buckets size to have sides that are multiples of {step} (the VAE's factor "
-                f"times the transformer's 2x2 patches), but got {h}x{w}: round it, e.g. to "
+                f"Expected each --aspect_buckets size to have sides that are multiples of {step} ({why}), but got "
+                f"{h}x{w}: round it, e.g. to "
                 f"{max(step, h // step * step)}x{max(step, w // step * step)}."
             )
     repeated = sorted({f"{h}x{w}" for h, w in buckets if buckets.count((h, w)) > 1})

@@ -15,7 +15,7 @@ from torch import nn
 
 from diffdistill.students import AdapterView, save_lora
 
-from . import ema_release, runtime
+from . import ema_release, runtime, student_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,8 @@ def save_unet(
     folder: str = "",
 ) -> Path:
     """Final weights: LoRA file (``pytorch_lora_weights.safetensors``) or a full ``save_pretrained`` UNet,
-    under ``--output_dir`` (or its sub-folder ``folder``, e.g. for a stage's intermediate weights).
+    under ``--output_dir`` (or its sub-folder ``folder``, e.g. for a stage's intermediate weights), with the trained
+    size in ``student_sampler.json`` (:func:`training.student_sampler.write_size_record`).
 
     With ``ema`` (``--use_ema``) the averaged weights are copied into ``unet`` first, so they are what is
     written (and what the model holds afterwards); mid-run, save inside ``ReleaseEMA.swapped_in()``
@@ -372,6 +373,7 @@ def save_unet(
     state = accelerator.get_state_dict(unet)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        student_sampler.write_size_record(args, out)  # the trained size, for evaluate.py
         if isinstance(model, AdapterView):  # --shared_base: the generator's adapter alone
             model.save(out / LORA_WEIGHT_NAME, state_dict=state)
             path = out / LORA_WEIGHT_NAME

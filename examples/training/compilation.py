@@ -44,6 +44,17 @@ def _compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
+def check_engine(accelerator: Any, args: argparse.Namespace) -> None:
+    """Refuse ``--compile`` under DeepSpeed ZeRO-3 (called by ``runtime.configure_deepspeed``, before any model
+    loads, and by :func:`compile_networks`). Raises ``ValueError`` with the fix."""
+    if getattr(args, "compile", False) and runtime.zero_stage(accelerator) == 3:
+        raise ValueError(
+            "--compile is not supported under DeepSpeed ZeRO-3: its parameter-fetching hooks on every layer split "
+            "each compiled block into one graph per layer (and exhaust dynamo's recompile limit). Use ZeRO stage "
+            "1 or 2 or FSDP2 in the accelerate config, or drop --compile."
+        )
+
+
 def compile_networks(
     args: argparse.Namespace,
     *networks: Any,
@@ -114,12 +125,8 @@ def compile_networks(
     """
     if not getattr(args, "compile", False):
         return []
-    if accelerator is not None and runtime.zero_stage(accelerator) == 3:
-        raise ValueError(
-            "--compile is not supported under DeepSpeed ZeRO-3: its parameter-fetching hooks on every layer split "
-            "each compiled block into one graph per layer (and exhaust dynamo's recompile limit). Use ZeRO stage "
-            "1 or 2 or FSDP2 in the accelerate config, or drop --compile."
-        )
+    if accelerator is not None:
+        check_engine(accelerator, args)
     mode = None if args.compile_mode == "default" else args.compile_mode
     eager = {id(m) for n in double_backward for m in _modules_of(n)}
     targets: dict[int, nn.Module] = {}

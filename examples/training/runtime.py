@@ -111,8 +111,12 @@ def configure_deepspeed(accelerator: Any, args: argparse.Namespace) -> None:
       (``stage3_gather_16bit_weights_on_model_save``; without it ``get_state_dict`` refuses). The weights
       are written in the engine's parameter dtype: bf16 under ``--mixed_precision bf16``.
     - ``--use_ema`` is refused under ZeRO-3: the average is kept of the student's parameters in place, and
-      ZeRO-3 leaves each process only a flat slice of them (use ZeRO-1/2 or FSDP for an EMA).
+      ZeRO-3 leaves each process only a flat slice of them (use ZeRO-1/2 or FSDP for an EMA); so is ``--compile``
+      (``training.compilation.check_engine``).
     """
+    from . import compilation
+
+    compilation.check_engine(accelerator, args)  # --compile under ZeRO-3
     plugin = accelerator.state.deepspeed_plugin
     if zero_stage(accelerator) == 3:
         if args.use_ema:

@@ -68,6 +68,17 @@ def check_gan_args(args: argparse.Namespace) -> None:
             )
 
 
+def check_engine(accelerator: Any, args: argparse.Namespace) -> None:
+    """Refuse ``--gan_weight`` under FSDP / DeepSpeed (see :meth:`BottleneckGAN.build`); the scripts call it right
+    after ``runtime.make_accelerator``, before any model loads. Raises ``ValueError`` with the fix."""
+    if getattr(args, "gan_weight", 0) and runtime.is_sharded(accelerator):
+        raise ValueError(
+            "--gan_weight: DMD2's classifier runs the fake score UNet's encoder and mid block outside the "
+            "fake score's FSDP / DeepSpeed engine, which shards them; run it under DDP or on one process, "
+            "or leave --gan_weight 0."
+        )
+
+
 class BottleneckGAN:
     """DMD2's GAN classifier on the fake score UNet's bottleneck (Yin et al. 2024, arXiv:2405.14867, Sec. 4.3).
 
@@ -122,12 +133,7 @@ class BottleneckGAN:
 
         from . import shared_critics
 
-        if runtime.is_sharded(accelerator):
-            raise ValueError(
-                "--gan_weight: DMD2's classifier runs the fake score UNet's encoder and mid block outside the "
-                "fake score's FSDP / DeepSpeed engine, which shards them; run it under DDP or on one process, "
-                "or leave --gan_weight 0."
-            )
+        check_engine(accelerator, args)
         trunk = accelerator.unwrap_model(fake)
         view = trunk if isinstance(trunk, AdapterView) else None
         if view is not None:

@@ -13,6 +13,10 @@
 #   flow_tscd), None when the grid does not depend on the size (SD3, Wan; flow_ladd's explicit sigmas);
 # - ``max_sequence_length``: the text length the prompts were encoded at.
 #
+# The SDXL scripts and flow_kd record the size alone (:func:`write_size_record`, from ``checkpoints.save_unet``; the
+# guidance of an SDXL student is its method's, see examples/README.md), so evaluate.py generates at it by default and
+# warns at another size (audit 17).
+#
 # DMD2's sampler re-noises with fresh noise at every step. Drawn from a generator seeded with the image's seed, the
 # first draw would be the initial noise itself and the first step a deterministic Euler step (audit 9): the
 # re-noising draws use :func:`renoise_seed` of the image's seed, in flow_dmd2's validation and in evaluate.py
@@ -77,6 +81,17 @@ def write_record(
     if parts.has_experts:
         record["guidance_scale_2"] = guidance
     path = Path(args.output_dir) / RECORD_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def write_size_record(args: argparse.Namespace, folder: str | Path) -> Path:
+    """Write ``folder/student_sampler.json`` with the trained size alone (``height`` / ``width`` from ``--resolution``
+    / ``--width``, a video's ``num_frames``); a flow script replaces it with its whole record (:func:`write_record`)."""
+    height = int(args.resolution)
+    width = int(getattr(args, "width", None) or height)
+    record = {"height": height, "width": width, "num_frames": getattr(args, "num_frames", None)}
+    path = Path(folder) / RECORD_FILE
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
 

@@ -323,7 +323,9 @@ def test_ssd1b_kd_conditions_each_batch_on_its_bucket(
     for (h, w), time_ids in seen:
         want = torch.tensor([8 * h, 8 * w, 0, 0, 8 * h, 8 * w], dtype=time_ids.dtype)
         assert torch.equal(time_ids, want.expand_as(time_ids)), time_ids
-    with pytest.raises(ValueError, match=r"multiples of 8 .* but got 64x100"):
+    with pytest.raises(
+        ValueError, match=r"multiples of 8 \(SDXL's VAE factor, as --resolution\), but got 64x100"
+    ):
         script.parse_args([*argv, "--aspect_buckets", "64x100"])
 
 

@@ -237,15 +237,40 @@ def test_configure_deepspeed_fills_auto_values_and_refuses_ema_under_zero3(
     runtime.configure_deepspeed(_DeepSpeedAccelerator(plugin), args)
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 3
     assert plugin.deepspeed_config["gradient_clipping"] == 0.5
-    with pytest.raises(
-        ValueError, match=r"--use_ema is not supported under DeepSpeed ZeRO-3.*ZeRO stage 1 or 2"
-    ):
+    # --use_ema and --compile under ZeRO-3: refused here, before any model loads (audit 17: --compile was refused
+    # only after SDXL loaded); under ZeRO-2 both run
+    for option, fix in (("use_ema", "ZeRO stage 1 or 2"), ("compile", "drop --compile")):
+        with pytest.raises(ValueError, match=rf"--{option} is not supported under DeepSpeed ZeRO-3.*{fix}"):
+            runtime.configure_deepspeed(
+                _DeepSpeedAccelerator(_plugin(3)), argparse.Namespace(**{**vars(args), option: True})
+            )
         runtime.configure_deepspeed(
-            _DeepSpeedAccelerator(_plugin(3)), argparse.Namespace(**{**vars(args), "use_ema": True})
+            _DeepSpeedAccelerator(_plugin(2)), argparse.Namespace(**{**vars(args), option: True})
         )
-    runtime.configure_deepspeed(
-        _DeepSpeedAccelerator(_plugin(2)), argparse.Namespace(**{**vars(args), "use_ema": True})
+
+
+@pytest.mark.parametrize("script_name", ["sdxl_sim", "sdxl_mlcm"])
+def test_gan_term_under_deepspeed_is_refused_before_the_models_load(
+    tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script_name: str
+) -> None:
+    """DMD2's classifier under a sharding engine: refused right after the accelerator is made (audit 17: after
+    SDXL loaded and the generator's and fake score's engines were prepared)."""
+    script = _load(script_name)
+    monkeypatch.setattr(
+        runtime, "make_accelerator", lambda args, name, **kw: _DeepSpeedAccelerator(_plugin(2))
     )
+
+    def no_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the models were loaded before the refusal")
+
+    monkeypatch.setattr(script.sdxl_models, "load_sdxl", no_load)
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), "--gan_weight", "1e-3"]
+    if script_name == "sdxl_sim":
+        argv += ["--train_data_dir", str(tiny_sdxl["images"])]
+    else:
+        argv += ["--prompts_file", str(tiny_sdxl["prompts"]), "--stage1_steps", "1", "--dmd_steps", "1"]
+    with pytest.raises(ValueError, match=r"--gan_weight: DMD2's classifier .* FSDP / DeepSpeed engine"):
+        script.main(script.parse_args(argv))
 
 
 def test_hyper_sd_ema_target_is_refused_under_zero3(

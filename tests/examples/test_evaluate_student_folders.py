@@ -35,6 +35,7 @@ PNG_TOLERANCE = 0.5 / 255 + 1e-6
 evaluate = load_script("evaluate")
 generation = load_example("evaluation.generation")
 scoring = load_example("evaluation.scoring")
+student_sampler = load_example("training.student_sampler")
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,31 @@ def test_saved_scheduler_is_used_and_the_guidance_recorded(tiny: dict[str, Path]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generation.sampler_record(pipe, args)["sampler_sources"]["scheduler"] == "pipeline"
+
+
+def test_sdxl_run_folder_gives_its_trained_size(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """An SDXL script's folder records its trained size (``checkpoints.save_unet``: ``student_sampler.json`` with
+    the size alone, audit 17): generated at it by default, a warning and both sizes recorded at another."""
+    import types
+
+    run = tmp_path / "l-1"
+    _unet(tiny, 0.5).save_pretrained(run / "unet")
+    record_file = student_sampler.write_size_record(types.SimpleNamespace(resolution=64), run)
+    assert json.loads(record_file.read_text()) == {"height": 64, "width": 64, "num_frames": None}
+    argv = _argv(tiny, tmp_path / "e", "--student_weights", str(run), "--num_inference_steps", "1",
+                 "--guidance_scale", "0")  # fmt: skip
+    at = argv.index("--resolution")
+    args = evaluate.parse_args(argv[:at] + argv[at + 2 :])
+    assert (args.resolution, args.width) == (64, 64)
+    assert args.saved_sampler["sources"]["size"] == str(record_file)
+    assert "guidance_scale" not in args.saved_sampler["sources"] or args.guidance_scale == 0  # the option's
+    args = evaluate.parse_args([*argv[:at], "--resolution", "72", *argv[at + 2 :]])
+    pipe = generation.load_pipeline(args, "cpu", torch.float32)
+    with pytest.warns(
+        UserWarning, match=r"trained at 64 x 64 .* generated at 72 x 72\. Pass --resolution 64"
+    ):
+        generator = generation.sampler_record(pipe, args)
+    assert generator["trained_size"] == [64, 64] and generator["resolution"] == 72
 
 
 def test_flow_run_folders_give_their_sigmas(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ back into diffusers (``UNet2DConditionModel.from_pretrained`` or ``load_lora_ada
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -541,6 +542,9 @@ def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     )
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
     assert (out_a / "checkpoint-1" / "fake_lora.safetensors").is_file()
+    # the trained size beside the weights, for evaluate.py (checkpoints.save_unet; audit 17)
+    record = json.loads((out_a / "student_sampler.json").read_text())
+    assert record == {"height": 128, "width": 128, "num_frames": None}
 
 
 def _ema_in_checkpoint(folder: Path, index: int = 0) -> dict[str, torch.Tensor]:
