@@ -233,9 +233,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 LOSS_PRESET = {"dmd": "dmd2", "sid": "sid", "sim": "sim"}
-#: With ``--aspect_buckets``: the generator's grid at each trained size, ``{"HxW": [sigmas]}`` (``evaluate.py
-#: --sigmas`` for a size other than ``--resolution`` x ``--width``, whose grid is ``student_sigmas.json``).
-BUCKET_GRIDS_FILE = "student_sigmas_by_size.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -639,8 +636,7 @@ def main(args: argparse.Namespace) -> None:
         ).save_pretrained(Path(args.output_dir) / "scheduler")
         (Path(args.output_dir) / "student_sigmas.json").write_text(json.dumps(sigmas) + "\n")
         if args.aspect_buckets:  # each trained size's grid (FLUX / Qwen-Image: shifted for its token count)
-            by_size = {f"{h}x{w}": grids[(h, w)][0] for h, w in sizes}
-            (Path(args.output_dir) / BUCKET_GRIDS_FILE).write_text(json.dumps(by_size, indent=1) + "\n")
+            aspect_buckets.write_grids(args.output_dir, {size: grid for size, (grid, _) in grids.items()})
         student_sampler.write_record(
             args,
             parts,

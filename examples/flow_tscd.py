@@ -80,6 +80,14 @@ sharded model), the EMA target averages the adapters' shards, and the LADD heads
 hybrid distance's teacher copy is no prepared model and stays whole on every process (FLUX.1: ~24 GB in bf16 a
 GPU). DeepSpeed: not tested (ZeRO-3 refused with the EMA target).
 
+Multi-aspect training (our choice; the paper gives no sizes): ``--aspect_buckets HxW ...``
+(``training.aspect_buckets``) gives each micro-batch one size, its images' bucket with ``--train_data_dir`` (each
+image cropped to the size nearest its aspect ratio), else drawn uniformly per micro-batch; its noise, its timesteps'
+noise levels, the teacher's solver and the heads' noise levels are that size's schedule (FLUX / Qwen-Image: the
+``mu`` of its token count). Processes draw their sizes independently (the gradients are reduced whatever the
+shapes). Validation and ``student_grid.json`` stay at ``--resolution`` x ``--width``; ``student_sigmas_by_size.json``
+holds the last stage's grid at each bucket.
+
 Validation samples the student on its stage's grid: ``k`` Euler steps through the segment edges of the shifted
 table (``spaced_timesteps(k, "trailing")``, the moves TSCD trains), unguided (FLUX.1-dev: with ``--guidance``).
 The output is a LoRA file (or a ``transformer/`` folder), ``student_grid.json`` with the last stage's grid
@@ -114,10 +122,11 @@ our choice (the flow recipe is not public)   the stage weights 1 - i/(n-1) / i/(
                                              LADD-style discriminator heads on the frozen teacher's
                                              blocks (every len(blocks)//4-th), judged at t_end; disc lr =
                                              the student's; teacher-noised states for prompt-only data;
-                                             LoRA targets (attention + feed-forward of both streams)
+                                             LoRA targets (attention + feed-forward of both streams);
+                                             multi-aspect buckets (``--aspect_buckets``)
 not implemented                              Hyper-SD's human-feedback LoRA and one-step DMD stage
                                              (see sdxl_hyper_sd.py); Hyper-SD3's CFG-preserved LoRAs;
-                                             multi-aspect buckets; DeepSpeed (untested; ZeRO-3 refused
+                                             DeepSpeed (untested; ZeRO-3 refused
                                              with the EMA target); a sharded teacher copy under FSDP2
 ===========================================  ===========================================================
 
@@ -155,6 +164,7 @@ from diffdistill.students import EMA, TeacherView, frozen
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
 from training import (
+    aspect_buckets,
     checkpoints,
     compilation,
     data_sources,
@@ -181,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options.add_common_args(p, default_lr=1e-6)
     flow_options.add_flow_args(p)
     g = p.add_argument_group("Hyper-SD (TSCD)")
+    aspect_buckets.add_args(g)
     g.add_argument(
         "--segments", default=None, help="segment counts k, one stage each (default 8,4,2,1, Hyper-SD's)"
     )
@@ -495,18 +506,33 @@ def main(args: argparse.Namespace) -> None:
     else:
         teacher_net = TeacherView(flow_models.FlowDenoiser(transformer, parts.family, args.guidance))
     guidance_input = parts.family == "flux" and args.guidance is not None
-    teacher = TeacherSolver(
-        teacher_net,
-        schedule,
-        guidance_scale=flow_families.expert_guidance(
-            parts, args.teacher_guidance_scale, args.teacher_guidance_scale_2
+
+    def solver(schedule: Any) -> TeacherSolver:
+        """The teacher's guided Euler solver on a size's schedule."""
+        return TeacherSolver(
+            teacher_net,
+            schedule,
+            guidance_scale=flow_families.expert_guidance(
+                parts, args.teacher_guidance_scale, args.teacher_guidance_scale_2
+            )
+            if parts.has_experts
+            else None,
+            prediction_type="flow",
+            guidance_input="guidance" if guidance_input else None,
+            guidance_rescale=None if guidance_input else flow_families.guidance_rescale(parts.family),
         )
-        if parts.has_experts
-        else None,
-        prediction_type="flow",
-        guidance_input="guidance" if guidance_input else None,
-        guidance_rescale=None if guidance_input else flow_families.guidance_rescale(parts.family),
+
+    teacher = solver(schedule)
+    # --aspect_buckets: each micro-batch at one size, on that size's schedule (FLUX / Qwen-Image: its mu) and teacher
+    sizes = aspect_buckets.sizes(args)
+    at_size = (
+        {(h, w): (s, solver(s)) for h, w in sizes for s in [flow_models.flow_schedule(parts, h, width=w)]}
+        if args.aspect_buckets
+        else {sizes[0]: (schedule, teacher)}
     )
+    size_of_latents = {
+        tuple(flow_models.latent_shape(parts, 1, h, args.num_frames, w)[2:]): (h, w) for h, w in sizes
+    }
     # --compile: student, teacher (= D's trunk)
     compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.uses_cfg else None
@@ -536,8 +562,11 @@ def main(args: argparse.Namespace) -> None:
     data = data_sources.StepData(args, need_images=bool(args.train_data_dir))
     global_step = checkpoints.resume(accelerator, args)
 
-    def judge(model: Any, x: torch.Tensor, t_end: torch.Tensor, cond: dict[str, Any]) -> list[torch.Tensor]:
-        """Discriminator logits of states ``x`` at ``t_end`` (sigma 0 at the clean end): the teacher's own call."""
+    def judge(
+        model: Any, x: torch.Tensor, t_end: torch.Tensor, cond: dict[str, Any], schedule: Any
+    ) -> list[torch.Tensor]:
+        """Discriminator logits of states ``x`` at ``t_end`` (sigma 0 at the clean end) on their size's
+        ``schedule``: the teacher's own call."""
         sigma = torch.where(t_end < 0, 0.0, schedule.sigma(t_end.clamp(min=0)).float().to(x.device))
         hidden, kwargs, grid = teacher_net.model_inputs(x, 1000 * sigma, **cond)
         timestep, pooled = kwargs.pop("timestep"), kwargs.pop("pooled_projections", None)
@@ -551,14 +580,18 @@ def main(args: argparse.Namespace) -> None:
             w_mse, w_adv = 1.0, 0.0
         if args.train_data_dir:
             x0, prompts = data.latents_batch(gen, parts.vae, device)
+            size = size_of_latents[tuple(x0.shape[2:])]  # the images' bucket
         else:
             prompts = data.prompts_batch(gen)
+            # a size per micro-batch, uniform over the buckets (each process its own: the gradients are reduced)
+            size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))] if len(sizes) > 1 else sizes[0]
+        schedule, teacher = at_size[size]
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         b = len(prompts)
         sample = tscd_segments(
             b, k, args.num_inference_steps, schedule.num_train_timesteps, generator=gen, device=device
         )
-        shape = flow_models.latent_shape(parts, b, args.resolution, args.num_frames, args.width)
+        shape = flow_models.latent_shape(parts, b, size[0], args.num_frames, size[1])
         noise = training_noise(shape, gen, args.noise_offset).to(device)
         omega = draw_guidance(args, b, gen)
         if isinstance(omega, torch.Tensor):
@@ -594,7 +627,11 @@ def main(args: argparse.Namespace) -> None:
                 with frozen(disc):  # until the backward below (checkpointed blocks recompute there)
                     if w_adv > 0:
                         fake = judge(
-                            runtime.forward_model(accelerator, disc), pair.student, sample.t_end, judge_cond
+                            runtime.forward_model(accelerator, disc),
+                            pair.student,
+                            sample.t_end,
+                            judge_cond,
+                            schedule,
                         )
                         g_loss, _ = gan_generator_loss(fake, loss=args.gan_loss)
                         loss = loss + w_adv * g_loss
@@ -605,8 +642,8 @@ def main(args: argparse.Namespace) -> None:
             runtime.clip_and_step(accelerator, opt, transformer.parameters(), args.max_grad_norm)
             if disc is not None and w_adv > 0:
                 d_loss, _ = gan_discriminator_loss(
-                    judge(disc, pair.target, sample.t_end, judge_cond),
-                    judge(disc, pair.student.detach(), sample.t_end, judge_cond),
+                    judge(disc, pair.target, sample.t_end, judge_cond, schedule),
+                    judge(disc, pair.student.detach(), sample.t_end, judge_cond, schedule),
                     loss=args.gan_loss,
                 )
                 runtime.backward(accelerator, d_loss, disc)
@@ -630,6 +667,9 @@ def main(args: argparse.Namespace) -> None:
         guidance = student_sampler.sampling_guidance(args, parts)  # unguided (FLUX.1-dev: --guidance)
         grid = {"num_inference_steps": k, **student_grid(schedule, k), "guidance": guidance}
         (Path(args.output_dir) / GRID_FILE).write_text(json.dumps(grid, indent=1) + "\n")
+        if args.aspect_buckets:  # each trained size's grid (FLUX / Qwen-Image: shifted for its token count)
+            grids = {size: student_grid(s, k)["sigmas"] for size, (s, _) in at_size.items()}
+            aspect_buckets.write_grids(args.output_dir, grids)
         student_sampler.write_record(
             args, parts, flow_encoding.max_sequence_length(args, parts), shifted_grid=True
         )

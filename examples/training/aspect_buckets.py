@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,3 +126,17 @@ class BucketSchedules:
                 "teacher samples were made at other sizes than --aspect_buckets (or --resolution) lists."
             )
         return self.by_shape[shape]
+
+
+GRIDS_FILE = "student_sigmas_by_size.json"
+"""With ``--aspect_buckets``, flow_dmd2's and flow_tscd's student grid at each trained size, ``{"HxW": [sigmas]}``
+(FLUX / Qwen-Image: each shifted with the ``mu`` of its token count): ``evaluate.py --sigmas`` for a size other
+than ``--resolution`` x ``--width``, whose grid the run's own grid file holds."""
+
+
+def write_grids(folder: str | Path, grids: dict[tuple[int, int], Sequence[float]]) -> Path:
+    """Write ``folder/``:data:`GRIDS_FILE` from ``{(height, width): sigmas}``; returns the file."""
+    path = Path(folder) / GRIDS_FILE
+    by_size = {f"{h}x{w}": [float(s) for s in sigmas] for (h, w), sigmas in grids.items()}
+    path.write_text(json.dumps(by_size, indent=1) + "\n", encoding="utf-8")
+    return path

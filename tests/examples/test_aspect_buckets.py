@@ -2,7 +2,8 @@
 flow_kd's teacher samples made at several sizes (each shard the pipeline's own samples at its size, FLUX's ``mu``
 that size's), images cropped to their nearest size (flow_kd, sdxl_ssd1b_kd with SDXL's bucket conditioning),
 batches of one size that draw every sample as often as without buckets, each size's schedule in the KD's
-noising, and the option checks."""
+noising, DMD2's generator and TSCD's teacher, heads and noising at each micro-batch's own size and grid, and the
+option checks."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
     flow_kd,
     flow_ladd,
     flow_models,
+    flow_tscd,
 )
 from tests.examples.tiny_flow import (
     NUM_FRAMES,
@@ -258,9 +260,75 @@ def test_dmd2_generates_each_micro_batch_at_its_size_on_that_sizes_grid(
     assert want[(8, 8)][1] != want[(16, 32)][1]  # the sizes' grids differ
     if data == "images":  # the samples are made at the size of the batch's images
         assert real == [shape for shape, _ in seen]
-    saved = json.loads((tmp_path / "dmd2" / flow_dmd2.BUCKET_GRIDS_FILE).read_text())
+    saved = json.loads((tmp_path / "dmd2" / aspect_buckets.GRIDS_FILE).read_text())
     assert saved == {"64x64": want[(8, 8)], "128x256": want[(16, 32)]}
     assert json.loads((tmp_path / "dmd2" / "student_sigmas.json").read_text()) == want[(8, 8)]
+
+
+@pytest.mark.parametrize("data", ["prompts", "images"])
+def test_tscd_trains_each_micro_batch_on_its_sizes_schedule(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
+) -> None:
+    """``flow_tscd.py --aspect_buckets`` on FLUX with the hybrid distance: each micro-batch (prompt-only: a drawn
+    size; images: its bucket) is noised, solved by the teacher and judged by the heads on its own size's schedule
+    (FLUX's ``mu`` of its token count), and the run saves the last stage's grid at each size."""
+    from diffdistill.discriminators import LADDDiscriminator
+
+    events: list[tuple[str, Any]] = []
+    segments, sides, forward = flow_tscd.tscd_segments, flow_tscd.tscd_sides, LADDDiscriminator.forward
+
+    def recording_segments(*args: Any, **kwargs: Any) -> Any:
+        sample = segments(*args, **kwargs)
+        events.append(("t_end", sample.t_end.detach().cpu()))
+        return sample
+
+    def recording_sides(student: Any, target: Any, teacher: Any, x_t: torch.Tensor, *args: Any) -> Any:
+        events.append(("size", (tuple(x_t.shape[2:]), teacher.schedule)))
+        return sides(student, target, teacher, x_t, *args)
+
+    def recording_heads(self: Any, hidden: Any, timestep: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        events.append(("heads", timestep.detach().float().cpu()))
+        return forward(self, hidden, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(flow_tscd, "tscd_segments", recording_segments)
+    monkeypatch.setattr(flow_tscd, "tscd_sides", recording_sides)
+    monkeypatch.setattr(LADDDiscriminator, "forward", recording_heads)
+    source = {**tiny, "images": _images(tmp_path / "images")}
+    extra = ["--use_lora", "--lora_rank", "2", "--segments", "2,1", "--distance", "hybrid"]
+    extra += ["--discriminator_norm_groups", "4", "--max_train_steps", "6", "--checkpointing_steps", "0"]
+    args = flow_tscd.parse_args(
+        [*smoke_argv(source, "flux", tmp_path / "tscd", *extra, data=data), "--aspect_buckets", *BUCKETS]
+    )
+    flow_tscd.main(args)
+    parts = flow_models.load_flow(args)
+    want = {
+        (h // 8, w // 8): flow_models.flow_schedule(parts, h, width=w)
+        for h, w in (aspect_buckets.parse_size(b) for b in BUCKETS)
+    }
+    t = torch.arange(0, 1000, 37)
+    sizes, heads = [], 0
+    t_end, shape = None, None
+    for kind, value in events:
+        if kind == "t_end":
+            t_end = value
+        elif kind == "size":
+            shape, schedule = value
+            sizes.append(shape)
+            torch.testing.assert_close(schedule.sigma(t), want[shape].sigma(t), rtol=0, atol=0)
+        else:  # the heads' timestep: the sigma of t_end on the micro-batch's own schedule (0 at the clean end)
+            assert t_end is not None and shape is not None
+            sigma = torch.where(t_end < 0, 0.0, want[shape].sigma(t_end.clamp(min=0)).float())
+            scale = 1000.0 if float(value.max()) > 1.5 else 1.0
+            torch.testing.assert_close(value, scale * sigma, rtol=1e-6, atol=1e-4)
+            heads += 1
+    assert set(sizes) == set(want) and len(sizes) == 6, sizes
+    assert heads > 0, "the heads never ran"
+    assert (want[(8, 8)].sigma(t) - want[(16, 32)].sigma(t)).abs().max() > 1e-3  # the sizes' tables differ
+    saved = json.loads((tmp_path / "tscd" / aspect_buckets.GRIDS_FILE).read_text())
+    assert saved == {
+        "64x64": flow_tscd.student_grid(want[(8, 8)], 1)["sigmas"],
+        "128x256": flow_tscd.student_grid(want[(16, 32)], 1)["sigmas"],
+    }
 
 
 def test_image_folder_crops_each_image_to_its_nearest_bucket(tmp_path: Path) -> None:
