@@ -45,11 +45,11 @@ test: install lint typecheck
 # The README's main command: distill the shipped toy teacher into 1/2/4-step students on the CPU (< 10 min on
 # 2 cores); prints a table and writes build/toy_demo/grid.png and results.md (see examples/toy/README.md).
 demo: install
-	$(PY) examples/toy/distill.py --out build/toy_demo
+	$(PY) examples/toy/distill.py --threads 2 --out build/toy_demo
 
 # The same demo on the shipped rectified-flow teacher (examples/toy/README.md, "Flow-matching teacher").
 demo-flow: install
-	$(PY) examples/toy/distill.py --teacher flow --out build/toy_demo_flow
+	$(PY) examples/toy/distill.py --teacher flow --threads 2 --out build/toy_demo_flow
 
 # Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
 # carries .whl/ (git-ignored) and the script installs it there.

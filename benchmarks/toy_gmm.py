@@ -30,8 +30,8 @@ Every network is called the way the library calls it: with ``schedule.model_time
 :math:`1000\\sigma` as a float on flow), and predicts the schedule's prediction type (``"epsilon"`` on VP,
 ``"flow"`` on flow) unless it is an x0 generator.
 
-One-step generators (``sim``, ``dmd``) follow the recipe of :mod:`diffdistill.losses.score`: pure noise fed
-at an intermediate input timestep (:func:`generator_timestep`: the index of EDM sigma 2.5, SiD/SIM's
+One-step generators (``sim``, ``dmd``) follow the recipe of :mod:`diffdistill.losses.score`: pure noise (unit
+scale, DMD2's convention) fed at an intermediate input timestep (:func:`generator_timestep`: the index of EDM sigma 2.5, SiD/SIM's
 ``init_sigma``: 625 on SD's VP schedule, 454 on the shift-3 flow schedule), the generator initialised from
 the teacher's x0 estimate at that timestep, the fake score from the teacher. The adversarial family
 (``regression``, ``adversarial``, ``gan``) maps pure noise at ``t = 999`` (exactly pure noise on flow,

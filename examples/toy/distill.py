@@ -52,8 +52,8 @@ loop), the students keep the velocity prediction (a velocity network's ``x0`` at
 ``x - v``: no amplification, so they take larger learning rates, :func:`flow_config`), and the fake score of
 ``sim`` regresses the velocity (``fake_score_loss(weighting="flow")``, the teacher's own CFM objective). On
 the flow teacher ``sim`` follows the one-step recipe of :mod:`diffdistill.losses.score` (the toy proof's):
-its first call takes pure noise at SiD/SIM's intermediate input timestep (EDM sigma 2.5: index 454 of the
-shift-3 table) instead of t = 999, where the velocity teacher's estimate does not depend on the noise, and
+its first call takes pure noise (unit scale, DMD2's convention: SiD would scale it by the level's sigma, 0.71)
+at SiD/SIM's intermediate input timestep (EDM sigma 2.5: index 454 of the shift-3 table) instead of t = 999, where the velocity teacher's estimate does not depend on the noise, and
 it samples with an EMA of its weights. The flow run adds the teacher's 50-step Euler row, the reference of
 issue 21's goal for the best 1-step student.
 """
@@ -167,8 +167,8 @@ def flow_config() -> DemoConfig:
     errors, so the students that regress teacher pairs take larger steps (regression 1e-3, adversarial 1e-4,
     lcm 3e-4); SIM keeps a small one (3e-5: at 1e-4 its 1- and 4-step samples degraded) and its fake score
     regresses the velocity (``"flow"`` weighting, the teacher's CFM loss; ``"epsilon"`` gave worse 2- and
-    4-step samples). SIM feeds pure noise at index 454 (EDM sigma 2.5, SiD/SIM's ``init_sigma``; as the toy
-    proof, losses/score.py) and samples an EMA (decay 0.95 over its 80 steps): its 1-step FD went from 137 to
+    4-step samples). SIM feeds pure unit-scale noise at index 454 (EDM sigma 2.5, SiD/SIM's ``init_sigma``;
+    as the toy proof, losses/score.py; SiD scales its input by that sigma) and samples an EMA (decay 0.95 over its 80 steps): its 1-step FD went from 137 to
     35. The adversarial student, the best at 1 step, gets 2048 teacher pairs and 240 steps: it is
     data-limited (1-step FD 6.4 on 512 pairs / 160 steps, 5.4 on 1024 / 240, 3.4 on 2048 / 240; 6.9 on
     2048 / 360, also worse on ``--seed 1``); an EMA of its
@@ -428,11 +428,14 @@ def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
         x_g = _x0(net, toy.schedule, x_t, t, cond)
         renoised = renoise_for_discriminator(target, x_g.detach(), schedule=toy.schedule, generator=g)
         (real_t, fake_t), t_star = renoised.samples, renoised.t
-        d_loss, _ = gan_discriminator_loss(disc(real_t, t_star, **cond), disc(fake_t, t_star, **cond))
+        t_d = toy.schedule.model_timestep(
+            t_star
+        )  # the teacher encoder's own input: 1000 sigma on flow (audit 15)
+        d_loss, _ = gan_discriminator_loss(disc(real_t, t_d, **cond), disc(fake_t, t_d, **cond))
         opt_d.step(d_loss)
         disc.requires_grad_(False)
         fake_noised = toy.schedule.add_noise(x_g, renoised.noise[1], t_star)
-        g_adv, _ = gan_generator_loss(disc(fake_noised, t_star, **cond))
+        g_adv, _ = gan_generator_loss(disc(fake_noised, t_d, **cond))
         disc.requires_grad_(True)
         loss = F.mse_loss(x_g, target) + cfg.adversarial_weight * g_adv
         opt_g.step(loss)
@@ -590,6 +593,7 @@ def same_teacher_row(row: EvalRow, teacher: str, lcm_grid: int = DemoConfig.lcm_
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation over the draws (0 with one draw, which the tables print as no spread)."""
     v = torch.tensor(values, dtype=torch.float64)
     return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
 
@@ -800,6 +804,11 @@ def _bar_list(items: list[EvalRow], desc: str) -> Any:
     return tqdm(items, desc=desc, leave=False)
 
 
+def _spread(sd: float, cfg: DemoConfig, fmt: str) -> str:
+    """`` ± sd`` in ``fmt``, or nothing with one draw (no spread is measured: "± 0.0" would read as none)."""
+    return f" ± {sd:{fmt}}" if cfg.eval_draws > 1 else ""
+
+
 def markdown_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> str:
     """One line per row and step count: FD and class accuracy, mean ± sd over the draws."""
     lines = [
@@ -814,8 +823,8 @@ def markdown_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> st
         name = "teacher" if row.key.startswith("teacher:") else f"student: {row.key}"
         for steps, m in results[row.key].items():
             lines.append(
-                f"| {name} | {names[row.kind]} | {steps} | {m['fd']:.1f} ± {m['fd_sd']:.1f} "
-                f"| {m['acc']:.1%} ± {m['acc_sd']:.1%} |"
+                f"| {name} | {names[row.kind]} | {steps} | {m['fd']:.1f}{_spread(m['fd_sd'], cfg, '.1f')} "
+                f"| {m['acc']:.1%}{_spread(m['acc_sd'], cfg, '.1%')} |"
             )
     return "\n".join(lines)
 
@@ -841,8 +850,8 @@ def comparison_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> 
             d_acc = [100 * (a - b) for a, b in zip(m["acc_draws"], t["acc_draws"])]
             (fd, fd_sd), (acc, acc_sd) = _mean_sd(d_fd), _mean_sd(d_acc)
             lines.append(
-                f"| {row.key} | {names[row.kind]} | {steps} | {fd:+.1f} ± {fd_sd:.1f} "
-                f"| {sum(d < 0 for d in d_fd)}/{len(d_fd)} | {acc:+.1f} ± {acc_sd:.1f} "
+                f"| {row.key} | {names[row.kind]} | {steps} | {fd:+.1f}{_spread(fd_sd, cfg, '.1f')} "
+                f"| {sum(d < 0 for d in d_fd)}/{len(d_fd)} | {acc:+.1f}{_spread(acc_sd, cfg, '.1f')} "
                 f"| {sum(d > 0 for d in d_acc)}/{len(d_acc)} |"
             )
     return "\n".join(lines)
@@ -895,6 +904,14 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads (default: min(4, cores))",
     )
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"expected --threads >= 1, but got {args.threads}")
+    if args.teacher_ddim_steps and not all(1 <= s <= 1000 for s in args.teacher_ddim_steps):
+        p.error(
+            f"expected --teacher-ddim-steps in [1, 1000] (the teacher's table), but got {args.teacher_ddim_steps}"
+        )
+    if args.methods and len(set(args.methods)) != len(args.methods):
+        p.error(f"expected each of --methods once (a repeat would train it again), but got {args.methods}")
     torch.set_num_threads(args.threads)
     cfg = quick_config(args.teacher) if args.quick else demo_config(args.teacher)
     if args.methods:

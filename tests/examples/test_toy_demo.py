@@ -325,3 +325,84 @@ def test_flow_demo_writes_results_json_with_a_protocol_record(distill, tmp_path:
     )
     with pytest.raises(ProtocolMismatchError, match="weights_sha256"):
         check_comparable(protocol, other)
+
+
+@pytest.mark.parametrize("teacher", ["vp", "flow"])
+def test_lcm_and_adversarial_students_train_every_part(
+    distill, teacher: str, one_thread, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Two steps of the demo's LCM and adversarial students (no test ran them before audit 15): every parameter
+    of each optimiser gets a gradient and moves, the teacher does not, and the discriminator -- a copy of the
+    teacher's encoder -- is called with the teacher's own timestep input (``model_timestep``: 1000 sigma on the
+    flow teacher, not the table index it got before audit 15)."""
+    from diffdistill.discriminators import UNetEncoderDiscriminator
+
+    cfg = distill.demo_config(teacher)
+    cfg.batch, cfg.lcm_steps, cfg.adversarial_steps, cfg.num_pairs, cfg.pair_teacher_steps = 8, 2, 2, 16, 4
+    toy = distill.Toy(cfg.weights)
+    before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
+    optimisers: list = []
+    original = distill._Optimizer
+
+    class Recording(original):  # type: ignore[misc, valid-type]
+        def __init__(self, module, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(module, *args, **kwargs)
+            self.start = {n: p.detach().clone() for n, p in module.named_parameters()}
+            self.module, self.got_grad = module, set()
+            optimisers.append(self)
+
+        def step(self, loss: torch.Tensor) -> None:
+            self.opt.zero_grad()
+            loss.backward()
+            self.got_grad |= {id(p) for p in self.params if p.grad is not None and bool(p.grad.any())}
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.sched.step()
+
+    seen: list[torch.Tensor] = []
+    forward = UNetEncoderDiscriminator.forward
+
+    def recording_forward(self, x, t, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.as_tensor(t).detach().float().flatten())
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "_Optimizer", Recording)
+    monkeypatch.setattr(UNetEncoderDiscriminator, "forward", recording_forward)
+    distill.train_lcm(toy, cfg)
+    distill.train_adversarial(toy, distill.Pairs(toy, cfg), cfg)
+    assert len(optimisers) == 3  # the LCM student, the adversarial student and its discriminator
+    for opt in optimisers:
+        named = dict(opt.module.named_parameters())
+        assert {id(p) for p in opt.params} == {id(p) for p in named.values()}, type(opt.module).__name__
+        missing = [n for n, p in named.items() if id(p) not in opt.got_grad]
+        # the four transformer blocks' norm2 weights get ~1e-10: cross-attention over one token (softmax = 1)
+        assert len(missing) <= 4 and all("norm2" in n for n in missing), missing
+        moved = sum(not torch.equal(p.detach(), opt.start[n]) for n, p in named.items())
+        assert moved >= len(named) - 4, (type(opt.module).__name__, moved, len(named))
+    assert all(torch.equal(v, toy.unet.state_dict()[k]) for k, v in before.items()), "the teacher moved"
+    # the discriminator's inputs: the renoising levels {10, 250, 500, 750} as the teacher's network takes them
+    levels = torch.tensor([10, 250, 500, 750])
+    allowed = toy.schedule.model_timestep(levels).float()
+    assert seen and all(bool(torch.isin(t, allowed).all()) for t in seen), (seen[0], allowed)
+    if teacher == "flow":  # 1000 sigma on the shift-3 table: not the indices
+        assert not bool(torch.isin(levels.float(), allowed).any())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--threads", "0"], "expected --threads >= 1, but got 0"),
+        (["--teacher-ddim-steps", "0"], "expected --teacher-ddim-steps in [1, 1000]"),
+        (["--teacher-ddim-steps", "20", "1001"], "but got [20, 1001]"),
+        (["--methods", "sim", "sim"], "expected each of --methods once"),
+    ],
+)
+def test_bad_options_are_refused_before_training(
+    distill, tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Refused at parse time (audit 15: --teacher-ddim-steps 0 failed after all training, --methods sim sim trained
+    twice, --threads 0 was a raw RuntimeError)."""
+    with pytest.raises(SystemExit):
+        distill.main(["--out", str(tmp_path / "out"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
