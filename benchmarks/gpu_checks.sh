@@ -6,7 +6,7 @@
 #   make gpu-wheels                       # here, once: .whl/ with the packages the GPU image lacks
 #   device tool: run(command="bash benchmarks/gpu_checks.sh", carry=[".whl"], timeout_s=590)
 #
-# Each section runs under its own time limit (they add up to 540 s, 1,445 s with GPU_CHECKS_FULL=1, which
+# Each section runs under its own time limit (they add up to 540 s, 1,295 s with GPU_CHECKS_FULL=1, which
 # needs a second command or a longer lease; a stopped section gets 10 s more to exit, and the wheel install
 # takes seconds) and writes $OUT/<section>.log, so a
 # section that runs out of time or fails leaves the others' results; $OUT/summary.md lists exit codes
@@ -20,12 +20,16 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 echo "# GPU checks $(date -u +%FT%TZ)" > "$SUMMARY"
 
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "wheel install failed" >> "$SUMMARY"; exit 1; }
-fi
+# Without the wheels every section would fail on its imports: stop before spending the lease.
+[ -d .whl ] || { echo ".whl/ missing: run make gpu-wheels here and carry .whl" | tee -a "$SUMMARY"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" >> "$SUMMARY"; exit 1; }
 mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/diffdistill
 export PYTHONPATH=/tmp/site:/tmp/pkg${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers, peft, transformers, accelerate as a; print('- versions: torch', torch.__version__, \
+'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, \
+'accelerate', a.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" \
+    >> "$SUMMARY" 2>&1
 
 # GPU_CHECKS_SECTIONS="03 02" runs only the sections whose names start with one of those (a rerun).
 section() {  # section NAME SECONDS COMMAND...
@@ -43,16 +47,17 @@ section() {  # section NAME SECONDS COMMAND...
 # Most wanted first: a later section is the one a short lease cuts (the whole default run: ~540 s, so run it
 # with timeout_s=590). Issue 24's open GPU figures lead: E-LatentLPIPS against the official package and the bare
 # trunk (eager and CUDA-graph compiled), the MFU of every SDXL step (eager), FLUX's one-step methods on one shared
-# base (issue 22/23: does batch >= 1 fit 80 GB?), and the compiled speed-up of the reference LoRA step and SIM.
+# base (issue 22/23: does batch >= 1 fit 80 GB?), and the compiled speed-up of SIM (against 02's eager SIM row).
 # Diffusion2GAN runs with APT's approximate R1 (exact R1 peaked at 109 GiB on the first lease).
 section 01-lpips 150 python3 benchmarks/lpips.py --device cuda --size 128 --batch 8 --reps 10 --bf16 \
     --channels-last --draws 0 --pixel-batches --official-ref-ops --compile-mode reduce-overhead
-section 02-mfu-sdxl 160 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 1 --repeats 2 --memory_cap_gib 78 \
+section 02-mfu-sdxl 200 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 1 --repeats 1 --memory_cap_gib 78 \
     --r1_approximate_sigma 0.1
 section 03-flux 110 python3 benchmarks/gpu_flow.py --model flux --batches 1 2 --warmup 1 --repeats 1 \
     --memory_cap_gib 78
-section 04-mfu-sdxl-compiled 120 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 3 --repeats 2 \
-    --memory_cap_gib 78 --compile --methods sim
+# SIM alone (its speed-up against 02's eager SIM row): a regional compile of the SDXL UNet takes about a minute.
+section 04-mfu-sdxl-compiled 80 python3 benchmarks/gpu_sdxl.py --batches 8 --warmup 2 --repeats 1 \
+    --memory_cap_gib 78 --compile --methods sim --no_reference
 if [ "${GPU_CHECKS_FULL:-0}" = 1 ]; then
     # Library components on CUDA (float32 vs CPU float64, bf16 autocast) and every SDXL script's 2-step smoke
     # run, which accelerate places on the GPU (the FSDP/DDP runs are CPU-only: skipped).

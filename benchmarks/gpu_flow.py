@@ -424,6 +424,7 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> str:
+    _sdxl.check_recompute_detection()  # MFU must exclude gradient checkpointing's recomputation
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.memory_cap_gib is not None:
@@ -432,7 +433,7 @@ def main(args: argparse.Namespace) -> str:
     rows = [row for name in names for row in run_method(name, args)]
     peak, peak_note = _sdxl.peak_tflops(args)
     header = (
-        f"device: {_sdxl.device_name(args.device)}, {'tiny ' if args.tiny else ''}{args.model} transformer "
+        f"device: {_sdxl.device_name(args.device)}, torch {torch.__version__}, {'tiny ' if args.tiny else ''}{args.model} transformer "
         "(random weights), latents "
         f"{args.latent_size}x{args.latent_size}, {args.text_tokens} text tokens, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, one shared base per step"

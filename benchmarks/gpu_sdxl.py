@@ -133,10 +133,11 @@ METHODS = ("lightning", "hyper_sd", "diffusion2gan", "mlcm", "sim", "ssd1b")
 REFERENCE = "reference"  # plain fine-tuning step, run first: the ratios' denominator
 SHARED_BASE_METHODS = ("sim", "diffusion2gan")  # what --shared_base changes (the scripts that take it)
 #: Dense (no sparsity) bf16 tensor-core peak in TFLOP/s by device name (``torch.cuda.get_device_name``), from
-#: NVIDIA's datasheets: H100 SXM (named "NVIDIA H100 80GB HBM3") and H200 SXM 989.4, A100 (SXM and PCIe) 312.
-#: Other cards (H100 PCIe / NVL, H200 NVL, ...) are left blank: pass ``--peak_tflops``.
+#: NVIDIA's datasheets: H100 SXM (named "NVIDIA H100 80GB HBM3") and H200 SXM 989.4, H100 PCIe 756, A100 (SXM and
+#: PCIe) 312. Other cards (H100 NVL, H200 NVL, ...) are left blank: pass ``--peak_tflops``.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"H100.*(SXM|HBM3)", 989.4),
+    (r"H100 PCIe", 756.0),
     (r"H200(?!.*NVL)", 989.4),
     (r"A100", 312.0),
 )
@@ -570,13 +571,44 @@ def _recomputing() -> bool:
     """Whether the op running now belongs to a gradient-checkpointing recomputation.
 
     ``torch.utils.checkpoint`` (non-reentrant, what diffusers and ``diffdistill`` use) recomputes a block inside
-    the backward pass with its own saved-tensor hooks on top of the stack (marked ``_checkpoint_internal``); the
-    backward formulas themselves run without them, and a checkpointed forward runs outside a backward pass
-    (graph task id -1)."""
+    the backward pass with its own saved-tensor hooks on top of the stack; the backward formulas themselves run
+    without them, and a checkpointed forward runs outside a backward pass (graph task id -1). torch >= 2.14 marks
+    those hooks ``_checkpoint_internal``; older torch (the GPU image's 2.11) only by their closures' names, which
+    both carry (audit 16: on 2.13 the mark alone counted every recomputation as model FLOPs, MFU x1.3-1.5).
+    :func:`check_recompute_detection` refuses to measure where neither works."""
     if torch._C._current_graph_task_id() == -1:
         return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and bool(getattr(hooks[0], "_checkpoint_internal", False))
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    if getattr(pack, "_checkpoint_internal", False):
+        return True
+    return getattr(pack, "__qualname__", "").startswith(CHECKPOINT_HOOK_QUALNAMES)
+
+
+#: The qualified-name prefixes of ``torch.utils.checkpoint``'s recomputation pack hooks (torch 2.1 to 2.14).
+CHECKPOINT_HOOK_QUALNAMES = ("_recomputation_hook.", "_checkpoint_hook.")
+
+
+def check_recompute_detection() -> None:
+    """Refuse to report MFU when this torch hides checkpoint recomputation from :class:`StepFlops`: a checkpointed
+    ``Linear`` step must count its recomputed forward apart (``RuntimeError`` naming the torch version)."""
+    layer = nn.Linear(4, 4)
+
+    def step(batch: int, gen: torch.Generator) -> None:
+        x = torch.randn(batch, 4, generator=gen, requires_grad=True)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+
+    probe = argparse.Namespace(warmup=0, repeats=0, device=torch.device("cpu"), dtype=torch.float32)
+    _, recomputed = count_flops(step, 2, probe)
+    if recomputed != 2 * 2 * 4 * 4:
+        raise RuntimeError(
+            f"torch {torch.__version__}: the FLOP counter sees {recomputed} recomputed FLOPs of a checkpointed "
+            f"Linear(4, 4) at batch 2 (expected 64): gradient checkpointing's recomputation would be counted as "
+            "model FLOPs and the MFU overstated. Update _recomputing() for this torch's checkpoint hooks."
+        )
 
 
 class _NoModuleTracking:
@@ -669,9 +701,14 @@ def measure_batches(step: Step, name: str, trains: str, args: argparse.Namespace
             break
         row = {"method": name, "trains": trains, "batch": batch, "seconds": seconds, "peak_gib": peak}
         rows.append({**row, "flops": flops, "recomputed_flops": recomputed, "status": "ok"})
+        device_peak = peak_tflops(args)[
+            0
+        ]  # the table's MFU and recomputed share, in case a time limit cuts it
+        mfu = f", MFU {100 * flops / seconds / 1e12 / device_peak:.1f} %" if device_peak else ""
         print(
             f"# {name} ({trains}) batch {batch}: {seconds:.3f} s, peak {peak:.1f} GiB, "
-            f"{flops / 1e12:.4g} TFLOP/step ({flops / seconds / 1e12:.4g} TFLOP/s)",
+            f"{flops / 1e12:.4g} TFLOP/step ({flops / seconds / 1e12:.4g} TFLOP/s{mfu}), recomputed "
+            f"{100 * recomputed / max(flops, 1):.0f} %",
             file=sys.stderr,
             flush=True,
         )
@@ -778,6 +815,7 @@ def cap_memory(device: torch.device, gib: float) -> float:
 
 
 def main(args: argparse.Namespace) -> str:
+    check_recompute_detection()  # before any model is built: MFU must exclude the recomputation
     if args.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.memory_cap_gib is not None:
@@ -786,7 +824,7 @@ def main(args: argparse.Namespace) -> str:
     rows = [row for name in names for row in run_method(name, args)]
     peak, peak_note = peak_tflops(args)
     header = (
-        f"device: {device_name(args.device)}, "
+        f"device: {device_name(args.device)}, torch {torch.__version__}, "
         f"{'tiny 3-level UNet' if args.tiny else 'SDXL UNet (random weights)'}, latents "
         f"{args.latent_size}x{args.latent_size}, {str(args.dtype).removeprefix('torch.')}, "
         f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}"

@@ -91,6 +91,11 @@ def test_default_sections_fit_the_command_limit_the_header_gives() -> None:
     assert worst <= timeout_s, f"default sections can take {worst} s > timeout_s={timeout_s}"
     stated = re.search(r"they add up to (\d+) s", header)
     assert stated is not None and int(stated.group(1)) == sum(default), "header's total is out of date"
+    full = re.search(r"([\d,]+) s with GPU_CHECKS_FULL=1", header)
+    every = sum(limit for _, limit, _, _ in SECTIONS)
+    assert full is not None and int(full.group(1).replace(",", "")) == every, (
+        "header's full total is out of date"
+    )
 
 
 @pytest.mark.parametrize(

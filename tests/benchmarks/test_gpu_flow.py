@@ -35,7 +35,7 @@ def test_every_method_steps_on_the_tiny_transformer(model: str) -> None:
     assert args.latent_size == 8 and args.dtype == torch.float32 and args.text_tokens == 8
     out = bench.main(args)
     lines = out.splitlines()
-    assert lines[0].startswith(f"device: cpu, tiny {model} transformer")
+    assert lines[0].startswith(f"device: cpu, torch {torch.__version__}, tiny {model} transformer")
     assert lines[0].endswith(", eager; MFU blank: no bf16 peak known for cpu (pass --peak_tflops)")
     for name in (bench.REFERENCE, *bench.METHODS):
         rows = [ln.split("|") for ln in lines if ln.startswith(f"| {name} |")]
