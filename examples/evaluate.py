@@ -179,14 +179,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resolution",
         type=int,
         default=None,
-        help="generated image height (square unless --width) or a video's height; default: a flow student's trained "
+        help="generated image height (square unless --width) or a video's height; default: a student's trained "
         "height (its run's student_sampler.json), else 1024 for images and the pipeline's for videos (WanPipeline 480)",
     )
     g.add_argument(
         "--width",
         type=int,
         default=None,
-        help="generated image / video width (default: a flow student's trained width when --resolution is not "
+        help="generated image / video width (default: a student's trained width when --resolution is not "
         "given either, else --resolution: square)",
     )
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call, per process")
@@ -200,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("videos (WanPipeline: Wan 2.1, Wan 2.2 TI2V-5B / A14B)")
     g.add_argument(
-        "--num_frames", type=int, default=None, help="frames per video, 4k + 1 (default: the pipeline's 81)"
+        "--num_frames", type=int, default=None, help="frames per video, 4k + 1 (default: the student's trained count, its run's student_sampler.json, else "
+        "the pipeline's 81)"
     )
     g.add_argument(
         "--guidance_scale_2",

@@ -362,7 +362,7 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``sigmas`` /
             ``pipeline_sigmas``).
     """
-    from training import student_sampler
+    from training import aspect_buckets, student_sampler
 
     out: dict[str, Any] = {"scheduler": None, "sigmas": None, "sources": {}, "grid_size": None}
     out.update(guidance_scale=None, guidance_scale_2=None, max_sequence_length=None)
@@ -432,26 +432,43 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     if record is not None and record.get("height") is not None:
         out["trained_size"] = [int(record["height"]), int(record.get("width") or record["height"])]
         out["trained_size_source"] = record_file
+        # a multi-aspect run trained at every bucket (the record's size is its validation size)
+        out["trained_sizes"] = [[int(v) for v in size] for size in record.get("aspect_buckets") or []]
         if record.get("num_frames") is not None:
             out["trained_num_frames"] = int(record["num_frames"])
+    grids = run / aspect_buckets.GRIDS_FILE if run is not None else None
+    if grids is not None and grids.is_file() and out["sigmas"] is not None and out["scheduler"] is not None:
+        # each bucket's own grid (flow_dmd2 / flow_tscd --aspect_buckets), on the run's saved scheduler
+        out["grids_by_size"] = json.loads(grids.read_text(encoding="utf-8"))
+        out["grids_by_size_source"] = str(grids)
     return out
 
 
 def fill_trained_size(args: argparse.Namespace, saved: dict[str, Any]) -> None:
-    """A flow student's trained size where the options leave the size open: ``--resolution`` x ``--width`` from
-    its run's ``student_sampler.json`` (``height`` / ``width``) when neither is given, and a video's
-    ``--num_frames`` when not given; ``saved["sources"]["size"]`` names the file. A size given in part
-    (``--resolution`` alone: square) is kept, and :func:`check_trained_size` warns when it is not the trained one."""
+    """A student's trained size where the options leave the size open: ``--resolution`` x ``--width`` from its
+    run's ``student_sampler.json`` (``height`` / ``width``) when neither is given, its ``height`` when only
+    ``--width`` is, and a video's ``--num_frames`` when not given; ``saved["sources"]`` names the file
+    (``size``, ``num_frames``). ``--resolution`` alone stays square. Then a multi-aspect run's grid for the
+    generated size, when the run saved one for it (``student_sigmas_by_size.json``; ``saved["sources"]["steps"]``
+    names it and ``saved["grid_size"]`` is that size). :func:`check_trained_size` warns at an untrained size."""
     trained = saved.get("trained_size")
     if trained is None:
         return
-    if args.resolution is None and getattr(args, "width", None) is None:
-        args.resolution, args.width = int(trained[0]), int(trained[1])
+    if args.resolution is None:
+        given_width = getattr(args, "width", None)
+        args.resolution, args.width = int(trained[0]), int(trained[1]) if given_width is None else given_width
         saved["sources"]["size"] = saved["trained_size_source"]
     frames = saved.get("trained_num_frames")
     if frames is not None and getattr(args, "num_frames", "absent") is None:
         args.num_frames = frames
         saved["sources"]["num_frames"] = saved["trained_size_source"]
+    size = generated_size(args)
+    grid = (saved.get("grids_by_size") or {}).get(f"{size[0]}x{size[1]}")
+    if grid is not None:
+        saved["sigmas"] = [float(v) for v in grid]
+        if saved.get("grid_size") is not None:  # a size-dependent grid (FLUX / Qwen-Image): this size's
+            saved["grid_size"] = size
+        saved["sources"]["steps"] = saved["grids_by_size_source"]
 
 
 def set_sampler(pipe: Any, args: argparse.Namespace, saved: dict[str, Any] | None = None) -> None:
@@ -636,7 +653,7 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "saved_sampler", None) is not None:
         return args
     saved = read_saved_sampler(args)
-    fill_trained_size(args, saved)
+    fill_trained_size(args, saved)  # the size, then a multi-aspect run's grid for it
     if saved["sigmas"] is not None:
         args.sigmas = saved["sigmas"]
     if saved["guidance_scale"] is not None:
@@ -734,7 +751,9 @@ def sampler_record(
     grid_size = check_grid_size(args, saved.get("grid_size"))
     if grid_size is not None:
         record["grid_size"] = grid_size
-    trained = check_trained_size(args, saved.get("trained_size"), warn=grid_size is None)
+    trained = check_trained_size(
+        args, saved.get("trained_size"), warn=grid_size is None, buckets=saved.get("trained_sizes")
+    )
     if trained is not None:
         record["trained_size"] = trained
     negative = call_kwargs(args, pipe).get("negative_prompt")
@@ -783,18 +802,25 @@ def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -
 
 
 def check_trained_size(
-    args: argparse.Namespace, trained: Sequence[int] | None, *, warn: bool = True
+    args: argparse.Namespace,
+    trained: Sequence[int] | None,
+    *,
+    warn: bool = True,
+    buckets: Sequence[Sequence[int]] | None = None,
 ) -> list[int] | None:
     """Warn (when ``warn``: :func:`check_grid_size` has not already) when the images are generated at another size
-    than the flow student was trained at (``height`` / ``width`` of its ``student_sampler.json``): a few-step student
-    is evaluated off its training distribution there. Returns the trained size (None when the run recorded none)."""
+    than the student was trained at (``height`` / ``width`` of its ``student_sampler.json``, or any of a multi-aspect
+    run's ``buckets``): a few-step student is evaluated off its training distribution there. Returns the trained
+    size (None when the run recorded none)."""
     if trained is None:
         return None
     trained, size = [int(v) for v in trained], generated_size(args)
-    if warn and trained != size:
+    sizes = [[int(v) for v in b] for b in buckets or []] or [trained]
+    if warn and size not in sizes:
+        named = " / ".join(f"{h} x {w}" for h, w in sizes)
         warnings.warn(
-            f"The student was trained at {trained[0]} x {trained[1]} (its run's student_sampler.json), but the images "
-            f"are generated at {size[0]} x {size[1]}. Pass --resolution {trained[0]}"
+            f"The student was trained at {named} (its run's student_sampler.json), but the images are generated at "
+            f"{size[0]} x {size[1]}. Pass --resolution {trained[0]}"
             f"{f' --width {trained[1]}' if trained[1] != trained[0] else ''} to evaluate it at its trained size (the "
             "record holds both sizes).",
             UserWarning,

@@ -39,6 +39,7 @@ import inspect
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -337,12 +338,24 @@ def sampler_record(pipe: Any, args: argparse.Namespace, accelerator: Any = None)
     """:func:`evaluation.generation.sampler_record` (which holds ``max_sequence_length``: the option, the run's
     record, else ``WanPipeline``'s 512) with what a video adds: ``width``, ``num_frames``, the low-noise expert's
     guidance (A14B: ``guidance_scale_2``: the option, the run's ``student_sampler.json``, else the pipeline's rule
-    -- ``guidance_scale``), and the second LoRA's SHA-256 (``sha256_transformer_2``)."""
+    -- ``guidance_scale``), the second LoRA's SHA-256 (``sha256_transformer_2``), and the run's trained frame count
+    (``trained_num_frames``, with a warning when the videos have another)."""
     experts = {} if args.teacher else expert_students(args, pipe)
     resolved = ("denoiser", next(iter(experts.values()))) if experts else None
     record = generation.sampler_record(pipe, args, accelerator, resolved)
     record["width"] = args.width
     record["num_frames"] = args.num_frames
+    trained_frames = (getattr(args, "saved_sampler", None) or {}).get("trained_num_frames")
+    if trained_frames is not None:
+        record["trained_num_frames"] = trained_frames
+        if args.num_frames != trained_frames:
+            warnings.warn(
+                f"The student was trained on {trained_frames}-frame videos (its run's student_sampler.json), but "
+                f"the videos are generated with {args.num_frames} frames. Pass --num_frames {trained_frames} to "
+                "evaluate it as trained (the record holds both).",
+                UserWarning,
+                stacklevel=2,
+            )
     if getattr(pipe, "transformer_2", None) is not None:
         record["guidance_scale_2"] = (
             args.guidance_scale_2 if args.guidance_scale_2 is not None else record["guidance_scale"]

@@ -43,7 +43,7 @@ def add_args(group: Any) -> None:
         default=None,
         metavar="HxW",
         help="multi-aspect training: sizes (height x width, px), each batch within one of them; teacher samples "
-        "(LADD, prompt-only KD) are made at them, shard i at the (i mod K)-th, and prompt-only DMD2 draws one per "
+        "(LADD, prompt-only KD) are made at them, shard i at the (i mod K)-th, and prompt-only DMD2 / TSCD draw one per "
         "micro-batch; --train_data_dir images are each cropped to the size nearest their aspect ratio (e.g. "
         "1024x1024 1152x896 896x1152 1216x832 832x1216 1344x768 768x1344); default one size, --resolution (x "
         "--width where the script has it; images: square). Validation samples at --resolution",

@@ -11,7 +11,10 @@
 # - ``height`` / ``width`` / ``num_frames``: the trained size (the validation size, ``--resolution`` x ``--width``);
 # - ``grid_size``: the size whose schedule shifted the grid (FLUX / Qwen-Image's dynamic shift, flow_dmd2 and
 #   flow_tscd), None when the grid does not depend on the size (SD3, Wan; flow_ladd's explicit sigmas);
-# - ``max_sequence_length``: the text length the prompts were encoded at.
+# - ``max_sequence_length``: the text length the prompts were encoded at;
+# - ``aspect_buckets`` (multi-aspect runs only): every trained ``[height, width]``; flow_dmd2 / flow_tscd save each
+#   one's grid in ``student_sigmas_by_size.json`` (``training.aspect_buckets.write_grids``), which evaluate.py uses
+#   at that size.
 #
 # The SDXL scripts and flow_kd record the size alone (:func:`write_size_record`, from ``checkpoints.save_unet``; the
 # guidance of an SDXL student is its method's, see examples/README.md), so evaluate.py generates at it by default and
@@ -80,9 +83,16 @@ def write_record(
     }
     if parts.has_experts:
         record["guidance_scale_2"] = guidance
+    record.update(bucket_sizes(args))
     path = Path(args.output_dir) / RECORD_FILE
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+def bucket_sizes(args: argparse.Namespace) -> dict[str, list[list[int]]]:
+    """``{"aspect_buckets": [[height, width], ...]}`` of a multi-aspect run (``--aspect_buckets``), else ``{}``."""
+    buckets = getattr(args, "aspect_buckets", None)
+    return {"aspect_buckets": [[int(h), int(w)] for h, w in buckets]} if buckets else {}
 
 
 def write_size_record(args: argparse.Namespace, folder: str | Path) -> Path:
@@ -91,6 +101,7 @@ def write_size_record(args: argparse.Namespace, folder: str | Path) -> Path:
     height = int(args.resolution)
     width = int(getattr(args, "width", None) or height)
     record = {"height": height, "width": width, "num_frames": getattr(args, "num_frames", None)}
+    record.update(bucket_sizes(args))
     path = Path(folder) / RECORD_FILE
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path

@@ -48,6 +48,7 @@ evaluate = load_script("evaluate")
 generation = load_example("evaluation.generation")
 scoring = load_example("evaluation.scoring")
 student_sampler = load_example("training.student_sampler")
+aspect_buckets = load_example("training.aspect_buckets")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def _run_folder(
     guidance: float | None = None,
     shifted_grid: bool = False,
     width: int | None = None,
+    buckets: dict[tuple[int, int], list[float]] | None = None,
 ) -> Path:
     """A flow run folder: the teacher's transformer as a full student, a flow_dmd2-style ``scheduler/`` (unshifted;
     ``stochastic``: DMD2's re-noising) with :data:`SIGMAS`, and the ``student_sampler.json`` the scripts write
@@ -84,7 +86,15 @@ def _run_folder(
         config, shift=1.0, use_dynamic_shifting=False, stochastic_sampling=stochastic
     ).save_pretrained(run / "scheduler")
     (run / "student_sigmas.json").write_text(json.dumps(SIGMAS) + "\n")
-    args = types.SimpleNamespace(output_dir=str(run), resolution=IMAGE_SIZE, width=width, guidance=guidance)
+    args = types.SimpleNamespace(
+        output_dir=str(run),
+        resolution=IMAGE_SIZE,
+        width=width,
+        guidance=guidance,
+        aspect_buckets=list(buckets or []),
+    )
+    if buckets:  # flow_dmd2 --aspect_buckets: each bucket's grid
+        aspect_buckets.write_grids(run, buckets)
     dynamic = types.SimpleNamespace(use_dynamic_shifting=family != "sd3")
     parts = types.SimpleNamespace(
         family="sd3" if family == "sd3" else "flux",
@@ -366,3 +376,39 @@ def test_the_trained_size_is_the_default_and_width_makes_non_square_images(
         ValueError, match=r"Expected --width a multiple of 16 .* got 104: .* 64 x 104 .* 96 or 112"
     ):
         generation.check_pipeline_options(pipe, args)
+
+
+def test_a_multi_aspect_run_is_sampled_on_each_buckets_grid(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A FLUX flow_dmd2 --aspect_buckets run (validation size 64 x 64, buckets 64 x 64 and 64 x 96): at a bucket the
+    student samples on that bucket's saved grid, with no size warning; at an untrained size, the validation grid
+    and a warning naming every trained size (audit 18: the by-size grids were never read, and the warnings called
+    the validation size "the trained size"). --width alone keeps the trained height."""
+    wide = [1.0, 0.7, 0.4]
+    run = _run_folder(tiny, "flux", tmp_path / "dmd2", guidance=3.5, shifted_grid=True,
+                      buckets={(IMAGE_SIZE, IMAGE_SIZE): SIGMAS, (IMAGE_SIZE, 96): wide})  # fmt: skip
+    record = json.loads((run / student_sampler.RECORD_FILE).read_text())
+    assert record["aspect_buckets"] == [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 96]]
+    argv = _argv(tiny, "flux", tmp_path / "e", "--student_weights", str(run))
+    at = argv.index("--resolution")
+    no_size = argv[:at] + argv[at + 2 :]
+    args = evaluate.parse_args([*no_size, "--width", "96"])  # the trained height, the wide bucket
+    assert (args.resolution, args.width) == (IMAGE_SIZE, 96) and args.sigmas == wide
+    assert args.saved_sampler["sources"]["steps"] == str(run / aspect_buckets.GRIDS_FILE)
+    pipe = generation.load_pipeline(args, "cpu", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        generator = generation.sampler_record(pipe, args)
+    assert generator["sigmas"] == wide and generator["grid_size"] == [IMAGE_SIZE, 96]
+    args = evaluate.parse_args(no_size)  # the validation size: its own grid (student_sigmas.json's)
+    assert args.sigmas == SIGMAS and args.saved_sampler["sources"]["steps"] == str(
+        run / aspect_buckets.GRIDS_FILE
+    )
+    args = evaluate.parse_args([*no_size, "--resolution", "96"])  # 96 x 96: never trained
+    assert args.sigmas == SIGMAS and args.saved_sampler["sources"]["steps"] == str(
+        run / "student_sigmas.json"
+    )
+    with pytest.warns(UserWarning, match=r"shifted for 64 x 64 .* generated at 96 x 96"):
+        generation.sampler_record(pipe, args)
+    args.sigmas = None  # the pipeline's own grid: the trained-size warning names every bucket
+    with pytest.warns(UserWarning, match=r"trained at 64 x 64 / 64 x 96 \(its run's student_sampler.json\)"):
+        generation.sampler_record(pipe, args)

@@ -318,6 +318,11 @@ def test_a14b_guidance_and_text_length_come_from_the_run_record(
     )
     assert (args.resolution, args.width, args.num_frames) == (SIZE, SIZE, FRAMES)
     assert args.saved_sampler["sources"]["size"] == record_file == args.saved_sampler["sources"]["num_frames"]
+    # another frame count than the trained one: warned and recorded (audit 18)
+    args = evaluate.parse_args([*argv, "--num_frames", str(FRAMES + 4)])
+    with pytest.warns(UserWarning, match=rf"trained on {FRAMES}-frame videos .* {FRAMES + 4} frames"):
+        generator = video_generation.sampler_record(pipe, args)
+    assert (generator["num_frames"], generator["trained_num_frames"]) == (FRAMES + 4, FRAMES)
 
 
 def test_full_transformer_student(tiny: dict[str, Path], tmp_path: Path) -> None:

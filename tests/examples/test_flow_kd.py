@@ -173,6 +173,9 @@ def test_flux_mini_with_ema_and_checkpointing_resumes_and_runs_in_the_pipeline(
     }
     student = _transformer("flux", out_a / "transformer")
     assert student.config.guidance_embeds  # FLUX.1-dev's guidance input is kept
+    # the trained size for evaluate.py (checkpoints.save_unet; audit 17 / 18)
+    size = json.loads((out_a / "student_sampler.json").read_text())
+    assert size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_frames": None}
     _run_pipeline(tiny, "flux", out_a)
 
 

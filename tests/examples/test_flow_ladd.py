@@ -179,6 +179,9 @@ def test_ladd_full_flux_transformer_bf16_with_ema_and_r1(tiny: dict[str, Path], 
     assert any(not torch.equal(trained[k], start[k]) for k in start), "the transformer did not train"
     ema = torch.load(out / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=True)
     assert "num_updates" in ema
+    # the script's whole sampler record replaces the size-only one save_unet wrote before it (audit 18)
+    record = json.loads((out / "student_sampler.json").read_text())
+    assert record["guidance_scale"] == 3.5 and record["max_sequence_length"] > 0
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero3"])

@@ -206,6 +206,9 @@ def test_quick_flow_demo_one_step_student_beats_teacher(distill, tmp_path: Path,
     assert "--teacher flow" in text
     assert "| student: regression | Euler | 1 |" in text
     assert "64 × 4-step teacher Euler" in text
+    assert (
+        cfg.eval_draws == 1 and "±" not in text.split("| model |")[1]
+    )  # one draw: no spread printed (audit 15)
 
 
 # ------------------------------------------------------------------------ SIM's recipe, EMA, the metric interface
