@@ -331,6 +331,37 @@ def test_tscd_trains_each_micro_batch_on_its_sizes_schedule(
     }
 
 
+def test_dmd2_buckets_on_two_processes_fsdp2_equals_ddp(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``flow_dmd2.py --aspect_buckets`` on 2 CPU processes whose micro-batches have different sizes in one step:
+    FSDP2 (the shared base sharded once, each rank's blocks run at its own token count) makes the same LoRA updates
+    as DDP (tests/state_compare.py's bound, relative to the update)."""
+    from safetensors.torch import load_file
+
+    from tests.examples.test_sdxl_scripts import _two_process_runs
+    from tests.state_compare import assert_same_update
+
+    argv = smoke_argv(tiny, "flux", tmp_path / "x", "--lora_rank", "4", "--generator_every", "1")
+    argv += ["--aspect_buckets", *BUCKETS]
+    # the sizes the two ranks draw (as train_step: the prompts, then the size, from the micro-step's generator)
+    args = flow_dmd2.parse_args(argv)
+    args.train_batch_size = 1
+    data = data_sources.StepData(args, need_images=False)
+    drawn = {}
+    for step in range(2):
+        for rank in range(2):
+            gen = data_sources.step_generator(args.seed, step, rank, 0)
+            data.batch(gen)
+            drawn[step, rank] = BUCKETS[int(torch.randint(len(BUCKETS), (1,), generator=gen))]
+    assert any(drawn[step, 0] != drawn[step, 1] for step in range(2)), drawn  # the case under test
+    out = _two_process_runs("flow_dmd2", argv, tmp_path, "fsdp", resume=False)
+    step1 = {
+        "transformer." + k: v
+        for k, v in load_file(str(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors")).items()
+    }
+    ddp, fsdp = (load_file(str(out[k] / "pytorch_lora_weights.safetensors")) for k in ("ddp", "fsdp"))
+    assert_same_update(fsdp, ddp, step1, what="flow_dmd2 buckets: FSDP2 vs DDP, ranks at different sizes")
+
+
 def test_image_folder_crops_each_image_to_its_nearest_bucket(tmp_path: Path) -> None:
     """Each image goes to the bucket of the nearest aspect ratio in log scale and is resized (bicubic) by the
     smallest factor that covers the bucket, then centre-cropped (derived here by hand with PIL); the folder's
