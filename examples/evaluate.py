@@ -200,8 +200,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g = p.add_argument_group("videos (WanPipeline: Wan 2.1, Wan 2.2 TI2V-5B / A14B)")
     g.add_argument(
-        "--num_frames", type=int, default=None, help="frames per video, 4k + 1 (default: the student's trained count, its run's student_sampler.json, else "
-        "the pipeline's 81)"
+        "--num_frames",
+        type=int,
+        default=None,
+        help="frames per video, 4k + 1 (default: the student's trained count, its run's student_sampler.json, else "
+        "the pipeline's 81)",
     )
     g.add_argument(
         "--guidance_scale_2",
