@@ -214,6 +214,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cudagraph_note(batch: int) -> str:
+    """Whether inductor captured the compiled case's CUDA graphs (``--compile-mode reduce-overhead``) or skipped
+    them (a CPU tensor or a mutated input in the graph falls back to plain kernels, silently): its skip counter."""
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    return (
+        f"batch {batch}: CUDA graphs captured for the compiled case (inductor cudagraph skips: 0)"
+        if skips == 0
+        else f"batch {batch}: inductor SKIPPED CUDA graphs {skips} time(s): the compiled row ran without them"
+    )
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     if args.threads:
@@ -349,6 +362,7 @@ def main(argv: list[str] | None = None) -> str:
             t, cpu, m = measure(lambda fn=fn: step(fn), device, reps, warmup=warm)
             if name == COMPILED and args.compile_mode == "reduce-overhead" and device.type == "cuda":
                 m = math.nan  # CUDA-graph replays allocate in the graphs' pool, made before the measurement
+                notes.append(cudagraph_note(b))
             rows.append((name, b, t, cpu, m))
             if name != COMPILED and not name.startswith("PixelLPIPS"):
                 x_grad = x0.detach().requires_grad_(True)  # made outside the profiled call

@@ -748,7 +748,7 @@ def sampler_record(
     if length is not None:  # the T5 / umT5 / Qwen prompt length (not in records of pipelines without one)
         record["max_sequence_length"] = length
         sources.setdefault("max_sequence_length", "pipeline default")
-    grid_size = check_grid_size(args, saved.get("grid_size"))
+    grid_size = check_grid_size(args, saved.get("grid_size"), saved.get("grids_by_size_source"))
     if grid_size is not None:
         record["grid_size"] = grid_size
     trained = check_trained_size(
@@ -780,11 +780,14 @@ def generated_size(args: argparse.Namespace) -> list[int]:
     return [int(args.resolution), int(getattr(args, "width", None) or args.resolution)]
 
 
-def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -> list[int] | None:
+def check_grid_size(
+    args: argparse.Namespace, grid_size: Sequence[int] | None, bucket_grids: str | None = None
+) -> list[int] | None:
     """Warn when the run folder's grid was shifted for another size than the one generated: flow_dmd2 / flow_tscd
     save the schedule of the trained ``--resolution`` x ``--width`` (``grid_size`` of ``student_sampler.json``) for a
     model with a size-dependent shift (FLUX, Qwen-Image: ``use_dynamic_shifting``), and the saved grid is used as it
-    is. Returns ``grid_size`` as a list (None when the run recorded none or its grid is not used)."""
+    is; ``bucket_grids``: a multi-aspect run's ``student_sigmas_by_size.json``, which the warning names. Returns
+    ``grid_size`` as a list (None when the run recorded none or its grid is not used)."""
     if grid_size is None or not args.sigmas:
         return None
     grid, size = [int(v) for v in grid_size], generated_size(args)
@@ -794,7 +797,8 @@ def check_grid_size(args: argparse.Namespace, grid_size: Sequence[int] | None) -
             f"{grid[0]} x {grid[1]} (the trained size), but the images are generated at {size[0]} x {size[1]}: "
             f"their model's own schedule would shift by another amount. Pass --resolution {grid[0]}"
             f"{f' --width {grid[1]}' if grid[1] != grid[0] else ''} to evaluate at the trained size, or --sigmas / "
-            "--num_inference_steps for another grid (the record holds both sizes).",
+            "--num_inference_steps for another grid (the record holds both sizes)."
+            + (f" {bucket_grids} holds the grid of each trained size." if bucket_grids else ""),
             UserWarning,
             stacklevel=3,
         )

@@ -1,4 +1,4 @@
-"""The SDXL scripts under DeepSpeed (accelerate's integration): ZeRO-2 and ZeRO-3 on 2 CPU processes.
+"""The SDXL scripts under DeepSpeed (accelerate's integration): ZeRO-1, ZeRO-2 and ZeRO-3 on 2 CPU processes.
 
 Each run is compared with a DDP run of the same global batch. The two-engine cases are the point: a
 generator with a discriminator or fake score is two DeepSpeed engines, and ``accelerator.backward`` only
@@ -41,11 +41,13 @@ def _needs_deepspeed() -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make install`")
 
 
-def _assert_discriminator_and_lora_match_ddp(out: dict[str, Path]) -> dict[str, torch.Tensor]:
-    """A LoRA student + discriminator run under ZeRO-2 (``out["zero2"]``) against DDP's (``out["ddp"]``):
+def _assert_discriminator_and_lora_match_ddp(
+    out: dict[str, Path], mode: str = "zero2"
+) -> dict[str, torch.Tensor]:
+    """A LoRA student + discriminator run under ZeRO (``out[mode]``, default ZeRO-2) against DDP's (``out["ddp"]``):
     D's first step and the student's second step the same updates up to summation order (both judged against
     the size of the update, tests/state_compare.py); returns the ZeRO-2 LoRA."""
-    ddp_ckpt, ds_ckpt = out["ddp"] / "checkpoint-1", out["zero2"] / "checkpoint-1"
+    ddp_ckpt, ds_ckpt = out["ddp"] / "checkpoint-1", out[mode] / "checkpoint-1"
     # The discriminator's step 1: DDP stepped it (Adam state), and DeepSpeed's second engine holds the same
     # weights (a D that never stepped would sit ~lr = 1e-3 away from DDP's in every entry).
     ddp_d_optimizer = torch.load(ddp_ckpt / "optimizer_1.bin", weights_only=False)
@@ -69,13 +71,13 @@ def _assert_discriminator_and_lora_match_ddp(out: dict[str, Path]) -> dict[str, 
     # accumulated gradients, which Adam amplifies at near-zero gradients (measured gap / update 1e-3).
     name = "pytorch_lora_weights.safetensors"
     step1 = {"unet." + k: v for k, v in _lora_state(ddp_ckpt / "unet_lora.safetensors").items()}
-    ddp, ds = _lora_state(out["ddp"] / name), _lora_state(out["zero2"] / name)
+    ddp, ds = _lora_state(out["ddp"] / name), _lora_state(out[mode] / name)
     assert ddp.keys() == ds.keys() == step1.keys() and ddp
-    assert_same_update(ds, ddp, step1, rel=0.02, what="ZeRO-2 vs DDP student step 2")
+    assert_same_update(ds, ddp, step1, rel=0.02, what=f"{mode} vs DDP student step 2")
     return ds
 
 
-def test_lightning_adversarial_lora_under_zero2_matches_ddp(
+def test_lightning_adversarial_lora_under_zero2_and_zero1_matches_ddp(
     tiny_sdxl: dict[str, Path], tmp_path: Path
 ) -> None:
     # LoRA student and discriminator are two ZeRO-2 engines; gradient accumulation over 2 micro-batches.
@@ -85,6 +87,12 @@ def test_lightning_adversarial_lora_under_zero2_matches_ddp(
     argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
     out = _two_process_runs("sdxl_lightning", argv, tmp_path, "zero2", resume=False)
     ds = _assert_discriminator_and_lora_match_ddp(out)
+    # ZeRO-1 (accelerate enters the engines' no_sync during accumulation, which ZeRO-2 does not): the same updates
+    zero1 = list(argv)
+    zero1[zero1.index("--output_dir") + 1] = str(tmp_path / "zero1")
+    zero1[zero1.index("--train_batch_size") + 1] = "1"  # per process, as _two_process_runs
+    _launch_two_processes("sdxl_lightning", zero1, mode="zero1")
+    _assert_discriminator_and_lora_match_ddp({**out, "zero1": tmp_path / "zero1"}, mode="zero1")
     name = "pytorch_lora_weights.safetensors"
     # bf16: DeepSpeed holds the engines' weights in bf16 (the released LoRA too) and the step runs under
     # torch.autocast (training.runtime.autocast; accelerate's does nothing under DeepSpeed, and float32 inputs

@@ -379,7 +379,7 @@ def _free_port() -> int:
 
 def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") -> None:
     """Run ``examples/{script}.py`` in 2 CPU processes (gloo): ``mode="ddp"`` through ``accelerate launch``;
-    ``"fsdp"`` (accelerate's FSDP2), ``"zero2"`` or ``"zero3"`` (DeepSpeed ZeRO stage 2 / 3 on DeepSpeed's CPU
+    ``"fsdp"`` (accelerate's FSDP2), ``"zero1"``, ``"zero2"`` or ``"zero3"`` (DeepSpeed ZeRO stage 1 / 2 / 3 on DeepSpeed's CPU
     accelerator) through ``torchrun`` and the test launcher ``sharded_cpu_launch.py``.
 
     (``accelerate launch --cpu --num_processes 2`` starts *one* process unless MPI is installed;
@@ -391,6 +391,7 @@ def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") ->
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     sharded = {
         "fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+        "zero1": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
         "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
         "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
     }
