@@ -8,6 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -31,3 +32,18 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def count_ema_updates(monkeypatch: Any) -> list[Any]:
+    """Record every ``training.ema_release.ReleaseEMA.update`` call of the test (the release average's moves):
+    the returned list gets the average once per update, which still runs."""
+    ema_release = load_example("training.ema_release")
+    updates: list[Any] = []
+    update = ema_release.ReleaseEMA.update
+
+    def counting(self: Any) -> None:
+        updates.append(self)
+        update(self)
+
+    monkeypatch.setattr(ema_release.ReleaseEMA, "update", counting)
+    return updates

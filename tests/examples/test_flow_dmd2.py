@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.example_modules import count_ema_updates, load_example
 from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
     deterministic_runs,
     flow_critics,
@@ -395,14 +395,7 @@ def test_release_average_moves_once_per_generator_update(
 ) -> None:
     """--use_ema with --generator_every 2 over 3 steps: the generator steps at steps 0 and 2, and so does its
     average (audit 9: updated every step, the EMA decayed --generator_every times per generator update)."""
-    ema_release = load_example("training.ema_release")
-    updates, update = [], ema_release.ReleaseEMA.update
-
-    def counting(self: Any) -> None:
-        updates.append(self)
-        update(self)
-
-    monkeypatch.setattr(ema_release.ReleaseEMA, "update", counting)
+    updates = count_ema_updates(monkeypatch)
     steps = []
     step = flow_critics.FlowScoreDistillation._generator_step
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.examples.example_modules import load_example
+from tests.examples.example_modules import count_ema_updates, load_example
 from tests.examples.tiny_sdxl import save_tiny_sdxl_pipeline
 from tests.state_compare import assert_same_update
 
@@ -316,14 +316,7 @@ def test_release_average_moves_once_per_generator_update_in_the_dmd_phase(
     """--use_ema over step 0 (consistency) and steps 1-2 (DMD phase, --generator_every 2): the average moves at
     step 0 and at the DMD phase's generator step 1 only (its steps counted from the phase start)."""
     script = _load("sdxl_mlcm")
-    ema_release = load_example("training.ema_release")
-    updates, update = [], ema_release.ReleaseEMA.update
-
-    def counting(self: Any) -> None:
-        updates.append(self)
-        update(self)
-
-    monkeypatch.setattr(ema_release.ReleaseEMA, "update", counting)
+    updates = count_ema_updates(monkeypatch)
     extra = ["--max_train_steps", "3", "--stage1_steps", "1", "--dmd_steps", "2", "--generator_every", "2"]
     extra += ["--use_ema", "--checkpointing_steps", "0"]
     script.main(script.parse_args(_argv(tiny_sdxl, tmp_path / "out", *extra)))
