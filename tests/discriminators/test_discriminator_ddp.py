@@ -1,4 +1,4 @@
-"""DDP on CPU (2 processes, gloo, spawn): same logits and updated weights as one process on the same data."""
+"""DDP on CPU (2 processes, gloo, forked from the preloaded server of tests/preloaded_launch.py): same logits and updated weights as one process on the same data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tests import preloaded_launch
 from tests.state_compare import assert_same_update
 
 HERE = str(Path(__file__).resolve().parent)
@@ -28,10 +29,8 @@ def _free_port() -> int:
 
 
 def test_ddp_matches_single_process(tmp_path) -> None:
-    import torch.multiprocessing as mp
-
     w = _worker_module()
-    mp.spawn(w.run_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    preloaded_launch.start_workers(w.run_worker, (2, _free_port(), str(tmp_path)), 2)
     single = w.build_discriminator()
     ref_logits = w.train_steps(single, slice(0, w.GLOBAL_BATCH))
     ddp_logits = [torch.cat(z) for z in zip(*(torch.load(tmp_path / f"logits{r}.pt") for r in range(2)))]
@@ -59,10 +58,8 @@ def _ladd_worker_module():  # type: ignore[no-untyped-def]
 def test_ladd_on_a_transformer_ddp_matches_single_process(tmp_path) -> None:
     """LADD's discriminator on a frozen FLUX transformer and a student trained through it, each in its own DDP
     module on 2 processes: the same logits and updates as one process on the whole batch."""
-    import torch.multiprocessing as mp
-
     w = _ladd_worker_module()
-    mp.spawn(w.run_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    preloaded_launch.start_workers(w.run_worker, (2, _free_port(), str(tmp_path)), 2)
     student, disc = w.build()
     start = {"student": dict(student.state_dict()), "disc": dict(disc.state_dict())}
     start = {k: {n: v.clone() for n, v in s.items()} for k, s in start.items()}

@@ -55,28 +55,43 @@ def _sharded_on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:
         self.deepspeed_plugins = plugin
 
 
-if __name__ == "__main__":
+def switch_to_sharded_state() -> None:
+    """From now on, every ``AcceleratorState`` built on a multi-CPU run is switched to FSDP or DeepSpeed."""
     accelerate.state.AcceleratorState.__init__ = _sharded_on_cpu  # type: ignore[method-assign]
-    sys.argv = sys.argv[1:]
+
+
+def run_script(path: str) -> None:
+    """Run ``path`` as ``__main__`` (``sys.argv`` already set), with the dynamo counters of ``DYNAMO_STATS_DIR``."""
     stats = os.environ.get(DYNAMO_STATS_DIR)
     if stats:
         import torch._dynamo
 
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # a block falling back to eager fails the run
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    runpy.run_path(path, run_name="__main__")
     if stats:
         from torch._dynamo.utils import counters
 
         with open(os.path.join(stats, f"rank{os.environ['RANK']}.json"), "w") as f:
             json.dump({k: dict(v) for k, v in counters.items()}, f, default=str)
-    # The script finished and wrote its files. Leave without the interpreter's teardown: C++ threads of the
-    # process group (gloo, DeepSpeed's CPU engine) destroyed while still joinable at static destruction abort
-    # the process now and then ("terminate called without an active exception", SIGABRT after a finished
-    # run: seen once in a full suite, 2026-12-06), which fails a run that did everything right.
+
+
+def leave(code: int = 0) -> None:
+    """Exit without the interpreter's teardown, the process group destroyed first.
+
+    C++ threads of the process group (gloo, DeepSpeed's CPU engine) destroyed while still joinable at static
+    destruction abort the process now and then ("terminate called without an active exception", SIGABRT after
+    a finished run: seen once in a full suite, 2026-12-06), which fails a run that did everything right."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    switch_to_sharded_state()
+    sys.argv = sys.argv[1:]
+    run_script(sys.argv[0])
+    leave(0)

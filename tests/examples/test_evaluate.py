@@ -15,8 +15,6 @@ import json
 import os
 import pickle
 import re
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import preloaded_launch
 from tests.examples import tiny_metrics
 from tests.examples.example_modules import EXAMPLES, load_example, load_script
 from tests.examples.tiny_flow import save_tiny_flux_pipeline
@@ -465,28 +464,11 @@ def test_flux_student_and_compare_table(tiny: dict[str, Path], tmp_path: Path) -
 
 
 def _accelerate(argv: list[str], processes: int) -> None:
-    """Run ``examples/evaluate.py`` in ``processes`` CPU processes (gloo) through ``accelerate launch``."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-    ]
-    cmd += ["--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(port)]
-    cmd += ["--multi_gpu"]  # with ACCELERATE_USE_CPU: CPU processes (--cpu would start one without MPI)
-    result = subprocess.run(
-        [*cmd, str(EXAMPLES / "evaluate.py"), *argv], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    """Run ``examples/evaluate.py`` in ``processes`` CPU processes (gloo) with the environment of
+    ``accelerate launch --multi_gpu`` (``tests/preloaded_launch.py``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    code, output = preloaded_launch.launch_script(EXAMPLES / "evaluate.py", argv, env, nprocs=processes)
+    assert code == 0, output[-6000:]
 
 
 def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: Path) -> None:

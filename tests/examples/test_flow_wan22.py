@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from diffdistill.students import load_lora
+from tests import preloaded_launch
 from tests.examples.flow_scripts import (  # noqa: F401 (autouse fixture)
     deterministic_runs,
     flow_critics,
@@ -537,13 +538,11 @@ def test_processes_needing_different_experts_stay_in_step(tmp_path: Path, engine
     other's expert on its sample weighted 0, so DDP reduces every gradient and FSDP2 gathers match. Step 2: both need
     the high-noise expert: the low-noise one, unused everywhere, gets no AdamW step (its zero gradient dropped). The
     two updates are one process's on both samples."""
-    import torch.multiprocessing as mp
-
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
     worker = importlib.import_module("wan_experts_worker")
-    mp.spawn(worker.run_worker, args=(2, _free_port(), str(tmp_path), engine), nprocs=2, join=True)
+    preloaded_launch.start_workers(worker.run_worker, (2, _free_port(), str(tmp_path), engine), 2)
     single = worker.build()
     start = {k: v.clone() for k, v in single.state_dict().items()}
     worker.train_steps(single, slice(0, 2), 1)
@@ -596,13 +595,11 @@ def test_an_adapter_unused_everywhere_is_not_stepped_though_its_expert_ran(tmp_p
     runs on the high-noise expert only and the fake score, differentiated to its input (SiD), on the low-noise one.
     The generator's low-noise adapter had a gradient in step 1 and none in step 2: AdamW must skip it there, as one
     process does (a per-expert drop kept its zero gradient because the expert ran, and took a momentum step)."""
-    import torch.multiprocessing as mp
-
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
     worker = importlib.import_module("wan_experts_worker")
-    mp.spawn(worker.run_worker, args=(2, _free_port(), str(tmp_path), "ddp_adapters"), nprocs=2, join=True)
+    preloaded_launch.start_workers(worker.run_worker, (2, _free_port(), str(tmp_path), "ddp_adapters"), 2)
     model, gen, fake = worker.build_adapters()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     worker.train_adapter_steps(gen, fake, slice(0, 2), 1)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests import preloaded_launch
 from tests.examples.example_modules import EXAMPLES, load_example
 from tests.examples.tiny_sdxl import (
     TINY_SDXL_3LEVEL_UNET,
@@ -369,47 +369,37 @@ def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") -> None:
-    """Run ``examples/{script}.py`` in 2 CPU processes (gloo): ``mode="ddp"`` through ``accelerate launch``;
-    ``"fsdp"`` (accelerate's FSDP2), ``"zero1"``, ``"zero2"`` or ``"zero3"`` (DeepSpeed ZeRO stage 1 / 2 / 3 on DeepSpeed's CPU
-    accelerator) through ``torchrun`` and the test launcher ``sharded_cpu_launch.py``.
+    """Run ``examples/{script}.py`` in 2 CPU processes (gloo): ``mode="ddp"`` with the environment of
+    ``accelerate launch --multi_gpu``; ``"fsdp"`` (accelerate's FSDP2), ``"zero1"``, ``"zero2"`` or ``"zero3"``
+    (DeepSpeed ZeRO stage 1 / 2 / 3 on DeepSpeed's CPU accelerator) as ``torchrun`` runs the test launcher
+    ``sharded_cpu_launch.py``. The processes are forked from a server that has imported the libraries
+    (``tests/preloaded_launch.py``; ``tests/test_preloaded_launch.py`` checks that a run writes what it writes
+    under the real launchers).
 
     (``accelerate launch --cpu --num_processes 2`` starts *one* process unless MPI is installed;
     ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts two that train on the CPU.)
     """
-    import os
-    import subprocess
+    env = {**os.environ, **launch_env(mode)}
+    code, output = preloaded_launch.launch_script(EXAMPLES / f"{script}.py", argv, env, sharded=mode != "ddp")
+    assert code == 0, output[-6000:]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+
+def launch_env(mode: str) -> dict[str, str]:
+    """The environment variables that select ``mode`` ("ddp", "fsdp", "zero1", "zero2", "zero3") on CPU processes."""
     sharded = {
+        "ddp": {},
         "fsdp": {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
         "zero1": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
         "zero2": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
         "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
     }
-    for attempt in range(2):  # pytest-xdist may start two runs at once: the DDP port can be taken
-        if mode in sharded:  # torchrun --standalone picks a free rendezvous port itself
-            env.update(sharded[mode], DS_ACCELERATOR="cpu")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            cmd += [str(Path(__file__).with_name("sharded_cpu_launch.py"))]
-        else:
-            assert mode == "ddp", mode
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            cmd += ["--main_process_port", str(_free_port())]
-        cmd += [str(EXAMPLES / f"{script}.py"), *argv]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-        if result.returncode == 0 or "address already in use" not in result.stderr.lower() or attempt:
-            break
-    assert result.returncode == 0, result.stderr[-4000:]
+    if mode not in sharded:
+        raise ValueError(f"Expected `mode` to be one of {sorted(sharded)}, got {mode!r}.")
+    env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", **sharded[mode]}
+    if mode.startswith("zero"):
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
 
 
 def _two_process_runs(

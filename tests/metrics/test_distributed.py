@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffdistill.metrics import FID, FeatureStatistics
+from tests import preloaded_launch
 from tests.metrics import dist_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,11 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_processes_reduce_to_the_one_process_statistics(tmp_path: Path) -> None:
     """The reduced mean / covariance differ from one pass only by float64 rounding of sums of 120 terms of
     size ~1e4 (mean) and of centred products of size ~10 (covariance): 1e-9 absolute is ~1e3 ulps of each."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(Path(dist_worker.__file__)), str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun runs it (tests/preloaded_launch.py)
+    code, output = preloaded_launch.launch_script(dist_worker.__file__, [str(tmp_path)], env, cwd=ROOT)
+    assert code == 0, output[-6000:]
     feats, fake, real, prompts = dist_worker.data()
     one = FeatureStatistics(5).update(feats)
     fid = FID(dist_worker.extractor())

@@ -12,6 +12,7 @@ import torch
 
 from diffdistill.errors import DTypeError, OptionError, ShapeError
 from diffdistill.metrics import CLIPScore, FrameConsistency
+from tests import preloaded_launch
 from tests.metrics import tiny_clip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,13 +144,10 @@ def test_two_processes_reduce_to_the_one_process_mean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reduced mean differs from one process's only by the float64 order of a 5-term sum of values <= 1."""
-    import torch.multiprocessing as mp
-
-    # the spawned interpreters import this module by name (they get this sys.path): the root holds `tests`
+    # the forked processes import this module by name (they get this sys.path): the root holds `tests`
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    preloaded_launch.start_workers(_worker, (str(tmp_path / "init"), str(tmp_path)), 2)
     one = FrameConsistency(_encoder, lambda x: x)
     one.update(_videos(5, 3, seed=4))
     for rank in range(2):

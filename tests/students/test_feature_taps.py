@@ -14,6 +14,7 @@ from torch import nn
 
 from diffdistill.errors import DTypeError, OptionError
 from diffdistill.students import FeatureTap, in_backward_pass, resolve_module_names
+from tests import preloaded_launch
 
 TINY_SDXL = {
     "sample_size": 16,
@@ -215,16 +216,12 @@ def _tap_worker_module():  # type: ignore[no-untyped-def]
 
 
 def test_ddp_two_processes_same_features_as_plain_model() -> None:
-    import torch.multiprocessing as mp
-
     worker = _tap_worker_module()
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        # spawn, not fork: a forked child cannot run autograd once the parent (a pytest worker that
-        # already ran backward passes) has started autograd's threads.
-        mp.start_processes(
-            worker.run_worker, args=(2, init_file, out_dir), nprocs=2, join=True, start_method="spawn"
-        )
+        # forked from the preloaded server (which only imported), not from this process: a forked child cannot
+        # run autograd once its parent (a pytest worker that already ran backward passes) started autograd's threads.
+        preloaded_launch.start_workers(worker.run_worker, (2, init_file, out_dir), 2)
         for rank in range(2):
             res = torch.load(f"{out_dir}/{rank}.pt", weights_only=True)
             assert res["hooks"] == 0

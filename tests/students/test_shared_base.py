@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_transformer_block_removal import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
 
 from diffdistill.discriminators import sdxl_conditions, tiny_sdxl_unet_config  # noqa: E402
+from tests import preloaded_launch  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 # The generator adapts every LCM-LoRA target; the fake score only the attention projections (two adapters need
@@ -495,23 +495,17 @@ def test_views_of_removed_or_merged_adapters_are_refused() -> None:
 # ---- 2 processes (gloo, CPU): DDP and FSDP2 through accelerate, against one process on the whole batch ----
 
 WORKER = Path(__file__).with_name("shared_base_worker.py")
-LAUNCHER = Path(__file__).parents[1] / "examples" / "sharded_cpu_launch.py"
 
 
 def _launch(mode: str, out_dir: Path) -> None:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "ACCELERATE_MIXED_PRECISION": "no",
-    }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    """The worker on 2 processes as ``torchrun`` runs it (FSDP2: through ``sharded_cpu_launch.py``), forked from
+    the preloaded server (``tests/preloaded_launch.py``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if mode == "fsdp2":
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
-        cmd.append(str(LAUNCHER))
-    cmd += [str(WORKER), str(out_dir), *(["--shard_base"] if mode == "fsdp2" else [])]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
+    argv = [str(out_dir), *(["--shard_base"] if mode == "fsdp2" else [])]
+    code, output = preloaded_launch.launch_script(WORKER, argv, env, sharded=mode == "fsdp2")
+    assert code == 0, output[-6000:]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
