@@ -475,7 +475,8 @@ def main(args: argparse.Namespace) -> None:
 
     sigmas = grid_at(args.resolution, args.width)  # validation's and the saved grid: --resolution x --width
     # --aspect_buckets: each micro-batch at one size, with that size's grid and latents
-    sizes = aspect_buckets.sizes(args)
+    buckets = aspect_buckets.BucketSizes(parts, args)
+    sizes = buckets.sizes
     grids = {
         size: (
             grid_at(*size),
@@ -483,7 +484,6 @@ def main(args: argparse.Namespace) -> None:
         )
         for size in sizes
     }
-    size_of_latents = {shape[2:]: size for size, (_, shape) in grids.items()}
     logger.info(
         "preset %s: loss %s, %d-step grid %s, real guidance %s, fake guidance %s",
         args.preset,
@@ -592,11 +592,10 @@ def main(args: argparse.Namespace) -> None:
         real_latents = None
         if gan is None:
             _, prompts = data.batch(gen)
-            # a size per micro-batch, uniform over the buckets (each process its own: the gradients are reduced)
-            size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))] if len(sizes) > 1 else sizes[0]
+            size = buckets.draw(gen)  # a size per micro-batch, uniform over the buckets
         else:  # the batch's images as VAE latents (the family's normalisation), their captions the prompts
             real_latents, prompts = data.latents_batch(gen, parts.vae, device)
-            size = size_of_latents[tuple(real_latents.shape[2:])]  # the images' bucket: the samples' size
+            size = buckets.of(real_latents)  # the images' bucket: the samples' size
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         return score_distillation.step(step, gen, cond, real=real_latents, grid=grids[size])
 

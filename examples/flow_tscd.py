@@ -524,15 +524,13 @@ def main(args: argparse.Namespace) -> None:
 
     teacher = solver(schedule)
     # --aspect_buckets: each micro-batch at one size, on that size's schedule (FLUX / Qwen-Image: its mu) and teacher
-    sizes = aspect_buckets.sizes(args)
+    buckets = aspect_buckets.BucketSizes(parts, args)
+    sizes = buckets.sizes
     at_size = (
         {(h, w): (s, solver(s)) for h, w in sizes for s in [flow_models.flow_schedule(parts, h, width=w)]}
         if args.aspect_buckets
         else {sizes[0]: (schedule, teacher)}
     )
-    size_of_latents = {
-        tuple(flow_models.latent_shape(parts, 1, h, args.num_frames, w)[2:]): (h, w) for h, w in sizes
-    }
     # --compile: student, teacher (= D's trunk)
     compilation.compile_networks(args, transformer, teacher_copy, accelerator=accelerator)
     uncond = flow_encoding.uncond_conditions(parts, args, device, dtype) if parts.uses_cfg else None
@@ -580,11 +578,10 @@ def main(args: argparse.Namespace) -> None:
             w_mse, w_adv = 1.0, 0.0
         if args.train_data_dir:
             x0, prompts = data.latents_batch(gen, parts.vae, device)
-            size = size_of_latents[tuple(x0.shape[2:])]  # the images' bucket
+            size = buckets.of(x0)  # the images' bucket
         else:
             prompts = data.prompts_batch(gen)
-            # a size per micro-batch, uniform over the buckets (each process its own: the gradients are reduced)
-            size = sizes[int(torch.randint(len(sizes), (1,), generator=gen))] if len(sizes) > 1 else sizes[0]
+            size = buckets.draw(gen)  # a size per micro-batch, uniform over the buckets
         schedule, teacher = at_size[size]
         cond = flow_encoding.conditions(parts, prompts, args, device, dtype)
         b = len(prompts)

@@ -7,7 +7,7 @@
 # ratio (:func:`nearest_bucket`; ``training.caption_folders.ImageCaptionFolder``). A batch holds samples of one bucket
 # (:func:`draw_grouped`: a bucket drawn with probability proportional to its samples, then samples uniformly within
 # it, so each sample is drawn as often as without buckets), and FLUX's / Qwen-Image's dynamic shift follows each
-# bucket's token count (:class:`BucketSchedules`).
+# bucket's token count (:class:`BucketSchedules`); :class:`BucketSizes` finds a batch's bucket from its latents.
 
 from __future__ import annotations
 
@@ -104,28 +104,53 @@ def draw_grouped(groups: Sequence[Sequence[int]], batch_size: int, generator: to
     return [items[k] for k in torch.randint(len(items), (batch_size,), generator=generator).tolist()]
 
 
-class BucketSchedules:
-    """The training schedule of each bucket (:func:`training.flow_models.flow_schedule` at its size: FLUX's and
-    Qwen-Image's ``mu`` of its token count), looked up by a batch's latent shape; ``kwargs`` go to
-    ``flow_schedule``."""
+class BucketSizes:
+    """The run's sizes (:func:`sizes`: ``--aspect_buckets``, else ``--resolution`` x ``--width``) and the latent
+    shape of each: a batch's bucket from its latents, or a bucket drawn for a prompt-only micro-batch."""
 
-    def __init__(self, parts: Any, args: argparse.Namespace, **kwargs: Any) -> None:
+    def __init__(self, parts: Any, args: argparse.Namespace) -> None:
         from . import flow_models
 
-        self.by_shape: dict[tuple[int, ...], Any] = {}
-        for h, w in sizes(args):
+        self.sizes = sizes(args)
+        self.by_shape: dict[tuple[int, ...], tuple[int, int]] = {}
+        for h, w in self.sizes:
             shape = flow_models.latent_shape(parts, 1, h, getattr(args, "num_frames", None), w)[2:]
-            self.by_shape[tuple(shape)] = flow_models.flow_schedule(parts, h, width=w, **kwargs)
+            self.by_shape[tuple(shape)] = (h, w)
 
-    def __call__(self, latents: torch.Tensor) -> Any:
-        """The schedule of the bucket of ``latents`` ``(B, C, [f,] h, w)`` (``ValueError`` for another shape)."""
+    def of(self, latents: torch.Tensor) -> tuple[int, int]:
+        """The size ``(height, width)`` in px of ``latents`` ``(B, C, [f,] h, w)`` (``ValueError`` for another shape)."""
         shape = tuple(latents.shape[2:])
         if shape not in self.by_shape:
             raise ValueError(
                 f"Expected latents of one of the buckets' shapes {sorted(self.by_shape)}, but got {shape}: the "
-                "teacher samples were made at other sizes than --aspect_buckets (or --resolution) lists."
+                "teacher samples or images were made at other sizes than --aspect_buckets (or --resolution) lists."
             )
         return self.by_shape[shape]
+
+    def draw(self, generator: torch.Generator) -> tuple[int, int]:
+        """A size drawn uniformly over the buckets (no draw with one size): a prompt-only micro-batch's. Each process
+        draws its own (the gradients are reduced), from its own generator."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        return self.sizes[int(torch.randint(len(self.sizes), (1,), generator=generator))]
+
+
+class BucketSchedules:
+    """The training schedule of each bucket (:func:`training.flow_models.flow_schedule` at its size: FLUX's and
+    Qwen-Image's ``mu`` of its token count), looked up by a batch's latent shape (:class:`BucketSizes`);
+    ``kwargs`` go to ``flow_schedule``."""
+
+    def __init__(self, parts: Any, args: argparse.Namespace, **kwargs: Any) -> None:
+        from . import flow_models
+
+        self.buckets = BucketSizes(parts, args)
+        self.by_size = {
+            (h, w): flow_models.flow_schedule(parts, h, width=w, **kwargs) for h, w in self.buckets.sizes
+        }
+
+    def __call__(self, latents: torch.Tensor) -> Any:
+        """The schedule of the bucket of ``latents`` ``(B, C, [f,] h, w)`` (``ValueError`` for another shape)."""
+        return self.by_size[self.buckets.of(latents)]
 
 
 GRIDS_FILE = "student_sigmas_by_size.json"

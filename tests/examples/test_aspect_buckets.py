@@ -104,6 +104,35 @@ def test_one_group_draws_as_before_and_several_draw_each_item_uniformly() -> Non
         assert ((torch.tensor([n / 3] + [n / 9] * 3 + [n / 18] * 6) - n * p).abs() < 6 * sd).all()
 
 
+def test_bucket_sizes_find_a_batchs_bucket_and_draw_one_per_micro_batch(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """``BucketSizes`` (flow_dmd2, flow_tscd and ``BucketSchedules``): the size of a batch from its latent shape
+    (``flow_models.latent_shape`` at each size), a clear error for latents of no bucket, and per micro-batch a size
+    drawn uniformly with the draw of ``torch.randint`` on the caller's generator -- none with one size."""
+    args = flow_dmd2.parse_args([*smoke_argv(tiny, "flux", tmp_path / "o"), "--aspect_buckets", *BUCKETS])
+    parts = flow_models.load_flow(args)
+    buckets = aspect_buckets.BucketSizes(parts, args)
+    assert buckets.sizes == [(64, 64), (128, 256)]
+    for h, w in buckets.sizes:
+        assert buckets.of(torch.zeros(flow_models.latent_shape(parts, 3, h, None, w))) == (h, w)
+    with pytest.raises(
+        ValueError,
+        match=r"Expected latents of one of the buckets' shapes \[\(8, 8\), \(16, 32\)\], but got \(8, 16\)",
+    ):
+        buckets.of(torch.zeros(1, 16, 8, 16))
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn = [buckets.draw(gen) for _ in range(400)]
+    assert drawn == [buckets.sizes[int(torch.randint(2, (1,), generator=ref))] for _ in range(400)]
+    assert 150 < drawn.count((64, 64)) < 250  # binomial(400, 1/2): sd 10
+    one = aspect_buckets.BucketSizes(parts, flow_dmd2.parse_args(smoke_argv(tiny, "flux", tmp_path / "p")))
+    state = gen.get_state()
+    assert one.sizes == [(args.resolution, args.resolution)] and one.draw(gen) == one.sizes[0]
+    assert torch.equal(
+        gen.get_state(), state
+    )  # runs without buckets draw nothing: their random streams unchanged
+
+
 def test_ladd_makes_each_shard_at_its_size_as_the_pipeline_and_trains_on_batches_of_one_size(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
