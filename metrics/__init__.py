@@ -7,6 +7,9 @@
   videos on the same backbone (:class:`FrameConsistency`: the mean cosine of consecutive frames' CLIP embeddings);
 * FVD on clips of the first 16 frames with StyleGAN-V's TorchScript I3D from a local file (:class:`FVD`,
   :class:`I3DFeatures`);
+* precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020) from k-nearest-neighbour
+  balls in a feature space (:class:`PrecisionRecall`, :func:`precision_recall`): fidelity and diversity apart,
+  where FID folds them into one number;
 * preference scores (:class:`ImageRewardScore`, :class:`HPSv21Score`, :class:`PickScore`,
   :class:`AestheticScore`);
 * the protocol record written beside every number, and the refusal to compare runs measured differently
@@ -45,6 +48,7 @@ from .fid import (
 )
 from .frame_consistency import FrameConsistency
 from .fvd import FVD, I3DFeatures
+from .precision_recall import PrecisionRecall, precision_recall
 from .preference import AestheticMLP, AestheticScore, HPSPreprocess, HPSv21Score, ImageRewardScore, PickScore
 from .protocol import EvaluationProtocol, check_comparable, hash_prompts, package_versions
 
@@ -64,6 +68,7 @@ __all__ = [
     "InceptionFeatures",
     "MissingDependencyError",
     "PickScore",
+    "PrecisionRecall",
     "ProtocolMismatchError",
     "check_comparable",
     "clean_resize",
@@ -71,4 +76,5 @@ __all__ = [
     "frechet_distance",
     "hash_prompts",
     "package_versions",
+    "precision_recall",
 ]

@@ -766,6 +766,52 @@ class InceptionFeatures(nn.Module):
             return net(x.to(self.get_buffer("_device_anchor").device)).float()
 
 
+def checked_extractor(extractor: Callable[[Any], torch.Tensor] | None) -> Callable[[Any], torch.Tensor]:
+    """A metric's ``feature_extractor`` argument: ``None`` builds :class:`InceptionFeatures`; else it must be callable.
+
+    Args:
+        extractor: The argument.
+
+    Returns:
+        The extractor.
+
+    Raises:
+        DTypeError: ``extractor`` is neither None nor callable.
+    """
+    if extractor is None:
+        return InceptionFeatures()
+    if not callable(extractor):
+        raise DTypeError(
+            f"Expected `feature_extractor` to be callable (images -> (N, D) features), but got "
+            f"{type(extractor).__name__}."
+        )
+    return extractor
+
+
+def extract_features(extractor: Callable[[Any], torch.Tensor], images: Any) -> torch.Tensor:
+    """``extractor(images)`` without gradients, a module in eval mode for the call (its mode restored after).
+
+    Args:
+        extractor: A callable mapping a batch of images to ``(N, D)`` features.
+        images: The batch, in the layout ``extractor`` takes.
+
+    Returns:
+        The features ``(N, D)``.
+
+    Raises:
+        DTypeError: The extractor returned no floating tensor.
+        ShapeError: The extractor returned other than ``(N, D)``.
+    """
+    was_training = isinstance(extractor, nn.Module) and extractor.training
+    if isinstance(extractor, nn.Module):
+        extractor.eval()
+    with torch.no_grad():
+        feats = extractor(images)
+    if isinstance(extractor, nn.Module) and was_training:
+        extractor.train()
+    return check_float_input(feats, "feature_extractor(images)", ndim=2, layout="(N, D)")
+
+
 def _describe_extractor(extractor: Callable[..., Any]) -> str:
     if isinstance(extractor, InceptionFeatures):
         rounding = "float images rounded to uint8 first" if extractor.quantize else "float images unrounded"
@@ -812,14 +858,7 @@ class FID:
         feature_extractor: Callable[[Any], torch.Tensor] | None = None,
         reference: FeatureStatistics | str | os.PathLike[str] | None = None,
     ) -> None:
-        if feature_extractor is None:
-            feature_extractor = InceptionFeatures()
-        if not callable(feature_extractor):
-            raise DTypeError(
-                f"Expected `feature_extractor` to be callable (images -> (N, D) features), but got "
-                f"{type(feature_extractor).__name__}."
-            )
-        self.feature_extractor = feature_extractor
+        self.feature_extractor = checked_extractor(feature_extractor)
         self.reference_file: str | None = None  # the file name, when `reference` was a path
         if reference is None or isinstance(reference, FeatureStatistics):
             self.reference = reference
@@ -835,15 +874,7 @@ class FID:
         self.real: FeatureStatistics | None = None
 
     def _features(self, images: Any) -> torch.Tensor:
-        if isinstance(self.feature_extractor, nn.Module):
-            was_training = self.feature_extractor.training
-            self.feature_extractor.eval()
-        with torch.no_grad():
-            feats = self.feature_extractor(images)
-        if isinstance(self.feature_extractor, nn.Module) and was_training:
-            self.feature_extractor.train()
-        feats = check_float_input(feats, "feature_extractor(images)", ndim=2, layout="(N, D)")
-        return feats
+        return extract_features(self.feature_extractor, images)
 
     def update(self, images: Any, real: bool = False) -> None:
         """Extract the features of a batch and fold them into the generated (or reference) statistics.
