@@ -79,9 +79,12 @@ sys.path.insert(0, str(HERE))
 
 from shapes import CLASS_NAMES, NUM_CLASSES, sample_shapes  # noqa: E402
 from toy_metric import (  # noqa: E402
+    COVERAGE_K,
     ShapeClassifier,
     classifier_protocol,
+    coverage_protocol,
     evaluate_samples,
+    pixel_coverage,
     reference_statistics,
     train_classifier,
 )
@@ -592,6 +595,28 @@ def same_teacher_row(row: EvalRow, teacher: str, lcm_grid: int = DemoConfig.lcm_
     return "teacher:lcm" if same_grid else None
 
 
+def _scores(
+    classifier: ShapeClassifier,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    reference_stats: Any,
+    coverage_reference: torch.Tensor,
+) -> dict[str, float]:
+    """FD, class accuracy and pixel coverage of one draw of samples."""
+    m = evaluate_samples(classifier, x, labels, reference_stats)
+    return {**m, "cov": pixel_coverage(x, coverage_reference)}
+
+
+def _summary(draws: list[dict[str, float]]) -> dict[str, Any]:
+    """Means and sds over the draws, and each draw's numbers (``<metric>_draws``)."""
+    out: dict[str, Any] = {}
+    for key in ("fd", "acc", "cov"):
+        values = [d[key] for d in draws]
+        out[key], out[f"{key}_sd"] = _mean_sd(values)
+        out[f"{key}_draws"] = values
+    return out
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     """Mean and standard deviation over the draws (0 with one draw, which the tables print as no spread)."""
     v = torch.tensor(values, dtype=torch.float64)
@@ -623,8 +648,11 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
 
     Every row is evaluated on ``cfg.eval_draws`` draws of ``cfg.eval_samples`` samples (balanced labels);
     a draw has its own initial noises and re-noising generator, shared by every row. Returns
-    ``{row key: {steps: {"fd", "fd_sd", "acc", "acc_sd", "fd_draws", "acc_draws"}}}`` (means and sample
-    standard deviations over the draws); row keys are the student methods and ``"teacher:<sampler>"``.
+    ``{row key: {steps: {"fd", "fd_sd", "acc", "acc_sd", "cov", "cov_sd", "fd_draws", "acc_draws",
+    "cov_draws"}}}`` (means and sample standard deviations over the draws; ``cov`` the pixel coverage of
+    :func:`toy_metric.pixel_coverage` over the first ``eval_samples`` reference images, as many as a draw has);
+    row keys are the student methods and ``"teacher:<sampler>"``, and ``"real"`` (steps 0) is a draw of real images
+    (:func:`real_images_row`).
     """
     start = time.time()
     torch.manual_seed(cfg.seed)
@@ -636,6 +664,9 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
     reference, _ = sample_shapes(cfg.reference_samples, g, labels=ref_labels)
     noises = torch.randn(cfg.eval_draws, cfg.eval_samples, 3, 16, 16, generator=g)
     reference_stats = reference_statistics(classifier, reference)  # the FD's reference, as FID's .npz
+    coverage_reference = reference[
+        : cfg.eval_samples
+    ]  # balanced labels; as many as a draw: real draws ~1 - 2^-k
 
     seconds: dict[str, float] = {}
     students: dict[str, nn.Module] = {}
@@ -677,25 +708,16 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen)
         results[row.key] = {}
         for steps in row.steps:
-            fds, accs = [], []
+            draws = []
             for draw in range(cfg.eval_draws):
                 x = _batched(fn, noises[draw], labels, steps, renoise_generator(cfg.seed, draw))
-                m = evaluate_samples(classifier, x, labels, reference_stats)
-                fds.append(m["fd"])
-                accs.append(m["acc"])
+                draws.append(_scores(classifier, x, labels, reference_stats, coverage_reference))
                 if draw == 0:
                     first_draw[(row.key, steps)] = x[show]
                     grid_rows.append((f"{row.short_label} {steps}", x[show]))
-            fd, fd_sd = _mean_sd(fds)
-            acc, acc_sd = _mean_sd(accs)
-            results[row.key][steps] = {
-                "fd": fd,
-                "fd_sd": fd_sd,
-                "acc": acc,
-                "acc_sd": acc_sd,
-                "fd_draws": fds,
-                "acc_draws": accs,
-            }
+            results[row.key][steps] = _summary(draws)
+    real, _ = sample_shapes(cfg.eval_samples, torch.Generator().manual_seed(cfg.seed + 98), labels=labels)
+    results["real"] = {0: _summary([_scores(classifier, real, labels, reference_stats, coverage_reference)])}
     seconds["evaluation (all rows)"] = time.time() - t0
     seconds["total"] = time.time() - start
     table = markdown_table(rows, results, cfg) + "\n\n" + comparison_table(rows, results, cfg)
@@ -726,8 +748,16 @@ def evaluation_protocol(
         [CLASS_NAMES[int(i)] for i in labels],
         seeds=cfg.seed,
         resolution=16,
-        preprocessing={"fd": "samples clamped to [-1, 1], no resize", "class_accuracy": "clamped to [-1, 1]"},
-        backbones={"fd": {**fid.protocol(), **extractor}, "class_accuracy": extractor},
+        preprocessing={
+            "fd": "samples clamped to [-1, 1], no resize",
+            "class_accuracy": "clamped to [-1, 1]",
+            "coverage": "clamped to [-1, 1], pixels as features",
+        },
+        backbones={
+            "fd": {**fid.protocol(), **extractor},
+            "class_accuracy": extractor,
+            "coverage": coverage_protocol(min(cfg.eval_samples, cfg.reference_samples)),
+        },
         versions=package_versions(["torch", "diffusers", "diffdistill"]),
         generator={"teacher": cfg.teacher, "weights": cfg.weights.name},
         extra={
@@ -764,9 +794,13 @@ def write_records(
                     "model": "teacher" if role == "teacher" else f"student: {row.key}",
                     "sampler": names[row.kind],
                     "steps": steps,
-                    "metrics": {"fd": m["fd"], "class_accuracy": m["acc"]},
-                    "sd": {"fd": m["fd_sd"], "class_accuracy": m["acc_sd"]},
-                    "draws": {"fd": m["fd_draws"], "class_accuracy": m["acc_draws"]},
+                    "metrics": {"fd": m["fd"], "class_accuracy": m["acc"], "coverage": m["cov"]},
+                    "sd": {"fd": m["fd_sd"], "class_accuracy": m["acc_sd"], "coverage": m["cov_sd"]},
+                    "draws": {
+                        "fd": m["fd_draws"],
+                        "class_accuracy": m["acc_draws"],
+                        "coverage": m["cov_draws"],
+                    },
                 }
             )
             generator = {
@@ -788,7 +822,9 @@ def write_records(
                 json.dumps(record, indent=1, sort_keys=True) + "\n"
             )
     config = {k: (v.name if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    real = results["real"][0]
     summary = {
+        "real_images": {"fd": real["fd"], "class_accuracy": real["acc"], "coverage": real["cov"]},
         "table": lines,
         "protocol": protocol.to_dict(),
         "config": config,
@@ -810,13 +846,17 @@ def _spread(sd: float, cfg: DemoConfig, fmt: str) -> str:
 
 
 def markdown_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> str:
-    """One line per row and step count: FD and class accuracy, mean ± sd over the draws."""
+    """One line per row and step count: FD, class accuracy and pixel coverage, mean ± sd over the draws; first
+    a draw of real images (what real data scores)."""
+    real = results["real"][0]
     lines = [
-        f"FD and class accuracy: mean ± sd over {cfg.eval_draws} draws of {cfg.eval_samples} samples "
-        f"(--teacher {cfg.teacher} --seed {cfg.seed}; reference: {cfg.reference_samples} real images).",
+        f"FD, class accuracy and coverage: mean ± sd over {cfg.eval_draws} draws of {cfg.eval_samples} samples "
+        f"(--teacher {cfg.teacher} --seed {cfg.seed}; FD reference: {cfg.reference_samples} real images; coverage: "
+        f"pixels, k = {COVERAGE_K}, over {min(cfg.eval_samples, cfg.reference_samples)} of them).",
         "",
-        "| model | sampler | steps | FD (lower is better) | class accuracy |",
-        "|---|---|---:|---:|---:|",
+        "| model | sampler | steps | FD (lower is better) | class accuracy | coverage (higher is better) |",
+        "|---|---|---:|---:|---:|---:|",
+        f"| real images (another draw) | - | - | {real['fd']:.1f} | {real['acc']:.1%} | {real['cov']:.2f} |",
     ]
     names = sampler_names(cfg.teacher)
     for row in rows:
@@ -824,7 +864,7 @@ def markdown_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> st
         for steps, m in results[row.key].items():
             lines.append(
                 f"| {name} | {names[row.kind]} | {steps} | {m['fd']:.1f}{_spread(m['fd_sd'], cfg, '.1f')} "
-                f"| {m['acc']:.1%}{_spread(m['acc_sd'], cfg, '.1%')} |"
+                f"| {m['acc']:.1%}{_spread(m['acc_sd'], cfg, '.1%')} | {m['cov']:.2f}{_spread(m['cov_sd'], cfg, '.2f')} |"
             )
     return "\n".join(lines)
 
@@ -834,10 +874,10 @@ def comparison_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> 
     and re-noising draws): mean ± sd of the per-draw differences and how many draws the student won."""
     lines = [
         f"Student minus teacher under the same sampler, paired over the {cfg.eval_draws} draws "
-        "(ΔFD < 0 and Δaccuracy > 0 favour the student; wins = draws where the student is better).",
+        "(ΔFD < 0, Δaccuracy > 0 and Δcoverage > 0 favour the student; wins = draws where the student is better).",
         "",
-        "| student | sampler | steps | ΔFD | FD wins | Δaccuracy (points) | accuracy wins |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| student | sampler | steps | ΔFD | FD wins | Δaccuracy (points) | accuracy wins | Δcoverage |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     names = sampler_names(cfg.teacher)
     for row in rows:
@@ -848,11 +888,12 @@ def comparison_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> 
             t = teacher[steps]
             d_fd = [a - b for a, b in zip(m["fd_draws"], t["fd_draws"])]
             d_acc = [100 * (a - b) for a, b in zip(m["acc_draws"], t["acc_draws"])]
-            (fd, fd_sd), (acc, acc_sd) = _mean_sd(d_fd), _mean_sd(d_acc)
+            d_cov = [a - b for a, b in zip(m["cov_draws"], t["cov_draws"])]
+            (fd, fd_sd), (acc, acc_sd), (cov, cov_sd) = _mean_sd(d_fd), _mean_sd(d_acc), _mean_sd(d_cov)
             lines.append(
                 f"| {row.key} | {names[row.kind]} | {steps} | {fd:+.1f}{_spread(fd_sd, cfg, '.1f')} "
                 f"| {sum(d < 0 for d in d_fd)}/{len(d_fd)} | {acc:+.1f}{_spread(acc_sd, cfg, '.1f')} "
-                f"| {sum(d > 0 for d in d_acc)}/{len(d_acc)} |"
+                f"| {sum(d > 0 for d in d_acc)}/{len(d_acc)} | {cov:+.2f}{_spread(cov_sd, cfg, '.2f')} |"
             )
     return "\n".join(lines)
 

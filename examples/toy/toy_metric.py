@@ -19,12 +19,15 @@ import torch
 from shapes import NUM_CLASSES, sample_shapes
 from torch import nn
 
-from diffdistill.metrics import FID, FeatureStatistics
+from diffdistill.metrics import FID, FeatureStatistics, precision_recall
 
 __all__ = [
+    "COVERAGE_K",
     "ShapeClassifier",
     "classifier_protocol",
+    "coverage_protocol",
     "evaluate_samples",
+    "pixel_coverage",
     "reference_statistics",
     "train_classifier",
 ]
@@ -125,3 +128,34 @@ def evaluate_samples(
     fid = FID(feature_extractor=classifier.features, reference=reference)
     fid.update(x)
     return {"fd": fid.compute(), "acc": acc}
+
+
+#: k of the coverage's balls (Naeem et al. 2020 recommend 5).
+COVERAGE_K = 5
+
+
+@torch.no_grad()
+def pixel_coverage(samples: torch.Tensor, reference: torch.Tensor, nearest_k: int = COVERAGE_K) -> float:
+    """Coverage (Naeem et al. 2020, arXiv:2002.09797; :func:`diffdistill.metrics.precision_recall`) of ``samples``
+    over the real ``reference`` images, both ``(N, 3, 16, 16)``, in pixel space: the share of reference images whose
+    ball (radius: the distance to their ``nearest_k``-th nearest other reference image) holds a sample.
+
+    The FD's classifier features tell the shapes apart and hardly see colour, position or size: samples of one
+    hue, or 64 real images repeated, score an FD as low as a draw of real images (audit 15). Pixels see all of
+    them. Measured (``sample_shapes`` from seed 0: 512 samples against 512 other real images, k = 5): another
+    draw of real images 0.97 (for equal set sizes about 1 - 2^-k), one hue 0.41, 64 real images repeated 8 times
+    0.44, real images plus noise of sd 0.2 0.71, real images blurred (3 x 3 mean) 0.97: a low coverage means
+    missing variety (or noisy samples), not blur. As many reference images as samples keep the real-data value near
+    1 - 2^-k. Samples are clamped to [-1, 1] as for the FD."""
+    out = precision_recall(reference.flatten(1), samples.clamp(-1, 1).flatten(1), nearest_k)
+    return out["coverage"]
+
+
+def coverage_protocol(reference_count: int) -> dict[str, object]:
+    """The coverage's entry of a protocol record."""
+    return {
+        "metric": "coverage (Naeem et al. 2020; diffdistill.metrics.precision_recall)",
+        "features": "pixels (3 x 16 x 16), samples clamped to [-1, 1]",
+        "nearest_k": COVERAGE_K,
+        "reference_images": reference_count,
+    }

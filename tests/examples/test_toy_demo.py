@@ -288,6 +288,34 @@ def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill
         assert again == got
 
 
+def test_pixel_coverage_sees_the_collapses_the_fd_misses(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """Audit 15's blind spots: samples of one hue, and 64 real images repeated 8 times, score an FD as low as real
+    images. Their pixel coverage (Naeem et al.'s, k = 5, against as many real images as samples) is less than half
+    a real draw's: measured 0.41 and 0.44 against 0.97 (toy_metric.pixel_coverage's docstring); the bounds sit
+    between them with room for other seeds' draws (the real draw's coverage is ~ 1 - 2^-5 for equal set sizes).
+    It is precision_recall's coverage of the flattened, clamped pixels."""
+    from shapes import sample_shapes
+    from toy_metric import COVERAGE_K, pixel_coverage
+
+    from diffdistill.metrics import precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    reference, _ = sample_shapes(512, g)
+    real, _ = sample_shapes(512, g)
+    x, _ = sample_shapes(512, g)
+    shape = (x.max(1, keepdim=True).values > -0.45).float()  # the shape's pixels (the background is <= -0.5)
+    one_hue = shape * torch.tensor([0.9, -0.2, 0.4]).view(1, 3, 1, 1) + (1 - shape) * x
+    memorised = sample_shapes(64, g)[0].repeat(8, 1, 1, 1)
+    covered = {
+        name: pixel_coverage(v, reference)
+        for name, v in [("real", real), ("hue", one_hue), ("mem", memorised)]
+    }
+    assert covered["real"] > 0.9 and covered["hue"] < 0.6 and covered["mem"] < 0.6, covered
+    noisy = real + 0.5 * torch.randn(real.shape, generator=g)
+    want = precision_recall(reference.flatten(1), noisy.clamp(-1, 1).flatten(1), COVERAGE_K)["coverage"]
+    assert pixel_coverage(noisy, reference) == want
+
+
 def test_flow_demo_writes_results_json_with_a_protocol_record(distill, tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
     """results.json holds the table and an EvaluationProtocol (class labels as the prompts, seed, samples,
     the classifier's identity), and every table line is also written in examples/evaluate.py's record
@@ -313,8 +341,25 @@ def test_flow_demo_writes_results_json_with_a_protocol_record(distill, tmp_path:
     assert protocol.prompt_sha256 == hash_prompts([distill.CLASS_NAMES[i] for i in labels])
     assert (protocol.prompt_count, protocol.seeds, protocol.extra["draws"]) == (32, 0, 1)
     assert protocol.backbones["fd"]["training"] == {"seed": 0, "steps": 20, "batch": 64}
+    assert (
+        protocol.backbones["coverage"]["nearest_k"] == 5
+        and protocol.backbones["coverage"]["reference_images"] == 32
+    )
     line = next(r for r in summary["table"] if r["model"] == "student: regression" and r["steps"] == 1)
     assert line["metrics"]["fd"] == results["regression"][1]["fd"]
+    assert line["metrics"]["coverage"] == results["regression"][1]["cov"] == line["draws"]["coverage"][0]
+    assert 0 <= results["regression"][1]["cov"] <= 1
+    real = summary["real_images"]
+    assert real["coverage"] == results["real"][0]["cov"] and real["fd"] == results["real"][0]["fd"]
+    text = (tmp_path / "results.md").read_text()
+    assert (
+        f"| real images (another draw) | - | - | {real['fd']:.1f} | {real['class_accuracy']:.1%} | {real['coverage']:.2f} |"
+        in text
+    )
+    assert (
+        "| FD (lower is better) | class accuracy | coverage (higher is better) |" in text
+        and "| Δcoverage |" in text
+    )
     assert line["sampler"] == "Euler"
     runs = sorted(str(p) for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 6  # teacher and regression at 1, 2, 4 Euler steps
