@@ -28,7 +28,9 @@ Quality is measured without downloads by a small classifier trained on the same 
 (``toy_metric.py``): the Fréchet distance of its features to real images (FD, lower is better; computed
 through :mod:`diffdistill.metrics` with the classifier as the feature extractor, as FID is) and the
 class accuracy of the samples (FD compares marginal distributions, so it does not see a well-formed
-sample of the wrong class; accuracy does). Each number is a mean ± sd over ``eval_draws`` draws of
+sample of the wrong class; accuracy does), and their coverage of the real images in pixel space
+(:func:`toy_metric.pixel_coverage`: Naeem et al.'s, which sees the colours and variety that the classifier's shape
+features miss, and noisy samples too). Each number is a mean ± sd over ``eval_draws`` draws of
 ``eval_samples`` samples; a draw fixes the initial noises and the re-noising generator of the stochastic
 samplers, the same for every row. The baseline of each student is the teacher run through *that
 student's* sampler (DDIM, the LCM sampler or the x0 re-noise sampler) at the same step count; the
