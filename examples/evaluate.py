@@ -52,7 +52,11 @@ prompt set, with a record of the protocol beside the numbers.
    * CLIP score with a named backbone, ``--clip open_clip:ViT-g-14:laion2b_s12b_b42k`` (open_clip model and
      pretrained tag) or ``--clip hf:openai/clip-vit-large-patch14`` (a transformers CLIP, hub id or folder);
    * preference scores where their packages are installed: ``--preference imagereward hpsv21 pickscore
-     aesthetic``.
+     aesthetic``;
+   * with ``--precision_recall``: improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage
+     (Naeem et al. 2020) against the ``--reference_dir`` images, in the FID's feature space (Inception pool
+     features, as ADM's evaluation suite), ``--nearest_k`` 3 (``metrics.PrecisionRecall``; the features are
+     extracted a second time for it, and every one is kept: they need the images, not ``--reference_stats``).
 
    Any metric may instead be named ``module:callable`` (a factory returning an object with ``update`` /
    ``compute`` / ``all_reduce`` / ``protocol``): ``--clip``, ``--preference`` and ``--fid_features`` (the FID's
@@ -256,6 +260,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fid_features", default=None, help="module:callable FID feature extractor (default: Inception)"
     )
     g.add_argument(
+        "--precision_recall",
+        action="store_true",
+        help="also precision, recall, density and coverage against --reference_dir, in the FID's feature space",
+    )
+    g.add_argument(
+        "--nearest_k", type=int, default=None, help="--precision_recall's k (default 3, ADM's suite)"
+    )
+    g.add_argument(
         "--fvd_detector",
         default=None,
         help="video runs: StyleGAN-V's TorchScript I3D (i3d_torchscript.pt, a local file) for FVD against the clip "
@@ -307,6 +319,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("give --reference_dir or --reference_stats, not both")
     if args.save_reference_stats and not args.reference_dir:
         parser.error("--save_reference_stats saves the statistics of --reference_dir: give it")
+    if args.precision_recall and not args.reference_dir:
+        parser.error(
+            "--precision_recall compares with the reference images' features one by one: give --reference_dir "
+            "(statistics in --reference_stats cannot serve it)"
+        )
+    if args.nearest_k is not None and not args.precision_recall:
+        parser.error("--nearest_k is --precision_recall's k: add --precision_recall or drop it")
     if (args.fvd_detector or args.fvd_frames is not None) and not (args.fvd_detector and args.reference_dir):
         parser.error(
             "FVD needs --fvd_detector (the I3D file) and --reference_dir (one folder of frames per video)"
@@ -316,7 +335,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     if (args.timesteps or args.sigmas) and args.num_inference_steps is not None:
         parser.error("--timesteps / --sigmas set the steps: drop --num_inference_steps")
     for name in ("num_prompts", "batch_size", "num_inference_steps", "eval_resolution", "clip_eval_resolution",
-                 "eval_batch_size", "num_frames", "max_sequence_length", "fvd_frames"):  # fmt: skip
+                 "eval_batch_size", "num_frames", "max_sequence_length", "fvd_frames", "nearest_k"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"expected --{name} >= 1, but got {value}")
@@ -493,12 +512,14 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     if video:
         metrics = video_generation.add_frame_consistency(metrics)
         metrics = video_generation.add_fvd(metrics, args, device)
-    text_metrics = {k: m for k, m in metrics.items() if k not in ("fid", "fvd", "frame_consistency")}
+    image_only = ("fid", "precision_recall", "fvd", "frame_consistency")  # fed images without prompts
+    text_metrics = {k: m for k, m in metrics.items() if k not in image_only}
     bar = tqdm(total=len(files), desc="scoring", disable=not accelerator.is_local_main_process)
     scoring.score_images(
         files,
         file_prompts,
         fid=fid,
+        image_metrics={k: metrics[k] for k in ("precision_recall",) if k in metrics},
         text_metrics=text_metrics,
         prefixes={"clip_score": args.clip_prefix},
         eval_resolution=args.eval_resolution,
@@ -531,7 +552,7 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     reference_files: list[Any] = scoring.image_files(args.reference_dir) if args.reference_dir else []
     if fid is not None and args.reference_dir:
         scoring.add_reference_images(
-            fid,
+            [m for k, m in sorted(metrics.items()) if k in ("fid", "precision_recall")],
             generation.shard(reference_files, rank, world),
             eval_resolution=args.eval_resolution,
             batch_size=args.eval_batch_size,

@@ -114,7 +114,9 @@ def metric_name(spec: str) -> str:
 
 def build_metrics(args: argparse.Namespace, device: Any) -> dict[str, Any]:
     """``{"fid": FID, "clip_score": CLIPScore, name: preference score}`` for the options given: FID when a
-    reference is (``--reference_dir`` / ``--reference_stats``), CLIP with ``--clip``, one per ``--preference``.
+    reference is (``--reference_dir`` / ``--reference_stats``; with ``--precision_recall`` also
+    ``"precision_recall"``, a ``PrecisionRecall`` on the FID's feature extractor), CLIP with ``--clip``, one per
+    ``--preference``.
     Objects with a ``to`` method are moved to ``device``. Weights are fetched here (the default Inception too), so
     that ``examples/evaluate.py`` lets its main process download them before the others read them."""
     out: dict[str, Any] = {}
@@ -130,6 +132,11 @@ def build_metrics(args: argparse.Namespace, device: Any) -> dict[str, Any]:
             features = InceptionFeatures().to(device)
             features.load()  # now (downloading once), inside evaluate.py's main_process_first()
         out["fid"] = FID(features, reference=args.reference_stats)
+        if getattr(args, "precision_recall", False):
+            from diffdistill.metrics import PrecisionRecall
+
+            k = args.nearest_k if args.nearest_k is not None else 3
+            out["precision_recall"] = PrecisionRecall(out["fid"].feature_extractor, nearest_k=k)
     if args.clip:
         out["clip_score"] = clip_metric(args.clip, device)
     for name in args.preference or []:

@@ -105,6 +105,7 @@ def score_images(
     prompts: Sequence[str],
     *,
     fid: Any = None,
+    image_metrics: Mapping[str, Any] | None = None,
     text_metrics: Mapping[str, Any] | None = None,
     prefixes: Mapping[str, str] | None = None,
     eval_resolution: int | None = None,
@@ -113,13 +114,14 @@ def score_images(
     device: Any = "cpu",
     progress: Any = None,
 ) -> None:
-    """Feed generated images to the metric objects: ``fid.update(images, real=False)`` and
-    ``metric.update(images, prompts)`` for each text metric (CLIP score, preference scores).
+    """Feed generated images to the metric objects: ``fid.update(images, real=False)`` (and the same for each of
+    ``image_metrics``) and ``metric.update(images, prompts)`` for each text metric (CLIP score, preference scores).
 
     Args:
         files: this process's image files.
         prompts: the prompt of each file (same order).
         fid: an FID object (``diffdistill.metrics.fid.FID``) or None.
+        image_metrics: ``{name: metric}`` fed images only, as the FID (``diffdistill.metrics.PrecisionRecall``).
         text_metrics: ``{name: metric}`` taking ``(images float [0, 1] (N, 3, H, W), prompts)``.
         prefixes: ``{name: text}`` put before every prompt for that metric (GigaGAN's, SiD-LSG's and DMD2's CLIP
             score prefixes ``"A photo depicts "``, their ``compute_clip_score``; the text prefix matches their
@@ -138,7 +140,8 @@ def score_images(
         raise ValueError(
             f"Expected one prompt per image, but got {len(files)} images and {len(prompts)} prompts."
         )
-    named = dict(text_metrics or {}) | ({"fid": fid} if fid is not None else {})
+    images_only = dict(image_metrics or {}) | ({"fid": fid} if fid is not None else {})
+    named = dict(text_metrics or {}) | images_only
     passes: dict[int | None, list[str]] = {}
     for name in sorted(named):
         passes.setdefault((resolutions or {}).get(name, eval_resolution), []).append(name)
@@ -146,8 +149,8 @@ def score_images(
         for pos, images in batches(files, batch_size, size):
             images = images.to(device)
             for name in names:
-                if name == "fid":
-                    fid.update(images, real=False)
+                if name in images_only:
+                    images_only[name].update(images, real=False)
                 else:
                     prefix = (prefixes or {}).get(name, "")
                     named[name].update(images, [prefix + prompts[i] for i in pos])
@@ -156,11 +159,19 @@ def score_images(
 
 
 def add_reference_images(
-    fid: Any, files: Sequence[Path], *, eval_resolution: int | None, batch_size: int = 16, device: Any = "cpu"
+    metrics: Sequence[Any],
+    files: Sequence[Path],
+    *,
+    eval_resolution: int | None,
+    batch_size: int = 16,
+    device: Any = "cpu",
 ) -> None:
-    """Feed real images (this process's share of ``--reference_dir``) to ``fid.update(images, real=True)``."""
+    """Feed real images (this process's share of ``--reference_dir``) to ``metric.update(images, real=True)`` of
+    each of ``metrics`` (the FID, and PrecisionRecall with ``--precision_recall``); the files are read once."""
     for _, images in batches(files, batch_size, eval_resolution):
-        fid.update(images.to(device), real=True)
+        images = images.to(device)
+        for metric in metrics:
+            metric.update(images, real=True)
 
 
 def reduce_metrics(metrics: Mapping[str, Any]) -> None:
@@ -171,9 +182,14 @@ def reduce_metrics(metrics: Mapping[str, Any]) -> None:
 
 
 def compute_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``{name: float(metric.compute())}``."""
+    """``{name: float(metric.compute())}``; a metric that computes several numbers (``PrecisionRecall``: a dict)
+    gives one entry each, under their own names (``precision``, ``recall``, ``density``, ``coverage``)."""
     out: dict[str, float] = {}
     for name in sorted(metrics):
         value = metrics[name].compute()
-        out[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        values = value if isinstance(value, Mapping) else {name: value}
+        for key, v in values.items():
+            if key in out:
+                raise ValueError(f"Expected one number named {key!r}, but metric {name!r} computes another.")
+            out[key] = float(v.item() if isinstance(v, torch.Tensor) else v)
     return out

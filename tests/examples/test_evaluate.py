@@ -471,6 +471,62 @@ def _accelerate(argv: list[str], processes: int) -> None:
     assert code == 0, output[-6000:]
 
 
+def test_precision_recall_against_the_reference_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--precision_recall --nearest_k 2``: the four numbers of ``diffdistill.metrics.precision_recall`` on the FID
+    extractor's features of the reference folder and of the images, as read for scoring; recorded with k and the
+    extractor; refused without the reference images or with a k of its own."""
+    from diffdistill.metrics import precision_recall
+
+    folders = {}
+    for name, seed, scale in (("images", 0, 0.9), ("reference", 100, 1.0)):
+        folders[name] = tmp_path / name
+        generation.generate_images(
+            lambda prompts, gens, s=scale: torch.stack(
+                [s * torch.rand(3, 24, 24, generator=g) for g in gens]
+            ),
+            PROMPTS * 3,
+            range(12),
+            folders[name],
+            seed=seed,
+            batch_size=5,
+        )
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS * 3))
+    argv = ["--images", str(folders["images"]), "--reference_dir", str(folders["reference"]), "--fid_features",
+            "tests.examples.tiny_metrics:tiny_features", "--prompts_file", str(tmp_path / "p.txt"),
+            "--output_dir", str(tmp_path / "out"), "--precision_recall", "--nearest_k", "2"]  # fmt: skip
+    record = evaluate.main(evaluate.parse_args(argv))
+    extractor = tiny_metrics.tiny_features()
+    with torch.no_grad():
+        feats = {
+            name: extractor(
+                torch.stack([evaluate.scoring.load_image(f) for f in evaluate.scoring.image_files(folder)])
+            )
+            for name, folder in folders.items()
+        }
+    want = precision_recall(feats["reference"], feats["images"], 2)
+    assert {k: record["metrics"][k] for k in want} == want
+    assert (
+        0 < want["precision"] < 1 or 0 < want["coverage"] < 1
+    )  # the sets differ: not a trivial 1 everywhere
+    entry = record["protocol"]["backbones"]["precision_recall"]
+    assert entry["nearest_k"] == 2 and entry["feature_extractor"] == "TinyFeatures"
+    assert entry["feature_extractor_factory"] == "tests.examples.tiny_metrics:tiny_features"
+    i = argv.index("--reference_dir")
+    for bad, message in (
+        (
+            [*argv[:i], *argv[i + 2 :]],
+            "--precision_recall compares with the reference images' features one by one",
+        ),
+        ([a for a in argv if a != "--precision_recall"], "--nearest_k is --precision_recall's k"),
+        ([*argv[:-1], "0"], "expected --nearest_k >= 1, but got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
 def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     generation.generate_images(
@@ -486,6 +542,7 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     prompts.write_text("\n".join([*PROMPTS, "a boat"]) + "\n")
     hooks = ["--fid_features", "tests.examples.tiny_metrics:tiny_features"]
     hooks += ["--clip", "tests.examples.tiny_metrics:tiny_clip_score", "--reference_dir", str(reference)]
+    hooks += ["--precision_recall", "--nearest_k", "2"]  # every feature gathered onto both processes
     # a LoRA student: its weights are hashed by process 0 only and the digest broadcast to process 1
     from diffusers import UNet2DConditionModel
 
@@ -514,9 +571,11 @@ def test_two_processes_give_the_numbers_of_one(tiny: dict[str, Path], tmp_path: 
     # the same images and features; only the order of the float64 sums over the processes differs (1e-16
     # relative per sum), which the CLIP mean keeps at that size and FID's covariance square root (condition
     # number of the 8x8 covariances ~1e3) amplifies to ~1e-13: rel 1e-9 leaves a wide margin
-    assert one.keys() == two.keys() == {"fid", "clip_score"}
+    assert one.keys() == two.keys() == {"fid", "clip_score", "precision", "recall", "density", "coverage"}
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12)
+    for key in ("precision", "recall", "density", "coverage"):  # counts of the same features: equal
+        assert two[key] == one[key]
     assert records[1]["protocol"] == records[2]["protocol"]
     # process 1 checked its sampler record, hash included, against the generation.json process 0 wrote (a
     # different digest would have stopped it); both name the file's own SHA-256
