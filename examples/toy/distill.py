@@ -137,6 +137,10 @@ class DemoConfig:
     # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is);
     # the flow run feeds SiD/SIM's intermediate one (losses/score.py's recipe, flow_config()).
     sim_generator_timestep: int | None = None
+    # SIM's input on that first call: "unit" -- the noise itself (DMD2's convention, and SIM's on its own grid);
+    # "noised" -- the noised state of a zero image at that timestep, schedule.add_noise(0, z, t) (SiD's
+    # sigma_init * z on EDM; 0.71 z at the flow run's 454). The same for training and sampling.
+    sim_input: str = "unit"
     # EMA decay of each student's weights, used for sampling (0: the raw weights; DMD2 / SiD sample an EMA).
     sim_ema: float = 0.0
     adversarial_ema: float = 0.0
@@ -345,13 +349,31 @@ def train_lcm(toy: Toy, cfg: DemoConfig) -> nn.Module:
     return net
 
 
+def generator_input(toy: Toy, noise: torch.Tensor, timestep: int, kind: str) -> torch.Tensor:
+    """The one-step generator's input on pure ``noise`` at ``timestep``: ``"unit"`` the noise itself (DMD2), or
+    ``"noised"`` the noised state of a zero image there, ``schedule.add_noise(0, noise, t)`` (SiD: sigma_init z)."""
+    if kind == "unit":
+        return noise
+    if kind == "noised":
+        t = torch.full((noise.shape[0],), int(timestep), dtype=torch.long)
+        return toy.schedule.add_noise(torch.zeros_like(noise), noise, t)
+    raise ValueError(f"Expected sim_input 'unit' or 'noised', but got {kind!r}.")
+
+
 def _backward_simulate(
-    net: nn.Module, toy: Toy, grid: torch.Tensor, cond: dict, n: int, g: torch.Generator
+    net: nn.Module,
+    toy: Toy,
+    grid: torch.Tensor,
+    cond: dict,
+    n: int,
+    g: torch.Generator,
+    first_input: str = "unit",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DMD2 backward simulation: run the generator's first k grid steps (no grad), train at t_k. ``grid[0]``
-    is the input timestep of the first call on pure noise (:func:`sim_grid`), the others re-noising targets."""
+    is the input timestep of the first call on pure noise (:func:`sim_grid`; its input: :func:`generator_input`),
+    the others re-noising targets."""
     k = int(torch.randint(0, grid.numel(), (1,), generator=g))
-    x = torch.randn(n, 3, 16, 16, generator=g)
+    x = generator_input(toy, torch.randn(n, 3, 16, 16, generator=g), int(grid[0]), first_input)
     with torch.no_grad():
         for i in range(k):
             x0 = _x0(net, toy.schedule, x, grid[i].expand(n), cond)
@@ -397,7 +419,7 @@ def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
     for _ in _bar(cfg.sim_steps, "sim"):
         y = _labels(cfg.batch, g)
         cond = toy.cond(y)
-        x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g)
+        x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g, cfg.sim_input)
         x_g = _x0(net, toy.schedule, x_in, t_in, cond)
         f_loss, _ = fake_score_loss(
             fake,
@@ -491,6 +513,7 @@ def sampler(
     toy: Toy,
     lcm_grid: int = DemoConfig.lcm_ddim_timesteps,
     generator_timestep: int | None = None,
+    generator_input_kind: str = "unit",
 ) -> SampleFn:
     """``sample(noise, labels, steps, generator)`` running ``net`` (a student or the teacher) with one of
     the students' samplers: ``"ddim"`` (deterministic, trailing timesteps; on a flow teacher the Euler loop of
@@ -517,7 +540,8 @@ def sampler(
             ts = sim_grid(generator_timestep)[:: 4 // steps]
             if generator_timestep is None:
                 return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
-            x0 = one_step_sample(net, toy.schedule, noise, int(ts[0]), cond=cond).sample
+            x_in = generator_input(toy, noise, int(ts[0]), generator_input_kind)
+            x0 = one_step_sample(net, toy.schedule, x_in, int(ts[0]), cond=cond).sample
             if steps == 1:
                 return x0
             x = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts[1])
@@ -707,7 +731,9 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
             continue
         net = toy.unet if row.key.startswith("teacher:") else students[row.key]
         t_gen = cfg.sim_generator_timestep if row.key == "sim" else None
-        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen)
+        fn = sampler(
+            row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, cfg.sim_input if row.key == "sim" else "unit"
+        )
         results[row.key] = {}
         for steps in row.steps:
             draws = []
@@ -941,6 +967,13 @@ def main(argv: list[str] | None = None) -> int:
         "network calls; default: none on vp, 50 on flow)",
     )
     p.add_argument(
+        "--sim-input",
+        choices=("unit", "noised"),
+        default=None,
+        help="SIM's input on its first call on pure noise: the noise (unit, DMD2's) or a zero image noised to that "
+        "timestep (noised, SiD's sigma_init z); default: the teacher's config",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -962,6 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.seed = args.seed
     if args.teacher_ddim_steps is not None:
         cfg.teacher_extra_ddim_steps = tuple(args.teacher_ddim_steps)
+    if args.sim_input is not None:
+        cfg.sim_input = args.sim_input
     run_demo(cfg, args.out)
     return 0
 

@@ -288,6 +288,28 @@ def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill
         assert again == got
 
 
+def test_sim_noised_input_is_a_zero_image_noised_to_the_generator_timestep(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
+    """``sim_input="noised"`` (SiD's convention): the first generator call on pure noise z at timestep t takes
+    ``schedule.add_noise(0, z, t)`` -- sigma(t) z on the flow table (0.71 z at the flow run's 454), sqrt(1 - alpha_bar)
+    z on VP -- in training and in the sampler alike; ``"unit"`` (DMD2's) takes z itself."""
+    from diffdistill.schedulers import one_step_sample
+
+    z = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    for kind, t in (("flow", 454), ("vp", 999)):
+        toy = distill.Toy(distill.TEACHER_WEIGHTS[kind])
+        sigma = float(toy.schedule.add_noise(torch.zeros(1), torch.ones(1), torch.tensor([t])))
+        assert torch.equal(distill.generator_input(toy, z, t, "unit"), z)
+        torch.testing.assert_close(distill.generator_input(toy, z, t, "noised"), sigma * z, rtol=1e-6, atol=0)
+        if kind == "flow":
+            assert sigma == pytest.approx(0.7147, abs=1e-3)
+        fn = distill.sampler("x0_renoise", toy.unet, toy, generator_timestep=t, generator_input_kind="noised")
+        want = one_step_sample(toy.unet, toy.schedule, sigma * z, t, cond=toy.cond(labels)).sample
+        torch.testing.assert_close(fn(z, labels, 1, torch.Generator()), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Expected sim_input 'unit' or 'noised', but got 'sid'"):
+        distill.generator_input(toy, z, 999, "sid")
+
+
 def test_pixel_coverage_sees_the_collapses_the_fd_misses(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
     """Audit 15's blind spots: samples of one hue, and 64 real images repeated 8 times, score an FD as low as real
     images. Their pixel coverage (Naeem et al.'s, k = 5, against as many real images as samples) is less than half
