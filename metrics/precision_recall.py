@@ -24,7 +24,9 @@ tests compare with.
 
 A sample lies in a ball when its distance to the centre is at most the radius (``<=``, as in Kynkäänniemi et al.'s
 and ADM's code; ``prdc`` uses ``<``): the two differ only for a distance exactly equal to a radius, as between
-duplicated samples. Distances are Euclidean, computed in float64.
+duplicated samples. Distances are Euclidean, computed in float64 pair by pair (``torch.cdist`` without its matrix-product
+shortcut, whose rounding of a pair depends on the block it is in: a duplicate's distance to a real sample's
+neighbour then equals that neighbour's radius exactly, whatever ``chunk_size``).
 """
 
 from __future__ import annotations
@@ -44,11 +46,18 @@ from .protocol import module_sha256
 __all__ = ["PrecisionRecall", "precision_recall"]
 
 
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances ``(len(a), len(b))`` computed pair by pair (not through ``|a|^2 + |b|^2 - 2 a.b``, which
+    rounds the same pair differently in different blocks): a pair's distance has the same bits whichever block
+    holds it, so a duplicated sample is exactly on the boundary of the balls it should be on."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
     """The distance of every row of ``x`` to its k-th nearest other row (the (k+1)-th smallest, itself first)."""
     radii = []
     for start in range(0, x.shape[0], chunk_size):
-        d = torch.cdist(x[start : start + chunk_size], x)
+        d = _distances(x[start : start + chunk_size], x)
         radii.append(torch.kthvalue(d, k + 1, dim=1).values)
     return torch.cat(radii)
 
@@ -104,7 +113,7 @@ def precision_recall(
     covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
     in_fake_manifold = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
     for start in range(0, real.shape[0], chunk):
-        d = torch.cdist(real[start : start + chunk], fake)  # (chunk, M)
+        d = _distances(real[start : start + chunk], fake)  # (chunk, M)
         inside_real_ball = d <= real_radii[start : start + chunk, None]
         real_balls_per_fake += inside_real_ball.sum(0)
         covered[start : start + chunk] = inside_real_ball.any(1)

@@ -94,11 +94,16 @@ def launch_script(
     The launcher variables are torchrun's, and with ``sharded=False`` also those ``accelerate launch --multi_gpu``
     adds (:data:`ACCELERATE_LAUNCH_ENV`); ``sharded=True`` is ``torchrun sharded_cpu_launch.py``. Not given:
     ``TORCHELASTIC_ERROR_FILE`` (where torchrun's ``@record`` writes a failed process's error) -- the output
-    holds the traceback instead. ``sys.path`` is this process's (a fresh ``python script.py`` starts with the
-    script's folder first; the example scripts put it there themselves).
+    holds the traceback instead. ``sys.path`` is this process's with the script's folder first (as ``python
+    script.py`` puts it; with ``sharded=True`` the launcher's, ``tests/examples``, as under torchrun). As in a fresh
+    process, torch's, NumPy's and Python's global generators start from fresh entropy (not the server's states,
+    which every fork would share); atexit handlers run at the end (after the process group is destroyed), the interpreter's teardown
+    does not (``sharded_cpu_launch.leave``).
 
-    Returns the worst exit code (0 when all succeeded) and the processes' output (stdout and stderr, rank by
-    rank). A run still going after ``timeout`` seconds is killed and reported with exit code -9."""
+    Returns the exit code of the first process that failed (0 when all succeeded; -9 when the only failure is a
+    process killed here) and the processes' output (stdout and stderr, rank by rank). Once a process has failed,
+    the others get 5 s to finish before they are killed (they may wait for it forever); a run still going after
+    ``timeout`` seconds is killed."""
     import torch.distributed as dist
 
     ctx = context()
@@ -123,35 +128,41 @@ def launch_script(
             }
             rank_env.setdefault("OMP_NUM_THREADS", "1")
             log = os.path.join(logs, f"rank{rank}.log")
+            Path(log).touch()  # read back even when the process dies before it opens it
             run = (str(script), list(argv), rank_env, str(cwd or os.getcwd()), log, sharded)
             procs.append(ctx.Process(target=_run_rank, args=run))
         for p in procs:
             p.start()
-        codes = _join(procs, timeout)
+        codes, first_failure = _join(procs, timeout)
         output = "".join(
             f"--- rank {rank} (exit {code}) ---\n" + Path(logs, f"rank{rank}.log").read_text(errors="replace")
             for rank, code in enumerate(codes)
         )
     del store
-    worst = next((c for c in codes if c != 0), 0)
-    return worst, output
+    return first_failure, output
 
 
-def _join(procs: Sequence[Any], timeout: float) -> list[int]:
+def _join(procs: Sequence[Any], timeout: float, grace: float = 5.0) -> tuple[list[int], int]:
+    """Wait for every process; once one has failed, give the rest ``grace`` seconds, then kill them. Returns the
+    exit codes and the first failure's code (0: none; -9: only processes killed here)."""
     import time
 
     deadline = time.monotonic() + timeout
+    first_failure = 0
+    while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+        failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if failed and not first_failure:
+            first_failure = failed[0]
+            deadline = min(deadline, time.monotonic() + grace)
+        time.sleep(0.05)
+    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+    first_failure = first_failure or (failed[0] if failed else 0)
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.exitcode is not None and p.exitcode != 0:
-            break  # a failed rank: the others may wait for it forever
-    for p in procs:
-        if p.exitcode is None:
-            p.join(5.0 if any(q.exitcode not in (None, 0) for q in procs) else 0.0)
         if p.exitcode is None:
             p.kill()
             p.join()
-    return [int(p.exitcode) for p in procs]
+            first_failure = first_failure or int(p.exitcode)
+    return [int(p.exitcode) for p in procs], int(first_failure)
 
 
 def _run_rank(script: str, argv: list[str], env: dict[str, str], cwd: str, log: str, sharded: bool) -> None:
@@ -164,11 +175,22 @@ def _run_rank(script: str, argv: list[str], env: dict[str, str], cwd: str, log: 
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # as `python script.py` does; torchrun runs sharded_cpu_launch.py, whose folder comes first then
+    first = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples") if sharded else script
+    sys.path.insert(0, os.path.dirname(os.path.abspath(first)) if not sharded else first)
     code = 1
     try:
+        import random
+
+        import numpy as np
         import torch
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        # a fresh process's global generators: seeded from fresh entropy (torch's default one too, in this torch),
+        # where a fork would share the server's states
+        torch.seed()
+        np.random.seed()  # noqa: NPY002 - the legacy global state is what a script's np.random.* calls use
+        random.seed()
         from tests.examples import sharded_cpu_launch
 
         if sharded:

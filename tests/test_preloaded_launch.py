@@ -24,7 +24,7 @@ PER_LAUNCH = {"MASTER_PORT", "TORCHELASTIC_ERROR_FILE"}  # a new port and error 
 PER_LAUNCH_SHARDED = {*PER_LAUNCH, "TORCHELASTIC_RUN_ID"}  # torchrun --standalone: a new run id too
 
 
-def _real_launch(mode: str, out: Path) -> None:
+def _real_launch(mode: str, out: Path, *extra: str) -> None:
     """``accelerate launch --multi_gpu`` (DDP) or ``torchrun sharded_cpu_launch.py`` (FSDP2), as the tests ran
     them before the preloaded launcher."""
     env = {**os.environ, **launch_env(mode)}
@@ -36,7 +36,12 @@ def _real_launch(mode: str, out: Path) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         cmd += [str(SHARDED_LAUNCHER)]
     result = subprocess.run(
-        [*cmd, str(PROBE), str(out)], capture_output=True, text=True, timeout=300, env=env, check=False
+        [*cmd, str(PROBE), str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -47,14 +52,17 @@ def _records(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_forked_run_is_the_real_launchers_run(mode: str, tmp_path: Path) -> None:
-    """Same seeds, same code, one thread per process: the weights after 2 AdamW steps are equal bit for bit, and
-    every launcher variable but the per-launch port and error file is the same."""
+    """Same seeds, same code, one thread per process: the weights after 2 AdamW steps are equal bit for bit; every
+    launcher variable but the per-launch port and error file is the same; the global generators start as in a
+    fresh process (from fresh entropy: torch's, NumPy's and Python's differ between the processes); ``sys.path[0]`` is
+    the script's folder; atexit handlers run."""
     real, forked = tmp_path / "real", tmp_path / "forked"
     real.mkdir()
     forked.mkdir()
-    _real_launch(mode, real)
+    _real_launch(mode, real, "--atexit_file", str(real))
     env = {**os.environ, **launch_env(mode)}
-    code, output = preloaded_launch.launch_script(PROBE, [str(forked)], env, sharded=mode != "ddp")
+    argv = [str(forked), "--atexit_file", str(forked)]
+    code, output = preloaded_launch.launch_script(PROBE, argv, env, sharded=mode != "ddp")
     assert code == 0, output[-4000:]
     per_launch = PER_LAUNCH if mode == "ddp" else PER_LAUNCH_SHARDED
     for a, b in zip(_records(real), _records(forked), strict=True):
@@ -64,11 +72,19 @@ def test_a_forked_run_is_the_real_launchers_run(mode: str, tmp_path: Path) -> No
         assert a["distributed_type"] == b["distributed_type"] == ("MULTI_CPU" if mode == "ddp" else "FSDP")
         for key in ("num_processes", "process_index", "mixed_precision", "backend", "threads", "cwd", "name"):
             assert a[key] == b[key], key
-        assert a["argv"][1:] == [str(real)] and b["argv"][1:] == [str(forked)]
+        assert a["argv"][1:2] == [str(real)] and b["argv"][1:2] == [str(forked)]
+        first = (
+            PROBE.parent if mode == "ddp" else SHARDED_LAUNCHER.parent
+        )  # the folder of the script Python ran
+        assert a["sys_path0"] == b["sys_path0"] == str(first) and a["file"] == b["file"]
         assert a["threads"] == 1 and a["name"] == "__main__"
         assert not a["preloaded"] and b["preloaded"], (
             "the server did not preload diffusers (tests/launch_preload.py)"
         )
+    for run in (real, forked):
+        rng = [r["start_rng"] for r in _records(run)]
+        assert all(rng[0][kind] != rng[1][kind] for kind in ("torch", "numpy", "python")), (run.name, rng)
+        assert [(run / f"atexit{r}").read_text() for r in range(2)] == ["ran", "ran"], run.name
     state_real, state_forked = torch.load(real / "state.pt"), torch.load(forked / "state.pt")
     assert state_real.keys() == state_forked.keys() and state_real
     for key, value in state_real.items():
@@ -91,6 +107,16 @@ def test_a_failing_process_is_reported_and_the_run_ends(tmp_path: Path) -> None:
     assert code != 0
     assert "RuntimeError: probe failure on rank 1" in output and "--- rank 1 (exit 1) ---" in output
     assert not (tmp_path / "rank0.json").exists()
+
+
+def test_a_failure_ends_the_run_while_another_process_hangs(tmp_path: Path) -> None:
+    """Rank 0 hangs (it never reaches the barrier), rank 1 fails: the failure is noticed while rank 0 still runs, and
+    the launch returns rank 1's exit code, rank 0 killed after the grace period (-9) -- not the timeout's kill."""
+    env = {**os.environ, **launch_env("ddp")}
+    argv = [str(tmp_path), "--hang_on_rank", "0", "--fail_on_rank", "1"]
+    code, output = preloaded_launch.launch_script(PROBE, argv, env, timeout=240)
+    assert code == 1, output[-3000:]
+    assert "--- rank 0 (exit -9) ---" in output and "--- rank 1 (exit 1) ---" in output
 
 
 def test_a_script_exit_code_is_returned(tmp_path: Path) -> None:

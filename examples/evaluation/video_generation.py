@@ -140,6 +140,12 @@ def check_options(args: argparse.Namespace, index: dict[str, Any] | None, video:
         return
     if args.timesteps:
         raise ValueError("--timesteps: WanPipeline samples on sigmas (flow matching): give --sigmas instead.")
+    if getattr(args, "precision_recall", False):
+        raise ValueError(
+            "--precision_recall on videos would pool every frame: a real frame's nearest neighbours are frames of its "
+            "own clip, so the balls shrink to the clips and even real videos score near 0. Drop it for video runs "
+            "(FVD and the frame FID compare the distributions)."
+        )
     if getattr(args, "lora_base", None):
         raise ValueError("--lora_base is for SDXL LoRAs trained on another UNet: drop it for a Wan student.")
     if getattr(args, "images", None) is not None and args.num_frames is not None:

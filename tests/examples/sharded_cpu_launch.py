@@ -76,15 +76,19 @@ def run_script(path: str) -> None:
 
 
 def leave(code: int = 0) -> None:
-    """Exit without the interpreter's teardown, the process group destroyed first.
+    """Exit without the interpreter's teardown: the process group destroyed first, then the atexit handlers run
+    (as at a normal exit: a handler that fails or hangs shows here too).
 
     C++ threads of the process group (gloo, DeepSpeed's CPU engine) destroyed while still joinable at static
     destruction abort the process now and then ("terminate called without an active exception", SIGABRT after
     a finished run: seen once in a full suite, 2026-12-06), which fails a run that did everything right."""
+    import atexit
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

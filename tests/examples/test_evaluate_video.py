@@ -437,6 +437,8 @@ def test_options_that_do_not_fit_are_refused(
         (_argv(tiny, "wan", tmp_path / "o", "--teacher", "--timesteps", "999"), "give --sigmas instead"),
         (["--prompts_file", str(tiny["prompts"]), "--images", str(videos.parent), "--output_dir", out,
           "--num_frames", "5"], "--images scores the folder's videos as they are"),
+        (["--prompts_file", str(tiny["prompts"]), "--images", str(videos.parent), "--output_dir", out,
+          "--reference_dir", str(videos.parent), "--precision_recall"], "--precision_recall on videos would pool"),
         (["--pretrained_model_name_or_path", str(image_model), "--prompts_file", str(tiny["prompts"]),
           "--output_dir", out, "--num_frames", "5", "--guidance_scale_2", "3"],
          "--num_frames / --guidance_scale_2 apply to a video pipeline"),

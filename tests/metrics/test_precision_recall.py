@@ -73,6 +73,20 @@ def test_hand_worked_example_on_a_line() -> None:
     assert _prdc(real, fake, 1)["density"] == pytest.approx(5 / 4)
 
 
+def test_a_memorised_set_lies_exactly_on_the_boundaries_whatever_the_chunks() -> None:
+    """Generated samples that are the real ones (permuted): each lies in its own ball and, at distance exactly its
+    radius, in the balls of the real samples whose k-th neighbour it duplicates -- density (k + 1) / k with ``<=``
+    (prdc's ``<`` gives 1). The distances are computed pair by pair, so the duplicate's distance has the radius's
+    bits in any block: through the matrix-product shortcut of ``torch.cdist`` this case gave 1.3317 (audit 19)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 256, generator=g) + 5  # an offset makes the shortcut's cancellation visible
+    fake = real[torch.randperm(400, generator=g)]
+    for chunk in (1024, 7):
+        got = precision_recall(real, fake, 3, chunk_size=chunk)
+        assert got == {"precision": 1.0, "recall": 1.0, "density": 4 / 3, "coverage": 1.0}, (chunk, got)
+    assert _prdc(real, fake, 3)["density"] == 1.0
+
+
 def test_a_collapsed_generator_is_precise_but_neither_recalls_nor_covers() -> None:
     """Two modes of real data, generated samples from one: precision and density stay high, recall and coverage
     halve. Samples like the real ones score near 1 on all four."""

@@ -498,8 +498,8 @@ WORKER = Path(__file__).with_name("shared_base_worker.py")
 
 
 def _launch(mode: str, out_dir: Path) -> None:
-    """The worker on 2 processes as ``torchrun`` runs it (FSDP2: through ``sharded_cpu_launch.py``), forked from
-    the preloaded server (``tests/preloaded_launch.py``)."""
+    """The worker on 2 processes, forked from the preloaded server (``tests/preloaded_launch.py``): DDP with the
+    environment of ``accelerate launch --multi_gpu``, FSDP2 as ``torchrun sharded_cpu_launch.py`` runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     if mode == "fsdp2":
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
