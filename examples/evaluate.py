@@ -56,7 +56,8 @@ prompt set, with a record of the protocol beside the numbers.
    * with ``--precision_recall``: improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage
      (Naeem et al. 2020) against the ``--reference_dir`` images, in the FID's feature space (Inception pool
      features, as ADM's evaluation suite), ``--nearest_k`` 3 (``metrics.PrecisionRecall``; the features are
-     extracted a second time for it, and every one is kept: they need the images, not ``--reference_stats``).
+     extracted a second time for it, and every one is kept: they need the images, not ``--reference_stats``; image
+     runs only: a video's frames would be each other's nearest neighbours).
 
    Any metric may instead be named ``module:callable`` (a factory returning an object with ``update`` /
    ``compute`` / ``all_reduce`` / ``protocol``): ``--clip``, ``--preference`` and ``--fid_features`` (the FID's
