@@ -38,10 +38,14 @@ Wasserstein ~0.15 and worse; data vs data 0.016):
   the generator from the teacher's :math:`\\hat x_0` there (an x0-converted copy,
   :func:`~diffdistill.losses.x0_conversion_loss`, for an epsilon teacher). SiD and SIM feed
   :math:`\\sigma_\\text{init} = 2.5` (``schedule.edm_sigma_to_timestep(2.5)``: 625 on the SD/SDXL schedule);
-  DMD2's one-step SDXL generator 399; Hyper-SD's one-step UNet 800. The noise goes in at unit scale (DMD2's
-  convention; our choice): SiD's input is the EDM state :math:`\\sigma_\\text{init} z`, i.e. the schedule's noise
-  part :math:`\\sigma_t z` (0.93 z on the SD schedule, 0.71 z on a shift-3 flow schedule), which in the toy demo's
-  flow run gave a better teacher-only start (FD 81 against 102; audit 15), not re-tuned. At ``t = T-1``
+  DMD2's one-step SDXL generator 399; Hyper-SD's one-step UNet 800. Scale the noise as SiD does: its input is
+  the EDM state :math:`\\sigma_\\text{init} z`, i.e. the noised state of a zero image at :math:`t_g`,
+  ``schedule.add_noise(0, z, t_g)`` (0.93 z on the SD schedule, 0.71 z on a shift-3 flow schedule). In the toy demo's
+  flow run this SiD input beat unit-scale noise (DMD2's convention at ``T-1``, where the two nearly agree):
+  one-step FD 22.7 against 34.5 (coverage 0.77 against 0.31) on seed 0, 14.7 against 25.6 on the held-out seed
+  (``examples/toy/distill.py --sim-input``; the teacher alone: FD 81 against 102, audit 15). The example scripts
+  feed unit-scale noise at their ``--generator_timestep`` (default 999, where the two differ by 0.2% on SD's
+  schedule); at an intermediate timestep scale it yourself. At ``t = T-1``
   (:math:`\\alpha_{999} = 0.068` on SD's schedule) the teacher's estimate hardly depends on the noise, so the
   generator starts as a near-constant map that the losses must first spread out; at :math:`t_g = 625` it already sends each
   direction of the noise towards a mode. Sample with ``one_step_sample(..., timestep=t_g)``.

@@ -54,8 +54,8 @@ loop), the students keep the velocity prediction (a velocity network's ``x0`` at
 ``x - v``: no amplification, so they take larger learning rates, :func:`flow_config`), and the fake score of
 ``sim`` regresses the velocity (``fake_score_loss(weighting="flow")``, the teacher's own CFM objective). On
 the flow teacher ``sim`` follows the one-step recipe of :mod:`diffdistill.losses.score` (the toy proof's):
-its first call takes pure noise (unit scale, DMD2's convention: SiD would scale it by the level's sigma, 0.71)
-at SiD/SIM's intermediate input timestep (EDM sigma 2.5: index 454 of the shift-3 table) instead of t = 999, where the velocity teacher's estimate does not depend on the noise, and
+its first call takes pure noise scaled as SiD scales it (the noised state of a zero image, 0.71 z; ``--sim-input
+unit`` feeds z itself, DMD2's convention) at SiD/SIM's intermediate input timestep (EDM sigma 2.5: index 454 of the shift-3 table) instead of t = 999, where the velocity teacher's estimate does not depend on the noise, and
 it samples with an EMA of its weights. The flow run adds the teacher's 50-step Euler row, the reference of
 issue 21's goal for the best 1-step student.
 """
@@ -176,9 +176,11 @@ def flow_config() -> DemoConfig:
     errors, so the students that regress teacher pairs take larger steps (regression 1e-3, adversarial 1e-4,
     lcm 3e-4); SIM keeps a small one (3e-5: at 1e-4 its 1- and 4-step samples degraded) and its fake score
     regresses the velocity (``"flow"`` weighting, the teacher's CFM loss; ``"epsilon"`` gave worse 2- and
-    4-step samples). SIM feeds pure unit-scale noise at index 454 (EDM sigma 2.5, SiD/SIM's ``init_sigma``;
-    as the toy proof, losses/score.py; SiD scales its input by that sigma) and samples an EMA (decay 0.95 over its 80 steps): its 1-step FD went from 137 to
-    35. The adversarial student, the best at 1 step, gets 2048 teacher pairs and 240 steps: it is
+    4-step samples). SIM's first call takes pure noise at index 454 (EDM sigma 2.5, SiD/SIM's ``init_sigma``,
+    as the toy proof, losses/score.py), scaled as SiD scales it: the noised state of a zero image there, 0.71 z
+    (``sim_input="noised"``; unit-scale z, DMD2's convention, gave 1-step FD 34.5 / coverage 0.31 on seed 0 and
+    25.6 / 0.35 on seed 1, against 22.7 / 0.77 and 14.7 / 0.85), and it samples an EMA (decay 0.95 over its 80
+    steps): with both its 1-step FD went from 137 (t = 999, no EMA) to 23. The adversarial student, the best at 1 step, gets 2048 teacher pairs and 240 steps: it is
     data-limited (1-step FD 6.4 on 512 pairs / 160 steps, 5.4 on 1024 / 240, 3.4 on 2048 / 240; 6.9 on
     2048 / 360, also worse on ``--seed 1``); an EMA of its
     weights did not help it (its learning rate decays to zero, which already averages). The 50-step teacher
@@ -193,6 +195,7 @@ def flow_config() -> DemoConfig:
         lcm_lr=3e-4,
         sim_lr=3e-5,
         sim_generator_timestep=454,  # schedule.edm_sigma_to_timestep(2.5) on the shift-3 table (tested)
+        sim_input="noised",  # SiD's sigma_init z (0.71 z): 1-step FD 34.5 -> 22.7 (seed 0), 25.6 -> 14.7 (seed 1)
         sim_ema=0.95,
         fake_score_weighting="flow",
         adversarial_steps=240,

@@ -111,6 +111,8 @@ def test_flow_teacher_rows_name_the_flow_samplers(distill) -> None:  # type: ign
     assert distill.sampler_names("vp")["ddim"] == "DDIM"
     assert distill.demo_config("flow").teacher_extra_ddim_steps == (50,)
     assert distill.demo_config("vp").teacher_extra_ddim_steps == ()
+    # SIM's first call: SiD's noised input on the flow run (its intermediate timestep 454), DMD2's z at t = 999 on VP
+    assert (distill.demo_config("flow").sim_input, distill.demo_config("vp").sim_input) == ("noised", "unit")
     with pytest.raises(ValueError, match="Expected `teacher` to be one of"):
         distill.demo_config("ve")
 
