@@ -23,7 +23,19 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_NAME = "results.json"
-METRIC_ORDER = ("fid", "clip_score", "frame_consistency", "imagereward", "hpsv21", "pickscore", "aesthetic")
+METRIC_ORDER = (
+    "fid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "clip_score",
+    "frame_consistency",
+    "imagereward",
+    "hpsv21",
+    "pickscore",
+    "aesthetic",
+)
 """Column order of :func:`comparison_table` (other metrics follow, sorted)."""
 
 
@@ -71,20 +83,27 @@ def protocol_of(record: dict[str, Any]) -> Any:
 
 
 def check_same_protocol(records: Sequence[dict[str, Any]], paths: Sequence[str]) -> None:
-    """Refuse (``ProtocolMismatchError``, a ``ValueError`` listing every differing field) when any run's protocol
-    differs from the first one's in anything but ``generator``."""
+    """Refuse (``ProtocolMismatchError``, a ``ValueError`` listing every differing field) when two runs' protocols
+    differ in anything but ``generator`` and the backbones of metrics only one of the two measured.
+
+    Every pair of runs is checked: a metric measured by some runs only (``--precision_recall``, ``--clip``) leaves
+    the others comparable on the metrics they share (the table shows "-" where a run has no number), while two
+    runs that both measured it must have measured it the same way."""
     from diffdistill.errors import ProtocolMismatchError
     from diffdistill.metrics.protocol import check_comparable
 
-    first = protocol_of(records[0])
-    for path, record in zip(paths[1:], records[1:]):
-        try:
-            check_comparable(first, protocol_of(record), ignore=("generator",))
-        except ProtocolMismatchError as err:
-            raise ProtocolMismatchError(
-                f"Cannot compare {paths[0]} and {path}: they were measured under different protocols. {err}",
-                differences=err.differences,
-            ) from err
+    protocols = [protocol_of(r) for r in records]
+    for i in range(len(protocols)):
+        for j in range(i + 1, len(protocols)):
+            a, b = protocols[i], protocols[j]
+            one_only = sorted(set(a.backbones or {}) ^ set(b.backbones or {}))
+            try:
+                check_comparable(a, b, ignore=("generator", *(f"backbones.{k}" for k in one_only)))
+            except ProtocolMismatchError as err:
+                raise ProtocolMismatchError(
+                    f"Cannot compare {paths[i]} and {paths[j]}: they were measured under different protocols. {err}",
+                    differences=err.differences,
+                ) from err
 
 
 def _fmt(value: Any) -> str:

@@ -339,3 +339,48 @@ def test_a_hub_pipeline_is_recorded_by_its_resolved_commit(
     assert (
         generation.model_commit(local) == {}
     )  # a folder: named by its path (the student weights are hashed)
+
+
+def test_runs_with_different_metric_sets_compare_on_the_metrics_they_share(tmp_path: Path) -> None:
+    """``--compare`` of a run without ``--precision_recall`` and one with it: one table, "-" where a run has no
+    number. Two runs that both measured a metric must have measured it alike (another k is refused, naming the
+    field), whichever run lacks it -- every pair is checked, not only each against the first."""
+    from diffdistill.errors import ProtocolMismatchError
+    from diffdistill.metrics import EvaluationProtocol
+
+    fid = {"metric": "fid", "feature_extractor": "X"}
+
+    def run(name: str, metrics: dict[str, float], backbones: dict[str, Any]) -> Path:
+        protocol = EvaluationProtocol.for_prompts(
+            "p", ["a cat", "a dog"], seeds=0, resolution=64, backbones=backbones, versions={"torch": "x"}
+        )
+        path = tmp_path / name / "results.json"
+        evaluate.records.write_results(
+            path, {"metrics": metrics, "protocol": protocol.to_dict(), "label": name}
+        )
+        return path.parent
+
+    pr = {"precision": 0.5, "recall": 0.25, "density": 0.75, "coverage": 0.5}
+    plain = run("plain", {"fid": 3.0}, {"fid": fid})
+    k3 = run(
+        "k3",
+        {"fid": 2.0, **pr},
+        {"fid": fid, "precision_recall": {"metric": "precision_recall", "nearest_k": 3}},
+    )
+    k5 = run(
+        "k5",
+        {"fid": 2.0, **pr},
+        {"fid": fid, "precision_recall": {"metric": "precision_recall", "nearest_k": 5}},
+    )
+    table = evaluate.records.comparison_table([plain, k3])
+    assert "| run | sampler | guidance | fid | precision | recall | density | coverage |" in table
+    assert "| plain | images | - | 3.00 | - | - | - | - |" in table
+    assert "| k3 | images | - | 2.00 | 0.5000 | 0.2500 | 0.7500 | 0.5000 |" in table
+    with pytest.raises(
+        ProtocolMismatchError,
+        match=r"(?s)Cannot compare .*k3 and .*k5.*backbones.precision_recall.nearest_k: 3 != 5",
+    ):
+        evaluate.records.comparison_table([plain, k3, k5])
+    other_fid = run("other", {"fid": 1.0}, {"fid": {**fid, "feature_extractor": "Y"}})
+    with pytest.raises(ProtocolMismatchError, match=r"backbones.fid.feature_extractor"):
+        evaluate.records.comparison_table([k3, other_fid])  # a shared metric still has to agree
