@@ -513,14 +513,14 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     if video:
         metrics = video_generation.add_frame_consistency(metrics)
         metrics = video_generation.add_fvd(metrics, args, device)
-    image_only = ("fid", "precision_recall", "fvd", "frame_consistency")  # fed images without prompts
-    text_metrics = {k: m for k, m in metrics.items() if k not in image_only}
+    image_metrics = {k: m for k, m in metrics.items() if k in scoring.IMAGE_METRICS}
+    scored_apart = ("fvd", "frame_consistency")  # clips and frame pairs, below
+    text_metrics = {k: m for k, m in metrics.items() if k not in (*scoring.IMAGE_METRICS, *scored_apart)}
     bar = tqdm(total=len(files), desc="scoring", disable=not accelerator.is_local_main_process)
     scoring.score_images(
         files,
         file_prompts,
-        fid=fid,
-        image_metrics={k: metrics[k] for k in ("precision_recall",) if k in metrics},
+        image_metrics=image_metrics,
         text_metrics=text_metrics,
         prefixes={"clip_score": args.clip_prefix},
         eval_resolution=args.eval_resolution,
@@ -553,7 +553,7 @@ def main(args: argparse.Namespace, metrics: dict[str, Any] | None = None) -> dic
     reference_files: list[Any] = scoring.image_files(args.reference_dir) if args.reference_dir else []
     if fid is not None and args.reference_dir:
         scoring.add_reference_images(
-            [m for k, m in sorted(metrics.items()) if k in ("fid", "precision_recall")],
+            list(image_metrics.values()),
             generation.shard(reference_files, rank, world),
             eval_resolution=args.eval_resolution,
             batch_size=args.eval_batch_size,

@@ -175,9 +175,11 @@ def _run_rank(script: str, argv: list[str], env: dict[str, str], cwd: str, log: 
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    # as `python script.py` does; torchrun runs sharded_cpu_launch.py, whose folder comes first then
-    first = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples") if sharded else script
-    sys.path.insert(0, os.path.dirname(os.path.abspath(first)) if not sharded else first)
+    # the folder of the file Python runs comes first: the script's, or under torchrun sharded_cpu_launch.py's
+    launcher_folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+    sys.path.insert(0, launcher_folder if sharded else os.path.dirname(os.path.abspath(script)))
+    from tests.examples import sharded_cpu_launch  # preloaded by the server
+
     code = 1
     try:
         import random
@@ -191,8 +193,6 @@ def _run_rank(script: str, argv: list[str], env: dict[str, str], cwd: str, log: 
         torch.seed()
         np.random.seed()  # noqa: NPY002 - the legacy global state is what a script's np.random.* calls use
         random.seed()
-        from tests.examples import sharded_cpu_launch
-
         if sharded:
             sharded_cpu_launch.switch_to_sharded_state()
         sys.argv = [script, *argv]
@@ -205,8 +205,6 @@ def _run_rank(script: str, argv: list[str], env: dict[str, str], cwd: str, log: 
     except BaseException:
         traceback.print_exc()
     finally:
-        from tests.examples import sharded_cpu_launch
-
         sharded_cpu_launch.leave(code)
 
 

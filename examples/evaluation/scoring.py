@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_METRICS = ("fid", "precision_recall")
+"""The metrics fed images alone, generated (``update(images, real=False)``) and real (``real=True``)."""
 
 
 def center_crop_resize(image: Any, size: int | None) -> Any:
@@ -104,7 +106,6 @@ def score_images(
     files: Sequence[Path],
     prompts: Sequence[str],
     *,
-    fid: Any = None,
     image_metrics: Mapping[str, Any] | None = None,
     text_metrics: Mapping[str, Any] | None = None,
     prefixes: Mapping[str, str] | None = None,
@@ -114,14 +115,15 @@ def score_images(
     device: Any = "cpu",
     progress: Any = None,
 ) -> None:
-    """Feed generated images to the metric objects: ``fid.update(images, real=False)`` (and the same for each of
-    ``image_metrics``) and ``metric.update(images, prompts)`` for each text metric (CLIP score, preference scores).
+    """Feed generated images to the metric objects: ``metric.update(images, real=False)`` for each of
+    ``image_metrics`` (FID, PrecisionRecall) and ``metric.update(images, prompts)`` for each text metric (CLIP
+    score, preference scores).
 
     Args:
         files: this process's image files.
         prompts: the prompt of each file (same order).
-        fid: an FID object (``diffdistill.metrics.fid.FID``) or None.
-        image_metrics: ``{name: metric}`` fed images only, as the FID (``diffdistill.metrics.PrecisionRecall``).
+        image_metrics: ``{name: metric}`` fed images only (:data:`IMAGE_METRICS`: ``diffdistill.metrics.FID``,
+            ``diffdistill.metrics.PrecisionRecall``).
         text_metrics: ``{name: metric}`` taking ``(images float [0, 1] (N, 3, H, W), prompts)``.
         prefixes: ``{name: text}`` put before every prompt for that metric (GigaGAN's, SiD-LSG's and DMD2's CLIP
             score prefixes ``"A photo depicts "``, their ``compute_clip_score``; the text prefix matches their
@@ -140,7 +142,7 @@ def score_images(
         raise ValueError(
             f"Expected one prompt per image, but got {len(files)} images and {len(prompts)} prompts."
         )
-    images_only = dict(image_metrics or {}) | ({"fid": fid} if fid is not None else {})
+    images_only = dict(image_metrics or {})
     named = dict(text_metrics or {}) | images_only
     passes: dict[int | None, list[str]] = {}
     for name in sorted(named):
