@@ -21,8 +21,9 @@ prompt set, with a record of the protocol beside the numbers.
    A student's run folder says how it is sampled, and that is used rather than retyped
    (:mod:`evaluation.generation`): a folder with ``unet_merged/`` (SDXL-Lightning's LoRA stages) is evaluated as
    that UNet, not as its LoRA fused into base SDXL; a LoRA trained on another UNet is refused unless
-   ``--lora_base`` names it; the run's ``scheduler/``, ``student_sigmas.json`` (flow_dmd2, flow_ladd) or
-   ``student_grid.json`` (flow_tscd) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` /
+   ``--lora_base`` names it; the run's ``scheduler/``, ``student_sigmas.json`` (flow_dmd2, flow_ladd),
+   ``student_grid.json`` (flow_tscd) or ``student_timesteps.json`` (the SDXL one-step generators: sdxl_sim,
+   sdxl_diffusion2gan) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` /
    ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, and its ``student_sampler.json`` (the flow
    scripts, ``training.student_sampler``) the guidance the student was trained to be sampled at (1 for SD3 /
    Qwen-Image / Wan, FLUX.1-dev's embedded ``--guidance``, none for FLUX.1-schnell) and the prompt length unless

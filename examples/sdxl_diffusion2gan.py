@@ -80,6 +80,7 @@ from training import (
     sdxl_encoding,
     sdxl_models,
     shared_critics,
+    student_sampler,
     teacher_pairs,
     validation,
 )
@@ -300,6 +301,8 @@ def main(args: argparse.Namespace) -> None:
     validate = validation.one_step_validation(accelerator, args, parts, unet, schedule)
     loop.train_loop(accelerator, args, global_step, train_step, validate, data=pairs, ema=ema)
     checkpoints.save_unet(accelerator, unet, args, ema=ema)
+    if accelerator.is_main_process:  # how evaluate.py samples the generator: as the validation does
+        student_sampler.write_one_step_sampler(args, args.output_dir, parts.noise_scheduler)
     accelerator.end_training()
 
 

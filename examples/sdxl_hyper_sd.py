@@ -52,7 +52,8 @@ paper, a separate LoRA merged with the TSCD one at the end. Each step:
 
 One-step stage (Sec. 3.3; optional): ``--one_step_steps N`` trains the last ``N`` of ``--max_train_steps``
 as a one-step generator -- pure noise fed at ``--generator_timestep`` (the paper: 999 for the unified LoRA,
-800 for a dedicated one-step UNet) to a clean latent in one call -- by score distillation: the
+800 for a dedicated one-step UNet; ``--generator_input noised``: SiD's input, the zero image noised there) to a
+clean latent in one call -- by score distillation: the
 distribution-matching gradient of :func:`diffdistill.losses.dmd_loss` (Eq. 8) between the real score (the
 teacher with CFG) and an online fake score (a trainable copy of the teacher fitted by
 :func:`diffdistill.losses.fake_score_loss`; both alternate as in ``sdxl_sim.py``, through
@@ -284,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 #: Defaults of the options that only the one-step stage, the feedback phase or the discriminator read.
 ONE_STEP_DEFAULTS = {
     "generator_timestep": 999,
+    "generator_input": "noise",
     "one_step_mse_weight": 1.0,
     "one_step_teacher_steps": 4,
     "generator_every": 1,
@@ -795,7 +797,9 @@ def main(args: argparse.Namespace) -> None:
 
         def sample_fn(z: torch.Tensor, c: dict[str, Any]) -> torch.Tensor:
             if one_step:
-                return validation.one_step_x0(model, schedule, z, args.generator_timestep, c)
+                return validation.one_step_x0(
+                    model, schedule, z, args.generator_timestep, c, args.generator_input
+                )
             return ddim_sample(model, schedule, z, timesteps, cond=c).sample
 
         validation.log_validation(accelerator, args, parts, sample_fn, step)

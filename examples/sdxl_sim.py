@@ -3,8 +3,8 @@
 Luo et al., "One-Step Diffusion Distillation through Score Implicit Matching", NeurIPS 2024
 (arXiv:2410.16794); ``--loss sid``: Zhou et al., ICML 2024 (arXiv:2404.04057); ``--loss dmd``: Yin et
 al. 2024 (arXiv:2311.18828). Prompt-only (``--prompts_file``; with ``--gan_weight`` an image-caption
-folder, below): the generator maps pure noise at ``--generator_timestep`` to a clean latent in one UNet
-call; the real score is the frozen teacher with classifier-free guidance, the fake score a trainable copy
+folder, below): the generator maps noise, fed at ``--generator_timestep`` as ``--generator_input`` says, to a
+clean latent in one UNet call; the real score is the frozen teacher with classifier-free guidance, the fake score a trainable copy
 of the teacher fitted to the generator's detached samples by denoising score matching
 (:func:`diffdistill.losses.fake_score_loss`). :class:`diffdistill.losses.AlternatingUpdate` alternates the
 two updates (``--generator_every``, ``--fake_steps``) and freezes the fake network during the generator
@@ -12,8 +12,11 @@ step (``training.score_distillation.ScoreDistillation``, shared with Hyper-SD's 
 DMD phase).
 
 ``--preset sim|sid|dmd2`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
-score's CFG scale, ``--generator_every``, the Adam betas / weight decay and the learning rate (DMD2 also
-``--max_grad_norm``) from the published recipes; an option's own flag always wins. ``dmd2``: DMD2's SDXL
+score's CFG scale, the generator's input (``--generator_timestep``, ``--generator_input``), ``--generator_every``,
+the Adam betas / weight decay and the learning rate (DMD2 also ``--max_grad_norm``) from the published recipes; an
+option's own flag always wins. The generator's input: ``sid`` and ``sim`` feed SiD-LSG's ``add_noise(0, z, 625)``
+at t = 625, which is SIM's / SiD's ``sigma_init z`` at EDM sigma 2.5 (timestep 625 of SDXL's schedule);
+``dmd2`` pure noise z at t = 999. ``dmd2``: DMD2's SDXL
 scripts (CFG 8, generator every 5th step, AdamW (0.9, 0.999) wd 0.01, lr 5e-5 LoRA / 5e-7 full, grad norm
 10). ``sid``: SiD's code (Adam (0, 0.999), one fake update per generator update) and SiD-LSG's Stable
 Diffusion run (Zhou et al. 2024, arXiv:2406.01561; ``run_sid.sh``): lr 1e-6, alpha 1, real-score CFG 2, and
@@ -87,6 +90,7 @@ from training import (
     sdxl_encoding,
     sdxl_models,
     shared_critics,
+    student_sampler,
     validation,
 )
 
@@ -104,6 +108,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sim": {
         "loss": "sim",
         "guidance_scale": 4.5,
+        # SIM's generator input: sigma_init z at EDM sigma 2.5 (SIM inference.py, SiD --init_sigma 2.5), i.e.
+        # the zero image noised to SDXL's timestep 625 (EDM sigma 2.5017; tested).
+        "generator_timestep": 625,
+        "generator_input": "noised",
         "generator_every": 1,
         "adam_beta1": 0.0,
         "adam_beta2": 0.999,
@@ -118,6 +126,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sid": {
         "loss": "sid",
         "guidance_scale": 2.0,
+        # SiD-LSG's init_timestep 625: the generator is fed add_noise(0, z, 625) at t = 625.
+        "generator_timestep": 625,
+        "generator_input": "noised",
         "sid_alpha": 1.0,
         "fake_guidance_scale": 2.0,
         "fake_timestep_range": (20, 979),
@@ -134,6 +145,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dmd2": {
         "loss": "dmd",
         "guidance_scale": 8.0,
+        # pure noise at t = 999 (DMD2's SDXL 1-step conditions on t = 399 after an ODE-regression start, not
+        # reproduced; --generator_timestep 399 gives its conditioning)
+        "generator_timestep": 999,
+        "generator_input": "noise",
         "generator_every": 5,
         "adam_beta1": 0.9,
         "adam_beta2": 0.999,
@@ -147,14 +162,16 @@ PRESET_HELP = (
     "hyperparameter recipe; each option it sets yields to its flag when given. Default: the --loss's "
     "recipe (sim -> sim, sid -> sid, dmd -> dmd2; sim without either). "
     "dmd2 = DMD2 on SDXL (Yin et al. 2024; tianweiy/DMD2 experiments/sdxl): --loss dmd, real-score CFG 8, "
-    "--generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
+    "the generator fed pure noise at t = 999, --generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
     "--use_lora / 5e-7 full, --max_grad_norm 10; DMD2's GAN classifier is --gan_weight (with --train_data_dir). "
     "sid = SiD / SiD-LSG (Zhou et al. 2024; mingyuanzhou/SiD sid_train.py, SiD-LSG run_sid.sh): --loss sid, "
     "Adam (0, 0.999), lr 1e-6 (full UNet; 5e-5 with --use_lora, our choice: DMD2's LoRA rate), one fake update "
-    "per generator update, and SiD-LSG's Stable Diffusion run: "
+    "per generator update, and SiD-LSG's Stable Diffusion run: the generator fed add_noise(0, z, 625) at t = 625 "
+    "(--generator_timestep 625 --generator_input noised), "
     "--sid_alpha 1, real-score CFG 2 (cfg_eval_real), --fake_guidance_scale 2 (cfg_train_fake = "
     "cfg_eval_fake) and --fake_timestep_range 20 979 (torch.randint(20, 980)). "
-    "sim = SIM (Luo et al. 2024): --loss sim; SIM's training values are unpublished in the code (inference "
+    "sim = SIM (Luo et al. 2024): --loss sim, the generator fed SIM's sigma_init z at EDM sigma 2.5 (the zero image "
+    "noised to t = 625, as sid); SIM's training values are unpublished in the code (inference "
     "only), so Adam, lr and update ratio are SiD's (SIM's L2 special case) and CFG 4.5 is PixArt-alpha's "
     "default sampling scale (SIM's teacher)"
 )
@@ -328,11 +345,14 @@ def main(args: argparse.Namespace) -> None:
         accelerator, args
     )  # --gan_weight under FSDP / DeepSpeed: before the UNets load
     logger.info(
-        "preset %s (set: %s): loss %s, guidance_scale %s, fake_guidance_scale %s, fake_timestep_range %s, "
-        "sid_alpha %s, generator_every %d, Adam (%s, %s) weight decay %s, lr %s, max_grad_norm %s",
+        "preset %s (set: %s): loss %s, generator input %s at t = %d, guidance_scale %s, fake_guidance_scale %s, "
+        "fake_timestep_range %s, sid_alpha %s, generator_every %d, Adam (%s, %s) weight decay %s, lr %s, "
+        "max_grad_norm %s",
         args.preset,
         args.preset_set or "nothing, every option was given",
         args.loss,
+        args.generator_input,
+        args.generator_timestep,
         args.guidance_scale,
         args.fake_guidance_scale,
         args.fake_timestep_range,
@@ -444,6 +464,8 @@ def main(args: argparse.Namespace) -> None:
         ema_due=score.generator_steps_at,  # the average moves once per generator update
     )
     checkpoints.save_unet(accelerator, unet, args, ema=ema)
+    if accelerator.is_main_process:  # how evaluate.py samples the generator: as the validation does
+        student_sampler.write_one_step_sampler(args, args.output_dir, parts.noise_scheduler)
     accelerator.end_training()
 
 

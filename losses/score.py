@@ -43,9 +43,9 @@ Wasserstein ~0.15 and worse; data vs data 0.016):
   ``schedule.add_noise(0, z, t_g)`` (0.93 z on the SD schedule, 0.71 z on a shift-3 flow schedule). In the toy demo's
   flow run this SiD input beat unit-scale noise (DMD2's convention at ``T-1``, where the two nearly agree):
   one-step FD 22.7 against 34.5 (coverage 0.77 against 0.31) on seed 0, 14.7 against 25.6 on the held-out seed
-  (``examples/toy/distill.py --sim-input``; the teacher alone: FD 81 against 102, audit 15). The example scripts
-  feed unit-scale noise at their ``--generator_timestep`` (default 999, where the two differ by 0.2% on SD's
-  schedule); at an intermediate timestep scale it yourself. At ``t = T-1``
+  (``examples/toy/distill.py --sim-input``; the teacher alone: FD 81 against 102, audit 15). The SDXL example
+  scripts take ``--generator_input noised`` (``sdxl_sim.py``'s ``sim`` / ``sid`` presets: SiD's input at 625);
+  with :func:`~diffdistill.schedulers.one_step_sample` pass ``x_t = schedule.add_noise(0, z, t_g)``. At ``t = T-1``
   (:math:`\\alpha_{999} = 0.068` on SD's schedule) the teacher's estimate hardly depends on the noise, so the
   generator starts as a near-constant map that the losses must first spread out; at :math:`t_g = 625` it already sends each
   direction of the noise towards a mode. Sample with ``one_step_sample(..., timestep=t_g)``.

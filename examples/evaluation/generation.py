@@ -341,10 +341,13 @@ def lora_scale(args: argparse.Namespace) -> float:
 def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     """What the student's run folder saved about its sampler, for the options that do not say it themselves.
 
-    Returns ``{"scheduler": folder or None, "sigmas": list or None, "guidance_scale": float or None,
+    Returns ``{"scheduler": folder or None, "sigmas": list or None, "timesteps": list or None,
+    "guidance_scale": float or None,
     "guidance_scale_2": float or None, "max_sequence_length": int or None, "grid_size": [H, W] or None,
     "trained_size": [H, W] (when recorded), "sources": {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
-    (:data:`SIGMA_FILES`) unless ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, with the size
+    (:data:`SIGMA_FILES`, else the SDXL one-step generators' ``student_timesteps.json``,
+    ``training.student_sampler.write_one_step_sampler``) unless ``--sigmas`` / ``--timesteps`` /
+    ``--num_inference_steps`` are given, with the size
     whose schedule shifted it (``grid_size`` of ``student_sampler.json``); the guidance unless ``--guidance_scale``
     is given: ``student_sampler.json``'s (``training.student_sampler``: the value the run trained the student to be
     sampled at, None for a model without a guidance input), else the ``guidance`` of an older flow_tscd
@@ -360,11 +363,17 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises:
         ValueError: if a saved grid file is not a list of numbers (or a grid dict with ``sigmas`` /
-            ``pipeline_sigmas``).
+            ``pipeline_sigmas``), or a saved timesteps file not a list of integers.
     """
     from training import aspect_buckets, student_sampler
 
-    out: dict[str, Any] = {"scheduler": None, "sigmas": None, "sources": {}, "grid_size": None}
+    out: dict[str, Any] = {
+        "scheduler": None,
+        "sigmas": None,
+        "timesteps": None,
+        "sources": {},
+        "grid_size": None,
+    }
     out.update(guidance_scale=None, guidance_scale_2=None, max_sequence_length=None)
     sources = out["sources"]
     run = (
@@ -412,6 +421,16 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 out["guidance_scale"] = float(saved["guidance"])
                 sources["guidance_scale"] = str(run / file)
             break
+        timesteps_file = run / student_sampler.TIMESTEPS_FILE if run is not None else None
+        if out["sigmas"] is None and timesteps_file is not None and timesteps_file.is_file():
+            timesteps = json.loads(timesteps_file.read_text(encoding="utf-8"))
+            if not isinstance(timesteps, list) or not timesteps or not all(type(v) is int for v in timesteps):
+                raise ValueError(
+                    f"Expected {timesteps_file} to hold the student's timesteps (a list of integers), but it holds "
+                    f"{timesteps!r}. Pass --timesteps instead."
+                )
+            out["timesteps"] = timesteps
+            sources["steps"] = str(timesteps_file)
     if args.guidance_scale is not None:
         sources["guidance_scale"] = "--guidance_scale"
     elif record is not None and "guidance_scale" in record:  # the record wins over an older grid's guidance
@@ -639,7 +658,7 @@ def check_pipeline_options(pipe: Any, args: argparse.Namespace) -> None:
 
 def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the sampler a student's run folder saved filled in where the options leave it open
-    (:func:`read_saved_sampler`): ``sigmas``, ``guidance_scale``, ``max_sequence_length``, ``num_inference_steps``
+    (:func:`read_saved_sampler`): ``sigmas`` or ``timesteps``, ``guidance_scale``, ``max_sequence_length``, ``num_inference_steps``
     (else :data:`DEFAULT_STEPS`; a ``--teacher``'s stays None until :func:`fill_teacher_steps`), and ``saved_sampler`` (the saved values and the source of each; Wan 2.2 A14B's
     ``guidance_scale_2`` is filled in by :func:`evaluation.video_generation.load_pipeline`, which knows whether the
     pipeline has that expert). Idempotent.
@@ -656,6 +675,8 @@ def resolve_sampler(args: argparse.Namespace) -> argparse.Namespace:
     fill_trained_size(args, saved)  # the size, then a multi-aspect run's grid for it
     if saved["sigmas"] is not None:
         args.sigmas = saved["sigmas"]
+    if saved["timesteps"] is not None:
+        args.timesteps = saved["timesteps"]
     if saved["guidance_scale"] is not None:
         args.guidance_scale = saved["guidance_scale"]
     if saved["max_sequence_length"] is not None:

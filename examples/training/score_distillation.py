@@ -18,10 +18,17 @@ DMD2_SDXL_CLASSIFIER_WEIGHT = 1e-2
 
 def add_fake_score_args(group: Any, *, one_step: bool = True) -> None:
     """Options of the online fake score and the generator / fake-score alternation; with ``one_step`` also the
-    timestep a one-step generator is called at (a generator fed from pure noise)."""
+    timestep a one-step generator is called at and what it is fed there (a generator fed from noise)."""
     if one_step:
         group.add_argument(
             "--generator_timestep", type=int, default=999, help="timestep the one-step generator is called at"
+        )
+        group.add_argument(
+            "--generator_input",
+            choices=validation.GENERATOR_INPUTS,
+            default="noise",
+            help="what the one-step generator is fed at --generator_timestep: 'noise' = pure noise z (DMD2), "
+            "'noised' = a zero image noised to it, sigma_t z (SiD-LSG's add_noise(0, z, 625), SIM's sigma_init z)",
         )
     group.add_argument("--fake_learning_rate", type=float, default=None, help="default: --learning_rate")
     group.add_argument(
@@ -264,7 +271,7 @@ class ScoreDistillation(CriticUpdates):
     ``loss(x, z, generator, cond) -> (loss, logs)`` is the generator's objective on its samples ``x``
     (``generator`` and ``fake`` are ``(prepared model, optimiser)``; e.g. :func:`diffdistill.losses.dmd_loss`
     against the real and fake scores). The samples are the clean latents the generator predicts in one call:
-    from pure noise ``z`` at ``--generator_timestep`` (a one-step generator), or from the state a caller
+    from the noise ``z`` at ``--generator_timestep`` (a one-step generator, fed as ``--generator_input`` says), or from the state a caller
     passes to :meth:`step` as ``start`` (MLCM's re-noised student samples). The fake score is fitted to the
     detached samples by :func:`diffdistill.losses.fake_score_loss`, or by
     ``fake_loss(x, generator, cond) -> (loss, logs)`` when given (e.g. SiD-LSG's guided fake score on its own
@@ -309,12 +316,14 @@ class ScoreDistillation(CriticUpdates):
         """``(x, z)``: the clean latents ``model`` predicts from ``z`` in one call (float32).
 
         ``z`` is the step's ``start`` state at its timesteps when :meth:`step` got one, else pure noise drawn
-        from ``gen`` at ``--generator_timestep``.
+        from ``gen``, fed at ``--generator_timestep`` as ``--generator_input`` says
+        (:func:`training.validation.one_step_input`).
         """
         start = self._state.get("start")
         if start is None:
             z = torch.randn(self.latent_shape, generator=gen).to(self.accelerator.device)
-            return validation.one_step_x0(model, self.schedule, z, self.args.generator_timestep, cond), z
+            t, fed = self.args.generator_timestep, self.args.generator_input
+            return validation.one_step_x0(model, self.schedule, z, t, cond, fed), z
         z, t = start
         return self.schedule.to_x0(model(z, t, **cond).sample.float(), z, t), z
 

@@ -1,4 +1,4 @@
-"""What a flow run records about sampling its student (guidance, size, text length), and DMD2's re-noising seed."""
+"""What a run records about sampling its student (guidance, size, text length, a one-step sampler); DMD2's re-noising seed."""
 
 # ``evaluate.py`` samples a student with its pipeline. The run folder's ``scheduler/`` and grid file
 # (``student_sigmas.json`` / ``student_grid.json``) say on which steps; ``student_sampler.json`` (this module) says the
@@ -18,7 +18,8 @@
 #
 # The SDXL scripts and flow_kd record the size alone (:func:`write_size_record`, from ``checkpoints.save_unet``; the
 # guidance of an SDXL student is its method's, see examples/README.md), so evaluate.py generates at it by default and
-# warns at another size (audit 17).
+# warns at another size (audit 17). The SDXL one-step generators (sdxl_sim, sdxl_diffusion2gan) also save their
+# sampler: ``scheduler/``, ``student_timesteps.json`` and ``guidance_scale`` 1 (:func:`write_one_step_sampler`).
 #
 # DMD2's sampler re-noises with fresh noise at every step. Drawn from a generator seeded with the image's seed, the
 # first draw would be the initial noise itself and the first step a deterministic Euler step (audit 9): the
@@ -105,6 +106,53 @@ def write_size_record(args: argparse.Namespace, folder: str | Path) -> Path:
     path = Path(folder) / RECORD_FILE
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+TIMESTEPS_FILE = "student_timesteps.json"
+"""A UNet run's sampling timesteps (a JSON list of ints), which ``evaluate.py`` passes as ``timesteps=`` with the
+run's ``scheduler/``: the SDXL one-step generators' ``[--generator_timestep]`` (:func:`write_one_step_sampler`)."""
+
+
+def write_one_step_sampler(args: argparse.Namespace, folder: str | Path, noise_scheduler: Any) -> Path:
+    """Save how ``evaluate.py`` samples an SDXL one-step generator as its validation does (one call at
+    ``--generator_timestep`` on ``--generator_input``, no classifier-free guidance); call on the main process.
+
+    Writes ``folder/scheduler/``: diffusers' ``EulerDiscreteScheduler`` on the teacher's training schedule
+    (``noise_scheduler``'s config), ``folder/student_timesteps.json``: ``[--generator_timestep]``, and adds
+    ``guidance_scale`` 1.0 (no CFG) to ``folder/student_sampler.json`` (written first by
+    :func:`write_size_record`). One Euler step from ``t`` to sigma 0 is the generator's x0 prediction. The pipeline
+    draws its latents as ``z * init_noise_sigma`` and feeds the UNet ``latents / sqrt(sigma_t^2 + 1)``, where
+    ``init_noise_sigma`` is ``sqrt(sigma_t^2 + 1)`` with ``timestep_spacing="leading"`` (the UNet sees ``z``:
+    ``--generator_input noise``) and ``sigma_t`` with ``"trailing"`` (it sees ``sigma_t z / sqrt(sigma_t^2 + 1) =
+    sqrt(1 - alphabar_t) z``: ``noised``), so the spacing is the input. Karras / exponential / beta sigmas are off
+    (they would move the timestep). Tested against the validation sample (``test_evaluate_student_folders.py``).
+
+    Returns:
+        The ``scheduler/`` folder written.
+    """
+    from diffusers import EulerDiscreteScheduler
+
+    folder = Path(folder)
+    from .validation import generator_input_of
+
+    spacing = {"noise": "leading", "noised": "trailing"}[generator_input_of(args)]
+    scheduler = EulerDiscreteScheduler.from_config(
+        noise_scheduler.config,
+        timestep_spacing=spacing,
+        final_sigmas_type="zero",
+        interpolation_type="linear",
+        timestep_type="discrete",
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+    )
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / TIMESTEPS_FILE).write_text(json.dumps([int(args.generator_timestep)]) + "\n", encoding="utf-8")
+    record_path = folder / RECORD_FILE
+    record = read_record(folder) or {}
+    record["guidance_scale"] = 1.0
+    record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return folder / "scheduler"
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:

@@ -60,13 +60,54 @@ def validation_noise(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Gene
     return torch.randn(shape, generator=gen), gen
 
 
-def one_step_x0(
-    model: Any, schedule: Any, z: torch.Tensor, timestep: int, cond: dict[str, Any]
+GENERATOR_INPUTS = ("noise", "noised")
+"""What a one-step generator is fed at its timestep (``--generator_input``, :func:`one_step_input`)."""
+
+
+def one_step_input(
+    schedule: Any, z: torch.Tensor, timestep: int, generator_input: str = "noise"
 ) -> torch.Tensor:
-    """A one-step generator's sample: the clean latents ``model`` predicts from pure noise ``z`` fed at
-    ``timestep`` (float32)."""
+    """The state a one-step generator is fed at ``timestep`` for the noise ``z``.
+
+    ``"noise"``: ``z`` itself (DMD / DMD2, Hyper-SD, Diffusion2GAN: pure noise, whatever the timestep).
+    ``"noised"``: a zero image noised to ``timestep``, ``sigma_t z`` (``schedule.add_noise(0, z, t)``; VP:
+    ``sqrt(1 - alphabar_t) z``) -- SiD-LSG's ``init_timestep`` 625 input on Stable Diffusion
+    (``add_noise(0, z, 625)``) and SIM's / SiD's ``sigma_init z`` at EDM sigma 2.5, the same state (EDM sigma 2.5
+    is timestep 625 of SD / SDXL's schedule). Zhou et al., ICML 2024 (arXiv:2404.04057); Luo et al., NeurIPS 2024
+    (arXiv:2410.16794).
+
+    Raises:
+        ValueError: if ``generator_input`` is neither.
+    """
+    if generator_input == "noise":
+        return z
+    if generator_input != "noised":
+        raise ValueError(
+            f"Expected generator_input in {GENERATOR_INPUTS}, but got {generator_input!r}: 'noise' feeds z, "
+            "'noised' the zero image noised to the generator's timestep (SiD / SIM)."
+        )
+    return schedule.add_noise(torch.zeros_like(z), z, timestep)
+
+
+def generator_input_of(args: argparse.Namespace) -> str:
+    """A run's ``--generator_input``; ``"noise"`` for a script without the option (``sdxl_diffusion2gan.py``: its
+    generator is fed the teacher pair's noise)."""
+    return str(getattr(args, "generator_input", "noise"))
+
+
+def one_step_x0(
+    model: Any,
+    schedule: Any,
+    z: torch.Tensor,
+    timestep: int,
+    cond: dict[str, Any],
+    generator_input: str = "noise",
+) -> torch.Tensor:
+    """A one-step generator's sample: the clean latents ``model`` predicts in one call at ``timestep`` from the
+    noise ``z``, fed as ``generator_input`` says (:func:`one_step_input`; float32)."""
+    x = one_step_input(schedule, z, timestep, generator_input)
     t = torch.full((z.shape[0],), timestep, device=z.device, dtype=torch.long)
-    return schedule.to_x0(model(z, t, **cond).sample.float(), z, t)
+    return schedule.to_x0(model(x, t, **cond).sample.float(), x, t)
 
 
 def one_step_validation(
@@ -77,11 +118,13 @@ def one_step_validation(
     schedule: Any,
 ) -> Any:
     """``validate(step)`` for :func:`train_loop`: the grid of the one-step generator ``unet`` (prepared)
-    called at ``--generator_timestep``."""
+    called at ``--generator_timestep`` on ``--generator_input``."""
 
     def validate(step: int) -> None:
         model = accelerator.unwrap_model(unet)
-        sample = lambda z, c: one_step_x0(model, schedule, z, args.generator_timestep, c)  # noqa: E731
+        sample = lambda z, c: one_step_x0(  # noqa: E731
+            model, schedule, z, args.generator_timestep, c, generator_input_of(args)
+        )
         log_validation(accelerator, args, parts, sample, step)
 
     return validate

@@ -45,6 +45,7 @@ def _args(**overrides: Any) -> types.SimpleNamespace:
         "fake_steps": 1,
         "max_grad_norm": 0.0,
         "generator_timestep": 999,
+        "generator_input": "noise",
         "fake_weighting": "epsilon",
         "learning_rate": 1e-3,
         "fake_learning_rate": None,

@@ -215,6 +215,78 @@ def test_sdxl_run_folder_gives_its_trained_size(tiny: dict[str, Path], tmp_path:
     assert generator["trained_size"] == [64, 64] and generator["resolution"] == 72
 
 
+@pytest.mark.parametrize("generator_input", ["noise", "noised"])
+def test_sdxl_one_step_run_folder_samples_as_its_validation(
+    tiny: dict[str, Path], tmp_path: Path, generator_input: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sdxl_sim / sdxl_diffusion2gan save their one-step sampler (``write_one_step_sampler``: ``scheduler/``,
+    ``student_timesteps.json``, guidance 1): evaluate.py's pipeline then feeds the UNet the state the script's
+    validation feeds (``z`` or ``sigma_t z``, SiD's input) at ``--generator_timestep`` and returns its x0
+    prediction (``validation.one_step_x0``), unguided, every setting named by its file."""
+    import types
+
+    from diffusers import DDPMScheduler
+
+    from diffdistill.schedulers import NoiseSchedule
+
+    validation = load_example("training.validation")
+    run = tmp_path / "sim"
+    _unet(tiny, 0.5).save_pretrained(run / "unet")
+    student_sampler.write_size_record(types.SimpleNamespace(resolution=64), run)
+    noise_scheduler = DDPMScheduler.from_pretrained(tiny["sdxl"], subfolder="scheduler")
+    run_args = types.SimpleNamespace(generator_input=generator_input, generator_timestep=625)
+    student_sampler.write_one_step_sampler(run_args, run, noise_scheduler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = evaluate.parse_args(_argv(tiny, tmp_path / "e", "--student_weights", str(run)))
+        pipe = generation.load_pipeline(args, "cpu", torch.float32)
+        generator = generation.sampler_record(pipe, args)
+    assert not [w for w in caught if "guidance" in str(w.message)], [str(w.message) for w in caught]
+    assert generator["timesteps"] == [625] and generator["guidance_scale"] == 1.0
+    assert generator["sampler_sources"] == {
+        "scheduler": str(run / "scheduler"),
+        "steps": str(run / "student_timesteps.json"),
+        "guidance_scale": str(run / "student_sampler.json"),
+    }
+    seen: dict[str, Any] = {}
+
+    def record_inputs(module: Any, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.update(sample=inputs[0].clone(), t=inputs[1], kwargs=kwargs)
+
+    pipe.unet.register_forward_pre_hook(record_inputs, with_kwargs=True)
+    gen = [torch.Generator().manual_seed(3)]
+    with torch.no_grad():
+        got = pipe(
+            PROMPTS[:1], generator=gen, output_type="latent", **generation.call_kwargs(args, pipe)
+        ).images
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    schedule = NoiseSchedule.from_scheduler(noise_scheduler)
+    fed = validation.one_step_input(schedule, z, 625, generator_input)
+    scale = (
+        float(schedule.sigma(625)) if generator_input == "noised" else 1.0
+    )  # sqrt(1 - alphabar_625) = 0.93
+    torch.testing.assert_close(fed, scale * z)
+    # float32 arithmetic on values of size ~3 (the pipeline scales z by sigma_t or sqrt(sigma_t^2 + 1) and back)
+    torch.testing.assert_close(seen["sample"], fed, rtol=1e-5, atol=1e-5)
+    assert float(seen["t"]) == 625.0
+    cond = {k: seen["kwargs"][k] for k in ("encoder_hidden_states", "added_cond_kwargs")}
+    with torch.no_grad():
+        want = validation.one_step_x0(pipe.unet, schedule, z, 625, cond, generator_input)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+    other = "noise" if generator_input == "noised" else "noised"
+    with torch.no_grad():
+        wrong = validation.one_step_x0(pipe.unet, schedule, z, 625, cond, other)
+    assert (wrong - want).abs().max() > 100 * 1e-5  # the two inputs give visibly different samples
+    with pytest.raises(ValueError, match=r"generator_input in \('noise', 'noised'\), but got 'pure'"):
+        validation.one_step_input(schedule, z, 625, "pure")
+    (run / "student_timesteps.json").write_text(json.dumps([625.5]))
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(_argv(tiny, tmp_path / "e2", "--student_weights", str(run)))
+    err = capsys.readouterr().err
+    assert "student_timesteps.json to hold the student's timesteps (a list of integers)" in err
+    assert "but it holds [625.5]. Pass --timesteps instead." in err
+
+
 def test_flow_run_folders_give_their_sigmas(tiny: dict[str, Path], tmp_path: Path) -> None:
     """flow_dmd2's scheduler/ + student_sigmas.json; flow_tscd's student_grid.json (sigmas and guidance)."""
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -127,6 +127,20 @@ PRESET_VALUES = {  # the documented recipes (sdxl_sim.PRESETS, --help), LoRA lea
     "sid": dict(loss="sid", guidance_scale=2.0, generator_every=1, adam_beta1=0.0, adam_beta2=0.999),
     "dmd2": dict(loss="dmd", guidance_scale=8.0, generator_every=5, adam_beta1=0.9, adam_beta2=0.999),
 }
+# The generator's input: SiD-LSG's add_noise(0, z, 625) = SIM's sigma_init z at EDM sigma 2.5; DMD2: z at 999.
+PRESET_VALUES["sim"].update(generator_timestep=625, generator_input="noised")
+PRESET_VALUES["sid"].update(generator_timestep=625, generator_input="noised")
+PRESET_VALUES["dmd2"].update(generator_timestep=999, generator_input="noise")
+
+
+def test_sim_and_sid_generator_timestep_is_edm_sigma_2_5_on_sdxls_schedule() -> None:
+    """SIM feeds sigma_init z at EDM sigma 2.5 (methods.md 4.1); SiD-LSG add_noise(0, z, 625): the same timestep
+    of SD / SDXL's scaled-linear betas (0.00085 .. 0.012, 1000 steps)."""
+    from diffdistill.schedulers import NoiseSchedule
+
+    schedule = NoiseSchedule.from_betas(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert int(schedule.edm_sigma_to_timestep(2.5)) == 625
+    assert abs(float(schedule.edm_sigma(625)) - 2.5) < 0.01
 
 
 def test_sim_preset_resolves_as_documented_and_explicit_flags_win(tmp_path: Path) -> None:
@@ -154,6 +168,7 @@ def test_sim_preset_resolves_as_documented_and_explicit_flags_win(tmp_path: Path
     assert (plain.preset, plain.loss, plain.adam_beta1) == ("sim", "sim", 0.0)
     # Explicit flags win over the preset, equal to a fallback default or not.
     flags = ["--guidance_scale", "3", "--generator_every", "2", "--adam_beta1", "0.5", "--adam_beta2", "0.9"]
+    flags += ["--generator_timestep", "999", "--generator_input", "noised"]
     flags += [
         "--adam_weight_decay",
         "0",
@@ -166,6 +181,7 @@ def test_sim_preset_resolves_as_documented_and_explicit_flags_win(tmp_path: Path
     ]
     args = script.parse_args([*argv, "--preset", "dmd2", *flags])
     assert (args.guidance_scale, args.generator_every, args.adam_beta1, args.adam_beta2) == (3.0, 2, 0.5, 0.9)
+    assert (args.generator_timestep, args.generator_input) == (999, "noised")
     assert (args.adam_weight_decay, args.learning_rate, args.max_grad_norm, args.loss) == (
         0.0,
         1e-4,
@@ -198,11 +214,28 @@ def test_sim_run_passes_the_preset_and_sim_options(
 
     optimizers = record_optimisers(monkeypatch)
     monkeypatch.setattr(script, "sim_loss", recording_sim_loss)
-    argv = _set(_common_argv(tiny_sdxl, tmp_path / "out", lora=True), "--max_train_steps", "1")
+    inputs: list[tuple[int, str]] = []
+    one_step_input = script.validation.one_step_input
+
+    def recording_one_step_input(schedule, z, timestep, generator_input="noise"):  # type: ignore[no-untyped-def]
+        inputs.append((timestep, generator_input))
+        return one_step_input(schedule, z, timestep, generator_input)
+
+    monkeypatch.setattr(script.validation, "one_step_input", recording_one_step_input)
+    out = tmp_path / "out"
+    argv = _set(_common_argv(tiny_sdxl, out, lora=True), "--max_train_steps", "1")
     argv += ["--prompts_file", str(tiny_sdxl["prompts"]), "--preset", "sim", "--guidance_scale", "3"]
     argv += ["--sim_c", "0.05", "--sim_detach_dprime"]
     script.main(script.parse_args(argv))
     assert calls == [{"guidance_scale": 3.0, "c": 0.05, "detach": True}]
+    # the preset's generator input in training and in the validation grid, and saved for evaluate.py
+    assert inputs and set(inputs) == {(625, "noised")}
+    assert json.loads((out / "student_timesteps.json").read_text()) == [625]
+    assert (
+        json.loads((out / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"]
+        == "trailing"
+    )
+    assert json.loads((out / "student_sampler.json").read_text())["guidance_scale"] == 1.0
     # Generator and fake score: the sim preset's Adam (SiD's beta1 = 0), the explicit learning rate.
     assert [o.param_groups[0]["betas"] for o in optimizers] == [(0.0, 0.999), (0.0, 0.999)]
     assert [o.param_groups[0]["lr"] for o in optimizers] == [1e-3, 1e-3]

@@ -280,6 +280,7 @@ def test_flow_tscd_single_stage_plan_is_mse_only(paths: dict[str, str]) -> None:
         (["--segments", "8", "--discriminator_adam_beta2", "0.9"], r"configure the discriminator"),
         (["--fake_learning_rate", "1e-5", "--generator_timestep", "800"], r"configure the one-step stage"),
         (["--one_step_mse_weight", "2"], r"configure the one-step stage"),
+        (["--generator_input", "noised"], r"--generator_input configure the one-step stage"),
         (["--generator_every", "5"], r"configure the one-step stage"),
         (["--feedback_learning_rate", "1e-5"], r"configure the feedback phase"),
         (["--feedback_timestep_range", "0", "500"], r"configure the feedback phase"),

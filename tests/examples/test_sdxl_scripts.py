@@ -533,9 +533,11 @@ def test_sim_lora(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     )
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b)
     assert (out_a / "checkpoint-1" / "fake_lora.safetensors").is_file()
-    # the trained size beside the weights, for evaluate.py (checkpoints.save_unet; audit 17)
+    # the trained size beside the weights, for evaluate.py (checkpoints.save_unet; audit 17), and the one-step
+    # generator's sampler: unguided, at --preset sim's t = 625 on the noised zero image (SIM's sigma_init z)
     record = json.loads((out_a / "student_sampler.json").read_text())
-    assert record == {"height": 128, "width": 128, "num_frames": None}
+    assert record == {"height": 128, "width": 128, "num_frames": None, "guidance_scale": 1.0}
+    assert json.loads((out_a / "student_timesteps.json").read_text()) == [625]
 
 
 def _ema_in_checkpoint(folder: Path, index: int = 0) -> dict[str, torch.Tensor]:
@@ -828,6 +830,13 @@ def test_diffusion2gan_pairs_then_gan_lora(tiny_sdxl: dict[str, Path], tmp_path:
         out_a,
     )
     assert sorted(p.name for p in pairs.iterdir()) == [f"pairs-0000{i}.safetensors" for i in range(3)]
+    # the one-step sampler evaluate.py uses: pure noise (the pair's) at --generator_timestep 999, unguided
+    assert json.loads((out_a / "student_timesteps.json").read_text()) == [999]
+    assert (
+        json.loads((out_a / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"]
+        == "leading"
+    )
+    assert json.loads((out_a / "student_sampler.json").read_text())["guidance_scale"] == 1.0
     # On CUDA the E-LatentLPIPS augmentation's grid_sample backward has no deterministic kernel (H200 run,
     # 2026-11-27): resumed == uninterrupted is checked on the CPU only.
     _assert_lora_roundtrip(tiny_sdxl, out_a, out_b, exact=not torch.cuda.is_available())
