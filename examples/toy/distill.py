@@ -1,8 +1,8 @@
 """The ``make demo`` run: distill the shipped toy teacher into 1-, 2- and 4-step students on a laptop CPU.
 
-Four students, each a trainable copy of the teacher (as real distillations start; epsilon prediction on
-the default VP teacher),
-each trained with public ``diffdistill`` APIs only:
+Four students by default (a fifth, ``dmd``, with ``--methods``), each a trainable copy of the teacher (as real
+distillations start; epsilon prediction on the default VP teacher), each trained with public ``diffdistill`` APIs
+only:
 
 * ``lcm`` - latent consistency distillation (:func:`~diffdistill.losses.lcm_consistency_loss`): teacher
   DDIM jumps of 250 steps on the 4-step grid, the online model under no_grad as its own target (as
@@ -10,6 +10,9 @@ each trained with public ``diffdistill`` APIs only:
 * ``sim`` - score implicit matching (:func:`~diffdistill.losses.sim_loss` against the teacher, a fake
   score trained with :func:`~diffdistill.losses.fake_score_loss`), DMD2-style backward simulation on
   the 4-step grid, sampled with :func:`~diffdistill.schedulers.x0_renoise_sample`.
+* ``dmd`` (``--methods ... dmd``; not in ``make demo``'s default four) - distribution matching (:func:`~diffdistill.losses.dmd_loss`, DMD2's regression-free generator
+  loss) in ``sim``'s loop: the same fake score, grid, input, budget, EMA and random streams, so the two rows
+  differ by the generator loss alone (DMD2's GAN term and two-time-scale ratio are not used here).
 * ``adversarial`` - MSE to the teacher's ODE solution plus a non-saturating GAN term from a
   :class:`~diffdistill.discriminators.UNetEncoderDiscriminator` (SDXL-Lightning's discriminator: a
   trainable copy of the teacher's encoder + mid block) that judges samples re-noised by
@@ -99,6 +102,7 @@ from diffdistill.losses import (  # noqa: E402
     gan_discriminator_loss,
     gan_generator_loss,
     lcm_consistency_loss,
+    dmd_loss,
     renoise_for_discriminator,
     sim_loss,
 )
@@ -116,7 +120,11 @@ from diffdistill.schedulers import (  # noqa: E402
 )
 from diffdistill.students import EMA  # noqa: E402
 
-METHODS = ("lcm", "sim", "adversarial", "regression")
+METHODS = ("lcm", "sim", "dmd", "adversarial", "regression")
+#: The ``make demo`` students (``--methods`` adds ``dmd``: examples/toy/README.md, "DMD student").
+DEFAULT_METHODS = ("lcm", "sim", "adversarial", "regression")
+#: The score-distillation students: one loop (:func:`train_score`), SIM's settings, the x0 re-noise sampler.
+SCORE_METHODS = ("sim", "dmd")
 STEP_COUNTS = (1, 2, 4)
 
 
@@ -132,6 +140,7 @@ class DemoConfig:
     lcm_steps: int = 240
     lcm_lr: float = 1e-4
     lcm_ddim_timesteps: int = 4  # skip 250: teacher DDIM jumps on the 4-step grid
+    # sim_* configure both score-distillation students (sim, dmd: SCORE_METHODS), which differ in the loss only
     sim_steps: int = 120
     sim_lr: float = 2e-5
     # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is);
@@ -161,7 +170,7 @@ class DemoConfig:
     reference_samples: int = 4096  # real images the FD compares against (balanced labels)
     classifier_steps: int = 300
     teacher_extra_ddim_steps: tuple[int, ...] = ()  # teacher DDIM step counts besides 1/2/4 (e.g. 20, 50)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seed: int = 0
     teacher: str = "vp"  # "vp" (epsilon, SD's schedule) or "flow" (velocity, shift-3 rectified flow)
     weights: Path = WEIGHTS
@@ -410,8 +419,13 @@ def _finish(net: nn.Module, ema: EMA | None) -> nn.Module:
     return net
 
 
-def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
-    """One-step SIM with an online fake score, trained on the DMD2 4-step grid by backward simulation."""
+def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim") -> nn.Module:
+    """A score-distillation generator with an online fake score, trained on the DMD2 4-step grid by backward
+    simulation: ``"sim"`` (:func:`~diffdistill.losses.sim_loss`) or ``"dmd"`` (:func:`~diffdistill.losses.dmd_loss`).
+    Both take SIM's settings and the same random streams (seed + 20), so they differ by the generator loss alone."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"Expected a method from {SCORE_METHODS}, but got {method!r}.")
+    generator_loss = sim_loss if method == "sim" else dmd_loss
     g = torch.Generator().manual_seed(cfg.seed + 20)
     net = toy.trainable_copy()
     fake = toy.trainable_copy()
@@ -419,7 +433,7 @@ def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
     opt_f = _Optimizer(fake, cfg.fake_score_lr, cfg.sim_steps, decay=False)
     ema = _ema(net, cfg.sim_ema)
     grid = sim_grid(cfg.sim_generator_timestep)
-    for _ in _bar(cfg.sim_steps, "sim"):
+    for _ in _bar(cfg.sim_steps, method):
         y = _labels(cfg.batch, g)
         cond = toy.cond(y)
         x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g, cfg.sim_input)
@@ -434,7 +448,7 @@ def train_sim(toy: Toy, cfg: DemoConfig) -> nn.Module:
         )
         opt_f.step(f_loss)
         fake.requires_grad_(False)
-        loss, _ = sim_loss(
+        loss, _ = generator_loss(
             x_g, toy.solver, fake, schedule=toy.schedule, cond=cond, fake_cond=cond, generator=g
         )
         fake.requires_grad_(True)
@@ -495,7 +509,13 @@ def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
 
 
 #: The sampler each student is evaluated with; the teacher is run through every one of them too.
-SAMPLER_OF = {"lcm": "lcm", "sim": "x0_renoise", "adversarial": "ddim", "regression": "ddim"}
+SAMPLER_OF = {
+    "lcm": "lcm",
+    "sim": "x0_renoise",
+    "dmd": "x0_renoise",
+    "adversarial": "ddim",
+    "regression": "ddim",
+}
 SAMPLER_NAMES = {"ddim": "DDIM", "lcm": "LCM sampler", "x0_renoise": "x0 re-noise sampler"}
 #: Their names on a flow teacher: the DDIM move is the exact Euler step of the flow ODE, and the LCM sampler
 #: is flow-LCM (diffusers' ``FlowMatchLCMScheduler``: predict x0, re-noise), the x0 re-noise loop.
@@ -708,8 +728,8 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         t0 = time.time()
         if method == "lcm":
             students[method] = train_lcm(toy, cfg)
-        elif method == "sim":
-            students[method] = train_sim(toy, cfg)
+        elif method in SCORE_METHODS:
+            students[method] = train_score(toy, cfg, method)
         elif method == "adversarial":
             students[method] = train_adversarial(toy, pairs, cfg)  # type: ignore[arg-type]
         elif method == "regression":
@@ -733,10 +753,9 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
             grid_rows.extend((f"{row.short_label} {s}", first_draw[(twin, s)]) for s in row.steps)  # type: ignore[index]
             continue
         net = toy.unet if row.key.startswith("teacher:") else students[row.key]
-        t_gen = cfg.sim_generator_timestep if row.key == "sim" else None
-        fn = sampler(
-            row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, cfg.sim_input if row.key == "sim" else "unit"
-        )
+        score = row.key in SCORE_METHODS
+        t_gen = cfg.sim_generator_timestep if score else None
+        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, cfg.sim_input if score else "unit")
         results[row.key] = {}
         for steps in row.steps:
             draws = []
@@ -935,6 +954,7 @@ def timing_table(seconds: dict[str, float], cfg: DemoConfig) -> str:
         + sampler_names(cfg.teacher)["ddim"],
         "lcm": f"{cfg.lcm_steps} steps on real images (batch {cfg.batch}), lr {cfg.lcm_lr:g}",
         "sim": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
+        "dmd": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
         "adversarial": f"{cfg.adversarial_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.adversarial_lr:g}",
         "regression": f"{cfg.regression_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.regression_lr:g}",
     }

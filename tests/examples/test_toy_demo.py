@@ -248,12 +248,41 @@ def test_student_ema_is_what_the_student_samples_with(distill, one_thread) -> No
     cfg.sim_steps, cfg.batch = 2, 4
     toy = distill.Toy(cfg.weights)
     cfg.sim_ema = 1.0
-    frozen = distill.train_sim(toy, cfg)
+    frozen = distill.train_score(toy, cfg)
     for (name, p), q in zip(frozen.named_parameters(), toy.unet.parameters()):
         assert torch.equal(p, q), name
     cfg.sim_ema = 0.0
-    moved = distill.train_sim(toy, cfg)
+    moved = distill.train_score(toy, cfg)
     assert any(not torch.equal(p, q) for p, q in zip(moved.parameters(), toy.unet.parameters()))
+
+
+def test_dmd_student_is_sims_loop_with_the_dmd_loss(distill, one_thread, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``dmd`` trains in SIM's loop (same fake score, grid, input and random streams) with dmd_loss as the
+    generator loss, against the teacher and the online fake score, and samples as SIM does; its first step
+    therefore starts from the same generator samples as SIM's, and the two students end apart."""
+    cfg = distill.flow_config()
+    cfg.sim_steps, cfg.batch, cfg.sim_ema = 2, 4, 0.0
+    toy = distill.Toy(cfg.weights)
+    calls: list[tuple[str, torch.Tensor]] = []
+    for name in ("sim_loss", "dmd_loss"):
+        real_fn = getattr(distill, name)
+
+        def recording(x, real, fake, _name=name, _fn=real_fn, **kw):  # type: ignore[no-untyped-def]
+            assert real is toy.solver and fake is not toy.unet
+            calls.append((_name, x.detach().clone()))
+            return _fn(x, real, fake, **kw)
+
+        monkeypatch.setattr(distill, name, recording)
+    sim = distill.train_score(toy, cfg, "sim")
+    dmd = distill.train_score(toy, cfg, "dmd")
+    assert [n for n, _ in calls] == ["sim_loss"] * 2 + ["dmd_loss"] * 2
+    torch.testing.assert_close(calls[2][1], calls[0][1], rtol=0, atol=0)  # the same first generator samples
+    assert any(not torch.equal(a, b) for a, b in zip(sim.parameters(), dmd.parameters()))
+    assert distill.SAMPLER_OF["dmd"] == distill.SAMPLER_OF["sim"] == "x0_renoise"
+    rows = distill.evaluation_rows(("sim", "dmd"), (), "flow")
+    assert [r.key for r in rows] == ["teacher:ddim", "teacher:x0_renoise", "sim", "dmd"]
+    with pytest.raises(ValueError, match=r"Expected a method from \('sim', 'dmd'\), but got 'lcm'"):
+        distill.train_score(toy, cfg, "lcm")
 
 
 def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
