@@ -25,8 +25,10 @@ prompt set, with a record of the protocol beside the numbers.
    ``student_grid.json`` (flow_tscd) or ``student_timesteps.json`` (the SDXL one-step generators: sdxl_sim,
    sdxl_diffusion2gan) give the sampler and grid unless ``--scheduler`` / ``--scheduler_config`` /
    ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps`` are given, and its ``student_sampler.json`` (the flow
-   scripts, ``training.student_sampler``) the guidance the student was trained to be sampled at (1 for SD3 /
-   Qwen-Image / Wan, FLUX.1-dev's embedded ``--guidance``, none for FLUX.1-schnell) and the prompt length unless
+   scripts and the SDXL one-step generators, ``training.student_sampler``) the guidance the student was trained to
+   be sampled at (1 for SD3 / Qwen-Image / Wan and the SDXL one-step generators, FLUX.1-dev's embedded
+   ``--guidance``, none for FLUX.1-schnell; a flow_dmd2 grid starting below sigma 1 also its initial noise scale,
+   SiD's input) and the prompt length unless
    ``--guidance_scale`` / ``--max_sequence_length`` are given, and the trained size (height x width, a video's
    frames; the SDXL scripts and flow_kd record the size alone) unless ``--resolution`` / ``--width``
    (``--num_frames``) are given; images are generated at

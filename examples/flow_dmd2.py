@@ -28,7 +28,10 @@ adapter layers and the base outside its engine).
 One optimisation step (``training.flow_critics.FlowScoreDistillation``):
 
 1. the generator's input: DMD2's backward simulation on the K-step grid (``--num_student_steps``; the model's
-   own shifted ``linspace(1, 1/K, K)``, SD3 at K = 4: 1, 0.9, 0.75, 0.5; or ``--student_sigmas``): a step ``k``
+   own shifted ``linspace(1, 1/K, K)``, SD3 at K = 4: 1, 0.9, 0.75, 0.5; or ``--student_sigmas``, whose first
+   sigma may be below 1: the generator then starts from ``sigmas[0] z``, the zero image noised there -- SiD's /
+   SIM's ``sigma_init z``, e.g. ``--student_sigmas 0.7143`` for their EDM sigma 2.5 (0.7143 = 2.5 / 3.5; our
+   option, the presets keep 1.0); evaluate.py scales the pipeline's initial noise to match): a step ``k``
    uniform in ``{0..K-1}``, the same on every process, and the state at ``sigma_k`` reached by running the
    current generator ``k`` steps from pure noise under ``no_grad`` (predict ``x0 = x - sigma v``, re-noise to the
    next sigma with fresh noise); the generator's sample is its clean prediction there, ``x = x_k - sigma_k v``;
@@ -250,8 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         nargs="+",
         default=None,
-        help="the generator's noise levels, strictly decreasing from 1.0 (default: the model's shifted "
-        "linspace(1, 1/K, K) at --resolution)",
+        help="the generator's noise levels, strictly decreasing in (0, 1] (default: the model's shifted "
+        "linspace(1, 1/K, K) at --resolution). The generator starts from sigmas[0] z: pure noise at 1.0, below it "
+        "SiD's / SIM's input sigma_init z (EDM sigma 2.5: 0.7143)",
     )
     g.add_argument(
         "--guidance_scale",
@@ -396,11 +400,11 @@ def check_dmd2_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"Expected --num_student_steps >= 1, but got {args.num_student_steps}.")
     sig = args.student_sigmas
     if sig is not None and (
-        sig[0] != 1.0 or any(not 0 < s <= 1 for s in sig) or any(a <= b for a, b in itertools.pairwise(sig))
+        any(not 0 < s <= 1 for s in sig) or any(a <= b for a, b in itertools.pairwise(sig))
     ):
         raise ValueError(
-            "Expected --student_sigmas to be strictly decreasing noise levels in (0, 1] starting at 1.0 (the "
-            f"generator starts from pure noise), e.g. 1.0 0.75 0.5 0.25, but got {sig}."
+            "Expected --student_sigmas to be strictly decreasing noise levels in (0, 1], e.g. 1.0 0.75 0.5 0.25 "
+            f"(the generator starts from pure noise at 1.0; from SiD's sigma_init z below), but got {sig}."
         )
     for name in ("loss_sigma_range", "fake_sigma_range"):
         low, high = getattr(args, name)
@@ -641,6 +645,7 @@ def main(args: argparse.Namespace) -> None:
             parts,
             flow_encoding.max_sequence_length(args, parts),
             shifted_grid=args.student_sigmas is None,
+            initial_noise_scale=sigmas[0],  # the generator starts from sigmas[0] z
         )
     accelerator.end_training()
 

@@ -25,9 +25,11 @@ A training run's output folder says how its student is sampled, and it is read r
   into the stage's own starting UNet) is evaluated as that full UNet; a LoRA trained on another UNet than the
   pipeline's (recorded in its ``base_unet`` metadata, or a Lightning stage after ``128->32`` without
   ``unet_merged/``) is refused unless ``--lora_base`` names that UNet folder (:func:`check_lora_base`);
-* the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, flow_tscd, Lightning's x0 stages) and its grid
-  (``student_sigmas.json`` of flow_dmd2 / flow_ladd, ``student_grid.json``'s ``sigmas`` -- ``pipeline_sigmas`` in
-  an older flow_tscd folder without ``scheduler/``), unless ``--scheduler`` / ``--scheduler_config`` (resp.
+* the sampler: the run's ``scheduler/`` (flow_dmd2, flow_ladd, flow_tscd, Lightning's x0 stages, the SDXL one-step
+  generators of sdxl_sim / sdxl_diffusion2gan) and its grid (``student_sigmas.json`` of flow_dmd2 / flow_ladd,
+  ``student_grid.json``'s ``sigmas`` -- ``pipeline_sigmas`` in an older flow_tscd folder without ``scheduler/`` --,
+  ``student_timesteps.json`` of the SDXL one-step generators, used with the run's ``scheduler/`` only; a flow_dmd2
+  grid starting below 1 also scales the initial noise, :func:`scale_initial_noise`), unless ``--scheduler`` / ``--scheduler_config`` (resp.
   ``--sigmas`` / ``--timesteps`` / ``--num_inference_steps``) are given (:func:`read_saved_sampler`); the record
   names the source of each;
 * the guidance and the prompt length: the flow scripts' ``student_sampler.json`` (``training.student_sampler``)
@@ -120,8 +122,28 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
     if not args.teacher:
         apply_student(pipe, args, dtype)
     set_sampler(pipe, args, resolve_sampler(args).saved_sampler)
+    scale_initial_noise(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def scale_initial_noise(pipe: Any, args: argparse.Namespace) -> None:
+    """Scale the pipeline's initial latents by the run's ``initial_noise_scale`` when its saved grid is sampled
+    (:func:`read_saved_sampler`; flow_dmd2 with a grid starting at ``sigma_0 < 1``: the generator starts from the
+    zero image noised there, ``sigma_0 z``, SiD's input, while a flow pipeline starts from ``z``). Wraps
+    ``pipe.prepare_latents`` (its latents, or the first item of the tuple FLUX's returns); a no-op otherwise."""
+    scale = (getattr(args, "saved_sampler", None) or {}).get("initial_noise_scale")
+    if scale is None or scale == 1.0:
+        return
+    prepare = pipe.prepare_latents
+
+    def scaled(*a: Any, **kw: Any) -> Any:
+        out = prepare(*a, **kw)
+        if isinstance(out, tuple):
+            return (out[0] * scale, *out[1:])
+        return out * scale
+
+    pipe.prepare_latents = scaled
 
 
 VIDEO_PIPELINE_MARKERS = ("Wan", "Video", "CogVideoX", "LTX", "Mochi")
@@ -342,6 +364,7 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
     """What the student's run folder saved about its sampler, for the options that do not say it themselves.
 
     Returns ``{"scheduler": folder or None, "sigmas": list or None, "timesteps": list or None,
+    "initial_noise_scale": float (only when the run's grid is used and its record holds one),
     "guidance_scale": float or None,
     "guidance_scale_2": float or None, "max_sequence_length": int or None, "grid_size": [H, W] or None,
     "trained_size": [H, W] (when recorded), "sources": {...}}``: the run's ``scheduler/`` unless ``--scheduler`` / ``--scheduler_config`` are given; its grid
@@ -415,6 +438,11 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 )
             out["sigmas"] = [float(v) for v in sigmas]
             sources["steps"] = str(run / file)
+            if record is not None and record.get("initial_noise_scale") is not None:
+                out["initial_noise_scale"] = float(
+                    record["initial_noise_scale"]
+                )  # flow_dmd2: the grid's start
+                sources["initial_noise_scale"] = record_file
             if record is not None and record.get("grid_size") is not None:
                 out["grid_size"] = [int(v) for v in record["grid_size"]]
             if isinstance(saved, dict) and saved.get("guidance") is not None and args.guidance_scale is None:
@@ -422,7 +450,18 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 sources["guidance_scale"] = str(run / file)
             break
         timesteps_file = run / student_sampler.TIMESTEPS_FILE if run is not None else None
-        if out["sigmas"] is None and timesteps_file is not None and timesteps_file.is_file():
+        one_step = out["sigmas"] is None and timesteps_file is not None and timesteps_file.is_file()
+        if (
+            one_step and out["scheduler"] is None
+        ):  # the timesteps belong to the run's scheduler (its spacing: the input)
+            warnings.warn(
+                f"The run's one-step sampler ({timesteps_file} with its scheduler/) is not used: --scheduler / "
+                f"--scheduler_config replace its scheduler, whose timestep_spacing sets what the generator is fed. "
+                f"Pass --timesteps too, or neither option to sample it as the run's validation does.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif one_step:
             timesteps = json.loads(timesteps_file.read_text(encoding="utf-8"))
             if not isinstance(timesteps, list) or not timesteps or not all(type(v) is int for v in timesteps):
                 raise ValueError(
@@ -761,6 +800,9 @@ def sampler_record(
         "num_inference_steps": None if (args.timesteps or args.sigmas) else args.num_inference_steps,
         "timesteps": args.timesteps,
         "sigmas": args.sigmas,
+        **({"initial_noise_scale": scale} if (scale := saved.get("initial_noise_scale")) is not None else {}),
+        # the SDXL one-step generators' saved Euler scheduler: its spacing sets the input (z or sigma_t z)
+        **({"timestep_spacing": pipe.scheduler.config.timestep_spacing} if saved.get("timesteps") else {}),
         "guidance_scale": guidance,
         "dtype": args.dtype,
         "sampler_sources": sources,

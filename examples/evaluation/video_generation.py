@@ -322,6 +322,7 @@ def load_pipeline(args: argparse.Namespace, device: Any, dtype: torch.dtype) -> 
     if not args.teacher:
         apply_student(pipe, args, dtype)
     set_sampler(pipe, args, saved)
+    generation.scale_initial_noise(pipe, args)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -98,11 +98,11 @@ from train_teacher import TEACHER_WEIGHTS, WEIGHTS, class_condition, load_teache
 from diffdistill.discriminators import UNetEncoderDiscriminator  # noqa: E402
 from diffdistill.losses import (  # noqa: E402
     LatentLPIPS,
+    dmd_loss,
     fake_score_loss,
     gan_discriminator_loss,
     gan_generator_loss,
     lcm_consistency_loss,
-    dmd_loss,
     renoise_for_discriminator,
     sim_loss,
 )
@@ -121,7 +121,7 @@ from diffdistill.schedulers import (  # noqa: E402
 from diffdistill.students import EMA  # noqa: E402
 
 METHODS = ("lcm", "sim", "dmd", "adversarial", "regression")
-#: The ``make demo`` students (``--methods`` adds ``dmd``: examples/toy/README.md, "DMD student").
+#: The ``make demo`` students (``--methods`` adds ``dmd``: examples/toy/README.md, "DMD student (opt-in)").
 DEFAULT_METHODS = ("lcm", "sim", "adversarial", "regression")
 #: The score-distillation students: one loop (:func:`train_score`), SIM's settings, the x0 re-noise sampler.
 SCORE_METHODS = ("sim", "dmd")
@@ -993,8 +993,8 @@ def main(argv: list[str] | None = None) -> int:
         "--sim-input",
         choices=("unit", "noised"),
         default=None,
-        help="SIM's input on its first call on pure noise: the noise (unit, DMD2's) or a zero image noised to that "
-        "timestep (noised, SiD's sigma_init z); default: the teacher's config",
+        help="the score-distillation students' (sim, dmd) input on their first call on pure noise: the noise (unit, "
+        "DMD2's) or a zero image noised to that timestep (noised, SiD's sigma_init z); default: the teacher's config",
     )
     p.add_argument(
         "--threads",

@@ -114,13 +114,15 @@ def renoise_steps(
     generator: torch.Generator,
     steps: int | None = None,
 ) -> torch.Tensor:
-    """DMD2's few-step sampler on the flow path (float32 state): from ``noise`` at ``sigmas[0]``, predict
-    ``x0 = x - sigma v`` and re-noise it to the next sigma with fresh noise, ``x <- (1 - sigma') x0 + sigma' eps``
-    (DMD2's ``sample_backward``; diffusers' ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``).
-    ``steps`` (default all): stop after that many steps and return the state at ``sigmas[steps]`` (the backward
-    simulation of a training input); after the last step the clean prediction is returned."""
+    """DMD2's few-step sampler on the flow path (float32 state): from the zero image noised to ``sigmas[0]``,
+    ``sigmas[0] * noise`` (pure noise at ``sigmas[0] = 1``; below 1 SiD's / SIM's ``sigma_init z`` input, Zhou et
+    al. 2024, Luo et al. 2024), predict ``x0 = x - sigma v`` and re-noise it to the next sigma with fresh noise,
+    ``x <- (1 - sigma') x0 + sigma' eps`` (DMD2's ``sample_backward``; diffusers'
+    ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``). ``steps`` (default all): stop after that many
+    steps and return the state at ``sigmas[steps]`` (the backward simulation of a training input); after the last
+    step the clean prediction is returned."""
     steps = len(sigmas) if steps is None else steps
-    x = noise.float()
+    x = float(sigmas[0]) * noise.float()  # 1.0 * noise is noise, bit for bit
     for j in range(steps):
         s = sigmas[j]
         t = torch.full((x.shape[0],), 1000.0 * s, device=x.device)
@@ -139,7 +141,8 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
     Each optimisation step first builds the generator's input: a step index ``k`` uniform in ``{0..K-1}``, drawn
     from a generator shared by every process (DMD2 broadcasts it across ranks), and the state at ``sigmas[k]``
     reached by running the current generator ``k`` steps from pure noise under ``no_grad`` (DMD2's backward
-    simulation, Yin et al. 2024, arXiv:2405.14867, Sec. 4.4; ``k = 0``: pure noise). The generator's sample is
+    simulation, Yin et al. 2024, arXiv:2405.14867, Sec. 4.4; ``k = 0``: pure noise; a grid starting below 1 starts
+    from ``sigmas[0] * z``, SiD's input). The generator's sample is
     its clean prediction there, ``x = x_k - sigma_k v``. Then :class:`diffdistill.losses.AlternatingUpdate`
     runs ``--fake_steps`` fake-score updates on the detached sample and, every ``--generator_every``-th step, the
     generator update with the fake score (and the GAN heads) frozen. Our choice: the fake-score update runs
@@ -154,7 +157,8 @@ class FlowScoreDistillation(score_distillation.CriticUpdates):
         generator: ``(prepared generator view, optimiser)``.
         fake: ``(prepared fake view, optimiser)``.
         denoiser: ``denoiser(model) -> FlowDenoiser`` of a view (family and guidance input bound).
-        sigmas: the generator's K noise levels (descending, ``sigmas[0]`` = 1: pure noise); :meth:`step` takes
+        sigmas: the generator's K noise levels (descending; it starts from ``sigmas[0] * z``, pure noise at 1,
+            :func:`renoise_steps`); :meth:`step` takes
             another grid for a micro-batch of another size (``--aspect_buckets``: FLUX's shift follows the size).
         latent_shape: ``(B, C, h, w)`` of one micro-batch's latents (:meth:`step` takes another).
         generator_loss: ``loss(x, gen, cond) -> (loss, logs)`` of the generator's samples ``x``.

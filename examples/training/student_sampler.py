@@ -12,6 +12,8 @@
 # - ``grid_size``: the size whose schedule shifted the grid (FLUX / Qwen-Image's dynamic shift, flow_dmd2 and
 #   flow_tscd), None when the grid does not depend on the size (SD3, Wan; flow_ladd's explicit sigmas);
 # - ``max_sequence_length``: the text length the prompts were encoded at;
+# - ``initial_noise_scale`` (flow_dmd2 with a grid starting below 1): the generator starts from ``sigmas[0] z``
+#   (SiD's input), so evaluate.py scales the pipeline's initial latents by it when it samples the saved grid;
 # - ``aspect_buckets`` (multi-aspect runs only): every trained ``[height, width]``; flow_dmd2 / flow_tscd save each
 #   one's grid in ``student_sigmas_by_size.json`` (``training.aspect_buckets.write_grids``), which evaluate.py uses
 #   at that size.
@@ -57,7 +59,12 @@ def sampling_guidance(args: argparse.Namespace, parts: Any) -> float | None:
 
 
 def write_record(
-    args: argparse.Namespace, parts: Any, max_sequence_length: int, *, shifted_grid: bool
+    args: argparse.Namespace,
+    parts: Any,
+    max_sequence_length: int,
+    *,
+    shifted_grid: bool,
+    initial_noise_scale: float = 1.0,
 ) -> Path:
     """Write ``OUTPUT_DIR/student_sampler.json`` (see the module comment); call on the main process.
 
@@ -67,6 +74,9 @@ def write_record(
         max_sequence_length: the text length the prompts were encoded at.
         shifted_grid: the student's grid is the model's schedule at the trained size (flow_dmd2, flow_tscd), so a
             dynamic-shift model (FLUX, Qwen-Image: ``use_dynamic_shifting``) records that size as ``grid_size``.
+        initial_noise_scale: the factor of the initial noise at the grid's first sigma (flow_dmd2: ``sigmas[0]``,
+            the zero image noised there; 1: pure noise), recorded when not 1 (evaluate.py scales the pipeline's
+            initial latents by it).
 
     Returns:
         The file written.
@@ -82,6 +92,8 @@ def write_record(
         "grid_size": [height, width] if shifted_grid and dynamic else None,
         "max_sequence_length": int(max_sequence_length),
     }
+    if initial_noise_scale != 1.0:
+        record["initial_noise_scale"] = float(initial_noise_scale)
     if parts.has_experts:
         record["guidance_scale_2"] = guidance
     record.update(bucket_sizes(args))

@@ -74,6 +74,7 @@ def _run_folder(
     shifted_grid: bool = False,
     width: int | None = None,
     buckets: dict[tuple[int, int], list[float]] | None = None,
+    initial_noise_scale: float = 1.0,
 ) -> Path:
     """A flow run folder: the teacher's transformer as a full student, a flow_dmd2-style ``scheduler/`` (unshifted;
     ``stochastic``: DMD2's re-noising) with :data:`SIGMAS`, and the ``student_sampler.json`` the scripts write
@@ -101,7 +102,9 @@ def _run_folder(
         noise_scheduler=types.SimpleNamespace(config=dynamic),
         has_experts=False,
     )
-    student_sampler.write_record(args, parts, T5_LENGTH, shifted_grid=shifted_grid)
+    student_sampler.write_record(
+        args, parts, T5_LENGTH, shifted_grid=shifted_grid, initial_noise_scale=initial_noise_scale
+    )
     return run
 
 
@@ -171,6 +174,43 @@ def test_dmd2_sampler_renoises_with_fresh_noise_whatever_the_batch(
         torch.manual_seed(10)
         old = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(10), output_type="pt", **kwargs)
     assert not torch.allclose(both[0], old.images[0])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_grid_starting_below_one_scales_the_initial_noise(
+    tiny: dict[str, Path], tmp_path: Path, family: str
+) -> None:
+    """flow_dmd2 with ``--student_sigmas`` from sigma_0 < 1 (SiD's input) starts its generator from sigma_0 z: its
+    record's ``initial_noise_scale`` makes the pipeline's initial latents sigma_0 times what they are otherwise (the
+    same draw; FLUX: the packed latents), the transformer's first input, and the protocol records it and its source.
+    With --sigmas given the saved grid, and so its scale, is not used."""
+    plain = _run_folder(tiny, family, tmp_path / "plain", stochastic=True)
+    scaled = _run_folder(tiny, family, tmp_path / "scaled", stochastic=True, initial_noise_scale=0.5)
+    first: dict[str, torch.Tensor] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for name, run in (("plain", plain), ("scaled", scaled)):
+        args = evaluate.parse_args(_argv(tiny, family, tmp_path / f"e-{name}", "--student_weights", str(run)))
+        pipe = generation.load_pipeline(args, "cpu", torch.float32)
+        records[name] = generation.sampler_record(pipe, args)
+
+        def record_input(module: Any, a: tuple[Any, ...], kw: dict[str, Any], _name: str = name) -> None:
+            first.setdefault(_name, kw["hidden_states"].clone())
+
+        pipe.transformer.register_forward_pre_hook(record_input, with_kwargs=True)
+        kwargs = generation.call_kwargs(args, pipe)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            pipe(PROMPTS[0], generator=torch.Generator().manual_seed(3), output_type="latent", **kwargs)
+    assert torch.equal(first["scaled"], 0.5 * first["plain"])  # a power of two: exact
+    assert records["scaled"]["initial_noise_scale"] == 0.5 and "initial_noise_scale" not in records["plain"]
+    assert records["scaled"]["sampler_sources"]["initial_noise_scale"] == str(
+        scaled / student_sampler.RECORD_FILE
+    )
+    given = _argv(
+        tiny, family, tmp_path / "e-given", "--student_weights", str(scaled), "--sigmas", *map(str, SIGMAS)
+    )
+    args = evaluate.parse_args(given)
+    assert "initial_noise_scale" not in args.saved_sampler
 
 
 def test_guidance_and_text_length_come_from_the_run_record(tiny: dict[str, Path], tmp_path: Path) -> None:

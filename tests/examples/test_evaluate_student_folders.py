@@ -243,6 +243,7 @@ def test_sdxl_one_step_run_folder_samples_as_its_validation(
         generator = generation.sampler_record(pipe, args)
     assert not [w for w in caught if "guidance" in str(w.message)], [str(w.message) for w in caught]
     assert generator["timesteps"] == [625] and generator["guidance_scale"] == 1.0
+    assert generator["timestep_spacing"] == ("trailing" if generator_input == "noised" else "leading")
     assert generator["sampler_sources"] == {
         "scheduler": str(run / "scheduler"),
         "steps": str(run / "student_timesteps.json"),
@@ -277,6 +278,16 @@ def test_sdxl_one_step_run_folder_samples_as_its_validation(
     with torch.no_grad():
         wrong = validation.one_step_x0(pipe.unet, schedule, z, 625, cond, other)
     assert (wrong - want).abs().max() > 100 * 1e-5  # the two inputs give visibly different samples
+    # another scheduler from the options: the run's timesteps are not used with it, and a warning says why
+    with pytest.warns(
+        UserWarning, match=r"one-step sampler .* is not used: --scheduler / --scheduler_config"
+    ):
+        args = evaluate.parse_args(
+            _argv(tiny, tmp_path / "e3", "--student_weights", str(run), "--scheduler", "DDIMScheduler")
+        )
+    assert args.timesteps is None and "timestep_spacing" not in generation.sampler_record(
+        generation.load_pipeline(args, "cpu", torch.float32), args
+    )
     with pytest.raises(ValueError, match=r"generator_input in \('noise', 'noised'\), but got 'pure'"):
         validation.one_step_input(schedule, z, 625, "pure")
     (run / "student_timesteps.json").write_text(json.dumps([625.5]))

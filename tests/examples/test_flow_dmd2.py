@@ -233,21 +233,59 @@ def test_flux_fake_score_equals_real_at_init_so_dmd_gradient_is_zero() -> None:
     ("family", "extra"),
     [
         ("flux", ["--loss", "sid", "--gradient_checkpointing"]),
-        ("sd3", ["--loss", "sim", "--fake_guidance_scale", "2"]),
+        ("sd3", ["--loss", "sim", "--fake_guidance_scale", "2", "--student_sigmas", "0.7143"]),
     ],
 )
 def test_sid_and_sim_train_both_adapters(
-    family: str, extra: list[str], tiny: dict[str, Path], tmp_path: Path
+    family: str, extra: list[str], tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SiD (4-step grid) on FLUX.1-dev and one-step SIM with SiD-LSG's guided fake score on SD3: one step."""
+    """SiD (4-step grid) on FLUX.1-dev and one-step SIM with SiD-LSG's guided fake score on SD3: one step. The SIM
+    run starts at SiD's sigma_init (EDM 2.5 = flow 0.7143): its generator is fed 0.7143 z, in training and in the
+    validation grid, and the record tells evaluate.py so."""
+    starts: list[float] = []
+    renoise = flow_critics.renoise_steps
+
+    def spying_renoise(denoiser, noise, sigmas, cond, generator, steps=None):  # type: ignore[no-untyped-def]
+        starts.append(sigmas[0])
+        return renoise(denoiser, noise, sigmas, cond, generator, steps=steps)
+
+    monkeypatch.setattr(flow_critics, "renoise_steps", spying_renoise)
     out = tmp_path / "out"
-    flow_dmd2.main(flow_dmd2.parse_args(_argv(tiny, family, out, "--max_train_steps", "1", *extra)))
+    argv = _argv(tiny, family, out, "--max_train_steps", "1", "--validation_prompts", "a cat", *extra)
+    flow_dmd2.main(flow_dmd2.parse_args(argv))
     gen, fake = _lora(out / "pytorch_lora_weights.safetensors"), _lora(out / flow_critics.FAKE_LORA_NAME)
     for name, state in (("generator", gen), ("fake score", fake)):
         assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_B" in k), (
             f"the {name} did not train"
         )
-    assert len(json.loads((out / "student_sigmas.json").read_text())) == (4 if "sid" in extra else 1)
+    sigmas = json.loads((out / "student_sigmas.json").read_text())
+    record = json.loads((out / "student_sampler.json").read_text())
+    if "sid" in extra:
+        assert len(sigmas) == 4 and sigmas[0] == 1.0 and "initial_noise_scale" not in record
+    else:
+        assert sigmas == [0.7143] and record["initial_noise_scale"] == 0.7143
+    assert starts and set(starts) == {sigmas[0]}  # training and validation: the run's grid
+
+
+def test_renoise_steps_start_from_the_zero_image_noised_to_the_first_sigma() -> None:
+    """DMD2's sampler starts from sigmas[0] z: z itself (bit for bit) on a grid from 1.0, SiD's sigma_init z on a
+    grid from below; the denoiser sees that state at t = 1000 sigma_0, and the prediction is x0 = x - sigma v."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        seen.append((x.clone(), t.clone()))
+        return torch.full_like(x, 0.5)
+
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    assert torch.equal(flow_critics.renoise_steps(denoiser, z, [1.0, 0.5], {}, gen, steps=0), z)
+    torch.testing.assert_close(
+        flow_critics.renoise_steps(denoiser, z, [0.7143], {}, gen, steps=0), 0.7143 * z, rtol=0, atol=0
+    )
+    x0 = flow_critics.renoise_steps(denoiser, z, [0.7143], {}, gen)
+    torch.testing.assert_close(seen[-1][0], 0.7143 * z, rtol=0, atol=0)
+    torch.testing.assert_close(seen[-1][1], torch.full((2,), 714.3))
+    torch.testing.assert_close(x0, 0.7143 * z - 0.7143 * 0.5)
 
 
 def test_dmd2_gan_heads_on_the_fake_score(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -351,7 +389,9 @@ def test_dmd2_refuses_deepspeed(
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--student_sigmas", "0.75", "0.5"], "starting at 1.0"),
+        (["--student_sigmas", "0.5", "0.75"], r"strictly decreasing noise levels in \(0, 1\]"),
+        (["--student_sigmas", "1.2"], r"strictly decreasing noise levels in \(0, 1\]"),
+        (["--student_sigmas", "0.5", "0"], r"strictly decreasing noise levels in \(0, 1\]"),
         (["--loss_sigma_range", "0.5", "0.2"], "0 < LOW <= HIGH < 1"),
         (["--num_student_steps", "0"], "--num_student_steps >= 1"),
         (["--gan_weight"], "pass --train_data_dir"),
