@@ -30,8 +30,8 @@ One optimisation step (``training.flow_critics.FlowScoreDistillation``):
 1. the generator's input: DMD2's backward simulation on the K-step grid (``--num_student_steps``; the model's
    own shifted ``linspace(1, 1/K, K)``, SD3 at K = 4: 1, 0.9, 0.75, 0.5; or ``--student_sigmas``, whose first
    sigma may be below 1: the generator then starts from ``sigmas[0] z``, the zero image noised there -- SiD's /
-   SIM's ``sigma_init z``, e.g. ``--student_sigmas 0.7143`` for their EDM sigma 2.5 (0.7143 = 2.5 / 3.5; our
-   option, the presets keep 1.0); evaluate.py scales the pipeline's initial noise to match): a step ``k``
+   SIM's ``sigma_init z`` at their EDM sigma 2.5, the flow sigma 2.5 / 3.5 = 0.714: ``--preset sim``'s one-step
+   grid; the other presets start at 1.0; evaluate.py scales the pipeline's initial noise to match): a step ``k``
    uniform in ``{0..K-1}``, the same on every process, and the state at ``sigma_k`` reached by running the
    current generator ``k`` steps from pure noise under ``no_grad`` (predict ``x0 = x - sigma v``, re-noise to the
    next sigma with fresh noise); the generator's sample is its clean prediction there, ``x = x_k - sigma_k v``;
@@ -145,7 +145,8 @@ our choice (why)                           shared-base LoRA critics (memory: one
                                            FLUX ``t_list`` not read); FastGen's full-model lr 1e-5 also
                                            for LoRA; GAN heads on the fake score's blocks (DMD2; FastGen
                                            reads the teacher's); SiD / SIM learning rates and the 4-step
-                                           SiD grid not checked against arXiv:2509.25127's text
+                                           SiD grid not checked against arXiv:2509.25127's text; SIM's
+                                           sigma_init 2.5 carried to flow as sigma 2.5 / 3.5
 not implemented                            DMD2's ODE-pair regression warm-up; DeepSpeed; full
                                            fine-tuning (see above); approximate R1 of the GAN heads
 =========================================  ===========================================================
@@ -197,6 +198,9 @@ logger = logging.getLogger("flow_dmd2")
 #: FastGen's FLUX DMD2 GAN weight (``gan_loss_weight_gen``): ``--gan_weight`` given without a value.
 FASTGEN_FLUX_GAN_WEIGHT = 0.03
 
+#: SIM's / SiD's generator input sigma_init = 2.5 (EDM: noise over signal) as a rectified-flow sigma, s / (1 + s).
+SIM_INIT_SIGMA = 2.5 / 3.5
+
 # The published recipes. A preset sets each option it names unless that option's flag is given.
 PRESETS: dict[str, dict[str, Any]] = {
     # DMD2 (tianweiy/DMD2: dfake_gen_update_ratio 5, AdamW (0.9, 0.999) wd 0.01, grad norm 10) with FastGen's
@@ -224,10 +228,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "adam_weight_decay": 0.0,
         "learning_rate": 1e-6,
     },
-    # SIM's training values are unpublished (its code is inference only): SiD's, one step (SIM's generator).
+    # SIM's training values are unpublished (its code is inference only): SiD's, one step (SIM's generator) fed
+    # SIM's sigma_init z at EDM sigma 2.5 (SIM inference.py), the flow sigma 2.5 / 3.5 (a one-entry grid; an explicit
+    # --num_student_steps replaces it with the model's K-step grid from pure noise).
     "sim": {
         "loss": "sim",
-        "num_student_steps": 1,
+        "student_sigmas": [SIM_INIT_SIGMA],
         "generator_every": 1,
         "adam_beta1": 0.0,
         "adam_beta2": 0.999,
@@ -382,11 +388,14 @@ def check_unused_args(args: argparse.Namespace, given: set[str]) -> None:
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
-    """Fill unset options from ``--preset`` (default: the ``--loss``'s), then from ``fallback``."""
+    """Fill unset options from ``--preset`` (default: the ``--loss``'s), then from ``fallback``. A preset's
+    ``student_sigmas`` (sim) yields to an explicit ``--num_student_steps`` too."""
     args.preset = args.preset or LOSS_PRESET[args.loss or "dmd"]
     for key, value in PRESETS[args.preset].items():
+        if key == "student_sigmas" and args.num_student_steps is not None:
+            continue  # an explicit K: the model's K-step grid, not the preset's
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, list(value) if isinstance(value, list) else value)
     for key, value in fallback.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

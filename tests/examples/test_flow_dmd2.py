@@ -233,15 +233,15 @@ def test_flux_fake_score_equals_real_at_init_so_dmd_gradient_is_zero() -> None:
     ("family", "extra"),
     [
         ("flux", ["--loss", "sid", "--gradient_checkpointing"]),
-        ("sd3", ["--loss", "sim", "--fake_guidance_scale", "2", "--student_sigmas", "0.7143"]),
+        ("sd3", ["--loss", "sim", "--fake_guidance_scale", "2"]),
     ],
 )
 def test_sid_and_sim_train_both_adapters(
     family: str, extra: list[str], tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SiD (4-step grid) on FLUX.1-dev and one-step SIM with SiD-LSG's guided fake score on SD3: one step. The SIM
-    run starts at SiD's sigma_init (EDM 2.5 = flow 0.7143): its generator is fed 0.7143 z, in training and in the
-    validation grid, and the record tells evaluate.py so."""
+    preset starts at SIM's sigma_init (EDM 2.5 = flow 2.5 / 3.5): its generator is fed 0.714 z, in training and in
+    the validation grid, and the record tells evaluate.py so."""
     starts: list[float] = []
     renoise = flow_critics.renoise_steps
 
@@ -263,7 +263,7 @@ def test_sid_and_sim_train_both_adapters(
     if "sid" in extra:
         assert len(sigmas) == 4 and sigmas[0] == 1.0 and "initial_noise_scale" not in record
     else:
-        assert sigmas == [0.7143] and record["initial_noise_scale"] == 0.7143
+        assert sigmas == [2.5 / 3.5] and record["initial_noise_scale"] == 2.5 / 3.5
     assert starts and set(starts) == {sigmas[0]}  # training and validation: the run's grid
 
 
@@ -417,6 +417,15 @@ def test_dmd2_presets_and_family_guidance(tiny: dict[str, Path], tmp_path: Path)
     assert (args.generator_every, args.use_lora, args.loss_sigma_range) == (5, True, (0.001, 0.999))
     sid = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--loss", "sid", "--learning_rate", "2e-6"))
     assert (sid.preset, sid.sid_alpha, sid.adam_beta1, sid.learning_rate) == ("sid", 1.0, 0.0, 2e-6)
+    assert sid.student_sigmas is None and args.student_sigmas is None  # the model's grid from pure noise
+    # SIM: one step fed SIM's sigma_init z (EDM 2.5 = flow 2.5 / 3.5) unless the grid is given otherwise
+    sim = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--loss", "sim"))
+    assert (sim.preset, sim.student_sigmas, sim.num_student_steps) == ("sim", [2.5 / 3.5], 1)
+    assert sim.student_sigmas is not flow_dmd2.PRESETS["sim"]["student_sigmas"]  # a copy
+    four = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--loss", "sim", "--num_student_steps", "4"))
+    assert (four.student_sigmas, four.num_student_steps) == (None, 4)
+    pure = flow_dmd2.parse_args(_argv(tiny, "flux", tmp_path, "--loss", "sim", "--student_sigmas", "1.0"))
+    assert (pure.student_sigmas, pure.num_student_steps) == ([1.0], 1)
     parts = flow_models.load_flow(args)
     flow_dmd2.check_family_args(args, parts)
     assert (
