@@ -1,17 +1,22 @@
 """Modules under training wrappers (DDP, FSDP, ``torch.compile``, accelerate): the user's module inside
-them, and temporarily frozen parameters that FSDP2 honours."""
+them, temporarily frozen parameters that FSDP2 honours, and FSDP2 sharding of a frozen network."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import torch
 from torch import nn
 
-from ._checks import DTypeError
+from ._checks import DTypeError, OptionError
 
-__all__ = ["frozen", "reshard", "unwrap_model"]
+__all__ = ["frozen", "reshard", "shard_frozen", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -136,3 +141,54 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
         reshard(*modules)
         for p, state in zip(params, states):
             p.requires_grad_(state)
+
+
+def shard_frozen(model: nn.Module, *, ignored_params: Iterable[nn.Parameter] = (), **kwargs: Any) -> int:
+    """Shard a network's weights over the processes with FSDP2 (``fully_shard``): each block named in its
+    ``_no_split_modules`` (diffusers: the resnet / transformer blocks; collected from every sub-module that
+    declares them) innermost first, then the network itself as the root.
+
+    For a frozen network no optimiser owns -- a teacher copy, the base of :class:`~diffdistill.students.SharedBase`
+    -- so nothing else shards it: each process then holds ``1 / world_size`` of its weights, gathered one block at
+    a time for a forward (and again for a backward through it). Every process must then run the same sequence of
+    calls into it (all-gathers are collectives): call it after any per-process work with the network (e.g. teacher
+    samples each process makes a share of). Call it after moving the network to its device and, with
+    ``torch.compile`` of its blocks, after compiling them.
+
+    Args:
+        model: The network (its parameters may be frozen or not; FSDP2 holds both).
+        ignored_params: Parameters left out of the sharding (e.g. LoRA weights a view shards itself).
+        **kwargs: ``fully_shard`` options (``mesh``, ``reshard_after_forward``, ``mp_policy``, ``offload_policy``).
+
+    Returns:
+        The number of blocks sharded (the root not counted).
+
+    Raises:
+        DTypeError: ``model`` is not an ``nn.Module``.
+        OptionError: ``ignored_params`` is also in ``kwargs``; torch has no FSDP2; the process group is not
+            initialised.
+
+    Example:
+        >>> from diffdistill.students import shard_frozen
+        >>> shard_frozen(torch.nn.Linear(2, 2))  # doctest: +SKIP
+    """
+    _check_modules((model,), "shard_frozen")
+    if "ignored_params" in kwargs:  # pragma: no cover - a keyword-only argument cannot also be in kwargs
+        raise OptionError("Pass `ignored_params` once.")
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as err:  # pragma: no cover - torch without FSDP2
+        raise OptionError("Expected a torch with FSDP2 (torch.distributed.fsdp.fully_shard).") from err
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise OptionError(
+            "Expected an initialised process group for FSDP2 sharding, but there is none: call it inside a "
+            "distributed run (after Accelerator() or torch.distributed.init_process_group)."
+        )
+    ignored = set(ignored_params)
+    classes = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    blocks = [m for n, m in model.named_modules() if n and type(m).__name__ in classes]
+    for block in reversed(blocks):  # innermost first
+        fully_shard(block, ignored_params=ignored, **kwargs)
+    fully_shard(model, ignored_params=ignored, **kwargs)
+    logger.info("sharded %s: %d block(s) and the root", type(model).__name__, len(blocks))
+    return len(blocks)

@@ -74,7 +74,10 @@ samples with the student in place of its expert; saved as ``OUTPUT_DIR/transform
 
 Engines: as the SDXL scripts (one process, DDP, FSDP2, DeepSpeed ZeRO-2; bf16 with the frozen teacher in bf16 and
 the student's float32 weights under autocast; ``--gradient_checkpointing`` on the student, whose taps record
-only the real forward, not the recomputation). On 2 CPU processes DDP and FSDP2 made the same two steps as one
+only the real forward, not the recomputation). Under FSDP2 the frozen teacher is sharded as well
+(``runtime.shard_frozen_teacher``: 1/N of it on each process, FLUX.1 22 GiB whole; A14B each expert), once the teacher
+samples are made (each process makes its share with the whole teacher): every process then makes the same teacher
+calls (the KD forward of each micro-batch, validation), as the all-gathers need. On 2 CPU processes DDP and FSDP2 made the same two steps as one
 process accumulating the same two micro-batches (the suite checks both; bit-identical on the tiny FLUX).
 
 Example (FLUX.1-dev -> Flux-Mini's architecture)::
@@ -364,6 +367,10 @@ def main(args: argparse.Namespace) -> None:
         data: Any = teacher_pairs.PairShards(shards, args.train_batch_size, args.dataloader_num_workers)
     else:
         data = data_sources.StepData(args, need_images=True)
+    # FSDP2: the frozen teacher sharded over the processes, after the samples each process made its share of (the
+    # all-gathers need every process's calls); A14B: each expert its own root (training calls one expert directly)
+    for module in [teacher] if experts is None else [experts.transformer, experts.transformer_2]:
+        runtime.shard_frozen_teacher(accelerator, module)
     pairs, prefix = denoiser_pairs(
         report.kd_pairs(args.kd_target),
         (student_net, accelerator.unwrap_model(student)),

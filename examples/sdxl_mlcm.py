@@ -366,8 +366,14 @@ def main(args: argparse.Namespace) -> None:
                     generator=gen,
                     device=device,
                 )
-                x_t = teacher_trajectory_states(
-                    teacher, noise, sample.t, cond, uncond, num_segments=args.num_segments
+                x_t = teacher_trajectory_states(  # FSDP2 / ZeRO-3: the same teacher calls on every process
+                    teacher,
+                    noise,
+                    sample.t,
+                    cond,
+                    uncond,
+                    num_segments=args.num_segments,
+                    synchronize=runtime.is_sharded(accelerator),
                 )
                 loss, logs = multistep_consistency_loss(
                     unet, teacher, None, cond, uncond, x_t=x_t, sample=sample, target="online", generator=gen

@@ -1340,6 +1340,7 @@ def teacher_trajectory_states(
     *,
     num_segments: int = 8,
     guidance_scale: float | torch.Tensor | None = None,
+    synchronize: bool = False,
 ) -> torch.Tensor:
     """Data-free training states: run the teacher from pure noise at ``T-1`` down to ``t`` (MLCM Alg. 1).
 
@@ -1347,7 +1348,14 @@ def teacher_trajectory_states(
     segments as in :func:`~diffdistill.schedulers.milestone_pairs`, ``t_m + 1`` in
     :math:`(m_s, m_{s+1}]`) is reached with :math:`L = M - s` guided DDIM steps of size :math:`(T - t_m)/L`,
     so states nearer the data get more (cleaner) steps. Samples with ``t = T-1`` are the noise itself.
-    Runs without gradient; samples needing the same number of steps are solved as one batch.
+    Runs without gradient; samples needing the same number of steps are solved as one batch, so the number of
+    teacher calls depends on ``t``. With ``synchronize`` every ``torch.distributed`` process makes the same calls, as
+    a teacher sharded over the processes needs (FSDP2 / DeepSpeed ZeRO-3 gather its weights in every call: a
+    process calling it a different number of times desynchronises the collectives): one ``all_reduce`` agrees on
+    the groups and their step counts, and a process with no sample in a group runs that group's steps on its first
+    sample and discards the result. A group's step count is capped by its samples' distance to ``T-1`` (the
+    smallest over every process's samples when synchronised; it binds only for states within a few steps of
+    ``T-1``).
 
     Args:
         teacher: the frozen guided teacher; its schedule gives T.
@@ -1362,6 +1370,8 @@ def teacher_trajectory_states(
             Defaults to 8 (MLCM).
         guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
             teacher's own.
+        synchronize: make the same teacher calls on every process (one ``all_reduce`` on ``noise``'s device; a
+            no-op without an initialised process group). Defaults to ``False``.
 
     Returns:
         The states at ``t``: a tensor of ``noise``'s shape and dtype, without gradient.
@@ -1398,32 +1408,43 @@ def teacher_trajectory_states(
     # Segment s holds u = t + 1 in (m_s, m_{s+1}], m_s = floor(sT/M): milestone_pairs' convention.
     segment = torch.div((tt + 1) * num_segments - 1, total, rounding_mode="floor").clamp(max=num_segments - 1)
     steps = num_segments - segment
+    live = tt < total - 1
+    # spans[n - 1]: the smallest distance to T-1 among the samples solved in n steps; `total` marks "no sample"
+    spans = torch.full((num_segments,), total, dtype=torch.long, device=noise.device)
+    for n_steps in steps[live].unique().tolist():
+        spans[int(n_steps) - 1] = int((total - 1 - tt[live & (steps == n_steps)]).min())
+    if synchronize and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(spans, op=torch.distributed.ReduceOp.MIN)
     out = noise.clone()
     with torch.no_grad():
-        for n_steps in steps.unique().tolist():
-            idx = ((steps == n_steps) & (tt < total - 1)).nonzero().flatten()
-            if idx.numel() == 0:
+        for n_steps in range(1, num_segments + 1):
+            span = int(spans[n_steps - 1])
+            if span == total:  # no sample needs this many steps (on any process, when synchronised)
                 continue
-            sub_cond = _select(cond, idx, batch)
-            sub_uncond = _select(uncond, idx, batch)
+            idx = (live & (steps == n_steps)).nonzero().flatten()
+            dummy = idx.numel() == 0  # only when synchronised: the calls on the first sample, discarded
+            rows = idx if not dummy else torch.zeros(1, dtype=torch.long, device=tt.device)
+            target = tt[rows] if not dummy else torch.full_like(tt[:1], total - 1 - span)
+            sub_cond = _select(cond, rows, batch)
+            sub_uncond = _select(uncond, rows, batch)
             w = guidance_scale
             if isinstance(w, torch.Tensor) and w.ndim == 1 and w.shape[0] == batch:
-                w = w[idx.to(w.device)]
-            span = int((total - 1 - tt[idx]).min())
+                w = w[rows.to(w.device)]
             with explain_dtype_errors("teacher", noise, "noise"):
                 result = cast(
                     torch.Tensor,
                     teacher.solve(
-                        noise[idx],
-                        torch.full_like(tt[idx], total - 1),
-                        tt[idx],
+                        noise[rows],
+                        torch.full_like(target, total - 1),
+                        target,
                         sub_cond,
                         sub_uncond,
-                        num_steps=min(int(n_steps), span),
+                        num_steps=min(n_steps, span),
                         guidance_scale=w,
                     ),
                 )
-            out[idx] = result
+            if not dummy:
+                out[idx] = result
     return out
 
 

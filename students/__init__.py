@@ -21,14 +21,15 @@
   (real score / teacher, fake score, generator) without copying the base weights.
 * :class:`X0Conversion` -- SDXL-Lightning's conversion to x0 prediction.
 * :func:`frozen`, :func:`reshard` -- temporarily frozen networks and FSDP2 resharding around writes to
-  sharded parameters (generator steps through a fake score or discriminator, swapped-in averages).
+  sharded parameters (generator steps through a fake score or discriminator, swapped-in averages);
+  :func:`shard_frozen` -- FSDP2 sharding of a network no optimiser owns (a frozen teacher copy), block by block.
 
 diffusers, peft and safetensors are imported only inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from .._modules import frozen, reshard
+from .._modules import frozen, reshard, shard_frozen
 from .block_removal import (
     PRESETS,
     BlockRemovalReport,
@@ -126,6 +127,7 @@ __all__ = [
     "reshard",
     "resolve_module_names",
     "save_lora",
+    "shard_frozen",
     "split_rounds",
     "start_chain",
     "student_config",

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .._checks import DTypeError, OptionError, check_mapping, check_module
-from .._modules import unwrap_model
+from .._modules import shard_frozen, unwrap_model
 from .lora import _check_adapter_name, _trained_with_adapters, _tuner_layers, add_lora, save_lora
 
 __all__ = ["AdapterView", "SharedBase"]
@@ -427,22 +427,8 @@ class SharedBase:
                 "Expected fully_shard options other than `ignored_params`: SharedBase ignores the LoRA weights "
                 "itself (the views shard them)."
             )
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError as err:  # pragma: no cover - torch without FSDP2
-            raise OptionError("Expected a torch with FSDP2 (torch.distributed.fsdp.fully_shard).") from err
-        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-            raise OptionError(
-                "Expected an initialised process group for SharedBase.fully_shard (FSDP2), but there is none: call "
-                "it inside a distributed run (after Accelerator() or torch.distributed.init_process_group)."
-            )
-        lora = {p for n, p in self._inner.named_parameters() if "lora_" in n}
-        classes = set(getattr(self._inner, "_no_split_modules", None) or ())
-        blocks = [m for n, m in self._inner.named_modules() if n and type(m).__name__ in classes]
-        for block in reversed(blocks):  # innermost first
-            fully_shard(block, ignored_params=lora, **kwargs)
-        fully_shard(self._inner, ignored_params=lora, **kwargs)
-        logger.info("sharded the frozen base: %d block(s) and the root", len(blocks))
+        lora = [p for n, p in self._inner.named_parameters() if "lora_" in n]
+        shard_frozen(self._inner, ignored_params=lora, **kwargs)
 
     def __repr__(self) -> str:
         return f"SharedBase({type(self._inner).__name__}, adapters={list(self.adapter_names)})"

@@ -293,9 +293,10 @@ def test_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None:
 def test_flux_lite_on_two_processes_equals_one_process_on_the_whole_batch(
     mode: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two CPU processes (gloo), one image each, under DDP or accelerate's FSDP2, against ONE process that
-    accumulates the same two micro-batches: both make the same two steps (tests/state_compare.py: the runs differ
-    only in the order float32 gradients are summed), and the gathered student keeps the preset's blocks.
+    """Two CPU processes (gloo), one image each, under DDP or accelerate's FSDP2 (which also shards the frozen
+    teacher), against ONE process that accumulates the same two micro-batches: both make the same two steps
+    (tests/state_compare.py: the runs differ only in the order float32 gradients are summed), and the gathered
+    student keeps the preset's blocks.
 
     The one-process run sees the two processes' data and noise: its micro-batch ``m`` draws from process ``m``'s
     generator (``step_generator(seed, step, process=m, micro=0)``), and accumulating two micro-batches of one
@@ -318,11 +319,16 @@ def test_flux_lite_on_two_processes_equals_one_process_on_the_whole_batch(
         args[args.index("--output_dir") + 1] = str(out[name])
         return args
 
-    _launch_two_processes("flow_kd", with_output(mode), mode=mode)
+    output = _launch_two_processes("flow_kd", with_output(mode), mode=mode)
+    sharded_teacher = "sharded the frozen teacher over 2 processes"
     if mode == "ddp":
         assert (out[mode] / "checkpoint-1" / "random_states_1.pkl").is_file(), "DDP ran in one process"
+        assert sharded_teacher not in output
     else:
         assert (out[mode] / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir(), "FSDP2 did not shard"
+        # the frozen teacher too (runtime.shard_frozen_teacher; logged by the main process); the same steps as one
+        # process
+        assert output.count(sharded_teacher) == 1, output[-3000:]
     data_sources = importlib.import_module("training.data_sources")
     per_process = data_sources.step_generator
     monkeypatch.setattr(

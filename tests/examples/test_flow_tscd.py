@@ -320,6 +320,30 @@ def test_tscd_lora_fsdp2_equals_ddp_on_two_processes(
     assert heads == (distance == "hybrid"), "the LADD heads are a second sharded model exactly with hybrid"
 
 
+def test_tscd_prompt_only_under_fsdp2_block_wrapping_equals_ddp(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt-only TSCD under FSDP2 with the transformer's blocks as FSDP units (accelerate's transformer-based wrap,
+    each block's weights gathered per call): the teacher-noised states solve each process's samples in as many
+    teacher calls as their timesteps need, so before ``teacher_trajectory_states(..., synchronize=True)`` the
+    processes' all-gathers mismatched (gloo: "Received data size doesn't match expected size"; NCCL would hang).
+    Now the run completes and makes DDP's two steps (the synchronised states equal the unsynchronised ones)."""
+    from tests.examples.test_sdxl_scripts import _two_process_runs
+
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")  # read by the FSDP2 run only
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "JointTransformerBlock")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    extra = ["--use_lora", "--lora_rank", "4", "--segments", "2", "--distance", "mse", "--target", "online"]
+    argv = _argv(tiny, "sd3", tmp_path, *extra, data="prompts")
+    out = _two_process_runs("flow_tscd", argv, tmp_path, "fsdp", resume=False)
+    name = "pytorch_lora_weights.safetensors"
+    ddp, fsdp = _lora(out["ddp"] / name), _lora(out["fsdp"] / name)
+    step1 = {
+        "transformer." + k: v for k, v in _lora(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert_same_update(fsdp, ddp, step1, what="FSDP2 (block units) vs DDP, prompt-only")
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [

@@ -369,7 +369,7 @@ def test_checkpoint_pruning_and_latest(tmp_path: Path) -> None:
     )
 
 
-def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") -> None:
+def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") -> str:
     """Run ``examples/{script}.py`` in 2 CPU processes (gloo): ``mode="ddp"`` with the environment of
     ``accelerate launch --multi_gpu``; ``"fsdp"`` (accelerate's FSDP2), ``"zero1"``, ``"zero2"`` or ``"zero3"``
     (DeepSpeed ZeRO stage 1 / 2 / 3 on DeepSpeed's CPU accelerator) as ``torchrun`` runs the test launcher
@@ -378,11 +378,13 @@ def _launch_two_processes(script: str, argv: list[str], *, mode: str = "ddp") ->
     under the real launchers).
 
     (``accelerate launch --cpu --num_processes 2`` starts *one* process unless MPI is installed;
-    ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts two that train on the CPU.)
+    ``--multi_gpu`` with ``ACCELERATE_USE_CPU=true`` starts two that train on the CPU.) Returns the processes'
+    output.
     """
     env = {**os.environ, **launch_env(mode)}
     code, output = preloaded_launch.launch_script(EXAMPLES / f"{script}.py", argv, env, sharded=mode != "ddp")
     assert code == 0, output[-6000:]
+    return output
 
 
 def launch_env(mode: str) -> dict[str, str]:

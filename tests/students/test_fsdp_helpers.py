@@ -134,3 +134,60 @@ def test_frozen_and_reshard_refuse_what_is_not_a_module() -> None:
         DTypeError, match=r"every argument of `reshard` to be a torch.nn.Module, but argument 0 is"
     ):
         reshard(None)  # type: ignore[arg-type]
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class _Tower(nn.Module):
+    """A diffusers-like model: its ``_no_split_modules`` names the block class."""
+
+    _no_split_modules = ["_Block"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+def test_shard_frozen_makes_each_block_and_the_root_an_fsdp2_unit_with_the_same_outputs(group: None) -> None:
+    """shard_frozen: every ``_no_split_modules`` block, then the root, becomes an FSDP2 module (the ignored
+    parameters stay plain tensors); the frozen network computes what it computed whole, gradient to its input
+    included (a teacher a loss back-propagates through)."""
+    from diffdistill.students import shard_frozen
+
+    torch.manual_seed(0)
+    whole = _Tower().requires_grad_(False)
+    sharded = copy.deepcopy(whole)
+    assert shard_frozen(sharded, ignored_params=[sharded.out.bias]) == 2
+    assert all(isinstance(m, fsdp.FSDPModule) for m in (sharded, *sharded.blocks))
+    assert not isinstance(sharded.out.bias, torch.distributed.tensor.DTensor)
+    x = torch.randn(3, 4, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(sharded(x2), whole(x), rtol=0, atol=0)
+    whole(x).sum().backward()
+    sharded(x2).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=0, atol=0)
+
+
+def test_shard_frozen_refuses_without_a_process_group_or_a_module() -> None:
+    from diffdistill.errors import OptionError
+    from diffdistill.students import shard_frozen
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    with pytest.raises(OptionError, match=r"Expected an initialised process group for FSDP2 sharding"):
+        shard_frozen(_Tower())
+    with pytest.raises(DTypeError, match=r"every argument of `shard_frozen` to be a torch.nn.Module"):
+        shard_frozen([_Tower()])  # type: ignore[arg-type]
