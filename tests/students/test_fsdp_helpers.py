@@ -148,10 +148,9 @@ class _Block(nn.Module):
 class _Tower(nn.Module):
     """A diffusers-like model: its ``_no_split_modules`` names the block class."""
 
-    _no_split_modules = ["_Block"]
-
     def __init__(self) -> None:
         super().__init__()
+        self._no_split_modules = ["_Block"]
         self.blocks = nn.ModuleList([_Block(), _Block()])
         self.out = nn.Linear(4, 1)
 
