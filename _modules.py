@@ -165,16 +165,13 @@ def shard_frozen(model: nn.Module, *, ignored_params: Iterable[nn.Parameter] = (
 
     Raises:
         DTypeError: ``model`` is not an ``nn.Module``.
-        OptionError: ``ignored_params`` is also in ``kwargs``; torch has no FSDP2; the process group is not
-            initialised.
+        OptionError: torch has no FSDP2; the process group is not initialised.
 
     Example:
         >>> from diffdistill.students import shard_frozen
         >>> shard_frozen(torch.nn.Linear(2, 2))  # doctest: +SKIP
     """
     _check_modules((model,), "shard_frozen")
-    if "ignored_params" in kwargs:  # pragma: no cover - a keyword-only argument cannot also be in kwargs
-        raise OptionError("Pass `ignored_params` once.")
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as err:  # pragma: no cover - torch without FSDP2

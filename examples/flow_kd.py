@@ -77,7 +77,7 @@ the student's float32 weights under autocast; ``--gradient_checkpointing`` on th
 only the real forward, not the recomputation). Under FSDP2 the frozen teacher is sharded as well
 (``runtime.shard_frozen_teacher``: 1/N of it on each process, FLUX.1 22 GiB whole; A14B each expert), once the teacher
 samples are made (each process makes its share with the whole teacher): every process then makes the same teacher
-calls (the KD forward of each micro-batch, validation), as the all-gathers need. On 2 CPU processes DDP and FSDP2 made the same two steps as one
+calls (the KD forward of each micro-batch; A14B's validation through both experts), as the all-gathers need. On 2 CPU processes DDP and FSDP2 made the same two steps as one
 process accumulating the same two micro-batches (the suite checks both; bit-identical on the tiny FLUX).
 
 Example (FLUX.1-dev -> Flux-Mini's architecture)::

@@ -78,9 +78,10 @@ Engines: one process, DDP and FSDP2 (both distances tested equal to DDP on 2 CPU
 student's transformer is sharded by its ``prepare`` (with ``--distance mse`` the adapters-off teacher runs that
 sharded model), the EMA target averages the adapters' shards, and the LADD heads are a second sharded model; the
 hybrid distance's teacher copy is no prepared model and stays whole on every process (FLUX.1: ~24 GB in bf16 a
-GPU). Prompt-only, the teacher-noised states make the same teacher calls on every process under FSDP2 / ZeRO-3
-(``teacher_trajectory_states(..., synchronize=True)``: their number depends on each process's timesteps, and with
-the transformer's blocks as FSDP2 units mismatched calls desynchronised the all-gathers; tested against DDP). DeepSpeed: not tested (ZeRO-3 refused with the EMA target).
+GPU). Prompt-only, the teacher-noised states make the same teacher calls on every process when the teacher is the
+sharded LoRA student (``TeacherSolver(synchronize=True)`` for ``teacher_trajectory_states``: their number depends on
+each process's timesteps, and with the transformer's blocks as FSDP2 units mismatched calls desynchronised the
+all-gathers; tested against DDP). DeepSpeed: not tested (ZeRO-3 refused with the EMA target).
 
 Multi-aspect training (our choice; the paper gives no sizes): ``--aspect_buckets HxW ...``
 (``training.aspect_buckets``) gives each micro-batch one size, its images' bucket with ``--train_data_dir`` (each
@@ -522,6 +523,9 @@ def main(args: argparse.Namespace) -> None:
             prediction_type="flow",
             guidance_input="guidance" if guidance_input else None,
             guidance_rescale=None if guidance_input else flow_families.guidance_rescale(parts.family),
+            # the LoRA student with its adapters off is sharded under FSDP2 / ZeRO-3: the teacher-noised states
+            # must make the same teacher calls on every process (teacher_trajectory_states)
+            synchronize=teacher_copy is None and runtime.gathers_parameters(accelerator),
         )
 
     teacher = solver(schedule)
@@ -617,9 +621,6 @@ def main(args: argparse.Namespace) -> None:
                     uncond,
                     num_segments=args.trajectory_segments,
                     guidance_scale=omega,
-                    synchronize=runtime.is_sharded(
-                        accelerator
-                    ),  # FSDP2: the same teacher calls on every process
                 ).float()
             pair = tscd_sides(student, target, teacher, x_t, sample, cond, uncond, omega, guidance_input)
             mse = tscd_mse(pair)

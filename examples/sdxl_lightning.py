@@ -555,6 +555,9 @@ def main(args: argparse.Namespace) -> None:
         schedule,
         guidance_scale=float(opts.get("guidance_scale", 1.0)),
         prediction_type=base_pred,
+        # the LoRA student with its adapters off is sharded under FSDP2 / ZeRO-3: the stride's skipped steps must
+        # match on every process (a sample at t = 249 needs 1 teacher call of a 4->2 stage, others 2)
+        synchronize=bool(args.use_lora and not args.teacher_unet and runtime.gathers_parameters(accelerator)),
     )
     data = data_sources.StepData(args, need_images=True)
     uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)

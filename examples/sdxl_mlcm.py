@@ -265,7 +265,12 @@ def main(args: argparse.Namespace) -> None:
         score_distillation.BottleneckGAN.build(accelerator, args, fake, schedule) if args.gan_weight else None
     )
     ema = checkpoints.setup_checkpoints(accelerator, args, unet, extra_lora={"fake": fake} if fake else None)
-    teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
+    # the LoRA student with its adapters off is sharded under FSDP2 / ZeRO-3: the MLCD phase's teacher-noised states
+    # must make the same teacher calls on every process (teacher_trajectory_states)
+    sharded_teacher = bool(args.use_lora and runtime.gathers_parameters(accelerator))
+    teacher = TeacherSolver(
+        teacher_model, schedule, guidance_scale=args.guidance_scale, synchronize=sharded_teacher
+    )
     data = data_sources.StepData(args, need_images=False)
     uncond = sdxl_encoding.uncond_conditions(args, parts, device, dtype)
     reward_fn = rewards.frozen_reward_model(args.reward_model, device) if args.reward_model else None
@@ -366,14 +371,8 @@ def main(args: argparse.Namespace) -> None:
                     generator=gen,
                     device=device,
                 )
-                x_t = teacher_trajectory_states(  # FSDP2 / ZeRO-3: the same teacher calls on every process
-                    teacher,
-                    noise,
-                    sample.t,
-                    cond,
-                    uncond,
-                    num_segments=args.num_segments,
-                    synchronize=runtime.is_sharded(accelerator),
+                x_t = teacher_trajectory_states(
+                    teacher, noise, sample.t, cond, uncond, num_segments=args.num_segments
                 )
                 loss, logs = multistep_consistency_loss(
                     unet, teacher, None, cond, uncond, x_t=x_t, sample=sample, target="online", generator=gen

@@ -1340,7 +1340,7 @@ def teacher_trajectory_states(
     *,
     num_segments: int = 8,
     guidance_scale: float | torch.Tensor | None = None,
-    synchronize: bool = False,
+    synchronize: bool | None = None,
 ) -> torch.Tensor:
     """Data-free training states: run the teacher from pure noise at ``T-1`` down to ``t`` (MLCM Alg. 1).
 
@@ -1353,9 +1353,9 @@ def teacher_trajectory_states(
     a teacher sharded over the processes needs (FSDP2 / DeepSpeed ZeRO-3 gather its weights in every call: a
     process calling it a different number of times desynchronises the collectives): one ``all_reduce`` agrees on
     the groups and their step counts, and a process with no sample in a group runs that group's steps on its first
-    sample and discards the result. A group's step count is capped by its samples' distance to ``T-1`` (the
-    smallest over every process's samples when synchronised; it binds only for states within a few steps of
-    ``T-1``).
+    sample and discards the result; each process's states are those it computes alone. (A group's step count is
+    capped by its samples' distance to ``T-1``, the smallest over every process's samples when synchronised; the
+    cap binds only when ``num_segments == T``, where every process's minimum is the same.)
 
     Args:
         teacher: the frozen guided teacher; its schedule gives T.
@@ -1371,7 +1371,8 @@ def teacher_trajectory_states(
         guidance_scale: the teacher's CFG scale, a number or a ``(B,)`` tensor. Defaults to ``None``: the
             teacher's own.
         synchronize: make the same teacher calls on every process (one ``all_reduce`` on ``noise``'s device; a
-            no-op without an initialised process group). Defaults to ``False``.
+            no-op without an initialised process group). Defaults to ``None``: the teacher's own
+            (``TeacherSolver(synchronize=...)``).
 
     Returns:
         The states at ``t``: a tensor of ``noise``'s shape and dtype, without gradient.
@@ -1413,7 +1414,8 @@ def teacher_trajectory_states(
     spans = torch.full((num_segments,), total, dtype=torch.long, device=noise.device)
     for n_steps in steps[live].unique().tolist():
         spans[int(n_steps) - 1] = int((total - 1 - tt[live & (steps == n_steps)]).min())
-    if synchronize and torch.distributed.is_available() and torch.distributed.is_initialized():
+    sync = teacher.synchronize if synchronize is None else synchronize
+    if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(spans, op=torch.distributed.ReduceOp.MIN)
     out = noise.clone()
     with torch.no_grad():

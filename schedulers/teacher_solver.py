@@ -585,6 +585,13 @@ class TeacherSolver:
             ``functools.partial(rescale_guidance_norm, patch_size=2)`` for Qwen-Image (``QwenImagePipeline``'s
             true CFG) on unpacked latents, ``functools.partial(rescale_guidance_norm, packed=True)`` on the
             transformer's packed tokens.
+        synchronize: make every ``torch.distributed`` process call the model the same number of times where the
+            number depends on the samples: a :meth:`solve` step with ``stride`` that moves none of this process's
+            samples is skipped only when it moves none on any process (one ``all_reduce`` a solve), and
+            :func:`~diffdistill.losses.teacher_trajectory_states` runs every process's step groups. For a teacher
+            whose weights are sharded and gathered in each call (FSDP2, DeepSpeed ZeRO-3, e.g. a LoRA student
+            with its adapters off): mismatched calls desynchronise the collectives. Results are unchanged.
+            Default ``False``.
 
     Raises:
         OptionError: if ``model`` is not callable, ``schedule`` is not a :class:`NoiseSchedule`, ``model`` is a
@@ -593,7 +600,8 @@ class TeacherSolver:
             is not an identifier, a number ``guidance_rescale`` is outside ``[0, 1]``, or ``guidance_rescale``
             meets ``guidance_input``.
         DTypeError: if ``guidance_scale`` is not a real number or tensor, ``guidance_input`` is not a
-            string or None, or ``guidance_rescale`` is neither a number, a callable nor None.
+            string or None, ``guidance_rescale`` is neither a number, a callable nor None, or ``synchronize`` is
+            not a bool.
         ShapeError: if a tensor ``guidance_scale`` has more than one dimension.
         NonFiniteError: if a tensor ``guidance_scale`` holds NaN / Inf (a value check).
 
@@ -623,6 +631,7 @@ class TeacherSolver:
         prediction_type: str | None = None,
         guidance_input: str | None = None,
         guidance_rescale: float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        synchronize: bool = False,
     ) -> None:
         if not callable(model):
             raise OptionError(
@@ -654,6 +663,9 @@ class TeacherSolver:
             )
         if guidance_rescale is not None and not callable(guidance_rescale):
             check_real(guidance_rescale, "guidance_rescale", low=0.0, high=1.0)
+        if not isinstance(synchronize, bool):
+            raise DTypeError(f"Expected `synchronize` to be a bool, but got {type(synchronize).__name__}.")
+        self.synchronize = synchronize
         self.model = model
         self.schedule = schedule
         self.guidance = guidance
@@ -999,8 +1011,15 @@ class TeacherSolver:
         x = x_t if state_dtype is None else x_t.to(state_dtype)
         trajectory = [x]
         moving = steps[1:] != steps[:-1]  # (n, B): False only for the zero-length steps of a stride
-        # Which steps move some sample (one read of the timesteps; the even split moves every sample).
-        any_moving = [True] * n if stride is None else moving.any(dim=1).tolist()
+        # Which steps move some sample (one read of the timesteps; the even split moves every sample); with
+        # `synchronize`, some sample of any process (every process then makes the same model calls).
+        if stride is None:
+            any_moving = [True] * n
+        else:
+            flags = moving.any(dim=1).to(torch.int32)
+            if self.synchronize and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            any_moving = flags.bool().tolist()
         for i in range(n):
             if not any_moving[i]:  # every sample is already at t_to: no model call
                 trajectory.append(x)

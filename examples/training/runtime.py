@@ -250,6 +250,13 @@ def zero_stage(accelerator: Any) -> int | None:
     return int(accelerator.state.deepspeed_plugin.get_value("zero_optimization.stage", 0))
 
 
+def gathers_parameters(accelerator: Any) -> bool:
+    """Whether the prepared models' weights are sharded and gathered in every forward (FSDP2, DeepSpeed ZeRO-3): then
+    every process must call them the same number of times (``TeacherSolver(synchronize=True)`` for a teacher that
+    is such a model, e.g. a LoRA student with its adapters off)."""
+    return distributed_kind(accelerator) == "FSDP" or zero_stage(accelerator) == 3
+
+
 def distributed_kind(accelerator: Any) -> str:
     """accelerate's distributed type by name: ``"NO"``, ``"MULTI_GPU"``, ``"FSDP"``, ``"DEEPSPEED"``, ..."""
     return str(accelerator.distributed_type).rsplit(".", 1)[-1]
@@ -263,9 +270,9 @@ def is_sharded(accelerator: Any) -> bool:
 def shard_frozen_teacher(accelerator: Any, teacher: nn.Module) -> bool:
     """Under FSDP2, shard a frozen teacher copy over the processes (:func:`diffdistill.students.shard_frozen`: its
     blocks, then the root), as nothing else shards a model no optimiser owns: each process then holds
-    ``1 / num_processes`` of it (FLUX.1 in bf16: 24 GB whole). A no-op under DDP, DeepSpeed or on one process.
-    Every process must make the same calls into it afterwards (validation runs on every process when sharded).
-    Returns whether it was sharded."""
+    ``1 / num_processes`` of it (FLUX.1 in bf16: 24 GB whole). A no-op without FSDP2 (DDP, DeepSpeed, no
+    distributed run). Every process must make the same calls into it afterwards (validation runs on every process
+    when sharded). Returns whether it was sharded."""
     if distributed_kind(accelerator) != "FSDP":
         return False
     from diffdistill.students import shard_frozen

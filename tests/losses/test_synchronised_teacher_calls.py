@@ -1,5 +1,6 @@
-"""``teacher_trajectory_states(..., synchronize=True)``: every process makes the same teacher calls (a teacher sharded
-over the processes gathers its weights in each call: FSDP2 / ZeRO-3), with each process's states as without it."""
+"""``TeacherSolver(synchronize=True)`` / ``teacher_trajectory_states(..., synchronize=True)``: every process makes the
+same teacher calls where their number depends on the samples (a teacher sharded over the processes gathers its weights
+in each call: FSDP2 / ZeRO-3), with each process's results as without it."""
 
 from __future__ import annotations
 
@@ -17,12 +18,25 @@ TIMESTEPS = {0: [999, 950, 800, 30], 1: [510, 500]}
 M = 8
 
 
-def _teacher(calls: list[tuple[int, tuple[int, ...]]]) -> TeacherSolver:
-    def model(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _teacher(calls: list[tuple[int, tuple[int, ...]]], synchronize: bool = False) -> TeacherSolver:
+    def model(x: torch.Tensor, t: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         calls.append((x.shape[0], tuple(t.tolist())))
-        return 0.1 * x * scale.view(-1, 1)
+        return 0.1 * x * (1.0 if scale is None else scale.view(-1, 1))
 
-    return TeacherSolver(model, NoiseSchedule.from_betas())
+    return TeacherSolver(model, NoiseSchedule.from_betas(), synchronize=synchronize)
+
+
+# SDXL-Lightning's 4->2 stage: the teacher (a 4-step model) on its stride T / 4 from t to t - 500 in 2 steps; a sample
+# at t = 249 is clamped at the jump target after one step (its second step has zero length and is skipped)
+STRIDE_T = {0: 249, 1: 999}
+
+
+def _strided(rank: int, synchronize: bool) -> tuple[torch.Tensor, list[tuple[int, tuple[int, ...]]]]:
+    calls: list[tuple[int, tuple[int, ...]]] = []
+    x = torch.randn(1, 2, generator=torch.Generator().manual_seed(rank))
+    t = torch.tensor([STRIDE_T[rank]])
+    out = _teacher(calls, synchronize).solve(x, t, (t - 500).clamp(min=-1), num_steps=2, stride=250.0)
+    return out, calls
 
 
 def _states(rank: int, synchronize: bool) -> tuple[torch.Tensor, list[tuple[int, tuple[int, ...]]]]:
@@ -42,7 +56,11 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     states, calls = _states(rank, synchronize=True)
-    torch.save({"states": states, "calls": calls}, f"{out}/rank{rank}.pt")
+    strided, strided_calls = _strided(rank, synchronize=True)
+    torch.save(
+        {"states": states, "calls": calls, "strided": strided, "strided_calls": strided_calls},
+        f"{out}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -70,9 +88,33 @@ def test_synchronised_processes_make_the_same_number_of_teacher_calls(
     assert own == alone[1][1]
 
 
+def test_synchronised_stride_steps_are_skipped_only_when_no_process_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDXL-Lightning's strided teacher (audit 21): alone, the sample at t = 249 makes 1 teacher call and the one at
+    999 makes 2 (a per-block FSDP2 teacher then timed out in gloo); synchronised, both make 2 and the state at
+    t = 249 is unchanged (its zero-length step keeps it)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    preloaded_launch.start_workers(_worker, (str(tmp_path / "init"), str(tmp_path)), 2)
+    alone = {rank: _strided(rank, synchronize=False) for rank in STRIDE_T}
+    assert [len(alone[r][1]) for r in (0, 1)] == [1, 2]
+    for rank in STRIDE_T:
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["strided_calls"]) == 2
+        torch.testing.assert_close(got["strided"], alone[rank][0], rtol=0, atol=0)
+
+
+def test_synchronize_must_be_a_bool() -> None:
+    from diffdistill.errors import DTypeError
+
+    with pytest.raises(DTypeError, match=r"Expected `synchronize` to be a bool, but got str"):
+        TeacherSolver(lambda x, t: x, NoiseSchedule.from_betas(), synchronize="yes")  # type: ignore[arg-type]
+
+
 def test_without_a_process_group_synchronize_is_a_no_op() -> None:
     for rank in TIMESTEPS:
-        a, calls_a = _states(rank, synchronize=False)
-        b, calls_b = _states(rank, synchronize=True)
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-        assert calls_a == calls_b
+        for run in (_states, _strided):
+            a, calls_a = run(rank, synchronize=False)
+            b, calls_b = run(rank, synchronize=True)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert calls_a == calls_b
