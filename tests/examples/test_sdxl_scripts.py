@@ -610,7 +610,8 @@ def test_use_ema_releases_the_average_and_resumes(
         DDPMScheduler.from_pretrained(str(tiny_sdxl["model"]), subfolder="scheduler")
     )
     with torch.no_grad():  # on the device the script sampled on (the GPU where there is one)
-        want = validation.one_step_x0(unet.to(z.device), schedule, z, 999, cond)
+        # --preset sim's generator input: the zero image noised to t = 625 (SIM's sigma_init z)
+        want = validation.one_step_x0(unet.to(z.device), schedule, z, 625, cond, "noised")
     for step in (1, 2):
         assert torch.equal(samples[("a", step)][0], samples[("raw", step)][0])  # the same noise
     # Samples are compared against what the average changes in them at step 2 (the online run's sample vs
