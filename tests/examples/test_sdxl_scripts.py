@@ -446,6 +446,33 @@ def test_fsdp1_is_refused_with_the_fix() -> None:
     )
 
 
+@pytest.mark.parametrize("script", ["sdxl_mlcm", "sdxl_lightning"])
+def test_sharded_lora_teacher_with_sample_dependent_calls_under_fsdp2_block_units_equals_ddp(
+    script: str, tiny_sdxl: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LoRA student with its adapters off is the teacher, sharded by FSDP2 with the UNet's blocks as units (each
+    block gathered in every call), and the number of teacher calls depends on each process's timesteps: MLCM's
+    teacher-noised states (prompt-only MLCD) and SDXL-Lightning's strided teacher (a 4->2 sample at t = 249 needs one
+    call, others two). TeacherSolver(synchronize=True) keeps the processes' calls in step (without it gloo aborts
+    or times out); the two steps equal DDP's (tests/state_compare.py)."""
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")  # read by the FSDP2 run only
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BasicTransformerBlock,ResnetBlock2D")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    if script == "sdxl_mlcm":
+        extra = ["--prompts_file", str(tiny_sdxl["prompts"]), "--num_segments", "8", "--stage1_steps", "2"]
+    else:
+        extra = ["--train_data_dir", str(tiny_sdxl["images"]), "--stage", "4->2/conditional", "--from_base"]
+    argv = [*_common_argv(tiny_sdxl, tmp_path, lora=True), *extra]
+    out = _two_process_runs(script, argv, tmp_path, "fsdp", resume=False)
+    name = "pytorch_lora_weights.safetensors"
+    ddp, fsdp = _lora_state(out["ddp"] / name), _lora_state(out["fsdp"] / name)
+    step1 = {
+        "unet." + k: v for k, v in _lora_state(out["ddp"] / "checkpoint-1" / "unet_lora.safetensors").items()
+    }
+    assert ddp.keys() == fsdp.keys() and ddp
+    assert_same_update(fsdp, ddp, step1, what=f"{script}: FSDP2 (block units) vs DDP")
+
+
 def test_hyper_sd_lora_under_fsdp_equals_ddp_and_resumes(tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
     # A LoRA student sharded by FSDP2 with a frozen-then-trained discriminator (frozen() reshards it), the
     # target EMA of the adapters fed by their gathered shards, and the adapter written from the gathered
