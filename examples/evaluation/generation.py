@@ -438,10 +438,10 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 )
             out["sigmas"] = [float(v) for v in sigmas]
             sources["steps"] = str(run / file)
-            if record is not None and record.get("initial_noise_scale") is not None:
-                out["initial_noise_scale"] = float(
-                    record["initial_noise_scale"]
-                )  # flow_dmd2: the grid's start
+            if (
+                record is not None and record.get("initial_noise_scale") is not None
+            ):  # flow_dmd2: the grid's start
+                out["initial_noise_scale"] = float(record["initial_noise_scale"])
                 sources["initial_noise_scale"] = record_file
             if record is not None and record.get("grid_size") is not None:
                 out["grid_size"] = [int(v) for v in record["grid_size"]]
@@ -451,9 +451,8 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
             break
         timesteps_file = run / student_sampler.TIMESTEPS_FILE if run is not None else None
         one_step = out["sigmas"] is None and timesteps_file is not None and timesteps_file.is_file()
-        if (
-            one_step and out["scheduler"] is None
-        ):  # the timesteps belong to the run's scheduler (its spacing: the input)
+        # the timesteps belong to the run's scheduler, whose spacing sets the input
+        if one_step and out["scheduler"] is None:
             warnings.warn(
                 f"The run's one-step sampler ({timesteps_file} with its scheduler/) is not used: --scheduler / "
                 f"--scheduler_config replace its scheduler, whose timestep_spacing sets what the generator is fed. "
