@@ -438,9 +438,8 @@ def read_saved_sampler(args: argparse.Namespace) -> dict[str, Any]:
                 )
             out["sigmas"] = [float(v) for v in sigmas]
             sources["steps"] = str(run / file)
-            if (
-                record is not None and record.get("initial_noise_scale") is not None
-            ):  # flow_dmd2: the grid's start
+            # flow_dmd2 with a grid starting below 1: the generator's start, sigma_0 z
+            if record is not None and record.get("initial_noise_scale") is not None:
                 out["initial_noise_scale"] = float(record["initial_noise_scale"])
                 sources["initial_noise_scale"] = record_file
             if record is not None and record.get("grid_size") is not None:
