@@ -25,6 +25,15 @@ Kang et al., "Distilling Diffusion Models into Conditional GANs", ECCV 2024 (arX
    full-UNet discriminator on an H200) for APT's finite-difference approximation
    (:func:`diffdistill.losses.approximate_r1_penalty`, Lin et al. 2025): two more plain forwards of the
    penalised sample, no double backward, and allowed under FSDP / DeepSpeed (tested under ZeRO-2).
+3. **Regression only** (``--gan_weight 0``): no discriminator is built, trained or checkpointed, and its flags
+   are refused (the paper's "regression only" ablation row). This is also DMD2's ODE-pair pretraining of its
+   1-step SDXL generator (Yin et al. 2024, arXiv:2405.14867; tianweiy/DMD2 ``main/train_sd_ode.py``): pure noise
+   at ``--generator_timestep 399``, 10k pairs of 50-step trailing Euler (here trailing DDIM on the same timesteps)
+   with CFG 8, AdamW lr 1e-5, weight decay 0.01, grad norm 10, 2000 steps of batch 256. Our choice: the
+   distance is E-LatentLPIPS on latents where DMD2 takes LPIPS on images decoded by a tiny VAE (Diffusion2GAN's
+   ablation found E-LatentLPIPS as good as pixel LPIPS at a tenth of the cost). Its output starts
+   ``sdxl_sim.py --preset dmd2-1step`` (``--init_unet`` / ``--init_lora``); the commands are in
+   examples/README.md.
 
 ``--shared_base`` (with ``--use_lora``; our choice, for memory: issue 22): ONE frozen copy of the UNet in the
 mixed-precision dtype instead of the LoRA generator's base plus the discriminator's trainable float32 copy.
@@ -53,6 +62,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -113,9 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train with a random, uncalibrated trunk on purpose (smoke tests)",
     )
     g.add_argument("--lpips_augment", default="bg", help='ELatentLPIPS augmentation letters, or "none"')
-    g.add_argument("--gan_weight", type=float, default=0.5)
+    g.add_argument(
+        "--gan_weight",
+        type=float,
+        default=0.5,
+        help="weight of the generator's GAN term; 0: regression alone, no discriminator built or trained (the "
+        "paper's 'regression only' row; DMD2's ODE-pair pretraining of its 1-step SDXL generator with "
+        "--generator_timestep 399, examples/README.md)",
+    )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
-    g.add_argument("--r1_gamma", type=float, default=1.0)
+    g.add_argument("--r1_gamma", type=float, default=None, help="R1 weight (default 1; 0: no R1)")
     g.add_argument("--r1_every", type=int, default=None, help="R1 every N discriminator steps (default 16)")
     g.add_argument(
         "--r1_approximate_sigma",
@@ -128,6 +145,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared_critics.add_shared_base_arg(g)
     args = options.check_common_args(p.parse_args(argv))
     shared_critics.check_shared_base_args(args)
+    options.check_range(args, "gan_weight", low=0, why="0: regression only, no discriminator")
+    if args.gan_weight == 0:
+        discriminator_flags = ("discriminator_learning_rate", "r1_gamma", "r1_every", "r1_approximate_sigma")
+        given = [f"--{n}" for n in discriminator_flags if getattr(args, n) is not None]
+        given += ["--no_mix_and_match"] * args.no_mix_and_match
+        if given:
+            raise ValueError(
+                f"--gan_weight 0 trains the generator by regression alone and builds no discriminator, so "
+                f"{', '.join(given)} would be ignored: drop them (or give --gan_weight > 0)."
+            )
+    if args.r1_gamma is None:  # no R1 without a discriminator
+        args.r1_gamma = 1.0 if args.gan_weight > 0 else 0.0
     if args.r1_gamma < 0:
         raise ValueError(f"Expected --r1_gamma >= 0, but got {args.r1_gamma}; 0 turns R1 off.")
     if args.r1_gamma == 0:
@@ -139,7 +168,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         options.check_range(args, name, low=1)
     why = "the generator's input timestep; 999: pure noise"
     options.check_range(args, "generator_timestep", low=0, high=999, why=why)
-    options.check_range(args, "gan_weight", low=0, why="0: no adversarial term")
     if args.r1_approximate_sigma is not None and not args.r1_approximate_sigma > 0:
         raise ValueError(
             f"Expected --r1_approximate_sigma > 0, but got {args.r1_approximate_sigma}; leave it out for exact R1."
@@ -199,21 +227,24 @@ def main(args: argparse.Namespace) -> None:
     device = accelerator.device
     sdxl_models.place_frozen(parts, device, dtype, vae=False)
     schedule = NoiseSchedule.from_scheduler(parts.noise_scheduler)
+    adversarial = args.gan_weight > 0  # 0: regression only, no discriminator
+    disc: Any = None
     if args.shared_base:  # one frozen UNet: generator and discriminator adapters, teacher = adapters off
-        base = shared_critics.build(
-            args, parts.unet, device, dtype, (shared_critics.GENERATOR, shared_critics.DISCRIMINATOR)
-        )
-        disc = shared_critics.ActiveAdapter(
-            MultiScaleConditionalDiscriminator(base.model, backbone="shared"),  # checkpointed by the base
-            base,
-            shared_critics.DISCRIMINATOR,
-            owns_adapter=True,
-        )
+        adapters = (shared_critics.GENERATOR, shared_critics.DISCRIMINATOR)[: 1 + adversarial]
+        base = shared_critics.build(args, parts.unet, device, dtype, adapters)
+        if adversarial:
+            disc = shared_critics.ActiveAdapter(
+                MultiScaleConditionalDiscriminator(base.model, backbone="shared"),  # checkpointed by the base
+                base,
+                shared_critics.DISCRIMINATOR,
+                owns_adapter=True,
+            )
         unet, teacher_model = base.view(shared_critics.GENERATOR), base.view(None)
     else:
-        disc = MultiScaleConditionalDiscriminator(
-            parts.unet, gradient_checkpointing=args.gradient_checkpointing
-        )
+        if adversarial:
+            disc = MultiScaleConditionalDiscriminator(
+                parts.unet, gradient_checkpointing=args.gradient_checkpointing
+            )
         unet, teacher_model = sdxl_models.student_and_teacher(args, parts.unet, device, dtype)
     teacher = TeacherSolver(teacher_model, schedule, guidance_scale=args.guidance_scale)
     teacher_pairs.generate_pairs(accelerator, args, parts, teacher)
@@ -234,8 +265,12 @@ def main(args: argparse.Namespace) -> None:
         accelerator=accelerator,
     )
     opt = runtime.adamw(unet.parameters(), args)
-    opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
-    unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
+    if adversarial:
+        opt_d = runtime.adamw(disc.parameters(), args, lr=args.discriminator_learning_rate)
+        unet, opt, disc, opt_d = runtime.prepare(accelerator, (unet, opt), (disc, opt_d))
+    else:
+        unet, opt = runtime.prepare(accelerator, (unet, opt))
+    trained = (unet, disc) if adversarial else (unet,)
     ema = checkpoints.setup_checkpoints(accelerator, args, unet)
     global_step = checkpoints.resume(accelerator, args)
 
@@ -245,9 +280,13 @@ def main(args: argparse.Namespace) -> None:
         cond = sdxl_encoding.unet_conditions(parts, prompts, args.resolution, device, dtype, args.cache_dir)
         ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
         logs: dict[str, torch.Tensor] = {}
-        with accelerator.accumulate(unet, disc), runtime.autocast(accelerator):
+        with accelerator.accumulate(*trained), runtime.autocast(accelerator):
             fake = validation.one_step_x0(unet, schedule, noise, args.generator_timestep, cond)
             rec = lpips(fake, real, generator=gen)
+            if not adversarial:  # --gan_weight 0: the regression alone
+                runtime.backward(accelerator, rec, unet)
+                runtime.clip_and_step(accelerator, opt, unet.parameters(), args.max_grad_norm)
+                return {"loss": rec.detach(), "lpips": rec.detach()}
             with frozen(disc):  # until the backward (checkpointed D blocks recompute there)
                 judge = runtime.forward_model(accelerator, disc)
                 g_adv, _ = gan_generator_loss(judge(fake, 0, ehs, added, noise=noise))

@@ -18,7 +18,11 @@ option's own flag always wins. The generator's input: ``sid`` and ``sim`` feed S
 at t = 625, which is SIM's / SiD's ``sigma_init z`` at EDM sigma 2.5 (timestep 625 of SDXL's schedule);
 ``dmd2`` pure noise z at t = 999. ``dmd2``: DMD2's SDXL
 scripts (CFG 8, generator every 5th step, AdamW (0.9, 0.999) wd 0.01, lr 5e-5 LoRA / 5e-7 full, grad norm
-10). ``sid``: SiD's code (Adam (0, 0.999), one fake update per generator update) and SiD-LSG's Stable
+10), its generator starting from the teacher. ``dmd2-1step``: DMD2's 1-step SDXL model, ``dmd2`` with pure noise at
+t = 399 and the generator started from an ODE-pair regression run (DMD2's ``train_sd_ode.py``; here
+``sdxl_diffusion2gan.py --gan_weight 0 --generator_timestep 399``): ``--init_unet`` (its ``unet/``) or, with
+``--use_lora``, ``--init_lora`` (its LoRA file), required by the preset and allowed with any other; the real and
+fake scores start from the teacher, and a start recorded for another timestep or input is refused. ``sid``: SiD's code (Adam (0, 0.999), one fake update per generator update) and SiD-LSG's Stable
 Diffusion run (Zhou et al. 2024, arXiv:2406.01561; ``run_sid.sh``): lr 1e-6, alpha 1, real-score CFG 2, and
 a *guided* fake score (``--fake_guidance_scale`` 2: its CFG in the fake-score update, kappa1, and in the
 generator loss, kappa2 = kappa3) trained on timesteps drawn from [20, 980) (``--fake_timestep_range 20
@@ -76,6 +80,7 @@ import torch
 
 from diffdistill.losses import dmd_loss, fake_score_loss, sid_loss, sim_loss
 from diffdistill.schedulers import NoiseSchedule, TeacherSolver
+from diffdistill.students import load_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # the examples' shared package (examples/training/), next to this script
@@ -145,8 +150,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dmd2": {
         "loss": "dmd",
         "guidance_scale": 8.0,
-        # pure noise at t = 999 (DMD2's SDXL 1-step conditions on t = 399 after an ODE-regression start, not
-        # reproduced; --generator_timestep 399 gives its conditioning)
+        # pure noise at t = 999, the first step of DMD2's 4-step SDXL models, from the teacher's weights (our
+        # choice for one step; DMD2's own 1-step recipe is dmd2-1step below)
         "generator_timestep": 999,
         "generator_input": "noise",
         "generator_every": 5,
@@ -157,6 +162,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 10.0,
     },
 }
+# DMD2's 1-step SDXL model (tianweiy/DMD2 experiments/sdxl/sdxl_cond399_8node_lr5e-7_1step_*.sh): the dmd2 recipe
+# with the generator conditioned on t = 399 (pure noise input), started from the ODE-pair regression run
+# (--generator_ckpt_path; here --init_unet / --init_lora, required: check_init).
+PRESETS["dmd2-1step"] = {**PRESETS["dmd2"], "generator_timestep": 399}
+#: The presets whose generator starts from a regression run (--init_unet / --init_lora), not the teacher.
+PRESETS_WITH_INIT = ("dmd2-1step",)
 LOSS_PRESET = {"sim": "sim", "sid": "sid", "dmd": "dmd2"}  # the preset of a --loss given alone
 PRESET_HELP = (
     "hyperparameter recipe; each option it sets yields to its flag when given. Default: the --loss's "
@@ -164,6 +175,9 @@ PRESET_HELP = (
     "dmd2 = DMD2 on SDXL (Yin et al. 2024; tianweiy/DMD2 experiments/sdxl): --loss dmd, real-score CFG 8, "
     "the generator fed pure noise at t = 999, --generator_every 5 (dfake_gen_update_ratio), AdamW (0.9, 0.999) weight decay 0.01, lr 5e-5 with "
     "--use_lora / 5e-7 full, --max_grad_norm 10; DMD2's GAN classifier is --gan_weight (with --train_data_dir). "
+    "dmd2-1step = DMD2's 1-step SDXL model: dmd2 with pure noise at t = 399, the generator started from an ODE-pair "
+    "regression run (required: --init_unet, or --init_lora with --use_lora; sdxl_diffusion2gan.py --gan_weight 0 "
+    "--generator_timestep 399, examples/README.md). "
     "sid = SiD / SiD-LSG (Zhou et al. 2024; mingyuanzhou/SiD sid_train.py, SiD-LSG run_sid.sh): --loss sid, "
     "Adam (0, 0.999), lr 1e-6 (full UNet; 5e-5 with --use_lora, our choice: DMD2's LoRA rate), one fake update "
     "per generator update, and SiD-LSG's Stable Diffusion run: the generator fed add_noise(0, z, 625) at t = 625 "
@@ -189,6 +203,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     score_distillation.add_fake_score_args(g)
     score_distillation.add_gan_args(g)
     shared_critics.add_shared_base_arg(g)
+    g.add_argument(
+        "--init_unet",
+        default=None,
+        help="start the generator from this UNet folder (a full fine-tune: the unet/ of a regression run, e.g. "
+        "sdxl_diffusion2gan.py --gan_weight 0) instead of the teacher; the real and fake scores stay the "
+        "teacher's. Full UNet only (a LoRA generator: --init_lora)",
+    )
+    g.add_argument(
+        "--init_lora",
+        default=None,
+        help="--use_lora: start the generator's LoRA from this file (pytorch_lora_weights.safetensors of a LoRA "
+        "regression run; same rank and alpha); the fake score's LoRA starts fresh",
+    )
     g.add_argument(
         "--fake_guidance_scale",
         type=float,
@@ -263,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError("--sim_c is the pseudo-Huber constant: it needs --sim_distance pseudo_huber.")
     score_distillation.check_gan_args(args)
     shared_critics.check_shared_base_args(args)
+    check_init(args)
     if args.gan_weight > 0 and not args.train_data_dir:
         raise ValueError(
             "--gan_weight: DMD2's classifier compares the generator's samples with real images: pass "
@@ -294,6 +322,42 @@ def check_loss_options(args: argparse.Namespace, given: set[str]) -> None:
         args.gan_classifier_weight = score_distillation.DMD2_SDXL_CLASSIFIER_WEIGHT
     why = "the generator's input timestep; 999: pure noise"
     options.check_range(args, "generator_timestep", low=0, high=999, why=why)
+
+
+def check_init(args: argparse.Namespace) -> None:
+    """Check where the generator starts (``--init_unet`` / ``--init_lora``): the right kind for ``--use_lora``,
+    existing paths, present for a preset that needs one (:data:`PRESETS_WITH_INIT`), and trained for this run's
+    input (:func:`training.student_sampler.check_one_step_start`). Raises ``ValueError``."""
+    if args.init_unet and args.init_lora:
+        raise ValueError("Expected one of --init_unet (full UNet) and --init_lora (LoRA), but got both.")
+    if args.init_unet and args.use_lora:
+        raise ValueError(
+            "--init_unet starts a full-UNet generator, but --use_lora trains a LoRA on the teacher: pass the "
+            "regression run's LoRA file as --init_lora instead (or drop --use_lora)."
+        )
+    if args.init_lora and not args.use_lora:
+        raise ValueError(
+            "--init_lora starts the generator's LoRA: it needs --use_lora (a full UNet: --init_unet)."
+        )
+    if args.init_unet and not (Path(args.init_unet) / "config.json").is_file():
+        raise ValueError(
+            f"--init_unet {args.init_unet}: not a UNet folder (no config.json), e.g. out/ode/unet."
+        )
+    if args.init_lora and not Path(args.init_lora).is_file():
+        raise ValueError(
+            f"--init_lora {args.init_lora}: no such file (e.g. out/ode/pytorch_lora_weights.safetensors)."
+        )
+    start = args.init_unet or args.init_lora
+    if args.preset in PRESETS_WITH_INIT and not start:
+        raise ValueError(
+            f"--preset {args.preset} starts the generator from an ODE-pair regression run (DMD2's 1-step SDXL "
+            "recipe), not from the teacher: run sdxl_diffusion2gan.py --gan_weight 0 --generator_timestep "
+            f"{args.generator_timestep} first (examples/README.md), then pass its unet/ as --init_unet (or, with "
+            "--use_lora, its pytorch_lora_weights.safetensors as --init_lora). To start from the teacher, use "
+            "--preset dmd2."
+        )
+    if start:
+        student_sampler.check_one_step_start(args, start)
 
 
 def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
@@ -328,15 +392,26 @@ def sim_networks(
         base = shared_critics.build(
             args, unet, device, dtype, (shared_critics.GENERATOR, shared_critics.FAKE)
         )
+        if args.init_lora:
+            load_lora(base.model, args.init_lora, adapter_name=shared_critics.GENERATOR)
+            sdxl_models.upcast_trainable(base.model)
         return base.view(shared_critics.GENERATOR), base.view(shared_critics.FAKE), base.view(None)
     real = copy.deepcopy(unet).to(device, dtype=dtype)
     sdxl_models.freeze(real)
-    fake = copy.deepcopy(unet)
-    for net in (unet, fake):
+    if args.init_unet:  # the generator from the regression run, the fake score from the teacher
+        from diffusers import UNet2DConditionModel
+
+        generator, fake = UNet2DConditionModel.from_pretrained(args.init_unet), unet
+    else:
+        generator, fake = unet, copy.deepcopy(unet)
+    for net in (generator, fake):
         sdxl_models.make_trainable(args, net, device, dtype)
+    if args.init_lora:
+        load_lora(generator, args.init_lora)
+        sdxl_models.upcast_trainable(generator)
     if args.gradient_checkpointing:
         real.enable_gradient_checkpointing()
-    return unet, fake, real
+    return generator, fake, real
 
 
 def main(args: argparse.Namespace) -> None:

@@ -798,6 +798,8 @@ def load_lora(
             non-LoRA weight.
         ShapeError: a weight of the file has another shape than the model's: an adapter of another rank
             already on the model, or a file saved from another architecture.
+        OptionError: the adapter already on the model has another alpha than the file records (its update would
+            be rescaled).
         ImportError: peft or safetensors is not installed.
     """
     check_module(model, "model")
@@ -849,6 +851,8 @@ def load_lora(
             dropout=float(meta.get("lora_dropout", 0.0)),
         )
     _check_adapter_shapes(inner, lora_state, adapter_name, source)
+    if not created and "lora_alpha" in meta:
+        _check_adapter_alpha(inner, float(meta["lora_alpha"]), adapter_name, source)
     result = peft.set_peft_model_state_dict(inner, lora_state, adapter_name=adapter_name)
     if strict:
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -863,6 +867,21 @@ def load_lora(
             )
     _load_extras(inner, extras, source, strict, trainable=created)
     return model
+
+
+def _check_adapter_alpha(model: nn.Module, alpha: float, adapter_name: str, source: str) -> None:
+    """Refuse to load weights trained with LoRA alpha ``alpha`` into an existing adapter of another alpha: the
+    update ``(alpha / r) B A`` would be rescaled silently (shapes cannot tell)."""
+    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    have = getattr(config, "lora_alpha", None)
+    if have is None or math.isclose(float(have), alpha):
+        return
+    raise OptionError(
+        f"Expected the file's LoRA alpha to match adapter {adapter_name!r}'s, but {source} was saved with alpha "
+        f"{alpha:g} and the adapter has alpha {float(have):g}: its update (alpha / rank) B A would be scaled by "
+        f"{float(have) / alpha:g}. Create the adapter with alpha {alpha:g} (e.g. --lora_alpha {alpha:g}), or load "
+        "into a new adapter name (it is then created with the file's rank and alpha)."
+    )
 
 
 def guidance_scale_embedding(

@@ -123,6 +123,8 @@ def write_size_record(args: argparse.Namespace, folder: str | Path) -> Path:
 TIMESTEPS_FILE = "student_timesteps.json"
 """A UNet run's sampling timesteps (a JSON list of ints), which ``evaluate.py`` passes as ``timesteps=`` with the
 run's ``scheduler/``: the SDXL one-step generators' ``[--generator_timestep]`` (:func:`write_one_step_sampler`)."""
+#: The ``timestep_spacing`` of the saved Euler scheduler that feeds the UNet each ``--generator_input``.
+INPUT_SPACING = {"noise": "leading", "noised": "trailing"}
 
 
 def write_one_step_sampler(args: argparse.Namespace, folder: str | Path, noise_scheduler: Any) -> Path:
@@ -147,7 +149,7 @@ def write_one_step_sampler(args: argparse.Namespace, folder: str | Path, noise_s
     folder = Path(folder)
     from .validation import generator_input_of
 
-    spacing = {"noise": "leading", "noised": "trailing"}[generator_input_of(args)]
+    spacing = INPUT_SPACING[generator_input_of(args)]
     scheduler = EulerDiscreteScheduler.from_config(
         noise_scheduler.config,
         timestep_spacing=spacing,
@@ -165,6 +167,40 @@ def write_one_step_sampler(args: argparse.Namespace, folder: str | Path, noise_s
     record["guidance_scale"] = 1.0
     record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return folder / "scheduler"
+
+
+def check_one_step_start(args: argparse.Namespace, start: str | Path) -> None:
+    """Refuse to start a one-step generator (``sdxl_sim.py --init_unet`` / ``--init_lora``) from a run that was
+    trained for another input: its folder (the parent of a ``unet/`` folder, or the folder of a LoRA file) records
+    the timestep in ``student_timesteps.json`` and the input in ``scheduler/``'s ``timestep_spacing``
+    (:func:`write_one_step_sampler`). A start without these files (weights from elsewhere) is not checked.
+
+    Raises:
+        ValueError: the recorded timestep is not ``[--generator_timestep]``, or the recorded input is not
+            ``--generator_input``.
+    """
+    from .validation import generator_input_of
+
+    path = Path(start)
+    folder = path.parent
+    steps_file, scheduler_file = folder / TIMESTEPS_FILE, folder / "scheduler" / "scheduler_config.json"
+    if steps_file.is_file():
+        steps = json.loads(steps_file.read_text(encoding="utf-8"))
+        if steps != [int(args.generator_timestep)]:
+            raise ValueError(
+                f"{path} was trained as a one-step generator at t = {steps} ({steps_file}), but this run calls it "
+                f"at --generator_timestep {args.generator_timestep}: pass --generator_timestep {steps[0]}, or "
+                "start from a run trained at this timestep."
+            )
+    if scheduler_file.is_file():
+        spacing = json.loads(scheduler_file.read_text(encoding="utf-8")).get("timestep_spacing")
+        recorded = {v: k for k, v in INPUT_SPACING.items()}.get(spacing)
+        if recorded is not None and recorded != generator_input_of(args):
+            raise ValueError(
+                f"{path} was trained on the '{recorded}' input ({scheduler_file}: timestep_spacing {spacing!r}), "
+                f"but this run feeds --generator_input {generator_input_of(args)}: pass --generator_input "
+                f"{recorded}, or start from a run trained on this input."
+            )
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:

@@ -452,6 +452,17 @@ def test_merge_and_views_refuse_models_without_adapters() -> None:
         TeacherView(add_lora(_Named(), rank=1, targets="proj"), grad="yes")  # type: ignore[arg-type]
 
 
+def test_load_lora_refuses_another_alpha_of_an_existing_adapter(tmp_path) -> None:
+    # the update (alpha / r) B A of the same weights would be rescaled by 2 without a sign (shapes agree)
+    path = tmp_path / "a.safetensors"
+    save_lora(add_lora(_Named(), rank=2, alpha=4.0, targets=["proj", "out"]), path)
+    with pytest.raises(OptionError, match=r"saved with alpha 4 and the adapter has alpha 8: .* scaled by 2"):
+        load_lora(add_lora(_Named(), rank=2, alpha=8.0, targets=["proj", "out"]), path)
+    same = load_lora(add_lora(_Named(), rank=2, alpha=4.0, targets=["proj", "out"]), path)
+    created = load_lora(_Named(), path)  # a new adapter takes the file's alpha
+    assert same.peft_config["default"].lora_alpha == created.peft_config["default"].lora_alpha == 4.0
+
+
 def test_load_lora_refuses_another_rank_or_architecture(tmp_path) -> None:
     net = add_lora(_Named(), rank=2, targets=["proj", "out"])
     path = tmp_path / "a.safetensors"
