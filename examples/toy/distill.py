@@ -9,10 +9,15 @@ only:
   LCM-LoRA trains), sampled with :func:`~diffdistill.schedulers.lcm_sample`.
 * ``sim`` - score implicit matching (:func:`~diffdistill.losses.sim_loss` against the teacher, a fake
   score trained with :func:`~diffdistill.losses.fake_score_loss`), DMD2-style backward simulation on
-  the 4-step grid, sampled with :func:`~diffdistill.schedulers.x0_renoise_sample`.
+  the 4-step grid, sampled with :func:`~diffdistill.schedulers.x0_renoise_sample`. Its first call takes SiD's
+  input, the zero image noised to EDM sigma 2.5 (t = 625 here, sqrt(1 - alphabar) z = 0.93 z; the SDXL
+  ``sim`` / ``sid`` presets' input), where DMD2's z at t = 999 left every 1-step sample noisy (below).
 * ``dmd`` (``--methods ... dmd``; not in ``make demo``'s default four) - distribution matching (:func:`~diffdistill.losses.dmd_loss`, DMD2's regression-free generator
   loss) in ``sim``'s loop: the same fake score, grid, input, budget, EMA and random streams, so the two rows
   differ by the generator loss alone (DMD2's GAN term and two-time-scale ratio are not used here).
+* ``dmd2-1step`` (``--methods ... dmd2-1step``, VP only; opt-in) - DMD2's 1-step recipe, the toy twin of
+  ``sdxl_sim.py --preset dmd2-1step``: a one-step regression of the teacher's ODE pairs from pure noise at
+  t = 399, then ``dmd`` from there with that input (:func:`train_dmd2_one_step`).
 * ``adversarial`` - MSE to the teacher's ODE solution plus a non-saturating GAN term from a
   :class:`~diffdistill.discriminators.UNetEncoderDiscriminator` (SDXL-Lightning's discriminator: a
   trainable copy of the teacher's encoder + mid block) that judges samples re-noised by
@@ -120,11 +125,14 @@ from diffdistill.schedulers import (  # noqa: E402
 )
 from diffdistill.students import EMA  # noqa: E402
 
-METHODS = ("lcm", "sim", "dmd", "adversarial", "regression")
+METHODS = ("lcm", "sim", "dmd", "dmd2-1step", "adversarial", "regression")
 #: The ``make demo`` students (``--methods`` adds ``dmd``: examples/toy/README.md, "DMD student (opt-in)").
 DEFAULT_METHODS = ("lcm", "sim", "adversarial", "regression")
 #: The score-distillation students: one loop (:func:`train_score`), SIM's settings, the x0 re-noise sampler.
-SCORE_METHODS = ("sim", "dmd")
+SCORE_METHODS = ("sim", "dmd", "dmd2-1step")
+#: DMD2's 1-step SDXL recipe (``sdxl_sim.py --preset dmd2-1step``): the generator is fed pure noise z at this
+#: timestep of the VP table, after an ODE-pair regression there (:func:`train_dmd2_one_step`).
+DMD2_ONE_STEP_TIMESTEP = 399
 STEP_COUNTS = (1, 2, 4)
 
 
@@ -143,13 +151,16 @@ class DemoConfig:
     # sim_* configure both score-distillation students (sim, dmd: SCORE_METHODS), which differ in the loss only
     sim_steps: int = 120
     sim_lr: float = 2e-5
-    # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is);
-    # the flow run feeds SiD/SIM's intermediate one (losses/score.py's recipe, flow_config()).
-    sim_generator_timestep: int | None = None
+    # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is): SiD/SIM's
+    # intermediate one, EDM sigma 2.5 (losses/score.py's recipe): 625 on the VP table, 454 on the flow run's.
+    # On VP, with the "noised" input below, it took SIM's 1-step FD from 70.2 to 35.0 and coverage from 0.00 to
+    # 0.42 (seed 0; DMD 77.6 -> 37.7, 0.00 -> 0.43; held-out seed 1: examples/toy/README.md); DMD2's t = 399 with
+    # z and no regression start gave 86.2 / 0.01.
+    sim_generator_timestep: int | None = 625
     # SIM's input on that first call: "unit" -- the noise itself (DMD2's convention, and SIM's on its own grid);
     # "noised" -- the noised state of a zero image at that timestep, schedule.add_noise(0, z, t) (SiD's
-    # sigma_init * z on EDM; 0.71 z at the flow run's 454). The same for training and sampling.
-    sim_input: str = "unit"
+    # sigma_init * z on EDM; 0.93 z at VP's 625, 0.71 z at the flow run's 454). The same for training and sampling.
+    sim_input: str = "noised"
     # EMA decay of each student's weights, used for sampling (0: the raw weights; DMD2 / SiD sample an EMA).
     sim_ema: float = 0.0
     adversarial_ema: float = 0.0
@@ -327,6 +338,7 @@ class Pairs:
             traj = out.trajectory
             states.append(torch.stack([traj[k] for k in keep], dim=1))
             finals.append(out.sample)
+        self.noise = noise  # (N, 3, 16, 16): each trajectory's start
         self.states = torch.cat(states)  # (N, 4, 3, 16, 16)
         self.finals = torch.cat(finals)
 
@@ -338,6 +350,11 @@ class Pairs:
         k = torch.randint(0, 4, (n,), generator=g)
         k[: n // 2] = 0
         return self.states[idx, k], self.grid[k], self.labels[idx], self.finals[idx]
+
+    def noise_batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noise, label, teacher x0)``: the pairs of a one-step regression from pure noise (DMD2's ODE pairs)."""
+        idx = torch.randint(0, self.labels.numel(), (n,), generator=g)
+        return self.noise[idx], self.labels[idx], self.finals[idx]
 
 
 def train_lcm(toy: Toy, cfg: DemoConfig) -> nn.Module:
@@ -419,24 +436,36 @@ def _finish(net: nn.Module, ema: EMA | None) -> nn.Module:
     return net
 
 
-def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim") -> nn.Module:
+def score_input(cfg: DemoConfig, method: str) -> tuple[int | None, str]:
+    """A score student's first generator call on pure noise: ``(timestep, input kind)`` (:func:`sim_grid`,
+    :func:`generator_input`): DMD2's 1-step recipe feeds z at :data:`DMD2_ONE_STEP_TIMESTEP`, the others
+    ``cfg.sim_generator_timestep`` / ``cfg.sim_input``."""
+    if method == "dmd2-1step":
+        return DMD2_ONE_STEP_TIMESTEP, "unit"
+    return cfg.sim_generator_timestep, cfg.sim_input
+
+
+def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim", start: nn.Module | None = None) -> nn.Module:
     """A score-distillation generator with an online fake score, trained on the DMD2 4-step grid by backward
-    simulation: ``"sim"`` (:func:`~diffdistill.losses.sim_loss`) or ``"dmd"`` (:func:`~diffdistill.losses.dmd_loss`).
-    Both take SIM's settings and the same random streams (seed + 20), so they differ by the generator loss alone."""
+    simulation: ``"sim"`` (:func:`~diffdistill.losses.sim_loss`) or ``"dmd"`` / ``"dmd2-1step"``
+    (:func:`~diffdistill.losses.dmd_loss`; the latter with its own input, :func:`score_input`). They take SIM's
+    settings and the same random streams (seed + 20), so sim and dmd differ by the generator loss alone. The
+    generator starts from a copy of ``start`` (default: the teacher); the fake score from the teacher."""
     if method not in SCORE_METHODS:
         raise ValueError(f"Expected a method from {SCORE_METHODS}, but got {method!r}.")
     generator_loss = sim_loss if method == "sim" else dmd_loss
     g = torch.Generator().manual_seed(cfg.seed + 20)
-    net = toy.trainable_copy()
+    net = toy.trainable_copy() if start is None else copy.deepcopy(start).train().requires_grad_(True)
     fake = toy.trainable_copy()
     opt_g = _Optimizer(net, cfg.sim_lr, cfg.sim_steps)
     opt_f = _Optimizer(fake, cfg.fake_score_lr, cfg.sim_steps, decay=False)
     ema = _ema(net, cfg.sim_ema)
-    grid = sim_grid(cfg.sim_generator_timestep)
+    t_gen, first_input = score_input(cfg, method)
+    grid = sim_grid(t_gen)
     for _ in _bar(cfg.sim_steps, method):
         y = _labels(cfg.batch, g)
         cond = toy.cond(y)
-        x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g, cfg.sim_input)
+        x_in, t_in = _backward_simulate(net, toy, grid, cond, cfg.batch, g, first_input)
         x_g = _x0(net, toy.schedule, x_in, t_in, cond)
         f_loss, _ = fake_score_loss(
             fake,
@@ -456,6 +485,21 @@ def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim") -> nn.Module:
         if ema is not None:
             ema.update(net)
     return _finish(net, ema)
+
+
+def train_dmd2_one_step(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
+    """DMD2's 1-step recipe (Yin et al. 2024, arXiv:2405.14867; tianweiy/DMD2 ``experiments/sdxl``, the toy twin of
+    ``sdxl_sim.py --preset dmd2-1step``): a one-step regression of the teacher's ODE pairs from pure noise at
+    t = 399 (:func:`train_regression` with ``input_timestep``; DMD2's ``train_sd_ode.py``), then DMD from it with
+    the same input (:func:`train_score`; the fake score from the teacher). VP teacher only: 399 is a timestep of
+    SDXL's (VP) table."""
+    if toy.kind != "vp":
+        raise ValueError(
+            "Expected the VP teacher for dmd2-1step (DMD2's SDXL recipe conditions on t = 399 of a VP table), but "
+            f"got the {toy.kind!r} teacher: use --teacher vp, or --methods dmd on the flow teacher."
+        )
+    start = train_regression(toy, pairs, cfg, input_timestep=DMD2_ONE_STEP_TIMESTEP)
+    return train_score(toy, cfg, "dmd2-1step", start=start)
 
 
 def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
@@ -488,8 +532,12 @@ def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     return _finish(net, ema)
 
 
-def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
-    """Diffusion2GAN-style regression of teacher ODE pairs with a LatentLPIPS distance plus MSE."""
+def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig, input_timestep: int | None = None) -> nn.Module:
+    """Diffusion2GAN-style regression of teacher ODE pairs with a LatentLPIPS distance plus MSE.
+
+    ``input_timestep``: a one-step regression instead, the network fed each pair's pure noise at that timestep
+    (DMD2's ODE pretraining at t = 399, ``main/train_sd_ode.py``: :func:`train_dmd2_one_step`); default: the
+    trajectory states on the 4-step grid at their own timesteps."""
     g = torch.Generator().manual_seed(cfg.seed + 40)
     net = toy.trainable_copy()
     with torch.random.fork_rng(devices=[]):
@@ -498,7 +546,11 @@ def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     opt = _Optimizer(net, cfg.regression_lr, cfg.regression_steps)
     ema = _ema(net, cfg.regression_ema)
     for _ in _bar(cfg.regression_steps, "regression"):
-        x_t, t, y, target = pairs.batch(cfg.batch, g)
+        if input_timestep is None:
+            x_t, t, y, target = pairs.batch(cfg.batch, g)
+        else:
+            x_t, y, target = pairs.noise_batch(cfg.batch, g)
+            t = torch.full((cfg.batch,), input_timestep, dtype=torch.long)
         x_g = _x0(net, toy.schedule, x_t, t, toy.cond(y))
         perceptual = lpips(F.pixel_unshuffle(x_g, 4), F.pixel_unshuffle(target, 4))
         loss = perceptual + F.mse_loss(x_g, target)
@@ -513,6 +565,7 @@ SAMPLER_OF = {
     "lcm": "lcm",
     "sim": "x0_renoise",
     "dmd": "x0_renoise",
+    "dmd2-1step": "x0_renoise",
     "adversarial": "ddim",
     "regression": "ddim",
 }
@@ -720,7 +773,7 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
     seconds: dict[str, float] = {}
     students: dict[str, nn.Module] = {}
     pairs = None
-    if {"adversarial", "regression"} & set(cfg.methods):
+    if {"adversarial", "regression", "dmd2-1step"} & set(cfg.methods):
         t0 = time.time()
         pairs = Pairs(toy, cfg)
         seconds["teacher ODE pairs (adversarial, regression)"] = time.time() - t0
@@ -728,6 +781,8 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         t0 = time.time()
         if method == "lcm":
             students[method] = train_lcm(toy, cfg)
+        elif method == "dmd2-1step":
+            students[method] = train_dmd2_one_step(toy, pairs, cfg)  # type: ignore[arg-type]
         elif method in SCORE_METHODS:
             students[method] = train_score(toy, cfg, method)
         elif method == "adversarial":
@@ -753,9 +808,8 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
             grid_rows.extend((f"{row.short_label} {s}", first_draw[(twin, s)]) for s in row.steps)  # type: ignore[index]
             continue
         net = toy.unet if row.key.startswith("teacher:") else students[row.key]
-        score = row.key in SCORE_METHODS
-        t_gen = cfg.sim_generator_timestep if score else None
-        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, cfg.sim_input if score else "unit")
+        t_gen, first_input = score_input(cfg, row.key) if row.key in SCORE_METHODS else (None, "unit")
+        fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, first_input)
         results[row.key] = {}
         for steps in row.steps:
             draws = []
@@ -955,6 +1009,8 @@ def timing_table(seconds: dict[str, float], cfg: DemoConfig) -> str:
         "lcm": f"{cfg.lcm_steps} steps on real images (batch {cfg.batch}), lr {cfg.lcm_lr:g}",
         "sim": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
         "dmd": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
+        "dmd2-1step": f"{cfg.regression_steps} regression steps on {cfg.num_pairs} teacher ODE pairs (lr "
+        f"{cfg.regression_lr:g}), then {cfg.sim_steps} DMD steps (lr {cfg.sim_lr:g})",
         "adversarial": f"{cfg.adversarial_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.adversarial_lr:g}",
         "regression": f"{cfg.regression_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.regression_lr:g}",
     }
@@ -997,6 +1053,19 @@ def main(argv: list[str] | None = None) -> int:
         "DMD2's) or a zero image noised to that timestep (noised, SiD's sigma_init z); default: the teacher's config",
     )
     p.add_argument(
+        "--eval-draws",
+        type=int,
+        default=None,
+        help="noise draws of 512 samples each row is evaluated on (default: the teacher's config, vp 4, flow 2)",
+    )
+    p.add_argument(
+        "--sim-timestep",
+        type=int,
+        default=None,
+        help="the score-distillation students' input timestep on pure noise (default: the teacher's config, EDM "
+        "sigma 2.5: 625 on vp, 454 on flow); 999 with --sim-input unit is DMD2's convention (DMD2's 4-step grid as is)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -1011,6 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.methods and len(set(args.methods)) != len(args.methods):
         p.error(f"expected each of --methods once (a repeat would train it again), but got {args.methods}")
+    if args.methods and "dmd2-1step" in args.methods and args.teacher != "vp":
+        p.error(
+            "expected --teacher vp for dmd2-1step (DMD2's SDXL recipe conditions on t = 399 of a VP table)"
+        )
     torch.set_num_threads(args.threads)
     cfg = quick_config(args.teacher) if args.quick else demo_config(args.teacher)
     if args.methods:
@@ -1020,6 +1093,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.teacher_extra_ddim_steps = tuple(args.teacher_ddim_steps)
     if args.sim_input is not None:
         cfg.sim_input = args.sim_input
+    if args.eval_draws is not None:
+        if args.eval_draws < 1:
+            p.error(f"expected --eval-draws >= 1, but got {args.eval_draws}")
+        cfg.eval_draws = args.eval_draws
+    if args.sim_timestep is not None:
+        if not 0 <= args.sim_timestep <= 999:
+            p.error(f"expected --sim-timestep in [0, 999] (the teacher's table), but got {args.sim_timestep}")
+        cfg.sim_generator_timestep = None if args.sim_timestep == 999 else args.sim_timestep
     run_demo(cfg, args.out)
     return 0
 

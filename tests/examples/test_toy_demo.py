@@ -111,8 +111,11 @@ def test_flow_teacher_rows_name_the_flow_samplers(distill) -> None:  # type: ign
     assert distill.sampler_names("vp")["ddim"] == "DDIM"
     assert distill.demo_config("flow").teacher_extra_ddim_steps == (50,)
     assert distill.demo_config("vp").teacher_extra_ddim_steps == ()
-    # SIM's first call: SiD's noised input on the flow run (its intermediate timestep 454), DMD2's z at t = 999 on VP
-    assert (distill.demo_config("flow").sim_input, distill.demo_config("vp").sim_input) == ("noised", "unit")
+    # SIM's first call: SiD's noised input at its intermediate timestep on both teachers (454 flow, 625 VP)
+    assert (distill.demo_config("flow").sim_input, distill.demo_config("vp").sim_input) == (
+        "noised",
+        "noised",
+    )
     with pytest.raises(ValueError, match="Expected `teacher` to be one of"):
         distill.demo_config("ve")
 
@@ -215,14 +218,17 @@ def test_quick_flow_demo_one_step_student_beats_teacher(distill, tmp_path: Path,
 
 # ------------------------------------------------------------------------ SIM's recipe, EMA, the metric interface
 def test_sim_generator_timestep_grid_and_sampler(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
-    """SIM's first call takes pure noise at its input timestep: the VP grid is DMD2's unchanged, the flow
-    run's first entry is SiD/SIM's sigma_init = 2.5 on the flow teacher's table (index 454), and the
+    """SIM's first call takes pure noise at its input timestep: without one the grid is DMD2's unchanged; each
+    run's first entry is SiD/SIM's sigma_init = 2.5 on its teacher's table (VP 625, flow 454), and the
     1-step sampler is then one call of the network at that timestep; at 2 steps its re-noising lands on
     DMD2's t = 499 as the teacher row's does."""
     from diffdistill.schedulers import dmd2_timesteps, one_step_sample
 
     assert torch.equal(distill.sim_grid(None), dmd2_timesteps(4))
-    assert distill.demo_config("vp").sim_generator_timestep is None
+    vp = distill.Toy(distill.TEACHER_WEIGHTS["vp"])
+    assert (
+        distill.demo_config("vp").sim_generator_timestep == int(vp.schedule.edm_sigma_to_timestep(2.5)) == 625
+    )
     toy = distill.Toy(distill.TEACHER_WEIGHTS["flow"])
     t_gen = distill.demo_config("flow").sim_generator_timestep
     assert t_gen == int(toy.schedule.edm_sigma_to_timestep(2.5))
@@ -281,8 +287,55 @@ def test_dmd_student_is_sims_loop_with_the_dmd_loss(distill, one_thread, monkeyp
     assert distill.SAMPLER_OF["dmd"] == distill.SAMPLER_OF["sim"] == "x0_renoise"
     rows = distill.evaluation_rows(("sim", "dmd"), (), "flow")
     assert [r.key for r in rows] == ["teacher:ddim", "teacher:x0_renoise", "sim", "dmd"]
-    with pytest.raises(ValueError, match=r"Expected a method from \('sim', 'dmd'\), but got 'lcm'"):
+    with pytest.raises(
+        ValueError, match=r"Expected a method from \('sim', 'dmd', 'dmd2-1step'\), but got 'lcm'"
+    ):
         distill.train_score(toy, cfg, "lcm")
+
+
+def test_dmd2_one_step_regresses_from_noise_at_399_then_runs_dmd_from_there(  # type: ignore[no-untyped-def]
+    distill, one_thread, monkeypatch
+) -> None:
+    """DMD2's 1-step recipe on the toy: the one-step regression feeds each pair's pure noise (the start of its
+    teacher trajectory) at t = 399 and regresses the teacher's final image; DMD then starts its generator from that
+    network (an EMA of decay 1 returns the start itself), feeds z at 399 and samples that way."""
+    from diffdistill.schedulers import one_step_sample
+
+    cfg = distill.demo_config("vp")
+    cfg.num_pairs, cfg.pair_teacher_steps, cfg.batch, cfg.regression_steps, cfg.sim_steps = 8, 4, 4, 1, 2
+    toy = distill.Toy(cfg.weights)
+    pairs = distill.Pairs(toy, cfg)
+    # the pairs' noise is their trajectory's state at t = 999 (DDIM starts from it)
+    torch.testing.assert_close(pairs.states[:, 0], pairs.noise, rtol=0, atol=0)
+    assert distill.score_input(cfg, "dmd2-1step") == (399, "unit")
+    assert distill.score_input(cfg, "dmd") == (625, "noised")
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_x0 = distill._x0
+
+    def recording(net, schedule, x, t, cond):  # type: ignore[no-untyped-def]
+        inputs.append((x.detach().clone(), t.clone()))
+        return real_x0(net, schedule, x, t, cond)
+
+    monkeypatch.setattr(distill, "_x0", recording)
+    start = distill.train_regression(toy, pairs, cfg, input_timestep=399)
+    ((x, t),) = inputs
+    assert t.tolist() == [399] * cfg.batch
+    assert all(any(torch.equal(row, n) for n in pairs.noise) for row in x)  # pure noise of the pairs
+    monkeypatch.setattr(distill, "_x0", real_x0)
+    assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), toy.unet.parameters()))
+    cfg.sim_ema = 1.0
+    kept = distill.train_score(toy, cfg, "dmd2-1step", start=start)
+    for (name, p), q in zip(kept.named_parameters(), start.parameters()):
+        assert torch.equal(p, q), name
+    assert kept is not start
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    fn = distill.sampler("x0_renoise", kept, toy, generator_timestep=399, generator_input_kind="unit")
+    ref = one_step_sample(kept, toy.schedule, noise, 399, cond=toy.cond(labels)).sample
+    torch.testing.assert_close(fn(noise, labels, 1, torch.Generator()), ref, rtol=0, atol=0)
+    assert distill.SAMPLER_OF["dmd2-1step"] == "x0_renoise"
+    with pytest.raises(ValueError, match="Expected the VP teacher for dmd2-1step"):
+        distill.train_dmd2_one_step(distill.Toy(distill.TEACHER_WEIGHTS["flow"]), pairs, cfg)
 
 
 def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
@@ -496,6 +549,12 @@ def test_lcm_and_adversarial_students_train_every_part(
         (["--teacher-ddim-steps", "0"], "expected --teacher-ddim-steps in [1, 1000]"),
         (["--teacher-ddim-steps", "20", "1001"], "but got [20, 1001]"),
         (["--methods", "sim", "sim"], "expected each of --methods once"),
+        (["--teacher", "flow", "--methods", "dmd2-1step"], "expected --teacher vp for dmd2-1step"),
+        (["--eval-draws", "0"], "expected --eval-draws >= 1, but got 0"),
+        (
+            ["--sim-timestep", "1000"],
+            "expected --sim-timestep in [0, 999] (the teacher's table), but got 1000",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_training(
