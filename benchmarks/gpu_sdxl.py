@@ -728,6 +728,8 @@ def run_method(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         compile=args.compile,
         compile_mode=args.compile_mode,
         compile_backend=args.compile_backend,
+        init_unet=None,  # sdxl_sim's generator start: the teacher (a regression start costs the same step)
+        init_lora=None,
     )
     bench = Bench(
         unet=_base_unet(args),

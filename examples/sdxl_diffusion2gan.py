@@ -132,7 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--generator_timestep 399, examples/README.md)",
     )
     g.add_argument("--discriminator_learning_rate", type=float, default=None, help="default: --learning_rate")
-    g.add_argument("--r1_gamma", type=float, default=None, help="R1 weight (default 1; 0: no R1)")
+    g.add_argument(
+        "--r1_gamma",
+        type=float,
+        default=None,
+        help="R1 weight (default 1; 0: no R1); not with --gan_weight 0",
+    )
     g.add_argument("--r1_every", type=int, default=None, help="R1 every N discriminator steps (default 16)")
     g.add_argument(
         "--r1_approximate_sigma",
@@ -197,6 +202,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(f"--lpips_weights {args.lpips_weights}: {err}") from err
     if args.pairs_seed is None:
         args.pairs_seed = args.seed
+    resumed = checkpoints.resolve_checkpoint(args)
+    recorded = (checkpoints.recorded_options(resumed) or {}) if resumed is not None else {}
+    if args.gan_weight > 0 and recorded.get("gan_weight") == 0:
+        raise ValueError(
+            f"{resumed} was saved by a regression-only run (--gan_weight 0): it holds no discriminator to "
+            "resume. Resume it with --gan_weight 0, or start the GAN run in a new --output_dir."
+        )
     return args
 
 

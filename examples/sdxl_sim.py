@@ -11,7 +11,7 @@ two updates (``--generator_every``, ``--fake_steps``) and freezes the fake netwo
 step (``training.score_distillation.ScoreDistillation``, shared with Hyper-SD's one-step stage and MLCM's
 DMD phase).
 
-``--preset sim|sid|dmd2`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
+``--preset sim|sid|dmd2|dmd2-1step`` (default: the recipe of ``--loss``; ``sim`` without either) sets the loss, the real
 score's CFG scale, the generator's input (``--generator_timestep``, ``--generator_input``), ``--generator_every``,
 the Adam betas / weight decay and the learning rate (DMD2 also ``--max_grad_norm``) from the published recipes; an
 option's own flag always wins. The generator's input: ``sid`` and ``sim`` feed SiD-LSG's ``add_noise(0, z, 625)``
@@ -381,7 +381,9 @@ def resolve_preset(args: argparse.Namespace, fallback: dict[str, Any]) -> None:
 def sim_networks(
     args: argparse.Namespace, unet: torch.nn.Module, device: Any, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-    """``(generator, fake score, real score)`` built from the teacher ``unet`` (which becomes the generator).
+    """``(generator, fake score, real score)`` built from the teacher ``unet``, which becomes the generator (with
+    ``--init_unet`` the fake score, the generator being that folder's UNet; ``--init_lora`` loads the generator's
+    LoRA from the file).
 
     The real score is a frozen copy in ``dtype``; the generator and the fake score are LoRAs on ``dtype``
     bases (``--use_lora``) or full float32 copies. ``--gradient_checkpointing`` applies to all three (the

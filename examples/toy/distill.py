@@ -17,7 +17,8 @@ only:
   differ by the generator loss alone (DMD2's GAN term and two-time-scale ratio are not used here).
 * ``dmd2-1step`` (``--methods ... dmd2-1step``, VP only; opt-in) - DMD2's 1-step recipe, the toy twin of
   ``sdxl_sim.py --preset dmd2-1step``: a one-step regression of the teacher's ODE pairs from pure noise at
-  t = 399, then ``dmd`` from there with that input (:func:`train_dmd2_one_step`).
+  t = 399, then ``dmd`` from there with that input, training that one call only (:func:`train_dmd2_one_step`).
+  ``--sim-one-step`` trains ``sim`` and ``dmd`` as one-step generators too (SiD / SIM's; evaluated at 1 step).
 * ``adversarial`` - MSE to the teacher's ODE solution plus a non-saturating GAN term from a
   :class:`~diffdistill.discriminators.UNetEncoderDiscriminator` (SDXL-Lightning's discriminator: a
   trainable copy of the teacher's encoder + mid block) that judges samples re-noised by
@@ -133,6 +134,8 @@ SCORE_METHODS = ("sim", "dmd", "dmd2-1step")
 #: DMD2's 1-step SDXL recipe (``sdxl_sim.py --preset dmd2-1step``): the generator is fed pure noise z at this
 #: timestep of the VP table, after an ODE-pair regression there (:func:`train_dmd2_one_step`).
 DMD2_ONE_STEP_TIMESTEP = 399
+#: Students always trained as one-step generators (the generator loss at the first call only): evaluated at 1 step.
+ONE_STEP_METHODS = ("dmd2-1step",)
 STEP_COUNTS = (1, 2, 4)
 
 
@@ -148,7 +151,8 @@ class DemoConfig:
     lcm_steps: int = 240
     lcm_lr: float = 1e-4
     lcm_ddim_timesteps: int = 4  # skip 250: teacher DDIM jumps on the 4-step grid
-    # sim_* configure both score-distillation students (sim, dmd: SCORE_METHODS), which differ in the loss only
+    # sim_* configure the score-distillation students (SCORE_METHODS): sim and dmd differ in the loss only;
+    # dmd2-1step takes their budget and lr with its own input (z at 399) and start (a regression run)
     sim_steps: int = 120
     sim_lr: float = 2e-5
     # The input timestep of SIM's first generator call on pure noise (None: T - 1, DMD2's grid as is): SiD/SIM's
@@ -161,6 +165,9 @@ class DemoConfig:
     # "noised" -- the noised state of a zero image at that timestep, schedule.add_noise(0, z, t) (SiD's
     # sigma_init * z on EDM; 0.93 z at VP's 625, 0.71 z at the flow run's 454). The same for training and sampling.
     sim_input: str = "noised"
+    # Train sim / dmd's first generator call only (SiD's and SIM's one-step generators; DMD2's 1-step SDXL run) and
+    # evaluate them at 1 step; False: DMD2's 4-step backward simulation (1/2/4-step students). dmd2-1step: always.
+    sim_one_step: bool = False
     # EMA decay of each student's weights, used for sampling (0: the raw weights; DMD2 / SiD sample an EMA).
     sim_ema: float = 0.0
     adversarial_ema: float = 0.0
@@ -439,10 +446,19 @@ def _finish(net: nn.Module, ema: EMA | None) -> nn.Module:
 def score_input(cfg: DemoConfig, method: str) -> tuple[int | None, str]:
     """A score student's first generator call on pure noise: ``(timestep, input kind)`` (:func:`sim_grid`,
     :func:`generator_input`): DMD2's 1-step recipe feeds z at :data:`DMD2_ONE_STEP_TIMESTEP`, the others
-    ``cfg.sim_generator_timestep`` / ``cfg.sim_input``."""
+    ``cfg.sim_generator_timestep`` / ``cfg.sim_input`` -- with no timestep (DMD2's grid as is) z itself at t = 999,
+    as :func:`sampler` then samples (audit 22)."""
     if method == "dmd2-1step":
         return DMD2_ONE_STEP_TIMESTEP, "unit"
+    if cfg.sim_generator_timestep is None:
+        return None, "unit"
     return cfg.sim_generator_timestep, cfg.sim_input
+
+
+def one_step_only(cfg: DemoConfig, method: str) -> bool:
+    """Whether ``method`` trains (and is evaluated as) a one-step generator: :data:`ONE_STEP_METHODS`, and the score
+    students with :attr:`DemoConfig.sim_one_step`."""
+    return method in ONE_STEP_METHODS or (cfg.sim_one_step and method in SCORE_METHODS)
 
 
 def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim", start: nn.Module | None = None) -> nn.Module:
@@ -461,7 +477,8 @@ def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim", start: nn.Module
     opt_f = _Optimizer(fake, cfg.fake_score_lr, cfg.sim_steps, decay=False)
     ema = _ema(net, cfg.sim_ema)
     t_gen, first_input = score_input(cfg, method)
-    grid = sim_grid(t_gen)
+    # a one-step generator trains its one call only (DMD2's 1-step SDXL run, SiD); the others DMD2's 4-step grid
+    grid = sim_grid(t_gen)[:1] if one_step_only(cfg, method) else sim_grid(t_gen)
     for _ in _bar(cfg.sim_steps, method):
         y = _labels(cfg.batch, g)
         cond = toy.cond(y)
@@ -491,7 +508,8 @@ def train_dmd2_one_step(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     """DMD2's 1-step recipe (Yin et al. 2024, arXiv:2405.14867; tianweiy/DMD2 ``experiments/sdxl``, the toy twin of
     ``sdxl_sim.py --preset dmd2-1step``): a one-step regression of the teacher's ODE pairs from pure noise at
     t = 399 (:func:`train_regression` with ``input_timestep``; DMD2's ``train_sd_ode.py``), then DMD from it with
-    the same input (:func:`train_score`; the fake score from the teacher). VP teacher only: 399 is a timestep of
+    the same input, training that one call only (:func:`train_score` on the one-entry grid ``[399]``, no backward
+    simulation; the fake score from the teacher), evaluated at 1 step. VP teacher only: 399 is a timestep of
     SDXL's (VP) table."""
     if toy.kind != "vp":
         raise ValueError(
@@ -662,11 +680,15 @@ class EvalRow:
 
 
 def evaluation_rows(
-    methods: tuple[str, ...], teacher_ddim_steps: tuple[int, ...] = (), teacher: str = "vp"
+    methods: tuple[str, ...],
+    teacher_ddim_steps: tuple[int, ...] = (),
+    teacher: str = "vp",
+    one_step: tuple[str, ...] = ONE_STEP_METHODS,
 ) -> list[EvalRow]:
     """The table's rows, grouped by sampler: the teacher under each sampler a student uses (the
     "teacher, same sampler" baseline, at every student step count; under DDIM / Euler also at
-    ``teacher_ddim_steps``), then the students sampled that way."""
+    ``teacher_ddim_steps``), then the students sampled that way; those in ``one_step`` (one-step generators,
+    :func:`one_step_only`) at 1 step only."""
     rows: list[EvalRow] = []
     for kind in SAMPLER_NAMES:
         users = [m for m in methods if SAMPLER_OF[m] == kind]
@@ -675,7 +697,7 @@ def evaluation_rows(
             rows.append(EvalRow("teacher:ddim", "ddim", steps, teacher))
         elif users:
             rows.append(EvalRow(f"teacher:{kind}", kind, STEP_COUNTS, teacher))
-        rows.extend(EvalRow(m, kind, STEP_COUNTS, teacher) for m in users)
+        rows.extend(EvalRow(m, kind, (1,) if m in one_step else STEP_COUNTS, teacher) for m in users)
     return rows
 
 
@@ -796,7 +818,8 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         print(f"{method}: trained in {seconds[f'train {method}']:.0f} s", flush=True)
 
     t0 = time.time()
-    rows = evaluation_rows(cfg.methods, cfg.teacher_extra_ddim_steps, toy.kind)
+    one_step = tuple(m for m in cfg.methods if one_step_only(cfg, m))
+    rows = evaluation_rows(cfg.methods, cfg.teacher_extra_ddim_steps, toy.kind, one_step)
     results: Results = {}
     grid_rows: list[tuple[str, torch.Tensor]] = []
     show = torch.cat([torch.arange(i, cfg.eval_samples, NUM_CLASSES)[:3] for i in range(NUM_CLASSES)])
@@ -1049,8 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sim-input",
         choices=("unit", "noised"),
         default=None,
-        help="the score-distillation students' (sim, dmd) input on their first call on pure noise: the noise (unit, "
-        "DMD2's) or a zero image noised to that timestep (noised, SiD's sigma_init z); default: the teacher's config",
+        help="the sim and dmd students' input on their first call on pure noise: the noise (unit, DMD2's) or a zero "
+        "image noised to that timestep (noised, SiD's sigma_init z); default: the teacher's config (dmd2-1step always "
+        "feeds z at t = 399)",
     )
     p.add_argument(
         "--eval-draws",
@@ -1062,8 +1086,15 @@ def main(argv: list[str] | None = None) -> int:
         "--sim-timestep",
         type=int,
         default=None,
-        help="the score-distillation students' input timestep on pure noise (default: the teacher's config, EDM "
-        "sigma 2.5: 625 on vp, 454 on flow); 999 with --sim-input unit is DMD2's convention (DMD2's 4-step grid as is)",
+        help="the sim and dmd students' input timestep on pure noise (default: the teacher's config, EDM sigma 2.5: "
+        "625 on vp, 454 on flow); 999: DMD2's convention, z itself on DMD2's 4-step grid as is (not with --sim-input "
+        "noised); dmd2-1step always feeds z at t = 399",
+    )
+    p.add_argument(
+        "--sim-one-step",
+        action="store_true",
+        help="train the sim and dmd students' first call only (SiD / SIM's one-step generators, DMD2's 1-step run) "
+        "and evaluate them at 1 step; default: DMD2's 4-step backward simulation (dmd2-1step: always one-step)",
     )
     p.add_argument(
         "--threads",
@@ -1093,6 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.teacher_extra_ddim_steps = tuple(args.teacher_ddim_steps)
     if args.sim_input is not None:
         cfg.sim_input = args.sim_input
+    cfg.sim_one_step = cfg.sim_one_step or args.sim_one_step
     if args.eval_draws is not None:
         if args.eval_draws < 1:
             p.error(f"expected --eval-draws >= 1, but got {args.eval_draws}")
@@ -1100,6 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_timestep is not None:
         if not 0 <= args.sim_timestep <= 999:
             p.error(f"expected --sim-timestep in [0, 999] (the teacher's table), but got {args.sim_timestep}")
+        if args.sim_timestep == 999 and args.sim_input == "noised":
+            p.error("--sim-timestep 999 is DMD2's grid as is, with z itself: drop --sim-input noised")
         cfg.sim_generator_timestep = None if args.sim_timestep == 999 else args.sim_timestep
     run_demo(cfg, args.out)
     return 0

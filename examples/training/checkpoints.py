@@ -218,6 +218,16 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items()) if plain(v)}
 
 
+def recorded_options(path: Path) -> dict[str, Any] | None:
+    """The options checkpoint ``path`` recorded (:func:`run_options` of the run that saved it), or None for a
+    checkpoint written before the options were recorded (or an unreadable marker)."""
+    try:
+        recorded = json.loads((Path(path) / CHECKPOINT_MARKER).read_text()).get("options")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def compare_options(path: Path, args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
     """Log (warning) each option of this run that differs from the one recorded in checkpoint ``path``;
     returns them as ``{name: (recorded, now)}``.
@@ -229,11 +239,8 @@ def compare_options(path: Path, args: argparse.Namespace) -> dict[str, tuple[Any
     :func:`reapply_optimizer_options`) -- and which options are safe to change is the script's to say.
     A checkpoint written before the options were recorded is not compared.
     """
-    try:
-        recorded = json.loads((path / CHECKPOINT_MARKER).read_text()).get("options")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, dict):
+    recorded = recorded_options(path)
+    if recorded is None:
         return {}
     now = run_options(args)
     changed = {

@@ -172,8 +172,9 @@ def write_one_step_sampler(args: argparse.Namespace, folder: str | Path, noise_s
 def check_one_step_start(args: argparse.Namespace, start: str | Path) -> None:
     """Refuse to start a one-step generator (``sdxl_sim.py --init_unet`` / ``--init_lora``) from a run that was
     trained for another input: its folder (the parent of a ``unet/`` folder, or the folder of a LoRA file) records
-    the timestep in ``student_timesteps.json`` and the input in ``scheduler/``'s ``timestep_spacing``
-    (:func:`write_one_step_sampler`). A start without these files (weights from elsewhere) is not checked.
+    the timestep in ``student_timesteps.json`` and the input in ``scheduler/``'s ``timestep_spacing``, both written
+    by :func:`write_one_step_sampler`. A start without ``student_timesteps.json`` (weights from elsewhere, e.g. the
+    ``unet/`` of a diffusers pipeline, whose ``scheduler/`` is the pipeline's own) is not checked.
 
     Raises:
         ValueError: the recorded timestep is not ``[--generator_timestep]``, or the recorded input is not
@@ -184,15 +185,16 @@ def check_one_step_start(args: argparse.Namespace, start: str | Path) -> None:
     path = Path(start)
     folder = path.parent
     steps_file, scheduler_file = folder / TIMESTEPS_FILE, folder / "scheduler" / "scheduler_config.json"
-    if steps_file.is_file():
-        steps = json.loads(steps_file.read_text(encoding="utf-8"))
-        if steps != [int(args.generator_timestep)]:
-            raise ValueError(
-                f"{path} was trained as a one-step generator at t = {steps} ({steps_file}), but this run calls it "
-                f"at --generator_timestep {args.generator_timestep}: pass --generator_timestep {steps[0]}, or "
-                "start from a run trained at this timestep."
-            )
-    if scheduler_file.is_file():
+    if not steps_file.is_file():
+        return
+    steps = json.loads(steps_file.read_text(encoding="utf-8"))
+    if steps != [int(args.generator_timestep)]:
+        raise ValueError(
+            f"{path} was trained as a one-step generator at t = {steps} ({steps_file}), but this run calls it "
+            f"at --generator_timestep {args.generator_timestep}: pass --generator_timestep {steps[0]}, or "
+            "start from a run trained at this timestep."
+        )
+    if scheduler_file.is_file():  # written with student_timesteps.json: its spacing is the input
         spacing = json.loads(scheduler_file.read_text(encoding="utf-8")).get("timestep_spacing")
         recorded = {v: k for k, v in INPUT_SPACING.items()}.get(spacing)
         if recorded is not None and recorded != generator_input_of(args):

@@ -148,14 +148,19 @@ def test_init_options_are_checked(tiny: dict[str, Path], tmp_path: Path) -> None
         script.parse_args([*base, "--init_unet", str(tmp_path)])
     with pytest.raises(ValueError, match=r"--init_lora .*: no such file"):
         script.parse_args([*base, "--use_lora", "--init_lora", str(tmp_path / "missing.safetensors")])
+    # a pipeline's unet/ (its scheduler/ is the pipeline's: SDXL-base's "leading") is not a one-step record
+    (tmp_path / "run" / "scheduler").mkdir()
+    (tmp_path / "run" / "scheduler" / "scheduler_config.json").write_text('{"timestep_spacing": "leading"}')
+    assert (
+        script.parse_args([*base, "--preset", "sim", "--init_unet", str(unet_dir)]).generator_input
+        == "noised"
+    )
     # a start trained for another timestep or input (the run folder's one-step sampler record) is refused
     (tmp_path / "run" / "student_timesteps.json").write_text("[399]\n")
     with pytest.raises(
         ValueError, match=r"trained as a one-step generator at t = \[399\] .* --generator_timestep 999"
     ):
         script.parse_args([*base, "--preset", "dmd2", "--init_unet", str(unet_dir)])
-    (tmp_path / "run" / "scheduler").mkdir()
-    (tmp_path / "run" / "scheduler" / "scheduler_config.json").write_text('{"timestep_spacing": "leading"}')
     with pytest.raises(ValueError, match=r"trained on the 'noise' input .* --generator_input noised"):
         script.parse_args(
             [*base, "--preset", "sim", "--generator_timestep", "399", "--init_unet", str(unet_dir)]
@@ -179,4 +184,14 @@ def test_regression_only_refuses_discriminator_options(tiny: dict[str, Path], tm
         ):
             script.parse_args([*base, *flag])
     assert script.parse_args(base).r1_gamma == 0.0
+    # a GAN run cannot resume a regression-only checkpoint (it has no discriminator): refused before any model loads
+    ckpt = tmp_path / "o" / "checkpoint-1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "step.json").write_text(json.dumps({"step": 1, "options": {"gan_weight": 0.0}}))
+    resume = [*base[:-2], "--resume_from_checkpoint", "latest"]
+    with pytest.raises(
+        ValueError, match=r"saved by a regression-only run \(--gan_weight 0\): it holds no discrim"
+    ):
+        script.parse_args(resume)
+    assert script.parse_args([*resume, "--gan_weight", "0"]).gan_weight == 0.0
     assert script.parse_args([*base[:-2], "--gan_weight", "0.5"]).r1_gamma == 1.0  # the default with a GAN

@@ -309,6 +309,9 @@ def test_dmd2_one_step_regresses_from_noise_at_399_then_runs_dmd_from_there(  # 
     torch.testing.assert_close(pairs.states[:, 0], pairs.noise, rtol=0, atol=0)
     assert distill.score_input(cfg, "dmd2-1step") == (399, "unit")
     assert distill.score_input(cfg, "dmd") == (625, "noised")
+    dmd2_grid = distill.demo_config("vp")
+    dmd2_grid.sim_generator_timestep = None  # DMD2's grid as is: z itself at 999, as the sampler feeds it
+    assert distill.score_input(dmd2_grid, "sim") == (None, "unit")
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     real_x0 = distill._x0
 
@@ -323,6 +326,21 @@ def test_dmd2_one_step_regresses_from_noise_at_399_then_runs_dmd_from_there(  # 
     assert all(any(torch.equal(row, n) for n in pairs.noise) for row in x)  # pure noise of the pairs
     monkeypatch.setattr(distill, "_x0", real_x0)
     assert any(not torch.equal(p, q) for p, q in zip(start.parameters(), toy.unet.parameters()))
+    inputs.clear()
+    monkeypatch.setattr(distill, "_x0", recording)
+    distill.train_score(
+        toy, cfg, "dmd2-1step", start=start
+    )  # the one call only: every generator input at 399
+    monkeypatch.setattr(distill, "_x0", real_x0)
+    generator_calls = [t for x, t in inputs if x.shape[0] == cfg.batch]
+    assert generator_calls and all(t.tolist() == [399] * cfg.batch for t in generator_calls)
+    rows = distill.evaluation_rows(("sim", "dmd2-1step"), (), "vp")
+    assert [(r.key, r.steps) for r in rows][-2:] == [("sim", (1, 2, 4)), ("dmd2-1step", (1,))]
+    assert not distill.one_step_only(cfg, "sim")
+    cfg.sim_one_step = True  # --sim-one-step: sim and dmd train (and are evaluated at) their first call only
+    assert distill.one_step_only(cfg, "sim") and distill.one_step_only(cfg, "dmd")
+    assert not distill.one_step_only(cfg, "regression")
+    cfg.sim_one_step = False
     cfg.sim_ema = 1.0
     kept = distill.train_score(toy, cfg, "dmd2-1step", start=start)
     for (name, p), q in zip(kept.named_parameters(), start.parameters()):
@@ -551,6 +569,7 @@ def test_lcm_and_adversarial_students_train_every_part(
         (["--methods", "sim", "sim"], "expected each of --methods once"),
         (["--teacher", "flow", "--methods", "dmd2-1step"], "expected --teacher vp for dmd2-1step"),
         (["--eval-draws", "0"], "expected --eval-draws >= 1, but got 0"),
+        (["--sim-timestep", "999", "--sim-input", "noised"], "drop --sim-input noised"),
         (
             ["--sim-timestep", "1000"],
             "expected --sim-timestep in [0, 999] (the teacher's table), but got 1000",

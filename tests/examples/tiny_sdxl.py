@@ -113,12 +113,15 @@ def save_tiny_sdxl_pipeline(
             scaling_factor=0.13025,
         )
     unet = tiny_sdxl_unet(seed=seed + 1, **(unet_overrides or {}))
-    scheduler = EulerDiscreteScheduler(
+    scheduler = EulerDiscreteScheduler(  # SDXL-base's scheduler_config.json values
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         steps_offset=1,
+        timestep_spacing="leading",  # EulerDiscreteScheduler's default is "linspace"; SDXL-base's is "leading"
+        interpolation_type="linear",
+        use_karras_sigmas=False,
     )
     pipe = StableDiffusionXLPipeline(
         vae=vae,
