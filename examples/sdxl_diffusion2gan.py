@@ -203,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pairs_seed is None:
         args.pairs_seed = args.seed
     resumed = checkpoints.resolve_checkpoint(args)
-    recorded = (checkpoints.recorded_options(resumed) or {}) if resumed is not None else {}
+    recorded = checkpoints.recorded_options(resumed) if resumed is not None else {}
     if args.gan_weight > 0 and recorded.get("gan_weight") == 0:
         raise ValueError(
             f"{resumed} was saved by a regression-only run (--gan_weight 0): it holds no discriminator to "

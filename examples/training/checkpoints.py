@@ -19,9 +19,7 @@ from . import ema_release, runtime, student_sampler
 
 logger = logging.getLogger(__name__)
 
-
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
-
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -218,14 +216,13 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(args).items()) if plain(v)}
 
 
-def recorded_options(path: Path) -> dict[str, Any] | None:
-    """The options checkpoint ``path`` recorded (:func:`run_options` of the run that saved it), or None for a
-    checkpoint written before the options were recorded (or an unreadable marker)."""
+def recorded_options(path: Path) -> dict[str, Any]:
+    """The options checkpoint ``path`` recorded (:func:`run_options` of its run); ``{}`` if none (older checkpoints)."""
     try:
         recorded = json.loads((Path(path) / CHECKPOINT_MARKER).read_text()).get("options")
     except (OSError, ValueError, AttributeError):
-        recorded = None
-    return recorded if isinstance(recorded, dict) else None
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def compare_options(path: Path, args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
@@ -236,13 +233,11 @@ def compare_options(path: Path, args: argparse.Namespace) -> dict[str, tuple[Any
     Our choice: warn, not refuse. A fresh run into a folder that holds another run's checkpoints is
     already refused (:func:`training.options.check_output_dir`), so a difference here is a change the user
     made on purpose -- continuing a finished run with more steps or a next phase, a lower lr (applied,
-    :func:`reapply_optimizer_options`) -- and which options are safe to change is the script's to say.
-    A checkpoint written before the options were recorded is not compared.
-    """
-    recorded = recorded_options(path)
-    if recorded is None:
+    :func:`reapply_optimizer_options`) -- and which options are safe to change is the script's to say. A
+    checkpoint written before the options were recorded is not compared."""
+    recorded, now = recorded_options(path), run_options(args)
+    if not recorded:
         return {}
-    now = run_options(args)
     changed = {
         k: (recorded.get(k), now.get(k))
         for k in sorted(set(recorded) | set(now))
