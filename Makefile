@@ -10,7 +10,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_WORKERS ?= 2
 DEEPSPEED_PIN ?= deepspeed==0.19.8
 
-.PHONY: install test lint typecheck bench clean demo demo-flow gpu-wheels
+.PHONY: install test lint typecheck bench clean demo demo-flow demo-one-step gpu-wheels
 
 # No pip cache: CI machines have had little free disk (one install died of "No space left on device"), and the
 # venv alone is ~6 GB (torch's CUDA build); a cache would hold a second copy of every downloaded wheel.
@@ -50,6 +50,12 @@ demo: install
 # The same demo on the shipped rectified-flow teacher (examples/toy/README.md, "Flow-matching teacher").
 demo-flow: install
 	$(PY) examples/toy/distill.py --teacher flow --threads 2 --out build/toy_demo_flow
+
+# The one-step proof on the VP teacher: every one-step generator the toy trains (SIM, DMD, DMD2's 1-step recipe,
+# adversarial, regression) against the teacher (examples/toy/README.md, "One-step generators").
+demo-one-step: install
+	$(PY) examples/toy/distill.py --methods sim dmd dmd2-1step adversarial regression --sim-one-step \
+		--pair-one-step --threads 2 --out build/toy_demo_one_step
 
 # Wheels the GPU machine's image lacks (Python 3.12, x86-64), for benchmarks/gpu_checks.sh: the device tool
 # carries .whl/ (git-ignored) and the script installs it there.

@@ -27,6 +27,10 @@ only:
   :class:`~diffdistill.losses.LatentLPIPS` distance plus MSE. The toy has no VAE, so the "latent" is
   the 16×16 RGB image space-to-depth folded to 48 × 4 × 4, and the VGG trunk is **randomly
   initialised** (no download): a random-feature perceptual distance, not the trained E-LatentLPIPS.
+  ``--pair-one-step`` trains ``adversarial`` and ``regression`` as one-step generators instead: each pair's pure
+  noise z fed at DMD2's t = 399 (on VP; ``--pair-timestep``), its final image the target (Diffusion2GAN's one-step
+  pairs), evaluated by one call. ``make demo-one-step`` trains every one-step generator (sim, dmd, dmd2-1step,
+  adversarial, regression) and compares them with the teacher.
 
 The students keep the teacher's epsilon prediction; at t = 999 its x0 amplifies output errors by
 sigma/alpha = 14.6, so they train with small learning rates (``DemoConfig``). The adversarial and
@@ -50,6 +54,7 @@ and ``runs/*/results.json`` the table's lines in ``examples/evaluate.py``'s form
 ``examples/evaluate.py --compare build/toy_demo/runs/*`` reads them as it reads an SDXL evaluation::
 
     make demo        # = .venv/bin/python examples/toy/distill.py
+    make demo-one-step   # --methods sim dmd dmd2-1step adversarial regression --sim-one-step --pair-one-step
     .venv/bin/python examples/toy/distill.py --teacher flow --out build/toy_demo_flow
 
 ``--teacher flow`` distills the shipped rectified-flow teacher instead (``teacher_flow.safetensors``: the
@@ -136,6 +141,9 @@ SCORE_METHODS = ("sim", "dmd", "dmd2-1step")
 DMD2_ONE_STEP_TIMESTEP = 399
 #: Students always trained as one-step generators (the generator loss at the first call only): evaluated at 1 step.
 ONE_STEP_METHODS = ("dmd2-1step",)
+#: The students that regress the teacher's ODE pairs (:class:`Pairs`), sampled with DDIM; ``--pair-one-step`` makes
+#: them one-step generators (:attr:`DemoConfig.pair_one_step`).
+PAIR_METHODS = ("adversarial", "regression")
 STEP_COUNTS = (1, 2, 4)
 
 
@@ -181,6 +189,18 @@ class DemoConfig:
     adversarial_weight: float = 0.05
     regression_steps: int = 120
     regression_lr: float = 3e-5
+    # Train adversarial / regression as one-step generators (--pair-one-step; evaluated at 1 step): each pair's pure
+    # noise z itself fed at pair_generator_timestep, the teacher's final image the target (DMD2's ODE pairs at
+    # t = 399, Diffusion2GAN's one-step pairs); False: the trajectory states on the 4-step grid at their own
+    # timesteps (1/2/4-step students, SDXL-Lightning's). On VP, z at t = 999 stays noisy (an epsilon model's x0
+    # there multiplies errors by 14.6) and SDXL-Lightning's x0 conversion did not rescue it here; at t = 399 the
+    # adversarial student's 1-step FD went from 76.6 to ~10 (examples/toy/README.md, "One-step pair students").
+    pair_one_step: bool = False
+    pair_generator_timestep: int = 399
+    # their learning rates as one-step generators (seed 0, 2 draws: adversarial 3e-5 / 5e-5 / 1e-4 gave FD 12.1 /
+    # 10.5 / 23.2; regression 3e-5 / 1e-4 / 3e-4 gave 59.1 / 34.8 / 21.4)
+    pair_one_step_adversarial_lr: float = 5e-5
+    pair_one_step_regression_lr: float = 3e-4
     num_pairs: int = 512
     pair_teacher_steps: int = 20  # a multiple of 4 dividing 1000, so the trailing grid contains 749, 499, 249
     eval_draws: int = 4  # noise draws; FD and accuracy are reported as mean ± sd over them
@@ -229,6 +249,11 @@ def flow_config() -> DemoConfig:
         adversarial_lr=1e-4,
         regression_lr=1e-3,
         num_pairs=2048,
+        # one-step pair students (--pair-one-step): z at sigma = 1 (x0 = z - v: no amplification), the flow run's
+        # learning rates (not tuned for one step)
+        pair_generator_timestep=999,
+        pair_one_step_adversarial_lr=1e-4,
+        pair_one_step_regression_lr=1e-3,
         lcm_steps=160,
         sim_steps=80,
         eval_draws=2,
@@ -358,10 +383,20 @@ class Pairs:
         k[: n // 2] = 0
         return self.states[idx, k], self.grid[k], self.labels[idx], self.finals[idx]
 
-    def noise_batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(noise, label, teacher x0)``: the pairs of a one-step regression from pure noise (DMD2's ODE pairs)."""
+    def one_step_batch(
+        self, n: int, g: torch.Generator, timestep: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(noise, t, label, teacher x0)`` with ``t = timestep`` for all: the pairs of a one-step generator fed
+        each trajectory's pure noise z itself at ``timestep`` (DMD2's ODE pairs at t = 399)."""
         idx = torch.randint(0, self.labels.numel(), (n,), generator=g)
-        return self.noise[idx], self.labels[idx], self.finals[idx]
+        t = torch.full((n,), int(timestep), dtype=torch.long)
+        return self.noise[idx], t, self.labels[idx], self.finals[idx]
+
+    def draw(
+        self, n: int, g: torch.Generator, timestep: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch` (``timestep`` None) or :meth:`one_step_batch` at ``timestep``."""
+        return self.batch(n, g) if timestep is None else self.one_step_batch(n, g, timestep)
 
 
 def train_lcm(toy: Toy, cfg: DemoConfig) -> nn.Module:
@@ -456,9 +491,36 @@ def score_input(cfg: DemoConfig, method: str) -> tuple[int | None, str]:
 
 
 def one_step_only(cfg: DemoConfig, method: str) -> bool:
-    """Whether ``method`` trains (and is evaluated as) a one-step generator: :data:`ONE_STEP_METHODS`, and the score
-    students with :attr:`DemoConfig.sim_one_step`."""
-    return method in ONE_STEP_METHODS or (cfg.sim_one_step and method in SCORE_METHODS)
+    """Whether ``method`` trains (and is evaluated as) a one-step generator: :data:`ONE_STEP_METHODS`, the score
+    students with :attr:`DemoConfig.sim_one_step` and the pair students with :attr:`DemoConfig.pair_one_step`."""
+    return (
+        method in ONE_STEP_METHODS
+        or (cfg.sim_one_step and method in SCORE_METHODS)
+        or (cfg.pair_one_step and method in PAIR_METHODS)
+    )
+
+
+def pair_settings(cfg: DemoConfig, method: str) -> tuple[int | None, float]:
+    """A pair student's ``(input timestep, learning rate)``: with :attr:`DemoConfig.pair_one_step` the one-step
+    generator's (z itself at :attr:`DemoConfig.pair_generator_timestep`), otherwise ``None`` (the trajectory states
+    at their own timesteps) and the multi-step learning rate."""
+    if method not in PAIR_METHODS:
+        raise ValueError(f"Expected a method from {PAIR_METHODS}, but got {method!r}.")
+    if not cfg.pair_one_step:
+        return None, cfg.adversarial_lr if method == "adversarial" else cfg.regression_lr
+    lr = cfg.pair_one_step_adversarial_lr if method == "adversarial" else cfg.pair_one_step_regression_lr
+    return cfg.pair_generator_timestep, lr
+
+
+def student_input(cfg: DemoConfig, method: str) -> tuple[int | None, str]:
+    """The first call's ``(timestep, input kind)`` of a student the sampler runs as a generator on pure noise
+    (:func:`sampler`'s ``generator_timestep``): :func:`score_input` for the score students, z itself at the pair
+    timestep for one-step pair students; ``(None, "unit")`` for the others (their sampler's grid from t = 999)."""
+    if method in SCORE_METHODS:
+        return score_input(cfg, method)
+    if method in PAIR_METHODS and cfg.pair_one_step:
+        return cfg.pair_generator_timestep, "unit"
+    return None, "unit"
 
 
 def train_score(toy: Toy, cfg: DemoConfig, method: str = "sim", start: nn.Module | None = None) -> nn.Module:
@@ -516,20 +578,26 @@ def train_dmd2_one_step(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
             "Expected the VP teacher for dmd2-1step (DMD2's SDXL recipe conditions on t = 399 of a VP table), but "
             f"got the {toy.kind!r} teacher: use --teacher vp, or --methods dmd on the flow teacher."
         )
-    start = train_regression(toy, pairs, cfg, input_timestep=DMD2_ONE_STEP_TIMESTEP)
+    start = train_regression(toy, pairs, cfg, input_timestep=DMD2_ONE_STEP_TIMESTEP, lr=cfg.regression_lr)
     return train_score(toy, cfg, "dmd2-1step", start=start)
 
 
-def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
-    """MSE to teacher ODE solutions plus a GAN term from a UNet-encoder discriminator on re-noised samples."""
+def train_adversarial(
+    toy: Toy, pairs: Pairs, cfg: DemoConfig, input_timestep: int | None = None, lr: float | None = None
+) -> nn.Module:
+    """MSE to teacher ODE solutions plus a GAN term from a UNet-encoder discriminator on re-noised samples.
+
+    ``input_timestep``: a one-step generator instead, fed each pair's pure noise z at that timestep
+    (:meth:`Pairs.one_step_batch`); default: the trajectory states on the 4-step grid at their own timesteps
+    (SDXL-Lightning's students). ``lr``: default ``cfg.adversarial_lr``."""
     g = torch.Generator().manual_seed(cfg.seed + 30)
     net = toy.trainable_copy()
     disc = UNetEncoderDiscriminator(toy.unet, conditional=False, norm_groups=16)
-    opt_g = _Optimizer(net, cfg.adversarial_lr, cfg.adversarial_steps)
+    opt_g = _Optimizer(net, cfg.adversarial_lr if lr is None else lr, cfg.adversarial_steps)
     opt_d = _Optimizer(disc, cfg.discriminator_lr, cfg.adversarial_steps, decay=False)
     ema = _ema(net, cfg.adversarial_ema)
     for _ in _bar(cfg.adversarial_steps, "adversarial"):
-        x_t, t, y, target = pairs.batch(cfg.batch, g)
+        x_t, t, y, target = pairs.draw(cfg.batch, g, input_timestep)
         cond = toy.cond(y)
         x_g = _x0(net, toy.schedule, x_t, t, cond)
         renoised = renoise_for_discriminator(target, x_g.detach(), schedule=toy.schedule, generator=g)
@@ -550,25 +618,24 @@ def train_adversarial(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
     return _finish(net, ema)
 
 
-def train_regression(toy: Toy, pairs: Pairs, cfg: DemoConfig, input_timestep: int | None = None) -> nn.Module:
+def train_regression(
+    toy: Toy, pairs: Pairs, cfg: DemoConfig, input_timestep: int | None = None, lr: float | None = None
+) -> nn.Module:
     """Diffusion2GAN-style regression of teacher ODE pairs with a LatentLPIPS distance plus MSE.
 
     ``input_timestep``: a one-step regression instead, the network fed each pair's pure noise at that timestep
-    (DMD2's ODE pretraining at t = 399, ``main/train_sd_ode.py``: :func:`train_dmd2_one_step`); default: the
-    trajectory states on the 4-step grid at their own timesteps."""
+    (Diffusion2GAN's one-step generator; DMD2's ODE pretraining at t = 399, ``main/train_sd_ode.py``:
+    :func:`train_dmd2_one_step`); default: the trajectory states on the 4-step grid at their own timesteps.
+    ``lr``: default ``cfg.regression_lr``."""
     g = torch.Generator().manual_seed(cfg.seed + 40)
     net = toy.trainable_copy()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         lpips = LatentLPIPS(latent=48, weights=None)  # random-init trunk on 48 x 4 x 4 space-to-depth pixels
-    opt = _Optimizer(net, cfg.regression_lr, cfg.regression_steps)
+    opt = _Optimizer(net, cfg.regression_lr if lr is None else lr, cfg.regression_steps)
     ema = _ema(net, cfg.regression_ema)
     for _ in _bar(cfg.regression_steps, "regression"):
-        if input_timestep is None:
-            x_t, t, y, target = pairs.batch(cfg.batch, g)
-        else:
-            x_t, y, target = pairs.noise_batch(cfg.batch, g)
-            t = torch.full((cfg.batch,), input_timestep, dtype=torch.long)
+        x_t, t, y, target = pairs.draw(cfg.batch, g, input_timestep)
         x_g = _x0(net, toy.schedule, x_t, t, toy.cond(y))
         perceptual = lpips(F.pixel_unshuffle(x_g, 4), F.pixel_unshuffle(target, 4))
         loss = perceptual + F.mse_loss(x_g, target)
@@ -618,7 +685,9 @@ def sampler(
     re-noising from ``generator``, which the caller creates once per evaluation and passes through every
     chunk (so each sample gets its own draws). ``generator_timestep`` (``"x0_renoise"`` only; SIM's
     :attr:`DemoConfig.sim_generator_timestep`) is the input timestep of the first call on pure noise, as
-    the student was trained (:func:`sim_grid`); the later calls stay on the DMD2 grid."""
+    the student was trained (:func:`sim_grid`); the later calls stay on the DMD2 grid. With ``"ddim"`` it makes a
+    one-step generator's sampler (a pair student's with ``--pair-one-step``, :func:`student_input`): one call on
+    :func:`generator_input` at that timestep, 1 step only."""
     if kind not in SAMPLER_NAMES:
         raise ValueError(f"Expected a sampler from {list(SAMPLER_NAMES)}, but got {kind!r}.")
 
@@ -640,6 +709,11 @@ def sampler(
                 return x0
             x = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts[1])
             return x0_renoise_sample(net, toy.schedule, x, ts[1:], cond=cond, generator=generator).sample
+        if generator_timestep is not None:  # a one-step generator (ddim)
+            if steps != 1:
+                raise ValueError(f"Expected 1 step of a one-step generator's DDIM sampler, but got {steps}.")
+            x_in = generator_input(toy, noise, generator_timestep, generator_input_kind)
+            return one_step_sample(net, toy.schedule, x_in, generator_timestep, cond=cond).sample
         return ddim_sample(net, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond).sample
 
     return run
@@ -808,9 +882,9 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
         elif method in SCORE_METHODS:
             students[method] = train_score(toy, cfg, method)
         elif method == "adversarial":
-            students[method] = train_adversarial(toy, pairs, cfg)  # type: ignore[arg-type]
+            students[method] = train_adversarial(toy, pairs, cfg, *pair_settings(cfg, method))  # type: ignore[arg-type]
         elif method == "regression":
-            students[method] = train_regression(toy, pairs, cfg)  # type: ignore[arg-type]
+            students[method] = train_regression(toy, pairs, cfg, *pair_settings(cfg, method))  # type: ignore[arg-type]
         else:
             raise ValueError(f"Expected methods from {list(METHODS)}, but got {method!r}.")
         students[method].eval()
@@ -831,7 +905,7 @@ def run_demo(cfg: DemoConfig, out: Path | None) -> Results:
             grid_rows.extend((f"{row.short_label} {s}", first_draw[(twin, s)]) for s in row.steps)  # type: ignore[index]
             continue
         net = toy.unet if row.key.startswith("teacher:") else students[row.key]
-        t_gen, first_input = score_input(cfg, row.key) if row.key in SCORE_METHODS else (None, "unit")
+        t_gen, first_input = (None, "unit") if row.key.startswith("teacher:") else student_input(cfg, row.key)
         fn = sampler(row.kind, net, toy, cfg.lcm_ddim_timesteps, t_gen, first_input)
         results[row.key] = {}
         for steps in row.steps:
@@ -1026,16 +1100,27 @@ def comparison_table(rows: list[EvalRow], results: Results, cfg: DemoConfig) -> 
 
 
 def timing_table(seconds: dict[str, float], cfg: DemoConfig) -> str:
+    """The stages' budgets (steps, data, learning rate: those each student trained with) and wall times."""
+
+    def score(method: str) -> str:
+        how = "one-step" if one_step_only(cfg, method) else "backward simulation from noise"
+        return f"{cfg.sim_steps} steps, no images ({how}), lr {cfg.sim_lr:g}"
+
+    def pair(method: str, steps: int) -> str:
+        t_in, lr = pair_settings(cfg, method)
+        how = "" if t_in is None else f", one-step from z at t = {t_in}"
+        return f"{steps} steps on {cfg.num_pairs} teacher ODE pairs{how}, lr {lr:g}"
+
     budgets = {
         "teacher ODE pairs (adversarial, regression)": f"{cfg.num_pairs} × {cfg.pair_teacher_steps}-step teacher "
         + sampler_names(cfg.teacher)["ddim"],
         "lcm": f"{cfg.lcm_steps} steps on real images (batch {cfg.batch}), lr {cfg.lcm_lr:g}",
-        "sim": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
-        "dmd": f"{cfg.sim_steps} steps, no images (backward simulation from noise), lr {cfg.sim_lr:g}",
+        "sim": score("sim"),
+        "dmd": score("dmd"),
         "dmd2-1step": f"{cfg.regression_steps} regression steps on {cfg.num_pairs} teacher ODE pairs (lr "
         f"{cfg.regression_lr:g}), then {cfg.sim_steps} DMD steps (lr {cfg.sim_lr:g})",
-        "adversarial": f"{cfg.adversarial_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.adversarial_lr:g}",
-        "regression": f"{cfg.regression_steps} steps on {cfg.num_pairs} teacher ODE pairs, lr {cfg.regression_lr:g}",
+        "adversarial": pair("adversarial", cfg.adversarial_steps),
+        "regression": pair("regression", cfg.regression_steps),
     }
     lines = ["| stage | budget | wall time |", "|---|---|---:|"]
     for name, sec in seconds.items():
@@ -1097,6 +1182,20 @@ def main(argv: list[str] | None = None) -> int:
         "and evaluate them at 1 step; default: DMD2's 4-step backward simulation (dmd2-1step: always one-step)",
     )
     p.add_argument(
+        "--pair-one-step",
+        action="store_true",
+        help="train the adversarial and regression students as one-step generators on the teacher's ODE pairs (each "
+        "pair's noise z fed at --pair-timestep, its final image the target) and evaluate them at 1 step; default: the "
+        "trajectory states on the 4-step grid (1/2/4-step students)",
+    )
+    p.add_argument(
+        "--pair-timestep",
+        type=int,
+        default=None,
+        help="the one-step pair students' input timestep (with --pair-one-step; default: the teacher's config, "
+        "DMD2's 399 on vp, 999 (sigma 1) on flow)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -1125,6 +1224,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_input is not None:
         cfg.sim_input = args.sim_input
     cfg.sim_one_step = cfg.sim_one_step or args.sim_one_step
+    cfg.pair_one_step = cfg.pair_one_step or args.pair_one_step
+    if args.pair_timestep is not None:
+        if not args.pair_one_step:
+            p.error("--pair-timestep sets the one-step pair students' input: add --pair-one-step")
+        if not 0 <= args.pair_timestep <= 999:
+            p.error(
+                f"expected --pair-timestep in [0, 999] (the teacher's table), but got {args.pair_timestep}"
+            )
+        cfg.pair_generator_timestep = args.pair_timestep
     if args.eval_draws is not None:
         if args.eval_draws < 1:
             p.error(f"expected --eval-draws >= 1, but got {args.eval_draws}")

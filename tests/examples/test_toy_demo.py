@@ -356,6 +356,94 @@ def test_dmd2_one_step_regresses_from_noise_at_399_then_runs_dmd_from_there(  # 
         distill.train_dmd2_one_step(distill.Toy(distill.TEACHER_WEIGHTS["flow"]), pairs, cfg)
 
 
+def test_pair_one_step_students_map_noise_at_the_pair_timestep_to_the_teachers_image(  # type: ignore[no-untyped-def]
+    distill, one_thread, monkeypatch
+) -> None:
+    """``--pair-one-step``: the adversarial and regression students are fed each pair's pure noise z itself (the start
+    of its teacher trajectory) at the pair timestep (VP: DMD2's 399; flow: 999, sigma 1) and regress that pair's final
+    image, at their one-step learning rates; they are evaluated at 1 step by one call on z at that timestep. Without
+    the flag they train on the trajectory states at the 4-step grid's own timesteps, as before."""
+    from diffdistill.schedulers import one_step_sample
+
+    cfg = distill.demo_config("vp")
+    cfg.num_pairs, cfg.pair_teacher_steps, cfg.batch = 8, 4, 4
+    cfg.regression_steps = cfg.adversarial_steps = 1
+    toy = distill.Toy(cfg.weights)
+    pairs = distill.Pairs(toy, cfg)
+    assert distill.pair_settings(cfg, "adversarial") == (None, cfg.adversarial_lr)
+    assert distill.student_input(cfg, "regression") == (None, "unit")
+    assert not distill.one_step_only(cfg, "adversarial")
+    cfg.pair_one_step = True
+    assert distill.pair_settings(cfg, "adversarial") == (399, 5e-5)
+    assert distill.pair_settings(cfg, "regression") == (399, 3e-4)
+    assert distill.student_input(cfg, "adversarial") == (399, "unit")
+    assert distill.student_input(cfg, "sim") == distill.score_input(cfg, "sim")
+    assert distill.one_step_only(cfg, "adversarial") and distill.one_step_only(cfg, "regression")
+    assert not distill.one_step_only(cfg, "sim") and not distill.one_step_only(cfg, "lcm")
+    assert distill.pair_settings(distill.demo_config("flow"), "regression") == (None, 1e-3)
+    flow = distill.demo_config("flow")
+    flow.pair_one_step = True
+    assert distill.pair_settings(flow, "adversarial") == (999, 1e-4)
+    with pytest.raises(
+        ValueError, match=r"Expected a method from \('adversarial', 'regression'\), but got 'sim'"
+    ):
+        distill.pair_settings(cfg, "sim")
+
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lrs: list[float] = []
+    real_x0, real_optimizer = distill._x0, distill._Optimizer
+
+    def recording(net, schedule, x, t, cond):  # type: ignore[no-untyped-def]
+        inputs.append((x.detach().clone(), t.clone()))
+        return real_x0(net, schedule, x, t, cond)
+
+    def optimizer(module, lr, steps, decay=True):  # type: ignore[no-untyped-def]
+        lrs.append(lr)
+        return real_optimizer(module, lr, steps, decay)
+
+    monkeypatch.setattr(distill, "_x0", recording)
+    monkeypatch.setattr(distill, "_Optimizer", optimizer)
+    students = {}
+    for method, train in (
+        ("adversarial", distill.train_adversarial),
+        ("regression", distill.train_regression),
+    ):
+        inputs.clear()
+        lrs.clear()
+        students[method] = train(toy, pairs, cfg, *distill.pair_settings(cfg, method))
+        ((x, t),) = inputs  # one generator call per step
+        assert t.tolist() == [399] * cfg.batch
+        assert all(any(torch.equal(row, n) for n in pairs.noise) for row in x), method
+        assert lrs[0] == distill.pair_settings(cfg, method)[1]
+    budgets = distill.timing_table({"train adversarial": 1.0, "train regression": 1.0}, cfg)
+    assert "1 steps on 8 teacher ODE pairs, one-step from z at t = 399, lr 5e-05" in budgets
+    assert "one-step from z at t = 399, lr 0.0003" in budgets
+    inputs.clear()
+    cfg.pair_one_step = False
+    distill.train_regression(toy, pairs, cfg, *distill.pair_settings(cfg, "regression"))
+    ((x, t),) = inputs
+    grid = distill.spaced_timesteps(4, "trailing")
+    assert bool(torch.isin(t, grid).all()) and (t == 999).sum() >= cfg.batch // 2
+    monkeypatch.setattr(distill, "_x0", real_x0)
+    monkeypatch.setattr(distill, "_Optimizer", real_optimizer)
+
+    one_step = ("adversarial", "regression")
+    rows = distill.evaluation_rows(("adversarial", "regression"), (), "vp", one_step)
+    assert [(r.key, r.steps) for r in rows] == [
+        ("teacher:ddim", (1, 2, 4)),
+        ("adversarial", (1,)),
+        ("regression", (1,)),
+    ]
+    noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4)
+    net = students["adversarial"].eval()
+    fn = distill.sampler("ddim", net, toy, generator_timestep=399)
+    want = one_step_sample(net, toy.schedule, noise, 399, cond=toy.cond(labels)).sample
+    torch.testing.assert_close(fn(noise, labels, 1, torch.Generator()), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Expected 1 step of a one-step generator's DDIM sampler, but got 2"):
+        fn(noise, labels, 2, torch.Generator())
+
+
 def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
     """The demo's FD goes through diffdistill.metrics (FeatureStatistics, FID, scipy's sqrtm); it equals the
     closed form computed here independently (torch.cov, and tr sqrt(A B) from the eigenvalues of
@@ -573,6 +661,14 @@ def test_lcm_and_adversarial_students_train_every_part(
         (
             ["--sim-timestep", "1000"],
             "expected --sim-timestep in [0, 999] (the teacher's table), but got 1000",
+        ),
+        (
+            ["--pair-timestep", "399"],
+            "--pair-timestep sets the one-step pair students' input: add --pair-one-step",
+        ),
+        (
+            ["--pair-one-step", "--pair-timestep", "-1"],
+            "expected --pair-timestep in [0, 999] (the teacher's table), but got -1",
         ),
     ],
 )
