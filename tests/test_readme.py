@@ -39,3 +39,18 @@ def test_readme_links_work_on_the_package_index_page() -> None:
 def test_readme_imports_no_private_module() -> None:
     text = README.read_text()
     assert "diffdistill._" not in text, "README.md tells users to import from a private module"
+
+
+def test_make_targets_named_in_the_readmes_exist() -> None:
+    """Every ```make <target>``` a README names (in backticks) is a target of the Makefile: a renamed or removed
+    target must take its documentation with it."""
+    root = README.parent
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", (root / "Makefile").read_text(), flags=re.M))
+    assert {"test", "demo", "demo-flow", "demo-one-step"} <= targets
+    named: dict[str, set[str]] = {}
+    for doc in (README, root / "examples" / "README.md", root / "examples" / "toy" / "README.md"):
+        for target in re.findall(r"`make ([a-z][a-z0-9-]*)", doc.read_text()):
+            named.setdefault(target, set()).add(doc.name if doc == README else str(doc.relative_to(root)))
+    assert named, "no `make <target>` found: the pattern is stale"
+    missing = {t: sorted(docs) for t, docs in named.items() if t not in targets}
+    assert not missing, f"README targets missing from the Makefile: {missing}"
