@@ -578,7 +578,8 @@ def train_dmd2_one_step(toy: Toy, pairs: Pairs, cfg: DemoConfig) -> nn.Module:
             "Expected the VP teacher for dmd2-1step (DMD2's SDXL recipe conditions on t = 399 of a VP table), but "
             f"got the {toy.kind!r} teacher: use --teacher vp, or --methods dmd on the flow teacher."
         )
-    start = train_regression(toy, pairs, cfg, input_timestep=DMD2_ONE_STEP_TIMESTEP, lr=cfg.regression_lr)
+    # the one-step regression of --pair-one-step at 399, its learning rate too (3e-5, the multi-step one, gave 7.5 / 0.84)
+    start = train_regression(toy, pairs, cfg, DMD2_ONE_STEP_TIMESTEP, cfg.pair_one_step_regression_lr)
     return train_score(toy, cfg, "dmd2-1step", start=start)
 
 
@@ -1118,7 +1119,7 @@ def timing_table(seconds: dict[str, float], cfg: DemoConfig) -> str:
         "sim": score("sim"),
         "dmd": score("dmd"),
         "dmd2-1step": f"{cfg.regression_steps} regression steps on {cfg.num_pairs} teacher ODE pairs (lr "
-        f"{cfg.regression_lr:g}), then {cfg.sim_steps} DMD steps (lr {cfg.sim_lr:g})",
+        f"{cfg.pair_one_step_regression_lr:g}), then {cfg.sim_steps} DMD steps (lr {cfg.sim_lr:g})",
         "adversarial": pair("adversarial", cfg.adversarial_steps),
         "regression": pair("regression", cfg.regression_steps),
     }

@@ -444,6 +444,26 @@ def test_pair_one_step_students_map_noise_at_the_pair_timestep_to_the_teachers_i
         fn(noise, labels, 2, torch.Generator())
 
 
+def test_dmd2_one_step_starts_from_the_pair_students_one_step_regression(distill, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """dmd2-1step's first stage is ``--pair-one-step``'s regression at t = 399, at its learning rate (3e-4; the
+    multi-step 3e-5 gave 1-step FD 7.5 against 5.6, seed 0), and its DMD stage starts from that network."""
+    import types
+
+    cfg = distill.demo_config("vp")
+    calls: list[tuple[int, float]] = []
+
+    def regression(toy, pairs, cfg, input_timestep, lr):  # type: ignore[no-untyped-def]
+        calls.append((input_timestep, lr))
+        return "regression net"
+
+    monkeypatch.setattr(distill, "train_regression", regression)
+    monkeypatch.setattr(distill, "train_score", lambda toy, cfg, method, start: (method, start))
+    got = distill.train_dmd2_one_step(types.SimpleNamespace(kind="vp"), None, cfg)
+    assert got == ("dmd2-1step", "regression net")
+    cfg.pair_one_step = True
+    assert calls == [distill.pair_settings(cfg, "regression")] == [(399, 3e-4)]
+
+
 def test_toy_fd_through_the_metrics_interface_matches_the_direct_formula(distill, one_thread) -> None:  # type: ignore[no-untyped-def]
     """The demo's FD goes through diffdistill.metrics (FeatureStatistics, FID, scipy's sqrtm); it equals the
     closed form computed here independently (torch.cov, and tr sqrt(A B) from the eigenvalues of
