@@ -42,14 +42,19 @@ def test_readme_imports_no_private_module() -> None:
 
 
 def test_make_targets_named_in_the_readmes_exist() -> None:
-    """Every ```make <target>``` a README names (in backticks) is a target of the Makefile: a renamed or removed
-    target must take its documentation with it."""
+    """Every ``make <target>`` a README names (in backticks, or on a command line of a fenced block) is a target of
+    the Makefile: a renamed or removed target must take its documentation with it."""
     root = README.parent
-    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", (root / "Makefile").read_text(), flags=re.M))
+    targets = set(re.findall(r"^([a-z][a-z0-9_.-]*):", (root / "Makefile").read_text(), flags=re.M))
     assert {"test", "demo", "demo-flow", "demo-one-step"} <= targets
     named: dict[str, set[str]] = {}
     for doc in (README, root / "examples" / "README.md", root / "examples" / "toy" / "README.md"):
-        for target in re.findall(r"`make ([a-z][a-z0-9-]*)", doc.read_text()):
+        text = doc.read_text()
+        # in backticks, or a command line of a fenced block (a prose line may start "make the ...")
+        found = re.findall(r"`make ([a-z][a-z0-9_.-]*)", text)
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+            found += re.findall(r"^\s*make ([a-z][a-z0-9_.-]*)", block, flags=re.M)
+        for target in found:
             named.setdefault(target, set()).add(doc.name if doc == README else str(doc.relative_to(root)))
     assert named, "no `make <target>` found: the pattern is stale"
     missing = {t: sorted(docs) for t, docs in named.items() if t not in targets}

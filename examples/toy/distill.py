@@ -197,8 +197,9 @@ class DemoConfig:
     # adversarial student's 1-step FD went from 76.6 to ~10 (examples/toy/README.md, "One-step pair students").
     pair_one_step: bool = False
     pair_generator_timestep: int = 399
-    # their learning rates as one-step generators (seed 0, 2 draws: adversarial 3e-5 / 5e-5 / 1e-4 gave FD 12.1 /
-    # 10.5 / 23.2; regression 3e-5 / 1e-4 / 3e-4 gave 59.1 / 34.8 / 21.4)
+    # their learning rates as one-step generators, from a scratch sweep (seed 0, 2 draws; its regression drew its
+    # batches from the adversarial student's stream): adversarial 3e-5 / 5e-5 / 1e-4 gave FD 12.1 / 10.5 / 23.2,
+    # regression 3e-5 / 1e-4 / 3e-4 gave 59.1 / 34.8 / 21.4 (this code at 3e-4, its own stream, the same draws: 28.9)
     pair_one_step_adversarial_lr: float = 5e-5
     pair_one_step_regression_lr: float = 3e-4
     num_pairs: int = 512
@@ -684,13 +685,18 @@ def sampler(
     on ``lcm_timesteps(steps, original_inference_steps=lcm_grid)``) or ``"x0_renoise"``
     (:func:`x0_renoise_sample` on ``dmd2_timesteps(4)[:: 4 // steps]``). The stochastic samplers draw their
     re-noising from ``generator``, which the caller creates once per evaluation and passes through every
-    chunk (so each sample gets its own draws). ``generator_timestep`` (``"x0_renoise"`` only; SIM's
-    :attr:`DemoConfig.sim_generator_timestep`) is the input timestep of the first call on pure noise, as
-    the student was trained (:func:`sim_grid`); the later calls stay on the DMD2 grid. With ``"ddim"`` it makes a
-    one-step generator's sampler (a pair student's with ``--pair-one-step``, :func:`student_input`): one call on
-    :func:`generator_input` at that timestep, 1 step only."""
+    chunk (so each sample gets its own draws). ``generator_timestep`` (:func:`student_input`; not with ``"lcm"``) is
+    the input timestep of a student's first call on pure noise (its input: :func:`generator_input` of
+    ``generator_input_kind``), as the student was trained: with ``"x0_renoise"`` the score students' first call
+    (:func:`sim_grid`; the later calls stay on the DMD2 grid), with ``"ddim"`` a one-step pair student's only call
+    (``--pair-one-step``; 1 step only)."""
     if kind not in SAMPLER_NAMES:
         raise ValueError(f"Expected a sampler from {list(SAMPLER_NAMES)}, but got {kind!r}.")
+    if kind == "lcm" and generator_timestep is not None:
+        raise ValueError(
+            f"Expected no generator_timestep with the LCM sampler (it starts from z at t = 999), but got "
+            f"{generator_timestep}."
+        )
 
     @torch.no_grad()
     def run(
@@ -1194,7 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="the one-step pair students' input timestep (with --pair-one-step; default: the teacher's config, "
-        "DMD2's 399 on vp, 999 (sigma 1) on flow)",
+        "DMD2's 399 on vp, 999 (sigma 1) on flow); dmd2-1step always feeds z at t = 399",
     )
     p.add_argument(
         "--threads",
@@ -1225,6 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sim_input is not None:
         cfg.sim_input = args.sim_input
     cfg.sim_one_step = cfg.sim_one_step or args.sim_one_step
+    if args.methods and args.pair_one_step and not set(args.methods) & set(PAIR_METHODS):
+        p.error(
+            "--pair-one-step trains the adversarial and regression students: add one of them to --methods"
+        )
+    if args.methods and args.sim_one_step and not set(args.methods) & {"sim", "dmd"}:
+        p.error("--sim-one-step trains the sim and dmd students: add one of them to --methods")
     cfg.pair_one_step = cfg.pair_one_step or args.pair_one_step
     if args.pair_timestep is not None:
         if not args.pair_one_step:

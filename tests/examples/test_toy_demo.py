@@ -442,6 +442,76 @@ def test_pair_one_step_students_map_noise_at_the_pair_timestep_to_the_teachers_i
     torch.testing.assert_close(fn(noise, labels, 1, torch.Generator()), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="Expected 1 step of a one-step generator's DDIM sampler, but got 2"):
         fn(noise, labels, 2, torch.Generator())
+    with pytest.raises(ValueError, match="Expected no generator_timestep with the LCM sampler"):
+        distill.sampler("lcm", net, toy, generator_timestep=399)
+
+
+def test_pair_one_step_wiring_from_the_command_line_to_the_evaluation(  # type: ignore[no-untyped-def]
+    distill, one_thread, monkeypatch
+) -> None:
+    """Audit 23: the flag reaches the config (``main``), ``run_demo`` trains each pair student with its one-step
+    settings and evaluates it by one call at the same timestep (VP 399, flow 999), and a one-step batch pairs each
+    z with its own trajectory's final image and label."""
+    got: dict[str, object] = {}
+    monkeypatch.setattr(distill, "run_demo", lambda cfg, out: got.setdefault("cfg", cfg))
+    distill.main(["--pair-one-step", "--threads", "1"])
+    cfg = got["cfg"]
+    assert cfg.pair_one_step and cfg.pair_generator_timestep == 399  # type: ignore[attr-defined]
+    got.clear()
+    distill.main(["--teacher", "flow", "--pair-one-step", "--pair-timestep", "500", "--threads", "1"])
+    assert got["cfg"].pair_generator_timestep == 500  # type: ignore[attr-defined]
+    monkeypatch.undo()
+
+    trained: list[tuple[str, int | None, float | None]] = []
+    evaluated: set[tuple[str, str, int | None, int]] = set()
+    real_train = {"adversarial": distill.train_adversarial, "regression": distill.train_regression}
+    real_sampler = distill.sampler
+
+    def recording_train(name):  # type: ignore[no-untyped-def]
+        def train(toy, pairs, cfg, input_timestep=None, lr=None):  # type: ignore[no-untyped-def]
+            trained.append((name, input_timestep, lr))
+            return real_train[name](toy, pairs, cfg, input_timestep, lr)
+
+        return train
+
+    def recording_sampler(kind, net, toy, lcm_grid=4, generator_timestep=None, generator_input_kind="unit"):  # type: ignore[no-untyped-def]
+        fn = real_sampler(kind, net, toy, lcm_grid, generator_timestep, generator_input_kind)
+        who = "teacher" if net is toy.unet else "student"
+
+        def run(noise, labels, steps, generator):  # type: ignore[no-untyped-def]
+            evaluated.add((who, kind, generator_timestep, steps))
+            return fn(noise, labels, steps, generator)
+
+        return run
+
+    monkeypatch.setattr(distill, "train_adversarial", recording_train("adversarial"))
+    monkeypatch.setattr(distill, "train_regression", recording_train("regression"))
+    monkeypatch.setattr(distill, "sampler", recording_sampler)
+    for teacher, t_in, lrs in (("vp", 399, (5e-5, 3e-4)), ("flow", 999, (1e-4, 1e-3))):
+        cfg = distill.demo_config(teacher)
+        cfg.methods, cfg.pair_one_step = ("adversarial", "regression"), True
+        cfg.num_pairs, cfg.pair_teacher_steps, cfg.batch = 8, 4, 4
+        cfg.adversarial_steps = cfg.regression_steps = cfg.classifier_steps = cfg.eval_draws = 1
+        cfg.eval_samples = cfg.reference_samples = 8
+        cfg.teacher_extra_ddim_steps = ()
+        trained.clear()
+        evaluated.clear()
+        distill.run_demo(cfg, None)
+        assert trained == [("adversarial", t_in, lrs[0]), ("regression", t_in, lrs[1])], teacher
+        assert {e for e in evaluated if e[0] == "student"} == {("student", "ddim", t_in, 1)}, teacher
+        assert {e for e in evaluated if e[0] == "teacher"} == {
+            ("teacher", "ddim", None, s) for s in (1, 2, 4)
+        }
+
+    toy = distill.Toy(distill.WEIGHTS)
+    cfg = distill.demo_config("vp")
+    cfg.num_pairs, cfg.pair_teacher_steps = 16, 4
+    pairs = distill.Pairs(toy, cfg)
+    z, t, y, target = pairs.one_step_batch(8, torch.Generator().manual_seed(0), 399)
+    assert t.tolist() == [399] * 8
+    for zi, yi, xi in zip(z, y, target):
+        (i,) = [i for i, n in enumerate(pairs.noise) if torch.equal(n, zi)]
+        assert torch.equal(pairs.finals[i], xi) and int(pairs.labels[i]) == int(yi)
 
 
 def test_dmd2_one_step_starts_from_the_pair_students_one_step_regression(distill, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -685,6 +755,14 @@ def test_lcm_and_adversarial_students_train_every_part(
         (
             ["--pair-timestep", "399"],
             "--pair-timestep sets the one-step pair students' input: add --pair-one-step",
+        ),
+        (
+            ["--methods", "sim", "lcm", "--pair-one-step"],
+            "--pair-one-step trains the adversarial and regression students: add one of them to --methods",
+        ),
+        (
+            ["--methods", "lcm", "dmd2-1step", "--sim-one-step"],
+            "--sim-one-step trains the sim and dmd students: add one of them to --methods",
         ),
         (
             ["--pair-one-step", "--pair-timestep", "-1"],
