@@ -706,22 +706,23 @@ def sampler(
         if kind == "lcm":
             ts = lcm_timesteps(steps, original_inference_steps=lcm_grid)
             return lcm_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
-        if kind == "x0_renoise":
-            ts = sim_grid(generator_timestep)[:: 4 // steps]
-            if generator_timestep is None:
+        if generator_timestep is None:  # the sampler's own grid from z at t = 999
+            if kind == "x0_renoise":
+                ts = sim_grid()[:: 4 // steps]
                 return x0_renoise_sample(net, toy.schedule, noise, ts, cond=cond, generator=generator).sample
-            x_in = generator_input(toy, noise, int(ts[0]), generator_input_kind)
-            x0 = one_step_sample(net, toy.schedule, x_in, int(ts[0]), cond=cond).sample
-            if steps == 1:
-                return x0
-            x = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts[1])
-            return x0_renoise_sample(net, toy.schedule, x, ts[1:], cond=cond, generator=generator).sample
-        if generator_timestep is not None:  # a one-step generator (ddim)
-            if steps != 1:
-                raise ValueError(f"Expected 1 step of a one-step generator's DDIM sampler, but got {steps}.")
-            x_in = generator_input(toy, noise, generator_timestep, generator_input_kind)
-            return one_step_sample(net, toy.schedule, x_in, generator_timestep, cond=cond).sample
-        return ddim_sample(net, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond).sample
+            return ddim_sample(
+                net, toy.schedule, noise, spaced_timesteps(steps, "trailing"), cond=cond
+            ).sample
+        # a generator's first call on pure noise: a score student's (x0_renoise), a one-step pair student's only (ddim)
+        if kind == "ddim" and steps != 1:
+            raise ValueError(f"Expected 1 step of a one-step generator's DDIM sampler, but got {steps}.")
+        x_in = generator_input(toy, noise, generator_timestep, generator_input_kind)
+        x0 = one_step_sample(net, toy.schedule, x_in, generator_timestep, cond=cond).sample
+        if steps == 1:
+            return x0
+        ts = sim_grid(generator_timestep)[:: 4 // steps]
+        x = toy.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), ts[1])
+        return x0_renoise_sample(net, toy.schedule, x, ts[1:], cond=cond, generator=generator).sample
 
     return run
 
